@@ -1,0 +1,4 @@
+"""CLI commands of the transform stage."""
+from __future__ import annotations
+
+from ._common import app, err, handle_errors, out  # noqa: F401

@@ -1,0 +1,46 @@
+"""The SparsifyError family: every failure a user can act on.
+
+Library code raises these; the CLI prints ``str(error)`` as one line and exits with code 2.
+A message says what went wrong, why, and what to do, in one sentence or two.
+"""
+from __future__ import annotations
+
+
+class SparsifyError(Exception):
+    """Base class of every user-facing error."""
+
+
+class UsageError(SparsifyError):
+    """A bad argument value (density outside (0, 1], unknown method, ...)."""
+
+
+class ModelLoadError(SparsifyError):
+    """A model file or zoo name that cannot be turned into an nn.Module."""
+
+
+class TraceError(SparsifyError):
+    """torch.fx could not trace the model."""
+
+
+class PassError(SparsifyError):
+    """A graph pass could not establish its contract."""
+
+
+class RunDirError(SparsifyError):
+    """A run directory that is missing, not a run directory, or already exists."""
+
+
+class DataError(SparsifyError):
+    """A data set that is unknown, missing or corrupt."""
+
+
+class TrainingError(SparsifyError):
+    """Training cannot go on (NaN loss, schedule that does not fit the run, ...)."""
+
+
+class ExportError(SparsifyError):
+    """A model that cannot be compacted or exported, or whose export does not verify."""
+
+
+class RuntimeBackendError(SparsifyError):
+    """ONNX Runtime, the native kernel, or an ONNX file that cannot be run."""
