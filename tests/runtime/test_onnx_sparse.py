@@ -1,0 +1,180 @@
+"""The ONNX-level SparseConv rewrite: packing, the portable function body, and whole-model conversion."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from sparsify.errors import ExportError
+from sparsify.runtime.onnx_sparse import DOMAIN, OP, check, convert_model, convert_onnx, pack, unpack
+
+
+def _session(model: onnx.ModelProto, optimized: str | None = None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    if optimized:
+        so.optimized_model_filepath = optimized
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _conv_model(w: np.ndarray, b: np.ndarray | None, stride: int, pad: int, dil: int, group: int,
+                hw: int) -> onnx.ModelProto:
+    cin = w.shape[1] * group
+    inits = [numpy_helper.from_array(w, "w")]
+    inputs = ["x", "w"]
+    if b is not None:
+        inits.append(numpy_helper.from_array(b, "b"))
+        inputs.append("b")
+    node = helper.make_node("Conv", inputs, ["y"], name="conv", strides=[stride, stride],
+                            pads=[pad, pad, pad, pad], dilations=[dil, dil], group=group)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, hw, hw])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def _masked_weight(rng: np.random.Generator, cout: int, cin_g: int, k: int, density: float) -> np.ndarray:
+    w = rng.standard_normal((cout, cin_g, k, k)).astype(np.float32)
+    live = rng.random((cout, cin_g)) < density
+    return w * live[:, :, None, None]
+
+
+@settings(max_examples=30, deadline=None)
+@given(cout=st.integers(1, 9), cin_g=st.integers(1, 7), k=st.sampled_from([1, 2, 3]),
+       density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_pack_unpack_roundtrip(cout: int, cin_g: int, k: int, density: float, seed: int) -> None:
+    w = _masked_weight(np.random.default_rng(seed), cout, cin_g, k, density)
+    packed, row_ptr, col_idx = pack(w)
+    assert row_ptr[0] == 0 and row_ptr[-1] == len(col_idx) == len(packed)
+    assert np.all(np.diff(row_ptr) >= 0) and np.all((col_idx >= 0) & (col_idx < cin_g))
+    np.testing.assert_array_equal(unpack(packed, row_ptr, col_idx, cin_g), w)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cout_per_group=st.integers(1, 6), cin_g=st.integers(1, 5), group=st.sampled_from([1, 2, 3]),
+       k=st.sampled_from([1, 3, 5]), stride=st.sampled_from([1, 2]), pad=st.integers(0, 2),
+       dil=st.sampled_from([1, 2]), density=st.sampled_from([0.0, 0.1, 0.3, 0.5]), bias=st.booleans(),
+       batch=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
+def test_function_body_equals_conv(cout_per_group: int, cin_g: int, group: int, k: int, stride: int, pad: int,
+                                   dil: int, density: float, bias: bool, batch: int, seed: int) -> None:
+    """The body (run by plain ORT) equals ORT's own Conv on the dense weight, empty rows included."""
+    rng = np.random.default_rng(seed)
+    w = _masked_weight(rng, cout_per_group * group, cin_g, k, density)
+    b = rng.standard_normal(w.shape[0]).astype(np.float32) if bias else None
+    hw = (k - 1) * dil + 4
+    src = _conv_model(w, b, stride, pad, dil, group, hw)
+    new, report = convert_model(src, dense_threshold=0.6)
+    assert report.choices[0].sparse == (report.choices[0].density < 0.6)
+    check(new)
+    x = rng.standard_normal((batch, cin_g * group, hw, hw)).astype(np.float32)
+    ref = _session(src).run(None, {"x": x})[0]
+    got = _session(new).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_body_folds_to_plain_conv(tmp_path) -> None:
+    """ORT constant-folds the scattered weight: the optimized graph has no Scatter/Shape left."""
+    w = _masked_weight(np.random.default_rng(0), 16, 8, 3, 0.2)
+    new, report = convert_model(_conv_model(w, None, 1, 1, 1, 1, 8))
+    assert report.sparse_nodes == 1
+    opt = tmp_path / "opt.onnx"
+    _session(new, str(opt))
+    ops = {n.op_type for n in onnx.load(str(opt)).graph.node}
+    assert ops == {"Conv"}, ops
+
+
+def test_node_layout_and_threshold() -> None:
+    w = _masked_weight(np.random.default_rng(1), 8, 4, 3, 0.25)
+    w[0] = 0.0  # an empty row
+    new, _ = convert_model(_conv_model(w, None, 2, 1, 1, 1, 8), dense_threshold=0.6)
+    (node,) = new.graph.node
+    assert (node.domain, node.op_type) == (DOMAIN, OP)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["strides"] == [2, 2] and attrs["pads"] == [1, 1, 1, 1] and attrs["group"] == 1
+    inits = {t.name: numpy_helper.to_array(t) for t in new.graph.initializer}
+    packed, row_ptr, col_idx, bias = (inits[n] for n in node.input[1:])
+    assert packed.shape[1:] == (3, 3) and row_ptr.dtype == np.int64 and col_idx.dtype == np.int64
+    assert row_ptr[1] == 0 and not bias.any()
+    assert "w" not in inits  # the dense weight is gone
+    assert any(op.domain == DOMAIN for op in new.opset_import)
+    # Above the threshold the node stays a Conv.
+    dense, report = convert_model(_conv_model(w, None, 2, 1, 1, 1, 8), dense_threshold=0.1)
+    assert dense.graph.node[0].op_type == "Conv" and not report.sparse_nodes and not dense.functions
+
+
+class _Net(nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        c1, c2 = 4 + seed % 5, 6 + seed % 3
+        self.a = nn.Conv2d(3, c1, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c1)
+        self.b = nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=False)
+        self.dw = nn.Conv2d(c2, c2, 3, padding=1, groups=c2)
+        self.pw = nn.Conv2d(c2, c1, 1)
+        self.fc = nn.Linear(c1, 5)
+        with torch.no_grad():
+            for m in (self.a, self.b, self.dw, self.pw):
+                keep = (torch.rand(m.weight.shape[:2], generator=g) < 0.35).float()
+                m.weight.mul_(keep[:, :, None, None])
+            self.bn.running_mean.uniform_(-1, 1, generator=g)
+            self.bn.running_var.uniform_(0.5, 2, generator=g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.a(x)))
+        y = torch.relu(self.b(x))
+        y = self.pw(torch.relu(self.dw(y))) + torch.nn.functional.avg_pool2d(x, 2)
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_convert_torch_exported_net(seed: int, tmp_path) -> None:
+    """A masked net exported by torch.onnx, converted: ORT output equals torch at batch 1 and 3."""
+    net = _Net(seed).eval()
+    src = tmp_path / "dense.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            prog = torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), dynamo=True, opset_version=18, verbose=False,
+                                     input_names=["input"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+        finally:
+            logging.disable(logging.NOTSET)
+    prog.save(str(src))
+    out = tmp_path / "sparse.onnx"
+    report = convert_onnx(src, out)
+    assert report.sparse_nodes >= 3
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    sess = _session(model)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 16, 16)
+        with torch.no_grad():
+            ref = net(x).numpy()
+        got = sess.run(None, {"input": x.numpy()})[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs(tmp_path) -> None:
+    w = _masked_weight(np.random.default_rng(2), 4, 4, 3, 0.2)
+    with pytest.raises(ExportError, match="does not exist"):
+        convert_onnx(tmp_path / "missing.onnx", tmp_path / "o.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all \xff\xfe")
+    with pytest.raises(ExportError, match="not a readable ONNX model"):
+        convert_onnx(junk, tmp_path / "o.onnx")
+    with pytest.raises(Exception, match="does not exist"):
+        convert_onnx(_conv_model(w, None, 1, 1, 1, 1, 8), tmp_path / "nodir" / "o.onnx")
+    assert not list(tmp_path.glob("**/*.tmp"))
+    converted, _ = convert_model(_conv_model(w, None, 1, 1, 1, 1, 8))
+    with pytest.raises(ExportError, match="already contains"):
+        convert_model(converted)
