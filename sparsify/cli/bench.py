@@ -1,4 +1,224 @@
-"""CLI commands of the bench stage."""
+"""CLI commands of the bench stage: `sparsify bench` and the one-command pipeline `sparsify run`."""
 from __future__ import annotations
 
-from ._common import app, err, handle_errors, out  # noqa: F401
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import typer
+from rich import box
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..errors import UsageError
+from ._common import app, err, handle_errors, out
+
+
+def _int_list(option: str, text: str) -> list[int]:
+    """Parse ``1,16`` into [1, 16]; UsageError otherwise."""
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        vals = []
+    if not vals or any(v < 1 for v in vals):
+        raise UsageError(f"{option} {text!r} is not a list of positive integers; write e.g. 1,16")
+    return vals
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A rich progress bar on stderr, exposed as a ``progress(description, done, total)`` callback."""
+    if quiet:
+        yield None
+        return
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), console=err, transient=True)
+    with bar:
+        task = bar.add_task("starting", total=1)
+
+        def update(description: str, done: int, total: int) -> None:
+            bar.update(task, description=description, completed=done, total=total)
+
+        yield update
+
+
+def _ms(x: float) -> str:
+    """Milliseconds with about four significant digits."""
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}" if x < 1000 else f"{x:,.0f}"
+
+
+def bench_table(result: Any, title: str | None = None) -> Table:
+    """The result of a bench as a rich table: one row per (variant, batch, threads)."""
+    t = Table(title=title or f"ONNX Runtime latency (speedup vs {result.baseline})", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    t.add_column("variant", no_wrap=True)
+    for col in ("batch\n×thr", "median\nms", "p10-p90\nms", "samples\n/s", "speedup", "peak\nRSS MB"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("native", no_wrap=True)
+    t.add_column("max\n|diff|", justify="right", no_wrap=True)
+    last = None
+    for r in sorted(result.rows, key=lambda r: (r.batch, r.threads)):
+        if last is not None and (r.batch, r.threads) != last:
+            t.add_section()
+        last = (r.batch, r.threads)
+        t.add_row(
+            r.label, f"{r.batch}×{r.threads}", _ms(r.median_ms), f"{_ms(r.p10_ms)}-{_ms(r.p90_ms)}",
+            f"{r.throughput:,.0f}", "1.00x" if r.label == result.baseline else f"[bold]{r.speedup:.2f}x[/]",
+            f"{r.peak_rss_mb:.0f}", "yes" if r.native else "no",
+            "-" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}",
+        )
+    return t
+
+
+def _write_outputs(result: Any, json_out: Path | None, plot: Path | None) -> None:
+    """Write --json and --plot atomically and say where they went (stderr)."""
+    from ..runtime import bench as lib
+
+    if json_out is not None:
+        lib.write_result_json(result, json_out)
+        err.print(f"wrote {json_out}")
+    if plot is not None:
+        lib.plot_result(result, plot)
+        err.print(f"wrote {plot}")
+
+
+def _native_line(result: Any) -> str:
+    """One line saying which path ran the ai.sparsify nodes."""
+    st = result.environment["native"]
+    if not any(f.sparse_nodes for f in result.files):
+        return "no file has ai.sparsify nodes; all variants ran ONNX Runtime's own kernels"
+    if any(f.native for f in result.files):
+        return f"ai.sparsify nodes ran the native kernel ({st.get('library')})"
+    why = st.get("why_not") or ("disabled with --no-native" if not result.settings["native"] else "library not loadable")
+    return f"ai.sparsify nodes ran their standard-ONNX function body (native kernel not used: {why})"
+
+
+@app.command("bench")
+@handle_errors
+def bench(
+    paths: list[Path] = typer.Argument(..., help="ONNX files (the first is the baseline), or one run directory.",
+                                       show_default=False),
+    batch_size: str = typer.Option("1", "--batch-size", "-b", help="Batch sizes, comma-separated, e.g. 1,16."),
+    threads: str = typer.Option("1", "--threads", "-t", help="Intra-op thread counts, comma-separated, e.g. 1,2."),
+    variants: Optional[str] = typer.Option(
+        None, "--variants", help="With a run directory: which variants to build, from dense,compact,sparse,depth "
+        "(default all; the first is the baseline)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a latency plot (PNG) here."),
+    warmup: int = typer.Option(5, help="Untimed runs per session before measuring."),
+    min_time: float = typer.Option(0.5, "--min-time", help="Measured seconds per variant and configuration, at least."),
+    repeats: int = typer.Option(10, help="Measured runs per variant and configuration, at least."),
+    native: bool = typer.Option(True, "--native/--no-native", help="Register the native SparseConv kernel when available."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+) -> None:
+    """Measure ONNX Runtime latency of ONNX files side by side, or of the variants of a run directory."""
+    from ..rundir import is_run_dir
+    from ..runtime import bench as lib
+
+    batches = _int_list("--batch-size", batch_size)
+    thread_counts = _int_list("--threads", threads)
+    dirs = [p for p in paths if p.is_dir()]
+    opts = dict(batch_sizes=batches, threads=thread_counts, warmup=warmup, min_time=min_time, repeats=repeats,
+                native=native)
+    if dirs:
+        if len(paths) != 1:
+            raise UsageError("give either one run directory or .onnx files, not both")
+        run_dir = dirs[0]
+        if not is_run_dir(run_dir):
+            raise UsageError(f"{run_dir} is a directory but not a run directory; give .onnx files or a run directory")
+        names = lib.parse_variants(variants)
+        with tempfile.TemporaryDirectory(prefix="sparsify-bench-") as tmp, _progress(quiet) as progress:
+            files, notes = lib.export_variants(run_dir, tmp, names, progress=progress)
+            result = lib.bench_files([p for _, p in files], labels=[n for n, _ in files], progress=progress, **opts)
+        for name, note in notes.items():
+            err.print(f"{name}: {note}" if isinstance(note, str) else
+                      f"{name}: alpha={note['alpha']}, {note['live_params']:,} live params "
+                      f"(sparse run: {note['target_live_params']:,})")
+    else:
+        if variants is not None:
+            raise UsageError("--variants applies to a run directory; with .onnx files every file is a variant")
+        with _progress(quiet) as progress:
+            result = lib.bench_files(paths, progress=progress, **opts)
+    out.print(bench_table(result))
+    err.print(_native_line(result))
+    _write_outputs(result, json_out, plot)
+
+
+STAGES = ("transform", "train", "export", "bench")
+
+
+@contextlib.contextmanager
+def _pipeline_progress(quiet: bool) -> Iterator[Callable[[str, str, int, int], None] | None]:
+    """One rich display for the whole pipeline: an overall bar over the stages and a bar for the current one."""
+    if quiet:
+        yield None
+        return
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), console=err, transient=False)
+    with bar:
+        overall = bar.add_task("pipeline: transform", total=len(STAGES))
+        current = bar.add_task("", total=1)
+
+        def update(stage: str, description: str, done: int, total: int) -> None:
+            bar.update(overall, description=f"pipeline: {stage}", completed=STAGES.index(stage))
+            bar.update(current, description=f"  {description}", completed=done, total=max(total, 1))
+
+        yield update
+        bar.update(overall, description="pipeline: done", completed=len(STAGES))
+        bar.update(current, visible=False)
+
+
+@app.command("run")
+@handle_errors
+def run(
+    model: str = typer.Argument("zoo:lenet5", help="zoo:NAME or path/to/model.py[:NAME]."),
+    method: str = typer.Option("sparse-random", "--method", "-m", help="sparse-random, psn, depth-multiplier or none."),
+    density: Optional[float] = typer.Option(None, help="Fraction of live channel connections (default 0.1 for sparse methods)."),
+    alpha: Optional[float] = typer.Option(None, help="Width multiplier for --method depth-multiplier."),
+    profile: Optional[str] = typer.Option(None, help="PSN fan-in profile."),
+    allocation: str = typer.Option("uniform", help="Density allocation across layers: uniform or erk."),
+    include_linear: bool = typer.Option(False, "--include-linear", help="Sparsify Linear layers too."),
+    include_classifier: bool = typer.Option(False, "--include-classifier", help="Sparsify the classifier too."),
+    seed: int = typer.Option(0, help="Seed of masks, weights and data order."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Input shape, e.g. 1,3,32,32 (default: the model's)."),
+    data: str = typer.Option("digits", help="Training data set (digits is bundled: no download)."),
+    epochs: int = typer.Option(3, help="Training epochs."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the trainer's)."),
+    train_batch_size: Optional[int] = typer.Option(None, "--train-batch-size", help="Training batch size (default: the trainer's)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<model>-<method>[-N])."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
+    batch_size: str = typer.Option("1,16", "--batch-size", "-b", help="Bench batch sizes, comma-separated."),
+    threads: str = typer.Option("1", "--threads", "-t", help="Bench intra-op thread counts, comma-separated."),
+    variants: Optional[str] = typer.Option(None, "--variants", help="Variants to bench (default dense,compact,sparse[,depth])."),
+    min_time: float = typer.Option(0.3, "--min-time", help="Measured seconds per variant and configuration, at least."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+) -> None:
+    """The whole pipeline in one command: transform -> train -> export -> bench, results in the run directory."""
+    from ._common import parse_shape
+    from ..runtime import bench as lib
+
+    sparse_method = method in ("sparse-random", "psn")
+    if density is None and sparse_method:
+        density = 0.1
+    names = lib.parse_variants(variants) if variants is not None else (
+        ["dense", "compact", "sparse"] + (["depth"] if sparse_method else []))
+    transform_options: dict[str, Any] = dict(method=method, density=density, alpha=alpha, profile=profile,
+                                              allocation=allocation, include_linear=include_linear,
+                                              include_classifier=include_classifier, seed=seed,
+                                              input_shape=parse_shape(input_shape))
+    train_options: dict[str, Any] = dict(data=data, epochs=epochs)
+    if lr is not None:
+        train_options["lr"] = lr
+    if train_batch_size is not None:
+        train_options["batch_size"] = train_batch_size
+    bench_options = dict(batch_sizes=_int_list("--batch-size", batch_size), threads=_int_list("--threads", threads),
+                         min_time=min_time)
+    target = out_dir if out_dir is not None else lib.default_run_dir(model, method)
+    with _pipeline_progress(quiet) as progress:
+        run_dir, result, notes = lib.run_pipeline(
+            model, target, transform_options=transform_options, train_options=train_options, variants=names,
+            bench_options=bench_options, force=force, progress=progress)
+    out.print(bench_table(result, title=f"{model} {method}: ONNX Runtime latency (speedup vs {result.baseline})"))
+    err.print(_native_line(result))
+    out.print(f"run directory: {run_dir}  (.onnx variants, bench.json, plot.png)")

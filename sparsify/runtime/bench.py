@@ -1,0 +1,614 @@
+"""Latency benchmark of ONNX files in ONNX Runtime, measured side by side.
+
+``bench_files`` times every (file, batch size, threads) combination with the same random input,
+interleaving the files round-robin so that machine noise hits all variants alike, and reports
+median / p10 / p90 latency, throughput, speedup against the first file (the baseline), peak RSS,
+and whether the native ``ai.sparsify::SparseConv`` kernel ran. ``plot_result`` draws the figure.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .._io import atomic_path, write_json
+from ..errors import RuntimeBackendError, UsageError
+
+SPARSE_DOMAIN = "ai.sparsify"
+
+
+@dataclass
+class FileInfo:
+    """What bench learned about one ONNX file before timing it."""
+
+    path: str
+    label: str
+    input_name: str
+    input_shape: list[int | str]      # as declared; dim 0 is the batch (int if fixed, else its name)
+    sparse_nodes: int                 # ai.sparsify nodes in the main graph
+    conv_nodes: int                   # plain Conv nodes in the main graph
+    native: bool                      # the native kernel ran (sparse nodes present and library registered)
+
+
+@dataclass
+class BenchRow:
+    """Latency of one (file, batch size, threads) combination."""
+
+    label: str
+    batch: int
+    threads: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    throughput: float                 # samples per second at the median latency
+    speedup: float                    # baseline median / this median, same batch and threads
+    samples: int
+    peak_rss_mb: float                # process peak RSS while this session was loaded and warmed up
+    rss_increase_mb: float            # how much the peak grew over the RSS before loading it
+    native: bool
+    max_abs_diff: float | None        # max |output - baseline output| on the same input (None: shapes differ)
+
+
+@dataclass
+class BenchResult:
+    """Everything one bench measured, serialisable with ``to_json``."""
+
+    files: list[FileInfo]
+    rows: list[BenchRow]
+    settings: dict[str, Any]
+    environment: dict[str, Any]
+
+    @property
+    def baseline(self) -> str:
+        """Label of the baseline file (the first one)."""
+        return self.files[0].label
+
+    def row(self, label: str, batch: int, threads: int) -> BenchRow:
+        """The row of ``label`` at (batch, threads); KeyError if absent."""
+        for r in self.rows:
+            if r.label == label and r.batch == batch and r.threads == threads:
+                return r
+        raise KeyError((label, batch, threads))
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain dict for ``bench.json``."""
+        return {
+            "baseline": self.baseline,
+            "files": [dataclasses.asdict(f) for f in self.files],
+            "rows": [dataclasses.asdict(r) for r in self.rows],
+            "settings": self.settings,
+            "environment": self.environment,
+        }
+
+
+# ---------------------------------------------------------------- native kernel / sessions
+
+
+def _native_module() -> Any | None:
+    """``sparsify.runtime.native`` when it exists (it is built separately), else None."""
+    try:
+        from . import native
+    except ImportError:
+        return None
+    return native
+
+
+def native_status() -> dict[str, Any]:
+    """Whether the native kernel library can be registered, and ORT's version."""
+    import onnxruntime as ort
+
+    mod = _native_module()
+    status: dict[str, Any] = {"onnxruntime": ort.__version__, "library": None, "loadable": False, "why_not": None}
+    if mod is None:
+        status["why_not"] = "sparsify.runtime.native is not available"
+        return status
+    try:
+        info = dict(mod.info())
+    except Exception as e:  # a broken build must not stop a dense benchmark
+        status["why_not"] = f"native.info() failed: {e}"
+        return status
+    status.update(info)
+    status["library"] = str(info.get("library") or info.get("library_path") or mod.library_path() or "") or None
+    status["loadable"] = bool(info.get("loadable", status["library"] is not None))
+    return status
+
+
+def make_session(path: str | Path, threads: int, native: bool = True) -> Any:
+    """An InferenceSession with ``threads`` intra-op threads, 1 inter-op thread, sequential execution.
+
+    The native kernel library is registered when ``native`` and it is available.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    mod = _native_module()
+    if native and mod is not None:
+        lib = mod.library_path()
+        if lib is not None:
+            so.register_custom_ops_library(str(lib))
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeBackendError(f"ONNX Runtime cannot load {path}: {msg}") from None
+
+
+# ---------------------------------------------------------------- inspecting the files
+
+
+def _inspect(path: Path, label: str, native_ok: bool) -> FileInfo:
+    """Read the file's single float input and count its sparse / Conv nodes; clear errors otherwise."""
+    import onnx
+
+    if not path.is_file():
+        raise RuntimeBackendError(f"{path} does not exist; pass the path of an .onnx file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise RuntimeBackendError(
+            f"{path} is not a readable ONNX model ({type(e).__name__}); re-export it with `sparsify export`"
+        ) from None
+    graph = model.graph
+    init_names = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in init_names]
+    if len(inputs) != 1:
+        raise UsageError(
+            f"{path} has {len(inputs)} inputs; bench feeds one float32 image tensor, export a single-input model"
+        )
+    inp = inputs[0]
+    tt = inp.type.tensor_type
+    if tt.elem_type != onnx.TensorProto.FLOAT:
+        raise UsageError(f"{path}: input {inp.name!r} is not float32; bench feeds random float32 data")
+    dims: list[int | str] = []
+    for i, d in enumerate(tt.shape.dim):
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif i == 0:
+            dims.append(d.dim_param or "N")
+        else:
+            raise UsageError(
+                f"{path}: input dimension {i} is symbolic ({d.dim_param or '?'}); bench needs fixed non-batch dims, "
+                "export with a concrete input shape"
+            )
+    if not dims:
+        raise UsageError(f"{path}: input {inp.name!r} has no shape; export with a concrete input shape")
+    sparse = sum(1 for n in graph.node if n.domain == SPARSE_DOMAIN)
+    conv = sum(1 for n in graph.node if n.op_type == "Conv" and n.domain in ("", "ai.onnx"))
+    return FileInfo(
+        path=str(path), label=label, input_name=inp.name, input_shape=dims,
+        sparse_nodes=sparse, conv_nodes=conv, native=bool(sparse and native_ok),
+    )
+
+
+def _check_shapes(files: Sequence[FileInfo], batch_sizes: Sequence[int]) -> None:
+    """Refuse files whose inputs differ beyond the batch dim, or whose fixed batch cannot serve a batch size."""
+    ref = files[0]
+    for f in files[1:]:
+        if f.input_shape[1:] != ref.input_shape[1:]:
+            raise UsageError(
+                f"input shapes differ: {ref.path} takes {_shape_str(ref.input_shape)} but {f.path} takes "
+                f"{_shape_str(f.input_shape)}; bench compares variants of one model, give files with the same input shape"
+            )
+    for f in files:
+        b0 = f.input_shape[0]
+        if isinstance(b0, int):
+            bad = [b for b in batch_sizes if b != b0]
+            if bad:
+                raise UsageError(
+                    f"{f.path} has a fixed batch size {b0} but --batch-size asks for {bad[0]}; "
+                    f"use --batch-size {b0} or re-export with a dynamic batch dimension"
+                )
+
+
+def _shape_str(shape: Sequence[int | str]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _rss_mb() -> float:
+    """Current resident set size in MiB (Linux /proc; falls back to the process peak)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (VmHWM, or getrusage)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if platform.system() == "Darwin" else peak / 1024.0
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS counter (Linux >= 4.0) so each variant gets its own peak; best effort."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _percentile(xs: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs, dtype=np.float64), q))
+
+
+def bench_files(
+    paths: Sequence[str | Path],
+    batch_sizes: Sequence[int] = (1,),
+    threads: Sequence[int] = (1,),
+    *,
+    labels: Sequence[str] | None = None,
+    warmup: int = 5,
+    min_time: float = 0.5,
+    repeats: int = 10,
+    max_repeats: int = 2000,
+    native: bool = True,
+    seed: int = 0,
+    progress: Any | None = None,
+) -> BenchResult:
+    """Time each file at each (batch, threads) with the same random input; the first file is the baseline.
+
+    Every file is warmed up ``warmup`` runs, then the files are run round-robin (rotating who goes
+    first) until each has ``repeats`` samples and ``min_time`` seconds of measured runs, or
+    ``max_repeats`` samples. ``progress(description, done, total)`` is called between steps when given.
+    """
+    if not paths:
+        raise UsageError("bench needs at least one .onnx file (the first one is the baseline)")
+    batch_sizes = _positive("--batch-size", batch_sizes)
+    threads = _positive("--threads", threads)
+    if warmup < 0 or repeats < 1 or max_repeats < repeats or min_time < 0:
+        raise UsageError("bench needs warmup >= 0, 1 <= repeats <= max_repeats and min_time >= 0")
+    paths = [Path(p) for p in paths]
+    labels = list(labels) if labels is not None else _default_labels(paths)
+    if len(labels) != len(paths) or len(set(labels)) != len(labels):
+        raise UsageError("bench needs one distinct label per file")
+
+    status = native_status()
+    native_ok = bool(native and status["loadable"])
+    files = [_inspect(p, lab, native_ok) for p, lab in zip(paths, labels)]
+    _check_shapes(files, batch_sizes)
+
+    rng = np.random.default_rng(seed)
+    rows: list[BenchRow] = []
+    configs = [(b, t) for b in batch_sizes for t in threads]
+    total = len(configs) * (len(files) + 1)
+    done = 0
+    for batch, nthreads in configs:
+        shape = [batch] + [int(d) for d in files[0].input_shape[1:]]
+        x = rng.standard_normal(shape, dtype=np.float32)
+        sessions, mem, outputs = [], [], []
+        for f in files:
+            if progress is not None:
+                progress(f"loading {f.label} (batch {batch}, {nthreads} thr)", done, total)
+            before = _rss_mb()
+            _reset_peak_rss()
+            sess = make_session(f.path, nthreads, native=native)
+            feed = {f.input_name: x}
+            try:
+                for _ in range(max(warmup, 1)):
+                    y = sess.run(None, feed)[0]
+            except Exception as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise RuntimeBackendError(f"ONNX Runtime failed running {f.path} at batch {batch}: {msg}") from None
+            peak = _peak_rss_mb()
+            sessions.append((sess, feed))
+            mem.append((peak, max(0.0, peak - before)))
+            outputs.append(np.asarray(y))
+            done += 1
+        if progress is not None:
+            progress(f"timing batch {batch}, {nthreads} thr", done, total)
+        samples = _measure(sessions, min_time=min_time, repeats=repeats, max_repeats=max_repeats)
+        done += 1
+        base_median = float(np.median(samples[0]))
+        for i, f in enumerate(files):
+            s = samples[i]
+            med = float(np.median(s))
+            diff = (
+                float(np.max(np.abs(outputs[i] - outputs[0])))
+                if outputs[i].shape == outputs[0].shape else None
+            )
+            rows.append(BenchRow(
+                label=f.label, batch=batch, threads=nthreads,
+                median_ms=med * 1e3, p10_ms=_percentile(s, 10) * 1e3, p90_ms=_percentile(s, 90) * 1e3,
+                throughput=batch / med if med > 0 else float("inf"),
+                speedup=base_median / med if med > 0 else float("inf"),
+                samples=len(s), peak_rss_mb=round(mem[i][0], 1), rss_increase_mb=round(mem[i][1], 1),
+                native=f.native, max_abs_diff=diff,
+            ))
+        del sessions
+    if progress is not None:
+        progress("done", total, total)
+    settings = {
+        "batch_sizes": list(batch_sizes), "threads": list(threads), "warmup": warmup, "min_time": min_time,
+        "repeats": repeats, "max_repeats": max_repeats, "native": native, "seed": seed,
+        "inter_op_threads": 1, "execution_mode": "sequential", "order": "round-robin, rotating start",
+    }
+    environment = {
+        "native": status, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return BenchResult(files=files, rows=rows, settings=settings, environment=environment)
+
+
+def _measure(sessions: list[tuple[Any, dict]], *, min_time: float, repeats: int, max_repeats: int) -> list[list[float]]:
+    """Round-robin timing: one run of each session per round, starting with a different one each round."""
+    n = len(sessions)
+    samples: list[list[float]] = [[] for _ in range(n)]
+    spent = [0.0] * n
+    clock = time.perf_counter
+    r = 0
+    while True:
+        for k in range(n):
+            i = (r + k) % n
+            sess, feed = sessions[i]
+            t0 = clock()
+            sess.run(None, feed)
+            dt = clock() - t0
+            samples[i].append(dt)
+            spent[i] += dt
+        r += 1
+        count = len(samples[0])
+        if count >= max_repeats or (count >= repeats and min(spent) >= min_time):
+            return samples
+
+
+def _positive(name: str, values: Sequence[int]) -> list[int]:
+    vals = [int(v) for v in values]
+    if not vals or any(v < 1 for v in vals):
+        raise UsageError(f"{name} needs positive integers, got {list(values)!r}")
+    return list(dict.fromkeys(vals))
+
+
+def _default_labels(paths: Sequence[Path]) -> list[str]:
+    """File stems, made unique with the parent directory name where they clash."""
+    stems = [p.stem for p in paths]
+    out = []
+    for p, s in zip(paths, stems):
+        lab = s if stems.count(s) == 1 else f"{p.parent.name}/{s}"
+        out.append(lab)
+    seen: dict[str, int] = {}
+    uniq = []
+    for lab in out:
+        seen[lab] = seen.get(lab, 0) + 1
+        uniq.append(lab if seen[lab] == 1 else f"{lab}#{seen[lab]}")
+    return uniq
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def write_result_json(result: BenchResult, path: str | Path) -> Path:
+    """Write ``result`` as JSON atomically."""
+    write_json(path, result.to_json())
+    return Path(path)
+
+
+def plot_result(result: BenchResult, path: str | Path) -> Path:
+    """Grouped bars of median latency (p10/p90 error bars) per variant, one panel per batch size; atomic PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    batches = result.settings["batch_sizes"]
+    threads = result.settings["threads"]
+    labels = [f.label for f in result.files]
+    colors = plt.get_cmap("tab10").colors
+    panel_width = max(4.0, 1.5 + 0.55 * len(labels) * len(threads))
+    fig, axes = plt.subplots(1, len(batches), figsize=(panel_width * len(batches), 4.2), squeeze=False)
+    width = 0.8 / len(labels)
+    for ax, batch in zip(axes[0], batches):
+        xs = np.arange(len(threads))
+        for j, lab in enumerate(labels):
+            rows = [result.row(lab, batch, t) for t in threads]
+            med = np.array([r.median_ms for r in rows])
+            lo = med - np.array([r.p10_ms for r in rows])
+            hi = np.array([r.p90_ms for r in rows]) - med
+            pos = xs - 0.4 + width * (j + 0.5)
+            tag = f"{lab} (native)" if result.files[j].native else lab
+            bars = ax.bar(pos, med, width * 0.92, yerr=[lo, hi], capsize=3, color=colors[j % len(colors)],
+                          label=tag, error_kw={"elinewidth": 1, "ecolor": "0.25"})
+            if j > 0:
+                for b, r in zip(bars, rows):
+                    ax.annotate(f"{r.speedup:.2f}x", (b.get_x() + b.get_width() / 2, r.p90_ms),
+                                xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{t} thread{'s' if t > 1 else ''}" for t in threads])
+        ax.set_title(f"batch {batch}")
+        ax.set_ylabel("median latency per batch (ms)")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="upper right", title=f"speedup vs {result.baseline}", title_fontsize=7)
+    fig.suptitle("ONNX Runtime latency per variant (whiskers: p10-p90; labels: speedup)", fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- variants of a run directory
+
+VARIANTS = ("dense", "compact", "sparse", "depth")
+VARIANT_HELP = {
+    "dense": "masked weights as plain Conv (the baseline)",
+    "compact": "dense Conv with empty channels removed",
+    "sparse": "ai.sparsify::SparseConv nodes (the native kernel when registered)",
+    "depth": "depth-multiplied dense model with the same live parameter count (sparse-random/psn runs)",
+}
+
+
+def parse_variants(text: str | Sequence[str] | None) -> list[str]:
+    """``"dense,sparse"`` -> ["dense", "sparse"]; unknown names raise UsageError; None means all."""
+    if text is None:
+        return list(VARIANTS)
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        what = f"unknown variant {unknown[0]!r}" if unknown else "--variants is empty"
+        raise UsageError(f"{what}; choose from {', '.join(VARIANTS)}")
+    return list(dict.fromkeys(names))
+
+
+def live_params(model: Any) -> int:
+    """Parameters that can be non-zero: masked layers count live weights only, everything else in full."""
+    total = 0
+    for mod in model.modules():
+        has_mask = hasattr(mod, "mask") and hasattr(mod, "weight_mask")
+        for name, p in mod.named_parameters(recurse=False):
+            if has_mask and name == "weight":
+                total += int(mod.weight_mask().bool().sum().item())
+            else:
+                total += p.numel()
+    return total
+
+
+def depth_equivalent(recipe: Any, target_params: int, *, tol: float = 0.01, max_iter: int = 14) -> tuple[Any, float, int]:
+    """Transform the recipe's model with a depth multiplier whose live parameter count matches ``target_params``.
+
+    Bisection on alpha (parameter count grows with alpha); returns (model, alpha, params) of the closest found.
+    """
+    from .. import api
+
+    def build(alpha: float) -> tuple[Any, int]:
+        res = api.transform(
+            recipe.model, method="depth-multiplier", alpha=alpha, seed=recipe.seed,
+            input_shape=tuple(recipe.input_shape), model_args=dict(recipe.model_args or {}),
+            leaf_modules=tuple(recipe.leaf_modules or ()),
+        )
+        return res.model, live_params(res.model)
+
+    lo, hi = 0.0, 1.0
+    best: tuple[Any, float, int] | None = None
+    for _ in range(max_iter):
+        alpha = (lo + hi) / 2
+        model, n = build(alpha)
+        if best is None or abs(n - target_params) < abs(best[2] - target_params):
+            best = (model, alpha, n)
+        if abs(n - target_params) <= tol * target_params:
+            break
+        if n < target_params:
+            lo = alpha
+        else:
+            hi = alpha
+    assert best is not None
+    return best
+
+
+def export_variants(run_dir: str | Path, out_dir: str | Path, variants: Sequence[str],
+                    progress: Any | None = None) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
+    """Export the requested variants of a run into ``out_dir``; returns [(label, path)] and notes per variant.
+
+    ``depth`` is skipped (with a note) for runs whose method is not sparse-random or psn.
+    """
+    from ..rundir import load_run, read_recipe
+    from . import export as ex
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    recipe = read_recipe(run_dir)
+    files: list[tuple[str, Path]] = []
+    notes: dict[str, Any] = {}
+    for i, name in enumerate(variants):
+        if progress is not None:
+            progress(f"exporting {name}", i, len(variants))
+        target = out_dir / f"{name}.onnx"
+        if name == "dense":
+            ex.export_run(run_dir, target, dense=True, compact=False)
+        elif name == "compact":
+            ex.export_run(run_dir, target, dense=True, compact=True)
+        elif name == "sparse":
+            ex.export_run(run_dir, target)
+        elif name == "depth":
+            if recipe.method not in ("sparse-random", "psn"):
+                notes["depth"] = f"skipped: the run's method is {recipe.method!r}, not sparse-random or psn"
+                continue
+            target_params = live_params(load_run(run_dir).model)
+            model, alpha, n = depth_equivalent(recipe, target_params)
+            notes["depth"] = {"alpha": round(alpha, 6), "live_params": n, "target_live_params": target_params}
+            ex.export_model(model, tuple(recipe.input_shape), target, dense=True)
+        files.append((name, target))
+    if progress is not None:
+        progress("exported", len(variants), len(variants))
+    return files, notes
+
+
+# ---------------------------------------------------------------- the one-command pipeline
+
+
+def default_run_dir(model: str, method: str, root: str | Path = "runs") -> Path:
+    """``runs/<model>-<method>``, with ``-2``, ``-3``... appended when it already exists."""
+    name = Path(str(model).split(":", 1)[-1].split(":")[0]).stem or "model"
+    base = Path(root) / f"{name}-{method}"
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def run_pipeline(
+    model: str,
+    out: str | Path,
+    *,
+    transform_options: dict[str, Any],
+    train_options: dict[str, Any],
+    variants: Sequence[str] = ("dense", "compact", "sparse"),
+    bench_options: dict[str, Any] | None = None,
+    force: bool = False,
+    progress: Any | None = None,
+) -> tuple[Path, BenchResult, dict[str, Any]]:
+    """Transform -> train -> export -> bench into run directory ``out``; returns (run dir, bench result, notes).
+
+    The .onnx variants, ``bench.json`` and ``plot.png`` are written into the run directory.
+    ``progress(stage, description, done, total)`` is called as the stages advance.
+    """
+    from .. import api
+    from ..train import train_run
+
+    def stage(name: str) -> Any:
+        if progress is None:
+            return None
+        return lambda desc, done, total: progress(name, desc, done, total)
+
+    notes: dict[str, Any] = {}
+    if progress is not None:
+        progress("transform", f"transforming {model}", 0, 1)
+    run_dir = Path(api.transform_to_dir(model, out=out, force=force, **transform_options))
+    if progress is not None:
+        progress("transform", "transformed", 1, 1)
+    notes["train"] = train_run(run_dir, progress=stage("train"), **train_options)
+    files, export_notes = export_variants(run_dir, run_dir, variants, progress=stage("export"))
+    notes.update(export_notes)
+    result = bench_files([p for _, p in files], labels=[n for n, _ in files], progress=stage("bench"),
+                         **(bench_options or {}))
+    write_result_json(result, run_dir / "bench.json")
+    plot_result(result, run_dir / "plot.png")
+    return run_dir, result, notes

@@ -1,0 +1,138 @@
+"""`sparsify bench` and sparsify.runtime.bench on tiny hand-made ONNX models (no exporter needed)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from sparsify.cli import app
+from sparsify.errors import RuntimeBackendError, UsageError
+from sparsify.runtime import bench as lib
+
+FAST = ["--min-time", "0.01", "--repeats", "3", "--warmup", "1", "-q"]
+
+
+def conv_model(path: Path, cout: int = 8, hw: int = 12, batch: int | str = "N", seed: int = 0) -> Path:
+    """Conv(3 -> cout, 3x3, pad 1) + Relu with a dynamic (or fixed) batch dim."""
+    w = np.random.default_rng(seed).standard_normal((cout, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, hw, hw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, cout, hw, hw])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "big": conv_model(tmp_path / "big.onnx", cout=16),
+        "small": conv_model(tmp_path / "small.onnx", cout=4),
+        "other_weights": conv_model(tmp_path / "other.onnx", cout=16, seed=1),
+        "other_shape": conv_model(tmp_path / "wide.onnx", hw=20),
+        "fixed": conv_model(tmp_path / "fixed.onnx", cout=16, batch=1),
+    }
+
+
+def test_bench_files_measures_every_combination(models):
+    res = lib.bench_files([models["big"], models["small"], models["other_weights"]], batch_sizes=(1, 4),
+                          threads=(1, 2), warmup=1, min_time=0.01, repeats=3)
+    assert res.baseline == "big"
+    assert len(res.rows) == 3 * 2 * 2
+    for r in res.rows:
+        assert 0 < r.p10_ms <= r.median_ms <= r.p90_ms
+        assert r.samples >= 3
+        assert r.throughput == pytest.approx(r.batch / (r.median_ms / 1e3))
+        assert r.peak_rss_mb > 10 and r.rss_increase_mb >= 0
+        assert r.native is False                     # no ai.sparsify nodes in these files
+        base = res.row("big", r.batch, r.threads)
+        assert r.speedup == pytest.approx(base.median_ms / r.median_ms)
+    # Same input for all variants: the baseline against itself is exact, other weights differ, other shapes are not compared.
+    assert res.row("big", 4, 1).max_abs_diff == 0.0
+    assert res.row("other", 4, 1).max_abs_diff > 0.1
+    assert res.row("small", 4, 1).max_abs_diff is None
+    assert [f.conv_nodes for f in res.files] == [1, 1, 1]
+
+
+def test_cli_bench_writes_table_json_and_png(models, tmp_path):
+    js, png = tmp_path / "out.json", tmp_path / "out.png"
+    r = CliRunner().invoke(app, ["bench", str(models["big"]), str(models["small"]), "-b", "1,2", "-t", "1",
+                                 "--json", str(js), "--plot", str(png), *FAST])
+    assert r.exit_code == 0, r.output
+    assert "big" in r.stdout and "small" in r.stdout and "speedup" in r.stdout
+    data = json.loads(js.read_text())
+    assert data["baseline"] == "big"
+    assert {f["label"] for f in data["files"]} == {"big", "small"}
+    assert len(data["rows"]) == 4
+    row = data["rows"][0]
+    for key in ("label", "batch", "threads", "median_ms", "p10_ms", "p90_ms", "throughput", "speedup",
+                "peak_rss_mb", "native", "max_abs_diff"):
+        assert key in row
+    assert all(r["median_ms"] > 0 and r["throughput"] > 0 for r in data["rows"])
+    assert data["settings"]["batch_sizes"] == [1, 2] and data["settings"]["threads"] == [1]
+    assert "onnxruntime" in data["environment"]["native"]
+    head = png.read_bytes()
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) > 10_000
+    assert not list(tmp_path.glob(".*.tmp"))          # atomic writes left no temp files
+
+
+def test_cli_refuses_different_input_shapes(models):
+    r = CliRunner().invoke(app, ["bench", str(models["big"]), str(models["other_shape"]), *FAST])
+    assert r.exit_code == 2
+    assert "input shapes differ" in r.output and "Nx3x12x12" in r.output and "Nx3x20x20" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_fixed_batch_that_differs_is_refused(models):
+    with pytest.raises(UsageError, match="fixed batch size 1"):
+        lib.bench_files([models["big"], models["fixed"]], batch_sizes=(4,), min_time=0, repeats=1)
+    res = lib.bench_files([models["big"], models["fixed"]], batch_sizes=(1,), warmup=0, min_time=0, repeats=1)
+    assert res.row("fixed", 1, 1).max_abs_diff == 0.0
+
+
+@pytest.mark.parametrize("content", [None, b"this is not protobuf \x00\xff"])
+def test_missing_or_corrupt_file_is_one_clear_line(models, tmp_path, content):
+    bad = tmp_path / "bad.onnx"
+    if content is not None:
+        bad.write_bytes(content)
+    with pytest.raises(RuntimeBackendError, match="bad.onnx"):
+        lib.bench_files([models["big"], bad], min_time=0, repeats=1)
+    r = CliRunner().invoke(app, ["bench", str(models["big"]), str(bad), *FAST])
+    assert r.exit_code == 2
+    assert "bad.onnx" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_unknown_variant_is_refused(models, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.json").write_text("{}")
+    (run / "weights.safetensors").write_bytes(b"")
+    r = CliRunner().invoke(app, ["bench", str(run), "--variants", "dense,sparse,fast", *FAST])
+    assert r.exit_code == 2
+    assert "unknown variant 'fast'" in r.output and "dense, compact, sparse, depth" in r.output
+    r = CliRunner().invoke(app, ["bench", str(models["big"]), "--variants", "dense", *FAST])
+    assert r.exit_code == 2 and "run directory" in r.output
+
+
+def test_parse_variants_and_duplicate_labels(models):
+    assert lib.parse_variants(None) == list(lib.VARIANTS)
+    assert lib.parse_variants("sparse, dense,sparse") == ["sparse", "dense"]
+    with pytest.raises(UsageError):
+        lib.parse_variants(" , ")
+    copy = models["big"].parent / "sub"
+    copy.mkdir()
+    shutil.copy(models["big"], copy / "big.onnx")
+    res = lib.bench_files([models["big"], copy / "big.onnx"], warmup=0, min_time=0, repeats=1)
+    assert [f.label for f in res.files] == [f"{models['big'].parent.name}/big", "sub/big"]
