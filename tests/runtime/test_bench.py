@@ -18,13 +18,16 @@ from sparsify.runtime import bench as lib
 FAST = ["--min-time", "0.01", "--repeats", "3", "--warmup", "1", "-q"]
 
 
-def conv_model(path: Path, cout: int = 8, hw: int = 12, batch: int | str = "N", seed: int = 0) -> Path:
-    """Conv(3 -> cout, 3x3, pad 1) + Relu with a dynamic (or fixed) batch dim."""
-    w = np.random.default_rng(seed).standard_normal((cout, 3, 3, 3)).astype(np.float32)
+def conv_model(path: Path, cout: int = 8, hw: int = 12, batch: int | str = "N", seed: int = 0, cin: int = 3,
+               density: float = 1.0) -> Path:
+    """Conv(cin -> cout, 3x3, pad 1) + Relu with a dynamic (or fixed) batch dim; ``density`` keeps that share of kernels."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32)
+    w[rng.random((cout, cin)) >= density] = 0.0
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
         "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, hw, hw])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, cin, hw, hw])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, cout, hw, hw])],
         [numpy_helper.from_array(w, "w")],
     )
@@ -136,3 +139,18 @@ def test_parse_variants_and_duplicate_labels(models):
     shutil.copy(models["big"], copy / "big.onnx")
     res = lib.bench_files([models["big"], copy / "big.onnx"], warmup=0, min_time=0, repeats=1)
     assert [f.label for f in res.files] == [f"{models['big'].parent.name}/big", "sub/big"]
+
+
+def test_sparse_op_file_is_detected_and_matches_dense(tmp_path):
+    from sparsify.runtime.onnx_sparse import convert_onnx
+
+    dense = conv_model(tmp_path / "dense.onnx", cin=16, cout=16, density=0.2)
+    report = convert_onnx(dense, tmp_path / "sparse.onnx")
+    assert report.sparse_nodes == 1
+    res = lib.bench_files([dense, tmp_path / "sparse.onnx"], batch_sizes=(2,), warmup=1, min_time=0, repeats=2)
+    sparse = res.files[1]
+    assert sparse.sparse_nodes == 1 and sparse.conv_nodes == 0 and res.files[0].sparse_nodes == 0
+    assert sparse.native == bool(res.environment["native"]["loadable"])
+    assert res.row("sparse", 2, 1).max_abs_diff < 1e-4
+    res = lib.bench_files([dense, tmp_path / "sparse.onnx"], warmup=0, min_time=0, repeats=1, native=False)
+    assert res.files[1].native is False
