@@ -54,6 +54,7 @@ class BenchRow:
     rss_increase_mb: float            # how much the peak grew over the RSS before loading it
     native: bool
     max_abs_diff: float | None        # max |output - baseline output| on the same input (None: shapes differ)
+    max_rel_diff: float | None        # max_abs_diff / max |baseline output|
 
 
 @dataclass
@@ -334,13 +335,15 @@ def bench_files(
                 float(np.max(np.abs(outputs[i] - outputs[0])))
                 if outputs[i].shape == outputs[0].shape else None
             )
+            scale = float(np.max(np.abs(outputs[0]))) if outputs[0].size else 0.0
+            rel = None if diff is None else (diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
             rows.append(BenchRow(
                 label=f.label, batch=batch, threads=nthreads,
                 median_ms=med * 1e3, p10_ms=_percentile(s, 10) * 1e3, p90_ms=_percentile(s, 90) * 1e3,
                 throughput=batch / med if med > 0 else float("inf"),
                 speedup=base_median / med if med > 0 else float("inf"),
                 samples=len(s), peak_rss_mb=round(mem[i][0], 1), rss_increase_mb=round(mem[i][1], 1),
-                native=f.native, max_abs_diff=diff,
+                native=f.native, max_abs_diff=diff, max_rel_diff=rel,
             ))
         del sessions
     if progress is not None:

@@ -81,7 +81,7 @@ def test_cli_bench_writes_table_json_and_png(models, tmp_path):
     assert len(data["rows"]) == 4
     row = data["rows"][0]
     for key in ("label", "batch", "threads", "median_ms", "p10_ms", "p90_ms", "throughput", "speedup",
-                "peak_rss_mb", "native", "max_abs_diff"):
+                "peak_rss_mb", "native", "max_abs_diff", "max_rel_diff"):
         assert key in row
     assert all(r["median_ms"] > 0 and r["throughput"] > 0 for r in data["rows"])
     assert data["settings"]["batch_sizes"] == [1, 2] and data["settings"]["threads"] == [1]
@@ -151,6 +151,6 @@ def test_sparse_op_file_is_detected_and_matches_dense(tmp_path):
     sparse = res.files[1]
     assert sparse.sparse_nodes == 1 and sparse.conv_nodes == 0 and res.files[0].sparse_nodes == 0
     assert sparse.native == bool(res.environment["native"]["loadable"])
-    assert res.row("sparse", 2, 1).max_abs_diff < 1e-4
+    assert res.row("sparse", 2, 1).max_abs_diff < 1e-4 and res.row("sparse", 2, 1).max_rel_diff < 1e-5
     res = lib.bench_files([dense, tmp_path / "sparse.onnx"], warmup=0, min_time=0, repeats=1, native=False)
     assert res.files[1].native is False

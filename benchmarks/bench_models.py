@@ -1,0 +1,135 @@
+"""Whole-model ONNX Runtime latency: dense export vs sparse-op export vs depth-multiplied equivalent.
+
+For each zoo model, sparse-random at density 0.1 (untrained weights: latency does not depend on
+their values), exported three ways and timed side by side in one run (round-robin, same input):
+
+  dense   the masked weights as plain Conv (the baseline)
+  sparse  ai.sparsify::SparseConv nodes, the native kernel when it is registered
+  depth   the depth-multiplied dense model with the same live parameter count
+
+Prints per-model tables, the sparse/dense and depth/sparse ratios, whether dense and sparse
+outputs agree, and checks the issue's targets (vgg16n >= 5x faster than dense at batch 1 and 16;
+2 threads >= 1.6x faster than 1 thread at batch 16). Usage::
+
+    python benchmarks/bench_models.py [--quick] [--models vgg16n,resnet20] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from sparsify import api, zoo
+from sparsify._io import write_json
+from sparsify.runtime import bench as lib
+from sparsify.runtime.export import export_model
+
+MODELS = ("vgg16n", "resnet20", "mobilenetv2", "lenet5")
+DENSITY = 0.1
+SPEEDUP_TARGET = 5.0          # vgg16n sparse vs dense export, batch 1 and 16
+THREAD_TARGET = 1.6           # 2 threads vs 1 thread at batch 16
+REL_TOL = 1e-4                # dense vs sparse outputs: max |diff| <= REL_TOL * max |dense output|
+
+console = Console(soft_wrap=True)
+
+
+def export_variants(name: str, tmp: Path) -> tuple[list[tuple[str, Path]], dict]:
+    """Transform zoo model ``name`` sparse-random at DENSITY and export dense, sparse and depth variants."""
+    entry = zoo.get(name)
+    shape = tuple(entry.input_shape)
+    res = api.transform(f"zoo:{name}", method="sparse-random", density=DENSITY, seed=0, input_shape=shape)
+    target = lib.live_params(res.model)
+    files = [("dense", tmp / f"{name}-dense.onnx"), ("sparse", tmp / f"{name}-sparse.onnx"),
+             ("depth", tmp / f"{name}-depth.onnx")]
+    export_model(res.model, shape, files[0][1], dense=True, compact=False)
+    sparse_report = export_model(res.model, shape, files[1][1])
+    model, alpha, n = lib.depth_equivalent(res.recipe, target)
+    export_model(model, shape, files[2][1], dense=True, compact=False)
+    notes = {"live_params": target, "depth_alpha": alpha, "depth_live_params": n,
+             "export": getattr(sparse_report, "to_json", lambda: str(sparse_report))()}
+    return files, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="shorter timing (0.15 s per variant and configuration)")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo names")
+    ap.add_argument("--batch-size", default="1,16")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--min-time", type=float, default=None, help="seconds per variant and configuration")
+    ap.add_argument("--json", type=Path, default=None, help="write all results here")
+    args = ap.parse_args(argv)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    batches = [int(b) for b in args.batch_size.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
+    min_time = args.min_time if args.min_time is not None else (0.15 if args.quick else 0.6)
+
+    status = lib.native_status()
+    console.print(f"onnxruntime {status['onnxruntime']}; native kernel: "
+                  + (f"loadable ({status.get('library')})" if status["loadable"] else f"NOT loadable ({status.get('why_not')})"))
+    summary: dict = {"models": {}, "settings": {"density": DENSITY, "batches": batches, "threads": threads,
+                                                "min_time": min_time}, "native": status}
+    checks: list[tuple[str, bool, str]] = []
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-models-") as tmpdir:
+        for name in names:
+            tmp = Path(tmpdir)
+            console.rule(f"{name} sparse-random density {DENSITY}")
+            files, notes = export_variants(name, tmp)
+            result = lib.bench_files([p for _, p in files], labels=[n for n, _ in files], batch_sizes=batches,
+                                     threads=threads, min_time=min_time, repeats=5 if args.quick else 10)
+            from sparsify.cli.bench import bench_table
+
+            console.print(bench_table(result, title=f"{name}: latency in ORT, speedup vs dense export"))
+            console.print(f"live params {notes['live_params']:,}; depth-multiplier alpha {notes['depth_alpha']:.4f} "
+                          f"gives {notes['depth_live_params']:,}; sparse file native: {result.files[1].native}, "
+                          f"SparseConv nodes {result.files[1].sparse_nodes}, plain Conv nodes {result.files[1].conv_nodes}")
+            ratios = Table(title=f"{name}: ratios", title_justify="left")
+            for col in ("batch", "threads", "dense/sparse", "depth/sparse", "sparse 1thr/2thr", "dense 1thr/2thr",
+                        "dense vs sparse out"):
+                ratios.add_column(col, justify="right")
+            for b in batches:
+                for t in threads:
+                    d, s, dp = (result.row(lab, b, t) for lab in ("dense", "sparse", "depth"))
+                    ok = s.max_rel_diff is not None and s.max_rel_diff <= REL_TOL
+                    scaling = ""
+                    dscaling = ""
+                    if t != threads[0]:
+                        s1, d1 = result.row("sparse", b, threads[0]), result.row("dense", b, threads[0])
+                        scaling = f"{s1.median_ms / s.median_ms:.2f}x"
+                        dscaling = f"{d1.median_ms / d.median_ms:.2f}x"
+                        if b == max(batches) and t == 2 and threads[0] == 1:
+                            checks.append((f"{name} sparse: 2 threads vs 1 at batch {b} >= {THREAD_TARGET}x",
+                                           s1.median_ms / s.median_ms >= THREAD_TARGET, scaling))
+                    ratios.add_row(str(b), str(t), f"{d.median_ms / s.median_ms:.2f}x", f"{dp.median_ms / s.median_ms:.2f}x",
+                                   scaling, dscaling,
+                                   f"{'equal' if ok else 'DIFFER'} (rel {s.max_rel_diff:.1e})")
+                    checks.append((f"{name} outputs dense == sparse (b{b}, t{t})", ok, f"rel {s.max_rel_diff:.1e}"))
+                    if name == "vgg16n":
+                        checks.append((f"vgg16n sparse >= {SPEEDUP_TARGET}x dense (b{b}, t{t})",
+                                       d.median_ms / s.median_ms >= SPEEDUP_TARGET, f"{d.median_ms / s.median_ms:.2f}x"))
+            console.print(ratios)
+            summary["models"][name] = {"notes": notes, "bench": result.to_json()}
+            for _, p in files:
+                p.unlink(missing_ok=True)
+    console.rule("targets")
+    for what, ok, value in checks:
+        if "outputs" in what and ok:
+            continue
+        console.print(f"{'PASS' if ok else 'FAIL'}  {what}: {value}")
+    bad_outputs = [w for w, ok, _ in checks if "outputs" in w and not ok]
+    console.print("dense and sparse outputs agree everywhere" if not bad_outputs else f"outputs differ: {bad_outputs}")
+    console.print(f"total time {time.perf_counter() - t_start:.0f} s")
+    summary["checks"] = [{"what": w, "pass": ok, "value": v} for w, ok, v in checks]
+    if args.json is not None:
+        write_json(args.json, summary)
+    return 0 if not bad_outputs else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
