@@ -110,6 +110,8 @@ def bench(
     min_time: float = typer.Option(0.5, "--min-time", help="Measured seconds per variant and configuration, at least."),
     repeats: int = typer.Option(10, help="Measured runs per variant and configuration, at least."),
     native: bool = typer.Option(True, "--native/--no-native", help="Register the native SparseConv kernel when available."),
+    spin: bool = typer.Option(False, "--spin/--no-spin", help="Let ORT worker threads spin between runs "
+                              "(lower latency on an idle machine; erratic when cores are shared)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Measure ONNX Runtime latency of ONNX files side by side, or of the variants of a run directory."""
@@ -120,7 +122,7 @@ def bench(
     thread_counts = _int_list("--threads", threads)
     dirs = [p for p in paths if p.is_dir()]
     opts = dict(batch_sizes=batches, threads=thread_counts, warmup=warmup, min_time=min_time, repeats=repeats,
-                native=native)
+                native=native, spinning=spin)
     if dirs:
         if len(paths) != 1:
             raise UsageError("give either one run directory or .onnx files, not both")

@@ -121,10 +121,12 @@ def native_status() -> dict[str, Any]:
     return status
 
 
-def make_session(path: str | Path, threads: int, native: bool = True) -> Any:
+def make_session(path: str | Path, threads: int, native: bool = True, spinning: bool = False) -> Any:
     """An InferenceSession with ``threads`` intra-op threads, 1 inter-op thread, sequential execution.
 
-    The native kernel library is registered when ``native`` and it is available.
+    The native kernel library is registered when ``native`` and it is available. Thread-pool
+    spinning is off by default: with several sessions run in turn on a shared machine, idle
+    workers spinning after one session's run steal cores from the next and make timings erratic.
     """
     import onnxruntime as ort
 
@@ -133,6 +135,7 @@ def make_session(path: str | Path, threads: int, native: bool = True) -> Any:
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     mod = _native_module()
     if native and mod is not None:
         lib = mod.library_path()
@@ -271,6 +274,7 @@ def bench_files(
     repeats: int = 10,
     max_repeats: int = 2000,
     native: bool = True,
+    spinning: bool = False,
     seed: int = 0,
     progress: Any | None = None,
 ) -> BenchResult:
@@ -310,7 +314,7 @@ def bench_files(
                 progress(f"loading {f.label} (batch {batch}, {nthreads} thr)", done, total)
             before = _rss_mb()
             _reset_peak_rss()
-            sess = make_session(f.path, nthreads, native=native)
+            sess = make_session(f.path, nthreads, native=native, spinning=spinning)
             feed = {f.input_name: x}
             try:
                 for _ in range(max(warmup, 1)):
@@ -351,7 +355,8 @@ def bench_files(
     settings = {
         "batch_sizes": list(batch_sizes), "threads": list(threads), "warmup": warmup, "min_time": min_time,
         "repeats": repeats, "max_repeats": max_repeats, "native": native, "seed": seed,
-        "inter_op_threads": 1, "execution_mode": "sequential", "order": "round-robin, rotating start",
+        "inter_op_threads": 1, "execution_mode": "sequential", "thread_spinning": spinning,
+        "order": "round-robin, rotating start",
     }
     environment = {
         "native": status, "cpu_count": os.cpu_count(), "machine": platform.machine(),
