@@ -1,0 +1,168 @@
+"""Load a model from a user's file (``file.py`` / ``file.py:NAME``) or the built-in zoo (``zoo:NAME``).
+
+A model file provides the model by a ``build_model()`` function, or a single ``nn.Module``
+subclass with a no-argument constructor, or the factory named after the colon. It may give its
+example input by ``INPUT_SHAPE`` (a tuple) or ``example_input()`` (a tensor).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import ModelLoadError
+
+ZOO_PREFIX = "zoo:"
+
+
+@dataclass
+class LoadedModel:
+    """A freshly built model and what is known about it."""
+
+    module: nn.Module
+    spec: str                         # normalised: "zoo:NAME" or "/abs/file.py:FACTORY"
+    name: str                         # short name for default output directories
+    input_shape: tuple[int, ...] | None
+    num_classes: int | None
+    source_file: Path | None          # the user's file (None for zoo models)
+    source_sha256: str | None
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    """``a/b.py:build`` -> (``a/b.py``, ``build``); a Windows drive colon is not a separator."""
+    path, sep, name = spec.rpartition(":")
+    if sep and path.endswith(".py") and name and "/" not in name and "\\" not in name:
+        return path, name
+    return spec, None
+
+
+def _import_file(path: Path) -> Any:
+    """Import a Python file as a fresh module; its import errors become ModelLoadError."""
+    mod_name = f"sparsify_user_model_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise ModelLoadError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(mod_name, None)
+        raise ModelLoadError(f"importing {path} failed: {_where(e, path)}; fix the file and retry") from None
+    finally:
+        if sys.path and sys.path[0] == str(path.parent):
+            sys.path.pop(0)
+    return module
+
+
+def _where(e: BaseException, path: Path) -> str:
+    """``ExcType: message (file.py:LINE)`` for the deepest frame inside the user's file."""
+    line = None
+    for frame in traceback.extract_tb(e.__traceback__):
+        if Path(frame.filename).resolve() == path.resolve():
+            line = frame.lineno
+    msg = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+    return f"{msg} ({path.name}:{line})" if line else msg
+
+
+def _no_arg_constructible(cls: type) -> bool:
+    try:
+        sig = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return False
+    params = list(sig.parameters.values())[1:]
+    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+
+
+def _find_factory(module: Any, path: Path, name: str | None) -> tuple[str, Callable[..., nn.Module]]:
+    """The factory named ``name``, else ``build_model``, else the only no-arg nn.Module subclass."""
+    if name is not None:
+        obj = getattr(module, name, None)
+        if obj is None or not callable(obj):
+            raise ModelLoadError(f"{path} has no function or class named {name!r}; check the name after the colon")
+        return name, obj
+    if callable(getattr(module, "build_model", None)):
+        return "build_model", module.build_model
+    candidates = [
+        n for n, obj in vars(module).items()
+        if inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__
+        and _no_arg_constructible(obj)
+    ]
+    if not candidates:
+        raise ModelLoadError(
+            f"{path} defines no build_model() and no nn.Module subclass with a no-argument constructor; "
+            f"add build_model() or name the factory as {path.name}:NAME"
+        )
+    if len(candidates) > 1:
+        raise ModelLoadError(
+            f"{path} is ambiguous: it defines {', '.join(sorted(candidates))}; "
+            f"name one as {path.name}:NAME or define build_model()"
+        )
+    return candidates[0], getattr(module, candidates[0])
+
+
+def _file_input_shape(module: Any, path: Path) -> tuple[int, ...] | None:
+    if hasattr(module, "INPUT_SHAPE"):
+        try:
+            return tuple(int(d) for d in module.INPUT_SHAPE)
+        except (TypeError, ValueError):
+            raise ModelLoadError(f"{path}: INPUT_SHAPE must be a tuple of ints such as (1, 3, 32, 32)") from None
+    fn = getattr(module, "example_input", None)
+    if callable(fn):
+        try:
+            x = fn()
+        except Exception as e:
+            raise ModelLoadError(f"{path}: example_input() raised {_where(e, path)}") from None
+        if not isinstance(x, torch.Tensor):
+            raise ModelLoadError(f"{path}: example_input() must return a tensor")
+        return tuple(x.shape)
+    return None
+
+
+def load_model(spec: str | nn.Module, model_args: dict[str, Any] | None = None, seed: int = 0) -> LoadedModel:
+    """Build the model named by ``spec`` with ``torch.manual_seed(seed)`` so its initial weights replay."""
+    model_args = dict(model_args or {})
+    if isinstance(spec, nn.Module):
+        return LoadedModel(spec, f"module:{type(spec).__name__}", type(spec).__name__.lower(),
+                           None, None, None, None)
+    torch.manual_seed(seed)
+    if spec.startswith(ZOO_PREFIX):
+        from . import zoo
+
+        entry = zoo.get(spec[len(ZOO_PREFIX):])
+        try:
+            module = entry.build(**model_args)
+        except TypeError as e:
+            raise ModelLoadError(f"zoo:{entry.name} does not accept --model-args {model_args}: {e}") from None
+        num_classes = model_args.get("num_classes", entry.num_classes)
+        return LoadedModel(module, f"zoo:{entry.name}", entry.name, tuple(entry.input_shape), num_classes, None, None)
+
+    file, name = _split_spec(spec)
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"model file {file} not found; give a path to a .py file or zoo:NAME (see `sparsify zoo`)")
+    path = path.resolve()
+    module = _import_file(path)
+    factory_name, factory = _find_factory(module, path, name)
+    try:
+        model = factory(**model_args)
+    except Exception as e:
+        raise ModelLoadError(f"{path.name}:{factory_name}({_fmt_args(model_args)}) raised {_where(e, path)}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{path.name}:{factory_name} returned {type(model).__name__}, not an nn.Module")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return LoadedModel(model, f"{path}:{factory_name}", path.stem, _file_input_shape(module, path),
+                       getattr(module, "NUM_CLASSES", None), path, digest)
+
+
+def _fmt_args(args: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in args.items())

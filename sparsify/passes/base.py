@@ -1,0 +1,74 @@
+"""The pass contract: check what is needed, rewrite a copy, check what is promised.
+
+In the style of ``torch/fx/passes/infra/pass_base.py``: a pass is a small class with
+``requires`` (raise PassError when the input does not fit), ``call`` (rewrite a deep copy: the
+given module is never edited) and ``ensures`` (shapes still propagate, the pass's own promise).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import PassError
+from .trace import propagate_shapes
+
+
+@dataclass
+class PassResult:
+    """A rewritten graph plus what the pass reports about it."""
+
+    model: fx.GraphModule
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per rewritten layer
+    notes: list[str] = field(default_factory=list)
+
+
+class GraphPass:
+    """Base class: ``__call__`` runs requires -> call (on a copy) -> ensures."""
+
+    name = "pass"
+
+    def requires(self, gm: fx.GraphModule, example: torch.Tensor) -> None:
+        """Raise PassError when ``gm`` cannot be rewritten by this pass."""
+
+    def call(self, gm: fx.GraphModule, example: torch.Tensor) -> PassResult:
+        raise NotImplementedError
+
+    def ensures(self, original: fx.GraphModule, result: PassResult, example: torch.Tensor) -> None:
+        """By default: the rewritten graph runs on the example and keeps the output shape."""
+        with torch.no_grad():
+            before = original(example)
+        try:
+            after = propagate_shapes(result.model, example)
+        except Exception as e:  # noqa: BLE001 - re-raised as the pass's broken promise
+            raise PassError(f"{self.name} produced a graph that does not run ({e}); please report this") from None
+        if _shapes(before) != _shapes(after):
+            raise PassError(f"{self.name} changed the output shape from {_shapes(before)} to {_shapes(after)}")
+
+    def __call__(self, gm: fx.GraphModule, example: torch.Tensor) -> PassResult:
+        self.requires(gm, example)
+        result = self.call(copy.deepcopy(gm), example)
+        result.model.recompile()
+        self.ensures(gm, result, example)
+        return result
+
+
+def _shapes(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (list, tuple)):
+        return tuple(_shapes(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _shapes(v) for k, v in out.items()}
+    return None
+
+
+def set_submodule(gm: nn.Module, qualname: str, new: nn.Module) -> None:
+    """Replace the submodule at ``qualname`` (``a.b.c``) with ``new``."""
+    parent_name, _, leaf = qualname.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, leaf, new)

@@ -1,0 +1,268 @@
+"""The sparse passes: ``sparse-random`` (Changpinyo et al. 2017) and ``psn`` (Profiled Sparse Networks).
+
+Both replace eligible layers with masked ones without changing any channel count:
+- a Conv2d becomes a SparseConv2d with a channel mask [Cout, Cin/groups] (the same pattern over
+  the whole kernel window); depthwise convs stay dense;
+- a Linear becomes a SparseLinear with an element mask, only with ``include_linear`` for
+  sparse-random (the paper keeps fully connected layers dense) and by default for psn;
+- the final classifier stays dense unless ``include_classifier``.
+
+Masks never create dead filters: every output unit reads an input and every input feeds an
+output. A conv that reads a single input filter (e.g. the first conv of a grey-scale net) cannot be
+sparse over channels, so the paper's rule applies (sect. 5.2.1): it keeps a fraction sqrt(D) of
+its filters, and the layers that read those filters never connect from the removed ones.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import PassError, UsageError
+from ..nn import SparseConv2d, SparseLinear
+from ..profiles import LayerShape, allocate, cv, fan_in_counts, resolve_params
+from .base import GraphPass, PassResult, set_submodule
+from .channel_graph import ChannelGraph, classifier_node, weight_nodes
+
+
+@dataclass
+class Eligible:
+    """A layer the pass will mask."""
+
+    node: fx.Node
+    module: nn.Module
+    index: int               # position among weight layers (seeds its random stream)
+    n_out: int
+    n_in: int                # per group
+    kernel: int              # kh*kw, 1 for linear
+    single_input: bool       # a conv that reads one input filter
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.module, nn.Conv2d)
+
+
+def check_density(density: float | None) -> float:
+    if density is None:
+        raise UsageError("--density is required for this method; give a value in (0, 1], e.g. --density 0.1")
+    if not (0.0 < density <= 1.0) or math.isnan(density):
+        raise UsageError(f"--density {density} is outside (0, 1]; give e.g. --density 0.1")
+    return float(density)
+
+
+def eligible_layers(gm: fx.GraphModule, include_linear: bool, include_classifier: bool) -> tuple[list[Eligible], list[str]]:
+    """Layers to mask, and notes on those left dense and why."""
+    mods = dict(gm.named_modules())
+    clf = classifier_node(gm)
+    out, notes, seen = [], [], set()
+    for i, node in enumerate(weight_nodes(gm)):
+        m = mods[node.target]
+        if node.target in seen:
+            continue
+        seen.add(node.target)
+        if isinstance(m, (SparseConv2d, SparseLinear)):
+            raise PassError(f"{node.target} is already sparse; transform the dense model instead")
+        if node is clf and not include_classifier:
+            notes.append(f"{node.target}: classifier kept dense (use --include-classifier to mask it)")
+            continue
+        if isinstance(m, nn.Conv2d):
+            if m.groups > 1 and m.in_channels // m.groups == 1:
+                notes.append(f"{node.target}: depthwise conv kept dense")
+                continue
+            if m.padding_mode != "zeros":
+                notes.append(f"{node.target}: padding mode {m.padding_mode} kept dense")
+                continue
+            k = m.kernel_size[0] * m.kernel_size[1]
+            cin_g = m.in_channels // m.groups
+            out.append(Eligible(node, m, i, m.out_channels, cin_g, k, single_input=cin_g == 1))
+        elif isinstance(m, nn.Linear):
+            if not include_linear:
+                notes.append(f"{node.target}: linear kept dense (use --include-linear to mask it)")
+                continue
+            out.append(Eligible(node, m, i, m.out_features, m.in_features, 1, single_input=False))
+    return out, notes
+
+
+def _rng(seed: int, layer: Eligible) -> np.random.Generator:
+    return np.random.default_rng([int(seed), layer.index, 0x5A17])
+
+
+def random_mask(n_out: int, allowed: np.ndarray, live: int, rng: np.random.Generator,
+                row_counts: np.ndarray | None = None) -> np.ndarray:
+    """A 0/1 mask [n_out, n_in] with exactly ``live`` entries in the ``allowed`` input columns.
+
+    Every output row and every allowed column gets at least one entry (coverage first, drawn from
+    random permutations), the rest uniformly at random; with ``row_counts`` each row ``u`` gets
+    exactly ``row_counts[u]`` entries and columns not yet read are preferred.
+    """
+    n_in_total = int(allowed.max()) + 1 if allowed.size else 0
+    mask = np.zeros((n_out, max(n_in_total, 1)), dtype=bool)
+    m = len(allowed)
+    if row_counts is None:
+        cover = max(n_out, m)
+        rows, cols = rng.permutation(n_out), rng.permutation(allowed)
+        for t in range(min(cover, live)):
+            mask[rows[t % n_out], cols[t % m]] = True
+        rest = live - int(mask.sum())
+        if rest > 0:
+            free = np.flatnonzero(~mask[:, allowed].ravel())
+            pick = rng.choice(free, size=rest, replace=False)
+            r, c = np.divmod(pick, m)
+            mask[r, allowed[c]] = True
+        return mask
+    uncovered = list(rng.permutation(allowed))
+    for u in rng.permutation(n_out):
+        k = int(row_counts[u])
+        take = uncovered[:k]
+        del uncovered[:k]
+        if len(take) < k:
+            rest = np.setdiff1d(allowed, np.asarray(take, dtype=allowed.dtype), assume_unique=True)
+            take += list(rng.choice(rest, size=k - len(take), replace=False))
+        mask[u, np.asarray(take, dtype=np.int64)] = True
+    return mask
+
+
+def _fan_stats(mask: np.ndarray) -> dict[str, float]:
+    f = mask.sum(axis=1)
+    return {"fan_in_min": int(f.min()), "fan_in_mean": float(f.mean()), "fan_in_max": int(f.max()), "fan_in_cv": cv(f)}
+
+
+class SparsePass(GraphPass):
+    """Shared machinery of sparse-random and psn; subclasses choose each layer's mask."""
+
+    def __init__(self, density: float, seed: int = 0, allocation: str = "uniform",
+                 include_linear: bool = False, include_classifier: bool = False) -> None:
+        self.density = check_density(density)
+        if allocation not in ("uniform", "erk"):
+            raise UsageError(f"unknown --allocation {allocation!r}; choose uniform or erk")
+        self.seed, self.allocation = seed, allocation
+        self.include_linear, self.include_classifier = include_linear, include_classifier
+
+    def draw(self, layer: Eligible, allowed: np.ndarray, live: int, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+    def requires(self, gm: fx.GraphModule, example: torch.Tensor) -> None:
+        layers, _ = eligible_layers(gm, self.include_linear, self.include_classifier)
+        if not layers:
+            raise PassError(f"{self.name}: the model has no layer to make sparse (convs, or linears with --include-linear)")
+
+    def call(self, gm: fx.GraphModule, example: torch.Tensor) -> PassResult:
+        cg = ChannelGraph.build(gm, example)
+        layers, notes = eligible_layers(gm, self.include_linear, self.include_classifier)
+        shapes = [LayerShape(l.node.target, l.n_out, l.n_in, l.kernel,
+                             min_live=1 if l.single_input else max(l.n_out, l.n_in)) for l in layers]
+        budgets = allocate(shapes, self.density, self.allocation)
+        dead = self._single_input_dead(cg, layers, budgets)
+        result = PassResult(gm, notes=notes)
+        for layer in layers:
+            name = layer.node.target
+            rng = _rng(self.seed, layer)
+            if layer.single_input:
+                d = budgets[name] / layer.n_out if self.allocation == "erk" else self.density
+                keep = dead[name]["keep"]
+                mask = np.zeros((layer.n_out, 1), dtype=bool)
+                mask[keep, 0] = True
+                rule = f"single input filter: keeps sqrt({d:.4g}) of its {layer.n_out} filters"
+            else:
+                blocked = self._blocked_inputs(cg, layer, dead)
+                allowed = np.setdiff1d(np.arange(layer.n_in), blocked)
+                live = budgets[name]
+                if live < len(allowed) and not layer.single_input:
+                    live = len(allowed)
+                live = min(live, layer.n_out * len(allowed))
+                mask = self.draw(layer, allowed, live, rng)
+                if mask.shape[1] < layer.n_in:
+                    mask = np.pad(mask, ((0, 0), (0, layer.n_in - mask.shape[1])))
+                rule = None
+            new = self._replace(gm, layer, mask)
+            info = {
+                "kind": "conv" if layer.is_conv else "linear", "shape": [layer.n_out, layer.n_in],
+                "kernel": layer.kernel, "live": int(mask.sum()), "entries": int(mask.size),
+                "density": float(mask.mean()), **_fan_stats(mask),
+            }
+            if rule:
+                info["rule"] = rule
+            result.layers[name] = info
+            del new
+        return result
+
+    def _single_input_dead(self, cg: ChannelGraph, layers: list[Eligible], budgets: dict[str, int]) -> dict[str, Any]:
+        """For single-input convs: which filters stay, and where their removed filters appear."""
+        out: dict[str, Any] = {}
+        for layer in layers:
+            if not layer.single_input:
+                continue
+            d = budgets[layer.node.target] / layer.n_out if self.allocation == "erk" else self.density
+            n_keep = max(1, min(layer.n_out, round(math.sqrt(d) * layer.n_out)))
+            keep = np.sort(_rng(self.seed, layer).permutation(layer.n_out)[:n_keep])
+            removed = np.setdiff1d(np.arange(layer.n_out), keep)
+            g = cg.group_of(layer.node)
+            where: dict[int, np.ndarray] = {}
+            if g is not None and g.is_root and len(removed):
+                producers = g.roles("conv_out", "linear_out", "fconv_out", "flinear_out")
+                if len(producers) == 1:
+                    where = {gid: pos[removed].ravel() for gid, pos in cg.positions(g.id).items()}
+            out[layer.node.target] = {"keep": keep, "positions": where}
+        return out
+
+    @staticmethod
+    def _blocked_inputs(cg: ChannelGraph, layer: Eligible, dead: dict[str, Any]) -> np.ndarray:
+        """Input columns of ``layer`` that come from filters removed by the single-input rule."""
+        x = layer.node.args[0]
+        g = cg.group_of(x) if isinstance(x, fx.Node) else None
+        if g is None or not dead:
+            return np.zeros(0, dtype=np.int64)
+        blocked = [d["positions"][g.id] for d in dead.values() if g.id in d["positions"]]
+        return np.unique(np.concatenate(blocked)) if blocked else np.zeros(0, dtype=np.int64)
+
+    @staticmethod
+    def _replace(gm: fx.GraphModule, layer: Eligible, mask: np.ndarray) -> nn.Module:
+        t = torch.from_numpy(mask.astype(np.float32))
+        if layer.is_conv:
+            new = SparseConv2d.from_dense(layer.module, t)
+        else:
+            new = SparseLinear.from_dense(layer.module, t)
+        set_submodule(gm, layer.node.target, new)
+        return new
+
+    def ensures(self, original: fx.GraphModule, result: PassResult, example: torch.Tensor) -> None:
+        super().ensures(original, result, example)
+        for name, info in result.layers.items():
+            m = result.model.get_submodule(name)
+            if int(m.mask.sum()) != info["live"]:
+                raise PassError(f"{self.name}: {name} has {int(m.mask.sum())} live connections, expected {info['live']}")
+            if "rule" not in info and bool((m.mask.sum(dim=1) == 0).any()):
+                raise PassError(f"{self.name}: {name} has an output unit with no input")
+            if bool((m.weight_mask() == 0).logical_and(m.weight != 0).any()):
+                raise PassError(f"{self.name}: {name} has a masked weight that is not zero")
+
+
+class SparseRandomPass(SparsePass):
+    """Each output channel reads a uniformly random subset of input channels (exact layer budget)."""
+
+    name = "sparse-random"
+
+    def draw(self, layer: Eligible, allowed: np.ndarray, live: int, rng: np.random.Generator) -> np.ndarray:
+        return random_mask(layer.n_out, allowed, live, rng)
+
+
+class PSNPass(SparsePass):
+    """Profiled Sparse Networks: per-unit fan-ins from a continuous profile, inputs drawn at random."""
+
+    name = "psn"
+
+    def __init__(self, density: float, profile: str = "lognormal", profile_params: dict[str, float] | None = None,
+                 seed: int = 0, allocation: str = "uniform", include_linear: bool = True,
+                 include_classifier: bool = False) -> None:
+        super().__init__(density, seed, allocation, include_linear, include_classifier)
+        self.profile = profile
+        self.profile_params = resolve_params(profile, profile_params)
+
+    def draw(self, layer: Eligible, allowed: np.ndarray, live: int, rng: np.random.Generator) -> np.ndarray:
+        counts = fan_in_counts(self.profile, layer.n_out, len(allowed), live, self.profile_params)
+        return random_mask(layer.n_out, allowed, live, rng, row_counts=counts)
