@@ -1,0 +1,435 @@
+"""Export: a (compacted) sparse model to ONNX with ``ai.sparsify::SparseConv`` nodes, verified in ORT.
+
+Pipeline: compact (exact, certificate-checked) -> masked layers to plain layers carrying the masked
+weights -> fold eval BatchNorm -> ``torch.onnx.export`` (dynamo, opset 18, dynamic batch) ->
+``onnx_sparse.convert_model`` (channel-sparse Conv -> SparseConv + function body, per-layer choice)
+-> ``onnx.checker`` full check -> verification against PyTorch in ONNX Runtime (function body, and
+the native kernel when it is built) -> atomic write.
+
+Why the dynamo exporter: it is torch's supported path (the TorchScript exporter is deprecated since
+torch 2.9), its onnxscript optimizer emits clean standard ops (BN folded, no Identity/Constant
+clutter), and its ConversionError names the aten op and graph node that failed, which we map back to
+the user's fx node and source line. It costs ~0.6 s per export, which is fine here.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .._io import atomic_path
+from ..errors import ExportError, RuntimeBackendError, SparsifyError
+from ..nn import SPARSE_LAYERS
+from . import onnx_sparse
+from .onnx_sparse import ConvChoice, convert_onnx
+
+OPSET = 18
+TOLERANCE = 1e-4  # max abs error allowed, relative to the reference output's max magnitude
+VERIFY_BATCHES = (1, 3)
+
+
+@dataclass
+class ExportReport:
+    """What an export did: compaction, per-layer sparse/dense choice, verification errors."""
+
+    out: str
+    source: str
+    input_shape: list[int]
+    dense: bool
+    compaction: dict[str, Any] | None = None
+    folded_bn: list[str] = field(default_factory=list)
+    layers: list[ConvChoice] = field(default_factory=list)
+    errors: dict[str, float] = field(default_factory=dict)   # path ("function-body"/"native") -> max abs err
+    native_available: bool = False
+    file_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sparse_layers(self) -> int:
+        """Number of Conv layers written as SparseConv."""
+        return sum(c.sparse for c in self.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "out": self.out, "source": self.source, "input_shape": self.input_shape, "dense": self.dense,
+            "compaction": self.compaction, "folded_bn": self.folded_bn,
+            "layers": [dict(vars(c), weight_shape=list(c.weight_shape)) for c in self.layers],
+            "errors": self.errors, "native_available": self.native_available,
+            "file_bytes": self.file_bytes, "notes": self.notes,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Sessions: the native-session helper when present, plain onnxruntime otherwise
+
+
+def native_available() -> bool:
+    """True when the native SparseConv library is built and can be registered."""
+    try:
+        from . import native
+    except ImportError:
+        return False
+    return native.library_path() is not None
+
+
+def open_session(model: str | os.PathLike | bytes, native: bool = False, threads: int | None = None):
+    """An ORT session; ``native=True`` registers the SparseConv library (RuntimeBackendError if absent)."""
+    try:
+        from . import native as native_mod
+    except ImportError:
+        native_mod = None
+    if native_mod is not None:
+        return native_mod.session(model if isinstance(model, bytes) else str(model),
+                                  intra_op_threads=threads, native=native)
+    if native:
+        raise RuntimeBackendError("the native SparseConv kernel is not available in this build")
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+                                providers=["CPUExecutionProvider"])
+
+
+# --------------------------------------------------------------------------------------------
+# Torch-side preparation
+
+
+def check_output_path(out: str | os.PathLike) -> Path:
+    """The output path, after checking its directory exists and is writable (ExportError otherwise)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a directory; give a file name such as {out / 'model.onnx'}")
+    if not out.parent.is_dir():
+        raise ExportError(f"cannot write {out}: directory {out.parent} does not exist; create it or choose another --out")
+    if not os.access(out.parent, os.W_OK):
+        raise ExportError(f"cannot write {out}: directory {out.parent} is not writable; choose another --out")
+    return out
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replace every SparseConv2d/SparseLinear of ``model`` (in place) by the plain layer with masked weights."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, SPARSE_LAYERS):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, leaf, mod.to_dense())
+    return model
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    if isinstance(model, fx.GraphModule):
+        return model
+    from ..passes.trace import trace
+
+    return trace(model)
+
+
+def _prepare(model: nn.Module, example: torch.Tensor, compact: bool, fold_bn: bool,
+             report: ExportReport) -> nn.Module:
+    """The module to hand to torch.onnx: compacted, densified, BN folded (a copy; ``model`` is untouched)."""
+    work: nn.Module = copy.deepcopy(model).eval().float()
+    if compact or fold_bn:
+        work = _trace(work)
+    if compact:
+        from ..passes.compact import compact as compact_pass
+
+        work, creport = compact_pass(work, example)
+        report.compaction = creport.to_json()
+    densify(work)
+    if fold_bn and isinstance(work, fx.GraphModule):
+        from ..passes.compact import fold_batchnorm
+
+        work, report.folded_bn = fold_batchnorm(work, inplace=True)
+    return work
+
+
+def _user_frame(stack_trace: str | None) -> str:
+    """``file.py:LINE`` of the last frame of an fx stack trace outside torch and sparsify."""
+    where = ""
+    for m in re.finditer(r'File "([^"]+)", line (\d+)', stack_trace or ""):
+        f = m.group(1).replace("\\", "/")
+        if "/torch/" not in f and "/sparsify/" not in f and not f.startswith("<"):
+            where = f"{Path(f).name}:{m.group(2)}"
+    return where
+
+
+def _explain_failure(module: nn.Module, exc: BaseException) -> str:
+    """One line naming the node torch.onnx could not express and, when known, its source line."""
+    text = str(exc)
+    m = re.search(r"target=torch\.ops\.(\w+)\.(\w+)", text) or re.search(r"OpOverload\(op='(\w+)\.(\w+)'", text)
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("<class")), "")
+    first = re.sub(r"^<class '[\w.]+\.(\w+)'>:\s*", r"\1: ", first) or (text.splitlines() or [type(exc).__name__])[0]
+    if not m:
+        return f"torch.onnx cannot export the model ({first[:300]}); simplify the model or report it"
+    op = m.group(2)
+    node = None
+    if isinstance(module, fx.GraphModule):
+        for n in module.graph.nodes:
+            tname = getattr(n.target, "__name__", str(n.target)).rsplit(".", 1)[-1]
+            if n.op in ("call_function", "call_method") and (op.startswith(tname) or tname.startswith(op)
+                                                             or n.name.startswith(op)):
+                node = n
+                break
+    if node is None:
+        return f"torch.onnx cannot express aten.{op} ({first[:300]}); replace that operation in the model"
+    where = _user_frame(node.stack_trace)
+    target = getattr(node.target, "__qualname__", str(node.target))
+    return (f"torch.onnx cannot express node '{node.name}' ({target})" + (f" at {where}" if where else "")
+            + f": {first[:200]}; replace that operation in the model")
+
+
+def _torch_export(module: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+    """``torch.onnx.export`` with a dynamic batch dimension; ExportError naming the failing node."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    level = logging.getLogger("torch").level
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch").setLevel(logging.ERROR)
+            program = torch.onnx.export(
+                module, (example,), dynamo=True, opset_version=OPSET, verbose=False, optimize=True,
+                input_names=["input"], dynamic_shapes=({0: batch},), external_data=False,
+            )
+    except Exception as e:
+        raise ExportError(_explain_failure(module, e)) from None
+    finally:
+        logging.getLogger("torch").setLevel(level)
+    return program.model_proto
+
+
+# --------------------------------------------------------------------------------------------
+# Autotune and verification
+
+
+def _conv_input_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Static shape (batch 1) of every value, from ONNX shape inference."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return {}
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
+        dims = vi.type.tensor_type.shape.dim
+        shape = [d.dim_value if d.HasField("dim_value") else (1 if i == 0 else 0) for i, d in enumerate(dims)]
+        if dims and all(shape):
+            shapes[vi.name] = shape
+    return shapes
+
+
+def _median_ms(sess, feeds: dict[str, np.ndarray], budget_s: float = 0.15, max_runs: int = 30) -> float:
+    for _ in range(2):
+        sess.run(None, feeds)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < 5 or time.perf_counter() - start < budget_s):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def _single_node_model(node: onnx.NodeProto, inits: list[onnx.TensorProto], x_shape: list[int],
+                       functions: list[onnx.FunctionProto]) -> bytes:
+    from onnx import TensorProto, helper
+
+    n = onnx.NodeProto()
+    n.CopyFrom(node)
+    del n.input[:]
+    n.input.extend(["x"] + [t.name for t in inits])
+    del n.output[:]
+    n.output.append("y")
+    graph = helper.make_graph([n], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(onnx_sparse.DOMAIN, 1)] if functions else [])
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10, functions=functions).SerializeToString()
+
+
+def make_autotuner(native: bool) -> onnx_sparse.Decide:
+    """A per-layer decision that times dense Conv vs SparseConv on the layer's real shape (batch 1)."""
+    shapes_cache: dict[int, dict[str, list[int]]] = {}
+
+    def decide(model: onnx.ModelProto, node: onnx.NodeProto, w: np.ndarray, choice: ConvChoice) -> tuple[bool, str]:
+        if not native:
+            return False, "autotune: native kernel unavailable, the function body runs at dense speed"
+        shapes = shapes_cache.setdefault(id(model), _conv_input_shapes(model))
+        x_shape = shapes.get(node.input[0])
+        if x_shape is None:
+            return True, f"{choice.reason} (autotune: input shape unknown)"
+        from onnx import helper, numpy_helper
+
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "kernel_shape"}
+        bias = np.zeros(w.shape[0], np.float32)
+        dense_node = helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)
+        dense = _single_node_model(dense_node, [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")],
+                                   x_shape, [])
+        packed, row_ptr, col_idx = onnx_sparse.pack(w)
+        sparse_node = helper.make_node(
+            onnx_sparse.OP, ["x", "w", "rp", "ci", "b"], ["y"], domain=onnx_sparse.DOMAIN,
+            strides=attrs.get("strides", [1, 1]), pads=attrs.get("pads", [0, 0, 0, 0]),
+            dilations=attrs.get("dilations", [1, 1]), group=int(attrs.get("group", 1)),
+            in_channels=int(w.shape[1] * attrs.get("group", 1)))
+        sparse = _single_node_model(sparse_node, [numpy_helper.from_array(packed, "w"),
+                                                  numpy_helper.from_array(row_ptr, "rp"),
+                                                  numpy_helper.from_array(col_idx, "ci"),
+                                                  numpy_helper.from_array(bias, "b")],
+                                    x_shape, [onnx_sparse.sparse_conv_function(OPSET)])
+        feeds = {"x": np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)}
+        choice.dense_ms = _median_ms(open_session(dense, native=False), feeds)
+        choice.sparse_ms = _median_ms(open_session(sparse, native=True), feeds)
+        faster = choice.sparse_ms < choice.dense_ms
+        return faster, (f"autotune: sparse {choice.sparse_ms:.3f} ms vs dense {choice.dense_ms:.3f} ms "
+                        f"at input {x_shape}")
+
+    return decide
+
+
+def _max_error(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> tuple[float, float]:
+    """(max abs error, max magnitude of the reference) over all outputs."""
+    err = max(float(np.max(np.abs(r - g))) if r.size else 0.0 for r, g in zip(ref, got))
+    scale = max(float(np.max(np.abs(r))) if r.size else 0.0 for r in ref)
+    return err, scale
+
+
+def _torch_outputs(model: nn.Module, x: torch.Tensor) -> list[np.ndarray]:
+    with torch.no_grad():
+        y = model(x)
+    flat = y if isinstance(y, (tuple, list)) else [y]
+    return [t.detach().float().numpy() for t in flat]
+
+
+def verify_onnx(model_bytes: bytes, reference, input_shape: Sequence[int], report: ExportReport,
+                batches: Sequence[int] = VERIFY_BATCHES, tolerance: float = TOLERANCE, seed: int = 0) -> None:
+    """Compare ORT (function body, and native kernel when built) with ``reference`` on random inputs.
+
+    ``reference(x: np.ndarray) -> list[np.ndarray]`` gives the expected outputs. Records the max abs
+    error per path in ``report.errors``; ExportError when one exceeds ``tolerance`` x output scale.
+    """
+    paths = [("function-body", False)] + ([("native", True)] if report.native_available else [])
+    rng = np.random.default_rng(seed)
+    inputs = [rng.standard_normal((b, *input_shape[1:])).astype(np.float32) for b in batches]
+    expected = [reference(x) for x in inputs]
+    for label, native in paths:
+        try:
+            sess = open_session(model_bytes, native=native)
+            name = sess.get_inputs()[0].name
+            worst = 0.0
+            for x, ref in zip(inputs, expected):
+                got = sess.run(None, {name: x})
+                if len(got) != len(ref):
+                    raise ExportError(f"the ONNX model has {len(got)} outputs but the reference has {len(ref)}")
+                err, scale = _max_error(ref, got)
+                worst = max(worst, err)
+                if not err <= tolerance * max(scale, 1e-6):
+                    raise ExportError(
+                        f"verification failed: ONNX Runtime ({label}) differs from the reference by {err:.3g} "
+                        f"(output scale {scale:.3g}, batch {x.shape[0]}); the export is wrong, please report it"
+                    )
+        except SparsifyError:
+            raise
+        except Exception as e:
+            raise ExportError(f"ONNX Runtime ({label}) cannot run the exported model "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+        report.errors[label] = worst
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _finish(onnx_model: onnx.ModelProto, out: Path, report: ExportReport) -> ExportReport:
+    onnx_sparse.check(onnx_model)
+    with atomic_path(out) as tmp:
+        onnx_sparse.save(onnx_model, tmp)
+        report.file_bytes = tmp.stat().st_size
+    return report
+
+
+def export_model(model: nn.Module, input_shape: Sequence[int], out: str | os.PathLike, *, dense: bool = False,
+                 compact: bool = True, fold_bn: bool = True, dense_threshold: float = 0.6, verify: bool = True,
+                 autotune: bool = False) -> ExportReport:
+    """Export ``model`` to ONNX at ``out`` (atomic): SparseConv nodes where they win, verified in ORT.
+
+    ``dense`` writes every conv as a plain Conv with the masked weights (the baseline); ``compact``
+    removes dead channels first (exact); ``autotune`` times dense vs sparse per layer (needs the
+    native kernel to ever pick sparse). ``model`` is not modified.
+    """
+    out = check_output_path(out)
+    shape = [int(d) for d in input_shape]
+    if len(shape) < 2 or any(d <= 0 for d in shape):
+        raise ExportError(f"input shape {tuple(shape)} is not a positive N,C,... shape; pass e.g. 1,3,32,32")
+    report = ExportReport(out=str(out), source=type(model).__name__, input_shape=shape, dense=dense,
+                          native_available=native_available())
+    reference = copy.deepcopy(model).eval().float()
+    example = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0))
+    work = _prepare(model, example, compact, fold_bn, report)
+    onnx_model = _torch_export(work, example)
+    if dense:
+        report.layers = onnx_sparse.convert_model(onnx_model, dense_threshold=0.0)[1].choices
+        for c in report.layers:
+            c.reason = "--dense"
+    else:
+        decide = make_autotuner(report.native_available) if autotune else None
+        onnx_model, creport = onnx_sparse.convert_model(onnx_model, dense_threshold, decide)
+        report.layers = creport.choices
+    if verify:
+        verify_onnx(onnx_model.SerializeToString(), lambda x: _torch_outputs(reference, torch.from_numpy(x)),
+                    shape, report)
+    return _finish(onnx_model, out, report)
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, **options: Any) -> ExportReport:
+    """Export the model of a run directory (see ``export_model`` for the options)."""
+    from ..rundir import load_run
+
+    check_output_path(out)
+    run = load_run(run_dir)
+    report = export_model(run.model, run.recipe.input_shape, out, **options)
+    report.source = str(run_dir)
+    return report
+
+
+def export_onnx_file(src: str | os.PathLike, out: str | os.PathLike, *, dense_threshold: float = 0.6,
+                     verify: bool = True, autotune: bool = False) -> ExportReport:
+    """Convert an existing ONNX file's channel-sparse Convs to SparseConv, verified against the original."""
+    out = check_output_path(out)
+    original = onnx_sparse.load(src)
+    init_names = {t.name for t in original.graph.initializer}
+    runtime_inputs = [i for i in original.graph.input if i.name not in init_names]
+    if len(runtime_inputs) != 1:
+        raise ExportError(f"{src} has {len(runtime_inputs)} runtime inputs; only single-input models are supported")
+    x_info = runtime_inputs[0]
+    dims = x_info.type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims]
+    report = ExportReport(out=str(out), source=str(src), input_shape=shape, dense=False,
+                          native_available=native_available())
+    decide = make_autotuner(report.native_available) if autotune else None
+    converted, creport = onnx_sparse.convert_model(original, dense_threshold, decide)
+    report.layers = creport.choices
+    if verify:
+        if x_info.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            report.notes.append("not verified: the model input is not float32")
+        else:
+            ref_sess = open_session(original.SerializeToString(), native=False)
+            fixed = bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0
+            verify_onnx(converted.SerializeToString(), lambda x: ref_sess.run(None, {x_info.name: x}), shape,
+                        report, batches=(shape[0],) if fixed else VERIFY_BATCHES)
+    return _finish(converted, out, report)
+
+
+__all__ = ["ExportReport", "export_model", "export_run", "export_onnx_file", "convert_onnx", "open_session",
+           "native_available", "densify", "check_output_path", "verify_onnx", "make_autotuner"]
