@@ -1,0 +1,73 @@
+"""Per-layer topology statistics for ``metrics.jsonl``.
+
+Fan-in is counted in mask entries (input channels for a conv, inputs for a linear layer).
+Gradient concentration (PSN paper): the mean gradient magnitude of the top-decile fan-in units
+over the mean of all units, where a unit's gradient magnitude is the L1 norm of the gradient of
+its incoming weights, accumulated over the epoch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+def fan_in_cv(mask: torch.Tensor) -> float:
+    """Coefficient of variation (std / mean) of the fan-in over output units."""
+    f = mask.sum(dim=1).double()
+    mean = float(f.mean())
+    return float(f.std(unbiased=False)) / mean if mean > 0 else 0.0
+
+
+def grad_concentration(fan_in: torch.Tensor, unit_grad: torch.Tensor) -> float | None:
+    """Mean gradient magnitude of the top-decile fan-in units / mean over all units."""
+    n = fan_in.numel()
+    mean_all = float(unit_grad.double().mean())
+    if n == 0 or mean_all <= 0:
+        return None
+    k = max(1, n // 10)
+    top = torch.argsort(-fan_in.double(), stable=True)[:k]
+    return float(unit_grad.double()[top].mean()) / mean_all
+
+
+class GradAccumulator:
+    """Sums each unit's |gradient| of live weights over an epoch (one small reduction per step)."""
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.layers = layers
+        self.sums = {n: torch.zeros(m.mask.shape[0], dtype=torch.float64) for n, m in layers.items()}
+
+    def add(self) -> None:
+        """Add the current weight gradients (already zero at masked weights)."""
+        for n, m in self.layers.items():
+            g = m.weight.grad
+            if g is not None:
+                self.sums[n] += g.detach().abs().reshape(g.shape[0], -1).sum(dim=1).double()
+
+    def reset(self) -> None:
+        for s in self.sums.values():
+            s.zero_()
+
+
+def layer_stats(layers: dict[str, nn.Module], grads: GradAccumulator | None = None) -> dict[str, dict[str, Any]]:
+    """Density, live connections, fan-in CV, empty in/out channels and gradient concentration per layer."""
+    out = {}
+    for n, m in layers.items():
+        mask = m.mask > 0
+        fan_in = mask.sum(dim=1)
+        groups = int(getattr(m, "groups", 1))
+        # Input channel g*(Cin/groups)+j is read only by the output channels of group g.
+        fan_out = mask.reshape(groups, mask.shape[0] // groups, mask.shape[1]).sum(dim=1).reshape(-1)
+        rec: dict[str, Any] = {
+            "density": round(float(mask.float().mean()), 6),
+            "live": int(mask.sum()),
+            "fan_in_cv": round(fan_in_cv(mask.float()), 6),
+            "empty_out": int((fan_in == 0).sum()),
+            "empty_in": int((fan_out == 0).sum()),
+        }
+        if grads is not None:
+            c = grad_concentration(fan_in, grads.sums[n])
+            rec["grad_concentration"] = None if c is None else round(c, 6)
+        out[n] = rec
+    return out

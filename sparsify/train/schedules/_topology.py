@@ -1,0 +1,81 @@
+"""Mask edits shared by the schedules, at the granularity of the mask.
+
+For a SparseConv2d a mask entry is a channel connection (the whole kxk block), so a per-weight
+statistic (magnitude, momentum, gradient) is summed over the kernel window to score the entry;
+for a SparseLinear the entry is the weight itself. Ties are broken by position (stable sort), so
+the same inputs give the same mask on every rank and every run.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...nn import SparseConv2d
+
+
+def unit_size(module: torch.nn.Module) -> int:
+    """Weights per mask entry (kH*kW for a conv, 1 for a linear layer)."""
+    if isinstance(module, SparseConv2d):
+        return int(module.kernel_size[0] * module.kernel_size[1])
+    return 1
+
+
+def unit_scores(module: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """Sum of |t| over each mask entry's weights, shaped like the mask."""
+    a = t.detach().abs()
+    if a.dim() > 2:
+        a = a.flatten(2).sum(dim=2)
+    return a
+
+
+def _top_k(score: torch.Tensor, candidates: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Flat indices of the k best candidates by score (stable: lower index wins a tie)."""
+    idx = torch.nonzero(candidates.reshape(-1), as_tuple=False).squeeze(1)
+    if k <= 0 or idx.numel() == 0:
+        return idx[:0]
+    s = score.reshape(-1)[idx].double()
+    order = torch.argsort(-s if largest else s, stable=True)
+    return idx[order[:k]]
+
+
+def prune_smallest(mask: torch.Tensor, score: torch.Tensor, k: int) -> int:
+    """Turn off the k live entries with the smallest score, in place; return how many."""
+    drop = _top_k(score, mask > 0, k, largest=False)
+    mask.view(-1)[drop] = 0
+    return int(drop.numel())
+
+
+def grow_largest(mask: torch.Tensor, score: torch.Tensor, k: int) -> int:
+    """Turn on the k dead entries with the largest score, in place; return how many."""
+    grow = _top_k(score, mask == 0, k, largest=True)
+    mask.view(-1)[grow] = 1
+    return int(grow.numel())
+
+
+def grow_random(mask: torch.Tensor, k: int, generator: torch.Generator, within: torch.Tensor | None = None) -> int:
+    """Turn on k dead entries chosen uniformly (optionally only where ``within`` is set); return how many."""
+    cand = mask == 0 if within is None else (mask == 0) & (within > 0)
+    idx = torch.nonzero(cand.reshape(-1), as_tuple=False).squeeze(1)
+    k = min(k, idx.numel())
+    if k <= 0:
+        return 0
+    pick = idx[torch.randperm(idx.numel(), generator=generator)[:k]]
+    mask.view(-1)[pick] = 1
+    return int(k)
+
+
+def random_mask_like(mask: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """A 0/1 mask of ``mask``'s shape with exactly k ones at uniformly random places."""
+    new = torch.zeros_like(mask)
+    grow_random(new, k, generator)
+    return new
+
+
+def mask_from_fan_in(shape: tuple[int, int], fan_in: "list[int] | torch.Tensor", generator: torch.Generator) -> torch.Tensor:
+    """A 0/1 mask [out, in] whose row o has exactly fan_in[o] ones at random inputs."""
+    out, n_in = shape
+    mask = torch.zeros(out, n_in)
+    for o in range(out):
+        f = int(fan_in[o])
+        if f > 0:
+            mask[o, torch.randperm(n_in, generator=generator)[:f]] = 1
+    return mask

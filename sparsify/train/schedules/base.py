@@ -1,0 +1,86 @@
+"""The one interface every topology schedule implements.
+
+The trainer calls, in order: ``start()`` once before the first step of a fresh run (a schedule
+may reshape the initial masks there), then for every optimiser step ``wants_dense_grad(step)``
+(should the dense gradient of the coming step be captured?) and ``after_step(done, grads)``, and
+``after_epoch(epoch)`` at each epoch end. Each hook edits layer masks in place and returns a
+``Change`` (per-layer connections pruned / grown) or None; the trainer then zeroes the weights and
+optimiser state of every masked entry. Topology decisions only use statistics that are identical
+on every distributed rank (weights, all-reduced gradients, seeded generators), so all ranks hold
+the same masks. ``state_dict`` / ``load_state_dict`` make a resumed run bit-identical.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..distributed import Reducer
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long training runs: the clock the schedules decay against."""
+
+    epochs: int
+    steps_per_epoch: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+@dataclass
+class Change:
+    """Connections (mask entries) pruned and grown per layer by one topology update."""
+
+    pruned: dict[str, int] = field(default_factory=dict)
+    grown: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, pruned: int, grown: int) -> None:
+        self.pruned[name] = self.pruned.get(name, 0) + pruned
+        self.grown[name] = self.grown.get(name, 0) + grown
+
+
+def event_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    """A generator that depends only on (seed, step): random choices need no saved state."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1))
+
+
+class Schedule:
+    """A topology schedule; subclasses override the hooks they need."""
+
+    name: ClassVar[str] = ""
+    dynamic: ClassVar[bool] = True
+
+    def __init__(self, layers: dict[str, nn.Module], plan: Plan, config: Any, reducer: Reducer) -> None:
+        self.layers = layers
+        self.plan = plan
+        self.config = config
+        self.reducer = reducer
+        self.seed = int(config.seed)
+
+    def start(self) -> Change | None:
+        """Adjust the initial masks of a fresh run (default: keep the run's masks)."""
+        return None
+
+    def wants_dense_grad(self, step: int) -> bool:
+        """Whether the step with 0-based index ``step`` must capture dense gradients."""
+        return False
+
+    def after_step(self, done: int, grads: dict[str, torch.Tensor] | None) -> Change | None:
+        """Called after optimiser step number ``done`` (1-based) with the captured dense gradients."""
+        return None
+
+    def after_epoch(self, epoch: int) -> Change | None:
+        """Called after epoch ``epoch`` (1-based) has finished."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (tensors and plain values only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""

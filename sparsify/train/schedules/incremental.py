@@ -1,0 +1,91 @@
+"""``incremental`` (Changpinyo et al. 2017, sect. 3.2.1 and 5.3): start sparse, double every T steps.
+
+The run's masks are the target topology. Training starts with a random subset of each layer's
+target connections at ``start_density`` (a fraction of all possible connections; default: an
+eighth of each layer's target) and doubles every layer's live connections every ``double_every``
+steps until the target is reached. Existing connections keep what they learned, so channels that
+already carry features are reused in new contexts; an added connection enters "untrained", with
+the initial value the run gave it. (Starting added connections at zero deadlocks: when the sparse
+start leaves a path disconnected, every weight on a newly opened path is zero and none gets a
+gradient. On digits that kept the network at chance.)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ...errors import TrainingError
+from ._topology import grow_random
+from .base import Change, Schedule, event_generator
+
+
+class Incremental(Schedule):
+    """Densify towards the run's topology by doubling the live connections on a fixed period."""
+
+    name = "incremental"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.target = {n: (m.mask > 0).to(m.mask.dtype).clone() for n, m in self.layers.items()}
+        self.initial = {n: m.weight.detach().clone() for n, m in self.layers.items()}
+        self.start_counts = self._start_counts()
+        doublings = max(
+            (math.ceil(math.log2(float(self.target[n].sum()) / c)) for n, c in self.start_counts.items()), default=0
+        )
+        self.doublings = doublings
+        default_every = max(1, self.plan.total_steps // max(2 * doublings, 1))
+        self.every = int(self.config.double_every or default_every)
+
+    def _start_counts(self) -> dict[str, int]:
+        s = self.config.start_density
+        counts = {}
+        for n, m in self.layers.items():
+            target = int(self.target[n].sum())
+            if s is None:
+                counts[n] = max(1, round(target / 8))
+                continue
+            c = max(1, int(round(s * m.mask.numel())))
+            if c > target:
+                raise TrainingError(
+                    f"incremental start density {s:g} is above layer {n}'s density {target / m.mask.numel():.4g} "
+                    f"in this run; choose --start-density below the run's density"
+                )
+            counts[n] = c
+        return counts
+
+    def start(self) -> Change | None:
+        change = Change()
+        for i, (n, m) in enumerate(self.layers.items()):
+            keep = torch.zeros_like(m.mask)
+            grow_random(keep, self.start_counts[n], event_generator(self.seed, 0, salt=2000 + i), within=self.target[n])
+            change.add(n, int(m.mask.sum() - keep.sum()), 0)
+            m.mask.copy_(keep)
+        return change
+
+    def after_step(self, done: int, grads: dict[str, torch.Tensor] | None) -> Change | None:
+        if done % self.every != 0:
+            return None
+        change = Change()
+        g = event_generator(self.seed, done, salt=31)
+        for n, m in self.layers.items():
+            live, target = int(m.mask.sum()), int(self.target[n].sum())
+            if live < target:
+                before = m.mask.clone()
+                change.add(n, 0, grow_random(m.mask, min(live, target - live), g, within=self.target[n]))
+                added = (m.mask > 0) & (before == 0)
+                added = added.reshape(added.shape + (1,) * (m.weight.dim() - 2)).expand_as(m.weight)
+                with torch.no_grad():
+                    m.weight[added] = self.initial[n][added]
+        return change if change.grown else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"target": {n: t.clone() for n, t in self.target.items()},
+                "initial": {n: t.clone() for n, t in self.initial.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for n, t in state["target"].items():
+            self.target[n].copy_(t)
+        for n, t in state["initial"].items():
+            self.initial[n].copy_(t)

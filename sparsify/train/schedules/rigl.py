@@ -1,0 +1,97 @@
+"""``rigl`` (Evci et al. 2020): drop by magnitude, grow by dense-gradient magnitude, every ΔT steps.
+
+Every ``update_every`` steps, until ``stop_fraction`` (75%) of training, each layer drops the
+fraction f(t) of its live connections with the smallest magnitude and grows as many where the
+dense gradient (captured on that step only, averaged over ranks) is largest; new connections start
+at zero. f(t) = f0/2 * (1 + cos(pi t / T_end)). Layer budgets are conserved exactly.
+
+Initial topology: the run's masks, or budgets re-drawn ``uniform`` / ``erk``, optionally with a PSN
+fan-in profile inside each layer (``init_profile``); re-drawn layers get a fresh, seeded default
+initialisation because their old weights exist only where the old mask was live.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ...errors import TrainingError
+from ._allocation import layer_budgets
+from ._topology import grow_largest, mask_from_fan_in, prune_smallest, random_mask_like, unit_scores
+from .base import Change, Schedule, event_generator
+
+
+def profile_fan_in(profile: str, n_units: int, fan_in_max: int, budget: int, params: dict[str, Any]) -> list[int]:
+    """Per-unit fan-in of a PSN profile from ``sparsify.profiles`` (TrainingError when unavailable)."""
+    try:
+        from ...profiles import fan_in_counts
+    except ImportError:
+        raise TrainingError("--init-profile needs sparsify.profiles, which this installation lacks; "
+                            "drop --init-profile") from None
+    try:
+        counts = fan_in_counts(profile, n_units, fan_in_max, budget, dict(params))
+    except ValueError as e:
+        raise TrainingError(f"PSN profile {profile!r} with {params} does not fit: {e}") from None
+    return [int(c) for c in counts]
+
+
+def redraw_topology(schedule: Schedule) -> Change | None:
+    """Re-draw masks from the configured allocation / profile; None when the run's masks are kept."""
+    cfg = schedule.config
+    if cfg.init == "run" and not cfg.init_profile:
+        return None
+    budgets = layer_budgets(schedule.layers, cfg.init)
+    change = Change()
+    for i, (n, m) in enumerate(schedule.layers.items()):
+        g = event_generator(schedule.seed, 0, salt=1000 + i)
+        out_units, in_units = m.mask.shape
+        if cfg.init_profile:
+            fan_in = profile_fan_in(cfg.init_profile, out_units, in_units, budgets[n], cfg.init_profile_params or {})
+            new = mask_from_fan_in((out_units, in_units), fan_in, g)
+        else:
+            new = random_mask_like(m.mask, budgets[n], g)
+        before = m.mask.clone()
+        with torch.no_grad():
+            torch.nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=g)
+            m.mask.copy_(new.to(m.mask.dtype))
+        change.add(n, int(((before > 0) & (new == 0)).sum()), int(((before == 0) & (new > 0)).sum()))
+    return change
+
+
+class RigL(Schedule):
+    """Rigging the Lottery: magnitude drop, gradient grow, cosine-decayed drop fraction."""
+
+    name = "rigl"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.drop_fraction = 0.3 if self.config.prune_rate is None else float(self.config.prune_rate)
+        self.every = int(self.config.update_every or 100)
+        self.end = int(self.config.stop_fraction * self.plan.total_steps)
+
+    def start(self) -> Change | None:
+        return redraw_topology(self)
+
+    def fraction(self, done: int) -> float:
+        """Drop fraction after ``done`` steps."""
+        return self.drop_fraction / 2 * (1 + math.cos(math.pi * done / max(self.end, 1)))
+
+    def _due(self, done: int) -> bool:
+        return done % self.every == 0 and done < self.end
+
+    def wants_dense_grad(self, step: int) -> bool:
+        return self._due(step + 1)
+
+    def after_step(self, done: int, grads: dict[str, torch.Tensor] | None) -> Change | None:
+        if not self._due(done) or not grads:
+            return None
+        f = self.fraction(done)
+        change = Change()
+        for n, m in self.layers.items():
+            g = self.reducer.mean_(grads[n].detach().clone())
+            k = int(round(f * float(m.mask.sum())))
+            pruned = prune_smallest(m.mask, unit_scores(m, m.weight), k)
+            grown = grow_largest(m.mask, unit_scores(m, g), pruned)
+            change.add(n, pruned, grown)
+        return change

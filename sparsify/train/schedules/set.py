@@ -1,0 +1,50 @@
+"""``set`` (Mocanu et al. 2018, Sparse Evolutionary Training): magnitude prune, random regrowth.
+
+After every epoch (or every ``update_every`` steps when given) each layer removes the fraction
+zeta (default 0.3) of its live connections closest to zero and regrows as many at random places
+(new weights start at zero). Layer budgets are conserved exactly; random choices come from a
+generator seeded by (seed, step), identical on every rank.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._topology import grow_random, prune_smallest, unit_scores
+from .base import Change, Schedule, event_generator
+
+
+class SET(Schedule):
+    """Sparse Evolutionary Training."""
+
+    name = "set"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.zeta = 0.3 if self.config.prune_rate is None else float(self.config.prune_rate)
+        self.every = self.config.update_every
+
+    def _evolve(self, step: int) -> Change:
+        change = Change()
+        g = event_generator(self.seed, step, salt=17)
+        for n, m in self.layers.items():
+            k = int(round(self.zeta * float(m.mask.sum())))
+            removed = m.mask.clone()
+            pruned = prune_smallest(m.mask, unit_scores(m, m.weight), k)
+            # Regrow among entries that were dead before this update, so a pruned weight is not revived.
+            grown = grow_random(m.mask, pruned, g, within=(removed == 0).to(m.mask.dtype))
+            if grown < pruned:  # a nearly dense layer: fall back to any dead entry
+                grown += grow_random(m.mask, pruned - grown, g)
+            change.add(n, pruned, grown)
+        return change
+
+    def after_step(self, done: int, grads: dict[str, torch.Tensor] | None) -> Change | None:
+        if self.every and done % self.every == 0 and done < self.plan.total_steps:
+            return self._evolve(done)
+        return None
+
+    def after_epoch(self, epoch: int) -> Change | None:
+        if self.every or epoch >= self.plan.epochs:
+            return None
+        return self._evolve(epoch * self.plan.steps_per_epoch)

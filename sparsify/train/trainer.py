@@ -1,0 +1,370 @@
+"""The sparse trainer: SGD (Nesterov) or Adam, a topology schedule, masks enforced every step.
+
+``fit`` trains any nn.Module holding SparseConv2d / SparseLinear layers; ``sparsify.train.run``
+wraps it for run directories. After every optimiser step and every topology update, masked
+weights and their optimiser state (momentum buffers, Adam moments) are set to exactly zero.
+The learning rate is a pure function of the step and the batch order of (seed, epoch), so a
+checkpoint at an epoch boundary continues bit-identically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .._io import atomic_path
+from ..errors import TrainingError, UsageError
+from ..nn import sparse_modules
+from .checkpoint import save_checkpoint
+from .data import DATASETS, DataBundle, Split, batches, num_batches
+from .distributed import Reducer
+from .metrics import GradAccumulator, layer_stats
+from .schedules import SCHEDULES, Change, Plan, schedule_class
+
+LR_SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = ("sgd", "adam")
+INITS = ("run", "uniform", "erk")
+
+LogFn = Callable[[str], None]
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainConfig:
+    """Every setting that determines a training run (saved in checkpoints and summary.json)."""
+
+    data: str = "digits"
+    data_dir: str | None = None
+    schedule: str = "static"
+    epochs: int = 10
+    batch_size: int = 100
+    lr: float | None = None               # default 0.1 for SGD, 1e-3 for Adam
+    lr_schedule: str = "cosine"           # cosine | step (x0.1 at 50% and 75%) | constant
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    prune_rate: float | None = None       # sparse-momentum p (0.5), rigl drop fraction (0.3), set zeta (0.3)
+    update_every: int | None = None       # rigl: steps between updates (100); set: steps (default: per epoch)
+    stop_fraction: float = 0.75           # rigl: no topology updates after this fraction of training
+    start_density: float | None = None    # incremental
+    double_every: int | None = None       # incremental: steps between doublings
+    init: str = "run"                     # rigl/set/sparse-momentum initial allocation: run | uniform | erk
+    init_profile: str | None = None       # PSN fan-in profile for the initial topology (rigl)
+    init_profile_params: dict[str, float] = field(default_factory=dict)
+    val_fraction: float = 0.1
+    train_limit: int | None = None        # use only the first N training examples (quick runs, benchmarks)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build a config from keyword values, refusing unknown names."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        return 0.1 if self.optimizer == "sgd" else 1e-3
+
+    def validate(self) -> None:
+        """Raise UsageError on a value that cannot work."""
+        schedule_class(self.schedule)
+        if self.data not in DATASETS:
+            raise UsageError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
+        checks = [
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.lr is None or self.lr > 0, "--lr must be positive"),
+            (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.prune_rate is None or 0 < self.prune_rate < 1, "--prune-rate must be in (0, 1)"),
+            (self.update_every is None or self.update_every >= 1, "--update-every must be at least 1"),
+            (0 < self.stop_fraction <= 1, "--stop-fraction must be in (0, 1]"),
+            (self.start_density is None or 0 < self.start_density <= 1, "--start-density must be in (0, 1]"),
+            (self.double_every is None or self.double_every >= 1, "--double-every must be at least 1"),
+            (self.init in INITS, f"--init must be one of {', '.join(INITS)}"),
+            (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+            (self.train_limit is None or self.train_limit >= 1, "--train-limit must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        if self.schedule != "rigl" and (self.init != "run" or self.init_profile):
+            raise UsageError("--init / --init-profile apply to --schedule rigl only")
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """Learning rate for 0-based ``step`` of ``total``."""
+    base = cfg.learning_rate
+    if cfg.lr_schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+    if cfg.lr_schedule == "step":
+        return base * (0.1 ** (int(step >= total // 2) + int(step >= (3 * total) // 4)))
+    return base
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum, or Adam, with decoupled-free (L2) weight decay as in the papers."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum,
+                               nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def enforce_masks(layers: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
+    """Zero masked weights and every optimiser-state tensor of the same shape, exactly."""
+    for m in layers.values():
+        wm = m.weight_mask()
+        m.weight.mul_(wm)
+        if optimizer is not None:
+            for v in optimizer.state.get(m.weight, {}).values():
+                if torch.is_tensor(v) and v.shape == m.weight.shape:
+                    v.mul_(wm)
+
+
+class DenseGradTap:
+    """Capture the dense gradient d loss / d (weight * mask) of each masked layer for one step.
+
+    ``weight.grad`` is zero at masked entries; growth criteria need the gradient there too. While
+    active, each layer's ``masked_weight`` is shadowed by an instance attribute that hooks the
+    product tensor; hooks fire during ``backward``.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.layers = layers
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def _store(self, name: str, g: torch.Tensor) -> None:
+        g = g.detach()
+        self.grads[name] = self.grads[name] + g if name in self.grads else g.clone()
+
+    def _tapped(self, name: str, module: nn.Module) -> Callable[[], torch.Tensor]:
+        method = type(module).masked_weight
+
+        def masked_weight() -> torch.Tensor:
+            w = method(module)
+            if w.requires_grad:
+                w.register_hook(lambda g: self._store(name, g))
+            return w
+
+        return masked_weight
+
+    def __enter__(self) -> "DenseGradTap":
+        for n, m in self.layers.items():
+            object.__setattr__(m, "masked_weight", self._tapped(n, m))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for m in self.layers.values():
+            m.__dict__.pop("masked_weight", None)
+
+
+def _adapt_batch(x: torch.Tensor, model_input: tuple[int, ...]) -> torch.Tensor:
+    """Flatten images for a model whose input is a vector (MLPs with a flat input shape)."""
+    if len(model_input) == 2 and x.dim() == 4:
+        return x.flatten(1)
+    return x
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int, reducer: Reducer,
+             model_input: tuple[int, ...]) -> tuple[float, float]:
+    """Mean loss and accuracy over ``split`` (sharded over ranks, reduced)."""
+    was_training = model.training
+    model.eval()
+    acc = torch.zeros(3, dtype=torch.float64)
+    for x, y in batches(split, max(batch_size, 256), shuffle=False, rank=reducer.rank, world_size=reducer.world_size):
+        out = model(_adapt_batch(x, model_input))
+        acc[0] += float(F.cross_entropy(out, y, reduction="sum"))
+        acc[1] += float((out.argmax(1) == y).sum())
+        acc[2] += len(y)
+    reducer.sum_(acc)
+    model.train(was_training)
+    n = max(float(acc[2]), 1.0)
+    return float(acc[0]) / n, float(acc[1]) / n
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+
+def _merge(total: Change, change: Change | None) -> None:
+    if change is not None:
+        for n in set(change.pruned) | set(change.grown):
+            total.add(n, change.pruned.get(n, 0), change.grown.get(n, 0))
+
+
+def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tuple[int, ...],
+        checkpoint: str | Path | None = None, metrics_path: str | Path | None = None,
+        resume_state: dict[str, Any] | None = None, log: LogFn | None = None,
+        progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Train ``model`` in place on ``data`` with ``cfg``; return the final metrics.
+
+    ``checkpoint`` (a file path) is rewritten atomically after every epoch; ``resume_state`` is a
+    loaded checkpoint to continue from; ``metrics_path`` receives one JSON line per epoch.
+    ``log`` gets one-line messages, ``progress`` per-step and per-epoch events (main rank only).
+    """
+    cfg.validate()
+    reducer = Reducer()
+    say = log if (log is not None and reducer.is_main) else (lambda _m: None)
+    report = progress if (progress is not None and reducer.is_main) else (lambda _e: None)
+    layers = sparse_modules(model)
+    if not layers and cfg.schedule != "static":
+        raise TrainingError(f"schedule {cfg.schedule!r} needs masked layers but the model has none; "
+                            f"transform it with a sparse method first or use --schedule static")
+    torch.manual_seed(cfg.seed)
+    steps_per_epoch = num_batches(data.train, cfg.batch_size, reducer.world_size)
+    if steps_per_epoch == 0:
+        raise TrainingError(f"the training split has fewer examples ({len(data.train)}) than ranks; use more data")
+    plan = Plan(cfg.epochs, steps_per_epoch)
+    schedule = schedule_class(cfg.schedule)(layers, plan, cfg, reducer)
+    optimizer = make_optimizer(model, cfg)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    initial = Change()
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        schedule.load_state_dict(resume_state["schedule"])
+        torch.set_rng_state(resume_state["rng"]["torch"])
+        history = json.loads(resume_state["history"])
+        start_epoch = int(resume_state["epoch"])
+        say(f"resuming after epoch {start_epoch} of {cfg.epochs}")
+    else:
+        _merge(initial, schedule.start())
+        if initial.pruned or initial.grown:
+            say(f"{cfg.schedule}: initial topology set (pruned {sum(initial.pruned.values())}, "
+                f"grown {sum(initial.grown.values())} connections)")
+    enforce_masks(layers, optimizer)
+    for note in data.notes:
+        say(note)
+
+    net: nn.Module = model
+    if reducer.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model)
+
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    grad_acc = GradAccumulator(layers)
+    total = plan.total_steps
+    report({"kind": "start", "total_steps": total, "epochs": cfg.epochs, "start_step": start_epoch * steps_per_epoch})
+    try:
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            grad_acc.reset()
+            changes = Change()
+            sums = torch.zeros(3, dtype=torch.float64)
+            step = (epoch - 1) * steps_per_epoch
+            for x, y in batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                                rank=reducer.rank, world_size=reducer.world_size):
+                lr = lr_at(cfg, step, total)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                tap = DenseGradTap(layers) if schedule.wants_dense_grad(step) else None
+                if tap is not None:
+                    with tap:
+                        out = net(_adapt_batch(x, model_input))
+                else:
+                    out = net(_adapt_batch(x, model_input))
+                loss = F.cross_entropy(out, y)
+                batch = torch.tensor([float(loss.detach()) * len(y), float((out.argmax(1) == y).sum()), len(y)],
+                                     dtype=torch.float64)
+                reducer.sum_(batch)
+                if not math.isfinite(float(batch[0])):
+                    where = f"{checkpoint}" if checkpoint and Path(checkpoint).exists() else "no checkpoint yet"
+                    raise TrainingError(
+                        f"loss became {float(batch[0]):.4g} at epoch {epoch} step {step + 1}; training stopped, the last "
+                        f"good state is kept ({where}) and the run's weights are unchanged; retry with a lower --lr"
+                    )
+                sums += batch
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_acc.add()
+                optimizer.step()
+                enforce_masks(layers, optimizer)
+                step += 1
+                change = schedule.after_step(step, tap.grads if tap is not None else None)
+                if change is not None:
+                    enforce_masks(layers, optimizer)
+                    _merge(changes, change)
+                report({"kind": "step", "step": step, "epoch": epoch, "loss": float(batch[0] / batch[2]),
+                        "acc": float(batch[1] / batch[2]), "lr": lr})
+            change = schedule.after_epoch(epoch)
+            if change is not None:
+                enforce_masks(layers, optimizer)
+                _merge(changes, change)
+            if epoch == start_epoch + 1 and resume_state is None:
+                _merge(changes, initial)
+            val_loss, val_acc = (evaluate(model, data.val, cfg.batch_size, reducer, model_input)
+                                 if len(data.val) else (float("nan"), float("nan")))
+            for s in grad_acc.sums.values():
+                reducer.sum_(s)
+            stats = layer_stats(layers, grad_acc)
+            for n, rec in stats.items():
+                rec["pruned"] = changes.pruned.get(n, 0)
+                rec["grown"] = changes.grown.get(n, 0)
+            record = {
+                "event": "epoch", "epoch": epoch, "step": step, "lr": lr_at(cfg, step - 1, total),
+                "train_loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2]),
+                "val_loss": val_loss, "val_acc": val_acc,
+                "pruned": sum(changes.pruned.values()), "grown": sum(changes.grown.values()),
+                "live": sum(r["live"] for r in stats.values()),
+                "epoch_time_s": round(time.perf_counter() - t0, 4), "layers": stats,
+            }
+            history.append(record)
+            if reducer.is_main:
+                if checkpoint is not None:
+                    save_checkpoint(checkpoint, {
+                        "epoch": epoch, "step": step, "config": json.dumps(cfg.to_dict()),
+                        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                        "rng": {"torch": torch.get_rng_state()}, "history": json.dumps(history),
+                    })
+                if metrics_path is not None:
+                    _write_metrics(Path(metrics_path), history)
+            reducer.barrier()
+            report({"kind": "epoch", **{k: v for k, v in record.items() if k != "layers"}})
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+
+    test_loss, test_acc = evaluate(model, data.test, cfg.batch_size, reducer, model_input)
+    last = history[-1] if history else {}
+    result = {
+        "schedule": cfg.schedule, "data": data.name, "epochs": cfg.epochs, "steps": plan.total_steps,
+        "test_loss": test_loss, "test_acc": test_acc,
+        "val_loss": last.get("val_loss"), "val_acc": last.get("val_acc"),
+        "train_loss": last.get("train_loss"), "train_acc": last.get("train_acc"),
+        "live": sum(int(m.mask.sum()) for m in layers.values()),
+        "density": (sum(int(m.mask.sum()) for m in layers.values()) / max(sum(m.mask.numel() for m in layers.values()), 1)),
+        "layers": layer_stats(layers),
+        "config": cfg.to_dict(),
+    }
+    if metrics_path is not None and reducer.is_main:
+        _write_metrics(Path(metrics_path), history + [{"event": "test", "test_loss": test_loss, "test_acc": test_acc}])
+    report({"kind": "done", **{k: v for k, v in result.items() if k not in ("layers", "config")}})
+    return result
+
+
+__all__ = ["TrainConfig", "fit", "enforce_masks", "DenseGradTap", "lr_at", "SCHEDULES"]
