@@ -1,0 +1,56 @@
+// Shared plain-data types between the op glue (sparseconv_op.cc) and the per-ISA kernels
+// (sparseconv_base.cc, sparseconv_avx2.cc). Only POD structs and function prototypes live here:
+// the kernel translation units are compiled with different -m flags, so nothing inline may be
+// shared between them (an inline function instantiated in the AVX2 unit could be picked by the
+// linker for the baseline path and crash on a CPU without AVX2).
+#pragma once
+
+#include <cstdint>
+
+namespace sparsify_conv {
+
+// Geometry of one SparseConv call (ONNX Conv semantics, NCHW, fp32).
+struct Geom {
+  int64_t N, Cin, H, W;          // input
+  int64_t Cout, Ho, Wo;          // output
+  int64_t kH, kW;                // kernel
+  int64_t sH, sW, dH, dW;        // strides, dilations
+  int64_t pt, pl, pb, pr;        // pads (top, left, bottom, right)
+  int64_t group, cin_per_group, cout_per_group;
+};
+
+// How a kernel computes: chosen per call by the ISA's make_plan().
+enum PlanKind : int32_t {
+  kPointwise = 0,  // 1x1, stride 1, no pads: reads X directly, no padded copy
+  kDirect = 1,     // kxk (k in 1,3,5,7), stride 1 or 2, dilation 1: register-blocked, padded copy
+  kGeneric = 2,    // anything else: simple loops over a padded copy
+};
+
+struct Plan {
+  int32_t kind;
+  int32_t K, S;         // square kernel size and stride of the direct path
+  int32_t R, V;         // register block: R output rows x V vectors
+  int32_t VL;           // floats per vector of this ISA
+  int32_t cfg;          // index of the direct path's register-block instantiation
+  int64_t Hp, Wps;      // padded rows, padded row stride (floats, per phase)
+  int64_t phase;        // floats between column phases (stride-2 layout), 0 when S == 1
+  int64_t plane;        // floats per padded input channel (all phases)
+};
+
+// One ISA's entry points. make_plan fills a Plan; pad_channel writes one input channel's padded
+// copy (layout described by the plan); compute_channel writes one output channel's plane.
+struct KernelFns {
+  const char* isa;
+  void (*make_plan)(const Geom& g, Plan* p);
+  void (*pad_channel)(const Geom& g, const Plan& p, const float* x_chan, float* xp_chan);
+  void (*compute_channel)(const Geom& g, const Plan& p, const float* x_n, const float* xp_n,
+                          float* y_chan, const float* w_row, const int64_t* cols, int64_t cnt,
+                          float bias, int64_t cin_base);
+};
+
+const KernelFns* base_kernels();
+#if defined(__x86_64__) || defined(_M_X64)
+const KernelFns* avx2_kernels();
+#endif
+
+}  // namespace sparsify_conv

@@ -1,0 +1,291 @@
+// The SparseConv compute kernels, written once and compiled per ISA.
+//
+// A translation unit defines SPARSIFY_ISA_NS (namespace), SPARSIFY_ISA_NAME (string),
+// SPARSIFY_VBYTES (vector width in bytes) and SPARSIFY_ENTRY (entry-point name), then includes
+// this file. Everything here has internal linkage (anonymous namespace) so the per-ISA copies
+// never meet at link time.
+//
+// Algorithm (Changpinyo et al. 2017, appendix, Algorithm 2): for every output channel o and every
+// live connection (o, i) with kernel w, out[o] += conv(pad(in[i]), w). The input planes are copied
+// once per call into a zero-padded buffer (for stride 2 split into even/odd column phases so
+// that every tap reads contiguous memory). The output plane is computed in register blocks of
+// R output rows x V vectors: the block's accumulators stay in registers across all live
+// connections of the channel, each loaded input vector feeds every vertical tap that needs it,
+// and the kxk weights of a connection are broadcast once per block.
+#include <cstdint>
+#include <cstring>
+
+#include "sparseconv_common.h"
+
+namespace sparsify_conv {
+namespace SPARSIFY_ISA_NS {
+namespace {
+
+constexpr int VL = SPARSIFY_VBYTES / 4;  // floats per vector
+typedef float vf __attribute__((vector_size(SPARSIFY_VBYTES)));
+typedef float vfu __attribute__((vector_size(SPARSIFY_VBYTES), aligned(4), may_alias));
+
+inline vf loadu(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+inline vf bcast(float x) {
+  vf v = {};
+  return v + x;
+}
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// ---------------------------------------------------------------------------------------------
+// Direct path: square K in {1,3,5,7}, stride S in {1,2}, dilation 1.
+
+typedef void (*PlaneFn)(const Geom& g, const Plan& p, const float* xp_n, float* y,
+                        const float* w_row, const int64_t* cols, int64_t cnt, float bias,
+                        int64_t cin_base);
+
+template <int K, int S, int R, int V>
+void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, float* __restrict y,
+                  const float* __restrict w_row, const int64_t* __restrict cols, int64_t cnt,
+                  float bias, int64_t cin_base) {
+  constexpr int KK = K * K;
+  constexpr int ROWS = S * (R - 1) + K;  // input rows touched by R output rows
+  const int64_t Ho = g.Ho, Wo = g.Wo, Wps = p.Wps, plane = p.plane, phase = p.phase;
+  for (int64_t y0 = 0; y0 < Ho; y0 += R) {
+    for (int64_t x0 = 0; x0 < Wo; x0 += V * VL) {
+      vf acc[R][V];
+#pragma GCC unroll 16
+      for (int j = 0; j < R; ++j)
+#pragma GCC unroll 16
+        for (int v = 0; v < V; ++v) acc[j][v] = bcast(bias);
+      const float* blk = xp_n + S * y0 * Wps + x0;
+      for (int64_t k = 0; k < cnt; ++k) {
+        const float* base = blk + (cin_base + cols[k]) * plane;
+        const float* w = w_row + k * KK;
+        vf wv[KK];
+#pragma GCC unroll 64
+        for (int t = 0; t < KK; ++t) wv[t] = bcast(w[t]);
+#pragma GCC unroll 64
+        for (int rr = 0; rr < ROWS; ++rr) {
+#pragma GCC unroll 16
+          for (int kx = 0; kx < K; ++kx) {
+            const float* src = base + (kx % S) * phase + rr * Wps + kx / S;
+#pragma GCC unroll 16
+            for (int v = 0; v < V; ++v) {
+              const vf in = loadu(src + v * VL);
+#pragma GCC unroll 16
+              for (int j = 0; j < R; ++j) {
+                const int ky = rr - S * j;
+                if (ky >= 0 && ky < K) acc[j][v] += wv[ky * K + kx] * in;
+              }
+            }
+          }
+        }
+      }
+#pragma GCC unroll 16
+      for (int j = 0; j < R; ++j) {
+        if (y0 + j >= Ho) break;
+        float* out = y + (y0 + j) * Wo;
+#pragma GCC unroll 16
+        for (int v = 0; v < V; ++v) {
+          const int64_t xs = x0 + v * VL;
+          if (xs + VL <= Wo) {
+            storeu(out + xs, acc[j][v]);
+          } else if (xs < Wo) {
+            float tmp[VL];
+            storeu(tmp, acc[j][v]);
+            std::memcpy(out + xs, tmp, sizeof(float) * (Wo - xs));
+          }
+        }
+      }
+    }
+  }
+}
+
+struct Cfg {
+  int K, S, R, V;
+  PlaneFn fn;
+};
+
+#define SPARSIFY_CFG(K, R, V) \
+  {K, 1, R, V, &direct_plane<K, 1, R, V>}, { K, 2, R, V, &direct_plane<K, 2, R, V> }
+
+// Register blocks per kernel size. With 16 vector registers, K=3 keeps its 9 weights in
+// registers and up to 6 accumulators; larger kernels stream their weights from L1.
+const Cfg kCfgs[] = {
+    SPARSIFY_CFG(1, 1, 1), SPARSIFY_CFG(1, 2, 1), SPARSIFY_CFG(1, 4, 1), SPARSIFY_CFG(1, 2, 2),
+    SPARSIFY_CFG(1, 4, 2),
+    SPARSIFY_CFG(3, 1, 1), SPARSIFY_CFG(3, 2, 1), SPARSIFY_CFG(3, 3, 1), SPARSIFY_CFG(3, 4, 1),
+    SPARSIFY_CFG(3, 6, 1), SPARSIFY_CFG(3, 2, 2), SPARSIFY_CFG(3, 3, 2),
+    SPARSIFY_CFG(5, 1, 1), SPARSIFY_CFG(5, 2, 1), SPARSIFY_CFG(5, 4, 1), SPARSIFY_CFG(5, 2, 2),
+    SPARSIFY_CFG(7, 1, 1), SPARSIFY_CFG(7, 2, 1), SPARSIFY_CFG(7, 4, 1), SPARSIFY_CFG(7, 2, 2),
+};
+#undef SPARSIFY_CFG
+constexpr int kNumCfgs = sizeof(kCfgs) / sizeof(kCfgs[0]);
+
+// Pick the register block with the lowest modelled cost (FMAs incl. wasted edge work, loads and
+// weight broadcasts at half an FMA each, a little loop overhead per block).
+int pick_cfg(int K, int S, int64_t Ho, int64_t Wo) {
+  const int64_t nv = cdiv(Wo, VL);
+  int best = -1;
+  double best_cost = 0.0;
+  for (int i = 0; i < kNumCfgs; ++i) {
+    const Cfg& c = kCfgs[i];
+    if (c.K != K || c.S != S) continue;
+    const double blocks = double(cdiv(Ho, c.R)) * double(cdiv(nv, c.V));
+    const double fma = double(c.R) * c.V * K * K;
+    const double loads = double(S * (c.R - 1) + K) * K * c.V;
+    const double cost = blocks * (fma + 0.5 * loads + 0.5 * K * K + 4.0);
+    if (best < 0 || cost < best_cost) {
+      best = i;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+void make_plan(const Geom& g, Plan* p) {
+  std::memset(p, 0, sizeof(*p));
+  p->VL = VL;
+  const int64_t Hpad = g.H + g.pt + g.pb, Wpad = g.W + g.pl + g.pr;
+  const bool pointwise = g.kH == 1 && g.kW == 1 && g.sH == 1 && g.sW == 1 && g.pt == 0 &&
+                         g.pl == 0 && g.pb == 0 && g.pr == 0;
+  const bool direct = g.kH == g.kW && (g.kH == 1 || g.kH == 3 || g.kH == 5 || g.kH == 7) &&
+                      g.sH == g.sW && (g.sH == 1 || g.sH == 2) && g.dH == 1 && g.dW == 1;
+  if (pointwise) {
+    p->kind = kPointwise;
+    p->K = 1;
+    p->S = 1;
+    return;
+  }
+  if (direct) {
+    const int K = int(g.kH), S = int(g.sH);
+    const int cfg = pick_cfg(K, S, g.Ho, g.Wo);
+    p->kind = kDirect;
+    p->cfg = cfg;
+    p->K = K;
+    p->S = S;
+    p->R = kCfgs[cfg].R;
+    p->V = kCfgs[cfg].V;
+    const int64_t wo_round = cdiv(cdiv(g.Wo, VL), p->V) * p->V * VL;
+    const int64_t ho_round = cdiv(g.Ho, p->R) * p->R;
+    // Every load of a (possibly wasted) edge block must stay inside the zero-filled buffer.
+    p->Wps = imax(cdiv(Wpad, S), wo_round + (K - 1) / S);
+    p->Hp = imax(Hpad, S * (ho_round - 1) + K);
+    p->phase = S == 1 ? 0 : p->Hp * p->Wps;
+    p->plane = cdiv(S * p->Hp * p->Wps, 16) * 16;
+    return;
+  }
+  p->kind = kGeneric;
+  p->K = 0;
+  p->S = 1;
+  p->Hp = Hpad;
+  p->Wps = Wpad;
+  p->plane = cdiv(Hpad * Wpad, 16) * 16;
+}
+
+void pad_channel(const Geom& g, const Plan& p, const float* __restrict x, float* __restrict xp) {
+  const int64_t S = p.kind == kDirect ? p.S : 1;
+  for (int64_t ph = 0; ph < S; ++ph) {
+    float* dst = xp + ph * p.phase;
+    for (int64_t r = 0; r < p.Hp; ++r) {
+      float* row = dst + r * p.Wps;
+      const int64_t ir = r - g.pt;
+      if (ir < 0 || ir >= g.H) {
+        std::memset(row, 0, sizeof(float) * p.Wps);
+        continue;
+      }
+      const float* src = x + ir * g.W;
+      if (S == 1) {
+        const int64_t left = g.pl < p.Wps ? g.pl : p.Wps;
+        const int64_t n = g.W < p.Wps - left ? g.W : p.Wps - left;
+        std::memset(row, 0, sizeof(float) * left);
+        std::memcpy(row + left, src, sizeof(float) * n);
+        std::memset(row + left + n, 0, sizeof(float) * (p.Wps - left - n));
+      } else {
+        for (int64_t c = 0; c < p.Wps; ++c) {
+          const int64_t ic = S * c + ph - g.pl;
+          row[c] = (ic >= 0 && ic < g.W) ? src[ic] : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+void pointwise_channel(const Geom& g, const float* __restrict x_n, float* __restrict y,
+                       const float* __restrict w_row, const int64_t* __restrict cols, int64_t cnt,
+                       float bias, int64_t cin_base) {
+  constexpr int PV = 8;
+  const int64_t HW = g.H * g.W;
+  int64_t p = 0;
+  for (; p + PV * VL <= HW; p += PV * VL) {
+    vf acc[PV];
+#pragma GCC unroll 16
+    for (int v = 0; v < PV; ++v) acc[v] = bcast(bias);
+    for (int64_t k = 0; k < cnt; ++k) {
+      const vf w = bcast(w_row[k]);
+      const float* src = x_n + (cin_base + cols[k]) * HW + p;
+#pragma GCC unroll 16
+      for (int v = 0; v < PV; ++v) acc[v] += w * loadu(src + v * VL);
+    }
+#pragma GCC unroll 16
+    for (int v = 0; v < PV; ++v) storeu(y + p + v * VL, acc[v]);
+  }
+  for (; p + VL <= HW; p += VL) {
+    vf acc = bcast(bias);
+    for (int64_t k = 0; k < cnt; ++k)
+      acc += bcast(w_row[k]) * loadu(x_n + (cin_base + cols[k]) * HW + p);
+    storeu(y + p, acc);
+  }
+  for (; p < HW; ++p) {
+    float acc = bias;
+    for (int64_t k = 0; k < cnt; ++k) acc += w_row[k] * x_n[(cin_base + cols[k]) * HW + p];
+    y[p] = acc;
+  }
+}
+
+void generic_channel(const Geom& g, const Plan& p, const float* __restrict xp_n,
+                     float* __restrict y, const float* __restrict w_row,
+                     const int64_t* __restrict cols, int64_t cnt, float bias, int64_t cin_base) {
+  const int64_t kk = g.kH * g.kW;
+  for (int64_t oy = 0; oy < g.Ho; ++oy) {
+    float* out = y + oy * g.Wo;
+    for (int64_t ox = 0; ox < g.Wo; ++ox) out[ox] = bias;
+    for (int64_t k = 0; k < cnt; ++k) {
+      const float* xc = xp_n + (cin_base + cols[k]) * p.plane;
+      const float* w = w_row + k * kk;
+      for (int64_t ky = 0; ky < g.kH; ++ky) {
+        const float* row = xc + (oy * g.sH + ky * g.dH) * p.Wps;
+        for (int64_t kx = 0; kx < g.kW; ++kx) {
+          const float wt = w[ky * g.kW + kx];
+          const float* r = row + kx * g.dW;
+          if (g.sW == 1) {
+            for (int64_t ox = 0; ox < g.Wo; ++ox) out[ox] += wt * r[ox];
+          } else {
+            for (int64_t ox = 0; ox < g.Wo; ++ox) out[ox] += wt * r[ox * g.sW];
+          }
+        }
+      }
+    }
+  }
+}
+
+void compute_channel(const Geom& g, const Plan& p, const float* x_n, const float* xp_n, float* y,
+                     const float* w_row, const int64_t* cols, int64_t cnt, float bias,
+                     int64_t cin_base) {
+  if (p.kind == kPointwise) {
+    pointwise_channel(g, x_n, y, w_row, cols, cnt, bias, cin_base);
+  } else if (p.kind == kDirect) {
+    kCfgs[p.cfg].fn(g, p, xp_n, y, w_row, cols, cnt, bias, cin_base);
+  } else {
+    generic_channel(g, p, xp_n, y, w_row, cols, cnt, bias, cin_base);
+  }
+}
+
+const KernelFns kFns = {SPARSIFY_ISA_NAME, &make_plan, &pad_channel, &compute_channel};
+
+}  // namespace
+}  // namespace SPARSIFY_ISA_NS
+
+const KernelFns* SPARSIFY_ENTRY() { return &SPARSIFY_ISA_NS::kFns; }
+
+}  // namespace sparsify_conv

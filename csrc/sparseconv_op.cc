@@ -1,0 +1,473 @@
+// ONNX Runtime custom-op library: ai.sparsify::SparseConv (since version 1), fp32 on CPU.
+//
+// Contract (see INTERFACES.md): Y = Conv(X, dense(W, row_ptr, col_idx), B) with ONNX Conv
+// attributes strides/pads/dilations/group, where dense[o, col_idx[k]] = W[k] for the k of row o.
+//
+// Registration uses the plain C API (an OrtCustomOp struct) rather than the C++ wrappers: the
+// V2 callbacks return OrtStatus* so every validation failure becomes an ORT error status without
+// C++ exceptions crossing the library boundary, the library holds no Ort:: global state, and
+// OrtCustomOp::version can be pinned to the API version of the headers we build against (29)
+// so that newer runtimes accept the library. We request that API version from the runtime, which
+// fails cleanly (an error status, no crash) on an older onnxruntime.
+//
+// Parallelism: the kernel runs on the session's intra-op thread pool through
+// KernelContext_ParallelFor; it never starts threads of its own.
+#include <onnxruntime_c_api.h>
+
+#include <climits>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "sparseconv_common.h"
+
+#if defined(_WIN32)
+#define SPARSIFY_EXPORT __declspec(dllexport)
+#else
+#define SPARSIFY_EXPORT __attribute__((visibility("default")))
+#endif
+
+namespace {
+
+using sparsify_conv::Geom;
+using sparsify_conv::KernelFns;
+using sparsify_conv::Plan;
+
+constexpr const char* kDomain = "ai.sparsify";
+constexpr const char* kOpName = "SparseConv";
+
+// Set by RegisterCustomOps; every registration stores the same pointers.
+const OrtApi* g_api = nullptr;
+const KernelFns* g_fns = nullptr;
+
+#define SPARSIFY_TRY(expr)          \
+  do {                              \
+    OrtStatus* _st = (expr);        \
+    if (_st != nullptr) return _st; \
+  } while (0)
+
+const KernelFns* select_kernels() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return sparsify_conv::avx2_kernels();
+#endif
+  return sparsify_conv::base_kernels();
+}
+
+OrtStatus* invalid(const std::string& msg) {
+  return g_api->CreateStatus(ORT_INVALID_ARGUMENT, ("SparseConv: " + msg).c_str());
+}
+
+std::string str(const std::vector<int64_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel state: the node's attributes, read and checked once at session creation.
+
+struct Kernel {
+  std::vector<int64_t> strides{1, 1}, pads{0, 0, 0, 0}, dilations{1, 1};
+  int64_t group = 1;
+  OrtMemoryInfo* cpu = nullptr;
+  ~Kernel() {
+    if (cpu != nullptr) g_api->ReleaseMemoryInfo(cpu);
+  }
+};
+
+// Reads an int64 list attribute; an absent attribute keeps the ONNX Conv default in *out.
+OrtStatus* read_ints(const OrtKernelInfo* info, const char* name, size_t expect, int64_t min_value,
+                     std::vector<int64_t>* out) {
+  size_t n = 0;
+  OrtStatus* st = g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n);
+  if (st != nullptr) {
+    g_api->ReleaseStatus(st);
+    return nullptr;
+  }
+  std::vector<int64_t> v(n);
+  if (n > 0) SPARSIFY_TRY(g_api->KernelInfoGetAttributeArray_int64(info, name, v.data(), &n));
+  if (n != expect)
+    return invalid(std::string("attribute ") + name + " must have " + std::to_string(expect) +
+                   " values for a 2-D convolution, got " + str(v));
+  for (int64_t x : v)
+    if (x < min_value)
+      return invalid(std::string("attribute ") + name + "=" + str(v) + " has a value below " +
+                     std::to_string(min_value));
+  *out = v;
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
+                                      void** kernel) {
+  *kernel = nullptr;
+  Kernel* k = new (std::nothrow) Kernel();
+  if (k == nullptr) return g_api->CreateStatus(ORT_FAIL, "SparseConv: out of memory");
+  OrtStatus* st = read_ints(info, "strides", 2, 1, &k->strides);
+  if (st == nullptr) st = read_ints(info, "pads", 4, 0, &k->pads);
+  if (st == nullptr) st = read_ints(info, "dilations", 2, 1, &k->dilations);
+  if (st == nullptr) {
+    int64_t g = 1;
+    OrtStatus* gs = g_api->KernelInfoGetAttribute_int64(info, "group", &g);
+    if (gs != nullptr) {
+      g_api->ReleaseStatus(gs);
+      g = 1;
+    }
+    if (g < 1) st = invalid("attribute group=" + std::to_string(g) + " must be >= 1");
+    k->group = g;
+  }
+  if (st == nullptr) st = g_api->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &k->cpu);
+  if (st != nullptr) {
+    delete k;
+    return st;
+  }
+  *kernel = k;
+  return nullptr;
+}
+
+void ORT_API_CALL destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
+
+// ---------------------------------------------------------------------------------------------
+// Compute.
+
+struct TensorView {
+  const OrtValue* value = nullptr;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> dims;
+};
+
+OrtStatus* view(const OrtValue* v, TensorView* out) {
+  out->value = v;
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  SPARSIFY_TRY(g_api->GetTensorTypeAndShape(v, &info));
+  size_t rank = 0;
+  OrtStatus* st = g_api->GetTensorElementType(info, &out->type);
+  if (st == nullptr) st = g_api->GetDimensionsCount(info, &rank);
+  if (st == nullptr) {
+    out->dims.resize(rank);
+    if (rank > 0) st = g_api->GetDimensions(info, out->dims.data(), rank);
+  }
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  return st;
+}
+
+// Scratch memory from the session's CPU allocator (an arena: no page faults per call).
+struct Scratch {
+  OrtAllocator* alloc = nullptr;
+  void* ptr = nullptr;
+  ~Scratch() {
+    if (ptr != nullptr) alloc->Free(alloc, ptr);
+    if (alloc != nullptr) g_api->ReleaseAllocator(alloc);
+  }
+};
+
+struct Job {
+  const Geom* g;
+  const Plan* p;
+  const KernelFns* f;
+  const float* X;
+  float* xp;
+  float* Y;
+  const float* W;
+  const int64_t* row_ptr;
+  const int64_t* col_idx;
+  const float* B;
+  int64_t per;  // planes (pad) or output channels (conv) per task
+  int64_t nob;  // output-channel blocks per image
+};
+
+void pad_task(void* ud, size_t i) {
+  const Job& j = *static_cast<const Job*>(ud);
+  const int64_t total = j.g->N * j.g->Cin, hw = j.g->H * j.g->W;
+  const int64_t end = (int64_t(i) + 1) * j.per < total ? (int64_t(i) + 1) * j.per : total;
+  for (int64_t idx = int64_t(i) * j.per; idx < end; ++idx)
+    j.f->pad_channel(*j.g, *j.p, j.X + idx * hw, j.xp + idx * j.p->plane);
+}
+
+void conv_task(void* ud, size_t i) {
+  const Job& j = *static_cast<const Job*>(ud);
+  const Geom& g = *j.g;
+  const int64_t n = int64_t(i) / j.nob, b = int64_t(i) % j.nob;
+  const int64_t o_end = (b + 1) * j.per < g.Cout ? (b + 1) * j.per : g.Cout;
+  const int64_t kk = g.kH * g.kW, hw_out = g.Ho * g.Wo;
+  const float* x_n = j.X + n * g.Cin * g.H * g.W;
+  const float* xp_n = j.xp != nullptr ? j.xp + n * g.Cin * j.p->plane : nullptr;
+  for (int64_t o = b * j.per; o < o_end; ++o) {
+    const int64_t start = j.row_ptr[o], cnt = j.row_ptr[o + 1] - start;
+    const int64_t cin_base = (o / g.cout_per_group) * g.cin_per_group;
+    j.f->compute_channel(g, *j.p, x_n, xp_n, j.Y + (n * g.Cout + o) * hw_out, j.W + start * kk,
+                         j.col_idx + start, cnt, j.B != nullptr ? j.B[o] : 0.0f, cin_base);
+  }
+}
+
+OrtStatus* parallel_for(OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_t tasks, Job* job) {
+  if (tasks <= 0) return nullptr;
+  if (tasks == 1) {
+    fn(job, 0);
+    return nullptr;
+  }
+  // num_batch == total: one work item per task, claimed dynamically by the pool's threads.
+  return g_api->KernelContext_ParallelFor(ctx, fn, size_t(tasks), size_t(tasks), job);
+}
+
+OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
+  size_t nin = 0;
+  SPARSIFY_TRY(g_api->KernelContext_GetInputCount(ctx, &nin));
+  if (nin < 4) return invalid("needs inputs X, W, row_ptr, col_idx[, B]; got " + std::to_string(nin));
+  TensorView t[5];
+  const char* names[5] = {"X", "W", "row_ptr", "col_idx", "B"};
+  const ONNXTensorElementDataType types[5] = {
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  const size_t ranks[5] = {4, 3, 1, 1, 1};
+  for (size_t i = 0; i < 5 && i < nin; ++i) {
+    const OrtValue* v = nullptr;
+    SPARSIFY_TRY(g_api->KernelContext_GetInput(ctx, i, &v));
+    if (v == nullptr) {
+      if (i == 4) continue;  // B is optional
+      return invalid(std::string("input ") + names[i] + " is missing");
+    }
+    SPARSIFY_TRY(view(v, &t[i]));
+    if (t[i].type != types[i])
+      return invalid(std::string("input ") + names[i] + " has the wrong element type");
+    if (t[i].dims.size() != ranks[i])
+      return invalid(std::string("input ") + names[i] + " must have rank " +
+                     std::to_string(ranks[i]) + ", got shape " + str(t[i].dims));
+  }
+
+  Geom g;
+  std::memset(&g, 0, sizeof(g));
+  g.N = t[0].dims[0];
+  g.Cin = t[0].dims[1];
+  g.H = t[0].dims[2];
+  g.W = t[0].dims[3];
+  const int64_t nnz = t[1].dims[0];
+  g.kH = t[1].dims[1];
+  g.kW = t[1].dims[2];
+  g.Cout = t[2].dims[0] - 1;
+  g.sH = k.strides[0];
+  g.sW = k.strides[1];
+  g.dH = k.dilations[0];
+  g.dW = k.dilations[1];
+  g.pt = k.pads[0];
+  g.pl = k.pads[1];
+  g.pb = k.pads[2];
+  g.pr = k.pads[3];
+  g.group = k.group;
+
+  if (g.Cout < 0) return invalid("row_ptr must have Cout+1 >= 1 entries, got none");
+  if (g.kH < 1 || g.kW < 1)
+    return invalid("W must have shape [nnz, kH, kW] with kH, kW >= 1, got " + str(t[1].dims));
+  if (g.Cin % g.group != 0 || g.Cout % g.group != 0)
+    return invalid("group=" + std::to_string(g.group) + " must divide Cin=" +
+                   std::to_string(g.Cin) + " and Cout=" + std::to_string(g.Cout) +
+                   " (Cout = len(row_ptr) - 1)");
+  g.cin_per_group = g.Cin / g.group;
+  g.cout_per_group = g.group > 0 ? g.Cout / g.group : 0;
+  if (t[3].dims[0] != nnz)
+    return invalid("col_idx has " + std::to_string(t[3].dims[0]) + " entries but W has nnz=" +
+                   std::to_string(nnz) + " kernels; they must match");
+  const bool has_b = nin > 4 && t[4].value != nullptr;
+  if (has_b && t[4].dims[0] != g.Cout)
+    return invalid("B has " + std::to_string(t[4].dims[0]) + " entries, expected Cout=" +
+                   std::to_string(g.Cout) + " (len(row_ptr) - 1)");
+  const int64_t hk = (g.kH - 1) * g.dH + 1, wk = (g.kW - 1) * g.dW + 1;
+  const int64_t hin = g.H + g.pt + g.pb, win = g.W + g.pl + g.pr;
+  if (hin < hk || win < wk)
+    return invalid("padded input " + std::to_string(hin) + "x" + std::to_string(win) +
+                   " is smaller than the dilated kernel " + std::to_string(hk) + "x" +
+                   std::to_string(wk));
+  g.Ho = (hin - hk) / g.sH + 1;
+  g.Wo = (win - wk) / g.sW + 1;
+
+  const float* X = nullptr;
+  const float* W = nullptr;
+  const int64_t* row_ptr = nullptr;
+  const int64_t* col_idx = nullptr;
+  const float* B = nullptr;
+  SPARSIFY_TRY(g_api->GetTensorData(t[0].value, reinterpret_cast<const void**>(&X)));
+  SPARSIFY_TRY(g_api->GetTensorData(t[1].value, reinterpret_cast<const void**>(&W)));
+  SPARSIFY_TRY(g_api->GetTensorData(t[2].value, reinterpret_cast<const void**>(&row_ptr)));
+  SPARSIFY_TRY(g_api->GetTensorData(t[3].value, reinterpret_cast<const void**>(&col_idx)));
+  if (has_b) SPARSIFY_TRY(g_api->GetTensorData(t[4].value, reinterpret_cast<const void**>(&B)));
+
+  // The index arrays: CSR over output channels, columns within the group, no duplicates.
+  if (row_ptr[0] != 0) return invalid("row_ptr[0]=" + std::to_string(row_ptr[0]) + ", must be 0");
+  for (int64_t o = 0; o < g.Cout; ++o)
+    if (row_ptr[o + 1] < row_ptr[o])
+      return invalid("row_ptr decreases at output channel " + std::to_string(o) + " (" +
+                     std::to_string(row_ptr[o]) + " -> " + std::to_string(row_ptr[o + 1]) +
+                     "); it must be non-decreasing");
+  if (row_ptr[g.Cout] != nnz)
+    return invalid("row_ptr[Cout]=" + std::to_string(row_ptr[g.Cout]) + " but W and col_idx have " +
+                   std::to_string(nnz) + " entries; they must match");
+  {
+    std::vector<int64_t> seen(size_t(g.cin_per_group), -1);
+    for (int64_t o = 0; o < g.Cout; ++o) {
+      for (int64_t q = row_ptr[o]; q < row_ptr[o + 1]; ++q) {
+        const int64_t c = col_idx[q];
+        if (c < 0 || c >= g.cin_per_group)
+          return invalid("col_idx[" + std::to_string(q) + "]=" + std::to_string(c) +
+                         " (output channel " + std::to_string(o) + ") is outside [0, " +
+                         std::to_string(g.cin_per_group) + "), the input channels of its group");
+        if (seen[size_t(c)] == o)
+          return invalid("output channel " + std::to_string(o) + " lists input channel " +
+                         std::to_string(c) + " twice in col_idx");
+        seen[size_t(c)] = o;
+      }
+    }
+  }
+
+  const int64_t ydims[4] = {g.N, g.Cout, g.Ho, g.Wo};
+  OrtValue* yv = nullptr;
+  SPARSIFY_TRY(g_api->KernelContext_GetOutput(ctx, 0, ydims, 4, &yv));
+  float* Y = nullptr;
+  SPARSIFY_TRY(g_api->GetTensorMutableData(yv, reinterpret_cast<void**>(&Y)));
+  if (g.N == 0 || g.Cout == 0 || g.Ho * g.Wo == 0) return nullptr;
+
+  Plan p;
+  g_fns->make_plan(g, &p);
+  Job job = {&g, &p, g_fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0};
+  Scratch scratch;
+  if (p.kind != sparsify_conv::kPointwise && g.Cin > 0) {
+    SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &scratch.alloc));
+    const size_t bytes = size_t(g.N * g.Cin * p.plane) * sizeof(float);
+    scratch.ptr = scratch.alloc->Alloc(scratch.alloc, bytes);
+    if (scratch.ptr == nullptr)
+      return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the padded input buffer");
+    job.xp = static_cast<float*>(scratch.ptr);
+    const int64_t planes = g.N * g.Cin;
+    job.per = p.plane >= 16384 ? 1 : 16384 / p.plane;
+    SPARSIFY_TRY(parallel_for(ctx, pad_task, (planes + job.per - 1) / job.per, &job));
+  }
+  // Tasks of about 64k multiply-adds or more (one output channel at least), dynamically
+  // scheduled over (image, block of output channels).
+  const int64_t avg_cnt = g.Cout > 0 ? (nnz + g.Cout - 1) / g.Cout : 0;
+  const int64_t per_chan = (avg_cnt > 0 ? avg_cnt : 1) * g.Ho * g.Wo * g.kH * g.kW;
+  int64_t per = (65536 + per_chan - 1) / per_chan;
+  if (per < 1) per = 1;
+  if (per > g.Cout) per = g.Cout;
+  job.per = per;
+  job.nob = (g.Cout + per - 1) / per;
+  return parallel_for(ctx, conv_task, g.N * job.nob, &job);
+}
+
+OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
+  try {
+    return compute_impl(*static_cast<const Kernel*>(kernel), ctx);
+  } catch (const std::bad_alloc&) {
+    return g_api->CreateStatus(ORT_FAIL, "SparseConv: out of memory");
+  } catch (...) {
+    return g_api->CreateStatus(ORT_FAIL, "SparseConv: unexpected internal error");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The op description.
+
+const char* ORT_API_CALL op_name(const OrtCustomOp*) { return kOpName; }
+const char* ORT_API_CALL op_ep(const OrtCustomOp*) { return "CPUExecutionProvider"; }
+ONNXTensorElementDataType ORT_API_CALL op_input_type(const OrtCustomOp*, size_t i) {
+  return (i == 2 || i == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+                            : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+size_t ORT_API_CALL op_input_count(const OrtCustomOp*) { return 5; }
+ONNXTensorElementDataType ORT_API_CALL op_output_type(const OrtCustomOp*, size_t) {
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+size_t ORT_API_CALL op_output_count(const OrtCustomOp*) { return 1; }
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL op_input_char(const OrtCustomOp*, size_t i) {
+  return i == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL op_output_char(const OrtCustomOp*, size_t) {
+  return INPUT_OUTPUT_REQUIRED;
+}
+OrtMemType ORT_API_CALL op_input_mem(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+int ORT_API_CALL op_one(const OrtCustomOp*) { return 1; }
+int ORT_API_CALL op_zero(const OrtCustomOp*) { return 0; }
+int ORT_API_CALL op_end_version(const OrtCustomOp*) { return INT_MAX; }
+
+OrtCustomOp make_op() {
+  OrtCustomOp op;
+  std::memset(&op, 0, sizeof(op));
+  op.version = ORT_API_VERSION;
+  op.GetName = op_name;
+  op.GetExecutionProviderType = op_ep;
+  op.GetInputType = op_input_type;
+  op.GetInputTypeCount = op_input_count;
+  op.GetOutputType = op_output_type;
+  op.GetOutputTypeCount = op_output_count;
+  op.KernelDestroy = destroy_kernel;
+  op.GetInputCharacteristic = op_input_char;
+  op.GetOutputCharacteristic = op_output_char;
+  op.GetInputMemoryType = op_input_mem;
+  op.GetVariadicInputMinArity = op_one;
+  op.GetVariadicInputHomogeneity = op_zero;
+  op.GetVariadicOutputMinArity = op_one;
+  op.GetVariadicOutputHomogeneity = op_zero;
+  op.CreateKernelV2 = create_kernel;
+  op.KernelComputeV2 = compute;
+  op.GetStartVersion = op_one;
+  op.GetEndVersion = op_end_version;
+  return op;
+}
+
+const OrtCustomOp g_op = make_op();
+
+// Every RegisterCustomOps call (one per session options that load the library) gets its own
+// domain object; ORT does not take ownership, so they live until the library is unloaded.
+struct DomainKeeper {
+  std::mutex mu;
+  std::vector<OrtCustomOpDomain*> domains;
+  ~DomainKeeper() {
+    if (g_api != nullptr)
+      for (OrtCustomOpDomain* d : domains) g_api->ReleaseCustomOpDomain(d);
+  }
+};
+DomainKeeper g_domains;
+
+}  // namespace
+
+extern "C" {
+
+SPARSIFY_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                         const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {
+    const OrtApi* api1 = api_base->GetApi(1);
+    std::string msg = "the sparsify SparseConv library needs ONNX Runtime API version " +
+                      std::to_string(ORT_API_VERSION) + " (onnxruntime >= 1." +
+                      std::to_string(ORT_API_VERSION) + "); this runtime is " +
+                      api_base->GetVersionString();
+    return api1 != nullptr ? api1->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
+  }
+  g_api = api;
+  g_fns = select_kernels();
+  OrtCustomOpDomain* domain = nullptr;
+  SPARSIFY_TRY(api->CreateCustomOpDomain(kDomain, &domain));
+  OrtStatus* st = api->CustomOpDomain_Add(domain, &g_op);
+  if (st == nullptr) st = api->AddCustomOpDomain(options, domain);
+  if (st != nullptr) {
+    api->ReleaseCustomOpDomain(domain);
+    return st;
+  }
+  std::lock_guard<std::mutex> lock(g_domains.mu);
+  g_domains.domains.push_back(domain);
+  return nullptr;
+}
+
+// Describes the build for `sparsify runtime info` (read with ctypes; no ORT needed).
+SPARSIFY_EXPORT const char* SparsifyKernelInfo(void) {
+  static std::string info = std::string("api_version=") + std::to_string(ORT_API_VERSION) +
+                            ";isa=" + select_kernels()->isa + ";op=" + kDomain + "::" + kOpName +
+                            ";since_version=1";
+  return info.c_str();
+}
+
+}  // extern "C"
