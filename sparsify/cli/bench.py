@@ -180,12 +180,14 @@ def run(
     alpha: Optional[float] = typer.Option(None, help="Width multiplier for --method depth-multiplier."),
     profile: Optional[str] = typer.Option(None, help="PSN fan-in profile."),
     allocation: str = typer.Option("uniform", help="Density allocation across layers: uniform or erk."),
-    include_linear: bool = typer.Option(False, "--include-linear", help="Sparsify Linear layers too."),
+    include_linear: Optional[bool] = typer.Option(None, "--include-linear/--no-include-linear",
+                                                  help="Sparsify Linear layers too (default: the method's choice)."),
     include_classifier: bool = typer.Option(False, "--include-classifier", help="Sparsify the classifier too."),
     seed: int = typer.Option(0, help="Seed of masks, weights and data order."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Input shape, e.g. 1,3,32,32 (default: the model's)."),
     data: str = typer.Option("digits", help="Training data set (digits is bundled: no download)."),
     epochs: int = typer.Option(3, help="Training epochs."),
+    schedule: str = typer.Option("static", help="Topology schedule during training (static, sparse-momentum, rigl, set, ...)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the trainer's)."),
     train_batch_size: Optional[int] = typer.Option(None, "--train-batch-size", help="Training batch size (default: the trainer's)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<model>-<method>[-N])."),
@@ -209,7 +211,7 @@ def run(
                                               allocation=allocation, include_linear=include_linear,
                                               include_classifier=include_classifier, seed=seed,
                                               input_shape=parse_shape(input_shape))
-    train_options: dict[str, Any] = dict(data=data, epochs=epochs)
+    train_options: dict[str, Any] = dict(data=data, epochs=epochs, schedule=schedule, seed=seed)
     if lr is not None:
         train_options["lr"] = lr
     if train_batch_size is not None:
@@ -223,4 +225,12 @@ def run(
             bench_options=bench_options, force=force, progress=progress)
     out.print(bench_table(result, title=f"{model} {method}: ONNX Runtime latency (speedup vs {result.baseline})"))
     err.print(_native_line(result))
+    tr = notes.get("train") or {}
+    if "test_acc" in tr:
+        out.print(f"trained {tr.get('epochs')} epochs on {tr.get('data')}: test accuracy {tr['test_acc']:.1%}")
+    for name, note in notes.items():
+        if name == "depth":
+            out.print(f"depth: {note}" if isinstance(note, str) else
+                      f"depth: alpha={note['alpha']:.3f}, {note['live_params']:,} live params "
+                      f"(sparse run: {note['target_live_params']:,})")
     out.print(f"run directory: {run_dir}  (.onnx variants, bench.json, plot.png)")

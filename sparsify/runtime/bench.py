@@ -561,7 +561,7 @@ def export_variants(run_dir: str | Path, out_dir: str | Path, variants: Sequence
             target_params = live_params(load_run(run_dir).model)
             model, alpha, n = depth_equivalent(recipe, target_params)
             notes["depth"] = {"alpha": round(alpha, 6), "live_params": n, "target_live_params": target_params}
-            ex.export_model(model, tuple(recipe.input_shape), target, dense=True)
+            ex.export_model(model, tuple(recipe.input_shape), target, dense=True, compact=False)
         files.append((name, target))
     if progress is not None:
         progress("exported", len(variants), len(variants))
@@ -609,10 +609,11 @@ def run_pipeline(
     notes: dict[str, Any] = {}
     if progress is not None:
         progress("transform", f"transforming {model}", 0, 1)
-    run_dir = Path(api.transform_to_dir(model, out=out, force=force, **transform_options))
+    run_dir, _ = api.transform_to_dir(model, out=out, force=force, **transform_options)
+    run_dir = Path(run_dir)
     if progress is not None:
         progress("transform", "transformed", 1, 1)
-    notes["train"] = train_run(run_dir, progress=stage("train"), **train_options)
+    notes["train"] = train_run(run_dir, progress=_train_progress(stage("train")), **train_options)
     files, export_notes = export_variants(run_dir, run_dir, variants, progress=stage("export"))
     notes.update(export_notes)
     result = bench_files([p for _, p in files], labels=[n for n, _ in files], progress=stage("bench"),
@@ -620,3 +621,25 @@ def run_pipeline(
     write_result_json(result, run_dir / "bench.json")
     plot_result(result, run_dir / "plot.png")
     return run_dir, result, notes
+
+
+def _train_progress(update: Any | None) -> Any | None:
+    """Adapt the trainer's event dicts to a ``(description, done, total)`` progress callback."""
+    if update is None:
+        return None
+    state = {"total": 1}
+
+    def on_event(ev: dict[str, Any]) -> None:
+        kind = ev.get("kind")
+        if kind == "start":
+            state["total"] = int(ev.get("total_steps") or 1)
+            update("training", int(ev.get("start_step") or 0), state["total"])
+        elif kind == "step":
+            update(f"training epoch {ev['epoch']}: loss {ev['loss']:.3f}, acc {ev['acc']:.1%}",
+                   int(ev["step"]), state["total"])
+        elif kind == "epoch":
+            update(f"epoch {ev['epoch']}: val acc {ev.get('val_acc', float('nan')):.1%}", int(ev["step"]), state["total"])
+        elif kind == "done":
+            update(f"trained: test acc {ev.get('test_acc', float('nan')):.1%}", state["total"], state["total"])
+
+    return on_event
