@@ -453,9 +453,11 @@ def plot_result(result: BenchResult, path: str | Path) -> Path:
         ax.set_ylabel("median latency per batch (ms)")
         ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="upper right", title=f"speedup vs {result.baseline}", title_fontsize=7)
-    fig.suptitle("ONNX Runtime latency per variant (whiskers: p10-p90; labels: speedup)", fontsize=11)
-    fig.tight_layout()
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=9, frameon=False)
+    fig.suptitle(f"ONNX Runtime latency per variant (whiskers p10-p90; labels: speedup vs {result.baseline})",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
