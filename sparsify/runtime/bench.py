@@ -115,9 +115,9 @@ def native_status() -> dict[str, Any]:
     except Exception as e:  # a broken build must not stop a dense benchmark
         status["why_not"] = f"native.info() failed: {e}"
         return status
-    status.update(info)
-    status["library"] = str(info.get("library") or info.get("library_path") or mod.library_path() or "") or None
-    status["loadable"] = bool(info.get("loadable", status["library"] is not None))
+    status.update({k: v for k, v in info.items() if k not in ("onnxruntime_version", "reason")})
+    status["loadable"] = bool(info.get("loadable"))
+    status["why_not"] = None if status["loadable"] else (info.get("reason") or "the native library is not loadable")
     return status
 
 
@@ -140,7 +140,13 @@ def make_session(path: str | Path, threads: int, native: bool = True, spinning: 
     if native and mod is not None:
         lib = mod.library_path()
         if lib is not None:
-            so.register_custom_ops_library(str(lib))
+            try:
+                so.register_custom_ops_library(str(lib))
+            except Exception as e:  # ORT's pybind exceptions share no useful base
+                raise RuntimeBackendError(
+                    f"the native SparseConv library {lib} cannot be registered ({str(e).strip()[:200]}); "
+                    "rebuild it with `pip install -e .` or pass --no-native"
+                ) from None
     try:
         return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:
