@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import PassError
-from .trace import propagate_shapes
+from .trace import eval_mode, propagate_shapes
 
 
 @dataclass
@@ -40,7 +40,7 @@ class GraphPass:
 
     def ensures(self, original: fx.GraphModule, result: PassResult, example: torch.Tensor) -> None:
         """By default: the rewritten graph runs on the example and keeps the output shape."""
-        with torch.no_grad():
+        with eval_mode(original):
             before = original(example)
         try:
             after = propagate_shapes(result.model, example)

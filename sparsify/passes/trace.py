@@ -5,9 +5,10 @@ cannot be traced raises TraceError naming the source line and how to proceed.
 """
 from __future__ import annotations
 
+import contextlib
 import traceback
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -61,10 +62,26 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = ()) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, name)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode without gradients, restoring every submodule's mode afterwards.
+
+    Analysis forwards must not touch BatchNorm running statistics: a pass never edits its input.
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> torch.Tensor:
     """Run ``example`` through ``gm`` recording ``tensor_meta`` on every node; returns the output."""
     try:
-        with torch.no_grad():
+        with eval_mode(gm):
             return ShapeProp(gm).propagate(example)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -1,0 +1,145 @@
+"""Every zoo model x every method: the pass's promises, checked on the result."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sparsify.api as api
+from sparsify import zoo
+from sparsify.nn import SparseConv2d, SparseLinear, sparse_modules
+from sparsify.rundir import load_run
+
+MODELS = [n for n in zoo.names() if n != "resnet50"]
+METHODS = {
+    "sparse-random": dict(density=0.1),
+    "psn": dict(density=0.1, profile="lognormal"),
+    "depth-multiplier": dict(alpha=0.5),
+}
+
+
+def _masks(model):
+    return {n: m.mask.clone() for n, m in sparse_modules(model).items()}
+
+
+@pytest.fixture(scope="module")
+def results():
+    return {}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("name", MODELS)
+def test_zoo_model_transforms_runs_and_replays(name, method, tmp_path):
+    path, res = api.transform_to_dir(f"zoo:{name}", method, out=tmp_path / "run", seed=3, **METHODS[method])
+    x = torch.randn(*res.recipe.input_shape)
+    model = res.model.eval()
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (res.recipe.input_shape[0], zoo.get(name).num_classes)
+
+    if method != "depth-multiplier":
+        layers = sparse_modules(model)
+        assert layers, "a sparse method must produce masked layers"
+        for lname, m in layers.items():
+            info = res.summary["pass_layers"][lname]
+            live = int(m.mask.sum())
+            assert live == info["live"]
+            # masked weights are exactly zero
+            assert torch.all(m.weight[m.weight_mask() == 0] == 0)
+            fan_in = m.mask.sum(dim=1)
+            if "rule" in info:  # single input filter: sqrt(D) of the filters keep their input
+                assert live == max(1, round(math.sqrt(0.1) * m.mask.shape[0]))
+                continue
+            assert bool((fan_in > 0).all()), f"{lname}: dead output unit"
+            n_out, n_in = m.mask.shape
+            want = max(round(0.1 * n_out * n_in), n_out, n_in)
+            blocked = n_in - int((m.mask.sum(0) > 0).sum())
+            if blocked == 0:
+                assert live == min(want, n_out * n_in), f"{lname}: {live} live, wanted {want}"
+                assert bool((m.mask.sum(dim=0) > 0).all()), f"{lname}: input channel feeds nothing"
+
+    # the run directory replays bit for bit
+    run = load_run(path)
+    with torch.no_grad():
+        y2 = run.model.eval()(x)
+    assert torch.equal(y, y2)
+    a, b = model.state_dict(), run.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["sparse-random", "psn"])
+@pytest.mark.parametrize("name", ["lenet5", "resnet20", "mlp"])
+def test_same_seed_same_masks_different_seed_different_masks(name, method):
+    a = _masks(api.transform(f"zoo:{name}", method, seed=1, **METHODS[method]).model)
+    b = _masks(api.transform(f"zoo:{name}", method, seed=1, **METHODS[method]).model)
+    c = _masks(api.transform(f"zoo:{name}", method, seed=2, **METHODS[method]).model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["vgg16n", "resnet20", "inception-mini", "mobilenetv2", "lenet5"])
+def test_depth_multiplier_scales_conv_params_by_alpha_squared(name):
+    alpha = 0.5
+    dense = api.transform(f"zoo:{name}", "none").summary
+    thin = api.transform(f"zoo:{name}", "depth-multiplier", alpha=alpha).summary
+
+    def conv_params(s):
+        return sum(l["params"] for l in s["layers"] if l["type"].endswith("Conv2d") and l["groups"] == 1)
+
+    ratio = conv_params(thin) / conv_params(dense)
+    # first/last layers keep one side (input image, classes), ceil rounds up: ~alpha^2, a bit above
+    assert alpha**2 * 0.9 <= ratio <= alpha * 1.05, ratio
+    assert thin["totals"]["macs"] < dense["totals"]["macs"] * 0.5
+
+
+def test_depth_multiplier_keeps_concat_offsets_consistent():
+    res = api.transform("zoo:inception-mini", "depth-multiplier", alpha=0.3)
+    y = res.model(torch.randn(2, 3, 32, 32))
+    assert y.shape == (2, 10)
+
+
+def test_psn_profiles_change_fan_in_spread():
+    flat = api.transform("zoo:mlp", "psn", density=0.1, profile="uniform").summary["pass_layers"]
+    skew = api.transform("zoo:mlp", "psn", density=0.1, profile="lognormal",
+                         profile_params={"sigma": 1.5}).summary["pass_layers"]
+    for name in flat:
+        assert flat[name]["fan_in_cv"] < 0.05
+        assert skew[name]["fan_in_cv"] > 0.8
+        assert flat[name]["live"] == skew[name]["live"]
+
+
+def test_classifier_dense_unless_included():
+    res = api.transform("zoo:mlp", "psn", density=0.1)
+    assert not isinstance(res.model.get_submodule("classifier"), SparseLinear)
+    res = api.transform("zoo:mlp", "psn", density=0.1, include_classifier=True)
+    assert isinstance(res.model.get_submodule("classifier"), SparseLinear)
+
+
+def test_sparse_random_keeps_linears_dense_by_default_in_convnets():
+    res = api.transform("zoo:cifarnet", "sparse-random", density=0.2)
+    kinds = {type(m) for m in res.model.modules()}
+    assert SparseConv2d in kinds and SparseLinear not in kinds
+    res = api.transform("zoo:cifarnet", "sparse-random", density=0.2, include_linear=True)
+    assert SparseLinear in {type(m) for m in res.model.modules()}
+
+
+def test_erk_allocation_reaches_the_total_density():
+    res = api.transform("zoo:vgg16n", "sparse-random", density=0.1, allocation="erk")
+    layers = res.summary["pass_layers"]
+    live = sum(l["live"] * l["kernel"] for l in layers.values())
+    total = sum(l["entries"] * l["kernel"] for l in layers.values())
+    assert abs(live / total - 0.1) < 0.01
+    densities = [l["density"] for l in layers.values()]
+    assert max(densities) > 2 * min(densities)  # ERK is not uniform
+
+
+def test_pass_does_not_edit_its_input():
+    from sparsify.passes.sparsity import SparseRandomPass
+    from sparsify.passes.trace import trace
+
+    gm = trace(zoo.get("resnet20").build())
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    SparseRandomPass(0.1)(gm, torch.randn(1, 3, 32, 32))
+    assert not any(isinstance(m, SparseConv2d) for m in gm.modules())
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
