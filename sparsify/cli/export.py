@@ -1,4 +1,91 @@
-"""CLI commands of the export stage."""
+"""CLI commands of the export stage: ``sparsify export``."""
 from __future__ import annotations
 
-from ._common import app, err, handle_errors, out  # noqa: F401
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import UsageError
+from ._common import app, err, handle_errors, out
+
+
+def _render(report) -> Table:
+    """The per-layer sparse/dense choice table."""
+    t = Table(title=f"{report.out} · {report.sparse_layers}/{len(report.layers)} conv layers as SparseConv")
+    for col, justify in (("layer", "left"), ("weight", "right"), ("density", "right"), ("written as", "left"),
+                         ("why", "left")):
+        t.add_column(col, justify=justify)
+    for c in report.layers:
+        t.add_row(c.layer, "x".join(map(str, c.weight_shape)), f"{c.density:.3f}",
+                  "[bold cyan]SparseConv[/]" if c.sparse else "Conv", c.reason)
+    return t
+
+
+def _print_compaction(comp: dict) -> None:
+    removed = comp["channels_removed"]
+    total = comp["channels_total"]
+    out.print(f"compaction: removed {removed} of {total} channels, parameters "
+              f"{comp['params_before']:,} -> {comp['params_after']:,} "
+              f"(certificate: max error {comp['max_error']:.2g} at output scale {comp['output_scale']:.3g})",
+              highlight=False)
+    for r in comp["removed"]:
+        out.print(f"  removed {r['channels']} channel(s) of {', '.join(r['layers']) or 'group ' + str(r['group'])}: "
+                  f"{r['reason']}", highlight=False)
+    for r in comp["kept"]:
+        out.print(f"  kept {r['channels']} removable-looking channel(s) of "
+                  f"{', '.join(r['layers']) or 'group ' + str(r['group'])}: {r['reason']}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def export(
+    source: Path = typer.Argument(..., help="A run directory, or an .onnx file to convert"),
+    out_path: Path = typer.Option(..., "--out", "-o", help="The .onnx file to write"),
+    dense: bool = typer.Option(False, "--dense", help="Every conv as a plain Conv with the masked weights (baseline)"),
+    compact: Optional[bool] = typer.Option(
+        None, "--compact/--no-compact",
+        help="Remove dead channels first (exact). Default: on, except with --dense (the uncompacted baseline)"),
+    fold_bn: bool = typer.Option(True, "--fold-bn/--no-fold-bn", help="Fold eval BatchNorm into the previous conv"),
+    dense_threshold: float = typer.Option(0.6, min=0.0, max=1.0,
+                                          help="Convs at or above this live-connection density stay plain Conv"),
+    autotune: bool = typer.Option(False, "--autotune",
+                                  help="Time dense vs SparseConv on each layer's real shape and keep the faster"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare with PyTorch in ONNX Runtime"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file"),
+    as_json: bool = typer.Option(False, "--json", help="Print the export report as JSON"),
+) -> None:
+    """Export a run to ONNX with ai.sparsify::SparseConv nodes (or convert an existing .onnx file)."""
+    from ..runtime.export import export_onnx_file, export_run
+
+    if out_path.exists() and not force:
+        raise UsageError(f"{out_path} exists; pass --force to overwrite it or choose another --out")
+    with err.status(f"exporting {source} ..."):
+        if source.suffix == ".onnx" and not source.is_dir():
+            if dense or compact:
+                raise UsageError("--dense and --compact apply to run directories; an .onnx file is only converted")
+            report = export_onnx_file(source, out_path, dense_threshold=dense_threshold, verify=verify,
+                                      autotune=autotune)
+        else:
+            report = export_run(source, out_path, dense=dense, compact=(not dense) if compact is None else compact,
+                                fold_bn=fold_bn, dense_threshold=dense_threshold, verify=verify, autotune=autotune)
+    if as_json:
+        out.print_json(json.dumps(report.to_json(), default=str))
+        return
+    if report.compaction:
+        _print_compaction(report.compaction)
+    if report.folded_bn:
+        out.print(f"folded {len(report.folded_bn)} BatchNorm layer(s) into their convs", highlight=False)
+    out.print(_render(report))
+    reference = "the source model" if str(report.source).endswith(".onnx") else "PyTorch"
+    for label, e in report.errors.items():
+        out.print(f"verified ({label}): max abs error {e:.2g} vs {reference}", highlight=False)
+    if not report.errors:
+        out.print("[yellow]not verified[/] (--no-verify)")
+    elif "native" not in report.errors:
+        out.print("native kernel not built: verified through the function body only", highlight=False)
+    for note in report.notes:
+        err.print(f"note: {note}", highlight=False)
+    out.print(f"[green]wrote[/] {report.out} ({report.file_bytes:,} bytes)")

@@ -65,7 +65,7 @@ class ExportReport:
         return {
             "out": self.out, "source": self.source, "input_shape": self.input_shape, "dense": self.dense,
             "compaction": self.compaction, "folded_bn": self.folded_bn,
-            "layers": [dict(vars(c), weight_shape=list(c.weight_shape)) for c in self.layers],
+            "layers": [dict(vars(c), layer=c.layer, weight_shape=list(c.weight_shape)) for c in self.layers],
             "errors": self.errors, "native_available": self.native_available,
             "file_bytes": self.file_bytes, "notes": self.notes,
         }

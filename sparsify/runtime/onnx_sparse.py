@@ -42,6 +42,12 @@ class ConvChoice:
     reason: str
     dense_ms: float | None = None
     sparse_ms: float | None = None
+    weight: str = ""  # the weight initializer's name (torch.onnx names it after the state-dict key)
+
+    @property
+    def layer(self) -> str:
+        """A readable layer name: the weight's state-dict key without ``.weight``, else the node name."""
+        return self.weight[: -len(".weight")] if self.weight.endswith(".weight") else self.node
 
 
 @dataclass
@@ -280,16 +286,16 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float = 0.6,
         w = numpy_helper.to_array(wproto)
         group = int(_attr(node, "group", 1))
         live = block_mask(w)
-        choice = ConvChoice(name, tuple(w.shape), group, float(live.mean()), int(live.sum()), False, "")
+        choice = ConvChoice(name, tuple(w.shape), group, float(live.mean()), int(live.sum()), False, "", weight=wname)
         report.choices.append(choice)
         auto_pad = _attr(node, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
         if auto_pad != "NOTSET":
             choice.reason = f"auto_pad={auto_pad} (only explicit pads are rewritten)"
         elif choice.density >= dense_threshold:
-            choice.reason = f"density {choice.density:.2f} >= threshold {dense_threshold:.2f}"
+            choice.reason = f"density {choice.density:.2f} >= {dense_threshold:.2f}"
         else:
-            choice.sparse, choice.reason = True, f"density {choice.density:.2f} < threshold {dense_threshold:.2f}"
+            choice.sparse, choice.reason = True, f"density {choice.density:.2f} < {dense_threshold:.2f}"
             if decide is not None:
                 choice.sparse, choice.reason = decide(model, node, w, choice)
         if not choice.sparse:
