@@ -1,0 +1,278 @@
+"""Compaction: one test per coupling pattern with hand-made dead channels, and a fuzz test."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsify.errors import PassError
+from sparsify.nn import SparseConv2d, SparseLinear
+from sparsify.passes.compact import certify, compact, fold_batchnorm
+from sparsify.passes.trace import trace
+
+
+def _sc(cin: int, cout: int, k: int = 3, pad: int = 1, groups: int = 1, **kw) -> SparseConv2d:
+    return SparseConv2d(cin, cout, k, padding=pad, groups=groups, **kw)
+
+
+@torch.no_grad()
+def _kill_out(conv: nn.Module, channels: list[int], bias: float | None = 0.0) -> None:
+    """Mask whole filters; optionally set their bias (the constant they emit)."""
+    conv.mask[channels] = 0
+    conv.apply_mask_()
+    if bias is not None and conv.bias is not None:
+        conv.bias[channels] = bias
+
+
+def _run(model: nn.Module, shape: tuple[int, ...]):
+    model.eval()
+    x = torch.randn(shape)
+    gm = trace(model)
+    out, report = compact(gm, x)
+    with torch.no_grad():
+        for _ in range(2):
+            xx = torch.randn(shape) * 3
+            torch.testing.assert_close(out(xx), model(xx), rtol=1e-5, atol=1e-5)
+    assert report.params_after <= report.params_before
+    return out, report
+
+
+class Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = _sc(3, 8), _sc(8, 8), _sc(8, 4)
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
+
+
+def test_plain_chain_dead_and_unread() -> None:
+    torch.manual_seed(0)
+    m = Chain()
+    _kill_out(m.c1, [1, 6], bias=-1.0)       # relu(-1) = 0: removable
+    with torch.no_grad():
+        m.c2.mask[:, 3] = 0                  # nobody reads c1's channel 3
+        m.c2.apply_mask_()
+    out, report = _run(m, (2, 3, 8, 8))
+    assert out.c1.out_channels == 5 and out.c2.in_channels == 5
+    assert out.c2.mask.shape == (8, 5) and out.c1.weight.shape[0] == 5
+    reasons = {r["reason"] for r in report.removed}
+    assert "unread" in reasons and "constant 0" in reasons
+    assert report.channels_removed == 3
+
+
+def test_nonzero_constant_before_padded_conv_is_kept() -> None:
+    torch.manual_seed(1)
+    m = Chain()
+    _kill_out(m.c1, [2], bias=0.5)           # relu(0.5) = 0.5 flows into a zero-padded 3x3 conv
+    out, report = _run(m, (2, 3, 6, 6))
+    assert out.c1.out_channels == 8
+    assert any("zero-padded" in k["reason"] for k in report.kept)
+
+
+class BNFold(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn = _sc(3, 6), nn.BatchNorm2d(6)
+        self.c2 = _sc(6, 4, k=3, pad=0)       # no padding: a constant input folds into the bias exactly
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.bn(self.c1(x))))
+
+
+def test_bn_constant_folded_into_unpadded_conv() -> None:
+    torch.manual_seed(2)
+    m = BNFold()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+        m.bn.bias.fill_(0.3)
+    _kill_out(m.c1, [0, 4], bias=0.0)
+    out, report = _run(m, (2, 3, 7, 7))
+    assert out.c1.out_channels == 4 and out.bn.num_features == 4 and out.c2.in_channels == 4
+    assert any("folded" in r["reason"] for r in report.removed)
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.c1, self.c2, self.head = _sc(3, 8), _sc(8, 8), _sc(8, 8), _sc(8, 5, k=1, pad=0)
+
+    def forward(self, x):
+        x = torch.relu(self.c0(x))
+        y = torch.relu(self.c1(x)) + x
+        y = torch.relu(self.c2(y)) + y
+        return self.head(y)
+
+
+def test_residual_add_needs_every_member_dead() -> None:
+    torch.manual_seed(3)
+    m = Residual()
+    _kill_out(m.c1, [2, 5], bias=-1.0)       # dead in one branch only: channel still carries x
+    _kill_out(m.c0, [5], bias=-1.0)          # channel 5 dead in every member
+    _kill_out(m.c2, [5], bias=-1.0)
+    out, report = _run(m, (2, 3, 6, 6))
+    assert out.c0.out_channels == 7 and out.c1.out_channels == 7 and out.c2.out_channels == 7
+    assert out.head.in_channels == 7
+    assert report.channels_removed == 1
+
+
+class Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = _sc(3, 4), _sc(3, 6), _sc(10, 5)
+
+    def forward(self, x):
+        return self.c(torch.relu(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+
+def test_concat_positions() -> None:
+    torch.manual_seed(4)
+    m = Concat()
+    _kill_out(m.a, [1], bias=-2.0)
+    _kill_out(m.b, [0, 5], bias=0.0)
+    out, report = _run(m, (2, 3, 6, 6))
+    assert out.a.out_channels == 3 and out.b.out_channels == 4 and out.c.in_channels == 7
+    assert report.channels_removed == 3
+
+
+class Depthwise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw1, self.bn = _sc(3, 8, k=1, pad=0), nn.BatchNorm2d(8)
+        self.dw = _sc(8, 8, groups=8)
+        self.pw2 = _sc(8, 4, k=1, pad=0)
+
+    def forward(self, x):
+        return self.pw2(torch.relu(self.dw(torch.relu(self.bn(self.pw1(x))))))
+
+
+def test_depthwise_shrinks_groups() -> None:
+    torch.manual_seed(5)
+    m = Depthwise()
+    with torch.no_grad():
+        m.bn.bias.fill_(-5.0)                # a dead pw1 filter gives relu(bn(0)) = 0
+        m.bn.running_mean.zero_()
+    _kill_out(m.pw1, [3, 7], bias=0.0)
+    _kill_out(m.dw, [3, 7], bias=0.0)
+    out, report = _run(m, (2, 3, 6, 6))
+    assert out.dw.groups == out.dw.in_channels == out.dw.out_channels == 6
+    assert out.pw1.out_channels == 6 and out.pw2.in_channels == 6 and out.dw.mask.shape == (6, 1)
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.fc = _sc(3, 6), SparseLinear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.c(x)), 1))
+
+
+def test_flatten_linear_folds_constant() -> None:
+    torch.manual_seed(6)
+    m = FlattenLinear()
+    _kill_out(m.c, [1], bias=0.0)            # zero: removed
+    _kill_out(m.c, [4], bias=0.7)            # nonzero constant: folded into the linear bias
+    out, report = _run(m, (2, 3, 4, 4))
+    assert out.c.out_channels == 4 and out.fc.in_features == 4 * 16 and out.fc.mask.shape == (5, 64)
+    assert any("folded" in r["reason"] for r in report.removed)
+
+
+def test_model_output_channels_are_never_removed() -> None:
+    torch.manual_seed(7)
+    m = Chain()
+    _kill_out(m.c3, [0, 1], bias=0.0)
+    out, _ = _run(m, (2, 3, 6, 6))
+    assert out.c3.out_channels == 4
+
+
+def test_original_untouched_and_certificate_catches_difference() -> None:
+    torch.manual_seed(8)
+    m = Chain().eval()
+    _kill_out(m.c1, [0], bias=-1.0)
+    gm = trace(m)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    out, _ = compact(gm, torch.randn(1, 3, 6, 6))
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+    with torch.no_grad():
+        out.c3.bias.add_(1.0)
+    with pytest.raises(PassError, match="not exact"):
+        certify(gm, out, torch.randn(2, 3, 6, 6))
+
+
+def test_fold_batchnorm_exact_and_mask_preserving() -> None:
+    torch.manual_seed(9)
+    m = BNFold().eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+    _kill_out(m.c1, [1], bias=0.0)
+    folded, names = fold_batchnorm(trace(m))
+    assert names == ["bn"] and not hasattr(folded, "bn")
+    assert torch.equal(folded.c1.weight[1], torch.zeros_like(folded.c1.weight[1]))
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+# ---- fuzz: random small conv graphs with random masks -------------------------------------
+
+
+class RandomNet(nn.Module):
+    """A small net built from a list of block kinds: conv(+bn), residual, concat, depthwise."""
+
+    def __init__(self, kinds: list[str], width: int, seed: int, p_dead: float) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.kinds = kinds
+        self.blocks = nn.ModuleList()
+        c = 3
+        for kind in kinds:
+            if kind == "conv":
+                blk = nn.ModuleDict({"conv": _sc(c, width), "bn": nn.BatchNorm2d(width)})
+                c = width
+            elif kind == "res":
+                blk = nn.ModuleDict({"conv": _sc(c, c)})
+            elif kind == "cat":
+                blk = nn.ModuleDict({"a": _sc(c, width // 2 + 1, k=1, pad=0), "b": _sc(c, width // 2)})
+                c = width // 2 + 1 + width // 2
+            else:  # depthwise
+                blk = nn.ModuleDict({"conv": _sc(c, c, groups=c)})
+            self.blocks.append(blk)
+        self.head = SparseLinear(c, 4)
+        with torch.no_grad():
+            for mod in self.modules():
+                if isinstance(mod, SparseConv2d):
+                    mod.mask.copy_((torch.rand(mod.mask.shape, generator=g) < 0.5).float())
+                    dead = torch.rand(mod.mask.shape[0], generator=g) < p_dead
+                    mod.mask[dead] = 0
+                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.5)
+                    mod.apply_mask_()
+                elif isinstance(mod, nn.BatchNorm2d):
+                    mod.running_mean.uniform_(-0.5, 0.5, generator=g)
+                    mod.running_var.uniform_(0.5, 1.5, generator=g)
+                    mod.bias.uniform_(-1, 1, generator=g)
+
+    def forward(self, x):
+        for kind, blk in zip(self.kinds, self.blocks):
+            if kind == "conv":
+                x = torch.relu(blk["bn"](blk["conv"](x)))
+            elif kind == "res":
+                x = torch.relu(blk["conv"](x)) + x
+            elif kind == "cat":
+                x = torch.relu(torch.cat([blk["a"](x), blk["b"](x)], 1))
+            else:
+                x = torch.relu(blk["conv"](x))
+        return self.head(x.mean((2, 3)))
+
+
+@settings(max_examples=12, deadline=None)
+@given(kinds=st.lists(st.sampled_from(["conv", "res", "cat", "dw"]), min_size=1, max_size=4),
+       width=st.integers(3, 8), seed=st.integers(0, 10_000), p_dead=st.sampled_from([0.0, 0.3, 0.7]))
+def test_fuzz_compacted_equals_uncompacted(kinds: list[str], width: int, seed: int, p_dead: float) -> None:
+    torch.manual_seed(seed)
+    model = RandomNet(["conv"] + kinds, width, seed, p_dead)
+    _run(model, (2, 3, 6, 6))
