@@ -6,5 +6,6 @@
 #define SPARSIFY_ISA_NS isa_avx2
 #define SPARSIFY_ISA_NAME "avx2"
 #define SPARSIFY_VBYTES 32
+#define SPARSIFY_NREGS 16
 #define SPARSIFY_ENTRY avx2_kernels
 #include "sparseconv_kernel.h"

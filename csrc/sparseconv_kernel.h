@@ -26,11 +26,19 @@ typedef float vf __attribute__((vector_size(SPARSIFY_VBYTES)));
 typedef float vfu __attribute__((vector_size(SPARSIFY_VBYTES), aligned(4), may_alias));
 
 inline vf loadu(const float* p) { return *reinterpret_cast<const vfu*>(p); }
-inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-inline vf bcast(float x) {
-  vf v = {};
-  return v + x;
+// Loads an input vector into a register once. Without the empty asm the compiler folds the load
+// into each FMA that uses it (one unaligned, usually line-crossing load per FMA instead of one
+// per vertical tap group), which halves throughput.
+inline vf load_once(const float* p) {
+  vf v = loadu(p);
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  asm("" : "+v"(v));
+#endif
+  return v;
 }
+inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+// x - 0 is exactly x (also for -0), so this folds to one broadcast instruction.
+inline vf bcast(float x) { return x - vf{}; }
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
@@ -41,6 +49,11 @@ typedef void (*PlaneFn)(const Geom& g, const Plan& p, const float* xp_n, float* 
                         const float* w_row, const int64_t* cols, int64_t cnt, float bias,
                         int64_t cin_base);
 
+// Connections are processed in chunks whose input windows for one strip of R output rows fit in
+// L1; between chunks the strip's partial sums wait in a small stack buffer.
+constexpr int64_t kL1Budget = 24 * 1024;
+constexpr int64_t kStripFloats = 8192;
+
 template <int K, int S, int R, int V>
 void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, float* __restrict y,
                   const float* __restrict w_row, const int64_t* __restrict cols, int64_t cnt,
@@ -48,50 +61,69 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
   constexpr int KK = K * K;
   constexpr int ROWS = S * (R - 1) + K;  // input rows touched by R output rows
   const int64_t Ho = g.Ho, Wo = g.Wo, Wps = p.Wps, plane = p.plane, phase = p.phase;
+  const int64_t wo_round = cdiv(cdiv(Wo, VL), V) * V * VL;
+  int64_t ck = kL1Budget / (ROWS * Wps * S * int64_t(sizeof(float)));
+  if (ck < 4) ck = 4;
+  if (ck >= cnt || R * wo_round > kStripFloats) ck = cnt > 0 ? cnt : 1;
+  alignas(64) float strip[kStripFloats];
   for (int64_t y0 = 0; y0 < Ho; y0 += R) {
-    for (int64_t x0 = 0; x0 < Wo; x0 += V * VL) {
-      vf acc[R][V];
+    const float* blk_row = xp_n + S * y0 * Wps;
+    for (int64_t c0 = 0; c0 < cnt || c0 == 0; c0 += ck) {
+      const int64_t c1 = c0 + ck < cnt ? c0 + ck : cnt;
+      const bool first = c0 == 0, last = c1 >= cnt;
+      for (int64_t x0 = 0; x0 < Wo; x0 += V * VL) {
+        vf acc[R][V];
 #pragma GCC unroll 16
-      for (int j = 0; j < R; ++j)
+        for (int j = 0; j < R; ++j)
 #pragma GCC unroll 16
-        for (int v = 0; v < V; ++v) acc[j][v] = bcast(bias);
-      const float* blk = xp_n + S * y0 * Wps + x0;
-      for (int64_t k = 0; k < cnt; ++k) {
-        const float* base = blk + (cin_base + cols[k]) * plane;
-        const float* w = w_row + k * KK;
-        vf wv[KK];
+          for (int v = 0; v < V; ++v)
+            acc[j][v] = first ? bcast(bias) : loadu(strip + j * wo_round + x0 + v * VL);
+        const float* blk = blk_row + x0;
+        for (int64_t k = c0; k < c1; ++k) {
+          const float* base = blk + (cin_base + cols[k]) * plane;
+          const float* w = w_row + k * KK;
+          vf wv[KK];
 #pragma GCC unroll 64
-        for (int t = 0; t < KK; ++t) wv[t] = bcast(w[t]);
+          for (int t = 0; t < KK; ++t) wv[t] = bcast(w[t]);
+          const float* row = base;
 #pragma GCC unroll 64
-        for (int rr = 0; rr < ROWS; ++rr) {
+          for (int rr = 0; rr < ROWS; ++rr, row += Wps) {
 #pragma GCC unroll 16
-          for (int kx = 0; kx < K; ++kx) {
-            const float* src = base + (kx % S) * phase + rr * Wps + kx / S;
+            for (int kx = 0; kx < K; ++kx) {
+              const float* src = row + (kx % S) * phase + kx / S;
 #pragma GCC unroll 16
-            for (int v = 0; v < V; ++v) {
-              const vf in = loadu(src + v * VL);
+              for (int v = 0; v < V; ++v) {
+                const vf in = load_once(src + v * VL);
 #pragma GCC unroll 16
-              for (int j = 0; j < R; ++j) {
-                const int ky = rr - S * j;
-                if (ky >= 0 && ky < K) acc[j][v] += wv[ky * K + kx] * in;
+                for (int j = 0; j < R; ++j) {
+                  const int ky = rr - S * j;
+                  if (ky >= 0 && ky < K) acc[j][v] += wv[ky * K + kx] * in;
+                }
               }
             }
           }
         }
-      }
+        if (!last) {
 #pragma GCC unroll 16
-      for (int j = 0; j < R; ++j) {
-        if (y0 + j >= Ho) break;
-        float* out = y + (y0 + j) * Wo;
+          for (int j = 0; j < R; ++j)
 #pragma GCC unroll 16
-        for (int v = 0; v < V; ++v) {
-          const int64_t xs = x0 + v * VL;
-          if (xs + VL <= Wo) {
-            storeu(out + xs, acc[j][v]);
-          } else if (xs < Wo) {
-            float tmp[VL];
-            storeu(tmp, acc[j][v]);
-            std::memcpy(out + xs, tmp, sizeof(float) * (Wo - xs));
+            for (int v = 0; v < V; ++v) storeu(strip + j * wo_round + x0 + v * VL, acc[j][v]);
+          continue;
+        }
+#pragma GCC unroll 16
+        for (int j = 0; j < R; ++j) {
+          if (y0 + j >= Ho) break;
+          float* out = y + (y0 + j) * Wo;
+#pragma GCC unroll 16
+          for (int v = 0; v < V; ++v) {
+            const int64_t xs = x0 + v * VL;
+            if (xs + VL <= Wo) {
+              storeu(out + xs, acc[j][v]);
+            } else if (xs < Wo) {
+              float tmp[VL];
+              storeu(tmp, acc[j][v]);
+              std::memcpy(out + xs, tmp, sizeof(float) * (Wo - xs));
+            }
           }
         }
       }
@@ -107,13 +139,21 @@ struct Cfg {
 #define SPARSIFY_CFG(K, R, V) \
   {K, 1, R, V, &direct_plane<K, 1, R, V>}, { K, 2, R, V, &direct_plane<K, 2, R, V> }
 
-// Register blocks per kernel size. With 16 vector registers, K=3 keeps its 9 weights in
-// registers and up to 6 accumulators; larger kernels stream their weights from L1.
+// Register blocks per kernel size. K=3 keeps its 9 weights in registers next to the R*V
+// accumulators (16 vector registers: up to 6; 32 registers: up to 16); larger kernels stream
+// their weights from L1.
 const Cfg kCfgs[] = {
+#if SPARSIFY_NREGS >= 32
+    SPARSIFY_CFG(1, 1, 1), SPARSIFY_CFG(1, 4, 1), SPARSIFY_CFG(1, 4, 2), SPARSIFY_CFG(1, 8, 2),
+    SPARSIFY_CFG(1, 4, 4),
+    SPARSIFY_CFG(3, 1, 1), SPARSIFY_CFG(3, 2, 1), SPARSIFY_CFG(3, 4, 1), SPARSIFY_CFG(3, 6, 1),
+    SPARSIFY_CFG(3, 7, 1), SPARSIFY_CFG(3, 2, 2), SPARSIFY_CFG(3, 4, 2), SPARSIFY_CFG(3, 2, 4),
+#else
     SPARSIFY_CFG(1, 1, 1), SPARSIFY_CFG(1, 2, 1), SPARSIFY_CFG(1, 4, 1), SPARSIFY_CFG(1, 2, 2),
     SPARSIFY_CFG(1, 4, 2),
     SPARSIFY_CFG(3, 1, 1), SPARSIFY_CFG(3, 2, 1), SPARSIFY_CFG(3, 3, 1), SPARSIFY_CFG(3, 4, 1),
-    SPARSIFY_CFG(3, 6, 1), SPARSIFY_CFG(3, 2, 2), SPARSIFY_CFG(3, 3, 2),
+    SPARSIFY_CFG(3, 5, 1), SPARSIFY_CFG(3, 2, 2), SPARSIFY_CFG(3, 3, 2),
+#endif
     SPARSIFY_CFG(5, 1, 1), SPARSIFY_CFG(5, 2, 1), SPARSIFY_CFG(5, 4, 1), SPARSIFY_CFG(5, 2, 2),
     SPARSIFY_CFG(7, 1, 1), SPARSIFY_CFG(7, 2, 1), SPARSIFY_CFG(7, 4, 1), SPARSIFY_CFG(7, 2, 2),
 };

@@ -17,6 +17,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <new>
@@ -40,9 +41,11 @@ using sparsify_conv::Plan;
 constexpr const char* kDomain = "ai.sparsify";
 constexpr const char* kOpName = "SparseConv";
 
-// Set by RegisterCustomOps; every registration stores the same pointers.
+// Set by RegisterCustomOps; every registration stores the same pointers (unless the
+// SPARSIFY_KERNEL_ISA test knob changed in between).
 const OrtApi* g_api = nullptr;
-const KernelFns* g_fns = nullptr;
+const KernelFns* g_narrow = nullptr;  // for output rows of <= 8 floats
+const KernelFns* g_wide = nullptr;    // for wider rows
 
 #define SPARSIFY_TRY(expr)          \
   do {                              \
@@ -50,13 +53,22 @@ const KernelFns* g_fns = nullptr;
     if (_st != nullptr) return _st; \
   } while (0)
 
-const KernelFns* select_kernels() {
+// Picks the kernels for this CPU. SPARSIFY_KERNEL_ISA=baseline|avx2 caps the choice (tests use
+// it to exercise every path on one machine); it never enables an ISA the CPU lacks.
+void select_kernels(const KernelFns** narrow, const KernelFns** wide) {
+  *narrow = *wide = sparsify_conv::base_kernels();
 #if defined(__x86_64__) || defined(_M_X64)
+  const char* cap = std::getenv("SPARSIFY_KERNEL_ISA");
+  const std::string limit = cap != nullptr ? cap : "";
+  if (limit == "baseline") return;
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return sparsify_conv::avx2_kernels();
+    *narrow = *wide = sparsify_conv::avx2_kernels();
+  else
+    return;
+  if (limit == "avx2") return;
+  if (__builtin_cpu_supports("avx512f")) *wide = sparsify_conv::avx512_kernels();
 #endif
-  return sparsify_conv::base_kernels();
 }
 
 OrtStatus* invalid(const std::string& msg) {
@@ -331,9 +343,10 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   SPARSIFY_TRY(g_api->GetTensorMutableData(yv, reinterpret_cast<void**>(&Y)));
   if (g.N == 0 || g.Cout == 0 || g.Ho * g.Wo == 0) return nullptr;
 
+  const KernelFns* fns = g.Wo > 8 ? g_wide : g_narrow;
   Plan p;
-  g_fns->make_plan(g, &p);
-  Job job = {&g, &p, g_fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0};
+  fns->make_plan(g, &p);
+  Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0};
   Scratch scratch;
   if (p.kind != sparsify_conv::kPointwise && g.Cin > 0) {
     SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &scratch.alloc));
@@ -448,7 +461,7 @@ SPARSIFY_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opt
     return api1 != nullptr ? api1->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
   }
   g_api = api;
-  g_fns = select_kernels();
+  select_kernels(&g_narrow, &g_wide);
   OrtCustomOpDomain* domain = nullptr;
   SPARSIFY_TRY(api->CreateCustomOpDomain(kDomain, &domain));
   OrtStatus* st = api->CustomOpDomain_Add(domain, &g_op);
@@ -464,9 +477,15 @@ SPARSIFY_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opt
 
 // Describes the build for `sparsify runtime info` (read with ctypes; no ORT needed).
 SPARSIFY_EXPORT const char* SparsifyKernelInfo(void) {
-  static std::string info = std::string("api_version=") + std::to_string(ORT_API_VERSION) +
-                            ";isa=" + select_kernels()->isa + ";op=" + kDomain + "::" + kOpName +
-                            ";since_version=1";
+  const KernelFns* narrow = nullptr;
+  const KernelFns* wide = nullptr;
+  select_kernels(&narrow, &wide);
+  static std::string info;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  info = std::string("api_version=") + std::to_string(ORT_API_VERSION) + ";isa=" + wide->isa +
+         (wide != narrow ? std::string("+") + narrow->isa : std::string()) + ";op=" + kDomain +
+         "::" + kOpName + ";since_version=1";
   return info.c_str();
 }
 
