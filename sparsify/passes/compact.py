@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..errors import PassError
 from ..nn import SparseConv2d, SparseLinear
 from .channel_graph import ChannelGraph, ChannelGroup
+from .trace import propagate_shapes
 
 CERTIFICATE_TOLERANCE = 1e-5   # max abs error relative to the output scale
 MAX_ROUNDS = 8                 # removing unread channels can make more channels unread upstream
@@ -413,7 +414,8 @@ def _layer_shapes(gm: fx.GraphModule) -> dict[str, list[int]]:
 
 def _round(gm: fx.GraphModule, example: torch.Tensor, report: CompactionReport, first: bool) -> bool:
     """One analysis + surgery round; True when something was removed. ``report.kept`` is this round's."""
-    cg = ChannelGraph.build(gm, example)
+    propagate_shapes(gm, example)  # channel counts changed in the previous round
+    cg = ChannelGraph.build(gm)
     const = _Constancy(gm)
     with torch.no_grad():
         const.run(example[:1])

@@ -1,0 +1,164 @@
+"""Export: torch model -> ONNX with SparseConv nodes, verified in ORT; bad input; CLI; zoo x method."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from typer.testing import CliRunner
+
+from sparsify.errors import ExportError, SparsifyError
+from sparsify.nn import SparseConv2d, SparseLinear
+from sparsify.runtime import export as export_mod
+from sparsify.runtime.export import export_model, export_onnx_file, open_session
+from sparsify.runtime.onnx_inspect import inspect_onnx
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+
+    def sc(cin: int, cout: int, **kw) -> SparseConv2d:
+        c = SparseConv2d(cin, cout, 3, padding=1, **kw)
+        c.mask.copy_((torch.rand_like(c.mask) < 0.25).float())
+        c.apply_mask_()
+        return c
+
+    m = nn.Sequential(sc(3, 16), nn.BatchNorm2d(16), nn.ReLU(), sc(16, 32, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), SparseLinear(32, 10))
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-1, 1)
+                mod.running_var.uniform_(0.5, 2)
+        m[0].mask[3] = 0                     # an empty filter: compaction removes it
+        m[0].apply_mask_()
+        m[1].bias[3] = -4.0
+    return m.eval()
+
+
+def _ops(path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_export_sparse_and_dense_match_torch(tmp_path) -> None:
+    m = _net()
+    sparse = export_model(m, (1, 3, 16, 16), tmp_path / "s.onnx")
+    assert sparse.sparse_layers == 2 and "SparseConv" in _ops(tmp_path / "s.onnx")
+    assert sparse.errors["function-body"] < 1e-4 and sparse.compaction["channels_removed"] >= 1
+    model = onnx.load(str(tmp_path / "s.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    dense = export_model(m, (1, 3, 16, 16), tmp_path / "d.onnx", dense=True, compact=False)
+    assert dense.sparse_layers == 0 and "SparseConv" not in _ops(tmp_path / "d.onnx")
+    # Both files compute the same function, through ORT's function-body path.
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    ys = open_session(tmp_path / "s.onnx").run(None, {"input": x})[0]
+    yd = open_session(tmp_path / "d.onnx").run(None, {"input": x})[0]
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ys, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(yd, ref, rtol=1e-4, atol=1e-5)
+    # The source model is untouched (still has its masked layers and BN).
+    assert isinstance(m[0], SparseConv2d) and m[0].out_channels == 16
+
+
+def test_threshold_and_onnx_file_conversion(tmp_path) -> None:
+    m = _net(1)
+    rep = export_model(m, (1, 3, 8, 8), tmp_path / "t.onnx", dense_threshold=0.1, compact=False)
+    assert rep.sparse_layers == 0  # every conv is denser than 0.1
+    conv = export_onnx_file(tmp_path / "t.onnx", tmp_path / "c.onnx", dense_threshold=0.6)
+    assert conv.sparse_layers == 2 and conv.errors["function-body"] <= 1e-4
+    report = inspect_onnx(tmp_path / "c.onnx")
+    sparse_rows = [r for r in report["nodes"] if r["op"] == "SparseConv"]
+    assert len(sparse_rows) == 2 and all(0 < r["density"] < 0.6 for r in sparse_rows)
+    assert report["totals"]["macs"] > 0 and report["totals"]["param_bytes"] > 0
+
+
+def test_bad_output_paths(tmp_path) -> None:
+    m = _net()
+    with pytest.raises(ExportError, match="does not exist"):
+        export_model(m, (1, 3, 8, 8), tmp_path / "missing" / "x.onnx")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root ignores permissions
+            with pytest.raises(ExportError, match="not writable"):
+                export_model(m, (1, 3, 8, 8), locked / "x.onnx")
+    finally:
+        locked.chmod(0o700)
+
+
+class _Eig(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.c(x)
+        return torch.linalg.eigvals(y[:, :, :3, :3]).real
+
+
+def test_inexpressible_op_names_the_node(tmp_path) -> None:
+    with pytest.raises(ExportError, match="linalg_eigvals") as info:
+        export_model(_Eig(), (1, 3, 8, 8), tmp_path / "x.onnx", compact=False)
+    assert len(str(info.value).splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_verification_mismatch_leaves_nothing(tmp_path, monkeypatch) -> None:
+    real = export_mod._torch_outputs
+    monkeypatch.setattr(export_mod, "_torch_outputs", lambda model, x: [y + 1.0 for y in real(model, x)])
+    with pytest.raises(ExportError, match="verification failed"):
+        export_model(_net(), (1, 3, 8, 8), tmp_path / "x.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_export(tmp_path) -> None:
+    from sparsify.cli import app
+
+    runner = CliRunner()
+    src = tmp_path / "d.onnx"
+    export_model(_net(), (1, 3, 8, 8), src, dense=True, compact=False, verify=False)
+    res = runner.invoke(app, ["export", str(src), "--out", str(tmp_path / "s.onnx")])
+    assert res.exit_code == 0, res.output
+    assert "SparseConv" in res.output and "verified (function-body)" in res.output
+    res = runner.invoke(app, ["export", str(src), "--out", str(tmp_path / "s.onnx")])
+    assert res.exit_code == 2 and "--force" in res.output
+    res = runner.invoke(app, ["export", str(tmp_path / "nope"), "--out", str(tmp_path / "n.onnx")])
+    assert res.exit_code == 2 and "run directory" in res.output
+
+
+def _zoo_cases() -> list[tuple[str, str]]:
+    from sparsify import zoo
+
+    return [(n, m) for n in zoo.names() if n != "resnet50" for m in ("none", "sparse-random", "psn", "depth-multiplier")]
+
+
+def _transform(name: str, method: str):
+    from sparsify.api import transform
+
+    kw = {} if method == "none" else {"density": 0.2}
+    try:
+        return transform(f"zoo:{name}", method=method, seed=0, **kw)
+    except SparsifyError as e:  # a method that does not apply to a model says so; not an export failure
+        pytest.skip(f"{method} does not apply to {name}: {e}")
+
+
+def test_zoo_lenet5_sparse_random_exports(tmp_path) -> None:
+    res = _transform("lenet5", "sparse-random")
+    rep = export_model(res.model, res.recipe.input_shape, tmp_path / "l.onnx")
+    assert rep.sparse_layers >= 1 and rep.errors["function-body"] <= 1e-4
+    assert rep.compaction["channels_removed"] > 0  # the sqrt(D) rule leaves empty first-layer filters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,method", _zoo_cases())
+def test_zoo_model_method_exports(name: str, method: str, tmp_path) -> None:
+    res = _transform(name, method)
+    rep = export_model(res.model, res.recipe.input_shape, tmp_path / "m.onnx")
+    onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")), full_check=True)
+    assert rep.errors["function-body"] <= 1e-4 * 10
