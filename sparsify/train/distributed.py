@@ -34,6 +34,12 @@ class Reducer:
             t.div_(self.world_size)
         return t
 
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite ``t`` with rank ``src``'s value, in place."""
+        if self.active:
+            dist.broadcast(t, src)
+        return t
+
     def barrier(self) -> None:
         """Wait for every rank."""
         if self.active:

@@ -236,13 +236,14 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     if steps_per_epoch == 0:
         raise TrainingError(f"the training split has fewer examples ({len(data.train)}) than ranks; use more data")
     plan = Plan(cfg.epochs, steps_per_epoch)
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])  # before the schedule looks at the masks
     schedule = schedule_class(cfg.schedule)(layers, plan, cfg, reducer)
     optimizer = make_optimizer(model, cfg)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     initial = Change()
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         schedule.load_state_dict(resume_state["schedule"])
         torch.set_rng_state(resume_state["rng"]["torch"])
@@ -311,6 +312,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                     _merge(changes, change)
                 report({"kind": "step", "step": step, "epoch": epoch, "loss": float(batch[0] / batch[2]),
                         "acc": float(batch[1] / batch[2]), "lr": lr})
+            for buf in model.buffers():  # BN statistics drift per rank between DDP's broadcasts
+                reducer.broadcast_(buf)
             change = schedule.after_epoch(epoch)
             if change is not None:
                 enforce_masks(layers, optimizer)

@@ -81,10 +81,11 @@ class Incremental(Schedule):
         return change if change.grown else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"target": {n: t.clone() for n, t in self.target.items()},
+        return {"every": self.every, "target": {n: t.clone() for n, t in self.target.items()},
                 "initial": {n: t.clone() for n, t in self.initial.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.every = int(state["every"])
         for n, t in state["target"].items():
             self.target[n].copy_(t)
         for n, t in state["initial"].items():

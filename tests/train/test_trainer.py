@@ -1,0 +1,127 @@
+"""The trainer loop: determinism, bit-identical resume, NaN handling, metrics, configuration errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from train_fixtures import INPUT, TinyNet
+
+from sparsify.errors import TrainingError, UsageError
+from sparsify.train import TrainConfig, fit
+from sparsify.train.checkpoint import load_checkpoint
+from sparsify.train.data import load_dataset
+from sparsify.train.trainer import lr_at
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("synthetic", INPUT, num_classes=10, synthetic_size=(200, 40))
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("schedule", ["sparse-momentum", "rigl", "set", "incremental"])
+def test_resume_is_bit_identical_to_uninterrupted(schedule, data, tmp_path):
+    kw = dict(data="synthetic", schedule=schedule, batch_size=32, update_every=3, seed=3)
+    full = TinyNet(density=0.5)
+    r_full = fit(full, data, TrainConfig(epochs=2, **kw), model_input=INPUT, checkpoint=tmp_path / "a.pt")
+
+    # One epoch, then a fresh process-like start: new model object, state from the checkpoint only.
+    # The epoch count is part of the schedule's clock, so the interrupted run is configured for 2 epochs.
+    part = TinyNet(density=0.5)
+    cfg = TrainConfig(epochs=2, **kw)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(event):
+        if event["kind"] == "epoch" and event["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(part, data, cfg, model_input=INPUT, checkpoint=tmp_path / "b.pt", progress=stop_after_first_epoch)
+    state = load_checkpoint(tmp_path / "b.pt")
+    assert state["epoch"] == 1
+    torch.manual_seed(12345)  # disturb the global RNG: resume must restore it
+    resumed = TinyNet(density=0.1, seed=9)  # different initial weights and masks: all come from the checkpoint
+    r_res = fit(resumed, data, cfg, model_input=INPUT, checkpoint=tmp_path / "b.pt", resume_state=state)
+    _assert_identical(_state(full), _state(resumed))
+    a, b = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
+    for k in a["optimizer"]["state"]:
+        for name, v in a["optimizer"]["state"][k].items():
+            assert torch.equal(v, b["optimizer"]["state"][k][name]), (k, name)
+    assert r_full["test_loss"] == r_res["test_loss"]
+    hist_a = [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in json.loads(a["history"])]
+    hist_b = [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in json.loads(b["history"])]
+    assert hist_a == hist_b
+
+
+def test_same_seed_same_result_different_seed_differs(data):
+    cfg = dict(data="synthetic", schedule="rigl", epochs=1, batch_size=32, update_every=2)
+    a, b, c = TinyNet(0.5), TinyNet(0.5), TinyNet(0.5)
+    fit(a, data, TrainConfig(seed=1, **cfg), model_input=INPUT)
+    fit(b, data, TrainConfig(seed=1, **cfg), model_input=INPUT)
+    fit(c, data, TrainConfig(seed=2, **cfg), model_input=INPUT)
+    _assert_identical(_state(a), _state(b))
+    assert not torch.equal(a.fc1.weight, c.fc1.weight)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(data, tmp_path):
+    model = TinyNet(0.5)
+    ckpt = tmp_path / "last.pt"
+    fit(model, data, TrainConfig(data="synthetic", epochs=1, batch_size=32), model_input=INPUT, checkpoint=ckpt)
+    good = ckpt.read_bytes()
+    with pytest.raises(TrainingError, match="loss became nan.*last good state"):
+        fit(model, data, TrainConfig(data="synthetic", epochs=2, batch_size=32, lr=1e30), model_input=INPUT,
+            checkpoint=ckpt)
+    assert ckpt.read_bytes() == good
+
+
+def test_metrics_jsonl_records_topology(data, tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    fit(TinyNet(0.5), data, TrainConfig(data="synthetic", schedule="set", epochs=2, batch_size=32),
+        model_input=INPUT, metrics_path=path)
+    lines = [json.loads(s) for s in path.read_text().splitlines()]
+    assert [r["event"] for r in lines] == ["epoch", "epoch", "test"]
+    first = lines[0]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "pruned", "grown", "epoch_time_s", "lr"):
+        assert key in first
+    fc1 = first["layers"]["fc1"]
+    for key in ("density", "live", "fan_in_cv", "empty_out", "empty_in", "grad_concentration", "pruned", "grown"):
+        assert key in fc1
+    assert first["pruned"] > 0 and first["pruned"] == first["grown"]
+    assert fc1["grad_concentration"] > 0
+    assert 0 < fc1["density"] < 1
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(lr=1.0, lr_schedule="cosine")
+    assert lr_at(cfg, 0, 100) == 1.0 and lr_at(cfg, 50, 100) == pytest.approx(0.5)
+    step = TrainConfig(lr=1.0, lr_schedule="step")
+    assert [lr_at(step, s, 100) for s in (0, 49, 50, 75)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"schedule": "nope"}, "unknown schedule"),
+    ({"data": "imagenet"}, "unknown data set"),
+    ({"epochs": 0}, "--epochs"),
+    ({"prune_rate": 1.5}, "--prune-rate"),
+    ({"init": "erk"}, "rigl only"),
+])
+def test_bad_config_is_a_usage_error(kw, match):
+    with pytest.raises(UsageError, match=match):
+        TrainConfig(**kw).validate()
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(UsageError, match="unknown training option"):
+        TrainConfig.from_dict({"epochz": 3})
