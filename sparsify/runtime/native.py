@@ -75,7 +75,9 @@ def info() -> dict[str, Any]:
         "reason": None,
     }
     if lib is None:
-        result["reason"] = _build_failure_reason()
+        override = os.environ.get("SPARSIFY_NATIVE_LIB")
+        result["reason"] = (f"SPARSIFY_NATIVE_LIB={override} is not a file" if override
+                            else _build_failure_reason())
         return result
     try:
         handle = ctypes.CDLL(str(lib))
@@ -115,6 +117,7 @@ def session(
 ) -> ort.InferenceSession:
     """A CPU InferenceSession that uses the native SparseConv kernel when built and native=True."""
     so = ort.SessionOptions()
+    so.log_severity_level = 4  # failures surface as RuntimeBackendError; ORT need not log them too
     if intra_op_threads is not None:
         if intra_op_threads < 1:
             raise RuntimeBackendError(f"intra_op_threads={intra_op_threads} must be >= 1")
@@ -135,6 +138,7 @@ def session(
     try:
         return SparsifySession(model, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise RuntimeBackendError(
-            f"ONNX Runtime cannot load {where}: {_kernel_message(e)} (is it a valid, complete ONNX file?)"
-        ) from None
+        msg = _kernel_message(e)
+        if msg.startswith("SparseConv:"):
+            raise RuntimeBackendError(f"the SparseConv kernel rejected {where}: {msg}") from None
+        raise RuntimeBackendError(f"ONNX Runtime cannot load {where}: {msg} (is it a valid, complete ONNX file?)") from None

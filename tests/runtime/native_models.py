@@ -1,0 +1,87 @@
+"""Hand-built ONNX models with one ai.sparsify::SparseConv node, and their dense Conv reference."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+
+@dataclass
+class ConvCase:
+    """One SparseConv layer: channel mask, dense weight, attributes."""
+
+    weight: np.ndarray  # dense [Cout, Cin/group, kH, kW], already masked
+    mask: np.ndarray  # bool [Cout, Cin/group]
+    bias: np.ndarray  # [Cout]
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
+    group: int = 1
+
+    @property
+    def cin(self) -> int:
+        return self.weight.shape[1] * self.group
+
+    def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(W [nnz, kH, kW], row_ptr [Cout+1], col_idx [nnz]) in output-then-input order."""
+        rows, cols = np.nonzero(self.mask)
+        w = self.weight[rows, cols].astype(np.float32).reshape(-1, *self.weight.shape[2:])
+        row_ptr = np.concatenate([[0], np.cumsum(self.mask.sum(axis=1))]).astype(np.int64)
+        return w, row_ptr, cols.astype(np.int64)
+
+
+def random_case(rng: np.random.Generator, cin: int, cout: int, k: int | tuple[int, int], density: float,
+                group: int = 1, **attrs: object) -> ConvCase:
+    """A case with a random channel mask of about `density` (first row empty, last row full)."""
+    kh, kw = (k, k) if isinstance(k, int) else k
+    cin_g = cin // group
+    mask = rng.random((cout, cin_g)) < density
+    if cout >= 2:
+        mask[0] = False
+        mask[-1] = True
+    weight = rng.standard_normal((cout, cin_g, kh, kw)).astype(np.float32) * mask[:, :, None, None]
+    bias = rng.standard_normal(cout).astype(np.float32)
+    return ConvCase(weight=weight, mask=mask, bias=bias, group=group, **attrs)  # type: ignore[arg-type]
+
+
+def _attrs(case: ConvCase) -> dict[str, object]:
+    return dict(strides=list(case.strides), pads=list(case.pads), dilations=list(case.dilations), group=case.group)
+
+
+def sparse_model(case: ConvCase, *, packed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                 bias: np.ndarray | None = None, **attr_override: object) -> bytes:
+    """A model X -> SparseConv -> Y with the packed weights as initializers (no function body)."""
+    w, row_ptr, col_idx = packed if packed is not None else case.packed()
+    b = case.bias if bias is None else bias
+    attrs = _attrs(case)
+    attrs.update(attr_override)
+    node = helper.make_node("SparseConv", ["X", "W", "row_ptr", "col_idx", "B"], ["Y"], domain="ai.sparsify", **attrs)
+    graph = helper.make_graph(
+        [node], "sparseconv",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", case.cin, "H", "W"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.ascontiguousarray(w, np.float32), "W"),
+                     numpy_helper.from_array(np.asarray(row_ptr, np.int64), "row_ptr"),
+                     numpy_helper.from_array(np.asarray(col_idx, np.int64), "col_idx"),
+                     numpy_helper.from_array(np.asarray(b, np.float32), "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.sparsify", 1)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def dense_model(case: ConvCase, weight: np.ndarray | None = None) -> bytes:
+    """The reference: ONNX Conv with the masked dense weight."""
+    w = case.weight if weight is None else weight
+    node = helper.make_node("Conv", ["X", "Wd", "B"], ["Y"], kernel_shape=list(w.shape[2:]), **_attrs(case))
+    graph = helper.make_graph(
+        [node], "dense",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", case.cin, "H", "W"])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.ascontiguousarray(w, np.float32), "Wd"),
+                     numpy_helper.from_array(case.bias.astype(np.float32), "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()

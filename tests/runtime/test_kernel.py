@@ -1,0 +1,169 @@
+"""The native ai.sparsify::SparseConv kernel equals ONNX Conv on the masked dense weight.
+
+Needs the built library (pip install -e . builds it). Without it these tests fail, unless
+SPARSIFY_ALLOW_NO_NATIVE=1 says that a pure-Python install is intended (then they skip).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from native_models import ConvCase, dense_model, random_case, sparse_model
+from sparsify.errors import RuntimeBackendError
+from sparsify.runtime import native
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _require_native() -> None:
+    status = native.info()
+    if status["loadable"]:
+        return
+    if os.environ.get("SPARSIFY_ALLOW_NO_NATIVE") == "1":
+        pytest.skip(f"native kernel not available (allowed by SPARSIFY_ALLOW_NO_NATIVE=1): {status['reason']}")
+    pytest.fail(f"native SparseConv kernel not loadable: {status['reason']} "
+                "(build it with `pip install -e .`, or set SPARSIFY_ALLOW_NO_NATIVE=1)")
+
+
+def run_both(case: ConvCase, x: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(native SparseConv output, ORT dense Conv output) for input x."""
+    sparse = native.session(sparse_model(case), threads).run(None, {"X": x})[0]
+    dense = native.session(dense_model(case), threads, native=False).run(None, {"X": x})[0]
+    return sparse, dense
+
+
+def assert_close(y: np.ndarray, ref: np.ndarray) -> None:
+    assert y.shape == ref.shape
+    scale = max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(y - ref).max()) / scale
+    assert err <= 1e-4, f"max abs error {err:.3g} relative to output scale {scale:.3g}"
+
+
+@st.composite
+def conv_cases(draw: st.DrawFn) -> tuple[ConvCase, np.ndarray, int]:
+    kind = draw(st.sampled_from(["dense-groups", "two-groups", "depthwise"]))
+    if kind == "depthwise":
+        group = draw(st.integers(1, 6))
+        cin, cout = group, group * draw(st.sampled_from([1, 2]))
+    else:
+        group = 1 if kind == "dense-groups" else 2
+        cin, cout = group * draw(st.integers(1, 6)), group * draw(st.integers(1, 6))
+    k = draw(st.sampled_from([1, 3, 5, 7, 2, 4]))
+    kw = draw(st.sampled_from([k, k, k, 1, 3]))
+    stride = draw(st.sampled_from([1, 2, 3]))
+    stride_w = draw(st.sampled_from([stride, stride, 1]))
+    dil = draw(st.sampled_from([1, 1, 2]))
+    pads = tuple(draw(st.lists(st.integers(0, 3), min_size=4, max_size=4)))
+    need_h = (k - 1) * dil + 1 - pads[0] - pads[2]
+    need_w = (kw - 1) * dil + 1 - pads[1] - pads[3]
+    h = max(draw(st.integers(1, 19)), need_h, 1)
+    w = max(draw(st.integers(1, 37)), need_w, 1)
+    n = draw(st.integers(1, 3))
+    density = draw(st.sampled_from([0.0, 0.15, 0.5, 1.0]))
+    threads = draw(st.sampled_from([1, 2]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    case = random_case(rng, cin, cout, (k, kw), density, group=group, strides=(stride, stride_w),
+                       pads=pads, dilations=(dil, dil))
+    x = rng.standard_normal((n, cin, h, w)).astype(np.float32)
+    return case, x, threads
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases())
+def test_matches_dense_conv(args: tuple[ConvCase, np.ndarray, int]) -> None:
+    case, x, threads = args
+    assert_close(*run_both(case, x, threads))
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
+@pytest.mark.parametrize(
+    "cin,cout,k,hw,stride,pad,n",
+    [
+        (16, 24, 3, 8, 1, 1, 2),     # narrow plane: AVX2 width even on AVX-512 CPUs
+        (16, 24, 3, 28, 1, 1, 2),    # wide plane, partial last vector
+        (16, 16, 3, 33, 2, 1, 1),    # stride 2, odd size
+        (24, 16, 1, 13, 1, 0, 3),    # pointwise (no padded copy), vector tail
+        (24, 16, 1, 13, 2, 0, 1),    # strided 1x1
+        (8, 8, 5, 17, 1, 2, 1),
+        (8, 8, 7, 23, 2, 3, 1),
+        (96, 32, 3, 16, 1, 1, 1),    # many connections per output: L1 chunking
+    ],
+)
+def test_paths_per_isa(monkeypatch: pytest.MonkeyPatch, isa: str, cin: int, cout: int, k: int, hw: int,
+                       stride: int, pad: int, n: int) -> None:
+    """Every kernel path and ISA variant this CPU can run (SPARSIFY_KERNEL_ISA caps the ISA)."""
+    if isa != "auto":
+        monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(cin * 1000 + hw)
+    case = random_case(rng, cin, cout, k, 0.4, strides=(stride, stride), pads=(pad,) * 4)
+    x = rng.standard_normal((n, cin, hw, hw)).astype(np.float32)
+    assert_close(*run_both(case, x, threads=2))
+
+
+def test_rows_without_connections_give_bias() -> None:
+    rng = np.random.default_rng(1)
+    case = random_case(rng, 4, 3, 3, 0.0, pads=(1, 1, 1, 1))
+    case.mask[:] = False
+    case.weight[:] = 0
+    y = native.session(sparse_model(case)).run(None, {"X": rng.standard_normal((2, 4, 5, 6)).astype(np.float32)})[0]
+    np.testing.assert_array_equal(y, np.broadcast_to(case.bias[None, :, None, None], y.shape))
+
+
+# --- rejection of malformed inputs: a clear error, never a crash -------------------------------------------------
+
+def _bad_run(case: ConvCase, packed=None, bias=None, **attrs) -> str:
+    x = np.ones((1, case.cin, 6, 6), np.float32)
+    with pytest.raises(RuntimeBackendError) as exc:
+        native.session(sparse_model(case, packed=packed, bias=bias, **attrs)).run(None, {"X": x})
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.fixture
+def case() -> ConvCase:
+    return random_case(np.random.default_rng(2), 4, 3, 3, 0.6, pads=(1, 1, 1, 1))
+
+
+def test_rejects_col_idx_out_of_range(case: ConvCase) -> None:
+    w, rp, ci = case.packed()
+    ci = ci.copy()
+    ci[-1] = 4
+    assert "col_idx" in _bad_run(case, packed=(w, rp, ci))
+    ci[-1] = -1
+    assert "outside [0, 4)" in _bad_run(case, packed=(w, rp, ci))
+
+
+def test_rejects_bad_row_ptr(case: ConvCase) -> None:
+    w, rp, ci = case.packed()
+    assert "row_ptr[0]" in _bad_run(case, packed=(w, rp + 1, ci))
+    dec = rp.copy()
+    dec[1], dec[2] = dec[2], dec[1] - 1
+    assert "non-decreasing" in _bad_run(case, packed=(w, dec, ci))
+    short = rp.copy()
+    short[-1] -= 1
+    assert "row_ptr[Cout]" in _bad_run(case, packed=(w, short, ci))
+
+
+def test_rejects_mismatched_nnz(case: ConvCase) -> None:
+    w, rp, ci = case.packed()
+    assert "col_idx has" in _bad_run(case, packed=(w, rp, ci[:-1]))
+    assert "nnz" in _bad_run(case, packed=(w[:-1], rp, ci))
+
+
+def test_rejects_duplicates_bias_and_group(case: ConvCase) -> None:
+    w, rp, ci = case.packed()
+    row = int(np.argmax(np.diff(rp) >= 2))
+    dup = ci.copy()
+    dup[rp[row] + 1] = dup[rp[row]]
+    assert "twice" in _bad_run(case, packed=(w, rp, dup))
+    assert "B has" in _bad_run(case, bias=np.zeros(5, np.float32))
+    assert "group=2" in _bad_run(case, group=2)
+
+
+def test_rejects_bad_attributes(case: ConvCase) -> None:
+    assert "pads" in _bad_run(case, pads=[1, 1])
+    assert "strides" in _bad_run(case, strides=[0, 1])
