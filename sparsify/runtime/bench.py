@@ -366,6 +366,7 @@ def bench_files(
     }
     environment = {
         "native": status, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return BenchResult(files=files, rows=rows, settings=settings, environment=environment)
