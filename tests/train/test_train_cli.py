@@ -1,0 +1,143 @@
+"""Run directories through the API and the CLI: train, resume after Ctrl-C, bad input, fit-profile."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from sparsify.api import transform_to_dir
+from sparsify.cli import app
+from sparsify.train import train_run
+
+runner = CliRunner()
+QUICK = ["--data", "digits", "--epochs", "1", "--train-limit", "200", "--batch-size", "50", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "mlp"
+    path, _ = transform_to_dir("zoo:lenet300-100", method="sparse-random", density=0.1, include_linear=True, out=out)
+    return path
+
+
+@pytest.fixture
+def run(mlp_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(mlp_run, dst)
+    return dst
+
+
+def _weights(path):
+    return load_file(str(path / "weights.safetensors"))
+
+
+def test_cli_train_writes_weights_metrics_summary(run):
+    before = _weights(run)
+    res = runner.invoke(app, ["train", str(run), *QUICK, "--schedule", "set", "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert result["schedule"] == "set" and 0 <= result["test_acc"] <= 1
+    after = _weights(run)
+    assert any(not (before[k] == after[k]).all() for k in before if k.endswith("weight"))
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["event"] == "epoch" and lines[-1]["event"] == "test"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train"]["config"]["schedule"] == "set"
+    assert (run / "checkpoints" / "last.pt").is_file()
+    # A second plain `train` must not silently discard the checkpoint.
+    again = runner.invoke(app, ["train", str(run), *QUICK])
+    assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_ctrl_c_keeps_checkpoint_and_resume_matches_uninterrupted(mlp_run, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(mlp_run, a)
+    shutil.copytree(mlp_run, b)
+    cfg = dict(data="digits", epochs=2, train_limit=200, batch_size=50, schedule="rigl", update_every=2)
+    train_run(a, **cfg)
+
+    def interrupt(event):
+        if event["kind"] == "step" and event["step"] == 6:  # in the middle of epoch 2
+            raise KeyboardInterrupt
+
+    initial = _weights(b)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(b, progress=interrupt, **cfg)
+    assert all((initial[k] == v).all() for k, v in _weights(b).items())  # weights untouched by the failed run
+    res = runner.invoke(app, ["train", str(b), "--resume", "--quiet"])
+    assert res.exit_code == 0, res.output
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] == wb[k]).all(), k
+    ma = [json.loads(s) for s in (a / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(s) for s in (b / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]  # noqa: E731
+    assert strip(ma) == strip(mb)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--schedule", "nope"], "unknown schedule"),
+    (["--data", "nope"], "unknown data set"),
+    (["--schedule", "incremental", "--start-density", "0.5"], "start density"),
+    (["--lr", "1e30", "--momentum", "0"], "loss became"),
+    (["--data", "mnist", "--data-dir", "/nonexistent-dir"], "sparsify data fetch mnist"),
+    (["--init-profile-param", "sigma"], "NAME=NUMBER"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_lost(run, args, match):
+    before = (run / "weights.safetensors").read_bytes()
+    quick = [a for a in QUICK if a not in ("--data", "digits")] if "--data" in args else QUICK
+    res = runner.invoke(app, ["train", str(run), *quick, *args])
+    assert res.exit_code == 2, res.output
+    assert match in res.output
+    assert res.output.strip().count("\n") == 0, res.output
+    assert (run / "weights.safetensors").read_bytes() == before
+
+
+def test_not_a_run_dir(tmp_path):
+    res = runner.invoke(app, ["train", str(tmp_path), "--quiet"])
+    assert res.exit_code == 2 and "not a run directory" in res.output
+
+
+def test_resume_without_checkpoint(run):
+    res = runner.invoke(app, ["train", str(run), "--resume", "--quiet"])
+    assert res.exit_code == 2 and "no checkpoint" in res.output
+
+
+def test_fit_profile_prints_psn_command(run):
+    assert runner.invoke(app, ["train", str(run), *QUICK, "--schedule", "rigl", "--update-every", "1"]).exit_code == 0
+    res = runner.invoke(app, ["fit-profile", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "sparsify transform zoo:lenet300-100 --method psn --profile" in res.stdout
+    assert "--include-linear" in res.stdout
+    data = json.loads(runner.invoke(app, ["fit-profile", str(run), "--json"]).stdout)
+    assert data["lognormal"]["sigma"] > 0 and data["trained_with"] == "rigl"
+
+
+def test_data_fetch_refuses_unknown():
+    res = runner.invoke(app, ["data", "fetch", "cifar10"])
+    assert res.exit_code == 2 and "only mnist, fashion-mnist" in res.output
+
+
+@pytest.mark.slow
+def test_lenet5_on_digits_learns_well_above_chance(tmp_path):
+    path, _ = transform_to_dir("zoo:lenet5", method="sparse-random", density=0.2, out=tmp_path / "lenet5")
+    result = train_run(path, data="digits", schedule="sparse-momentum", epochs=4, batch_size=32)
+    assert result["test_acc"] > 0.8  # chance is 0.1
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_cli(run):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+           "-m", "sparsify", "train", str(run), *QUICK, "--schedule", "rigl", "--update-every", "1", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["schedule"] == "rigl" and (run / "metrics.jsonl").is_file()
