@@ -1,7 +1,6 @@
 """The Python API of the transform stage, mirroring ``sparsify transform`` and ``sparsify inspect``."""
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +119,7 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
     dense = trace(loaded.module, leaf_modules)
     propagate_shapes(dense, example)
-    original = layer_report(copy.deepcopy(dense), shape)
+    original = layer_report(dense, shape)
     params = _resolve_auto(dense, params)
     result = _apply(dense, method, params, seed, example)
     report = with_ratios(layer_report(result.model, shape), original)

@@ -48,6 +48,22 @@ class _Masked:
         return self.mask.sum(dim=1)
 
 
+def _adopt(new: nn.Module, dense: nn.Module, mask: torch.Tensor | None) -> nn.Module:
+    """Give ``new`` (built on the meta device, so nothing was initialised) copies of ``dense``'s
+    parameters and the ``mask``, then zero the masked weights."""
+    w = dense.weight.detach()
+    new.weight = nn.Parameter(w.clone(), requires_grad=dense.weight.requires_grad)
+    if dense.bias is not None:
+        new.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=dense.bias.requires_grad)
+    m = torch.ones(new.mask.shape, dtype=w.dtype, device=w.device) if mask is None else \
+        mask.detach().to(device=w.device, dtype=w.dtype).clone()
+    if m.shape != new.mask.shape:
+        raise ValueError(f"mask shape {tuple(m.shape)} does not match {tuple(new.mask.shape)}")
+    new.register_buffer("mask", m)
+    new.apply_mask_()
+    return new
+
+
 class SparseConv2d(_Masked, nn.Conv2d):
     """A Conv2d whose output channel ``o`` reads input channel ``i`` only where ``mask[o, i]`` is 1.
 
@@ -72,16 +88,9 @@ class SparseConv2d(_Masked, nn.Conv2d):
         new = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
             padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-            bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype,
+            bias=conv.bias is not None, device="meta", dtype=conv.weight.dtype,
         )
-        with torch.no_grad():
-            new.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                new.bias.copy_(conv.bias)
-            if mask is not None:
-                new.mask.copy_(mask)
-        new.apply_mask_()
-        return new
+        return _adopt(new, conv, mask)
 
     def to_dense(self) -> nn.Conv2d:
         """A plain Conv2d computing the same function (masked weights baked in)."""
@@ -112,16 +121,9 @@ class SparseLinear(_Masked, nn.Linear):
         """A SparseLinear with ``linear``'s weights, masked by ``mask``."""
         new = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
-            device=linear.weight.device, dtype=linear.weight.dtype,
+            device="meta", dtype=linear.weight.dtype,
         )
-        with torch.no_grad():
-            new.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                new.bias.copy_(linear.bias)
-            if mask is not None:
-                new.mask.copy_(mask)
-        new.apply_mask_()
-        return new
+        return _adopt(new, linear, mask)
 
     def to_dense(self) -> nn.Linear:
         """A plain Linear computing the same function."""

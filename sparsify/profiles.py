@@ -107,7 +107,11 @@ def profile_weights(profile: str, n_units: int, params: dict[str, float] | None 
     """Positive relative fan-ins of ``n_units`` units placed at the midpoints of [0, 1]."""
     args = resolve_params(profile, params)
     x = (np.arange(n_units) + 0.5) / n_units
-    w = np.asarray(PROFILES[profile].fn(x, **args), dtype=np.float64)
+    try:
+        with np.errstate(all="raise"):
+            w = np.asarray(PROFILES[profile].fn(x, **args), dtype=np.float64)
+    except (ArithmeticError, ValueError):
+        w = np.full(n_units, np.nan)
     if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise UsageError(f"profile {profile!r} with {args} is not positive and finite on [0, 1]; change its parameters")
     return np.maximum(w, 1e-12)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .nn import SPARSE_LAYERS
 from .passes.channel_graph import classifier_node, weight_nodes
-from .passes.trace import node_shape, propagate_shapes
+from .passes.trace import ensure_shapes, node_shape
 from .profiles import cv
 
 
@@ -25,7 +25,7 @@ def _entry_mask(m: nn.Module) -> torch.Tensor:
 def layer_report(gm: fx.GraphModule, input_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
     """Per weight layer: shape, live params and MACs at ``input_shape`` (batch 1), density, fan-in, empty channels."""
     shape = (1,) + tuple(input_shape)[1:]
-    propagate_shapes(gm, torch.zeros(shape))
+    ensure_shapes(gm, torch.zeros(shape))  # MACs per sample use spatial sizes only: any batch will do
     mods = dict(gm.named_modules())
     clf = classifier_node(gm)
     layers, seen = [], set()

@@ -100,8 +100,6 @@ def test_unknown_profile_param_is_usage_error():
         fan_in_counts("uniform", 10, 10, 20, {"sigma": 1.0})
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: _power_law divides by the exponent; exponent=0 raises "
-                   "ZeroDivisionError instead of UsageError")
 def test_power_law_zero_exponent_is_usage_error():
     with pytest.raises(UsageError):
         fan_in_counts("power-law", 10, 10, 20, {"exponent": 0.0})

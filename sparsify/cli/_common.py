@@ -7,7 +7,7 @@ from typing import Any, Callable, TypeVar
 import typer
 from rich.console import Console
 
-from ..errors import SparsifyError
+from ..errors import SparsifyError, UsageError
 
 app = typer.Typer(
     name="sparsify",
@@ -51,10 +51,11 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     """Parse ``1,3,32,32`` into a tuple of positive ints (None stays None)."""
     if text is None:
         return None
+    sep = "," if "," in text else "x"
     try:
-        dims = tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
+        dims = tuple(int(t) for t in text.split(sep))
     except ValueError:
         dims = ()
     if not dims or any(d <= 0 for d in dims):
-        raise SparsifyError(f"--input-shape {text!r} is not a list of positive integers; write e.g. 1,3,32,32")
+        raise UsageError(f"--input-shape {text!r} is not a list of positive integers; write e.g. 1,3,32,32")
     return dims

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import PassError
-from .trace import eval_mode, propagate_shapes
+from .trace import ensure_shapes, output_shapes, propagate_shapes
 
 
 @dataclass
@@ -40,14 +40,15 @@ class GraphPass:
 
     def ensures(self, original: fx.GraphModule, result: PassResult, example: torch.Tensor) -> None:
         """By default: the rewritten graph runs on the example and keeps the output shape."""
-        with eval_mode(original):
-            before = original(example)
+        ensure_shapes(original, example)
+        before = output_shapes(original)
         try:
-            after = propagate_shapes(result.model, example)
+            propagate_shapes(result.model, example)
         except Exception as e:  # noqa: BLE001 - re-raised as the pass's broken promise
             raise PassError(f"{self.name} produced a graph that does not run ({e}); please report this") from None
-        if _shapes(before) != _shapes(after):
-            raise PassError(f"{self.name} changed the output shape from {_shapes(before)} to {_shapes(after)}")
+        after = output_shapes(result.model)
+        if before != after:
+            raise PassError(f"{self.name} changed the output shape from {before} to {after}")
 
     def __call__(self, gm: fx.GraphModule, example: torch.Tensor) -> PassResult:
         self.requires(gm, example)
@@ -55,16 +56,6 @@ class GraphPass:
         result.model.recompile()
         self.ensures(gm, result, example)
         return result
-
-
-def _shapes(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return tuple(out.shape)
-    if isinstance(out, (list, tuple)):
-        return tuple(_shapes(o) for o in out)
-    if isinstance(out, dict):
-        return {k: _shapes(v) for k, v in out.items()}
-    return None
 
 
 def set_submodule(gm: nn.Module, qualname: str, new: nn.Module) -> None:

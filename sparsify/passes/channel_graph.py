@@ -116,15 +116,16 @@ class ChannelGraph:
         self.modules = dict(gm.named_modules())
         self.groups: dict[int, ChannelGroup] = {}
         self._group_of: dict[Space, int] = {}
+        self._axes_of: dict[str, dict[int, int]] = {}
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def build(cls, gm: fx.GraphModule, example_input: torch.Tensor | None = None) -> "ChannelGraph":
-        """Analyse ``gm``; with ``example_input`` shapes are (re)propagated first."""
+        """Analyse ``gm``; with ``example_input``, shapes are propagated first where missing."""
         if example_input is not None:
-            from .trace import propagate_shapes
+            from .trace import ensure_shapes
 
-            propagate_shapes(gm, example_input)
+            ensure_shapes(gm, example_input)
         cg = cls(gm)
         for node in gm.graph.nodes:
             cg._visit(node)
@@ -440,6 +441,7 @@ class ChannelGraph:
                 g.members.extend(self._members.get(s, []))
                 g.reasons.extend(self._freeze.get(s, []))
                 self._group_of[s] = gid
+                self._axes_of.setdefault(s[0], {})[s[1]] = gid
             self.groups[gid] = g
         # derivations, expressed in group ids
         for s, (kind, parts) in self._derive.items():
@@ -470,12 +472,10 @@ class ChannelGraph:
     def group_of(self, node: fx.Node | str, axis: int | None = None) -> ChannelGroup | None:
         """The group of ``node``'s channel axis (or the given axis), if it has one."""
         name = node if isinstance(node, str) else node.name
+        axes = self._axes_of.get(name, {})
         if axis is None:
-            for (n, a), gid in self._group_of.items():
-                if n == name and (a == 1 or not any(n2 == name and a2 == 1 for (n2, a2) in self._group_of)):
-                    return self.groups[gid]
-            return None
-        gid = self._group_of.get((name, axis))
+            axis = 1 if 1 in axes else next(iter(axes), None)
+        gid = axes.get(axis)
         return None if gid is None else self.groups[gid]
 
     def root_groups(self) -> list[ChannelGroup]:

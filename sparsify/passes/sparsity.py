@@ -238,7 +238,8 @@ class SparsePass(GraphPass):
                 raise PassError(f"{self.name}: {name} has {int(m.mask.sum())} live connections, expected {info['live']}")
             if "rule" not in info and bool((m.mask.sum(dim=1) == 0).any()):
                 raise PassError(f"{self.name}: {name} has an output unit with no input")
-            if bool((m.weight_mask() == 0).logical_and(m.weight != 0).any()):
+            per_entry = m.weight.detach().abs().reshape(m.mask.shape + (-1,)).sum(-1)
+            if bool(per_entry[m.mask == 0].any()):
                 raise PassError(f"{self.name}: {name} has a masked weight that is not zero")
 
 

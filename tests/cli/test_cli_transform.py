@@ -294,8 +294,6 @@ def test_bad_profile_param(param, needle):
     assert_clean_error(r, Path("bad"), needle)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: power-law exponent=0 raises an uncaught ZeroDivisionError "
-                   "in sparsify/profiles.py _power_law (traceback, exit 1) instead of a UsageError")
 def test_profile_param_value_outside_family_domain():
     r = invoke("transform", "zoo:mlp", "--method", "psn", "--profile", "power-law", "--density", "0.1",
                "--profile-param", "exponent=0", "--out", "bad")
@@ -331,8 +329,6 @@ def test_missing_input_shape():
     assert_clean_error(r, Path("bad"), "--input-shape")
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: torch.fx ShapeProp prints a full traceback to stderr before "
-                   "sparsify's one-line TraceError (sparsify/passes/trace.py propagate_shapes)")
 def test_wrong_input_shape():
     r = invoke("transform", "zoo:mlp", "--density", "0.1", "--input-shape", "1,3,32,32", "--out", "bad")
     assert_clean_error(r, Path("bad"), "--input-shape", "(1, 3, 32, 32)")
