@@ -90,7 +90,12 @@ def _native_line(result: Any) -> str:
         return "no file has ai.sparsify nodes; all variants ran ONNX Runtime's own kernels"
     if any(f.native for f in result.files):
         return f"ai.sparsify nodes ran the native kernel ({st.get('library')})"
-    why = st.get("why_not") or ("disabled with --no-native" if not result.settings["native"] else "library not loadable")
+    if not result.settings["native"]:
+        why = "disabled with --no-native"
+    elif st.get("loadable"):
+        why = "the library was registered but ORT's profile shows no SparseConv kernel"
+    else:
+        why = st.get("why_not") or "library not loadable"
     return f"ai.sparsify nodes ran their standard-ONNX function body (native kernel not used: {why})"
 
 

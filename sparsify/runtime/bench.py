@@ -34,7 +34,7 @@ class FileInfo:
     input_shape: list[int | str]      # as declared; dim 0 is the batch (int if fixed, else its name)
     sparse_nodes: int                 # ai.sparsify nodes in the main graph
     conv_nodes: int                   # plain Conv nodes in the main graph
-    native: bool                      # the native kernel ran (sparse nodes present and library registered)
+    native: bool                      # the native kernel ran (seen in an ORT profile of one run)
 
 
 @dataclass
@@ -121,7 +121,24 @@ def native_status() -> dict[str, Any]:
     return status
 
 
-def make_session(path: str | Path, threads: int, native: bool = True, spinning: bool = False) -> Any:
+def native_kernel_ran(path: str | Path, input_name: str, x: np.ndarray) -> bool:
+    """Run ``path`` once with ORT profiling and tell whether a node executed as the native SparseConv kernel.
+
+    Without the library ORT inlines each SparseConv's function body (ScatterElements + Conv), so a
+    profiled node whose op is SparseConv proves the native kernel ran.
+    """
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sparsify-prof-") as tmp:
+        sess = make_session(path, 1, native=True, profile_prefix=str(Path(tmp) / "prof"))
+        sess.run(None, {input_name: x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    return any(e.get("cat") == "Node" and (e.get("args") or {}).get("op_name") == "SparseConv" for e in events)
+
+
+def make_session(path: str | Path, threads: int, native: bool = True, spinning: bool = False,
+                 profile_prefix: str | None = None) -> Any:
     """An InferenceSession with ``threads`` intra-op threads, 1 inter-op thread, sequential execution.
 
     The native kernel library is registered when ``native`` and it is available. Thread-pool
@@ -136,6 +153,9 @@ def make_session(path: str | Path, threads: int, native: bool = True, spinning: 
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     mod = _native_module()
     if native and mod is not None:
         lib = mod.library_path()
@@ -157,7 +177,7 @@ def make_session(path: str | Path, threads: int, native: bool = True, spinning: 
 # ---------------------------------------------------------------- inspecting the files
 
 
-def _inspect(path: Path, label: str, native_ok: bool) -> FileInfo:
+def _inspect(path: Path, label: str) -> FileInfo:
     """Read the file's single float input and count its sparse / Conv nodes; clear errors otherwise."""
     import onnx
 
@@ -197,7 +217,7 @@ def _inspect(path: Path, label: str, native_ok: bool) -> FileInfo:
     conv = sum(1 for n in graph.node if n.op_type == "Conv" and n.domain in ("", "ai.onnx"))
     return FileInfo(
         path=str(path), label=label, input_name=inp.name, input_shape=dims,
-        sparse_nodes=sparse, conv_nodes=conv, native=bool(sparse and native_ok),
+        sparse_nodes=sparse, conv_nodes=conv, native=False,
     )
 
 
@@ -303,10 +323,14 @@ def bench_files(
 
     status = native_status()
     native_ok = bool(native and status["loadable"])
-    files = [_inspect(p, lab, native_ok) for p, lab in zip(paths, labels)]
+    files = [_inspect(p, lab) for p, lab in zip(paths, labels)]
     _check_shapes(files, batch_sizes)
 
     rng = np.random.default_rng(seed)
+    for f in files:
+        if f.sparse_nodes and native_ok:
+            probe = rng.standard_normal([batch_sizes[0]] + [int(d) for d in f.input_shape[1:]], dtype=np.float32)
+            f.native = _guarded(f, batch_sizes[0], lambda: native_kernel_ran(f.path, f.input_name, probe))
     rows: list[BenchRow] = []
     configs = [(b, t) for b in batch_sizes for t in threads]
     total = len(configs) * (len(files) + 1)
@@ -322,12 +346,7 @@ def bench_files(
             _reset_peak_rss()
             sess = make_session(f.path, nthreads, native=native, spinning=spinning)
             feed = {f.input_name: x}
-            try:
-                for _ in range(max(warmup, 1)):
-                    y = sess.run(None, feed)[0]
-            except Exception as e:
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise RuntimeBackendError(f"ONNX Runtime failed running {f.path} at batch {batch}: {msg}") from None
+            y = _guarded(f, batch, lambda: [sess.run(None, feed)[0] for _ in range(max(warmup, 1))][-1])
             peak = _peak_rss_mb()
             sessions.append((sess, feed))
             mem.append((peak, max(0.0, peak - before)))
@@ -370,6 +389,17 @@ def bench_files(
         "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return BenchResult(files=files, rows=rows, settings=settings, environment=environment)
+
+
+def _guarded(f: FileInfo, batch: int, call: Any) -> Any:
+    """Run ``call()``; turn an ORT failure into one RuntimeBackendError line naming the file."""
+    try:
+        return call()
+    except RuntimeBackendError:
+        raise
+    except Exception as e:  # ORT's pybind exceptions share no useful base
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeBackendError(f"ONNX Runtime failed running {f.path} at batch {batch}: {msg}") from None
 
 
 def _measure(sessions: list[tuple[Any, dict]], *, min_time: float, repeats: int, max_repeats: int) -> list[list[float]]:
