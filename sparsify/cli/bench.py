@@ -138,6 +138,7 @@ def bench(
         with tempfile.TemporaryDirectory(prefix="sparsify-bench-") as tmp, _progress(quiet) as progress:
             files, notes = lib.export_variants(run_dir, tmp, names, progress=progress)
             result = lib.bench_files([p for _, p in files], labels=[n for n, _ in files], progress=progress, **opts)
+        result.notes.update(notes)
         for name, note in notes.items():
             err.print(f"{name}: {note}" if isinstance(note, str) else
                       f"{name}: alpha={note['alpha']}, {note['live_params']:,} live params "

@@ -65,6 +65,7 @@ class BenchResult:
     rows: list[BenchRow]
     settings: dict[str, Any]
     environment: dict[str, Any]
+    notes: dict[str, Any] = field(default_factory=dict)   # how the variants were made (depth alpha, ...)
 
     @property
     def baseline(self) -> str:
@@ -86,6 +87,7 @@ class BenchResult:
             "rows": [dataclasses.asdict(r) for r in self.rows],
             "settings": self.settings,
             "environment": self.environment,
+            "notes": self.notes,
         }
 
 
@@ -652,11 +654,14 @@ def run_pipeline(
     run_dir = Path(run_dir)
     if progress is not None:
         progress("transform", "transformed", 1, 1)
-    notes["train"] = train_run(run_dir, progress=_train_progress(stage("train")), **train_options)
+    trained = train_run(run_dir, progress=_train_progress(stage("train")), **train_options)
+    notes["train"] = {k: trained.get(k) for k in ("data", "schedule", "epochs", "steps", "test_acc", "test_loss",
+                                                  "val_acc", "density")}
     files, export_notes = export_variants(run_dir, run_dir, variants, progress=stage("export"))
     notes.update(export_notes)
     result = bench_files([p for _, p in files], labels=[n for n, _ in files], progress=stage("bench"),
                          **(bench_options or {}))
+    result.notes.update(notes)
     write_result_json(result, run_dir / "bench.json")
     plot_result(result, run_dir / "plot.png")
     return run_dir, result, notes
