@@ -38,13 +38,15 @@ HEADERS_IN_TARBALL = "package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64/onn
 ORT_API_VERSION = 29
 LIB_NAME = "_sparseconv.so"
 REASON_NAME = "_sparseconv.build.json"
-SOURCES = ["csrc/sparseconv_op.cc", "csrc/sparseconv_base.cc", "csrc/sparseconv_avx2.cc", "csrc/sparseconv_avx512.cc"]
+SOURCES = ["csrc/sparseconv_op.cc", "csrc/sparseconv_base.cc", "csrc/sparseconv_avx2.cc", "csrc/sparseconv_avx512.cc",
+           "csrc/sparseconv_avx512y.cc"]
 DEPENDS = ["csrc/sparseconv_common.h", "csrc/sparseconv_kernel.h"]
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-DORT_API_MANUAL_INIT", "-ffp-contract=fast"]
 # Per-file ISA flags: only the AVX2 / AVX-512 units get them; the op dispatches at run time
 # (__builtin_cpu_supports), so the library runs on any x86_64. Never -march=native.
 ISA_FLAGS = {"csrc/sparseconv_avx2.cc": ["-mavx2", "-mfma"],
-             "csrc/sparseconv_avx512.cc": ["-mavx512f", "-mavx2", "-mfma"]}
+             "csrc/sparseconv_avx512.cc": ["-mavx512f", "-mavx2", "-mfma"],
+             "csrc/sparseconv_avx512y.cc": ["-mavx512f", "-mavx512vl", "-mavx2", "-mfma"]}
 
 
 class NativeBuildError(Exception):

@@ -52,6 +52,7 @@ const KernelFns* base_kernels();
 #if defined(__x86_64__) || defined(_M_X64)
 const KernelFns* avx2_kernels();
 const KernelFns* avx512_kernels();
+const KernelFns* avx512y_kernels();
 #endif
 
 }  // namespace sparsify_conv

@@ -21,7 +21,7 @@ namespace sparsify_conv {
 namespace SPARSIFY_ISA_NS {
 namespace {
 
-constexpr int VL = SPARSIFY_VBYTES / 4;  // floats per vector
+constexpr int VL = SPARSIFY_VBYTES / 4;  // floats per vector (SPARSIFY_VL)
 typedef float vf __attribute__((vector_size(SPARSIFY_VBYTES)));
 typedef float vfu __attribute__((vector_size(SPARSIFY_VBYTES), aligned(4), may_alias));
 
@@ -39,6 +39,17 @@ inline vf load_once(const float* p) {
 inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 // x - 0 is exactly x (also for -0), so this folds to one broadcast instruction.
 inline vf bcast(float x) { return x - vf{}; }
+// acc += w * in, with w a broadcast weight: from a register (hoisted) or, on AVX-512, straight
+// from memory as an embedded {1toN} operand (written in asm: the compiler would otherwise hoist
+// the broadcasts into registers that the accumulators need).
+inline void fma_w(vf& acc, vf in, const vf* w) { acc += *w * in; }
+#if SPARSIFY_EMBED_BCAST
+#define SPARSIFY_STR2(x) #x
+#define SPARSIFY_STR(x) SPARSIFY_STR2(x)
+inline void fma_w(vf& acc, vf in, const float* w) {
+  asm("vfmadd231ps %2%{1to" SPARSIFY_STR(SPARSIFY_VL) "%}, %1, %0" : "+v"(acc) : "v"(in), "m"(*w));
+}
+#endif
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
@@ -82,9 +93,15 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
         for (int64_t k = c0; k < c1; ++k) {
           const float* base = blk + (cin_base + cols[k]) * plane;
           const float* w = w_row + k * KK;
+#if SPARSIFY_EMBED_BCAST
+          // AVX-512 FMAs broadcast a weight straight from L1 ({1to16} operand): no registers
+          // are spent on weights, which leaves them for more independent accumulators.
+          const float* wv = w;
+#else
           vf wv[KK];
 #pragma GCC unroll 64
           for (int t = 0; t < KK; ++t) wv[t] = bcast(w[t]);
+#endif
           const float* row = base;
 #pragma GCC unroll 64
           for (int rr = 0; rr < ROWS; ++rr, row += Wps) {
@@ -97,7 +114,7 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
 #pragma GCC unroll 16
                 for (int j = 0; j < R; ++j) {
                   const int ky = rr - S * j;
-                  if (ky >= 0 && ky < K) acc[j][v] += wv[ky * K + kx] * in;
+                  if (ky >= 0 && ky < K) fma_w(acc[j][v], in, &wv[ky * K + kx]);
                 }
               }
             }
@@ -139,23 +156,25 @@ struct Cfg {
 #define SPARSIFY_CFG(K, R, V) \
   {K, 1, R, V, &direct_plane<K, 1, R, V>}, { K, 2, R, V, &direct_plane<K, 2, R, V> }
 
-// Register blocks per kernel size. K=3 keeps its 9 weights in registers next to the R*V
-// accumulators (16 vector registers: up to 6; 32 registers: up to 16); larger kernels stream
-// their weights from L1.
+// Register blocks per kernel size. Each accumulator is a chain of dependent FMAs, so a block
+// needs about 8 of them to keep two FMA pipes busy. K=3 keeps its 9 weights in registers: with
+// 16 registers that leaves room for 6 accumulators, with 32 (AVX-512) for 8 (larger blocks made
+// GCC spill accumulators). Larger kernels stream their weights from L1.
 const Cfg kCfgs[] = {
 #if SPARSIFY_NREGS >= 32
-    SPARSIFY_CFG(1, 1, 1), SPARSIFY_CFG(1, 4, 1), SPARSIFY_CFG(1, 4, 2), SPARSIFY_CFG(1, 8, 2),
-    SPARSIFY_CFG(1, 4, 4),
+    SPARSIFY_CFG(1, 1, 1), SPARSIFY_CFG(1, 4, 1), SPARSIFY_CFG(1, 4, 2), SPARSIFY_CFG(1, 2, 4),
     SPARSIFY_CFG(3, 1, 1), SPARSIFY_CFG(3, 2, 1), SPARSIFY_CFG(3, 4, 1), SPARSIFY_CFG(3, 6, 1),
-    SPARSIFY_CFG(3, 7, 1), SPARSIFY_CFG(3, 2, 2), SPARSIFY_CFG(3, 4, 2), SPARSIFY_CFG(3, 2, 4),
+    SPARSIFY_CFG(3, 8, 1), SPARSIFY_CFG(3, 2, 2), SPARSIFY_CFG(3, 4, 2), SPARSIFY_CFG(3, 2, 4),
+    SPARSIFY_CFG(5, 1, 1), SPARSIFY_CFG(5, 2, 1), SPARSIFY_CFG(5, 4, 1), SPARSIFY_CFG(5, 2, 2),
+    SPARSIFY_CFG(7, 1, 1), SPARSIFY_CFG(7, 2, 1), SPARSIFY_CFG(7, 4, 1), SPARSIFY_CFG(7, 2, 2),
 #else
     SPARSIFY_CFG(1, 1, 1), SPARSIFY_CFG(1, 2, 1), SPARSIFY_CFG(1, 4, 1), SPARSIFY_CFG(1, 2, 2),
     SPARSIFY_CFG(1, 4, 2),
     SPARSIFY_CFG(3, 1, 1), SPARSIFY_CFG(3, 2, 1), SPARSIFY_CFG(3, 3, 1), SPARSIFY_CFG(3, 4, 1),
     SPARSIFY_CFG(3, 5, 1), SPARSIFY_CFG(3, 2, 2), SPARSIFY_CFG(3, 3, 2),
-#endif
     SPARSIFY_CFG(5, 1, 1), SPARSIFY_CFG(5, 2, 1), SPARSIFY_CFG(5, 4, 1), SPARSIFY_CFG(5, 2, 2),
     SPARSIFY_CFG(7, 1, 1), SPARSIFY_CFG(7, 2, 1), SPARSIFY_CFG(7, 4, 1), SPARSIFY_CFG(7, 2, 2),
+#endif
 };
 #undef SPARSIFY_CFG
 constexpr int kNumCfgs = sizeof(kCfgs) / sizeof(kCfgs[0]);
@@ -169,10 +188,14 @@ int pick_cfg(int K, int S, int64_t Ho, int64_t Wo) {
   for (int i = 0; i < kNumCfgs; ++i) {
     const Cfg& c = kCfgs[i];
     if (c.K != K || c.S != S) continue;
+    // Cycles per block and connection: two FMAs per cycle, but no faster than one chain of K*K
+    // dependent FMAs (4 cycles each) allows; loads mostly cross cache lines (~1 per cycle).
     const double blocks = double(cdiv(Ho, c.R)) * double(cdiv(nv, c.V));
     const double fma = double(c.R) * c.V * K * K;
     const double loads = double(S * (c.R - 1) + K) * K * c.V;
-    const double cost = blocks * (fma + 0.5 * loads + 0.5 * K * K + 4.0);
+    double cycles = fma / 2 > 4.0 * K * K ? fma / 2 : 4.0 * K * K;
+    if (loads > cycles) cycles = loads;
+    const double cost = blocks * (cycles + 4.0);
     if (best < 0 || cost < best_cost) {
       best = i;
       best_cost = cost;

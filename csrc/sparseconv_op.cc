@@ -67,7 +67,9 @@ void select_kernels(const KernelFns** narrow, const KernelFns** wide) {
   else
     return;
   if (limit == "avx2") return;
-  if (__builtin_cpu_supports("avx512f")) *wide = sparsify_conv::avx512_kernels();
+  if (!__builtin_cpu_supports("avx512f")) return;
+  *wide = sparsify_conv::avx512_kernels();
+  if (__builtin_cpu_supports("avx512vl")) *narrow = sparsify_conv::avx512y_kernels();
 #endif
 }
 
