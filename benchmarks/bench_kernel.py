@@ -78,27 +78,28 @@ def layer(c: int, d: float, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
     return weight, mask, rng.standard_normal(c).astype(np.float32)
 
 
-def time_interleaved(sessions: dict, feeds: dict, reps: int, min_sample_s: float) -> dict[str, float]:
+def time_interleaved(sessions: dict, feeds: dict, reps: int, min_sample_s: float,
+                     clock=time.perf_counter) -> dict[str, float]:
     """Median seconds per run of each session, alternating sessions sample by sample."""
     inner = {}
     for name, sess in sessions.items():
         sess.run(None, feeds[name])
-        t0 = time.perf_counter()
+        t0 = clock()
         sess.run(None, feeds[name])
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
         inner[name] = max(1, min(200, math.ceil(min_sample_s / max(dt, 1e-7))))
     samples: dict[str, list[float]] = {n: [] for n in sessions}
     for _ in range(reps):
         for name, sess in sessions.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(inner[name]):
                 sess.run(None, feeds[name])
-            samples[name].append((time.perf_counter() - t0) / inner[name])
+            samples[name].append((clock() - t0) / inner[name])
     return {n: statistics.median(s) for n, s in samples.items()}
 
 
 def bench_layer(c: int, hw: int, n: int, threads: int, d: float, reps: int, min_sample_s: float,
-                rng: np.random.Generator, with_dm: bool = True) -> dict:
+                rng: np.random.Generator, with_dm: bool = True, cpu_clock: bool = False) -> dict:
     weight, mask, bias = layer(c, d, rng)
     x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
     sessions = {
@@ -116,7 +117,10 @@ def bench_layer(c: int, hw: int, n: int, threads: int, d: float, reps: int, min_
     err = float(np.abs(y_s - y_d).max() / max(1.0, float(np.abs(y_d).max())))
     if err > 1e-4:
         raise SystemExit(f"SparseConv disagrees with dense Conv at C={c} HW={hw} d={d}: rel err {err:.2e}")
-    t = time_interleaved(sessions, feeds, reps, min_sample_s)
+    # With one intra-op thread ORT runs the node on the calling thread, so that thread's CPU time
+    # measures the kernels without the time other processes take on a shared machine.
+    clock = time.thread_time if (cpu_clock and threads == 1) else time.perf_counter
+    t = time_interleaved(sessions, feeds, reps, min_sample_s, clock)
     row = {"C": c, "HW": hw, "N": n, "threads": threads, "density": d, "dm_channels": cdm,
            "dense_ms": t["dense"] * 1e3, "sparse_ms": t["sparse"] * 1e3,
            "speedup": t["dense"] / t["sparse"], "ideal": 1.0 / d}
@@ -128,11 +132,11 @@ def bench_layer(c: int, hw: int, n: int, threads: int, d: float, reps: int, min_
 
 
 def crossover(c: int, hw: int, n: int, threads: int, reps: int, min_sample_s: float,
-              rng: np.random.Generator) -> dict:
+              rng: np.random.Generator, cpu_clock: bool = False) -> dict:
     """Speed-up over the density sweep; the crossover is where it falls to 1 (interpolated)."""
     pts = []
     for d in SWEEP:
-        r = bench_layer(c, hw, n, threads, d, reps, min_sample_s, rng, with_dm=False)
+        r = bench_layer(c, hw, n, threads, d, reps, min_sample_s, rng, with_dm=False, cpu_clock=cpu_clock)
         pts.append((d, r["speedup"]))
     cross = None
     for (d0, s0), (d1, s1) in zip(pts, pts[1:]):
@@ -149,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (CI smoke)")
     ap.add_argument("--reps", type=int, default=None, help="timed samples per session (default 11, quick 3)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the crossover density sweep")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts (default 1 2)")
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 16, quick 1)")
+    ap.add_argument("--cpu-clock", action="store_true",
+                    help="time 1-thread runs by the thread's CPU time (robust on a busy machine); others by wall clock")
     ap.add_argument("--json", type=Path, default=None, help="write all measurements to this file")
     args = ap.parse_args(argv)
 
@@ -159,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (3 if args.quick else 11)
     min_sample_s = 0.002 if args.quick else 0.01
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    batches = (1,) if args.quick else (1, 16)
-    threads_list = (1, 2)
+    batches = tuple(args.batches or ((1,) if args.quick else (1, 16)))
+    threads_list = tuple(args.threads)
     rng = np.random.default_rng(0)
-    print(f"onnxruntime {inf['onnxruntime_version']}, kernel isa={inf['isa']}, reps={reps} (medians, interleaved)")
+    clock_name = "thread CPU time for 1 thread, wall clock otherwise" if args.cpu_clock else "wall clock"
+    print(f"onnxruntime {inf['onnxruntime_version']}, kernel isa={inf['isa']}, reps={reps} "
+          f"(medians, interleaved; {clock_name})")
 
     rows = []
     hdr = (f"{'layer':>10} {'N':>3} {'thr':>3} {'d':>4} | {'dense ms':>9} {'sparse ms':>9} {'dm ms':>8} | "
@@ -173,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in batches:
             for thr in threads_list:
                 for d in DENSITIES:
-                    r = bench_layer(c, hw, n, thr, d, reps, min_sample_s, rng)
+                    r = bench_layer(c, hw, n, thr, d, reps, min_sample_s, rng, cpu_clock=args.cpu_clock)
                     rows.append(r)
                     print(f"{c:>4}@{hw:>2}x{hw:<2} {n:>3} {thr:>3} {d:>4.1f} | {r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} "
                           f"{r['dm_ms']:>8.3f} | {r['speedup']:>6.2f}x {r['ideal']:>5.1f} {100 * r['frac_ideal']:>5.0f}% "
@@ -197,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_sweep:
         print("\ncrossover density (sparse no longer faster than dense Conv), batch 1, 1 thread:")
         for c, hw in shapes:
-            cr = crossover(c, hw, 1, 1, max(3, reps // 2), min_sample_s, rng)
+            cr = crossover(c, hw, 1, 1, max(3, reps // 2), min_sample_s, rng, cpu_clock=args.cpu_clock)
             crossovers.append(cr)
             sweep = " ".join(f"{d:.1f}:{s:.2f}x" for d, s in cr["sweep"])
             print(f"  {c:>4}@{hw}x{hw}: crossover d={cr['crossover']:.2f}   [{sweep}]", flush=True)

@@ -8,7 +8,5 @@
 #define SPARSIFY_ISA_NAME "avx512"
 #define SPARSIFY_VBYTES 64
 #define SPARSIFY_NREGS 32
-#define SPARSIFY_EMBED_BCAST 0
-#define SPARSIFY_VL 16
 #define SPARSIFY_ENTRY avx512_kernels
 #include "sparseconv_kernel.h"

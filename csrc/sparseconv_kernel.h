@@ -21,7 +21,7 @@ namespace sparsify_conv {
 namespace SPARSIFY_ISA_NS {
 namespace {
 
-constexpr int VL = SPARSIFY_VBYTES / 4;  // floats per vector (SPARSIFY_VL)
+constexpr int VL = SPARSIFY_VBYTES / 4;  // floats per vector
 typedef float vf __attribute__((vector_size(SPARSIFY_VBYTES)));
 typedef float vfu __attribute__((vector_size(SPARSIFY_VBYTES), aligned(4), may_alias));
 
@@ -39,17 +39,6 @@ inline vf load_once(const float* p) {
 inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 // x - 0 is exactly x (also for -0), so this folds to one broadcast instruction.
 inline vf bcast(float x) { return x - vf{}; }
-// acc += w * in, with w a broadcast weight: from a register (hoisted) or, on AVX-512, straight
-// from memory as an embedded {1toN} operand (written in asm: the compiler would otherwise hoist
-// the broadcasts into registers that the accumulators need).
-inline void fma_w(vf& acc, vf in, const vf* w) { acc += *w * in; }
-#if SPARSIFY_EMBED_BCAST
-#define SPARSIFY_STR2(x) #x
-#define SPARSIFY_STR(x) SPARSIFY_STR2(x)
-inline void fma_w(vf& acc, vf in, const float* w) {
-  asm("vfmadd231ps %2%{1to" SPARSIFY_STR(SPARSIFY_VL) "%}, %1, %0" : "+v"(acc) : "v"(in), "m"(*w));
-}
-#endif
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
@@ -93,15 +82,9 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
         for (int64_t k = c0; k < c1; ++k) {
           const float* base = blk + (cin_base + cols[k]) * plane;
           const float* w = w_row + k * KK;
-#if SPARSIFY_EMBED_BCAST
-          // AVX-512 FMAs broadcast a weight straight from L1 ({1to16} operand): no registers
-          // are spent on weights, which leaves them for more independent accumulators.
-          const float* wv = w;
-#else
           vf wv[KK];
 #pragma GCC unroll 64
           for (int t = 0; t < KK; ++t) wv[t] = bcast(w[t]);
-#endif
           const float* row = base;
 #pragma GCC unroll 64
           for (int rr = 0; rr < ROWS; ++rr, row += Wps) {
@@ -114,7 +97,7 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
 #pragma GCC unroll 16
                 for (int j = 0; j < R; ++j) {
                   const int ky = rr - S * j;
-                  if (ky >= 0 && ky < K) fma_w(acc[j][v], in, &wv[ky * K + kx]);
+                  if (ky >= 0 && ky < K) acc[j][v] += wv[ky * K + kx] * in;
                 }
               }
             }
