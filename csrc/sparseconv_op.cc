@@ -14,6 +14,7 @@
 // KernelContext_ParallelFor; it never starts threads of its own.
 #include <onnxruntime_c_api.h>
 
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstdio>
@@ -44,8 +45,8 @@ constexpr const char* kOpName = "SparseConv";
 // Set by RegisterCustomOps; every registration stores the same pointers (unless the
 // SPARSIFY_KERNEL_ISA test knob changed in between).
 const OrtApi* g_api = nullptr;
-const KernelFns* g_narrow = nullptr;  // for output rows of <= 8 floats
-const KernelFns* g_wide = nullptr;    // for wider rows
+std::atomic<const KernelFns*> g_narrow{nullptr};  // for output rows of <= 8 floats
+std::atomic<const KernelFns*> g_wide{nullptr};    // for wider rows
 
 #define SPARSIFY_TRY(expr)          \
   do {                              \
@@ -345,7 +346,7 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   SPARSIFY_TRY(g_api->GetTensorMutableData(yv, reinterpret_cast<void**>(&Y)));
   if (g.N == 0 || g.Cout == 0 || g.Ho * g.Wo == 0) return nullptr;
 
-  const KernelFns* fns = g.Wo > 8 ? g_wide : g_narrow;
+  const KernelFns* fns = (g.Wo > 8 ? g_wide : g_narrow).load(std::memory_order_relaxed);
   Plan p;
   fns->make_plan(g, &p);
   Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0};
@@ -463,7 +464,11 @@ SPARSIFY_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opt
     return api1 != nullptr ? api1->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
   }
   g_api = api;
-  select_kernels(&g_narrow, &g_wide);
+  const KernelFns* narrow = nullptr;
+  const KernelFns* wide = nullptr;
+  select_kernels(&narrow, &wide);
+  g_narrow.store(narrow, std::memory_order_relaxed);
+  g_wide.store(wide, std::memory_order_relaxed);
   OrtCustomOpDomain* domain = nullptr;
   SPARSIFY_TRY(api->CreateCustomOpDomain(kDomain, &domain));
   OrtStatus* st = api->CustomOpDomain_Add(domain, &g_op);
