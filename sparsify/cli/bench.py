@@ -53,10 +53,10 @@ def bench_table(result: Any, title: str | None = None) -> Table:
     t = Table(title=title or f"ONNX Runtime latency (speedup vs {result.baseline})", title_justify="left",
               box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     t.add_column("variant", no_wrap=True)
-    for col in ("batch\n×thr", "median\nms", "p10-p90\nms", "samples\n/s", "speedup", "peak\nRSS MB"):
+    for col in ("batch\n×thr", "median\nms", "p10-p90\nms", "samples\n/s", "speedup", "RSS MB\npeak+own"):
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("native", no_wrap=True)
-    t.add_column("max\n|diff|", justify="right", no_wrap=True)
+    t.add_column("rel\ndiff", justify="right", no_wrap=True)
     last = None
     for r in sorted(result.rows, key=lambda r: (r.batch, r.threads)):
         if last is not None and (r.batch, r.threads) != last:
@@ -65,8 +65,8 @@ def bench_table(result: Any, title: str | None = None) -> Table:
         t.add_row(
             r.label, f"{r.batch}×{r.threads}", _ms(r.median_ms), f"{_ms(r.p10_ms)}-{_ms(r.p90_ms)}",
             f"{r.throughput:,.0f}", "1.00x" if r.label == result.baseline else f"[bold]{r.speedup:.2f}x[/]",
-            f"{r.peak_rss_mb:.0f}", "yes" if r.native else "no",
-            "-" if r.max_abs_diff is None else f"{r.max_abs_diff:.1e}",
+            f"{r.peak_rss_mb:.0f}+{r.rss_increase_mb:.0f}", "yes" if r.native else "no",
+            "-" if r.max_rel_diff is None else f"{r.max_rel_diff:.0e}",
         )
     return t
 
@@ -192,6 +192,7 @@ def run(
     seed: int = typer.Option(0, help="Seed of masks, weights and data order."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Input shape, e.g. 1,3,32,32 (default: the model's)."),
     data: str = typer.Option("digits", help="Training data set (digits is bundled: no download)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where data sets are read from (default: the cache)."),
     epochs: int = typer.Option(3, help="Training epochs."),
     schedule: str = typer.Option("static", help="Topology schedule during training (static, sparse-momentum, rigl, set, ...)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the trainer's)."),
@@ -220,11 +221,13 @@ def run(
     train_options: dict[str, Any] = dict(data=data, epochs=epochs, schedule=schedule, seed=seed)
     if lr is not None:
         train_options["lr"] = lr
+    if data_dir is not None:
+        train_options["data_dir"] = str(data_dir)
     if train_batch_size is not None:
         train_options["batch_size"] = train_batch_size
     bench_options = dict(batch_sizes=_int_list("--batch-size", batch_size), threads=_int_list("--threads", threads),
                          min_time=min_time)
-    target = out_dir if out_dir is not None else lib.default_run_dir(model, method)
+    target = out_dir if out_dir is not None else lib.default_run_dir(model, method, density if density is not None else alpha)
     with _pipeline_progress(quiet) as progress:
         run_dir, result, notes = lib.run_pipeline(
             model, target, transform_options=transform_options, train_options=train_options, variants=names,

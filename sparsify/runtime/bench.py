@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import re
 import resource
 import time
 from dataclasses import dataclass, field
@@ -612,10 +613,12 @@ def export_variants(run_dir: str | Path, out_dir: str | Path, variants: Sequence
 # ---------------------------------------------------------------- the one-command pipeline
 
 
-def default_run_dir(model: str, method: str, root: str | Path = "runs") -> Path:
-    """``runs/<model>-<method>``, with ``-2``, ``-3``... appended when it already exists."""
-    name = Path(str(model).split(":", 1)[-1].split(":")[0]).stem or "model"
-    base = Path(root) / f"{name}-{method}"
+def default_run_dir(model: str, method: str, value: float | None = None, root: str | Path = "runs") -> Path:
+    """``runs/<model>-<method>[-<density or alpha>]``, with ``-2``, ``-3``... appended when it already exists."""
+    spec = str(model)
+    name = spec[4:] if spec.startswith("zoo:") else Path(spec.split(":")[0]).stem
+    parts = [name or "model", method] + ([f"{value:g}"] if value is not None else [])
+    base = Path(root) / re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
     path, k = base, 1
     while path.exists():
         k += 1
@@ -636,10 +639,12 @@ def run_pipeline(
 ) -> tuple[Path, BenchResult, dict[str, Any]]:
     """Transform -> train -> export -> bench into run directory ``out``; returns (run dir, bench result, notes).
 
-    The .onnx variants, ``bench.json`` and ``plot.png`` are written into the run directory.
+    The .onnx variants, ``bench.json`` and ``plot.png`` are written into the run directory, which
+    appears only when every stage succeeded (an existing ``out`` is refused unless ``force``).
     ``progress(stage, description, done, total)`` is called as the stages advance.
     """
     from .. import api
+    from .._io import atomic_dir
     from ..train import train_run
 
     def stage(name: str) -> Any:
@@ -647,23 +652,26 @@ def run_pipeline(
             return None
         return lambda desc, done, total: progress(name, desc, done, total)
 
+    run_dir = Path(out)
     notes: dict[str, Any] = {}
-    if progress is not None:
-        progress("transform", f"transforming {model}", 0, 1)
-    run_dir, _ = api.transform_to_dir(model, out=out, force=force, **transform_options)
-    run_dir = Path(run_dir)
-    if progress is not None:
-        progress("transform", "transformed", 1, 1)
-    trained = train_run(run_dir, progress=_train_progress(stage("train")), **train_options)
-    notes["train"] = {k: trained.get(k) for k in ("data", "schedule", "epochs", "steps", "test_acc", "test_loss",
-                                                  "val_acc", "density")}
-    files, export_notes = export_variants(run_dir, run_dir, variants, progress=stage("export"))
-    notes.update(export_notes)
-    result = bench_files([p for _, p in files], labels=[n for n, _ in files], progress=stage("bench"),
-                         **(bench_options or {}))
-    result.notes.update(notes)
-    write_result_json(result, run_dir / "bench.json")
-    plot_result(result, run_dir / "plot.png")
+    with atomic_dir(run_dir, force=force) as tmp:
+        if progress is not None:
+            progress("transform", f"transforming {model}", 0, 1)
+        api.transform_to_dir(model, out=tmp, force=True, **transform_options)
+        if progress is not None:
+            progress("transform", "transformed", 1, 1)
+        trained = train_run(tmp, progress=_train_progress(stage("train")), **train_options)
+        notes["train"] = {k: trained.get(k) for k in ("data", "schedule", "epochs", "steps", "test_acc",
+                                                      "test_loss", "val_acc", "density")}
+        files, export_notes = export_variants(tmp, tmp, variants, progress=stage("export"))
+        notes.update(export_notes)
+        result = bench_files([p for _, p in files], labels=[n for n, _ in files], progress=stage("bench"),
+                             **(bench_options or {}))
+        result.notes.update(notes)
+        for f in result.files:                      # name the files where they will live
+            f.path = str(run_dir / Path(f.path).name)
+        write_result_json(result, tmp / "bench.json")
+        plot_result(result, tmp / "plot.png")
     return run_dir, result, notes
 
 

@@ -18,6 +18,13 @@ def test_run_refuses_bad_options_before_any_work(tmp_path):
     assert not out.exists()
 
 
+def test_run_that_fails_midway_leaves_no_run_dir(tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", "--data", "no-such-data", "--data-dir", str(tmp_path), "--out", str(out), "-q"])
+    assert r.exit_code == 2 and "no-such-data" in r.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
 @pytest.mark.slow
 def test_run_default_pipeline_leaves_run_dir_onnx_and_bench(tmp_path):
     out = tmp_path / "lenet"
