@@ -26,6 +26,16 @@ def _resume_config(state: dict[str, Any], overrides: dict[str, Any]) -> TrainCon
     return TrainConfig.from_dict(saved)
 
 
+def _refreshed_report(model: Any, input_shape: tuple[int, ...], summary: dict[str, Any]) -> dict[str, Any]:
+    """The per-layer report for the trained masks (dynamic schedules change live counts and fan-in)."""
+    from ..report import layer_report, with_ratios
+
+    report = layer_report(model, input_shape)
+    if "original_totals" in summary:
+        report = with_ratios(report, {"totals": summary["original_totals"]})
+    return report
+
+
 def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False, log: LogFn | None = None,
               progress: ProgressFn | None = None, **config: Any) -> dict[str, Any]:
     """Train the run in ``run_dir`` with the TrainConfig fields given as keywords; return final metrics.
@@ -63,6 +73,7 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
         if Reducer().is_main:
             save_weights(run_dir, run.model)
             summary = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() else {}
+            summary.update(_refreshed_report(run.model, model_input, summary))
             summary["train"] = result
             write_json(run_dir / SUMMARY, summary)
         Reducer().barrier()

@@ -153,8 +153,8 @@ class DenseGradTap:
         self.grads: dict[str, torch.Tensor] = {}
 
     def _store(self, name: str, g: torch.Tensor) -> None:
-        g = g.detach()
-        self.grads[name] = self.grads[name] + g if name in self.grads else g.clone()
+        g = g.detach()  # a fresh tensor from autograd: kept without copying
+        self.grads[name] = self.grads[name] + g if name in self.grads else g
 
     def _tapped(self, name: str, module: nn.Module) -> Callable[[], torch.Tensor]:
         method = type(module).masked_weight
@@ -302,7 +302,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                 sums += batch
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_acc.add()
+                grad_acc.add(step)
                 optimizer.step()
                 enforce_masks(layers, optimizer)
                 step += 1

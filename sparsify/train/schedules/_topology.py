@@ -2,8 +2,8 @@
 
 For a SparseConv2d a mask entry is a channel connection (the whole kxk block), so a per-weight
 statistic (magnitude, momentum, gradient) is summed over the kernel window to score the entry;
-for a SparseLinear the entry is the weight itself. Ties are broken by position (stable sort), so
-the same inputs give the same mask on every rank and every run.
+for a SparseLinear the entry is the weight itself. Ties are broken by position, so the same
+inputs give the same mask on every rank and every run.
 """
 from __future__ import annotations
 
@@ -28,13 +28,21 @@ def unit_scores(module: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
 
 
 def _top_k(score: torch.Tensor, candidates: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """Flat indices of the k best candidates by score (stable: lower index wins a tie)."""
+    """Flat indices of the k best candidates by score; among equal scores the lower index wins.
+
+    O(n) selection (kthvalue) rather than a full sort: topology updates touch every dead entry.
+    """
     idx = torch.nonzero(candidates.reshape(-1), as_tuple=False).squeeze(1)
     if k <= 0 or idx.numel() == 0:
         return idx[:0]
+    if k >= idx.numel():
+        return idx
     s = score.reshape(-1)[idx].double()
-    order = torch.argsort(-s if largest else s, stable=True)
-    return idx[order[:k]]
+    if largest:
+        s = -s
+    kth = torch.kthvalue(s, k).values
+    better = idx[s < kth]
+    return torch.cat([better, idx[s == kth][: k - better.numel()]])
 
 
 def prune_smallest(mask: torch.Tensor, score: torch.Tensor, k: int) -> int:
