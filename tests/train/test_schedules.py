@@ -267,3 +267,29 @@ def test_incremental_learns_from_a_sparse_start():
     result = fit(model, digits, cfg, model_input=INPUT)
     assert result["live"] == sum(int(m.sum()) for m in _masks(TinyNet(density=0.5)).values())
     assert result["test_acc"] > 0.6  # chance is 0.1
+
+
+def test_rigl_erk_reallocation_keeps_weight_budget():
+    model = TinyNet(density=0.5)
+    layers = sparse_modules(model)
+    before = {n: int(m.mask.sum()) for n, m in layers.items()}
+    total = _live_weights(model)
+    cfg = TrainConfig(schedule="rigl", epochs=1, init="erk")
+    change = schedule_class("rigl")(layers, Plan(1, 10), cfg, Reducer()).start()
+    assert change is not None and sum(change.grown.values()) > 0
+    after = {n: int(m.mask.sum()) for n, m in layers.items()}
+    assert after != before
+    assert abs(_live_weights(model) - total) <= sum(unit_size(m) for m in layers.values())
+    # ERK gives the small first conv a higher density than the wide linear layer.
+    assert layers["conv1"].density > layers["fc1"].density
+
+
+def test_rigl_psn_profile_initial_fan_in():
+    model = TinyNet(density=0.5)
+    layers = sparse_modules(model)
+    before = {n: int(m.mask.sum()) for n, m in layers.items()}
+    cfg = TrainConfig(schedule="rigl", epochs=1, init_profile="lognormal", init_profile_params={"sigma": 1.0})
+    schedule_class("rigl")(layers, Plan(1, 10), cfg, Reducer()).start()
+    assert {n: int(m.mask.sum()) for n, m in layers.items()} == before  # init=run keeps layer budgets
+    fan_in = layers["fc1"].fan_in().double()
+    assert float(fan_in.std() / fan_in.mean()) > 0.5  # heterogeneous, unlike the random start (~0.06)
