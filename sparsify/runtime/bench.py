@@ -541,16 +541,25 @@ def live_params(model: Any) -> int:
     return total
 
 
-def depth_equivalent(recipe: Any, target_params: int, *, tol: float = 0.01, max_iter: int = 14) -> tuple[Any, float, int]:
+def depth_equivalent(recipe: Any, target_params: int, *, run_dir: str | Path | None = None, tol: float = 0.01,
+                     max_iter: int = 14) -> tuple[Any, float, int]:
     """Transform the recipe's model with a depth multiplier whose live parameter count matches ``target_params``.
 
     Bisection on alpha (parameter count grows with alpha); returns (model, alpha, params) of the closest found.
+    A model file that moved since the run was made is taken from the run's own copy.
     """
     from .. import api
+    from ..rundir import MODEL_SOURCE
+
+    spec = recipe.model
+    if not spec.startswith("zoo:") and run_dir is not None:
+        file, _, name = spec.rpartition(":")
+        if not Path(file).is_file() and (Path(run_dir) / MODEL_SOURCE).is_file():
+            spec = f"{Path(run_dir) / MODEL_SOURCE}:{name}"
 
     def build(alpha: float) -> tuple[Any, int]:
         res = api.transform(
-            recipe.model, method="depth-multiplier", alpha=alpha, seed=recipe.seed,
+            spec, method="depth-multiplier", alpha=alpha, seed=recipe.seed,
             input_shape=tuple(recipe.input_shape), model_args=dict(recipe.model_args or {}),
             leaf_modules=tuple(recipe.leaf_modules or ()),
         )
@@ -601,7 +610,7 @@ def export_variants(run_dir: str | Path, out_dir: str | Path, variants: Sequence
                 notes["depth"] = f"skipped: the run's method is {recipe.method!r}, not sparse-random or psn"
                 continue
             target_params = live_params(load_run(run_dir).model)
-            model, alpha, n = depth_equivalent(recipe, target_params)
+            model, alpha, n = depth_equivalent(recipe, target_params, run_dir=run_dir)
             notes["depth"] = {"alpha": round(alpha, 6), "live_params": n, "target_live_params": target_params}
             ex.export_model(model, tuple(recipe.input_shape), target, dense=True, compact=False)
         files.append((name, target))
