@@ -53,7 +53,7 @@ def bench_table(result: Any, title: str | None = None) -> Table:
     t = Table(title=title or f"ONNX Runtime latency (speedup vs {result.baseline})", title_justify="left",
               box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     t.add_column("variant", no_wrap=True)
-    for col in ("batch\n×thr", "median\nms", "p10-p90\nms", "samples\n/s", "speedup", "RSS MB\npeak+own"):
+    for col in ("batch\n×thr", "median\nms", "p10-p90\nms", "samples\n/s", "speedup", "peak\nRSS MB"):
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("native", no_wrap=True)
     t.add_column("rel\ndiff", justify="right", no_wrap=True)
@@ -65,10 +65,18 @@ def bench_table(result: Any, title: str | None = None) -> Table:
         t.add_row(
             r.label, f"{r.batch}×{r.threads}", _ms(r.median_ms), f"{_ms(r.p10_ms)}-{_ms(r.p90_ms)}",
             f"{r.throughput:,.0f}", "1.00x" if r.label == result.baseline else f"[bold]{r.speedup:.2f}x[/]",
-            f"{r.peak_rss_mb:.0f}+{r.rss_increase_mb:.0f}", "yes" if r.native else "no",
+            "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}", "yes" if r.native else "no",
             "-" if r.max_rel_diff is None else f"{r.max_rel_diff:.0e}",
         )
     return t
+
+
+def _memory_line(result: Any) -> str | None:
+    """What the peak RSS column measures."""
+    base = result.settings.get("ort_only_process_peak_rss_mb")
+    if base is None:
+        return None
+    return f"peak RSS: a fresh process that loads one variant and runs one batch (onnxruntime alone: {base:.0f} MB)"
 
 
 def _write_outputs(result: Any, json_out: Path | None, plot: Path | None) -> None:
@@ -115,6 +123,7 @@ def bench(
     min_time: float = typer.Option(0.5, "--min-time", help="Measured seconds per variant and configuration, at least."),
     repeats: int = typer.Option(10, help="Measured runs per variant and configuration, at least."),
     native: bool = typer.Option(True, "--native/--no-native", help="Register the native SparseConv kernel when available."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure each variant's peak RSS in a fresh process."),
     spin: bool = typer.Option(False, "--spin/--no-spin", help="Let ORT worker threads spin between runs "
                               "(lower latency on an idle machine; erratic when cores are shared)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
@@ -127,7 +136,7 @@ def bench(
     thread_counts = _int_list("--threads", threads)
     dirs = [p for p in paths if p.is_dir()]
     opts = dict(batch_sizes=batches, threads=thread_counts, warmup=warmup, min_time=min_time, repeats=repeats,
-                native=native, spinning=spin)
+                native=native, spinning=spin, memory=memory)
     if dirs:
         if len(paths) != 1:
             raise UsageError("give either one run directory or .onnx files, not both")
@@ -149,6 +158,8 @@ def bench(
         with _progress(quiet) as progress:
             result = lib.bench_files(paths, progress=progress, **opts)
     out.print(bench_table(result))
+    if _memory_line(result):
+        out.print(_memory_line(result))
     err.print(_native_line(result))
     _write_outputs(result, json_out, plot)
 

@@ -11,7 +11,6 @@ import dataclasses
 import os
 import platform
 import re
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +50,8 @@ class BenchRow:
     throughput: float                 # samples per second at the median latency
     speedup: float                    # baseline median / this median, same batch and threads
     samples: int
-    peak_rss_mb: float                # process peak RSS while this session was loaded and warmed up
-    rss_increase_mb: float            # how much the peak grew over the RSS before loading it
+    peak_rss_mb: float | None         # peak RSS of a fresh process that loads this file and runs this batch
+    rss_increase_mb: float | None     # that peak minus the peak of a process that only imports ORT
     native: bool
     max_abs_diff: float | None        # max |output - baseline output| on the same input (None: shapes differ)
     max_rel_diff: float | None        # max_abs_diff / max |baseline output|
@@ -250,39 +249,52 @@ def _shape_str(shape: Sequence[int | str]) -> str:
 
 # ---------------------------------------------------------------- memory
 
+_MEMORY_PROBE = r"""
+import json, resource, sys
+args = json.loads(sys.argv[1])
+import numpy as np
+import onnxruntime as ort
+if args["path"]:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    if args["library"]:
+        so.register_custom_ops_library(args["library"])
+    sess = ort.InferenceSession(args["path"], so, providers=["CPUExecutionProvider"])
+    x = np.zeros(args["shape"], dtype=np.float32)
+    for _ in range(2):
+        sess.run(None, {args["input"]: x})
+peak = 0.0
+try:
+    with open("/proc/self/status") as fh:
+        peak = next(int(l.split()[1]) / 1024.0 for l in fh if l.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+print(json.dumps(peak))
+"""
 
-def _rss_mb() -> float:
-    """Current resident set size in MiB (Linux /proc; falls back to the process peak)."""
+
+def _probe_peak_rss(path: str | None, input_name: str = "", shape: Sequence[int] = (), library: str | None = None) -> float:
+    """Peak RSS (MiB) of a fresh process that imports ORT and, with ``path``, loads it and runs it twice.
+
+    A separate process gives each variant its own honest peak: in this process the allocator keeps
+    memory from earlier work resident, which hides what a session really needs.
+    """
+    import json
+    import subprocess
+    import sys
+
+    args = json.dumps({"path": path, "input": input_name, "shape": list(shape), "library": library})
     try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return _peak_rss_mb()
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (VmHWM, or getrusage)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024.0 * 1024.0) if platform.system() == "Darwin" else peak / 1024.0
-
-
-def _reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS counter (Linux >= 4.0) so each variant gets its own peak; best effort."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, args], capture_output=True, text=True,
+                              timeout=600, check=True)
+        return float(json.loads(proc.stdout.strip().splitlines()[-1]))
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        raise RuntimeBackendError(
+            f"measuring the memory of {path or 'onnxruntime'} failed ({detail.strip().splitlines()[-1][:160] if detail.strip() else type(e).__name__}); "
+            "pass memory=False (--no-memory) to skip it"
+        ) from None
 
 
 # ---------------------------------------------------------------- timing
@@ -304,6 +316,7 @@ def bench_files(
     max_repeats: int = 2000,
     native: bool = True,
     spinning: bool = False,
+    memory: bool = True,
     seed: int = 0,
     progress: Any | None = None,
 ) -> BenchResult:
@@ -311,7 +324,8 @@ def bench_files(
 
     Every file is warmed up ``warmup`` runs, then the files are run round-robin (rotating who goes
     first) until each has ``repeats`` samples and ``min_time`` seconds of measured runs, or
-    ``max_repeats`` samples. ``progress(description, done, total)`` is called between steps when given.
+    ``max_repeats`` samples. With ``memory``, each (file, batch) is also loaded in a fresh process
+    to measure its peak RSS. ``progress(description, done, total)`` is called between steps when given.
     """
     if not paths:
         raise UsageError("bench needs at least one .onnx file (the first one is the baseline)")
@@ -334,6 +348,9 @@ def bench_files(
         if f.sparse_nodes and native_ok:
             probe = rng.standard_normal([batch_sizes[0]] + [int(d) for d in f.input_shape[1:]], dtype=np.float32)
             f.native = _guarded(f, batch_sizes[0], lambda: native_kernel_ran(f.path, f.input_name, probe))
+    library = str(status["library"]) if native_ok and status.get("library") else None
+    base_rss = _probe_peak_rss(None) if memory else 0.0
+    peaks: dict[tuple[str, int], float] = {}
     rows: list[BenchRow] = []
     configs = [(b, t) for b in batch_sizes for t in threads]
     total = len(configs) * (len(files) + 1)
@@ -341,19 +358,17 @@ def bench_files(
     for batch, nthreads in configs:
         shape = [batch] + [int(d) for d in files[0].input_shape[1:]]
         x = rng.standard_normal(shape, dtype=np.float32)
-        sessions, mem, outputs = [], [], []
+        sessions, outputs = [], []
         for f in files:
             if progress is not None:
                 progress(f"loading {f.label} (batch {batch}, {nthreads} thr)", done, total)
-            before = _rss_mb()
-            _reset_peak_rss()
             sess = make_session(f.path, nthreads, native=native, spinning=spinning)
             feed = {f.input_name: x}
             y = _guarded(f, batch, lambda: [sess.run(None, feed)[0] for _ in range(max(warmup, 1))][-1])
-            peak = _peak_rss_mb()
             sessions.append((sess, feed))
-            mem.append((peak, max(0.0, peak - before)))
             outputs.append(np.asarray(y))
+            if memory and (f.label, batch) not in peaks:
+                peaks[(f.label, batch)] = _probe_peak_rss(f.path, f.input_name, shape, library)
             done += 1
         if progress is not None:
             progress(f"timing batch {batch}, {nthreads} thr", done, total)
@@ -374,7 +389,8 @@ def bench_files(
                 median_ms=med * 1e3, p10_ms=_percentile(s, 10) * 1e3, p90_ms=_percentile(s, 90) * 1e3,
                 throughput=batch / med if med > 0 else float("inf"),
                 speedup=base_median / med if med > 0 else float("inf"),
-                samples=len(s), peak_rss_mb=round(mem[i][0], 1), rss_increase_mb=round(mem[i][1], 1),
+                samples=len(s), peak_rss_mb=_mb(peaks.get((f.label, batch))),
+                rss_increase_mb=_mb(None if (f.label, batch) not in peaks else peaks[(f.label, batch)] - base_rss),
                 native=f.native, max_abs_diff=diff, max_rel_diff=rel,
             ))
         del sessions
@@ -383,7 +399,8 @@ def bench_files(
     settings = {
         "batch_sizes": list(batch_sizes), "threads": list(threads), "warmup": warmup, "min_time": min_time,
         "repeats": repeats, "max_repeats": max_repeats, "native": native, "seed": seed,
-        "inter_op_threads": 1, "execution_mode": "sequential", "thread_spinning": spinning,
+        "inter_op_threads": 1, "execution_mode": "sequential", "thread_spinning": spinning, "memory": memory,
+        "ort_only_process_peak_rss_mb": _mb(base_rss) if memory else None,
         "order": "round-robin, rotating start",
     }
     environment = {
@@ -425,6 +442,10 @@ def _measure(sessions: list[tuple[Any, dict]], *, min_time: float, repeats: int,
         count = len(samples[0])
         if count >= max_repeats or (count >= repeats and min(spent) >= min_time):
             return samples
+
+
+def _mb(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 1)
 
 
 def _positive(name: str, values: Sequence[int]) -> list[int]:

@@ -15,7 +15,7 @@ from sparsify.cli import app
 from sparsify.errors import RuntimeBackendError, UsageError
 from sparsify.runtime import bench as lib
 
-FAST = ["--min-time", "0.01", "--repeats", "3", "--warmup", "1", "-q"]
+FAST = ["--min-time", "0.01", "--repeats", "3", "--warmup", "1", "-q", "--no-memory"]
 
 
 def conv_model(path: Path, cout: int = 8, hw: int = 12, batch: int | str = "N", seed: int = 0, cin: int = 3,
@@ -58,7 +58,7 @@ def test_bench_files_measures_every_combination(models):
         assert 0 < r.p10_ms <= r.median_ms <= r.p90_ms
         assert r.samples >= 3
         assert r.throughput == pytest.approx(r.batch / (r.median_ms / 1e3))
-        assert r.peak_rss_mb > 10 and r.rss_increase_mb >= 0
+        assert r.peak_rss_mb > 10 and r.rss_increase_mb >= 0     # a fresh process per (file, batch)
         assert r.native is False                     # no ai.sparsify nodes in these files
         base = res.row("big", r.batch, r.threads)
         assert r.speedup == pytest.approx(base.median_ms / r.median_ms)
@@ -72,7 +72,7 @@ def test_bench_files_measures_every_combination(models):
 def test_cli_bench_writes_table_json_and_png(models, tmp_path):
     js, png = tmp_path / "out.json", tmp_path / "out.png"
     r = CliRunner().invoke(app, ["bench", str(models["big"]), str(models["small"]), "-b", "1,2", "-t", "1",
-                                 "--json", str(js), "--plot", str(png), *FAST])
+                                 "--json", str(js), "--plot", str(png), "--memory", *FAST[:-1]])
     assert r.exit_code == 0, r.output
     assert "big" in r.stdout and "small" in r.stdout and "speedup" in r.stdout
     data = json.loads(js.read_text())
@@ -84,6 +84,7 @@ def test_cli_bench_writes_table_json_and_png(models, tmp_path):
                 "peak_rss_mb", "native", "max_abs_diff", "max_rel_diff"):
         assert key in row
     assert all(r["median_ms"] > 0 and r["throughput"] > 0 for r in data["rows"])
+    assert all(r["peak_rss_mb"] >= data["settings"]["ort_only_process_peak_rss_mb"] > 10 for r in data["rows"])
     assert data["settings"]["batch_sizes"] == [1, 2] and data["settings"]["threads"] == [1]
     assert "onnxruntime" in data["environment"]["native"]
     head = png.read_bytes()
@@ -101,7 +102,7 @@ def test_cli_refuses_different_input_shapes(models):
 def test_fixed_batch_that_differs_is_refused(models):
     with pytest.raises(UsageError, match="fixed batch size 1"):
         lib.bench_files([models["big"], models["fixed"]], batch_sizes=(4,), min_time=0, repeats=1)
-    res = lib.bench_files([models["big"], models["fixed"]], batch_sizes=(1,), warmup=0, min_time=0, repeats=1)
+    res = lib.bench_files([models["big"], models["fixed"]], batch_sizes=(1,), warmup=0, min_time=0, repeats=1, memory=False)
     assert res.row("fixed", 1, 1).max_abs_diff == 0.0
 
 
@@ -137,7 +138,7 @@ def test_parse_variants_and_duplicate_labels(models):
     copy = models["big"].parent / "sub"
     copy.mkdir()
     shutil.copy(models["big"], copy / "big.onnx")
-    res = lib.bench_files([models["big"], copy / "big.onnx"], warmup=0, min_time=0, repeats=1)
+    res = lib.bench_files([models["big"], copy / "big.onnx"], warmup=0, min_time=0, repeats=1, memory=False)
     assert [f.label for f in res.files] == [f"{models['big'].parent.name}/big", "sub/big"]
 
 
@@ -152,7 +153,7 @@ def test_sparse_op_file_is_detected_and_matches_dense(tmp_path):
     assert sparse.sparse_nodes == 1 and sparse.conv_nodes == 0 and res.files[0].sparse_nodes == 0
     assert sparse.native == bool(res.environment["native"]["loadable"])
     assert res.row("sparse", 2, 1).max_abs_diff < 1e-4 and res.row("sparse", 2, 1).max_rel_diff < 1e-5
-    res = lib.bench_files([dense, tmp_path / "sparse.onnx"], warmup=0, min_time=0, repeats=1, native=False)
+    res = lib.bench_files([dense, tmp_path / "sparse.onnx"], warmup=0, min_time=0, repeats=1, native=False, memory=False)
     assert res.files[1].native is False
 
 
