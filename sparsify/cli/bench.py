@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Optional
 import typer
 from rich import box
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from ..errors import UsageError
 from ._common import app, err, handle_errors, out
@@ -173,8 +173,9 @@ def _pipeline_progress(quiet: bool) -> Iterator[Callable[[str, str, int, int], N
     if quiet:
         yield None
         return
-    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), console=err, transient=False)
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}", table_column=Column(width=44, no_wrap=True)),
+                   BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err,
+                   transient=False)
     with bar:
         overall = bar.add_task("pipeline: transform", total=len(STAGES))
         current = bar.add_task("", total=1)
