@@ -121,7 +121,7 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum, or Adam, with decoupled-free (L2) weight decay as in the papers."""
+    """SGD with Nesterov momentum, or Adam; weight decay as L2 in the gradient, as in the papers."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum,
                                nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)

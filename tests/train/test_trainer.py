@@ -125,3 +125,13 @@ def test_bad_config_is_a_usage_error(kw, match):
 def test_unknown_option_is_refused():
     with pytest.raises(UsageError, match="unknown training option"):
         TrainConfig.from_dict({"epochz": 3})
+
+
+def test_package_is_callable_as_the_api_function(monkeypatch):
+    import sparsify
+    import sparsify.train as train_pkg
+
+    seen = {}
+    monkeypatch.setattr(train_pkg, "train_run", lambda run_dir, **kw: seen.update(run_dir=run_dir, **kw) or {"ok": 1})
+    assert sparsify.train("some/run", epochs=2) == {"ok": 1}
+    assert seen == {"run_dir": "some/run", "epochs": 2}
