@@ -38,7 +38,7 @@ SPEEDUP_TARGET = 5.0          # vgg16n sparse vs dense export, batch 1 and 16
 THREAD_TARGET = 1.6           # 2 threads vs 1 thread at batch 16
 REL_TOL = 1e-4                # dense vs sparse outputs: max |diff| <= REL_TOL * max |dense output|
 
-console = Console(soft_wrap=True)
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 110)   # logs keep whole tables
 
 
 def calibrate_bn(model, input_shape, batches: int = 4, n: int = 32) -> None:
@@ -161,6 +161,21 @@ def main(argv: list[str] | None = None) -> int:
             summary["models"][name] = {"notes": dict(notes, output_spread=spread), "bench": result.to_json()}
             for _, p in files:
                 p.unlink(missing_ok=True)
+    console.rule("summary")
+    table = Table(title=f"whole-model ORT latency, sparse-random density {DENSITY} (median ms; ratios > 1: sparse faster)",
+                  title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("model", "batch", "thr", "dense", "sparse", "depth", "dense/sparse", "depth/sparse", "native"):
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
+    for name, entry in summary["models"].items():
+        rows = {(r["label"], r["batch"], r["threads"]): r for r in entry["bench"]["rows"]}
+        for b in batches:
+            for t in threads:
+                d, s, dp = (rows[(lab, b, t)] for lab in ("dense", "sparse", "depth"))
+                table.add_row(name, str(b), str(t), f"{d['median_ms']:.3f}", f"{s['median_ms']:.3f}",
+                              f"{dp['median_ms']:.3f}", f"{d['median_ms'] / s['median_ms']:.2f}x",
+                              f"{dp['median_ms'] / s['median_ms']:.2f}x", "yes" if s["native"] else "no")
+            table.add_section()
+    console.print(table)
     console.rule("targets")
     for what, ok, value in checks:
         if "outputs" in what and ok:
