@@ -117,6 +117,8 @@ def bench(
     variants: Optional[str] = typer.Option(
         None, "--variants", help="With a run directory: which variants to build, from dense,compact,sparse,depth "
         "(default all; the first is the baseline)."),
+    keep: Optional[Path] = typer.Option(None, "--keep", help="With a run directory: keep the exported variants in "
+                                        "this directory (default: a temporary one)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a latency plot (PNG) here."),
     warmup: int = typer.Option(5, help="Untimed runs per session before measuring."),
@@ -144,17 +146,22 @@ def bench(
         if not is_run_dir(run_dir):
             raise UsageError(f"{run_dir} is a directory but not a run directory; give .onnx files or a run directory")
         names = lib.parse_variants(variants)
-        with tempfile.TemporaryDirectory(prefix="sparsify-bench-") as tmp, _progress(quiet) as progress:
-            files, notes = lib.export_variants(run_dir, tmp, names, progress=progress)
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            where = keep if keep is not None else stack.enter_context(tempfile.TemporaryDirectory(prefix="sparsify-bench-"))
+            progress = stack.enter_context(_progress(quiet))
+            files, notes = lib.export_variants(run_dir, where, names, progress=progress)
             result = lib.bench_files([p for _, p in files], labels=[n for n, _ in files], progress=progress, **opts)
-        result.notes.update(notes)
-        for name, note in notes.items():
-            err.print(f"{name}: {note}" if isinstance(note, str) else
-                      f"{name}: alpha={note['alpha']}, {note['live_params']:,} live params "
-                      f"(sparse run: {note['target_live_params']:,})")
+        if keep is None:
+            for f in result.files:                      # the temporary exports are gone; keep only their names
+                f.path = Path(f.path).name
+        result.notes.update(notes, run_dir=str(run_dir), variants_dir=None if keep is None else str(keep))
+        for line in _variant_notes(notes):
+            err.print(line)
     else:
-        if variants is not None:
-            raise UsageError("--variants applies to a run directory; with .onnx files every file is a variant")
+        if variants is not None or keep is not None:
+            raise UsageError("--variants and --keep apply to a run directory; with .onnx files every file is a variant")
         with _progress(quiet) as progress:
             result = lib.bench_files(paths, progress=progress, **opts)
     out.print(bench_table(result))
@@ -162,6 +169,17 @@ def bench(
         out.print(_memory_line(result))
     err.print(_native_line(result))
     _write_outputs(result, json_out, plot)
+
+
+def _variant_notes(notes: dict[str, Any]) -> list[str]:
+    """How the depth variant was made (or why it was skipped), one line each."""
+    note = notes.get("depth")
+    if note is None:
+        return []
+    if isinstance(note, str):
+        return [f"depth: {note}"]
+    return [f"depth: alpha={note['alpha']:.3f}, {note['live_params']:,} live params "
+            f"(sparse run: {note['target_live_params']:,})"]
 
 
 STAGES = ("transform", "train", "export", "bench")
@@ -245,13 +263,12 @@ def run(
             model, target, transform_options=transform_options, train_options=train_options, variants=names,
             bench_options=bench_options, force=force, progress=progress)
     out.print(bench_table(result, title=f"{model} {method}: ONNX Runtime latency (speedup vs {result.baseline})"))
+    if _memory_line(result):
+        out.print(_memory_line(result))
     err.print(_native_line(result))
     tr = notes.get("train") or {}
     if "test_acc" in tr:
         out.print(f"trained {tr.get('epochs')} epochs on {tr.get('data')}: test accuracy {tr['test_acc']:.1%}")
-    for name, note in notes.items():
-        if name == "depth":
-            out.print(f"depth: {note}" if isinstance(note, str) else
-                      f"depth: alpha={note['alpha']:.3f}, {note['live_params']:,} live params "
-                      f"(sparse run: {note['target_live_params']:,})")
+    for line in _variant_notes(notes):
+        out.print(line)
     out.print(f"run directory: {run_dir}  (.onnx variants, bench.json, plot.png)")

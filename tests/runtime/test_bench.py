@@ -162,7 +162,9 @@ def test_bench_run_dir_builds_dense_sparse_and_depth_variants(tmp_path):
 
     run, _ = transform_to_dir("zoo:lenet5", "sparse-random", density=0.1, out=tmp_path / "run")
     js = tmp_path / "b.json"
-    r = CliRunner().invoke(app, ["bench", str(run), "--variants", "dense,sparse,depth", "--json", str(js), *FAST])
+    keep = tmp_path / "variants"
+    r = CliRunner().invoke(app, ["bench", str(run), "--variants", "dense,sparse,depth", "--json", str(js),
+                                 "--keep", str(keep), *FAST])
     assert r.exit_code == 0, r.output
     data = json.loads(js.read_text())
     assert [f["label"] for f in data["files"]] == ["dense", "sparse", "depth"]
@@ -174,5 +176,6 @@ def test_bench_run_dir_builds_dense_sparse_and_depth_variants(tmp_path):
     depth = data["notes"]["depth"]
     assert 0 < depth["alpha"] < 1
     assert abs(depth["live_params"] - depth["target_live_params"]) <= 0.02 * depth["target_live_params"]
-    assert not list(tmp_path.glob("*.onnx")) and sorted(p.name for p in run.iterdir()) == sorted(
-        ["recipe.json", "weights.safetensors", "summary.json"])   # variants were built in a temp dir
+    assert sorted(p.name for p in keep.iterdir()) == ["dense.onnx", "depth.onnx", "sparse.onnx"]
+    assert files["sparse"]["path"] == str(keep / "sparse.onnx")
+    assert sorted(p.name for p in run.iterdir()) == ["recipe.json", "summary.json", "weights.safetensors"]
