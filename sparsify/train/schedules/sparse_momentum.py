@@ -85,7 +85,7 @@ class SparseMomentum(Schedule):
     def after_step(self, done: int, grads: dict[str, torch.Tensor] | None) -> Change | None:
         if grads:
             for n, g in grads.items():
-                self.momentum[n].mul_(self.beta).add_(g)
+                torch.add(g, self.momentum[n], alpha=self.beta, out=self.momentum[n])  # M = beta*M + g, one pass
         return None
 
     def after_epoch(self, epoch: int) -> Change | None:
