@@ -34,7 +34,7 @@ class TransformResult:
 
 def _params_for(method: str, density: float | None, alpha: float | None, profile: str | None,
                 profile_params: dict[str, float] | None, allocation: str, include_linear: bool | None,
-                include_classifier: bool) -> dict[str, Any]:
+                include_classifier: bool, rescale_init: bool = True) -> dict[str, Any]:
     """The method's parameters as stored in the recipe (only those that apply)."""
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -47,7 +47,7 @@ def _params_for(method: str, density: float | None, alpha: float | None, profile
     if alpha is not None:
         raise UsageError(f"{method} takes --density, not --alpha")
     params: dict[str, Any] = {"density": density, "allocation": allocation,
-                              "include_classifier": include_classifier}
+                              "include_classifier": include_classifier, "rescale_init": rescale_init}
     if method == "psn":
         params.update(profile=profile or "lognormal", profile_params=dict(profile_params or {}),
                       include_linear=True if include_linear is None else include_linear)
@@ -72,11 +72,13 @@ def _make_pass(method: str, params: dict[str, Any], seed: int):
     if method == "sparse-random":
         return SparseRandomPass(params["density"], seed=seed, allocation=params["allocation"],
                                 include_linear=params["include_linear"],
-                                include_classifier=params["include_classifier"])
+                                include_classifier=params["include_classifier"],
+                                rescale_init=params.get("rescale_init", True))
     if method == "psn":
         return PSNPass(params["density"], profile=params["profile"], profile_params=params["profile_params"],
                        seed=seed, allocation=params["allocation"], include_linear=params["include_linear"],
-                       include_classifier=params["include_classifier"])
+                       include_classifier=params["include_classifier"],
+                       rescale_init=params.get("rescale_init", True))
     if method == "depth-multiplier":
         return DepthMultiplierPass(params["alpha"], seed=seed)
     return None
@@ -106,14 +108,14 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
               profile_params: dict[str, float] | None = None, allocation: str = "uniform",
               include_linear: bool | None = None, include_classifier: bool = False, seed: int = 0,
               input_shape: Sequence[int] | None = None, model_args: dict[str, Any] | None = None,
-              leaf_modules: Sequence[str] = ()) -> TransformResult:
+              leaf_modules: Sequence[str] = (), rescale_init: bool = True) -> TransformResult:
     """Load ``model``, trace it, apply ``method``, and report what changed.
 
     ``model`` is ``"zoo:NAME"``, ``"file.py"``, ``"file.py:NAME"`` or an nn.Module (not replayable
     from a run directory). Raises a SparsifyError with a one-line message on bad input.
     """
     params = _params_for(method, density, alpha, profile, profile_params, allocation, include_linear,
-                         include_classifier)
+                         include_classifier, rescale_init)
     loaded = load_model(model, model_args, seed)
     shape = _input_shape(loaded, input_shape)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
@@ -170,7 +172,8 @@ def build_from_recipe(recipe: Recipe, run_dir: str | Path | None = None) -> fx.G
 
 def _kwargs_of(recipe: Recipe) -> dict[str, Any]:
     p = dict(recipe.params)
-    keys = ("density", "alpha", "profile", "profile_params", "allocation", "include_linear", "include_classifier")
+    keys = ("density", "alpha", "profile", "profile_params", "allocation", "include_linear", "include_classifier",
+            "rescale_init")
     return {k: p[k] for k in keys if k in p}
 
 

@@ -136,8 +136,10 @@ class SparsePass(GraphPass):
     """Shared machinery of sparse-random and psn; subclasses choose each layer's mask."""
 
     def __init__(self, density: float, seed: int = 0, allocation: str = "uniform",
-                 include_linear: bool = False, include_classifier: bool = False) -> None:
+                 include_linear: bool = False, include_classifier: bool = False,
+                 rescale_init: bool = True) -> None:
         self.density = check_density(density)
+        self.rescale_init = rescale_init
         if allocation not in ("uniform", "erk"):
             raise UsageError(f"unknown --allocation {allocation!r}; choose uniform or erk")
         self.seed, self.allocation = seed, allocation
@@ -180,6 +182,8 @@ class SparsePass(GraphPass):
                     mask = np.pad(mask, ((0, 0), (0, layer.n_in - mask.shape[1])))
                 rule = None
             new = self._replace(gm, layer, mask)
+            if self.rescale_init:
+                rescale_to_live_fan_in(new)
             info = {
                 "kind": "conv" if layer.is_conv else "linear", "shape": [layer.n_out, layer.n_in],
                 "kernel": layer.kernel, "live": int(mask.sum()), "entries": int(mask.size),
@@ -243,6 +247,21 @@ class SparsePass(GraphPass):
                 raise PassError(f"{self.name}: {name} has a masked weight that is not zero")
 
 
+@torch.no_grad()
+def rescale_to_live_fan_in(layer: nn.Module) -> None:
+    """Scale each output unit's weights by sqrt(dense fan-in / live fan-in).
+
+    The dense initialisation (Kaiming) assumes every input is read; a unit that reads 10% of them
+    would start with ~1/sqrt(10) of the intended output scale, compounding layer after layer until
+    an untrained deep net outputs little more than its biases and trains poorly (lenet5 at D=0.1
+    stayed at chance on digits). This keeps each unit's initial variance what Kaiming intended for
+    its actual fan-in (as sparse-training work such as RigL does).
+    """
+    live = layer.mask.sum(dim=1)
+    scale = torch.sqrt(layer.mask.shape[1] / live.clamp(min=1))
+    layer.weight.mul_(scale.reshape((-1,) + (1,) * (layer.weight.dim() - 1)))
+
+
 class SparseRandomPass(SparsePass):
     """Each output channel reads a uniformly random subset of input channels (exact layer budget)."""
 
@@ -259,8 +278,8 @@ class PSNPass(SparsePass):
 
     def __init__(self, density: float, profile: str = "lognormal", profile_params: dict[str, float] | None = None,
                  seed: int = 0, allocation: str = "uniform", include_linear: bool = True,
-                 include_classifier: bool = False) -> None:
-        super().__init__(density, seed, allocation, include_linear, include_classifier)
+                 include_classifier: bool = False, rescale_init: bool = True) -> None:
+        super().__init__(density, seed, allocation, include_linear, include_classifier, rescale_init)
         self.profile = profile
         self.profile_params = resolve_params(profile, profile_params)
 

@@ -143,3 +143,27 @@ def test_pass_does_not_edit_its_input():
     SparseRandomPass(0.1)(gm, torch.randn(1, 3, 32, 32))
     assert not any(isinstance(m, SparseConv2d) for m in gm.modules())
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_sparse_init_is_rescaled_to_the_live_fan_in(rescale):
+    dense = api.transform("zoo:resnet20", "none", seed=5).model
+    sparse = api.transform("zoo:resnet20", "sparse-random", density=0.1, seed=5, rescale_init=rescale).model
+    for name, m in sparse_modules(sparse).items():
+        w0 = dense.get_submodule(name).weight.detach()
+        live = m.mask.sum(dim=1)
+        scale = torch.sqrt(m.mask.shape[1] / live) if rescale else torch.ones_like(live)
+        expected = w0 * scale.reshape(-1, 1, 1, 1) * m.weight_mask()
+        torch.testing.assert_close(m.weight.detach(), expected, rtol=1e-6, atol=0)
+
+
+def test_rescaled_sparse_net_keeps_its_output_scale():
+    """Without rescaling, each 10%-dense layer shrinks activations ~3x; with it the scale survives depth."""
+    x = torch.randn(4, 3, 32, 32)
+    outs = {}
+    for rescale in (True, False):
+        m = api.transform("zoo:vgg16n", "sparse-random", density=0.1, seed=0, rescale_init=rescale).model.eval()
+        with torch.no_grad():  # BN in eval with fresh statistics is the identity: scale compounds
+            y = m(x)
+            outs[rescale] = (y - y.mean(0)).std().item()  # how much the output depends on the input
+    assert outs[True] > 100 * outs[False], outs
