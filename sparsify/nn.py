@@ -49,18 +49,19 @@ class _Masked:
 
 
 def _adopt(new: nn.Module, dense: nn.Module, mask: torch.Tensor | None) -> nn.Module:
-    """Give ``new`` (built on the meta device, so nothing was initialised) copies of ``dense``'s
-    parameters and the ``mask``, then zero the masked weights."""
+    """Give ``new`` (built on the meta device, so nothing was initialised) ``dense``'s parameters,
+    masked by ``mask``, as new tensors."""
     w = dense.weight.detach()
-    new.weight = nn.Parameter(w.clone(), requires_grad=dense.weight.requires_grad)
-    if dense.bias is not None:
-        new.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=dense.bias.requires_grad)
     m = torch.ones(new.mask.shape, dtype=w.dtype, device=w.device) if mask is None else \
         mask.detach().to(device=w.device, dtype=w.dtype).clone()
     if m.shape != new.mask.shape:
         raise ValueError(f"mask shape {tuple(m.shape)} does not match {tuple(new.mask.shape)}")
     new.register_buffer("mask", m)
-    new.apply_mask_()
+    # one pass over the weight: the masked copy (masked entries exactly zero)
+    new.weight = nn.Parameter(w * m.reshape(m.shape + (1,) * (w.dim() - m.dim())),
+                              requires_grad=dense.weight.requires_grad)
+    if dense.bias is not None:
+        new.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=dense.bias.requires_grad)
     return new
 
 

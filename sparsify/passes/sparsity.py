@@ -115,15 +115,18 @@ def random_mask(n_out: int, allowed: np.ndarray, live: int, rng: np.random.Gener
             r, c = np.divmod(pick, m)
             mask[r, allowed[c]] = True
         return mask
-    uncovered = list(rng.permutation(allowed))
-    for u in rng.permutation(n_out):
-        k = int(row_counts[u])
-        take = uncovered[:k]
-        del uncovered[:k]
-        if len(take) < k:
-            rest = np.setdiff1d(allowed, np.asarray(take, dtype=allowed.dtype), assume_unique=True)
-            take += list(rng.choice(rest, size=k - len(take), replace=False))
-        mask[u, np.asarray(take, dtype=np.int64)] = True
+    # Vectorised: every column first takes one slot of a random row (rows have counts[u] slots),
+    # then each row fills up with its lowest random keys; covered entries get key -1.
+    counts = np.asarray(row_counts, dtype=np.int64)
+    allowed = np.sort(allowed)
+    slots = np.repeat(np.arange(n_out), counts)
+    rng.shuffle(slots)
+    cover = min(m, len(slots))
+    keys = rng.random((n_out, m))
+    keys[slots[:cover], rng.permutation(m)[:cover]] = -1.0
+    order = np.argsort(keys, axis=1, kind="stable")
+    take = np.arange(m)[None, :] < counts[:, None]
+    mask[np.repeat(np.arange(n_out), counts), allowed[order[take]]] = True
     return mask
 
 
