@@ -24,6 +24,8 @@ enum PlanKind : int32_t {
   kPointwise = 0,  // 1x1, stride 1, no pads: reads X directly, no padded copy
   kDirect = 1,     // kxk (k in 1,3,5,7), stride 1 or 2, dilation 1: register-blocked, padded copy
   kGeneric = 2,    // anything else: simple loops over a padded copy
+  kFlat3 = 3,      // 3x3, stride 1, dilation 1: output plane as flat vectors (see kernel.h)
+  kSmall3 = 4,     // 3x3 "same" conv on a plane of at most 4 AVX-512 vectors: permutes, no copy
 };
 
 struct Plan {
@@ -35,17 +37,28 @@ struct Plan {
   int64_t Hp, Wps;      // padded rows, padded row stride (floats, per phase)
   int64_t phase;        // floats between column phases (stride-2 layout), 0 when S == 1
   int64_t plane;        // floats per padded input channel (all phases)
+  // kFlat3 only: P output rows per vector (1, or VL/ws for narrow planes), ws floats per flat
+  // output row, nvr vectors per output row (P == 1), kxs floats between the kx-shifted input
+  // copies (1 when a single padded copy is read at kx offsets), strip output rows per cache tile.
+  int32_t P, nvr;
+  int64_t ws, kxs, strip;
+  // kSmall3 only: per tap t = ky*3+kx the lane permutation (bit 4 picks the second source) and
+  // per kx the lanes whose source column is inside the plane.
+  int32_t sidx[9][16];
+  uint32_t smask[3];
 };
 
 // One ISA's entry points. make_plan fills a Plan; pad_channel writes one input channel's padded
-// copy (layout described by the plan); compute_channel writes one output channel's plane.
+// copy (layout described by the plan); compute_channel writes output rows [row0, row1) of one
+// output channel's plane (row ranges other than the whole plane only for kFlat3, at multiples
+// of p.strip).
 struct KernelFns {
   const char* isa;
   void (*make_plan)(const Geom& g, Plan* p);
   void (*pad_channel)(const Geom& g, const Plan& p, const float* x_chan, float* xp_chan);
   void (*compute_channel)(const Geom& g, const Plan& p, const float* x_n, const float* xp_n,
                           float* y_chan, const float* w_row, const int64_t* cols, int64_t cnt,
-                          float bias, int64_t cin_base);
+                          float bias, int64_t cin_base, int64_t row0, int64_t row1);
 };
 
 const KernelFns* base_kernels();

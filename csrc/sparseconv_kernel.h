@@ -36,6 +36,13 @@ inline vf load_once(const float* p) {
 #endif
   return v;
 }
+// Hides how a pointer was computed, so the compiler addresses every load as this register plus
+// an immediate instead of keeping dozens of precomputed index offsets on the stack.
+inline void launder(const float*& p) {
+#if defined(__GNUC__) || defined(__clang__)
+  asm("" : "+r"(p));
+#endif
+}
 inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 // x - 0 is exactly x (also for -0), so this folds to one broadcast instruction.
 inline vf bcast(float x) { return x - vf{}; }
@@ -188,6 +195,257 @@ int pick_cfg(int K, int S, int64_t Ho, int64_t Wo) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Flat path: 3x3, stride 1, dilation 1 (the common case). The output plane is a sequence of
+// vectors: for planes at least one vector wide, each output row is padded to ws = a multiple of
+// VL and read from ONE zero-padded input copy at column offsets kx (rows of in_row >= ws + 2
+// floats); for narrow planes (ws divides VL) one vector holds P = VL / ws consecutive output rows
+// and the input is repacked into THREE copies shifted by kx = 0, 1, 2 whose rows are exactly ws
+// wide, so a whole 8x8 or 4x4 plane is 4 or 1 full vectors with no wasted lanes. A block of RB
+// vectors (x NV columns) keeps its accumulators in registers over all live connections; every
+// loaded input vector feeds each vertical tap that needs it; NSET accumulator sets take
+// alternate connections so there are enough independent FMA chains on small blocks.
+
+// One live connection into one accumulator set. base points at the block's first input row of
+// the connection's channel. Narrow planes (P > 1) read three kx-shifted copies kxs floats apart
+// with rows of VL / P floats; wide planes (P == 1) read one padded copy at offsets kx with rows
+// `stride` floats apart, a compile-time NV * VL + 2 when the block spans the whole row (FULL).
+// Tap t goes to accumulator split t % NS: NS independent chains per output vector.
+template <int P, int NV, int RB, int NS, bool FULL>
+__attribute__((always_inline)) inline void flat3_step(vf (&a)[NS][RB][NV], const float* __restrict base,
+                                                      const float* __restrict w, int64_t stride,
+                                                      int64_t kxs) {
+  constexpr int NR = (RB - 1) * P + 3;  // input rows touched per block
+  constexpr int64_t CSTRIDE = P > 1 ? VL / P : NV * VL + 2;
+  const int64_t rs = (P > 1 || FULL) ? CSTRIDE : stride;
+  vf wv[9];
+#pragma GCC unroll 9
+  for (int t = 0; t < 9; ++t) wv[t] = bcast(w[t]);
+#pragma GCC unroll 3
+  for (int kx = 0; kx < 3; ++kx) {
+    const float* row = P > 1 ? base + kx * kxs : base + kx;
+    launder(row);
+#pragma GCC unroll 64
+    for (int rr = 0; rr < NR; ++rr) {
+#pragma GCC unroll 16
+      for (int u = 0; u < NV; ++u) {
+        const vf in = load_once(row + rr * rs + u * VL);
+#pragma GCC unroll 16
+        for (int j = 0; j < RB; ++j) {
+          const int ky = rr - j * P;
+          if (ky >= 0 && ky < 3) a[(ky * 3 + kx) % NS][j][u] += wv[ky * 3 + kx] * in;
+        }
+      }
+    }
+  }
+}
+
+// Output rows [row0, row1) of one output channel over `cnt` connections; NC accumulator sets
+// take alternate connections (more independent chains for one-vector planes).
+template <int P, int NV, int RB, int NS, int NC, bool FULL>
+void flat3_rows(const Geom& g, const Plan& p, const float* __restrict xp_n, float* __restrict y,
+                const float* __restrict w_row, const int64_t* __restrict cols, int64_t cnt,
+                float bias, int64_t cin_base, int64_t row0, int64_t row1) {
+  const int64_t in_row = p.Wps, kxs = P > 1 ? p.kxs : 1, plane = p.plane, Wo = g.Wo, Ho = g.Ho;
+  const int64_t ws = p.ws, nvr = p.nvr;
+  const float* xg = xp_n + cin_base * plane;
+  for (int64_t yb = row0; yb < row1; yb += RB * P) {
+    for (int64_t cv = 0; cv < nvr; cv += NV) {
+      vf acc[NC][NS][RB][NV];
+#pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c)
+#pragma GCC unroll 16
+        for (int s = 0; s < NS; ++s)
+#pragma GCC unroll 16
+          for (int j = 0; j < RB; ++j)
+#pragma GCC unroll 16
+            for (int u = 0; u < NV; ++u) acc[c][s][j][u] = (c == 0 && s == 0) ? bcast(bias) : vf{};
+      const float* blk = xg + yb * in_row + cv * VL;
+      int64_t k = 0;
+      for (; k + NC <= cnt; k += NC) {
+#pragma GCC unroll 16
+        for (int c = 0; c < NC; ++c)
+          flat3_step<P, NV, RB, NS, FULL>(acc[c], blk + cols[k + c] * plane, w_row + (k + c) * 9,
+                                          in_row, kxs);
+      }
+      for (; k < cnt; ++k)
+        flat3_step<P, NV, RB, NS, FULL>(acc[0], blk + cols[k] * plane, w_row + k * 9, in_row, kxs);
+#pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c)
+#pragma GCC unroll 16
+        for (int s = 0; s < NS; ++s) {
+          if (c == 0 && s == 0) continue;
+#pragma GCC unroll 16
+          for (int j = 0; j < RB; ++j)
+#pragma GCC unroll 16
+            for (int u = 0; u < NV; ++u) acc[0][0][j][u] += acc[c][s][j][u];
+        }
+#pragma GCC unroll 16
+      for (int j = 0; j < RB; ++j) {
+        const int64_t r = yb + j * P;  // first output row of this vector
+        if (r >= Ho) break;
+#pragma GCC unroll 16
+        for (int u = 0; u < NV; ++u) {
+          const vf v = acc[0][0][j][u];
+          if (P == 1) {
+            const int64_t xs = (cv + u) * VL;
+            float* out = y + r * Wo + xs;
+            if (xs + VL <= Wo) {
+              storeu(out, v);
+            } else if (xs < Wo) {
+              float tmp[VL];
+              storeu(tmp, v);
+              std::memcpy(out, tmp, sizeof(float) * (Wo - xs));
+            }
+          } else if (ws == Wo && r + P <= Ho) {
+            storeu(y + r * Wo, v);
+          } else {
+            float tmp[VL];
+            storeu(tmp, v);
+            for (int q = 0; q < P && r + q < Ho; ++q)
+              std::memcpy(y + (r + q) * Wo, tmp + q * ws, sizeof(float) * Wo);
+          }
+        }
+      }
+    }
+  }
+}
+
+typedef void (*RowsFn)(const Geom& g, const Plan& p, const float* xp_n, float* y,
+                       const float* w_row, const int64_t* cols, int64_t cnt, float bias,
+                       int64_t cin_base, int64_t row0, int64_t row1);
+
+struct FlatCfg {
+  int P, NV, RB, NS, NC;
+  bool full;
+  RowsFn fn;
+};
+
+#define SPARSIFY_FLAT(P, NV, RB, NS, NC, FULL) \
+  { P, NV, RB, NS, NC, FULL, &flat3_rows<P, NV, RB, NS, NC, FULL> }
+// Accumulators RB*NV*NS*NC plus 9 broadcast weights plus an input vector or two must fit the
+// register file; each accumulator is a chain of dependent FMAs, so a config needs about 8
+// accumulators in flight (NS tap splits, NC sets over alternate connections for small blocks).
+// FULL configs serve planes whose rows are exactly NV vectors (compile-time row stride).
+const FlatCfg kFlatCfgs[] = {
+#if SPARSIFY_NREGS >= 32
+    SPARSIFY_FLAT(1, 1, 8, 2, 1, true), SPARSIFY_FLAT(1, 1, 16, 1, 1, true),
+    SPARSIFY_FLAT(1, 1, 4, 3, 1, true), SPARSIFY_FLAT(1, 1, 2, 3, 1, true),
+    SPARSIFY_FLAT(1, 1, 1, 3, 2, true),
+    SPARSIFY_FLAT(1, 2, 4, 2, 1, true), SPARSIFY_FLAT(1, 2, 8, 1, 1, true),
+    SPARSIFY_FLAT(1, 2, 7, 1, 1, true), SPARSIFY_FLAT(1, 2, 2, 3, 1, true),
+    SPARSIFY_FLAT(1, 3, 4, 1, 1, true), SPARSIFY_FLAT(1, 3, 2, 2, 1, true),
+    SPARSIFY_FLAT(1, 4, 4, 1, 1, true), SPARSIFY_FLAT(1, 4, 2, 2, 1, true),
+    SPARSIFY_FLAT(1, 4, 4, 1, 1, false), SPARSIFY_FLAT(1, 4, 2, 2, 1, false),
+    SPARSIFY_FLAT(1, 2, 4, 2, 1, false),
+#if SPARSIFY_VBYTES >= 32
+    SPARSIFY_FLAT(2, 1, 4, 3, 1, false), SPARSIFY_FLAT(2, 1, 8, 2, 1, false),
+    SPARSIFY_FLAT(2, 1, 2, 3, 1, false), SPARSIFY_FLAT(2, 1, 1, 3, 2, false),
+#endif
+#if SPARSIFY_VBYTES >= 64
+    SPARSIFY_FLAT(4, 1, 1, 3, 4, false), SPARSIFY_FLAT(4, 1, 2, 3, 2, false),
+    SPARSIFY_FLAT(4, 1, 4, 3, 1, false),
+#endif
+#else
+    SPARSIFY_FLAT(1, 1, 4, 1, 1, true), SPARSIFY_FLAT(1, 1, 2, 2, 1, true),
+    SPARSIFY_FLAT(1, 2, 2, 1, 1, true), SPARSIFY_FLAT(1, 2, 2, 1, 1, false),
+    SPARSIFY_FLAT(1, 1, 4, 1, 1, false),
+#if SPARSIFY_VBYTES >= 32
+    SPARSIFY_FLAT(2, 1, 2, 2, 1, false), SPARSIFY_FLAT(2, 1, 4, 1, 1, false),
+#endif
+#endif
+};
+#undef SPARSIFY_FLAT
+constexpr int kNumFlatCfgs = sizeof(kFlatCfgs) / sizeof(kFlatCfgs[0]);
+
+// Modelled cycles per output channel and connection: FMAs at two per cycle, loads (input vectors
+// plus nine weight broadcasts) at two per cycle, and no faster than the NS*NC interleaved
+// chains of dependent 4-cycle FMAs allow; plus a little overhead per block.
+int pick_flat(int64_t Ho, int64_t nvr, int P) {
+  int best = -1;
+  double best_cost = 0.0;
+  for (int i = 0; i < kNumFlatCfgs; ++i) {
+    const FlatCfg& c = kFlatCfgs[i];
+    if (c.P != P || (c.full && c.NV != nvr) || (!c.full && P == 1 && c.NV >= nvr)) continue;
+    const double blocks = double(cdiv(Ho, int64_t(c.RB) * P)) * double(cdiv(nvr, c.NV));
+    const double fma = double(c.RB) * c.NV * 9;
+    const double loads = 3.0 * ((c.RB - 1) * P + 3) * c.NV + 9;
+    double cyc = fma / 2;
+    if (loads / 2 > cyc) cyc = loads / 2;
+    const double chain = 4.0 * 9 / (c.NS * c.NC);
+    if (chain > cyc) cyc = chain;
+    const double cost = blocks * (cyc + 3.0);
+    if (best < 0 || cost < best_cost) {
+      best = i;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+// Fills a kFlat3 plan, or returns false when no flat config fits this plane.
+bool make_flat_plan(const Geom& g, Plan* p) {
+  int64_t ws = cdiv(g.Wo, VL) * VL;
+  int P = 1;
+  while (P < 4 && VL % (2 * P) == 0 && g.Wo <= VL / (2 * P)) P *= 2;
+  if (P > 1) ws = VL / P;
+  const int cfg = pick_flat(g.Ho, P == 1 ? ws / VL : 1, P);
+  if (cfg < 0) return false;
+  const FlatCfg& c = kFlatCfgs[cfg];
+  p->kind = kFlat3;
+  p->K = 3;
+  p->S = 1;
+  p->cfg = cfg;
+  p->P = P;
+  p->R = c.RB;
+  p->V = c.NV;
+  p->ws = ws;
+  p->nvr = int32_t(P == 1 ? ws / VL : 1);
+  const int64_t rows_blk = int64_t(c.RB) * P;
+  p->Hp = cdiv(g.Ho, rows_blk) * rows_blk + 2;  // input rows incl. the bottom halo
+  if (P == 1) {
+    p->Wps = ws + 2;
+    p->kxs = 1;
+    p->plane = cdiv(p->Hp * p->Wps, 16) * 16;
+  } else {
+    p->Wps = ws;
+    p->kxs = cdiv(p->Hp * ws, 16) * 16;
+    p->plane = 3 * p->kxs;
+  }
+  // Tasks walk the plane one row block at a time over all their output channels, so the block's
+  // input rows of every input channel stay in cache while each output channel reads them.
+  p->strip = rows_blk >= g.Ho ? g.Ho : rows_blk;
+  return true;
+}
+
+void flat_pad_channel(const Geom& g, const Plan& p, const float* __restrict x, float* __restrict xp) {
+  const int ncopies = p.P == 1 ? 1 : 3;
+  for (int kx = 0; kx < ncopies; ++kx) {
+    float* dst = xp + kx * p.kxs;
+    const int64_t width = p.Wps;
+    for (int64_t r = 0; r < p.Hp; ++r) {
+      float* row = dst + r * width;
+      const int64_t ir = r - g.pt;
+      if (ir < 0 || ir >= g.H) {
+        std::memset(row, 0, sizeof(float) * width);
+        continue;
+      }
+      const float* src = x + ir * g.W;
+      // row[c] = x[ir][c + kx - pl] where that is inside the input, else 0.
+      const int64_t shift = kx - g.pl;
+      int64_t c0 = -shift > 0 ? -shift : 0;
+      if (c0 > width) c0 = width;
+      int64_t c1 = g.W - shift;
+      if (c1 > width) c1 = width;
+      if (c1 < c0) c1 = c0;
+      std::memset(row, 0, sizeof(float) * c0);
+      std::memcpy(row + c0, src + c0 + shift, sizeof(float) * (c1 - c0));
+      std::memset(row + c1, 0, sizeof(float) * (width - c1));
+    }
+    if (ncopies > 1) std::memset(dst + p.Hp * width, 0, sizeof(float) * (p.kxs - p.Hp * width));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 
 void make_plan(const Geom& g, Plan* p) {
   std::memset(p, 0, sizeof(*p));
@@ -203,6 +461,7 @@ void make_plan(const Geom& g, Plan* p) {
     p->S = 1;
     return;
   }
+  if (direct && g.kH == 3 && g.sH == 1 && make_flat_plan(g, p)) return;
   if (direct) {
     const int K = int(g.kH), S = int(g.sH);
     const int cfg = pick_cfg(K, S, g.Ho, g.Wo);
@@ -230,6 +489,10 @@ void make_plan(const Geom& g, Plan* p) {
 }
 
 void pad_channel(const Geom& g, const Plan& p, const float* __restrict x, float* __restrict xp) {
+  if (p.kind == kFlat3) {
+    flat_pad_channel(g, p, x, xp);
+    return;
+  }
   const int64_t S = p.kind == kDirect ? p.S : 1;
   for (int64_t ph = 0; ph < S; ++ph) {
     float* dst = xp + ph * p.phase;
@@ -317,8 +580,10 @@ void generic_channel(const Geom& g, const Plan& p, const float* __restrict xp_n,
 
 void compute_channel(const Geom& g, const Plan& p, const float* x_n, const float* xp_n, float* y,
                      const float* w_row, const int64_t* cols, int64_t cnt, float bias,
-                     int64_t cin_base) {
-  if (p.kind == kPointwise) {
+                     int64_t cin_base, int64_t row0, int64_t row1) {
+  if (p.kind == kFlat3) {
+    kFlatCfgs[p.cfg].fn(g, p, xp_n, y, w_row, cols, cnt, bias, cin_base, row0, row1);
+  } else if (p.kind == kPointwise) {
     pointwise_channel(g, x_n, y, w_row, cols, cnt, bias, cin_base);
   } else if (p.kind == kDirect) {
     kCfgs[p.cfg].fn(g, p, xp_n, y, w_row, cols, cnt, bias, cin_base);

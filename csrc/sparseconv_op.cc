@@ -91,6 +91,12 @@ struct Kernel {
   std::vector<int64_t> strides{1, 1}, pads{0, 0, 0, 0}, dilations{1, 1};
   int64_t group = 1;
   OrtMemoryInfo* cpu = nullptr;
+  // row_ptr / col_idx data when they are constant initializers (known at session creation):
+  // their check then runs on the first call only; validated_cpg records the input channels per
+  // group it passed for (-1: not yet). Other index inputs are checked on every call.
+  const void* const_row_ptr = nullptr;
+  const void* const_col_idx = nullptr;
+  mutable std::atomic<int64_t> validated_cpg{-1};
   ~Kernel() {
     if (cpu != nullptr) g_api->ReleaseMemoryInfo(cpu);
   }
@@ -137,6 +143,21 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
     k->group = g;
   }
   if (st == nullptr) st = g_api->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &k->cpu);
+  if (st == nullptr) {
+    const void** slots[2] = {&k->const_row_ptr, &k->const_col_idx};
+    for (size_t i = 0; i < 2; ++i) {
+      int is_const = 0;
+      const OrtValue* v = nullptr;
+      OrtStatus* cs = g_api->KernelInfoGetConstantInput_tensor(info, 2 + i, &is_const, &v);
+      const void* data = nullptr;
+      if (cs == nullptr && is_const && v != nullptr) cs = g_api->GetTensorData(v, &data);
+      if (cs != nullptr) {
+        g_api->ReleaseStatus(cs);
+        data = nullptr;
+      }
+      *slots[i] = is_const ? data : nullptr;
+    }
+  }
   if (st != nullptr) {
     delete k;
     return st;
@@ -192,8 +213,9 @@ struct Job {
   const int64_t* row_ptr;
   const int64_t* col_idx;
   const float* B;
-  int64_t per;  // planes (pad) or output channels (conv) per task
+  int64_t per;  // planes per pad task
   int64_t nob;  // output-channel blocks per image
+  const int64_t* bounds;  // nob + 1 block boundaries over output channels (about equal nnz)
 };
 
 void pad_task(void* ud, size_t i) {
@@ -208,15 +230,31 @@ void conv_task(void* ud, size_t i) {
   const Job& j = *static_cast<const Job*>(ud);
   const Geom& g = *j.g;
   const int64_t n = int64_t(i) / j.nob, b = int64_t(i) % j.nob;
-  const int64_t o_end = (b + 1) * j.per < g.Cout ? (b + 1) * j.per : g.Cout;
+  const int64_t o_begin = j.bounds[b], o_end = j.bounds[b + 1];
   const int64_t kk = g.kH * g.kW, hw_out = g.Ho * g.Wo;
   const float* x_n = j.X + n * g.Cin * g.H * g.W;
   const float* xp_n = j.xp != nullptr ? j.xp + n * g.Cin * j.p->plane : nullptr;
-  for (int64_t o = b * j.per; o < o_end; ++o) {
-    const int64_t start = j.row_ptr[o], cnt = j.row_ptr[o + 1] - start;
-    const int64_t cin_base = (o / g.cout_per_group) * g.cin_per_group;
-    j.f->compute_channel(g, *j.p, x_n, xp_n, j.Y + (n * g.Cout + o) * hw_out, j.W + start * kk,
-                         j.col_idx + start, cnt, j.B != nullptr ? j.B[o] : 0.0f, cin_base);
+  if (j.p->kind != sparsify_conv::kFlat3) {
+    for (int64_t o = o_begin; o < o_end; ++o) {
+      const int64_t start = j.row_ptr[o], cnt = j.row_ptr[o + 1] - start;
+      const int64_t cin_base = (o / g.cout_per_group) * g.cin_per_group;
+      j.f->compute_channel(g, *j.p, x_n, xp_n, j.Y + (n * g.Cout + o) * hw_out, j.W + start * kk,
+                           j.col_idx + start, cnt, j.B != nullptr ? j.B[o] : 0.0f, cin_base, 0,
+                           g.Ho);
+    }
+    return;
+  }
+  // Flat path: one row block at a time over all output channels of the block (the block's input
+  // rows stay in cache while every output channel reads them).
+  for (int64_t r0 = 0; r0 < g.Ho; r0 += j.p->strip) {
+    const int64_t r1 = r0 + j.p->strip < g.Ho ? r0 + j.p->strip : g.Ho;
+    for (int64_t o = o_begin; o < o_end; ++o) {
+      const int64_t start = j.row_ptr[o], cnt = j.row_ptr[o + 1] - start;
+      const int64_t cin_base = (o / g.cout_per_group) * g.cin_per_group;
+      j.f->compute_channel(g, *j.p, x_n, xp_n, j.Y + (n * g.Cout + o) * hw_out, j.W + start * kk,
+                           j.col_idx + start, cnt, j.B != nullptr ? j.B[o] : 0.0f, cin_base, r0,
+                           r1);
+    }
   }
 }
 
@@ -313,6 +351,10 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   if (has_b) SPARSIFY_TRY(g_api->GetTensorData(t[4].value, reinterpret_cast<const void**>(&B)));
 
   // The index arrays: CSR over output channels, columns within the group, no duplicates.
+  // Constant index initializers are checked once (per input-channel count).
+  const bool cached = row_ptr == k.const_row_ptr && col_idx == k.const_col_idx &&
+                      k.validated_cpg.load(std::memory_order_acquire) == g.cin_per_group;
+  if (!cached) {
   if (row_ptr[0] != 0) return invalid("row_ptr[0]=" + std::to_string(row_ptr[0]) + ", must be 0");
   for (int64_t o = 0; o < g.Cout; ++o)
     if (row_ptr[o + 1] < row_ptr[o])
@@ -338,6 +380,9 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
       }
     }
   }
+  if (row_ptr == k.const_row_ptr && col_idx == k.const_col_idx)
+    k.validated_cpg.store(g.cin_per_group, std::memory_order_release);
+  }
 
   const int64_t ydims[4] = {g.N, g.Cout, g.Ho, g.Wo};
   OrtValue* yv = nullptr;
@@ -346,10 +391,15 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   SPARSIFY_TRY(g_api->GetTensorMutableData(yv, reinterpret_cast<void**>(&Y)));
   if (g.N == 0 || g.Cout == 0 || g.Ho * g.Wo == 0) return nullptr;
 
-  const KernelFns* fns = (g.Wo > 8 ? g_wide : g_narrow).load(std::memory_order_relaxed);
+  // The flat 3x3 path packs narrow planes into full vectors, so it prefers the widest ISA.
+  const KernelFns* fns = g_wide.load(std::memory_order_relaxed);
   Plan p;
   fns->make_plan(g, &p);
-  Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0};
+  if (p.kind != sparsify_conv::kFlat3 && g.Wo <= 8) {
+    fns = g_narrow.load(std::memory_order_relaxed);
+    fns->make_plan(g, &p);
+  }
+  Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr};
   Scratch scratch;
   if (p.kind != sparsify_conv::kPointwise && g.Cin > 0) {
     SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &scratch.alloc));
@@ -362,16 +412,30 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     job.per = p.plane >= 16384 ? 1 : 16384 / p.plane;
     SPARSIFY_TRY(parallel_for(ctx, pad_task, (planes + job.per - 1) / job.per, &job));
   }
-  // Tasks of about 64k multiply-adds or more (one output channel at least), dynamically
-  // scheduled over (image, block of output channels).
-  const int64_t avg_cnt = g.Cout > 0 ? (nnz + g.Cout - 1) / g.Cout : 0;
-  const int64_t per_chan = (avg_cnt > 0 ? avg_cnt : 1) * g.Ho * g.Wo * g.kH * g.kW;
-  int64_t per = (65536 + per_chan - 1) / per_chan;
-  if (per < 1) per = 1;
-  if (per > g.Cout) per = g.Cout;
-  job.per = per;
-  job.nob = (g.Cout + per - 1) / per;
-  return parallel_for(ctx, conv_task, g.N * job.nob, &job);
+  // Work items are (image, block of output channels) with blocks of about equal cost (live
+  // connections + 1 per channel), claimed dynamically by the pool's threads: about 8 items per
+  // call for load balance, each at least ~64k multiply-adds, fewer blocks when the batch already
+  // gives enough items (whole images keep their input in cache).
+  const int64_t per_conn = g.Ho * g.Wo * g.kH * g.kW;
+  const int64_t work = (nnz + g.Cout) * per_conn;
+  int64_t nob = (work + 65535) / 65536;
+  const int64_t want = (8 + g.N - 1) / g.N;
+  if (nob > want) nob = want;
+  if (nob > g.Cout) nob = g.Cout;
+  if (nob < 1) nob = 1;
+  std::vector<int64_t> bounds(size_t(nob + 1), g.Cout);
+  bounds[0] = 0;
+  {
+    const int64_t total = nnz + g.Cout;
+    int64_t b = 1;
+    for (int64_t o = 0; o < g.Cout && b < nob; ++o) {
+      // Channel o ends block b once the cumulative cost reaches b / nob of the total.
+      if ((row_ptr[o + 1] + o + 1) * nob >= b * total) bounds[size_t(b++)] = o + 1;
+    }
+  }
+  job.nob = nob;
+  job.bounds = bounds.data();
+  return parallel_for(ctx, conv_task, g.N * nob, &job);
 }
 
 OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
