@@ -76,24 +76,25 @@ class ChannelGroup:
         return [m for m in self.members if m.role in roles]
 
 
-_PASS_MODULES = (
+# Ops whose output channel c depends on input channel c only (shared with compaction).
+PASS_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
     nn.Hardsigmoid, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.MaxPool2d,
     nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Softplus, nn.PReLU,
 )
-_PASS_FUNCTIONS = {
+PASS_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.mish,
     F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
     F.softplus, torch.relu, torch.sigmoid, torch.tanh, torch.dropout, F.sigmoid, F.tanh,
     torch.nn.functional.relu_, torch.clamp, torch.clip,
 }
-_PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "clamp", "clip", "detach", "float"}
-_BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
+PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "clamp", "clip", "detach", "float"}
+BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
                      torch.add, torch.sub, torch.mul, torch.div}
-_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_"}
-_REDUCE = {torch.mean, torch.sum, torch.amax}
-_REDUCE_METHODS = {"mean", "sum", "amax"}
-_NEUTRAL_METHODS = {"size", "dim"}
+BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_"}
+REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax}
+REDUCE_METHODS = {"mean", "sum", "amax"}
+NEUTRAL_METHODS = {"size", "dim"}
 
 
 def _channel_axis(shape: tuple[int, ...] | None) -> int | None:
@@ -202,7 +203,7 @@ class ChannelGraph:
             s_in, s_out = self._space(x), self._space(node)
             self._same(s_in, s_out, "batch norm")
             self._member(s_out, Member("bn", node.name, node.target))
-        elif isinstance(mod, _PASS_MODULES):
+        elif isinstance(mod, PASS_MODULES):
             if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
                 self._unknown(node, "PReLU with per-channel slopes")
             else:
@@ -215,9 +216,9 @@ class ChannelGraph:
     def _visit_function(self, node: fx.Node) -> None:
         fn = node.target
         x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        if fn in _PASS_FUNCTIONS:
+        if fn in PASS_FUNCTIONS:
             self._pass_through(node, x)
-        elif fn in _BINARY_FUNCTIONS:
+        elif fn in BINARY_FUNCTIONS:
             self._binary(node)
         elif fn in (torch.cat, torch.concat):
             self._cat(node)
@@ -237,7 +238,7 @@ class ChannelGraph:
             self._conv(node, x, groups, shape[1] * groups, shape[0], w.target, functional=True)
         elif fn is F.linear:
             self._linear(node, x, None, functional=True)
-        elif fn in _REDUCE:
+        elif fn in REDUCE_FUNCTIONS:
             self._reduce(node, x)
         elif fn is getattr or fn is operator.getitem and node_shape(node) is None:
             pass  # x.shape / size lookups carry no channels
@@ -247,15 +248,15 @@ class ChannelGraph:
     def _visit_method(self, node: fx.Node) -> None:
         name = node.target
         x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        if name in _PASS_METHODS:
+        if name in PASS_METHODS:
             self._pass_through(node, x)
-        elif name in _BINARY_METHODS:
+        elif name in BINARY_METHODS:
             self._binary(node)
         elif name in ("view", "reshape", "flatten"):
             self._reshape(node, x)
-        elif name in _REDUCE_METHODS:
+        elif name in REDUCE_METHODS:
             self._reduce(node, x)
-        elif name in _NEUTRAL_METHODS:
+        elif name in NEUTRAL_METHODS:
             pass
         else:
             self._unknown(node, f".{name}()")

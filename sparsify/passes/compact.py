@@ -12,7 +12,6 @@ checked against the original on random inputs (the equivalence certificate) and 
 from __future__ import annotations
 
 import copy
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +23,10 @@ import torch.nn.functional as F
 
 from ..errors import PassError
 from ..nn import SparseConv2d, SparseLinear
-from .channel_graph import ChannelGraph, ChannelGroup
+from .channel_graph import (
+    BINARY_FUNCTIONS, BINARY_METHODS, PASS_FUNCTIONS, PASS_METHODS, PASS_MODULES, REDUCE_FUNCTIONS,
+    REDUCE_METHODS, ChannelGraph, ChannelGroup,
+)
 from .trace import propagate_shapes
 
 CERTIFICATE_TOLERANCE = 1e-5   # max abs error relative to the output scale
@@ -68,22 +70,15 @@ class CompactionReport:
 # Constancy: which channels carry the same number for every input
 
 
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
-    nn.Hardsigmoid, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Softplus, nn.PReLU,
-    nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-)
-_ELEMENTWISE_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.mish, F.dropout,
-    F.dropout2d, F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.softplus, torch.relu,
-    torch.sigmoid, torch.tanh, torch.dropout, F.sigmoid, F.tanh, F.relu_, torch.clamp, torch.clip,
-}
-_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "clamp", "clip", "detach", "float"}
-_BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-                     torch.add, torch.sub, torch.mul, torch.div}
-_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_"}
-_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax}
-_REDUCE_METHODS = {"mean", "sum", "amax"}
+# The channel graph's per-channel ops, less average pooling: with zero padding it turns a constant
+# map into a non-uniform one at the border, which constant propagation must not assume away.
+_ELEMENTWISE_MODULES = tuple(m for m in PASS_MODULES if m is not nn.AvgPool2d)
+_ELEMENTWISE_FUNCTIONS = PASS_FUNCTIONS - {F.avg_pool2d}
+_ELEMENTWISE_METHODS = PASS_METHODS
+_BINARY_FUNCTIONS = BINARY_FUNCTIONS
+_BINARY_METHODS = BINARY_METHODS
+_REDUCE_FUNCTIONS = REDUCE_FUNCTIONS
+_REDUCE_METHODS = REDUCE_METHODS
 
 
 def _effective_weight(mod: nn.Module) -> torch.Tensor:
