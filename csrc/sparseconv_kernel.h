@@ -14,6 +14,9 @@
 // and the kxk weights of a connection are broadcast once per block.
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "sparseconv_common.h"
 
@@ -446,6 +449,125 @@ void flat_pad_channel(const Geom& g, const Plan& p, const float* __restrict x, f
 }
 
 // ---------------------------------------------------------------------------------------------
+// Small-plane path (AVX-512 only): 3x3 "same" convolution (stride 1, pads 1) on planes of at
+// most 4 vectors whose rows divide the vector (8x8, 4x4, 2x2, 16xH<=4). The input plane is read
+// straight from X (masked loads, no padded copy) into registers, and each tap's shifted plane is
+// one two-source lane permute of neighbouring vectors (zeroing lanes that fall in the padding),
+// so a connection costs its FMAs, a permute per FMA and one load per vector.
+#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
+constexpr bool kHasSmall = true;
+
+bool make_small_plan(const Geom& g, Plan* p) {
+  if (!(g.pt == 1 && g.pl == 1 && g.pb == 1 && g.pr == 1) || VL % g.W != 0 || g.H * g.W > 4 * VL)
+    return false;
+  const int64_t W = g.W, P = VL / W;
+  for (int t = 0; t < 9; ++t) {
+    const int ky = t / 3, kx = t % 3;
+    uint32_t mask = 0;
+    for (int64_t L = 0; L < VL; ++L) {
+      const int64_t r = L / W, x = L % W, c = x + kx - 1, rr = r + ky - 1;
+      int32_t idx = 0;
+      if (c >= 0 && c < W) {
+        mask |= 1u << L;
+        if (ky == 0) idx = rr < 0 ? int32_t((P - 1) * W + c) : int32_t(VL + rr * W + c);
+        else if (ky == 1) idx = int32_t(rr * W + c);
+        else idx = rr < P ? int32_t(rr * W + c) : int32_t(VL + c);
+      }
+      p->sidx[t][L] = idx;
+    }
+    p->smask[kx] = mask;
+  }
+  p->kind = kSmall3;
+  p->K = 3;
+  p->S = 1;
+  p->V = int32_t(cdiv(g.H * g.W, VL));
+  return true;
+}
+
+template <int NV, int NS, int NC>
+void small3_channel(const Geom& g, const Plan& p, const float* __restrict x_n, float* __restrict y,
+                    const float* __restrict w_row, const int64_t* __restrict cols, int64_t cnt,
+                    float bias, int64_t cin_base) {
+  const int64_t hw = g.H * g.W;
+  const __mmask16 last = __mmask16((1u << (hw - (NV - 1) * VL)) - 1u);
+  const __mmask16 m0 = __mmask16(p.smask[0]), m2 = __mmask16(p.smask[2]);
+  __m512i idx[9];
+#pragma GCC unroll 9
+  for (int t = 0; t < 9; ++t) idx[t] = _mm512_loadu_si512(p.sidx[t]);
+  __m512 acc[NC][NS][NV];
+#pragma GCC unroll 16
+  for (int c = 0; c < NC; ++c)
+#pragma GCC unroll 16
+    for (int s = 0; s < NS; ++s)
+#pragma GCC unroll 16
+      for (int j = 0; j < NV; ++j)
+        acc[c][s][j] = (c == 0 && s == 0) ? _mm512_set1_ps(bias) : _mm512_setzero_ps();
+  const float* xg = x_n + cin_base * hw;
+  const __m512 z = _mm512_setzero_ps();
+  auto one = [&](__m512 (&a)[NS][NV], int64_t k) __attribute__((always_inline)) {
+    const float* src = xg + cols[k] * hw;
+    const float* w = w_row + k * 9;
+    __m512 v[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j)
+      v[j] = j + 1 < NV ? _mm512_loadu_ps(src + j * VL) : _mm512_maskz_loadu_ps(last, src + j * VL);
+#pragma GCC unroll 9
+    for (int t = 0; t < 9; ++t) {
+      const int ky = t / 3, kx = t % 3;
+      const __m512 wt = _mm512_set1_ps(w[t]);
+      const __mmask16 m = kx == 0 ? m0 : kx == 2 ? m2 : __mmask16(0xffff);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) {
+        __m512 tv;
+        if (t == 4) {
+          tv = v[j];
+        } else {
+          const __m512 A = ky == 0 ? (j > 0 ? v[j - 1] : z) : v[j];
+          const __m512 B = ky == 0 ? v[j] : ky == 1 ? v[j] : (j + 1 < NV ? v[j + 1] : z);
+          tv = _mm512_maskz_permutex2var_ps(m, A, idx[t], B);
+        }
+        a[t % NS][j] = _mm512_fmadd_ps(wt, tv, a[t % NS][j]);
+      }
+    }
+  };
+  int64_t k = 0;
+  for (; k + NC <= cnt; k += NC) {
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) one(acc[c], k + c);
+  }
+  for (; k < cnt; ++k) one(acc[0], k);
+#pragma GCC unroll 16
+  for (int c = 0; c < NC; ++c)
+#pragma GCC unroll 16
+    for (int s = 0; s < NS; ++s) {
+      if (c == 0 && s == 0) continue;
+#pragma GCC unroll 16
+      for (int j = 0; j < NV; ++j) acc[0][0][j] = _mm512_add_ps(acc[0][0][j], acc[c][s][j]);
+    }
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) {
+    if (j + 1 < NV) _mm512_storeu_ps(y + j * VL, acc[0][0][j]);
+    else _mm512_mask_storeu_ps(y + j * VL, last, acc[0][0][j]);
+  }
+}
+
+void small_channel(const Geom& g, const Plan& p, const float* x_n, float* y, const float* w_row,
+                   const int64_t* cols, int64_t cnt, float bias, int64_t cin_base) {
+  switch (p.V) {
+    case 1: return small3_channel<1, 3, 4>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+    case 2: return small3_channel<2, 2, 2>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+    case 3: return small3_channel<3, 3, 1>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+    default: return small3_channel<4, 2, 1>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+  }
+}
+#else
+constexpr bool kHasSmall = false;
+bool make_small_plan(const Geom&, Plan*) { return false; }
+void small_channel(const Geom&, const Plan&, const float*, float*, const float*, const int64_t*,
+                   int64_t, float, int64_t) {}
+#endif
+
+// ---------------------------------------------------------------------------------------------
 
 void make_plan(const Geom& g, Plan* p) {
   std::memset(p, 0, sizeof(*p));
@@ -461,6 +583,7 @@ void make_plan(const Geom& g, Plan* p) {
     p->S = 1;
     return;
   }
+  if (direct && g.kH == 3 && g.sH == 1 && kHasSmall && make_small_plan(g, p)) return;
   if (direct && g.kH == 3 && g.sH == 1 && make_flat_plan(g, p)) return;
   if (direct) {
     const int K = int(g.kH), S = int(g.sH);
@@ -581,7 +704,9 @@ void generic_channel(const Geom& g, const Plan& p, const float* __restrict xp_n,
 void compute_channel(const Geom& g, const Plan& p, const float* x_n, const float* xp_n, float* y,
                      const float* w_row, const int64_t* cols, int64_t cnt, float bias,
                      int64_t cin_base, int64_t row0, int64_t row1) {
-  if (p.kind == kFlat3) {
+  if (p.kind == kSmall3) {
+    small_channel(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+  } else if (p.kind == kFlat3) {
     kFlatCfgs[p.cfg].fn(g, p, xp_n, y, w_row, cols, cnt, bias, cin_base, row0, row1);
   } else if (p.kind == kPointwise) {
     pointwise_channel(g, x_n, y, w_row, cols, cnt, bias, cin_base);

@@ -395,13 +395,13 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   const KernelFns* fns = g_wide.load(std::memory_order_relaxed);
   Plan p;
   fns->make_plan(g, &p);
-  if (p.kind != sparsify_conv::kFlat3 && g.Wo <= 8) {
+  if (p.kind != sparsify_conv::kFlat3 && p.kind != sparsify_conv::kSmall3 && g.Wo <= 8) {
     fns = g_narrow.load(std::memory_order_relaxed);
     fns->make_plan(g, &p);
   }
   Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr};
   Scratch scratch;
-  if (p.kind != sparsify_conv::kPointwise && g.Cin > 0) {
+  if (p.kind != sparsify_conv::kPointwise && p.kind != sparsify_conv::kSmall3 && g.Cin > 0) {
     SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &scratch.alloc));
     const size_t bytes = size_t(g.N * g.Cin * p.plane) * sizeof(float);
     scratch.ptr = scratch.alloc->Alloc(scratch.alloc, bytes);

@@ -103,6 +103,19 @@ def test_paths_per_isa(monkeypatch: pytest.MonkeyPatch, isa: str, cin: int, cout
     assert_close(*run_both(case, x, threads=2))
 
 
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
+@pytest.mark.parametrize("h,w", [(8, 8), (4, 4), (2, 2), (1, 1), (5, 4), (7, 8), (3, 16), (4, 16), (16, 4), (9, 8)])
+def test_small_same_planes(monkeypatch: pytest.MonkeyPatch, isa: str, h: int, w: int) -> None:
+    """3x3 'same' convs on planes of a few vectors (the permute path on AVX-512), incl. empty rows."""
+    if isa != "auto":
+        monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(h * 100 + w)
+    for density, group in ((0.0, 1), (0.2, 1), (1.0, 1), (0.5, 2)):
+        case = random_case(rng, 12, 10, 3, density, group=group, pads=(1, 1, 1, 1))
+        x = rng.standard_normal((3, 12, h, w)).astype(np.float32)
+        assert_close(*run_both(case, x, threads=2))
+
+
 def test_rows_without_connections_give_bias() -> None:
     rng = np.random.default_rng(1)
     case = random_case(rng, 4, 3, 3, 0.0, pads=(1, 1, 1, 1))
