@@ -41,6 +41,7 @@ struct Plan {
   // output row, nvr vectors per output row (P == 1), kxs floats between the kx-shifted input
   // copies (1 when a single padded copy is read at kx offsets), strip output rows per cache tile.
   int32_t P, nvr;
+  int32_t align;  // rows of exactly ws floats, unshifted; kx shifts by lane rotation (AVX-512)
   int64_t ws, kxs, strip;
   // kSmall3 only: per tap t = ky*3+kx the lane permutation (bit 4 picks the second source) and
   // per kx the lanes whose source column is inside the plane.

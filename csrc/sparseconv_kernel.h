@@ -213,16 +213,49 @@ int pick_cfg(int K, int S, int64_t Ho, int64_t Wo) {
 // with rows of VL / P floats; wide planes (P == 1) read one padded copy at offsets kx with rows
 // `stride` floats apart, a compile-time NV * VL + 2 when the block spans the whole row (FULL).
 // Tap t goes to accumulator split t % NS: NS independent chains per output vector.
-template <int P, int NV, int RB, int NS, bool FULL>
+template <int P, int NV, int RB, int NS, bool FULL, bool ALIGN>
 __attribute__((always_inline)) inline void flat3_step(vf (&a)[NS][RB][NV], const float* __restrict base,
                                                       const float* __restrict w, int64_t stride,
                                                       int64_t kxs) {
   constexpr int NR = (RB - 1) * P + 3;  // input rows touched per block
-  constexpr int64_t CSTRIDE = P > 1 ? VL / P : NV * VL + 2;
+  constexpr int64_t CSTRIDE = P > 1 ? VL / P : ALIGN ? NV * VL : NV * VL + 2;
   const int64_t rs = (P > 1 || FULL) ? CSTRIDE : stride;
   vf wv[9];
 #pragma GCC unroll 9
   for (int t = 0; t < 9; ++t) wv[t] = bcast(w[t]);
+#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
+  if constexpr (ALIGN) {
+    // Rows of exactly NV aligned vectors (a 'same' conv's unshifted input): the kx = 0 and 2
+    // taps are the row shifted by one lane, built with valignd from the neighbouring vector
+    // (zero beyond the row ends, which is the left / right padding).
+    const float* row = base;
+    launder(row);
+    const __m512i zero = _mm512_setzero_si512();
+#pragma GCC unroll 64
+    for (int rr = 0; rr < NR; ++rr) {
+      __m512i c[NV];
+#pragma GCC unroll 16
+      for (int u = 0; u < NV; ++u) c[u] = _mm512_castps_si512(load_once(row + rr * rs + u * VL));
+#pragma GCC unroll 3
+      for (int q = 0; q < 3; ++q) {
+        const int kx = q == 0 ? 1 : q == 1 ? 0 : 2;
+#pragma GCC unroll 16
+        for (int u = 0; u < NV; ++u) {
+          vf in;
+          if (kx == 1) in = vf(_mm512_castsi512_ps(c[u]));
+          else if (kx == 0) in = vf(_mm512_castsi512_ps(_mm512_alignr_epi32(c[u], u > 0 ? c[u - 1] : zero, 15)));
+          else in = vf(_mm512_castsi512_ps(_mm512_alignr_epi32(u + 1 < NV ? c[u + 1] : zero, c[u], 1)));
+#pragma GCC unroll 16
+          for (int j = 0; j < RB; ++j) {
+            const int ky = rr - j * P;
+            if (ky >= 0 && ky < 3) a[(ky * 3 + kx) % NS][j][u] += wv[ky * 3 + kx] * in;
+          }
+        }
+      }
+    }
+    return;
+  }
+#endif
 #pragma GCC unroll 3
   for (int kx = 0; kx < 3; ++kx) {
     const float* row = P > 1 ? base + kx * kxs : base + kx;
@@ -244,7 +277,7 @@ __attribute__((always_inline)) inline void flat3_step(vf (&a)[NS][RB][NV], const
 
 // Output rows [row0, row1) of one output channel over `cnt` connections; NC accumulator sets
 // take alternate connections (more independent chains for one-vector planes).
-template <int P, int NV, int RB, int NS, int NC, bool FULL>
+template <int P, int NV, int RB, int NS, int NC, bool FULL, bool ALIGN = false>
 void flat3_rows(const Geom& g, const Plan& p, const float* __restrict xp_n, float* __restrict y,
                 const float* __restrict w_row, const int64_t* __restrict cols, int64_t cnt,
                 float bias, int64_t cin_base, int64_t row0, int64_t row1) {
@@ -267,11 +300,11 @@ void flat3_rows(const Geom& g, const Plan& p, const float* __restrict xp_n, floa
       for (; k + NC <= cnt; k += NC) {
 #pragma GCC unroll 16
         for (int c = 0; c < NC; ++c)
-          flat3_step<P, NV, RB, NS, FULL>(acc[c], blk + cols[k + c] * plane, w_row + (k + c) * 9,
+          flat3_step<P, NV, RB, NS, FULL, ALIGN>(acc[c], blk + cols[k + c] * plane, w_row + (k + c) * 9,
                                           in_row, kxs);
       }
       for (; k < cnt; ++k)
-        flat3_step<P, NV, RB, NS, FULL>(acc[0], blk + cols[k] * plane, w_row + k * 9, in_row, kxs);
+        flat3_step<P, NV, RB, NS, FULL, ALIGN>(acc[0], blk + cols[k] * plane, w_row + k * 9, in_row, kxs);
 #pragma GCC unroll 16
       for (int c = 0; c < NC; ++c)
 #pragma GCC unroll 16
@@ -313,6 +346,8 @@ void flat3_rows(const Geom& g, const Plan& p, const float* __restrict xp_n, floa
   }
 }
 
+constexpr bool kAlignShifts = SPARSIFY_VBYTES == 64;
+
 typedef void (*RowsFn)(const Geom& g, const Plan& p, const float* xp_n, float* y,
                        const float* w_row, const int64_t* cols, int64_t cnt, float bias,
                        int64_t cin_base, int64_t row0, int64_t row1);
@@ -320,11 +355,14 @@ typedef void (*RowsFn)(const Geom& g, const Plan& p, const float* xp_n, float* y
 struct FlatCfg {
   int P, NV, RB, NS, NC;
   bool full;
-  RowsFn fn;
+  RowsFn fn, fn_align;  // fn_align: FULL wide-plane 'same' convs on AVX-512 (valignd shifts)
 };
 
-#define SPARSIFY_FLAT(P, NV, RB, NS, NC, FULL) \
-  { P, NV, RB, NS, NC, FULL, &flat3_rows<P, NV, RB, NS, NC, FULL> }
+#define SPARSIFY_FLAT(P, NV, RB, NS, NC, FULL)                                                   \
+  {                                                                                              \
+    P, NV, RB, NS, NC, FULL, &flat3_rows<P, NV, RB, NS, NC, FULL>,                               \
+        (kAlignShifts && P == 1 && FULL) ? &flat3_rows<P, NV, RB, NS, NC, FULL, true> : nullptr \
+  }
 // Accumulators RB*NV*NS*NC plus 9 broadcast weights plus an input vector or two must fit the
 // register file; each accumulator is a chain of dependent FMAs, so a config needs about 8
 // accumulators in flight (NS tap splits, NC sets over alternate connections for small blocks).
@@ -405,8 +443,11 @@ bool make_flat_plan(const Geom& g, Plan* p) {
   p->nvr = int32_t(P == 1 ? ws / VL : 1);
   const int64_t rows_blk = int64_t(c.RB) * P;
   p->Hp = cdiv(g.Ho, rows_blk) * rows_blk + 2;  // input rows incl. the bottom halo
+  // 'Same' convs on AVX-512 with whole-row blocks read an unshifted copy with aligned rows of
+  // exactly ws floats (the kx shifts are lane rotations); others a copy padded by pl / pr.
+  p->align = P == 1 && c.fn_align != nullptr && g.pl == 1 && g.pr == 1;
   if (P == 1) {
-    p->Wps = ws + 2;
+    p->Wps = p->align ? ws : ws + 2;
     p->kxs = 1;
     p->plane = cdiv(p->Hp * p->Wps, 16) * 16;
   } else {
@@ -433,8 +474,9 @@ void flat_pad_channel(const Geom& g, const Plan& p, const float* __restrict x, f
         continue;
       }
       const float* src = x + ir * g.W;
-      // row[c] = x[ir][c + kx - pl] where that is inside the input, else 0.
-      const int64_t shift = kx - g.pl;
+      // row[c] = x[ir][c + kx - pl] where that is inside the input, else 0 (the aligned layout
+      // is the kx = 1 copy).
+      const int64_t shift = (p.align ? 1 : kx) - g.pl;
       int64_t c0 = -shift > 0 ? -shift : 0;
       if (c0 > width) c0 = width;
       int64_t c1 = g.W - shift;
@@ -707,7 +749,7 @@ void compute_channel(const Geom& g, const Plan& p, const float* x_n, const float
   if (p.kind == kSmall3) {
     small_channel(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
   } else if (p.kind == kFlat3) {
-    kFlatCfgs[p.cfg].fn(g, p, xp_n, y, w_row, cols, cnt, bias, cin_base, row0, row1);
+    (p.align ? kFlatCfgs[p.cfg].fn_align : kFlatCfgs[p.cfg].fn)(g, p, xp_n, y, w_row, cols, cnt, bias, cin_base, row0, row1);
   } else if (p.kind == kPointwise) {
     pointwise_channel(g, x_n, y, w_row, cols, cnt, bias, cin_base);
   } else if (p.kind == kDirect) {

@@ -116,6 +116,19 @@ def test_small_same_planes(monkeypatch: pytest.MonkeyPatch, isa: str, h: int, w:
         assert_close(*run_both(case, x, threads=2))
 
 
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
+@pytest.mark.parametrize("h,w,pads", [(5, 17, (1, 1, 1, 1)), (3, 32, (0, 1, 2, 1)), (6, 28, (2, 1, 0, 1)),
+                                      (2, 64, (1, 1, 1, 1)), (7, 48, (1, 1, 1, 1)), (4, 40, (1, 0, 1, 2))])
+def test_wide_rows(monkeypatch: pytest.MonkeyPatch, isa: str, h: int, w: int, pads: tuple[int, int, int, int]) -> None:
+    """3x3 stride-1 convs on rows of 1-4 vectors (lane-rotation path for left/right pad 1), any top/bottom pads."""
+    if isa != "auto":
+        monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(h * 100 + w)
+    case = random_case(rng, 10, 9, 3, 0.4, pads=pads)
+    x = rng.standard_normal((2, 10, h, w)).astype(np.float32)
+    assert_close(*run_both(case, x, threads=2))
+
+
 def test_rows_without_connections_give_bias() -> None:
     rng = np.random.default_rng(1)
     case = random_case(rng, 4, 3, 3, 0.0, pads=(1, 1, 1, 1))
