@@ -276,3 +276,26 @@ def test_fuzz_compacted_equals_uncompacted(kinds: list[str], width: int, seed: i
     torch.manual_seed(seed)
     model = RandomNet(["conv"] + kinds, width, seed, p_dead)
     _run(model, (2, 3, 6, 6))
+
+
+def test_channels_emptied_by_sparse_momentum_are_removed(tmp_path) -> None:
+    """A real trained run: the empty channels that sparse momentum leaves behind all go, exactly."""
+    import sparsify
+    from sparsify.report import layer_report
+
+    path, _ = sparsify.transform_to_dir("zoo:lenet5", "sparse-random", density=0.05, include_linear=True,
+                                        out=tmp_path / "run", seed=1)
+    sparsify.train(path, data="digits", epochs=2, schedule="sparse-momentum", prune_rate=0.5)
+    model = sparsify.load(path).model.eval()
+    before = layer_report(model, (1, 1, 28, 28))["totals"]
+    assert before["empty_out"] + before["empty_in"] > 0  # the trained run really has empty channels
+    out, report = compact(model, torch.randn(4, 1, 28, 28))
+    after = layer_report(out, (1, 1, 28, 28))["totals"]
+    # every output channel left reads an input, unless a constant it emits is kept on purpose
+    kept = sum(k["channels"] for k in report.kept)
+    assert after["empty_out"] <= kept
+    assert report.channels_removed >= before["empty_out"] - kept
+    assert report.params_after < report.params_before and report.max_error <= 1e-5 * max(report.output_scale, 1)
+    with torch.no_grad():
+        x = torch.randn(8, 1, 28, 28)
+        torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
