@@ -25,7 +25,7 @@ enum PlanKind : int32_t {
   kDirect = 1,     // kxk (k in 1,3,5,7), stride 1 or 2, dilation 1: register-blocked, padded copy
   kGeneric = 2,    // anything else: simple loops over a padded copy
   kFlat3 = 3,      // 3x3, stride 1, dilation 1: output plane as flat vectors (see kernel.h)
-  kSmall3 = 4,     // 3x3 "same" conv on a plane of at most 4 AVX-512 vectors: permutes, no copy
+  kSmall3 = 4,     // 3x3 "same" conv on a plane of at most 4 AVX-512 vectors: rotations, no copy
 };
 
 struct Plan {
@@ -43,9 +43,7 @@ struct Plan {
   int32_t P, nvr;
   int32_t align;  // rows of exactly ws floats, unshifted; kx shifts by lane rotation (AVX-512)
   int64_t ws, kxs, strip;
-  // kSmall3 only: per tap t = ky*3+kx the lane permutation (bit 4 picks the second source) and
-  // per kx the lanes whose source column is inside the plane.
-  int32_t sidx[9][16];
+  // kSmall3 only: per kx the lanes whose source column is inside the plane.
   uint32_t smask[3];
 };
 

@@ -493,29 +493,20 @@ void flat_pad_channel(const Geom& g, const Plan& p, const float* __restrict x, f
 // ---------------------------------------------------------------------------------------------
 // Small-plane path (AVX-512 only): 3x3 "same" convolution (stride 1, pads 1) on planes of at
 // most 4 vectors whose rows divide the vector (8x8, 4x4, 2x2, 16xH<=4). The input plane is read
-// straight from X (masked loads, no padded copy) into registers, and each tap's shifted plane is
-// one two-source lane permute of neighbouring vectors (zeroing lanes that fall in the padding),
-// so a connection costs its FMAs, a permute per FMA and one load per vector.
+// straight from X (masked loads, no padded copy) into registers; the planes shifted by a row are
+// lane rotations (valignd) of neighbouring vectors, and the kx = 0 / 2 taps rotate those by one
+// lane, zeroing the lanes that fall in the padding: at 8x8 23 rotations per 36 FMAs.
 #if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
 constexpr bool kHasSmall = true;
 
 bool make_small_plan(const Geom& g, Plan* p) {
   if (!(g.pt == 1 && g.pl == 1 && g.pb == 1 && g.pr == 1) || VL % g.W != 0 || g.H * g.W > 4 * VL)
     return false;
-  const int64_t W = g.W, P = VL / W;
-  for (int t = 0; t < 9; ++t) {
-    const int ky = t / 3, kx = t % 3;
+  for (int kx = 0; kx < 3; ++kx) {
     uint32_t mask = 0;
     for (int64_t L = 0; L < VL; ++L) {
-      const int64_t r = L / W, x = L % W, c = x + kx - 1, rr = r + ky - 1;
-      int32_t idx = 0;
-      if (c >= 0 && c < W) {
-        mask |= 1u << L;
-        if (ky == 0) idx = rr < 0 ? int32_t((P - 1) * W + c) : int32_t(VL + rr * W + c);
-        else if (ky == 1) idx = int32_t(rr * W + c);
-        else idx = rr < P ? int32_t(rr * W + c) : int32_t(VL + c);
-      }
-      p->sidx[t][L] = idx;
+      const int64_t c = L % g.W + kx - 1;
+      if (c >= 0 && c < g.W) mask |= 1u << L;
     }
     p->smask[kx] = mask;
   }
@@ -526,16 +517,13 @@ bool make_small_plan(const Geom& g, Plan* p) {
   return true;
 }
 
-template <int NV, int NS, int NC>
+template <int W, int NV, int NS, int NC>
 void small3_channel(const Geom& g, const Plan& p, const float* __restrict x_n, float* __restrict y,
                     const float* __restrict w_row, const int64_t* __restrict cols, int64_t cnt,
                     float bias, int64_t cin_base) {
   const int64_t hw = g.H * g.W;
   const __mmask16 last = __mmask16((1u << (hw - (NV - 1) * VL)) - 1u);
   const __mmask16 m0 = __mmask16(p.smask[0]), m2 = __mmask16(p.smask[2]);
-  __m512i idx[9];
-#pragma GCC unroll 9
-  for (int t = 0; t < 9; ++t) idx[t] = _mm512_loadu_si512(p.sidx[t]);
   __m512 acc[NC][NS][NV];
 #pragma GCC unroll 16
   for (int c = 0; c < NC; ++c)
@@ -546,29 +534,46 @@ void small3_channel(const Geom& g, const Plan& p, const float* __restrict x_n, f
         acc[c][s][j] = (c == 0 && s == 0) ? _mm512_set1_ps(bias) : _mm512_setzero_ps();
   const float* xg = x_n + cin_base * hw;
   const __m512 z = _mm512_setzero_ps();
+  constexpr int ky_shift = VL - W;  // rotating by VL - W lanes brings in the previous row
   auto one = [&](__m512 (&a)[NS][NV], int64_t k) __attribute__((always_inline)) {
     const float* src = xg + cols[k] * hw;
     const float* w = w_row + k * 9;
-    __m512 v[NV];
+    __m512 wv[9];
+#pragma GCC unroll 9
+    for (int t = 0; t < 9; ++t) wv[t] = _mm512_set1_ps(w[t]);
+    __m512i v[NV + 2];  // v[0] and v[NV + 1] are the zero rows above and below the plane
+    v[0] = v[NV + 1] = _mm512_setzero_si512();
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j)
-      v[j] = j + 1 < NV ? _mm512_loadu_ps(src + j * VL) : _mm512_maskz_loadu_ps(last, src + j * VL);
-#pragma GCC unroll 9
-    for (int t = 0; t < 9; ++t) {
-      const int ky = t / 3, kx = t % 3;
-      const __m512 wt = _mm512_set1_ps(w[t]);
-      const __mmask16 m = kx == 0 ? m0 : kx == 2 ? m2 : __mmask16(0xffff);
+      v[j + 1] = _mm512_castps_si512(j + 1 < NV ? _mm512_loadu_ps(src + j * VL)
+                                                : _mm512_maskz_loadu_ps(last, src + j * VL));
+    // One row-shifted plane b feeds tap row ky of output vector j (and ky2 of j2 when >= 0):
+    // the kx = 0 / 2 taps are b rotated by one lane, zeroed where the source column is padding.
+    auto apply = [&](__m512i b, int ky, int j, int ky2, int j2) __attribute__((always_inline)) {
+#pragma GCC unroll 3
+      for (int kx = 0; kx < 3; ++kx) {
+        __m512 tv;
+        if (kx == 1) tv = _mm512_castsi512_ps(b);
+        else if (kx == 0) tv = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(m0, b, _mm512_setzero_si512(), 15));
+        else tv = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(m2, _mm512_setzero_si512(), b, 1));
+        if (j >= 0) a[(ky * 3 + kx) % NS][j] = _mm512_fmadd_ps(wv[ky * 3 + kx], tv, a[(ky * 3 + kx) % NS][j]);
+        if (j2 >= 0) a[(ky2 * 3 + kx) % NS][j2] = _mm512_fmadd_ps(wv[ky2 * 3 + kx], tv, a[(ky2 * 3 + kx) % NS][j2]);
+      }
+    };
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) apply(v[j + 1], 1, j, 0, -1);
+    if constexpr (ky_shift == VL / 2) {
+      // Two rows per vector: the plane shifted up by a row for output vector m is the plane
+      // shifted down by a row for vector m - 1.
+#pragma GCC unroll 5
+      for (int m = 0; m <= NV; ++m)
+        apply(_mm512_alignr_epi32(v[m + 1], v[m], VL / 2), 0, m < NV ? m : -1, 2, m - 1);
+    } else {
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) {
-        __m512 tv;
-        if (t == 4) {
-          tv = v[j];
-        } else {
-          const __m512 A = ky == 0 ? (j > 0 ? v[j - 1] : z) : v[j];
-          const __m512 B = ky == 0 ? v[j] : ky == 1 ? v[j] : (j + 1 < NV ? v[j + 1] : z);
-          tv = _mm512_maskz_permutex2var_ps(m, A, idx[t], B);
-        }
-        a[t % NS][j] = _mm512_fmadd_ps(wt, tv, a[t % NS][j]);
+        // Rows r-1 .. : the last row of the previous vector, then this vector's rows.
+        apply(ky_shift == 0 ? v[j] : _mm512_alignr_epi32(v[j + 1], v[j], ky_shift % VL), 0, j, 0, -1);
+        apply(ky_shift == 0 ? v[j + 2] : _mm512_alignr_epi32(v[j + 2], v[j + 1], W % VL), 2, j, 0, -1);
       }
     }
   };
@@ -593,13 +598,25 @@ void small3_channel(const Geom& g, const Plan& p, const float* __restrict x_n, f
   }
 }
 
+template <int W>
+void small_w(const Geom& g, const Plan& p, const float* x_n, float* y, const float* w_row,
+             const int64_t* cols, int64_t cnt, float bias, int64_t cin_base) {
+  switch (p.V) {
+    case 1: return small3_channel<W, 1, 3, 3>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+    case 2: return small3_channel<W, 2, 2, 2>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+    case 3: return small3_channel<W, 3, 3, 1>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+    default: return small3_channel<W, 4, 2, 1>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+  }
+}
+
 void small_channel(const Geom& g, const Plan& p, const float* x_n, float* y, const float* w_row,
                    const int64_t* cols, int64_t cnt, float bias, int64_t cin_base) {
-  switch (p.V) {
-    case 1: return small3_channel<1, 3, 4>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
-    case 2: return small3_channel<2, 2, 2>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
-    case 3: return small3_channel<3, 3, 1>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
-    default: return small3_channel<4, 2, 1>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+  switch (g.W) {
+    case 1: return small_w<1>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+    case 2: return small_w<2>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+    case 4: return small_w<4>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+    case 8: return small_w<8>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+    default: return small_w<16>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
   }
 }
 #else
