@@ -233,7 +233,12 @@ void conv_task(void* ud, size_t i) {
   const int64_t o_begin = j.bounds[b], o_end = j.bounds[b + 1];
   const int64_t kk = g.kH * g.kW, hw_out = g.Ho * g.Wo;
   const float* x_n = j.X + n * g.Cin * g.H * g.W;
-  const float* xp_n = j.xp != nullptr ? j.xp + n * g.Cin * j.p->plane : nullptr;
+  float* xp_n = j.xp != nullptr ? j.xp + n * g.Cin * j.p->plane : nullptr;
+  // One task per image (nob == 1): it pads its own image just before use, so the copy is still
+  // in this core's cache (no separate pass over all N images' copies).
+  if (xp_n != nullptr && j.nob == 1)
+    for (int64_t c = 0; c < g.Cin; ++c)
+      j.f->pad_channel(g, *j.p, x_n + c * g.H * g.W, xp_n + c * j.p->plane);
   if (j.p->kind != sparsify_conv::kFlat3) {
     for (int64_t o = o_begin; o < o_end; ++o) {
       const int64_t start = j.row_ptr[o], cnt = j.row_ptr[o + 1] - start;
@@ -400,18 +405,6 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     fns->make_plan(g, &p);
   }
   Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr};
-  Scratch scratch;
-  if (p.kind != sparsify_conv::kPointwise && p.kind != sparsify_conv::kSmall3 && g.Cin > 0) {
-    SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &scratch.alloc));
-    const size_t bytes = size_t(g.N * g.Cin * p.plane) * sizeof(float);
-    scratch.ptr = scratch.alloc->Alloc(scratch.alloc, bytes);
-    if (scratch.ptr == nullptr)
-      return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the padded input buffer");
-    job.xp = static_cast<float*>(scratch.ptr);
-    const int64_t planes = g.N * g.Cin;
-    job.per = p.plane >= 16384 ? 1 : 16384 / p.plane;
-    SPARSIFY_TRY(parallel_for(ctx, pad_task, (planes + job.per - 1) / job.per, &job));
-  }
   // Work items are (image, block of output channels) with blocks of about equal cost (live
   // connections + 1 per channel), claimed dynamically by the pool's threads: about 8 items per
   // call for load balance, each at least ~64k multiply-adds, fewer blocks when the batch already
@@ -435,6 +428,18 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   }
   job.nob = nob;
   job.bounds = bounds.data();
+  Scratch scratch;
+  if (p.kind != sparsify_conv::kPointwise && p.kind != sparsify_conv::kSmall3 && g.Cin > 0) {
+    SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &scratch.alloc));
+    const size_t bytes = size_t(g.N * g.Cin * p.plane) * sizeof(float);
+    scratch.ptr = scratch.alloc->Alloc(scratch.alloc, bytes);
+    if (scratch.ptr == nullptr)
+      return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the padded input buffer");
+    job.xp = static_cast<float*>(scratch.ptr);
+    const int64_t planes = g.N * g.Cin;
+    job.per = p.plane >= 16384 ? 1 : 16384 / p.plane;
+    if (nob > 1) SPARSIFY_TRY(parallel_for(ctx, pad_task, (planes + job.per - 1) / job.per, &job));
+  }
   return parallel_for(ctx, conv_task, g.N * nob, &job);
 }
 
