@@ -360,13 +360,15 @@ def _finish(onnx_model: onnx.ModelProto, out: Path, report: ExportReport) -> Exp
 
 
 def export_model(model: nn.Module, input_shape: Sequence[int], out: str | os.PathLike, *, dense: bool = False,
-                 compact: bool = True, fold_bn: bool = True, dense_threshold: float = 0.6, verify: bool = True,
+                 compact: bool = True, fold_bn: bool = True, dense_threshold: float | None = None, verify: bool = True,
                  autotune: bool = False) -> ExportReport:
     """Export ``model`` to ONNX at ``out`` (atomic): SparseConv nodes where they win, verified in ORT.
 
     ``dense`` writes every conv as a plain Conv with the masked weights (the baseline); ``compact``
-    removes dead channels first (exact); ``autotune`` times dense vs sparse per layer (needs the
-    native kernel to ever pick sparse). ``model`` is not modified.
+    removes dead channels first (exact); each conv goes sparse below its measured per-layer density
+    threshold (``onnx_sparse.sparse_threshold``) unless ``dense_threshold`` sets one for all layers;
+    ``autotune`` also times dense vs sparse on the layer's shape (needs the native kernel to ever
+    pick sparse). ``model`` is not modified.
     """
     out = check_output_path(out)
     shape = [int(d) for d in input_shape]
@@ -403,7 +405,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, **options: An
     return report
 
 
-def export_onnx_file(src: str | os.PathLike, out: str | os.PathLike, *, dense_threshold: float = 0.6,
+def export_onnx_file(src: str | os.PathLike, out: str | os.PathLike, *, dense_threshold: float | None = None,
                      verify: bool = True, autotune: bool = False) -> ExportReport:
     """Convert an existing ONNX file's channel-sparse Convs to SparseConv, verified against the original."""
     out = check_output_path(out)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -234,15 +234,87 @@ def _constant_nodes(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return found
 
 
-def convert_model(model: onnx.ModelProto, dense_threshold: float = 0.6,
+# Densities below which the native SparseConv kernel beats ONNX Runtime's own Conv on the masked
+# weights, measured with `benchmarks/bench_kernel.py` (batch 1, 1 thread, ORT 1.31, AVX-512 CPU;
+# crossover = where the speed-up falls to 1, the thresholds sit ~0.05-0.1 below it so a layer
+# written sparse is never slower). 3x3 stride 1 by output plane: >= 16x16: crossovers 0.8-0.95
+# (64@32x32 0.9+, 128@16x16 0.9+, 256@28x28 0.8); >= 8x8: 256@8x8 0.68; smaller: 512@4x4 0.62.
+# 1x1 stride 1: 256@8x8 0.28, 64@32x32 0.35, 32@16x16 0.55, 32@32x32 0.5, 16@32x32 0.8, 8@16x16
+# above 0.9 (ORT's Conv is inefficient on few channels). 5x5 stride 1: 64@16x16 0.58, 32@32x32
+# 0.67; 7x7: 32@16x16 0.8. Stride 2: 128@32x32 0.33, 64@16x16 0.22, 16-32 channels lose even at 0.1.
+THRESHOLD_3x3_S1 = ((256, 0.75), (64, 0.6), (0, 0.55))  # (min output pixels, threshold)
+THRESHOLD_1x1 = ((64, 0.25), (32, 0.45), (16, 0.7), (0, 0.85))  # (min input channels per group, threshold)
+THRESHOLD_KXK = 0.5      # 5x5, 7x7 (direct path), stride 1
+THRESHOLD_STRIDED = 0.15  # stride > 1, only with >= 64 input channels per group
+MIN_STRIDED_CIN = 64
+
+
+def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations: Sequence[int],
+                     cin_per_group: int, out_hw: tuple[int, int] | None) -> tuple[float, str]:
+    """Density below which SparseConv is faster than dense Conv for this layer, and the rule's name.
+
+    A per-layer rule from measured crossovers (see the table above): the kernel's fast paths are
+    3x3 stride 1, so those layers go sparse up to high densities, the others only when very sparse.
+    ``out_hw`` (output plane) is None when shapes are unknown: then the smallest plane's threshold.
+    """
+    kh, kw = kernel
+    if any(int(d) != 1 for d in dilations):
+        return 0.0, "dilated conv (no fast sparse path)"
+    if any(int(st) != 1 for st in strides):
+        if cin_per_group < MIN_STRIDED_CIN:
+            return 0.0, f"strided conv with {cin_per_group} < {MIN_STRIDED_CIN} input channels per group"
+        return THRESHOLD_STRIDED, "strided conv"
+    if (kh, kw) == (3, 3):
+        pixels = out_hw[0] * out_hw[1] if out_hw else 0
+        for min_pixels, thr in THRESHOLD_3x3_S1:
+            if pixels >= min_pixels:
+                where = f"{out_hw[0]}x{out_hw[1]} output" if out_hw else "unknown plane"
+                return thr, f"3x3/s1 on {where}"
+    if (kh, kw) == (1, 1):
+        for min_cin, thr in THRESHOLD_1x1:
+            if cin_per_group >= min_cin:
+                return thr, f"1x1/s1 with {cin_per_group} input channels"
+    if kh == kw and kh in (5, 7):
+        return THRESHOLD_KXK, f"{kh}x{kw}/s1"
+    return 0.0, f"{kh}x{kw} kernel (no fast sparse path)"
+
+
+def _value_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Static shapes of the graph's values from ONNX shape inference ({} when it fails)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return {}
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else 0 for d in dims]
+    return shapes
+
+
+def _out_hw(node: onnx.NodeProto, w_shape: Sequence[int], x_shape: list[int] | None) -> tuple[int, int] | None:
+    """The Conv's output plane from its input shape and attributes (None when the input plane is unknown)."""
+    if not x_shape or len(x_shape) != 4 or not x_shape[2] or not x_shape[3]:
+        return None
+    pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+    strides = list(_attr(node, "strides", [1, 1]))
+    dil = list(_attr(node, "dilations", [1, 1]))
+    kh, kw = int(w_shape[2]), int(w_shape[3])
+    ho = (x_shape[2] + pads[0] + pads[2] - (kh - 1) * dil[0] - 1) // strides[0] + 1
+    wo = (x_shape[3] + pads[1] + pads[3] - (kw - 1) * dil[1] - 1) // strides[1] + 1
+    return (int(ho), int(wo)) if ho > 0 and wo > 0 else None
+
+
+def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
                   decide: Decide | None = None) -> tuple[onnx.ModelProto, ConvertReport]:
     """Rewrite channel-sparse Conv nodes of ``model`` (not modified) into SparseConv; return the new model.
 
     A Conv is rewritten when its weight is a constant 4-D float tensor, it has no ``auto_pad``,
-    and its live-connection density is below ``dense_threshold``; ``decide`` (autotune) may then
-    still keep it dense. Every other node is left alone.
+    and its live-connection density is below the layer's threshold: ``sparse_threshold`` (measured
+    per kernel, stride and plane size) by default, or ``dense_threshold`` for every layer when
+    given; ``decide`` (autotune) may then still keep it dense. Every other node is left alone.
     """
-    if not 0.0 <= dense_threshold <= 1.0:
+    if dense_threshold is not None and not 0.0 <= dense_threshold <= 1.0:
         raise ExportError(f"dense threshold {dense_threshold} is outside [0, 1]; pass e.g. 0.6")
     model = load(model)
     if any(f.domain == DOMAIN and f.name == OP for f in model.functions):
@@ -258,6 +330,7 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float = 0.6,
         opset = MIN_OPSET
     inits = _initializers(model)
     consts = _constant_nodes(model)
+    shapes = _value_shapes(model) if dense_threshold is None else {}
     report = ConvertReport()
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
@@ -290,12 +363,19 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float = 0.6,
         report.choices.append(choice)
         auto_pad = _attr(node, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if dense_threshold is None:
+            threshold, rule = sparse_threshold(
+                (w.shape[2], w.shape[3]), _attr(node, "strides", [1, 1]), _attr(node, "dilations", [1, 1]),
+                w.shape[1], _out_hw(node, w.shape, shapes.get(node.input[0])))
+            rule = f" ({rule})"
+        else:
+            threshold, rule = dense_threshold, ""
         if auto_pad != "NOTSET":
             choice.reason = f"auto_pad={auto_pad} (only explicit pads are rewritten)"
-        elif choice.density >= dense_threshold:
-            choice.reason = f"density {choice.density:.2f} >= {dense_threshold:.2f}"
+        elif choice.density >= threshold:
+            choice.reason = f"density {choice.density:.2f} >= {threshold:.2f}{rule}"
         else:
-            choice.sparse, choice.reason = True, f"density {choice.density:.2f} < {dense_threshold:.2f}"
+            choice.sparse, choice.reason = True, f"density {choice.density:.2f} < {threshold:.2f}{rule}"
             if decide is not None:
                 choice.sparse, choice.reason = decide(model, node, w, choice)
         if not choice.sparse:
@@ -373,7 +453,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> None:
 
 
 def convert_onnx(src: str | os.PathLike | onnx.ModelProto, out: str | os.PathLike,
-                 dense_threshold: float = 0.6, decide: Decide | None = None) -> ConvertReport:
+                 dense_threshold: float | None = None, decide: Decide | None = None) -> ConvertReport:
     """Convert any ONNX file's channel-sparse Conv nodes to SparseConv and write ``out`` atomically."""
     from .._io import atomic_path
 
