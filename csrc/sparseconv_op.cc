@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <memory>
 #include <new>
 #include <string>
 #include <vector>
@@ -216,7 +217,20 @@ struct Job {
   int64_t per;  // planes per pad task
   int64_t nob;  // output-channel blocks per image
   const int64_t* bounds;  // nob + 1 block boundaries over output channels (about equal nnz)
+  std::atomic<bool>* busy;  // nob == 1: which per-image padded buffers are in use (nullptr else)
 };
+
+// Whole-image tasks (nob == 1) pad into the lowest free buffer rather than their image's own,
+// so the few buffers in use (one per running thread) stay in cache across images.
+int64_t claim_buffer(const Job& j) {
+  for (;;)
+    for (int64_t s = 0; s < j.g->N; ++s) {
+      bool expected = false;
+      if (!j.busy[s].load(std::memory_order_relaxed) &&
+          j.busy[s].compare_exchange_strong(expected, true, std::memory_order_acquire))
+        return s;
+    }
+}
 
 void pad_task(void* ud, size_t i) {
   const Job& j = *static_cast<const Job*>(ud);
@@ -226,19 +240,32 @@ void pad_task(void* ud, size_t i) {
     j.f->pad_channel(*j.g, *j.p, j.X + idx * hw, j.xp + idx * j.p->plane);
 }
 
+void conv_image_block(const Job& j, int64_t n, int64_t o_begin, int64_t o_end, const float* x_n,
+                      const float* xp_n);
+
 void conv_task(void* ud, size_t i) {
   const Job& j = *static_cast<const Job*>(ud);
   const Geom& g = *j.g;
   const int64_t n = int64_t(i) / j.nob, b = int64_t(i) % j.nob;
   const int64_t o_begin = j.bounds[b], o_end = j.bounds[b + 1];
-  const int64_t kk = g.kH * g.kW, hw_out = g.Ho * g.Wo;
   const float* x_n = j.X + n * g.Cin * g.H * g.W;
   float* xp_n = j.xp != nullptr ? j.xp + n * g.Cin * j.p->plane : nullptr;
-  // One task per image (nob == 1): it pads its own image just before use, so the copy is still
-  // in this core's cache (no separate pass over all N images' copies).
-  if (xp_n != nullptr && j.nob == 1)
+  // One task per image (nob == 1): it pads its image just before use into a free buffer that is
+  // likely still in this core's cache (no separate pass over all N images' copies).
+  const int64_t slot = j.busy != nullptr ? claim_buffer(j) : -1;
+  if (slot >= 0) {
+    xp_n = j.xp + slot * g.Cin * j.p->plane;
     for (int64_t c = 0; c < g.Cin; ++c)
       j.f->pad_channel(g, *j.p, x_n + c * g.H * g.W, xp_n + c * j.p->plane);
+  }
+  conv_image_block(j, n, o_begin, o_end, x_n, xp_n);
+  if (slot >= 0) j.busy[slot].store(false, std::memory_order_release);
+}
+
+void conv_image_block(const Job& j, int64_t n, int64_t o_begin, int64_t o_end, const float* x_n,
+                      const float* xp_n) {
+  const Geom& g = *j.g;
+  const int64_t kk = g.kH * g.kW, hw_out = g.Ho * g.Wo;
   if (j.p->kind != sparsify_conv::kFlat3) {
     for (int64_t o = o_begin; o < o_end; ++o) {
       const int64_t start = j.row_ptr[o], cnt = j.row_ptr[o + 1] - start;
@@ -404,7 +431,7 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     fns = g_narrow.load(std::memory_order_relaxed);
     fns->make_plan(g, &p);
   }
-  Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr};
+  Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr, nullptr};
   // Work items are (image, block of output channels) with blocks of about equal cost (live
   // connections + 1 per channel), claimed dynamically by the pool's threads: about 8 items per
   // call for load balance, each at least ~64k multiply-adds, fewer blocks when the batch already
@@ -439,6 +466,12 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     const int64_t planes = g.N * g.Cin;
     job.per = p.plane >= 16384 ? 1 : 16384 / p.plane;
     if (nob > 1) SPARSIFY_TRY(parallel_for(ctx, pad_task, (planes + job.per - 1) / job.per, &job));
+  }
+  std::unique_ptr<std::atomic<bool>[]> busy;
+  if (job.xp != nullptr && nob == 1) {
+    busy.reset(new std::atomic<bool>[size_t(g.N)]);
+    for (int64_t s = 0; s < g.N; ++s) busy[size_t(s)].store(false, std::memory_order_relaxed);
+    job.busy = busy.get();
   }
   return parallel_for(ctx, conv_task, g.N * nob, &job);
 }

@@ -129,6 +129,15 @@ def test_wide_rows(monkeypatch: pytest.MonkeyPatch, isa: str, h: int, w: int, pa
     assert_close(*run_both(case, x, threads=2))
 
 
+@pytest.mark.parametrize("k,stride,pad,hw", [(3, 1, 1, 12), (3, 1, 0, 20), (3, 2, 1, 15), (5, 1, 2, 9)])
+def test_large_batch_whole_image_tasks(k: int, stride: int, pad: int, hw: int) -> None:
+    """Batch >= 8: one task per image, padded copies in reused buffers, on 2 threads."""
+    rng = np.random.default_rng(k * 10 + hw)
+    case = random_case(rng, 24, 20, k, 0.3, strides=(stride, stride), pads=(pad,) * 4)
+    x = rng.standard_normal((11, 24, hw, hw)).astype(np.float32)
+    assert_close(*run_both(case, x, threads=2))
+
+
 def test_rows_without_connections_give_bias() -> None:
     rng = np.random.default_rng(1)
     case = random_case(rng, 4, 3, 3, 0.0, pads=(1, 1, 1, 1))
