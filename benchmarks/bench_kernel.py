@@ -5,9 +5,11 @@ runs, medians), three sessions on the same machine state:
   dense   ORT Conv with the masked dense weight (what the sparse model costs without the kernel),
   sparse  the native SparseConv with random channel masks of exactly round(d * C) inputs per output,
   dm      ORT Conv with the same live parameter count by depth multiplication (C*sqrt(d) in and out).
-and prints speed-up vs dense, the ideal 1/d, the fraction of ideal reached, and sparse/dm latency.
+and prints speed-up vs dense, the ideal 1/d, the fraction of ideal reached, sparse/dm latency, and
+"export": the speed-up of what the exporter writes for that layer (its per-layer rule,
+sparsify.runtime.onnx_sparse.sparse_threshold, keeps a plain Conv above the layer's threshold: 1.00x).
 It also sweeps density to find where the sparse kernel stops beating dense Conv (the crossover),
-and prints a recommended dense-fallback threshold for the exporter.
+the measurements behind that rule.
 
     python benchmarks/bench_kernel.py            # full table (a few minutes on 2 cores)
     python benchmarks/bench_kernel.py --quick    # CI smoke: fewer shapes and repetitions
@@ -27,6 +29,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from sparsify.runtime import native
+from sparsify.runtime.onnx_sparse import sparse_threshold
 
 SHAPES = [(64, 32), (128, 16), (256, 8), (256, 28), (512, 4)]  # (C, H=W)
 QUICK_SHAPES = [(64, 32), (256, 8)]
@@ -125,6 +128,8 @@ def bench_layer(c: int, hw: int, n: int, threads: int, d: float, reps: int, min_
            "dense_ms": t["dense"] * 1e3, "sparse_ms": t["sparse"] * 1e3,
            "speedup": t["dense"] / t["sparse"], "ideal": 1.0 / d}
     row["frac_ideal"] = row["speedup"] / row["ideal"]
+    row["rule_threshold"] = sparse_threshold((3, 3), (1, 1), (1, 1), c, (hw, hw))[0]
+    row["export_speedup"] = row["speedup"] if d < row["rule_threshold"] else 1.0
     if with_dm:
         row["dm_ms"] = t["dm"] * 1e3
         row["sparse_over_dm"] = t["sparse"] / t["dm"]
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     hdr = (f"{'layer':>10} {'N':>3} {'thr':>3} {'d':>4} | {'dense ms':>9} {'sparse ms':>9} {'dm ms':>8} | "
-           f"{'speedup':>7} {'ideal':>5} {'%ideal':>6} {'sp/dm':>6}")
+           f"{'speedup':>7} {'ideal':>5} {'%ideal':>6} {'sp/dm':>6} {'export':>7}")
     print(hdr)
     print("-" * len(hdr))
     for c, hw in shapes:
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(r)
                     print(f"{c:>4}@{hw:>2}x{hw:<2} {n:>3} {thr:>3} {d:>4.1f} | {r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} "
                           f"{r['dm_ms']:>8.3f} | {r['speedup']:>6.2f}x {r['ideal']:>5.1f} {100 * r['frac_ideal']:>5.0f}% "
-                          f"{r['sparse_over_dm']:>6.2f}", flush=True)
+                          f"{r['sparse_over_dm']:>6.2f} {r['export_speedup']:>6.2f}x", flush=True)
 
     scaling = []
     for c, hw in shapes:
@@ -211,16 +216,18 @@ def main(argv: list[str] | None = None) -> int:
             crossovers.append(cr)
             sweep = " ".join(f"{d:.1f}:{s:.2f}x" for d, s in cr["sweep"])
             print(f"  {c:>4}@{hw}x{hw}: crossover d={cr['crossover']:.2f}   [{sweep}]", flush=True)
-        big = [cr["crossover"] for cr in crossovers if cr["HW"] >= 8] or [cr["crossover"] for cr in crossovers]
-        threshold = math.floor(min(big) * 20) / 20
-        print(f"recommended dense-fallback threshold: write a plain Conv when density > {threshold:.2f} "
-              f"(lowest crossover over planes >= 8x8, rounded down to 0.05)")
+        for cr in crossovers:
+            thr = sparse_threshold((3, 3), (1, 1), (1, 1), cr["C"], (cr["HW"], cr["HW"]))[0]
+            print(f"  exporter rule for {cr['C']}@{cr['HW']}x{cr['HW']}: sparse below d={thr:.2f} "
+                  f"(measured crossover {cr['crossover']:.2f})")
+        threshold = {f"{cr['C']}@{cr['HW']}": sparse_threshold((3, 3), (1, 1), (1, 1), cr["C"], (cr["HW"], cr["HW"]))[0]
+                     for cr in crossovers}
     else:
         threshold = None
 
     if args.json:
         args.json.write_text(json.dumps({"info": inf, "rows": rows, "thread_scaling": scaling,
-                                         "crossovers": crossovers, "recommended_threshold": threshold}, indent=1))
+                                         "crossovers": crossovers, "rule_thresholds": threshold}, indent=1))
     return 0
 
 
