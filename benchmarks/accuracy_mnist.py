@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from sparsify.api import transform
+from sparsify.errors import TrainingError
 from sparsify.train import TrainConfig, fit
 from sparsify.train.data import load_dataset
 
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--density", type=float, default=0.1, help="density of lenet5-sr (and the matched lenet5-dm)")
     ap.add_argument("--train-limit", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
@@ -82,28 +84,34 @@ def main() -> None:
     results: dict[str, Any] = {}
     alpha = matched_alpha(args.density, 0) if "lenet5-dm" in args.configs else None
     for config in args.configs:
-        errors, params, times = [], None, []
+        errors, params, times, diverged = [], None, [], 0
         for seed in range(args.seeds):
             built, schedule = build(config, seed, args.density, alpha)
             shape = tuple(built.recipe.input_shape)
             if shape not in datasets:
                 datasets[shape] = load_dataset("mnist", shape, data_dir=args.data_dir, train_limit=args.train_limit)
             cfg = TrainConfig(data="mnist", schedule=schedule, epochs=args.epochs, batch_size=100, seed=seed,
-                              train_limit=args.train_limit)
+                              train_limit=args.train_limit, lr=args.lr)
             t0 = time.time()
-            r = fit(built.model, datasets[shape], cfg, model_input=shape)
+            params = params_of(built)
+            try:
+                r = fit(built.model, datasets[shape], cfg, model_input=shape)
+            except TrainingError as e:  # a diverged seed is a result too: count it, do not average it
+                diverged += 1
+                print(f"{config} seed {seed}: diverged ({e})", flush=True)
+                continue
             times.append(time.time() - t0)
             errors.append(100.0 * (1.0 - r["test_acc"]))
-            params = params_of(built)
             print(f"{config} seed {seed}: test error {errors[-1]:.2f}% ({times[-1]:.0f}s)", flush=True)
-        mean = statistics.mean(errors)
+        mean = statistics.mean(errors) if errors else float("nan")
         se = statistics.stdev(errors) / math.sqrt(len(errors)) if len(errors) > 1 else float("nan")
-        results[config] = {"error_mean": mean, "error_se": se, "errors": errors, "params_at_init": params,
+        results[config] = {"error_mean": mean, "error_se": se, "errors": errors, "diverged": diverged,
+                           "params_at_init": params, "lr": cfg.learning_rate,
                            "seeds": args.seeds, "epochs": args.epochs, "alpha": alpha if config == "lenet5-dm" else None}
     print(f"\nMNIST test error (%), {args.epochs} epochs, seeds {args.seeds}")
-    print(f"{'config':<16}{'params':>10}{'error %':>18}")
+    print(f"{'config':<16}{'params':>10}{'error %':>18}  diverged")
     for config, r in results.items():
-        print(f"{config:<16}{r['params_at_init']:>10}{r['error_mean']:>10.2f} ± {r['error_se']:.2f}")
+        print(f"{config:<16}{r['params_at_init']:>10}{r['error_mean']:>10.2f} ± {r['error_se']:.2f}  {r['diverged']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
