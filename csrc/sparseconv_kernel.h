@@ -560,8 +560,17 @@ void small3_channel(const Geom& g, const Plan& p, const float* __restrict x_n, f
         if (j2 >= 0) a[(ky2 * 3 + kx) % NS][j2] = _mm512_fmadd_ps(wv[ky2 * 3 + kx], tv, a[(ky2 * 3 + kx) % NS][j2]);
       }
     };
+    // The unshifted rows' kx = 0 / 2 taps are masked loads one float before / after (they use
+    // the load ports, which the rotations leave idle; masked-off lanes are never read).
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) apply(v[j + 1], 1, j, 0, -1);
+    for (int j = 0; j < NV; ++j) {
+      const __mmask16 valid = j + 1 < NV ? __mmask16(0xffff) : last;
+      const __m512 t0 = _mm512_maskz_loadu_ps(m0 & valid, src + j * VL - 1);
+      const __m512 t2 = _mm512_maskz_loadu_ps(m2 & valid, src + j * VL + 1);
+      a[3 % NS][j] = _mm512_fmadd_ps(wv[3], t0, a[3 % NS][j]);
+      a[4 % NS][j] = _mm512_fmadd_ps(wv[4], _mm512_castsi512_ps(v[j + 1]), a[4 % NS][j]);
+      a[5 % NS][j] = _mm512_fmadd_ps(wv[5], t2, a[5 % NS][j]);
+    }
     if constexpr (ky_shift == VL / 2) {
       // Two rows per vector: the plane shifted up by a row for output vector m is the plane
       // shifted down by a row for vector m - 1.
@@ -605,7 +614,7 @@ void small_w(const Geom& g, const Plan& p, const float* x_n, float* y, const flo
     case 1: return small3_channel<W, 1, 3, 3>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
     case 2: return small3_channel<W, 2, 2, 2>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
     case 3: return small3_channel<W, 3, 3, 1>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
-    default: return small3_channel<W, 4, 2, 1>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+    default: return small3_channel<W, 4, 3, 1>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
   }
 }
 
