@@ -462,6 +462,21 @@ bool make_flat_plan(const Geom& g, Plan* p) {
 }
 
 void flat_pad_channel(const Geom& g, const Plan& p, const float* __restrict x, float* __restrict xp) {
+  if (p.align) {
+    // Unshifted rows of ws >= W floats between zero halo rows: one block copy when W == ws.
+    const int64_t top = g.pt < p.Hp ? g.pt : p.Hp;
+    const int64_t rows = g.H < p.Hp - top ? g.H : p.Hp - top;
+    std::memset(xp, 0, sizeof(float) * top * p.ws);
+    float* dst = xp + top * p.ws;
+    if (g.W == p.ws) {
+      std::memcpy(dst, x, sizeof(float) * rows * g.W);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < p.ws; ++c) dst[r * p.ws + c] = c < g.W ? x[r * g.W + c] : 0.0f;
+    }
+    std::memset(dst + rows * p.ws, 0, sizeof(float) * (p.Hp - top - rows) * p.ws);
+    return;
+  }
   const int ncopies = p.P == 1 ? 1 : 3;
   for (int kx = 0; kx < ncopies; ++kx) {
     float* dst = xp + kx * p.kxs;
