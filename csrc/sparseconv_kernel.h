@@ -6,12 +6,16 @@
 // never meet at link time.
 //
 // Algorithm (Changpinyo et al. 2017, appendix, Algorithm 2): for every output channel o and every
-// live connection (o, i) with kernel w, out[o] += conv(pad(in[i]), w). The input planes are copied
-// once per call into a zero-padded buffer (for stride 2 split into even/odd column phases so
-// that every tap reads contiguous memory). The output plane is computed in register blocks of
-// R output rows x V vectors: the block's accumulators stay in registers across all live
-// connections of the channel, each loaded input vector feeds every vertical tap that needs it,
-// and the kxk weights of a connection are broadcast once per block.
+// live connection (o, i) with kernel w, out[o] += conv(pad(in[i]), w). Register blocks of output
+// vectors keep their accumulators in registers across all live connections of the channel, each
+// loaded input vector feeds every vertical tap that needs it, and the kxk weights of a connection
+// are broadcast once per block. Paths, fastest first:
+//  - kSmall3 (AVX-512): 3x3 'same' conv on planes of <= 4 vectors (8x8, 4x4): the plane is loaded
+//    from X into registers; shifted planes are lane rotations and masked loads; no padded copy.
+//  - kFlat3: 3x3 stride 1: wide rows padded to whole vectors in one copy (AVX-512 'same' convs:
+//    unshifted aligned rows, kx taps by lane rotation), narrow rows packed several per vector.
+//  - kDirect: 1x1 / 3x3 / 5x5 / 7x7, stride 1 or 2, over a zero-padded copy (stride 2 split into
+//    even/odd column phases so that every tap reads contiguous memory); kPointwise; kGeneric.
 #include <cstdint>
 #include <cstring>
 #if defined(__AVX512F__)
