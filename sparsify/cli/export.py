@@ -49,8 +49,10 @@ def export(
         None, "--compact/--no-compact",
         help="Remove dead channels first (exact). Default: on, except with --dense (the uncompacted baseline)"),
     fold_bn: bool = typer.Option(True, "--fold-bn/--no-fold-bn", help="Fold eval BatchNorm into the previous conv"),
-    dense_threshold: float = typer.Option(0.6, min=0.0, max=1.0,
-                                          help="Convs at or above this live-connection density stay plain Conv"),
+    dense_threshold: Optional[float] = typer.Option(
+        None, min=0.0, max=1.0,
+        help="Convs at or above this density stay plain Conv, for every layer. Default: a per-layer rule from "
+             "the kernel's measured crossovers by kernel, stride and plane size (benchmarks/bench_kernel.py)"),
     autotune: bool = typer.Option(False, "--autotune",
                                   help="Time dense vs SparseConv on each layer's real shape and keep the faster"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare with PyTorch in ONNX Runtime"),
