@@ -53,11 +53,11 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
         state = load_checkpoint(ckpt)
         cfg = _resume_config(state, config)
     else:
-        if ckpt.exists() and not force:
-            raise RunDirError(f"{run_dir} already has a training checkpoint ({ckpt}); pass --resume to continue it "
-                              f"or --force to train again from the run's weights")
         cfg = TrainConfig.from_dict(config)
-    cfg.validate()
+    cfg.validate()  # a bad argument is reported before anything about the run's state
+    if not resume and ckpt.exists() and not force:
+        raise RunDirError(f"{run_dir} already has a training checkpoint ({ckpt}); pass --resume to continue it "
+                          f"or --force to train again from the run's weights")
     created = init_from_env()
     try:
         run = load_run(run_dir)
