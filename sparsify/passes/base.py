@@ -7,6 +7,7 @@ given module is never edited) and ``ensures`` (shapes still propagate, the pass'
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import PassError
+from ..errors import PassError, UsageError
 from .trace import ensure_shapes, output_shapes, propagate_shapes
 
 
@@ -56,6 +57,15 @@ class GraphPass:
         result.model.recompile()
         self.ensures(gm, result, example)
         return result
+
+
+def check_fraction(value: float | None, flag: str, example: str) -> float:
+    """A required parameter in (0, 1] (density, alpha); UsageError naming the flag otherwise."""
+    if value is None:
+        raise UsageError(f"{flag} is required for this method; give a value in (0, 1], e.g. {flag} {example}")
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise UsageError(f"{flag} {value} is outside (0, 1]; give e.g. {flag} {example}")
+    return float(value)
 
 
 def set_submodule(gm: nn.Module, qualname: str, new: nn.Module) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import networkx as nx
 import numpy as np
@@ -422,13 +422,11 @@ class ChannelGraph:
             start = sizes[0] if sizes else 0
             self._flatten(node, x, start, sizes[1] if len(sizes) > 1 else -1)
             return
-        batch_ok = len(sizes) == 2 and (isinstance(sizes[0], fx.Node) or sizes[0] == -1 and sizes[1] != -1)
-        if shape_in and shape_out and len(shape_in) == 4 and len(shape_out) == 2 and len(sizes) == 2 \
-                and isinstance(sizes[0], fx.Node) and sizes[1] == -1:
+        flat = len(sizes) == 2 and isinstance(sizes[0], fx.Node) and sizes[1] == -1  # x.view(x.size(0), -1)
+        if flat and shape_in and shape_out and len(shape_in) == 4 and len(shape_out) == 2:
             self._flatten(node, x, 1, -1)
-        elif shape_in is not None and shape_in == shape_out and batch_ok is False and all(
-                isinstance(s, fx.Node) or s == -1 for s in sizes):
-            self._same(self._space(x), self._space(node), "reshape")
+        elif shape_in is not None and shape_in == shape_out and all(isinstance(s, fx.Node) for s in sizes):
+            self._same(self._space(x), self._space(node), "reshape")  # x.view(x.shape) and the like
         else:
             self._unknown(node, f".{node.target}() with literal sizes")
 
@@ -451,10 +449,6 @@ class ChannelGraph:
             if g.derivation is not None and g.derivation != d:
                 g.reasons.append("group laid out by two different concats/flattens")
             g.derivation = g.derivation or d
-        for g in self.groups.values():
-            if g.derivation is not None:
-                for m in g.roles("conv_out", "linear_out", "fconv_out", "flinear_out"):
-                    pass  # a producer writing a derived layout is fine: its size follows the parts
         # freezing: a frozen derived group freezes its parts, recursively
         for g in self.groups.values():
             g.frozen = bool(g.reasons)
@@ -545,5 +539,3 @@ def classifier_node(gm: fx.GraphModule) -> fx.Node | None:
     nodes = weight_nodes(gm)
     return nodes[-1] if nodes else None
 
-
-Handler = Callable[..., None]

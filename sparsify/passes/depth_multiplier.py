@@ -13,17 +13,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import PassError, UsageError
-from .base import GraphPass, PassResult, set_submodule
+from ..errors import PassError
+from .base import GraphPass, PassResult, check_fraction, set_submodule
 from .channel_graph import ChannelGraph
 
 
 def check_alpha(alpha: float | None) -> float:
-    if alpha is None:
-        raise UsageError("--alpha is required for depth-multiplier; give a value in (0, 1], e.g. --alpha 0.5")
-    if not (0.0 < alpha <= 1.0) or math.isnan(alpha):
-        raise UsageError(f"--alpha {alpha} is outside (0, 1]; give e.g. --alpha 0.5")
-    return float(alpha)
+    return check_fraction(alpha, "--alpha", "0.5")
 
 
 class DepthMultiplierPass(GraphPass):

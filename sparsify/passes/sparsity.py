@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..errors import PassError, UsageError
 from ..nn import SparseConv2d, SparseLinear
 from ..profiles import LayerShape, allocate, cv, fan_in_counts, resolve_params
-from .base import GraphPass, PassResult, set_submodule
+from .base import GraphPass, PassResult, check_fraction, set_submodule
 from .channel_graph import ChannelGraph, classifier_node, weight_nodes
 
 
@@ -48,11 +48,7 @@ class Eligible:
 
 
 def check_density(density: float | None) -> float:
-    if density is None:
-        raise UsageError("--density is required for this method; give a value in (0, 1], e.g. --density 0.1")
-    if not (0.0 < density <= 1.0) or math.isnan(density):
-        raise UsageError(f"--density {density} is outside (0, 1]; give e.g. --density 0.1")
-    return float(density)
+    return check_fraction(density, "--density", "0.1")
 
 
 def eligible_layers(gm: fx.GraphModule, include_linear: bool, include_classifier: bool) -> tuple[list[Eligible], list[str]]:

@@ -217,17 +217,12 @@ def _torch_export(module: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
 
 
 def _conv_input_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Static shape (batch 1) of every value, from ONNX shape inference."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:
-        return {}
+    """Static shape (batch 1) of every value whose other dimensions are all known."""
     shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
-        dims = vi.type.tensor_type.shape.dim
-        shape = [d.dim_value if d.HasField("dim_value") else (1 if i == 0 else 0) for i, d in enumerate(dims)]
-        if dims and all(shape):
-            shapes[vi.name] = shape
+    for name, shape in onnx_sparse.value_shapes(model).items():
+        shape = [1, *shape[1:]] if shape and shape[0] == 0 else shape
+        if shape and all(shape):
+            shapes[name] = shape
     return shapes
 
 

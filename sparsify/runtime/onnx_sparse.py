@@ -280,7 +280,7 @@ def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations:
     return 0.0, f"{kh}x{kw} kernel (no fast sparse path)"
 
 
-def _value_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+def value_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Static shapes of the graph's values from ONNX shape inference ({} when it fails)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
@@ -331,7 +331,7 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
         opset = MIN_OPSET
     inits = _initializers(model)
     consts = _constant_nodes(model)
-    shapes = _value_shapes(model) if dense_threshold is None else {}
+    shapes = value_shapes(model) if dense_threshold is None else {}
     report = ConvertReport()
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
