@@ -53,6 +53,9 @@ def export(
         None, min=0.0, max=1.0,
         help="Convs at or above this density stay plain Conv, for every layer. Default: a per-layer rule from "
              "the kernel's measured crossovers by kernel, stride and plane size (benchmarks/bench_kernel.py)"),
+    channel_align: int = typer.Option(8, "--channel-align", min=1,
+                                      help="Compaction keeps each channel group at a multiple of this many channels "
+                                           "(ORT's Conv is slower on unaligned counts); 1 removes every dead channel"),
     autotune: bool = typer.Option(False, "--autotune",
                                   help="Time dense vs SparseConv on each layer's real shape and keep the faster"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare with PyTorch in ONNX Runtime"),
@@ -72,7 +75,8 @@ def export(
                                       autotune=autotune)
         else:
             report = export_run(source, out_path, dense=dense, compact=(not dense) if compact is None else compact,
-                                fold_bn=fold_bn, dense_threshold=dense_threshold, verify=verify, autotune=autotune)
+                                fold_bn=fold_bn, dense_threshold=dense_threshold, verify=verify, autotune=autotune,
+                                channel_align=channel_align)
     if as_json:
         out.print_json(json.dumps(report.to_json(), default=str))
         return

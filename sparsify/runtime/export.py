@@ -140,7 +140,7 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 
 
 def _prepare(model: nn.Module, example: torch.Tensor, compact: bool, fold_bn: bool,
-             report: ExportReport) -> nn.Module:
+             report: ExportReport, channel_align: int) -> nn.Module:
     """The module to hand to torch.onnx: compacted, densified, BN folded (a copy; ``model`` is untouched)."""
     work: nn.Module = copy.deepcopy(model).eval().float()
     if compact or fold_bn:
@@ -148,7 +148,7 @@ def _prepare(model: nn.Module, example: torch.Tensor, compact: bool, fold_bn: bo
     if compact:
         from ..passes.compact import compact as compact_pass
 
-        work, creport = compact_pass(work, example)
+        work, creport = compact_pass(work, example, align=channel_align)
         report.compaction = creport.to_json()
     densify(work)
     if fold_bn and isinstance(work, fx.GraphModule):
@@ -356,8 +356,11 @@ def _finish(onnx_model: onnx.ModelProto, out: Path, report: ExportReport) -> Exp
 
 def export_model(model: nn.Module, input_shape: Sequence[int], out: str | os.PathLike, *, dense: bool = False,
                  compact: bool = True, fold_bn: bool = True, dense_threshold: float | None = None, verify: bool = True,
-                 autotune: bool = False) -> ExportReport:
+                 autotune: bool = False, channel_align: int = 8) -> ExportReport:
     """Export ``model`` to ONNX at ``out`` (atomic): SparseConv nodes where they win, verified in ORT.
+
+    Compaction leaves every channel group at a multiple of ``channel_align`` channels (ORT's Conv
+    is slower on unaligned counts); 1 removes every dead channel.
 
     ``dense`` writes every conv as a plain Conv with the masked weights (the baseline); ``compact``
     removes dead channels first (exact); each conv goes sparse below its measured per-layer density
@@ -373,7 +376,7 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out: str | os.Pat
                           native_available=native_available())
     reference = copy.deepcopy(model).eval().float()
     example = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0))
-    work = _prepare(model, example, compact, fold_bn, report)
+    work = _prepare(model, example, compact, fold_bn, report, channel_align)
     onnx_model = _torch_export(work, example)
     if dense:
         report.layers = onnx_sparse.convert_model(onnx_model, dense_threshold=0.0)[1].choices

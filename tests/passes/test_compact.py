@@ -30,7 +30,7 @@ def _run(model: nn.Module, shape: tuple[int, ...]):
     model.eval()
     x = torch.randn(shape)
     gm = trace(model)
-    out, report = compact(gm, x)
+    out, report = compact(gm, x, align=1)  # the coupling tests remove every dead channel
     with torch.no_grad():
         for _ in range(2):
             xx = torch.randn(shape) * 3
@@ -195,7 +195,7 @@ def test_original_untouched_and_certificate_catches_difference() -> None:
     _kill_out(m.c1, [0], bias=-1.0)
     gm = trace(m)
     before = {k: v.clone() for k, v in gm.state_dict().items()}
-    out, _ = compact(gm, torch.randn(1, 3, 6, 6))
+    out, _ = compact(gm, torch.randn(1, 3, 6, 6), align=1)
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
     with torch.no_grad():
         out.c3.bias.add_(1.0)
@@ -299,3 +299,24 @@ def test_channels_emptied_by_sparse_momentum_are_removed(tmp_path) -> None:
     with torch.no_grad():
         x = torch.randn(8, 1, 28, 28)
         torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_groups_keep_a_multiple_of_the_alignment() -> None:
+    """By default a group ends on a multiple of 8 channels (ORT's Conv is slower otherwise); still exact."""
+    model = Chain().eval()
+    with torch.no_grad():
+        model.c1 = _sc(3, 16)
+        model.c2 = _sc(16, 8)
+    _kill_out(model.c1, [0, 3, 5])          # 3 dead of 16: removing them would leave 13
+    gm = trace(model)
+    x = torch.randn(2, 3, 8, 8)
+    aligned, rep = compact(gm, x)
+    exact, rep1 = compact(gm, x, align=1)
+    assert aligned.c1.out_channels == 16 and aligned.c2.in_channels == 16
+    assert exact.c1.out_channels == 13
+    assert any("multiple of 8" in k["reason"] for k in rep.kept)
+    _kill_out(model.c1, [1, 2, 4, 6, 7, 8])  # 9 dead: 7 left -> keep 8
+    aligned, _ = compact(trace(model), x)
+    assert aligned.c1.out_channels == 8
+    with torch.no_grad():
+        torch.testing.assert_close(aligned(x), model(x), rtol=1e-5, atol=1e-5)

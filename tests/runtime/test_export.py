@@ -47,10 +47,10 @@ def test_export_sparse_and_dense_match_torch(tmp_path) -> None:
     m = _net()
     # the per-layer rule keeps the narrow stride-2 conv dense (the kernel loses there); a flat
     # threshold makes both sparse
-    ruled = export_model(m, (1, 3, 16, 16), tmp_path / "r.onnx")
+    ruled = export_model(m, (1, 3, 16, 16), tmp_path / "r.onnx", channel_align=1)
     assert ruled.sparse_layers == 1 and "SparseConv" in _ops(tmp_path / "r.onnx")
     assert ruled.errors["function-body"] < 1e-4
-    sparse = export_model(m, (1, 3, 16, 16), tmp_path / "s.onnx", dense_threshold=0.6)
+    sparse = export_model(m, (1, 3, 16, 16), tmp_path / "s.onnx", dense_threshold=0.6, channel_align=1)
     assert sparse.sparse_layers == 2 and "SparseConv" in _ops(tmp_path / "s.onnx")
     assert sparse.errors["function-body"] < 1e-4 and sparse.compaction["channels_removed"] >= 1
     model = onnx.load(str(tmp_path / "s.onnx"))
