@@ -106,14 +106,14 @@ def bench_layer(c: int, hw: int, n: int, threads: int, d: float, reps: int, min_
     weight, mask, bias = layer(c, d, rng)
     x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
     sessions = {
-        "dense": native.session(dense_conv(weight, bias), threads, native=False),
-        "sparse": native.session(sparse_conv(weight, mask, bias), threads),
+        "dense": native.session(dense_conv(weight, bias), threads, native=False, spinning=False),
+        "sparse": native.session(sparse_conv(weight, mask, bias), threads, spinning=False),
     }
     feeds = {"dense": {"X": x}, "sparse": {"X": x}}
     cdm = max(1, round(c * math.sqrt(d)))
     if with_dm:
         wdm = rng.standard_normal((cdm, cdm, 3, 3)).astype(np.float32)
-        sessions["dm"] = native.session(dense_conv(wdm, bias[:cdm].copy()), threads, native=False)
+        sessions["dm"] = native.session(dense_conv(wdm, bias[:cdm].copy()), threads, native=False, spinning=False)
         feeds["dm"] = {"X": rng.standard_normal((n, cdm, hw, hw)).astype(np.float32)}
     y_s = sessions["sparse"].run(None, feeds["sparse"])[0]
     y_d = sessions["dense"].run(None, feeds["dense"])[0]

@@ -114,9 +114,15 @@ def session(
     path_or_bytes: str | os.PathLike[str] | bytes,
     intra_op_threads: int | None = None,
     native: bool = True,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
-    """A CPU InferenceSession that uses the native SparseConv kernel when built and native=True."""
+    """A CPU InferenceSession that uses the native SparseConv kernel when built and native=True.
+
+    ``spinning=False`` stops idle intra-op workers from busy-waiting: needed when several sessions
+    take turns (benchmarks), where one session's spinning workers steal the cores of the next.
+    """
     so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 4  # failures surface as RuntimeBackendError; ORT need not log them too
     if intra_op_threads is not None:
         if intra_op_threads < 1:
