@@ -7,6 +7,7 @@ object with no-op reductions.
 """
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -67,4 +68,17 @@ def init_from_env() -> bool:
 def shutdown(created: bool) -> None:
     """Destroy the process group if ``init_from_env`` created it."""
     if created and dist.is_initialized():
-        dist.destroy_process_group()
+        release_process_group()
+
+
+def release_process_group() -> None:
+    """Tear the process group down safely.
+
+    A DistributedDataParallel wrapper left for the garbage collector still owns gloo work; if it is
+    freed after the group is destroyed (at interpreter exit) the process aborts ("terminate called
+    without an active exception"). Collect it first, and let no rank leave while another still
+    communicates.
+    """
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

@@ -12,6 +12,7 @@ from train_fixtures import INPUT, TinyNet
 
 from sparsify.nn import sparse_modules
 from sparsify.train import TrainConfig, fit
+from sparsify.train.distributed import release_process_group
 from sparsify.train.data import load_dataset
 
 
@@ -35,7 +36,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, schedule: str) -> No
                     "state": {k: v.clone() for k, v in model.state_dict().items()},
                     "test_loss": result["test_loss"]}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        release_process_group()
 
 
 @pytest.mark.parametrize("schedule", ["rigl", "sparse-momentum", "set"])
