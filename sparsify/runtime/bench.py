@@ -20,6 +20,7 @@ import numpy as np
 
 from .._io import atomic_path, write_json
 from ..errors import RuntimeBackendError, UsageError
+from . import native as _native
 
 SPARSE_DOMAIN = "ai.sparsify"
 
@@ -94,26 +95,13 @@ class BenchResult:
 # ---------------------------------------------------------------- native kernel / sessions
 
 
-def _native_module() -> Any | None:
-    """``sparsify.runtime.native`` when it exists (it is built separately), else None."""
-    try:
-        from . import native
-    except ImportError:
-        return None
-    return native
-
-
 def native_status() -> dict[str, Any]:
     """Whether the native kernel library can be registered, and ORT's version."""
     import onnxruntime as ort
 
-    mod = _native_module()
     status: dict[str, Any] = {"onnxruntime": ort.__version__, "library": None, "loadable": False, "why_not": None}
-    if mod is None:
-        status["why_not"] = "sparsify.runtime.native is not available"
-        return status
     try:
-        info = dict(mod.info())
+        info = dict(_native.info())
     except Exception as e:  # a broken build must not stop a dense benchmark
         status["why_not"] = f"native.info() failed: {e}"
         return status
@@ -141,39 +129,13 @@ def native_kernel_ran(path: str | Path, input_name: str, x: np.ndarray) -> bool:
 
 def make_session(path: str | Path, threads: int, native: bool = True, spinning: bool = False,
                  profile_prefix: str | None = None) -> Any:
-    """An InferenceSession with ``threads`` intra-op threads, 1 inter-op thread, sequential execution.
+    """A benchmark session: ``native.session`` with ``threads`` intra-op threads and spinning off.
 
-    The native kernel library is registered when ``native`` and it is available. Thread-pool
-    spinning is off by default: with several sessions run in turn on a shared machine, idle
-    workers spinning after one session's run steal cores from the next and make timings erratic.
+    With several sessions run in turn, idle workers spinning after one session's run steal cores
+    from the next and make timings erratic, hence ``spinning=False`` by default here.
     """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if profile_prefix is not None:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    mod = _native_module()
-    if native and mod is not None:
-        lib = mod.library_path()
-        if lib is not None:
-            try:
-                so.register_custom_ops_library(str(lib))
-            except Exception as e:  # ORT's pybind exceptions share no useful base
-                raise RuntimeBackendError(
-                    f"the native SparseConv library {lib} cannot be registered ({str(e).strip()[:200]}); "
-                    "rebuild it with `pip install -e .` or pass --no-native"
-                ) from None
-    try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeBackendError(f"ONNX Runtime cannot load {path}: {msg}") from None
+    return _native.session(path, intra_op_threads=threads, native=native, spinning=spinning,
+                           profile_prefix=profile_prefix)
 
 
 # ---------------------------------------------------------------- inspecting the files

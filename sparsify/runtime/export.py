@@ -32,6 +32,7 @@ import torch.nn as nn
 from .._io import atomic_path
 from ..errors import ExportError, RuntimeBackendError, SparsifyError
 from ..nn import SPARSE_LAYERS
+from . import native as _native
 from . import onnx_sparse
 from .onnx_sparse import ConvChoice, convert_onnx
 
@@ -77,32 +78,13 @@ class ExportReport:
 
 def native_available() -> bool:
     """True when the native SparseConv library is built and can be registered."""
-    try:
-        from . import native
-    except ImportError:
-        return False
-    return native.library_path() is not None
+    return _native.library_path() is not None
 
 
 def open_session(model: str | os.PathLike | bytes, native: bool = False, threads: int | None = None):
-    """An ORT session; ``native=True`` registers the SparseConv library (RuntimeBackendError if absent)."""
-    try:
-        from . import native as native_mod
-    except ImportError:
-        native_mod = None
-    if native_mod is not None:
-        return native_mod.session(model if isinstance(model, bytes) else str(model),
-                                  intra_op_threads=threads, native=native)
-    if native:
-        raise RuntimeBackendError("the native SparseConv kernel is not available in this build")
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
-                                providers=["CPUExecutionProvider"])
+    """An ORT session; ``native=True`` registers the SparseConv library when it is built."""
+    return _native.session(model if isinstance(model, bytes) else str(model), intra_op_threads=threads,
+                           native=native)
 
 
 # --------------------------------------------------------------------------------------------

@@ -115,13 +115,18 @@ def session(
     intra_op_threads: int | None = None,
     native: bool = True,
     spinning: bool = True,
+    profile_prefix: str | None = None,
 ) -> ort.InferenceSession:
     """A CPU InferenceSession that uses the native SparseConv kernel when built and native=True.
 
     ``spinning=False`` stops idle intra-op workers from busy-waiting: needed when several sessions
     take turns (benchmarks), where one session's spinning workers steal the cores of the next.
+    ``profile_prefix`` turns on ORT's per-node profiling (``end_profiling()`` returns the file).
     """
     so = ort.SessionOptions()
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 4  # failures surface as RuntimeBackendError; ORT need not log them too
     if intra_op_threads is not None:
