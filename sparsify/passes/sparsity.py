@@ -164,18 +164,14 @@ class SparsePass(GraphPass):
             name = layer.node.target
             rng = _rng(self.seed, layer)
             if layer.single_input:
-                d = budgets[name] / layer.n_out if self.allocation == "erk" else self.density
-                keep = dead[name]["keep"]
                 mask = np.zeros((layer.n_out, 1), dtype=bool)
-                mask[keep, 0] = True
-                rule = f"single input filter: keeps sqrt({d:.4g}) of its {layer.n_out} filters"
+                mask[dead[name]["keep"], 0] = True
+                rule = f"single input filter: keeps sqrt({dead[name]['density']:.4g}) of its {layer.n_out} filters"
             else:
                 blocked = self._blocked_inputs(cg, layer, dead)
                 allowed = np.setdiff1d(np.arange(layer.n_in), blocked)
-                live = budgets[name]
-                if live < len(allowed) and not layer.single_input:
-                    live = len(allowed)
-                live = min(live, layer.n_out * len(allowed))
+                # every allowed input feeds an output, and no more entries than there are
+                live = min(max(budgets[name], len(allowed)), layer.n_out * len(allowed))
                 mask = self.draw(layer, allowed, live, rng)
                 if mask.shape[1] < layer.n_in:
                     mask = np.pad(mask, ((0, 0), (0, layer.n_in - mask.shape[1])))
@@ -191,7 +187,6 @@ class SparsePass(GraphPass):
             if rule:
                 info["rule"] = rule
             result.layers[name] = info
-            del new
         return result
 
     def _single_input_dead(self, cg: ChannelGraph, layers: list[Eligible], budgets: dict[str, int]) -> dict[str, Any]:
@@ -210,7 +205,7 @@ class SparsePass(GraphPass):
                 producers = g.roles("conv_out", "linear_out", "fconv_out", "flinear_out")
                 if len(producers) == 1:
                     where = {gid: pos[removed].ravel() for gid, pos in cg.positions(g.id).items()}
-            out[layer.node.target] = {"keep": keep, "positions": where}
+            out[layer.node.target] = {"keep": keep, "positions": where, "density": d}
         return out
 
     @staticmethod
