@@ -14,7 +14,7 @@ from .errors import ModelLoadError, UsageError
 from .models import LoadedModel, load_model
 from .passes.base import PassResult
 from .passes.depth_multiplier import DepthMultiplierPass
-from .passes.sparsity import PSNPass, SparseRandomPass
+from .passes.sparsity import PSNPass, SparseRandomPass, eligible_layers
 from .passes.trace import propagate_shapes, trace
 from .report import layer_report, with_ratios
 from .rundir import MODEL_SOURCE, Recipe, Run, is_run_dir, load_run, save_run
@@ -61,10 +61,8 @@ def _params_for(method: str, density: float | None, alpha: float | None, profile
 def _resolve_auto(gm: fx.GraphModule, params: dict[str, Any]) -> dict[str, Any]:
     """sparse-random keeps linears dense as in the paper, unless the model has no conv to sparsify."""
     if params.get("include_linear", False) is None:
-        mods = dict(gm.named_modules())
-        has_conv = any(isinstance(m, nn.Conv2d) and m.in_channels // m.groups > 1 or
-                       isinstance(m, nn.Conv2d) and m.groups == 1 for m in mods.values())
-        params = {**params, "include_linear": not has_conv}
+        convs, _ = eligible_layers(gm, include_linear=False, include_classifier=params["include_classifier"])
+        params = {**params, "include_linear": not convs}
     return params
 
 
