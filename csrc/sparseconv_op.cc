@@ -217,14 +217,18 @@ struct Job {
   int64_t per;  // planes per pad task
   int64_t nob;  // output-channel blocks per image
   const int64_t* bounds;  // nob + 1 block boundaries over output channels (about equal nnz)
-  std::atomic<bool>* busy;  // nob == 1: which per-image padded buffers are in use (nullptr else)
+  // Buffers that tasks claim for their padded input (nullptr when the tasks share one padded
+  // copy): nslots buffers of slot floats, `busy` says which are in use.
+  std::atomic<bool>* busy;
+  int64_t nslots, slot;
+  int64_t ns, rows;  // strip tasks: strips per image, output rows per strip (0: no strips)
 };
 
-// Whole-image tasks (nob == 1) pad into the lowest free buffer rather than their image's own,
-// so the few buffers in use (one per running thread) stay in cache across images.
+// Tasks pad into the lowest free buffer rather than one of their own, so the few buffers in use
+// (one per running thread) stay in cache across tasks.
 int64_t claim_buffer(const Job& j) {
   for (;;)
-    for (int64_t s = 0; s < j.g->N; ++s) {
+    for (int64_t s = 0; s < j.nslots; ++s) {
       bool expected = false;
       if (!j.busy[s].load(std::memory_order_relaxed) &&
           j.busy[s].compare_exchange_strong(expected, true, std::memory_order_acquire))
@@ -240,55 +244,85 @@ void pad_task(void* ud, size_t i) {
     j.f->pad_channel(*j.g, *j.p, j.X + idx * hw, j.xp + idx * j.p->plane);
 }
 
-void conv_image_block(const Job& j, int64_t n, int64_t o_begin, int64_t o_end, const float* x_n,
-                      const float* xp_n);
+// Output channels [o_begin, o_end) of one image (or one strip of rows of it, described by g and
+// p); output channel o's plane starts at y_n + o * ystride.
+void conv_channels(const Job& j, const Geom& g, const Plan& p, int64_t o_begin, int64_t o_end,
+                   const float* x_n, const float* xp_n, float* y_n, int64_t ystride) {
+  const int64_t kk = g.kH * g.kW;
+  // The flat path walks one row block at a time over all output channels of the block (the
+  // block's input rows stay in cache while every output channel reads them); others whole planes.
+  const int64_t strip = p.kind == sparsify_conv::kFlat3 ? p.strip : g.Ho;
+  for (int64_t r0 = 0; r0 < g.Ho; r0 += strip) {
+    const int64_t r1 = r0 + strip < g.Ho ? r0 + strip : g.Ho;
+    for (int64_t o = o_begin; o < o_end; ++o) {
+      const int64_t start = j.row_ptr[o], cnt = j.row_ptr[o + 1] - start;
+      const int64_t cin_base = (o / g.cout_per_group) * g.cin_per_group;
+      j.f->compute_channel(g, p, x_n, xp_n, y_n + o * ystride, j.W + start * kk, j.col_idx + start,
+                           cnt, j.B != nullptr ? j.B[o] : 0.0f, cin_base, r0, r1);
+    }
+  }
+}
 
 void conv_task(void* ud, size_t i) {
   const Job& j = *static_cast<const Job*>(ud);
   const Geom& g = *j.g;
   const int64_t n = int64_t(i) / j.nob, b = int64_t(i) % j.nob;
-  const int64_t o_begin = j.bounds[b], o_end = j.bounds[b + 1];
   const float* x_n = j.X + n * g.Cin * g.H * g.W;
   float* xp_n = j.xp != nullptr ? j.xp + n * g.Cin * j.p->plane : nullptr;
   // One task per image (nob == 1): it pads its image just before use into a free buffer that is
   // likely still in this core's cache (no separate pass over all N images' copies).
   const int64_t slot = j.busy != nullptr ? claim_buffer(j) : -1;
   if (slot >= 0) {
-    xp_n = j.xp + slot * g.Cin * j.p->plane;
+    xp_n = j.xp + slot * j.slot;
     for (int64_t c = 0; c < g.Cin; ++c)
       j.f->pad_channel(g, *j.p, x_n + c * g.H * g.W, xp_n + c * j.p->plane);
   }
-  conv_image_block(j, n, o_begin, o_end, x_n, xp_n);
+  conv_channels(j, g, *j.p, j.bounds[b], j.bounds[b + 1], x_n, xp_n,
+                j.Y + n * g.Cout * g.Ho * g.Wo, g.Ho * g.Wo);
   if (slot >= 0) j.busy[slot].store(false, std::memory_order_release);
 }
 
-void conv_image_block(const Job& j, int64_t n, int64_t o_begin, int64_t o_end, const float* x_n,
-                      const float* xp_n) {
-  const Geom& g = *j.g;
-  const int64_t kk = g.kH * g.kW, hw_out = g.Ho * g.Wo;
-  if (j.p->kind != sparsify_conv::kFlat3) {
-    for (int64_t o = o_begin; o < o_end; ++o) {
-      const int64_t start = j.row_ptr[o], cnt = j.row_ptr[o + 1] - start;
-      const int64_t cin_base = (o / g.cout_per_group) * g.cin_per_group;
-      j.f->compute_channel(g, *j.p, x_n, xp_n, j.Y + (n * g.Cout + o) * hw_out, j.W + start * kk,
-                           j.col_idx + start, cnt, j.B != nullptr ? j.B[o] : 0.0f, cin_base, 0,
-                           g.Ho);
-    }
-    return;
-  }
-  // Flat path: one row block at a time over all output channels of the block (the block's input
-  // rows stay in cache while every output channel reads them).
-  for (int64_t r0 = 0; r0 < g.Ho; r0 += j.p->strip) {
-    const int64_t r1 = r0 + j.p->strip < g.Ho ? r0 + j.p->strip : g.Ho;
-    for (int64_t o = o_begin; o < o_end; ++o) {
-      const int64_t start = j.row_ptr[o], cnt = j.row_ptr[o + 1] - start;
-      const int64_t cin_base = (o / g.cout_per_group) * g.cin_per_group;
-      j.f->compute_channel(g, *j.p, x_n, xp_n, j.Y + (n * g.Cout + o) * hw_out, j.W + start * kk,
-                           j.col_idx + start, cnt, j.B != nullptr ? j.B[o] : 0.0f, cin_base, r0,
-                           r1);
-    }
-  }
+// Output rows [r0, r1) of a convolution are a convolution of their own: over input rows
+// [*row_lo, ...) with the top / bottom padding that falls inside the strip.
+Geom strip_geom(const Geom& g, int64_t r0, int64_t r1, int64_t* row_lo) {
+  Geom s = g;
+  const int64_t lo = r0 * g.sH - g.pt, hi = (r1 - 1) * g.sH - g.pt + (g.kH - 1) * g.dH + 1;
+  int64_t lo_c = lo < 0 ? 0 : lo > g.H ? g.H : lo;
+  int64_t hi_c = hi > g.H ? g.H : hi;
+  if (hi_c < lo_c) hi_c = lo_c;
+  s.pt = lo_c - lo;
+  s.pb = hi - hi_c;
+  s.H = hi_c - lo_c;
+  s.Ho = r1 - r0;
+  *row_lo = lo_c;
+  return s;
 }
+
+// Few images (batch 1): tasks are strips of output rows over all output channels, each an
+// independent convolution that pads only its own input rows into a buffer of its own. (Blocks of
+// output channels over one shared padded copy made every core read rows the other had just
+// written: on the 2-core machine a 2-thread layer ran slower than a 1-thread one.)
+void strip_task(void* ud, size_t i) {
+  const Job& j = *static_cast<const Job*>(ud);
+  const Geom& g = *j.g;
+  const int64_t n = int64_t(i) / j.ns, r0 = (int64_t(i) % j.ns) * j.rows;
+  const int64_t r1 = r0 + j.rows < g.Ho ? r0 + j.rows : g.Ho;
+  int64_t lo = 0;
+  const Geom gs = strip_geom(g, r0, r1, &lo);
+  Plan ps;
+  j.f->make_plan(gs, &ps);
+  const int64_t slot = claim_buffer(j);
+  float* xp = j.xp + slot * j.slot;
+  const float* x_n = j.X + n * g.Cin * g.H * g.W + lo * g.W;
+  for (int64_t c = 0; c < g.Cin; ++c) j.f->pad_channel(gs, ps, x_n + c * g.H * g.W, xp + c * ps.plane);
+  conv_channels(j, gs, ps, 0, g.Cout, x_n, xp, j.Y + n * g.Cout * g.Ho * g.Wo + r0 * g.Wo,
+                g.Ho * g.Wo);
+  j.busy[slot].store(false, std::memory_order_release);
+}
+
+// Smallest work item, in multiply-adds, and smallest strip of output rows.
+constexpr int64_t kMinTaskWork = 1 << 16;
+constexpr int64_t kMinStripRows = 4;
 
 OrtStatus* parallel_for(OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_t tasks, Job* job) {
   if (tasks <= 0) return nullptr;
@@ -433,18 +467,45 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     fns = g_narrow.load(std::memory_order_relaxed);
     fns->make_plan(g, &p);
   }
-  Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr, nullptr};
-  // Work items are (image, block of output channels) with blocks of about equal cost (live
-  // connections + 1 per channel), claimed dynamically by the pool's threads: about 8 items per
-  // call for load balance, each at least ~64k multiply-adds, fewer blocks when the batch already
-  // gives enough items (whole images keep their input in cache).
+  Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr, nullptr, 0, 0, 0, 0};
+  // Work items are (image, block of output channels) or, for padded plans, (image, strip of
+  // output rows), of about equal cost and claimed dynamically by the pool's threads: about 8
+  // items per call for load balance, each at least kMinTaskWork multiply-adds (waking a pool
+  // thread costs ~10 us here), fewer when the batch already gives enough items (whole images
+  // keep their input in cache).
   const int64_t per_conn = g.Ho * g.Wo * g.kH * g.kW;
   const int64_t work = (nnz + g.Cout) * per_conn;
-  int64_t nob = (work + 65535) / 65536;
+  int64_t nob = (work + kMinTaskWork - 1) / kMinTaskWork;
   const int64_t want = (8 + g.N - 1) / g.N;
   if (nob > want) nob = want;
   if (nob > g.Cout) nob = g.Cout;
   if (nob < 1) nob = 1;
+  const bool padded = p.kind != sparsify_conv::kPointwise && p.kind != sparsify_conv::kSmall3 && g.Cin > 0;
+  int64_t ns = 0, rows = 0, max_plane = p.plane;
+  if (padded && nob > 1) {
+    // Strips of at least kMinStripRows rows (the halo rows are padded twice), of the plan's row
+    // block where it has one.
+    const int64_t blk = p.kind == sparsify_conv::kFlat3 ? p.strip : 1;
+    ns = nob < g.Ho / kMinStripRows ? nob : g.Ho / kMinStripRows;
+    if (ns > 1) {
+      rows = (g.Ho + ns - 1) / ns;
+      rows = (rows + blk - 1) / blk * blk;
+      ns = (g.Ho + rows - 1) / rows;
+    }
+    if (ns > 1) {
+      for (int64_t s = 0; s < ns; ++s) {
+        int64_t lo = 0;
+        const int64_t r1 = (s + 1) * rows < g.Ho ? (s + 1) * rows : g.Ho;
+        const Geom gs = strip_geom(g, s * rows, r1, &lo);
+        Plan ps;
+        fns->make_plan(gs, &ps);
+        if (ps.kind == sparsify_conv::kPointwise || ps.kind == sparsify_conv::kSmall3) ns = 0;
+        if (ps.plane > max_plane) max_plane = ps.plane;
+      }
+    }
+    if (ns <= 1) ns = rows = 0;
+  }
+  if (ns > 0) nob = 1;
   std::vector<int64_t> bounds(size_t(nob + 1), g.Cout);
   bounds[0] = 0;
   {
@@ -457,24 +518,34 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   }
   job.nob = nob;
   job.bounds = bounds.data();
+  job.ns = ns;
+  job.rows = rows;
+  // Padded input: one buffer per task that pads its own input (whole images or strips), or one
+  // shared copy that pad tasks fill before output-channel blocks read it.
+  const bool own = padded && (ns > 0 || nob == 1);
+  job.nslots = own ? g.N * (ns > 0 ? ns : 1) : 0;
+  job.slot = g.Cin * max_plane;
   Scratch scratch;
-  if (p.kind != sparsify_conv::kPointwise && p.kind != sparsify_conv::kSmall3 && g.Cin > 0) {
+  if (padded) {
     SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &scratch.alloc));
-    const size_t bytes = size_t(g.N * g.Cin * p.plane) * sizeof(float);
+    const size_t bytes = size_t(own ? job.nslots * job.slot : g.N * g.Cin * p.plane) * sizeof(float);
     scratch.ptr = scratch.alloc->Alloc(scratch.alloc, bytes);
     if (scratch.ptr == nullptr)
       return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the padded input buffer");
     job.xp = static_cast<float*>(scratch.ptr);
-    const int64_t planes = g.N * g.Cin;
-    job.per = p.plane >= 16384 ? 1 : 16384 / p.plane;
-    if (nob > 1) SPARSIFY_TRY(parallel_for(ctx, pad_task, (planes + job.per - 1) / job.per, &job));
+    if (!own) {
+      const int64_t planes = g.N * g.Cin;
+      job.per = p.plane >= 16384 ? 1 : 16384 / p.plane;
+      SPARSIFY_TRY(parallel_for(ctx, pad_task, (planes + job.per - 1) / job.per, &job));
+    }
   }
   std::unique_ptr<std::atomic<bool>[]> busy;
-  if (job.xp != nullptr && nob == 1) {
-    busy.reset(new std::atomic<bool>[size_t(g.N)]);
-    for (int64_t s = 0; s < g.N; ++s) busy[size_t(s)].store(false, std::memory_order_relaxed);
+  if (own) {
+    busy.reset(new std::atomic<bool>[size_t(job.nslots)]);
+    for (int64_t s = 0; s < job.nslots; ++s) busy[size_t(s)].store(false, std::memory_order_relaxed);
     job.busy = busy.get();
   }
+  if (ns > 0) return parallel_for(ctx, strip_task, g.N * ns, &job);
   return parallel_for(ctx, conv_task, g.N * nob, &job);
 }
 

@@ -202,3 +202,29 @@ def test_rejects_duplicates_bias_and_group(case: ConvCase) -> None:
 def test_rejects_bad_attributes(case: ConvCase) -> None:
     assert "pads" in _bad_run(case, pads=[1, 1])
     assert "strides" in _bad_run(case, strides=[0, 1])
+
+
+@pytest.mark.parametrize("isa", ["avx2", "auto"])
+@pytest.mark.parametrize(
+    "k,stride,dil,pads,h,w,n",
+    [
+        ((3, 3), 1, 1, (1, 1, 1, 1), 32, 32, 1),   # flat path, strips of whole row blocks
+        ((3, 3), 1, 1, (0, 1, 2, 1), 29, 20, 2),   # uneven last strip, asymmetric pads
+        ((3, 3), 2, 1, (1, 1, 1, 1), 33, 33, 1),   # direct path, stride 2
+        ((5, 5), 1, 1, (2, 2, 2, 2), 26, 17, 3),
+        ((7, 7), 2, 1, (3, 3, 3, 3), 40, 24, 1),
+        ((3, 3), 1, 2, (2, 2, 2, 2), 24, 24, 1),   # dilation: generic path
+        ((2, 4), 3, 1, (0, 1, 3, 2), 45, 21, 1),   # generic path, stride 3
+        ((3, 3), 1, 1, (6, 1, 6, 1), 12, 16, 1),   # strips lying wholly in the top / bottom padding
+    ],
+)
+def test_row_strip_tasks(monkeypatch: pytest.MonkeyPatch, isa: str, k: tuple[int, int], stride: int,
+                         dil: int, pads: tuple[int, int, int, int], h: int, w: int, n: int) -> None:
+    """Batch < 8 with enough work: strips of output rows, each padding only its own input rows."""
+    if isa != "auto":
+        monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(h * 100 + w + k[0])
+    case = random_case(rng, 24, 32, k, 0.5, strides=(stride, stride), pads=pads, dilations=(dil, dil))
+    x = rng.standard_normal((n, 24, h, w)).astype(np.float32)
+    for threads in (1, 2):
+        assert_close(*run_both(case, x, threads=threads))
