@@ -47,6 +47,18 @@ struct Plan {
   uint32_t smask[3];
 };
 
+// The live connections of a block of output channels [o_begin, o_end), grouped by input
+// channel (compressed sparse columns): column c is input channel chan[c] (absolute, groups
+// resolved) and holds entries [start[c], start[c + 1]); entry q adds w[9q .. 9q + 9) (3x3) from
+// that channel into output channel out[q].
+struct CscBlock {
+  int64_t o_begin, o_end, ncols;
+  const int64_t* chan;
+  const int64_t* start;
+  const int64_t* out;
+  const float* w;
+};
+
 // One ISA's entry points. make_plan fills a Plan; pad_channel writes one input channel's padded
 // copy (layout described by the plan); compute_channel writes output rows [row0, row1) of one
 // output channel's plane (row ranges other than the whole plane only for kFlat3, at multiples
@@ -58,6 +70,11 @@ struct KernelFns {
   void (*compute_channel)(const Geom& g, const Plan& p, const float* x_n, const float* xp_n,
                           float* y_chan, const float* w_row, const int64_t* cols, int64_t cnt,
                           float bias, int64_t cin_base, int64_t row0, int64_t row1);
+  // kSmall3 plans whose plane is whole vectors (H * W a multiple of VL), or nullptr where the ISA
+  // has no such path: one block of output channels of one image, input channel by input channel
+  // (see csc3_block in kernel.h).
+  void (*csc_block)(const Geom& g, const Plan& p, const float* x_n, float* y_n, const float* bias,
+                    const CscBlock& b);
 };
 
 const KernelFns* base_kernels();

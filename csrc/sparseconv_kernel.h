@@ -660,11 +660,98 @@ void small_channel(const Geom& g, const Plan& p, const float* x_n, float* y, con
     default: return small_w<16>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
   }
 }
+// The same planes by input channel (CSC): for each output vector j and each input channel, the
+// nine shifted copies of the input are built once in registers, then every live connection from
+// that channel adds its nine taps into its output vector in memory (the block's outputs stay in
+// L1). The rotations are paid once per input channel instead of once per connection, and each
+// weight is an FMA's broadcast memory operand: at 4x4 the per-connection path spends six
+// rotations per nine FMAs. Planes must be whole vectors (H * W == NV * VL).
+template <int W, int NV>
+void csc3_block_t(const Geom& g, const Plan& p, const float* __restrict x_n, float* __restrict y_n,
+                  const float* __restrict bias, const CscBlock& b) {
+  constexpr int64_t hw = int64_t(NV) * VL;
+  for (int64_t o = b.o_begin; o < b.o_end; ++o) {
+    const __m512 v0 = _mm512_set1_ps(bias != nullptr ? bias[o] : 0.0f);
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(y_n + o * hw + j * VL, v0);
+  }
+  const __mmask16 m0 = __mmask16(p.smask[0]), m2 = __mmask16(p.smask[2]);
+  const __m512i zero = _mm512_setzero_si512();
+  const int64_t* __restrict out = b.out;
+  const float* __restrict wts = b.w;
+  for (int j = 0; j < NV; ++j) {
+    float* yj = y_n + j * VL;
+    for (int64_t c = 0; c < b.ncols; ++c) {
+      const int64_t q0 = b.start[c], q1 = b.start[c + 1];
+      const float* src = x_n + b.chan[c] * hw + j * VL;
+      const __m512i cur = _mm512_castps_si512(_mm512_loadu_ps(src));
+      const __m512i prev = j > 0 ? _mm512_castps_si512(_mm512_loadu_ps(src - VL)) : zero;
+      const __m512i next = j + 1 < NV ? _mm512_castps_si512(_mm512_loadu_ps(src + VL)) : zero;
+      // Input rows r - 1, r, r + 1 lined up with the output rows r of vector j.
+      __m512i rows[3];
+      if constexpr (W == VL) {
+        rows[0] = prev;
+        rows[2] = next;
+      } else {
+        rows[0] = _mm512_alignr_epi32(cur, prev, (VL - W) % VL);
+        rows[2] = _mm512_alignr_epi32(next, cur, W % VL);
+      }
+      rows[1] = cur;
+      __m512 t[9];
+#pragma GCC unroll 3
+      for (int ky = 0; ky < 3; ++ky) {
+        t[ky * 3 + 0] = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(m0, rows[ky], zero, 15));
+        t[ky * 3 + 1] = _mm512_castsi512_ps(rows[ky]);
+        t[ky * 3 + 2] = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(m2, zero, rows[ky], 1));
+      }
+      for (int64_t q = q0; q < q1; ++q) {
+        float* yo = yj + out[q] * hw;
+        const float* w = wts + q * 9;
+        // Three chains of three FMAs (not one of nine) so consecutive connections overlap.
+        __m512 a = _mm512_mul_ps(t[0], _mm512_set1_ps(w[0]));
+        __m512 s1 = _mm512_mul_ps(t[1], _mm512_set1_ps(w[1]));
+        __m512 s2 = _mm512_mul_ps(t[2], _mm512_set1_ps(w[2]));
+        a = _mm512_fmadd_ps(t[3], _mm512_set1_ps(w[3]), a);
+        s1 = _mm512_fmadd_ps(t[4], _mm512_set1_ps(w[4]), s1);
+        s2 = _mm512_fmadd_ps(t[5], _mm512_set1_ps(w[5]), s2);
+        a = _mm512_fmadd_ps(t[6], _mm512_set1_ps(w[6]), a);
+        s1 = _mm512_fmadd_ps(t[7], _mm512_set1_ps(w[7]), s1);
+        s2 = _mm512_fmadd_ps(t[8], _mm512_set1_ps(w[8]), s2);
+        _mm512_storeu_ps(yo, _mm512_add_ps(_mm512_loadu_ps(yo), _mm512_add_ps(a, _mm512_add_ps(s1, s2))));
+      }
+    }
+  }
+}
+
+template <int W>
+void csc3_w(const Geom& g, const Plan& p, const float* x_n, float* y_n, const float* bias,
+            const CscBlock& b) {
+  switch (p.V) {
+    case 1: return csc3_block_t<W, 1>(g, p, x_n, y_n, bias, b);
+    case 2: return csc3_block_t<W, 2>(g, p, x_n, y_n, bias, b);
+    case 3: return csc3_block_t<W, 3>(g, p, x_n, y_n, bias, b);
+    default: return csc3_block_t<W, 4>(g, p, x_n, y_n, bias, b);
+  }
+}
+
+void csc3_block(const Geom& g, const Plan& p, const float* x_n, float* y_n, const float* bias,
+                const CscBlock& b) {
+  switch (g.W) {
+    case 1: return csc3_w<1>(g, p, x_n, y_n, bias, b);
+    case 2: return csc3_w<2>(g, p, x_n, y_n, bias, b);
+    case 4: return csc3_w<4>(g, p, x_n, y_n, bias, b);
+    case 8: return csc3_w<8>(g, p, x_n, y_n, bias, b);
+    default: return csc3_w<16>(g, p, x_n, y_n, bias, b);
+  }
+}
+constexpr auto kCscBlock = &csc3_block;
 #else
 constexpr bool kHasSmall = false;
 bool make_small_plan(const Geom&, Plan*) { return false; }
 void small_channel(const Geom&, const Plan&, const float*, float*, const float*, const int64_t*,
                    int64_t, float, int64_t) {}
+constexpr void (*kCscBlock)(const Geom&, const Plan&, const float*, float*, const float*,
+                            const CscBlock&) = nullptr;
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -817,7 +904,7 @@ void compute_channel(const Geom& g, const Plan& p, const float* x_n, const float
   }
 }
 
-const KernelFns kFns = {SPARSIFY_ISA_NAME, &make_plan, &pad_channel, &compute_channel};
+const KernelFns kFns = {SPARSIFY_ISA_NAME, &make_plan, &pad_channel, &compute_channel, kCscBlock};
 
 }  // namespace
 }  // namespace SPARSIFY_ISA_NS

@@ -50,25 +50,41 @@ def _attrs(case: ConvCase) -> dict[str, object]:
 
 
 def sparse_model(case: ConvCase, *, packed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-                 bias: np.ndarray | None = None, **attr_override: object) -> bytes:
-    """A model X -> SparseConv -> Y with the packed weights as initializers (no function body)."""
+                 bias: np.ndarray | None = None, weights_as_inputs: bool = False,
+                 **attr_override: object) -> bytes:
+    """A model X -> SparseConv -> Y with the packed weights as initializers (no function body).
+
+    weights_as_inputs: W, row_ptr and col_idx are graph inputs fed at run time instead (not
+    constant to the kernel), see packed_feeds.
+    """
     w, row_ptr, col_idx = packed if packed is not None else case.packed()
     b = case.bias if bias is None else bias
     attrs = _attrs(case)
     attrs.update(attr_override)
     node = helper.make_node("SparseConv", ["X", "W", "row_ptr", "col_idx", "B"], ["Y"], domain="ai.sparsify", **attrs)
+    packed_inits = [numpy_helper.from_array(np.ascontiguousarray(w, np.float32), "W"),
+                    numpy_helper.from_array(np.asarray(row_ptr, np.int64), "row_ptr"),
+                    numpy_helper.from_array(np.asarray(col_idx, np.int64), "col_idx")]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", case.cin, "H", "W"])]
+    if weights_as_inputs:
+        inputs += [helper.make_tensor_value_info("W", TensorProto.FLOAT, ["nnz", *w.shape[1:]]),
+                   helper.make_tensor_value_info("row_ptr", TensorProto.INT64, [len(row_ptr)]),
+                   helper.make_tensor_value_info("col_idx", TensorProto.INT64, ["nnz"])]
+        packed_inits = []
     graph = helper.make_graph(
-        [node], "sparseconv",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", case.cin, "H", "W"])],
+        [node], "sparseconv", inputs,
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(np.ascontiguousarray(w, np.float32), "W"),
-                     numpy_helper.from_array(np.asarray(row_ptr, np.int64), "row_ptr"),
-                     numpy_helper.from_array(np.asarray(col_idx, np.int64), "col_idx"),
-                     numpy_helper.from_array(np.asarray(b, np.float32), "B")],
+        initializer=packed_inits + [numpy_helper.from_array(np.asarray(b, np.float32), "B")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.sparsify", 1)])
     model.ir_version = 8
     return model.SerializeToString()
+
+
+def packed_feeds(case: ConvCase) -> dict[str, np.ndarray]:
+    """Run-time inputs W, row_ptr, col_idx of a sparse_model(..., weights_as_inputs=True)."""
+    w, row_ptr, col_idx = case.packed()
+    return {"W": np.ascontiguousarray(w, np.float32), "row_ptr": row_ptr, "col_idx": col_idx}
 
 
 def dense_model(case: ConvCase, weight: np.ndarray | None = None) -> bytes:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from native_models import ConvCase, dense_model, random_case, sparse_model
+from native_models import ConvCase, dense_model, packed_feeds, random_case, sparse_model
 from sparsify.errors import RuntimeBackendError
 from sparsify.runtime import native
 
@@ -228,3 +228,31 @@ def test_row_strip_tasks(monkeypatch: pytest.MonkeyPatch, isa: str, k: tuple[int
     x = rng.standard_normal((n, 24, h, w)).astype(np.float32)
     for threads in (1, 2):
         assert_close(*run_both(case, x, threads=threads))
+
+
+@pytest.mark.parametrize("h,w", [(4, 4), (2, 8), (8, 8), (4, 8), (4, 16)])
+@pytest.mark.parametrize("group", [1, 4])
+def test_small_planes_by_input_channel(h: int, w: int, group: int) -> None:
+    """Planes of whole AVX-512 vectors with enough connections go input channel by input channel
+    (CSC) in blocks of output channels; one session serves several batch sizes (block counts)."""
+    rng = np.random.default_rng(h * 10 + w + group)
+    for density in (0.1, 0.6):
+        case = random_case(rng, 64, 96, 3, density, group=group, pads=(1, 1, 1, 1))
+        for threads in (1, 2):
+            sparse = native.session(sparse_model(case), threads)
+            dense = native.session(dense_model(case), threads, native=False)
+            for n in (1, 3, 16, 1):
+                x = rng.standard_normal((n, 64, h, w)).astype(np.float32)
+                assert_close(sparse.run(None, {"X": x})[0], dense.run(None, {"X": x})[0])
+
+
+def test_small_planes_weights_fed_at_run_time() -> None:
+    """Non-constant weights and indices are regrouped on every call, never served from a cache."""
+    rng = np.random.default_rng(5)
+    cases = [random_case(rng, 48, 64, 3, d, pads=(1, 1, 1, 1)) for d in (0.3, 0.7)]
+    cases[1].bias = cases[0].bias  # B stays an initializer of the session
+    sess = native.session(sparse_model(cases[0], weights_as_inputs=True), 2)
+    x = rng.standard_normal((2, 48, 4, 4)).astype(np.float32)
+    for case in cases + cases[::-1]:
+        ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+        assert_close(sess.run(None, {"X": x, **packed_feeds(case)})[0], ref)
