@@ -43,6 +43,10 @@ using sparsify_conv::Plan;
 
 constexpr const char* kDomain = "ai.sparsify";
 constexpr const char* kOpName = "SparseConv";
+// Session config entry that tells the kernel the session's intra-op thread count (the C API
+// gives a kernel no other way to know it); sparsify.runtime.session sets it. With one thread the
+// kernel runs whole images in one pass instead of splitting them into tasks for other threads.
+constexpr const char* kThreadsKey = "ai.sparsify.intra_op_num_threads";
 
 // Set by RegisterCustomOps; every registration stores the same pointers (unless the
 // SPARSIFY_KERNEL_ISA test knob changed in between).
@@ -116,6 +120,8 @@ struct Kernel {
   const void* const_row_ptr = nullptr;
   const void* const_col_idx = nullptr;
   const void* const_w = nullptr;
+  // The session's intra-op thread count when its options say it (kThreadsKey; 0: unknown).
+  int64_t threads = 0;
   mutable std::atomic<int64_t> validated_cpg{-1};
   // The by-input-channel copy of constant weights (kSmall3 planes of whole vectors), built on
   // the first call that needs it.
@@ -180,6 +186,21 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
         data = nullptr;
       }
       *slots[i] = is_const ? data : nullptr;
+    }
+  }
+  if (st == nullptr) {
+    OrtKeyValuePairs* cfg = nullptr;
+    OrtStatus* cs = g_api->KernelInfo_GetConfigEntries(info, &cfg);
+    if (cs != nullptr) {
+      g_api->ReleaseStatus(cs);
+    } else if (cfg != nullptr) {
+      const char* v = g_api->GetKeyValue(cfg, kThreadsKey);
+      if (v != nullptr) {
+        char* end = nullptr;
+        const long long t = std::strtoll(v, &end, 10);
+        if (end != v && *end == '\0' && t >= 1) k->threads = t;
+      }
+      g_api->ReleaseKeyValuePairs(cfg);
     }
   }
   if (st != nullptr) {
@@ -322,6 +343,45 @@ Geom strip_geom(const Geom& g, int64_t r0, int64_t r1, int64_t* row_lo) {
   return s;
 }
 
+// Strips of output rows for few images on T threads: among up to max_ns strips, the count whose
+// slowest thread computes the fewest rows, counting the rows a strip's plan wastes to its row
+// block (5-row strips of a 28x28 plane ran in 8-row blocks: 1.7x the work of the whole plane)
+// plus a little per strip for its halo rows and setup. Returns the count (0: no strips) and sets
+// the rows per strip and the largest padded plane of a strip's plan.
+int64_t pick_strips(const Geom& g, const KernelFns* fns, int64_t T, int64_t max_ns, int64_t* rows,
+                    int64_t* max_plane) {
+  int64_t best = 0;
+  double best_cost = 0.0;
+  for (int64_t n = 2; n <= max_ns && n <= g.Ho; ++n) {
+    const int64_t r = (g.Ho + n - 1) / n, ns = (g.Ho + r - 1) / r;
+    if (ns != n) continue;  // the same strips as a smaller count
+    int64_t lo = 0;
+    Plan ps;
+    fns->make_plan(strip_geom(g, 0, r, &lo), &ps);
+    if (ps.kind == sparsify_conv::kPointwise || ps.kind == sparsify_conv::kSmall3) return 0;
+    const int64_t blk = ps.kind == sparsify_conv::kFlat3   ? int64_t(ps.R) * ps.P
+                        : ps.kind == sparsify_conv::kDirect ? int64_t(ps.R)
+                                                            : 1;
+    const double per_strip = double((r + blk - 1) / blk * blk) + 0.25 * double(g.kH);
+    const double cost = double((ns + T - 1) / T) * per_strip;
+    if (best == 0 || cost < best_cost) {
+      best = ns;
+      best_cost = cost;
+      *rows = r;
+    }
+  }
+  if (best == 0) return 0;
+  for (int64_t s = 0; s < best; ++s) {  // every strip's buffer size (edge strips pad differently)
+    int64_t lo = 0;
+    const int64_t r1 = (s + 1) * *rows < g.Ho ? (s + 1) * *rows : g.Ho;
+    Plan ps;
+    fns->make_plan(strip_geom(g, s * *rows, r1, &lo), &ps);
+    if (ps.kind == sparsify_conv::kPointwise || ps.kind == sparsify_conv::kSmall3) return 0;
+    if (ps.plane > *max_plane) *max_plane = ps.plane;
+  }
+  return best;
+}
+
 // Few images (batch 1): tasks are strips of output rows over all output channels, each an
 // independent convolution that pads only its own input rows into a buffer of its own. (Blocks of
 // output channels over one shared padded copy made every core read rows the other had just
@@ -409,9 +469,8 @@ void csc_task(void* ud, size_t i) {
   j.f->csc_block(g, *j.p, j.X + n * g.Cin * hw, j.Y + n * g.Cout * hw, j.B, j.csc->block(b));
 }
 
-// Smallest work item, in multiply-adds, and smallest strip of output rows.
+// Smallest work item, in multiply-adds.
 constexpr int64_t kMinTaskWork = 1 << 16;
-constexpr int64_t kMinStripRows = 4;
 // Connections per input channel and block below which the CSC path loses to the per-connection
 // one on planes of more than one vector (measured at 8x8 and 4x8).
 constexpr int64_t kCscMinPerColumn = 16;
@@ -561,14 +620,16 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   }
   Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr, nullptr, 0, 0, 0, 0, nullptr};
   // Work items are (image, block of output channels) or, for padded plans, (image, strip of
-  // output rows), of about equal cost and claimed dynamically by the pool's threads: about 8
-  // items per call for load balance, each at least kMinTaskWork multiply-adds (waking a pool
-  // thread costs ~10 us here), fewer when the batch already gives enough items (whole images
-  // keep their input in cache).
+  // output rows), of about equal cost and claimed dynamically by the pool's threads: about 4
+  // items per thread for load balance (8 when the thread count is unknown), each at least
+  // kMinTaskWork multiply-adds (waking a pool thread costs ~10 us here), fewer when the batch
+  // already gives enough items (whole images keep their input in cache); whole images on one
+  // thread.
   const int64_t per_conn = g.Ho * g.Wo * g.kH * g.kW;
   const int64_t work = (nnz + g.Cout) * per_conn;
   int64_t nob = (work + kMinTaskWork - 1) / kMinTaskWork;
-  const int64_t want = (8 + g.N - 1) / g.N;
+  const int64_t items = k.threads > 0 ? 4 * k.threads : 8;
+  const int64_t want = k.threads == 1 ? 1 : (items + g.N - 1) / g.N;
   if (nob > want) nob = want;
   if (nob > g.Cout) nob = g.Cout;
   if (nob < 1) nob = 1;
@@ -602,27 +663,8 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   const bool padded = p.kind != sparsify_conv::kPointwise && p.kind != sparsify_conv::kSmall3 && g.Cin > 0;
   int64_t ns = 0, rows = 0, max_plane = p.plane;
   if (padded && nob > 1) {
-    // Strips of at least kMinStripRows rows (the halo rows are padded twice), of the plan's row
-    // block where it has one.
-    const int64_t blk = p.kind == sparsify_conv::kFlat3 ? p.strip : 1;
-    ns = nob < g.Ho / kMinStripRows ? nob : g.Ho / kMinStripRows;
-    if (ns > 1) {
-      rows = (g.Ho + ns - 1) / ns;
-      rows = (rows + blk - 1) / blk * blk;
-      ns = (g.Ho + rows - 1) / rows;
-    }
-    if (ns > 1) {
-      for (int64_t s = 0; s < ns; ++s) {
-        int64_t lo = 0;
-        const int64_t r1 = (s + 1) * rows < g.Ho ? (s + 1) * rows : g.Ho;
-        const Geom gs = strip_geom(g, s * rows, r1, &lo);
-        Plan ps;
-        fns->make_plan(gs, &ps);
-        if (ps.kind == sparsify_conv::kPointwise || ps.kind == sparsify_conv::kSmall3) ns = 0;
-        if (ps.plane > max_plane) max_plane = ps.plane;
-      }
-    }
-    if (ns <= 1) ns = rows = 0;
+    const int64_t T = k.threads > 0 ? k.threads : 2;
+    ns = pick_strips(g, fns, T, 4 * T < nob ? 4 * T : nob, &rows, &max_plane);
   }
   if (ns > 0) nob = 1;
   const std::vector<int64_t> bounds = block_bounds(row_ptr, g.Cout, nob);

@@ -110,6 +110,9 @@ class SparsifySession(ort.InferenceSession):
             raise RuntimeBackendError(f"ONNX Runtime failed to run the model: {_kernel_message(e)}") from None
 
 
+THREADS_CONFIG_KEY = "ai.sparsify.intra_op_num_threads"  # read by the kernel (sparseconv_op.cc)
+
+
 def session(
     path_or_bytes: str | os.PathLike[str] | bytes,
     intra_op_threads: int | None = None,
@@ -133,6 +136,9 @@ def session(
         if intra_op_threads < 1:
             raise RuntimeBackendError(f"intra_op_threads={intra_op_threads} must be >= 1")
         so.intra_op_num_threads = int(intra_op_threads)
+        # The kernel cannot ask ORT for the thread count; it splits work for the threads it is
+        # told of (one thread: whole images in one pass, no tasks).
+        so.add_session_config_entry(THREADS_CONFIG_KEY, str(int(intra_op_threads)))
     if native:
         lib = library_path()
         if lib is not None:

@@ -256,3 +256,24 @@ def test_small_planes_weights_fed_at_run_time() -> None:
     for case in cases + cases[::-1]:
         ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
         assert_close(sess.run(None, {"X": x, **packed_feeds(case)})[0], ref)
+
+
+@pytest.mark.parametrize("hint", [None, "1", "2", "0", "many"])
+def test_thread_count_hint(hint: str | None) -> None:
+    """Sessions without sparsify's thread-count entry (plain ORT) or with a nonsense one split the
+    work their own way and still compute the same; the entry changes only how work is split."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(11)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.register_custom_ops_library(str(native.library_path()))
+    if hint is not None:
+        so.add_session_config_entry(native.THREADS_CONFIG_KEY, hint)
+    for hw, k, density in ((32, 3, 0.3), (4, 3, 0.6), (8, 3, 0.6), (20, 5, 0.5)):
+        case = random_case(rng, 32, 48, k, density, pads=(k // 2,) * 4)
+        sess = ort.InferenceSession(sparse_model(case), so, providers=["CPUExecutionProvider"])
+        for n in (1, 2, 9):
+            x = rng.standard_normal((n, 32, hw, hw)).astype(np.float32)
+            ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+            assert_close(sess.run(None, {"X": x})[0], ref)
