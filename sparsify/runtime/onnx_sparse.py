@@ -239,11 +239,13 @@ def _constant_nodes(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 # crossover = where the speed-up falls to 1, the thresholds sit ~0.05-0.1 below it so a layer
 # written sparse is never slower; measured on an AVX-512 CPU, where the kernel's fastest paths run:
 # use --autotune elsewhere). 3x3 stride 1 by output plane: >= 16x16: crossovers 0.83-1.0
-# (64@32x32 and 128@16x16 > 0.9, 256@28x28 0.83); >= 8x8: 256@8x8 0.8; smaller: 512@4x4 0.57-0.6.
+# (64@32x32 and 128@16x16 > 0.9, 256@28x28 0.83); >= 8x8: 256@8x8 0.78; 4x4 (the by-input-channel
+# path): 64@4x4 0.90, 128@4x4 0.86, 512@4x4 0.84-1.0; below 16 pixels (2x2: a vector per plane,
+# three quarters of it idle): 512@2x2 0.23.
 # 1x1 stride 1: 256@8x8 0.28, 64@32x32 0.35, 32@16x16 0.55, 32@32x32 0.5, 16@32x32 0.8, 8@16x16
 # above 0.9 (ORT's Conv is inefficient on few channels). 5x5 stride 1: 64@16x16 0.58, 32@32x32
 # 0.67; 7x7: 32@16x16 0.8. Stride 2: 128@32x32 0.33, 64@16x16 0.22, 16-32 channels lose even at 0.1.
-THRESHOLD_3x3_S1 = ((256, 0.75), (64, 0.7), (0, 0.5))  # (min output pixels, threshold)
+THRESHOLD_3x3_S1 = ((256, 0.75), (64, 0.7), (16, 0.7), (0, 0.15))  # (min output pixels, threshold)
 THRESHOLD_1x1 = ((64, 0.25), (32, 0.45), (16, 0.7), (0, 0.85))  # (min input channels per group, threshold)
 THRESHOLD_KXK = 0.5      # 5x5, 7x7 (direct path), stride 1
 THRESHOLD_STRIDED = 0.15  # stride > 1, only with >= 64 input channels per group
