@@ -1,7 +1,8 @@
 """Per-layer benchmark of the native ai.sparsify::SparseConv kernel against ONNX Runtime's Conv.
 
-For each 3x3 / stride 1 / pad 1 layer (C in = C out) it times, interleaved in one run (alternating
-runs, medians), three sessions on the same machine state:
+For each 3x3 / stride 1 / pad 1 layer (C in = C out) it times, interleaved in one run (rounds of
+bursts, medians of single runs; ORT's default spinning workers, left to go idle between bursts:
+sparsify.runtime.bench.time_bursts), three sessions on the same machine state:
   dense   ORT Conv with the masked dense weight (what the sparse model costs without the kernel),
   sparse  the native SparseConv with random channel masks of exactly round(d * C) inputs per output,
   dm      ORT Conv with the same live parameter count by depth multiplication (C*sqrt(d) in and out).
@@ -29,6 +30,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from sparsify.runtime import native
+from sparsify.runtime.bench import SPIN_SETTLE_S, time_bursts
 from sparsify.runtime.onnx_sparse import sparse_threshold
 
 SHAPES = [(64, 32), (128, 16), (256, 8), (256, 28), (512, 4)]  # (C, H=W)
@@ -81,24 +83,13 @@ def layer(c: int, d: float, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
     return weight, mask, rng.standard_normal(c).astype(np.float32)
 
 
-def time_interleaved(sessions: dict, feeds: dict, reps: int, min_sample_s: float,
+def time_interleaved(sessions: dict, feeds: dict, reps: int, min_sample_s: float, threads: int,
                      clock=time.perf_counter) -> dict[str, float]:
-    """Median seconds per run of each session, alternating sessions sample by sample."""
-    inner = {}
-    for name, sess in sessions.items():
-        sess.run(None, feeds[name])
-        t0 = clock()
-        sess.run(None, feeds[name])
-        dt = clock() - t0
-        inner[name] = max(1, min(200, math.ceil(min_sample_s / max(dt, 1e-7))))
-    samples: dict[str, list[float]] = {n: [] for n in sessions}
-    for _ in range(reps):
-        for name, sess in sessions.items():
-            t0 = clock()
-            for _ in range(inner[name]):
-                sess.run(None, feeds[name])
-            samples[name].append((clock() - t0) / inner[name])
-    return {n: statistics.median(s) for n, s in samples.items()}
+    """Median seconds per run of each session, in `reps` rounds of interleaved bursts."""
+    runs = [lambda s=sess, f=feeds[name]: s.run(None, f) for name, sess in sessions.items()]
+    samples = time_bursts(runs, burst_s=min_sample_s, min_rounds=reps, clock=clock,
+                          settle_s=SPIN_SETTLE_S if threads > 1 else 0.0)
+    return {name: statistics.median(s) for name, s in zip(sessions, samples)}
 
 
 def bench_layer(c: int, hw: int, n: int, threads: int, d: float, reps: int, min_sample_s: float,
@@ -106,14 +97,14 @@ def bench_layer(c: int, hw: int, n: int, threads: int, d: float, reps: int, min_
     weight, mask, bias = layer(c, d, rng)
     x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
     sessions = {
-        "dense": native.session(dense_conv(weight, bias), threads, native=False, spinning=False),
-        "sparse": native.session(sparse_conv(weight, mask, bias), threads, spinning=False),
+        "dense": native.session(dense_conv(weight, bias), threads, native=False),
+        "sparse": native.session(sparse_conv(weight, mask, bias), threads),
     }
     feeds = {"dense": {"X": x}, "sparse": {"X": x}}
     cdm = max(1, round(c * math.sqrt(d)))
     if with_dm:
         wdm = rng.standard_normal((cdm, cdm, 3, 3)).astype(np.float32)
-        sessions["dm"] = native.session(dense_conv(wdm, bias[:cdm].copy()), threads, native=False, spinning=False)
+        sessions["dm"] = native.session(dense_conv(wdm, bias[:cdm].copy()), threads, native=False)
         feeds["dm"] = {"X": rng.standard_normal((n, cdm, hw, hw)).astype(np.float32)}
     y_s = sessions["sparse"].run(None, feeds["sparse"])[0]
     y_d = sessions["dense"].run(None, feeds["dense"])[0]
@@ -123,7 +114,7 @@ def bench_layer(c: int, hw: int, n: int, threads: int, d: float, reps: int, min_
     # With one intra-op thread ORT runs the node on the calling thread, so that thread's CPU time
     # measures the kernels without the time other processes take on a shared machine.
     clock = time.thread_time if (cpu_clock and threads == 1) else time.perf_counter
-    t = time_interleaved(sessions, feeds, reps, min_sample_s, clock)
+    t = time_interleaved(sessions, feeds, reps, min_sample_s, threads, clock)
     row = {"C": c, "HW": hw, "N": n, "threads": threads, "density": d, "dm_channels": cdm,
            "dense_ms": t["dense"] * 1e3, "sparse_ms": t["sparse"] * 1e3,
            "speedup": t["dense"] / t["sparse"], "ideal": 1.0 / d}

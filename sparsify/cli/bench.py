@@ -126,8 +126,9 @@ def bench(
     repeats: int = typer.Option(10, help="Measured runs per variant and configuration, at least."),
     native: bool = typer.Option(True, "--native/--no-native", help="Register the native SparseConv kernel when available."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure each variant's peak RSS in a fresh process."),
-    spin: bool = typer.Option(False, "--spin/--no-spin", help="Let ORT worker threads spin between runs "
-                              "(lower latency on an idle machine; erratic when cores are shared)."),
+    spin: bool = typer.Option(True, "--spin/--no-spin", help="Let ORT worker threads spin between runs, as "
+                              "ORT does by default (variants are timed in turn, with a pause for the "
+                              "spinning to stop between them)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Measure ONNX Runtime latency of ONNX files side by side, or of the variants of a run directory."""
