@@ -660,6 +660,39 @@ void small_channel(const Geom& g, const Plan& p, const float* x_n, float* y, con
     default: return small_w<16>(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
   }
 }
+// 2x2 planes (3x3 'same' conv, e.g. the last block of a VGG on 32x32 inputs): every output
+// pixel p sees every input pixel q through tap (qy - py + 1, qx - px + 1), so one connection is
+// a 4x4 outer product, exactly one 16-lane FMA: lanes (p, q) of the connection's nine weights
+// permuted into place times the input plane broadcast to the four p groups. The per-pixel path
+// spent nine FMAs with three quarters of their lanes idle. Sums over q at the end.
+void tiny2_channel(const float* __restrict x_n, float* __restrict y, const float* __restrict w_row,
+                   const int64_t* __restrict cols, int64_t cnt, float bias, int64_t cin_base) {
+  alignas(64) static const int32_t kTap[16] = {4, 5, 7, 8, 3, 4, 6, 7, 1, 2, 4, 5, 0, 1, 3, 4};
+  const __m512i tap = _mm512_load_si512(kTap);
+  const float* xg = x_n + cin_base * 4;
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  auto one = [&](int a, int64_t k) __attribute__((always_inline)) {
+    const __m512 w = _mm512_permutexvar_ps(tap, _mm512_maskz_loadu_ps(__mmask16(0x1ff), w_row + k * 9));
+    const __m512 x = _mm512_broadcast_f32x4(_mm_loadu_ps(xg + cols[k] * 4));
+    acc[a] = _mm512_fmadd_ps(w, x, acc[a]);
+  };
+  int64_t k = 0;
+  for (; k + 4 <= cnt; k += 4) {
+    one(0, k);
+    one(1, k + 1);
+    one(2, k + 2);
+    one(3, k + 3);
+  }
+  for (; k < cnt; ++k) one(0, k);
+  __m512 s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+  // Lane 4p + q -> sum over q into lane 4p, then lanes 0, 4, 8, 12 to the four outputs.
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));  // swap neighbours
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, 0x4E));  // swap pairs
+  alignas(64) static const int32_t kPick[16] = {0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  s = _mm512_permutexvar_ps(_mm512_load_si512(kPick), s);
+  _mm512_mask_storeu_ps(y, __mmask16(0xf), _mm512_add_ps(s, _mm512_set1_ps(bias)));
+}
+
 // The same planes by input channel (CSC): for each output vector j and each input channel, the
 // nine shifted copies of the input are built once in registers, then every live connection from
 // that channel adds its nine taps into its output vector in memory (the block's outputs stay in
@@ -752,6 +785,7 @@ void small_channel(const Geom&, const Plan&, const float*, float*, const float*,
                    int64_t, float, int64_t) {}
 constexpr void (*kCscBlock)(const Geom&, const Plan&, const float*, float*, const float*,
                             const CscBlock&) = nullptr;
+void tiny2_channel(const float*, float*, const float*, const int64_t*, int64_t, float, int64_t) {}
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -765,12 +799,24 @@ void make_plan(const Geom& g, Plan* p) {
   const bool direct = g.kH == g.kW && (g.kH == 1 || g.kH == 3 || g.kH == 5 || g.kH == 7) &&
                       g.sH == g.sW && (g.sH == 1 || g.sH == 2) && g.dH == 1 && g.dW == 1;
   if (pointwise) {
+    p->reads_x = 1;
     p->kind = kPointwise;
     p->K = 1;
     p->S = 1;
     return;
   }
-  if (direct && g.kH == 3 && g.sH == 1 && kHasSmall && make_small_plan(g, p)) return;
+  if (direct && g.kH == 3 && g.sH == 1 && kHasSmall && g.H == 2 && g.W == 2 && g.pt == 1 &&
+      g.pl == 1 && g.pb == 1 && g.pr == 1) {
+    p->kind = kTiny2;
+    p->reads_x = 1;
+    p->K = 3;
+    p->S = 1;
+    return;
+  }
+  if (direct && g.kH == 3 && g.sH == 1 && kHasSmall && make_small_plan(g, p)) {
+    p->reads_x = 1;
+    return;
+  }
   if (direct && g.kH == 3 && g.sH == 1 && make_flat_plan(g, p)) return;
   if (direct) {
     const int K = int(g.kH), S = int(g.sH);
@@ -891,7 +937,9 @@ void generic_channel(const Geom& g, const Plan& p, const float* __restrict xp_n,
 void compute_channel(const Geom& g, const Plan& p, const float* x_n, const float* xp_n, float* y,
                      const float* w_row, const int64_t* cols, int64_t cnt, float bias,
                      int64_t cin_base, int64_t row0, int64_t row1) {
-  if (p.kind == kSmall3) {
+  if (p.kind == kTiny2) {
+    tiny2_channel(x_n, y, w_row, cols, cnt, bias, cin_base);
+  } else if (p.kind == kSmall3) {
     small_channel(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
   } else if (p.kind == kFlat3) {
     (p.align ? kFlatCfgs[p.cfg].fn_align : kFlatCfgs[p.cfg].fn)(g, p, xp_n, y, w_row, cols, cnt, bias, cin_base, row0, row1);

@@ -358,7 +358,7 @@ int64_t pick_strips(const Geom& g, const KernelFns* fns, int64_t T, int64_t max_
     int64_t lo = 0;
     Plan ps;
     fns->make_plan(strip_geom(g, 0, r, &lo), &ps);
-    if (ps.kind == sparsify_conv::kPointwise || ps.kind == sparsify_conv::kSmall3) return 0;
+    if (ps.reads_x) return 0;
     const int64_t blk = ps.kind == sparsify_conv::kFlat3   ? int64_t(ps.R) * ps.P
                         : ps.kind == sparsify_conv::kDirect ? int64_t(ps.R)
                                                             : 1;
@@ -376,7 +376,7 @@ int64_t pick_strips(const Geom& g, const KernelFns* fns, int64_t T, int64_t max_
     const int64_t r1 = (s + 1) * *rows < g.Ho ? (s + 1) * *rows : g.Ho;
     Plan ps;
     fns->make_plan(strip_geom(g, s * *rows, r1, &lo), &ps);
-    if (ps.kind == sparsify_conv::kPointwise || ps.kind == sparsify_conv::kSmall3) return 0;
+    if (ps.reads_x) return 0;
     if (ps.plane > *max_plane) *max_plane = ps.plane;
   }
   return best;
@@ -614,7 +614,8 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   const KernelFns* fns = g_wide.load(std::memory_order_relaxed);
   Plan p;
   fns->make_plan(g, &p);
-  if (p.kind != sparsify_conv::kFlat3 && p.kind != sparsify_conv::kSmall3 && g.Wo <= 8) {
+  if (p.kind != sparsify_conv::kFlat3 && p.kind != sparsify_conv::kSmall3 && p.kind != sparsify_conv::kTiny2 &&
+      g.Wo <= 8) {
     fns = g_narrow.load(std::memory_order_relaxed);
     fns->make_plan(g, &p);
   }
@@ -660,7 +661,7 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     job.csc = L.get();
     return parallel_for(ctx, csc_task, g.N * nob, &job);
   }
-  const bool padded = p.kind != sparsify_conv::kPointwise && p.kind != sparsify_conv::kSmall3 && g.Cin > 0;
+  const bool padded = !p.reads_x && g.Cin > 0;
   int64_t ns = 0, rows = 0, max_plane = p.plane;
   if (padded && nob > 1) {
     const int64_t T = k.threads > 0 ? k.threads : 2;

@@ -240,12 +240,15 @@ def _constant_nodes(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 # written sparse is never slower; measured on an AVX-512 CPU, where the kernel's fastest paths run:
 # use --autotune elsewhere). 3x3 stride 1 by output plane: >= 16x16: crossovers 0.83-1.0
 # (64@32x32 and 128@16x16 > 0.9, 256@28x28 0.83); >= 8x8: 256@8x8 0.78; 4x4 (the by-input-channel
-# path): 64@4x4 0.90, 128@4x4 0.86, 512@4x4 0.84-1.0; below 16 pixels (2x2: a vector per plane,
-# three quarters of it idle): 512@2x2 0.23.
+# path): 64@4x4 0.90, 128@4x4 0.86, 512@4x4 0.84-1.0; 2x2 (one FMA per connection): 128@2x2 0.52,
+# 512@2x2 0.58; other planes under 16 pixels: 256@3x3 0.16 (one vector, most lanes idle); 1x1
+# planes lose even at 0.1 (0.3x: nine taps computed for the one that reads the input).
 # 1x1 stride 1: 256@8x8 0.28, 64@32x32 0.35, 32@16x16 0.55, 32@32x32 0.5, 16@32x32 0.8, 8@16x16
 # above 0.9 (ORT's Conv is inefficient on few channels). 5x5 stride 1: 64@16x16 0.58, 32@32x32
 # 0.67; 7x7: 32@16x16 0.8. Stride 2: 128@32x32 0.33, 64@16x16 0.22, 16-32 channels lose even at 0.1.
-THRESHOLD_3x3_S1 = ((256, 0.75), (64, 0.7), (16, 0.7), (0, 0.15))  # (min output pixels, threshold)
+THRESHOLD_3x3_S1 = ((256, 0.75), (64, 0.7), (16, 0.7), (5, 0.12), (0, 0.0))  # (min output pixels, threshold)
+THRESHOLD_3x3_2x2 = 0.45  # 2x2 output planes (the 4-pixel row of the table above would say 0)
+THRESHOLD_3x3_UNKNOWN = 0.12  # output plane unknown at export: assume no 1x1 plane
 THRESHOLD_1x1 = ((64, 0.25), (32, 0.45), (16, 0.7), (0, 0.85))  # (min input channels per group, threshold)
 THRESHOLD_KXK = 0.5      # 5x5, 7x7 (direct path), stride 1
 THRESHOLD_STRIDED = 0.15  # stride > 1, only with >= 64 input channels per group
@@ -258,7 +261,8 @@ def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations:
 
     A per-layer rule from measured crossovers (see the table above): the kernel's fast paths are
     3x3 stride 1, so those layers go sparse up to high densities, the others only when very sparse.
-    ``out_hw`` (output plane) is None when shapes are unknown: then the smallest plane's threshold.
+    ``out_hw`` (output plane) is None when shapes are unknown: then a low threshold that holds on
+    every plane measured except 1x1 (export with static shapes, or --autotune, to do better).
     """
     kh, kw = kernel
     if any(int(d) != 1 for d in dilations):
@@ -268,11 +272,13 @@ def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations:
             return 0.0, f"strided conv with {cin_per_group} < {MIN_STRIDED_CIN} input channels per group"
         return THRESHOLD_STRIDED, "strided conv"
     if (kh, kw) == (3, 3):
-        pixels = out_hw[0] * out_hw[1] if out_hw else 0
+        if out_hw is None:
+            return THRESHOLD_3x3_UNKNOWN, "3x3/s1 on an unknown plane (assumed 3x3 or larger)"
+        if tuple(out_hw) == (2, 2):
+            return THRESHOLD_3x3_2x2, "3x3/s1 on 2x2 output"
         for min_pixels, thr in THRESHOLD_3x3_S1:
-            if pixels >= min_pixels:
-                where = f"{out_hw[0]}x{out_hw[1]} output" if out_hw else "unknown plane"
-                return thr, f"3x3/s1 on {where}"
+            if out_hw[0] * out_hw[1] >= min_pixels:
+                return thr, f"3x3/s1 on {out_hw[0]}x{out_hw[1]} output"
     if (kh, kw) == (1, 1):
         for min_cin, thr in THRESHOLD_1x1:
             if cin_per_group >= min_cin:

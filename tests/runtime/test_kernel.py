@@ -230,11 +230,12 @@ def test_row_strip_tasks(monkeypatch: pytest.MonkeyPatch, isa: str, k: tuple[int
         assert_close(*run_both(case, x, threads=threads))
 
 
-@pytest.mark.parametrize("h,w", [(4, 4), (2, 8), (8, 8), (4, 8), (4, 16)])
+@pytest.mark.parametrize("h,w", [(4, 4), (2, 8), (8, 8), (4, 8), (4, 16), (2, 2)])
 @pytest.mark.parametrize("group", [1, 4])
 def test_small_planes_by_input_channel(h: int, w: int, group: int) -> None:
     """Planes of whole AVX-512 vectors with enough connections go input channel by input channel
-    (CSC) in blocks of output channels; one session serves several batch sizes (block counts)."""
+    (CSC) in blocks of output channels, 2x2 planes one FMA per connection; one session serves
+    several batch sizes (block counts)."""
     rng = np.random.default_rng(h * 10 + w + group)
     for density in (0.1, 0.6):
         case = random_case(rng, 64, 96, 3, density, group=group, pads=(1, 1, 1, 1))

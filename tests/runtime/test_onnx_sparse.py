@@ -178,3 +178,14 @@ def test_bad_inputs(tmp_path) -> None:
     converted, _ = convert_model(_conv_model(w, None, 1, 1, 1, 1, 8))
     with pytest.raises(ExportError, match="already contains"):
         convert_model(converted)
+
+
+@pytest.mark.parametrize("hw,density,sparse", [(1, 0.05, False), (2, 0.4, True), (2, 0.5, False),
+                                               (3, 0.1, True), (3, 0.2, False), (4, 0.6, True), (8, 0.6, True)])
+def test_per_layer_rule_by_plane(hw: int, density: float, sparse: bool) -> None:
+    """The default rule writes SparseConv only where bench_kernel measured it faster: never on a
+    1x1 plane (nine taps computed for one), up to 0.45 on 2x2, 0.12 on 3x3, 0.7 from 4x4 up."""
+    rng = np.random.default_rng(hw)
+    w = _masked_weight(rng, 64, 64, 3, density)
+    new, report = convert_model(_conv_model(w, None, 1, 1, 1, 1, hw))
+    assert any(n.op_type == "SparseConv" for n in new.graph.node) == sparse, report
