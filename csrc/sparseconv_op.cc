@@ -43,6 +43,9 @@ using sparsify_conv::Plan;
 
 constexpr const char* kDomain = "ai.sparsify";
 constexpr const char* kOpName = "SparseConv";
+// SparseConv followed by Relu, fused by the exporter (ORT fuses its own Conv + Relu the same way;
+// a separate Relu node cost a sparse VGG 7-13% of its time at batch 1).
+constexpr const char* kReluOpName = "SparseConvRelu";
 // Session config entry that tells the kernel the session's intra-op thread count (the C API
 // gives a kernel no other way to know it); sparsify.runtime.session sets it. With one thread the
 // kernel runs whole images in one pass instead of splitting them into tasks for other threads.
@@ -122,6 +125,7 @@ struct Kernel {
   const void* const_w = nullptr;
   // The session's intra-op thread count when its options say it (kThreadsKey; 0: unknown).
   int64_t threads = 0;
+  bool relu = false;  // SparseConvRelu: max(0, y) on every output
   mutable std::atomic<int64_t> validated_cpg{-1};
   // The by-input-channel copy of constant weights (kSmall3 planes of whole vectors), built on
   // the first call that needs it.
@@ -154,11 +158,14 @@ OrtStatus* read_ints(const OrtKernelInfo* info, const char* name, size_t expect,
   return nullptr;
 }
 
-OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
+bool is_relu_op(const OrtCustomOp* op);
+
+OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info,
                                       void** kernel) {
   *kernel = nullptr;
   Kernel* k = new (std::nothrow) Kernel();
   if (k == nullptr) return g_api->CreateStatus(ORT_FAIL, "SparseConv: out of memory");
+  k->relu = is_relu_op(op);
   OrtStatus* st = read_ints(info, "strides", 2, 1, &k->strides);
   if (st == nullptr) st = read_ints(info, "pads", 4, 0, &k->pads);
   if (st == nullptr) st = read_ints(info, "dilations", 2, 1, &k->dilations);
@@ -267,7 +274,13 @@ struct Job {
   int64_t nslots, slot;
   int64_t ns, rows;  // strip tasks: strips per image, output rows per strip (0: no strips)
   const struct CscLayout* csc;  // kSmall3 by input channel: nob blocks
+  bool relu;                    // SparseConvRelu: tasks clamp what they wrote
 };
+
+// max(0, y) over n floats just written (still in cache); NaN stays NaN, as in ONNX Relu.
+void relu_inplace(float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = y[i] < 0.0f ? 0.0f : y[i];
+}
 
 // Tasks pad into the lowest free buffer rather than one of their own, so the few buffers in use
 // (one per running thread) stay in cache across tasks.
@@ -306,6 +319,8 @@ void conv_channels(const Job& j, const Geom& g, const Plan& p, int64_t o_begin, 
                            cnt, j.B != nullptr ? j.B[o] : 0.0f, cin_base, r0, r1);
     }
   }
+  if (j.relu)
+    for (int64_t o = o_begin; o < o_end; ++o) relu_inplace(y_n + o * ystride, g.Ho * g.Wo);
 }
 
 void conv_task(void* ud, size_t i) {
@@ -466,7 +481,10 @@ void csc_task(void* ud, size_t i) {
   const Job& j = *static_cast<const Job*>(ud);
   const Geom& g = *j.g;
   const int64_t n = int64_t(i) / j.nob, b = int64_t(i) % j.nob, hw = g.H * g.W;
-  j.f->csc_block(g, *j.p, j.X + n * g.Cin * hw, j.Y + n * g.Cout * hw, j.B, j.csc->block(b));
+  const sparsify_conv::CscBlock blk = j.csc->block(b);
+  float* y_n = j.Y + n * g.Cout * hw;
+  j.f->csc_block(g, *j.p, j.X + n * g.Cin * hw, y_n, j.B, blk);
+  if (j.relu) relu_inplace(y_n + blk.o_begin * hw, (blk.o_end - blk.o_begin) * hw);
 }
 
 // Smallest work item, in multiply-adds.
@@ -619,7 +637,7 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     fns = g_narrow.load(std::memory_order_relaxed);
     fns->make_plan(g, &p);
   }
-  Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr, nullptr, 0, 0, 0, 0, nullptr};
+  Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr, nullptr, 0, 0, 0, 0, nullptr, k.relu};
   // Work items are (image, block of output channels) or, for padded plans, (image, strip of
   // output rows), of about equal cost and claimed dynamically by the pool's threads: about 4
   // items per thread for load balance (8 when the thread count is unknown), each at least
@@ -716,6 +734,7 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
 // The op description.
 
 const char* ORT_API_CALL op_name(const OrtCustomOp*) { return kOpName; }
+const char* ORT_API_CALL relu_op_name(const OrtCustomOp*) { return kReluOpName; }
 const char* ORT_API_CALL op_ep(const OrtCustomOp*) { return "CPUExecutionProvider"; }
 ONNXTensorElementDataType ORT_API_CALL op_input_type(const OrtCustomOp*, size_t i) {
   return (i == 2 || i == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
@@ -763,6 +782,13 @@ OrtCustomOp make_op() {
 }
 
 const OrtCustomOp g_op = make_op();
+const OrtCustomOp g_relu_op = [] {
+  OrtCustomOp op = make_op();
+  op.GetName = relu_op_name;
+  return op;
+}();
+
+bool is_relu_op(const OrtCustomOp* op) { return op == &g_relu_op; }
 
 // Every RegisterCustomOps call (one per session options that load the library) gets its own
 // domain object; ORT does not take ownership, so they live until the library is unloaded.
@@ -800,6 +826,7 @@ SPARSIFY_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opt
   OrtCustomOpDomain* domain = nullptr;
   SPARSIFY_TRY(api->CreateCustomOpDomain(kDomain, &domain));
   OrtStatus* st = api->CustomOpDomain_Add(domain, &g_op);
+  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_relu_op);
   if (st == nullptr) st = api->AddCustomOpDomain(options, domain);
   if (st != nullptr) {
     api->ReleaseCustomOpDomain(domain);
@@ -820,7 +847,7 @@ SPARSIFY_EXPORT const char* SparsifyKernelInfo(void) {
   std::lock_guard<std::mutex> lock(mu);
   info = std::string("api_version=") + std::to_string(ORT_API_VERSION) + ";isa=" + wide->isa +
          (wide != narrow ? std::string("+") + narrow->isa : std::string()) + ";op=" + kDomain +
-         "::" + kOpName + ";since_version=1";
+         "::" + kOpName + "," + kDomain + "::" + kReluOpName + ";since_version=1";
   return info.c_str();
 }
 

@@ -125,7 +125,9 @@ def native_kernel_ran(path: str | Path, input_name: str, x: np.ndarray) -> bool:
         sess = make_session(path, 1, native=True, profile_prefix=str(Path(tmp) / "prof"))
         sess.run(None, {input_name: x})
         events = json.loads(Path(sess.end_profiling()).read_text())
-    return any(e.get("cat") == "Node" and (e.get("args") or {}).get("op_name") == "SparseConv" for e in events)
+    from .onnx_sparse import SPARSE_OPS
+
+    return any(e.get("cat") == "Node" and (e.get("args") or {}).get("op_name") in SPARSE_OPS for e in events)
 
 
 def make_session(path: str | Path, threads: int, native: bool = True, spinning: bool = True,

@@ -62,7 +62,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
                 row["param_bytes"] += int(np.prod(t.dims, dtype=np.int64)) * np.dtype(
                     helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
         x = shapes.get(node.input[0]) if node.input else None
-        is_sparse = node.domain == onnx_sparse.DOMAIN and node.op_type == onnx_sparse.OP
+        is_sparse = node.domain == onnx_sparse.DOMAIN and node.op_type in onnx_sparse.SPARSE_OPS
         if (node.op_type == "Conv" and node.domain in ("", "ai.onnx") or is_sparse) and node.input[1] in inits:
             w = numpy_helper.to_array(inits[node.input[1]])
             group = int(attrs.get("group", 1))
@@ -96,7 +96,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
         rows.append(row)
     totals = {
         "nodes": len(rows),
-        "sparse_conv_nodes": sum(r["op"] == onnx_sparse.OP for r in rows),
+        "sparse_conv_nodes": sum(r["op"] in onnx_sparse.SPARSE_OPS for r in rows),
         "conv_nodes": sum(r["op"] == "Conv" for r in rows),
         "param_bytes": sum(r["param_bytes"] for r in rows),
         "macs": sum(r["macs"] for r in rows),
@@ -138,7 +138,7 @@ def render_onnx_report(report: dict[str, Any]):
             others[r["op"]] = others.get(r["op"], 0) + 1
             continue
         dens = "" if r["density"] is None else f"{r['density']:.3f}"
-        op = f"[bold cyan]{r['op']}[/]" if r["op"] == onnx_sparse.OP else r["op"]
+        op = f"[bold cyan]{r['op']}[/]" if r["op"] in onnx_sparse.SPARSE_OPS else r["op"]
         chans = "" if r["in_channels"] is None else f"{r['in_channels']}→{r['out_channels']}"
         table.add_row(r["name"], op, chans, r["kernel"] or "", r["stride"] or "", str(r["group"] or ""), dens,
                       _human(r["param_bytes"], "B"), _human(r["macs"]))

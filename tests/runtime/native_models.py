@@ -51,7 +51,7 @@ def _attrs(case: ConvCase) -> dict[str, object]:
 
 def sparse_model(case: ConvCase, *, packed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                  bias: np.ndarray | None = None, weights_as_inputs: bool = False,
-                 **attr_override: object) -> bytes:
+                 op_type: str = "SparseConv", **attr_override: object) -> bytes:
     """A model X -> SparseConv -> Y with the packed weights as initializers (no function body).
 
     weights_as_inputs: W, row_ptr and col_idx are graph inputs fed at run time instead (not
@@ -61,7 +61,7 @@ def sparse_model(case: ConvCase, *, packed: tuple[np.ndarray, np.ndarray, np.nda
     b = case.bias if bias is None else bias
     attrs = _attrs(case)
     attrs.update(attr_override)
-    node = helper.make_node("SparseConv", ["X", "W", "row_ptr", "col_idx", "B"], ["Y"], domain="ai.sparsify", **attrs)
+    node = helper.make_node(op_type, ["X", "W", "row_ptr", "col_idx", "B"], ["Y"], domain="ai.sparsify", **attrs)
     packed_inits = [numpy_helper.from_array(np.ascontiguousarray(w, np.float32), "W"),
                     numpy_helper.from_array(np.asarray(row_ptr, np.int64), "row_ptr"),
                     numpy_helper.from_array(np.asarray(col_idx, np.int64), "col_idx")]

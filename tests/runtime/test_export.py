@@ -15,6 +15,7 @@ from sparsify.nn import SparseConv2d, SparseLinear
 from sparsify.runtime import export as export_mod
 from sparsify.runtime.export import export_model, export_onnx_file, open_session
 from sparsify.runtime.onnx_inspect import inspect_onnx
+from sparsify.runtime.onnx_sparse import SPARSE_OPS
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -43,21 +44,26 @@ def _ops(path) -> list[str]:
     return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
+def _sparse_ops(path) -> int:
+    """SparseConv and SparseConvRelu (a SparseConv with its Relu fused) nodes in the file."""
+    return sum(op in SPARSE_OPS for op in _ops(path))
+
+
 def test_export_sparse_and_dense_match_torch(tmp_path) -> None:
     m = _net()
     # the per-layer rule keeps the narrow stride-2 conv dense (the kernel loses there); a flat
     # threshold makes both sparse
     ruled = export_model(m, (1, 3, 16, 16), tmp_path / "r.onnx", channel_align=1)
-    assert ruled.sparse_layers == 1 and "SparseConv" in _ops(tmp_path / "r.onnx")
+    assert ruled.sparse_layers == 1 and _sparse_ops(tmp_path / "r.onnx") == 1
     assert ruled.errors["function-body"] < 1e-4
     sparse = export_model(m, (1, 3, 16, 16), tmp_path / "s.onnx", dense_threshold=0.6, channel_align=1)
-    assert sparse.sparse_layers == 2 and "SparseConv" in _ops(tmp_path / "s.onnx")
+    assert sparse.sparse_layers == 2 and _sparse_ops(tmp_path / "s.onnx") == 2
     assert sparse.errors["function-body"] < 1e-4 and sparse.compaction["channels_removed"] >= 1
     model = onnx.load(str(tmp_path / "s.onnx"))
     onnx.checker.check_model(model, full_check=True)
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     dense = export_model(m, (1, 3, 16, 16), tmp_path / "d.onnx", dense=True, compact=False)
-    assert dense.sparse_layers == 0 and "SparseConv" not in _ops(tmp_path / "d.onnx")
+    assert dense.sparse_layers == 0 and _sparse_ops(tmp_path / "d.onnx") == 0
     # Both files compute the same function, through ORT's function-body path.
     x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
     ys = open_session(tmp_path / "s.onnx").run(None, {"input": x})[0]
@@ -77,7 +83,7 @@ def test_threshold_and_onnx_file_conversion(tmp_path) -> None:
     conv = export_onnx_file(tmp_path / "t.onnx", tmp_path / "c.onnx", dense_threshold=0.6)
     assert conv.sparse_layers == 2 and conv.errors["function-body"] <= 1e-4
     report = inspect_onnx(tmp_path / "c.onnx")
-    sparse_rows = [r for r in report["nodes"] if r["op"] == "SparseConv"]
+    sparse_rows = [r for r in report["nodes"] if r["op"] in SPARSE_OPS]
     assert len(sparse_rows) == 2 and all(0 < r["density"] < 0.6 for r in sparse_rows)
     assert report["totals"]["macs"] > 0 and report["totals"]["param_bytes"] > 0
 

@@ -278,3 +278,21 @@ def test_thread_count_hint(hint: str | None) -> None:
             x = rng.standard_normal((n, 32, hw, hw)).astype(np.float32)
             ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
             assert_close(sess.run(None, {"X": x})[0], ref)
+
+
+@pytest.mark.parametrize(
+    "k,stride,pad,hw,n",
+    [(3, 1, 1, 32, 1), (3, 1, 1, 32, 9), (3, 1, 1, 8, 1), (3, 1, 1, 4, 16), (3, 1, 1, 2, 3),
+     (3, 2, 1, 17, 2), (1, 1, 0, 12, 1), (5, 1, 2, 11, 1), (2, 1, 0, 9, 1)],
+)
+def test_fused_relu_on_every_path(k: int, stride: int, pad: int, hw: int, n: int) -> None:
+    """SparseConvRelu equals Relu(Conv) on each path (strips, whole images, by input channel, 2x2,
+    direct, pointwise, generic), on 1 and 2 threads."""
+    rng = np.random.default_rng(k * 100 + hw + n)
+    case = random_case(rng, 48, 40, k, 0.4, strides=(stride, stride), pads=(pad,) * 4)
+    x = rng.standard_normal((n, 48, hw, hw)).astype(np.float32)
+    ref = np.maximum(native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0], 0)
+    assert (ref == 0).any() and (ref > 0).any()
+    for threads in (1, 2):
+        y = native.session(sparse_model(case, op_type="SparseConvRelu"), threads).run(None, {"X": x})[0]
+        assert_close(y, ref)

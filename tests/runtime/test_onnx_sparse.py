@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sparsify.errors import ExportError
 from sparsify.runtime.onnx_sparse import DOMAIN, OP, check, convert_model, convert_onnx, pack, unpack
+from sparsify.runtime import native
 
 
 def _session(model: onnx.ModelProto, optimized: str | None = None) -> ort.InferenceSession:
@@ -189,3 +190,42 @@ def test_per_layer_rule_by_plane(hw: int, density: float, sparse: bool) -> None:
     w = _masked_weight(rng, 64, 64, 3, density)
     new, report = convert_model(_conv_model(w, None, 1, 1, 1, 1, hw))
     assert any(n.op_type == "SparseConv" for n in new.graph.node) == sparse, report
+
+
+def _relu_chain_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """x -> conv a -> Relu -> conv b -> Relu -> conv c -> Relu (c's output is also a graph output)
+    and conv b's output also feeds an Add: only a's Relu can be fused."""
+    n = helper.make_node
+    ws = {k: _masked_weight(rng, 16, 16, 3, 0.3) for k in "abc"}
+    nodes = [n("Conv", ["x", "wa"], ["ya"], pads=[1] * 4, name="a"), n("Relu", ["ya"], ["ra"]),
+             n("Conv", ["ra", "wb"], ["yb"], pads=[1] * 4, name="b"), n("Relu", ["yb"], ["rb"]),
+             n("Add", ["rb", "yb"], ["sb"]),
+             n("Conv", ["sb", "wc"], ["yc"], pads=[1] * 4, name="c"), n("Relu", ["yc"], ["rc"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 8, 8])],
+        [helper.make_tensor_value_info("rc", TensorProto.FLOAT, [None] * 4),
+         helper.make_tensor_value_info("yc", TensorProto.FLOAT, [None] * 4)],
+        [numpy_helper.from_array(w, f"w{k}") for k, w in ws.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def test_relu_fused_only_where_it_is_the_sole_reader() -> None:
+    """SparseConv -> Relu becomes SparseConvRelu when nothing else reads the conv output; the
+    result passes the full checker and computes the same through the function body and the
+    native kernel as the original dense graph."""
+    src = _relu_chain_model(np.random.default_rng(3))
+    new, report = convert_model(src, dense_threshold=0.6)
+    check(new)
+    ops = {nd.name: nd.op_type for nd in new.graph.node if nd.domain == DOMAIN}
+    assert ops == {"a": "SparseConvRelu", "b": "SparseConv", "c": "SparseConv"}
+    assert [c.fused_relu for c in report.choices] == [True, False, False]
+    assert sum(nd.op_type == "Relu" for nd in new.graph.node) == 2
+    assert sorted(f.name for f in new.functions) == ["SparseConv", "SparseConvRelu"]
+    x = np.random.default_rng(4).standard_normal((2, 16, 8, 8)).astype(np.float32)
+    ref = ort.InferenceSession(src.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    outs = [ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})]
+    if native.info()["loadable"]:
+        outs.append(native.session(new.SerializeToString(), 2).run(None, {"x": x}))
+    for out in outs:
+        for y, r in zip(out, ref):
+            np.testing.assert_allclose(y, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()))
