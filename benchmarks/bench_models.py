@@ -2,7 +2,7 @@
 
 For each zoo model, sparse-random at density 0.1 (untrained weights, BatchNorm statistics
 calibrated on random inputs so that outputs depend on the input; latency does not depend on values),
-exported three ways and timed side by side in one run (round-robin, same input):
+exported three ways and timed side by side in one run (interleaved bursts, same input):
 
   dense   the masked weights as plain Conv (the baseline)
   sparse  ai.sparsify::SparseConv nodes, the native kernel when it is registered

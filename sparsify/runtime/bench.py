@@ -290,7 +290,8 @@ def bench_files(
     Every file is warmed up ``warmup`` runs, then the files are timed in interleaved bursts
     (``time_bursts``: BURSTS rounds, rotating who goes first, each burst re-warmed by one untimed
     run) until each has ``repeats`` runs and ``min_time`` seconds of measured runs, or
-    ``max_repeats`` runs. ``spinning``: ORT's worker threads spin between runs, its default. With ``memory``, each (file, batch) is also loaded in a fresh process
+    ``max_repeats`` runs. ``spinning``: ORT's worker threads spin between runs, its default.
+    With ``memory``, each (file, batch) is also loaded in a fresh process
     to measure its peak RSS. ``progress(description, done, total)`` is called between steps when given.
     """
     if not paths:

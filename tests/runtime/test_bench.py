@@ -179,3 +179,36 @@ def test_bench_run_dir_builds_dense_sparse_and_depth_variants(tmp_path):
     assert sorted(p.name for p in keep.iterdir()) == ["dense.onnx", "depth.onnx", "sparse.onnx"]
     assert files["sparse"]["path"] == str(keep / "sparse.onnx")
     assert sorted(p.name for p in run.iterdir()) == ["recipe.json", "summary.json", "weights.safetensors"]
+
+
+def test_time_bursts_interleaves_rewarmed_bursts() -> None:
+    """Each round gives every callable one burst in rotating order, each burst led by one untimed
+    run; the samples are single timed runs, and the stop rule counts rounds, runs and seconds."""
+    from sparsify.runtime.bench import time_bursts
+
+    now = [0.0]
+    calls: list[str] = []
+
+    def clock() -> float:
+        return now[0]
+
+    def runner(name: str, cost: float):
+        def run() -> None:
+            calls.append(name)
+            now[0] += cost
+        return run
+
+    costs = {"a": 0.001, "b": 0.004, "c": 0.002}
+    samples = time_bursts([runner(k, v) for k, v in costs.items()], burst_s=0.01, min_rounds=3,
+                          min_runs=2, min_time=0.05, clock=clock)
+    for name, s in zip(costs, samples):
+        assert all(abs(t - costs[name]) < 1e-12 for t in s) and sum(s) >= 0.05
+    # bursts a, b, c | b, c, a | c, a, b ... (rotating start, never the same callable twice in a row)
+    bursts = [calls[0]] + [cur for prev, cur in zip(calls, calls[1:]) if cur != prev]
+    rounds = len(bursts) // 3
+    assert rounds >= 3 and len(bursts) == 3 * rounds and bursts[:9] == list("abcbcacab")
+    for name, s in zip(costs, samples):  # one untimed run leads each burst
+        assert calls.count(name) == len(s) + rounds
+    # max_runs stops the loop even when min_time is out of reach
+    capped = time_bursts([runner("c", 0.0)], burst_s=1.0, min_time=10.0, max_runs=7, clock=clock)
+    assert len(capped[0]) == 7
