@@ -1,7 +1,9 @@
-// ONNX Runtime custom-op library: ai.sparsify::SparseConv (since version 1), fp32 on CPU.
+// ONNX Runtime custom-op library: ai.sparsify::SparseConv and SparseConvRelu (since version 1),
+// fp32 on CPU.
 //
-// Contract (see INTERFACES.md): Y = Conv(X, dense(W, row_ptr, col_idx), B) with ONNX Conv
-// attributes strides/pads/dilations/group, where dense[o, col_idx[k]] = W[k] for the k of row o.
+// Contract (the function bodies in sparsify/runtime/onnx_sparse.py say the same in ONNX):
+// Y = Conv(X, dense(W, row_ptr, col_idx), B) with ONNX Conv attributes strides/pads/dilations/
+// group, where dense[o, col_idx[k]] = W[k] for the k of row o; SparseConvRelu is Relu of that.
 //
 // Registration uses the plain C API (an OrtCustomOp struct) rather than the C++ wrappers: the
 // V2 callbacks return OrtStatus* so every validation failure becomes an ORT error status without
@@ -11,7 +13,8 @@
 // fails cleanly (an error status, no crash) on an older onnxruntime.
 //
 // Parallelism: the kernel runs on the session's intra-op thread pool through
-// KernelContext_ParallelFor; it never starts threads of its own.
+// KernelContext_ParallelFor; it never starts threads of its own. The session config entry
+// ai.sparsify.intra_op_num_threads (set by sparsify.runtime.session) tells it the pool's size.
 #include <onnxruntime_c_api.h>
 
 #include <algorithm>
