@@ -250,13 +250,16 @@ def _constant_nodes(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 # path): 64@4x4 0.90, 128@4x4 0.86, 512@4x4 0.84-1.0; 2x2 (one FMA per connection): 128@2x2 0.52,
 # 512@2x2 0.58; other planes under 16 pixels: 256@3x3 0.16 (one vector, most lanes idle); 1x1
 # planes lose even at 0.1 (0.3x: nine taps computed for the one that reads the input).
-# 1x1 stride 1: 256@8x8 0.28, 64@32x32 0.35, 32@16x16 0.55, 32@32x32 0.5, 16@32x32 0.8, 8@16x16
-# above 0.9 (ORT's Conv is inefficient on few channels). 5x5 stride 1: 64@16x16 0.58, 32@32x32
+# 1x1 stride 1 on planes of 16x16 and more: 64@32x32 0.35-0.4, 32@16x16 0.45-0.55, 32@32x32 0.5,
+# 16@32x32 0.8, 8@16x16 above 0.9 (ORT's Conv is inefficient on few channels); on 8x8 planes
+# 0.25-0.3 whatever the channels (256, 192, 64, 32); on 4x4 even 0.1 only breaks even and on 2x2
+# it is 3-5x slower (one vector per plane, lanes idle), so those stay dense. 5x5 stride 1: 64@16x16 0.58, 32@32x32
 # 0.67; 7x7: 32@16x16 0.8. Stride 2: 128@32x32 0.33, 64@16x16 0.22, 16-32 channels lose even at 0.1.
 THRESHOLD_3x3_S1 = ((256, 0.75), (64, 0.7), (16, 0.7), (5, 0.12), (0, 0.0))  # (min output pixels, threshold)
 THRESHOLD_3x3_2x2 = 0.45  # 2x2 output planes (the 4-pixel row of the table above would say 0)
 THRESHOLD_3x3_UNKNOWN = 0.12  # output plane unknown at export: assume no 1x1 plane
-THRESHOLD_1x1 = ((64, 0.25), (32, 0.45), (16, 0.7), (0, 0.85))  # (min input channels per group, threshold)
+THRESHOLD_1x1 = ((64, 0.25), (32, 0.35), (16, 0.6), (0, 0.8))  # (min input channels per group, threshold)
+THRESHOLD_1x1_8x8 = 0.2   # 1x1 on planes of 64-255 pixels; below 64 pixels 1x1 stays dense
 THRESHOLD_KXK = 0.5      # 5x5, 7x7 (direct path), stride 1
 THRESHOLD_STRIDED = 0.15  # stride > 1, only with >= 64 input channels per group
 MIN_STRIDED_CIN = 64
@@ -287,6 +290,12 @@ def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations:
             if out_hw[0] * out_hw[1] >= min_pixels:
                 return thr, f"3x3/s1 on {out_hw[0]}x{out_hw[1]} output"
     if (kh, kw) == (1, 1):
+        pixels = out_hw[0] * out_hw[1] if out_hw is not None else 0
+        if pixels < 64:
+            where = f"{out_hw[0]}x{out_hw[1]}" if out_hw is not None else "an unknown"
+            return 0.0, f"1x1/s1 on {where} plane (the kernel loses below 8x8)"
+        if pixels < 256:
+            return THRESHOLD_1x1_8x8, f"1x1/s1 on {out_hw[0]}x{out_hw[1]} output"
         for min_cin, thr in THRESHOLD_1x1:
             if cin_per_group >= min_cin:
                 return thr, f"1x1/s1 with {cin_per_group} input channels"

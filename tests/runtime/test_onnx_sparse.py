@@ -153,7 +153,7 @@ def test_convert_torch_exported_net(seed: int, tmp_path) -> None:
     prog.save(str(src))
     out = tmp_path / "sparse.onnx"
     report = convert_onnx(src, out)
-    assert report.sparse_nodes >= 3
+    assert report.sparse_nodes >= 2  # the 1x1 at density ~0.35 on 8x8 stays dense (rule: 0.2)
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     sess = _session(model)
@@ -229,3 +229,14 @@ def test_relu_fused_only_where_it_is_the_sole_reader() -> None:
     for out in outs:
         for y, r in zip(out, ref):
             np.testing.assert_allclose(y, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()))
+
+
+@pytest.mark.parametrize("hw,density,sparse", [(2, 0.05, False), (4, 0.05, False), (8, 0.15, True),
+                                               (8, 0.3, False), (16, 0.2, True)])
+def test_pointwise_rule_by_plane(hw: int, density: float, sparse: bool) -> None:
+    """1x1 convs go sparse only on planes of 8x8 and more, where bench measured the kernel faster
+    (on 2x2 planes it ran 3-5x slower than ORT's Conv even at density 0.1)."""
+    rng = np.random.default_rng(hw)
+    w = _masked_weight(rng, 96, 64, 1, density)
+    new, report = convert_model(_conv_model(w, None, 1, 0, 1, 1, hw))
+    assert any(n.op_type == "SparseConv" for n in new.graph.node) == sparse, report
