@@ -240,3 +240,12 @@ def test_pointwise_rule_by_plane(hw: int, density: float, sparse: bool) -> None:
     w = _masked_weight(rng, 96, 64, 1, density)
     new, report = convert_model(_conv_model(w, None, 1, 0, 1, 1, hw))
     assert any(n.op_type == "SparseConv" for n in new.graph.node) == sparse, report
+
+
+@pytest.mark.parametrize("hw,sparse", [(4, False), (8, False), (16, True)])
+def test_strided_rule_by_plane(hw: int, sparse: bool) -> None:
+    """Strided convs go sparse (below 0.15) only when their output plane is 8x8 or more."""
+    rng = np.random.default_rng(hw)
+    w = _masked_weight(rng, 128, 64, 3, 0.08)
+    new, report = convert_model(_conv_model(w, None, 2, 1, 1, 1, hw))
+    assert any(n.op_type == "SparseConv" for n in new.graph.node) == sparse, report
