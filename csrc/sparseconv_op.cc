@@ -631,12 +631,13 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   SPARSIFY_TRY(g_api->GetTensorMutableData(yv, reinterpret_cast<void**>(&Y)));
   if (g.N == 0 || g.Cout == 0 || g.Ho * g.Wo == 0) return nullptr;
 
-  // The flat 3x3 path packs narrow planes into full vectors, so it prefers the widest ISA.
   const KernelFns* fns = g_wide.load(std::memory_order_relaxed);
   Plan p;
   fns->make_plan(g, &p);
+  // Narrow rows waste less with 8-float vectors, except on the paths that pack whole planes into
+  // the widest vectors (flat 3x3, small planes, 2x2; pointwise reads the plane as one flat run).
   if (p.kind != sparsify_conv::kFlat3 && p.kind != sparsify_conv::kSmall3 && p.kind != sparsify_conv::kTiny2 &&
-      g.Wo <= 8) {
+      p.kind != sparsify_conv::kPointwise && g.Wo <= 8) {
     fns = g_narrow.load(std::memory_order_relaxed);
     fns->make_plan(g, &p);
   }

@@ -296,3 +296,17 @@ def test_fused_relu_on_every_path(k: int, stride: int, pad: int, hw: int, n: int
     for threads in (1, 2):
         y = native.session(sparse_model(case, op_type="SparseConvRelu"), threads).run(None, {"X": x})[0]
         assert_close(y, ref)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
+@pytest.mark.parametrize("hw", [1, 2, 3, 4, 5, 8, 9, 12, 16, 23])
+def test_pointwise_planes(monkeypatch: pytest.MonkeyPatch, isa: str, hw: int) -> None:
+    """1x1 convs on every plane size class: partial last vectors (masked on AVX-512), 1-8 vectors
+    with several accumulator sets, whole 8-vector chunks, and rows with 0 to many connections."""
+    if isa != "auto":
+        monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(hw)
+    for density in (0.05, 0.3, 1.0):
+        case = random_case(rng, 40, 24, 1, density)
+        x = rng.standard_normal((3, 40, hw, hw)).astype(np.float32)
+        assert_close(*run_both(case, x, threads=2))
