@@ -12,12 +12,13 @@ Prints per-model tables, the sparse/dense and depth/sparse ratios, whether dense
 outputs agree, and checks the issue's targets (vgg16n >= 5x faster than dense at batch 1 and 16;
 2 threads >= 1.6x faster than 1 thread at batch 16). Usage::
 
-    python benchmarks/bench_models.py [--quick] [--models vgg16n,resnet20] [--json out.json]
+    python benchmarks/bench_models.py [--quick] [--models vgg16n,resnet20] [--rounds 3] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-time", type=float, default=None, help="seconds per variant and configuration")
     ap.add_argument("--json", type=Path, default=None, help="write all results here")
     ap.add_argument("--autotune", action="store_true", help="export the sparse variant with per-layer autotuning")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every model this many times with fresh sessions and report median ratios "
+                         "(2-thread figures on a shared machine vary between rounds)")
     args = ap.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     batches = [int(b) for b in args.batch_size.split(",")]
@@ -113,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                   "(timings are only as quiet as the machine)")
     console.print(f"onnxruntime {status['onnxruntime']}; native kernel: "
                   + (f"loadable ({status.get('library')})" if status["loadable"] else f"NOT loadable ({status.get('why_not')})"))
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     summary: dict = {"models": {}, "settings": {"density": DENSITY, "batches": batches, "threads": threads,
-                                                "min_time": min_time, "autotune": args.autotune}, "native": status}
+                                                "min_time": min_time, "autotune": args.autotune,
+                                                "rounds": args.rounds}, "native": status}
     checks: list[tuple[str, bool, str]] = []
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmpdir:
@@ -122,59 +129,80 @@ def main(argv: list[str] | None = None) -> int:
             tmp = Path(tmpdir)
             console.rule(f"{name} sparse-random density {DENSITY}")
             files, notes = export_variants(name, tmp, autotune=args.autotune)
-            result = lib.bench_files([p for _, p in files], labels=[n for n, _ in files], batch_sizes=batches,
-                                     threads=threads, min_time=min_time, repeats=5 if args.quick else 10)
+            rounds = [lib.bench_files([p for _, p in files], labels=[n for n, _ in files], batch_sizes=batches,
+                                      threads=threads, min_time=min_time, repeats=5 if args.quick else 10,
+                                      memory=r == 0)
+                      for r in range(args.rounds)]
+            result = rounds[0]
             from sparsify.cli.bench import bench_table
 
-            console.print(bench_table(result, title=f"{name}: latency in ORT, speedup vs dense export"))
+            console.print(bench_table(result, title=f"{name}: latency in ORT, speedup vs dense export"
+                                      + (f" (round 1 of {args.rounds})" if args.rounds > 1 else "")))
             spread = output_spread(files[0][1])
             console.print(f"dense output spread across inputs {spread:.2e} of its max (non-zero: the output check is meaningful)")
             console.print(f"live params {notes['live_params']:,}; depth-multiplier alpha {notes['depth_alpha']:.4f} "
                           f"gives {notes['depth_live_params']:,}; sparse file native: {result.files[1].native}, "
                           f"SparseConv nodes {result.files[1].sparse_nodes}, plain Conv nodes {result.files[1].conv_nodes}")
-            ratios = Table(title=f"{name}: latency ratios (>1: sparse faster; thread scaling: 1 thread / N threads)",
+
+            def ms(label: str, b: int, t: int) -> list[float]:
+                return [r.row(label, b, t).median_ms for r in rounds]
+
+            def med_ratio(num: list[float], den: list[float]) -> tuple[float, str]:
+                vals = [a / c for a, c in zip(num, den)]
+                extra = f" ({' '.join(f'{v:.2f}' for v in vals)})" if len(vals) > 1 else ""
+                return statistics.median(vals), extra
+
+            ratios = Table(title=f"{name}: latency ratios (>1: sparse faster; thread scaling: 1 thread / N threads)"
+                           + (f"; medians of {args.rounds} rounds, each round in brackets" if args.rounds > 1 else ""),
                            title_justify="left", box=box.SIMPLE_HEAD)
             for col in ("batch", "threads", "dense/\nsparse", "depth/\nsparse", "sparse\nscaling", "dense\nscaling",
                         "dense vs sparse\noutputs (rel)"):
                 ratios.add_column(col, justify="right", no_wrap=True)
+            model_rows = []
             for b in batches:
                 for t in threads:
-                    d, s, dp = (result.row(lab, b, t) for lab in ("dense", "sparse", "depth"))
-                    ok = s.max_rel_diff is not None and s.max_rel_diff <= REL_TOL and spread > 1e-4
-                    scaling = ""
-                    dscaling = ""
+                    d, s, dp = ms("dense", b, t), ms("sparse", b, t), ms("depth", b, t)
+                    rel = max(r.row("sparse", b, t).max_rel_diff or 0.0 for r in rounds)
+                    ok = all(r.row("sparse", b, t).max_rel_diff is not None for r in rounds) and rel <= REL_TOL and spread > 1e-4
+                    speed, speed_s = med_ratio(d, s)
+                    depth, depth_s = med_ratio(dp, s)
+                    scaling = dscaling = ""
                     if t != threads[0]:
-                        s1, d1 = result.row("sparse", b, threads[0]), result.row("dense", b, threads[0])
-                        scaling = f"{s1.median_ms / s.median_ms:.2f}x"
-                        dscaling = f"{d1.median_ms / d.median_ms:.2f}x"
+                        sc, sc_s = med_ratio(ms("sparse", b, threads[0]), s)
+                        dsc, dsc_s = med_ratio(ms("dense", b, threads[0]), d)
+                        scaling, dscaling = f"{sc:.2f}x{sc_s}", f"{dsc:.2f}x{dsc_s}"
                         if b == max(batches) and t == 2 and threads[0] == 1:
                             checks.append((f"{name} sparse: 2 threads vs 1 at batch {b} >= {THREAD_TARGET}x",
-                                           s1.median_ms / s.median_ms >= THREAD_TARGET, scaling))
-                    ratios.add_row(str(b), str(t), f"{d.median_ms / s.median_ms:.2f}x", f"{dp.median_ms / s.median_ms:.2f}x",
-                                   scaling, dscaling,
-                                   f"{'equal' if ok else 'DIFFER'} {s.max_rel_diff:.0e}")
-                    checks.append((f"{name} outputs dense == sparse (b{b}, t{t})", ok, f"rel {s.max_rel_diff:.1e}"))
+                                           sc >= THREAD_TARGET, f"{sc:.2f}x"))
+                    ratios.add_row(str(b), str(t), f"{speed:.2f}x{speed_s}", f"{depth:.2f}x{depth_s}", scaling, dscaling,
+                                   f"{'equal' if ok else 'DIFFER'} {rel:.0e}")
+                    checks.append((f"{name} outputs dense == sparse (b{b}, t{t})", ok, f"rel {rel:.1e}"))
                     if name == "vgg16n":
                         checks.append((f"vgg16n sparse >= {SPEEDUP_TARGET}x dense (b{b}, t{t})",
-                                       d.median_ms / s.median_ms >= SPEEDUP_TARGET, f"{d.median_ms / s.median_ms:.2f}x"))
+                                       speed >= SPEEDUP_TARGET, f"{speed:.2f}x"))
+                    model_rows.append({"batch": b, "threads": t, "dense_ms": statistics.median(d),
+                                       "sparse_ms": statistics.median(s), "depth_ms": statistics.median(dp),
+                                       "dense_over_sparse": speed, "depth_over_sparse": depth,
+                                       "per_round_dense_over_sparse": [a / c for a, c in zip(d, s)]})
             console.print(ratios)
-            summary["models"][name] = {"notes": dict(notes, output_spread=spread), "bench": result.to_json()}
+            summary["models"][name] = {"notes": dict(notes, output_spread=spread), "summary": model_rows,
+                                       "rounds": [r.to_json() for r in rounds]}
             for _, p in files:
                 p.unlink(missing_ok=True)
     console.rule("summary")
-    table = Table(title=f"whole-model ORT latency, sparse-random density {DENSITY} (median ms; ratios > 1: sparse faster)",
+    table = Table(title=f"whole-model ORT latency, sparse-random density {DENSITY} (median ms"
+                  + (f" and ratios, medians of {args.rounds} rounds" if args.rounds > 1 else "") + "; ratios > 1: sparse faster)",
                   title_justify="left", box=box.SIMPLE_HEAD)
     for col in ("model", "batch", "thr", "dense", "sparse", "depth", "dense/sparse", "depth/sparse", "native"):
         table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
     for name, entry in summary["models"].items():
-        rows = {(r["label"], r["batch"], r["threads"]): r for r in entry["bench"]["rows"]}
-        for b in batches:
-            for t in threads:
-                d, s, dp = (rows[(lab, b, t)] for lab in ("dense", "sparse", "depth"))
-                table.add_row(name, str(b), str(t), f"{d['median_ms']:.3f}", f"{s['median_ms']:.3f}",
-                              f"{dp['median_ms']:.3f}", f"{d['median_ms'] / s['median_ms']:.2f}x",
-                              f"{dp['median_ms'] / s['median_ms']:.2f}x", "yes" if s["native"] else "no")
-            table.add_section()
+        native_ran = entry["rounds"][0]["files"][1]["native"]
+        for r in entry["summary"]:
+            table.add_row(name, str(r["batch"]), str(r["threads"]), f"{r['dense_ms']:.3f}", f"{r['sparse_ms']:.3f}",
+                          f"{r['depth_ms']:.3f}", f"{r['dense_over_sparse']:.2f}x", f"{r['depth_over_sparse']:.2f}x",
+                          "yes" if native_ran else "no")
+            if r["threads"] == threads[-1]:
+                table.add_section()
     console.print(table)
     console.rule("targets")
     for what, ok, value in checks:
