@@ -100,11 +100,9 @@ std::string str(const std::vector<int64_t>& v) {
 // Kernel state: the node's attributes, read and checked once at session creation.
 
 // Connections regrouped by input channel for the kSmall3 CSC path (CscBlock): nb blocks of
-// output channels of about equal cost; entries keep their CSR positions' count per block.
+// output channels of about equal cost; a block's entries fill the same index range as its rows'
+// entries in CSR order, sorted by input channel.
 struct CscLayout {
-  const void* w = nullptr;  // the inputs it was built from (constant initializers)
-  const void* row_ptr = nullptr;
-  const void* col_idx = nullptr;
   int64_t cin = 0, cin_per_group = 0, nb = 0;
   std::vector<int64_t> bounds, chan, start, out;
   std::vector<int64_t> col0;  // per block: its first column in chan, its first start in start

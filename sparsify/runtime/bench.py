@@ -21,6 +21,7 @@ import numpy as np
 from .._io import atomic_path, write_json
 from ..errors import RuntimeBackendError, UsageError
 from . import native as _native
+from .onnx_sparse import SPARSE_OPS
 
 SPARSE_DOMAIN = "ai.sparsify"
 BURSTS = 5  # interleaved bursts per variant and configuration (min_time / BURSTS seconds each)
@@ -125,8 +126,6 @@ def native_kernel_ran(path: str | Path, input_name: str, x: np.ndarray) -> bool:
         sess = make_session(path, 1, native=True, profile_prefix=str(Path(tmp) / "prof"))
         sess.run(None, {input_name: x})
         events = json.loads(Path(sess.end_profiling()).read_text())
-    from .onnx_sparse import SPARSE_OPS
-
     return any(e.get("cat") == "Node" and (e.get("args") or {}).get("op_name") in SPARSE_OPS for e in events)
 
 

@@ -252,10 +252,11 @@ def _constant_nodes(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 # planes lose even at 0.1 (0.3x: nine taps computed for the one that reads the input).
 # 1x1 stride 1 on planes of 16x16 and more: 64@32x32 0.35-0.4, 32@16x16 0.45-0.55, 32@32x32 0.5,
 # 16@32x32 0.8, 8@16x16 above 0.9 (ORT's Conv is inefficient on few channels); on 8x8 planes
-# 0.25-0.3 whatever the channels (256, 192, 64, 32); on 4x4 even 0.1 only breaks even and on 2x2
-# it is 3-5x slower (one vector per plane, lanes idle), so those stay dense. 5x5 stride 1: 64@16x16 0.58, 32@32x32
-# 0.67; 7x7: 32@16x16 0.8. Stride 2: 128@32x32 0.33, 64@16x16 0.22, 16-32 channels lose even at 0.1,
-# and so do outputs below 8x8 (3x3/s2 128->256 from 8x8: 1.05x at 0.1, 256->512 from 4x4: 0.64x).
+# 0.25-0.3 whatever the channels (256, 192, 64, 32); on 4x4 even 0.1 gains only 1.0-1.6x at batch
+# 1 and on 2x2 it is slower (0.6-0.75x: one vector per plane, lanes idle), so those stay dense.
+# 5x5 stride 1: 64@16x16 0.58, 32@32x32 0.67; 7x7: 32@16x16 0.8. Stride 2: 128@32x32 0.33,
+# 64@16x16 0.22, 16-32 channels lose even at 0.1, and so do outputs below 8x8 (3x3/s2 128->256
+# from 8x8: 1.05x at 0.1, 256->512 from 4x4: 0.64x).
 THRESHOLD_3x3_S1 = ((256, 0.75), (64, 0.7), (16, 0.7), (5, 0.12), (0, 0.0))  # (min output pixels, threshold)
 THRESHOLD_3x3_2x2 = 0.45  # 2x2 output planes (the 4-pixel row of the table above would say 0)
 THRESHOLD_3x3_UNKNOWN = 0.12  # output plane unknown at export: assume no 1x1 plane
