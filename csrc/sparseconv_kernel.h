@@ -67,6 +67,19 @@ inline vf bcast(float x) { return x - vf{}; }
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
+// Calls one(set, k) for the connections k in [0, cnt): SETS independent accumulator sets take
+// consecutive connections in turn (more FMA chains in flight than one set allows), the rest go
+// to set 0.
+template <int SETS, class F>
+__attribute__((always_inline)) inline void over_connections(int64_t cnt, F&& one) {
+  int64_t k = 0;
+  for (; k + SETS <= cnt; k += SETS) {
+#pragma GCC unroll 16
+    for (int s = 0; s < SETS; ++s) one(s, k + s);
+  }
+  for (; k < cnt; ++k) one(0, k);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Direct path: square K in {1,3,5,7}, stride S in {1,2}, dilation 1.
 
@@ -309,15 +322,9 @@ void flat3_rows(const Geom& g, const Plan& p, const float* __restrict xp_n, floa
 #pragma GCC unroll 16
             for (int u = 0; u < NV; ++u) acc[c][s][j][u] = (c == 0 && s == 0) ? bcast(bias) : vf{};
       const float* blk = xg + yb * in_row + cv * VL;
-      int64_t k = 0;
-      for (; k + NC <= cnt; k += NC) {
-#pragma GCC unroll 16
-        for (int c = 0; c < NC; ++c)
-          flat3_step<P, NV, RB, NS, FULL, ALIGN>(acc[c], blk + cols[k + c] * plane, w_row + (k + c) * 9,
-                                          in_row, kxs);
-      }
-      for (; k < cnt; ++k)
-        flat3_step<P, NV, RB, NS, FULL, ALIGN>(acc[0], blk + cols[k] * plane, w_row + k * 9, in_row, kxs);
+      over_connections<NC>(cnt, [&](int c, int64_t k) __attribute__((always_inline)) {
+        flat3_step<P, NV, RB, NS, FULL, ALIGN>(acc[c], blk + cols[k] * plane, w_row + k * 9, in_row, kxs);
+      });
 #pragma GCC unroll 16
       for (int c = 0; c < NC; ++c)
 #pragma GCC unroll 16
@@ -618,12 +625,7 @@ void small3_channel(const Geom& g, const Plan& p, const float* __restrict x_n, f
       }
     }
   };
-  int64_t k = 0;
-  for (; k + NC <= cnt; k += NC) {
-#pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) one(acc[c], k + c);
-  }
-  for (; k < cnt; ++k) one(acc[0], k);
+  over_connections<NC>(cnt, [&](int c, int64_t k) __attribute__((always_inline)) { one(acc[c], k); });
 #pragma GCC unroll 16
   for (int c = 0; c < NC; ++c)
 #pragma GCC unroll 16
@@ -676,14 +678,7 @@ void tiny2_channel(const float* __restrict x_n, float* __restrict y, const float
     const __m512 x = _mm512_broadcast_f32x4(_mm_loadu_ps(xg + cols[k] * 4));
     acc[a] = _mm512_fmadd_ps(w, x, acc[a]);
   };
-  int64_t k = 0;
-  for (; k + 4 <= cnt; k += 4) {
-    one(0, k);
-    one(1, k + 1);
-    one(2, k + 2);
-    one(3, k + 3);
-  }
-  for (; k < cnt; ++k) one(0, k);
+  over_connections<4>(cnt, one);
   __m512 s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
   // Lane 4p + q -> sum over q into lane 4p, then lanes 0, 4, 8, 12 to the four outputs.
   s = _mm512_add_ps(s, _mm512_permute_ps(s, 0xB1));  // swap neighbours
@@ -907,12 +902,7 @@ void pw_vectors(const float* __restrict xg, float* __restrict y, const float* __
       a[v] += w * loadu(src + v * VL);
     }
   };
-  int64_t k = 0;
-  for (; k + NS <= cnt; k += NS) {
-#pragma GCC unroll 8
-    for (int s = 0; s < NS; ++s) one(acc[s], k + s);
-  }
-  for (; k < cnt; ++k) one(acc[0], k);
+  over_connections<NS>(cnt, [&](int s, int64_t k) __attribute__((always_inline)) { one(acc[s], k); });
 #pragma GCC unroll 8
   for (int s = 1; s < NS; ++s)
 #pragma GCC unroll 8
