@@ -1,9 +1,10 @@
-// ONNX Runtime custom-op library: ai.sparsify::SparseConv and SparseConvRelu (since version 1),
-// fp32 on CPU.
+// ONNX Runtime custom-op library: ai.sparsify::SparseConv, SparseConvRelu and SparseConvClip
+// (since version 1), fp32 on CPU.
 //
 // Contract (the function bodies in sparsify/runtime/onnx_sparse.py say the same in ONNX):
 // Y = Conv(X, dense(W, row_ptr, col_idx), B) with ONNX Conv attributes strides/pads/dilations/
-// group, where dense[o, col_idx[k]] = W[k] for the k of row o; SparseConvRelu is Relu of that.
+// group, where dense[o, col_idx[k]] = W[k] for the k of row o; SparseConvRelu is Relu of that,
+// SparseConvClip is Clip(that, min, max) with float attributes min / max (default -inf / +inf).
 //
 // Registration uses the plain C API (an OrtCustomOp struct) rather than the C++ wrappers: the
 // V2 callbacks return OrtStatus* so every validation failure becomes an ORT error status without
@@ -24,6 +25,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <memory>
 #include <new>
@@ -49,6 +51,8 @@ constexpr const char* kOpName = "SparseConv";
 // SparseConv followed by Relu, fused by the exporter (ORT fuses its own Conv + Relu the same way;
 // a separate Relu node cost a sparse VGG 7-13% of its time at batch 1).
 constexpr const char* kReluOpName = "SparseConvRelu";
+// SparseConv followed by Clip with constant bounds (ReLU6 in MobileNets), fused the same way.
+constexpr const char* kClipOpName = "SparseConvClip";
 // Session config entry that tells the kernel the session's intra-op thread count (the C API
 // gives a kernel no other way to know it); sparsify.runtime.session sets it. With one thread the
 // kernel runs whole images in one pass instead of splitting them into tasks for other threads.
@@ -126,7 +130,9 @@ struct Kernel {
   const void* const_w = nullptr;
   // The session's intra-op thread count when its options say it (kThreadsKey; 0: unknown).
   int64_t threads = 0;
-  bool relu = false;  // SparseConvRelu: max(0, y) on every output
+  // SparseConvRelu / SparseConvClip: every output clamped to [lo, hi].
+  bool clamp = false;
+  float lo = 0.0f, hi = std::numeric_limits<float>::infinity();
   mutable std::atomic<int64_t> validated_cpg{-1};
   // The by-input-channel copy of constant weights (kSmall3 planes of whole vectors), built on
   // the first call that needs it.
@@ -160,13 +166,34 @@ OrtStatus* read_ints(const OrtKernelInfo* info, const char* name, size_t expect,
 }
 
 bool is_relu_op(const OrtCustomOp* op);
+bool is_clip_op(const OrtCustomOp* op);
+
+// A float attribute, or `fallback` when the node does not have it.
+float read_float(const OrtKernelInfo* info, const char* name, float fallback) {
+  float v = fallback;
+  OrtStatus* st = g_api->KernelInfoGetAttribute_float(info, name, &v);
+  if (st != nullptr) {
+    g_api->ReleaseStatus(st);
+    return fallback;
+  }
+  return v;
+}
 
 OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info,
                                       void** kernel) {
   *kernel = nullptr;
   Kernel* k = new (std::nothrow) Kernel();
   if (k == nullptr) return g_api->CreateStatus(ORT_FAIL, "SparseConv: out of memory");
-  k->relu = is_relu_op(op);
+  k->clamp = is_relu_op(op) || is_clip_op(op);
+  if (is_clip_op(op)) {
+    k->lo = read_float(info, "min", -std::numeric_limits<float>::infinity());
+    k->hi = read_float(info, "max", std::numeric_limits<float>::infinity());
+    if (!(k->lo <= k->hi)) {
+      delete k;
+      return invalid("SparseConvClip needs min <= max, got min=" + std::to_string(k->lo) +
+                     " max=" + std::to_string(k->hi));
+    }
+  }
   OrtStatus* st = read_ints(info, "strides", 2, 1, &k->strides);
   if (st == nullptr) st = read_ints(info, "pads", 4, 0, &k->pads);
   if (st == nullptr) st = read_ints(info, "dilations", 2, 1, &k->dilations);
@@ -275,12 +302,14 @@ struct Job {
   int64_t nslots, slot;
   int64_t ns, rows;  // strip tasks: strips per image, output rows per strip (0: no strips)
   const struct CscLayout* csc;  // kSmall3 by input channel: nob blocks
-  bool relu;                    // SparseConvRelu: tasks clamp what they wrote
+  const Kernel* k;               // clamp / lo / hi: tasks clamp what they wrote
 };
 
-// max(0, y) over n floats just written (still in cache); NaN stays NaN, as in ONNX Relu.
-void relu_inplace(float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = y[i] < 0.0f ? 0.0f : y[i];
+// y clamped to [lo, hi] over n floats just written (still in cache); NaN stays NaN, as in ONNX
+// Relu and Clip.
+void clamp_inplace(const Kernel& k, float* y, int64_t n) {
+  const float lo = k.lo, hi = k.hi;
+  for (int64_t i = 0; i < n; ++i) y[i] = y[i] < lo ? lo : (y[i] > hi ? hi : y[i]);
 }
 
 // Tasks pad into the lowest free buffer rather than one of their own, so the few buffers in use
@@ -320,8 +349,8 @@ void conv_channels(const Job& j, const Geom& g, const Plan& p, int64_t o_begin, 
                            cnt, j.B != nullptr ? j.B[o] : 0.0f, cin_base, r0, r1);
     }
   }
-  if (j.relu)
-    for (int64_t o = o_begin; o < o_end; ++o) relu_inplace(y_n + o * ystride, g.Ho * g.Wo);
+  if (j.k->clamp)
+    for (int64_t o = o_begin; o < o_end; ++o) clamp_inplace(*j.k, y_n + o * ystride, g.Ho * g.Wo);
 }
 
 void conv_task(void* ud, size_t i) {
@@ -485,7 +514,7 @@ void csc_task(void* ud, size_t i) {
   const sparsify_conv::CscBlock blk = j.csc->block(b);
   float* y_n = j.Y + n * g.Cout * hw;
   j.f->csc_block(g, *j.p, j.X + n * g.Cin * hw, y_n, j.B, blk);
-  if (j.relu) relu_inplace(y_n + blk.o_begin * hw, (blk.o_end - blk.o_begin) * hw);
+  if (j.k->clamp) clamp_inplace(*j.k, y_n + blk.o_begin * hw, (blk.o_end - blk.o_begin) * hw);
 }
 
 // Smallest work item, in multiply-adds.
@@ -639,7 +668,7 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     fns = g_narrow.load(std::memory_order_relaxed);
     fns->make_plan(g, &p);
   }
-  Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr, nullptr, 0, 0, 0, 0, nullptr, k.relu};
+  Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr, nullptr, 0, 0, 0, 0, nullptr, &k};
   // Work items are (image, block of output channels) or, for padded plans, (image, strip of
   // output rows), of about equal cost and claimed dynamically by the pool's threads: about 4
   // items per thread for load balance (8 when the thread count is unknown), each at least
@@ -737,6 +766,7 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
 
 const char* ORT_API_CALL op_name(const OrtCustomOp*) { return kOpName; }
 const char* ORT_API_CALL relu_op_name(const OrtCustomOp*) { return kReluOpName; }
+const char* ORT_API_CALL clip_op_name(const OrtCustomOp*) { return kClipOpName; }
 const char* ORT_API_CALL op_ep(const OrtCustomOp*) { return "CPUExecutionProvider"; }
 ONNXTensorElementDataType ORT_API_CALL op_input_type(const OrtCustomOp*, size_t i) {
   return (i == 2 || i == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
@@ -790,7 +820,14 @@ const OrtCustomOp g_relu_op = [] {
   return op;
 }();
 
+const OrtCustomOp g_clip_op = [] {
+  OrtCustomOp op = make_op();
+  op.GetName = clip_op_name;
+  return op;
+}();
+
 bool is_relu_op(const OrtCustomOp* op) { return op == &g_relu_op; }
+bool is_clip_op(const OrtCustomOp* op) { return op == &g_clip_op; }
 
 // Every RegisterCustomOps call (one per session options that load the library) gets its own
 // domain object; ORT does not take ownership, so they live until the library is unloaded.
@@ -829,6 +866,7 @@ SPARSIFY_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opt
   SPARSIFY_TRY(api->CreateCustomOpDomain(kDomain, &domain));
   OrtStatus* st = api->CustomOpDomain_Add(domain, &g_op);
   if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_relu_op);
+  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_clip_op);
   if (st == nullptr) st = api->AddCustomOpDomain(options, domain);
   if (st != nullptr) {
     api->ReleaseCustomOpDomain(domain);
@@ -849,7 +887,8 @@ SPARSIFY_EXPORT const char* SparsifyKernelInfo(void) {
   std::lock_guard<std::mutex> lock(mu);
   info = std::string("api_version=") + std::to_string(ORT_API_VERSION) + ";isa=" + wide->isa +
          (wide != narrow ? std::string("+") + narrow->isa : std::string()) + ";op=" + kDomain +
-         "::" + kOpName + "," + kDomain + "::" + kReluOpName + ";since_version=1";
+         "::" + kOpName + "," + kDomain + "::" + kReluOpName + "," + kDomain + "::" + kClipOpName +
+         ";since_version=1";
   return info.c_str();
 }
 

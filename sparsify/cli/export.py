@@ -20,8 +20,7 @@ def _render(report) -> Table:
         t.add_column(col, justify=justify)
     for c in report.layers:
         t.add_row(c.layer, "x".join(map(str, c.weight_shape)), f"{c.density:.3f}",
-                  f"[bold cyan]{'SparseConvRelu' if c.fused_relu else 'SparseConv'}[/]" if c.sparse else "Conv",
-                  c.reason)
+                  f"[bold cyan]SparseConv{c.activation}[/]" if c.sparse else "Conv", c.reason)
     return t
 
 

@@ -285,8 +285,8 @@ def test_thread_count_hint(hint: str | None) -> None:
     [(3, 1, 1, 32, 1), (3, 1, 1, 32, 9), (3, 1, 1, 8, 1), (3, 1, 1, 4, 16), (3, 1, 1, 2, 3),
      (3, 2, 1, 17, 2), (1, 1, 0, 12, 1), (5, 1, 2, 11, 1), (2, 1, 0, 9, 1)],
 )
-def test_fused_relu_on_every_path(k: int, stride: int, pad: int, hw: int, n: int) -> None:
-    """SparseConvRelu equals Relu(Conv) on each path (strips, whole images, by input channel, 2x2,
+def test_fused_activations_on_every_path(k: int, stride: int, pad: int, hw: int, n: int) -> None:
+    """SparseConvRelu equals Relu(Conv), SparseConvClip Clip(Conv), on each path (strips, whole images, by input channel, 2x2,
     direct, pointwise, generic), on 1 and 2 threads."""
     rng = np.random.default_rng(k * 100 + hw + n)
     case = random_case(rng, 48, 40, k, 0.4, strides=(stride, stride), pads=(pad,) * 4)
@@ -296,6 +296,23 @@ def test_fused_relu_on_every_path(k: int, stride: int, pad: int, hw: int, n: int
     for threads in (1, 2):
         y = native.session(sparse_model(case, op_type="SparseConvRelu"), threads).run(None, {"X": x})[0]
         assert_close(y, ref)
+        lo, hi = -0.5, 2.0
+        y = native.session(sparse_model(case, op_type="SparseConvClip", min=lo, max=hi), threads).run(None, {"X": x})[0]
+        conv = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+        assert_close(y, np.clip(conv, lo, hi))
+
+
+def test_clip_bounds() -> None:
+    """SparseConvClip without bounds is the plain conv; min > max is refused at session creation."""
+    rng = np.random.default_rng(2)
+    case = random_case(rng, 16, 8, 3, 0.5, pads=(1,) * 4)
+    x = rng.standard_normal((2, 16, 6, 6)).astype(np.float32)
+    ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+    assert_close(native.session(sparse_model(case, op_type="SparseConvClip"), 1).run(None, {"X": x})[0], ref)
+    only_max = native.session(sparse_model(case, op_type="SparseConvClip", max=0.25), 2).run(None, {"X": x})[0]
+    assert_close(only_max, np.minimum(ref, 0.25))
+    with pytest.raises(RuntimeBackendError, match="min <= max"):
+        native.session(sparse_model(case, op_type="SparseConvClip", min=1.0, max=0.0), 1)
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])

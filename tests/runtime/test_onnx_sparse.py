@@ -218,7 +218,7 @@ def test_relu_fused_only_where_it_is_the_sole_reader() -> None:
     check(new)
     ops = {nd.name: nd.op_type for nd in new.graph.node if nd.domain == DOMAIN}
     assert ops == {"a": "SparseConvRelu", "b": "SparseConv", "c": "SparseConv"}
-    assert [c.fused_relu for c in report.choices] == [True, False, False]
+    assert [c.activation for c in report.choices] == ["Relu", "", ""]
     assert sum(nd.op_type == "Relu" for nd in new.graph.node) == 2
     assert sorted(f.name for f in new.functions) == ["SparseConv", "SparseConvRelu"]
     x = np.random.default_rng(4).standard_normal((2, 16, 8, 8)).astype(np.float32)
@@ -249,3 +249,36 @@ def test_strided_rule_by_plane(hw: int, sparse: bool) -> None:
     w = _masked_weight(rng, 128, 64, 3, 0.08)
     new, report = convert_model(_conv_model(w, None, 2, 1, 1, 1, hw))
     assert any(n.op_type == "SparseConv" for n in new.graph.node) == sparse, report
+
+
+def test_clip_fused_when_its_bounds_are_constant() -> None:
+    """Conv -> Clip(0, 6) (ReLU6, bounds as initializers) becomes SparseConvClip carrying the
+    bounds; a Clip whose bound is computed at run time stays a node of its own. Both files pass
+    the checker and compute what the dense graph does, through the function body and natively."""
+    rng = np.random.default_rng(8)
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "wa"], ["ya"], pads=[1] * 4, name="a"), n("Clip", ["ya", "lo", "hi"], ["ra"]),
+             n("Conv", ["ra", "wb"], ["yb"], pads=[1] * 4, name="b"), n("ReduceMax", ["ra"], ["m"], keepdims=0),
+             n("Clip", ["yb", "lo", "m"], ["rb"])]
+    inits = [numpy_helper.from_array(_masked_weight(rng, 16, 16, 3, 0.3), "wa"),
+             numpy_helper.from_array(_masked_weight(rng, 16, 16, 3, 0.3), "wb"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+             numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 8, 8])],
+                              [helper.make_tensor_value_info("rb", TensorProto.FLOAT, [None] * 4)], inits)
+    src = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    new, report = convert_model(src, dense_threshold=0.6)
+    check(new)
+    ops = {nd.name: nd for nd in new.graph.node if nd.domain == DOMAIN}
+    assert ops["a"].op_type == "SparseConvClip" and ops["b"].op_type == "SparseConv"
+    bounds = {a.name: a.f for a in ops["a"].attribute if a.name in ("min", "max")}
+    assert bounds == {"min": 0.0, "max": 6.0}
+    assert [c.activation for c in report.choices] == ["Clip", ""]
+    x = 3 * np.random.default_rng(9).standard_normal((2, 16, 8, 8)).astype(np.float32)
+    ref = ort.InferenceSession(src.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert (ref > 0).any()
+    outs = [ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]]
+    if native.info()["loadable"]:
+        outs.append(native.session(new.SerializeToString(), 2).run(None, {"x": x})[0])
+    for y in outs:
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
