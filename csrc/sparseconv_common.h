@@ -77,6 +77,8 @@ struct KernelFns {
   // (see csc3_block in kernel.h).
   void (*csc_block)(const Geom& g, const Plan& p, const float* x_n, float* y_n, const float* bias,
                     const CscBlock& b);
+  // y[i] = min(max(y[i], lo), hi) over n floats, NaN kept (the fused Relu / Clip epilogue).
+  void (*clamp)(float* y, int64_t n, float lo, float hi);
 };
 
 const KernelFns* base_kernels();
