@@ -308,8 +308,6 @@ struct Job {
   const Kernel* k;               // clamp / lo / hi: tasks clamp what they wrote
 };
 
-
-
 // Tasks pad into the lowest free buffer rather than one of their own, so the few buffers in use
 // (one per running thread) stay in cache across tasks.
 int64_t claim_buffer(const Job& j) {
