@@ -30,6 +30,7 @@ def info_cmd(
         out.print(f"loadable      {'yes' if status['loadable'] else 'no'}", highlight=False)
         out.print(f"api_version   {status['api_version'] or '-'}", highlight=False)
         out.print(f"isa           {status['isa'] or '-'}", highlight=False)
+        out.print(f"ops           {', '.join(status['ops']) or '-'}", highlight=False)
         if status["reason"]:
             out.print(f"reason        {status['reason']}", highlight=False)
     if require and not status["loadable"]:

@@ -72,6 +72,7 @@ def info() -> dict[str, Any]:
         "loadable": False,
         "api_version": None,
         "isa": None,
+        "ops": [],
         "reason": None,
     }
     if lib is None:
@@ -86,6 +87,7 @@ def info() -> dict[str, Any]:
         fields = dict(kv.split("=", 1) for kv in describe().decode().split(";") if "=" in kv)
         result["api_version"] = int(fields.get("api_version", "0")) or None
         result["isa"] = fields.get("isa")
+        result["ops"] = [op for op in fields.get("op", "").split(",") if op]
     except (OSError, AttributeError, ValueError) as e:
         result["reason"] = f"{lib} is not a sparsify kernel library ({_first_line(e)}); rebuild with `pip install -e .`"
         return result

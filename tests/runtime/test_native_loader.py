@@ -67,6 +67,10 @@ def test_info_reports_the_library() -> None:
     assert status["library"] == str(native.library_path())
     assert status["api_version"] == native.ORT_API_VERSION
     assert status["isa"] and status["reason"] is None
+    # the library registers the plain op and both fused-activation ops the exporter writes
+    from sparsify.runtime.onnx_sparse import DOMAIN, SPARSE_OPS
+
+    assert status["ops"] == [f"{DOMAIN}::{op}" for op in SPARSE_OPS]
 
 
 def test_missing_library_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
