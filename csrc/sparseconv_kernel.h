@@ -707,31 +707,63 @@ void csc3_block_t(const Geom& g, const Plan& p, const float* __restrict x_n, flo
   const __m512i zero = _mm512_setzero_si512();
   const int64_t* __restrict out = b.out;
   const float* __restrict wts = b.w;
+  // The nine shifted copies of input vector j of channel `chan`, lined up with output vector j.
+  auto shifted = [&](int j, int64_t chan, __m512 (&t)[9]) __attribute__((always_inline)) {
+    const float* src = x_n + chan * hw + j * VL;
+    const __m512i cur = _mm512_castps_si512(_mm512_loadu_ps(src));
+    const __m512i prev = j > 0 ? _mm512_castps_si512(_mm512_loadu_ps(src - VL)) : zero;
+    const __m512i next = j + 1 < NV ? _mm512_castps_si512(_mm512_loadu_ps(src + VL)) : zero;
+    // Input rows r - 1, r, r + 1 lined up with the output rows r of vector j.
+    __m512i rows[3];
+    if constexpr (W == VL) {
+      rows[0] = prev;
+      rows[2] = next;
+    } else {
+      rows[0] = _mm512_alignr_epi32(cur, prev, (VL - W) % VL);
+      rows[2] = _mm512_alignr_epi32(next, cur, W % VL);
+    }
+    rows[1] = cur;
+#pragma GCC unroll 3
+    for (int ky = 0; ky < 3; ++ky) {
+      t[ky * 3 + 0] = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(m0, rows[ky], zero, 15));
+      t[ky * 3 + 1] = _mm512_castsi512_ps(rows[ky]);
+      t[ky * 3 + 2] = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(m2, zero, rows[ky], 1));
+    }
+  };
+  if constexpr (NV % 2 == 0) {
+    // Two output vectors per pass: each connection's nine weights are broadcast once into
+    // registers for eighteen FMAs (one chain per vector; consecutive connections overlap).
+    for (int j = 0; j < NV; j += 2) {
+      float* yj = y_n + j * VL;
+      for (int64_t c = 0; c < b.ncols; ++c) {
+        __m512 t0[9], t1[9];
+        shifted(j, b.chan[c], t0);
+        shifted(j + 1, b.chan[c], t1);
+        for (int64_t q = b.start[c]; q < b.start[c + 1]; ++q) {
+          float* yo = yj + out[q] * hw;
+          const float* w = wts + q * 9;
+          __m512 wv[9];
+#pragma GCC unroll 9
+          for (int k = 0; k < 9; ++k) wv[k] = _mm512_set1_ps(w[k]);
+          __m512 a0 = _mm512_loadu_ps(yo), a1 = _mm512_loadu_ps(yo + VL);
+#pragma GCC unroll 9
+          for (int k = 0; k < 9; ++k) {
+            a0 = _mm512_fmadd_ps(t0[k], wv[k], a0);
+            a1 = _mm512_fmadd_ps(t1[k], wv[k], a1);
+          }
+          _mm512_storeu_ps(yo, a0);
+          _mm512_storeu_ps(yo + VL, a1);
+        }
+      }
+    }
+    return;
+  }
   for (int j = 0; j < NV; ++j) {
     float* yj = y_n + j * VL;
     for (int64_t c = 0; c < b.ncols; ++c) {
       const int64_t q0 = b.start[c], q1 = b.start[c + 1];
-      const float* src = x_n + b.chan[c] * hw + j * VL;
-      const __m512i cur = _mm512_castps_si512(_mm512_loadu_ps(src));
-      const __m512i prev = j > 0 ? _mm512_castps_si512(_mm512_loadu_ps(src - VL)) : zero;
-      const __m512i next = j + 1 < NV ? _mm512_castps_si512(_mm512_loadu_ps(src + VL)) : zero;
-      // Input rows r - 1, r, r + 1 lined up with the output rows r of vector j.
-      __m512i rows[3];
-      if constexpr (W == VL) {
-        rows[0] = prev;
-        rows[2] = next;
-      } else {
-        rows[0] = _mm512_alignr_epi32(cur, prev, (VL - W) % VL);
-        rows[2] = _mm512_alignr_epi32(next, cur, W % VL);
-      }
-      rows[1] = cur;
       __m512 t[9];
-#pragma GCC unroll 3
-      for (int ky = 0; ky < 3; ++ky) {
-        t[ky * 3 + 0] = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(m0, rows[ky], zero, 15));
-        t[ky * 3 + 1] = _mm512_castsi512_ps(rows[ky]);
-        t[ky * 3 + 2] = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(m2, zero, rows[ky], 1));
-      }
+      shifted(j, b.chan[c], t);
       for (int64_t q = q0; q < q1; ++q) {
         float* yo = yj + out[q] * hw;
         const float* w = wts + q * 9;
