@@ -77,11 +77,6 @@ class CompactionReport:
 # map into a non-uniform one at the border, which constant propagation must not assume away.
 _ELEMENTWISE_MODULES = tuple(m for m in PASS_MODULES if m is not nn.AvgPool2d)
 _ELEMENTWISE_FUNCTIONS = PASS_FUNCTIONS - {F.avg_pool2d}
-_ELEMENTWISE_METHODS = PASS_METHODS
-_BINARY_FUNCTIONS = BINARY_FUNCTIONS
-_BINARY_METHODS = BINARY_METHODS
-_REDUCE_FUNCTIONS = REDUCE_FUNCTIONS
-_REDUCE_METHODS = REDUCE_METHODS
 
 
 def _effective_weight(mod: nn.Module) -> torch.Tensor:
@@ -158,7 +153,7 @@ class _Constancy(fx.Interpreter):
             return None
         if n.op == "call_function":
             fn = n.target
-            if fn in _BINARY_FUNCTIONS:
+            if fn in BINARY_FUNCTIONS:
                 return self._binary(n, out)
             if fn in (torch.cat, torch.concat):
                 return self._cat(n)
@@ -176,21 +171,21 @@ class _Constancy(fx.Interpreter):
             if fn is F.batch_norm:
                 training = n.args[5] if len(n.args) > 5 else n.kwargs.get("training", False)
                 return None if training else fin
-            if fn in _REDUCE_FUNCTIONS:
+            if fn in REDUCE_FUNCTIONS:
                 return self._reduced(fin, n, out)
             return None
         if n.op == "call_method":
             name = n.target
-            if name in _BINARY_METHODS:
+            if name in BINARY_METHODS:
                 return self._binary(n, out)
             if got is None:
                 return None
             fin, val = got
-            if name in _ELEMENTWISE_METHODS:
+            if name in PASS_METHODS:
                 return fin
             if name in ("view", "reshape", "flatten"):
                 return self._reshaped(fin, out, n)
-            if name in _REDUCE_METHODS:
+            if name in REDUCE_METHODS:
                 return self._reduced(fin, n, out)
         return None
 

@@ -30,8 +30,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .._io import atomic_path
-from ..errors import ExportError, RuntimeBackendError, SparsifyError
+from ..errors import ExportError, SparsifyError
 from ..nn import SPARSE_LAYERS
+from ..passes.compact import CHANNEL_ALIGN
 from . import native as _native
 from . import onnx_sparse
 from .onnx_sparse import ConvChoice, convert_onnx
@@ -338,7 +339,7 @@ def _finish(onnx_model: onnx.ModelProto, out: Path, report: ExportReport) -> Exp
 
 def export_model(model: nn.Module, input_shape: Sequence[int], out: str | os.PathLike, *, dense: bool = False,
                  compact: bool = True, fold_bn: bool = True, dense_threshold: float | None = None, verify: bool = True,
-                 autotune: bool = False, channel_align: int = 8) -> ExportReport:
+                 autotune: bool = False, channel_align: int = CHANNEL_ALIGN) -> ExportReport:
     """Export ``model`` to ONNX at ``out`` (atomic): SparseConv nodes where they win, verified in ORT.
 
     Compaction leaves every channel group at a multiple of ``channel_align`` channels (ORT's Conv

@@ -124,8 +124,9 @@ def session(
 ) -> ort.InferenceSession:
     """A CPU InferenceSession that uses the native SparseConv kernel when built and native=True.
 
-    ``spinning=False`` stops idle intra-op workers from busy-waiting: needed when several sessions
-    take turns (benchmarks), where one session's spinning workers steal the cores of the next.
+    ``spinning=False`` stops idle intra-op workers from busy-waiting (ORT spins by default; when
+    several sessions take turns, one session's spinning workers take the next one's core for up to
+    ~40 ms, which ``bench.time_bursts`` waits out instead).
     ``profile_prefix`` turns on ORT's per-node profiling (``end_profiling()`` returns the file).
     """
     so = ort.SessionOptions()
