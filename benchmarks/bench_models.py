@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure every model this many times with fresh sessions and report median ratios "
                          "(2-thread figures on a shared machine vary between rounds)")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     batches = [int(b) for b in args.batch_size.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
@@ -117,8 +119,6 @@ def main(argv: list[str] | None = None) -> int:
                   "(timings are only as quiet as the machine)")
     console.print(f"onnxruntime {status['onnxruntime']}; native kernel: "
                   + (f"loadable ({status.get('library')})" if status["loadable"] else f"NOT loadable ({status.get('why_not')})"))
-    if args.rounds < 1:
-        ap.error("--rounds must be >= 1")
     summary: dict = {"models": {}, "settings": {"density": DENSITY, "batches": batches, "threads": threads,
                                                 "min_time": min_time, "autotune": args.autotune,
                                                 "rounds": args.rounds}, "native": status}

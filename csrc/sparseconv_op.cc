@@ -191,7 +191,8 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, cons
     if (!(k->lo <= k->hi)) {
       delete k;
       return invalid("SparseConvClip needs min <= max, got min=" + std::to_string(k->lo) +
-                     " max=" + std::to_string(k->hi));
+                     " max=" + std::to_string(k->hi) + "; fix the node's min / max attributes or "
+                     "re-export the model");
     }
   }
   OrtStatus* st = read_ints(info, "strides", 2, 1, &k->strides);
