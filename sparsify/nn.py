@@ -1,4 +1,4 @@
-"""Masked layers: SparseConv2d (channel-level mask) and SparseLinear (element-level mask).
+"""Masked layers: SparseConv1d / SparseConv2d (channel-level mask) and SparseLinear (element-level mask).
 
 The mask is a float buffer of zeros and ones that lives next to the weight in the state dict.
 ``forward`` multiplies the weight by the mask, so a masked weight contributes nothing even before
@@ -65,12 +65,14 @@ def _adopt(new: nn.Module, dense: nn.Module, mask: torch.Tensor | None) -> nn.Mo
     return new
 
 
-class SparseConv2d(_Masked, nn.Conv2d):
-    """A Conv2d whose output channel ``o`` reads input channel ``i`` only where ``mask[o, i]`` is 1.
+class _MaskedConv(_Masked):
+    """A conv whose output channel ``o`` reads input channel ``i`` only where ``mask[o, i]`` is 1.
 
     The mask has shape ``[out_channels, in_channels // groups]``: one entry per channel
     connection, shared over the whole kernel window (Changpinyo et al. 2017, sect. 3.2).
     """
+
+    _dense: type[nn.modules.conv._ConvNd]
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -82,10 +84,10 @@ class SparseConv2d(_Masked, nn.Conv2d):
         return self._conv_forward(x, self.masked_weight(), self.bias)
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None) -> "SparseConv2d":
-        """A SparseConv2d with ``conv``'s hyper-parameters and weights, masked by ``mask``."""
+    def from_dense(cls, conv: nn.modules.conv._ConvNd, mask: torch.Tensor | None = None):
+        """A masked conv with ``conv``'s hyper-parameters and weights, masked by ``mask``."""
         if conv.padding_mode != "zeros":
-            raise ValueError("SparseConv2d supports zero padding only")
+            raise ValueError(f"{cls.__name__} supports zero padding only")
         new = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
             padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
@@ -93,9 +95,9 @@ class SparseConv2d(_Masked, nn.Conv2d):
         )
         return _adopt(new, conv, mask)
 
-    def to_dense(self) -> nn.Conv2d:
-        """A plain Conv2d computing the same function (masked weights baked in)."""
-        conv = nn.Conv2d(
+    def to_dense(self) -> nn.modules.conv._ConvNd:
+        """The plain conv computing the same function (masked weights baked in)."""
+        conv = self._dense(
             self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
             padding=self.padding, dilation=self.dilation, groups=self.groups,
             bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype,
@@ -105,6 +107,19 @@ class SparseConv2d(_Masked, nn.Conv2d):
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
         return conv
+
+
+class SparseConv1d(_MaskedConv, nn.Conv1d):
+    """A channel-masked Conv1d for ``[N, C, L]`` signals (see ``_MaskedConv``). Exported as a plain
+    Conv with masked weights: the native SparseConv kernel is 2-D only."""
+
+    _dense = nn.Conv1d
+
+
+class SparseConv2d(_MaskedConv, nn.Conv2d):
+    """A channel-masked Conv2d (see ``_MaskedConv``); exported as ``ai.sparsify::SparseConv`` where it wins."""
+
+    _dense = nn.Conv2d
 
 
 class SparseLinear(_Masked, nn.Linear):
@@ -139,7 +154,63 @@ class SparseLinear(_Masked, nn.Linear):
         return lin
 
 
-SPARSE_LAYERS = (SparseConv2d, SparseLinear)
+class MaskedLeaf(_Masked):
+    """A user's leaf module (its own ``forward``, e.g. a conv with dynamic "same" padding) masked in
+    place: ``forward`` is the leaf's own, run with ``weight`` replaced by ``weight * mask``.
+
+    Built by ``masked_leaf`` for leaves a rule declares to compute a conv or a linear map over their
+    ``weight``; ``to_dense`` gives back the leaf's own type with the masked weight baked in.
+    """
+
+    _leaf_type: type
+
+    def forward(self, *args, **kwargs):
+        masked = self.masked_weight()
+        weight = self._parameters.pop("weight")
+        object.__setattr__(self, "weight", masked)
+        try:
+            return self._leaf_type.forward(self, *args, **kwargs)
+        finally:
+            del self.__dict__["weight"]
+            self._parameters["weight"] = weight
+
+    def to_dense(self) -> nn.Module:
+        """The leaf's own type with the masked weight baked in (no mask buffer)."""
+        import copy
+
+        dense = copy.deepcopy(self)
+        with torch.no_grad():
+            dense.weight.copy_(self.masked_weight())
+        del dense._buffers["mask"]
+        dense.__class__ = self._leaf_type
+        return dense
+
+
+_MASKED_LEAF_TYPES: dict[type, type] = {}
+
+
+def masked_leaf(module: nn.Module, mask: torch.Tensor) -> nn.Module:
+    """A copy of leaf ``module`` whose ``weight`` is masked by ``mask`` ([out, in/groups], one entry per
+    channel connection for a conv, per weight for a linear map), keeping its own forward."""
+    import copy
+
+    t = type(module)
+    cls = _MASKED_LEAF_TYPES.get(t)
+    if cls is None:
+        cls = type(f"Masked{t.__name__}", (MaskedLeaf, t), {"_leaf_type": t, "__module__": __name__})
+        _MASKED_LEAF_TYPES[t] = cls
+    new = copy.deepcopy(module)
+    new.__class__ = cls
+    w = new.weight
+    new.register_buffer("mask", mask.detach().to(device=w.device, dtype=w.dtype).clone())
+    with torch.no_grad():
+        w.mul_(new.weight_mask())
+    return new
+
+
+SPARSE_CONVS = (SparseConv1d, SparseConv2d)
+SPARSE_LAYERS = (SparseConv1d, SparseConv2d, SparseLinear, MaskedLeaf)
+SPARSE_CONV_FOR: dict[type, type] = {nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d}  # dense type -> masked
 
 
 def sparse_modules(model: nn.Module) -> dict[str, nn.Module]:

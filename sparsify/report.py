@@ -2,60 +2,68 @@
 with and without the classifier (as the papers report them)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from .nn import SPARSE_LAYERS
 from .passes.channel_graph import classifier_node, weight_nodes
-from .passes.trace import ensure_shapes, node_shape
+from .passes.rules import DEFAULT_RULES, Registry
+from .passes.trace import ensure_shapes, graphs, node_shape
 from .profiles import cv
 
 
-def _entry_mask(m: nn.Module) -> torch.Tensor:
-    """Live mask entries [out, in/groups]: the mask of a sparse layer, nonzero blocks of a dense one."""
-    if isinstance(m, SPARSE_LAYERS):
-        return m.mask.bool()
-    w = m.weight.detach()
-    return w.reshape(w.shape[0], w.shape[1], -1).ne(0).any(-1) if w.dim() > 2 else w.ne(0)
+def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = None) -> dict[str, Any]:
+    """Per weight layer of the eval graph: shape, live params and MACs at ``input_shape`` (batch 1;
+    one shape, or a list of shapes for a model with several inputs), density, fan-in, empty channels.
 
-
-def layer_report(gm: fx.GraphModule, input_shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
-    """Per weight layer: shape, live params and MACs at ``input_shape`` (batch 1), density, fan-in, empty channels."""
-    shape = (1,) + tuple(input_shape)[1:]
-    ensure_shapes(gm, torch.zeros(shape))  # MACs per sample use spatial sizes only: any batch will do
+    Totals count what runs in eval mode: parameters of layers only a training graph uses (auxiliary
+    heads) are reported as ``train_only_params``, not in ``params``.
+    """
+    rules = rules or DEFAULT_RULES
+    shapes = input_shapes(input_shape)
+    batch1 = [(1,) + tuple(s)[1:] for s in shapes]
+    ensure_shapes(gm, tuple(torch.zeros(s) for s in batch1))  # MACs per sample use spatial sizes only
     mods = dict(gm.named_modules())
-    clf = classifier_node(gm)
+    clf = classifier_node(gm, rules)
     layers, seen = [], set()
-    for node in weight_nodes(gm):
+    for node in weight_nodes(gm, rules):
         if node.target in seen:
             continue
         seen.add(node.target)
         m = mods[node.target]
-        entries = _entry_mask(m)
+        d = rules.rule_for_module(m).describe(m)
+        entries = d["entries"]
         out_shape = node_shape(node) or ()
-        is_conv = isinstance(m, nn.Conv2d)
-        k = m.kernel_size[0] * m.kernel_size[1] if is_conv else 1
-        spatial = out_shape[2] * out_shape[3] if is_conv and len(out_shape) == 4 else 1
-        bias = m.bias.numel() if m.bias is not None else 0
+        in_node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        in_shape = (node_shape(in_node) if in_node is not None else None) or ()
+        k = d["kernel_size"]
+        if d["spatial"] == "out":
+            spatial = math.prod(out_shape[2:]) if len(out_shape) > 2 else 1
+        elif d["spatial"] == "in":
+            spatial = math.prod(in_shape[2:]) if len(in_shape) > 2 else 1
+        else:  # linear: every leading axis but the batch (tokens)
+            spatial = math.prod(out_shape[1:-1]) if len(out_shape) > 2 else 1
+        bias = m.bias.numel() if getattr(m, "bias", None) is not None else 0
         live = int(entries.sum())
         fan = entries.sum(dim=1).float()
-        if is_conv and m.groups > 1:
+        g = d["groups"]
+        if g > 1:
             # input channel c of group g is read by the outputs of group g only
-            per = m.out_channels // m.groups
-            cols = torch.stack([entries[g * per:(g + 1) * per].any(0) for g in range(m.groups)])
+            per = entries.shape[0] // g
+            cols = torch.stack([entries[i * per:(i + 1) * per].any(0) for i in range(g)])
             empty_in = int((~cols).sum())
         else:
             empty_in = int((~entries.any(0)).sum())
         layers.append({
             "name": node.target,
             "type": type(m).__name__,
-            "in": m.in_channels if is_conv else m.in_features,
-            "out": m.out_channels if is_conv else m.out_features,
-            "kernel": list(m.kernel_size) if is_conv else None,
-            "groups": m.groups if is_conv else 1,
+            "in": d["in"],
+            "out": d["out"],
+            "kernel": d["kernel"],
+            "groups": g,
             "params": live * k + bias,
             "dense_params": m.weight.numel() + bias,
             "macs": live * k * spatial,
@@ -69,7 +77,11 @@ def layer_report(gm: fx.GraphModule, input_shape: tuple[int, ...] | list[int]) -
             "sparse": isinstance(m, SPARSE_LAYERS),
         })
     weight_names = {l["name"] + ".weight" for l in layers} | {l["name"] + ".bias" for l in layers}
-    other = sum(p.numel() for n, p in gm.named_parameters() if n not in weight_names)
+    eval_params = _params_used(gm, gm.graph)
+    train_params = set().union(*(_params_used(gm, g) for g in graphs(gm)[1:]))
+    other = sum(p.numel() for n, p in gm.named_parameters()
+                if n not in weight_names and (n in eval_params or n not in train_params))
+    train_only = sum(p.numel() for n, p in gm.named_parameters() if n in train_params and n not in eval_params)
     clf_params = sum(l["params"] for l in layers if l["classifier"])
     total_params = sum(l["params"] for l in layers) + other
     totals = {
@@ -83,7 +95,31 @@ def layer_report(gm: fx.GraphModule, input_shape: tuple[int, ...] | list[int]) -
         "empty_out": sum(l["empty_out"] for l in layers),
         "empty_in": sum(l["empty_in"] for l in layers),
     }
-    return {"input_shape": list(shape), "layers": layers, "totals": totals}
+    if train_only:
+        totals["train_only_params"] = train_only
+    report = {"input_shape": list(batch1[0]), "layers": layers, "totals": totals}
+    if len(batch1) > 1:
+        report["input_shapes"] = [list(s) for s in batch1]
+    return report
+
+
+def _params_used(gm: fx.GraphModule, graph: fx.Graph) -> set[str]:
+    """Qualified names of the parameters a graph reads (its modules' and its get_attr tensors)."""
+    names: set[str] = set()
+    for n in graph.nodes:
+        if n.op == "call_module":
+            names |= {f"{n.target}.{p}" for p, _ in gm.get_submodule(n.target).named_parameters()}
+        elif n.op == "get_attr":
+            names.add(n.target)
+    return names
+
+
+def input_shapes(input_shape: Any) -> list[tuple[int, ...]]:
+    """One shape ``(1, 3, 32, 32)`` or several ``[(1, 3, 32, 32), (1, 3, 32, 32)]`` as a list of shapes."""
+    shape = list(input_shape)
+    if shape and isinstance(shape[0], (list, tuple)):
+        return [tuple(int(d) for d in s) for s in shape]
+    return [tuple(int(d) for d in shape)]
 
 
 def with_ratios(report: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]:

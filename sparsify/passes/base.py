@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import PassError, UsageError
-from .trace import ensure_shapes, output_shapes, propagate_shapes
+from .trace import ensure_shapes, graphs, output_shapes, propagate_shapes
 
 
 @dataclass
@@ -33,25 +33,26 @@ class GraphPass:
 
     name = "pass"
 
-    def requires(self, gm: fx.GraphModule, example: torch.Tensor) -> None:
+    def requires(self, gm: fx.GraphModule, example: Any) -> None:
         """Raise PassError when ``gm`` cannot be rewritten by this pass."""
 
-    def call(self, gm: fx.GraphModule, example: torch.Tensor) -> PassResult:
+    def call(self, gm: fx.GraphModule, example: Any) -> PassResult:
         raise NotImplementedError
 
-    def ensures(self, original: fx.GraphModule, result: PassResult, example: torch.Tensor) -> None:
-        """By default: the rewritten graph runs on the example and keeps the output shape."""
+    def ensures(self, original: fx.GraphModule, result: PassResult, example: Any) -> None:
+        """By default: the rewritten graph runs on the example and keeps the output shapes, in both
+        modes of a model whose training graph differs."""
         ensure_shapes(original, example)
-        before = output_shapes(original)
+        before = [output_shapes(original, g) for g in graphs(original)]
         try:
             propagate_shapes(result.model, example)
         except Exception as e:  # noqa: BLE001 - re-raised as the pass's broken promise
             raise PassError(f"{self.name} produced a graph that does not run ({e}); please report this") from None
-        after = output_shapes(result.model)
+        after = [output_shapes(result.model, g) for g in graphs(result.model)]
         if before != after:
-            raise PassError(f"{self.name} changed the output shape from {before} to {after}")
+            raise PassError(f"{self.name} changed the output shape from {before[0]} to {after[0]}")
 
-    def __call__(self, gm: fx.GraphModule, example: torch.Tensor) -> PassResult:
+    def __call__(self, gm: fx.GraphModule, example: Any) -> PassResult:
         self.requires(gm, example)
         result = self.call(copy.deepcopy(gm), example)
         result.model.recompile()

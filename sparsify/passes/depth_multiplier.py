@@ -1,120 +1,148 @@
 """Depth multiplier (MobileNets; Changpinyo et al. 2017 sect. 3.1): every free channel group of
 size n becomes ceil(alpha * n), with freshly initialised weights.
 
-The channel graph decides what may change: groups tied to the model's input or output, to an op
-it does not understand, or to a grouped conv keep their size. Concats and flattens follow their
-parts. ``get_attr`` parameters are cut to the new size along their channel axes.
+The channel graph decides what may change: groups tied to the model's input or output or to an op
+no rule understands keep their size; a group that a grouped conv or a GroupNorm reads stays a
+multiple of its group count (each group's width is scaled). Concats and flattens follow their parts.
+Each layer is rebuilt by its own rule (same type and forward, new channel counts); ``get_attr``
+tensors keep the entries of the channels that remain.
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from ..errors import PassError
 from .base import GraphPass, PassResult, check_fraction, set_submodule
 from .channel_graph import ChannelGraph
+from .rules import LayerRule, Registry
+from .trace import graphs
 
 
 def check_alpha(alpha: float | None) -> float:
     return check_fraction(alpha, "--alpha", "0.5")
 
 
+def scaled(n: int, alpha: float, multiple: int = 1) -> int:
+    """ceil(alpha * n), rounded up to a multiple of ``multiple`` (at least one multiple, at most n)."""
+    if multiple <= 1:
+        return math.ceil(alpha * n)
+    return min(n, multiple * max(1, math.ceil(alpha * n / multiple)))
+
+
 class DepthMultiplierPass(GraphPass):
-    """Scale every free channel group by ``alpha`` (rounded up)."""
+    """Scale every free channel group by ``alpha`` (rounded up, to a multiple of its group count)."""
 
     name = "depth-multiplier"
 
-    def __init__(self, alpha: float, seed: int = 0) -> None:
+    def __init__(self, alpha: float, seed: int = 0, rules: Registry | None = None) -> None:
         self.alpha = check_alpha(alpha)
         self.seed = seed
+        self.rules = rules
 
-    def requires(self, gm: fx.GraphModule, example: torch.Tensor) -> None:
-        cg = ChannelGraph.build(gm, example)
+    def requires(self, gm: fx.GraphModule, example: Any) -> None:
+        cg = ChannelGraph.build(gm, example, self.rules)
         if not cg.free_groups():
-            raise PassError("depth-multiplier: no channel group can be resized (all are frozen); see `sparsify inspect`")
+            reasons = sorted({r for g in cg.channel_groups() for r in g.reasons},
+                             key=lambda r: (r in ("model input", "model output"), r))
+            why = f" ({reasons[0]}{' and more' if len(reasons) > 1 else ''})" if reasons else ""
+            raise PassError(f"depth-multiplier: no channel group can be resized (all are frozen{why}); "
+                            "see `sparsify inspect`")
 
-    def call(self, gm: fx.GraphModule, example: torch.Tensor) -> PassResult:
-        cg = ChannelGraph.build(gm, example)
-        sizes = {g.id: math.ceil(self.alpha * g.size) for g in cg.free_groups()}
+    def call(self, gm: fx.GraphModule, example: Any) -> PassResult:
+        cg = ChannelGraph.build(gm, example, self.rules)
+        sizes = {g.id: scaled(g.size, self.alpha, g.multiple) for g in cg.free_groups()}
 
-        def new_size(node: fx.Node) -> int:
-            g = cg.group_of(node)
+        def new_size(a: Any, axis: int) -> int:
+            g = cg.group_of(a, axis) if isinstance(a, fx.Node) else None
             if g is None:
-                raise PassError(f"depth-multiplier: no channel group for {node.name}")
+                raise PassError(f"depth-multiplier: no channel group for {getattr(a, 'name', a)}")
             return cg.derived_size(g.id, sizes)
 
         mods = dict(gm.named_modules())
         result = PassResult(gm)
         torch.manual_seed(self.seed)
         done: set[str] = set()
-        for node in gm.graph.nodes:
-            if node.op != "call_module" or node.target in done:
-                continue
-            m = mods[node.target]
-            x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-            new: nn.Module | None = None
-            if isinstance(m, nn.Conv2d):
-                cin, cout = new_size(x), new_size(node)
-                if (cin, cout) != (m.in_channels, m.out_channels):
-                    groups = cin if m.groups == m.in_channels == m.out_channels else m.groups
-                    new = type(m)(cin, cout, m.kernel_size, stride=m.stride, padding=m.padding,
-                                  dilation=m.dilation, groups=groups, bias=m.bias is not None,
-                                  padding_mode=m.padding_mode)
-            elif isinstance(m, nn.Linear):
-                fin, fout = new_size(x), new_size(node)
-                if (fin, fout) != (m.in_features, m.out_features):
-                    new = type(m)(fin, fout, bias=m.bias is not None)
-            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                c = new_size(node)
-                if c != m.num_features:
-                    new = type(m)(c, eps=m.eps, momentum=m.momentum, affine=m.affine,
-                                  track_running_stats=m.track_running_stats)
-            if new is not None:
-                set_submodule(gm, node.target, new)
-                result.layers[node.target] = {"kind": type(m).__name__, "before": _dims(m), "after": _dims(new)}
-            done.add(node.target)
+        for graph in graphs(gm):
+            for node in graph.nodes:
+                if node.op != "call_module" or node.target in done:
+                    continue
+                done.add(node.target)
+                m = mods[node.target]
+                rule = cg.rules.rule_for_module(m)
+                if not isinstance(rule, LayerRule):
+                    continue
+                new = rule.resize(m, node, new_size)
+                if new is not None:
+                    set_submodule(gm, node.target, new)
+                    result.layers[node.target] = {"kind": type(m).__name__, "before": _dims(m), "after": _dims(new)}
         self._cut_parameters(gm, cg, sizes)
-        frozen = [g for g in cg.root_groups() if g.frozen]
-        result.notes += [f"group of {g.size} channels kept ({sorted(set(g.reasons))[0]})" for g in frozen]
+        for g in cg.channel_groups():
+            if g.frozen:
+                result.notes.append(f"group of {g.size} channels kept ({sorted(set(g.reasons))[0]})")
+            elif g.multiple > 1 and g.id in sizes:
+                result.notes.append(f"group of {g.size} channels scaled to {sizes[g.id]}, a multiple of {g.multiple} "
+                                    f"({sorted(set(g.whole))[0] if g.whole else 'grouped layer'})")
         return result
 
     @staticmethod
     def _cut_parameters(gm: fx.GraphModule, cg: ChannelGraph, sizes: dict[int, int]) -> None:
-        """Cut get_attr tensors to the new sizes of the groups their axes belong to."""
-        for node in gm.graph.nodes:
-            if node.op != "get_attr":
+        """Cut get_attr tensors to the channels that remain (the first ``new size`` of each root group,
+        at every position they take in derived groups)."""
+        def roots(gid: int) -> set[int]:
+            d = cg.groups[gid].derivation
+            return {gid} if d is None else set().union(*(roots(p) for p, _ in d.parts))
+
+        def keep_of(gid: int) -> np.ndarray:
+            if cg.groups[gid].derivation is None:
+                return np.arange(sizes.get(gid, cg.groups[gid].size))
+            return np.sort(np.concatenate([cg.positions(r)[gid][:sizes.get(r, cg.groups[r].size)].ravel()
+                                           for r in roots(gid)]))
+
+        targets = {n.target for graph in graphs(gm) for n in graph.nodes if n.op == "get_attr"}
+        for target in sorted(targets):
+            t = _get(gm, target)
+            if not isinstance(t, torch.Tensor):
                 continue
-            t = gm.get_parameter(node.target) if _is_param(gm, node.target) else gm.get_buffer(node.target)
-            index = []
+            cut = t.detach()
+            changed = False
             for axis in range(t.dim()):
-                g = cg.group_of(node.name, axis)
-                index.append(slice(0, cg.derived_size(g.id, sizes)) if g is not None else slice(None))
-            cut = t.detach()[tuple(index)].clone()
-            owner_name, _, attr = node.target.rpartition(".")
-            owner = gm.get_submodule(owner_name) if owner_name else gm
-            if isinstance(t, nn.Parameter):
-                setattr(owner, attr, nn.Parameter(cut, requires_grad=t.requires_grad))
-            else:
-                owner.register_buffer(attr, cut)
-
-    def ensures(self, original: fx.GraphModule, result: PassResult, example: torch.Tensor) -> None:
-        super().ensures(original, result, example)
-
-
-def _is_param(gm: nn.Module, target: str) -> bool:
-    try:
-        gm.get_parameter(target)
-        return True
-    except AttributeError:
-        return False
+                g = cg.group_of_space((f"%{target}", axis))
+                if g is None or cg.derived_size(g.id, sizes) == t.shape[axis]:
+                    continue
+                keep = keep_of(g.id)
+                cut = cut.index_select(axis, torch.as_tensor(keep, dtype=torch.long))
+                changed = True
+            if changed:
+                owner_name, _, attr = target.rpartition(".")
+                owner = gm.get_submodule(owner_name) if owner_name else gm
+                if isinstance(t, torch.nn.Parameter):
+                    setattr(owner, attr, torch.nn.Parameter(cut.clone(), requires_grad=t.requires_grad))
+                else:
+                    owner.register_buffer(attr, cut.clone())
 
 
-def _dims(m: nn.Module) -> list[int]:
-    if isinstance(m, nn.Conv2d):
-        return [m.out_channels, m.in_channels]
-    if isinstance(m, nn.Linear):
-        return [m.out_features, m.in_features]
-    return [getattr(m, "num_features", 0)]
+def _get(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _dims(m: Any) -> list[int]:
+    for a, b in (("out_channels", "in_channels"), ("out_features", "in_features")):
+        if hasattr(m, a):
+            return [getattr(m, a), getattr(m, b)]
+    for a in ("num_features", "num_channels", "num_parameters"):
+        if hasattr(m, a):
+            return [getattr(m, a)]
+    if hasattr(m, "normalized_shape"):
+        return list(m.normalized_shape)
+    return []
+
+
+__all__ = ["DepthMultiplierPass", "check_alpha", "scaled"]

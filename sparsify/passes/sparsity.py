@@ -24,10 +24,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import PassError, UsageError
-from ..nn import SparseConv2d, SparseLinear
+from ..nn import SPARSE_LAYERS
 from ..profiles import LayerShape, allocate, cv, fan_in_counts, resolve_params
 from .base import GraphPass, PassResult, check_fraction, set_submodule
 from .channel_graph import ChannelGraph, classifier_node, weight_nodes
+from .rules import DEFAULT_RULES, LayerRule, Registry, Role, SparseLayout
 
 
 @dataclass
@@ -39,48 +40,51 @@ class Eligible:
     index: int               # position among weight layers (seeds its random stream)
     n_out: int
     n_in: int                # per group
-    kernel: int              # kh*kw, 1 for linear
+    kernel: int              # weights per mask entry (kernel window), 1 for linear
     single_input: bool       # a conv that reads one input filter
-
-    @property
-    def is_conv(self) -> bool:
-        return isinstance(self.module, nn.Conv2d)
+    rule: LayerRule | None = None
+    is_conv: bool = False
 
 
 def check_density(density: float | None) -> float:
     return check_fraction(density, "--density", "0.1")
 
 
-def eligible_layers(gm: fx.GraphModule, include_linear: bool, include_classifier: bool) -> tuple[list[Eligible], list[str]]:
-    """Layers to mask, and notes on those left dense and why."""
+def eligible_layers(gm: fx.GraphModule, include_linear: bool, include_classifier: bool,
+                    rules: Registry | None = None) -> tuple[list[Eligible], list[str]]:
+    """Layers to mask (of both graphs of a model that runs differently in training), and notes on
+    those left dense and why."""
+    rules = rules or DEFAULT_RULES
     mods = dict(gm.named_modules())
-    clf = classifier_node(gm)
+    clf = classifier_node(gm, rules)
     out, notes, seen = [], [], set()
-    for i, node in enumerate(weight_nodes(gm)):
+    for i, node in enumerate(weight_nodes(gm, rules, all_graphs=True)):
         m = mods[node.target]
         if node.target in seen:
             continue
         seen.add(node.target)
-        if isinstance(m, (SparseConv2d, SparseLinear)):
+        if isinstance(m, SPARSE_LAYERS):
             raise PassError(f"{node.target} is already sparse; transform the dense model instead")
-        if node is clf and not include_classifier:
+        if clf is not None and node.target == clf.target and not include_classifier:
             notes.append(f"{node.target}: classifier kept dense (use --include-classifier to mask it)")
             continue
-        if isinstance(m, nn.Conv2d):
-            if m.groups > 1 and m.in_channels // m.groups == 1:
-                notes.append(f"{node.target}: depthwise conv kept dense")
-                continue
-            if m.padding_mode != "zeros":
-                notes.append(f"{node.target}: padding mode {m.padding_mode} kept dense")
-                continue
-            k = m.kernel_size[0] * m.kernel_size[1]
-            cin_g = m.in_channels // m.groups
-            out.append(Eligible(node, m, i, m.out_channels, cin_g, k, single_input=cin_g == 1))
-        elif isinstance(m, nn.Linear):
-            if not include_linear:
-                notes.append(f"{node.target}: linear kept dense (use --include-linear to mask it)")
-                continue
-            out.append(Eligible(node, m, i, m.out_features, m.in_features, 1, single_input=False))
+        rule = rules.rule_for_module(m)
+        layout = rule.sparse(m)
+        if not isinstance(layout, SparseLayout):
+            notes.append(f"{node.target}: {layout}")
+            continue
+        if not layout.is_conv and not include_linear:
+            notes.append(f"{node.target}: linear kept dense (use --include-linear to mask it)")
+            continue
+        out.append(Eligible(node, m, i, layout.n_out, layout.n_in, layout.kernel,
+                            single_input=layout.is_conv and layout.n_in == 1, rule=rule, is_conv=layout.is_conv))
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target not in seen and rules.rule_for_module(mods[node.target]) is None:
+            base = rules.known_base(type(mods[node.target]))
+            if base is not None:
+                seen.add(node.target)
+                notes.append(f"{node.target}: leaf {type(mods[node.target]).__name__} (a {base.__name__} with its own "
+                             f"forward) kept dense and frozen; register a rule for it to couple its channels")
     return out, notes
 
 
@@ -136,8 +140,9 @@ class SparsePass(GraphPass):
 
     def __init__(self, density: float, seed: int = 0, allocation: str = "uniform",
                  include_linear: bool = False, include_classifier: bool = False,
-                 rescale_init: bool = True) -> None:
+                 rescale_init: bool = True, rules: Registry | None = None) -> None:
         self.density = check_density(density)
+        self.rules = rules
         self.rescale_init = rescale_init
         if allocation not in ("uniform", "erk"):
             raise UsageError(f"unknown --allocation {allocation!r}; choose uniform or erk")
@@ -147,14 +152,18 @@ class SparsePass(GraphPass):
     def draw(self, layer: Eligible, allowed: np.ndarray, live: int, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
 
-    def requires(self, gm: fx.GraphModule, example: torch.Tensor) -> None:
-        layers, _ = eligible_layers(gm, self.include_linear, self.include_classifier)
+    def requires(self, gm: fx.GraphModule, example: Any) -> None:
+        layers, notes = eligible_layers(gm, self.include_linear, self.include_classifier, self.rules)
         if not layers:
-            raise PassError(f"{self.name}: the model has no layer to make sparse (convs, or linears with --include-linear)")
+            leaves = [n.split(":")[0] for n in notes if ": leaf " in n]
+            why = (f"; {', '.join(leaves)} {'is a leaf' if len(leaves) == 1 else 'are leaves'} kept dense"
+                   if leaves else "")
+            raise PassError(f"{self.name}: the model has no layer to make sparse (convs, or linears with "
+                            f"--include-linear){why}")
 
-    def call(self, gm: fx.GraphModule, example: torch.Tensor) -> PassResult:
-        cg = ChannelGraph.build(gm, example)
-        layers, notes = eligible_layers(gm, self.include_linear, self.include_classifier)
+    def call(self, gm: fx.GraphModule, example: Any) -> PassResult:
+        cg = ChannelGraph.build(gm, example, self.rules)
+        layers, notes = eligible_layers(gm, self.include_linear, self.include_classifier, self.rules)
         shapes = [LayerShape(l.node.target, l.n_out, l.n_in, l.kernel,
                              min_live=1 if l.single_input else max(l.n_out, l.n_in)) for l in layers]
         budgets = allocate(shapes, self.density, self.allocation)
@@ -202,7 +211,7 @@ class SparsePass(GraphPass):
             g = cg.group_of(layer.node)
             where: dict[int, np.ndarray] = {}
             if g is not None and g.is_root and len(removed):
-                producers = g.roles("conv_out", "linear_out", "fconv_out", "flinear_out")
+                producers = g.roles(Role.OUT)
                 if len(producers) == 1:
                     where = {gid: pos[removed].ravel() for gid, pos in cg.positions(g.id).items()}
             out[layer.node.target] = {"keep": keep, "positions": where, "density": d}
@@ -220,15 +229,11 @@ class SparsePass(GraphPass):
 
     @staticmethod
     def _replace(gm: fx.GraphModule, layer: Eligible, mask: np.ndarray) -> nn.Module:
-        t = torch.from_numpy(mask.astype(np.float32))
-        if layer.is_conv:
-            new = SparseConv2d.from_dense(layer.module, t)
-        else:
-            new = SparseLinear.from_dense(layer.module, t)
+        new = layer.rule.make_sparse(layer.module, torch.from_numpy(mask.astype(np.float32)))
         set_submodule(gm, layer.node.target, new)
         return new
 
-    def ensures(self, original: fx.GraphModule, result: PassResult, example: torch.Tensor) -> None:
+    def ensures(self, original: fx.GraphModule, result: PassResult, example: Any) -> None:
         super().ensures(original, result, example)
         for name, info in result.layers.items():
             m = result.model.get_submodule(name)
@@ -272,8 +277,8 @@ class PSNPass(SparsePass):
 
     def __init__(self, density: float, profile: str = "lognormal", profile_params: dict[str, float] | None = None,
                  seed: int = 0, allocation: str = "uniform", include_linear: bool = True,
-                 include_classifier: bool = False, rescale_init: bool = True) -> None:
-        super().__init__(density, seed, allocation, include_linear, include_classifier, rescale_init)
+                 include_classifier: bool = False, rescale_init: bool = True, rules: Registry | None = None) -> None:
+        super().__init__(density, seed, allocation, include_linear, include_classifier, rescale_init, rules)
         self.profile = profile
         self.profile_params = resolve_params(profile, profile_params)
 

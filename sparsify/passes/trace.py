@@ -6,6 +6,7 @@ cannot be traced raises TraceError naming the source line and how to proceed.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import re
 import traceback
@@ -23,16 +24,22 @@ from ..nn import SPARSE_LAYERS
 
 
 class SparsifyTracer(fx.Tracer):
-    """torch.fx tracer that keeps sparse layers and the given module types as leaves."""
+    """torch.fx tracer that keeps as leaves: sparse layers, the given module types, and every module
+    a rule covers (a subclass of a known layer that does not override its forward is that layer)."""
 
-    def __init__(self, leaf_types: Iterable[str] = ()) -> None:
+    def __init__(self, leaf_types: Iterable[str] = (), rules: Any = None) -> None:
         super().__init__()
         self.leaf_types = set(leaf_types)
+        self.rules = rules
         self.record_stack_traces = True  # lets errors name the model's source line
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         t = type(m)
         if isinstance(m, SPARSE_LAYERS) or t.__name__ in self.leaf_types or f"{t.__module__}.{t.__qualname__}" in self.leaf_types:
+            return True
+        from .rules import DEFAULT_RULES
+
+        if (self.rules or DEFAULT_RULES).rule_for_module(m) is not None:
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -47,23 +54,211 @@ def _user_frame(e: BaseException) -> str:
     return where
 
 
-def trace(model: nn.Module, leaf_types: Sequence[str] = ()) -> fx.GraphModule:
-    """Symbolically trace ``model`` (a GraphModule is returned as is)."""
-    if isinstance(model, fx.GraphModule):
-        return model
-    tracer = SparsifyTracer(leaf_types)
+def _failing_submodule(model: nn.Module, e: BaseException) -> nn.Module | None:
+    """The innermost submodule (not ``model`` itself) whose own ``forward`` was running when tracing failed."""
+    found = None
+    tb = e.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        if (frame.f_code.co_name == "forward" and isinstance(owner, nn.Module) and owner is not model
+                and "/torch/" not in frame.f_code.co_filename.replace("\\", "/")):
+            found = owner
+        tb = tb.tb_next
+    return found
+
+
+def _untraceable_message(model: nn.Module, e: BaseException, leaf_types: Sequence[str]) -> str:
+    """One line: where tracing failed, and the --leaf that helps (only when a submodule's forward failed)."""
+    where = _user_frame(e)
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    head = (f"torch.fx cannot trace {type(model).__name__}" + (f" at {where}" if where else "")
+            + f" ({type(e).__name__}: {msg})")
+    sub = _failing_submodule(model, e)
+    if sub is None:
+        return (head + f"; the failing code is in {type(model).__name__}'s own forward, where --leaf cannot help: "
+                "make it traceable (no Python control flow on tensor values) or move it into a submodule "
+                "and keep that opaque with --leaf MODULE_TYPE")
+    name = type(sub).__name__
+    advice = f"; keep {name} opaque with --leaf {name}"
+    from .rules import known_base
+
+    base = known_base(type(sub))
+    if base is not None:
+        advice += (f" (a leaf keeps its own forward and is left dense and frozen; if {name}.forward computes a "
+                   f"{base.__name__} over its own weight, also pass --rule {name}={_rule_hint(base)})")
+    return head + advice
+
+
+def _rule_hint(base: type) -> str:
+    from .rules import leaf_rule_name
+
+    return leaf_rule_name(base)
+
+
+class ModeGraphModule(fx.GraphModule):
+    """A GraphModule with one graph per mode: ``graph`` (eval) and ``train_graph`` (training).
+
+    torch.fx bakes ``self.training`` into a trace: ``F.dropout(x, training=self.training)``, ``if
+    self.training:`` branches, stochastic depth and auxiliary outputs are recorded as they run in the
+    mode the model was traced in. This module holds both traces over one module tree, so every
+    submodule and parameter is shared (a pass that replaces ``a.b`` by qualified name changes both
+    graphs), and ``forward`` runs the train graph when ``self.training`` and the eval graph
+    otherwise. Analysis, compaction and export read ``graph``, the eval-mode behaviour; code that
+    must see every layer iterates ``graphs(gm)``. (torchvision's ``DualGraphModule`` swaps one
+    ``graph`` attribute on ``train()``/``eval()`` instead, so what a pass sees depends on the mode.)
+    """
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, class_name: str = "GraphModule",
+                 train_graph: fx.Graph | None = None) -> None:
+        super().__init__(root, graph, class_name)
+        if train_graph is not None:
+            self.set_train_graph(train_graph, root)
+
+    def set_train_graph(self, train_graph: fx.Graph, root: nn.Module | None = None) -> None:
+        """Attach the training-mode graph; its modules and attributes come from ``root`` when missing here."""
+        from torch.fx.graph_module import _copy_attr
+
+        for node in train_graph.nodes:
+            if node.op in ("get_attr", "call_module") and root is not None and root is not self:
+                try:
+                    _get_attr_path(self, node.target)
+                except AttributeError:
+                    _copy_attr(root, self, node.target)
+        self.__dict__["_train_graph"] = train_graph
+        train_graph.owning_module = self
+        self.recompile()
+
+    @property
+    def train_graph(self) -> fx.Graph:
+        return self.__dict__["_train_graph"]
+
+    def recompile(self):  # type: ignore[override]
+        code = super().recompile()
+        train_graph = self.__dict__.get("_train_graph")
+        if train_graph is None:
+            return code
+        from torch.fx.graph_module import _forward_from_src
+
+        cls = type(self)
+        cls._eval_forward = cls.forward
+        train_code = train_graph.python_code(root_module="self")
+        cls._train_forward = _forward_from_src(train_code.src, train_code.globals, {})
+        cls.forward = _dispatch_on_mode
+        return code
+
+    def _deepcopy_init(self):  # type: ignore[override]
+        def init(res: "ModeGraphModule", fake_mod: nn.Module, graph: fx.Graph) -> None:
+            fx.GraphModule.__init__(res, fake_mod, graph)
+            train = fake_mod.__dict__.get("_train_graph")
+            if train is not None:
+                res.set_train_graph(train, fake_mod)
+
+        return init
+
+
+def _dispatch_on_mode(self: ModeGraphModule, *args: Any, **kwargs: Any) -> Any:
+    return (self._train_forward if self.training else self._eval_forward)(*args, **kwargs)
+
+
+def _get_attr_path(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def graphs(gm: fx.GraphModule) -> list[fx.Graph]:
+    """The graphs of ``gm``: the eval graph first, then the training graph when it differs."""
+    train = gm.__dict__.get("_train_graph")
+    return [gm.graph] if train is None else [gm.graph, train]
+
+
+def eval_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` itself, or for a ModeGraphModule a plain GraphModule of its eval graph (sharing modules)."""
+    if not isinstance(gm, ModeGraphModule):
+        return gm
+    graph = copy.deepcopy(gm.graph)
+    out = fx.GraphModule(gm, graph, type(gm).__name__)
+    out.train(gm.training)
+    return out
+
+
+def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any) -> tuple[SparsifyTracer, fx.Graph]:
+    tracer = SparsifyTracer(leaf_types, rules)
     try:
         graph = tracer.trace(model)
     except Exception as e:
-        where = _user_frame(e)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TraceError(
-            f"torch.fx cannot trace {type(model).__name__}"
-            + (f" at {where}" if where else "")
-            + f" ({type(e).__name__}: {msg}); keep the offending submodule opaque with --leaf MODULE_TYPE"
-        ) from None
+        raise TraceError(_untraceable_message(model, e, leaf_types)) from None
+    return tracer, graph
+
+
+def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None) -> fx.GraphModule:
+    """Symbolically trace ``model`` in eval mode and in training mode (a GraphModule is returned as is).
+
+    When both traces are the same program the result is a plain GraphModule; otherwise a
+    ModeGraphModule that runs each mode's graph (see ``mode_differences`` for what differs).
+    The model's own mode is restored and becomes the result's mode. ``rules`` (a Registry): module
+    types it has a rule for are kept as leaves too.
+    """
+    if isinstance(model, fx.GraphModule):
+        return model
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        tracer, eval_graph = _trace_once(model, leaf_types, rules)
+        model.train()
+        _, train_graph = _trace_once(model, leaf_types, rules)
+    finally:
+        for m, training in modes.items():
+            m.training = training
     name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    if _program(eval_graph) == _program(train_graph):
+        gm = fx.GraphModule(tracer.root, eval_graph, name)
+    else:
+        gm = ModeGraphModule(tracer.root, eval_graph, name, train_graph=train_graph)
+    gm.train(model.training)
+    return gm
+
+
+def _program(graph: fx.Graph) -> str:
+    return graph.python_code(root_module="self").src
+
+
+def _op_label(n: fx.Node) -> str:
+    if n.op == "call_module":
+        return str(n.target)
+    target = getattr(n.target, "__name__", str(n.target))
+    flags = {k: v for k, v in n.kwargs.items() if k == "training"}
+    return target + (f"(training={flags['training']})" if flags else "")
+
+
+def mode_differences(gm: fx.GraphModule) -> str | None:
+    """A one-line description of how the training graph differs from the eval graph (None: same)."""
+    if not isinstance(gm, ModeGraphModule):
+        return None
+
+    def ops(graph: fx.Graph) -> list[str]:
+        return [_op_label(n) for n in graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+
+    ev, tr = ops(gm.graph), ops(gm.train_graph)
+    only_train = [o for o in dict.fromkeys(tr) if tr.count(o) > ev.count(o)]
+    only_eval = [o for o in dict.fromkeys(ev) if ev.count(o) > tr.count(o)]
+    outs = [len(n.args[0]) if isinstance(n.args[0], (tuple, list, dict)) else 1
+            for g in (gm.graph, gm.train_graph) for n in g.nodes if n.op == "output"]
+
+    def short(items: list[str]) -> str:
+        return ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+
+    parts = []
+    if only_train:
+        parts.append(f"training only: {short(only_train)}")
+    if only_eval:
+        parts.append(f"eval only: {short(only_eval)}")
+    if outs[0] != outs[1]:
+        parts.append(f"{outs[1]} outputs in training, {outs[0]} in eval")
+    return ("the model runs differently in training (" + "; ".join(parts or ["other arguments"])
+            + "): training uses its training-mode graph, eval() and export its eval-mode graph")
 
 
 @contextlib.contextmanager
@@ -121,33 +316,53 @@ def _source_line(node: fx.Node) -> str:
     return f"{Path(found[-1][0]).name}:{found[-1][1]}" if found else ""
 
 
-def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> Any:
-    """Record ``tensor_meta`` (shape, dtype) on every node for an input like ``example``.
+def as_inputs(example: Any) -> tuple[torch.Tensor, ...]:
+    """The model's example inputs as a tuple (one tensor, or a tuple/list of them)."""
+    return tuple(example) if isinstance(example, (tuple, list)) else (example,)
+
+
+def shape_text(example: Any) -> str:
+    """``(1, 3, 32, 32)``, or ``(1, 3, 32, 32); (1, 3, 32, 32)`` for several inputs."""
+    return "; ".join(str(tuple(x.shape)) for x in as_inputs(example))
+
+
+def propagate_shapes(gm: fx.GraphModule, example: Any) -> Any:
+    """Record ``tensor_meta`` (shape, dtype) on every node for inputs like ``example`` (a tensor,
+    or a tuple with one tensor per model input); both graphs of a ModeGraphModule.
 
     Runs under FakeTensorMode, which computes shapes without doing the arithmetic (a ResNet-50
     takes ~0.3 s instead of a real forward); falls back to a real forward for ops that have no
-    fake implementation. A failing node becomes a TraceError that names it.
+    fake implementation. A failing node becomes a TraceError that names it. Returns the eval
+    graph's output.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    inputs = as_inputs(example)
+    result = None
     with eval_mode(gm), _quiet("torch._subclasses.fake_tensor"):
-        try:
+        for graph in reversed(graphs(gm)):
             try:
-                mode = FakeTensorMode(allow_non_fake_inputs=True)
-                with mode:
-                    return _ShapeRecorder(gm).run(mode.from_tensor(example))
+                try:
+                    mode = FakeTensorMode(allow_non_fake_inputs=True)
+                    with mode:
+                        result = _ShapeRecorder(gm, graph=graph).run(*(mode.from_tensor(x) for x in inputs))
+                except _NodeFailure as f:
+                    if not _fake_unsupported(f.error):
+                        raise
+                    result = _ShapeRecorder(gm, graph=graph).run(*inputs)
             except _NodeFailure as f:
-                if not _fake_unsupported(f.error):
-                    raise
-                return _ShapeRecorder(gm).run(example)
-        except _NodeFailure as f:
-            where = _source_line(f.node)
-            msg = str(f.error).splitlines()[0] if str(f.error) else type(f.error).__name__
-            raise TraceError(
-                f"the model fails on an input of shape {tuple(example.shape)} at {f.node.name}"
-                + (f" ({where})" if where else "")
-                + f": {type(f.error).__name__}: {msg}; give the right shape with --input-shape N,C,H,W"
-            ) from None
+                where = _source_line(f.node)
+                msg = str(f.error).splitlines()[0] if str(f.error) else type(f.error).__name__
+                mode_text = " in training mode" if graph is not gm.graph else ""
+                n_in = sum(1 for n in graph.nodes if n.op == "placeholder")
+                hint = ("give the right shape with --input-shape N,C,H,W" if n_in == len(inputs) else
+                        f"the model takes {n_in} inputs but {len(inputs)} shape(s) were given; give one shape "
+                        "per input, e.g. --input-shape \"1,3,32,32;1,3,32,32\" or INPUT_SHAPES in the model file")
+                raise TraceError(
+                    f"the model fails{mode_text} on an input of shape {shape_text(example)} at {f.node.name}"
+                    + (f" ({where})" if where else "") + f": {type(f.error).__name__}: {msg}; {hint}"
+                ) from None
+    return result
 
 
 @contextlib.contextmanager
@@ -174,18 +389,18 @@ def _fake_unsupported(error: BaseException) -> bool:
 
 def has_shapes(gm: fx.GraphModule) -> bool:
     """True when every computing node already carries a recorded shape (from ``propagate_shapes``)."""
-    return all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op not in ("output",))
+    return all("tensor_meta" in n.meta for g in graphs(gm) for n in g.nodes if n.op not in ("output",))
 
 
-def ensure_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
+def ensure_shapes(gm: fx.GraphModule, example: Any) -> None:
     """Propagate shapes only when some node has none: a forward of a large model is the costly step."""
     if not has_shapes(gm):
         propagate_shapes(gm, example)
 
 
-def output_shapes(gm: fx.GraphModule) -> object:
-    """The recorded shapes of the graph's outputs (a tuple, or nested tuples for several outputs)."""
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+def output_shapes(gm: fx.GraphModule, graph: fx.Graph | None = None) -> object:
+    """The recorded shapes of a graph's outputs (a tuple, or nested tuples for several outputs)."""
+    out = next(n for n in reversed((graph or gm.graph).nodes) if n.op == "output")
     return fx.node.map_arg(out.args[0], lambda a: node_shape(a))
 
 

@@ -1,22 +1,21 @@
 """Mask edits shared by the schedules, at the granularity of the mask.
 
-For a SparseConv2d a mask entry is a channel connection (the whole kxk block), so a per-weight
+For a masked conv a mask entry is a channel connection (the whole kernel window), so a per-weight
 statistic (magnitude, momentum, gradient) is summed over the kernel window to score the entry;
 for a SparseLinear the entry is the weight itself. Ties are broken by position, so the same
 inputs give the same mask on every rank and every run.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ...nn import SparseConv2d
 
 
 def unit_size(module: torch.nn.Module) -> int:
-    """Weights per mask entry (kH*kW for a conv, 1 for a linear layer)."""
-    if isinstance(module, SparseConv2d):
-        return int(module.kernel_size[0] * module.kernel_size[1])
-    return 1
+    """Weights per mask entry (the kernel size for a conv, 1 for a linear layer)."""
+    return int(math.prod(module.weight.shape[2:]))
 
 
 def unit_scores(module: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,238 @@
+"""The contract of an op rule, the roles a layer plays in a channel group, and the registry.
+
+One rule per op kind says everything the passes need to know about that op (issue 9, "one rule per
+op"): how its channels couple (``couple``, used by the ChannelGraph), whether a constant input
+channel gives a constant output channel (``constancy``, used by compaction), and for layers with
+weights how to slice them (compaction), resize them (depth multiplier), mask them (the sparse
+passes) and count them (reports). A rule added for an op is therefore used by every pass at once.
+
+The registry finds the rule of a ``call_module`` by the module's type: the exact type, or a
+subclass that does not override ``forward`` (it computes the same function). A subclass with its
+own ``forward`` (a ``--leaf`` such as a conv with dynamic "same" padding) gets no built-in rule: it
+is left dense and its channels are frozen, unless the user registers a rule for it (``rules=``).
+``call_function`` nodes are found by the function (or its qualified name, for libraries that are
+not imported here), ``call_method`` nodes by the method name.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..channel_graph import ChannelGraph
+
+
+class Role(enum.Enum):
+    """What a layer does with the channels of a group."""
+
+    OUT = "out"                  # writes them: one weight slice per channel (conv/linear output)
+    IN = "in"                    # reads them through a weight axis (conv/linear input)
+    CHANNELWISE = "channelwise"  # per-channel parameters, channel c -> channel c (norms, depthwise conv)
+    PARAM = "param"              # a get_attr tensor's axis follows the group
+
+
+@dataclass(frozen=True)
+class Member:
+    """A layer (module or get_attr weight) that reads, writes or scales a group's channels.
+
+    ``node`` is the key of the (first) call; ``target`` the module's qualified name or the get_attr
+    target; ``axis`` the weight axis along the group; ``rule`` the op rule that slices it.
+    """
+
+    role: Role
+    node: str
+    target: str
+    axis: int = 0
+    rule: Any = field(default=None, compare=False, repr=False)
+    functional: bool = False     # a get_attr weight of F.conv*/F.linear, not a module
+
+
+@dataclass
+class Const:
+    """Per-channel constancy of a tensor along one axis: ``flags[c]`` is True when slice c is the
+    same number for every input."""
+
+    axis: int
+    flags: torch.Tensor
+
+
+class Rule:
+    """How one kind of op couples channels and propagates constancy. Subclasses override what applies.
+
+    ``couple`` must either express every channel dependency of the op (tie, derive, members) or
+    freeze the spaces it does not understand: a rule that forgets a dependency gives wrong masks.
+    ``constancy`` returns ``None`` when unsure (the channel is then treated as input-dependent).
+    """
+
+    name = "op"
+
+    def couple(self, cg: "ChannelGraph", node: fx.Node, module: nn.Module | None) -> None:
+        cg.unknown(node, self.name)
+
+    def constancy(self, env: "ConstancyEnv", node: fx.Node, module: nn.Module | None,
+                  out: torch.Tensor) -> Const | None:
+        return None
+
+
+class LayerRule(Rule):
+    """A module with a weight: it also slices, resizes, masks and reports itself."""
+
+    kind = "layer"          # "conv" | "linear" | "norm" | ... (reports)
+    has_weight = True       # counted as a weight layer (reports, classifier)
+
+    def slice(self, module: nn.Module, member: Member, keep: torch.Tensor) -> None:
+        """Keep only channels ``keep`` along the member's axis, in place (compaction)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot slice {type(module).__name__}")
+
+    def reads(self, module: nn.Module, member: Member, positions: torch.Tensor) -> bool:
+        """True when a live weight reads the input channels at ``positions`` (role IN)."""
+        return True
+
+    def fold(self, module: nn.Module, member: Member, positions: torch.Tensor,
+             values: torch.Tensor) -> torch.Tensor | None:
+        """The bias change that replaces constant inputs ``values`` at ``positions`` exactly, or None."""
+        return None
+
+    def resize(self, module: nn.Module, node: fx.Node, size: Callable[[Any, int], int]) -> nn.Module | None:
+        """A freshly initialised module with the channel counts ``size(node_or_arg, axis)`` gives, or
+        None when they are unchanged (depth multiplier)."""
+        return None
+
+    def sparse(self, module: nn.Module) -> "SparseLayout | str":
+        """How to mask this layer, or why it stays dense."""
+        return f"{type(module).__name__} stays dense"
+
+    def make_sparse(self, module: nn.Module, mask: torch.Tensor) -> nn.Module:
+        raise NotImplementedError
+
+    def describe(self, module: nn.Module) -> dict[str, Any]:
+        """``in``, ``out``, ``kernel`` (list or None), ``groups``, the live-entry mask [out, in/groups],
+        and ``macs_per_entry(in_shape, out_shape)`` for reports."""
+        raise NotImplementedError
+
+
+@dataclass
+class SparseLayout:
+    """A maskable layer: ``n_out`` x ``n_in`` (per group) mask entries of ``kernel`` weights each."""
+
+    n_out: int
+    n_in: int
+    kernel: int
+    is_conv: bool
+
+
+class ConstancyEnv:
+    """What a rule's ``constancy`` can ask about the values flowing into a node (see compaction)."""
+
+    def const(self, arg: Any) -> Const | None:
+        raise NotImplementedError
+
+    def value(self, arg: Any) -> Any:
+        raise NotImplementedError
+
+    def first(self, arg: Any, axis: int) -> torch.Tensor | None:
+        """The value of each slice along ``axis`` of a constant tensor (its first element)."""
+        raise NotImplementedError
+
+    def flags(self, arg: Any, axis: int) -> torch.Tensor | None:
+        """Per-slice constancy of ``arg`` along ``axis``: its own if known along that axis, else all
+        False (a layer with an empty filter still writes a constant); None when ``arg`` is no tensor."""
+        v = self.value(arg)
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return None
+        axis %= v.dim()
+        c = self.const(arg)
+        if c is not None and c.axis == axis:
+            return c.flags
+        return torch.zeros(v.shape[axis], dtype=torch.bool)
+
+
+def _overrides_compute(cls: type, base: type) -> bool:
+    """True when a class between ``cls`` and ``base`` defines its own forward (or conv forward)."""
+    for c in cls.__mro__:
+        if c is base:
+            return False
+        if any(name in vars(c) for name in ("forward", "_conv_forward")):
+            return True
+    return False
+
+
+class Registry:
+    """Rules by module type, function and method name; ``extend`` overlays user rules."""
+
+    def __init__(self) -> None:
+        self.modules: dict[type, Rule] = {}
+        self.functions: dict[Any, Rule] = {}
+        self.function_names: dict[str, Rule] = {}
+        self.methods: dict[str, Rule] = {}
+        self.user_modules: dict[str, Rule] = {}   # user rules by type name or qualified name
+
+    def copy(self) -> "Registry":
+        r = Registry()
+        r.modules, r.functions = dict(self.modules), dict(self.functions)
+        r.function_names, r.methods = dict(self.function_names), dict(self.methods)
+        r.user_modules = dict(self.user_modules)
+        return r
+
+    def module(self, types: type | Iterable[type], rule: Rule) -> Rule:
+        for t in (types,) if isinstance(types, type) else types:
+            self.modules[t] = rule
+        return rule
+
+    def function(self, fns: Iterable[Any], rule: Rule) -> Rule:
+        for f in fns:
+            if isinstance(f, str):
+                self.function_names[f] = rule
+            else:
+                self.functions[f] = rule
+        return rule
+
+    def method(self, names: Iterable[str], rule: Rule) -> Rule:
+        for n in names:
+            self.methods[n] = rule
+        return rule
+
+    def rule_for_module(self, m: nn.Module) -> Rule | None:
+        t = getattr(type(m), "_leaf_type", type(m))  # a masked leaf is ruled as the leaf it masks
+        for key in (t.__name__, f"{t.__module__}.{t.__qualname__}"):
+            if key in self.user_modules:
+                return self.user_modules[key]
+        if t in self.modules:
+            return self.modules[t]
+        for base in t.__mro__[1:]:
+            if base in self.modules and not _overrides_compute(t, base):
+                return self.modules[base]
+        return None
+
+    def rule_for_function(self, fn: Any) -> Rule | None:
+        try:
+            if fn in self.functions:
+                return self.functions[fn]
+        except TypeError:  # unhashable target
+            return None
+        name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', getattr(fn, '__name__', ''))}"
+        return self.function_names.get(name)
+
+    def rule_for_method(self, name: str) -> Rule | None:
+        return self.methods.get(name)
+
+    def rule_for(self, node: fx.Node, modules: Mapping[str, nn.Module]) -> Rule | None:
+        if node.op == "call_module":
+            return self.rule_for_module(modules[node.target])
+        if node.op == "call_function":
+            return self.rule_for_function(node.target)
+        if node.op == "call_method":
+            return self.rule_for_method(node.target)
+        return None
+
+    def known_base(self, t: type) -> type | None:
+        """The registered layer type that ``t`` subclasses (with its own forward), if any."""
+        for base in t.__mro__[1:]:
+            if base in self.modules and isinstance(self.modules[base], LayerRule):
+                return base
+        return None

@@ -1,0 +1,111 @@
+"""Plain chains: conv -> activation -> conv, BatchNorm (module and functional), unknown ops."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsify.passes.channel_graph import classifier_node
+from sparsify.passes.rules import Role
+from sparsify.passes.trace import trace
+
+from .helpers import build, group, through_every_pass
+
+
+class Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 6, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(F.relu(self.c1(x)))
+
+
+def test_plain_chain_couples_producer_with_consumer_through_activation():
+    cg = build(Chain())
+    g = group(cg, "c1")
+    assert g.size == 8 and not g.frozen
+    assert {(m.role, m.target) for m in g.members} == {(Role.OUT, "c1"), (Role.IN, "c2")}
+    assert group(cg, "relu") is g
+    # input and output are frozen
+    assert group(cg, "x").frozen and "model input" in group(cg, "x").reasons
+    assert group(cg, "c2").frozen and "model output" in group(cg, "c2").reasons
+    through_every_pass(Chain(), (1, 3, 8, 8))
+
+
+class WithBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c2(self.bn(self.c1(x)))
+
+
+def test_batchnorm_module_shares_the_group():
+    g = group(build(WithBN()), "c1")
+    assert {m.role for m in g.members} == {Role.OUT, Role.CHANNELWISE, Role.IN}
+    assert g.roles(Role.CHANNELWISE)[0].target == "bn"
+    dm, compacted, _ = through_every_pass(WithBN(), (1, 3, 8, 8))
+    assert dm.model.bn.num_features == dm.model.c1.out_channels == 4
+
+
+class FunctionalBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+        self.w, self.b = nn.Parameter(torch.ones(8)), nn.Parameter(torch.zeros(8))
+        self.register_buffer("rm", torch.zeros(8))
+        self.register_buffer("rv", torch.ones(8))
+
+    def forward(self, x):
+        y = F.batch_norm(self.c1(x), self.rm, self.rv, self.w, self.b, False)
+        return self.c2(y)
+
+
+def test_functional_batch_norm_ties_its_get_attr_parameters():
+    cg = build(FunctionalBN())
+    g = group(cg, "c1")
+    assert not g.frozen
+    assert {m.target for m in g.roles(Role.PARAM)} == {"rm", "rv", "w", "b"}
+    assert cg.group_of("w", 0) is g
+    dm, _, _ = through_every_pass(FunctionalBN(), (1, 3, 8, 8))
+    assert dm.model.w.shape == (4,) and dm.model.rm.shape == (4,)
+
+
+class Unknown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = torch.roll(y, 1, dims=1)  # mixes channels: no rule knows it
+        return self.out(self.b(y))
+
+
+def test_unknown_op_freezes_the_channels_that_reach_it():
+    cg = build(Unknown())
+    ga = group(cg, "a")
+    assert ga.frozen and any("unknown op" in r for r in ga.reasons)
+    assert group(cg, "roll").frozen
+    assert not group(cg, "b").frozen  # after the conv the channels are new
+    through_every_pass(Unknown(), (1, 3, 8, 8))
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 5, 3)
+        self.fc = nn.Linear(5 * 6 * 6, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.c(x), 1))
+
+
+def test_classifier_is_the_last_weight_layer():
+    gm = trace(FlattenLinear())
+    assert classifier_node(gm).target == "fc"

@@ -1,0 +1,238 @@
+"""Issue 9, item 1: code that runs differently in training must not be frozen into the graph.
+
+Each model below behaves differently under ``train()`` and ``eval()``; after any transform,
+training must see the training behaviour and ``eval()`` / export the eval behaviour (deterministic,
+no random op in the ONNX file), and a run directory must rebuild the same two-mode model.
+"""
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsify
+from sparsify.passes.channel_graph import ChannelGraph
+from sparsify.passes.depth_multiplier import DepthMultiplierPass
+from sparsify.passes.sparsity import SparseRandomPass
+from sparsify.passes.trace import ModeGraphModule, graphs, mode_differences, trace
+from sparsify.runtime.export import export_model
+
+torch.fx.wrap("stochastic_depth")
+
+
+def stochastic_depth(x: torch.Tensor, p: float, mode: str, training: bool) -> torch.Tensor:
+    """torchvision.ops.stochastic_depth's contract (fx-wrapped there too, so it is one node)."""
+    if not training or p == 0.0:
+        return x
+    keep = 1.0 - p
+    noise = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype).bernoulli_(keep)
+    return x * noise.div_(keep)
+
+
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"  # the rule matches it by name
+
+
+class Base(nn.Module):
+    def __init__(self, in_ch: int = 3):
+        super().__init__()
+        self.c1 = nn.Conv2d(in_ch, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def head(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+class FunctionalDropout(Base):
+    def forward(self, x):
+        x = F.relu(self.bn1(self.c1(x)))
+        x = F.dropout(x, p=0.3, training=self.training)
+        x = F.dropout2d(F.relu(self.c2(x)), 0.2, self.training)
+        return self.fc(F.alpha_dropout(x.mean((2, 3)), p=0.1, training=self.training))
+
+
+class TorchDropout(Base):
+    def forward(self, x):
+        x = torch.dropout(F.relu(self.bn1(self.c1(x))), 0.3, self.training)
+        x = torch.nn.functional.dropout(F.relu(self.c2(x)), p=0.5, training=self.training)
+        return self.head(x)
+
+
+class TrainingBranch(Base):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout2d(0.2)
+
+    def forward(self, x):
+        x = self.drop(F.relu(self.bn1(self.c1(x))))
+        x = F.relu(self.c2(x))
+        if self.training:
+            x = x + 0.1 * torch.randn_like(x)
+        return self.head(x)
+
+
+class InlineStochasticDepth(Base):
+    """torchvision's stochastic depth written inline: nothing at all in eval mode."""
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.c1(x)))
+        y = F.relu(self.c2(x))
+        if self.training:
+            keep = torch.empty_like(y[:, :1, :1, :1]).bernoulli_(0.8)
+            y = y * keep.div_(0.8)
+        return self.head(x + y)
+
+
+class WrappedStochasticDepth(Base):
+    def forward(self, x):
+        x = F.relu(self.bn1(self.c1(x)))
+        return self.head(x + stochastic_depth(F.relu(self.c2(x)), 0.2, "row", self.training))
+
+
+class AuxOutputs(Base):
+    """GoogLeNet-style: an auxiliary head used only in training changes the output structure."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Sequential(nn.Conv2d(16, 8, 1), nn.ReLU())
+        self.aux_fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.c1(x)))
+        aux = self.aux_fc(self.aux(x).mean((2, 3))) if self.training else None
+        x = self.head(F.relu(self.c2(x)))
+        if self.training:
+            return x, aux
+        return x
+
+
+MODELS = [FunctionalDropout, TorchDropout, TrainingBranch, InlineStochasticDepth, WrappedStochasticDepth,
+          AuxOutputs]
+
+
+def _calibrated(cls):
+    torch.manual_seed(0)
+    m = cls()
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(8, 3, 16, 16))
+    return m
+
+
+def _first(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_trace_keeps_one_graph_per_mode(cls):
+    model = _calibrated(cls)
+    gm = trace(model)
+    assert isinstance(gm, ModeGraphModule) and len(graphs(gm)) == 2
+    assert "runs differently in training" in mode_differences(gm)
+    x = torch.randn(4, 3, 16, 16)
+    gm.eval()
+    model.eval()
+    with torch.no_grad():
+        a, b = gm(x), gm(x)
+        assert torch.equal(a, b), "eval outputs must be deterministic"
+        torch.testing.assert_close(a, model(x))
+    gm.train()
+    torch.manual_seed(1)
+    y1 = gm(x)
+    torch.manual_seed(2)
+    y2 = gm(x)
+    if cls is not AuxOutputs:  # the others draw random numbers in training
+        assert not torch.equal(_first(y1), _first(y2)), "training must keep its randomness"
+    assert type(y1) is type(model.train()(x))
+
+
+def test_a_model_without_mode_dependent_code_keeps_one_graph():
+    gm = trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.ReLU()))
+    assert not isinstance(gm, ModeGraphModule) and mode_differences(gm) is None
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_sparse_transform_keeps_both_modes_and_equals_the_original_at_density_1(cls):
+    model = _calibrated(cls).eval()
+    x = torch.randn(2, 3, 16, 16)
+    res = SparseRandomPass(1.0, include_linear=True, rescale_init=False)(trace(model), x)
+    m = res.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), model(x))
+    m.train()
+    assert type(m(x)) is type(model.train()(x))
+
+
+def test_passes_replace_modules_in_both_graphs_and_resize_train_only_layers():
+    model = _calibrated(AuxOutputs)
+    gm = trace(model)
+    x = torch.randn(2, 3, 16, 16)
+    cg = ChannelGraph.build(gm, x)
+    aux_group = cg.group_of("train/aux_0")
+    assert aux_group is not None and not aux_group.frozen
+    res = SparseRandomPass(0.5, include_linear=True)(gm, x)
+    assert type(res.model.get_submodule("aux.0")).__name__ == "SparseConv2d"  # train-only layers are masked too
+    dm = DepthMultiplierPass(0.5)(gm, x).model
+    assert dm.get_submodule("aux.0").out_channels == 4 and dm.aux_fc.in_features == 4
+    assert dm.c1.out_channels == 8 and dm.get_submodule("aux.0").in_channels == 8
+    dm.train()
+    logits, aux = dm(x)
+    assert logits.shape == aux.shape == (2, 10)
+
+
+@pytest.mark.parametrize("cls", [FunctionalDropout, TrainingBranch, WrappedStochasticDepth, AuxOutputs])
+def test_export_has_the_eval_behaviour_and_no_random_op(cls, tmp_path):
+    model = _calibrated(cls).eval()
+    x = torch.randn(2, 3, 16, 16)
+    res = SparseRandomPass(0.3, include_linear=True)(trace(model), x)
+    rep = export_model(res.model, (1, 3, 16, 16), tmp_path / "m.onnx")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert not ops & {"RandomUniformLike", "RandomNormalLike", "RandomUniform", "RandomNormal", "Bernoulli",
+                      "Dropout"}
+    assert rep.errors["function-body"] <= 1e-4 * 10 and len(rep.output_names) == 1
+
+
+FILE = '''
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+INPUT_SHAPE = (1, 3, 16, 16)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        if self.training:
+            x = x + 0.1 * torch.randn_like(x)
+        x = F.dropout(F.relu(self.c2(x)).mean((2, 3)), 0.5, training=self.training)
+        return self.fc(x)
+'''
+
+
+def test_run_directory_rebuilds_both_modes_and_notes_them(tmp_path):
+    src = tmp_path / "net.py"
+    src.write_text(FILE)
+    path, res = sparsify.transform_to_dir(str(src), "sparse-random", density=0.2, out=tmp_path / "run")
+    assert any("runs differently in training" in n for n in res.summary["notes"])
+    run = sparsify.load(path)
+    assert isinstance(run.model, ModeGraphModule)
+    x = torch.randn(3, 3, 16, 16)
+    m = run.model.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), m(x)) and torch.equal(m(x), res.model.eval()(x))
+    rep = sparsify.export(path, tmp_path / "m.onnx")
+    assert rep.errors["function-body"] <= 1e-4
+    metrics = sparsify.train(path, data="synthetic", epochs=1)
+    assert "test_acc" in metrics
