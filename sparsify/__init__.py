@@ -32,11 +32,11 @@ def transform_to_dir(*args: Any, **kwargs: Any) -> Any:
     return f(*args, **kwargs)
 
 
-def load(path: Any) -> Any:
+def load(path: Any, rules: Any = None) -> Any:
     """Load a run directory (graph rebuilt from its recipe, tensors loaded): see ``sparsify.api.load``."""
     from .api import load as f
 
-    return f(path)
+    return f(path, rules)
 
 
 def inspect(*args: Any, **kwargs: Any) -> Any:

@@ -4,19 +4,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import ModelLoadError, UsageError
+from .errors import ModelLoadError, RunDirError, UsageError
 from .models import LoadedModel, load_model
 from .passes.base import PassResult
 from .passes.depth_multiplier import DepthMultiplierPass
+from .passes.rules import Registry, Rule, with_user_rules
 from .passes.sparsity import PSNPass, SparseRandomPass, eligible_layers
-from .passes.trace import propagate_shapes, trace
-from .report import layer_report, with_ratios
+from .passes.trace import mode_differences, propagate_shapes, trace
+from .report import input_shapes, layer_report, with_ratios
 from .rundir import MODEL_SOURCE, Recipe, Run, is_run_dir, load_run, save_run
 
 METHODS = ("sparse-random", "psn", "depth-multiplier", "none")
@@ -58,43 +59,63 @@ def _params_for(method: str, density: float | None, alpha: float | None, profile
     return params
 
 
-def _resolve_auto(gm: fx.GraphModule, params: dict[str, Any]) -> dict[str, Any]:
+def _resolve_auto(gm: fx.GraphModule, params: dict[str, Any], rules: Registry | None = None) -> dict[str, Any]:
     """sparse-random keeps linears dense as in the paper, unless the model has no conv to sparsify."""
     if params.get("include_linear", False) is None:
-        convs, _ = eligible_layers(gm, include_linear=False, include_classifier=params["include_classifier"])
+        convs, _ = eligible_layers(gm, include_linear=False, include_classifier=params["include_classifier"],
+                                   rules=rules)
         params = {**params, "include_linear": not convs}
     return params
 
 
-def _make_pass(method: str, params: dict[str, Any], seed: int):
+def _make_pass(method: str, params: dict[str, Any], seed: int, rules: Registry | None = None):
     if method == "sparse-random":
         return SparseRandomPass(params["density"], seed=seed, allocation=params["allocation"],
                                 include_linear=params["include_linear"],
                                 include_classifier=params["include_classifier"],
-                                rescale_init=params.get("rescale_init", True))
+                                rescale_init=params.get("rescale_init", True), rules=rules)
     if method == "psn":
         return PSNPass(params["density"], profile=params["profile"], profile_params=params["profile_params"],
                        seed=seed, allocation=params["allocation"], include_linear=params["include_linear"],
                        include_classifier=params["include_classifier"],
-                       rescale_init=params.get("rescale_init", True))
+                       rescale_init=params.get("rescale_init", True), rules=rules)
     if method == "depth-multiplier":
-        return DepthMultiplierPass(params["alpha"], seed=seed)
+        return DepthMultiplierPass(params["alpha"], seed=seed, rules=rules)
     return None
 
 
-def _input_shape(loaded: LoadedModel, given: Sequence[int] | None) -> tuple[int, ...]:
-    shape = tuple(given) if given else loaded.input_shape
-    if not shape:
+def _input_shapes(loaded: LoadedModel, given: Any) -> list[tuple[int, ...]]:
+    """One shape per model input: ``given`` (a shape, or a list of shapes) or the model's own."""
+    source = given if given else loaded.input_shape
+    if not source:
         raise UsageError(
-            f"no input shape for {loaded.spec}: pass --input-shape N,C,H,W, or define INPUT_SHAPE "
-            "or example_input() in the model file"
+            f"no input shape for {loaded.spec}: pass --input-shape N,C,H,W (\"S1;S2\" for several inputs), "
+            "or define INPUT_SHAPE, INPUT_SHAPES or example_input() in the model file"
         )
-    return tuple(int(d) for d in shape)
+    return input_shapes(source)
+
+
+def _example(shapes: list[tuple[int, ...]], seed: int) -> Any:
+    """Random example inputs (one tensor, or a tuple for several inputs) from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = tuple(torch.randn(*s, generator=gen) for s in shapes)
+    return xs[0] if len(xs) == 1 else xs
+
+
+def _rules(rules: Any) -> tuple[Registry | None, dict[str, str]]:
+    """The registry for ``rules`` and what the recipe records of them (names; "custom:" for objects)."""
+    if not rules:
+        return None, {}
+    record = {}
+    for key, value in rules.items():
+        name = key if isinstance(key, str) else key.__name__
+        record[name] = value if isinstance(value, str) else f"custom:{type(value).__module__}.{type(value).__qualname__}"
+    return with_user_rules(rules), record
 
 
 def _apply(gm: fx.GraphModule, method: str, params: dict[str, Any], seed: int,
-           example: torch.Tensor) -> PassResult:
-    p = _make_pass(method, params, seed)
+           example: Any, rules: Registry | None = None) -> PassResult:
+    p = _make_pass(method, params, seed, rules)
     if p is None:
         propagate_shapes(gm, example)
         return PassResult(gm)
@@ -105,28 +126,37 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
               alpha: float | None = None, profile: str | None = None,
               profile_params: dict[str, float] | None = None, allocation: str = "uniform",
               include_linear: bool | None = None, include_classifier: bool = False, seed: int = 0,
-              input_shape: Sequence[int] | None = None, model_args: dict[str, Any] | None = None,
-              leaf_modules: Sequence[str] = (), rescale_init: bool = True) -> TransformResult:
+              input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
+              model_args: dict[str, Any] | None = None, leaf_modules: Sequence[str] = (),
+              rescale_init: bool = True, rules: Mapping[Any, str | Rule] | None = None) -> TransformResult:
     """Load ``model``, trace it, apply ``method``, and report what changed.
 
     ``model`` is ``"zoo:NAME"``, ``"file.py"``, ``"file.py:NAME"`` or an nn.Module (not replayable
-    from a run directory). Raises a SparsifyError with a one-line message on bad input.
+    from a run directory). ``input_shape`` is one shape, or one per input of a model with several
+    inputs. ``rules`` maps the user's (leaf) module types or type names to a rule name (``"conv"``,
+    ``"linear"``, ``"elementwise"``, ``"frozen"``) or a ``sparsify.passes.rules.Rule``. A model that
+    runs differently in training (dropout flags, ``if self.training``, auxiliary outputs) keeps one
+    graph per mode, and a note says so. Raises a SparsifyError with a one-line message on bad input.
     """
     params = _params_for(method, density, alpha, profile, profile_params, allocation, include_linear,
                          include_classifier, rescale_init)
+    registry, rule_record = _rules(rules)
     loaded = load_model(model, model_args, seed)
-    shape = _input_shape(loaded, input_shape)
-    example = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-    dense = trace(loaded.module, leaf_modules)
+    shapes = _input_shapes(loaded, input_shape)
+    example = _example(shapes, seed)
+    dense = trace(loaded.module, leaf_modules, registry)
     propagate_shapes(dense, example)
-    original = layer_report(dense, shape)
-    params = _resolve_auto(dense, params)
-    result = _apply(dense, method, params, seed, example)
-    report = with_ratios(layer_report(result.model, shape), original)
-    report.update(method=method, params=params, seed=seed, notes=result.notes, pass_layers=result.layers)
-    recipe = Recipe(model=loaded.spec, input_shape=list(shape), method=method, params=params, seed=seed,
+    original = layer_report(dense, shapes, registry)
+    params = _resolve_auto(dense, params, registry)
+    result = _apply(dense, method, params, seed, example, registry)
+    report = with_ratios(layer_report(result.model, shapes, registry), original)
+    differs = mode_differences(result.model)
+    notes = ([differs] if differs else []) + result.notes
+    report.update(method=method, params=params, seed=seed, notes=notes, pass_layers=result.layers)
+    recipe = Recipe(model=loaded.spec, input_shape=list(shapes[0]), method=method, params=params, seed=seed,
                     model_args=dict(model_args or {}), leaf_modules=list(leaf_modules),
-                    num_classes=loaded.num_classes, source_sha256=loaded.source_sha256)
+                    num_classes=loaded.num_classes, source_sha256=loaded.source_sha256,
+                    input_shapes=[list(s) for s in shapes] if len(shapes) > 1 else None, rules=rule_record)
     return TransformResult(result.model, recipe, report, loaded.source_file)
 
 
@@ -150,8 +180,23 @@ def transform_to_dir(model: str, method: str = "sparse-random", *, out: str | Pa
     return path, result
 
 
-def build_from_recipe(recipe: Recipe, run_dir: str | Path | None = None) -> fx.GraphModule:
-    """Rebuild the graph a recipe describes (weights as initialised; load tensors on top)."""
+def build_from_recipe(recipe: Recipe, run_dir: str | Path | None = None,
+                      rules: Mapping[Any, str | Rule] | None = None) -> fx.GraphModule:
+    """Rebuild the graph a recipe describes (weights as initialised; load tensors on top).
+
+    ``rules``: the Rule objects of a run transformed with custom rules (named rules replay by themselves).
+    """
+    given = dict(rules or {})
+    replay: dict[Any, Any] = {}
+    for key, value in (recipe.rules or {}).items():
+        if not value.startswith("custom:"):
+            replay[key] = value
+            continue
+        match = [v for k, v in given.items() if (k if isinstance(k, str) else k.__name__) == key]
+        if not match:
+            raise RunDirError(f"the run was transformed with a custom rule for {key} ({value[7:]}); "
+                              f"pass the same rules to sparsify.load(run, rules={{...}})")
+        replay[key] = match[0]
     spec = recipe.model
     if not spec.startswith("zoo:") and run_dir is not None:
         file, _, name = spec.rpartition(":")
@@ -160,9 +205,9 @@ def build_from_recipe(recipe: Recipe, run_dir: str | Path | None = None) -> fx.G
         if copy_.is_file() and (not original.is_file() or _sha(original) != recipe.source_sha256):
             spec = f"{copy_}:{name}"  # the file moved or changed since: use the run's own copy
     try:
-        result = transform(spec, recipe.method, seed=recipe.seed, input_shape=recipe.input_shape,
+        result = transform(spec, recipe.method, seed=recipe.seed, input_shape=recipe.shapes,
                            model_args=recipe.model_args, leaf_modules=recipe.leaf_modules,
-                           **_kwargs_of(recipe))
+                           rules=replay or None, **_kwargs_of(recipe))
     except ModelLoadError as e:
         raise ModelLoadError(f"cannot rebuild the run's model: {e}") from None
     return result.model
@@ -181,21 +226,24 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def load(path: str | Path) -> Run:
-    """Load a run directory: rebuild its graph from the recipe and load its tensors."""
-    return load_run(path)
+def load(path: str | Path, rules: Mapping[Any, str | Rule] | None = None) -> Run:
+    """Load a run directory: rebuild its graph from the recipe and load its tensors.
+
+    ``rules``: only for a run transformed with custom Rule objects (pass the same ones)."""
+    return load_run(path, rules)
 
 
-def inspect(target: str | Path | nn.Module, *, input_shape: Sequence[int] | None = None,
-            model_args: dict[str, Any] | None = None, leaf_modules: Sequence[str] = ()) -> dict[str, Any]:
+def inspect(target: str | Path | nn.Module, *, input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
+            model_args: dict[str, Any] | None = None, leaf_modules: Sequence[str] = (),
+            rules: Mapping[Any, str | Rule] | None = None) -> dict[str, Any]:
     """The per-layer report of a run directory, a model (file/zoo/module), or an .onnx file."""
     if isinstance(target, (str, Path)) and str(target).endswith(".onnx"):
         from .runtime.onnx_inspect import inspect_onnx
 
         return inspect_onnx(target)
     if isinstance(target, (str, Path)) and is_run_dir(target):
-        run = load_run(target)
-        report = layer_report(run.model, input_shape or run.recipe.input_shape)
+        run = load_run(target, rules)
+        report = layer_report(run.model, input_shape or run.recipe.shapes, _rules(rules)[0])
         original = run.summary.get("original_totals")
         if original:
             report = with_ratios(report, {"totals": original})
@@ -204,7 +252,8 @@ def inspect(target: str | Path | nn.Module, *, input_shape: Sequence[int] | None
         return report
     if isinstance(target, Path) or (isinstance(target, str) and Path(target).is_dir()):
         raise UsageError(f"{target} is not a run directory, a model file, zoo:NAME or an .onnx file")
-    result = transform(target, "none", input_shape=input_shape, model_args=model_args, leaf_modules=leaf_modules)
+    result = transform(target, "none", input_shape=input_shape, model_args=model_args, leaf_modules=leaf_modules,
+                       rules=rules)
     report = result.summary
     report["model"] = result.recipe.model
     return report

@@ -2,7 +2,8 @@
 
 A model file provides the model by a ``build_model()`` function, or a single ``nn.Module``
 subclass with a no-argument constructor, or the factory named after the colon. It may give its
-example input by ``INPUT_SHAPE`` (a tuple) or ``example_input()`` (a tensor).
+example input by ``INPUT_SHAPE`` (a tuple), ``INPUT_SHAPES`` (one tuple per input of a model with
+several inputs) or ``example_input()`` (a tensor, or a tuple of tensors).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class LoadedModel:
     module: nn.Module
     spec: str                         # normalised: "zoo:NAME" or "/abs/file.py:FACTORY"
     name: str                         # short name for default output directories
-    input_shape: tuple[int, ...] | None
+    input_shape: tuple[int, ...] | list[tuple[int, ...]] | None   # a list for several inputs
     num_classes: int | None
     source_file: Path | None          # the user's file (None for zoo models)
     source_sha256: str | None
@@ -110,7 +111,16 @@ def _find_factory(module: Any, path: Path, name: str | None) -> tuple[str, Calla
     return candidates[0], getattr(module, candidates[0])
 
 
-def _file_input_shape(module: Any, path: Path) -> tuple[int, ...] | None:
+def _file_input_shape(module: Any, path: Path) -> tuple[int, ...] | list[tuple[int, ...]] | None:
+    if hasattr(module, "INPUT_SHAPES"):
+        try:
+            shapes = [tuple(int(d) for d in s) for s in module.INPUT_SHAPES]
+        except (TypeError, ValueError):
+            shapes = []
+        if not shapes or any(not s for s in shapes):
+            raise ModelLoadError(f"{path}: INPUT_SHAPES must be a list of int tuples, one per model input, "
+                                 "such as [(1, 3, 32, 32), (1, 3, 32, 32)]")
+        return shapes if len(shapes) > 1 else shapes[0]
     if hasattr(module, "INPUT_SHAPE"):
         try:
             return tuple(int(d) for d in module.INPUT_SHAPE)
@@ -122,8 +132,10 @@ def _file_input_shape(module: Any, path: Path) -> tuple[int, ...] | None:
             x = fn()
         except Exception as e:
             raise ModelLoadError(f"{path}: example_input() raised {_where(e, path)}") from None
+        if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
+            return [tuple(t.shape) for t in x] if len(x) > 1 else tuple(x[0].shape)
         if not isinstance(x, torch.Tensor):
-            raise ModelLoadError(f"{path}: example_input() must return a tensor")
+            raise ModelLoadError(f"{path}: example_input() must return a tensor or a tuple of tensors")
         return tuple(x.shape)
     return None
 

@@ -54,7 +54,7 @@ class Recipe:
     """Everything needed to rebuild a run's graph, bit for bit."""
 
     model: str                      # "zoo:NAME" or "/abs/path/file.py[:NAME]"
-    input_shape: list[int]
+    input_shape: list[int]          # the (first) input's shape
     method: str                     # "none" | "depth-multiplier" | "sparse-random" | "psn"
     params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -62,11 +62,22 @@ class Recipe:
     leaf_modules: list[str] = field(default_factory=list)
     num_classes: int | None = None
     source_sha256: str | None = None
+    input_shapes: list[list[int]] | None = None   # one shape per input, for models with several inputs
+    rules: dict[str, str] = field(default_factory=dict)  # user rules: module type -> rule name
     versions: dict[str, str] = field(default_factory=versions)
     format: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for optional in ("input_shapes", "rules"):  # absent when unused: older readers see the same recipe
+            if not data[optional]:
+                del data[optional]
+        return data
+
+    @property
+    def shapes(self) -> list[list[int]]:
+        """One shape per model input."""
+        return [list(s) for s in self.input_shapes] if self.input_shapes else [list(self.input_shape)]
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Recipe":
@@ -145,13 +156,14 @@ def load_weights(model: nn.Module, file: str | Path) -> None:
         )
 
 
-def load_run(path: str | Path) -> Run:
-    """Rebuild a run's graph from its recipe and load its tensors."""
+def load_run(path: str | Path, rules: Any = None) -> Run:
+    """Rebuild a run's graph from its recipe and load its tensors (``rules``: the custom rule objects
+    the run was transformed with, if any)."""
     from .api import build_from_recipe
 
     p = Path(path)
     recipe = read_recipe(p)
-    model = build_from_recipe(recipe, run_dir=p)
+    model = build_from_recipe(recipe, run_dir=p, rules=rules)
     load_weights(model, p / WEIGHTS)
     summary = json.loads((p / SUMMARY).read_text()) if (p / SUMMARY).is_file() else {}
     return Run(path=p, recipe=recipe, model=model, summary=summary)

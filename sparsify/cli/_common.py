@@ -47,15 +47,21 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def parse_shape(text: str | None) -> tuple[int, ...] | None:
-    """Parse ``1,3,32,32`` into a tuple of positive ints (None stays None)."""
+def parse_shape(text: str | None) -> tuple[int, ...] | list[tuple[int, ...]] | None:
+    """Parse ``1,3,32,32`` into a tuple of positive ints, or ``1,3,32,32;1,3,16,16`` (one shape per
+    model input) into a list of them (None stays None)."""
     if text is None:
         return None
-    sep = "," if "," in text else "x"
-    try:
-        dims = tuple(int(t) for t in text.split(sep))
-    except ValueError:
-        dims = ()
-    if not dims or any(d <= 0 for d in dims):
-        raise UsageError(f"--input-shape {text!r} is not a list of positive integers; write e.g. 1,3,32,32")
-    return dims
+    parts = [p.strip() for p in text.split(";")]
+    shapes = []
+    for part in parts:
+        sep = "," if "," in part else "x"
+        try:
+            dims = tuple(int(t) for t in part.split(sep))
+        except ValueError:
+            dims = ()
+        if not dims or any(d <= 0 for d in dims):
+            raise UsageError(f"--input-shape {text!r} is not a list of positive integers; write e.g. 1,3,32,32, "
+                             "or \"1,3,32,32;1,3,32,32\" for a model with two inputs")
+        shapes.append(dims)
+    return shapes[0] if len(shapes) == 1 else shapes

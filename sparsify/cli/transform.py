@@ -37,6 +37,19 @@ def _kv_args(items: Optional[List[str]]) -> dict[str, float]:
     return params
 
 
+def _rule_args(items: Optional[List[str]]) -> dict[str, str] | None:
+    from ..passes.rules import rule_names
+
+    rules = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or value.strip() not in rule_names():
+            raise UsageError(f"--rule {item!r} is not TYPE=RULE with RULE one of {', '.join(rule_names())}; "
+                             "write e.g. --rule SameConv=conv")
+        rules[key.strip()] = value.strip()
+    return rules or None
+
+
 def _fmt(n: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
@@ -92,9 +105,12 @@ def transform(
     rescale_init: bool = typer.Option(True, help="Scale each unit's initial weights to its live fan-in "
                                       "(Kaiming for the connections it really has); --no-rescale-init keeps the dense init"),
     seed: int = typer.Option(0, help="Seed of the initial weights and of the masks"),
-    input_shape: Optional[str] = typer.Option(None, help="Example input shape, e.g. 1,3,32,32 (default: from the model file or zoo)"),
+    input_shape: Optional[str] = typer.Option(None, help="Example input shape, e.g. 1,3,32,32; \"S1;S2\" for a model "
+                                              "with several inputs (default: from the model file or zoo)"),
     model_args: Optional[str] = typer.Option(None, help="JSON keyword arguments for the model factory"),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module type to keep opaque when tracing, repeatable"),
+    rule: Optional[List[str]] = typer.Option(None, "--rule", help="TYPE=RULE: how a leaf module type treats "
+                                             "channels (conv, linear, elementwise, frozen), repeatable"),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<model>-<method>-<param>)"),
     force: bool = typer.Option(False, help="Replace an existing non-empty output directory"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
@@ -107,7 +123,7 @@ def transform(
         profile_params=_kv_args(profile_param), allocation=allocation, include_linear=include_linear,
         include_classifier=include_classifier, rescale_init=rescale_init, seed=seed,
         input_shape=parse_shape(input_shape),
-        model_args=_json_arg(model_args, "--model-args"), leaf_modules=leaf or [],
+        model_args=_json_arg(model_args, "--model-args"), leaf_modules=leaf or [], rules=_rule_args(rule),
     )
     if as_json:
         out.print_json(json.dumps({"run_dir": str(path), **result.summary}))
@@ -126,13 +142,15 @@ def inspect(
     input_shape: Optional[str] = typer.Option(None, help="Input shape for a model file without one, e.g. 1,3,32,32"),
     model_args: Optional[str] = typer.Option(None, help="JSON keyword arguments for the model factory"),
     leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module type to keep opaque when tracing"),
+    rule: Optional[List[str]] = typer.Option(None, "--rule", help="TYPE=RULE for a leaf module type, repeatable"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
 ) -> None:
     """Per-layer report: live parameters and MACs, density, fan-in, empty channels, totals vs dense."""
     from ..api import inspect as inspect_api
 
     report = inspect_api(target, input_shape=parse_shape(input_shape),
-                         model_args=_json_arg(model_args, "--model-args"), leaf_modules=leaf or [])
+                         model_args=_json_arg(model_args, "--model-args"), leaf_modules=leaf or [],
+                         rules=_rule_args(rule))
     if as_json:
         out.print_json(json.dumps(report, default=str))
         return

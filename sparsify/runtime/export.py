@@ -48,7 +48,7 @@ class ExportReport:
 
     out: str
     source: str
-    input_shape: list[int]
+    input_shape: list[int]          # the (first) input's shape
     dense: bool
     compaction: dict[str, Any] | None = None
     folded_bn: list[str] = field(default_factory=list)
@@ -57,6 +57,8 @@ class ExportReport:
     native_available: bool = False
     file_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    input_shapes: list[list[int]] = field(default_factory=list)   # one per ONNX input
+    output_names: list[str] = field(default_factory=list)
 
     @property
     def sparse_layers(self) -> int:
@@ -69,7 +71,8 @@ class ExportReport:
             "compaction": self.compaction, "folded_bn": self.folded_bn,
             "layers": [dict(vars(c), layer=c.layer, weight_shape=list(c.weight_shape)) for c in self.layers],
             "errors": self.errors, "native_available": self.native_available,
-            "file_bytes": self.file_bytes, "notes": self.notes,
+            "file_bytes": self.file_bytes, "notes": self.notes, "input_shapes": self.input_shapes,
+            "output_names": self.output_names,
         }
 
 
@@ -115,23 +118,26 @@ def densify(model: nn.Module) -> nn.Module:
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
-    if isinstance(model, fx.GraphModule):
-        return model
-    from ..passes.trace import trace
+    from ..passes.trace import eval_graph_module, trace
 
-    return trace(model)
+    return eval_graph_module(model if isinstance(model, fx.GraphModule) else trace(model))
 
 
-def _prepare(model: nn.Module, example: torch.Tensor, compact: bool, fold_bn: bool,
-             report: ExportReport, channel_align: int) -> nn.Module:
-    """The module to hand to torch.onnx: compacted, densified, BN folded (a copy; ``model`` is untouched)."""
+def _prepare(model: nn.Module, example: tuple[torch.Tensor, ...], compact: bool, fold_bn: bool,
+             report: ExportReport, channel_align: int, rules: Any = None) -> nn.Module:
+    """The module to hand to torch.onnx: its eval-mode graph, compacted, densified, BN folded (a copy;
+    ``model`` is untouched)."""
+    from ..passes.trace import eval_graph_module
+
     work: nn.Module = copy.deepcopy(model).eval().float()
+    if isinstance(work, fx.GraphModule):
+        work = eval_graph_module(work).eval()
     if compact or fold_bn:
         work = _trace(work)
     if compact:
         from ..passes.compact import compact as compact_pass
 
-        work, creport = compact_pass(work, example, align=channel_align)
+        work, creport = compact_pass(work, example, align=channel_align, rules=rules)
         report.compaction = creport.to_json()
     densify(work)
     if fold_bn and isinstance(work, fx.GraphModule):
@@ -176,17 +182,54 @@ def _explain_failure(module: nn.Module, exc: BaseException) -> str:
             + f": {first[:200]}; replace that operation in the model")
 
 
-def _torch_export(module: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+def _input_names(model: nn.Module, n: int) -> list[str]:
+    """"input" for one input (the name every sparsify file has had); the forward's names for several."""
+    if n == 1:
+        return ["input"]
+    if isinstance(model, fx.GraphModule):
+        names = [p.name for p in model.graph.nodes if p.op == "placeholder"]
+        if len(names) == n:
+            return names
+    return [f"input_{i}" for i in range(n)]
+
+
+def output_names(y: Any) -> list[str] | None:
+    """ONNX output names for a model output: None for one tensor (the exporter's default), else one
+    name per tensor from its place: dict keys ("logits"), tuple positions ("output_1"), joined by "."
+    when nested ("boxes.0")."""
+    import torch.utils._pytree as pytree
+
+    if isinstance(y, torch.Tensor):
+        return None
+    leaves, _ = pytree.tree_flatten_with_path(y)
+    names = []
+    for path, _leaf in leaves:
+        parts = []
+        for k in path:
+            key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+            parts.append(str(key))
+        if isinstance(y, (list, tuple)) and not hasattr(y, "_fields") and parts:
+            parts[0] = f"output_{parts[0]}"
+        names.append(re.sub(r"[^A-Za-z0-9_.]+", "_", ".".join(parts)) or "output")
+    if len(set(names)) != len(names):
+        return [f"output_{i}" for i in range(len(names))]
+    return names
+
+
+def _torch_export(module: nn.Module, example: tuple[torch.Tensor, ...], outputs: list[str] | None = None
+                  ) -> onnx.ModelProto:
     """``torch.onnx.export`` with a dynamic batch dimension; ExportError naming the failing node."""
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     level = logging.getLogger("torch").level
+    kwargs: dict[str, Any] = {"output_names": outputs} if outputs else {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logging.getLogger("torch").setLevel(logging.ERROR)
             program = torch.onnx.export(
-                module, (example,), dynamo=True, opset_version=OPSET, verbose=False, optimize=True,
-                input_names=["input"], dynamic_shapes=({0: batch},), external_data=False,
+                module, tuple(example), dynamo=True, opset_version=OPSET, verbose=False, optimize=True,
+                input_names=_input_names(module, len(example)),
+                dynamic_shapes=tuple({0: batch} for _ in example), external_data=False, **kwargs,
             )
     except Exception as e:
         raise ExportError(_explain_failure(module, e)) from None
@@ -276,47 +319,56 @@ def make_autotuner(native: bool) -> onnx_sparse.Decide:
     return decide
 
 
-def _max_error(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> tuple[float, float]:
-    """(max abs error, max magnitude of the reference) over all outputs."""
-    err = max(float(np.max(np.abs(r - g))) if r.size else 0.0 for r, g in zip(ref, got))
-    scale = max(float(np.max(np.abs(r))) if r.size else 0.0 for r in ref)
-    return err, scale
+def _torch_outputs(model: nn.Module, *xs: torch.Tensor) -> list[np.ndarray]:
+    """The model's output tensors, flattened (dicts, tuples, nested) in the exporter's order."""
+    import torch.utils._pytree as pytree
 
-
-def _torch_outputs(model: nn.Module, x: torch.Tensor) -> list[np.ndarray]:
     with torch.no_grad():
-        y = model(x)
-    flat = y if isinstance(y, (tuple, list)) else [y]
-    return [t.detach().float().numpy() for t in flat]
+        y = model(*xs)
+    return [t.detach().float().numpy() for t in pytree.tree_leaves(y) if isinstance(t, torch.Tensor)]
 
 
-def verify_onnx(model_bytes: bytes, reference, input_shape: Sequence[int], report: ExportReport,
+def verify_onnx(model_bytes: bytes, reference, input_shape: Sequence[Any], report: ExportReport,
                 batches: Sequence[int] = VERIFY_BATCHES, tolerance: float = TOLERANCE, seed: int = 0) -> None:
     """Compare ORT (function body, and native kernel when built) with ``reference`` on random inputs.
 
-    ``reference(x: np.ndarray) -> list[np.ndarray]`` gives the expected outputs. Records the max abs
-    error per path in ``report.errors``; ExportError when one exceeds ``tolerance`` x output scale.
+    ``input_shape`` is one shape or a list of shapes (one per ONNX input, in order);
+    ``reference(*xs: np.ndarray) -> list[np.ndarray]`` gives the expected outputs. Each output is
+    compared on its own: max abs error <= ``tolerance`` x that output's max magnitude (floored at
+    1e-6). Records the worst error per path in ``report.errors``; ExportError naming the output otherwise.
     """
+    from ..report import input_shapes
+
+    shapes = input_shapes(input_shape)
     paths = [("function-body", False)] + ([("native", True)] if report.native_available else [])
     rng = np.random.default_rng(seed)
-    inputs = [rng.standard_normal((b, *input_shape[1:])).astype(np.float32) for b in batches]
-    expected = [reference(x) for x in inputs]
+    inputs = [[rng.standard_normal((b, *s[1:])).astype(np.float32) for s in shapes] for b in batches]
+    expected = [reference(*xs) for xs in inputs]
     for label, native in paths:
         try:
             sess = open_session(model_bytes, native=native)
-            name = sess.get_inputs()[0].name
+            names = [i.name for i in sess.get_inputs()]
+            out_names = [o.name for o in sess.get_outputs()]
+            if len(names) != len(shapes):
+                raise ExportError(f"the ONNX model has {len(names)} inputs but the model takes {len(shapes)}")
             worst = 0.0
-            for x, ref in zip(inputs, expected):
-                got = sess.run(None, {name: x})
+            for xs, ref in zip(inputs, expected):
+                got = sess.run(None, dict(zip(names, xs)))
                 if len(got) != len(ref):
                     raise ExportError(f"the ONNX model has {len(got)} outputs but the reference has {len(ref)}")
-                err, scale = _max_error(ref, got)
-                worst = max(worst, err)
-                if not err <= tolerance * max(scale, 1e-6):
-                    raise ExportError(
-                        f"verification failed: ONNX Runtime ({label}) differs from the reference by {err:.3g} "
-                        f"(output scale {scale:.3g}, batch {x.shape[0]}); the export is wrong, please report it"
-                    )
+                for k, (r, g) in enumerate(zip(ref, got)):
+                    if r.shape != g.shape:
+                        raise ExportError(f"verification failed: output {out_names[k]} has shape {g.shape} in ONNX "
+                                          f"Runtime ({label}) but {r.shape} in PyTorch; please report it")
+                    err = float(np.max(np.abs(r - g))) if r.size else 0.0
+                    scale = float(np.max(np.abs(r))) if r.size else 0.0
+                    worst = max(worst, err)
+                    if not err <= tolerance * max(scale, 1e-6):
+                        raise ExportError(
+                            f"verification failed: ONNX Runtime ({label}) differs from the reference by {err:.3g} "
+                            f"on output {out_names[k]} (output scale {scale:.3g}, batch {xs[0].shape[0]}); "
+                            "the export is wrong, please report it"
+                        )
         except SparsifyError:
             raise
         except Exception as e:
@@ -337,10 +389,14 @@ def _finish(onnx_model: onnx.ModelProto, out: Path, report: ExportReport) -> Exp
     return report
 
 
-def export_model(model: nn.Module, input_shape: Sequence[int], out: str | os.PathLike, *, dense: bool = False,
+def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.PathLike, *, dense: bool = False,
                  compact: bool = True, fold_bn: bool = True, dense_threshold: float | None = None, verify: bool = True,
-                 autotune: bool = False, channel_align: int = CHANNEL_ALIGN) -> ExportReport:
+                 autotune: bool = False, channel_align: int = CHANNEL_ALIGN, rules: Any = None) -> ExportReport:
     """Export ``model`` to ONNX at ``out`` (atomic): SparseConv nodes where they win, verified in ORT.
+
+    ``input_shape`` is one shape, or a list with one shape per model input (one ONNX input each,
+    batch dynamic). Outputs that are tuples, dicts or nested become one named ONNX output per
+    tensor (see ``output_names``). The model's eval-mode behaviour is exported.
 
     Compaction leaves every channel group at a multiple of ``channel_align`` channels (ORT's Conv
     is slower on unaligned counts); 1 removes every dead channel.
@@ -349,18 +405,33 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out: str | os.Pat
     removes dead channels first (exact); each conv goes sparse below its measured per-layer density
     threshold (``onnx_sparse.sparse_threshold``) unless ``dense_threshold`` sets one for all layers;
     ``autotune`` also times dense vs sparse on the layer's shape (needs the native kernel to ever
-    pick sparse). ``model`` is not modified.
+    pick sparse). Masked 1-D convs are written as plain Convs with their masked weights (the
+    SparseConv op is 2-D). ``rules`` (a rule registry) is what compaction knows about the user's
+    leaf modules. ``model`` is not modified.
     """
+    from ..nn import SparseConv1d
+    from ..report import input_shapes
+
     out = check_output_path(out)
-    shape = [int(d) for d in input_shape]
-    if len(shape) < 2 or any(d <= 0 for d in shape):
-        raise ExportError(f"input shape {tuple(shape)} is not a positive N,C,... shape; pass e.g. 1,3,32,32")
-    report = ExportReport(out=str(out), source=type(model).__name__, input_shape=shape, dense=dense,
-                          native_available=native_available())
+    try:
+        shapes = [list(s) for s in input_shapes(input_shape)]
+    except (TypeError, ValueError):
+        shapes = []
+    if not shapes or any(len(s) < 2 or any(d <= 0 for d in s) for s in shapes):
+        raise ExportError(f"input shape {input_shape} is not a positive N,C,... shape; pass e.g. 1,3,32,32")
+    report = ExportReport(out=str(out), source=type(model).__name__, input_shape=shapes[0], dense=dense,
+                          native_available=native_available(), input_shapes=shapes)
     reference = copy.deepcopy(model).eval().float()
-    example = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0))
-    work = _prepare(model, example, compact, fold_bn, report, channel_align)
-    onnx_model = _torch_export(work, example)
+    gen = torch.Generator().manual_seed(0)
+    example = tuple(torch.randn(2, *s[1:], generator=gen) for s in shapes)
+    work = _prepare(model, example, compact, fold_bn, report, channel_align, rules)
+    with torch.no_grad():
+        names = output_names(work(*example))
+    onnx_model = _torch_export(work, example, names)
+    report.output_names = [o.name for o in onnx_model.graph.output]
+    if any(isinstance(m, SparseConv1d) for m in model.modules()):
+        report.notes.append("masked Conv1d layers are written as plain Convs with their masked weights "
+                            "(the SparseConv op and kernel are 2-D)")
     if dense:
         report.layers = onnx_sparse.convert_model(onnx_model, dense_threshold=0.0)[1].choices
         for c in report.layers:
@@ -370,18 +441,23 @@ def export_model(model: nn.Module, input_shape: Sequence[int], out: str | os.Pat
         onnx_model, creport = onnx_sparse.convert_model(onnx_model, dense_threshold, decide)
         report.layers = creport.choices
     if verify:
-        verify_onnx(onnx_model.SerializeToString(), lambda x: _torch_outputs(reference, torch.from_numpy(x)),
-                    shape, report)
+        verify_onnx(onnx_model.SerializeToString(),
+                    lambda *xs: _torch_outputs(reference, *(torch.from_numpy(x) for x in xs)), shapes, report)
     return _finish(onnx_model, out, report)
 
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, **options: Any) -> ExportReport:
-    """Export the model of a run directory (see ``export_model`` for the options)."""
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, rules: Any = None, **options: Any) -> ExportReport:
+    """Export the model of a run directory (see ``export_model`` for the options); ``rules``: the
+    custom Rule objects a run was transformed with, if any (named rules come from its recipe)."""
+    from ..passes.rules import with_user_rules
     from ..rundir import load_run
 
     check_output_path(out)
-    run = load_run(run_dir)
-    report = export_model(run.model, run.recipe.input_shape, out, **options)
+    run = load_run(run_dir, rules)
+    given = dict(rules or {})
+    named = {k: v for k, v in (run.recipe.rules or {}).items() if not v.startswith("custom:")}
+    report = export_model(run.model, run.recipe.shapes, out, rules=with_user_rules({**named, **given}) if
+                          (named or given) else None, **options)
     report.source = str(run_dir)
     return report
 
@@ -409,7 +485,7 @@ def export_onnx_file(src: str | os.PathLike, out: str | os.PathLike, *, dense_th
         else:
             ref_sess = open_session(original.SerializeToString(), native=False)
             fixed = bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0
-            verify_onnx(converted.SerializeToString(), lambda x: ref_sess.run(None, {x_info.name: x}), shape,
+            verify_onnx(converted.SerializeToString(), lambda x: ref_sess.run(None, {x_info.name: x}), [shape],
                         report, batches=(shape[0],) if fixed else VERIFY_BATCHES)
     return _finish(converted, out, report)
 

@@ -1,0 +1,215 @@
+"""Issue 9, item 2: a leaf keeps its own forward.
+
+A ``--leaf`` module is opaque to tracing; one that subclasses a known layer (a conv with dynamic
+"same" padding) must never be swapped for the plain layer. Without a rule it is left dense and its
+channels are frozen; with ``rules={"SameConv": "conv"}`` its channels couple like a conv's, it is
+masked in place and resized, always running its own forward. A subclass that does not override
+``forward`` is the layer itself. The untraceable-model message offers ``--leaf`` only where it helps.
+"""
+from __future__ import annotations
+
+import math
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import sparsify
+from sparsify.errors import PassError, TraceError
+from sparsify.nn import MaskedLeaf
+from sparsify.passes.channel_graph import ChannelGraph
+from sparsify.passes.depth_multiplier import DepthMultiplierPass
+from sparsify.passes.rules import with_user_rules
+from sparsify.passes.sparsity import SparseRandomPass
+from sparsify.passes.trace import trace
+
+
+class SameConv(nn.Conv2d):
+    """TensorFlow "same" padding computed from the input size in forward (untraceable by fx)."""
+
+    def __init__(self, cin, cout, k, stride=1):
+        super().__init__(cin, cout, k, stride=stride, padding=0)
+
+    def forward(self, x):
+        ih, iw = x.size()[-2:]
+        kh, kw = self.weight.size()[-2:]
+        sh, sw = self.stride
+        oh, ow = math.ceil(ih / sh), math.ceil(iw / sw)
+        ph, pw = max((oh - 1) * sh + kh - ih, 0), max((ow - 1) * sw + kw - iw, 0)
+        if ph > 0 or pw > 0:
+            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class Net(nn.Module):
+    def __init__(self, in_ch=3):
+        super().__init__()
+        self.c1 = SameConv(in_ch, 16, 3, stride=2)
+        self.c2 = SameConv(16, 16, 3)
+        self.c3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(torch.relu(self.c3(x)).mean((2, 3)))
+
+
+class PlainSubclass(nn.Conv2d):
+    """Only a different constructor: the same forward, so it *is* a Conv2d for every pass."""
+
+    def __init__(self, c):
+        super().__init__(c, c, 3, padding=1)
+
+
+class Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), PlainSubclass(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
+def test_untraceable_submodule_is_named_as_the_leaf_to_use():
+    with pytest.raises(TraceError) as info:
+        trace(Net())
+    msg = str(info.value)
+    assert "--leaf SameConv" in msg and "--rule SameConv=conv" in msg and len(msg.splitlines()) == 1
+
+
+def test_untraceable_root_forward_does_not_offer_a_leaf():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else self.conv(-x)
+
+    with pytest.raises(TraceError) as info:
+        trace(Branchy())
+    assert "--leaf cannot help" in str(info.value) and "--leaf Branchy" not in str(info.value)
+
+
+def _check_same(a, b, x):
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x), b.eval()(x))
+
+
+def test_leaf_without_rule_is_kept_dense_and_frozen_never_replaced():
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 16, 16)
+    gm = trace(model, ["SameConv"])
+    cg = ChannelGraph.build(gm, x)
+    assert cg.group_of("c1").frozen and cg.group_of("c2").frozen
+    res = SparseRandomPass(1.0, rescale_init=False)(gm, x)
+    assert type(res.model.c1) is SameConv and type(res.model.c2) is SameConv  # never a plain conv
+    assert any("leaf SameConv" in n for n in res.notes)
+    _check_same(res.model, model, x)
+    with torch.no_grad():
+        assert res.model.c1(x).shape[-1] == 8  # its own "same" padding: 16 -> 8, not 7
+    dm = DepthMultiplierPass(0.5)(gm, x).model  # only c3 is free
+    assert type(dm.c1) is SameConv and dm.c1.out_channels == 16 and dm.c3.out_channels == 8
+
+
+def test_leaf_with_conv_rule_is_masked_and_resized_in_place():
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 16, 16)
+    rules = with_user_rules({"SameConv": "conv"})
+    gm = trace(model, ["SameConv"])
+    full = SparseRandomPass(1.0, rescale_init=False, rules=rules)(gm, x).model
+    assert isinstance(full.c1, MaskedLeaf) and isinstance(full.c1, SameConv)
+    _check_same(full, model, x)
+    sparse = SparseRandomPass(0.25, rules=rules)(gm, x).model
+    w = sparse.c2.weight.detach().abs().sum((2, 3))
+    assert bool((w[sparse.c2.mask == 0] == 0).all()) and sparse.c2.density < 0.5
+    dense = sparse.c2.to_dense()
+    assert type(dense) is SameConv and not hasattr(dense, "mask")
+    with torch.no_grad():
+        torch.testing.assert_close(dense(torch.randn(1, 16, 9, 9)).shape, torch.Size([1, 16, 9, 9]))
+    dm = DepthMultiplierPass(0.5, rules=rules)(gm, x).model
+    assert type(dm.c1) is SameConv and dm.c1.out_channels == 8 and dm.c2.in_channels == 8
+    with torch.no_grad():
+        assert dm(x).shape == (2, 10)
+
+
+def test_subclass_without_its_own_forward_is_the_layer():
+    x = torch.randn(2, 3, 8, 8)
+    gm = trace(Wrapper())
+    res = SparseRandomPass(0.5)(gm, x)
+    assert type(res.model.c2).__name__ == "SparseConv2d"
+    dm = DepthMultiplierPass(0.5)(gm, x).model
+    assert isinstance(dm.c2, PlainSubclass) and dm.c2.in_channels == dm.c2.out_channels == 4
+
+
+MODEL_FILE = textwrap.dedent('''
+    import math
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    INPUT_SHAPE = (1, 1, 16, 16)
+
+
+    class SameConv(nn.Conv2d):
+        def __init__(self, cin, cout, k, stride=1):
+            super().__init__(cin, cout, k, stride=stride, padding=0)
+
+        def forward(self, x):
+            ih, iw = x.size()[-2:]
+            ph = max((math.ceil(ih / self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - ih, 0)
+            pw = max((math.ceil(iw / self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - iw, 0)
+            if ph or pw:
+                x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+            return F.conv2d(x, self.weight, self.bias, self.stride)
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = SameConv(1, 16, 3, stride=2)
+            self.c2 = SameConv(16, 16, 3)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+''')
+
+
+@pytest.mark.parametrize("method,kw", [("sparse-random", {"density": 0.1}), ("psn", {"density": 0.1}),
+                                       ("depth-multiplier", {"alpha": 0.5})])
+def test_cli_leaf_and_rule_transform_replay_export(tmp_path, method, kw):
+    """A grey (one input filter) net of leaves: the sqrt(D) rule empties stem filters through the
+    leaf's rule, compaction removes them exactly, and the run replays the masked leaves."""
+    from sparsify.cli import app
+
+    src = tmp_path / "net.py"
+    src.write_text(MODEL_FILE)
+    args = ["transform", str(src), "--method", method, "--leaf", "SameConv", "--rule", "SameConv=conv",
+            "--out", str(tmp_path / "run")]
+    for k, v in kw.items():
+        args += [f"--{k}", str(v)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    run = sparsify.load(tmp_path / "run")
+    assert type(run.model.c1).__name__ in ("SameConv", "MaskedSameConv")
+    rep = sparsify.export(tmp_path / "run", tmp_path / "m.onnx")
+    assert rep.errors["function-body"] <= 1e-4
+    if method == "sparse-random":
+        assert rep.compaction["channels_removed"] > 0
+
+
+def test_cli_rejects_an_unknown_rule(tmp_path):
+    from sparsify.cli import app
+
+    src = tmp_path / "net.py"
+    src.write_text(MODEL_FILE)
+    r = CliRunner().invoke(app, ["transform", str(src), "--leaf", "SameConv", "--rule", "SameConv=magic",
+                                 "--density", "0.1", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "--rule" in r.output and not (tmp_path / "run").exists()
