@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from .rules import DEFAULT_RULES, LayerRule, Member, Registry, Role
 from .trace import graphs, node_shape
@@ -164,8 +165,8 @@ class ChannelGraph:
         if not isinstance(a, fx.Node):
             return []
         meta = a.meta.get("tensor_meta")
-        if isinstance(meta, (tuple, list)):
-            return [tuple(m.shape) if hasattr(m, "shape") else None for m in meta]
+        if isinstance(meta, (tuple, list)) and not isinstance(meta, TensorMetadata):
+            return [tuple(m.shape) if isinstance(m, TensorMetadata) else None for m in meta]
         return []
 
     def _new(self, key: Space, size: int) -> Space:

@@ -178,13 +178,19 @@ class SparsePass(GraphPass):
                 rule = f"single input filter: keeps sqrt({dead[name]['density']:.4g}) of its {layer.n_out} filters"
             else:
                 blocked = self._blocked_inputs(cg, layer, dead)
-                allowed = np.setdiff1d(np.arange(layer.n_in), blocked)
-                # every allowed input feeds an output, and no more entries than there are
-                live = min(max(budgets[name], len(allowed)), layer.n_out * len(allowed))
-                mask = self.draw(layer, allowed, live, rng)
-                if mask.shape[1] < layer.n_in:
-                    mask = np.pad(mask, ((0, 0), (0, layer.n_in - mask.shape[1])))
+                groups = getattr(layer.module, "groups", 1) if layer.is_conv else 1
                 rule = None
+                if groups > 1 and len(blocked):
+                    mask, empty = self._draw_grouped(layer, blocked, budgets[name], rng, groups)
+                    if empty:
+                        rule = f"groups {empty} read only filters removed by the single-input rule"
+                else:
+                    allowed = np.setdiff1d(np.arange(layer.n_in), blocked)
+                    # every allowed input feeds an output, and no more entries than there are
+                    live = min(max(budgets[name], len(allowed)), layer.n_out * len(allowed))
+                    mask = self.draw(layer, allowed, live, rng)
+                    if mask.shape[1] < layer.n_in:
+                        mask = np.pad(mask, ((0, 0), (0, layer.n_in - mask.shape[1])))
             new = self._replace(gm, layer, mask)
             if self.rescale_init:
                 rescale_to_live_fan_in(new)
@@ -197,6 +203,29 @@ class SparsePass(GraphPass):
                 info["rule"] = rule
             result.layers[name] = info
         return result
+
+    def _draw_grouped(self, layer: Eligible, blocked: np.ndarray, budget: int, rng: np.random.Generator,
+                      groups: int) -> tuple[np.ndarray, list[int]]:
+        """A grouped conv's mask drawn group by group: input channel b * (Cin/g) + j is column j of
+        group b's rows only, so each group avoids its own blocked inputs. Returns the mask and the
+        groups left without any allowed input."""
+        import dataclasses
+
+        rows = layer.n_out // groups
+        sub = dataclasses.replace(layer, n_out=rows)
+        mask = np.zeros((layer.n_out, layer.n_in), dtype=bool)
+        empty = []
+        shares = [budget // groups + (1 if b < budget % groups else 0) for b in range(groups)]
+        for b in range(groups):
+            own = blocked[(blocked >= b * layer.n_in) & (blocked < (b + 1) * layer.n_in)] - b * layer.n_in
+            allowed = np.setdiff1d(np.arange(layer.n_in), own)
+            if not len(allowed):
+                empty.append(b)
+                continue
+            live = min(max(shares[b], len(allowed), rows), rows * len(allowed))
+            part = self.draw(sub, allowed, live, rng)
+            mask[b * rows:(b + 1) * rows, :part.shape[1]] = part
+        return mask, empty
 
     def _single_input_dead(self, cg: ChannelGraph, layers: list[Eligible], budgets: dict[str, int]) -> dict[str, Any]:
         """For single-input convs: which filters stay, and where their removed filters appear."""
@@ -219,9 +248,10 @@ class SparsePass(GraphPass):
 
     @staticmethod
     def _blocked_inputs(cg: ChannelGraph, layer: Eligible, dead: dict[str, Any]) -> np.ndarray:
-        """Input columns of ``layer`` that come from filters removed by the single-input rule."""
+        """Input channels of ``layer`` (positions in its input group) that come from filters
+        removed by the single-input rule."""
         x = layer.node.args[0]
-        g = cg.group_of(x) if isinstance(x, fx.Node) else None
+        g = cg.group_of(x, 1 if layer.is_conv else -1) if isinstance(x, fx.Node) else None
         if g is None or not dead:
             return np.zeros(0, dtype=np.int64)
         blocked = [d["positions"][g.id] for d in dead.values() if g.id in d["positions"]]

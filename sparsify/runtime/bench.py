@@ -38,6 +38,16 @@ class FileInfo:
     sparse_nodes: int                 # ai.sparsify nodes in the main graph
     conv_nodes: int                   # plain Conv nodes in the main graph
     native: bool                      # the native kernel ran (seen in an ORT profile of one run)
+    extra_inputs: list[tuple[str, list[int | str]]] = field(default_factory=list)  # a model's further inputs
+
+    def feed(self, batch: int, rng: np.random.Generator, first: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Random float32 data for every input at ``batch`` (``first`` for the first input if given)."""
+        x = first if first is not None else rng.standard_normal([batch] + [int(d) for d in self.input_shape[1:]],
+                                                               dtype=np.float32)
+        feed = {self.input_name: x}
+        for name, dims in self.extra_inputs:
+            feed[name] = rng.standard_normal([batch] + [int(d) for d in dims[1:]], dtype=np.float32)
+        return feed
 
 
 @dataclass
@@ -113,7 +123,8 @@ def native_status() -> dict[str, Any]:
     return status
 
 
-def native_kernel_ran(path: str | Path, input_name: str, x: np.ndarray) -> bool:
+def native_kernel_ran(path: str | Path, input_name: str, x: np.ndarray,
+                      extra: dict[str, np.ndarray] | None = None) -> bool:
     """Run ``path`` once with ORT profiling and tell whether a node executed as the native SparseConv kernel.
 
     Without the library ORT inlines each SparseConv's function body (ScatterElements + Conv), so a
@@ -124,7 +135,7 @@ def native_kernel_ran(path: str | Path, input_name: str, x: np.ndarray) -> bool:
 
     with tempfile.TemporaryDirectory(prefix="sparsify-prof-") as tmp:
         sess = make_session(path, 1, native=True, profile_prefix=str(Path(tmp) / "prof"))
-        sess.run(None, {input_name: x})
+        sess.run(None, {input_name: x, **(extra or {})})
         events = json.loads(Path(sess.end_profiling()).read_text())
     return any(e.get("cat") == "Node" and (e.get("args") or {}).get("op_name") in SPARSE_OPS for e in events)
 
@@ -144,7 +155,7 @@ def make_session(path: str | Path, threads: int, native: bool = True, spinning: 
 
 
 def _inspect(path: Path, label: str) -> FileInfo:
-    """Read the file's single float input and count its sparse / Conv nodes; clear errors otherwise."""
+    """Read the file's float inputs and count its sparse / Conv nodes; clear errors otherwise."""
     import onnx
 
     if not path.is_file():
@@ -158,11 +169,23 @@ def _inspect(path: Path, label: str) -> FileInfo:
     graph = model.graph
     init_names = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in init_names]
-    if len(inputs) != 1:
-        raise UsageError(
-            f"{path} has {len(inputs)} inputs; bench feeds one float32 image tensor, export a single-input model"
-        )
-    inp = inputs[0]
+    if not inputs:
+        raise UsageError(f"{path} has no inputs; bench feeds random float32 tensors, export a model with inputs")
+    shapes = [_input_dims(path, i) for i in inputs]
+    inp, dims = inputs[0], shapes[0]
+    sparse = sum(1 for n in graph.node if n.domain == SPARSE_DOMAIN)
+    conv = sum(1 for n in graph.node if n.op_type == "Conv" and n.domain in ("", "ai.onnx"))
+    return FileInfo(
+        path=str(path), label=label, input_name=inp.name, input_shape=dims,
+        sparse_nodes=sparse, conv_nodes=conv, native=False,
+        extra_inputs=[(i.name, d) for i, d in zip(inputs[1:], shapes[1:])],
+    )
+
+
+def _input_dims(path: Path, inp: Any) -> list[int | str]:
+    """An input's declared dims (batch may be symbolic); UsageError for what bench cannot feed."""
+    import onnx
+
     tt = inp.type.tensor_type
     if tt.elem_type != onnx.TensorProto.FLOAT:
         raise UsageError(f"{path}: input {inp.name!r} is not float32; bench feeds random float32 data")
@@ -179,19 +202,15 @@ def _inspect(path: Path, label: str) -> FileInfo:
             )
     if not dims:
         raise UsageError(f"{path}: input {inp.name!r} has no shape; export with a concrete input shape")
-    sparse = sum(1 for n in graph.node if n.domain == SPARSE_DOMAIN)
-    conv = sum(1 for n in graph.node if n.op_type == "Conv" and n.domain in ("", "ai.onnx"))
-    return FileInfo(
-        path=str(path), label=label, input_name=inp.name, input_shape=dims,
-        sparse_nodes=sparse, conv_nodes=conv, native=False,
-    )
+    return dims
 
 
 def _check_shapes(files: Sequence[FileInfo], batch_sizes: Sequence[int]) -> None:
     """Refuse files whose inputs differ beyond the batch dim, or whose fixed batch cannot serve a batch size."""
     ref = files[0]
     for f in files[1:]:
-        if f.input_shape[1:] != ref.input_shape[1:]:
+        if f.input_shape[1:] != ref.input_shape[1:] or [d[1:] for _, d in f.extra_inputs] != \
+                [d[1:] for _, d in ref.extra_inputs]:
             raise UsageError(
                 f"input shapes differ: {ref.path} takes {_shape_str(ref.input_shape)} but {f.path} takes "
                 f"{_shape_str(f.input_shape)}; bench compares variants of one model, give files with the same input shape"
@@ -225,9 +244,10 @@ if args["path"]:
     if args["library"]:
         so.register_custom_ops_library(args["library"])
     sess = ort.InferenceSession(args["path"], so, providers=["CPUExecutionProvider"])
-    x = np.zeros(args["shape"], dtype=np.float32)
+    feed = {args["input"]: np.zeros(args["shape"], dtype=np.float32)}
+    feed.update({k: np.zeros(v, dtype=np.float32) for k, v in args.get("extra", {}).items()})
     for _ in range(2):
-        sess.run(None, {args["input"]: x})
+        sess.run(None, feed)
 peak = 0.0
 try:
     with open("/proc/self/status") as fh:
@@ -238,7 +258,8 @@ print(json.dumps(peak))
 """
 
 
-def _probe_peak_rss(path: str | None, input_name: str = "", shape: Sequence[int] = (), library: str | None = None) -> float:
+def _probe_peak_rss(path: str | None, input_name: str = "", shape: Sequence[int] = (), library: str | None = None,
+                    extra: dict[str, Sequence[int]] | None = None) -> float:
     """Peak RSS (MiB) of a fresh process that imports ORT and, with ``path``, loads it and runs it twice.
 
     A separate process gives each variant its own honest peak: in this process the allocator keeps
@@ -248,7 +269,8 @@ def _probe_peak_rss(path: str | None, input_name: str = "", shape: Sequence[int]
     import subprocess
     import sys
 
-    args = json.dumps({"path": path, "input": input_name, "shape": list(shape), "library": library})
+    args = json.dumps({"path": path, "input": input_name, "shape": list(shape), "library": library,
+                       "extra": {k: list(v) for k, v in (extra or {}).items()}})
     try:
         proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, args], capture_output=True, text=True,
                               timeout=600, check=True)
@@ -312,8 +334,9 @@ def bench_files(
     rng = np.random.default_rng(seed)
     for f in files:
         if f.sparse_nodes and native_ok:
-            probe = rng.standard_normal([batch_sizes[0]] + [int(d) for d in f.input_shape[1:]], dtype=np.float32)
-            f.native = _guarded(f, batch_sizes[0], lambda: native_kernel_ran(f.path, f.input_name, probe))
+            probe = f.feed(batch_sizes[0], rng)
+            x0 = probe.pop(f.input_name)
+            f.native = _guarded(f, batch_sizes[0], lambda: native_kernel_ran(f.path, f.input_name, x0, probe))
     library = str(status["library"]) if native_ok and status.get("library") else None
     base_rss = _probe_peak_rss(None) if memory else 0.0
     peaks: dict[tuple[str, int], float] = {}
@@ -323,18 +346,19 @@ def bench_files(
     done = 0
     for batch, nthreads in configs:
         shape = [batch] + [int(d) for d in files[0].input_shape[1:]]
-        x = rng.standard_normal(shape, dtype=np.float32)
+        shared = files[0].feed(batch, rng)  # every variant gets the same data
         sessions, outputs = [], []
         for f in files:
             if progress is not None:
                 progress(f"loading {f.label} (batch {batch}, {nthreads} thr)", done, total)
             sess = make_session(f.path, nthreads, native=native, spinning=spinning)
-            feed = {f.input_name: x}
+            feed = dict(zip([f.input_name] + [n for n, _ in f.extra_inputs], shared.values()))
             y = _guarded(f, batch, lambda: [sess.run(None, feed)[0] for _ in range(max(warmup, 1))][-1])
             sessions.append((sess, feed))
             outputs.append(np.asarray(y))
             if memory and (f.label, batch) not in peaks:
-                peaks[(f.label, batch)] = _probe_peak_rss(f.path, f.input_name, shape, library)
+                peaks[(f.label, batch)] = _probe_peak_rss(f.path, f.input_name, shape, library,
+                                                          {n: v.shape for n, v in list(feed.items())[1:]})
             done += 1
         if progress is not None:
             progress(f"timing batch {batch}, {nthreads} thr", done, total)
@@ -572,8 +596,9 @@ def depth_equivalent(recipe: Any, target_params: int, *, run_dir: str | Path | N
     def build(alpha: float) -> tuple[Any, int]:
         res = api.transform(
             spec, method="depth-multiplier", alpha=alpha, seed=recipe.seed,
-            input_shape=tuple(recipe.input_shape), model_args=dict(recipe.model_args or {}),
+            input_shape=recipe.shapes, model_args=dict(recipe.model_args or {}),
             leaf_modules=tuple(recipe.leaf_modules or ()),
+            rules={k: v for k, v in (recipe.rules or {}).items() if not v.startswith("custom:")} or None,
         )
         return res.model, live_params(res.model)
 
@@ -624,7 +649,7 @@ def export_variants(run_dir: str | Path, out_dir: str | Path, variants: Sequence
             target_params = live_params(load_run(run_dir).model)
             model, alpha, n = depth_equivalent(recipe, target_params, run_dir=run_dir)
             notes["depth"] = {"alpha": round(alpha, 6), "live_params": n, "target_live_params": target_params}
-            ex.export_model(model, tuple(recipe.input_shape), target, dense=True, compact=False)
+            ex.export_model(model, recipe.shapes, target, dense=True, compact=False)
         files.append((name, target))
     if progress is not None:
         progress("exported", len(variants), len(variants))

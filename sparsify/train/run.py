@@ -55,6 +55,10 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
     else:
         cfg = TrainConfig.from_dict(config)
     cfg.validate()  # a bad argument is reported before anything about the run's state
+    if len(recipe.shapes) > 1:
+        raise UsageError(f"the model of {run_dir} takes {len(recipe.shapes)} inputs but the data sets give one image "
+                         "per example; train it with your own loop (sparsify.load(RUN).model keeps its masks with "
+                         "sparsify.train.trainer.enforce_masks) or export it as it is")
     if not resume and ckpt.exists() and not force:
         raise RunDirError(f"{run_dir} already has a training checkpoint ({ckpt}); pass --resume to continue it "
                           f"or --force to train again from the run's weights")

@@ -320,3 +320,52 @@ def test_groups_keep_a_multiple_of_the_alignment() -> None:
     assert aligned.c1.out_channels == 8
     with torch.no_grad():
         torch.testing.assert_close(aligned(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# ---- the certificate on nets whose outputs are tiny (issue 9, item 10) ---------------------
+
+
+class Shrinking(nn.Module):
+    """An untrained deep net whose small BN scales shrink every layer: outputs ~1e-13 (as an
+    untrained EfficientNet-B0's are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers = []
+        c = 3
+        for _ in range(6):
+            layers += [_sc(c, 16), nn.BatchNorm2d(16), nn.SiLU()]
+            c = 16
+        self.body = nn.Sequential(*layers)
+        self.se1, self.se2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.fc = nn.Linear(16, 10)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.fill_(0.01)
+                elif isinstance(m, SparseConv2d):
+                    m.bias.zero_()
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        x = self.body(x)
+        x = x * torch.sigmoid(self.se2(torch.nn.functional.silu(self.se1(x.mean((2, 3), keepdim=True)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_certificate_judges_tiny_outputs_node_by_node() -> None:
+    torch.manual_seed(10)
+    model = Shrinking().eval()
+    for conv in [m for m in model.modules() if isinstance(m, SparseConv2d)][1:]:
+        _kill_out(conv, [0, 5], bias=0.0)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert float(model(x).abs().max()) < 1e-9  # the output scale alone cannot judge rounding
+    gm = trace(model)
+    out, report = compact(gm, x, align=1)
+    assert report.channels_removed > 0 and report.nodes_checked > 0
+    # a real mistake is still caught where values are not tiny, and named
+    with torch.no_grad():
+        out.get_submodule("body.3").bias.add_(1e-3)
+    with pytest.raises(PassError, match="not exact at node body_"):
+        certify(gm, out, x)

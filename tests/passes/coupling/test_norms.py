@@ -1,0 +1,62 @@
+"""GroupNorm and LayerNorm (channels-last after a permute, as in ConvNeXt): resized by the depth
+multiplier (GroupNorm in multiples of its groups), kept whole by compaction."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsify.passes.rules import Role
+
+from .helpers import build, group, through_every_pass
+
+
+class GN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.c2, self.n2 = nn.Conv2d(16, 16, 3, padding=1), nn.InstanceNorm2d(16, affine=True)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.n1(self.c1(x)))
+        return self.fc(F.relu(self.n2(self.c2(x))).mean((2, 3)))
+
+
+def test_group_norm_keeps_multiples_of_its_groups():
+    cg = build(GN())
+    g = group(cg, "c1")
+    assert g.multiple == 4 and g.whole and not g.frozen
+    assert g.roles(Role.CHANNELWISE)[0].target == "n1"
+    dm, _, _ = through_every_pass(GN(), (1, 3, 8, 8), alpha=0.3)
+    m = dm.model
+    assert m.n1.num_channels == m.c1.out_channels == 8 and m.n1.num_groups == 4  # ceil(0.3 * 16) = 5 -> 8
+    assert m.n2.num_features == m.c2.out_channels == 5
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 2, 2)
+        self.dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pw1, self.pw2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+        self.fc = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.gamma * self.pw2(F.gelu(self.pw1(self.norm(y))))
+        return self.fc((x + y.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+def test_layer_norm_after_permute_is_resized_with_the_channels():
+    cg = build(ConvNeXt())
+    g = group(cg, "stem")
+    assert cg.group_of("permute", 3) is g and cg.group_of("gamma", 0) is g and cg.group_of("pw2", 3) is g
+    assert not g.frozen and g.whole
+    assert not group(cg, "pw1", 3).frozen
+    dm, _, _ = through_every_pass(ConvNeXt(), (1, 3, 8, 8))
+    m = dm.model
+    assert m.norm.normalized_shape == (8,) and m.gamma.shape == (8,) and m.pw1.out_features == 32

@@ -1,0 +1,143 @@
+"""Issue 9, items 5 and 9: dict / tuple / nested outputs and several inputs through export and bench."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from typer.testing import CliRunner
+
+import sparsify
+from sparsify.errors import UsageError
+from sparsify.runtime.bench import bench_files
+from sparsify.runtime.export import export_model, open_session
+
+
+class Body(nn.Module):
+    def __init__(self, in_ch=3):
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv2d(in_ch, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.emb = nn.Linear(16, 8)
+        self.fc = nn.Linear(8, 10)
+
+
+class DictOut(Body):
+    def forward(self, x):
+        e = self.emb(self.c2(self.c1(x)).mean((2, 3)))
+        return {"logits": self.fc(torch.relu(e)), "embedding": e}
+
+
+class Nested(Body):
+    def forward(self, x):
+        f = self.c1(x)
+        e = self.emb(self.c2(f).mean((2, 3)))
+        return e, (f.mean(1), {"logits": self.fc(e)})
+
+
+def _sparse(model, shape):
+    return sparsify.transform(model, "sparse-random", density=0.2, input_shape=shape).model
+
+
+@pytest.mark.parametrize("cls,names", [(DictOut, ["logits", "embedding"]),
+                                       (Nested, ["output_0", "output_1.0", "output_1.1.logits"])])
+def test_structured_outputs_export_as_named_verified_outputs(cls, names, tmp_path):
+    torch.manual_seed(0)
+    model = _sparse(cls(), (1, 3, 16, 16)).eval()
+    rep = export_model(model, (1, 3, 16, 16), tmp_path / "m.onnx")
+    assert rep.output_names == names
+    assert [o.name for o in onnx.load(str(tmp_path / "m.onnx")).graph.output] == names
+    x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    got = dict(zip(names, open_session(tmp_path / "m.onnx").run(None, {"input": x})))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))
+    if cls is DictOut:
+        np.testing.assert_allclose(got["logits"], ref["logits"].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got["embedding"], ref["embedding"].numpy(), rtol=1e-4, atol=1e-5)
+    else:
+        np.testing.assert_allclose(got["output_1.1.logits"], ref[1][1]["logits"].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_each_output_is_verified_against_its_own_scale(tmp_path, monkeypatch):
+    """A wrong small output next to a large one is caught (errors are not judged by the largest)."""
+    from sparsify.runtime import export as export_mod
+
+    real = export_mod._torch_outputs
+
+    def skewed(model, *xs):
+        out = real(model, *xs)
+        return [out[0] * 1e4, out[1] + 1e-2 * np.abs(out[1]).max()]
+
+    monkeypatch.setattr(export_mod, "_torch_outputs", skewed)
+    with pytest.raises(Exception, match="verification failed"):
+        export_model(DictOut().eval(), (1, 3, 16, 16), tmp_path / "m.onnx")
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU())
+        self.fuse = nn.Conv2d(32, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x, depth):
+        return self.fc(torch.relu(self.fuse(torch.cat([self.a(x), self.b(depth)], 1))).mean((2, 3)))
+
+
+FILE = '''
+import torch
+import torch.nn as nn
+
+INPUT_SHAPES = [(1, 3, 16, 16), (1, 1, 16, 16)]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU())
+        self.fuse = nn.Conv2d(32, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x, depth):
+        return self.fc(torch.relu(self.fuse(torch.cat([self.a(x), self.b(depth)], 1))).mean((2, 3)))
+'''
+
+
+def test_several_inputs_through_transform_export_and_bench(tmp_path):
+    src = tmp_path / "two.py"
+    src.write_text(FILE)
+    path, res = sparsify.transform_to_dir(str(src), "sparse-random", density=0.2, out=tmp_path / "run")
+    assert res.recipe.input_shapes == [[1, 3, 16, 16], [1, 1, 16, 16]]
+    run = sparsify.load(path)
+    rep = sparsify.export(path, tmp_path / "m.onnx")
+    sess = open_session(tmp_path / "m.onnx")
+    assert [i.name for i in sess.get_inputs()] == ["x", "depth"] and rep.input_shapes[1] == [1, 1, 16, 16]
+    xs = [torch.randn(2, 3, 16, 16), torch.randn(2, 1, 16, 16)]
+    got = sess.run(None, {"x": xs[0].numpy(), "depth": xs[1].numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, run.model.eval()(*xs).numpy(), rtol=1e-4, atol=1e-5)
+    result = bench_files([tmp_path / "m.onnx", tmp_path / "m.onnx"], labels=["a", "b"], min_time=0.0,
+                         repeats=1, warmup=0, memory=False)
+    assert result.files[0].extra_inputs[0][0] == "depth" and result.rows[1].max_abs_diff == 0.0
+    with pytest.raises(UsageError, match="2 inputs"):
+        sparsify.train(path, data="synthetic", epochs=1)
+
+
+def test_cli_input_shape_for_several_inputs(tmp_path):
+    from sparsify.cli import app
+
+    src = tmp_path / "two.py"
+    src.write_text(FILE.replace("INPUT_SHAPES = [(1, 3, 16, 16), (1, 1, 16, 16)]\n", ""))
+    runner = CliRunner()
+    r = runner.invoke(app, ["transform", str(src), "--density", "0.2", "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "S1;S2" in r.output and not (tmp_path / "bad").exists()
+    r = runner.invoke(app, ["transform", str(src), "--density", "0.2", "--input-shape", "1,3,16,16",
+                            "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "takes 2 inputs but 1 shape" in r.output and not (tmp_path / "bad").exists()
+    r = runner.invoke(app, ["transform", str(src), "--density", "0.2", "--input-shape", "1,3,16,16;1,1,16,16",
+                            "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    assert sparsify.load(tmp_path / "run").recipe.shapes == [[1, 3, 16, 16], [1, 1, 16, 16]]
