@@ -113,7 +113,7 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
               divisor: int | None = None) -> TransformResult:
     """Load ``model``, trace it, apply ``method``, and report what changed.
 
-    ``model`` is ``"zoo:NAME"``, ``"file.py"``, ``"file.py:NAME"`` or an
+    ``model`` is ``"zoo:NAME"``, ``"torchvision:NAME"``, ``"file.py"``, ``"file.py:NAME"`` or an
     nn.Module (not replayable from a run directory). ``divisor`` (depth-multiplier only) rounds every
     scaled channel count to a multiple of it. Raises a SparsifyError with a one-line message on bad input.
     """
@@ -138,7 +138,7 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
 def default_out(recipe: Recipe) -> Path:
     """``runs/<model>-<method>-<param>``, e.g. runs/lenet5-sparse-random-0.1."""
     spec = recipe.model
-    name = spec[4:] if spec.startswith("zoo:") else Path(spec.rpartition(":")[0] or spec).stem
+    name = spec.partition(":")[2] if spec.startswith(("zoo:", "torchvision:")) else Path(spec.rpartition(":")[0] or spec).stem
     value = recipe.params.get("density", recipe.params.get("alpha"))
     parts = [name, recipe.method] + ([f"{value:g}"] if value is not None else [])
     return Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))

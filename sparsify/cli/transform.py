@@ -77,7 +77,7 @@ def print_totals(report: dict[str, Any]) -> None:
 @app.command()
 @handle_errors
 def transform(
-    model: str = typer.Argument(..., help="zoo:NAME, path/to/model.py, or path/to/model.py:FACTORY"),
+    model: str = typer.Argument(..., help="zoo:NAME, torchvision:NAME, path/to/model.py, or path/to/model.py:FACTORY"),
     method: str = typer.Option("sparse-random", "--method", "-m",
                                help="sparse-random | psn | depth-multiplier | none"),
     density: Optional[float] = typer.Option(None, help="Fraction of live connections in (0, 1] (sparse-random, psn)"),

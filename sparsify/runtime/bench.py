@@ -639,7 +639,7 @@ def export_variants(run_dir: str | Path, out_dir: str | Path, variants: Sequence
 def default_run_dir(model: str, method: str, value: float | None = None, root: str | Path = "runs") -> Path:
     """``runs/<model>-<method>[-<density or alpha>]``, with ``-2``, ``-3``... appended when it already exists."""
     spec = str(model)
-    name = spec[4:] if spec.startswith("zoo:") else Path(spec.split(":")[0]).stem
+    name = spec.partition(":")[2] if spec.startswith(("zoo:", "torchvision:")) else Path(spec.split(":")[0]).stem
     parts = [name or "model", method] + ([f"{value:g}"] if value is not None else [])
     base = Path(root) / re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
     path, k = base, 1
