@@ -89,11 +89,18 @@ class ConvLayer:
     """One Conv of the dense export, and what the sparse export made of it."""
 
     weight: str                   # the weight's state-dict key: joins the dense and the sparse export
-    out_numel: int                # output elements per image
-    param_bytes: int              # initializer bytes the node reads (ORT's profiler: ``parameter_size``)
+    key: tuple[int, ...]          # ``conv_key``: finds the layer in ORT's profile
     macs: int                     # multiply-accumulates per image, dense
     sparse: bool                  # written as SparseConv in the sparse export
     density: float                # live fraction of its weights
+
+
+def conv_key(x: Sequence[int], w: Sequence[int], y: Sequence[int], block: int = 16) -> tuple[int, ...]:
+    """What identifies a conv in ORT's profile, which renames and fuses nodes: input and output
+    planes (N,C,H,W shapes), kernel, and the channel counts in blocks of ``block``. ORT's blocked
+    layout (NCHWc) pads channels to 8 or 16, so 24 and 32 channels share a key."""
+    cout, cin_g, *k = (int(d) for d in w)
+    return (*(int(d) for d in x[2:]), *(int(d) for d in y[2:]), *k, -(-cout // block), -(-cin_g // block))
 
 
 def conv_layers(dense_onnx: Any, dense_layers: Sequence[dict], sparse_layers: Sequence[dict]) -> tuple[list[ConvLayer], int]:
@@ -115,14 +122,12 @@ def conv_layers(dense_onnx: Any, dense_layers: Sequence[dict], sparse_layers: Se
     gemm_macs = 0
     for node in model.graph.node:
         if node.op_type == "Conv" and node.domain in ("", "ai.onnx"):
-            w = inits[node.input[1]]
-            cout, cin_g, *k = w.dims
-            out = shapes.get(node.output[0], [])
-            per_image = int(np.prod(out[1:])) if len(out) > 1 else 0
-            nbytes = 4 * sum(int(np.prod(inits[i].dims)) for i in node.input[1:] if i in inits)
-            key = node_weight.get(node.name, node.name)
-            c = choice.get(key, {})
-            layers.append(ConvLayer(key, per_image, nbytes, per_image * cin_g * int(np.prod(k)),
+            w = list(inits[node.input[1]].dims)
+            x, y = shapes.get(node.input[0], []), shapes.get(node.output[0], [])
+            per_image = int(np.prod(y[1:])) if len(y) > 1 else 0
+            weight = node_weight.get(node.name, node.name)
+            c = choice.get(weight, {})
+            layers.append(ConvLayer(weight, conv_key(x, w, y), per_image * int(np.prod(w[1:])),
                                     bool(c.get("sparse", False)), float(c.get("density", 1.0))))
         elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
             gemm_macs += int(np.prod(inits[node.input[1]].dims))
@@ -176,28 +181,33 @@ def time_by_op(events: Sequence[dict]) -> dict[str, float]:
     return dict(sorted(((op, t / n) for op, t in per_op.items()), key=lambda kv: -kv[1]))
 
 
-def _out_numel(e: dict) -> int:
-    shapes = e["args"].get("output_type_shape") or [{}]
-    dims = next(iter(shapes[0].values()), [])
-    return int(np.prod(dims[1:])) if len(dims) > 1 else 0
+def _event_key(e: dict) -> tuple[int, ...] | None:
+    """``conv_key`` of a profiled Conv event (None when ORT did not record its shapes)."""
+    def dims(field: str) -> list[list[int]]:
+        return [next(iter(s.values()), []) for s in e["args"].get(field) or []]
+
+    ins, outs = dims("input_type_shape"), dims("output_type_shape")
+    if len(ins) < 2 or not outs or len(ins[0]) != 4 or len(ins[1]) != 4 or len(outs[0]) != 4:
+        return None
+    return conv_key(ins[0], ins[1], outs[0])
 
 
 def amdahl(events: Sequence[dict], layers: Sequence[ConvLayer]) -> dict[str, float]:
     """The speed-up bound of making the sparse convs 1/density faster, from the dense file's profile.
 
-    ORT renames and fuses nodes, so profiled convs are matched to layers by (output elements per
-    image, parameter bytes); the time of a key shared by several layers (identical shapes) is split
-    evenly between them. Returns the bound, the share of dense time in convs that went sparse, and
-    how much conv time matched no layer (then the bound is a lower estimate).
+    ORT renames and fuses nodes, so profiled convs are matched to layers by ``conv_key`` (shapes);
+    the time of a key shared by several layers is split evenly between them (exact for identical
+    shapes). Returns the bound, the share of dense time in convs that went sparse, and how much
+    conv time matched no layer (then the bound is a lower estimate).
     """
     total = sum(e["dur"] for e in _node_events(events))
-    by_key: dict[tuple[int, int], float] = defaultdict(float)
+    by_key: dict[tuple[int, ...] | None, float] = defaultdict(float)
     for e in _node_events(events):
         if e["args"]["op_name"] in CONV_OPS:
-            by_key[(_out_numel(e), int(e["args"].get("parameter_size", 0)))] += e["dur"]
-    groups: dict[tuple[int, int], list[ConvLayer]] = defaultdict(list)
+            by_key[_event_key(e)] += e["dur"]
+    groups: dict[tuple[int, ...], list[ConvLayer]] = defaultdict(list)
     for c in layers:
-        groups[(c.out_numel, c.param_bytes)].append(c)
+        groups[c.key].append(c)
     saved = sparse_time = unmatched = 0.0
     for key, t in by_key.items():
         members = groups.get(key)
@@ -290,7 +300,9 @@ def print_result(res: dict[str, Any]) -> None:
                   f"SparseConv MACs {res['sparse_mac_share']:.0%}; dense output spread {notes['output_spread']:.1e}; "
                   f"exports {notes['export_s']:.0f} s")
     t = Table(title=f"{res['label']} density {res['density']}: ratios (medians over rounds, each round in brackets)",
-              title_justify="left", box=box.SIMPLE_HEAD)
+              title_justify="left", box=box.SIMPLE_HEAD, caption_justify="left",
+              caption="sparse convs' share of dense: of the dense file's profiled time; (?N%): conv time matching no "
+                      "model conv (ORT runs an unfolded BatchNorm as a 1x1 depthwise conv)")
     for col in ("batch", "thr", "dense ms", "sparse ms", "depth ms", "dense/sparse", "sparse/depth",
                 "Amdahl\nbound", "achieved\n/bound", "sparse convs'\nshare of dense", "outputs"):
         t.add_column(col, justify="right")
@@ -322,6 +334,8 @@ def print_result(res: dict[str, Any]) -> None:
                 ms = r["ops_ms"][v].get(op)
                 cells.append("" if ms is None else f"{ms:.2f} ({ms / total:.0%})")
         ops.add_row(op, *cells)
+    ops.add_section()
+    ops.add_row("total", *(f"{sum(r['ops_ms'][v].values()):.2f}" for r in res["rows"] for v in ("dense", "sparse")))
     console.print(ops)
 
 

@@ -46,9 +46,9 @@ def test_conv_layers_joins_the_exports_by_weight_name(bench) -> None:
               {"node": "x", "weight": "b.weight", "sparse": False, "density": 0.3}]
     layers, gemm = bench.conv_layers(_tiny_model(), dense, sparse)
     a, b = layers
-    assert (a.weight, a.out_numel, a.macs, a.param_bytes, a.sparse, a.density) == \
-        ("a.weight", 8 * 36, 8 * 36 * 4 * 9, 4 * (8 * 4 * 9 + 8), True, 0.25)
-    assert (b.out_numel, b.macs, b.param_bytes, b.sparse) == (8 * 9, 8 * 9 * 8, 4 * 64, False)
+    assert (a.weight, a.key, a.macs, a.sparse, a.density) == ("a.weight", (6, 6, 6, 6, 3, 3, 1, 1), 8 * 36 * 4 * 9,
+                                                              True, 0.25)
+    assert (b.key, b.macs, b.sparse) == ((6, 6, 3, 3, 1, 1, 1, 1), 8 * 9 * 8, False)
     assert gemm == 720
     assert bench.sparse_mac_share(layers, gemm) == pytest.approx(a.macs / (a.macs + b.macs + 720))
     # a conv the sparse export does not list counts as dense
@@ -60,9 +60,19 @@ def _run(ts: int, dur: int) -> dict:
     return {"cat": "Session", "name": "model_run", "ts": ts, "dur": dur}
 
 
-def _node(ts: int, dur: int, op: str, numel: tuple[int, ...] = (1, 1), params: int = 0) -> dict:
-    return {"cat": "Node", "name": f"n{ts}_kernel_time", "ts": ts, "dur": dur,
-            "args": {"op_name": op, "output_type_shape": [{"float": list(numel)}], "parameter_size": str(params)}}
+def _node(ts: int, dur: int, op: str, x: tuple[int, ...] = (), w: tuple[int, ...] = (), y: tuple[int, ...] = ()) -> dict:
+    args = {"op_name": op}
+    if x:
+        args.update(input_type_shape=[{"float": list(x)}, {"float": list(w)}], output_type_shape=[{"float": list(y)}])
+    return {"cat": "Node", "name": f"n{ts}_kernel_time", "ts": ts, "dur": dur, "args": args}
+
+
+def test_conv_key_ignores_orts_channel_padding_but_not_planes_or_kernels(bench) -> None:
+    key = bench.conv_key((1, 96, 56, 56), (24, 96, 1, 1), (1, 24, 56, 56))
+    assert key == bench.conv_key((1, 96, 56, 56), (32, 96, 1, 1), (1, 32, 56, 56))      # NCHWc pads 24 -> 32
+    assert key != bench.conv_key((1, 96, 56, 56), (40, 96, 1, 1), (1, 40, 56, 56))
+    assert key != bench.conv_key((1, 96, 56, 56), (24, 96, 1, 1), (1, 24, 28, 28))      # stride 2
+    assert key != bench.conv_key((1, 96, 56, 56), (24, 96, 3, 3), (1, 24, 56, 56))
 
 
 def test_last_runs_and_time_by_op_average_the_kept_runs(bench) -> None:
@@ -76,14 +86,17 @@ def test_last_runs_and_time_by_op_average_the_kept_runs(bench) -> None:
     assert list(bench.time_by_op(kept)) == ["Conv", "Add"]
 
 
-def _layer(bench, numel: int, params: int, sparse: bool, density: float = 1.0):
-    return bench.ConvLayer("w", numel, params, 1, sparse, density)
+X, W, Y = (1, 64, 8, 8), (64, 64, 3, 3), (1, 64, 8, 8)
+
+
+def _layer(bench, x, w, y, sparse: bool, density: float = 1.0):
+    return bench.ConvLayer("w", bench.conv_key(x, w, y), 1, sparse, density)
 
 
 def test_amdahl_bound_from_the_dense_profile(bench) -> None:
     # 80% of the time in a conv that went sparse at density 0.1, 20% elsewhere: 1 / (0.2 + 0.08)
-    events = [_run(0, 100), _node(1, 80, "Conv", (1, 64, 8, 8), 400), _node(90, 20, "Relu")]
-    layers = [_layer(bench, 64 * 64, 400, True, 0.1)]
+    events = [_run(0, 100), _node(1, 80, "Conv", X, W, Y), _node(90, 20, "Relu")]
+    layers = [_layer(bench, X, W, Y, True, 0.1)]
     got = bench.amdahl(events, layers)
     assert got["bound"] == pytest.approx(1 / 0.28) and got["sparse_time_share"] == pytest.approx(0.8)
     assert got["unmatched_conv_share"] == 0.0
@@ -91,9 +104,10 @@ def test_amdahl_bound_from_the_dense_profile(bench) -> None:
 
 def test_amdahl_splits_a_shared_shape_and_reports_unmatched_convs(bench) -> None:
     # two identical layers (one sparse at 0.5) share 60 units; a conv of unknown shape takes 40
-    events = [_run(0, 100), _node(1, 30, "Conv", (1, 8, 4, 4), 100), _node(40, 30, "FusedConv", (1, 8, 4, 4), 100),
-              _node(80, 40, "Conv", (1, 3, 3, 3), 7)]
-    layers = [_layer(bench, 128, 100, True, 0.5), _layer(bench, 128, 100, False)]
+    x1, w1 = (1, 64, 8, 8), (64, 1, 1, 1)                   # ORT's BatchNorm as a depthwise 1x1 conv: no layer
+    events = [_run(0, 100), _node(1, 30, "Conv", X, W, Y), _node(40, 30, "FusedConv", X, W, Y),
+              _node(80, 40, "Conv", x1, w1, x1)]
+    layers = [_layer(bench, X, W, Y, True, 0.5), _layer(bench, X, W, Y, False)]
     got = bench.amdahl(events, layers)
     assert got["sparse_time_share"] == pytest.approx(0.3)
     assert got["bound"] == pytest.approx(100 / (100 - 15))
