@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import onnx
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -110,8 +111,6 @@ def conv_layers(dense_onnx: Any, dense_layers: Sequence[dict], sparse_layers: Se
     ``dense_onnx``: the dense file's ModelProto; ``*_layers``: ``ExportReport.to_json()["layers"]``.
     A conv whose weight the sparse export does not list counts as dense.
     """
-    import onnx
-
     model = onnx.shape_inference.infer_shapes(dense_onnx)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
               for v in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input)}
@@ -241,8 +240,6 @@ def measure(name: str, density: float, tmp: Path, args: argparse.Namespace) -> d
     notes["export_s"] = time.perf_counter() - t0
     paths = dict(files)
     spread = output_spread(paths["dense"])
-    import onnx
-
     layers, gemm_macs = conv_layers(onnx.load(str(paths["dense"])), notes["dense_export"]["layers"],
                                     notes["export"]["layers"])
     mac_share = sparse_mac_share(layers, gemm_macs)
