@@ -1,5 +1,6 @@
 """Depth multiplier (MobileNets; Changpinyo et al. 2017 sect. 3.1): every free channel group of
-size n becomes ceil(alpha * n), with freshly initialised weights.
+size n becomes ceil(alpha * n), with freshly initialised weights; with a channel ``divisor`` d > 1,
+``make_divisible(alpha * n, d)`` capped at n instead (MobileNetV2's rounding of scaled widths).
 
 The channel graph decides what may change: groups tied to the model's input or output or to an op
 no rule understands keep their size; a group that a grouped conv or a GroupNorm reads stays a
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..errors import PassError
+from ..errors import PassError, UsageError
 from .base import GraphPass, PassResult, check_fraction, set_submodule
 from .channel_graph import ChannelGraph
 from .rules import LayerRule, Registry
@@ -27,21 +28,47 @@ def check_alpha(alpha: float | None) -> float:
     return check_fraction(alpha, "--alpha", "0.5")
 
 
-def scaled(n: int, alpha: float, multiple: int = 1) -> int:
-    """ceil(alpha * n), rounded up to a multiple of ``multiple`` (at least one multiple, at most n)."""
-    if multiple <= 1:
-        return math.ceil(alpha * n)
-    return min(n, multiple * max(1, math.ceil(alpha * n / multiple)))
+def make_divisible(width: float, divisor: int = 8) -> int:
+    """``width`` rounded to the nearest multiple of ``divisor``, at least ``divisor`` and not below 90% of ``width``.
+
+    The rule MobileNetV2 and EfficientNet use for scaled channel counts (Sandler et al. 2018; the
+    reference implementations' ``_make_divisible``): ORT's and other runtimes' convs run fastest
+    on channel counts that fill whole SIMD vectors.
+    """
+    out = max(divisor, int(width + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * width else out
+
+
+def check_divisor(divisor: int | None) -> int:
+    """The channel divisor of the depth multiplier: a positive integer (1: plain ceil(alpha * n))."""
+    if divisor is None:
+        return 1
+    if isinstance(divisor, bool) or int(divisor) != divisor or divisor < 1:
+        raise UsageError(f"--divisor {divisor} is not a positive integer; give e.g. --divisor 8")
+    return int(divisor)
+
+
+def scaled_size(n: int, alpha: float, divisor: int = 1, multiple: int = 1) -> int:
+    """The depth-multiplied size of a group of ``n`` channels: ceil(alpha * n), or with ``divisor`` > 1
+    ``make_divisible(alpha * n, divisor)`` capped at ``n`` (the multiplier never widens a group);
+    then rounded up to a multiple of ``multiple`` (the group count of a grouped conv or GroupNorm
+    reading the group), at least one multiple and at most ``n``."""
+    size = math.ceil(alpha * n) if divisor == 1 else min(n, make_divisible(alpha * n, divisor))
+    if multiple > 1:
+        size = min(n, multiple * max(1, math.ceil(size / multiple)))
+    return size
 
 
 class DepthMultiplierPass(GraphPass):
-    """Scale every free channel group by ``alpha`` (rounded up, to a multiple of its group count)."""
+    """Scale every free channel group by ``alpha`` (rounded up, or to a multiple of ``divisor``;
+    always to a multiple of its group count)."""
 
     name = "depth-multiplier"
 
-    def __init__(self, alpha: float, seed: int = 0, rules: Registry | None = None) -> None:
+    def __init__(self, alpha: float, seed: int = 0, divisor: int = 1, rules: Registry | None = None) -> None:
         self.alpha = check_alpha(alpha)
         self.seed = seed
+        self.divisor = check_divisor(divisor)
         self.rules = rules
 
     def requires(self, gm: fx.GraphModule, example: Any) -> None:
@@ -55,7 +82,7 @@ class DepthMultiplierPass(GraphPass):
 
     def call(self, gm: fx.GraphModule, example: Any) -> PassResult:
         cg = ChannelGraph.build(gm, example, self.rules)
-        sizes = {g.id: scaled(g.size, self.alpha, g.multiple) for g in cg.free_groups()}
+        sizes = {g.id: scaled_size(g.size, self.alpha, self.divisor, g.multiple) for g in cg.free_groups()}
 
         def new_size(a: Any, axis: int) -> int:
             g = cg.group_of(a, axis) if isinstance(a, fx.Node) else None
@@ -145,4 +172,4 @@ def _dims(m: Any) -> list[int]:
     return []
 
 
-__all__ = ["DepthMultiplierPass", "check_alpha", "scaled"]
+__all__ = ["DepthMultiplierPass", "check_alpha", "check_divisor", "make_divisible", "scaled_size"]
