@@ -242,7 +242,12 @@ def load(path: str | Path, rules: Mapping[Any, str | Rule] | None = None) -> Run
 def inspect(target: str | Path | nn.Module, *, input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
             model_args: dict[str, Any] | None = None, leaf_modules: Sequence[str] = (),
             rules: Mapping[Any, str | Rule] | None = None) -> dict[str, Any]:
-    """The per-layer report of a run directory, a model (file/zoo/module), or an .onnx file."""
+    """The per-layer report of a run directory, a model (file/zoo/module), or an .onnx file.
+
+    For a model or run, ``channel_groups`` lists the channel groups layers write, with their size
+    and, for those a pass may not freely change, why (``frozen``: never resized or removed;
+    ``whole``: resized but never compacted; ``multiple``: sizes stay multiples of it).
+    """
     if isinstance(target, (str, Path)) and str(target).endswith(".onnx"):
         from .runtime.onnx_inspect import inspect_onnx
 
@@ -254,7 +259,7 @@ def inspect(target: str | Path | nn.Module, *, input_shape: Sequence[int] | Sequ
         if original:
             report = with_ratios(report, {"totals": original})
         report.update(method=run.recipe.method, params=run.recipe.params, model=run.recipe.model,
-                      seed=run.recipe.seed)
+                      seed=run.recipe.seed, channel_groups=channel_groups(run.model, _rules(rules)[0]))
         return report
     if isinstance(target, Path) or (isinstance(target, str) and Path(target).is_dir()):
         raise UsageError(f"{target} is not a run directory, a model file, zoo:NAME or an .onnx file")
@@ -262,4 +267,17 @@ def inspect(target: str | Path | nn.Module, *, input_shape: Sequence[int] | Sequ
                        rules=rules)
     report = result.summary
     report["model"] = result.recipe.model
+    report["channel_groups"] = channel_groups(result.model, _rules(rules)[0])
     return report
+
+
+def channel_groups(gm: fx.GraphModule, rules: Registry | None = None) -> list[dict[str, Any]]:
+    """The channel groups that layers write (shapes must be recorded on ``gm``), for reports."""
+    from .passes.channel_graph import ChannelGraph
+
+    cg = ChannelGraph.build(gm, rules=rules)
+    out = []
+    for g in cg.channel_groups():
+        out.append({"id": g.id, "size": g.size, "layers": sorted({m.target for m in g.producers}),
+                    "frozen": sorted(set(g.reasons)), "whole": sorted(set(g.whole)), "multiple": g.multiple})
+    return out

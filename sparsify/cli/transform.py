@@ -163,6 +163,17 @@ def inspect(
         return
     out.print(render_report(report, f"{report.get('model', target)} · {report.get('method', 'dense')}"))
     print_totals(report)
+    groups = report.get("channel_groups") or []
+    free = sum(1 for g in groups if not g["frozen"])
+    if groups:
+        out.print(f"channel groups: {len(groups)} ({free} resizable)")
+    for g in groups:
+        layers = ", ".join(g["layers"][:3]) + (" ..." if len(g["layers"]) > 3 else "")
+        if g["frozen"]:
+            out.print(f"  frozen  {g['size']:>5} ch  {layers}: {g['frozen'][0]}", highlight=False)
+        elif g["whole"] or g["multiple"] > 1:
+            why = g["whole"][0] if g["whole"] else f"multiple of {g['multiple']}"
+            out.print(f"  whole   {g['size']:>5} ch  {layers}: {why}", highlight=False)
 
 
 @app.command()

@@ -394,8 +394,9 @@ def certify(original: nn.Module, compacted: nn.Module, example: Any, trials: int
             xs = inputs if i == 0 else tuple(torch.randn(x.shape, generator=gen, dtype=x.dtype) * (1 + i)
                                               if x.is_floating_point() else x for x in inputs)
             if lockstep:
-                _certify_nodes(original, compacted, xs, tolerance, kept)
-            ref, got = _outputs(original(*xs)), _outputs(compacted(*xs))
+                ref, got = (_outputs(y) for y in _certify_nodes(original, compacted, xs, tolerance, kept))
+            else:
+                ref, got = _outputs(original(*xs)), _outputs(compacted(*xs))
             if len(ref) != len(got):
                 raise PassError(f"compaction changed the number of outputs from {len(ref)} to {len(got)}; please report it")
             for k, (r, o) in enumerate(zip(ref, got)):
@@ -414,13 +415,17 @@ def certify(original: nn.Module, compacted: nn.Module, example: Any, trials: int
 
 
 def _certify_nodes(original: fx.GraphModule, compacted: fx.GraphModule, xs: tuple[torch.Tensor, ...],
-                   tolerance: float, kept: dict[tuple[str, int], np.ndarray] | None) -> None:
-    """Node by node; without ``kept`` (which channels remain) only nodes of unchanged shape are compared."""
+                   tolerance: float, kept: dict[tuple[str, int], np.ndarray] | None) -> tuple[Any, Any]:
+    """Node by node; without ``kept`` (which channels remain) only nodes of unchanged shape are
+    compared. Returns both graphs' outputs."""
+    outs: tuple[Any, Any] = (None, None)
     a, b = _Lockstep(original), _Lockstep(compacted)
     a.start(xs)
     b.start(xs)
     for i, n in enumerate(a.nodes):
         ref, got = a.step(i), b.step(i)
+        if n.op == "output":
+            outs = (ref, got)
         if isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor) and ref.is_floating_point():
             r = ref
             key = f"%{n.target}" if n.op == "get_attr" else n.name
@@ -441,6 +446,7 @@ def _certify_nodes(original: fx.GraphModule, compacted: fx.GraphModule, xs: tupl
                                     f"inputs and output {s:.3g}); export with --no-compact and please report it")
         a.free(i)
         b.free(i)
+    return outs
 
 
 def compact(gm: fx.GraphModule, example_input: Any, align: int = CHANNEL_ALIGN,

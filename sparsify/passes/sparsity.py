@@ -156,7 +156,9 @@ class SparsePass(GraphPass):
         layers, notes = eligible_layers(gm, self.include_linear, self.include_classifier, self.rules)
         if not layers:
             leaves = [n.split(":")[0] for n in notes if ": leaf " in n]
-            why = (f"; {', '.join(leaves)} {'is a leaf' if len(leaves) == 1 else 'are leaves'} kept dense"
+            types = sorted({n.split(": leaf ")[1].split(" ")[0] for n in notes if ": leaf " in n})
+            why = (f"; {', '.join(leaves)} {'is a leaf' if len(leaves) == 1 else 'are leaves'} kept dense "
+                   f"(--rule {types[0]}=conv masks a leaf whose forward is a conv over its own weight)"
                    if leaves else "")
             raise PassError(f"{self.name}: the model has no layer to make sparse (convs, or linears with "
                             f"--include-linear){why}")

@@ -22,7 +22,7 @@ from sparsify.errors import PassError, TraceError
 from sparsify.nn import MaskedLeaf
 from sparsify.passes.channel_graph import ChannelGraph
 from sparsify.passes.depth_multiplier import DepthMultiplierPass
-from sparsify.passes.rules import with_user_rules
+from sparsify.passes.rules import LayerRule, Role, slice_tensors, with_user_rules
 from sparsify.passes.sparsity import SparseRandomPass
 from sparsify.passes.trace import trace
 
@@ -213,3 +213,94 @@ def test_cli_rejects_an_unknown_rule(tmp_path):
     r = CliRunner().invoke(app, ["transform", str(src), "--leaf", "SameConv", "--rule", "SameConv=magic",
                                  "--density", "0.1", "--out", str(tmp_path / "run")])
     assert r.exit_code == 2 and "--rule" in r.output and not (tmp_path / "run").exists()
+
+
+# ---- a rule of the user's own (rules= in the API) --------------------------------------------
+
+
+class ChannelScale(nn.Module):
+    """A per-channel scale whose forward branches on the input's rank (untraceable by fx, which
+    sees a Proxy; torch.export specialises it)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, c))
+
+    def forward(self, x):
+        if x.dim() != 4:
+            raise ValueError("ChannelScale takes [N, C, H, W]")
+        return x * self.weight.view(1, -1, 1, 1)
+
+
+class ScaleRule(LayerRule):
+    """Channel c out = weight[c] * channel c in: tied, with the weight as per-channel parameters."""
+
+    name = "channel scale"
+    has_weight = False
+
+    def couple(self, cg, node, m):
+        x = node.args[0]
+        cg.tie_axes(x, node, None, self.name)
+        s = cg.module_space(node.target, 0, m.weight.shape[0])
+        cg.tie(cg.space(node, 1), s, self.name)
+        cg.member(s, Role.CHANNELWISE, node, node.target, 0, self)
+
+    def constancy(self, env, node, m, out):
+        return env.const(node.args[0])
+
+    def slice(self, m, member, keep):
+        slice_tensors(m, ("weight",), 0, keep)
+
+    def resize(self, m, node, size):
+        c = size(node, 1)
+        return None if c == m.weight.shape[0] else ChannelScale(c)
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.s, self.c2 = nn.Conv2d(1, 16, 3, padding=1), ChannelScale(16), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.s(self.c1(x))))).mean((2, 3)))
+
+
+SCALED_FILE = '''
+import sys
+sys.path.insert(0, {here!r})
+from test_leaf import Scaled
+
+INPUT_SHAPE = (1, 1, 16, 16)
+
+
+def build_model():
+    return Scaled()
+'''
+
+
+def test_a_user_rule_object_couples_resizes_compacts_and_must_be_given_to_replay(tmp_path):
+    import os
+
+    from sparsify.errors import RunDirError
+
+    src = tmp_path / "scaled.py"
+    src.write_text(SCALED_FILE.format(here=os.path.dirname(__file__)))
+    rules = {ChannelScale: ScaleRule()}
+    x = torch.randn(2, 1, 16, 16)
+    torch.manual_seed(0)
+    model = Scaled().eval()
+    gm = trace(model, rules=with_user_rules(rules))  # a type with a rule is a leaf by itself
+    cg = ChannelGraph.build(gm, x, with_user_rules(rules))
+    assert cg.group_of("c1") is cg.group_of("s") and not cg.group_of("c1").frozen
+    dm = DepthMultiplierPass(0.5, rules=with_user_rules(rules))(gm, x).model
+    assert dm.s.weight.shape == (8,) and dm.c1.out_channels == dm.c2.in_channels == 8
+    path, res = sparsify.transform_to_dir(str(src), "sparse-random", density=0.1, rules=rules, out=tmp_path / "run")
+    assert res.recipe.rules == {"ChannelScale": f"custom:{__name__}.ScaleRule"}
+    with pytest.raises(RunDirError, match="custom rule for ChannelScale"):
+        sparsify.load(path)
+    run = sparsify.load(path, rules=rules)
+    rep = sparsify.export(path, tmp_path / "m.onnx", rules=rules)
+    assert rep.compaction["channels_removed"] > 0  # the sqrt(D) rule's dead stem filters, through the scale
+    with torch.no_grad():
+        assert run.model.eval()(x).shape == (2, 10)

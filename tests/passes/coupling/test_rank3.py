@@ -90,3 +90,24 @@ class Rank3Unknown(nn.Module):
 def test_heads_split_is_frozen():
     cg = build(Rank3Unknown(), (1, 6, 16))
     assert group(cg, "fc1", 2).frozen
+
+
+class Volume(nn.Module):
+    """[N, C, D, H, W] volumes: Conv3d + BatchNorm3d + pooling are resized and compacted like 2-D."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv3d(1, 8, 3, padding=1), nn.BatchNorm3d(8)
+        self.c2 = nn.Conv3d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.max_pool3d(F.relu(self.b1(self.c1(x))), 2)
+        return self.fc(F.relu(self.c2(x)).mean((2, 3, 4)))
+
+
+def test_conv3d_is_resized_and_compacted():
+    cg = build(Volume(), (1, 1, 4, 8, 8))
+    assert not group(cg, "c1").frozen
+    dm, compacted, _ = through_every_pass(Volume(), (1, 1, 4, 8, 8), maskable=False)
+    assert dm.model.c1.out_channels == dm.model.b1.num_features == dm.model.c2.in_channels == 4
