@@ -26,7 +26,6 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import PassError
-from ..nn import SparseConv2d
 from .channel_graph import ChannelGraph, ChannelGroup
 from .rules import Const, ConstancyEnv, LayerRule, Member, Registry, Role
 from .trace import as_inputs, eval_graph_module, propagate_shapes
@@ -500,12 +499,23 @@ def _module_uses(gm: fx.GraphModule) -> dict[str, int]:
     return uses
 
 
+def _foldable_conv(m: nn.Module | None) -> bool:
+    """A conv (1-D/2-D/3-D, not transposed) computing the built-in forward: scaling its filters and
+    shifting its bias is exact (a leaf with its own forward, e.g. weight standardisation, is not)."""
+    from .rules import DEFAULT_RULES
+    from .rules.layers import ConvLeafRule, ConvRule
+
+    rule = DEFAULT_RULES.rule_for_module(m) if m is not None else None
+    return isinstance(rule, ConvRule) and not isinstance(rule, ConvLeafRule) and not rule.transposed
+
+
 def fold_batchnorm(gm: fx.GraphModule, inplace: bool = False) -> tuple[fx.GraphModule, list[str]]:
-    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d into that conv's weight and bias.
+    """Fold every eval-mode BatchNorm1d/2d/3d that directly follows a conv into that conv's weight and bias.
 
     Exact up to float rounding, and mask-preserving: scaling an output channel's filter keeps its zero
-    kernels zero. A conv whose output feeds anything besides the BN, or a module called more than
-    once, is left alone. Returns the graph and the names of the BN modules folded.
+    kernels zero. A conv whose output feeds anything besides the BN, a module called more than once,
+    or a leaf conv with its own forward is left alone. Returns the graph and the names of the BN
+    modules folded.
     """
     if not inplace:
         gm = copy.deepcopy(gm)
@@ -513,13 +523,14 @@ def fold_batchnorm(gm: fx.GraphModule, inplace: bool = False) -> tuple[fx.GraphM
     uses = _module_uses(gm)
     folded: list[str] = []
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+        if node.op != "call_module" or type(modules.get(node.target)) not in (nn.BatchNorm1d, nn.BatchNorm2d,
+                                                                               nn.BatchNorm3d):
             continue
         bn = modules[node.target]
         src = node.args[0] if node.args else None
         if (bn.training or not bn.track_running_stats or bn.running_mean is None or len(node.args) != 1
                 or not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1
-                or not isinstance(modules.get(src.target), nn.Conv2d)
+                or not _foldable_conv(modules.get(src.target))
                 or uses.get(src.target, 0) != 1 or uses.get(node.target, 0) != 1):
             continue
         conv = modules[src.target]
@@ -536,17 +547,17 @@ def fold_batchnorm(gm: fx.GraphModule, inplace: bool = False) -> tuple[fx.GraphM
 
 
 @torch.no_grad()
-def _fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+def _fold_into_conv(conv: nn.Module, bn: nn.Module) -> None:
     scale = bn.running_var.add(bn.eps).rsqrt()
     if bn.weight is not None:
         scale = scale * bn.weight
     shift = -bn.running_mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias
-    conv.weight.mul_(scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype))
+    conv.weight.mul_(scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1)).to(conv.weight.dtype))
     bias = conv.bias.detach() * scale + shift if conv.bias is not None else shift
     conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
-    if isinstance(conv, SparseConv2d):
+    if hasattr(conv, "apply_mask_"):
         conv.apply_mask_()
 
 

@@ -369,3 +369,26 @@ def test_certificate_judges_tiny_outputs_node_by_node() -> None:
         out.get_submodule("body.3").bias.add_(1e-3)
     with pytest.raises(PassError, match="not exact at node body_"):
         certify(gm, out, x)
+
+
+def test_fold_batchnorm_1d_and_never_into_a_leaf_with_its_own_forward() -> None:
+    class StdConv(nn.Conv1d):
+        """Weight standardisation: scaling the weight would be undone by its forward."""
+
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean((1, 2), keepdim=True)) / (w.std((1, 2), keepdim=True) + 1e-5)
+            return torch.nn.functional.conv1d(x, w, self.bias, padding=1)
+
+    torch.manual_seed(11)
+    m = nn.Sequential(nn.Conv1d(2, 6, 3, padding=1), nn.BatchNorm1d(6), nn.ReLU(),
+                      StdConv(6, 6, 3), nn.BatchNorm1d(6)).eval()
+    with torch.no_grad():
+        for bn in (m[1], m[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    folded, names = fold_batchnorm(trace(m, ["StdConv"]))
+    assert names == ["1"]
+    x = torch.randn(3, 2, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), m(x), rtol=1e-5, atol=1e-5)
