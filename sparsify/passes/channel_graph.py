@@ -28,7 +28,6 @@ from typing import Any, Iterator
 
 import networkx as nx
 import numpy as np
-import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata

@@ -1,7 +1,10 @@
 """Trace an nn.Module into a torch.fx GraphModule with shapes recorded on every node.
 
-Sparse layers and the user's ``--leaf`` module types stay opaque (leaf modules). A model that
-cannot be traced raises TraceError naming the source line and how to proceed.
+The model is traced in eval mode and in training mode; when the two programs differ (dropout
+flags, ``if self.training:`` branches, auxiliary outputs) the result keeps both graphs over one
+module tree (``ModeGraphModule``). Sparse layers, modules a rule covers and the user's ``--leaf``
+module types stay opaque (leaf modules). A model that cannot be traced raises TraceError naming the
+source line and, when the failure is inside a submodule's forward, the type to make a leaf.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import sparsify
-from sparsify.errors import PassError, TraceError
+from sparsify.errors import TraceError
 from sparsify.nn import MaskedLeaf
 from sparsify.passes.channel_graph import ChannelGraph
 from sparsify.passes.depth_multiplier import DepthMultiplierPass

@@ -4,6 +4,13 @@
 user gives for their own (leaf) module types, by type or type name, as a Rule object or as the
 name of a leaf rule: ``"conv"``, ``"linear"`` (the leaf's forward computes that layer over its own
 ``weight``), ``"elementwise"`` (channel c out depends on channel c in only), ``"frozen"``.
+
+A rule of one's own subclasses ``Rule`` (ops without parameters) or ``LayerRule`` (modules with
+parameters) and implements ``couple`` with the ChannelGraph's construction API (``space``,
+``tie``, ``tie_axes``, ``module_space``, ``member``, ``derive``, ``freeze``, ``whole``,
+``multiple_of``) and, as it applies, ``constancy``, ``slice``, ``resize``, ``sparse`` /
+``make_sparse`` and ``describe``; see ``ChannelwiseRule`` for a per-channel module and
+tests/passes/test_leaf.py for a complete example.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from .ops import (
 )
 
 __all__ = ["Const", "ConstancyEnv", "LayerRule", "Member", "Registry", "Role", "Rule", "SparseLayout",
+           "ChannelwiseRule", "ConvRule", "LinearRule", "ElementwiseRule",
            "DEFAULT_RULES", "LEAF_RULES", "with_user_rules", "known_base", "leaf_rule_name", "rule_names",
            "arg", "effective_weight", "set_tensor", "slice_tensors", "zero_padded"]
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .base import Const, ConstancyEnv, LayerRule, Member, Role, Rule, SparseLayout
+from .base import Const, LayerRule, Role, Rule, SparseLayout
 
 
 def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:

@@ -201,10 +201,10 @@ class CatRule(Rule):
         if not isinstance(tensors, (list, tuple)):
             return None
         dim = _norm(arg(node, 1, "dim", 0), out.dim())
-        consts = [env.const(t) for t in tensors]
-        if any(c is None or c.axis != dim for c in consts):
+        flags = [env.flags(t, dim) for t in tensors]  # a part with no constant channel contributes False
+        if any(f is None for f in flags):
             return None
-        return Const(dim, torch.cat([c.flags for c in consts]))
+        return Const(dim, torch.cat(flags))
 
 
 class StackRule(Rule):
