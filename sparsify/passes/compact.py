@@ -124,9 +124,13 @@ class _Consumer:
     member: Member
     obj: Any               # the module, or the get_attr weight of a functional layer
     node: fx.Node          # the call, whose first argument carries the channels
+    read: torch.Tensor | None = None   # which input positions a live weight reads (None: all)
+
+    def __post_init__(self) -> None:
+        self.read = self.member.rule.read_mask(self.obj, self.member)
 
     def reads(self, pos: np.ndarray) -> bool:
-        return self.member.rule.reads(self.obj, self.member, torch.as_tensor(pos, dtype=torch.long))
+        return True if self.read is None else bool(self.read[torch.as_tensor(pos, dtype=torch.long)].any())
 
     def fold(self, pos: np.ndarray, values: torch.Tensor) -> torch.Tensor | None:
         if self.member.functional:

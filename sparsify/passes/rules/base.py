@@ -89,9 +89,10 @@ class LayerRule(Rule):
         """Keep only channels ``keep`` along the member's axis, in place (compaction)."""
         raise NotImplementedError(f"{type(self).__name__} cannot slice {type(module).__name__}")
 
-    def reads(self, module: nn.Module, member: Member, positions: torch.Tensor) -> bool:
-        """True when a live weight reads the input channels at ``positions`` (role IN)."""
-        return True
+    def read_mask(self, module: nn.Module, member: Member) -> torch.Tensor | None:
+        """Role IN: which input channels a live weight reads, a bool tensor over the group's
+        positions (None: assume every channel is read). ``module`` may be a functional layer's weight."""
+        return None
 
     def fold(self, module: nn.Module, member: Member, positions: torch.Tensor,
              values: torch.Tensor) -> torch.Tensor | None:

@@ -173,20 +173,14 @@ class ConvRule(LayerRule):
         return ~(live & ~usable).any(1)
 
     # -- compaction --
-    def reads(self, m, member, positions):
+    def read_mask(self, m, member):
         w = m if isinstance(m, torch.Tensor) else effective_weight(m)
         cin, cout, g = self._io_of(m, w)
-        pos = positions.long()
         if self.transposed:
-            return bool(w.index_select(0, pos).ne(0).any())
-        if g == 1:
-            return bool(w[:, pos].ne(0).any())
-        cin_g, cout_g = cin // g, cout // g
-        for p in pos.tolist():
-            b, j = divmod(p, cin_g)
-            if bool(w[b * cout_g:(b + 1) * cout_g, j].ne(0).any()):
-                return True
-        return False
+            return w.reshape(w.shape[0], -1).ne(0).any(1)
+        live = w.reshape(w.shape[0], w.shape[1], -1).ne(0).any(-1)          # [cout, cin/g]
+        cout_g = cout // g
+        return torch.cat([live[b * cout_g:(b + 1) * cout_g].any(0) for b in range(g)])
 
     def _io_of(self, m, w):
         if isinstance(m, torch.Tensor):  # a functional weight: assume groups = 1
@@ -314,9 +308,9 @@ class LinearRule(LayerRule):
         live = effective_weight(m).ne(0)
         return Const(out.dim() - 1, ~(live & ~fin[None, :]).any(1))
 
-    def reads(self, m, member, positions):
+    def read_mask(self, m, member):
         w = m if isinstance(m, torch.Tensor) else effective_weight(m)
-        return bool(w[:, positions.long()].ne(0).any())
+        return w.ne(0).any(0)
 
     def fold(self, m, member, positions, values):
         if isinstance(m, torch.Tensor):
