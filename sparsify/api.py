@@ -112,7 +112,8 @@ def _rules(rules: Any) -> tuple[Registry | None, dict[str, str]]:
     record = {}
     for key, value in rules.items():
         name = key if isinstance(key, str) else key.__name__
-        record[name] = value if isinstance(value, str) else f"custom:{type(value).__module__}.{type(value).__qualname__}"
+        kind = type(value)
+        record[name] = value if isinstance(value, str) else f"custom:{kind.__module__}.{kind.__qualname__}"
     return with_user_rules(rules), record
 
 

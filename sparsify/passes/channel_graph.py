@@ -187,7 +187,8 @@ class ChannelGraph:
     def element_space(self, a: fx.Node, index: int, axis: int) -> Space | None:
         """Axis ``axis`` of element ``index`` of a tuple-producing node."""
         shapes = self.element_shapes(a)
-        if not 0 <= index < len(shapes) or shapes[index] is None or not -len(shapes[index]) <= axis < len(shapes[index]):
+        shape = shapes[index] if 0 <= index < len(shapes) else None
+        if shape is None or not -len(shape) <= axis < len(shape):
             return None
         axis %= len(shapes[index])
         return self._new((f"{self.key(a)}#{index}", axis), shapes[index][axis])

@@ -71,11 +71,12 @@ def _failing_submodule(model: nn.Module, e: BaseException) -> nn.Module | None:
     return found
 
 
-def _untraceable_message(model: nn.Module, e: BaseException, leaf_types: Sequence[str]) -> str:
+def _untraceable_message(model: nn.Module, e: BaseException, leaf_types: Sequence[str], mode: str = "") -> str:
     """One line: where tracing failed, and the --leaf that helps (only when a submodule's forward failed)."""
     where = _user_frame(e)
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    head = (f"torch.fx cannot trace {type(model).__name__}" + (f" at {where}" if where else "")
+    head = (f"torch.fx cannot trace {type(model).__name__}" + (f" in {mode} mode" if mode else "")
+            + (f" at {where}" if where else "")
             + f" ({type(e).__name__}: {msg})")
     sub = _failing_submodule(model, e)
     if sub is None:
@@ -187,12 +188,13 @@ def eval_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
-def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any) -> tuple[SparsifyTracer, fx.Graph]:
+def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any,
+                mode: str = "") -> tuple[SparsifyTracer, fx.Graph]:
     tracer = SparsifyTracer(leaf_types, rules)
     try:
         graph = tracer.trace(model)
     except Exception as e:
-        raise TraceError(_untraceable_message(model, e, leaf_types)) from None
+        raise TraceError(_untraceable_message(model, e, leaf_types, mode)) from None
     return tracer, graph
 
 
@@ -211,7 +213,7 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None) -
         model.eval()
         tracer, eval_graph = _trace_once(model, leaf_types, rules)
         model.train()
-        _, train_graph = _trace_once(model, leaf_types, rules)
+        _, train_graph = _trace_once(model, leaf_types, rules, "training")
     finally:
         for m, training in modes.items():
             m.training = training

@@ -543,7 +543,8 @@ class FunctionalLinearRule(Rule):
     def couple(self, cg, node, module):
         x, w, b = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
         sx, so = cg.shape(x), cg.shape(node)
-        if not _get_attr(w) or sx is None or so is None or len(sx) != len(so) or (isinstance(b, fx.Node) and not _get_attr(b)):
+        computed_bias = isinstance(b, fx.Node) and not _get_attr(b)
+        if not _get_attr(w) or sx is None or so is None or len(sx) != len(so) or computed_bias:
             cg.unknown(node, "linear with a computed weight")
             return
         cg.tie_axes(x, node, [(i, i) for i in range(len(sx) - 1)], "linear leading axes")
