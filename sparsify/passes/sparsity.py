@@ -1,16 +1,22 @@
 """The sparse passes: ``sparse-random`` (Changpinyo et al. 2017) and ``psn`` (Profiled Sparse Networks).
 
-Both replace eligible layers with masked ones without changing any channel count:
-- a Conv2d becomes a SparseConv2d with a channel mask [Cout, Cin/groups] (the same pattern over
-  the whole kernel window); depthwise convs stay dense;
+Both replace eligible layers with masked ones without changing any channel count (each layer's
+rule says whether and how it is masked):
+- a Conv2d / Conv1d becomes a SparseConv2d / SparseConv1d with a channel mask [Cout, Cin/groups]
+  (the same pattern over the whole kernel window; a grouped conv gets one per group); depthwise,
+  transposed and 3-D convs stay dense;
 - a Linear becomes a SparseLinear with an element mask, only with ``include_linear`` for
   sparse-random (the paper keeps fully connected layers dense) and by default for psn;
+- a leaf module is masked in place (its own forward kept) only when a rule says it is a conv or a
+  linear map over its ``weight``; otherwise it stays dense;
 - the final classifier stays dense unless ``include_classifier``.
+Layers that only the training graph of a model uses (auxiliary heads) are masked too.
 
 Masks never create dead filters: every output unit reads an input and every input feeds an
 output. A conv that reads a single input filter (e.g. the first conv of a grey-scale net) cannot be
 sparse over channels, so the paper's rule applies (sect. 5.2.1): it keeps a fraction sqrt(D) of
-its filters, and the layers that read those filters never connect from the removed ones.
+its filters, and the layers that read those filters never connect from the removed ones, through
+any copy of them (a concat that repeats them, a flatten).
 """
 from __future__ import annotations
 
@@ -84,7 +90,8 @@ def eligible_layers(gm: fx.GraphModule, include_linear: bool, include_classifier
             if base is not None:
                 seen.add(node.target)
                 notes.append(f"{node.target}: leaf {type(mods[node.target]).__name__} (a {base.__name__} with its own "
-                             f"forward) kept dense and frozen; register a rule for it to couple its channels")
+                             f"forward) kept dense and frozen; a rule for it (--rule, rules=) couples, masks and "
+                             f"resizes it")
     return out, notes
 
 

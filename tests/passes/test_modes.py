@@ -236,3 +236,31 @@ def test_run_directory_rebuilds_both_modes_and_notes_them(tmp_path):
     assert rep.errors["function-body"] <= 1e-4
     metrics = sparsify.train(path, data="synthetic", epochs=1)
     assert "test_acc" in metrics
+
+
+def test_stochastic_depth_leaves_the_residual_group_free():
+    """The training graph's ``empty_like(y[:, :1, :1, :1])`` slices channels only as a shape
+    template: the residual group stays resizable (the depth multiplier shrinks it)."""
+    for cls in (InlineStochasticDepth, WrappedStochasticDepth):
+        gm = trace(_calibrated(cls))
+        x = torch.randn(2, 3, 16, 16)
+        cg = ChannelGraph.build(gm, x)
+        assert not cg.group_of("c1").frozen, cls.__name__
+        dm = DepthMultiplierPass(0.5)(gm, x).model
+        assert dm.c1.out_channels == dm.c2.out_channels == 8
+        dm.train()
+        assert dm(x).shape == (2, 10)
+
+
+def test_a_slice_whose_values_are_used_still_freezes():
+    class FirstChannel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = self.c(x)
+            return self.fc((y * torch.sigmoid(y[:, :1])).mean((2, 3)))
+
+    cg = ChannelGraph.build(trace(FirstChannel()), torch.randn(1, 3, 8, 8))
+    assert cg.group_of("c").frozen

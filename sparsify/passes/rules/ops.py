@@ -560,11 +560,15 @@ class GetitemRule(Rule):
         if plan is None or so is None:
             cg.unknown(node, "indexing")
             return
+        # x[:, :1] only as a shape template (torch.empty_like(x[:, :1, :1, :1]) in stochastic depth)
+        # reads no channel: the source keeps its freedom
+        template = bool(node.users) and all(_shape_only(u) for u in node.users)
         for i, (kind, j) in plan.items():
             if kind == "keep":
                 cg.tie(cg.space(src, i), cg.space(node, j), "indexing")
             else:
-                cg.freeze(cg.space(src, i), f"{kind} at {node.name}")
+                if not template:
+                    cg.freeze(cg.space(src, i), f"{kind} at {node.name}")
                 if j is not None:
                     cg.freeze(cg.space(node, j), f"{kind} at {node.name}")
 
@@ -825,6 +829,20 @@ class UnknownRule(Rule):
 
     def couple(self, cg, node, module):
         cg.unknown(node, _name(node, module))
+
+
+_SHAPE_FUNCTIONS = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like, torch.rand_like,
+                    torch.randn_like, torch.randint_like}
+_SHAPE_METHODS = {"size", "dim", "new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "numel"}
+
+
+def _shape_only(user: fx.Node) -> bool:
+    """True when ``user`` reads only the shape, dtype or device of its input, never its values."""
+    if user.op == "call_function":
+        if user.target in _SHAPE_FUNCTIONS:
+            return True
+        return user.target is getattr and len(user.args) > 1 and user.args[1] in ("shape", "dtype", "device", "ndim")
+    return user.op == "call_method" and user.target in _SHAPE_METHODS
 
 
 def _name(node: fx.Node, module: Any = None) -> str:
