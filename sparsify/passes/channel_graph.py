@@ -307,7 +307,7 @@ class ChannelGraph:
         for s, (kind, parts) in self._derive.items():
             g = self.groups[self._group_of[s]]
             d = Derivation(kind, tuple((self._group_of[p], k) for p, k in parts))
-            if g.derivation is not None and g.derivation != d:
+            if g.derivation is not None and not self._same_layout(g.derivation, d):
                 g.reasons.append(f"group laid out by two different {kind}s")
             g.derivation = g.derivation or d
         for g in self.groups.values():
@@ -339,6 +339,19 @@ class ChannelGraph:
                     if p.multiple % need:
                         p.multiple = math.lcm(p.multiple, need)
                         changed = True
+
+    def _same_layout(self, a: Derivation, b: Derivation) -> bool:
+        """Two layouts agree: same kind, and part by part the same group, or two groups no layer
+        writes (spatial axes, e.g. of the eval and the training graph) of the same size."""
+        if a.kind != b.kind or len(a.parts) != len(b.parts):
+            return False
+        for (pa, ka), (pb, kb) in zip(a.parts, b.parts):
+            if ka != kb:
+                return False
+            if pa != pb and (self.groups[pa].producers or self.groups[pb].producers
+                             or self.groups[pa].derivation or self.groups[pb].derivation):
+                return False
+        return True
 
     def _cyclic(self, gid: int, seen: set[int]) -> bool:
         if gid in seen:

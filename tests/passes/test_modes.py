@@ -264,3 +264,17 @@ def test_a_slice_whose_values_are_used_still_freezes():
 
     cg = ChannelGraph.build(trace(FirstChannel()), torch.randn(1, 3, 8, 8))
     assert cg.group_of("c").frozen
+
+
+def test_a_flatten_in_both_graphs_lays_out_one_group():
+    """The flatten before the classifier appears in the eval and the training graph; its spatial
+    parts are different (fixed-size) groups in each, which must not freeze the channels."""
+
+    class FlattenDropout(Base):
+        def forward(self, x):
+            x = F.adaptive_avg_pool2d(F.relu(self.c2(F.relu(self.bn1(self.c1(x))))), 1)
+            return self.fc(F.dropout(torch.flatten(x, 1), 0.2, self.training))
+
+    gm = trace(_calibrated(FlattenDropout))
+    cg = ChannelGraph.build(gm, torch.randn(2, 3, 16, 16))
+    assert isinstance(gm, ModeGraphModule) and not cg.group_of("c2").frozen
