@@ -11,9 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import UsageError
-from ._common import app, err, handle_errors, out
+from ._common import SparsifyTyper, app, err, handle_errors, out
 
-data_app = typer.Typer(help="Data sets for training: fetch them into the cache.", no_args_is_help=True)
+data_app = SparsifyTyper(help="Data sets for training: fetch them into the cache.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -78,6 +78,9 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Mini-batch size (default 100)"),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default 0.1 for SGD, 1e-3 for Adam)"),
     lr_schedule: Optional[str] = typer.Option(None, help="cosine (default), step (x0.1 at 50% and 75%), constant"),
+    warmup_steps: Optional[int] = typer.Option(None, help="Steps of linear learning-rate warm-up (default: one "
+                                                          "epoch, at most 500 steps; 0: none)"),
+    clip_grad_norm: Optional[float] = typer.Option(None, help="Clip the gradient norm to this (default: no clipping)"),
     optimizer: Optional[str] = typer.Option(None, help="sgd (Nesterov, default) or adam"),
     momentum: Optional[float] = typer.Option(None, help="SGD momentum (default 0.9)"),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default 5e-4)"),
@@ -103,7 +106,8 @@ def train(
     from ..train import train_run
 
     given = dict(data=data, data_dir=str(data_dir) if data_dir else None, schedule=schedule, epochs=epochs,
-                 batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, optimizer=optimizer, momentum=momentum,
+                 batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+                 clip_grad_norm=clip_grad_norm, optimizer=optimizer, momentum=momentum,
                  weight_decay=weight_decay, seed=seed, prune_rate=prune_rate, update_every=update_every,
                  stop_fraction=stop_fraction, start_density=start_density, double_every=double_every, init=init,
                  init_profile=init_profile, train_limit=train_limit)
