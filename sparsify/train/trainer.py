@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._io import atomic_path
-from ..errors import TrainingError, UsageError
+from ..errors import DivergenceError, TrainingError, UsageError
 from ..nn import sparse_modules
 from .checkpoint import save_checkpoint
 from .data import DATASETS, DataBundle, Split, batches, num_batches
@@ -32,6 +32,9 @@ from .schedules import SCHEDULES, Change, Plan, schedule_class
 LR_SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adam")
 INITS = ("run", "uniform", "erk")
+WARMUP_MAX_STEPS = 500
+START_STEPS = 5          # the loss a run starts from: mean over its first steps
+DIVERGED_FACTOR = 3.0    # an epoch's mean train or validation loss this many times the start loss: diverged
 
 LogFn = Callable[[str], None]
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -48,6 +51,8 @@ class TrainConfig:
     batch_size: int = 100
     lr: float | None = None               # default 0.1 for SGD, 1e-3 for Adam
     lr_schedule: str = "cosine"           # cosine | step (x0.1 at 50% and 75%) | constant
+    warmup_steps: int | None = None       # linear warm-up from 0; None: one epoch, at most WARMUP_MAX_STEPS
+    clip_grad_norm: float | None = None   # clip the global gradient norm to this (None: no clipping)
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -90,6 +95,8 @@ class TrainConfig:
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.lr is None or self.lr > 0, "--lr must be positive"),
+            (self.warmup_steps is None or self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (self.clip_grad_norm is None or self.clip_grad_norm > 0, "--clip-grad-norm must be positive"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
@@ -110,8 +117,20 @@ class TrainConfig:
             raise UsageError("--init / --init-profile apply to --schedule rigl only")
 
 
-def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
-    """Learning rate for 0-based ``step`` of ``total``."""
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Steps of linear learning-rate warm-up: ``cfg.warmup_steps``, else one epoch (at most WARMUP_MAX_STEPS)."""
+    if cfg.warmup_steps is not None:
+        return int(cfg.warmup_steps)
+    return min(steps_per_epoch, WARMUP_MAX_STEPS)
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int, warmup: int = 0) -> float:
+    """Learning rate for 0-based ``step`` of ``total``: the schedule, times a linear warm-up over ``warmup`` steps."""
+    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return factor * _scheduled_lr(cfg, step, total)
+
+
+def _scheduled_lr(cfg: TrainConfig, step: int, total: int) -> float:
     base = cfg.learning_rate
     if cfg.lr_schedule == "cosine":
         return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
@@ -202,6 +221,29 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, reducer: Reducer,
     return float(acc[0]) / n, float(acc[1]) / n
 
 
+def at_chance(acc: float, num_classes: int, n: int) -> bool:
+    """True when accuracy ``acc`` on ``n`` examples is within three standard errors of guessing 1 of ``num_classes``."""
+    if not math.isfinite(acc) or n <= 0 or num_classes < 2:
+        return False
+    p = 1.0 / num_classes
+    return acc <= p + 3.0 * math.sqrt(p * (1 - p) / n)
+
+
+def _check_divergence(train_loss: float, val_loss: float | None, start_loss: float | None, epoch: int,
+                      good_epochs: int, cfg: TrainConfig) -> None:
+    """Raise DivergenceError when the epoch's train or validation loss is non-finite or far above the start."""
+    for name, value in (("train", train_loss), ("validation", val_loss)):
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise DivergenceError(f"{name} loss became {value:.4g} at epoch {epoch}", epoch=epoch,
+                                  good_epochs=good_epochs, lr=cfg.learning_rate)
+        if start_loss is not None and value > DIVERGED_FACTOR * start_loss:
+            raise DivergenceError(f"the {name} loss of epoch {epoch} ({value:.4g}) is {value / start_loss:.0f}x the "
+                                  f"loss training started from ({start_loss:.3g})", epoch=epoch,
+                                  good_epochs=good_epochs, lr=cfg.learning_rate)
+
+
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -236,12 +278,16 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     if steps_per_epoch == 0:
         raise TrainingError(f"the training split has fewer examples ({len(data.train)}) than ranks; use more data")
     plan = Plan(cfg.epochs, steps_per_epoch)
+    warmup = warmup_steps(cfg, steps_per_epoch)
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])  # before the schedule looks at the masks
     schedule = schedule_class(cfg.schedule)(layers, plan, cfg, reducer)
     optimizer = make_optimizer(model, cfg)
     history: list[dict[str, Any]] = []
     start_epoch = 0
+    start_loss: float | None = None
+    first_losses: list[float] = []
+    warned_chance = False
     initial = Change()
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -249,6 +295,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
         torch.set_rng_state(resume_state["rng"]["torch"])
         history = json.loads(resume_state["history"])
         start_epoch = int(resume_state["epoch"])
+        start_loss = resume_state.get("start_loss")
         say(f"resuming after epoch {start_epoch} of {cfg.epochs}")
     else:
         _merge(initial, schedule.start())
@@ -280,7 +327,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
             step = (epoch - 1) * steps_per_epoch
             for x, y in batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
                                 rank=reducer.rank, world_size=reducer.world_size):
-                lr = lr_at(cfg, step, total)
+                lr = lr_at(cfg, step, total, warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 tap = DenseGradTap(layers) if schedule.wants_dense_grad(step) else None
@@ -294,15 +341,18 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                                      dtype=torch.float64)
                 reducer.sum_(batch)
                 if not math.isfinite(float(batch[0])):
-                    where = f"{checkpoint}" if checkpoint and Path(checkpoint).exists() else "no checkpoint yet"
-                    raise TrainingError(
-                        f"loss became {float(batch[0]):.4g} at epoch {epoch} step {step + 1}; training stopped, the last "
-                        f"good state is kept ({where}) and the run's weights are unchanged; retry with a lower --lr"
-                    )
+                    raise DivergenceError(f"loss became {float(batch[0]):.4g} at epoch {epoch} step {step + 1}",
+                                          epoch=epoch, good_epochs=len(history), lr=cfg.learning_rate)
+                if start_loss is None:
+                    first_losses.append(float(batch[0] / batch[2]))
+                    if len(first_losses) == min(START_STEPS, steps_per_epoch):
+                        start_loss = sum(first_losses) / len(first_losses)
                 sums += batch
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_acc.add(step)
+                if cfg.clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
                 optimizer.step()
                 enforce_masks(layers, optimizer)
                 step += 1
@@ -328,9 +378,16 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
             for n, rec in stats.items():
                 rec["pruned"] = changes.pruned.get(n, 0)
                 rec["grown"] = changes.grown.get(n, 0)
+            train_loss = float(sums[0] / sums[2])
+            _check_divergence(train_loss, val_loss if len(data.val) else None, start_loss, epoch, len(history), cfg)
+            if not warned_chance and at_chance(val_acc if len(data.val) else float(sums[1] / sums[2]),
+                                               data.num_classes, len(data.val) or int(sums[2])):
+                warned_chance = True
+                say(f"warning: accuracy is at chance ({1 / data.num_classes:.0%}) after epoch {epoch}; if it stays "
+                    f"there, train again with a lower learning rate (--lr {cfg.learning_rate / 10:g} --force)")
             record = {
-                "event": "epoch", "epoch": epoch, "step": step, "lr": lr_at(cfg, step - 1, total),
-                "train_loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2]),
+                "event": "epoch", "epoch": epoch, "step": step, "lr": lr_at(cfg, step - 1, total, warmup),
+                "train_loss": train_loss, "train_acc": float(sums[1] / sums[2]),
                 "val_loss": val_loss, "val_acc": val_acc,
                 "pruned": sum(changes.pruned.values()), "grown": sum(changes.grown.values()),
                 "live": sum(r["live"] for r in stats.values()),
@@ -344,6 +401,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                         "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                         "rng": {"torch": torch.get_rng_state()}, "history": json.dumps(history),
+                        "start_loss": start_loss,
                     })
                 if metrics_path is not None:
                     _write_metrics(Path(metrics_path), history)
@@ -354,6 +412,11 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
 
     test_loss, test_acc = evaluate(model, data.test, cfg.batch_size, reducer, model_input)
     last = history[-1] if history else {}
+    warnings = []
+    if at_chance(test_acc, data.num_classes, len(data.test)):
+        warnings.append(f"test accuracy {test_acc:.1%} is at chance ({1 / data.num_classes:.0%}): the model did not "
+                        f"learn; train again with a lower learning rate (--lr {cfg.learning_rate / 10:g} --force) "
+                        f"or more epochs")
     result = {
         "schedule": cfg.schedule, "data": data.name, "epochs": cfg.epochs, "steps": plan.total_steps,
         "test_loss": test_loss, "test_acc": test_acc,
@@ -363,6 +426,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
         "density": (sum(int(m.mask.sum()) for m in layers.values()) / max(sum(m.mask.numel() for m in layers.values()), 1)),
         "layers": layer_stats(layers),
         "config": cfg.to_dict(),
+        "warnings": warnings,
     }
     if metrics_path is not None and reducer.is_main:
         _write_metrics(Path(metrics_path), history + [{"event": "test", "test_loss": test_loss, "test_acc": test_acc}])
