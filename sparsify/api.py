@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ._io import check_output_dir
 from .errors import ModelLoadError, UsageError
 from .models import LoadedModel, load_model
 from .passes.base import PassResult
@@ -106,15 +107,26 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
               profile_params: dict[str, float] | None = None, allocation: str = "uniform",
               include_linear: bool | None = None, include_classifier: bool = False, seed: int = 0,
               input_shape: Sequence[int] | None = None, model_args: dict[str, Any] | None = None,
-              leaf_modules: Sequence[str] = (), rescale_init: bool = True) -> TransformResult:
+              leaf_modules: Sequence[str] = (), rescale_init: bool | None = None,
+              weights: str | Path | None = None) -> TransformResult:
     """Load ``model``, trace it, apply ``method``, and report what changed.
 
     ``model`` is ``"zoo:NAME"``, ``"file.py"``, ``"file.py:NAME"`` or an nn.Module (not replayable
-    from a run directory). Raises a SparsifyError with a one-line message on bad input.
+    from a run directory). ``weights`` is a trained state dict (``.pt``/``.pth``/``.safetensors``,
+    see ``sparsify.weights``) loaded into the model before the pass, so the masks apply to it;
+    ``rescale_init`` (default: on without ``weights``, off with them) scales each unit's initial
+    weights to its live fan-in. Raises a SparsifyError with a one-line message on bad input.
     """
+    _check_seed(seed)
+    if weights is not None and method == "depth-multiplier":
+        raise UsageError("--weights applies to sparse-random, psn and none: depth-multiplier builds thinner layers "
+                         "with fresh weights")
+    if rescale_init is None:
+        rescale_init = weights is None
     params = _params_for(method, density, alpha, profile, profile_params, allocation, include_linear,
                          include_classifier, rescale_init)
     loaded = load_model(model, model_args, seed)
+    source = _load_user_weights(loaded, weights) if weights is not None else None
     shape = _input_shape(loaded, input_shape)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
     dense = trace(loaded.module, leaf_modules)
@@ -123,11 +135,30 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     params = _resolve_auto(dense, params)
     result = _apply(dense, method, params, seed, example)
     report = with_ratios(layer_report(result.model, shape), original)
-    report.update(method=method, params=params, seed=seed, notes=result.notes, pass_layers=result.layers)
+    notes = list(result.notes)
+    if source is not None:
+        notes.append(f"started from the trained weights in {source['source']}: fine-tune with a smaller learning "
+                     f"rate than training from scratch, e.g. train --lr 0.01")
+    report.update(method=method, params=params, seed=seed, notes=notes, pass_layers=result.layers)
     recipe = Recipe(model=loaded.spec, input_shape=list(shape), method=method, params=params, seed=seed,
                     model_args=dict(model_args or {}), leaf_modules=list(leaf_modules),
-                    num_classes=loaded.num_classes, source_sha256=loaded.source_sha256)
+                    num_classes=loaded.num_classes, source_sha256=loaded.source_sha256, weights=source)
     return TransformResult(result.model, recipe, report, loaded.source_file)
+
+
+def _check_seed(seed: int) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise UsageError(f"--seed must be an integer >= 0, not {seed!r}")
+
+
+def _load_user_weights(loaded: LoadedModel, weights: str | Path) -> dict[str, Any]:
+    """Load a trained state dict into the freshly built model; what the recipe records about it."""
+    from .weights import apply_state_dict, file_sha256, read_state_dict
+
+    path = Path(weights).expanduser()
+    state = read_state_dict(path)
+    apply_state_dict(loaded.module, state, str(weights), loaded.spec)
+    return {"source": str(path.resolve()), "sha256": file_sha256(path), "tensors": len(state)}
 
 
 def default_out(recipe: Recipe) -> Path:
@@ -144,6 +175,8 @@ def transform_to_dir(model: str, method: str = "sparse-random", *, out: str | Pa
     """``transform`` and save the result as a run directory (atomically); returns its path."""
     if isinstance(model, nn.Module):
         raise UsageError("a run directory needs a replayable model: pass zoo:NAME or a file path, not a module")
+    if out is not None:
+        check_output_dir(out, force)  # before the work: a directory that cannot be written, or is taken
     result = transform(model, method, **kwargs)
     path = Path(out) if out is not None else default_out(result.recipe)
     save_run(path, result.recipe, result.model, result.summary, force=force, source_file=result.source_file)

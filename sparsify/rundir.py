@@ -64,6 +64,7 @@ class Recipe:
     leaf_modules: list[str] = field(default_factory=list)
     num_classes: int | None = None
     source_sha256: str | None = None
+    weights: dict[str, Any] | None = None   # trained weights transform started from: source path, sha256, tensors
     versions: dict[str, str] = field(default_factory=versions)
     format: int = FORMAT_VERSION
 
@@ -101,6 +102,7 @@ _RECIPE_TYPES: dict[str, tuple[Any, str]] = {
     "leaf_modules": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names"),
     "num_classes": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null"),
     "source_sha256": (lambda v: v is None or isinstance(v, str), "a hex string or null"),
+    "weights": (lambda v: v is None or isinstance(v, dict), "an object or null"),
     "versions": (lambda v: isinstance(v, dict), "an object"),
     "format": (lambda v: _is_int(v), "an integer"),
 }

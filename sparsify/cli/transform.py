@@ -89,8 +89,11 @@ def transform(
     include_linear: Optional[bool] = typer.Option(None, "--include-linear/--no-include-linear",
                                                   help="Mask linear layers too (default: psn yes; sparse-random only for models without convs)"),
     include_classifier: bool = typer.Option(False, help="Also mask the final classifier"),
-    rescale_init: bool = typer.Option(True, help="Scale each unit's initial weights to its live fan-in "
-                                      "(Kaiming for the connections it really has); --no-rescale-init keeps the dense init"),
+    rescale_init: Optional[bool] = typer.Option(None, "--rescale-init/--no-rescale-init",
+                                                help="Scale each unit's initial weights to its live fan-in (Kaiming "
+                                                     "for the connections it really has). Default: on, off with --weights"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Start from these trained weights: a state dict "
+                                           "in .pt/.pth (torch.save) or .safetensors; the masks apply to them"),
     seed: int = typer.Option(0, help="Seed of the initial weights and of the masks"),
     input_shape: Optional[str] = typer.Option(None, help="Example input shape, e.g. 1,3,32,32 (default: from the model file or zoo)"),
     model_args: Optional[str] = typer.Option(None, help="JSON keyword arguments for the model factory"),
@@ -105,7 +108,7 @@ def transform(
     path, result = transform_to_dir(
         model, method, out=out_dir, force=force, density=density, alpha=alpha, profile=profile,
         profile_params=_kv_args(profile_param), allocation=allocation, include_linear=include_linear,
-        include_classifier=include_classifier, rescale_init=rescale_init, seed=seed,
+        include_classifier=include_classifier, rescale_init=rescale_init, seed=seed, weights=weights,
         input_shape=parse_shape(input_shape),
         model_args=_json_arg(model_args, "--model-args"), leaf_modules=leaf or [],
     )
