@@ -70,7 +70,9 @@ class _ProgressView:
 @handle_errors
 def train(
     run_dir: Path = typer.Argument(..., help="Run directory made by `sparsify transform`"),
-    data: Optional[str] = typer.Option(None, help="Data set: mnist, fashion-mnist, digits (default), cifar10, synthetic"),
+    data: Optional[str] = typer.Option(None, help="Data set: mnist, fashion-mnist, digits (default), cifar10, "
+                                                  "synthetic; or a folder of images in class subfolders; or an .npz "
+                                                  "file with arrays x and y"),
     data_dir: Optional[Path] = typer.Option(None, help="Where data sets live (default: the user cache)"),
     schedule: Optional[str] = typer.Option(None, help="Topology schedule: static (default), sparse-momentum, rigl, "
                                                       "set, incremental"),
@@ -97,6 +99,11 @@ def train(
     init_profile_param: Optional[List[str]] = typer.Option(None, "--init-profile-param",
                                                            help="NAME=VALUE for --init-profile, repeatable"),
     train_limit: Optional[int] = typer.Option(None, help="Use only the first N training examples"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
+                                           help="Random crop and horizontal flip of training images (default: on "
+                                                "for an image folder, off otherwise)"),
+    workers: Optional[int] = typer.Option(None, help="Processes decoding an image folder (default: cores - 1, "
+                                                     "at most 4; 0: decode in the training process)"),
     resume: bool = typer.Option(False, help="Continue from the run's last checkpoint"),
     force: bool = typer.Option(False, help="Discard an existing checkpoint and train from the run's weights"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output"),
@@ -110,7 +117,7 @@ def train(
                  clip_grad_norm=clip_grad_norm, optimizer=optimizer, momentum=momentum,
                  weight_decay=weight_decay, seed=seed, prune_rate=prune_rate, update_every=update_every,
                  stop_fraction=stop_fraction, start_density=start_density, double_every=double_every, init=init,
-                 init_profile=init_profile, train_limit=train_limit)
+                 init_profile=init_profile, train_limit=train_limit, augment=augment, workers=workers)
     config = {k: v for k, v in given.items() if v is not None}
     if init_profile_param:
         config["init_profile_params"] = _kv(init_profile_param, "--init-profile-param")

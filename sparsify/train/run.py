@@ -109,9 +109,6 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
         data = load_dataset(cfg.data, model_input,
                             data_dir=cfg.data_dir, num_classes=recipe.num_classes,
                             val_fraction=cfg.val_fraction, train_limit=cfg.train_limit)
-        if len(model_input) == 2 and data.train.x[0].numel() != model_input[1]:
-            raise UsageError(f"the model takes vectors of {model_input[1]} values but {cfg.data} images have "
-                             f"{data.train.x[0].numel()}; choose a matching data set")
         if Reducer().is_main and not init.is_file():
             shutil.copyfile(run_dir / WEIGHTS, init)  # an older run: its weights before any training here
         try:

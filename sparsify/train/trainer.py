@@ -24,7 +24,7 @@ from .._io import atomic_path
 from ..errors import DivergenceError, TrainingError, UsageError
 from ..nn import sparse_modules
 from .checkpoint import save_checkpoint
-from .data import DATASETS, DataBundle, Split, batches, num_batches
+from .data import DataBundle, Split, augment_batch, augment_generator, batches, check_data_name, num_batches
 from .distributed import Reducer
 from .metrics import GradAccumulator, layer_stats
 from .schedules import SCHEDULES, Change, Plan, schedule_class
@@ -67,6 +67,8 @@ class TrainConfig:
     init_profile_params: dict[str, float] = field(default_factory=dict)
     val_fraction: float = 0.1
     train_limit: int | None = None        # use only the first N training examples (quick runs, benchmarks)
+    augment: bool | None = None           # random crop + flip of training batches; None: on for image folders
+    workers: int | None = None            # DataLoader workers decoding an image folder; None: cores - 1, at most 4
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -89,8 +91,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise UsageError on a value that cannot work."""
         schedule_class(self.schedule)
-        if self.data not in DATASETS:
-            raise UsageError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
+        check_data_name(self.data)
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
@@ -109,6 +110,8 @@ class TrainConfig:
             (self.init in INITS, f"--init must be one of {', '.join(INITS)}"),
             (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
             (self.train_limit is None or self.train_limit >= 1, "--train-limit must be at least 1"),
+            (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
+            (isinstance(self.seed, int) and self.seed >= 0, "--seed must be an integer >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -205,12 +208,13 @@ def _adapt_batch(x: torch.Tensor, model_input: tuple[int, ...]) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int, reducer: Reducer,
-             model_input: tuple[int, ...]) -> tuple[float, float]:
+             model_input: tuple[int, ...], workers: int | None = None) -> tuple[float, float]:
     """Mean loss and accuracy over ``split`` (sharded over ranks, reduced)."""
     was_training = model.training
     model.eval()
     acc = torch.zeros(3, dtype=torch.float64)
-    for x, y in batches(split, max(batch_size, 256), shuffle=False, rank=reducer.rank, world_size=reducer.world_size):
+    for x, y in batches(split, max(batch_size, 256), shuffle=False, rank=reducer.rank, world_size=reducer.world_size,
+                        workers=workers):
         out = model(_adapt_batch(x, model_input))
         acc[0] += float(F.cross_entropy(out, y, reduction="sum"))
         acc[1] += float((out.argmax(1) == y).sum())
@@ -305,6 +309,11 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     enforce_masks(layers, optimizer)
     for note in data.notes:
         say(note)
+    augment = data.augment if cfg.augment is None else cfg.augment
+    flip = data.name not in ("mnist", "digits")  # a mirrored digit is another digit, or none
+    if augment:
+        say(f"augmenting training batches: random crop with padding{' and horizontal flip' if flip else ''}"
+            f" (--no-augment turns it off)")
 
     net: nn.Module = model
     if reducer.active:
@@ -325,8 +334,11 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
             changes = Change()
             sums = torch.zeros(3, dtype=torch.float64)
             step = (epoch - 1) * steps_per_epoch
-            for x, y in batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                rank=reducer.rank, world_size=reducer.world_size):
+            for b, (x, y) in enumerate(batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                                               rank=reducer.rank, world_size=reducer.world_size,
+                                               workers=cfg.workers)):
+                if augment:
+                    x = augment_batch(x, augment_generator(cfg.seed, epoch, b, reducer.rank), flip=flip)
                 lr = lr_at(cfg, step, total, warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -370,7 +382,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                 _merge(changes, change)
             if epoch == start_epoch + 1 and resume_state is None:
                 _merge(changes, initial)
-            val_loss, val_acc = (evaluate(model, data.val, cfg.batch_size, reducer, model_input)
+            val_loss, val_acc = (evaluate(model, data.val, cfg.batch_size, reducer, model_input, cfg.workers)
                                  if len(data.val) else (float("nan"), float("nan")))
             for s in grad_acc.sums.values():
                 reducer.sum_(s)
@@ -410,7 +422,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     finally:
         torch.use_deterministic_algorithms(prev_det)
 
-    test_loss, test_acc = evaluate(model, data.test, cfg.batch_size, reducer, model_input)
+    test_loss, test_acc = evaluate(model, data.test, cfg.batch_size, reducer, model_input, cfg.workers)
     last = history[-1] if history else {}
     warnings = []
     if at_chance(test_acc, data.num_classes, len(data.test)):
@@ -428,6 +440,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
         "config": cfg.to_dict(),
         "warnings": warnings,
     }
+    if data.class_names is not None:
+        result["class_names"] = data.class_names
     if metrics_path is not None and reducer.is_main:
         _write_metrics(Path(metrics_path), history + [{"event": "test", "test_loss": test_loss, "test_acc": test_acc}])
     report({"kind": "done", **{k: v for k, v in result.items() if k not in ("layers", "config")}})
