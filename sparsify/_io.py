@@ -27,11 +27,12 @@ def _as_umask_allows(path: Path, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
-def _os_error(path: Path, what: str, e: OSError) -> Exception:
+def _os_error(path: Path, what: str, e: OSError, where: Path | None = None) -> Exception:
     from .errors import SparsifyError
 
     reason = e.strerror or type(e).__name__
-    return SparsifyError(f"cannot write {what}{path}: {reason}; choose a location you can write to")
+    place = f"{where} does not accept new files ({reason})" if where is not None else reason
+    return SparsifyError(f"cannot write {what}{path}: {place}; choose a location you can write to")
 
 
 def check_writable(path: str | os.PathLike, what: str = "") -> None:
@@ -53,7 +54,7 @@ def check_writable(path: str | os.PathLike, what: str = "") -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise _os_error(p, what, e) from None
+        raise _os_error(p, what, e, anchor) from None
 
 
 @contextlib.contextmanager

@@ -126,6 +126,7 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     params = _params_for(method, density, alpha, profile, profile_params, allocation, include_linear,
                          include_classifier, rescale_init)
     loaded = load_model(model, model_args, seed)
+    _check_loaded(loaded, leaf_modules)
     source = _load_user_weights(loaded, weights) if weights is not None else None
     shape = _input_shape(loaded, input_shape)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
@@ -135,7 +136,7 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     params = _resolve_auto(dense, params)
     result = _apply(dense, method, params, seed, example)
     report = with_ratios(layer_report(result.model, shape), original)
-    notes = list(result.notes)
+    notes = list(result.notes) + _density_notes(params, result.layers)
     if source is not None:
         notes.append(f"started from the trained weights in {source['source']}: fine-tune with a smaller learning "
                      f"rate than training from scratch, e.g. train --lr 0.01")
@@ -149,6 +150,35 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
 def _check_seed(seed: int) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise UsageError(f"--seed must be an integer >= 0, not {seed!r}")
+
+
+def _check_loaded(loaded: LoadedModel, leaf_modules: Sequence[str]) -> None:
+    """Refuse a model with an empty layer (e.g. num_classes 0) and --leaf names of no module in it."""
+    types: set[str] = set()
+    for name, m in loaded.module.named_modules():
+        t = type(m)
+        types.update((t.__name__, f"{t.__module__}.{t.__qualname__}"))
+        for pname, p in m.named_parameters(recurse=False):
+            if p.numel() == 0:
+                raise ModelLoadError(f"{loaded.spec} has an empty layer: {name}.{pname} has shape {list(p.shape)}; "
+                                     f"a width or class count of 0 in --model-args?")
+    unknown = [leaf for leaf in leaf_modules if leaf not in types]
+    if unknown:
+        present = sorted({type(m).__name__ for m in loaded.module.modules()})
+        raise UsageError(f"--leaf {unknown[0]}: {loaded.spec} has no module of that type; its types are "
+                         f"{', '.join(present[:8])}{', ...' if len(present) > 8 else ''}")
+
+
+def _density_notes(params: dict[str, Any], layers: dict[str, Any]) -> list[str]:
+    """A note when the sparse layers end up far denser than asked (every unit keeps an input)."""
+    asked = params.get("density")
+    live = sum(int(r.get("live", 0)) for r in layers.values())
+    entries = sum(int(r.get("entries", 0)) for r in layers.values())
+    if not asked or not entries or live / entries <= 1.5 * asked:
+        return []
+    return [f"--density {asked:g} is below what keeps every channel connected: the sparse layers reach "
+            f"{live / entries:.3g} ({live:,} of {entries:,} connections); many filters have one input and "
+            f"single-input convs lose most filters; use a density of at least {live / entries:.2g}"]
 
 
 def _load_user_weights(loaded: LoadedModel, weights: str | Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from typing import Any, Callable, Optional, TypeVar
 
 import typer
@@ -50,14 +51,20 @@ class _Group(TyperGroup):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with warnings.catch_warnings():
+                # torch's and onnx's UserWarnings are addressed to developers; a user's command prints
+                # its own lines only (set PYTHONWARNINGS to see them).
+                if not sys.warnoptions:
+                    for module in ("torch", "onnx", "onnxscript", "onnx_ir"):
+                        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _click.exceptions.NoArgsIsHelpError as e:
             e.show()
             sys.exit(e.exit_code)
         except _click.ClickException as e:
             fail(_usage_line(e))
             sys.exit(2)
-        except _click.exceptions.Abort:
+        except typer.Abort:
             err.print("aborted")
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)

@@ -54,9 +54,7 @@ class _ProgressView:
                             description=f"epoch {event['epoch']}/{self.epochs} loss {event['loss']:.3f} "
                                         f"acc {event['acc']:.3f}")
         elif kind == "epoch":
-            err.print(f"epoch {event['epoch']}/{self.epochs}  train loss {event['train_loss']:.4f} "
-                      f"acc {event['train_acc']:.4f}  val loss {event['val_loss']:.4f} acc {event['val_acc']:.4f}  "
-                      f"pruned {event['pruned']} grown {event['grown']}  {event['epoch_time_s']:.1f}s", highlight=False)
+            err.print(epoch_line(event, self.epochs), highlight=False)
         elif kind == "done":
             self.close()
 
@@ -64,6 +62,17 @@ class _ProgressView:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def epoch_line(event: dict[str, Any], epochs: int) -> str:
+    """One epoch in at most 80 columns: loss and accuracy of train and validation, lr, topology moves, time."""
+    moved = event["pruned"] or event["grown"]
+    topo = ("" if not moved else f"  moved {event['pruned']}" if event["pruned"] == event["grown"]
+            else f"  -{event['pruned']} +{event['grown']}")
+    val = ("" if event["val_loss"] != event["val_loss"]  # NaN: no validation split
+           else f"  val {event['val_loss']:.3f} {event['val_acc']:.1%}")
+    return (f"epoch {event['epoch']}/{epochs}  train {event['train_loss']:.3f} {event['train_acc']:.1%}{val}  "
+            f"lr {event['lr']:.2g}{topo}  {event['epoch_time_s']:.1f}s")
 
 
 @app.command("train")
@@ -129,15 +138,19 @@ def train(
         view.close()
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    for w in result.get("warnings") or []:
+        err.print(f"warning: {w}", highlight=False)
     if as_json:
         out.print_json(json.dumps({k: v for k, v in result.items()}))
         return
-    table = Table(title=f"{run_dir}: {result['schedule']} on {result['data']}, {result['epochs']} epochs")
+    table = Table(title=f"{run_dir}: {result['schedule']} on {result['data']}, {result['epochs']} epochs",
+                  title_justify="left")
     for col in ("test acc", "test loss", "val acc", "density", "live"):
         table.add_column(col, justify="right")
-    table.add_row(f"{result['test_acc']:.4f}", f"{result['test_loss']:.4f}",
-                  f"{result['val_acc']:.4f}" if result["val_acc"] is not None else "-",
-                  f"{result['density']:.4f}", str(result["live"]))
+    val_acc = result["val_acc"]
+    table.add_row(f"{result['test_acc']:.2%}", f"{result['test_loss']:.4f}",
+                  f"{val_acc:.2%}" if val_acc is not None and val_acc == val_acc else "-",
+                  f"{result['density']:.4f}", f"{result['live']:,}")
     out.print(table)
 
 

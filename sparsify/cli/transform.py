@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from ..errors import UsageError
@@ -38,25 +39,47 @@ def _kv_args(items: Optional[List[str]]) -> dict[str, float]:
 
 
 def _fmt(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:g}" if isinstance(n, float) else str(n)
+    """Three significant digits with a k/M/G suffix: 57, 885k, 24.6k, 1.57M."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1)):
+        if abs(n) >= div or unit == "":
+            v = n / div
+            digits = 0 if abs(v) >= 100 or (unit == "" and float(v).is_integer()) else 1 if abs(v) >= 10 else 2
+            return f"{v:.{digits}f}{unit}"
+    return str(n)
 
 
-def render_report(report: dict[str, Any], title: str) -> Table:
-    """The per-layer table of a model report (see sparsify.report.layer_report)."""
-    t = Table(title=title, title_justify="left")
-    for col, just in (("layer", "left"), ("type", "left"), ("in→out", "right"), ("k", "right"),
-                      ("params", "right"), ("MACs", "right"), ("density", "right"),
-                      ("fan-in min/mean/max", "right"), ("CV", "right"), ("empty in/out", "right")):
-        t.add_column(col, justify=just)
+def _op(layer: dict[str, Any]) -> str:
+    """``conv 3x3``, ``dw 3x3`` (depthwise), ``group 3x3`` (grouped) or ``linear``."""
+    if not layer["kernel"]:
+        return "linear"
+    groups = layer.get("groups", 1)
+    kind = "conv" if groups == 1 else "dw" if groups == layer["in"] else "group"
+    return f"{kind} {'x'.join(map(str, layer['kernel']))}"
+
+
+def render_report(report: dict[str, Any], title: str, width: int | None = None) -> Table:
+    """The per-layer table of a model report (see sparsify.report.layer_report), readable in 80 columns.
+
+    Layer names are the one column that gives way (folded onto a second line) to fit ``width``
+    (default: the terminal's); ``--json`` has every field (fan-in min/max, dense counts, ...).
+    """
+    headers = ("op", "in→out", "params", "MACs", "density", "fan-in", "CV", "empty")
+    rows = []
     for l in report["layers"]:
-        k = "x".join(map(str, l["kernel"])) if l["kernel"] else "-"
-        name = l["name"] + (" (classifier)" if l["classifier"] else "")
-        t.add_row(name, l["type"], f"{l['in']}→{l['out']}", k, _fmt(l["params"]), _fmt(l["macs"]),
-                  f"{l['density']:.3f}", f"{l['fan_in_min']}/{l['fan_in_mean']:.1f}/{l['fan_in_max']}",
-                  f"{l['fan_in_cv']:.2f}", f"{l['empty_in']}/{l['empty_out']}")
+        rows.append([l["name"] + ("*" if l["classifier"] else ""), _op(l), f"{l['in']}→{l['out']}", _fmt(l["params"]),
+                     _fmt(l["macs"]), f"{l['density']:.3f}", f"{l['fan_in_mean']:.{0 if l['fan_in_mean'] >= 100 else 1}f}", f"{l['fan_in_cv']:.2f}",
+                     f"{l['empty_in']}/{l['empty_out']}"])
+    others = sum(max([len(h)] + [len(r[i + 1]) for r in rows]) + 1 for i, h in enumerate(headers))
+    longest = max([len("layer")] + [len(r[0]) for r in rows])
+    room = max(8, (width or out.size.width) - others - 1)
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0),
+              pad_edge=False, collapse_padding=True,
+              caption="*: classifier; fan-in: mean live inputs per unit; empty: channels in/out", caption_justify="left")
+    t.add_column("layer", overflow="fold", max_width=min(longest, room))
+    for col in headers:
+        t.add_column(col, justify="left" if col == "op" else "right", no_wrap=True)
+    for r in rows:
+        t.add_row(*r)
     return t
 
 
