@@ -30,7 +30,7 @@ def _int_list(option: str, text: str) -> list[int]:
 @contextlib.contextmanager
 def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
     """A rich progress bar on stderr, exposed as a ``progress(description, done, total)`` callback."""
-    if quiet:
+    if quiet or not err.is_terminal:  # a live display leaves blank lines in a pipe or a log file
         yield None
         return
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -215,7 +215,7 @@ STAGES = ("transform", "train", "export", "bench")
 @contextlib.contextmanager
 def _pipeline_progress(quiet: bool) -> Iterator[Callable[[str, str, int, int], None] | None]:
     """One rich display for the whole pipeline: an overall bar over the stages and a bar for the current one."""
-    if quiet:
+    if quiet or not err.is_terminal:
         yield None
         return
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}", table_column=Column(width=44, no_wrap=True)),

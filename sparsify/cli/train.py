@@ -43,7 +43,7 @@ class _ProgressView:
         if self.quiet:
             return
         kind = event["kind"]
-        if kind == "start":
+        if kind == "start" and err.is_terminal:  # a live bar leaves blank lines in a pipe or a log file
             self.epochs = event["epochs"]
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeRemainingColumn(), console=err, transient=True)

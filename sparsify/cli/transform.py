@@ -165,7 +165,7 @@ def inspect(
     if str(target).endswith(".onnx"):
         from ..runtime.onnx_inspect import render_onnx_report
 
-        out.print(render_onnx_report(report))
+        out.print(render_onnx_report(report, width=out.size.width))
         return
     out.print(render_report(report, f"{report.get('model', target)} · {report.get('method', 'dense')}"))
     print_totals(report)

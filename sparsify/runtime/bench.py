@@ -155,6 +155,9 @@ def _inspect(path: Path, label: str) -> FileInfo:
         raise RuntimeBackendError(
             f"{path} is not a readable ONNX model ({type(e).__name__}); re-export it with `sparsify export`"
         ) from None
+    from .onnx_inspect import validate_model
+
+    validate_model(model, path)
     graph = model.graph
     init_names = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in init_names]
