@@ -35,16 +35,20 @@ def _os_error(path: Path, what: str, e: OSError, where: Path | None = None) -> E
     return SparsifyError(f"cannot write {what}{path}: {place}; choose a location you can write to")
 
 
-def check_writable(path: str | os.PathLike, what: str = "") -> None:
+def check_writable(path: str | os.PathLike, what: str = "", *, parents: bool = True) -> None:
     """Raise SparsifyError unless ``path`` (a file or directory to create or replace) can be written.
 
-    The nearest existing ancestor must be a directory in which a file can be created (tried, then
-    removed); ``what`` names the option in the message, e.g. ``"--plot "``.
+    With ``parents`` (the writer creates missing directories) the nearest existing ancestor must be
+    a directory in which a file can be created (tried, then removed); without, ``path``'s own
+    directory must exist. ``what`` names the option in the message, e.g. ``"--plot "``.
     """
     from .errors import SparsifyError
 
     p = Path(path).expanduser()
     anchor = p.parent
+    if not parents and not anchor.is_dir():
+        raise SparsifyError(f"cannot write {what}{p}: directory {anchor} does not exist; create it or choose "
+                            f"another location")
     while not anchor.exists() and anchor != anchor.parent:
         anchor = anchor.parent
     if not anchor.is_dir():

@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ._io import check_output_dir
-from .errors import ModelLoadError, UsageError
+from .errors import ModelLoadError, SparsifyError, UsageError
 from .models import LoadedModel, load_model
 from .passes.base import PassResult
 from .passes.depth_multiplier import DepthMultiplierPass
@@ -228,6 +228,12 @@ def build_from_recipe(recipe: Recipe, run_dir: str | Path | None = None) -> fx.G
                            **_kwargs_of(recipe))
     except ModelLoadError as e:
         raise ModelLoadError(f"cannot rebuild the run's model: {e}") from None
+    except (SparsifyError, TypeError, ValueError) as e:  # a recipe edited by hand: values of the wrong kind
+        from .errors import RunDirError
+
+        where = f"{Path(run_dir) / 'recipe.json'}" if run_dir is not None else "the recipe"
+        raise RunDirError(f"{where} cannot be replayed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                          f"re-create the run with `sparsify transform`") from None
     return result.model
 
 

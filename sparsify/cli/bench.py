@@ -191,7 +191,7 @@ def _check_outputs(paths: list[Path], json_out: Path | None, plot: Path | None, 
         if path is not None:
             if path.is_dir():
                 raise UsageError(f"{flag} {path} is a directory; give a file name")
-            check_writable(path, f"{flag} ")
+            check_writable(path, f"{flag} ", parents=False)
     if keep is not None:
         if keep.exists() and not keep.is_dir():
             raise UsageError(f"--keep {keep} is a file; give a directory for the exported variants")

@@ -70,7 +70,7 @@ def export(
         raise UsageError(f"--out {out_path} is a directory; give a file name such as {out_path / 'model.onnx'}")
     if out_path.exists() and not force:
         raise UsageError(f"{out_path} exists; pass --force to overwrite it or choose another --out")
-    check_writable(out_path, "--out ")
+    check_writable(out_path, "--out ", parents=False)
     with err.status(f"exporting {source} ..."):
         if source.suffix == ".onnx" and not source.is_dir():
             if dense or compact:
