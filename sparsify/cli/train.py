@@ -43,8 +43,10 @@ class _ProgressView:
         if self.quiet:
             return
         kind = event["kind"]
-        if kind == "start" and err.is_terminal:  # a live bar leaves blank lines in a pipe or a log file
+        if kind == "start":
             self.epochs = event["epochs"]
+            if not err.is_terminal:  # a live bar leaves blank lines in a pipe or a log file
+                return
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeRemainingColumn(), console=err, transient=True)
             self.bar.start()
@@ -64,15 +66,20 @@ class _ProgressView:
             self.bar = None
 
 
+def _count(n: int) -> str:
+    return f"{n / 1000:.0f}k" if n >= 10_000 else str(n)
+
+
 def epoch_line(event: dict[str, Any], epochs: int) -> str:
     """One epoch in at most 80 columns: loss and accuracy of train and validation, lr, topology moves, time."""
-    moved = event["pruned"] or event["grown"]
-    topo = ("" if not moved else f"  moved {event['pruned']}" if event["pruned"] == event["grown"]
-            else f"  -{event['pruned']} +{event['grown']}")
+    p, g = event["pruned"], event["grown"]
+    topo = "" if not (p or g) else f"  moved {_count(p)}" if p == g else f"  -{_count(p)} +{_count(g)}"
     val = ("" if event["val_loss"] != event["val_loss"]  # NaN: no validation split
-           else f"  val {event['val_loss']:.3f} {event['val_acc']:.1%}")
-    return (f"epoch {event['epoch']}/{epochs}  train {event['train_loss']:.3f} {event['train_acc']:.1%}{val}  "
-            f"lr {event['lr']:.2g}{topo}  {event['epoch_time_s']:.1f}s")
+           else f"  val {event['val_loss']:.4g} {event['val_acc']:.1%}")
+    t = event["epoch_time_s"]
+    took = f"{t:.0f}s" if t >= 100 else f"{t:.1f}s"
+    return (f"epoch {event['epoch']}/{epochs}  train {event['train_loss']:.4g} {event['train_acc']:.1%}{val}  "
+            f"lr {event['lr']:.2g}{topo}  {took}")
 
 
 @app.command("train")

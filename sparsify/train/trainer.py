@@ -392,11 +392,12 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                 rec["grown"] = changes.grown.get(n, 0)
             train_loss = float(sums[0] / sums[2])
             _check_divergence(train_loss, val_loss if len(data.val) else None, start_loss, epoch, len(history), cfg)
-            if not warned_chance and at_chance(val_acc if len(data.val) else float(sums[1] / sums[2]),
-                                               data.num_classes, len(data.val) or int(sums[2])):
+            # judged from epoch 2: the first is the learning-rate warm-up
+            if epoch >= 2 and not warned_chance and at_chance(val_acc if len(data.val) else float(sums[1] / sums[2]),
+                                                              data.num_classes, len(data.val) or int(sums[2])):
                 warned_chance = True
-                say(f"warning: accuracy is at chance ({1 / data.num_classes:.0%}) after epoch {epoch}; if it stays "
-                    f"there, train again with a lower learning rate (--lr {cfg.learning_rate / 10:g} --force)")
+                say(f"warning: accuracy is at chance after epoch {epoch}; if it stays there, retry with --force "
+                    f"--lr {cfg.learning_rate / 10:g}")
             record = {
                 "event": "epoch", "epoch": epoch, "step": step, "lr": lr_at(cfg, step - 1, total, warmup),
                 "train_loss": train_loss, "train_acc": float(sums[1] / sums[2]),
@@ -426,9 +427,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     last = history[-1] if history else {}
     warnings = []
     if at_chance(test_acc, data.num_classes, len(data.test)):
-        warnings.append(f"test accuracy {test_acc:.1%} is at chance ({1 / data.num_classes:.0%}): the model did not "
-                        f"learn; train again with a lower learning rate (--lr {cfg.learning_rate / 10:g} --force) "
-                        f"or more epochs")
+        warnings.append(f"test accuracy {test_acc:.1%} is at chance: the model did not learn; retry with --force "
+                        f"--lr {cfg.learning_rate / 10:g}, or more --epochs")
     result = {
         "schedule": cfg.schedule, "data": data.name, "epochs": cfg.epochs, "steps": plan.total_steps,
         "test_loss": test_loss, "test_acc": test_acc,
