@@ -97,13 +97,12 @@ MODELS = {
     "plain-user": (PlainUser, (1, 1, 28, 28)),
 }
 SETTINGS = {
-    # the trainer's settings before warm-up existed: SGD lr 0.1, no warm-up, no clipping
-    "base": {"warmup_steps": 0},
-    "warmup": {},                                   # today's defaults
-    "warmup-clip": {"clip_grad_norm": 2.0},
-    "lr0.05-warmup": {"lr": 0.05},
-    "lr0.05-nowarmup": {"lr": 0.05, "warmup_steps": 0},
-    "adam": {"optimizer": "adam"},
+    # the trainer before warm-up and clipping existed: SGD (Nesterov) lr 0.1, cosine
+    "base": {"warmup_steps": 0, "clip_grad_norm": 0},
+    "warmup": {"clip_grad_norm": 0},                # linear warm-up over the first epoch (at most 500 steps)
+    "warmup-clip": {},                              # the defaults: warm-up and global gradient norm clipped to 2
+    "lr0.05-warmup": {"lr": 0.05, "clip_grad_norm": 0},
+    "adam": {"optimizer": "adam", "clip_grad_norm": 0},
 }
 
 

@@ -98,7 +98,8 @@ def train(
     lr_schedule: Optional[str] = typer.Option(None, help="cosine (default), step (x0.1 at 50% and 75%), constant"),
     warmup_steps: Optional[int] = typer.Option(None, help="Steps of linear learning-rate warm-up (default: one "
                                                           "epoch, at most 500 steps; 0: none)"),
-    clip_grad_norm: Optional[float] = typer.Option(None, help="Clip the gradient norm to this (default: no clipping)"),
+    clip_grad_norm: Optional[float] = typer.Option(None, help="Clip the global gradient norm to this (default "
+                                                              "2.0; 0: no clipping)"),
     optimizer: Optional[str] = typer.Option(None, help="sgd (Nesterov, default) or adam"),
     momentum: Optional[float] = typer.Option(None, help="SGD momentum (default 0.9)"),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default 5e-4)"),

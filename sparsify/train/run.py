@@ -22,8 +22,12 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# Settings added after checkpoints were first written, with the values those checkpoints trained with.
+_BEFORE_DEFAULTS = {"warmup_steps": 0, "clip_grad_norm": None}
+
+
 def _resume_config(state: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
-    saved = json.loads(state["config"])
+    saved = {**_BEFORE_DEFAULTS, **json.loads(state["config"])}
     differing = {k: v for k, v in overrides.items() if k in saved and saved[k] != v}
     if differing:
         k = next(iter(differing))
