@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._io import atomic_path
-from ..errors import DivergenceError, TrainingError, UsageError
+from ..errors import DataError, DivergenceError, TrainingError, UsageError
 from ..nn import sparse_modules
 from .checkpoint import save_checkpoint
 from .data import DataBundle, Split, augment_batch, augment_generator, batches, check_data_name, num_batches
@@ -91,7 +91,10 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise UsageError on a value that cannot work."""
         schedule_class(self.schedule)
-        check_data_name(self.data)
+        try:
+            check_data_name(self.data)
+        except DataError as e:  # an argument, here: a usage error like the others
+            raise UsageError(str(e)) from None
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
