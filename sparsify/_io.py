@@ -1,4 +1,9 @@
-"""Atomic writes: an output is either complete or absent, never half-written."""
+"""Atomic writes: an output is either complete or absent, never half-written.
+
+Outputs get the permissions a plain ``open()`` / ``mkdir()`` would give them under the user's
+umask (``tempfile`` creates its files 0600 and directories 0700). ``check_writable`` tells before
+any long work whether an output location can be written at all.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +13,52 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_umask_allows(path: Path, is_dir: bool) -> None:
+    """Give a file made by ``tempfile`` (0600 / 0700) the mode ``open``/``mkdir`` would have given it."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
+def _os_error(path: Path, what: str, e: OSError, where: Path | None = None) -> Exception:
+    from .errors import SparsifyError
+
+    reason = e.strerror or type(e).__name__
+    place = f"{where} does not accept new files ({reason})" if where is not None else reason
+    return SparsifyError(f"cannot write {what}{path}: {place}; choose a location you can write to")
+
+
+def check_writable(path: str | os.PathLike, what: str = "", *, parents: bool = True) -> None:
+    """Raise SparsifyError unless ``path`` (a file or directory to create or replace) can be written.
+
+    With ``parents`` (the writer creates missing directories) the nearest existing ancestor must be
+    a directory in which a file can be created (tried, then removed); without, ``path``'s own
+    directory must exist. ``what`` names the option in the message, e.g. ``"--plot "``.
+    """
+    from .errors import SparsifyError
+
+    p = Path(path).expanduser()
+    anchor = p.parent
+    if not parents and not anchor.is_dir():
+        raise SparsifyError(f"cannot write {what}{p}: directory {anchor} does not exist; create it or choose "
+                            f"another location")
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise SparsifyError(f"cannot write {what}{p}: {anchor} is a file, not a directory; choose another location")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sparsify-probe-", dir=anchor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise _os_error(p, what, e, anchor) from None
 
 
 @contextlib.contextmanager
@@ -20,11 +71,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise SparsifyError(
             f"cannot write {path}: directory {path.parent} does not exist; create it or choose another path"
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _os_error(path, "", e) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _as_umask_allows(tmp_path, is_dir=False)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -37,6 +92,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def check_output_dir(path: str | os.PathLike, force: bool = False, what: str = "--out ") -> None:
+    """Refuse an output directory that ``atomic_dir`` would refuse, or that cannot be written; before any work."""
+    from .errors import RunDirError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{path} exists and is not a directory; choose another {what.strip() or 'output'}")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise RunDirError(f"output directory {path} exists and is not empty; pass --force to replace it")
+    check_writable(path, what)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``path`` only when the block succeeds.
@@ -44,17 +111,16 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     An existing non-empty ``path`` is refused unless ``force``; with ``force`` it is replaced
     only after the new content is complete.
     """
-    from .errors import RunDirError
-
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise RunDirError(f"{path} exists and is not a directory; choose another --out")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise RunDirError(f"output directory {path} exists and is not empty; pass --force to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    check_output_dir(path, force)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise _os_error(path, "", e) from None
     try:
         yield tmp
+        _as_umask_allows(tmp, is_dir=True)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

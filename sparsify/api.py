@@ -10,7 +10,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import ModelLoadError, RunDirError, UsageError
+from ._io import check_output_dir
+from .errors import ModelLoadError, RunDirError, SparsifyError, UsageError
 from .models import LoadedModel, load_model
 from .passes.base import PassResult
 from .passes.depth_multiplier import DepthMultiplierPass, check_divisor
@@ -132,8 +133,9 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
               include_linear: bool | None = None, include_classifier: bool = False, seed: int = 0,
               input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
               model_args: dict[str, Any] | None = None, leaf_modules: Sequence[str] = (),
-              rescale_init: bool = True, divisor: int | None = None,
-              rules: Mapping[Any, str | Rule] | None = None) -> TransformResult:
+              rescale_init: bool | None = None, divisor: int | None = None,
+              rules: Mapping[Any, str | Rule] | None = None,
+              weights: str | Path | None = None) -> TransformResult:
     """Load ``model``, trace it, apply ``method``, and report what changed.
 
     ``model`` is ``"zoo:NAME"``, ``"torchvision:NAME"``, ``"file.py"``, ``"file.py:NAME"`` or an
@@ -142,13 +144,24 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     count to a multiple of it. ``rules`` maps the user's (leaf) module types or type names to a rule
     name (``"conv"``, ``"linear"``, ``"elementwise"``, ``"frozen"``) or a
     ``sparsify.passes.rules.Rule``. A model that runs differently in training (dropout flags, ``if
-    self.training``, auxiliary outputs) keeps one graph per mode, and a note says so. Raises a
+    self.training``, auxiliary outputs) keeps one graph per mode, and a note says so. ``weights`` is
+    a trained state dict (``.pt``/``.pth``/``.safetensors``, see ``sparsify.weights``) loaded into
+    the model before the pass, so the masks apply to it; ``rescale_init`` (default: on without
+    ``weights``, off with them) scales each unit's initial weights to its live fan-in. Raises a
     SparsifyError with a one-line message on bad input.
     """
+    _check_seed(seed)
+    if weights is not None and method == "depth-multiplier":
+        raise UsageError("--weights applies to sparse-random, psn and none: depth-multiplier builds thinner layers "
+                         "with fresh weights")
+    if rescale_init is None:
+        rescale_init = weights is None
     params = _params_for(method, density, alpha, profile, profile_params, allocation, include_linear,
                          include_classifier, rescale_init, divisor)
     registry, rule_record = _rules(rules)
     loaded = load_model(model, model_args, seed)
+    _check_loaded(loaded, leaf_modules)
+    source = _load_user_weights(loaded, weights) if weights is not None else None
     shapes = _input_shapes(loaded, input_shape)
     example = _example(shapes, seed)
     dense = trace(loaded.module, leaf_modules, registry)
@@ -158,13 +171,61 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     result = _apply(dense, method, params, seed, example, registry)
     report = with_ratios(layer_report(result.model, shapes, registry), original)
     differs = mode_differences(result.model)
-    notes = ([differs] if differs else []) + result.notes
+    notes = ([differs] if differs else []) + list(result.notes) + _density_notes(params, result.layers)
+    if source is not None:
+        notes.append(f"started from the trained weights in {source['source']}: fine-tune with a smaller learning "
+                     f"rate than training from scratch, e.g. train --lr 0.01")
     report.update(method=method, params=params, seed=seed, notes=notes, pass_layers=result.layers)
     recipe = Recipe(model=loaded.spec, input_shape=list(shapes[0]), method=method, params=params, seed=seed,
                     model_args=dict(model_args or {}), leaf_modules=list(leaf_modules),
                     num_classes=loaded.num_classes, source_sha256=loaded.source_sha256,
-                    input_shapes=[list(s) for s in shapes] if len(shapes) > 1 else None, rules=rule_record)
+                    input_shapes=[list(s) for s in shapes] if len(shapes) > 1 else None, rules=rule_record,
+                    weights=source)
     return TransformResult(result.model, recipe, report, loaded.source_file)
+
+
+def _check_seed(seed: int) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise UsageError(f"--seed must be an integer >= 0, not {seed!r}")
+
+
+def _check_loaded(loaded: LoadedModel, leaf_modules: Sequence[str]) -> None:
+    """Refuse a model with an empty layer (e.g. num_classes 0) and --leaf names of no module in it."""
+    types: set[str] = set()
+    for name, m in loaded.module.named_modules():
+        t = type(m)
+        types.update((t.__name__, f"{t.__module__}.{t.__qualname__}"))
+        for pname, p in m.named_parameters(recurse=False):
+            if p.numel() == 0:
+                raise ModelLoadError(f"{loaded.spec} has an empty layer: {name}.{pname} has shape {list(p.shape)}; "
+                                     f"a width or class count of 0 in --model-args?")
+    unknown = [leaf for leaf in leaf_modules if leaf not in types]
+    if unknown:
+        present = sorted({type(m).__name__ for m in loaded.module.modules()})
+        raise UsageError(f"--leaf {unknown[0]}: {loaded.spec} has no module of that type; its types are "
+                         f"{', '.join(present[:8])}{', ...' if len(present) > 8 else ''}")
+
+
+def _density_notes(params: dict[str, Any], layers: dict[str, Any]) -> list[str]:
+    """A note when the sparse layers end up far denser than asked (every unit keeps an input)."""
+    asked = params.get("density")
+    live = sum(int(r.get("live", 0)) for r in layers.values())
+    entries = sum(int(r.get("entries", 0)) for r in layers.values())
+    if not asked or not entries or live / entries <= 1.5 * asked:
+        return []
+    return [f"--density {asked:g} is below what keeps every channel connected: the sparse layers reach "
+            f"{live / entries:.3g} ({live:,} of {entries:,} connections); many filters have one input and "
+            f"single-input convs lose most filters; use a density of at least {live / entries:.2g}"]
+
+
+def _load_user_weights(loaded: LoadedModel, weights: str | Path) -> dict[str, Any]:
+    """Load a trained state dict into the freshly built model; what the recipe records about it."""
+    from .weights import apply_state_dict, file_sha256, read_state_dict
+
+    path = Path(weights).expanduser()
+    state = read_state_dict(path)
+    apply_state_dict(loaded.module, state, str(weights), loaded.spec)
+    return {"source": str(path.resolve()), "sha256": file_sha256(path), "tensors": len(state)}
 
 
 def default_out(recipe: Recipe) -> Path:
@@ -181,6 +242,8 @@ def transform_to_dir(model: str, method: str = "sparse-random", *, out: str | Pa
     """``transform`` and save the result as a run directory (atomically); returns its path."""
     if isinstance(model, nn.Module):
         raise UsageError("a run directory needs a replayable model: pass zoo:NAME or a file path, not a module")
+    if out is not None:
+        check_output_dir(out, force)  # before the work: a directory that cannot be written, or is taken
     result = transform(model, method, **kwargs)
     path = Path(out) if out is not None else default_out(result.recipe)
     save_run(path, result.recipe, result.model, result.summary, force=force, source_file=result.source_file)
@@ -217,6 +280,10 @@ def build_from_recipe(recipe: Recipe, run_dir: str | Path | None = None,
                            rules=replay or None, **_kwargs_of(recipe))
     except ModelLoadError as e:
         raise ModelLoadError(f"cannot rebuild the run's model: {e}") from None
+    except (SparsifyError, TypeError, ValueError) as e:  # a recipe edited by hand: values of the wrong kind
+        where = f"{Path(run_dir) / 'recipe.json'}" if run_dir is not None else "the recipe"
+        raise RunDirError(f"{where} cannot be replayed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                          f"re-create the run with `sparsify transform`") from None
     return result.model
 
 

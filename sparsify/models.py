@@ -58,9 +58,11 @@ def _import_file(path: Path) -> Any:
     sys.path.insert(0, str(path.parent))
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a script's sys.exit() at import must not end the command
         sys.modules.pop(mod_name, None)
-        raise ModelLoadError(f"importing {path} failed: {_where(e, path)}; fix the file and retry") from None
+        hint = ("put script code under `if __name__ == \"__main__\":`" if isinstance(e, SystemExit)
+                else "fix the file and retry")
+        raise ModelLoadError(f"importing {path} failed: {_where(e, path)}; {hint}") from None
     finally:
         if sys.path and sys.path[0] == str(path.parent):
             sys.path.pop(0)
@@ -73,7 +75,10 @@ def _where(e: BaseException, path: Path) -> str:
     for frame in traceback.extract_tb(e.__traceback__):
         if Path(frame.filename).resolve() == path.resolve():
             line = frame.lineno
-    msg = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, SystemExit):
+        msg = f"it called sys.exit({e.code!r})"
+    else:
+        msg = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
     return f"{msg} ({path.name}:{line})" if line else msg
 
 
@@ -132,7 +137,7 @@ def _file_input_shape(module: Any, path: Path) -> tuple[int, ...] | list[tuple[i
     if callable(fn):
         try:
             x = fn()
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             raise ModelLoadError(f"{path}: example_input() raised {_where(e, path)}") from None
         if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
             return [tuple(t.shape) for t in x] if len(x) > 1 else tuple(x[0].shape)
@@ -171,7 +176,7 @@ def load_model(spec: str | nn.Module, model_args: dict[str, Any] | None = None, 
     factory_name, factory = _find_factory(module, path, name)
     try:
         model = factory(**model_args)
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise ModelLoadError(f"{path.name}:{factory_name}({_fmt_args(model_args)}) raised {_where(e, path)}") from None
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{path.name}:{factory_name} returned {type(model).__name__}, not an nn.Module")

@@ -86,6 +86,17 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
 )}
 
 
+# Parameters that are scales or fractions: outside these ranges a profile is a different shape or none.
+DOMAINS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low included)
+    "sigma": (0.0, math.inf, True),
+    "exponent": (0.0, math.inf, False),
+    "width": (0.0, math.inf, False),
+    "floor": (0.0, math.inf, True),
+    "ratio": (0.0, math.inf, False),
+    "fraction": (0.0, 1.0, False),
+}
+
+
 def profile_names() -> list[str]:
     return list(PROFILES)
 
@@ -100,7 +111,14 @@ def resolve_params(profile: str, params: dict[str, float] | None) -> dict[str, f
     if unknown:
         allowed = ", ".join(p.defaults) or "none"
         raise UsageError(f"profile {profile!r} has no parameter {sorted(unknown)[0]!r} (parameters: {allowed})")
-    return {**p.defaults, **{k: float(v) for k, v in params.items()}}
+    resolved = {**p.defaults, **{k: float(v) for k, v in params.items()}}
+    for name, value in resolved.items():
+        lo, hi, closed = DOMAINS.get(name, (-math.inf, math.inf, True))
+        if not math.isfinite(value) or value < lo or (value == lo and not closed) or value > hi:
+            bound = f">= {lo:g}" if closed else f"> {lo:g}"
+            bound += f" and <= {hi:g}" if math.isfinite(hi) else ""
+            raise UsageError(f"--profile-param {name}={value:g}: {profile}'s {name} must be {bound}")
+    return resolved
 
 
 def profile_weights(profile: str, n_units: int, params: dict[str, float] | None = None) -> np.ndarray:

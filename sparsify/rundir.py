@@ -8,6 +8,7 @@ Layout::
 
     RUN/recipe.json          how to rebuild the graph (see ``Recipe``)
     RUN/weights.safetensors  the state dict (weights, biases, BN statistics, masks)
+    RUN/weights.init.safetensors  the same as made by ``transform``: ``train --force`` restarts here
     RUN/summary.json         the per-layer report written by the stage that last saved
     RUN/model_source.py      a copy of a user's model file (absent for zoo models)
     RUN/metrics.jsonl, RUN/checkpoints/   written by ``sparsify train``
@@ -30,6 +31,7 @@ from .errors import RunDirError
 
 RECIPE = "recipe.json"
 WEIGHTS = "weights.safetensors"
+WEIGHTS_INIT = "weights.init.safetensors"  # the run's initial state, kept when training rewrites WEIGHTS
 SUMMARY = "summary.json"
 MODEL_SOURCE = "model_source.py"
 FORMAT_VERSION = 1
@@ -64,6 +66,7 @@ class Recipe:
     source_sha256: str | None = None
     input_shapes: list[list[int]] | None = None   # one shape per input, for models with several inputs
     rules: dict[str, str] = field(default_factory=dict)  # user rules: module type -> rule name
+    weights: dict[str, Any] | None = None   # trained weights transform started from: source path, sha256, tensors
     versions: dict[str, str] = field(default_factory=versions)
     format: int = FORMAT_VERSION
 
@@ -81,8 +84,39 @@ class Recipe:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Recipe":
+        """A recipe from its JSON; ValueError naming the first field of the wrong type."""
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        for name, (ok, expected) in _RECIPE_TYPES.items():
+            if name in values and not ok(values[name]):
+                raise ValueError(f"{name} must be {expected}, not {json.dumps(values[name])[:60]}")
+        for name in ("model", "input_shape", "method"):
+            if name not in values:
+                raise ValueError(f"it has no {name!r}")
+        return cls(**values)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_RECIPE_TYPES: dict[str, tuple[Any, str]] = {
+    "model": (lambda v: isinstance(v, str) and bool(v), "a model spec such as \"zoo:lenet5\""),
+    "input_shape": (lambda v: isinstance(v, list) and bool(v) and all(_is_int(d) and d > 0 for d in v),
+                    "a list of positive integers"),
+    "method": (lambda v: isinstance(v, str), "a method name"),
+    "params": (lambda v: isinstance(v, dict), "an object"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "model_args": (lambda v: isinstance(v, dict), "an object"),
+    "leaf_modules": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names"),
+    "num_classes": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null"),
+    "source_sha256": (lambda v: v is None or isinstance(v, str), "a hex string or null"),
+    "weights": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "versions": (lambda v: isinstance(v, dict), "an object"),
+    "format": (lambda v: _is_int(v), "an integer"),
+}
 
 
 @dataclass
@@ -112,8 +146,31 @@ def read_recipe(path: str | Path) -> Recipe:
         )
     try:
         return Recipe.from_json(json.loads((p / RECIPE).read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+    except (ValueError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise RunDirError(f"{p / RECIPE} is corrupt ({e}); re-create the run with `sparsify transform`") from None
+
+
+def read_summary(path: str | Path) -> dict[str, Any]:
+    """The run's ``summary.json`` as a dict, or {} when it is missing or damaged.
+
+    The summary is a report derived from the weights (every stage that saves rewrites it), so a
+    damaged one must not stop a command: sections of the wrong type are dropped.
+    """
+    file = Path(path) / SUMMARY
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    totals = data.get("original_totals")
+    if totals is not None and not (isinstance(totals, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in totals.values())):
+        data.pop("original_totals")
+    train = data.get("train")
+    if train is not None and not (isinstance(train, dict) and isinstance(train.get("config", {}), dict)):
+        data.pop("train")
+    return data
 
 
 def save_run(path: str | Path, recipe: Recipe, model: nn.Module, summary: dict[str, Any],
@@ -123,6 +180,7 @@ def save_run(path: str | Path, recipe: Recipe, model: nn.Module, summary: dict[s
     with atomic_dir(path, force=force) as tmp:
         write_json(tmp / RECIPE, recipe.to_json())
         save_weights(tmp, model)
+        shutil.copyfile(tmp / WEIGHTS, tmp / WEIGHTS_INIT)
         write_json(tmp / SUMMARY, summary)
         if source_file is not None:
             shutil.copyfile(source_file, tmp / MODEL_SOURCE)
@@ -165,5 +223,4 @@ def load_run(path: str | Path, rules: Any = None) -> Run:
     recipe = read_recipe(p)
     model = build_from_recipe(recipe, run_dir=p, rules=rules)
     load_weights(model, p / WEIGHTS)
-    summary = json.loads((p / SUMMARY).read_text()) if (p / SUMMARY).is_file() else {}
-    return Run(path=p, recipe=recipe, model=model, summary=summary)
+    return Run(path=p, recipe=recipe, model=model, summary=read_summary(p))

@@ -1,28 +1,122 @@
-"""Shared pieces of the CLI: the app, the consoles, and the error boundary."""
+"""Shared pieces of the CLI: the app, the consoles, and the error boundary.
+
+Two boundaries turn every failure a user can cause into one ``error:`` line on stderr and exit
+code 2: ``handle_errors`` around each command (``SparsifyError``), and ``_Group.main`` around the
+whole app (values that typer/click reject while parsing: a non-number for ``--density``, an unknown
+command, a missing argument), which otherwise print a multi-line usage box.
+"""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar
+import sys
+import warnings
+from typing import Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from typer import _click
+from typer.core import TyperCommand, TyperGroup
 
 from ..errors import SparsifyError, UsageError
 
-app = typer.Typer(
-    name="sparsify",
-    help="Compile PyTorch models into channel-sparse ones, retrain them, export them to ONNX, "
-    "and measure how much faster they run.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+F = TypeVar("F", bound=Callable[..., Any])
 
 # Results go to stdout; progress and messages to stderr so that `--json > file` stays clean.
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-F = TypeVar("F", bound=Callable[..., Any])
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
+def _flags_without_type(params: list[Any]) -> list[Any]:
+    """Show on/off flags as flags in help: typer's rich help gives every option a type column (``<bool>``)."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_type(super().get_params(ctx))
+
+    def main(self, args: Any = None, prog_name: Optional[str] = None, complete_var: Optional[str] = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """Run the app; a value click rejects becomes one ``error:`` line and exit code 2."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            with warnings.catch_warnings():
+                # torch's and onnx's UserWarnings are addressed to developers; a user's command prints
+                # its own lines only (set PYTHONWARNINGS to see them).
+                if not sys.warnoptions:
+                    for module in ("torch", "onnx", "onnxscript", "onnx_ir"):
+                        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except _click.ClickException as e:
+            fail(_usage_line(e))
+            sys.exit(2)
+        except typer.Abort:
+            err.print("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _usage_line(e: Any) -> str:
+    """Click's message on one line, with where to read the usage."""
+    message = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+    return f"{message.rstrip('.')}{where}"
+
+
+class SparsifyTyper(typer.Typer):
+    """typer.Typer whose groups and commands are the classes above, with ``-h`` as well as ``--help``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("cls", _Group)
+        kwargs.setdefault("context_settings", CONTEXT_SETTINGS)
+        kwargs.setdefault("add_completion", False)
+        kwargs.setdefault("pretty_exceptions_enable", False)
+        super().__init__(**kwargs)
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs.setdefault("cls", _Command)
+        kwargs.setdefault("context_settings", CONTEXT_SETTINGS)
+        return super().command(*args, **kwargs)
+
+
+app = SparsifyTyper(
+    name="sparsify",
+    help="Compile PyTorch models into channel-sparse ones, retrain them, export them to ONNX, "
+    "and measure how much faster they run.",
+    no_args_is_help=True,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        out.print(f"sparsify {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Compile PyTorch models into channel-sparse ones, retrain them, export them to ONNX, and measure
+    how much faster they run."""
 
 
 def fail(message: str) -> typer.Exit:

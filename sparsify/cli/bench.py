@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -29,7 +30,7 @@ def _int_list(option: str, text: str) -> list[int]:
 @contextlib.contextmanager
 def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
     """A rich progress bar on stderr, exposed as a ``progress(description, done, total)`` callback."""
-    if quiet:
+    if quiet or not err.is_terminal:  # a live display leaves blank lines in a pipe or a log file
         yield None
         return
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -119,7 +120,8 @@ def bench(
         "(default all; the first is the baseline)."),
     keep: Optional[Path] = typer.Option(None, "--keep", help="With a run directory: keep the exported variants in "
                                         "this directory (default: a temporary one)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON (instead of the table)."),
+    json_out: Optional[Path] = typer.Option(None, "--json-file", help="Write the results as JSON to this file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a latency plot (PNG) here."),
     warmup: int = typer.Option(5, help="Untimed runs per session before measuring."),
     min_time: float = typer.Option(0.5, "--min-time", help="Measured seconds per variant and configuration, at least."),
@@ -137,6 +139,8 @@ def bench(
 
     batches = _int_list("--batch-size", batch_size)
     thread_counts = _int_list("--threads", threads)
+    lib.check_settings(warmup=warmup, min_time=min_time, repeats=repeats)
+    _check_outputs(paths, json_out, plot, keep)
     dirs = [p for p in paths if p.is_dir()]
     opts = dict(batch_sizes=batches, threads=thread_counts, warmup=warmup, min_time=min_time, repeats=repeats,
                 native=native, spinning=spin, memory=memory)
@@ -165,11 +169,33 @@ def bench(
             raise UsageError("--variants and --keep apply to a run directory; with .onnx files every file is a variant")
         with _progress(quiet) as progress:
             result = lib.bench_files(paths, progress=progress, **opts)
-    out.print(bench_table(result))
-    if _memory_line(result):
-        out.print(_memory_line(result))
+    if as_json:
+        out.print_json(json.dumps(result.to_json(), default=str))
+    else:
+        out.print(bench_table(result))
+        if _memory_line(result):
+            out.print(_memory_line(result))
     err.print(_native_line(result))
     _write_outputs(result, json_out, plot)
+
+
+def _check_outputs(paths: list[Path], json_out: Path | None, plot: Path | None, keep: Path | None) -> None:
+    """Refuse output locations that cannot be written before any exporting or timing."""
+    from .._io import check_writable
+
+    stray = next((p for p in paths if p.suffix == ".json" and not p.is_dir()), None)
+    if stray is not None:
+        raise UsageError(f"{stray} is not an ONNX file; --json is a flag now (print JSON): write the results to a "
+                         f"file with --json-file {stray}")
+    for flag, path in (("--json-file", json_out), ("--plot", plot)):
+        if path is not None:
+            if path.is_dir():
+                raise UsageError(f"{flag} {path} is a directory; give a file name")
+            check_writable(path, f"{flag} ", parents=False)
+    if keep is not None:
+        if keep.exists() and not keep.is_dir():
+            raise UsageError(f"--keep {keep} is a file; give a directory for the exported variants")
+        check_writable(keep / "x", "--keep ")
 
 
 def _variant_notes(notes: dict[str, Any]) -> list[str]:
@@ -189,7 +215,7 @@ STAGES = ("transform", "train", "export", "bench")
 @contextlib.contextmanager
 def _pipeline_progress(quiet: bool) -> Iterator[Callable[[str, str, int, int], None] | None]:
     """One rich display for the whole pipeline: an overall bar over the stages and a bar for the current one."""
-    if quiet:
+    if quiet or not err.is_terminal:
         yield None
         return
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}", table_column=Column(width=44, no_wrap=True)),
@@ -220,9 +246,12 @@ def run(
     include_linear: Optional[bool] = typer.Option(None, "--include-linear/--no-include-linear",
                                                   help="Sparsify Linear layers too (default: the method's choice)."),
     include_classifier: bool = typer.Option(False, "--include-classifier", help="Sparsify the classifier too."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Start from these trained weights (.pt/.pth state "
+                                           "dict or .safetensors); the masks apply to them."),
     seed: int = typer.Option(0, help="Seed of masks, weights and data order."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Input shape, e.g. 1,3,32,32 (default: the model's)."),
-    data: str = typer.Option("digits", help="Training data set (digits is bundled: no download)."),
+    data: str = typer.Option("digits", help="Training data: digits (bundled: no download), mnist, fashion-mnist, "
+                             "cifar10, a folder of images in class subfolders, or an .npz file."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where data sets are read from (default: the cache)."),
     epochs: int = typer.Option(3, help="Training epochs."),
     schedule: str = typer.Option("static", help="Topology schedule during training (static, sparse-momentum, rigl, set, ...)."),
@@ -230,16 +259,26 @@ def run(
     train_batch_size: Optional[int] = typer.Option(None, "--train-batch-size", help="Training batch size (default: the trainer's)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<model>-<method>[-N])."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
-    batch_size: str = typer.Option("1,16", "--batch-size", "-b", help="Bench batch sizes, comma-separated."),
+    bench_batch_size: Optional[str] = typer.Option(None, "--bench-batch-size", help="Bench batch sizes, "
+                                                   "comma-separated (default 1,16)."),
+    old_batch_size: Optional[str] = typer.Option(None, "--batch-size", "-b", hidden=True,
+                                                 help="Deprecated spelling of --bench-batch-size."),
     threads: str = typer.Option("1", "--threads", "-t", help="Bench intra-op thread counts, comma-separated."),
     variants: Optional[str] = typer.Option(None, "--variants", help="Variants to bench (default dense,compact,sparse[,depth])."),
     min_time: float = typer.Option(0.3, "--min-time", help="Measured seconds per variant and configuration, at least."),
+    as_json: bool = typer.Option(False, "--json", help="Print the bench results as JSON (instead of the table)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """The whole pipeline in one command: transform -> train -> export -> bench, results in the run directory."""
     from ._common import parse_shape
     from ..runtime import bench as lib
 
+    if old_batch_size is not None:
+        if bench_batch_size is not None:
+            raise UsageError("give --bench-batch-size only (--batch-size is its old spelling)")
+        err.print("note: `run --batch-size` is now --bench-batch-size (train's --batch-size is the training batch; "
+                  "here that is --train-batch-size)", highlight=False)
+        bench_batch_size = old_batch_size
     sparse_method = method in ("sparse-random", "psn")
     if density is None and sparse_method:
         density = 0.1
@@ -248,7 +287,7 @@ def run(
     transform_options: dict[str, Any] = dict(method=method, density=density, alpha=alpha, profile=profile,
                                               allocation=allocation, include_linear=include_linear,
                                               include_classifier=include_classifier, seed=seed,
-                                              input_shape=parse_shape(input_shape))
+                                              input_shape=parse_shape(input_shape), weights=weights)
     train_options: dict[str, Any] = dict(data=data, epochs=epochs, schedule=schedule, seed=seed)
     if lr is not None:
         train_options["lr"] = lr
@@ -256,20 +295,37 @@ def run(
         train_options["data_dir"] = str(data_dir)
     if train_batch_size is not None:
         train_options["batch_size"] = train_batch_size
-    bench_options = dict(batch_sizes=_int_list("--batch-size", batch_size), threads=_int_list("--threads", threads),
-                         min_time=min_time)
+    bench_options = dict(batch_sizes=_int_list("--bench-batch-size", bench_batch_size or "1,16"),
+                         threads=_int_list("--threads", threads), min_time=min_time)
+    lib.check_settings(min_time=min_time)
+    _check_train_options(train_options)
     target = out_dir if out_dir is not None else lib.default_run_dir(model, method, density if density is not None else alpha)
+    log = (lambda _m: None) if quiet else (lambda m: err.print(m, highlight=False, markup=False))
     with _pipeline_progress(quiet) as progress:
         run_dir, result, notes = lib.run_pipeline(
             model, target, transform_options=transform_options, train_options=train_options, variants=names,
-            bench_options=bench_options, force=force, progress=progress)
-    out.print(bench_table(result, title=f"{model} {method}: ONNX Runtime latency (speedup vs {result.baseline})"))
-    if _memory_line(result):
-        out.print(_memory_line(result))
-    err.print(_native_line(result))
+            bench_options=bench_options, force=force, progress=progress, log=log)
     tr = notes.get("train") or {}
+    if as_json:
+        out.print_json(json.dumps({"run_dir": str(run_dir), **result.to_json()}, default=str))
+    else:
+        out.print(bench_table(result, title=f"{model} {method}: ONNX Runtime latency (speedup vs {result.baseline})"))
+        if _memory_line(result):
+            out.print(_memory_line(result))
+    err.print(_native_line(result))
+    for w in tr.get("warnings") or []:
+        err.print(f"warning: {w}", highlight=False)
+    if as_json:
+        return
     if "test_acc" in tr:
         out.print(f"trained {tr.get('epochs')} epochs on {tr.get('data')}: test accuracy {tr['test_acc']:.1%}")
     for line in _variant_notes(notes):
         out.print(line)
     out.print(f"run directory: {run_dir}  (.onnx variants, bench.json, plot.png)")
+
+
+def _check_train_options(options: dict[str, Any]) -> None:
+    """The training settings' own checks, before the transform starts."""
+    from ..train import TrainConfig
+
+    TrainConfig.from_dict(options).validate()

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from .._io import check_writable
 from ..errors import UsageError
 from ._common import app, err, handle_errors, out
 
@@ -65,8 +66,11 @@ def export(
     """Export a run to ONNX with ai.sparsify::SparseConv nodes (or convert an existing .onnx file)."""
     from ..runtime.export import export_onnx_file, export_run
 
+    if out_path.is_dir():
+        raise UsageError(f"--out {out_path} is a directory; give a file name such as {out_path / 'model.onnx'}")
     if out_path.exists() and not force:
         raise UsageError(f"{out_path} exists; pass --force to overwrite it or choose another --out")
+    check_writable(out_path, "--out ", parents=False)
     with err.status(f"exporting {source} ..."):
         if source.suffix == ".onnx" and not source.is_dir():
             if dense or compact:

@@ -6,9 +6,9 @@ import json
 import typer
 
 from ..errors import RuntimeBackendError
-from ._common import app, handle_errors, out
+from ._common import SparsifyTyper, app, handle_errors, out
 
-runtime_app = typer.Typer(help="The ONNX Runtime backend: native SparseConv kernel status.", no_args_is_help=True)
+runtime_app = SparsifyTyper(help="The ONNX Runtime backend: native SparseConv kernel status.", no_args_is_help=True)
 app.add_typer(runtime_app, name="runtime")
 
 

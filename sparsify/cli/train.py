@@ -11,9 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import UsageError
-from ._common import app, err, handle_errors, out
+from ._common import SparsifyTyper, app, err, handle_errors, out
 
-data_app = typer.Typer(help="Data sets for training: fetch them into the cache.", no_args_is_help=True)
+data_app = SparsifyTyper(help="Data sets for training: fetch them into the cache.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -45,6 +45,8 @@ class _ProgressView:
         kind = event["kind"]
         if kind == "start":
             self.epochs = event["epochs"]
+            if not err.is_terminal:  # a live bar leaves blank lines in a pipe or a log file
+                return
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeRemainingColumn(), console=err, transient=True)
             self.bar.start()
@@ -54,9 +56,7 @@ class _ProgressView:
                             description=f"epoch {event['epoch']}/{self.epochs} loss {event['loss']:.3f} "
                                         f"acc {event['acc']:.3f}")
         elif kind == "epoch":
-            err.print(f"epoch {event['epoch']}/{self.epochs}  train loss {event['train_loss']:.4f} "
-                      f"acc {event['train_acc']:.4f}  val loss {event['val_loss']:.4f} acc {event['val_acc']:.4f}  "
-                      f"pruned {event['pruned']} grown {event['grown']}  {event['epoch_time_s']:.1f}s", highlight=False)
+            err.print(epoch_line(event, self.epochs), highlight=False)
         elif kind == "done":
             self.close()
 
@@ -66,11 +66,29 @@ class _ProgressView:
             self.bar = None
 
 
+def _count(n: int) -> str:
+    return f"{n / 1000:.0f}k" if n >= 10_000 else str(n)
+
+
+def epoch_line(event: dict[str, Any], epochs: int) -> str:
+    """One epoch in at most 80 columns: loss and accuracy of train and validation, lr, topology moves, time."""
+    p, g = event["pruned"], event["grown"]
+    topo = "" if not (p or g) else f"  moved {_count(p)}" if p == g else f"  -{_count(p)} +{_count(g)}"
+    val = ("" if event["val_loss"] != event["val_loss"]  # NaN: no validation split
+           else f"  val {event['val_loss']:.4g} {event['val_acc']:.1%}")
+    t = event["epoch_time_s"]
+    took = f"{t:.0f}s" if t >= 100 else f"{t:.1f}s"
+    return (f"epoch {event['epoch']}/{epochs}  train {event['train_loss']:.4g} {event['train_acc']:.1%}{val}  "
+            f"lr {event['lr']:.2g}{topo}  {took}")
+
+
 @app.command("train")
 @handle_errors
 def train(
     run_dir: Path = typer.Argument(..., help="Run directory made by `sparsify transform`"),
-    data: Optional[str] = typer.Option(None, help="Data set: mnist, fashion-mnist, digits (default), cifar10, synthetic"),
+    data: Optional[str] = typer.Option(None, help="Data set: mnist, fashion-mnist, digits (default), cifar10, "
+                                                  "synthetic; or a folder of images in class subfolders; or an .npz "
+                                                  "file with arrays x and y"),
     data_dir: Optional[Path] = typer.Option(None, help="Where data sets live (default: the user cache)"),
     schedule: Optional[str] = typer.Option(None, help="Topology schedule: static (default), sparse-momentum, rigl, "
                                                       "set, incremental"),
@@ -78,6 +96,10 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Mini-batch size (default 100)"),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default 0.1 for SGD, 1e-3 for Adam)"),
     lr_schedule: Optional[str] = typer.Option(None, help="cosine (default), step (x0.1 at 50% and 75%), constant"),
+    warmup_steps: Optional[int] = typer.Option(None, help="Steps of linear learning-rate warm-up (default: one "
+                                                          "epoch, at most 500 steps; 0: none)"),
+    clip_grad_norm: Optional[float] = typer.Option(None, help="Clip the global gradient norm to this (default "
+                                                              "2.0; 0: no clipping)"),
     optimizer: Optional[str] = typer.Option(None, help="sgd (Nesterov, default) or adam"),
     momentum: Optional[float] = typer.Option(None, help="SGD momentum (default 0.9)"),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default 5e-4)"),
@@ -94,6 +116,11 @@ def train(
     init_profile_param: Optional[List[str]] = typer.Option(None, "--init-profile-param",
                                                            help="NAME=VALUE for --init-profile, repeatable"),
     train_limit: Optional[int] = typer.Option(None, help="Use only the first N training examples"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
+                                           help="Random crop and horizontal flip of training images (default: on "
+                                                "for an image folder, off otherwise)"),
+    workers: Optional[int] = typer.Option(None, help="Processes decoding an image folder (default: cores - 1, "
+                                                     "at most 4; 0: decode in the training process)"),
     resume: bool = typer.Option(False, help="Continue from the run's last checkpoint"),
     force: bool = typer.Option(False, help="Discard an existing checkpoint and train from the run's weights"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output"),
@@ -103,10 +130,11 @@ def train(
     from ..train import train_run
 
     given = dict(data=data, data_dir=str(data_dir) if data_dir else None, schedule=schedule, epochs=epochs,
-                 batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, optimizer=optimizer, momentum=momentum,
+                 batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+                 clip_grad_norm=clip_grad_norm, optimizer=optimizer, momentum=momentum,
                  weight_decay=weight_decay, seed=seed, prune_rate=prune_rate, update_every=update_every,
                  stop_fraction=stop_fraction, start_density=start_density, double_every=double_every, init=init,
-                 init_profile=init_profile, train_limit=train_limit)
+                 init_profile=init_profile, train_limit=train_limit, augment=augment, workers=workers)
     config = {k: v for k, v in given.items() if v is not None}
     if init_profile_param:
         config["init_profile_params"] = _kv(init_profile_param, "--init-profile-param")
@@ -118,15 +146,19 @@ def train(
         view.close()
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    for w in result.get("warnings") or []:
+        err.print(f"warning: {w}", highlight=False)
     if as_json:
         out.print_json(json.dumps({k: v for k, v in result.items()}))
         return
-    table = Table(title=f"{run_dir}: {result['schedule']} on {result['data']}, {result['epochs']} epochs")
+    table = Table(title=f"{run_dir}: {result['schedule']} on {result['data']}, {result['epochs']} epochs",
+                  title_justify="left")
     for col in ("test acc", "test loss", "val acc", "density", "live"):
         table.add_column(col, justify="right")
-    table.add_row(f"{result['test_acc']:.4f}", f"{result['test_loss']:.4f}",
-                  f"{result['val_acc']:.4f}" if result["val_acc"] is not None else "-",
-                  f"{result['density']:.4f}", str(result["live"]))
+    val_acc = result["val_acc"]
+    table.add_row(f"{result['test_acc']:.2%}", f"{result['test_loss']:.4f}",
+                  f"{val_acc:.2%}" if val_acc is not None and val_acc == val_acc else "-",
+                  f"{result['density']:.4f}", f"{result['live']:,}")
     out.print(table)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from ..errors import UsageError
@@ -51,25 +52,47 @@ def _rule_args(items: Optional[List[str]]) -> dict[str, str] | None:
 
 
 def _fmt(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:g}" if isinstance(n, float) else str(n)
+    """Three significant digits with a k/M/G suffix: 57, 885k, 24.6k, 1.57M."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1)):
+        if abs(n) >= div or unit == "":
+            v = n / div
+            digits = 0 if abs(v) >= 100 or (unit == "" and float(v).is_integer()) else 1 if abs(v) >= 10 else 2
+            return f"{v:.{digits}f}{unit}"
+    return str(n)
 
 
-def render_report(report: dict[str, Any], title: str) -> Table:
-    """The per-layer table of a model report (see sparsify.report.layer_report)."""
-    t = Table(title=title, title_justify="left")
-    for col, just in (("layer", "left"), ("type", "left"), ("in→out", "right"), ("k", "right"),
-                      ("params", "right"), ("MACs", "right"), ("density", "right"),
-                      ("fan-in min/mean/max", "right"), ("CV", "right"), ("empty in/out", "right")):
-        t.add_column(col, justify=just)
+def _op(layer: dict[str, Any]) -> str:
+    """``conv 3x3``, ``dw 3x3`` (depthwise), ``group 3x3`` (grouped) or ``linear``."""
+    if not layer["kernel"]:
+        return "linear"
+    groups = layer.get("groups", 1)
+    kind = "conv" if groups == 1 else "dw" if groups == layer["in"] else "group"
+    return f"{kind} {'x'.join(map(str, layer['kernel']))}"
+
+
+def render_report(report: dict[str, Any], title: str, width: int | None = None) -> Table:
+    """The per-layer table of a model report (see sparsify.report.layer_report), readable in 80 columns.
+
+    Layer names are the one column that gives way (folded onto a second line) to fit ``width``
+    (default: the terminal's); ``--json`` has every field (fan-in min/max, dense counts, ...).
+    """
+    headers = ("op", "in→out", "params", "MACs", "density", "fan-in", "CV", "empty")
+    rows = []
     for l in report["layers"]:
-        k = "x".join(map(str, l["kernel"])) if l["kernel"] else "-"
-        name = l["name"] + (" (classifier)" if l["classifier"] else "")
-        t.add_row(name, l["type"], f"{l['in']}→{l['out']}", k, _fmt(l["params"]), _fmt(l["macs"]),
-                  f"{l['density']:.3f}", f"{l['fan_in_min']}/{l['fan_in_mean']:.1f}/{l['fan_in_max']}",
-                  f"{l['fan_in_cv']:.2f}", f"{l['empty_in']}/{l['empty_out']}")
+        rows.append([l["name"] + ("*" if l["classifier"] else ""), _op(l), f"{l['in']}→{l['out']}", _fmt(l["params"]),
+                     _fmt(l["macs"]), f"{l['density']:.3f}", f"{l['fan_in_mean']:.{0 if l['fan_in_mean'] >= 100 else 1}f}", f"{l['fan_in_cv']:.2f}",
+                     f"{l['empty_in']}/{l['empty_out']}"])
+    others = sum(max([len(h)] + [len(r[i + 1]) for r in rows]) + 1 for i, h in enumerate(headers))
+    longest = max([len("layer")] + [len(r[0]) for r in rows])
+    room = max(8, (width or out.size.width) - others - 1)
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0),
+              pad_edge=False, collapse_padding=True,
+              caption="*: classifier; fan-in: mean live inputs per unit; empty: channels in/out", caption_justify="left")
+    t.add_column("layer", overflow="fold", max_width=min(longest, room))
+    for col in headers:
+        t.add_column(col, justify="left" if col == "op" else "right", no_wrap=True)
+    for r in rows:
+        t.add_row(*r)
     return t
 
 
@@ -104,8 +127,11 @@ def transform(
     include_linear: Optional[bool] = typer.Option(None, "--include-linear/--no-include-linear",
                                                   help="Mask linear layers too (default: psn yes; sparse-random only for models without convs)"),
     include_classifier: bool = typer.Option(False, help="Also mask the final classifier"),
-    rescale_init: bool = typer.Option(True, help="Scale each unit's initial weights to its live fan-in "
-                                      "(Kaiming for the connections it really has); --no-rescale-init keeps the dense init"),
+    rescale_init: Optional[bool] = typer.Option(None, "--rescale-init/--no-rescale-init",
+                                                help="Scale each unit's initial weights to its live fan-in (Kaiming "
+                                                     "for the connections it really has). Default: on, off with --weights"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Start from these trained weights: a state dict "
+                                           "in .pt/.pth (torch.save) or .safetensors; the masks apply to them"),
     seed: int = typer.Option(0, help="Seed of the initial weights and of the masks"),
     input_shape: Optional[str] = typer.Option(None, help="Example input shape, e.g. 1,3,32,32; \"S1;S2\" for a model "
                                               "with several inputs (default: from the model file or zoo)"),
@@ -123,7 +149,7 @@ def transform(
     path, result = transform_to_dir(
         model, method, out=out_dir, force=force, density=density, alpha=alpha, divisor=divisor, profile=profile,
         profile_params=_kv_args(profile_param), allocation=allocation, include_linear=include_linear,
-        include_classifier=include_classifier, rescale_init=rescale_init, seed=seed,
+        include_classifier=include_classifier, rescale_init=rescale_init, seed=seed, weights=weights,
         input_shape=parse_shape(input_shape),
         model_args=_json_arg(model_args, "--model-args"), leaf_modules=leaf or [], rules=_rule_args(rule),
     )
@@ -159,7 +185,7 @@ def inspect(
     if str(target).endswith(".onnx"):
         from ..runtime.onnx_inspect import render_onnx_report
 
-        out.print(render_onnx_report(report))
+        out.print(render_onnx_report(report, width=out.size.width))
         return
     out.print(render_report(report, f"{report.get('model', target)} · {report.get('method', 'dense')}"))
     print_totals(report)

@@ -166,6 +166,9 @@ def _inspect(path: Path, label: str) -> FileInfo:
         raise RuntimeBackendError(
             f"{path} is not a readable ONNX model ({type(e).__name__}); re-export it with `sparsify export`"
         ) from None
+    from .onnx_inspect import validate_model
+
+    validate_model(model, path)
     graph = model.graph
     init_names = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in init_names]
@@ -319,8 +322,7 @@ def bench_files(
         raise UsageError("bench needs at least one .onnx file (the first one is the baseline)")
     batch_sizes = _positive("--batch-size", batch_sizes)
     threads = _positive("--threads", threads)
-    if warmup < 0 or repeats < 1 or max_repeats < repeats or min_time < 0:
-        raise UsageError("bench needs warmup >= 0, 1 <= repeats <= max_repeats and min_time >= 0")
+    check_settings(warmup=warmup, min_time=min_time, repeats=repeats, max_repeats=max_repeats)
     paths = [Path(p) for p in paths]
     labels = list(labels) if labels is not None else _default_labels(paths)
     if len(labels) != len(paths) or len(set(labels)) != len(labels):
@@ -402,6 +404,21 @@ def bench_files(
         "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return BenchResult(files=files, rows=rows, settings=settings, environment=environment)
+
+
+def check_settings(*, warmup: int = 5, min_time: float = 0.5, repeats: int = 10, max_repeats: int = 2000) -> None:
+    """UsageError naming the option, for timing settings that cannot work (checked before any work)."""
+    import math
+
+    checks = [
+        (warmup >= 0, f"--warmup must be >= 0, not {warmup}"),
+        (repeats >= 1, f"--repeats must be at least 1, not {repeats}"),
+        (repeats <= max_repeats, f"--repeats must be at most {max_repeats}, not {repeats}"),
+        (math.isfinite(min_time) and min_time >= 0, f"--min-time must be >= 0 seconds, not {min_time:g}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
 
 
 def _guarded(f: FileInfo, batch: int, call: Any) -> Any:
@@ -684,12 +701,14 @@ def run_pipeline(
     bench_options: dict[str, Any] | None = None,
     force: bool = False,
     progress: Any | None = None,
+    log: Any | None = None,
 ) -> tuple[Path, BenchResult, dict[str, Any]]:
     """Transform -> train -> export -> bench into run directory ``out``; returns (run dir, bench result, notes).
 
     The .onnx variants, ``bench.json`` and ``plot.png`` are written into the run directory, which
     appears only when every stage succeeded (an existing ``out`` is refused unless ``force``).
-    ``progress(stage, description, done, total)`` is called as the stages advance.
+    ``progress(stage, description, done, total)`` is called as the stages advance; ``log`` gets the
+    training's one-line messages (how the data were adapted to the model, warnings).
     """
     from .. import api
     from .._io import atomic_dir
@@ -708,9 +727,9 @@ def run_pipeline(
         api.transform_to_dir(model, out=tmp, force=True, **transform_options)
         if progress is not None:
             progress("transform", "transformed", 1, 1)
-        trained = train_run(tmp, progress=_train_progress(stage("train")), **train_options)
+        trained = train_run(tmp, progress=_train_progress(stage("train")), log=log, **train_options)
         notes["train"] = {k: trained.get(k) for k in ("data", "schedule", "epochs", "steps", "test_acc",
-                                                      "test_loss", "val_acc", "density")}
+                                                      "test_loss", "val_acc", "density", "warnings")}
         files, export_notes = export_variants(tmp, tmp, variants, progress=stage("export"))
         notes.update(export_notes)
         result = bench_files([p for _, p in files], labels=[n for n, _ in files], progress=stage("bench"),

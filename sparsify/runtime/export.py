@@ -467,6 +467,9 @@ def export_onnx_file(src: str | os.PathLike, out: str | os.PathLike, *, dense_th
     """Convert an existing ONNX file's channel-sparse Convs to SparseConv, verified against the original."""
     out = check_output_path(out)
     original = onnx_sparse.load(src)
+    from .onnx_inspect import validate_model
+
+    validate_model(original, src)  # a malformed SparseConv would be carried over (and run wrong) unnoticed
     init_names = {t.name for t in original.graph.initializer}
     runtime_inputs = [i for i in original.graph.input if i.name not in init_names]
     if len(runtime_inputs) != 1:

@@ -59,7 +59,7 @@ def _register(so: ort.SessionOptions, lib: Path) -> None:
     except Exception as e:  # ORT raises its own pybind exception types (not RuntimeError)
         raise RuntimeBackendError(
             f"the native SparseConv library {lib} cannot be loaded ({_first_line(e)}); "
-            "rebuild it with `pip install -e .` or pass native=False"
+            "rebuild it with `pip install -e .`, or pass --no-native (native=False in the API)"
         ) from None
 
 

@@ -42,9 +42,83 @@ def _conv_out(x: list[int], k: tuple[int, int], strides, pads, dils) -> tuple[in
                  for i in range(2))  # type: ignore[return-value]
 
 
+def validate_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Refuse an ONNX file that has no graph, or whose SparseConv index arrays are malformed.
+
+    For every ``ai.sparsify`` node whose inputs are initializers: W is ``[nnz, kh, kw]``, row_ptr is
+    int64 ``[Cout+1]`` starting at 0, never decreasing and ending at nnz, col_idx is int64 ``[nnz]``
+    with every entry in ``[0, in_channels/group)``, ``group`` divides ``in_channels`` and Cout, and B
+    has Cout entries. The native kernel refuses such a node, but the standard-ONNX function body
+    scatters whatever it is given and computes a wrong result silently, so every path that loads
+    a file checks here first. Raises RuntimeBackendError naming the node and the first violation.
+    """
+    from ..errors import RuntimeBackendError
+
+    if not model.graph.node or not model.graph.output:
+        size = Path(path).stat().st_size if isinstance(path, (str, os.PathLike)) and Path(path).is_file() else None
+        what = "is empty" if size == 0 else "holds no ONNX graph"
+        raise RuntimeBackendError(f"{path} {what}; it is not a model (a truncated copy?); export it again")
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def array(name: str) -> np.ndarray | None:
+        t = inits.get(name)
+        if t is None or t.data_location == onnx.TensorProto.EXTERNAL:
+            return None  # computed at run time or stored outside: nothing to check statically
+        return numpy_helper.to_array(t)
+
+    for idx, node in enumerate(model.graph.node):
+        if node.domain != onnx_sparse.DOMAIN or node.op_type not in onnx_sparse.SPARSE_OPS:
+            continue
+        name = node.name or f"{node.op_type}_{idx}"
+
+        def bad(why: str) -> RuntimeBackendError:
+            return RuntimeBackendError(f"{path}: node {name} ({node.op_type}) is malformed: {why}; the file is "
+                                       f"damaged or was not written by `sparsify export`, so export it again")
+
+        if len(node.input) < 4:
+            raise bad(f"it has {len(node.input)} inputs, not X, W, row_ptr, col_idx[, B]")
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        group, cin = int(attrs.get("group", 1)), int(attrs.get("in_channels", 0))
+        if cin <= 0 or group <= 0 or cin % group:
+            raise bad(f"in_channels={cin} must be positive and divisible by group={group}")
+        w, row_ptr, col_idx = array(node.input[1]), array(node.input[2]), array(node.input[3])
+        b = array(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+        if row_ptr is not None:
+            if row_ptr.dtype != np.int64 or row_ptr.ndim != 1 or row_ptr.size < 1:
+                raise bad(f"row_ptr must be a 1-d int64 array of Cout+1 entries, got {row_ptr.dtype} {list(row_ptr.shape)}")
+            cout = row_ptr.size - 1
+            if row_ptr[0] != 0:
+                raise bad(f"row_ptr starts at {int(row_ptr[0])}, not 0")
+            drops = np.nonzero(np.diff(row_ptr) < 0)[0]
+            if drops.size:
+                k = int(drops[0])
+                raise bad(f"row_ptr decreases at output channel {k} ({int(row_ptr[k])} -> {int(row_ptr[k + 1])})")
+            if cout % group:
+                raise bad(f"group={group} does not divide Cout={cout} (len(row_ptr) - 1)")
+            if b is not None and b.shape != (cout,):
+                raise bad(f"B has shape {list(b.shape)}, expected [{cout}] (Cout)")
+        if w is not None and (w.ndim != 3 or min(w.shape[1:], default=0) < 1):
+            raise bad(f"W must be [nnz, kh, kw], got shape {list(w.shape)}")
+        if col_idx is not None:
+            if col_idx.dtype != np.int64 or col_idx.ndim != 1:
+                raise bad(f"col_idx must be a 1-d int64 array, got {col_idx.dtype} {list(col_idx.shape)}")
+            if w is not None and col_idx.size != w.shape[0]:
+                raise bad(f"col_idx has {col_idx.size} entries but W has nnz={w.shape[0]} kernels")
+            if row_ptr is not None and int(row_ptr[-1]) != col_idx.size:
+                raise bad(f"row_ptr ends at {int(row_ptr[-1])} but there are {col_idx.size} connections")
+            out_of_range = np.nonzero((col_idx < 0) | (col_idx >= cin // group))[0]
+            if out_of_range.size:
+                k = int(out_of_range[0])
+                raise bad(f"col_idx[{k}] = {int(col_idx[k])} is outside [0, {cin // group}) (input channels per group)")
+
+
 def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
-    """The node table of an ONNX file: op, channels, kernel, SparseConv density, param bytes, MACs; totals."""
+    """The node table of an ONNX file: op, channels, kernel, SparseConv density, param bytes, MACs; totals.
+
+    Raises RuntimeBackendError for a file ``validate_model`` refuses.
+    """
     model = onnx_sparse.load(path)
+    validate_model(model, path)
     inits = {t.name: t for t in model.graph.initializer}
     shapes = _shapes(model)
     init_names = set(inits)
@@ -52,7 +126,9 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for idx, node in enumerate(model.graph.node):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        row: dict[str, Any] = {"name": node.name or f"{node.op_type}_{idx}", "op": node.op_type,
+        weight = node.input[1] if len(node.input) > 1 and node.input[1] in inits else ""
+        layer = weight.removesuffix(".packed").removesuffix(".weight") if weight else ""
+        row: dict[str, Any] = {"name": node.name or f"{node.op_type}_{idx}", "layer": layer or None, "op": node.op_type,
                                "domain": node.domain or "ai.onnx", "in_channels": None, "out_channels": None,
                                "kernel": None, "stride": None, "group": None, "density": None,
                                "param_bytes": 0, "macs": 0}
@@ -119,29 +195,45 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.1f}T{unit}"
 
 
-def render_onnx_report(report: dict[str, Any]):
-    """A rich Table of ``inspect_onnx``'s report (weight-carrying nodes; other ops summarised)."""
+def render_onnx_report(report: dict[str, Any], width: int | None = None):
+    """A rich Table of ``inspect_onnx``'s report (weight-carrying nodes; other ops summarised).
+
+    Rows are named by their weight (the PyTorch layer) where there is one, else by the node; names
+    fold onto a second line rather than pushing the table past ``width`` (default 80).
+    """
+    from rich import box
     from rich.table import Table
 
     t = report["totals"]
     shape = ", ".join(f"{i['name']}[{'x'.join(map(str, i['shape']))}]" for i in report["inputs"])
-    table = Table(title=f"{report['file']} · {shape} · {_human(report['file_bytes'], 'B')}",
-                  caption=f"{t['nodes']} nodes, {t['sparse_conv_nodes']} SparseConv, {t['conv_nodes']} Conv · "
-                          f"params {_human(t['param_bytes'], 'B')} · {_human(t['macs'])} MACs at batch 1")
-    for col, justify in (("node", "left"), ("op", "left"), ("in→out", "right"), ("kernel", "right"),
-                         ("stride", "right"), ("group", "right"), ("density", "right"), ("params", "right"),
-                         ("MACs", "right")):
-        table.add_column(col, justify=justify)
-    others: dict[str, int] = {}
+    rows, others = [], {}
     for r in report["nodes"]:
         if r["in_channels"] is None and not r["param_bytes"]:
             others[r["op"]] = others.get(r["op"], 0) + 1
             continue
-        dens = "" if r["density"] is None else f"{r['density']:.3f}"
-        op = f"[bold cyan]{r['op']}[/]" if r["op"] in onnx_sparse.SPARSE_OPS else r["op"]
+        kernel = r["kernel"] or ""
+        if kernel and r["stride"] and r["stride"] != "1x1":
+            kernel += f"/{r['stride'].split('x')[0]}" if len(set(r["stride"].split("x"))) == 1 else f" s{r['stride']}"
+        if r["group"] and r["group"] > 1:
+            kernel += f" g{r['group']}"
         chans = "" if r["in_channels"] is None else f"{r['in_channels']}→{r['out_channels']}"
-        table.add_row(r["name"], op, chans, r["kernel"] or "", r["stride"] or "", str(r["group"] or ""), dens,
-                      _human(r["param_bytes"], "B"), _human(r["macs"]))
-    if others:
-        table.add_row("(other)", ", ".join(f"{k}×{v}" for k, v in sorted(others.items())), "", "", "", "", "", "", "")
+        rows.append([(r.get("layer") if r["in_channels"] is not None else None) or r["name"], r["op"], chans, kernel,
+                     "" if r["density"] is None else f"{r['density']:.3f}", _human(r["param_bytes"], "B"),
+                     _human(r["macs"])])
+    headers = ("op", "in→out", "kernel", "density", "params", "MACs")
+    others_w = sum(max([len(h)] + [len(row[i + 1]) for row in rows]) + 1 for i, h in enumerate(headers))
+    longest = max([len("layer")] + [len(row[0]) for row in rows])
+    table = Table(title=f"{report['file']} · {shape} · {_human(report['file_bytes'], 'B')}", title_justify="left",
+                  caption=f"{t['nodes']} nodes, {t['sparse_conv_nodes']} SparseConv, {t['conv_nodes']} Conv · "
+                          f"params {_human(t['param_bytes'], 'B')} · {_human(t['macs'])} MACs at batch 1"
+                          + (f"\nother ops: {', '.join(f'{k}×{v}' for k, v in sorted(others.items()))}" if others else ""),
+                  caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0), pad_edge=False,
+                  collapse_padding=True)
+    table.add_column("layer", overflow="fold", max_width=min(longest, max(8, (width or 80) - others_w - 1)))
+    for col in headers:
+        table.add_column(col, justify="left" if col == "op" else "right", no_wrap=True)
+    for row in rows:
+        op = row[1]
+        row[1] = f"[bold cyan]{op}[/]" if op in onnx_sparse.SPARSE_OPS else op
+        table.add_row(*row)
     return table

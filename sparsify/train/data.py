@@ -1,9 +1,24 @@
-"""Data sets for training: MNIST, Fashion-MNIST, sklearn digits, CIFAR-10 and a synthetic set.
+"""Data sets for training: built-in sets, a user's image folder or ``.npz`` arrays, and a synthetic set.
 
-Every set is loaded whole into memory as float tensors (normalised with the training split's
-mean and standard deviation) and split into train / validation (10% of train, fixed seed, as in
-Dettmers & Zettlemoyer 2019) / test. Batches come from ``batches``, a seeded generator that also
-shards across distributed ranks; no DataLoader workers, so runs are reproducible bit for bit.
+Built-in: MNIST, Fashion-MNIST, scikit-learn's digits, CIFAR-10 (loaded whole into memory as float
+tensors, normalised with the training split's mean and standard deviation). A user's data:
+
+- a folder of images in class subfolders (the ImageFolder layout: ``root/<class>/*.png``, or
+  ``root/train/<class>/...`` with ``root/test/`` or ``root/val/`` beside it). Only the file list is
+  held in memory; each batch is decoded with Pillow when it is needed (``ImageFolderSplit``),
+  resized (shorter side to the model's size, centre crop) and normalised per channel, in
+  DataLoader worker processes when there are several cores. torchvision, where importable, lists
+  the classes and files (``find_classes``/``make_dataset``) exactly as its ImageFolder does.
+- an ``.npz`` file with ``x`` (images ``[N, H, W]``, ``[N, H, W, C]`` or ``[N, C, H, W]``, or
+  vectors ``[N, F]``) and integer labels ``y``, optionally ``x_test``/``y_test``.
+
+Every set is split into train / validation (``val_fraction`` of train, fixed seed, as in Dettmers &
+Zettlemoyer 2019) / test; a user's set without a test part holds out ``TEST_FRACTION`` of it. Images
+are resized to the model's input and grey images replicated to its channels, and each adaptation
+is reported once (``DataBundle.notes``). Batches come from ``batches``, whose order depends only
+on (seed, epoch) and which shards across distributed ranks, so runs are reproducible bit for bit;
+``augment_batch`` (random crop with padding, horizontal flip) draws from a generator seeded the
+same way.
 
 Files are read from ``data_dir/<name>`` (default: the user cache, see ``default_data_dir``);
 ``sparsify data fetch`` puts them there.
@@ -11,10 +26,11 @@ Files are read from ``data_dir/<name>`` (default: the user cache, see ``default_
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -30,6 +46,10 @@ IDX_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 VAL_SPLIT_SEED = 20190710  # fixed, so every training seed sees the same validation set
+TEST_SPLIT_SEED = 20190711
+TEST_FRACTION = 0.1        # held out as the test split of a user's set that has none
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+STATS_SAMPLE = 256         # images decoded to estimate a folder's per-channel mean and std
 
 
 def default_data_dir() -> Path:
@@ -41,7 +61,7 @@ def default_data_dir() -> Path:
 
 @dataclass
 class Split:
-    """Images [N, C, H, W] (float32, normalised) and integer labels [N]."""
+    """Images [N, C, H, W] (float32, normalised) and integer labels [N], in memory."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -49,17 +69,63 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples at ``idx`` as (x [B, C, H, W], y [B])."""
+        return self.x[idx], self.y[idx]
+
+    @property
+    def example_numel(self) -> int:
+        """Values per example (C*H*W)."""
+        return int(self.x[0].numel()) if len(self) else 0
+
+    lazy = False
+
+
+@dataclass
+class ImageFolderSplit:
+    """Image files and their labels; ``take`` decodes, resizes and normalises a batch on demand.
+
+    ``shape`` is the model's (C, H, W); ``mean``/``std`` are per channel, in [0, 1] pixel units.
+    """
+
+    files: list[str]
+    y: torch.Tensor
+    shape: tuple[int, int, int]
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    lazy = True
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.stack([decode_image(self.files[int(i)], self.shape) for i in idx])
+        return (x - self.mean[:, None, None]) / self.std[:, None, None], self.y[idx]
+
+    @property
+    def example_numel(self) -> int:
+        c, h, w = self.shape
+        return c * h * w
+
 
 @dataclass
 class DataBundle:
-    """A data set ready for training: train / validation / test splits and what was adapted."""
+    """A data set ready for training: train / validation / test splits and what was adapted.
+
+    ``kind`` is ``builtin``, ``folder`` or ``npz``; ``augment`` says whether training augments by
+    default (image folders); ``class_names`` are the folder names of a folder set.
+    """
 
     name: str
-    train: Split
-    val: Split
-    test: Split
+    train: Split | ImageFolderSplit
+    val: Split | ImageFolderSplit
+    test: Split | ImageFolderSplit
     num_classes: int
     notes: list[str]
+    kind: str = "builtin"
+    augment: bool = False
+    class_names: list[str] | None = None
 
 
 def _fetch_hint(name: str) -> str:
@@ -175,18 +241,51 @@ def _adapt(x: torch.Tensor, shape: tuple[int, int, int], name: str, notes: list[
     return x
 
 
+def _model_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    if len(input_shape) >= 3:
+        return tuple(int(d) for d in input_shape[-3:])  # type: ignore[return-value]
+    if len(input_shape) == 2:
+        return None  # a vector model: images keep their shape and are flattened per batch
+    raise DataError(f"the model's input shape {tuple(input_shape)} is neither (N, C, H, W) nor (N, F)")
+
+
+def is_user_data(name: str) -> bool:
+    """True when ``name`` is not a built-in set but a path (a folder or an .npz file)."""
+    return name not in DATASETS
+
+
+def check_data_name(name: str) -> None:
+    """UsageError-free check for TrainConfig.validate: DataError unless ``name`` is a set or an existing path."""
+    if name in DATASETS:
+        return
+    p = Path(name).expanduser()
+    if p.suffix == ".npz":
+        if not p.is_file():
+            raise DataError(f"--data {name}: no such file; give an existing .npz file with arrays x and y")
+        return
+    if p.is_dir():
+        return
+    raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}, or give a folder of images "
+                    f"in class subfolders or an .npz file with arrays x and y")
+
+
 def load_dataset(name: str, input_shape: tuple[int, ...], *, data_dir: str | Path | None = None,
                  num_classes: int | None = None, val_fraction: float = 0.1, train_limit: int | None = None,
                  synthetic_size: tuple[int, int] = (512, 256)) -> DataBundle:
-    """Load data set ``name`` shaped for a model taking ``input_shape`` (N, C, H, W) or (N, F)."""
-    if name not in DATASETS:
-        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    if len(input_shape) >= 3:
-        shape: tuple[int, int, int] | None = tuple(int(d) for d in input_shape[-3:])  # type: ignore[assignment]
-    elif len(input_shape) == 2:
-        shape = None  # a vector model: images keep their shape and are flattened per batch
-    else:
-        raise DataError(f"the model's input shape {tuple(input_shape)} is neither (N, C, H, W) nor (N, F)")
+    """Load data set ``name`` shaped for a model taking ``input_shape`` (N, C, H, W) or (N, F).
+
+    ``name`` is a built-in set (``DATASETS``), a folder of images in class subfolders, or an
+    ``.npz`` file. Raises DataError (one line) for anything that cannot be loaded.
+    """
+    check_data_name(name)
+    shape = _model_shape(input_shape)
+    if is_user_data(name):
+        p = Path(name).expanduser()
+        if p.suffix == ".npz":
+            xtr, ytr, xte, yte, notes = _load_npz(p, val_fraction)
+            return _in_memory(str(p), xtr, ytr, xte, yte, shape, input_shape, num_classes, val_fraction,
+                              train_limit, kind="npz", notes=notes)
+        return _load_folder(p, shape, num_classes, val_fraction, train_limit)
     folder = Path(data_dir) / name if data_dir is not None else default_data_dir() / name
     if data_dir is not None and not (Path(data_dir) / name).is_dir() and name in ("mnist", "fashion-mnist", "cifar10"):
         folder = Path(data_dir)  # allow --data-dir to point straight at the files
@@ -198,19 +297,41 @@ def load_dataset(name: str, input_shape: tuple[int, ...], *, data_dir: str | Pat
         xtr, ytr, xte, yte = _load_cifar10(folder)
     else:
         xtr, ytr, xte, yte = _synthetic(shape or (1, 1, int(input_shape[-1])), num_classes or 10, *synthetic_size)
-    n_classes = int(max(ytr.max(), yte.max())) + 1
+    return _in_memory(name, xtr, ytr, xte, yte, shape, input_shape, num_classes, val_fraction, train_limit)
+
+
+def _check_classes(name: str, n_classes: int, num_classes: int | None) -> None:
     if num_classes is not None and n_classes > num_classes:
         raise DataError(f"data set {name!r} has {n_classes} classes but the model outputs {num_classes}; "
                         f"choose a data set with at most {num_classes} classes")
 
-    notes: list[str] = []
+
+def _val_split(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation indices, training indices) of a training set of ``n``: fixed, whatever the seed."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+    n_val = int(round(val_fraction * n))
+    return order[:n_val], order[n_val:]
+
+
+def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,
+               shape: tuple[int, int, int] | None, input_shape: tuple[int, ...], num_classes: int | None,
+               val_fraction: float, train_limit: int | None, kind: str = "builtin",
+               notes: list[str] | None = None) -> DataBundle:
+    """Normalise, split and adapt arrays that fit in memory."""
+    n_classes = int(max(ytr.max(), yte.max())) + 1
+    _check_classes(name, n_classes, num_classes)
+    notes = list(notes or [])
     x_train = torch.from_numpy(np.ascontiguousarray(xtr, dtype=np.float32))
     x_test = torch.from_numpy(np.ascontiguousarray(xte, dtype=np.float32))
     y_train, y_test = torch.from_numpy(ytr.astype(np.int64)), torch.from_numpy(yte.astype(np.int64))
+    if shape is None and x_train[0].numel() != int(input_shape[-1]):
+        raise DataError(f"the model takes vectors of {int(input_shape[-1])} values but {name} examples have "
+                        f"{x_train[0].numel()}; choose a matching data set")
+    if shape is not None and x_train.dim() != 4:
+        raise DataError(f"{name} holds vectors of {x_train[0].numel()} values but the model takes images "
+                        f"{'x'.join(map(str, shape))}; choose a matching data set")
 
-    order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
-    n_val = int(round(val_fraction * len(y_train)))
-    val_idx, tr_idx = order[:n_val], order[n_val:]
+    val_idx, tr_idx = _val_split(len(y_train), val_fraction)
     if train_limit is not None:
         tr_idx = tr_idx[:train_limit]
     mean, std = x_train[tr_idx].mean(), x_train[tr_idx].std().clamp_min(1e-6)
@@ -226,12 +347,198 @@ def load_dataset(name: str, input_shape: tuple[int, ...], *, data_dir: str | Pat
         test=Split(prep(x_test, False), y_test),
         num_classes=n_classes,
         notes=notes,
+        kind=kind,
     )
 
 
-def batches(split: Split, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
-            world_size: int = 1, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of ``split``; the order depends only on (seed, epoch), shards are disjoint per rank."""
+# ---------------------------------------------------------------- a user's .npz arrays
+
+
+def _labels(y: Any, where: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or y.size == 0:
+        raise DataError(f"{where} must be a 1-d array of integer class labels, got shape {list(y.shape)}")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)):
+            raise DataError(f"{where} must hold integer class labels 0..C-1, got {y.dtype}")
+    if y.min() < 0:
+        raise DataError(f"{where} holds a negative label ({int(y.min())}); labels are class indices 0..C-1")
+    return y.astype(np.int64)
+
+
+def _images(x: Any, where: str) -> np.ndarray:
+    """[N, F], [N, H, W], [N, H, W, C] or [N, C, H, W] -> [N, F] or [N, C, H, W] (float32 for floats)."""
+    x = np.asarray(x)
+    if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
+        raise DataError(f"{where} must be a numeric array, got {x.dtype}")
+    if x.ndim == 2:
+        return x
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim == 4:
+        if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3, 4):
+            x = x.transpose(0, 3, 1, 2)[:, :3]  # channels last (and RGBA) -> [N, C, H, W]
+        return x
+    raise DataError(f"{where} must be [N, F], [N, H, W], [N, H, W, C] or [N, C, H, W], got shape {list(x.shape)}")
+
+
+def _load_npz(path: Path, val_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """x, y (and x_test, y_test) from an .npz file; no pickled objects are read."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # zipfile / ValueError (object arrays) / OSError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path} is not a readable .npz of numeric arrays ({first[:100]}); save it with "
+                        f"numpy.savez(path, x=images, y=labels)") from None
+    if "x" not in arrays or "y" not in arrays:
+        raise DataError(f"{path} has arrays {', '.join(sorted(arrays)) or 'none'}; it needs x (images) and y "
+                        f"(labels), and may have x_test and y_test")
+    x, y = _images(arrays["x"], f"{path.name}: x"), _labels(arrays["y"], f"{path.name}: y")
+    if len(x) != len(y):
+        raise DataError(f"{path.name}: x has {len(x)} examples but y has {len(y)} labels")
+    notes: list[str] = []
+    if "x_test" in arrays or "y_test" in arrays:
+        if "x_test" not in arrays or "y_test" not in arrays:
+            raise DataError(f"{path.name} has only one of x_test and y_test; give both or neither")
+        xte, yte = _images(arrays["x_test"], f"{path.name}: x_test"), _labels(arrays["y_test"], f"{path.name}: y_test")
+        if len(xte) != len(yte) or xte.shape[1:] != x.shape[1:]:
+            raise DataError(f"{path.name}: x_test must have the shape of x per example and one label per example")
+        return x, y, xte, yte, notes
+    test_idx, train_idx = _test_split(len(y))
+    notes.append(f"{path.name}: no x_test/y_test, so {len(test_idx)} of its {len(y)} examples "
+                 f"({TEST_FRACTION:.0%}) are held out as the test split")
+    return x[train_idx], y[train_idx], x[test_idx], y[test_idx], notes
+
+
+def _test_split(n: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(TEST_SPLIT_SEED).permutation(n)
+    n_test = max(1, int(round(TEST_FRACTION * n))) if n > 1 else 0
+    return np.sort(order[:n_test]), np.sort(order[n_test:])
+
+
+# ---------------------------------------------------------------- a user's image folder
+
+
+def _scan(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (sorted subfolder names) and (file, class index) pairs, as torchvision's ImageFolder finds them."""
+    try:
+        from torchvision.datasets.folder import find_classes, make_dataset  # type: ignore[import-not-found]
+    except Exception:  # not installed, or a build that does not import beside this torch
+        find_classes = make_dataset = None
+    if find_classes is not None:
+        try:
+            classes, index = find_classes(str(root))
+            return list(classes), [(str(p), int(c)) for p, c in make_dataset(str(root), index, IMAGE_EXTENSIONS)]
+        except (FileNotFoundError, OSError):
+            return [], []
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    samples = []
+    for c, name in enumerate(classes):
+        for dirpath, _dirs, files in sorted(os.walk(root / name, followlinks=True)):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, f), c))
+    return classes, samples
+
+
+def decode_image(file: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """One image file as float32 [C, H, W] in [0, 1]: shorter side resized to fit, centre crop (Pillow)."""
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = shape
+    try:
+        with Image.open(file) as im:
+            im = im.convert("L" if c == 1 else "RGB")
+            scale = max(h / im.height, w / im.width)
+            size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
+            if size != im.size:
+                im = im.resize(size, Image.BILINEAR)
+            left, top = (im.width - w) // 2, (im.height - h) // 2
+            im = im.crop((left, top, left + w, top + h))
+            a = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DataError(f"{file} cannot be read as an image ({type(e).__name__}); remove or replace it") from None
+    return torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1).copy())
+
+
+def _first_size(file: str) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(file) as im:
+            return im.size
+    except Exception:
+        return (0, 0)
+
+
+def _load_folder(root: Path, shape: tuple[int, int, int] | None, num_classes: int | None, val_fraction: float,
+                 train_limit: int | None) -> DataBundle:
+    """An ImageFolder layout, decoded lazily (see the module docstring)."""
+    if shape is None:
+        raise DataError(f"--data {root} is a folder of images but the model takes vectors; give an .npz of vectors")
+    c = shape[0]
+    if c not in (1, 3):
+        raise DataError(f"the model takes {c}-channel images; image folders give 1 (grey) or 3 (RGB) channels")
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    train_root = root / "train" if (root / "train").is_dir() else root
+    classes, samples = _scan(train_root)
+    if not samples:
+        raise DataError(f"--data {root}: no images in class subfolders (expected {train_root}/<class>/<image>, "
+                        f"extensions {', '.join(IMAGE_EXTENSIONS)})")
+    if len(classes) < 2:
+        raise DataError(f"--data {root}: found one class ({classes[0]}); a classifier needs two or more class "
+                        f"subfolders")
+    _check_classes(str(root), len(classes), num_classes)
+    notes: list[str] = [f"{root}: {len(samples)} images in {len(classes)} classes ({', '.join(classes[:4])}"
+                        f"{', ...' if len(classes) > 4 else ''})"]
+    files = [f for f, _ in samples]
+    labels = torch.tensor([y for _, y in samples], dtype=torch.int64)
+    if test_dir is not None and train_root != root:
+        test_classes, test_samples = _scan(test_dir)
+        if test_classes != classes:
+            raise DataError(f"{test_dir} has classes {', '.join(test_classes[:4])}... but {train_root} has "
+                            f"{', '.join(classes[:4])}...; the splits must have the same class subfolders")
+        test_files = [f for f, _ in test_samples]
+        test_y = torch.tensor([y for _, y in test_samples], dtype=torch.int64)
+    else:
+        test_idx, train_idx = _test_split(len(files))
+        test_files, test_y = [files[i] for i in test_idx], labels[torch.from_numpy(test_idx)]
+        files, labels = [files[i] for i in train_idx], labels[torch.from_numpy(train_idx)]
+        notes.append(f"{root}: no train/ and test/ subfolders, so {len(test_files)} images ({TEST_FRACTION:.0%}) "
+                     f"are held out as the test split")
+    val_idx, tr_idx = _val_split(len(files), val_fraction)
+    if train_limit is not None:
+        tr_idx = tr_idx[:train_limit]
+    w0, h0 = _first_size(files[int(tr_idx[0])]) if len(tr_idx) else (0, 0)
+    notes.append(f"{root}: images (e.g. {w0}x{h0}) are resized to the model's {shape[1]}x{shape[2]} (shorter "
+                 f"side, then centre crop){' and converted to grey' if c == 1 else ''}; decoded per batch")
+    probe = ImageFolderSplit(files, labels, shape, torch.zeros(c), torch.ones(c))
+    sample = tr_idx[torch.randperm(len(tr_idx), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))[:STATS_SAMPLE]]
+    x, _ = probe.take(sample)
+    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+
+    def split(fs: list[str], ys: torch.Tensor) -> ImageFolderSplit:
+        return ImageFolderSplit(fs, ys, shape, mean, std)
+
+    return DataBundle(
+        name=str(root),
+        train=split([files[int(i)] for i in tr_idx], labels[tr_idx]),
+        val=split([files[int(i)] for i in val_idx], labels[val_idx]),
+        test=split(test_files, test_y),
+        num_classes=len(classes),
+        notes=notes,
+        kind="folder",
+        augment=True,
+        class_names=classes,
+    )
+
+
+# ---------------------------------------------------------------- batches and augmentation
+
+
+def _order(split: Split | ImageFolderSplit, shuffle: bool, seed: int, epoch: int, rank: int,
+           world_size: int) -> torch.Tensor:
     n = len(split)
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
@@ -240,14 +547,81 @@ def batches(split: Split, batch_size: int, *, shuffle: bool, seed: int = 0, epoc
     if world_size > 1:
         per_rank = n // world_size  # equal shard sizes keep DDP ranks in lock step
         order = order[rank : per_rank * world_size : world_size]
+    return order
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Index batches -> decoded batches, for a DataLoader whose workers decode ahead."""
+
+    def __init__(self, split: ImageFolderSplit, chunks: list[torch.Tensor]) -> None:
+        self.split, self.chunks = split, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            return self.split.take(self.chunks[i])
+        except DataError as e:  # a worker's exception would arrive with its traceback as the message
+            return str(e)
+
+
+def default_workers(split: Split | ImageFolderSplit) -> int:
+    """DataLoader workers for ``split``: none in memory; for files, all cores but one (at most 4)."""
+    if not getattr(split, "lazy", False):
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def batches(split: Split | ImageFolderSplit, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+            rank: int = 0, world_size: int = 1, drop_last: bool = False,
+            workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches of ``split``; the order depends only on (seed, epoch), shards are disjoint per rank.
+
+    A lazily decoded split is decoded by ``workers`` DataLoader processes (default:
+    ``default_workers``); batches arrive in the same order whatever the count.
+    """
+    order = _order(split, shuffle, seed, epoch, rank, world_size)
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
-    for i in range(0, stop, batch_size):
-        idx = order[i : i + batch_size]
-        yield split.x[idx], split.y[idx]
+    chunks = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+    workers = default_workers(split) if workers is None else workers
+    if workers > 0 and getattr(split, "lazy", False) and len(chunks) > 1:
+        loader = torch.utils.data.DataLoader(_Batches(split, chunks), batch_size=None, shuffle=False,
+                                             num_workers=min(workers, len(chunks)))
+        for item in loader:
+            if isinstance(item, str):
+                raise DataError(item)
+            yield item
+        return
+    for idx in chunks:
+        yield split.take(idx)
 
 
-def num_batches(split: Split, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
+def num_batches(split: Split | ImageFolderSplit, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
     """How many batches ``batches`` yields per epoch for one rank."""
     n = len(split) // world_size if world_size > 1 else len(split)
     return n // batch_size if drop_last else -(-n // batch_size)
 
+
+def augment_generator(seed: int, epoch: int, batch: int, rank: int = 0) -> torch.Generator:
+    """The generator of one batch's augmentation: a function of (seed, epoch, batch, rank) only."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 100_003 + batch) * 97 + rank)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """Random crop with zero padding of 1/8 of the side (4 pixels at 32x32), and horizontal flip with p = 0.5.
+
+    The CIFAR augmentation of He et al. 2016 (sect. 4.2), on normalised images [B, C, H, W]
+    (zero padding is the mean colour). Returns a new tensor.
+    """
+    b, _, h, w = x.shape
+    ph, pw = max(1, h // 8), max(1, w // 8)
+    padded = F.pad(x, (pw, pw, ph, ph))
+    dy = torch.randint(0, 2 * ph + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pw + 1, (b,), generator=generator)
+    flips = torch.rand(b, generator=generator) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
+    out = torch.empty_like(x)
+    for i in range(b):
+        crop = padded[i, :, int(dy[i]) : int(dy[i]) + h, int(dx[i]) : int(dx[i]) + w]
+        out[i] = crop.flip(-1) if flips[i] else crop
+    return out

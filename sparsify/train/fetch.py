@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .._io import atomic_path
+from .._io import atomic_path, check_writable
 from ..errors import DataError
 from .data import default_data_dir
 
@@ -57,7 +57,10 @@ def _verify(path: Path, size: int, digest: str) -> None:
 def _install(files: dict[str, tuple[int, str]], src_dir: Path, dest: Path, log: Callable[[str], None]) -> None:
     for name, (size, digest) in files.items():
         _verify(src_dir / name, size, digest)
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create {dest} ({e.strerror}); choose another --data-dir") from None
     for name in files:
         with atomic_path(dest / name) as tmp:
             shutil.copyfile(src_dir / name, tmp)
@@ -128,4 +131,5 @@ def fetch(name: str, data_dir: str | Path | None = None, *, force: bool = False,
     if not force and _cached(files, dest):
         log(f"{name} already present in {dest}")
         return dest
+    check_writable(dest / next(iter(files)), "--data-dir " if data_dir is not None else "the cache: ")
     return fetch_mnist(dest, log) if name == "mnist" else fetch_fashion_mnist(dest, log)

@@ -21,10 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._io import atomic_path
-from ..errors import TrainingError, UsageError
+from ..errors import DataError, DivergenceError, TrainingError, UsageError
 from ..nn import sparse_modules
 from .checkpoint import save_checkpoint
-from .data import DATASETS, DataBundle, Split, batches, num_batches
+from .data import DataBundle, Split, augment_batch, augment_generator, batches, check_data_name, num_batches
 from .distributed import Reducer
 from .metrics import GradAccumulator, layer_stats
 from .schedules import SCHEDULES, Change, Plan, schedule_class
@@ -32,6 +32,9 @@ from .schedules import SCHEDULES, Change, Plan, schedule_class
 LR_SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adam")
 INITS = ("run", "uniform", "erk")
+WARMUP_MAX_STEPS = 500
+START_STEPS = 5          # the loss a run starts from: mean over its first steps
+DIVERGED_FACTOR = 3.0    # an epoch's mean train loss this many times the start loss: diverged
 
 LogFn = Callable[[str], None]
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -48,6 +51,8 @@ class TrainConfig:
     batch_size: int = 100
     lr: float | None = None               # default 0.1 for SGD, 1e-3 for Adam
     lr_schedule: str = "cosine"           # cosine | step (x0.1 at 50% and 75%) | constant
+    warmup_steps: int | None = None       # linear warm-up from 0; None: one epoch, at most WARMUP_MAX_STEPS
+    clip_grad_norm: float | None = 2.0    # clip the global gradient norm to this (None or 0: no clipping)
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -62,6 +67,8 @@ class TrainConfig:
     init_profile_params: dict[str, float] = field(default_factory=dict)
     val_fraction: float = 0.1
     train_limit: int | None = None        # use only the first N training examples (quick runs, benchmarks)
+    augment: bool | None = None           # random crop + flip of training batches; None: on for image folders
+    workers: int | None = None            # DataLoader workers decoding an image folder; None: cores - 1, at most 4
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -84,12 +91,16 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise UsageError on a value that cannot work."""
         schedule_class(self.schedule)
-        if self.data not in DATASETS:
-            raise UsageError(f"unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
+        try:
+            check_data_name(self.data)
+        except DataError as e:  # an argument, here: a usage error like the others
+            raise UsageError(str(e)) from None
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.lr is None or self.lr > 0, "--lr must be positive"),
+            (self.warmup_steps is None or self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (self.clip_grad_norm is None or self.clip_grad_norm >= 0, "--clip-grad-norm must be >= 0 (0: off)"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
@@ -102,6 +113,8 @@ class TrainConfig:
             (self.init in INITS, f"--init must be one of {', '.join(INITS)}"),
             (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
             (self.train_limit is None or self.train_limit >= 1, "--train-limit must be at least 1"),
+            (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
+            (isinstance(self.seed, int) and self.seed >= 0, "--seed must be an integer >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -110,8 +123,20 @@ class TrainConfig:
             raise UsageError("--init / --init-profile apply to --schedule rigl only")
 
 
-def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
-    """Learning rate for 0-based ``step`` of ``total``."""
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Steps of linear learning-rate warm-up: ``cfg.warmup_steps``, else one epoch (at most WARMUP_MAX_STEPS)."""
+    if cfg.warmup_steps is not None:
+        return int(cfg.warmup_steps)
+    return min(steps_per_epoch, WARMUP_MAX_STEPS)
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int, warmup: int = 0) -> float:
+    """Learning rate for 0-based ``step`` of ``total``: the schedule, times a linear warm-up over ``warmup`` steps."""
+    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return factor * _scheduled_lr(cfg, step, total)
+
+
+def _scheduled_lr(cfg: TrainConfig, step: int, total: int) -> float:
     base = cfg.learning_rate
     if cfg.lr_schedule == "cosine":
         return base * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
@@ -186,12 +211,13 @@ def _adapt_batch(x: torch.Tensor, model_input: tuple[int, ...]) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int, reducer: Reducer,
-             model_input: tuple[int, ...]) -> tuple[float, float]:
+             model_input: tuple[int, ...], workers: int | None = None) -> tuple[float, float]:
     """Mean loss and accuracy over ``split`` (sharded over ranks, reduced)."""
     was_training = model.training
     model.eval()
     acc = torch.zeros(3, dtype=torch.float64)
-    for x, y in batches(split, max(batch_size, 256), shuffle=False, rank=reducer.rank, world_size=reducer.world_size):
+    for x, y in batches(split, max(batch_size, 256), shuffle=False, rank=reducer.rank, world_size=reducer.world_size,
+                        workers=workers):
         out = model(_adapt_batch(x, model_input))
         acc[0] += float(F.cross_entropy(out, y, reduction="sum"))
         acc[1] += float((out.argmax(1) == y).sum())
@@ -200,6 +226,32 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, reducer: Reducer,
     model.train(was_training)
     n = max(float(acc[2]), 1.0)
     return float(acc[0]) / n, float(acc[1]) / n
+
+
+def at_chance(acc: float, num_classes: int, n: int) -> bool:
+    """True when accuracy ``acc`` on ``n`` examples is within three standard errors of guessing 1 of ``num_classes``."""
+    if not math.isfinite(acc) or n <= 0 or num_classes < 2:
+        return False
+    p = 1.0 / num_classes
+    return acc <= p + 3.0 * math.sqrt(p * (1 - p) / n)
+
+
+def _check_divergence(train_loss: float, val_loss: float | None, start_loss: float | None, epoch: int,
+                      good_epochs: int, cfg: TrainConfig) -> None:
+    """Raise DivergenceError when the epoch's loss is non-finite, or its mean train loss far above the start.
+
+    Only the train loss is compared with the start: early in training the validation loss (eval
+    mode, BatchNorm's running statistics still settling) can be many times the start in runs that
+    then learn (resnet20 on digits after its warm-up epoch).
+    """
+    for name, value in (("train", train_loss), ("validation", val_loss)):
+        if value is not None and not math.isfinite(value):
+            raise DivergenceError(f"{name} loss became {value:.4g} at epoch {epoch}", epoch=epoch,
+                                  good_epochs=good_epochs, lr=cfg.learning_rate)
+    if start_loss is not None and train_loss > DIVERGED_FACTOR * start_loss:
+        raise DivergenceError(f"the train loss of epoch {epoch} ({train_loss:.4g}) is {train_loss / start_loss:.0f}x "
+                              f"the loss training started from ({start_loss:.3g})", epoch=epoch,
+                              good_epochs=good_epochs, lr=cfg.learning_rate)
 
 
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
@@ -236,12 +288,16 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     if steps_per_epoch == 0:
         raise TrainingError(f"the training split has fewer examples ({len(data.train)}) than ranks; use more data")
     plan = Plan(cfg.epochs, steps_per_epoch)
+    warmup = warmup_steps(cfg, steps_per_epoch)
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])  # before the schedule looks at the masks
     schedule = schedule_class(cfg.schedule)(layers, plan, cfg, reducer)
     optimizer = make_optimizer(model, cfg)
     history: list[dict[str, Any]] = []
     start_epoch = 0
+    start_loss: float | None = None
+    first_losses: list[float] = []
+    warned_chance = False
     initial = Change()
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -249,6 +305,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
         torch.set_rng_state(resume_state["rng"]["torch"])
         history = json.loads(resume_state["history"])
         start_epoch = int(resume_state["epoch"])
+        start_loss = resume_state.get("start_loss")
         say(f"resuming after epoch {start_epoch} of {cfg.epochs}")
     else:
         _merge(initial, schedule.start())
@@ -258,6 +315,11 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     enforce_masks(layers, optimizer)
     for note in data.notes:
         say(note)
+    augment = data.augment if cfg.augment is None else cfg.augment
+    flip = data.name not in ("mnist", "digits")  # a mirrored digit is another digit, or none
+    if augment:
+        say(f"augmenting training batches: random crop with padding{' and horizontal flip' if flip else ''}"
+            f" (--no-augment turns it off)")
 
     net: nn.Module = model
     if reducer.active:
@@ -278,9 +340,12 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
             changes = Change()
             sums = torch.zeros(3, dtype=torch.float64)
             step = (epoch - 1) * steps_per_epoch
-            for x, y in batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                rank=reducer.rank, world_size=reducer.world_size):
-                lr = lr_at(cfg, step, total)
+            for b, (x, y) in enumerate(batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                                               rank=reducer.rank, world_size=reducer.world_size,
+                                               workers=cfg.workers)):
+                if augment:
+                    x = augment_batch(x, augment_generator(cfg.seed, epoch, b, reducer.rank), flip=flip)
+                lr = lr_at(cfg, step, total, warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 tap = DenseGradTap(layers) if schedule.wants_dense_grad(step) else None
@@ -294,15 +359,18 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                                      dtype=torch.float64)
                 reducer.sum_(batch)
                 if not math.isfinite(float(batch[0])):
-                    where = f"{checkpoint}" if checkpoint and Path(checkpoint).exists() else "no checkpoint yet"
-                    raise TrainingError(
-                        f"loss became {float(batch[0]):.4g} at epoch {epoch} step {step + 1}; training stopped, the last "
-                        f"good state is kept ({where}) and the run's weights are unchanged; retry with a lower --lr"
-                    )
+                    raise DivergenceError(f"loss became {float(batch[0]):.4g} at epoch {epoch} step {step + 1}",
+                                          epoch=epoch, good_epochs=len(history), lr=cfg.learning_rate)
+                if start_loss is None:
+                    first_losses.append(float(batch[0] / batch[2]))
+                    if len(first_losses) == min(START_STEPS, steps_per_epoch):
+                        start_loss = sum(first_losses) / len(first_losses)
                 sums += batch
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_acc.add(step)
+                if cfg.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
                 optimizer.step()
                 enforce_masks(layers, optimizer)
                 step += 1
@@ -320,7 +388,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                 _merge(changes, change)
             if epoch == start_epoch + 1 and resume_state is None:
                 _merge(changes, initial)
-            val_loss, val_acc = (evaluate(model, data.val, cfg.batch_size, reducer, model_input)
+            val_loss, val_acc = (evaluate(model, data.val, cfg.batch_size, reducer, model_input, cfg.workers)
                                  if len(data.val) else (float("nan"), float("nan")))
             for s in grad_acc.sums.values():
                 reducer.sum_(s)
@@ -328,9 +396,17 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
             for n, rec in stats.items():
                 rec["pruned"] = changes.pruned.get(n, 0)
                 rec["grown"] = changes.grown.get(n, 0)
+            train_loss = float(sums[0] / sums[2])
+            _check_divergence(train_loss, val_loss if len(data.val) else None, start_loss, epoch, len(history), cfg)
+            # judged from epoch 2: the first is the learning-rate warm-up
+            if epoch >= 2 and not warned_chance and at_chance(val_acc if len(data.val) else float(sums[1] / sums[2]),
+                                                              data.num_classes, len(data.val) or int(sums[2])):
+                warned_chance = True
+                say(f"warning: accuracy is at chance after epoch {epoch}; if it stays there, retry with --force "
+                    f"--lr {cfg.learning_rate / 10:g}")
             record = {
-                "event": "epoch", "epoch": epoch, "step": step, "lr": lr_at(cfg, step - 1, total),
-                "train_loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2]),
+                "event": "epoch", "epoch": epoch, "step": step, "lr": lr_at(cfg, step - 1, total, warmup),
+                "train_loss": train_loss, "train_acc": float(sums[1] / sums[2]),
                 "val_loss": val_loss, "val_acc": val_acc,
                 "pruned": sum(changes.pruned.values()), "grown": sum(changes.grown.values()),
                 "live": sum(r["live"] for r in stats.values()),
@@ -344,6 +420,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                         "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                         "rng": {"torch": torch.get_rng_state()}, "history": json.dumps(history),
+                        "start_loss": start_loss,
                     })
                 if metrics_path is not None:
                     _write_metrics(Path(metrics_path), history)
@@ -352,8 +429,12 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     finally:
         torch.use_deterministic_algorithms(prev_det)
 
-    test_loss, test_acc = evaluate(model, data.test, cfg.batch_size, reducer, model_input)
+    test_loss, test_acc = evaluate(model, data.test, cfg.batch_size, reducer, model_input, cfg.workers)
     last = history[-1] if history else {}
+    warnings = []
+    if at_chance(test_acc, data.num_classes, len(data.test)):
+        warnings.append(f"test accuracy {test_acc:.1%} is at chance: the model did not learn; retry with --force "
+                        f"--lr {cfg.learning_rate / 10:g}, or more --epochs")
     result = {
         "schedule": cfg.schedule, "data": data.name, "epochs": cfg.epochs, "steps": plan.total_steps,
         "test_loss": test_loss, "test_acc": test_acc,
@@ -363,7 +444,10 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
         "density": (sum(int(m.mask.sum()) for m in layers.values()) / max(sum(m.mask.numel() for m in layers.values()), 1)),
         "layers": layer_stats(layers),
         "config": cfg.to_dict(),
+        "warnings": warnings,
     }
+    if data.class_names is not None:
+        result["class_names"] = data.class_names
     if metrics_path is not None and reducer.is_main:
         _write_metrics(Path(metrics_path), history + [{"event": "test", "test_loss": test_loss, "test_acc": test_acc}])
     report({"kind": "done", **{k: v for k, v in result.items() if k not in ("layers", "config")}})

@@ -72,7 +72,7 @@ def test_bench_files_measures_every_combination(models):
 def test_cli_bench_writes_table_json_and_png(models, tmp_path):
     js, png = tmp_path / "out.json", tmp_path / "out.png"
     r = CliRunner().invoke(app, ["bench", str(models["big"]), str(models["small"]), "-b", "1,2", "-t", "1",
-                                 "--json", str(js), "--plot", str(png), "--memory", *FAST[:-1]])
+                                 "--json-file", str(js), "--plot", str(png), "--memory", *FAST[:-1]])
     assert r.exit_code == 0, r.output
     assert "big" in r.stdout and "small" in r.stdout and "speedup" in r.stdout
     data = json.loads(js.read_text())
@@ -163,7 +163,7 @@ def test_bench_run_dir_builds_dense_sparse_and_depth_variants(tmp_path):
     run, _ = transform_to_dir("zoo:lenet5", "sparse-random", density=0.1, out=tmp_path / "run")
     js = tmp_path / "b.json"
     keep = tmp_path / "variants"
-    r = CliRunner().invoke(app, ["bench", str(run), "--variants", "dense,sparse,depth", "--json", str(js),
+    r = CliRunner().invoke(app, ["bench", str(run), "--variants", "dense,sparse,depth", "--json-file", str(js),
                                  "--keep", str(keep), *FAST])
     assert r.exit_code == 0, r.output
     data = json.loads(js.read_text())
@@ -178,7 +178,8 @@ def test_bench_run_dir_builds_dense_sparse_and_depth_variants(tmp_path):
     assert abs(depth["live_params"] - depth["target_live_params"]) <= 0.02 * depth["target_live_params"]
     assert sorted(p.name for p in keep.iterdir()) == ["dense.onnx", "depth.onnx", "sparse.onnx"]
     assert files["sparse"]["path"] == str(keep / "sparse.onnx")
-    assert sorted(p.name for p in run.iterdir()) == ["recipe.json", "summary.json", "weights.safetensors"]
+    assert sorted(p.name for p in run.iterdir()) == ["recipe.json", "summary.json", "weights.init.safetensors",
+                                                     "weights.safetensors"]
 
 
 def test_time_bursts_interleaves_rewarmed_bursts() -> None:

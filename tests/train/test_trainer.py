@@ -80,7 +80,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(data, tmp_path):
     ckpt = tmp_path / "last.pt"
     fit(model, data, TrainConfig(data="synthetic", epochs=1, batch_size=32), model_input=INPUT, checkpoint=ckpt)
     good = ckpt.read_bytes()
-    with pytest.raises(TrainingError, match="loss became nan.*last good state"):
+    with pytest.raises(TrainingError, match="diverged: loss became nan.*lower learning rate"):
         fit(model, data, TrainConfig(data="synthetic", epochs=2, batch_size=32, lr=1e30), model_input=INPUT,
             checkpoint=ckpt)
     assert ckpt.read_bytes() == good

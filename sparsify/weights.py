@@ -1,0 +1,104 @@
+"""A user's trained weights: read a state dict from ``.pt``/``.pth``/``.safetensors`` and apply it to a model.
+
+``.pt``-style files are read with ``torch.load(weights_only=True)``: tensors and plain containers
+only, never pickled code. A checkpoint dict that holds the state dict under ``state_dict``,
+``model_state_dict`` or ``model`` (with other entries such as ``epoch`` beside it) is unwrapped, and
+the ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) key prefixes are removed.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import ModelLoadError
+
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+PREFIXES = ("module.", "_orig_mod.")
+SHOWN = 3  # names listed in a mismatch message
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict stored in ``path``; ModelLoadError (one line) when there is none or the file is unsafe."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"--weights {path} not found; give a .pt, .pth or .safetensors file holding a state dict")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path))
+        except Exception as e:  # safetensors raises its own types for damaged files
+            raise ModelLoadError(f"--weights {path} is not a readable safetensors file ({e}); save it again") from None
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError for code, RuntimeError/EOFError for damaged files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "weights_only" in str(e) or "Unsupported global" in str(e):
+                raise ModelLoadError(
+                    f"--weights {path} holds pickled objects, not only tensors, and is not loaded (it could run "
+                    f"code); save `model.state_dict()` with torch.save, or as .safetensors") from None
+            raise ModelLoadError(f"--weights {path} cannot be read by torch.load ({first[:120]}); save it again "
+                                 f"with torch.save(model.state_dict(), path)") from None
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        for key in STATE_DICT_KEYS:
+            if _is_state_dict(obj.get(key)):
+                obj = obj[key]
+                break
+    if not _is_state_dict(obj):
+        what = (f"a dict with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, dict)
+                else f"a {type(obj).__name__}")
+        raise ModelLoadError(f"--weights {path} holds {what}, not a state dict; save model.state_dict(), or a "
+                             f"checkpoint dict with it under 'state_dict' or 'model'")
+    for prefix in PREFIXES:
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:SHOWN])
+    return shown + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
+
+
+@torch.no_grad()
+def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str, model: str) -> None:
+    """Load ``state`` into ``module`` (every key and shape must match); ModelLoadError naming a few mismatches.
+
+    BatchNorm's ``num_batches_tracked`` counters may be absent from the file (older PyTorch omits them).
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} is {list(state[k].shape)} in the file, {list(own[k].shape)} in the model"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_names(unexpected)}")
+        if shapes:
+            parts.append(_names(shapes))
+        raise ModelLoadError(f"--weights {source} does not fit {model}: {'; '.join(parts)}; pass the same "
+                             f"--model-args the weights were trained with, or weights saved from this model")
+    for k, v in own.items():
+        if k in state:
+            v.copy_(state[k].to(dtype=v.dtype))

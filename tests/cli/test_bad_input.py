@@ -1,0 +1,285 @@
+"""Every kind of bad input a user can give is one `error:` line, exit code 2, and nothing left on disk.
+
+One test (or parametrised test) per kind named in issue #11; the good-input half of a kind is
+checked where it could regress into an error (a damaged summary.json must not stop a command).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from cli_checks import assert_ok, assert_one_error_line, invoke
+
+FAST_BENCH = ["--no-memory", "--min-time", "0", "--repeats", "1", "--warmup", "0", "-q"]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def made_run(tmp_path_factory) -> Path:
+    from sparsify.api import transform_to_dir
+
+    out = tmp_path_factory.mktemp("bad-input") / "lenet"
+    transform_to_dir("zoo:lenet5", "sparse-random", density=0.1, out=out)
+    return out
+
+
+@pytest.fixture
+def run(made_run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(made_run, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def sparse_onnx(made_run, tmp_path_factory) -> Path:
+    from sparsify.runtime.export import export_run
+
+    out = tmp_path_factory.mktemp("onnx") / "lenet.onnx"
+    export_run(made_run, out, verify=False)
+    return out
+
+
+# ---------------------------------------------------------------- outputs that cannot be written
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["transform", "zoo:mlp", "--density", "0.1", "--out", "/proc/sparsify-test/run"], "--out"),
+    (["run", "--out", "/proc/sparsify-test/run", "-q"], "--out"),
+    (["bench", "missing.onnx", "--plot", "/proc/sparsify-test.png"], "--plot"),
+    (["bench", "missing.onnx", "--json-file", "/proc/sparsify-test.json"], "--json-file"),
+    (["bench", "missing.onnx", "--plot", "/nonexistent-sparsify-dir/p.png"], "does not exist"),
+    (["data", "fetch", "mnist", "--data-dir", "/proc/sparsify-test", "--force"], "--data-dir"),
+])
+def test_unwritable_output_is_refused_before_the_work(args, flag):
+    # bench names a file that does not exist: the output check comes before reading it
+    assert_one_error_line(invoke(*args), flag)
+    assert not Path("runs").exists()
+
+
+def test_export_to_an_unwritable_place(run):
+    assert_one_error_line(invoke("export", run, "--out", "/proc/sparsify-test.onnx"), "--out", "/proc")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_directory(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert_one_error_line(invoke("transform", "zoo:mlp", "--density", "0.1", "--out", ro / "run"), "--out",
+                              nothing_at=(ro / "run",))
+    finally:
+        ro.chmod(0o755)
+
+
+def test_export_out_existing_directory_does_not_advise_force(run, tmp_path):
+    (tmp_path / "d").mkdir()
+    for extra in ([], ["--force"]):
+        line = assert_one_error_line(invoke("export", run, "--out", tmp_path / "d", *extra), "is a directory")
+        assert "--force" not in line
+
+
+# ---------------------------------------------------------------- values that cannot work
+
+
+def test_negative_seed(run):
+    assert_one_error_line(invoke("transform", "zoo:mlp", "--density", "0.1", "--seed", "-1", "--out", "S"),
+                          "--seed", nothing_at=(Path("S"),))
+    assert_one_error_line(invoke("train", run, "--seed", "-1", "--epochs", "1", "-q"), "--seed")
+    assert not (run / "checkpoints").exists()
+    assert_one_error_line(invoke("run", "--seed", "-1", "--out", "R", "-q"), "--seed", nothing_at=(Path("R"),))
+
+
+def test_model_args_that_empty_a_layer():
+    for command in (["transform", "zoo:lenet5", "--density", "0.1", "--out", "Z"], ["inspect", "zoo:lenet5"]):
+        assert_one_error_line(invoke(*command, "--model-args", '{"num_classes": 0}'), "empty layer", "classifier",
+                              nothing_at=(Path("Z"),))
+
+
+def test_leaf_that_names_no_module():
+    assert_one_error_line(invoke("transform", "zoo:lenet5", "--density", "0.1", "--leaf", "NoSuchModule",
+                                 "--out", "L"), "--leaf NoSuchModule", "Conv2d", nothing_at=(Path("L"),))
+
+
+def test_negative_sigma_for_psn():
+    assert_one_error_line(invoke("transform", "zoo:mlp", "--method", "psn", "--density", "0.1",
+                                 "--profile-param", "sigma=-1", "--out", "P"), "sigma", ">= 0",
+                          nothing_at=(Path("P"),))
+
+
+def test_density_far_below_what_keeps_channels_connected_gets_a_note():
+    r = invoke("transform", "zoo:lenet5", "--density", "1e-9", "--out", "T")
+    assert_ok(r)
+    note = next(line for line in r.output.splitlines() if "--density 1e-09" in line)
+    reached = float(note.split("reach ")[1].split()[0])
+    summary = json.loads(Path("T/summary.json").read_text())
+    live = sum(layer["live"] for layer in summary["pass_layers"].values())
+    entries = sum(layer["entries"] for layer in summary["pass_layers"].values())
+    assert reached == pytest.approx(live / entries, rel=1e-2) and reached > 0.01
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["transform", "zoo:lenet5", "--density", "abc"], "--density"),
+    (["train", "somewhere", "--epochs", "abc"], "--epochs"),
+    (["export", "somewhere", "--out", "x.onnx", "--dense-threshold", "2"], "--dense-threshold"),
+    (["export", "somewhere", "--out", "x.onnx", "--channel-align", "0"], "--channel-align"),
+    (["data", "fetch"], "Missing argument"),
+    (["runtime", "nosuch"], "nosuch"),
+    (["transform", "zoo:lenet5", "--no-such-flag"], "--no-such-flag"),
+])
+def test_values_the_parser_rejects_are_one_line(args, flag):
+    line = assert_one_error_line(invoke(*args), flag)
+    assert "--help" in line  # says where the usage is, instead of printing it
+
+
+# ---------------------------------------------------------------- files that are damaged
+
+
+@pytest.mark.parametrize("recipe", [
+    {"input_shape": "abc"}, {"seed": "zero"}, {"model": 5}, {"params": [1, 2]}, {"num_classes": -3},
+    {"params": {"density": "abc", "allocation": "uniform"}}, [1, 2, 3],
+])
+def test_recipe_with_valid_json_of_the_wrong_types(run, recipe):
+    data = json.loads((run / "recipe.json").read_text())
+    data = recipe if isinstance(recipe, list) else {**data, **recipe}
+    (run / "recipe.json").write_text(json.dumps(data))
+    before = (run / "weights.safetensors").read_bytes()
+    assert_one_error_line(invoke("inspect", run), "recipe.json")
+    assert_one_error_line(invoke("train", run, "--epochs", "1", "-q"), "recipe.json")
+    assert_one_error_line(invoke("export", run, "--out", "x.onnx"), "recipe.json", nothing_at=(Path("x.onnx"),))
+    assert (run / "weights.safetensors").read_bytes() == before and not (run / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("summary", ["{not json", "[1, 2]", '{"original_totals": "x", "train": 5}'])
+def test_damaged_summary_does_not_stop_any_command(run, summary):
+    (run / "summary.json").write_text(summary)
+    assert_ok(invoke("inspect", run))
+    assert_ok(invoke("export", run, "--out", "x.onnx", "--no-verify"))
+    assert_ok(invoke("bench", run, "--variants", "sparse", *FAST_BENCH))
+    assert_ok(invoke("train", run, "--epochs", "1", "--train-limit", "100", "--schedule", "rigl", "-q"))
+    assert json.loads((run / "summary.json").read_text())["train"]["epochs"] == 1  # rewritten whole
+    assert_ok(invoke("fit-profile", run))
+
+
+def test_model_file_calling_sys_exit_at_import():
+    Path("exits.py").write_text("import sys\nimport torch.nn as nn\nsys.exit(3)\n")
+    assert_one_error_line(invoke("transform", "exits.py", "--density", "0.1", "--out", "E"), "sys.exit(3)",
+                          "exits.py:3", nothing_at=(Path("E"),))
+    assert_one_error_line(invoke("inspect", "exits.py"), "sys.exit(3)")
+
+
+def test_empty_onnx_file():
+    Path("empty.onnx").write_bytes(b"")
+    for args in (["inspect", "empty.onnx"], ["bench", "empty.onnx", *FAST_BENCH],
+                 ["export", "empty.onnx", "--out", "y.onnx"]):
+        assert_one_error_line(invoke(*args), "empty.onnx", nothing_at=(Path("y.onnx"),))
+
+
+def _damaged(src: Path, dst: Path, how: str) -> Path:
+    model = onnx.load(str(src))
+    node = next(n for n in model.graph.node if n.domain == "ai.sparsify")
+    inits = {t.name: t for t in model.graph.initializer}
+    name = node.input[3] if how == "column" else node.input[2]
+    a = numpy_helper.to_array(inits[name]).copy()
+    if how == "column":
+        a[len(a) // 2] = 10_000                 # an input channel that does not exist
+    else:
+        a[2], a[3] = a[3] + 1, a[2]             # row pointers that go down
+    inits[name].CopyFrom(numpy_helper.from_array(a, name))
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("how, needle", [("column", "col_idx"), ("row", "row_ptr decreases")])
+def test_malformed_sparse_conv_index_arrays(sparse_onnx, how, needle):
+    bad = _damaged(sparse_onnx, Path("bad.onnx"), how)
+    for args in (["inspect", bad], ["bench", bad, *FAST_BENCH], ["export", bad, "--out", "y.onnx"]):
+        assert_one_error_line(invoke(*args), needle, "bad.onnx", nothing_at=(Path("y.onnx"),))
+    assert_ok(invoke("inspect", sparse_onnx))  # the undamaged file passes the same checks
+
+
+def test_every_file_export_writes_passes_the_validator(made_run, tmp_path):
+    from sparsify.runtime.export import export_run
+    from sparsify.runtime.onnx_inspect import validate_model
+
+    for options in ({"dense_threshold": 1.0}, {"dense": True}, {"compact": False}):
+        out = tmp_path / f"v{len(options)}-{next(iter(options))}.onnx"
+        export_run(made_run, out, verify=False, **options)
+        validate_model(onnx.load(str(out)), out)
+
+
+# ---------------------------------------------------------------- options checked only after long work
+
+
+def test_run_min_time_is_checked_before_transforming():
+    assert_one_error_line(invoke("run", "--min-time", "-1", "--out", "R"), "--min-time", nothing_at=(Path("R"),))
+
+
+@pytest.mark.parametrize("flag, value", [("--warmup", "-1"), ("--repeats", "0"), ("--min-time", "nan")])
+def test_bench_timing_options_name_their_flag_before_exporting(run, flag, value):
+    keep = Path("variants")
+    assert_one_error_line(invoke("bench", run, flag, value, "--keep", keep, "--no-memory", "-q"), flag,
+                          nothing_at=(keep,))
+
+
+def test_resume_message_names_the_flag_and_the_default(run):
+    assert_ok(invoke("train", run, "--epochs", "1", "--train-limit", "100", "-q"))
+    line = assert_one_error_line(invoke("train", run, "--resume", "--lr", "0.05", "-q"), "--lr 0.05",
+                                 "its default")
+    assert "None" not in line
+
+
+def test_native_library_error_names_the_cli_flag(tmp_path):
+    import onnxruntime as ort
+
+    from sparsify.errors import RuntimeBackendError
+    from sparsify.runtime import native
+
+    lib = tmp_path / "libbroken.so"
+    lib.write_bytes(b"not a library")
+    with pytest.raises(RuntimeBackendError, match="--no-native") as e:
+        native._register(ort.SessionOptions(), lib)
+    assert "native=False in the API" in str(e.value)
+
+
+def test_a_training_data_folder_that_is_not_one(run):
+    Path("empty-folder").mkdir()
+    assert_one_error_line(invoke("train", run, "--data", "empty-folder", "-q"), "no images")
+    assert_one_error_line(invoke("train", run, "--data", "nothing.npz", "-q"), "nothing.npz")
+    assert not (run / "checkpoints").exists()
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    import torch
+
+    from sparsify import zoo
+
+    torch.save(zoo.get("lenet5").build(num_classes=5).state_dict(), "five.pt")
+    line = assert_one_error_line(invoke("transform", "zoo:lenet5", "--density", "0.1", "--weights", "five.pt",
+                                        "--out", "W"), "five.pt", "classifier.weight", nothing_at=(Path("W"),))
+    assert "[5, 256]" in line and "[10, 256]" in line
+    torch.save(zoo.get("lenet5").build(), "pickled.pt")  # a whole module: pickled code, refused
+    assert_one_error_line(invoke("transform", "zoo:lenet5", "--density", "0.1", "--weights", "pickled.pt",
+                                 "--out", "W"), "pickled", nothing_at=(Path("W"),))
+    torch.save({"epoch": 3, "optimizer": {}}, "no-weights.pt")
+    assert_one_error_line(invoke("transform", "zoo:lenet5", "--density", "0.1", "--weights", "no-weights.pt",
+                                 "--out", "W"), "not a state dict", nothing_at=(Path("W"),))
+    assert_one_error_line(invoke("transform", "zoo:lenet5", "--method", "depth-multiplier", "--alpha", "0.5",
+                                 "--weights", "five.pt", "--out", "W"), "depth-multiplier", nothing_at=(Path("W"),))
+
+
+def test_npz_given_as_data_with_pickled_objects(run):
+    np.savez("objects.npz", x=np.array([{"a": 1}] * 4, dtype=object), y=np.zeros(4, dtype=int))
+    assert_one_error_line(invoke("train", run, "--data", "objects.npz", "-q"), "objects.npz")

@@ -1,0 +1,141 @@
+"""What a user expects of any CLI: umask, --version/-h, flags shown as flags, one meaning of --json, 80 columns."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from cli_checks import assert_ok, assert_one_error_line, invoke
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def narrow(monkeypatch):
+    """The consoles render at 80 columns, as in a default terminal."""
+    from sparsify.cli import _common
+
+    monkeypatch.setattr(_common.out, "width", 80)
+    monkeypatch.setattr(_common.err, "width", 80)
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root.parent)): stat.S_IMODE(p.stat().st_mode)
+            for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600),
+                                                        (0o002, 0o775, 0o664)])
+def test_outputs_respect_the_umask(umask, dir_mode, file_mode):
+    old = os.umask(umask)
+    try:
+        assert_ok(invoke("transform", "zoo:mlp", "--density", "0.1", "--out", "runs/m"))
+        assert_ok(invoke("export", "runs/m", "--out", "m.onnx", "--no-verify"))
+    finally:
+        os.umask(old)
+    modes = _modes(Path("runs/m"))
+    assert modes["m"] == dir_mode, modes
+    assert all(mode == file_mode for name, mode in modes.items() if name != "m"), modes
+    assert stat.S_IMODE(Path("m.onnx").stat().st_mode) == file_mode
+    assert stat.S_IMODE(Path("runs").stat().st_mode) == dir_mode
+
+
+def test_version_and_short_help():
+    from sparsify import __version__
+
+    r = invoke("--version")
+    assert_ok(r)
+    assert r.stdout.strip() == f"sparsify {__version__}"
+    for args in (["-h"], ["train", "-h"], ["data", "fetch", "-h"]):
+        r = invoke(*args)
+        assert_ok(r)
+        assert "Usage:" in r.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "transform", "export", "bench", "run", "inspect", "fit-profile"])
+def test_help_shows_flags_as_flags(command):
+    r = invoke(command, "--help", env={"COLUMNS": "200"})
+    assert_ok(r)
+    assert "<bool>" not in r.stdout, r.stdout
+    assert "--json" in r.stdout
+
+
+def test_json_means_print_json_in_every_command(tmp_path):
+    """--json prints the command's result as JSON on stdout (nothing else there); files are written by other flags."""
+    results = {}
+    for name, args in {
+        "transform": ["transform", "zoo:lenet5", "--density", "0.1", "--out", "runs/l"],
+        "inspect": ["inspect", "runs/l"],
+        "train": ["train", "runs/l", "--epochs", "1", "--train-limit", "100", "--schedule", "rigl", "-q"],
+        "fit-profile": ["fit-profile", "runs/l"],
+        "export": ["export", "runs/l", "--out", "runs/l.onnx", "--no-verify"],
+        "inspect-onnx": ["inspect", "runs/l.onnx"],
+        "bench": ["bench", "runs/l.onnx", "--no-memory", "--min-time", "0", "--repeats", "1", "--warmup", "0",
+                  "-q", "--json-file", "runs/b.json"],
+        "runtime": ["runtime", "info"],
+    }.items():
+        r = invoke(*args, "--json")
+        assert_ok(r)
+        results[name] = json.loads(r.stdout)
+    assert results["transform"]["run_dir"] == "runs/l"
+    assert results["train"]["epochs"] == 1 and results["bench"]["baseline"] == "l"
+    assert json.loads(Path("runs/b.json").read_text())["rows"][0]["label"] == "l"
+
+
+def test_bench_json_with_a_file_name_says_json_file():
+    Path("a.onnx").write_bytes(b"")
+    assert_one_error_line(invoke("bench", "a.onnx", "--json", "out.json"), "--json-file out.json")
+
+
+def test_run_batch_size_old_spelling_is_noted_and_means_the_bench_batch():
+    r = invoke("run", "--batch-size", "0", "--out", "R", "-q")
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 2, r.output
+    assert lines[0].startswith("note:") and "--bench-batch-size" in lines[0] and "--train-batch-size" in lines[0]
+    assert lines[1].startswith("error: --bench-batch-size '0'")
+    assert_one_error_line(invoke("run", "--batch-size", "1", "--bench-batch-size", "2", "--out", "R"),
+                          "--bench-batch-size only")
+    assert not Path("R").exists()
+
+
+def test_inspect_fits_80_columns(narrow):
+    for target in ("zoo:mobilenetv2", "zoo:resnet50", "zoo:inception-mini"):
+        r = invoke("inspect", target)
+        assert_ok(r)
+        widths = [len(line) for line in r.stdout.splitlines()]
+        assert max(widths) <= 80, (target, max(widths))
+        # no name is cut: every layer's name is in the output, whole or folded onto the next line
+        flat = r.stdout.replace("\n", "")
+        data = json.loads(invoke("inspect", target, "--json").stdout)
+        assert all(layer["name"] in flat or layer["name"][:10] in flat for layer in data["layers"])
+        assert "…" not in r.stdout
+
+
+def test_inspect_onnx_fits_80_columns(narrow):
+    assert_ok(invoke("transform", "zoo:resnet20", "--density", "0.1", "--out", "runs/r"))
+    assert_ok(invoke("export", "runs/r", "--out", "r.onnx", "--no-verify"))
+    r = invoke("inspect", "r.onnx")
+    assert_ok(r)
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+    assert "layers.3.conv1.0" in r.stdout and "…" not in r.stdout
+
+
+def test_training_lines_fit_80_columns(narrow):
+    from sparsify.cli.train import epoch_line
+
+    widest = {"epoch": 100, "train_loss": 12.3456, "train_acc": 0.9999, "val_loss": 1234.5, "val_acc": 1.0,
+              "lr": 0.123456, "pruned": 123456, "grown": 123455, "epoch_time_s": 1234.5}
+    assert len(epoch_line(widest, 100)) <= 80, epoch_line(widest, 100)
+    assert_ok(invoke("transform", "zoo:lenet5", "--density", "0.1", "--out", "runs/l"))
+    r = invoke("train", "runs/l", "--epochs", "2", "--train-limit", "100", "--schedule", "set")
+    assert_ok(r)
+    table = [line for line in r.output.splitlines() if not line.startswith(("warning:", "note:"))]
+    assert max(len(line) for line in table) <= 80, r.output
+    assert "epoch 2/2" in r.output and "moved" in r.output

@@ -1,0 +1,117 @@
+"""Starting from a user's trained weights (--weights), and train --force restarting from the run's initial weights."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sparsify
+from cli_checks import assert_ok, invoke
+from sparsify import zoo
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """A lenet5 whose weights differ from any seed's initialisation (scaled and shifted), BN-free."""
+    torch.manual_seed(123)
+    model = zoo.get("lenet5").build()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.7).add_(0.01)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _save(state: dict[str, torch.Tensor], how: str) -> Path:
+    if how == "pt":
+        torch.save(state, "w.pt")
+        return Path("w.pt")
+    if how == "checkpoint":
+        torch.save({"epoch": 7, "model_state_dict": state, "optimizer": {"lr": 0.1}}, "ckpt.pth")
+        return Path("ckpt.pth")
+    if how == "dataparallel":
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, "dp.pt")
+        return Path("dp.pt")
+    save_file({k: v.contiguous() for k, v in state.items()}, "w.safetensors")
+    return Path("w.safetensors")
+
+
+@pytest.mark.parametrize("how", ["pt", "checkpoint", "dataparallel", "safetensors"])
+def test_transform_weights_masks_the_users_weights(trained, how):
+    path = _save(trained, how)
+    assert_ok(invoke("transform", "zoo:lenet5", "--density", "0.1", "--weights", path, "--out", "runs/w"))
+    got = load_file("runs/w/weights.safetensors")
+    masked = [k[: -len(".mask")] for k in got if k.endswith(".mask")]
+    assert masked, sorted(got)
+    for key, value in trained.items():
+        if key.endswith(".weight") and key[: -len(".weight")] in masked:
+            mask = got[key[: -len(".weight")] + ".mask"]
+            expect = value * mask.reshape(mask.shape + (1,) * (value.dim() - mask.dim()))
+            assert torch.equal(got[key], expect), key           # masked, not rescaled
+        else:
+            assert torch.equal(got[key], value), key            # everything else as trained
+    recipe = json.loads(Path("runs/w/recipe.json").read_text())
+    assert recipe["weights"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert recipe["weights"]["source"] == str(path.resolve()) and recipe["params"]["rescale_init"] is False
+    init = load_file("runs/w/weights.init.safetensors")
+    assert init.keys() == got.keys() and all(torch.equal(init[k], got[k]) for k in got)
+
+
+def test_weights_replay_and_api(trained):
+    path = _save(trained, "pt")
+    result = sparsify.transform("zoo:lenet5", "none", weights=path)
+    reference = zoo.get("lenet5").build()
+    reference.load_state_dict(trained)
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = reference(x)
+    assert want.std() > 1e-3  # outputs depend on the input
+    with torch.no_grad():
+        rel = float((result.model(x) - want).abs().max() / want.abs().max())
+        rel_replayed = float((sparsify.load(sparsify.transform_to_dir("zoo:lenet5", "none", weights=path,
+                                                                      out="runs/api")[0]).model(x) - want).abs().max()
+                             / want.abs().max())
+    assert rel < 1e-6 and rel_replayed < 1e-6
+
+
+def test_train_force_restarts_from_the_initial_weights():
+    assert_ok(invoke("transform", "zoo:lenet5", "--density", "0.1", "--out", "runs/l"))
+    initial = Path("runs/l/weights.safetensors").read_bytes()
+    quick = ["--epochs", "1", "--train-limit", "200", "-q"]
+    assert_ok(invoke("train", "runs/l", *quick))
+    first = Path("runs/l/weights.safetensors").read_bytes()
+    assert first != initial
+    assert Path("runs/l/weights.init.safetensors").read_bytes() == initial
+    assert_ok(invoke("train", "runs/l", *quick, "--force"))
+    # from the same start with the same seed: the same result (it would differ from trained weights)
+    assert Path("runs/l/weights.safetensors").read_bytes() == first
+    assert_ok(invoke("train", "runs/l", "--epochs", "1", "--train-limit", "800", "-q", "--force", "--schedule", "rigl",
+                     "--update-every", "2"))
+    moved = load_file("runs/l/weights.safetensors")
+    initial_masks = {k: v for k, v in load_file("runs/l/weights.init.safetensors").items() if k.endswith(".mask")}
+    assert any(not torch.equal(moved[k], v) for k, v in initial_masks.items())   # RigL moved connections
+    assert_ok(invoke("train", "runs/l", *quick, "--force"))       # and the masks come back from init as well
+    assert Path("runs/l/weights.safetensors").read_bytes() == first
+
+
+def test_old_run_without_initial_weights_still_trains_and_says_so():
+    assert_ok(invoke("transform", "zoo:lenet5", "--density", "0.1", "--out", "runs/old"))
+    Path("runs/old/weights.init.safetensors").unlink()
+    quick = ["--epochs", "1", "--train-limit", "100"]
+    assert_ok(invoke("train", "runs/old", *quick, "-q"))
+    assert Path("runs/old/weights.init.safetensors").is_file()  # kept from now on (its weights before training)
+    shutil.copy("runs/old/weights.safetensors", "trained.safetensors")
+    Path("runs/old/weights.init.safetensors").unlink()
+    r = invoke("train", "runs/old", *quick, "--force")
+    assert_ok(r)
+    assert "no weights.init.safetensors" in r.output

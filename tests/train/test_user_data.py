@@ -1,0 +1,190 @@
+"""A user's own data: an image folder (ImageFolder layout, decoded lazily) and .npz arrays; augmentation."""
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sparsify.errors import DataError
+from sparsify.train.data import (ImageFolderSplit, Split, augment_batch, augment_generator, batches, load_dataset)
+
+COLOURS = [(250, 20, 20), (20, 250, 20), (20, 20, 250)]
+
+
+def make_folder(root, per_class=10, size=(14, 10), split_dirs=False, seed=0):
+    """Three classes of noisy single-colour images of ``size`` (width, height), PNG."""
+    rng = np.random.default_rng(seed)
+    parts = {"train": per_class, "test": max(2, per_class // 3)} if split_dirs else {"": per_class}
+    for part, n in parts.items():
+        for c, colour in enumerate(COLOURS):
+            d = root / part / f"class{c}" if part else root / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                a = np.clip(np.array(colour)[None, None] + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255)
+                Image.fromarray(a.astype(np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def test_flat_folder_is_split_resized_and_lazy(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=10)
+    (tmp_path / "imgs" / "class0" / "notes.txt").write_text("not an image")  # ignored, like ImageFolder does
+    b = load_dataset(str(root), (1, 3, 8, 8), val_fraction=0.1)
+    assert b.kind == "folder" and b.augment and b.class_names == ["class0", "class1", "class2"]
+    assert len(b.train) + len(b.val) + len(b.test) == 30 and len(b.test) == 3
+    assert isinstance(b.train, ImageFolderSplit) and not hasattr(b.train, "x")  # file names, not pixels
+    assert any("14x10" in n and "8x8" in n for n in b.notes), b.notes
+    assert any("held out as the test split" in n for n in b.notes), b.notes
+    x, y = b.train.take(torch.arange(len(b.train)))
+    assert x.shape == (len(b.train), 3, 8, 8) and x.dtype == torch.float32
+    # per-channel normalisation from the training images: the red class is red after it too
+    red = x[y == 0].mean(dim=(0, 2, 3))
+    assert red[0] > red[1] and red[0] > red[2]
+
+
+def test_train_test_subfolders_are_used_and_grey_models_get_grey(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=9, split_dirs=True)
+    b = load_dataset(str(root), (1, 1, 6, 6))
+    assert len(b.test) == 9 and len(b.train) + len(b.val) == 27
+    x, _ = b.test.take(torch.arange(3))
+    assert x.shape == (3, 1, 6, 6)
+    assert not any("held out" in n for n in b.notes)
+
+
+def test_worker_processes_give_the_same_batches(tmp_path):
+    b = load_dataset(str(make_folder(tmp_path / "imgs", per_class=8)), (1, 3, 8, 8))
+    inline = list(batches(b.train, 5, shuffle=True, seed=3, epoch=2, workers=0))
+    worker = list(batches(b.train, 5, shuffle=True, seed=3, epoch=2, workers=1))
+    assert len(inline) == len(worker) > 1
+    for (xa, ya), (xb, yb) in zip(inline, worker):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_a_damaged_image_is_one_data_error_from_a_worker_too(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=8)
+    b = load_dataset(str(root), (1, 3, 8, 8))
+    (tmp_path / "imgs" / "class1" / "3.png").write_bytes(b"not a png")
+    for workers in (0, 1):
+        with pytest.raises(DataError, match=r"3\.png cannot be read as an image") as e:
+            list(batches(b.train, 4, shuffle=False, workers=workers)) + list(batches(b.val, 4, shuffle=False)) \
+                + list(batches(b.test, 4, shuffle=False))
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("empty", "no images in class subfolders"),
+    ("one-class", "found one class"),
+])
+def test_folders_that_cannot_train(tmp_path, layout, message):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    if layout == "one-class":
+        (root / "cats").mkdir()
+        Image.new("RGB", (4, 4)).save(root / "cats" / "a.png")
+    with pytest.raises(DataError, match=message):
+        load_dataset(str(root), (1, 3, 8, 8))
+
+
+def test_more_folder_classes_than_model_outputs(tmp_path):
+    with pytest.raises(DataError, match="3 classes but the model outputs 2"):
+        load_dataset(str(make_folder(tmp_path / "imgs", per_class=3)), (1, 3, 8, 8), num_classes=2)
+
+
+def test_torchvision_lists_the_folder_where_it_is_importable(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "imgs", per_class=4)
+    calls = []
+
+    def find_classes(directory):
+        calls.append(directory)
+        return ["class0", "class1", "class2"], {"class0": 0, "class1": 1, "class2": 2}
+
+    def make_dataset(directory, class_to_idx, extensions):
+        return sorted((str(p), class_to_idx[p.parent.name]) for p in root.glob("*/*.png"))
+
+    folder = types.ModuleType("torchvision.datasets.folder")
+    folder.find_classes, folder.make_dataset = find_classes, make_dataset
+    for name in ("torchvision", "torchvision.datasets"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "torchvision.datasets.folder", folder)
+    b = load_dataset(str(root), (1, 3, 8, 8))
+    assert calls == [str(root)] and len(b.train) + len(b.val) + len(b.test) == 12
+
+
+# ---------------------------------------------------------------- .npz
+
+
+def test_npz_grey_images_without_test_split(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (50, 12, 12)).astype(np.uint8), y=rng.integers(0, 4, 50))
+    b = load_dataset(str(tmp_path / "d.npz"), (1, 3, 16, 16))
+    assert b.kind == "npz" and not b.augment and isinstance(b.train, Split)
+    assert len(b.test) == 5 and len(b.train) + len(b.val) == 45
+    assert b.train.x.shape[1:] == (3, 16, 16)
+    assert any("resizing 12x12 images to 16x16" in n for n in b.notes)
+    assert any("replicating the grey channel" in n for n in b.notes)
+
+
+def test_npz_channels_last_with_test_arrays(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.random((20, 8, 8, 3)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(20) % 3, x_test=x[:6], y_test=np.arange(6) % 3)
+    b = load_dataset(str(tmp_path / "d.npz"), (1, 3, 8, 8), val_fraction=0.0)
+    assert len(b.test) == 6 and len(b.train) == 20 and b.notes == []
+    # the channel axis moved: example 0's red plane is its [..., 0] slice, normalised
+    mean, std = torch.from_numpy(x).mean(), torch.from_numpy(x).std()
+    ex0 = (torch.from_numpy(x[0, :, :, 0]) - mean) / std
+    assert any(torch.allclose(b.train.x[i, 0], ex0) for i in range(len(b.train)))
+
+
+def test_npz_vectors_for_an_mlp(tmp_path):
+    np.savez(tmp_path / "v.npz", x=np.random.default_rng(0).random((30, 64)), y=np.arange(30) % 10)
+    b = load_dataset(str(tmp_path / "v.npz"), (1, 64))
+    assert b.train.x.shape[1:] == (64,)
+    with pytest.raises(DataError, match="vectors of 64 values but the model takes images"):
+        load_dataset(str(tmp_path / "v.npz"), (1, 1, 8, 8))
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x": np.zeros((4, 8, 8))}, "needs x .images. and y"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.array([0, 1, -1, 0])}, "negative label"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.array([0.5, 1, 1, 0])}, "integer class labels"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.array([0, 1, 1])}, "x has 4 examples but y has 3"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.array([0, 1, 1, 0]), "x_test": np.zeros((2, 8, 8))}, "only one of x_test"),
+    ({"x": np.array([{"a": 1}] * 4, dtype=object), "y": np.zeros(4, dtype=int)}, "not a readable .npz"),
+])
+def test_bad_npz_is_one_data_error(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=message) as e:
+        load_dataset(str(tmp_path / "bad.npz"), (1, 1, 8, 8))
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_name_or_missing_file():
+    with pytest.raises(DataError, match="folder of images in class subfolders or an .npz"):
+        load_dataset("no-such-set", (1, 1, 8, 8))
+    with pytest.raises(DataError, match="no such file"):
+        load_dataset("missing.npz", (1, 1, 8, 8))
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def test_augment_batch_is_seeded_crops_and_flips():
+    x = torch.randn(16, 3, 8, 8)
+    a = augment_batch(x, augment_generator(0, 1, 0))
+    assert a.shape == x.shape and torch.equal(a, augment_batch(x, augment_generator(0, 1, 0)))
+    assert not torch.equal(a, augment_batch(x, augment_generator(0, 2, 0)))
+    # every output is a shifted (zero-padded) and possibly mirrored copy of its input
+    for i in range(16):
+        found = False
+        for img in (x[i], x[i].flip(-1)):
+            padded = torch.nn.functional.pad(img, (1, 1, 1, 1))
+            for dy in range(3):
+                for dx in range(3):
+                    found |= torch.equal(padded[:, dy:dy + 8, dx:dx + 8], a[i])
+        assert found, i
+    no_flip = augment_batch(x, augment_generator(0, 1, 0), flip=False)
+    assert not torch.equal(no_flip, a)
