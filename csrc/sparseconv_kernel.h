@@ -821,15 +821,14 @@ void make_plan(const Geom& g, Plan* p) {
   std::memset(p, 0, sizeof(*p));
   p->VL = VL;
   const int64_t Hpad = g.H + g.pt + g.pb, Wpad = g.W + g.pl + g.pr;
-  const bool pointwise = g.kH == 1 && g.kW == 1 && g.sH == 1 && g.sW == 1 && g.pt == 0 &&
-                         g.pl == 0 && g.pb == 0 && g.pr == 0;
+  const bool pointwise = g.kH == 1 && g.kW == 1 && g.pt == 0 && g.pl == 0 && g.pb == 0 && g.pr == 0;
   const bool direct = g.kH == g.kW && (g.kH == 1 || g.kH == 3 || g.kH == 5 || g.kH == 7) &&
                       g.sH == g.sW && (g.sH == 1 || g.sH == 2) && g.dH == 1 && g.dW == 1;
   if (pointwise) {
     p->reads_x = 1;
     p->kind = kPointwise;
     p->K = 1;
-    p->S = 1;
+    p->S = int32_t(g.sH);
     return;
   }
   if (direct && g.kH == 3 && g.sH == 1 && kHasSmall && g.H == 2 && g.W == 2 && g.pt == 1 &&
@@ -903,15 +902,16 @@ void pad_channel(const Geom& g, const Plan& p, const float* __restrict x, float*
   }
 }
 
-// 1x1 stride 1: y = bias + sum_k w[k] * x[cols[k]] over the flat plane. NV vectors of the plane
-// at a time; NS accumulator sets take alternate connections so that about eight independent FMA
-// chains are in flight (one accumulator per vector was latency-bound on small planes: a 4x4 or
-// 8x8 plane ran at 1.0-1.3x of ORT's Conv at density 0.1). PARTIAL: the last vector holds `tail`
-// floats (masked loads and stores on AVX-512; other ISAs never pass it).
+// 1x1 convs: y = bias + sum_k w[k] * x[cols[k]] over the flat plane (strided 1x1 convs read an
+// input the op subsampled first). NV vectors of the plane at a time; NS accumulator sets take
+// alternate connections so that about eight independent FMA chains are in flight (one accumulator
+// per vector was latency-bound on small planes). PARTIAL: the last vector holds `tail` floats
+// (masked loads and stores on AVX-512; other ISAs never pass it). The epilogue (sum input z,
+// clamp) runs on the accumulators before the one store.
 template <int NV, int NS, bool PARTIAL>
 void pw_vectors(const float* __restrict xg, float* __restrict y, const float* __restrict w_row,
                 const int64_t* __restrict cols, int64_t cnt, float bias, int64_t HW, int64_t p,
-                int64_t tail) {
+                int64_t tail, const Epilogue& e, const float* __restrict z) {
   vf acc[NS][NV];
 #pragma GCC unroll 8
   for (int s = 0; s < NS; ++s)
@@ -939,44 +939,99 @@ void pw_vectors(const float* __restrict xg, float* __restrict y, const float* __
   for (int s = 1; s < NS; ++s)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[0][v] += acc[s][v];
+  const vf vlo = bcast(e.lo), vhi = bcast(e.hi);
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
-    if (PARTIAL && v == NV - 1) store_first(y + p + v * VL, acc[0][v], tail);
-    else storeu(y + p + v * VL, acc[0][v]);
+    vf r = acc[0][v];
+    if (z != nullptr) {
+#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
+      if (PARTIAL && v == NV - 1) r += vf(_mm512_maskz_loadu_ps(m, z + p + v * VL));
+      else
+#endif
+        r += loadu(z + p + v * VL);
+    }
+    if (e.clamp) {
+      r = r < vlo ? vlo : r;
+      r = r > vhi ? vhi : r;
+    }
+    if (PARTIAL && v == NV - 1) store_first(y + p + v * VL, r, tail);
+    else storeu(y + p + v * VL, r);
   }
 }
 
 template <bool PARTIAL>
 void pw_rest(const float* xg, float* y, const float* w_row, const int64_t* cols, int64_t cnt,
-             float bias, int64_t HW, int64_t p, int64_t nv, int64_t tail) {
+             float bias, int64_t HW, int64_t p, int64_t nv, int64_t tail, const Epilogue& e,
+             const float* z) {
   switch (nv) {
-    case 1: return pw_vectors<1, 8, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail);
-    case 2: return pw_vectors<2, 4, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail);
-    case 3: return pw_vectors<3, 3, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail);
-    case 4: return pw_vectors<4, 2, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail);
-    case 5: return pw_vectors<5, 2, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail);
-    case 6: return pw_vectors<6, 1, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail);
-    case 7: return pw_vectors<7, 1, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail);
-    default: return pw_vectors<8, 1, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail);
+    case 1: return pw_vectors<1, 8, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
+    case 2: return pw_vectors<2, 4, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
+    case 3: return pw_vectors<3, 3, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
+    case 4: return pw_vectors<4, 2, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
+    case 5: return pw_vectors<5, 2, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
+    case 6: return pw_vectors<6, 1, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
+    case 7: return pw_vectors<7, 1, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
+    default: return pw_vectors<8, 1, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
   }
 }
 
-void pointwise_channel(const Geom& g, const float* __restrict x_n, float* __restrict y,
-                       const float* __restrict w_row, const int64_t* __restrict cols, int64_t cnt,
-                       float bias, int64_t cin_base) {
-  const int64_t HW = g.H * g.W;
-  const float* xg = x_n + cin_base * HW;
-  int64_t p = 0;
-  for (; p + 8 * VL <= HW; p += 8 * VL) pw_vectors<8, 1, false>(xg, y, w_row, cols, cnt, bias, HW, p, 0);
-  const int64_t nv = (HW - p) / VL, tail = (HW - p) % VL;
+// Pixels [p0, p1) of one output channel (p0 a multiple of VL).
+void pw_range(const float* xg, float* y, const float* w_row, const int64_t* cols, int64_t cnt,
+              float bias, int64_t HW, int64_t p0, int64_t p1, const Epilogue& e, const float* z) {
+  int64_t p = p0;
+  for (; p + 8 * VL <= p1; p += 8 * VL) pw_vectors<8, 1, false>(xg, y, w_row, cols, cnt, bias, HW, p, 0, e, z);
+  const int64_t nv = (p1 - p) / VL, tail = (p1 - p) % VL;
 #if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
-  if (tail > 0) return pw_rest<true>(xg, y, w_row, cols, cnt, bias, HW, p, nv + 1, tail);
+  if (tail > 0) return pw_rest<true>(xg, y, w_row, cols, cnt, bias, HW, p, nv + 1, tail, e, z);
 #endif
-  if (nv > 0) pw_rest<false>(xg, y, w_row, cols, cnt, bias, HW, p, nv, 0);
-  for (p += nv * VL; p < HW; ++p) {
+  if (nv > 0) pw_rest<false>(xg, y, w_row, cols, cnt, bias, HW, p, nv, 0, e, z);
+  for (p += nv * VL; p < p1; ++p) {
     float acc = bias;
     for (int64_t k = 0; k < cnt; ++k) acc += w_row[k] * xg[cols[k] * HW + p];
+    if (z != nullptr) acc += z[p];
+    if (e.clamp) acc = acc < e.lo ? e.lo : (acc > e.hi ? e.hi : acc);
     y[p] = acc;
+  }
+}
+
+// Output channels [o0, o1) over pixels [p0, p1) of one image, tile by tile: every output channel
+// reads the tile's pixels of its input channels, so a tile of all input channels stays in cache
+// while all output channels stream their connections over it (walking whole planes output channel
+// by output channel streamed the whole input from L3 for each one: 1x1 256->64 on 56x56 ran at
+// 4x of ORT's Conv at density 0.1).
+void pointwise_block(const PwArgs& a, int64_t o0, int64_t o1, int64_t p0, int64_t p1) {
+  const int64_t HW = a.HW;
+  for (int64_t t = p0; t < p1; t += a.tile) {
+    const int64_t t1 = t + a.tile < p1 ? t + a.tile : p1;
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t s = a.row_ptr[o], cnt = a.row_ptr[o + 1] - s;
+      const float* xg = a.x + (o / a.cout_per_group) * a.cin_per_group * HW;
+      pw_range(xg, a.y + o * HW, a.w + s, a.col_idx + s, cnt, a.bias != nullptr ? a.bias[o] : 0.0f, HW, t, t1,
+               a.e, a.z != nullptr ? a.z + o * HW : nullptr);
+    }
+  }
+}
+
+// xs[c][oy][ox] = x[c][oy * sH][ox * sW] for C channels: the input a strided 1x1 conv reads.
+void subsample(const float* __restrict x, float* __restrict xs, int64_t C, int64_t H, int64_t W,
+               int64_t Ho, int64_t Wo, int64_t sH, int64_t sW) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float* xc = x + c * H * W;
+    float* dc = xs + c * Ho * Wo;
+    for (int64_t oy = 0; oy < Ho; ++oy) {
+      const float* src = xc + oy * sH * W;
+      float* dst = dc + oy * Wo;
+      int64_t ox = 0;
+#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
+      if (sW == 2) {
+        const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        for (; ox + VL <= Wo && 2 * ox + 2 * VL <= W; ox += VL)
+          _mm512_storeu_ps(dst + ox, _mm512_permutex2var_ps(_mm512_loadu_ps(src + 2 * ox), even,
+                                                            _mm512_loadu_ps(src + 2 * ox + VL)));
+      }
+#endif
+      for (; ox < Wo; ++ox) dst[ox] = src[ox * sW];
+    }
   }
 }
 
@@ -1015,8 +1070,6 @@ void compute_channel(const Geom& g, const Plan& p, const float* x_n, const float
     small_channel(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
   } else if (p.kind == kFlat3) {
     (p.align ? kFlatCfgs[p.cfg].fn_align : kFlatCfgs[p.cfg].fn)(g, p, xp_n, y, w_row, cols, cnt, bias, cin_base, row0, row1);
-  } else if (p.kind == kPointwise) {
-    pointwise_channel(g, x_n, y, w_row, cols, cnt, bias, cin_base);
   } else if (p.kind == kDirect) {
     kCfgs[p.cfg].fn(g, p, xp_n, y, w_row, cols, cnt, bias, cin_base);
   } else {
@@ -1024,22 +1077,31 @@ void compute_channel(const Geom& g, const Plan& p, const float* x_n, const float
   }
 }
 
-// The fused activation, on output just written (in cache): vector compares keep NaN as ONNX
-// Relu / Clip do. (A 4-wide pass in the op's baseline code made a fused Clip slower than ORT's
-// own Clip node.)
-void clamp(float* __restrict y, int64_t n, float lo, float hi) {
-  const vf vlo = bcast(lo), vhi = bcast(hi);
+// The fused epilogue on output just written (in cache): + z (the fused residual input), then the
+// activation's clamp. Vector compares keep NaN as ONNX Relu / Clip do. (A 4-wide pass in the op's
+// baseline code made a fused Clip slower than ORT's own Clip node.)
+void epilogue(float* __restrict y, const float* __restrict z, int64_t n, const Epilogue& e) {
+  const vf vlo = bcast(e.lo), vhi = bcast(e.hi);
   int64_t i = 0;
   for (; i + VL <= n; i += VL) {
     vf v = loadu(y + i);
-    v = v < vlo ? vlo : v;
-    v = v > vhi ? vhi : v;
+    if (z != nullptr) v += loadu(z + i);
+    if (e.clamp) {
+      v = v < vlo ? vlo : v;
+      v = v > vhi ? vhi : v;
+    }
     storeu(y + i, v);
   }
-  for (; i < n; ++i) y[i] = y[i] < lo ? lo : (y[i] > hi ? hi : y[i]);
+  for (; i < n; ++i) {
+    float v = y[i];
+    if (z != nullptr) v += z[i];
+    if (e.clamp) v = v < e.lo ? e.lo : (v > e.hi ? e.hi : v);
+    y[i] = v;
+  }
 }
 
-const KernelFns kFns = {SPARSIFY_ISA_NAME, &make_plan, &pad_channel, &compute_channel, kCscBlock, &clamp};
+const KernelFns kFns = {SPARSIFY_ISA_NAME, &make_plan,       &pad_channel, &compute_channel, kCscBlock,
+                        &epilogue,        &pointwise_block, &subsample};
 
 }  // namespace
 }  // namespace SPARSIFY_ISA_NS

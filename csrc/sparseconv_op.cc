@@ -1,10 +1,12 @@
-// ONNX Runtime custom-op library: ai.sparsify::SparseConv, SparseConvRelu and SparseConvClip
-// (since version 1), fp32 on CPU.
+// ONNX Runtime custom-op library: ai.sparsify::SparseConv, SparseConvRelu, SparseConvClip,
+// SparseConvAdd and SparseConvAddRelu (since version 1), fp32 on CPU.
 //
 // Contract (the function bodies in sparsify/runtime/onnx_sparse.py say the same in ONNX):
 // Y = Conv(X, dense(W, row_ptr, col_idx), B) with ONNX Conv attributes strides/pads/dilations/
 // group, where dense[o, col_idx[k]] = W[k] for the k of row o; SparseConvRelu is Relu of that,
 // SparseConvClip is Clip(that, min, max) with float attributes min / max (default -inf / +inf).
+// SparseConvAdd takes a sixth input Z of Y's shape (the residual branch) and is Conv(...) + Z;
+// SparseConvAddRelu is Relu(Conv(...) + Z).
 //
 // Registration uses the plain C API (an OrtCustomOp struct) rather than the C++ wrappers: the
 // V2 callbacks return OrtStatus* so every validation failure becomes an ORT error status without
@@ -53,6 +55,11 @@ constexpr const char* kOpName = "SparseConv";
 constexpr const char* kReluOpName = "SparseConvRelu";
 // SparseConv followed by Clip with constant bounds (ReLU6 in MobileNets), fused the same way.
 constexpr const char* kClipOpName = "SparseConvClip";
+// SparseConv followed by the residual Add (+ Relu): the sum input Z is added to each output vector
+// while it is still in cache (ORT's own FusedConv has the same optional Z input; as separate nodes
+// the Add and Relu cost a sparse ResNet-50 about 6% of its time at batch 1).
+constexpr const char* kAddOpName = "SparseConvAdd";
+constexpr const char* kAddReluOpName = "SparseConvAddRelu";
 // Session config entry that tells the kernel the session's intra-op thread count (the C API
 // gives a kernel no other way to know it); sparsify.runtime.session sets it. With one thread the
 // kernel runs whole images in one pass instead of splitting them into tasks for other threads.
@@ -130,8 +137,10 @@ struct Kernel {
   const void* const_w = nullptr;
   // The session's intra-op thread count when its options say it (kThreadsKey; 0: unknown).
   int64_t threads = 0;
-  // SparseConvRelu / SparseConvClip: every output clamped to [lo, hi].
+  // SparseConvRelu / SparseConvClip / SparseConvAddRelu: every output clamped to [lo, hi].
   bool clamp = false;
+  // SparseConvAdd / SparseConvAddRelu: input 5 (Z) is added before the clamp.
+  bool sum = false;
   float lo = 0.0f, hi = std::numeric_limits<float>::infinity();
   mutable std::atomic<int64_t> validated_cpg{-1};
   // The by-input-channel copy of constant weights (kSmall3 planes of whole vectors), built on
@@ -167,6 +176,8 @@ OrtStatus* read_ints(const OrtKernelInfo* info, const char* name, size_t expect,
 
 bool is_relu_op(const OrtCustomOp* op);
 bool is_clip_op(const OrtCustomOp* op);
+bool is_add_op(const OrtCustomOp* op);
+bool is_add_relu_op(const OrtCustomOp* op);
 
 // A float attribute, or `fallback` when the node does not have it.
 float read_float(const OrtKernelInfo* info, const char* name, float fallback) {
@@ -184,7 +195,8 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, cons
   *kernel = nullptr;
   Kernel* k = new (std::nothrow) Kernel();
   if (k == nullptr) return g_api->CreateStatus(ORT_FAIL, "SparseConv: out of memory");
-  k->clamp = is_relu_op(op) || is_clip_op(op);
+  k->clamp = is_relu_op(op) || is_clip_op(op) || is_add_relu_op(op);
+  k->sum = is_add_op(op) || is_add_relu_op(op);
   if (is_clip_op(op)) {
     k->lo = read_float(info, "min", -std::numeric_limits<float>::infinity());
     k->hi = read_float(info, "max", std::numeric_limits<float>::infinity());
@@ -306,8 +318,15 @@ struct Job {
   int64_t nslots, slot;
   int64_t ns, rows;  // strip tasks: strips per image, output rows per strip (0: no strips)
   const struct CscLayout* csc;  // kSmall3 by input channel: nob blocks
-  const Kernel* k;               // clamp / lo / hi: tasks clamp what they wrote
+  const Kernel* k;               // clamp / lo / hi: tasks finish what they wrote
+  const float* Z;                // the sum input (Y's shape) or nullptr
+  sparsify_conv::Epilogue e;
 };
+
+// The epilogue (sum input, activation) over n floats of Y from y on: Z holds the same offsets.
+inline void finish(const Job& j, float* y, int64_t n) {
+  j.f->epilogue(y, j.Z != nullptr ? j.Z + (y - j.Y) : nullptr, n, j.e);
+}
 
 // Tasks pad into the lowest free buffer rather than one of their own, so the few buffers in use
 // (one per running thread) stay in cache across tasks.
@@ -351,11 +370,11 @@ void conv_channels(const Job& j, const Geom& g, const Plan& p, int64_t o_begin, 
       float* y = y_n + o * ystride;
       j.f->compute_channel(g, p, x_n, xp_n, y, j.W + start * kk, j.col_idx + start, cnt,
                            j.B != nullptr ? j.B[o] : 0.0f, cin_base, r0, r1);
-      if (!j.k->clamp) continue;
+      if (!j.e.clamp && j.Z == nullptr) continue;
       if (!runs) {
-        j.f->clamp(y + r0 * g.Wo, (r1 - r0) * g.Wo, j.k->lo, j.k->hi);
+        finish(j, y + r0 * g.Wo, (r1 - r0) * g.Wo);
       } else if ((o + 1 - run0) * plane >= kClampRun || o + 1 == o_end) {
-        j.f->clamp(y_n + run0 * plane, (o + 1 - run0) * plane, j.k->lo, j.k->hi);
+        finish(j, y_n + run0 * plane, (o + 1 - run0) * plane);
         run0 = o + 1;
       }
     }
@@ -523,16 +542,62 @@ void csc_task(void* ud, size_t i) {
   const sparsify_conv::CscBlock blk = j.csc->block(b);
   float* y_n = j.Y + n * g.Cout * hw;
   j.f->csc_block(g, *j.p, j.X + n * g.Cin * hw, y_n, j.B, blk);
-  if (j.k->clamp) j.f->clamp(y_n + blk.o_begin * hw, (blk.o_end - blk.o_begin) * hw, j.k->lo, j.k->hi);
+  if (j.e.clamp || j.Z != nullptr) finish(j, y_n + blk.o_begin * hw, (blk.o_end - blk.o_begin) * hw);
 }
 
 // Smallest work item, in multiply-adds.
 constexpr int64_t kMinTaskWork = 1 << 16;
+// Bytes of a 1x1 conv's input tile (all input channels of a group).
+constexpr int64_t kPwTileBytes = 256 * 1024;
+
+// 1x1 convs: tasks are (image, group of pixel tiles, block of output channels).
+struct PwJob {
+  const Geom* g;
+  const KernelFns* f;
+  sparsify_conv::PwArgs a;  // x / y / z of image 0
+  const float* X;
+  float* xs;  // subsampled input of every image (strided convs), else nullptr
+  int64_t npg, pix, nob;  // pixel groups per image, pixels per group, output-channel blocks
+  const int64_t* bounds;
+};
+
+void pw_task(void* ud, size_t i) {
+  const PwJob& j = *static_cast<const PwJob*>(ud);
+  const Geom& g = *j.g;
+  const int64_t per = j.npg * j.nob, n = int64_t(i) / per, r = int64_t(i) % per;
+  const int64_t pg = r / j.nob, b = r % j.nob, hwo = g.Ho * g.Wo;
+  sparsify_conv::PwArgs a = j.a;
+  a.x = j.xs != nullptr ? j.xs + n * g.Cin * hwo : j.X + n * g.Cin * g.H * g.W;
+  a.y += n * g.Cout * hwo;
+  if (a.z != nullptr) a.z += n * g.Cout * hwo;
+  const int64_t p0 = pg * j.pix, p1 = p0 + j.pix < hwo ? p0 + j.pix : hwo;
+  j.f->pointwise_block(a, j.bounds[b], j.bounds[b + 1], p0, p1);
+}
+
+void subsample_task(void* ud, size_t i) {
+  const PwJob& j = *static_cast<const PwJob*>(ud);
+  const Geom& g = *j.g;
+  const int64_t hwo = g.Ho * g.Wo;
+  j.f->subsample(j.X + int64_t(i) * g.Cin * g.H * g.W, j.xs + int64_t(i) * g.Cin * hwo, g.Cin, g.H, g.W, g.Ho,
+                 g.Wo, g.sH, g.sW);
+}
+
+// Pixels per tile of a 1x1 conv: the tile's rows of all input channels of a group stay in L2
+// while every output channel reads its connections' rows of it.
+int64_t pw_tile(const Geom& g, int64_t VL) {
+  const char* env = std::getenv("SPARSIFY_PW_TILE");
+  if (env != nullptr && std::atoi(env) > 0) return (std::atoi(env) + VL - 1) / VL * VL;
+  int64_t t = kPwTileBytes / (4 * (g.cin_per_group > 0 ? g.cin_per_group : 1));
+  t = t / (8 * VL) * (8 * VL);
+  if (t < 8 * VL) t = 8 * VL;
+  return t;
+}
+
 // Connections per input channel and block below which the CSC path loses to the per-connection
 // one on planes of more than one vector (measured at 8x8 and 4x8).
 constexpr int64_t kCscMinPerColumn = 16;
 
-OrtStatus* parallel_for(OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_t tasks, Job* job) {
+OrtStatus* parallel_for(OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_t tasks, void* job) {
   if (tasks <= 0) return nullptr;
   if (tasks == 1) {
     fn(job, 0);
@@ -544,18 +609,64 @@ OrtStatus* parallel_for(OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_
   return g_api->KernelContext_ParallelFor(ctx, fn, size_t(tasks), 0, job);
 }
 
+// 1x1 convs (any stride, no pads): strided ones first subsample their input into scratch memory,
+// then tiles of pixels over blocks of output channels (see pointwise_block).
+OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, const KernelFns* fns,
+                         const float* X, float* Y, const float* Z, const float* W, const int64_t* row_ptr,
+                         const int64_t* col_idx, const float* B, int64_t nnz) {
+  const int64_t hwo = g.Ho * g.Wo, VL = 64 / int64_t(sizeof(float));
+  PwJob job;
+  job.g = &g;
+  job.f = fns;
+  job.X = X;
+  job.xs = nullptr;
+  job.a = {X, Y, Z, W, row_ptr, col_idx, B, hwo, g.cin_per_group, g.cout_per_group, pw_tile(g, VL),
+           {k.lo, k.hi, k.clamp ? 1 : 0}};
+  Scratch scratch;
+  if (g.sH != 1 || g.sW != 1) {
+    SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &scratch.alloc));
+    scratch.ptr = scratch.alloc->Alloc(scratch.alloc, size_t(g.N * g.Cin * hwo) * sizeof(float));
+    if (scratch.ptr == nullptr)
+      return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the subsampled input buffer");
+    job.xs = static_cast<float*>(scratch.ptr);
+    SPARSIFY_TRY(parallel_for(ctx, subsample_task, g.N, &job));
+  }
+  // Items: whole images on one thread; else about 4 per thread (8 when the thread count is
+  // unknown) of at least kMinTaskWork multiply-adds: pixel groups first (each reads only its own
+  // pixels of the input), blocks of output channels when the plane has too few tiles.
+  const int64_t work = (nnz + g.Cout) * hwo;
+  const int64_t items = k.threads > 0 ? 4 * k.threads : 8;
+  int64_t want = k.threads == 1 ? 1 : (items + g.N - 1) / g.N;
+  const int64_t cap = (work + kMinTaskWork - 1) / kMinTaskWork;
+  if (want > cap) want = cap;
+  if (want < 1) want = 1;
+  const int64_t tile = job.a.tile, ntiles = (hwo + tile - 1) / tile;
+  job.npg = want < ntiles ? want : ntiles;
+  const int64_t tiles_per_group = (ntiles + job.npg - 1) / job.npg;
+  job.pix = tiles_per_group * tile;
+  job.npg = (ntiles + tiles_per_group - 1) / tiles_per_group;
+  job.nob = (want + job.npg - 1) / job.npg;
+  if (job.nob > g.Cout) job.nob = g.Cout;
+  if (job.nob < 1) job.nob = 1;
+  const std::vector<int64_t> bounds = block_bounds(row_ptr, g.Cout, job.nob);
+  job.bounds = bounds.data();
+  return parallel_for(ctx, pw_task, g.N * job.npg * job.nob, &job);
+}
+
 OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   size_t nin = 0;
   SPARSIFY_TRY(g_api->KernelContext_GetInputCount(ctx, &nin));
-  if (nin < 4) return invalid("needs inputs X, W, row_ptr, col_idx[, B]; got " + std::to_string(nin));
-  TensorView t[5];
-  const char* names[5] = {"X", "W", "row_ptr", "col_idx", "B"};
-  const ONNXTensorElementDataType types[5] = {
+  if (nin < (k.sum ? 6u : 4u))
+    return invalid(std::string("needs inputs X, W, row_ptr, col_idx") + (k.sum ? ", B, Z" : "[, B]") + "; got " +
+                   std::to_string(nin));
+  TensorView t[6];
+  const char* names[6] = {"X", "W", "row_ptr", "col_idx", "B", "Z"};
+  const ONNXTensorElementDataType types[6] = {
       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
       ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-  const size_t ranks[5] = {4, 3, 1, 1, 1};
-  for (size_t i = 0; i < 5 && i < nin; ++i) {
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  const size_t ranks[6] = {4, 3, 1, 1, 1, 4};
+  for (size_t i = 0; i < (k.sum ? 6u : 5u) && i < nin; ++i) {
     const OrtValue* v = nullptr;
     SPARSIFY_TRY(g_api->KernelContext_GetInput(ctx, i, &v));
     if (v == nullptr) {
@@ -661,6 +772,13 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   }
 
   const int64_t ydims[4] = {g.N, g.Cout, g.Ho, g.Wo};
+  const float* Z = nullptr;
+  if (k.sum) {
+    if (!std::equal(ydims, ydims + 4, t[5].dims.begin()))
+      return invalid("the sum input Z has shape " + str(t[5].dims) + " but the output is " +
+                     str(std::vector<int64_t>(ydims, ydims + 4)) + "; they must be equal (no broadcasting)");
+    SPARSIFY_TRY(g_api->GetTensorData(t[5].value, reinterpret_cast<const void**>(&Z)));
+  }
   OrtValue* yv = nullptr;
   SPARSIFY_TRY(g_api->KernelContext_GetOutput(ctx, 0, ydims, 4, &yv));
   float* Y = nullptr;
@@ -677,7 +795,8 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     fns = g_narrow.load(std::memory_order_relaxed);
     fns->make_plan(g, &p);
   }
-  Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr, nullptr, 0, 0, 0, 0, nullptr, &k};
+  Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr, nullptr, 0, 0, 0, 0, nullptr, &k,
+             Z, {k.lo, k.hi, k.clamp ? 1 : 0}};
   // Work items are (image, block of output channels) or, for padded plans, (image, strip of
   // output rows), of about equal cost and claimed dynamically by the pool's threads: about 4
   // items per thread for load balance (8 when the thread count is unknown), each at least
@@ -692,6 +811,7 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   if (nob > want) nob = want;
   if (nob > g.Cout) nob = g.Cout;
   if (nob < 1) nob = 1;
+  if (p.kind == sparsify_conv::kPointwise) return run_pointwise(k, ctx, g, fns, X, Y, Z, W, row_ptr, col_idx, B, nnz);
   // Planes of whole vectors on the kSmall3 path go by input channel when that pays: always for
   // one-vector planes (4x4: the per-connection path spends six rotations per nine FMAs), for
   // larger ones when each input channel feeds enough connections of a block to amortise its
@@ -776,12 +896,15 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
 const char* ORT_API_CALL op_name(const OrtCustomOp*) { return kOpName; }
 const char* ORT_API_CALL relu_op_name(const OrtCustomOp*) { return kReluOpName; }
 const char* ORT_API_CALL clip_op_name(const OrtCustomOp*) { return kClipOpName; }
+const char* ORT_API_CALL add_op_name(const OrtCustomOp*) { return kAddOpName; }
+const char* ORT_API_CALL add_relu_op_name(const OrtCustomOp*) { return kAddReluOpName; }
 const char* ORT_API_CALL op_ep(const OrtCustomOp*) { return "CPUExecutionProvider"; }
 ONNXTensorElementDataType ORT_API_CALL op_input_type(const OrtCustomOp*, size_t i) {
   return (i == 2 || i == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
                             : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 size_t ORT_API_CALL op_input_count(const OrtCustomOp*) { return 5; }
+size_t ORT_API_CALL sum_op_input_count(const OrtCustomOp*) { return 6; }
 ONNXTensorElementDataType ORT_API_CALL op_output_type(const OrtCustomOp*, size_t) {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
@@ -835,8 +958,24 @@ const OrtCustomOp g_clip_op = [] {
   return op;
 }();
 
+const OrtCustomOp g_add_op = [] {
+  OrtCustomOp op = make_op();
+  op.GetName = add_op_name;
+  op.GetInputTypeCount = sum_op_input_count;
+  return op;
+}();
+
+const OrtCustomOp g_add_relu_op = [] {
+  OrtCustomOp op = make_op();
+  op.GetName = add_relu_op_name;
+  op.GetInputTypeCount = sum_op_input_count;
+  return op;
+}();
+
 bool is_relu_op(const OrtCustomOp* op) { return op == &g_relu_op; }
 bool is_clip_op(const OrtCustomOp* op) { return op == &g_clip_op; }
+bool is_add_op(const OrtCustomOp* op) { return op == &g_add_op; }
+bool is_add_relu_op(const OrtCustomOp* op) { return op == &g_add_relu_op; }
 
 // Every RegisterCustomOps call (one per session options that load the library) gets its own
 // domain object; ORT does not take ownership, so they live until the library is unloaded.
@@ -876,6 +1015,8 @@ SPARSIFY_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opt
   OrtStatus* st = api->CustomOpDomain_Add(domain, &g_op);
   if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_relu_op);
   if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_clip_op);
+  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_add_op);
+  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_add_relu_op);
   if (st == nullptr) st = api->AddCustomOpDomain(options, domain);
   if (st != nullptr) {
     api->ReleaseCustomOpDomain(domain);
@@ -896,7 +1037,8 @@ SPARSIFY_EXPORT const char* SparsifyKernelInfo(void) {
   std::lock_guard<std::mutex> lock(mu);
   info = std::string("api_version=") + std::to_string(ORT_API_VERSION) + ";isa=" + wide->isa +
          (wide != narrow ? std::string("+") + narrow->isa : std::string()) + ";op=" + kDomain +
-         "::" + kOpName + "," + kDomain + "::" + kReluOpName + "," + kDomain + "::" + kClipOpName +
+         "::" + kOpName + "," + kDomain + "::" + kReluOpName + "," + kDomain + "::" + kClipOpName + "," +
+         kDomain + "::" + kAddOpName + "," + kDomain + "::" + kAddReluOpName +
          ";since_version=1";
   return info.c_str();
 }
