@@ -282,3 +282,75 @@ def test_clip_fused_when_its_bounds_are_constant() -> None:
         outs.append(native.session(new.SerializeToString(), 2).run(None, {"x": x})[0])
     for y in outs:
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def _residual_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """Two ResNet blocks and a MobileNetV2-style one on 8x8 planes:
+    block 1: a -> Relu -> b, Add(b, x) -> Relu           (identity shortcut: b absorbs Add + Relu)
+    block 2: c (stride 2), d (1x1/s2 shortcut), Add(d, c) -> Relu (both convs: the later one, d, absorbs it)
+    block 3: e, Add(e, r2) without Relu -> SparseConvAdd
+    then f, Add(f, bias [1, 16, 1, 1]) -> Relu: a broadcasting Add, left alone;
+    and g whose output is also a graph output, Add(g, r3): left alone."""
+    n = helper.make_node
+    ws = {k: _masked_weight(rng, 16, 16, 3, 0.3) for k in "abcefg"}
+    ws["d"] = _masked_weight(rng, 16, 16, 1, 0.3)
+    p1 = dict(pads=[1] * 4)
+    nodes = [n("Conv", ["x", "wa"], ["ya"], name="a", **p1), n("Relu", ["ya"], ["ra"]),
+             n("Conv", ["ra", "wb"], ["yb"], name="b", **p1), n("Add", ["yb", "x"], ["sb"]), n("Relu", ["sb"], ["r1"]),
+             n("Conv", ["r1", "wc"], ["yc"], name="c", strides=[2, 2], **p1),
+             n("Conv", ["r1", "wd"], ["yd"], name="d", strides=[2, 2]),
+             n("Add", ["yd", "yc"], ["s2"]), n("Relu", ["s2"], ["r2"]),
+             n("Conv", ["r2", "we"], ["ye"], name="e", **p1), n("Add", ["r2", "ye"], ["r3"]),
+             n("Conv", ["r3", "wf"], ["yf"], name="f", **p1), n("Add", ["yf", "bias"], ["sf"]), n("Relu", ["sf"], ["r4"]),
+             n("Conv", ["r4", "wg"], ["yg"], name="g", **p1), n("Add", ["yg", "r3"], ["out"])]
+    inits = [numpy_helper.from_array(w, f"w{k}") for k, w in ws.items()]
+    inits.append(numpy_helper.from_array(rng.standard_normal((1, 16, 1, 1)).astype(np.float32), "bias"))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None] * 4),
+         helper.make_tensor_value_info("yg", TensorProto.FLOAT, [None] * 4)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def test_residual_add_fused_where_it_does_not_broadcast() -> None:
+    """Conv -> Add(., Z) (-> Relu) becomes SparseConvAdd(Relu) where Z has the output's shape and
+    the Add is the conv's only reader; the result passes the full checker and computes what the
+    unfused dense graph does, through the function bodies (plain ORT) and natively (1 and 2
+    threads, batch 1 and 5)."""
+    src = _residual_model(np.random.default_rng(5))
+    new, report = convert_model(src, dense_threshold=0.6)
+    check(new)
+    ops = {nd.name: nd.op_type for nd in new.graph.node if nd.domain == DOMAIN}
+    assert ops == {"a": "SparseConvRelu", "b": "SparseConvAddRelu", "c": "SparseConv", "d": "SparseConvAddRelu",
+                   "e": "SparseConvAdd", "f": "SparseConv", "g": "SparseConv"}
+    assert {c.node: c.activation for c in report.choices}["b"] == "AddRelu"
+    fused = {nd.name: nd for nd in new.graph.node if nd.domain == DOMAIN}
+    assert list(fused["b"].input[5:]) == ["x"] and list(fused["d"].input[5:]) == ["yc"]
+    assert sorted(nd.op_type for nd in new.graph.node if nd.domain != DOMAIN) == ["Add", "Add", "Relu"]
+    assert {f.name for f in new.functions} == {"SparseConv", "SparseConvRelu", "SparseConvAdd", "SparseConvAddRelu"}
+    dense = ort.InferenceSession(src.SerializeToString(), providers=["CPUExecutionProvider"])
+    body = ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"])
+    sessions = [body]
+    if native.info()["loadable"]:
+        sessions += [native.session(new.SerializeToString(), t) for t in (1, 2)]
+    for batch in (1, 5):
+        x = np.random.default_rng(batch).standard_normal((batch, 16, 8, 8)).astype(np.float32)
+        ref = dense.run(None, {"x": x})
+        for sess in sessions:
+            for y, r in zip(sess.run(None, {"x": x}), ref):
+                np.testing.assert_allclose(y, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()))
+
+
+def test_residual_add_needs_known_equal_shapes() -> None:
+    """Without shape information (dynamic planes) the Add stays a node: a broadcast cannot be ruled out."""
+    rng = np.random.default_rng(6)
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "wa"], ["ya"], name="a", pads=[1] * 4), n("Add", ["ya", "z"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, "H", "W"]),
+                     helper.make_tensor_value_info("z", TensorProto.FLOAT, ["M", 16, "H2", "W2"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None] * 4)],
+        [numpy_helper.from_array(_masked_weight(rng, 16, 16, 3, 0.3), "wa")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    new, _ = convert_model(model, dense_threshold=0.6)
+    assert [nd.op_type for nd in new.graph.node] == ["SparseConv", "Add"]
