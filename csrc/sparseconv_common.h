@@ -41,7 +41,8 @@ struct Plan {
   int64_t plane;        // floats per padded input channel (all phases)
   // kFlat3 only: P output rows per vector (1, or VL/ws for narrow planes), ws floats per flat
   // output row, nvr vectors per output row (P == 1), kxs floats between the kx-shifted input
-  // copies (1 when a single padded copy is read at kx offsets), strip output rows per cache tile.
+  // copies (1 when a single padded copy is read at kx offsets). kFlat3 and kDirect: strip output
+  // rows per cache tile.
   int32_t P, nvr;
   int32_t align;  // rows of exactly ws floats, unshifted; kx shifts by lane rotation (AVX-512)
   int64_t ws, kxs, strip;
@@ -85,8 +86,8 @@ struct PwArgs {
 
 // One ISA's entry points. make_plan fills a Plan; pad_channel writes one input channel's padded
 // copy (layout described by the plan); compute_channel writes output rows [row0, row1) of one
-// output channel's plane (row ranges other than the whole plane only for kFlat3, at multiples
-// of p.strip).
+// output channel's plane (row ranges other than the whole plane only for kFlat3 and kDirect, at
+// multiples of p.strip).
 struct KernelFns {
   const char* isa;
   void (*make_plan)(const Geom& g, Plan* p);

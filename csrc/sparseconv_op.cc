@@ -297,6 +297,12 @@ struct Scratch {
 
 // Floats of output per call of the fused activation when channels lie back to back.
 constexpr int64_t kClampRun = 2048;
+// Smallest work item, in multiply-adds.
+constexpr int64_t kMinTaskWork = 1 << 16;
+// Bytes of padded input (all input channels) that one strip of output rows may use.
+constexpr int64_t kStripBytes = 256 * 1024;
+// Bytes of a 1x1 conv's input tile (all input channels of a group).
+constexpr int64_t kPwTileBytes = 256 * 1024;
 
 struct Job {
   const Geom* g;
@@ -353,9 +359,10 @@ void pad_task(void* ud, size_t i) {
 void conv_channels(const Job& j, const Geom& g, const Plan& p, int64_t o_begin, int64_t o_end,
                    const float* x_n, const float* xp_n, float* y_n, int64_t ystride) {
   const int64_t kk = g.kH * g.kW;
-  // The flat path walks one row block at a time over all output channels of the block (the
-  // block's input rows stay in cache while every output channel reads them); others whole planes.
-  const int64_t strip = p.kind == sparsify_conv::kFlat3 ? p.strip : g.Ho;
+  // The flat and direct paths walk one row block at a time over all output channels of the block
+  // (the block's input rows stay in cache while every output channel reads them: walking whole
+  // planes streamed every connection's padded plane from L3 on 56x56 inputs); others whole planes.
+  const int64_t strip = (p.kind == sparsify_conv::kFlat3 || p.kind == sparsify_conv::kDirect) ? p.strip : g.Ho;
   // The fused activation runs on output still in L1: each channel's rows just computed, or, when
   // whole planes lie back to back, runs of channels of about kClampRun floats (one call per
   // 2x2 plane cost vgg16n 7% at batch 16).
@@ -416,6 +423,20 @@ Geom strip_geom(const Geom& g, int64_t r0, int64_t r1, int64_t* row_lo) {
   return s;
 }
 
+// Sets max_plane to the largest padded plane of ns strips of `rows` output rows (edge strips pad
+// differently); false when a strip's plan reads X directly (no strips then).
+bool strip_planes(const Geom& g, const KernelFns* fns, int64_t ns, int64_t rows, int64_t* max_plane) {
+  for (int64_t s = 0; s < ns; ++s) {
+    int64_t lo = 0;
+    const int64_t r1 = (s + 1) * rows < g.Ho ? (s + 1) * rows : g.Ho;
+    Plan ps;
+    fns->make_plan(strip_geom(g, s * rows, r1, &lo), &ps);
+    if (ps.reads_x) return false;
+    if (ps.plane > *max_plane) *max_plane = ps.plane;
+  }
+  return true;
+}
+
 // Strips of output rows for few images on T threads: among up to max_ns strips, the count whose
 // slowest thread computes the fewest rows, counting the rows a strip's plan wastes to its row
 // block (5-row strips of a 28x28 plane ran in 8-row blocks: 1.7x the work of the whole plane)
@@ -444,15 +465,22 @@ int64_t pick_strips(const Geom& g, const KernelFns* fns, int64_t T, int64_t max_
     }
   }
   if (best == 0) return 0;
-  for (int64_t s = 0; s < best; ++s) {  // every strip's buffer size (edge strips pad differently)
+  return strip_planes(g, fns, best, *rows, max_plane) ? best : 0;
+}
+
+// Rows per strip (a multiple of the plan's row block) whose padded input rows of all input
+// channels fit in kStripBytes, or Ho when the whole plane does.
+int64_t cache_strip_rows(const Geom& g, const KernelFns* fns, const Plan& p) {
+  const int64_t blk = p.kind == sparsify_conv::kFlat3 ? int64_t(p.R) * p.P : p.kind == sparsify_conv::kDirect ? p.R : 1;
+  int64_t best = blk;
+  for (int64_t r = blk; r < g.Ho; r += blk) {
     int64_t lo = 0;
-    const int64_t r1 = (s + 1) * *rows < g.Ho ? (s + 1) * *rows : g.Ho;
     Plan ps;
-    fns->make_plan(strip_geom(g, s * *rows, r1, &lo), &ps);
-    if (ps.reads_x) return 0;
-    if (ps.plane > *max_plane) *max_plane = ps.plane;
+    fns->make_plan(strip_geom(g, 0, r, &lo), &ps);
+    if (g.Cin * ps.plane * int64_t(sizeof(float)) > kStripBytes) break;
+    best = r;
   }
-  return best;
+  return best < g.Ho ? best : g.Ho;
 }
 
 // Few images (batch 1): tasks are strips of output rows over all output channels, each an
@@ -545,10 +573,6 @@ void csc_task(void* ud, size_t i) {
   if (j.e.clamp || j.Z != nullptr) finish(j, y_n + blk.o_begin * hw, (blk.o_end - blk.o_begin) * hw);
 }
 
-// Smallest work item, in multiply-adds.
-constexpr int64_t kMinTaskWork = 1 << 16;
-// Bytes of a 1x1 conv's input tile (all input channels of a group).
-constexpr int64_t kPwTileBytes = 256 * 1024;
 
 // 1x1 convs: tasks are (image, group of pixel tiles, block of output channels).
 struct PwJob {
@@ -845,6 +869,21 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     const int64_t T = k.threads > 0 ? k.threads : 2;
     ns = pick_strips(g, fns, T, 4 * T < nob ? 4 * T : nob, &rows, &max_plane);
   }
+  // Planes whose padded copy exceeds kStripBytes go in strips of rows that fit (1 thread too):
+  // each strip pads only its own input rows into a buffer that stays in L2 while every output
+  // channel reads it. (Padding a whole 56x56 image first wrote and re-read 2 MB through L3: a
+  // 3x3/s2 128-channel layer spent 0.25 of its 0.7 ms there.)
+  if (padded && g.Cin * p.plane * int64_t(sizeof(float)) > kStripBytes) {
+    const int64_t r = cache_strip_rows(g, fns, p);
+    if (r < g.Ho && (ns == 0 || rows > r)) {
+      int64_t mp = p.plane;
+      if (strip_planes(g, fns, (g.Ho + r - 1) / r, r, &mp)) {
+        ns = (g.Ho + r - 1) / r;
+        rows = r;
+        max_plane = mp;
+      }
+    }
+  }
   if (ns > 0) nob = 1;
   const std::vector<int64_t> bounds = block_bounds(row_ptr, g.Cout, nob);
   job.nob = nob;
@@ -855,6 +894,8 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   // shared copy that pad tasks fill before output-channel blocks read it.
   const bool own = padded && (ns > 0 || nob == 1);
   job.nslots = own ? g.N * (ns > 0 ? ns : 1) : 0;
+  // At most one buffer per thread is in use at a time (tasks claim the lowest free one).
+  if (k.threads > 0 && job.nslots > k.threads) job.nslots = k.threads;
   job.slot = g.Cin * max_plane;
   Scratch scratch;
   if (padded) {
