@@ -64,9 +64,12 @@ struct CscBlock {
 
 // What happens to an output vector after its convolution sum: + z (the fused residual input, same
 // shape and offsets as the output; nullptr: none), then clamped to [lo, hi] when clamp is set.
+// stream: the output may be written with non-temporal stores (it is too large to stay in cache
+// for the next layer; the kernel uses them only where its rows are aligned vectors).
 struct Epilogue {
   float lo, hi;
   int32_t clamp;
+  int32_t stream;
 };
 
 // One image's 1x1 convolution for pointwise_block: x [Cin, HW] (already subsampled when

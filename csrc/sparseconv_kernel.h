@@ -982,6 +982,9 @@ void pw_vectors(const float* __restrict xg, float* __restrict y, const float* __
       r = r > vhi ? vhi : r;
     }
     if (PARTIAL && v == NV - 1) store_first(y + p + v * VL, r, tail);
+#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
+    else if (e.stream) _mm512_stream_ps(y + p + v * VL, __m512(r));
+#endif
     else storeu(y + p + v * VL, r);
   }
 }
@@ -1028,15 +1031,33 @@ void pw_range(const float* xg, float* y, const float* w_row, const int64_t* cols
 // 4x of ORT's Conv at density 0.1).
 void pointwise_block(const PwArgs& a, int64_t o0, int64_t o1, int64_t p0, int64_t p1) {
   const int64_t HW = a.HW;
+  // Streaming stores need every output vector 64-byte aligned: rows of whole vectors.
+  Epilogue e = a.e;
+  e.stream = e.stream && VL == 16 && HW % VL == 0 && reinterpret_cast<uintptr_t>(a.y) % 64 == 0;
+  const int64_t groups = a.cout_per_group > 0 ? (o1 - 1) / a.cout_per_group - o0 / a.cout_per_group + 1 : 1;
+  const int64_t span = groups * a.cin_per_group, nout = o1 - o0;
+  const float* xbase = a.x + (o0 / (a.cout_per_group > 0 ? a.cout_per_group : 1)) * a.cin_per_group * HW;
   for (int64_t t = p0; t < p1; t += a.tile) {
     const int64_t t1 = t + a.tile < p1 ? t + a.tile : p1;
+    // The next tile's input rows are fetched into L2 while this tile computes, a few rows per
+    // output channel: a tile's rows are as many separate streams as input channels, too many
+    // for the hardware prefetchers when the input comes from memory (batch 8 on 56x56 planes).
+    const int64_t n1 = t1 + a.tile < p1 ? a.tile : p1 - t1;
     for (int64_t o = o0; o < o1; ++o) {
+      if (n1 > 0) {
+        const int64_t c0 = (o - o0) * span / nout, c1 = (o - o0 + 1) * span / nout;
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t q = 0; q < n1; q += 16) __builtin_prefetch(xbase + c * HW + t1 + q, 0, 2);
+      }
       const int64_t s = a.row_ptr[o], cnt = a.row_ptr[o + 1] - s;
       const float* xg = a.x + (o / a.cout_per_group) * a.cin_per_group * HW;
       pw_range(xg, a.y + o * HW, a.w + s, a.col_idx + s, cnt, a.bias != nullptr ? a.bias[o] : 0.0f, HW, t, t1,
-               a.e, a.z != nullptr ? a.z + o * HW : nullptr);
+               e, a.z != nullptr ? a.z + o * HW : nullptr);
     }
   }
+#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
+  if (e.stream) _mm_sfence();
+#endif
 }
 
 // xs[c][oy][ox] = x[c][oy * sH][ox * sW] for C channels: the input a strided 1x1 conv reads.
