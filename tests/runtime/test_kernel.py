@@ -418,3 +418,17 @@ def test_sum_input_must_match_the_output() -> None:
         with pytest.raises(RuntimeBackendError, match="sum input Z has shape") as exc:
             sess.run(None, {"X": x, "Z": np.zeros(shape, np.float32)})
         assert "\n" not in str(exc.value)
+
+
+def test_large_outputs_streamed() -> None:
+    """A 1x1 conv whose output exceeds 16 MB is written with non-temporal stores: same values,
+    with and without the fused sum input, on 1 and 2 threads."""
+    rng = np.random.default_rng(12)
+    case = random_case(rng, 32, 512, 1, 0.2)
+    x = rng.standard_normal((2, 32, 64, 64)).astype(np.float32)
+    conv = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+    assert conv.nbytes >= 16 << 20
+    z = rng.standard_normal(conv.shape).astype(np.float32)
+    for threads in (1, 2):
+        for op in ("SparseConv", "SparseConvAddRelu"):
+            assert_close(run_op(case, x, op, threads, z), reference(case, x, op, z))
