@@ -432,3 +432,18 @@ def test_large_outputs_streamed() -> None:
     for threads in (1, 2):
         for op in ("SparseConv", "SparseConvAddRelu"):
             assert_close(run_op(case, x, op, threads, z), reference(case, x, op, z))
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
+@pytest.mark.parametrize("h,w,pads", [(7, 7, (1, 1, 1, 1)), (9, 5, (0, 2, 1, 0)), (11, 6, (2, 0, 0, 2)),
+                                      (7, 3, (1, 2, 2, 1)), (13, 7, (0, 0, 0, 0)), (5, 2, (1, 2, 1, 2))])
+def test_narrow_rows(monkeypatch: pytest.MonkeyPatch, isa: str, h: int, w: int, pads: tuple[int, int, int, int]) -> None:
+    """3x3 stride-1 convs on planes whose output rows are at most half a vector (several rows per
+    vector, kx-shifted copies built by masked loads on AVX-512), any pads."""
+    if isa != "auto":
+        monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(h * 100 + w)
+    case = random_case(rng, 20, 12, 3, 0.4, pads=pads)
+    x = rng.standard_normal((2, 20, h, w)).astype(np.float32)
+    for threads in (1, 2):
+        assert_close(*run_both(case, x, threads=threads))
