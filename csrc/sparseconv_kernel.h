@@ -525,7 +525,10 @@ void flat_pad_channel(const Geom& g, const Plan& p, const float* __restrict x, f
 #pragma GCC unroll 3
       for (int kx = 0; kx < 3; ++kx) {
         const __m512 v = inside ? _mm512_maskz_loadu_ps(m[kx], x + ir * g.W + kx - g.pl) : _mm512_setzero_ps();
-        _mm512_mask_storeu_ps(xp + kx * p.kxs + r * ws, wmask, v);
+        float* dst = xp + kx * p.kxs + r * ws;
+        if (ws == 8) _mm256_storeu_ps(dst, _mm512_castps512_ps256(v));  // plain stores: masked ones are slow
+        else if (ws == 4) _mm_storeu_ps(dst, _mm512_castps512_ps128(v));
+        else _mm512_mask_storeu_ps(dst, wmask, v);
       }
     }
     return;
