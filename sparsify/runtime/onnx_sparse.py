@@ -264,29 +264,39 @@ def _constant_nodes(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 
 # Densities below which the native SparseConv kernel beats ONNX Runtime's own Conv on the masked
-# weights, measured with `benchmarks/bench_kernel.py` (batch 1, 1 thread, ORT 1.31, AVX-512 CPU;
-# crossover = where the speed-up falls to 1, the thresholds sit ~0.05-0.1 below it so a layer
-# written sparse is never slower; measured on an AVX-512 CPU, where the kernel's fastest paths run:
-# use --autotune elsewhere). 3x3 stride 1 by output plane: >= 16x16: crossovers 0.83-1.0
-# (64@32x32 and 128@16x16 > 0.9, 256@28x28 0.83); >= 8x8: 256@8x8 0.78; 4x4 (the by-input-channel
-# path): 64@4x4 0.90, 128@4x4 0.86, 512@4x4 0.84-1.0; 2x2 (one FMA per connection): 128@2x2 0.52,
-# 512@2x2 0.58; other planes under 16 pixels: 256@3x3 0.16 (one vector, most lanes idle); 1x1
-# planes lose even at 0.1 (0.3x: nine taps computed for the one that reads the input).
-# 1x1 stride 1 on planes of 16x16 and more: 64@32x32 0.35-0.4, 32@16x16 0.45-0.55, 32@32x32 0.5,
-# 16@32x32 0.8, 8@16x16 above 0.9 (ORT's Conv is inefficient on few channels); on 8x8 planes
-# 0.25-0.3 whatever the channels (256, 192, 64, 32); on 4x4 even 0.1 gains only 1.0-1.6x at batch
-# 1 and on 2x2 it is slower (0.6-0.75x: one vector per plane, lanes idle), so those stay dense.
-# 5x5 stride 1: 64@16x16 0.58, 32@32x32 0.67; 7x7: 32@16x16 0.8. Stride 2: 128@32x32 0.33,
-# 64@16x16 0.22, 16-32 channels lose even at 0.1, and so do outputs below 8x8 (3x3/s2 128->256
-# from 8x8: 1.05x at 0.1, 256->512 from 4x4: 0.64x).
-THRESHOLD_3x3_S1 = ((256, 0.75), (64, 0.7), (16, 0.7), (5, 0.12), (0, 0.0))  # (min output pixels, threshold)
+# weights, from measured crossovers (where the speed-up falls to 1; thresholds sit 0.05-0.15 below
+# so that a layer written sparse is never slower). Measured with `benchmarks/bench_kernel.py`
+# (density sweeps, batch 1, 1 thread, ORT 1.31-1.32, AVX-512 (AMD Zen 4), thread CPU time; 224x224
+# shapes re-measured after the pointwise-tile, strip and narrow-plane changes) on the CPU where the
+# kernel's fastest paths run: use --autotune elsewhere.
+# 3x3 stride 1 by output plane: >= 16x16: 0.76-0.86 (64@56, 128@28, 128->32@56/28; 64@32x32 and
+#   128@16x16 > 0.9); 8x8 .. 15x15: 256@8 0.78, 256@14 0.76, 128->32@14 0.70; 5x5 .. 7x7 (two rows
+#   per vector): 512@7 0.63-0.66, 128->32@7 0.46; 4x4 (the by-input-channel path): 0.84-1.0;
+#   2x2 (one FMA per connection): 0.52-0.58; 3x3: 256@3x3 0.16 (one vector, most lanes idle);
+#   1x1 planes lose even at 0.1 (nine taps computed for the one that reads the input).
+# 1x1 stride 1, by plane and input channels: >= 14x14 with >= 64 input channels 0.36-0.56
+#   (ResNet 64..1024 channels on 56x56 .. 14x14, MobileNet 64..672 on 28x28 .. 14x14); 32-48
+#   channels 0.48-0.62; 16-24 channels 0.66-0.68 (ORT's Conv is inefficient on few channels; 8
+#   channels above 0.9); 7x7 and 8x8 planes 0.30-0.40 (160..2048 channels) and 0.25-0.3; on 4x4
+#   even 0.1 gains only 1.0-1.6x and on 2x2 it is slower (one vector per plane), so those stay dense.
+# 5x5 stride 1: 64@16x16 0.58, 32@32x32 0.67; 7x7: 32@16x16 0.8.
+# Strided, >= 64 input channels (16-32 channels lost even at 0.1): 3x3/s2 to 28x28 / 14x14
+#   0.47-0.55, to 7x7 0.34-0.39; 1x1/s2 (a subsampled input) to 28x28 / 14x14 0.39-0.55, to 7x7
+#   0.29-0.37; outputs below 7x7 lose (3x3/s2 128->256 from 8x8: 1.05x at 0.1, 256->512 from 4x4:
+#   0.64x); other kernels (5x5/s2, 7x7/s2) 0.22-0.33 at 16x16 .. 32x32.
+THRESHOLD_3x3_S1 = ((256, 0.75), (64, 0.65), (17, 0.4), (16, 0.7), (5, 0.12), (0, 0.0))  # (min output pixels, threshold)
 THRESHOLD_3x3_2x2 = 0.45  # 2x2 output planes (the 4-pixel row of the table above would say 0)
 THRESHOLD_3x3_UNKNOWN = 0.12  # output plane unknown at export: assume no 1x1 plane
-THRESHOLD_1x1 = ((64, 0.25), (32, 0.35), (16, 0.6), (0, 0.8))  # (min input channels per group, threshold)
-THRESHOLD_1x1_8x8 = 0.2   # 1x1 on planes of 64-255 pixels; below 64 pixels 1x1 stays dense
+THRESHOLD_1x1 = ((64, 0.3), (32, 0.4), (16, 0.6), (0, 0.8))  # (min input channels per group, threshold), >= 196 pixels
+THRESHOLD_1x1_SMALL = 0.2   # 1x1 on planes of 49-195 pixels (7x7 .. 13x13); below 49 pixels 1x1 stays dense
+MIN_1x1_PIXELS, MIN_1x1_FULL_PIXELS = 49, 196
 THRESHOLD_KXK = 0.5      # 5x5, 7x7 (direct path), stride 1
-THRESHOLD_STRIDED = 0.15  # stride > 1, only with >= 64 input channels per group
+# Strided convs, only with >= MIN_STRIDED_CIN input channels per group and >= MIN_STRIDED_PIXELS
+# output pixels: (kernel, threshold on outputs of >= 196 pixels, threshold on smaller outputs).
+THRESHOLD_STRIDED = {3: (0.4, 0.25), 1: (0.3, 0.2)}
+THRESHOLD_STRIDED_OTHER = 0.15
 MIN_STRIDED_CIN = 64
+MIN_STRIDED_PIXELS = 49
 
 
 def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations: Sequence[int],
@@ -294,35 +304,37 @@ def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations:
     """Density below which SparseConv is faster than dense Conv for this layer, and the rule's name.
 
     A per-layer rule from measured crossovers (see the table above): the kernel's fast paths are
-    3x3 stride 1, so those layers go sparse up to high densities, the others only when very sparse.
+    3x3 stride 1, so those layers go sparse up to high densities; 1x1 and strided ones up to 0.2-0.4.
     ``out_hw`` (output plane) is None when shapes are unknown: then a low threshold that holds on
     every plane measured except 1x1 (export with static shapes, or --autotune, to do better).
     """
     kh, kw = kernel
+    pixels = out_hw[0] * out_hw[1] if out_hw is not None else 0
+    where = f"{out_hw[0]}x{out_hw[1]}" if out_hw is not None else "an unknown"
     if any(int(d) != 1 for d in dilations):
         return 0.0, "dilated conv (no fast sparse path)"
     if any(int(st) != 1 for st in strides):
         if cin_per_group < MIN_STRIDED_CIN:
             return 0.0, f"strided conv with {cin_per_group} < {MIN_STRIDED_CIN} input channels per group"
-        if out_hw is None or out_hw[0] * out_hw[1] < 64:
-            where = f"{out_hw[0]}x{out_hw[1]}" if out_hw is not None else "an unknown"
-            return 0.0, f"strided conv to {where} output (the kernel loses below 8x8)"
-        return THRESHOLD_STRIDED, "strided conv"
+        if pixels < MIN_STRIDED_PIXELS:
+            return 0.0, f"strided conv to {where} output (the kernel loses below 7x7)"
+        if kh == kw and kh in THRESHOLD_STRIDED:
+            big, small = THRESHOLD_STRIDED[kh]
+            return (big if pixels >= MIN_1x1_FULL_PIXELS else small), f"{kh}x{kw} strided conv to {where} output"
+        return THRESHOLD_STRIDED_OTHER, "strided conv"
     if (kh, kw) == (3, 3):
         if out_hw is None:
             return THRESHOLD_3x3_UNKNOWN, "3x3/s1 on an unknown plane (assumed 3x3 or larger)"
         if tuple(out_hw) == (2, 2):
             return THRESHOLD_3x3_2x2, "3x3/s1 on 2x2 output"
         for min_pixels, thr in THRESHOLD_3x3_S1:
-            if out_hw[0] * out_hw[1] >= min_pixels:
-                return thr, f"3x3/s1 on {out_hw[0]}x{out_hw[1]} output"
+            if pixels >= min_pixels:
+                return thr, f"3x3/s1 on {where} output"
     if (kh, kw) == (1, 1):
-        pixels = out_hw[0] * out_hw[1] if out_hw is not None else 0
-        if pixels < 64:
-            where = f"{out_hw[0]}x{out_hw[1]}" if out_hw is not None else "an unknown"
-            return 0.0, f"1x1/s1 on {where} plane (the kernel loses below 8x8)"
-        if pixels < 256:
-            return THRESHOLD_1x1_8x8, f"1x1/s1 on {out_hw[0]}x{out_hw[1]} output"
+        if pixels < MIN_1x1_PIXELS:
+            return 0.0, f"1x1/s1 on {where} plane (the kernel loses below 7x7)"
+        if pixels < MIN_1x1_FULL_PIXELS:
+            return THRESHOLD_1x1_SMALL, f"1x1/s1 on {where} output"
         for min_cin, thr in THRESHOLD_1x1:
             if cin_per_group >= min_cin:
                 return thr, f"1x1/s1 with {cin_per_group} input channels"

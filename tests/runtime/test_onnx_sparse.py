@@ -182,10 +182,12 @@ def test_bad_inputs(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("hw,density,sparse", [(1, 0.05, False), (2, 0.4, True), (2, 0.5, False),
-                                               (3, 0.1, True), (3, 0.2, False), (4, 0.6, True), (8, 0.6, True)])
+                                               (3, 0.1, True), (3, 0.2, False), (4, 0.6, True), (7, 0.3, True),
+                                               (7, 0.5, False), (8, 0.6, True), (14, 0.7, False), (16, 0.7, True)])
 def test_per_layer_rule_by_plane(hw: int, density: float, sparse: bool) -> None:
     """The default rule writes SparseConv only where bench_kernel measured it faster: never on a
-    1x1 plane (nine taps computed for one), up to 0.45 on 2x2, 0.12 on 3x3, 0.7 from 4x4 up."""
+    1x1 plane (nine taps computed for one), up to 0.45 on 2x2, 0.12 on 3x3, 0.7 on 4x4, 0.4 on
+    5x5..7x7 (crossovers 0.46-0.66), 0.65 on 8x8..15x15, 0.75 from 16x16 up."""
     rng = np.random.default_rng(hw)
     w = _masked_weight(rng, 64, 64, 3, density)
     new, report = convert_model(_conv_model(w, None, 1, 1, 1, 1, hw))
@@ -231,23 +233,30 @@ def test_relu_fused_only_where_it_is_the_sole_reader() -> None:
             np.testing.assert_allclose(y, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()))
 
 
-@pytest.mark.parametrize("hw,density,sparse", [(2, 0.05, False), (4, 0.05, False), (8, 0.15, True),
-                                               (8, 0.3, False), (16, 0.2, True)])
+@pytest.mark.parametrize("hw,density,sparse", [(2, 0.05, False), (4, 0.05, False), (6, 0.05, False), (7, 0.15, True),
+                                               (7, 0.3, False), (8, 0.15, True), (8, 0.3, False), (16, 0.2, True),
+                                               (16, 0.35, False), (56, 0.25, True)])
 def test_pointwise_rule_by_plane(hw: int, density: float, sparse: bool) -> None:
-    """1x1 convs go sparse only on planes of 8x8 and more, where bench measured the kernel faster
-    (on 2x2 planes it ran 3-5x slower than ORT's Conv even at density 0.1)."""
+    """1x1 convs go sparse only on planes of 7x7 and more, where bench measured the kernel faster
+    (crossovers 0.30-0.40 on 7x7, 0.36-0.56 from 14x14 up with 64 input channels; on 2x2 planes it
+    ran 3-5x slower than ORT's Conv even at density 0.1)."""
     rng = np.random.default_rng(hw)
     w = _masked_weight(rng, 96, 64, 1, density)
     new, report = convert_model(_conv_model(w, None, 1, 0, 1, 1, hw))
     assert any(n.op_type == "SparseConv" for n in new.graph.node) == sparse, report
 
 
-@pytest.mark.parametrize("hw,sparse", [(4, False), (8, False), (16, True)])
-def test_strided_rule_by_plane(hw: int, sparse: bool) -> None:
-    """Strided convs go sparse (below 0.15) only when their output plane is 8x8 or more."""
+@pytest.mark.parametrize("k,hw,density,sparse", [(3, 4, 0.08, False), (3, 8, 0.08, False), (3, 12, 0.08, False),
+                                                 (3, 14, 0.2, True), (3, 14, 0.3, False), (3, 28, 0.35, True),
+                                                 (3, 28, 0.45, False), (1, 14, 0.15, True), (1, 14, 0.25, False),
+                                                 (1, 56, 0.25, True), (1, 56, 0.35, False)])
+def test_strided_rule_by_plane(k: int, hw: int, density: float, sparse: bool) -> None:
+    """Strided convs go sparse only when their output plane is 7x7 or more: 3x3/s2 below 0.25 to
+    7x7 (crossovers 0.34-0.39) and 0.4 to 14x14 and more (0.47-0.55); 1x1/s2 below 0.2 and 0.3
+    (0.29-0.37, 0.39-0.55)."""
     rng = np.random.default_rng(hw)
-    w = _masked_weight(rng, 128, 64, 3, 0.08)
-    new, report = convert_model(_conv_model(w, None, 2, 1, 1, 1, hw))
+    w = _masked_weight(rng, 128, 64, k, density)
+    new, report = convert_model(_conv_model(w, None, 2, k // 2, 1, 1, hw))
     assert any(n.op_type == "SparseConv" for n in new.graph.node) == sparse, report
 
 
