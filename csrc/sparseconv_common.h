@@ -75,6 +75,9 @@ struct Epilogue {
 // One image's 1x1 convolution for pointwise_block: x [Cin, HW] (already subsampled when
 // strided), y and z [Cout, HW]; CSR connections over output channels; pixel tiles of `tile`
 // floats (a multiple of the vector length).
+// With S and T (the fused pre-activation, [Cin]) the kernel first writes each tile's rows of the
+// input channels it reads, as Relu(x * S + T), into `pack` (rows of `tile` floats, one per input
+// channel of the block's groups).
 struct PwArgs {
   const float* x;
   float* y;
@@ -85,6 +88,9 @@ struct PwArgs {
   const float* bias;
   int64_t HW, cin_per_group, cout_per_group, tile;
   Epilogue e;
+  const float* S;
+  const float* T;
+  float* pack;
 };
 
 // One ISA's entry points. make_plan fills a Plan; pad_channel writes one input channel's padded
@@ -111,6 +117,8 @@ struct KernelFns {
   // xs [C, Ho, Wo] = x [C, H, W] sampled every sH rows and sW columns from (0, 0).
   void (*subsample)(const float* x, float* xs, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
                     int64_t sH, int64_t sW);
+  // y[i] = max(x[i] * s + t, 0) over n floats, NaN kept (the fused input BatchNormalization + Relu).
+  void (*scale_shift_relu)(const float* x, float* y, int64_t n, float s, float t);
 };
 
 const KernelFns* base_kernels();

@@ -972,6 +972,20 @@ void pad_channel(const Geom& g, const Plan& p, const float* __restrict x, float*
   }
 }
 
+// The fused pre-activation: a per-channel affine (an inference BatchNormalization) then Relu.
+void scale_shift_relu(const float* __restrict x, float* __restrict y, int64_t n, float s, float t) {
+  const vf vs = bcast(s), vt = bcast(t), zero = vf{};
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) {
+    vf v = loadu(x + i) * vs + vt;
+    storeu(y + i, v < zero ? zero : v);
+  }
+  for (; i < n; ++i) {
+    const float v = x[i] * s + t;
+    y[i] = v < 0.0f ? 0.0f : v;
+  }
+}
+
 // 1x1 convs: y = bias + sum_k w[k] * x[cols[k]] over the flat plane (strided 1x1 convs read an
 // input the op subsampled first). NV vectors of the plane at a time; NS accumulator sets take
 // alternate connections so that about eight independent FMA chains are in flight (one accumulator
@@ -979,8 +993,8 @@ void pad_channel(const Geom& g, const Plan& p, const float* __restrict x, float*
 // (masked loads and stores on AVX-512; other ISAs never pass it). The epilogue (sum input z,
 // clamp) runs on the accumulators before the one store.
 template <int NV, int NS, bool PARTIAL>
-void pw_vectors(const float* __restrict xg, float* __restrict y, const float* __restrict w_row,
-                const int64_t* __restrict cols, int64_t cnt, float bias, int64_t HW, int64_t p,
+void pw_vectors(const float* __restrict xg, int64_t xs, int64_t px, float* __restrict y, const float* __restrict w_row,
+                const int64_t* __restrict cols, int64_t cnt, float bias, int64_t p,
                 int64_t tail, const Epilogue& e, const float* __restrict z) {
   vf acc[NS][NV];
 #pragma GCC unroll 8
@@ -992,7 +1006,7 @@ void pw_vectors(const float* __restrict xg, float* __restrict y, const float* __
 #endif
   auto one = [&](vf (&a)[NV], int64_t k) __attribute__((always_inline)) {
     const vf w = bcast(w_row[k]);
-    const float* src = xg + cols[k] * HW + p;
+    const float* src = xg + cols[k] * xs + px;
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
 #if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
@@ -1033,34 +1047,35 @@ void pw_vectors(const float* __restrict xg, float* __restrict y, const float* __
 }
 
 template <bool PARTIAL>
-void pw_rest(const float* xg, float* y, const float* w_row, const int64_t* cols, int64_t cnt,
-             float bias, int64_t HW, int64_t p, int64_t nv, int64_t tail, const Epilogue& e,
-             const float* z) {
+void pw_rest(const float* xg, int64_t xs, int64_t px, float* y, const float* w_row, const int64_t* cols,
+             int64_t cnt, float bias, int64_t p, int64_t nv, int64_t tail, const Epilogue& e, const float* z) {
   switch (nv) {
-    case 1: return pw_vectors<1, 8, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
-    case 2: return pw_vectors<2, 4, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
-    case 3: return pw_vectors<3, 3, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
-    case 4: return pw_vectors<4, 2, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
-    case 5: return pw_vectors<5, 2, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
-    case 6: return pw_vectors<6, 1, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
-    case 7: return pw_vectors<7, 1, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
-    default: return pw_vectors<8, 1, PARTIAL>(xg, y, w_row, cols, cnt, bias, HW, p, tail, e, z);
+    case 1: return pw_vectors<1, 8, PARTIAL>(xg, xs, px, y, w_row, cols, cnt, bias, p, tail, e, z);
+    case 2: return pw_vectors<2, 4, PARTIAL>(xg, xs, px, y, w_row, cols, cnt, bias, p, tail, e, z);
+    case 3: return pw_vectors<3, 3, PARTIAL>(xg, xs, px, y, w_row, cols, cnt, bias, p, tail, e, z);
+    case 4: return pw_vectors<4, 2, PARTIAL>(xg, xs, px, y, w_row, cols, cnt, bias, p, tail, e, z);
+    case 5: return pw_vectors<5, 2, PARTIAL>(xg, xs, px, y, w_row, cols, cnt, bias, p, tail, e, z);
+    case 6: return pw_vectors<6, 1, PARTIAL>(xg, xs, px, y, w_row, cols, cnt, bias, p, tail, e, z);
+    case 7: return pw_vectors<7, 1, PARTIAL>(xg, xs, px, y, w_row, cols, cnt, bias, p, tail, e, z);
+    default: return pw_vectors<8, 1, PARTIAL>(xg, xs, px, y, w_row, cols, cnt, bias, p, tail, e, z);
   }
 }
 
-// Pixels [p0, p1) of one output channel (p0 a multiple of VL).
-void pw_range(const float* xg, float* y, const float* w_row, const int64_t* cols, int64_t cnt,
-              float bias, int64_t HW, int64_t p0, int64_t p1, const Epilogue& e, const float* z) {
+// Pixels [p0, p1) of one output channel (p0 a multiple of VL); pixel p of input channel c is at
+// xg[c * xs + p - xoff].
+void pw_range(const float* xg, int64_t xs, int64_t xoff, float* y, const float* w_row, const int64_t* cols,
+              int64_t cnt, float bias, int64_t p0, int64_t p1, const Epilogue& e, const float* z) {
   int64_t p = p0;
-  for (; p + 8 * VL <= p1; p += 8 * VL) pw_vectors<8, 1, false>(xg, y, w_row, cols, cnt, bias, HW, p, 0, e, z);
+  for (; p + 8 * VL <= p1; p += 8 * VL)
+    pw_vectors<8, 1, false>(xg, xs, p - xoff, y, w_row, cols, cnt, bias, p, 0, e, z);
   const int64_t nv = (p1 - p) / VL, tail = (p1 - p) % VL;
 #if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
-  if (tail > 0) return pw_rest<true>(xg, y, w_row, cols, cnt, bias, HW, p, nv + 1, tail, e, z);
+  if (tail > 0) return pw_rest<true>(xg, xs, p - xoff, y, w_row, cols, cnt, bias, p, nv + 1, tail, e, z);
 #endif
-  if (nv > 0) pw_rest<false>(xg, y, w_row, cols, cnt, bias, HW, p, nv, 0, e, z);
+  if (nv > 0) pw_rest<false>(xg, xs, p - xoff, y, w_row, cols, cnt, bias, p, nv, 0, e, z);
   for (p += nv * VL; p < p1; ++p) {
     float acc = bias;
-    for (int64_t k = 0; k < cnt; ++k) acc += w_row[k] * xg[cols[k] * HW + p];
+    for (int64_t k = 0; k < cnt; ++k) acc += w_row[k] * xg[cols[k] * xs + p - xoff];
     if (z != nullptr) acc += z[p];
     if (e.clamp) acc = acc < e.lo ? e.lo : (acc > e.hi ? e.hi : acc);
     y[p] = acc;
@@ -1079,13 +1094,20 @@ void pointwise_block(const PwArgs& a, int64_t o0, int64_t o1, int64_t p0, int64_
   e.stream = e.stream && VL == 16 && HW % VL == 0 && reinterpret_cast<uintptr_t>(a.y) % 64 == 0;
   const int64_t groups = a.cout_per_group > 0 ? (o1 - 1) / a.cout_per_group - o0 / a.cout_per_group + 1 : 1;
   const int64_t span = groups * a.cin_per_group, nout = o1 - o0;
-  const float* xbase = a.x + (o0 / (a.cout_per_group > 0 ? a.cout_per_group : 1)) * a.cin_per_group * HW;
+  const int64_t cbase = (o0 / (a.cout_per_group > 0 ? a.cout_per_group : 1)) * a.cin_per_group;  // first input channel read
+  const float* xbase = a.x + cbase * HW;
   for (int64_t t = p0; t < p1; t += a.tile) {
     const int64_t t1 = t + a.tile < p1 ? t + a.tile : p1;
     // The next tile's input rows are fetched into L2 while this tile computes, a few rows per
     // output channel: a tile's rows are as many separate streams as input channels, too many
     // for the hardware prefetchers when the input comes from memory (batch 8 on 56x56 planes).
     const int64_t n1 = t1 + a.tile < p1 ? a.tile : p1 - t1;
+    // With the fused pre-activation the tile's rows of the input channels this block reads are
+    // first written, as Relu(x * S + T), into a buffer of rows of `tile` floats (in cache).
+    if (a.pack != nullptr) {
+      for (int64_t c = 0; c < span; ++c)
+        scale_shift_relu(xbase + c * HW + t, a.pack + c * a.tile, t1 - t, a.S[cbase + c], a.T[cbase + c]);
+    }
     for (int64_t o = o0; o < o1; ++o) {
       if (n1 > 0) {
         const int64_t c0 = (o - o0) * span / nout, c1 = (o - o0 + 1) * span / nout;
@@ -1093,9 +1115,10 @@ void pointwise_block(const PwArgs& a, int64_t o0, int64_t o1, int64_t p0, int64_
           for (int64_t q = 0; q < n1; q += 16) __builtin_prefetch(xbase + c * HW + t1 + q, 0, 2);
       }
       const int64_t s = a.row_ptr[o], cnt = a.row_ptr[o + 1] - s;
-      const float* xg = a.x + (o / a.cout_per_group) * a.cin_per_group * HW;
-      pw_range(xg, a.y + o * HW, a.w + s, a.col_idx + s, cnt, a.bias != nullptr ? a.bias[o] : 0.0f, HW, t, t1,
-               e, a.z != nullptr ? a.z + o * HW : nullptr);
+      const int64_t cg = (o / a.cout_per_group) * a.cin_per_group;
+      const float* xg = a.pack != nullptr ? a.pack + (cg - cbase) * a.tile : a.x + cg * HW;
+      pw_range(xg, a.pack != nullptr ? a.tile : HW, a.pack != nullptr ? t : 0, a.y + o * HW, a.w + s, a.col_idx + s,
+               cnt, a.bias != nullptr ? a.bias[o] : 0.0f, t, t1, e, a.z != nullptr ? a.z + o * HW : nullptr);
     }
   }
 #if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
@@ -1192,7 +1215,7 @@ void epilogue(float* __restrict y, const float* __restrict z, int64_t n, const E
 }
 
 const KernelFns kFns = {SPARSIFY_ISA_NAME, &make_plan,       &pad_channel, &compute_channel, kCscBlock,
-                        &epilogue,        &pointwise_block, &subsample};
+                        &epilogue,        &pointwise_block, &subsample,   &scale_shift_relu};
 
 }  // namespace
 }  // namespace SPARSIFY_ISA_NS

@@ -6,7 +6,9 @@
 // group, where dense[o, col_idx[k]] = W[k] for the k of row o; SparseConvRelu is Relu of that,
 // SparseConvClip is Clip(that, min, max) with float attributes min / max (default -inf / +inf).
 // SparseConvAdd takes a sixth input Z of Y's shape (the residual branch) and is Conv(...) + Z;
-// SparseConvAddRelu is Relu(Conv(...) + Z).
+// SparseConvAddRelu is Relu(Conv(...) + Z). SparseConvPre takes inputs S and T ([Cin], sixth and
+// seventh) and convolves Relu(X * S + T) (per input channel: an inference BatchNormalization and
+// Relu before the conv, DenseNet's pre-activation); SparseConvPreRelu is Relu of that.
 //
 // Registration uses the plain C API (an OrtCustomOp struct) rather than the C++ wrappers: the
 // V2 callbacks return OrtStatus* so every validation failure becomes an ORT error status without
@@ -60,6 +62,10 @@ constexpr const char* kClipOpName = "SparseConvClip";
 // the Add and Relu cost a sparse ResNet-50 about 6% of its time at batch 1).
 constexpr const char* kAddOpName = "SparseConvAdd";
 constexpr const char* kAddReluOpName = "SparseConvAddRelu";
+// BatchNormalization + Relu before the conv (DenseNet), applied in one pass over the input inside
+// the op: as separate NCHW nodes they took 15% of a sparse DenseNet-121 at batch 1.
+constexpr const char* kPreOpName = "SparseConvPre";
+constexpr const char* kPreReluOpName = "SparseConvPreRelu";
 // Session config entry that tells the kernel the session's intra-op thread count (the C API
 // gives a kernel no other way to know it); sparsify.runtime.session sets it. With one thread the
 // kernel runs whole images in one pass instead of splitting them into tasks for other threads.
@@ -141,6 +147,8 @@ struct Kernel {
   bool clamp = false;
   // SparseConvAdd / SparseConvAddRelu: input 5 (Z) is added before the clamp.
   bool sum = false;
+  // SparseConvPre / SparseConvPreRelu: the input is Relu(X * S + T) with S, T inputs 5 and 6.
+  bool pre = false;
   float lo = 0.0f, hi = std::numeric_limits<float>::infinity();
   mutable std::atomic<int64_t> validated_cpg{-1};
   // The by-input-channel copy of constant weights (kSmall3 planes of whole vectors), built on
@@ -178,6 +186,8 @@ bool is_relu_op(const OrtCustomOp* op);
 bool is_clip_op(const OrtCustomOp* op);
 bool is_add_op(const OrtCustomOp* op);
 bool is_add_relu_op(const OrtCustomOp* op);
+bool is_pre_op(const OrtCustomOp* op);
+bool is_pre_relu_op(const OrtCustomOp* op);
 
 // A float attribute, or `fallback` when the node does not have it.
 float read_float(const OrtKernelInfo* info, const char* name, float fallback) {
@@ -195,8 +205,9 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, cons
   *kernel = nullptr;
   Kernel* k = new (std::nothrow) Kernel();
   if (k == nullptr) return g_api->CreateStatus(ORT_FAIL, "SparseConv: out of memory");
-  k->clamp = is_relu_op(op) || is_clip_op(op) || is_add_relu_op(op);
+  k->clamp = is_relu_op(op) || is_clip_op(op) || is_add_relu_op(op) || is_pre_relu_op(op);
   k->sum = is_add_op(op) || is_add_relu_op(op);
+  k->pre = is_pre_op(op) || is_pre_relu_op(op);
   if (is_clip_op(op)) {
     k->lo = read_float(info, "min", -std::numeric_limits<float>::infinity());
     k->hi = read_float(info, "max", std::numeric_limits<float>::infinity());
@@ -338,15 +349,17 @@ inline void finish(const Job& j, float* y, int64_t n) {
 
 // Tasks pad into the lowest free buffer rather than one of their own, so the few buffers in use
 // (one per running thread) stay in cache across tasks.
-int64_t claim_buffer(const Job& j) {
+int64_t claim_slot(std::atomic<bool>* busy, int64_t nslots) {
   for (;;)
-    for (int64_t s = 0; s < j.nslots; ++s) {
+    for (int64_t s = 0; s < nslots; ++s) {
       bool expected = false;
-      if (!j.busy[s].load(std::memory_order_relaxed) &&
-          j.busy[s].compare_exchange_strong(expected, true, std::memory_order_acquire))
+      if (!busy[s].load(std::memory_order_relaxed) &&
+          busy[s].compare_exchange_strong(expected, true, std::memory_order_acquire))
         return s;
     }
 }
+
+int64_t claim_buffer(const Job& j) { return claim_slot(j.busy, j.nslots); }
 
 void pad_task(void* ud, size_t i) {
   const Job& j = *static_cast<const Job*>(ud);
@@ -585,6 +598,10 @@ struct PwJob {
   float* xs;  // subsampled input of every image (strided convs), else nullptr
   int64_t npg, pix, nob;  // pixel groups per image, pixels per group, output-channel blocks
   const int64_t* bounds;
+  // Pre-activation tile buffers (nullptr: none): nslots of pack_floats, `busy` says which are in use.
+  float* packs = nullptr;
+  int64_t nslots = 0, pack_floats = 0;
+  std::atomic<bool>* busy = nullptr;
 };
 
 void pw_task(void* ud, size_t i) {
@@ -597,7 +614,10 @@ void pw_task(void* ud, size_t i) {
   a.y += n * g.Cout * hwo;
   if (a.z != nullptr) a.z += n * g.Cout * hwo;
   const int64_t p0 = pg * j.pix, p1 = p0 + j.pix < hwo ? p0 + j.pix : hwo;
+  const int64_t slot = j.packs != nullptr ? claim_slot(j.busy, j.nslots) : -1;
+  if (slot >= 0) a.pack = j.packs + slot * j.pack_floats;
   j.f->pointwise_block(a, j.bounds[b], j.bounds[b + 1], p0, p1);
+  if (slot >= 0) j.busy[slot].store(false, std::memory_order_release);
 }
 
 void subsample_task(void* ud, size_t i) {
@@ -639,7 +659,7 @@ OrtStatus* parallel_for(OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_
 // then tiles of pixels over blocks of output channels (see pointwise_block).
 OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, const KernelFns* fns,
                          const float* X, float* Y, const float* Z, const float* W, const int64_t* row_ptr,
-                         const int64_t* col_idx, const float* B, int64_t nnz) {
+                         const int64_t* col_idx, const float* B, int64_t nnz, const float* S, const float* T) {
   const int64_t hwo = g.Ho * g.Wo, VL = 64 / int64_t(sizeof(float));
   PwJob job;
   job.g = &g;
@@ -651,7 +671,7 @@ OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, 
   // it (1x1 64->2048 on 56x56: 4.2 -> 2.2 ms).
   const bool stream = g.N * g.Cout * hwo * int64_t(sizeof(float)) >= kStreamBytes;
   job.a = {X, Y, Z, W, row_ptr, col_idx, B, hwo, g.cin_per_group, g.cout_per_group, pw_tile(g, VL),
-           {k.lo, k.hi, k.clamp ? 1 : 0, stream ? 1 : 0}};
+           {k.lo, k.hi, k.clamp ? 1 : 0, stream ? 1 : 0}, S, T, nullptr};
   Scratch scratch;
   if (g.sH != 1 || g.sW != 1) {
     SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &scratch.alloc));
@@ -680,23 +700,57 @@ OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, 
   if (job.nob < 1) job.nob = 1;
   const std::vector<int64_t> bounds = block_bounds(row_ptr, g.Cout, job.nob);
   job.bounds = bounds.data();
-  return parallel_for(ctx, pw_task, g.N * job.npg * job.nob, &job);
+  // Pre-activation tiles: one buffer per running task, claimed like the padded strips' buffers.
+  Scratch packs;
+  std::unique_ptr<std::atomic<bool>[]> busy;
+  const int64_t tasks = g.N * job.npg * job.nob;
+  if (S != nullptr) {
+    job.nslots = k.threads > 0 && k.threads < tasks ? k.threads : tasks;
+    job.pack_floats = g.Cin * job.a.tile;
+    SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &packs.alloc));
+    packs.ptr = packs.alloc->Alloc(packs.alloc, size_t(job.nslots * job.pack_floats) * sizeof(float));
+    if (packs.ptr == nullptr) return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the tile buffer");
+    job.packs = static_cast<float*>(packs.ptr);
+    busy.reset(new std::atomic<bool>[size_t(job.nslots)]);
+    for (int64_t s = 0; s < job.nslots; ++s) busy[size_t(s)].store(false, std::memory_order_relaxed);
+    job.busy = busy.get();
+  }
+  return parallel_for(ctx, pw_task, tasks, &job);
+}
+
+// The pre-activation pass: `per` channel planes per task.
+struct PreJob {
+  const KernelFns* f;
+  const float* X;
+  float* out;
+  const float* S;
+  const float* T;
+  int64_t cin, hw, planes, per;
+};
+
+void pre_task(void* ud, size_t i) {
+  const PreJob& j = *static_cast<const PreJob*>(ud);
+  const int64_t end = (int64_t(i) + 1) * j.per < j.planes ? (int64_t(i) + 1) * j.per : j.planes;
+  for (int64_t q = int64_t(i) * j.per; q < end; ++q)
+    j.f->scale_shift_relu(j.X + q * j.hw, j.out + q * j.hw, j.hw, j.S[q % j.cin], j.T[q % j.cin]);
 }
 
 OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   size_t nin = 0;
   SPARSIFY_TRY(g_api->KernelContext_GetInputCount(ctx, &nin));
-  if (nin < (k.sum ? 6u : 4u))
-    return invalid(std::string("needs inputs X, W, row_ptr, col_idx") + (k.sum ? ", B, Z" : "[, B]") + "; got " +
-                   std::to_string(nin));
-  TensorView t[6];
-  const char* names[6] = {"X", "W", "row_ptr", "col_idx", "B", "Z"};
-  const ONNXTensorElementDataType types[6] = {
+  const size_t nexpect = k.sum ? 6u : k.pre ? 7u : 5u;
+  if (nin < (nexpect > 5 ? nexpect : 4u))
+    return invalid(std::string("needs inputs X, W, row_ptr, col_idx") + (k.sum ? ", B, Z" : k.pre ? ", B, S, T" : "[, B]") +
+                   "; got " + std::to_string(nin));
+  TensorView t[7];
+  const char* names[7] = {"X", "W", "row_ptr", "col_idx", "B", k.pre ? "S" : "Z", "T"};
+  const ONNXTensorElementDataType types[7] = {
       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
       ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-  const size_t ranks[6] = {4, 3, 1, 1, 1, 4};
-  for (size_t i = 0; i < (k.sum ? 6u : 5u) && i < nin; ++i) {
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  const size_t ranks[7] = {4, 3, 1, 1, 1, k.pre ? 1u : 4u, 1};
+  for (size_t i = 0; i < nexpect && i < nin; ++i) {
     const OrtValue* v = nullptr;
     SPARSIFY_TRY(g_api->KernelContext_GetInput(ctx, i, &v));
     if (v == nullptr) {
@@ -766,6 +820,16 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   SPARSIFY_TRY(g_api->GetTensorData(t[2].value, reinterpret_cast<const void**>(&row_ptr)));
   SPARSIFY_TRY(g_api->GetTensorData(t[3].value, reinterpret_cast<const void**>(&col_idx)));
   if (has_b) SPARSIFY_TRY(g_api->GetTensorData(t[4].value, reinterpret_cast<const void**>(&B)));
+  const float* S = nullptr;
+  const float* T = nullptr;
+  if (k.pre) {
+    for (size_t i = 5; i < 7; ++i)
+      if (t[i].dims[0] != g.Cin)
+        return invalid(std::string("input ") + names[i] + " has " + std::to_string(t[i].dims[0]) +
+                       " entries, expected one per input channel (" + std::to_string(g.Cin) + ")");
+    SPARSIFY_TRY(g_api->GetTensorData(t[5].value, reinterpret_cast<const void**>(&S)));
+    SPARSIFY_TRY(g_api->GetTensorData(t[6].value, reinterpret_cast<const void**>(&T)));
+  }
 
   // The index arrays: CSR over output channels, columns within the group, no duplicates.
   // Constant index initializers are checked once (per input-channel count).
@@ -825,6 +889,23 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     fns = g_narrow.load(std::memory_order_relaxed);
     fns->make_plan(g, &p);
   }
+  // The fused pre-activation: stride-1 1x1 convs apply it tile by tile (pointwise_block); other
+  // paths read Relu(X * S + T) from scratch memory written in one pass here.
+  const bool pw1 = p.kind == sparsify_conv::kPointwise && g.sH == 1 && g.sW == 1;
+  // The pre-activation: every path then reads Relu(X * S + T) from scratch memory (one pass over
+  // the input, where the separate BatchNormalization and Relu nodes took two).
+  Scratch pre_scratch;
+  if (k.pre && !pw1 && g.N * g.Cin * g.H * g.W > 0) {
+    SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &pre_scratch.alloc));
+    pre_scratch.ptr = pre_scratch.alloc->Alloc(pre_scratch.alloc, size_t(g.N * g.Cin * g.H * g.W) * sizeof(float));
+    if (pre_scratch.ptr == nullptr)
+      return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the pre-activated input buffer");
+    PreJob pj = {fns, X, static_cast<float*>(pre_scratch.ptr), S, T, g.Cin, g.H * g.W, g.N * g.Cin, 0};
+    pj.per = (16384 + pj.hw - 1) / pj.hw;
+    SPARSIFY_TRY(parallel_for(ctx, pre_task, (g.N * g.Cin + pj.per - 1) / pj.per, &pj));
+    X = pj.out;
+  }
+
   Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr, nullptr, 0, 0, 0, 0, nullptr, &k,
              Z, {k.lo, k.hi, k.clamp ? 1 : 0, 0}};
   // Work items are (image, block of output channels) or, for padded plans, (image, strip of
@@ -841,7 +922,9 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   if (nob > want) nob = want;
   if (nob > g.Cout) nob = g.Cout;
   if (nob < 1) nob = 1;
-  if (p.kind == sparsify_conv::kPointwise) return run_pointwise(k, ctx, g, fns, X, Y, Z, W, row_ptr, col_idx, B, nnz);
+  if (p.kind == sparsify_conv::kPointwise)
+    return run_pointwise(k, ctx, g, fns, X, Y, Z, W, row_ptr, col_idx, B, nnz, pw1 && k.pre ? S : nullptr,
+                         pw1 && k.pre ? T : nullptr);
   // Planes of whole vectors on the kSmall3 path go by input channel when that pays: always for
   // one-vector planes (4x4: the per-connection path spends six rotations per nine FMAs), for
   // larger ones when each input channel feeds enough connections of a block to amortise its
@@ -945,6 +1028,8 @@ const char* ORT_API_CALL relu_op_name(const OrtCustomOp*) { return kReluOpName; 
 const char* ORT_API_CALL clip_op_name(const OrtCustomOp*) { return kClipOpName; }
 const char* ORT_API_CALL add_op_name(const OrtCustomOp*) { return kAddOpName; }
 const char* ORT_API_CALL add_relu_op_name(const OrtCustomOp*) { return kAddReluOpName; }
+const char* ORT_API_CALL pre_op_name(const OrtCustomOp*) { return kPreOpName; }
+const char* ORT_API_CALL pre_relu_op_name(const OrtCustomOp*) { return kPreReluOpName; }
 const char* ORT_API_CALL op_ep(const OrtCustomOp*) { return "CPUExecutionProvider"; }
 ONNXTensorElementDataType ORT_API_CALL op_input_type(const OrtCustomOp*, size_t i) {
   return (i == 2 || i == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
@@ -952,6 +1037,7 @@ ONNXTensorElementDataType ORT_API_CALL op_input_type(const OrtCustomOp*, size_t 
 }
 size_t ORT_API_CALL op_input_count(const OrtCustomOp*) { return 5; }
 size_t ORT_API_CALL sum_op_input_count(const OrtCustomOp*) { return 6; }
+size_t ORT_API_CALL pre_op_input_count(const OrtCustomOp*) { return 7; }
 ONNXTensorElementDataType ORT_API_CALL op_output_type(const OrtCustomOp*, size_t) {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
@@ -1019,10 +1105,26 @@ const OrtCustomOp g_add_relu_op = [] {
   return op;
 }();
 
+const OrtCustomOp g_pre_op = [] {
+  OrtCustomOp op = make_op();
+  op.GetName = pre_op_name;
+  op.GetInputTypeCount = pre_op_input_count;
+  return op;
+}();
+
+const OrtCustomOp g_pre_relu_op = [] {
+  OrtCustomOp op = make_op();
+  op.GetName = pre_relu_op_name;
+  op.GetInputTypeCount = pre_op_input_count;
+  return op;
+}();
+
 bool is_relu_op(const OrtCustomOp* op) { return op == &g_relu_op; }
 bool is_clip_op(const OrtCustomOp* op) { return op == &g_clip_op; }
 bool is_add_op(const OrtCustomOp* op) { return op == &g_add_op; }
 bool is_add_relu_op(const OrtCustomOp* op) { return op == &g_add_relu_op; }
+bool is_pre_op(const OrtCustomOp* op) { return op == &g_pre_op; }
+bool is_pre_relu_op(const OrtCustomOp* op) { return op == &g_pre_relu_op; }
 
 // Every RegisterCustomOps call (one per session options that load the library) gets its own
 // domain object; ORT does not take ownership, so they live until the library is unloaded.
@@ -1064,6 +1166,8 @@ SPARSIFY_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opt
   if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_clip_op);
   if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_add_op);
   if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_add_relu_op);
+  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_pre_op);
+  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_pre_relu_op);
   if (st == nullptr) st = api->AddCustomOpDomain(options, domain);
   if (st != nullptr) {
     api->ReleaseCustomOpDomain(domain);
@@ -1085,7 +1189,8 @@ SPARSIFY_EXPORT const char* SparsifyKernelInfo(void) {
   info = std::string("api_version=") + std::to_string(ORT_API_VERSION) + ";isa=" + wide->isa +
          (wide != narrow ? std::string("+") + narrow->isa : std::string()) + ";op=" + kDomain +
          "::" + kOpName + "," + kDomain + "::" + kReluOpName + "," + kDomain + "::" + kClipOpName + "," +
-         kDomain + "::" + kAddOpName + "," + kDomain + "::" + kAddReluOpName +
+         kDomain + "::" + kAddOpName + "," + kDomain + "::" + kAddReluOpName + "," + kDomain + "::" + kPreOpName +
+         "," + kDomain + "::" + kPreReluOpName +
          ";since_version=1";
   return info.c_str();
 }

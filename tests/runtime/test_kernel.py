@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from native_models import SUM_OPS, ConvCase, dense_model, packed_feeds, random_case, sparse_model
+from native_models import PRE_OPS, SUM_OPS, ConvCase, dense_model, packed_feeds, random_case, sparse_model
 from sparsify.errors import RuntimeBackendError
 from sparsify.runtime import native
 
@@ -35,23 +35,36 @@ def run_both(case: ConvCase, x: np.ndarray, threads: int = 1) -> tuple[np.ndarra
     return sparse, dense
 
 
-OPS = ("SparseConv", "SparseConvRelu", "SparseConvClip", "SparseConvAdd", "SparseConvAddRelu")
+OPS = ("SparseConv", "SparseConvRelu", "SparseConvClip", "SparseConvAdd", "SparseConvAddRelu", "SparseConvPre",
+       "SparseConvPreRelu")
 CLIP = (-0.5, 2.0)  # the bounds the tests give SparseConvClip
 
 
+def pre_params(cin: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-input-channel scale and shift for the pre ops: mixed signs, so Relu zeroes a real share."""
+    rng = np.random.default_rng(cin)
+    return rng.uniform(-1.5, 1.5, cin).astype(np.float32), rng.uniform(-0.5, 0.5, cin).astype(np.float32)
+
+
 def run_op(case: ConvCase, x: np.ndarray, op: str, threads: int, z: np.ndarray | None = None) -> np.ndarray:
-    """The native op's output (SparseConvClip with bounds CLIP; the sum ops add z)."""
+    """The native op's output (SparseConvClip with bounds CLIP; the sum ops add z; the pre ops
+    take pre_params)."""
     attrs = dict(min=CLIP[0], max=CLIP[1]) if op == "SparseConvClip" else {}
     feeds = {"X": x, **({"Z": z} if op in SUM_OPS else {})}
-    return native.session(sparse_model(case, op_type=op, **attrs), threads).run(None, feeds)[0]
+    pre = pre_params(case.cin) if op in PRE_OPS else None
+    return native.session(sparse_model(case, op_type=op, pre=pre, **attrs), threads).run(None, feeds)[0]
 
 
 def reference(case: ConvCase, x: np.ndarray, op: str, z: np.ndarray | None = None) -> np.ndarray:
-    """What `op` computes, from ORT's own dense Conv: + z for the sum ops, then the activation."""
+    """What `op` computes, from ORT's own dense Conv: the pre-activation of x for the pre ops, + z
+    for the sum ops, then the activation."""
+    if op in PRE_OPS:
+        s, t = pre_params(case.cin)
+        x = np.maximum(x * s[None, :, None, None] + t[None, :, None, None], 0).astype(np.float32)
     y = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
     if op in SUM_OPS:
         y = y + z
-    if op in ("SparseConvRelu", "SparseConvAddRelu"):
+    if op in ("SparseConvRelu", "SparseConvAddRelu", "SparseConvPreRelu"):
         y = np.maximum(y, 0)
     if op == "SparseConvClip":
         y = np.clip(y, *CLIP)
@@ -383,7 +396,7 @@ def test_imagenet_size_shapes(cin: int, cout: int, k: int, stride: int, pad: int
     ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
     z = rng.standard_normal(ref.shape).astype(np.float32)
     for threads in (1, 2):
-        for op in ("SparseConv", "SparseConvAddRelu"):
+        for op in ("SparseConv", "SparseConvAddRelu", "SparseConvPreRelu"):
             assert_close(run_op(case, x, op, threads, z), reference(case, x, op, z))
 
 
@@ -447,3 +460,21 @@ def test_narrow_rows(monkeypatch: pytest.MonkeyPatch, isa: str, h: int, w: int, 
     x = rng.standard_normal((2, 20, h, w)).astype(np.float32)
     for threads in (1, 2):
         assert_close(*run_both(case, x, threads=threads))
+
+
+@pytest.mark.parametrize(
+    "k,stride,pad,hw,n,group",
+    [(1, 1, 0, 14, 1, 1), (1, 1, 0, 56, 2, 1), (1, 1, 0, 7, 3, 2), (1, 2, 0, 12, 2, 1), (3, 1, 1, 28, 1, 1),
+     (3, 1, 1, 7, 2, 1), (3, 1, 1, 4, 16, 1), (3, 2, 1, 17, 1, 2), (5, 1, 2, 9, 1, 1)],
+)
+@pytest.mark.parametrize("op", ["SparseConvPre", "SparseConvPreRelu"])
+def test_pre_activation_on_every_path(k: int, stride: int, pad: int, hw: int, n: int, group: int, op: str) -> None:
+    """SparseConvPre convolves Relu(X * S + T) (S, T per input channel; the padding stays zero):
+    per pixel tile on stride-1 1x1 convs, from a transformed copy on the others; 1 and 2 threads."""
+    rng = np.random.default_rng(k * 100 + hw + n)
+    case = random_case(rng, 48, 40, k, 0.3, group=group, strides=(stride, stride), pads=(pad,) * 4)
+    x = rng.standard_normal((n, 48, hw, hw)).astype(np.float32)
+    ref = reference(case, x, op)
+    assert not np.allclose(ref, reference(case, x, "SparseConvRelu" if op.endswith("Relu") else "SparseConv"))
+    for threads in (1, 2):
+        assert_close(run_op(case, x, op, threads), ref)

@@ -405,3 +405,53 @@ def test_layout_cost_keeps_layers_next_to_nchwc_convs_dense(cin: int, hidden: in
     sessions = [_session(new)] + ([native.session(new.SerializeToString(), 1)] if native.info()["loadable"] else [])
     for sess in sessions:
         np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def _dense_block(rng: np.random.Generator) -> onnx.ModelProto:
+    """A DenseNet layer and transition on 8x8 planes: concat -> BN -> Relu -> 1x1 (b) -> Relu -> 3x3 (c),
+    concat -> BN -> Relu -> 1x1 (t); and a BN -> Relu whose output is also read by a Mul (left alone)."""
+    n = helper.make_node
+    c0 = 16
+    bn = lambda name, c: [numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), f"{name}_g"),
+                          numpy_helper.from_array(rng.uniform(-0.5, 0.5, c).astype(np.float32), f"{name}_b"),
+                          numpy_helper.from_array(rng.uniform(-0.3, 0.3, c).astype(np.float32), f"{name}_m"),
+                          numpy_helper.from_array(rng.uniform(0.5, 2.0, c).astype(np.float32), f"{name}_v")]
+    nodes = [n("Conv", ["x", "wa"], ["a"], name="a", pads=[1] * 4), n("Concat", ["x", "a"], ["cat"], axis=1),
+             n("BatchNormalization", ["cat", "n1_g", "n1_b", "n1_m", "n1_v"], ["bn1"], epsilon=1e-5),
+             n("Relu", ["bn1"], ["r1"]), n("Conv", ["r1", "wb"], ["yb"], name="b"), n("Relu", ["yb"], ["rb"]),
+             n("Conv", ["rb", "wc"], ["yc"], name="c", pads=[1] * 4), n("Concat", ["cat", "yc"], ["cat2"], axis=1),
+             n("BatchNormalization", ["cat2", "n2_g", "n2_b", "n2_m", "n2_v"], ["bn2"], epsilon=1e-3),
+             n("Relu", ["bn2"], ["r2"]), n("Conv", ["r2", "wt"], ["yt"], name="t"),
+             n("BatchNormalization", ["yt", "n3_g", "n3_b", "n3_m", "n3_v"], ["bn3"]), n("Relu", ["bn3"], ["r3"]),
+             n("Conv", ["r3", "wu"], ["yu"], name="u"), n("Mul", ["r3", "r3"], ["sq"]), n("Add", ["yu", "sq"], ["out"])]
+    inits = [numpy_helper.from_array(_masked_weight(rng, c0, c0, 3, 0.3), "wa"),
+             numpy_helper.from_array(_masked_weight(rng, 32, 2 * c0, 1, 0.2), "wb"),
+             numpy_helper.from_array(_masked_weight(rng, c0, 32, 3, 0.3), "wc"),
+             numpy_helper.from_array(_masked_weight(rng, 16, 3 * c0, 1, 0.2), "wt"),
+             numpy_helper.from_array(_masked_weight(rng, 16, 16, 1, 0.2), "wu")]
+    inits += bn("n1", 2 * c0) + bn("n2", 3 * c0) + bn("n3", 16)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c0, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None] * 4)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def test_pre_activation_fused_into_the_conv_after_it() -> None:
+    """BatchNormalization -> Relu -> SparseConv becomes SparseConvPre (SparseConvPreRelu with the Relu
+    after it) where each node is the only reader of the one before; the file passes the checker and
+    computes what the dense graph does, through the function bodies and natively (1 and 2 threads)."""
+    src = _dense_block(np.random.default_rng(9))
+    new, report = convert_model(src, dense_threshold=0.6)
+    check(new)
+    ops = {nd.name: nd.op_type for nd in new.graph.node if nd.domain == DOMAIN}
+    assert ops == {"a": "SparseConv", "b": "SparseConvPreRelu", "c": "SparseConv", "t": "SparseConvPre", "u": "SparseConvAdd"}
+    assert {c.node: c.activation for c in report.choices}["b"] == "PreRelu"
+    assert sum(nd.op_type == "BatchNormalization" for nd in new.graph.node) == 1  # n3: its Relu has two readers
+    dense = ort.InferenceSession(src.SerializeToString(), providers=["CPUExecutionProvider"])
+    sessions = [ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"])]
+    if native.info()["loadable"]:
+        sessions += [native.session(new.SerializeToString(), t) for t in (1, 2)]
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 16, 8, 8)).astype(np.float32)
+        ref = dense.run(None, {"x": x})[0]
+        for sess in sessions:
+            np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
