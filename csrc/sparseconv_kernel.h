@@ -545,6 +545,24 @@ void flat_pad_channel(const Geom& g, const Plan& p, const float* __restrict x, f
     }
     return;
   }
+#if defined(__AVX512F__)
+  if (p.P == 1 && !p.align && p.Wps <= 16 && g.pl < p.Wps) {
+    // Rows of at most 16 floats (7x7 .. 14x14 planes in 8-float vectors): each padded row is one
+    // masked load from the input row at its left pad (a memset / memcpy per row cost more than
+    // the 7x7 layer's arithmetic on the narrow ISA).
+    uint32_t bits = 0;
+    for (int64_t c = 0; c < p.Wps; ++c)
+      if (c - g.pl >= 0 && c - g.pl < g.W) bits |= 1u << c;
+    const __mmask16 m = __mmask16(bits), wmask = __mmask16((1u << p.Wps) - 1u);
+    for (int64_t r = 0; r < p.Hp; ++r) {
+      const int64_t ir = r - g.pt;
+      const __m512 v = ir >= 0 && ir < g.H ? _mm512_maskz_loadu_ps(m, x + ir * g.W - g.pl) : _mm512_setzero_ps();
+      _mm512_mask_storeu_ps(xp + r * p.Wps, wmask, v);
+    }
+    std::memset(xp + p.Hp * p.Wps, 0, sizeof(float) * (p.plane - p.Hp * p.Wps));
+    return;
+  }
+#endif
   const int ncopies = p.P == 1 ? 1 : 3;
   for (int kx = 0; kx < ncopies; ++kx) {
     float* dst = xp + kx * p.kxs;
