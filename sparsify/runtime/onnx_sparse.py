@@ -297,7 +297,9 @@ def _constant_nodes(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 # Strided, >= 64 input channels (16-32 channels lost even at 0.1): 3x3/s2 to 28x28 / 14x14
 #   0.47-0.55, to 7x7 0.34-0.39; 1x1/s2 (a subsampled input) to 28x28 / 14x14 0.39-0.55, to 7x7
 #   0.29-0.37; outputs below 7x7 lose (3x3/s2 128->256 from 8x8: 1.05x at 0.1, 256->512 from 4x4:
-#   0.64x); other kernels (5x5/s2, 7x7/s2) 0.22-0.33 at 16x16 .. 32x32.
+#   0.64x); other kernels (5x5/s2, 7x7/s2) 0.22-0.33 at 16x16 .. 32x32. Stems (3 input
+#   channels: densities 1/3 or 2/3 only): 7x7/s2 3->64 on 224x224 1.65x at 1/3, 0.92x at 2/3;
+#   3x3/s2 3->32 1.51x / 0.95x; 5x5/s2 3->64 on 64x64 1.54x / 0.98x.
 THRESHOLD_3x3_S1 = ((256, 0.75), (64, 0.65), (17, 0.4), (16, 0.7), (5, 0.12), (0, 0.0))  # (min output pixels, threshold)
 THRESHOLD_3x3_2x2 = 0.45  # 2x2 output planes (the 4-pixel row of the table above would say 0)
 THRESHOLD_3x3_UNKNOWN = 0.12  # output plane unknown at export: assume no 1x1 plane
@@ -309,6 +311,8 @@ THRESHOLD_KXK = 0.5      # 5x5, 7x7 (direct path), stride 1
 # output pixels: (kernel, threshold on outputs of >= 196 pixels, threshold on smaller outputs).
 THRESHOLD_STRIDED = {3: (0.4, 0.25), 1: (0.3, 0.2)}
 THRESHOLD_STRIDED_OTHER = 0.15
+THRESHOLD_STEM = 0.5  # strided 3x3 / 5x5 / 7x7 convs with at most STEM_CIN input channels per group
+STEM_CIN = 4
 MIN_STRIDED_CIN = 64
 MIN_STRIDED_PIXELS = 49
 
@@ -328,6 +332,8 @@ def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations:
     if any(int(d) != 1 for d in dilations):
         return 0.0, "dilated conv (no fast sparse path)"
     if any(int(st) != 1 for st in strides):
+        if cin_per_group <= STEM_CIN and kh == kw and kh in (3, 5, 7) and pixels >= MIN_STRIDED_PIXELS:
+            return THRESHOLD_STEM, f"{kh}x{kw} strided stem conv ({cin_per_group} input channels) to {where} output"
         if cin_per_group < MIN_STRIDED_CIN:
             return 0.0, f"strided conv with {cin_per_group} < {MIN_STRIDED_CIN} input channels per group"
         if pixels < MIN_STRIDED_PIXELS:
