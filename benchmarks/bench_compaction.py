@@ -6,7 +6,7 @@ weights) and compacted. Prints parameters and MACs (dense-executed, from the ONN
 after, the share of channels removed, and ORT latency of both files measured side by side
 (interleaved runs, one thread, batch 1), so machine noise hits both equally.
 
-    python benchmarks/bench_compaction.py                       # all zoo models but resnet50
+    python benchmarks/bench_compaction.py                       # all zoo models but the ImageNet-size ones
     python benchmarks/bench_compaction.py --models lenet5 vgg16n --density 0.05
     python benchmarks/bench_compaction.py --run runs/vgg-sm    # a trained run directory
     python benchmarks/bench_compaction.py --momentum-epochs 2   # train each model with sparse momentum first
@@ -74,7 +74,7 @@ def _trained(name: str, args: argparse.Namespace, tmp: Path):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="*", default=None, help="zoo models (default: all but resnet50)")
+    ap.add_argument("--models", nargs="*", default=None, help="zoo models (default: all but the ImageNet-size ones)")
     ap.add_argument("--method", default="sparse-random")
     ap.add_argument("--density", type=float, default=0.05)
     ap.add_argument("--run", nargs="*", default=[], help="run directories to benchmark instead of zoo models")
@@ -103,7 +103,7 @@ def main() -> None:
                 rows.append(bench(Path(r).name, run.model, run.recipe.input_shape, tmp, args.repeats, args.threads))
                 print(rows[-1], flush=True)
         else:
-            for name in args.models or [n for n in zoo.names() if n != "resnet50"]:
+            for name in args.models or [n for n in zoo.names() if zoo.get(n).dataset != "imagenet"]:
                 if args.momentum_epochs:
                     model, shape = _trained(name, args, tmp)
                 else:

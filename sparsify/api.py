@@ -13,7 +13,7 @@ import torch.nn as nn
 from .errors import ModelLoadError, UsageError
 from .models import LoadedModel, load_model
 from .passes.base import PassResult
-from .passes.depth_multiplier import DepthMultiplierPass
+from .passes.depth_multiplier import DepthMultiplierPass, check_divisor
 from .passes.sparsity import PSNPass, SparseRandomPass, eligible_layers
 from .passes.trace import propagate_shapes, trace
 from .report import layer_report, with_ratios
@@ -34,14 +34,17 @@ class TransformResult:
 
 def _params_for(method: str, density: float | None, alpha: float | None, profile: str | None,
                 profile_params: dict[str, float] | None, allocation: str, include_linear: bool | None,
-                include_classifier: bool, rescale_init: bool = True) -> dict[str, Any]:
+                include_classifier: bool, rescale_init: bool = True, divisor: int | None = None) -> dict[str, Any]:
     """The method's parameters as stored in the recipe (only those that apply)."""
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if divisor is not None and method != "depth-multiplier":
+        raise UsageError(f"--divisor applies to --method depth-multiplier only, not {method}")
     if method == "depth-multiplier":
         if density is not None or profile is not None:
             raise UsageError("depth-multiplier takes --alpha, not --density/--profile")
-        return {"alpha": alpha}
+        divisor = check_divisor(divisor)
+        return {"alpha": alpha, **({"divisor": divisor} if divisor > 1 else {})}
     if method == "none":
         return {}
     if alpha is not None:
@@ -78,7 +81,7 @@ def _make_pass(method: str, params: dict[str, Any], seed: int):
                        include_classifier=params["include_classifier"],
                        rescale_init=params.get("rescale_init", True))
     if method == "depth-multiplier":
-        return DepthMultiplierPass(params["alpha"], seed=seed)
+        return DepthMultiplierPass(params["alpha"], seed=seed, divisor=params.get("divisor", 1))
     return None
 
 
@@ -106,14 +109,16 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
               profile_params: dict[str, float] | None = None, allocation: str = "uniform",
               include_linear: bool | None = None, include_classifier: bool = False, seed: int = 0,
               input_shape: Sequence[int] | None = None, model_args: dict[str, Any] | None = None,
-              leaf_modules: Sequence[str] = (), rescale_init: bool = True) -> TransformResult:
+              leaf_modules: Sequence[str] = (), rescale_init: bool = True,
+              divisor: int | None = None) -> TransformResult:
     """Load ``model``, trace it, apply ``method``, and report what changed.
 
-    ``model`` is ``"zoo:NAME"``, ``"file.py"``, ``"file.py:NAME"`` or an nn.Module (not replayable
-    from a run directory). Raises a SparsifyError with a one-line message on bad input.
+    ``model`` is ``"zoo:NAME"``, ``"torchvision:NAME"``, ``"file.py"``, ``"file.py:NAME"`` or an
+    nn.Module (not replayable from a run directory). ``divisor`` (depth-multiplier only) rounds every
+    scaled channel count to a multiple of it. Raises a SparsifyError with a one-line message on bad input.
     """
     params = _params_for(method, density, alpha, profile, profile_params, allocation, include_linear,
-                         include_classifier, rescale_init)
+                         include_classifier, rescale_init, divisor)
     loaded = load_model(model, model_args, seed)
     shape = _input_shape(loaded, input_shape)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
@@ -133,7 +138,7 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
 def default_out(recipe: Recipe) -> Path:
     """``runs/<model>-<method>-<param>``, e.g. runs/lenet5-sparse-random-0.1."""
     spec = recipe.model
-    name = spec[4:] if spec.startswith("zoo:") else Path(spec.rpartition(":")[0] or spec).stem
+    name = spec.partition(":")[2] if spec.startswith(("zoo:", "torchvision:")) else Path(spec.rpartition(":")[0] or spec).stem
     value = recipe.params.get("density", recipe.params.get("alpha"))
     parts = [name, recipe.method] + ([f"{value:g}"] if value is not None else [])
     return Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
@@ -171,7 +176,7 @@ def build_from_recipe(recipe: Recipe, run_dir: str | Path | None = None) -> fx.G
 def _kwargs_of(recipe: Recipe) -> dict[str, Any]:
     p = dict(recipe.params)
     keys = ("density", "alpha", "profile", "profile_params", "allocation", "include_linear", "include_classifier",
-            "rescale_init")
+            "rescale_init", "divisor")
     return {k: p[k] for k in keys if k in p}
 
 

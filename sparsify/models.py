@@ -1,4 +1,5 @@
-"""Load a model from a user's file (``file.py`` / ``file.py:NAME``) or the built-in zoo (``zoo:NAME``).
+"""Load a model from a user's file (``file.py`` / ``file.py:NAME``), the built-in zoo (``zoo:NAME``) or,
+where it is installed, torchvision (``torchvision:NAME``, random init, 224x224 input).
 
 A model file provides the model by a ``build_model()`` function, or a single ``nn.Module``
 subclass with a no-argument constructor, or the factory named after the colon. It may give its
@@ -21,6 +22,7 @@ import torch.nn as nn
 from .errors import ModelLoadError
 
 ZOO_PREFIX = "zoo:"
+TORCHVISION_PREFIX = "torchvision:"
 
 
 @dataclass
@@ -28,7 +30,7 @@ class LoadedModel:
     """A freshly built model and what is known about it."""
 
     module: nn.Module
-    spec: str                         # normalised: "zoo:NAME" or "/abs/file.py:FACTORY"
+    spec: str                         # normalised: "zoo:NAME", "torchvision:NAME" or "/abs/file.py:FACTORY"
     name: str                         # short name for default output directories
     input_shape: tuple[int, ...] | None
     num_classes: int | None
@@ -145,6 +147,8 @@ def load_model(spec: str | nn.Module, model_args: dict[str, Any] | None = None, 
             raise ModelLoadError(f"zoo:{entry.name} does not accept --model-args {model_args}: {e}") from None
         num_classes = model_args.get("num_classes", entry.num_classes)
         return LoadedModel(module, f"zoo:{entry.name}", entry.name, tuple(entry.input_shape), num_classes, None, None)
+    if spec.startswith(TORCHVISION_PREFIX):
+        return _torchvision_model(spec[len(TORCHVISION_PREFIX):], model_args)
 
     file, name = _split_spec(spec)
     path = Path(file).expanduser()
@@ -162,6 +166,23 @@ def load_model(spec: str | nn.Module, model_args: dict[str, Any] | None = None, 
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return LoadedModel(model, f"{path}:{factory_name}", path.stem, _file_input_shape(module, path),
                        getattr(module, "NUM_CLASSES", None), path, digest)
+
+
+def _torchvision_model(name: str, model_args: dict[str, Any]) -> LoadedModel:
+    """``torchvision.models.get_model(name, weights=None, **model_args)``; torchvision is imported only here."""
+    try:
+        import torchvision.models as tvm
+    except Exception as e:  # not installed, or a build that does not match this torch
+        raise ModelLoadError(f"torchvision:{name} needs torchvision, which cannot be imported here ({type(e).__name__}); "
+                             f"install the build matching torch {torch.__version__}, or use zoo:NAME (see `sparsify zoo`)") from None
+    try:
+        module = tvm.get_model(name, weights=None, **model_args)
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"torchvision:{name}({_fmt_args(model_args)}) failed: {why}; "
+                             "see torchvision.models.list_models() for the names") from None
+    return LoadedModel(module, f"{TORCHVISION_PREFIX}{name}", name, (1, 3, 224, 224),
+                       model_args.get("num_classes", 1000), None, None)
 
 
 def _fmt_args(args: dict[str, Any]) -> str:

@@ -77,11 +77,13 @@ def print_totals(report: dict[str, Any]) -> None:
 @app.command()
 @handle_errors
 def transform(
-    model: str = typer.Argument(..., help="zoo:NAME, path/to/model.py, or path/to/model.py:FACTORY"),
+    model: str = typer.Argument(..., help="zoo:NAME, torchvision:NAME, path/to/model.py, or path/to/model.py:FACTORY"),
     method: str = typer.Option("sparse-random", "--method", "-m",
                                help="sparse-random | psn | depth-multiplier | none"),
     density: Optional[float] = typer.Option(None, help="Fraction of live connections in (0, 1] (sparse-random, psn)"),
     alpha: Optional[float] = typer.Option(None, help="Channel multiplier in (0, 1] (depth-multiplier)"),
+    divisor: Optional[int] = typer.Option(None, help="Round each scaled channel count to a multiple of this, "
+                                          "MobileNet's rule (depth-multiplier; default: ceil(alpha * n))"),
     profile: Optional[str] = typer.Option(None, help="psn fan-in profile: uniform, linear, exponential, power, "
                                           "logistic, gaussian, cosine, step, lognormal, power-law"),
     profile_param: Optional[List[str]] = typer.Option(None, "--profile-param", help="NAME=VALUE, repeatable (e.g. sigma=1.5)"),
@@ -103,7 +105,7 @@ def transform(
     from ..api import transform_to_dir
 
     path, result = transform_to_dir(
-        model, method, out=out_dir, force=force, density=density, alpha=alpha, profile=profile,
+        model, method, out=out_dir, force=force, density=density, alpha=alpha, divisor=divisor, profile=profile,
         profile_params=_kv_args(profile_param), allocation=allocation, include_linear=include_linear,
         include_classifier=include_classifier, rescale_init=rescale_init, seed=seed,
         input_shape=parse_shape(input_shape),

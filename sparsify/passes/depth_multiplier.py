@@ -1,5 +1,6 @@
 """Depth multiplier (MobileNets; Changpinyo et al. 2017 sect. 3.1): every free channel group of
-size n becomes ceil(alpha * n), with freshly initialised weights.
+size n becomes ceil(alpha * n), with freshly initialised weights; with a channel ``divisor`` d > 1,
+``make_divisible(alpha * n, d)`` capped at n instead (MobileNetV2's rounding of scaled widths).
 
 The channel graph decides what may change: groups tied to the model's input or output, to an op
 it does not understand, or to a grouped conv keep their size. Concats and flattens follow their
@@ -13,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import PassError
+from ..errors import PassError, UsageError
 from .base import GraphPass, PassResult, check_fraction, set_submodule
 from .channel_graph import ChannelGraph
 
@@ -22,14 +23,43 @@ def check_alpha(alpha: float | None) -> float:
     return check_fraction(alpha, "--alpha", "0.5")
 
 
+def make_divisible(width: float, divisor: int = 8) -> int:
+    """``width`` rounded to the nearest multiple of ``divisor``, at least ``divisor`` and not below 90% of ``width``.
+
+    The rule MobileNetV2 and EfficientNet use for scaled channel counts (Sandler et al. 2018; the
+    reference implementations' ``_make_divisible``): ORT's and other runtimes' convs run fastest
+    on channel counts that fill whole SIMD vectors.
+    """
+    out = max(divisor, int(width + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * width else out
+
+
+def check_divisor(divisor: int | None) -> int:
+    """The channel divisor of the depth multiplier: a positive integer (1: plain ceil(alpha * n))."""
+    if divisor is None:
+        return 1
+    if isinstance(divisor, bool) or int(divisor) != divisor or divisor < 1:
+        raise UsageError(f"--divisor {divisor} is not a positive integer; give e.g. --divisor 8")
+    return int(divisor)
+
+
+def scaled_size(n: int, alpha: float, divisor: int = 1) -> int:
+    """The depth-multiplied size of a group of ``n`` channels: ceil(alpha * n), or with ``divisor`` > 1
+    ``make_divisible(alpha * n, divisor)`` capped at ``n`` (the multiplier never widens a group)."""
+    if divisor == 1:
+        return math.ceil(alpha * n)
+    return min(n, make_divisible(alpha * n, divisor))
+
+
 class DepthMultiplierPass(GraphPass):
-    """Scale every free channel group by ``alpha`` (rounded up)."""
+    """Scale every free channel group by ``alpha`` (rounded up, or to a multiple of ``divisor``)."""
 
     name = "depth-multiplier"
 
-    def __init__(self, alpha: float, seed: int = 0) -> None:
+    def __init__(self, alpha: float, seed: int = 0, divisor: int = 1) -> None:
         self.alpha = check_alpha(alpha)
         self.seed = seed
+        self.divisor = check_divisor(divisor)
 
     def requires(self, gm: fx.GraphModule, example: torch.Tensor) -> None:
         cg = ChannelGraph.build(gm, example)
@@ -38,7 +68,7 @@ class DepthMultiplierPass(GraphPass):
 
     def call(self, gm: fx.GraphModule, example: torch.Tensor) -> PassResult:
         cg = ChannelGraph.build(gm, example)
-        sizes = {g.id: math.ceil(self.alpha * g.size) for g in cg.free_groups()}
+        sizes = {g.id: scaled_size(g.size, self.alpha, self.divisor) for g in cg.free_groups()}
 
         def new_size(node: fx.Node) -> int:
             g = cg.group_of(node)

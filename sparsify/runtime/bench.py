@@ -554,10 +554,12 @@ def live_params(model: Any) -> int:
 
 
 def depth_equivalent(recipe: Any, target_params: int, *, run_dir: str | Path | None = None, tol: float = 0.01,
-                     max_iter: int = 14) -> tuple[Any, float, int]:
+                     max_iter: int = 14, divisor: int = 1) -> tuple[Any, float, int]:
     """Transform the recipe's model with a depth multiplier whose live parameter count matches ``target_params``.
 
     Bisection on alpha (parameter count grows with alpha); returns (model, alpha, params) of the closest found.
+    ``divisor`` > 1 rounds every channel count to a multiple of it (``DepthMultiplierPass``); the count
+    then moves in steps and the closest step is returned.
     A model file that moved since the run was made is taken from the run's own copy.
     """
     from .. import api
@@ -573,7 +575,7 @@ def depth_equivalent(recipe: Any, target_params: int, *, run_dir: str | Path | N
         res = api.transform(
             spec, method="depth-multiplier", alpha=alpha, seed=recipe.seed,
             input_shape=tuple(recipe.input_shape), model_args=dict(recipe.model_args or {}),
-            leaf_modules=tuple(recipe.leaf_modules or ()),
+            leaf_modules=tuple(recipe.leaf_modules or ()), divisor=divisor if divisor > 1 else None,
         )
         return res.model, live_params(res.model)
 
@@ -637,7 +639,7 @@ def export_variants(run_dir: str | Path, out_dir: str | Path, variants: Sequence
 def default_run_dir(model: str, method: str, value: float | None = None, root: str | Path = "runs") -> Path:
     """``runs/<model>-<method>[-<density or alpha>]``, with ``-2``, ``-3``... appended when it already exists."""
     spec = str(model)
-    name = spec[4:] if spec.startswith("zoo:") else Path(spec.split(":")[0]).stem
+    name = spec.partition(":")[2] if spec.startswith(("zoo:", "torchvision:")) else Path(spec.split(":")[0]).stem
     parts = [name or "model", method] + ([f"{value:g}"] if value is not None else [])
     base = Path(root) / re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
     path, k = base, 1

@@ -1,4 +1,5 @@
-"""The built-in model zoo: small reference CNNs and MLPs addressed as ``zoo:NAME``.
+"""The built-in model zoo addressed as ``zoo:NAME``: small reference CNNs and MLPs (MNIST, CIFAR
+size) and the ImageNet architectures people deploy, at 224x224 with torchvision's layer shapes.
 
 Every model is a plain ``nn.Module`` that ``torch.fx.symbolic_trace`` traces, is deterministic given
 ``torch.manual_seed``, and ends in its classifier (the last ``nn.Linear``). ``get(name).build(**kwargs)``
@@ -14,11 +15,13 @@ from torch import nn
 
 from sparsify.errors import ModelLoadError
 from sparsify.zoo.cifarnet import cifarnet
+from sparsify.zoo.densenet import densenet121
+from sparsify.zoo.efficientnet import efficientnet_b0
 from sparsify.zoo.inception import inception_mini
 from sparsify.zoo.lenet import lenet5
 from sparsify.zoo.mlp import lenet300_100, mlp
-from sparsify.zoo.mobilenet import mobilenetv2
-from sparsify.zoo.resnet import resnet20, resnet50
+from sparsify.zoo.mobilenet import mobilenetv2, mobilenetv2_imagenet
+from sparsify.zoo.resnet import resnet18, resnet20, resnet50
 from sparsify.zoo.vgg import vgg16n
 
 __all__ = ["ZooEntry", "get", "names"]
@@ -38,6 +41,7 @@ class ZooEntry:
 
 _MNIST = (1, 1, 28, 28)
 _CIFAR = (1, 3, 32, 32)
+_IMAGENET = (1, 3, 224, 224)
 
 _ENTRIES: dict[str, ZooEntry] = {
     e.name: e
@@ -58,8 +62,18 @@ _ENTRIES: dict[str, ZooEntry] = {
                  "MobileNetV2 width 1.0 at CIFAR size: depthwise convs, inverted residuals", "cifar10"),
         ZooEntry("inception-mini", inception_mini, _CIFAR, 10,
                  "small Inception net: stem + 3 four-branch blocks joined by concatenation", "cifar10"),
-        ZooEntry("resnet50", resnet50, (1, 3, 224, 224), 1000,
-                 "torchvision-style ResNet-50 (bottlenecks 3/4/6/3), random init; for benchmarks", "imagenet"),
+        ZooEntry("resnet18", resnet18, _IMAGENET, 1000,
+                 "ResNet-18 as torchvision's (basic blocks 2/2/2/2, 11,689,512 params), random init", "imagenet"),
+        ZooEntry("resnet50", resnet50, _IMAGENET, 1000,
+                 "ResNet-50 v1.5 as torchvision's (bottlenecks 3/4/6/3, 25,557,032 params), random init", "imagenet"),
+        ZooEntry("mobilenetv2-imagenet", mobilenetv2_imagenet, _IMAGENET, 1000,
+                 "MobileNetV2 width 1.0 as torchvision's (stride-2 stem, 3,504,872 params), random init", "imagenet"),
+        ZooEntry("efficientnet-b0", efficientnet_b0, _IMAGENET, 1000,
+                 "EfficientNet-B0 as torchvision's (MBConv + SE, SiLU, 5x5 depthwise, stochastic depth 0.2; "
+                 "5,288,548 params), random init", "imagenet"),
+        ZooEntry("densenet121", densenet121, _IMAGENET, 1000,
+                 "DenseNet-121 as torchvision's (growth 32, blocks 6/12/24/16, 7,978,856 params), random init",
+                 "imagenet"),
     )
 }
 

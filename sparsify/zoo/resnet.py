@@ -1,4 +1,5 @@
-"""ResNets: CIFAR ResNet-20 (He et al. 2016) and a torchvision-style ImageNet ResNet-50, both with 1x1-conv shortcuts."""
+"""ResNets (He et al. 2016): CIFAR ResNet-20 and ImageNet ResNet-18 / ResNet-50 with torchvision's layer shapes
+(v1.5: the bottleneck's 3x3 conv carries the stride), all with 1x1-conv projection shortcuts."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ def _shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module:
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers plus a shortcut, added before the last ReLU."""
+
+    expansion = 1
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
         super().__init__()
@@ -75,9 +78,11 @@ class CifarResNet(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ImageNet ResNet: 7x7/2 stem + 3x3/2 max-pool, four Bottleneck stages, global average pool, Linear ``fc``."""
+    """ImageNet ResNet: 7x7/2 stem + 3x3/2 max-pool, four stages of ``block`` (64/128/256/512 wide,
+    at 56/28/14/7 px for 224x224 inputs), global average pool, Linear ``fc``."""
 
-    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), num_classes: int = 1000, in_channels: int = 3) -> None:
+    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), num_classes: int = 1000, in_channels: int = 3,
+                 block: type[BasicBlock] | type[Bottleneck] = Bottleneck) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False),
@@ -90,8 +95,8 @@ class ResNet(nn.Module):
         for i, (n, w) in enumerate(zip(layers, (64, 128, 256, 512))):
             blocks: list[nn.Module] = []
             for j in range(n):
-                blocks.append(Bottleneck(ch, w, 2 if (i > 0 and j == 0) else 1))
-                ch = w * Bottleneck.expansion
+                blocks.append(block(ch, w, 2 if (i > 0 and j == 0) else 1))  # w: the block's inner width
+                ch = w * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -108,6 +113,13 @@ def resnet20(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> Ci
     return CifarResNet(20, num_classes, in_channels, width)
 
 
+def resnet18(num_classes: int = 1000, in_channels: int = 3) -> ResNet:
+    """ResNet-18 (basic blocks 2/2/2/2) for 3x224x224 inputs, torchvision's shapes (11,689,512 parameters);
+    random init, no weights."""
+    return ResNet((2, 2, 2, 2), num_classes, in_channels, BasicBlock)
+
+
 def resnet50(num_classes: int = 1000, in_channels: int = 3) -> ResNet:
-    """torchvision-style ResNet-50 (bottlenecks 3/4/6/3) for 3x224x224 inputs; random init, no weights."""
+    """ResNet-50 v1.5 (bottlenecks 3/4/6/3) for 3x224x224 inputs, torchvision's shapes (25,557,032
+    parameters); random init, no weights."""
     return ResNet((3, 4, 6, 3), num_classes, in_channels)

@@ -11,7 +11,7 @@ from sparsify import zoo
 from sparsify.nn import SparseConv2d, SparseLinear, sparse_modules
 from sparsify.rundir import load_run
 
-MODELS = [n for n in zoo.names() if n != "resnet50"]
+MODELS = [n for n in zoo.names() if zoo.get(n).dataset != "imagenet"]
 METHODS = {
     "sparse-random": dict(density=0.1),
     "psn": dict(density=0.1, profile="lognormal"),
