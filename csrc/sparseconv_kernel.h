@@ -15,7 +15,13 @@
 //  - kFlat3: 3x3 stride 1: wide rows padded to whole vectors in one copy (AVX-512 'same' convs:
 //    unshifted aligned rows, kx taps by lane rotation), narrow rows packed several per vector.
 //  - kDirect: 1x1 / 3x3 / 5x5 / 7x7, stride 1 or 2, over a zero-padded copy (stride 2 split into
-//    even/odd column phases so that every tap reads contiguous memory); kPointwise; kGeneric.
+//    even/odd column phases so that every tap reads contiguous memory).
+//  - kPointwise: 1x1 without pads (strided ones over a subsampled input): tiles of pixels whose
+//    input rows stay in L2 while every output channel streams its connections over them (an
+//    SpMM bound by the L2 bandwidth: each connection reads its input row once per tile).
+//  - kGeneric: anything else.
+// Padded paths walk strips of output rows over all output channels; planes whose padded copy
+// exceeds the cache budget pad strip by strip (the op glue, sparseconv_op.cc).
 #include <cstdint>
 #include <cstring>
 #if defined(__AVX512F__)
