@@ -588,7 +588,6 @@ void csc_task(void* ud, size_t i) {
   if (j.e.clamp || j.Z != nullptr) finish(j, y_n + blk.o_begin * hw, (blk.o_end - blk.o_begin) * hw);
 }
 
-
 // 1x1 convs: tasks are (image, group of pixel tiles, block of output channels).
 struct PwJob {
   const Geom* g;

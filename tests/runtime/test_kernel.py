@@ -478,3 +478,15 @@ def test_pre_activation_on_every_path(k: int, stride: int, pad: int, hw: int, n:
     assert not np.allclose(ref, reference(case, x, "SparseConvRelu" if op.endswith("Relu") else "SparseConv"))
     for threads in (1, 2):
         assert_close(run_op(case, x, op, threads), ref)
+
+
+def test_pre_activation_inputs_must_match_the_channels() -> None:
+    """S and T need one entry per input channel; anything else is refused in one line."""
+    rng = np.random.default_rng(4)
+    case = random_case(rng, 8, 6, 1, 0.5)
+    s, t = pre_params(8)
+    x = rng.standard_normal((1, 8, 5, 5)).astype(np.float32)
+    for pre in [(s[:7], t), (s, np.concatenate([t, t]))]:
+        with pytest.raises(RuntimeBackendError, match="one per input channel") as exc:
+            native.session(sparse_model(case, op_type="SparseConvPre", pre=pre), 1).run(None, {"X": x})
+        assert "\n" not in str(exc.value)
