@@ -312,6 +312,9 @@ constexpr int64_t kClampRun = 2048;
 constexpr int64_t kMinTaskWork = 1 << 16;
 // Bytes of padded input (all input channels) that one strip of output rows may use.
 constexpr int64_t kStripBytes = 256 * 1024;
+// Inputs of at least this many bytes are prefetched a strip ahead (smaller ones stay in cache
+// between layers; prefetching them cost 1-2% at batch 1, and gained 7-13% at batch 8 on 56x56).
+constexpr int64_t kPrefetchBytes = 4 << 20;
 // Outputs of at least this many bytes are written with non-temporal stores where the path can.
 constexpr int64_t kStreamBytes = 16 << 20;
 // Bytes of a 1x1 conv's input tile (all input channels of a group).
@@ -371,8 +374,15 @@ void pad_task(void* ud, size_t i) {
 
 // Output channels [o_begin, o_end) of one image (or one strip of rows of it, described by g and
 // p); output channel o's plane starts at y_n + o * ystride.
+// Input rows a strip task fetches into L2 while it computes (the next strip's): `chans` runs of
+// `floats` floats, `stride` floats apart.
+struct Prefetch {
+  const float* base = nullptr;
+  int64_t chans = 0, floats = 0, stride = 0;
+};
+
 void conv_channels(const Job& j, const Geom& g, const Plan& p, int64_t o_begin, int64_t o_end,
-                   const float* x_n, const float* xp_n, float* y_n, int64_t ystride) {
+                   const float* x_n, const float* xp_n, float* y_n, int64_t ystride, const Prefetch& pf = {}) {
   const int64_t kk = g.kH * g.kW;
   // The flat and direct paths walk one row block at a time over all output channels of the block
   // (the block's input rows stay in cache while every output channel reads them: walking whole
@@ -387,6 +397,13 @@ void conv_channels(const Job& j, const Geom& g, const Plan& p, int64_t o_begin, 
   for (int64_t r0 = 0; r0 < g.Ho; r0 += strip) {
     const int64_t r1 = r0 + strip < g.Ho ? r0 + strip : g.Ho;
     for (int64_t o = o_begin; o < o_end; ++o) {
+      if (pf.base != nullptr && r0 == 0) {
+        // A share of the next strip's input rows per output channel, spread over the first row block.
+        const int64_t c0 = (o - o_begin) * pf.chans / (o_end - o_begin);
+        const int64_t c1 = (o + 1 - o_begin) * pf.chans / (o_end - o_begin);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t q = 0; q < pf.floats; q += 16) __builtin_prefetch(pf.base + c * pf.stride + q, 0, 2);
+      }
       const int64_t start = j.row_ptr[o], cnt = j.row_ptr[o + 1] - start;
       const int64_t cin_base = (o / g.cout_per_group) * g.cin_per_group;
       float* y = y_n + o * ystride;
@@ -515,8 +532,19 @@ void strip_task(void* ud, size_t i) {
   float* xp = j.xp + slot * j.slot;
   const float* x_n = j.X + n * g.Cin * g.H * g.W + lo * g.W;
   for (int64_t c = 0; c < g.Cin; ++c) j.f->pad_channel(gs, ps, x_n + c * g.H * g.W, xp + c * ps.plane);
+  // The next strip of this image (or the first of the next one) pads from rows that are likely
+  // in memory, not cache, at batch 8 on 56x56 planes: fetch them into L2 now.
+  Prefetch pf;
+  const int64_t next = int64_t(i) + 1;
+  if (next < g.N * j.ns && g.N * g.Cin * g.H * g.W * int64_t(sizeof(float)) >= kPrefetchBytes) {
+    const int64_t nn = next / j.ns, nr0 = (next % j.ns) * j.rows;
+    const int64_t nr1 = nr0 + j.rows < g.Ho ? nr0 + j.rows : g.Ho;
+    int64_t nlo = 0;
+    const Geom ng = strip_geom(g, nr0, nr1, &nlo);
+    pf = {j.X + nn * g.Cin * g.H * g.W + nlo * g.W, g.Cin, ng.H * g.W, g.H * g.W};
+  }
   conv_channels(j, gs, ps, 0, g.Cout, x_n, xp, j.Y + n * g.Cout * g.Ho * g.Wo + r0 * g.Wo,
-                g.Ho * g.Wo);
+                g.Ho * g.Wo, pf);
   j.busy[slot].store(false, std::memory_order_release);
 }
 
