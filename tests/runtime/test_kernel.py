@@ -490,3 +490,18 @@ def test_pre_activation_inputs_must_match_the_channels() -> None:
         with pytest.raises(RuntimeBackendError, match="one per input channel") as exc:
             native.session(sparse_model(case, op_type="SparseConvPre", pre=pre), 1).run(None, {"X": x})
         assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("k,stride", [(3, 1), (3, 2)])
+def test_large_inputs_in_strips(k: int, stride: int) -> None:
+    """Inputs of 4 MB and more go strip by strip with the next strip's rows prefetched: same values
+    on 1 and 2 threads, plain and with the sum input and Relu."""
+    rng = np.random.default_rng(k + stride)
+    case = random_case(rng, 64, 32, k, 0.15, strides=(stride, stride), pads=(1,) * 4)
+    x = rng.standard_normal((4, 64, 64, 64)).astype(np.float32)
+    assert x.nbytes >= 4 << 20
+    ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+    z = rng.standard_normal(ref.shape).astype(np.float32)
+    for threads in (1, 2):
+        for op in ("SparseConv", "SparseConvAddRelu"):
+            assert_close(run_op(case, x, op, threads, z), reference(case, x, op, z))
