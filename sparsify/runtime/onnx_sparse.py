@@ -8,7 +8,8 @@ pass work for any ONNX file with channel-sparse Conv weights, whichever tool wro
 The rewrite packs a Conv weight ``[Cout, Cin/g, kh, kw]`` into CSR over output channels (one entry
 per live kh x kw block) and adds a model-local FunctionProto that rebuilds the dense weight with
 ScatterElements and calls Conv. Runtimes without the native kernel run that body; ONNX Runtime
-constant-folds the rebuilt weight, so the body runs at dense-Conv speed, never slower.
+constant-folds the rebuilt weight, so the body runs at dense-Conv speed, never slower. Fused
+variants (activation, residual sum input, pre-activation) have bodies of the same standard ops.
 """
 from __future__ import annotations
 
@@ -396,7 +397,11 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
     A Conv is rewritten when its weight is a constant 4-D float tensor, it has no ``auto_pad``,
     and its live-connection density is below the layer's threshold: ``sparse_threshold`` (measured
     per kernel, stride and plane size) by default, or ``dense_threshold`` for every layer when
-    given; ``decide`` (autotune) may then still keep it dense. Every other node is left alone.
+    given; ``decide`` (autotune) may then still keep it dense. With the default rule a layer also
+    stays dense where the NCHWc reorders around it would cost more than it saves (``_layout_pass``).
+    Then what ORT would fuse into its own Conv is fused into the SparseConv: a BatchNormalization +
+    Relu before it (SparseConvPre), the residual Add after it (SparseConvAdd), a Relu / constant Clip
+    (SparseConvRelu, SparseConvClip, SparseConvAddRelu, SparseConvPreRelu). Other nodes are left alone.
     """
     if dense_threshold is not None and not 0.0 <= dense_threshold <= 1.0:
         raise ExportError(f"dense threshold {dense_threshold} is outside [0, 1]; pass e.g. 0.6")
