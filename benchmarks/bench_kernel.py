@@ -1,19 +1,24 @@
 """Per-layer benchmark of the native ai.sparsify::SparseConv kernel against ONNX Runtime's Conv.
 
-For each 3x3 / stride 1 / pad 1 layer (C in = C out) it times, interleaved in one run (rounds of
-bursts, medians of single runs; ORT's default spinning workers, left to go idle between bursts:
+Two layer sets: CIFAR-size 3x3 stride-1 convs (Cin = Cout, the original table) and the layers of a
+ResNet at 224x224 (3x3 stride 1 on 56x56 down to 7x7, 1x1 expand / reduce convs, 3x3/s2 and
+1x1/s2 downsampling). For each layer it times, interleaved in one run (rounds of bursts, medians of
+single runs; ORT's default spinning workers, left to go idle between bursts:
 sparsify.runtime.bench.time_bursts), three sessions on the same machine state:
   dense   ORT Conv with the masked dense weight (what the sparse model costs without the kernel),
-  sparse  the native SparseConv with random channel masks of exactly round(d * C) inputs per output,
-  dm      ORT Conv with the same live parameter count by depth multiplication (C*sqrt(d) in and out).
+  sparse  the native SparseConv with random channel masks of exactly round(d * Cin) inputs per output,
+  dm      ORT Conv with the same live parameter count by depth multiplication (Cin and Cout times
+          sqrt(d), rounded to multiples of 8).
 and prints speed-up vs dense, the ideal 1/d, the fraction of ideal reached, sparse/dm latency, and
 "export": the speed-up of what the exporter writes for that layer (its per-layer rule,
 sparsify.runtime.onnx_sparse.sparse_threshold, keeps a plain Conv above the layer's threshold: 1.00x).
 It also sweeps density to find where the sparse kernel stops beating dense Conv (the crossover),
 the measurements behind that rule.
 
-    python benchmarks/bench_kernel.py            # full table (a few minutes on 2 cores)
-    python benchmarks/bench_kernel.py --quick    # CI smoke: fewer shapes and repetitions
+    python benchmarks/bench_kernel.py                    # both sets (long on 2 cores)
+    python benchmarks/bench_kernel.py --set large --threads 1 --no-sweep --cpu-clock
+    python benchmarks/bench_kernel.py --only 1x1 --densities 0.1
+    python benchmarks/bench_kernel.py --quick            # CI smoke: fewer shapes and repetitions
     python benchmarks/bench_kernel.py --json out.json
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +39,45 @@ from sparsify.runtime import native
 from sparsify.runtime.bench import SPIN_SETTLE_S, time_bursts
 from sparsify.runtime.onnx_sparse import sparse_threshold
 
-SHAPES = [(64, 32), (128, 16), (256, 8), (256, 28), (512, 4)]  # (C, H=W)
-QUICK_SHAPES = [(64, 32), (256, 8)]
+@dataclass(frozen=True)
+class Layer:
+    """One convolution: cin -> cout channels, k x k kernel, stride, pad k // 2, input plane hw x hw."""
+
+    cin: int
+    cout: int
+    k: int = 3
+    stride: int = 1
+    hw: int = 32
+
+    @property
+    def pad(self) -> int:
+        return self.k // 2
+
+    @property
+    def out_hw(self) -> int:
+        return (self.hw + 2 * self.pad - self.k) // self.stride + 1
+
+    @property
+    def label(self) -> str:
+        kind = f"{self.k}x{self.k}" + (f"/s{self.stride}" if self.stride != 1 else "")
+        chans = f"{self.cin}" if self.cin == self.cout else f"{self.cin}->{self.cout}"
+        return f"{kind} {chans}@{self.hw}"
+
+
+# CIFAR-size 3x3 stride-1 layers (Cin = Cout): the README's original per-layer table, kept as a
+# regression check.
+SMALL = [Layer(64, 64, hw=32), Layer(128, 128, hw=16), Layer(256, 256, hw=8), Layer(256, 256, hw=28),
+         Layer(512, 512, hw=4)]
+# ImageNet-size (224x224 input) layers: ResNet's 3x3 stride-1 convs per stage, its 1x1 expand /
+# reduce convs on 56x56 down to 7x7, and its downsampling convs (3x3/s2 in the bottleneck,
+# 1x1/s2 on the shortcut).
+LARGE = [Layer(64, 64, hw=56), Layer(128, 128, hw=28), Layer(256, 256, hw=14), Layer(512, 512, hw=7),
+         Layer(64, 256, 1, hw=56), Layer(256, 64, 1, hw=56), Layer(128, 512, 1, hw=28), Layer(512, 128, 1, hw=28),
+         Layer(256, 1024, 1, hw=14), Layer(1024, 256, 1, hw=14), Layer(512, 2048, 1, hw=7), Layer(2048, 512, 1, hw=7),
+         Layer(128, 128, 3, 2, 56), Layer(256, 256, 3, 2, 28), Layer(512, 512, 3, 2, 14),
+         Layer(256, 512, 1, 2, 56), Layer(512, 1024, 1, 2, 28), Layer(1024, 2048, 1, 2, 14)]
+SETS = {"small": (SMALL, (1, 16)), "large": (LARGE, (1, 8))}  # layers and default batch sizes
+QUICK = [SMALL[0], SMALL[2], LARGE[5], LARGE[13]]
 DENSITIES = (0.1, 0.5)
 SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -52,16 +95,16 @@ def _model(nodes, inits, cin: int) -> bytes:
     return model.SerializeToString()
 
 
-def _attrs() -> dict:
-    return dict(strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1], group=1)
+def _attrs(lay: Layer) -> dict:
+    return dict(strides=[lay.stride] * 2, pads=[lay.pad] * 4, dilations=[1, 1], group=1)
 
 
-def dense_conv(weight: np.ndarray, bias: np.ndarray) -> bytes:
-    node = helper.make_node("Conv", ["X", "Wd", "B"], ["Y"], kernel_shape=[3, 3], **_attrs())
+def dense_conv(weight: np.ndarray, bias: np.ndarray, lay: Layer) -> bytes:
+    node = helper.make_node("Conv", ["X", "Wd", "B"], ["Y"], kernel_shape=[lay.k, lay.k], **_attrs(lay))
     return _model([node], {"Wd": weight, "B": bias}, weight.shape[1])
 
 
-def sparse_conv(weight: np.ndarray, mask: np.ndarray, bias: np.ndarray) -> bytes:
+def sparse_conv(weight: np.ndarray, mask: np.ndarray, bias: np.ndarray, lay: Layer) -> bytes:
     rows, cols = np.nonzero(mask)
     inits = {
         "W": np.ascontiguousarray(weight[rows, cols], np.float32),
@@ -69,18 +112,26 @@ def sparse_conv(weight: np.ndarray, mask: np.ndarray, bias: np.ndarray) -> bytes
         "col_idx": cols.astype(np.int64),
         "B": bias,
     }
-    node = helper.make_node("SparseConv", ["X", "W", "row_ptr", "col_idx", "B"], ["Y"], domain="ai.sparsify", **_attrs())
+    node = helper.make_node("SparseConv", ["X", "W", "row_ptr", "col_idx", "B"], ["Y"], domain="ai.sparsify",
+                            **_attrs(lay))
     return _model([node], inits, weight.shape[1])
 
 
-def layer(c: int, d: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random weight, a channel mask with exactly round(d*c) live inputs per output, bias."""
-    live = max(1, round(d * c))
-    mask = np.zeros((c, c), bool)
-    for o in range(c):
-        mask[o, rng.choice(c, live, replace=False)] = True
-    weight = rng.standard_normal((c, c, 3, 3)).astype(np.float32) * mask[:, :, None, None]
-    return weight, mask, rng.standard_normal(c).astype(np.float32)
+def layer(lay: Layer, d: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random weight, a channel mask with exactly round(d*cin) live inputs per output, bias."""
+    live = max(1, round(d * lay.cin))
+    mask = np.zeros((lay.cout, lay.cin), bool)
+    for o in range(lay.cout):
+        mask[o, rng.choice(lay.cin, live, replace=False)] = True
+    weight = rng.standard_normal((lay.cout, lay.cin, lay.k, lay.k)).astype(np.float32) * mask[:, :, None, None]
+    return weight, mask, rng.standard_normal(lay.cout).astype(np.float32)
+
+
+def dm_channels(c: int, d: float) -> int:
+    """Channels of the depth-multiplied layer with the same live parameters: c * sqrt(d), rounded
+    to a multiple of 8 (ORT's Conv is slower on unaligned counts) when c is."""
+    x = c * math.sqrt(d)
+    return max(8, 8 * round(x / 8)) if c % 8 == 0 else max(1, round(x))
 
 
 def time_interleaved(sessions: dict, feeds: dict, reps: int, min_sample_s: float, threads: int,
@@ -92,34 +143,41 @@ def time_interleaved(sessions: dict, feeds: dict, reps: int, min_sample_s: float
     return {name: statistics.median(s) for name, s in zip(sessions, samples)}
 
 
-def bench_layer(c: int, hw: int, n: int, threads: int, d: float, reps: int, min_sample_s: float,
+def rule_threshold(lay: Layer) -> float:
+    """The density below which the exporter writes this layer as SparseConv."""
+    return sparse_threshold((lay.k, lay.k), (lay.stride,) * 2, (1, 1), lay.cin, (lay.out_hw, lay.out_hw))[0]
+
+
+def bench_layer(lay: Layer, n: int, threads: int, d: float, reps: int, min_sample_s: float,
                 rng: np.random.Generator, with_dm: bool = True, cpu_clock: bool = False) -> dict:
-    weight, mask, bias = layer(c, d, rng)
-    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    weight, mask, bias = layer(lay, d, rng)
+    x = rng.standard_normal((n, lay.cin, lay.hw, lay.hw)).astype(np.float32)
     sessions = {
-        "dense": native.session(dense_conv(weight, bias), threads, native=False),
-        "sparse": native.session(sparse_conv(weight, mask, bias), threads),
+        "dense": native.session(dense_conv(weight, bias, lay), threads, native=False),
+        "sparse": native.session(sparse_conv(weight, mask, bias, lay), threads),
     }
     feeds = {"dense": {"X": x}, "sparse": {"X": x}}
-    cdm = max(1, round(c * math.sqrt(d)))
+    cin_dm, cout_dm = dm_channels(lay.cin, d), dm_channels(lay.cout, d)
     if with_dm:
-        wdm = rng.standard_normal((cdm, cdm, 3, 3)).astype(np.float32)
-        sessions["dm"] = native.session(dense_conv(wdm, bias[:cdm].copy()), threads, native=False)
-        feeds["dm"] = {"X": rng.standard_normal((n, cdm, hw, hw)).astype(np.float32)}
+        wdm = rng.standard_normal((cout_dm, cin_dm, lay.k, lay.k)).astype(np.float32)
+        bdm = rng.standard_normal(cout_dm).astype(np.float32)
+        sessions["dm"] = native.session(dense_conv(wdm, bdm, lay), threads, native=False)
+        feeds["dm"] = {"X": rng.standard_normal((n, cin_dm, lay.hw, lay.hw)).astype(np.float32)}
     y_s = sessions["sparse"].run(None, feeds["sparse"])[0]
     y_d = sessions["dense"].run(None, feeds["dense"])[0]
     err = float(np.abs(y_s - y_d).max() / max(1.0, float(np.abs(y_d).max())))
     if err > 1e-4:
-        raise SystemExit(f"SparseConv disagrees with dense Conv at C={c} HW={hw} d={d}: rel err {err:.2e}")
+        raise SystemExit(f"SparseConv disagrees with dense Conv at {lay.label} d={d}: rel err {err:.2e}")
     # With one intra-op thread ORT runs the node on the calling thread, so that thread's CPU time
     # measures the kernels without the time other processes take on a shared machine.
     clock = time.thread_time if (cpu_clock and threads == 1) else time.perf_counter
     t = time_interleaved(sessions, feeds, reps, min_sample_s, threads, clock)
-    row = {"C": c, "HW": hw, "N": n, "threads": threads, "density": d, "dm_channels": cdm,
+    row = {"layer": lay.label, "cin": lay.cin, "cout": lay.cout, "k": lay.k, "stride": lay.stride, "HW": lay.hw,
+           "N": n, "threads": threads, "density": d, "dm_channels": [cin_dm, cout_dm],
            "dense_ms": t["dense"] * 1e3, "sparse_ms": t["sparse"] * 1e3,
            "speedup": t["dense"] / t["sparse"], "ideal": 1.0 / d}
     row["frac_ideal"] = row["speedup"] / row["ideal"]
-    row["rule_threshold"] = sparse_threshold((3, 3), (1, 1), (1, 1), c, (hw, hw))[0]
+    row["rule_threshold"] = rule_threshold(lay)
     row["export_speedup"] = row["speedup"] if d < row["rule_threshold"] else 1.0
     if with_dm:
         row["dm_ms"] = t["dm"] * 1e3
@@ -127,12 +185,12 @@ def bench_layer(c: int, hw: int, n: int, threads: int, d: float, reps: int, min_
     return row
 
 
-def crossover(c: int, hw: int, n: int, threads: int, reps: int, min_sample_s: float,
+def crossover(lay: Layer, n: int, threads: int, reps: int, min_sample_s: float,
               rng: np.random.Generator, cpu_clock: bool = False) -> dict:
     """Speed-up over the density sweep; the crossover is where it falls to 1 (interpolated)."""
     pts = []
     for d in SWEEP:
-        r = bench_layer(c, hw, n, threads, d, reps, min_sample_s, rng, with_dm=False, cpu_clock=cpu_clock)
+        r = bench_layer(lay, n, threads, d, reps, min_sample_s, rng, with_dm=False, cpu_clock=cpu_clock)
         pts.append((d, r["speedup"]))
     cross = None
     for (d0, s0), (d1, s1) in zip(pts, pts[1:]):
@@ -141,16 +199,21 @@ def crossover(c: int, hw: int, n: int, threads: int, reps: int, min_sample_s: fl
             break
     if cross is None:
         cross = 1.0 if pts[-1][1] >= 1.0 else pts[0][0]
-    return {"C": c, "HW": hw, "N": n, "threads": threads, "sweep": pts, "crossover": cross}
+    return {"layer": lay.label, "N": n, "threads": threads, "sweep": pts, "crossover": cross}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (CI smoke)")
+    ap.add_argument("--set", choices=["small", "large", "all"], default="all",
+                    help="layer set: small (CIFAR-size 3x3), large (224x224 ResNet shapes), all (default)")
+    ap.add_argument("--only", default=None, help="only layers whose label contains one of these comma-separated strings")
+    ap.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES), help="densities (default 0.1 0.5)")
     ap.add_argument("--reps", type=int, default=None, help="timed samples per session (default 11, quick 3)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the crossover density sweep")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts (default 1 2)")
-    ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 16, quick 1)")
+    ap.add_argument("--batches", type=int, nargs="+", default=None,
+                    help="batch sizes (default: 1 16 for the small set, 1 8 for the large one; quick 1)")
     ap.add_argument("--cpu-clock", action="store_true",
                     help="time 1-thread runs by the thread's CPU time (robust on a busy machine); others by wall clock")
     ap.add_argument("--json", type=Path, default=None, help="write all measurements to this file")
@@ -162,8 +225,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reps = args.reps or (3 if args.quick else 11)
     min_sample_s = 0.002 if args.quick else 0.01
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    batches = tuple(args.batches or ((1,) if args.quick else (1, 16)))
+    plan: list[tuple[Layer, tuple[int, ...]]] = []
+    for name in (("small", "large") if args.set == "all" else (args.set,)):
+        layers, default_batches = SETS[name]
+        for lay in layers:
+            if args.quick and lay not in QUICK:
+                continue
+            if args.only and not any(part in lay.label for part in args.only.split(",")):
+                continue
+            plan.append((lay, tuple(args.batches or ((1,) if args.quick else default_batches))))
     threads_list = tuple(args.threads)
     rng = np.random.default_rng(0)
     clock_name = "thread CPU time for 1 thread, wall clock otherwise" if args.cpu_clock else "wall clock"
@@ -171,50 +241,47 @@ def main(argv: list[str] | None = None) -> int:
           f"(medians, interleaved; {clock_name})")
 
     rows = []
-    hdr = (f"{'layer':>10} {'N':>3} {'thr':>3} {'d':>4} | {'dense ms':>9} {'sparse ms':>9} {'dm ms':>8} | "
+    hdr = (f"{'layer':>20} {'N':>3} {'thr':>3} {'d':>4} | {'dense ms':>9} {'sparse ms':>9} {'dm ms':>8} | "
            f"{'speedup':>7} {'ideal':>5} {'%ideal':>6} {'sp/dm':>6} {'export':>7}")
     print(hdr)
     print("-" * len(hdr))
-    for c, hw in shapes:
+    for lay, batches in plan:
         for n in batches:
             for thr in threads_list:
-                for d in DENSITIES:
-                    r = bench_layer(c, hw, n, thr, d, reps, min_sample_s, rng, cpu_clock=args.cpu_clock)
+                for d in args.densities:
+                    r = bench_layer(lay, n, thr, d, reps, min_sample_s, rng, cpu_clock=args.cpu_clock)
                     rows.append(r)
-                    print(f"{c:>4}@{hw:>2}x{hw:<2} {n:>3} {thr:>3} {d:>4.1f} | {r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} "
+                    print(f"{lay.label:>20} {n:>3} {thr:>3} {d:>4.2f} | {r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} "
                           f"{r['dm_ms']:>8.3f} | {r['speedup']:>6.2f}x {r['ideal']:>5.1f} {100 * r['frac_ideal']:>5.0f}% "
                           f"{r['sparse_over_dm']:>6.2f} {r['export_speedup']:>6.2f}x", flush=True)
 
     scaling = []
-    for c, hw in shapes:
-        for d in DENSITIES:
-            one = [r for r in rows if (r["C"], r["HW"], r["density"], r["threads"]) == (c, hw, d, 1) and r["N"] == max(batches)]
-            two = [r for r in rows if (r["C"], r["HW"], r["density"], r["threads"]) == (c, hw, d, 2) and r["N"] == max(batches)]
+    for lay, batches in plan:
+        for d in args.densities:
+            sel = [r for r in rows if r["layer"] == lay.label and r["density"] == d and r["N"] == max(batches)]
+            one = [r for r in sel if r["threads"] == 1]
+            two = [r for r in sel if r["threads"] == 2]
             if one and two:
-                scaling.append({"C": c, "HW": hw, "N": max(batches), "density": d,
+                scaling.append({"layer": lay.label, "N": max(batches), "density": d,
                                 "sparse_2t_speedup": one[0]["sparse_ms"] / two[0]["sparse_ms"],
                                 "dense_2t_speedup": one[0]["dense_ms"] / two[0]["dense_ms"]})
-    print(f"\nthread scaling at batch {max(batches)} (time 1 thread / time 2 threads):")
+    if scaling:
+        print("\nthread scaling at the largest batch (time 1 thread / time 2 threads):")
     for s in scaling:
-        print(f"  {s['C']:>4}@{s['HW']}x{s['HW']} d={s['density']:.1f}: sparse {s['sparse_2t_speedup']:.2f}x, "
+        print(f"  {s['layer']:>20} N={s['N']} d={s['density']:.2f}: sparse {s['sparse_2t_speedup']:.2f}x, "
               f"dense {s['dense_2t_speedup']:.2f}x")
 
     crossovers = []
+    threshold = None
     if not args.no_sweep:
         print("\ncrossover density (sparse no longer faster than dense Conv), batch 1, 1 thread:")
-        for c, hw in shapes:
-            cr = crossover(c, hw, 1, 1, max(3, reps // 2), min_sample_s, rng, cpu_clock=args.cpu_clock)
+        for lay, _ in plan:
+            cr = crossover(lay, 1, 1, max(3, reps // 2), min_sample_s, rng, cpu_clock=args.cpu_clock)
             crossovers.append(cr)
             sweep = " ".join(f"{d:.1f}:{s:.2f}x" for d, s in cr["sweep"])
-            print(f"  {c:>4}@{hw}x{hw}: crossover d={cr['crossover']:.2f}   [{sweep}]", flush=True)
-        for cr in crossovers:
-            thr = sparse_threshold((3, 3), (1, 1), (1, 1), cr["C"], (cr["HW"], cr["HW"]))[0]
-            print(f"  exporter rule for {cr['C']}@{cr['HW']}x{cr['HW']}: sparse below d={thr:.2f} "
-                  f"(measured crossover {cr['crossover']:.2f})")
-        threshold = {f"{cr['C']}@{cr['HW']}": sparse_threshold((3, 3), (1, 1), (1, 1), cr["C"], (cr["HW"], cr["HW"]))[0]
-                     for cr in crossovers}
-    else:
-        threshold = None
+            print(f"  {lay.label:>20}: crossover d={cr['crossover']:.2f}, exporter rule: sparse below "
+                  f"d={rule_threshold(lay):.2f}   [{sweep}]", flush=True)
+        threshold = {lay.label: rule_threshold(lay) for lay, _ in plan}
 
     if args.json:
         args.json.write_text(json.dumps({"info": inf, "rows": rows, "thread_scaling": scaling,

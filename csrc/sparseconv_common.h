@@ -21,7 +21,7 @@ struct Geom {
 
 // How a kernel computes: chosen per call by the ISA's make_plan().
 enum PlanKind : int32_t {
-  kPointwise = 0,  // 1x1, stride 1, no pads: reads X directly, no padded copy
+  kPointwise = 0,  // 1x1, no pads: reads X (or its subsampled copy for strides > 1), no padded copy
   kDirect = 1,     // kxk (k in 1,3,5,7), stride 1 or 2, dilation 1: register-blocked, padded copy
   kGeneric = 2,    // anything else: simple loops over a padded copy
   kFlat3 = 3,      // 3x3, stride 1, dilation 1: output plane as flat vectors (see kernel.h)
@@ -41,7 +41,8 @@ struct Plan {
   int64_t plane;        // floats per padded input channel (all phases)
   // kFlat3 only: P output rows per vector (1, or VL/ws for narrow planes), ws floats per flat
   // output row, nvr vectors per output row (P == 1), kxs floats between the kx-shifted input
-  // copies (1 when a single padded copy is read at kx offsets), strip output rows per cache tile.
+  // copies (1 when a single padded copy is read at kx offsets). kFlat3 and kDirect: strip output
+  // rows per cache tile.
   int32_t P, nvr;
   int32_t align;  // rows of exactly ws floats, unshifted; kx shifts by lane rotation (AVX-512)
   int64_t ws, kxs, strip;
@@ -61,10 +62,41 @@ struct CscBlock {
   const float* w;
 };
 
+// What happens to an output vector after its convolution sum: + z (the fused residual input, same
+// shape and offsets as the output; nullptr: none), then clamped to [lo, hi] when clamp is set.
+// stream: the output may be written with non-temporal stores (it is too large to stay in cache
+// for the next layer; the kernel uses them only where its rows are aligned vectors).
+struct Epilogue {
+  float lo, hi;
+  int32_t clamp;
+  int32_t stream;
+};
+
+// One image's 1x1 convolution for pointwise_block: x [Cin, HW] (already subsampled when
+// strided), y and z [Cout, HW]; CSR connections over output channels; pixel tiles of `tile`
+// floats (a multiple of the vector length).
+// With S and T (the fused pre-activation, [Cin]) the kernel first writes each tile's rows of the
+// input channels it reads, as Relu(x * S + T), into `pack` (rows of `tile` floats, one per input
+// channel of the block's groups).
+struct PwArgs {
+  const float* x;
+  float* y;
+  const float* z;
+  const float* w;
+  const int64_t* row_ptr;
+  const int64_t* col_idx;
+  const float* bias;
+  int64_t HW, cin_per_group, cout_per_group, tile;
+  Epilogue e;
+  const float* S;
+  const float* T;
+  float* pack;
+};
+
 // One ISA's entry points. make_plan fills a Plan; pad_channel writes one input channel's padded
 // copy (layout described by the plan); compute_channel writes output rows [row0, row1) of one
-// output channel's plane (row ranges other than the whole plane only for kFlat3, at multiples
-// of p.strip).
+// output channel's plane (row ranges other than the whole plane only for kFlat3 and kDirect, at
+// multiples of p.strip).
 struct KernelFns {
   const char* isa;
   void (*make_plan)(const Geom& g, Plan* p);
@@ -77,8 +109,16 @@ struct KernelFns {
   // (see csc3_block in kernel.h).
   void (*csc_block)(const Geom& g, const Plan& p, const float* x_n, float* y_n, const float* bias,
                     const CscBlock& b);
-  // y[i] = min(max(y[i], lo), hi) over n floats, NaN kept (the fused Relu / Clip epilogue).
-  void (*clamp)(float* y, int64_t n, float lo, float hi);
+  // y[i] = y[i] + z[i] (z may be nullptr: no sum), then min(max(y[i], lo), hi) when e.clamp,
+  // over n floats, NaN kept (the fused residual Add and Relu / Clip).
+  void (*epilogue)(float* y, const float* z, int64_t n, const Epilogue& e);
+  // 1x1 convs: output channels [o0, o1) over pixels [p0, p1) (p0 a multiple of the tile).
+  void (*pointwise_block)(const PwArgs& a, int64_t o0, int64_t o1, int64_t p0, int64_t p1);
+  // xs [C, Ho, Wo] = x [C, H, W] sampled every sH rows and sW columns from (0, 0).
+  void (*subsample)(const float* x, float* xs, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                    int64_t sH, int64_t sW);
+  // y[i] = max(x[i] * s + t, 0) over n floats, NaN kept (the fused input BatchNormalization + Relu).
+  void (*scale_shift_relu)(const float* x, float* y, int64_t n, float s, float t);
 };
 
 const KernelFns* base_kernels();

@@ -1,10 +1,14 @@
-// ONNX Runtime custom-op library: ai.sparsify::SparseConv, SparseConvRelu and SparseConvClip
-// (since version 1), fp32 on CPU.
+// ONNX Runtime custom-op library: ai.sparsify::SparseConv, SparseConvRelu, SparseConvClip,
+// SparseConvAdd and SparseConvAddRelu (since version 1), fp32 on CPU.
 //
 // Contract (the function bodies in sparsify/runtime/onnx_sparse.py say the same in ONNX):
 // Y = Conv(X, dense(W, row_ptr, col_idx), B) with ONNX Conv attributes strides/pads/dilations/
 // group, where dense[o, col_idx[k]] = W[k] for the k of row o; SparseConvRelu is Relu of that,
 // SparseConvClip is Clip(that, min, max) with float attributes min / max (default -inf / +inf).
+// SparseConvAdd takes a sixth input Z of Y's shape (the residual branch) and is Conv(...) + Z;
+// SparseConvAddRelu is Relu(Conv(...) + Z). SparseConvPre takes inputs S and T ([Cin], sixth and
+// seventh) and convolves Relu(X * S + T) (per input channel: an inference BatchNormalization and
+// Relu before the conv, DenseNet's pre-activation); SparseConvPreRelu is Relu of that.
 //
 // Registration uses the plain C API (an OrtCustomOp struct) rather than the C++ wrappers: the
 // V2 callbacks return OrtStatus* so every validation failure becomes an ORT error status without
@@ -53,6 +57,15 @@ constexpr const char* kOpName = "SparseConv";
 constexpr const char* kReluOpName = "SparseConvRelu";
 // SparseConv followed by Clip with constant bounds (ReLU6 in MobileNets), fused the same way.
 constexpr const char* kClipOpName = "SparseConvClip";
+// SparseConv followed by the residual Add (+ Relu): the sum input Z is added to each output vector
+// while it is still in cache (ORT's own FusedConv has the same optional Z input; as separate nodes
+// the Add and Relu cost a sparse ResNet-50 about 6% of its time at batch 1).
+constexpr const char* kAddOpName = "SparseConvAdd";
+constexpr const char* kAddReluOpName = "SparseConvAddRelu";
+// BatchNormalization + Relu before the conv (DenseNet), applied in one pass over the input inside
+// the op: as separate NCHW nodes they took 15% of a sparse DenseNet-121 at batch 1.
+constexpr const char* kPreOpName = "SparseConvPre";
+constexpr const char* kPreReluOpName = "SparseConvPreRelu";
 // Session config entry that tells the kernel the session's intra-op thread count (the C API
 // gives a kernel no other way to know it); sparsify.runtime.session sets it. With one thread the
 // kernel runs whole images in one pass instead of splitting them into tasks for other threads.
@@ -130,8 +143,12 @@ struct Kernel {
   const void* const_w = nullptr;
   // The session's intra-op thread count when its options say it (kThreadsKey; 0: unknown).
   int64_t threads = 0;
-  // SparseConvRelu / SparseConvClip: every output clamped to [lo, hi].
+  // SparseConvRelu / SparseConvClip / SparseConvAddRelu: every output clamped to [lo, hi].
   bool clamp = false;
+  // SparseConvAdd / SparseConvAddRelu: input 5 (Z) is added before the clamp.
+  bool sum = false;
+  // SparseConvPre / SparseConvPreRelu: the input is Relu(X * S + T) with S, T inputs 5 and 6.
+  bool pre = false;
   float lo = 0.0f, hi = std::numeric_limits<float>::infinity();
   mutable std::atomic<int64_t> validated_cpg{-1};
   // The by-input-channel copy of constant weights (kSmall3 planes of whole vectors), built on
@@ -167,6 +184,10 @@ OrtStatus* read_ints(const OrtKernelInfo* info, const char* name, size_t expect,
 
 bool is_relu_op(const OrtCustomOp* op);
 bool is_clip_op(const OrtCustomOp* op);
+bool is_add_op(const OrtCustomOp* op);
+bool is_add_relu_op(const OrtCustomOp* op);
+bool is_pre_op(const OrtCustomOp* op);
+bool is_pre_relu_op(const OrtCustomOp* op);
 
 // A float attribute, or `fallback` when the node does not have it.
 float read_float(const OrtKernelInfo* info, const char* name, float fallback) {
@@ -184,7 +205,9 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, cons
   *kernel = nullptr;
   Kernel* k = new (std::nothrow) Kernel();
   if (k == nullptr) return g_api->CreateStatus(ORT_FAIL, "SparseConv: out of memory");
-  k->clamp = is_relu_op(op) || is_clip_op(op);
+  k->clamp = is_relu_op(op) || is_clip_op(op) || is_add_relu_op(op) || is_pre_relu_op(op);
+  k->sum = is_add_op(op) || is_add_relu_op(op);
+  k->pre = is_pre_op(op) || is_pre_relu_op(op);
   if (is_clip_op(op)) {
     k->lo = read_float(info, "min", -std::numeric_limits<float>::infinity());
     k->hi = read_float(info, "max", std::numeric_limits<float>::infinity());
@@ -285,6 +308,17 @@ struct Scratch {
 
 // Floats of output per call of the fused activation when channels lie back to back.
 constexpr int64_t kClampRun = 2048;
+// Smallest work item, in multiply-adds.
+constexpr int64_t kMinTaskWork = 1 << 16;
+// Bytes of padded input (all input channels) that one strip of output rows may use.
+constexpr int64_t kStripBytes = 256 * 1024;
+// Inputs of at least this many bytes are prefetched a strip ahead (smaller ones stay in cache
+// between layers; prefetching them cost 1-2% at batch 1, and gained 7-13% at batch 8 on 56x56).
+constexpr int64_t kPrefetchBytes = 4 << 20;
+// Outputs of at least this many bytes are written with non-temporal stores where the path can.
+constexpr int64_t kStreamBytes = 16 << 20;
+// Bytes of a 1x1 conv's input tile (all input channels of a group).
+constexpr int64_t kPwTileBytes = 256 * 1024;
 
 struct Job {
   const Geom* g;
@@ -306,20 +340,29 @@ struct Job {
   int64_t nslots, slot;
   int64_t ns, rows;  // strip tasks: strips per image, output rows per strip (0: no strips)
   const struct CscLayout* csc;  // kSmall3 by input channel: nob blocks
-  const Kernel* k;               // clamp / lo / hi: tasks clamp what they wrote
+  const Kernel* k;               // clamp / lo / hi: tasks finish what they wrote
+  const float* Z;                // the sum input (Y's shape) or nullptr
+  sparsify_conv::Epilogue e;
 };
+
+// The epilogue (sum input, activation) over n floats of Y from y on: Z holds the same offsets.
+inline void finish(const Job& j, float* y, int64_t n) {
+  j.f->epilogue(y, j.Z != nullptr ? j.Z + (y - j.Y) : nullptr, n, j.e);
+}
 
 // Tasks pad into the lowest free buffer rather than one of their own, so the few buffers in use
 // (one per running thread) stay in cache across tasks.
-int64_t claim_buffer(const Job& j) {
+int64_t claim_slot(std::atomic<bool>* busy, int64_t nslots) {
   for (;;)
-    for (int64_t s = 0; s < j.nslots; ++s) {
+    for (int64_t s = 0; s < nslots; ++s) {
       bool expected = false;
-      if (!j.busy[s].load(std::memory_order_relaxed) &&
-          j.busy[s].compare_exchange_strong(expected, true, std::memory_order_acquire))
+      if (!busy[s].load(std::memory_order_relaxed) &&
+          busy[s].compare_exchange_strong(expected, true, std::memory_order_acquire))
         return s;
     }
 }
+
+int64_t claim_buffer(const Job& j) { return claim_slot(j.busy, j.nslots); }
 
 void pad_task(void* ud, size_t i) {
   const Job& j = *static_cast<const Job*>(ud);
@@ -331,12 +374,20 @@ void pad_task(void* ud, size_t i) {
 
 // Output channels [o_begin, o_end) of one image (or one strip of rows of it, described by g and
 // p); output channel o's plane starts at y_n + o * ystride.
+// Input rows a strip task fetches into L2 while it computes (the next strip's): `chans` runs of
+// `floats` floats, `stride` floats apart.
+struct Prefetch {
+  const float* base = nullptr;
+  int64_t chans = 0, floats = 0, stride = 0;
+};
+
 void conv_channels(const Job& j, const Geom& g, const Plan& p, int64_t o_begin, int64_t o_end,
-                   const float* x_n, const float* xp_n, float* y_n, int64_t ystride) {
+                   const float* x_n, const float* xp_n, float* y_n, int64_t ystride, const Prefetch& pf = {}) {
   const int64_t kk = g.kH * g.kW;
-  // The flat path walks one row block at a time over all output channels of the block (the
-  // block's input rows stay in cache while every output channel reads them); others whole planes.
-  const int64_t strip = p.kind == sparsify_conv::kFlat3 ? p.strip : g.Ho;
+  // The flat and direct paths walk one row block at a time over all output channels of the block
+  // (the block's input rows stay in cache while every output channel reads them: walking whole
+  // planes streamed every connection's padded plane from L3 on 56x56 inputs); others whole planes.
+  const int64_t strip = (p.kind == sparsify_conv::kFlat3 || p.kind == sparsify_conv::kDirect) ? p.strip : g.Ho;
   // The fused activation runs on output still in L1: each channel's rows just computed, or, when
   // whole planes lie back to back, runs of channels of about kClampRun floats (one call per
   // 2x2 plane cost vgg16n 7% at batch 16).
@@ -346,16 +397,23 @@ void conv_channels(const Job& j, const Geom& g, const Plan& p, int64_t o_begin, 
   for (int64_t r0 = 0; r0 < g.Ho; r0 += strip) {
     const int64_t r1 = r0 + strip < g.Ho ? r0 + strip : g.Ho;
     for (int64_t o = o_begin; o < o_end; ++o) {
+      if (pf.base != nullptr && r0 == 0) {
+        // A share of the next strip's input rows per output channel, spread over the first row block.
+        const int64_t c0 = (o - o_begin) * pf.chans / (o_end - o_begin);
+        const int64_t c1 = (o + 1 - o_begin) * pf.chans / (o_end - o_begin);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t q = 0; q < pf.floats; q += 16) __builtin_prefetch(pf.base + c * pf.stride + q, 0, 2);
+      }
       const int64_t start = j.row_ptr[o], cnt = j.row_ptr[o + 1] - start;
       const int64_t cin_base = (o / g.cout_per_group) * g.cin_per_group;
       float* y = y_n + o * ystride;
       j.f->compute_channel(g, p, x_n, xp_n, y, j.W + start * kk, j.col_idx + start, cnt,
                            j.B != nullptr ? j.B[o] : 0.0f, cin_base, r0, r1);
-      if (!j.k->clamp) continue;
+      if (!j.e.clamp && j.Z == nullptr) continue;
       if (!runs) {
-        j.f->clamp(y + r0 * g.Wo, (r1 - r0) * g.Wo, j.k->lo, j.k->hi);
+        finish(j, y + r0 * g.Wo, (r1 - r0) * g.Wo);
       } else if ((o + 1 - run0) * plane >= kClampRun || o + 1 == o_end) {
-        j.f->clamp(y_n + run0 * plane, (o + 1 - run0) * plane, j.k->lo, j.k->hi);
+        finish(j, y_n + run0 * plane, (o + 1 - run0) * plane);
         run0 = o + 1;
       }
     }
@@ -397,6 +455,20 @@ Geom strip_geom(const Geom& g, int64_t r0, int64_t r1, int64_t* row_lo) {
   return s;
 }
 
+// Sets max_plane to the largest padded plane of ns strips of `rows` output rows (edge strips pad
+// differently); false when a strip's plan reads X directly (no strips then).
+bool strip_planes(const Geom& g, const KernelFns* fns, int64_t ns, int64_t rows, int64_t* max_plane) {
+  for (int64_t s = 0; s < ns; ++s) {
+    int64_t lo = 0;
+    const int64_t r1 = (s + 1) * rows < g.Ho ? (s + 1) * rows : g.Ho;
+    Plan ps;
+    fns->make_plan(strip_geom(g, s * rows, r1, &lo), &ps);
+    if (ps.reads_x) return false;
+    if (ps.plane > *max_plane) *max_plane = ps.plane;
+  }
+  return true;
+}
+
 // Strips of output rows for few images on T threads: among up to max_ns strips, the count whose
 // slowest thread computes the fewest rows, counting the rows a strip's plan wastes to its row
 // block (5-row strips of a 28x28 plane ran in 8-row blocks: 1.7x the work of the whole plane)
@@ -425,15 +497,22 @@ int64_t pick_strips(const Geom& g, const KernelFns* fns, int64_t T, int64_t max_
     }
   }
   if (best == 0) return 0;
-  for (int64_t s = 0; s < best; ++s) {  // every strip's buffer size (edge strips pad differently)
+  return strip_planes(g, fns, best, *rows, max_plane) ? best : 0;
+}
+
+// Rows per strip (a multiple of the plan's row block) whose padded input rows of all input
+// channels fit in kStripBytes, or Ho when the whole plane does.
+int64_t cache_strip_rows(const Geom& g, const KernelFns* fns, const Plan& p) {
+  const int64_t blk = p.kind == sparsify_conv::kFlat3 ? int64_t(p.R) * p.P : p.kind == sparsify_conv::kDirect ? p.R : 1;
+  int64_t best = blk;
+  for (int64_t r = blk; r < g.Ho; r += blk) {
     int64_t lo = 0;
-    const int64_t r1 = (s + 1) * *rows < g.Ho ? (s + 1) * *rows : g.Ho;
     Plan ps;
-    fns->make_plan(strip_geom(g, s * *rows, r1, &lo), &ps);
-    if (ps.reads_x) return 0;
-    if (ps.plane > *max_plane) *max_plane = ps.plane;
+    fns->make_plan(strip_geom(g, 0, r, &lo), &ps);
+    if (g.Cin * ps.plane * int64_t(sizeof(float)) > kStripBytes) break;
+    best = r;
   }
-  return best;
+  return best < g.Ho ? best : g.Ho;
 }
 
 // Few images (batch 1): tasks are strips of output rows over all output channels, each an
@@ -453,8 +532,19 @@ void strip_task(void* ud, size_t i) {
   float* xp = j.xp + slot * j.slot;
   const float* x_n = j.X + n * g.Cin * g.H * g.W + lo * g.W;
   for (int64_t c = 0; c < g.Cin; ++c) j.f->pad_channel(gs, ps, x_n + c * g.H * g.W, xp + c * ps.plane);
+  // The next strip of this image (or the first of the next one) pads from rows that are likely
+  // in memory, not cache, at batch 8 on 56x56 planes: fetch them into L2 now.
+  Prefetch pf;
+  const int64_t next = int64_t(i) + 1;
+  if (next < g.N * j.ns && g.N * g.Cin * g.H * g.W * int64_t(sizeof(float)) >= kPrefetchBytes) {
+    const int64_t nn = next / j.ns, nr0 = (next % j.ns) * j.rows;
+    const int64_t nr1 = nr0 + j.rows < g.Ho ? nr0 + j.rows : g.Ho;
+    int64_t nlo = 0;
+    const Geom ng = strip_geom(g, nr0, nr1, &nlo);
+    pf = {j.X + nn * g.Cin * g.H * g.W + nlo * g.W, g.Cin, ng.H * g.W, g.H * g.W};
+  }
   conv_channels(j, gs, ps, 0, g.Cout, x_n, xp, j.Y + n * g.Cout * g.Ho * g.Wo + r0 * g.Wo,
-                g.Ho * g.Wo);
+                g.Ho * g.Wo, pf);
   j.busy[slot].store(false, std::memory_order_release);
 }
 
@@ -523,16 +613,62 @@ void csc_task(void* ud, size_t i) {
   const sparsify_conv::CscBlock blk = j.csc->block(b);
   float* y_n = j.Y + n * g.Cout * hw;
   j.f->csc_block(g, *j.p, j.X + n * g.Cin * hw, y_n, j.B, blk);
-  if (j.k->clamp) j.f->clamp(y_n + blk.o_begin * hw, (blk.o_end - blk.o_begin) * hw, j.k->lo, j.k->hi);
+  if (j.e.clamp || j.Z != nullptr) finish(j, y_n + blk.o_begin * hw, (blk.o_end - blk.o_begin) * hw);
 }
 
-// Smallest work item, in multiply-adds.
-constexpr int64_t kMinTaskWork = 1 << 16;
+// 1x1 convs: tasks are (image, group of pixel tiles, block of output channels).
+struct PwJob {
+  const Geom* g;
+  const KernelFns* f;
+  sparsify_conv::PwArgs a;  // x / y / z of image 0
+  const float* X;
+  float* xs;  // subsampled input of every image (strided convs), else nullptr
+  int64_t npg, pix, nob;  // pixel groups per image, pixels per group, output-channel blocks
+  const int64_t* bounds;
+  // Pre-activation tile buffers (nullptr: none): nslots of pack_floats, `busy` says which are in use.
+  float* packs = nullptr;
+  int64_t nslots = 0, pack_floats = 0;
+  std::atomic<bool>* busy = nullptr;
+};
+
+void pw_task(void* ud, size_t i) {
+  const PwJob& j = *static_cast<const PwJob*>(ud);
+  const Geom& g = *j.g;
+  const int64_t per = j.npg * j.nob, n = int64_t(i) / per, r = int64_t(i) % per;
+  const int64_t pg = r / j.nob, b = r % j.nob, hwo = g.Ho * g.Wo;
+  sparsify_conv::PwArgs a = j.a;
+  a.x = j.xs != nullptr ? j.xs + n * g.Cin * hwo : j.X + n * g.Cin * g.H * g.W;
+  a.y += n * g.Cout * hwo;
+  if (a.z != nullptr) a.z += n * g.Cout * hwo;
+  const int64_t p0 = pg * j.pix, p1 = p0 + j.pix < hwo ? p0 + j.pix : hwo;
+  const int64_t slot = j.packs != nullptr ? claim_slot(j.busy, j.nslots) : -1;
+  if (slot >= 0) a.pack = j.packs + slot * j.pack_floats;
+  j.f->pointwise_block(a, j.bounds[b], j.bounds[b + 1], p0, p1);
+  if (slot >= 0) j.busy[slot].store(false, std::memory_order_release);
+}
+
+void subsample_task(void* ud, size_t i) {
+  const PwJob& j = *static_cast<const PwJob*>(ud);
+  const Geom& g = *j.g;
+  const int64_t hwo = g.Ho * g.Wo;
+  j.f->subsample(j.X + int64_t(i) * g.Cin * g.H * g.W, j.xs + int64_t(i) * g.Cin * hwo, g.Cin, g.H, g.W, g.Ho,
+                 g.Wo, g.sH, g.sW);
+}
+
+// Pixels per tile of a 1x1 conv: the tile's rows of all input channels of a group stay in L2
+// while every output channel reads its connections' rows of it.
+int64_t pw_tile(const Geom& g, int64_t VL) {
+  int64_t t = kPwTileBytes / (4 * (g.cin_per_group > 0 ? g.cin_per_group : 1));
+  t = t / (8 * VL) * (8 * VL);
+  if (t < 8 * VL) t = 8 * VL;
+  return t;
+}
+
 // Connections per input channel and block below which the CSC path loses to the per-connection
 // one on planes of more than one vector (measured at 8x8 and 4x8).
 constexpr int64_t kCscMinPerColumn = 16;
 
-OrtStatus* parallel_for(OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_t tasks, Job* job) {
+OrtStatus* parallel_for(OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_t tasks, void* job) {
   if (tasks <= 0) return nullptr;
   if (tasks == 1) {
     fn(job, 0);
@@ -544,18 +680,102 @@ OrtStatus* parallel_for(OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_
   return g_api->KernelContext_ParallelFor(ctx, fn, size_t(tasks), 0, job);
 }
 
+// 1x1 convs (any stride, no pads): strided ones first subsample their input into scratch memory,
+// then tiles of pixels over blocks of output channels (see pointwise_block).
+OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, const KernelFns* fns,
+                         const float* X, float* Y, const float* Z, const float* W, const int64_t* row_ptr,
+                         const int64_t* col_idx, const float* B, int64_t nnz, const float* S, const float* T) {
+  const int64_t hwo = g.Ho * g.Wo, VL = 64 / int64_t(sizeof(float));
+  PwJob job;
+  job.g = &g;
+  job.f = fns;
+  job.X = X;
+  job.xs = nullptr;
+  // Outputs larger than kStreamBytes (56x56 expansions at batch 8: 26 MB) would not stay in cache
+  // for the next layer anyway: non-temporal stores save reading each output line before writing
+  // it (1x1 64->2048 on 56x56: 4.2 -> 2.2 ms).
+  const bool stream = g.N * g.Cout * hwo * int64_t(sizeof(float)) >= kStreamBytes;
+  job.a = {X, Y, Z, W, row_ptr, col_idx, B, hwo, g.cin_per_group, g.cout_per_group, pw_tile(g, VL),
+           {k.lo, k.hi, k.clamp ? 1 : 0, stream ? 1 : 0}, S, T, nullptr};
+  Scratch scratch;
+  if (g.sH != 1 || g.sW != 1) {
+    SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &scratch.alloc));
+    scratch.ptr = scratch.alloc->Alloc(scratch.alloc, size_t(g.N * g.Cin * hwo) * sizeof(float));
+    if (scratch.ptr == nullptr)
+      return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the subsampled input buffer");
+    job.xs = static_cast<float*>(scratch.ptr);
+    SPARSIFY_TRY(parallel_for(ctx, subsample_task, g.N, &job));
+  }
+  // Items: whole images on one thread; else about 4 per thread (8 when the thread count is
+  // unknown) of at least kMinTaskWork multiply-adds: pixel groups first (each reads only its own
+  // pixels of the input), blocks of output channels when the plane has too few tiles.
+  const int64_t work = (nnz + g.Cout) * hwo;
+  const int64_t items = k.threads > 0 ? 4 * k.threads : 8;
+  int64_t want = k.threads == 1 ? 1 : (items + g.N - 1) / g.N;
+  const int64_t cap = (work + kMinTaskWork - 1) / kMinTaskWork;
+  if (want > cap) want = cap;
+  if (want < 1) want = 1;
+  const int64_t tile = job.a.tile, ntiles = (hwo + tile - 1) / tile;
+  job.npg = want < ntiles ? want : ntiles;
+  const int64_t tiles_per_group = (ntiles + job.npg - 1) / job.npg;
+  job.pix = tiles_per_group * tile;
+  job.npg = (ntiles + tiles_per_group - 1) / tiles_per_group;
+  job.nob = (want + job.npg - 1) / job.npg;
+  if (job.nob > g.Cout) job.nob = g.Cout;
+  if (job.nob < 1) job.nob = 1;
+  const std::vector<int64_t> bounds = block_bounds(row_ptr, g.Cout, job.nob);
+  job.bounds = bounds.data();
+  // Pre-activation tiles: one buffer per running task, claimed like the padded strips' buffers.
+  Scratch packs;
+  std::unique_ptr<std::atomic<bool>[]> busy;
+  const int64_t tasks = g.N * job.npg * job.nob;
+  if (S != nullptr) {
+    job.nslots = k.threads > 0 && k.threads < tasks ? k.threads : tasks;
+    job.pack_floats = g.Cin * job.a.tile;
+    SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &packs.alloc));
+    packs.ptr = packs.alloc->Alloc(packs.alloc, size_t(job.nslots * job.pack_floats) * sizeof(float));
+    if (packs.ptr == nullptr) return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the tile buffer");
+    job.packs = static_cast<float*>(packs.ptr);
+    busy.reset(new std::atomic<bool>[size_t(job.nslots)]);
+    for (int64_t s = 0; s < job.nslots; ++s) busy[size_t(s)].store(false, std::memory_order_relaxed);
+    job.busy = busy.get();
+  }
+  return parallel_for(ctx, pw_task, tasks, &job);
+}
+
+// The pre-activation pass: `per` channel planes per task.
+struct PreJob {
+  const KernelFns* f;
+  const float* X;
+  float* out;
+  const float* S;
+  const float* T;
+  int64_t cin, hw, planes, per;
+};
+
+void pre_task(void* ud, size_t i) {
+  const PreJob& j = *static_cast<const PreJob*>(ud);
+  const int64_t end = (int64_t(i) + 1) * j.per < j.planes ? (int64_t(i) + 1) * j.per : j.planes;
+  for (int64_t q = int64_t(i) * j.per; q < end; ++q)
+    j.f->scale_shift_relu(j.X + q * j.hw, j.out + q * j.hw, j.hw, j.S[q % j.cin], j.T[q % j.cin]);
+}
+
 OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   size_t nin = 0;
   SPARSIFY_TRY(g_api->KernelContext_GetInputCount(ctx, &nin));
-  if (nin < 4) return invalid("needs inputs X, W, row_ptr, col_idx[, B]; got " + std::to_string(nin));
-  TensorView t[5];
-  const char* names[5] = {"X", "W", "row_ptr", "col_idx", "B"};
-  const ONNXTensorElementDataType types[5] = {
+  const size_t nexpect = k.sum ? 6u : k.pre ? 7u : 5u;
+  if (nin < (nexpect > 5 ? nexpect : 4u))
+    return invalid(std::string("needs inputs X, W, row_ptr, col_idx") + (k.sum ? ", B, Z" : k.pre ? ", B, S, T" : "[, B]") +
+                   "; got " + std::to_string(nin));
+  TensorView t[7];
+  const char* names[7] = {"X", "W", "row_ptr", "col_idx", "B", k.pre ? "S" : "Z", "T"};
+  const ONNXTensorElementDataType types[7] = {
       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
       ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-  const size_t ranks[5] = {4, 3, 1, 1, 1};
-  for (size_t i = 0; i < 5 && i < nin; ++i) {
+  const size_t ranks[7] = {4, 3, 1, 1, 1, k.pre ? 1u : 4u, 1};
+  for (size_t i = 0; i < nexpect && i < nin; ++i) {
     const OrtValue* v = nullptr;
     SPARSIFY_TRY(g_api->KernelContext_GetInput(ctx, i, &v));
     if (v == nullptr) {
@@ -625,6 +845,16 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   SPARSIFY_TRY(g_api->GetTensorData(t[2].value, reinterpret_cast<const void**>(&row_ptr)));
   SPARSIFY_TRY(g_api->GetTensorData(t[3].value, reinterpret_cast<const void**>(&col_idx)));
   if (has_b) SPARSIFY_TRY(g_api->GetTensorData(t[4].value, reinterpret_cast<const void**>(&B)));
+  const float* S = nullptr;
+  const float* T = nullptr;
+  if (k.pre) {
+    for (size_t i = 5; i < 7; ++i)
+      if (t[i].dims[0] != g.Cin)
+        return invalid(std::string("input ") + names[i] + " has " + std::to_string(t[i].dims[0]) +
+                       " entries, expected one per input channel (" + std::to_string(g.Cin) + ")");
+    SPARSIFY_TRY(g_api->GetTensorData(t[5].value, reinterpret_cast<const void**>(&S)));
+    SPARSIFY_TRY(g_api->GetTensorData(t[6].value, reinterpret_cast<const void**>(&T)));
+  }
 
   // The index arrays: CSR over output channels, columns within the group, no duplicates.
   // Constant index initializers are checked once (per input-channel count).
@@ -661,6 +891,13 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   }
 
   const int64_t ydims[4] = {g.N, g.Cout, g.Ho, g.Wo};
+  const float* Z = nullptr;
+  if (k.sum) {
+    if (!std::equal(ydims, ydims + 4, t[5].dims.begin()))
+      return invalid("the sum input Z has shape " + str(t[5].dims) + " but the output is " +
+                     str(std::vector<int64_t>(ydims, ydims + 4)) + "; they must be equal (no broadcasting)");
+    SPARSIFY_TRY(g_api->GetTensorData(t[5].value, reinterpret_cast<const void**>(&Z)));
+  }
   OrtValue* yv = nullptr;
   SPARSIFY_TRY(g_api->KernelContext_GetOutput(ctx, 0, ydims, 4, &yv));
   float* Y = nullptr;
@@ -671,13 +908,35 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   Plan p;
   fns->make_plan(g, &p);
   // Narrow rows waste less with 8-float vectors, except on the paths that pack whole planes into
-  // the widest vectors (flat 3x3, small planes, 2x2; pointwise reads the plane as one flat run).
-  if (p.kind != sparsify_conv::kFlat3 && p.kind != sparsify_conv::kSmall3 && p.kind != sparsify_conv::kTiny2 &&
-      p.kind != sparsify_conv::kPointwise && g.Wo <= 8) {
+  // the widest vectors (small planes, 2x2; pointwise reads the plane as one flat run). The flat
+  // 3x3 path packs two 8-float rows per 16-float vector; one row per 8-float vector of the narrow
+  // unit runs faster (aligned row loads, 7 of 8 lanes used on 7x7: 512@7 at density 0.1, 0.54 ->
+  // 0.36 ms).
+  if (((p.kind != sparsify_conv::kFlat3 && p.kind != sparsify_conv::kSmall3 && p.kind != sparsify_conv::kTiny2 &&
+        p.kind != sparsify_conv::kPointwise) ||
+       (p.kind == sparsify_conv::kFlat3 && p.P > 1)) && g.Wo <= 8) {
     fns = g_narrow.load(std::memory_order_relaxed);
     fns->make_plan(g, &p);
   }
-  Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr, nullptr, 0, 0, 0, 0, nullptr, &k};
+  // The fused pre-activation: stride-1 1x1 convs apply it tile by tile (pointwise_block); other
+  // paths read Relu(X * S + T) from scratch memory written in one pass here.
+  const bool pw1 = p.kind == sparsify_conv::kPointwise && g.sH == 1 && g.sW == 1;
+  // The pre-activation: every path then reads Relu(X * S + T) from scratch memory (one pass over
+  // the input, where the separate BatchNormalization and Relu nodes took two).
+  Scratch pre_scratch;
+  if (k.pre && !pw1 && g.N * g.Cin * g.H * g.W > 0) {
+    SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &pre_scratch.alloc));
+    pre_scratch.ptr = pre_scratch.alloc->Alloc(pre_scratch.alloc, size_t(g.N * g.Cin * g.H * g.W) * sizeof(float));
+    if (pre_scratch.ptr == nullptr)
+      return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the pre-activated input buffer");
+    PreJob pj = {fns, X, static_cast<float*>(pre_scratch.ptr), S, T, g.Cin, g.H * g.W, g.N * g.Cin, 0};
+    pj.per = (16384 + pj.hw - 1) / pj.hw;
+    SPARSIFY_TRY(parallel_for(ctx, pre_task, (g.N * g.Cin + pj.per - 1) / pj.per, &pj));
+    X = pj.out;
+  }
+
+  Job job = {&g, &p, fns, X, nullptr, Y, W, row_ptr, col_idx, B, 0, 0, nullptr, nullptr, 0, 0, 0, 0, nullptr, &k,
+             Z, {k.lo, k.hi, k.clamp ? 1 : 0, 0}};
   // Work items are (image, block of output channels) or, for padded plans, (image, strip of
   // output rows), of about equal cost and claimed dynamically by the pool's threads: about 4
   // items per thread for load balance (8 when the thread count is unknown), each at least
@@ -692,6 +951,9 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   if (nob > want) nob = want;
   if (nob > g.Cout) nob = g.Cout;
   if (nob < 1) nob = 1;
+  if (p.kind == sparsify_conv::kPointwise)
+    return run_pointwise(k, ctx, g, fns, X, Y, Z, W, row_ptr, col_idx, B, nnz, pw1 && k.pre ? S : nullptr,
+                         pw1 && k.pre ? T : nullptr);
   // Planes of whole vectors on the kSmall3 path go by input channel when that pays: always for
   // one-vector planes (4x4: the per-connection path spends six rotations per nine FMAs), for
   // larger ones when each input channel feeds enough connections of a block to amortise its
@@ -725,6 +987,21 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     const int64_t T = k.threads > 0 ? k.threads : 2;
     ns = pick_strips(g, fns, T, 4 * T < nob ? 4 * T : nob, &rows, &max_plane);
   }
+  // Planes whose padded copy exceeds kStripBytes go in strips of rows that fit (1 thread too):
+  // each strip pads only its own input rows into a buffer that stays in L2 while every output
+  // channel reads it. (Padding a whole 56x56 image first wrote and re-read 2 MB through L3: a
+  // 3x3/s2 128-channel layer spent 0.25 of its 0.7 ms there.)
+  if (padded && g.Cin * p.plane * int64_t(sizeof(float)) > kStripBytes) {
+    const int64_t r = cache_strip_rows(g, fns, p);
+    if (r < g.Ho && (ns == 0 || rows > r)) {
+      int64_t mp = p.plane;
+      if (strip_planes(g, fns, (g.Ho + r - 1) / r, r, &mp)) {
+        ns = (g.Ho + r - 1) / r;
+        rows = r;
+        max_plane = mp;
+      }
+    }
+  }
   if (ns > 0) nob = 1;
   const std::vector<int64_t> bounds = block_bounds(row_ptr, g.Cout, nob);
   job.nob = nob;
@@ -735,6 +1012,8 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   // shared copy that pad tasks fill before output-channel blocks read it.
   const bool own = padded && (ns > 0 || nob == 1);
   job.nslots = own ? g.N * (ns > 0 ? ns : 1) : 0;
+  // At most one buffer per thread is in use at a time (tasks claim the lowest free one).
+  if (k.threads > 0 && job.nslots > k.threads) job.nslots = k.threads;
   job.slot = g.Cin * max_plane;
   Scratch scratch;
   if (padded) {
@@ -776,12 +1055,18 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
 const char* ORT_API_CALL op_name(const OrtCustomOp*) { return kOpName; }
 const char* ORT_API_CALL relu_op_name(const OrtCustomOp*) { return kReluOpName; }
 const char* ORT_API_CALL clip_op_name(const OrtCustomOp*) { return kClipOpName; }
+const char* ORT_API_CALL add_op_name(const OrtCustomOp*) { return kAddOpName; }
+const char* ORT_API_CALL add_relu_op_name(const OrtCustomOp*) { return kAddReluOpName; }
+const char* ORT_API_CALL pre_op_name(const OrtCustomOp*) { return kPreOpName; }
+const char* ORT_API_CALL pre_relu_op_name(const OrtCustomOp*) { return kPreReluOpName; }
 const char* ORT_API_CALL op_ep(const OrtCustomOp*) { return "CPUExecutionProvider"; }
 ONNXTensorElementDataType ORT_API_CALL op_input_type(const OrtCustomOp*, size_t i) {
   return (i == 2 || i == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
                             : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 size_t ORT_API_CALL op_input_count(const OrtCustomOp*) { return 5; }
+size_t ORT_API_CALL sum_op_input_count(const OrtCustomOp*) { return 6; }
+size_t ORT_API_CALL pre_op_input_count(const OrtCustomOp*) { return 7; }
 ONNXTensorElementDataType ORT_API_CALL op_output_type(const OrtCustomOp*, size_t) {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
@@ -835,8 +1120,40 @@ const OrtCustomOp g_clip_op = [] {
   return op;
 }();
 
+const OrtCustomOp g_add_op = [] {
+  OrtCustomOp op = make_op();
+  op.GetName = add_op_name;
+  op.GetInputTypeCount = sum_op_input_count;
+  return op;
+}();
+
+const OrtCustomOp g_add_relu_op = [] {
+  OrtCustomOp op = make_op();
+  op.GetName = add_relu_op_name;
+  op.GetInputTypeCount = sum_op_input_count;
+  return op;
+}();
+
+const OrtCustomOp g_pre_op = [] {
+  OrtCustomOp op = make_op();
+  op.GetName = pre_op_name;
+  op.GetInputTypeCount = pre_op_input_count;
+  return op;
+}();
+
+const OrtCustomOp g_pre_relu_op = [] {
+  OrtCustomOp op = make_op();
+  op.GetName = pre_relu_op_name;
+  op.GetInputTypeCount = pre_op_input_count;
+  return op;
+}();
+
 bool is_relu_op(const OrtCustomOp* op) { return op == &g_relu_op; }
 bool is_clip_op(const OrtCustomOp* op) { return op == &g_clip_op; }
+bool is_add_op(const OrtCustomOp* op) { return op == &g_add_op; }
+bool is_add_relu_op(const OrtCustomOp* op) { return op == &g_add_relu_op; }
+bool is_pre_op(const OrtCustomOp* op) { return op == &g_pre_op; }
+bool is_pre_relu_op(const OrtCustomOp* op) { return op == &g_pre_relu_op; }
 
 // Every RegisterCustomOps call (one per session options that load the library) gets its own
 // domain object; ORT does not take ownership, so they live until the library is unloaded.
@@ -876,6 +1193,10 @@ SPARSIFY_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opt
   OrtStatus* st = api->CustomOpDomain_Add(domain, &g_op);
   if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_relu_op);
   if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_clip_op);
+  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_add_op);
+  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_add_relu_op);
+  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_pre_op);
+  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_pre_relu_op);
   if (st == nullptr) st = api->AddCustomOpDomain(options, domain);
   if (st != nullptr) {
     api->ReleaseCustomOpDomain(domain);
@@ -896,7 +1217,9 @@ SPARSIFY_EXPORT const char* SparsifyKernelInfo(void) {
   std::lock_guard<std::mutex> lock(mu);
   info = std::string("api_version=") + std::to_string(ORT_API_VERSION) + ";isa=" + wide->isa +
          (wide != narrow ? std::string("+") + narrow->isa : std::string()) + ";op=" + kDomain +
-         "::" + kOpName + "," + kDomain + "::" + kReluOpName + "," + kDomain + "::" + kClipOpName +
+         "::" + kOpName + "," + kDomain + "::" + kReluOpName + "," + kDomain + "::" + kClipOpName + "," +
+         kDomain + "::" + kAddOpName + "," + kDomain + "::" + kAddReluOpName + "," + kDomain + "::" + kPreOpName +
+         "," + kDomain + "::" + kPreReluOpName +
          ";since_version=1";
   return info.c_str();
 }

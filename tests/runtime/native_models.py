@@ -6,6 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+SUM_OPS = ("SparseConvAdd", "SparseConvAddRelu")  # ops with the residual input Z
+PRE_OPS = ("SparseConvPre", "SparseConvPreRelu")  # ops with the pre-activation inputs S, T
+
 
 @dataclass
 class ConvCase:
@@ -51,17 +54,22 @@ def _attrs(case: ConvCase) -> dict[str, object]:
 
 def sparse_model(case: ConvCase, *, packed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                  bias: np.ndarray | None = None, weights_as_inputs: bool = False,
-                 op_type: str = "SparseConv", **attr_override: object) -> bytes:
+                 op_type: str = "SparseConv", pre: tuple[np.ndarray, np.ndarray] | None = None,
+                 **attr_override: object) -> bytes:
     """A model X -> SparseConv -> Y with the packed weights as initializers (no function body).
 
     weights_as_inputs: W, row_ptr and col_idx are graph inputs fed at run time instead (not
-    constant to the kernel), see packed_feeds.
+    constant to the kernel), see packed_feeds. The sum ops (SparseConvAdd, SparseConvAddRelu) get a
+    graph input Z of the output's shape as their sixth input; the pre ops (SparseConvPre,
+    SparseConvPreRelu) take ``pre`` = (S, T), per-input-channel scale and shift, as initializers.
     """
     w, row_ptr, col_idx = packed if packed is not None else case.packed()
     b = case.bias if bias is None else bias
     attrs = _attrs(case)
     attrs.update(attr_override)
-    node = helper.make_node(op_type, ["X", "W", "row_ptr", "col_idx", "B"], ["Y"], domain="ai.sparsify", **attrs)
+    sum_op = op_type in SUM_OPS
+    extra = ["Z"] if sum_op else (["S", "T"] if op_type in PRE_OPS else [])
+    node = helper.make_node(op_type, ["X", "W", "row_ptr", "col_idx", "B"] + extra, ["Y"], domain="ai.sparsify", **attrs)
     packed_inits = [numpy_helper.from_array(np.ascontiguousarray(w, np.float32), "W"),
                     numpy_helper.from_array(np.asarray(row_ptr, np.int64), "row_ptr"),
                     numpy_helper.from_array(np.asarray(col_idx, np.int64), "col_idx")]
@@ -71,6 +79,12 @@ def sparse_model(case: ConvCase, *, packed: tuple[np.ndarray, np.ndarray, np.nda
                    helper.make_tensor_value_info("row_ptr", TensorProto.INT64, [len(row_ptr)]),
                    helper.make_tensor_value_info("col_idx", TensorProto.INT64, ["nnz"])]
         packed_inits = []
+    if sum_op:
+        inputs.append(helper.make_tensor_value_info("Z", TensorProto.FLOAT, ["N", case.weight.shape[0], "Ho", "Wo"]))
+    if op_type in PRE_OPS:
+        assert pre is not None, "the pre ops need pre=(S, T)"
+        packed_inits += [numpy_helper.from_array(np.asarray(pre[0], np.float32), "S"),
+                         numpy_helper.from_array(np.asarray(pre[1], np.float32), "T")]
     graph = helper.make_graph(
         [node], "sparseconv", inputs,
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from native_models import ConvCase, dense_model, packed_feeds, random_case, sparse_model
+from native_models import PRE_OPS, SUM_OPS, ConvCase, dense_model, packed_feeds, random_case, sparse_model
 from sparsify.errors import RuntimeBackendError
 from sparsify.runtime import native
 
@@ -35,6 +35,42 @@ def run_both(case: ConvCase, x: np.ndarray, threads: int = 1) -> tuple[np.ndarra
     return sparse, dense
 
 
+OPS = ("SparseConv", "SparseConvRelu", "SparseConvClip", "SparseConvAdd", "SparseConvAddRelu", "SparseConvPre",
+       "SparseConvPreRelu")
+CLIP = (-0.5, 2.0)  # the bounds the tests give SparseConvClip
+
+
+def pre_params(cin: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-input-channel scale and shift for the pre ops: mixed signs, so Relu zeroes a real share."""
+    rng = np.random.default_rng(cin)
+    return rng.uniform(-1.5, 1.5, cin).astype(np.float32), rng.uniform(-0.5, 0.5, cin).astype(np.float32)
+
+
+def run_op(case: ConvCase, x: np.ndarray, op: str, threads: int, z: np.ndarray | None = None) -> np.ndarray:
+    """The native op's output (SparseConvClip with bounds CLIP; the sum ops add z; the pre ops
+    take pre_params)."""
+    attrs = dict(min=CLIP[0], max=CLIP[1]) if op == "SparseConvClip" else {}
+    feeds = {"X": x, **({"Z": z} if op in SUM_OPS else {})}
+    pre = pre_params(case.cin) if op in PRE_OPS else None
+    return native.session(sparse_model(case, op_type=op, pre=pre, **attrs), threads).run(None, feeds)[0]
+
+
+def reference(case: ConvCase, x: np.ndarray, op: str, z: np.ndarray | None = None) -> np.ndarray:
+    """What `op` computes, from ORT's own dense Conv: the pre-activation of x for the pre ops, + z
+    for the sum ops, then the activation."""
+    if op in PRE_OPS:
+        s, t = pre_params(case.cin)
+        x = np.maximum(x * s[None, :, None, None] + t[None, :, None, None], 0).astype(np.float32)
+    y = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+    if op in SUM_OPS:
+        y = y + z
+    if op in ("SparseConvRelu", "SparseConvAddRelu", "SparseConvPreRelu"):
+        y = np.maximum(y, 0)
+    if op == "SparseConvClip":
+        y = np.clip(y, *CLIP)
+    return y
+
+
 def assert_close(y: np.ndarray, ref: np.ndarray) -> None:
     assert y.shape == ref.shape
     scale = max(1.0, float(np.abs(ref).max()))
@@ -43,7 +79,7 @@ def assert_close(y: np.ndarray, ref: np.ndarray) -> None:
 
 
 @st.composite
-def conv_cases(draw: st.DrawFn) -> tuple[ConvCase, np.ndarray, int]:
+def conv_cases(draw: st.DrawFn) -> tuple[ConvCase, np.ndarray, int, str]:
     kind = draw(st.sampled_from(["dense-groups", "two-groups", "depthwise"]))
     if kind == "depthwise":
         group = draw(st.integers(1, 6))
@@ -61,21 +97,26 @@ def conv_cases(draw: st.DrawFn) -> tuple[ConvCase, np.ndarray, int]:
     need_w = (kw - 1) * dil + 1 - pads[1] - pads[3]
     h = max(draw(st.integers(1, 19)), need_h, 1)
     w = max(draw(st.integers(1, 37)), need_w, 1)
-    n = draw(st.integers(1, 3))
+    n = draw(st.sampled_from([1, 1, 2, 3, 8, 16]))
     density = draw(st.sampled_from([0.0, 0.15, 0.5, 1.0]))
     threads = draw(st.sampled_from([1, 2]))
+    op = draw(st.sampled_from(OPS))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     case = random_case(rng, cin, cout, (k, kw), density, group=group, strides=(stride, stride_w),
                        pads=pads, dilations=(dil, dil))
     x = rng.standard_normal((n, cin, h, w)).astype(np.float32)
-    return case, x, threads
+    return case, x, threads, op
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conv_cases())
-def test_matches_dense_conv(args: tuple[ConvCase, np.ndarray, int]) -> None:
-    case, x, threads = args
-    assert_close(*run_both(case, x, threads))
+def test_matches_dense_conv(args: tuple[ConvCase, np.ndarray, int, str]) -> None:
+    """Any kernel size, stride, pads, dilation, groups, batch 1-16, 1 or 2 threads, and every op
+    (fused activations, residual sum input) equals ORT's dense Conv (+ Z, + activation)."""
+    case, x, threads, op = args
+    ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+    z = np.random.default_rng(x.size).standard_normal(ref.shape).astype(np.float32)
+    assert_close(run_op(case, x, op, threads, z), reference(case, x, op, z))
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
@@ -327,3 +368,140 @@ def test_pointwise_planes(monkeypatch: pytest.MonkeyPatch, isa: str, hw: int) ->
         case = random_case(rng, 40, 24, 1, density)
         x = rng.standard_normal((3, 40, hw, hw)).astype(np.float32)
         assert_close(*run_both(case, x, threads=2))
+
+
+@pytest.mark.parametrize(
+    "cin,cout,k,stride,pad,hw,n",
+    [
+        (64, 48, 1, 1, 0, 56, 1),     # 1x1 on a 56x56 plane: pixel tiles over output channels
+        (32, 96, 1, 1, 0, 56, 3),     # several images, several tiles per image
+        (512, 64, 1, 1, 0, 7, 2),     # 1x1 on 7x7: one tile with a partial vector, long connection lists
+        (256, 64, 1, 1, 0, 14, 1),
+        (64, 48, 1, 2, 0, 56, 1),     # strided 1x1: subsampled input
+        (96, 40, 1, 2, 0, 14, 3),     # to 7x7
+        (24, 16, 1, 3, 0, 20, 2),     # stride 3, odd plane
+        (48, 40, 3, 2, 1, 56, 1),     # 3x3/s2 on a large plane
+        (64, 64, 3, 2, 1, 14, 2),     # 3x3/s2 to 7x7
+        (64, 64, 3, 1, 1, 7, 2),      # 3x3/s1 on 7x7
+        (48, 48, 3, 1, 1, 14, 1),
+        (32, 32, 3, 1, 1, 56, 1),     # 3x3/s1 on 56x56: row strips
+    ],
+)
+def test_imagenet_size_shapes(cin: int, cout: int, k: int, stride: int, pad: int, hw: int, n: int) -> None:
+    """The layer shapes of 224x224 ResNets (fewer channels), on 1 and 2 threads, plain and with the
+    residual sum input and Relu fused."""
+    rng = np.random.default_rng(cin + 7 * hw + k)
+    case = random_case(rng, cin, cout, k, 0.15, strides=(stride, stride), pads=(pad,) * 4)
+    x = rng.standard_normal((n, cin, hw, hw)).astype(np.float32)
+    ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+    z = rng.standard_normal(ref.shape).astype(np.float32)
+    for threads in (1, 2):
+        for op in ("SparseConv", "SparseConvAddRelu", "SparseConvPreRelu"):
+            assert_close(run_op(case, x, op, threads, z), reference(case, x, op, z))
+
+
+@pytest.mark.parametrize(
+    "k,stride,pad,hw,n",
+    [(3, 1, 1, 32, 1), (3, 1, 1, 32, 9), (3, 1, 1, 8, 1), (3, 1, 1, 4, 16), (3, 1, 1, 2, 3),
+     (3, 2, 1, 17, 2), (1, 1, 0, 12, 1), (1, 2, 0, 12, 2), (5, 1, 2, 11, 1), (2, 1, 0, 9, 1)],
+)
+@pytest.mark.parametrize("op", ["SparseConvAdd", "SparseConvAddRelu"])
+def test_sum_input_on_every_path(k: int, stride: int, pad: int, hw: int, n: int, op: str) -> None:
+    """SparseConvAdd equals Conv + Z and SparseConvAddRelu Relu(Conv + Z) on each path (strips,
+    whole images, by input channel, 2x2, direct, pointwise, strided pointwise, generic), on 1 and
+    2 threads."""
+    rng = np.random.default_rng(k * 100 + hw + n)
+    case = random_case(rng, 48, 40, k, 0.4, strides=(stride, stride), pads=(pad,) * 4)
+    x = rng.standard_normal((n, 48, hw, hw)).astype(np.float32)
+    conv = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+    z = 3 * rng.standard_normal(conv.shape).astype(np.float32)
+    ref = reference(case, x, op, z)
+    assert not np.allclose(ref, reference(case, x, "SparseConvRelu" if op.endswith("Relu") else "SparseConv"))
+    for threads in (1, 2):
+        assert_close(run_op(case, x, op, threads, z), ref)
+
+
+def test_sum_input_must_match_the_output() -> None:
+    """A Z that would broadcast (or does not fit) is refused with one clear line."""
+    rng = np.random.default_rng(3)
+    case = random_case(rng, 8, 6, 3, 0.5, pads=(1,) * 4)
+    x = rng.standard_normal((2, 8, 5, 5)).astype(np.float32)
+    sess = native.session(sparse_model(case, op_type="SparseConvAdd"), 1)
+    for shape in [(2, 6, 5, 1), (1, 6, 5, 5), (2, 6, 4, 5)]:
+        with pytest.raises(RuntimeBackendError, match="sum input Z has shape") as exc:
+            sess.run(None, {"X": x, "Z": np.zeros(shape, np.float32)})
+        assert "\n" not in str(exc.value)
+
+
+def test_large_outputs_streamed() -> None:
+    """A 1x1 conv whose output exceeds 16 MB is written with non-temporal stores: same values,
+    with and without the fused sum input, on 1 and 2 threads."""
+    rng = np.random.default_rng(12)
+    case = random_case(rng, 32, 512, 1, 0.2)
+    x = rng.standard_normal((2, 32, 64, 64)).astype(np.float32)
+    conv = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+    assert conv.nbytes >= 16 << 20
+    z = rng.standard_normal(conv.shape).astype(np.float32)
+    for threads in (1, 2):
+        for op in ("SparseConv", "SparseConvAddRelu"):
+            assert_close(run_op(case, x, op, threads, z), reference(case, x, op, z))
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
+@pytest.mark.parametrize("h,w,pads", [(7, 7, (1, 1, 1, 1)), (9, 5, (0, 2, 1, 0)), (11, 6, (2, 0, 0, 2)),
+                                      (7, 3, (1, 2, 2, 1)), (13, 7, (0, 0, 0, 0)), (5, 2, (1, 2, 1, 2))])
+def test_narrow_rows(monkeypatch: pytest.MonkeyPatch, isa: str, h: int, w: int, pads: tuple[int, int, int, int]) -> None:
+    """3x3 stride-1 convs on planes whose output rows are at most half a vector (several rows per
+    vector, kx-shifted copies built by masked loads on AVX-512), any pads."""
+    if isa != "auto":
+        monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(h * 100 + w)
+    case = random_case(rng, 20, 12, 3, 0.4, pads=pads)
+    x = rng.standard_normal((2, 20, h, w)).astype(np.float32)
+    for threads in (1, 2):
+        assert_close(*run_both(case, x, threads=threads))
+
+
+@pytest.mark.parametrize(
+    "k,stride,pad,hw,n,group",
+    [(1, 1, 0, 14, 1, 1), (1, 1, 0, 56, 2, 1), (1, 1, 0, 7, 3, 2), (1, 2, 0, 12, 2, 1), (3, 1, 1, 28, 1, 1),
+     (3, 1, 1, 7, 2, 1), (3, 1, 1, 4, 16, 1), (3, 2, 1, 17, 1, 2), (5, 1, 2, 9, 1, 1)],
+)
+@pytest.mark.parametrize("op", ["SparseConvPre", "SparseConvPreRelu"])
+def test_pre_activation_on_every_path(k: int, stride: int, pad: int, hw: int, n: int, group: int, op: str) -> None:
+    """SparseConvPre convolves Relu(X * S + T) (S, T per input channel; the padding stays zero):
+    per pixel tile on stride-1 1x1 convs, from a transformed copy on the others; 1 and 2 threads."""
+    rng = np.random.default_rng(k * 100 + hw + n)
+    case = random_case(rng, 48, 40, k, 0.3, group=group, strides=(stride, stride), pads=(pad,) * 4)
+    x = rng.standard_normal((n, 48, hw, hw)).astype(np.float32)
+    ref = reference(case, x, op)
+    assert not np.allclose(ref, reference(case, x, "SparseConvRelu" if op.endswith("Relu") else "SparseConv"))
+    for threads in (1, 2):
+        assert_close(run_op(case, x, op, threads), ref)
+
+
+def test_pre_activation_inputs_must_match_the_channels() -> None:
+    """S and T need one entry per input channel; anything else is refused in one line."""
+    rng = np.random.default_rng(4)
+    case = random_case(rng, 8, 6, 1, 0.5)
+    s, t = pre_params(8)
+    x = rng.standard_normal((1, 8, 5, 5)).astype(np.float32)
+    for pre in [(s[:7], t), (s, np.concatenate([t, t]))]:
+        with pytest.raises(RuntimeBackendError, match="one per input channel") as exc:
+            native.session(sparse_model(case, op_type="SparseConvPre", pre=pre), 1).run(None, {"X": x})
+        assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("k,stride", [(3, 1), (3, 2)])
+def test_large_inputs_in_strips(k: int, stride: int) -> None:
+    """Inputs of 4 MB and more go strip by strip with the next strip's rows prefetched: same values
+    on 1 and 2 threads, plain and with the sum input and Relu."""
+    rng = np.random.default_rng(k + stride)
+    case = random_case(rng, 64, 32, k, 0.15, strides=(stride, stride), pads=(1,) * 4)
+    x = rng.standard_normal((4, 64, 64, 64)).astype(np.float32)
+    assert x.nbytes >= 4 << 20
+    ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+    z = rng.standard_normal(ref.shape).astype(np.float32)
+    for threads in (1, 2):
+        for op in ("SparseConv", "SparseConvAddRelu"):
+            assert_close(run_op(case, x, op, threads, z), reference(case, x, op, z))
