@@ -22,11 +22,11 @@ import torch.nn.functional as F
 
 from .._io import atomic_path
 from ..errors import TrainingError, UsageError
-from ..nn import sparse_modules
+from ..nn import live_params, sparse_modules
 from .checkpoint import save_checkpoint
 from .data import DATASETS, DataBundle, Split, batches, num_batches
 from .distributed import Reducer
-from .metrics import GradAccumulator, layer_stats
+from .metrics import GradAccumulator, layer_stats, live_connections, start_record
 from .schedules import SCHEDULES, Change, Plan, schedule_class
 
 LR_SCHEDULES = ("cosine", "step", "constant")
@@ -256,6 +256,10 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
             say(f"{cfg.schedule}: initial topology set (pruned {sum(initial.pruned.values())}, "
                 f"grown {sum(initial.grown.values())} connections)")
     enforce_masks(layers, optimizer)
+    if resume_state is None:  # metrics.jsonl starts with the topology training starts from
+        history.append(start_record(model, layers, cfg.to_dict()))
+        if metrics_path is not None and reducer.is_main:
+            _write_metrics(Path(metrics_path), history)
     for note in data.notes:
         say(note)
 
@@ -294,6 +298,11 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                                      dtype=torch.float64)
                 reducer.sum_(batch)
                 if not math.isfinite(float(batch[0])):
+                    # the partial metrics stay, with the divergence as their last record
+                    history.append({"event": "diverged", "epoch": epoch, "step": step + 1,
+                                    "loss": float(batch[0] / batch[2]), "lr": lr})
+                    if metrics_path is not None and reducer.is_main:
+                        _write_metrics(Path(metrics_path), history)
                     where = f"{checkpoint}" if checkpoint and Path(checkpoint).exists() else "no checkpoint yet"
                     raise TrainingError(
                         f"loss became {float(batch[0]):.4g} at epoch {epoch} step {step + 1}; training stopped, the last "
@@ -333,7 +342,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                 "train_loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2]),
                 "val_loss": val_loss, "val_acc": val_acc,
                 "pruned": sum(changes.pruned.values()), "grown": sum(changes.grown.values()),
-                "live": sum(r["live"] for r in stats.values()),
+                "live": live_connections(model, layers), "live_params": live_params(model),
                 "epoch_time_s": round(time.perf_counter() - t0, 4), "layers": stats,
             }
             history.append(record)
@@ -359,8 +368,9 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
         "test_loss": test_loss, "test_acc": test_acc,
         "val_loss": last.get("val_loss"), "val_acc": last.get("val_acc"),
         "train_loss": last.get("train_loss"), "train_acc": last.get("train_acc"),
-        "live": sum(int(m.mask.sum()) for m in layers.values()),
-        "density": (sum(int(m.mask.sum()) for m in layers.values()) / max(sum(m.mask.numel() for m in layers.values()), 1)),
+        "live": live_connections(model, layers), "live_params": live_params(model),
+        "density": (sum(int(m.mask.sum()) for m in layers.values()) / sum(m.mask.numel() for m in layers.values())
+                    if layers else 1.0),
         "layers": layer_stats(layers),
         "config": cfg.to_dict(),
     }

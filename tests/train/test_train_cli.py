@@ -48,7 +48,7 @@ def test_cli_train_writes_weights_metrics_summary(run):
     after = _weights(run)
     assert any(not (before[k] == after[k]).all() for k in before if k.endswith("weight"))
     lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
-    assert lines[0]["event"] == "epoch" and lines[-1]["event"] == "test"
+    assert [lines[0]["event"], lines[1]["event"], lines[-1]["event"]] == ["start", "epoch", "test"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train"]["config"]["schedule"] == "set"
     assert (run / "checkpoints" / "last.pt").is_file()
