@@ -10,14 +10,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import ModelLoadError, UsageError
+from .errors import ModelLoadError, RunDirError, UsageError
 from .models import LoadedModel, load_model
 from .passes.base import PassResult
-from .passes.depth_multiplier import DepthMultiplierPass, check_divisor
+from .passes.depth_multiplier import COUNTS, DepthCounter, DepthMultiplierPass, check_divisor, match_alpha
 from .passes.sparsity import PSNPass, SparseRandomPass, eligible_layers
 from .passes.trace import propagate_shapes, trace
-from .report import layer_report, with_ratios
-from .rundir import MODEL_SOURCE, Recipe, Run, is_run_dir, load_run, save_run
+from .report import layer_report, param_counts, with_ratios
+from .rundir import MODEL_SOURCE, SUMMARY, Recipe, Run, is_run_dir, load_run, read_recipe, save_run
 
 METHODS = ("sparse-random", "psn", "depth-multiplier", "none")
 
@@ -110,15 +110,20 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
               include_linear: bool | None = None, include_classifier: bool = False, seed: int = 0,
               input_shape: Sequence[int] | None = None, model_args: dict[str, Any] | None = None,
               leaf_modules: Sequence[str] = (), rescale_init: bool = True,
-              divisor: int | None = None) -> TransformResult:
+              divisor: int | None = None, match: str | Path | None = None,
+              count: str | None = None) -> TransformResult:
     """Load ``model``, trace it, apply ``method``, and report what changed.
 
     ``model`` is ``"zoo:NAME"``, ``"torchvision:NAME"``, ``"file.py"``, ``"file.py:NAME"`` or an
     nn.Module (not replayable from a run directory). ``divisor`` (depth-multiplier only) rounds every
-    scaled channel count to a multiple of it. Raises a SparsifyError with a one-line message on bad input.
+    scaled channel count to a multiple of it. ``match`` (a run directory) with ``count`` ("conv" or
+    "total", depth-multiplier only) chooses the alpha whose live conv / total parameter count is
+    nearest that run's (see ``match_depth``); the recipe records it under ``params["match"]``.
+    Raises a SparsifyError with a one-line message on bad input.
     """
-    params = _params_for(method, density, alpha, profile, profile_params, allocation, include_linear,
-                         include_classifier, rescale_init, divisor)
+    target = _match_target(method, alpha, match, count)
+    params = _params_for(method, density, 0.5 if target is not None else alpha, profile, profile_params,
+                         allocation, include_linear, include_classifier, rescale_init, divisor)
     loaded = load_model(model, model_args, seed)
     shape = _input_shape(loaded, input_shape)
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
@@ -126,13 +131,79 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     propagate_shapes(dense, example)
     original = layer_report(dense, shape)
     params = _resolve_auto(dense, params)
+    if target is not None:
+        params["alpha"], predicted = match_depth(dense, example, target, count, params.get("divisor", 1))
     result = _apply(dense, method, params, seed, example)
     report = with_ratios(layer_report(result.model, shape), original)
+    if target is not None:
+        achieved = param_counts(report)[count]
+        if achieved != predicted:  # the count read off the channel groups disagrees with the pass: search for real
+            params["alpha"], achieved = _match_by_transform(model, params, target, count, seed, shape,
+                                                            model_args, leaf_modules)
+            result = _apply(trace(load_model(model, model_args, seed).module, leaf_modules), method, params,
+                            seed, example)
+            report = with_ratios(layer_report(result.model, shape), original)
+        params["match"] = {"run": str(match), "count": count, "target": target, "achieved": achieved}
     report.update(method=method, params=params, seed=seed, notes=result.notes, pass_layers=result.layers)
     recipe = Recipe(model=loaded.spec, input_shape=list(shape), method=method, params=params, seed=seed,
                     model_args=dict(model_args or {}), leaf_modules=list(leaf_modules),
                     num_classes=loaded.num_classes, source_sha256=loaded.source_sha256)
     return TransformResult(result.model, recipe, report, loaded.source_file)
+
+
+def _match_target(method: str, alpha: float | None, match: str | Path | None, count: str | None) -> int | None:
+    """The live parameter count that ``match`` asks for (None without ``match``); UsageError on bad use."""
+    if match is None and count is None:
+        return None
+    if method != "depth-multiplier":
+        raise UsageError(f"--match/--count apply to --method depth-multiplier only, not {method}")
+    if match is None or count not in COUNTS:
+        raise UsageError("--match RUN needs --count conv or --count total (which live parameters to equalise)")
+    if alpha is not None:
+        raise UsageError("give --alpha or --match, not both (--match finds alpha)")
+    return run_param_counts(match)[count]
+
+
+def run_param_counts(run_dir: str | Path) -> dict[str, int]:
+    """Live parameter counts of a run directory (``report.param_counts`` of its summary; no model is built)."""
+    import json
+
+    read_recipe(run_dir)  # RunDirError when it is not a run directory
+    try:
+        summary = json.loads((Path(run_dir) / SUMMARY).read_text())
+        return param_counts(summary)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RunDirError(f"{Path(run_dir) / SUMMARY} is missing or has no layer report; "
+                          f"re-create the run with `sparsify transform`") from None
+
+
+def match_depth(gm: fx.GraphModule, example: torch.Tensor, target: int, count: str,
+                divisor: int = 1) -> tuple[float, int]:
+    """Depth multiplier alpha whose ``count`` ("conv" or "total") of live parameters is nearest ``target``.
+
+    Counted from the channel groups of the traced dense graph ``gm`` (``DepthCounter``), without
+    transforming: the result is within one step of the count (one channel of the widest group) of
+    ``target``, the nearest achievable. Returns (alpha, predicted count).
+    """
+    counter = DepthCounter(gm, example, divisor)
+
+    def count_at(a: float) -> tuple[int, tuple[int, ...]]:
+        return counter.counts(a)[count], tuple(sorted(counter.sizes(a).items()))
+
+    return match_alpha(count_at, target)
+
+
+def _match_by_transform(model: Any, params: dict[str, Any], target: int, count: str, seed: int,
+                        shape: tuple[int, ...], model_args: dict[str, Any] | None,
+                        leaf_modules: Sequence[str]) -> tuple[float, int]:
+    """``match_depth`` by transforming at every alpha tried (slow; used only if the two ever disagree)."""
+    def count_at(a: float) -> tuple[int, int]:
+        res = transform(model, "depth-multiplier", alpha=a, seed=seed, input_shape=shape, model_args=model_args,
+                        leaf_modules=leaf_modules, divisor=params.get("divisor"))
+        n = param_counts(res.summary)[count]
+        return n, n
+
+    return match_alpha(count_at, target)
 
 
 def default_out(recipe: Recipe) -> Path:
