@@ -6,6 +6,7 @@ from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import SparsifyError, UsageError
 
@@ -27,7 +28,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def fail(message: str) -> typer.Exit:
     """Print ``message`` as the one error line and return the exit to raise (code 2)."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)  # "[study]" is text
     return typer.Exit(code=2)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ._common import app, err, handle_errors, out
@@ -111,7 +112,7 @@ class _StudyView:
             self.bar = None
 
 
-@app.command("study", help=SPEC_HELP)
+@app.command("study", help=escape(SPEC_HELP))  # the spec's [tables] are text, not rich markup
 @handle_errors
 def study(
     spec: Path = typer.Argument(..., help="Study spec (TOML)"),

@@ -166,7 +166,9 @@ def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None =
             raise fail(f"{where} must be a table with at least method = \"...\"")
         bad = sorted(set(a) - ARM_KEYS)
         if bad:
-            raise fail(f"{where} key {bad[0]!r} is unknown; known keys: {', '.join(sorted(ARM_KEYS))}")
+            hint = (f" (a '.' in a table name nests tables: write [arms.\"{arm_name}.{bad[0]}\"])"
+                    if isinstance(a[bad[0]], dict) else "")
+            raise fail(f"{where} key {bad[0]!r} is unknown{hint}; known keys: {', '.join(sorted(ARM_KEYS))}")
         method = a.get("method")
         if not isinstance(method, str):
             raise fail(f"{where} method is missing; set method = \"sparse-random\", \"psn\", "
