@@ -170,7 +170,7 @@ def render_comparison(c: Any) -> list[Any]:
         cv = "-" if a.fan_in_cv is None else f"{a.fan_in_cv:.2f}"
         size.add_row(a.arm, short_count(a.counts.get("total")), short_count(a.counts.get("no_classifier")),
                      short_count(a.counts.get("conv")), short_count(a.counts.get("macs")), cv,
-                     f"{a.matched} params" if a.matched else "")
+                     f"{a.matched} of {a.matched_to}" if a.matched else "")
     tables = [acc, size]
     if c.paired:
         diff = Table(title=f"accuracy minus {c.baseline}'s, paired by seed (pp)", title_justify="left",

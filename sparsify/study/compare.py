@@ -64,6 +64,7 @@ class ArmStats:
     counts: dict[str, float]                  # means over the finished seeds
     fan_in_cv: float | None
     matched: str | None                       # "conv" / "total" for a matched depth-multiplier arm
+    matched_to: str | None                    # the arm (or run) whose count it matched
     diverged: int
     unfinished: int
 
@@ -253,6 +254,7 @@ def compare(paths: Sequence[str | Path], baseline: str | None = None) -> Compari
             acc=acc, acc_mean=mean, acc_sem=sem, error_mean=None if mean is None else 100 - mean, counts=counts,
             fan_in_cv=sum(cvs) / len(cvs) if cvs else None,
             matched=(first.match or {}).get("count"),
+            matched_to=_matched_to(first.match),
             diverged=sum(r.status == "diverged" for r in members),
             unfinished=sum(r.status == "unfinished" for r in members),
         ))
@@ -276,6 +278,14 @@ def compare(paths: Sequence[str | Path], baseline: str | None = None) -> Compari
                 diff.ci_low, diff.ci_high = _finite(ci.low), _finite(ci.high)
             paired.append(diff)
     return Comparison(out, paired, baseline, runs)
+
+
+def _matched_to(match: dict[str, Any] | None) -> str | None:
+    """The arm of the run a depth-multiplier run matched (its directory name if it is no study's run)."""
+    if not match:
+        return None
+    run = Path(match["run"])
+    return (_read_json(run / JOB).get("key") or {}).get("arm") or run.name
 
 
 def _finite(x: Any) -> float | None:
@@ -333,7 +343,7 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
         for e in epochs:
             vals = [p["val_acc"] for r in rs for p in r.curve if p["epoch"] == e and p["val_acc"] is not None]
             mean.append(sum(vals) / len(vals) if vals else float("nan"))
-        ax.plot(epochs, mean, label=arm)
+        ax.plot(epochs, mean, label=arm, marker="o" if len(epochs) <= 12 else None, markersize=3)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%), mean over seeds")
     ax.grid(True, alpha=0.3)
