@@ -266,6 +266,10 @@ class _Scheduler:
                 while len(self.running) < self.slots and (job := self._ready()) is not None:
                     self._start(job)
                 if not self.running:
+                    stuck = [j for j in self.jobs if j.state == "pending"]
+                    if stuck:  # cannot happen while every matched arm runs after its target; never end silently
+                        raise StudyError(f"arm {stuck[0].arm!r} seed {stuck[0].seed} cannot start: the run it "
+                                         f"matches ({stuck[0].depends_on[0]!r}) was not prepared")
                     break
                 for key, _ in self.selector.select(timeout=0.5):
                     self._read(key.data)
