@@ -203,16 +203,15 @@ def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None =
 
 
 def _model_path(model: Any, base_dir: Path) -> str:
-    """A model file named relative to the spec is resolved against the spec's folder."""
+    """A model file named relative to the spec is resolved against the spec's folder (``file.py[:NAME]``)."""
     model = str(model)
     if model.startswith(("zoo:", "torchvision:")):
         return model
-    file, sep, factory = model.partition(":") if model.count(":") == 1 and not re.match(r"^[A-Za-z]:\\", model) \
-        else (model, "", "")
+    file, sep, factory = model.partition(":")
     p = Path(file)
     if not p.is_absolute() and (base_dir / p).is_file():
         p = base_dir / p
-    return str(p.resolve()) + (sep + factory if sep else "")
+    return str(p.resolve()) + sep + factory
 
 
 def _seeds(value: Any, key: str, fail: Any, required: bool = False) -> list[int]:
