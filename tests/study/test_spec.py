@@ -97,3 +97,11 @@ def test_help_documents_the_spec_format():
     assert res.exit_code == 0
     for word in ("[study]", "[train]", "[arms.", "seeds", "match", "count", "--jobs"):
         assert word in res.output
+
+
+def test_model_file_is_found_next_to_the_spec(tmp_path, monkeypatch):
+    (tmp_path / "net.py").write_text("import torch.nn as nn\nINPUT_SHAPE = (1, 4)\n"
+                                     "def build_model():\n    return nn.Sequential(nn.Linear(4, 2))\n")
+    spec = _write(tmp_path, '[study]\nmodel = "net.py:build_model"\nseeds = 1\n[arms.a]\nmethod = "none"')
+    monkeypatch.chdir(tmp_path.parent)  # the spec is read from elsewhere
+    assert load_spec(spec).arms["a"].model == f"{tmp_path / 'net.py'}:build_model"
