@@ -306,6 +306,7 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     from .._io import atomic_path
 
@@ -328,6 +329,7 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
             ax.set_xlabel(label)
             continue
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on short ranges
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)
