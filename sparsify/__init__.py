@@ -9,6 +9,9 @@ The Python API mirrors the CLI, one function per stage::
     sparsify.bench(["dense.onnx", "l.onnx"], batch_sizes=(1, 16))
     sparsify.inspect("runs/l")
 
+Studies (``sparsify.study``): ``run_study(load_spec("studies/x.toml"))`` trains every arm x seed,
+``compare(["runs/study-x"])`` gives per-arm mean +- s.e. and paired differences.
+
 Imports are lazy so that ``sparsify --help`` does not pay for torch.
 """
 from __future__ import annotations

@@ -14,12 +14,12 @@ from ._io import check_output_dir
 from .errors import ModelLoadError, RunDirError, SparsifyError, UsageError
 from .models import LoadedModel, load_model
 from .passes.base import PassResult
-from .passes.depth_multiplier import DepthMultiplierPass, check_divisor
+from .passes.depth_multiplier import COUNTS, DepthCounter, DepthMultiplierPass, check_divisor, match_alpha
 from .passes.rules import Registry, Rule, with_user_rules
 from .passes.sparsity import PSNPass, SparseRandomPass, eligible_layers
 from .passes.trace import mode_differences, propagate_shapes, trace
-from .report import input_shapes, layer_report, with_ratios
-from .rundir import MODEL_SOURCE, Recipe, Run, is_run_dir, load_run, save_run
+from .report import input_shapes, layer_report, param_counts, with_ratios
+from .rundir import MODEL_SOURCE, SUMMARY, Recipe, Run, is_run_dir, load_run, read_recipe, save_run
 
 METHODS = ("sparse-random", "psn", "depth-multiplier", "none")
 
@@ -135,20 +135,23 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
               model_args: dict[str, Any] | None = None, leaf_modules: Sequence[str] = (),
               rescale_init: bool | None = None, divisor: int | None = None,
               rules: Mapping[Any, str | Rule] | None = None,
-              weights: str | Path | None = None) -> TransformResult:
+              weights: str | Path | None = None, match: str | Path | None = None,
+              count: str | None = None) -> TransformResult:
     """Load ``model``, trace it, apply ``method``, and report what changed.
 
     ``model`` is ``"zoo:NAME"``, ``"torchvision:NAME"``, ``"file.py"``, ``"file.py:NAME"`` or an
     nn.Module (not replayable from a run directory). ``input_shape`` is one shape, or one per input
     of a model with several inputs. ``divisor`` (depth-multiplier only) rounds every scaled channel
-    count to a multiple of it. ``rules`` maps the user's (leaf) module types or type names to a rule
-    name (``"conv"``, ``"linear"``, ``"elementwise"``, ``"frozen"``) or a
-    ``sparsify.passes.rules.Rule``. A model that runs differently in training (dropout flags, ``if
-    self.training``, auxiliary outputs) keeps one graph per mode, and a note says so. ``weights`` is
-    a trained state dict (``.pt``/``.pth``/``.safetensors``, see ``sparsify.weights``) loaded into
-    the model before the pass, so the masks apply to it; ``rescale_init`` (default: on without
-    ``weights``, off with them) scales each unit's initial weights to its live fan-in. Raises a
-    SparsifyError with a one-line message on bad input.
+    count to a multiple of it. ``match`` (a run directory) with ``count`` ("conv" or "total",
+    depth-multiplier only) chooses the alpha whose live conv / total parameter count is nearest that
+    run's (see ``match_depth``); the recipe records it under ``params["match"]``. ``rules`` maps the
+    user's (leaf) module types or type names to a rule name (``"conv"``, ``"linear"``,
+    ``"elementwise"``, ``"frozen"``) or a ``sparsify.passes.rules.Rule``. A model that runs
+    differently in training (dropout flags, ``if self.training``, auxiliary outputs) keeps one graph
+    per mode, and a note says so. ``weights`` is a trained state dict (``.pt``/``.pth``/
+    ``.safetensors``, see ``sparsify.weights``) loaded into the model before the pass, so the masks
+    apply to it; ``rescale_init`` (default: on without ``weights``, off with them) scales each unit's
+    initial weights to its live fan-in. Raises a SparsifyError with a one-line message on bad input.
     """
     _check_seed(seed)
     if weights is not None and method == "depth-multiplier":
@@ -156,8 +159,9 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
                          "with fresh weights")
     if rescale_init is None:
         rescale_init = weights is None
-    params = _params_for(method, density, alpha, profile, profile_params, allocation, include_linear,
-                         include_classifier, rescale_init, divisor)
+    target = _match_target(method, alpha, match, count)
+    params = _params_for(method, density, 0.5 if target is not None else alpha, profile, profile_params,
+                         allocation, include_linear, include_classifier, rescale_init, divisor)
     registry, rule_record = _rules(rules)
     loaded = load_model(model, model_args, seed)
     _check_loaded(loaded, leaf_modules)
@@ -168,8 +172,16 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     propagate_shapes(dense, example)
     original = layer_report(dense, shapes, registry)
     params = _resolve_auto(dense, params, registry)
+    if target is not None:
+        params["alpha"], predicted = match_depth(dense, example, target, count, params.get("divisor", 1), registry)
     result = _apply(dense, method, params, seed, example, registry)
     report = with_ratios(layer_report(result.model, shapes, registry), original)
+    if target is not None:
+        achieved = param_counts(report)[count]
+        if achieved != predicted:  # the counter and the pass disagree: the alpha may not be the nearest
+            result.notes.append(f"--match: the count read off the channel groups ({predicted:,}) differs from the "
+                                f"model's ({achieved:,}); alpha {params['alpha']:g} may not be the nearest")
+        params["match"] = {"run": str(match), "count": count, "target": target, "achieved": achieved}
     differs = mode_differences(result.model)
     notes = ([differs] if differs else []) + list(result.notes) + _density_notes(params, result.layers)
     if source is not None:
@@ -226,6 +238,48 @@ def _load_user_weights(loaded: LoadedModel, weights: str | Path) -> dict[str, An
     state = read_state_dict(path)
     apply_state_dict(loaded.module, state, str(weights), loaded.spec)
     return {"source": str(path.resolve()), "sha256": file_sha256(path), "tensors": len(state)}
+
+
+def _match_target(method: str, alpha: float | None, match: str | Path | None, count: str | None) -> int | None:
+    """The live parameter count that ``match`` asks for (None without ``match``); UsageError on bad use."""
+    if match is None and count is None:
+        return None
+    if method != "depth-multiplier":
+        raise UsageError(f"--match/--count apply to --method depth-multiplier only, not {method}")
+    if match is None or count not in COUNTS:
+        raise UsageError("--match RUN needs --count conv or --count total (which live parameters to equalise)")
+    if alpha is not None:
+        raise UsageError("give --alpha or --match, not both (--match finds alpha)")
+    return run_param_counts(match)[count]
+
+
+def run_param_counts(run_dir: str | Path) -> dict[str, int]:
+    """Live parameter counts of a run directory (``report.param_counts`` of its summary; no model is built)."""
+    import json
+
+    read_recipe(run_dir)  # RunDirError when it is not a run directory
+    try:
+        summary = json.loads((Path(run_dir) / SUMMARY).read_text())
+        return param_counts(summary)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RunDirError(f"{Path(run_dir) / SUMMARY} is missing or has no layer report; "
+                          f"re-create the run with `sparsify transform`") from None
+
+
+def match_depth(gm: fx.GraphModule, example: Any, target: int, count: str, divisor: int = 1,
+                rules: Registry | None = None) -> tuple[float, int]:
+    """Depth multiplier alpha whose ``count`` ("conv" or "total") of live parameters is nearest ``target``.
+
+    Counted from the channel groups of the traced dense graph ``gm`` (``DepthCounter``), without
+    transforming: the result is within one step of the count (one channel of the widest group) of
+    ``target``, the nearest achievable. Returns (alpha, predicted count).
+    """
+    counter = DepthCounter(gm, example, divisor, rules)
+
+    def count_at(a: float) -> tuple[int, tuple[int, ...]]:
+        return counter.counts(a)[count], tuple(sorted(counter.sizes(a).items()))
+
+    return match_alpha(count_at, target)
 
 
 def default_out(recipe: Recipe) -> Path:

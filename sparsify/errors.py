@@ -41,13 +41,15 @@ class TrainingError(SparsifyError):
 class DivergenceError(TrainingError):
     """Training diverged: a non-finite loss, or a loss far above the one training started from.
 
-    ``epoch`` is where it was detected, ``good_epochs`` how many epochs completed before it (their
-    metrics and checkpoint are kept), ``lr`` the base learning rate that was used.
+    ``epoch`` (and ``step`` within it, when known) is where it was detected, ``good_epochs`` how many
+    epochs completed before it (their metrics and checkpoint are kept), ``lr`` the base learning rate
+    that was used.
     """
 
-    def __init__(self, what: str, *, epoch: int, good_epochs: int, lr: float, advice: str | None = None) -> None:
+    def __init__(self, what: str, *, epoch: int, good_epochs: int, lr: float, advice: str | None = None,
+                 step: int | None = None) -> None:
         super().__init__(f"training diverged: {what}; {advice or f'retry with a lower learning rate (--lr {lr / 10:g})'}")
-        self.what, self.epoch, self.good_epochs, self.lr = what, epoch, good_epochs, lr
+        self.what, self.epoch, self.good_epochs, self.lr, self.step = what, epoch, good_epochs, lr, step
 
 
 class ExportError(SparsifyError):

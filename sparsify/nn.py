@@ -213,6 +213,19 @@ SPARSE_LAYERS = (SparseConv1d, SparseConv2d, SparseLinear, MaskedLeaf)
 SPARSE_CONV_FOR: dict[type, type] = {nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d}  # dense type -> masked
 
 
+def live_params(model: nn.Module) -> int:
+    """Parameters that can be non-zero: masked layers count live weights only, everything else in full."""
+    total = 0
+    for mod in model.modules():
+        has_mask = isinstance(mod, _Masked)
+        for name, p in mod.named_parameters(recurse=False):
+            if has_mask and name == "weight":
+                total += int(mod.weight_mask().bool().sum().item())
+            else:
+                total += p.numel()
+    return total
+
+
 def sparse_modules(model: nn.Module) -> dict[str, nn.Module]:
     """All masked layers of ``model`` by qualified name, in definition order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SPARSE_LAYERS)}

@@ -129,3 +129,13 @@ def with_ratios(report: dict[str, Any], original: dict[str, Any]) -> dict[str, A
         o = original["totals"].get(key) or 0
         ratios[key] = report["totals"][key] / o if o else None
     return {**report, "original_totals": original["totals"], "ratios": ratios}
+
+
+def param_counts(report: dict[str, Any]) -> dict[str, int]:
+    """The counts a study compares, from a ``layer_report``: live parameters ``total``, without the
+    classifier (``no_classifier``), of conv layers only (``conv``: weights and biases, Changpinyo et
+    al.'s "convolutional parameters"), and multiply-adds per sample (``macs``)."""
+    tot = report["totals"]
+    return {"total": int(tot["params"]), "no_classifier": int(tot["params_no_classifier"]),
+            "conv": int(sum(l["params"] for l in report["layers"] if l.get("kernel"))),
+            "macs": int(tot["macs"])}

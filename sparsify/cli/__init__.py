@@ -13,6 +13,7 @@ from . import train as _train  # noqa: E402,F401
 from . import export as _export  # noqa: E402,F401
 from . import bench as _bench  # noqa: E402,F401
 from . import runtime as _runtime  # noqa: E402,F401
+from . import study as _study  # noqa: E402,F401
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer import _click
 from typer.core import TyperCommand, TyperGroup
 
@@ -121,7 +122,7 @@ def _root(
 
 def fail(message: str) -> typer.Exit:
     """Print ``message`` as the one error line and return the exit to raise (code 2)."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)  # "[study]" is text
     return typer.Exit(code=2)
 
 

@@ -182,7 +182,8 @@ def fit_profile(
     run_dir: Path = typer.Argument(..., help="A trained run directory (ideally from a dynamic schedule)"),
     as_json: bool = typer.Option(False, "--json", help="Print the fit as JSON"),
 ) -> None:
-    """Fit lognormal / power-law laws to a run's fan-in and print the transform command that starts there."""
+    """Fit lognormal / power-law laws to a run's fan-in (sigma per layer) and print the PSN experiment's command:
+    a fresh run trained with RigL from ERK budgets and a lognormal profile at each layer's fitted sigma."""
     from ..train.fit_profile import fit_profile as fit
 
     result = fit(run_dir)
@@ -197,7 +198,7 @@ def fit_profile(
                       f"{rec['sigma']:.3f}" if "sigma" in rec else "-")
     out.print(table)
     ln, pl = result["lognormal"], result["power_law"]
-    out.print(f"lognormal: sigma={ln['sigma']:.4f} (KS {ln['ks']:.3f});  power-law: exponent={pl['exponent']:.4f} "
+    out.print(f"pooled over layers: lognormal sigma={ln['sigma']:.4f} (KS {ln['ks']:.3f});  power-law: exponent={pl['exponent']:.4f} "
               f"(KS {pl['ks']:.3f});  better fit: {result['best']}", highlight=False)
     if result.get("trained_with") in (None, "static"):
         err.print("note: this run's topology was not trained with a dynamic schedule, so this is its initial "

@@ -120,6 +120,10 @@ def transform(
     alpha: Optional[float] = typer.Option(None, help="Channel multiplier in (0, 1] (depth-multiplier)"),
     divisor: Optional[int] = typer.Option(None, help="Round each scaled channel count to a multiple of this, "
                                           "MobileNet's rule (depth-multiplier; default: ceil(alpha * n))"),
+    match: Optional[Path] = typer.Option(None, help="depth-multiplier: choose alpha so that the live parameters "
+                                         "equal this run directory's (see --count)"),
+    count: Optional[str] = typer.Option(None, help="With --match: which live parameters to equalise, "
+                                        "conv (conv layers only) or total"),
     profile: Optional[str] = typer.Option(None, help="psn fan-in profile: uniform, linear, exponential, power, "
                                           "logistic, gaussian, cosine, step, lognormal, power-law"),
     profile_param: Optional[List[str]] = typer.Option(None, "--profile-param", help="NAME=VALUE, repeatable (e.g. sigma=1.5)"),
@@ -147,7 +151,8 @@ def transform(
     from ..api import transform_to_dir
 
     path, result = transform_to_dir(
-        model, method, out=out_dir, force=force, density=density, alpha=alpha, divisor=divisor, profile=profile,
+        model, method, out=out_dir, force=force, density=density, alpha=alpha, divisor=divisor, match=match,
+        count=count, profile=profile,
         profile_params=_kv_args(profile_param), allocation=allocation, include_linear=include_linear,
         include_classifier=include_classifier, rescale_init=rescale_init, seed=seed, weights=weights,
         input_shape=parse_shape(input_shape),
@@ -160,6 +165,10 @@ def transform(
     print_totals(result.summary)
     for note in result.summary.get("notes", []):
         err.print(f"note: {note}", highlight=False)
+    matched = result.recipe.params.get("match")
+    if matched:
+        out.print(f"alpha {result.recipe.params['alpha']:g}: {matched['achieved']:,} live {matched['count']} "
+                  f"parameters (target {matched['target']:,} from {matched['run']})", highlight=False)
     out.print(f"[green]saved[/] {path}")
 
 

@@ -11,16 +11,18 @@ tensors keep the entries of the channels that remain.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Hashable, Iterator
 
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from ..errors import PassError, UsageError
 from .base import GraphPass, PassResult, check_fraction, set_submodule
-from .channel_graph import ChannelGraph
+from .channel_graph import ChannelGraph, classifier_node
 from .rules import LayerRule, Registry
+from .rules.layers import ConvRule
 from .trace import graphs
 
 
@@ -82,31 +84,15 @@ class DepthMultiplierPass(GraphPass):
 
     def call(self, gm: fx.GraphModule, example: Any) -> PassResult:
         cg = ChannelGraph.build(gm, example, self.rules)
-        sizes = {g.id: scaled_size(g.size, self.alpha, self.divisor, g.multiple) for g in cg.free_groups()}
-
-        def new_size(a: Any, axis: int) -> int:
-            g = cg.group_of(a, axis) if isinstance(a, fx.Node) else None
-            if g is None:
-                raise PassError(f"depth-multiplier: no channel group for {getattr(a, 'name', a)}")
-            return cg.derived_size(g.id, sizes)
-
-        mods = dict(gm.named_modules())
+        sizes = group_sizes(cg, self.alpha, self.divisor)
+        new_size = _new_size(cg, sizes)
         result = PassResult(gm)
         torch.manual_seed(self.seed)
-        done: set[str] = set()
-        for graph in graphs(gm):
-            for node in graph.nodes:
-                if node.op != "call_module" or node.target in done:
-                    continue
-                done.add(node.target)
-                m = mods[node.target]
-                rule = cg.rules.rule_for_module(m)
-                if not isinstance(rule, LayerRule):
-                    continue
-                new = rule.resize(m, node, new_size)
-                if new is not None:
-                    set_submodule(gm, node.target, new)
-                    result.layers[node.target] = {"kind": type(m).__name__, "before": _dims(m), "after": _dims(new)}
+        for target, m, node, rule in _layer_calls(gm, cg):
+            new = rule.resize(m, node, new_size)
+            if new is not None:
+                set_submodule(gm, target, new)
+                result.layers[target] = {"kind": type(m).__name__, "before": _dims(m), "after": _dims(new)}
         self._cut_parameters(gm, cg, sizes)
         for g in cg.channel_groups():
             if g.frozen:
@@ -153,6 +139,124 @@ class DepthMultiplierPass(GraphPass):
                     owner.register_buffer(attr, cut.clone())
 
 
+def group_sizes(cg: ChannelGraph, alpha: float, divisor: int = 1) -> dict[int, int]:
+    """The depth-multiplied size of every free channel group of ``cg`` (``scaled_size``), by group id."""
+    return {g.id: scaled_size(g.size, alpha, divisor, g.multiple) for g in cg.free_groups()}
+
+
+def _new_size(cg: ChannelGraph, sizes: dict[int, int]) -> Callable[[Any, int], int]:
+    """``size(node_or_arg, axis)``: the channel count of that axis once the root groups have ``sizes``."""
+    def new_size(a: Any, axis: int) -> int:
+        g = cg.group_of(a, axis) if isinstance(a, fx.Node) else None
+        if g is None:
+            raise PassError(f"depth-multiplier: no channel group for {getattr(a, 'name', a)}")
+        return cg.derived_size(g.id, sizes)
+
+    return new_size
+
+
+def _layer_calls(gm: fx.GraphModule, cg: ChannelGraph) -> Iterator[tuple[str, nn.Module, fx.Node, LayerRule]]:
+    """(target, module, first call node, rule) of every module a layer rule resizes, once each."""
+    mods = dict(gm.named_modules())
+    done: set[str] = set()
+    for graph in graphs(gm):
+        for node in graph.nodes:
+            if node.op != "call_module" or node.target in done:
+                continue
+            done.add(node.target)
+            rule = cg.rules.rule_for_module(mods[node.target])
+            if isinstance(rule, LayerRule):
+                yield node.target, mods[node.target], node, rule
+
+
+COUNTS = ("conv", "total")
+
+
+class DepthCounter:
+    """Parameter counts of the depth-multiplied graph at any alpha, read off the channel groups.
+
+    The channel graph is built once; ``counts(alpha)`` sizes every group as ``DepthMultiplierPass``
+    does (``group_sizes``) and adds up the parameter shapes each layer's rule would give
+    (``LayerRule.resize_plan``), so searching alpha rewrites no model. Counts (units: parameters):
+    ``total`` (every parameter), ``no_classifier`` (without the last weight layer's), and ``conv``
+    (weights and biases of conv layers). ``sizes(alpha)`` is the group sizes: two alphas with equal
+    sizes give the same model. Raises PassError where the pass would.
+    """
+
+    def __init__(self, gm: fx.GraphModule, example: Any, divisor: int = 1, rules: Registry | None = None) -> None:
+        self.cg = ChannelGraph.build(gm, example, rules)
+        self.divisor = check_divisor(divisor)
+        self.free = [(g.id, g.size) for g in self.cg.free_groups()]
+        clf = classifier_node(gm, rules)
+        self.layers = [(m, node, rule, isinstance(rule, ConvRule), clf is not None and target == clf.target)
+                       for target, m, node, rule in _layer_calls(gm, self.cg)]
+        owned = {id(p) for m, *_ in self.layers for p in m.parameters(recurse=False)}
+        self.cut: list[tuple[tuple[int, ...], list[int | None]]] = []  # get_attr parameters, group per axis
+        for target in sorted({n.target for graph in graphs(gm) for n in graph.nodes if n.op == "get_attr"}):
+            t = _get(gm, target)
+            if isinstance(t, nn.Parameter) and id(t) not in owned:
+                owned.add(id(t))
+                groups = [self.cg.group_of_space((f"%{target}", axis)) for axis in range(t.dim())]
+                self.cut.append((tuple(t.shape), [g.id if g is not None else None for g in groups]))
+        self.other = sum(p.numel() for p in gm.parameters() if id(p) not in owned)
+
+    def sizes(self, alpha: float) -> dict[int, int]:
+        """The size of every free channel group at ``alpha``."""
+        return group_sizes(self.cg, alpha, self.divisor)
+
+    def counts(self, alpha: float) -> dict[str, int]:
+        """Parameter counts of the model ``DepthMultiplierPass(alpha, divisor=divisor)`` makes."""
+        sizes = self.sizes(alpha)
+        new_size = _new_size(self.cg, sizes)
+        total = conv = clf = 0
+        for m, node, rule, is_conv, is_clf in self.layers:
+            plan = rule.resize_plan(m, node, new_size)
+            shapes = plan[1] if plan is not None else {}
+            n = sum(math.prod(shapes.get(name, p.shape)) for name, p in m.named_parameters(recurse=False))
+            total += n
+            conv += n if is_conv else 0
+            clf += n if is_clf else 0
+        for shape, groups in self.cut:
+            total += math.prod(self.cg.derived_size(g, sizes) if g is not None else d for d, g in zip(shape, groups))
+        total += self.other
+        return {"total": total, "no_classifier": total - clf, "conv": conv}
+
+
+def match_alpha(count_at: Callable[[float], tuple[int, Hashable]], target: int) -> tuple[float, int]:
+    """The alpha whose count is nearest ``target``; returns (alpha, count).
+
+    ``count_at(alpha)`` gives the count and a key that is equal for alphas making the same model
+    (the group sizes). The count never falls as alpha grows, so bisection finds the two steps that
+    bracket ``target``; the nearer wins (the larger on a tie). The alpha returned is the shortest
+    decimal that makes the same model, so a recipe reads ``0.852``, not ``0.85217391304``.
+    """
+    smallest = 1e-9
+    n_hi, _ = count_at(1.0)
+    n_lo, _ = count_at(smallest)
+    if n_hi <= target:
+        best = 1.0
+    elif n_lo >= target:
+        best = smallest
+    else:
+        lo, hi = smallest, 1.0
+        for _ in range(80):
+            mid = (lo + hi) / 2
+            if mid in (lo, hi):
+                break
+            if count_at(mid)[0] < target:
+                lo = mid
+            else:
+                hi = mid
+        n_lo, n_hi = count_at(lo)[0], count_at(hi)[0]
+        best = lo if abs(n_lo - target) < abs(n_hi - target) else hi
+    n, key = count_at(best)
+    for digits in range(1, 17):
+        short = float(f"{best:.{digits}g}")
+        if 0 < short <= 1 and count_at(short)[1] == key:
+            return short, n
+    return best, n
+
+
 def _get(gm: fx.GraphModule, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
@@ -172,4 +276,5 @@ def _dims(m: Any) -> list[int]:
     return []
 
 
-__all__ = ["DepthMultiplierPass", "check_alpha", "check_divisor", "make_divisible", "scaled_size"]
+__all__ = ["COUNTS", "DepthCounter", "DepthMultiplierPass", "check_alpha", "check_divisor", "group_sizes",
+           "make_divisible", "match_alpha", "scaled_size"]

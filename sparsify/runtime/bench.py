@@ -582,16 +582,10 @@ def parse_variants(text: str | Sequence[str] | None) -> list[str]:
 
 
 def live_params(model: Any) -> int:
-    """Parameters that can be non-zero: masked layers count live weights only, everything else in full."""
-    total = 0
-    for mod in model.modules():
-        has_mask = hasattr(mod, "mask") and hasattr(mod, "weight_mask")
-        for name, p in mod.named_parameters(recurse=False):
-            if has_mask and name == "weight":
-                total += int(mod.weight_mask().bool().sum().item())
-            else:
-                total += p.numel()
-    return total
+    """Live parameters of ``model``: ``sparsify.nn.live_params`` (imported lazily: bench on .onnx files needs no torch)."""
+    from ..nn import live_params as count
+
+    return count(model)
 
 
 def depth_equivalent(recipe: Any, target_params: int, *, run_dir: str | Path | None = None, tol: float = 0.01,

@@ -3,12 +3,14 @@
 The PSN paper finds that RigL converges to a characteristic fan-in distribution and that a new
 run started at that equilibrium (a PSN lognormal profile) does better than ERK. The fits are
 scale-free, like the profiles in ``sparsify.profiles``: lognormal ``sigma`` is the standard
-deviation of log fan-in around each layer's own log-mean (pooled over layers), and the power-law
+deviation of log fan-in around the layer's log-mean, per layer (``layers[NAME]["sigma"]``, what
+the printed command uses: layers differ) and pooled over layers (for the KS test), and the power-law
 ``exponent`` is the maximum-likelihood Pareto tail index of fan-in over each layer's smallest
 non-zero fan-in. Kolmogorov-Smirnov distances say which law fits better. Closed forms, no scipy.
 """
 from __future__ import annotations
 
+import json
 import math
 import shlex
 from pathlib import Path
@@ -66,8 +68,57 @@ def fit_fan_ins(fan_ins: dict[str, np.ndarray]) -> dict[str, Any]:
     }
 
 
+def _train_options(config: dict[str, Any]) -> list[str]:
+    """``sparsify train`` options for the trained run's settings that differ from the defaults."""
+    from .trainer import TrainConfig
+
+    skip = {"seed", "schedule", "init", "init_profile", "init_profile_params", "data_dir"}
+    default = TrainConfig().to_dict()
+    args: list[str] = []
+    for k, v in config.items():
+        if k in skip or k not in default or v == default[k] or v is None:
+            continue
+        args += [f"--{k.replace('_', '-')}", f"{v:g}" if isinstance(v, float) else str(v)]
+    return args
+
+
+def psn_command(run: Any, run_dir: str | Path, sigmas: dict[str, float], layer_names: list[str],
+                density: float) -> str:
+    """The PSN experiment from this run's equilibrium: a fresh run of the same model and budget, trained
+    with RigL from ERK budgets and a lognormal fan-in profile with each layer's own sigma."""
+    params = run.recipe.params or {}
+    name = f"{Path(run_dir).name}-psn"
+    t = ["sparsify", "transform", run.recipe.model, "--method", "sparse-random",
+         "--density", f"{params.get('density', density):.4g}"]
+    if run.recipe.model_args:
+        t += ["--model-args", json.dumps(run.recipe.model_args)]
+    if params.get("include_linear"):
+        t += ["--include-linear"]
+    if params.get("include_classifier"):
+        t += ["--include-classifier"]
+    t += ["--seed", str(run.recipe.seed), "--out", name]
+    trained = (run.summary.get("train") or {}).get("config") or {}
+    r = ["sparsify", "train", name, "--schedule", "rigl", "--init", "erk", "--init-profile", "lognormal"]
+    if any(n not in sigmas for n in layer_names):  # layers too small to fit take the mean of the others
+        r += ["--init-profile-param", f"sigma={sum(sigmas.values()) / len(sigmas):.3g}"]
+    for n in layer_names:
+        if n in sigmas:
+            r += ["--init-profile-param", f"sigma@{n}={sigmas[n]:.3g}"]
+    r += _train_options(trained)
+    if "seed" in trained:
+        r += ["--seed", str(trained["seed"])]
+    return f"{shlex.join(t)} && {shlex.join(r)}"
+
+
 def fit_profile(run_dir: str | Path) -> dict[str, Any]:
-    """Fit the fan-in distribution of a (trained) run and build the transform command that starts there."""
+    """Fit the fan-in distribution of a (trained) run and build the command that starts RigL there.
+
+    Returns the per-layer statistics (``layers``: units, empty, mean, cv, sigma), the pooled fits
+    (``lognormal``, ``power_law``, ``best``), ``sigma_per_layer``, and ``command``: the PSN
+    experiment (PSN paper: RigL from ERK budgets with a lognormal profile matched to the equilibrium)
+    as ``sparsify transform ... && sparsify train ... --schedule rigl --init erk --init-profile
+    lognormal --init-profile-param sigma@LAYER=...``, with the trained run's data and settings.
+    """
     run = load_run(run_dir)
     layers = sparse_modules(run.model)
     if not layers:
@@ -76,20 +127,10 @@ def fit_profile(run_dir: str | Path) -> dict[str, Any]:
     fit = fit_fan_ins(fan_ins)
     live = sum(int(m.mask.sum()) for m in layers.values())
     density = live / sum(m.mask.numel() for m in layers.values())
-    params = run.recipe.params or {}
-    profile, pname, pval = (("lognormal", "sigma", fit["lognormal"]["sigma"]) if fit["best"] == "lognormal"
-                            else ("power-law", "exponent", fit["power_law"]["exponent"]))
-    args = ["sparsify", "transform", run.recipe.model, "--method", "psn", "--profile", profile,
-            "--profile-param", f"{pname}={pval:.3g}", "--density", f"{params.get('density', density):.4g}"]
-    if params.get("allocation", "uniform") != "uniform":
-        args += ["--allocation", str(params["allocation"])]
-    if params.get("include_linear"):
-        args += ["--include-linear"]
-    if params.get("include_classifier"):
-        args += ["--include-classifier"]
-    args += ["--seed", str(run.recipe.seed), "--out", f"{Path(run_dir).name}-psn"]
+    sigmas = {n: rec["sigma"] for n, rec in fit["layers"].items() if "sigma" in rec}
     fit["density"] = density
-    fit["command"] = shlex.join(args)
+    fit["sigma_per_layer"] = sigmas
+    fit["command"] = psn_command(run, run_dir, sigmas, list(layers), density)
     trained = (run.summary.get("train") or {}).get("config", {}).get("schedule")
     fit["trained_with"] = trained
     return fit

@@ -1,4 +1,4 @@
-"""Per-layer topology statistics for ``metrics.jsonl``.
+"""Per-layer topology statistics for ``metrics.jsonl``, and its first record (``start_record``).
 
 Fan-in is counted in mask entries (input channels for a conv, inputs for a linear layer).
 Gradient concentration (PSN paper): the mean gradient magnitude of the top-decile fan-in units
@@ -8,10 +8,13 @@ keeps the per-step cost negligible for wide linear layers).
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from ..nn import SPARSE_LAYERS, live_params
 
 GRAD_SAMPLE_EVERY = 10
 
@@ -76,3 +79,50 @@ def layer_stats(layers: dict[str, nn.Module], grads: GradAccumulator | None = No
             rec["grad_concentration"] = None if c is None else round(c, 6)
         out[n] = rec
     return out
+
+
+def live_connections(model: nn.Module, layers: dict[str, nn.Module]) -> int:
+    """Live connections (mask entries) of the masked ``layers``; of every Conv2d / Linear when there are none.
+
+    A dense model has no masked layer, yet every one of its connections is live: counting zero
+    there (as a sum over masks would) misreports dense baselines.
+    """
+    if layers:
+        return sum(int(m.mask.sum()) for m in layers.values())
+    return sum(int(m.weight.shape[0] * m.weight.shape[1]) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+def dense_layer_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``layer_stats``-shaped records of the plain (unmasked) Conv2d / Linear layers: every connection live."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, SPARSE_LAYERS):
+            out[n] = {"density": 1.0, "live": int(m.weight.shape[0] * m.weight.shape[1]), "fan_in_cv": 0.0,
+                      "empty_out": 0, "empty_in": 0, "dense": True}
+    return out
+
+
+def start_record(model: nn.Module, layers: dict[str, nn.Module], config: dict[str, Any]) -> dict[str, Any]:
+    """The first record of ``metrics.jsonl``: the topology training starts from, and what ran it.
+
+    Per-layer live counts and fan-in CV after the schedule set the initial topology (``layers``:
+    masked layers; plain weight layers are listed as dense), the initialisation that was asked for
+    (``init``, ``init_profile``), the torch thread counts and the library versions.
+    """
+    from ..rundir import versions
+
+    return {
+        "event": "start",
+        "schedule": config.get("schedule"),
+        "init": config.get("init"),
+        "init_profile": config.get("init_profile"),
+        "init_profile_params": config.get("init_profile_params") or {},
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "versions": versions(),
+        "live": live_connections(model, layers),
+        "live_params": live_params(model),
+        "layers": {**layer_stats(layers), **dense_layer_stats(model)},
+    }

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 
 from .._io import atomic_path
 from ..errors import DataError, DivergenceError, TrainingError, UsageError
-from ..nn import sparse_modules
+from ..nn import live_params, sparse_modules
 from .checkpoint import save_checkpoint
 from .data import DataBundle, Split, augment_batch, augment_generator, batches, check_data_name, num_batches
 from .distributed import Reducer
-from .metrics import GradAccumulator, layer_stats
+from .metrics import GradAccumulator, layer_stats, live_connections, start_record
 from .schedules import SCHEDULES, Change, Plan, schedule_class
 
 LR_SCHEDULES = ("cosine", "step", "constant")
@@ -254,6 +254,10 @@ def _check_divergence(train_loss: float, val_loss: float | None, start_loss: flo
                               good_epochs=good_epochs, lr=cfg.learning_rate)
 
 
+def _epochs_done(history: list[dict[str, Any]]) -> int:
+    return sum(1 for r in history if r.get("event") == "epoch")
+
+
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -313,6 +317,10 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
             say(f"{cfg.schedule}: initial topology set (pruned {sum(initial.pruned.values())}, "
                 f"grown {sum(initial.grown.values())} connections)")
     enforce_masks(layers, optimizer)
+    if resume_state is None:  # metrics.jsonl starts with the topology training starts from
+        history.append(start_record(model, layers, cfg.to_dict()))
+        if metrics_path is not None and reducer.is_main:
+            _write_metrics(Path(metrics_path), history)
     for note in data.notes:
         say(note)
     augment = data.augment if cfg.augment is None else cfg.augment
@@ -360,7 +368,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                 reducer.sum_(batch)
                 if not math.isfinite(float(batch[0])):
                     raise DivergenceError(f"loss became {float(batch[0]):.4g} at epoch {epoch} step {step + 1}",
-                                          epoch=epoch, good_epochs=len(history), lr=cfg.learning_rate)
+                                          epoch=epoch, good_epochs=_epochs_done(history), lr=cfg.learning_rate,
+                                          step=step + 1)
                 if start_loss is None:
                     first_losses.append(float(batch[0] / batch[2]))
                     if len(first_losses) == min(START_STEPS, steps_per_epoch):
@@ -397,7 +406,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                 rec["pruned"] = changes.pruned.get(n, 0)
                 rec["grown"] = changes.grown.get(n, 0)
             train_loss = float(sums[0] / sums[2])
-            _check_divergence(train_loss, val_loss if len(data.val) else None, start_loss, epoch, len(history), cfg)
+            _check_divergence(train_loss, val_loss if len(data.val) else None, start_loss, epoch, _epochs_done(history), cfg)
             # judged from epoch 2: the first is the learning-rate warm-up
             if epoch >= 2 and not warned_chance and at_chance(val_acc if len(data.val) else float(sums[1] / sums[2]),
                                                               data.num_classes, len(data.val) or int(sums[2])):
@@ -409,7 +418,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                 "train_loss": train_loss, "train_acc": float(sums[1] / sums[2]),
                 "val_loss": val_loss, "val_acc": val_acc,
                 "pruned": sum(changes.pruned.values()), "grown": sum(changes.grown.values()),
-                "live": sum(r["live"] for r in stats.values()),
+                "live": live_connections(model, layers), "live_params": live_params(model),
                 "epoch_time_s": round(time.perf_counter() - t0, 4), "layers": stats,
             }
             history.append(record)
@@ -426,6 +435,11 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                     _write_metrics(Path(metrics_path), history)
             reducer.barrier()
             report({"kind": "epoch", **{k: v for k, v in record.items() if k != "layers"}})
+    except DivergenceError as e:  # the partial metrics stay, with the divergence as their last record
+        history.append({"event": "diverged", "epoch": e.epoch, "step": e.step, "what": e.what, "lr": e.lr})
+        if metrics_path is not None and reducer.is_main:
+            _write_metrics(Path(metrics_path), history)
+        raise
     finally:
         torch.use_deterministic_algorithms(prev_det)
 
@@ -440,8 +454,9 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
         "test_loss": test_loss, "test_acc": test_acc,
         "val_loss": last.get("val_loss"), "val_acc": last.get("val_acc"),
         "train_loss": last.get("train_loss"), "train_acc": last.get("train_acc"),
-        "live": sum(int(m.mask.sum()) for m in layers.values()),
-        "density": (sum(int(m.mask.sum()) for m in layers.values()) / max(sum(m.mask.numel() for m in layers.values()), 1)),
+        "live": live_connections(model, layers), "live_params": live_params(model),
+        "density": (sum(int(m.mask.sum()) for m in layers.values()) / sum(m.mask.numel() for m in layers.values())
+                    if layers else 1.0),
         "layers": layer_stats(layers),
         "config": cfg.to_dict(),
         "warnings": warnings,

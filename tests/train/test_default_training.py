@@ -134,7 +134,8 @@ def test_divergence_keeps_completed_epochs_and_says_what_to_do(made_run, tmp_pat
     assert "weights.safetensors and metrics.jsonl hold epoch 1" in message
     assert f"sparsify train {run} --force --lr 0.01" in message
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == [1]
+    assert [m["epoch"] for m in metrics if m["event"] == "epoch"] == [1]
+    assert metrics[0]["event"] == "start" and metrics[-1]["event"] == "diverged" and metrics[-1]["epoch"] == 2
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     weights = load_file(str(run / "weights.safetensors"))
     assert all(torch.equal(weights[k], v) for k, v in ckpt["model"].items())  # the last good epoch's weights

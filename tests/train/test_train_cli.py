@@ -48,7 +48,7 @@ def test_cli_train_writes_weights_metrics_summary(run):
     after = _weights(run)
     assert any(not (before[k] == after[k]).all() for k in before if k.endswith("weight"))
     lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
-    assert lines[0]["event"] == "epoch" and lines[-1]["event"] == "test"
+    assert [lines[0]["event"], lines[1]["event"], lines[-1]["event"]] == ["start", "epoch", "test"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train"]["config"]["schedule"] == "set"
     assert (run / "checkpoints" / "last.pt").is_file()
@@ -116,10 +116,12 @@ def test_fit_profile_prints_psn_command(run):
     assert runner.invoke(app, ["train", str(run), *QUICK, "--schedule", "rigl", "--update-every", "1"]).exit_code == 0
     res = runner.invoke(app, ["fit-profile", str(run)])
     assert res.exit_code == 0, res.output
-    assert "sparsify transform zoo:lenet300-100 --method psn --profile" in res.stdout
-    assert "--include-linear" in res.stdout
+    assert "sparsify transform zoo:lenet300-100 --method sparse-random" in res.stdout
+    assert "--include-linear" in res.stdout and "--schedule rigl --init erk --init-profile lognormal" in res.stdout
     data = json.loads(runner.invoke(app, ["fit-profile", str(run), "--json"]).stdout)
     assert data["lognormal"]["sigma"] > 0 and data["trained_with"] == "rigl"
+    for name, sigma in data["sigma_per_layer"].items():  # one sigma per layer, each in the command
+        assert sigma == data["layers"][name]["sigma"] and f"sigma@{name}={sigma:.3g}" in data["command"]
 
 
 def test_data_fetch_refuses_unknown():

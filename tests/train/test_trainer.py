@@ -91,8 +91,10 @@ def test_metrics_jsonl_records_topology(data, tmp_path):
     fit(TinyNet(0.5), data, TrainConfig(data="synthetic", schedule="set", epochs=2, batch_size=32),
         model_input=INPUT, metrics_path=path)
     lines = [json.loads(s) for s in path.read_text().splitlines()]
-    assert [r["event"] for r in lines] == ["epoch", "epoch", "test"]
-    first = lines[0]
+    assert [r["event"] for r in lines] == ["start", "epoch", "epoch", "test"]
+    start, first = lines[0], lines[1]
+    assert start["schedule"] == "set" and start["threads"] == torch.get_num_threads() and "torch" in start["versions"]
+    assert start["layers"]["fc1"]["live"] == 32 * 256 // 2 and start["layers"]["fc2"]["dense"]  # TinyNet(0.5)
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "pruned", "grown", "epoch_time_s", "lr"):
         assert key in first
     fc1 = first["layers"]["fc1"]

@@ -99,10 +99,22 @@ class LayerRule(Rule):
         """The bias change that replaces constant inputs ``values`` at ``positions`` exactly, or None."""
         return None
 
+    def resize_plan(self, module: nn.Module, node: fx.Node,
+                    size: Callable[[Any, int], int]) -> "tuple[dict[str, Any], dict[str, tuple[int, ...]]] | None":
+        """How the depth multiplier resizes this layer: (attributes to set, new shapes of its tensors)
+        for the channel counts ``size(node_or_arg, axis)`` gives, or None when they are unchanged.
+        ``resize`` builds from it; ``DepthCounter`` counts parameters from it without building."""
+        return None
+
     def resize(self, module: nn.Module, node: fx.Node, size: Callable[[Any, int], int]) -> nn.Module | None:
         """A freshly initialised module with the channel counts ``size(node_or_arg, axis)`` gives, or
         None when they are unchanged (depth multiplier)."""
-        return None
+        plan = self.resize_plan(module, node, size)
+        if plan is None:
+            return None
+        from .layers import rebuilt
+
+        return rebuilt(module, *plan)
 
     def sparse(self, module: nn.Module) -> "SparseLayout | str":
         """How to mask this layer, or why it stays dense."""

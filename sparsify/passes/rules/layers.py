@@ -219,7 +219,7 @@ class ConvRule(LayerRule):
                 m.groups = n
 
     # -- depth multiplier --
-    def resize(self, m, node, size):
+    def resize_plan(self, m, node, size):
         cin_old, cout_old, g = self.io(m)
         cin, cout = size(arg(node, 0, "input"), 1), size(node, 1)
         if (cin, cout) == (cin_old, cout_old):
@@ -228,8 +228,7 @@ class ConvRule(LayerRule):
             g = cin
         k = tuple(m.weight.shape[2:])
         shape = (cin, cout // g, *k) if self.transposed else (cout, cin // g, *k)
-        return rebuilt(m, {"in_channels": cin, "out_channels": cout, "groups": g},
-                       {"weight": shape, "bias": (cout,)})
+        return {"in_channels": cin, "out_channels": cout, "groups": g}, {"weight": shape, "bias": (cout,)}
 
     # -- sparse passes --
     def sparse(self, m):
@@ -327,11 +326,11 @@ class LinearRule(LayerRule):
             slice_tensors(m, ("weight", "mask"), 1, keep)
             m.in_features = n
 
-    def resize(self, m, node, size):
+    def resize_plan(self, m, node, size):
         fin, fout = size(arg(node, 0, "input"), -1), size(node, -1)
         if (fin, fout) == (m.in_features, m.out_features):
             return None
-        return rebuilt(m, {"in_features": fin, "out_features": fout}, {"weight": (fout, fin), "bias": (fout,)})
+        return {"in_features": fin, "out_features": fout}, {"weight": (fout, fin), "bias": (fout,)}
 
     def sparse(self, m):
         from ...nn import SparseLinear
@@ -394,12 +393,15 @@ class ChannelwiseRule(LayerRule):
         slice_tensors(m, self.tensors, 0, keep)
         setattr(m, self.count_attr, len(keep))
 
-    def resize(self, m, node, size):
+    def resize_plan(self, m, node, size):
         c = size(node, self.axis)
         if c == self.channels(m):
             return None
-        new = rebuilt(m, {self.count_attr: c}, {t: (c,) for t in self.tensors})
-        if hasattr(new, "reset_running_stats"):
+        return {self.count_attr: c}, {t: (c,) for t in self.tensors}
+
+    def resize(self, m, node, size):
+        new = super().resize(m, node, size)
+        if new is not None and hasattr(new, "reset_running_stats"):
             new.reset_running_stats()
         return new
 
@@ -448,11 +450,11 @@ class LayerNormRule(ChannelwiseRule):
         slice_tensors(m, self.tensors, 0, keep)
         m.normalized_shape = (len(keep),)
 
-    def resize(self, m, node, size):
+    def resize_plan(self, m, node, size):
         c = size(node, -1)
         if (c,) == tuple(m.normalized_shape):
             return None
-        return rebuilt(m, {"normalized_shape": (c,)}, {t: (c,) for t in self.tensors})
+        return {"normalized_shape": (c,)}, {t: (c,) for t in self.tensors}
 
 
 class PReLURule(ChannelwiseRule):
@@ -473,10 +475,10 @@ class PReLURule(ChannelwiseRule):
         c = env.const(arg(node, 0, "input"))
         return c if c is not None and (m.num_parameters == 1 or c.axis == 1) else None
 
-    def resize(self, m, node, size):
+    def resize_plan(self, m, node, size):
         if m.num_parameters == 1:
             return None
-        return super().resize(m, node, size)
+        return super().resize_plan(m, node, size)
 
 
 # --------------------------------------------------------------------------------------------

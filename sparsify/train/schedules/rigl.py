@@ -6,7 +6,7 @@ dense gradient (captured on that step only, averaged over ranks) is largest; new
 at zero. f(t) = f0/2 * (1 + cos(pi t / T_end)). Layer budgets are conserved exactly.
 
 Initial topology: the run's masks, or budgets re-drawn ``uniform`` / ``erk``, optionally with a PSN
-fan-in profile inside each layer (``init_profile``); re-drawn layers get a fresh, seeded default
+fan-in profile inside each layer (``init_profile``, parameters per layer with ``NAME@LAYER``); re-drawn layers get a fresh, seeded default
 initialisation because their old weights exist only where the old mask was live.
 """
 from __future__ import annotations
@@ -36,6 +36,22 @@ def profile_fan_in(profile: str, n_units: int, fan_in_max: int, budget: int, par
     return [int(c) for c in counts]
 
 
+def layer_profile_params(params: dict[str, Any], layer: str, layers: Any = None) -> dict[str, Any]:
+    """The profile parameters of ``layer``: ``NAME=v`` for every layer, overridden by ``NAME@LAYER=v``.
+
+    Per-layer values let a run start from each layer's own fitted equilibrium (``sparsify
+    fit-profile`` reports a sigma per layer). With ``layers``, a key naming no layer is a TrainingError.
+    """
+    out = {k: v for k, v in params.items() if "@" not in k}
+    for k, v in params.items():
+        name, sep, target = k.partition("@")
+        if sep and layers is not None and target not in layers:
+            raise TrainingError(f"--init-profile-param {k} names no masked layer; layers: {', '.join(layers)}")
+        if sep and target == layer:
+            out[name] = v
+    return out
+
+
 def redraw_topology(schedule: Schedule) -> Change | None:
     """Re-draw masks from the configured allocation / profile; None when the run's masks are kept."""
     cfg = schedule.config
@@ -47,7 +63,8 @@ def redraw_topology(schedule: Schedule) -> Change | None:
         g = event_generator(schedule.seed, 0, salt=1000 + i)
         out_units, in_units = m.mask.shape
         if cfg.init_profile:
-            fan_in = profile_fan_in(cfg.init_profile, out_units, in_units, budgets[n], cfg.init_profile_params or {})
+            params = layer_profile_params(cfg.init_profile_params or {}, n, schedule.layers)
+            fan_in = profile_fan_in(cfg.init_profile, out_units, in_units, budgets[n], params)
             new = mask_from_fan_in((out_units, in_units), fan_in, g)
         else:
             new = random_mask_like(m.mask, budgets[n], g)

@@ -1,0 +1,370 @@
+"""The study runner: every (arm, seed) of a spec as a run directory, trained side by side in processes.
+
+Layout of a study directory::
+
+    STUDY/spec.toml                 the spec as given (the latest invocation's)
+    STUDY/study.json                arms, seeds, and every invocation (command, jobs, threads, wall time)
+    STUDY/<arm>/seed-<s>/           one run directory per job (recipe, weights, metrics.jsonl, ...)
+        study-job.json              what the job is (compared when the study is run again)
+        study-status.json           written last: done (test accuracy) or diverged
+    STUDY/logs/<arm>-seed-<s>.log   each worker's messages
+
+Jobs run in separate processes (``sparsify.study.worker``), ``jobs`` at a time, each with
+``threads`` intra-op threads (``OMP_NUM_THREADS`` and ``torch.set_num_threads``): oversubscribed
+torch threads made a 2-thread training run 30x slower on a shared 2-core machine. Running a study
+again skips finished jobs, resumes interrupted ones from their last epoch's checkpoint (or
+retrains them from their initial weights when they have none) and starts the rest; a job whose
+spec changed is refused unless ``force``, which redoes it. Ctrl-C stops every worker; the study
+then resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .._io import atomic_path, write_json
+from ..errors import SparsifyError, UsageError
+from .spec import StudySpec, job_hash, job_key
+from .worker import JOB, STATUS
+
+STUDY_JSON = "study.json"
+SPEC_COPY = "spec.toml"
+LOGS = "logs"
+
+
+class StudyError(SparsifyError):
+    """A study that cannot go on: a job failed, or a directory holds something else."""
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Job:
+    """One (arm, seed) of a study and its state."""
+
+    arm: str
+    seed: int
+    run_dir: Path
+    key: dict[str, Any]
+    hash: str
+    epochs: int
+    match_run: Path | None = None
+    depends_on: tuple[str, int] | None = None
+    state: str = "pending"            # pending | running | done | diverged | failed
+    resume: bool = False
+    progress: float = 0.0             # epochs done (fractional) while running
+    message: str = ""
+    test_acc: float | None = None
+
+    @property
+    def id(self) -> tuple[str, int]:
+        return (self.arm, self.seed)
+
+    @property
+    def log_name(self) -> str:
+        return f"{self.arm}-seed-{self.seed}.log"
+
+
+@dataclass
+class StudyOutcome:
+    """What one invocation did."""
+
+    study_dir: Path
+    total: int
+    skipped: int
+    done: int
+    diverged: int
+    wall_s: float
+    jobs: list[Job] = field(default_factory=list)
+
+
+Event = dict[str, Any]
+OnEvent = Callable[[Event], None]
+
+
+def run_dir_of(study_dir: Path, arm: str, seed: int) -> Path:
+    return study_dir / arm / f"seed-{seed}"
+
+
+def plan(spec: StudySpec, study_dir: str | Path, force: bool = False) -> list[Job]:
+    """The jobs of ``spec`` in ``study_dir`` with their state on disk (done / diverged / pending, resume)."""
+    from ..train.checkpoint import checkpoint_path
+    from ..train.trainer import TrainConfig
+
+    study_dir = Path(study_dir)
+    jobs = []
+    for arm, seed in spec.jobs():
+        key = job_key(arm, seed)
+        run_dir = run_dir_of(study_dir, arm.name, seed)
+        job = Job(arm.name, seed, run_dir, key, job_hash(key), epochs=TrainConfig.from_dict(key["train"]).epochs)
+        if arm.match is not None:
+            job.depends_on = (arm.match, seed)
+            job.match_run = run_dir_of(study_dir, arm.match, seed)
+        if run_dir.exists():
+            job_file = run_dir / JOB
+            if not job_file.is_file():
+                raise StudyError(f"{run_dir} exists but is not a run of this study (no {JOB}); remove it or "
+                                 f"choose another --out")
+            saved = json.loads(job_file.read_text())
+            if saved.get("hash") != job.hash:
+                if not force:
+                    what = _first_difference(saved.get("key", {}), key)
+                    raise StudyError(f"the spec changed for arm {arm.name!r} seed {seed} since {run_dir} was made "
+                                     f"({what}); pass --force to redo the changed runs, or use another --out")
+                shutil.rmtree(run_dir)
+            else:
+                status = _read_json(run_dir / STATUS)
+                if status.get("status") in ("done", "diverged"):
+                    job.state = status["status"]
+                    job.test_acc = status.get("test_acc")
+                    job.progress = job.epochs
+                else:
+                    job.resume = checkpoint_path(run_dir).is_file()
+        jobs.append(job)
+    return jobs
+
+
+def _first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                return _first_difference(a, b, f"{prefix}{k}.")
+            return f"{prefix}{k} was {a!r}, now {b!r}"
+    return "unknown difference"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def default_study_dir(spec: StudySpec) -> Path:
+    """``runs/study-<name>``."""
+    return Path("runs") / f"study-{spec.name}"
+
+
+def run_study(spec: StudySpec, study_dir: str | Path | None = None, *, jobs: int | None = None,
+              threads: int | None = None, force: bool = False, on_event: OnEvent | None = None,
+              command: list[str] | None = None) -> StudyOutcome:
+    """Run (or resume) every job of ``spec`` under ``study_dir``; returns what was done.
+
+    ``jobs`` processes run side by side (default: the usable cores), each with ``threads`` torch
+    intra-op threads (default: cores // jobs, at least 1). ``on_event`` receives progress events
+    (``plan``, ``job-start``, ``job-progress``, ``job-end``). Raises StudyError when a job fails
+    (the other workers are stopped; every finished run stays) and KeyboardInterrupt on Ctrl-C
+    after stopping the workers; rerunning resumes in both cases.
+    """
+    study_dir = Path(study_dir) if study_dir is not None else default_study_dir(spec)
+    cores = usable_cores()
+    jobs = cores if jobs is None else int(jobs)
+    if jobs < 1:
+        raise UsageError(f"--jobs {jobs} must be at least 1")
+    threads = max(1, cores // jobs) if threads is None else int(threads)
+    if threads < 1:
+        raise UsageError(f"--threads {threads} must be at least 1")
+    job_list = plan(spec, study_dir, force=force)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / LOGS).mkdir(exist_ok=True)
+    if spec.text:
+        with atomic_path(study_dir / SPEC_COPY) as tmp:
+            tmp.write_text(spec.text)
+    record = _read_json(study_dir / STUDY_JSON)
+    invocation = {"command": shlex.join(command) if command else None, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "jobs": jobs, "threads_per_job": threads, "cores": cores, "niceness": os.nice(0)}
+    record.update(name=spec.name, description=spec.description, baseline=spec.baseline,
+                  spec=str(spec.path) if spec.path else None,
+                  arms={a.name: {"method": a.method, "series": a.series, "match": a.match, "count": a.count,
+                                 "seeds": a.seeds, "model": a.model} for a in spec.arms.values()})
+    record.setdefault("invocations", []).append(invocation)
+    write_json(study_dir / STUDY_JSON, record)
+
+    emit = on_event or (lambda _e: None)
+    skipped = sum(j.state in ("done", "diverged") for j in job_list)
+    emit({"kind": "plan", "study_dir": str(study_dir), "jobs": job_list, "total": len(job_list), "skipped": skipped,
+          "workers": jobs, "threads": threads})
+    t0 = time.time()
+    try:
+        _Scheduler(job_list, study_dir, jobs, threads, emit).run()
+    finally:
+        wall = time.time() - t0
+        invocation.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), wall_s=round(wall, 1),
+                          ran=sum(j.state in ("done", "diverged") for j in job_list) - skipped,
+                          complete=all(j.state in ("done", "diverged") for j in job_list))
+        write_json(study_dir / STUDY_JSON, record)
+    return StudyOutcome(study_dir, len(job_list), skipped, sum(j.state == "done" for j in job_list),
+                        sum(j.state == "diverged" for j in job_list), wall, job_list)
+
+
+class _Worker:
+    """A running worker process and the unread part of its output."""
+
+    def __init__(self, job: Job, proc: subprocess.Popen, log: Any) -> None:
+        self.job = job
+        self.proc = proc
+        self.log = log
+        self.buffer = b""
+        self.result: dict[str, Any] | None = None
+        self.steps_per_epoch: int | None = None
+
+
+class _Scheduler:
+    """Starts workers as slots and dependencies allow, reads their events, stops them on error or Ctrl-C."""
+
+    def __init__(self, jobs: list[Job], study_dir: Path, slots: int, threads: int, emit: OnEvent) -> None:
+        self.jobs = jobs
+        self.study_dir = study_dir
+        self.slots = slots
+        self.threads = threads
+        self.emit = emit
+        self.running: dict[int, _Worker] = {}
+        self.selector = selectors.DefaultSelector()
+        self.prepared = {j.id for j in jobs if (j.run_dir / JOB).is_file()}
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                    "PYTHONUNBUFFERED": "1"}
+
+    def _ready(self) -> Job | None:
+        for j in self.jobs:
+            if j.state == "pending" and (j.depends_on is None or j.depends_on in self.prepared):
+                return j
+        return None
+
+    def _start(self, job: Job) -> None:
+        payload = {"run_dir": str(job.run_dir), "key": job.key, "hash": job.hash, "threads": self.threads,
+                   "match_run": str(job.match_run) if job.match_run else None}
+        log = open(self.study_dir / LOGS / job.log_name, "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "sparsify.study.worker", json.dumps(payload)],
+                                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=self.env,
+                                start_new_session=True)  # Ctrl-C reaches workers through the runner only
+        w = _Worker(job, proc, log)
+        self.running[proc.stdout.fileno()] = w
+        self.selector.register(proc.stdout, selectors.EVENT_READ, w)
+        job.state = "running"
+        self.emit({"kind": "job-start", "job": job})
+
+    def run(self) -> None:
+        try:
+            while True:
+                while len(self.running) < self.slots and (job := self._ready()) is not None:
+                    self._start(job)
+                if not self.running:
+                    stuck = [j for j in self.jobs if j.state == "pending"]
+                    if stuck:  # cannot happen while every matched arm runs after its target; never end silently
+                        raise StudyError(f"arm {stuck[0].arm!r} seed {stuck[0].seed} cannot start: the run it "
+                                         f"matches ({stuck[0].depends_on[0]!r}) was not prepared")
+                    break
+                for key, _ in self.selector.select(timeout=0.5):
+                    self._read(key.data)
+                for w in list(self.running.values()):
+                    if w.proc.poll() is not None:
+                        self._read(w, final=True)
+                        self._finish(w)
+        except KeyboardInterrupt:
+            self._stop_all()
+            raise
+        except BaseException:
+            self._stop_all()
+            raise
+
+    def _read(self, w: _Worker, final: bool = False) -> None:
+        fd = w.proc.stdout.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                chunk = b""
+            if not chunk:
+                break
+            w.buffer += chunk
+            if not final:
+                break
+        *lines, w.buffer = w.buffer.split(b"\n")
+        for line in lines:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            self._on_event(w, ev)
+
+    def _on_event(self, w: _Worker, ev: dict[str, Any]) -> None:
+        job, kind = w.job, ev.get("kind")
+        if kind == "prepared":
+            self.prepared.add(job.id)
+        elif kind in ("start", "step", "epoch"):
+            if kind == "start":
+                w.steps_per_epoch = max(1, int(ev["total_steps"]) // max(int(ev["epochs"]), 1))
+            spe = w.steps_per_epoch
+            if kind == "epoch":
+                job.progress = float(ev["epoch"])
+            elif kind == "step" and spe:
+                job.progress = int(ev["step"]) / spe
+            elif kind == "start" and spe:
+                job.progress = int(ev["start_step"]) / spe
+            self.emit({"kind": "job-progress", "job": job, "event": ev})
+        elif kind in ("end", "error"):
+            w.result = ev
+
+    def _finish(self, w: _Worker) -> None:
+        self.selector.unregister(w.proc.stdout)
+        del self.running[w.proc.stdout.fileno()]
+        w.proc.stdout.close()
+        w.log.close()
+        job, res, code = w.job, w.result or {}, w.proc.returncode
+        if res.get("kind") == "end":
+            job.state = res["status"]
+            job.test_acc = res.get("test_acc")
+            job.message = res.get("message", "")
+            job.progress = job.epochs
+            self.emit({"kind": "job-end", "job": job, "wall_s": res.get("wall_s")})
+            return
+        job.state = "failed"
+        job.message = res.get("message") or (f"the worker exited with code {code} (see "
+                                             f"{self.study_dir / LOGS / job.log_name})")
+        self.emit({"kind": "job-end", "job": job})
+        self._stop_all()
+        done = sum(j.state in ("done", "diverged") for j in self.jobs)
+        raise StudyError(f"arm {job.arm!r} seed {job.seed} failed: {job.message}; fix it and run the study again "
+                         f"to resume ({done} of {len(self.jobs)} runs are finished)")
+
+    def _stop_all(self) -> None:
+        """SIGINT every worker (each keeps its last finished epoch), then wait; kill what does not stop."""
+        for w in self.running.values():
+            if w.proc.poll() is None:
+                try:
+                    w.proc.send_signal(signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + 30
+        for w in list(self.running.values()):
+            try:
+                w.proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+            try:
+                self.selector.unregister(w.proc.stdout)
+            except (KeyError, ValueError):
+                pass
+            w.proc.stdout.close()
+            w.log.close()
+            if w.job.state == "running":
+                w.job.state = "pending"
+        self.running.clear()

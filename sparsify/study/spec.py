@@ -1,0 +1,353 @@
+"""Study specs: a TOML file that names the model, data, seeds, shared training settings and arms.
+
+A *study* trains every *arm* (a method with its parameters and training settings) once per seed,
+one run directory per arm x seed, so that ``sparsify compare`` can report mean +- standard error
+and paired differences. The format::
+
+    [study]
+    name = "dettmers-lenet300"        # optional; default: the file's stem
+    description = "..."               # optional, free text
+    model = "zoo:lenet300-100"        # MODEL as `sparsify transform` takes it
+    model_args = {}                   # optional: keyword arguments of the model factory
+    input_shape = [1, 1, 28, 28]      # optional: default from the model
+    seeds = 5                         # N (seeds 0..N-1) or a list such as [0, 1, 2]
+    baseline = "dense"                # optional: default baseline arm of `sparsify compare`
+
+    [train]                           # settings shared by every arm (`sparsify train` options,
+    data = "mnist"                    #   with underscores: batch_size, lr_schedule, prune_rate, ...)
+    epochs = 100
+
+    [arms.dense]                      # one table per arm; the name is its directory name
+    method = "none"
+
+    [arms.momentum]
+    method = "sparse-random"          # sparse-random | psn | depth-multiplier | none
+    density = 0.05                    # transform parameters: density, alpha, divisor, profile,
+    include_linear = true             #   profile_params, allocation, include_linear,
+    include_classifier = true         #   include_classifier, rescale_init
+    seeds = 10                        # optional: this arm's own seeds
+    series = "sparse momentum"        # optional: legend entry of `compare --plot` (default: method)
+    train = { schedule = "sparse-momentum" }   # optional: overrides of [train] for this arm
+
+    [arms.depth-conv]
+    method = "depth-multiplier"
+    match = "momentum"                # alpha chosen so that this arm's live parameters equal
+    count = "conv"                    #   those of arm "momentum" (same seed): conv | total
+
+Arms may also override ``model``, ``model_args`` and ``input_shape``. Every problem in a spec is
+reported as one line that names the key and says what to do (``SpecError``, exit code 2).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..passes.depth_multiplier import COUNTS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+STUDY_KEYS = {"name", "description", "model", "model_args", "input_shape", "seeds", "baseline"}
+TRANSFORM_KEYS = {"density", "alpha", "divisor", "profile", "profile_params", "allocation", "include_linear",
+                  "include_classifier", "rescale_init"}
+ARM_KEYS = {"method", "model", "model_args", "input_shape", "seeds", "series", "train", "match", "count"} | TRANSFORM_KEYS
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+class SpecError(UsageError):
+    """A study spec that cannot be run: one line naming the key and what to do."""
+
+
+@dataclass
+class Arm:
+    """One arm of a study: how to transform the model and how to train it."""
+
+    name: str
+    method: str
+    model: str
+    model_args: dict[str, Any]
+    input_shape: list[int] | None
+    seeds: list[int]
+    transform: dict[str, Any]            # keyword arguments of ``api.transform`` (density, alpha, ...)
+    train: dict[str, Any]                # TrainConfig fields ([train] merged with the arm's own)
+    series: str
+    match: str | None = None             # depth-multiplier: the arm whose parameter count is matched
+    count: str | None = None             # which count: "conv" or "total"
+
+
+@dataclass
+class StudySpec:
+    """A parsed, validated study spec."""
+
+    name: str
+    description: str
+    path: Path | None
+    arms: dict[str, Arm]
+    baseline: str | None
+    text: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def jobs(self) -> list[tuple[Arm, int]]:
+        """Every (arm, seed) in spec order, arms whose parameters are matched after the arms they match."""
+        order = _match_order(self.arms)
+        return [(self.arms[a], s) for a in order for s in self.arms[a].seeds]
+
+
+def job_key(arm: Arm, seed: int) -> dict[str, Any]:
+    """Everything that determines the run of ``arm`` at ``seed`` (compared on resume)."""
+    return {"arm": arm.name, "seed": seed, "model": arm.model, "model_args": arm.model_args,
+            "input_shape": arm.input_shape, "method": arm.method, "transform": arm.transform,
+            "match": arm.match, "count": arm.count, "train": {**arm.train, "seed": seed}}
+
+
+def job_hash(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _where(path: Path | None) -> str:
+    return f"{path}: " if path is not None else ""
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study spec (TOML); SpecError with one line on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"study spec {p} does not exist; write one (see `sparsify study --help`)")
+    text = p.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{p}: not valid TOML ({str(e).splitlines()[0]}); fix the syntax") from None
+    spec = parse_spec(raw, path=p)
+    spec.text = text
+    return spec
+
+
+def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None = None) -> StudySpec:
+    """Validate a spec already read into a dict (``load_spec`` does the reading)."""
+    at = _where(path)
+
+    def fail(msg: str) -> SpecError:
+        return SpecError(at + msg)
+
+    unknown_top = sorted(set(raw) - {"study", "train", "arms"})
+    if unknown_top:
+        raise fail(f"unknown table [{unknown_top[0]}]; a spec has [study], [train] and [arms.NAME] tables")
+    study = raw.get("study")
+    if not isinstance(study, dict):
+        raise fail("missing [study] table; add one with at least model = \"zoo:NAME\" and seeds = 3")
+    bad = sorted(set(study) - STUDY_KEYS)
+    if bad:
+        raise fail(f"[study] key {bad[0]!r} is unknown; known keys: {', '.join(sorted(STUDY_KEYS))}")
+    if not isinstance(study.get("model"), str) or not study["model"]:
+        raise fail("[study] model is missing; set model = \"zoo:NAME\" or a model file path")
+    base_dir = path.parent if path is not None else Path.cwd()
+    seeds = _seeds(study.get("seeds"), "[study] seeds", fail, required=True)
+    shared = raw.get("train", {})
+    if not isinstance(shared, dict):
+        raise fail("[train] must be a table of training settings, e.g. epochs = 10")
+    arms_raw = raw.get("arms")
+    if not isinstance(arms_raw, dict) or not arms_raw:
+        raise fail("no arms: add at least one [arms.NAME] table with a method")
+    arms: dict[str, Arm] = {}
+    for arm_name, a in arms_raw.items():
+        where = f"[arms.{arm_name}]"
+        if not NAME.match(arm_name):
+            raise fail(f"{where}: arm names become directory names; use letters, digits, '.', '_', '+' or '-'")
+        if not isinstance(a, dict):
+            raise fail(f"{where} must be a table with at least method = \"...\"")
+        bad = sorted(set(a) - ARM_KEYS)
+        if bad:
+            hint = (f" (a '.' in a table name nests tables: write [arms.\"{arm_name}.{bad[0]}\"])"
+                    if isinstance(a[bad[0]], dict) else "")
+            raise fail(f"{where} key {bad[0]!r} is unknown{hint}; known keys: {', '.join(sorted(ARM_KEYS))}")
+        method = a.get("method")
+        if not isinstance(method, str):
+            raise fail(f"{where} method is missing; set method = \"sparse-random\", \"psn\", "
+                       f"\"depth-multiplier\" or \"none\"")
+        train_override = a.get("train", {})
+        if not isinstance(train_override, dict):
+            raise fail(f"{where} train must be a table, e.g. train = {{ schedule = \"rigl\" }}")
+        if "seed" in shared or "seed" in train_override:
+            raise fail(f"{'[train]' if 'seed' in shared else where + ' train'} sets seed; seeds come from "
+                       f"[study] seeds (or an arm's seeds)")
+        model = a.get("model", study["model"])
+        arms[arm_name] = Arm(
+            name=arm_name, method=method, model=_model_path(model, base_dir),
+            model_args=dict(a.get("model_args", study.get("model_args", {})) or {}),
+            input_shape=a.get("input_shape", study.get("input_shape")),
+            seeds=_seeds(a["seeds"], f"{where} seeds", fail) if "seeds" in a else list(seeds),
+            transform={k: a[k] for k in sorted(TRANSFORM_KEYS) if k in a},
+            train={**shared, **train_override},
+            series=str(a.get("series", method if "match" not in a else f"{method} (equal {a.get('count')})")),
+            match=a.get("match"), count=a.get("count"),
+        )
+        _check_arm(arms[arm_name], where, fail)
+    for arm in arms.values():
+        _check_match(arm, arms, fail)
+    _match_order(arms, fail)
+    baseline = study.get("baseline")
+    if baseline is not None and baseline not in arms:
+        raise fail(f"[study] baseline {baseline!r} is not an arm; choose one of {', '.join(arms)}")
+    stem = path.stem if path is not None else "study"
+    return StudySpec(name=str(study.get("name") or name or stem), description=str(study.get("description", "")),
+                     path=path, arms=arms, baseline=baseline, raw=raw)
+
+
+def _model_path(model: Any, base_dir: Path) -> str:
+    """A model file named relative to the spec is resolved against the spec's folder (``file.py[:NAME]``)."""
+    model = str(model)
+    if model.startswith(("zoo:", "torchvision:")):
+        return model
+    file, sep, factory = model.partition(":")
+    p = Path(file)
+    if not p.is_absolute() and (base_dir / p).is_file():
+        p = base_dir / p
+    return str(p.resolve()) + sep + factory
+
+
+def _seeds(value: Any, key: str, fail: Any, required: bool = False) -> list[int]:
+    if value is None and required:
+        raise fail(f"{key} is missing; set seeds = 3 (seeds 0, 1, 2) or a list such as seeds = [0, 1, 2]")
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int) and value >= 1:
+        return list(range(value))
+    if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                 for s in value) and len(set(value)) == len(value):
+        return list(value)
+    raise fail(f"{key} = {value!r} is not a positive count or a list of distinct non-negative integers; "
+               f"write e.g. seeds = 3")
+
+
+def _check_arm(arm: Arm, where: str, fail: Any) -> None:
+    """Validate the arm's method, transform parameters and training settings without building anything."""
+    from ..api import METHODS, _params_for
+    from ..passes.base import check_fraction
+    from ..profiles import resolve_params
+    from ..train.trainer import TrainConfig
+
+    if arm.method not in METHODS:
+        raise fail(f"{where} method {arm.method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if arm.match is not None or arm.count is not None:
+        if arm.method != "depth-multiplier":
+            raise fail(f"{where} match/count apply to method = \"depth-multiplier\" only")
+        if arm.match is None or arm.count not in COUNTS:
+            raise fail(f"{where} needs both match = \"ARM\" and count = \"conv\" or \"total\" "
+                       f"(which live parameters to equalise)")
+        if "alpha" in arm.transform:
+            raise fail(f"{where} sets both alpha and match; drop alpha (match finds it)")
+    for key, value in arm.transform.items():
+        _check_type(value, TRANSFORM_TYPES[key], f"{where} {key}", fail)
+    for key, value in arm.train.items():
+        _check_type(value, _train_type(key), f"{where} train setting {key}", fail)
+    t = dict(arm.transform)
+    if arm.match is not None:
+        t["alpha"] = 0.5  # stands for the alpha the match will find
+    if arm.input_shape is not None and (not isinstance(arm.input_shape, list)
+                                        or not all(isinstance(d, int) and d > 0 for d in arm.input_shape)):
+        raise fail(f"{where} input_shape must be a list of positive integers such as [1, 3, 32, 32]")
+    if not isinstance(arm.model_args, dict):
+        raise fail(f"{where} model_args must be a table, e.g. model_args = {{ hidden = [300, 100] }}")
+    try:
+        _params_for(arm.method, t.get("density"), t.get("alpha"), t.get("profile"), t.get("profile_params"),
+                    t.get("allocation", "uniform"), t.get("include_linear"), t.get("include_classifier", False),
+                    t.get("rescale_init", True), t.get("divisor"))
+        if arm.method in ("sparse-random", "psn"):
+            if t.get("density") is None:
+                raise UsageError(f"{arm.method} needs density = a fraction in (0, 1]")
+            check_fraction(t["density"], "density", "0.1")
+        if arm.method == "psn":
+            resolve_params(t.get("profile") or "lognormal", t.get("profile_params"))
+        if arm.method == "depth-multiplier":
+            if t.get("alpha") is None:
+                raise UsageError("depth-multiplier needs alpha = a fraction in (0, 1], or match = \"ARM\" and count")
+            check_fraction(t["alpha"], "alpha", "0.5")
+    except UsageError as e:
+        raise fail(f"{where} {_spec_words(str(e))}") from None
+    try:
+        TrainConfig.from_dict({**arm.train, "seed": 0}).validate()
+    except UsageError as e:
+        raise fail(f"{where} training settings ([train] and the arm's train): {_spec_words(str(e))}") from None
+
+
+TRANSFORM_TYPES = {"density": "float", "alpha": "float", "divisor": "int", "profile": "str",
+                   "profile_params": "dict", "allocation": "str", "include_linear": "bool",
+                   "include_classifier": "bool", "rescale_init": "bool"}
+_EXAMPLES = {"float": "0.1", "int": "10", "str": '"text"', "bool": "true", "dict": "{ sigma = 1.0 }"}
+
+
+def _train_type(key: str) -> str | None:
+    """The basic TOML type a TrainConfig field takes (None: unknown key, left to TrainConfig to refuse)."""
+    import dataclasses
+
+    from ..train.trainer import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == key:
+            ann = str(f.type)
+            return next((t for t in ("dict", "str", "bool", "float", "int") if t in ann), None)
+    return None
+
+
+def _check_type(value: Any, kind: str | None, key: str, fail: Any) -> None:
+    ok = {
+        None: True,
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "dict": isinstance(value, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                for v in value.values()),
+    }[kind]
+    if not ok:
+        raise fail(f"{key} = {value!r} is not a {'table of numbers' if kind == 'dict' else kind}; "
+                   f"write e.g. {key.split()[-1]} = {_EXAMPLES[kind or 'str']}")
+
+
+def _spec_words(message: str) -> str:
+    """Name spec keys, not CLI flags, in a message written for the command line (--lr-schedule -> lr_schedule)."""
+    return re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), message)
+
+
+def _check_match(arm: Arm, arms: dict[str, Arm], fail: Any) -> None:
+    if arm.match is None:
+        return
+    where = f"[arms.{arm.name}]"
+    if arm.match not in arms:
+        raise fail(f"{where} match = {arm.match!r} is not an arm; choose one of "
+                   f"{', '.join(a for a in arms if a != arm.name)}")
+    missing = sorted(set(arm.seeds) - set(arms[arm.match].seeds))
+    if missing:
+        raise fail(f"{where} seed {missing[0]} has no run in arm {arm.match!r} to match; give both arms the same seeds")
+
+
+def _match_order(arms: dict[str, Arm], fail: Any = None) -> list[str]:
+    """Arm names in spec order, each after the arm it matches; a cycle is a SpecError."""
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str, chain: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            msg = f"[arms.{name}] match forms a cycle ({' -> '.join(chain + [name])}); one arm must set alpha"
+            raise (fail(msg) if fail else SpecError(msg))
+        state[name] = 1
+        target = arms[name].match
+        if target is not None and target in arms:
+            visit(target, chain + [name])
+        state[name] = 2
+        order.append(name)
+
+    for name in arms:
+        visit(name, [])
+    return order

@@ -1,0 +1,119 @@
+"""sparsify compare: statistics checked against values computed by hand from the seeds' accuracies."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+
+import pytest
+from typer.testing import CliRunner
+
+from sparsify import api
+from sparsify.cli import app
+from sparsify.study.compare import compare
+
+runner = CliRunner()
+T_975_DF2 = 4.302652729911275   # Student t, 97.5% quantile, 2 degrees of freedom (printed tables)
+ACC = {"a": [0.912, 0.931, 0.925], "b": [0.951, 0.948, 0.969]}
+LR = {"a": 0.1, "b": 0.05}
+
+
+def _fake_run(base, path, arm: str, seed: int, acc: float | None, status: str = "done", job: bool = True) -> None:
+    shutil.copytree(base, path)
+    summary = json.loads((path / "summary.json").read_text())
+    config = {"seed": seed, "schedule": "static", "lr": LR[arm], "data": "digits", "epochs": 2}
+    if acc is not None:
+        summary["train"] = {"test_acc": acc, "config": config}
+    (path / "summary.json").write_text(json.dumps(summary))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"event": "start"}, {"event": "epoch", "epoch": 1, "val_acc": 0.5 + seed / 100, "train_loss": 1.0},
+        {"event": "epoch", "epoch": 2, "val_acc": 0.6 + seed / 100, "train_loss": 0.5})))
+    if job:
+        (path / "study-job.json").write_text(json.dumps({"key": {"arm": arm, "seed": seed, "train": config}}))
+        (path / "study-status.json").write_text(json.dumps({"status": status, "test_acc": acc}))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A study directory whose runs carry known test accuracies (one real transformed run, copied)."""
+    root = tmp_path_factory.mktemp("cmp")
+    base, _ = api.transform_to_dir("zoo:mlp", "sparse-random", density=0.5, model_args={"hidden": [16]},
+                                   out=root / "base")
+    s = root / "study"
+    for arm, accs in ACC.items():
+        for seed, acc in enumerate(accs):
+            _fake_run(base, s / arm / f"seed-{seed}", arm, seed, acc)
+    _fake_run(base, s / "b" / "seed-3", "b", 3, None, status="diverged")
+    (s / "study.json").write_text(json.dumps({"name": "t", "baseline": "a", "arms": {
+        "a": {"method": "sparse-random", "series": "A", "seeds": [0, 1, 2, 3]},   # seed 3 never ran
+        "b": {"method": "sparse-random", "series": "B", "seeds": [0, 1, 2, 3]}}}))
+    return root
+
+
+def test_statistics_match_the_hand_computation(study):
+    c = compare([study / "study"])
+    assert c.baseline == "a" and [a.arm for a in c.arms] == ["a", "b"]
+    for arm, accs in ACC.items():
+        x = [100 * v for v in accs]
+        stats = c.arm(arm)
+        assert stats.acc == pytest.approx(x) and stats.n == 3 and stats.seeds == [0, 1, 2]
+        assert stats.acc_mean == pytest.approx(sum(x) / 3)
+        assert stats.acc_sem == pytest.approx(statistics.stdev(x) / math.sqrt(3))
+        assert stats.error_mean == pytest.approx(100 - sum(x) / 3)
+    assert (c.arm("a").unfinished, c.arm("a").diverged) == (1, 0)
+    assert (c.arm("b").unfinished, c.arm("b").diverged) == (0, 1)
+    d = [100 * (b - a) for a, b in zip(ACC["a"], ACC["b"])]
+    mean, sd = sum(d) / 3, statistics.stdev(d)
+    t = mean / (sd / math.sqrt(3))
+    (pair,) = c.paired
+    assert (pair.arm, pair.baseline, pair.n, pair.seeds) == ("b", "a", 3, [0, 1, 2])
+    assert pair.mean == pytest.approx(mean) and pair.t == pytest.approx(t)
+    assert pair.ci_low == pytest.approx(mean - T_975_DF2 * sd / math.sqrt(3))
+    assert pair.ci_high == pytest.approx(mean + T_975_DF2 * sd / math.sqrt(3))
+    assert pair.p == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t))  # two-sided, 2 df: closed form
+
+
+def test_counts_come_from_the_runs_reports(study):
+    c = compare([study / "study"])
+    report = json.loads((study / "base" / "summary.json").read_text())
+    assert c.arm("a").counts["total"] == report["totals"]["params"]
+    assert c.arm("a").counts["no_classifier"] == report["totals"]["params_no_classifier"]
+    assert c.arm("a").counts["conv"] == 0 and c.arm("a").counts["macs"] == report["totals"]["macs"]
+    masked = [l["fan_in_cv"] for l in report["layers"] if l["sparse"]]
+    assert c.arm("a").fan_in_cv == pytest.approx(sum(masked) / len(masked))
+
+
+def test_loose_run_dirs_group_by_everything_but_the_seed(study, tmp_path):
+    base = study / "base"
+    runs = []
+    for arm, accs in ACC.items():
+        for seed, acc in enumerate(accs):
+            p = tmp_path / f"{arm}{seed}"
+            _fake_run(base, p, arm, seed, acc, job=False)
+            runs.append(p)
+    c = compare(runs, baseline=None)
+    assert len(c.arms) == 2 and sorted(a.n for a in c.arms) == [3, 3]
+    by_first_acc = {round(a.acc[0], 1): a for a in c.arms}
+    assert by_first_acc[91.2].acc == pytest.approx([100 * v for v in ACC["a"]])
+
+
+def test_cli_tables_json_plot_and_errors(study, tmp_path):
+    res = runner.invoke(app, ["compare", str(study / "study")])
+    assert res.exit_code == 0, res.output
+    assert all(len(line) <= 80 for line in res.stdout.splitlines()), res.stdout
+    shown = [f"{statistics.mean(x):.2f} ± {statistics.stdev(x) / math.sqrt(3):.2f}"
+             for x in ([100 * v for v in accs] for accs in ACC.values())]
+    diff = 100 * (statistics.mean(ACC["b"]) - statistics.mean(ACC["a"]))
+    for text in (*shown, f"{diff:+.2f}", "ttest_rel", "1 div", "1 unf"):
+        assert text in res.stdout
+    data = json.loads(runner.invoke(app, ["compare", str(study / "study"), "--json", "--baseline", "b"]).stdout)
+    assert data["baseline"] == "b" and data["paired"][0]["arm"] == "a"
+    assert data["paired"][0]["mean"] == pytest.approx(-data["arms"][1]["acc_mean"] + data["arms"][0]["acc_mean"])
+    plot = tmp_path / "cmp.png"
+    assert runner.invoke(app, ["compare", str(study / "study"), "--plot", str(plot)]).exit_code == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = runner.invoke(app, ["compare", str(study / "study"), "--baseline", "zzz"])
+    assert bad.exit_code == 2 and "not an arm" in bad.output and bad.output.strip().count("\n") == 0
+    missing = runner.invoke(app, ["compare", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output

@@ -1,0 +1,159 @@
+"""sparsify study: a tiny spec end to end, skipping finished runs, resuming after a killed worker and Ctrl-C."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sparsify.cli import app
+
+runner = CliRunner()
+
+TINY = """
+[study]
+model = "zoo:mlp"
+model_args = { hidden = [16] }
+seeds = 2
+baseline = "dense"
+[train]
+data = "digits"
+epochs = 1
+batch_size = 64
+train_limit = 320
+[arms.dense]
+method = "none"
+[arms.sparse]
+method = "sparse-random"
+density = 0.3
+train = { schedule = "set" }
+"""
+
+
+def _status(run: Path) -> dict:
+    return json.loads((run / "study-status.json").read_text())
+
+
+def test_tiny_study_runs_every_arm_and_seed_then_skips_them(tmp_path):
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(TINY)
+    out = tmp_path / "study"
+    res = runner.invoke(app, ["study", str(spec), "--out", str(out), "--jobs", "2", "-q"])
+    assert res.exit_code == 0, res.output
+    runs = [out / arm / f"seed-{s}" for arm in ("dense", "sparse") for s in (0, 1)]
+    for run in runs:
+        status = _status(run)
+        assert status["status"] == "done" and 0 <= status["test_acc"] <= 1
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["train"]["test_acc"] == status["test_acc"]
+        assert summary["train"]["config"]["seed"] == int(run.name.split("-")[1])
+        start = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        assert start["threads"] == 1 and start["omp_num_threads"] == "1"  # two jobs side by side: one thread each
+    assert json.loads((runs[2] / "summary.json").read_text())["train"]["schedule"] == "set"
+    record = json.loads((out / "study.json").read_text())
+    assert record["invocations"][0]["complete"] and record["invocations"][0]["jobs"] == 2
+    assert (out / "spec.toml").read_text() == TINY
+    before = {r: (r / "study-status.json").read_bytes() for r in runs}
+    again = runner.invoke(app, ["study", str(spec), "--out", str(out), "-q"])
+    assert again.exit_code == 0 and "4 already finished, 0 trained now" in again.stdout
+    assert {r: (r / "study-status.json").read_bytes() for r in runs} == before
+    # a changed spec is refused for the runs it changes, and --force redoes only those
+    spec.write_text(TINY.replace("density = 0.3", "density = 0.4"))
+    changed = runner.invoke(app, ["study", str(spec), "--out", str(out), "-q"])
+    assert changed.exit_code == 2 and "spec changed for arm 'sparse'" in changed.output
+    assert "transform.density was 0.3, now 0.4" in changed.output
+    forced = runner.invoke(app, ["study", str(spec), "--out", str(out), "-q", "--force"])
+    assert forced.exit_code == 0 and "2 already finished, 2 trained now" in forced.stdout
+
+
+SLOW = """
+[study]
+model = "zoo:mlp"
+model_args = { hidden = [16] }
+seeds = [0]
+[train]
+data = "digits"
+batch_size = 8
+lr = 0.05
+[arms.first]
+method = "none"
+train = { epochs = 1 }
+[arms.second]
+method = "sparse-random"
+density = 0.3
+train = { epochs = 8 }
+"""
+
+
+def _start(spec: Path, out: Path) -> subprocess.Popen:
+    code = "import sys; from sparsify.cli import main; sys.argv = ['sparsify'] + sys.argv[1:]; main()"
+    return subprocess.Popen([sys.executable, "-c", code, "study", str(spec), "--out", str(out), "--jobs", "1", "--threads", "1",
+                             "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the study ended before {what}: {proc.communicate()}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _epochs_done(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    return sum(json.loads(s)["event"] == "epoch" for s in lines if s.strip())
+
+
+@pytest.mark.slow  # three study invocations with worker start-up: about 30 s on an idle machine
+def test_killed_worker_and_ctrl_c_resume_without_redoing_finished_runs(tmp_path):
+    spec = tmp_path / "slow.toml"
+    spec.write_text(textwrap.dedent(SLOW))
+    out = tmp_path / "study"
+    first, second = out / "first" / "seed-0", out / "second" / "seed-0"
+
+    # 1. kill the second run's worker midway: the study reports the failure in one line, exit 2
+    proc = _start(spec, out)
+    _wait_for(lambda: (first / "study-status.json").is_file() and _epochs_done(second) >= 2, proc, "epoch 2")
+    pid = int(re.search(r"pid (\d+)", (out / "logs" / "second-seed-0.log").read_text()).group(1))
+    os.kill(pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stderr
+    assert "arm 'second' seed 0 failed" in stderr and "1 of 2 runs are finished" in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr  # progress lines, then the one error line
+    finished_first = (first / "study-status.json").read_bytes()
+    assert not (second / "study-status.json").exists()
+    killed_at = _epochs_done(second)
+
+    # 2. rerun, then Ctrl-C (SIGINT to the runner) after one more epoch: exit 130, resumable
+    proc = _start(spec, out)
+    _wait_for(lambda: _epochs_done(second) > killed_at, proc, "an epoch after resuming")
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted: 1 of 2 runs are finished; run the same command again to resume" in stderr
+
+    # 3. rerun to the end: the finished run is not redone, the second resumes from its checkpoint
+    res = runner.invoke(app, ["study", str(spec), "--out", str(out), "--jobs", "1", "-q"])
+    assert res.exit_code == 0, res.output
+    assert (first / "study-status.json").read_bytes() == finished_first
+    status = _status(second)
+    assert status["status"] == "done" and status["resumed"]
+    lines = [json.loads(s) for s in (second / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines if r["event"] == "epoch"] == list(range(1, 9))  # each epoch once
+    assert [r["event"] for r in lines].count("start") == 1
+    log = (out / "logs" / "second-seed-0.log").read_text()
+    assert log.count("resuming after epoch") == 2
+    record = json.loads((out / "study.json").read_text())
+    assert [i["complete"] for i in record["invocations"]] == [False, False, True]

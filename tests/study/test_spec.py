@@ -1,0 +1,107 @@
+"""Study specs: a valid spec parses into arms x seeds; every mistake is one line naming the key, exit 2."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from sparsify.cli import app
+from sparsify.study.spec import SpecError, load_spec
+
+runner = CliRunner()
+
+GOOD = """
+[study]
+model = "zoo:mlp"
+seeds = 2
+baseline = "dense"
+[train]
+data = "digits"
+epochs = 1
+[arms.dense]
+method = "none"
+[arms.sparse]
+method = "sparse-random"
+density = 0.2
+seeds = [0, 1, 5]
+train = { schedule = "rigl", init = "erk" }
+[arms.depth]
+method = "depth-multiplier"
+match = "sparse"
+count = "conv"
+"""
+
+
+def _write(tmp_path, text: str):
+    p = tmp_path / "spec.toml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_good_spec_parses_arms_seeds_and_merged_train_settings(tmp_path):
+    spec = load_spec(_write(tmp_path, GOOD))
+    assert spec.name == "spec" and spec.baseline == "dense"
+    assert list(spec.arms) == ["dense", "sparse", "depth"]
+    assert spec.arms["dense"].seeds == [0, 1] and spec.arms["sparse"].seeds == [0, 1, 5]
+    assert spec.arms["sparse"].train == {"data": "digits", "epochs": 1, "schedule": "rigl", "init": "erk"}
+    assert spec.arms["sparse"].transform == {"density": 0.2}
+    # a matched arm runs after the arm it matches
+    order = [(a.name, s) for a, s in spec.jobs()]
+    assert order.index(("sparse", 0)) < order.index(("depth", 0))
+
+
+BAD = [
+    ("[study\nmodel = 1", "not valid TOML"),
+    ("[train]\nepochs = 1", "missing [study] table"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a]\nmethod = "none"\ndensty = 0.1', "[arms.a] key 'densty' is unknown"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 0\n[arms.a]\nmethod = "none"', "[study] seeds = 0"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a]\nmethod = "sparse-random"', "[arms.a] sparse-random needs density"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a]\nmethod = "sparse-random"\ndensity = 1.5', "density 1.5 is outside (0, 1]"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a]\nmethod = "sparse-random"\ndensity = "0.1"', "density = '0.1' is not a float"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a]\nmethod = "pruning"', "method 'pruning' is unknown"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[train]\nepochz = 3\n[arms.a]\nmethod = "none"', "unknown training option(s) epochz"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[train]\nlr_schedule = "linear"\n[arms.a]\nmethod = "none"', "lr_schedule must be one of"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[train]\nseed = 3\n[arms.a]\nmethod = "none"', "[train] sets seed"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a]\nmethod = "depth-multiplier"\nmatch = "b"\ncount = "conv"', "match = 'b' is not an arm"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a]\nmethod = "depth-multiplier"\nmatch = "a"', "needs both match"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a]\nmethod = "depth-multiplier"\nmatch = "b"\ncount = "total"\n'
+     '[arms.b]\nmethod = "depth-multiplier"\nmatch = "a"\ncount = "total"', "match forms a cycle"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a]\nmethod = "none"\nmatch = "a"\ncount = "conv"', "apply to method = \"depth-multiplier\" only"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\nbaseline = "x"\n[arms.a]\nmethod = "none"', "baseline 'x' is not an arm"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a-0.5]\nmethod = "none"', "write [arms.\"a-0.5\"]"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms."a/b"]\nmethod = "none"', "arm names become directory names"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2', "no arms"),
+]
+
+
+@pytest.mark.parametrize("text,expected", BAD, ids=[e for _, e in BAD])
+def test_spec_errors_are_one_line_naming_the_key(tmp_path, text, expected):
+    path = _write(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    res = runner.invoke(app, ["study", str(path), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2
+    assert res.output.strip().count("\n") == 0 and expected in res.output, res.output
+    assert not (tmp_path / "out").exists()  # nothing is written for a spec that cannot run
+
+
+def test_missing_spec_file(tmp_path):
+    res = runner.invoke(app, ["study", str(tmp_path / "nope.toml")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_help_documents_the_spec_format():
+    res = runner.invoke(app, ["study", "--help"])
+    assert res.exit_code == 0
+    for word in ("[study]", "[train]", "[arms.", "seeds", "match", "count", "--jobs"):
+        assert word in res.output
+
+
+def test_model_file_is_found_next_to_the_spec(tmp_path, monkeypatch):
+    (tmp_path / "net.py").write_text("import torch.nn as nn\nINPUT_SHAPE = (1, 4)\n"
+                                     "def build_model():\n    return nn.Sequential(nn.Linear(4, 2))\n")
+    spec = _write(tmp_path, '[study]\nmodel = "net.py:build_model"\nseeds = 1\n[arms.a]\nmethod = "none"')
+    monkeypatch.chdir(tmp_path.parent)  # the spec is read from elsewhere
+    assert load_spec(spec).arms["a"].model == f"{tmp_path / 'net.py'}:build_model"
