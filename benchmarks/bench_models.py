@@ -30,6 +30,7 @@ from rich.table import Table
 
 from sparsify import api, zoo
 from sparsify._io import write_json
+from sparsify import pipeline
 from sparsify.runtime import bench as lib
 from sparsify.runtime.export import export_model
 
@@ -90,12 +91,12 @@ def export_variants(name: str, tmp: Path, autotune: bool = False, *, density: fl
     res = api.transform(f"zoo:{name}", method="sparse-random", density=density, seed=0, input_shape=shape,
                         model_args=model_args)
     calibrate_bn(res.model, shape, *calibration)
-    target = lib.live_params(res.model)
+    target = pipeline.live_params(res.model)
     files = [("dense", tmp / f"{name}-dense.onnx"), ("sparse", tmp / f"{name}-sparse.onnx"),
              ("depth", tmp / f"{name}-depth.onnx")]
     dense_report = export_model(res.model, shape, files[0][1], dense=True, compact=False)
     sparse_report = export_model(res.model, shape, files[1][1], autotune=autotune, compact=compact)
-    model, alpha, n = lib.depth_equivalent(res.recipe, target, divisor=divisor, max_iter=depth_iters)
+    model, alpha, n = pipeline.depth_equivalent(res.recipe, target, divisor=divisor, max_iter=depth_iters)
     calibrate_bn(model, shape, *calibration)
     export_model(model, shape, files[2][1], dense=True, compact=False)
     notes = {"live_params": target, "depth_alpha": alpha, "depth_live_params": n, "depth_divisor": divisor,

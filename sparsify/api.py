@@ -1,7 +1,6 @@
 """The Python API of the transform stage, mirroring ``sparsify transform`` and ``sparsify inspect``."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -19,7 +18,7 @@ from .passes.rules import Registry, Rule, with_user_rules
 from .passes.sparsity import PSNPass, SparseRandomPass, eligible_layers
 from .passes.trace import mode_differences, propagate_shapes, trace
 from .report import input_shapes, layer_report, param_counts, with_ratios
-from .rundir import MODEL_SOURCE, SUMMARY, Recipe, Run, is_run_dir, load_run, read_recipe, save_run
+from .rundir import MODEL_SOURCE, SUMMARY, Recipe, Run, default_run_dir, is_run_dir, load_run, read_recipe, save_run
 
 METHODS = ("sparse-random", "psn", "depth-multiplier", "none")
 
@@ -283,12 +282,8 @@ def match_depth(gm: fx.GraphModule, example: Any, target: int, count: str, divis
 
 
 def default_out(recipe: Recipe) -> Path:
-    """``runs/<model>-<method>-<param>``, e.g. runs/lenet5-sparse-random-0.1."""
-    spec = recipe.model
-    name = spec.partition(":")[2] if spec.startswith(("zoo:", "torchvision:")) else Path(spec.rpartition(":")[0] or spec).stem
-    value = recipe.params.get("density", recipe.params.get("alpha"))
-    parts = [name, recipe.method] + ([f"{value:g}"] if value is not None else [])
-    return Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+    """``runs/<model>-<method>-<param>``, e.g. runs/lenet5-sparse-random-0.1 (``rundir.default_run_dir``)."""
+    return default_run_dir(recipe.model, recipe.method, recipe.params.get("density", recipe.params.get("alpha")))
 
 
 def transform_to_dir(model: str, method: str = "sparse-random", *, out: str | Path | None = None,

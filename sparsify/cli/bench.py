@@ -82,13 +82,14 @@ def _memory_line(result: Any) -> str | None:
 
 def _write_outputs(result: Any, json_out: Path | None, plot: Path | None) -> None:
     """Write --json and --plot atomically and say where they went (stderr)."""
-    from ..runtime import bench as lib
+    from ..pipeline import plot_result
+    from ..runtime.bench import write_result_json
 
     if json_out is not None:
-        lib.write_result_json(result, json_out)
+        write_result_json(result, json_out)
         err.print(f"wrote {json_out}")
     if plot is not None:
-        lib.plot_result(result, plot)
+        plot_result(result, plot)
         err.print(f"wrote {plot}")
 
 
@@ -134,6 +135,7 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Measure ONNX Runtime latency of ONNX files side by side, or of the variants of a run directory."""
+    from .. import pipeline
     from ..rundir import is_run_dir
     from ..runtime import bench as lib
 
@@ -150,13 +152,13 @@ def bench(
         run_dir = dirs[0]
         if not is_run_dir(run_dir):
             raise UsageError(f"{run_dir} is a directory but not a run directory; give .onnx files or a run directory")
-        names = lib.parse_variants(variants)
+        names = pipeline.parse_variants(variants)
         if keep is not None:
             keep.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
             where = keep if keep is not None else stack.enter_context(tempfile.TemporaryDirectory(prefix="sparsify-bench-"))
             progress = stack.enter_context(_progress(quiet))
-            files, notes = lib.export_variants(run_dir, where, names, progress=progress)
+            files, notes = pipeline.export_variants(run_dir, where, names, progress=progress)
             result = lib.bench_files([p for _, p in files], labels=[n for n, _ in files], progress=progress, **opts)
         if keep is None:
             for f in result.files:                      # the temporary exports are gone; keep only their names
@@ -271,6 +273,8 @@ def run(
 ) -> None:
     """The whole pipeline in one command: transform -> train -> export -> bench, results in the run directory."""
     from ._common import parse_shape
+    from .. import pipeline
+    from ..rundir import default_run_dir
     from ..runtime import bench as lib
 
     if old_batch_size is not None:
@@ -282,7 +286,7 @@ def run(
     sparse_method = method in ("sparse-random", "psn")
     if density is None and sparse_method:
         density = 0.1
-    names = lib.parse_variants(variants) if variants is not None else (
+    names = pipeline.parse_variants(variants) if variants is not None else (
         ["dense", "compact", "sparse"] + (["depth"] if sparse_method else []))
     transform_options: dict[str, Any] = dict(method=method, density=density, alpha=alpha, profile=profile,
                                               allocation=allocation, include_linear=include_linear,
@@ -299,10 +303,10 @@ def run(
                          threads=_int_list("--threads", threads), min_time=min_time)
     lib.check_settings(min_time=min_time)
     _check_train_options(train_options)
-    target = out_dir if out_dir is not None else lib.default_run_dir(model, method, density if density is not None else alpha)
+    target = out_dir if out_dir is not None else default_run_dir(model, method, density if density is not None else alpha, next_free=True)
     log = (lambda _m: None) if quiet else (lambda m: err.print(m, highlight=False, markup=False))
     with _pipeline_progress(quiet) as progress:
-        run_dir, result, notes = lib.run_pipeline(
+        run_dir, result, notes = pipeline.run_pipeline(
             model, target, transform_options=transform_options, train_options=train_options, variants=names,
             bench_options=bench_options, force=force, progress=progress, log=log)
     tr = notes.get("train") or {}
