@@ -94,61 +94,46 @@ def live_params(model: Any) -> int:
     return count(model)
 
 
-def depth_equivalent(recipe: Any, target_params: int, *, run_dir: str | Path | None = None, tol: float = 0.01,
-                     max_iter: int = 14, divisor: int = 1) -> tuple[Any, float, int]:
-    """Transform the recipe's model with a depth multiplier whose live parameter count matches ``target_params``.
+def depth_equivalent(recipe: Any, target_params: int, *, run_dir: str | Path | None = None,
+                     divisor: int = 1) -> tuple[Any, float, int]:
+    """The recipe's model depth-multiplied to the parameter count nearest ``target_params``.
 
-    Bisection on alpha (parameter count grows with alpha); returns (model, alpha, params) of the closest found.
-    ``divisor`` > 1 rounds every channel count to a multiple of it (``DepthMultiplierPass``); the count
-    then moves in steps and the closest step is returned.
-    A model file that moved since the run was made is taken from the run's own copy.
+    Alpha is read off the channel groups of the traced dense model (``DepthCounter`` and
+    ``match_alpha`` of ``sparsify.passes.depth_multiplier``: no model is rewritten while searching),
+    then the model is transformed once at it. ``divisor`` > 1 rounds every channel count to a
+    multiple of it (``DepthMultiplierPass``); the count then moves in steps and the nearest step is
+    taken. A user's model file that moved or changed since the run was made is taken from the run's
+    own copy (``replay.replay_spec``). Returns (model, alpha, parameters of the model).
     """
-    from . import api
-    from .rundir import MODEL_SOURCE
+    from .methods import DepthMultiplierConfig
+    from .passes.depth_multiplier import match_depth
+    from .replay import apply_method, trace_recipe
+    from .rundir import MODEL_SOURCE, RECIPE
 
-    spec = recipe.model
-    if not spec.startswith("zoo:") and run_dir is not None:
-        file, _, name = spec.rpartition(":")
-        if not Path(file).is_file() and (Path(run_dir) / MODEL_SOURCE).is_file():
-            spec = f"{Path(run_dir) / MODEL_SOURCE}:{name}"
-
-    def build(alpha: float) -> tuple[Any, int]:
-        res = api.transform(
-            spec, method="depth-multiplier", alpha=alpha, seed=recipe.seed,
-            input_shape=recipe.shapes, model_args=dict(recipe.model_args or {}),
-            leaf_modules=tuple(recipe.leaf_modules or ()), divisor=divisor if divisor > 1 else None,
-            rules={k: v for k, v in (recipe.rules or {}).items() if not v.startswith("custom:")} or None,
-        )
-        return res.model, live_params(res.model)
-
-    lo, hi = 0.0, 1.0
-    best: tuple[Any, float, int] | None = None
-    for _ in range(max_iter):
-        alpha = (lo + hi) / 2
-        model, n = build(alpha)
-        if best is None or abs(n - target_params) < abs(best[2] - target_params):
-            best = (model, alpha, n)
-        if abs(n - target_params) <= tol * target_params:
-            break
-        if n < target_params:
-            lo = alpha
-        else:
-            hi = alpha
-    assert best is not None
-    return best
+    run = Path(run_dir) if run_dir is not None else None
+    traced = trace_recipe(recipe, run / MODEL_SOURCE if run else None, where=str(run / RECIPE) if run else "the recipe")
+    alpha, _ = match_depth(traced.gm, traced.example, target_params, "total", divisor, traced.rules)
+    model = apply_method(traced, DepthMultiplierConfig(alpha=alpha, divisor=divisor), recipe.seed).model
+    return model, alpha, live_params(model)
 
 
 def export_variants(run_dir: str | Path, out_dir: str | Path, variants: Sequence[str],
                     progress: Any | None = None) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
     """Export the requested variants of a run into ``out_dir``; returns [(label, path)] and notes per variant.
 
-    ``depth`` is skipped (with a note) for runs whose method is not sparse-random or psn.
+    The run is loaded once. ``depth`` is skipped (with a note) for runs whose method masks no
+    connections (``MethodConfig.masked``: depth-multiplier, none).
     """
-    from .rundir import load_run, read_recipe
-    from .runtime import export as ex
+    from .methods import method_class
+    from .passes.rules import with_user_rules
+    from .rundir import load_run
+    from .runtime.export import export_model
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    recipe = read_recipe(run_dir)
+    run = load_run(run_dir)
+    recipe = run.recipe
+    named = {k: v for k, v in (recipe.rules or {}).items() if not v.startswith("custom:")}
+    rules = with_user_rules(named) if named else None
     files: list[tuple[str, Path]] = []
     notes: dict[str, Any] = {}
     for i, name in enumerate(variants):
@@ -156,19 +141,19 @@ def export_variants(run_dir: str | Path, out_dir: str | Path, variants: Sequence
             progress(f"exporting {name}", i, len(variants))
         target = out_dir / f"{name}.onnx"
         if name == "dense":
-            ex.export_run(run_dir, target, dense=True, compact=False)
+            export_model(run.model, recipe.shapes, target, dense=True, compact=False, rules=rules)
         elif name == "compact":
-            ex.export_run(run_dir, target, dense=True, compact=True)
+            export_model(run.model, recipe.shapes, target, dense=True, compact=True, rules=rules)
         elif name == "sparse":
-            ex.export_run(run_dir, target)
+            export_model(run.model, recipe.shapes, target, rules=rules)
         elif name == "depth":
-            if recipe.method not in ("sparse-random", "psn"):
+            if not method_class(recipe.method).masked:
                 notes["depth"] = f"skipped: the run's method is {recipe.method!r}, not sparse-random or psn"
                 continue
-            target_params = live_params(load_run(run_dir).model)
+            target_params = live_params(run.model)
             model, alpha, n = depth_equivalent(recipe, target_params, run_dir=run_dir)
             notes["depth"] = {"alpha": round(alpha, 6), "live_params": n, "target_live_params": target_params}
-            ex.export_model(model, recipe.shapes, target, dense=True, compact=False)
+            export_model(model, recipe.shapes, target, dense=True, compact=False)
         files.append((name, target))
     if progress is not None:
         progress("exported", len(variants), len(variants))

@@ -238,10 +238,10 @@ def load_weights(model: nn.Module, file: str | Path) -> None:
 def load_run(path: str | Path, rules: Any = None) -> Run:
     """Rebuild a run's graph from its recipe and load its tensors (``rules``: the custom rule objects
     the run was transformed with, if any)."""
-    from .api import build_from_recipe
+    from .replay import build_from_recipe
 
     p = Path(path)
     recipe = read_recipe(p)
-    model = build_from_recipe(recipe, run_dir=p, rules=rules)
+    model = build_from_recipe(recipe, source_copy=p / MODEL_SOURCE, rules=rules, where=str(p / RECIPE))
     load_weights(model, p / WEIGHTS)
     return Run(path=p, recipe=recipe, model=model, summary=read_summary(p))
