@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
-
-import torch.fx as fx
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import UsageError
-from .passes.base import GraphPass
-from .passes.depth_multiplier import DepthMultiplierPass, check_alpha, check_divisor
-from .passes.rules import Registry
-from .passes.sparsity import PSNPass, SparseRandomPass, check_allocation, check_density, eligible_layers
-from .profiles import resolve_params
+
+if TYPE_CHECKING:  # the passes (and torch) are imported when a config is made: `sparsify --help` needs neither
+    import torch.fx as fx
+
+    from .passes.base import GraphPass
+    from .passes.rules import Registry
 
 
 @dataclass
@@ -79,7 +78,6 @@ class SparseRandomConfig(MethodConfig):
         "alpha": "sparse-random takes --density, not --alpha",
         "profile": "--profile applies to --method psn only",
     }
-    pass_class: ClassVar[type] = SparseRandomPass
     masked: ClassVar[bool] = True
 
     density: float | None = None
@@ -89,6 +87,8 @@ class SparseRandomConfig(MethodConfig):
     rescale_init: bool = True
 
     def __post_init__(self) -> None:
+        from .passes.sparsity import check_allocation, check_density
+
         check_density(self.density)
         check_allocation(self.allocation)
 
@@ -102,10 +102,14 @@ class SparseRandomConfig(MethodConfig):
     def resolve(self, gm: fx.GraphModule, rules: Registry | None = None) -> "SparseRandomConfig":
         if self.include_linear is not None:
             return self
+        from .passes.sparsity import eligible_layers
+
         convs, _ = eligible_layers(gm, include_linear=False, include_classifier=self.include_classifier, rules=rules)
         return dataclasses.replace(self, include_linear=not convs)
 
     def make_pass(self, seed: int = 0, rules: Registry | None = None) -> GraphPass:
+        from .passes.sparsity import SparseRandomPass
+
         return SparseRandomPass(self.density, seed=seed, allocation=self.allocation,
                                 include_linear=bool(self.include_linear), include_classifier=self.include_classifier,
                                 rescale_init=self.rescale_init, rules=rules)
@@ -121,13 +125,14 @@ class PSNConfig(SparseRandomConfig):
         "divisor": "--divisor applies to --method depth-multiplier only, not psn",
         "alpha": "psn takes --density, not --alpha",
     }
-    pass_class: ClassVar[type] = PSNPass
 
     include_linear: bool | None = True
     profile: str = "lognormal"
     profile_params: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from .profiles import resolve_params
+
         super().__post_init__()
         if self.include_linear is None:
             self.include_linear = True
@@ -142,6 +147,8 @@ class PSNConfig(SparseRandomConfig):
         return self
 
     def make_pass(self, seed: int = 0, rules: Registry | None = None) -> GraphPass:
+        from .passes.sparsity import PSNPass
+
         return PSNPass(self.density, profile=self.profile, profile_params=self.profile_params, seed=seed,
                        allocation=self.allocation, include_linear=bool(self.include_linear),
                        include_classifier=self.include_classifier, rescale_init=self.rescale_init, rules=rules)
@@ -157,12 +164,13 @@ class DepthMultiplierConfig(MethodConfig):
         "density": "depth-multiplier takes --alpha, not --density/--profile",
         "profile": "depth-multiplier takes --alpha, not --density/--profile",
     }
-    pass_class: ClassVar[type] = DepthMultiplierPass
 
     alpha: float | None = None
     divisor: int | None = None
 
     def __post_init__(self) -> None:
+        from .passes.depth_multiplier import check_alpha, check_divisor
+
         self.divisor = check_divisor(self.divisor)
         check_alpha(self.alpha)
 
@@ -170,6 +178,8 @@ class DepthMultiplierConfig(MethodConfig):
         return {"alpha": self.alpha, **({"divisor": self.divisor} if self.divisor > 1 else {})}
 
     def make_pass(self, seed: int = 0, rules: Registry | None = None) -> GraphPass:
+        from .passes.depth_multiplier import DepthMultiplierPass
+
         return DepthMultiplierPass(self.alpha, seed=seed, divisor=self.divisor, rules=rules)
 
 
