@@ -43,3 +43,51 @@ def test_bench_run_dir_builds_dense_sparse_and_depth_variants(tmp_path):
     assert files["sparse"]["path"] == str(keep / "sparse.onnx")
     assert sorted(p.name for p in run.iterdir()) == ["recipe.json", "summary.json", "weights.init.safetensors",
                                                      "weights.safetensors"]
+
+
+def test_depth_equivalent_is_the_nearest_count_and_transforms_once(monkeypatch):
+    from sparsify import api
+    from sparsify.nn import live_params
+    from sparsify.passes import depth_multiplier as dm
+    from sparsify.replay import trace_recipe
+
+    sparse = api.transform("zoo:resnet20", "sparse-random", density=0.2)
+    target = live_params(sparse.model)
+    calls = []
+    original = dm.DepthMultiplierPass.__call__
+    monkeypatch.setattr(dm.DepthMultiplierPass, "__call__", lambda self, *a: calls.append(self.alpha) or original(self, *a))
+    model, alpha, n = pipeline.depth_equivalent(sparse.recipe, target)
+    assert calls == [alpha] and n == live_params(model) and 0 < alpha < 1
+    traced = trace_recipe(sparse.recipe)
+    counter = dm.DepthCounter(traced.gm, traced.example)
+    assert counter.counts(alpha)["total"] == n                     # the counter and the model agree
+    grid = [counter.counts(a / 200)["total"] for a in range(1, 201)]
+    assert abs(n - target) <= min(abs(c - target) for c in grid)  # no alpha on a fine grid comes nearer
+
+
+def test_export_variants_loads_the_run_once(tmp_path, monkeypatch):
+    from sparsify import api, rundir
+
+    run, _ = api.transform_to_dir("zoo:lenet5", "sparse-random", density=0.1, out=tmp_path / "run")
+    loads = []
+    original = rundir.load_run
+    monkeypatch.setattr(rundir, "load_run", lambda *a, **k: loads.append(a) or original(*a, **k))
+    (tmp_path / "v").mkdir()
+    files, notes = pipeline.export_variants(run, tmp_path / "v", list(pipeline.VARIANTS))
+    assert len(loads) == 1
+    assert [name for name, _ in files] == list(pipeline.VARIANTS) and all(p.is_file() for _, p in files)
+    assert notes["depth"]["target_live_params"] == _live(original(run).model)
+
+
+def test_export_variants_skips_depth_for_methods_that_mask_nothing(tmp_path):
+    from sparsify import api
+
+    run, _ = api.transform_to_dir("zoo:lenet5", "depth-multiplier", alpha=0.5, out=tmp_path / "run")
+    files, notes = pipeline.export_variants(run, tmp_path, ["dense", "depth"])
+    assert [name for name, _ in files] == ["dense"] and notes["depth"].startswith("skipped")
+
+
+def _live(model) -> int:
+    from sparsify.nn import live_params
+
+    return live_params(model)
