@@ -107,3 +107,27 @@ def test_the_package_import_graph_has_no_cycles():
     packages.add_edges_from((unit(a), unit(b)) for a, b in g.edges if unit(a) != unit(b))
     cycles = list(nx.simple_cycles(packages))
     assert not cycles, f"import cycles between sparsify's modules/packages: {cycles}"
+
+
+LAYERS = {  # docs/design.md, "Layers": a module imports only from its own layer or below
+    5: ("sparsify", "sparsify.__main__"),
+    4: ("sparsify.cli",),
+    3: ("sparsify.pipeline", "sparsify.study"),
+    2: ("sparsify.api",),
+    1: ("sparsify.runtime", "sparsify.train", "sparsify.rundir", "sparsify.replay", "sparsify.methods"),
+    0: ("sparsify.passes", "sparsify.models", "sparsify.zoo", "sparsify.report", "sparsify.nn", "sparsify.profiles",
+        "sparsify.weights", "sparsify._io", "sparsify.errors"),
+}
+
+
+def _layer(module: str) -> int:
+    if module in LAYERS[5]:
+        return 5
+    return next(k for k, prefixes in LAYERS.items() if k < 5 and any(
+        module == p or module.startswith(p + ".") for p in prefixes))
+
+
+def test_no_import_runs_up_the_layers_of_the_design():
+    g = import_graph()
+    up = sorted((a, b) for a, b in g.edges if _layer(b) > _layer(a))
+    assert not up, f"imports from a lower layer to a higher one (see docs/design.md): {up}"
