@@ -236,7 +236,7 @@ def measure(name: str, density: float, tmp: Path, args: argparse.Namespace) -> d
     t0 = time.perf_counter()
     files, notes = export_variants(name, tmp, density=density, model_args=model_args, input_shape=shape,
                                    divisor=DIVISOR, compact=not args.no_compact, calibration=CALIBRATION,
-                                   autotune=args.autotune, depth_iters=4 if args.quick else 10)
+                                   autotune=args.autotune)
     notes["export_s"] = time.perf_counter() - t0
     paths = dict(files)
     spread = output_spread(paths["dense"])

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from sparsify import api, zoo
 from sparsify._io import write_json
+from sparsify import pipeline
 from sparsify.runtime import bench as lib
 from sparsify.runtime.export import export_model
 
@@ -77,25 +78,24 @@ def output_spread(path: Path) -> float:
 
 def export_variants(name: str, tmp: Path, autotune: bool = False, *, density: float = DENSITY,
                     model_args: dict | None = None, input_shape: tuple[int, ...] | None = None, divisor: int = 1,
-                    compact: bool = True, calibration: tuple[int, int] = (4, 32),
-                    depth_iters: int = 14) -> tuple[list[tuple[str, Path]], dict]:
+                    compact: bool = True, calibration: tuple[int, int] = (4, 32)) -> tuple[list[tuple[str, Path]], dict]:
     """Transform zoo model ``name`` sparse-random at ``density`` and export dense, sparse and depth variants.
 
-    ``divisor``: the depth variant's channel counts are rounded to multiples of it; ``depth_iters``:
-    bisection steps of its equal-parameter search; ``compact=False`` exports the sparse variant
-    without compaction; ``calibration``: (batches, batch size) for calibrate_bn.
+    ``divisor``: the depth variant's channel counts are rounded to multiples of it (its alpha is the
+    nearest equal-parameter one, ``sparsify.pipeline.depth_equivalent``); ``compact=False`` exports
+    the sparse variant without compaction; ``calibration``: (batches, batch size) for calibrate_bn.
     """
     entry = zoo.get(name)
     shape = tuple(input_shape or entry.input_shape)
     res = api.transform(f"zoo:{name}", method="sparse-random", density=density, seed=0, input_shape=shape,
                         model_args=model_args)
     calibrate_bn(res.model, shape, *calibration)
-    target = lib.live_params(res.model)
+    target = pipeline.live_params(res.model)
     files = [("dense", tmp / f"{name}-dense.onnx"), ("sparse", tmp / f"{name}-sparse.onnx"),
              ("depth", tmp / f"{name}-depth.onnx")]
     dense_report = export_model(res.model, shape, files[0][1], dense=True, compact=False)
     sparse_report = export_model(res.model, shape, files[1][1], autotune=autotune, compact=compact)
-    model, alpha, n = lib.depth_equivalent(res.recipe, target, divisor=divisor, max_iter=depth_iters)
+    model, alpha, n = pipeline.depth_equivalent(res.recipe, target, divisor=divisor)
     calibrate_bn(model, shape, *calibration)
     export_model(model, shape, files[2][1], dense=True, compact=False)
     notes = {"live_params": target, "depth_alpha": alpha, "depth_live_params": n, "depth_divisor": divisor,

@@ -1,7 +1,6 @@
 """The Python API of the transform stage, mirroring ``sparsify transform`` and ``sparsify inspect``."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -11,17 +10,18 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ._io import check_output_dir
-from .errors import ModelLoadError, RunDirError, SparsifyError, UsageError
-from .models import LoadedModel, load_model
-from .passes.base import PassResult
-from .passes.depth_multiplier import COUNTS, DepthCounter, DepthMultiplierPass, check_divisor, match_alpha
-from .passes.rules import Registry, Rule, with_user_rules
-from .passes.sparsity import PSNPass, SparseRandomPass, eligible_layers
-from .passes.trace import mode_differences, propagate_shapes, trace
-from .report import input_shapes, layer_report, param_counts, with_ratios
-from .rundir import MODEL_SOURCE, SUMMARY, Recipe, Run, is_run_dir, load_run, read_recipe, save_run
+from .errors import RunDirError, UsageError
+from .methods import METHODS, make_config
+from .models import LoadedModel
+from .passes.depth_multiplier import COUNTS, match_depth
+from .passes.rules import Registry, Rule
+from .passes.trace import mode_differences
+from .replay import apply_method, load_checked, rule_registry, trace_loaded
+from .report import layer_report, param_counts, with_ratios
+from .rundir import SUMMARY, Recipe, Run, default_run_dir, is_run_dir, load_run, read_recipe, save_run
 
-METHODS = ("sparse-random", "psn", "depth-multiplier", "none")
+__all__ = ["METHODS", "TransformResult", "transform", "transform_to_dir", "default_out", "load", "inspect",
+           "channel_groups", "match_depth", "run_param_counts"]
 
 
 @dataclass
@@ -32,99 +32,6 @@ class TransformResult:
     recipe: Recipe
     summary: dict[str, Any]
     source_file: Path | None = None
-
-
-def _params_for(method: str, density: float | None, alpha: float | None, profile: str | None,
-                profile_params: dict[str, float] | None, allocation: str, include_linear: bool | None,
-                include_classifier: bool, rescale_init: bool = True, divisor: int | None = None) -> dict[str, Any]:
-    """The method's parameters as stored in the recipe (only those that apply)."""
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if divisor is not None and method != "depth-multiplier":
-        raise UsageError(f"--divisor applies to --method depth-multiplier only, not {method}")
-    if method == "depth-multiplier":
-        if density is not None or profile is not None:
-            raise UsageError("depth-multiplier takes --alpha, not --density/--profile")
-        divisor = check_divisor(divisor)
-        return {"alpha": alpha, **({"divisor": divisor} if divisor > 1 else {})}
-    if method == "none":
-        return {}
-    if alpha is not None:
-        raise UsageError(f"{method} takes --density, not --alpha")
-    params: dict[str, Any] = {"density": density, "allocation": allocation,
-                              "include_classifier": include_classifier, "rescale_init": rescale_init}
-    if method == "psn":
-        params.update(profile=profile or "lognormal", profile_params=dict(profile_params or {}),
-                      include_linear=True if include_linear is None else include_linear)
-    else:
-        if profile is not None:
-            raise UsageError("--profile applies to --method psn only")
-        params["include_linear"] = include_linear  # None: decided per model in _resolve_auto
-    return params
-
-
-def _resolve_auto(gm: fx.GraphModule, params: dict[str, Any], rules: Registry | None = None) -> dict[str, Any]:
-    """sparse-random keeps linears dense as in the paper, unless the model has no conv to sparsify."""
-    if params.get("include_linear", False) is None:
-        convs, _ = eligible_layers(gm, include_linear=False, include_classifier=params["include_classifier"],
-                                   rules=rules)
-        params = {**params, "include_linear": not convs}
-    return params
-
-
-def _make_pass(method: str, params: dict[str, Any], seed: int, rules: Registry | None = None):
-    if method == "sparse-random":
-        return SparseRandomPass(params["density"], seed=seed, allocation=params["allocation"],
-                                include_linear=params["include_linear"],
-                                include_classifier=params["include_classifier"],
-                                rescale_init=params.get("rescale_init", True), rules=rules)
-    if method == "psn":
-        return PSNPass(params["density"], profile=params["profile"], profile_params=params["profile_params"],
-                       seed=seed, allocation=params["allocation"], include_linear=params["include_linear"],
-                       include_classifier=params["include_classifier"],
-                       rescale_init=params.get("rescale_init", True), rules=rules)
-    if method == "depth-multiplier":
-        return DepthMultiplierPass(params["alpha"], seed=seed, divisor=params.get("divisor", 1), rules=rules)
-    return None
-
-
-def _input_shapes(loaded: LoadedModel, given: Any) -> list[tuple[int, ...]]:
-    """One shape per model input: ``given`` (a shape, or a list of shapes) or the model's own."""
-    source = given if given else loaded.input_shape
-    if not source:
-        raise UsageError(
-            f"no input shape for {loaded.spec}: pass --input-shape N,C,H,W (\"S1;S2\" for several inputs), "
-            "or define INPUT_SHAPE, INPUT_SHAPES or example_input() in the model file"
-        )
-    return input_shapes(source)
-
-
-def _example(shapes: list[tuple[int, ...]], seed: int) -> Any:
-    """Random example inputs (one tensor, or a tuple for several inputs) from ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    xs = tuple(torch.randn(*s, generator=gen) for s in shapes)
-    return xs[0] if len(xs) == 1 else xs
-
-
-def _rules(rules: Any) -> tuple[Registry | None, dict[str, str]]:
-    """The registry for ``rules`` and what the recipe records of them (names; "custom:" for objects)."""
-    if not rules:
-        return None, {}
-    record = {}
-    for key, value in rules.items():
-        name = key if isinstance(key, str) else key.__name__
-        kind = type(value)
-        record[name] = value if isinstance(value, str) else f"custom:{kind.__module__}.{kind.__qualname__}"
-    return with_user_rules(rules), record
-
-
-def _apply(gm: fx.GraphModule, method: str, params: dict[str, Any], seed: int,
-           example: Any, rules: Registry | None = None) -> PassResult:
-    p = _make_pass(method, params, seed, rules)
-    if p is None:
-        propagate_shapes(gm, example)
-        return PassResult(gm)
-    return p(gm, example)
 
 
 def transform(model: str | nn.Module, method: str = "sparse-random", *, density: float | None = None,
@@ -160,21 +67,20 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     if rescale_init is None:
         rescale_init = weights is None
     target = _match_target(method, alpha, match, count)
-    params = _params_for(method, density, 0.5 if target is not None else alpha, profile, profile_params,
-                         allocation, include_linear, include_classifier, rescale_init, divisor)
-    registry, rule_record = _rules(rules)
-    loaded = load_model(model, model_args, seed)
-    _check_loaded(loaded, leaf_modules)
+    config = make_config(method, density=density, alpha=0.5 if target is not None else alpha, profile=profile,
+                         profile_params=profile_params, allocation=allocation, include_linear=include_linear,
+                         include_classifier=include_classifier, rescale_init=rescale_init, divisor=divisor)
+    registry, rule_record = rule_registry(rules)
+    loaded = load_checked(model, model_args, seed, leaf_modules)
     source = _load_user_weights(loaded, weights) if weights is not None else None
-    shapes = _input_shapes(loaded, input_shape)
-    example = _example(shapes, seed)
-    dense = trace(loaded.module, leaf_modules, registry)
-    propagate_shapes(dense, example)
-    original = layer_report(dense, shapes, registry)
-    params = _resolve_auto(dense, params, registry)
+    traced = trace_loaded(loaded, input_shape, seed, leaf_modules, registry)
+    shapes = traced.shapes
+    original = layer_report(traced.gm, shapes, registry)
+    config = config.resolve(traced.gm, registry)
     if target is not None:
-        params["alpha"], predicted = match_depth(dense, example, target, count, params.get("divisor", 1), registry)
-    result = _apply(dense, method, params, seed, example, registry)
+        config.alpha, predicted = match_depth(traced.gm, traced.example, target, count, config.divisor, registry)
+    params = config.to_params()
+    result = apply_method(traced, config, seed)
     report = with_ratios(layer_report(result.model, shapes, registry), original)
     if target is not None:
         achieved = param_counts(report)[count]
@@ -199,23 +105,6 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
 def _check_seed(seed: int) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise UsageError(f"--seed must be an integer >= 0, not {seed!r}")
-
-
-def _check_loaded(loaded: LoadedModel, leaf_modules: Sequence[str]) -> None:
-    """Refuse a model with an empty layer (e.g. num_classes 0) and --leaf names of no module in it."""
-    types: set[str] = set()
-    for name, m in loaded.module.named_modules():
-        t = type(m)
-        types.update((t.__name__, f"{t.__module__}.{t.__qualname__}"))
-        for pname, p in m.named_parameters(recurse=False):
-            if p.numel() == 0:
-                raise ModelLoadError(f"{loaded.spec} has an empty layer: {name}.{pname} has shape {list(p.shape)}; "
-                                     f"a width or class count of 0 in --model-args?")
-    unknown = [leaf for leaf in leaf_modules if leaf not in types]
-    if unknown:
-        present = sorted({type(m).__name__ for m in loaded.module.modules()})
-        raise UsageError(f"--leaf {unknown[0]}: {loaded.spec} has no module of that type; its types are "
-                         f"{', '.join(present[:8])}{', ...' if len(present) > 8 else ''}")
 
 
 def _density_notes(params: dict[str, Any], layers: dict[str, Any]) -> list[str]:
@@ -266,29 +155,9 @@ def run_param_counts(run_dir: str | Path) -> dict[str, int]:
                           f"re-create the run with `sparsify transform`") from None
 
 
-def match_depth(gm: fx.GraphModule, example: Any, target: int, count: str, divisor: int = 1,
-                rules: Registry | None = None) -> tuple[float, int]:
-    """Depth multiplier alpha whose ``count`` ("conv" or "total") of live parameters is nearest ``target``.
-
-    Counted from the channel groups of the traced dense graph ``gm`` (``DepthCounter``), without
-    transforming: the result is within one step of the count (one channel of the widest group) of
-    ``target``, the nearest achievable. Returns (alpha, predicted count).
-    """
-    counter = DepthCounter(gm, example, divisor, rules)
-
-    def count_at(a: float) -> tuple[int, tuple[int, ...]]:
-        return counter.counts(a)[count], tuple(sorted(counter.sizes(a).items()))
-
-    return match_alpha(count_at, target)
-
-
 def default_out(recipe: Recipe) -> Path:
-    """``runs/<model>-<method>-<param>``, e.g. runs/lenet5-sparse-random-0.1."""
-    spec = recipe.model
-    name = spec.partition(":")[2] if spec.startswith(("zoo:", "torchvision:")) else Path(spec.rpartition(":")[0] or spec).stem
-    value = recipe.params.get("density", recipe.params.get("alpha"))
-    parts = [name, recipe.method] + ([f"{value:g}"] if value is not None else [])
-    return Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+    """``runs/<model>-<method>-<param>``, e.g. runs/lenet5-sparse-random-0.1 (``rundir.default_run_dir``)."""
+    return default_run_dir(recipe.model, recipe.method, recipe.params.get("density", recipe.params.get("alpha")))
 
 
 def transform_to_dir(model: str, method: str = "sparse-random", *, out: str | Path | None = None,
@@ -302,56 +171,6 @@ def transform_to_dir(model: str, method: str = "sparse-random", *, out: str | Pa
     path = Path(out) if out is not None else default_out(result.recipe)
     save_run(path, result.recipe, result.model, result.summary, force=force, source_file=result.source_file)
     return path, result
-
-
-def build_from_recipe(recipe: Recipe, run_dir: str | Path | None = None,
-                      rules: Mapping[Any, str | Rule] | None = None) -> fx.GraphModule:
-    """Rebuild the graph a recipe describes (weights as initialised; load tensors on top).
-
-    ``rules``: the Rule objects of a run transformed with custom rules (named rules replay by themselves).
-    """
-    given = dict(rules or {})
-    replay: dict[Any, Any] = {}
-    for key, value in (recipe.rules or {}).items():
-        if not value.startswith("custom:"):
-            replay[key] = value
-            continue
-        match = [v for k, v in given.items() if (k if isinstance(k, str) else k.__name__) == key]
-        if not match:
-            raise RunDirError(f"the run was transformed with a custom rule for {key} ({value[7:]}); "
-                              f"pass the same rules to sparsify.load(run, rules={{...}})")
-        replay[key] = match[0]
-    spec = recipe.model
-    if not spec.startswith("zoo:") and run_dir is not None:
-        file, _, name = spec.rpartition(":")
-        original = Path(file)
-        copy_ = Path(run_dir) / MODEL_SOURCE
-        if copy_.is_file() and (not original.is_file() or _sha(original) != recipe.source_sha256):
-            spec = f"{copy_}:{name}"  # the file moved or changed since: use the run's own copy
-    try:
-        result = transform(spec, recipe.method, seed=recipe.seed, input_shape=recipe.shapes,
-                           model_args=recipe.model_args, leaf_modules=recipe.leaf_modules,
-                           rules=replay or None, **_kwargs_of(recipe))
-    except ModelLoadError as e:
-        raise ModelLoadError(f"cannot rebuild the run's model: {e}") from None
-    except (SparsifyError, TypeError, ValueError) as e:  # a recipe edited by hand: values of the wrong kind
-        where = f"{Path(run_dir) / 'recipe.json'}" if run_dir is not None else "the recipe"
-        raise RunDirError(f"{where} cannot be replayed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                          f"re-create the run with `sparsify transform`") from None
-    return result.model
-
-
-def _kwargs_of(recipe: Recipe) -> dict[str, Any]:
-    p = dict(recipe.params)
-    keys = ("density", "alpha", "profile", "profile_params", "allocation", "include_linear", "include_classifier",
-            "rescale_init", "divisor")
-    return {k: p[k] for k in keys if k in p}
-
-
-def _sha(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load(path: str | Path, rules: Mapping[Any, str | Rule] | None = None) -> Run:
@@ -376,12 +195,12 @@ def inspect(target: str | Path | nn.Module, *, input_shape: Sequence[int] | Sequ
         return inspect_onnx(target)
     if isinstance(target, (str, Path)) and is_run_dir(target):
         run = load_run(target, rules)
-        report = layer_report(run.model, input_shape or run.recipe.shapes, _rules(rules)[0])
+        report = layer_report(run.model, input_shape or run.recipe.shapes, rule_registry(rules)[0])
         original = run.summary.get("original_totals")
         if original:
             report = with_ratios(report, {"totals": original})
         report.update(method=run.recipe.method, params=run.recipe.params, model=run.recipe.model,
-                      seed=run.recipe.seed, channel_groups=channel_groups(run.model, _rules(rules)[0]))
+                      seed=run.recipe.seed, channel_groups=channel_groups(run.model, rule_registry(rules)[0]))
         return report
     if isinstance(target, Path) or (isinstance(target, str) and Path(target).is_dir()):
         raise UsageError(f"{target} is not a run directory, a model file, zoo:NAME or an .onnx file")
@@ -389,7 +208,7 @@ def inspect(target: str | Path | nn.Module, *, input_shape: Sequence[int] | Sequ
                        rules=rules)
     report = result.summary
     report["model"] = result.recipe.model
-    report["channel_groups"] = channel_groups(result.model, _rules(rules)[0])
+    report["channel_groups"] = channel_groups(result.model, rule_registry(rules)[0])
     return report
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,26 @@ class Run:
     summary: dict[str, Any]
 
 
+def default_run_dir(model: str, method: str, value: float | None = None, *, next_free: bool = False,
+                    root: str | Path = "runs") -> Path:
+    """The default run directory: ``runs/<model>-<method>[-<density or alpha>]``, e.g. runs/lenet5-sparse-random-0.1.
+
+    ``model`` is the model spec (``zoo:NAME``, ``torchvision:NAME`` or ``path/file.py[:NAME]``: its
+    stem). ``next_free`` appends ``-2``, ``-3``... while the name is taken (``sparsify run``: a new
+    pipeline never lands on an earlier one); otherwise an existing directory is the caller's to refuse
+    or replace (``transform``: refused unless ``--force``).
+    """
+    spec = str(model)
+    name = spec.partition(":")[2] if spec.startswith(("zoo:", "torchvision:")) else Path(spec.rpartition(":")[0] or spec).stem
+    parts = [name or "model", method] + ([f"{value:g}"] if value is not None else [])
+    base = Path(root) / re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+    path, k = base, 1
+    while next_free and path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
 def is_run_dir(path: str | Path) -> bool:
     """True when ``path`` holds a recipe and weights."""
     p = Path(path)
@@ -217,10 +238,10 @@ def load_weights(model: nn.Module, file: str | Path) -> None:
 def load_run(path: str | Path, rules: Any = None) -> Run:
     """Rebuild a run's graph from its recipe and load its tensors (``rules``: the custom rule objects
     the run was transformed with, if any)."""
-    from .api import build_from_recipe
+    from .replay import build_from_recipe
 
     p = Path(path)
     recipe = read_recipe(p)
-    model = build_from_recipe(recipe, run_dir=p, rules=rules)
+    model = build_from_recipe(recipe, source_copy=p / MODEL_SOURCE, rules=rules, where=str(p / RECIPE))
     load_weights(model, p / WEIGHTS)
     return Run(path=p, recipe=recipe, model=model, summary=read_summary(p))

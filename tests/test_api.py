@@ -19,3 +19,57 @@ def test_api_pipeline_transform_load_train_export_inspect(tmp_path):
     assert run_report["totals"]["sparse_layers"] == 3
     assert isinstance(sparsify.transform("zoo:mlp", "psn", density=0.1).model, torch.nn.Module)
 
+
+
+def test_transform_returns_the_recipe_that_replays_it(tmp_path):
+    from sparsify import api
+
+    res = api.transform("zoo:lenet5", "psn", density=0.2, profile="uniform", seed=5)
+    assert res.recipe.method == "psn" and res.recipe.seed == 5 and res.recipe.model == "zoo:lenet5"
+    assert res.recipe.params["profile"] == "uniform" and res.recipe.params["density"] == 0.2
+    assert res.summary["method"] == "psn" and res.summary["totals"]["sparse_layers"] >= 1
+    path, _ = api.transform_to_dir("zoo:lenet5", "psn", density=0.2, profile="uniform", seed=5, out=tmp_path / "r")
+    masks = {k: v for k, v in res.model.state_dict().items() if k.endswith("mask")}
+    loaded = {k: v for k, v in api.load(path).model.state_dict().items() if k.endswith("mask")}
+    assert masks and masks.keys() == loaded.keys() and all(torch.equal(masks[k], loaded[k]) for k in masks)
+
+
+def test_transform_default_out_and_refusals(tmp_path, monkeypatch):
+    import pytest
+
+    from sparsify import api
+    from sparsify.errors import RunDirError, UsageError
+
+    monkeypatch.chdir(tmp_path)
+    path, _ = api.transform_to_dir("zoo:mlp", "sparse-random", density=0.25)
+    assert path == tmp_path.joinpath("runs", "mlp-sparse-random-0.25").relative_to(tmp_path)
+    with pytest.raises(RunDirError, match="not empty"):
+        api.transform_to_dir("zoo:mlp", "sparse-random", density=0.25)
+    for kwargs, words in [(dict(seed=-1), "--seed must be an integer"),
+                          (dict(method="depth-multiplier", alpha=0.5, weights="w.pt"), "--weights applies to"),
+                          (dict(method="psn", density=0.2, match=path, count="total"), "--match/--count apply"),
+                          (dict(method="none", leaf_modules=["Nope"]), "--leaf Nope")]:
+        kwargs.setdefault("method", "sparse-random")
+        kwargs.setdefault("density", 0.1 if kwargs["method"] == "sparse-random" else kwargs.get("density"))
+        with pytest.raises(UsageError, match=words):
+            api.transform("zoo:mlp", **kwargs)
+
+
+def test_match_chooses_the_alpha_of_equal_live_parameters(tmp_path):
+    from sparsify import api
+
+    run, made = api.transform_to_dir("zoo:resnet20", "sparse-random", density=0.2, out=tmp_path / "s")
+    res = api.transform("zoo:resnet20", "depth-multiplier", match=run, count="total")
+    matched = res.recipe.params["match"]
+    assert matched["target"] == made.summary["totals"]["params"]
+    assert abs(matched["achieved"] - matched["target"]) < 0.05 * matched["target"]
+    assert 0 < res.recipe.params["alpha"] < 1
+
+
+def test_inspect_a_model_lists_its_channel_groups():
+    from sparsify import api
+
+    report = api.inspect("zoo:resnet20")
+    groups = report["channel_groups"]
+    assert groups and sum(1 for g in groups if not g["frozen"]) >= 1
+    assert report["totals"]["sparse_layers"] == 0

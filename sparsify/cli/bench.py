@@ -5,7 +5,7 @@ import contextlib
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import typer
 from rich import box
@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Column, Table
 
 from ..errors import UsageError
+from . import transform as T
 from ._common import app, err, handle_errors, out
 
 
@@ -82,13 +83,14 @@ def _memory_line(result: Any) -> str | None:
 
 def _write_outputs(result: Any, json_out: Path | None, plot: Path | None) -> None:
     """Write --json and --plot atomically and say where they went (stderr)."""
-    from ..runtime import bench as lib
+    from ..pipeline import plot_result
+    from ..runtime.bench import write_result_json
 
     if json_out is not None:
-        lib.write_result_json(result, json_out)
+        write_result_json(result, json_out)
         err.print(f"wrote {json_out}")
     if plot is not None:
-        lib.plot_result(result, plot)
+        plot_result(result, plot)
         err.print(f"wrote {plot}")
 
 
@@ -134,6 +136,7 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Measure ONNX Runtime latency of ONNX files side by side, or of the variants of a run directory."""
+    from .. import pipeline
     from ..rundir import is_run_dir
     from ..runtime import bench as lib
 
@@ -150,13 +153,13 @@ def bench(
         run_dir = dirs[0]
         if not is_run_dir(run_dir):
             raise UsageError(f"{run_dir} is a directory but not a run directory; give .onnx files or a run directory")
-        names = lib.parse_variants(variants)
+        names = pipeline.parse_variants(variants)
         if keep is not None:
             keep.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
             where = keep if keep is not None else stack.enter_context(tempfile.TemporaryDirectory(prefix="sparsify-bench-"))
             progress = stack.enter_context(_progress(quiet))
-            files, notes = lib.export_variants(run_dir, where, names, progress=progress)
+            files, notes = pipeline.export_variants(run_dir, where, names, progress=progress)
             result = lib.bench_files([p for _, p in files], labels=[n for n, _ in files], progress=progress, **opts)
         if keep is None:
             for f in result.files:                      # the temporary exports are gone; keep only their names
@@ -238,18 +241,24 @@ def _pipeline_progress(quiet: bool) -> Iterator[Callable[[str, str, int, int], N
 @handle_errors
 def run(
     model: str = typer.Argument("zoo:lenet5", help="zoo:NAME or path/to/model.py[:NAME]."),
-    method: str = typer.Option("sparse-random", "--method", "-m", help="sparse-random, psn, depth-multiplier or none."),
+    method: str = T.METHOD,
     density: Optional[float] = typer.Option(None, help="Fraction of live channel connections (default 0.1 for sparse methods)."),
-    alpha: Optional[float] = typer.Option(None, help="Width multiplier for --method depth-multiplier."),
-    profile: Optional[str] = typer.Option(None, help="PSN fan-in profile."),
-    allocation: str = typer.Option("uniform", help="Density allocation across layers: uniform or erk."),
-    include_linear: Optional[bool] = typer.Option(None, "--include-linear/--no-include-linear",
-                                                  help="Sparsify Linear layers too (default: the method's choice)."),
-    include_classifier: bool = typer.Option(False, "--include-classifier", help="Sparsify the classifier too."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Start from these trained weights (.pt/.pth state "
-                                           "dict or .safetensors); the masks apply to them."),
+    alpha: Optional[float] = T.ALPHA,
+    divisor: Optional[int] = T.DIVISOR,
+    match: Optional[Path] = T.MATCH,
+    count: Optional[str] = T.COUNT,
+    profile: Optional[str] = T.PROFILE,
+    profile_param: Optional[List[str]] = T.PROFILE_PARAM,
+    allocation: str = T.ALLOCATION,
+    include_linear: Optional[bool] = T.INCLUDE_LINEAR,
+    include_classifier: bool = T.INCLUDE_CLASSIFIER,
+    rescale_init: Optional[bool] = T.RESCALE_INIT,
+    weights: Optional[Path] = T.WEIGHTS,
     seed: int = typer.Option(0, help="Seed of masks, weights and data order."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Input shape, e.g. 1,3,32,32 (default: the model's)."),
+    input_shape: Optional[str] = T.INPUT_SHAPE,
+    model_args: Optional[str] = T.MODEL_ARGS,
+    leaf: Optional[List[str]] = T.LEAF,
+    rule: Optional[List[str]] = T.RULE,
     data: str = typer.Option("digits", help="Training data: digits (bundled: no download), mnist, fashion-mnist, "
                              "cifar10, a folder of images in class subfolders, or an .npz file."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Where data sets are read from (default: the cache)."),
@@ -270,7 +279,9 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """The whole pipeline in one command: transform -> train -> export -> bench, results in the run directory."""
-    from ._common import parse_shape
+    from .. import pipeline
+    from ..methods import make_config, method_class
+    from ..rundir import default_run_dir
     from ..runtime import bench as lib
 
     if old_batch_size is not None:
@@ -279,15 +290,18 @@ def run(
         err.print("note: `run --batch-size` is now --bench-batch-size (train's --batch-size is the training batch; "
                   "here that is --train-batch-size)", highlight=False)
         bench_batch_size = old_batch_size
-    sparse_method = method in ("sparse-random", "psn")
+    sparse_method = method_class(method).masked
     if density is None and sparse_method:
         density = 0.1
-    names = lib.parse_variants(variants) if variants is not None else (
+    names = pipeline.parse_variants(variants) if variants is not None else (
         ["dense", "compact", "sparse"] + (["depth"] if sparse_method else []))
-    transform_options: dict[str, Any] = dict(method=method, density=density, alpha=alpha, profile=profile,
-                                              allocation=allocation, include_linear=include_linear,
-                                              include_classifier=include_classifier, seed=seed,
-                                              input_shape=parse_shape(input_shape), weights=weights)
+    transform_options = T.transform_options(
+        method=method, density=density, alpha=alpha, divisor=divisor, match=match, count=count, profile=profile,
+        profile_param=profile_param, allocation=allocation, include_linear=include_linear,
+        include_classifier=include_classifier, rescale_init=rescale_init, weights=weights, seed=seed,
+        input_shape=input_shape, model_args=model_args, leaf=leaf, rule=rule)
+    if match is None:  # the method's own checks, before any work (with --match, alpha is found later)
+        make_config(**transform_options)
     train_options: dict[str, Any] = dict(data=data, epochs=epochs, schedule=schedule, seed=seed)
     if lr is not None:
         train_options["lr"] = lr
@@ -299,10 +313,10 @@ def run(
                          threads=_int_list("--threads", threads), min_time=min_time)
     lib.check_settings(min_time=min_time)
     _check_train_options(train_options)
-    target = out_dir if out_dir is not None else lib.default_run_dir(model, method, density if density is not None else alpha)
+    target = out_dir if out_dir is not None else default_run_dir(model, method, density if density is not None else alpha, next_free=True)
     log = (lambda _m: None) if quiet else (lambda m: err.print(m, highlight=False, markup=False))
     with _pipeline_progress(quiet) as progress:
-        run_dir, result, notes = lib.run_pipeline(
+        run_dir, result, notes = pipeline.run_pipeline(
             model, target, transform_options=transform_options, train_options=train_options, variants=names,
             bench_options=bench_options, force=force, progress=progress, log=log)
     tr = notes.get("train") or {}

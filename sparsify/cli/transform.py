@@ -10,6 +10,7 @@ from rich import box
 from rich.table import Table
 
 from ..errors import UsageError
+from ..methods import method_help
 from ._common import app, err, handle_errors, out, parse_shape
 
 
@@ -110,39 +111,72 @@ def print_totals(report: dict[str, Any]) -> None:
               f"empty channels in/out {tot['empty_in']}/{tot['empty_out']}")
 
 
+# The transform options, declared once: `sparsify transform` and `sparsify run` take the same ones.
+# The method's names and the checks of its parameters come from sparsify.methods.
+MODEL = typer.Argument(..., help="zoo:NAME, torchvision:NAME, path/to/model.py, or path/to/model.py:FACTORY")
+METHOD = typer.Option("sparse-random", "--method", "-m", help=method_help())
+ALPHA = typer.Option(None, help="Channel multiplier in (0, 1] (depth-multiplier)")
+DIVISOR = typer.Option(None, help="Round each scaled channel count to a multiple of this, "
+                       "MobileNet's rule (depth-multiplier; default: ceil(alpha * n))")
+MATCH = typer.Option(None, help="depth-multiplier: choose alpha so that the live parameters "
+                     "equal this run directory's (see --count)")
+COUNT = typer.Option(None, help="With --match: which live parameters to equalise, conv (conv layers only) or total")
+PROFILE = typer.Option(None, help="psn fan-in profile: uniform, linear, exponential, power, "
+                       "logistic, gaussian, cosine, step, lognormal, power-law")
+PROFILE_PARAM = typer.Option(None, "--profile-param", help="NAME=VALUE, repeatable (e.g. sigma=1.5)")
+ALLOCATION = typer.Option("uniform", help="Density per layer: uniform or erk")
+INCLUDE_LINEAR = typer.Option(None, "--include-linear/--no-include-linear",
+                              help="Mask linear layers too (default: psn yes; sparse-random only for models without convs)")
+INCLUDE_CLASSIFIER = typer.Option(False, help="Also mask the final classifier")
+RESCALE_INIT = typer.Option(None, "--rescale-init/--no-rescale-init",
+                            help="Scale each unit's initial weights to its live fan-in (Kaiming "
+                                 "for the connections it really has). Default: on, off with --weights")
+WEIGHTS = typer.Option(None, "--weights", help="Start from these trained weights: a state dict "
+                       "in .pt/.pth (torch.save) or .safetensors; the masks apply to them")
+INPUT_SHAPE = typer.Option(None, "--input-shape", help="Example input shape, e.g. 1,3,32,32; \"S1;S2\" for a model "
+                           "with several inputs (default: from the model file or zoo)")
+MODEL_ARGS = typer.Option(None, "--model-args", help="JSON keyword arguments for the model factory")
+LEAF = typer.Option(None, "--leaf", help="Module type to keep opaque when tracing, repeatable")
+RULE = typer.Option(None, "--rule", help="TYPE=RULE: how a leaf module type treats "
+                    "channels (conv, linear, elementwise, frozen), repeatable")
+
+
+def transform_options(*, method: str, density: Optional[float], alpha: Optional[float], divisor: Optional[int],
+                      match: Optional[Path], count: Optional[str], profile: Optional[str],
+                      profile_param: Optional[List[str]], allocation: str, include_linear: Optional[bool],
+                      include_classifier: bool, rescale_init: Optional[bool], weights: Optional[Path], seed: int,
+                      input_shape: Optional[str], model_args: Optional[str], leaf: Optional[List[str]],
+                      rule: Optional[List[str]]) -> dict[str, Any]:
+    """The keyword arguments of ``sparsify.api.transform`` from the transform options' values."""
+    return dict(method=method, density=density, alpha=alpha, divisor=divisor, match=match, count=count,
+                profile=profile, profile_params=_kv_args(profile_param), allocation=allocation,
+                include_linear=include_linear, include_classifier=include_classifier, rescale_init=rescale_init,
+                seed=seed, weights=weights, input_shape=parse_shape(input_shape),
+                model_args=_json_arg(model_args, "--model-args"), leaf_modules=leaf or [], rules=_rule_args(rule))
+
+
 @app.command()
 @handle_errors
 def transform(
-    model: str = typer.Argument(..., help="zoo:NAME, torchvision:NAME, path/to/model.py, or path/to/model.py:FACTORY"),
-    method: str = typer.Option("sparse-random", "--method", "-m",
-                               help="sparse-random | psn | depth-multiplier | none"),
+    model: str = MODEL,
+    method: str = METHOD,
     density: Optional[float] = typer.Option(None, help="Fraction of live connections in (0, 1] (sparse-random, psn)"),
-    alpha: Optional[float] = typer.Option(None, help="Channel multiplier in (0, 1] (depth-multiplier)"),
-    divisor: Optional[int] = typer.Option(None, help="Round each scaled channel count to a multiple of this, "
-                                          "MobileNet's rule (depth-multiplier; default: ceil(alpha * n))"),
-    match: Optional[Path] = typer.Option(None, help="depth-multiplier: choose alpha so that the live parameters "
-                                         "equal this run directory's (see --count)"),
-    count: Optional[str] = typer.Option(None, help="With --match: which live parameters to equalise, "
-                                        "conv (conv layers only) or total"),
-    profile: Optional[str] = typer.Option(None, help="psn fan-in profile: uniform, linear, exponential, power, "
-                                          "logistic, gaussian, cosine, step, lognormal, power-law"),
-    profile_param: Optional[List[str]] = typer.Option(None, "--profile-param", help="NAME=VALUE, repeatable (e.g. sigma=1.5)"),
-    allocation: str = typer.Option("uniform", help="Density per layer: uniform or erk"),
-    include_linear: Optional[bool] = typer.Option(None, "--include-linear/--no-include-linear",
-                                                  help="Mask linear layers too (default: psn yes; sparse-random only for models without convs)"),
-    include_classifier: bool = typer.Option(False, help="Also mask the final classifier"),
-    rescale_init: Optional[bool] = typer.Option(None, "--rescale-init/--no-rescale-init",
-                                                help="Scale each unit's initial weights to its live fan-in (Kaiming "
-                                                     "for the connections it really has). Default: on, off with --weights"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Start from these trained weights: a state dict "
-                                           "in .pt/.pth (torch.save) or .safetensors; the masks apply to them"),
+    alpha: Optional[float] = ALPHA,
+    divisor: Optional[int] = DIVISOR,
+    match: Optional[Path] = MATCH,
+    count: Optional[str] = COUNT,
+    profile: Optional[str] = PROFILE,
+    profile_param: Optional[List[str]] = PROFILE_PARAM,
+    allocation: str = ALLOCATION,
+    include_linear: Optional[bool] = INCLUDE_LINEAR,
+    include_classifier: bool = INCLUDE_CLASSIFIER,
+    rescale_init: Optional[bool] = RESCALE_INIT,
+    weights: Optional[Path] = WEIGHTS,
     seed: int = typer.Option(0, help="Seed of the initial weights and of the masks"),
-    input_shape: Optional[str] = typer.Option(None, help="Example input shape, e.g. 1,3,32,32; \"S1;S2\" for a model "
-                                              "with several inputs (default: from the model file or zoo)"),
-    model_args: Optional[str] = typer.Option(None, help="JSON keyword arguments for the model factory"),
-    leaf: Optional[List[str]] = typer.Option(None, "--leaf", help="Module type to keep opaque when tracing, repeatable"),
-    rule: Optional[List[str]] = typer.Option(None, "--rule", help="TYPE=RULE: how a leaf module type treats "
-                                             "channels (conv, linear, elementwise, frozen), repeatable"),
+    input_shape: Optional[str] = INPUT_SHAPE,
+    model_args: Optional[str] = MODEL_ARGS,
+    leaf: Optional[List[str]] = LEAF,
+    rule: Optional[List[str]] = RULE,
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<model>-<method>-<param>)"),
     force: bool = typer.Option(False, help="Replace an existing non-empty output directory"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
@@ -150,14 +184,12 @@ def transform(
     """Rewrite a model into a sparse (or thinner) graph and save it as a replayable run directory."""
     from ..api import transform_to_dir
 
-    path, result = transform_to_dir(
-        model, method, out=out_dir, force=force, density=density, alpha=alpha, divisor=divisor, match=match,
-        count=count, profile=profile,
-        profile_params=_kv_args(profile_param), allocation=allocation, include_linear=include_linear,
-        include_classifier=include_classifier, rescale_init=rescale_init, seed=seed, weights=weights,
-        input_shape=parse_shape(input_shape),
-        model_args=_json_arg(model_args, "--model-args"), leaf_modules=leaf or [], rules=_rule_args(rule),
-    )
+    options = transform_options(
+        method=method, density=density, alpha=alpha, divisor=divisor, match=match, count=count, profile=profile,
+        profile_param=profile_param, allocation=allocation, include_linear=include_linear,
+        include_classifier=include_classifier, rescale_init=rescale_init, weights=weights, seed=seed,
+        input_shape=input_shape, model_args=model_args, leaf=leaf, rule=rule)
+    path, result = transform_to_dir(model, out=out_dir, force=force, **options)
     if as_json:
         out.print_json(json.dumps({"run_dir": str(path), **result.summary}))
         return

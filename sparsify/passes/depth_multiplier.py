@@ -257,6 +257,22 @@ def match_alpha(count_at: Callable[[float], tuple[int, Hashable]], target: int) 
     return best, n
 
 
+def match_depth(gm: fx.GraphModule, example: Any, target: int, count: str, divisor: int = 1,
+                rules: Registry | None = None) -> tuple[float, int]:
+    """Depth multiplier alpha whose ``count`` ("conv" or "total") of parameters is nearest ``target``.
+
+    Counted from the channel groups of the traced dense graph ``gm`` (``DepthCounter``), without
+    transforming: the result is within one step of the count (one channel of the widest group) of
+    ``target``, the nearest achievable. Returns (alpha, predicted count).
+    """
+    counter = DepthCounter(gm, example, divisor, rules)
+
+    def count_at(a: float) -> tuple[int, tuple[int, ...]]:
+        return counter.counts(a)[count], tuple(sorted(counter.sizes(a).items()))
+
+    return match_alpha(count_at, target)
+
+
 def _get(gm: fx.GraphModule, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
@@ -277,4 +293,4 @@ def _dims(m: Any) -> list[int]:
 
 
 __all__ = ["COUNTS", "DepthCounter", "DepthMultiplierPass", "check_alpha", "check_divisor", "group_sizes",
-           "make_divisible", "match_alpha", "scaled_size"]
+           "make_divisible", "match_alpha", "match_depth", "scaled_size"]

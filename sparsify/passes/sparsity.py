@@ -56,6 +56,16 @@ def check_density(density: float | None) -> float:
     return check_fraction(density, "--density", "0.1")
 
 
+ALLOCATIONS = ("uniform", "erk")
+
+
+def check_allocation(allocation: str) -> str:
+    """``allocation`` if it is one of ALLOCATIONS; UsageError otherwise."""
+    if allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown --allocation {allocation!r}; choose uniform or erk")
+    return allocation
+
+
 def eligible_layers(gm: fx.GraphModule, include_linear: bool, include_classifier: bool,
                     rules: Registry | None = None) -> tuple[list[Eligible], list[str]]:
     """Layers to mask (of both graphs of a model that runs differently in training), and notes on
@@ -151,9 +161,7 @@ class SparsePass(GraphPass):
         self.density = check_density(density)
         self.rules = rules
         self.rescale_init = rescale_init
-        if allocation not in ("uniform", "erk"):
-            raise UsageError(f"unknown --allocation {allocation!r}; choose uniform or erk")
-        self.seed, self.allocation = seed, allocation
+        self.seed, self.allocation = seed, check_allocation(allocation)
         self.include_linear, self.include_classifier = include_linear, include_classifier
 
     def draw(self, layer: Eligible, allowed: np.ndarray, live: int, rng: np.random.Generator) -> np.ndarray:

@@ -3,14 +3,15 @@
 ``bench_files`` times every (file, batch size, threads) combination with the same random input,
 interleaving the files in bursts so that machine noise hits all variants alike, and reports
 median / p10 / p90 latency, throughput, speedup against the first file (the baseline), peak RSS,
-and whether the native ``ai.sparsify::SparseConv`` kernel ran. ``plot_result`` draws the figure.
+and whether the native ``ai.sparsify::SparseConv`` kernel ran. ``time_bursts`` is the one latency
+loop (also of ``benchmarks/``); ``_probe_peak_rss`` measures a variant's peak RSS in a fresh process.
+Making the variants of a run and drawing the figure is ``sparsify.pipeline``'s.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import platform
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .._io import atomic_path, write_json
+from .._io import write_json
 from ..errors import RuntimeBackendError, UsageError
 from . import native as _native
 from .onnx_sparse import SPARSE_OPS
@@ -509,250 +510,3 @@ def write_result_json(result: BenchResult, path: str | Path) -> Path:
     """Write ``result`` as JSON atomically."""
     write_json(path, result.to_json())
     return Path(path)
-
-
-def plot_result(result: BenchResult, path: str | Path) -> Path:
-    """Grouped bars of median latency (p10/p90 error bars) per variant, one panel per batch size; atomic PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    batches = result.settings["batch_sizes"]
-    threads = result.settings["threads"]
-    labels = [f.label for f in result.files]
-    colors = plt.get_cmap("tab10").colors
-    panel_width = max(4.0, 1.5 + 0.55 * len(labels) * len(threads))
-    fig, axes = plt.subplots(1, len(batches), figsize=(panel_width * len(batches), 4.2), squeeze=False)
-    width = 0.8 / len(labels)
-    for ax, batch in zip(axes[0], batches):
-        xs = np.arange(len(threads))
-        for j, lab in enumerate(labels):
-            rows = [result.row(lab, batch, t) for t in threads]
-            med = np.array([r.median_ms for r in rows])
-            lo = med - np.array([r.p10_ms for r in rows])
-            hi = np.array([r.p90_ms for r in rows]) - med
-            pos = xs - 0.4 + width * (j + 0.5)
-            tag = f"{lab} (native)" if result.files[j].native else lab
-            bars = ax.bar(pos, med, width * 0.92, yerr=[lo, hi], capsize=3, color=colors[j % len(colors)],
-                          label=tag, error_kw={"elinewidth": 1, "ecolor": "0.25"})
-            if j > 0:
-                for b, r in zip(bars, rows):
-                    ax.annotate(f"{r.speedup:.2f}x", (b.get_x() + b.get_width() / 2, r.p90_ms),
-                                xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(xs)
-        ax.set_xticklabels([f"{t} thread{'s' if t > 1 else ''}" for t in threads])
-        ax.set_title(f"batch {batch}")
-        ax.set_ylabel("median latency per batch (ms)")
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
-        ax.grid(axis="y", alpha=0.3)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=9, frameon=False)
-    fig.suptitle(f"ONNX Runtime latency per variant (whiskers p10-p90; labels: speedup vs {result.baseline})",
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
-
-
-# ---------------------------------------------------------------- variants of a run directory
-
-VARIANTS = ("dense", "compact", "sparse", "depth")
-VARIANT_HELP = {
-    "dense": "masked weights as plain Conv (the baseline)",
-    "compact": "dense Conv with empty channels removed",
-    "sparse": "ai.sparsify::SparseConv nodes (the native kernel when registered)",
-    "depth": "depth-multiplied dense model with the same live parameter count (sparse-random/psn runs)",
-}
-
-
-def parse_variants(text: str | Sequence[str] | None) -> list[str]:
-    """``"dense,sparse"`` -> ["dense", "sparse"]; unknown names raise UsageError; None means all."""
-    if text is None:
-        return list(VARIANTS)
-    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown or not names:
-        what = f"unknown variant {unknown[0]!r}" if unknown else "--variants is empty"
-        raise UsageError(f"{what}; choose from {', '.join(VARIANTS)}")
-    return list(dict.fromkeys(names))
-
-
-def live_params(model: Any) -> int:
-    """Live parameters of ``model``: ``sparsify.nn.live_params`` (imported lazily: bench on .onnx files needs no torch)."""
-    from ..nn import live_params as count
-
-    return count(model)
-
-
-def depth_equivalent(recipe: Any, target_params: int, *, run_dir: str | Path | None = None, tol: float = 0.01,
-                     max_iter: int = 14, divisor: int = 1) -> tuple[Any, float, int]:
-    """Transform the recipe's model with a depth multiplier whose live parameter count matches ``target_params``.
-
-    Bisection on alpha (parameter count grows with alpha); returns (model, alpha, params) of the closest found.
-    ``divisor`` > 1 rounds every channel count to a multiple of it (``DepthMultiplierPass``); the count
-    then moves in steps and the closest step is returned.
-    A model file that moved since the run was made is taken from the run's own copy.
-    """
-    from .. import api
-    from ..rundir import MODEL_SOURCE
-
-    spec = recipe.model
-    if not spec.startswith("zoo:") and run_dir is not None:
-        file, _, name = spec.rpartition(":")
-        if not Path(file).is_file() and (Path(run_dir) / MODEL_SOURCE).is_file():
-            spec = f"{Path(run_dir) / MODEL_SOURCE}:{name}"
-
-    def build(alpha: float) -> tuple[Any, int]:
-        res = api.transform(
-            spec, method="depth-multiplier", alpha=alpha, seed=recipe.seed,
-            input_shape=recipe.shapes, model_args=dict(recipe.model_args or {}),
-            leaf_modules=tuple(recipe.leaf_modules or ()), divisor=divisor if divisor > 1 else None,
-            rules={k: v for k, v in (recipe.rules or {}).items() if not v.startswith("custom:")} or None,
-        )
-        return res.model, live_params(res.model)
-
-    lo, hi = 0.0, 1.0
-    best: tuple[Any, float, int] | None = None
-    for _ in range(max_iter):
-        alpha = (lo + hi) / 2
-        model, n = build(alpha)
-        if best is None or abs(n - target_params) < abs(best[2] - target_params):
-            best = (model, alpha, n)
-        if abs(n - target_params) <= tol * target_params:
-            break
-        if n < target_params:
-            lo = alpha
-        else:
-            hi = alpha
-    assert best is not None
-    return best
-
-
-def export_variants(run_dir: str | Path, out_dir: str | Path, variants: Sequence[str],
-                    progress: Any | None = None) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
-    """Export the requested variants of a run into ``out_dir``; returns [(label, path)] and notes per variant.
-
-    ``depth`` is skipped (with a note) for runs whose method is not sparse-random or psn.
-    """
-    from ..rundir import load_run, read_recipe
-    from . import export as ex
-
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    recipe = read_recipe(run_dir)
-    files: list[tuple[str, Path]] = []
-    notes: dict[str, Any] = {}
-    for i, name in enumerate(variants):
-        if progress is not None:
-            progress(f"exporting {name}", i, len(variants))
-        target = out_dir / f"{name}.onnx"
-        if name == "dense":
-            ex.export_run(run_dir, target, dense=True, compact=False)
-        elif name == "compact":
-            ex.export_run(run_dir, target, dense=True, compact=True)
-        elif name == "sparse":
-            ex.export_run(run_dir, target)
-        elif name == "depth":
-            if recipe.method not in ("sparse-random", "psn"):
-                notes["depth"] = f"skipped: the run's method is {recipe.method!r}, not sparse-random or psn"
-                continue
-            target_params = live_params(load_run(run_dir).model)
-            model, alpha, n = depth_equivalent(recipe, target_params, run_dir=run_dir)
-            notes["depth"] = {"alpha": round(alpha, 6), "live_params": n, "target_live_params": target_params}
-            ex.export_model(model, recipe.shapes, target, dense=True, compact=False)
-        files.append((name, target))
-    if progress is not None:
-        progress("exported", len(variants), len(variants))
-    return files, notes
-
-
-# ---------------------------------------------------------------- the one-command pipeline
-
-
-def default_run_dir(model: str, method: str, value: float | None = None, root: str | Path = "runs") -> Path:
-    """``runs/<model>-<method>[-<density or alpha>]``, with ``-2``, ``-3``... appended when it already exists."""
-    spec = str(model)
-    name = spec.partition(":")[2] if spec.startswith(("zoo:", "torchvision:")) else Path(spec.split(":")[0]).stem
-    parts = [name or "model", method] + ([f"{value:g}"] if value is not None else [])
-    base = Path(root) / re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
-    path, k = base, 1
-    while path.exists():
-        k += 1
-        path = base.with_name(f"{base.name}-{k}")
-    return path
-
-
-def run_pipeline(
-    model: str,
-    out: str | Path,
-    *,
-    transform_options: dict[str, Any],
-    train_options: dict[str, Any],
-    variants: Sequence[str] = ("dense", "compact", "sparse"),
-    bench_options: dict[str, Any] | None = None,
-    force: bool = False,
-    progress: Any | None = None,
-    log: Any | None = None,
-) -> tuple[Path, BenchResult, dict[str, Any]]:
-    """Transform -> train -> export -> bench into run directory ``out``; returns (run dir, bench result, notes).
-
-    The .onnx variants, ``bench.json`` and ``plot.png`` are written into the run directory, which
-    appears only when every stage succeeded (an existing ``out`` is refused unless ``force``).
-    ``progress(stage, description, done, total)`` is called as the stages advance; ``log`` gets the
-    training's one-line messages (how the data were adapted to the model, warnings).
-    """
-    from .. import api
-    from .._io import atomic_dir
-    from ..train import train_run
-
-    def stage(name: str) -> Any:
-        if progress is None:
-            return None
-        return lambda desc, done, total: progress(name, desc, done, total)
-
-    run_dir = Path(out)
-    notes: dict[str, Any] = {}
-    with atomic_dir(run_dir, force=force) as tmp:
-        if progress is not None:
-            progress("transform", f"transforming {model}", 0, 1)
-        api.transform_to_dir(model, out=tmp, force=True, **transform_options)
-        if progress is not None:
-            progress("transform", "transformed", 1, 1)
-        trained = train_run(tmp, progress=_train_progress(stage("train")), log=log, **train_options)
-        notes["train"] = {k: trained.get(k) for k in ("data", "schedule", "epochs", "steps", "test_acc",
-                                                      "test_loss", "val_acc", "density", "warnings")}
-        files, export_notes = export_variants(tmp, tmp, variants, progress=stage("export"))
-        notes.update(export_notes)
-        result = bench_files([p for _, p in files], labels=[n for n, _ in files], progress=stage("bench"),
-                             **(bench_options or {}))
-        result.notes.update(notes)
-        for f in result.files:                      # name the files where they will live
-            f.path = str(run_dir / Path(f.path).name)
-        write_result_json(result, tmp / "bench.json")
-        plot_result(result, tmp / "plot.png")
-    return run_dir, result, notes
-
-
-def _train_progress(update: Any | None) -> Any | None:
-    """Adapt the trainer's event dicts to a ``(description, done, total)`` progress callback."""
-    if update is None:
-        return None
-    state = {"total": 1}
-
-    def on_event(ev: dict[str, Any]) -> None:
-        kind = ev.get("kind")
-        if kind == "start":
-            state["total"] = int(ev.get("total_steps") or 1)
-            update("training", int(ev.get("start_step") or 0), state["total"])
-        elif kind == "step":
-            update(f"training epoch {ev['epoch']}: loss {ev['loss']:.3f}, acc {ev['acc']:.1%}",
-                   int(ev["step"]), state["total"])
-        elif kind == "epoch":
-            update(f"epoch {ev['epoch']}: val acc {ev.get('val_acc', float('nan')):.1%}", int(ev["step"]), state["total"])
-        elif kind == "done":
-            update(f"trained: test acc {ev.get('test_acc', float('nan')):.1%}", state["total"], state["total"])
-
-    return on_event

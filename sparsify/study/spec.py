@@ -230,7 +230,7 @@ def _seeds(value: Any, key: str, fail: Any, required: bool = False) -> list[int]
 
 def _check_arm(arm: Arm, where: str, fail: Any) -> None:
     """Validate the arm's method, transform parameters and training settings without building anything."""
-    from ..api import METHODS, _params_for
+    from ..methods import METHODS, check_refused, make_config
     from ..passes.base import check_fraction
     from ..profiles import resolve_params
     from ..train.trainer import TrainConfig
@@ -258,9 +258,7 @@ def _check_arm(arm: Arm, where: str, fail: Any) -> None:
     if not isinstance(arm.model_args, dict):
         raise fail(f"{where} model_args must be a table, e.g. model_args = {{ hidden = [300, 100] }}")
     try:
-        _params_for(arm.method, t.get("density"), t.get("alpha"), t.get("profile"), t.get("profile_params"),
-                    t.get("allocation", "uniform"), t.get("include_linear"), t.get("include_classifier", False),
-                    t.get("rescale_init", True), t.get("divisor"))
+        check_refused(arm.method, t)
         if arm.method in ("sparse-random", "psn"):
             if t.get("density") is None:
                 raise UsageError(f"{arm.method} needs density = a fraction in (0, 1]")
@@ -271,6 +269,7 @@ def _check_arm(arm: Arm, where: str, fail: Any) -> None:
             if t.get("alpha") is None:
                 raise UsageError("depth-multiplier needs alpha = a fraction in (0, 1], or match = \"ARM\" and count")
             check_fraction(t["alpha"], "alpha", "0.5")
+        make_config(arm.method, **t)
     except UsageError as e:
         raise fail(f"{where} {_spec_words(str(e))}") from None
     try:

@@ -14,7 +14,7 @@ from sparsify.cli import app
 from sparsify.errors import UsageError
 from sparsify.passes.depth_multiplier import make_divisible, scaled_size
 from sparsify.rundir import load_run
-from sparsify.runtime.bench import depth_equivalent, live_params
+from sparsify.pipeline import depth_equivalent, live_params
 
 
 @given(st.floats(0.5, 5000.0), st.sampled_from([2, 4, 8, 16]))

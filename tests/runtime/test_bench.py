@@ -130,11 +130,7 @@ def test_unknown_variant_is_refused(models, tmp_path):
     assert r.exit_code == 2 and "run directory" in r.output
 
 
-def test_parse_variants_and_duplicate_labels(models):
-    assert lib.parse_variants(None) == list(lib.VARIANTS)
-    assert lib.parse_variants("sparse, dense,sparse") == ["sparse", "dense"]
-    with pytest.raises(UsageError):
-        lib.parse_variants(" , ")
+def test_duplicate_labels(models):
     copy = models["big"].parent / "sub"
     copy.mkdir()
     shutil.copy(models["big"], copy / "big.onnx")
@@ -155,31 +151,6 @@ def test_sparse_op_file_is_detected_and_matches_dense(tmp_path):
     assert res.row("sparse", 2, 1).max_abs_diff < 1e-4 and res.row("sparse", 2, 1).max_rel_diff < 1e-5
     res = lib.bench_files([dense, tmp_path / "sparse.onnx"], warmup=0, min_time=0, repeats=1, native=False, memory=False)
     assert res.files[1].native is False
-
-
-def test_bench_run_dir_builds_dense_sparse_and_depth_variants(tmp_path):
-    from sparsify.api import transform_to_dir
-
-    run, _ = transform_to_dir("zoo:lenet5", "sparse-random", density=0.1, out=tmp_path / "run")
-    js = tmp_path / "b.json"
-    keep = tmp_path / "variants"
-    r = CliRunner().invoke(app, ["bench", str(run), "--variants", "dense,sparse,depth", "--json-file", str(js),
-                                 "--keep", str(keep), *FAST])
-    assert r.exit_code == 0, r.output
-    data = json.loads(js.read_text())
-    assert [f["label"] for f in data["files"]] == ["dense", "sparse", "depth"]
-    files = {f["label"]: f for f in data["files"]}
-    assert files["dense"]["sparse_nodes"] == 0 and files["sparse"]["sparse_nodes"] >= 1
-    assert files["depth"]["sparse_nodes"] == 0
-    row = next(x for x in data["rows"] if x["label"] == "sparse")
-    assert row["max_rel_diff"] < 1e-4                    # same function as the dense export
-    depth = data["notes"]["depth"]
-    assert 0 < depth["alpha"] < 1
-    assert abs(depth["live_params"] - depth["target_live_params"]) <= 0.02 * depth["target_live_params"]
-    assert sorted(p.name for p in keep.iterdir()) == ["dense.onnx", "depth.onnx", "sparse.onnx"]
-    assert files["sparse"]["path"] == str(keep / "sparse.onnx")
-    assert sorted(p.name for p in run.iterdir()) == ["recipe.json", "summary.json", "weights.init.safetensors",
-                                                     "weights.safetensors"]
 
 
 def test_time_bursts_interleaves_rewarmed_bursts() -> None:

@@ -1,0 +1,236 @@
+"""The pipeline: transform -> train -> export -> bench, and the variants of a run directory.
+
+Orchestration over the stages, which never import it (see docs/design.md): ``run_pipeline`` is
+``sparsify run``; ``export_variants`` makes the dense / compact / sparse / depth-equivalent ONNX
+files that ``sparsify bench RUN`` times with ``sparsify.runtime.bench.bench_files``;
+``plot_result`` draws a bench result.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._io import atomic_path
+from .errors import UsageError
+from .runtime.bench import BenchResult, bench_files, write_result_json
+
+
+def plot_result(result: BenchResult, path: str | Path) -> Path:
+    """Grouped bars of median latency (p10/p90 error bars) per variant, one panel per batch size; atomic PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    batches = result.settings["batch_sizes"]
+    threads = result.settings["threads"]
+    labels = [f.label for f in result.files]
+    colors = plt.get_cmap("tab10").colors
+    panel_width = max(4.0, 1.5 + 0.55 * len(labels) * len(threads))
+    fig, axes = plt.subplots(1, len(batches), figsize=(panel_width * len(batches), 4.2), squeeze=False)
+    width = 0.8 / len(labels)
+    for ax, batch in zip(axes[0], batches):
+        xs = np.arange(len(threads))
+        for j, lab in enumerate(labels):
+            rows = [result.row(lab, batch, t) for t in threads]
+            med = np.array([r.median_ms for r in rows])
+            lo = med - np.array([r.p10_ms for r in rows])
+            hi = np.array([r.p90_ms for r in rows]) - med
+            pos = xs - 0.4 + width * (j + 0.5)
+            tag = f"{lab} (native)" if result.files[j].native else lab
+            bars = ax.bar(pos, med, width * 0.92, yerr=[lo, hi], capsize=3, color=colors[j % len(colors)],
+                          label=tag, error_kw={"elinewidth": 1, "ecolor": "0.25"})
+            if j > 0:
+                for b, r in zip(bars, rows):
+                    ax.annotate(f"{r.speedup:.2f}x", (b.get_x() + b.get_width() / 2, r.p90_ms),
+                                xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{t} thread{'s' if t > 1 else ''}" for t in threads])
+        ax.set_title(f"batch {batch}")
+        ax.set_ylabel("median latency per batch (ms)")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
+        ax.grid(axis="y", alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=9, frameon=False)
+    fig.suptitle(f"ONNX Runtime latency per variant (whiskers p10-p90; labels: speedup vs {result.baseline})",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- variants of a run directory
+
+VARIANTS = ("dense", "compact", "sparse", "depth")
+VARIANT_HELP = {
+    "dense": "masked weights as plain Conv (the baseline)",
+    "compact": "dense Conv with empty channels removed",
+    "sparse": "ai.sparsify::SparseConv nodes (the native kernel when registered)",
+    "depth": "depth-multiplied dense model with the same live parameter count (sparse-random/psn runs)",
+}
+
+
+def parse_variants(text: str | Sequence[str] | None) -> list[str]:
+    """``"dense,sparse"`` -> ["dense", "sparse"]; unknown names raise UsageError; None means all."""
+    if text is None:
+        return list(VARIANTS)
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        what = f"unknown variant {unknown[0]!r}" if unknown else "--variants is empty"
+        raise UsageError(f"{what}; choose from {', '.join(VARIANTS)}")
+    return list(dict.fromkeys(names))
+
+
+def live_params(model: Any) -> int:
+    """Live parameters of ``model``: ``sparsify.nn.live_params`` (imported lazily: bench on .onnx files needs no torch)."""
+    from .nn import live_params as count
+
+    return count(model)
+
+
+def depth_equivalent(recipe: Any, target_params: int, *, run_dir: str | Path | None = None,
+                     divisor: int = 1) -> tuple[Any, float, int]:
+    """The recipe's model depth-multiplied to the parameter count nearest ``target_params``.
+
+    Alpha is read off the channel groups of the traced dense model (``DepthCounter`` and
+    ``match_alpha`` of ``sparsify.passes.depth_multiplier``: no model is rewritten while searching),
+    then the model is transformed once at it. ``divisor`` > 1 rounds every channel count to a
+    multiple of it (``DepthMultiplierPass``); the count then moves in steps and the nearest step is
+    taken. A user's model file that moved or changed since the run was made is taken from the run's
+    own copy (``replay.replay_spec``). Returns (model, alpha, parameters of the model).
+    """
+    from .methods import DepthMultiplierConfig
+    from .passes.depth_multiplier import match_depth
+    from .replay import apply_method, trace_recipe
+    from .rundir import MODEL_SOURCE, RECIPE
+
+    run = Path(run_dir) if run_dir is not None else None
+    traced = trace_recipe(recipe, run / MODEL_SOURCE if run else None, where=str(run / RECIPE) if run else "the recipe")
+    alpha, _ = match_depth(traced.gm, traced.example, target_params, "total", divisor, traced.rules)
+    model = apply_method(traced, DepthMultiplierConfig(alpha=alpha, divisor=divisor), recipe.seed).model
+    return model, alpha, live_params(model)
+
+
+def export_variants(run_dir: str | Path, out_dir: str | Path, variants: Sequence[str],
+                    progress: Any | None = None) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
+    """Export the requested variants of a run into ``out_dir``; returns [(label, path)] and notes per variant.
+
+    The run is loaded once. ``depth`` is skipped (with a note) for runs whose method masks no
+    connections (``MethodConfig.masked``: depth-multiplier, none).
+    """
+    from .methods import method_class
+    from .passes.rules import with_user_rules
+    from .rundir import load_run
+    from .runtime.export import export_model
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run = load_run(run_dir)
+    recipe = run.recipe
+    named = {k: v for k, v in (recipe.rules or {}).items() if not v.startswith("custom:")}
+    rules = with_user_rules(named) if named else None
+    files: list[tuple[str, Path]] = []
+    notes: dict[str, Any] = {}
+    for i, name in enumerate(variants):
+        if progress is not None:
+            progress(f"exporting {name}", i, len(variants))
+        target = out_dir / f"{name}.onnx"
+        if name == "dense":
+            export_model(run.model, recipe.shapes, target, dense=True, compact=False, rules=rules)
+        elif name == "compact":
+            export_model(run.model, recipe.shapes, target, dense=True, compact=True, rules=rules)
+        elif name == "sparse":
+            export_model(run.model, recipe.shapes, target, rules=rules)
+        elif name == "depth":
+            if not method_class(recipe.method).masked:
+                notes["depth"] = f"skipped: the run's method is {recipe.method!r}, not sparse-random or psn"
+                continue
+            target_params = live_params(run.model)
+            model, alpha, n = depth_equivalent(recipe, target_params, run_dir=run_dir)
+            notes["depth"] = {"alpha": round(alpha, 6), "live_params": n, "target_live_params": target_params}
+            export_model(model, recipe.shapes, target, dense=True, compact=False)
+        files.append((name, target))
+    if progress is not None:
+        progress("exported", len(variants), len(variants))
+    return files, notes
+
+
+# ---------------------------------------------------------------- the one-command pipeline
+
+
+def run_pipeline(
+    model: str,
+    out: str | Path,
+    *,
+    transform_options: dict[str, Any],
+    train_options: dict[str, Any],
+    variants: Sequence[str] = ("dense", "compact", "sparse"),
+    bench_options: dict[str, Any] | None = None,
+    force: bool = False,
+    progress: Any | None = None,
+    log: Any | None = None,
+) -> tuple[Path, BenchResult, dict[str, Any]]:
+    """Transform -> train -> export -> bench into run directory ``out``; returns (run dir, bench result, notes).
+
+    The .onnx variants, ``bench.json`` and ``plot.png`` are written into the run directory, which
+    appears only when every stage succeeded (an existing ``out`` is refused unless ``force``).
+    ``progress(stage, description, done, total)`` is called as the stages advance; ``log`` gets the
+    training's one-line messages (how the data were adapted to the model, warnings).
+    """
+    from . import api
+    from ._io import atomic_dir
+    from .train import train_run
+
+    def stage(name: str) -> Any:
+        if progress is None:
+            return None
+        return lambda desc, done, total: progress(name, desc, done, total)
+
+    run_dir = Path(out)
+    notes: dict[str, Any] = {}
+    with atomic_dir(run_dir, force=force) as tmp:
+        if progress is not None:
+            progress("transform", f"transforming {model}", 0, 1)
+        api.transform_to_dir(model, out=tmp, force=True, **transform_options)
+        if progress is not None:
+            progress("transform", "transformed", 1, 1)
+        trained = train_run(tmp, progress=_train_progress(stage("train")), log=log, **train_options)
+        notes["train"] = {k: trained.get(k) for k in ("data", "schedule", "epochs", "steps", "test_acc",
+                                                      "test_loss", "val_acc", "density", "warnings")}
+        files, export_notes = export_variants(tmp, tmp, variants, progress=stage("export"))
+        notes.update(export_notes)
+        result = bench_files([p for _, p in files], labels=[n for n, _ in files], progress=stage("bench"),
+                             **(bench_options or {}))
+        result.notes.update(notes)
+        for f in result.files:                      # name the files where they will live
+            f.path = str(run_dir / Path(f.path).name)
+        write_result_json(result, tmp / "bench.json")
+        plot_result(result, tmp / "plot.png")
+    return run_dir, result, notes
+
+
+def _train_progress(update: Any | None) -> Any | None:
+    """Adapt the trainer's event dicts to a ``(description, done, total)`` progress callback."""
+    if update is None:
+        return None
+    state = {"total": 1}
+
+    def on_event(ev: dict[str, Any]) -> None:
+        kind = ev.get("kind")
+        if kind == "start":
+            state["total"] = int(ev.get("total_steps") or 1)
+            update("training", int(ev.get("start_step") or 0), state["total"])
+        elif kind == "step":
+            update(f"training epoch {ev['epoch']}: loss {ev['loss']:.3f}, acc {ev['acc']:.1%}",
+                   int(ev["step"]), state["total"])
+        elif kind == "epoch":
+            update(f"epoch {ev['epoch']}: val acc {ev.get('val_acc', float('nan')):.1%}", int(ev["step"]), state["total"])
+        elif kind == "done":
+            update(f"trained: test acc {ev.get('test_acc', float('nan')):.1%}", state["total"], state["total"])
+
+    return on_event

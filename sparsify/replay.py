@@ -1,0 +1,191 @@
+"""Replay: load a model, trace it, apply a method; and rebuild the graph a recipe describes.
+
+The steps ``sparsify.api.transform`` takes to make a graph, without its reports, so that
+``rundir.load_run`` can rebuild a run's graph below the API (the weights are loaded on top by the
+caller). Nothing here imports ``sparsify.api``, ``sparsify.rundir`` or the CLI; a recipe is read
+by attribute (``sparsify.rundir.Recipe``).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+from .errors import ModelLoadError, RunDirError, SparsifyError, UsageError
+from .methods import MethodConfig, config_from_params
+from .models import LoadedModel, load_model
+from .passes.base import PassResult
+from .passes.rules import Registry, Rule, with_user_rules
+from .passes.trace import propagate_shapes, trace
+from .report import input_shapes
+
+
+@dataclass
+class Traced:
+    """A loaded model's dense graph, traced with shapes recorded on ``example``."""
+
+    loaded: LoadedModel
+    shapes: list[tuple[int, ...]]     # one per model input
+    example: Any                      # a tensor, or a tuple of tensors for several inputs
+    gm: fx.GraphModule
+    rules: Registry | None
+
+
+def rule_registry(rules: Mapping[Any, str | Rule] | None) -> tuple[Registry | None, dict[str, str]]:
+    """The registry for the user's ``rules`` and what a recipe records of them (names; "custom:" for objects)."""
+    if not rules:
+        return None, {}
+    record = {}
+    for key, value in rules.items():
+        name = key if isinstance(key, str) else key.__name__
+        kind = type(value)
+        record[name] = value if isinstance(value, str) else f"custom:{kind.__module__}.{kind.__qualname__}"
+    return with_user_rules(rules), record
+
+
+def load_checked(model: Any, model_args: dict[str, Any] | None, seed: int, leaf_modules: Sequence[str]) -> LoadedModel:
+    """``models.load_model`` (initial weights from ``seed``), refusing an empty layer and unknown ``--leaf`` types."""
+    loaded = load_model(model, model_args, seed)
+    check_loaded(loaded, leaf_modules)
+    return loaded
+
+
+def check_loaded(loaded: LoadedModel, leaf_modules: Sequence[str]) -> None:
+    """Refuse a model with an empty layer (e.g. num_classes 0) and --leaf names of no module in it."""
+    types: set[str] = set()
+    for name, m in loaded.module.named_modules():
+        t = type(m)
+        types.update((t.__name__, f"{t.__module__}.{t.__qualname__}"))
+        for pname, p in m.named_parameters(recurse=False):
+            if p.numel() == 0:
+                raise ModelLoadError(f"{loaded.spec} has an empty layer: {name}.{pname} has shape {list(p.shape)}; "
+                                     f"a width or class count of 0 in --model-args?")
+    unknown = [leaf for leaf in leaf_modules if leaf not in types]
+    if unknown:
+        present = sorted({type(m).__name__ for m in loaded.module.modules()})
+        raise UsageError(f"--leaf {unknown[0]}: {loaded.spec} has no module of that type; its types are "
+                         f"{', '.join(present[:8])}{', ...' if len(present) > 8 else ''}")
+
+
+def model_input_shapes(loaded: LoadedModel, given: Any) -> list[tuple[int, ...]]:
+    """One shape per model input: ``given`` (a shape, or a list of shapes) or the model's own."""
+    source = given if given else loaded.input_shape
+    if not source:
+        raise UsageError(
+            f"no input shape for {loaded.spec}: pass --input-shape N,C,H,W (\"S1;S2\" for several inputs), "
+            "or define INPUT_SHAPE, INPUT_SHAPES or example_input() in the model file"
+        )
+    return input_shapes(source)
+
+
+def example_inputs(shapes: list[tuple[int, ...]], seed: int) -> Any:
+    """Random example inputs (one tensor, or a tuple for several inputs) from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = tuple(torch.randn(*s, generator=gen) for s in shapes)
+    return xs[0] if len(xs) == 1 else xs
+
+
+def trace_loaded(loaded: LoadedModel, input_shape: Any, seed: int, leaf_modules: Sequence[str],
+                 rules: Registry | None) -> Traced:
+    """Trace ``loaded`` (``leaf_modules`` kept opaque) and record shapes on an example from ``seed``."""
+    shapes = model_input_shapes(loaded, input_shape)
+    example = example_inputs(shapes, seed)
+    gm = trace(loaded.module, leaf_modules, rules)
+    propagate_shapes(gm, example)
+    return Traced(loaded, shapes, example, gm, rules)
+
+
+def apply_method(traced: Traced, config: MethodConfig, seed: int) -> PassResult:
+    """Run the method's pass on the traced graph (the pass works on a copy); ``config`` must be resolved."""
+    p = config.make_pass(seed, traced.rules)
+    if p is None:
+        propagate_shapes(traced.gm, traced.example)
+        return PassResult(traced.gm)
+    return p(traced.gm, traced.example)
+
+
+def replay_spec(recipe: Any, source_copy: str | Path | None) -> str:
+    """The model spec to rebuild from: the recipe's, or the run's copy of the user's file
+    (``source_copy``) when the original moved or its checksum differs from the recorded one."""
+    spec = recipe.model
+    if spec.startswith(("zoo:", "torchvision:")) or source_copy is None:
+        return spec
+    file, _, name = spec.rpartition(":")
+    original, copy_ = Path(file), Path(source_copy)
+    if copy_.is_file() and (not original.is_file() or _sha256(original) != recipe.source_sha256):
+        return f"{copy_}:{name}"  # the file moved or changed since: use the run's own copy
+    return spec
+
+
+def replay_rules(recipe: Any, rules: Mapping[Any, str | Rule] | None = None) -> dict[Any, Any]:
+    """The rules a recipe was transformed with: named ones from the recipe, custom objects from ``rules``."""
+    given = dict(rules or {})
+    replay: dict[Any, Any] = {}
+    for key, value in (recipe.rules or {}).items():
+        if not value.startswith("custom:"):
+            replay[key] = value
+            continue
+        match = [v for k, v in given.items() if (k if isinstance(k, str) else k.__name__) == key]
+        if not match:
+            raise RunDirError(f"the run was transformed with a custom rule for {key} ({value[7:]}); "
+                              f"pass the same rules to sparsify.load(run, rules={{...}})")
+        replay[key] = match[0]
+    return replay
+
+
+def trace_recipe(recipe: Any, source_copy: str | Path | None = None,
+                 rules: Mapping[Any, str | Rule] | None = None, where: str = "the recipe") -> Traced:
+    """The dense traced graph of a recipe's model (initial weights from its seed), before its method."""
+    named = replay_rules(recipe, rules)
+    with _replay_errors(where):
+        registry, _ = rule_registry(named or None)
+        loaded = load_checked(replay_spec(recipe, source_copy), recipe.model_args, recipe.seed, recipe.leaf_modules)
+        return trace_loaded(loaded, recipe.shapes, recipe.seed, recipe.leaf_modules, registry)
+
+
+def build_from_recipe(recipe: Any, source_copy: str | Path | None = None,
+                      rules: Mapping[Any, str | Rule] | None = None, where: str = "the recipe") -> fx.GraphModule:
+    """Rebuild the graph a recipe describes (weights as initialised; load tensors on top).
+
+    ``source_copy``: the run's copy of a user's model file (used when the original moved or changed);
+    ``rules``: the Rule objects of a run transformed with custom rules (named rules replay by
+    themselves); ``where``: the recipe's file, for messages. Raises ModelLoadError when the model
+    cannot be built, RunDirError when the recipe cannot be replayed.
+    """
+    with _replay_errors(where):
+        config = config_from_params(recipe.method, recipe.params)
+    traced = trace_recipe(recipe, source_copy, rules, where)
+    with _replay_errors(where):
+        return apply_method(traced, config.resolve(traced.gm, traced.rules), recipe.seed).model
+
+
+class _replay_errors:
+    """Errors of a replay as one line: the model cannot be rebuilt, or the recipe was edited by hand."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, e: Any, tb: Any) -> bool:
+        if e is None or isinstance(e, RunDirError):
+            return False
+        if isinstance(e, ModelLoadError):
+            raise ModelLoadError(f"cannot rebuild the run's model: {e}") from None
+        if isinstance(e, (SparsifyError, TypeError, ValueError)):  # a recipe edited by hand: values of the wrong kind
+            raise RunDirError(f"{self.where} cannot be replayed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                              f"re-create the run with `sparsify transform`") from None
+        return False
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+__all__ = ["Traced", "rule_registry", "load_checked", "check_loaded", "model_input_shapes", "example_inputs", "trace_loaded",
+           "apply_method", "replay_spec", "replay_rules", "trace_recipe", "build_from_recipe"]

@@ -1,0 +1,79 @@
+"""sparsify.passes.base: the pass contract (requires -> call on a copy -> ensures) and shared checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from sparsify.errors import PassError, UsageError
+from sparsify.passes.base import GraphPass, PassResult, check_fraction
+from sparsify.passes.trace import propagate_shapes, trace
+
+
+def _gm():
+    gm = trace(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)))
+    x = torch.randn(1, 3, 6, 6)
+    propagate_shapes(gm, x)
+    return gm, x
+
+
+class Zero(GraphPass):
+    """Zeroes every weight: a legal rewrite."""
+
+    name = "zero"
+
+    def call(self, gm: fx.GraphModule, example) -> PassResult:
+        with torch.no_grad():
+            for p in gm.parameters():
+                p.zero_()
+        return PassResult(gm, notes=["zeroed"])
+
+
+class Widen(GraphPass):
+    """Breaks the promise: the output gets more channels."""
+
+    name = "widen"
+
+    def call(self, gm: fx.GraphModule, example) -> PassResult:
+        gm._modules["2"] = nn.Conv2d(4, 3, 1)
+        return PassResult(gm)
+
+
+class Refuse(GraphPass):
+    name = "refuse"
+
+    def requires(self, gm, example) -> None:
+        raise PassError("refuse needs something this graph lacks")
+
+    def call(self, gm, example) -> PassResult:  # pragma: no cover - never reached
+        raise AssertionError("call ran although requires refused")
+
+
+def test_a_pass_rewrites_a_copy_and_leaves_the_input_alone():
+    gm, x = _gm()
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    result = Zero()(gm, x)
+    assert result.model is not gm and result.notes == ["zeroed"]
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+    assert float(result.model(x).detach().abs().max()) == 0.0
+
+
+def test_ensures_catches_a_changed_output_shape():
+    gm, x = _gm()
+    with pytest.raises(PassError, match="widen changed the output shape"):
+        Widen()(gm, x)
+
+
+def test_requires_stops_before_call():
+    gm, x = _gm()
+    with pytest.raises(PassError, match="refuse needs"):
+        Refuse()(gm, x)
+
+
+@pytest.mark.parametrize("value,words", [(None, "--density is required"), (0.0, "outside \\(0, 1\\]"),
+                                         (1.5, "outside"), (float("nan"), "outside")])
+def test_check_fraction_names_the_flag(value, words):
+    with pytest.raises(UsageError, match=words):
+        check_fraction(value, "--density", "0.1")
+    assert check_fraction(1, "--alpha", "0.5") == 1.0

@@ -1,0 +1,93 @@
+"""sparsify.pipeline: the variants of a run directory (``sparsify bench RUN``) and the one-command pipeline."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from sparsify import pipeline
+from sparsify.cli import app
+from sparsify.errors import UsageError
+
+FAST = ["--min-time", "0.01", "--repeats", "3", "--warmup", "1", "-q", "--no-memory"]
+
+
+def test_parse_variants():
+    assert pipeline.parse_variants(None) == list(pipeline.VARIANTS)
+    assert pipeline.parse_variants("sparse, dense,sparse") == ["sparse", "dense"]
+    with pytest.raises(UsageError):
+        pipeline.parse_variants(" , ")
+
+
+def test_bench_run_dir_builds_dense_sparse_and_depth_variants(tmp_path):
+    from sparsify.api import transform_to_dir
+
+    run, _ = transform_to_dir("zoo:lenet5", "sparse-random", density=0.1, out=tmp_path / "run")
+    js = tmp_path / "b.json"
+    keep = tmp_path / "variants"
+    r = CliRunner().invoke(app, ["bench", str(run), "--variants", "dense,sparse,depth", "--json-file", str(js),
+                                 "--keep", str(keep), *FAST])
+    assert r.exit_code == 0, r.output
+    data = json.loads(js.read_text())
+    assert [f["label"] for f in data["files"]] == ["dense", "sparse", "depth"]
+    files = {f["label"]: f for f in data["files"]}
+    assert files["dense"]["sparse_nodes"] == 0 and files["sparse"]["sparse_nodes"] >= 1
+    assert files["depth"]["sparse_nodes"] == 0
+    row = next(x for x in data["rows"] if x["label"] == "sparse")
+    assert row["max_rel_diff"] < 1e-4                    # same function as the dense export
+    depth = data["notes"]["depth"]
+    assert 0 < depth["alpha"] < 1
+    assert abs(depth["live_params"] - depth["target_live_params"]) <= 0.02 * depth["target_live_params"]
+    assert sorted(p.name for p in keep.iterdir()) == ["dense.onnx", "depth.onnx", "sparse.onnx"]
+    assert files["sparse"]["path"] == str(keep / "sparse.onnx")
+    assert sorted(p.name for p in run.iterdir()) == ["recipe.json", "summary.json", "weights.init.safetensors",
+                                                     "weights.safetensors"]
+
+
+def test_depth_equivalent_is_the_nearest_count_and_transforms_once(monkeypatch):
+    from sparsify import api
+    from sparsify.nn import live_params
+    from sparsify.passes import depth_multiplier as dm
+    from sparsify.replay import trace_recipe
+
+    sparse = api.transform("zoo:resnet20", "sparse-random", density=0.2)
+    target = live_params(sparse.model)
+    calls = []
+    original = dm.DepthMultiplierPass.__call__
+    monkeypatch.setattr(dm.DepthMultiplierPass, "__call__", lambda self, *a: calls.append(self.alpha) or original(self, *a))
+    model, alpha, n = pipeline.depth_equivalent(sparse.recipe, target)
+    assert calls == [alpha] and n == live_params(model) and 0 < alpha < 1
+    traced = trace_recipe(sparse.recipe)
+    counter = dm.DepthCounter(traced.gm, traced.example)
+    assert counter.counts(alpha)["total"] == n                     # the counter and the model agree
+    grid = [counter.counts(a / 200)["total"] for a in range(1, 201)]
+    assert abs(n - target) <= min(abs(c - target) for c in grid)  # no alpha on a fine grid comes nearer
+
+
+def test_export_variants_loads_the_run_once(tmp_path, monkeypatch):
+    from sparsify import api, rundir
+
+    run, _ = api.transform_to_dir("zoo:lenet5", "sparse-random", density=0.1, out=tmp_path / "run")
+    loads = []
+    original = rundir.load_run
+    monkeypatch.setattr(rundir, "load_run", lambda *a, **k: loads.append(a) or original(*a, **k))
+    (tmp_path / "v").mkdir()
+    files, notes = pipeline.export_variants(run, tmp_path / "v", list(pipeline.VARIANTS))
+    assert len(loads) == 1
+    assert [name for name, _ in files] == list(pipeline.VARIANTS) and all(p.is_file() for _, p in files)
+    assert notes["depth"]["target_live_params"] == _live(original(run).model)
+
+
+def test_export_variants_skips_depth_for_methods_that_mask_nothing(tmp_path):
+    from sparsify import api
+
+    run, _ = api.transform_to_dir("zoo:lenet5", "depth-multiplier", alpha=0.5, out=tmp_path / "run")
+    files, notes = pipeline.export_variants(run, tmp_path, ["dense", "depth"])
+    assert [name for name, _ in files] == ["dense"] and notes["depth"].startswith("skipped")
+
+
+def _live(model) -> int:
+    from sparsify.nn import live_params
+
+    return live_params(model)

@@ -1,0 +1,75 @@
+"""sparsify.report: the per-layer report, counted against the masks themselves."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from sparsify.passes.trace import propagate_shapes, trace
+from sparsify.report import input_shapes, layer_report, param_counts, with_ratios
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = self.bn(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _report(model: nn.Module, shape=(2, 3, 10, 10)):
+    gm = trace(model)
+    propagate_shapes(gm, torch.randn(*shape))
+    return layer_report(gm, shape)
+
+
+def test_dense_report_counts_parameters_and_macs_from_the_shapes():
+    model = Net()
+    rep = _report(model)
+    by = {l["name"]: l for l in rep["layers"]}
+    assert set(by) == {"conv1", "conv2", "fc"} and rep["input_shape"] == [1, 3, 10, 10]
+    assert by["conv1"]["params"] == model.conv1.weight.numel() + 8
+    assert by["conv1"]["macs"] == model.conv1.weight.numel() * 10 * 10
+    assert by["fc"]["macs"] == 6 * 5 and by["fc"]["classifier"] and not by["conv1"]["classifier"]
+    assert rep["totals"]["params"] == sum(p.numel() for p in model.parameters())
+    assert rep["totals"]["empty_in"] == rep["totals"]["empty_out"] == 0
+    counts = param_counts(rep)
+    assert counts["conv"] == by["conv1"]["params"] + by["conv2"]["params"]
+    assert counts["total"] - counts["no_classifier"] == by["fc"]["params"]
+
+
+def test_zeroed_kernels_show_as_density_fan_in_and_empty_channels():
+    from sparsify.passes.sparsity import SparseRandomPass
+
+    model = Net().eval()
+    x = torch.randn(2, 3, 10, 10)
+    gm = trace(model)
+    propagate_shapes(gm, x)
+    sparse = SparseRandomPass(0.5, seed=1)(gm, x).model
+    rep = layer_report(sparse, x.shape)
+    for l in rep["layers"]:
+        if not l["sparse"]:
+            continue
+        mask = sparse.get_submodule(l["name"]).weight_mask()
+        entries = mask.flatten(2).any(2) if mask.dim() > 2 else mask.bool()   # (out, in) kernels kept
+        fan = entries.sum(1)
+        assert l["density"] == entries.float().mean().item()
+        assert l["fan_in_min"] == fan.min().item() and l["fan_in_max"] == fan.max().item()
+        assert l["empty_out"] == int((fan == 0).sum()) and l["empty_in"] == int((~entries.any(0)).sum())
+        kernel = mask[0, 0].numel() if mask.dim() > 2 else 1
+        assert l["params"] == int(entries.sum()) * kernel + (0 if sparse.get_submodule(l["name"]).bias is None
+                                                             else l["out"])
+
+
+def test_ratios_and_several_input_shapes():
+    rep = _report(Net())
+    half = {"totals": {k: (v * 2 if isinstance(v, int) else v) for k, v in rep["totals"].items()}}
+    ratios = with_ratios(rep, half)["ratios"]
+    assert ratios["params"] == 0.5 and ratios["macs"] == 0.5
+    assert input_shapes((1, 3, 8, 8)) == [(1, 3, 8, 8)]
+    assert input_shapes([[1, 3], [1, 4]]) == [(1, 3), (1, 4)]
