@@ -57,10 +57,14 @@ METHODS = [("sparse-random-0.1", "sparse-random", {"density": 0.1}),
            ("psn-0.1", "psn", {"density": 0.1}),
            ("depth-multiplier-0.5", "depth-multiplier", {"alpha": 0.5})]
 TOLERANCE = 1e-4
-# Case files whose forward torch.fx cannot trace need a leaf (the README of the cases says so), and
-# a rule saying how the leaf's channels behave (its forward is a conv over its own weight).
-LEAVES = {"P28_same_pad": ["SameConv"]}
-RULES = {"P28_same_pad": {"SameConv": "conv"}}
+
+
+def conv_leaves(module: Any) -> list[str]:
+    """Conv subclasses of a model file that override forward (dynamic "same" padding): torch.fx cannot
+    trace them, so they are leaves (``--leaf``) with the conv rule (``--rule NAME=conv``)."""
+    return sorted(name for name, obj in vars(module).items()
+                  if isinstance(obj, type) and issubclass(obj, nn.modules.conv._ConvNd)
+                  and "forward" in vars(obj) and obj.__module__ == module.__name__)
 
 
 @dataclass
@@ -90,7 +94,8 @@ def case_models(folder: Path) -> list[Case]:
         n_inputs = len(inspect.signature(net.forward).parameters) - 1 if net is not None else 1
         if len(shapes) == 1 and n_inputs > 1:
             shapes = shapes * n_inputs
-        leaves, rules = LEAVES.get(f.stem, []), RULES.get(f.stem, {})
+        leaves = conv_leaves(module)
+        rules = {name: "conv" for name in leaves}
         cases.append(Case(f.stem, str(f), shapes, leaf_modules=leaves, rules=rules))
         if factory is not None and "in_ch" in inspect.signature(factory).parameters:
             grey = [(shapes[0][0], 1) + tuple(shapes[0][2:])] + shapes[1:]

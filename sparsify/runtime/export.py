@@ -377,6 +377,27 @@ def verify_onnx(model_bytes: bytes, reference, input_shape: Sequence[Any], repor
         report.errors[label] = worst
 
 
+def zero_variance_hint(model: nn.Module) -> str | None:
+    """Why two correct runtimes can disagree on ``model`` in eval mode, or None.
+
+    A BatchNorm channel whose running variance is below its ``eps`` (a channel that was constant
+    during training, e.g. behind a dead filter) multiplies any deviation of its input from the
+    running mean by up to 1/sqrt(eps) (316x at eps 1e-5). Behind dead channels that deviation is
+    rounding noise, so chains of such channels make the eval output depend on the order in which a
+    runtime sums: ONNX Runtime and PyTorch are then both "right" and differ.
+    """
+    bad = [(name, int(c)) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats and m.running_var is not None
+           for c in (m.running_var < m.eps).nonzero().flatten().tolist()]
+    if not bad:
+        return None
+    name, c = bad[0]
+    return (f"{len(bad)} BatchNorm channel(s) have running variance below eps (e.g. {name} channel {c}) and amplify "
+            "rounding differences up to 1/sqrt(eps) times in eval mode, so no two runtimes agree there: recompute "
+            "the BatchNorm statistics on data where those channels vary (or with those channels removed), "
+            "or export with --no-verify to accept the difference")
+
+
 # --------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -441,8 +462,14 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
         onnx_model, creport = onnx_sparse.convert_model(onnx_model, dense_threshold, decide)
         report.layers = creport.choices
     if verify:
-        verify_onnx(onnx_model.SerializeToString(),
-                    lambda *xs: _torch_outputs(reference, *(torch.from_numpy(x) for x in xs)), shapes, report)
+        try:
+            verify_onnx(onnx_model.SerializeToString(),
+                        lambda *xs: _torch_outputs(reference, *(torch.from_numpy(x) for x in xs)), shapes, report)
+        except ExportError as e:
+            hint = zero_variance_hint(reference)
+            if hint is None or not str(e).startswith("verification failed"):
+                raise
+            raise ExportError(str(e).replace("; the export is wrong, please report it", "") + f"; {hint}") from None
     return _finish(onnx_model, out, report)
 
 

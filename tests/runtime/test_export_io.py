@@ -74,6 +74,54 @@ def test_each_output_is_verified_against_its_own_scale(tmp_path, monkeypatch):
         export_model(DictOut().eval(), (1, 3, 16, 16), tmp_path / "m.onnx")
 
 
+class DeadChannelChain(nn.Module):
+    """Two conv + BN stages whose first filters are dead (constant) during training, so their BN
+    channels end with zero running variance."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.c1.weight[:4] = 0                    # group 0 of c2 reads only dead channels
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dead", [True, False])
+def test_a_mismatch_behind_zero_variance_batchnorm_says_why(dead, tmp_path, monkeypatch):
+    """Channels constant in training leave BN running variance 0, which amplifies rounding
+    differences 1/sqrt(eps)-fold: the refusal names that cause instead of blaming the export."""
+    from sparsify.runtime import export as export_mod
+
+    torch.manual_seed(0)
+    model = DeadChannelChain() if dead else DictOut()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None                         # cumulative average, as after long training
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 16, 16))
+    model.eval()
+    if dead:
+        assert bool((model.b1.running_var[:4] < model.b1.eps).all())
+    real = export_mod._torch_outputs
+    monkeypatch.setattr(export_mod, "_torch_outputs",
+                        lambda m, *xs: [o + 1e-2 * np.abs(o).max() for o in real(m, *xs)])
+    with pytest.raises(Exception, match="verification failed") as e:
+        export_model(model, (1, 3, 16, 16), tmp_path / "m.onnx")
+    msg = str(e.value)
+    assert "\n" not in msg
+    if dead:
+        assert "running variance below eps (e.g. b1 channel 0)" in msg and "please report" not in msg
+    else:
+        assert "please report it" in msg and "running variance" not in msg
+    assert not (tmp_path / "m.onnx").exists()
+
+
 class TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
