@@ -196,14 +196,16 @@ def _input_names(model: nn.Module, n: int) -> list[str]:
 def output_names(y: Any) -> list[str] | None:
     """ONNX output names for a model output: None for one tensor (the exporter's default), else one
     name per tensor from its place: dict keys ("logits"), tuple positions ("output_1"), joined by "."
-    when nested ("boxes.0")."""
+    when nested ("boxes.0"). Leaves that are not tensors (None, numbers) get no name."""
     import torch.utils._pytree as pytree
 
     if isinstance(y, torch.Tensor):
         return None
     leaves, _ = pytree.tree_flatten_with_path(y)
     names = []
-    for path, _leaf in leaves:
+    for path, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            continue  # None / numbers are not ONNX outputs: naming them would shift the names after them
         parts = []
         for k in path:
             key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))

@@ -40,8 +40,15 @@ def _sparse(model, shape):
     return sparsify.transform(model, "sparse-random", density=0.2, input_shape=shape).model
 
 
+class WithNone(Body):
+    def forward(self, x):
+        f = self.c1(x)
+        return {"aux": None, "logits": self.fc(self.emb(self.c2(f).mean((2, 3)))), "feats": [f]}
+
+
 @pytest.mark.parametrize("cls,names", [(DictOut, ["logits", "embedding"]),
-                                       (Nested, ["output_0", "output_1.0", "output_1.1.logits"])])
+                                       (Nested, ["output_0", "output_1.0", "output_1.1.logits"]),
+                                       (WithNone, ["logits", "feats.0"])])
 def test_structured_outputs_export_as_named_verified_outputs(cls, names, tmp_path):
     torch.manual_seed(0)
     model = _sparse(cls(), (1, 3, 16, 16)).eval()
@@ -52,7 +59,10 @@ def test_structured_outputs_export_as_named_verified_outputs(cls, names, tmp_pat
     got = dict(zip(names, open_session(tmp_path / "m.onnx").run(None, {"input": x})))
     with torch.no_grad():
         ref = model(torch.from_numpy(x))
-    if cls is DictOut:
+    if cls is WithNone:  # a None before a tensor must not shift the names
+        np.testing.assert_allclose(got["logits"], ref["logits"].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got["feats.0"], ref["feats"][0].numpy(), rtol=1e-4, atol=1e-4)
+    elif cls is DictOut:
         np.testing.assert_allclose(got["logits"], ref["logits"].numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got["embedding"], ref["embedding"].numpy(), rtol=1e-4, atol=1e-5)
     else:
