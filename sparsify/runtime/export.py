@@ -218,6 +218,17 @@ def output_names(y: Any) -> list[str] | None:
     return names
 
 
+def _check_outputs(y: Any) -> None:
+    """ExportError for an output leaf ONNX cannot hold (a number, a string); None leaves are dropped."""
+    import torch.utils._pytree as pytree
+
+    for path, leaf in pytree.tree_flatten_with_path(y)[0]:
+        if leaf is not None and not isinstance(leaf, torch.Tensor):
+            where = pytree.keystr(path) or "the output"
+            raise ExportError(f"the model returns a {type(leaf).__name__} at {where}; ONNX outputs are tensors: "
+                              "return tensors (or None) only, e.g. torch.tensor(value)")
+
+
 def _torch_export(module: nn.Module, example: tuple[torch.Tensor, ...], outputs: list[str] | None = None
                   ) -> onnx.ModelProto:
     """``torch.onnx.export`` with a dynamic batch dimension; ExportError naming the failing node."""
@@ -449,7 +460,9 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
     example = tuple(torch.randn(2, *s[1:], generator=gen) for s in shapes)
     work = _prepare(model, example, compact, fold_bn, report, channel_align, rules)
     with torch.no_grad():
-        names = output_names(work(*example))
+        y = work(*example)
+    _check_outputs(y)
+    names = output_names(y)
     onnx_model = _torch_export(work, example, names)
     report.output_names = [o.name for o in onnx_model.graph.output]
     if any(isinstance(m, SparseConv1d) for m in model.modules()):

@@ -9,7 +9,7 @@ import torch.nn as nn
 from typer.testing import CliRunner
 
 import sparsify
-from sparsify.errors import UsageError
+from sparsify.errors import ExportError, UsageError
 from sparsify.runtime.bench import bench_files
 from sparsify.runtime.export import export_model, open_session
 
@@ -129,6 +129,17 @@ def test_a_mismatch_behind_zero_variance_batchnorm_says_why(dead, tmp_path, monk
         assert "running variance below eps (e.g. b1 channel 0)" in msg and "please report" not in msg
     else:
         assert "please report it" in msg and "running variance" not in msg
+    assert not (tmp_path / "m.onnx").exists()
+
+
+class NumberOut(Body):
+    def forward(self, x):
+        return {"logits": self.fc(self.emb(self.c2(self.c1(x)).mean((2, 3)))), "scale": 2.0}
+
+
+def test_a_number_in_the_output_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ExportError, match=r"returns a float at \['scale'\]; ONNX outputs are tensors"):
+        export_model(NumberOut().eval(), (1, 3, 16, 16), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
 
 
