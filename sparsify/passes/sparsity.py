@@ -175,6 +175,10 @@ class SparsePass(GraphPass):
             why = (f"; {', '.join(leaves)} {'is a leaf' if len(leaves) == 1 else 'are leaves'} kept dense "
                    f"(--rule {types[0]}=conv masks a leaf whose forward is a conv over its own weight)"
                    if leaves else "")
+            if not leaves:
+                dense = sorted({type(m).__name__ for m in gm.modules() if isinstance(m, nn.modules.conv._ConvNd)})
+                why = (f"; its {', '.join(dense)} layers stay dense (masks cover Conv1d and Conv2d with groups "
+                       "not equal to the channels): use --method depth-multiplier" if dense else "")
             raise PassError(f"{self.name}: the model has no layer to make sparse (convs, or linears with "
                             f"--include-linear){why}")
 

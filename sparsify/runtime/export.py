@@ -196,14 +196,16 @@ def _input_names(model: nn.Module, n: int) -> list[str]:
 def output_names(y: Any) -> list[str] | None:
     """ONNX output names for a model output: None for one tensor (the exporter's default), else one
     name per tensor from its place: dict keys ("logits"), tuple positions ("output_1"), joined by "."
-    when nested ("boxes.0")."""
+    when nested ("boxes.0"). Leaves that are not tensors (None, numbers) get no name."""
     import torch.utils._pytree as pytree
 
     if isinstance(y, torch.Tensor):
         return None
     leaves, _ = pytree.tree_flatten_with_path(y)
     names = []
-    for path, _leaf in leaves:
+    for path, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            continue  # None / numbers are not ONNX outputs: naming them would shift the names after them
         parts = []
         for k in path:
             key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
@@ -214,6 +216,17 @@ def output_names(y: Any) -> list[str] | None:
     if len(set(names)) != len(names):
         return [f"output_{i}" for i in range(len(names))]
     return names
+
+
+def _check_outputs(y: Any) -> None:
+    """ExportError for an output leaf ONNX cannot hold (a number, a string); None leaves are dropped."""
+    import torch.utils._pytree as pytree
+
+    for path, leaf in pytree.tree_flatten_with_path(y)[0]:
+        if leaf is not None and not isinstance(leaf, torch.Tensor):
+            where = pytree.keystr(path) or "the output"
+            raise ExportError(f"the model returns a {type(leaf).__name__} at {where}; ONNX outputs are tensors: "
+                              "return tensors (or None) only, e.g. torch.tensor(value)")
 
 
 def _torch_export(module: nn.Module, example: tuple[torch.Tensor, ...], outputs: list[str] | None = None
@@ -377,6 +390,27 @@ def verify_onnx(model_bytes: bytes, reference, input_shape: Sequence[Any], repor
         report.errors[label] = worst
 
 
+def zero_variance_hint(model: nn.Module) -> str | None:
+    """Why two correct runtimes can disagree on ``model`` in eval mode, or None.
+
+    A BatchNorm channel whose running variance is below its ``eps`` (a channel that was constant
+    during training, e.g. behind a dead filter) multiplies any deviation of its input from the
+    running mean by up to 1/sqrt(eps) (316x at eps 1e-5). Behind dead channels that deviation is
+    rounding noise, so chains of such channels make the eval output depend on the order in which a
+    runtime sums: ONNX Runtime and PyTorch are then both "right" and differ.
+    """
+    bad = [(name, int(c)) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats and m.running_var is not None
+           for c in (m.running_var < m.eps).nonzero().flatten().tolist()]
+    if not bad:
+        return None
+    name, c = bad[0]
+    return (f"{len(bad)} BatchNorm channel(s) have running variance below eps (e.g. {name} channel {c}) and amplify "
+            "rounding differences up to 1/sqrt(eps) times in eval mode, so no two runtimes agree there: recompute "
+            "the BatchNorm statistics on data where those channels vary (or with those channels removed), "
+            "or export with --no-verify to accept the difference")
+
+
 # --------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -426,7 +460,9 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
     example = tuple(torch.randn(2, *s[1:], generator=gen) for s in shapes)
     work = _prepare(model, example, compact, fold_bn, report, channel_align, rules)
     with torch.no_grad():
-        names = output_names(work(*example))
+        y = work(*example)
+    _check_outputs(y)
+    names = output_names(y)
     onnx_model = _torch_export(work, example, names)
     report.output_names = [o.name for o in onnx_model.graph.output]
     if any(isinstance(m, SparseConv1d) for m in model.modules()):
@@ -441,8 +477,14 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
         onnx_model, creport = onnx_sparse.convert_model(onnx_model, dense_threshold, decide)
         report.layers = creport.choices
     if verify:
-        verify_onnx(onnx_model.SerializeToString(),
-                    lambda *xs: _torch_outputs(reference, *(torch.from_numpy(x) for x in xs)), shapes, report)
+        try:
+            verify_onnx(onnx_model.SerializeToString(),
+                        lambda *xs: _torch_outputs(reference, *(torch.from_numpy(x) for x in xs)), shapes, report)
+        except ExportError as e:
+            hint = zero_variance_hint(reference)
+            if hint is None or not str(e).startswith("verification failed"):
+                raise
+            raise ExportError(str(e).replace("; the export is wrong, please report it", "") + f"; {hint}") from None
     return _finish(onnx_model, out, report)
 
 

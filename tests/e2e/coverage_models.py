@@ -204,6 +204,96 @@ class ShuffleBlock(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class RegNetBlock(nn.Module):
+    """RegNetY: 1x1, 3x3 grouped conv with a fixed group width (8 channels per group), SE, 1x1,
+    a strided residual with a projection shortcut."""
+
+    def __init__(self, in_ch=3):
+        super().__init__()
+        self.stem = cbr(in_ch, 16, stride=1)
+        self.a = cbr(16, 32, 1)
+        self.b = cbr(32, 32, 3, stride=2, groups=32 // 8)
+        self.se1, self.se2 = nn.Conv2d(32, 4, 1), nn.Conv2d(4, 32, 1)
+        self.c = nn.Sequential(nn.Conv2d(32, 24, 1, bias=False), nn.BatchNorm2d(24))
+        self.proj = nn.Sequential(nn.Conv2d(16, 24, 1, stride=2, bias=False), nn.BatchNorm2d(24))
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.b(self.a(x))
+        y = y * torch.sigmoid(self.se2(F.relu(self.se1(y.mean((2, 3), keepdim=True)))))
+        return self.fc(F.relu(self.proj(x) + self.c(y)).mean((2, 3)))
+
+
+class UnequalSplit(nn.Module):
+    """torch.split with unequal sizes (Inception/GhostNet style): each part through its own conv,
+    then concatenated; the split sizes are literals, so the split group must not be resized."""
+
+    def __init__(self, in_ch=3):
+        super().__init__()
+        self.stem = cbr(in_ch, 24)
+        self.p1, self.p2 = cbr(8, 8), cbr(16, 16, 1)
+        self.mix = cbr(24, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        a, b = torch.split(self.stem(x), [8, 16], dim=1)
+        return self.fc(self.mix(torch.cat([self.p1(a), self.p2(b)], 1)).mean((2, 3)))
+
+
+class Slicing(nn.Module):
+    """Channel slices with literal bounds (CSP / partial conv): x[:, :8] through a conv, x[:, 8:]
+    passed on, joined again."""
+
+    def __init__(self, in_ch=3):
+        super().__init__()
+        self.stem = cbr(in_ch, 16)
+        self.part = cbr(8, 8)
+        self.mix = cbr(16, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([self.part(x[:, :8]), x[:, 8:]], 1)
+        return self.fc(self.mix(x).mean((2, 3)))
+
+
+class LiteralView(nn.Module):
+    """Sizes written as literals in view/reshape (classic CIFAR nets): x.view(-1, 16 * 4 * 4) before
+    the classifier and a channel reshape x.view(n, 4, 4, h, w).sum(1) (grouped channel sum)."""
+
+    def __init__(self, in_ch=3):
+        super().__init__()
+        self.a = cbr(in_ch, 16, stride=2)
+        self.b = cbr(4, 16, stride=2)
+        self.fc1 = nn.Linear(16 * 4 * 4, 32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.a(x)
+        n, _, h, w = x.shape
+        x = self.b(x.view(n, 4, 4, h, w).sum(1))
+        return self.fc(F.relu(self.fc1(x.view(-1, 16 * 4 * 4))))
+
+
+class PerChannel(nn.Module):
+    """PReLU, a per-channel scale parameter broadcast as [C, 1, 1], a bias added as a [1, C, 1, 1]
+    parameter, and interpolate to a skip (FPN top-down)."""
+
+    def __init__(self, in_ch=3):
+        super().__init__()
+        self.c1, self.act1 = nn.Conv2d(in_ch, 16, 3, padding=1), nn.PReLU(16)
+        self.c2 = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 16).view(16, 1, 1))
+        self.shift = nn.Parameter(torch.linspace(-0.1, 0.1, 16).view(1, 16, 1, 1))
+        self.out = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        a = self.act1(self.c1(x))
+        b = self.c2(a) * self.scale + self.shift
+        return self.out(a + F.interpolate(b, size=a.shape[-2:], mode="nearest"))
+
+
 # ---------------------------------------------------------------- norms, tokens, 1-D
 
 
@@ -405,6 +495,11 @@ MODELS = {
     "dw_multiplier": (DepthwiseMultiplier, (1, 3, 16, 16)),
     "decoder": (Decoder, (1, 3, 16, 16)),
     "shuffle": (ShuffleBlock, (1, 3, 16, 16)),
+    "regnet": (RegNetBlock, (1, 3, 16, 16)),
+    "unequal_split": (UnequalSplit, (1, 3, 16, 16)),
+    "slicing": (Slicing, (1, 3, 16, 16)),
+    "literal_view": (LiteralView, (1, 3, 16, 16)),
+    "per_channel": (PerChannel, (1, 3, 16, 16)),
     "convnext": (ConvNeXtBlock, (1, 3, 16, 16)),
     "group_norm": (GroupNormNet, (1, 3, 16, 16)),
     "tokens": (TokenNet, (1, 3, 16, 16)),

@@ -101,3 +101,46 @@ def test_density_1_equals_the_original(name, tmp_path):
     with torch.no_grad():
         for a, b in zip(_leaves(original(*xs)), _leaves(full(*xs))):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# The groups that Torch-Pruning 1.6 (DepGraph) resizes and that the depth multiplier must resize
+# too (issue 9, "against the best-known peer"), and the ones where it breaks and sparsify must stay
+# right by keeping the literal sizes: (model, module, attribute, original size, resized?).
+PEER = [
+    ("convnext", "norm", "normalized_shape", 16, True),          # permute + LayerNorm
+    ("convnext", "", "gamma", 16, True),                        # layer scale parameter
+    ("group_norm", "n1", "num_channels", 16, True),             # GroupNorm
+    ("group_norm", "act", "num_parameters", 32, True),          # PReLU
+    ("per_channel", "act1", "num_parameters", 16, True),        # PReLU, interpolate to a skip
+    ("per_channel", "", "scale", 16, True),                     # per-channel parameter [C, 1, 1]
+    ("unet", "e2.0", "out_channels", 32, True),                 # interpolate
+    ("unpool", "mid.0", "out_channels", 16, True),              # MaxUnpool2d, expand_as
+    ("stochastic_depth", "stem.0", "out_channels", 16, True),   # stochastic depth
+    ("regnet", "b.0", "out_channels", 32, True),                # grouped conv, fixed group width
+    ("resnext", "b.0", "out_channels", 32, True),               # grouped conv
+    ("signal_1d", "c1", "out_channels", 16, True),              # Conv1d
+    ("decoder", "t1", "out_channels", 16, True),                # ConvTranspose2d
+    ("unequal_split", "stem.0", "out_channels", 24, False),     # split [8, 16]: literal sizes
+    ("unequal_split", "mix.0", "out_channels", 16, True),
+    ("shuffle", "stem.0", "out_channels", 16, False),           # channel shuffle
+    ("slicing", "stem.0", "out_channels", 16, False),           # x[:, :8]
+    ("slicing", "part.0", "out_channels", 8, True),
+    ("literal_view", "a.0", "out_channels", 16, False),         # view(n, 4, 4, h, w)
+    ("literal_view", "fc1", "in_features", 256, False),         # view(-1, 16 * 4 * 4)
+    ("attention", "qkv", "out_features", 48, False),            # chunked qkv
+]
+
+
+def _size(model, module, attr):
+    v = getattr(model.get_submodule(module) if module else model, attr)
+    return int(v[0]) if isinstance(v, tuple) else int(v.shape[0]) if isinstance(v, torch.Tensor) else int(v)
+
+
+@pytest.mark.parametrize("name", sorted({p[0] for p in PEER}))
+def test_depth_multiplier_resizes_what_the_peer_resizes_and_keeps_literal_sizes(name, tmp_path):
+    src = tmp_path / f"{name}.py"
+    src.write_text(model_file(name))
+    model = transform(str(src), "depth-multiplier", alpha=0.5, seed=0).model
+    for _, module, attr, size, resized in (p for p in PEER if p[0] == name):
+        got = _size(model, module, attr)
+        assert (0 < got < size) if resized else got == size, (module, attr, got, size)

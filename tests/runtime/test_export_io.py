@@ -9,7 +9,7 @@ import torch.nn as nn
 from typer.testing import CliRunner
 
 import sparsify
-from sparsify.errors import UsageError
+from sparsify.errors import ExportError, UsageError
 from sparsify.runtime.bench import bench_files
 from sparsify.runtime.export import export_model, open_session
 
@@ -40,8 +40,15 @@ def _sparse(model, shape):
     return sparsify.transform(model, "sparse-random", density=0.2, input_shape=shape).model
 
 
+class WithNone(Body):
+    def forward(self, x):
+        f = self.c1(x)
+        return {"aux": None, "logits": self.fc(self.emb(self.c2(f).mean((2, 3)))), "feats": [f]}
+
+
 @pytest.mark.parametrize("cls,names", [(DictOut, ["logits", "embedding"]),
-                                       (Nested, ["output_0", "output_1.0", "output_1.1.logits"])])
+                                       (Nested, ["output_0", "output_1.0", "output_1.1.logits"]),
+                                       (WithNone, ["logits", "feats.0"])])
 def test_structured_outputs_export_as_named_verified_outputs(cls, names, tmp_path):
     torch.manual_seed(0)
     model = _sparse(cls(), (1, 3, 16, 16)).eval()
@@ -52,7 +59,10 @@ def test_structured_outputs_export_as_named_verified_outputs(cls, names, tmp_pat
     got = dict(zip(names, open_session(tmp_path / "m.onnx").run(None, {"input": x})))
     with torch.no_grad():
         ref = model(torch.from_numpy(x))
-    if cls is DictOut:
+    if cls is WithNone:  # a None before a tensor must not shift the names
+        np.testing.assert_allclose(got["logits"], ref["logits"].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got["feats.0"], ref["feats"][0].numpy(), rtol=1e-4, atol=1e-4)
+    elif cls is DictOut:
         np.testing.assert_allclose(got["logits"], ref["logits"].numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got["embedding"], ref["embedding"].numpy(), rtol=1e-4, atol=1e-5)
     else:
@@ -72,6 +82,65 @@ def test_each_output_is_verified_against_its_own_scale(tmp_path, monkeypatch):
     monkeypatch.setattr(export_mod, "_torch_outputs", skewed)
     with pytest.raises(Exception, match="verification failed"):
         export_model(DictOut().eval(), (1, 3, 16, 16), tmp_path / "m.onnx")
+
+
+class DeadChannelChain(nn.Module):
+    """Two conv + BN stages whose first filters are dead (constant) during training, so their BN
+    channels end with zero running variance."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.c1.weight[:4] = 0                    # group 0 of c2 reads only dead channels
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dead", [True, False])
+def test_a_mismatch_behind_zero_variance_batchnorm_says_why(dead, tmp_path, monkeypatch):
+    """Channels constant in training leave BN running variance 0, which amplifies rounding
+    differences 1/sqrt(eps)-fold: the refusal names that cause instead of blaming the export."""
+    from sparsify.runtime import export as export_mod
+
+    torch.manual_seed(0)
+    model = DeadChannelChain() if dead else DictOut()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None                         # cumulative average, as after long training
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 16, 16))
+    model.eval()
+    if dead:
+        assert bool((model.b1.running_var[:4] < model.b1.eps).all())
+    real = export_mod._torch_outputs
+    monkeypatch.setattr(export_mod, "_torch_outputs",
+                        lambda m, *xs: [o + 1e-2 * np.abs(o).max() for o in real(m, *xs)])
+    with pytest.raises(Exception, match="verification failed") as e:
+        export_model(model, (1, 3, 16, 16), tmp_path / "m.onnx")
+    msg = str(e.value)
+    assert "\n" not in msg
+    if dead:
+        assert "running variance below eps (e.g. b1 channel 0)" in msg and "please report" not in msg
+    else:
+        assert "please report it" in msg and "running variance" not in msg
+    assert not (tmp_path / "m.onnx").exists()
+
+
+class NumberOut(Body):
+    def forward(self, x):
+        return {"logits": self.fc(self.emb(self.c2(self.c1(x)).mean((2, 3)))), "scale": 2.0}
+
+
+def test_a_number_in_the_output_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ExportError, match=r"returns a float at \['scale'\]; ONNX outputs are tensors"):
+        export_model(NumberOut().eval(), (1, 3, 16, 16), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 class TwoInputs(nn.Module):
