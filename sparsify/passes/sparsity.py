@@ -52,6 +52,15 @@ class Eligible:
     is_conv: bool = False
 
 
+def _kernel_size(layer: Eligible) -> tuple[int, ...]:
+    """The conv's spatial kernel as ERK counts it, () for a linear layer."""
+    if not layer.is_conv:
+        return ()
+    w = getattr(layer.module, "weight", None)
+    dims = tuple(int(d) for d in w.shape[2:]) if isinstance(w, torch.Tensor) else ()
+    return dims if dims and math.prod(dims) == layer.kernel else (layer.kernel,)
+
+
 def check_density(density: float | None) -> float:
     return check_fraction(density, "--density", "0.1")
 
@@ -173,7 +182,7 @@ class SparsePass(GraphPass):
     def call(self, gm: fx.GraphModule, example: Any) -> PassResult:
         cg = ChannelGraph.build(gm, example, self.rules)
         layers, notes = eligible_layers(gm, self.include_linear, self.include_classifier, self.rules)
-        shapes = [LayerShape(l.node.target, l.n_out, l.n_in, l.kernel,
+        shapes = [LayerShape(l.node.target, l.n_out, l.n_in, l.kernel, kernel_size=_kernel_size(l),
                              min_live=1 if l.single_input else max(l.n_out, l.n_in)) for l in layers]
         budgets = allocate(shapes, self.density, self.allocation)
         dead = self._single_input_dead(cg, layers, budgets)
