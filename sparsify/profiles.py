@@ -187,6 +187,55 @@ def cv(values: Sequence[float] | np.ndarray) -> float:
     return float(v.std() / m) if m > 0 else 0.0
 
 
+def random_mask(n_out: int, allowed: np.ndarray, live: int, rng: np.random.Generator,
+                row_counts: np.ndarray | None = None) -> np.ndarray:
+    """A 0/1 mask [n_out, n_in] with exactly ``live`` entries in the ``allowed`` input columns.
+
+    The one mask-from-fan-in-counts draw: the transform's sparse-random and psn passes and the
+    dynamic schedules' ``--init-profile`` use it.
+
+    Every output row and every allowed column gets at least one entry (coverage first, drawn from
+    random permutations), the rest uniformly at random; with ``row_counts`` each row ``u`` gets
+    exactly ``row_counts[u]`` entries and columns not yet read are preferred.
+    """
+    n_in_total = int(allowed.max()) + 1 if allowed.size else 0
+    mask = np.zeros((n_out, max(n_in_total, 1)), dtype=bool)
+    m = len(allowed)
+    if row_counts is None:
+        cover = max(n_out, m)
+        rows, cols = rng.permutation(n_out), rng.permutation(allowed)
+        for t in range(min(cover, live)):
+            mask[rows[t % n_out], cols[t % m]] = True
+        rest = live - int(mask.sum())
+        if rest > 0:
+            free = np.flatnonzero(~mask[:, allowed].ravel())
+            pick = rng.choice(free, size=rest, replace=False)
+            r, c = np.divmod(pick, m)
+            mask[r, allowed[c]] = True
+        return mask
+    # Vectorised: every column first takes one slot of a random row (rows have counts[u] slots),
+    # then each row fills up with its lowest random keys; covered entries get key -1.
+    counts = np.asarray(row_counts, dtype=np.int64)
+    allowed = np.sort(allowed)
+    slots = np.repeat(np.arange(n_out), counts)
+    rng.shuffle(slots)
+    cover = min(m, len(slots))
+    keys = rng.random((n_out, m))
+    keys[slots[:cover], rng.permutation(m)[:cover]] = -1.0
+    order = np.argsort(keys, axis=1, kind="stable")
+    take = np.arange(m)[None, :] < counts[:, None]
+    mask[np.repeat(np.arange(n_out), counts), allowed[order[take]]] = True
+    return mask
+
+
+def empty_channels(entries: np.ndarray, groups: int = 1) -> tuple[int, int]:
+    """``(empty_out, empty_in)`` of a 0/1 mask ``[n_out, n_in per group]``: outputs with fan-in 0,
+    and inputs no output reads (input channel ``g*n_in + j`` is read only by group ``g``'s outputs)."""
+    e = np.asarray(entries) != 0
+    fan_out = e.reshape(groups, e.shape[0] // groups, e.shape[1]).sum(axis=1)
+    return int((e.sum(axis=1) == 0).sum()), int((fan_out == 0).sum())
+
+
 @dataclass(frozen=True)
 class LayerShape:
     """What allocation needs of a layer: mask entries and the params each entry carries.

@@ -69,8 +69,14 @@ def check_fraction(value: float | None, flag: str, example: str) -> float:
     return float(value)
 
 
+def owner_of(root: nn.Module, qualname: str) -> tuple[nn.Module, str]:
+    """The module holding the attribute at ``qualname`` and the attribute's name:
+    ``a.b.c`` -> ``(root.a.b, "c")``, ``c`` -> ``(root, "c")``."""
+    parent_name, _, leaf = qualname.rpartition(".")
+    return (root.get_submodule(parent_name) if parent_name else root), leaf
+
+
 def set_submodule(gm: nn.Module, qualname: str, new: nn.Module) -> None:
     """Replace the submodule at ``qualname`` (``a.b.c``) with ``new``."""
-    parent_name, _, leaf = qualname.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
+    parent, leaf = owner_of(gm, qualname)
     setattr(parent, leaf, new)

@@ -26,6 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import PassError
+from .base import owner_of
 from .channel_graph import ChannelGraph, ChannelGroup
 from .rules import Const, ConstancyEnv, LayerRule, Member, Registry, Role
 from .trace import as_inputs, eval_graph_module, propagate_shapes
@@ -215,8 +216,7 @@ def _read_axis(con: _Consumer) -> int:
 def _slice_attr(gm: fx.GraphModule, target: str, axis: int, keep: torch.Tensor) -> None:
     from .rules import set_tensor
 
-    parent_name, _, leaf = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
+    parent, leaf = owner_of(gm, target)
     t = getattr(parent, leaf)
     set_tensor(parent, leaf, t.detach().index_select(axis, keep).clone())
 
@@ -566,6 +566,5 @@ def _fold_into_conv(conv: nn.Module, bn: nn.Module) -> None:
 
 
 def _delete_submodule(gm: fx.GraphModule, target: str) -> None:
-    parent_name, _, leaf = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
+    parent, leaf = owner_of(gm, target)
     delattr(parent, leaf)

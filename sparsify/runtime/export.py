@@ -32,7 +32,9 @@ import torch.nn as nn
 from .._io import atomic_path
 from ..errors import ExportError, SparsifyError
 from ..nn import SPARSE_LAYERS
+from ..passes.base import set_submodule
 from ..passes.compact import CHANNEL_ALIGN
+from ..passes.trace import user_source_line
 from . import native as _native
 from . import onnx_sparse
 from .onnx_sparse import ConvChoice, convert_onnx
@@ -111,9 +113,7 @@ def densify(model: nn.Module) -> nn.Module:
     """Replace every SparseConv2d/SparseLinear of ``model`` (in place) by the plain layer with masked weights."""
     for name, mod in list(model.named_modules()):
         if isinstance(mod, SPARSE_LAYERS):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, mod.to_dense())
+            set_submodule(model, name, mod.to_dense())
     return model
 
 
@@ -147,16 +147,6 @@ def _prepare(model: nn.Module, example: tuple[torch.Tensor, ...], compact: bool,
     return work
 
 
-def _user_frame(stack_trace: str | None) -> str:
-    """``file.py:LINE`` of the last frame of an fx stack trace outside torch and sparsify."""
-    where = ""
-    for m in re.finditer(r'File "([^"]+)", line (\d+)', stack_trace or ""):
-        f = m.group(1).replace("\\", "/")
-        if "/torch/" not in f and "/sparsify/" not in f and not f.startswith("<"):
-            where = f"{Path(f).name}:{m.group(2)}"
-    return where
-
-
 def _explain_failure(module: nn.Module, exc: BaseException) -> str:
     """One line naming the node torch.onnx could not express and, when known, its source line."""
     text = str(exc)
@@ -176,7 +166,7 @@ def _explain_failure(module: nn.Module, exc: BaseException) -> str:
                 break
     if node is None:
         return f"torch.onnx cannot express aten.{op} ({first[:300]}); replace that operation in the model"
-    where = _user_frame(node.stack_trace)
+    where = user_source_line(node)
     target = getattr(node.target, "__qualname__", str(node.target))
     return (f"torch.onnx cannot express node '{node.name}' ({target})" + (f" at {where}" if where else "")
             + f": {first[:200]}; replace that operation in the model")
@@ -299,8 +289,8 @@ def make_autotuner(native: bool) -> onnx_sparse.Decide:
         dense = _single_node_model(dense_node, [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")],
                                    x_shape, [])
         packed, row_ptr, col_idx = onnx_sparse.pack(w)
-        sparse_node = helper.make_node(
-            onnx_sparse.OP, ["x", "w", "rp", "ci", "b"], ["y"], domain=onnx_sparse.DOMAIN,
+        sparse_node = onnx_sparse.sparse_conv_node(
+            ["x", "w", "rp", "ci", "b"], ["y"],
             strides=attrs.get("strides", [1, 1]), pads=attrs.get("pads", [0, 0, 0, 0]),
             dilations=attrs.get("dilations", [1, 1]), group=int(attrs.get("group", 1)),
             in_channels=int(w.shape[1] * attrs.get("group", 1)))

@@ -14,21 +14,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from ...errors import TrainingError
+from ...profiles import fan_in_counts, random_mask
 from ._allocation import layer_budgets
-from ._topology import grow_largest, mask_from_fan_in, prune_smallest, random_mask_like, unit_scores
+from ._topology import grow_largest, prune_smallest, random_mask_like, unit_scores
 from .base import Change, Schedule, event_generator
 
 
 def profile_fan_in(profile: str, n_units: int, fan_in_max: int, budget: int, params: dict[str, Any]) -> list[int]:
-    """Per-unit fan-in of a PSN profile from ``sparsify.profiles`` (TrainingError when unavailable)."""
-    try:
-        from ...profiles import fan_in_counts
-    except ImportError:
-        raise TrainingError("--init-profile needs sparsify.profiles, which this installation lacks; "
-                            "drop --init-profile") from None
+    """Per-unit fan-in of a PSN profile from ``sparsify.profiles`` (TrainingError when it does not fit)."""
     try:
         counts = fan_in_counts(profile, n_units, fan_in_max, budget, dict(params))
     except ValueError as e:
@@ -65,7 +62,10 @@ def redraw_topology(schedule: Schedule) -> Change | None:
         if cfg.init_profile:
             params = layer_profile_params(cfg.init_profile_params or {}, n, schedule.layers)
             fan_in = profile_fan_in(cfg.init_profile, out_units, in_units, budgets[n], params)
-            new = mask_from_fan_in((out_units, in_units), fan_in, g)
+            # numpy's stream, seeded like the event generator: the same mask on every rank
+            rng = np.random.default_rng((schedule.seed * 1_000_003 + 1000 + i) % (2**63 - 1))
+            drawn = random_mask(out_units, np.arange(in_units), sum(fan_in), rng, row_counts=np.asarray(fan_in))
+            new = torch.from_numpy(drawn).to(m.mask.dtype)
         else:
             new = random_mask_like(m.mask, budgets[n], g)
         before = m.mask.clone()
