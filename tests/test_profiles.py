@@ -239,3 +239,11 @@ def test_training_schedules_use_the_same_erk():
                for m in mods.values())
     total = sum(m.weight.numel() for m in mods.values())
     assert layer_budgets(mods, "erk") == allocate(_ERK_MODEL, live / total, "erk")
+
+
+def test_empty_channels_counts_grouped_inputs_per_group():
+    from sparsify.profiles import empty_channels
+    mask = np.array([[1, 0], [0, 0], [0, 0], [1, 1]])  # 4 outputs, 2 groups of 2, 2 inputs per group
+    assert empty_channels(mask) == (2, 0)  # ungrouped: rows 1, 2 empty; every column read somewhere
+    # grouped: group 0 (rows 0-1) reads input 0 only, group 1 (rows 2-3) reads both -> input 1 of group 0 empty
+    assert empty_channels(mask, groups=2) == (2, 1)
