@@ -662,12 +662,7 @@ def _fuse_pre_activations(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], r
     one before and no output in between is a graph output (DenseNet's pre-activation: BN and Relu on
     the concatenated features; ORT runs them in NCHWc next to its own convs, but as NCHW nodes
     before SparseConvs they took 15% of a sparse DenseNet-121 at batch 1)."""
-    readers: dict[str, int] = {}
-    for nd in nodes:
-        for i in nd.input:
-            readers[i] = readers.get(i, 0) + 1
-    for name in _subgraph_inputs(graph):
-        readers[name] = readers.get(name, 0) + 1
+    readers = _reader_counts(graph, nodes)
     outputs = {o.name for o in graph.output}
     producer = {o: nd for nd in nodes for o in nd.output}
     by_node = {c.node: c for c in report.choices}
@@ -733,12 +728,7 @@ def _fuse_residual_adds(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
     the node order, where Z is computed. Separate Add and Relu nodes took 6% of a sparse ResNet-50's
     time at batch 1."""
     graph = model.graph
-    readers: dict[str, int] = {}
-    for nd in nodes:
-        for i in nd.input:
-            readers[i] = readers.get(i, 0) + 1
-    for name in _subgraph_inputs(graph):
-        readers[name] = readers.get(name, 0) + 1
+    readers = _reader_counts(graph, nodes)
     outputs = {o.name for o in graph.output}
     position = {id(nd): i for i, nd in enumerate(nodes)}
     producer = {nd.output[0]: nd for nd in nodes if nd.domain == DOMAIN and nd.op_type == OP and len(nd.input) == 5}
@@ -781,12 +771,7 @@ def _fuse_activations(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], repor
     (ReLU6) SparseConvClip, where the activation is the only reader of the SparseConv's output
     (and that output is not a graph output). ORT fuses its own Conv with either; a separate Relu
     node cost a sparse VGG 7-13% of its time at batch 1, the Clips 6% of a sparse MobileNetV2."""
-    readers: dict[str, int] = {}
-    for nd in nodes:
-        for i in nd.input:
-            readers[i] = readers.get(i, 0) + 1
-    for name in _subgraph_inputs(graph):
-        readers[name] = readers.get(name, 0) + 1
+    readers = _reader_counts(graph, nodes)
     outputs = {o.name for o in graph.output}
     producer = {nd.output[0]: nd for nd in nodes if nd.domain == DOMAIN and nd.op_type in (OP, OP_ADD, OP_PRE)}
     by_node = {c.node: c for c in report.choices}
@@ -836,6 +821,18 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     graph_inputs = [i for i in model.graph.input if i.name not in dropped]
     del model.graph.input[:]
     model.graph.input.extend(graph_inputs)
+
+
+def _reader_counts(graph: onnx.GraphProto, nodes: Sequence[onnx.NodeProto]) -> dict[str, int]:
+    """How many readers each tensor name has among ``nodes`` and the graph's subgraphs (a fusion
+    may only swallow a tensor its one reader consumes)."""
+    readers: dict[str, int] = {}
+    for nd in nodes:
+        for i in nd.input:
+            readers[i] = readers.get(i, 0) + 1
+    for name in _subgraph_inputs(graph):
+        readers[name] = readers.get(name, 0) + 1
+    return readers
 
 
 def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
