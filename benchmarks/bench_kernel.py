@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sparsify.runtime import native
 from sparsify.runtime.bench import SPIN_SETTLE_S, time_bursts
-from sparsify.runtime.onnx_sparse import sparse_threshold
+from sparsify.runtime.onnx_sparse import DOMAIN, DOMAIN_VERSION, sparse_conv_node, sparse_threshold
 
 @dataclass(frozen=True)
 class Layer:
@@ -89,7 +89,7 @@ def _model(nodes, inits, cin: int) -> bytes:
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
         initializer=[numpy_helper.from_array(a, n) for n, a in inits.items()],
     )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.sparsify", 1)]
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     return model.SerializeToString()
@@ -112,8 +112,7 @@ def sparse_conv(weight: np.ndarray, mask: np.ndarray, bias: np.ndarray, lay: Lay
         "col_idx": cols.astype(np.int64),
         "B": bias,
     }
-    node = helper.make_node("SparseConv", ["X", "W", "row_ptr", "col_idx", "B"], ["Y"], domain="ai.sparsify",
-                            **_attrs(lay))
+    node = sparse_conv_node(["X", "W", "row_ptr", "col_idx", "B"], ["Y"], in_channels=weight.shape[1], **_attrs(lay))
     return _model([node], inits, weight.shape[1])
 
 

@@ -187,40 +187,121 @@ def cv(values: Sequence[float] | np.ndarray) -> float:
     return float(v.std() / m) if m > 0 else 0.0
 
 
+def random_mask(n_out: int, allowed: np.ndarray, live: int, rng: np.random.Generator,
+                row_counts: np.ndarray | None = None) -> np.ndarray:
+    """A 0/1 mask [n_out, n_in] with exactly ``live`` entries in the ``allowed`` input columns.
+
+    The one mask-from-fan-in-counts draw: the transform's sparse-random and psn passes and the
+    dynamic schedules' ``--init-profile`` use it.
+
+    Every output row and every allowed column gets at least one entry (coverage first, drawn from
+    random permutations), the rest uniformly at random; with ``row_counts`` each row ``u`` gets
+    exactly ``row_counts[u]`` entries and columns not yet read are preferred.
+    """
+    n_in_total = int(allowed.max()) + 1 if allowed.size else 0
+    mask = np.zeros((n_out, max(n_in_total, 1)), dtype=bool)
+    m = len(allowed)
+    if row_counts is None:
+        cover = max(n_out, m)
+        rows, cols = rng.permutation(n_out), rng.permutation(allowed)
+        for t in range(min(cover, live)):
+            mask[rows[t % n_out], cols[t % m]] = True
+        rest = live - int(mask.sum())
+        if rest > 0:
+            free = np.flatnonzero(~mask[:, allowed].ravel())
+            pick = rng.choice(free, size=rest, replace=False)
+            r, c = np.divmod(pick, m)
+            mask[r, allowed[c]] = True
+        return mask
+    # Vectorised: every column first takes one slot of a random row (rows have counts[u] slots),
+    # then each row fills up with its lowest random keys; covered entries get key -1.
+    counts = np.asarray(row_counts, dtype=np.int64)
+    allowed = np.sort(allowed)
+    slots = np.repeat(np.arange(n_out), counts)
+    rng.shuffle(slots)
+    cover = min(m, len(slots))
+    keys = rng.random((n_out, m))
+    keys[slots[:cover], rng.permutation(m)[:cover]] = -1.0
+    order = np.argsort(keys, axis=1, kind="stable")
+    take = np.arange(m)[None, :] < counts[:, None]
+    mask[np.repeat(np.arange(n_out), counts), allowed[order[take]]] = True
+    return mask
+
+
+def empty_channels(entries: np.ndarray, groups: int = 1) -> tuple[int, int]:
+    """``(empty_out, empty_in)`` of a 0/1 mask ``[n_out, n_in per group]``: outputs with fan-in 0,
+    and inputs no output reads (input channel ``g*n_in + j`` is read only by group ``g``'s outputs)."""
+    e = np.asarray(entries) != 0
+    fan_out = e.reshape(groups, e.shape[0] // groups, e.shape[1]).sum(axis=1)
+    return int((e.sum(axis=1) == 0).sum()), int((fan_out == 0).sum())
+
+
 @dataclass(frozen=True)
 class LayerShape:
-    """What allocation needs of a layer: mask entries and the params each entry carries."""
+    """What allocation needs of a layer: mask entries and the params each entry carries.
+
+    ``kernel_size`` is a conv's spatial kernel (e.g. ``(3, 3)``, ``(1, 1)``); ``()`` for a linear
+    layer. Left ``None`` it is read off ``kernel``: 1 is a linear layer, a square number k*k a
+    k x k conv (give it explicitly for a 1x1 or a non-square conv).
+    """
 
     name: str
     n_out: int
     n_in: int          # per group
     kernel: int = 1    # kh*kw for a conv (each mask entry carries that many weights)
     min_live: int = 1  # the layer cannot go below this many live mask entries
+    kernel_size: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kernel_size is None:
+            k = math.isqrt(self.kernel)
+            if self.kernel != 1 and k * k != self.kernel:
+                raise ValueError(f"{self.name}: kernel {self.kernel} is not square; give kernel_size")
+            object.__setattr__(self, "kernel_size", () if self.kernel == 1 else (k, k))
+        elif math.prod(self.kernel_size) != self.kernel:
+            raise ValueError(f"{self.name}: kernel_size {self.kernel_size} does not hold {self.kernel} weights")
 
     @property
     def entries(self) -> int:
         return self.n_out * self.n_in
 
+    @property
+    def weights(self) -> int:
+        return self.entries * self.kernel
+
+
+def erk_weight(layer: LayerShape) -> float:
+    """The Erdős–Rényi-Kernel density factor of a layer: sum(shape) / prod(shape).
+
+    Evci et al. 2020 ("Rigging the Lottery", sect. 3): a conv's density scales with
+    (n_in + n_out + k_h + k_w) / (n_in * n_out * k_h * k_w); a fully connected layer's as in
+    Erdős–Rényi (Mocanu et al. 2018), (n_in + n_out) / (n_in * n_out), with no kernel terms.
+    """
+    shape = (layer.n_out, layer.n_in, *layer.kernel_size)
+    return sum(shape) / math.prod(shape)
+
 
 def allocate(layers: Sequence[LayerShape], density: float, mode: str = "uniform") -> dict[str, int]:
     """Live mask entries per layer so that live weights total ``density`` of all weights.
 
-    ``uniform``: every layer at ``density``. ``erk`` (Evci et al. 2020): layer density proportional to
-    (n_in + n_out + kh + kw) / (n_in * n_out * kh * kw), capped at 1 with the excess redistributed.
+    ``uniform``: every layer at ``density``. ``erk`` (Evci et al. 2020, sect. 3): layer density
+    ``eps * erk_weight(layer)``, with ``eps`` chosen so the live weights total ``density``; a
+    layer the formula puts above 1 is made dense and ``eps`` is solved again over the rest.
+    Each layer rounds to the nearest mask entry within [min_live, entries]. Raises UsageError
+    for another ``mode``. The one ERK of the project: the transform's sparsity passes and the
+    dynamic schedules' ``--init erk`` both call it.
     """
     if mode == "uniform":
         return {l.name: min(l.entries, max(l.min_live, round(density * l.entries))) for l in layers}
     if mode != "erk":
         raise UsageError(f"unknown allocation {mode!r}; choose uniform or erk")
-    total = sum(l.entries * l.kernel for l in layers)
-    target = density * total
-    k = {l.name: math.isqrt(l.kernel) for l in layers}
-    raw = {l.name: (l.n_in + l.n_out + 2 * k[l.name]) / (l.n_in * l.n_out * l.kernel) for l in layers}
+    target = density * sum(l.weights for l in layers)
+    raw = {l.name: erk_weight(l) for l in layers}
     dense: set[str] = set()
     while True:
-        free_params = sum(l.entries * l.kernel for l in layers if l.name not in dense)
-        budget = target - sum(l.entries * l.kernel for l in layers if l.name in dense)
-        denom = sum(raw[l.name] * l.entries * l.kernel for l in layers if l.name not in dense)
+        free_params = sum(l.weights for l in layers if l.name not in dense)
+        budget = target - sum(l.weights for l in layers if l.name in dense)
+        denom = sum(raw[l.name] * l.weights for l in layers if l.name not in dense)
         eps = budget / denom if denom > 0 else 0.0
         over = [l.name for l in layers if l.name not in dense and eps * raw[l.name] > 1.0]
         if not over or free_params == 0:

@@ -12,7 +12,7 @@ from .nn import SPARSE_LAYERS
 from .passes.channel_graph import classifier_node, weight_nodes
 from .passes.rules import DEFAULT_RULES, Registry
 from .passes.trace import ensure_shapes, graphs, node_shape
-from .profiles import cv
+from .profiles import cv, empty_channels
 
 
 def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = None) -> dict[str, Any]:
@@ -50,13 +50,7 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
         live = int(entries.sum())
         fan = entries.sum(dim=1).float()
         g = d["groups"]
-        if g > 1:
-            # input channel c of group g is read by the outputs of group g only
-            per = entries.shape[0] // g
-            cols = torch.stack([entries[i * per:(i + 1) * per].any(0) for i in range(g)])
-            empty_in = int((~cols).sum())
-        else:
-            empty_in = int((~entries.any(0)).sum())
+        empty_out, empty_in = empty_channels(entries.detach().cpu().numpy(), g)
         layers.append({
             "name": node.target,
             "type": type(m).__name__,
@@ -71,7 +65,7 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
             "density": live / entries.numel(),
             "fan_in_min": int(fan.min()), "fan_in_mean": float(fan.mean()), "fan_in_max": int(fan.max()),
             "fan_in_cv": cv(fan.numpy()),
-            "empty_out": int((fan == 0).sum()),
+            "empty_out": empty_out,
             "empty_in": empty_in,
             "classifier": node is clf,
             "sparse": isinstance(m, SPARSE_LAYERS),

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsify.errors import UsageError
-from sparsify.profiles import (LayerShape, allocate, cv, fan_in_counts, profile_names, profile_weights,
+from sparsify.profiles import (LayerShape, allocate, cv, erk_weight, fan_in_counts, profile_names, profile_weights,
                                resolve_params, scale_to_budget)
 
 FAMILIES = {"uniform", "linear", "exponential", "power", "logistic", "gaussian", "cosine", "step",
@@ -185,3 +185,65 @@ def test_allocate_respects_min_live():
 def test_unknown_allocation_is_usage_error():
     with pytest.raises(UsageError, match="allocation"):
         allocate([LayerShape("a", 2, 2)], 0.5, "magic")
+
+
+# A small conv+linear model: a 3x3 conv 3->16, a 1x1 conv 16->32, a 3x3 conv 32->32 and a linear
+# 512->10. Evci et al. 2020 (RigL), sect. 3: ERK scales a conv's density with
+# (n_in + n_out + k_h + k_w) / (n_in * n_out * k_h * k_w) and a fully connected layer's as
+# Erdős–Rényi, (n_in + n_out) / (n_in * n_out) -- no kernel terms for a linear layer.
+_ERK_MODEL = [LayerShape("conv1", 16, 3, 9, kernel_size=(3, 3)),
+              LayerShape("pw", 32, 16, 1, kernel_size=(1, 1)),
+              LayerShape("conv2", 32, 32, 9, kernel_size=(3, 3)),
+              LayerShape("fc", 10, 512, 1, kernel_size=())]
+
+
+def test_erk_is_the_papers_formula_for_convs_and_linears():
+    from fractions import Fraction as F
+    factor = {"conv1": F(3 + 16 + 3 + 3, 3 * 16 * 3 * 3), "pw": F(16 + 32 + 1 + 1, 16 * 32 * 1 * 1),
+              "conv2": F(32 + 32 + 3 + 3, 32 * 32 * 3 * 3), "fc": F(512 + 10, 512 * 10)}
+    weights = {"conv1": 3 * 16 * 9, "pw": 16 * 32, "conv2": 32 * 32 * 9, "fc": 512 * 10}
+    # density 0.05: eps * factor stays below 1 everywhere
+    eps = F(5, 100) * sum(weights.values()) / sum(factor[n] * weights[n] for n in weights)
+    assert max(eps * f for f in factor.values()) < 1
+    expected = {n: round(eps * factor[n] * (weights[n] // (9 if n.startswith("conv") else 1))) for n in weights}
+    assert allocate(_ERK_MODEL, 0.05, "erk") == expected
+    # density 0.45: the linear layer (factor 0.102) and the 1x1 conv (0.098) would exceed 1, so
+    # they are made dense and eps is solved again so that the two 3x3 convs carry the rest
+    target = F(45, 100) * sum(weights.values())
+    eps = target / sum(factor[n] * weights[n] for n in weights)
+    assert eps * factor["fc"] > 1 and eps * factor["pw"] > 1 and eps * factor["conv1"] < 1
+    eps = (target - weights["fc"] - weights["pw"]) / sum(factor[n] * weights[n] for n in ("conv1", "conv2"))
+    assert eps * factor["conv1"] < 1
+    expected = {"conv1": round(eps * factor["conv1"] * 48), "pw": 512,
+                "conv2": round(eps * factor["conv2"] * 1024), "fc": 5120}
+    assert allocate(_ERK_MODEL, 0.45, "erk") == expected
+
+
+def test_erk_of_a_linear_layer_has_no_kernel_terms():
+    # the same 64x64 layer as a linear and as a 1x1 conv: the conv's factor carries k_h + k_w = 2
+    assert erk_weight(LayerShape("fc", 64, 64)) == pytest.approx(128 / 4096)
+    assert erk_weight(LayerShape("pw", 64, 64, 1, kernel_size=(1, 1))) == pytest.approx(130 / 4096)
+    assert erk_weight(LayerShape("c", 8, 4, 3, kernel_size=(1, 3))) == pytest.approx((8 + 4 + 1 + 3) / (8 * 4 * 3))
+
+
+def test_training_schedules_use_the_same_erk():
+    import torch
+    from sparsify.nn import SparseConv2d, SparseLinear
+    from sparsify.train.schedules._allocation import layer_budgets
+    torch.manual_seed(0)
+    mods = {"conv1": SparseConv2d(3, 16, 3), "pw": SparseConv2d(16, 32, 1), "conv2": SparseConv2d(32, 32, 3),
+            "fc": SparseLinear(512, 10)}
+    for m in mods.values():  # 40% of the weights live, spread unevenly, as a trained run may be
+        m.mask.copy_((torch.rand_like(m.mask) < 0.4).float())
+    live = sum(int(m.mask.sum()) * (9 if isinstance(m, SparseConv2d) and m.kernel_size == (3, 3) else 1)
+               for m in mods.values())
+    total = sum(m.weight.numel() for m in mods.values())
+    assert layer_budgets(mods, "erk") == allocate(_ERK_MODEL, live / total, "erk")
+
+
+def test_empty_channels_counts_grouped_inputs_per_group():
+    from sparsify.profiles import empty_channels
+    mask = np.array([[1, 0], [0, 0], [0, 0], [1, 1]])  # 4 outputs, 2 groups of 2, 2 inputs per group
+    assert empty_channels(mask) == (2, 0)  # ungrouped: rows 1, 2 empty; every column read somewhere
+    # grouped: group 0 (rows 0-1) reads input 0 only, group 1 (rows 2-3) reads both -> input 1 of group 0 empty
+    assert empty_channels(mask, groups=2) == (2, 1)

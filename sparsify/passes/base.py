@@ -3,6 +3,10 @@
 In the style of ``torch/fx/passes/infra/pass_base.py``: a pass is a small class with
 ``requires`` (raise PassError when the input does not fit), ``call`` (rewrite a deep copy: the
 given module is never edited) and ``ensures`` (shapes still propagate, the pass's own promise).
+Every model rewrite of the project has this one shape, ``pass(module, example) -> PassResult``
+(the module it made and its report): the transform methods (``sparsity``, ``depth_multiplier``),
+compaction and BatchNorm folding (``compact``), tracing and densifying (``lowering``); export's
+preparation is a list of them (``runtime/export.preparation``).
 """
 from __future__ import annotations
 
@@ -21,11 +25,12 @@ from .trace import ensure_shapes, graphs, output_shapes, propagate_shapes
 
 @dataclass
 class PassResult:
-    """A rewritten graph plus what the pass reports about it."""
+    """A rewritten module (a GraphModule for graph passes) plus what the pass reports about it."""
 
-    model: fx.GraphModule
+    model: nn.Module
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per rewritten layer
     notes: list[str] = field(default_factory=list)
+    report: Any = None  # the pass's own report, e.g. compaction's CompactionReport
 
 
 class GraphPass:
@@ -55,9 +60,20 @@ class GraphPass:
     def __call__(self, gm: fx.GraphModule, example: Any) -> PassResult:
         self.requires(gm, example)
         result = self.call(copy.deepcopy(gm), example)
-        result.model.recompile()
+        if isinstance(result.model, fx.GraphModule):
+            result.model.recompile()
         self.ensures(gm, result, example)
         return result
+
+
+def run_passes(passes: "list[GraphPass]", model: nn.Module, example: Any) -> tuple[nn.Module, dict[str, PassResult]]:
+    """Run ``passes`` in order, each on the previous one's module; the last module and every
+    pass's result by pass name. ``model`` is not modified (each pass rewrites a copy)."""
+    results: dict[str, PassResult] = {}
+    for p in passes:
+        results[p.name] = p(model, example)
+        model = results[p.name].model
+    return model, results
 
 
 def check_fraction(value: float | None, flag: str, example: str) -> float:
@@ -69,8 +85,14 @@ def check_fraction(value: float | None, flag: str, example: str) -> float:
     return float(value)
 
 
+def owner_of(root: nn.Module, qualname: str) -> tuple[nn.Module, str]:
+    """The module holding the attribute at ``qualname`` and the attribute's name:
+    ``a.b.c`` -> ``(root.a.b, "c")``, ``c`` -> ``(root, "c")``."""
+    parent_name, _, leaf = qualname.rpartition(".")
+    return (root.get_submodule(parent_name) if parent_name else root), leaf
+
+
 def set_submodule(gm: nn.Module, qualname: str, new: nn.Module) -> None:
     """Replace the submodule at ``qualname`` (``a.b.c``) with ``new``."""
-    parent_name, _, leaf = qualname.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
+    parent, leaf = owner_of(gm, qualname)
     setattr(parent, leaf, new)

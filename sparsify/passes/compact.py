@@ -26,6 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import PassError
+from .base import GraphPass, PassResult, owner_of
 from .channel_graph import ChannelGraph, ChannelGroup
 from .rules import Const, ConstancyEnv, LayerRule, Member, Registry, Role
 from .trace import as_inputs, eval_graph_module, propagate_shapes
@@ -215,8 +216,7 @@ def _read_axis(con: _Consumer) -> int:
 def _slice_attr(gm: fx.GraphModule, target: str, axis: int, keep: torch.Tensor) -> None:
     from .rules import set_tensor
 
-    parent_name, _, leaf = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
+    parent, leaf = owner_of(gm, target)
     t = getattr(parent, leaf)
     set_tensor(parent, leaf, t.detach().index_select(axis, keep).clone())
 
@@ -452,42 +452,60 @@ def _certify_nodes(original: fx.GraphModule, compacted: fx.GraphModule, xs: tupl
     return outs
 
 
+class CompactPass(GraphPass):
+    """Remove dead channels, exactly; certificate-checked. ``report``: a CompactionReport.
+
+    ``example`` is a tensor, or a tuple with one tensor per model input. Each channel group keeps a
+    multiple of ``align`` channels (1: remove every dead channel). The result is the eval graph only
+    (a model that runs differently in training is compacted for inference), in eval mode.
+    """
+
+    name = "compact"
+
+    def __init__(self, align: int = CHANNEL_ALIGN, rules: Registry | None = None) -> None:
+        from .rules import DEFAULT_RULES
+
+        self.align, self.rules = align, rules or DEFAULT_RULES
+
+    def requires(self, gm: nn.Module, example: Any) -> None:
+        if not isinstance(gm, fx.GraphModule):
+            raise PassError(f"compact needs a torch.fx GraphModule, got {type(gm).__name__}; trace the model first")
+
+    def call(self, gm: fx.GraphModule, example_input: Any) -> PassResult:
+        rules, align = self.rules, self.align
+        original = eval_graph_module(copy.deepcopy(gm)).eval()
+        work = copy.deepcopy(original)
+        example = tuple(x.detach() for x in as_inputs(example_input))
+        example = tuple(x.expand(2, *x.shape[1:]).clone() if x.dim() and x.shape[0] < 2 else x for x in example)
+        report = CompactionReport(params_before=_count(work))
+        before = _layer_shapes(work, rules)
+        kept: dict[tuple[str, int], np.ndarray] = {}
+        try:
+            while report.rounds < MAX_ROUNDS and _round(work, example, report, first=report.rounds == 0,
+                                                        align=align, rules=rules, kept=kept):
+                report.rounds += 1
+        except PassError:
+            raise
+        except Exception as e:
+            raise PassError(f"compaction failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            "export with --no-compact and please report it") from None
+        after = _layer_shapes(work, rules)
+        report.layers = {k: {"before": v, "after": after[k]} for k, v in before.items() if after.get(k) != v}
+        report.params_after = _count(work)
+        work.recompile()
+        report.max_error, report.output_scale = certify(original, work, example, kept=kept)
+        report.nodes_checked = len(work.graph.nodes)
+        return PassResult(work, report=report)
+
+    def ensures(self, original: nn.Module, result: PassResult, example: Any) -> None:
+        """The certificate ``call`` computed is the promise (``certify`` raises on a difference)."""
+
+
 def compact(gm: fx.GraphModule, example_input: Any, align: int = CHANNEL_ALIGN,
             rules: Registry | None = None) -> tuple[fx.GraphModule, CompactionReport]:
-    """Remove dead channels of ``gm`` (a copy; ``gm`` is untouched), exactly; certificate-checked.
-
-    ``example_input`` is a tensor, or a tuple with one tensor per model input. Each channel group
-    keeps a multiple of ``align`` channels (1: remove every dead channel). The result is the eval
-    graph only (a model that runs differently in training is compacted for inference), in eval mode.
-    """
-    from .rules import DEFAULT_RULES
-
-    rules = rules or DEFAULT_RULES
-    if not isinstance(gm, fx.GraphModule):
-        raise PassError(f"compact needs a torch.fx GraphModule, got {type(gm).__name__}; trace the model first")
-    original = eval_graph_module(copy.deepcopy(gm)).eval()
-    work = copy.deepcopy(original)
-    example = tuple(x.detach() for x in as_inputs(example_input))
-    example = tuple(x.expand(2, *x.shape[1:]).clone() if x.dim() and x.shape[0] < 2 else x for x in example)
-    report = CompactionReport(params_before=_count(work))
-    before = _layer_shapes(work, rules)
-    kept: dict[tuple[str, int], np.ndarray] = {}
-    try:
-        while report.rounds < MAX_ROUNDS and _round(work, example, report, first=report.rounds == 0, align=align,
-                                                    rules=rules, kept=kept):
-            report.rounds += 1
-    except PassError:
-        raise
-    except Exception as e:
-        raise PassError(f"compaction failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        "export with --no-compact and please report it") from None
-    after = _layer_shapes(work, rules)
-    report.layers = {k: {"before": v, "after": after[k]} for k, v in before.items() if after.get(k) != v}
-    report.params_after = _count(work)
-    work.recompile()
-    report.max_error, report.output_scale = certify(original, work, example, kept=kept)
-    report.nodes_checked = len(work.graph.nodes)
-    return work, report
+    """``CompactPass(align, rules)`` as a function: the compacted copy and its CompactionReport."""
+    result = CompactPass(align, rules)(gm, example_input)
+    return result.model, result.report
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,41 +531,57 @@ def _foldable_conv(m: nn.Module | None) -> bool:
     return isinstance(rule, ConvRule) and not isinstance(rule, ConvLeafRule) and not rule.transposed
 
 
-def fold_batchnorm(gm: fx.GraphModule, inplace: bool = False) -> tuple[fx.GraphModule, list[str]]:
+class FoldBatchNormPass(GraphPass):
     """Fold every eval-mode BatchNorm1d/2d/3d that directly follows a conv into that conv's weight and bias.
 
     Exact up to float rounding, and mask-preserving: scaling an output channel's filter keeps its zero
     kernels zero. A conv whose output feeds anything besides the BN, a module called more than once,
-    or a leaf conv with its own forward is left alone. Returns the graph and the names of the BN
-    modules folded.
+    or a leaf conv with its own forward is left alone. ``report``: the names of the BN modules folded.
     """
-    if not inplace:
-        gm = copy.deepcopy(gm)
-    modules = dict(gm.named_modules())
-    uses = _module_uses(gm)
-    folded: list[str] = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or type(modules.get(node.target)) not in (nn.BatchNorm1d, nn.BatchNorm2d,
-                                                                               nn.BatchNorm3d):
-            continue
-        bn = modules[node.target]
-        src = node.args[0] if node.args else None
-        if (bn.training or not bn.track_running_stats or bn.running_mean is None or len(node.args) != 1
-                or not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1
-                or not _foldable_conv(modules.get(src.target))
-                or uses.get(src.target, 0) != 1 or uses.get(node.target, 0) != 1):
-            continue
-        conv = modules[src.target]
-        _fold_into_conv(conv, bn)
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
-        folded.append(node.target)
-    if folded:
-        for name in folded:
-            _delete_submodule(gm, name)
-        gm.graph.lint()
-        gm.recompile()
-    return gm, folded
+
+    name = "fold-bn"
+
+    def requires(self, gm: nn.Module, example: Any) -> None:
+        if not isinstance(gm, fx.GraphModule):
+            raise PassError(f"fold-bn needs a torch.fx GraphModule, got {type(gm).__name__}; trace the model first")
+
+    def call(self, gm: fx.GraphModule, example: Any) -> PassResult:
+        modules = dict(gm.named_modules())
+        uses = _module_uses(gm)
+        folded: list[str] = []
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module" or type(modules.get(node.target)) not in (nn.BatchNorm1d, nn.BatchNorm2d,
+                                                                                   nn.BatchNorm3d):
+                continue
+            bn = modules[node.target]
+            src = node.args[0] if node.args else None
+            if (bn.training or not bn.track_running_stats or bn.running_mean is None or len(node.args) != 1
+                    or not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1
+                    or not _foldable_conv(modules.get(src.target))
+                    or uses.get(src.target, 0) != 1 or uses.get(node.target, 0) != 1):
+                continue
+            conv = modules[src.target]
+            _fold_into_conv(conv, bn)
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+            folded.append(node.target)
+        if folded:
+            for name in folded:
+                _delete_submodule(gm, name)
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, report=folded)
+
+    def ensures(self, original: nn.Module, result: PassResult, example: Any) -> None:
+        """Folding is exact by construction; the graph must still be well formed."""
+        result.model.graph.lint()
+
+
+def fold_batchnorm(gm: fx.GraphModule, inplace: bool = False) -> tuple[fx.GraphModule, list[str]]:
+    """``FoldBatchNormPass`` as a function: the folded graph (a copy unless ``inplace``) and the BNs folded."""
+    fold = FoldBatchNormPass()
+    result = fold.call(gm, None) if inplace else fold(gm, None)
+    return result.model, result.report
 
 
 @torch.no_grad()
@@ -566,6 +600,5 @@ def _fold_into_conv(conv: nn.Module, bn: nn.Module) -> None:
 
 
 def _delete_submodule(gm: fx.GraphModule, target: str) -> None:
-    parent_name, _, leaf = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
+    parent, leaf = owner_of(gm, target)
     delattr(parent, leaf)

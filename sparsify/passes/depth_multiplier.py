@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import PassError, UsageError
-from .base import GraphPass, PassResult, check_fraction, set_submodule
+from .base import GraphPass, PassResult, check_fraction, owner_of, set_submodule
 from .channel_graph import ChannelGraph, classifier_node
 from .rules import LayerRule, Registry
 from .rules.layers import ConvRule
@@ -131,8 +131,7 @@ class DepthMultiplierPass(GraphPass):
                 cut = cut.index_select(axis, torch.as_tensor(keep, dtype=torch.long))
                 changed = True
             if changed:
-                owner_name, _, attr = target.rpartition(".")
-                owner = gm.get_submodule(owner_name) if owner_name else gm
+                owner, attr = owner_of(gm, target)
                 if isinstance(t, torch.nn.Parameter):
                     setattr(owner, attr, torch.nn.Parameter(cut.clone(), requires_grad=t.requires_grad))
                 else:

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ..errors import PassError, UsageError
 from ..nn import SPARSE_LAYERS
-from ..profiles import LayerShape, allocate, cv, fan_in_counts, resolve_params
+from ..profiles import LayerShape, allocate, cv, fan_in_counts, random_mask, resolve_params
 from .base import GraphPass, PassResult, check_fraction, set_submodule
 from .channel_graph import ChannelGraph, classifier_node, weight_nodes
 from .rules import DEFAULT_RULES, LayerRule, Registry, Role, SparseLayout
@@ -50,6 +50,15 @@ class Eligible:
     single_input: bool       # a conv that reads one input filter
     rule: LayerRule | None = None
     is_conv: bool = False
+
+
+def _kernel_size(layer: Eligible) -> tuple[int, ...]:
+    """The conv's spatial kernel as ERK counts it, () for a linear layer."""
+    if not layer.is_conv:
+        return ()
+    w = getattr(layer.module, "weight", None)
+    dims = tuple(int(d) for d in w.shape[2:]) if isinstance(w, torch.Tensor) else ()
+    return dims if dims and math.prod(dims) == layer.kernel else (layer.kernel,)
 
 
 def check_density(density: float | None) -> float:
@@ -109,44 +118,6 @@ def _rng(seed: int, layer: Eligible) -> np.random.Generator:
     return np.random.default_rng([int(seed), layer.index, 0x5A17])
 
 
-def random_mask(n_out: int, allowed: np.ndarray, live: int, rng: np.random.Generator,
-                row_counts: np.ndarray | None = None) -> np.ndarray:
-    """A 0/1 mask [n_out, n_in] with exactly ``live`` entries in the ``allowed`` input columns.
-
-    Every output row and every allowed column gets at least one entry (coverage first, drawn from
-    random permutations), the rest uniformly at random; with ``row_counts`` each row ``u`` gets
-    exactly ``row_counts[u]`` entries and columns not yet read are preferred.
-    """
-    n_in_total = int(allowed.max()) + 1 if allowed.size else 0
-    mask = np.zeros((n_out, max(n_in_total, 1)), dtype=bool)
-    m = len(allowed)
-    if row_counts is None:
-        cover = max(n_out, m)
-        rows, cols = rng.permutation(n_out), rng.permutation(allowed)
-        for t in range(min(cover, live)):
-            mask[rows[t % n_out], cols[t % m]] = True
-        rest = live - int(mask.sum())
-        if rest > 0:
-            free = np.flatnonzero(~mask[:, allowed].ravel())
-            pick = rng.choice(free, size=rest, replace=False)
-            r, c = np.divmod(pick, m)
-            mask[r, allowed[c]] = True
-        return mask
-    # Vectorised: every column first takes one slot of a random row (rows have counts[u] slots),
-    # then each row fills up with its lowest random keys; covered entries get key -1.
-    counts = np.asarray(row_counts, dtype=np.int64)
-    allowed = np.sort(allowed)
-    slots = np.repeat(np.arange(n_out), counts)
-    rng.shuffle(slots)
-    cover = min(m, len(slots))
-    keys = rng.random((n_out, m))
-    keys[slots[:cover], rng.permutation(m)[:cover]] = -1.0
-    order = np.argsort(keys, axis=1, kind="stable")
-    take = np.arange(m)[None, :] < counts[:, None]
-    mask[np.repeat(np.arange(n_out), counts), allowed[order[take]]] = True
-    return mask
-
-
 def _fan_stats(mask: np.ndarray) -> dict[str, float]:
     f = mask.sum(axis=1)
     return {"fan_in_min": int(f.min()), "fan_in_mean": float(f.mean()), "fan_in_max": int(f.max()), "fan_in_cv": cv(f)}
@@ -185,7 +156,7 @@ class SparsePass(GraphPass):
     def call(self, gm: fx.GraphModule, example: Any) -> PassResult:
         cg = ChannelGraph.build(gm, example, self.rules)
         layers, notes = eligible_layers(gm, self.include_linear, self.include_classifier, self.rules)
-        shapes = [LayerShape(l.node.target, l.n_out, l.n_in, l.kernel,
+        shapes = [LayerShape(l.node.target, l.n_out, l.n_in, l.kernel, kernel_size=_kernel_size(l),
                              min_live=1 if l.single_input else max(l.n_out, l.n_in)) for l in layers]
         budgets = allocate(shapes, self.density, self.allocation)
         dead = self._single_input_dead(cg, layers, budgets)

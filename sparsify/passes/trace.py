@@ -47,13 +47,26 @@ class SparsifyTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def _user_frame(e: BaseException) -> str:
-    """``file.py:LINE`` of the deepest frame outside torch and sparsify, if any."""
+_NOT_USER_CODE = ("/torch/", "/typer/", "/click/")
+
+
+def user_source_line(source: BaseException | fx.Node | str | None) -> str:
+    """``file.py:LINE`` of the model code behind an exception (its traceback), an fx node (the stack
+    trace fx recorded) or a stack-trace text: the deepest frame outside torch, typer, click and
+    sparsify's own machinery (the zoo's models count as model code); "" when there is none."""
+    if isinstance(source, BaseException):
+        frames = [(f.filename, f.lineno) for f in traceback.extract_tb(source.__traceback__)]
+    else:
+        text = source.meta.get("stack_trace") if isinstance(source, fx.Node) else source
+        frames = re.findall(r'File "([^"]+)", line (\d+)', text or "")
     where = ""
-    for frame in traceback.extract_tb(e.__traceback__):
-        f = frame.filename.replace("\\", "/")
-        if "/torch/" not in f and "/sparsify/passes/" not in f and "/typer/" not in f and "/click/" not in f:
-            where = f"{Path(f).name}:{frame.lineno}"
+    for filename, line in frames:
+        f = filename.replace("\\", "/")
+        if f.startswith("<") or any(part in f for part in _NOT_USER_CODE):
+            continue
+        if "/sparsify/" in f and "/sparsify/zoo/" not in f:
+            continue
+        where = f"{Path(f).name}:{line}"
     return where
 
 
@@ -73,7 +86,7 @@ def _failing_submodule(model: nn.Module, e: BaseException) -> nn.Module | None:
 
 def _untraceable_message(model: nn.Module, e: BaseException, leaf_types: Sequence[str], mode: str = "") -> str:
     """One line: where tracing failed, and the --leaf that helps (only when a submodule's forward failed)."""
-    where = _user_frame(e)
+    where = user_source_line(e)
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     head = (f"torch.fx cannot trace {type(model).__name__}" + (f" in {mode} mode" if mode else "")
             + (f" at {where}" if where else "")
@@ -313,14 +326,6 @@ class _ShapeRecorder(fx.Interpreter):
         return result
 
 
-def _source_line(node: fx.Node) -> str:
-    """``file.py:LINE`` of the model code that created ``node``, when fx recorded it."""
-    trace_text = node.meta.get("stack_trace") or ""
-    found = [(f, line) for f, line in re.findall(r'File "([^"]+)", line (\d+)', trace_text)
-             if "/torch/" not in f.replace("\\", "/")]
-    return f"{Path(found[-1][0]).name}:{found[-1][1]}" if found else ""
-
-
 def as_inputs(example: Any) -> tuple[torch.Tensor, ...]:
     """The model's example inputs as a tuple (one tensor, or a tuple/list of them)."""
     return tuple(example) if isinstance(example, (tuple, list)) else (example,)
@@ -356,7 +361,7 @@ def propagate_shapes(gm: fx.GraphModule, example: Any) -> Any:
                         raise
                     result = _ShapeRecorder(gm, graph=graph).run(*inputs)
             except _NodeFailure as f:
-                where = _source_line(f.node)
+                where = user_source_line(f.node)
                 msg = str(f.error).splitlines()[0] if str(f.error) else type(f.error).__name__
                 mode_text = " in training mode" if graph is not gm.graph else ""
                 n_in = sum(1 for n in graph.nodes if n.op == "placeholder")

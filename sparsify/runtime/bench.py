@@ -24,7 +24,7 @@ from ..errors import RuntimeBackendError, UsageError
 from . import native as _native
 from .onnx_sparse import SPARSE_OPS
 
-SPARSE_DOMAIN = "ai.sparsify"
+from .onnx_sparse import DOMAIN as SPARSE_DOMAIN
 BURSTS = 5  # interleaved bursts per variant and configuration (min_time / BURSTS seconds each)
 
 

@@ -31,8 +31,10 @@ import torch.nn as nn
 
 from .._io import atomic_path
 from ..errors import ExportError, SparsifyError
-from ..nn import SPARSE_LAYERS
-from ..passes.compact import CHANNEL_ALIGN
+from ..passes.base import GraphPass, run_passes
+from ..passes.compact import CHANNEL_ALIGN, CompactPass, FoldBatchNormPass
+from ..passes.lowering import DensifyPass, TracePass
+from ..passes.trace import user_source_line
 from . import native as _native
 from . import onnx_sparse
 from .onnx_sparse import ConvChoice, convert_onnx
@@ -107,54 +109,37 @@ def check_output_path(out: str | os.PathLike) -> Path:
     return out
 
 
-def densify(model: nn.Module) -> nn.Module:
-    """Replace every SparseConv2d/SparseLinear of ``model`` (in place) by the plain layer with masked weights."""
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, SPARSE_LAYERS):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, mod.to_dense())
-    return model
+# Export's preparation: the module handed to torch.onnx is the model after these passes, in this
+# order (each on a copy; the trace, compact and fold-bn steps are left out when switched off).
+PREPARATION = ("trace", "compact", "densify", "fold-bn")
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
-    from ..passes.trace import eval_graph_module, trace
-
-    return eval_graph_module(model if isinstance(model, fx.GraphModule) else trace(model))
+def preparation(compact: bool = True, fold_bn: bool = True, channel_align: int = CHANNEL_ALIGN,
+                rules: Any = None) -> list[GraphPass]:
+    """The passes of ``PREPARATION`` that apply: tracing to the eval-mode graph (needed by
+    compaction and folding), exact compaction (``compact``, channel groups kept a multiple of
+    ``channel_align``), masked layers made plain, BatchNorm folded into convs (``fold_bn``)."""
+    wanted = {"trace": compact or fold_bn, "compact": compact, "densify": True, "fold-bn": fold_bn}
+    make = {"trace": TracePass, "compact": lambda: CompactPass(align=channel_align, rules=rules),
+            "densify": DensifyPass, "fold-bn": FoldBatchNormPass}
+    return [make[name]() for name in PREPARATION if wanted[name]]
 
 
 def _prepare(model: nn.Module, example: tuple[torch.Tensor, ...], compact: bool, fold_bn: bool,
              report: ExportReport, channel_align: int, rules: Any = None) -> nn.Module:
-    """The module to hand to torch.onnx: its eval-mode graph, compacted, densified, BN folded (a copy;
-    ``model`` is untouched)."""
+    """The module to hand to torch.onnx: ``model`` (untouched) in eval mode and float, through
+    ``preparation``; the compaction report and the folded BNs go into ``report``."""
     from ..passes.trace import eval_graph_module
 
     work: nn.Module = copy.deepcopy(model).eval().float()
     if isinstance(work, fx.GraphModule):
         work = eval_graph_module(work).eval()
-    if compact or fold_bn:
-        work = _trace(work)
-    if compact:
-        from ..passes.compact import compact as compact_pass
-
-        work, creport = compact_pass(work, example, align=channel_align, rules=rules)
-        report.compaction = creport.to_json()
-    densify(work)
-    if fold_bn and isinstance(work, fx.GraphModule):
-        from ..passes.compact import fold_batchnorm
-
-        work, report.folded_bn = fold_batchnorm(work, inplace=True)
+    work, results = run_passes(preparation(compact, fold_bn, channel_align, rules), work, example)
+    if "compact" in results:
+        report.compaction = results["compact"].report.to_json()
+    if "fold-bn" in results:
+        report.folded_bn = results["fold-bn"].report
     return work
-
-
-def _user_frame(stack_trace: str | None) -> str:
-    """``file.py:LINE`` of the last frame of an fx stack trace outside torch and sparsify."""
-    where = ""
-    for m in re.finditer(r'File "([^"]+)", line (\d+)', stack_trace or ""):
-        f = m.group(1).replace("\\", "/")
-        if "/torch/" not in f and "/sparsify/" not in f and not f.startswith("<"):
-            where = f"{Path(f).name}:{m.group(2)}"
-    return where
 
 
 def _explain_failure(module: nn.Module, exc: BaseException) -> str:
@@ -176,7 +161,7 @@ def _explain_failure(module: nn.Module, exc: BaseException) -> str:
                 break
     if node is None:
         return f"torch.onnx cannot express aten.{op} ({first[:300]}); replace that operation in the model"
-    where = _user_frame(node.stack_trace)
+    where = user_source_line(node)
     target = getattr(node.target, "__qualname__", str(node.target))
     return (f"torch.onnx cannot express node '{node.name}' ({target})" + (f" at {where}" if where else "")
             + f": {first[:200]}; replace that operation in the model")
@@ -312,8 +297,8 @@ def make_autotuner(native: bool) -> onnx_sparse.Decide:
         dense = _single_node_model(dense_node, [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")],
                                    x_shape, [])
         packed, row_ptr, col_idx = onnx_sparse.pack(w)
-        sparse_node = helper.make_node(
-            onnx_sparse.OP, ["x", "w", "rp", "ci", "b"], ["y"], domain=onnx_sparse.DOMAIN,
+        sparse_node = onnx_sparse.sparse_conv_node(
+            ["x", "w", "rp", "ci", "b"], ["y"],
             strides=attrs.get("strides", [1, 1]), pads=attrs.get("pads", [0, 0, 0, 0]),
             dilations=attrs.get("dilations", [1, 1]), group=int(attrs.get("group", 1)),
             in_channels=int(w.shape[1] * attrs.get("group", 1)))

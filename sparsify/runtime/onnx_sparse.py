@@ -33,7 +33,8 @@ OP_ADD_RELU = "SparseConvAddRelu"  # SparseConv, Add Z, Relu
 OP_PRE = "SparseConvPre"  # Relu(X * S + T) per input channel (inputs S, T: [Cin]), then SparseConv
 OP_PRE_RELU = "SparseConvPreRelu"  # the same, then Relu
 SPARSE_OPS = (OP, OP_RELU, OP_CLIP, OP_ADD, OP_ADD_RELU, OP_PRE, OP_PRE_RELU)
-SUM_OPS = (OP_ADD, OP_ADD_RELU)
+SUM_OPS = (OP_ADD, OP_ADD_RELU)  # a sixth input Z
+PRE_OPS = (OP_PRE, OP_PRE_RELU)  # sixth and seventh inputs S, T
 DOMAIN_VERSION = 1
 MIN_OPSET = 17  # ScatterElements(reduction="add") needs 16; 17 is the export floor
 
@@ -101,6 +102,30 @@ def unpack(packed: np.ndarray, row_ptr: np.ndarray, col_idx: np.ndarray, cin_g: 
     rows = np.repeat(np.arange(cout), np.diff(row_ptr))
     dense[rows, col_idx] = packed
     return dense
+
+
+def sparse_conv_node(inputs: Sequence[str], outputs: Sequence[str], *, in_channels: int, group: int = 1,
+                     strides: Sequence[int] = (1, 1), pads: Sequence[int] = (0, 0, 0, 0),
+                     dilations: Sequence[int] = (1, 1), op: str = OP, name: str | None = None,
+                     **attrs: object) -> onnx.NodeProto:
+    """The one way to write an ``ai.sparsify::SparseConv`` node (or a fused variant ``op``).
+
+    ``inputs``: X ``[N, in_channels, H, W]``, W (packed kernels ``[nnz, kh, kw]``), row_ptr
+    ``[Cout + 1]``, col_idx ``[nnz]`` (input channel within the group), B ``[Cout]``; then Z (the
+    residual, output-shaped) for the sum ops, or S, T (``[in_channels]``) for the pre ops.
+    ``in_channels`` (all groups) is what the standard-ONNX function body reads Cin/g from.
+    ``attrs``: the fused ops' own (``min`` / ``max`` for SparseConvClip). ValueError for a wrong
+    input count or an unknown op.
+    """
+    if op not in SPARSE_OPS:
+        raise ValueError(f"unknown sparse op {op!r}; one of {', '.join(SPARSE_OPS)}")
+    want = 5 + (1 if op in SUM_OPS else 2 if op in PRE_OPS else 0)
+    if len(inputs) != want:
+        raise ValueError(f"{op} takes {want} inputs, got {len(inputs)}")
+    kwargs = {"name": name} if name else {}
+    return helper.make_node(op, list(inputs), list(outputs), domain=DOMAIN, **kwargs,
+                            strides=list(strides), pads=list(pads), dilations=list(dilations),
+                            group=int(group), in_channels=int(in_channels), **attrs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,10 +512,9 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
         for arr, nm in zip((packed, row_ptr, col_idx, bias), names):
             new_inits.append(numpy_helper.from_array(arr, nm))
         dil = list(_attr(node, "dilations", [1, 1]))
-        new_nodes.append(helper.make_node(
-            OP, [node.input[0]] + names, list(node.output), name=name, domain=DOMAIN,
-            strides=list(_attr(node, "strides", [1, 1])),
-            pads=list(_attr(node, "pads", [0, 0, 0, 0])),
+        new_nodes.append(sparse_conv_node(
+            [node.input[0]] + names, list(node.output), name=name,
+            strides=_attr(node, "strides", [1, 1]), pads=_attr(node, "pads", [0, 0, 0, 0]),
             dilations=dil, group=group, in_channels=int(w.shape[1]) * group,
         ))
         originals[id(new_nodes[-1])] = (node, choice)
@@ -638,12 +662,7 @@ def _fuse_pre_activations(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], r
     one before and no output in between is a graph output (DenseNet's pre-activation: BN and Relu on
     the concatenated features; ORT runs them in NCHWc next to its own convs, but as NCHW nodes
     before SparseConvs they took 15% of a sparse DenseNet-121 at batch 1)."""
-    readers: dict[str, int] = {}
-    for nd in nodes:
-        for i in nd.input:
-            readers[i] = readers.get(i, 0) + 1
-    for name in _subgraph_inputs(graph):
-        readers[name] = readers.get(name, 0) + 1
+    readers = _reader_counts(graph, nodes)
     outputs = {o.name for o in graph.output}
     producer = {o: nd for nd in nodes for o in nd.output}
     by_node = {c.node: c for c in report.choices}
@@ -709,12 +728,7 @@ def _fuse_residual_adds(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
     the node order, where Z is computed. Separate Add and Relu nodes took 6% of a sparse ResNet-50's
     time at batch 1."""
     graph = model.graph
-    readers: dict[str, int] = {}
-    for nd in nodes:
-        for i in nd.input:
-            readers[i] = readers.get(i, 0) + 1
-    for name in _subgraph_inputs(graph):
-        readers[name] = readers.get(name, 0) + 1
+    readers = _reader_counts(graph, nodes)
     outputs = {o.name for o in graph.output}
     position = {id(nd): i for i, nd in enumerate(nodes)}
     producer = {nd.output[0]: nd for nd in nodes if nd.domain == DOMAIN and nd.op_type == OP and len(nd.input) == 5}
@@ -757,12 +771,7 @@ def _fuse_activations(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], repor
     (ReLU6) SparseConvClip, where the activation is the only reader of the SparseConv's output
     (and that output is not a graph output). ORT fuses its own Conv with either; a separate Relu
     node cost a sparse VGG 7-13% of its time at batch 1, the Clips 6% of a sparse MobileNetV2."""
-    readers: dict[str, int] = {}
-    for nd in nodes:
-        for i in nd.input:
-            readers[i] = readers.get(i, 0) + 1
-    for name in _subgraph_inputs(graph):
-        readers[name] = readers.get(name, 0) + 1
+    readers = _reader_counts(graph, nodes)
     outputs = {o.name for o in graph.output}
     producer = {nd.output[0]: nd for nd in nodes if nd.domain == DOMAIN and nd.op_type in (OP, OP_ADD, OP_PRE)}
     by_node = {c.node: c for c in report.choices}
@@ -812,6 +821,18 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     graph_inputs = [i for i in model.graph.input if i.name not in dropped]
     del model.graph.input[:]
     model.graph.input.extend(graph_inputs)
+
+
+def _reader_counts(graph: onnx.GraphProto, nodes: Sequence[onnx.NodeProto]) -> dict[str, int]:
+    """How many readers each tensor name has among ``nodes`` and the graph's subgraphs (a fusion
+    may only swallow a tensor its one reader consumes)."""
+    readers: dict[str, int] = {}
+    for nd in nodes:
+        for i in nd.input:
+            readers[i] = readers.get(i, 0) + 1
+    for name in _subgraph_inputs(graph):
+        readers[name] = readers.get(name, 0) + 1
+    return readers
 
 
 def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:

@@ -286,11 +286,9 @@ _EXAMPLES = {"float": "0.1", "int": "10", "str": '"text"', "bool": "true", "dict
 
 def _train_type(key: str) -> str | None:
     """The basic TOML type a TrainConfig field takes (None: unknown key, left to TrainConfig to refuse)."""
-    import dataclasses
-
     from ..train.trainer import TrainConfig
 
-    for f in dataclasses.fields(TrainConfig):
+    for f in TrainConfig.setting_fields():
         if f.name == key:
             ann = str(f.type)
             return next((t for t in ("dict", "str", "bool", "float", "int") if t in ann), None)

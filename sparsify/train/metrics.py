@@ -15,15 +15,9 @@ import torch
 import torch.nn as nn
 
 from ..nn import SPARSE_LAYERS, live_params
+from ..profiles import cv, empty_channels
 
 GRAD_SAMPLE_EVERY = 10
-
-
-def fan_in_cv(mask: torch.Tensor) -> float:
-    """Coefficient of variation (std / mean) of the fan-in over output units."""
-    f = mask.sum(dim=1).double()
-    mean = float(f.mean())
-    return float(f.std(unbiased=False)) / mean if mean > 0 else 0.0
 
 
 def grad_concentration(fan_in: torch.Tensor, unit_grad: torch.Tensor) -> float | None:
@@ -64,15 +58,13 @@ def layer_stats(layers: dict[str, nn.Module], grads: GradAccumulator | None = No
     for n, m in layers.items():
         mask = m.mask > 0
         fan_in = mask.sum(dim=1)
-        groups = int(getattr(m, "groups", 1))
-        # Input channel g*(Cin/groups)+j is read only by the output channels of group g.
-        fan_out = mask.reshape(groups, mask.shape[0] // groups, mask.shape[1]).sum(dim=1).reshape(-1)
+        empty_out, empty_in = empty_channels(mask.cpu().numpy(), int(getattr(m, "groups", 1)))
         rec: dict[str, Any] = {
             "density": round(float(mask.float().mean()), 6),
             "live": int(mask.sum()),
-            "fan_in_cv": round(fan_in_cv(mask.float()), 6),
-            "empty_out": int((fan_in == 0).sum()),
-            "empty_in": int((fan_out == 0).sum()),
+            "fan_in_cv": round(cv(fan_in.cpu().numpy()), 6),
+            "empty_out": empty_out,
+            "empty_in": empty_in,
         }
         if grads is not None:
             c = grad_concentration(fan_in, grads.sums[n])

@@ -8,6 +8,7 @@ checkpoint at an epoch boundary continues bit-identically.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -28,10 +29,10 @@ from .data import DataBundle, Split, augment_batch, augment_generator, batches, 
 from .distributed import Reducer
 from .metrics import GradAccumulator, layer_stats, live_connections, start_record
 from .schedules import SCHEDULES, Change, Plan, schedule_class
+from .schedules.base import ScheduleParams, flag
 
 LR_SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adam")
-INITS = ("run", "uniform", "erk")
 WARMUP_MAX_STEPS = 500
 START_STEPS = 5          # the loss a run starts from: mean over its first steps
 DIVERGED_FACTOR = 3.0    # an epoch's mean train loss this many times the start loss: diverged
@@ -40,9 +41,39 @@ LogFn = Callable[[str], None]
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
-@dataclass
+# The keys of ``TrainConfig.to_dict()``, in the order summary.json, metrics.jsonl and checkpoints
+# have always had them (schedule settings among the shared ones, as when the config was flat).
+RECORD_KEYS = ("data", "data_dir", "schedule", "epochs", "batch_size", "lr", "lr_schedule", "warmup_steps",
+               "clip_grad_norm", "optimizer", "momentum", "weight_decay", "seed", "prune_rate", "update_every",
+               "stop_fraction", "start_density", "double_every", "init", "init_profile", "init_profile_params",
+               "val_fraction", "train_limit", "augment", "workers")
+
+
+def schedule_settings() -> dict[str, tuple[dataclasses.Field, list[str]]]:
+    """Every schedule setting: its field (type, default) and the schedules that read it."""
+    out: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+    for name, cls in SCHEDULES.items():
+        for f in dataclasses.fields(cls.Params):
+            out.setdefault(f.name, (f, []))[1].append(name)
+    return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+@dataclass(init=False)
 class TrainConfig:
-    """Every setting that determines a training run (saved in checkpoints and summary.json)."""
+    """Every setting that determines a training run (saved in checkpoints and summary.json).
+
+    The shared settings are fields; the schedule's own are ``params``, an instance of the schedule
+    class's ``Params`` (``sparsify.train.schedules``). ``TrainConfig(schedule="rigl", init="erk")``
+    and ``from_dict`` take the schedule's settings as flat keywords too (the CLI's flags, the API's
+    keywords, study specs and older records) and route them to ``params``. A setting that only
+    another schedule reads is checked and then ignored (``unused`` keeps it for the record), except
+    the ones a schedule declares exclusive (``--init`` off RigL), which are refused. Unknown names
+    are a UsageError.
+    """
 
     data: str = "digits"
     data_dir: str | None = None
@@ -57,30 +88,55 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
-    prune_rate: float | None = None       # sparse-momentum p (0.5), rigl drop fraction (0.3), set zeta (0.3)
-    update_every: int | None = None       # rigl: steps between updates (100); set: steps (default: per epoch)
-    stop_fraction: float = 0.75           # rigl: no topology updates after this fraction of training
-    start_density: float | None = None    # incremental
-    double_every: int | None = None       # incremental: steps between doublings
-    init: str = "run"                     # rigl/set/sparse-momentum initial allocation: run | uniform | erk
-    init_profile: str | None = None       # PSN fan-in profile for the initial topology (rigl)
-    init_profile_params: dict[str, float] = field(default_factory=dict)
     val_fraction: float = 0.1
     train_limit: int | None = None        # use only the first N training examples (quick runs, benchmarks)
     augment: bool | None = None           # random crop + flip of training batches; None: on for image folders
     workers: int | None = None            # DataLoader workers decoding an image folder; None: cores - 1, at most 4
+    params: ScheduleParams = field(default_factory=ScheduleParams)  # the schedule's own settings
+    unused: dict[str, Any] = field(default_factory=dict, repr=False)  # other schedules' settings given
+
+    def __init__(self, params: ScheduleParams | None = None, **values: Any) -> None:
+        shared = {f.name: f for f in dataclasses.fields(self) if f.name not in ("params", "unused")}
+        settings = schedule_settings()
+        unknown = sorted(set(values) - set(shared) - set(settings))
+        if unknown:
+            known = sorted(set(shared) | set(settings))
+            raise UsageError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        for name, f in shared.items():
+            setattr(self, name, values[name] if name in values else _default(f))
+        cls = SCHEDULES.get(self.schedule)
+        own = cls.Params.names() if cls is not None else ()
+        given = {k: v for k, v in values.items() if k in settings}
+        if params is not None:
+            if cls is not None and not isinstance(params, cls.Params):
+                raise UsageError(f"schedule {self.schedule!r} takes {cls.Params.__name__}, not {type(params).__name__}")
+            if set(given) & set(own):
+                raise UsageError(f"give {', '.join(sorted(set(given) & set(own)))} in params or as keywords, not both")
+            self.params = params
+        else:
+            self.params = (cls.Params if cls is not None else ScheduleParams)(**{k: v for k, v in given.items() if k in own})
+        self.unused = {k: v for k, v in given.items() if k not in own and v != _default(settings[k][0])}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Build a config from keyword values, refusing unknown names."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UsageError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        """Build a config from flat keyword values (``to_dict``'s shape), refusing unknown names."""
         return cls(**values)
 
+    @classmethod
+    def setting_fields(cls) -> list[dataclasses.Field]:
+        """The field (name, type, default) of every name ``from_dict`` takes."""
+        shared = [f for f in dataclasses.fields(cls) if f.name not in ("params", "unused")]
+        return shared + [f for f, _ in schedule_settings().values()]
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The flat record of every setting, with the keys (and order) it has always had: the shared
+        settings, the schedule's own, other schedules' at their defaults unless given."""
+        flat = {name: _default(f) for name, (f, _) in schedule_settings().items()}
+        flat.update(copy.deepcopy(self.unused))
+        flat.update(dataclasses.asdict(self.params))
+        flat.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                     if f.name not in ("params", "unused")})
+        return {k: flat[k] for k in RECORD_KEYS if k in flat} | {k: v for k, v in flat.items() if k not in RECORD_KEYS}
 
     @property
     def learning_rate(self) -> float:
@@ -105,12 +161,6 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-            (self.prune_rate is None or 0 < self.prune_rate < 1, "--prune-rate must be in (0, 1)"),
-            (self.update_every is None or self.update_every >= 1, "--update-every must be at least 1"),
-            (0 < self.stop_fraction <= 1, "--stop-fraction must be in (0, 1]"),
-            (self.start_density is None or 0 < self.start_density <= 1, "--start-density must be in (0, 1]"),
-            (self.double_every is None or self.double_every >= 1, "--double-every must be at least 1"),
-            (self.init in INITS, f"--init must be one of {', '.join(INITS)}"),
             (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
             (self.train_limit is None or self.train_limit >= 1, "--train-limit must be at least 1"),
             (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
@@ -119,8 +169,14 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        if self.schedule != "rigl" and (self.init != "run" or self.init_profile):
-            raise UsageError("--init / --init-profile apply to --schedule rigl only")
+        settings = schedule_settings()
+        for name, value in self.unused.items():
+            owners = settings[name][1]
+            owner = SCHEDULES[owners[0]].Params
+            if name in owner.exclusive:
+                raise UsageError(f"{flag(name)} applies to --schedule {', '.join(owners)} only")
+            owner(**{name: value}).validate()  # checked as before, though this schedule does not read it
+        self.params.validate()
 
 
 def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-SUM_OPS = ("SparseConvAdd", "SparseConvAddRelu")  # ops with the residual input Z
-PRE_OPS = ("SparseConvPre", "SparseConvPreRelu")  # ops with the pre-activation inputs S, T
+from sparsify.runtime.onnx_sparse import DOMAIN, DOMAIN_VERSION, PRE_OPS, SUM_OPS, sparse_conv_node
 
 
 @dataclass
@@ -69,7 +68,7 @@ def sparse_model(case: ConvCase, *, packed: tuple[np.ndarray, np.ndarray, np.nda
     attrs.update(attr_override)
     sum_op = op_type in SUM_OPS
     extra = ["Z"] if sum_op else (["S", "T"] if op_type in PRE_OPS else [])
-    node = helper.make_node(op_type, ["X", "W", "row_ptr", "col_idx", "B"] + extra, ["Y"], domain="ai.sparsify", **attrs)
+    node = sparse_conv_node(["X", "W", "row_ptr", "col_idx", "B"] + extra, ["Y"], op=op_type, in_channels=case.cin, **attrs)
     packed_inits = [numpy_helper.from_array(np.ascontiguousarray(w, np.float32), "W"),
                     numpy_helper.from_array(np.asarray(row_ptr, np.int64), "row_ptr"),
                     numpy_helper.from_array(np.asarray(col_idx, np.int64), "col_idx")]
@@ -90,7 +89,7 @@ def sparse_model(case: ConvCase, *, packed: tuple[np.ndarray, np.ndarray, np.nda
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
         initializer=packed_inits + [numpy_helper.from_array(np.asarray(b, np.float32), "B")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.sparsify", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
     model.ir_version = 8
     return model.SerializeToString()
 

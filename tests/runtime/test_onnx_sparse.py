@@ -469,3 +469,14 @@ def test_stem_rule(k: int, cin: int, density: float, sparse: bool) -> None:
         live[o, rng.choice(cin, round(density * cin), replace=False)] = True
     new, report = convert_model(_conv_model(w * live[:, :, None, None], None, 2, k // 2, 1, 1, 64))
     assert any(n.op_type == "SparseConv" for n in new.graph.node) == sparse, report
+
+
+def test_sparse_conv_node_is_built_one_way():
+    from sparsify.runtime.onnx_sparse import sparse_conv_node
+
+    node = sparse_conv_node(["x", "w", "rp", "ci", "b"], ["y"], in_channels=8, group=2, pads=[1, 1, 1, 1])
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert (node.domain, node.op_type) == (DOMAIN, "SparseConv")
+    assert attrs == {"strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": 2, "in_channels": 8}
+    with pytest.raises(ValueError, match="SparseConvAdd takes 6 inputs"):
+        sparse_conv_node(["x", "w", "rp", "ci", "b"], ["y"], in_channels=8, op="SparseConvAdd")

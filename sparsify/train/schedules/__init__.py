@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ...errors import UsageError
-from .base import Change, Plan, Schedule
+from .base import Change, Plan, Schedule, ScheduleParams
 from .incremental import Incremental
 from .rigl import RigL
 from .set import SET
@@ -20,4 +20,4 @@ def schedule_class(name: str) -> type[Schedule]:
         raise UsageError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}") from None
 
 
-__all__ = ["Change", "Plan", "Schedule", "SCHEDULES", "schedule_class"]
+__all__ = ["Change", "Plan", "Schedule", "ScheduleParams", "SCHEDULES", "schedule_class"]

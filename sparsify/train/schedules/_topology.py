@@ -75,14 +75,3 @@ def random_mask_like(mask: torch.Tensor, k: int, generator: torch.Generator) -> 
     new = torch.zeros_like(mask)
     grow_random(new, k, generator)
     return new
-
-
-def mask_from_fan_in(shape: tuple[int, int], fan_in: "list[int] | torch.Tensor", generator: torch.Generator) -> torch.Tensor:
-    """A 0/1 mask [out, in] whose row o has exactly fan_in[o] ones at random inputs."""
-    out, n_in = shape
-    mask = torch.zeros(out, n_in)
-    for o in range(out):
-        f = int(fan_in[o])
-        if f > 0:
-            mask[o, torch.randperm(n_in, generator=generator)[:f]] = 1
-    return mask

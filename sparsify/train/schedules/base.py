@@ -8,16 +8,62 @@ may reshape the initial masks there), then for every optimiser step ``wants_dens
 optimiser state of every masked entry. Topology decisions only use statistics that are identical
 on every distributed rank (weights, all-reduced gradients, seeded generators), so all ranks hold
 the same masks. ``state_dict`` / ``load_state_dict`` make a resumed run bit-identical.
+
+Each schedule owns its settings: ``Params``, a small dataclass that validates itself (UsageError
+naming the CLI flag). The trainer's ``TrainConfig`` holds the shared settings and one ``Params``
+of the chosen schedule; a schedule reads its own as ``self.params``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn as nn
 
+from ...errors import UsageError
 from ..distributed import Reducer
+
+if TYPE_CHECKING:
+    from ..trainer import TrainConfig
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a setting: ``prune_rate`` -> ``--prune-rate``."""
+    return "--" + name.replace("_", "-")
+
+
+def check(ok: bool, message: str) -> None:
+    """UsageError(``message``) unless ``ok``: one line naming the flag and what it takes."""
+    if not ok:
+        raise UsageError(message)
+
+
+@dataclass
+class ScheduleParams:
+    """A schedule's own settings (none for ``static``). Subclasses add fields, each a CLI flag of
+    ``sparsify train`` (``prune_rate`` is ``--prune-rate``), and their checks in ``validate``.
+
+    ``exclusive``: settings that make no sense for any other schedule; giving one there is refused
+    rather than ignored (e.g. ``--init`` is RigL's only).
+    """
+
+    exclusive: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self) -> None:
+        """Raise UsageError, naming the flag, on a value that cannot work."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def check_prune_rate(value: float | None) -> None:
+    check(value is None or 0 < value < 1, "--prune-rate must be in (0, 1)")
+
+
+def check_update_every(value: int | None) -> None:
+    check(value is None or value >= 1, "--update-every must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -54,11 +100,15 @@ class Schedule:
 
     name: ClassVar[str] = ""
     dynamic: ClassVar[bool] = True
+    Params: ClassVar[type[ScheduleParams]] = ScheduleParams
 
-    def __init__(self, layers: dict[str, nn.Module], plan: Plan, config: Any, reducer: Reducer) -> None:
+    def __init__(self, layers: dict[str, nn.Module], plan: Plan, config: "TrainConfig", reducer: Reducer) -> None:
         self.layers = layers
         self.plan = plan
-        self.config = config
+        self.config = config  # the shared settings (seed, optimizer, ...)
+        self.params = config.params  # this schedule's own, a ``Params``
+        if not isinstance(self.params, self.Params):
+            raise TypeError(f"schedule {self.name!r} takes {self.Params.__name__}, got {type(self.params).__name__}")
         self.reducer = reducer
         self.seed = int(config.seed)
 

@@ -12,19 +12,36 @@ gradient. On digits that kept the network at chance.)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ...errors import TrainingError
 from ._topology import grow_random
-from .base import Change, Schedule, event_generator
+from .base import Change, Schedule, ScheduleParams, check, event_generator
+
+
+@dataclass
+class IncrementalParams(ScheduleParams):
+    """``start_density``: the density training starts at (default: 1/8 of each layer's live
+    connections); ``double_every``: steps between doublings (default: the doublings spread over
+    the first half of training)."""
+
+    start_density: float | None = None
+    double_every: int | None = None
+
+    def validate(self) -> None:
+        check(self.start_density is None or 0 < self.start_density <= 1, "--start-density must be in (0, 1]")
+        check(self.double_every is None or self.double_every >= 1, "--double-every must be at least 1")
 
 
 class Incremental(Schedule):
     """Densify towards the run's topology by doubling the live connections on a fixed period."""
 
     name = "incremental"
+    Params = IncrementalParams
+    params: IncrementalParams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -36,10 +53,10 @@ class Incremental(Schedule):
         )
         self.doublings = doublings
         default_every = max(1, self.plan.total_steps // max(2 * doublings, 1))
-        self.every = int(self.config.double_every or default_every)
+        self.every = int(self.params.double_every or default_every)
 
     def _start_counts(self) -> dict[str, int]:
-        s = self.config.start_density
+        s = self.params.start_density
         counts = {}
         for n, m in self.layers.items():
             target = int(self.target[n].sum())

@@ -12,23 +12,21 @@ initialisation because their old weights exist only where the old mask was live.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from ...errors import TrainingError
+from ...profiles import fan_in_counts, random_mask
 from ._allocation import layer_budgets
-from ._topology import grow_largest, mask_from_fan_in, prune_smallest, random_mask_like, unit_scores
-from .base import Change, Schedule, event_generator
+from ._topology import grow_largest, prune_smallest, random_mask_like, unit_scores
+from .base import Change, Schedule, ScheduleParams, check, check_prune_rate, check_update_every, event_generator
 
 
 def profile_fan_in(profile: str, n_units: int, fan_in_max: int, budget: int, params: dict[str, Any]) -> list[int]:
-    """Per-unit fan-in of a PSN profile from ``sparsify.profiles`` (TrainingError when unavailable)."""
-    try:
-        from ...profiles import fan_in_counts
-    except ImportError:
-        raise TrainingError("--init-profile needs sparsify.profiles, which this installation lacks; "
-                            "drop --init-profile") from None
+    """Per-unit fan-in of a PSN profile from ``sparsify.profiles`` (TrainingError when it does not fit)."""
     try:
         counts = fan_in_counts(profile, n_units, fan_in_max, budget, dict(params))
     except ValueError as e:
@@ -54,7 +52,7 @@ def layer_profile_params(params: dict[str, Any], layer: str, layers: Any = None)
 
 def redraw_topology(schedule: Schedule) -> Change | None:
     """Re-draw masks from the configured allocation / profile; None when the run's masks are kept."""
-    cfg = schedule.config
+    cfg = schedule.params
     if cfg.init == "run" and not cfg.init_profile:
         return None
     budgets = layer_budgets(schedule.layers, cfg.init)
@@ -65,7 +63,10 @@ def redraw_topology(schedule: Schedule) -> Change | None:
         if cfg.init_profile:
             params = layer_profile_params(cfg.init_profile_params or {}, n, schedule.layers)
             fan_in = profile_fan_in(cfg.init_profile, out_units, in_units, budgets[n], params)
-            new = mask_from_fan_in((out_units, in_units), fan_in, g)
+            # numpy's stream, seeded like the event generator: the same mask on every rank
+            rng = np.random.default_rng((schedule.seed * 1_000_003 + 1000 + i) % (2**63 - 1))
+            drawn = random_mask(out_units, np.arange(in_units), sum(fan_in), rng, row_counts=np.asarray(fan_in))
+            new = torch.from_numpy(drawn).to(m.mask.dtype)
         else:
             new = random_mask_like(m.mask, budgets[n], g)
         before = m.mask.clone()
@@ -76,16 +77,44 @@ def redraw_topology(schedule: Schedule) -> Change | None:
     return change
 
 
+INITS = ("run", "uniform", "erk")
+
+
+@dataclass
+class RigLParams(ScheduleParams):
+    """``prune_rate``: the drop fraction f0 (default 0.3); ``update_every``: ΔT, steps between
+    updates (default 100); ``stop_fraction``: no updates after this fraction of training;
+    ``init``: the initial layer budgets (the run's, ``uniform`` or ``erk``); ``init_profile`` /
+    ``init_profile_params``: a PSN fan-in profile inside each layer (``NAME@LAYER`` per layer)."""
+
+    exclusive: ClassVar[tuple[str, ...]] = ("init", "init_profile", "init_profile_params")
+
+    prune_rate: float | None = None
+    update_every: int | None = None
+    stop_fraction: float = 0.75
+    init: str = "run"
+    init_profile: str | None = None
+    init_profile_params: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        check_prune_rate(self.prune_rate)
+        check_update_every(self.update_every)
+        check(0 < self.stop_fraction <= 1, "--stop-fraction must be in (0, 1]")
+        check(self.init in INITS, f"--init must be one of {', '.join(INITS)}")
+
+
 class RigL(Schedule):
     """Rigging the Lottery: magnitude drop, gradient grow, cosine-decayed drop fraction."""
 
     name = "rigl"
+    Params = RigLParams
+    params: RigLParams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.drop_fraction = 0.3 if self.config.prune_rate is None else float(self.config.prune_rate)
-        self.every = int(self.config.update_every or 100)
-        self.end = int(self.config.stop_fraction * self.plan.total_steps)
+        self.drop_fraction = 0.3 if self.params.prune_rate is None else float(self.params.prune_rate)
+        self.every = int(self.params.update_every or 100)
+        self.end = int(self.params.stop_fraction * self.plan.total_steps)
 
     def start(self) -> Change | None:
         return redraw_topology(self)

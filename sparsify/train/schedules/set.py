@@ -7,23 +7,39 @@ generator seeded by (seed, step), identical on every rank.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ._topology import grow_random, prune_smallest, unit_scores
-from .base import Change, Schedule, event_generator
+from .base import Change, Schedule, ScheduleParams, check_prune_rate, check_update_every, event_generator
+
+
+@dataclass
+class SETParams(ScheduleParams):
+    """``prune_rate``: zeta, the fraction of each layer's live connections replaced per update
+    (default 0.3, Mocanu et al. 2018); ``update_every``: steps between updates (default: once per epoch)."""
+
+    prune_rate: float | None = None
+    update_every: int | None = None
+
+    def validate(self) -> None:
+        check_prune_rate(self.prune_rate)
+        check_update_every(self.update_every)
 
 
 class SET(Schedule):
     """Sparse Evolutionary Training."""
 
     name = "set"
+    Params = SETParams
+    params: SETParams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.zeta = 0.3 if self.config.prune_rate is None else float(self.config.prune_rate)
-        self.every = self.config.update_every
+        self.zeta = 0.3 if self.params.prune_rate is None else float(self.params.prune_rate)
+        self.every = self.params.update_every
 
     def _evolve(self, step: int) -> Change:
         change = Change()

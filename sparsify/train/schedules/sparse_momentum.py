@@ -17,12 +17,13 @@ carried to the next update, keeping the total number of live weights constant.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ._topology import grow_largest, prune_smallest, unit_scores, unit_size
-from .base import Change, Schedule
+from .base import Change, Schedule, ScheduleParams, check_prune_rate
 
 
 def distribute(total: int, shares: list[float], capacity: list[int], quantum: list[int]) -> tuple[list[int], int]:
@@ -63,14 +64,27 @@ def distribute(total: int, shares: list[float], capacity: list[int], quantum: li
     return alloc, left
 
 
+@dataclass
+class SparseMomentumParams(ScheduleParams):
+    """``prune_rate``: the fraction p of live connections pruned after the first epoch (default
+    0.5, Dettmers & Zettlemoyer 2019), cosine-decayed to 0 at the last."""
+
+    prune_rate: float | None = None
+
+    def validate(self) -> None:
+        check_prune_rate(self.prune_rate)
+
+
 class SparseMomentum(Schedule):
     """Prune by magnitude, redistribute by mean momentum, regrow by momentum, once per epoch."""
 
     name = "sparse-momentum"
+    Params = SparseMomentumParams
+    params: SparseMomentumParams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.prune_rate = 0.5 if self.config.prune_rate is None else float(self.config.prune_rate)
+        self.prune_rate = 0.5 if self.params.prune_rate is None else float(self.params.prune_rate)
         self.beta = float(self.config.momentum) if self.config.optimizer == "sgd" else 0.9
         self.momentum = {n: torch.zeros_like(m.weight) for n, m in self.layers.items()}
         self.carry = 0

@@ -1,0 +1,78 @@
+"""Each schedule owns a parameters dataclass; TrainConfig holds the shared settings and one of them."""
+from __future__ import annotations
+
+import pytest
+
+from sparsify.errors import UsageError
+from sparsify.train import TrainConfig
+from sparsify.train.schedules import SCHEDULES
+from sparsify.train.schedules.incremental import IncrementalParams
+from sparsify.train.schedules.rigl import RigLParams
+from sparsify.train.schedules.set import SETParams
+from sparsify.train.schedules.sparse_momentum import SparseMomentumParams
+
+# the keys summary.json, metrics.jsonl and checkpoints have always recorded, in their order
+RECORDED = ["data", "data_dir", "schedule", "epochs", "batch_size", "lr", "lr_schedule", "warmup_steps",
+            "clip_grad_norm", "optimizer", "momentum", "weight_decay", "seed", "prune_rate", "update_every",
+            "stop_fraction", "start_density", "double_every", "init", "init_profile", "init_profile_params",
+            "val_fraction", "train_limit", "augment", "workers"]
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_record_keys_are_unchanged_for_every_schedule(schedule):
+    cfg = TrainConfig(schedule=schedule)
+    assert list(cfg.to_dict()) == RECORDED
+    assert isinstance(cfg.params, SCHEDULES[schedule].Params)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_flat_settings_go_to_the_schedules_params():
+    cfg = TrainConfig(schedule="rigl", prune_rate=0.2, update_every=7, init="erk")
+    assert cfg.params == RigLParams(prune_rate=0.2, update_every=7, init="erk")
+    assert not hasattr(cfg, "prune_rate")  # the shared config no longer carries schedule settings
+    d = cfg.to_dict()
+    assert (d["prune_rate"], d["update_every"], d["init"], d["start_density"]) == (0.2, 7, "erk", None)
+    assert TrainConfig(schedule="rigl", params=RigLParams(prune_rate=0.2, update_every=7, init="erk")) == cfg
+    assert TrainConfig(schedule="incremental", double_every=4).params == IncrementalParams(double_every=4)
+
+
+def test_a_setting_another_schedule_reads_is_checked_recorded_and_ignored():
+    cfg = TrainConfig(schedule="sparse-momentum", update_every=3)
+    cfg.validate()
+    assert cfg.params == SparseMomentumParams()
+    assert cfg.to_dict()["update_every"] == 3  # recorded as given, as before
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # a checkpoint's record resumes to the same config
+    with pytest.raises(UsageError, match="--update-every must be at least 1"):
+        TrainConfig(schedule="sparse-momentum", update_every=0).validate()
+
+
+@pytest.mark.parametrize("schedule", ["static", "set", "sparse-momentum", "incremental"])
+def test_rigl_only_settings_are_refused_elsewhere(schedule):
+    for kw in ({"init": "erk"}, {"init_profile": "lognormal"}, {"init_profile_params": {"sigma": 1.0}}):
+        with pytest.raises(UsageError, match="applies to --schedule rigl only"):
+            TrainConfig(schedule=schedule, **kw).validate()
+
+
+@pytest.mark.parametrize("params,flag", [
+    (RigLParams(prune_rate=1.0), "--prune-rate"),
+    (RigLParams(update_every=0), "--update-every"),
+    (RigLParams(stop_fraction=0.0), "--stop-fraction"),
+    (RigLParams(init="magic"), "--init"),
+    (SETParams(prune_rate=0.0), "--prune-rate"),
+    (SETParams(update_every=0), "--update-every"),
+    (SparseMomentumParams(prune_rate=-0.1), "--prune-rate"),
+    (IncrementalParams(start_density=1.5), "--start-density"),
+    (IncrementalParams(double_every=0), "--double-every"),
+])
+def test_params_validate_themselves_naming_the_flag(params, flag):
+    with pytest.raises(UsageError, match=flag) as e:
+        params.validate()
+    assert "\n" not in str(e.value)
+    type(params)().validate()  # the defaults are valid
+
+
+def test_params_of_the_wrong_schedule_are_refused():
+    with pytest.raises(UsageError, match="takes RigLParams"):
+        TrainConfig(schedule="rigl", params=SETParams())
+    with pytest.raises(UsageError, match="not both"):
+        TrainConfig(schedule="rigl", params=RigLParams(), init="erk")
