@@ -637,8 +637,11 @@ def _layout_pass(nodes: list[onnx.NodeProto], originals: dict[int, tuple[onnx.No
         sparse_cost = (_reorder_s(bx) if nchwc(src) else 0.0) + (_reorder_s(by) if any(nchwc(c) for c in dst) else 0.0)
         if sparse_cost == 0.0 or not nchwc(conv):
             continue
-        dense_cost = (0.0 if nchwc(src) else _reorder_s(bx)) + (_reorder_s(by) if any(not nchwc(c) for c in dst) else 0.0)
         w = consts[conv.input[1]]
+        # ORT's NCHWc Conv reads an NCHW input of fewer than 8 channels directly (a stem): no reorder in
+        reads_nchw = int(w.dims[1]) * int(_attr(conv, "group", 1)) < 8
+        dense_cost = ((0.0 if nchwc(src) or reads_nchw else _reorder_s(bx))
+                      + (_reorder_s(by) if any(not nchwc(c) for c in dst) else 0.0))
         macs = float(np.prod(w.dims)) * by / 4.0 / max(1, int(w.dims[0]))
         t_dense = macs / DENSE_MACS_PER_S
         t_sparse = t_dense * _sparse_time_ratio(choice.density)

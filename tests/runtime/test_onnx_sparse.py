@@ -407,6 +407,32 @@ def test_layout_cost_keeps_layers_next_to_nchwc_convs_dense(cin: int, hidden: in
         np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
 
 
+def test_layout_cost_keeps_a_stem_dense_before_an_nchwc_depthwise_conv() -> None:
+    """A 3-channel stem (3x3/s2 to 112x112) feeding a depthwise Conv: ORT's NCHWc Conv reads the NCHW
+    image directly, so dense it costs no reorder into the blocked layout while sparse its 32x112x112
+    output must be reordered; at density 0.39 the kernel saves less than that reorder and the stem
+    stays dense (the cost model charged the dense stem a reorder of the image before). Outputs
+    equal the dense graph's."""
+    rng = np.random.default_rng(3)
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "ws"], ["s"], name="stem", pads=[1] * 4, strides=[2, 2]),
+             n("Clip", ["s", "lo", "hi"], ["sa"]),
+             n("Conv", ["sa", "wd"], ["y"], name="dw", pads=[1] * 4, group=32)]
+    inits = [numpy_helper.from_array(_masked_weight(rng, 32, 3, 3, 0.4), "ws"),
+             numpy_helper.from_array(rng.standard_normal((32, 1, 3, 3)).astype(np.float32), "wd"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "lo"), numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 224, 224])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)], inits)
+    src = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    new, report = convert_model(src)
+    check(new)
+    stem = {c.node: c for c in report.choices}["stem"]
+    assert not stem.sparse and "NCHWc" in stem.reason, stem.reason
+    x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    np.testing.assert_allclose(_session(new).run(None, {"x": x})[0], _session(src).run(None, {"x": x})[0],
+                               rtol=1e-4, atol=1e-4)
+
+
 def _dense_block(rng: np.random.Generator) -> onnx.ModelProto:
     """A DenseNet layer and transition on 8x8 planes: concat -> BN -> Relu -> 1x1 (b) -> Relu -> 3x3 (c),
     concat -> BN -> Relu -> 1x1 (t); and a BN -> Relu whose output is also read by a Mul (left alone)."""
