@@ -17,7 +17,6 @@ import copy
 import logging
 import os
 import re
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from ..passes.lowering import DensifyPass, TracePass
 from ..passes.trace import user_source_line
 from . import native as _native
 from . import onnx_sparse
+from .bench import time_bursts
 from .onnx_sparse import ConvChoice, convert_onnx
 
 OPSET = 18
@@ -250,18 +250,6 @@ def _conv_input_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return shapes
 
 
-def _median_ms(sess, feeds: dict[str, np.ndarray], budget_s: float = 0.15, max_runs: int = 30) -> float:
-    for _ in range(2):
-        sess.run(None, feeds)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_runs and (len(times) < 5 or time.perf_counter() - start < budget_s):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
-
-
 def _single_node_model(node: onnx.NodeProto, inits: list[onnx.TensorProto], x_shape: list[int],
                        functions: list[onnx.FunctionProto]) -> bytes:
     from onnx import TensorProto, helper
@@ -308,8 +296,11 @@ def make_autotuner(native: bool) -> onnx_sparse.Decide:
                                                   numpy_helper.from_array(bias, "b")],
                                     x_shape, [onnx_sparse.sparse_conv_function(OPSET)])
         feeds = {"x": np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)}
-        choice.dense_ms = _median_ms(open_session(dense, native=False), feeds)
-        choice.sparse_ms = _median_ms(open_session(sparse, native=True), feeds)
+        sessions = (open_session(dense, native=False), open_session(sparse, native=True))
+        # the project's one latency loop: both variants side by side in interleaved bursts
+        samples = time_bursts([lambda s=s: s.run(None, feeds) for s in sessions], burst_s=0.03, min_rounds=3,
+                              min_runs=5, max_runs=30)
+        choice.dense_ms, choice.sparse_ms = (float(np.median(t) * 1e3) for t in samples)
         faster = choice.sparse_ms < choice.dense_ms
         return faster, (f"autotune: sparse {choice.sparse_ms:.3f} ms vs dense {choice.dense_ms:.3f} ms "
                         f"at input {x_shape}")

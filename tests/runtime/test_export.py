@@ -164,6 +164,28 @@ def test_zoo_lenet5_sparse_random_exports(tmp_path) -> None:
     assert rep.compaction["channels_removed"] > 0  # the sqrt(D) rule leaves empty first-layer filters
 
 
+def test_autotune_times_both_variants_of_each_layer_and_keeps_the_faster(tmp_path, monkeypatch) -> None:
+    """--autotune times each sparse-eligible layer dense and sparse (side by side, the shared timer)
+    and writes the faster; a layer whose sparse time is made slower is written as a plain Conv."""
+    res = _transform("lenet5", "sparse-random")
+    rep = export_model(res.model, res.recipe.input_shape, tmp_path / "a.onnx", autotune=True)
+    timed = [c for c in rep.layers if c.dense_ms is not None]
+    assert timed and all(c.sparse_ms is not None and "autotune" in c.reason for c in timed)
+    assert all(c.sparse == (c.sparse_ms < c.dense_ms) for c in timed)
+    calls = []
+    real = export_mod.time_bursts
+
+    def sparse_slower(runs, **kw):
+        samples = real(runs, **kw)
+        calls.append(len(runs))
+        return [samples[0], [10.0 * max(samples[0])] * len(samples[1])]
+
+    monkeypatch.setattr(export_mod, "time_bursts", sparse_slower)
+    rep = export_model(res.model, res.recipe.input_shape, tmp_path / "b.onnx", autotune=True)
+    assert calls and set(calls) == {2} and rep.sparse_layers == 0
+    assert not any(n.domain == "ai.sparsify" for n in onnx.load(str(tmp_path / "b.onnx")).graph.node)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,method", _zoo_cases())
 def test_zoo_model_method_exports(name: str, method: str, tmp_path) -> None:
