@@ -284,6 +284,26 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, reducer: Reducer,
     return float(acc[0]) / n, float(acc[1]) / n
 
 
+def recalibrate_bn(model: nn.Module, split: Split, batch_size: int, model_input: tuple[int, ...],
+                   workers: int | None = None) -> bool:
+    """Re-estimate the BatchNorm running statistics for the final weights; False if it has none.
+
+    One pass over ``split`` (every rank the whole split, so ranks agree) in training mode without
+    gradients, averaging each batch's statistics with equal weight: ``torch.optim.swa_utils.update_bn``
+    (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima", sect. 3.2). The exponential
+    running averages trail weights that moved fast: mobilenetv2 trained 5 epochs on digits with
+    the defaults reached 95% train accuracy and 12% test accuracy before this pass.
+    """
+    from torch.optim.swa_utils import update_bn
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
+        return False
+    inputs = (_adapt_batch(x, model_input) for x, _ in batches(split, max(batch_size, 256), shuffle=False,
+                                                                workers=workers))
+    update_bn(inputs, model)
+    return True
+
+
 def at_chance(acc: float, num_classes: int, n: int) -> bool:
     """True when accuracy ``acc`` on ``n`` examples is within three standard errors of guessing 1 of ``num_classes``."""
     if not math.isfinite(acc) or n <= 0 or num_classes < 2:
@@ -499,6 +519,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     finally:
         torch.use_deterministic_algorithms(prev_det)
 
+    if recalibrate_bn(model, data.train, cfg.batch_size, model_input, cfg.workers):
+        say("re-estimated the BatchNorm statistics of the final weights (one pass over the training data)")
     test_loss, test_acc = evaluate(model, data.test, cfg.batch_size, reducer, model_input, cfg.workers)
     last = history[-1] if history else {}
     warnings = []

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from sparsify.api import transform, transform_to_dir
 from sparsify.errors import DivergenceError
 from sparsify.train import TrainConfig, fit, train_run
-from sparsify.train.data import load_dataset
+from sparsify.train.data import batches, load_dataset
 from sparsify.train.trainer import at_chance, lr_at, warmup_steps
 
 EXAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "small_cnn.py")
@@ -160,3 +160,23 @@ def test_divergence_in_the_first_epoch_leaves_the_weights_alone(made_run, tmp_pa
     with pytest.raises(DivergenceError, match="the run's weights are unchanged"):
         train_run(run, data="digits", epochs=2, train_limit=300, lr=1e6, momentum=0.0, clip_grad_norm=0)
     assert (run / "weights.safetensors").read_bytes() == before
+
+
+def test_recalibrate_bn_replaces_stale_running_statistics_by_the_data_average():
+    """Running statistics that trail the weights (here: set far off) are re-estimated from one pass
+    over the training split: eval-mode BN then normalises that data to mean 0 and variance 1."""
+    from sparsify.train.trainer import recalibrate_bn
+
+    data = load_dataset("digits", (1, 1, 8, 8), num_classes=10)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False), nn.Flatten(), nn.Linear(256, 10))
+    bn = model[1]
+    bn.running_mean.fill_(100.0)
+    bn.running_var.fill_(1e-3)
+    assert recalibrate_bn(model, data.train, 64, (1, 1, 8, 8))
+    assert bn.momentum == 0.1 and model.training  # update_bn restores what it changed
+    model.eval()
+    x = torch.cat([x for x, _ in batches(data.train, 512, shuffle=False)]).reshape(-1, 1, 8, 8)
+    with torch.no_grad():
+        z = model[1](model[0](x))
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 0.05 and (z.var(dim=(0, 2, 3)) - 1).abs().max() < 0.05
+    assert not recalibrate_bn(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), data.train, 64, (1, 1, 8, 8))
