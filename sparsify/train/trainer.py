@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -31,6 +32,7 @@ from .metrics import GradAccumulator, layer_stats, live_connections, start_recor
 from .schedules import SCHEDULES, Change, Plan, schedule_class
 from .schedules.base import ScheduleParams, flag
 
+BN_RECALIBRATION_SAMPLES = 20_000   # enough for the statistics; a large image folder is not re-read whole
 LR_SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adam")
 WARMUP_MAX_STEPS = 500
@@ -288,7 +290,8 @@ def recalibrate_bn(model: nn.Module, split: Split, batch_size: int, model_input:
                    workers: int | None = None) -> bool:
     """Re-estimate the BatchNorm running statistics for the final weights; False if it has none.
 
-    One pass over ``split`` (every rank the whole split, so ranks agree) in training mode without
+    One pass over ``split`` (at most ``BN_RECALIBRATION_SAMPLES`` images, the same on every rank, so
+    ranks agree) in training mode without
     gradients, averaging each batch's statistics with equal weight: ``torch.optim.swa_utils.update_bn``
     (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima", sect. 3.2). The exponential
     running averages trail weights that moved fast: mobilenetv2 trained 5 epochs on digits with
@@ -298,9 +301,9 @@ def recalibrate_bn(model: nn.Module, split: Split, batch_size: int, model_input:
 
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
         return False
-    inputs = (_adapt_batch(x, model_input) for x, _ in batches(split, max(batch_size, 256), shuffle=False,
-                                                                workers=workers))
-    update_bn(inputs, model)
+    size = max(batch_size, 256)
+    inputs = (_adapt_batch(x, model_input) for x, _ in batches(split, size, shuffle=False, workers=workers))
+    update_bn(itertools.islice(inputs, max(1, BN_RECALIBRATION_SAMPLES // size)), model)
     return True
 
 
