@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -272,8 +273,10 @@ def compare(paths: Sequence[str | Path], baseline: str | None = None) -> Compari
             if seeds:
                 diff.mean = sum(xi - yi for xi, yi in zip(x, y)) / len(seeds)
             if len(seeds) >= 2:
-                res = stats.ttest_rel(x, y)
-                ci = res.confidence_interval(confidence_level=0.95)
+                with warnings.catch_warnings():  # nearly equal differences: scipy warns of precision loss;
+                    warnings.simplefilter("ignore", RuntimeWarning)  # the t and CI it returns are still reported
+                    res = stats.ttest_rel(x, y)
+                    ci = res.confidence_interval(confidence_level=0.95)
                 diff.t, diff.p = _finite(res.statistic), _finite(res.pvalue)
                 diff.ci_low, diff.ci_high = _finite(ci.low), _finite(ci.high)
             paired.append(diff)
