@@ -110,9 +110,12 @@ class SparseRandomConfig(MethodConfig):
     def make_pass(self, seed: int = 0, rules: Registry | None = None) -> GraphPass:
         from .passes.sparsity import SparseRandomPass
 
-        return SparseRandomPass(self.density, seed=seed, allocation=self.allocation,
-                                include_linear=bool(self.include_linear), include_classifier=self.include_classifier,
-                                rescale_init=self.rescale_init, rules=rules)
+        return SparseRandomPass(self.density, **self._pass_kwargs(seed, rules))
+
+    def _pass_kwargs(self, seed: int, rules: Registry | None) -> dict[str, Any]:
+        """The arguments every sparse pass takes besides its density."""
+        return {"seed": seed, "allocation": self.allocation, "include_linear": bool(self.include_linear),
+                "include_classifier": self.include_classifier, "rescale_init": self.rescale_init, "rules": rules}
 
 
 @dataclass
@@ -149,9 +152,8 @@ class PSNConfig(SparseRandomConfig):
     def make_pass(self, seed: int = 0, rules: Registry | None = None) -> GraphPass:
         from .passes.sparsity import PSNPass
 
-        return PSNPass(self.density, profile=self.profile, profile_params=self.profile_params, seed=seed,
-                       allocation=self.allocation, include_linear=bool(self.include_linear),
-                       include_classifier=self.include_classifier, rescale_init=self.rescale_init, rules=rules)
+        return PSNPass(self.density, profile=self.profile, profile_params=self.profile_params,
+                       **self._pass_kwargs(seed, rules))
 
 
 @dataclass
