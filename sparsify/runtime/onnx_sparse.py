@@ -546,8 +546,11 @@ def _scalar(consts: dict[str, onnx.TensorProto], name: str) -> float | None:
 
 
 # The layout cost model of _layout_pass. ONNX Runtime runs a dense Conv in its blocked NCHWc
-# layout when the channel counts are whole blocks (NCHWC_BLOCK floats on AVX-512) and reorders
-# tensors at every edge between such a Conv and an NCHW op such as SparseConv. Reorders measured
+# layout (blocks of NCHWC_BLOCK channels on AVX-512) and reorders tensors at every edge between such
+# a Conv and an NCHW op such as SparseConv. ORT 1.32 blocks every group-1 Conv, padding channel
+# counts that are not whole blocks (MobileNetV2's 24-channel projections and expansions); grouped
+# ones only when each group's channels are whole blocks, depthwise ones when the channels are;
+# a group-1 Conv of fewer than NCHWC_BLOCK input channels reads its NCHW input directly. Reorders measured
 # in ORT profiles of MobileNetV2 / EfficientNet-B0 at 224x224 (1 thread): about 30 GB/s up to
 # 2 MB (cache-resident), 11 GB/s above (96 channels at 112x112, 4.8 MB: 0.44 ms). ORT's dense
 # Conv runs at about 43 GMAC/s on the measured CPU; a 1x1 SparseConv takes about 2.0 * density +
@@ -609,9 +612,11 @@ def _layout_pass(nodes: list[onnx.NodeProto], originals: dict[int, tuple[onnx.No
             return False
         group = int(_attr(nd, "group", 1))
         cout, cin = int(w.dims[0]), int(w.dims[1]) * group
+        if group == 1:
+            return True  # ORT pads other channel counts to whole blocks (MobileNetV2's 24, EfficientNet's 40)
         if cout % NCHWC_BLOCK:
             return False
-        return (group == cin and cin % NCHWC_BLOCK == 0) or (group == 1 and (cin % NCHWC_BLOCK == 0 or cin < 8))
+        return group == cin or (cin // group) % NCHWC_BLOCK == 0 and (cout // group) % NCHWC_BLOCK == 0
 
     def up(name: str) -> onnx.NodeProto | None:
         nd = producer.get(name)
@@ -638,8 +643,8 @@ def _layout_pass(nodes: list[onnx.NodeProto], originals: dict[int, tuple[onnx.No
         if sparse_cost == 0.0 or not nchwc(conv):
             continue
         w = consts[conv.input[1]]
-        # ORT's NCHWc Conv reads an NCHW input of fewer than 8 channels directly (a stem): no reorder in
-        reads_nchw = int(w.dims[1]) * int(_attr(conv, "group", 1)) < 8
+        # ORT's NCHWc Conv reads an NCHW input of fewer than a block of channels directly (a stem): no reorder in
+        reads_nchw = int(w.dims[1]) * int(_attr(conv, "group", 1)) < NCHWC_BLOCK
         dense_cost = ((0.0 if nchwc(src) or reads_nchw else _reorder_s(bx))
                       + (_reorder_s(by) if any(not nchwc(c) for c in dst) else 0.0))
         macs = float(np.prod(w.dims)) * by / 4.0 / max(1, int(w.dims[0]))
