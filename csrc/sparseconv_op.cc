@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -51,21 +52,32 @@ using sparsify_conv::KernelFns;
 using sparsify_conv::Plan;
 
 constexpr const char* kDomain = "ai.sparsify";
-constexpr const char* kOpName = "SparseConv";
-// SparseConv followed by Relu, fused by the exporter (ORT fuses its own Conv + Relu the same way;
-// a separate Relu node cost a sparse VGG 7-13% of its time at batch 1).
-constexpr const char* kReluOpName = "SparseConvRelu";
-// SparseConv followed by Clip with constant bounds (ReLU6 in MobileNets), fused the same way.
-constexpr const char* kClipOpName = "SparseConvClip";
-// SparseConv followed by the residual Add (+ Relu): the sum input Z is added to each output vector
-// while it is still in cache (ORT's own FusedConv has the same optional Z input; as separate nodes
-// the Add and Relu cost a sparse ResNet-50 about 6% of its time at batch 1).
-constexpr const char* kAddOpName = "SparseConvAdd";
-constexpr const char* kAddReluOpName = "SparseConvAddRelu";
-// BatchNormalization + Relu before the conv (DenseNet), applied in one pass over the input inside
-// the op: as separate NCHW nodes they took 15% of a sparse DenseNet-121 at batch 1.
-constexpr const char* kPreOpName = "SparseConvPre";
-constexpr const char* kPreReluOpName = "SparseConvPreRelu";
+// The ops of the domain, one row each: SparseConv and the fusions the exporter writes.
+//  - SparseConvRelu: + Relu (ORT fuses its own Conv + Relu the same way; a separate Relu node cost
+//    a sparse VGG 7-13% of its time at batch 1). SparseConvClip: + Clip with constant bounds
+//    (ReLU6 in MobileNets), its min / max attributes.
+//  - SparseConvAdd / SparseConvAddRelu: the residual Add (+ Relu): the sum input Z (input 5) is
+//    added to each output vector while it is still in cache (ORT's own FusedConv has the same
+//    optional Z input; as separate nodes the Add and Relu cost a sparse ResNet-50 about 6% of its
+//    time at batch 1).
+//  - SparseConvPre / SparseConvPreRelu: BatchNormalization + Relu before the conv (DenseNet):
+//    the input is Relu(X * S + T) with S, T inputs 5 and 6, applied in one pass over the input
+//    inside the op (as separate NCHW nodes they took 15% of a sparse DenseNet-121 at batch 1).
+struct OpVariant {
+  const char* name;
+  size_t inputs;
+  bool clamp;  // every output clamped to [lo, hi] (Relu: [0, inf))
+  bool clip;   // lo, hi from the min / max attributes
+  bool sum;
+  bool pre;
+};
+constexpr OpVariant kVariants[] = {
+    {"SparseConv", 5, false, false, false, false},     {"SparseConvRelu", 5, true, false, false, false},
+    {"SparseConvClip", 5, true, true, false, false},   {"SparseConvAdd", 6, false, false, true, false},
+    {"SparseConvAddRelu", 6, true, false, true, false}, {"SparseConvPre", 7, false, false, false, true},
+    {"SparseConvPreRelu", 7, true, false, false, true},
+};
+constexpr size_t kNumVariants = sizeof(kVariants) / sizeof(kVariants[0]);
 // Session config entry that tells the kernel the session's intra-op thread count (the C API
 // gives a kernel no other way to know it); sparsify.runtime.session sets it. With one thread the
 // kernel runs whole images in one pass instead of splitting them into tasks for other threads.
@@ -182,12 +194,14 @@ OrtStatus* read_ints(const OrtKernelInfo* info, const char* name, size_t expect,
   return nullptr;
 }
 
-bool is_relu_op(const OrtCustomOp* op);
-bool is_clip_op(const OrtCustomOp* op);
-bool is_add_op(const OrtCustomOp* op);
-bool is_add_relu_op(const OrtCustomOp* op);
-bool is_pre_op(const OrtCustomOp* op);
-bool is_pre_relu_op(const OrtCustomOp* op);
+// An op registered with ORT: the C API's description plus its row of kVariants (ORT hands the
+// OrtCustomOp pointer back to every callback).
+struct SparseOp {
+  OrtCustomOp op;
+  const OpVariant* variant;
+};
+static_assert(offsetof(SparseOp, op) == 0, "ORT's OrtCustomOp pointer must be the SparseOp's address");
+const OpVariant& variant_of(const OrtCustomOp* op) { return *reinterpret_cast<const SparseOp*>(op)->variant; }
 
 // A float attribute, or `fallback` when the node does not have it.
 float read_float(const OrtKernelInfo* info, const char* name, float fallback) {
@@ -205,10 +219,11 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, cons
   *kernel = nullptr;
   Kernel* k = new (std::nothrow) Kernel();
   if (k == nullptr) return g_api->CreateStatus(ORT_FAIL, "SparseConv: out of memory");
-  k->clamp = is_relu_op(op) || is_clip_op(op) || is_add_relu_op(op) || is_pre_relu_op(op);
-  k->sum = is_add_op(op) || is_add_relu_op(op);
-  k->pre = is_pre_op(op) || is_pre_relu_op(op);
-  if (is_clip_op(op)) {
+  const OpVariant& v = variant_of(op);
+  k->clamp = v.clamp;
+  k->sum = v.sum;
+  k->pre = v.pre;
+  if (v.clip) {
     k->lo = read_float(info, "min", -std::numeric_limits<float>::infinity());
     k->hi = read_float(info, "max", std::numeric_limits<float>::infinity());
     if (!(k->lo <= k->hi)) {
@@ -1052,21 +1067,13 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
 // ---------------------------------------------------------------------------------------------
 // The op description.
 
-const char* ORT_API_CALL op_name(const OrtCustomOp*) { return kOpName; }
-const char* ORT_API_CALL relu_op_name(const OrtCustomOp*) { return kReluOpName; }
-const char* ORT_API_CALL clip_op_name(const OrtCustomOp*) { return kClipOpName; }
-const char* ORT_API_CALL add_op_name(const OrtCustomOp*) { return kAddOpName; }
-const char* ORT_API_CALL add_relu_op_name(const OrtCustomOp*) { return kAddReluOpName; }
-const char* ORT_API_CALL pre_op_name(const OrtCustomOp*) { return kPreOpName; }
-const char* ORT_API_CALL pre_relu_op_name(const OrtCustomOp*) { return kPreReluOpName; }
+const char* ORT_API_CALL op_name(const OrtCustomOp* op) { return variant_of(op).name; }
 const char* ORT_API_CALL op_ep(const OrtCustomOp*) { return "CPUExecutionProvider"; }
 ONNXTensorElementDataType ORT_API_CALL op_input_type(const OrtCustomOp*, size_t i) {
   return (i == 2 || i == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
                             : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
-size_t ORT_API_CALL op_input_count(const OrtCustomOp*) { return 5; }
-size_t ORT_API_CALL sum_op_input_count(const OrtCustomOp*) { return 6; }
-size_t ORT_API_CALL pre_op_input_count(const OrtCustomOp*) { return 7; }
+size_t ORT_API_CALL op_input_count(const OrtCustomOp* op) { return variant_of(op).inputs; }
 ONNXTensorElementDataType ORT_API_CALL op_output_type(const OrtCustomOp*, size_t) {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
@@ -1082,9 +1089,11 @@ int ORT_API_CALL op_one(const OrtCustomOp*) { return 1; }
 int ORT_API_CALL op_zero(const OrtCustomOp*) { return 0; }
 int ORT_API_CALL op_end_version(const OrtCustomOp*) { return INT_MAX; }
 
-OrtCustomOp make_op() {
-  OrtCustomOp op;
-  std::memset(&op, 0, sizeof(op));
+SparseOp make_op(const OpVariant* variant) {
+  SparseOp sop;
+  std::memset(&sop, 0, sizeof(sop));
+  sop.variant = variant;
+  OrtCustomOp& op = sop.op;
   op.version = ORT_API_VERSION;
   op.GetName = op_name;
   op.GetExecutionProviderType = op_ep;
@@ -1104,56 +1113,16 @@ OrtCustomOp make_op() {
   op.KernelComputeV2 = compute;
   op.GetStartVersion = op_one;
   op.GetEndVersion = op_end_version;
-  return op;
+  return sop;
 }
 
-const OrtCustomOp g_op = make_op();
-const OrtCustomOp g_relu_op = [] {
-  OrtCustomOp op = make_op();
-  op.GetName = relu_op_name;
-  return op;
-}();
-
-const OrtCustomOp g_clip_op = [] {
-  OrtCustomOp op = make_op();
-  op.GetName = clip_op_name;
-  return op;
-}();
-
-const OrtCustomOp g_add_op = [] {
-  OrtCustomOp op = make_op();
-  op.GetName = add_op_name;
-  op.GetInputTypeCount = sum_op_input_count;
-  return op;
-}();
-
-const OrtCustomOp g_add_relu_op = [] {
-  OrtCustomOp op = make_op();
-  op.GetName = add_relu_op_name;
-  op.GetInputTypeCount = sum_op_input_count;
-  return op;
-}();
-
-const OrtCustomOp g_pre_op = [] {
-  OrtCustomOp op = make_op();
-  op.GetName = pre_op_name;
-  op.GetInputTypeCount = pre_op_input_count;
-  return op;
-}();
-
-const OrtCustomOp g_pre_relu_op = [] {
-  OrtCustomOp op = make_op();
-  op.GetName = pre_relu_op_name;
-  op.GetInputTypeCount = pre_op_input_count;
-  return op;
-}();
-
-bool is_relu_op(const OrtCustomOp* op) { return op == &g_relu_op; }
-bool is_clip_op(const OrtCustomOp* op) { return op == &g_clip_op; }
-bool is_add_op(const OrtCustomOp* op) { return op == &g_add_op; }
-bool is_add_relu_op(const OrtCustomOp* op) { return op == &g_add_relu_op; }
-bool is_pre_op(const OrtCustomOp* op) { return op == &g_pre_op; }
-bool is_pre_relu_op(const OrtCustomOp* op) { return op == &g_pre_relu_op; }
+struct SparseOps {
+  SparseOp ops[kNumVariants];
+  SparseOps() {
+    for (size_t i = 0; i < kNumVariants; ++i) ops[i] = make_op(&kVariants[i]);
+  }
+};
+const SparseOps g_ops;
 
 // Every RegisterCustomOps call (one per session options that load the library) gets its own
 // domain object; ORT does not take ownership, so they live until the library is unloaded.
@@ -1190,13 +1159,8 @@ SPARSIFY_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opt
   g_wide.store(wide, std::memory_order_relaxed);
   OrtCustomOpDomain* domain = nullptr;
   SPARSIFY_TRY(api->CreateCustomOpDomain(kDomain, &domain));
-  OrtStatus* st = api->CustomOpDomain_Add(domain, &g_op);
-  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_relu_op);
-  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_clip_op);
-  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_add_op);
-  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_add_relu_op);
-  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_pre_op);
-  if (st == nullptr) st = api->CustomOpDomain_Add(domain, &g_pre_relu_op);
+  OrtStatus* st = nullptr;
+  for (size_t i = 0; i < kNumVariants && st == nullptr; ++i) st = api->CustomOpDomain_Add(domain, &g_ops.ops[i].op);
   if (st == nullptr) st = api->AddCustomOpDomain(options, domain);
   if (st != nullptr) {
     api->ReleaseCustomOpDomain(domain);
@@ -1216,11 +1180,9 @@ SPARSIFY_EXPORT const char* SparsifyKernelInfo(void) {
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
   info = std::string("api_version=") + std::to_string(ORT_API_VERSION) + ";isa=" + wide->isa +
-         (wide != narrow ? std::string("+") + narrow->isa : std::string()) + ";op=" + kDomain +
-         "::" + kOpName + "," + kDomain + "::" + kReluOpName + "," + kDomain + "::" + kClipOpName + "," +
-         kDomain + "::" + kAddOpName + "," + kDomain + "::" + kAddReluOpName + "," + kDomain + "::" + kPreOpName +
-         "," + kDomain + "::" + kPreReluOpName +
-         ";since_version=1";
+         (wide != narrow ? std::string("+") + narrow->isa : std::string()) + ";op=";
+  for (size_t i = 0; i < kNumVariants; ++i) info += (i ? "," : "") + std::string(kDomain) + "::" + kVariants[i].name;
+  info += ";since_version=1";
   return info.c_str();
 }
 
