@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -71,22 +72,6 @@ class ResidualFlatUser(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-class PlainUser(nn.Module):
-    """A plain CNN without BatchNorm: three convs with biases, two max-pools, one linear."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        )
-        self.fc = nn.Linear(64 * 7 * 7, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).flatten(1))
-
-
 MODELS = {
     "lenet5": ("zoo:lenet5", None),
     "resnet20": ("zoo:resnet20", None),
@@ -94,7 +79,7 @@ MODELS = {
     "mobilenetv2": ("zoo:mobilenetv2", None),
     "resnet-user": (ResidualUser, (1, 1, 28, 28)),
     "resflat-user": (ResidualFlatUser, (1, 1, 28, 28)),
-    "plain-user": (PlainUser, (1, 1, 28, 28)),
+    "plain-user": (str(Path(__file__).resolve().parents[1] / "examples" / "plain_cnn.py"), None),
 }
 SETTINGS = {
     # the trainer before warm-up and clipping existed: SGD (Nesterov) lr 0.1, cosine

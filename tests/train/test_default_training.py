@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file
 
 from sparsify.api import transform, transform_to_dir
@@ -24,22 +23,8 @@ from sparsify.train.data import batches, load_dataset
 from sparsify.train.trainer import at_chance, lr_at, warmup_steps
 
 EXAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "small_cnn.py")
-
-
-class PlainCNN(nn.Module):
-    """Three convs with biases and no BatchNorm, two max-pools, one linear: diverged at lr 0.1 without clipping."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        )
-        self.fc = nn.Linear(64 * 7 * 7, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).flatten(1))
+# Three convs with biases and no BatchNorm: diverged at lr 0.1 without clipping.
+PLAIN_CNN = str(Path(__file__).resolve().parents[2] / "examples" / "plain_cnn.py")
 
 
 def _train_defaults(model, method: str, epochs: int, input_shape=None, **kw) -> dict:
@@ -60,7 +45,7 @@ def test_user_style_residual_cnn_learns_with_defaults(method):
 
 @pytest.mark.parametrize("method", ["none", "sparse-random"])
 def test_plain_cnn_without_batchnorm_learns_with_defaults(method):
-    out = _train_defaults(PlainCNN(), method, epochs=4, input_shape=(1, 1, 28, 28))
+    out = _train_defaults(PLAIN_CNN, method, epochs=4)
     assert out["test_acc"] > 0.8, out["test_acc"]
 
 
