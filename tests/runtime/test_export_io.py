@@ -1,6 +1,8 @@
 """Issue 9, items 5 and 9: dict / tuple / nested outputs and several inputs through export and bench."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import onnx
 import pytest
@@ -155,24 +157,9 @@ class TwoInputs(nn.Module):
         return self.fc(torch.relu(self.fuse(torch.cat([self.a(x), self.b(depth)], 1))).mean((2, 3)))
 
 
-FILE = '''
-import torch
-import torch.nn as nn
-
-INPUT_SHAPES = [(1, 3, 16, 16), (1, 1, 16, 16)]
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU())
-        self.fuse = nn.Conv2d(32, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x, depth):
-        return self.fc(torch.relu(self.fuse(torch.cat([self.a(x), self.b(depth)], 1))).mean((2, 3)))
-'''
+# The same model as a user's file with several inputs (INPUT_SHAPES: one shape per input).
+FILE = ("import torch\nimport torch.nn as nn\n\nINPUT_SHAPES = [(1, 3, 16, 16), (1, 1, 16, 16)]\n\n\n"
+        + inspect.getsource(TwoInputs))
 
 
 def test_several_inputs_through_transform_export_and_bench(tmp_path):

@@ -10,6 +10,7 @@ from sparsify.passes.rules import Role
 from sparsify.passes.trace import trace
 
 from .helpers import build, group, through_every_pass
+from .test_flatten import FlattenLinear
 
 
 class Chain(nn.Module):
@@ -94,16 +95,6 @@ def test_unknown_op_freezes_the_channels_that_reach_it():
     assert group(cg, "roll").frozen
     assert not group(cg, "b").frozen  # after the conv the channels are new
     through_every_pass(Unknown(), (1, 3, 8, 8))
-
-
-class FlattenLinear(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c = nn.Conv2d(3, 5, 3)
-        self.fc = nn.Linear(5 * 6 * 6, 4)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.c(x), 1))
 
 
 def test_classifier_is_the_last_weight_layer():
