@@ -343,8 +343,12 @@ def target_checks(results: Sequence[dict[str, Any]], threads: Sequence[int]) -> 
         name, d = res["model"], res["density"]
         rows = {(r["batch"], r["threads"]): r for r in res["rows"]}
         for (b, t), r in rows.items():
+            # With no layer written sparse the export is the dense graph: met by construction, and
+            # the measured ratio is this machine's noise floor (identical files timed 0.93-1.11x apart).
+            same = not res["sparse_nodes"]
             checks.append((f"{res['label']} d={d} b{b} {t}t: sparse >= {NEVER_SLOWER}x dense",
-                           r["dense_over_sparse"] >= NEVER_SLOWER, f"{r['dense_over_sparse']:.2f}x"))
+                           same or r["dense_over_sparse"] >= NEVER_SLOWER,
+                           f"{r['dense_over_sparse']:.2f}x" + (" (no layer sparse: the dense graph, timing noise)" if same else "")))
             if d == 0.1 and t == 1:
                 goal = SPEEDUP_TARGETS.get((name, b), SPEEDUP_TARGETS.get((name, None)))
                 if goal is not None:
