@@ -14,6 +14,8 @@ which uses ``time_bursts``), for several rounds of fresh sessions; ratios are me
 each round shown. Per model, density, batch size and thread count it prints:
 
   dense/sparse      the speed-up of the sparse export over the dense one
+  A/A               the dense file over itself timed as a second session: 1.00 on a quiet
+                    machine, and how far it strays is the noise floor of that run
   sparse/depth      sparse latency over the equal-parameter thinner model's (< 1: sparse is faster)
   Amdahl bound      T / (T - sum t_i (1 - d_i)): T the dense model's time in ORT's profiler, t_i the
                     time of each conv that went sparse, d_i its density (each sped up by 1/d_i)
@@ -68,6 +70,7 @@ DENSITIES = (0.1, 0.25, 0.5)
 DIVISOR = 8                      # channel counts of the depth-multiplied baseline
 CALIBRATION = (2, 16)            # BN calibration: batches x images (224x224 forwards in training mode are slow)
 QUICK_SHAPE = (1, 3, 64, 64)     # --quick: a smoke run of the script, not a measurement
+CONTROL = "dense again"          # the A/A control: the dense file timed as a second session
 
 # Issue 10's targets: density 0.1, 1 thread
 SPEEDUP_TARGETS = {("resnet50", 1): 3.5, ("resnet50", 8): 3.0, ("resnet18", None): 4.0, ("densenet121", None): 3.0,
@@ -243,6 +246,9 @@ def measure(name: str, density: float, tmp: Path, args: argparse.Namespace) -> d
     layers, gemm_macs = conv_layers(onnx.load(str(paths["dense"])), notes["dense_export"]["layers"],
                                     notes["export"]["layers"])
     mac_share = sparse_mac_share(layers, gemm_macs)
+    # The A/A control: the dense file again, as a session of its own, timed with the others. Its
+    # ratio to the dense one is 1 on a quiet machine; how far it strays is this run's noise floor.
+    files = [*files, (CONTROL, paths["dense"])]
     rounds = [lib.bench_files([p for _, p in files], labels=[n for n, _ in files], batch_sizes=args.batches,
                               threads=args.threads, min_time=args.min_time, repeats=args.repeats, memory=False)
               for _ in range(args.rounds)]
@@ -251,8 +257,9 @@ def measure(name: str, density: float, tmp: Path, args: argparse.Namespace) -> d
     for b in args.batches:
         x = rng.standard_normal((b, *shape[1:]), dtype=np.float32)
         for t in args.threads:
-            ms = {v: [r.row(v, b, t).median_ms for r in rounds] for v in ("dense", "sparse", "depth")}
+            ms = {v: [r.row(v, b, t).median_ms for r in rounds] for v in ("dense", "sparse", "depth", CONTROL)}
             speed, speed_rounds = _median_ratio(ms["dense"], ms["sparse"])
+            noise, noise_rounds = _median_ratio(ms["dense"], ms[CONTROL])
             vs_depth, depth_rounds = _median_ratio(ms["sparse"], ms["depth"])
             rels = [r.row("sparse", b, t).max_rel_diff for r in rounds]
             rel = max((v for v in rels if v is not None), default=float("inf"))
@@ -265,6 +272,7 @@ def measure(name: str, density: float, tmp: Path, args: argparse.Namespace) -> d
                 "depth_ms": statistics.median(ms["depth"]),
                 "dense_over_sparse": speed, "dense_over_sparse_rounds": speed_rounds,
                 "sparse_over_depth": vs_depth, "sparse_over_depth_rounds": depth_rounds,
+                "dense_over_control": noise, "dense_over_control_rounds": noise_rounds,
                 "amdahl_bound": bound["bound"], "achieved_over_bound": speed / bound["bound"],
                 "sparse_time_share_dense": bound["sparse_time_share"],
                 "unmatched_conv_share": bound["unmatched_conv_share"],
@@ -301,12 +309,13 @@ def print_result(res: dict[str, Any]) -> None:
               caption="sparse convs' share of dense: of the dense file's profiled time; (?N%): conv time matching no "
                       "model conv (ORT runs an unfolded BatchNorm as a 1x1 depthwise conv)")
     for col in ("batch", "thr", "dense ms", "sparse ms", "depth ms", "dense/sparse", "sparse/depth",
-                "Amdahl\nbound", "achieved\n/bound", "sparse convs'\nshare of dense", "outputs"):
+                "A/A: dense/\ndense again", "Amdahl\nbound", "achieved\n/bound", "sparse convs'\nshare of dense", "outputs"):
         t.add_column(col, justify="right")
     for r in res["rows"]:
         t.add_row(str(r["batch"]), str(r["threads"]), f"{r['dense_ms']:.2f}", f"{r['sparse_ms']:.2f}",
                   f"{r['depth_ms']:.2f}", _ratio_cell(r["dense_over_sparse"], r["dense_over_sparse_rounds"]),
-                  _ratio_cell(r["sparse_over_depth"], r["sparse_over_depth_rounds"]), f"{r['amdahl_bound']:.2f}",
+                  _ratio_cell(r["sparse_over_depth"], r["sparse_over_depth_rounds"]),
+                  _ratio_cell(r["dense_over_control"], r["dense_over_control_rounds"]), f"{r['amdahl_bound']:.2f}",
                   f"{r['achieved_over_bound']:.2f}",
                   f"{r['sparse_time_share_dense']:.0%}" + (f" (?{r['unmatched_conv_share']:.0%})"
                                                            if r["unmatched_conv_share"] > 0.005 else ""),
@@ -346,9 +355,11 @@ def target_checks(results: Sequence[dict[str, Any]], threads: Sequence[int]) -> 
             # With no layer written sparse the export is the dense graph: met by construction, and
             # the measured ratio is this machine's noise floor (identical files timed 0.93-1.11x apart).
             same = not res["sparse_nodes"]
+            aa = r.get("dense_over_control")
             checks.append((f"{res['label']} d={d} b{b} {t}t: sparse >= {NEVER_SLOWER}x dense",
                            same or r["dense_over_sparse"] >= NEVER_SLOWER,
-                           f"{r['dense_over_sparse']:.2f}x" + (" (no layer sparse: the dense graph, timing noise)" if same else "")))
+                           f"{r['dense_over_sparse']:.2f}x" + (" (no layer sparse: the dense graph, timing noise)" if same else "")
+                           + (f" (A/A control {aa:.2f}x)" if aa is not None else "")))
             if d == 0.1 and t == 1:
                 goal = SPEEDUP_TARGETS.get((name, b), SPEEDUP_TARGETS.get((name, None)))
                 if goal is not None:
