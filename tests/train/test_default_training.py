@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file
 
 from sparsify.api import transform, transform_to_dir
