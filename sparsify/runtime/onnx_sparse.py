@@ -611,12 +611,14 @@ def _layout_pass(nodes: list[onnx.NodeProto], originals: dict[int, tuple[onnx.No
         if w is None or len(w.dims) != 4:
             return False
         group = int(_attr(nd, "group", 1))
-        cout, cin = int(w.dims[0]), int(w.dims[1]) * group
+        cout, cin_per_group = int(w.dims[0]), int(w.dims[1])
         if group == 1:
             return True  # ORT pads other channel counts to whole blocks (MobileNetV2's 24, EfficientNet's 40)
         if cout % NCHWC_BLOCK:
             return False
-        return group == cin or (cin // group) % NCHWC_BLOCK == 0 and (cout // group) % NCHWC_BLOCK == 0
+        if cin_per_group == 1 and cout == group:
+            return True  # depthwise
+        return cin_per_group % NCHWC_BLOCK == 0 and (cout // group) % NCHWC_BLOCK == 0
 
     def up(name: str) -> onnx.NodeProto | None:
         nd = producer.get(name)
