@@ -124,6 +124,9 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
           for (int v = 0; v < V; ++v)
             acc[j][v] = first ? bcast(bias) : loadu(strip + j * wo_round + x0 + v * VL);
         const float* blk = blk_row + x0;
+        // Output lanes of this block that read beyond its last vector (stride-2 rotations).
+        const bool next = x0 + V * VL - (K - 1) / 2 < Wo;
+        (void)next;
         for (int64_t k = c0; k < c1; ++k) {
           const float* base = blk + (cin_base + cols[k]) * plane;
           const float* w = w_row + k * KK;
@@ -131,6 +134,43 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
 #pragma GCC unroll 64
           for (int t = 0; t < KK; ++t) wv[t] = bcast(w[t]);
           const float* row = base;
+#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
+          if constexpr (S == 2) {
+            // Stride 2 on AVX-512: tap kx reads phase kx % 2 at column offset kx / 2, which is
+            // the phase's vectors rotated by kx / 2 lanes (valignd with the next vector): two
+            // loads per row and vector instead of K, most of them aligned with no line split.
+            // The next vector is needed only when a valid output lane reads past the block.
+            constexpr int M = (K - 1) / 2;  // largest offset (even phase; the odd one's is M - 1)
+            const __mmask16 mnext = __mmask16((1u << (M > 0 ? M : 1)) - 1u);
+#pragma GCC unroll 64
+            for (int rr = 0; rr < ROWS; ++rr, row += Wps) {
+              __m512i ph[2][V + 1];
+#pragma GCC unroll 2
+              for (int q = 0; q < 2; ++q) {
+                const float* src = row + q * phase;
+#pragma GCC unroll 16
+                for (int v = 0; v < V; ++v) ph[q][v] = _mm512_castps_si512(__m512(load_once(src + v * VL)));
+                ph[q][V] = (M - q > 0 && next) ? _mm512_castps_si512(_mm512_maskz_loadu_ps(mnext, src + V * VL))
+                                               : _mm512_setzero_si512();
+              }
+#pragma GCC unroll 16
+              for (int kx = 0; kx < K; ++kx) {
+                const int q = kx % 2, m = kx / 2;
+#pragma GCC unroll 16
+                for (int v = 0; v < V; ++v) {
+                  const vf in = vf(_mm512_castsi512_ps(
+                      m == 0 ? ph[q][v] : _mm512_alignr_epi32(ph[q][v + 1], ph[q][v], m % VL)));
+#pragma GCC unroll 16
+                  for (int j = 0; j < R; ++j) {
+                    const int ky = rr - S * j;
+                    if (ky >= 0 && ky < K) acc[j][v] += wv[ky * K + kx] * in;
+                  }
+                }
+              }
+            }
+            continue;
+          }
+#endif
 #pragma GCC unroll 64
           for (int rr = 0; rr < ROWS; ++rr, row += Wps) {
 #pragma GCC unroll 16
@@ -218,7 +258,8 @@ int pick_cfg(int K, int S, int64_t Ho, int64_t Wo) {
     // dependent FMAs (4 cycles each) allows; loads mostly cross cache lines (~1 per cycle).
     const double blocks = double(cdiv(Ho, c.R)) * double(cdiv(nv, c.V));
     const double fma = double(c.R) * c.V * K * K;
-    const double loads = double(S * (c.R - 1) + K) * K * c.V;
+    // Stride 2 on AVX-512 loads each phase's row once (lane rotations make the kx taps).
+    const double loads = double(S * (c.R - 1) + K) * (S == 2 && VL == 16 ? 2 : K) * c.V;
     double cycles = fma / 2 > 4.0 * K * K ? fma / 2 : 4.0 * K * K;
     if (loads > cycles) cycles = loads;
     const double cost = blocks * (cycles + 4.0);
@@ -949,49 +990,88 @@ const vi kEven = [] {
   return v;
 }();
 
+// Stride-2 rows: padded row t (t[c] = input column c - pl, 0 outside) split into its even
+// columns (phase 0) and odd columns (phase 1), each p.Wps floats, in one pass over the row.
+void pad_row_s2(const Geom& g, const Plan& p, const float* __restrict src, float* __restrict even,
+                float* __restrict odd) {
+#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
+  // Padded columns [2c, 2c + 32) are two masked loads at input column 2c - pl (lanes outside the
+  // row are zero and never read); valid lanes come from the row's bounds.
+  const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+  auto valid = [&](int64_t first) {  // lanes i with 0 <= first + i < W
+    const int64_t lo = first < 0 ? -first : 0, hi = g.W - first;
+    if (hi <= lo) return __mmask16(0);
+    const uint32_t top = hi >= VL ? 0xffffu : (1u << hi) - 1u;
+    return __mmask16(top & ~((1u << (lo < VL ? lo : VL)) - 1u));
+  };
+  for (int64_t c = 0; c < p.Wps; c += VL) {
+    const int64_t first = 2 * c - g.pl;
+    const __m512 a = _mm512_maskz_loadu_ps(valid(first), src + first);
+    const __m512 b = _mm512_maskz_loadu_ps(valid(first + VL), src + first + VL);
+    const __m512 e = _mm512_permutex2var_ps(a, ev, b), o = _mm512_permutex2var_ps(a, od, b);
+    if (c + VL <= p.Wps) {
+      _mm512_storeu_ps(even + c, e);
+      _mm512_storeu_ps(odd + c, o);
+    } else {
+      const __mmask16 m = __mmask16((1u << (p.Wps - c)) - 1u);
+      _mm512_mask_storeu_ps(even + c, m, e);
+      _mm512_mask_storeu_ps(odd + c, m, o);
+    }
+  }
+#else
+  // The zero-padded row in a line buffer, then even / odd lanes of each pair of vectors (a scalar
+  // loop here was 40% of a 3x3/s2 layer on 56x56).
+  const int64_t n = 2 * cdiv(p.Wps, VL) * VL;
+  if (n > kPadRow) {
+    for (int64_t c = 0; c < p.Wps; ++c) {
+      const int64_t i0 = 2 * c - g.pl, i1 = i0 + 1;
+      even[c] = (i0 >= 0 && i0 < g.W) ? src[i0] : 0.0f;
+      odd[c] = (i1 >= 0 && i1 < g.W) ? src[i1] : 0.0f;
+    }
+    return;
+  }
+  alignas(64) float t[kPadRow];
+  const int64_t left = g.pl < n ? g.pl : n, cnt = g.W < n - left ? g.W : n - left;
+  std::memset(t, 0, sizeof(float) * left);
+  std::memcpy(t + left, src, sizeof(float) * cnt);
+  std::memset(t + left + cnt, 0, sizeof(float) * (n - left - cnt));
+  for (int64_t c = 0; c < p.Wps; c += VL) {
+    const vf a = loadu(t + 2 * c), b = loadu(t + 2 * c + VL);
+    const vf e = __builtin_shuffle(a, b, kEven), o = __builtin_shuffle(a, b, kEven + 1);
+    if (c + VL <= p.Wps) {
+      storeu(even + c, e);
+      storeu(odd + c, o);
+    } else {
+      store_first(even + c, e, p.Wps - c);
+      store_first(odd + c, o, p.Wps - c);
+    }
+  }
+#endif
+}
+
 void pad_channel(const Geom& g, const Plan& p, const float* __restrict x, float* __restrict xp) {
   if (p.kind == kFlat3) {
     flat_pad_channel(g, p, x, xp);
     return;
   }
   const int64_t S = p.kind == kDirect ? p.S : 1;
-  for (int64_t ph = 0; ph < S; ++ph) {
-    float* dst = xp + ph * p.phase;
-    for (int64_t r = 0; r < p.Hp; ++r) {
-      float* row = dst + r * p.Wps;
-      const int64_t ir = r - g.pt;
-      if (ir < 0 || ir >= g.H) {
-        std::memset(row, 0, sizeof(float) * p.Wps);
-        continue;
-      }
-      const float* src = x + ir * g.W;
-      if (S == 1) {
-        const int64_t left = g.pl < p.Wps ? g.pl : p.Wps;
-        const int64_t n = g.W < p.Wps - left ? g.W : p.Wps - left;
-        std::memset(row, 0, sizeof(float) * left);
-        std::memcpy(row + left, src, sizeof(float) * n);
-        std::memset(row + left + n, 0, sizeof(float) * (p.Wps - left - n));
-      } else if (S == 2 && 2 * p.Wps + 2 * VL <= kPadRow) {
-        // Deinterleave: the zero-padded row in a line buffer, then even / odd lanes of each
-        // pair of vectors (a scalar loop here was 40% of a 3x3/s2 layer on 56x56).
-        alignas(64) float t[kPadRow];
-        const int64_t n = 2 * p.Wps + 2 * VL;
-        const int64_t left = g.pl < n ? g.pl : n, cnt = g.W < n - left ? g.W : n - left;
-        std::memset(t, 0, sizeof(float) * left);
-        std::memcpy(t + left, src, sizeof(float) * cnt);
-        std::memset(t + left + cnt, 0, sizeof(float) * (n - left - cnt));
-        const vi pick = ph == 0 ? kEven : kEven + 1;
-        for (int64_t c = 0; c < p.Wps; c += VL) {
-          const vf v = __builtin_shuffle(loadu(t + 2 * c), loadu(t + 2 * c + VL), pick);
-          if (c + VL <= p.Wps) storeu(row + c, v);
-          else store_first(row + c, v, p.Wps - c);
-        }
-      } else {
-        for (int64_t c = 0; c < p.Wps; ++c) {
-          const int64_t ic = S * c + ph - g.pl;
-          row[c] = (ic >= 0 && ic < g.W) ? src[ic] : 0.0f;
-        }
-      }
+  for (int64_t r = 0; r < p.Hp; ++r) {
+    float* row = xp + r * p.Wps;
+    const int64_t ir = r - g.pt;
+    if (ir < 0 || ir >= g.H) {
+      for (int64_t ph = 0; ph < S; ++ph) std::memset(row + ph * p.phase, 0, sizeof(float) * p.Wps);
+      continue;
+    }
+    const float* src = x + ir * g.W;
+    if (S == 1) {
+      const int64_t left = g.pl < p.Wps ? g.pl : p.Wps;
+      const int64_t n = g.W < p.Wps - left ? g.W : p.Wps - left;
+      std::memset(row, 0, sizeof(float) * left);
+      std::memcpy(row + left, src, sizeof(float) * n);
+      std::memset(row + left + n, 0, sizeof(float) * (p.Wps - left - n));
+    } else {
+      pad_row_s2(g, p, src, row, row + p.phase);
     }
   }
 }

@@ -170,6 +170,22 @@ def test_wide_rows(monkeypatch: pytest.MonkeyPatch, isa: str, h: int, w: int, pa
     assert_close(*run_both(case, x, threads=2))
 
 
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
+@pytest.mark.parametrize("k,h,w,pads", [(3, 9, 56, (1, 1, 1, 1)), (3, 6, 57, (0, 0, 1, 1)), (3, 5, 33, (1, 2, 0, 0)),
+                                        (7, 11, 70, (3, 3, 3, 3)), (5, 7, 31, (2, 0, 2, 3)), (1, 4, 40, (0, 1, 0, 1)),
+                                        (3, 4, 112, (1, 1, 1, 1)), (3, 3, 7, (1, 1, 1, 1))])
+def test_stride2_rows(monkeypatch: pytest.MonkeyPatch, isa: str, k: int, h: int, w: int,
+                      pads: tuple[int, int, int, int]) -> None:
+    """Stride-2 convs over padded copies split into even / odd columns: rows of one to several
+    vectors, odd widths, left pads from 0 to 3 and asymmetric pads (the row split's edges)."""
+    if isa != "auto":
+        monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(k * 1000 + w)
+    case = random_case(rng, 6, 5, k, 0.5, strides=(2, 2), pads=pads)
+    x = rng.standard_normal((2, 6, h, w)).astype(np.float32)
+    assert_close(*run_both(case, x, threads=2))
+
+
 @pytest.mark.parametrize("k,stride,pad,hw", [(3, 1, 1, 12), (3, 1, 0, 20), (3, 2, 1, 15), (5, 1, 2, 9)])
 def test_large_batch_whole_image_tasks(k: int, stride: int, pad: int, hw: int) -> None:
     """Batch >= 8: one task per image, padded copies in reused buffers, on 2 threads."""
