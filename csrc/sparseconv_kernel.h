@@ -130,9 +130,20 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
         for (int64_t k = c0; k < c1; ++k) {
           const float* base = blk + (cin_base + cols[k]) * plane;
           const float* w = w_row + k * KK;
-          vf wv[KK];
+          // K = 3: the nine weights stay broadcast in registers. Larger kernels have too many
+          // for the register file: each FMA broadcasts its weight from w (an embedded-broadcast
+          // operand) instead of reloading a spilled 64-byte copy.
+          constexpr bool kRegW = K <= 3;
+          vf wv[kRegW ? KK : 1];
+          if constexpr (kRegW) {
 #pragma GCC unroll 64
-          for (int t = 0; t < KK; ++t) wv[t] = bcast(w[t]);
+            for (int t = 0; t < KK; ++t) wv[t] = bcast(w[t]);
+          }
+          const float* wk = w;
+          auto wt = [&](int t) __attribute__((always_inline)) {
+            if constexpr (kRegW) return wv[t];
+            else return bcast(wk[t]);
+          };
           const float* row = base;
 #if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
           if constexpr (S == 2) {
@@ -144,6 +155,7 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
             const __mmask16 mnext = __mmask16((1u << (M > 0 ? M : 1)) - 1u);
 #pragma GCC unroll 64
             for (int rr = 0; rr < ROWS; ++rr, row += Wps) {
+              if constexpr (!kRegW) launder(wk);
               __m512i ph[2][V + 1];
 #pragma GCC unroll 2
               for (int q = 0; q < 2; ++q) {
@@ -163,7 +175,7 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
 #pragma GCC unroll 16
                   for (int j = 0; j < R; ++j) {
                     const int ky = rr - S * j;
-                    if (ky >= 0 && ky < K) acc[j][v] += wv[ky * K + kx] * in;
+                    if (ky >= 0 && ky < K) acc[j][v] += wt(ky * K + kx) * in;
                   }
                 }
               }
@@ -173,6 +185,7 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
 #endif
 #pragma GCC unroll 64
           for (int rr = 0; rr < ROWS; ++rr, row += Wps) {
+            if constexpr (!kRegW) launder(wk);
 #pragma GCC unroll 16
             for (int kx = 0; kx < K; ++kx) {
               const float* src = row + (kx % S) * phase + kx / S;
@@ -182,7 +195,7 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
 #pragma GCC unroll 16
                 for (int j = 0; j < R; ++j) {
                   const int ky = rr - S * j;
-                  if (ky >= 0 && ky < K) acc[j][v] += wv[ky * K + kx] * in;
+                  if (ky >= 0 && ky < K) acc[j][v] += wt(ky * K + kx) * in;
                 }
               }
             }
@@ -232,7 +245,9 @@ const Cfg kCfgs[] = {
     SPARSIFY_CFG(3, 1, 1), SPARSIFY_CFG(3, 2, 1), SPARSIFY_CFG(3, 4, 1), SPARSIFY_CFG(3, 6, 1),
     SPARSIFY_CFG(3, 8, 1), SPARSIFY_CFG(3, 2, 2), SPARSIFY_CFG(3, 4, 2), SPARSIFY_CFG(3, 2, 4),
     SPARSIFY_CFG(5, 1, 1), SPARSIFY_CFG(5, 2, 1), SPARSIFY_CFG(5, 4, 1), SPARSIFY_CFG(5, 2, 2),
+    SPARSIFY_CFG(5, 4, 2), SPARSIFY_CFG(5, 8, 1),
     SPARSIFY_CFG(7, 1, 1), SPARSIFY_CFG(7, 2, 1), SPARSIFY_CFG(7, 4, 1), SPARSIFY_CFG(7, 2, 2),
+    SPARSIFY_CFG(7, 4, 2), SPARSIFY_CFG(7, 8, 1),
 #else
     SPARSIFY_CFG(1, 1, 1), SPARSIFY_CFG(1, 2, 1), SPARSIFY_CFG(1, 4, 1), SPARSIFY_CFG(1, 2, 2),
     SPARSIFY_CFG(1, 4, 2),
