@@ -27,11 +27,12 @@ enum PlanKind : int32_t {
   kFlat3 = 3,      // 3x3, stride 1, dilation 1: output plane as flat vectors (see kernel.h)
   kSmall3 = 4,     // 3x3 "same" conv on a plane of at most 4 AVX-512 vectors: rotations, no copy
   kTiny2 = 5,      // 3x3 "same" conv on a 2x2 plane (AVX-512): a connection is one 16-lane FMA
+  kDepthwise = 6,  // 3x3 / 5x5, stride 1 or 2, one input channel per output (AVX-512): masked loads, no copy
 };
 
 struct Plan {
   int32_t kind;
-  int32_t reads_x;      // 1: computes from X directly (no padded copy): kPointwise, kSmall3, kTiny2
+  int32_t reads_x;      // 1: computes from X directly (no padded copy): kPointwise, kSmall3, kTiny2, kDepthwise
   int32_t K, S;         // square kernel size and stride of the direct path
   int32_t R, V;         // register block: R output rows x V vectors
   int32_t VL;           // floats per vector of this ISA

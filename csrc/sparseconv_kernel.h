@@ -70,6 +70,13 @@ inline void store_first(float* p, vf v, int64_t n) {
 }
 // x - 0 is exactly x (also for -0), so this folds to one broadcast instruction.
 inline vf bcast(float x) { return x - vf{}; }
+typedef int32_t vi __attribute__((vector_size(SPARSIFY_VBYTES)));
+// Lane indices 0, 2, 4, ... over a pair of vectors (+ 1: the odd lanes).
+const vi kEven = [] {
+  vi v;
+  for (int i = 0; i < VL; ++i) v[i] = 2 * i;
+  return v;
+}();
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
@@ -940,6 +947,121 @@ void tiny2_channel(const float*, float*, const float*, const int64_t*, int64_t, 
 #endif
 
 // ---------------------------------------------------------------------------------------------
+// Depthwise path (AVX-512, 16- or 8-float vectors): K = 3 or 5, stride 1 or 2, one input channel
+// per output channel (cin_per_group == 1, e.g. MobileNet / EfficientNet blocks). The plane is
+// computed straight from X: each tap of a vector of output pixels is one masked load of its input
+// row (lanes whose source column is padding read nothing and are zero), so there is no padded
+// copy, which cost as much as the K*K FMAs per output vector themselves. Stride 2 loads two
+// vectors per pair of taps (kx = 2m, 2m + 1) and splits them into even and odd columns.
+#if defined(__AVX512F__) && (SPARSIFY_VBYTES == 64 || (SPARSIFY_VBYTES == 32 && defined(__AVX512VL__)))
+constexpr bool kHasDw = true;
+
+inline vf load_mask(const float* p, uint32_t m) {
+#if SPARSIFY_VBYTES == 64
+  return vf(_mm512_maskz_loadu_ps(__mmask16(m), p));
+#else
+  return vf(_mm256_maskz_loadu_ps(__mmask8(m), p));
+#endif
+}
+
+// The lanes i of a vector whose column first + i lies in [0, n).
+inline uint32_t lanes_in(int64_t first, int64_t n) {
+  const int64_t a = first < 0 ? -first : 0, b = n - first < VL ? n - first : VL;
+  if (b <= a) return 0;
+  return ((b >= 32 ? ~0u : (1u << b) - 1u)) & ~((1u << a) - 1u);
+}
+
+// R output rows at a time (each loaded input row feeds every output row that needs it), two
+// accumulator chains per row (taps of even / odd kernel rows). K = 3 keeps its nine weights in
+// registers; K = 5 broadcasts each weight from w in its FMA (25 would not fit beside the block).
+template <int K, int S, int R>
+void dw_channel(const Geom& g, const float* __restrict xc, float* __restrict y, const float* __restrict w,
+                float bias) {
+  const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, pt = g.pt, pl = g.pl;
+  // Loads per input row: one per tap (stride 1), two per pair of taps (stride 2).
+  constexpr int NL = S == 1 ? K : 2 * ((K + 1) / 2);
+  constexpr int ROWS = S * (R - 1) + K;  // input rows of R output rows
+  constexpr bool kRegW = K <= 3;
+  vf wv[kRegW ? K * K : 1];
+  if constexpr (kRegW) {
+#pragma GCC unroll 9
+    for (int t = 0; t < K * K; ++t) wv[t] = bcast(w[t]);
+  }
+  const vf b0 = bcast(bias);
+  const vi even = kEven, odd = kEven + 1;
+  // Column strips of one vector, top to bottom: the strip's load masks and column offsets are
+  // worked out once (the masks per load cost more than the FMAs when computed per row).
+  for (int64_t x0 = 0; x0 < Wo; x0 += VL) {
+    int64_t off[NL];
+    uint32_t m[NL];
+#pragma GCC unroll 6
+    for (int l = 0; l < NL; ++l) {
+      off[l] = S == 1 ? x0 + l - pl : 2 * x0 + 2 * (l / 2) - pl + (l % 2) * VL;
+      m[l] = lanes_in(off[l], W);
+    }
+    const int64_t tail = Wo - x0 < VL ? Wo - x0 : VL;
+    for (int64_t oy0 = 0; oy0 < Ho; oy0 += R) {
+      vf acc[R][2];
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) acc[j][0] = b0, acc[j][1] = vf{};
+      const float* wk = w;
+#pragma GCC unroll 16
+      for (int rr = 0; rr < ROWS; ++rr) {
+        const int64_t iy = oy0 * S + rr - pt;
+        if (iy < 0 || iy >= H) continue;
+        const float* row = xc + iy * W;
+        if constexpr (!kRegW) launder(wk);
+        auto tap = [&](int kx, vf in) __attribute__((always_inline)) {
+#pragma GCC unroll 8
+          for (int j = 0; j < R; ++j) {
+            const int ky = rr - S * j;
+            if (ky < 0 || ky >= K) continue;
+            const vf wt = kRegW ? wv[kRegW ? ky * K + kx : 0] : bcast(wk[ky * K + kx]);
+            acc[j][ky & 1] += wt * in;
+          }
+        };
+        if constexpr (S == 1) {
+#pragma GCC unroll 5
+          for (int kx = 0; kx < K; ++kx) tap(kx, load_mask(row + off[kx], m[kx]));
+        } else {
+#pragma GCC unroll 3
+          for (int q = 0; q < (K + 1) / 2; ++q) {
+            const vf a = load_mask(row + off[2 * q], m[2 * q]), b = load_mask(row + off[2 * q + 1], m[2 * q + 1]);
+            tap(2 * q, __builtin_shuffle(a, b, even));
+            if (2 * q + 1 < K) tap(2 * q + 1, __builtin_shuffle(a, b, odd));
+          }
+        }
+      }
+      float* out = y + oy0 * Wo + x0;
+#pragma GCC unroll 8
+      for (int j = 0; j < R && oy0 + j < Ho; ++j, out += Wo) {
+        const vf r = acc[j][0] + acc[j][1];
+        if (tail == VL) storeu(out, r);
+        else store_first(out, r, tail);
+      }
+    }
+  }
+}
+
+void dw_plane(const Geom& g, const Plan& p, const float* x_n, float* y, const float* w_row, const int64_t* cols,
+              int64_t cnt, float bias, int64_t cin_base) {
+  alignas(64) static const float kZero[25] = {};
+  const float* xc = x_n + (cin_base + (cnt > 0 ? cols[0] : 0)) * g.H * g.W;
+  const float* w = cnt > 0 ? w_row : kZero;
+  if (p.K == 3) {
+    if (p.S == 1) dw_channel<3, 1, 4>(g, xc, y, w, bias);
+    else dw_channel<3, 2, 4>(g, xc, y, w, bias);
+  } else {
+    if (p.S == 1) dw_channel<5, 1, 4>(g, xc, y, w, bias);
+    else dw_channel<5, 2, 4>(g, xc, y, w, bias);
+  }
+}
+#else
+constexpr bool kHasDw = false;
+void dw_plane(const Geom&, const Plan&, const float*, float*, const float*, const int64_t*, int64_t, float, int64_t) {}
+#endif
+
+// ---------------------------------------------------------------------------------------------
 
 void make_plan(const Geom& g, Plan* p) {
   std::memset(p, 0, sizeof(*p));
@@ -948,6 +1070,14 @@ void make_plan(const Geom& g, Plan* p) {
   const bool pointwise = g.kH == 1 && g.kW == 1 && g.pt == 0 && g.pl == 0 && g.pb == 0 && g.pr == 0;
   const bool direct = g.kH == g.kW && (g.kH == 1 || g.kH == 3 || g.kH == 5 || g.kH == 7) &&
                       g.sH == g.sW && (g.sH == 1 || g.sH == 2) && g.dH == 1 && g.dW == 1;
+  if (kHasDw && g.cin_per_group == 1 && g.kH == g.kW && (g.kH == 3 || g.kH == 5) && g.sH == g.sW &&
+      (g.sH == 1 || g.sH == 2) && g.dH == 1 && g.dW == 1 && g.pt < g.kH && g.pl < g.kW) {
+    p->kind = kDepthwise;
+    p->reads_x = 1;
+    p->K = int32_t(g.kH);
+    p->S = int32_t(g.sH);
+    return;
+  }
   if (pointwise) {
     p->reads_x = 1;
     p->kind = kPointwise;
@@ -997,13 +1127,6 @@ void make_plan(const Geom& g, Plan* p) {
 
 // Floats of the line buffer that stride-2 padding deinterleaves from.
 constexpr int64_t kPadRow = 4096;
-typedef int32_t vi __attribute__((vector_size(SPARSIFY_VBYTES)));
-// Lane indices 0, 2, 4, ... over a pair of vectors (+ 1: the odd lanes).
-const vi kEven = [] {
-  vi v;
-  for (int i = 0; i < VL; ++i) v[i] = 2 * i;
-  return v;
-}();
 
 // Stride-2 rows: padded row t (t[c] = input column c - pl, 0 outside) split into its even
 // columns (phase 0) and odd columns (phase 1), each p.Wps floats, in one pass over the row.
@@ -1301,6 +1424,8 @@ void compute_channel(const Geom& g, const Plan& p, const float* x_n, const float
     tiny2_channel(x_n, y, w_row, cols, cnt, bias, cin_base);
   } else if (p.kind == kSmall3) {
     small_channel(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
+  } else if (p.kind == kDepthwise) {
+    dw_plane(g, p, x_n, y, w_row, cols, cnt, bias, cin_base);
   } else if (p.kind == kFlat3) {
     (p.align ? kFlatCfgs[p.cfg].fn_align : kFlatCfgs[p.cfg].fn)(g, p, xp_n, y, w_row, cols, cnt, bias, cin_base, row0, row1);
   } else if (p.kind == kDirect) {

@@ -389,6 +389,25 @@ def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations:
     return 0.0, f"{kh}x{kw} kernel (no fast sparse path)"
 
 
+# Depthwise convs run by the native kernel need output planes at least this wide and high: on
+# 7x7 outputs (8-float vectors, a few FMAs per channel) it took 1.5-2x ORT's time.
+MIN_DEPTHWISE_HW = 14
+
+
+def depthwise_native(kernel: tuple[int, int], strides: Sequence[int], dilations: Sequence[int],
+                     pads: Sequence[int], cin_per_group: int, out_hw: tuple[int, int] | None) -> bool:
+    """Whether the native kernel's depthwise path runs this conv at least as fast as ONNX Runtime's
+    blocked-layout (NCHWc) depthwise Conv: one input channel per output, 3x3 or 5x5, stride 1 or 2,
+    no dilation, pads below the kernel size, output planes of at least MIN_DEPTHWISE_HW x
+    MIN_DEPTHWISE_HW (measured with ORT 1.32 on AVX-512: 3x3 1.4-1.5x of ORT's time incl. its
+    reorders from 14x14 up, 5x5 1.06-1.13x). Next to SparseConv layers such a conv is written as a
+    SparseConv too, so the tensors between them stay NCHW (see ``_layout_pass``)."""
+    kh, kw = kernel
+    return (cin_per_group == 1 and kh == kw and kh in (3, 5) and len(set(int(x) for x in strides)) == 1
+            and int(strides[0]) in (1, 2) and all(int(d) == 1 for d in dilations) and all(int(p) < kh for p in pads)
+            and out_hw is not None and min(out_hw) >= MIN_DEPTHWISE_HW)
+
+
 def value_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Static shapes of the graph's values from ONNX shape inference ({} when it fails)."""
     try:
@@ -448,6 +467,7 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
     report = ConvertReport()
     new_nodes: list[onnx.NodeProto] = []
     originals: dict[int, tuple[onnx.NodeProto, ConvChoice]] = {}  # id(SparseConv node) -> (its Conv, choice)
+    layout_only: set[int] = set()  # ids of depthwise SparseConvs written for the layout, not for sparsity
     new_inits: list[onnx.TensorProto] = []
     taken = {t.name for t in model.graph.initializer} | {o for nd in model.graph.node for o in nd.output}
 
@@ -485,15 +505,19 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
             rule = f" ({rule})"
         else:
             threshold, rule = dense_threshold, ""
+        layout_candidate = False
         if auto_pad != "NOTSET":
             choice.reason = f"auto_pad={auto_pad} (only explicit pads are rewritten)"
         elif choice.density >= threshold:
             choice.reason = f"density {choice.density:.2f} >= {threshold:.2f}{rule}"
+            layout_candidate = (dense_threshold is None and decide is None and depthwise_native(
+                (w.shape[2], w.shape[3]), _attr(node, "strides", [1, 1]), _attr(node, "dilations", [1, 1]),
+                _attr(node, "pads", [0, 0, 0, 0]), w.shape[1], _out_hw(node, w.shape, shapes.get(node.input[0]))))
         else:
             choice.sparse, choice.reason = True, f"density {choice.density:.2f} < {threshold:.2f}{rule}"
             if decide is not None:
                 choice.sparse, choice.reason = decide(model, node, w, choice)
-        if not choice.sparse:
+        if not choice.sparse and not layout_candidate:
             new_nodes.append(node)
             continue
         packed, row_ptr, col_idx = pack(w)
@@ -501,7 +525,8 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
         if len(node.input) > 2 and node.input[2]:
             bproto = inits.get(node.input[2], consts.get(node.input[2]))
             if bproto is None:
-                choice.sparse, choice.reason = False, "bias is not a constant"
+                if choice.sparse:
+                    choice.sparse, choice.reason = False, "bias is not a constant"
                 new_nodes.append(node)
                 continue
             bias = numpy_helper.to_array(bproto).astype(np.float32)
@@ -518,9 +543,11 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
             dilations=dil, group=group, in_channels=int(w.shape[1]) * group,
         ))
         originals[id(new_nodes[-1])] = (node, choice)
+        if layout_candidate:
+            layout_only.add(id(new_nodes[-1]))
 
     if dense_threshold is None and shapes:
-        new_nodes = _layout_pass(new_nodes, originals, shapes, {**inits, **consts})
+        new_nodes = _layout_pass(new_nodes, originals, shapes, {**inits, **consts}, layout_only)
     new_nodes = _fuse_pre_activations(model.graph, new_nodes, report, {**inits, **consts}, new_inits, fresh)
     new_nodes = _fuse_residual_adds(model, new_nodes, report)
     new_nodes = _fuse_activations(model.graph, new_nodes, report, {**inits, **consts})
@@ -570,13 +597,20 @@ def _reorder_s(nbytes: float) -> float:
 
 
 def _layout_pass(nodes: list[onnx.NodeProto], originals: dict[int, tuple[onnx.NodeProto, ConvChoice]],
-                 shapes: dict[str, list[int]], consts: dict[str, onnx.TensorProto]) -> list[onnx.NodeProto]:
+                 shapes: dict[str, list[int]], consts: dict[str, onnx.TensorProto],
+                 layout_only: set[int] = frozenset()) -> list[onnx.NodeProto]:
     """Keep a SparseConv dense where ORT would reorder its input or output to and from the NCHWc
     layout of neighbouring dense Convs (through Relu / Clip) for longer than the sparse kernel saves:
     the per-layer rule measures layers alone, without those reorders. In MobileNetV2 / EfficientNet-B0
     the 1x1 16->96 expansion on 112x112 feeds a depthwise Conv: sparse it saved 0.3 ms and cost a
     0.44 ms reorder (the whole model ran 1.53x faster than dense with it sparse, 1.72x with it dense).
-    Decisions go in node order, each seeing the earlier ones."""
+    Decisions go in node order, each seeing the earlier ones.
+
+    Then the depthwise convs of ``layout_only`` (written as SparseConv at density 1 because the
+    native kernel runs them as fast as ORT's own): each stays a SparseConv when that leaves fewer
+    bytes to reorder than ORT's NCHWc Conv would (its neighbours are SparseConvs, in NCHW), else it
+    is a Conv again. MobileNetV2 at density 0.1: 1.68x of dense at batch 8 with them, 1.29x without
+    (the reorders around every depthwise conv were a fifth of the sparse model's time)."""
     producer = {o: nd for nd in nodes for o in nd.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for nd in nodes:
@@ -632,35 +666,81 @@ def _layout_pass(nodes: list[onnx.NodeProto], originals: dict[int, tuple[onnx.No
             found += down(nd.output[0]) if act(nd) else [current.get(id(nd), nd)]
         return list({id(nd): nd for nd in found}.values())
 
+    def revert(i: int, nd: onnx.NodeProto, conv: onnx.NodeProto) -> None:
+        out[i] = conv
+        current[id(nd)] = conv
+        current[id(conv)] = conv
+        producer.update({o: conv for o in conv.output})
+
     out = list(nodes)
-    for i, nd in enumerate(out):
-        if id(nd) not in originals:
-            continue
-        conv, choice = originals[id(nd)]
-        bx, by = nbytes(nd.input[0]), nbytes(nd.output[0])
-        if bx is None or by is None:
-            continue
-        src, dst = up(nd.input[0]), down(nd.output[0])
-        sparse_cost = (_reorder_s(bx) if nchwc(src) else 0.0) + (_reorder_s(by) if any(nchwc(c) for c in dst) else 0.0)
-        if sparse_cost == 0.0 or not nchwc(conv):
-            continue
-        w = consts[conv.input[1]]
-        # ORT's NCHWc Conv reads an NCHW input of fewer than a block of channels directly (a stem): no reorder in
-        reads_nchw = int(w.dims[1]) * int(_attr(conv, "group", 1)) < NCHWC_BLOCK
-        dense_cost = ((0.0 if nchwc(src) or reads_nchw else _reorder_s(bx))
-                      + (_reorder_s(by) if any(not nchwc(c) for c in dst) else 0.0))
-        macs = float(np.prod(w.dims)) * by / 4.0 / max(1, int(w.dims[0]))
-        t_dense = macs / DENSE_MACS_PER_S
-        t_sparse = t_dense * _sparse_time_ratio(choice.density)
-        if t_dense + dense_cost < t_sparse + sparse_cost:
-            out[i] = conv
-            current[id(nd)] = conv
-            current[id(conv)] = conv
-            producer.update({o: conv for o in conv.output})
-            choice.sparse = False
-            choice.reason = (f"density {choice.density:.2f}, kept dense: reordering its tensors to and from the "
-                             f"NCHWc layout of the dense convs next to it would cost {1e3 * sparse_cost:.2f} ms, "
-                             f"more than it saves ({1e3 * (t_dense - t_sparse):.2f} ms)")
+
+    def live(nd: onnx.NodeProto | None) -> bool:
+        """nd is a SparseConv the per-layer rule wrote (not a layout-only one) and still is."""
+        return nd is not None and id(nd) in originals and id(nd) not in layout_only and current.get(id(nd)) is nd
+
+    def sparse_pass() -> bool:
+        changed = False
+        for i, nd in enumerate(out):
+            if id(nd) not in originals or id(nd) in layout_only:
+                continue
+            conv, choice = originals[id(nd)]
+            bx, by = nbytes(nd.input[0]), nbytes(nd.output[0])
+            if bx is None or by is None:
+                continue
+            src, dst = up(nd.input[0]), down(nd.output[0])
+            sparse_cost = (_reorder_s(bx) if nchwc(src) else 0.0) + (_reorder_s(by) if any(nchwc(c) for c in dst) else 0.0)
+            if sparse_cost == 0.0 or not nchwc(conv):
+                continue
+            w = consts[conv.input[1]]
+            # ORT's NCHWc Conv reads an NCHW input of fewer than a block of channels directly (a stem): no reorder in
+            reads_nchw = int(w.dims[1]) * int(_attr(conv, "group", 1)) < NCHWC_BLOCK
+            dense_cost = ((0.0 if nchwc(src) or reads_nchw else _reorder_s(bx))
+                          + (_reorder_s(by) if any(not nchwc(c) for c in dst) else 0.0))
+            macs = float(np.prod(w.dims)) * by / 4.0 / max(1, int(w.dims[0]))
+            t_dense = macs / DENSE_MACS_PER_S
+            t_sparse = t_dense * _sparse_time_ratio(choice.density)
+            if t_dense + dense_cost < t_sparse + sparse_cost:
+                revert(i, nd, conv)
+                changed = True
+                choice.sparse = False
+                choice.reason = (f"density {choice.density:.2f}, kept dense: reordering its tensors to and from the "
+                                 f"NCHWc layout of the dense convs next to it would cost {1e3 * sparse_cost:.2f} ms, "
+                                 f"more than it saves ({1e3 * (t_dense - t_sparse):.2f} ms)")
+        return changed
+
+    def depthwise_pass(first: bool) -> bool:
+        changed = False
+        for i, nd in enumerate(out):
+            if id(nd) not in layout_only:
+                continue
+            conv, choice = originals[id(nd)]
+            bx, by = nbytes(nd.input[0]), nbytes(nd.output[0])
+            src, dst = up(nd.input[0]), down(nd.output[0])
+            keep = bx is not None and by is not None and bool(dst)
+            if keep and first:
+                # Before the sparse layers' own decisions (which take it for an NCHW neighbour): only
+                # next to a layer the rule wrote sparse.
+                keep = any(live(x) for x in (src, *dst))
+            if keep:
+                as_sparse = (_reorder_s(bx) if nchwc(src) else 0.0) + (_reorder_s(by) if any(nchwc(c) for c in dst) else 0.0)
+                as_conv = (0.0 if nchwc(src) else _reorder_s(bx)) + (_reorder_s(by) if any(not nchwc(c) for c in dst) else 0.0)
+                keep = as_sparse < as_conv
+                if keep:
+                    choice.sparse = True
+                    choice.reason = (f"depthwise, written as SparseConv: next to SparseConvs it saves "
+                                     f"{1e3 * (as_conv - as_sparse):.2f} ms of NCHWc reorders")
+            if not keep:
+                revert(i, nd, conv)
+                layout_only.discard(id(nd))
+                choice.sparse = False
+                changed = True
+        return changed
+
+    # Decisions only ever go back to Conv, so this settles: each pass sees the others' results.
+    layout_only = set(layout_only)
+    depthwise_pass(first=True)
+    while sparse_pass() | depthwise_pass(first=False):
+        pass
     return out
 
 

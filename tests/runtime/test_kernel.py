@@ -186,6 +186,27 @@ def test_stride2_rows(monkeypatch: pytest.MonkeyPatch, isa: str, k: int, h: int,
     assert_close(*run_both(case, x, threads=2))
 
 
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
+@pytest.mark.parametrize("k,stride,h,w,pads,mult", [
+    (3, 1, 9, 56, (1, 1, 1, 1), 1), (3, 2, 12, 57, (1, 1, 1, 1), 1), (3, 2, 8, 8, (0, 0, 1, 1), 1),
+    (5, 1, 7, 7, (2, 2, 2, 2), 1), (5, 2, 11, 40, (1, 2, 3, 1), 1), (3, 1, 5, 17, (0, 2, 2, 0), 2),
+    (5, 2, 6, 14, (2, 2, 2, 2), 2), (3, 1, 3, 113, (1, 1, 1, 1), 1)])
+def test_depthwise(monkeypatch: pytest.MonkeyPatch, isa: str, k: int, stride: int, h: int, w: int,
+                   pads: tuple[int, int, int, int], mult: int) -> None:
+    """Depthwise convs (one input channel per output, depth multiplier 1 or 2) straight from X
+    with masked loads at the borders: wide, narrow and odd rows, asymmetric pads, stride 2, and an
+    output channel whose one connection is pruned (bias only)."""
+    if isa != "auto":
+        monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(k * 1000 + w * 10 + stride)
+    c = 6
+    case = random_case(rng, c, c * mult, k, 1.0, group=c, strides=(stride, stride), pads=pads)
+    case.mask[1] = False
+    case.weight[1] = 0
+    x = rng.standard_normal((2, c, h, w)).astype(np.float32)
+    assert_close(*run_both(case, x, threads=2))
+
+
 @pytest.mark.parametrize("k,stride,pad,hw", [(3, 1, 1, 12), (3, 1, 0, 20), (3, 2, 1, 15), (5, 1, 2, 9)])
 def test_large_batch_whole_image_tasks(k: int, stride: int, pad: int, hw: int) -> None:
     """Batch >= 8: one task per image, padded copies in reused buffers, on 2 threads."""

@@ -366,17 +366,20 @@ def test_residual_add_needs_known_equal_shapes() -> None:
 
 
 def _mobile_block(rng: np.random.Generator, cin: int, hidden: int, hw: int, silu: bool = False,
-                  density: float = 0.1) -> onnx.ModelProto:
-    """x -> 1x1 expand (cin -> hidden) -> ReLU6 (or SiLU) -> depthwise 3x3 -> ReLU6 -> 1x1 project (hidden -> cin)."""
+                  density: float = 0.1, dw_dilation: int = 1, project_density: float = 0.1) -> onnx.ModelProto:
+    """x -> 1x1 expand (cin -> hidden) -> ReLU6 (or SiLU) -> depthwise 3x3 -> ReLU6 -> 1x1 project (hidden -> cin).
+    dw_dilation=2: a depthwise conv the native kernel has no path for (ORT runs it, in NCHWc)."""
     n = helper.make_node
     act = ([n("Sigmoid", ["e"], ["es"]), n("Mul", ["e", "es"], ["ea"])] if silu
            else [n("Clip", ["e", "lo", "hi"], ["ea"])])
     nodes = [n("Conv", ["x", "we"], ["e"], name="expand"), *act,
-             n("Conv", ["ea", "wd"], ["d"], name="dw", pads=[1] * 4, group=hidden), n("Clip", ["d", "lo", "hi"], ["da"]),
+             n("Conv", ["ea", "wd"], ["d"], name="dw", pads=[dw_dilation] * 4, dilations=[dw_dilation] * 2,
+               group=hidden),
+             n("Clip", ["d", "lo", "hi"], ["da"]),
              n("Conv", ["da", "wp"], ["y"], name="project")]
     inits = [numpy_helper.from_array(_masked_weight(rng, hidden, cin, 1, density), "we"),
              numpy_helper.from_array(rng.standard_normal((hidden, 1, 3, 3)).astype(np.float32), "wd"),
-             numpy_helper.from_array(_masked_weight(rng, cin, hidden, 1, 0.1), "wp"),
+             numpy_helper.from_array(_masked_weight(rng, cin, hidden, 1, project_density), "wp"),
              numpy_helper.from_array(np.array(0.0, np.float32), "lo"), numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, hw, hw])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)], inits)
@@ -387,13 +390,14 @@ def _mobile_block(rng: np.random.Generator, cin: int, hidden: int, hw: int, silu
                                                               (24, 144, 56, False, True), (32, 192, 28, True, True)])
 def test_layout_cost_keeps_layers_next_to_nchwc_convs_dense(cin: int, hidden: int, hw: int, silu: bool,
                                                            expand_sparse: bool) -> None:
-    """A 1x1 expansion feeding a depthwise Conv that ORT runs in NCHWc stays dense where reordering
-    its output would cost more than the sparse kernel saves (16->96 on 112x112: 0.44 ms of reorder
-    for 0.33 ms saved; MobileNetV2 ran 1.53x faster than dense with it sparse, 1.72x dense), and
-    goes sparse on smaller planes; the projection after the depthwise conv is sparse either way.
-    Outputs equal the dense graph's."""
+    """A 1x1 expansion feeding a depthwise Conv that ORT runs in NCHWc (a dilated one: the native
+    kernel has no depthwise path for it) stays dense where reordering its output would cost more
+    than the sparse kernel saves (16->96 on 112x112: 0.44 ms of reorder for 0.33 ms saved;
+    MobileNetV2 ran 1.53x faster than dense with it sparse, 1.72x dense), and goes sparse on
+    smaller planes; the projection after the depthwise conv is sparse either way. Outputs equal
+    the dense graph's."""
     rng = np.random.default_rng(hw)
-    src = _mobile_block(rng, cin, hidden, hw, silu)
+    src = _mobile_block(rng, cin, hidden, hw, silu, dw_dilation=2)
     new, report = convert_model(src)
     check(new)
     choices = {c.node: c for c in report.choices}
@@ -415,7 +419,7 @@ def test_layout_cost_counts_channel_counts_that_are_not_whole_nchwc_blocks() -> 
     dense (it went sparse when the cost model took 24-channel convs for NCHW ones, and MobileNetV2
     at density 0.5 ran at 0.89x of dense)."""
     rng = np.random.default_rng(24)
-    src = _mobile_block(rng, 24, 144, 56, density=0.5)
+    src = _mobile_block(rng, 24, 144, 56, density=0.5, dw_dilation=2)
     new, report = convert_model(src)
     check(new)
     expand = {c.node: c for c in report.choices}["expand"]
@@ -424,6 +428,39 @@ def test_layout_cost_counts_channel_counts_that_are_not_whole_nchwc_blocks() -> 
     x = rng.standard_normal((1, 24, 56, 56)).astype(np.float32)
     np.testing.assert_allclose(_session(new).run(None, {"x": x})[0], _session(src).run(None, {"x": x})[0],
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_depthwise_conv_between_sparse_layers_runs_as_sparseconv(silu: bool) -> None:
+    """A depthwise 3x3 between two sparse 1x1 convs is written as SparseConv (density 1, one
+    connection per channel; the native kernel's depthwise path): the block stays NCHW, so the
+    16->96 expansion on 112x112 that a reorder kept dense next to ORT's NCHWc depthwise conv goes
+    sparse too. Its ReLU6 is fused. Outputs equal the dense graph's, through the function body and
+    natively."""
+    rng = np.random.default_rng(96)
+    src = _mobile_block(rng, 16, 96, 112, silu)
+    new, report = convert_model(src)
+    check(new)
+    choices = {c.node: c for c in report.choices}
+    assert all(choices[k].sparse for k in ("expand", "dw", "project")), [c.reason for c in report.choices]
+    assert choices["dw"].density == 1.0 and "depthwise" in choices["dw"].reason
+    ops = [nd.op_type for nd in new.graph.node if nd.domain == DOMAIN]
+    assert len(ops) == 3 and "SparseConvClip" in ops
+    x = rng.standard_normal((2, 16, 112, 112)).astype(np.float32)
+    ref = _session(src).run(None, {"x": x})[0]
+    sessions = [_session(new)] + ([native.session(new.SerializeToString(), 1)] if native.info()["loadable"] else [])
+    for sess in sessions:
+        np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def test_depthwise_conv_between_dense_layers_stays_conv() -> None:
+    """Where both 1x1 neighbours stay dense (density 0.9), the depthwise conv stays ORT's Conv: as a
+    SparseConv it would only add reorders out of and back into the NCHWc layout."""
+    rng = np.random.default_rng(5)
+    src = _mobile_block(rng, 32, 192, 28, density=0.9, project_density=0.9)
+    new, report = convert_model(src)
+    assert not any(c.sparse for c in report.choices), [c.reason for c in report.choices]
+    assert [nd.op_type for nd in new.graph.node if nd.op_type == "Conv"] == ["Conv"] * 3
 
 
 def test_layout_cost_keeps_a_stem_dense_before_an_nchwc_depthwise_conv() -> None:
