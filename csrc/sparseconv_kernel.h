@@ -57,11 +57,32 @@ inline void launder(const float*& p) {
 #endif
 }
 inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+// Masked loads and stores of lanes m (bit i: lane i) on the AVX-512 units, 16- or 8-float
+// (AVX512VL) vectors: masked-off lanes are neither read nor written (loads give 0 there).
+#if defined(__AVX512F__) && (SPARSIFY_VBYTES == 64 || (SPARSIFY_VBYTES == 32 && defined(__AVX512VL__)))
+#define SPARSIFY_MASKED 1
+inline vf load_mask(const float* p, uint32_t m) {
+#if SPARSIFY_VBYTES == 64
+  return vf(_mm512_maskz_loadu_ps(__mmask16(m), p));
+#else
+  return vf(_mm256_maskz_loadu_ps(__mmask8(m), p));
+#endif
+}
+inline void store_mask(float* p, vf v, uint32_t m) {
+#if SPARSIFY_VBYTES == 64
+  _mm512_mask_storeu_ps(p, __mmask16(m), __m512(v));
+#else
+  _mm256_mask_storeu_ps(p, __mmask8(m), __m256(v));
+#endif
+}
+#else
+#define SPARSIFY_MASKED 0
+#endif
 // Stores the first n (< VL) lanes: a masked store where the ISA has one (a libc memcpy per
 // partial row was a fifth of a 28x28 layer's time).
 inline void store_first(float* p, vf v, int64_t n) {
-#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
-  _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1u), __m512(v));
+#if SPARSIFY_MASKED
+  store_mask(p, v, (1u << n) - 1u);
 #else
   float tmp[VL];
   storeu(tmp, v);
@@ -953,16 +974,8 @@ void tiny2_channel(const float*, float*, const float*, const int64_t*, int64_t, 
 // row (lanes whose source column is padding read nothing and are zero), so there is no padded
 // copy, which cost as much as the K*K FMAs per output vector themselves. Stride 2 loads two
 // vectors per pair of taps (kx = 2m, 2m + 1) and splits them into even and odd columns.
-#if defined(__AVX512F__) && (SPARSIFY_VBYTES == 64 || (SPARSIFY_VBYTES == 32 && defined(__AVX512VL__)))
+#if SPARSIFY_MASKED
 constexpr bool kHasDw = true;
-
-inline vf load_mask(const float* p, uint32_t m) {
-#if SPARSIFY_VBYTES == 64
-  return vf(_mm512_maskz_loadu_ps(__mmask16(m), p));
-#else
-  return vf(_mm256_maskz_loadu_ps(__mmask8(m), p));
-#endif
-}
 
 // The lanes i of a vector whose column first + i lies in [0, n).
 inline uint32_t lanes_in(int64_t first, int64_t n) {
@@ -1232,7 +1245,7 @@ void scale_shift_relu(const float* __restrict x, float* __restrict y, int64_t n,
 // input the op subsampled first). NV vectors of the plane at a time; NS accumulator sets take
 // alternate connections so that about eight independent FMA chains are in flight (one accumulator
 // per vector was latency-bound on small planes). PARTIAL: the last vector holds `tail` floats
-// (masked loads and stores on AVX-512; other ISAs never pass it). The epilogue (sum input z,
+// (masked loads and stores on the AVX-512 units; other ISAs never pass it). The epilogue (sum input z,
 // clamp) runs on the accumulators before the one store.
 template <int NV, int NS, bool PARTIAL>
 void pw_vectors(const float* __restrict xg, int64_t xs, int64_t px, float* __restrict y, const float* __restrict w_row,
@@ -1243,17 +1256,17 @@ void pw_vectors(const float* __restrict xg, int64_t xs, int64_t px, float* __res
   for (int s = 0; s < NS; ++s)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[s][v] = s == 0 ? bcast(bias) : vf{};
-#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
-  const __mmask16 m = PARTIAL ? __mmask16((1u << tail) - 1u) : __mmask16(0xffff);
+#if SPARSIFY_MASKED
+  const uint32_t m = PARTIAL ? (1u << tail) - 1u : ~0u;
 #endif
   auto one = [&](vf (&a)[NV], int64_t k) __attribute__((always_inline)) {
     const vf w = bcast(w_row[k]);
     const float* src = xg + cols[k] * xs + px;
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
+#if SPARSIFY_MASKED
       if (PARTIAL && v == NV - 1) {
-        a[v] += w * vf(_mm512_maskz_loadu_ps(m, src + v * VL));
+        a[v] += w * load_mask(src + v * VL, m);
         continue;
       }
 #endif
@@ -1270,8 +1283,8 @@ void pw_vectors(const float* __restrict xg, int64_t xs, int64_t px, float* __res
   for (int v = 0; v < NV; ++v) {
     vf r = acc[0][v];
     if (z != nullptr) {
-#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
-      if (PARTIAL && v == NV - 1) r += vf(_mm512_maskz_loadu_ps(m, z + p + v * VL));
+#if SPARSIFY_MASKED
+      if (PARTIAL && v == NV - 1) r += load_mask(z + p + v * VL, m);
       else
 #endif
         r += loadu(z + p + v * VL);
@@ -1311,7 +1324,7 @@ void pw_range(const float* xg, int64_t xs, int64_t xoff, float* y, const float* 
   for (; p + 8 * VL <= p1; p += 8 * VL)
     pw_vectors<8, 1, false>(xg, xs, p - xoff, y, w_row, cols, cnt, bias, p, 0, e, z);
   const int64_t nv = (p1 - p) / VL, tail = (p1 - p) % VL;
-#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
+#if SPARSIFY_MASKED
   if (tail > 0) return pw_rest<true>(xg, xs, p - xoff, y, w_row, cols, cnt, bias, p, nv + 1, tail, e, z);
 #endif
   if (nv > 0) pw_rest<false>(xg, xs, p - xoff, y, w_row, cols, cnt, bias, p, nv, 0, e, z);

@@ -440,13 +440,14 @@ def test_imagenet_size_shapes(cin: int, cout: int, k: int, stride: int, pad: int
 @pytest.mark.parametrize(
     "k,stride,pad,hw,n",
     [(3, 1, 1, 32, 1), (3, 1, 1, 32, 9), (3, 1, 1, 8, 1), (3, 1, 1, 4, 16), (3, 1, 1, 2, 3),
-     (3, 2, 1, 17, 2), (1, 1, 0, 12, 1), (1, 2, 0, 12, 2), (5, 1, 2, 11, 1), (2, 1, 0, 9, 1)],
+     (3, 2, 1, 17, 2), (1, 1, 0, 12, 1), (1, 2, 0, 12, 2), (5, 1, 2, 11, 1), (2, 1, 0, 9, 1),
+     (1, 1, 0, 7, 2), (1, 2, 0, 14, 1)],  # pointwise on 7x7: 8-float vectors, a masked last one
 )
 @pytest.mark.parametrize("op", ["SparseConvAdd", "SparseConvAddRelu"])
 def test_sum_input_on_every_path(k: int, stride: int, pad: int, hw: int, n: int, op: str) -> None:
     """SparseConvAdd equals Conv + Z and SparseConvAddRelu Relu(Conv + Z) on each path (strips,
-    whole images, by input channel, 2x2, direct, pointwise, strided pointwise, generic), on 1 and
-    2 threads."""
+    whole images, by input channel, 2x2, direct, pointwise incl. 7x7 planes, strided pointwise,
+    generic), on 1 and 2 threads."""
     rng = np.random.default_rng(k * 100 + hw + n)
     case = random_case(rng, 48, 40, k, 0.4, strides=(stride, stride), pads=(pad,) * 4)
     x = rng.standard_normal((n, 48, hw, hw)).astype(np.float32)
