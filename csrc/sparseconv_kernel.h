@@ -75,6 +75,19 @@ inline void store_mask(float* p, vf v, uint32_t m) {
   _mm256_mask_storeu_ps(p, __mmask8(m), __m256(v));
 #endif
 }
+// Lanes m .. VL - 1 of cur followed by lanes 0 .. m - 1 of next (valignd).
+template <int M>
+inline vf rotate_impl(vf next, vf cur) {
+#if SPARSIFY_VBYTES == 64
+  return vf(_mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(__m512(next)), _mm512_castps_si512(__m512(cur)), M)));
+#else
+  return vf(_mm256_castsi256_ps(_mm256_alignr_epi32(_mm256_castps_si256(__m256(next)), _mm256_castps_si256(__m256(cur)), M)));
+#endif
+}
+// m in 1 .. 3 (a constant once the callers' loops are unrolled).
+__attribute__((always_inline)) inline vf rotate(vf next, vf cur, int m) {
+  return m == 1 ? rotate_impl<1>(next, cur) : m == 2 ? rotate_impl<2>(next, cur) : rotate_impl<3>(next, cur);
+}
 #else
 #define SPARSIFY_MASKED 0
 #endif
@@ -173,33 +186,31 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
             else return bcast(wk[t]);
           };
           const float* row = base;
-#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
+#if SPARSIFY_MASKED
           if constexpr (S == 2) {
-            // Stride 2 on AVX-512: tap kx reads phase kx % 2 at column offset kx / 2, which is
-            // the phase's vectors rotated by kx / 2 lanes (valignd with the next vector): two
-            // loads per row and vector instead of K, most of them aligned with no line split.
+            // Stride 2 on the AVX-512 units: tap kx reads phase kx % 2 at column offset kx / 2,
+            // which is the phase's vectors rotated by kx / 2 lanes (valignd with the next vector):
+            // two loads per row and vector instead of K, most of them aligned with no line split.
             // The next vector is needed only when a valid output lane reads past the block.
             constexpr int M = (K - 1) / 2;  // largest offset (even phase; the odd one's is M - 1)
-            const __mmask16 mnext = __mmask16((1u << (M > 0 ? M : 1)) - 1u);
+            const uint32_t mnext = (1u << (M > 0 ? M : 1)) - 1u;
 #pragma GCC unroll 64
             for (int rr = 0; rr < ROWS; ++rr, row += Wps) {
               if constexpr (!kRegW) launder(wk);
-              __m512i ph[2][V + 1];
+              vf ph[2][V + 1];
 #pragma GCC unroll 2
               for (int q = 0; q < 2; ++q) {
                 const float* src = row + q * phase;
 #pragma GCC unroll 16
-                for (int v = 0; v < V; ++v) ph[q][v] = _mm512_castps_si512(__m512(load_once(src + v * VL)));
-                ph[q][V] = (M - q > 0 && next) ? _mm512_castps_si512(_mm512_maskz_loadu_ps(mnext, src + V * VL))
-                                               : _mm512_setzero_si512();
+                for (int v = 0; v < V; ++v) ph[q][v] = load_once(src + v * VL);
+                ph[q][V] = (M - q > 0 && next) ? load_mask(src + V * VL, mnext) : vf{};
               }
 #pragma GCC unroll 16
               for (int kx = 0; kx < K; ++kx) {
                 const int q = kx % 2, m = kx / 2;
 #pragma GCC unroll 16
                 for (int v = 0; v < V; ++v) {
-                  const vf in = vf(_mm512_castsi512_ps(
-                      m == 0 ? ph[q][v] : _mm512_alignr_epi32(ph[q][v + 1], ph[q][v], m % VL)));
+                  const vf in = m == 0 ? ph[q][v] : rotate(ph[q][v + 1], ph[q][v], m);
 #pragma GCC unroll 16
                   for (int j = 0; j < R; ++j) {
                     const int ky = rr - S * j;
@@ -301,8 +312,8 @@ int pick_cfg(int K, int S, int64_t Ho, int64_t Wo) {
     // dependent FMAs (4 cycles each) allows; loads mostly cross cache lines (~1 per cycle).
     const double blocks = double(cdiv(Ho, c.R)) * double(cdiv(nv, c.V));
     const double fma = double(c.R) * c.V * K * K;
-    // Stride 2 on AVX-512 loads each phase's row once (lane rotations make the kx taps).
-    const double loads = double(S * (c.R - 1) + K) * (S == 2 && VL == 16 ? 2 : K) * c.V;
+    // Stride 2 on the AVX-512 units loads each phase's row once (lane rotations make the kx taps).
+    const double loads = double(S * (c.R - 1) + K) * (S == 2 && SPARSIFY_MASKED ? 2 : K) * c.V;
     double cycles = fma / 2 > 4.0 * K * K ? fma / 2 : 4.0 * K * K;
     if (loads > cycles) cycles = loads;
     const double cost = blocks * (cycles + 4.0);
