@@ -15,9 +15,17 @@ sparsify.runtime.onnx_sparse.sparse_threshold, keeps a plain Conv above the laye
 It also sweeps density to find where the sparse kernel stops beating dense Conv (the crossover),
 the measurements behind that rule.
 
+`--set depthwise` times the depthwise convs of MobileNetV2 / EfficientNet-B0 instead: the native
+kernel's depthwise path (a SparseConv with one connection per channel, density 1) against ORT's
+Conv alone in a graph, where ORT reorders the input into its blocked NCHWc layout and the output
+back, which is what a depthwise conv between two SparseConvs costs when ORT runs it. "export" says
+whether the exporter writes such a conv as a SparseConv next to SparseConvs
+(sparsify.runtime.onnx_sparse.depthwise_native).
+
     python benchmarks/bench_kernel.py                    # both sets (long on 2 cores)
     python benchmarks/bench_kernel.py --set large --threads 1 --no-sweep --cpu-clock
     python benchmarks/bench_kernel.py --only 1x1 --densities 0.1
+    python benchmarks/bench_kernel.py --set depthwise --threads 1 --batches 1 8
     python benchmarks/bench_kernel.py --quick            # CI smoke: fewer shapes and repetitions
     python benchmarks/bench_kernel.py --json out.json
 """
@@ -37,7 +45,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sparsify.runtime import native
 from sparsify.runtime.bench import SPIN_SETTLE_S, time_bursts
-from sparsify.runtime.onnx_sparse import DOMAIN, DOMAIN_VERSION, sparse_conv_node, sparse_threshold
+from sparsify.runtime.onnx_sparse import DOMAIN, DOMAIN_VERSION, depthwise_native, sparse_conv_node, sparse_threshold
 
 @dataclass(frozen=True)
 class Layer:
@@ -76,6 +84,11 @@ LARGE = [Layer(64, 64, hw=56), Layer(128, 128, hw=28), Layer(256, 256, hw=14), L
          Layer(256, 1024, 1, hw=14), Layer(1024, 256, 1, hw=14), Layer(512, 2048, 1, hw=7), Layer(2048, 512, 1, hw=7),
          Layer(128, 128, 3, 2, 56), Layer(256, 256, 3, 2, 28), Layer(512, 512, 3, 2, 14),
          Layer(256, 512, 1, 2, 56), Layer(512, 1024, 1, 2, 28), Layer(1024, 2048, 1, 2, 14)]
+# Depthwise convs (C channels, k x k, stride, input plane): MobileNetV2's 3x3 ones and
+# EfficientNet-B0's 3x3 / 5x5 ones, 112x112 down to 7x7.
+DEPTHWISE = [(32, 3, 1, 112), (96, 3, 2, 112), (144, 3, 1, 56), (144, 3, 2, 56), (192, 3, 1, 28), (192, 3, 2, 28),
+             (384, 3, 1, 14), (576, 3, 1, 14), (960, 3, 1, 7), (240, 5, 2, 56), (240, 5, 1, 28), (480, 5, 1, 14),
+             (672, 5, 2, 14), (1152, 5, 1, 7)]
 SETS = {"small": (SMALL, (1, 16)), "large": (LARGE, (1, 8))}  # layers and default batch sizes
 QUICK = [SMALL[0], SMALL[2], LARGE[5], LARGE[13]]
 DENSITIES = (0.1, 0.5)
@@ -184,6 +197,47 @@ def bench_layer(lay: Layer, n: int, threads: int, d: float, reps: int, min_sampl
     return row
 
 
+def bench_depthwise(c: int, k: int, stride: int, hw: int, n: int, threads: int, reps: int, min_sample_s: float,
+                    rng: np.random.Generator) -> dict:
+    """ORT's depthwise Conv (with its NCHWc reorders) vs the native depthwise path on one layer."""
+    attrs = dict(strides=[stride] * 2, pads=[k // 2] * 4, dilations=[1, 1], group=c)
+    weight = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+    bias = rng.standard_normal(c).astype(np.float32)
+    dense = _model([helper.make_node("Conv", ["X", "Wd", "B"], ["Y"], kernel_shape=[k, k], **attrs)],
+                   {"Wd": weight, "B": bias}, c)
+    inits = {"W": weight[:, 0].copy(), "row_ptr": np.arange(c + 1, dtype=np.int64),
+             "col_idx": np.zeros(c, np.int64), "B": bias}
+    sparse = _model([sparse_conv_node(["X", "W", "row_ptr", "col_idx", "B"], ["Y"], in_channels=c, **attrs)], inits, c)
+    sessions = {"ort": native.session(dense, threads, native=False), "native": native.session(sparse, threads)}
+    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    feeds = {name: {"X": x} for name in sessions}
+    y_n, y_o = (sessions[name].run(None, {"X": x})[0] for name in ("native", "ort"))
+    err = float(np.abs(y_n - y_o).max() / max(1.0, float(np.abs(y_o).max())))
+    if err > 1e-4:
+        raise SystemExit(f"the depthwise path disagrees with ORT's Conv at {c}@{hw} {k}x{k}/s{stride}: rel err {err:.2e}")
+    t = time_interleaved(sessions, feeds, reps, min_sample_s, threads)
+    out = (hw + 2 * (k // 2) - k) // stride + 1
+    return {"layer": f"dw {k}x{k}" + (f"/s{stride}" if stride > 1 else "") + f" {c}@{hw}", "N": n, "threads": threads,
+            "ort_ms": t["ort"] * 1e3, "native_ms": t["native"] * 1e3, "ort_over_native": t["ort"] / t["native"],
+            "export": depthwise_native((k, k), (stride, stride), (1, 1), [k // 2] * 4, 1, (out, out))}
+
+
+def run_depthwise(args: argparse.Namespace, reps: int, min_sample_s: float) -> list[dict]:
+    rows = []
+    hdr = f"{'layer':>20} {'N':>3} {'thr':>3} | {'ORT ms':>8} {'native ms':>9} | {'ORT/native':>10} {'export':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    rng = np.random.default_rng(0)
+    for c, k, stride, hw in DEPTHWISE[:3] if args.quick else DEPTHWISE:
+        for n in args.batches or ((1,) if args.quick else (1, 8)):
+            for thr in args.threads:
+                r = bench_depthwise(c, k, stride, hw, n, thr, reps, min_sample_s, rng)
+                rows.append(r)
+                print(f"{r['layer']:>20} {n:>3} {thr:>3} | {r['ort_ms']:>8.3f} {r['native_ms']:>9.3f} | "
+                      f"{r['ort_over_native']:>9.2f}x {'sparse' if r['export'] else 'Conv':>7}", flush=True)
+    return rows
+
+
 def crossover(lay: Layer, n: int, threads: int, reps: int, min_sample_s: float,
               rng: np.random.Generator, cpu_clock: bool = False) -> dict:
     """Speed-up over the density sweep; the crossover is where it falls to 1 (interpolated)."""
@@ -204,8 +258,9 @@ def crossover(lay: Layer, n: int, threads: int, reps: int, min_sample_s: float,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (CI smoke)")
-    ap.add_argument("--set", choices=["small", "large", "all"], default="all",
-                    help="layer set: small (CIFAR-size 3x3), large (224x224 ResNet shapes), all (default)")
+    ap.add_argument("--set", choices=["small", "large", "all", "depthwise"], default="all",
+                    help="layer set: small (CIFAR-size 3x3), large (224x224 ResNet shapes), all (default: both), "
+                         "depthwise (MobileNetV2 / EfficientNet-B0 depthwise convs: native path vs ORT's)")
     ap.add_argument("--only", default=None, help="only layers whose label contains one of these comma-separated strings")
     ap.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES), help="densities (default 0.1 0.5)")
     ap.add_argument("--reps", type=int, default=None, help="timed samples per session (default 11, quick 3)")
@@ -224,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reps = args.reps or (3 if args.quick else 11)
     min_sample_s = 0.002 if args.quick else 0.01
+    if args.set == "depthwise":
+        print(f"onnxruntime {inf['onnxruntime_version']}, kernel isa={inf['isa']}, reps={reps} (medians, interleaved)")
+        rows = run_depthwise(args, reps, min_sample_s)
+        if args.json:
+            args.json.write_text(json.dumps({"info": inf, "depthwise": rows}, indent=1))
+        return 0
     plan: list[tuple[Layer, tuple[int, ...]]] = []
     for name in (("small", "large") if args.set == "all" else (args.set,)):
         layers, default_batches = SETS[name]

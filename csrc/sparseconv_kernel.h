@@ -14,8 +14,11 @@
 //    from X into registers; shifted planes are lane rotations and masked loads; no padded copy.
 //  - kFlat3: 3x3 stride 1: wide rows padded to whole vectors in one copy (AVX-512 'same' convs:
 //    unshifted aligned rows, kx taps by lane rotation), narrow rows packed several per vector.
+//  - kDepthwise (AVX-512 units): 3x3 / 5x5, stride 1 or 2, one input channel per output: masked
+//    loads straight from X (no padded copy), four output rows per pass.
 //  - kDirect: 1x1 / 3x3 / 5x5 / 7x7, stride 1 or 2, over a zero-padded copy (stride 2 split into
-//    even/odd column phases so that every tap reads contiguous memory).
+//    even/odd column phases so that every tap reads contiguous memory; on the AVX-512 units the
+//    kx taps are lane rotations of each phase's row).
 //  - kPointwise: 1x1 without pads (strided ones over a subsampled input): tiles of pixels whose
 //    input rows stay in L2 while every output channel streams its connections over them (an
 //    SpMM bound by the L2 bandwidth: each connection reads its input row once per tile).

@@ -390,7 +390,8 @@ def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations:
 
 
 # Depthwise convs run by the native kernel need output planes at least this wide and high: on
-# 7x7 outputs (8-float vectors, a few FMAs per channel) it took 1.5-2x ORT's time.
+# 7x7 outputs (8-float vectors, a few FMAs per channel) ORT's Conv with its reorders was faster
+# (`benchmarks/bench_kernel.py --set depthwise`: native 0.67-0.90x of it).
 MIN_DEPTHWISE_HW = 14
 
 
@@ -399,8 +400,9 @@ def depthwise_native(kernel: tuple[int, int], strides: Sequence[int], dilations:
     """Whether the native kernel's depthwise path runs this conv at least as fast as ONNX Runtime's
     blocked-layout (NCHWc) depthwise Conv: one input channel per output, 3x3 or 5x5, stride 1 or 2,
     no dilation, pads below the kernel size, output planes of at least MIN_DEPTHWISE_HW x
-    MIN_DEPTHWISE_HW (measured with ORT 1.32 on AVX-512: 3x3 1.4-1.5x of ORT's time incl. its
-    reorders from 14x14 up, 5x5 1.06-1.13x). Next to SparseConv layers such a conv is written as a
+    MIN_DEPTHWISE_HW (``benchmarks/bench_kernel.py --set depthwise``, ORT 1.32, AVX-512: ORT's Conv
+    with the reorders into and out of its NCHWc layout took 1.2-1.6x the native time on 3x3, 1.03-1.13x
+    on 5x5 at batch 1, 1.3-5x at batch 8). Next to SparseConv layers such a conv is written as a
     SparseConv too, so the tensors between them stay NCHW (see ``_layout_pass``)."""
     kh, kw = kernel
     return (cin_per_group == 1 and kh == kw and kh in (3, 5) and len(set(int(x) for x in strides)) == 1
