@@ -463,6 +463,20 @@ def test_depthwise_conv_between_dense_layers_stays_conv() -> None:
     assert [nd.op_type for nd in new.graph.node if nd.op_type == "Conv"] == ["Conv"] * 3
 
 
+def test_depthwise_conv_stays_conv_next_to_a_layer_sparse_without_a_saving() -> None:
+    """At density 0.5 the 24->144 expansion is under its rule's threshold (0.6) but saves nothing by
+    the layout cost model, and the projection stays dense: the depthwise conv between them stays
+    ORT's Conv and the expansion dense (written for the layout, the pair made MobileNetV2 at density
+    0.5 0.98x of dense)."""
+    rng = np.random.default_rng(50)
+    src = _mobile_block(rng, 24, 144, 56, density=0.5, project_density=0.5)
+    new, report = convert_model(src)
+    choices = {c.node: c for c in report.choices}
+    assert not any(c.sparse for c in report.choices), [c.reason for c in report.choices]
+    assert "NCHWc" in choices["expand"].reason
+    assert [nd.op_type for nd in new.graph.node if nd.op_type == "Conv"] == ["Conv"] * 3
+
+
 def test_layout_cost_keeps_a_stem_dense_before_an_nchwc_depthwise_conv() -> None:
     """A 3-channel stem (3x3/s2 to 112x112) feeding a depthwise Conv: ORT's NCHWc Conv reads the NCHW
     image directly, so dense it costs no reorder into the blocked layout while sparse its 32x112x112
