@@ -91,6 +91,13 @@ inline vf rotate_impl(vf next, vf cur) {
 __attribute__((always_inline)) inline vf rotate(vf next, vf cur, int m) {
   return m == 1 ? rotate_impl<1>(next, cur) : m == 2 ? rotate_impl<2>(next, cur) : rotate_impl<3>(next, cur);
 }
+// The lanes i of a vector whose column first + i lies in [0, n): the mask of a row's load at
+// column first that reads nothing outside the row.
+inline uint32_t lanes_in(int64_t first, int64_t n) {
+  const int64_t a = first < 0 ? -first : 0, b = n - first < VL ? n - first : VL;
+  if (b <= a) return 0;
+  return ((1u << b) - 1u) & ~((1u << a) - 1u);
+}
 #else
 #define SPARSIFY_MASKED 0
 #endif
@@ -991,13 +998,6 @@ void tiny2_channel(const float*, float*, const float*, const int64_t*, int64_t, 
 #if SPARSIFY_MASKED
 constexpr bool kHasDw = true;
 
-// The lanes i of a vector whose column first + i lies in [0, n).
-inline uint32_t lanes_in(int64_t first, int64_t n) {
-  const int64_t a = first < 0 ? -first : 0, b = n - first < VL ? n - first : VL;
-  if (b <= a) return 0;
-  return ((b >= 32 ? ~0u : (1u << b) - 1u)) & ~((1u << a) - 1u);
-}
-
 // R output rows at a time (each loaded input row feeds every output row that needs it), two
 // accumulator chains per row (taps of even / odd kernel rows). K = 3 keeps its nine weights in
 // registers; K = 5 broadcasts each weight from w in its FMA (25 would not fit beside the block).
@@ -1159,29 +1159,19 @@ constexpr int64_t kPadRow = 4096;
 // columns (phase 0) and odd columns (phase 1), each p.Wps floats, in one pass over the row.
 void pad_row_s2(const Geom& g, const Plan& p, const float* __restrict src, float* __restrict even,
                 float* __restrict odd) {
-#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
-  // Padded columns [2c, 2c + 32) are two masked loads at input column 2c - pl (lanes outside the
-  // row are zero and never read); valid lanes come from the row's bounds.
-  const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
-  auto valid = [&](int64_t first) {  // lanes i with 0 <= first + i < W
-    const int64_t lo = first < 0 ? -first : 0, hi = g.W - first;
-    if (hi <= lo) return __mmask16(0);
-    const uint32_t top = hi >= VL ? 0xffffu : (1u << hi) - 1u;
-    return __mmask16(top & ~((1u << (lo < VL ? lo : VL)) - 1u));
-  };
+#if SPARSIFY_MASKED
+  // Padded columns [2c, 2c + 2 VL) are two masked loads at input column 2c - pl (lanes outside
+  // the row are zero and never read), split into even and odd lanes.
   for (int64_t c = 0; c < p.Wps; c += VL) {
     const int64_t first = 2 * c - g.pl;
-    const __m512 a = _mm512_maskz_loadu_ps(valid(first), src + first);
-    const __m512 b = _mm512_maskz_loadu_ps(valid(first + VL), src + first + VL);
-    const __m512 e = _mm512_permutex2var_ps(a, ev, b), o = _mm512_permutex2var_ps(a, od, b);
+    const vf a = load_mask(src + first, lanes_in(first, g.W)), b = load_mask(src + first + VL, lanes_in(first + VL, g.W));
+    const vf e = __builtin_shuffle(a, b, kEven), o = __builtin_shuffle(a, b, kEven + 1);
     if (c + VL <= p.Wps) {
-      _mm512_storeu_ps(even + c, e);
-      _mm512_storeu_ps(odd + c, o);
+      storeu(even + c, e);
+      storeu(odd + c, o);
     } else {
-      const __mmask16 m = __mmask16((1u << (p.Wps - c)) - 1u);
-      _mm512_mask_storeu_ps(even + c, m, e);
-      _mm512_mask_storeu_ps(odd + c, m, o);
+      store_first(even + c, e, p.Wps - c);
+      store_first(odd + c, o, p.Wps - c);
     }
   }
 #else
