@@ -1159,24 +1159,9 @@ constexpr int64_t kPadRow = 4096;
 // columns (phase 0) and odd columns (phase 1), each p.Wps floats, in one pass over the row.
 void pad_row_s2(const Geom& g, const Plan& p, const float* __restrict src, float* __restrict even,
                 float* __restrict odd) {
-#if SPARSIFY_MASKED
-  // Padded columns [2c, 2c + 2 VL) are two masked loads at input column 2c - pl (lanes outside
-  // the row are zero and never read), split into even and odd lanes.
-  for (int64_t c = 0; c < p.Wps; c += VL) {
-    const int64_t first = 2 * c - g.pl;
-    const vf a = load_mask(src + first, lanes_in(first, g.W)), b = load_mask(src + first + VL, lanes_in(first + VL, g.W));
-    const vf e = __builtin_shuffle(a, b, kEven), o = __builtin_shuffle(a, b, kEven + 1);
-    if (c + VL <= p.Wps) {
-      storeu(even + c, e);
-      storeu(odd + c, o);
-    } else {
-      store_first(even + c, e, p.Wps - c);
-      store_first(odd + c, o, p.Wps - c);
-    }
-  }
-#else
-  // The zero-padded row in a line buffer, then even / odd lanes of each pair of vectors (a scalar
-  // loop here was 40% of a 3x3/s2 layer on 56x56).
+#if !SPARSIFY_MASKED
+  // Without masked loads: the zero-padded row in a line buffer first (a scalar split here was 40%
+  // of a 3x3/s2 layer on 56x56).
   const int64_t n = 2 * cdiv(p.Wps, VL) * VL;
   if (n > kPadRow) {
     for (int64_t c = 0; c < p.Wps; ++c) {
@@ -1191,8 +1176,16 @@ void pad_row_s2(const Geom& g, const Plan& p, const float* __restrict src, float
   std::memset(t, 0, sizeof(float) * left);
   std::memcpy(t + left, src, sizeof(float) * cnt);
   std::memset(t + left + cnt, 0, sizeof(float) * (n - left - cnt));
+#endif
+  // Padded columns [2c, 2c + 2 VL) as two vectors, split into even and odd lanes.
   for (int64_t c = 0; c < p.Wps; c += VL) {
+#if SPARSIFY_MASKED
+    // Masked loads at input column 2c - pl: lanes outside the row are zero and never read.
+    const int64_t first = 2 * c - g.pl;
+    const vf a = load_mask(src + first, lanes_in(first, g.W)), b = load_mask(src + first + VL, lanes_in(first + VL, g.W));
+#else
     const vf a = loadu(t + 2 * c), b = loadu(t + 2 * c + VL);
+#endif
     const vf e = __builtin_shuffle(a, b, kEven), o = __builtin_shuffle(a, b, kEven + 1);
     if (c + VL <= p.Wps) {
       storeu(even + c, e);
@@ -1202,7 +1195,6 @@ void pad_row_s2(const Geom& g, const Plan& p, const float* __restrict src, float
       store_first(odd + c, o, p.Wps - c);
     }
   }
-#endif
 }
 
 void pad_channel(const Geom& g, const Plan& p, const float* __restrict x, float* __restrict xp) {
