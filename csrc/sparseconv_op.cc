@@ -334,8 +334,8 @@ constexpr int64_t kPrefetchBytes = 4 << 20;
 constexpr int64_t kStreamBytes = 16 << 20;
 // Bytes of a 1x1 conv's input tile (all input channels of a group).
 constexpr int64_t kPwTileBytes = 256 * 1024;
-// 1x1 convs on planes of at most this many pixels that leave up to half a 16-float vector over
-// run on 8-float vectors.
+// 1x1 convs on planes of at most this many pixels that leave up to half a vector over run on
+// the narrow unit's vectors.
 constexpr int64_t kPwNarrowPixels = 128;
 
 struct Job {
@@ -930,24 +930,18 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   // 3x3 path packs two 8-float rows per 16-float vector; one row per 8-float vector of the narrow
   // unit runs faster (aligned row loads, 7 of 8 lanes used on 7x7: 512@7 at density 0.1, 0.54 ->
   // 0.36 ms).
-  if (((p.kind != sparsify_conv::kFlat3 && p.kind != sparsify_conv::kSmall3 && p.kind != sparsify_conv::kTiny2 &&
-        p.kind != sparsify_conv::kPointwise) ||
-       (p.kind == sparsify_conv::kFlat3 && p.P > 1)) && g.Wo <= 8) {
+  const bool narrow_rows = ((p.kind != sparsify_conv::kFlat3 && p.kind != sparsify_conv::kSmall3 &&
+                             p.kind != sparsify_conv::kTiny2 && p.kind != sparsify_conv::kPointwise) ||
+                            (p.kind == sparsify_conv::kFlat3 && p.P > 1)) && g.Wo <= 8;
+  // 1x1 convs read the plane as one flat run: on small planes that leave at most half a vector
+  // over (7x7: 49 = 3 x 16 + 1), the narrow unit's vectors waste fewer lanes (7 of 56 instead of 15
+  // of 64), at the same lanes per cycle where 16-float FMAs are split in two (AMD Zen 4).
+  const int64_t left_over = (g.Ho * g.Wo) % p.VL;
+  const bool narrow_plane = p.kind == sparsify_conv::kPointwise && g.Ho * g.Wo <= kPwNarrowPixels &&
+                            left_over != 0 && left_over <= p.VL / 2;
+  if (narrow_rows || narrow_plane) {
     fns = g_narrow.load(std::memory_order_relaxed);
     fns->make_plan(g, &p);
-  }
-  // 1x1 convs read the plane as one flat run: on planes that leave part of a 16-float vector over
-  // (7x7: 49 = 3 x 16 + 1), 8-float vectors waste fewer lanes (7 of 56 instead of 15 of 64), at the
-  // same lanes per cycle where 16-float FMAs are split in two (AMD Zen 4).
-  if (p.kind == sparsify_conv::kPointwise && g.Ho * g.Wo <= kPwNarrowPixels && (g.Ho * g.Wo) % 16 != 0 &&
-      (g.Ho * g.Wo) % 16 <= 8) {
-    const KernelFns* narrow = g_narrow.load(std::memory_order_relaxed);
-    Plan q;
-    narrow->make_plan(g, &q);
-    if (q.kind == sparsify_conv::kPointwise && q.VL == 8) {
-      fns = narrow;
-      p = q;
-    }
   }
   // The fused pre-activation: stride-1 1x1 convs apply it tile by tile (pointwise_block); other
   // paths read Relu(X * S + T) from scratch memory written in one pass here.

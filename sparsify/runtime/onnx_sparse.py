@@ -600,7 +600,7 @@ def _reorder_s(nbytes: float) -> float:
 
 def _layout_pass(nodes: list[onnx.NodeProto], originals: dict[int, tuple[onnx.NodeProto, ConvChoice]],
                  shapes: dict[str, list[int]], consts: dict[str, onnx.TensorProto],
-                 layout_only: set[int] = frozenset()) -> list[onnx.NodeProto]:
+                 layout_only: frozenset[int] | set[int] = frozenset()) -> list[onnx.NodeProto]:
     """Keep a SparseConv dense where ORT would reorder its input or output to and from the NCHWc
     layout of neighbouring dense Convs (through Relu / Clip) for longer than the sparse kernel saves:
     the per-layer rule measures layers alone, without those reorders. In MobileNetV2 / EfficientNet-B0
@@ -613,7 +613,6 @@ def _layout_pass(nodes: list[onnx.NodeProto], originals: dict[int, tuple[onnx.No
     bytes to reorder than ORT's NCHWc Conv would (its neighbours are SparseConvs, in NCHW), else it
     is a Conv again. MobileNetV2 at density 0.1: 1.68x of dense at batch 8 with them, 1.29x without
     (the reorders around every depthwise conv were a fifth of the sparse model's time)."""
-    layout_only = set(layout_only)
     producer = {o: nd for nd in nodes for o in nd.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for nd in nodes:
@@ -682,13 +681,13 @@ def _layout_pass(nodes: list[onnx.NodeProto], originals: dict[int, tuple[onnx.No
                     + (_reorder_s(by) if any(not nchwc(c) for c in dst) else 0.0))
         return (_reorder_s(bx) if nchwc(src) else 0.0) + (_reorder_s(by) if any(nchwc(c) for c in dst) else 0.0)
 
+    out = list(nodes)
+
     def revert(i: int, nd: onnx.NodeProto, conv: onnx.NodeProto) -> None:
         out[i] = conv
         current[id(nd)] = conv
         current[id(conv)] = conv
         producer.update({o: conv for o in conv.output})
-
-    out = list(nodes)
 
     def saving(nd: onnx.NodeProto) -> float:
         """Seconds SparseConv nd saves over its Conv by the layout cost model (reorders aside)."""
@@ -746,7 +745,6 @@ def _layout_pass(nodes: list[onnx.NodeProto], originals: dict[int, tuple[onnx.No
                                      f"{1e3 * (as_conv - as_sparse):.2f} ms of NCHWc reorders")
             if not keep:
                 revert(i, nd, conv)
-                layout_only.discard(id(nd))
                 choice.sparse = False
                 changed = True
         return changed
