@@ -92,7 +92,13 @@ struct PwArgs {
   const float* S;
   const float* T;
   float* pack;
+  // same[o]: how many output channels from o on (o included, up to kPwBlock, within o's group)
+  // read exactly o's input channels; nullptr: not computed (every channel on its own).
+  const int32_t* same;
 };
+
+// Output channels per block of the 1x1 path's shared-fan-in unit (pointwise_block).
+constexpr int kPwBlock = 4;
 
 // One ISA's entry points. make_plan fills a Plan; pad_channel writes one input channel's padded
 // copy (layout described by the plan); compute_channel writes output rows [row0, row1) of one

@@ -167,6 +167,8 @@ struct Kernel {
   // the first call that needs it.
   mutable std::mutex csc_mu;
   mutable std::vector<std::shared_ptr<const struct CscLayout>> csc;  // one per block count
+  // The 1x1 path's shared-fan-in runs (same_fan_in) of constant indices, built on the first call.
+  mutable std::shared_ptr<const std::vector<int32_t>> same;
   ~Kernel() {
     if (cpu != nullptr) g_api->ReleaseMemoryInfo(cpu);
   }
@@ -634,6 +636,36 @@ void csc_task(void* ud, size_t i) {
   if (j.e.clamp || j.Z != nullptr) finish(j, y_n + blk.o_begin * hw, (blk.o_end - blk.o_begin) * hw);
 }
 
+// same[o] of PwArgs: how many output channels from o on (o included, at most kPwBlock, all in o's
+// group) list exactly o's input channels. Empty when no sparsify_conv::kPwBlock of them do (no block to run).
+std::vector<int32_t> same_fan_in(const Geom& g, const int64_t* row_ptr, const int64_t* col_idx) {
+  std::vector<int32_t> same(size_t(g.Cout), 1);
+  bool any = false;
+  for (int64_t o = g.Cout - 2; o >= 0; --o) {
+    const int64_t s = row_ptr[o], n = row_ptr[o + 1] - s;
+    if (n > 0 && (o + 1) % g.cout_per_group != 0 && row_ptr[o + 2] - row_ptr[o + 1] == n &&
+        std::equal(col_idx + s, col_idx + s + n, col_idx + s + n)) {
+      same[size_t(o)] = std::min<int32_t>(sparsify_conv::kPwBlock, same[size_t(o) + 1] + 1);
+      any = any || same[size_t(o)] == sparsify_conv::kPwBlock;
+    }
+  }
+  if (!any) same.clear();
+  return same;
+}
+
+// Moves each inner boundary of blocks of output channels forward to where a block of pointwise_block's
+// walk from channel 0 starts, so that no thread's range splits a shared-fan-in block.
+void snap_to_blocks(std::vector<int64_t>& bounds, const int32_t* same, int64_t cout) {
+  std::vector<char> starts(size_t(cout) + 1, 0);
+  for (int64_t o = 0; o < cout; o += same[o] >= sparsify_conv::kPwBlock ? sparsify_conv::kPwBlock : 1) starts[size_t(o)] = 1;
+  starts[size_t(cout)] = 1;
+  for (size_t b = 1; b + 1 < bounds.size(); ++b) {
+    int64_t o = std::max(bounds[b], bounds[b - 1]);
+    while (o < cout && !starts[size_t(o)]) ++o;
+    bounds[b] = o;
+  }
+}
+
 // 1x1 convs: tasks are (image, group of pixel tiles, block of output channels).
 struct PwJob {
   const Geom* g;
@@ -713,8 +745,22 @@ OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, 
   // for the next layer anyway: non-temporal stores save reading each output line before writing
   // it (1x1 64->2048 on 56x56: 4.2 -> 2.2 ms).
   const bool stream = g.N * g.Cout * hwo * int64_t(sizeof(float)) >= kStreamBytes;
+  // Shared-fan-in runs: once for constant indices, else on every call (one pass over col_idx).
+  std::shared_ptr<const std::vector<int32_t>> same;
+  const bool constant = row_ptr == k.const_row_ptr && col_idx == k.const_col_idx;
+  if (constant) {
+    std::lock_guard<std::mutex> lock(k.csc_mu);
+    same = k.same;
+  }
+  if (!same) {
+    same = std::make_shared<const std::vector<int32_t>>(same_fan_in(g, row_ptr, col_idx));
+    if (constant) {
+      std::lock_guard<std::mutex> lock(k.csc_mu);
+      k.same = same;
+    }
+  }
   job.a = {X, Y, Z, W, row_ptr, col_idx, B, hwo, g.cin_per_group, g.cout_per_group, pw_tile(g, VL),
-           {k.lo, k.hi, k.clamp ? 1 : 0, stream ? 1 : 0}, S, T, nullptr};
+           {k.lo, k.hi, k.clamp ? 1 : 0, stream ? 1 : 0}, S, T, nullptr, same->empty() ? nullptr : same->data()};
   Scratch scratch;
   if (g.sH != 1 || g.sW != 1) {
     SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &scratch.alloc));
@@ -741,7 +787,8 @@ OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, 
   job.nob = (want + job.npg - 1) / job.npg;
   if (job.nob > g.Cout) job.nob = g.Cout;
   if (job.nob < 1) job.nob = 1;
-  const std::vector<int64_t> bounds = block_bounds(row_ptr, g.Cout, job.nob);
+  std::vector<int64_t> bounds = block_bounds(row_ptr, g.Cout, job.nob);
+  if (job.a.same != nullptr) snap_to_blocks(bounds, job.a.same, g.Cout);
   job.bounds = bounds.data();
   // Pre-activation tiles: one buffer per running task, claimed like the padded strips' buffers.
   Scratch packs;

@@ -34,11 +34,13 @@ class ConvCase:
 
 
 def random_case(rng: np.random.Generator, cin: int, cout: int, k: int | tuple[int, int], density: float,
-                group: int = 1, **attrs: object) -> ConvCase:
-    """A case with a random channel mask of about `density` (first row empty, last row full)."""
+                group: int = 1, block: int = 1, **attrs: object) -> ConvCase:
+    """A case with a random channel mask of about `density` (first row empty, last row full);
+    block > 1: runs of `block` output channels (from channel 0, across group boundaries) share one
+    row of the mask."""
     kh, kw = (k, k) if isinstance(k, int) else k
     cin_g = cin // group
-    mask = rng.random((cout, cin_g)) < density
+    mask = np.repeat(rng.random((-(-cout // block), cin_g)) < density, block, axis=0)[:cout]
     if cout >= 2:
         mask[0] = False
         mask[-1] = True

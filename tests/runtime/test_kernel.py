@@ -358,6 +358,48 @@ def test_thread_count_hint(hint: str | None) -> None:
             assert_close(sess.run(None, {"X": x})[0], ref)
 
 
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
+@pytest.mark.parametrize(
+    "cin,cout,hw,stride,n,block,group",
+    [
+        (64, 48, 56, 1, 1, 4, 1),    # 56x56: whole 4-vector chunks, several pixel tiles
+        (40, 30, 13, 1, 3, 3, 1),    # runs of 3: no block, one channel at a time
+        (40, 24, 23, 1, 2, 5, 1),    # runs of 5: a block of 4 and one single channel per run
+        (256, 64, 14, 1, 2, 8, 1),   # 14x14: 3 chunks of 4 vectors and a masked 4-pixel vector
+        (512, 64, 7, 1, 2, 4, 1),    # 7x7 (8-float vectors on AVX-512), long connection lists
+        (48, 44, 9, 1, 2, 6, 2),     # two groups of 22: runs cut at the group boundary
+        (48, 40, 14, 2, 1, 4, 1),    # strided 1x1 over the subsampled input
+    ],
+)
+def test_shared_fan_in_blocks(monkeypatch: pytest.MonkeyPatch, isa: str, cin: int, cout: int, hw: int, stride: int,
+                              n: int, block: int, group: int) -> None:
+    """1x1 convs whose runs of output channels share one fan-in (the transform's block sparsity)
+    take the kernel's block unit (4 channels per loaded input vector): equal to dense Conv for
+    every op, 1 and 2 threads (thread ranges snapped to blocks), with runs that almost share a
+    fan-in (one column moved in one channel) and channels without connections mixed in, which
+    must not be merged into a block."""
+    if isa != "auto":
+        monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(cin + cout + hw + block)
+    for density in (0.1, 0.5):
+        case = random_case(rng, cin, cout, 1, density, group=group, block=block, strides=(stride, stride))
+        # Break the run at channel 5: same fan-in count, one input channel moved.
+        row = case.mask[5]
+        on, off = np.flatnonzero(row), np.flatnonzero(~row)
+        if len(on) and len(off):
+            row[on[0]], row[off[0]] = False, True
+            case.weight[5, off[0]] = rng.standard_normal(case.weight.shape[2:])
+            case.weight[5, on[0]] = 0
+        case.mask[9:11] = False  # two channels without connections (bias only)
+        case.weight[9:11] = 0
+        x = rng.standard_normal((n, cin, hw, hw)).astype(np.float32)
+        conv = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+        z = rng.standard_normal(conv.shape).astype(np.float32)
+        for threads in (1, 2):
+            for op in ("SparseConv", "SparseConvAddRelu", "SparseConvPreRelu"):
+                assert_close(run_op(case, x, op, threads, z), reference(case, x, op, z))
+
+
 @pytest.mark.parametrize(
     "k,stride,pad,hw,n",
     [(3, 1, 1, 32, 1), (3, 1, 1, 32, 9), (3, 1, 1, 8, 1), (3, 1, 1, 4, 16), (3, 1, 1, 2, 3),
