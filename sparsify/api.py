@@ -37,6 +37,7 @@ class TransformResult:
 def transform(model: str | nn.Module, method: str = "sparse-random", *, density: float | None = None,
               alpha: float | None = None, profile: str | None = None,
               profile_params: dict[str, float] | None = None, allocation: str = "uniform",
+              block: int | None = None,
               include_linear: bool | None = None, include_classifier: bool = False, seed: int = 0,
               input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
               model_args: dict[str, Any] | None = None, leaf_modules: Sequence[str] = (),
@@ -51,7 +52,9 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     of a model with several inputs. ``divisor`` (depth-multiplier only) rounds every scaled channel
     count to a multiple of it. ``match`` (a run directory) with ``count`` ("conv" or "total",
     depth-multiplier only) chooses the alpha whose live conv / total parameter count is nearest that
-    run's (see ``match_depth``); the recipe records it under ``params["match"]``. ``rules`` maps the
+    run's (see ``match_depth``); the recipe records it under ``params["match"]``. ``block``
+    (sparse-random and psn) makes runs of that many output channels of each conv share one fan-in
+    (block sparsity, Elsen et al. 2020), which the native kernel runs faster. ``rules`` maps the
     user's (leaf) module types or type names to a rule name (``"conv"``, ``"linear"``,
     ``"elementwise"``, ``"frozen"``) or a ``sparsify.passes.rules.Rule``. A model that runs
     differently in training (dropout flags, ``if self.training``, auxiliary outputs) keeps one graph
@@ -68,7 +71,8 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
         rescale_init = weights is None
     target = _match_target(method, alpha, match, count)
     config = make_config(method, density=density, alpha=0.5 if target is not None else alpha, profile=profile,
-                         profile_params=profile_params, allocation=allocation, include_linear=include_linear,
+                         profile_params=profile_params, allocation=allocation, block=block,
+                         include_linear=include_linear,
                          include_classifier=include_classifier, rescale_init=rescale_init, divisor=divisor)
     registry, rule_record = rule_registry(rules)
     loaded = load_checked(model, model_args, seed, leaf_modules)

@@ -64,7 +64,8 @@ class NoneConfig(MethodConfig):
 
     name: ClassVar[str] = "none"
     summary: ClassVar[str] = "trace only (the dense graph)"
-    refused: ClassVar[dict[str, str]] = {"divisor": "--divisor applies to --method depth-multiplier only, not none"}
+    refused: ClassVar[dict[str, str]] = {"divisor": "--divisor applies to --method depth-multiplier only, not none",
+                                         "block": "--block applies to --method sparse-random and psn only, not none"}
 
 
 @dataclass
@@ -85,16 +86,18 @@ class SparseRandomConfig(MethodConfig):
     include_linear: bool | None = None      # None: masked only when the model has no conv to mask (the paper's choice)
     include_classifier: bool = False
     rescale_init: bool = True
+    block: int = 1                           # output channels of a conv per shared fan-in (block sparsity)
 
     def __post_init__(self) -> None:
-        from .passes.sparsity import check_allocation, check_density
+        from .passes.sparsity import check_allocation, check_block, check_density
 
         check_density(self.density)
         check_allocation(self.allocation)
+        check_block(self.block)
 
     def _common(self) -> dict[str, Any]:
         return {"density": self.density, "allocation": self.allocation, "include_classifier": self.include_classifier,
-                "rescale_init": self.rescale_init}
+                "rescale_init": self.rescale_init, **({"block": self.block} if self.block > 1 else {})}
 
     def to_params(self) -> dict[str, Any]:
         return {**self._common(), "include_linear": self.include_linear}
@@ -115,7 +118,8 @@ class SparseRandomConfig(MethodConfig):
     def _pass_kwargs(self, seed: int, rules: Registry | None) -> dict[str, Any]:
         """The arguments every sparse pass takes besides its density."""
         return {"seed": seed, "allocation": self.allocation, "include_linear": bool(self.include_linear),
-                "include_classifier": self.include_classifier, "rescale_init": self.rescale_init, "rules": rules}
+                "include_classifier": self.include_classifier, "rescale_init": self.rescale_init, "rules": rules,
+                "block": self.block}
 
 
 @dataclass
@@ -165,6 +169,7 @@ class DepthMultiplierConfig(MethodConfig):
     refused: ClassVar[dict[str, str]] = {
         "density": "depth-multiplier takes --alpha, not --density/--profile",
         "profile": "depth-multiplier takes --alpha, not --density/--profile",
+        "block": "--block applies to --method sparse-random and psn only: depth-multiplier keeps dense layers",
     }
 
     alpha: float | None = None

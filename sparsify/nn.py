@@ -70,9 +70,12 @@ class _MaskedConv(_Masked):
 
     The mask has shape ``[out_channels, in_channels // groups]``: one entry per channel
     connection, shared over the whole kernel window (Changpinyo et al. 2017, sect. 3.2).
+    ``fan_in_block`` > 1: runs of that many output channels (from channel 0) share one row of the
+    mask (block sparsity, the transform's ``block``); the training schedules keep it so.
     """
 
     _dense: type[nn.modules.conv._ConvNd]
+    fan_in_block: int = 1
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

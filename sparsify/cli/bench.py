@@ -250,6 +250,7 @@ def run(
     profile: Optional[str] = T.PROFILE,
     profile_param: Optional[List[str]] = T.PROFILE_PARAM,
     allocation: str = T.ALLOCATION,
+    block: Optional[int] = T.BLOCK,
     include_linear: Optional[bool] = T.INCLUDE_LINEAR,
     include_classifier: bool = T.INCLUDE_CLASSIFIER,
     rescale_init: Optional[bool] = T.RESCALE_INIT,
@@ -297,7 +298,7 @@ def run(
         ["dense", "compact", "sparse"] + (["depth"] if sparse_method else []))
     transform_options = T.transform_options(
         method=method, density=density, alpha=alpha, divisor=divisor, match=match, count=count, profile=profile,
-        profile_param=profile_param, allocation=allocation, include_linear=include_linear,
+        profile_param=profile_param, allocation=allocation, block=block, include_linear=include_linear,
         include_classifier=include_classifier, rescale_init=rescale_init, weights=weights, seed=seed,
         input_shape=input_shape, model_args=model_args, leaf=leaf, rule=rule)
     if match is None:  # the method's own checks, before any work (with --match, alpha is found later)

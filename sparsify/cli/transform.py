@@ -125,6 +125,9 @@ PROFILE = typer.Option(None, help="psn fan-in profile: uniform, linear, exponent
                        "logistic, gaussian, cosine, step, lognormal, power-law")
 PROFILE_PARAM = typer.Option(None, "--profile-param", help="NAME=VALUE, repeatable (e.g. sigma=1.5)")
 ALLOCATION = typer.Option("uniform", help="Density per layer: uniform or erk")
+BLOCK = typer.Option(None, "--block", help="Output channels of a conv that share one random fan-in (block "
+                     "sparsity, sparse-random and psn; default 1). 4 lets the native kernel feed four FMAs from each "
+                     "loaded input vector: 1x1 convs run about 2x faster at the same density (README, per-layer table)")
 INCLUDE_LINEAR = typer.Option(None, "--include-linear/--no-include-linear",
                               help="Mask linear layers too (default: psn yes; sparse-random only for models without convs)")
 INCLUDE_CLASSIFIER = typer.Option(False, help="Also mask the final classifier")
@@ -143,13 +146,14 @@ RULE = typer.Option(None, "--rule", help="TYPE=RULE: how a leaf module type trea
 
 def transform_options(*, method: str, density: Optional[float], alpha: Optional[float], divisor: Optional[int],
                       match: Optional[Path], count: Optional[str], profile: Optional[str],
-                      profile_param: Optional[List[str]], allocation: str, include_linear: Optional[bool],
+                      profile_param: Optional[List[str]], allocation: str, block: Optional[int],
+                      include_linear: Optional[bool],
                       include_classifier: bool, rescale_init: Optional[bool], weights: Optional[Path], seed: int,
                       input_shape: Optional[str], model_args: Optional[str], leaf: Optional[List[str]],
                       rule: Optional[List[str]]) -> dict[str, Any]:
     """The keyword arguments of ``sparsify.api.transform`` from the transform options' values."""
     return dict(method=method, density=density, alpha=alpha, divisor=divisor, match=match, count=count,
-                profile=profile, profile_params=_kv_args(profile_param), allocation=allocation,
+                profile=profile, profile_params=_kv_args(profile_param), allocation=allocation, block=block,
                 include_linear=include_linear, include_classifier=include_classifier, rescale_init=rescale_init,
                 seed=seed, weights=weights, input_shape=parse_shape(input_shape),
                 model_args=_json_arg(model_args, "--model-args"), leaf_modules=leaf or [], rules=_rule_args(rule))
@@ -168,6 +172,7 @@ def transform(
     profile: Optional[str] = PROFILE,
     profile_param: Optional[List[str]] = PROFILE_PARAM,
     allocation: str = ALLOCATION,
+    block: Optional[int] = BLOCK,
     include_linear: Optional[bool] = INCLUDE_LINEAR,
     include_classifier: bool = INCLUDE_CLASSIFIER,
     rescale_init: Optional[bool] = RESCALE_INIT,
@@ -186,7 +191,7 @@ def transform(
 
     options = transform_options(
         method=method, density=density, alpha=alpha, divisor=divisor, match=match, count=count, profile=profile,
-        profile_param=profile_param, allocation=allocation, include_linear=include_linear,
+        profile_param=profile_param, allocation=allocation, block=block, include_linear=include_linear,
         include_classifier=include_classifier, rescale_init=rescale_init, weights=weights, seed=seed,
         input_shape=input_shape, model_args=model_args, leaf=leaf, rule=rule)
     path, result = transform_to_dir(model, out=out_dir, force=force, **options)

@@ -65,6 +65,21 @@ def check_density(density: float | None) -> float:
     return check_fraction(density, "--density", "0.1")
 
 
+def runs_share_fan_in(mask: np.ndarray, block: int) -> bool:
+    """Whether every run of ``block`` rows of ``mask`` [Cout, Cin], from row 0, is one row repeated."""
+    rows = -(-mask.shape[0] // block)
+    padded = np.concatenate([mask, np.repeat(mask[-1:], rows * block - mask.shape[0], axis=0)])
+    return bool((padded.reshape(rows, block, -1) == padded[::block][:, None, :]).all())
+
+
+def check_block(block: int) -> int:
+    """``block`` if it is a whole number >= 1; UsageError otherwise."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise UsageError(f"--block must be a whole number >= 1 (output channels per shared fan-in), got {block!r}; "
+                         "try 4")
+    return block
+
+
 ALLOCATIONS = ("uniform", "erk")
 
 
@@ -128,8 +143,9 @@ class SparsePass(GraphPass):
 
     def __init__(self, density: float, seed: int = 0, allocation: str = "uniform",
                  include_linear: bool = False, include_classifier: bool = False,
-                 rescale_init: bool = True, rules: Registry | None = None) -> None:
+                 rescale_init: bool = True, rules: Registry | None = None, block: int = 1) -> None:
         self.density = check_density(density)
+        self.block = check_block(block)
         self.rules = rules
         self.rescale_init = rescale_init
         self.seed, self.allocation = seed, check_allocation(allocation)
@@ -137,6 +153,25 @@ class SparsePass(GraphPass):
 
     def draw(self, layer: Eligible, allowed: np.ndarray, live: int, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
+
+    def draw_blocks(self, layer: Eligible, allowed: np.ndarray, live: int, rng: np.random.Generator) -> np.ndarray:
+        """``draw`` with runs of ``block`` output channels of a conv sharing one fan-in.
+
+        Block sparsity as in Elsen et al. 2020 (*Fast Sparse ConvNets*, sect. 4): the mask is drawn
+        for ceil(Cout / block) rows with live / (mean block size) entries, and row r is the fan-in of
+        output channels r*block .. r*block + block - 1 (the last block may be shorter). Linear
+        layers keep one fan-in per unit. Returns a bool mask [n_out, n_in].
+        """
+        b = self.block if layer.is_conv else 1
+        if b == 1:
+            return self.draw(layer, allowed, live, rng)
+        import dataclasses
+
+        rows = -(-layer.n_out // b)
+        # live entries over the mean block size (the last block may be shorter)
+        per_block = min(max(round(live * rows / layer.n_out), len(allowed), rows), rows * len(allowed))
+        mask = self.draw(dataclasses.replace(layer, n_out=rows), allowed, per_block, rng)
+        return np.repeat(mask, b, axis=0)[:layer.n_out]
 
     def requires(self, gm: fx.GraphModule, example: Any) -> None:
         layers, notes = eligible_layers(gm, self.include_linear, self.include_classifier, self.rules)
@@ -180,10 +215,15 @@ class SparsePass(GraphPass):
                     allowed = np.setdiff1d(np.arange(layer.n_in), blocked)
                     # every allowed input feeds an output, and no more entries than there are
                     live = min(max(budgets[name], len(allowed)), layer.n_out * len(allowed))
-                    mask = self.draw(layer, allowed, live, rng)
+                    mask = self.draw_blocks(layer, allowed, live, rng)
                     if mask.shape[1] < layer.n_in:
                         mask = np.pad(mask, ((0, 0), (0, layer.n_in - mask.shape[1])))
             new = self._replace(gm, layer, mask)
+            # (a grouped conv drawn group by group keeps blocks within groups: aligned from channel 0
+            # only when the groups' channel counts are multiples of the block)
+            shared = self.block > 1 and layer.is_conv and not layer.single_input and runs_share_fan_in(mask, self.block)
+            if shared:
+                new.fan_in_block = self.block
             if self.rescale_init:
                 rescale_to_live_fan_in(new)
             info = {
@@ -193,6 +233,8 @@ class SparsePass(GraphPass):
             }
             if rule:
                 info["rule"] = rule
+            if shared:
+                info["block"] = self.block
             result.layers[name] = info
         return result
 
@@ -215,7 +257,7 @@ class SparsePass(GraphPass):
                 empty.append(b)
                 continue
             live = min(max(shares[b], len(allowed), rows), rows * len(allowed))
-            part = self.draw(sub, allowed, live, rng)
+            part = self.draw_blocks(sub, allowed, live, rng)
             mask[b * rows:(b + 1) * rows, :part.shape[1]] = part
         return mask, empty
 
@@ -299,8 +341,9 @@ class PSNPass(SparsePass):
 
     def __init__(self, density: float, profile: str = "lognormal", profile_params: dict[str, float] | None = None,
                  seed: int = 0, allocation: str = "uniform", include_linear: bool = True,
-                 include_classifier: bool = False, rescale_init: bool = True, rules: Registry | None = None) -> None:
-        super().__init__(density, seed, allocation, include_linear, include_classifier, rescale_init, rules)
+                 include_classifier: bool = False, rescale_init: bool = True, rules: Registry | None = None,
+                 block: int = 1) -> None:
+        super().__init__(density, seed, allocation, include_linear, include_classifier, rescale_init, rules, block)
         self.profile = profile
         self.profile_params = resolve_params(profile, profile_params)
 

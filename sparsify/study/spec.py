@@ -24,7 +24,7 @@ and paired differences. The format::
     method = "sparse-random"          # sparse-random | psn | depth-multiplier | none
     density = 0.05                    # transform parameters: density, alpha, divisor, profile,
     include_linear = true             #   profile_params, allocation, include_linear,
-    include_classifier = true         #   include_classifier, rescale_init
+    include_classifier = true         #   include_classifier, rescale_init, block
     seeds = 10                        # optional: this arm's own seeds
     series = "sparse momentum"        # optional: legend entry of `compare --plot` (default: method)
     train = { schedule = "sparse-momentum" }   # optional: overrides of [train] for this arm
@@ -57,7 +57,7 @@ else:  # pragma: no cover - Python 3.10
 
 STUDY_KEYS = {"name", "description", "model", "model_args", "input_shape", "seeds", "baseline"}
 TRANSFORM_KEYS = {"density", "alpha", "divisor", "profile", "profile_params", "allocation", "include_linear",
-                  "include_classifier", "rescale_init"}
+                  "include_classifier", "rescale_init", "block"}
 ARM_KEYS = {"method", "model", "model_args", "input_shape", "seeds", "series", "train", "match", "count"} | TRANSFORM_KEYS
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -280,7 +280,7 @@ def _check_arm(arm: Arm, where: str, fail: Any) -> None:
 
 TRANSFORM_TYPES = {"density": "float", "alpha": "float", "divisor": "int", "profile": "str",
                    "profile_params": "dict", "allocation": "str", "include_linear": "bool",
-                   "include_classifier": "bool", "rescale_init": "bool"}
+                   "include_classifier": "bool", "rescale_init": "bool", "block": "int"}
 _EXAMPLES = {"float": "0.1", "int": "10", "str": '"text"', "bool": "true", "dict": "{ sigma = 1.0 }"}
 
 

@@ -371,6 +371,20 @@ def test_unknown_zoo_model():
     assert_clean_error(r, Path("bad"), "lenet5")
 
 
+@pytest.mark.parametrize("method, extra, needle", [("sparse-random", ["--density", "0.1", "--block", "0"], "whole number >= 1"),
+                                                   ("depth-multiplier", ["--alpha", "0.5", "--block", "4"],
+                                                    "sparse-random and psn")])
+def test_bad_block(method, extra, needle):
+    r = invoke("transform", "zoo:lenet5", "--method", method, *extra, "--out", "bad")
+    assert_clean_error(r, Path("bad"), "--block", needle)
+
+
+def test_block_recorded_in_the_recipe():
+    assert_ok(invoke("transform", "zoo:resnet20", "--density", "0.25", "--block", "4", "--out", "B"))
+    recipe = json.loads((Path("B") / "recipe.json").read_text())
+    assert recipe["params"]["block"] == 4
+
+
 def test_alpha_with_sparse_method_is_refused():
     r = invoke("transform", "zoo:mlp", "--density", "0.1", "--alpha", "0.5", "--out", "bad")
     assert_clean_error(r, Path("bad"), "--alpha")

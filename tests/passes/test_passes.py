@@ -167,3 +167,76 @@ def test_rescaled_sparse_net_keeps_its_output_scale():
             y = m(x)
             outs[rescale] = (y - y.mean(0)).std().item()  # how much the output depends on the input
     assert outs[True] > 100 * outs[False], outs
+
+
+def _runs_share_fan_in(mask: torch.Tensor, block: int) -> bool:
+    """Every run of `block` output channels (from channel 0) has one mask row."""
+    return all(bool((mask[o:o + block] == mask[o]).all()) for o in range(0, mask.shape[0], block))
+
+
+@pytest.mark.parametrize("method", ["sparse-random", "psn"])
+@pytest.mark.parametrize("block", [4, 3])
+def test_block_sparsity_shares_fan_in_across_runs_of_output_channels(method, block):
+    """--block B: every conv's runs of B output channels read the same inputs (the last run may be
+    shorter), at the density asked for, every input still read; block 1 draws each channel's own
+    fan-in (runs differ)."""
+    res = api.transform("zoo:resnet20", method, density=0.25, block=block, seed=3)
+    assert res.recipe.params["block"] == block
+    layers = res.summary["pass_layers"]
+    live = entries = 0
+    for name, m in sparse_modules(res.model).items():
+        mask = m.mask
+        assert _runs_share_fan_in(mask, block), name
+        assert bool((mask.sum(dim=0) > 0).all()), f"{name}: an input channel feeds no output"
+        assert layers[name]["block"] == block
+        live, entries = live + int(mask.sum()), entries + mask.numel()
+    assert abs(live / entries - 0.25) < 0.03
+    plain = api.transform("zoo:resnet20", method, density=0.25, seed=3)
+    assert "block" not in plain.recipe.params
+    assert not all(_runs_share_fan_in(m.mask, block) for m in sparse_modules(plain.model).values())
+
+
+def test_block_sparsity_in_grouped_convs_and_linears():
+    """A grouped conv's blocks stay within its mask rows [Cout, Cin/groups]; linear layers keep one
+    fan-in per unit (block sparsity is for the conv kernel)."""
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(8, 32, 3, padding=1)
+            self.g = nn.Conv2d(32, 32, 3, padding=1, groups=2)
+            self.fc = nn.Linear(32, 16)
+            self.out = nn.Linear(16, 4)
+
+        def forward(self, x):
+            x = self.g(torch.relu(self.a(x)))
+            return self.out(torch.relu(self.fc(x.mean((2, 3)))))
+
+    res = api.transform(Net(), "sparse-random", density=0.25, block=4, include_linear=True, input_shape=(1, 8, 8, 8))
+    mods = sparse_modules(res.model)
+    assert _runs_share_fan_in(mods["g"].mask, 4) and _runs_share_fan_in(mods["a"].mask, 4)
+    assert not _runs_share_fan_in(mods["fc"].mask, 4)
+    assert "block" not in res.summary["pass_layers"]["fc"]
+
+
+@pytest.mark.parametrize("block", [0, -2, 1.5, True])
+def test_bad_block_is_refused(block):
+    from sparsify.errors import UsageError
+
+    with pytest.raises(UsageError, match="--block"):
+        api.transform("zoo:lenet5", "sparse-random", density=0.1, block=block)
+    with pytest.raises(UsageError, match="--block"):
+        api.transform("zoo:lenet5", "depth-multiplier", alpha=0.5, block=4)
+
+
+def test_block_sparsity_replays_from_the_run_directory(tmp_path):
+    """The recipe records block; replay draws the same masks. (lenet5's first conv reads one grey
+    input filter: the single-input rule keeps a share of its filters instead, without blocks.)"""
+    res = api.transform_to_dir("zoo:lenet5", out=tmp_path / "r", method="sparse-random", density=0.2, block=2)[1]
+    again = load_run(tmp_path / "r").model
+    blocked = [n for n, info in res.summary["pass_layers"].items() if info.get("block") == 2]
+    assert blocked
+    for name, m in sparse_modules(res.model).items():
+        assert torch.equal(m.mask, again.get_submodule(name).mask)
+        assert _runs_share_fan_in(m.mask, 2) == (name in blocked)
