@@ -32,6 +32,7 @@ whether the exporter writes such a conv as a SparseConv next to SparseConvs
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -45,7 +46,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sparsify.runtime import native
 from sparsify.runtime.bench import SPIN_SETTLE_S, time_bursts
-from sparsify.runtime.onnx_sparse import DOMAIN, DOMAIN_VERSION, depthwise_native, sparse_conv_node, sparse_threshold
+from sparsify.runtime.onnx_sparse import (DOMAIN, DOMAIN_VERSION, depthwise_native, shared_fan_in_share,
+                                         sparse_conv_node, sparse_threshold)
 
 @dataclass(frozen=True)
 class Layer:
@@ -129,12 +131,13 @@ def sparse_conv(weight: np.ndarray, mask: np.ndarray, bias: np.ndarray, lay: Lay
     return _model([node], inits, weight.shape[1])
 
 
-def layer(lay: Layer, d: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random weight, a channel mask with exactly round(d*cin) live inputs per output, bias."""
+def layer(lay: Layer, d: float, rng: np.random.Generator, block: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random weight, a channel mask with exactly round(d*cin) live inputs per output (the same
+    inputs for each run of `block` output channels), bias."""
     live = max(1, round(d * lay.cin))
     mask = np.zeros((lay.cout, lay.cin), bool)
-    for o in range(lay.cout):
-        mask[o, rng.choice(lay.cin, live, replace=False)] = True
+    for o in range(0, lay.cout, block):
+        mask[o:o + block, rng.choice(lay.cin, live, replace=False)] = True
     weight = rng.standard_normal((lay.cout, lay.cin, lay.k, lay.k)).astype(np.float32) * mask[:, :, None, None]
     return weight, mask, rng.standard_normal(lay.cout).astype(np.float32)
 
@@ -155,14 +158,15 @@ def time_interleaved(sessions: dict, feeds: dict, reps: int, min_sample_s: float
     return {name: statistics.median(s) for name, s in zip(sessions, samples)}
 
 
-def rule_threshold(lay: Layer) -> float:
-    """The density below which the exporter writes this layer as SparseConv."""
-    return sparse_threshold((lay.k, lay.k), (lay.stride,) * 2, (1, 1), lay.cin, (lay.out_hw, lay.out_hw))[0]
+def rule_threshold(lay: Layer, mask: np.ndarray | None = None) -> float:
+    """The density below which the exporter writes this layer (with this channel mask) as SparseConv."""
+    shared = shared_fan_in_share(mask) if mask is not None and lay.k == 1 else 0.0
+    return sparse_threshold((lay.k, lay.k), (lay.stride,) * 2, (1, 1), lay.cin, (lay.out_hw, lay.out_hw), shared)[0]
 
 
 def bench_layer(lay: Layer, n: int, threads: int, d: float, reps: int, min_sample_s: float,
-                rng: np.random.Generator, with_dm: bool = True, cpu_clock: bool = False) -> dict:
-    weight, mask, bias = layer(lay, d, rng)
+                rng: np.random.Generator, with_dm: bool = True, cpu_clock: bool = False, block: int = 1) -> dict:
+    weight, mask, bias = layer(lay, d, rng, block)
     x = rng.standard_normal((n, lay.cin, lay.hw, lay.hw)).astype(np.float32)
     sessions = {
         "dense": native.session(dense_conv(weight, bias, lay), threads, native=False),
@@ -185,11 +189,11 @@ def bench_layer(lay: Layer, n: int, threads: int, d: float, reps: int, min_sampl
     clock = time.thread_time if (cpu_clock and threads == 1) else time.perf_counter
     t = time_interleaved(sessions, feeds, reps, min_sample_s, threads, clock)
     row = {"layer": lay.label, "cin": lay.cin, "cout": lay.cout, "k": lay.k, "stride": lay.stride, "HW": lay.hw,
-           "N": n, "threads": threads, "density": d, "dm_channels": [cin_dm, cout_dm],
+           "N": n, "threads": threads, "density": d, "block": block, "dm_channels": [cin_dm, cout_dm],
            "dense_ms": t["dense"] * 1e3, "sparse_ms": t["sparse"] * 1e3,
            "speedup": t["dense"] / t["sparse"], "ideal": 1.0 / d}
     row["frac_ideal"] = row["speedup"] / row["ideal"]
-    row["rule_threshold"] = rule_threshold(lay)
+    row["rule_threshold"] = rule_threshold(lay, mask)
     row["export_speedup"] = row["speedup"] if d < row["rule_threshold"] else 1.0
     if with_dm:
         row["dm_ms"] = t["dm"] * 1e3
@@ -239,11 +243,11 @@ def run_depthwise(args: argparse.Namespace, reps: int, min_sample_s: float) -> l
 
 
 def crossover(lay: Layer, n: int, threads: int, reps: int, min_sample_s: float,
-              rng: np.random.Generator, cpu_clock: bool = False) -> dict:
+              rng: np.random.Generator, cpu_clock: bool = False, block: int = 1) -> dict:
     """Speed-up over the density sweep; the crossover is where it falls to 1 (interpolated)."""
     pts = []
     for d in SWEEP:
-        r = bench_layer(lay, n, threads, d, reps, min_sample_s, rng, with_dm=False, cpu_clock=cpu_clock)
+        r = bench_layer(lay, n, threads, d, reps, min_sample_s, rng, with_dm=False, cpu_clock=cpu_clock, block=block)
         pts.append((d, r["speedup"]))
     cross = None
     for (d0, s0), (d1, s1) in zip(pts, pts[1:]):
@@ -252,7 +256,7 @@ def crossover(lay: Layer, n: int, threads: int, reps: int, min_sample_s: float,
             break
     if cross is None:
         cross = 1.0 if pts[-1][1] >= 1.0 else pts[0][0]
-    return {"layer": lay.label, "N": n, "threads": threads, "sweep": pts, "crossover": cross}
+    return {"layer": lay.label, "N": n, "threads": threads, "block": block, "sweep": pts, "crossover": cross}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="batch sizes (default: 1 16 for the small set, 1 8 for the large one; quick 1)")
     ap.add_argument("--cpu-clock", action="store_true",
                     help="time 1-thread runs by the thread's CPU time (robust on a busy machine); others by wall clock")
+    ap.add_argument("--blocks", type=int, nargs="+", default=[1],
+                    help="output channels per shared fan-in of the masks, one row each (default 1; e.g. 1 4: "
+                         "the transform's --block 4, whose 1x1 convs the kernel runs 4 channels per loaded vector)")
     ap.add_argument("--json", type=Path, default=None, help="write all measurements to this file")
     args = ap.parse_args(argv)
 
@@ -301,34 +308,35 @@ def main(argv: list[str] | None = None) -> int:
           f"(medians, interleaved; {clock_name})")
 
     rows = []
-    hdr = (f"{'layer':>20} {'N':>3} {'thr':>3} {'d':>4} | {'dense ms':>9} {'sparse ms':>9} {'dm ms':>8} | "
+    hdr = (f"{'layer':>20} {'N':>3} {'thr':>3} {'d':>4} {'blk':>3} | {'dense ms':>9} {'sparse ms':>9} {'dm ms':>8} | "
            f"{'speedup':>7} {'ideal':>5} {'%ideal':>6} {'sp/dm':>6} {'export':>7}")
     print(hdr)
     print("-" * len(hdr))
     for lay, batches in plan:
         for n in batches:
             for thr in threads_list:
-                for d in args.densities:
-                    r = bench_layer(lay, n, thr, d, reps, min_sample_s, rng, cpu_clock=args.cpu_clock)
+                for d, blk in itertools.product(args.densities, args.blocks):
+                    r = bench_layer(lay, n, thr, d, reps, min_sample_s, rng, cpu_clock=args.cpu_clock, block=blk)
                     rows.append(r)
-                    print(f"{lay.label:>20} {n:>3} {thr:>3} {d:>4.2f} | {r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} "
+                    print(f"{lay.label:>20} {n:>3} {thr:>3} {d:>4.2f} {blk:>3} | {r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} "
                           f"{r['dm_ms']:>8.3f} | {r['speedup']:>6.2f}x {r['ideal']:>5.1f} {100 * r['frac_ideal']:>5.0f}% "
                           f"{r['sparse_over_dm']:>6.2f} {r['export_speedup']:>6.2f}x", flush=True)
 
     scaling = []
     for lay, batches in plan:
-        for d in args.densities:
-            sel = [r for r in rows if r["layer"] == lay.label and r["density"] == d and r["N"] == max(batches)]
+        for d, blk in itertools.product(args.densities, args.blocks):
+            sel = [r for r in rows if r["layer"] == lay.label and r["density"] == d and r["N"] == max(batches)
+                   and r["block"] == blk]
             one = [r for r in sel if r["threads"] == 1]
             two = [r for r in sel if r["threads"] == 2]
             if one and two:
-                scaling.append({"layer": lay.label, "N": max(batches), "density": d,
+                scaling.append({"layer": lay.label, "N": max(batches), "density": d, "block": blk,
                                 "sparse_2t_speedup": one[0]["sparse_ms"] / two[0]["sparse_ms"],
                                 "dense_2t_speedup": one[0]["dense_ms"] / two[0]["dense_ms"]})
     if scaling:
         print("\nthread scaling at the largest batch (time 1 thread / time 2 threads):")
     for s in scaling:
-        print(f"  {s['layer']:>20} N={s['N']} d={s['density']:.2f}: sparse {s['sparse_2t_speedup']:.2f}x, "
+        print(f"  {s['layer']:>20} N={s['N']} d={s['density']:.2f} block={s['block']}: sparse {s['sparse_2t_speedup']:.2f}x, "
               f"dense {s['dense_2t_speedup']:.2f}x")
 
     crossovers = []

@@ -54,6 +54,7 @@ class ConvChoice:
     sparse_ms: float | None = None
     weight: str = ""  # the weight initializer's name (torch.onnx names it after the state-dict key)
     activation: str = ""  # what was fused into the layer: "Relu", "Clip", "Add" (residual), "AddRelu", "Pre" (input BN + Relu)
+    shared_fan_in: float = 0.0  # share of output channels in blocks with one fan-in (1x1 convs, shared_fan_in_share)
 
     @property
     def layer(self) -> str:
@@ -83,6 +84,33 @@ class ConvertReport:
 def block_mask(weight: np.ndarray) -> np.ndarray:
     """Boolean ``[Cout, Cin/g]``: True where the kh x kw block of a 4-D conv weight has a nonzero."""
     return np.any(weight.reshape(weight.shape[0], weight.shape[1], -1) != 0, axis=2)
+
+
+# Output channels per unit of the native kernel's shared-fan-in 1x1 path (kPwBlock in
+# csrc/sparseconv_common.h): four channels that list the same input channels are computed together,
+# each loaded input vector feeding four FMAs.
+PW_BLOCK = 4
+
+
+def shared_fan_in_share(live: np.ndarray, group: int = 1) -> float:
+    """Share of a conv's output channels that the native kernel's 1x1 path runs in blocks of
+    PW_BLOCK: runs of consecutive channels (within a group) with the same non-empty row of ``live``
+    (bool ``[Cout, Cin/group]``), taken PW_BLOCK at a time from channel 0, as the kernel walks them.
+    The transform's ``block`` option (block sparsity, Elsen et al. 2020) draws such masks."""
+    cout = live.shape[0]
+    if cout < PW_BLOCK:
+        return 0.0
+    per_group = max(1, cout // max(1, group))
+    o = np.arange(cout - 1)
+    joins = (np.all(live[:-1] == live[1:], axis=1) & live[:-1].any(axis=1) & ((o + 1) % per_group != 0))
+    covered = o_at = 0
+    while o_at + PW_BLOCK <= cout:
+        if joins[o_at:o_at + PW_BLOCK - 1].all():
+            covered += PW_BLOCK
+            o_at += PW_BLOCK
+        else:
+            o_at += 1
+    return covered / cout
 
 
 def pack(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -337,6 +365,13 @@ THRESHOLD_KXK = 0.5      # 5x5, 7x7 (direct path), stride 1
 # output pixels: (kernel, threshold on outputs of >= 196 pixels, threshold on smaller outputs).
 THRESHOLD_STRIDED = {3: (0.4, 0.25), 1: (0.3, 0.2)}
 THRESHOLD_STRIDED_OTHER = 0.15
+# 1x1 convs (stride 1, or strided over the subsampled input) whose output channels share their
+# fan-in in blocks of PW_BLOCK (the transform's --block 4) run 4 FMAs per loaded input vector
+# (`bench_kernel.py --blocks 4`, same setup): crossovers above 0.9 on planes of >= 14x14 (8 .. 2048
+# input channels; 1.1-2.1x still at 0.9, 1.8-2.6x at 0.5) and 0.61-0.75 on 7x7 outputs (1.2-1.5x at
+# 0.5). A layer with a share s of its channels in such blocks gets (1 - s) * its plain threshold +
+# s * these.
+THRESHOLD_1x1_SHARED = (0.85, 0.5)  # outputs of >= MIN_1x1_FULL_PIXELS pixels, of MIN_1x1_PIXELS .. that
 THRESHOLD_STEM = 0.5  # strided 3x3 / 5x5 / 7x7 convs with at most STEM_CIN input channels per group
 STEM_CIN = 4
 MIN_STRIDED_CIN = 64
@@ -344,14 +379,29 @@ MIN_STRIDED_PIXELS = 49
 
 
 def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations: Sequence[int],
-                     cin_per_group: int, out_hw: tuple[int, int] | None) -> tuple[float, str]:
+                     cin_per_group: int, out_hw: tuple[int, int] | None,
+                     shared_fan_in: float = 0.0) -> tuple[float, str]:
     """Density below which SparseConv is faster than dense Conv for this layer, and the rule's name.
 
     A per-layer rule from measured crossovers (see the table above): the kernel's fast paths are
-    3x3 stride 1, so those layers go sparse up to high densities; 1x1 and strided ones up to 0.2-0.4.
-    ``out_hw`` (output plane) is None when shapes are unknown: then a low threshold that holds on
-    every plane measured except 1x1 (export with static shapes, or --autotune, to do better).
+    3x3 stride 1, so those layers go sparse up to high densities; 1x1 and strided ones up to 0.2-0.4,
+    1x1 ones whose channels share fan-ins in blocks (``shared_fan_in``: the share of output channels
+    in such blocks, ``shared_fan_in_share``) up to 0.85. ``out_hw`` (output plane) is None when
+    shapes are unknown: then a low threshold that holds on every plane measured except 1x1 (export
+    with static shapes, or --autotune, to do better).
     """
+    thr, rule = _plain_threshold(kernel, strides, dilations, cin_per_group, out_hw)
+    pixels = out_hw[0] * out_hw[1] if out_hw is not None else 0
+    if tuple(kernel) == (1, 1) and shared_fan_in > 0 and pixels >= MIN_1x1_PIXELS and all(int(d) == 1 for d in dilations):
+        shared = THRESHOLD_1x1_SHARED[0 if pixels >= MIN_1x1_FULL_PIXELS else 1]
+        thr = (1.0 - shared_fan_in) * thr + shared_fan_in * shared
+        rule = f"{rule}; {100 * shared_fan_in:.0f}% of output channels share fan-ins in blocks of {PW_BLOCK}"
+    return thr, rule
+
+
+def _plain_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations: Sequence[int],
+                     cin_per_group: int, out_hw: tuple[int, int] | None) -> tuple[float, str]:
+    """sparse_threshold without shared fan-ins."""
     kh, kw = kernel
     pixels = out_hw[0] * out_hw[1] if out_hw is not None else 0
     where = f"{out_hw[0]}x{out_hw[1]}" if out_hw is not None else "an unknown"
@@ -496,14 +546,15 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
         w = numpy_helper.to_array(wproto)
         group = int(_attr(node, "group", 1))
         live = block_mask(w)
-        choice = ConvChoice(name, tuple(w.shape), group, float(live.mean()), int(live.sum()), False, "", weight=wname)
+        choice = ConvChoice(name, tuple(w.shape), group, float(live.mean()), int(live.sum()), False, "", weight=wname,
+                            shared_fan_in=shared_fan_in_share(live, group) if w.shape[2:] == (1, 1) else 0.0)
         report.choices.append(choice)
         auto_pad = _attr(node, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
         if dense_threshold is None:
             threshold, rule = sparse_threshold(
                 (w.shape[2], w.shape[3]), _attr(node, "strides", [1, 1]), _attr(node, "dilations", [1, 1]),
-                w.shape[1], _out_hw(node, w.shape, shapes.get(node.input[0])))
+                w.shape[1], _out_hw(node, w.shape, shapes.get(node.input[0])), choice.shared_fan_in)
             rule = f" ({rule})"
         else:
             threshold, rule = dense_threshold, ""
@@ -583,15 +634,17 @@ def _scalar(consts: dict[str, onnx.TensorProto], name: str) -> float | None:
 # in ORT profiles of MobileNetV2 / EfficientNet-B0 at 224x224 (1 thread): about 30 GB/s up to
 # 2 MB (cache-resident), 11 GB/s above (96 channels at 112x112, 4.8 MB: 0.44 ms). ORT's dense
 # Conv runs at about 43 GMAC/s on the measured CPU; a 1x1 SparseConv takes about 2.0 * density +
-# 0.07 of the dense time (fit to the bench_kernel sweeps: 3.7x at 0.1, 2.1x at 0.2, 1.5x at 0.3).
+# 0.07 of the dense time (fit to the bench_kernel sweeps: 3.7x at 0.1, 2.1x at 0.2, 1.5x at 0.3),
+# 0.95 * density + 0.06 where its channels share fan-ins in blocks (6.3x at 0.1, 1.9x at 0.5).
 NCHWC_BLOCK = 16
 REORDER_BYTES_PER_S = (30e9, 11e9)
 REORDER_CACHED_BYTES = 2 << 20
 DENSE_MACS_PER_S = 43e9
 
 
-def _sparse_time_ratio(density: float) -> float:
-    return min(1.0, 2.0 * density + 0.07)
+def _sparse_time_ratio(density: float, shared_fan_in: float = 0.0) -> float:
+    plain, shared = 2.0 * density + 0.07, 0.95 * density + 0.06
+    return min(1.0, (1.0 - shared_fan_in) * plain + shared_fan_in * shared)
 
 
 def _reorder_s(nbytes: float) -> float:
@@ -694,7 +747,7 @@ def _layout_pass(nodes: list[onnx.NodeProto], originals: dict[int, tuple[onnx.No
         conv, choice = originals[id(nd)]
         w = consts[conv.input[1]]
         t_dense = float(np.prod(w.dims)) * (nbytes(nd.output[0]) or 0.0) / 4.0 / max(1, int(w.dims[0])) / DENSE_MACS_PER_S
-        return t_dense * (1.0 - _sparse_time_ratio(choice.density))
+        return t_dense * (1.0 - _sparse_time_ratio(choice.density, choice.shared_fan_in))
 
     def gains(nd: onnx.NodeProto | None) -> bool:
         """nd is a SparseConv the per-layer rule wrote (not a layout-only one), still is, and saves time."""

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from sparsify.errors import ExportError
-from sparsify.runtime.onnx_sparse import DOMAIN, OP, check, convert_model, convert_onnx, pack, unpack
+from sparsify.runtime.onnx_sparse import (DOMAIN, OP, check, convert_model, convert_onnx, pack, shared_fan_in_share,
+                                         unpack)
 from sparsify.runtime import native
 
 
@@ -244,6 +245,41 @@ def test_pointwise_rule_by_plane(hw: int, density: float, sparse: bool) -> None:
     w = _masked_weight(rng, 96, 64, 1, density)
     new, report = convert_model(_conv_model(w, None, 1, 0, 1, 1, hw))
     assert any(n.op_type == "SparseConv" for n in new.graph.node) == sparse, report
+
+
+def test_shared_fan_in_share_follows_the_kernels_walk() -> None:
+    """Blocks of 4 consecutive channels with one non-empty row, taken from channel 0 (a run of 6
+    gives one block and two single channels; runs stop at group boundaries and at empty rows)."""
+    rows = np.eye(5, dtype=bool)
+    live = rows[[0, 0, 0, 0, 0, 0, 1, 2, 2, 2, 2, 3, 3, 3, 3]]
+    assert shared_fan_in_share(live) == 12 / 15  # blocks 0-3, 7-10, 11-14
+    # groups of 5 (channels 0-4, 5-9, 10-14): 7-9 are cut from 10, 10 from 11-14
+    assert shared_fan_in_share(live, group=3) == 8 / 15
+    empty = np.zeros((8, 5), bool)
+    assert shared_fan_in_share(empty) == 0.0
+    assert shared_fan_in_share(rows[[0, 1, 0, 1, 0, 1, 0, 1]]) == 0.0
+
+
+@pytest.mark.parametrize("hw,stride,density,block,sparse", [(56, 1, 0.5, 4, True), (56, 1, 0.5, 1, False),
+                                                           (14, 1, 0.8, 4, True), (14, 1, 0.9, 4, False),
+                                                           (7, 1, 0.45, 4, True), (7, 1, 0.6, 4, False),
+                                                           (56, 2, 0.5, 4, True), (28, 2, 0.45, 4, True),
+                                                           (28, 2, 0.45, 1, False), (4, 1, 0.1, 4, False)])
+def test_pointwise_rule_with_shared_fan_ins(hw: int, stride: int, density: float, block: int, sparse: bool) -> None:
+    """1x1 convs whose output channels share fan-ins in blocks of 4 (the transform's --block 4) go
+    sparse up to 0.85 on outputs of 14x14 and more and 0.5 on 7x7 (bench_kernel --blocks 4:
+    crossovers above 0.9 and 0.61-0.75), where masks drawn per channel stay dense above 0.3 / 0.2."""
+    rng = np.random.default_rng(hw + block)
+    fan_ins = rng.random((-(-128 // block), 64)) < density
+    live = np.repeat(fan_ins, block, axis=0)[:128]
+    w = rng.standard_normal((128, 64, 1, 1)).astype(np.float32) * live[:, :, None, None]
+    new, report = convert_model(_conv_model(w, None, stride, 0, 1, 1, hw))
+    assert any(n.op_type == "SparseConv" for n in new.graph.node) == sparse, report
+    if sparse:
+        x = rng.standard_normal((2, 64, hw, hw)).astype(np.float32)
+        ref = _session(_conv_model(w, None, stride, 0, 1, 1, hw)).run(None, {"x": x})[0]
+        y = native.session(new.SerializeToString(), 2).run(None, {"x": x})[0]
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
 
 
 @pytest.mark.parametrize("k,hw,density,sparse", [(3, 4, 0.08, False), (3, 8, 0.08, False), (3, 12, 0.08, False),
