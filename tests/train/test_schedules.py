@@ -293,3 +293,63 @@ def test_rigl_psn_profile_initial_fan_in():
     assert {n: int(m.mask.sum()) for n, m in layers.items()} == before  # init=run keeps layer budgets
     fan_in = layers["fc1"].fan_in().double()
     assert float(fan_in.std() / fan_in.mean()) > 0.5  # heterogeneous, unlike the random start (~0.06)
+
+
+def _blocked_net(block: int) -> TinyNet:
+    """TinyNet whose conv2 (16 output channels) shares fan-ins in runs of `block` (the last run
+    shorter when block does not divide 16), as the transform's --block draws it."""
+    model = TinyNet(density=0.5)
+    conv = model.conv2
+    rows = random_mask((-(-16 // block), 8), 0.5, 7).repeat_interleave(block, dim=0)[:16]
+    with torch.no_grad():
+        conv.mask.copy_(rows)
+        conv.apply_mask_()
+    conv.fan_in_block = block
+    return model
+
+
+def _runs_share(mask: torch.Tensor, block: int) -> bool:
+    return all(bool((mask[o:o + block] == mask[o]).all()) for o in range(0, mask.shape[0], block))
+
+
+@pytest.mark.parametrize("block", [4, 3])
+@pytest.mark.parametrize("schedule,kw", [
+    ("sparse-momentum", {}),
+    ("rigl", {"update_every": 4}),
+    ("rigl", {"update_every": 4, "init": "uniform"}),
+    ("rigl", {"update_every": 4, "init_profile": "lognormal", "init_profile_params": {"sigma": 1.0}}),
+    ("set", {"update_every": 5}),
+    ("incremental", {}),
+])
+def test_topology_updates_keep_shared_fan_in_blocks(schedule, kw, block, data):
+    """A conv with fan_in_block B (block sparsity) is pruned, regrown, re-drawn and densified a
+    block at a time: after training its runs of B output channels still share one fan-in, the
+    topology did change, weights of dead entries are exactly zero, and static budgets (RigL, SET)
+    stay within one block."""
+    model = _blocked_net(block)
+    before = model.conv2.mask.clone()
+    cfg = TrainConfig(data="synthetic", schedule=schedule, epochs=3, batch_size=32, **kw)
+    fit(model, data, cfg, model_input=INPUT)
+    after = model.conv2.mask
+    assert _runs_share(after, block)
+    # incremental densifies back to the run's masks by the end
+    assert torch.equal(before, after) == (schedule == "incremental")
+    _assert_exact_zeros(model)
+    if schedule == "set" or (schedule == "rigl" and "init" not in kw and "init_profile" not in kw):
+        assert abs(int(after.sum()) - int(before.sum())) <= block * 8
+    # a layer without blocks is still edited entry by entry (fc1: a SparseLinear)
+    assert not _runs_share(model.fc1.mask, 4)
+
+
+@pytest.mark.parametrize("block", [4, 3])
+def test_incremental_start_keeps_shared_fan_in_blocks(block):
+    """Incremental densification starts from a subset of whole blocks of the run's masks."""
+    model = _blocked_net(block)
+    layers = sparse_modules(model)
+    target = model.conv2.mask.clone()
+    cfg = TrainConfig(schedule="incremental", epochs=1)
+    schedule_class("incremental")(layers, Plan(1, 10), cfg, Reducer()).start()
+    start = model.conv2.mask
+    assert _runs_share(start, block)
+    assert 0 < int(start.sum()) < int(target.sum())
+    assert bool((start <= target).all())

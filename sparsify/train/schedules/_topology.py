@@ -4,12 +4,45 @@ For a masked conv a mask entry is a channel connection (the whole kernel window)
 statistic (magnitude, momentum, gradient) is summed over the kernel window to score the entry;
 for a SparseLinear the entry is the weight itself. Ties are broken by position, so the same
 inputs give the same mask on every rank and every run.
+
+A conv with ``fan_in_block`` B > 1 (block sparsity: runs of B output channels share one row of the
+mask) is edited a block at a time: each edit takes ``block=B``, works on one row per block (scores
+summed over the block's rows, k entries as k / B blocks) and writes every row of the block, so the
+runs keep one fan-in through training. Counts returned are mask entries.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+
+
+def fan_in_block(module: torch.nn.Module) -> int:
+    """Output channels per shared fan-in of a masked conv (``SparseConv2d.fan_in_block``), else 1."""
+    return int(getattr(module, "fan_in_block", 1))
+
+
+def _by_block(mask: torch.Tensor, block: int, k: int, edit: Callable[..., int], *per_row: torch.Tensor | None) -> int:
+    """``edit(rows_mask, k_rows, *rows_of_per_row)`` on one row per block of ``mask``; every row of a
+    block then takes its block's row. per_row tensors (scores, masks) shaped like ``mask`` are
+    summed over each block's rows (None passes through). Returns the mask entries changed."""
+    if block <= 1:
+        return edit(mask, k, *per_row)
+    n = mask.shape[0]
+    rows = -(-n // block)
+
+    def fold(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        pad = t.new_zeros((rows * block - n,) + tuple(t.shape[1:]))
+        return torch.cat([t, pad]).reshape((rows, block) + tuple(t.shape[1:])).sum(dim=1)
+
+    lead = mask[::block].clone()
+    edit(lead, int(round(k * rows / n)), *(fold(t) for t in per_row))
+    before = mask.clone()
+    mask.copy_(lead.repeat_interleave(block, dim=0)[:n])
+    return int((mask != before).sum())
 
 
 
@@ -44,34 +77,42 @@ def _top_k(score: torch.Tensor, candidates: torch.Tensor, k: int, largest: bool)
     return torch.cat([better, idx[s == kth][: k - better.numel()]])
 
 
-def prune_smallest(mask: torch.Tensor, score: torch.Tensor, k: int) -> int:
+def prune_smallest(mask: torch.Tensor, score: torch.Tensor, k: int, block: int = 1) -> int:
     """Turn off the k live entries with the smallest score, in place; return how many."""
-    drop = _top_k(score, mask > 0, k, largest=False)
-    mask.view(-1)[drop] = 0
-    return int(drop.numel())
+    def edit(m: torch.Tensor, k: int, score: torch.Tensor) -> int:
+        drop = _top_k(score, m > 0, k, largest=False)
+        m.view(-1)[drop] = 0
+        return int(drop.numel())
+    return _by_block(mask, block, k, edit, score)
 
 
-def grow_largest(mask: torch.Tensor, score: torch.Tensor, k: int) -> int:
+def grow_largest(mask: torch.Tensor, score: torch.Tensor, k: int, block: int = 1) -> int:
     """Turn on the k dead entries with the largest score, in place; return how many."""
-    grow = _top_k(score, mask == 0, k, largest=True)
-    mask.view(-1)[grow] = 1
-    return int(grow.numel())
+    def edit(m: torch.Tensor, k: int, score: torch.Tensor) -> int:
+        grow = _top_k(score, m == 0, k, largest=True)
+        m.view(-1)[grow] = 1
+        return int(grow.numel())
+    return _by_block(mask, block, k, edit, score)
 
 
-def grow_random(mask: torch.Tensor, k: int, generator: torch.Generator, within: torch.Tensor | None = None) -> int:
+def grow_random(mask: torch.Tensor, k: int, generator: torch.Generator, within: torch.Tensor | None = None,
+                block: int = 1) -> int:
     """Turn on k dead entries chosen uniformly (optionally only where ``within`` is set); return how many."""
-    cand = mask == 0 if within is None else (mask == 0) & (within > 0)
-    idx = torch.nonzero(cand.reshape(-1), as_tuple=False).squeeze(1)
-    k = min(k, idx.numel())
-    if k <= 0:
-        return 0
-    pick = idx[torch.randperm(idx.numel(), generator=generator)[:k]]
-    mask.view(-1)[pick] = 1
-    return int(k)
+    def edit(m: torch.Tensor, k: int, within: torch.Tensor | None) -> int:
+        cand = m == 0 if within is None else (m == 0) & (within > 0)
+        idx = torch.nonzero(cand.reshape(-1), as_tuple=False).squeeze(1)
+        k = min(k, idx.numel())
+        if k <= 0:
+            return 0
+        pick = idx[torch.randperm(idx.numel(), generator=generator)[:k]]
+        m.view(-1)[pick] = 1
+        return int(k)
+    return _by_block(mask, block, k, edit, within)
 
 
-def random_mask_like(mask: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """A 0/1 mask of ``mask``'s shape with exactly k ones at uniformly random places."""
+def random_mask_like(mask: torch.Tensor, k: int, generator: torch.Generator, block: int = 1) -> torch.Tensor:
+    """A 0/1 mask of ``mask``'s shape with about k ones (exactly k when block is 1) at uniformly
+    random places (random blocks of rows with ``block``)."""
     new = torch.zeros_like(mask)
-    grow_random(new, k, generator)
+    grow_random(new, k, generator, block=block)
     return new

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ...errors import TrainingError
-from ._topology import grow_random
+from ._topology import fan_in_block, grow_random
 from .base import Change, Schedule, ScheduleParams, check, event_generator
 
 
@@ -76,7 +76,8 @@ class Incremental(Schedule):
         change = Change()
         for i, (n, m) in enumerate(self.layers.items()):
             keep = torch.zeros_like(m.mask)
-            grow_random(keep, self.start_counts[n], event_generator(self.seed, 0, salt=2000 + i), within=self.target[n])
+            grow_random(keep, self.start_counts[n], event_generator(self.seed, 0, salt=2000 + i), within=self.target[n],
+                        block=fan_in_block(m))
             change.add(n, int(m.mask.sum() - keep.sum()), 0)
             m.mask.copy_(keep)
         return change
@@ -90,7 +91,8 @@ class Incremental(Schedule):
             live, target = int(m.mask.sum()), int(self.target[n].sum())
             if live < target:
                 before = m.mask.clone()
-                change.add(n, 0, grow_random(m.mask, min(live, target - live), g, within=self.target[n]))
+                change.add(n, 0, grow_random(m.mask, min(live, target - live), g, within=self.target[n],
+                                             block=fan_in_block(m)))
                 added = (m.mask > 0) & (before == 0)
                 added = added.reshape(added.shape + (1,) * (m.weight.dim() - 2)).expand_as(m.weight)
                 with torch.no_grad():

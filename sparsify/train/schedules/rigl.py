@@ -21,7 +21,7 @@ import torch
 from ...errors import TrainingError
 from ...profiles import fan_in_counts, random_mask
 from ._allocation import layer_budgets
-from ._topology import grow_largest, prune_smallest, random_mask_like, unit_scores
+from ._topology import fan_in_block, grow_largest, prune_smallest, random_mask_like, unit_scores
 from .base import Change, Schedule, ScheduleParams, check, check_prune_rate, check_update_every, event_generator
 
 
@@ -60,15 +60,18 @@ def redraw_topology(schedule: Schedule) -> Change | None:
     for i, (n, m) in enumerate(schedule.layers.items()):
         g = event_generator(schedule.seed, 0, salt=1000 + i)
         out_units, in_units = m.mask.shape
+        b = fan_in_block(m)
         if cfg.init_profile:
+            # one fan-in per block of b output units (b = 1: per unit)
+            rows = -(-out_units // b)
             params = layer_profile_params(cfg.init_profile_params or {}, n, schedule.layers)
-            fan_in = profile_fan_in(cfg.init_profile, out_units, in_units, budgets[n], params)
+            fan_in = profile_fan_in(cfg.init_profile, rows, in_units, round(budgets[n] * rows / out_units), params)
             # numpy's stream, seeded like the event generator: the same mask on every rank
             rng = np.random.default_rng((schedule.seed * 1_000_003 + 1000 + i) % (2**63 - 1))
-            drawn = random_mask(out_units, np.arange(in_units), sum(fan_in), rng, row_counts=np.asarray(fan_in))
-            new = torch.from_numpy(drawn).to(m.mask.dtype)
+            drawn = random_mask(rows, np.arange(in_units), sum(fan_in), rng, row_counts=np.asarray(fan_in))
+            new = torch.from_numpy(np.repeat(drawn, b, axis=0)[:out_units]).to(m.mask.dtype)
         else:
-            new = random_mask_like(m.mask, budgets[n], g)
+            new = random_mask_like(m.mask, budgets[n], g, block=b)
         before = m.mask.clone()
         with torch.no_grad():
             torch.nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=g)
@@ -137,7 +140,7 @@ class RigL(Schedule):
         for n, m in self.layers.items():
             g = self.reducer.mean_(grads[n].detach().clone())
             k = int(round(f * float(m.mask.sum())))
-            pruned = prune_smallest(m.mask, unit_scores(m, m.weight), k)
-            grown = grow_largest(m.mask, unit_scores(m, g), pruned)
+            pruned = prune_smallest(m.mask, unit_scores(m, m.weight), k, block=fan_in_block(m))
+            grown = grow_largest(m.mask, unit_scores(m, g), pruned, block=fan_in_block(m))
             change.add(n, pruned, grown)
         return change

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ._topology import grow_random, prune_smallest, unit_scores
+from ._topology import fan_in_block, grow_random, prune_smallest, unit_scores
 from .base import Change, Schedule, ScheduleParams, check_prune_rate, check_update_every, event_generator
 
 
@@ -46,12 +46,12 @@ class SET(Schedule):
         g = event_generator(self.seed, step, salt=17)
         for n, m in self.layers.items():
             k = int(round(self.zeta * float(m.mask.sum())))
-            removed = m.mask.clone()
-            pruned = prune_smallest(m.mask, unit_scores(m, m.weight), k)
+            removed, b = m.mask.clone(), fan_in_block(m)
+            pruned = prune_smallest(m.mask, unit_scores(m, m.weight), k, block=b)
             # Regrow among entries that were dead before this update, so a pruned weight is not revived.
-            grown = grow_random(m.mask, pruned, g, within=(removed == 0).to(m.mask.dtype))
+            grown = grow_random(m.mask, pruned, g, within=(removed == 0).to(m.mask.dtype), block=b)
             if grown < pruned:  # a nearly dense layer: fall back to any dead entry
-                grown += grow_random(m.mask, pruned - grown, g)
+                grown += grow_random(m.mask, pruned - grown, g, block=b)
             change.add(n, pruned, grown)
         return change
 

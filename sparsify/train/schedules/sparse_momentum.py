@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ._topology import grow_largest, prune_smallest, unit_scores, unit_size
+from ._topology import fan_in_block, grow_largest, prune_smallest, unit_scores, unit_size
 from .base import Change, Schedule, ScheduleParams, check_prune_rate
 
 
@@ -125,16 +125,16 @@ class SparseMomentum(Schedule):
             live = int(m.mask.sum())
             sparsity = 1.0 - live / m.mask.numel()
             p_i = min(p, sparsity) if shares[i] > 1.0 / len(names) else p
-            k = prune_smallest(m.mask, unit_scores(m, m.weight), int(round(p_i * live)))
+            k = prune_smallest(m.mask, unit_scores(m, m.weight), int(round(p_i * live)), block=fan_in_block(m))
             change.add(n, k, 0)
             removed += k * unit_size(m)
         # (c) regrow where the momentum of missing connections is largest.
         capacity = [int((self.layers[n].mask == 0).sum()) for n in names]
-        quanta = [unit_size(self.layers[n]) for n in names]
+        quanta = [unit_size(self.layers[n]) * fan_in_block(self.layers[n]) for n in names]
         alloc, self.carry = distribute(removed + self.carry, shares, capacity, quanta)
         for i, n in enumerate(names):
             m = self.layers[n]
-            grown = grow_largest(m.mask, unit_scores(m, self.momentum[n]), alloc[i])
+            grown = grow_largest(m.mask, unit_scores(m, self.momentum[n]), alloc[i], block=fan_in_block(m))
             change.add(n, 0, grown)
         return change
 
