@@ -239,7 +239,7 @@ def measure(name: str, density: float, tmp: Path, args: argparse.Namespace) -> d
     t0 = time.perf_counter()
     files, notes = export_variants(name, tmp, density=density, model_args=model_args, input_shape=shape,
                                    divisor=DIVISOR, compact=not args.no_compact, calibration=CALIBRATION,
-                                   autotune=args.autotune)
+                                   autotune=args.autotune, block=args.block)
     notes["export_s"] = time.perf_counter() - t0
     paths = dict(files)
     spread = output_spread(paths["dense"])
@@ -280,7 +280,7 @@ def measure(name: str, density: float, tmp: Path, args: argparse.Namespace) -> d
                 "ops_ms": {v: time_by_op(prof[v]) for v in prof},
             })
     sparse_file = rounds[0].files[1]
-    return {"model": name, "label": label, "density": density, "input_shape": list(shape),
+    return {"model": name, "label": label, "density": density, "block": args.block, "input_shape": list(shape),
             "notes": dict(notes, output_spread=spread), "sparse_mac_share": mac_share,
             "sparse_nodes": sparse_file.sparse_nodes, "conv_nodes": sparse_file.conv_nodes,
             "native": sparse_file.native, "layers": [asdict(c) for c in layers], "rows": rows,
@@ -417,6 +417,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile-runs", type=int, default=None, help="profiled runs per file and setting (default: 5)")
     ap.add_argument("--no-compact", action="store_true", help="export the sparse variant without compaction")
     ap.add_argument("--autotune", action="store_true", help="export the sparse variant with per-layer autotuning")
+    ap.add_argument("--block", type=int, default=1,
+                    help="output channels of a conv per shared fan-in in the transform (block sparsity; default 1)")
     ap.add_argument("--json", type=Path, default=None, help="write all results here")
     args = ap.parse_args(argv)
     q = args.quick

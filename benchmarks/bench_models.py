@@ -78,17 +78,19 @@ def output_spread(path: Path) -> float:
 
 def export_variants(name: str, tmp: Path, autotune: bool = False, *, density: float = DENSITY,
                     model_args: dict | None = None, input_shape: tuple[int, ...] | None = None, divisor: int = 1,
-                    compact: bool = True, calibration: tuple[int, int] = (4, 32)) -> tuple[list[tuple[str, Path]], dict]:
+                    compact: bool = True, calibration: tuple[int, int] = (4, 32),
+                    block: int = 1) -> tuple[list[tuple[str, Path]], dict]:
     """Transform zoo model ``name`` sparse-random at ``density`` and export dense, sparse and depth variants.
 
     ``divisor``: the depth variant's channel counts are rounded to multiples of it (its alpha is the
     nearest equal-parameter one, ``sparsify.pipeline.depth_equivalent``); ``compact=False`` exports
-    the sparse variant without compaction; ``calibration``: (batches, batch size) for calibrate_bn.
+    the sparse variant without compaction; ``calibration``: (batches, batch size) for calibrate_bn;
+    ``block``: output channels per shared fan-in (the transform's ``block``).
     """
     entry = zoo.get(name)
     shape = tuple(input_shape or entry.input_shape)
     res = api.transform(f"zoo:{name}", method="sparse-random", density=density, seed=0, input_shape=shape,
-                        model_args=model_args)
+                        model_args=model_args, block=block)
     calibrate_bn(res.model, shape, *calibration)
     target = pipeline.live_params(res.model)
     files = [("dense", tmp / f"{name}-dense.onnx"), ("sparse", tmp / f"{name}-sparse.onnx"),
