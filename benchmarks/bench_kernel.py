@@ -160,7 +160,7 @@ def time_interleaved(sessions: dict, feeds: dict, reps: int, min_sample_s: float
 
 def rule_threshold(lay: Layer, mask: np.ndarray | None = None) -> float:
     """The density below which the exporter writes this layer (with this channel mask) as SparseConv."""
-    shared = shared_fan_in_share(mask) if mask is not None and lay.k == 1 else 0.0
+    shared = shared_fan_in_share(mask) if mask is not None else 0.0
     return sparse_threshold((lay.k, lay.k), (lay.stride,) * 2, (1, 1), lay.cin, (lay.out_hw, lay.out_hw), shared)[0]
 
 

@@ -37,6 +37,7 @@ struct Plan {
   int32_t R, V;         // register block: R output rows x V vectors
   int32_t VL;           // floats per vector of this ISA
   int32_t cfg;          // index of the direct path's register-block instantiation
+  int32_t bcfg;         // kDirect: its block unit for kFanInBlock channels sharing a fan-in (-1: none)
   int64_t Hp, Wps;      // padded rows, padded row stride (floats, per phase)
   int64_t phase;        // floats between column phases (stride-2 layout), 0 when S == 1
   int64_t plane;        // floats per padded input channel (all phases)
@@ -92,13 +93,15 @@ struct PwArgs {
   const float* S;
   const float* T;
   float* pack;
-  // same[o]: how many output channels from o on (o included, up to kPwBlock, within o's group)
+  // same[o]: how many output channels from o on (o included, up to kFanInBlock, within o's group)
   // read exactly o's input channels; nullptr: not computed (every channel on its own).
   const int32_t* same;
 };
 
-// Output channels per block of the 1x1 path's shared-fan-in unit (pointwise_block).
-constexpr int kPwBlock = 4;
+// Output channels per block of the shared-fan-in units (pointwise_block, compute_block): runs of
+// channels that list the same input channels, computed together so that each loaded input vector
+// feeds kFanInBlock FMAs.
+constexpr int kFanInBlock = 4;
 
 // One ISA's entry points. make_plan fills a Plan; pad_channel writes one input channel's padded
 // copy (layout described by the plan); compute_channel writes output rows [row0, row1) of one
@@ -126,6 +129,11 @@ struct KernelFns {
                     int64_t sH, int64_t sW);
   // y[i] = max(x[i] * s + t, 0) over n floats, NaN kept (the fused input BatchNormalization + Relu).
   void (*scale_shift_relu)(const float* x, float* y, int64_t n, float s, float t);
+  // compute_channel for kFanInBlock output channels that read the same input channels (cols), y[b]
+  // w_rows[b], bias[b] channel b's; false (nothing written) when the plan has no block unit.
+  bool (*compute_block)(const Geom& g, const Plan& p, const float* xp_n, float* const* y, const float* const* w_rows,
+                        const int64_t* cols, int64_t cnt, const float* bias, int64_t cin_base, int64_t row0,
+                        int64_t row1);
 };
 
 const KernelFns* base_kernels();

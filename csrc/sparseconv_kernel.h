@@ -18,10 +18,12 @@
 //    loads straight from X (no padded copy), four output rows per pass.
 //  - kDirect: 1x1 / 3x3 / 5x5 / 7x7, stride 1 or 2, over a zero-padded copy (stride 2 split into
 //    even/odd column phases so that every tap reads contiguous memory; on the AVX-512 units the
-//    kx taps are lane rotations of each phase's row).
+//    kx taps are lane rotations of each phase's row). 3x3/s2: runs of kFanInBlock output channels
+//    with the same input channels (block sparsity) go through together (compute_block).
 //  - kPointwise: 1x1 without pads (strided ones over a subsampled input): tiles of pixels whose
 //    input rows stay in L2 while every output channel streams its connections over them (an
-//    SpMM bound by the L2 bandwidth: each connection reads its input row once per tile).
+//    SpMM bound by the L2 bandwidth: each connection reads its input row once per tile; runs of
+//    kFanInBlock channels with the same input channels share each load, four FMAs per vector).
 //  - kGeneric: anything else.
 // Padded paths walk strips of output rows over all output channels; planes whose padded copy
 // exceeds the cache budget pad strip by strip (the op glue, sparseconv_op.cc).
@@ -150,50 +152,57 @@ typedef void (*PlaneFn)(const Geom& g, const Plan& p, const float* xp_n, float* 
 constexpr int64_t kL1Budget = 24 * 1024;
 constexpr int64_t kStripFloats = 8192;
 
-template <int K, int S, int R, int V>
-void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, float* __restrict y,
-                  const float* __restrict w_row, const int64_t* __restrict cols, int64_t cnt,
-                  float bias, int64_t cin_base, int64_t row0, int64_t row1) {
+// B output channels at once (B > 1: channels that read the same input channels, cols; y[b], w_rows[b],
+// bias[b] are channel b's): every loaded input vector feeds B channels' FMAs.
+template <int K, int S, int R, int V, int B>
+void direct_core(const Geom& g, const Plan& p, const float* __restrict xp_n, float* const* ys,
+                 const float* const* w_rows, const int64_t* __restrict cols, int64_t cnt,
+                 const float* bias, int64_t cin_base, int64_t row0, int64_t row1) {
   constexpr int KK = K * K;
   constexpr int ROWS = S * (R - 1) + K;  // input rows touched by R output rows
   const int64_t Ho = g.Ho, Wo = g.Wo, Wps = p.Wps, plane = p.plane, phase = p.phase;
   const int64_t wo_round = cdiv(cdiv(Wo, VL), V) * V * VL;
   int64_t ck = kL1Budget / (ROWS * Wps * S * int64_t(sizeof(float)));
   if (ck < 4) ck = 4;
-  if (ck >= cnt || R * wo_round > kStripFloats || wo_round <= V * VL) ck = cnt > 0 ? cnt : 1;
-  alignas(64) float strip[kStripFloats];
+  // Blocks of channels keep no partial sums: all connections in one pass.
+  if (B > 1 || ck >= cnt || R * wo_round > kStripFloats || wo_round <= V * VL) ck = cnt > 0 ? cnt : 1;
+  alignas(64) float strip[B == 1 ? kStripFloats : 1];
   for (int64_t y0 = row0; y0 < row1; y0 += R) {
     const float* blk_row = xp_n + S * y0 * Wps;
     for (int64_t c0 = 0; c0 < cnt || c0 == 0; c0 += ck) {
       const int64_t c1 = c0 + ck < cnt ? c0 + ck : cnt;
       const bool first = c0 == 0, last = c1 >= cnt;
       for (int64_t x0 = 0; x0 < Wo; x0 += V * VL) {
-        vf acc[R][V];
+        vf acc[B][R][V];
 #pragma GCC unroll 16
-        for (int j = 0; j < R; ++j)
+        for (int b = 0; b < B; ++b)
 #pragma GCC unroll 16
-          for (int v = 0; v < V; ++v)
-            acc[j][v] = first ? bcast(bias) : loadu(strip + j * wo_round + x0 + v * VL);
+          for (int j = 0; j < R; ++j)
+#pragma GCC unroll 16
+            for (int v = 0; v < V; ++v)
+              acc[b][j][v] = first ? bcast(bias[b]) : loadu(strip + j * wo_round + x0 + v * VL);
         const float* blk = blk_row + x0;
         // Output lanes of this block that read beyond its last vector (stride-2 rotations).
         const bool next = x0 + V * VL - (K - 1) / 2 < Wo;
         (void)next;
         for (int64_t k = c0; k < c1; ++k) {
           const float* base = blk + (cin_base + cols[k]) * plane;
-          const float* w = w_row + k * KK;
-          // K = 3: the nine weights stay broadcast in registers. Larger kernels have too many
-          // for the register file: each FMA broadcasts its weight from w (an embedded-broadcast
-          // operand) instead of reloading a spilled 64-byte copy.
-          constexpr bool kRegW = K <= 3;
+          // K = 3, one channel: the nine weights stay broadcast in registers. Larger kernels
+          // and blocks of channels have too many for the register file: each FMA broadcasts its
+          // weight from memory (an embedded-broadcast operand) instead of reloading a spilled
+          // 64-byte copy.
+          constexpr bool kRegW = K <= 3 && B == 1;
           vf wv[kRegW ? KK : 1];
           if constexpr (kRegW) {
 #pragma GCC unroll 64
-            for (int t = 0; t < KK; ++t) wv[t] = bcast(w[t]);
+            for (int t = 0; t < KK; ++t) wv[t] = bcast(w_rows[0][k * KK + t]);
           }
-          const float* wk = w;
-          auto wt = [&](int t) __attribute__((always_inline)) {
+          const float* wk[B];
+#pragma GCC unroll 8
+          for (int b = 0; b < B; ++b) wk[b] = w_rows[b] + k * KK;
+          auto wt = [&](int b, int t) __attribute__((always_inline)) {
             if constexpr (kRegW) return wv[t];
-            else return bcast(wk[t]);
+            else return bcast(wk[b][t]);
           };
           const float* row = base;
 #if SPARSIFY_MASKED
@@ -206,7 +215,10 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
             const uint32_t mnext = (1u << (M > 0 ? M : 1)) - 1u;
 #pragma GCC unroll 64
             for (int rr = 0; rr < ROWS; ++rr, row += Wps) {
-              if constexpr (!kRegW) launder(wk);
+              if constexpr (!kRegW) {
+#pragma GCC unroll 8
+                for (int b = 0; b < B; ++b) launder(wk[b]);
+              }
               vf ph[2][V + 1];
 #pragma GCC unroll 2
               for (int q = 0; q < 2; ++q) {
@@ -224,7 +236,9 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
 #pragma GCC unroll 16
                   for (int j = 0; j < R; ++j) {
                     const int ky = rr - S * j;
-                    if (ky >= 0 && ky < K) acc[j][v] += wt(ky * K + kx) * in;
+#pragma GCC unroll 8
+                    for (int b = 0; b < B; ++b)
+                      if (ky >= 0 && ky < K) acc[b][j][v] += wt(b, ky * K + kx) * in;
                   }
                 }
               }
@@ -234,7 +248,10 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
 #endif
 #pragma GCC unroll 64
           for (int rr = 0; rr < ROWS; ++rr, row += Wps) {
-            if constexpr (!kRegW) launder(wk);
+            if constexpr (!kRegW) {
+#pragma GCC unroll 8
+              for (int b = 0; b < B; ++b) launder(wk[b]);
+            }
 #pragma GCC unroll 16
             for (int kx = 0; kx < K; ++kx) {
               const float* src = row + (kx % S) * phase + kx / S;
@@ -244,36 +261,82 @@ void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, fl
 #pragma GCC unroll 16
                 for (int j = 0; j < R; ++j) {
                   const int ky = rr - S * j;
-                  if (ky >= 0 && ky < K) acc[j][v] += wt(ky * K + kx) * in;
+#pragma GCC unroll 8
+                  for (int b = 0; b < B; ++b)
+                    if (ky >= 0 && ky < K) acc[b][j][v] += wt(b, ky * K + kx) * in;
                 }
               }
             }
           }
         }
-        if (!last) {
+        if (!last) {  // B == 1 only
 #pragma GCC unroll 16
           for (int j = 0; j < R; ++j)
 #pragma GCC unroll 16
-            for (int v = 0; v < V; ++v) storeu(strip + j * wo_round + x0 + v * VL, acc[j][v]);
+            for (int v = 0; v < V; ++v) storeu(strip + j * wo_round + x0 + v * VL, acc[0][j][v]);
           continue;
         }
+#pragma GCC unroll 8
+        for (int b = 0; b < B; ++b)
 #pragma GCC unroll 16
-        for (int j = 0; j < R; ++j) {
-          if (y0 + j >= Ho) break;
-          float* out = y + (y0 + j) * Wo;
+          for (int j = 0; j < R; ++j) {
+            if (y0 + j >= Ho) break;
+            float* out = ys[b] + (y0 + j) * Wo;
 #pragma GCC unroll 16
-          for (int v = 0; v < V; ++v) {
-            const int64_t xs = x0 + v * VL;
-            if (xs + VL <= Wo) {
-              storeu(out + xs, acc[j][v]);
-            } else if (xs < Wo) {
-              store_first(out + xs, acc[j][v], Wo - xs);
+            for (int v = 0; v < V; ++v) {
+              const int64_t xs = x0 + v * VL;
+              if (xs + VL <= Wo) {
+                storeu(out + xs, acc[b][j][v]);
+              } else if (xs < Wo) {
+                store_first(out + xs, acc[b][j][v], Wo - xs);
+              }
             }
           }
-        }
       }
     }
   }
+}
+
+template <int K, int S, int R, int V>
+void direct_plane(const Geom& g, const Plan& p, const float* __restrict xp_n, float* __restrict y,
+                  const float* __restrict w_row, const int64_t* __restrict cols, int64_t cnt,
+                  float bias, int64_t cin_base, int64_t row0, int64_t row1) {
+  float* ys[1] = {y};
+  const float* ws[1] = {w_row};
+  direct_core<K, S, R, V, 1>(g, p, xp_n, ys, ws, cols, cnt, &bias, cin_base, row0, row1);
+}
+
+// kFanInBlock output channels sharing cols (the kDirect path's block unit).
+typedef void (*BlockFn)(const Geom& g, const Plan& p, const float* xp_n, float* const* ys,
+                        const float* const* w_rows, const int64_t* cols, int64_t cnt, const float* bias,
+                        int64_t cin_base, int64_t row0, int64_t row1);
+struct BlockCfg {
+  int K, S, R, V;
+  BlockFn fn;
+};
+#define SPARSIFY_BCFG(R, V) \
+  { 3, 2, R, V, &direct_core<3, 2, R, V, kFanInBlock> }
+// 3x3 stride 2 only (stride-1 3x3 convs run on kFlat3; each instantiation adds seconds of build
+// time). kFanInBlock x R x V accumulators: at most 16 of 32 registers, 8 of 16.
+const BlockCfg kBlockCfgs[] = {
+    SPARSIFY_BCFG(1, 1), SPARSIFY_BCFG(2, 1), SPARSIFY_BCFG(1, 2),
+#if SPARSIFY_NREGS >= 32
+    SPARSIFY_BCFG(2, 2),
+#endif
+};
+#undef SPARSIFY_BCFG
+constexpr int kNumBlockCfgs = sizeof(kBlockCfgs) / sizeof(kBlockCfgs[0]);
+
+// The block unit for a kDirect plan of register block R x V: the most accumulators whose rows and
+// vectors divide R and V (it then walks the same padded layout and strips); -1 if none.
+int pick_block_cfg(int K, int S, int R, int V) {
+  int best = -1;
+  for (int i = 0; i < kNumBlockCfgs; ++i) {
+    const BlockCfg& c = kBlockCfgs[i];
+    if (c.K != K || c.S != S || R % c.R != 0 || V % c.V != 0) continue;
+    if (best < 0 || c.R * c.V > kBlockCfgs[best].R * kBlockCfgs[best].V) best = i;
+  }
+  return best;
 }
 
 struct Cfg {
@@ -1134,6 +1197,7 @@ void make_plan(const Geom& g, Plan* p) {
     p->S = S;
     p->R = kCfgs[cfg].R;
     p->V = kCfgs[cfg].V;
+    p->bcfg = pick_block_cfg(K, S, p->R, p->V);
     const int64_t wo_round = cdiv(cdiv(g.Wo, VL), p->V) * p->V * VL;
     const int64_t ho_round = cdiv(g.Ho, p->R) * p->R;
     // Every load of a (possibly wasted) edge block must stay inside the zero-filled buffer.
@@ -1301,19 +1365,19 @@ void pw_vectors(const float* __restrict xg, int64_t xs, int64_t px, float* __res
   for (int v = 0; v < NV; ++v) pw_out<NV, PARTIAL>(y, z, p, v, acc[0][v], tail, m, e, vlo, vhi);
 }
 
-// kPwBlock output channels that read the same input channels (a block of output channels sharing
+// kFanInBlock output channels that read the same input channels (a block of output channels sharing
 // one fan-in, as the transform's `block` option draws them): each loaded input vector feeds
-// kPwBlock FMAs instead of one, so the loads from the L2-resident tile stop bounding the FMA rate
+// kFanInBlock FMAs instead of one, so the loads from the L2-resident tile stop bounding the FMA rate
 // (1x1 256->64 on 56x56 at density 0.1: 1.55 -> 3.3 G 16-float FMA/s, of a 3.7 G peak). y[r],
 // w[r], z[r], bias[r]: output channel r of the block; cols: the shared input channels.
-static_assert(kPwBlock == 4, "pw_block_vectors names its four weight rows");
+static_assert(kFanInBlock == 4, "pw_block_vectors names its four weight rows");
 template <int NV, bool PARTIAL>
 void pw_block_vectors(const float* __restrict xg, int64_t xs, int64_t px, float* const* y, const float* const* w,
                       const int64_t* __restrict cols, int64_t cnt, const float* bias, int64_t p, int64_t tail,
                       const Epilogue& e, const float* const* z) {
-  vf acc[kPwBlock][NV];
+  vf acc[kFanInBlock][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < kPwBlock; ++r)
+  for (int r = 0; r < kFanInBlock; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = bcast(bias[r]);
   const uint32_t m = PARTIAL ? (1u << tail) - 1u : ~0u;
@@ -1334,15 +1398,15 @@ void pw_block_vectors(const float* __restrict xg, int64_t xs, int64_t px, float*
 #endif
       xv[v] = loadu(src + v * VL);
     }
-    const vf wk[kPwBlock] = {bcast(w0[k]), bcast(w1[k]), bcast(w2[k]), bcast(w3[k])};
+    const vf wk[kFanInBlock] = {bcast(w0[k]), bcast(w1[k]), bcast(w2[k]), bcast(w3[k])};
 #pragma GCC unroll 8
-    for (int r = 0; r < kPwBlock; ++r)
+    for (int r = 0; r < kFanInBlock; ++r)
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] += wk[r] * xv[v];
   }
   const vf vlo = bcast(e.lo), vhi = bcast(e.hi);
 #pragma GCC unroll 8
-  for (int r = 0; r < kPwBlock; ++r)
+  for (int r = 0; r < kFanInBlock; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) pw_out<NV, PARTIAL>(y[r], z[r], p, v, acc[r][v], tail, m, e, vlo, vhi);
 }
@@ -1397,22 +1461,22 @@ void pw_block_rest(const float* xg, int64_t xs, int64_t px, float* const* y, con
   }
 }
 
-// pw_range for a block of kPwBlock output channels sharing cols: kPwBlockNV vectors of pixels at
-// a time (kPwBlock x kPwBlockNV accumulators: 16 of 32 registers, 8 of 16 on AVX2).
-constexpr int64_t kPwBlockNV = SPARSIFY_NREGS >= 32 ? 4 : 2;
+// pw_range for a block of kFanInBlock output channels sharing cols: kFanInBlockNV vectors of pixels at
+// a time (kFanInBlock x kFanInBlockNV accumulators: 16 of 32 registers, 8 of 16 on AVX2).
+constexpr int64_t kFanInBlockNV = SPARSIFY_NREGS >= 32 ? 4 : 2;
 void pw_block_range(const float* xg, int64_t xs, int64_t xoff, float* const* y, const float* const* w,
                     const int64_t* cols, int64_t cnt, const float* bias, int64_t p0, int64_t p1, const Epilogue& e,
                     const float* const* z) {
   int64_t p = p0;
-  for (; p + kPwBlockNV * VL <= p1; p += kPwBlockNV * VL)
-    pw_block_vectors<kPwBlockNV, false>(xg, xs, p - xoff, y, w, cols, cnt, bias, p, 0, e, z);
+  for (; p + kFanInBlockNV * VL <= p1; p += kFanInBlockNV * VL)
+    pw_block_vectors<kFanInBlockNV, false>(xg, xs, p - xoff, y, w, cols, cnt, bias, p, 0, e, z);
   const int64_t nv = (p1 - p) / VL, tail = (p1 - p) % VL;
 #if SPARSIFY_MASKED
   if (tail > 0) return pw_block_rest<true>(xg, xs, p - xoff, y, w, cols, cnt, bias, p, nv + 1, tail, e, z);
 #endif
   if (nv > 0) pw_block_rest<false>(xg, xs, p - xoff, y, w, cols, cnt, bias, p, nv, 0, e, z);
   for (p += nv * VL; p < p1; ++p)
-    for (int r = 0; r < kPwBlock; ++r) {
+    for (int r = 0; r < kFanInBlock; ++r) {
       float acc = bias[r];
       for (int64_t k = 0; k < cnt; ++k) acc += w[r][k] * xg[cols[k] * xs + p - xoff];
       if (z[r] != nullptr) acc += z[r][p];
@@ -1448,8 +1512,8 @@ void pointwise_block(const PwArgs& a, int64_t o0, int64_t o1, int64_t p0, int64_
         scale_shift_relu(xbase + c * HW + t, a.pack + c * a.tile, t1 - t, a.S[cbase + c], a.T[cbase + c]);
     }
     for (int64_t o = o0, oe; o < o1; o = oe) {
-      const bool block = a.same != nullptr && a.same[o] >= kPwBlock && o + kPwBlock <= o1;
-      oe = o + (block ? kPwBlock : 1);
+      const bool block = a.same != nullptr && a.same[o] >= kFanInBlock && o + kFanInBlock <= o1;
+      oe = o + (block ? kFanInBlock : 1);
       if (n1 > 0) {
         const int64_t c0 = (o - o0) * span / nout, c1 = (oe - o0) * span / nout;
         for (int64_t c = c0; c < c1; ++c)
@@ -1460,11 +1524,11 @@ void pointwise_block(const PwArgs& a, int64_t o0, int64_t o1, int64_t p0, int64_
       const float* xg = a.pack != nullptr ? a.pack + (cg - cbase) * a.tile : a.x + cg * HW;
       const int64_t xs = a.pack != nullptr ? a.tile : HW, xoff = a.pack != nullptr ? t : 0;
       if (block) {
-        float* y[kPwBlock];
-        const float* w[kPwBlock];
-        const float* z[kPwBlock];
-        float bias[kPwBlock];
-        for (int r = 0; r < kPwBlock; ++r) {
+        float* y[kFanInBlock];
+        const float* w[kFanInBlock];
+        const float* z[kFanInBlock];
+        float bias[kFanInBlock];
+        for (int r = 0; r < kFanInBlock; ++r) {
           y[r] = a.y + (o + r) * HW;
           w[r] = a.w + a.row_ptr[o + r];
           z[r] = a.z != nullptr ? a.z + (o + r) * HW : nullptr;
@@ -1549,6 +1613,16 @@ void compute_channel(const Geom& g, const Plan& p, const float* x_n, const float
   }
 }
 
+// compute_channel for kFanInBlock output channels that list the same input channels (cols): true
+// when the plan has a block unit (kDirect 3x3 stride 2), else false and nothing is written.
+bool compute_block(const Geom& g, const Plan& p, const float* xp_n, float* const* ys, const float* const* w_rows,
+                   const int64_t* cols, int64_t cnt, const float* bias, int64_t cin_base, int64_t row0,
+                   int64_t row1) {
+  if (p.kind != kDirect || p.bcfg < 0) return false;
+  kBlockCfgs[p.bcfg].fn(g, p, xp_n, ys, w_rows, cols, cnt, bias, cin_base, row0, row1);
+  return true;
+}
+
 // The fused epilogue on output just written (in cache): + z (the fused residual input), then the
 // activation's clamp. Vector compares keep NaN as ONNX Relu / Clip do. (A 4-wide pass in the op's
 // baseline code made a fused Clip slower than ORT's own Clip node.)
@@ -1573,7 +1647,7 @@ void epilogue(float* __restrict y, const float* __restrict z, int64_t n, const E
 }
 
 const KernelFns kFns = {SPARSIFY_ISA_NAME, &make_plan,       &pad_channel, &compute_channel, kCscBlock,
-                        &epilogue,        &pointwise_block, &subsample,   &scale_shift_relu};
+                        &epilogue,        &pointwise_block, &subsample,   &scale_shift_relu, &compute_block};
 
 }  // namespace
 }  // namespace SPARSIFY_ISA_NS

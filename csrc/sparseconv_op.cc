@@ -363,6 +363,7 @@ struct Job {
   const Kernel* k;               // clamp / lo / hi: tasks finish what they wrote
   const float* Z;                // the sum input (Y's shape) or nullptr
   sparsify_conv::Epilogue e;
+  const int32_t* same = nullptr;  // shared-fan-in runs (same_fan_in), nullptr: none
 };
 
 // The epilogue (sum input, activation) over n floats of Y from y on: Z holds the same offsets.
@@ -416,25 +417,39 @@ void conv_channels(const Job& j, const Geom& g, const Plan& p, int64_t o_begin, 
   int64_t run0 = o_begin;
   for (int64_t r0 = 0; r0 < g.Ho; r0 += strip) {
     const int64_t r1 = r0 + strip < g.Ho ? r0 + strip : g.Ho;
-    for (int64_t o = o_begin; o < o_end; ++o) {
+    for (int64_t o = o_begin, oe; o < o_end; o = oe) {
+      const int64_t start = j.row_ptr[o], cnt = j.row_ptr[o + 1] - start;
+      const int64_t cin_base = (o / g.cout_per_group) * g.cin_per_group;
+      // Runs of kFanInBlock channels with one fan-in go together where the path has a block unit.
+      bool block = false;
+      if (j.same != nullptr && j.same[o] >= sparsify_conv::kFanInBlock && o + sparsify_conv::kFanInBlock <= o_end) {
+        float* ys[sparsify_conv::kFanInBlock];
+        const float* ws[sparsify_conv::kFanInBlock];
+        float bias[sparsify_conv::kFanInBlock];
+        for (int b = 0; b < sparsify_conv::kFanInBlock; ++b) {
+          ys[b] = y_n + (o + b) * ystride;
+          ws[b] = j.W + j.row_ptr[o + b] * kk;
+          bias[b] = j.B != nullptr ? j.B[o + b] : 0.0f;
+        }
+        block = j.f->compute_block(g, p, xp_n, ys, ws, j.col_idx + start, cnt, bias, cin_base, r0, r1);
+      }
+      oe = o + (block ? sparsify_conv::kFanInBlock : 1);
       if (pf.base != nullptr && r0 == 0) {
         // A share of the next strip's input rows per output channel, spread over the first row block.
         const int64_t c0 = (o - o_begin) * pf.chans / (o_end - o_begin);
-        const int64_t c1 = (o + 1 - o_begin) * pf.chans / (o_end - o_begin);
+        const int64_t c1 = (oe - o_begin) * pf.chans / (o_end - o_begin);
         for (int64_t c = c0; c < c1; ++c)
           for (int64_t q = 0; q < pf.floats; q += 16) __builtin_prefetch(pf.base + c * pf.stride + q, 0, 2);
       }
-      const int64_t start = j.row_ptr[o], cnt = j.row_ptr[o + 1] - start;
-      const int64_t cin_base = (o / g.cout_per_group) * g.cin_per_group;
-      float* y = y_n + o * ystride;
-      j.f->compute_channel(g, p, x_n, xp_n, y, j.W + start * kk, j.col_idx + start, cnt,
-                           j.B != nullptr ? j.B[o] : 0.0f, cin_base, r0, r1);
+      if (!block)
+        j.f->compute_channel(g, p, x_n, xp_n, y_n + o * ystride, j.W + start * kk, j.col_idx + start, cnt,
+                             j.B != nullptr ? j.B[o] : 0.0f, cin_base, r0, r1);
       if (!j.e.clamp && j.Z == nullptr) continue;
       if (!runs) {
-        finish(j, y + r0 * g.Wo, (r1 - r0) * g.Wo);
-      } else if ((o + 1 - run0) * plane >= kClampRun || o + 1 == o_end) {
-        finish(j, y_n + run0 * plane, (o + 1 - run0) * plane);
-        run0 = o + 1;
+        for (int64_t q = o; q < oe; ++q) finish(j, y_n + q * ystride + r0 * g.Wo, (r1 - r0) * g.Wo);
+      } else if ((oe - run0) * plane >= kClampRun || oe == o_end) {
+        finish(j, y_n + run0 * plane, (oe - run0) * plane);
+        run0 = oe;
       }
     }
   }
@@ -636,8 +651,8 @@ void csc_task(void* ud, size_t i) {
   if (j.e.clamp || j.Z != nullptr) finish(j, y_n + blk.o_begin * hw, (blk.o_end - blk.o_begin) * hw);
 }
 
-// same[o] of PwArgs: how many output channels from o on (o included, at most kPwBlock, all in o's
-// group) list exactly o's input channels. Empty when no sparsify_conv::kPwBlock of them do (no block to run).
+// same[o] of PwArgs: how many output channels from o on (o included, at most kFanInBlock, all in o's
+// group) list exactly o's input channels. Empty when no sparsify_conv::kFanInBlock of them do (no block to run).
 std::vector<int32_t> same_fan_in(const Geom& g, const int64_t* row_ptr, const int64_t* col_idx) {
   std::vector<int32_t> same(size_t(g.Cout), 1);
   bool any = false;
@@ -645,11 +660,31 @@ std::vector<int32_t> same_fan_in(const Geom& g, const int64_t* row_ptr, const in
     const int64_t s = row_ptr[o], n = row_ptr[o + 1] - s;
     if (n > 0 && (o + 1) % g.cout_per_group != 0 && row_ptr[o + 2] - row_ptr[o + 1] == n &&
         std::equal(col_idx + s, col_idx + s + n, col_idx + s + n)) {
-      same[size_t(o)] = std::min<int32_t>(sparsify_conv::kPwBlock, same[size_t(o) + 1] + 1);
-      any = any || same[size_t(o)] == sparsify_conv::kPwBlock;
+      same[size_t(o)] = std::min<int32_t>(sparsify_conv::kFanInBlock, same[size_t(o) + 1] + 1);
+      any = any || same[size_t(o)] == sparsify_conv::kFanInBlock;
     }
   }
   if (!any) same.clear();
+  return same;
+}
+
+// same_fan_in of this call's indices: built once for constant index initializers (kept in k),
+// else on every call (one pass over col_idx).
+std::shared_ptr<const std::vector<int32_t>> shared_runs(const Kernel& k, const Geom& g, const int64_t* row_ptr,
+                                                        const int64_t* col_idx) {
+  std::shared_ptr<const std::vector<int32_t>> same;
+  const bool constant = row_ptr == k.const_row_ptr && col_idx == k.const_col_idx;
+  if (constant) {
+    std::lock_guard<std::mutex> lock(k.csc_mu);
+    same = k.same;
+  }
+  if (!same) {
+    same = std::make_shared<const std::vector<int32_t>>(same_fan_in(g, row_ptr, col_idx));
+    if (constant) {
+      std::lock_guard<std::mutex> lock(k.csc_mu);
+      k.same = same;
+    }
+  }
   return same;
 }
 
@@ -657,7 +692,7 @@ std::vector<int32_t> same_fan_in(const Geom& g, const int64_t* row_ptr, const in
 // walk from channel 0 starts, so that no thread's range splits a shared-fan-in block.
 void snap_to_blocks(std::vector<int64_t>& bounds, const int32_t* same, int64_t cout) {
   std::vector<char> starts(size_t(cout) + 1, 0);
-  for (int64_t o = 0; o < cout; o += same[o] >= sparsify_conv::kPwBlock ? sparsify_conv::kPwBlock : 1) starts[size_t(o)] = 1;
+  for (int64_t o = 0; o < cout; o += same[o] >= sparsify_conv::kFanInBlock ? sparsify_conv::kFanInBlock : 1) starts[size_t(o)] = 1;
   starts[size_t(cout)] = 1;
   for (size_t b = 1; b + 1 < bounds.size(); ++b) {
     int64_t o = std::max(bounds[b], bounds[b - 1]);
@@ -745,20 +780,7 @@ OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, 
   // for the next layer anyway: non-temporal stores save reading each output line before writing
   // it (1x1 64->2048 on 56x56: 4.2 -> 2.2 ms).
   const bool stream = g.N * g.Cout * hwo * int64_t(sizeof(float)) >= kStreamBytes;
-  // Shared-fan-in runs: once for constant indices, else on every call (one pass over col_idx).
-  std::shared_ptr<const std::vector<int32_t>> same;
-  const bool constant = row_ptr == k.const_row_ptr && col_idx == k.const_col_idx;
-  if (constant) {
-    std::lock_guard<std::mutex> lock(k.csc_mu);
-    same = k.same;
-  }
-  if (!same) {
-    same = std::make_shared<const std::vector<int32_t>>(same_fan_in(g, row_ptr, col_idx));
-    if (constant) {
-      std::lock_guard<std::mutex> lock(k.csc_mu);
-      k.same = same;
-    }
-  }
+  const auto same = shared_runs(k, g, row_ptr, col_idx);
   job.a = {X, Y, Z, W, row_ptr, col_idx, B, hwo, g.cin_per_group, g.cout_per_group, pw_tile(g, VL),
            {k.lo, k.hi, k.clamp ? 1 : 0, stream ? 1 : 0}, S, T, nullptr, same->empty() ? nullptr : same->data()};
   Scratch scratch;
@@ -1075,7 +1097,16 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     }
   }
   if (ns > 0) nob = 1;
-  const std::vector<int64_t> bounds = block_bounds(row_ptr, g.Cout, nob);
+  std::vector<int64_t> bounds = block_bounds(row_ptr, g.Cout, nob);
+  // The kDirect path's block unit: runs of channels sharing a fan-in, whole in every task.
+  std::shared_ptr<const std::vector<int32_t>> same;
+  if (p.kind == sparsify_conv::kDirect && p.bcfg >= 0) {
+    same = shared_runs(k, g, row_ptr, col_idx);
+    if (!same->empty()) {
+      job.same = same->data();
+      snap_to_blocks(bounds, job.same, g.Cout);
+    }
+  }
   job.nob = nob;
   job.bounds = bounds.data();
   job.ns = ns;

@@ -89,25 +89,25 @@ def block_mask(weight: np.ndarray) -> np.ndarray:
 # Output channels per unit of the native kernel's shared-fan-in 1x1 path (kPwBlock in
 # csrc/sparseconv_common.h): four channels that list the same input channels are computed together,
 # each loaded input vector feeding four FMAs.
-PW_BLOCK = 4
+FAN_IN_BLOCK = 4
 
 
 def shared_fan_in_share(live: np.ndarray, group: int = 1) -> float:
-    """Share of a conv's output channels that the native kernel's 1x1 path runs in blocks of
-    PW_BLOCK: runs of consecutive channels (within a group) with the same non-empty row of ``live``
-    (bool ``[Cout, Cin/group]``), taken PW_BLOCK at a time from channel 0, as the kernel walks them.
+    """Share of a conv's output channels that the native kernel's 1x1 and 3x3/s2 paths run in blocks of
+    FAN_IN_BLOCK: runs of consecutive channels (within a group) with the same non-empty row of ``live``
+    (bool ``[Cout, Cin/group]``), taken FAN_IN_BLOCK at a time from channel 0, as the kernel walks them.
     The transform's ``block`` option (block sparsity, Elsen et al. 2020) draws such masks."""
     cout = live.shape[0]
-    if cout < PW_BLOCK:
+    if cout < FAN_IN_BLOCK:
         return 0.0
     per_group = max(1, cout // max(1, group))
     o = np.arange(cout - 1)
     joins = (np.all(live[:-1] == live[1:], axis=1) & live[:-1].any(axis=1) & ((o + 1) % per_group != 0))
     covered = o_at = 0
-    while o_at + PW_BLOCK <= cout:
-        if joins[o_at:o_at + PW_BLOCK - 1].all():
-            covered += PW_BLOCK
-            o_at += PW_BLOCK
+    while o_at + FAN_IN_BLOCK <= cout:
+        if joins[o_at:o_at + FAN_IN_BLOCK - 1].all():
+            covered += FAN_IN_BLOCK
+            o_at += FAN_IN_BLOCK
         else:
             o_at += 1
     return covered / cout
@@ -366,12 +366,15 @@ THRESHOLD_KXK = 0.5      # 5x5, 7x7 (direct path), stride 1
 THRESHOLD_STRIDED = {3: (0.4, 0.25), 1: (0.3, 0.2)}
 THRESHOLD_STRIDED_OTHER = 0.15
 # 1x1 convs (stride 1, or strided over the subsampled input) whose output channels share their
-# fan-in in blocks of PW_BLOCK (the transform's --block 4) run 4 FMAs per loaded input vector
+# fan-in in blocks of FAN_IN_BLOCK (the transform's --block 4) run 4 FMAs per loaded input vector
 # (`bench_kernel.py --blocks 4`, same setup): crossovers above 0.9 on planes of >= 14x14 (8 .. 2048
 # input channels; 1.1-2.1x still at 0.9, 1.8-2.6x at 0.5) and 0.61-0.75 on 7x7 outputs (1.2-1.5x at
 # 0.5). A layer with a share s of its channels in such blocks gets (1 - s) * its plain threshold +
 # s * these.
 THRESHOLD_1x1_SHARED = (0.85, 0.5)  # outputs of >= MIN_1x1_FULL_PIXELS pixels, of MIN_1x1_PIXELS .. that
+# 3x3/s2 convs sharing fan-ins the same way (the direct path's block unit, >= 64 input channels):
+# crossovers 0.72-0.83 to 28x28 .. 56x56 outputs (64..256 channels; 1.5-1.65x at 0.5), 0.58 to 7x7.
+THRESHOLD_3x3_S2_SHARED = (0.65, 0.45)  # outputs of >= MIN_1x1_FULL_PIXELS pixels, of MIN_STRIDED_PIXELS .. that
 THRESHOLD_STEM = 0.5  # strided 3x3 / 5x5 / 7x7 convs with at most STEM_CIN input channels per group
 STEM_CIN = 4
 MIN_STRIDED_CIN = 64
@@ -385,17 +388,25 @@ def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations:
 
     A per-layer rule from measured crossovers (see the table above): the kernel's fast paths are
     3x3 stride 1, so those layers go sparse up to high densities; 1x1 and strided ones up to 0.2-0.4,
-    1x1 ones whose channels share fan-ins in blocks (``shared_fan_in``: the share of output channels
-    in such blocks, ``shared_fan_in_share``) up to 0.85. ``out_hw`` (output plane) is None when
+    1x1 and 3x3/s2 ones whose channels share fan-ins in blocks (``shared_fan_in``: the share of
+    output channels in such blocks, ``shared_fan_in_share``) up to 0.85 and 0.65. ``out_hw`` (output plane) is None when
     shapes are unknown: then a low threshold that holds on every plane measured except 1x1 (export
     with static shapes, or --autotune, to do better).
     """
     thr, rule = _plain_threshold(kernel, strides, dilations, cin_per_group, out_hw)
     pixels = out_hw[0] * out_hw[1] if out_hw is not None else 0
-    if tuple(kernel) == (1, 1) and shared_fan_in > 0 and pixels >= MIN_1x1_PIXELS and all(int(d) == 1 for d in dilations):
-        shared = THRESHOLD_1x1_SHARED[0 if pixels >= MIN_1x1_FULL_PIXELS else 1]
+    if shared_fan_in <= 0 or any(int(d) != 1 for d in dilations):
+        return thr, rule
+    table = None
+    if tuple(kernel) == (1, 1) and pixels >= MIN_1x1_PIXELS:
+        table = THRESHOLD_1x1_SHARED
+    elif (tuple(kernel) == (3, 3) and [int(st) for st in strides] == [2, 2] and cin_per_group >= MIN_STRIDED_CIN
+          and pixels >= MIN_STRIDED_PIXELS):
+        table = THRESHOLD_3x3_S2_SHARED
+    if table is not None:
+        shared = table[0 if pixels >= MIN_1x1_FULL_PIXELS else 1]
         thr = (1.0 - shared_fan_in) * thr + shared_fan_in * shared
-        rule = f"{rule}; {100 * shared_fan_in:.0f}% of output channels share fan-ins in blocks of {PW_BLOCK}"
+        rule = f"{rule}; {100 * shared_fan_in:.0f}% of output channels share fan-ins in blocks of {FAN_IN_BLOCK}"
     return thr, rule
 
 
@@ -547,7 +558,7 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
         group = int(_attr(node, "group", 1))
         live = block_mask(w)
         choice = ConvChoice(name, tuple(w.shape), group, float(live.mean()), int(live.sum()), False, "", weight=wname,
-                            shared_fan_in=shared_fan_in_share(live, group) if w.shape[2:] == (1, 1) else 0.0)
+                            shared_fan_in=shared_fan_in_share(live, group))
         report.choices.append(choice)
         auto_pad = _attr(node, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad

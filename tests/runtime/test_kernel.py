@@ -360,29 +360,34 @@ def test_thread_count_hint(hint: str | None) -> None:
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
 @pytest.mark.parametrize(
-    "cin,cout,hw,stride,n,block,group",
+    "cin,cout,k,hw,stride,n,block,group",
     [
-        (64, 48, 56, 1, 1, 4, 1),    # 56x56: whole 4-vector chunks, several pixel tiles
-        (40, 30, 13, 1, 3, 3, 1),    # runs of 3: no block, one channel at a time
-        (40, 24, 23, 1, 2, 5, 1),    # runs of 5: a block of 4 and one single channel per run
-        (256, 64, 14, 1, 2, 8, 1),   # 14x14: 3 chunks of 4 vectors and a masked 4-pixel vector
-        (512, 64, 7, 1, 2, 4, 1),    # 7x7 (8-float vectors on AVX-512), long connection lists
-        (48, 44, 9, 1, 2, 6, 2),     # two groups of 22: runs cut at the group boundary
-        (48, 40, 14, 2, 1, 4, 1),    # strided 1x1 over the subsampled input
+        (64, 48, 1, 56, 1, 1, 4, 1),    # 56x56: whole 4-vector chunks, several pixel tiles
+        (40, 30, 1, 13, 1, 3, 3, 1),    # runs of 3: no block, one channel at a time
+        (40, 24, 1, 23, 1, 2, 5, 1),    # runs of 5: a block of 4 and one single channel per run
+        (256, 64, 1, 14, 1, 2, 8, 1),   # 14x14: 3 chunks of 4 vectors and a masked 4-pixel vector
+        (512, 64, 1, 7, 1, 2, 4, 1),    # 7x7 (8-float vectors on AVX-512), long connection lists
+        (48, 44, 1, 9, 1, 2, 6, 2),     # two groups of 22: runs cut at the group boundary
+        (48, 40, 1, 14, 2, 1, 4, 1),    # strided 1x1 over the subsampled input
+        (64, 48, 3, 56, 2, 1, 4, 1),    # 3x3/s2 (the direct path's block unit), row strips
+        (96, 40, 3, 28, 2, 2, 5, 1),    # 3x3/s2 to 14x14, runs of 5
+        (64, 64, 3, 14, 2, 3, 4, 2),    # 3x3/s2 to 7x7, two groups, whole images per task
+        (32, 24, 3, 17, 2, 1, 4, 1),    # odd plane: partial vectors and rows
     ],
 )
-def test_shared_fan_in_blocks(monkeypatch: pytest.MonkeyPatch, isa: str, cin: int, cout: int, hw: int, stride: int,
-                              n: int, block: int, group: int) -> None:
-    """1x1 convs whose runs of output channels share one fan-in (the transform's block sparsity)
-    take the kernel's block unit (4 channels per loaded input vector): equal to dense Conv for
-    every op, 1 and 2 threads (thread ranges snapped to blocks), with runs that almost share a
-    fan-in (one column moved in one channel) and channels without connections mixed in, which
-    must not be merged into a block."""
+def test_shared_fan_in_blocks(monkeypatch: pytest.MonkeyPatch, isa: str, cin: int, cout: int, k: int, hw: int,
+                              stride: int, n: int, block: int, group: int) -> None:
+    """1x1 and 3x3/s2 convs whose runs of output channels share one fan-in (the transform's block
+    sparsity) take the kernel's block units (4 channels per loaded input vector): equal to dense
+    Conv for every op, 1 and 2 threads (thread ranges snapped to blocks), with runs that almost
+    share a fan-in (one column moved in one channel) and channels without connections mixed in,
+    which must not be merged into a block."""
     if isa != "auto":
         monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
-    rng = np.random.default_rng(cin + cout + hw + block)
+    rng = np.random.default_rng(cin + cout + hw + block + k)
     for density in (0.1, 0.5):
-        case = random_case(rng, cin, cout, 1, density, group=group, block=block, strides=(stride, stride))
+        case = random_case(rng, cin, cout, k, density, group=group, block=block, strides=(stride, stride),
+                           pads=(k // 2,) * 4)
         # Break the run at channel 5: same fan-in count, one input channel moved.
         row = case.mask[5]
         on, off = np.flatnonzero(row), np.flatnonzero(~row)

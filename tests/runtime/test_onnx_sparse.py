@@ -260,24 +260,26 @@ def test_shared_fan_in_share_follows_the_kernels_walk() -> None:
     assert shared_fan_in_share(rows[[0, 1, 0, 1, 0, 1, 0, 1]]) == 0.0
 
 
-@pytest.mark.parametrize("hw,stride,density,block,sparse", [(56, 1, 0.5, 4, True), (56, 1, 0.5, 1, False),
-                                                           (14, 1, 0.8, 4, True), (14, 1, 0.9, 4, False),
-                                                           (7, 1, 0.45, 4, True), (7, 1, 0.6, 4, False),
-                                                           (56, 2, 0.5, 4, True), (28, 2, 0.45, 4, True),
-                                                           (28, 2, 0.45, 1, False), (4, 1, 0.1, 4, False)])
-def test_pointwise_rule_with_shared_fan_ins(hw: int, stride: int, density: float, block: int, sparse: bool) -> None:
-    """1x1 convs whose output channels share fan-ins in blocks of 4 (the transform's --block 4) go
-    sparse up to 0.85 on outputs of 14x14 and more and 0.5 on 7x7 (bench_kernel --blocks 4:
-    crossovers above 0.9 and 0.61-0.75), where masks drawn per channel stay dense above 0.3 / 0.2."""
-    rng = np.random.default_rng(hw + block)
+@pytest.mark.parametrize("k,hw,stride,density,block,sparse", [
+    (1, 56, 1, 0.5, 4, True), (1, 56, 1, 0.5, 1, False), (1, 14, 1, 0.8, 4, True), (1, 14, 1, 0.9, 4, False),
+    (1, 7, 1, 0.45, 4, True), (1, 7, 1, 0.6, 4, False), (1, 56, 2, 0.5, 4, True), (1, 28, 2, 0.45, 4, True),
+    (1, 28, 2, 0.45, 1, False), (1, 4, 1, 0.1, 4, False),
+    (3, 56, 2, 0.55, 4, True), (3, 56, 2, 0.55, 1, False), (3, 56, 2, 0.75, 4, False),
+    (3, 14, 2, 0.4, 4, True), (3, 14, 2, 0.5, 4, False)])
+def test_rule_with_shared_fan_ins(k: int, hw: int, stride: int, density: float, block: int, sparse: bool) -> None:
+    """Convs whose output channels share fan-ins in blocks of 4 (the transform's --block 4) go
+    sparse further (bench_kernel --blocks 4): 1x1 up to 0.85 on outputs of 14x14 and more and 0.5
+    on 7x7 (crossovers above 0.9 and 0.61-0.75), 3x3/s2 up to 0.65 and 0.45 (crossovers 0.72-0.83
+    and 0.58), where masks drawn per channel stay dense above 0.2-0.4."""
+    rng = np.random.default_rng(hw + block + k)
     fan_ins = rng.random((-(-128 // block), 64)) < density
     live = np.repeat(fan_ins, block, axis=0)[:128]
-    w = rng.standard_normal((128, 64, 1, 1)).astype(np.float32) * live[:, :, None, None]
-    new, report = convert_model(_conv_model(w, None, stride, 0, 1, 1, hw))
+    w = rng.standard_normal((128, 64, k, k)).astype(np.float32) * live[:, :, None, None]
+    new, report = convert_model(_conv_model(w, None, stride, k // 2, 1, 1, hw))
     assert any(n.op_type == "SparseConv" for n in new.graph.node) == sparse, report
     if sparse:
         x = rng.standard_normal((2, 64, hw, hw)).astype(np.float32)
-        ref = _session(_conv_model(w, None, stride, 0, 1, 1, hw)).run(None, {"x": x})[0]
+        ref = _session(_conv_model(w, None, stride, k // 2, 1, 1, hw)).run(None, {"x": x})[0]
         y = native.session(new.SerializeToString(), 2).run(None, {"x": x})[0]
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
 
