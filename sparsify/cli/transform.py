@@ -126,8 +126,9 @@ PROFILE = typer.Option(None, help="psn fan-in profile: uniform, linear, exponent
 PROFILE_PARAM = typer.Option(None, "--profile-param", help="NAME=VALUE, repeatable (e.g. sigma=1.5)")
 ALLOCATION = typer.Option("uniform", help="Density per layer: uniform or erk")
 BLOCK = typer.Option(None, "--block", help="Output channels of a conv that share one random fan-in (block "
-                     "sparsity, sparse-random and psn; default 1). 4 lets the native kernel feed four FMAs from each "
-                     "loaded input vector: 1x1 convs run about 2x faster at the same density (README, per-layer table)")
+                     "sparsity, Elsen et al. 2020; sparse-random and psn; default 1). 4 lets the native kernel feed "
+                     "four FMAs from each loaded input vector: 1x1 and strided 3x3 convs run about 1.5-2x faster at "
+                     "the same density. Convs too sparse for blocks (every input read by some block) keep 1")
 INCLUDE_LINEAR = typer.Option(None, "--include-linear/--no-include-linear",
                               help="Mask linear layers too (default: psn yes; sparse-random only for models without convs)")
 INCLUDE_CLASSIFIER = typer.Option(False, help="Also mask the final classifier")

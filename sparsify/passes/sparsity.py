@@ -160,16 +160,21 @@ class SparsePass(GraphPass):
         Block sparsity as in Elsen et al. 2020 (*Fast Sparse ConvNets*, sect. 4): the mask is drawn
         for ceil(Cout / block) rows with live / (mean block size) entries, and row r is the fan-in of
         output channels r*block .. r*block + block - 1 (the last block may be shorter). Linear
-        layers keep one fan-in per unit. Returns a bool mask [n_out, n_in].
+        layers keep one fan-in per unit, and so does a conv too sparse for every allowed input to
+        be read by some block at its budget (live / block < allowed inputs). Returns a bool mask
+        [n_out, n_in].
         """
         b = self.block if layer.is_conv else 1
-        if b == 1:
+        rows = -(-layer.n_out // b)
+        # live entries over the mean block size (the last block may be shorter)
+        per_block = round(live * rows / layer.n_out)
+        if b == 1 or per_block < len(allowed):
+            # Too sparse for blocks: reading every input from some block of b channels would
+            # take b times the budget (resnet20's 16-channel convs at density 0.1: 0.25).
             return self.draw(layer, allowed, live, rng)
         import dataclasses
 
-        rows = -(-layer.n_out // b)
-        # live entries over the mean block size (the last block may be shorter)
-        per_block = min(max(round(live * rows / layer.n_out), len(allowed), rows), rows * len(allowed))
+        per_block = min(max(per_block, rows), rows * len(allowed))
         mask = self.draw(dataclasses.replace(layer, n_out=rows), allowed, per_block, rng)
         return np.repeat(mask, b, axis=0)[:layer.n_out]
 

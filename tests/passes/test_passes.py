@@ -240,3 +240,20 @@ def test_block_sparsity_replays_from_the_run_directory(tmp_path):
     for name, m in sparse_modules(res.model).items():
         assert torch.equal(m.mask, again.get_submodule(name).mask)
         assert _runs_share_fan_in(m.mask, 2) == (name in blocked)
+
+
+def test_block_sparsity_keeps_the_density_of_narrow_layers():
+    """At density 0.1 resnet20's 16-channel convs are too sparse for blocks of 4 (every input read
+    by some block would take 0.25 of the layer): they keep one fan-in per channel, the 64-channel
+    ones share them, and the model stays at the density asked for."""
+    res = api.transform("zoo:resnet20", "sparse-random", density=0.1, block=4, seed=1)
+    layers = res.summary["pass_layers"]
+    mods = sparse_modules(res.model)
+    narrow = [n for n, m in mods.items() if m.mask.shape == (16, 16)]
+    wide = [n for n, m in mods.items() if m.mask.shape == (64, 64)]
+    assert narrow and wide
+    assert all("block" not in layers[n] and mods[n].fan_in_block == 1 for n in narrow)
+    assert all(layers[n]["block"] == 4 and mods[n].fan_in_block == 4 for n in wide)
+    live = sum(int(m.mask.sum()) for m in mods.values())
+    entries = sum(m.mask.numel() for m in mods.values())
+    assert abs(live / entries - 0.1) < 0.01
