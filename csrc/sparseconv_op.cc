@@ -167,7 +167,7 @@ struct Kernel {
   // the first call that needs it.
   mutable std::mutex csc_mu;
   mutable std::vector<std::shared_ptr<const struct CscLayout>> csc;  // one per block count
-  // The 1x1 path's shared-fan-in runs (same_fan_in) of constant indices, built on the first call.
+  // The shared-fan-in runs (same_fan_in) of constant indices, built on the first call.
   mutable std::shared_ptr<const std::vector<int32_t>> same;
   ~Kernel() {
     if (cpu != nullptr) g_api->ReleaseMemoryInfo(cpu);
@@ -651,8 +651,8 @@ void csc_task(void* ud, size_t i) {
   if (j.e.clamp || j.Z != nullptr) finish(j, y_n + blk.o_begin * hw, (blk.o_end - blk.o_begin) * hw);
 }
 
-// same[o] of PwArgs: how many output channels from o on (o included, at most kFanInBlock, all in o's
-// group) list exactly o's input channels. Empty when no sparsify_conv::kFanInBlock of them do (no block to run).
+// same[o] (PwArgs, Job): how many output channels from o on (o included, at most kFanInBlock, all
+// in o's group) list exactly o's input channels. Empty when no kFanInBlock of them do (no block).
 std::vector<int32_t> same_fan_in(const Geom& g, const int64_t* row_ptr, const int64_t* col_idx) {
   std::vector<int32_t> same(size_t(g.Cout), 1);
   bool any = false;
@@ -688,11 +688,12 @@ std::shared_ptr<const std::vector<int32_t>> shared_runs(const Kernel& k, const G
   return same;
 }
 
-// Moves each inner boundary of blocks of output channels forward to where a block of pointwise_block's
+// Moves each inner boundary of blocks of output channels forward to where a block of the kernels'
 // walk from channel 0 starts, so that no thread's range splits a shared-fan-in block.
 void snap_to_blocks(std::vector<int64_t>& bounds, const int32_t* same, int64_t cout) {
+  constexpr int64_t B = sparsify_conv::kFanInBlock;
   std::vector<char> starts(size_t(cout) + 1, 0);
-  for (int64_t o = 0; o < cout; o += same[o] >= sparsify_conv::kFanInBlock ? sparsify_conv::kFanInBlock : 1) starts[size_t(o)] = 1;
+  for (int64_t o = 0; o < cout; o += same[o] >= B ? B : 1) starts[size_t(o)] = 1;
   starts[size_t(cout)] = 1;
   for (size_t b = 1; b + 1 < bounds.size(); ++b) {
     int64_t o = std::max(bounds[b], bounds[b - 1]);

@@ -54,7 +54,7 @@ class ConvChoice:
     sparse_ms: float | None = None
     weight: str = ""  # the weight initializer's name (torch.onnx names it after the state-dict key)
     activation: str = ""  # what was fused into the layer: "Relu", "Clip", "Add" (residual), "AddRelu", "Pre" (input BN + Relu)
-    shared_fan_in: float = 0.0  # share of output channels in blocks with one fan-in (1x1 convs, shared_fan_in_share)
+    shared_fan_in: float = 0.0  # share of output channels in blocks with one fan-in (shared_fan_in_share)
 
     @property
     def layer(self) -> str:
@@ -86,9 +86,9 @@ def block_mask(weight: np.ndarray) -> np.ndarray:
     return np.any(weight.reshape(weight.shape[0], weight.shape[1], -1) != 0, axis=2)
 
 
-# Output channels per unit of the native kernel's shared-fan-in 1x1 path (kPwBlock in
-# csrc/sparseconv_common.h): four channels that list the same input channels are computed together,
-# each loaded input vector feeding four FMAs.
+# Output channels per unit of the native kernel's shared-fan-in paths, 1x1 and 3x3/s2 (kFanInBlock
+# in csrc/sparseconv_common.h): four channels that list the same input channels are computed
+# together, each loaded input vector feeding four FMAs.
 FAN_IN_BLOCK = 4
 
 
@@ -389,9 +389,9 @@ def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations:
     A per-layer rule from measured crossovers (see the table above): the kernel's fast paths are
     3x3 stride 1, so those layers go sparse up to high densities; 1x1 and strided ones up to 0.2-0.4,
     1x1 and 3x3/s2 ones whose channels share fan-ins in blocks (``shared_fan_in``: the share of
-    output channels in such blocks, ``shared_fan_in_share``) up to 0.85 and 0.65. ``out_hw`` (output plane) is None when
-    shapes are unknown: then a low threshold that holds on every plane measured except 1x1 (export
-    with static shapes, or --autotune, to do better).
+    output channels in such blocks, ``shared_fan_in_share``) up to 0.85 and 0.65. ``out_hw``
+    (output plane) is None when shapes are unknown: then a low threshold that holds on every plane
+    measured except 1x1 (export with static shapes, or --autotune, to do better).
     """
     thr, rule = _plain_threshold(kernel, strides, dilations, cin_per_group, out_hw)
     pixels = out_hw[0] * out_hw[1] if out_hw is not None else 0
