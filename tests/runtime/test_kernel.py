@@ -71,6 +71,16 @@ def reference(case: ConvCase, x: np.ndarray, op: str, z: np.ndarray | None = Non
     return y
 
 
+def assert_plain_sum_and_pre_ops(case: ConvCase, x: np.ndarray, rng: np.random.Generator) -> None:
+    """SparseConv, SparseConvAddRelu (a random Z) and SparseConvPreRelu equal their references on
+    1 and 2 threads."""
+    conv = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+    z = rng.standard_normal(conv.shape).astype(np.float32)
+    for threads in (1, 2):
+        for op in ("SparseConv", "SparseConvAddRelu", "SparseConvPreRelu"):
+            assert_close(run_op(case, x, op, threads, z), reference(case, x, op, z))
+
+
 def assert_close(y: np.ndarray, ref: np.ndarray) -> None:
     assert y.shape == ref.shape
     scale = max(1.0, float(np.abs(ref).max()))
@@ -397,12 +407,7 @@ def test_shared_fan_in_blocks(monkeypatch: pytest.MonkeyPatch, isa: str, cin: in
             case.weight[5, on[0]] = 0
         case.mask[9:11] = False  # two channels without connections (bias only)
         case.weight[9:11] = 0
-        x = rng.standard_normal((n, cin, hw, hw)).astype(np.float32)
-        conv = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
-        z = rng.standard_normal(conv.shape).astype(np.float32)
-        for threads in (1, 2):
-            for op in ("SparseConv", "SparseConvAddRelu", "SparseConvPreRelu"):
-                assert_close(run_op(case, x, op, threads, z), reference(case, x, op, z))
+        assert_plain_sum_and_pre_ops(case, rng.standard_normal((n, cin, hw, hw)).astype(np.float32), rng)
 
 
 @pytest.mark.parametrize(
@@ -476,12 +481,7 @@ def test_imagenet_size_shapes(cin: int, cout: int, k: int, stride: int, pad: int
     residual sum input and Relu fused."""
     rng = np.random.default_rng(cin + 7 * hw + k)
     case = random_case(rng, cin, cout, k, 0.15, strides=(stride, stride), pads=(pad,) * 4)
-    x = rng.standard_normal((n, cin, hw, hw)).astype(np.float32)
-    ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
-    z = rng.standard_normal(ref.shape).astype(np.float32)
-    for threads in (1, 2):
-        for op in ("SparseConv", "SparseConvAddRelu", "SparseConvPreRelu"):
-            assert_close(run_op(case, x, op, threads, z), reference(case, x, op, z))
+    assert_plain_sum_and_pre_ops(case, rng.standard_normal((n, cin, hw, hw)).astype(np.float32), rng)
 
 
 @pytest.mark.parametrize(
