@@ -10,6 +10,7 @@ from train_fixtures import INPUT, TinyNet, random_mask
 
 from sparsify.errors import TrainingError
 from sparsify.nn import SparseConv2d, SparseLinear, sparse_modules
+from sparsify.passes.sparsity import runs_share_fan_in
 from sparsify.train import TrainConfig, fit
 from sparsify.train.data import load_dataset
 from sparsify.train.distributed import Reducer
@@ -309,7 +310,7 @@ def _blocked_net(block: int) -> TinyNet:
 
 
 def _runs_share(mask: torch.Tensor, block: int) -> bool:
-    return all(bool((mask[o:o + block] == mask[o]).all()) for o in range(0, mask.shape[0], block))
+    return runs_share_fan_in(mask.numpy(), block)
 
 
 @pytest.mark.parametrize("block", [4, 3])
