@@ -111,9 +111,10 @@ def conv_cases(draw: st.DrawFn) -> tuple[ConvCase, np.ndarray, int, str]:
     density = draw(st.sampled_from([0.0, 0.15, 0.5, 1.0]))
     threads = draw(st.sampled_from([1, 2]))
     op = draw(st.sampled_from(OPS))
+    block = draw(st.sampled_from([1, 1, 4, 5]))  # runs of output channels sharing a fan-in
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     case = random_case(rng, cin, cout, (k, kw), density, group=group, strides=(stride, stride_w),
-                       pads=pads, dilations=(dil, dil))
+                       pads=pads, dilations=(dil, dil), block=block)
     x = rng.standard_normal((n, cin, h, w)).astype(np.float32)
     return case, x, threads, op
 
@@ -121,8 +122,9 @@ def conv_cases(draw: st.DrawFn) -> tuple[ConvCase, np.ndarray, int, str]:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conv_cases())
 def test_matches_dense_conv(args: tuple[ConvCase, np.ndarray, int, str]) -> None:
-    """Any kernel size, stride, pads, dilation, groups, batch 1-16, 1 or 2 threads, and every op
-    (fused activations, residual sum input) equals ORT's dense Conv (+ Z, + activation)."""
+    """Any kernel size, stride, pads, dilation, groups, batch 1-16, 1 or 2 threads, every op
+    (fused activations, residual sum input), with or without runs of output channels that share a
+    fan-in, equals ORT's dense Conv (+ Z, + activation)."""
     case, x, threads, op = args
     ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
     z = np.random.default_rng(x.size).standard_normal(ref.shape).astype(np.float32)
