@@ -157,7 +157,7 @@ class SparsePass(GraphPass):
     def draw_blocks(self, layer: Eligible, allowed: np.ndarray, live: int, rng: np.random.Generator) -> np.ndarray:
         """``draw`` with runs of ``block`` output channels of a conv sharing one fan-in.
 
-        Block sparsity as in Elsen et al. 2020 (*Fast Sparse ConvNets*, sect. 4): the mask is drawn
+        Block sparsity as in Elsen et al. 2020 (*Fast Sparse ConvNets*): the mask is drawn
         for ceil(Cout / block) rows with live / (mean block size) entries, and row r is the fan-in of
         output channels r*block .. r*block + block - 1 (the last block may be shorter). Linear
         layers keep one fan-in per unit, and so does a conv too sparse for every allowed input to
