@@ -1301,12 +1301,6 @@ void scale_shift_relu(const float* __restrict x, float* __restrict y, int64_t n,
   }
 }
 
-// 1x1 convs: y = bias + sum_k w[k] * x[cols[k]] over the flat plane (strided 1x1 convs read an
-// input the op subsampled first). NV vectors of the plane at a time; NS accumulator sets take
-// alternate connections so that about eight independent FMA chains are in flight (one accumulator
-// per vector was latency-bound on small planes). PARTIAL: the last vector holds `tail` floats
-// (masked loads and stores on the AVX-512 units; other ISAs never pass it). The epilogue (sum input z,
-// clamp) runs on the accumulators before the one store.
 // Output vector v of NV at pixel p: + z, the clamp, then the store (the last vector holds only
 // `tail` pixels when PARTIAL; m: its lanes).
 template <int NV, bool PARTIAL>
@@ -1331,6 +1325,12 @@ __attribute__((always_inline)) inline void pw_out(float* __restrict y, const flo
   else storeu(y + p + v * VL, r);
 }
 
+// 1x1 convs: y = bias + sum_k w[k] * x[cols[k]] over the flat plane (strided 1x1 convs read an
+// input the op subsampled first). NV vectors of the plane at a time; NS accumulator sets take
+// alternate connections so that about eight independent FMA chains are in flight (one accumulator
+// per vector was latency-bound on small planes). PARTIAL: the last vector holds `tail` floats
+// (masked loads and stores on the AVX-512 units; other ISAs never pass it). The epilogue (sum input z,
+// clamp) runs on the accumulators before the one store.
 template <int NV, int NS, bool PARTIAL>
 void pw_vectors(const float* __restrict xg, int64_t xs, int64_t px, float* __restrict y, const float* __restrict w_row,
                 const int64_t* __restrict cols, int64_t cnt, float bias, int64_t p,
@@ -1475,14 +1475,9 @@ void pw_block_range(const float* xg, int64_t xs, int64_t xoff, float* const* y, 
   if (tail > 0) return pw_block_rest<true>(xg, xs, p - xoff, y, w, cols, cnt, bias, p, nv + 1, tail, e, z);
 #endif
   if (nv > 0) pw_block_rest<false>(xg, xs, p - xoff, y, w, cols, cnt, bias, p, nv, 0, e, z);
-  for (p += nv * VL; p < p1; ++p)
-    for (int r = 0; r < kFanInBlock; ++r) {
-      float acc = bias[r];
-      for (int64_t k = 0; k < cnt; ++k) acc += w[r][k] * xg[cols[k] * xs + p - xoff];
-      if (z[r] != nullptr) acc += z[r][p];
-      if (e.clamp) acc = acc < e.lo ? e.lo : (acc > e.hi ? e.hi : acc);
-      y[r][p] = acc;
-    }
+  // Fewer pixels than a vector left (ISAs without masked loads): pw_range's scalar tail per channel.
+  if (p + nv * VL < p1)
+    for (int r = 0; r < kFanInBlock; ++r) pw_range(xg, xs, xoff, y[r], w[r], cols, cnt, bias[r], p + nv * VL, p1, e, z[r]);
 }
 
 // Output channels [o0, o1) over pixels [p0, p1) of one image, tile by tile: every output channel

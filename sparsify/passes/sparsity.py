@@ -21,7 +21,7 @@ any copy of them (a concat that repeats them, a flatten).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -172,10 +172,8 @@ class SparsePass(GraphPass):
             # Too sparse for blocks: reading every input from some block of b channels would
             # take b times the budget (resnet20's 16-channel convs at density 0.1: 0.25).
             return self.draw(layer, allowed, live, rng)
-        import dataclasses
-
         per_block = min(max(per_block, rows), rows * len(allowed))
-        mask = self.draw(dataclasses.replace(layer, n_out=rows), allowed, per_block, rng)
+        mask = self.draw(replace(layer, n_out=rows), allowed, per_block, rng)
         return np.repeat(mask, b, axis=0)[:layer.n_out]
 
     def requires(self, gm: fx.GraphModule, example: Any) -> None:
@@ -248,10 +246,8 @@ class SparsePass(GraphPass):
         """A grouped conv's mask drawn group by group: input channel b * (Cin/g) + j is column j of
         group b's rows only, so each group avoids its own blocked inputs. Returns the mask and the
         groups left without any allowed input."""
-        import dataclasses
-
         rows = layer.n_out // groups
-        sub = dataclasses.replace(layer, n_out=rows)
+        sub = replace(layer, n_out=rows)
         mask = np.zeros((layer.n_out, layer.n_in), dtype=bool)
         empty = []
         shares = [budget // groups + (1 if b < budget % groups else 0) for b in range(groups)]
