@@ -306,7 +306,8 @@ def _check_type(value: Any, kind: str | None, key: str, fail: Any) -> None:
                                                 for v in value.values()),
     }[kind]
     if not ok:
-        raise fail(f"{key} = {value!r} is not a {'table of numbers' if kind == 'dict' else kind}; "
+        what = {"dict": "a table of numbers", "int": "an int"}.get(kind or "", f"a {kind}")
+        raise fail(f"{key} = {value!r} is not {what}; "
                    f"write e.g. {key.split()[-1]} = {_EXAMPLES[kind or 'str']}")
 
 
