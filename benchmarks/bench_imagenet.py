@@ -167,7 +167,8 @@ def last_runs(events: Sequence[dict], runs: int) -> list[dict]:
 
 
 def _node_events(events: Sequence[dict]) -> list[dict]:
-    return [e for e in events if e.get("cat") == "Node"]
+    """Node events, without the per-image Scan's (a container: ORT profiles its body's nodes too)."""
+    return [e for e in events if e.get("cat") == "Node" and e["args"].get("op_name") != "Scan"]
 
 
 def _runs(events: Sequence[dict]) -> int:

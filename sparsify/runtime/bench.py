@@ -168,9 +168,10 @@ def _inspect(path: Path, label: str) -> FileInfo:
             f"{path} is not a readable ONNX model ({type(e).__name__}); re-export it with `sparsify export`"
         ) from None
     from .onnx_inspect import validate_model
+    from .per_image import unsplit
 
     validate_model(model, path)
-    graph = model.graph
+    graph = unsplit(model).graph
     init_names = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in init_names]
     if not inputs:

@@ -36,6 +36,7 @@ from ..passes.lowering import DensifyPass, TracePass
 from ..passes.trace import user_source_line
 from . import native as _native
 from . import onnx_sparse
+from . import per_image as _per_image
 from .bench import time_bursts
 from .onnx_sparse import ConvChoice, convert_onnx
 
@@ -61,6 +62,8 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
     input_shapes: list[list[int]] = field(default_factory=list)   # one per ONNX input
     output_names: list[str] = field(default_factory=list)
+    per_image_nodes: int = 0        # leading nodes run image by image (``per_image``); 0: all batched
+    per_image: str = ""             # why (or why not)
 
     @property
     def sparse_layers(self) -> int:
@@ -74,7 +77,8 @@ class ExportReport:
             "layers": [dict(vars(c), layer=c.layer, weight_shape=list(c.weight_shape)) for c in self.layers],
             "errors": self.errors, "native_available": self.native_available,
             "file_bytes": self.file_bytes, "notes": self.notes, "input_shapes": self.input_shapes,
-            "output_names": self.output_names,
+            "output_names": self.output_names, "per_image_nodes": self.per_image_nodes,
+            "per_image": self.per_image,
         }
 
 
@@ -387,6 +391,61 @@ def zero_variance_hint(model: nn.Module) -> str | None:
             "or export with --no-verify to accept the difference")
 
 
+def _per_image_front(model: onnx.ModelProto, mode: bool | None) -> tuple[int, str]:
+    """(leading nodes to run image by image, why): ``mode`` None is ``per_image.front_length``'s
+    rule, True the whole graph, False none."""
+    if mode is False:
+        return 0, "off (--no-per-image)"
+    if mode is True:
+        return len(model.graph.node), "every node runs image by image (--per-image)"
+    return _per_image.front_length(model)
+
+
+def _split_and_verify(plain: onnx.ModelProto, mode: bool | None, report: ExportReport, verify: Any
+                      ) -> onnx.ModelProto:
+    """Split ``plain``'s front per image (``_per_image_front``) and check the result.
+
+    ``verify(model_bytes)`` is the export's verification (None for --no-verify). A split model is
+    verified as it will be written; when the split fails verification under the automatic rule
+    (outputs that mix the images of a batch) the batched graph is verified and kept instead, with a
+    note. Without verification a split model is still compared with the batched one in ONNX Runtime.
+    """
+    k, report.per_image = _per_image_front(plain, mode)
+    model = plain
+    if k:
+        try:
+            model = _per_image.split(plain, k)
+        except ValueError as e:
+            if mode:
+                raise ExportError(f"--per-image cannot split this model: {e}; export without --per-image") from None
+            k, report.per_image, model = 0, f"not split: {e}", plain
+    report.per_image_nodes = k
+    if not k:
+        if verify is not None:
+            verify(model.SerializeToString())
+        return model
+    try:
+        if verify is not None:
+            verify(model.SerializeToString())
+        else:
+            ref = open_session(plain.SerializeToString(), native=report.native_available)
+            names = [i.name for i in ref.get_inputs()]
+            verify_onnx(model.SerializeToString(), lambda *xs: ref.run(None, dict(zip(names, xs))),
+                        report.input_shapes or [report.input_shape],
+                        ExportReport(out="", source="", input_shape=[], dense=False,
+                                     native_available=report.native_available))
+        return model
+    except ExportError as e:
+        if mode:
+            raise
+        if verify is not None:
+            verify(plain.SerializeToString())
+        report.per_image_nodes = 0
+        report.per_image = "not split: the outputs change when the images of a batch run one by one"
+        report.notes.append(f"kept the batched graph: run image by image the model's outputs differ ({e})")
+        return plain
+
+
 # --------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -401,7 +460,8 @@ def _finish(onnx_model: onnx.ModelProto, out: Path, report: ExportReport) -> Exp
 
 def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.PathLike, *, dense: bool = False,
                  compact: bool = True, fold_bn: bool = True, dense_threshold: float | None = None, verify: bool = True,
-                 autotune: bool = False, channel_align: int = CHANNEL_ALIGN, rules: Any = None) -> ExportReport:
+                 autotune: bool = False, channel_align: int = CHANNEL_ALIGN, rules: Any = None,
+                 per_image: bool | None = None) -> ExportReport:
     """Export ``model`` to ONNX at ``out`` (atomic): SparseConv nodes where they win, verified in ORT.
 
     ``input_shape`` is one shape, or a list with one shape per model input (one ONNX input each,
@@ -417,7 +477,9 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
     ``autotune`` also times dense vs sparse on the layer's shape (needs the native kernel to ever
     pick sparse). Masked 1-D convs are written as plain Convs with their masked weights (the
     SparseConv op is 2-D). ``rules`` (a rule registry) is what compaction knows about the user's
-    leaf modules. ``model`` is not modified.
+    leaf modules. ``per_image``: run the graph's front image by image in a Scan over the batch
+    (``sparsify.runtime.per_image``): None where one image's activations reach 512 KiB and the
+    front has SparseConv nodes, True the whole graph, False never. ``model`` is not modified.
     """
     from ..nn import SparseConv1d
     from ..report import input_shapes
@@ -452,15 +514,17 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
         decide = make_autotuner(report.native_available) if autotune else None
         onnx_model, creport = onnx_sparse.convert_model(onnx_model, dense_threshold, decide)
         report.layers = creport.choices
-    if verify:
+    def check(model_bytes: bytes) -> None:
         try:
-            verify_onnx(onnx_model.SerializeToString(),
-                        lambda *xs: _torch_outputs(reference, *(torch.from_numpy(x) for x in xs)), shapes, report)
+            verify_onnx(model_bytes, lambda *xs: _torch_outputs(reference, *(torch.from_numpy(x) for x in xs)),
+                        shapes, report)
         except ExportError as e:
             hint = zero_variance_hint(reference)
             if hint is None or not str(e).startswith("verification failed"):
                 raise
             raise ExportError(str(e).replace("; the export is wrong, please report it", "") + f"; {hint}") from None
+
+    onnx_model = _split_and_verify(onnx_model, per_image, report, check if verify else None)
     return _finish(onnx_model, out, report)
 
 
@@ -481,13 +545,19 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, rules: Any = 
 
 
 def export_onnx_file(src: str | os.PathLike, out: str | os.PathLike, *, dense_threshold: float | None = None,
-                     verify: bool = True, autotune: bool = False) -> ExportReport:
-    """Convert an existing ONNX file's channel-sparse Convs to SparseConv, verified against the original."""
+                     verify: bool = True, autotune: bool = False, per_image: bool | None = None) -> ExportReport:
+    """Convert an existing ONNX file's channel-sparse Convs to SparseConv, verified against the original.
+
+    A file that ``sparsify export`` split per image is read as its batched graph (a front's Convs
+    are converted, its SparseConvs refused like any) and split again (``per_image`` as in
+    ``export_model``).
+    """
     out = check_output_path(out)
     original = onnx_sparse.load(src)
     from .onnx_inspect import validate_model
 
     validate_model(original, src)  # a malformed SparseConv would be carried over (and run wrong) unnoticed
+    original = _per_image.unsplit(original)
     init_names = {t.name for t in original.graph.initializer}
     runtime_inputs = [i for i in original.graph.input if i.name not in init_names]
     if len(runtime_inputs) != 1:
@@ -500,14 +570,18 @@ def export_onnx_file(src: str | os.PathLike, out: str | os.PathLike, *, dense_th
     decide = make_autotuner(report.native_available) if autotune else None
     converted, creport = onnx_sparse.convert_model(original, dense_threshold, decide)
     report.layers = creport.choices
+    check = None
     if verify:
         if x_info.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
             report.notes.append("not verified: the model input is not float32")
         else:
             ref_sess = open_session(original.SerializeToString(), native=False)
             fixed = bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0
-            verify_onnx(converted.SerializeToString(), lambda x: ref_sess.run(None, {x_info.name: x}), [shape],
-                        report, batches=(shape[0],) if fixed else VERIFY_BATCHES)
+
+            def check(model_bytes: bytes) -> None:
+                verify_onnx(model_bytes, lambda x: ref_sess.run(None, {x_info.name: x}), [shape], report,
+                            batches=(shape[0],) if fixed else VERIFY_BATCHES)
+    converted = _split_and_verify(converted, per_image, report, check)
     return _finish(converted, out, report)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from . import onnx_sparse
+from . import onnx_sparse, per_image
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list[int] | None:
@@ -58,6 +58,7 @@ def validate_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         size = Path(path).stat().st_size if isinstance(path, (str, os.PathLike)) and Path(path).is_file() else None
         what = "is empty" if size == 0 else "holds no ONNX graph"
         raise RuntimeBackendError(f"{path} {what}; it is not a model (a truncated copy?); export it again")
+    model = per_image.unsplit(model)   # the nodes of a per-image front live in a Scan body
     inits = {t.name: t for t in model.graph.initializer}
 
     def array(name: str) -> np.ndarray | None:
@@ -117,8 +118,9 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises RuntimeBackendError for a file ``validate_model`` refuses.
     """
-    model = onnx_sparse.load(path)
-    validate_model(model, path)
+    split = onnx_sparse.load(path)
+    validate_model(split, path)
+    model = per_image.unsplit(split)
     inits = {t.name: t for t in model.graph.initializer}
     shapes = _shapes(model)
     init_names = set(inits)
@@ -183,7 +185,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
         "inputs": [{"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}
                    for i in inputs],
         "has_function_body": any(f.domain == onnx_sparse.DOMAIN for f in model.functions),
-        "nodes": rows, "totals": totals,
+        "nodes": rows, "totals": totals, "per_image_nodes": per_image.front_nodes(split),
     }
 
 
@@ -226,6 +228,8 @@ def render_onnx_report(report: dict[str, Any], width: int | None = None):
     table = Table(title=f"{report['file']} · {shape} · {_human(report['file_bytes'], 'B')}", title_justify="left",
                   caption=f"{t['nodes']} nodes, {t['sparse_conv_nodes']} SparseConv, {t['conv_nodes']} Conv · "
                           f"params {_human(t['param_bytes'], 'B')} · {_human(t['macs'])} MACs at batch 1"
+                          + (f"\nthe first {report['per_image_nodes']} nodes run image by image (a Scan over the "
+                             "batch)" if report.get("per_image_nodes") else "")
                           + (f"\nother ops: {', '.join(f'{k}×{v}' for k, v in sorted(others.items()))}" if others else ""),
                   caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0), pad_edge=False,
                   collapse_padding=True)
