@@ -8,6 +8,9 @@ on random inputs so that outputs depend on the input, exported three ways:
   sparse  ai.sparsify::SparseConv nodes, the native kernel when it is registered
   depth   the depth-multiplied dense model with the same live parameter count, channel counts
           rounded to multiples of 8 (MobileNet's rule: a fair baseline, ORT's convs like whole vectors)
+  sparse batched
+          when the sparse export runs its front image by image (``sparsify.runtime.per_image``),
+          the same nodes as one batched graph (``per_image.unsplit``)
 
 The variants are timed side by side in interleaved bursts (``sparsify.runtime.bench.bench_files``,
 which uses ``time_bursts``), for several rounds of fresh sessions; ratios are medians over rounds,
@@ -17,6 +20,7 @@ each round shown. Per model, density, batch size and thread count it prints:
   A/A               the dense file over itself timed as a second session: 1.00 on a quiet
                     machine, and how far it strays is the noise floor of that run
   sparse/depth      sparse latency over the equal-parameter thinner model's (< 1: sparse is faster)
+  batched/per-image the sparse export's batched graph over its per-image front (> 1: the front gains)
   Amdahl bound      T / (T - sum t_i (1 - d_i)): T the dense model's time in ORT's profiler, t_i the
                     time of each conv that went sparse, d_i its density (each sped up by 1/d_i)
   achieved/bound    dense/sparse over that bound
@@ -57,6 +61,7 @@ from bench_models import REL_TOL, export_variants, output_spread
 from sparsify import zoo
 from sparsify._io import write_json
 from sparsify.runtime import bench as lib
+from sparsify.runtime import per_image
 
 # zoo name -> (label, model args)
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -71,6 +76,7 @@ DIVISOR = 8                      # channel counts of the depth-multiplied baseli
 CALIBRATION = (2, 16)            # BN calibration: batches x images (224x224 forwards in training mode are slow)
 QUICK_SHAPE = (1, 3, 64, 64)     # --quick: a smoke run of the script, not a measurement
 CONTROL = "dense again"          # the A/A control: the dense file timed as a second session
+BATCHED = "sparse batched"       # the sparse file's batched graph, when its front runs per image
 
 # Issue 10's targets: density 0.1, 1 thread
 SPEEDUP_TARGETS = {("resnet50", 1): 3.5, ("resnet50", 8): 3.0, ("resnet18", None): 4.0, ("densenet121", None): 3.0,
@@ -126,10 +132,10 @@ def conv_layers(dense_onnx: Any, dense_layers: Sequence[dict], sparse_layers: Se
         if node.op_type == "Conv" and node.domain in ("", "ai.onnx"):
             w = list(inits[node.input[1]].dims)
             x, y = shapes.get(node.input[0], []), shapes.get(node.output[0], [])
-            per_image = int(np.prod(y[1:])) if len(y) > 1 else 0
+            out_elems = int(np.prod(y[1:])) if len(y) > 1 else 0
             weight = node_weight.get(node.name, node.name)
             c = choice.get(weight, {})
-            layers.append(ConvLayer(weight, conv_key(x, w, y), per_image * int(np.prod(w[1:])),
+            layers.append(ConvLayer(weight, conv_key(x, w, y), out_elems * int(np.prod(w[1:])),
                                     bool(c.get("sparse", False)), float(c.get("density", 1.0))))
         elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
             gemm_macs += int(np.prod(inits[node.input[1]].dims))
@@ -250,6 +256,14 @@ def measure(name: str, density: float, tmp: Path, args: argparse.Namespace) -> d
     # The A/A control: the dense file again, as a session of its own, timed with the others. Its
     # ratio to the dense one is 1 on a quiet machine; how far it strays is this run's noise floor.
     files = [*files, (CONTROL, paths["dense"])]
+    # A sparse export whose front runs image by image is also timed as its batched graph (the same
+    # nodes, per_image.unsplit): what the per-image front gains, side by side.
+    split = onnx.load(str(paths["sparse"]))
+    notes["per_image_nodes"] = per_image.front_nodes(split)
+    if notes["per_image_nodes"]:
+        paths[BATCHED] = tmp / f"{name}-sparse-batched.onnx"
+        onnx.save(per_image.unsplit(split), str(paths[BATCHED]))
+        files.append((BATCHED, paths[BATCHED]))
     rounds = [lib.bench_files([p for _, p in files], labels=[n for n, _ in files], batch_sizes=args.batches,
                               threads=args.threads, min_time=args.min_time, repeats=args.repeats, memory=False)
               for _ in range(args.rounds)]
@@ -262,6 +276,8 @@ def measure(name: str, density: float, tmp: Path, args: argparse.Namespace) -> d
             speed, speed_rounds = _median_ratio(ms["dense"], ms["sparse"])
             noise, noise_rounds = _median_ratio(ms["dense"], ms[CONTROL])
             vs_depth, depth_rounds = _median_ratio(ms["sparse"], ms["depth"])
+            gain, gain_rounds = (_median_ratio([r.row(BATCHED, b, t).median_ms for r in rounds], ms["sparse"])
+                                 if BATCHED in paths else (None, []))
             rels = [r.row("sparse", b, t).max_rel_diff for r in rounds]
             rel = max((v for v in rels if v is not None), default=float("inf"))
             equal = all(v is not None for v in rels) and rel <= REL_TOL and spread > 1e-4
@@ -274,6 +290,7 @@ def measure(name: str, density: float, tmp: Path, args: argparse.Namespace) -> d
                 "dense_over_sparse": speed, "dense_over_sparse_rounds": speed_rounds,
                 "sparse_over_depth": vs_depth, "sparse_over_depth_rounds": depth_rounds,
                 "dense_over_control": noise, "dense_over_control_rounds": noise_rounds,
+                "batched_over_per_image": gain, "batched_over_per_image_rounds": gain_rounds,
                 "amdahl_bound": bound["bound"], "achieved_over_bound": speed / bound["bound"],
                 "sparse_time_share_dense": bound["sparse_time_share"],
                 "unmatched_conv_share": bound["unmatched_conv_share"],
@@ -310,7 +327,8 @@ def print_result(res: dict[str, Any]) -> None:
               caption="sparse convs' share of dense: of the dense file's profiled time; (?N%): conv time matching no "
                       "model conv (ORT runs an unfolded BatchNorm as a 1x1 depthwise conv)")
     for col in ("batch", "thr", "dense ms", "sparse ms", "depth ms", "dense/sparse", "sparse/depth",
-                "A/A: dense/\ndense again", "Amdahl\nbound", "achieved\n/bound", "sparse convs'\nshare of dense", "outputs"):
+                "A/A: dense/\ndense again", "Amdahl\nbound", "achieved\n/bound", "sparse convs'\nshare of dense", "outputs",
+                "batched/\nper-image"):
         t.add_column(col, justify="right")
     for r in res["rows"]:
         t.add_row(str(r["batch"]), str(r["threads"]), f"{r['dense_ms']:.2f}", f"{r['sparse_ms']:.2f}",
@@ -320,7 +338,9 @@ def print_result(res: dict[str, Any]) -> None:
                   f"{r['achieved_over_bound']:.2f}",
                   f"{r['sparse_time_share_dense']:.0%}" + (f" (?{r['unmatched_conv_share']:.0%})"
                                                            if r["unmatched_conv_share"] > 0.005 else ""),
-                  f"{'equal' if r['outputs_equal'] else 'DIFFER'} {r['max_rel_diff']:.0e}")
+                  f"{'equal' if r['outputs_equal'] else 'DIFFER'} {r['max_rel_diff']:.0e}",
+                  "-" if r.get("batched_over_per_image") is None else
+                  _ratio_cell(r["batched_over_per_image"], r["batched_over_per_image_rounds"]))
     console.print(t)
     ops = Table(title=f"{res['label']} density {res['density']}: ms per run by op type (ORT profiler; % of the file's node time)",
                 title_justify="left", box=box.SIMPLE_HEAD)

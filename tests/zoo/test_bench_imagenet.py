@@ -85,6 +85,11 @@ def test_last_runs_and_time_by_op_average_the_kept_runs(bench) -> None:
     assert bench.time_by_op(kept) == pytest.approx({"Conv": 0.05, "Add": 0.02})      # ms per run
     assert list(bench.time_by_op(kept)) == ["Conv", "Add"]
 
+    # A per-image front: ORT profiles the Scan and, inside its time, each node of its body.
+    events = [_run(0, 100), _node(5, 80, "Scan"), _node(10, 30, "SparseConv"), _node(50, 30, "SparseConv"),
+              _node(90, 10, "Gemm")]
+    assert bench.time_by_op(bench.last_runs(events, 1)) == pytest.approx({"SparseConv": 0.06, "Gemm": 0.01})
+
 
 X, W, Y = (1, 64, 8, 8), (64, 64, 3, 3), (1, 64, 8, 8)
 
