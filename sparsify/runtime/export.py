@@ -20,7 +20,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -401,8 +401,8 @@ def _per_image_front(model: onnx.ModelProto, mode: bool | None) -> tuple[int, st
     return _per_image.front_length(model)
 
 
-def _split_and_verify(plain: onnx.ModelProto, mode: bool | None, report: ExportReport, verify: Any
-                      ) -> onnx.ModelProto:
+def _split_and_verify(plain: onnx.ModelProto, mode: bool | None, report: ExportReport,
+                      verify: Callable[[bytes], None] | None) -> onnx.ModelProto:
     """Split ``plain``'s front per image (``_per_image_front``) and check the result.
 
     ``verify(model_bytes)`` is the export's verification (None for --no-verify). A split model is
@@ -441,8 +441,9 @@ def _split_and_verify(plain: onnx.ModelProto, mode: bool | None, report: ExportR
         if verify is not None:
             verify(plain.SerializeToString())
         report.per_image_nodes = 0
-        report.per_image = "not split: the outputs change when the images of a batch run one by one"
-        report.notes.append(f"kept the batched graph: run image by image the model's outputs differ ({e})")
+        report.per_image = "not split: run image by image, the model failed verification (see the note)"
+        report.notes.append(f"kept the batched graph: run image by image it failed verification, as a model whose "
+                            f"outputs mix the images of a batch does ({e})")
         return plain
 
 
@@ -514,6 +515,7 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
         decide = make_autotuner(report.native_available) if autotune else None
         onnx_model, creport = onnx_sparse.convert_model(onnx_model, dense_threshold, decide)
         report.layers = creport.choices
+
     def check(model_bytes: bytes) -> None:
         try:
             verify_onnx(model_bytes, lambda *xs: _torch_outputs(reference, *(torch.from_numpy(x) for x in xs)),

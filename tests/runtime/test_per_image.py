@@ -124,8 +124,8 @@ def test_a_model_that_mixes_images_keeps_its_batched_graph(tmp_path) -> None:
     m = _net(3, mix=True)
     for verify in (True, False):
         rep = export_model(m, SHAPE, tmp_path / f"m{verify}.onnx", dense_threshold=0.6, verify=verify)
-        assert rep.per_image_nodes == 0 and "images of a batch" in rep.per_image
-        assert any("kept the batched graph" in n for n in rep.notes)
+        assert rep.per_image_nodes == 0 and "failed verification" in rep.per_image
+        assert any("kept the batched graph" in n and "differs" in n for n in rep.notes)
         assert not per_image.is_split(onnx.load(str(tmp_path / f"m{verify}.onnx")))
         _check_against_torch(tmp_path / f"m{verify}.onnx", m)
     with pytest.raises(ExportError, match="verification failed"):
@@ -174,3 +174,13 @@ def test_converting_a_split_file_and_the_cli(tmp_path) -> None:
     _check_against_torch(tmp_path / "again.onnx", m)
     with pytest.raises(ExportError, match="already contains ai.sparsify"):   # its SparseConvs are seen
         export_onnx_file(tmp_path / "s.onnx", tmp_path / "twice.onnx")
+    # A file with a fixed batch size has no batch axis to scan: stays batched, or one clear line if forced.
+    fixed = onnx.load(str(tmp_path / "d.onnx"))
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    onnx.save(fixed, str(tmp_path / "fixed.onnx"))
+    rep = export_onnx_file(tmp_path / "fixed.onnx", tmp_path / "f.onnx", dense_threshold=0.6)
+    assert rep.per_image_nodes == 0 and "no symbolic batch" in rep.per_image
+    res = runner.invoke(app, ["export", str(tmp_path / "fixed.onnx"), "--out", str(tmp_path / "f2.onnx"),
+                              "--dense-threshold", "0.6", "--per-image"])
+    assert res.exit_code == 2 and "--per-image cannot split this model" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "f2.onnx").exists()
