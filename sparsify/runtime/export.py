@@ -479,8 +479,8 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
     pick sparse). Masked 1-D convs are written as plain Convs with their masked weights (the
     SparseConv op is 2-D). ``rules`` (a rule registry) is what compaction knows about the user's
     leaf modules. ``per_image``: run the graph's front image by image in a Scan over the batch
-    (``sparsify.runtime.per_image``): None where one image's activations reach 512 KiB and the
-    front has SparseConv nodes, True the whole graph, False never. ``model`` is not modified.
+    (``sparsify.runtime.per_image``): None up to the last SparseConv whose output reaches 512 KiB
+    per image (none if no SparseConv's does), True the whole graph, False never. ``model`` is not modified.
     """
     from ..nn import SparseConv1d
     from ..report import input_shapes

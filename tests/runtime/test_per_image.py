@@ -27,7 +27,14 @@ class BatchMix(nn.Module):
         return x - x.mean(0, keepdim=True)
 
 
-def _net(seed: int = 0, mix: bool = False, width: int = 32) -> nn.Module:
+class Twice(nn.Module):
+    """torch.cat([x, x], 1): a Concat with twice its input's bytes (1 MiB per image after the first conv)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x], 1)
+
+
+def _net(seed: int = 0, mix: bool = False, width: int = 32, concat: bool = False) -> nn.Module:
     torch.manual_seed(seed)
 
     def sc(cin: int, cout: int, **kw) -> SparseConv2d:
@@ -37,8 +44,9 @@ def _net(seed: int = 0, mix: bool = False, width: int = 32) -> nn.Module:
         c.apply_mask_()
         return c
 
-    layers = [sc(3, width), nn.BatchNorm2d(width), nn.ReLU()] + ([BatchMix()] if mix else []) + [
-        sc(width, 32, stride=2), nn.BatchNorm2d(32), nn.ReLU(), sc(32, 32), nn.ReLU(),
+    layers = ([BatchMix()] if mix else []) + [sc(3, width), nn.BatchNorm2d(width), nn.ReLU()] + (
+        [Twice()] if concat else []) + [
+        sc(width * (2 if concat else 1), 32, stride=2), nn.BatchNorm2d(32), nn.ReLU(), sc(32, 32), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), SparseLinear(32, 10)]
     m = nn.Sequential(*layers)
     with torch.no_grad():
@@ -74,15 +82,21 @@ def test_large_front_runs_per_image_and_matches_torch(tmp_path) -> None:
     rep = export_model(m, SHAPE, tmp_path / "s.onnx", dense_threshold=0.6, channel_align=1)
     model = onnx.load(str(tmp_path / "s.onnx"))
     assert per_image.is_split(model) and model.graph.node[0].op_type == "Scan"
-    # the front ends at the last node with 512 KiB per image: the first conv (with its Relu fused)
+    # the front ends at the last SparseConv with 512 KiB per image: the first conv (with its Relu fused)
     assert rep.per_image_nodes == per_image.front_nodes(model) == 1
     assert "image by image" in rep.per_image and rep.to_json()["per_image_nodes"] == 1
     onnx.checker.check_model(model, full_check=True)
     _check_against_torch(tmp_path / "s.onnx", m)
     # One pixel less per row and nothing reaches the threshold: the graph stays batched.
     small = export_model(m, (1, 3, 64, 63), tmp_path / "b.onnx", dense_threshold=0.6, channel_align=1)
-    assert small.per_image_nodes == 0 and "no tensor reaches 512 KiB" in small.per_image
+    assert small.per_image_nodes == 0 and "no SparseConv output reaches 512 KiB" in small.per_image
     assert not per_image.is_split(onnx.load(str(tmp_path / "b.onnx")))
+    # A larger Concat after it stays batched: only SparseConvs wait on memory.
+    cat = _net(concat=True)
+    rep = export_model(cat, SHAPE, tmp_path / "c.onnx", dense_threshold=0.6, channel_align=1)
+    plain = per_image.unsplit(onnx.load(str(tmp_path / "c.onnx")))
+    assert [n.op_type for n in plain.graph.node][1] == "Concat" and rep.per_image_nodes == 1
+    _check_against_torch(tmp_path / "c.onnx", cat)
 
 
 def test_dense_exports_and_opt_outs_stay_batched(tmp_path) -> None:
