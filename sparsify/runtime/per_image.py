@@ -3,10 +3,11 @@
 ONNX Runtime runs a graph node by node over the whole batch. A conv at density 0.1 does a tenth
 of a dense conv's arithmetic per byte of activation it reads, so where one image's activations are
 large (the first stages of a 224x224 network, 0.5-3 MB per image per tensor) a batch of 8 no longer
-fits in the caches and the sparse layers wait on memory: ResNet-50 at density 0.1 and batch 8 ran
-1.36x slower than its equal-parameter thinner dense model, at batch 1 as fast. Running the front
-of the network image by image keeps one image's activations in cache from layer to layer; the
-rest (small planes, where batching helps: fewer node dispatches, fuller vectors) stays batched.
+fits in the caches and the sparse layers wait on memory: ResNet-50 with ``--block 4`` at density 0.1
+and batch 8 ran 1.36x slower batched than split, and split as fast as its equal-parameter thinner
+dense model (README). Running the front of the network image by image keeps one image's
+activations in cache from layer to layer; the rest (small planes, where batching helps: fewer node
+dispatches, fuller vectors) stays batched.
 
 The split: ``nodes[:k]`` in the graph's (topological) order form the body of one ``Scan`` over axis
 0 of every runtime input the front reads, where ``k`` is one past the last SparseConv node with an
@@ -22,11 +23,11 @@ graph (inspect, validation, conversion).
 
 Only what one image computes may differ per image: a model whose outputs mix the images of a
 batch (a batch mean at inference) is not equivalent split, which the export's verification at
-batch 3 finds (it then keeps the batched graph). Measured (``benchmarks/bench_imagenet.py``; README):
-at density 0.1, batch 8, one thread, the split runs ResNet-50 1.3x, MobileNetV2 1.4x, ResNet-18 and
-EfficientNet-B0 1.2x, DenseNet-121 1.2x faster than the batched graph; at batch 1 within noise (one
-Scan iteration); CIFAR-size models have no SparseConv output of 512 KiB per image and are never
-split (their batched graph was 3-7% faster than a split at a lower threshold).
+batch 3 finds (it then keeps the batched graph). Measured (``benchmarks/bench_imagenet.py``, the
+``batched/per-image`` column; README): at density 0.1, batch 8, one thread the split ran 1.13-1.45x
+faster than the batched graph (MobileNetV2 1.45x, DenseNet-121 1.25x, ResNet-50 1.23x), on two
+threads 1.04-1.32x; at batch 1 the extra subgraph run costs 1-9%. CIFAR-size models have no
+SparseConv output of 512 KiB per image and are never split.
 """
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ def _read_in_subgraphs(nodes: Iterable[onnx.NodeProto]) -> set[str]:
     return found
 
 
-def front_length(model: onnx.ModelProto, threshold: int = PER_IMAGE_BYTES) -> tuple[int, str]:
+def front_length(model: onnx.ModelProto, threshold: int = PER_IMAGE_BYTES, any_node: bool = False
+                 ) -> tuple[int, str]:
     """How many leading nodes to run image by image, and why (or why none).
 
     ``k`` is one past the last ``ai.sparsify`` node with an output of at least ``threshold`` bytes
@@ -108,7 +110,8 @@ def front_length(model: onnx.ModelProto, threshold: int = PER_IMAGE_BYTES) -> tu
     count: they are what waits on memory (dense convs are compute-bound), while other large nodes
     gain nothing per image and cost a dispatch per image on a multi-thread pool (DenseNet-121 at
     batch 8, 2 threads: a front to its last large Concat ran 0.89x of the batched graph, to its
-    last large SparseConv 1.17x).
+    last large SparseConv 1.17x). ``any_node``: count every node instead (how
+    ``benchmarks/bench_per_image_baselines.py`` gives dense graphs a front).
     """
     from .onnx_sparse import DOMAIN
 
@@ -120,15 +123,17 @@ def front_length(model: onnx.ModelProto, threshold: int = PER_IMAGE_BYTES) -> tu
         return 0, "the graph already has control flow"
     k = 0
     for idx, n in enumerate(g.node):
-        if n.domain == DOMAIN and any(o in shapes and _nbytes(*shapes[o]) >= threshold for o in n.output):
+        if (any_node or n.domain == DOMAIN) and any(o in shapes and _nbytes(*shapes[o]) >= threshold
+                                                   for o in n.output):
             k = idx + 1
     if k == 0:
-        return 0, f"no SparseConv output reaches {threshold // 1024} KiB per image"
+        return 0, f"no {'' if any_node else 'SparseConv '}output reaches {threshold // 1024} KiB per image"
     missing = [c for c in _crossing(model, k) if c not in shapes]
     if missing:
         return 0, f"value {missing[0]} leaves the front without a per-image shape"
-    return k, (f"the first {k} of {len(g.node)} nodes run image by image (to the last SparseConv with an "
-               f"output of {threshold // 1024} KiB or more per image), the rest batched")
+    return k, (f"the first {k} of {len(g.node)} nodes run image by image (to the last "
+               f"{'node' if any_node else 'SparseConv'} with an output of {threshold // 1024} KiB or more per "
+               "image), the rest batched")
 
 
 def split(model: onnx.ModelProto, k: int) -> onnx.ModelProto:

@@ -103,6 +103,9 @@ def test_dense_exports_and_opt_outs_stay_batched(tmp_path) -> None:
     m = _net()
     dense = export_model(m, SHAPE, tmp_path / "d.onnx", dense=True, compact=False)
     assert dense.per_image_nodes == 0 and "no SparseConv" in dense.per_image
+    # counting every node (how bench_per_image_baselines splits dense baselines), its first conv counts
+    plain = onnx.load(str(tmp_path / "d.onnx"))
+    assert per_image.front_length(plain)[0] == 0 and per_image.front_length(plain, any_node=True)[0] >= 1
     off = export_model(m, SHAPE, tmp_path / "o.onnx", dense_threshold=0.6, per_image=False)
     assert off.per_image_nodes == 0 and not per_image.is_split(onnx.load(str(tmp_path / "o.onnx")))
     whole = export_model(m, SHAPE, tmp_path / "w.onnx", dense_threshold=0.6, per_image=True)
