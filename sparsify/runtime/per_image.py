@@ -14,7 +14,7 @@ The split: ``nodes[:k]`` in the graph's (topological) order form the body of one
 output of at least ``PER_IMAGE_BYTES`` per image (``front_length``). Inside the body an ``Unsqueeze`` gives
 each image its batch axis of 1 back, so the front's nodes are unchanged; each value the front
 hands on (to the rest or to the graph outputs) leaves the body through a ``Squeeze`` and is
-stacked back along axis 0 by the Scan. Body values are renamed ``NAME.front`` (the outer graph
+stacked back along axis 0 by the Scan. Body values are renamed ``NAME@front`` (the outer graph
 keeps the original names, ONNX wants each name defined once); the initializers the front reads
 move into the body (copied when the rest reads them too), and so do the front's value shapes
 (value_info: the per-image shapes come from them, as ONNX shape inference stops at a SparseConv's
@@ -37,10 +37,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-PER_IMAGE_BYTES = 512 * 1024   # one image's output of a node at or above which the front runs per image
+PER_IMAGE_BYTES = 512 * 1024   # a SparseConv output per image at or above which the front runs per image
 SCAN_NAME = "sparsify_per_image"   # the Scan node of a split graph (``is_split`` looks for it)
-FRONT = ".front"                   # suffix of value names inside the body
-IMAGE = ".image"                   # suffix of the body's per-image inputs and outputs
+FRONT = "@front"                   # suffix of value names made inside the body
+IMAGE = "@image"                   # suffix of the body's per-image inputs and outputs
 _AXES = "sparsify_per_image_axes"  # the constant [0] the adapters squeeze and unsqueeze
 
 
