@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -977,7 +977,7 @@ def _fuse_activations(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], repor
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {i for nd in model.graph.node for i in nd.input} | {o.name for o in model.graph.output}
-    used |= _subgraph_inputs(model.graph)
+    used |= subgraph_inputs(model.graph.node)
     keep = [t for t in model.graph.initializer if t.name in used]
     if len(keep) == len(model.graph.initializer):
         return
@@ -996,18 +996,19 @@ def _reader_counts(graph: onnx.GraphProto, nodes: Sequence[onnx.NodeProto]) -> d
     for nd in nodes:
         for i in nd.input:
             readers[i] = readers.get(i, 0) + 1
-    for name in _subgraph_inputs(graph):
+    for name in subgraph_inputs(graph.node):
         readers[name] = readers.get(name, 0) + 1
     return readers
 
 
-def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
-    """Names read inside subgraphs (If/Loop bodies) of ``graph``, which may capture outer initializers."""
+def subgraph_inputs(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """Names read inside the subgraphs (If/Loop/Scan bodies) of ``nodes``, at any depth: a body may
+    capture the outer graph's values and initializers."""
     found: set[str] = set()
-    for nd in graph.node:
+    for nd in nodes:
         for a in nd.attribute:
             for g in ([a.g] if a.type == AttributeProto.GRAPH else list(a.graphs)):
-                found |= {i for n2 in g.node for i in n2.input} | _subgraph_inputs(g)
+                found |= {i for n2 in g.node for i in n2.input} | subgraph_inputs(g.node)
     return found
 
 

@@ -31,11 +31,11 @@ SparseConv output of 512 KiB per image and are never split.
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+from .onnx_sparse import DOMAIN, subgraph_inputs
 
 PER_IMAGE_BYTES = 512 * 1024   # a SparseConv output per image at or above which the front runs per image
 SCAN_NAME = "sparsify_per_image"   # the Scan node of a split graph (``is_split`` looks for it)
@@ -87,17 +87,8 @@ def _crossing(model: onnx.ModelProto, k: int) -> list[str]:
     """Values made by ``nodes[:k]`` and read by ``nodes[k:]`` or by the graph outputs, in order."""
     g = model.graph
     later = {i for n in g.node[k:] for i in n.input} | {o.name for o in g.output}
-    later |= _read_in_subgraphs(g.node[k:])
+    later |= subgraph_inputs(g.node[k:])
     return [o for n in g.node[:k] for o in n.output if o and o in later]
-
-
-def _read_in_subgraphs(nodes: Iterable[onnx.NodeProto]) -> set[str]:
-    found: set[str] = set()
-    for n in nodes:
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                found |= {i for m in sub.node for i in m.input} | _read_in_subgraphs(sub.node)
-    return found
 
 
 def front_length(model: onnx.ModelProto, threshold: int = PER_IMAGE_BYTES, any_node: bool = False
@@ -113,8 +104,6 @@ def front_length(model: onnx.ModelProto, threshold: int = PER_IMAGE_BYTES, any_n
     last large SparseConv 1.17x). ``any_node``: count every node instead (how
     ``benchmarks/bench_per_image_baselines.py`` gives dense graphs a front).
     """
-    from .onnx_sparse import DOMAIN
-
     g = model.graph
     shapes = per_image_shapes(model)
     if not shapes:
@@ -148,8 +137,8 @@ def split(model: onnx.ModelProto, k: int) -> onnx.ModelProto:
     shapes = per_image_shapes(model)
     front, rest = list(g.node[:k]), list(g.node[k:])
     inits = {t.name: t for t in g.initializer}
-    read_front = {i for n in front for i in n.input} | _read_in_subgraphs(front)
-    read_rest = {i for n in rest for i in n.input} | _read_in_subgraphs(rest) | {o.name for o in g.output}
+    read_front = {i for n in front for i in n.input} | subgraph_inputs(front)
+    read_rest = {i for n in rest for i in n.input} | subgraph_inputs(rest) | {o.name for o in g.output}
     inputs = [i for i in g.input if i.name not in inits and i.name in read_front]
     crossing = _crossing(model, k)
     for name in [i.name for i in inputs] + crossing:
@@ -209,8 +198,12 @@ def front_nodes(model: onnx.ModelProto) -> int:
     """How many nodes of ``model`` run image by image (0 for a graph that is not split)."""
     if not is_split(model):
         return 0
-    body = helper.get_attribute_value(next(a for a in model.graph.node[0].attribute if a.name == "body"))
-    return sum(1 for n in body.node if not _is_adapter(n))
+    return sum(1 for n in _body(model).node if not _is_adapter(n))
+
+
+def _body(model: onnx.ModelProto) -> onnx.GraphProto:
+    """The body of a split model's per-image Scan."""
+    return helper.get_attribute_value(next(a for a in model.graph.node[0].attribute if a.name == "body"))
 
 
 def _is_adapter(n: onnx.NodeProto) -> bool:
@@ -222,7 +215,7 @@ def unsplit(model: onnx.ModelProto) -> onnx.ModelProto:
     if not is_split(model):
         return model
     g = model.graph
-    body = helper.get_attribute_value(next(a for a in g.node[0].attribute if a.name == "body"))
+    body = _body(model)
 
     def original(v: str) -> str:
         return v[: -len(FRONT)] if v.endswith(FRONT) else v
