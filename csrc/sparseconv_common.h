@@ -96,12 +96,18 @@ struct PwArgs {
   // same[o]: how many output channels from o on (o included, up to kFanInBlock, within o's group)
   // read exactly o's input channels; nullptr: not computed (every channel on its own).
   const int32_t* same;
+  // The weights with every shared-fan-in block's rows interleaved (entry k of its channel r at
+  // row_ptr[o] + 4 * k + r, o the block's first channel; other channels as in w); nullptr: none.
+  const float* wi;
 };
 
 // Output channels per block of the shared-fan-in units (pointwise_block, compute_block): runs of
 // channels that list the same input channels, computed together so that each loaded input vector
 // feeds kFanInBlock FMAs.
 constexpr int kFanInBlock = 4;
+// 1x1 planes that leave at most this many pixels over a whole number of vectors carry them across
+// each shared-fan-in block (pointwise_block with PwArgs::wi); more take a masked vector.
+constexpr int64_t kMaxTailPixels = 4;
 
 // One ISA's entry points. make_plan fills a Plan; pad_channel writes one input channel's padded
 // copy (layout described by the plan); compute_channel writes output rows [row0, row1) of one

@@ -169,6 +169,9 @@ struct Kernel {
   mutable std::vector<std::shared_ptr<const struct CscLayout>> csc;  // one per block count
   // The shared-fan-in runs (same_fan_in) of constant indices, built on the first call.
   mutable std::shared_ptr<const std::vector<int32_t>> same;
+  // Constant weights with the shared-fan-in blocks' rows interleaved (PwArgs::wi), built on the
+  // first 1x1 call whose plane leaves a tail for pw_block_tail.
+  mutable std::shared_ptr<const std::vector<float>> wi;
   ~Kernel() {
     if (cpu != nullptr) g_api->ReleaseMemoryInfo(cpu);
   }
@@ -688,6 +691,31 @@ std::shared_ptr<const std::vector<int32_t>> shared_runs(const Kernel& k, const G
   return same;
 }
 
+// W with the rows of every shared-fan-in block interleaved: entry k of channel o + r at
+// row_ptr[o] + kFanInBlock * k + r (PwArgs::wi). Blocks start where the kernels' walk from channel
+// 0 puts them (snap_to_blocks keeps task ranges on those starts).
+std::vector<float> interleave_blocks(const Geom& g, const float* W, const int64_t* row_ptr, const int32_t* same) {
+  constexpr int64_t B = sparsify_conv::kFanInBlock;
+  std::vector<float> wi(W, W + row_ptr[g.Cout]);
+  for (int64_t o = 0; o < g.Cout; o += same[o] >= B ? B : 1) {
+    if (same[o] < B) continue;
+    const int64_t s = row_ptr[o], cnt = row_ptr[o + 1] - s;
+    for (int64_t r = 0; r < B; ++r)
+      for (int64_t q = 0; q < cnt; ++q) wi[size_t(s + B * q + r)] = W[s + r * cnt + q];
+  }
+  return wi;
+}
+
+// interleave_blocks of constant weights and indices, built once and kept in k; nullptr for
+// weights that may change between calls (the copy would cost a pass over them per call).
+const float* interleaved_weights(const Kernel& k, const Geom& g, const float* W, const int64_t* row_ptr,
+                                 const int64_t* col_idx, const int32_t* same) {
+  if (W != k.const_w || row_ptr != k.const_row_ptr || col_idx != k.const_col_idx) return nullptr;
+  std::lock_guard<std::mutex> lock(k.csc_mu);
+  if (!k.wi) k.wi = std::make_shared<const std::vector<float>>(interleave_blocks(g, W, row_ptr, same));
+  return k.wi->data();
+}
+
 // Moves each inner boundary of blocks of output channels forward to where a block of the kernels'
 // walk from channel 0 starts, so that no thread's range splits a shared-fan-in block.
 void snap_to_blocks(std::vector<int64_t>& bounds, const int32_t* same, int64_t cout) {
@@ -768,7 +796,7 @@ OrtStatus* parallel_for(OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_
 
 // 1x1 convs (any stride, no pads): strided ones first subsample their input into scratch memory,
 // then tiles of pixels over blocks of output channels (see pointwise_block).
-OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, const KernelFns* fns,
+OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, const KernelFns* fns, int64_t vl,
                          const float* X, float* Y, const float* Z, const float* W, const int64_t* row_ptr,
                          const int64_t* col_idx, const float* B, int64_t nnz, const float* S, const float* T) {
   const int64_t hwo = g.Ho * g.Wo, VL = 64 / int64_t(sizeof(float));
@@ -783,7 +811,13 @@ OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, 
   const bool stream = g.N * g.Cout * hwo * int64_t(sizeof(float)) >= kStreamBytes;
   const auto same = shared_runs(k, g, row_ptr, col_idx);
   job.a = {X, Y, Z, W, row_ptr, col_idx, B, hwo, g.cin_per_group, g.cout_per_group, pw_tile(g, VL),
-           {k.lo, k.hi, k.clamp ? 1 : 0, stream ? 1 : 0}, S, T, nullptr, same->empty() ? nullptr : same->data()};
+           {k.lo, k.hi, k.clamp ? 1 : 0, stream ? 1 : 0}, S, T, nullptr, same->empty() ? nullptr : same->data(),
+           nullptr};
+  // Planes that leave a few pixels over whole vectors carry them across each block
+  // (pw_block_tail), which reads the blocks' weights interleaved.
+  const int64_t left = hwo % vl;
+  if (job.a.same != nullptr && left > 0 && left <= sparsify_conv::kMaxTailPixels)
+    job.a.wi = interleaved_weights(k, g, W, row_ptr, col_idx, job.a.same);
   Scratch scratch;
   if (g.sH != 1 || g.sW != 1) {
     SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &scratch.alloc));
@@ -1006,9 +1040,11 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   // 1x1 convs read the plane as one flat run: on small planes that leave at most half a vector
   // over (7x7: 49 = 3 x 16 + 1), the narrow unit's vectors waste fewer lanes (7 of 56 instead of 15
   // of 64), at the same lanes per cycle where 16-float FMAs are split in two (AMD Zen 4).
+  // Not for runs of channels sharing a fan-in: the wide unit carries the left-over pixels across
+  // each block (pw_block_tail; 1x1 512->2048 on 7x7, density 0.5: 0.66 -> 0.45 ms standalone).
   const int64_t left_over = (g.Ho * g.Wo) % p.VL;
   const bool narrow_plane = p.kind == sparsify_conv::kPointwise && g.Ho * g.Wo <= kPwNarrowPixels &&
-                            left_over != 0 && left_over <= p.VL / 2;
+                            left_over != 0 && left_over <= p.VL / 2 && shared_runs(k, g, row_ptr, col_idx)->empty();
   if (narrow_rows || narrow_plane) {
     fns = g_narrow.load(std::memory_order_relaxed);
     fns->make_plan(g, &p);
@@ -1047,7 +1083,7 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   if (nob > g.Cout) nob = g.Cout;
   if (nob < 1) nob = 1;
   if (p.kind == sparsify_conv::kPointwise)
-    return run_pointwise(k, ctx, g, fns, X, Y, Z, W, row_ptr, col_idx, B, nnz, pw1 && k.pre ? S : nullptr,
+    return run_pointwise(k, ctx, g, fns, p.VL, X, Y, Z, W, row_ptr, col_idx, B, nnz, pw1 && k.pre ? S : nullptr,
                          pw1 && k.pre ? T : nullptr);
   // Planes of whole vectors on the kSmall3 path go by input channel when that pays: always for
   // one-vector planes (4x4: the per-connection path spends six rotations per nine FMAs), for

@@ -412,6 +412,33 @@ def test_shared_fan_in_blocks(monkeypatch: pytest.MonkeyPatch, isa: str, cin: in
         assert_plain_sum_and_pre_ops(case, rng.standard_normal((n, cin, hw, hw)).astype(np.float32), rng)
 
 
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
+@pytest.mark.parametrize("hw,stride", [(7, 1), (9, 1), (6, 1), (10, 1), (14, 1), (17, 1), (5, 1), (14, 2), (13, 2)])
+def test_shared_fan_in_tails(monkeypatch: pytest.MonkeyPatch, isa: str, hw: int, stride: int) -> None:
+    """1x1 planes that leave 1-4 pixels over whole vectors (7x7: 49 = 3 x 16 + 1 on AVX-512, 6 x 8
+    + 1 on AVX2, 12 x 4 + 1 on the baseline; 14x14: 12 x 16 + 4; 6x6 and 10x10: + 4; 17x17: five
+    passes + 1) carry them across each block of four channels with interleaved constant weights:
+    equal to dense Conv with the sum and pre ops, 1 and 2 threads, a run broken at channel 5 and
+    empty channels, and the same with the weights fed at run time (no interleaved copy)."""
+    if isa != "auto":
+        monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(hw * 10 + stride)
+    for density in (0.1, 0.5):
+        case = random_case(rng, 72, 44, 1, density, block=4, strides=(stride, stride))
+        row = case.mask[5]
+        on, off = np.flatnonzero(row), np.flatnonzero(~row)
+        row[on[0]], row[off[0]] = False, True
+        case.weight[5, off[0]] = rng.standard_normal(case.weight.shape[2:])
+        case.weight[5, on[0]] = 0
+        case.mask[9:11] = False
+        case.weight[9:11] = 0
+        x = rng.standard_normal((2, 72, hw, hw)).astype(np.float32)
+        assert_plain_sum_and_pre_ops(case, x, rng)
+        ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+        fed = native.session(sparse_model(case, weights_as_inputs=True), 2)
+        assert_close(fed.run(None, {"X": x, **packed_feeds(case)})[0], ref)
+
+
 @pytest.mark.parametrize(
     "k,stride,pad,hw,n",
     [(3, 1, 1, 32, 1), (3, 1, 1, 32, 9), (3, 1, 1, 8, 1), (3, 1, 1, 4, 16), (3, 1, 1, 2, 3),
