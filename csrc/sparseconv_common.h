@@ -130,9 +130,9 @@ struct KernelFns {
   void (*epilogue)(float* y, const float* z, int64_t n, const Epilogue& e);
   // 1x1 convs: output channels [o0, o1) over pixels [p0, p1) (p0 a multiple of the tile).
   void (*pointwise_block)(const PwArgs& a, int64_t o0, int64_t o1, int64_t p0, int64_t p1);
-  // xs [C, Ho, Wo] = x [C, H, W] sampled every sH rows and sW columns from (0, 0).
-  void (*subsample)(const float* x, float* xs, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
-                    int64_t sH, int64_t sW);
+  // out [C * kH * kW, Ho, Wo]: the shifted copies of C input planes x [C, H, W] that the conv of
+  // geometry g reads (im2col; zeros in the pads); for a strided 1x1 conv its subsampled input.
+  void (*im2col)(const Geom& g, const float* x, float* out, int64_t C);
   // y[i] = max(x[i] * s + t, 0) over n floats, NaN kept (the fused input BatchNormalization + Relu).
   void (*scale_shift_relu)(const float* x, float* y, int64_t n, float s, float t);
   // compute_channel for kFanInBlock output channels that read the same input channels (cols), y[b]

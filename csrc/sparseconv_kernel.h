@@ -1433,6 +1433,11 @@ void pw_block_tail(const float* __restrict xg, int64_t xs, int64_t px, float* co
   for (int j = 0; j < TAIL; ++j) at[j] = v4{bias[0], bias[1], bias[2], bias[3]};
   for (int64_t k = 0; k < cnt; ++k, wi += kFanInBlock) {
     const float* src = xg + cols[k] * xs + px;
+    if (k + 8 < cnt) {
+      const float* nxt = xg + cols[k + 8] * xs + px;
+#pragma GCC unroll 8
+      for (int v = 0; v <= NV * VL * 4 / 64; ++v) __builtin_prefetch(nxt + v * 16, 0, 3);
+    }
     vf xv[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) xv[v] = load_once(src + v * VL);
@@ -1619,26 +1624,83 @@ void pointwise_block(const PwArgs& a, int64_t o0, int64_t o1, int64_t p0, int64_
 #endif
 }
 
-// xs[c][oy][ox] = x[c][oy * sH][ox * sW] for C channels: the input a strided 1x1 conv reads.
-void subsample(const float* __restrict x, float* __restrict xs, int64_t C, int64_t H, int64_t W,
-               int64_t Ho, int64_t Wo, int64_t sH, int64_t sW) {
-  for (int64_t c = 0; c < C; ++c) {
-    const float* xc = x + c * H * W;
-    float* dc = xs + c * Ho * Wo;
-    for (int64_t oy = 0; oy < Ho; ++oy) {
-      const float* src = xc + oy * sH * W;
-      float* dst = dc + oy * Wo;
-      int64_t ox = 0;
-#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
-      if (sW == 2) {
-        const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        for (; ox + VL <= Wo && 2 * ox + 2 * VL <= W; ox += VL)
-          _mm512_storeu_ps(dst + ox, _mm512_permutex2var_ps(_mm512_loadu_ps(src + 2 * ox), even,
-                                                            _mm512_loadu_ps(src + 2 * ox + VL)));
+// The 1x1 conv that a kxk conv is over its input's shifted copies (im2col), for C input planes:
+// out[c * kH*kW + ky * kW + kx][oy][ox] = x[c][oy * sH + ky * dH - pt][ox * sW + kx * dW - pl], 0
+// where that lies in a pad. A strided 1x1 conv without pads reads its subsampled input this way.
+void im2col(const Geom& g, const float* __restrict x, float* __restrict out, int64_t C) {
+  const int64_t hw = g.H * g.W, hwo = g.Ho * g.Wo;
+#if SPARSIFY_MASKED
+  // Stride 1 with rows as wide as the output's: tap t's copy is the flat plane shifted by
+  // delta[t], with the lanes whose pixel reads a pad masked off, a few whole vectors per tap (7x7
+  // 3x3 'same': four masked loads where rows of 7 floats took 7 copies and their edges).
+  constexpr int64_t kMaxTaps = 49, kMaxVecs = 4;
+  const int64_t nv = cdiv(hwo, VL), taps = g.kH * g.kW;
+  if (g.sH == 1 && g.sW == 1 && g.W == g.Wo && nv <= kMaxVecs && taps <= kMaxTaps) {
+    int64_t delta[kMaxTaps];
+    uint32_t m[kMaxTaps][kMaxVecs];
+    for (int64_t t = 0; t < taps; ++t) {
+      const int64_t dy = (t / g.kW) * g.dH - g.pt, dx = (t % g.kW) * g.dW - g.pl;
+      delta[t] = dy * g.W + dx;
+      for (int64_t v = 0; v < nv; ++v) {
+        uint32_t mv = 0;
+        for (int64_t l = 0; l < VL && v * VL + l < hwo; ++l) {
+          const int64_t q = v * VL + l, iy = q / g.Wo + dy, ix = q % g.Wo + dx;
+          if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) mv |= 1u << l;
+        }
+        m[t][v] = mv;
       }
-#endif
-      for (; ox < Wo; ++ox) dst[ox] = src[ox * sW];
     }
+    const uint32_t last = hwo % VL == 0 ? ~0u : (1u << (hwo % VL)) - 1u;
+    for (int64_t c = 0; c < C; ++c) {
+      const float* xc = x + c * hw;
+      for (int64_t t = 0; t < taps; ++t, out += hwo) {
+        for (int64_t v = 0; v + 1 < nv; ++v) storeu(out + v * VL, load_mask(xc + v * VL + delta[t], m[t][v]));
+        store_mask(out + (nv - 1) * VL, load_mask(xc + (nv - 1) * VL + delta[t], m[t][nv - 1]), last);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < C; ++c) {
+    const float* xc = x + c * hw;
+    for (int64_t ky = 0; ky < g.kH; ++ky)
+      for (int64_t kx = 0; kx < g.kW; ++kx, out += hwo) {
+        // Columns ox0 .. ox1 - 1 read inside the row, the others a pad.
+        const int64_t off = kx * g.dW - g.pl;
+        const int64_t ox0 = off >= 0 ? 0 : (-off + g.sW - 1) / g.sW < g.Wo ? (-off + g.sW - 1) / g.sW : g.Wo;
+        int64_t ox1 = g.W - off > 0 ? (g.W - off + g.sW - 1) / g.sW : 0;
+        ox1 = ox1 > g.Wo ? g.Wo : (ox1 < ox0 ? ox0 : ox1);
+        for (int64_t oy = 0; oy < g.Ho; ++oy) {
+          float* dst = out + oy * g.Wo;
+          const int64_t iy = oy * g.sH + ky * g.dH - g.pt;
+          const bool inside = iy >= 0 && iy < g.H;
+          const int64_t a = inside ? ox0 : g.Wo, b = inside ? ox1 : g.Wo;
+          for (int64_t ox = 0; ox < a; ++ox) dst[ox] = 0.0f;
+          for (int64_t ox = b; ox < g.Wo; ++ox) dst[ox] = 0.0f;
+          if (!inside) continue;
+          const float* src = xc + iy * g.W + off;
+          int64_t ox = a;
+          if (g.sW == 1) {
+            for (; ox + VL <= b; ox += VL) storeu(dst + ox, loadu(src + ox));
+#if SPARSIFY_MASKED
+            if (ox < b) {
+              const uint32_t m = (1u << (b - ox)) - 1u;
+              store_mask(dst + ox, load_mask(src + ox, m), m);
+              ox = b;
+            }
+#endif
+          }
+#if SPARSIFY_VBYTES == 64 && defined(__AVX512F__)
+          if (g.sW == 2) {
+            const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            for (; ox + VL <= b && off + 2 * ox + 2 * VL <= g.W; ox += VL)
+              _mm512_storeu_ps(dst + ox, _mm512_permutex2var_ps(_mm512_loadu_ps(src + 2 * ox), even,
+                                                                _mm512_loadu_ps(src + 2 * ox + VL)));
+          }
+#endif
+          for (; ox < b; ++ox) dst[ox] = src[ox * g.sW];
+        }
+      }
   }
 }
 
@@ -1720,7 +1782,7 @@ void epilogue(float* __restrict y, const float* __restrict z, int64_t n, const E
 }
 
 const KernelFns kFns = {SPARSIFY_ISA_NAME, &make_plan,       &pad_channel, &compute_channel, kCscBlock,
-                        &epilogue,        &pointwise_block, &subsample,   &scale_shift_relu, &compute_block};
+                        &epilogue,        &pointwise_block, &im2col,   &scale_shift_relu, &compute_block};
 
 }  // namespace
 }  // namespace SPARSIFY_ISA_NS

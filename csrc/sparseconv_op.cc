@@ -172,6 +172,9 @@ struct Kernel {
   // Constant weights with the shared-fan-in blocks' rows interleaved (PwArgs::wi), built on the
   // first 1x1 call whose plane leaves a tail for pw_block_tail.
   mutable std::shared_ptr<const std::vector<float>> wi;
+  // The 1x1 conv over the K*K shifted copies of the input that small output planes with
+  // shared-fan-in blocks run instead (see Im2colLayout), built on the first such call.
+  mutable std::shared_ptr<const struct Im2colLayout> im2col;
   ~Kernel() {
     if (cpu != nullptr) g_api->ReleaseMemoryInfo(cpu);
   }
@@ -761,13 +764,21 @@ void pw_task(void* ud, size_t i) {
   if (slot >= 0) j.busy[slot].store(false, std::memory_order_release);
 }
 
-void subsample_task(void* ud, size_t i) {
-  const PwJob& j = *static_cast<const PwJob*>(ud);
+struct Im2colJob {
+  const Geom* g;
+  const KernelFns* f;
+  const float* X;
+  float* out;
+  int64_t per;  // input planes per task
+};
+
+void im2col_task(void* ud, size_t i) {
+  const Im2colJob& j = *static_cast<const Im2colJob*>(ud);
   const Geom& g = *j.g;
-  const int64_t hwo = g.Ho * g.Wo;
-  j.f->subsample(j.X + int64_t(i) * g.Cin * g.H * g.W, j.xs + int64_t(i) * g.Cin * hwo, g.Cin, g.H, g.W, g.Ho,
-                 g.Wo, g.sH, g.sW);
+  const int64_t planes = g.N * g.Cin, q = int64_t(i) * j.per, n = q + j.per < planes ? j.per : planes - q;
+  j.f->im2col(g, j.X + q * g.H * g.W, j.out + q * g.kH * g.kW * g.Ho * g.Wo, n);
 }
+
 
 // Pixels per tile of a 1x1 conv: the tile's rows of all input channels of a group stay in L2
 // while every output channel reads its connections' rows of it.
@@ -794,11 +805,61 @@ OrtStatus* parallel_for(OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_
   return g_api->KernelContext_ParallelFor(ctx, fn, size_t(tasks), 0, job);
 }
 
+// A kxk conv as the 1x1 conv over its input's K*K shifted copies (im2col): virtual input channel
+// c * K*K + t holds input channel c shifted by tap t (zeros where the tap reads a pad), and
+// connection (o, c) becomes K*K connections whose weights are the kernel's taps, already in that
+// order in W ([nnz, kH, kW]). On small output planes with shared-fan-in blocks this runs the 1x1
+// unit (four channels per loaded vector, the plane's left-over pixels across the block) where the
+// direct paths waste lanes on short rows. The layout: the expanded row_ptr / col_idx.
+struct Im2colLayout {
+  std::vector<int64_t> row_ptr, col_idx;
+  std::vector<float> wi;  // interleave_blocks over the expanded rows
+};
+
+// Output planes of 1 .. kIm2colVectors whole vectors and 1 .. kMaxTailPixels pixels more (7x7 on
+// AVX-512) take the im2col path when their channels come in shared-fan-in blocks and their
+// weights and indices are constant. Measured with --blocks 4, density 0.1 / 0.5, against the
+// direct paths: 3x3 512@7 6.5x / 1.36x -> 8.0x / 1.9x of dense; planes of whole vectors lose
+// (2x2, 4x4, 8x8: the kSmall3 / kTiny2 paths use every lane), and so do 14x14 ones.
+constexpr int64_t kIm2colVectors = 4;
+
+std::shared_ptr<const Im2colLayout> im2col_layout(const Kernel& k, const Geom& g, const float* W,
+                                                  const int64_t* row_ptr, const int64_t* col_idx, const int32_t* same) {
+  std::lock_guard<std::mutex> lock(k.csc_mu);
+  if (!k.im2col) {
+    auto L = std::make_shared<Im2colLayout>();
+    const int64_t kk = g.kH * g.kW, nnz = row_ptr[g.Cout];
+    L->row_ptr.resize(size_t(g.Cout) + 1);
+    for (int64_t o = 0; o <= g.Cout; ++o) L->row_ptr[size_t(o)] = row_ptr[o] * kk;
+    L->col_idx.resize(size_t(nnz * kk));
+    for (int64_t q = 0; q < nnz; ++q)
+      for (int64_t t = 0; t < kk; ++t) L->col_idx[size_t(q * kk + t)] = col_idx[q] * kk + t;
+    L->wi = interleave_blocks(g, W, L->row_ptr.data(), same);
+    k.im2col = L;
+  }
+  return k.im2col;
+}
+
+// The input's shifted copies for every image (KernelFns::im2col) in scratch memory `buf`: N * Cin
+// * kH * kW planes of Ho x Wo.
+OrtStatus* shifted_copies(const Kernel& k, OrtKernelContext* ctx, const Geom& g, const KernelFns* fns, const float* X,
+                          Scratch* buf, float** out) {
+  const int64_t plane = g.kH * g.kW * g.Ho * g.Wo;
+  SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &buf->alloc));
+  buf->ptr = buf->alloc->Alloc(buf->alloc, size_t(g.N * g.Cin * plane) * sizeof(float));
+  if (buf->ptr == nullptr) return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the shifted input copies");
+  *out = static_cast<float*>(buf->ptr);
+  Im2colJob j = {&g, fns, X, *out, (16384 + plane - 1) / plane};
+  return parallel_for(ctx, im2col_task, (g.N * g.Cin + j.per - 1) / j.per, &j);
+}
+
 // 1x1 convs (any stride, no pads): strided ones first subsample their input into scratch memory,
-// then tiles of pixels over blocks of output channels (see pointwise_block).
-OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, const KernelFns* fns, int64_t vl,
+// then tiles of pixels over blocks of output channels (see pointwise_block). same / wi: the
+// shared-fan-in runs and the interleaved block weights (PwArgs), nullptr: none.
+OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, const KernelFns* fns,
                          const float* X, float* Y, const float* Z, const float* W, const int64_t* row_ptr,
-                         const int64_t* col_idx, const float* B, int64_t nnz, const float* S, const float* T) {
+                         const int64_t* col_idx, const float* B, int64_t nnz, const float* S, const float* T,
+                         const int32_t* same, const float* wi) {
   const int64_t hwo = g.Ho * g.Wo, VL = 64 / int64_t(sizeof(float));
   PwJob job;
   job.g = &g;
@@ -809,23 +870,11 @@ OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, 
   // for the next layer anyway: non-temporal stores save reading each output line before writing
   // it (1x1 64->2048 on 56x56: 4.2 -> 2.2 ms).
   const bool stream = g.N * g.Cout * hwo * int64_t(sizeof(float)) >= kStreamBytes;
-  const auto same = shared_runs(k, g, row_ptr, col_idx);
   job.a = {X, Y, Z, W, row_ptr, col_idx, B, hwo, g.cin_per_group, g.cout_per_group, pw_tile(g, VL),
-           {k.lo, k.hi, k.clamp ? 1 : 0, stream ? 1 : 0}, S, T, nullptr, same->empty() ? nullptr : same->data(),
-           nullptr};
-  // Planes that leave a few pixels over whole vectors carry them across each block
-  // (pw_block_tail), which reads the blocks' weights interleaved.
-  const int64_t left = hwo % vl;
-  if (job.a.same != nullptr && left > 0 && left <= sparsify_conv::kMaxTailPixels)
-    job.a.wi = interleaved_weights(k, g, W, row_ptr, col_idx, job.a.same);
+           {k.lo, k.hi, k.clamp ? 1 : 0, stream ? 1 : 0}, S, T, nullptr, same, wi};
   Scratch scratch;
   if (g.sH != 1 || g.sW != 1) {
-    SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &scratch.alloc));
-    scratch.ptr = scratch.alloc->Alloc(scratch.alloc, size_t(g.N * g.Cin * hwo) * sizeof(float));
-    if (scratch.ptr == nullptr)
-      return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the subsampled input buffer");
-    job.xs = static_cast<float*>(scratch.ptr);
-    SPARSIFY_TRY(parallel_for(ctx, subsample_task, g.N, &job));
+    SPARSIFY_TRY(shifted_copies(k, ctx, g, fns, X, &scratch, &job.xs));
   }
   // Items: whole images on one thread; else about 4 per thread (8 when the thread count is
   // unknown) of at least kMinTaskWork multiply-adds: pixel groups first (each reads only its own
@@ -1082,9 +1131,43 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   if (nob > want) nob = want;
   if (nob > g.Cout) nob = g.Cout;
   if (nob < 1) nob = 1;
-  if (p.kind == sparsify_conv::kPointwise)
-    return run_pointwise(k, ctx, g, fns, p.VL, X, Y, Z, W, row_ptr, col_idx, B, nnz, pw1 && k.pre ? S : nullptr,
-                         pw1 && k.pre ? T : nullptr);
+  const int64_t left = (g.Ho * g.Wo) % p.VL;
+  const bool tail = left > 0 && left <= sparsify_conv::kMaxTailPixels;
+  if (p.kind == sparsify_conv::kPointwise) {
+    // Planes that leave a few pixels over whole vectors carry them across each block
+    // (pw_block_tail), which reads the blocks' weights interleaved.
+    const auto same = shared_runs(k, g, row_ptr, col_idx);
+    const int32_t* sr = same->empty() ? nullptr : same->data();
+    const float* wi = sr != nullptr && tail ? interleaved_weights(k, g, W, row_ptr, col_idx, sr) : nullptr;
+    return run_pointwise(k, ctx, g, fns, X, Y, Z, W, row_ptr, col_idx, B, nnz, pw1 && k.pre ? S : nullptr,
+                         pw1 && k.pre ? T : nullptr, sr, wi);
+  }
+  if (p.kind != sparsify_conv::kPointwise && W == k.const_w && row_ptr == k.const_row_ptr &&
+      col_idx == k.const_col_idx) {
+    Geom g1 = g;  // the 1x1 conv over the shifted copies
+    g1.Cin = g.Cin * g.kH * g.kW;
+    g1.cin_per_group = g.cin_per_group * g.kH * g.kW;
+    g1.H = g.Ho;
+    g1.W = g.Wo;
+    g1.kH = g1.kW = g1.sH = g1.sW = g1.dH = g1.dW = 1;
+    g1.pt = g1.pl = g1.pb = g1.pr = 0;
+    const KernelFns* wide = g_wide.load(std::memory_order_relaxed);
+    Plan p1;
+    wide->make_plan(g1, &p1);
+    const int64_t hwo = g.Ho * g.Wo, full = hwo / p1.VL, left = hwo % p1.VL;
+    if (p1.kind == sparsify_conv::kPointwise && full >= 1 && full <= kIm2colVectors && left >= 1 &&
+        left <= sparsify_conv::kMaxTailPixels) {
+      const auto same = shared_runs(k, g, row_ptr, col_idx);
+      if (!same->empty()) {
+        const auto L = im2col_layout(k, g, W, row_ptr, col_idx, same->data());
+        Scratch cols;
+        float* xcol = nullptr;
+        SPARSIFY_TRY(shifted_copies(k, ctx, g, wide, X, &cols, &xcol));
+        return run_pointwise(k, ctx, g1, wide, xcol, Y, Z, W, L->row_ptr.data(), L->col_idx.data(), B,
+                             nnz * g.kH * g.kW, nullptr, nullptr, same->data(), L->wi.data());
+      }
+    }
+  }
   // Planes of whole vectors on the kSmall3 path go by input channel when that pays: always for
   // one-vector planes (4x4: the per-connection path spends six rotations per nine FMAs), for
   // larger ones when each input channel feeds enough connections of a block to amortise its

@@ -439,6 +439,49 @@ def test_shared_fan_in_tails(monkeypatch: pytest.MonkeyPatch, isa: str, hw: int,
         assert_close(fed.run(None, {"X": x, **packed_feeds(case)})[0], ref)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "auto"])
+@pytest.mark.parametrize(
+    "k,stride,pads,dil,hw,group,n",
+    [
+        (3, 1, (1, 1, 1, 1), 1, 7, 1, 1),   # 3x3 'same' on 7x7: flat masked shifts
+        (3, 1, (1, 1, 1, 1), 1, 7, 2, 3),   # two groups, three images
+        (5, 1, (2, 2, 2, 2), 1, 7, 1, 2),   # 5x5 'same'
+        (3, 1, (2, 2, 2, 2), 2, 7, 1, 1),   # dilation 2
+        (3, 1, (0, 2, 2, 0), 1, 7, 1, 1),   # asymmetric pads: rows as wide as the output's, shifted
+        (3, 1, (0, 0, 0, 0), 1, 9, 1, 2),   # 'valid' 9x9 -> 7x7: row copies
+        (3, 2, (1, 1, 1, 1), 1, 14, 1, 2),  # 3x3/s2 14x14 -> 7x7: strided row copies
+        (3, 2, (1, 1, 1, 1), 1, 13, 2, 1),  # odd input, two groups
+        (3, 1, (1, 1, 1, 1), 1, 6, 1, 2),   # 6x6: 36 = 2 x 16 + 4
+        ((1, 3), 1, (0, 1, 0, 1), 1, 7, 1, 1),  # 1x3 kernel
+    ],
+)
+def test_im2col_small_planes(monkeypatch: pytest.MonkeyPatch, isa: str, k: int | tuple[int, int], stride: int,
+                             pads: tuple[int, int, int, int], dil: int, hw: int, group: int, n: int) -> None:
+    """kxk convs with shared-fan-in blocks whose output plane is a few vectors plus a few pixels
+    (7x7, 6x6 on AVX-512) run as the 1x1 unit over the input's shifted copies (im2col): equal to
+    dense Conv with the sum and pre ops (the pre-activation before the zero pads), 1 and 2
+    threads, a run broken at channel 5 and empty channels; weights fed at run time take the
+    direct paths and agree too."""
+    if isa != "auto":
+        monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(hw * 100 + stride * 10 + group + dil)
+    for density in (0.1, 0.5):
+        case = random_case(rng, 48, 40, k, density, group=group, block=4, strides=(stride, stride), pads=pads,
+                           dilations=(dil, dil))
+        row = case.mask[5]
+        on, off = np.flatnonzero(row), np.flatnonzero(~row)
+        row[on[0]], row[off[0]] = False, True
+        case.weight[5, off[0]] = rng.standard_normal(case.weight.shape[2:])
+        case.weight[5, on[0]] = 0
+        case.mask[9:11] = False
+        case.weight[9:11] = 0
+        x = rng.standard_normal((n, 48, hw, hw)).astype(np.float32)
+        assert_plain_sum_and_pre_ops(case, x, rng)
+        ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+        fed = native.session(sparse_model(case, weights_as_inputs=True), 2)
+        assert_close(fed.run(None, {"X": x, **packed_feeds(case)})[0], ref)
+
+
 @pytest.mark.parametrize(
     "k,stride,pad,hw,n",
     [(3, 1, 1, 32, 1), (3, 1, 1, 32, 9), (3, 1, 1, 8, 1), (3, 1, 1, 4, 16), (3, 1, 1, 2, 3),
