@@ -343,13 +343,17 @@ def main(argv: list[str] | None = None) -> int:
     threshold = None
     if not args.no_sweep:
         print("\ncrossover density (sparse no longer faster than dense Conv), batch 1, 1 thread:")
+        threshold = {}
         for lay, _ in plan:
-            cr = crossover(lay, 1, 1, max(3, reps // 2), min_sample_s, rng, cpu_clock=args.cpu_clock)
-            crossovers.append(cr)
-            sweep = " ".join(f"{d:.1f}:{s:.2f}x" for d, s in cr["sweep"])
-            print(f"  {lay.label:>20}: crossover d={cr['crossover']:.2f}, exporter rule: sparse below "
-                  f"d={rule_threshold(lay):.2f}   [{sweep}]", flush=True)
-        threshold = {lay.label: rule_threshold(lay) for lay, _ in plan}
+            for block in args.blocks:
+                cr = crossover(lay, 1, 1, max(3, reps // 2), min_sample_s, rng, cpu_clock=args.cpu_clock, block=block)
+                crossovers.append(cr)
+                # The rule for a mask of this block size (its share of channels in shared-fan-in runs).
+                rule = rule_threshold(lay, layer(lay, 0.5, rng, block)[1])
+                threshold[f"{lay.label} block={block}"] = rule
+                sweep = " ".join(f"{d:.1f}:{s:.2f}x" for d, s in cr["sweep"])
+                print(f"  {lay.label:>20} block={block}: crossover d={cr['crossover']:.2f}, exporter rule: sparse "
+                      f"below d={rule:.2f}   [{sweep}]", flush=True)
 
     if args.json:
         args.json.write_text(json.dumps({"info": inf, "rows": rows, "thread_scaling": scaling,

@@ -368,13 +368,22 @@ THRESHOLD_STRIDED_OTHER = 0.15
 # 1x1 convs (stride 1, or strided over the subsampled input) whose output channels share their
 # fan-in in blocks of FAN_IN_BLOCK (the transform's --block 4) run 4 FMAs per loaded input vector
 # (`bench_kernel.py --blocks 4`, same setup): crossovers above 0.9 on planes of >= 14x14 (8 .. 2048
-# input channels; 1.1-2.1x still at 0.9, 1.8-2.6x at 0.5) and 0.61-0.75 on 7x7 outputs (1.2-1.5x at
-# 0.5). A layer with a share s of its channels in such blocks gets (1 - s) * its plain threshold +
-# s * these.
-THRESHOLD_1x1_SHARED = (0.85, 0.5)  # outputs of >= MIN_1x1_FULL_PIXELS pixels, of MIN_1x1_PIXELS .. that
+# input channels; 1.1-2.1x still at 0.9, 1.8-2.6x at 0.5) and, since the pixels left over 16-float
+# vectors ride across the block (TAIL_PIXELS), above 0.9 on 7x7 outputs too (1.07-1.14x at 0.9,
+# 1.9-2.1x at 0.5; 0.61-0.75 before). A layer with a share s of its channels in such blocks gets
+# (1 - s) * its plain threshold + s * these.
+THRESHOLD_1x1_SHARED = (0.85, 0.5)  # outputs of >= MIN_1x1_FULL_PIXELS pixels or tail planes, other smaller ones
 # 3x3/s2 convs sharing fan-ins the same way (the direct path's block unit, >= 64 input channels):
-# crossovers 0.72-0.83 to 28x28 .. 56x56 outputs (64..256 channels; 1.5-1.65x at 0.5), 0.58 to 7x7.
+# crossovers 0.72-0.83 to 28x28 .. 56x56 outputs (64..256 channels; 1.5-1.65x at 0.5), 0.58 to
+# smaller ones.
 THRESHOLD_3x3_S2_SHARED = (0.65, 0.45)  # outputs of >= MIN_1x1_FULL_PIXELS pixels, of MIN_STRIDED_PIXELS .. that
+# 3x3 convs sharing fan-ins to im2col planes (7x7: the 1x1 unit over the input's shifted copies):
+# crossovers 0.89 (512@7) and 0.90 (3x3/s2 512 from 14x14); 1.7-1.9x at 0.5.
+THRESHOLD_IM2COL_SHARED = 0.75
+# The kernel's vector on the CPU these were measured on (16 floats, AVX-512): output planes of 1-4
+# whole vectors and 1-TAIL_PIXELS pixels more (7x7 = 3 x 16 + 1) run kxk convs with shared fan-ins
+# as the 1x1 unit over the input's shifted copies, their left-over pixels across each block.
+VECTOR_PIXELS, TAIL_PIXELS, IM2COL_VECTORS = 16, 4, 4
 THRESHOLD_STEM = 0.5  # strided 3x3 / 5x5 / 7x7 convs with at most STEM_CIN input channels per group
 STEM_CIN = 4
 MIN_STRIDED_CIN = 64
@@ -389,7 +398,8 @@ def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations:
     A per-layer rule from measured crossovers (see the table above): the kernel's fast paths are
     3x3 stride 1, so those layers go sparse up to high densities; 1x1 and strided ones up to 0.2-0.4,
     1x1 and 3x3/s2 ones whose channels share fan-ins in blocks (``shared_fan_in``: the share of
-    output channels in such blocks, ``shared_fan_in_share``) up to 0.85 and 0.65. ``out_hw``
+    output channels in such blocks, ``shared_fan_in_share``) up to 0.85 and 0.65, and 3x3 ones to
+    7x7 outputs (``im2col_plane``) with shared fan-ins, strided or not, up to 0.75. ``out_hw``
     (output plane) is None when shapes are unknown: then a low threshold that holds on every plane
     measured except 1x1 (export with static shapes, or --autotune, to do better).
     """
@@ -397,17 +407,29 @@ def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations:
     pixels = out_hw[0] * out_hw[1] if out_hw is not None else 0
     if shared_fan_in <= 0 or any(int(d) != 1 for d in dilations):
         return thr, rule
-    table = None
+    stride = [int(st) for st in strides]
+    im2col = im2col_plane(pixels)
+    shared = None
     if tuple(kernel) == (1, 1) and pixels >= MIN_1x1_PIXELS:
-        table = THRESHOLD_1x1_SHARED
-    elif (tuple(kernel) == (3, 3) and [int(st) for st in strides] == [2, 2] and cin_per_group >= MIN_STRIDED_CIN
+        tail = 0 < pixels % VECTOR_PIXELS <= TAIL_PIXELS
+        shared = THRESHOLD_1x1_SHARED[0 if pixels >= MIN_1x1_FULL_PIXELS or tail else 1]
+    elif (tuple(kernel) == (3, 3) and stride == [2, 2] and cin_per_group >= MIN_STRIDED_CIN
           and pixels >= MIN_STRIDED_PIXELS):
-        table = THRESHOLD_3x3_S2_SHARED
-    if table is not None:
-        shared = table[0 if pixels >= MIN_1x1_FULL_PIXELS else 1]
+        shared = THRESHOLD_IM2COL_SHARED if im2col else THRESHOLD_3x3_S2_SHARED[0 if pixels >= MIN_1x1_FULL_PIXELS else 1]
+    elif tuple(kernel) == (3, 3) and stride == [1, 1] and im2col:
+        shared = THRESHOLD_IM2COL_SHARED
+    if shared is not None:
         thr = (1.0 - shared_fan_in) * thr + shared_fan_in * shared
         rule = f"{rule}; {100 * shared_fan_in:.0f}% of output channels share fan-ins in blocks of {FAN_IN_BLOCK}"
     return thr, rule
+
+
+def im2col_plane(pixels: int) -> bool:
+    """Whether the native kernel runs kxk convs with shared fan-ins to an output plane of this
+    many pixels as the 1x1 unit over the input's shifted copies (1-IM2COL_VECTORS whole vectors of
+    VECTOR_PIXELS and 1-TAIL_PIXELS more: 7x7, 6x6), as it does on AVX-512."""
+    whole, left = divmod(pixels, VECTOR_PIXELS)
+    return 1 <= whole <= IM2COL_VECTORS and 1 <= left <= TAIL_PIXELS
 
 
 def _plain_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations: Sequence[int],

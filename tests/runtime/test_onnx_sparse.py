@@ -262,15 +262,18 @@ def test_shared_fan_in_share_follows_the_kernels_walk() -> None:
 
 @pytest.mark.parametrize("k,hw,stride,density,block,sparse", [
     (1, 56, 1, 0.5, 4, True), (1, 56, 1, 0.5, 1, False), (1, 14, 1, 0.8, 4, True), (1, 14, 1, 0.9, 4, False),
-    (1, 7, 1, 0.45, 4, True), (1, 7, 1, 0.6, 4, False), (1, 56, 2, 0.5, 4, True), (1, 28, 2, 0.45, 4, True),
+    (1, 7, 1, 0.8, 4, True), (1, 7, 1, 0.9, 4, False), (1, 7, 1, 0.3, 1, False), (1, 11, 1, 0.45, 4, True),
+    (1, 11, 1, 0.6, 4, False), (1, 56, 2, 0.5, 4, True), (1, 28, 2, 0.45, 4, True),
     (1, 28, 2, 0.45, 1, False), (1, 4, 1, 0.1, 4, False),
     (3, 56, 2, 0.55, 4, True), (3, 56, 2, 0.55, 1, False), (3, 56, 2, 0.75, 4, False),
-    (3, 14, 2, 0.4, 4, True), (3, 14, 2, 0.5, 4, False)])
+    (3, 14, 2, 0.7, 4, True), (3, 14, 2, 0.8, 4, False), (3, 14, 2, 0.35, 1, False),
+    (3, 7, 1, 0.7, 4, True), (3, 7, 1, 0.8, 4, False), (3, 7, 1, 0.5, 1, False), (3, 14, 1, 0.7, 4, False)])
 def test_rule_with_shared_fan_ins(k: int, hw: int, stride: int, density: float, block: int, sparse: bool) -> None:
     """Convs whose output channels share fan-ins in blocks of 4 (the transform's --block 4) go
-    sparse further (bench_kernel --blocks 4): 1x1 up to 0.85 on outputs of 14x14 and more and 0.5
-    on 7x7 (crossovers above 0.9 and 0.61-0.75), 3x3/s2 up to 0.65 and 0.45 (crossovers 0.72-0.83
-    and 0.58), where masks drawn per channel stay dense above 0.2-0.4."""
+    sparse further (bench_kernel --blocks 4): 1x1 up to 0.85 on outputs of 14x14 and more and on
+    7x7 (crossovers above 0.9; 11x11, whose 9 left-over pixels take a masked vector, 0.5),
+    3x3/s2 up to 0.65 (crossovers 0.72-0.83) and to 7x7 0.75 (0.90), 3x3/s1 on 7x7 0.75 (0.89;
+    14x14 keeps the plain 0.65), where masks drawn per channel stay dense above 0.2-0.4."""
     rng = np.random.default_rng(hw + block + k)
     fan_ins = rng.random((-(-128 // block), 64)) < density
     live = np.repeat(fan_ins, block, axis=0)[:128]
