@@ -23,7 +23,11 @@
 //  - kPointwise: 1x1 without pads (strided ones over a subsampled input): tiles of pixels whose
 //    input rows stay in L2 while every output channel streams its connections over them (an
 //    SpMM bound by the L2 bandwidth: each connection reads its input row once per tile; runs of
-//    kFanInBlock channels with the same input channels share each load, four FMAs per vector).
+//    kFanInBlock channels with the same input channels share each load, four FMAs per vector;
+//    with their weights interleaved, the 1-4 pixels a plane leaves over whole vectors ride
+//    across the block in one 4-float FMA per connection, pw_block_tail). kxk convs with such
+//    blocks to planes of a few vectors and a few pixels (7x7) run as this 1x1 unit over the
+//    input's shifted copies (im2col; chosen by the op glue).
 //  - kGeneric: anything else.
 // Padded paths walk strips of output rows over all output channels; planes whose padded copy
 // exceeds the cache budget pad strip by strip (the op glue, sparseconv_op.cc).

@@ -779,7 +779,6 @@ void im2col_task(void* ud, size_t i) {
   j.f->im2col(g, j.X + q * g.H * g.W, j.out + q * g.kH * g.kW * g.Ho * g.Wo, n);
 }
 
-
 // Pixels per tile of a 1x1 conv: the tile's rows of all input channels of a group stay in L2
 // while every output channel reads its connections' rows of it.
 int64_t pw_tile(const Geom& g, int64_t VL) {
@@ -1131,19 +1130,20 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   if (nob > want) nob = want;
   if (nob > g.Cout) nob = g.Cout;
   if (nob < 1) nob = 1;
-  const int64_t left = (g.Ho * g.Wo) % p.VL;
-  const bool tail = left > 0 && left <= sparsify_conv::kMaxTailPixels;
   if (p.kind == sparsify_conv::kPointwise) {
     // Planes that leave a few pixels over whole vectors carry them across each block
     // (pw_block_tail), which reads the blocks' weights interleaved.
+    const int64_t left = (g.Ho * g.Wo) % p.VL;
+    const bool tail = left > 0 && left <= sparsify_conv::kMaxTailPixels;
     const auto same = shared_runs(k, g, row_ptr, col_idx);
     const int32_t* sr = same->empty() ? nullptr : same->data();
     const float* wi = sr != nullptr && tail ? interleaved_weights(k, g, W, row_ptr, col_idx, sr) : nullptr;
     return run_pointwise(k, ctx, g, fns, X, Y, Z, W, row_ptr, col_idx, B, nnz, pw1 && k.pre ? S : nullptr,
                          pw1 && k.pre ? T : nullptr, sr, wi);
   }
-  if (p.kind != sparsify_conv::kPointwise && W == k.const_w && row_ptr == k.const_row_ptr &&
-      col_idx == k.const_col_idx) {
+  // kxk convs with shared-fan-in blocks and constant weights on output planes of a few vectors
+  // and a few pixels more: the 1x1 unit over the input's shifted copies (Im2colLayout).
+  if (W == k.const_w && row_ptr == k.const_row_ptr && col_idx == k.const_col_idx) {
     Geom g1 = g;  // the 1x1 conv over the shifted copies
     g1.Cin = g.Cin * g.kH * g.kW;
     g1.cin_per_group = g.cin_per_group * g.kH * g.kW;
