@@ -567,6 +567,9 @@ struct FlatCfg {
 const FlatCfg kFlatCfgs[] = {
 #if SPARSIFY_NREGS >= 32
     SPARSIFY_FLAT(1, 1, 8, 2, 1, true), SPARSIFY_FLAT(1, 1, 16, 1, 1, true),
+    // 14-row planes (14x14: one 16-float vector per row) in whole blocks: 8- and 16-row blocks
+    // left 2 of every 16 row slots idle.
+    SPARSIFY_FLAT(1, 1, 14, 1, 1, true), SPARSIFY_FLAT(1, 1, 7, 2, 1, true),
     SPARSIFY_FLAT(1, 1, 4, 3, 1, true), SPARSIFY_FLAT(1, 1, 2, 3, 1, true),
     SPARSIFY_FLAT(1, 1, 1, 3, 2, true),
     SPARSIFY_FLAT(1, 2, 4, 2, 1, true), SPARSIFY_FLAT(1, 2, 8, 1, 1, true),

@@ -137,6 +137,8 @@ def test_matches_dense_conv(args: tuple[ConvCase, np.ndarray, int, str]) -> None
     [
         (16, 24, 3, 8, 1, 1, 2),     # narrow plane: AVX2 width even on AVX-512 CPUs
         (16, 24, 3, 28, 1, 1, 2),    # wide plane, partial last vector
+        (32, 24, 3, 14, 1, 1, 2),    # 14 rows of one 16-float vector: blocks of 14 / 7 rows
+        (32, 24, 3, 14, 1, 0, 1),    # 'valid' 14x14 -> 12x12 (padded copy, no lane rotations)
         (16, 16, 3, 33, 2, 1, 1),    # stride 2, odd size
         (24, 16, 1, 13, 1, 0, 3),    # pointwise (no padded copy), vector tail
         (24, 16, 1, 13, 2, 0, 1),    # strided 1x1
@@ -370,6 +372,19 @@ def test_thread_count_hint(hint: str | None) -> None:
             assert_close(sess.run(None, {"X": x})[0], ref)
 
 
+def break_runs(case: ConvCase, rng: np.random.Generator) -> None:
+    """Breaks the shared-fan-in run at channel 5 (same fan-in count, one input channel moved) and
+    empties channels 9 and 10 (bias only): neither may be merged into a block."""
+    row = case.mask[5]
+    on, off = np.flatnonzero(row), np.flatnonzero(~row)
+    if len(on) and len(off):
+        row[on[0]], row[off[0]] = False, True
+        case.weight[5, off[0]] = rng.standard_normal(case.weight.shape[2:])
+        case.weight[5, on[0]] = 0
+    case.mask[9:11] = False
+    case.weight[9:11] = 0
+
+
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
 @pytest.mark.parametrize(
     "cin,cout,k,hw,stride,n,block,group",
@@ -400,15 +415,7 @@ def test_shared_fan_in_blocks(monkeypatch: pytest.MonkeyPatch, isa: str, cin: in
     for density in (0.1, 0.5):
         case = random_case(rng, cin, cout, k, density, group=group, block=block, strides=(stride, stride),
                            pads=(k // 2,) * 4)
-        # Break the run at channel 5: same fan-in count, one input channel moved.
-        row = case.mask[5]
-        on, off = np.flatnonzero(row), np.flatnonzero(~row)
-        if len(on) and len(off):
-            row[on[0]], row[off[0]] = False, True
-            case.weight[5, off[0]] = rng.standard_normal(case.weight.shape[2:])
-            case.weight[5, on[0]] = 0
-        case.mask[9:11] = False  # two channels without connections (bias only)
-        case.weight[9:11] = 0
+        break_runs(case, rng)
         assert_plain_sum_and_pre_ops(case, rng.standard_normal((n, cin, hw, hw)).astype(np.float32), rng)
 
 
@@ -425,13 +432,7 @@ def test_shared_fan_in_tails(monkeypatch: pytest.MonkeyPatch, isa: str, hw: int,
     rng = np.random.default_rng(hw * 10 + stride)
     for density in (0.1, 0.5):
         case = random_case(rng, 72, 44, 1, density, block=4, strides=(stride, stride))
-        row = case.mask[5]
-        on, off = np.flatnonzero(row), np.flatnonzero(~row)
-        row[on[0]], row[off[0]] = False, True
-        case.weight[5, off[0]] = rng.standard_normal(case.weight.shape[2:])
-        case.weight[5, on[0]] = 0
-        case.mask[9:11] = False
-        case.weight[9:11] = 0
+        break_runs(case, rng)
         x = rng.standard_normal((2, 72, hw, hw)).astype(np.float32)
         assert_plain_sum_and_pre_ops(case, x, rng)
         ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
@@ -468,13 +469,7 @@ def test_im2col_small_planes(monkeypatch: pytest.MonkeyPatch, isa: str, k: int |
     for density in (0.1, 0.5):
         case = random_case(rng, 48, 40, k, density, group=group, block=4, strides=(stride, stride), pads=pads,
                            dilations=(dil, dil))
-        row = case.mask[5]
-        on, off = np.flatnonzero(row), np.flatnonzero(~row)
-        row[on[0]], row[off[0]] = False, True
-        case.weight[5, off[0]] = rng.standard_normal(case.weight.shape[2:])
-        case.weight[5, on[0]] = 0
-        case.mask[9:11] = False
-        case.weight[9:11] = 0
+        break_runs(case, rng)
         x = rng.standard_normal((n, 48, hw, hw)).astype(np.float32)
         assert_plain_sum_and_pre_ops(case, x, rng)
         ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
