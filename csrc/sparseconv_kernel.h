@@ -1440,11 +1440,6 @@ void pw_block_tail(const float* __restrict xg, int64_t xs, int64_t px, float* co
   for (int j = 0; j < TAIL; ++j) at[j] = v4{bias[0], bias[1], bias[2], bias[3]};
   for (int64_t k = 0; k < cnt; ++k, wi += kFanInBlock) {
     const float* src = xg + cols[k] * xs + px;
-    if (k + 8 < cnt) {
-      const float* nxt = xg + cols[k + 8] * xs + px;
-#pragma GCC unroll 8
-      for (int v = 0; v <= NV * VL * 4 / 64; ++v) __builtin_prefetch(nxt + v * 16, 0, 3);
-    }
     vf xv[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) xv[v] = load_once(src + v * VL);
