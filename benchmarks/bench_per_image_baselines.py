@@ -23,11 +23,11 @@ from pathlib import Path
 import onnx
 
 from bench_imagenet import CALIBRATION, DIVISOR, MODELS
-
-QUICK_SHAPE = (1, 3, 112, 112)
 from bench_models import export_variants
 from sparsify.runtime import bench as lib
 from sparsify.runtime import per_image
+
+QUICK_SHAPE = (1, 3, 112, 112)
 
 
 def main(argv: list[str] | None = None) -> int:

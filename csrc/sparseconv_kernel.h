@@ -1308,6 +1308,14 @@ void scale_shift_relu(const float* __restrict x, float* __restrict y, int64_t n,
   }
 }
 
+// One output value through the fused epilogue: + z[i] (z may be nullptr), then the clamp, NaN kept
+// (the scalar edges of the vector epilogues).
+inline float epilogue_one(float v, const float* z, int64_t i, const Epilogue& e) {
+  if (z != nullptr) v += z[i];
+  if (e.clamp) v = v < e.lo ? e.lo : (v > e.hi ? e.hi : v);
+  return v;
+}
+
 // Output vector v of NV at pixel p: + z, the clamp, then the store (the last vector holds only
 // `tail` pixels when PARTIAL; m: its lanes).
 template <int NV, bool PARTIAL>
@@ -1461,10 +1469,7 @@ void pw_block_tail(const float* __restrict xg, int64_t xs, int64_t px, float* co
   for (int j = 0; j < TAIL; ++j)
     for (int r = 0; r < kFanInBlock; ++r) {
       const int64_t q = p + NV * VL + j;
-      float v = at[j][r];
-      if (z[r] != nullptr) v += z[r][q];
-      if (e.clamp) v = v < e.lo ? e.lo : (v > e.hi ? e.hi : v);
-      y[r][q] = v;
+      y[r][q] = epilogue_one(at[j][r], z[r], q, e);
     }
 }
 
@@ -1509,9 +1514,7 @@ void pw_range(const float* xg, int64_t xs, int64_t xoff, float* y, const float* 
   for (p += nv * VL; p < p1; ++p) {
     float acc = bias;
     for (int64_t k = 0; k < cnt; ++k) acc += w_row[k] * xg[cols[k] * xs + p - xoff];
-    if (z != nullptr) acc += z[p];
-    if (e.clamp) acc = acc < e.lo ? e.lo : (acc > e.hi ? e.hi : acc);
-    y[p] = acc;
+    y[p] = epilogue_one(acc, z, p, e);
   }
 }
 
@@ -1775,12 +1778,7 @@ void epilogue(float* __restrict y, const float* __restrict z, int64_t n, const E
     }
     storeu(y + i, v);
   }
-  for (; i < n; ++i) {
-    float v = y[i];
-    if (z != nullptr) v += z[i];
-    if (e.clamp) v = v < e.lo ? e.lo : (v > e.hi ? e.hi : v);
-    y[i] = v;
-  }
+  for (; i < n; ++i) y[i] = epilogue_one(y[i], z, i, e);
 }
 
 const KernelFns kFns = {SPARSIFY_ISA_NAME, &make_plan,       &pad_channel, &compute_channel, kCscBlock,

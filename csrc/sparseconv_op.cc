@@ -1090,9 +1090,11 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   // of 64), at the same lanes per cycle where 16-float FMAs are split in two (AMD Zen 4).
   // Not for runs of channels sharing a fan-in: the wide unit carries the left-over pixels across
   // each block (pw_block_tail; 1x1 512->2048 on 7x7, density 0.5: 0.66 -> 0.45 ms standalone).
+  // The shared-fan-in runs of a 1x1 conv, looked up (or, for indices fed at run time, found) once.
+  const auto pw_same = p.kind == sparsify_conv::kPointwise ? shared_runs(k, g, row_ptr, col_idx) : nullptr;
   const int64_t left_over = (g.Ho * g.Wo) % p.VL;
-  const bool narrow_plane = p.kind == sparsify_conv::kPointwise && g.Ho * g.Wo <= kPwNarrowPixels &&
-                            left_over != 0 && left_over <= p.VL / 2 && shared_runs(k, g, row_ptr, col_idx)->empty();
+  const bool narrow_plane = pw_same && g.Ho * g.Wo <= kPwNarrowPixels && left_over != 0 && left_over <= p.VL / 2 &&
+                            pw_same->empty();
   if (narrow_rows || narrow_plane) {
     fns = g_narrow.load(std::memory_order_relaxed);
     fns->make_plan(g, &p);
@@ -1135,8 +1137,7 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     // (pw_block_tail), which reads the blocks' weights interleaved.
     const int64_t left = (g.Ho * g.Wo) % p.VL;
     const bool tail = left > 0 && left <= sparsify_conv::kMaxTailPixels;
-    const auto same = shared_runs(k, g, row_ptr, col_idx);
-    const int32_t* sr = same->empty() ? nullptr : same->data();
+    const int32_t* sr = pw_same->empty() ? nullptr : pw_same->data();
     const float* wi = sr != nullptr && tail ? interleaved_weights(k, g, W, row_ptr, col_idx, sr) : nullptr;
     return run_pointwise(k, ctx, g, fns, X, Y, Z, W, row_ptr, col_idx, B, nnz, pw1 && k.pre ? S : nullptr,
                          pw1 && k.pre ? T : nullptr, sr, wi);
