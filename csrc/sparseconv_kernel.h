@@ -1646,11 +1646,17 @@ void im2col(const Geom& g, const float* __restrict x, float* __restrict out, int
     for (int64_t t = 0; t < taps; ++t) {
       const int64_t dy = (t / g.kW) * g.dH - g.pt, dx = (t % g.kW) * g.dW - g.pl;
       delta[t] = dy * g.W + dx;
+      // Output pixel (oy, ox) walked alongside its lane (no division per lane: this runs per task).
+      int64_t oy = 0, ox = 0;
       for (int64_t v = 0; v < nv; ++v) {
         uint32_t mv = 0;
         for (int64_t l = 0; l < VL && v * VL + l < hwo; ++l) {
-          const int64_t q = v * VL + l, iy = q / g.Wo + dy, ix = q % g.Wo + dx;
+          const int64_t iy = oy + dy, ix = ox + dx;
           if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) mv |= 1u << l;
+          if (++ox == g.Wo) {
+            ox = 0;
+            ++oy;
+          }
         }
         m[t][v] = mv;
       }
