@@ -23,8 +23,11 @@ from ..errors import SparsifyError, UsageError
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Results go to stdout; progress and messages to stderr so that `--json > file` stays clean.
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# Text is printed as written: no markup or emoji codes in it are interpreted (a path like
+# runs/[red]x or model.py:A: is the user's), so styled output passes markup=True and escapes
+# what it interpolates, or styles a rich Text.
+out = Console(soft_wrap=True, markup=False, emoji=False)
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 

@@ -11,6 +11,7 @@ import typer
 from rich import box
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
+from rich.text import Text
 
 from ..errors import UsageError
 from . import transform as T
@@ -66,7 +67,7 @@ def bench_table(result: Any, title: str | None = None) -> Table:
         last = (r.batch, r.threads)
         t.add_row(
             r.label, f"{r.batch}×{r.threads}", _ms(r.median_ms), f"{_ms(r.p10_ms)}-{_ms(r.p90_ms)}",
-            f"{r.throughput:,.0f}", "1.00x" if r.label == result.baseline else f"[bold]{r.speedup:.2f}x[/]",
+            f"{r.throughput:,.0f}", "1.00x" if r.label == result.baseline else Text(f"{r.speedup:.2f}x", style="bold"),
             "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}", "yes" if r.native else "no",
             "-" if r.max_rel_diff is None else f"{r.max_rel_diff:.0e}",
         )

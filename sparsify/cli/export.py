@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .._io import check_writable
 from ..errors import UsageError
@@ -21,7 +23,7 @@ def _render(report) -> Table:
         t.add_column(col, justify=justify)
     for c in report.layers:
         t.add_row(c.layer, "x".join(map(str, c.weight_shape)), f"{c.density:.3f}",
-                  f"[bold cyan]SparseConv{c.activation}[/]" if c.sparse else "Conv", c.reason)
+                  Text(f"SparseConv{c.activation}", style="bold cyan") if c.sparse else "Conv", c.reason)
     return t
 
 
@@ -101,9 +103,9 @@ def export(
     for label, e in report.errors.items():
         out.print(f"verified ({label}): max abs error {e:.2g} vs {reference}", highlight=False)
     if not report.errors:
-        out.print("[yellow]not verified[/] (--no-verify)")
+        out.print("[yellow]not verified[/] (--no-verify)", markup=True)
     elif "native" not in report.errors:
         out.print("native kernel not built: verified through the function body only", highlight=False)
     for note in report.notes:
         err.print(f"note: {note}", highlight=False)
-    out.print(f"[green]wrote[/] {report.out} ({report.file_bytes:,} bytes)")
+    out.print(f"[green]wrote[/] {escape(str(report.out))} ({report.file_bytes:,} bytes)", markup=True)

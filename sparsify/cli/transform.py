@@ -7,6 +7,7 @@ from typing import Any, List, Optional
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import UsageError
@@ -207,7 +208,7 @@ def transform(
     if matched:
         out.print(f"alpha {result.recipe.params['alpha']:g}: {matched['achieved']:,} live {matched['count']} "
                   f"parameters (target {matched['target']:,} from {matched['run']})", highlight=False)
-    out.print(f"[green]saved[/] {path}")
+    out.print(f"[green]saved[/] {escape(str(path))}", markup=True)
 
 
 @app.command()

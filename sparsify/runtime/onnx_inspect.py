@@ -205,6 +205,7 @@ def render_onnx_report(report: dict[str, Any], width: int | None = None):
     """
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     t = report["totals"]
     shape = ", ".join(f"{i['name']}[{'x'.join(map(str, i['shape']))}]" for i in report["inputs"])
@@ -238,6 +239,6 @@ def render_onnx_report(report: dict[str, Any], width: int | None = None):
         table.add_column(col, justify="left" if col == "op" else "right", no_wrap=True)
     for row in rows:
         op = row[1]
-        row[1] = f"[bold cyan]{op}[/]" if op in onnx_sparse.SPARSE_OPS else op
+        row[1] = Text(op, style="bold cyan") if op in onnx_sparse.SPARSE_OPS else op
         table.add_row(*row)
     return table

@@ -139,3 +139,14 @@ def test_training_lines_fit_80_columns(narrow):
     table = [line for line in r.output.splitlines() if not line.startswith(("warning:", "note:"))]
     assert max(len(line) for line in table) <= 80, r.output
     assert "epoch 2/2" in r.output and "moved" in r.output
+
+
+def test_user_text_is_printed_as_written():
+    """Paths and names are the user's: rich markup ("[red]") and emoji codes (":A:") in them are text."""
+    out_dir = "runs/[red]x:A:y"
+    r = invoke("transform", "zoo:lenet5", "--density", "0.1", "--out", out_dir)
+    assert_ok(r)
+    assert Path(out_dir).is_dir()
+    assert out_dir in r.output, r.output
+    line = assert_one_error_line(invoke("transform", "zoo:[bold]nosuch:A:", "--density", "0.1", "--out", "o"))
+    assert "[bold]nosuch:A:" in line, line
