@@ -113,6 +113,17 @@ def test_node_layout_and_threshold() -> None:
     assert dense.graph.node[0].op_type == "Conv" and not report.sparse_nodes and not dense.functions
 
 
+def test_reason_tells_density_and_threshold_apart() -> None:
+    """A density just under or over the threshold reads as such, not "0.20 < 0.20"."""
+    w = _masked_weight(np.random.default_rng(1), 8, 4, 3, 0.25)
+    density = float((w != 0).mean())
+    for threshold, sparse in ((density + 0.001, True), (density - 0.001, False)):
+        _, report = convert_model(_conv_model(w, None, 2, 1, 1, 1, 8), dense_threshold=threshold)
+        (choice,) = report.choices
+        d, t = choice.reason.split()[1], choice.reason.split()[3]
+        assert choice.sparse is sparse and d != t and (float(d) < float(t)) is sparse, choice.reason
+
+
 class _Net(nn.Module):
     def __init__(self, seed: int) -> None:
         super().__init__()
