@@ -173,6 +173,12 @@ def bench(
             raise UsageError("--variants and --keep apply to a run directory; with .onnx files every file is a variant")
         with _progress(quiet) as progress:
             result = lib.bench_files(paths, progress=progress, **opts)
+        differ = _different_outputs(result)
+        if differ:
+            result.notes["outputs_differ_from_baseline"] = differ
+            err.print(f"note: {', '.join(differ)} computed other outputs than {result.baseline} on the same input "
+                      f"(max relative difference above {OUTPUT_REL_TOL:g}): the files do not compute the same model, "
+                      "so the speed-ups compare different work", highlight=False)
     if as_json:
         out.print_json(json.dumps(result.to_json(), default=str))
     else:
@@ -181,6 +187,21 @@ def bench(
             out.print(_memory_line(result))
     err.print(_native_line(result))
     _write_outputs(result, json_out, plot)
+
+
+# Two exports of one model agree to float32 rounding (~1e-6 of the output scale); far above it,
+# the files compute different models (another density, another network).
+OUTPUT_REL_TOL = 1e-3
+
+
+def _different_outputs(result: Any) -> list[str]:
+    """Labels of the files whose outputs differ from the baseline's beyond OUTPUT_REL_TOL (or in shape)."""
+    differ = []
+    for f in result.files[1:]:
+        rels = [r.max_rel_diff for r in result.rows if r.label == f.label]
+        if any(v is None or v > OUTPUT_REL_TOL for v in rels):
+            differ.append(f.label)
+    return differ
 
 
 def _check_outputs(paths: list[Path], json_out: Path | None, plot: Path | None, keep: Path | None) -> None:

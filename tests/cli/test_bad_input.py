@@ -283,3 +283,20 @@ def test_weights_that_do_not_fit(tmp_path):
 def test_npz_given_as_data_with_pickled_objects(run):
     np.savez("objects.npz", x=np.array([{"a": 1}] * 4, dtype=object), y=np.zeros(4, dtype=int))
     assert_one_error_line(invoke("train", run, "--data", "objects.npz", "-q"), "objects.npz")
+
+
+def test_bench_notes_files_that_compute_different_models(sparse_onnx, tmp_path):
+    """Two files of one input shape but different models: the speed-up is noted as comparing different work."""
+    from sparsify.api import transform_to_dir
+    from sparsify.runtime.export import export_run
+
+    other = tmp_path / "other"
+    transform_to_dir("zoo:lenet5", "sparse-random", density=0.5, out=other, seed=3)
+    export_run(other, tmp_path / "other.onnx", verify=False)
+    r = invoke("bench", sparse_onnx, tmp_path / "other.onnx", *FAST_BENCH)
+    assert_ok(r)
+    assert "do not compute the same model" in r.output and "other" in r.output, r.output
+    shutil.copy(sparse_onnx, tmp_path / "copy.onnx")
+    same = invoke("bench", sparse_onnx, tmp_path / "copy.onnx", *FAST_BENCH)
+    assert_ok(same)
+    assert "same model" not in same.output, same.output
