@@ -81,6 +81,31 @@ def test_untraceable_submodule_is_named_as_the_leaf_to_use():
     assert "--leaf SameConv" in msg and "--rule SameConv=conv" in msg and len(msg.splitlines()) == 1
 
 
+def test_untraceable_submodule_is_named_whatever_its_self_is_called():
+    """A forward written with `s` for self: the failing submodule is still the one to name."""
+
+    class Drop(nn.Module):
+        def __init__(s):
+            super().__init__()
+            s.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(s, x):
+            keep = torch.rand(x.shape[0], 1, 1, 1) >= 0.5
+            return s.conv(x) * keep
+
+    class Outer(nn.Module):
+        def __init__(s):
+            super().__init__()
+            s.stem, s.block = nn.Conv2d(3, 8, 3, padding=1), Drop()
+
+        def forward(s, x):
+            return s.block(s.stem(x))
+
+    with pytest.raises(TraceError) as info:
+        trace(Outer())
+    assert "--leaf Drop" in str(info.value) and "cannot help" not in str(info.value), str(info.value)
+
+
 def test_untraceable_root_forward_does_not_offer_a_leaf():
     class Branchy(nn.Module):
         def __init__(self):
