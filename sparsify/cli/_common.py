@@ -8,7 +8,9 @@ command, a missing argument), which otherwise print a multi-line usage box.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 import warnings
 from typing import Any, Callable, Optional, TypeVar
 
@@ -54,6 +56,7 @@ class _Group(TyperGroup):
         """Run the app; a value click rejects becomes one ``error:`` line and exit code 2."""
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        restore = _watch_sigint()
         try:
             with warnings.catch_warnings():
                 # torch's and onnx's UserWarnings are addressed to developers; a user's command prints
@@ -71,7 +74,36 @@ class _Group(TyperGroup):
         except typer.Abort:
             err.print("aborted")
             sys.exit(1)
+        finally:
+            restore()
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# Ctrl-C during a command, also when the KeyboardInterrupt it raised never reached handle_errors:
+# one that lands in a lazy import inside torch (tracing imports torch._dynamo on first use) leaves a
+# half-initialised module behind, and the command then failed with "torch.fx cannot trace MODEL
+# (AttributeError: module 'torch._dynamo' has no attribute ...)", blaming the user's model, or
+# torch swallowed it and the command ran on.
+_sigint = threading.Event()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _sigint.set()
+    signal.default_int_handler(signum, frame)
+
+
+def _watch_sigint() -> Callable[[], None]:
+    """Note every SIGINT of this command (``_sigint``); returns what restores the previous handler."""
+    _sigint.clear()
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return lambda: None
+    signal.signal(signal.SIGINT, _on_sigint)
+    return lambda: signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _interrupted() -> typer.Exit:
+    err.print("interrupted; completed outputs are intact, partial ones were removed")
+    return typer.Exit(code=130)
 
 
 def _usage_line(e: Any) -> str:
@@ -130,17 +162,27 @@ def fail(message: str) -> typer.Exit:
 
 
 def handle_errors(fn: F) -> F:
-    """Turn SparsifyError into one line + exit 2, and Ctrl-C into one line + exit 130."""
+    """Turn SparsifyError into one line + exit 2, and Ctrl-C (``_sigint``) into one line + exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            rv = fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, _click.ClickException):
+            raise
         except SparsifyError as e:
+            if _sigint.is_set():  # the error is the interrupt's doing (see _sigint)
+                raise _interrupted() from None
             raise fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         except KeyboardInterrupt:
-            err.print("interrupted; completed outputs are intact, partial ones were removed")
-            raise typer.Exit(code=130) from None
+            raise _interrupted() from None
+        except Exception:
+            if _sigint.is_set():
+                raise _interrupted() from None
+            raise
+        if _sigint.is_set():  # swallowed on the way: the command ran on, but the user asked to stop
+            raise _interrupted()
+        return rv
 
     return wrapper  # type: ignore[return-value]
 

@@ -150,3 +150,42 @@ def test_user_text_is_printed_as_written():
     assert out_dir in r.output, r.output
     line = assert_one_error_line(invoke("transform", "zoo:[bold]nosuch:A:", "--density", "0.1", "--out", "o"))
     assert "[bold]nosuch:A:" in line, line
+
+
+def test_ctrl_c_that_surfaces_as_an_error_or_is_swallowed_reports_interrupted():
+    """A Ctrl-C whose KeyboardInterrupt a library turned into another error (a lazy import inside
+    torch left half-initialised), or swallowed, is still reported as the interrupt: exit 130."""
+    import signal
+    import time
+
+    import typer
+    from typer.testing import CliRunner
+
+    from sparsify.cli._common import SparsifyTyper, handle_errors
+    from sparsify.errors import TraceError
+
+    app = SparsifyTyper()
+
+    @app.command()
+    @handle_errors
+    def work(mode: str = typer.Argument(...), interrupt: bool = typer.Option(True, "--interrupt/--no-interrupt")):
+        if interrupt:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(2)  # the handler raises KeyboardInterrupt here
+            except KeyboardInterrupt:
+                pass  # swallowed, as inside a library
+        if mode == "error":
+            raise TraceError("torch.fx cannot trace M (AttributeError: module 'torch._dynamo' has no attribute 'guards')")
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    for mode in ("error", "ok"):
+        r = CliRunner().invoke(app, ["work", mode])
+        assert r.exit_code == 130 and "interrupted" in r.output and "cannot trace" not in r.output, r.output
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    r = CliRunner().invoke(app, ["work", "error", "--no-interrupt"])
+    assert r.exit_code == 2 and "cannot trace" in r.output, r.output
+    assert CliRunner().invoke(app, ["work", "ok", "--no-interrupt"]).exit_code == 0
