@@ -76,6 +76,19 @@ def test_export_sparse_and_dense_match_torch(tmp_path) -> None:
     assert isinstance(m[0], SparseConv2d) and m[0].out_channels == 16
 
 
+def test_verification_notes_outputs_that_hardly_depend_on_the_input(tmp_path) -> None:
+    """Outputs the input hardly moves (dead activations) make verification weak: the export says so."""
+    m = _net()
+    quiet = export_model(m, (1, 3, 16, 16), tmp_path / "a.onnx", channel_align=1)
+    assert not any("checked little" in n for n in quiet.notes), quiet.notes
+    dead = _net()
+    with torch.no_grad():
+        dead[1].weight.zero_()        # BatchNorm scale 0: everything after it is constant in eval mode
+        dead[4].weight.zero_()
+    weak = export_model(dead.eval(), (1, 3, 16, 16), tmp_path / "b.onnx", channel_align=1)
+    assert any("checked little" in n for n in weak.notes), weak.notes
+
+
 def test_threshold_and_onnx_file_conversion(tmp_path) -> None:
     m = _net(1)
     rep = export_model(m, (1, 3, 8, 8), tmp_path / "t.onnx", dense_threshold=0.1, compact=False)
