@@ -355,7 +355,8 @@ def run(
     if as_json:
         return
     if "test_acc" in tr:
-        out.print(f"trained {tr.get('epochs')} epochs on {tr.get('data')}: test accuracy {tr['test_acc']:.1%}")
+        n = tr.get("epochs")
+        out.print(f"trained {n} epoch{'' if n == 1 else 's'} on {tr.get('data')}: test accuracy {tr['test_acc']:.1%}")
     for line in _variant_notes(notes):
         out.print(line)
     out.print(f"run directory: {run_dir}  (.onnx variants, bench.json, plot.png)")
