@@ -278,6 +278,9 @@ def load_dataset(name: str, input_shape: tuple[int, ...], *, data_dir: str | Pat
     ``.npz`` file. Raises DataError (one line) for anything that cannot be loaded.
     """
     check_data_name(name)
+    if len(input_shape) == 3:
+        return _load_sequences(name, tuple(int(d) for d in input_shape), num_classes, val_fraction, train_limit,
+                               synthetic_size)
     shape = _model_shape(input_shape)
     if is_user_data(name):
         p = Path(name).expanduser()
@@ -302,8 +305,30 @@ def load_dataset(name: str, input_shape: tuple[int, ...], *, data_dir: str | Pat
 
 def _check_classes(name: str, n_classes: int, num_classes: int | None) -> None:
     if num_classes is not None and n_classes > num_classes:
-        raise DataError(f"data set {name!r} has {n_classes} classes but the model outputs {num_classes}; "
-                        f"choose a data set with at most {num_classes} classes")
+        raise DataError(f"data set {name!r} has {n_classes} classes but the model outputs {num_classes} (its labels "
+                        f"go up to {n_classes - 1}); choose a data set with at most {num_classes} classes (labels "
+                        f"0..{num_classes - 1}) or a model with {n_classes} outputs")
+
+
+def _load_sequences(name: str, input_shape: tuple[int, ...], num_classes: int | None, val_fraction: float,
+                    train_limit: int | None, synthetic_size: tuple[int, int]) -> DataBundle:
+    """Data for a model taking rank-3 input ([N, C, L] signals, [N, T, F] sequences): taken as they are.
+
+    Only ``synthetic`` and an ``.npz`` whose x is [N, *input_shape[1:]] fit; the image sets and
+    image folders are refused (images are not resized into sequences).
+    """
+    want = "[N, " + ", ".join(str(d) for d in input_shape[1:]) + "]"
+    if name == "synthetic":
+        xtr, ytr, xte, yte = _synthetic(input_shape[1:], num_classes or 10, *synthetic_size)
+        return _in_memory(name, xtr, ytr, xte, yte, None, input_shape, num_classes, val_fraction, train_limit)
+    p = Path(name).expanduser()
+    if not (is_user_data(name) and p.suffix == ".npz"):
+        what = f"data set {name!r}" if not is_user_data(name) else f"--data {name}"
+        raise DataError(f"{what} holds images but the model takes {want} inputs (rank 3, e.g. Conv1d signals); "
+                        f"give an .npz whose x is {want}, or --data synthetic")
+    xtr, ytr, xte, yte, notes = _load_npz(p, val_fraction, images=False)
+    return _in_memory(str(p), xtr, ytr, xte, yte, None, input_shape, num_classes, val_fraction, train_limit,
+                      kind="npz", notes=notes)
 
 
 def _val_split(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,7 +349,13 @@ def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte
     x_train = torch.from_numpy(np.ascontiguousarray(xtr, dtype=np.float32))
     x_test = torch.from_numpy(np.ascontiguousarray(xte, dtype=np.float32))
     y_train, y_test = torch.from_numpy(ytr.astype(np.int64)), torch.from_numpy(yte.astype(np.int64))
-    if shape is None and x_train[0].numel() != int(input_shape[-1]):
+    if len(input_shape) == 3:  # signals / sequences: each example must be the model's input as it is
+        for part, x in (("x", x_train), ("x_test", x_test)):
+            if tuple(x.shape[1:]) != tuple(input_shape[1:]):
+                want = ", ".join(str(d) for d in input_shape[1:])
+                raise DataError(f"{name}: {part} has shape {list(x.shape)} but the model takes [N, {want}] inputs; "
+                                f"give {part} of shape [N, {want}]")
+    elif shape is None and x_train[0].numel() != int(input_shape[-1]):
         raise DataError(f"the model takes vectors of {int(input_shape[-1])} values but {name} examples have "
                         f"{x_train[0].numel()}; choose a matching data set")
     if shape is not None and x_train.dim() != 4:
@@ -366,11 +397,19 @@ def _labels(y: Any, where: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _images(x: Any, where: str) -> np.ndarray:
-    """[N, F], [N, H, W], [N, H, W, C] or [N, C, H, W] -> [N, F] or [N, C, H, W] (float32 for floats)."""
+def _numeric(x: Any, where: str) -> np.ndarray:
+    """``x`` as an array of real numbers with at least one example axis; DataError otherwise."""
     x = np.asarray(x)
     if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
         raise DataError(f"{where} must be a numeric array, got {x.dtype}")
+    if x.ndim == 0:
+        raise DataError(f"{where} must hold one example per row, got a single number")
+    return x
+
+
+def _images(x: Any, where: str) -> np.ndarray:
+    """[N, F], [N, H, W], [N, H, W, C] or [N, C, H, W] -> [N, F] or [N, C, H, W] (float32 for floats)."""
+    x = _numeric(x, where)
     if x.ndim == 2:
         return x
     if x.ndim == 3:
@@ -382,8 +421,12 @@ def _images(x: Any, where: str) -> np.ndarray:
     raise DataError(f"{where} must be [N, F], [N, H, W], [N, H, W, C] or [N, C, H, W], got shape {list(x.shape)}")
 
 
-def _load_npz(path: Path, val_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """x, y (and x_test, y_test) from an .npz file; no pickled objects are read."""
+def _load_npz(path: Path, val_fraction: float,
+              images: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """x, y (and x_test, y_test) from an .npz file; no pickled objects are read.
+
+    ``images``: x is images or vectors (``_images``); else the arrays are taken as they are.
+    """
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -394,14 +437,15 @@ def _load_npz(path: Path, val_fraction: float) -> tuple[np.ndarray, np.ndarray, 
     if "x" not in arrays or "y" not in arrays:
         raise DataError(f"{path} has arrays {', '.join(sorted(arrays)) or 'none'}; it needs x (images) and y "
                         f"(labels), and may have x_test and y_test")
-    x, y = _images(arrays["x"], f"{path.name}: x"), _labels(arrays["y"], f"{path.name}: y")
+    shaped = _images if images else _numeric
+    x, y = shaped(arrays["x"], f"{path.name}: x"), _labels(arrays["y"], f"{path.name}: y")
     if len(x) != len(y):
         raise DataError(f"{path.name}: x has {len(x)} examples but y has {len(y)} labels")
     notes: list[str] = []
     if "x_test" in arrays or "y_test" in arrays:
         if "x_test" not in arrays or "y_test" not in arrays:
             raise DataError(f"{path.name} has only one of x_test and y_test; give both or neither")
-        xte, yte = _images(arrays["x_test"], f"{path.name}: x_test"), _labels(arrays["y_test"], f"{path.name}: y_test")
+        xte, yte = shaped(arrays["x_test"], f"{path.name}: x_test"), _labels(arrays["y_test"], f"{path.name}: y_test")
         if len(xte) != len(yte) or xte.shape[1:] != x.shape[1:]:
             raise DataError(f"{path.name}: x_test must have the shape of x per example and one label per example")
         return x, y, xte, yte, notes

@@ -13,7 +13,7 @@ from ..rundir import SUMMARY, WEIGHTS, WEIGHTS_INIT, load_run, load_weights, rea
 from .checkpoint import checkpoint_path, load_checkpoint
 from .data import load_dataset
 from .distributed import Reducer, init_from_env, shutdown
-from .trainer import LogFn, ProgressFn, TrainConfig, fit
+from .trainer import LogFn, ProgressFn, TrainConfig, fit, output_classes
 
 METRICS = "metrics.jsonl"
 
@@ -71,6 +71,11 @@ def _keep_last_good(run_dir: Path, run: Any, model_input: tuple[int, ...], ckpt:
     return f"{WEIGHTS} and {METRICS} hold epoch{'s 1-' if e.good_epochs > 1 else ' '}{e.good_epochs}"
 
 
+def _model_name(model: str) -> str:
+    """A recipe's model for a message: ``zoo:resnet20`` as it is, a file by its name (``net.py:build``)."""
+    return model if model.startswith(("zoo:", "torchvision:")) else Path(model).name
+
+
 def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False, log: LogFn | None = None,
               progress: ProgressFn | None = None, **config: Any) -> dict[str, Any]:
     """Train the run in ``run_dir`` with the TrainConfig fields given as keywords; return final metrics.
@@ -114,9 +119,13 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
             log(f"note: {run_dir} has no {WEIGHTS_INIT} (made by an older sparsify), so training starts again "
                 f"from its current weights, not the ones transform made")
         model_input = tuple(int(d) for d in recipe.input_shape)
+        # Before anything is written: the model must score classes (not return a dict or a tuple),
+        # and a file model's class count (the recipe knows only a zoo model's) is its output width.
+        classes = output_classes(run.model, model_input, _model_name(recipe.model), recipe.seed)
         data = load_dataset(cfg.data, model_input,
-                            data_dir=cfg.data_dir, num_classes=recipe.num_classes,
+                            data_dir=cfg.data_dir, num_classes=recipe.num_classes or classes,
                             val_fraction=cfg.val_fraction, train_limit=cfg.train_limit)
+        made = [p for p in (run_dir / METRICS, init) if not p.exists()]  # removed again if training fails early
         if Reducer().is_main and not init.is_file():
             shutil.copyfile(run_dir / WEIGHTS, init)  # an older run: its weights before any training here
         try:
@@ -128,6 +137,12 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
             raise DivergenceError(e.what, epoch=e.epoch, good_epochs=e.good_epochs, lr=e.lr,
                                   advice=f"stopped ({kept}); retry from the initial weights with a lower learning "
                                          f"rate: {retry}") from None
+        except BaseException:
+            # Failed before an epoch completed (no checkpoint): leave the run directory as it was.
+            if Reducer().is_main and not ckpt.exists():
+                for p in made:
+                    p.unlink(missing_ok=True)
+            raise
         if Reducer().is_main:
             _write_back(run_dir, run.model, model_input, result)
         Reducer().barrier()

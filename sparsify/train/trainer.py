@@ -260,6 +260,42 @@ class DenseGradTap:
             m.__dict__.pop("masked_weight", None)
 
 
+def _describe_output(out: Any) -> str:
+    """What a model's forward returned, for a message: 'a dict (keys: logits, feat)', 'a tuple of 2', ..."""
+    if isinstance(out, dict):
+        keys = ", ".join(str(k) for k in list(out)[:6]) + (", ..." if len(out) > 6 else "")
+        return f"a dict (keys: {keys})"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)}"
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {list(out.shape)}"
+    return f"a {type(out).__name__}"
+
+
+@torch.no_grad()
+def output_classes(model: nn.Module, model_input: tuple[int, ...], name: str, seed: int = 0) -> int:
+    """The number of classes ``model`` scores: the width of its output [N, classes] on one example input.
+
+    Raises TrainingError (one line) when forward returns anything but one 2-d tensor (a dict, a
+    tuple, a per-position map): cross-entropy training needs class scores. The forward runs in eval
+    mode on a seeded example (BatchNorm statistics and the global RNG are left as they were).
+    """
+    from ..replay import example_inputs
+
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(example_inputs([tuple(model_input)], seed))
+    finally:
+        model.train(was_training)
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 1:
+        return int(out.shape[1])
+    fix = ("export works, or wrap the model so forward returns the logits" if not isinstance(out, torch.Tensor)
+           else "export works, or wrap the model so forward returns [N, classes] scores")
+    raise TrainingError(f"train needs a model whose forward returns one tensor of class scores [N, classes]; "
+                        f"{name} returns {_describe_output(out)}; {fix}")
+
+
 def _adapt_batch(x: torch.Tensor, model_input: tuple[int, ...]) -> torch.Tensor:
     """Flatten images for a model whose input is a vector (MLPs with a flat input shape)."""
     if len(model_input) == 2 and x.dim() == 4:
@@ -366,6 +402,9 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     if not layers and cfg.schedule != "static":
         raise TrainingError(f"schedule {cfg.schedule!r} needs masked layers but the model has none; "
                             f"transform it with a sparse method first or use --schedule static")
+    if cfg.augment and isinstance(data.train, Split) and data.train.x.dim() != 4:
+        raise UsageError(f"--augment crops and flips images, but {data.name} holds examples of shape "
+                         f"{list(data.train.x.shape[1:])}; drop --augment")
     torch.manual_seed(cfg.seed)
     steps_per_epoch = num_batches(data.train, cfg.batch_size, reducer.world_size)
     if steps_per_epoch == 0:

@@ -1,0 +1,178 @@
+"""`sparsify train` on models and data it cannot or could not train: outputs that are not class scores
+(a dict, a tuple), labels beyond a file model's outputs, rank-3 (Conv1d) inputs; one error line, exit
+2, and the run directory as it was.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparsify.api import transform_to_dir
+from sparsify.train import train_run
+from sparsify.train.data import load_dataset
+
+_spec = importlib.util.spec_from_file_location("cli_checks", Path(__file__).parent.parent / "cli" / "cli_checks.py")
+cli_checks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli_checks)
+invoke, assert_ok, assert_one_error_line = cli_checks.invoke, cli_checks.assert_ok, cli_checks.assert_one_error_line
+
+IMAGE_NET = '''
+import torch, torch.nn as nn
+INPUT_SHAPE = (1, 3, 16, 16)
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+    def forward(self, x):
+        f = torch.relu(self.c(x)).mean((2, 3))
+        return RETURN
+def build_model():
+    return Net()
+'''
+RETURNS = {"dict": '{"logits": self.fc(f), "feat": f}', "tuple": "self.fc(f), f", "tensor": "self.fc(f)"}
+
+CONV1D_NET = '''
+import torch, torch.nn as nn
+INPUT_SHAPE = (1, 4, 100)
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 16, 5, padding=2)
+        self.c2 = nn.Conv1d(16, 16, 5, padding=2)
+        self.fc = nn.Linear(16, 10)
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(x.mean(2))
+def build_model():
+    return Net()
+'''
+QUICK = ["--epochs", "1", "--batch-size", "50", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _model_file(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / f"{name}.py"
+    path.write_text(text)
+    return path
+
+
+def _run(tmp_path: Path, name: str, text: str) -> Path:
+    path, _ = transform_to_dir(str(_model_file(tmp_path, name, text)), method="sparse-random", density=0.25,
+                               out=tmp_path / "runs" / name)
+    return Path(path)
+
+
+def _state(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _npz(path: Path, x_shape: tuple[int, ...], labels: int) -> Path:
+    r = np.random.default_rng(0)
+    np.savez(path, x=r.standard_normal(x_shape).astype("float32"), y=r.integers(0, labels, x_shape[0]))
+    return path
+
+
+@pytest.mark.parametrize("kind, needle", [("dict", "returns a dict (keys: logits, feat)"),
+                                          ("tuple", "returns a tuple of 2")])
+def test_a_model_not_returning_one_tensor_is_refused_before_anything_is_written(tmp_path, kind, needle):
+    run = _run(tmp_path, f"{kind}net", IMAGE_NET.replace("RETURN", RETURNS[kind]))
+    before = _state(run)
+    r = invoke("train", run, "--data", "synthetic", *QUICK)
+    line = assert_one_error_line(r, needle, f"{kind}net.py", "one tensor of class scores", "wrap the model",
+                                 nothing_at=(run / "metrics.jsonl", run / "checkpoints"))
+    assert "TypeError" not in line and "cross_entropy" not in line
+    assert _state(run) == before
+
+
+def test_run_pipeline_refuses_a_dict_model_and_leaves_no_directory(tmp_path):
+    model = _model_file(tmp_path, "dictnet", IMAGE_NET.replace("RETURN", RETURNS["dict"]))
+    out = tmp_path / "piped"
+    r = invoke("run", model, "--density", "0.2", "--epochs", "1", "--data", "synthetic", "--out", out)
+    assert_one_error_line(r, "returns a dict (keys: logits, feat)", nothing_at=(out,))
+
+
+def test_labels_beyond_a_file_models_outputs_are_one_error(tmp_path):
+    run = _run(tmp_path, "plain", IMAGE_NET.replace("RETURN", RETURNS["tensor"]))
+    assert json.loads((run / "recipe.json").read_text())["num_classes"] is None  # only the output width knows
+    before = _state(run)
+    data = _npz(tmp_path / "ybad.npz", (300, 3, 16, 16), 50)
+    r = invoke("train", run, "--data", data, *QUICK)
+    assert_one_error_line(r, "50 classes", "outputs 10", "labels 0..9", nothing_at=(run / "metrics.jsonl",))
+    assert "out of bounds" not in r.output
+    assert _state(run) == before
+    ok = invoke("train", run, "--data", _npz(tmp_path / "ygood.npz", (300, 3, 16, 16), 10), *QUICK)
+    assert_ok(ok)
+
+
+@pytest.fixture
+def conv1d_run(tmp_path):
+    return _run(tmp_path, "conv1d", CONV1D_NET)
+
+
+def test_a_conv1d_model_trains_on_npz_signals_as_they_are(tmp_path, conv1d_run):
+    data = _npz(tmp_path / "seq.npz", (300, 4, 100), 10)
+    r = invoke("train", conv1d_run, "--data", data, *QUICK, "--json")
+    assert_ok(r)
+    assert 0 <= json.loads(r.stdout)["test_acc"] <= 1
+    lines = [json.loads(s) for s in (conv1d_run / "metrics.jsonl").read_text().splitlines()]
+    assert [lines[0]["event"], lines[-1]["event"]] == ["start", "test"]
+    b = load_dataset(str(data), (1, 4, 100))
+    assert b.train.x.shape[1:] == (4, 100) and not any("resiz" in n or "replicat" in n for n in b.notes)
+
+
+def test_a_conv1d_model_trains_on_synthetic_data_of_its_shape(conv1d_run):
+    assert load_dataset("synthetic", (1, 4, 100)).train.x.shape[1:] == (4, 100)
+    assert_ok(invoke("train", conv1d_run, "--data", "synthetic", *QUICK))
+
+
+@pytest.mark.parametrize("data, needles", [
+    ("digits", ("'digits' holds images", "[N, 4, 100]", "--data synthetic")),
+    ("wrong.npz", ("x has shape [", "[N, 4, 100]")),
+    ("images.npz", ("x has shape [", "[N, 4, 100]")),
+])
+def test_data_that_does_not_fit_a_conv1d_model_is_one_error(tmp_path, conv1d_run, data, needles):
+    if data == "wrong.npz":
+        _npz(tmp_path / data, (300, 4, 50), 10)
+    elif data == "images.npz":
+        _npz(tmp_path / data, (300, 3, 8, 8), 10)
+    before = _state(conv1d_run)
+    r = invoke("train", conv1d_run, "--data", data, *QUICK)
+    assert_one_error_line(r, *needles, nothing_at=(conv1d_run / "metrics.jsonl",))
+    assert _state(conv1d_run) == before
+
+
+def test_augment_of_signals_is_refused(tmp_path, conv1d_run):
+    data = _npz(tmp_path / "seq.npz", (300, 4, 100), 10)
+    r = invoke("train", conv1d_run, "--data", data, *QUICK, "--augment")
+    assert_one_error_line(r, "--augment", "drop --augment", nothing_at=(conv1d_run / "metrics.jsonl",))
+
+
+def test_image_npz_still_gets_a_channel_axis_for_an_image_model(tmp_path):
+    b = load_dataset(str(_npz(tmp_path / "grey.npz", (50, 8, 8), 3)), (1, 3, 8, 8))
+    assert b.train.x.shape[1:] == (3, 8, 8)
+
+
+def test_training_stopped_in_its_first_epoch_leaves_no_metrics_file(tmp_path):
+    run = _run(tmp_path, "plain", IMAGE_NET.replace("RETURN", RETURNS["tensor"]))
+    before = _state(run)
+
+    def interrupt(event):
+        if event["kind"] == "step":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(run, data="synthetic", epochs=1, batch_size=50, progress=interrupt)
+    assert not (run / "metrics.jsonl").exists()
+    assert _state(run) == before
+    torch.manual_seed(0)
