@@ -95,10 +95,16 @@ def _on_sigint(signum: int, frame: Any) -> None:
 def _watch_sigint() -> Callable[[], None]:
     """Note every SIGINT of this command (``_sigint``); returns what restores the previous handler."""
     _sigint.clear()
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         return lambda: None
     signal.signal(signal.SIGINT, _on_sigint)
-    return lambda: signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _sigint.clear()
+
+    return restore
 
 
 def _interrupted() -> typer.Exit:

@@ -79,8 +79,8 @@ def _failing_submodule(model: nn.Module, e: BaseException) -> nn.Module | None:
         code = frame.f_code
         # The method's first parameter, whatever its name (models written with `s` or `m` for self).
         owner = frame.f_locals.get(code.co_varnames[0]) if code.co_argcount > 0 else None
-        if (frame.f_code.co_name == "forward" and isinstance(owner, nn.Module) and owner is not model
-                and "/torch/" not in frame.f_code.co_filename.replace("\\", "/")):
+        if (code.co_name == "forward" and isinstance(owner, nn.Module) and owner is not model
+                and "/torch/" not in code.co_filename.replace("\\", "/")):
             found = owner
         tb = tb.tb_next
     return found

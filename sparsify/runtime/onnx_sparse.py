@@ -519,7 +519,7 @@ def _out_hw(node: onnx.NodeProto, w_shape: Sequence[int], x_shape: list[int] | N
     return (int(ho), int(wo)) if ho > 0 and wo > 0 else None
 
 
-def distinct_digits(a: float, b: float, least: int = 2, most: int = 6) -> tuple[str, str]:
+def _distinct_digits(a: float, b: float, least: int = 2, most: int = 6) -> tuple[str, str]:
     """``a`` and ``b`` with ``least`` decimals, or as many more (up to ``most``) as tell them apart.
 
     A reason "density 0.20 < 0.20" hid which side of the threshold a layer's density (0.1995) fell.
@@ -607,13 +607,13 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
         if auto_pad != "NOTSET":
             choice.reason = f"auto_pad={auto_pad} (only explicit pads are rewritten)"
         elif choice.density >= threshold:
-            d, t = distinct_digits(choice.density, threshold)
+            d, t = _distinct_digits(choice.density, threshold)
             choice.reason = f"density {d} >= {t}{rule}"
             layout_candidate = (dense_threshold is None and decide is None and depthwise_native(
                 (w.shape[2], w.shape[3]), _attr(node, "strides", [1, 1]), _attr(node, "dilations", [1, 1]),
                 _attr(node, "pads", [0, 0, 0, 0]), w.shape[1], _out_hw(node, w.shape, shapes.get(node.input[0]))))
         else:
-            d, t = distinct_digits(choice.density, threshold)
+            d, t = _distinct_digits(choice.density, threshold)
             choice.sparse, choice.reason = True, f"density {d} < {t}{rule}"
             if decide is not None:
                 choice.sparse, choice.reason = decide(model, node, w, choice)
