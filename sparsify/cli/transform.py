@@ -252,14 +252,21 @@ def inspect(
 
 @app.command()
 @handle_errors
-def zoo() -> None:
+def zoo(
+    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON (instead of the table)."),
+) -> None:
     """List the built-in models (use them as zoo:NAME)."""
     from .. import zoo as zoo_
 
+    entries = [(name, zoo_.get(name)) for name in zoo_.names()]
+    if as_json:
+        out.print_json(json.dumps([{"model": f"zoo:{name}", "input_shape": list(e.input_shape),
+                                    "num_classes": e.num_classes, "description": e.description}
+                                   for name, e in entries]))
+        return
     t = Table(title="sparsify zoo")
     for c in ("name", "input", "classes", "description"):
         t.add_column(c)
-    for name in zoo_.names():
-        e = zoo_.get(name)
+    for name, e in entries:
         t.add_row(f"zoo:{name}", "x".join(map(str, e.input_shape)), str(e.num_classes), e.description)
     out.print(t)

@@ -80,6 +80,7 @@ def test_json_means_print_json_in_every_command(tmp_path):
         "bench": ["bench", "runs/l.onnx", "--no-memory", "--min-time", "0", "--repeats", "1", "--warmup", "0",
                   "-q", "--json-file", "runs/b.json"],
         "runtime": ["runtime", "info"],
+        "zoo": ["zoo"],
     }.items():
         r = invoke(*args, "--json")
         assert_ok(r)
@@ -87,6 +88,8 @@ def test_json_means_print_json_in_every_command(tmp_path):
     assert results["transform"]["run_dir"] == "runs/l"
     assert results["train"]["epochs"] == 1 and results["bench"]["baseline"] == "l"
     assert json.loads(Path("runs/b.json").read_text())["rows"][0]["label"] == "l"
+    assert {"model": "zoo:lenet5", "input_shape": [1, 1, 28, 28]}.items() <= next(
+        e for e in results["zoo"] if e["model"] == "zoo:lenet5").items()
 
 
 def test_bench_json_with_a_file_name_says_json_file():
