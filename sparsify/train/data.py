@@ -310,6 +310,14 @@ def _check_classes(name: str, n_classes: int, num_classes: int | None) -> None:
                         f"0..{num_classes - 1}) or a model with {n_classes} outputs")
 
 
+def _class_notes(name: str, n_classes: int, num_classes: int | None) -> list[str]:
+    """A note when the data has fewer classes than the model has outputs (those are never a target)."""
+    if num_classes is None or n_classes >= num_classes:
+        return []
+    return [f"{name}: {n_classes} classes for a model with {num_classes} outputs; outputs {n_classes}.."
+            f"{num_classes - 1} are never a target (give the model {n_classes} outputs to train only those)"]
+
+
 def _load_sequences(name: str, input_shape: tuple[int, ...], num_classes: int | None, val_fraction: float,
                     train_limit: int | None, synthetic_size: tuple[int, int]) -> DataBundle:
     """Data for a model taking rank-3 input ([N, C, L] signals, [N, T, F] sequences): taken as they are.
@@ -345,7 +353,7 @@ def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte
     """Normalise, split and adapt arrays that fit in memory."""
     n_classes = int(max(ytr.max(), yte.max())) + 1
     _check_classes(name, n_classes, num_classes)
-    notes = list(notes or [])
+    notes = list(notes or []) + _class_notes(name, n_classes, num_classes)
     x_train = torch.from_numpy(np.ascontiguousarray(xtr, dtype=np.float32))
     x_test = torch.from_numpy(np.ascontiguousarray(xte, dtype=np.float32))
     y_train, y_test = torch.from_numpy(ytr.astype(np.int64)), torch.from_numpy(yte.astype(np.int64))
@@ -535,7 +543,7 @@ def _load_folder(root: Path, shape: tuple[int, int, int] | None, num_classes: in
                         f"subfolders")
     _check_classes(str(root), len(classes), num_classes)
     notes: list[str] = [f"{root}: {len(samples)} images in {len(classes)} classes ({', '.join(classes[:4])}"
-                        f"{', ...' if len(classes) > 4 else ''})"]
+                        f"{', ...' if len(classes) > 4 else ''})"] + _class_notes(str(root), len(classes), num_classes)
     files = [f for f, _ in samples]
     labels = torch.tensor([y for _, y in samples], dtype=torch.int64)
     if test_dir is not None and train_root != root:

@@ -176,3 +176,10 @@ def test_training_stopped_in_its_first_epoch_leaves_no_metrics_file(tmp_path):
     assert not (run / "metrics.jsonl").exists()
     assert _state(run) == before
     torch.manual_seed(0)
+
+
+def test_fewer_classes_than_outputs_is_noted(tmp_path):
+    data = str(_npz(tmp_path / "three.npz", (60, 3, 8, 8), 3))
+    notes = load_dataset(data, (1, 3, 8, 8), num_classes=10).notes
+    assert any("3 classes for a model with 10 outputs" in n for n in notes), notes
+    assert not any("outputs" in n and "never a target" in n for n in load_dataset(data, (1, 3, 8, 8), num_classes=3).notes)
