@@ -84,16 +84,11 @@ def build_probe(tmp: Path) -> Path:
 
 
 def burst(sess, feed: dict, seconds: float) -> float:
-    """Median ms of runs over about `seconds`, after the spin settle and one untimed run."""
-    time.sleep(lib.SPIN_SETTLE_S)
-    sess.run(None, feed)
-    ts: list[float] = []
-    start = time.perf_counter()
-    while len(ts) < 3 or time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+    """Median ms of one burst of runs over about `seconds` (``time_bursts``: after the spin settle and
+    one untimed run; at least 3 runs)."""
+    samples = lib.time_bursts([lambda: sess.run(None, feed)], burst_s=seconds, min_runs=3,
+                              settle_s=lib.SPIN_SETTLE_S)[0]
+    return statistics.median(samples) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
