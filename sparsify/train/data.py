@@ -318,6 +318,11 @@ def _class_notes(name: str, n_classes: int, num_classes: int | None) -> list[str
             f"{num_classes - 1} are never a target (give the model {n_classes} outputs to train only those)"]
 
 
+def _batch_shape(input_shape: tuple[int, ...]) -> str:
+    """The model's input with its batch axis named, for messages: (1, 4, 100) -> '[N, 4, 100]'."""
+    return "[N, " + ", ".join(str(d) for d in input_shape[1:]) + "]"
+
+
 def _load_sequences(name: str, input_shape: tuple[int, ...], num_classes: int | None, val_fraction: float,
                     train_limit: int | None, synthetic_size: tuple[int, int]) -> DataBundle:
     """Data for a model taking rank-3 input ([N, C, L] signals, [N, T, F] sequences): taken as they are.
@@ -325,7 +330,7 @@ def _load_sequences(name: str, input_shape: tuple[int, ...], num_classes: int | 
     Only ``synthetic`` and an ``.npz`` whose x is [N, *input_shape[1:]] fit; the image sets and
     image folders are refused (images are not resized into sequences).
     """
-    want = "[N, " + ", ".join(str(d) for d in input_shape[1:]) + "]"
+    want = _batch_shape(input_shape)
     if name == "synthetic":
         xtr, ytr, xte, yte = _synthetic(input_shape[1:], num_classes or 10, *synthetic_size)
         return _in_memory(name, xtr, ytr, xte, yte, None, input_shape, num_classes, val_fraction, train_limit)
@@ -360,9 +365,9 @@ def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte
     if len(input_shape) == 3:  # signals / sequences: each example must be the model's input as it is
         for part, x in (("x", x_train), ("x_test", x_test)):
             if tuple(x.shape[1:]) != tuple(input_shape[1:]):
-                want = ", ".join(str(d) for d in input_shape[1:])
-                raise DataError(f"{name}: {part} has shape {list(x.shape)} but the model takes [N, {want}] inputs; "
-                                f"give {part} of shape [N, {want}]")
+                want = _batch_shape(input_shape)
+                raise DataError(f"{name}: {part} has shape {list(x.shape)} but the model takes {want} inputs; "
+                                f"give {part} of shape {want}")
     elif shape is None and x_train[0].numel() != int(input_shape[-1]):
         raise DataError(f"the model takes vectors of {int(input_shape[-1])} values but {name} examples have "
                         f"{x_train[0].numel()}; choose a matching data set")
