@@ -99,6 +99,9 @@ struct PwArgs {
   // The weights with every shared-fan-in block's rows interleaved (entry k of its channel r at
   // row_ptr[o] + 4 * k + r, o the block's first channel; other channels as in w); nullptr: none.
   const float* wi;
+  // The input as separate pieces (SparseConvPre over a channel Concat): xc[c] is input channel c's
+  // plane of this image; nullptr: channel c at x + c * HW. Only read with a pre-activation (pack).
+  const float* const* xc;
 };
 
 // Output channels per block of the shared-fan-in units (pointwise_block, compute_block): runs of

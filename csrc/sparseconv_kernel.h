@@ -1592,7 +1592,8 @@ void pointwise_block(const PwArgs& a, int64_t o0, int64_t o1, int64_t p0, int64_
     // first written, as Relu(x * S + T), into a buffer of rows of `tile` floats (in cache).
     if (a.pack != nullptr) {
       for (int64_t c = 0; c < span; ++c)
-        scale_shift_relu(xbase + c * HW + t, a.pack + c * a.tile, t1 - t, a.S[cbase + c], a.T[cbase + c]);
+        scale_shift_relu((a.xc != nullptr ? a.xc[cbase + c] : xbase + c * HW) + t, a.pack + c * a.tile, t1 - t,
+                         a.S[cbase + c], a.T[cbase + c]);
     }
     for (int64_t o = o0, oe; o < o1; o = oe) {
       const bool block = a.same != nullptr && a.same[o] >= kFanInBlock && o + kFanInBlock <= o1;
@@ -1600,7 +1601,8 @@ void pointwise_block(const PwArgs& a, int64_t o0, int64_t o1, int64_t p0, int64_
       if (n1 > 0) {
         const int64_t c0 = (o - o0) * span / nout, c1 = (oe - o0) * span / nout;
         for (int64_t c = c0; c < c1; ++c)
-          for (int64_t q = 0; q < n1; q += 16) __builtin_prefetch(xbase + c * HW + t1 + q, 0, 2);
+          for (int64_t q = 0; q < n1; q += 16)
+            __builtin_prefetch((a.xc != nullptr ? a.xc[c + cbase] : xbase + c * HW) + t1 + q, 0, 2);
       }
       const int64_t s = a.row_ptr[o], cnt = a.row_ptr[o + 1] - s;
       const int64_t cg = (o / a.cout_per_group) * a.cin_per_group;

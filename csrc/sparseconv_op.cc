@@ -8,7 +8,10 @@
 // SparseConvAdd takes a sixth input Z of Y's shape (the residual branch) and is Conv(...) + Z;
 // SparseConvAddRelu is Relu(Conv(...) + Z). SparseConvPre takes inputs S and T ([Cin], sixth and
 // seventh) and convolves Relu(X * S + T) (per input channel: an inference BatchNormalization and
-// Relu before the conv, DenseNet's pre-activation); SparseConvPreRelu is Relu of that.
+// Relu before the conv, DenseNet's pre-activation); SparseConvPreRelu is Relu of that. Both take
+// optional further inputs X_2 .. X_n after T (variadic): the conv's input is then the channel
+// Concat of X, X_2, .., X_n, read piece by piece (DenseNet's concatenated features without the
+// Concat node).
 //
 // Registration uses the plain C API (an OrtCustomOp struct) rather than the C++ wrappers: the
 // V2 callbacks return OrtStatus* so every validation failure becomes an ORT error status without
@@ -63,9 +66,12 @@ constexpr const char* kDomain = "ai.sparsify";
 //  - SparseConvPre / SparseConvPreRelu: BatchNormalization + Relu before the conv (DenseNet):
 //    the input is Relu(X * S + T) with S, T inputs 5 and 6, applied in one pass over the input
 //    inside the op (as separate NCHW nodes they took 15% of a sparse DenseNet-121 at batch 1).
+//    Inputs 7.. (variadic, none or more): further pieces of the input along the channel axis;
+//    the op reads them where they are, so DenseNet's per-layer Concats go (they took 11% of the
+//    sparse DenseNet-121 on one thread and 39% on two at batch 1: ORT's Concat slows on two).
 struct OpVariant {
   const char* name;
-  size_t inputs;
+  size_t inputs;  // fixed inputs; the pre ops have one more, variadic (the input's further pieces)
   bool clamp;  // every output clamped to [lo, hi] (Relu: [0, inf))
   bool clip;   // lo, hi from the min / max attributes
   bool sum;
@@ -159,7 +165,8 @@ struct Kernel {
   bool clamp = false;
   // SparseConvAdd / SparseConvAddRelu: input 5 (Z) is added before the clamp.
   bool sum = false;
-  // SparseConvPre / SparseConvPreRelu: the input is Relu(X * S + T) with S, T inputs 5 and 6.
+  // SparseConvPre / SparseConvPreRelu: the input is Relu(X * S + T) with S, T inputs 5 and 6,
+  // X the channel concatenation of input 0 and inputs 7.. (if any).
   bool pre = false;
   float lo = 0.0f, hi = std::numeric_limits<float>::infinity();
   mutable std::atomic<int64_t> validated_cpg{-1};
@@ -742,6 +749,8 @@ struct PwJob {
   float* xs;  // subsampled input of every image (strided convs), else nullptr
   int64_t npg, pix, nob;  // pixel groups per image, pixels per group, output-channel blocks
   const int64_t* bounds;
+  // The input's channel planes of every image (N * Cin) when it comes in pieces; nullptr: X.
+  const float* const* xc = nullptr;
   // Pre-activation tile buffers (nullptr: none): nslots of pack_floats, `busy` says which are in use.
   float* packs = nullptr;
   int64_t nslots = 0, pack_floats = 0;
@@ -755,6 +764,7 @@ void pw_task(void* ud, size_t i) {
   const int64_t pg = r / j.nob, b = r % j.nob, hwo = g.Ho * g.Wo;
   sparsify_conv::PwArgs a = j.a;
   a.x = j.xs != nullptr ? j.xs + n * g.Cin * hwo : j.X + n * g.Cin * g.H * g.W;
+  if (j.xc != nullptr) a.xc = j.xc + n * g.Cin;
   a.y += n * g.Cout * hwo;
   if (a.z != nullptr) a.z += n * g.Cout * hwo;
   const int64_t p0 = pg * j.pix, p1 = p0 + j.pix < hwo ? p0 + j.pix : hwo;
@@ -858,7 +868,7 @@ OrtStatus* shifted_copies(const Kernel& k, OrtKernelContext* ctx, const Geom& g,
 OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, const KernelFns* fns,
                          const float* X, float* Y, const float* Z, const float* W, const int64_t* row_ptr,
                          const int64_t* col_idx, const float* B, int64_t nnz, const float* S, const float* T,
-                         const int32_t* same, const float* wi) {
+                         const int32_t* same, const float* wi, const float* const* xc = nullptr) {
   const int64_t hwo = g.Ho * g.Wo, VL = 64 / int64_t(sizeof(float));
   PwJob job;
   job.g = &g;
@@ -870,7 +880,8 @@ OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, 
   // it (1x1 64->2048 on 56x56: 4.2 -> 2.2 ms).
   const bool stream = g.N * g.Cout * hwo * int64_t(sizeof(float)) >= kStreamBytes;
   job.a = {X, Y, Z, W, row_ptr, col_idx, B, hwo, g.cin_per_group, g.cout_per_group, pw_tile(g, VL),
-           {k.lo, k.hi, k.clamp ? 1 : 0, stream ? 1 : 0}, S, T, nullptr, same, wi};
+           {k.lo, k.hi, k.clamp ? 1 : 0, stream ? 1 : 0}, S, T, nullptr, same, wi, nullptr};
+  job.xc = xc;
   Scratch scratch;
   if (g.sH != 1 || g.sW != 1) {
     SPARSIFY_TRY(shifted_copies(k, ctx, g, fns, X, &scratch, &job.xs));
@@ -917,6 +928,7 @@ OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, 
 struct PreJob {
   const KernelFns* f;
   const float* X;
+  const float* const* xc;  // the input's planes (N * Cin) when it comes in pieces, else nullptr
   float* out;
   const float* S;
   const float* T;
@@ -927,7 +939,8 @@ void pre_task(void* ud, size_t i) {
   const PreJob& j = *static_cast<const PreJob*>(ud);
   const int64_t end = (int64_t(i) + 1) * j.per < j.planes ? (int64_t(i) + 1) * j.per : j.planes;
   for (int64_t q = int64_t(i) * j.per; q < end; ++q)
-    j.f->scale_shift_relu(j.X + q * j.hw, j.out + q * j.hw, j.hw, j.S[q % j.cin], j.T[q % j.cin]);
+    j.f->scale_shift_relu(j.xc != nullptr ? j.xc[q] : j.X + q * j.hw, j.out + q * j.hw, j.hw, j.S[q % j.cin],
+                          j.T[q % j.cin]);
 }
 
 OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
@@ -960,10 +973,27 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
                      std::to_string(ranks[i]) + ", got shape " + str(t[i].dims));
   }
 
+  // The pre ops' further inputs 7..: X is the channel Concat of input 0 and these pieces.
+  std::vector<TensorView> more(k.pre && nin > 7 ? nin - 7 : 0);
+  int64_t more_channels = 0;
+  for (size_t i = 0; i < more.size(); ++i) {
+    const OrtValue* v = nullptr;
+    SPARSIFY_TRY(g_api->KernelContext_GetInput(ctx, 7 + i, &v));
+    const std::string what = "input " + std::to_string(7 + i) + " (piece " + std::to_string(i + 2) + " of X)";
+    if (v == nullptr) return invalid(what + " is missing");
+    SPARSIFY_TRY(view(v, &more[i]));
+    const std::vector<int64_t>& d = more[i].dims;
+    if (more[i].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return invalid(what + " has the wrong element type");
+    if (d.size() != 4 || d[0] != t[0].dims[0] || d[2] != t[0].dims[2] || d[3] != t[0].dims[3])
+      return invalid(what + " has shape " + str(d) + " but X has " + str(t[0].dims) +
+                     "; the pieces must agree on every axis but the channel axis (1)");
+    more_channels += d[1];
+  }
+
   Geom g;
   std::memset(&g, 0, sizeof(g));
   g.N = t[0].dims[0];
-  g.Cin = t[0].dims[1];
+  g.Cin = t[0].dims[1] + more_channels;
   g.H = t[0].dims[2];
   g.W = t[0].dims[3];
   const int64_t nnz = t[1].dims[0];
@@ -1015,6 +1045,23 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   SPARSIFY_TRY(g_api->GetTensorData(t[2].value, reinterpret_cast<const void**>(&row_ptr)));
   SPARSIFY_TRY(g_api->GetTensorData(t[3].value, reinterpret_cast<const void**>(&col_idx)));
   if (has_b) SPARSIFY_TRY(g_api->GetTensorData(t[4].value, reinterpret_cast<const void**>(&B)));
+  // With pieces: every image's input channel planes in Concat order (N * Cin pointers).
+  std::vector<const float*> pieces, planes;
+  if (!more.empty()) {
+    pieces.push_back(X);
+    for (const TensorView& tv : more) {
+      const float* d = nullptr;
+      SPARSIFY_TRY(g_api->GetTensorData(tv.value, reinterpret_cast<const void**>(&d)));
+      pieces.push_back(d);
+    }
+    const int64_t hw = g.H * g.W;
+    planes.resize(size_t(g.N * g.Cin));
+    for (int64_t n = 0, q = 0; n < g.N; ++n)
+      for (size_t i = 0; i < pieces.size(); ++i) {
+        const int64_t c = i == 0 ? t[0].dims[1] : more[i - 1].dims[1];
+        for (int64_t cc = 0; cc < c; ++cc) planes[size_t(q++)] = pieces[i] + (n * c + cc) * hw;
+      }
+  }
   const float* S = nullptr;
   const float* T = nullptr;
   if (k.pre) {
@@ -1110,7 +1157,8 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     pre_scratch.ptr = pre_scratch.alloc->Alloc(pre_scratch.alloc, size_t(g.N * g.Cin * g.H * g.W) * sizeof(float));
     if (pre_scratch.ptr == nullptr)
       return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the pre-activated input buffer");
-    PreJob pj = {fns, X, static_cast<float*>(pre_scratch.ptr), S, T, g.Cin, g.H * g.W, g.N * g.Cin, 0};
+    PreJob pj = {fns, X, pieces.empty() ? nullptr : planes.data(), static_cast<float*>(pre_scratch.ptr), S, T, g.Cin,
+                 g.H * g.W, g.N * g.Cin, 0};
     pj.per = (16384 + pj.hw - 1) / pj.hw;
     SPARSIFY_TRY(parallel_for(ctx, pre_task, (g.N * g.Cin + pj.per - 1) / pj.per, &pj));
     X = pj.out;
@@ -1140,7 +1188,7 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     const int32_t* sr = pw_same->empty() ? nullptr : pw_same->data();
     const float* wi = sr != nullptr && tail ? interleaved_weights(k, g, W, row_ptr, col_idx, sr) : nullptr;
     return run_pointwise(k, ctx, g, fns, X, Y, Z, W, row_ptr, col_idx, B, nnz, pw1 && k.pre ? S : nullptr,
-                         pw1 && k.pre ? T : nullptr, sr, wi);
+                         pw1 && k.pre ? T : nullptr, sr, wi, pw1 && !pieces.empty() ? planes.data() : nullptr);
   }
   // kxk convs with shared-fan-in blocks and constant weights on output planes of a few vectors
   // and a few pixels more: the 1x1 unit over the input's shifted copies (Im2colLayout).
@@ -1279,16 +1327,18 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
 const char* ORT_API_CALL op_name(const OrtCustomOp* op) { return variant_of(op).name; }
 const char* ORT_API_CALL op_ep(const OrtCustomOp*) { return "CPUExecutionProvider"; }
 ONNXTensorElementDataType ORT_API_CALL op_input_type(const OrtCustomOp*, size_t i) {
+  // Inputs 2, 3 (row_ptr, col_idx) are int64; the rest float (the pre ops' pieces at 7 too).
   return (i == 2 || i == 3) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
                             : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
-size_t ORT_API_CALL op_input_count(const OrtCustomOp* op) { return variant_of(op).inputs; }
+size_t ORT_API_CALL op_input_count(const OrtCustomOp* op) { return variant_of(op).inputs + (variant_of(op).pre ? 1 : 0); }
 ONNXTensorElementDataType ORT_API_CALL op_output_type(const OrtCustomOp*, size_t) {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 size_t ORT_API_CALL op_output_count(const OrtCustomOp*) { return 1; }
-OrtCustomOpInputOutputCharacteristic ORT_API_CALL op_input_char(const OrtCustomOp*, size_t i) {
-  return i == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL op_input_char(const OrtCustomOp* op, size_t i) {
+  if (i == 4) return INPUT_OUTPUT_OPTIONAL;
+  return i >= variant_of(op).inputs ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
 }
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL op_output_char(const OrtCustomOp*, size_t) {
   return INPUT_OUTPUT_REQUIRED;
@@ -1314,7 +1364,7 @@ SparseOp make_op(const OpVariant* variant) {
   op.GetInputCharacteristic = op_input_char;
   op.GetOutputCharacteristic = op_output_char;
   op.GetInputMemoryType = op_input_mem;
-  op.GetVariadicInputMinArity = op_one;
+  op.GetVariadicInputMinArity = op_zero;  // the pre ops' further input pieces: none or more
   op.GetVariadicInputHomogeneity = op_zero;
   op.GetVariadicOutputMinArity = op_one;
   op.GetVariadicOutputHomogeneity = op_zero;

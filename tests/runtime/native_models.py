@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from sparsify.runtime.onnx_sparse import DOMAIN, DOMAIN_VERSION, PRE_OPS, SUM_OPS, sparse_conv_node
+from sparsify.runtime.onnx_sparse import (DOMAIN, DOMAIN_VERSION, PIECES_IR_VERSION, PRE_OPS, SUM_OPS, sparse_conv_functions,
+                                          sparse_conv_node)
 
 
 @dataclass
@@ -56,13 +57,15 @@ def _attrs(case: ConvCase) -> dict[str, object]:
 def sparse_model(case: ConvCase, *, packed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                  bias: np.ndarray | None = None, weights_as_inputs: bool = False,
                  op_type: str = "SparseConv", pre: tuple[np.ndarray, np.ndarray] | None = None,
-                 **attr_override: object) -> bytes:
+                 pieces: tuple[int, ...] = (), function_body: bool = False, **attr_override: object) -> bytes:
     """A model X -> SparseConv -> Y with the packed weights as initializers (no function body).
 
     weights_as_inputs: W, row_ptr and col_idx are graph inputs fed at run time instead (not
     constant to the kernel), see packed_feeds. The sum ops (SparseConvAdd, SparseConvAddRelu) get a
     graph input Z of the output's shape as their sixth input; the pre ops (SparseConvPre,
     SparseConvPreRelu) take ``pre`` = (S, T), per-input-channel scale and shift, as initializers.
+    pieces (pre ops): the input's channel counts when it comes in pieces, graph inputs X, X_2, ...
+    (see split_input). function_body: the model carries the op's standard-ONNX body.
     """
     w, row_ptr, col_idx = packed if packed is not None else case.packed()
     b = case.bias if bias is None else bias
@@ -70,11 +73,16 @@ def sparse_model(case: ConvCase, *, packed: tuple[np.ndarray, np.ndarray, np.nda
     attrs.update(attr_override)
     sum_op = op_type in SUM_OPS
     extra = ["Z"] if sum_op else (["S", "T"] if op_type in PRE_OPS else [])
-    node = sparse_conv_node(["X", "W", "row_ptr", "col_idx", "B"] + extra, ["Y"], op=op_type, in_channels=case.cin, **attrs)
+    more = [f"X_{i}" for i in range(2, len(pieces) + 1)]
+    assert not pieces or sum(pieces) == case.cin
+    node = sparse_conv_node(["X", "W", "row_ptr", "col_idx", "B"] + extra + more, ["Y"], op=op_type,
+                            in_channels=case.cin, **attrs)
     packed_inits = [numpy_helper.from_array(np.ascontiguousarray(w, np.float32), "W"),
                     numpy_helper.from_array(np.asarray(row_ptr, np.int64), "row_ptr"),
                     numpy_helper.from_array(np.asarray(col_idx, np.int64), "col_idx")]
-    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", case.cin, "H", "W"])]
+    # pieces' channel counts symbolic: tests feed wrong ones to the kernel's own checks
+    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", f"C{i}" if more else c, "H", "W"])
+              for i, (x, c) in enumerate(zip(["X"] + more, pieces or (case.cin,)))]
     if weights_as_inputs:
         inputs += [helper.make_tensor_value_info("W", TensorProto.FLOAT, ["nnz", *w.shape[1:]]),
                    helper.make_tensor_value_info("row_ptr", TensorProto.INT64, [len(row_ptr)]),
@@ -91,9 +99,16 @@ def sparse_model(case: ConvCase, *, packed: tuple[np.ndarray, np.ndarray, np.nda
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
         initializer=packed_inits + [numpy_helper.from_array(np.asarray(b, np.float32), "B")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
-    model.ir_version = 8
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
+                              functions=sparse_conv_functions(17, [node]) if function_body else [])
+    model.ir_version = PIECES_IR_VERSION if more else 8
     return model.SerializeToString()
+
+
+def split_input(x: np.ndarray, pieces: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Feeds X, X_2, ... of a sparse_model(..., pieces=pieces): x split along the channel axis."""
+    parts = np.split(x, np.cumsum(pieces)[:-1], axis=1)
+    return {("X" if i == 0 else f"X_{i + 1}"): np.ascontiguousarray(p) for i, p in enumerate(parts)}
 
 
 def packed_feeds(case: ConvCase) -> dict[str, np.ndarray]:

@@ -206,3 +206,69 @@ def test_zoo_model_method_exports(name: str, method: str, tmp_path) -> None:
     rep = export_model(res.model, res.recipe.input_shape, tmp_path / "m.onnx")
     onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")), full_check=True)
     assert rep.errors["function-body"] <= 1e-4 * 10
+
+
+class _DenseBlockNet(nn.Module):
+    """DenseNet's pattern: every layer reads BN -> Relu -> 1x1 conv of the Concat of all earlier
+    features (one n-ary torch.cat), and so does the transition; random masks at density 0.25 and
+    BN statistics that make the Relus zero a real share."""
+
+    def __init__(self, c0: int = 16, growth: int = 8, layers: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+
+        def sc(cin: int, cout: int, k: int) -> SparseConv2d:
+            c = SparseConv2d(cin, cout, k, padding=k // 2, bias=False)
+            c.mask.copy_((torch.rand_like(c.mask) < 0.25).float())
+            c.apply_mask_()
+            return c
+
+        def bn(c: int) -> nn.BatchNorm2d:
+            b = nn.BatchNorm2d(c)
+            with torch.no_grad():
+                b.running_mean.uniform_(-0.5, 0.5)
+                b.running_var.uniform_(0.5, 2)
+                b.weight.uniform_(0.5, 1.5)
+                b.bias.uniform_(-0.3, 0.3)
+            return b
+
+        self.stem = nn.Conv2d(3, c0, 3, padding=1)
+        self.layers = nn.ModuleList(
+            nn.Sequential(bn(c0 + i * growth), nn.ReLU(), sc(c0 + i * growth, 4 * growth, 1), bn(4 * growth), nn.ReLU(),
+                          sc(4 * growth, growth, 3)) for i in range(layers))
+        self.transition = nn.Sequential(bn(c0 + layers * growth), nn.ReLU(), sc(c0 + layers * growth, 16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, 1)))
+        return self.transition(torch.cat(features, 1))  # a feature map: outputs vary with the input
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_dense_block_concats_read_in_pieces(tmp_path, per_image: bool) -> None:
+    """DenseNet's per-layer Concats go: each 1x1 conv after BN + Relu reads the pieces where they are
+    (SparseConvPre with further inputs), in the batched graph and in a per-image front; the file
+    computes what torch does, through the function bodies and natively, on 1 and 2 threads."""
+    from sparsify.runtime import native, per_image as per_image_mod
+
+    m = _DenseBlockNet().eval()
+    path = tmp_path / "d.onnx"
+    rep = export_model(m, (1, 3, 12, 12), path, dense_threshold=0.6, compact=False, per_image=per_image)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    flat = per_image_mod.unsplit(model)
+    assert per_image_mod.is_split(model) == per_image
+    assert not any(n.op_type == "Concat" for n in flat.graph.node)
+    cat_convs = [n for n in flat.graph.node if n.op_type.startswith("SparseConvPre") and len(n.input) > 7]
+    assert sorted(len(n.input) - 6 for n in cat_convs) == [2, 3, 4]  # layers 2, 3 and the transition
+    assert rep.errors["function-body"] < 1e-4
+    x = np.random.default_rng(1).standard_normal((3, 3, 12, 12)).astype(np.float32)
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x)).numpy()
+    assert float(ref.std(axis=0).mean()) > 0.1 * float(np.abs(ref).mean())  # outputs depend on the input
+    sessions = [open_session(path, native=False)]
+    if native.info()["loadable"]:
+        sessions += [native.session(path.read_bytes(), t) for t in (1, 2)]
+    for sess in sessions:
+        np.testing.assert_allclose(sess.run(None, {"input": x})[0], ref, rtol=1e-4, atol=1e-5)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from native_models import PRE_OPS, SUM_OPS, ConvCase, dense_model, packed_feeds, random_case, sparse_model
+from native_models import PRE_OPS, SUM_OPS, ConvCase, dense_model, packed_feeds, random_case, sparse_model, split_input
 from sparsify.errors import RuntimeBackendError
 from sparsify.runtime import native
 
@@ -630,6 +630,44 @@ def test_pre_activation_on_every_path(k: int, stride: int, pad: int, hw: int, n:
     assert not np.allclose(ref, reference(case, x, "SparseConvRelu" if op.endswith("Relu") else "SparseConv"))
     for threads in (1, 2):
         assert_close(run_op(case, x, op, threads), ref)
+
+
+@pytest.mark.parametrize(
+    "k,stride,pad,hw,n,group,pieces",
+    [(1, 1, 0, 14, 1, 1, (16, 8, 8, 16)), (1, 1, 0, 56, 2, 1, (32, 16)), (1, 1, 0, 7, 3, 2, (8, 8, 8, 24)),
+     (1, 1, 0, 5, 8, 1, (1, 47)), (1, 2, 0, 12, 2, 1, (40, 8)), (3, 1, 1, 28, 1, 1, (16, 32)),
+     (3, 1, 1, 7, 2, 1, (24, 12, 12)), (3, 2, 1, 17, 1, 2, (20, 28))],
+)
+@pytest.mark.parametrize("op", ["SparseConvPre", "SparseConvPreRelu"])
+def test_pre_activation_of_pieces(k: int, stride: int, pad: int, hw: int, n: int, group: int,
+                                  pieces: tuple[int, ...], op: str) -> None:
+    """A pre op whose input comes in pieces (inputs X, X_2, .. after T) convolves the
+    pre-activation of their channel Concat, natively on 1 and 2 threads and through the function
+    body; pieces that cross a group boundary too."""
+    rng = np.random.default_rng(k * 1000 + hw + n + len(pieces))
+    case = random_case(rng, 48, 40, k, 0.3, group=group, strides=(stride, stride), pads=(pad,) * 4)
+    x = rng.standard_normal((n, 48, hw, hw)).astype(np.float32)
+    ref = reference(case, x, op)
+    feeds = split_input(x, pieces)
+    pre = pre_params(case.cin)
+    for threads in (1, 2):
+        assert_close(native.session(sparse_model(case, op_type=op, pre=pre, pieces=pieces), threads).run(None, feeds)[0], ref)
+    body = sparse_model(case, op_type=op, pre=pre, pieces=pieces, function_body=True)
+    assert_close(native.session(body, 1, native=False).run(None, feeds)[0], ref)
+
+
+def test_pieces_must_agree_but_on_channels() -> None:
+    """Pieces of another batch size or plane, or a wrong channel total, are refused in one line."""
+    rng = np.random.default_rng(5)
+    case = random_case(rng, 8, 6, 1, 0.5)
+    model = sparse_model(case, op_type="SparseConvPre", pre=pre_params(8), pieces=(5, 3))
+    x = rng.standard_normal((2, 8, 5, 5)).astype(np.float32)
+    sess = native.session(model, 1)
+    for bad, match in [(x[:1, 5:], "agree on every axis but the channel"), (x[:, 5:, :4], "agree on every axis"),
+                       (x[:, 4:], "one per input channel")]:
+        with pytest.raises(RuntimeBackendError, match=match) as exc:
+            sess.run(None, {"X": x[:, :5], "X_2": np.ascontiguousarray(bad)})
+        assert "\n" not in str(exc.value)
 
 
 def test_pre_activation_inputs_must_match_the_channels() -> None:

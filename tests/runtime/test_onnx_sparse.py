@@ -595,6 +595,13 @@ def test_pre_activation_fused_into_the_conv_after_it() -> None:
     assert ops == {"a": "SparseConv", "b": "SparseConvPreRelu", "c": "SparseConv", "t": "SparseConvPre", "u": "SparseConvAdd"}
     assert {c.node: c.activation for c in report.choices}["b"] == "PreRelu"
     assert sum(nd.op_type == "BatchNormalization" for nd in new.graph.node) == 1  # n3: its Relu has two readers
+    # cat2 (read only by t's pre-activation) is gone: t reads its pieces; cat is also read by cat2's
+    # pieces list, so it stays
+    t = next(nd for nd in new.graph.node if nd.name == "t")
+    assert (t.input[0], list(t.input[7:]), t.overload) == ("cat", ["yc"], "concat2")
+    assert [nd.output[0] for nd in new.graph.node if nd.op_type == "Concat"] == ["cat"]
+    assert {c.node: c.activation for c in report.choices}["t"] == "ConcatPre"
+    assert new.ir_version >= 10 and {(f.name, f.overload) for f in new.functions} >= {("SparseConvPre", "concat2")}
     dense = ort.InferenceSession(src.SerializeToString(), providers=["CPUExecutionProvider"])
     sessions = [ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"])]
     if native.info()["loadable"]:
@@ -629,3 +636,7 @@ def test_sparse_conv_node_is_built_one_way():
     assert attrs == {"strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": 2, "in_channels": 8}
     with pytest.raises(ValueError, match="SparseConvAdd takes 6 inputs"):
         sparse_conv_node(["x", "w", "rp", "ci", "b"], ["y"], in_channels=8, op="SparseConvAdd")
+    pre = sparse_conv_node(["x", "w", "rp", "ci", "b", "s", "t", "x2", "x3"], ["y"], in_channels=8, op="SparseConvPre")
+    assert pre.overload == "concat3"
+    with pytest.raises(ValueError, match="SparseConvPreRelu takes 7 inputs or more"):
+        sparse_conv_node(["x", "w", "rp", "ci", "b", "s"], ["y"], in_channels=8, op="SparseConvPreRelu")
