@@ -108,4 +108,7 @@ def export(
         out.print("native kernel not built: verified through the function body only", highlight=False)
     for note in report.notes:
         err.print(f"note: {note}", highlight=False)
+    if out_path.suffix.lower() != ".onnx":
+        err.print(f"note: {out_path} does not end in .onnx; it holds an ONNX model, but `sparsify export` "
+                  "(to convert it again) and most ONNX tools go by that suffix: consider renaming it", highlight=False)
     out.print(f"[green]wrote[/] {escape(str(report.out))} ({report.file_bytes:,} bytes)", markup=True)

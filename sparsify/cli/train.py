@@ -153,12 +153,15 @@ def train(
         return
     table = Table(title=f"{run_dir}: {result['schedule']} on {result['data']}, {result['epochs']} epochs",
                   title_justify="left")
-    for col in ("test acc", "test loss", "val acc", "density", "live"):
+    # "live connections": (output, input) channel pairs that carry a kernel, what density counts;
+    # "live params": the weights and biases behind them, what `sparsify inspect` calls params
+    for col in ("test acc", "test loss", "val acc", "density", "live connections", "live params"):
         table.add_column(col, justify="right")
     val_acc = result["val_acc"]
+    live_params = result.get("live_params")
     table.add_row(f"{result['test_acc']:.2%}", f"{result['test_loss']:.4f}",
                   f"{val_acc:.2%}" if val_acc is not None and val_acc == val_acc else "-",
-                  f"{result['density']:.4f}", f"{result['live']:,}")
+                  f"{result['density']:.4f}", f"{result['live']:,}", f"{live_params:,}" if live_params is not None else "-")
     out.print(table)
 
 

@@ -150,6 +150,9 @@ def test_cli_export(tmp_path) -> None:
     res = runner.invoke(app, ["export", str(src), "--out", str(tmp_path / "s.onnx")])
     assert res.exit_code == 0, res.output
     assert "SparseConv" in res.output and "verified (function-body)" in res.output
+    assert "does not end in .onnx" not in res.output
+    res = runner.invoke(app, ["export", str(src), "--out", str(tmp_path / "s.txt")])
+    assert res.exit_code == 0 and "s.txt does not end in .onnx" in res.output
     res = runner.invoke(app, ["export", str(src), "--out", str(tmp_path / "s.onnx")])
     assert res.exit_code == 2 and "--force" in res.output
     res = runner.invoke(app, ["export", str(tmp_path / "nope"), "--out", str(tmp_path / "n.onnx")])
