@@ -88,7 +88,12 @@ def test_train_force_restarts_from_the_initial_weights():
     assert_ok(invoke("transform", "zoo:lenet5", "--density", "0.1", "--out", "runs/l"))
     initial = Path("runs/l/weights.safetensors").read_bytes()
     quick = ["--epochs", "1", "--train-limit", "200", "-q"]
-    assert_ok(invoke("train", "runs/l", *quick))
+    res = invoke("train", "runs/l", *quick)
+    assert_ok(res)
+    # the summary names both counts: channel pairs (what density counts) and the weights behind them
+    live = sparsify.load("runs/l")
+    assert "live connections" in res.output and "live params" in res.output
+    assert f"{sparsify.nn.live_params(live.model):,}" in res.output
     first = Path("runs/l/weights.safetensors").read_bytes()
     assert first != initial
     assert Path("runs/l/weights.init.safetensors").read_bytes() == initial
