@@ -226,7 +226,9 @@ def sparse_conv_function(opset: int, op: str = OP, n_pieces: int = 1) -> onnx.Fu
         n("ConstantOfShape", ["inner_len"], ["inner_ones"],
           value=helper.make_tensor("v", TensorProto.INT64, [1], [1])),
         n("ScatterElements", ["marks0", "inner_ptr", "inner_ones"], ["marks"], axis=0, reduction="add"),
-        n("CumSum", ["marks", "zero"], ["rows_all"]),
+        # CumSum's axis is a 0-D tensor by the spec (ORT also takes [1]; onnx's reference runtime does not)
+        helper.make_node("Constant", [], ["axis0"], value=helper.make_tensor("axis0", TensorProto.INT64, [], [0])),
+        n("CumSum", ["marks", "axis0"], ["rows_all"]),
         n("Slice", ["rows_all", "zero", "nnz"], ["rows"]),
         n("Mul", ["rows", "cin_g"], ["row_base"]),
         n("Add", ["row_base", "col_idx"], ["flat"]),
