@@ -366,8 +366,8 @@ def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte
         for part, x in (("x", x_train), ("x_test", x_test)):
             if tuple(x.shape[1:]) != tuple(input_shape[1:]):
                 want = _batch_shape(input_shape)
-                raise DataError(f"{name}: {part} has shape {list(x.shape)} but the model takes {want} inputs; "
-                                f"give {part} of shape {want}")
+                raise DataError(f"{name}: {part} has examples of shape {list(x.shape[1:])} but the model takes "
+                                f"{want} inputs; give {part} of shape {want}")
     elif shape is None and x_train[0].numel() != int(input_shape[-1]):
         raise DataError(f"the model takes vectors of {int(input_shape[-1])} values but {name} examples have "
                         f"{x_train[0].numel()}; choose a matching data set")
@@ -417,6 +417,12 @@ def _numeric(x: Any, where: str) -> np.ndarray:
         raise DataError(f"{where} must be a numeric array, got {x.dtype}")
     if x.ndim == 0:
         raise DataError(f"{where} must hold one example per row, got a single number")
+    if np.issubdtype(x.dtype, np.floating):
+        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if bad.any():
+            raise DataError(f"{where} has NaN or infinite values in {int(bad.sum())} of its {len(x)} examples "
+                            f"(the first is example {int(np.argmax(bad))}); repair or drop them: training on them "
+                            "gives a NaN loss")
     return x
 
 

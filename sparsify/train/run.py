@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .._io import check_writable, write_json
+from .._io import atomic_path, check_writable, write_json
 from ..errors import DivergenceError, RunDirError, UsageError
 from ..rundir import SUMMARY, WEIGHTS, WEIGHTS_INIT, load_run, load_weights, read_recipe, read_summary, save_weights
 from .checkpoint import checkpoint_path, load_checkpoint
@@ -71,6 +71,15 @@ def _keep_last_good(run_dir: Path, run: Any, model_input: tuple[int, ...], ckpt:
     return f"{WEIGHTS} and {METRICS} hold epoch{'s 1-' if e.good_epochs > 1 else ' '}{e.good_epochs}"
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime in ns, size) of ``path``, None when absent: tells whether a file was rewritten."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 def _model_name(model: str) -> str:
     """A recipe's model for a message: ``zoo:resnet20`` as it is, a file by its name (``net.py:build``)."""
     return model if model.startswith(("zoo:", "torchvision:")) else Path(model).name
@@ -125,23 +134,37 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
         data = load_dataset(cfg.data, model_input,
                             data_dir=cfg.data_dir, num_classes=recipe.num_classes or classes,
                             val_fraction=cfg.val_fraction, train_limit=cfg.train_limit)
-        made = [p for p in (run_dir / METRICS, init) if not p.exists()]  # removed again if training fails early
+        # If training fails before an epoch completes, the run directory is put back as it was: the
+        # files this run made are removed, and metrics.jsonl (which fit rewrites at once) of a run
+        # trained before (--force) is restored to go with that run's checkpoint, weights and summary.
+        made = [p for p in (run_dir / METRICS, init) if not p.exists()]
+        old_metrics = (run_dir / METRICS).read_bytes() if (run_dir / METRICS).is_file() else None
+        ckpt_before = _stamp(ckpt)
+
+        def undo_if_no_epoch() -> None:
+            if not Reducer().is_main or _stamp(ckpt) != ckpt_before:
+                return
+            for p in made:
+                p.unlink(missing_ok=True)
+            if old_metrics is not None:
+                with atomic_path(run_dir / METRICS) as tmp:
+                    tmp.write_bytes(old_metrics)
+
         if Reducer().is_main and not init.is_file():
             shutil.copyfile(run_dir / WEIGHTS, init)  # an older run: its weights before any training here
         try:
             result = fit(run.model, data, cfg, model_input=model_input, checkpoint=ckpt,
                          metrics_path=run_dir / METRICS, resume_state=state, log=log, progress=progress)
         except DivergenceError as e:
+            if e.good_epochs == 0:
+                undo_if_no_epoch()
             kept = _keep_last_good(run_dir, run, model_input, ckpt, cfg, e) if Reducer().is_main else ""
             retry = shlex.join(["sparsify", "train", str(run_dir), "--force", "--lr", f"{cfg.learning_rate / 10:g}"])
             raise DivergenceError(e.what, epoch=e.epoch, good_epochs=e.good_epochs, lr=e.lr,
                                   advice=f"stopped ({kept}); retry from the initial weights with a lower learning "
                                          f"rate: {retry}") from None
         except BaseException:
-            # Failed before an epoch completed (no checkpoint): leave the run directory as it was.
-            if Reducer().is_main and not ckpt.exists():
-                for p in made:
-                    p.unlink(missing_ok=True)
+            undo_if_no_epoch()
             raise
         if Reducer().is_main:
             _write_back(run_dir, run.model, model_input, result)

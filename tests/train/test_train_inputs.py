@@ -138,8 +138,8 @@ def test_a_conv1d_model_trains_on_synthetic_data_of_its_shape(conv1d_run):
 
 @pytest.mark.parametrize("data, needles", [
     ("digits", ("'digits' holds images", "[N, 4, 100]", "--data synthetic")),
-    ("wrong.npz", ("x has shape [", "[N, 4, 100]")),
-    ("images.npz", ("x has shape [", "[N, 4, 100]")),
+    ("wrong.npz", ("x has examples of shape [4, 50]", "[N, 4, 100]")),
+    ("images.npz", ("x has examples of shape [3, 8, 8]", "[N, 4, 100]")),
 ])
 def test_data_that_does_not_fit_a_conv1d_model_is_one_error(tmp_path, conv1d_run, data, needles):
     if data == "wrong.npz":
@@ -183,3 +183,37 @@ def test_fewer_classes_than_outputs_is_noted(tmp_path):
     notes = load_dataset(data, (1, 3, 8, 8), num_classes=10).notes
     assert any("3 classes for a model with 10 outputs" in n for n in notes), notes
     assert not any("outputs" in n and "never a target" in n for n in load_dataset(data, (1, 3, 8, 8), num_classes=3).notes)
+
+
+def test_non_finite_data_is_one_error_before_training(tmp_path, conv1d_run):
+    """NaN / inf in x is a data error naming the examples, not a 'training diverged' advice."""
+    data = _npz(tmp_path / "nan.npz", (300, 4, 100), 10)
+    arrays = dict(np.load(data))
+    arrays["x"][[7, 40]] = np.nan
+    np.savez(data, **arrays)
+    before = _state(conv1d_run)
+    r = invoke("train", conv1d_run, "--data", data, *QUICK)
+    assert_one_error_line(r, "NaN or infinite values in 2 of its 300 examples", "example 7",
+                          nothing_at=(conv1d_run / "metrics.jsonl",))
+    assert _state(conv1d_run) == before
+
+
+def test_a_forced_retrain_that_fails_in_its_first_epoch_leaves_the_earlier_training(tmp_path):
+    """--force on a trained run, then a failure before an epoch completes (a divergence, an
+    interrupt): the run directory is the earlier training's, whole (weights, summary, checkpoint and
+    metrics.jsonl belong together), so --resume still continues it."""
+    run = _run(tmp_path, "plain", IMAGE_NET.replace("RETURN", RETURNS["tensor"]))
+    train_run(run, data="synthetic", epochs=1, batch_size=50)
+    trained = _state(run)
+
+    def interrupt(event):
+        if event["kind"] == "step":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(run, data="synthetic", epochs=1, batch_size=50, force=True, progress=interrupt)
+    assert _state(run) == trained
+    r = invoke("train", run, "--data", "synthetic", "--epochs", "1", "--batch-size", "50", "--lr", "1e6", "--force", "-q")
+    assert r.exit_code == 2 and "diverged" in r.output
+    assert _state(run) == trained
+    torch.manual_seed(0)
