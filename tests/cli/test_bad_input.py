@@ -234,6 +234,28 @@ def test_bench_timing_options_name_their_flag_before_exporting(run, flag, value)
                           nothing_at=(keep,))
 
 
+def test_bench_of_two_run_directories_says_one_run(run):
+    other = Path("other-run")
+    shutil.copytree(run, other)
+    line = assert_one_error_line(invoke("bench", run, other, *FAST_BENCH), "give one run directory, not 2",
+                                 "bench the .onnx files")
+    assert "not both" not in line
+
+
+def test_bench_of_a_run_does_not_compare_the_depth_models_outputs(run):
+    """The depth variant is another model: no output difference is shown for it (it read 1e+00, like
+    a wrong export); the compacted and sparse exports are still compared with the dense one."""
+    r = invoke("bench", run, "--variants", "dense,sparse,depth", *FAST_BENCH, "--json")
+    assert_ok(r)
+    rows = {row["label"]: row for row in json.loads(r.stdout)["rows"]}
+    assert rows["depth"]["max_rel_diff"] is None and rows["sparse"]["max_rel_diff"] < 1e-4
+    table = invoke("bench", run, "--variants", "dense,depth", *FAST_BENCH)
+    assert_ok(table)
+    assert "outputs are not compared" in table.output
+    depth_row = next(line for line in table.output.splitlines() if line.strip().startswith("depth "))
+    assert depth_row.rstrip().endswith("-")
+
+
 def test_resume_message_names_the_flag_and_the_default(run):
     assert_ok(invoke("train", run, "--epochs", "1", "--train-limit", "100", "-q"))
     line = assert_one_error_line(invoke("train", run, "--resume", "--lr", "0.05", "-q"), "--lr 0.05",
