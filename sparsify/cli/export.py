@@ -20,10 +20,11 @@ def _render(report) -> Table:
     t = Table(title=f"{report.out} · {report.sparse_layers}/{len(report.layers)} conv layers as SparseConv")
     for col, justify in (("layer", "left"), ("weight", "right"), ("density", "right"), ("written as", "left"),
                          ("why", "left")):
-        t.add_column(col, justify=justify)
+        t.add_column(col, justify=justify, overflow="fold")  # long layer names wrap rather than lose their ends
     for c in report.layers:
+        op = f"SparseConv{c.activation}" + (f" (input in {c.pieces} pieces)" if c.pieces > 1 else "")
         t.add_row(c.layer, "x".join(map(str, c.weight_shape)), f"{c.density:.3f}",
-                  Text(f"SparseConv{c.activation}", style="bold cyan") if c.sparse else "Conv", c.reason)
+                  Text(op, style="bold cyan") if c.sparse else "Conv", c.reason)
     return t
 
 

@@ -59,6 +59,7 @@ class ConvChoice:
     weight: str = ""  # the weight initializer's name (torch.onnx names it after the state-dict key)
     activation: str = ""  # what was fused into the layer: "Relu", "Clip", "Add" (residual), "AddRelu", "Pre" (input BN + Relu)
     shared_fan_in: float = 0.0  # share of output channels in blocks with one fan-in (shared_fan_in_share)
+    pieces: int = 1  # inputs its input comes in (a pre op reading a Concat's inputs, _fuse_concats)
 
     @property
     def layer(self) -> str:
@@ -972,7 +973,7 @@ def _fuse_concats(graph: onnx.GraphProto, nodes: list[onnx.NodeProto],
             conv.input.extend(cat.input[1:])
             _set_pieces(conv)
             if conv.name in by_node:
-                by_node[conv.name].activation = "Concat" + by_node[conv.name].activation
+                by_node[conv.name].pieces = pieces(conv)
         gone.add(id(cat))
     return [nd for nd in nodes if id(nd) not in gone]
 

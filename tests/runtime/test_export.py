@@ -266,6 +266,16 @@ def test_dense_block_concats_read_in_pieces(tmp_path, per_image: bool) -> None:
     cat_convs = [n for n in flat.graph.node if n.op_type.startswith("SparseConvPre") and len(n.input) > 7]
     assert sorted(len(n.input) - 6 for n in cat_convs) == [2, 3, 4]  # layers 2, 3 and the transition
     assert rep.errors["function-body"] < 1e-4
+    # the export table names real ops and says which read pieces; narrow terminals wrap, not cut
+    from rich.console import Console
+
+    from sparsify.cli.export import _render
+
+    for width, check in ((200, lambda t: "SparseConvPre (input in 4 pieces)" in t and "Concat" not in t),
+                         (80, lambda t: "…" not in t)):
+        console = Console(width=width, record=True)
+        console.print(_render(rep))
+        assert check(console.export_text()), console.export_text()
     x = np.random.default_rng(1).standard_normal((3, 3, 12, 12)).astype(np.float32)
     with torch.no_grad():
         ref = m(torch.from_numpy(x)).numpy()

@@ -601,7 +601,7 @@ def test_pre_activation_fused_into_the_conv_after_it() -> None:
     t = next(nd for nd in new.graph.node if nd.name == "t")
     assert (t.input[0], list(t.input[7:]), t.overload) == ("cat", ["yc"], "concat2")
     assert [nd.output[0] for nd in new.graph.node if nd.op_type == "Concat"] == ["cat"]
-    assert {c.node: c.activation for c in report.choices}["t"] == "ConcatPre"
+    assert {c.node: (c.activation, c.pieces) for c in report.choices}["t"] == ("Pre", 2)
     assert new.ir_version >= 10 and {(f.name, f.overload) for f in new.functions} >= {("SparseConvPre", "concat2")}
     dense = ort.InferenceSession(src.SerializeToString(), providers=["CPUExecutionProvider"])
     sessions = [ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"])]
