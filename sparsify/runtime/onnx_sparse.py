@@ -483,7 +483,9 @@ def _plain_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations:
         return 0.0, "dilated conv (no fast sparse path)"
     if any(int(st) != 1 for st in strides):
         if cin_per_group <= STEM_CIN and kh == kw and kh in (3, 5, 7) and pixels >= MIN_STRIDED_PIXELS:
-            return THRESHOLD_STEM, f"{kh}x{kw} strided stem conv ({cin_per_group} input channels) to {where} output"
+            # measured on stems (3 input channels); a depthwise conv (1 per group) gets the same rule
+            channels = f"{cin_per_group} input channel{'s' if cin_per_group != 1 else ''} per group"
+            return THRESHOLD_STEM, f"{kh}x{kw} strided conv on {channels} (as a stem) to {where} output"
         if cin_per_group < MIN_STRIDED_CIN:
             return 0.0, f"strided conv with {cin_per_group} < {MIN_STRIDED_CIN} input channels per group"
         if pixels < MIN_STRIDED_PIXELS:

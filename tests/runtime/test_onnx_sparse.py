@@ -626,6 +626,15 @@ def test_stem_rule(k: int, cin: int, density: float, sparse: bool) -> None:
         live[o, rng.choice(cin, round(density * cin), replace=False)] = True
     new, report = convert_model(_conv_model(w * live[:, :, None, None], None, 2, k // 2, 1, 1, 64))
     assert any(n.op_type == "SparseConv" for n in new.graph.node) == sparse, report
+    if cin <= 3:
+        assert f"strided conv on {cin} input channels per group (as a stem)" in report.choices[0].reason
+
+
+def test_depthwise_strided_conv_is_not_called_a_stem() -> None:
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((16, 1, 3, 3)).astype(np.float32)
+    _, report = convert_model(_conv_model(w, None, 2, 1, 1, 16, 32))
+    assert "1 input channel per group" in report.choices[0].reason and "stem conv" not in report.choices[0].reason
 
 
 def test_sparse_conv_node_is_built_one_way():
