@@ -239,6 +239,13 @@ class SparsePass(GraphPass):
             if shared:
                 info["block"] = self.block
             result.layers[name] = info
+        whole = [l.node.target for l in layers if self.block > 1 and l.is_conv and not l.single_input
+                 and l.n_out <= self.block]
+        if whole:
+            shown = ", ".join(whole[:3]) + (f" and {len(whole) - 3} more" if len(whole) > 3 else "")
+            result.notes.append(f"--block {self.block} is not below the output channels of {shown}: all outputs of "
+                                f"{'that layer' if len(whole) == 1 else 'each'} share one fan-in (they all read the "
+                                f"same input channels); a smaller --block, such as 4, keeps them apart")
         return result
 
     def _draw_grouped(self, layer: Eligible, blocked: np.ndarray, budget: int, rng: np.random.Generator,

@@ -222,6 +222,16 @@ def test_block_sparsity_in_grouped_convs_and_linears():
     assert "block" not in res.summary["pass_layers"]["fc"]
 
 
+def test_a_block_as_large_as_a_layer_is_noted():
+    """--block 64 on lenet5 (convs of 32 / 64 / 128 outputs; the first reads one grey filter and
+    takes the single-input rule instead): the 64-channel conv shares one fan-in over all its
+    outputs, which the transform says; --block 4 says nothing."""
+    notes = api.transform("zoo:lenet5", "sparse-random", density=0.2, block=64).summary["notes"]
+    assert any("--block 64 is not below the output channels of features.3" in n for n in notes), notes
+    assert not any("is not below" in n for n in api.transform("zoo:lenet5", "sparse-random", density=0.2,
+                                                                  block=4).summary["notes"])
+
+
 @pytest.mark.parametrize("block", [0, -2, 1.5, True])
 def test_bad_block_is_refused(block):
     from sparsify.errors import UsageError
