@@ -948,9 +948,9 @@ def _fuse_pre_activations(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], r
 
 def _fuse_concats(graph: onnx.GraphProto, nodes: list[onnx.NodeProto],
                   report: ConvertReport) -> list[onnx.NodeProto]:
-    """A channel Concat (axis 1; -3 as X is 4-D) read only by pre ops (SparseConvPre / SparseConvPreRelu) goes: each
-    reader takes the Concat's inputs as its pieces (X first, the others after T) and reads them
-    where they are. DenseNet concatenates all earlier features before every layer; those Concats
+    """A channel Concat (axis 1; -3 as X is 4-D) read only by pre ops (SparseConvPre /
+    SparseConvPreRelu) goes: each reader takes the Concat's inputs as its pieces (X first, the
+    others after T) and reads them where they are. DenseNet concatenates all earlier features before every layer; those Concats
     took 11% of a sparse DenseNet-121 on one thread and 39% on two at batch 1 (ORT's Concat runs
     slower on two threads than on one)."""
     readers = _reader_counts(graph, nodes)
@@ -968,7 +968,8 @@ def _fuse_concats(graph: onnx.GraphProto, nodes: list[onnx.NodeProto],
         out = cat.output[0]
         convs = pre_reads.get(out, [])
         # every reader a pre op reading it as X (and only there), the Concat no graph output
-        if not convs or out in outputs or readers.get(out, 0) != len(convs) or any(list(c.input).count(out) != 1 for c in convs):
+        if (not convs or out in outputs or readers.get(out, 0) != len(convs)
+                or any(list(c.input).count(out) != 1 for c in convs)):
             continue
         for conv in convs:
             conv.input[0] = cat.input[0]
