@@ -133,7 +133,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
         row: dict[str, Any] = {"name": node.name or f"{node.op_type}_{idx}", "layer": layer or None, "op": node.op_type,
                                "domain": node.domain or "ai.onnx", "in_channels": None, "out_channels": None,
                                "kernel": None, "stride": None, "group": None, "density": None,
-                               "param_bytes": 0, "macs": 0}
+                               "param_bytes": 0, "macs": 0, "pieces": 1}
         for name in node.input:
             if name in inits:
                 t = inits[name]
@@ -141,6 +141,8 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
                     helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
         x = shapes.get(node.input[0]) if node.input else None
         is_sparse = node.domain == onnx_sparse.DOMAIN and node.op_type in onnx_sparse.SPARSE_OPS
+        if is_sparse:
+            row["pieces"] = onnx_sparse.pieces(node)  # > 1: its input is a removed Concat's inputs
         if (node.op_type == "Conv" and node.domain in ("", "ai.onnx") or is_sparse) and node.input[1] in inits:
             w = numpy_helper.to_array(inits[node.input[1]])
             group = int(attrs.get("group", 1))
@@ -175,6 +177,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
     totals = {
         "nodes": len(rows),
         "sparse_conv_nodes": sum(r["op"] in onnx_sparse.SPARSE_OPS for r in rows),
+        "reading_pieces": sum(r["pieces"] > 1 for r in rows),
         "conv_nodes": sum(r["op"] == "Conv" for r in rows),
         "param_bytes": sum(r["param_bytes"] for r in rows),
         "macs": sum(r["macs"] for r in rows),
@@ -184,6 +187,8 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
         "opset": {op.domain or "ai.onnx": op.version for op in model.opset_import},
         "inputs": [{"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}
                    for i in inputs],
+        "outputs": [{"name": o.name, "shape": [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]}
+                    for o in model.graph.output],
         "has_function_body": any(f.domain == onnx_sparse.DOMAIN for f in model.functions),
         "nodes": rows, "totals": totals, "per_image_nodes": per_image.front_nodes(split),
     }
@@ -197,6 +202,11 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.1f}T{unit}"
 
 
+def _io(value: dict[str, Any]) -> str:
+    """A graph input or output as name[shape]."""
+    return f"{value['name']}[{'x'.join(map(str, value['shape']))}]"
+
+
 def render_onnx_report(report: dict[str, Any], width: int | None = None):
     """A rich Table of ``inspect_onnx``'s report (weight-carrying nodes; other ops summarised).
 
@@ -208,7 +218,7 @@ def render_onnx_report(report: dict[str, Any], width: int | None = None):
     from rich.text import Text
 
     t = report["totals"]
-    shape = ", ".join(f"{i['name']}[{'x'.join(map(str, i['shape']))}]" for i in report["inputs"])
+    shape = ", ".join(_io(i) for i in report["inputs"])
     rows, others = [], {}
     for r in report["nodes"]:
         if r["in_channels"] is None and not r["param_bytes"]:
@@ -231,6 +241,9 @@ def render_onnx_report(report: dict[str, Any], width: int | None = None):
                           f"params {_human(t['param_bytes'], 'B')} · {_human(t['macs'])} MACs at batch 1"
                           + (f"\nthe first {report['per_image_nodes']} nodes run image by image (a Scan over the "
                              "batch)" if report.get("per_image_nodes") else "")
+                          + (f"\n{t['reading_pieces']} SparseConv nodes read their input in pieces (the Concat "
+                             "before them removed)" if t.get("reading_pieces") else "")
+                          + (f"\noutputs: {', '.join(_io(o) for o in report['outputs'])}" if report.get("outputs") else "")
                           + (f"\nother ops: {', '.join(f'{k}×{v}' for k, v in sorted(others.items()))}" if others else ""),
                   caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0), pad_edge=False,
                   collapse_padding=True)

@@ -276,6 +276,16 @@ def test_dense_block_concats_read_in_pieces(tmp_path, per_image: bool) -> None:
         console = Console(width=width, record=True)
         console.print(_render(rep))
         assert check(console.export_text()), console.export_text()
+    # inspect counts the nodes reading pieces and lists the outputs
+    from sparsify.runtime.onnx_inspect import render_onnx_report
+
+    info = inspect_onnx(path)
+    outputs = [o["name"] for o in info["outputs"]]
+    assert info["totals"]["reading_pieces"] == 3 and len(outputs) == 1
+    console = Console(width=100, record=True, markup=False)  # as the CLI's consoles
+    console.print(render_onnx_report(info))
+    text = console.export_text()
+    assert "3 SparseConv nodes read their input in pieces" in text and f"outputs: {outputs[0]}[" in text
     x = np.random.default_rng(1).standard_normal((3, 3, 12, 12)).astype(np.float32)
     with torch.no_grad():
         ref = m(torch.from_numpy(x)).numpy()
