@@ -134,8 +134,9 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
         data = load_dataset(cfg.data, model_input,
                             data_dir=cfg.data_dir, num_classes=recipe.num_classes or classes,
                             val_fraction=cfg.val_fraction, train_limit=cfg.train_limit)
-        # If training fails before an epoch completes, the run directory is put back as it was: the
-        # files this run made are removed, and metrics.jsonl (which fit rewrites at once) of a run
+        # If training stops before an epoch completes (an interrupt, an error; a divergence is a
+        # result and keeps its record in metrics.jsonl), the run directory is put back as it was:
+        # the files this run made are removed, and metrics.jsonl (which fit rewrites at once) of a run
         # trained before (--force) is restored to go with that run's checkpoint, weights and summary.
         made = [p for p in (run_dir / METRICS, init) if not p.exists()]
         old_metrics = (run_dir / METRICS).read_bytes() if (run_dir / METRICS).is_file() else None
@@ -156,8 +157,6 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
             result = fit(run.model, data, cfg, model_input=model_input, checkpoint=ckpt,
                          metrics_path=run_dir / METRICS, resume_state=state, log=log, progress=progress)
         except DivergenceError as e:
-            if e.good_epochs == 0:
-                undo_if_no_epoch()
             kept = _keep_last_good(run_dir, run, model_input, ckpt, cfg, e) if Reducer().is_main else ""
             retry = shlex.join(["sparsify", "train", str(run_dir), "--force", "--lr", f"{cfg.learning_rate / 10:g}"])
             raise DivergenceError(e.what, epoch=e.epoch, good_epochs=e.good_epochs, lr=e.lr,

@@ -185,10 +185,16 @@ def test_ctrl_c_that_surfaces_as_an_error_or_is_swallowed_reports_interrupted():
     def other() -> None:
         pass
 
-    for mode in ("error", "ok"):
-        r = CliRunner().invoke(app, ["work", mode])
-        assert r.exit_code == 130 and "interrupted" in r.output and "cannot trace" not in r.output, r.output
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    r = CliRunner().invoke(app, ["work", "error", "--no-interrupt"])
-    assert r.exit_code == 2 and "cannot trace" in r.output, r.output
-    assert CliRunner().invoke(app, ["work", "ok", "--no-interrupt"]).exit_code == 0
+    # Python's own SIGINT handler, as in a terminal: a process started in the background by a shell
+    # (CI under `&`) inherits SIGINT ignored, and Ctrl-C cannot reach it at all
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        for mode in ("error", "ok"):
+            r = CliRunner().invoke(app, ["work", mode])
+            assert r.exit_code == 130 and "interrupted" in r.output and "cannot trace" not in r.output, r.output
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        r = CliRunner().invoke(app, ["work", "error", "--no-interrupt"])
+        assert r.exit_code == 2 and "cannot trace" in r.output, r.output
+        assert CliRunner().invoke(app, ["work", "ok", "--no-interrupt"]).exit_code == 0
+    finally:
+        signal.signal(signal.SIGINT, before)
