@@ -58,7 +58,8 @@ def sparse_model(case: ConvCase, *, packed: tuple[np.ndarray, np.ndarray, np.nda
                  bias: np.ndarray | None = None, weights_as_inputs: bool = False,
                  op_type: str = "SparseConv", pre: tuple[np.ndarray, np.ndarray] | None = None,
                  pieces: tuple[int, ...] = (), function_body: bool = False, **attr_override: object) -> bytes:
-    """A model X -> SparseConv -> Y with the packed weights as initializers (no function body).
+    """A model X -> SparseConv -> Y with the packed weights as initializers (and no function body
+    unless ``function_body``).
 
     weights_as_inputs: W, row_ptr and col_idx are graph inputs fed at run time instead (not
     constant to the kernel), see packed_feeds. The sum ops (SparseConvAdd, SparseConvAddRelu) get a

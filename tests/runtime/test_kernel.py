@@ -656,6 +656,21 @@ def test_pre_activation_of_pieces(k: int, stride: int, pad: int, hw: int, n: int
     assert_close(native.session(body, 1, native=False).run(None, feeds)[0], ref)
 
 
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
+@pytest.mark.parametrize("k,hw", [(1, 13), (3, 9)])
+def test_pre_activation_of_pieces_per_isa(monkeypatch: pytest.MonkeyPatch, isa: str, k: int, hw: int) -> None:
+    """The 1x1 tile packer and the pre-activation pass read pieces in every ISA's build."""
+    if isa != "auto":
+        monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(k + hw)
+    case = random_case(rng, 24, 16, k, 0.4, pads=(k // 2,) * 4)
+    x = rng.standard_normal((2, 24, hw, hw)).astype(np.float32)
+    model = sparse_model(case, op_type="SparseConvPreRelu", pre=pre_params(24), pieces=(3, 13, 8))
+    for threads in (1, 2):
+        assert_close(native.session(model, threads).run(None, split_input(x, (3, 13, 8)))[0],
+                     reference(case, x, "SparseConvPreRelu"))
+
+
 def test_pieces_must_agree_but_on_channels() -> None:
     """Pieces of another batch size or plane, or a wrong channel total, are refused in one line."""
     rng = np.random.default_rng(5)
