@@ -95,8 +95,11 @@ train = { epochs = 8 }
 
 def _start(spec: Path, out: Path) -> subprocess.Popen:
     code = "import sys; from sparsify.cli import main; sys.argv = ['sparsify'] + sys.argv[1:]; main()"
+    # SIGINT at its default in the runner, as started from a terminal: a shell's background job (CI
+    # under `&`) passes SIGINT ignored to its children, and the Ctrl-C below would never arrive
     return subprocess.Popen([sys.executable, "-c", code, "study", str(spec), "--out", str(out), "--jobs", "1", "--threads", "1",
-                             "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
