@@ -164,16 +164,11 @@ def bench(
             where = keep if keep is not None else stack.enter_context(tempfile.TemporaryDirectory(prefix="sparsify-bench-"))
             progress = stack.enter_context(_progress(quiet))
             files, notes = pipeline.export_variants(run_dir, where, names, progress=progress)
-            result = lib.bench_files([p for _, p in files], labels=[n for n, _ in files], progress=progress, **opts)
+            result = pipeline.bench_variants(files, progress=progress, **opts)
         if keep is None:
             for f in result.files:                      # the temporary exports are gone; keep only their names
                 f.path = Path(f.path).name
         result.notes.update(notes, run_dir=str(run_dir), variants_dir=None if keep is None else str(keep))
-        # the depth variant is another model (fewer channels, its own weights): its outputs differ
-        # from the baseline's by construction, so no difference is shown for it
-        for r in result.rows:
-            if r.label == "depth":
-                r.max_abs_diff = r.max_rel_diff = None
         for line in _variant_notes(notes):
             err.print(line)
     else:
