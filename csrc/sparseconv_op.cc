@@ -1045,22 +1045,22 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
   SPARSIFY_TRY(g_api->GetTensorData(t[2].value, reinterpret_cast<const void**>(&row_ptr)));
   SPARSIFY_TRY(g_api->GetTensorData(t[3].value, reinterpret_cast<const void**>(&col_idx)));
   if (has_b) SPARSIFY_TRY(g_api->GetTensorData(t[4].value, reinterpret_cast<const void**>(&B)));
-  // With pieces: every image's input channel planes in Concat order (N * Cin pointers).
-  std::vector<const float*> pieces, planes;
+  // With pieces: every image's input channel planes in Concat order (N * Cin pointers; empty: X
+  // is one piece).
+  std::vector<const float*> planes;
   if (!more.empty()) {
-    pieces.push_back(X);
-    for (const TensorView& tv : more) {
-      const float* d = nullptr;
-      SPARSIFY_TRY(g_api->GetTensorData(tv.value, reinterpret_cast<const void**>(&d)));
-      pieces.push_back(d);
-    }
     const int64_t hw = g.H * g.W;
     planes.resize(size_t(g.N * g.Cin));
-    for (int64_t n = 0, q = 0; n < g.N; ++n)
-      for (size_t i = 0; i < pieces.size(); ++i) {
-        const int64_t c = i == 0 ? t[0].dims[1] : more[i - 1].dims[1];
-        for (int64_t cc = 0; cc < c; ++cc) planes[size_t(q++)] = pieces[i] + (n * c + cc) * hw;
-      }
+    int64_t c0 = 0;  // the piece's first channel in the concatenation
+    for (size_t i = 0; i <= more.size(); ++i) {
+      const TensorView& piece = i == 0 ? t[0] : more[i - 1];
+      const float* d = nullptr;
+      SPARSIFY_TRY(g_api->GetTensorData(piece.value, reinterpret_cast<const void**>(&d)));
+      const int64_t c = piece.dims[1];
+      for (int64_t n = 0; n < g.N; ++n)
+        for (int64_t cc = 0; cc < c; ++cc) planes[size_t(n * g.Cin + c0 + cc)] = d + (n * c + cc) * hw;
+      c0 += c;
+    }
   }
   const float* S = nullptr;
   const float* T = nullptr;
@@ -1157,7 +1157,7 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     pre_scratch.ptr = pre_scratch.alloc->Alloc(pre_scratch.alloc, size_t(g.N * g.Cin * g.H * g.W) * sizeof(float));
     if (pre_scratch.ptr == nullptr)
       return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the pre-activated input buffer");
-    PreJob pj = {fns, X, pieces.empty() ? nullptr : planes.data(), static_cast<float*>(pre_scratch.ptr), S, T, g.Cin,
+    PreJob pj = {fns, X, planes.empty() ? nullptr : planes.data(), static_cast<float*>(pre_scratch.ptr), S, T, g.Cin,
                  g.H * g.W, g.N * g.Cin, 0};
     pj.per = (16384 + pj.hw - 1) / pj.hw;
     SPARSIFY_TRY(parallel_for(ctx, pre_task, (g.N * g.Cin + pj.per - 1) / pj.per, &pj));
@@ -1188,7 +1188,7 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
     const int32_t* sr = pw_same->empty() ? nullptr : pw_same->data();
     const float* wi = sr != nullptr && tail ? interleaved_weights(k, g, W, row_ptr, col_idx, sr) : nullptr;
     return run_pointwise(k, ctx, g, fns, X, Y, Z, W, row_ptr, col_idx, B, nnz, pw1 && k.pre ? S : nullptr,
-                         pw1 && k.pre ? T : nullptr, sr, wi, pw1 && !pieces.empty() ? planes.data() : nullptr);
+                         pw1 && k.pre ? T : nullptr, sr, wi, pw1 && !planes.empty() ? planes.data() : nullptr);
   }
   // kxk convs with shared-fan-in blocks and constant weights on output planes of a few vectors
   // and a few pixels more: the 1x1 unit over the input's shifted copies (Im2colLayout).
