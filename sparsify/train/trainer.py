@@ -290,10 +290,10 @@ def output_classes(model: nn.Module, model_input: tuple[int, ...], name: str, se
         model.train(was_training)
     if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 1:
         return int(out.shape[1])
-    fix = ("export works, or wrap the model so forward returns the logits" if not isinstance(out, torch.Tensor)
-           else "export works, or wrap the model so forward returns [N, classes] scores")
+    want = "[N, classes] scores" if isinstance(out, torch.Tensor) else "the logits"
     raise TrainingError(f"train needs a model whose forward returns one tensor of class scores [N, classes]; "
-                        f"{name} returns {_describe_output(out)}; {fix}")
+                        f"{name} returns {_describe_output(out)}; export works, or wrap the model so forward "
+                        f"returns {want}")
 
 
 def _adapt_batch(x: torch.Tensor, model_input: tuple[int, ...]) -> torch.Tensor:
