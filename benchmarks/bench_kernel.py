@@ -45,7 +45,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from sparsify.runtime import native
-from sparsify.runtime.bench import SPIN_SETTLE_S, time_bursts
+from sparsify.runtime.bench import SPIN_SETTLE_S, time_bursts, vector_aligned
 from sparsify.runtime.onnx_sparse import (DOMAIN, DOMAIN_VERSION, depthwise_native, shared_fan_in_share,
                                          sparse_conv_node, sparse_threshold)
 
@@ -167,7 +167,7 @@ def rule_threshold(lay: Layer, mask: np.ndarray | None = None) -> float:
 def bench_layer(lay: Layer, n: int, threads: int, d: float, reps: int, min_sample_s: float,
                 rng: np.random.Generator, with_dm: bool = True, cpu_clock: bool = False, block: int = 1) -> dict:
     weight, mask, bias = layer(lay, d, rng, block)
-    x = rng.standard_normal((n, lay.cin, lay.hw, lay.hw)).astype(np.float32)
+    x = vector_aligned(rng.standard_normal((n, lay.cin, lay.hw, lay.hw)).astype(np.float32))
     sessions = {
         "dense": native.session(dense_conv(weight, bias, lay), threads, native=False),
         "sparse": native.session(sparse_conv(weight, mask, bias, lay), threads),
@@ -178,7 +178,7 @@ def bench_layer(lay: Layer, n: int, threads: int, d: float, reps: int, min_sampl
         wdm = rng.standard_normal((cout_dm, cin_dm, lay.k, lay.k)).astype(np.float32)
         bdm = rng.standard_normal(cout_dm).astype(np.float32)
         sessions["dm"] = native.session(dense_conv(wdm, bdm, lay), threads, native=False)
-        feeds["dm"] = {"X": rng.standard_normal((n, cin_dm, lay.hw, lay.hw)).astype(np.float32)}
+        feeds["dm"] = {"X": vector_aligned(rng.standard_normal((n, cin_dm, lay.hw, lay.hw)).astype(np.float32))}
     y_s = sessions["sparse"].run(None, feeds["sparse"])[0]
     y_d = sessions["dense"].run(None, feeds["dense"])[0]
     err = float(np.abs(y_s - y_d).max() / max(1.0, float(np.abs(y_d).max())))
@@ -213,7 +213,7 @@ def bench_depthwise(c: int, k: int, stride: int, hw: int, n: int, threads: int, 
              "col_idx": np.zeros(c, np.int64), "B": bias}
     sparse = _model([sparse_conv_node(["X", "W", "row_ptr", "col_idx", "B"], ["Y"], in_channels=c, **attrs)], inits, c)
     sessions = {"ort": native.session(dense, threads, native=False), "native": native.session(sparse, threads)}
-    x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+    x = vector_aligned(rng.standard_normal((n, c, hw, hw)).astype(np.float32))
     feeds = {name: {"X": x} for name in sessions}
     y_n, y_o = (sessions[name].run(None, {"X": x})[0] for name in ("native", "ort"))
     err = float(np.abs(y_n - y_o).max() / max(1.0, float(np.abs(y_o).max())))

@@ -184,3 +184,14 @@ def test_time_bursts_interleaves_rewarmed_bursts() -> None:
     # max_runs stops the loop even when min_time is out of reach
     capped = time_bursts([runner("c", 0.0)], burst_s=1.0, min_time=10.0, max_runs=7, clock=clock)
     assert len(capped[0]) == 7
+
+
+@pytest.mark.parametrize("offset", [0, 4, 16, 60])
+def test_vector_aligned(offset: int) -> None:
+    """vector_aligned copies x to data `offset` bytes past a 64-byte boundary, values and shape kept."""
+    x = np.random.default_rng(offset).standard_normal((2, 3, 5, 7)).astype(np.float32)
+    y = lib.vector_aligned(x, offset)
+    assert y.ctypes.data % 64 == offset and y.flags.c_contiguous
+    np.testing.assert_array_equal(y, x)
+    with pytest.raises(ValueError, match="multiple of the item size"):
+        lib.vector_aligned(x, 2)
