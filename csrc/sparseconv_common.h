@@ -79,7 +79,8 @@ struct Epilogue {
 // floats (a multiple of the vector length).
 // With S and T (the fused pre-activation, [Cin]) the kernel first writes each tile's rows of the
 // input channels it reads, as Relu(x * S + T), into `pack` (rows of `tile` floats, one per input
-// channel of the block's groups).
+// channel of the block's groups); with `pack` but no S, it copies them there as they are (rows
+// aligned to whole vectors).
 struct PwArgs {
   const float* x;
   float* y;

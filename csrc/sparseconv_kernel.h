@@ -1589,11 +1589,16 @@ void pointwise_block(const PwArgs& a, int64_t o0, int64_t o1, int64_t p0, int64_
     // for the hardware prefetchers when the input comes from memory (batch 8 on 56x56 planes).
     const int64_t n1 = t1 + a.tile < p1 ? a.tile : p1 - t1;
     // With the fused pre-activation the tile's rows of the input channels this block reads are
-    // first written, as Relu(x * S + T), into a buffer of rows of `tile` floats (in cache).
+    // first written, as Relu(x * S + T), into a buffer of rows of `tile` floats (in cache); without
+    // one (rows that do not start on a vector boundary), as they are.
     if (a.pack != nullptr) {
-      for (int64_t c = 0; c < span; ++c)
-        scale_shift_relu((a.xc != nullptr ? a.xc[cbase + c] : xbase + c * HW) + t, a.pack + c * a.tile, t1 - t,
-                         a.S[cbase + c], a.T[cbase + c]);
+      for (int64_t c = 0; c < span; ++c) {
+        const float* row = (a.xc != nullptr ? a.xc[cbase + c] : xbase + c * HW) + t;
+        if (a.S != nullptr)
+          scale_shift_relu(row, a.pack + c * a.tile, t1 - t, a.S[cbase + c], a.T[cbase + c]);
+        else
+          memcpy(a.pack + c * a.tile, row, size_t(t1 - t) * sizeof(float));
+      }
     }
     for (int64_t o = o0, oe; o < o1; o = oe) {
       const bool block = a.same != nullptr && a.same[o] >= kFanInBlock && o + kFanInBlock <= o1;

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from native_models import PRE_OPS, SUM_OPS, ConvCase, dense_model, packed_feeds, random_case, sparse_model, split_input
 from sparsify.errors import RuntimeBackendError
 from sparsify.runtime import native
+from sparsify.runtime.bench import vector_aligned
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -524,6 +525,35 @@ def test_pointwise_planes(monkeypatch: pytest.MonkeyPatch, isa: str, hw: int) ->
         case = random_case(rng, 40, 24, 1, density)
         x = rng.standard_normal((3, 40, hw, hw)).astype(np.float32)
         assert_close(*run_both(case, x, threads=2))
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
+@pytest.mark.parametrize(
+    "cin,cout,group,stride,hw,n,offset",  # offset: floats past a 64-byte boundary
+    [
+        (32, 64, 1, 1, 14, 2, 0),   # 784-byte planes: rows off vector boundaries
+        (32, 64, 2, 1, 14, 1, 0),   # two groups: each block copies its groups' rows
+        (40, 48, 1, 1, 56, 1, 1),   # aligned plane size, input one float off a boundary
+        (24, 40, 1, 1, 17, 3, 3),   # odd plane, partial last vector of each row
+        (48, 64, 1, 2, 28, 3, 1),   # strided: the subsampled copy has 14x14 planes
+    ],
+)
+def test_pointwise_aligned_row_copies(monkeypatch: pytest.MonkeyPatch, isa: str, cin: int, cout: int, group: int,
+                                      stride: int, hw: int, n: int, offset: int) -> None:
+    """1x1 convs whose input rows do not start on vector boundaries, with one fan-in per output
+    channel read often enough (density 0.6: each input row read by 0.6 x Cout channels) that the
+    kernel first copies each tile's rows to aligned ones: plain, with the residual sum and Relu
+    fused, on 1 thread (one task: the copy is made) and 2."""
+    if isa != "auto":
+        monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(cin + hw + offset)
+    case = random_case(rng, cin, cout, 1, 0.6, group=group, strides=(stride, stride))
+    x = vector_aligned(rng.standard_normal((n, cin, hw, hw)).astype(np.float32), 4 * offset)
+    conv = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+    z = rng.standard_normal(conv.shape).astype(np.float32)
+    for threads in (1, 2):
+        for op in ("SparseConv", "SparseConvAddRelu"):
+            assert_close(run_op(case, x, op, threads, z), reference(case, x, op, z))
 
 
 @pytest.mark.parametrize(
