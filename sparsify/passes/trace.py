@@ -26,12 +26,24 @@ from ..errors import TraceError
 from ..nn import SPARSE_LAYERS
 
 
+# Tensor factories whose sizes or options a model computes from its input: stochastic depth's
+# ``torch.rand(x.shape[0], 1, 1, 1, device=x.device)``. torch.fx records a torch function only when
+# a tensor argument is traced, so these failed on a traced size ("rand() received an invalid
+# combination of arguments - got (Proxy, ...)"); the tracer records them as calls instead.
+TENSOR_FACTORIES = (torch.rand, torch.randn, torch.randint, torch.randperm, torch.zeros, torch.ones, torch.empty,
+                    torch.full, torch.arange, torch.linspace, torch.eye)
+
+
 class SparsifyTracer(fx.Tracer):
     """torch.fx tracer that keeps as leaves: sparse layers, the given module types, and every module
-    a rule covers (a subclass of a known layer that does not override its forward is that layer)."""
+    a rule covers (a subclass of a known layer that does not override its forward is that layer);
+    calls of ``TENSOR_FACTORIES`` with traced arguments become nodes."""
 
     def __init__(self, leaf_types: Iterable[str] = (), rules: Any = None) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=TENSOR_FACTORIES)
+        # fx patches the autowrap functions where the traced code finds them: module globals
+        # (``from torch import rand``) and the modules searched here (``torch.rand``).
+        self._autowrap_search.append(torch)
         self.leaf_types = set(leaf_types)
         self.rules = rules
         self.record_stack_traces = True  # lets errors name the model's source line
@@ -210,6 +222,12 @@ def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any,
         graph = tracer.trace(model)
     except Exception as e:
         raise TraceError(_untraceable_message(model, e, leaf_types, mode)) from None
+    # fx marks autowrapped calls so that the generated code registers them for later symbolic
+    # traces (``wrap("torch.rand")``); torch 2.x then fails every later trace in the process, also
+    # torch.export's (KeyError: 'torch.rand': the dotted name is not a global). The nodes are plain
+    # calls without the mark.
+    for node in graph.nodes:
+        node.meta.pop("is_wrapped", None)
     return tracer, graph
 
 

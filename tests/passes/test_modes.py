@@ -87,6 +87,19 @@ class InlineStochasticDepth(Base):
         return self.head(x + y)
 
 
+class FactoryStochasticDepth(Base):
+    """Stochastic depth drawn with a tensor factory over the traced batch size (timm-style
+    ``torch.rand(x.shape[0], 1, 1, 1, device=x.device)``), which torch.fx alone cannot trace."""
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.c1(x)))
+        y = F.relu(self.c2(x))
+        if self.training:
+            keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= 0.5
+            y = y * keep / 0.5
+        return self.head(x + y)
+
+
 class WrappedStochasticDepth(Base):
     def forward(self, x):
         x = F.relu(self.bn1(self.c1(x)))
@@ -110,8 +123,8 @@ class AuxOutputs(Base):
         return x
 
 
-MODELS = [FunctionalDropout, TorchDropout, TrainingBranch, InlineStochasticDepth, WrappedStochasticDepth,
-          AuxOutputs]
+MODELS = [FunctionalDropout, TorchDropout, TrainingBranch, InlineStochasticDepth, FactoryStochasticDepth,
+          WrappedStochasticDepth, AuxOutputs]
 
 
 def _calibrated(cls):
@@ -185,7 +198,8 @@ def test_passes_replace_modules_in_both_graphs_and_resize_train_only_layers():
     assert logits.shape == aux.shape == (2, 10)
 
 
-@pytest.mark.parametrize("cls", [FunctionalDropout, TrainingBranch, WrappedStochasticDepth, AuxOutputs])
+@pytest.mark.parametrize("cls", [FunctionalDropout, TrainingBranch, FactoryStochasticDepth, WrappedStochasticDepth,
+                                 AuxOutputs])
 def test_export_has_the_eval_behaviour_and_no_random_op(cls, tmp_path):
     model = _calibrated(cls).eval()
     x = torch.randn(2, 3, 16, 16)
@@ -241,7 +255,7 @@ def test_run_directory_rebuilds_both_modes_and_notes_them(tmp_path):
 def test_stochastic_depth_leaves_the_residual_group_free():
     """The training graph's ``empty_like(y[:, :1, :1, :1])`` slices channels only as a shape
     template: the residual group stays resizable (the depth multiplier shrinks it)."""
-    for cls in (InlineStochasticDepth, WrappedStochasticDepth):
+    for cls in (InlineStochasticDepth, FactoryStochasticDepth, WrappedStochasticDepth):
         gm = trace(_calibrated(cls))
         x = torch.randn(2, 3, 16, 16)
         cg = ChannelGraph.build(gm, x)
