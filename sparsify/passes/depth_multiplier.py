@@ -94,6 +94,7 @@ class DepthMultiplierPass(GraphPass):
                 set_submodule(gm, target, new)
                 result.layers[target] = {"kind": type(m).__name__, "before": _dims(m), "after": _dims(new)}
         self._cut_parameters(gm, cg, sizes)
+        self._resize_args(gm, cg, new_size)
         for g in cg.channel_groups():
             if g.frozen:
                 result.notes.append(f"group of {g.size} channels kept ({sorted(set(g.reasons))[0]})")
@@ -101,6 +102,23 @@ class DepthMultiplierPass(GraphPass):
                 result.notes.append(f"group of {g.size} channels scaled to {sizes[g.id]}, a multiple of {g.multiple} "
                                     f"({sorted(set(g.whole))[0] if g.whole else 'grouped layer'})")
         return result
+
+    @staticmethod
+    def _resize_args(gm: fx.GraphModule, cg: ChannelGraph, new_size: Callable[[Any, int], int]) -> None:
+        """Rewrite the channel counts that calls hold as constants (``Rule.resize_args``)."""
+        mods = dict(gm.named_modules())
+        changed = False
+        for graph in graphs(gm):
+            for node in graph.nodes:
+                if node.op not in ("call_function", "call_method"):
+                    continue
+                rule = cg.rules.rule_for(node, mods)
+                new = rule.resize_args(node, new_size) if rule is not None else None
+                if new is not None:
+                    node.args, node.kwargs = new
+                    changed = True
+        if changed:
+            gm.recompile()
 
     @staticmethod
     def _cut_parameters(gm: fx.GraphModule, cg: ChannelGraph, sizes: dict[int, int]) -> None:

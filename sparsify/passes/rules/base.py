@@ -78,6 +78,12 @@ class Rule:
                   out: torch.Tensor) -> Const | None:
         return None
 
+    def resize_args(self, node: fx.Node, size: Callable[[Any, int], int]) -> "tuple[tuple, dict] | None":
+        """The call's new (args, kwargs) where they hold a channel count as a constant (F.layer_norm's
+        ``normalized_shape``), for the counts ``size(node_or_arg, axis)`` gives; None when nothing
+        changes (depth multiplier)."""
+        return None
+
 
 class LayerRule(Rule):
     """A module with a weight: it also slices, resizes, masks and reports itself."""

@@ -610,6 +610,18 @@ class FunctionalNormRule(Rule):
             else:
                 cg.freeze(s, "group_norm with a computed group count")
 
+    def resize_args(self, node, size):
+        if self.kind != "layer_norm":
+            return None
+        shape = arg(node, 1, "normalized_shape")
+        c = size(node, -1)
+        if not isinstance(shape, (list, tuple)) or len(shape) != 1 or shape[0] == c:
+            return None
+        new = type(shape)([c])
+        if len(node.args) > 1:
+            return (node.args[0], new, *node.args[2:]), dict(node.kwargs)
+        return tuple(node.args), {**node.kwargs, "normalized_shape": new}
+
     def constancy(self, env, node, module, out):
         if self.kind != "batch_norm" or arg(node, 5, "training", False):
             return None

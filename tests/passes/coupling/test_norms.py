@@ -60,3 +60,34 @@ def test_layer_norm_after_permute_is_resized_with_the_channels():
     dm, _, _ = through_every_pass(ConvNeXt(), (1, 3, 8, 8))
     m = dm.model
     assert m.norm.normalized_shape == (8,) and m.gamma.shape == (8,) and m.pw1.out_features == 32
+
+
+class ChannelsLastLayerNorm(nn.Module):
+    """The ConvNeXt repository's LayerNorm: F.layer_norm with the normalized shape a stored tuple,
+    which the trace records as a constant."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+        self.normalized_shape = (dim,)
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, 1e-6)
+
+
+class FunctionalConvNeXt(ConvNeXt):
+    def __init__(self, dim=16):
+        super().__init__(dim)
+        self.norm = ChannelsLastLayerNorm(dim)
+
+
+def test_functional_layer_norm_gets_the_new_channel_count():
+    """The depth multiplier rewrites F.layer_norm's constant normalized_shape with the weight it
+    cuts (it ran into "Expected weight to be of same shape as normalized_shape")."""
+    cg = build(FunctionalConvNeXt())
+    assert group(cg, "norm_weight", 0) is group(cg, "stem") and not group(cg, "stem").frozen
+    dm, _, _ = through_every_pass(FunctionalConvNeXt(), (1, 3, 8, 8))
+    m = dm.model
+    (ln,) = [n for n in m.graph.nodes if n.target is F.layer_norm]
+    assert ln.args[1] == (8,) and m.norm.weight.shape == (8,) and m.stem.out_channels == 8
+    assert m(torch.randn(2, 3, 8, 8)).shape == (2, 10)
