@@ -121,6 +121,12 @@ def train(
                                                 "for an image folder, off otherwise)"),
     workers: Optional[int] = typer.Option(None, help="Processes decoding an image folder (default: cores - 1, "
                                                      "at most 4; 0: decode in the training process)"),
+    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize",
+                                             help="Standardise inputs with the training split's mean and std "
+                                                  "(default; recorded in summary.json as train.input_normalization, "
+                                                  "deploy with the same); --no-normalize feeds the data as it is "
+                                                  "(an image folder's pixels in [0, 1]), e.g. for --weights "
+                                                  "trained on your own preprocessing"),
     resume: bool = typer.Option(False, help="Continue from the run's last checkpoint"),
     force: bool = typer.Option(False, help="Discard an existing checkpoint and train from the run's weights"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output"),
@@ -134,7 +140,8 @@ def train(
                  clip_grad_norm=clip_grad_norm, optimizer=optimizer, momentum=momentum,
                  weight_decay=weight_decay, seed=seed, prune_rate=prune_rate, update_every=update_every,
                  stop_fraction=stop_fraction, start_density=start_density, double_every=double_every, init=init,
-                 init_profile=init_profile, train_limit=train_limit, augment=augment, workers=workers)
+                 init_profile=init_profile, train_limit=train_limit, augment=augment, workers=workers,
+                 normalize=normalize)
     config = {k: v for k, v in given.items() if v is not None}
     if init_profile_param:
         config["init_profile_params"] = _kv(init_profile_param, "--init-profile-param")

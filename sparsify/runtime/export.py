@@ -564,7 +564,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, rules: Any = 
     """Export the model of a run directory (see ``export_model`` for the options); ``rules``: the
     custom Rule objects a run was transformed with, if any (named rules come from its recipe)."""
     from ..passes.rules import with_user_rules
-    from ..rundir import load_run
+    from ..rundir import load_run, read_summary
 
     check_output_path(out)
     run = load_run(run_dir, rules)
@@ -573,6 +573,10 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, rules: Any = 
     report = export_model(run.model, run.recipe.shapes, out, rules=with_user_rules({**named, **given}) if
                           (named or given) else None, **options)
     report.source = str(run_dir)
+    norm = (read_summary(run_dir).get("train") or {}).get("input_normalization")
+    if norm:
+        report.notes.append(f"the run was trained on inputs normalised as {norm['text']}; feed the exported model "
+                            "inputs normalised the same way")
     return report
 
 

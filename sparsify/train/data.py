@@ -114,7 +114,8 @@ class DataBundle:
     """A data set ready for training: train / validation / test splits and what was adapted.
 
     ``kind`` is ``builtin``, ``folder`` or ``npz``; ``augment`` says whether training augments by
-    default (image folders); ``class_names`` are the folder names of a folder set.
+    default (image folders); ``class_names`` are the folder names of a folder set; ``normalization``
+    the input normalisation applied (``input_normalization``), None when the examples are fed as they are.
     """
 
     name: str
@@ -126,6 +127,8 @@ class DataBundle:
     kind: str = "builtin"
     augment: bool = False
     class_names: list[str] | None = None
+    # What the examples went through before the model (``input_normalization``), None: as they are.
+    normalization: dict[str, Any] | None = None
 
 
 def _fetch_hint(name: str) -> str:
@@ -269,26 +272,42 @@ def check_data_name(name: str) -> None:
                     f"in class subfolders or an .npz file with arrays x and y")
 
 
+def input_normalization(mean: torch.Tensor, std: torch.Tensor, units: str) -> dict[str, Any]:
+    """The record of ``x -> (x - mean) / std`` applied to every example before the model.
+
+    ``mean`` / ``std``: one value (the whole array) or one per channel; ``units``: what x is in
+    ("as stored", "pixels scaled to [0, 1]"). ``text`` is the formula for messages."""
+    m, s = [round(float(v), 6) for v in mean.reshape(-1)], [round(float(v), 6) for v in std.reshape(-1)]
+    if len(m) == 1:
+        text = f"(x - {m[0]:.6g}) / {s[0]:.6g}"
+    else:
+        text = f"(x - mean) / std per channel, mean [{', '.join(f'{v:.4g}' for v in m)}], std [{', '.join(f'{v:.4g}' for v in s)}]"
+    return {"mean": m, "std": s, "units": units, "text": f"{text}, x in {units}"}
+
+
 def load_dataset(name: str, input_shape: tuple[int, ...], *, data_dir: str | Path | None = None,
                  num_classes: int | None = None, val_fraction: float = 0.1, train_limit: int | None = None,
-                 synthetic_size: tuple[int, int] = (512, 256)) -> DataBundle:
+                 synthetic_size: tuple[int, int] = (512, 256), normalize: bool = True) -> DataBundle:
     """Load data set ``name`` shaped for a model taking ``input_shape`` (N, C, H, W) or (N, F).
 
     ``name`` is a built-in set (``DATASETS``), a folder of images in class subfolders, or an
-    ``.npz`` file. Raises DataError (one line) for anything that cannot be loaded.
+    ``.npz`` file. ``normalize``: standardise the inputs with the training split's mean and standard
+    deviation (one pair for arrays, one per channel for image folders, whose pixels are in [0, 1]);
+    False feeds the values as they are (an image folder's pixels in [0, 1]). What was applied is
+    ``DataBundle.normalization``. Raises DataError (one line) for anything that cannot be loaded.
     """
     check_data_name(name)
     if len(input_shape) == 3:
         return _load_sequences(name, tuple(int(d) for d in input_shape), num_classes, val_fraction, train_limit,
-                               synthetic_size)
+                               synthetic_size, normalize)
     shape = _model_shape(input_shape)
     if is_user_data(name):
         p = Path(name).expanduser()
         if p.suffix == ".npz":
             xtr, ytr, xte, yte, notes = _load_npz(p, val_fraction)
             return _in_memory(str(p), xtr, ytr, xte, yte, shape, input_shape, num_classes, val_fraction,
-                              train_limit, kind="npz", notes=notes)
-        return _load_folder(p, shape, num_classes, val_fraction, train_limit)
+                              train_limit, kind="npz", notes=notes, normalize=normalize)
+        return _load_folder(p, shape, num_classes, val_fraction, train_limit, normalize)
     folder = Path(data_dir) / name if data_dir is not None else default_data_dir() / name
     if data_dir is not None and not (Path(data_dir) / name).is_dir() and name in ("mnist", "fashion-mnist", "cifar10"):
         folder = Path(data_dir)  # allow --data-dir to point straight at the files
@@ -300,7 +319,8 @@ def load_dataset(name: str, input_shape: tuple[int, ...], *, data_dir: str | Pat
         xtr, ytr, xte, yte = _load_cifar10(folder)
     else:
         xtr, ytr, xte, yte = _synthetic(shape or (1, 1, int(input_shape[-1])), num_classes or 10, *synthetic_size)
-    return _in_memory(name, xtr, ytr, xte, yte, shape, input_shape, num_classes, val_fraction, train_limit)
+    return _in_memory(name, xtr, ytr, xte, yte, shape, input_shape, num_classes, val_fraction, train_limit,
+                      normalize=normalize)
 
 
 def _check_classes(name: str, n_classes: int, num_classes: int | None) -> None:
@@ -324,7 +344,7 @@ def _batch_shape(input_shape: tuple[int, ...]) -> str:
 
 
 def _load_sequences(name: str, input_shape: tuple[int, ...], num_classes: int | None, val_fraction: float,
-                    train_limit: int | None, synthetic_size: tuple[int, int]) -> DataBundle:
+                    train_limit: int | None, synthetic_size: tuple[int, int], normalize: bool = True) -> DataBundle:
     """Data for a model taking rank-3 input ([N, C, L] signals, [N, T, F] sequences): taken as they are.
 
     Only ``synthetic`` and an ``.npz`` whose x is [N, *input_shape[1:]] fit; the image sets and
@@ -333,7 +353,8 @@ def _load_sequences(name: str, input_shape: tuple[int, ...], num_classes: int | 
     want = _batch_shape(input_shape)
     if name == "synthetic":
         xtr, ytr, xte, yte = _synthetic(input_shape[1:], num_classes or 10, *synthetic_size)
-        return _in_memory(name, xtr, ytr, xte, yte, None, input_shape, num_classes, val_fraction, train_limit)
+        return _in_memory(name, xtr, ytr, xte, yte, None, input_shape, num_classes, val_fraction, train_limit,
+                          normalize=normalize)
     p = Path(name).expanduser()
     if not (is_user_data(name) and p.suffix == ".npz"):
         what = f"data set {name!r}" if not is_user_data(name) else f"--data {name}"
@@ -341,7 +362,7 @@ def _load_sequences(name: str, input_shape: tuple[int, ...], num_classes: int | 
                         f"give an .npz whose x is {want}, or --data synthetic")
     xtr, ytr, xte, yte, notes = _load_npz(p, val_fraction, images=False)
     return _in_memory(str(p), xtr, ytr, xte, yte, None, input_shape, num_classes, val_fraction, train_limit,
-                      kind="npz", notes=notes)
+                      kind="npz", notes=notes, normalize=normalize)
 
 
 def _val_split(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,8 +375,8 @@ def _val_split(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]
 def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,
                shape: tuple[int, int, int] | None, input_shape: tuple[int, ...], num_classes: int | None,
                val_fraction: float, train_limit: int | None, kind: str = "builtin",
-               notes: list[str] | None = None) -> DataBundle:
-    """Normalise, split and adapt arrays that fit in memory."""
+               notes: list[str] | None = None, normalize: bool = True) -> DataBundle:
+    """Normalise (unless not ``normalize``), split and adapt arrays that fit in memory."""
     n_classes = int(max(ytr.max(), yte.max())) + 1
     _check_classes(name, n_classes, num_classes)
     notes = list(notes or []) + _class_notes(name, n_classes, num_classes)
@@ -378,10 +399,13 @@ def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte
     val_idx, tr_idx = _val_split(len(y_train), val_fraction)
     if train_limit is not None:
         tr_idx = tr_idx[:train_limit]
-    mean, std = x_train[tr_idx].mean(), x_train[tr_idx].std().clamp_min(1e-6)
+    if normalize:
+        mean, std = x_train[tr_idx].mean(), x_train[tr_idx].std().clamp_min(1e-6)
+    else:
+        mean, std = torch.tensor(0.0), torch.tensor(1.0)
 
     def prep(x: torch.Tensor, record: bool) -> torch.Tensor:
-        x = (x - mean) / std
+        x = (x - mean) / std if normalize else x
         return x if shape is None else _adapt(x, shape, name, notes if record else [])
 
     return DataBundle(
@@ -392,6 +416,7 @@ def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte
         num_classes=n_classes,
         notes=notes,
         kind=kind,
+        normalization=input_normalization(mean, std, "as stored") if normalize else None,
     )
 
 
@@ -536,7 +561,7 @@ def _first_size(file: str) -> tuple[int, int]:
 
 
 def _load_folder(root: Path, shape: tuple[int, int, int] | None, num_classes: int | None, val_fraction: float,
-                 train_limit: int | None) -> DataBundle:
+                 train_limit: int | None, normalize: bool = True) -> DataBundle:
     """An ImageFolder layout, decoded lazily (see the module docstring)."""
     if shape is None:
         raise DataError(f"--data {root} is a folder of images but the model takes vectors; give an .npz of vectors")
@@ -577,9 +602,13 @@ def _load_folder(root: Path, shape: tuple[int, int, int] | None, num_classes: in
     notes.append(f"{root}: images (e.g. {w0}x{h0}) are resized to the model's {shape[1]}x{shape[2]} (shorter "
                  f"side, then centre crop){' and converted to grey' if c == 1 else ''}; decoded per batch")
     probe = ImageFolderSplit(files, labels, shape, torch.zeros(c), torch.ones(c))
-    sample = tr_idx[torch.randperm(len(tr_idx), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))[:STATS_SAMPLE]]
-    x, _ = probe.take(sample)
-    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    if normalize:
+        sample = tr_idx[torch.randperm(len(tr_idx), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+                        [:STATS_SAMPLE]]
+        x, _ = probe.take(sample)
+        mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    else:
+        mean, std = torch.zeros(c), torch.ones(c)
 
     def split(fs: list[str], ys: torch.Tensor) -> ImageFolderSplit:
         return ImageFolderSplit(fs, ys, shape, mean, std)
@@ -594,6 +623,7 @@ def _load_folder(root: Path, shape: tuple[int, int, int] | None, num_classes: in
         kind="folder",
         augment=True,
         class_names=classes,
+        normalization=input_normalization(mean, std, "pixels scaled to [0, 1]") if normalize else None,
     )
 
 

@@ -133,7 +133,7 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
         classes = output_classes(run.model, model_input, _model_name(recipe.model), recipe.seed)
         data = load_dataset(cfg.data, model_input,
                             data_dir=cfg.data_dir, num_classes=recipe.num_classes or classes,
-                            val_fraction=cfg.val_fraction, train_limit=cfg.train_limit)
+                            val_fraction=cfg.val_fraction, train_limit=cfg.train_limit, normalize=cfg.normalize)
         # If training stops before an epoch completes (an interrupt, an error; a divergence is a
         # result and keeps its record in metrics.jsonl), the run directory is put back as it was:
         # the files this run made are removed, and metrics.jsonl (which fit rewrites at once) of a run

@@ -48,7 +48,7 @@ ProgressFn = Callable[[dict[str, Any]], None]
 RECORD_KEYS = ("data", "data_dir", "schedule", "epochs", "batch_size", "lr", "lr_schedule", "warmup_steps",
                "clip_grad_norm", "optimizer", "momentum", "weight_decay", "seed", "prune_rate", "update_every",
                "stop_fraction", "start_density", "double_every", "init", "init_profile", "init_profile_params",
-               "val_fraction", "train_limit", "augment", "workers")
+               "val_fraction", "train_limit", "augment", "workers", "normalize")
 
 
 def schedule_settings() -> dict[str, tuple[dataclasses.Field, list[str]]]:
@@ -94,6 +94,7 @@ class TrainConfig:
     train_limit: int | None = None        # use only the first N training examples (quick runs, benchmarks)
     augment: bool | None = None           # random crop + flip of training batches; None: on for image folders
     workers: int | None = None            # DataLoader workers decoding an image folder; None: cores - 1, at most 4
+    normalize: bool = True                # standardise inputs with the training split's mean / std (data.load_dataset)
     params: ScheduleParams = field(default_factory=ScheduleParams)  # the schedule's own settings
     unused: dict[str, Any] = field(default_factory=dict, repr=False)  # other schedules' settings given
 
@@ -441,6 +442,10 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
             _write_metrics(Path(metrics_path), history)
     for note in data.notes:
         say(note)
+    if data.normalization is not None:
+        say(f"inputs normalised as {data.normalization['text']} (the training split's statistics); feed the "
+            "trained or exported model inputs normalised the same way (summary.json: train.input_normalization), "
+            "or train with --no-normalize on inputs prepared your way")
     augment = data.augment if cfg.augment is None else cfg.augment
     flip = data.name not in ("mnist", "digits")  # a mirrored digit is another digit, or none
     if augment:
@@ -579,6 +584,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                     if layers else 1.0),
         "layers": layer_stats(layers),
         "config": cfg.to_dict(),
+        "input_normalization": data.normalization,
         "warnings": warnings,
     }
     if data.class_names is not None:

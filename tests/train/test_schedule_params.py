@@ -12,10 +12,16 @@ from sparsify.train.schedules.set import SETParams
 from sparsify.train.schedules.sparse_momentum import SparseMomentumParams
 
 # the keys summary.json, metrics.jsonl and checkpoints have always recorded, in their order
+# ("normalize" added last; a record without it reads as the default, True)
 RECORDED = ["data", "data_dir", "schedule", "epochs", "batch_size", "lr", "lr_schedule", "warmup_steps",
             "clip_grad_norm", "optimizer", "momentum", "weight_decay", "seed", "prune_rate", "update_every",
             "stop_fraction", "start_density", "double_every", "init", "init_profile", "init_profile_params",
-            "val_fraction", "train_limit", "augment", "workers"]
+            "val_fraction", "train_limit", "augment", "workers", "normalize"]
+
+
+def test_a_record_without_normalize_reads_as_normalised():
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k != "normalize"}
+    assert TrainConfig.from_dict(old).normalize is True
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))

@@ -57,6 +57,22 @@ def test_cli_train_writes_weights_metrics_summary(run):
     assert again.exit_code == 2 and "--resume" in again.output
 
 
+def test_input_normalisation_is_told_recorded_and_noted_at_export(run, tmp_path):
+    """The deployed model needs the inputs normalised as in training: train says how, summary.json
+    records it, export notes it; --no-normalize trains on the data as stored and records None."""
+    res = runner.invoke(app, ["train", str(run), *QUICK[:-1]])
+    assert res.exit_code == 0, res.output
+    norm = json.loads((run / "summary.json").read_text())["train"]["input_normalization"]
+    assert norm["units"] == "as stored" and len(norm["mean"]) == 1 and norm["std"][0] > 0
+    assert f"inputs normalised as {norm['text']}" in " ".join(res.output.split())
+    exp = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "m.onnx")])
+    assert exp.exit_code == 0 and "trained on inputs normalised as" in " ".join(exp.output.split()), exp.output
+    res = runner.invoke(app, ["train", str(run), *QUICK, "--no-normalize", "--force"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "summary.json").read_text())["train"]
+    assert summary["input_normalization"] is None and summary["config"]["normalize"] is False
+
+
 def test_ctrl_c_keeps_checkpoint_and_resume_matches_uninterrupted(mlp_run, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(mlp_run, a)

@@ -188,3 +188,34 @@ def test_augment_batch_is_seeded_crops_and_flips():
         assert found, i
     no_flip = augment_batch(x, augment_generator(0, 1, 0), flip=False)
     assert not torch.equal(no_flip, a)
+
+
+def test_npz_normalisation_is_recorded_and_can_be_turned_off(tmp_path):
+    """What the examples went through is recorded (the deployed model needs the same); with
+    normalize=False they are fed as stored."""
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (40, 3, 8, 8)).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(40) % 4, x_test=x[:8], y_test=np.arange(8) % 4)
+    b = load_dataset(str(tmp_path / "d.npz"), (1, 3, 8, 8), val_fraction=0.0)
+    mean, std = float(x.astype(np.float32).mean()), float(x.astype(np.float32).std(ddof=1))
+    norm = b.normalization
+    assert norm["units"] == "as stored" and norm["mean"] == pytest.approx([mean]) and norm["std"] == pytest.approx([std])
+    torch.testing.assert_close(b.test.x, (torch.from_numpy(x[:8]).float() - mean) / std)
+    assert f"{mean:.6g}" in norm["text"]
+    raw = load_dataset(str(tmp_path / "d.npz"), (1, 3, 8, 8), val_fraction=0.0, normalize=False)
+    assert raw.normalization is None
+    torch.testing.assert_close(raw.test.x, torch.from_numpy(x[:8]).float())
+
+
+def test_folder_normalisation_is_per_channel_pixels_in_unit_range(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=6)
+    b = load_dataset(str(root), (1, 3, 8, 8))
+    norm = b.normalization
+    assert norm["units"] == "pixels scaled to [0, 1]" and len(norm["mean"]) == len(norm["std"]) == 3
+    assert all(0 < m < 1 for m in norm["mean"])
+    raw = load_dataset(str(root), (1, 3, 8, 8), normalize=False)
+    x, _ = raw.train.take(torch.arange(4))
+    assert raw.normalization is None and 0 <= float(x.min()) and float(x.max()) <= 1
+    xn, _ = b.train.take(torch.arange(4))
+    mean, std = torch.tensor(norm["mean"]), torch.tensor(norm["std"])
+    torch.testing.assert_close(xn, (x - mean[:, None, None]) / std[:, None, None], atol=1e-5, rtol=1e-5)
