@@ -530,9 +530,12 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                 rec["grown"] = changes.grown.get(n, 0)
             train_loss = float(sums[0] / sums[2])
             _check_divergence(train_loss, val_loss if len(data.val) else None, start_loss, epoch, _epochs_done(history), cfg)
-            # judged from epoch 2: the first is the learning-rate warm-up
-            if epoch >= 2 and not warned_chance and at_chance(val_acc if len(data.val) else float(sums[1] / sums[2]),
-                                                              data.num_classes, len(data.val) or int(sums[2])):
+            # judged from epoch 2: the first is the learning-rate warm-up; and on the training batches
+            # too (their own BatchNorm statistics): validation at chance alone is often running
+            # statistics that trail fast-moving weights, which the end of training re-estimates
+            if epoch >= 2 and not warned_chance and at_chance(float(sums[1] / sums[2]), data.num_classes,
+                                                              int(sums[2])) and \
+                    at_chance(val_acc if len(data.val) else 0.0, data.num_classes, len(data.val) or int(sums[2])):
                 warned_chance = True
                 say(f"warning: accuracy is at chance after epoch {epoch}; if it stays there, retry with --force "
                     f"--lr {cfg.learning_rate / 10:g}")
@@ -566,10 +569,13 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     finally:
         torch.use_deterministic_algorithms(prev_det)
 
+    last = dict(history[-1]) if history else {}
     if recalibrate_bn(model, data.train, cfg.batch_size, model_input, cfg.workers):
         say("re-estimated the BatchNorm statistics of the final weights (one pass over the training data)")
+        if len(data.val):  # the summary's validation figures go with its test figures: the final model's
+            last["val_loss"], last["val_acc"] = evaluate(model, data.val, cfg.batch_size, reducer, model_input,
+                                                         cfg.workers)
     test_loss, test_acc = evaluate(model, data.test, cfg.batch_size, reducer, model_input, cfg.workers)
-    last = history[-1] if history else {}
     warnings = []
     if at_chance(test_acc, data.num_classes, len(data.test)):
         warnings.append(f"test accuracy {test_acc:.1%} is at chance: the model did not learn; retry with --force "

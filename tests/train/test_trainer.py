@@ -137,3 +137,23 @@ def test_package_is_callable_as_the_api_function(monkeypatch):
     monkeypatch.setattr(train_pkg, "train_run", lambda run_dir, **kw: seen.update(run_dir=run_dir, **kw) or {"ok": 1})
     assert sparsify.train("some/run", epochs=2) == {"ok": 1}
     assert seen == {"run_dir": "some/run", "epochs": 2}
+
+
+def test_summary_validation_is_the_final_models_and_stale_statistics_do_not_warn(tmp_path):
+    """Validation during training uses the running BatchNorm statistics; with momentum 0 they never
+    move from their start, so it sits at chance while the training batches (their own statistics)
+    learn. That is no reason to lower the learning rate (no warning), and the summary's validation
+    figures are those of the final model, whose statistics are re-estimated, like its test figures."""
+    digits = load_dataset("digits", (1, 1, 8, 8))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16, momentum=0.0),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(16 * 64, 10))
+    with torch.no_grad():  # running statistics far from the batches': eval mode at chance until re-estimated
+        model[1].running_mean.fill_(50.0)
+    logs: list[str] = []
+    res = fit(model, digits, TrainConfig(data="digits", epochs=3), model_input=(1, 1, 8, 8),
+              metrics_path=tmp_path / "m.jsonl", log=logs.append)
+    epochs = [json.loads(s) for s in (tmp_path / "m.jsonl").read_text().splitlines() if '"epoch"' in s]
+    assert epochs[-1]["val_acc"] < 0.2 and epochs[-1]["train_acc"] > 0.8
+    assert not any("at chance" in m for m in logs), logs
+    assert res["val_acc"] > 0.8 and res["test_acc"] > 0.8
