@@ -680,17 +680,27 @@ def default_workers(split: Split | ImageFolderSplit) -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def batches(split: Split | ImageFolderSplit, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-            rank: int = 0, world_size: int = 1, drop_last: bool = False,
-            workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of ``split``; the order depends only on (seed, epoch), shards are disjoint per rank.
+def _merges_single(n: int, batch_size: int, drop_last: bool, merge_single: bool) -> bool:
+    """Whether ``n`` examples in batches of ``batch_size`` end with a batch of one that is merged."""
+    return merge_single and not drop_last and batch_size > 1 and n > batch_size and n % batch_size == 1
 
+
+def batches(split: Split | ImageFolderSplit, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+            rank: int = 0, world_size: int = 1, drop_last: bool = False, merge_single: bool = False,
+            workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches (x [B, ...], y [B]) of ``split``; the order depends only on (seed, epoch), shards are disjoint per rank.
+
+    ``merge_single``: a last batch of one example is appended to the batch before it (which then
+    holds ``batch_size + 1``): BatchNorm cannot normalise a single example in training mode, and
+    every example is still seen once per epoch in the same order. ``num_batches`` counts the same.
     A lazily decoded split is decoded by ``workers`` DataLoader processes (default:
     ``default_workers``); batches arrive in the same order whatever the count.
     """
     order = _order(split, shuffle, seed, epoch, rank, world_size)
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
     chunks = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+    if _merges_single(len(order), batch_size, drop_last, merge_single):
+        chunks[-2:] = [torch.cat(chunks[-2:])]
     workers = default_workers(split) if workers is None else workers
     if workers > 0 and getattr(split, "lazy", False) and len(chunks) > 1:
         loader = torch.utils.data.DataLoader(_Batches(split, chunks), batch_size=None, shuffle=False,
@@ -704,10 +714,11 @@ def batches(split: Split | ImageFolderSplit, batch_size: int, *, shuffle: bool, 
         yield split.take(idx)
 
 
-def num_batches(split: Split | ImageFolderSplit, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
-    """How many batches ``batches`` yields per epoch for one rank."""
+def num_batches(split: Split | ImageFolderSplit, batch_size: int, world_size: int = 1, drop_last: bool = False,
+                merge_single: bool = False) -> int:
+    """How many batches ``batches`` yields per epoch for one rank (with the same options)."""
     n = len(split) // world_size if world_size > 1 else len(split)
-    return n // batch_size if drop_last else -(-n // batch_size)
+    return n // batch_size if drop_last else -(-n // batch_size) - _merges_single(n, batch_size, drop_last, merge_single)
 
 
 def augment_generator(seed: int, epoch: int, batch: int, rank: int = 0) -> torch.Generator:
