@@ -578,7 +578,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
         say("re-estimated the BatchNorm statistics of the final weights (one pass over the training data)")
     test_loss, test_acc = evaluate(model, data.test, cfg.batch_size, reducer, model_input, cfg.workers)
     last = history[-1] if history else {}
-    warnings = []
+    warnings = list(schedule.notes())
     if at_chance(test_acc, data.num_classes, len(data.test)):
         warnings.append(f"test accuracy {test_acc:.1%} is at chance: the model did not learn; retry with --force "
                         f"--lr {cfg.learning_rate / 10:g}, or more --epochs")
