@@ -80,9 +80,11 @@ def _names(keys: list[str]) -> str:
 
 @torch.no_grad()
 def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str, model: str) -> None:
-    """Load ``state`` into ``module`` (every key and shape must match); ModelLoadError naming a few mismatches.
+    """Load ``state`` into ``module`` (every key and shape must match, every value must be finite).
 
-    BatchNorm's ``num_batches_tracked`` counters may be absent from the file (older PyTorch omits them).
+    Raises ModelLoadError naming a few mismatched keys, or the first tensor (in the model's order)
+    holding NaN or infinite values and how many; nothing is copied then. BatchNorm's
+    ``num_batches_tracked`` counters may be absent from the file (older PyTorch omits them).
     """
     own = module.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
@@ -99,6 +101,15 @@ def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
             parts.append(_names(shapes))
         raise ModelLoadError(f"--weights {source} does not fit {model}: {'; '.join(parts)}; pass the same "
                              f"--model-args the weights were trained with, or weights saved from this model")
+    # in the model's order, so the tensor named is the first in the network
+    bad = [(k, int((~torch.isfinite(state[k])).sum()), state[k].numel()) for k in own
+           if k in state and state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    if bad:
+        k, n, total = bad[0]
+        more = f", and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''} too" if len(bad) > 1 else ""
+        raise ModelLoadError(f"--weights {source}: {k} has {n} NaN or infinite value{'s' if n > 1 else ''} (of "
+                             f"{total}){more}; training and export need finite weights: save the weights from before "
+                             f"they became non-finite (e.g. an earlier checkpoint)")
     for k, v in own.items():
         if k in state:
             v.copy_(state[k].to(dtype=v.dtype))

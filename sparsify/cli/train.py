@@ -106,7 +106,8 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Seed of batch order and topology choices (default 0)"),
     prune_rate: Optional[float] = typer.Option(None, help="sparse-momentum p (0.5), rigl drop fraction (0.3), "
                                                           "set zeta (0.3)"),
-    update_every: Optional[int] = typer.Option(None, help="rigl: steps between updates (100); set: steps "
+    update_every: Optional[int] = typer.Option(None, help="rigl: steps between updates (100, less when a short run "
+                                                          "would make fewer than 10); set: steps "
                                                           "(default: every epoch)"),
     stop_fraction: Optional[float] = typer.Option(None, help="rigl: stop updating after this fraction (0.75)"),
     start_density: Optional[float] = typer.Option(None, help="incremental: starting density (default: 1/8 of the run's)"),

@@ -13,7 +13,9 @@ tensors, normalised with the training split's mean and standard deviation). A us
   vectors ``[N, F]``) and integer labels ``y``, optionally ``x_test``/``y_test``.
 
 Every set is split into train / validation (``val_fraction`` of train, fixed seed, as in Dettmers &
-Zettlemoyer 2019) / test; a user's set without a test part holds out ``TEST_FRACTION`` of it. Images
+Zettlemoyer 2019) / test; a user's set without a test part holds out ``TEST_FRACTION`` of it. A set
+too small to leave one example to train on and one to test on (an ``.npz`` of one example) is a
+DataError naming the smallest size that trains; the validation split may be empty. Images
 are resized to the model's input and grey images replicated to its channels, and each adaptation
 is reported once (``DataBundle.notes``). Batches come from ``batches``, whose order depends only
 on (seed, epoch) and which shards across distributed ranks, so runs are reproducible bit for bit;
@@ -368,7 +370,7 @@ def _load_sequences(name: str, input_shape: tuple[int, ...], num_classes: int | 
 def _val_split(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(validation indices, training indices) of a training set of ``n``: fixed, whatever the seed."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
-    n_val = int(round(val_fraction * n))
+    n_val = _n_val(n, val_fraction)
     return order[:n_val], order[n_val:]
 
 
@@ -425,12 +427,12 @@ def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte
 
 def _labels(y: Any, where: str) -> np.ndarray:
     y = np.asarray(y)
-    if y.ndim != 1 or y.size == 0:
+    if y.ndim != 1:  # (an empty y is judged by _check_split_sizes)
         raise DataError(f"{where} must be a 1-d array of integer class labels, got shape {list(y.shape)}")
     if not np.issubdtype(y.dtype, np.integer):
         if not (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)):
             raise DataError(f"{where} must hold integer class labels 0..C-1, got {y.dtype}")
-    if y.min() < 0:
+    if y.size and y.min() < 0:
         raise DataError(f"{where} holds a negative label ({int(y.min())}); labels are class indices 0..C-1")
     return y.astype(np.int64)
 
@@ -442,7 +444,7 @@ def _numeric(x: Any, where: str) -> np.ndarray:
         raise DataError(f"{where} must be a numeric array, got {x.dtype}")
     if x.ndim == 0:
         raise DataError(f"{where} must hold one example per row, got a single number")
-    if np.issubdtype(x.dtype, np.floating):
+    if np.issubdtype(x.dtype, np.floating) and x.size:  # (an empty x is judged by _check_split_sizes)
         bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
         if bad.any():
             raise DataError(f"{where} has NaN or infinite values in {int(bad.sum())} of its {len(x)} examples "
@@ -492,17 +494,56 @@ def _load_npz(path: Path, val_fraction: float,
         xte, yte = shaped(arrays["x_test"], f"{path.name}: x_test"), _labels(arrays["y_test"], f"{path.name}: y_test")
         if len(xte) != len(yte) or xte.shape[1:] != x.shape[1:]:
             raise DataError(f"{path.name}: x_test must have the shape of x per example and one label per example")
+        _check_split_sizes(path.name, len(y), len(yte), val_fraction, held_out=False, test_part="x_test/y_test")
         return x, y, xte, yte, notes
+    _check_split_sizes(path.name, len(y), None, val_fraction, held_out=True)
     test_idx, train_idx = _test_split(len(y))
     notes.append(f"{path.name}: no x_test/y_test, so {len(test_idx)} of its {len(y)} examples "
                  f"({TEST_FRACTION:.0%}) are held out as the test split")
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx], notes
 
 
+def _n_test(n: int) -> int:
+    """How many of ``n`` examples ``_test_split`` holds out: TEST_FRACTION, at least one (none of one)."""
+    return max(1, int(round(TEST_FRACTION * n))) if n > 1 else 0
+
+
 def _test_split(n: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(TEST_SPLIT_SEED).permutation(n)
-    n_test = max(1, int(round(TEST_FRACTION * n))) if n > 1 else 0
+    n_test = _n_test(n)
     return np.sort(order[:n_test]), np.sort(order[n_test:])
+
+
+def _n_val(n: int, val_fraction: float) -> int:
+    """How many of ``n`` training examples ``_val_split`` takes for validation."""
+    return int(round(val_fraction * n))
+
+
+def _check_split_sizes(name: str, n: int, n_test: int | None, val_fraction: float, *, held_out: bool,
+                       unit: str = "example", test_part: str = "the test part") -> None:
+    """DataError unless ``n`` examples (and ``n_test`` given apart) leave one to train on and one to test on.
+
+    ``held_out``: the test split is taken from the ``n`` (``_test_split``), else ``n_test`` were given
+    apart. The validation split may be empty (training then goes without it). The message names
+    the smallest set that trains with this ``val_fraction``.
+    """
+    if held_out:
+        n_test = _n_test(n)
+    assert n_test is not None
+    n_fit = n - (n_test if held_out else 0)
+    n_val = _n_val(n_fit, val_fraction)
+    n_train = n_fit - n_val
+    if n_train >= 1 and n_test >= 1:
+        return
+    if not held_out and n_test < 1:
+        raise DataError(f"{name}: {test_part} is empty; give at least one test {unit} there, or leave it out to hold "
+                        f"out {TEST_FRACTION:.0%} of the training {unit}s as the test split")
+    need = next(m for m in range(2 if held_out else 1, 1_000_000)
+                if (m - (_n_test(m) if held_out else 0)) - _n_val(m - (_n_test(m) if held_out else 0), val_fraction) >= 1)
+    parts = f"{n_train} to train on, {n_val} to validate on" + (f" and {n_test} to test on" if held_out else "")
+    raise DataError(f"{name} has {n} {unit}{'' if n == 1 else 's'}{'' if held_out else ' for training'}, too few to "
+                    f"split ({parts}); training needs one {unit} to train on and one to test on: give at least "
+                    f"{need} {unit}s{'' if held_out else ' for training'} (with --val-fraction {val_fraction:g})")
 
 
 # ---------------------------------------------------------------- a user's image folder
@@ -589,7 +630,10 @@ def _load_folder(root: Path, shape: tuple[int, int, int] | None, num_classes: in
                             f"{', '.join(classes[:4])}...; the splits must have the same class subfolders")
         test_files = [f for f, _ in test_samples]
         test_y = torch.tensor([y for _, y in test_samples], dtype=torch.int64)
+        _check_split_sizes(f"--data {root}", len(files), len(test_files), val_fraction, held_out=False, unit="image",
+                           test_part=f"{test_dir.name}/")
     else:
+        _check_split_sizes(f"--data {root}", len(files), None, val_fraction, held_out=True, unit="image")
         test_idx, train_idx = _test_split(len(files))
         test_files, test_y = [files[i] for i in test_idx], labels[torch.from_numpy(test_idx)]
         files, labels = [files[i] for i in train_idx], labels[torch.from_numpy(train_idx)]
@@ -666,17 +710,27 @@ def default_workers(split: Split | ImageFolderSplit) -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def batches(split: Split | ImageFolderSplit, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-            rank: int = 0, world_size: int = 1, drop_last: bool = False,
-            workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of ``split``; the order depends only on (seed, epoch), shards are disjoint per rank.
+def _merges_single(n: int, batch_size: int, drop_last: bool, merge_single: bool) -> bool:
+    """Whether ``n`` examples in batches of ``batch_size`` end with a batch of one that is merged."""
+    return merge_single and not drop_last and batch_size > 1 and n > batch_size and n % batch_size == 1
 
+
+def batches(split: Split | ImageFolderSplit, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+            rank: int = 0, world_size: int = 1, drop_last: bool = False, merge_single: bool = False,
+            workers: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches (x [B, ...], y [B]) of ``split``; the order depends only on (seed, epoch), shards are disjoint per rank.
+
+    ``merge_single``: a last batch of one example is appended to the batch before it (which then
+    holds ``batch_size + 1``): BatchNorm cannot normalise a single example in training mode, and
+    every example is still seen once per epoch in the same order. ``num_batches`` counts the same.
     A lazily decoded split is decoded by ``workers`` DataLoader processes (default:
     ``default_workers``); batches arrive in the same order whatever the count.
     """
     order = _order(split, shuffle, seed, epoch, rank, world_size)
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
     chunks = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+    if _merges_single(len(order), batch_size, drop_last, merge_single):
+        chunks[-2:] = [torch.cat(chunks[-2:])]
     workers = default_workers(split) if workers is None else workers
     if workers > 0 and getattr(split, "lazy", False) and len(chunks) > 1:
         loader = torch.utils.data.DataLoader(_Batches(split, chunks), batch_size=None, shuffle=False,
@@ -690,10 +744,11 @@ def batches(split: Split | ImageFolderSplit, batch_size: int, *, shuffle: bool, 
         yield split.take(idx)
 
 
-def num_batches(split: Split | ImageFolderSplit, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
-    """How many batches ``batches`` yields per epoch for one rank."""
+def num_batches(split: Split | ImageFolderSplit, batch_size: int, world_size: int = 1, drop_last: bool = False,
+                merge_single: bool = False) -> int:
+    """How many batches ``batches`` yields per epoch for one rank (with the same options)."""
     n = len(split) // world_size if world_size > 1 else len(split)
-    return n // batch_size if drop_last else -(-n // batch_size)
+    return n // batch_size if drop_last else -(-n // batch_size) - _merges_single(n, batch_size, drop_last, merge_single)
 
 
 def augment_generator(seed: int, epoch: int, batch: int, rank: int = 0) -> torch.Generator:

@@ -323,6 +323,11 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, reducer: Reducer,
     return float(acc[0]) / n, float(acc[1]) / n
 
 
+def _has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers (which need two or more examples per training batch)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def recalibrate_bn(model: nn.Module, split: Split, batch_size: int, model_input: tuple[int, ...],
                    workers: int | None = None) -> bool:
     """Re-estimate the BatchNorm running statistics for the final weights; False if it has none.
@@ -339,7 +344,8 @@ def recalibrate_bn(model: nn.Module, split: Split, batch_size: int, model_input:
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
         return False
     size = max(batch_size, 256)
-    inputs = (_adapt_batch(x, model_input) for x, _ in batches(split, size, shuffle=False, workers=workers))
+    inputs = (_adapt_batch(x, model_input) for x, _ in batches(split, size, shuffle=False, merge_single=True,
+                                                               workers=workers))
     update_bn(itertools.islice(inputs, max(1, BN_RECALIBRATION_SAMPLES // size)), model)
     return True
 
@@ -407,9 +413,16 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
         raise UsageError(f"--augment crops and flips images, but {data.name} holds examples of shape "
                          f"{list(data.train.x.shape[1:])}; drop --augment")
     torch.manual_seed(cfg.seed)
-    steps_per_epoch = num_batches(data.train, cfg.batch_size, reducer.world_size)
+    steps_per_epoch = num_batches(data.train, cfg.batch_size, reducer.world_size, merge_single=True)
     if steps_per_epoch == 0:
         raise TrainingError(f"the training split has fewer examples ({len(data.train)}) than ranks; use more data")
+    per_rank = len(data.train) // reducer.world_size
+    if (per_rank == 1 or cfg.batch_size == 1) and _has_batchnorm(model):
+        why, fix = (("--batch-size is 1", "use --batch-size 2 or more") if cfg.batch_size == 1 else
+                    (f"the training split has {len(data.train)} example(s) for {reducer.world_size} rank(s)",
+                     f"give at least {2 * reducer.world_size} training examples"))
+        raise TrainingError(f"the model's BatchNorm layers cannot normalise a training batch of one example, and "
+                            f"{why}; {fix}")
     plan = Plan(cfg.epochs, steps_per_epoch)
     warmup = warmup_steps(cfg, steps_per_epoch)
     if resume_state is not None:
@@ -472,7 +485,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
             sums = torch.zeros(3, dtype=torch.float64)
             step = (epoch - 1) * steps_per_epoch
             for b, (x, y) in enumerate(batches(data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                               rank=reducer.rank, world_size=reducer.world_size,
+                                               rank=reducer.rank, world_size=reducer.world_size, merge_single=True,
                                                workers=cfg.workers)):
                 if augment:
                     x = augment_batch(x, augment_generator(cfg.seed, epoch, b, reducer.rank), flip=flip)
@@ -576,7 +589,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
             last["val_loss"], last["val_acc"] = evaluate(model, data.val, cfg.batch_size, reducer, model_input,
                                                          cfg.workers)
     test_loss, test_acc = evaluate(model, data.test, cfg.batch_size, reducer, model_input, cfg.workers)
-    warnings = []
+    warnings = list(schedule.notes())
     if at_chance(test_acc, data.num_classes, len(data.test)):
         warnings.append(f"test accuracy {test_acc:.1%} is at chance: the model did not learn; retry with --force "
                         f"--lr {cfg.learning_rate / 10:g}, or more --epochs")

@@ -302,6 +302,21 @@ def test_weights_that_do_not_fit(tmp_path):
                                  "--weights", "five.pt", "--out", "W"), "depth-multiplier", nothing_at=(Path("W"),))
 
 
+def test_weights_with_nan_or_inf_are_refused(tmp_path):
+    import torch
+
+    from sparsify import zoo
+
+    state = zoo.get("lenet5").build().state_dict()
+    names = [k for k, v in state.items() if v.is_floating_point()]
+    state[names[1]].view(-1)[:3] = float("nan")
+    state[names[2]].view(-1)[0] = float("inf")
+    torch.save(state, "nan.pt")
+    line = assert_one_error_line(invoke("transform", "zoo:lenet5", "--density", "0.1", "--weights", "nan.pt",
+                                        "--out", "W"), "nan.pt", names[1], "3 ", nothing_at=(Path("W"),))
+    assert names[2] not in line
+
+
 def test_npz_given_as_data_with_pickled_objects(run):
     np.savez("objects.npz", x=np.array([{"a": 1}] * 4, dtype=object), y=np.zeros(4, dtype=int))
     assert_one_error_line(invoke("train", run, "--data", "objects.npz", "-q"), "objects.npz")

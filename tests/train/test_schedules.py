@@ -220,6 +220,26 @@ def test_rigl_stops_at_75_percent_and_decays():
     assert sched.fraction(10) > sched.fraction(70) > 0
 
 
+def test_rigl_default_interval_scales_down_to_short_runs():
+    layers = sparse_modules(TwoLayers())
+    short = schedule_class("rigl")(layers, Plan(3, 6), TrainConfig(schedule="rigl", epochs=3), Reducer())
+    due = [s + 1 for s in range(18) if short.wants_dense_grad(s)]
+    assert len(due) >= 10 and max(due) < 0.75 * 18 and short.notes() == []
+    long = schedule_class("rigl")(layers, Plan(20, 500), TrainConfig(schedule="rigl", epochs=20), Reducer())
+    assert long.every == 100 and long.notes() == []  # the paper's ΔT for long runs
+
+
+def test_rigl_notes_a_run_with_few_or_no_updates(data):
+    layers = sparse_modules(TwoLayers())
+    cfg = TrainConfig(schedule="rigl", epochs=3, update_every=100)
+    sched = schedule_class("rigl")(layers, Plan(3, 6), cfg, Reducer())
+    assert [s for s in range(18) if sched.wants_dense_grad(s)] == []
+    assert len(sched.notes()) == 1 and "no topology update" in sched.notes()[0]
+    cfg = TrainConfig(data="synthetic", schedule="rigl", epochs=1, batch_size=32, update_every=3)
+    r = fit(TinyNet(density=0.5), data, cfg, model_input=INPUT)  # 8 steps, stop at 6: one update (step 3)
+    assert any("1 topology update" in w for w in r["warnings"]), r["warnings"]
+
+
 def test_conv_topology_unit_is_whole_kernel_block(data):
     model = TinyNet(density=0.5)
     cfg = TrainConfig(data="synthetic", schedule="rigl", epochs=2, batch_size=32, update_every=3)

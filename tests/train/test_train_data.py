@@ -111,6 +111,22 @@ def test_batches_depend_on_seed_and_epoch_and_shard_disjointly():
     assert num_batches(b.train, 8, world_size=2) == len(list(batches(b.train, 8, shuffle=False, rank=1, world_size=2)))
 
 
+@pytest.mark.parametrize("n, size, world", [(33, 8, 1), (9, 8, 1), (67, 8, 2), (1, 8, 1), (8, 8, 1), (5, 1, 1)])
+def test_a_last_batch_of_one_example_is_merged_into_the_one_before(n, size, world):
+    from sparsify.train.data import Split
+
+    split = Split(torch.arange(n, dtype=torch.float32)[:, None], torch.arange(n))
+    for rank in range(world):
+        got = [y for _, y in batches(split, size, shuffle=True, seed=4, epoch=2, rank=rank, world_size=world,
+                                     merge_single=True)]
+        plain = [y for _, y in batches(split, size, shuffle=True, seed=4, epoch=2, rank=rank, world_size=world)]
+        assert torch.equal(torch.cat(got), torch.cat(plain))  # the same examples in the same order
+        assert len(got) == num_batches(split, size, world_size=world, merge_single=True)
+        assert all(len(y) > 1 for y in got) or len(got) == 1 or size == 1
+        if len(plain[-1]) == 1 and len(plain) > 1 and size > 1:
+            assert len(got) == len(plain) - 1 and len(got[-1]) == size + 1
+
+
 def test_vector_models_keep_image_shape():
     b = load_dataset("digits", (1, 64))
     assert b.train.x.shape[1:] == (1, 8, 8) and b.notes == []

@@ -7,7 +7,7 @@ import pytest
 import torch
 from train_fixtures import INPUT, TinyNet
 
-from sparsify.errors import TrainingError, UsageError
+from sparsify.errors import SparsifyError, TrainingError, UsageError
 from sparsify.train import TrainConfig, fit
 from sparsify.train.checkpoint import load_checkpoint
 from sparsify.train.data import load_dataset
@@ -73,6 +73,37 @@ def test_same_seed_same_result_different_seed_differs(data):
     fit(c, data, TrainConfig(seed=2, **cfg), model_input=INPUT)
     _assert_identical(_state(a), _state(b))
     assert not torch.equal(a.fc1.weight, c.fc1.weight)
+
+
+class _BN1dNet(torch.nn.Module):
+    """flatten - linear - BatchNorm1d - ReLU - linear: BN1d cannot normalise a training batch of one example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.f = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.BatchNorm1d(16),
+                                     torch.nn.ReLU(), torch.nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)
+
+
+def test_batchnorm_trains_when_the_last_batch_has_one_example(data):
+    cfg = TrainConfig(data="synthetic", schedule="static", epochs=2, batch_size=16, train_limit=33, seed=1)
+    tiny = load_dataset("synthetic", INPUT, num_classes=10, synthetic_size=(200, 40), train_limit=33)
+    a, b = _BN1dNet(), _BN1dNet()
+    r = fit(a, tiny, cfg, model_input=INPUT)
+    fit(b, tiny, cfg, model_input=INPUT)
+    assert r["steps"] == 2 * 2  # 16 + 17 examples per epoch
+    _assert_identical(_state(a), _state(b))
+
+
+def test_batchnorm_with_one_training_example_is_one_error(data):
+    one = load_dataset("synthetic", INPUT, num_classes=10, synthetic_size=(200, 40), train_limit=1)
+    with pytest.raises(SparsifyError, match="BatchNorm") as e:
+        fit(_BN1dNet(), one, TrainConfig(data="synthetic", schedule="static", epochs=1, train_limit=1),
+            model_input=INPUT)
+    assert "\n" not in str(e.value)
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(data, tmp_path):

@@ -162,6 +162,39 @@ def test_bad_npz_is_one_data_error(tmp_path, arrays, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("arrays, val_fraction, message", [
+    # one example: all of it would be the training split and none the test split
+    ({"x": np.zeros((1, 8, 8)), "y": np.array([1])}, 0.1, r"1 example.*at least 2 examples"),
+    ({"x": np.zeros((0, 8, 8)), "y": np.zeros(0, dtype=int)}, 0.1, r"0 examples.*at least 2 examples"),
+    # validation takes the only training example: 3 -> 1 test + 2 val + 0 train
+    ({"x": np.zeros((3, 8, 8)), "y": np.array([0, 1, 0])}, 0.9, r"at least \d+ examples"),
+    ({"x": np.zeros((4, 8, 8)), "y": np.array([0, 1, 0, 1]), "x_test": np.zeros((0, 8, 8)),
+      "y_test": np.zeros(0, dtype=int)}, 0.1, "x_test"),
+])
+def test_too_few_examples_is_one_data_error(tmp_path, arrays, val_fraction, message):
+    np.savez(tmp_path / "few.npz", **arrays)
+    with pytest.raises(DataError, match=message) as e:
+        load_dataset(str(tmp_path / "few.npz"), (1, 1, 8, 8), val_fraction=val_fraction)
+    assert "\n" not in str(e.value)
+
+
+def test_the_smallest_npz_trains(tmp_path):
+    np.savez(tmp_path / "two.npz", x=np.random.default_rng(0).random((2, 8, 8)), y=np.array([0, 1]))
+    b = load_dataset(str(tmp_path / "two.npz"), (1, 1, 8, 8))
+    assert (len(b.train), len(b.val), len(b.test)) == (1, 0, 1)
+
+
+def test_a_folder_too_small_to_split_is_one_data_error(tmp_path):
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(root / "a" / "0.png")
+    (root / "b" / "note.txt").write_text("no image")
+    with pytest.raises(DataError, match="at least 2 images") as e:
+        load_dataset(str(root), (1, 3, 8, 8))
+    assert "\n" not in str(e.value)
+
+
 def test_unknown_name_or_missing_file():
     with pytest.raises(DataError, match="folder of images in class subfolders or an .npz"):
         load_dataset("no-such-set", (1, 1, 8, 8))

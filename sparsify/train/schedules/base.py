@@ -128,6 +128,10 @@ class Schedule:
         """Called after epoch ``epoch`` (1-based) has finished."""
         return None
 
+    def notes(self) -> list[str]:
+        """One-line remarks on how this schedule fits the run (e.g. too few topology updates); recorded as warnings."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly (tensors and plain values only)."""
         return {}

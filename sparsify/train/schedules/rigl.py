@@ -1,6 +1,7 @@
 """``rigl`` (Evci et al. 2020): drop by magnitude, grow by dense-gradient magnitude, every ΔT steps.
 
-Every ``update_every`` steps, until ``stop_fraction`` (75%) of training, each layer drops the
+Every ``update_every`` steps (default 100, or fewer so that a short run makes at least 10 updates;
+a run with fewer than 3 is noted), until ``stop_fraction`` (75%) of training, each layer drops the
 fraction f(t) of its live connections with the smallest magnitude and grows as many where the
 dense gradient (captured on that step only, averaged over ranks) is largest; new connections start
 at zero. f(t) = f0/2 * (1 + cos(pi t / T_end)). Layer budgets are conserved exactly.
@@ -86,7 +87,7 @@ INITS = ("run", "uniform", "erk")
 @dataclass
 class RigLParams(ScheduleParams):
     """``prune_rate``: the drop fraction f0 (default 0.3); ``update_every``: ΔT, steps between
-    updates (default 100); ``stop_fraction``: no updates after this fraction of training;
+    updates (default 100, less for a run too short for 10 updates: ``default_interval``); ``stop_fraction``: no updates after this fraction of training;
     ``init``: the initial layer budgets (the run's, ``uniform`` or ``erk``); ``init_profile`` /
     ``init_profile_params``: a PSN fan-in profile inside each layer (``NAME@LAYER`` per layer)."""
 
@@ -106,6 +107,21 @@ class RigLParams(ScheduleParams):
         check(self.init in INITS, f"--init must be one of {', '.join(INITS)}")
 
 
+DEFAULT_INTERVAL = 100  # ΔT of Evci et al. 2020 (sect. 4), for runs long enough to make MIN_UPDATES with it
+MIN_UPDATES = 10        # updates before the stop point that the default interval leaves a short run
+FEW_UPDATES = 3         # fewer updates than this is noted (the run is nearly static training)
+
+
+def default_interval(end: int) -> int:
+    """ΔT when the user set none: 100, or less for a run whose stop point ``end`` (steps) leaves fewer than 10 updates.
+
+    The paper's ΔT = 100 assumes tens of thousands of steps; like SET and sparse momentum (once
+    per epoch), a short run still gets updates: at least ``MIN_UPDATES`` before ``end`` when
+    ``end`` > 10, every step otherwise.
+    """
+    return max(1, min(DEFAULT_INTERVAL, (end - 1) // MIN_UPDATES))
+
+
 class RigL(Schedule):
     """Rigging the Lottery: magnitude drop, gradient grow, cosine-decayed drop fraction."""
 
@@ -116,8 +132,21 @@ class RigL(Schedule):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.drop_fraction = 0.3 if self.params.prune_rate is None else float(self.params.prune_rate)
-        self.every = int(self.params.update_every or 100)
         self.end = int(self.params.stop_fraction * self.plan.total_steps)
+        self.every = int(self.params.update_every or default_interval(self.end))
+
+    def updates(self) -> int:
+        """How many topology updates the run makes (at multiples of ``every`` before ``end``)."""
+        return max(0, (self.end - 1) // self.every)
+
+    def notes(self) -> list[str]:
+        n = self.updates()
+        if n >= FEW_UPDATES:
+            return []
+        made = "no topology update, so it trains like --schedule static" if n == 0 else \
+            f"only {n} topology update{'s' if n > 1 else ''}"
+        return [f"rigl makes {made}: one every {self.every} steps, before step {self.end} "
+                f"({self.params.stop_fraction:g} of {self.plan.total_steps}); lower --update-every or train longer"]
 
     def start(self) -> Change | None:
         return redraw_topology(self)
