@@ -575,8 +575,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, rules: Any = 
     report.source = str(run_dir)
     norm = (read_summary(run_dir).get("train") or {}).get("input_normalization")
     if norm:
-        report.notes.append(f"the run was trained on inputs normalised as {norm['text']}; feed the exported model "
-                            "inputs normalised the same way")
+        report.notes.append(f"the run was trained on inputs normalised as {norm['text']} (summary.json: "
+                            "train.input_normalization); feed the exported model inputs normalised the same way")
     return report
 
 

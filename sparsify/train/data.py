@@ -278,13 +278,11 @@ def input_normalization(mean: torch.Tensor, std: torch.Tensor, units: str) -> di
     """The record of ``x -> (x - mean) / std`` applied to every example before the model.
 
     ``mean`` / ``std``: one value (the whole array) or one per channel; ``units``: what x is in
-    ("as stored", "pixels scaled to [0, 1]"). ``text`` is the formula for messages."""
+    ("as stored", "pixels scaled to [0, 1]"). ``text`` is the formula for messages (the numbers
+    to 4 digits; per channel, they are only in ``mean`` / ``std``)."""
     m, s = [round(float(v), 6) for v in mean.reshape(-1)], [round(float(v), 6) for v in std.reshape(-1)]
-    if len(m) == 1:
-        text = f"(x - {m[0]:.6g}) / {s[0]:.6g}"
-    else:
-        text = f"(x - mean) / std per channel, mean [{', '.join(f'{v:.4g}' for v in m)}], std [{', '.join(f'{v:.4g}' for v in s)}]"
-    return {"mean": m, "std": s, "units": units, "text": f"{text}, x in {units}"}
+    text = f"(x - {m[0]:.4g}) / {s[0]:.4g}" if len(m) == 1 else "(x - mean[c]) / std[c] per channel c"
+    return {"mean": m, "std": s, "units": units, "text": f"{text}, x {units}"}
 
 
 def load_dataset(name: str, input_shape: tuple[int, ...], *, data_dir: str | Path | None = None,

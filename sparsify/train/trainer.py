@@ -456,9 +456,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     for note in data.notes:
         say(note)
     if data.normalization is not None:
-        say(f"inputs normalised as {data.normalization['text']} (the training split's statistics); feed the "
-            "trained or exported model inputs normalised the same way (summary.json: train.input_normalization), "
-            "or train with --no-normalize on inputs prepared your way")
+        # the deployed model needs the same; summary.json keeps the numbers (train.input_normalization)
+        say(f"inputs normalised: {data.normalization['text']}")
     augment = data.augment if cfg.augment is None else cfg.augment
     flip = data.name not in ("mnist", "digits")  # a mirrored digit is another digit, or none
     if augment:

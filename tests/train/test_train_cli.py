@@ -64,7 +64,7 @@ def test_input_normalisation_is_told_recorded_and_noted_at_export(run, tmp_path)
     assert res.exit_code == 0, res.output
     norm = json.loads((run / "summary.json").read_text())["train"]["input_normalization"]
     assert norm["units"] == "as stored" and len(norm["mean"]) == 1 and norm["std"][0] > 0
-    assert f"inputs normalised as {norm['text']}" in " ".join(res.output.split())
+    assert f"inputs normalised: {norm['text']}" in " ".join(res.output.split())
     exp = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "m.onnx")])
     assert exp.exit_code == 0 and "trained on inputs normalised as" in " ".join(exp.output.split()), exp.output
     res = runner.invoke(app, ["train", str(run), *QUICK, "--no-normalize", "--force"])
