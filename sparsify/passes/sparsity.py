@@ -35,6 +35,7 @@ from ..profiles import LayerShape, allocate, cv, fan_in_counts, random_mask, res
 from .base import GraphPass, PassResult, check_fraction, set_submodule
 from .channel_graph import ChannelGraph, classifier_node, weight_nodes
 from .rules import DEFAULT_RULES, LayerRule, Registry, Role, SparseLayout
+from .rules.base import beyond_forward
 
 
 @dataclass
@@ -120,10 +121,17 @@ def eligible_layers(gm: fx.GraphModule, include_linear: bool, include_classifier
                             single_input=layout.is_conv and layout.n_in == 1, rule=rule, is_conv=layout.is_conv))
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target not in seen and rules.rule_for_module(mods[node.target]) is None:
-            base = rules.known_base(type(mods[node.target]))
+            m = mods[node.target]
+            beyond = beyond_forward(m)
+            if beyond is not None:
+                seen.add(node.target)
+                notes.append(f"{node.target}: kept dense and frozen because {beyond}, which a sparse or resized "
+                             f"copy would drop (remove them first to make it sparse)")
+                continue
+            base = rules.known_base(type(m))
             if base is not None:
                 seen.add(node.target)
-                notes.append(f"{node.target}: leaf {type(mods[node.target]).__name__} (a {base.__name__} with its own "
+                notes.append(f"{node.target}: leaf {type(m).__name__} (a {base.__name__} with its own "
                              f"forward) kept dense and frozen; a rule for it (--rule, rules=) couples, masks and "
                              f"resizes it")
     return out, notes

@@ -53,6 +53,10 @@ class SparsifyTracer(fx.Tracer):
         if isinstance(m, SPARSE_LAYERS) or t.__name__ in self.leaf_types or f"{t.__module__}.{t.__qualname__}" in self.leaf_types:
             return True
         from .rules import DEFAULT_RULES
+        from .rules.base import beyond_forward
+
+        if beyond_forward(m) is not None:  # its hooks / parametrizations run only when it is called
+            return True
 
         if (self.rules or DEFAULT_RULES).rule_for_module(m) is not None:
             return True

@@ -181,6 +181,25 @@ def _overrides_compute(cls: type, base: type) -> bool:
     return False
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def beyond_forward(m: nn.Module) -> str | None:
+    """Why ``m`` computes more than its type's forward, or None: a parametrized weight
+    (``parametrizations.weight_norm`` / ``spectral_norm``) or hooks (the older ``weight_norm`` /
+    ``spectral_norm`` / ``torch.nn.utils.prune`` recompute the weight in a forward pre-hook; a
+    forward hook may change the output). A pass that replaced or resized such a module would drop
+    what they do, so it stays a leaf without a built-in rule: dense, its channels frozen."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(m):
+        return f"its {', '.join(sorted(m.parametrizations.keys()))} is parametrized"
+    hooks = [h for h in _HOOKS if getattr(m, h, None)]
+    if hooks:
+        return "it has " + " and ".join(h.strip("_").replace("_", " ") for h in hooks)
+    return None
+
+
 class Registry:
     """Rules by module type, function and method name; ``extend`` overlays user rules."""
 
@@ -221,6 +240,8 @@ class Registry:
         for key in (t.__name__, f"{t.__module__}.{t.__qualname__}"):
             if key in self.user_modules:
                 return self.user_modules[key]
+        if beyond_forward(m) is not None:
+            return None
         if t in self.modules:
             return self.modules[t]
         for base in t.__mro__[1:]:

@@ -1,0 +1,63 @@
+"""Modules that compute more than their type's forward (hooks, parametrized weights) stay whole:
+a sparse or resized copy would drop what the hooks / parametrizations do (a user found a forward
+hook dropped, 6% off the original at density 1, and weight norm resized to NaN outputs)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as prune
+from torch.nn.utils import parametrizations
+
+from sparsify.passes.depth_multiplier import DepthMultiplierPass
+from sparsify.passes.rules import DEFAULT_RULES
+from sparsify.passes.sparsity import SparseRandomPass
+from sparsify.passes.trace import trace
+from sparsify.report import layer_report
+
+
+def _clip(module, inputs, output):
+    return output.clamp(max=0.05)
+
+
+class Net(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3)
+        self.fc = nn.Linear(16, 4)
+        if kind == "forward-hook":
+            self.c2.register_forward_hook(_clip)
+        elif kind == "spectral-norm":
+            self.c2 = parametrizations.spectral_norm(self.c2)
+        elif kind == "weight-norm":
+            self.c2 = parametrizations.weight_norm(self.c2)
+        elif kind == "old-weight-norm":
+            self.c2 = torch.nn.utils.weight_norm(self.c2)
+        elif kind == "prune":
+            prune.l1_unstructured(self.c2, "weight", amount=0.5)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(torch.relu(self.c3(x)).mean((2, 3)))
+
+
+KINDS = ["forward-hook", "spectral-norm", "weight-norm", "old-weight-norm", "prune"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@torch.no_grad()  # the older weight norm / pruning leave a computed weight that cannot be deep-copied after a
+def test_hooked_or_parametrized_layer_stays_whole(kind):  # forward with gradients (torch's limit, not ours)
+    torch.manual_seed(0)
+    model = Net(kind).eval()
+    x = torch.randn(2, 3, 12, 12)
+    gm = trace(model)
+    res = SparseRandomPass(1.0, rescale_init=False)(gm, x)
+    assert type(res.model.c2) is type(model.c2), "the module is kept as it is, hooks and all"
+    assert any(n.startswith("c2: kept dense and frozen because") for n in res.notes), res.notes
+    torch.testing.assert_close(res.model.eval()(x), model(x))
+    sparse = SparseRandomPass(0.5)(gm, x).model
+    assert type(sparse.c1).__name__ == "SparseConv2d" and type(sparse.c2) is type(model.c2)
+    dm = DepthMultiplierPass(0.5)(trace(Net(kind)), x).model
+    assert dm.c2.out_channels == dm.c2.in_channels == 16  # its channels are frozen
+    assert torch.isfinite(dm.eval()(x)).all()
+    layer_report(sparse, [tuple(x.shape)], DEFAULT_RULES)  # reports it (an old weight norm crashed this)
