@@ -303,6 +303,21 @@ def mode_differences(gm: fx.GraphModule) -> str | None:
             + "): training uses its training-mode graph, eval() and export its eval-mode graph")
 
 
+def dropped_train_overrides(model: nn.Module, gm: fx.GraphModule) -> str | None:
+    """A one-line note when ``model`` or a module traced through (not kept in ``gm``) overrides
+    ``train()`` (mmdetection's ``norm_eval`` keeps BatchNorm in eval mode while training): the graph
+    module's ``train()`` is nn.Module's, so that behaviour is gone; None when nothing is lost."""
+    kept = {id(m) for m in gm.modules()}
+    lost = sorted({type(m).__name__ for m in model.modules()
+                   if id(m) not in kept and getattr(type(m), "train", None) is not nn.Module.train})
+    if not lost:
+        return None
+    verb = "overrides" if len(lost) == 1 else "override"
+    return (f"{', '.join(lost[:3])}{' and more' if len(lost) > 3 else ''} {verb} train(), which the traced "
+            "model does not keep (it is nn.Module.train): modes set there (e.g. BatchNorm kept in eval while "
+            "training) are not applied by `sparsify train`; a submodule doing so can be kept whole with --leaf")
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` in eval mode without gradients, restoring every submodule's mode afterwards.

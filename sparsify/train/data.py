@@ -281,7 +281,8 @@ def input_normalization(mean: torch.Tensor, std: torch.Tensor, units: str) -> di
     ("as stored", "pixels scaled to [0, 1]"). ``text`` is the formula for messages (the numbers
     to 4 digits; per channel, they are only in ``mean`` / ``std``)."""
     m, s = [round(float(v), 6) for v in mean.reshape(-1)], [round(float(v), 6) for v in std.reshape(-1)]
-    text = f"(x - {m[0]:.4g}) / {s[0]:.4g}" if len(m) == 1 else "(x - mean[c]) / std[c] per channel c"
+    shift = f"x - {m[0]:.4g}" if m and m[0] >= 0 else f"x + {-m[0]:.4g}"
+    text = f"({shift}) / {s[0]:.4g}" if len(m) == 1 else "(x - mean[c]) / std[c] per channel c"
     return {"mean": m, "std": s, "units": units, "text": f"{text}, x {units}"}
 
 

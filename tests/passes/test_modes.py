@@ -17,7 +17,7 @@ import sparsify
 from sparsify.passes.channel_graph import ChannelGraph
 from sparsify.passes.depth_multiplier import DepthMultiplierPass
 from sparsify.passes.sparsity import SparseRandomPass
-from sparsify.passes.trace import ModeGraphModule, graphs, mode_differences, trace
+from sparsify.passes.trace import ModeGraphModule, dropped_train_overrides, graphs, mode_differences, trace
 from sparsify.runtime.export import export_model
 
 torch.fx.wrap("stochastic_depth")
@@ -292,3 +292,23 @@ def test_a_flatten_in_both_graphs_lays_out_one_group():
     gm = trace(_calibrated(FlattenDropout))
     cg = ChannelGraph.build(gm, torch.randn(2, 3, 16, 16))
     assert isinstance(gm, ModeGraphModule) and not cg.group_of("c2").frozen
+
+
+class NormEval(Base):
+    """mmdetection's norm_eval: BatchNorm stays in eval mode while the model trains."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            self.bn1.eval()
+        return self
+
+    def forward(self, x):
+        return self.head(F.relu(self.c2(F.relu(self.bn1(self.c1(x))))))
+
+
+def test_a_train_override_that_tracing_drops_is_noted():
+    model = NormEval()
+    note = dropped_train_overrides(model, trace(model))
+    assert note is not None and note.startswith("NormEval overrides train()")
+    assert dropped_train_overrides(FunctionalDropout(), trace(FunctionalDropout())) is None

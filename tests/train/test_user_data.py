@@ -252,3 +252,10 @@ def test_folder_normalisation_is_per_channel_pixels_in_unit_range(tmp_path):
     xn, _ = b.train.take(torch.arange(4))
     mean, std = torch.tensor(norm["mean"]), torch.tensor(norm["std"])
     torch.testing.assert_close(xn, (x - mean[:, None, None]) / std[:, None, None], atol=1e-5, rtol=1e-5)
+
+
+def test_a_negative_mean_reads_as_a_sum():
+    from sparsify.train.data import input_normalization
+
+    assert input_normalization(torch.tensor(-0.0291), torch.tensor(1.5), "as stored")["text"] == \
+        "(x + 0.0291) / 1.5, x as stored"
