@@ -400,10 +400,10 @@ def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte
     val_idx, tr_idx = _val_split(len(y_train), val_fraction)
     if train_limit is not None:
         tr_idx = tr_idx[:train_limit]
+    normalization = None
     if normalize:
         mean, std = x_train[tr_idx].mean(), x_train[tr_idx].std().clamp_min(1e-6)
-    else:
-        mean, std = torch.tensor(0.0), torch.tensor(1.0)
+        normalization = input_normalization(mean, std, "as stored")
 
     def prep(x: torch.Tensor, record: bool) -> torch.Tensor:
         x = (x - mean) / std if normalize else x
@@ -417,7 +417,7 @@ def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte
         num_classes=n_classes,
         notes=notes,
         kind=kind,
-        normalization=input_normalization(mean, std, "as stored") if normalize else None,
+        normalization=normalization,
     )
 
 
@@ -526,19 +526,20 @@ def _check_split_sizes(name: str, n: int, n_test: int | None, val_fraction: floa
     apart. The validation split may be empty (training then goes without it). The message names
     the smallest set that trains with this ``val_fraction``.
     """
+    def fit_split(m: int) -> tuple[int, int]:  # (train, validation) examples of m
+        fit = m - (_n_test(m) if held_out else 0)
+        return fit - _n_val(fit, val_fraction), _n_val(fit, val_fraction)
+
     if held_out:
         n_test = _n_test(n)
     assert n_test is not None
-    n_fit = n - (n_test if held_out else 0)
-    n_val = _n_val(n_fit, val_fraction)
-    n_train = n_fit - n_val
+    n_train, n_val = fit_split(n)
     if n_train >= 1 and n_test >= 1:
         return
     if not held_out and n_test < 1:
         raise DataError(f"{name}: {test_part} is empty; give at least one test {unit} there, or leave it out to hold "
                         f"out {TEST_FRACTION:.0%} of the training {unit}s as the test split")
-    need = next(m for m in range(2 if held_out else 1, 1_000_000)
-                if (m - (_n_test(m) if held_out else 0)) - _n_val(m - (_n_test(m) if held_out else 0), val_fraction) >= 1)
+    need = next(m for m in range(2 if held_out else 1, 1_000_000) if fit_split(m)[0] >= 1)
     parts = f"{n_train} to train on, {n_val} to validate on" + (f" and {n_test} to test on" if held_out else "")
     raise DataError(f"{name} has {n} {unit}{'' if n == 1 else 's'}{'' if held_out else ' for training'}, too few to "
                     f"split ({parts}); training needs one {unit} to train on and one to test on: give at least "

@@ -545,9 +545,9 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
             # judged from epoch 2: the first is the learning-rate warm-up; and on the training batches
             # too (their own BatchNorm statistics): validation at chance alone is often running
             # statistics that trail fast-moving weights, which the end of training re-estimates
-            if epoch >= 2 and not warned_chance and at_chance(float(sums[1] / sums[2]), data.num_classes,
-                                                              int(sums[2])) and \
-                    at_chance(val_acc if len(data.val) else 0.0, data.num_classes, len(data.val) or int(sums[2])):
+            train_at_chance = at_chance(float(sums[1] / sums[2]), data.num_classes, int(sums[2]))
+            val_at_chance = not len(data.val) or at_chance(val_acc, data.num_classes, len(data.val))
+            if epoch >= 2 and not warned_chance and train_at_chance and val_at_chance:
                 warned_chance = True
                 say(f"warning: accuracy is at chance after epoch {epoch}; if it stays there, retry with --force "
                     f"--lr {cfg.learning_rate / 10:g}")
