@@ -109,6 +109,11 @@ def eligible_layers(gm: fx.GraphModule, include_linear: bool, include_classifier
         if clf is not None and node.target == clf.target and not include_classifier:
             notes.append(f"{node.target}: classifier kept dense (use --include-classifier to mask it)")
             continue
+        untrained = _untrained(node, m)
+        if untrained:
+            notes.append(f"{node.target}: kept dense because {untrained[0]}, so training could not recover what "
+                         f"a mask removes ({untrained[1]} to make it sparse)")
+            continue
         rule = rules.rule_for_module(m)
         layout = rule.sparse(m)
         if not isinstance(layout, SparseLayout):
@@ -135,6 +140,18 @@ def eligible_layers(gm: fx.GraphModule, include_linear: bool, include_classifier
                              f"forward) kept dense and frozen; a rule for it (--rule, rules=) couples, masks and "
                              f"resizes it")
     return out, notes
+
+
+def _untrained(node: fx.Node, m: nn.Module) -> tuple[str, str] | None:
+    """Why training leaves layer ``m`` (called at ``node``) as it is, and what the user can change; None
+    when it trains. Its weight is frozen (``requires_grad=False``) or the model's forward calls it
+    under ``torch.no_grad()``."""
+    weight = getattr(m, "weight", None)
+    if isinstance(weight, torch.Tensor) and not weight.requires_grad:
+        return "its weight is frozen (requires_grad=False)", "unfreeze it in the model"
+    if node.meta.get("grad_disabled"):
+        return "the model's forward runs it under torch.no_grad()", "call it outside the no_grad block"
+    return None
 
 
 def _rng(seed: int, layer: Eligible) -> np.random.Generator:

@@ -48,6 +48,13 @@ class SparsifyTracer(fx.Tracer):
         self.rules = rules
         self.record_stack_traces = True  # lets errors name the model's source line
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[override]
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        # The model's own ``with torch.no_grad():`` runs while it is traced; the graph would lose it.
+        if kind in ("call_function", "call_method", "call_module") and not torch.is_grad_enabled():
+            node.meta["grad_disabled"] = True
+        return node
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         t = type(m)
         if isinstance(m, SPARSE_LAYERS) or t.__name__ in self.leaf_types or f"{t.__module__}.{t.__qualname__}" in self.leaf_types:
@@ -64,6 +71,33 @@ class SparsifyTracer(fx.Tracer):
 
 
 _NOT_USER_CODE = ("/torch/", "/typer/", "/click/")
+
+
+def stop_gradient(x: Any) -> Any:
+    """``x`` detached from autograd when it is a tensor (tensors in tuples / lists / dicts too), else
+    ``x``: what a value computed under ``torch.no_grad()`` is to the code that reads it."""
+    return map_aggregate(x, lambda v: v.detach() if isinstance(v, torch.Tensor) else v)
+
+
+def _keep_no_grad(graph: fx.Graph) -> int:
+    """Mark the ends of the model's no-gradient regions: each node computed under ``torch.no_grad()``
+    (or ``set_grad_enabled(False)``, ``inference_mode``, a ``@torch.no_grad()`` forward traced
+    through) whose value is read outside the region is read through ``stop_gradient``, so training
+    the traced graph sends no gradient where the model's forward sends none. Returns the count."""
+    count = 0
+    for node in list(graph.nodes):
+        if not node.meta.get("grad_disabled"):
+            continue
+        outside = [u for u in node.users if not u.meta.get("grad_disabled")]
+        if not outside:
+            continue
+        with graph.inserting_after(node):
+            stop = graph.call_function(stop_gradient, (node,))
+        stop.meta["stack_trace"] = node.meta.get("stack_trace")
+        for user in outside:
+            user.replace_input_with(node, stop)
+        count += 1
+    return count
 
 
 def user_source_line(source: BaseException | fx.Node | str | None) -> str:
@@ -223,9 +257,11 @@ def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any,
                 mode: str = "") -> tuple[SparsifyTracer, fx.Graph]:
     tracer = SparsifyTracer(leaf_types, rules)
     try:
-        graph = tracer.trace(model)
+        with torch.enable_grad():  # so that only the model's own no-gradient regions are marked
+            graph = tracer.trace(model)
     except Exception as e:
         raise TraceError(_untraceable_message(model, e, leaf_types, mode)) from None
+    _keep_no_grad(graph)
     # fx marks autowrapped calls so that the generated code registers them for later symbolic
     # traces (``wrap("torch.rand")``); torch 2.x then fails every later trace in the process, also
     # torch.export's (KeyError: 'torch.rand': the dotted name is not a global). The nodes are plain

@@ -77,6 +77,9 @@ def _default() -> Registry:
               "reciprocal", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type",
               "cpu", "cuda", "requires_grad_", "nan_to_num", "floor", "ceil", "round", "sin", "cos"), elementwise)
     r.method(("type_as",), elementwise)
+    from ..trace import stop_gradient
+
+    r.function((stop_gradient,), elementwise)
     # dropout: the identity in eval, random in training (functional defaults differ)
     r.module((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout),
              DropoutRule())
