@@ -7,6 +7,9 @@ stored weight is exactly zero too.
 """
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -176,6 +179,51 @@ class MaskedLeaf(_Masked):
         finally:
             del self.__dict__["weight"]
             self._parameters["weight"] = weight
+
+    @torch.no_grad()
+    def reads_masked_inputs(self, input_shape: Sequence[int], probes: int = 32, seed: int = 0) -> int | None:
+        """An output unit whose value changes when only inputs its mask removes change, or None.
+
+        The leaf's rule claims that its forward computes a conv (channels on axis 1) or a linear map
+        (last axis) over its ``weight``; a forward that transforms the weight first (weight
+        standardisation: zeros become ``-mean / std``) reads every input whatever the mask. Checked on
+        up to ``probes`` output units: each gets a copy of one random input of ``input_shape`` (the
+        leaf's input, batch included) with every input channel it does not read replaced by noise;
+        its output must not move (relative tolerance 1e-4). Runs in eval mode.
+        """
+        conv = self.weight.dim() > 2
+        n_out, per_group = self.mask.shape
+        axis = 1 if conv else len(input_shape) - 1
+        n_in = int(input_shape[axis])
+        groups = max(1, n_in // per_group) if conv else 1
+        gen = torch.Generator().manual_seed(seed)
+        sample = (1, *input_shape[1:])
+        probes = max(1, min(probes, n_out, 8_000_000 // max(1, math.prod(sample))))
+        units = torch.randperm(n_out, generator=gen)[:probes]
+        live = torch.zeros(probes, n_in, dtype=torch.bool)
+        for k, o in enumerate(units.tolist()):
+            g = o // max(1, n_out // groups)
+            live[k, g * per_group:(g + 1) * per_group] = self.mask[o].bool().cpu()
+        w = self.weight
+        base = torch.randn(sample, generator=gen).to(device=w.device, dtype=w.dtype)
+        noise = torch.randn((probes, *input_shape[1:]), generator=gen).to(device=w.device, dtype=w.dtype)
+        dead = (~live).to(device=w.device, dtype=w.dtype)
+        dead = dead.reshape(probes, n_in, *(1,) * (len(input_shape) - 2)) if conv else \
+            dead.reshape(probes, *(1,) * (len(input_shape) - 2), n_in)
+        x = torch.cat([base, base + noise * dead])
+        modes = {m: m.training for m in self.modules()}
+        self.eval()
+        try:
+            y = self(x)
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        y = y.movedim(1 if conv else -1, 0)                     # [n_out, probes + 1, ...]
+        scale = float(y[:, 0].abs().max()) + 1e-12
+        for k, o in enumerate(units.tolist()):
+            if float((y[o, k + 1] - y[o, 0]).abs().max()) > 1e-4 * scale:
+                return o
+        return None
 
     def to_dense(self) -> nn.Module:
         """The leaf's own type with the masked weight baked in (no mask buffer)."""

@@ -30,12 +30,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import PassError, UsageError
-from ..nn import SPARSE_LAYERS
+from ..nn import SPARSE_LAYERS, MaskedLeaf
 from ..profiles import LayerShape, allocate, cv, fan_in_counts, random_mask, resolve_params
 from .base import GraphPass, PassResult, check_fraction, set_submodule
 from .channel_graph import ChannelGraph, classifier_node, weight_nodes
 from .rules import DEFAULT_RULES, LayerRule, Registry, Role, SparseLayout
 from .rules.base import beyond_forward
+from .trace import node_shape
 
 
 @dataclass
@@ -327,6 +328,13 @@ class SparsePass(GraphPass):
     @staticmethod
     def _replace(gm: fx.GraphModule, layer: Eligible, mask: np.ndarray) -> nn.Module:
         new = layer.rule.make_sparse(layer.module, torch.from_numpy(mask.astype(np.float32)))
+        shape = node_shape(layer.node.args[0]) if isinstance(layer.node.args[0], fx.Node) else None
+        if isinstance(new, MaskedLeaf) and shape is not None and new.reads_masked_inputs(shape) is not None:
+            t = type(layer.module).__name__
+            raise PassError(f"{layer.node.target}: the {layer.rule.name} rule for {t} does not hold: its forward "
+                            "reads inputs its mask removes (it transforms its weight before using it, e.g. weight "
+                            f"standardisation), so masking it would not make it sparse; drop the rule for {t} "
+                            "(--rule) to keep it dense")
         set_submodule(gm, layer.node.target, new)
         return new
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import sparsify
-from sparsify.errors import TraceError
+from sparsify.errors import PassError, TraceError
 from sparsify.nn import MaskedLeaf
 from sparsify.passes.channel_graph import ChannelGraph
 from sparsify.passes.depth_multiplier import DepthMultiplierPass
@@ -163,6 +163,58 @@ def test_leaf_with_conv_rule_is_masked_and_resized_in_place():
     assert type(dm.c1) is SameConv and dm.c1.out_channels == 8 and dm.c2.in_channels == 8
     with torch.no_grad():
         assert dm(x).shape == (2, 10)
+
+
+class StdConv(nn.Conv2d):
+    """Weight standardisation (BiT's StdConv2d): masked zeros become -mean / std, every input is read."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledLinear(nn.Linear):
+    """A linear leaf that normalises its weight rows and scales its output (honours its mask: zeros stay
+    zero), or also centres its rows (does not)."""
+
+    centre = False
+
+    def forward(self, x):
+        w = F.normalize(self.weight, dim=1)
+        w = w - w.mean(1, keepdim=True) if self.centre else w
+        return 2 * F.linear(x, w, self.bias)
+
+
+class LeafNet(nn.Module):
+    def __init__(self, conv: type, groups: int = 1):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = conv(16, 16, 3, padding=1, groups=groups)
+        self.fc = ScaledLinear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.out(torch.relu(self.fc(x.mean((2, 3)))))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_leaf_rule_whose_forward_ignores_the_mask_is_refused(groups):
+    """A leaf that transforms its weight before the conv would be reported sparse and compute dense."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    rules = with_user_rules({"StdConv": "conv", "ScaledLinear": "linear"})
+    with pytest.raises(PassError, match="c2: the conv .leaf. rule for StdConv does not hold"):
+        SparseRandomPass(0.25, rules=rules)(trace(LeafNet(StdConv, groups).eval(), ["StdConv"]), x)
+    ok = SparseRandomPass(0.25, rules=rules, include_linear=True)(trace(LeafNet(nn.Conv2d, groups).eval(),
+                                                                         ["ScaledLinear"]), x)
+    assert isinstance(ok.model.fc, MaskedLeaf) and ok.model.fc.reads_masked_inputs((2, 16)) is None
+    ScaledLinear.centre = True
+    try:
+        assert ok.model.fc.reads_masked_inputs((2, 16)) is not None
+    finally:
+        ScaledLinear.centre = False
 
 
 def test_subclass_without_its_own_forward_is_the_layer():
