@@ -1,7 +1,9 @@
 """Training a run directory: load it, train it, write weights, metrics and summary back."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -16,6 +18,13 @@ from .distributed import Reducer, init_from_env, shutdown
 from .trainer import LogFn, ProgressFn, TrainConfig, fit, output_classes
 
 METRICS = "metrics.jsonl"
+
+
+def metrics_in_progress(run_dir: str | Path) -> Path:
+    """Where the training in progress writes its metrics: beside its checkpoint,
+    ``RUN/checkpoints/metrics.jsonl``. It becomes ``RUN/metrics.jsonl`` when the training completes
+    (or diverges), together with the weights and summary; readers of the run never see it before."""
+    return checkpoint_path(run_dir).parent / METRICS
 
 
 def _flag(name: str) -> str:
@@ -48,18 +57,34 @@ def _refreshed_report(model: Any, input_shape: tuple[int, ...], summary: dict[st
 
 
 def _write_back(run_dir: Path, model: Any, model_input: tuple[int, ...], train: dict[str, Any]) -> None:
-    """Save the trained weights and the refreshed report with its ``train`` section."""
-    save_weights(run_dir, model)
+    """Replace the run's weights, summary.json (refreshed report, ``train`` section) and metrics.jsonl
+    (from ``metrics_in_progress``) with the training's, together.
+
+    Each is first written whole under a temporary name beside its target; the renames follow one
+    another only then, so ``export``, ``bench`` and ``sparsify.load`` never meet the new weights
+    beside the old summary or metrics (a failure before the renames leaves all three as they were,
+    and the checkpoint, which ``--resume`` finishes from).
+    """
     summary = read_summary(run_dir)
     summary.update(_refreshed_report(model, model_input, summary))
     summary["train"] = train
-    write_json(run_dir / SUMMARY, summary)
+    staged = metrics_in_progress(run_dir)
+    with contextlib.ExitStack() as renames:  # each atomic_path renames its file as the block ends
+        weights = renames.enter_context(atomic_path(run_dir / WEIGHTS))
+        save_weights(run_dir, model, name=weights.name)
+        write_json(renames.enter_context(atomic_path(run_dir / SUMMARY)), summary)
+        if staged.is_file():
+            renames.enter_context(atomic_path(run_dir / METRICS)).write_bytes(staged.read_bytes())
+    staged.unlink(missing_ok=True)
 
 
 def _keep_last_good(run_dir: Path, run: Any, model_input: tuple[int, ...], ckpt: Path, cfg: TrainConfig,
                     e: DivergenceError) -> str:
     """After a divergence: make the last completed epoch (its checkpoint) the run's weights; say what was kept."""
     if e.good_epochs == 0 or not ckpt.is_file():
+        staged = metrics_in_progress(run_dir)
+        if staged.is_file():  # the record of the divergence: a result, like the epochs kept otherwise
+            os.replace(staged, run_dir / METRICS)
         return "the run's weights are unchanged"
     state = load_checkpoint(ckpt)
     run.model.load_state_dict(state["model"])
@@ -80,6 +105,19 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
+def _note_resumable(run_dir: Path, ckpt: Path, cfg: TrainConfig, log: LogFn | None) -> None:
+    """Tell a user whose training stopped after an epoch what the run directory now holds."""
+    if log is None:
+        return
+    try:
+        epoch = f"epoch {int(load_checkpoint(ckpt)['epoch'])} of {cfg.epochs}"
+    except Exception:  # a damaged checkpoint: --resume will say so
+        epoch = "an epoch"
+    log(f"note: training stopped after {epoch}; {run_dir}'s weights, summary.json and metrics.jsonl are as "
+        f"they were, the stopped training is in {ckpt.parent}: {shlex.join(['sparsify', 'train', str(run_dir), '--resume'])} "
+        f"continues it")
+
+
 def _model_name(model: str) -> str:
     """A recipe's model for a message: ``zoo:resnet20`` as it is, a file by its name (``net.py:build``)."""
     return model if model.startswith(("zoo:", "torchvision:")) else Path(model).name
@@ -89,12 +127,15 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
               progress: ProgressFn | None = None, **config: Any) -> dict[str, Any]:
     """Train the run in ``run_dir`` with the TrainConfig fields given as keywords; return final metrics.
 
-    Writes ``checkpoints/last.pt`` every epoch, ``metrics.jsonl``, and at the end the trained
-    ``weights.safetensors`` and a ``train`` section in ``summary.json``. ``resume`` continues the
-    checkpoint (bit-identical to an uninterrupted run); an existing checkpoint is otherwise
-    refused unless ``force``, which trains again from the run's initial weights
-    (``weights.init.safetensors``, written by ``transform``). Under torchrun it trains with
-    DistributedDataParallel.
+    The training in progress writes ``checkpoints/last.pt`` and ``checkpoints/metrics.jsonl``
+    (``metrics_in_progress``) every epoch; only when it completes do the trained
+    ``weights.safetensors``, ``summary.json`` (refreshed report and a ``train`` section) and
+    ``metrics.jsonl`` replace the run's, together (``_write_back``). A training that stops before
+    (Ctrl-C, a kill) leaves those three as they were, an earlier training's included, beside the
+    resumable checkpoint. ``resume`` continues the checkpoint (bit-identical to an uninterrupted
+    run); an existing checkpoint is otherwise refused unless ``force``, which trains again from
+    the run's initial weights (``weights.init.safetensors``, written by ``transform``). Under
+    torchrun it trains with DistributedDataParallel.
 
     Raises DivergenceError (a TrainingError) when the loss becomes non-finite or far above where
     it started; the completed epochs are kept (``metrics.jsonl``, the checkpoint, and their
@@ -134,28 +175,40 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
         data = load_dataset(cfg.data, model_input,
                             data_dir=cfg.data_dir, num_classes=recipe.num_classes or classes,
                             val_fraction=cfg.val_fraction, train_limit=cfg.train_limit, normalize=cfg.normalize)
-        # If training stops before an epoch completes (an interrupt, an error; a divergence is a
-        # result and keeps its record in metrics.jsonl), the run directory is put back as it was:
-        # the files this run made are removed, and metrics.jsonl (which fit rewrites at once) of a run
-        # trained before (--force) is restored to go with that run's checkpoint, weights and summary.
-        made = [p for p in (run_dir / METRICS, init) if not p.exists()]
-        old_metrics = (run_dir / METRICS).read_bytes() if (run_dir / METRICS).is_file() else None
+        # The training in progress lives in checkpoints/ (last.pt, metrics.jsonl) until it completes:
+        # the run's weights, summary.json and metrics.jsonl stay whole, an earlier training's too
+        # (--force), whenever it stops. If it stops before an epoch completes (an interrupt, an error;
+        # a divergence is a result, see _keep_last_good), checkpoints/ is put back as it was.
+        staged = metrics_in_progress(run_dir)
+        made = [p for p in (staged, init) if not p.exists()]
+        made_dir = not ckpt.parent.exists()
+        old_staged = staged.read_bytes() if staged.is_file() else None
         ckpt_before = _stamp(ckpt)
 
-        def undo_if_no_epoch() -> None:
-            if not Reducer().is_main or _stamp(ckpt) != ckpt_before:
+        def after_stop() -> None:
+            if not Reducer().is_main:
+                return
+            if _stamp(ckpt) != ckpt_before:
+                _note_resumable(run_dir, ckpt, cfg, log)
                 return
             for p in made:
                 p.unlink(missing_ok=True)
-            if old_metrics is not None:
-                with atomic_path(run_dir / METRICS) as tmp:
-                    tmp.write_bytes(old_metrics)
+            if old_staged is not None:
+                with atomic_path(staged) as tmp:
+                    tmp.write_bytes(old_staged)
+            if made_dir:
+                with contextlib.suppress(OSError):
+                    ckpt.parent.rmdir()
 
-        if Reducer().is_main and not init.is_file():
-            shutil.copyfile(run_dir / WEIGHTS, init)  # an older run: its weights before any training here
+        if Reducer().is_main:
+            ckpt.parent.mkdir(exist_ok=True)
+            if not init.is_file():
+                shutil.copyfile(run_dir / WEIGHTS, init)  # an older run: its weights before any training here
         try:
             result = fit(run.model, data, cfg, model_input=model_input, checkpoint=ckpt,
-                         metrics_path=run_dir / METRICS, resume_state=state, log=log, progress=progress)
+                         metrics_path=staged, resume_state=state, log=log, progress=progress)
+            if Reducer().is_main:
+                _write_back(run_dir, run.model, model_input, result)
         except DivergenceError as e:
             kept = _keep_last_good(run_dir, run, model_input, ckpt, cfg, e) if Reducer().is_main else ""
             retry = shlex.join(["sparsify", "train", str(run_dir), "--force", "--lr", f"{cfg.learning_rate / 10:g}"])
@@ -163,10 +216,8 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
                                   advice=f"stopped ({kept}); retry from the initial weights with a lower learning "
                                          f"rate: {retry}") from None
         except BaseException:
-            undo_if_no_epoch()
+            after_stop()
             raise
-        if Reducer().is_main:
-            _write_back(run_dir, run.model, model_input, result)
         Reducer().barrier()
         return result
     finally:
