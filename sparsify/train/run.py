@@ -11,6 +11,7 @@ from typing import Any
 
 from .._io import atomic_path, check_writable, write_json
 from ..errors import DivergenceError, RunDirError, UsageError
+from ..nn import sparse_modules
 from ..rundir import SUMMARY, WEIGHTS, WEIGHTS_INIT, load_run, load_weights, read_recipe, read_summary, save_weights
 from .checkpoint import checkpoint_path, load_checkpoint
 from .data import load_dataset
@@ -56,9 +57,72 @@ def _refreshed_report(model: Any, input_shape: tuple[int, ...], summary: dict[st
     return report
 
 
-def _write_back(run_dir: Path, model: Any, model_input: tuple[int, ...], train: dict[str, Any]) -> None:
-    """Replace the run's weights, summary.json (refreshed report, ``train`` section) and metrics.jsonl
-    (from ``metrics_in_progress``) with the training's, together.
+def _layer_change(model: Any, init: Path, input_shape: tuple[int, ...], summary: dict[str, Any],
+                  trained: dict[str, Any]) -> dict[str, Any] | None:
+    """How training changed the per-layer densities, and so the MACs, of the run as transformed.
+
+    ``trained`` is the trained model's report (``_refreshed_report``); the masks transform made are
+    read from ``init`` (``weights.init.safetensors``) and reported by the same ``layer_report``.
+    None when every masked layer kept its number of live connections (static, set, rigl from the
+    run's budgets: MACs unchanged), or when ``init`` lacks a layer's mask. Otherwise, each as
+    ``{"before": transformed, "after": trained}``: ``macs`` (multiply-adds per sample at batch 1,
+    every weight layer), ``macs_of_dense`` (over the dense model's, None when summary.json has no
+    ``original_totals``), and ``layers``: ``{name: {"density": ..., "macs": ...}}`` of the layers
+    whose density changed (density: live mask entries over all).
+    """
+    from safetensors import safe_open
+
+    layers = sparse_modules(model)
+    if not layers or not init.is_file():
+        return None
+    with safe_open(str(init), framework="pt") as f:
+        keys = set(f.keys())
+        if any(f"{n}.mask" not in keys for n in layers):
+            return None
+        made = {n: f.get_tensor(f"{n}.mask") for n in layers}
+    if any(made[n].shape != m.mask.shape for n, m in layers.items()) or all(
+            int((made[n] > 0).sum()) == int((m.mask > 0).sum()) for n, m in layers.items()):
+        return None
+    masks = {n: m.mask for n, m in layers.items()}
+    try:  # the report of the transformed masks: the same counter, on the same graph and shapes
+        for n, m in layers.items():
+            m.mask = made[n].to(masks[n])
+        before = _refreshed_report(model, input_shape, summary)
+    finally:
+        for n, m in layers.items():
+            m.mask = masks[n]
+    pair = lambda b, a: {"before": b, "after": a}  # noqa: E731
+    after_layers = {rec["name"]: rec for rec in trained["layers"]}
+    return {
+        "macs": pair(before["totals"]["macs"], trained["totals"]["macs"]),
+        "macs_of_dense": pair((before.get("ratios") or {}).get("macs"), (trained.get("ratios") or {}).get("macs")),
+        "layers": {rec["name"]: {"density": pair(rec["density"], after_layers[rec["name"]]["density"]),
+                                 "macs": pair(rec["macs"], after_layers[rec["name"]]["macs"])}
+                   for rec in before["layers"]
+                   if rec["name"] in after_layers and rec["density"] != after_layers[rec["name"]]["density"]},
+    }
+
+
+def _layer_change_note(cfg: TrainConfig, change: dict[str, Any]) -> str:
+    """The line that tells a user their MACs (and speed-up) are not what transform reported."""
+    init = getattr(cfg.params, "init", "run")
+    who = cfg.schedule + (f" --init {init}" if init != "run" else "")
+    ratio, macs = change["macs_of_dense"], change["macs"]
+    if ratio["before"] is not None and ratio["after"] is not None:
+        now, was = f"{ratio['after']:.3f}x of dense", f"{ratio['before']:.3f}x"
+    else:
+        now, was = f"{macs['after']:,}", f"{macs['before']:,}"
+    n = len(change["layers"])
+    moved = f"note: {who} moved weights between {n} layer{'s' if n != 1 else ''}"
+    where = "per-layer densities: train.layer_change in summary.json"
+    if macs["before"] == macs["after"]:  # e.g. between linear layers: a weight costs one MAC in each
+        return f"{moved}; MACs unchanged at {now} ({where})"
+    return f"{moved}: MACs now {now}, not transform's {was} ({where})"
+
+
+def _write_back(run_dir: Path, model: Any, report: dict[str, Any], train: dict[str, Any]) -> None:
+    """Replace the run's weights, summary.json (``report``, from ``_refreshed_report``, and the
+    ``train`` section) and metrics.jsonl (from ``metrics_in_progress``) with the training's, together.
 
     Each is first written whole under a temporary name beside its target; the renames follow one
     another only then, so ``export``, ``bench`` and ``sparsify.load`` never meet the new weights
@@ -66,7 +130,7 @@ def _write_back(run_dir: Path, model: Any, model_input: tuple[int, ...], train: 
     and the checkpoint, which ``--resume`` finishes from).
     """
     summary = read_summary(run_dir)
-    summary.update(_refreshed_report(model, model_input, summary))
+    summary.update(report)
     summary["train"] = train
     staged = metrics_in_progress(run_dir)
     with contextlib.ExitStack() as renames:  # each atomic_path renames its file as the block ends
@@ -89,7 +153,7 @@ def _keep_last_good(run_dir: Path, run: Any, model_input: tuple[int, ...], ckpt:
     state = load_checkpoint(ckpt)
     run.model.load_state_dict(state["model"])
     history = json.loads(state["history"])
-    _write_back(run_dir, run.model, model_input, {
+    _write_back(run_dir, run.model, _refreshed_report(run.model, model_input, read_summary(run_dir)), {
         "diverged": str(e.what), "epochs_completed": int(state["epoch"]), "config": cfg.to_dict(),
         **{k: history[-1].get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")},
     })
@@ -136,6 +200,10 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
     run); an existing checkpoint is otherwise refused unless ``force``, which trains again from
     the run's initial weights (``weights.init.safetensors``, written by ``transform``). Under
     torchrun it trains with DistributedDataParallel.
+
+    A schedule that changed the per-layer densities of the run as transformed (sparse momentum,
+    ``rigl`` with ``init="erk"``) changed its MACs too: the result, and so summary.json's ``train``
+    section, then holds ``layer_change`` (see ``_layer_change``) and ``log`` gets a note saying so.
 
     Raises DivergenceError (a TrainingError) when the loss becomes non-finite or far above where
     it started; the completed epochs are kept (``metrics.jsonl``, the checkpoint, and their
@@ -208,7 +276,14 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
             result = fit(run.model, data, cfg, model_input=model_input, checkpoint=ckpt,
                          metrics_path=staged, resume_state=state, log=log, progress=progress)
             if Reducer().is_main:
-                _write_back(run_dir, run.model, model_input, result)
+                summary = read_summary(run_dir)
+                report = _refreshed_report(run.model, model_input, summary)
+                change = _layer_change(run.model, init, model_input, summary, report)
+                if change is not None:
+                    result["layer_change"] = change
+                _write_back(run_dir, run.model, report, result)
+                if change is not None and log is not None:
+                    log(_layer_change_note(cfg, change))
         except DivergenceError as e:
             kept = _keep_last_good(run_dir, run, model_input, ckpt, cfg, e) if Reducer().is_main else ""
             retry = shlex.join(["sparsify", "train", str(run_dir), "--force", "--lr", f"{cfg.learning_rate / 10:g}"])

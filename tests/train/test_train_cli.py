@@ -169,6 +169,44 @@ def test_a_training_stopped_while_saving_its_result_changes_none_of_weights_summ
     assert [json.loads(s)["event"] for s in (run / "metrics.jsonl").read_text().splitlines()][-1] == "test"
 
 
+def test_a_schedule_that_moves_weights_between_layers_says_how_the_macs_changed(mlp_run, tmp_path):
+    """Sparse momentum and rigl --init erk change per-layer densities, so the MACs (and the speed-up) are
+    no longer what transform reported: train says so and summary.json keeps both (train.layer_change).
+    A schedule that keeps each layer's count (set) says nothing; between linear layers (one MAC per
+    weight) the MACs stay, and the note says that."""
+    conv_run, _ = transform_to_dir("zoo:lenet5", method="sparse-random", density=0.1, out=tmp_path / "lenet5")
+    quick = ["--epochs", "2", *[a for a in QUICK if a not in ("--epochs", "1", "--quiet")]]
+    reports = {}
+    for model, schedule in ((conv_run, ["set"]), (conv_run, ["sparse-momentum"]), (conv_run, ["rigl", "--init", "erk"]),
+                            (mlp_run, ["sparse-momentum"])):
+        run = tmp_path / "-".join([model.name, *schedule])
+        shutil.copytree(model, run)
+        transformed = json.loads((run / "summary.json").read_text())
+        res = runner.invoke(app, ["train", str(run), *quick, "--schedule", *schedule])
+        assert res.exit_code == 0, res.output
+        reports[run.name] = (transformed, json.loads((run / "summary.json").read_text()), " ".join(res.output.split()))
+    transformed, trained, output = reports["lenet5-set"]
+    assert "layer_change" not in trained["train"] and "moved weights between" not in output
+    assert trained["totals"]["macs"] == transformed["totals"]["macs"]
+    for name, who in (("lenet5-sparse-momentum", "sparse-momentum"), ("lenet5-rigl---init-erk", "rigl --init erk")):
+        transformed, trained, output = reports[name]
+        change = trained["train"]["layer_change"]
+        assert change["macs"] == {"before": transformed["totals"]["macs"], "after": trained["totals"]["macs"]}
+        assert change["macs"]["before"] != change["macs"]["after"]
+        ratio = change["macs_of_dense"]
+        assert ratio == {"before": transformed["ratios"]["macs"], "after": trained["ratios"]["macs"]}
+        assert (f"note: {who} moved weights between {len(change['layers'])} layers: MACs now {ratio['after']:.3f}x "
+                f"of dense, not transform's {ratio['before']:.3f}x") in output, output
+        was = {l["name"]: l["density"] for l in transformed["layers"]}
+        now = {l["name"]: l["density"] for l in trained["layers"]}
+        assert {n: c["density"] for n, c in change["layers"].items()} == {
+            n: {"before": was[n], "after": now[n]} for n in now if was[n] != now[n]} != {}
+    transformed, trained, output = reports["mlp-sparse-momentum"]
+    change = trained["train"]["layer_change"]
+    assert change["layers"] and change["macs"]["before"] == change["macs"]["after"]
+    assert f"MACs unchanged at {trained['ratios']['macs']:.3f}x of dense" in output, output
+
+
 @pytest.mark.parametrize("args,match", [
     (["--schedule", "nope"], "unknown schedule"),
     (["--data", "nope"], "unknown data set"),
