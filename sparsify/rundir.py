@@ -11,7 +11,10 @@ Layout::
     RUN/weights.init.safetensors  the same as made by ``transform``: ``train --force`` restarts here
     RUN/summary.json         the per-layer report written by the stage that last saved
     RUN/model_source.py      a copy of a user's model file (absent for zoo models)
-    RUN/metrics.jsonl, RUN/checkpoints/   written by ``sparsify train``
+    RUN/metrics.jsonl        the completed training's record, written by ``sparsify train`` with the
+                             weights and summary when it completes
+    RUN/checkpoints/         last.pt, the last epoch's state (``--resume``), and while a training is in
+                             progress its metrics.jsonl
 """
 from __future__ import annotations
 

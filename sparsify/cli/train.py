@@ -128,12 +128,18 @@ def train(
                                                   "deploy with the same); --no-normalize feeds the data as it is "
                                                   "(an image folder's pixels in [0, 1]), e.g. for --weights "
                                                   "trained on your own preprocessing"),
-    resume: bool = typer.Option(False, help="Continue from the run's last checkpoint"),
-    force: bool = typer.Option(False, help="Discard an existing checkpoint and train from the run's weights"),
+    resume: bool = typer.Option(False, help="Continue the training in the run's checkpoints/ (e.g. one stopped "
+                                            "by Ctrl-C)"),
+    force: bool = typer.Option(False, help="Discard the run's checkpoint and train again from the weights "
+                                           "transform made; the earlier training's weights, summary.json and "
+                                           "metrics.jsonl stay until the new one completes"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output"),
     as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON"),
 ) -> None:
-    """Train a run directory's sparse model, evolving its topology with a schedule."""
+    """Train a run directory's sparse model, evolving its topology with a schedule.
+
+    The run's weights, summary.json and metrics.jsonl are replaced only when training completes; until then the \
+training in progress is in RUN/checkpoints/ (last.pt, metrics.jsonl), which --resume continues."""
     from ..train import train_run
 
     given = dict(data=data, data_dir=str(data_dir) if data_dir else None, schedule=schedule, epochs=epochs,

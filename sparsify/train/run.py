@@ -1,7 +1,9 @@
 """Training a run directory: load it, train it, write weights, metrics and summary back."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import Any
 
 from .._io import atomic_path, check_writable, write_json
 from ..errors import DivergenceError, RunDirError, UsageError
+from ..nn import sparse_modules
 from ..rundir import SUMMARY, WEIGHTS, WEIGHTS_INIT, load_run, load_weights, read_recipe, read_summary, save_weights
 from .checkpoint import checkpoint_path, load_checkpoint
 from .data import load_dataset
@@ -16,6 +19,13 @@ from .distributed import Reducer, init_from_env, shutdown
 from .trainer import LogFn, ProgressFn, TrainConfig, fit, output_classes
 
 METRICS = "metrics.jsonl"
+
+
+def metrics_in_progress(run_dir: str | Path) -> Path:
+    """Where the training in progress writes its metrics: beside its checkpoint,
+    ``RUN/checkpoints/metrics.jsonl``. It becomes ``RUN/metrics.jsonl`` when the training completes
+    (or diverges), together with the weights and summary; readers of the run never see it before."""
+    return checkpoint_path(run_dir).parent / METRICS
 
 
 def _flag(name: str) -> str:
@@ -47,24 +57,103 @@ def _refreshed_report(model: Any, input_shape: tuple[int, ...], summary: dict[st
     return report
 
 
-def _write_back(run_dir: Path, model: Any, model_input: tuple[int, ...], train: dict[str, Any]) -> None:
-    """Save the trained weights and the refreshed report with its ``train`` section."""
-    save_weights(run_dir, model)
+def _layer_change(model: Any, init: Path, input_shape: tuple[int, ...], summary: dict[str, Any],
+                  trained: dict[str, Any]) -> dict[str, Any] | None:
+    """How training changed the per-layer densities, and so the MACs, of the run as transformed.
+
+    ``trained`` is the trained model's report (``_refreshed_report``); the masks transform made are
+    read from ``init`` (``weights.init.safetensors``) and reported by the same ``layer_report``.
+    None when every masked layer kept its number of live connections (static, set, rigl from the
+    run's budgets: MACs unchanged), or when ``init`` lacks a layer's mask. Otherwise, each as
+    ``{"before": transformed, "after": trained}``: ``macs`` (multiply-adds per sample at batch 1,
+    every weight layer), ``macs_of_dense`` (over the dense model's, None when summary.json has no
+    ``original_totals``), and ``layers``: ``{name: {"density": ..., "macs": ...}}`` of the layers
+    whose density changed (density: live mask entries over all).
+    """
+    from safetensors import safe_open
+
+    layers = sparse_modules(model)
+    if not layers or not init.is_file():
+        return None
+    with safe_open(str(init), framework="pt") as f:
+        keys = set(f.keys())
+        if any(f"{n}.mask" not in keys for n in layers):
+            return None
+        made = {n: f.get_tensor(f"{n}.mask") for n in layers}
+    if any(made[n].shape != m.mask.shape for n, m in layers.items()) or all(
+            int((made[n] > 0).sum()) == int((m.mask > 0).sum()) for n, m in layers.items()):
+        return None
+    masks = {n: m.mask for n, m in layers.items()}
+    try:  # the report of the transformed masks: the same counter, on the same graph and shapes
+        for n, m in layers.items():
+            m.mask = made[n].to(masks[n])
+        before = _refreshed_report(model, input_shape, summary)
+    finally:
+        for n, m in layers.items():
+            m.mask = masks[n]
+    pair = lambda b, a: {"before": b, "after": a}  # noqa: E731
+    after_layers = {rec["name"]: rec for rec in trained["layers"]}
+    return {
+        "macs": pair(before["totals"]["macs"], trained["totals"]["macs"]),
+        "macs_of_dense": pair((before.get("ratios") or {}).get("macs"), (trained.get("ratios") or {}).get("macs")),
+        "layers": {rec["name"]: {"density": pair(rec["density"], after_layers[rec["name"]]["density"]),
+                                 "macs": pair(rec["macs"], after_layers[rec["name"]]["macs"])}
+                   for rec in before["layers"]
+                   if rec["name"] in after_layers and rec["density"] != after_layers[rec["name"]]["density"]},
+    }
+
+
+def _layer_change_note(cfg: TrainConfig, change: dict[str, Any]) -> str:
+    """The line that tells a user their MACs (and speed-up) are not what transform reported."""
+    init = getattr(cfg.params, "init", "run")
+    who = cfg.schedule + (f" --init {init}" if init != "run" else "")
+    ratio, macs = change["macs_of_dense"], change["macs"]
+    if ratio["before"] is not None and ratio["after"] is not None:
+        now, was = f"{ratio['after']:.3f}x of dense", f"{ratio['before']:.3f}x"
+    else:
+        now, was = f"{macs['after']:,}", f"{macs['before']:,}"
+    n = len(change["layers"])
+    moved = f"note: {who} moved weights between {n} layer{'s' if n != 1 else ''}"
+    where = "per-layer densities: train.layer_change in summary.json"
+    if macs["before"] == macs["after"]:  # e.g. between linear layers: a weight costs one MAC in each
+        return f"{moved}; MACs unchanged at {now} ({where})"
+    return f"{moved}: MACs now {now}, not transform's {was} ({where})"
+
+
+def _write_back(run_dir: Path, model: Any, report: dict[str, Any], train: dict[str, Any]) -> None:
+    """Replace the run's weights, summary.json (``report``, from ``_refreshed_report``, and the
+    ``train`` section) and metrics.jsonl (from ``metrics_in_progress``) with the training's, together.
+
+    Each is first written whole under a temporary name beside its target; the renames follow one
+    another only then, so ``export``, ``bench`` and ``sparsify.load`` never meet the new weights
+    beside the old summary or metrics (a failure before the renames leaves all three as they were,
+    and the checkpoint, which ``--resume`` finishes from).
+    """
     summary = read_summary(run_dir)
-    summary.update(_refreshed_report(model, model_input, summary))
+    summary.update(report)
     summary["train"] = train
-    write_json(run_dir / SUMMARY, summary)
+    staged = metrics_in_progress(run_dir)
+    with contextlib.ExitStack() as renames:  # each atomic_path renames its file as the block ends
+        weights = renames.enter_context(atomic_path(run_dir / WEIGHTS))
+        save_weights(run_dir, model, name=weights.name)
+        write_json(renames.enter_context(atomic_path(run_dir / SUMMARY)), summary)
+        if staged.is_file():
+            renames.enter_context(atomic_path(run_dir / METRICS)).write_bytes(staged.read_bytes())
+    staged.unlink(missing_ok=True)
 
 
 def _keep_last_good(run_dir: Path, run: Any, model_input: tuple[int, ...], ckpt: Path, cfg: TrainConfig,
                     e: DivergenceError) -> str:
     """After a divergence: make the last completed epoch (its checkpoint) the run's weights; say what was kept."""
     if e.good_epochs == 0 or not ckpt.is_file():
+        staged = metrics_in_progress(run_dir)
+        if staged.is_file():  # the record of the divergence: a result, like the epochs kept otherwise
+            os.replace(staged, run_dir / METRICS)
         return "the run's weights are unchanged"
     state = load_checkpoint(ckpt)
     run.model.load_state_dict(state["model"])
     history = json.loads(state["history"])
-    _write_back(run_dir, run.model, model_input, {
+    _write_back(run_dir, run.model, _refreshed_report(run.model, model_input, read_summary(run_dir)), {
         "diverged": str(e.what), "epochs_completed": int(state["epoch"]), "config": cfg.to_dict(),
         **{k: history[-1].get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")},
     })
@@ -80,6 +169,19 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
+def _note_resumable(run_dir: Path, ckpt: Path, cfg: TrainConfig, log: LogFn | None) -> None:
+    """Tell a user whose training stopped after an epoch what the run directory now holds."""
+    if log is None:
+        return
+    try:
+        epoch = f"epoch {int(load_checkpoint(ckpt)['epoch'])} of {cfg.epochs}"
+    except Exception:  # a damaged checkpoint: --resume will say so
+        epoch = "an epoch"
+    log(f"note: training stopped after {epoch}; {run_dir}'s weights, summary.json and metrics.jsonl are as "
+        f"they were, the stopped training is in {ckpt.parent}: {shlex.join(['sparsify', 'train', str(run_dir), '--resume'])} "
+        f"continues it")
+
+
 def _model_name(model: str) -> str:
     """A recipe's model for a message: ``zoo:resnet20`` as it is, a file by its name (``net.py:build``)."""
     return model if model.startswith(("zoo:", "torchvision:")) else Path(model).name
@@ -89,12 +191,19 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
               progress: ProgressFn | None = None, **config: Any) -> dict[str, Any]:
     """Train the run in ``run_dir`` with the TrainConfig fields given as keywords; return final metrics.
 
-    Writes ``checkpoints/last.pt`` every epoch, ``metrics.jsonl``, and at the end the trained
-    ``weights.safetensors`` and a ``train`` section in ``summary.json``. ``resume`` continues the
-    checkpoint (bit-identical to an uninterrupted run); an existing checkpoint is otherwise
-    refused unless ``force``, which trains again from the run's initial weights
-    (``weights.init.safetensors``, written by ``transform``). Under torchrun it trains with
-    DistributedDataParallel.
+    The training in progress writes ``checkpoints/last.pt`` and ``checkpoints/metrics.jsonl``
+    (``metrics_in_progress``) every epoch; only when it completes do the trained
+    ``weights.safetensors``, ``summary.json`` (refreshed report and a ``train`` section) and
+    ``metrics.jsonl`` replace the run's, together (``_write_back``). A training that stops before
+    (Ctrl-C, a kill) leaves those three as they were, an earlier training's included, beside the
+    resumable checkpoint. ``resume`` continues the checkpoint (bit-identical to an uninterrupted
+    run); an existing checkpoint is otherwise refused unless ``force``, which trains again from
+    the run's initial weights (``weights.init.safetensors``, written by ``transform``). Under
+    torchrun it trains with DistributedDataParallel.
+
+    A schedule that changed the per-layer densities of the run as transformed (sparse momentum,
+    ``rigl`` with ``init="erk"``) changed its MACs too: the result, and so summary.json's ``train``
+    section, then holds ``layer_change`` (see ``_layer_change``) and ``log`` gets a note saying so.
 
     Raises DivergenceError (a TrainingError) when the loss becomes non-finite or far above where
     it started; the completed epochs are kept (``metrics.jsonl``, the checkpoint, and their
@@ -134,28 +243,47 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
         data = load_dataset(cfg.data, model_input,
                             data_dir=cfg.data_dir, num_classes=recipe.num_classes or classes,
                             val_fraction=cfg.val_fraction, train_limit=cfg.train_limit, normalize=cfg.normalize)
-        # If training stops before an epoch completes (an interrupt, an error; a divergence is a
-        # result and keeps its record in metrics.jsonl), the run directory is put back as it was:
-        # the files this run made are removed, and metrics.jsonl (which fit rewrites at once) of a run
-        # trained before (--force) is restored to go with that run's checkpoint, weights and summary.
-        made = [p for p in (run_dir / METRICS, init) if not p.exists()]
-        old_metrics = (run_dir / METRICS).read_bytes() if (run_dir / METRICS).is_file() else None
+        # The training in progress lives in checkpoints/ (last.pt, metrics.jsonl) until it completes:
+        # the run's weights, summary.json and metrics.jsonl stay whole, an earlier training's too
+        # (--force), whenever it stops. If it stops before an epoch completes (an interrupt, an error;
+        # a divergence is a result, see _keep_last_good), checkpoints/ is put back as it was.
+        staged = metrics_in_progress(run_dir)
+        made = [p for p in (staged, init) if not p.exists()]
+        made_dir = not ckpt.parent.exists()
+        old_staged = staged.read_bytes() if staged.is_file() else None
         ckpt_before = _stamp(ckpt)
 
-        def undo_if_no_epoch() -> None:
-            if not Reducer().is_main or _stamp(ckpt) != ckpt_before:
+        def after_stop() -> None:
+            if not Reducer().is_main:
+                return
+            if _stamp(ckpt) != ckpt_before:
+                _note_resumable(run_dir, ckpt, cfg, log)
                 return
             for p in made:
                 p.unlink(missing_ok=True)
-            if old_metrics is not None:
-                with atomic_path(run_dir / METRICS) as tmp:
-                    tmp.write_bytes(old_metrics)
+            if old_staged is not None:
+                with atomic_path(staged) as tmp:
+                    tmp.write_bytes(old_staged)
+            if made_dir:
+                with contextlib.suppress(OSError):
+                    ckpt.parent.rmdir()
 
-        if Reducer().is_main and not init.is_file():
-            shutil.copyfile(run_dir / WEIGHTS, init)  # an older run: its weights before any training here
+        if Reducer().is_main:
+            ckpt.parent.mkdir(exist_ok=True)
+            if not init.is_file():
+                shutil.copyfile(run_dir / WEIGHTS, init)  # an older run: its weights before any training here
         try:
             result = fit(run.model, data, cfg, model_input=model_input, checkpoint=ckpt,
-                         metrics_path=run_dir / METRICS, resume_state=state, log=log, progress=progress)
+                         metrics_path=staged, resume_state=state, log=log, progress=progress)
+            if Reducer().is_main:
+                summary = read_summary(run_dir)
+                report = _refreshed_report(run.model, model_input, summary)
+                change = _layer_change(run.model, init, model_input, summary, report)
+                if change is not None:
+                    result["layer_change"] = change
+                _write_back(run_dir, run.model, report, result)
+                if change is not None and log is not None:
+                    log(_layer_change_note(cfg, change))
         except DivergenceError as e:
             kept = _keep_last_good(run_dir, run, model_input, ckpt, cfg, e) if Reducer().is_main else ""
             retry = shlex.join(["sparsify", "train", str(run_dir), "--force", "--lr", f"{cfg.learning_rate / 10:g}"])
@@ -163,10 +291,8 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
                                   advice=f"stopped ({kept}); retry from the initial weights with a lower learning "
                                          f"rate: {retry}") from None
         except BaseException:
-            undo_if_no_epoch()
+            after_stop()
             raise
-        if Reducer().is_main:
-            _write_back(run_dir, run.model, model_input, result)
         Reducer().barrier()
         return result
     finally:

@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sparsify.cli import app
+from sparsify.train.run import metrics_in_progress
 
 runner = CliRunner()
 
@@ -111,8 +112,9 @@ def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300
 
 
 def _epochs_done(run: Path) -> int:
+    """Epochs of the training in progress (its metrics reach RUN/metrics.jsonl when it completes)."""
     try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
+        lines = metrics_in_progress(run).read_text().splitlines()
     except OSError:
         return 0
     return sum(json.loads(s)["event"] == "epoch" for s in lines if s.strip())

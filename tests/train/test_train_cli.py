@@ -100,6 +100,113 @@ def test_ctrl_c_keeps_checkpoint_and_resume_matches_uninterrupted(mlp_run, tmp_p
     assert strip(ma) == strip(mb)
 
 
+def _files(run):
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _stop_at_step(n):
+    def progress(event):
+        if event["kind"] == "step" and event["step"] == n:
+            raise KeyboardInterrupt
+    return progress
+
+
+def test_forced_retrain_stopped_after_an_epoch_leaves_the_earlier_training_whole(run):
+    """--force over a trained run, stopped in its second epoch: weights, summary.json and metrics.jsonl
+    are still the earlier training's (what export / bench / sparsify.load read); the new training's
+    epoch is in checkpoints/ (last.pt and its metrics.jsonl), and --resume completes it."""
+    import sparsify
+
+    cfg = dict(data="digits", epochs=2, train_limit=200, batch_size=50)  # 4 steps per epoch
+    train_run(run, **cfg)
+    earlier = _files(run)
+    notes = []
+    with pytest.raises(KeyboardInterrupt):
+        train_run(run, force=True, lr=0.05, progress=_stop_at_step(6), log=notes.append, **cfg)
+    now = _files(run)
+    for name in ("weights.safetensors", "summary.json", "metrics.jsonl"):
+        assert now[name] == earlier[name], name
+    loaded = sparsify.load(run)
+    assert loaded.summary["train"]["config"]["lr"] is None  # the earlier training's default, not 0.05
+    staged = [json.loads(s) for s in (run / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in staged] == ["start", "epoch"] and staged[0]["schedule"] == "static"
+    assert now["checkpoints/last.pt"] != earlier["checkpoints/last.pt"]
+    assert any("stopped after epoch 1 of 2" in n and "--resume" in n for n in notes), notes
+
+    res = runner.invoke(app, ["train", str(run), "--resume", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert not (run / "checkpoints" / "metrics.jsonl").exists()
+    assert json.loads((run / "summary.json").read_text())["train"]["config"]["lr"] == 0.05
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in lines] == ["start", "epoch", "epoch", "test"]
+    assert (run / "weights.safetensors").read_bytes() != earlier["weights.safetensors"]
+
+
+def test_a_training_stopped_while_saving_its_result_changes_none_of_weights_summary_metrics(run, monkeypatch):
+    """The trained weights, summary.json and metrics.jsonl replace the run's together: a stop while the
+    result is being written (here: while its report is computed) leaves all three as they were, and
+    --resume writes them from the last checkpoint."""
+    import sparsify.train.run as run_module
+
+    before = _files(run)
+    real = run_module._refreshed_report
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "_refreshed_report", stop)
+    notes = []
+    with pytest.raises(KeyboardInterrupt):
+        train_run(run, data="digits", epochs=1, train_limit=200, batch_size=50, log=notes.append)
+    now = _files(run)
+    for name in ("weights.safetensors", "summary.json"):
+        assert now[name] == before[name], name
+    assert "metrics.jsonl" not in now and "checkpoints/metrics.jsonl" in now
+    assert any("stopped after epoch 1 of 1" in n for n in notes), notes
+    monkeypatch.setattr(run_module, "_refreshed_report", real)
+    assert runner.invoke(app, ["train", str(run), "--resume", "--quiet"]).exit_code == 0
+    assert json.loads((run / "summary.json").read_text())["train"]["epochs"] == 1
+    assert [json.loads(s)["event"] for s in (run / "metrics.jsonl").read_text().splitlines()][-1] == "test"
+
+
+def test_a_schedule_that_moves_weights_between_layers_says_how_the_macs_changed(mlp_run, tmp_path):
+    """Sparse momentum and rigl --init erk change per-layer densities, so the MACs (and the speed-up) are
+    no longer what transform reported: train says so and summary.json keeps both (train.layer_change).
+    A schedule that keeps each layer's count (set) says nothing; between linear layers (one MAC per
+    weight) the MACs stay, and the note says that."""
+    conv_run, _ = transform_to_dir("zoo:lenet5", method="sparse-random", density=0.1, out=tmp_path / "lenet5")
+    quick = ["--epochs", "2", *[a for a in QUICK if a not in ("--epochs", "1", "--quiet")]]
+    reports = {}
+    for model, schedule in ((conv_run, ["set"]), (conv_run, ["sparse-momentum"]), (conv_run, ["rigl", "--init", "erk"]),
+                            (mlp_run, ["sparse-momentum"])):
+        run = tmp_path / "-".join([model.name, *schedule])
+        shutil.copytree(model, run)
+        transformed = json.loads((run / "summary.json").read_text())
+        res = runner.invoke(app, ["train", str(run), *quick, "--schedule", *schedule])
+        assert res.exit_code == 0, res.output
+        reports[run.name] = (transformed, json.loads((run / "summary.json").read_text()), " ".join(res.output.split()))
+    transformed, trained, output = reports["lenet5-set"]
+    assert "layer_change" not in trained["train"] and "moved weights between" not in output
+    assert trained["totals"]["macs"] == transformed["totals"]["macs"]
+    for name, who in (("lenet5-sparse-momentum", "sparse-momentum"), ("lenet5-rigl---init-erk", "rigl --init erk")):
+        transformed, trained, output = reports[name]
+        change = trained["train"]["layer_change"]
+        assert change["macs"] == {"before": transformed["totals"]["macs"], "after": trained["totals"]["macs"]}
+        assert change["macs"]["before"] != change["macs"]["after"]
+        ratio = change["macs_of_dense"]
+        assert ratio == {"before": transformed["ratios"]["macs"], "after": trained["ratios"]["macs"]}
+        assert (f"note: {who} moved weights between {len(change['layers'])} layers: MACs now {ratio['after']:.3f}x "
+                f"of dense, not transform's {ratio['before']:.3f}x") in output, output
+        was = {l["name"]: l["density"] for l in transformed["layers"]}
+        now = {l["name"]: l["density"] for l in trained["layers"]}
+        assert {n: c["density"] for n, c in change["layers"].items()} == {
+            n: {"before": was[n], "after": now[n]} for n in now if was[n] != now[n]} != {}
+    transformed, trained, output = reports["mlp-sparse-momentum"]
+    change = trained["train"]["layer_change"]
+    assert change["layers"] and change["macs"]["before"] == change["macs"]["after"]
+    assert f"MACs unchanged at {trained['ratios']['macs']:.3f}x of dense" in output, output
+
+
 @pytest.mark.parametrize("args,match", [
     (["--schedule", "nope"], "unknown schedule"),
     (["--data", "nope"], "unknown data set"),
