@@ -15,7 +15,7 @@ from .methods import METHODS, make_config
 from .models import LoadedModel
 from .passes.depth_multiplier import COUNTS, match_depth
 from .passes.rules import Registry, Rule
-from .passes.trace import dropped_train_overrides, mode_differences
+from .passes.trace import dropped_train_overrides, mode_differences, traced_constants
 from .replay import apply_method, load_checked, rule_registry, trace_loaded
 from .report import layer_report, param_counts, with_ratios
 from .rundir import SUMMARY, Recipe, Run, default_run_dir, is_run_dir, load_run, read_recipe, save_run
@@ -94,8 +94,8 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
         params["match"] = {"run": str(match), "count": count, "target": target, "achieved": achieved}
     differs = mode_differences(result.model)
     lost_train = dropped_train_overrides(loaded.module, traced.gm)
-    notes = ([differs] if differs else []) + ([lost_train] if lost_train else []) + list(result.notes) + \
-        _density_notes(params, result.layers)
+    constants = traced_constants(traced.gm)
+    notes = [n for n in (differs, lost_train, constants) if n] + list(result.notes) + _density_notes(params, result.layers)
     if source is not None:
         notes.append(f"started from the trained weights in {source['source']}: fine-tune with a smaller learning "
                      f"rate than training from scratch, e.g. train --lr 0.01")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import operator
 import re
 import traceback
 from pathlib import Path
@@ -34,6 +35,24 @@ TENSOR_FACTORIES = (torch.rand, torch.randn, torch.randint, torch.randperm, torc
                     torch.full, torch.arange, torch.linspace, torch.eye)
 
 
+class _InPlaceProxy(fx.Proxy):
+    """A Proxy whose augmented assignments stay in place: fx's Proxy has no ``__iadd__``, so Python ran
+    ``x += y`` as ``x = x + y`` and an alias of ``x`` (``skip = x`` before it) kept the old value, where
+    the eager model updates the tensor both names hold. ``operator.iadd`` in the graph does what the
+    model does: in place for a tensor, a new value for a number."""
+
+
+def _in_place_method(op: Any) -> Any:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    return method
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor"):
+    setattr(_InPlaceProxy, f"__i{_name}__", _in_place_method(getattr(operator, f"i{_name}")))
+
+
 class SparsifyTracer(fx.Tracer):
     """torch.fx tracer that keeps as leaves: sparse layers, the given module types, and every module
     a rule covers (a subclass of a known layer that does not override its forward is that layer);
@@ -47,6 +66,14 @@ class SparsifyTracer(fx.Tracer):
         self.leaf_types = set(leaf_types)
         self.rules = rules
         self.record_stack_traces = True  # lets errors name the model's source line
+        # A buffer read in forward is a graph value (get_attr), not a tensor computed once while
+        # tracing: ``x / (self.ema + 1e-3)`` or ``self.var[None, :, None, None]`` otherwise became
+        # constants that training never updates, and in-place updates of a buffer ran on the
+        # user's module as it was traced.
+        self.proxy_buffer_attributes = True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceProxy(node, self)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[override]
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
@@ -88,6 +115,13 @@ def _keep_no_grad(graph: fx.Graph) -> int:
     for node in list(graph.nodes):
         if not node.meta.get("grad_disabled"):
             continue
+        if _in_place(node):  # a buffer update under no_grad (an EMA) must not record autograd history
+            for a in dict.fromkeys(x for x in node.all_input_nodes
+                                   if not (x.op == "call_function" and x.target is stop_gradient)):
+                with graph.inserting_before(node):
+                    detached = graph.call_function(stop_gradient, (a,))
+                detached.meta["grad_disabled"] = True
+                node.replace_input_with(a, detached)
         outside = [u for u in node.users if not u.meta.get("grad_disabled")]
         if not outside:
             continue
@@ -98,6 +132,64 @@ def _keep_no_grad(graph: fx.Graph) -> int:
             user.replace_input_with(node, stop)
         count += 1
     return count
+
+
+_IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor}
+
+
+def _in_place(node: fx.Node) -> bool:
+    """True for a node that writes into its first argument (``x.add_(y)``, ``x += y``, ``copy_``)."""
+    if node.op == "call_method":
+        return isinstance(node.target, str) and node.target.endswith("_") and not node.target.startswith("_")
+    return node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS
+
+
+@contextlib.contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[dict[str, Any]]:
+    """Trace without changing ``model``'s buffers: a forward that rebinds one (``self.count += 1``,
+    ``self.ema = ...``) sets it to a traced value; each is put back on exit. Yields a dict that,
+    after the block, maps the buffers rebound to a traced value (by qualified name) to that value."""
+    before = {(name, mod, key): t for name, mod in model.named_modules() for key, t in mod._buffers.items()}
+    rebound: dict[str, Any] = {}
+    try:
+        yield rebound
+    finally:
+        for (name, mod, key), t in before.items():
+            now = mod._buffers.get(key)
+            if now is not t:
+                if isinstance(now, fx.Proxy):
+                    rebound[f"{name}.{key}" if name else key] = now
+                mod._buffers[key] = t
+
+
+def _keep_rebound_buffers(graph: fx.Graph, rebound: dict[str, Any]) -> None:
+    """A buffer the forward rebinds to a new value keeps it for the next call: write the value into
+    the buffer (``copy_``) where it is computed (readers later in the same forward read it directly)."""
+    for target, proxy in rebound.items():
+        node = proxy.node
+        if node.graph is not graph:
+            continue
+        with graph.inserting_after(node):
+            buf = graph.get_attr(target)
+        with graph.inserting_after(buf):
+            value = graph.call_function(stop_gradient, (node,))
+        with graph.inserting_after(value):
+            update = graph.call_method("copy_", (buf, value))
+        value.meta["grad_disabled"] = update.meta["grad_disabled"] = True  # a write outside autograd
+
+
+def traced_constants(gm: fx.GraphModule) -> str | None:
+    """A one-line note when the graph holds tensors computed while it was traced (``_tensor_constant``:
+    arithmetic on a buffer that tracing could not follow, e.g. a buffer read in Python control flow):
+    they are constants of the traced model, which training does not update; None when there are none."""
+    names = sorted({n.target for g in graphs(gm) for n in g.nodes
+                    if n.op == "get_attr" and str(n.target).startswith("_tensor_constant")})
+    if not names:
+        return None
+    return (f"{len(names)} tensor{'s' if len(names) > 1 else ''} computed while tracing (from buffers or tensors "
+            "the forward uses outside the traced operations) became constants of the traced model: training does "
+            "not update them; compute them from module buffers with torch operations to keep them live")
 
 
 def user_source_line(source: BaseException | fx.Node | str | None) -> str:
@@ -255,12 +347,22 @@ def eval_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any,
                 mode: str = "") -> tuple[SparsifyTracer, fx.Graph]:
-    tracer = SparsifyTracer(leaf_types, rules)
-    try:
-        with torch.enable_grad():  # so that only the model's own no-gradient regions are marked
-            graph = tracer.trace(model)
-    except Exception as e:
-        raise TraceError(_untraceable_message(model, e, leaf_types, mode)) from None
+    graph = None
+    for proxy_buffers in (True, False):
+        tracer = SparsifyTracer(leaf_types, rules)
+        # A buffer in Python control flow (``if not self.initialized:``) cannot be a graph value: then
+        # buffers are read as the tensors they are (computed values become constants, see
+        # ``traced_constants``).
+        tracer.proxy_buffer_attributes = proxy_buffers
+        try:
+            with _buffers_kept(model) as rebound, torch.enable_grad():  # only the model's own no-grad regions
+                graph = tracer.trace(model)
+            break
+        except Exception as e:
+            if not proxy_buffers:
+                raise TraceError(_untraceable_message(model, e, leaf_types, mode)) from None
+    assert graph is not None
+    _keep_rebound_buffers(graph, rebound)
     _keep_no_grad(graph)
     # fx marks autowrapped calls so that the generated code registers them for later symbolic
     # traces (``wrap("torch.rand")``); torch 2.x then fails every later trace in the process, also
@@ -317,7 +419,8 @@ def mode_differences(gm: fx.GraphModule) -> str | None:
         return None
 
     def ops(graph: fx.Graph) -> list[str]:
-        return [_op_label(n) for n in graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+        return [_op_label(n) for n in graph.nodes if n.op in ("call_module", "call_function", "call_method")
+                and n.target is not stop_gradient]
 
     ev, tr = ops(gm.graph), ops(gm.train_graph)
     only_train = [o for o in dict.fromkeys(tr) if tr.count(o) > ev.count(o)]

@@ -1,0 +1,126 @@
+"""Buffers and in-place updates survive tracing: a buffer read in forward stays a live graph value
+(not a constant taken while tracing), tracing leaves the user's buffers as they were, a buffer the
+forward updates (in place or by rebinding) is updated by the traced model as by the model, and
+``x += y`` updates the tensor every alias of ``x`` holds."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from sparsify.passes.trace import trace, traced_constants
+
+
+class RunNorm(nn.Module):
+    """A hand-written BatchNorm: running statistics in buffers, updated under no_grad in training."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(c))
+        self.register_buffer("var", torch.ones(c))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            m, v = x.mean((0, 2, 3)), x.var((0, 2, 3))
+            with torch.no_grad():
+                self.mean.lerp_(m, 0.1)
+                self.var.mul_(0.9).add_(0.1 * v)
+                self.count += 1
+            return (x - m[None, :, None, None]) / (v[None, :, None, None] + 1e-5).sqrt()
+        return (x - self.mean[None, :, None, None]) / (self.var[None, :, None, None] + 1e-5).sqrt()
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = RunNorm(8)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.norm(self.stem(x)))
+        return self.fc(torch.relu(self.c1(x)).mean((2, 3)))
+
+
+class Alias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        skip = x
+        x += self.c1(x)  # eager: skip sees the update too
+        n = x.shape[1]
+        n += 0           # a number stays a number
+        return self.fc(torch.cat([x, skip[:, :n]], 1).mean((2, 3)))
+
+
+@torch.no_grad()
+def test_an_augmented_assignment_updates_every_alias():
+    torch.manual_seed(0)
+    model = Alias().eval()
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(trace(model)(x), model(x))
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_buffers_stay_live_and_are_updated_as_the_model_updates_them():
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        model.norm.mean.uniform_(-1, 1)
+        model.norm.var.uniform_(0.5, 2)
+    before = _state(model)
+    gm = trace(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "tracing changed the model"
+    assert traced_constants(gm) is None
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 3, 8, 8) * 3 + 1
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt_gm = torch.optim.SGD(gm.parameters(), lr=0.1)
+    for _ in range(3):  # training steps update the statistics, the eval graph must read them
+        for net, opt in ((ref.train(), opt_ref), (gm.train(), opt_gm)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for name in ("mean", "var", "count"):
+        torch.testing.assert_close(getattr(gm.norm, name), getattr(ref.norm, name))
+    assert int(gm.norm.count) == 3 and not gm.norm.var.requires_grad
+    with torch.no_grad():
+        out_ref, out_gm = ref.eval()(x), gm.eval()(x)
+    assert out_ref.std() > 1e-3
+    torch.testing.assert_close(out_gm, out_ref)
+
+
+class Initialised(nn.Module):
+    """A buffer in Python control flow (data-dependent initialisation, ActNorm style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.register_buffer("ready", torch.tensor(True))
+        self.register_buffer("scale", torch.full((1, 4, 1, 1), 2.0))
+
+    def forward(self, x):
+        if not self.ready:
+            raise RuntimeError("not initialised")
+        return self.conv(x) * (self.scale + 1)
+
+
+def test_a_buffer_in_control_flow_is_read_as_it_is_and_the_constants_are_noted():
+    model = Initialised().eval()
+    gm = trace(model)
+    x = torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+    note = traced_constants(gm)
+    assert note is not None and "training does not update them" in note
