@@ -265,11 +265,15 @@ SPARSE_CONV_FOR: dict[type, type] = {nn.Conv1d: SparseConv1d, nn.Conv2d: SparseC
 
 
 def live_params(model: nn.Module) -> int:
-    """Parameters that can be non-zero: masked layers count live weights only, everything else in full."""
-    total = 0
+    """Parameters that can be non-zero: masked layers count live weights only, everything else in full;
+    a parameter several modules share (tied weights) counts once."""
+    total, seen = 0, set()
     for mod in model.modules():
         has_mask = isinstance(mod, _Masked)
         for name, p in mod.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             if has_mask and name == "weight":
                 total += int(mod.weight_mask().bool().sum().item())
             else:

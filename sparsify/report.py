@@ -29,6 +29,8 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
     mods = dict(gm.named_modules())
     clf = classifier_node(gm, rules)
     layers, seen = [], set()
+    counted: list[int] = []       # each layer's parameters not counted by an earlier layer (tied weights)
+    tensors_seen: set[int] = set()
     for node in weight_nodes(gm, rules):
         if node.target in seen:
             continue
@@ -51,6 +53,10 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
         fan = entries.sum(dim=1).float()
         g = d["groups"]
         empty_out, empty_in = empty_channels(entries.detach().cpu().numpy(), g)
+        new = [t for t in (m.weight, getattr(m, "bias", None)) if t is not None and id(t) not in tensors_seen]
+        tensors_seen.update(id(t) for t in new)
+        counted.append((live * k if any(t is m.weight for t in new) else 0) +
+                       (bias if any(t is getattr(m, "bias", None) for t in new) else 0))
         layers.append({
             "name": node.target,
             "type": type(m).__name__,
@@ -76,14 +82,14 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
     other = sum(p.numel() for n, p in gm.named_parameters()
                 if n not in weight_names and (n in eval_params or n not in train_params))
     train_only = sum(p.numel() for n, p in gm.named_parameters() if n in train_params and n not in eval_params)
-    clf_params = sum(l["params"] for l in layers if l["classifier"])
-    total_params = sum(l["params"] for l in layers) + other
+    clf_params = sum(c for l, c in zip(layers, counted) if l["classifier"])
+    total_params = sum(counted) + other
     totals = {
         "params": total_params,
         "params_no_classifier": total_params - clf_params,
         "macs": sum(l["macs"] for l in layers),
         "macs_no_classifier": sum(l["macs"] for l in layers if not l["classifier"]),
-        "dense_params": sum(l["dense_params"] for l in layers) + other,
+        "dense_params": sum(l["dense_params"] - l["params"] + c for l, c in zip(layers, counted)) + other,
         "weight_layers": len(layers),
         "sparse_layers": sum(l["sparse"] for l in layers),
         "empty_out": sum(l["empty_out"] for l in layers),

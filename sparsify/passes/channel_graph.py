@@ -85,6 +85,32 @@ def _flat_nodes(obj: Any) -> Iterator[fx.Node]:
             yield from _flat_nodes(o)
 
 
+def shared_parameters(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """The places of ``gm``'s graphs that use a parameter another place uses too (tied weights:
+    ``b.weight = a.weight``; a module's weight also read by ``F.conv2d(x, self.a.weight)``), each
+    mapped to the others (an attribute read directly is named so). A place is a called module (its parameters, its children's included) or a
+    get_attr target; one module called twice is one place."""
+    modules = dict(gm.named_modules())
+    users: dict[int, set[str]] = {}
+    for graph in graphs(gm):
+        for node in graph.nodes:
+            if node.op == "call_module":
+                for p in modules[node.target].parameters():
+                    users.setdefault(id(p), set()).add(node.target)
+            elif node.op == "get_attr":
+                try:
+                    value = gm.get_parameter(node.target)
+                except AttributeError:
+                    continue
+                users.setdefault(id(value), set()).add(node.target)
+    shared: dict[str, set[str]] = {}
+    for places in users.values():
+        for place in places if len(places) > 1 else ():
+            shared.setdefault(place, set()).update(places - {place})
+    return {place: sorted(o if o in modules else f"{o} (read directly)" for o in others)
+            for place, others in shared.items()}
+
+
 class ChannelGraph:
     """Channel coupling of a traced GraphModule whose nodes carry ``tensor_meta`` (see trace.py).
 
@@ -110,6 +136,7 @@ class ChannelGraph:
         self.nodes: dict[str, fx.Node] = {}       # node key -> node (both graphs)
         self.calls: dict[str, int] = {}           # module target -> number of call sites (eval graph)
         self._positions: dict[int, dict[int, np.ndarray]] = {}
+        self.shared = shared_parameters(gm)        # place -> the other places that use its parameters
 
     # ---- building ---------------------------------------------------------------------------
     @classmethod
@@ -143,6 +170,8 @@ class ChannelGraph:
         elif node.op == "output":
             for a in _flat_nodes(node.args):
                 self.freeze_all(a, "model output")
+        elif node.op == "get_attr" and node.target in self.shared:
+            self.freeze_all(node, self._shared_reason(node.target))
         elif node.op in ("call_module", "call_function", "call_method"):
             module = self.modules.get(node.target) if node.op == "call_module" else None
             rule = self.rules.rule_for(node, self.modules)
@@ -153,6 +182,15 @@ class ChannelGraph:
                 rule.couple(self, node, module)
             except Exception as e:  # noqa: BLE001 - a rule that cannot read a node must not crash the analysis
                 self.unknown(node, f"{_label(node, module)} ({type(e).__name__} in its rule)")
+            if module is not None and node.target in self.shared:
+                # resizing or compacting one user of a shared parameter would cut it for all of them
+                reason = self._shared_reason(node.target)
+                for a in self.tensor_inputs(node):
+                    self.freeze_all(a, reason)
+                self.freeze_all(node, reason)
+
+    def _shared_reason(self, place: str) -> str:
+        return f"{place} shares its parameters with {', '.join(self.shared[place])}"
 
     # ---- construction API (for rules) ---------------------------------------------------------
     def shape(self, a: Any) -> tuple[int, ...] | None:

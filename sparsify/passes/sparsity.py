@@ -33,7 +33,7 @@ from ..errors import PassError, UsageError
 from ..nn import SPARSE_LAYERS, MaskedLeaf
 from ..profiles import LayerShape, allocate, cv, fan_in_counts, random_mask, resolve_params
 from .base import GraphPass, PassResult, check_fraction, set_submodule
-from .channel_graph import ChannelGraph, classifier_node, weight_nodes
+from .channel_graph import ChannelGraph, classifier_node, shared_parameters, weight_nodes
 from .rules import DEFAULT_RULES, LayerRule, Registry, Role, SparseLayout
 from .rules.base import beyond_forward
 from .trace import node_shape
@@ -99,6 +99,7 @@ def eligible_layers(gm: fx.GraphModule, include_linear: bool, include_classifier
     rules = rules or DEFAULT_RULES
     mods = dict(gm.named_modules())
     clf = classifier_node(gm, rules)
+    shared = shared_parameters(gm)
     out, notes, seen = [], [], set()
     for i, node in enumerate(weight_nodes(gm, rules, all_graphs=True)):
         m = mods[node.target]
@@ -109,6 +110,10 @@ def eligible_layers(gm: fx.GraphModule, include_linear: bool, include_classifier
             raise PassError(f"{node.target} is already sparse; transform the dense model instead")
         if clf is not None and node.target == clf.target and not include_classifier:
             notes.append(f"{node.target}: classifier kept dense (use --include-classifier to mask it)")
+            continue
+        if node.target in shared:
+            notes.append(f"{node.target}: kept dense because it shares its parameters with "
+                         f"{', '.join(shared[node.target])} (tied weights): a mask would untie them")
             continue
         untrained = _untrained(node, m)
         if untrained:
