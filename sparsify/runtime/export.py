@@ -237,7 +237,22 @@ def _torch_export(module: nn.Module, example: tuple[torch.Tensor, ...], outputs:
         raise ExportError(_explain_failure(module, e)) from None
     finally:
         logging.getLogger("torch").setLevel(level)
+    _check_dynamic_batch(program.model_proto, example)
     return program.model_proto
+
+
+def _check_dynamic_batch(model: onnx.ModelProto, example: tuple[torch.Tensor, ...]) -> None:
+    """ExportError when an input's batch axis came out fixed: torch.export specialises it when the
+    forward ties it to the example's size (``chunk(2, 0)`` of a batch made by ``torch.cat([x, x2], 0)``
+    guards on it), and the file would then run only at the export's example batch."""
+    for value, x in zip(model.graph.input, example):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            raise ExportError(
+                f"the exported model's batch axis is fixed at {dims[0].dim_value} (the export's example batch): "
+                f"torch.export could not keep the batch axis of input '{value.name}' dynamic, because the forward "
+                "computes along it with an op that depends on its size (e.g. chunk / split of a batch made by "
+                "torch.cat([...], 0)); write such pieces as slices (f[:n], f[n:] with n = x.shape[0])")
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,8 +38,9 @@ def _first_line(e: BaseException) -> str:
 
 
 def _kernel_message(e: BaseException) -> str:
-    """ORT wraps errors as '[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ...'; keep the useful tail."""
-    line = _first_line(e)
+    """ORT wraps errors as '[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ...'; keep the useful tail, as one
+    line (ORT continues some messages on further lines: "... indices\n index: 0 Got: 3 Expected: 2")."""
+    line = " ".join(str(e).split()) or type(e).__name__
     marker = "SparseConv:"
     return line[line.index(marker):] if marker in line else line
 

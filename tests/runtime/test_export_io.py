@@ -197,3 +197,34 @@ def test_cli_input_shape_for_several_inputs(tmp_path):
                             "--out", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     assert sparsify.load(tmp_path / "run").recipe.shapes == [[1, 3, 16, 16], [1, 1, 16, 16]]
+
+
+class MirrorBatch(nn.Module):
+    """Test-time augmentation in one batch: the images and their mirrors, split back after the convs."""
+
+    def __init__(self, split: str) -> None:
+        super().__init__()
+        self.split = split
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(torch.cat([x, x.flip(3)], 0))).mean((2, 3))
+        n = x.shape[0]
+        a, b = f.chunk(2, 0) if self.split == "chunk" else (f[:n], f[n:])
+        return self.fc(torch.cat([a, b], 1))
+
+
+def test_a_batch_axis_torch_export_fixes_is_refused_and_slices_keep_it_dynamic(tmp_path):
+    import onnxruntime as ort
+
+    with pytest.raises(ExportError, match="batch axis is fixed at 2 .*write such pieces as slices"):
+        export_model(MirrorBatch("chunk").eval(), (1, 1, 8, 8), tmp_path / "chunk.onnx", verify=False)
+    assert not (tmp_path / "chunk.onnx").exists()
+    model = MirrorBatch("slice").eval()
+    export_model(model, (1, 1, 8, 8), tmp_path / "slice.onnx")
+    x = torch.randn(3, 1, 8, 8)
+    sess = ort.InferenceSession(str(tmp_path / "slice.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], model(x).numpy(),
+                                   rtol=1e-4, atol=1e-5)

@@ -121,3 +121,12 @@ def test_cli_runtime_info_require_fails_without_library(monkeypatch: pytest.Monk
     result = CliRunner().invoke(app, ["runtime", "info", "--json", "--require"])
     assert result.exit_code == 2
     assert '"loadable": false' in result.output
+
+
+def test_a_multi_line_onnx_runtime_error_keeps_its_detail_on_one_line():
+    from sparsify.runtime.native import _kernel_message
+
+    e = RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: x for the "
+                     "following indices\n index: 0 Got: 3 Expected: 2\n Please fix either the inputs/outputs or the model.")
+    msg = _kernel_message(e)
+    assert "\n" not in msg and "index: 0 Got: 3 Expected: 2" in msg
