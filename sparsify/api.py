@@ -15,7 +15,7 @@ from .methods import METHODS, make_config
 from .models import LoadedModel
 from .passes.depth_multiplier import COUNTS, match_depth
 from .passes.rules import Registry, Rule
-from .passes.trace import dropped_train_overrides, mode_differences
+from .passes.trace import defaults_note, dropped_train_overrides, mode_differences
 from .replay import apply_method, load_checked, rule_registry, trace_loaded
 from .report import layer_report, param_counts, with_ratios
 from .rundir import SUMMARY, Recipe, Run, default_run_dir, is_run_dir, load_run, read_recipe, save_run
@@ -49,7 +49,7 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
 
     ``model`` is ``"zoo:NAME"``, ``"torchvision:NAME"``, ``"file.py"``, ``"file.py:NAME"`` or an
     nn.Module (not replayable from a run directory). ``input_shape`` is one shape, or one per input
-    of a model with several inputs. ``divisor`` (depth-multiplier only) rounds every scaled channel
+    of a model with several inputs (forward's first arguments; those after keep their defaults). ``divisor`` (depth-multiplier only) rounds every scaled channel
     count to a multiple of it. ``match`` (a run directory) with ``count`` ("conv" or "total",
     depth-multiplier only) chooses the alpha whose live conv / total parameter count is nearest that
     run's (see ``match_depth``); the recipe records it under ``params["match"]``. ``block``
@@ -94,8 +94,9 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
         params["match"] = {"run": str(match), "count": count, "target": target, "achieved": achieved}
     differs = mode_differences(result.model)
     lost_train = dropped_train_overrides(loaded.module, traced.gm)
-    notes = ([differs] if differs else []) + ([lost_train] if lost_train else []) + list(result.notes) + \
-        _density_notes(params, result.layers)
+    defaults = defaults_note(loaded.module, len(shapes))
+    notes = ([differs] if differs else []) + ([lost_train] if lost_train else []) + ([defaults] if defaults else []) \
+        + list(result.notes) + _density_notes(params, result.layers)
     if source is not None:
         notes.append(f"started from the trained weights in {source['source']}: fine-tune with a smaller learning "
                      f"rate than training from scratch, e.g. train --lr 0.01")

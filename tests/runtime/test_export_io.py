@@ -192,7 +192,8 @@ def test_cli_input_shape_for_several_inputs(tmp_path):
     assert r.exit_code == 2 and "S1;S2" in r.output and not (tmp_path / "bad").exists()
     r = runner.invoke(app, ["transform", str(src), "--density", "0.2", "--input-shape", "1,3,16,16",
                             "--out", str(tmp_path / "bad")])
-    assert r.exit_code == 2 and "takes 2 inputs but 1 shape" in r.output and not (tmp_path / "bad").exists()
+    assert r.exit_code == 2 and "needs 2 inputs but 1 input shape was given" in r.output \
+        and not (tmp_path / "bad").exists()
     r = runner.invoke(app, ["transform", str(src), "--density", "0.2", "--input-shape", "1,3,16,16;1,1,16,16",
                             "--out", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
