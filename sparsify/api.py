@@ -16,7 +16,7 @@ from .models import LoadedModel
 from .passes.depth_multiplier import COUNTS, match_depth
 from .passes.rules import Registry, Rule
 from .passes.trace import defaults_note, dropped_train_overrides, mode_differences
-from .replay import apply_method, load_checked, rule_registry, trace_loaded
+from .replay import apply_method, load_checked, replay_rules, rule_registry, trace_loaded
 from .report import layer_report, param_counts, with_ratios
 from .rundir import SUMMARY, Recipe, Run, default_run_dir, is_run_dir, load_run, read_recipe, save_run
 
@@ -195,19 +195,30 @@ def inspect(target: str | Path | nn.Module, *, input_shape: Sequence[int] | Sequ
     For a model or run, ``channel_groups`` lists the channel groups layers write, with their size
     and, for those a pass may not freely change, why (``frozen``: never resized or removed;
     ``whole``: resized but never compacted; ``multiple``: sizes stay multiples of it).
+
+    A run is read with the leaf types and rules it was transformed with (its recipe); ``rules``
+    add to them or override them for this report. ``leaf_modules`` must be among the run's (its
+    graph is rebuilt as it was traced): UsageError otherwise.
     """
     if isinstance(target, (str, Path)) and str(target).endswith(".onnx"):
         from .runtime.onnx_inspect import inspect_onnx
 
         return inspect_onnx(target)
     if isinstance(target, (str, Path)) and is_run_dir(target):
+        recorded = read_recipe(target).leaf_modules
+        extra = [leaf for leaf in leaf_modules if leaf not in recorded]
+        if extra:
+            raise UsageError(f"--leaf {extra[0]}: {target} was transformed with "
+                             f"{' '.join(f'--leaf {t}' for t in recorded) or 'no --leaf'}, and a run is inspected "
+                             "as it was traced; transform again to change its leaves")
         run = load_run(target, rules)
-        report = layer_report(run.model, input_shape or run.recipe.shapes, rule_registry(rules)[0])
+        registry = rule_registry({**replay_rules(run.recipe, rules), **(rules or {})})[0]
+        report = layer_report(run.model, input_shape or run.recipe.shapes, registry)
         original = run.summary.get("original_totals")
         if original:
             report = with_ratios(report, {"totals": original})
         report.update(method=run.recipe.method, params=run.recipe.params, model=run.recipe.model,
-                      seed=run.recipe.seed, channel_groups=channel_groups(run.model, rule_registry(rules)[0]))
+                      seed=run.recipe.seed, channel_groups=channel_groups(run.model, registry))
         return report
     if isinstance(target, Path) or (isinstance(target, str) and Path(target).is_dir()):
         raise UsageError(f"{target} is not a run directory, a model file, zoo:NAME or an .onnx file")
