@@ -15,8 +15,8 @@ from .methods import METHODS, make_config
 from .models import LoadedModel
 from .passes.depth_multiplier import COUNTS, match_depth
 from .passes.rules import Registry, Rule
-from .passes.trace import dropped_train_overrides, mode_differences, traced_constants
-from .replay import apply_method, load_checked, rule_registry, trace_loaded
+from .passes.trace import defaults_note, dropped_train_overrides, mode_differences, traced_constants
+from .replay import apply_method, load_checked, replay_rules, rule_registry, trace_loaded
 from .report import layer_report, param_counts, with_ratios
 from .rundir import SUMMARY, Recipe, Run, default_run_dir, is_run_dir, load_run, read_recipe, save_run
 
@@ -49,7 +49,7 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
 
     ``model`` is ``"zoo:NAME"``, ``"torchvision:NAME"``, ``"file.py"``, ``"file.py:NAME"`` or an
     nn.Module (not replayable from a run directory). ``input_shape`` is one shape, or one per input
-    of a model with several inputs. ``divisor`` (depth-multiplier only) rounds every scaled channel
+    of a model with several inputs (forward's first arguments; those after keep their defaults). ``divisor`` (depth-multiplier only) rounds every scaled channel
     count to a multiple of it. ``match`` (a run directory) with ``count`` ("conv" or "total",
     depth-multiplier only) chooses the alpha whose live conv / total parameter count is nearest that
     run's (see ``match_depth``); the recipe records it under ``params["match"]``. ``block``
@@ -95,7 +95,9 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     differs = mode_differences(result.model)
     lost_train = dropped_train_overrides(loaded.module, traced.gm)
     constants = traced_constants(traced.gm)
-    notes = [n for n in (differs, lost_train, constants) if n] + list(result.notes) + _density_notes(params, result.layers)
+    defaults = defaults_note(loaded.module, len(shapes))
+    notes = [n for n in (differs, lost_train, constants, defaults) if n] + list(result.notes) + \
+        _density_notes(params, result.layers)
     if source is not None:
         notes.append(f"started from the trained weights in {source['source']}: fine-tune with a smaller learning "
                      f"rate than training from scratch, e.g. train --lr 0.01")
@@ -194,19 +196,30 @@ def inspect(target: str | Path | nn.Module, *, input_shape: Sequence[int] | Sequ
     For a model or run, ``channel_groups`` lists the channel groups layers write, with their size
     and, for those a pass may not freely change, why (``frozen``: never resized or removed;
     ``whole``: resized but never compacted; ``multiple``: sizes stay multiples of it).
+
+    A run is read with the leaf types and rules it was transformed with (its recipe); ``rules``
+    add to them or override them for this report. ``leaf_modules`` must be among the run's (its
+    graph is rebuilt as it was traced): UsageError otherwise.
     """
     if isinstance(target, (str, Path)) and str(target).endswith(".onnx"):
         from .runtime.onnx_inspect import inspect_onnx
 
         return inspect_onnx(target)
     if isinstance(target, (str, Path)) and is_run_dir(target):
+        recorded = read_recipe(target).leaf_modules
+        extra = [leaf for leaf in leaf_modules if leaf not in recorded]
+        if extra:
+            raise UsageError(f"--leaf {extra[0]}: {target} was transformed with "
+                             f"{' '.join(f'--leaf {t}' for t in recorded) or 'no --leaf'}, and a run is inspected "
+                             "as it was traced; transform again to change its leaves")
         run = load_run(target, rules)
-        report = layer_report(run.model, input_shape or run.recipe.shapes, rule_registry(rules)[0])
+        registry = rule_registry({**replay_rules(run.recipe, rules), **(rules or {})})[0]
+        report = layer_report(run.model, input_shape or run.recipe.shapes, registry)
         original = run.summary.get("original_totals")
         if original:
             report = with_ratios(report, {"totals": original})
         report.update(method=run.recipe.method, params=run.recipe.params, model=run.recipe.model,
-                      seed=run.recipe.seed, channel_groups=channel_groups(run.model, rule_registry(rules)[0]))
+                      seed=run.recipe.seed, channel_groups=channel_groups(run.model, registry))
         return report
     if isinstance(target, Path) or (isinstance(target, str) and Path(target).is_dir()):
         raise UsageError(f"{target} is not a run directory, a model file, zoo:NAME or an .onnx file")

@@ -20,7 +20,7 @@ from .methods import MethodConfig, config_from_params
 from .models import LoadedModel, load_model
 from .passes.base import PassResult
 from .passes.rules import Registry, Rule, with_user_rules
-from .passes.trace import propagate_shapes, trace
+from .passes.trace import check_input_count, propagate_shapes, trace
 from .report import input_shapes
 
 
@@ -91,10 +91,13 @@ def example_inputs(shapes: list[tuple[int, ...]], seed: int) -> Any:
 
 def trace_loaded(loaded: LoadedModel, input_shape: Any, seed: int, leaf_modules: Sequence[str],
                  rules: Registry | None) -> Traced:
-    """Trace ``loaded`` (``leaf_modules`` kept opaque) and record shapes on an example from ``seed``."""
+    """Trace ``loaded`` (``leaf_modules`` kept opaque) and record shapes on an example from ``seed``: one
+    input per shape, forward's other arguments at their defaults (UsageError when the count does
+    not fit its signature)."""
     shapes = model_input_shapes(loaded, input_shape)
+    check_input_count(loaded.module, len(shapes))
     example = example_inputs(shapes, seed)
-    gm = trace(loaded.module, leaf_modules, rules)
+    gm = trace(loaded.module, leaf_modules, rules, n_inputs=len(shapes))
     propagate_shapes(gm, example)
     return Traced(loaded, shapes, example, gm, rules)
 

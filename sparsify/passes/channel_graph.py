@@ -19,11 +19,23 @@ op no rule understands, or inconsistent shapes; a derived frozen group freezes i
 but the depth multiplier may still resize it; ``multiple`` is the channel count it must stay a
 multiple of (grouped convs, GroupNorm). A group is *free* when it is a root, not frozen, and some
 layer writes it.
+
+Sizes a graph computes at run time from tensor sizes (``n, c, h, w = x.shape; y.view(n, 2, c // 2,
+h, w)``) follow a resize by themselves, but only the way the arithmetic says: a rule records each
+such size (``size_from``, a ``SizeExpr``). A root group whose size is ``r * size(other group)``
+*follows* that group (``follows``): the depth multiplier sizes it from the other, both stay whole
+and a frozen one freezes the other. A group divided by k (``c // k``) stays a multiple of k, and
+every computed size must agree with the channel graph for any resize (checked at random sizes with
+exact arithmetic); one that does not freezes the groups it involves.
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
+import random
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Iterator
 
 import networkx as nx
@@ -33,6 +45,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .rules import DEFAULT_RULES, LayerRule, Member, Registry, Role
+from .rules.base import SizeExpr
 from .trace import graphs, node_shape
 
 Space = tuple[str, int]  # (node key, axis)
@@ -61,6 +74,7 @@ class ChannelGroup:
     derivation: Derivation | None = None
     whole: list[str] = field(default_factory=list)   # why compaction keeps every channel
     multiple: int = 1                                # the size must stay a multiple of this
+    follows: tuple[int, Fraction, str] | None = None  # (group id, r, why): the size is r * that group's
 
     @property
     def is_root(self) -> bool:
@@ -128,6 +142,7 @@ class ChannelGraph:
         self._whole: dict[Space, list[str]] = {}
         self._multiple: dict[Space, int] = {}
         self._derive: dict[Space, tuple[str, list[tuple[Space, int]]]] = {}
+        self._computed: list[tuple[Space, SizeExpr, str]] = []
         self._member_keys: set[tuple[Role, str, int]] = set()
         self.modules = dict(gm.named_modules())
         self.groups: dict[int, ChannelGroup] = {}
@@ -318,6 +333,58 @@ class ChannelGraph:
             return
         self._derive[s] = (kind, parts)
 
+    def size_expr(self, a: Any) -> SizeExpr | None:
+        """The size argument ``a`` (an int, or a node computing one from tensor sizes: ``x.shape[1]``,
+        ``x.size(1)``, ``c // 2``) as a SizeExpr; None when it is computed some other way."""
+        if isinstance(a, int) and not isinstance(a, bool):
+            return SizeExpr.const(a)
+        if not isinstance(a, fx.Node) or a.op not in ("call_function", "call_method"):
+            return None
+        if a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[1], int):
+            dims = self.shape_exprs(a.args[0])
+            return dims[a.args[1]] if dims is not None and -len(dims) <= a.args[1] < len(dims) else None
+        if a.op == "call_method" and a.target == "size" and (len(a.args) > 1 or "dim" in a.kwargs):
+            dims, d = self.shape_exprs(a.args[0], whole=True), a.args[1] if len(a.args) > 1 else a.kwargs["dim"]
+            return dims[d] if dims is not None and isinstance(d, int) and -len(dims) <= d < len(dims) else None
+        if a.op == "call_method" and a.target == "numel" and len(a.args) == 1:
+            dims = self.shape_exprs(a.args[0], whole=True)
+            return functools.reduce(lambda p, q: SizeExpr("*", p, q), dims) if dims else None
+        ops = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.floordiv: "//"}
+        if a.op == "call_function" and a.target in ops and len(a.args) == 2 and not a.kwargs:
+            x, y = (self.size_expr(v) for v in a.args)
+            if x is None or y is None or (ops[a.target] == "//" and (y.op != "const" or x.linear() is None)):
+                return None  # a floor is exact only for r * size // k (the group is kept a multiple)
+            return SizeExpr(ops[a.target], x, y)
+        return None
+
+    def shape_exprs(self, a: Any, whole: bool = False) -> list[SizeExpr] | None:
+        """The sizes that node ``a`` = ``x.shape`` or ``x.size()`` holds, one SizeExpr per axis of x
+        (``whole``: ``a`` is x itself, for ``x.size(k)``); None for other nodes."""
+        if not isinstance(a, fx.Node):
+            return None
+        if whole:
+            t = a
+        elif a.op == "call_function" and a.target is getattr and a.args[1:] == ("shape",):
+            t = a.args[0]
+        elif a.op == "call_method" and a.target == "size" and len(a.args) == 1 and not a.kwargs:
+            t = a.args[0]
+        else:
+            return None
+        shape = self.shape(t)
+        if shape is None:
+            return None
+        return [SizeExpr.size(self.space(t, k), f"{t.name}.shape[{k}]") for k in range(len(shape))]
+
+    def size_from(self, s: Space | None, expr: SizeExpr | None, where: str) -> None:
+        """Axis ``s`` has the size ``expr`` computes at run time (a size computed from tensor sizes, or
+        a constant); None: computed in a way no SizeExpr describes, which freezes ``s``."""
+        if s is None:
+            return
+        if expr is None:
+            self.freeze(s, f"size computed in {where} in a way the channel graph cannot follow")
+            return
+        self._computed.append((s, expr, where))
+
     def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
         return [a for a in _flat_nodes((node.args, node.kwargs)) if self.shape(a) is not None
                 or self.element_shapes(a)]
@@ -352,6 +419,7 @@ class ChannelGraph:
             if g.derivation is not None and self._cyclic(g.id, set()):
                 g.reasons.append("layout refers to itself")
                 g.derivation = None
+        self._computed_sizes()
         for g in self.groups.values():
             g.frozen = bool(g.reasons)
         # a frozen / whole / constrained derived group passes that on to its parts
@@ -377,6 +445,66 @@ class ChannelGraph:
                     if p.multiple % need:
                         p.multiple = math.lcm(p.multiple, need)
                         changed = True
+            for g in self.groups.values():  # a follower and its leader change together or not at all
+                if g.follows is None:
+                    continue
+                lead, r, why = self.groups[g.follows[0]], g.follows[1], g.follows[2]
+                if lead.frozen and not g.frozen:
+                    g.frozen = True
+                    g.reasons.append(f"sized by {why} from frozen group {lead.id}")
+                    changed = True
+                if g.frozen and not lead.frozen:
+                    lead.frozen = True
+                    lead.reasons.append(f"{why} sizes frozen group {g.id} from it")
+                    changed = True
+                need = g.multiple * r.denominator // math.gcd(g.multiple * r.denominator, r.numerator)
+                if lead.multiple % need:  # r * size stays a whole multiple of the follower's own
+                    lead.multiple = math.lcm(lead.multiple, need)
+                    changed = True
+
+    def _computed_sizes(self) -> None:
+        """Resolve the sizes rules recorded with ``size_from``: a root group whose size is ``r *
+        size(other group)`` follows that group; then every computed size must equal its axis's size
+        for random sizes of the groups layers write (exact arithmetic, two draws), or the groups it
+        involves are frozen."""
+        for s, expr, where in self._computed:
+            g, r = self.groups[self._group_of[s]], expr.ratio()
+            if r is None or not g.is_root or g.follows is not None:
+                continue
+            lead = self.groups[self._group_of[r[0]]]
+            if lead is g or self._depends_on(lead.id, g.id):
+                continue
+            why = f"{expr} in {where}"
+            g.follows = (lead.id, r[1], why)
+            g.whole.append(f"sized by {why} from group {lead.id}")
+            lead.whole.append(f"{why} sizes group {g.id} from it")
+        for s, expr, where in self._computed:
+            for sp, q in expr.divisions():
+                g = self.groups[self._group_of[sp]]
+                g.multiple = math.lcm(g.multiple, q.denominator)
+        rng = random.Random(0)
+        bad: set[int] = set()
+        for _ in range(2):
+            sizes = {g.id: Fraction(rng.randrange(10**6, 10**7)) for g in self.groups.values()
+                     if g.is_root and g.follows is None and g.producers}
+
+            def size_of(sp: Space) -> Any:
+                return self.derived_size(self._group_of[sp], sizes)
+
+            bad.update(i for i, (s, expr, _) in enumerate(self._computed) if size_of(s) != expr.value(size_of))
+        for i in sorted(bad):
+            s, expr, where = self._computed[i]
+            for sp in {s} | expr.spaces():
+                self.groups[self._group_of[sp]].reasons.append(f"size {expr} in {where} would not match its "
+                                                               f"axis after a resize")
+
+    def _depends_on(self, gid: int, target: int) -> bool:
+        """True when group ``gid``'s size is computed from ``target``'s (layouts and followers)."""
+        g = self.groups[gid]
+        if gid == target:
+            return True
+        parts = [p for p, _ in g.derivation.parts] if g.derivation is not None else []
+        return any(self._depends_on(p, target) for p in parts + ([g.follows[0]] if g.follows else []))
 
     def _same_layout(self, a: Derivation, b: Derivation) -> bool:
         """Two layouts agree: same kind, and part by part the same group, or two groups no layer
@@ -427,14 +555,20 @@ class ChannelGraph:
         return [g for g in self.groups.values() if g.is_root and g.producers]
 
     def free_groups(self) -> list[ChannelGroup]:
-        """Root groups whose channels may be resized (and, unless ``whole``, removed)."""
-        return [g for g in self.channel_groups() if not g.frozen]
+        """Root groups whose channels may be resized (and, unless ``whole``, removed); a group that
+        ``follows`` another is sized from it instead."""
+        return [g for g in self.channel_groups() if not g.frozen and g.follows is None]
 
     def derived_size(self, gid: int, sizes: dict[int, int]) -> int:
-        """The size of group ``gid`` when root groups take the sizes in ``sizes`` (others keep theirs)."""
+        """The size of group ``gid`` when root groups take the sizes in ``sizes`` (others keep theirs,
+        or follow their leader's: ``floor(r * size)``, exact for Fraction sizes)."""
         g = self.groups[gid]
         if g.derivation is None:
-            return sizes.get(gid, g.size)
+            if gid in sizes or g.follows is None:
+                return sizes.get(gid, g.size)
+            lead, r, _ = g.follows
+            v = self.derived_size(lead, sizes)
+            return v * r if isinstance(v, Fraction) else v * r.numerator // r.denominator
         if g.derivation.kind == "concat":
             return sum(self.derived_size(p, sizes) for p, _ in g.derivation.parts)
         return math.prod(self.derived_size(p, sizes) for p, _ in g.derivation.parts)
@@ -482,6 +616,7 @@ class ChannelGraph:
             {
                 "id": g.id, "size": g.size, "frozen": g.frozen, "reasons": sorted(set(g.reasons)),
                 "whole": sorted(set(g.whole)), "multiple": g.multiple,
+                "follows": None if g.follows is None else {"group": g.follows[0], "ratio": str(g.follows[1])},
                 "derived": None if g.derivation is None else {"kind": g.derivation.kind,
                                                               "parts": [list(p) for p in g.derivation.parts]},
                 "members": [f"{m.role.value}:{m.target}" for m in g.members],

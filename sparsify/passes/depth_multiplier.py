@@ -4,7 +4,9 @@ size n becomes ceil(alpha * n), with freshly initialised weights; with a channel
 
 The channel graph decides what may change: groups tied to the model's input or output or to an op
 no rule understands keep their size; a group that a grouped conv or a GroupNorm reads stays a
-multiple of its group count (each group's width is scaled). Concats and flattens follow their parts.
+multiple of its group count (each group's width is scaled). Concats and flattens follow their parts;
+a group whose size the model computes from another's (``x.view(n, 2, c // 2, h, w)``, ``c`` from
+``x.shape``) follows that one, which stays a multiple of what the arithmetic divides by.
 Each layer is rebuilt by its own rule (same type and forward, new channel counts); ``get_attr``
 tensors keep the entries of the channels that remain.
 """
@@ -101,6 +103,10 @@ class DepthMultiplierPass(GraphPass):
             elif g.multiple > 1 and g.id in sizes:
                 result.notes.append(f"group of {g.size} channels scaled to {sizes[g.id]}, a multiple of {g.multiple} "
                                     f"({sorted(set(g.whole))[0] if g.whole else 'grouped layer'})")
+            elif g.follows is not None:
+                lead, _, why = g.follows
+                result.notes.append(f"group of {g.size} channels scaled to {cg.derived_size(g.id, sizes)} "
+                                    f"(sized by {why} from group {lead})")
         return result
 
     @staticmethod
@@ -130,8 +136,8 @@ class DepthMultiplierPass(GraphPass):
 
         def keep_of(gid: int) -> np.ndarray:
             if cg.groups[gid].derivation is None:
-                return np.arange(sizes.get(gid, cg.groups[gid].size))
-            return np.sort(np.concatenate([cg.positions(r)[gid][:sizes.get(r, cg.groups[r].size)].ravel()
+                return np.arange(cg.derived_size(gid, sizes))
+            return np.sort(np.concatenate([cg.positions(r)[gid][:cg.derived_size(r, sizes)].ravel()
                                            for r in roots(gid)]))
 
         targets = {n.target for graph in graphs(gm) for n in graph.nodes if n.op == "get_attr"}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dis
+import inspect
 import logging
 import operator
 import re
@@ -23,7 +25,7 @@ import torch.nn as nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from ..errors import TraceError
+from ..errors import TraceError, UsageError
 from ..nn import SPARSE_LAYERS
 
 
@@ -345,8 +347,91 @@ def eval_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _forward_parameters(model: nn.Module) -> list[inspect.Parameter] | None:
+    """The parameters of ``model.forward`` (without self); None when its signature cannot be read."""
+    try:
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
+def forward_defaults(model: nn.Module, n_inputs: int | None = None) -> dict[str, Any]:
+    """The forward parameters traced at their default values, by name: those with a default beyond
+    the first ``n_inputs`` positional ones (default: every one with a default), and keyword-only
+    ones with a default (not tuples, lists or dicts). ``forward(self, x, mask=None,
+    return_features=False)`` traced with one input gives ``{"mask": None, "return_features": False}``:
+    one input, the defaults baked in."""
+    params = _forward_parameters(model) or []
+    positional = [p for p in params if p.kind in _POSITIONAL]
+    n = sum(p.default is p.empty for p in positional) if n_inputs is None else n_inputs
+    kept = [p for i, p in enumerate(positional) if i >= n] + [p for p in params if p.kind is p.KEYWORD_ONLY]
+    # a tuple / list / dict default stays a traced argument with its default (fx would flatten it)
+    return {p.name: p.default for p in kept
+            if p.default is not p.empty and not isinstance(p.default, (tuple, list, dict))}
+
+
+def check_input_count(model: nn.Module, n_inputs: int) -> None:
+    """UsageError unless ``n_inputs`` example inputs fit ``model.forward``: at least its parameters
+    without a default, at most its positional ones (unless it takes ``*args``)."""
+    params = _forward_parameters(model)
+    if params is None:
+        return
+    positional = [p for p in params if p.kind in _POSITIONAL]
+    required = [p.name for p in positional if p.default is p.empty]
+    sig = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in positional)
+    who = f"{type(model).__name__}.forward({sig})"
+    shapes = f"{n_inputs} input shape{'s were' if n_inputs != 1 else ' was'} given"
+    if n_inputs < len(required):
+        raise UsageError(f"{who} needs {len(required)} inputs but {shapes}; give one shape "
+                         f"per input, e.g. --input-shape \"{';'.join(['1,3,32,32'] * len(required))}\", or "
+                         f"INPUT_SHAPES with {len(required)} shapes in the model file")
+    if n_inputs > len(positional) and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        raise UsageError(f"{who} takes at most {len(positional)} inputs but {shapes}; give one shape per input "
+                         f"(arguments without a shape keep their defaults)")
+
+
+def defaults_note(model: nn.Module, n_inputs: int) -> str | None:
+    """A note naming the optional forward arguments that were traced at their defaults and that
+    forward reads (so behaviour depends on them); None when there are none."""
+    fn = inspect.unwrap(getattr(type(model), "forward", None) or model.forward)
+    code = getattr(fn, "__code__", None)
+    read: set[str] = set()
+    if code is not None:
+        for ins in dis.get_instructions(code):
+            if ins.opname.startswith(("LOAD_FAST", "LOAD_DEREF", "LOAD_CLOSURE")):
+                read.update(ins.argval if isinstance(ins.argval, tuple) else (ins.argval,))
+    used = {k: v for k, v in forward_defaults(model, n_inputs).items() if code is None or k in read}
+    if not used:
+        return None
+    args = ", ".join(f"{k}={v!r}" for k, v in used.items())
+    return (f"forward's optional argument{'s' if len(used) > 1 else ''} {args} "
+            f"{'are' if len(used) > 1 else 'is'} traced at {'their defaults' if len(used) > 1 else 'its default'}: "
+            f"the transformed and exported model always runs with {'these values' if len(used) > 1 else 'it'} "
+            "(to feed one as an input, give one --input-shape per input up to it)")
+
+
+def _drop_specialized(graph: fx.Graph, n_inputs: int) -> None:
+    """Erase the placeholders fx adds for ``concrete_args`` (after the ``n_inputs`` traced ones) and
+    the asserts that check their values: the graph takes only its traced inputs."""
+    checks = {operator.eq, torch._assert, getattr(fx._symbolic_trace, "_assert_is_none", None)}
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for p in [n for n in graph.nodes if n.op == "placeholder"][n_inputs:]:
+        chain, todo = [], [p]
+        while todo:
+            for u in todo.pop().users:
+                chain.append(u)
+                todo.append(u)
+        if any(u.op != "call_function" or u.target not in checks for u in chain):
+            continue  # the value is used beyond the checks: keep the placeholder (it has its default)
+        for n in sorted(set(chain), key=order.__getitem__, reverse=True) + [p]:
+            graph.erase_node(n)
+
+
 def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any,
-                mode: str = "") -> tuple[SparsifyTracer, fx.Graph]:
+                mode: str = "", defaults: dict[str, Any] | None = None) -> tuple[SparsifyTracer, fx.Graph]:
     graph = None
     for proxy_buffers in (True, False):
         tracer = SparsifyTracer(leaf_types, rules)
@@ -356,12 +441,15 @@ def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any,
         tracer.proxy_buffer_attributes = proxy_buffers
         try:
             with _buffers_kept(model) as rebound, torch.enable_grad():  # only the model's own no-grad regions
-                graph = tracer.trace(model)
+                graph = tracer.trace(model, concrete_args=defaults or None)
             break
         except Exception as e:
             if not proxy_buffers:
                 raise TraceError(_untraceable_message(model, e, leaf_types, mode)) from None
     assert graph is not None
+    if defaults:
+        n_traced = sum(p.kind in _POSITIONAL and p.name not in defaults for p in _forward_parameters(model) or [])
+        _drop_specialized(graph, n_traced)
     _keep_rebound_buffers(graph, rebound)
     _keep_no_grad(graph)
     # fx marks autowrapped calls so that the generated code registers them for later symbolic
@@ -373,22 +461,26 @@ def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any,
     return tracer, graph
 
 
-def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None) -> fx.GraphModule:
+def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
+          n_inputs: int | None = None) -> fx.GraphModule:
     """Symbolically trace ``model`` in eval mode and in training mode (a GraphModule is returned as is).
 
     When both traces are the same program the result is a plain GraphModule; otherwise a
     ModeGraphModule that runs each mode's graph (see ``mode_differences`` for what differs).
     The model's own mode is restored and becomes the result's mode. ``rules`` (a Registry): module
-    types it has a rule for are kept as leaves too.
+    types it has a rule for are kept as leaves too. The graph's inputs are forward's first
+    ``n_inputs`` parameters (default: those without a default); the others keep their defaults
+    (``forward_defaults``), baked into the graph.
     """
     if isinstance(model, fx.GraphModule):
         return model
+    defaults = forward_defaults(model, n_inputs)
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        tracer, eval_graph = _trace_once(model, leaf_types, rules)
+        tracer, eval_graph = _trace_once(model, leaf_types, rules, defaults=defaults)
         model.train()
-        _, train_graph = _trace_once(model, leaf_types, rules, "training")
+        _, train_graph = _trace_once(model, leaf_types, rules, "training", defaults)
     finally:
         for m, training in modes.items():
             m.training = training

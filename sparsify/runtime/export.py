@@ -182,28 +182,47 @@ def _input_names(model: nn.Module, n: int) -> list[str]:
     return [f"input_{i}" for i in range(n)]
 
 
-def output_names(y: Any) -> list[str] | None:
+def output_names(y: Any, notes: list[str] | None = None, inputs: Sequence[str] = ()) -> list[str] | None:
     """ONNX output names for a model output: None for one tensor (the exporter's default), else one
     name per tensor from its place: dict keys ("logits"), tuple positions ("output_1"), joined by "."
-    when nested ("boxes.0"). Leaves that are not tensors (None, numbers) get no name."""
+    when nested ("boxes.0"), characters other than letters, digits, "_" and "." made "_". Leaves that
+    are not tensors (None, numbers) get no name. Names stay unique: one already taken (``{"a": {"b":
+    t}}`` and ``{"a.b": u}`` both read "a.b", or an output named like one of the ONNX ``inputs``)
+    gets "_2", "_3"... in output order; each renaming (that and a key's changed characters) is
+    described in one line appended to ``notes``."""
     import torch.utils._pytree as pytree
 
     if isinstance(y, torch.Tensor):
         return None
-    leaves, _ = pytree.tree_flatten_with_path(y)
-    names = []
-    for path, leaf in leaves:
+    places = []
+    for path, leaf in pytree.tree_flatten_with_path(y)[0]:
         if not isinstance(leaf, torch.Tensor):
             continue  # None / numbers are not ONNX outputs: naming them would shift the names after them
-        parts = []
-        for k in path:
-            key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
-            parts.append(str(key))
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
         if isinstance(y, (list, tuple)) and not hasattr(y, "_fields") and parts:
             parts[0] = f"output_{parts[0]}"
-        names.append(re.sub(r"[^A-Za-z0-9_.]+", "_", ".".join(parts)) or "output")
-    if len(set(names)) != len(names):
-        return [f"output_{i}" for i in range(len(names))]
+        joined = ".".join(parts)
+        places.append((pytree.keystr(path), joined, re.sub(r"[^A-Za-z0-9_.]+", "_", joined) or "output"))
+    wanted = {name for _, _, name in places}
+    owner: dict[str, str] = {name: "a model input's" for name in inputs}
+    final: dict[int, str] = {}
+    # names kept as written first (a key "a_b" keeps it before "a b" becomes it), then in output order
+    for i in sorted(range(len(places)), key=lambda i: places[i][1] != places[i][2]):
+        where, _, name = places[i]
+        new, k = name, 1
+        while new in owner or (new != name and new in wanted):
+            k += 1
+            new = f"{name}_{k}"
+        owner[new], final[i] = where, new
+    names, renamed = [final[i] for i in range(len(places))], []
+    for (where, joined, name), new in zip(places, names):
+        if new != name:
+            renamed.append(f"{where} is '{new}' ('{name}' is {owner[name]})")
+        elif new != joined:
+            renamed.append(f"{where} is '{new}'")
+    if renamed and notes is not None:
+        notes.append("ONNX output names are unique and use letters, digits, '_' and '.': the output at "
+                     + "; at ".join(renamed))
     return names
 
 
@@ -546,7 +565,7 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
     with torch.no_grad():
         y = work(*example)
     _check_outputs(y)
-    names = output_names(y)
+    names = output_names(y, report.notes, _input_names(work, len(example)))
     onnx_model = _torch_export(work, example, names)
     report.output_names = [o.name for o in onnx_model.graph.output]
     if any(isinstance(m, SparseConv1d) for m in model.modules()):

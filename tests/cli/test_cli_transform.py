@@ -461,6 +461,62 @@ def test_inspect_missing_file():
     assert_clean_error(invoke("inspect", "absent.py"), None, "absent.py")
 
 
+LEAF_RULES = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SameConv(nn.Conv2d):
+    \"\"\"TF-style dynamic "same" padding: its own forward, so a leaf that needs --rule SameConv=conv.\"\"\"
+
+    def forward(self, x):
+        ph = max(self.kernel_size[0] - 1, 0)
+        return F.conv2d(F.pad(x, [ph // 2, ph - ph // 2] * 2), self.weight, self.bias)
+
+
+class Head(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = SameConv(3, 16, 3), SameConv(16, 16, 3)
+        self.head = Head(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+
+INPUT_SHAPE = (1, 3, 8, 8)
+"""
+
+
+def _layers(r) -> dict[str, float]:
+    assert_ok(r)
+    return {l["name"]: l["density"] for l in json.loads(r.stdout)["layers"]}
+
+
+def test_inspect_run_uses_the_leaves_and_rules_it_was_transformed_with():
+    write("leafy.py", LEAF_RULES)
+    assert_ok(invoke("transform", "leafy.py", "--density", "0.3", "--leaf", "SameConv", "--leaf", "Head",
+                     "--rule", "SameConv=conv", "--out", "R"))
+    summary = {l["name"]: l["density"] for l in json.loads(Path("R/summary.json").read_text())["layers"]}
+    layers = _layers(invoke("inspect", "R", "--json"))
+    assert layers == summary and set(layers) == {"a", "b"} and layers["a"] < 0.4  # b, the last, is the classifier
+    r = invoke("inspect", "R")
+    assert_ok(r)
+    assert "sparse layers 1/2" in r.stdout and "channel groups: 2 (1 resizable)" in r.stdout
+    # on the command line: a rule adds to the run's (Head was a leaf without one) or overrides it
+    assert _layers(invoke("inspect", "R", "--rule", "Head=linear", "--json")) == {**summary, "head": 1.0}
+    assert _layers(invoke("inspect", "R", "--rule", "SameConv=frozen", "--json")) == {}
+    assert _layers(invoke("inspect", "R", "--leaf", "SameConv", "--json")) == summary
+    assert_clean_error(invoke("inspect", "R", "--leaf", "Net"), None, "--leaf Net",
+                       "transformed with --leaf SameConv --leaf Head")
+
+
 def test_zoo_lists_every_model():
     from sparsify import zoo
 

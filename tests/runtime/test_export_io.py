@@ -71,6 +71,37 @@ def test_structured_outputs_export_as_named_verified_outputs(cls, names, tmp_pat
         np.testing.assert_allclose(got["output_1.1.logits"], ref[1][1]["logits"].numpy(), rtol=1e-4, atol=1e-5)
 
 
+class Colliding(Body):
+    """Names that read the same once flattened (a nested dict's "a.b" and a key "a.b"), a key with a
+    space, and an output named like the input."""
+
+    def forward(self, x):
+        f = self.c1(x)
+        e = self.emb(self.c2(f).mean((2, 3)))
+        return {"out": self.fc(e), "aux": {"out": e}, "a": {"b": f.mean(1)}, "a.b": f.amax(1), "x y": -e,
+                "input": x}
+
+
+def test_colliding_output_names_stay_readable_and_unique_with_a_note(tmp_path):
+    torch.manual_seed(0)
+    model = _sparse(Colliding(), (1, 3, 16, 16)).eval()
+    rep = export_model(model, (1, 3, 16, 16), tmp_path / "m.onnx")
+    names = ["out", "aux.out", "a.b", "a.b_2", "x_y", "input_2"]
+    assert rep.output_names == names
+    assert [o.name for o in onnx.load(str(tmp_path / "m.onnx")).graph.output] == names
+    assert ("ONNX output names are unique and use letters, digits, '_' and '.': the output at ['a.b'] is 'a.b_2' "
+            "('a.b' is ['a']['b']); at ['x y'] is 'x_y'; at ['input'] is 'input_2' ('input' is a model input's)"
+            ) in rep.notes
+    x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    got = dict(zip(names, open_session(tmp_path / "m.onnx").run(None, {"input": x})))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))
+    for name, want in [("out", ref["out"]), ("aux.out", ref["aux"]["out"]), ("a.b", ref["a"]["b"]),
+                       ("a.b_2", ref["a.b"]), ("x_y", ref["x y"]), ("input_2", ref["input"])]:
+        np.testing.assert_allclose(got[name], want.numpy(), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got["a.b"], got["a.b_2"])
+
+
 def test_each_output_is_verified_against_its_own_scale(tmp_path, monkeypatch):
     """A wrong small output next to a large one is caught (errors are not judged by the largest)."""
     from sparsify.runtime import export as export_mod
@@ -192,7 +223,8 @@ def test_cli_input_shape_for_several_inputs(tmp_path):
     assert r.exit_code == 2 and "S1;S2" in r.output and not (tmp_path / "bad").exists()
     r = runner.invoke(app, ["transform", str(src), "--density", "0.2", "--input-shape", "1,3,16,16",
                             "--out", str(tmp_path / "bad")])
-    assert r.exit_code == 2 and "takes 2 inputs but 1 shape" in r.output and not (tmp_path / "bad").exists()
+    assert r.exit_code == 2 and "needs 2 inputs but 1 input shape was given" in r.output \
+        and not (tmp_path / "bad").exists()
     r = runner.invoke(app, ["transform", str(src), "--density", "0.2", "--input-shape", "1,3,16,16;1,1,16,16",
                             "--out", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output

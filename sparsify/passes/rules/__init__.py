@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import UsageError
-from .base import Const, ConstancyEnv, LayerRule, Member, Registry, Role, Rule, SparseLayout
+from .base import Const, ConstancyEnv, LayerRule, Member, Registry, Role, Rule, SizeExpr, SparseLayout
 from .layers import (
     BatchNormRule, ChannelwiseRule, ConvLeafRule, ConvRule, ConvTransposeRule, FunctionalConvRule,
     FunctionalLinearRule, FunctionalNormRule, GroupNormRule, LayerNormRule, LinearLeafRule, LinearRule,
@@ -34,7 +34,7 @@ from .ops import (
     RepeatRule, ReshapeRule, SplitRule, SqueezeRule, StackRule, StochasticDepthRule, UnknownRule,
 )
 
-__all__ = ["Const", "ConstancyEnv", "LayerRule", "Member", "Registry", "Role", "Rule", "SparseLayout",
+__all__ = ["Const", "ConstancyEnv", "LayerRule", "Member", "Registry", "Role", "Rule", "SizeExpr", "SparseLayout",
            "ChannelwiseRule", "ConvRule", "LinearRule", "ElementwiseRule",
            "DEFAULT_RULES", "LEAF_RULES", "with_user_rules", "known_base", "leaf_rule_name", "rule_names",
            "arg", "effective_weight", "set_tensor", "slice_tensors", "zero_padded"]

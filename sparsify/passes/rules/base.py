@@ -16,7 +16,9 @@ not imported here), ``call_method`` nodes by the method name.
 from __future__ import annotations
 
 import enum
+import operator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
@@ -59,6 +61,81 @@ class Const:
 
     axis: int
     flags: torch.Tensor
+
+
+class SizeExpr:
+    """A size that a traced graph computes at run time: int constants, the size of a tensor axis
+    (a space) and ``+ - * //`` of them (``x.shape[1] // 2``; ``getattr(x, "shape")[1]``, ``x.size(1)``).
+
+    ``value(size_of)`` evaluates it for the sizes ``size_of(space)`` gives; with Fraction sizes
+    ``//`` divides exactly (see ``ChannelGraph``'s check). ``ratio()`` is (space, r) when the
+    expression is ``r * size(space)`` with r > 0, else None. The channel graph accepts ``//`` only
+    by a constant of such a term (``c // 2``), whose group it keeps a multiple of the divisor.
+    """
+
+    _OPS: dict[str, Callable[[Any, Any], Any]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+    def __init__(self, op: str, *args: Any, text: str = "") -> None:
+        self.op, self.args, self.text = op, args, text
+
+    @classmethod
+    def const(cls, v: int) -> "SizeExpr":
+        return cls("const", int(v), text=str(int(v)))
+
+    @classmethod
+    def size(cls, s: tuple[str, int], text: str) -> "SizeExpr":
+        return cls("size", s, text=text)
+
+    def value(self, size_of: Callable[[tuple[str, int]], Any]) -> Any:
+        if self.op == "const":
+            return self.args[0]
+        if self.op == "size":
+            return size_of(self.args[0])
+        a, b = (e.value(size_of) for e in self.args)
+        if self.op == "//":
+            return Fraction(a) / b if isinstance(a, Fraction) or isinstance(b, Fraction) else a // b
+        return self._OPS[self.op](a, b)
+
+    def spaces(self) -> set[tuple[str, int]]:
+        if self.op == "size":
+            return {self.args[0]}
+        return set().union(*(e.spaces() for e in self.args)) if self.op != "const" else set()
+
+    def ratio(self) -> tuple[tuple[str, int], Fraction] | None:
+        r = self.linear()
+        return r if r is not None and r[0] is not None and r[1] > 0 else None
+
+    def linear(self) -> tuple[tuple[str, int] | None, Fraction] | None:
+        """(space, r) when the expression is ``r * size(space)``, (None, r) when it is the constant r."""
+        if self.op == "const":
+            return None, Fraction(self.args[0])
+        if self.op == "size":
+            return self.args[0], Fraction(1)
+        a, b = self.args[0].linear(), self.args[1].linear()
+        if a is None or b is None:
+            return None
+        if self.op == "*" and (a[0] is None or b[0] is None):
+            return a[0] or b[0], a[1] * b[1]
+        if self.op == "//" and b[0] is None and b[1]:
+            return a[0], a[1] / b[1]
+        if self.op in "+-" and a[0] is None and b[0] is None:
+            return None, self._OPS[self.op](a[1], b[1])
+        return None
+
+    def divisions(self) -> list[tuple[tuple[str, int], Fraction]]:
+        """(space, r) of every ``r * size(space)`` that a ``//`` divides: the floor is exact (and
+        ``//`` is the division ``value`` computes with Fractions) when size(space) * r is whole."""
+        if self.op in ("const", "size"):
+            return []
+        out = [d for e in self.args for d in e.divisions()]
+        r = self.linear() if self.op == "//" else None
+        return out + ([r] if r is not None and r[0] is not None else [])
+
+    def __str__(self) -> str:
+        if self.op in ("const", "size"):
+            return self.text
+        a, b = (str(e) if e.op in ("const", "size") else f"({e})" for e in self.args)
+        return f"{a} {self.op} {b}"
 
 
 class Rule:

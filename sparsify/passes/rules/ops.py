@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .base import Const, Rule
+from .base import Const, Rule, SizeExpr
 from .layers import arg
 
 
@@ -316,34 +316,58 @@ def _reshape_groups(sin: tuple[int, ...], sout: tuple[int, ...]) -> list[tuple[l
 
 class ReshapeRule(Rule):
     """view / reshape: axes kept 1:1 are tied, runs of axes merged into one are a flatten; an axis
-    split into several (heads, channel shuffle) or given as a literal size is frozen, never guessed."""
+    split into several or given as a literal size is frozen, never guessed, except a split whose
+    sizes are literals but one computed from tensor sizes or -1 (channel shuffle ``x.view(n, 2,
+    c // 2, h, w)``, heads ``x.view(n, t, heads, c // heads)``): the computed part follows the size
+    it is computed from. Every size computed from tensor sizes is recorded (``size_from``): the
+    channel graph resizes the groups it ties together, or freezes them where it cannot follow."""
 
     name = "reshape"
 
-    def _sizes(self, node):
+    def _sizes(self, cg, node, rank):
+        """The size given for each output axis: an int, a SizeExpr (computed from tensor sizes), or
+        None (computed some other way); None when the sizes do not name each axis."""
         if node.op == "call_function":
             sizes = arg(node, 1, "shape")
         else:
             sizes = list(node.args[1:]) or node.kwargs.get("shape") or node.kwargs.get("size")
-        if isinstance(sizes, (list, tuple)) and len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        if isinstance(sizes, (list, tuple)) and len(sizes) == 1 and not isinstance(sizes[0], int):
             sizes = sizes[0]
-        return list(sizes) if isinstance(sizes, (list, tuple)) else None
+        if isinstance(sizes, fx.Node):
+            sizes = cg.shape_exprs(sizes)  # x.view(y.shape)
+            return sizes if sizes is not None and len(sizes) == rank else None
+        if not isinstance(sizes, (list, tuple)) or len(sizes) != rank:
+            return None
+        return [v if isinstance(v, int) else cg.size_expr(v) for v in sizes]
 
     def couple(self, cg, node, module):
         x = arg(node, 0, "input")
         sx, so = cg.shape(x), cg.shape(node)
-        sizes = self._sizes(node)
         groups = _reshape_groups(sx, so) if sx is not None and so is not None else None
         if groups is None:
             cg.unknown(node, f".{node.target}()" if node.op == "call_method" else "reshape")
             return
-        literal = [sizes is not None and len(sizes) == len(so) and isinstance(sizes[j], int) and sizes[j] not in (-1, 1)
-                   for j in range(len(so))] if sizes is not None else [True] * len(so)
+        sizes = self._sizes(cg, node, len(so))
+        literal = [sizes is None or (isinstance(v, int) and v not in (-1, 1)) for v in (sizes or so)]
         where = f"{node.target}() at {node.name}" if node.op == "call_method" else f"reshape at {node.name}"
         for a, b in groups:
             if not a or not b:
                 continue
-            if any(literal[j] for j in b) and (len(a) > 1 or len(b) > 1 or sx[a[0]] > 1):
+            inferred = [j for j in b if not literal[j]]
+            if len(a) == 1 and len(b) > 1 and sizes is not None and len(inferred) == 1 and sx[a[0]] > 1:
+                # one axis split into literal sizes and one computed or inferred: the latter follows
+                k, rest = inferred[0], math.prod(sizes[j] for j in b if j != inferred[0])
+                for j in b:
+                    if j != k:
+                        cg.size_from(cg.space(node, j), SizeExpr.const(sizes[j]), where)
+                if sizes[k] == -1:
+                    src = SizeExpr.size(cg.space(x, a[0]), f"{x.name}.shape[{a[0]}]")
+                    cg.size_from(cg.space(node, k), SizeExpr("//", src, SizeExpr.const(rest)), where)
+                elif sizes[k] is not None:
+                    cg.size_from(cg.space(x, a[0]), SizeExpr("*", SizeExpr.const(rest), sizes[k]), where)
+                else:
+                    cg.size_from(cg.space(x, a[0]), None, where)
+            elif any(literal[j] for j in b) and (len(a) > 1 or len(b) > 1 or sx[a[0]] > 1):
                 reason = f"literal size in {where}"
                 for i in a:
                     cg.freeze(cg.space(x, i), reason)
@@ -359,6 +383,9 @@ class ReshapeRule(Rule):
                     cg.freeze(cg.space(x, i), reason)
                 for j in b:
                     cg.freeze(cg.space(node, j), reason)
+        for j, v in enumerate(sizes or []):
+            if not isinstance(v, int):
+                cg.size_from(cg.space(node, j), v, where)
 
     def constancy(self, env, node, module, out):
         x = arg(node, 0, "input")

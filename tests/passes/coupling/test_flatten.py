@@ -54,8 +54,9 @@ class LiteralView(FlattenLinear):
         return self.fc(self.c(x).view(-1, 180))
 
 
-class ChannelShuffle(nn.Module):
-    """ShuffleNet's shuffle: view splits the channel axis into (groups, C/groups)."""
+class LiteralShuffle(nn.Module):
+    """A channel shuffle written with literal sizes (the one computed from y.shape resizes: see
+    test_computed_sizes.py)."""
 
     def __init__(self):
         super().__init__()
@@ -63,12 +64,12 @@ class ChannelShuffle(nn.Module):
 
     def forward(self, x):
         y = self.a(x)
-        n, c, h, w = y.shape
-        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        n, _, h, w = y.shape
+        y = y.view(n, 2, 4, h, w).transpose(1, 2).reshape(n, 8, h, w)
         return self.b(y)
 
 
-@pytest.mark.parametrize("cls", [LiteralView, ChannelShuffle])
+@pytest.mark.parametrize("cls", [LiteralView, LiteralShuffle])
 def test_literal_sizes_and_split_axes_freeze_instead_of_guessing(cls):
     cg = build(cls())
     node = "c" if cls is LiteralView else "a"
