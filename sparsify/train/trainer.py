@@ -328,26 +328,86 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def _frozen_bn(bn: nn.modules.batchnorm._BatchNorm) -> str | None:
+    """Why the model keeps ``bn``'s running statistics as they are ("momentum 0", "held in eval mode"), or None.
+
+    Read with the model in training mode: a BatchNorm still in eval mode then is held there by the
+    model's own ``train()`` (mmdetection's ``norm_eval``); one with ``momentum=0`` never moves its
+    statistics in training (PyTorch: ``running = (1 - momentum) * running + momentum * batch``).
+    """
+    if bn.momentum == 0:
+        return "momentum 0"
+    if not bn.training:
+        return "held in eval mode"
+    return None
+
+
+@dataclass
+class BNRecalibration:
+    """What ``recalibrate_bn`` did: the BatchNorm layers (module names) it re-estimated, and the ones
+    it left as they were, each with why (``_frozen_bn``)."""
+
+    estimated: list[str]
+    kept: dict[str, str]
+
+    def notes(self) -> list[str]:
+        """The lines that tell a user: none when the model has no BatchNorm with running statistics."""
+        lines = []
+        if self.estimated:
+            lines.append("re-estimated the BatchNorm statistics of the final weights (one pass over the training data)")
+        if self.kept:
+            n = len(self.kept)
+            by_why: dict[str, list[str]] = {}
+            for name, why in self.kept.items():
+                by_why.setdefault(why, []).append(name)
+            which = "; ".join(f"{why}: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+                              for why, names in by_why.items())
+            lines.append(f"note: kept the running statistics of {n} BatchNorm layer{'s' if n != 1 else ''} the model "
+                         f"freezes ({which}) as they were, not re-estimated")
+        return lines
+
+
+@torch.no_grad()
 def recalibrate_bn(model: nn.Module, split: Split, batch_size: int, model_input: tuple[int, ...],
-                   workers: int | None = None) -> bool:
-    """Re-estimate the BatchNorm running statistics for the final weights; False if it has none.
+                   workers: int | None = None) -> BNRecalibration:
+    """Re-estimate the BatchNorm running statistics for the final weights, except those the model freezes.
 
     One pass over ``split`` (at most ``BN_RECALIBRATION_SAMPLES`` images, the same on every rank, so
-    ranks agree) in training mode without
-    gradients, averaging each batch's statistics with equal weight: ``torch.optim.swa_utils.update_bn``
-    (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima", sect. 3.2). The exponential
-    running averages trail weights that moved fast: mobilenetv2 trained 5 epochs on digits with
-    the defaults reached 95% train accuracy and 12% test accuracy before this pass.
-    """
-    from torch.optim.swa_utils import update_bn
+    ranks agree) in training mode without gradients, averaging each batch's statistics with equal
+    weight, as ``torch.optim.swa_utils.update_bn`` does (Izmailov et al. 2018, "Averaging Weights
+    Leads to Wider Optima", sect. 3.2). The exponential running averages trail weights that moved
+    fast: mobilenetv2 trained 5 epochs on digits with the defaults reached 95% train accuracy and
+    12% test accuracy before this pass.
 
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
-        return False
-    size = max(batch_size, 256)
-    inputs = (_adapt_batch(x, model_input) for x, _ in batches(split, size, shuffle=False, merge_single=True,
-                                                               workers=workers))
-    update_bn(itertools.islice(inputs, max(1, BN_RECALIBRATION_SAMPLES // size)), model)
-    return True
+    A BatchNorm whose statistics the model freezes (``momentum=0``, or held in eval mode by the
+    model's ``train()``: ``_frozen_bn``) keeps them, and normalises with them during the pass (in
+    eval mode), as it does at inference, so the layers after it are estimated on what they will
+    see. BatchNorms without running statistics (``track_running_stats=False``) have nothing to
+    re-estimate. Every BatchNorm's momentum and the model's mode are restored afterwards.
+    """
+    was_training = model.training
+    model.train()
+    bns = {n: m for n, m in model.named_modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    kept = {n: why for n, m in bns.items() if (why := _frozen_bn(m)) is not None}
+    estimate = {n: m for n, m in bns.items() if n not in kept}
+    momenta = {n: m.momentum for n, m in estimate.items()}
+    try:
+        if estimate:
+            for m in estimate.values():
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average: every batch weighs the same
+            for n in kept:
+                bns[n].eval()
+            size = max(batch_size, 256)
+            for x, _ in itertools.islice(batches(split, size, shuffle=False, merge_single=True, workers=workers),
+                                         max(1, BN_RECALIBRATION_SAMPLES // size)):
+                model(_adapt_batch(x, model_input))
+    finally:
+        for n, m in estimate.items():
+            m.momentum = momenta[n]
+        model.train(was_training)
+    return BNRecalibration(list(estimate), kept)
 
 
 def at_chance(acc: float, num_classes: int, n: int) -> bool:
@@ -582,11 +642,12 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
         torch.use_deterministic_algorithms(prev_det)
 
     last = dict(history[-1]) if history else {}
-    if recalibrate_bn(model, data.train, cfg.batch_size, model_input, cfg.workers):
-        say("re-estimated the BatchNorm statistics of the final weights (one pass over the training data)")
-        if len(data.val):  # the summary's validation figures go with its test figures: the final model's
-            last["val_loss"], last["val_acc"] = evaluate(model, data.val, cfg.batch_size, reducer, model_input,
-                                                         cfg.workers)
+    recalibrated = recalibrate_bn(model, data.train, cfg.batch_size, model_input, cfg.workers)
+    for note in recalibrated.notes():
+        say(note)
+    if recalibrated.estimated and len(data.val):  # the summary's validation figures go with its test figures
+        last["val_loss"], last["val_acc"] = evaluate(model, data.val, cfg.batch_size, reducer, model_input,
+                                                     cfg.workers)
     test_loss, test_acc = evaluate(model, data.test, cfg.batch_size, reducer, model_input, cfg.workers)
     warnings = list(schedule.notes())
     if at_chance(test_acc, data.num_classes, len(data.test)):
