@@ -241,3 +241,92 @@ def test_frozen_batchnorm_statistics_are_kept_by_the_end_of_training_re_estimati
     note = [m for m in logs if m.startswith("note: kept the running statistics")]
     assert note == ["note: kept the running statistics of 2 BatchNorm layers the model freezes (momentum 0: bn0; held in "
                     "eval mode: bn3) as they were, not re-estimated"], logs
+
+
+class _ScoresNet(torch.nn.Module):
+    """conv-BN-ReLU x2, global average pool, linear; ``end`` after it (a softmax, a log_softmax, nothing)."""
+
+    def __init__(self, end: torch.nn.Module) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.c0, self.bn0 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c1, self.bn1 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+        self.end = end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn0(self.c0(x)))
+        x = torch.relu(self.bn1(self.c1(x)))
+        return self.end(self.fc(x.mean((2, 3))))
+
+
+def test_output_kind_tells_probabilities_and_log_probabilities_from_logits():
+    from sparsify.train.trainer import output_kind
+
+    z = torch.randn(32, 10) * 3
+    assert output_kind(z) == "logits" and output_kind(z.abs()) == "logits"
+    assert output_kind(z.softmax(1)) == "probabilities" and output_kind(z.log_softmax(1)) == "log-probabilities"
+    assert output_kind(torch.ones(8, 1)) == "logits"  # one class: a softmax over it is 1 whatever it scores
+    assert output_kind(torch.full((4, 2), float("nan"))) == "logits"
+
+
+def test_a_model_returning_probabilities_trains_on_their_negative_log_likelihood(tmp_path):
+    """Cross-entropy takes logits: on a softmax's probabilities it softmaxes again and hardly trains
+    (18% test accuracy here). The trainer detects probabilities on the first batch, says so, trains
+    and evaluates on -log p[label], and records it for --resume; the logits model learns the same."""
+    from sparsify.train.run import _resume_config
+
+    digits = load_dataset("digits", (1, 1, 8, 8))
+    results, models, logs = {}, {}, []
+    for name, end in (("softmax", torch.nn.Softmax(dim=1)), ("logits", torch.nn.Identity())):
+        torch.manual_seed(0)
+        models[name] = _ScoresNet(end)
+        results[name] = fit(models[name], digits, TrainConfig(data="digits", epochs=10), model_input=(1, 1, 8, 8),
+                            checkpoint=tmp_path / f"{name}.pt", log=logs.append)
+    soft = results["softmax"]
+    assert soft["test_acc"] > 0.8 and abs(soft["test_acc"] - results["logits"]["test_acc"]) < 0.02, results
+    assert soft["config"]["model_output"] == "probabilities" and results["logits"]["config"]["model_output"] == "logits"
+    assert sum("note: the model returns probabilities" in m and "-log p[label]" in m for m in logs) == 1, logs
+    # the test loss is the negative log-likelihood of the final model's probabilities
+    with torch.no_grad():
+        p = models["softmax"].eval()(digits.test.x)
+    nll = float(-p.gather(1, digits.test.y[:, None]).log().mean())
+    assert abs(soft["test_loss"] - nll) < 1e-4, (soft["test_loss"], nll)
+    # --resume trains on what the checkpoint trained on; one from before the setting trained on logits
+    state = load_checkpoint(tmp_path / "softmax.pt")
+    assert _resume_config(state, {}).model_output == "probabilities"
+    old = json.loads(state["config"])
+    del old["model_output"]
+    assert _resume_config({**state, "config": json.dumps(old)}, {}).model_output == "logits"
+
+
+def test_a_log_softmax_model_is_trained_with_cross_entropy_as_it_is():
+    """log_softmax of a log_softmax is itself: cross-entropy on log-probabilities is already their
+    negative log-likelihood, so nothing changes but the record."""
+    digits = load_dataset("digits", (1, 1, 8, 8))
+    torch.manual_seed(0)
+    logs: list[str] = []
+    res = fit(_ScoresNet(torch.nn.LogSoftmax(dim=1)), digits, TrainConfig(data="digits", epochs=3),
+              model_input=(1, 1, 8, 8), log=logs.append)
+    assert res["config"]["model_output"] == "log-probabilities" and res["test_acc"] > 0.4
+    assert not any("probabilities" in m for m in logs), logs
+
+
+def test_model_output_is_read_from_what_the_loss_sees_in_training_mode_and_changes_nothing():
+    """A model that applies its softmax only in eval mode (for deployment) trains on logits; the
+    detection's forward leaves the BatchNorm statistics, the mode and the global RNG as they were."""
+    from sparsify.train.distributed import Reducer
+    from sparsify.train.trainer import detect_model_output
+
+    class EvalSoftmax(_ScoresNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = super().forward(x)
+            return z if self.training else z.softmax(1)
+
+    digits = load_dataset("digits", (1, 1, 8, 8))
+    for model, want in ((EvalSoftmax(torch.nn.Identity()), "logits"),
+                        (_ScoresNet(torch.nn.Softmax(dim=1)).eval(), "probabilities")):
+        before, rng, mode = _state(model), torch.get_rng_state(), model.training
+        assert detect_model_output(model, digits.train, 100, (1, 1, 8, 8), Reducer()) == want
+        _assert_identical(_state(model), before)
+        assert torch.equal(torch.get_rng_state(), rng) and model.training == mode
