@@ -10,7 +10,8 @@ tensors, normalised with the training split's mean and standard deviation). A us
   DataLoader worker processes when there are several cores. torchvision, where importable, lists
   the classes and files (``find_classes``/``make_dataset``) exactly as its ImageFolder does.
 - an ``.npz`` file with ``x`` (images ``[N, H, W]``, ``[N, H, W, C]`` or ``[N, C, H, W]``, or
-  vectors ``[N, F]``) and integer labels ``y``, optionally ``x_test``/``y_test``.
+  vectors ``[N, F]``) and integer labels ``y``, optionally ``x_test``/``y_test``. Channels last
+  keeps every channel; only for a 3-channel model is the 4th of ``[N, H, W, 4]`` (alpha) dropped.
 
 Every set is split into train / validation (``val_fraction`` of train, fixed seed, as in Dettmers &
 Zettlemoyer 2019) / test; a user's set without a test part holds out ``TEST_FRACTION`` of it. A set
@@ -305,7 +306,7 @@ def load_dataset(name: str, input_shape: tuple[int, ...], *, data_dir: str | Pat
     if is_user_data(name):
         p = Path(name).expanduser()
         if p.suffix == ".npz":
-            xtr, ytr, xte, yte, notes = _load_npz(p, val_fraction)
+            xtr, ytr, xte, yte, notes = _load_npz(p, val_fraction, input_shape=input_shape)
             return _in_memory(str(p), xtr, ytr, xte, yte, shape, input_shape, num_classes, val_fraction,
                               train_limit, kind="npz", notes=notes, normalize=normalize)
         return _load_folder(p, shape, num_classes, val_fraction, train_limit, normalize)
@@ -452,8 +453,20 @@ def _numeric(x: Any, where: str) -> np.ndarray:
     return x
 
 
-def _images(x: Any, where: str) -> np.ndarray:
-    """[N, F], [N, H, W], [N, H, W, C] or [N, C, H, W] -> [N, F] or [N, C, H, W] (float32 for floats)."""
+def _takes_rgb(input_shape: tuple[int, ...], h: int, w: int) -> bool:
+    """Whether a model taking ``input_shape`` takes 3-channel images (of h x w, for a vector model)."""
+    if len(input_shape) >= 4:
+        return int(input_shape[-3]) == 3
+    return len(input_shape) == 2 and int(input_shape[-1]) == 3 * h * w
+
+
+def _images(x: Any, where: str, input_shape: tuple[int, ...] | None = None,
+            notes: list[str] | None = None) -> np.ndarray:
+    """[N, F], [N, H, W], [N, H, W, C] or [N, C, H, W] -> [N, F] or [N, C, H, W] (float32 for floats).
+
+    Channels last (C of 1, 3 or 4) keeps every channel, but the 4th of RGBA images is dropped, with
+    a note in ``notes``, for a model taking 3 channels (``input_shape``; None: never dropped).
+    """
     x = _numeric(x, where)
     if x.ndim == 2:
         return x
@@ -461,16 +474,23 @@ def _images(x: Any, where: str) -> np.ndarray:
         return x[:, None]
     if x.ndim == 4:
         if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3, 4):
-            x = x.transpose(0, 3, 1, 2)[:, :3]  # channels last (and RGBA) -> [N, C, H, W]
+            x = x.transpose(0, 3, 1, 2)  # channels last -> [N, C, H, W]
+            if x.shape[1] == 4 and input_shape is not None and _takes_rgb(input_shape, x.shape[2], x.shape[3]):
+                x = x[:, :3]
+                if notes is not None:
+                    notes.append(f"{where}: dropping the 4th (alpha) channel of its [N, H, W, 4] images for a model "
+                                 f"that takes 3 channels")
         return x
     raise DataError(f"{where} must be [N, F], [N, H, W], [N, H, W, C] or [N, C, H, W], got shape {list(x.shape)}")
 
 
-def _load_npz(path: Path, val_fraction: float,
-              images: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+def _load_npz(path: Path, val_fraction: float, images: bool = True,
+              input_shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                                 list[str]]:
     """x, y (and x_test, y_test) from an .npz file; no pickled objects are read.
 
-    ``images``: x is images or vectors (``_images``); else the arrays are taken as they are.
+    ``images``: x is images or vectors (``_images``, for a model taking ``input_shape``); else the
+    arrays are taken as they are.
     """
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -482,11 +502,14 @@ def _load_npz(path: Path, val_fraction: float,
     if "x" not in arrays or "y" not in arrays:
         raise DataError(f"{path} has arrays {', '.join(sorted(arrays)) or 'none'}; it needs x (images) and y "
                         f"(labels), and may have x_test and y_test")
-    shaped = _images if images else _numeric
-    x, y = shaped(arrays["x"], f"{path.name}: x"), _labels(arrays["y"], f"{path.name}: y")
+    notes: list[str] = []
+
+    def shaped(a: Any, where: str, record: bool = False) -> np.ndarray:
+        return _images(a, where, input_shape, notes if record else None) if images else _numeric(a, where)
+
+    x, y = shaped(arrays["x"], f"{path.name}: x", record=True), _labels(arrays["y"], f"{path.name}: y")
     if len(x) != len(y):
         raise DataError(f"{path.name}: x has {len(x)} examples but y has {len(y)} labels")
-    notes: list[str] = []
     if "x_test" in arrays or "y_test" in arrays:
         if "x_test" not in arrays or "y_test" not in arrays:
             raise DataError(f"{path.name} has only one of x_test and y_test; give both or neither")

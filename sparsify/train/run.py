@@ -33,7 +33,7 @@ def _flag(name: str) -> str:
 
 
 # Settings added after checkpoints were first written, with the values those checkpoints trained with.
-_BEFORE_DEFAULTS = {"warmup_steps": 0, "clip_grad_norm": None}
+_BEFORE_DEFAULTS = {"warmup_steps": 0, "clip_grad_norm": None, "model_output": "logits"}
 
 
 def _resume_config(state: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:

@@ -38,6 +38,10 @@ OPTIMIZERS = ("sgd", "adam")
 WARMUP_MAX_STEPS = 500
 START_STEPS = 5          # the loss a run starts from: mean over its first steps
 DIVERGED_FACTOR = 3.0    # an epoch's mean train loss this many times the start loss: diverged
+# What a model's forward returns (TrainConfig.model_output): scores for cross-entropy, a softmax's
+# probabilities, a log_softmax's log-probabilities; detect_model_output tells them apart within this.
+MODEL_OUTPUTS = ("logits", "probabilities", "log-probabilities")
+MODEL_OUTPUT_TOLERANCE = 1e-3
 
 LogFn = Callable[[str], None]
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -48,7 +52,7 @@ ProgressFn = Callable[[dict[str, Any]], None]
 RECORD_KEYS = ("data", "data_dir", "schedule", "epochs", "batch_size", "lr", "lr_schedule", "warmup_steps",
                "clip_grad_norm", "optimizer", "momentum", "weight_decay", "seed", "prune_rate", "update_every",
                "stop_fraction", "start_density", "double_every", "init", "init_profile", "init_profile_params",
-               "val_fraction", "train_limit", "augment", "workers", "normalize")
+               "val_fraction", "train_limit", "augment", "workers", "normalize", "model_output")
 
 
 def schedule_settings() -> dict[str, tuple[dataclasses.Field, list[str]]]:
@@ -95,6 +99,7 @@ class TrainConfig:
     augment: bool | None = None           # random crop + flip of training batches; None: on for image folders
     workers: int | None = None            # DataLoader workers decoding an image folder; None: cores - 1, at most 4
     normalize: bool = True                # standardise inputs with the training split's mean / std (data.load_dataset)
+    model_output: str | None = None       # logits | probabilities | log-probabilities (class_loss); None: fit detects it
     params: ScheduleParams = field(default_factory=ScheduleParams)  # the schedule's own settings
     unused: dict[str, Any] = field(default_factory=dict, repr=False)  # other schedules' settings given
 
@@ -168,6 +173,8 @@ class TrainConfig:
             (self.train_limit is None or self.train_limit >= 1, "--train-limit must be at least 1"),
             (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
             (isinstance(self.seed, int) and self.seed >= 0, "--seed must be an integer >= 0"),
+            (self.model_output is None or self.model_output in MODEL_OUTPUTS,
+             f"model_output must be one of {', '.join(MODEL_OUTPUTS)} (or None: detected from the first batch)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -297,6 +304,65 @@ def output_classes(model: nn.Module, model_input: tuple[int, ...], name: str, se
                         f"returns {want}")
 
 
+def output_kind(out: torch.Tensor, tolerance: float = MODEL_OUTPUT_TOLERANCE) -> str:
+    """What a batch of class scores ``out`` [N, C] holds, one of ``MODEL_OUTPUTS``.
+
+    "probabilities" when every row is >= 0 and sums to 1 within ``tolerance`` (a softmax),
+    "log-probabilities" when every row's logsumexp is 0 within it (a log_softmax), else "logits".
+    One class (C == 1), no rows or non-finite values: "logits".
+    """
+    if out.dim() != 2 or out.shape[0] == 0 or out.shape[1] < 2:
+        return "logits"
+    out = out.detach().double()
+    if bool((out >= 0).all()) and bool(((out.sum(1) - 1).abs() <= tolerance).all()):
+        return "probabilities"
+    if bool((out.logsumexp(1).abs() <= tolerance).all()):
+        return "log-probabilities"
+    return "logits"
+
+
+def class_loss(out: torch.Tensor, y: torch.Tensor, model_output: str | None, reduction: str = "mean") -> torch.Tensor:
+    """The loss of class scores ``out`` [N, C] (``model_output`` says what they are) for labels ``y`` [N] (int64).
+
+    Cross-entropy for logits, and for log-probabilities as they are (log_softmax of a log_softmax
+    is itself: the cross-entropy is their negative log-likelihood). For probabilities, the negative
+    log-likelihood of ``log p`` (``-log p[label]``), p clamped below at the smallest normal float so
+    the log stays finite; cross-entropy would softmax them again and hardly train (a softmax model
+    on digits: 18% test accuracy after 10 epochs, 90% for the same model returning logits).
+    """
+    if model_output == "probabilities":
+        return F.nll_loss(torch.log(out.clamp_min(torch.finfo(out.dtype).tiny)), y, reduction=reduction)
+    return F.cross_entropy(out, y, reduction=reduction)
+
+
+@torch.no_grad()
+def detect_model_output(model: nn.Module, split: Split, batch_size: int, model_input: tuple[int, ...],
+                        reducer: Reducer) -> str:
+    """What ``model`` returns (``output_kind``) on the first training batch of every rank; "logits" unless all agree.
+
+    The forward runs in training mode (what the loss sees: a model may return logits in training
+    and probabilities in eval mode) without gradients; the model's buffers (BatchNorm statistics)
+    and the global RNG are left as they were.
+    """
+    x, _ = next(iter(batches(split, batch_size, shuffle=False, rank=reducer.rank, world_size=reducer.world_size,
+                             merge_single=True, workers=0)))
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            out = model(_adapt_batch(x, model_input))
+    finally:
+        model.train(was_training)
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
+    votes = torch.zeros(len(MODEL_OUTPUTS), dtype=torch.float64)
+    votes[MODEL_OUTPUTS.index(output_kind(out) if isinstance(out, torch.Tensor) else "logits")] = 1
+    reducer.sum_(votes)
+    agreed = [k for k, v in zip(MODEL_OUTPUTS, votes.tolist()) if v == reducer.world_size]
+    return agreed[0] if agreed else "logits"
+
+
 def _adapt_batch(x: torch.Tensor, model_input: tuple[int, ...]) -> torch.Tensor:
     """Flatten images for a model whose input is a vector (MLPs with a flat input shape)."""
     if len(model_input) == 2 and x.dim() == 4:
@@ -306,15 +372,16 @@ def _adapt_batch(x: torch.Tensor, model_input: tuple[int, ...]) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int, reducer: Reducer,
-             model_input: tuple[int, ...], workers: int | None = None) -> tuple[float, float]:
-    """Mean loss and accuracy over ``split`` (sharded over ranks, reduced)."""
+             model_input: tuple[int, ...], workers: int | None = None,
+             model_output: str | None = None) -> tuple[float, float]:
+    """Mean loss (``class_loss``) and accuracy (argmax of the output) over ``split`` (sharded over ranks, reduced)."""
     was_training = model.training
     model.eval()
     acc = torch.zeros(3, dtype=torch.float64)
     for x, y in batches(split, max(batch_size, 256), shuffle=False, rank=reducer.rank, world_size=reducer.world_size,
                         workers=workers):
         out = model(_adapt_batch(x, model_input))
-        acc[0] += float(F.cross_entropy(out, y, reduction="sum"))
+        acc[0] += float(class_loss(out, y, model_output, reduction="sum"))
         acc[1] += float((out.argmax(1) == y).sum())
         acc[2] += len(y)
     reducer.sum_(acc)
@@ -328,26 +395,86 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def _frozen_bn(bn: nn.modules.batchnorm._BatchNorm) -> str | None:
+    """Why the model keeps ``bn``'s running statistics as they are ("momentum 0", "held in eval mode"), or None.
+
+    Read with the model in training mode: a BatchNorm still in eval mode then is held there by the
+    model's own ``train()`` (mmdetection's ``norm_eval``); one with ``momentum=0`` never moves its
+    statistics in training (PyTorch: ``running = (1 - momentum) * running + momentum * batch``).
+    """
+    if bn.momentum == 0:
+        return "momentum 0"
+    if not bn.training:
+        return "held in eval mode"
+    return None
+
+
+@dataclass
+class BNRecalibration:
+    """What ``recalibrate_bn`` did: the BatchNorm layers (module names) it re-estimated, and the ones
+    it left as they were, each with why (``_frozen_bn``)."""
+
+    estimated: list[str]
+    kept: dict[str, str]
+
+    def notes(self) -> list[str]:
+        """The lines that tell a user: none when the model has no BatchNorm with running statistics."""
+        lines = []
+        if self.estimated:
+            lines.append("re-estimated the BatchNorm statistics of the final weights (one pass over the training data)")
+        if self.kept:
+            n = len(self.kept)
+            by_why: dict[str, list[str]] = {}
+            for name, why in self.kept.items():
+                by_why.setdefault(why, []).append(name)
+            which = "; ".join(f"{why}: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+                              for why, names in by_why.items())
+            lines.append(f"note: kept the running statistics of {n} BatchNorm layer{'s' if n != 1 else ''} the model "
+                         f"freezes ({which}) as they were, not re-estimated")
+        return lines
+
+
+@torch.no_grad()
 def recalibrate_bn(model: nn.Module, split: Split, batch_size: int, model_input: tuple[int, ...],
-                   workers: int | None = None) -> bool:
-    """Re-estimate the BatchNorm running statistics for the final weights; False if it has none.
+                   workers: int | None = None) -> BNRecalibration:
+    """Re-estimate the BatchNorm running statistics for the final weights, except those the model freezes.
 
     One pass over ``split`` (at most ``BN_RECALIBRATION_SAMPLES`` images, the same on every rank, so
-    ranks agree) in training mode without
-    gradients, averaging each batch's statistics with equal weight: ``torch.optim.swa_utils.update_bn``
-    (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima", sect. 3.2). The exponential
-    running averages trail weights that moved fast: mobilenetv2 trained 5 epochs on digits with
-    the defaults reached 95% train accuracy and 12% test accuracy before this pass.
-    """
-    from torch.optim.swa_utils import update_bn
+    ranks agree) in training mode without gradients, averaging each batch's statistics with equal
+    weight, as ``torch.optim.swa_utils.update_bn`` does (Izmailov et al. 2018, "Averaging Weights
+    Leads to Wider Optima", sect. 3.2). The exponential running averages trail weights that moved
+    fast: mobilenetv2 trained 5 epochs on digits with the defaults reached 95% train accuracy and
+    12% test accuracy before this pass.
 
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
-        return False
-    size = max(batch_size, 256)
-    inputs = (_adapt_batch(x, model_input) for x, _ in batches(split, size, shuffle=False, merge_single=True,
-                                                               workers=workers))
-    update_bn(itertools.islice(inputs, max(1, BN_RECALIBRATION_SAMPLES // size)), model)
-    return True
+    A BatchNorm whose statistics the model freezes (``momentum=0``, or held in eval mode by the
+    model's ``train()``: ``_frozen_bn``) keeps them, and normalises with them during the pass (in
+    eval mode), as it does at inference, so the layers after it are estimated on what they will
+    see. BatchNorms without running statistics (``track_running_stats=False``) have nothing to
+    re-estimate. Every BatchNorm's momentum and the model's mode are restored afterwards.
+    """
+    was_training = model.training
+    model.train()
+    bns = {n: m for n, m in model.named_modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    kept = {n: why for n, m in bns.items() if (why := _frozen_bn(m)) is not None}
+    estimate = {n: m for n, m in bns.items() if n not in kept}
+    momenta = {n: m.momentum for n, m in estimate.items()}
+    try:
+        if estimate:
+            for m in estimate.values():
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average: every batch weighs the same
+            for n in kept:
+                bns[n].eval()
+            size = max(batch_size, 256)
+            for x, _ in itertools.islice(batches(split, size, shuffle=False, merge_single=True, workers=workers),
+                                         max(1, BN_RECALIBRATION_SAMPLES // size)):
+                model(_adapt_batch(x, model_input))
+    finally:
+        for n, m in estimate.items():
+            m.momentum = momenta[n]
+        model.train(was_training)
+    return BNRecalibration(list(estimate), kept)
 
 
 def at_chance(acc: float, num_classes: int, n: int) -> bool:
@@ -400,6 +527,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     ``checkpoint`` (a file path) is rewritten atomically after every epoch; ``resume_state`` is a
     loaded checkpoint to continue from; ``metrics_path`` receives one JSON line per epoch.
     ``log`` gets one-line messages, ``progress`` per-step and per-epoch events (main rank only).
+    ``cfg.model_output`` None is set to what the model returns on the first training batch
+    (``detect_model_output``), before anything records ``cfg``; the loss is ``class_loss``.
     """
     cfg.validate()
     reducer = Reducer()
@@ -449,6 +578,12 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
             say(f"{cfg.schedule}: initial topology set (pruned {sum(initial.pruned.values())}, "
                 f"grown {sum(initial.grown.values())} connections)")
     enforce_masks(layers, optimizer)
+    if cfg.model_output is None:
+        cfg.model_output = detect_model_output(model, data.train, cfg.batch_size, model_input, reducer)
+    if cfg.model_output == "probabilities":
+        say("note: the model returns probabilities (rows >= 0 summing to 1, e.g. a softmax at its end), so the loss "
+            "is their negative log-likelihood -log p[label], not cross-entropy, which takes logits "
+            "(train.config.model_output in summary.json)")
     if resume_state is None:  # metrics.jsonl starts with the topology training starts from
         history.append(start_record(model, layers, cfg.to_dict()))
         if metrics_path is not None and reducer.is_main:
@@ -497,7 +632,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                         out = net(_adapt_batch(x, model_input))
                 else:
                     out = net(_adapt_batch(x, model_input))
-                loss = F.cross_entropy(out, y)
+                loss = class_loss(out, y, cfg.model_output)
                 batch = torch.tensor([float(loss.detach()) * len(y), float((out.argmax(1) == y).sum()), len(y)],
                                      dtype=torch.float64)
                 reducer.sum_(batch)
@@ -532,7 +667,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                 _merge(changes, change)
             if epoch == start_epoch + 1 and resume_state is None:
                 _merge(changes, initial)
-            val_loss, val_acc = (evaluate(model, data.val, cfg.batch_size, reducer, model_input, cfg.workers)
+            val_loss, val_acc = (evaluate(model, data.val, cfg.batch_size, reducer, model_input, cfg.workers,
+                                          cfg.model_output)
                                  if len(data.val) else (float("nan"), float("nan")))
             for s in grad_acc.sums.values():
                 reducer.sum_(s)
@@ -582,12 +718,14 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
         torch.use_deterministic_algorithms(prev_det)
 
     last = dict(history[-1]) if history else {}
-    if recalibrate_bn(model, data.train, cfg.batch_size, model_input, cfg.workers):
-        say("re-estimated the BatchNorm statistics of the final weights (one pass over the training data)")
-        if len(data.val):  # the summary's validation figures go with its test figures: the final model's
-            last["val_loss"], last["val_acc"] = evaluate(model, data.val, cfg.batch_size, reducer, model_input,
-                                                         cfg.workers)
-    test_loss, test_acc = evaluate(model, data.test, cfg.batch_size, reducer, model_input, cfg.workers)
+    recalibrated = recalibrate_bn(model, data.train, cfg.batch_size, model_input, cfg.workers)
+    for note in recalibrated.notes():
+        say(note)
+    if recalibrated.estimated and len(data.val):  # the summary's validation figures go with its test figures
+        last["val_loss"], last["val_acc"] = evaluate(model, data.val, cfg.batch_size, reducer, model_input,
+                                                     cfg.workers, cfg.model_output)
+    test_loss, test_acc = evaluate(model, data.test, cfg.batch_size, reducer, model_input, cfg.workers,
+                                   cfg.model_output)
     warnings = list(schedule.notes())
     if at_chance(test_acc, data.num_classes, len(data.test)):
         warnings.append(f"test accuracy {test_acc:.1%} is at chance: the model did not learn; retry with --force "

@@ -158,11 +158,36 @@ def test_recalibrate_bn_replaces_stale_running_statistics_by_the_data_average():
     bn = model[1]
     bn.running_mean.fill_(100.0)
     bn.running_var.fill_(1e-3)
-    assert recalibrate_bn(model, data.train, 64, (1, 1, 8, 8))
-    assert bn.momentum == 0.1 and model.training  # update_bn restores what it changed
+    assert recalibrate_bn(model, data.train, 64, (1, 1, 8, 8)).estimated == ["1"]
+    assert bn.momentum == 0.1 and model.training  # restored after the pass
     model.eval()
     x = torch.cat([x for x, _ in batches(data.train, 512, shuffle=False)]).reshape(-1, 1, 8, 8)
     with torch.no_grad():
         z = model[1](model[0](x))
     assert z.mean(dim=(0, 2, 3)).abs().max() < 0.05 and (z.var(dim=(0, 2, 3)) - 1).abs().max() < 0.05
-    assert not recalibrate_bn(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), data.train, 64, (1, 1, 8, 8))
+    nothing = recalibrate_bn(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), data.train, 64, (1, 1, 8, 8))
+    assert (nothing.estimated, nothing.kept, nothing.notes()) == ([], {}, [])
+
+
+def test_recalibrate_bn_estimates_the_layers_after_a_frozen_one_on_what_they_see_at_inference():
+    """A BatchNorm frozen with momentum 0 keeps its statistics and normalises with them during the
+    pass, as at inference: the BatchNorm after it then normalises that data to mean 0, variance 1
+    in eval mode (estimated behind batch statistics instead, it would not: the frozen ones are far off)."""
+    from sparsify.train.trainer import recalibrate_bn
+
+    data = load_dataset("digits", (1, 1, 8, 8), num_classes=10)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=0.0),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False), nn.Flatten(), nn.Linear(256, 10))
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)
+        model[1].running_var.fill_(4.0)
+    done = recalibrate_bn(model, data.train, 64, (1, 1, 8, 8))
+    assert done.estimated == ["3"] and done.kept == {"1": "momentum 0"}
+    assert float(model[1].running_mean[0]) == 0.5 and float(model[1].running_var[0]) == 4.0
+    assert model[1].training and model.training
+    model.eval()
+    x = torch.cat([x for x, _ in batches(data.train, 512, shuffle=False)]).reshape(-1, 1, 8, 8)
+    with torch.no_grad():
+        z = model[:4](x)
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 0.05 and (z.var(dim=(0, 2, 3)) - 1).abs().max() < 0.05

@@ -12,16 +12,22 @@ from sparsify.train.schedules.set import SETParams
 from sparsify.train.schedules.sparse_momentum import SparseMomentumParams
 
 # the keys summary.json, metrics.jsonl and checkpoints have always recorded, in their order
-# ("normalize" added last; a record without it reads as the default, True)
+# ("normalize" added later; a record without it reads as the default, True; "model_output" last:
+# a record without it reads as None, detected, and a checkpoint without it resumes on logits)
 RECORDED = ["data", "data_dir", "schedule", "epochs", "batch_size", "lr", "lr_schedule", "warmup_steps",
             "clip_grad_norm", "optimizer", "momentum", "weight_decay", "seed", "prune_rate", "update_every",
             "stop_fraction", "start_density", "double_every", "init", "init_profile", "init_profile_params",
-            "val_fraction", "train_limit", "augment", "workers", "normalize"]
+            "val_fraction", "train_limit", "augment", "workers", "normalize", "model_output"]
 
 
 def test_a_record_without_normalize_reads_as_normalised():
     old = {k: v for k, v in TrainConfig().to_dict().items() if k != "normalize"}
     assert TrainConfig.from_dict(old).normalize is True
+
+
+def test_a_record_without_model_output_reads():
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k != "model_output"}
+    assert TrainConfig.from_dict(old).model_output is None
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))

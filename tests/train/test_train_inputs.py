@@ -158,6 +158,19 @@ def test_augment_of_signals_is_refused(tmp_path, conv1d_run):
     assert_one_error_line(r, "--augment", "drop --augment", nothing_at=(conv1d_run / "metrics.jsonl",))
 
 
+RGBD_NET = IMAGE_NET.replace("(1, 3, 16, 16)", "(1, 4, 16, 16)").replace("nn.Conv2d(3,", "nn.Conv2d(4,") \
+    .replace("RETURN", RETURNS["tensor"])
+
+
+def test_a_four_channel_model_trains_on_channels_last_four_channel_npz(tmp_path):
+    """RGB + depth stored channels last, [N, H, W, 4]: all four channels reach the model (the 4th was
+    once dropped as alpha, and the error then blamed the data for having 3 channels)."""
+    run = _run(tmp_path, "rgbd", RGBD_NET)
+    r = invoke("train", run, "--data", _npz(tmp_path / "rgbd.npz", (300, 16, 16, 4), 10), *QUICK, "--json")
+    assert_ok(r)
+    assert 0 <= json.loads(r.stdout)["test_acc"] <= 1
+
+
 def test_image_npz_still_gets_a_channel_axis_for_an_image_model(tmp_path):
     b = load_dataset(str(_npz(tmp_path / "grey.npz", (50, 8, 8), 3)), (1, 3, 8, 8))
     assert b.train.x.shape[1:] == (3, 8, 8)

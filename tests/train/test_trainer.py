@@ -171,13 +171,14 @@ def test_package_is_callable_as_the_api_function(monkeypatch):
 
 
 def test_summary_validation_is_the_final_models_and_stale_statistics_do_not_warn(tmp_path):
-    """Validation during training uses the running BatchNorm statistics; with momentum 0 they never
-    move from their start, so it sits at chance while the training batches (their own statistics)
-    learn. That is no reason to lower the learning rate (no warning), and the summary's validation
-    figures are those of the final model, whose statistics are re-estimated, like its test figures."""
+    """Validation during training uses the running BatchNorm statistics; with momentum 1e-4 they
+    hardly move from their start, so it sits at chance while the training batches (their own
+    statistics) learn. That is no reason to lower the learning rate (no warning), and the summary's
+    validation figures are those of the final model, whose statistics are re-estimated, like its
+    test figures. (Momentum 0 would freeze them: kept, see test_frozen_batchnorm_statistics_are_kept.)"""
     digits = load_dataset("digits", (1, 1, 8, 8))
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16, momentum=0.0),
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16, momentum=1e-4),
                                 torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(16 * 64, 10))
     with torch.no_grad():  # running statistics far from the batches': eval mode at chance until re-estimated
         model[1].running_mean.fill_(50.0)
@@ -188,3 +189,144 @@ def test_summary_validation_is_the_final_models_and_stale_statistics_do_not_warn
     assert epochs[-1]["val_acc"] < 0.2 and epochs[-1]["train_acc"] > 0.8
     assert not any("at chance" in m for m in logs), logs
     assert res["val_acc"] > 0.8 and res["test_acc"] > 0.8
+
+
+class _FrozenBNNet(torch.nn.Module):
+    """bn0 frozen by momentum 0, bn3 held in eval mode by train() (mmdetection's norm_eval), bn1
+    re-estimated, bn2 without running statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.c0, self.bn0 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=0.0)
+        self.c1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=False)
+        self.c3, self.bn3 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+        with torch.no_grad():  # statistics of an earlier training, far from what one epoch would estimate
+            for bn in (self.bn0, self.bn3):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(2.0, 3.0)
+
+    def train(self, mode: bool = True) -> "_FrozenBNNet":
+        super().train(mode)
+        self.bn3.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for c, bn in ((self.c0, self.bn0), (self.c1, self.bn1), (self.c2, self.bn2), (self.c3, self.bn3)):
+            x = torch.relu(bn(c(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_frozen_batchnorm_statistics_are_kept_by_the_end_of_training_re_estimation():
+    """PyTorch never moves the statistics of a BatchNorm with momentum 0 (or one the model's train()
+    holds in eval mode) in training; the re-estimation after the last epoch leaves them too, says
+    so, and re-estimates the others. One without running statistics has none to change."""
+    digits = load_dataset("digits", (1, 1, 8, 8))
+    torch.manual_seed(0)
+    model = _FrozenBNNet()
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("bn0.running", "bn3.running"))}
+    bn1_before = model.bn1.running_var.clone()
+    logs: list[str] = []
+    fit(model, digits, TrainConfig(data="digits", epochs=1, train_limit=300), model_input=(1, 1, 8, 8),
+        log=logs.append)
+    state = model.state_dict()
+    for k, v in frozen.items():
+        assert torch.equal(state[k], v), k
+    assert not torch.equal(model.bn1.running_var, bn1_before)
+    assert model.bn2.running_mean is None and "bn2.running_mean" not in state
+    assert model.bn0.momentum == 0.0 and model.bn0.training and not model.bn3.training
+    assert "re-estimated the BatchNorm statistics of the final weights (one pass over the training data)" in logs
+    note = [m for m in logs if m.startswith("note: kept the running statistics")]
+    assert note == ["note: kept the running statistics of 2 BatchNorm layers the model freezes (momentum 0: bn0; held in "
+                    "eval mode: bn3) as they were, not re-estimated"], logs
+
+
+class _ScoresNet(torch.nn.Module):
+    """conv-BN-ReLU x2, global average pool, linear; ``end`` after it (a softmax, a log_softmax, nothing)."""
+
+    def __init__(self, end: torch.nn.Module) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.c0, self.bn0 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c1, self.bn1 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+        self.end = end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn0(self.c0(x)))
+        x = torch.relu(self.bn1(self.c1(x)))
+        return self.end(self.fc(x.mean((2, 3))))
+
+
+def test_output_kind_tells_probabilities_and_log_probabilities_from_logits():
+    from sparsify.train.trainer import output_kind
+
+    z = torch.randn(32, 10) * 3
+    assert output_kind(z) == "logits" and output_kind(z.abs()) == "logits"
+    assert output_kind(z.softmax(1)) == "probabilities" and output_kind(z.log_softmax(1)) == "log-probabilities"
+    assert output_kind(torch.ones(8, 1)) == "logits"  # one class: a softmax over it is 1 whatever it scores
+    assert output_kind(torch.full((4, 2), float("nan"))) == "logits"
+
+
+def test_a_model_returning_probabilities_trains_on_their_negative_log_likelihood(tmp_path):
+    """Cross-entropy takes logits: on a softmax's probabilities it softmaxes again and hardly trains
+    (18% test accuracy here). The trainer detects probabilities on the first batch, says so, trains
+    and evaluates on -log p[label], and records it for --resume; the logits model learns the same."""
+    from sparsify.train.run import _resume_config
+
+    digits = load_dataset("digits", (1, 1, 8, 8))
+    results, models, logs = {}, {}, []
+    for name, end in (("softmax", torch.nn.Softmax(dim=1)), ("logits", torch.nn.Identity())):
+        torch.manual_seed(0)
+        models[name] = _ScoresNet(end)
+        results[name] = fit(models[name], digits, TrainConfig(data="digits", epochs=10), model_input=(1, 1, 8, 8),
+                            checkpoint=tmp_path / f"{name}.pt", log=logs.append)
+    soft = results["softmax"]
+    assert soft["test_acc"] > 0.8 and abs(soft["test_acc"] - results["logits"]["test_acc"]) < 0.02, results
+    assert soft["config"]["model_output"] == "probabilities" and results["logits"]["config"]["model_output"] == "logits"
+    assert sum("note: the model returns probabilities" in m and "-log p[label]" in m for m in logs) == 1, logs
+    # the test loss is the negative log-likelihood of the final model's probabilities
+    with torch.no_grad():
+        p = models["softmax"].eval()(digits.test.x)
+    nll = float(-p.gather(1, digits.test.y[:, None]).log().mean())
+    assert abs(soft["test_loss"] - nll) < 1e-4, (soft["test_loss"], nll)
+    # --resume trains on what the checkpoint trained on; one from before the setting trained on logits
+    state = load_checkpoint(tmp_path / "softmax.pt")
+    assert _resume_config(state, {}).model_output == "probabilities"
+    old = json.loads(state["config"])
+    del old["model_output"]
+    assert _resume_config({**state, "config": json.dumps(old)}, {}).model_output == "logits"
+
+
+def test_a_log_softmax_model_is_trained_with_cross_entropy_as_it_is():
+    """log_softmax of a log_softmax is itself: cross-entropy on log-probabilities is already their
+    negative log-likelihood, so nothing changes but the record."""
+    digits = load_dataset("digits", (1, 1, 8, 8))
+    torch.manual_seed(0)
+    logs: list[str] = []
+    res = fit(_ScoresNet(torch.nn.LogSoftmax(dim=1)), digits, TrainConfig(data="digits", epochs=3),
+              model_input=(1, 1, 8, 8), log=logs.append)
+    assert res["config"]["model_output"] == "log-probabilities" and res["test_acc"] > 0.4
+    assert not any("probabilities" in m for m in logs), logs
+
+
+def test_model_output_is_read_from_what_the_loss_sees_in_training_mode_and_changes_nothing():
+    """A model that applies its softmax only in eval mode (for deployment) trains on logits; the
+    detection's forward leaves the BatchNorm statistics, the mode and the global RNG as they were."""
+    from sparsify.train.distributed import Reducer
+    from sparsify.train.trainer import detect_model_output
+
+    class EvalSoftmax(_ScoresNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = super().forward(x)
+            return z if self.training else z.softmax(1)
+
+    digits = load_dataset("digits", (1, 1, 8, 8))
+    for model, want in ((EvalSoftmax(torch.nn.Identity()), "logits"),
+                        (_ScoresNet(torch.nn.Softmax(dim=1)).eval(), "probabilities")):
+        before, rng, mode = _state(model), torch.get_rng_state(), model.training
+        assert detect_model_output(model, digits.train, 100, (1, 1, 8, 8), Reducer()) == want
+        _assert_identical(_state(model), before)
+        assert torch.equal(torch.get_rng_state(), rng) and model.training == mode

@@ -139,6 +139,26 @@ def test_npz_channels_last_with_test_arrays(tmp_path):
     assert any(torch.allclose(b.train.x[i, 0], ex0) for i in range(len(b.train)))
 
 
+def test_npz_channels_last_with_four_channels_keeps_them_for_a_four_channel_model(tmp_path):
+    """RGB + depth, [N, H, W, 4]: every channel reaches a model taking 4; only a 3-channel model
+    (image or vector) has the 4th dropped as alpha, and is told."""
+    rng = np.random.default_rng(2)
+    x = rng.random((20, 8, 8, 4)).astype(np.float32)
+    x[..., 3] += 5.0  # the depth plane: unlike the others
+    np.savez(tmp_path / "rgbd.npz", x=x, y=np.arange(20) % 3, x_test=x[:6], y_test=np.arange(6) % 3)
+    b = load_dataset(str(tmp_path / "rgbd.npz"), (1, 4, 8, 8), val_fraction=0.0)
+    assert b.train.x.shape[1:] == (4, 8, 8) and b.test.x.shape[1:] == (4, 8, 8) and b.notes == []
+    mean, std = torch.from_numpy(x).mean(), torch.from_numpy(x).std()
+    depth0 = (torch.from_numpy(x[0, :, :, 3]) - mean) / std
+    assert any(torch.allclose(b.train.x[i, 3], depth0) for i in range(len(b.train)))
+    for shape in ((1, 3, 8, 8), (1, 3 * 8 * 8)):
+        rgb = load_dataset(str(tmp_path / "rgbd.npz"), shape, val_fraction=0.0)
+        assert rgb.train.x.shape[1:] == (3, 8, 8) and rgb.test.x.shape[1:] == (3, 8, 8)
+        assert rgb.notes == ["rgbd.npz: x: dropping the 4th (alpha) channel of its [N, H, W, 4] images for a "
+                             "model that takes 3 channels"]
+    assert load_dataset(str(tmp_path / "rgbd.npz"), (1, 4 * 8 * 8), val_fraction=0.0).train.x.shape[1:] == (4, 8, 8)
+
+
 def test_npz_vectors_for_an_mlp(tmp_path):
     np.savez(tmp_path / "v.npz", x=np.random.default_rng(0).random((30, 64)), y=np.arange(30) % 10)
     b = load_dataset(str(tmp_path / "v.npz"), (1, 64))
