@@ -1,6 +1,7 @@
 """Helpers shared by the CLI tests: invoke the app, and assert the one-line error contract."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -32,3 +33,10 @@ def assert_one_error_line(r, *needles: str, nothing_at: tuple[Path, ...] = ()) -
             stray = [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
             assert not stray, stray
     return lines[0]
+
+
+def write(name: str, body: str) -> Path:
+    """Write a dedented model file ``name`` in the current directory (the tests run in tmp)."""
+    path = Path(name)
+    path.write_text(textwrap.dedent(body).lstrip("\n"))
+    return path

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from cli_checks import write
 from sparsify.cli import app
 
 RUN_FILES = ("recipe.json", "weights.safetensors", "summary.json")
@@ -112,12 +112,6 @@ def tmp_cwd(tmp_path, monkeypatch):
     """Every test runs in its own directory so the default runs/ lands in tmp."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def write(name: str, body: str) -> Path:
-    path = Path(name)
-    path.write_text(textwrap.dedent(body).lstrip("\n"))
-    return path
 
 
 def invoke(*args: str):

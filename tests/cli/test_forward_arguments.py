@@ -3,14 +3,13 @@ model has as many inputs as shapes given (at least its required ones), and the a
 input counts the required ones only."""
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 import sparsify
-from cli_checks import assert_ok, assert_one_error_line, invoke
+from cli_checks import assert_ok, assert_one_error_line, invoke, write
 
 OPTIONAL = """
 import torch
@@ -60,12 +59,6 @@ class Fuse(nn.Module):
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def write(name: str, body: str) -> Path:
-    path = Path(name)
-    path.write_text(textwrap.dedent(body).lstrip("\n"))
-    return path
 
 
 def _reference(path: Path):
