@@ -46,7 +46,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .rules import DEFAULT_RULES, LayerRule, Member, Registry, Role
 from .rules.base import SizeExpr
-from .trace import graphs, node_shape
+from .trace import graphs, node_shape, untrained_layer
 
 Space = tuple[str, int]  # (node key, axis)
 TRAIN_PREFIX = "train/"
@@ -132,8 +132,9 @@ class ChannelGraph:
     ``group_of``, ``free_groups``, ``positions`` and ``derived_size``.
     """
 
-    def __init__(self, gm: fx.GraphModule, rules: Registry | None = None) -> None:
+    def __init__(self, gm: fx.GraphModule, rules: Registry | None = None, keep_untrained: bool = False) -> None:
         self.gm = gm
+        self.keep_untrained = keep_untrained  # freeze the channels of layers training cannot change
         self.rules = rules or DEFAULT_RULES
         self.graph = nx.Graph()
         self._sizes: dict[Space, int] = {}
@@ -155,14 +156,17 @@ class ChannelGraph:
 
     # ---- building ---------------------------------------------------------------------------
     @classmethod
-    def build(cls, gm: fx.GraphModule, example_input: Any = None, rules: Registry | None = None) -> "ChannelGraph":
+    def build(cls, gm: fx.GraphModule, example_input: Any = None, rules: Registry | None = None,
+              keep_untrained: bool = False) -> "ChannelGraph":
         """Analyse ``gm`` (both graphs of a ModeGraphModule); with ``example_input``, shapes are
-        propagated first where missing."""
+        propagated first where missing. ``keep_untrained``: the channels of layers training cannot
+        change (``trace.untrained_layer``: a frozen weight, called under no_grad) are frozen too, for
+        passes that re-initialise or cut what training would have to recover (the depth multiplier)."""
         if example_input is not None:
             from .trace import ensure_shapes
 
             ensure_shapes(gm, example_input)
-        cg = cls(gm, rules)
+        cg = cls(gm, rules, keep_untrained)
         for i, graph in enumerate(graphs(gm)):
             for node in graph.nodes:
                 key = node.name if i == 0 else TRAIN_PREFIX + node.name
@@ -197,9 +201,13 @@ class ChannelGraph:
                 rule.couple(self, node, module)
             except Exception as e:  # noqa: BLE001 - a rule that cannot read a node must not crash the analysis
                 self.unknown(node, f"{_label(node, module)} ({type(e).__name__} in its rule)")
+            reason = None
             if module is not None and node.target in self.shared:
                 # resizing or compacting one user of a shared parameter would cut it for all of them
                 reason = self._shared_reason(node.target)
+            elif module is not None and self.keep_untrained and untrained_layer(node, module) is not None:
+                reason = f"{node.target}: {untrained_layer(node, module)[0]}"
+            if reason is not None:
                 for a in self.tensor_inputs(node):
                     self.freeze_all(a, reason)
                 self.freeze_all(node, reason)

@@ -76,7 +76,7 @@ class DepthMultiplierPass(GraphPass):
         self.rules = rules
 
     def requires(self, gm: fx.GraphModule, example: Any) -> None:
-        cg = ChannelGraph.build(gm, example, self.rules)
+        cg = ChannelGraph.build(gm, example, self.rules, keep_untrained=True)
         if not cg.free_groups():
             reasons = sorted({r for g in cg.channel_groups() for r in g.reasons},
                              key=lambda r: (r in ("model input", "model output"), r))
@@ -85,7 +85,7 @@ class DepthMultiplierPass(GraphPass):
                             "see `sparsify inspect`")
 
     def call(self, gm: fx.GraphModule, example: Any) -> PassResult:
-        cg = ChannelGraph.build(gm, example, self.rules)
+        cg = ChannelGraph.build(gm, example, self.rules, keep_untrained=True)
         sizes = group_sizes(cg, self.alpha, self.divisor)
         new_size = _new_size(cg, sizes)
         result = PassResult(gm)
@@ -207,7 +207,7 @@ class DepthCounter:
     """
 
     def __init__(self, gm: fx.GraphModule, example: Any, divisor: int = 1, rules: Registry | None = None) -> None:
-        self.cg = ChannelGraph.build(gm, example, rules)
+        self.cg = ChannelGraph.build(gm, example, rules, keep_untrained=True)
         self.divisor = check_divisor(divisor)
         self.free = [(g.id, g.size) for g in self.cg.free_groups()]
         clf = classifier_node(gm, rules)

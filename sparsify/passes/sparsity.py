@@ -36,7 +36,7 @@ from .base import GraphPass, PassResult, check_fraction, set_submodule
 from .channel_graph import ChannelGraph, classifier_node, shared_parameters, weight_nodes
 from .rules import DEFAULT_RULES, LayerRule, Registry, Role, SparseLayout
 from .rules.base import beyond_forward
-from .trace import node_shape
+from .trace import node_shape, untrained_layer
 
 
 @dataclass
@@ -115,7 +115,7 @@ def eligible_layers(gm: fx.GraphModule, include_linear: bool, include_classifier
             notes.append(f"{node.target}: kept dense because it shares its parameters with "
                          f"{', '.join(shared[node.target])} (tied weights): a mask would untie them")
             continue
-        untrained = _untrained(node, m)
+        untrained = untrained_layer(node, m)
         if untrained:
             notes.append(f"{node.target}: kept dense because {untrained[0]}, so training could not recover what "
                          f"a mask removes ({untrained[1]} to make it sparse)")
@@ -146,18 +146,6 @@ def eligible_layers(gm: fx.GraphModule, include_linear: bool, include_classifier
                              f"forward) kept dense and frozen; a rule for it (--rule, rules=) couples, masks and "
                              f"resizes it")
     return out, notes
-
-
-def _untrained(node: fx.Node, m: nn.Module) -> tuple[str, str] | None:
-    """Why training leaves layer ``m`` (called at ``node``) as it is, and what the user can change; None
-    when it trains. Its weight is frozen (``requires_grad=False``) or the model's forward calls it
-    under ``torch.no_grad()``."""
-    weight = getattr(m, "weight", None)
-    if isinstance(weight, torch.Tensor) and not weight.requires_grad:
-        return "its weight is frozen (requires_grad=False)", "unfreeze it in the model"
-    if node.meta.get("grad_disabled"):
-        return "the model's forward runs it under torch.no_grad()", "call it outside the no_grad block"
-    return None
 
 
 def _rng(seed: int, layer: Eligible) -> np.random.Generator:

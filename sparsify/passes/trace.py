@@ -181,6 +181,18 @@ def _keep_rebound_buffers(graph: fx.Graph, rebound: dict[str, Any]) -> None:
         value.meta["grad_disabled"] = update.meta["grad_disabled"] = True  # a write outside autograd
 
 
+def untrained_layer(node: fx.Node, m: nn.Module) -> tuple[str, str] | None:
+    """Why training leaves layer ``m`` (called at ``node``) as it is, and what the user can change; None
+    when it trains. Its weight is frozen (``requires_grad=False``) or the model's forward calls it
+    under ``torch.no_grad()`` (the ``grad_disabled`` mark the tracer sets)."""
+    weight = getattr(m, "weight", None)
+    if isinstance(weight, torch.Tensor) and not weight.requires_grad:
+        return "its weight is frozen (requires_grad=False)", "unfreeze it in the model"
+    if node.meta.get("grad_disabled"):
+        return "the model's forward runs it under torch.no_grad()", "call it outside the no_grad block"
+    return None
+
+
 def traced_constants(gm: fx.GraphModule) -> str | None:
     """A one-line note when the graph holds tensors computed while it was traced (``_tensor_constant``:
     arithmetic on a buffer that tracing could not follow, e.g. a buffer read in Python control flow):

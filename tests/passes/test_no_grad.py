@@ -81,3 +81,34 @@ def test_sparse_passes_keep_untrained_layers_dense():
     for name, why in (("stem", "torch.no_grad()"), ("frozen.conv", "torch.no_grad()"), ("body", "frozen")):
         assert type(res.model.get_submodule(name)) is nn.Conv2d
         assert any(n.startswith(f"{name}: kept dense because") and why in n for n in res.notes), res.notes
+
+
+class Backbone(nn.Module):
+    """A frozen stem (requires_grad=False), a stem run under no_grad, and a trainable head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Conv2d(3, 16, 3, padding=1)
+        self.frozen.requires_grad_(False)
+        self.stem = nn.Conv2d(16, 16, 3, padding=1)
+        self.h1 = nn.Conv2d(16, 32, 3, padding=1)
+        self.h2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            x = torch.relu(self.stem(torch.relu(self.frozen(x))))
+        return self.fc(torch.relu(self.h2(torch.relu(self.h1(x)))).mean((2, 3)))
+
+
+def test_depth_multiplier_keeps_untrained_layers_as_they_are():
+    from sparsify.passes.depth_multiplier import DepthMultiplierPass
+
+    torch.manual_seed(0)
+    model, x = Backbone().eval(), torch.randn(2, 3, 8, 8)
+    res = DepthMultiplierPass(0.5)(trace(model), x)
+    dm = res.model
+    assert (dm.frozen.out_channels, dm.stem.in_channels, dm.stem.out_channels, dm.h1.in_channels) == (16, 16, 16, 16)
+    torch.testing.assert_close(dm.frozen.weight, model.frozen.weight)
+    assert dm.h1.out_channels == dm.h2.in_channels == 16 and dm.h2.out_channels == 16, "the trained part is scaled"
+    assert any("torch.no_grad()" in n for n in res.notes) and any("requires_grad=False" in n for n in res.notes)
