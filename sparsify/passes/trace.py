@@ -41,7 +41,8 @@ class _InPlaceProxy(fx.Proxy):
     """A Proxy whose augmented assignments stay in place: fx's Proxy has no ``__iadd__``, so Python ran
     ``x += y`` as ``x = x + y`` and an alias of ``x`` (``skip = x`` before it) kept the old value, where
     the eager model updates the tensor both names hold. ``operator.iadd`` in the graph does what the
-    model does: in place for a tensor, a new value for a number."""
+    model does: in place for a tensor, a new value for a number (``_functional_augmented`` makes it
+    ``operator.add`` where no alias can tell)."""
 
 
 def _in_place_method(op: Any) -> Any:
@@ -138,6 +139,34 @@ def _keep_no_grad(graph: fx.Graph) -> int:
 
 _IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                        operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor}
+
+
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                 operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+                 operator.imod: operator.mod, operator.ipow: operator.pow, operator.iand: operator.and_,
+                 operator.ior: operator.or_, operator.ixor: operator.xor}
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "flatten", "unflatten",
+                 "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "unbind", "split", "chunk",
+                 "as_strided", "detach", "movedim", "diagonal", "unfold", "contiguous"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+                   torch.unsqueeze, torch.narrow, torch.select, torch.chunk, torch.split, torch.movedim, torch.t,
+                   torch.unbind}
+
+
+def _functional_augmented(graph: fx.Graph) -> None:
+    """``x += y`` out of place where nothing else can see ``x`` change: no reader of ``x`` after it and
+    no view of ``x`` taken before it. The graph then does not write into the model's inputs or into
+    activations autograd saved (``relu(...)`` then ``+= 1``), as the model's ``x = x + y`` would not;
+    an alias that reads ``x`` afterwards (``skip = x`` before it) keeps the in-place update."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _OUT_OF_PLACE or not isinstance(node.args[0], fx.Node):
+            continue
+        seen = [u for u in node.args[0].users if u is not node and (
+            order[u] > order[node] or (u.op == "call_method" and u.target in _VIEW_METHODS)
+            or (u.op == "call_function" and (u.target in _VIEW_FUNCTIONS or u.target is stop_gradient)))]
+        if not seen:
+            node.target = _OUT_OF_PLACE[node.target]
 
 
 def _in_place(node: fx.Node) -> bool:
@@ -462,6 +491,7 @@ def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any,
     if defaults:
         n_traced = sum(p.kind in _POSITIONAL and p.name not in defaults for p in _forward_parameters(model) or [])
         _drop_specialized(graph, n_traced)
+    _functional_augmented(graph)
     _keep_rebound_buffers(graph, rebound)
     _keep_no_grad(graph)
     # fx marks autowrapped calls so that the generated code registers them for later symbolic

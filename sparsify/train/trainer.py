@@ -8,6 +8,7 @@ checkpoint at an epoch boundary continues bit-identically.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -16,14 +17,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .._io import atomic_path
-from ..errors import DataError, DivergenceError, TrainingError, UsageError
+from ..errors import DataError, DivergenceError, SparsifyError, TrainingError, UsageError
 from ..nn import live_params, sparse_modules
 from .checkpoint import save_checkpoint
 from .data import DataBundle, Split, augment_batch, augment_generator, batches, check_data_name, num_batches
@@ -363,6 +364,24 @@ def detect_model_output(model: nn.Module, split: Split, batch_size: int, model_i
     return agreed[0] if agreed else "logits"
 
 
+@contextlib.contextmanager
+def _model_errors(epoch: int, step: int) -> Iterator[None]:
+    """A model that fails in a training step (its forward, loss or backward) is one TrainingError line;
+    sparsify's own errors pass as they are."""
+    try:
+        yield
+    except SparsifyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's model code: any error it raises
+        msg = (str(e).splitlines()[0] if str(e) else type(e).__name__).split(" Hint:")[0]
+        hint = ("its forward writes in place into a tensor autograd saved (e.g. y.add_(1) or y += 1 after a relu "
+                "read by a later op): write it out of place (y = y + 1), as PyTorch itself requires to train it"
+                if "modified by an inplace operation" in msg else
+                "check that the model trains in plain PyTorch on inputs of this shape")
+        raise TrainingError(f"the model fails in training at epoch {epoch} step {step + 1} "
+                            f"({type(e).__name__}: {msg[:300]}); {hint}") from None
+
+
 def _adapt_batch(x: torch.Tensor, model_input: tuple[int, ...]) -> torch.Tensor:
     """Flatten images for a model whose input is a vector (MLPs with a flat input shape)."""
     if len(model_input) == 2 and x.dim() == 4:
@@ -627,12 +646,13 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 tap = DenseGradTap(layers) if schedule.wants_dense_grad(step) else None
-                if tap is not None:
-                    with tap:
+                with _model_errors(epoch, step):
+                    if tap is not None:
+                        with tap:
+                            out = net(_adapt_batch(x, model_input))
+                    else:
                         out = net(_adapt_batch(x, model_input))
-                else:
-                    out = net(_adapt_batch(x, model_input))
-                loss = class_loss(out, y, cfg.model_output)
+                    loss = class_loss(out, y, cfg.model_output)
                 batch = torch.tensor([float(loss.detach()) * len(y), float((out.argmax(1) == y).sum()), len(y)],
                                      dtype=torch.float64)
                 reducer.sum_(batch)
@@ -646,7 +666,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                         start_loss = sum(first_losses) / len(first_losses)
                 sums += batch
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                with _model_errors(epoch, step):
+                    loss.backward()
                 grad_acc.add(step)
                 if cfg.clip_grad_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)

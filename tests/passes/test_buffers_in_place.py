@@ -124,3 +124,28 @@ def test_a_buffer_in_control_flow_is_read_as_it_is_and_the_constants_are_noted()
         torch.testing.assert_close(gm(x), model(x))
     note = traced_constants(gm)
     assert note is not None and "training does not update them" in note
+
+
+class NoAlias(nn.Module):
+    """Augmented assignments nothing else reads: on the model's input, and after a relu autograd saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x *= 2.0
+        y = torch.relu(self.c0(x))
+        y += 1.0
+        return self.fc(y.mean((2, 3)))
+
+
+def test_an_augmented_assignment_no_alias_sees_runs_out_of_place():
+    torch.manual_seed(0)
+    gm = trace(NoAlias().train())
+    x = torch.randn(2, 3, 8, 8)
+    before = x.clone()
+    gm(x).sum().backward()  # in place, autograd would refuse: relu saved the tensor += wrote into
+    assert torch.equal(x, before), "the traced model wrote into its input"
+    assert gm.c0.weight.grad is not None

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -279,3 +280,31 @@ def test_torchrun_two_processes_cli(run):
     assert proc.returncode == 0, stderr[-2000:]
     result = json.loads(stdout[stdout.index("{"):])
     assert result["schedule"] == "rigl" and (run / "metrics.jsonl").is_file()
+
+
+def test_a_model_that_fails_in_a_training_step_is_one_error_line(tmp_path):
+    """A forward that writes in place into a tensor autograd saved cannot be trained (PyTorch refuses
+    its backward): one line naming the step and the fix, exit 2, the run as it was."""
+    src = tmp_path / "net.py"
+    src.write_text(
+        "import torch, torch.nn as nn\n"
+        "INPUT_SHAPE = (1, 1, 28, 28)\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.c0 = nn.Conv2d(1, 8, 3, padding=1)\n"
+        "        self.fc = nn.Linear(8, 10)\n"
+        "    def forward(self, x):\n"
+        "        y = torch.relu(self.c0(x))\n"
+        "        y.add_(1.0)\n"
+        "        return self.fc(y.mean((2, 3)))\n"
+        "def build_model():\n"
+        "    return Net()\n")
+    out = tmp_path / "run"
+    transform_to_dir(str(src), method="sparse-random", density=0.5, out=out)
+    before = _weights(out)
+    res = runner.invoke(app, ["train", str(out), *QUICK])
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert len(lines) == 1 and "fails in training at epoch 1 step 1" in lines[0] and "out of place" in lines[0]
+    assert all(torch.equal(v, _weights(out)[k]) for k, v in before.items())
