@@ -53,10 +53,10 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
         fan = entries.sum(dim=1).float()
         g = d["groups"]
         empty_out, empty_in = empty_channels(entries.detach().cpu().numpy(), g)
-        new = [t for t in (m.weight, getattr(m, "bias", None)) if t is not None and id(t) not in tensors_seen]
-        tensors_seen.update(id(t) for t in new)
-        counted.append((live * k if any(t is m.weight for t in new) else 0) +
-                       (bias if any(t is getattr(m, "bias", None) for t in new) else 0))
+        b = getattr(m, "bias", None)
+        counted.append((live * k if id(m.weight) not in tensors_seen else 0) +
+                       (bias if b is not None and id(b) not in tensors_seen else 0))
+        tensors_seen.update(id(t) for t in (m.weight, b) if t is not None)
         layers.append({
             "name": node.target,
             "type": type(m).__name__,

@@ -102,8 +102,8 @@ def _flat_nodes(obj: Any) -> Iterator[fx.Node]:
 def shared_parameters(gm: fx.GraphModule) -> dict[str, list[str]]:
     """The places of ``gm``'s graphs that use a parameter another place uses too (tied weights:
     ``b.weight = a.weight``; a module's weight also read by ``F.conv2d(x, self.a.weight)``), each
-    mapped to the others (an attribute read directly is named so). A place is a called module (its parameters, its children's included) or a
-    get_attr target; one module called twice is one place."""
+    mapped to the others (an attribute read directly is named so). A place is a called module (its
+    parameters, its children's included) or a get_attr target; one module called twice is one place."""
     modules = dict(gm.named_modules())
     users: dict[int, set[str]] = {}
     for graph in graphs(gm):
@@ -205,8 +205,9 @@ class ChannelGraph:
             if module is not None and node.target in self.shared:
                 # resizing or compacting one user of a shared parameter would cut it for all of them
                 reason = self._shared_reason(node.target)
-            elif module is not None and self.keep_untrained and untrained_layer(node, module) is not None:
-                reason = f"{node.target}: {untrained_layer(node, module)[0]}"
+            elif module is not None and self.keep_untrained:
+                untrained = untrained_layer(node, module)
+                reason = f"{node.target}: {untrained[0]}" if untrained is not None else None
             if reason is not None:
                 for a in self.tensor_inputs(node):
                     self.freeze_all(a, reason)

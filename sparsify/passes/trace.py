@@ -52,8 +52,13 @@ def _in_place_method(op: Any) -> Any:
     return method
 
 
-for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor"):
-    setattr(_InPlaceProxy, f"__i{_name}__", _in_place_method(getattr(operator, f"i{_name}")))
+# The augmented assignments and the operators Python falls back to without them (``x = x + y``).
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                 operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+                 operator.imod: operator.mod, operator.ipow: operator.pow, operator.iand: operator.and_,
+                 operator.ior: operator.or_, operator.ixor: operator.xor}
+for _op in _OUT_OF_PLACE:
+    setattr(_InPlaceProxy, f"__{_op.__name__}__", _in_place_method(_op))
 
 
 class SparsifyTracer(fx.Tracer):
@@ -109,12 +114,11 @@ def stop_gradient(x: Any) -> Any:
     return map_aggregate(x, lambda v: v.detach() if isinstance(v, torch.Tensor) else v)
 
 
-def _keep_no_grad(graph: fx.Graph) -> int:
+def _keep_no_grad(graph: fx.Graph) -> None:
     """Mark the ends of the model's no-gradient regions: each node computed under ``torch.no_grad()``
     (or ``set_grad_enabled(False)``, ``inference_mode``, a ``@torch.no_grad()`` forward traced
     through) whose value is read outside the region is read through ``stop_gradient``, so training
-    the traced graph sends no gradient where the model's forward sends none. Returns the count."""
-    count = 0
+    the traced graph sends no gradient where the model's forward sends none."""
     for node in list(graph.nodes):
         if not node.meta.get("grad_disabled"):
             continue
@@ -133,18 +137,8 @@ def _keep_no_grad(graph: fx.Graph) -> int:
         stop.meta["stack_trace"] = node.meta.get("stack_trace")
         for user in outside:
             user.replace_input_with(node, stop)
-        count += 1
-    return count
 
 
-_IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor}
-
-
-_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-                 operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
-                 operator.imod: operator.mod, operator.ipow: operator.pow, operator.iand: operator.and_,
-                 operator.ior: operator.or_, operator.ixor: operator.xor}
 _VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "flatten", "unflatten",
                  "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "unbind", "split", "chunk",
                  "as_strided", "detach", "movedim", "diagonal", "unfold", "contiguous"}
@@ -173,7 +167,7 @@ def _in_place(node: fx.Node) -> bool:
     """True for a node that writes into its first argument (``x.add_(y)``, ``x += y``, ``copy_``)."""
     if node.op == "call_method":
         return isinstance(node.target, str) and node.target.endswith("_") and not node.target.startswith("_")
-    return node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS
+    return node.op == "call_function" and node.target in _OUT_OF_PLACE
 
 
 @contextlib.contextmanager

@@ -264,7 +264,7 @@ def _check_dynamic_batch(model: onnx.ModelProto, example: tuple[torch.Tensor, ..
     """ExportError when an input's batch axis came out fixed: torch.export specialises it when the
     forward ties it to the example's size (``chunk(2, 0)`` of a batch made by ``torch.cat([x, x2], 0)``
     guards on it), and the file would then run only at the export's example batch."""
-    for value, x in zip(model.graph.input, example):
+    for value in list(model.graph.input)[:len(example)]:
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value"):
             raise ExportError(
