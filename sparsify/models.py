@@ -100,11 +100,12 @@ def _find_factory(module: Any, path: Path, name: str | None) -> tuple[str, Calla
         return name, obj
     if callable(getattr(module, "build_model", None)):
         return "build_model", module.build_model
-    candidates = [
-        n for n, obj in vars(module).items()
+    # one class under several names (``MODEL = Net``) is one candidate, under the first name
+    candidates = list({
+        id(obj): n for n, obj in reversed(vars(module).items())
         if inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__
         and _no_arg_constructible(obj)
-    ]
+    }.values())
     if not candidates:
         raise ModelLoadError(
             f"{path} defines no build_model() and no nn.Module subclass with a no-argument constructor; "

@@ -68,6 +68,12 @@ def test_imported_module_classes_are_not_candidates(tmp_path):
     assert type(load_model(str(path)).module).__name__ == "Tiny"
 
 
+def test_one_class_under_two_names_is_one_candidate(tmp_path):
+    path = write(tmp_path, "alias.py", TINY + "\nMODEL = Tiny\n")
+    loaded = load_model(str(path))
+    assert type(loaded.module).__name__ == "Tiny" and loaded.spec.endswith("alias.py:Tiny")
+
+
 def test_ambiguous_file_lists_every_candidate(tmp_path):
     path = write(tmp_path, "amb.py", TINY + """
 class Second(nn.Module):

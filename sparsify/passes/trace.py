@@ -61,6 +61,16 @@ for _op in _OUT_OF_PLACE:
     setattr(_InPlaceProxy, f"__{_op.__name__}__", _in_place_method(_op))
 
 
+def _setitem(self: fx.Proxy, index: Any, value: Any) -> None:
+    # fx's Proxy has no ``__setitem__``: ``x[:, :8] = y`` failed to trace ("does not support item
+    # assignment"). ``operator.setitem`` writes into ``x`` as the model does; fx keeps the node
+    # although nothing reads its value (it is side-effectful).
+    self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
+_InPlaceProxy.__setitem__ = _setitem  # type: ignore[attr-defined]
+
+
 class SparsifyTracer(fx.Tracer):
     """torch.fx tracer that keeps as leaves: sparse layers, the given module types, and every module
     a rule covers (a subclass of a known layer that does not override its forward is that layer);
@@ -164,10 +174,11 @@ def _functional_augmented(graph: fx.Graph) -> None:
 
 
 def _in_place(node: fx.Node) -> bool:
-    """True for a node that writes into its first argument (``x.add_(y)``, ``x += y``, ``copy_``)."""
+    """True for a node that writes into its first argument (``x.add_(y)``, ``x += y``, ``copy_``,
+    ``x[i] = y``)."""
     if node.op == "call_method":
         return isinstance(node.target, str) and node.target.endswith("_") and not node.target.startswith("_")
-    return node.op == "call_function" and node.target in _OUT_OF_PLACE
+    return node.op == "call_function" and (node.target in _OUT_OF_PLACE or node.target is operator.setitem)
 
 
 @contextlib.contextmanager

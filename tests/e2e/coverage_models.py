@@ -482,6 +482,35 @@ class TinyOutputs(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class ItemAssign(nn.Module):
+    """Item assignment: a conv's output written into channels of another (``x[:, :8] = y``), values
+    clamped through a boolean mask, and a YOLO-style head that decodes boxes in eval by assigning
+    into slices of its reshaped output."""
+
+    def __init__(self, in_ch=3):
+        super().__init__()
+        self.stem = cbr(in_ch, 16)
+        self.part = nn.Conv2d(16, 8, 3, padding=1)
+        self.mix = cbr(16, 16)
+        self.det = nn.Conv2d(16, 2 * 6, 1)
+        self.register_buffer("grid", torch.linspace(-1, 1, 16))
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.part(x)
+        x = x.clone()
+        x[:, :8] = y
+        x[x > 3] = 3.0
+        d = self.det(self.mix(x))
+        n, _, h, w = d.shape
+        d = d.view(n, 2, 6, h, w).permute(0, 1, 3, 4, 2).contiguous()
+        if not self.training:
+            d = d.sigmoid()
+            d[..., 0:2] = d[..., 0:2] * 2 + self.grid[:w, None]
+            d[..., 4] *= 3
+        return d
+
+
 # name -> (class, input shape(s))
 MODELS = {
     "dropout": (DropoutZoo, (1, 3, 16, 16)),
@@ -511,6 +540,7 @@ MODELS = {
     "nested_out": (NestedOut, (1, 3, 16, 16)),
     "two_inputs": (TwoInputs, [(1, 3, 16, 16), (1, 1, 16, 16)]),
     "tiny_outputs": (TinyOutputs, (1, 3, 16, 16)),
+    "item_assign": (ItemAssign, (1, 3, 16, 16)),
 }
 
 

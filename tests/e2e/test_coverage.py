@@ -21,7 +21,7 @@ from .coverage_models import MODELS, model_file
 
 METHODS = {"sparse-random": {"density": 0.1}, "psn": {"density": 0.1}, "depth-multiplier": {"alpha": 0.5}}
 FAST = {("dropout", "sparse-random"), ("sppf", "psn"), ("resnext", "depth-multiplier"), ("tokens", "sparse-random"),
-        ("dict_out", "depth-multiplier"), ("signal_1d", "sparse-random")}
+        ("dict_out", "depth-multiplier"), ("signal_1d", "sparse-random"), ("item_assign", "psn")}
 GREY = [n for n, (_, s) in MODELS.items() if not isinstance(s[0], (tuple, list)) and s[1] == 3]
 
 

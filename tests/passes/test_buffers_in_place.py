@@ -149,3 +149,45 @@ def test_an_augmented_assignment_no_alias_sees_runs_out_of_place():
     gm(x).sum().backward()  # in place, autograd would refuse: relu saved the tensor += wrote into
     assert torch.equal(x, before), "the traced model wrote into its input"
     assert gm.c0.weight.grad is not None
+
+
+class ItemAssign(nn.Module):
+    """``x[idx] = y`` on activations (a conv's output into half the channels, a boolean-mask clamp)
+    and on a buffer under no_grad (a running maximum per channel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.part = nn.Conv2d(8, 4, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        self.register_buffer("peak", torch.zeros(8))
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = self.part(x)
+        x = x.clone()
+        x[:, :4] = y
+        x[x > 1.5] = 1.5
+        with torch.no_grad():
+            self.peak[:] = torch.maximum(self.peak, x.amax((0, 2, 3)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_item_assignment_traces_and_trains_as_the_model_does():
+    """fx's Proxy has no ``__setitem__``: ``x[:, :4] = y`` failed to trace. It is traced in place:
+    outputs, gradients and the no_grad buffer update equal the eager model's."""
+    torch.manual_seed(0)
+    model = ItemAssign()
+    twin = copy.deepcopy(model)
+    traced = trace(twin)
+    x = torch.randn(4, 3, 8, 8) * 2
+    out, ref = traced(x), model(x)
+    torch.testing.assert_close(out, ref)
+    assert float((x > 0).float().mean()) > 0.2 and float(ref.std()) > 1e-3  # activations are not trivial
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), traced.parameters()):
+        assert p.grad is not None and float(p.grad.abs().max()) > 0, name
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    assert float(model.peak.min()) > 0
+    torch.testing.assert_close(traced.get_buffer("peak"), model.peak)
