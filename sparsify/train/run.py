@@ -252,6 +252,7 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
         made_dir = not ckpt.parent.exists()
         old_staged = staged.read_bytes() if staged.is_file() else None
         ckpt_before = _stamp(ckpt)
+        trained_before = (run_dir / METRICS).is_file()
 
         def after_stop() -> None:
             if not Reducer().is_main:
@@ -285,7 +286,15 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
                 if change is not None and log is not None:
                     log(_layer_change_note(cfg, change))
         except DivergenceError as e:
-            kept = _keep_last_good(run_dir, run, model_input, ckpt, cfg, e) if Reducer().is_main else ""
+            if e.good_epochs == 0 and trained_before:
+                # --force over an earlier training that diverged before an epoch completed: the
+                # earlier training's weights, summary and metrics.jsonl stay the run's, together.
+                after_stop()
+                kept = f"the run's weights and {METRICS} are the earlier training's, unchanged"
+            elif Reducer().is_main:
+                kept = _keep_last_good(run_dir, run, model_input, ckpt, cfg, e)
+            else:
+                kept = ""
             retry = shlex.join(["sparsify", "train", str(run_dir), "--force", "--lr", f"{cfg.learning_rate / 10:g}"])
             raise DivergenceError(e.what, epoch=e.epoch, good_epochs=e.good_epochs, lr=e.lr,
                                   advice=f"stopped ({kept}); retry from the initial weights with a lower learning "

@@ -143,6 +143,23 @@ def test_forced_retrain_stopped_after_an_epoch_leaves_the_earlier_training_whole
     assert (run / "weights.safetensors").read_bytes() != earlier["weights.safetensors"]
 
 
+def test_forced_retrain_that_diverges_before_an_epoch_leaves_the_earlier_training_whole(run):
+    """--force over a trained run whose new training diverges in its first epoch: nothing of it is a
+    result, so weights, summary.json, metrics.jsonl and the checkpoint stay the earlier training's
+    (the divergence record used to replace metrics.jsonl beside the earlier weights)."""
+    from sparsify.errors import DivergenceError
+
+    cfg = dict(data="digits", epochs=1, train_limit=200, batch_size=50)
+    train_run(run, **cfg)
+    earlier = _files(run)
+    with pytest.raises(DivergenceError, match="earlier training's, unchanged") as e:
+        train_run(run, force=True, lr=1e6, momentum=0.0, clip_grad_norm=0, **{**cfg, "epochs": 2})
+    assert "\n" not in str(e.value)
+    assert _files(run) == earlier
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "diverged" not in [r["event"] for r in lines]
+
+
 def test_a_training_stopped_while_saving_its_result_changes_none_of_weights_summary_metrics(run, monkeypatch):
     """The trained weights, summary.json and metrics.jsonl replace the run's together: a stop while the
     result is being written (here: while its report is computed) leaves all three as they were, and
