@@ -99,6 +99,20 @@ def _flat_nodes(obj: Any) -> Iterator[fx.Node]:
             yield from _flat_nodes(o)
 
 
+# What reading a tensor's metadata looks like in a graph: ``x.to(self.conv.weight.dtype)`` reads
+# no value of the weight (and ties nothing to it).
+_METADATA_ATTRS = frozenset({"dtype", "device", "shape", "ndim", "layout", "is_cuda", "requires_grad"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "get_device", "is_floating_point", "is_contiguous"})
+
+
+def _metadata_only(node: fx.Node) -> bool:
+    """True when every user of ``node`` reads only its metadata (dtype, device, shape, ...)."""
+    return bool(node.users) and all(
+        (u.op == "call_function" and u.target is getattr and u.args[0] is node and u.args[1] in _METADATA_ATTRS)
+        or (u.op == "call_method" and u.target in _METADATA_METHODS and u.args[0] is node)
+        for u in node.users)
+
+
 def shared_parameters(gm: fx.GraphModule) -> dict[str, list[str]]:
     """The places of ``gm``'s graphs that use a parameter another place uses too (tied weights:
     ``b.weight = a.weight``; a module's weight also read by ``F.conv2d(x, self.a.weight)``), each
@@ -111,7 +125,7 @@ def shared_parameters(gm: fx.GraphModule) -> dict[str, list[str]]:
             if node.op == "call_module":
                 for p in modules[node.target].parameters():
                     users.setdefault(id(p), set()).add(node.target)
-            elif node.op == "get_attr":
+            elif node.op == "get_attr" and not _metadata_only(node):
                 try:
                     value = gm.get_parameter(node.target)
                 except AttributeError:

@@ -67,3 +67,29 @@ def test_a_shared_parameter_counts_once():
     assert live_params(model) == unique
     report = layer_report(trace(model), [(1, 3, 8, 8)], DEFAULT_RULES)
     assert report["totals"]["params"] == report["totals"]["dense_params"] == unique
+
+
+class ReadsDtype(nn.Module):
+    """``x.to(self.stem.weight.dtype)`` (the input cast to the model's precision) reads only the weight's
+    metadata: it ties nothing to the weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.mid = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = x.to(self.stem.weight.dtype).to(self.mid.weight.device)
+        x = torch.relu(self.stem(x)) * (1.0 / self.mid.weight.shape[0])
+        return self.fc(torch.relu(self.mid(x)).mean((2, 3)))
+
+
+def test_reading_a_weights_dtype_device_or_shape_shares_nothing():
+    torch.manual_seed(0)
+    model, x = ReadsDtype().eval(), torch.randn(2, 3, 8, 8)
+    res = SparseRandomPass(0.25)(trace(model), x)
+    assert set(res.layers) == {"stem", "mid"}, res.notes
+    assert not any("shares its parameters" in n for n in res.notes), res.notes
+    dm = DepthMultiplierPass(0.5)(trace(model), x).model
+    assert dm.stem.out_channels == 8 and dm.mid.out_channels == 8
