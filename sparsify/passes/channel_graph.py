@@ -45,7 +45,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .rules import DEFAULT_RULES, LayerRule, Member, Registry, Role
-from .rules.base import SizeExpr
+from .rules.base import SizeExpr, beyond_forward
 from .trace import graphs, node_shape, untrained_layer
 
 Space = tuple[str, int]  # (node key, axis)
@@ -209,6 +209,13 @@ class ChannelGraph:
             module = self.modules.get(node.target) if node.op == "call_module" else None
             rule = self.rules.rule_for(node, self.modules)
             if rule is None:
+                beyond = beyond_forward(module) if module is not None else None
+                if beyond is not None:  # a layer kept whole for its hooks / parametrizations: say so
+                    reason = f"{node.target} kept whole because {beyond}"
+                    for a in self.tensor_inputs(node):
+                        self.freeze_all(a, reason)
+                    self.freeze_all(node, reason)
+                    return
                 self.unknown(node, _label(node, module))
                 return
             try:
@@ -676,6 +683,14 @@ def weight_nodes(gm: fx.GraphModule, rules: Registry | None = None, all_graphs: 
 
 
 def classifier_node(gm: fx.GraphModule, rules: Registry | None = None) -> fx.Node | None:
-    """The final classifier: the last weight-layer call in the eval graph."""
+    """The final classifier: the last weight-layer call in the eval graph; None when the last layer
+    with parameters is one no rule covers (a pruned or parametrized Linear, kept whole as a leaf): the
+    layer before it is not the classifier."""
     nodes = weight_nodes(gm, rules)
-    return nodes[-1] if nodes else None
+    if not nodes:
+        return None
+    mods = dict(gm.named_modules())
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    later = [n for n in gm.graph.nodes if n.op == "call_module" and order[n] > order[nodes[-1]]
+             and beyond_forward(mods[n.target]) is not None and any(True for _ in mods[n.target].parameters())]
+    return None if later else nodes[-1]

@@ -203,7 +203,10 @@ class SparsePass(GraphPass):
             why = (f"; {', '.join(leaves)} {'is a leaf' if len(leaves) == 1 else 'are leaves'} kept dense "
                    f"(--rule {types[0]}=conv masks a leaf whose forward is a conv over its own weight)"
                    if leaves else "")
-            if not leaves:
+            kept = [n for n in notes if ": kept dense because " in n or ": kept dense and frozen because " in n]
+            if not leaves and kept:  # tied, untrained, hooked or parametrized layers: say which and why
+                why = f"; {kept[0]}" + (f" (and {len(kept) - 1} more layers kept dense)" if len(kept) > 1 else "")
+            elif not leaves:
                 dense = sorted({type(m).__name__ for m in gm.modules() if isinstance(m, nn.modules.conv._ConvNd)})
                 why = (f"; its {', '.join(dense)} layers stay dense (masks cover Conv1d and Conv2d with groups "
                        "not equal to the channels): use --method depth-multiplier" if dense else "")

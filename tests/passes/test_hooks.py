@@ -61,3 +61,29 @@ def test_hooked_or_parametrized_layer_stays_whole(kind):  # forward with gradien
     assert dm.c2.out_channels == dm.c2.in_channels == 16  # its channels are frozen
     assert torch.isfinite(dm.eval()(x)).all()
     layer_report(sparse, [tuple(x.shape)], DEFAULT_RULES)  # reports it (an old weight norm crashed this)
+
+
+class PrunedHead(Net):
+    def __init__(self, every_layer: bool = False):
+        super().__init__("none")
+        for m in [self.fc] + ([self.c1, self.c2, self.c3] if every_layer else []):
+            prune.l1_unstructured(m, "weight", amount=0.5)
+
+
+@torch.no_grad()
+def test_a_pruned_classifier_is_the_classifier_and_frozen_groups_say_why():
+    """The last layer with weights is the classifier even when it is kept whole for its hooks (the conv
+    before it was called the classifier and kept dense); groups frozen by a hooked layer name it."""
+    from sparsify.errors import PassError
+    from sparsify.passes.channel_graph import ChannelGraph
+
+    torch.manual_seed(0)
+    model, x = PrunedHead().eval(), torch.randn(2, 3, 12, 12)
+    res = SparseRandomPass(0.25)(trace(model), x)
+    assert set(res.layers) == {"c1", "c2", "c3"}, res.notes
+    assert not any("classifier kept dense" in n for n in res.notes), res.notes
+    cg = ChannelGraph.build(trace(model), x)
+    reasons = [r for g in cg.groups.values() if g.frozen for r in g.reasons]
+    assert any("fc kept whole because it has forward pre hooks" in r for r in reasons), reasons
+    with pytest.raises(PassError, match=r"c1: kept dense and frozen because it has forward pre hooks.*3 more"):
+        SparseRandomPass(0.25)(trace(PrunedHead(every_layer=True).eval()), x)
