@@ -14,13 +14,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
+from torch.nn.parameter import is_lazy
 
 from .errors import ModelLoadError, RunDirError, SparsifyError, UsageError
 from .methods import MethodConfig, config_from_params
 from .models import LoadedModel, load_model
 from .passes.base import PassResult
 from .passes.rules import Registry, Rule, with_user_rules
-from .passes.trace import check_input_count, propagate_shapes, trace
+from .passes.trace import check_input_count, materialize_lazy, propagate_shapes, trace
 from .report import input_shapes
 
 
@@ -61,7 +62,7 @@ def check_loaded(loaded: LoadedModel, leaf_modules: Sequence[str]) -> None:
         t = type(m)
         types.update((t.__name__, f"{t.__module__}.{t.__qualname__}"))
         for pname, p in m.named_parameters(recurse=False):
-            if p.numel() == 0:
+            if not is_lazy(p) and p.numel() == 0:  # a lazy layer gets its shape in trace_loaded
                 raise ModelLoadError(f"{loaded.spec} has an empty layer: {name}.{pname} has shape {list(p.shape)}; "
                                      f"a width or class count of 0 in --model-args?")
     unknown = [leaf for leaf in leaf_modules if leaf not in types]
@@ -97,6 +98,7 @@ def trace_loaded(loaded: LoadedModel, input_shape: Any, seed: int, leaf_modules:
     shapes = model_input_shapes(loaded, input_shape)
     check_input_count(loaded.module, len(shapes))
     example = example_inputs(shapes, seed)
+    materialize_lazy(loaded.module, example, seed)
     gm = trace(loaded.module, leaf_modules, rules, n_inputs=len(shapes))
     propagate_shapes(gm, example)
     return Traced(loaded, shapes, example, gm, rules)

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dis
 import inspect
+import itertools
 import logging
 import operator
 import re
@@ -109,6 +110,8 @@ class SparsifyTracer(fx.Tracer):
 
         if beyond_forward(m) is not None:  # its hooks / parametrizations run only when it is called
             return True
+        if isinstance(m, torch.jit.ScriptModule):  # TorchScript: compiled code fx cannot trace into
+            return True
 
         if (self.rules or DEFAULT_RULES).rule_for_module(m) is not None:
             return True
@@ -186,7 +189,9 @@ def _buffers_kept(model: nn.Module) -> Iterator[dict[str, Any]]:
     """Trace without changing ``model``'s buffers: a forward that rebinds one (``self.count += 1``,
     ``self.ema = ...``) sets it to a traced value; each is put back on exit. Yields a dict that,
     after the block, maps the buffers rebound to a traced value (by qualified name) to that value."""
-    before = {(name, mod, key): t for name, mod in model.named_modules() for key, t in mod._buffers.items()}
+    before = {(name, mod, key): t for name, mod in model.named_modules()
+              if not isinstance(mod, torch.jit.ScriptModule)  # compiled: its forward cannot rebind them
+              for key, t in mod._buffers.items()}
     rebound: dict[str, Any] = {}
     try:
         yield rebound
@@ -594,6 +599,21 @@ def dropped_train_overrides(model: nn.Module, gm: fx.GraphModule) -> str | None:
     return (f"{', '.join(lost[:3])}{' and more' if len(lost) > 3 else ''} {verb} train(), which the traced "
             "model does not keep (it is nn.Module.train): modes set there (e.g. BatchNorm kept in eval while "
             "training) are not applied by `sparsify train`; a submodule doing so can be kept whole with --leaf")
+
+
+def materialize_lazy(model: nn.Module, example: Any, seed: int) -> bool:
+    """Give ``nn.LazyConv2d`` / ``nn.LazyLinear`` & co their shapes: one eval-mode forward on
+    ``example`` (a tensor or a tuple of tensors), their initial weights drawn from ``seed`` (what
+    a user's own first forward does). True when there was something to materialize."""
+    from torch.nn.parameter import is_lazy
+
+    if not any(is_lazy(t) for t in itertools.chain(model.parameters(), model.buffers())):
+        return False
+    inputs = example if isinstance(example, tuple) else (example,)
+    with torch.random.fork_rng(devices=[]), eval_mode(model):
+        torch.manual_seed(seed)
+        model(*inputs)
+    return True
 
 
 @contextlib.contextmanager

@@ -148,6 +148,10 @@ def _prepare(model: nn.Module, example: tuple[torch.Tensor, ...], compact: bool,
 
 def _explain_failure(module: nn.Module, exc: BaseException) -> str:
     """One line naming the node torch.onnx could not express and, when known, its source line."""
+    scripted = [name for name, m in module.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:
+        return (f"torch.onnx cannot export {scripted[0]}: it is TorchScript (torch.jit.script), which the "
+                f"exporter does not read; build the model without torch.jit.script and export again")
     text = str(exc)
     m = re.search(r"target=torch\.ops\.(\w+)\.(\w+)", text) or re.search(r"OpOverload\(op='(\w+)\.(\w+)'", text)
     first = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("<class")), "")

@@ -1,0 +1,74 @@
+"""Models built with lazy layers (``nn.LazyConv2d``, ``nn.LazyLinear``: shapes known after a first
+forward) and models holding a TorchScript submodule: the first are materialized on the example
+input and go through every stage; the second transform (the scripted part kept whole) and export
+refuses them in one line (both printed tracebacks)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sparsify
+from cli_checks import assert_ok, assert_one_error_line, invoke, write
+from sparsify.runtime.export import open_session
+
+LAZY = """
+import torch
+import torch.nn as nn
+
+INPUT_SHAPE = (1, 3, 16, 16)
+
+
+class Net(nn.Module):
+    def __init__(self, scripted=False):
+        super().__init__()
+        self.c1 = nn.LazyConv2d(16, 3, padding=1)
+        self.b1 = nn.LazyBatchNorm2d()
+        self.c2 = nn.LazyConv2d(16, 3, padding=1)
+        if scripted:
+            self.c2 = torch.jit.script(nn.Conv2d(16, 16, 3, padding=1))
+        self.fc = nn.LazyLinear(10)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        return self.fc(torch.relu(self.c2(x)).mean((2, 3)))
+
+
+def build_model(scripted=False):
+    return Net(scripted)
+"""
+
+
+@pytest.fixture
+def tmp_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_a_model_of_lazy_layers_transforms_trains_and_exports(tmp_cwd):
+    write("lazy.py", LAZY)
+    assert_ok(invoke("transform", "lazy.py", "--density", "0.25", "--seed", "3", "--out", "run"))
+    run = sparsify.load("run")
+    assert run.summary["totals"]["sparse_layers"] == 2
+    assert tuple(run.model.get_submodule("c1").weight.shape) == (16, 3, 3, 3)
+    again = sparsify.load("run").model.state_dict()  # replay draws the same initial weights
+    assert all(torch.equal(v, again[k]) for k, v in run.model.state_dict().items())
+    assert_ok(invoke("train", "run", "--data", "synthetic", "--epochs", "1", "--train-limit", "64", "-q"))
+    assert_ok(invoke("export", "run", "--out", "m.onnx"))
+    model = sparsify.load("run").model.eval()
+    x = torch.randn(2, 3, 16, 16) * 2
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = open_session(Path("m.onnx")).run(None, {"input": x.numpy()})[0]
+    assert float(np.abs(ref).std()) > 1e-3 and np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_a_scripted_submodule_is_kept_whole_and_export_says_why(tmp_cwd):
+    write("lazy.py", LAZY)
+    assert_ok(invoke("transform", "lazy.py", "--model-args", '{"scripted": true}', "--density", "0.25",
+                     "--out", "run"))
+    assert sparsify.load("run").summary["totals"]["sparse_layers"] == 1  # c1; the scripted c2 stays whole
+    r = invoke("export", "run", "--out", "m.onnx")
+    assert_one_error_line(r, "c2", "TorchScript", "without torch.jit.script", nothing_at=(Path("m.onnx"),))
