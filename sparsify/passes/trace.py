@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dis
+import functools
 import inspect
 import itertools
 import logging
@@ -94,6 +95,15 @@ class SparsifyTracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InPlaceProxy(node, self)
 
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):  # type: ignore[override]
+        # fx traces ``type(model).forward``: the hooks registered on the model itself (its own
+        # forward hook, ``torch.nn.utils.prune`` of a parameter of its own) were dropped. They are
+        # traced with it, as ``model(x)`` runs them; a submodule's run in its call (``__call__``).
+        root = self.root
+        if is_module and (root._forward_pre_hooks or root._forward_hooks):
+            root_fn = _with_hooks(root, root_fn)
+        return super().create_args_for_root(root_fn, is_module, concrete_args)
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[override]
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         # The model's own ``with torch.no_grad():`` runs while it is traced; the graph would lose it.
@@ -116,6 +126,32 @@ class SparsifyTracer(fx.Tracer):
         if (self.rules or DEFAULT_RULES).rule_for_module(m) is not None:
             return True
         return super().is_leaf_module(m, qualname)
+
+
+def _with_hooks(module: nn.Module, forward: Any) -> Any:
+    """``forward(module, *args)`` wrapped in ``module``'s forward pre-hooks and forward hooks, called
+    as ``nn.Module.__call__`` calls them (those registered ``with_kwargs`` get and give kwargs)."""
+    pre_kw, post_kw = module._forward_pre_hooks_with_kwargs, module._forward_hooks_with_kwargs
+
+    @functools.wraps(forward)
+    def hooked(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        for hid, hook in list(module._forward_pre_hooks.items()):
+            if hid in pre_kw:
+                result = hook(self, args, kwargs)
+                if result is not None:
+                    args, kwargs = result
+            else:
+                result = hook(self, args)
+                if result is not None:
+                    args = result if isinstance(result, tuple) else (result,)
+        out = forward(self, *args, **kwargs)
+        for hid, hook in list(module._forward_hooks.items()):
+            result = hook(self, args, kwargs, out) if hid in post_kw else hook(self, args, out)
+            if result is not None:
+                out = result
+        return out
+
+    return hooked
 
 
 _NOT_USER_CODE = ("/torch/", "/typer/", "/click/")
@@ -202,6 +238,23 @@ def _buffers_kept(model: nn.Module) -> Iterator[dict[str, Any]]:
                 if isinstance(now, fx.Proxy):
                     rebound[f"{name}.{key}" if name else key] = now
                 mod._buffers[key] = t
+
+
+@contextlib.contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Trace without leaving traced values on ``model``: an attribute a forward or a hook sets
+    (``torch.nn.utils.prune`` sets ``module.weight = weight_orig * weight_mask``) is put back."""
+    before = {id(m): dict(vars(m)) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m in model.modules():
+            for key, value in list(vars(m).items()):
+                if isinstance(value, fx.Proxy):
+                    if key in before.get(id(m), {}):
+                        vars(m)[key] = before[id(m)][key]
+                    else:
+                        del vars(m)[key]
 
 
 def _keep_rebound_buffers(graph: fx.Graph, rebound: dict[str, Any]) -> None:
@@ -491,7 +544,8 @@ def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any,
         # ``traced_constants``).
         tracer.proxy_buffer_attributes = proxy_buffers
         try:
-            with _buffers_kept(model) as rebound, torch.enable_grad():  # only the model's own no-grad regions
+            # enable_grad: only the model's own no-grad regions are no-grad in the graph
+            with _buffers_kept(model) as rebound, _attributes_kept(model), torch.enable_grad():
                 graph = tracer.trace(model, concrete_args=defaults or None)
             break
         except Exception as e:
