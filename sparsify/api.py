@@ -96,7 +96,7 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     lost_train = dropped_train_overrides(loaded.module, traced.gm)
     constants = traced_constants(traced.gm)
     defaults = defaults_note(loaded.module, len(shapes))
-    notes = [n for n in (differs, lost_train, constants, defaults) if n] + list(result.notes) + \
+    notes = [n for n in (loaded.dtype_note, differs, lost_train, constants, defaults) if n] + list(result.notes) + \
         _density_notes(params, result.layers)
     if source is not None:
         notes.append(f"started from the trained weights in {source['source']}: fine-tune with a smaller learning "

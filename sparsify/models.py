@@ -37,6 +37,7 @@ class LoadedModel:
     num_classes: int | None
     source_file: Path | None          # the user's file (None for zoo models)
     source_sha256: str | None
+    dtype_note: str | None = None     # set when its float16 / bfloat16 / float64 tensors were made float32
 
 
 def _split_spec(spec: str) -> tuple[str, str | None]:

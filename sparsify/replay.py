@@ -8,6 +8,7 @@ by attribute (``sparsify.rundir.Recipe``).
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -52,6 +53,15 @@ def load_checked(model: Any, model_args: dict[str, Any] | None, seed: int, leaf_
     """``models.load_model`` (initial weights from ``seed``), refusing an empty layer and unknown ``--leaf`` types."""
     loaded = load_model(model, model_args, seed)
     check_loaded(loaded, leaf_modules)
+    tensors = itertools.chain(loaded.module.parameters(), loaded.module.buffers())
+    other = sorted({str(t.dtype).removeprefix("torch.") for t in tensors
+                    if not is_lazy(t) and t.is_floating_point() and t.dtype != torch.float32})
+    if other:
+        # Masks, training and the exported kernel work in float32; in float16 an SGD step smaller
+        # than the weight's rounding step is lost (a user's weights came back from training unchanged).
+        loaded.module.float()
+        loaded.dtype_note = (f"the model's {' and '.join(other)} parameters and buffers are float32 in the run "
+                             f"(training and export run in float32); cast the trained model back if you deploy it so")
     return loaded
 
 

@@ -1,7 +1,8 @@
-"""Models built with lazy layers (``nn.LazyConv2d``, ``nn.LazyLinear``: shapes known after a first
+"""Forms a user's model comes in. Models built with lazy layers (``nn.LazyConv2d``, ``nn.LazyLinear``: shapes known after a first
 forward) and models holding a TorchScript submodule: the first are materialized on the example
 input and go through every stage; the second transform (the scripted part kept whole) and export
-refuses them in one line (both printed tracebacks)."""
+refuses them in one line (both printed tracebacks). A float16 model is made float32 with a note
+(training it in float16 lost every SGD step below the weights' rounding step, silently)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -72,3 +73,21 @@ def test_a_scripted_submodule_is_kept_whole_and_export_says_why(tmp_cwd):
     assert sparsify.load("run").summary["totals"]["sparse_layers"] == 1  # c1; the scripted c2 stays whole
     r = invoke("export", "run", "--out", "m.onnx")
     assert_one_error_line(r, "c2", "TorchScript", "without torch.jit.script", nothing_at=(Path("m.onnx"),))
+
+
+def test_a_float16_model_runs_in_float32_and_says_so(tmp_cwd):
+    write("half.py", LAZY.replace("return Net(scripted)", "return Net(scripted).half()")
+          .replace("self.c1 = nn.LazyConv2d(16, 3, padding=1)", "self.c1 = nn.Conv2d(3, 16, 3, padding=1)")
+          .replace("self.b1 = nn.LazyBatchNorm2d()", "self.b1 = nn.BatchNorm2d(16)")
+          .replace("self.c2 = nn.LazyConv2d(16, 3, padding=1)", "self.c2 = nn.Conv2d(16, 16, 3, padding=1)")
+          .replace("self.fc = nn.LazyLinear(10)", "self.fc = nn.Linear(16, 10)")
+          .replace("x = torch.relu(self.b1", "x = x.to(self.c1.weight.dtype)\n        x = torch.relu(self.b1"))
+    r = invoke("transform", "half.py", "--density", "0.5", "--out", "run")
+    assert_ok(r)
+    assert "float16 parameters and buffers are float32 in the run" in r.output
+    run = sparsify.load("run")
+    assert {t.dtype for t in run.model.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    init = {k: v.clone() for k, v in run.model.state_dict().items()}
+    assert_ok(invoke("train", "run", "--data", "synthetic", "--epochs", "1", "--train-limit", "64", "-q"))
+    trained = sparsify.load("run").model.state_dict()
+    assert all(not torch.equal(trained[k], init[k]) for k in ("c2.weight", "fc.weight"))
