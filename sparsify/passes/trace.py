@@ -344,7 +344,8 @@ def _untraceable_message(model: nn.Module, e: BaseException, leaf_types: Sequenc
     sub = _failing_submodule(model, e)
     if sub is None:
         return (head + f"; the failing code is in {type(model).__name__}'s own forward, where --leaf cannot help: "
-                "make it traceable (no Python control flow on tensor values) or move it into a submodule "
+                "make it traceable (no if / assert / loop on tensor values or sizes: x.shape[1] is traced "
+                "too) or move it into a submodule "
                 "and keep that opaque with --leaf MODULE_TYPE")
     name = type(sub).__name__
     advice = f"; keep {name} opaque with --leaf {name}"
