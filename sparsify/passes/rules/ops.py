@@ -731,12 +731,40 @@ class RepeatRule(Rule):
 
 class CreationRule(Rule):
     """torch.zeros / ones / empty / full / rand / randn / arange, new_*: sizes given by the call, so
-    every axis of the result is frozen (a literal channel count cannot follow a resize)."""
+    every axis of the result is frozen (a literal channel count cannot follow a resize). A size
+    computed from tensor sizes is recorded too (``size_from``): the groups it reads freeze with it
+    (``x.new_zeros(n, 32 - x.shape[1], h, w)`` concatenated to ``x`` pads it to 32 channels, which
+    a resize of ``x`` would break)."""
 
     name = "creation"
+    _SIZED = {"zeros", "ones", "empty", "rand", "randn", "full", "new_zeros", "new_ones", "new_empty", "new_full"}
 
     def couple(self, cg, node, module):
         cg.freeze_all(node, f"tensor created with given sizes at {node.name}")
+        shape, sizes = cg.shape(node), self.sizes(cg, node)
+        if shape is None or sizes is None or len(sizes) != len(shape):
+            return
+        for k, v in enumerate(sizes):
+            cg.size_from(cg.space(node, k), v if isinstance(v, SizeExpr) else cg.size_expr(v),
+                         f"{_name(node)} at {node.name}")
+
+    def sizes(self, cg, node) -> list[Any] | None:
+        """The size the call gives each axis (ints, size nodes or SizeExprs); None when unknown."""
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        args = list(node.args[1:] if node.op == "call_method" else node.args)
+        if name == "arange":
+            return args[:1] if len(args) == 1 else None
+        if name not in self._SIZED:
+            return None
+        if "size" in node.kwargs:
+            args = [node.kwargs["size"]]
+        elif name in ("full", "new_full"):
+            args = args[:1]
+        if len(args) == 1 and isinstance(args[0], (list, tuple)):
+            return list(args[0])
+        if len(args) == 1 and isinstance(args[0], fx.Node) and cg.shape_exprs(args[0]) is not None:
+            return cg.shape_exprs(args[0])  # torch.zeros(x.shape)
+        return args
 
 
 class PadRule(Rule):
