@@ -883,8 +883,8 @@ class ChannelKeepingRule(Rule):
             pad, dil = _per_axis(p.get("padding") or 0, n), _per_axis(p.get("dilation") or 1, n)
             if None in (kernel, stride, pad, dil) or p["ceil_mode"]:
                 return [None] * n
-            return ["same" if k == s == 1 else SizeExpr("//", e, SizeExpr.const(k))
-                    if isinstance(k, int) and k == s and q == 0 and d == 1 else None
+            return [None if not (isinstance(k, int) and k == s and q == 0 and d == 1)
+                    else "same" if k == 1 else SizeExpr("//", e, SizeExpr.const(k))
                     for e, k, s, q, d in zip(src, kernel, stride, pad, dil)]
         if self.kind == "adaptive":
             sizes = _per_axis(p["output_size"], n)
