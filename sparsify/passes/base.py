@@ -50,7 +50,7 @@ class GraphPass:
         ensure_shapes(original, example)
         before = [output_shapes(original, g) for g in graphs(original)]
         try:
-            propagate_shapes(result.model, example)
+            propagate_shapes(result.model, example, rewritten=True)
         except Exception as e:  # noqa: BLE001 - re-raised as the pass's broken promise
             raise PassError(f"{self.name} produced a graph that does not run ({e}); please report this") from None
         after = [output_shapes(result.model, g) for g in graphs(result.model)]

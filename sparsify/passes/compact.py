@@ -250,7 +250,7 @@ def _round(gm: fx.GraphModule, example: tuple[torch.Tensor, ...], report: Compac
 
     ``kept`` maps each activation axis to the original indices it still holds (for the certificate).
     """
-    propagate_shapes(gm, example)  # channel counts changed in the previous round
+    propagate_shapes(gm, example, rewritten=True)  # channel counts changed in the previous round
     cg = ChannelGraph.build(gm, rules=rules)
     const = _Constancy(gm, rules)
     with torch.no_grad():

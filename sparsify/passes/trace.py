@@ -728,14 +728,15 @@ def shape_text(example: Any) -> str:
     return "; ".join(str(tuple(x.shape)) for x in as_inputs(example))
 
 
-def propagate_shapes(gm: fx.GraphModule, example: Any) -> Any:
+def propagate_shapes(gm: fx.GraphModule, example: Any, rewritten: bool = False) -> Any:
     """Record ``tensor_meta`` (shape, dtype) on every node for inputs like ``example`` (a tensor,
     or a tuple with one tensor per model input); both graphs of a ModeGraphModule.
 
     Runs under FakeTensorMode, which computes shapes without doing the arithmetic (a ResNet-50
     takes ~0.3 s instead of a real forward); falls back to a real forward for ops that have no
-    fake implementation. A failing node becomes a TraceError that names it. Returns the eval
-    graph's output.
+    fake implementation. A failing node becomes a TraceError that names it, with a hint to give the
+    right input shape unless ``rewritten``: a pass's rewrite of a graph that ran on these inputs,
+    whose failure the input shape cannot have caused. Returns the eval graph's output.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -757,12 +758,12 @@ def propagate_shapes(gm: fx.GraphModule, example: Any) -> Any:
                 msg = str(f.error).splitlines()[0] if str(f.error) else type(f.error).__name__
                 mode_text = " in training mode" if graph is not gm.graph else ""
                 n_in = sum(1 for n in graph.nodes if n.op == "placeholder")
-                hint = ("give the right shape with --input-shape N,C,H,W" if n_in == len(inputs) else
-                        f"the model takes {n_in} inputs but {len(inputs)} shape(s) were given; give one shape "
+                hint = ("" if rewritten else "; give the right shape with --input-shape N,C,H,W" if n_in == len(inputs)
+                        else f"; the model takes {n_in} inputs but {len(inputs)} shape(s) were given; give one shape "
                         "per input, e.g. --input-shape \"1,3,32,32;1,3,32,32\" or INPUT_SHAPES in the model file")
                 raise TraceError(
                     f"the model fails{mode_text} on an input of shape {shape_text(example)} at {f.node.name}"
-                    + (f" ({where})" if where else "") + f": {type(f.error).__name__}: {msg}; {hint}"
+                    + (f" ({where})" if where else "") + f": {type(f.error).__name__}: {msg}{hint}"
                 ) from None
     return result
 

@@ -511,6 +511,66 @@ class ItemAssign(nn.Module):
         return d
 
 
+class ChannelPool(nn.Module):
+    """Pooling and resampling along the channel axis moved by ``unsqueeze(1)``: an average pool of
+    channel pairs (its output resizes with its input), a max pool of channel pairs as a module, and
+    an interpolation from 12 to a given 16 channels (its input resizes, its output keeps 16)."""
+
+    def __init__(self, in_ch=3):
+        super().__init__()
+        self.stem, self.a = cbr(in_ch, 32), cbr(32, 32)
+        self.pair = nn.MaxPool3d((2, 1, 1))
+        self.b, self.c = cbr(16, 24), cbr(16, 16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.a(self.stem(x))
+        z = F.avg_pool3d(y.unsqueeze(1), (2, 1, 1)).squeeze(1)
+        z = self.b(z)
+        z = self.pair(z.unsqueeze(1)).squeeze(1)
+        n, _, h, w = z.shape
+        z = F.interpolate(z.unsqueeze(1), size=(16, h, w), mode="nearest").squeeze(1)
+        return self.fc(self.c(z).mean((2, 3)))
+
+
+class SpatialLinear(nn.Module):
+    """MLP-Mixer style: a Linear over W of a strided conv's NCHW output, residual (its features are
+    the spatial axis, never resized), and a token-mixing Linear over the flattened H*W."""
+
+    def __init__(self, in_ch=3):
+        super().__init__()
+        self.stem = cbr(in_ch, 16, stride=2)
+        self.lw = nn.Linear(8, 8)
+        self.mid = cbr(16, 32, stride=2)
+        self.tok = nn.Linear(16, 16)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.lw(x)
+        t = self.mid(x).flatten(2)
+        t = t + self.tok(t)
+        return self.fc(t.mean(2))
+
+
+class ZeroPadShortcut(nn.Module):
+    """A shortcut zero-padded to the block's width with a size computed from a literal and a shape
+    (``new_zeros(n, 32 - c, h, w)``, PyramidNet style): the padded group and the block's output
+    keep their channels, the block's inner conv stays resizable."""
+
+    def __init__(self, in_ch=3):
+        super().__init__()
+        self.stem = cbr(in_ch, 16)
+        self.a = nn.Sequential(cbr(16, 24), cbr(24, 32))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        n, c, h, w = x.shape
+        y = self.a(x) + torch.cat([x, x.new_zeros(n, 32 - c, h, w)], 1)
+        return self.fc(y.mean((2, 3)))
+
+
 # name -> (class, input shape(s))
 MODELS = {
     "dropout": (DropoutZoo, (1, 3, 16, 16)),
@@ -541,6 +601,9 @@ MODELS = {
     "two_inputs": (TwoInputs, [(1, 3, 16, 16), (1, 1, 16, 16)]),
     "tiny_outputs": (TinyOutputs, (1, 3, 16, 16)),
     "item_assign": (ItemAssign, (1, 3, 16, 16)),
+    "channel_pool": (ChannelPool, (1, 3, 16, 16)),
+    "spatial_linear": (SpatialLinear, (1, 3, 16, 16)),
+    "zero_pad_shortcut": (ZeroPadShortcut, (1, 3, 16, 16)),
 }
 
 

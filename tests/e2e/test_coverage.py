@@ -21,7 +21,9 @@ from .coverage_models import MODELS, model_file
 
 METHODS = {"sparse-random": {"density": 0.1}, "psn": {"density": 0.1}, "depth-multiplier": {"alpha": 0.5}}
 FAST = {("dropout", "sparse-random"), ("sppf", "psn"), ("resnext", "depth-multiplier"), ("tokens", "sparse-random"),
-        ("dict_out", "depth-multiplier"), ("signal_1d", "sparse-random"), ("item_assign", "psn")}
+        ("dict_out", "depth-multiplier"), ("signal_1d", "sparse-random"), ("item_assign", "psn"),
+        ("channel_pool", "depth-multiplier"), ("spatial_linear", "depth-multiplier"),
+        ("zero_pad_shortcut", "depth-multiplier")}
 GREY = [n for n, (_, s) in MODELS.items() if not isinstance(s[0], (tuple, list)) and s[1] == 3]
 
 
@@ -128,6 +130,16 @@ PEER = [
     ("literal_view", "a.0", "out_channels", 16, False),         # view(n, 4, 4, h, w)
     ("literal_view", "fc1", "in_features", 256, False),         # view(-1, 16 * 4 * 4)
     ("attention", "qkv", "out_features", 48, False),            # chunked qkv
+    ("channel_pool", "a.0", "out_channels", 32, True),          # channel pairs pooled after unsqueeze(1)
+    ("channel_pool", "b.0", "in_channels", 16, True),           # ... sized as the pool computes: a's // 2
+    ("channel_pool", "b.0", "out_channels", 24, True),          # pooled to 12, interpolated to 16
+    ("channel_pool", "c.0", "in_channels", 16, False),          # interpolated to 16 channels
+    ("spatial_linear", "lw", "in_features", 8, False),          # Linear over W: a spatial axis
+    ("spatial_linear", "stem.0", "out_channels", 16, True),
+    ("spatial_linear", "tok", "in_features", 16, False),        # Linear over H*W
+    ("zero_pad_shortcut", "stem.0", "out_channels", 16, False),  # padded to 32 - c
+    ("zero_pad_shortcut", "a.0.0", "out_channels", 24, True),
+    ("zero_pad_shortcut", "a.1.0", "out_channels", 32, False),  # the padded shortcut's width
 ]
 
 

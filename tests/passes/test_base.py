@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from sparsify.errors import PassError, UsageError
+from sparsify.errors import PassError, TraceError, UsageError
 from sparsify.passes.base import GraphPass, PassResult, check_fraction
 from sparsify.passes.trace import propagate_shapes, trace
 
@@ -40,6 +40,16 @@ class Widen(GraphPass):
         return PassResult(gm)
 
 
+class Break(GraphPass):
+    """Breaks the graph: the middle conv reads one channel too many."""
+
+    name = "break"
+
+    def call(self, gm: fx.GraphModule, example) -> PassResult:
+        gm._modules["2"] = nn.Conv2d(5, 2, 1)
+        return PassResult(gm)
+
+
 class Refuse(GraphPass):
     name = "refuse"
 
@@ -63,6 +73,19 @@ def test_ensures_catches_a_changed_output_shape():
     gm, x = _gm()
     with pytest.raises(PassError, match="widen changed the output shape"):
         Widen()(gm, x)
+
+
+def test_a_broken_rewrite_is_the_pass_fault_not_the_input_shape():
+    gm, x = _gm()
+    with pytest.raises(PassError, match="break produced a graph that does not run") as e:
+        Break()(gm, x)
+    assert "--input-shape" not in str(e.value)  # the shape ran through the original
+
+
+def test_a_model_failing_on_its_input_gets_the_shape_hint():
+    gm, _ = _gm()
+    with pytest.raises(TraceError, match="give the right shape with --input-shape"):
+        propagate_shapes(gm, torch.randn(1, 4, 6, 6))
 
 
 def test_requires_stops_before_call():

@@ -144,20 +144,27 @@ def _default() -> Registry:
     r.function((F.normalize,), AlongDimRule(2, default=1))
 
     # -- pooling, interpolation --
-    keep = ChannelKeepingRule()
-    r.module((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-              nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-              nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d), keep)
-    r.function((F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-                F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear,
-                F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices), keep)
-    avg = ChannelKeepingRule(avg=True)
+    max_pool = ChannelKeepingRule("max")
+    r.module((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), max_pool)
+    r.function((F.max_pool1d, F.max_pool2d, F.max_pool3d, F.max_pool1d_with_indices, F.max_pool2d_with_indices,
+                F.max_pool3d_with_indices), max_pool)
+    adaptive = ChannelKeepingRule("adaptive")
+    r.module((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+              nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), adaptive)
+    r.function((F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+                F.adaptive_max_pool2d, F.adaptive_max_pool3d), adaptive)
+    resample = ChannelKeepingRule("resample")
+    r.module((nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d), resample)
+    r.function((F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear), resample)
+    avg = ChannelKeepingRule("avg", avg=True)
     r.module((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), avg)
     r.function((F.avg_pool1d, F.avg_pool2d, F.avg_pool3d), avg)
-    unpool = ChannelKeepingRule(constant=False)
-    r.module((nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d, nn.LPPool1d, nn.LPPool2d), unpool)
-    r.function((F.max_unpool1d, F.max_unpool2d, F.max_unpool3d, F.lp_pool1d, F.lp_pool2d), unpool)
+    lp_pool = ChannelKeepingRule("lp", constant=False)
+    r.module((nn.LPPool1d, nn.LPPool2d), lp_pool)
+    r.function((F.lp_pool1d, F.lp_pool2d), lp_pool)
+    unpool = ChannelKeepingRule("unpool", constant=False)
+    r.module((nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d), unpool)
+    r.function((F.max_unpool1d, F.max_unpool2d, F.max_unpool3d), unpool)
     from .ops import PadRule
 
     r.function((F.pad,), PadRule())

@@ -43,6 +43,16 @@ def zero_padded(padding: Any, kernel: Any, padding_mode: str = "zeros") -> bool:
     return any(p > 0 for p in pads)
 
 
+def freeze_window(cg: Any, x: Any, node: fx.Node, why: str) -> None:
+    """Freeze the axes a sliding window runs along (2 and up, a conv's spatial axes) in its input
+    ``x`` and its output ``node``: their sizes come from the input's extent and the window, never
+    from a channel count (a Linear over them keeps its features), and a channel axis moved there
+    (``y.unsqueeze(1)``) is mixed along, not kept."""
+    for a in (x, node):
+        for k in range(2, len(cg.shape(a) or ())):
+            cg.freeze(cg.space(a, k), why)
+
+
 def _index(t: torch.Tensor, axis: int, keep: torch.Tensor) -> torch.Tensor:
     return t.detach().index_select(axis, keep.to(t.device)).clone()
 
@@ -122,6 +132,7 @@ class ConvRule(LayerRule):
         w_in, w_out = cg.module_space(t, 1, cin), cg.module_space(t, 0, cout)
         cg.tie(s_in, w_in, f"{t} input")
         cg.tie(s_out, w_out, f"{t} output")
+        freeze_window(cg, x, node, f"{t} slides along it")
         self.couple_weights(cg, node, t, w_in, w_out, cin, cout, g)
 
     def couple_weights(self, cg, node, t, w_in, w_out, cin, cout, g, functional=False):
@@ -515,6 +526,7 @@ class FunctionalConvRule(Rule):
         w_in, w_out = cg.space(w, ax_in), cg.space(w, ax_out)
         cg.tie(cg.space(x, 1), w_in, "functional conv input")
         cg.tie(cg.space(node, 1), w_out, "functional conv output")
+        freeze_window(cg, x, node, f"conv at {node.name} slides along it")
         if _get_attr(b):
             cg.tie(cg.space(b, 0), w_out, "functional conv bias")
         elif isinstance(b, fx.Node):

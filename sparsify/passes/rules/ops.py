@@ -731,17 +731,47 @@ class RepeatRule(Rule):
 
 class CreationRule(Rule):
     """torch.zeros / ones / empty / full / rand / randn / arange, new_*: sizes given by the call, so
-    every axis of the result is frozen (a literal channel count cannot follow a resize)."""
+    every axis of the result is frozen (a literal channel count cannot follow a resize). A size
+    computed from tensor sizes is recorded too (``size_from``): the groups it reads freeze with it
+    (``x.new_zeros(n, 32 - x.shape[1], h, w)`` concatenated to ``x`` pads it to 32 channels, which
+    a resize of ``x`` would break)."""
 
     name = "creation"
+    _SIZED = {"zeros", "ones", "empty", "rand", "randn", "full", "new_zeros", "new_ones", "new_empty", "new_full"}
 
     def couple(self, cg, node, module):
         cg.freeze_all(node, f"tensor created with given sizes at {node.name}")
+        shape, sizes = cg.shape(node), self.sizes(cg, node)
+        if shape is None or sizes is None or len(sizes) != len(shape):
+            return
+        for k, v in enumerate(sizes):
+            cg.size_from(cg.space(node, k), v if isinstance(v, SizeExpr) else cg.size_expr(v),
+                         f"{_name(node)} at {node.name}")
+
+    def sizes(self, cg, node) -> list[Any] | None:
+        """The size the call gives each axis (ints, size nodes or SizeExprs); None when unknown."""
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        args = list(node.args[1:] if node.op == "call_method" else node.args)
+        if name == "arange":
+            return args[:1] if len(args) == 1 else None
+        if name not in self._SIZED:
+            return None
+        if "size" in node.kwargs:
+            args = [node.kwargs["size"]]
+        elif name in ("full", "new_full"):
+            args = args[:1]
+        if len(args) == 1 and isinstance(args[0], (list, tuple)):
+            return list(args[0])
+        if len(args) == 1 and isinstance(args[0], fx.Node) and cg.shape_exprs(args[0]) is not None:
+            return cg.shape_exprs(args[0])  # torch.zeros(x.shape)
+        return args
 
 
 class PadRule(Rule):
-    """F.pad: the last len(pad)/2 axes are padded (new sizes), the others are tied; padding the
-    channel axis freezes it. A constant channel stays constant unless padded with another value."""
+    """F.pad: the last len(pad)/2 axes are padded, the others are tied; a padded axis is frozen in
+    and out (whichever it is: the channel axis may sit anywhere after a permute or unsqueeze, and a
+    spatial one is a conv's, frozen anyway). A constant channel stays constant unless padded with
+    another value."""
 
     name = "pad"
 
@@ -756,9 +786,8 @@ class PadRule(Rule):
         for k in range(len(sx)):
             if k >= len(sx) - n:
                 if sx[k] != so[k] or any(p != 0 for p in pad[2 * (len(sx) - 1 - k):2 * (len(sx) - k)]):
-                    if k < 2:
-                        cg.freeze(cg.space(x, k), f"pad of axis {k} at {node.name}")
-                        cg.freeze(cg.space(node, k), f"pad of axis {k} at {node.name}")
+                    cg.freeze(cg.space(x, k), f"pad of axis {k} at {node.name}")
+                    cg.freeze(cg.space(node, k), f"pad of axis {k} at {node.name}")
                     continue
             cg.tie(cg.space(x, k), cg.space(node, k), "pad")
 
@@ -774,14 +803,39 @@ class PadRule(Rule):
         return Const(c.axis, c.flags & (env.first(x, c.axis) == value))
 
 
+_WINDOW_PARAMS = {  # a pooling kind's parameters after the input, in order (module attributes of the same names)
+    "max": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+    "avg": ("kernel_size", "stride", "padding", "ceil_mode"),
+    "lp": ("norm_type", "kernel_size", "stride", "ceil_mode"),
+    "adaptive": ("output_size",),
+    "resample": ("size", "scale_factor"),
+    "unpool": (),
+}
+
+
+def _per_axis(value: Any, n: int) -> list[Any] | None:
+    """A pooling parameter for each of ``n`` window axes (one value broadcast), None if it names another count."""
+    if isinstance(value, (list, tuple)):
+        return list(value) * n if len(value) == 1 else list(value) if len(value) == n else None
+    return [value] * n
+
+
 class ChannelKeepingRule(Rule):
-    """Pooling, interpolation, unpooling: batch and channel axes (0, 1) are tied, the spatial axes
-    get new sizes. ``padded_avg`` marks average pooling whose zero padding is counted."""
+    """Pooling, interpolation, unpooling (``kind``: a key of ``_WINDOW_PARAMS``): batch and channel
+    axes (0, 1) are tied. Along each window axis (2 and up) the input is mixed, so compaction keeps
+    it whole, and the output has the size the op computes from it: the same axis (a window of 1,
+    ``output_size`` None), ``size // k`` (a window of k at stride k, no padding or dilation),
+    a given size (adaptive pooling, ``interpolate(size=...)``, literal or from ``x.shape``),
+    ``size * s`` (an integer scale factor). The channel graph follows these like any computed size
+    (a channel axis pooled after ``unsqueeze(1)`` resizes with its pooled copy, or is frozen where a
+    resize would not fit); any other size freezes the axis in the input and the output.
+    ``avg`` marks average pooling, whose counted zero padding changes a constant channel;
+    ``constant`` False: a constant input channel gives no constant output (unpooling, LP)."""
 
     name = "pool"
 
-    def __init__(self, avg: bool = False, constant: bool = True) -> None:
-        self.avg, self.constant_keeps = avg, constant
+    def __init__(self, kind: str = "max", avg: bool = False, constant: bool = True) -> None:
+        self.kind, self.avg, self.constant_keeps = kind, avg, constant
 
     def couple(self, cg, node, module):
         x = arg(node, 0, "input")
@@ -790,20 +844,61 @@ class ChannelKeepingRule(Rule):
             cg.unknown(node, _name(node))
             return
         if cg.shape(node) is not None:
-            cg.tie_axes(x, node, [(0, 0), (1, 1)], _name(node))
+            outs = [(cg.shape(node), lambda k: cg.space(node, k))]
         else:  # return_indices: (values, indices)
-            for i, sh in enumerate(cg.element_shapes(node)):
-                if sh is None or len(sh) < 2:
-                    cg.unknown(node, _name(node))
-                    return
-                cg.tie(cg.space(x, 0), cg.element_space(node, i, 0), _name(node))
-                cg.tie(cg.space(x, 1), cg.element_space(node, i, 1), _name(node))
-        if module is None:
-            for a in node.args[1:2]:
-                if isinstance(a, fx.Node) and cg.shape(a) is not None:  # max_unpool's indices
-                    cg.tie_axes(a, node, [(0, 0), (1, 1)], _name(node))
-        elif len(node.args) > 1 and isinstance(node.args[1], fx.Node) and cg.shape(node.args[1]) is not None:
-            cg.tie_axes(node.args[1], node, [(0, 0), (1, 1)], _name(node))
+            outs = [(sh, lambda k, i=i: cg.element_space(node, i, k)) for i, sh in enumerate(cg.element_shapes(node))]
+        if not outs or any(sh is None or len(sh) != len(sx) for sh, _ in outs):
+            cg.unknown(node, _name(node))
+            return
+        for _, space in outs:
+            cg.tie(cg.space(x, 0), space(0), _name(node))
+            cg.tie(cg.space(x, 1), space(1), _name(node))
+        indices = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
+        if indices is not None and cg.shape(indices) is not None:  # max_unpool's indices
+            cg.tie_axes(indices, node, [(0, 0), (1, 1)], _name(node))
+            for k in range(2, len(cg.shape(indices))):
+                cg.freeze(cg.space(indices, k), f"{_name(node)} indices at {node.name}")
+        where = f"{_name(node)} at {node.name}"
+        for k, size in zip(range(2, len(sx)), self.window_sizes(cg, node, module, x, len(sx) - 2)):
+            if size == "same":
+                for _, space in outs:
+                    cg.tie(cg.space(x, k), space(k), _name(node))
+                continue
+            cg.whole(cg.space(x, k), f"{_name(node)} along axis {k} at {node.name}")
+            if size is None:
+                cg.freeze(cg.space(x, k), f"{_name(node)} along axis {k} at {node.name}")
+            for _, space in outs:
+                cg.size_from(space(k), size, where)
+
+    def window_sizes(self, cg, node, module, x, n) -> list[SizeExpr | str | None]:
+        """For each of the ``n`` window axes: "same", the output size as a SizeExpr of the input's,
+        or None (a size the channel graph does not follow)."""
+        names = _WINDOW_PARAMS[self.kind]
+        p = ({k: getattr(module, k, None) for k in names} if module is not None
+             else {k: arg(node, i + 1, k) for i, k in enumerate(names)})
+        src = [SizeExpr.size(cg.space(x, 2 + i), f"{x.name}.shape[{2 + i}]") for i in range(n)]
+        if self.kind in ("max", "avg", "lp"):
+            kernel = _per_axis(p["kernel_size"], n)
+            stride = kernel if p["stride"] in (None, (), []) else _per_axis(p["stride"], n)
+            pad, dil = _per_axis(p.get("padding") or 0, n), _per_axis(p.get("dilation") or 1, n)
+            if None in (kernel, stride, pad, dil) or p["ceil_mode"]:
+                return [None] * n
+            return [None if not (isinstance(k, int) and k == s and q == 0 and d == 1)
+                    else "same" if k == 1 else SizeExpr("//", e, SizeExpr.const(k))
+                    for e, k, s, q, d in zip(src, kernel, stride, pad, dil)]
+        if self.kind == "adaptive":
+            sizes = _per_axis(p["output_size"], n)
+            return [None] * n if sizes is None else ["same" if o is None else cg.size_expr(o) for o in sizes]
+        if self.kind == "resample":
+            if p["size"] is not None:
+                sizes = _per_axis(p["size"], n)
+                return [None] * n if sizes is None else [cg.size_expr(o) for o in sizes]
+            scales = _per_axis(p["scale_factor"], n)
+            return [None] * n if scales is None else [
+                "same" if f == 1 else SizeExpr("*", e, SizeExpr.const(int(f)))
+                if isinstance(f, (int, float)) and float(f).is_integer() and f > 0 else None
+                for e, f in zip(src, scales)]
+        return [None] * n
 
     def constancy(self, env, node, module, out):
         if not self.constant_keeps:
