@@ -694,6 +694,20 @@ class ExpandRule(Rule):
         name = node.target if node.op == "call_method" else ""
         if name == "expand_as":
             cg.tie_axes(node, node.args[1], None, "expand_as")
+            return
+        # A broadcast axis gets the size the call gives it: ``g.expand(-1, 32, -1, -1) + x`` fits x
+        # only while x has 32 channels (recorded like any computed size: followed or frozen).
+        sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
+        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+            sizes = sizes[0]
+        elif len(sizes) == 1 and isinstance(sizes[0], fx.Node):
+            sizes = cg.shape_exprs(sizes[0]) or ()
+        if len(sizes) != len(so):
+            return
+        for k, v in enumerate(sizes):
+            if k < shift or sx[k - shift] != so[k]:
+                cg.size_from(cg.space(node, k), v if isinstance(v, SizeExpr) else cg.size_expr(v),
+                             f"expand at {node.name}")
 
     def constancy(self, env, node, module, out):
         x = arg(node, 0, "input")

@@ -122,3 +122,36 @@ def test_a_size_of_a_literal_minus_a_shape_freezes_what_it_reads(how):
     assert g.frozen and any("16 - " in r and "would not match its axis after a resize" in r for r in g.reasons)
     dm, _, _ = through_every_pass(ZeroPadded(how), SHAPE)  # a broadcast error before
     assert (dm.model.a.out_channels, dm.model.b.out_channels, dm.model.c.out_channels) == (8, 6, 16)
+
+
+class Expanded(nn.Module):
+    """A one-channel gate broadcast over the channels by expand: with a literal count, or the count
+    read off the activation's shape."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.a, self.s = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 1, 1)
+        self.b = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        g = torch.sigmoid(self.s(x))
+        if self.how == "literal":
+            g = g.expand(-1, 16, -1, -1)
+        elif self.how == "shape":
+            g = g.expand(x.shape[0], x.shape[1], x.shape[2], x.shape[3])
+        else:
+            g = g.expand(x.size())
+        return self.fc(torch.relu(self.b(x + g)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["literal", "shape", "size"])
+def test_expand_to_a_literal_channel_count_freezes_and_to_a_read_count_follows(how):
+    g = group(build(Expanded(how)), "a")
+    literal = how == "literal"
+    assert g.frozen == literal
+    assert not literal or any("size 16 in expand" in r for r in g.reasons), g.reasons
+    dm, _, _ = through_every_pass(Expanded(how), SHAPE)  # the literal was resized: a broadcast error
+    assert dm.model.a.out_channels == (16 if literal else 8)
