@@ -211,10 +211,7 @@ class ChannelGraph:
             if rule is None:
                 beyond = beyond_forward(module) if module is not None else None
                 if beyond is not None:  # a layer kept whole for its hooks / parametrizations: say so
-                    reason = f"{node.target} kept whole because {beyond}"
-                    for a in self.tensor_inputs(node):
-                        self.freeze_all(a, reason)
-                    self.freeze_all(node, reason)
+                    self.freeze_through(node, f"{node.target} kept whole because {beyond}")
                     return
                 self.unknown(node, _label(node, module))
                 return
@@ -421,7 +418,10 @@ class ChannelGraph:
 
     def unknown(self, node: fx.Node, what: str) -> None:
         """Freeze every axis that flows into or out of an op no rule understands."""
-        reason = f"unknown op {what} at {node.name}"
+        self.freeze_through(node, f"unknown op {what} at {node.name}")
+
+    def freeze_through(self, node: fx.Node, reason: str) -> None:
+        """Freeze every axis that flows into or out of ``node``, for ``reason``."""
         for a in self.tensor_inputs(node):
             self.freeze_all(a, reason)
         self.freeze_all(node, reason)
