@@ -50,7 +50,8 @@ def rule_registry(rules: Mapping[Any, str | Rule] | None) -> tuple[Registry | No
 
 
 def load_checked(model: Any, model_args: dict[str, Any] | None, seed: int, leaf_modules: Sequence[str]) -> LoadedModel:
-    """``models.load_model`` (initial weights from ``seed``), refusing an empty layer and unknown ``--leaf`` types."""
+    """``models.load_model`` (initial weights from ``seed``), refusing an empty layer and unknown ``--leaf``
+    types; a model with float16 / bfloat16 / float64 tensors is made float32 (``loaded.dtype_note`` says so)."""
     loaded = load_model(model, model_args, seed)
     check_loaded(loaded, leaf_modules)
     tensors = itertools.chain(loaded.module.parameters(), loaded.module.buffers())
