@@ -362,7 +362,10 @@ class ChannelGraph:
 
     def size_expr(self, a: Any) -> SizeExpr | None:
         """The size argument ``a`` (an int, or a node computing one from tensor sizes: ``x.shape[1]``,
-        ``x.size(1)``, ``c // 2``) as a SizeExpr; None when it is computed some other way."""
+        ``x.size(1)``, ``c // 2``) as a SizeExpr (a SizeExpr as it is); None when it is computed some
+        other way."""
+        if isinstance(a, SizeExpr):
+            return a
         if isinstance(a, int) and not isinstance(a, bool):
             return SizeExpr.const(a)
         if not isinstance(a, fx.Node) or a.op not in ("call_function", "call_method"):

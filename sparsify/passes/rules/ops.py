@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -697,17 +697,12 @@ class ExpandRule(Rule):
             return
         # A broadcast axis gets the size the call gives it: ``g.expand(-1, 32, -1, -1) + x`` fits x
         # only while x has 32 channels (recorded like any computed size: followed or frozen).
-        sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
-        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
-            sizes = sizes[0]
-        elif len(sizes) == 1 and isinstance(sizes[0], fx.Node):
-            sizes = cg.shape_exprs(sizes[0]) or ()
+        sizes = _given_sizes(cg, node.args[1:] if node.op == "call_method" else node.args[1:2])
         if len(sizes) != len(so):
             return
         for k, v in enumerate(sizes):
             if k < shift or sx[k - shift] != so[k]:
-                cg.size_from(cg.space(node, k), v if isinstance(v, SizeExpr) else cg.size_expr(v),
-                             f"expand at {node.name}")
+                cg.size_from(cg.space(node, k), cg.size_expr(v), f"expand at {node.name}")
 
     def constancy(self, env, node, module, out):
         x = arg(node, 0, "input")
@@ -743,6 +738,18 @@ class RepeatRule(Rule):
                 cg.freeze(cg.space(node, j + shift), f"repeat at {node.name}")
 
 
+def _given_sizes(cg, args: Sequence[Any]) -> list[Any]:
+    """A call's size arguments, one per axis: varargs ``(n, c, h, w)``, one list / tuple, or one
+    ``x.shape`` / ``x.size()`` node (its sizes as SizeExprs); entries are ints, size nodes or
+    SizeExprs (``ChannelGraph.size_expr`` reads each)."""
+    args = list(args)
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        return list(args[0])
+    if len(args) == 1 and isinstance(args[0], fx.Node) and cg.shape_exprs(args[0]) is not None:
+        return cg.shape_exprs(args[0])  # torch.zeros(x.shape), g.expand(x.size())
+    return args
+
+
 class CreationRule(Rule):
     """torch.zeros / ones / empty / full / rand / randn / arange, new_*: sizes given by the call, so
     every axis of the result is frozen (a literal channel count cannot follow a resize). A size
@@ -759,8 +766,7 @@ class CreationRule(Rule):
         if shape is None or sizes is None or len(sizes) != len(shape):
             return
         for k, v in enumerate(sizes):
-            cg.size_from(cg.space(node, k), v if isinstance(v, SizeExpr) else cg.size_expr(v),
-                         f"{_name(node)} at {node.name}")
+            cg.size_from(cg.space(node, k), cg.size_expr(v), f"{_name(node)} at {node.name}")
 
     def sizes(self, cg, node) -> list[Any] | None:
         """The size the call gives each axis (ints, size nodes or SizeExprs); None when unknown."""
@@ -774,11 +780,7 @@ class CreationRule(Rule):
             args = [node.kwargs["size"]]
         elif name in ("full", "new_full"):
             args = args[:1]
-        if len(args) == 1 and isinstance(args[0], (list, tuple)):
-            return list(args[0])
-        if len(args) == 1 and isinstance(args[0], fx.Node) and cg.shape_exprs(args[0]) is not None:
-            return cg.shape_exprs(args[0])  # torch.zeros(x.shape)
-        return args
+        return _given_sizes(cg, args)
 
 
 class PadRule(Rule):
