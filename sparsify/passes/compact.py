@@ -29,6 +29,7 @@ from ..errors import PassError
 from .base import GraphPass, PassResult, owner_of
 from .channel_graph import ChannelGraph, ChannelGroup
 from .rules import Const, ConstancyEnv, LayerRule, Member, Registry, Role
+from .rules.base import beyond_forward
 from .trace import as_inputs, eval_graph_module, propagate_shapes
 
 CERTIFICATE_TOLERANCE = 1e-5   # max abs error relative to the scale of a node's inputs and output
@@ -528,7 +529,8 @@ def _foldable_conv(m: nn.Module | None) -> bool:
     from .rules.layers import ConvLeafRule, ConvRule
 
     rule = DEFAULT_RULES.rule_for_module(m) if m is not None else None
-    return isinstance(rule, ConvRule) and not isinstance(rule, ConvLeafRule) and not rule.transposed
+    return (isinstance(rule, ConvRule) and not isinstance(rule, ConvLeafRule) and not rule.transposed
+            and beyond_forward(m) is None)
 
 
 class FoldBatchNormPass(GraphPass):
@@ -536,7 +538,9 @@ class FoldBatchNormPass(GraphPass):
 
     Exact up to float rounding, and mask-preserving: scaling an output channel's filter keeps its zero
     kernels zero. A conv whose output feeds anything besides the BN, a module called more than once,
-    or a leaf conv with its own forward is left alone. ``report``: the names of the BN modules folded.
+    a leaf conv with its own forward, and a conv or BN with hooks or parametrizations (a hook on
+    the BN would be dropped with it, one on the conv would see the folded output) are left alone.
+    ``report``: the names of the BN modules folded.
     """
 
     name = "fold-bn"
@@ -556,6 +560,7 @@ class FoldBatchNormPass(GraphPass):
             bn = modules[node.target]
             src = node.args[0] if node.args else None
             if (bn.training or not bn.track_running_stats or bn.running_mean is None or len(node.args) != 1
+                    or beyond_forward(bn) is not None
                     or not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1
                     or not _foldable_conv(modules.get(src.target))
                     or uses.get(src.target, 0) != 1 or uses.get(node.target, 0) != 1):

@@ -12,6 +12,7 @@ import torch.nn as nn
 from ..errors import PassError
 from ..nn import SPARSE_LAYERS
 from .base import GraphPass, PassResult, set_submodule
+from .rules.base import carry_hooks
 from .trace import eval_graph_module, trace
 
 
@@ -33,14 +34,15 @@ class TracePass(GraphPass):
 
 class DensifyPass(GraphPass):
     """Every SparseConv / SparseLinear (``sparsify.nn``) -> the plain layer holding its masked
-    weights, so the exporter sees standard modules; ``report``: the names replaced."""
+    weights (and its hooks), so the exporter sees standard modules; ``report``: the names replaced."""
 
     name = "densify"
 
     def call(self, gm: nn.Module, example: Any) -> PassResult:
         names = [name for name, mod in gm.named_modules() if isinstance(mod, SPARSE_LAYERS)]
         for name in names:
-            set_submodule(gm, name, gm.get_submodule(name).to_dense())
+            sparse = gm.get_submodule(name)
+            set_submodule(gm, name, carry_hooks(sparse, sparse.to_dense()))
         return PassResult(gm, report=names)
 
     def ensures(self, original: nn.Module, result: PassResult, example: Any) -> None:

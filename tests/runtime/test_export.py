@@ -76,6 +76,30 @@ def test_export_sparse_and_dense_match_torch(tmp_path) -> None:
     assert isinstance(m[0], SparseConv2d) and m[0].out_channels == 16
 
 
+def _clip(module, inputs, output):
+    return output.clamp(max=0.3)
+
+
+@pytest.mark.parametrize("hooked", [1, 0])  # the BN, the conv before it
+def test_a_hooked_bn_or_conv_is_not_folded_and_the_export_keeps_the_hook(hooked, tmp_path) -> None:
+    # BN folding dropped a BatchNorm's forward hook with it (export then failed verification, 0.54
+    # off); folding into a hooked conv would hand its hook the folded output, and making the masked
+    # conv a plain one dropped its hook.
+    m = _net()
+    m[hooked].register_forward_hook(_clip)
+    x = torch.randn(4, 3, 16, 16) * 2
+    with torch.no_grad():
+        ref = m(x).numpy()
+    result = export_model(m, (1, 3, 16, 16), tmp_path / "h.onnx", dense_threshold=0.6, channel_align=1)
+    assert result.errors["function-body"] < 1e-4
+    got = open_session(tmp_path / "h.onnx").run(None, {"input": x.numpy()})[0]
+    assert float(np.abs(ref).std()) > 1e-2
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        plain = _net()(x).numpy()
+    assert np.abs(plain - ref).max() > 1e-2  # the hook changes the output
+
+
 def test_verification_notes_outputs_that_hardly_depend_on_the_input(tmp_path) -> None:
     """Outputs the input hardly moves (dead activations) make verification weak: the export says so."""
     m = _net()

@@ -15,6 +15,7 @@ not imported here), ``call_method`` nodes by the method name.
 """
 from __future__ import annotations
 
+import copy
 import enum
 import operator
 from dataclasses import dataclass, field
@@ -275,6 +276,20 @@ def beyond_forward(m: nn.Module) -> str | None:
     if hooks:
         return "it has " + " and ".join(h.strip("_").replace("_", " ") for h in hooks)
     return None
+
+
+_HOOK_TABLES = _HOOKS + ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+def carry_hooks(source: nn.Module, target: nn.Module) -> nn.Module:
+    """``target`` with ``source``'s forward / backward hooks (copies of its hook tables): for a pass
+    that swaps a module for an equivalent one of another type (``DensifyPass``), which would
+    otherwise drop them. Returns ``target``."""
+    for table in _HOOK_TABLES:
+        if hasattr(source, table):
+            setattr(target, table, copy.copy(getattr(source, table)))
+    target._is_full_backward_hook = getattr(source, "_is_full_backward_hook", None)
+    return target
 
 
 class Registry:
