@@ -12,7 +12,6 @@ import torch.nn as nn
 from ._io import check_output_dir
 from .errors import RunDirError, UsageError
 from .methods import METHODS, make_config
-from .models import LoadedModel
 from .passes.depth_multiplier import COUNTS, match_depth
 from .passes.rules import Registry, Rule
 from .passes.trace import defaults_note, dropped_train_overrides, mode_differences, traced_constants
@@ -76,8 +75,14 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
                          include_classifier=include_classifier, rescale_init=rescale_init, divisor=divisor)
     registry, rule_record = rule_registry(rules)
     loaded = load_checked(model, model_args, seed, leaf_modules)
-    source = _load_user_weights(loaded, weights) if weights is not None else None
-    traced = trace_loaded(loaded, input_shape, seed, leaf_modules, registry)
+    prepare, source = None, None
+    if weights is not None:
+        from .weights import apply_state_dict
+
+        state, source = _read_user_weights(weights)
+        # applied once lazy layers have their shapes: a state dict cannot be loaded into them before
+        prepare = lambda module: apply_state_dict(module, state, str(weights), loaded.spec)  # noqa: E731
+    traced = trace_loaded(loaded, input_shape, seed, leaf_modules, registry, prepare)
     shapes = traced.shapes
     original = layer_report(traced.gm, shapes, registry)
     config = config.resolve(traced.gm, registry)
@@ -127,14 +132,13 @@ def _density_notes(params: dict[str, Any], layers: dict[str, Any]) -> list[str]:
             f"single-input convs lose most filters; use a density of at least {live / entries:.2g}"]
 
 
-def _load_user_weights(loaded: LoadedModel, weights: str | Path) -> dict[str, Any]:
-    """Load a trained state dict into the freshly built model; what the recipe records about it."""
-    from .weights import apply_state_dict, file_sha256, read_state_dict
+def _read_user_weights(weights: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A trained state dict, and what the recipe records about it."""
+    from .weights import file_sha256, read_state_dict
 
     path = Path(weights).expanduser()
     state = read_state_dict(path)
-    apply_state_dict(loaded.module, state, str(weights), loaded.spec)
-    return {"source": str(path.resolve()), "sha256": file_sha256(path), "tensors": len(state)}
+    return state, {"source": str(path.resolve()), "sha256": file_sha256(path), "tensors": len(state)}
 
 
 def _match_target(method: str, alpha: float | None, match: str | Path | None, count: str | None) -> int | None:

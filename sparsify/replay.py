@@ -11,10 +11,11 @@ import hashlib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
 from .errors import ModelLoadError, RunDirError, SparsifyError, UsageError
@@ -102,14 +103,17 @@ def example_inputs(shapes: list[tuple[int, ...]], seed: int) -> Any:
 
 
 def trace_loaded(loaded: LoadedModel, input_shape: Any, seed: int, leaf_modules: Sequence[str],
-                 rules: Registry | None) -> Traced:
+                 rules: Registry | None, prepare: Callable[[nn.Module], None] | None = None) -> Traced:
     """Trace ``loaded`` (``leaf_modules`` kept opaque) and record shapes on an example from ``seed``: one
     input per shape, forward's other arguments at their defaults (UsageError when the count does
-    not fit its signature)."""
+    not fit its signature). ``prepare`` is called on the module once its lazy layers have their
+    shapes, before tracing (loading a trained state dict)."""
     shapes = model_input_shapes(loaded, input_shape)
     check_input_count(loaded.module, len(shapes))
     example = example_inputs(shapes, seed)
     materialize_lazy(loaded.module, example, seed)
+    if prepare is not None:
+        prepare(loaded.module)
     gm = trace(loaded.module, leaf_modules, rules, n_inputs=len(shapes))
     propagate_shapes(gm, example)
     return Traced(loaded, shapes, example, gm, rules)

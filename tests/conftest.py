@@ -9,7 +9,22 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def global_hooks_restored():
+    """The process-wide hook tables as they were: a test's global hook must not reach later tests."""
+    from torch.nn.modules import module as torch_module
+
+    tables = [torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks,
+              torch_module._global_backward_hooks, torch_module._global_backward_pre_hooks]
+    saved = [dict(t) for t in tables]
+    yield
+    for table, before in zip(tables, saved):
+        table.clear()
+        table.update(before)

@@ -568,6 +568,38 @@ def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any,
     return tracer, graph
 
 
+_GLOBAL_HOOKS = {"_global_forward_pre_hooks": "register_module_forward_pre_hook",
+                 "_global_forward_hooks": "register_module_forward_hook",
+                 "_global_backward_pre_hooks": "register_module_full_backward_pre_hook",
+                 "_global_backward_hooks": "register_module_full_backward_hook"}
+
+
+def global_hooks_message() -> str | None:
+    """Why a model cannot be traced while global module hooks are registered, or None.
+
+    ``torch.nn.modules.module.register_module_forward_hook`` (and its pre / backward kin) runs a hook
+    around every module call in the process. fx traces into the model's containers (their hooks
+    become part of the graph, or not, by how fx calls them) and keeps layers as leaves (their hooks
+    run only where the graph calls that layer again), and the ONNX export and a later
+    ``sparsify.load`` run without them: the sparse model silently computed something else (0.56 off
+    the hooked original at density 1). They are refused instead.
+    """
+    from torch.nn.modules import module as torch_module
+
+    found = []
+    for attr, register in _GLOBAL_HOOKS.items():
+        for hook in getattr(torch_module, attr, {}).values():
+            fn = getattr(hook, "__func__", hook)
+            code = getattr(fn, "__code__", None)
+            where = f" ({Path(code.co_filename).name}:{code.co_firstlineno})" if code else ""
+            found.append(f"{register}({getattr(fn, '__qualname__', repr(fn))}){where}")
+    if not found:
+        return None
+    return (f"global module hooks are registered ({', '.join(found)}): the sparse model and its ONNX "
+            "export cannot carry a hook that runs around every module; register it on the layers it is "
+            "for (layer.register_forward_hook) or remove it")
+
+
 def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
           n_inputs: int | None = None) -> fx.GraphModule:
     """Symbolically trace ``model`` in eval mode and in training mode (a GraphModule is returned as is).
@@ -578,7 +610,13 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
     types it has a rule for are kept as leaves too. The graph's inputs are forward's first
     ``n_inputs`` parameters (default: those without a default); the others keep their defaults
     (``forward_defaults``), baked into the graph.
+
+    Raises TraceError when global module hooks are registered (``global_hooks_message``) or the
+    model cannot be traced.
     """
+    refused = global_hooks_message()
+    if refused:
+        raise TraceError(refused)
     if isinstance(model, fx.GraphModule):
         return model
     defaults = forward_defaults(model, n_inputs)
@@ -659,7 +697,9 @@ def dropped_train_overrides(model: nn.Module, gm: fx.GraphModule) -> str | None:
 def materialize_lazy(model: nn.Module, example: Any, seed: int) -> bool:
     """Give ``nn.LazyConv2d`` / ``nn.LazyLinear`` & co their shapes: one eval-mode forward on
     ``example`` (a tensor or a tuple of tensors), their initial weights drawn from ``seed`` (what
-    a user's own first forward does). True when there was something to materialize."""
+    a user's own first forward does). True when there was something to materialize.
+
+    Raises TraceError naming the model's source line when that forward fails."""
     from torch.nn.parameter import is_lazy
 
     if not any(is_lazy(t) for t in itertools.chain(model.parameters(), model.buffers())):
@@ -667,7 +707,15 @@ def materialize_lazy(model: nn.Module, example: Any, seed: int) -> bool:
     inputs = example if isinstance(example, tuple) else (example,)
     with torch.random.fork_rng(devices=[]), eval_mode(model):
         torch.manual_seed(seed)
-        model(*inputs)
+        try:
+            model(*inputs)
+        except Exception as e:
+            where = user_source_line(e)
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise TraceError(f"the model's lazy layers could not take their shapes: it fails on an input of shape "
+                             f"{shape_text(example)}" + (f" ({where})" if where else "")
+                             + f": {type(e).__name__}: {msg}; fix the model or give the right shape with "
+                             "--input-shape N,C,H,W") from None
     return True
 
 

@@ -91,3 +91,46 @@ def test_a_float16_model_runs_in_float32_and_says_so(tmp_cwd):
     assert_ok(invoke("train", "run", "--data", "synthetic", "--epochs", "1", "--train-limit", "64", "-q"))
     trained = sparsify.load("run").model.state_dict()
     assert all(not torch.equal(trained[k], init[k]) for k in ("c2.weight", "fc.weight"))
+
+
+def test_a_model_file_registering_global_hooks_is_refused_in_one_line(tmp_cwd, global_hooks_restored):
+    # register_module_forward_hook at import: the hook runs around every module of the process,
+    # and the sparse model, its export and a later load ran without it (silently 0.56 off).
+    write("ghook.py", "import torch\nimport torch.nn as nn\n"
+          "from torch.nn.modules.module import register_module_forward_hook\n\n\n"
+          "def scale(module, inputs, output):\n"
+          "    return output * 1.4 if isinstance(module, nn.Conv2d) else None\n\n\n"
+          "register_module_forward_hook(scale)\n"
+          + LAZY.split("import torch.nn as nn\n", 1)[1])
+    r = invoke("transform", "ghook.py", "--density", "0.5", "--out", "run")
+    assert_one_error_line(r, "register_module_forward_hook(scale) (ghook.py:6)", "layer.register_forward_hook",
+                          nothing_at=(Path("run"),))
+
+
+def test_trained_weights_load_into_lazy_layers(tmp_cwd):
+    # --weights was loaded before the lazy layers had shapes: a traceback ("Can't access the shape of
+    # an uninitialized parameter").
+    write("lazy.py", LAZY)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lazy_user", "lazy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    trained = module.build_model()
+    trained(torch.randn(1, 3, 16, 16))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.normal_()
+    torch.save(trained.state_dict(), "trained.pt")
+    assert_ok(invoke("transform", "lazy.py", "--weights", "trained.pt", "--density", "0.5", "--out", "run"))
+    got = sparsify.load("run").model.state_dict()
+    mask = got["c2.weight"] != 0
+    assert 0.3 < mask.float().mean() < 0.7
+    assert torch.equal(got["c2.weight"][mask], trained.state_dict()["c2.weight"][mask])
+    assert torch.equal(got["fc.weight"], trained.state_dict()["fc.weight"])
+
+
+def test_a_lazy_model_failing_its_first_forward_is_one_line(tmp_cwd):
+    write("lazy.py", LAZY.replace("return self.fc(", "return self.fc(undefined_name + "))
+    r = invoke("transform", "lazy.py", "--density", "0.5", "--out", "run")
+    assert_one_error_line(r, "lazy layers", "(lazy.py:", "NameError", nothing_at=(Path("run"),))

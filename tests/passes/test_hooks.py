@@ -12,6 +12,7 @@ from torch.nn.utils import parametrizations
 from sparsify.passes.depth_multiplier import DepthMultiplierPass
 from sparsify.passes.rules import DEFAULT_RULES
 from sparsify.passes.sparsity import SparseRandomPass
+from sparsify.errors import TraceError
 from sparsify.passes.trace import trace
 from sparsify.report import layer_report
 
@@ -131,3 +132,27 @@ def test_hooks_on_the_model_itself_are_traced(kind):
     res = SparseRandomPass(1.0, rescale_init=False)(gm, x)
     with torch.no_grad():
         torch.testing.assert_close(res.model.eval()(x), model.eval()(x))
+
+
+def _scale_convs(module, inputs, output):
+    return output * 1.4 if isinstance(module, nn.Conv2d) else None
+
+
+def _shift_inputs(module, inputs):
+    return tuple(i + 1 for i in inputs) if isinstance(module, nn.Conv2d) else None
+
+
+@pytest.mark.parametrize("register", [torch.nn.modules.module.register_module_forward_hook,
+                                      torch.nn.modules.module.register_module_forward_pre_hook])
+def test_global_module_hooks_are_refused_by_name(register, global_hooks_restored):
+    # A global hook runs around every module call in the process; the traced graph, the ONNX export
+    # and a later ``sparsify.load`` ran without it (0.56 off the hooked original at density 1).
+    model = Net("none").eval()
+    x = torch.randn(2, 3, 8, 8) * 2
+    plain = model(x)
+    handle = register(_scale_convs if "pre" not in register.__name__ else _shift_inputs)
+    assert not torch.allclose(model(x), plain)  # the hook changes what the model computes
+    with pytest.raises(TraceError, match=rf"{register.__name__}\(_(scale_convs|shift_inputs)\) \(test_hooks.py:\d+\)"):
+        trace(model)
+    handle.remove()
+    assert torch.allclose(trace(model)(x), plain)  # without the hook the model traces as before
