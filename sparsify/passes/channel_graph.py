@@ -105,11 +105,16 @@ _METADATA_ATTRS = frozenset({"dtype", "device", "shape", "ndim", "layout", "is_c
 _METADATA_METHODS = frozenset({"size", "dim", "numel", "get_device", "is_floating_point", "is_contiguous"})
 
 
+_LIKE_METHODS = frozenset({"type_as", "to"})  # x.type_as(w), x.to(w): w's dtype (and device) only
+
+
 def _metadata_only(node: fx.Node) -> bool:
     """True when every user of ``node`` reads only its metadata (dtype, device, shape, ...)."""
     return bool(node.users) and all(
         (u.op == "call_function" and u.target is getattr and u.args[0] is node and u.args[1] in _METADATA_ATTRS)
         or (u.op == "call_method" and u.target in _METADATA_METHODS and u.args[0] is node)
+        or (u.op == "call_method" and u.target in _LIKE_METHODS and u.args[0] is not node
+            and node not in u.kwargs.values())
         for u in node.users)
 
 

@@ -3,6 +3,7 @@ one parameter: the sparse passes keep its layers dense, the depth multiplier and
 their channels as they are, and reports count it once."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -73,23 +74,34 @@ class ReadsDtype(nn.Module):
     """``x.to(self.stem.weight.dtype)`` (the input cast to the model's precision) reads only the weight's
     metadata: it ties nothing to the weight."""
 
-    def __init__(self) -> None:
+    def __init__(self, like: bool = False) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
         self.mid = nn.Conv2d(16, 16, 3, padding=1)
         self.fc = nn.Linear(16, 4)
+        self.like = like
 
     def forward(self, x):
-        x = x.to(self.stem.weight.dtype).to(self.mid.weight.device)
-        x = torch.relu(self.stem(x)) * (1.0 / self.mid.weight.shape[0])
-        return self.fc(torch.relu(self.mid(x)).mean((2, 3)))
+        if self.like:  # x.type_as(w) / x.to(w): w's dtype and device
+            x = x.type_as(self.stem.weight)
+            h = torch.relu(self.stem(x)).to(self.mid.weight)
+        else:
+            x = x.to(self.stem.weight.dtype).to(self.mid.weight.device)
+            h = torch.relu(self.stem(x)) * (1.0 / self.mid.weight.shape[0])
+        return self.fc(torch.relu(self.mid(h)).mean((2, 3)))
 
 
-def test_reading_a_weights_dtype_device_or_shape_shares_nothing():
+@pytest.mark.parametrize("like", [False, True])
+def test_reading_a_weights_dtype_device_or_shape_shares_nothing(like):
+    # x.type_as(conv.weight) kept the conv dense ("shares its parameters"), and read as metadata the
+    # depth multiplier failed (IndexError): type_as broadcast the weight against x in the channel graph.
     torch.manual_seed(0)
-    model, x = ReadsDtype().eval(), torch.randn(2, 3, 8, 8)
+    model, x = ReadsDtype(like).eval(), torch.randn(2, 3, 8, 8)
     res = SparseRandomPass(0.25)(trace(model), x)
     assert set(res.layers) == {"stem", "mid"}, res.notes
     assert not any("shares its parameters" in n for n in res.notes), res.notes
     dm = DepthMultiplierPass(0.5)(trace(model), x).model
     assert dm.stem.out_channels == 8 and dm.mid.out_channels == 8
+    assert dm.mid.weight.shape == (8, 8, 3, 3)
+    with torch.no_grad():
+        assert dm(x).shape == (2, 4)

@@ -29,9 +29,9 @@ from .layers import (
     PReLURule, arg, effective_weight, set_tensor, slice_tensors, zero_padded,
 )
 from .ops import (
-    AlongDimRule, BroadcastRule, CatRule, ChannelKeepingRule, ConstantLikeRule, CreationRule, DropoutRule,
-    ElementwiseRule, ExpandRule, FlattenRule, GetitemRule, NeutralRule, PermuteRule, RandomLikeRule, ReduceRule,
-    RepeatRule, ReshapeRule, SplitRule, SqueezeRule, StackRule, StochasticDepthRule, UnknownRule,
+    AlongDimRule, BroadcastRule, CastLikeRule, CatRule, ChannelKeepingRule, ConstantLikeRule, CreationRule,
+    DropoutRule, ElementwiseRule, ExpandRule, FlattenRule, GetitemRule, NeutralRule, PermuteRule, RandomLikeRule,
+    ReduceRule, RepeatRule, ReshapeRule, SplitRule, SqueezeRule, StackRule, StochasticDepthRule, UnknownRule,
 )
 
 __all__ = ["Const", "ConstancyEnv", "LayerRule", "Member", "Registry", "Role", "Rule", "SizeExpr", "SparseLayout",
@@ -74,9 +74,9 @@ def _default() -> Registry:
                 torch.ceil, torch.round), elementwise)
     r.method(("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "clip_",
               "clamp_min", "clamp_max", "abs", "neg", "exp", "log", "sqrt", "rsqrt", "square", "sign", "erf",
-              "reciprocal", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type",
+              "reciprocal", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "type",
               "cpu", "cuda", "requires_grad_", "nan_to_num", "floor", "ceil", "round", "sin", "cos"), elementwise)
-    r.method(("type_as",), elementwise)
+    r.method(("type_as", "to"), CastLikeRule())
     from ..trace import stop_gradient
 
     r.function((stop_gradient,), elementwise)

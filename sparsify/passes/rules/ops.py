@@ -46,11 +46,12 @@ class ElementwiseRule(Rule):
     """Output element = f(input element): activations, casts, clones, identity. Every axis is tied."""
 
     name = "elementwise"
+    reads_others = True  # further tensor arguments are operands (broadcast), not only metadata
 
     def couple(self, cg, node, module):
         x = arg(node, 0, "input")
         tensors = cg.tensor_inputs(node)
-        if len(tensors) > 1:
+        if len(tensors) > 1 and self.reads_others:
             BROADCAST.couple(cg, node, module)
             return
         if cg.shape(x) is None or cg.shape(x) != cg.shape(node):
@@ -59,9 +60,19 @@ class ElementwiseRule(Rule):
         cg.tie_axes(x, node, None, self.name)
 
     def constancy(self, env, node, module, out):
-        if len([a for a in node.args if isinstance(a, fx.Node) and isinstance(env.value(a), torch.Tensor)]) > 1:
+        if self.reads_others and len([a for a in node.args
+                                      if isinstance(a, fx.Node) and isinstance(env.value(a), torch.Tensor)]) > 1:
             return BROADCAST.constancy(env, node, module, out)
         return env.const(arg(node, 0, "input"))
+
+
+class CastLikeRule(ElementwiseRule):
+    """``x.type_as(y)``, ``x.to(y)``: x in y's dtype (and device); y's values and shape are not read,
+    so y is not coupled to x (it was broadcast against x: a conv weight given as y coupled its
+    axes with x's and the depth multiplier cut it twice)."""
+
+    name = "cast"
+    reads_others = False
 
 
 class RandomLikeRule(ElementwiseRule):
