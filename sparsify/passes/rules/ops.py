@@ -339,15 +339,11 @@ class ReshapeRule(Rule):
         """The size given for each output axis: an int, a SizeExpr (computed from tensor sizes), or
         None (computed some other way); None when the sizes do not name each axis."""
         if node.op == "call_function":
-            sizes = arg(node, 1, "shape")
+            given = [arg(node, 1, "shape")]
         else:
-            sizes = list(node.args[1:]) or node.kwargs.get("shape") or node.kwargs.get("size")
-        if isinstance(sizes, (list, tuple)) and len(sizes) == 1 and not isinstance(sizes[0], int):
-            sizes = sizes[0]
-        if isinstance(sizes, fx.Node):
-            sizes = cg.shape_exprs(sizes)  # x.view(y.shape)
-            return sizes if sizes is not None and len(sizes) == rank else None
-        if not isinstance(sizes, (list, tuple)) or len(sizes) != rank:
+            given = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+        sizes = _given_sizes(cg, given)  # x.view(n, c, h, w), x.view((n, -1)), x.view(y.shape)
+        if len(sizes) != rank or any(v is None for v in sizes):
             return None
         return [v if isinstance(v, int) else cg.size_expr(v) for v in sizes]
 

@@ -130,3 +130,29 @@ def test_computed_size_that_cannot_follow_freezes_with_its_reason():
             "after a resize)") in dm.notes
     cg = build(HeadsAttention(), (1, 3, 16, 16))
     assert group(cg, "patch").frozen and group(cg, "qkv", 2).frozen  # qkv: sized 3 * c from the tokens
+
+
+class ChannelScale(nn.Module):
+    """A per-channel scale pooled over the batch, viewed to one axis sized from the channels
+    (``v.view(x.shape[1])``): a view with one size argument computed from a tensor size."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.stem, self.mid = nn.Conv2d(3, width, 3, padding=1), nn.Conv2d(width, width, 3, padding=1)
+        self.fc = nn.Linear(width, 4)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        v = torch.sigmoid(x.mean((0, 2, 3))).view(x.shape[1])
+        return self.fc(F.relu(self.mid(x * v.view(1, -1, 1, 1))).mean((2, 3)))
+
+
+def test_a_one_axis_view_sized_from_channels_follows_them():
+    # The view's one size argument was read as "sizes unknown", so the channels froze as if the
+    # size were a literal: the depth multiplier kept the stem whole.
+    model, dm = _transformed(ChannelScale(), 0.5)
+    assert dm.model.stem.out_channels == 8 and dm.model.mid.in_channels == 8
+    narrow = ChannelScale(width=8)
+    narrow.load_state_dict(dm.model.state_dict())
+    assert_same(dm.model, narrow, SHAPE)
+    through_every_pass(ChannelScale(), SHAPE, alpha=0.5)
