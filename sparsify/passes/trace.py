@@ -222,9 +222,12 @@ def _in_place(node: fx.Node) -> bool:
 
 @contextlib.contextmanager
 def _buffers_kept(model: nn.Module) -> Iterator[dict[str, Any]]:
-    """Trace without changing ``model``'s buffers: a forward that rebinds one (``self.count += 1``,
-    ``self.ema = ...``) sets it to a traced value; each is put back on exit. Yields a dict that,
-    after the block, maps the buffers rebound to a traced value (by qualified name) to that value."""
+    """Trace without leaving traced values in ``model``'s buffers: a forward that rebinds one
+    (``self.count += 1``, ``self.ema = ...``) sets it to a traced value; each is put back on exit.
+    Yields a dict that, after the block, maps the buffers rebound to a traced value (by qualified
+    name) to that value. A buffer rebound to a tensor computed without the input (``self.scale =
+    torch.ones(8)``, a reset) keeps it: the graph reads the buffer, and put back it read the old
+    value where the model reads the new one (4.4 off)."""
     before = {(name, mod, key): t for name, mod in model.named_modules()
               if not isinstance(mod, torch.jit.ScriptModule)  # compiled: its forward cannot rebind them
               for key, t in mod._buffers.items()}
@@ -234,9 +237,8 @@ def _buffers_kept(model: nn.Module) -> Iterator[dict[str, Any]]:
     finally:
         for (name, mod, key), t in before.items():
             now = mod._buffers.get(key)
-            if now is not t:
-                if isinstance(now, fx.Proxy):
-                    rebound[f"{name}.{key}" if name else key] = now
+            if now is not t and isinstance(now, fx.Proxy):
+                rebound[f"{name}.{key}" if name else key] = now
                 mod._buffers[key] = t
 
 

@@ -191,3 +191,27 @@ def test_item_assignment_traces_and_trains_as_the_model_does():
         torch.testing.assert_close(q.grad, p.grad, msg=name)
     assert float(model.peak.min()) > 0
     torch.testing.assert_close(traced.get_buffer("peak"), model.peak)
+
+
+class Reset(nn.Module):
+    """A buffer rebound each call to a tensor computed without the input (a reset), then read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3)
+        self.register_buffer("scale", torch.randn(8))
+
+    def forward(self, x):
+        self.scale = torch.full((8,), 0.5)
+        return self.c(x) * self.scale.view(1, -1, 1, 1)
+
+
+@torch.no_grad()
+def test_a_buffer_rebound_to_a_constant_is_read_with_the_new_value():
+    # The rebinding was undone after tracing and the graph read the old buffer (4.4 off the model).
+    torch.manual_seed(0)
+    model = Reset().eval()
+    x = torch.randn(2, 3, 8, 8) * 2
+    gm = trace(copy.deepcopy(model))
+    torch.testing.assert_close(gm(x), model(x))
+    torch.testing.assert_close(gm(x), model(x))  # and on later calls
