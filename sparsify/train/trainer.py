@@ -285,24 +285,39 @@ def _describe_output(out: Any) -> str:
 def output_classes(model: nn.Module, model_input: tuple[int, ...], name: str, seed: int = 0) -> int:
     """The number of classes ``model`` scores: the width of its output [N, classes] on one example input.
 
-    Raises TrainingError (one line) when forward returns anything but one 2-d tensor (a dict, a
-    tuple, a per-position map): cross-entropy training needs class scores. The forward runs in eval
-    mode on a seeded example (BatchNorm statistics and the global RNG are left as they were).
+    Raises TrainingError (one line) when forward returns anything but one 2-d tensor of two or more
+    scores per example (a dict, a tuple, a per-position map, one logit): cross-entropy training
+    needs class scores; also when it does so only in eval mode (an auxiliary head returned in
+    training, GoogLeNet / Inception style). Both forwards run on a seeded example, the training one
+    on a copy (the model's BatchNorm statistics and the global RNG are left as they were).
     """
+    import copy
+
     from ..replay import example_inputs
 
     was_training = model.training
     model.eval()
     try:
-        out = model(example_inputs([tuple(model_input)], seed))
+        x = example_inputs([tuple(model_input)], seed)
+        out = model(x)
     finally:
         model.train(was_training)
-    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 1:
-        return int(out.shape[1])
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == 1:
+        raise TrainingError(f"{name} returns one score per example ({_describe_output(out)}): train minimises "
+                            "cross-entropy over classes, which needs two or more; give the model one output per "
+                            "class (two for a yes/no task), or train it in your own loop")
+    mode = ""
+    if isinstance(out, torch.Tensor) and out.dim() == 2:
+        with torch.random.fork_rng(devices=[]):
+            twin = copy.deepcopy(model).train()
+            out = twin(example_inputs([(2, *tuple(model_input)[1:])], seed))  # two rows: BatchNorm needs them
+        if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 2:
+            return int(out.shape[1])
+        mode = " in training mode"
     want = "[N, classes] scores" if isinstance(out, torch.Tensor) else "the logits"
     raise TrainingError(f"train needs a model whose forward returns one tensor of class scores [N, classes]; "
-                        f"{name} returns {_describe_output(out)}; export works, or wrap the model so forward "
-                        f"returns {want}")
+                        f"{name} returns {_describe_output(out)}{mode}; export works, or wrap the model so forward "
+                        f"returns {want}" + (" in training too (e.g. drop the auxiliary outputs)" if mode else ""))
 
 
 def output_kind(out: torch.Tensor, tolerance: float = MODEL_OUTPUT_TOLERANCE) -> str:

@@ -1,5 +1,5 @@
 """`sparsify train` on models and data it cannot or could not train: outputs that are not class scores
-(a dict, a tuple), labels beyond a file model's outputs, rank-3 (Conv1d) inputs; one error line, exit
+(a dict, a tuple, a tuple in training mode only, one logit), labels beyond a file model's outputs, rank-3 (Conv1d) inputs; one error line, exit
 2, and the run directory as it was.
 """
 from __future__ import annotations
@@ -35,7 +35,11 @@ class Net(nn.Module):
 def build_model():
     return Net()
 '''
-RETURNS = {"dict": '{"logits": self.fc(f), "feat": f}', "tuple": "self.fc(f), f", "tensor": "self.fc(f)"}
+RETURNS = {"dict": '{"logits": self.fc(f), "feat": f}', "tuple": "self.fc(f), f", "tensor": "self.fc(f)",
+           # GoogLeNet / Inception: an auxiliary head's output beside the logits, in training only
+           "aux-in-training": "(self.fc(f), f) if self.training else self.fc(f)",
+           # one logit (a yes/no task scored with BCE): the synthetic set had one class, loss 0, accuracy 1
+           "one-logit": "self.fc(f)[:, :1]"}
 
 CONV1D_NET = '''
 import torch, torch.nn as nn
@@ -83,14 +87,16 @@ def _npz(path: Path, x_shape: tuple[int, ...], labels: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind, needle", [("dict", "returns a dict (keys: logits, feat)"),
-                                          ("tuple", "returns a tuple of 2")])
-def test_a_model_not_returning_one_tensor_is_refused_before_anything_is_written(tmp_path, kind, needle):
+@pytest.mark.parametrize("kind, needles", [
+    ("dict", ("returns a dict (keys: logits, feat)", "one tensor of class scores", "wrap the model")),
+    ("tuple", ("returns a tuple of 2", "one tensor of class scores", "wrap the model")),
+    ("aux-in-training", ("returns a tuple of 2 in training mode", "drop the auxiliary outputs")),
+    ("one-logit", ("one score per example", "two or more", "own loop"))])
+def test_a_model_not_returning_class_scores_is_refused_before_anything_is_written(tmp_path, kind, needles):
     run = _run(tmp_path, f"{kind}net", IMAGE_NET.replace("RETURN", RETURNS[kind]))
     before = _state(run)
     r = invoke("train", run, "--data", "synthetic", *QUICK)
-    line = assert_one_error_line(r, needle, f"{kind}net.py", "one tensor of class scores", "wrap the model",
-                                 nothing_at=(run / "metrics.jsonl", run / "checkpoints"))
+    line = assert_one_error_line(r, *needles, f"{kind}net.py", nothing_at=(run / "metrics.jsonl", run / "checkpoints"))
     assert "TypeError" not in line and "cross_entropy" not in line
     assert _state(run) == before
 
