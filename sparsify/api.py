@@ -64,8 +64,9 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     """
     _check_seed(seed)
     if weights is not None and method == "depth-multiplier":
-        raise UsageError("--weights applies to sparse-random, psn and none: depth-multiplier builds thinner layers "
-                         "with fresh weights")
+        raise UsageError("--weights applies to sparse-random, psn and none: depth-multiplier builds new layers with "
+                         "fresh weights (a thinner architecture trained from scratch); --method none keeps the model "
+                         "as it is")
     if rescale_init is None:
         rescale_init = weights is None
     target = _match_target(method, alpha, match, count)

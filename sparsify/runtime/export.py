@@ -395,6 +395,13 @@ def verify_onnx(model_bytes: bytes, reference, input_shape: Sequence[Any], repor
                 if len(got) != len(ref):
                     raise ExportError(f"the ONNX model has {len(got)} outputs but the reference has {len(ref)}")
                 for k, (r, g) in enumerate(zip(ref, got)):
+                    if r.shape != g.shape and g.shape == (1, *r.shape) and xs[0].shape[0] == 1:
+                        # ``pool(x).squeeze()`` drops the batch axis too at batch 1; the ONNX graph
+                        # (dynamic batch) keeps it
+                        raise ExportError(f"output {out_names[k]} loses its batch axis at batch 1 in PyTorch "
+                                          f"({r.shape}, {g.shape} in ONNX): a squeeze() without a dim in forward "
+                                          "removes it; squeeze the axes meant (x.squeeze((2, 3)) or x.flatten(1)) "
+                                          "and transform again")
                     if r.shape != g.shape:
                         raise ExportError(f"verification failed: output {out_names[k]} has shape {g.shape} in ONNX "
                                           f"Runtime ({label}) but {r.shape} in PyTorch; please report it")

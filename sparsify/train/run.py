@@ -36,6 +36,20 @@ def _flag(name: str) -> str:
 _BEFORE_DEFAULTS = {"warmup_steps": 0, "clip_grad_norm": None, "model_output": "logits"}
 
 
+def _trained_before_message(run_dir: Path, ckpt: Path) -> str:
+    """Why ``train`` without --resume / --force stops on a run with a checkpoint: finished or not."""
+    again = "--force to train again from the run's initial weights"
+    try:
+        state = load_checkpoint(ckpt)
+        done, total = int(state["epoch"]), int(json.loads(state["config"])["epochs"])
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint: the plain message
+        return f"{run_dir} already has a training checkpoint ({ckpt}); pass --resume to continue it or {again}"
+    if done >= total:
+        return f"{run_dir} is already trained ({done} of {total} epochs, {ckpt}); pass {again}"
+    return (f"{run_dir} has an unfinished training ({done} of {total} epochs, {ckpt}); pass --resume to continue "
+            f"it or {again}")
+
+
 def _resume_config(state: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
     saved = {**_BEFORE_DEFAULTS, **json.loads(state["config"])}
     differing = {k: v for k, v in overrides.items() if k in saved and saved[k] != v}
@@ -224,8 +238,7 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
                          "per example; train it with your own loop (sparsify.load(RUN).model keeps its masks with "
                          "sparsify.train.trainer.enforce_masks) or export it as it is")
     if not resume and ckpt.exists() and not force:
-        raise RunDirError(f"{run_dir} already has a training checkpoint ({ckpt}); pass --resume to continue it "
-                          f"or --force to train again from the run's initial weights")
+        raise RunDirError(_trained_before_message(run_dir, ckpt))
     check_writable(run_dir / WEIGHTS, "the run directory: ")
     created = init_from_env()
     try:

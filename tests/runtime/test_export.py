@@ -100,6 +100,22 @@ def test_a_hooked_bn_or_conv_is_not_folded_and_the_export_keeps_the_hook(hooked,
     assert np.abs(plain - ref).max() > 1e-2  # the hook changes the output
 
 
+class _SqueezeHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.pool, self.fc = nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.c(x))).squeeze())
+
+
+def test_an_output_that_loses_its_batch_axis_at_batch_1_names_squeeze(tmp_path) -> None:
+    # pool(x).squeeze() drops the batch axis at batch 1 only: verification said "please report it".
+    with pytest.raises(ExportError, match=r"loses its batch axis at batch 1 .* squeeze\(\) without a dim"):
+        export_model(_SqueezeHead().eval(), (1, 3, 8, 8), tmp_path / "s.onnx")
+    assert not (tmp_path / "s.onnx").exists()
+
+
 def test_verification_notes_outputs_that_hardly_depend_on_the_input(tmp_path) -> None:
     """Outputs the input hardly moves (dead activations) make verification weak: the export says so."""
     m = _net()

@@ -53,9 +53,11 @@ def test_cli_train_writes_weights_metrics_summary(run):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train"]["config"]["schedule"] == "set"
     assert (run / "checkpoints" / "last.pt").is_file()
-    # A second plain `train` must not silently discard the checkpoint.
+    # A second plain `train` must not silently discard the checkpoint; a finished training is not
+    # offered --resume (it told the user to "continue" a run with nothing left to run).
     again = runner.invoke(app, ["train", str(run), *QUICK])
-    assert again.exit_code == 2 and "--resume" in again.output
+    assert again.exit_code == 2 and "is already trained (1 of 1 epochs" in again.output
+    assert "--force" in again.output and "--resume" not in again.output
 
 
 def test_input_normalisation_is_told_recorded_and_noted_at_export(run, tmp_path):
@@ -89,6 +91,9 @@ def test_ctrl_c_keeps_checkpoint_and_resume_matches_uninterrupted(mlp_run, tmp_p
     with pytest.raises(KeyboardInterrupt):
         train_run(b, progress=interrupt, **cfg)
     assert all((initial[k] == v).all() for k, v in _weights(b).items())  # weights untouched by the failed run
+    plain = runner.invoke(app, ["train", str(b), "--quiet"])  # an unfinished training is offered --resume
+    assert plain.exit_code == 2 and "has an unfinished training (1 of 2 epochs" in plain.output
+    assert "--resume" in plain.output
     res = runner.invoke(app, ["train", str(b), "--resume", "--quiet"])
     assert res.exit_code == 0, res.output
     wa, wb = _weights(a), _weights(b)
