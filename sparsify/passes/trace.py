@@ -379,11 +379,26 @@ class ModeGraphModule(fx.GraphModule):
     ``graph`` attribute on ``train()``/``eval()`` instead, so what a pass sees depends on the mode.)
     """
 
+    held_eval: tuple[str, ...] = ()  # submodules the model's own train() leaves in eval mode
+
     def __init__(self, root: nn.Module, graph: fx.Graph, class_name: str = "GraphModule",
-                 train_graph: fx.Graph | None = None) -> None:
+                 train_graph: fx.Graph | None = None, held_eval: Sequence[str] = ()) -> None:
         super().__init__(root, graph, class_name)
+        self.held_eval = tuple(held_eval)
         if train_graph is not None:
             self.set_train_graph(train_graph, root)
+
+    def train(self, mode: bool = True) -> "ModeGraphModule":
+        """nn.Module.train, then the submodules the model's own ``train()`` holds in eval mode
+        (``held_eval``: BatchNorms of a fine-tuned backbone) back in eval mode."""
+        super().train(mode)
+        if mode:
+            for name in self.held_eval:
+                try:
+                    self.get_submodule(name).eval()
+                except AttributeError:  # a pass removed it (a folded BatchNorm)
+                    pass
+        return self
 
     def set_train_graph(self, train_graph: fx.Graph, root: nn.Module | None = None) -> None:
         """Attach the training-mode graph; its modules and attributes come from ``root`` when missing here."""
@@ -420,6 +435,7 @@ class ModeGraphModule(fx.GraphModule):
     def _deepcopy_init(self):  # type: ignore[override]
         def init(res: "ModeGraphModule", fake_mod: nn.Module, graph: fx.Graph) -> None:
             fx.GraphModule.__init__(res, fake_mod, graph)
+            res.held_eval = tuple(fake_mod.__dict__.get("held_eval", ()))
             train = fake_mod.__dict__.get("_train_graph")
             if train is not None:
                 res.set_train_graph(train, fake_mod)
@@ -627,17 +643,28 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
         model.eval()
         tracer, eval_graph = _trace_once(model, leaf_types, rules, defaults=defaults)
         model.train()
+        held = [n for n, m in model.named_modules() if n and not m.training]  # what the model's train() holds
         _, train_graph = _trace_once(model, leaf_types, rules, "training", defaults)
     finally:
         for m, training in modes.items():
             m.training = training
     name = type(model).__name__
-    if _program(eval_graph) == _program(train_graph):
-        gm = fx.GraphModule(tracer.root, eval_graph, name)
-    else:
-        gm = ModeGraphModule(tracer.root, eval_graph, name, train_graph=train_graph)
+    same = _program(eval_graph) == _program(train_graph)
+    gm = fx.GraphModule(tracer.root, eval_graph, name)
+    held = [n for n in held if _has_submodule(gm, n)]
+    if not same or held:
+        gm = ModeGraphModule(tracer.root, eval_graph, name, train_graph=None if same else train_graph,
+                             held_eval=held)
     gm.train(model.training)
     return gm
+
+
+def _has_submodule(gm: nn.Module, name: str) -> bool:
+    try:
+        gm.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _program(graph: fx.Graph) -> str:
@@ -654,7 +681,7 @@ def _op_label(n: fx.Node) -> str:
 
 def mode_differences(gm: fx.GraphModule) -> str | None:
     """A one-line description of how the training graph differs from the eval graph (None: same)."""
-    if not isinstance(gm, ModeGraphModule):
+    if "_train_graph" not in gm.__dict__:
         return None
 
     def ops(graph: fx.Graph) -> list[str]:
@@ -691,9 +718,13 @@ def dropped_train_overrides(model: nn.Module, gm: fx.GraphModule) -> str | None:
     if not lost:
         return None
     verb = "overrides" if len(lost) == 1 else "override"
+    held = getattr(gm, "held_eval", ())
+    kept_text = (f"the {len(held)} module{'s' if len(held) != 1 else ''} it leaves in eval mode ({', '.join(held[:4])}"
+                 f"{', ...' if len(held) > 4 else ''}) stay in eval mode while training; anything else it does"
+                 if held else "modes set there")
     return (f"{', '.join(lost[:3])}{' and more' if len(lost) > 3 else ''} {verb} train(), which the traced "
-            "model does not keep (it is nn.Module.train): modes set there (e.g. BatchNorm kept in eval while "
-            "training) are not applied by `sparsify train`; a submodule doing so can be kept whole with --leaf")
+            f"model does not run: {kept_text} is not applied by `sparsify train`; a submodule doing so can be "
+            "kept whole with --leaf")
 
 
 def materialize_lazy(model: nn.Module, example: Any, seed: int) -> bool:

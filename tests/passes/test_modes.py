@@ -6,6 +6,8 @@ no random op in the ONNX file), and a run directory must rebuild the same two-mo
 """
 from __future__ import annotations
 
+import copy
+
 import onnx
 import pytest
 import torch
@@ -311,4 +313,22 @@ def test_a_train_override_that_tracing_drops_is_noted():
     model = NormEval()
     note = dropped_train_overrides(model, trace(model))
     assert note is not None and note.startswith("NormEval overrides train()")
+    assert "(bn1) stay in eval mode while training" in note
     assert dropped_train_overrides(FunctionalDropout(), trace(FunctionalDropout())) is None
+
+
+@pytest.mark.parametrize("make_pass", [lambda: SparseRandomPass(0.3), lambda: DepthMultiplierPass(0.5)])
+def test_modules_the_models_train_holds_in_eval_stay_in_eval_through_passes(make_pass):
+    # The model's own train() holds bn1 in eval mode (fine-tuning a pretrained backbone); the traced
+    # model's train() was nn.Module's, so `sparsify train` overwrote bn1's statistics (0.8 off).
+    x = torch.randn(4, 3, 16, 16) * 2
+    result = make_pass()(trace(NormEval()), x).model
+    again = copy.deepcopy(result)
+    for gm in (result, again):
+        gm.train()
+        assert not gm.bn1.training and gm.c1.training
+        before = gm.bn1.running_mean.clone()
+        gm(x)
+        assert torch.equal(gm.bn1.running_mean, before)  # held: its statistics are not updated
+        gm.eval()
+        assert not gm.bn1.training

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from sparsify.api import transform_to_dir
 from sparsify.train import train_run
 from sparsify.train.data import load_dataset
@@ -240,3 +242,37 @@ def test_a_forced_retrain_that_fails_in_its_first_epoch_leaves_the_earlier_train
     events = [json.loads(s).get("event") for s in (run / "metrics.jsonl").read_text().splitlines()]
     assert "diverged" not in events and events[-1] == "test"
     torch.manual_seed(0)
+
+
+HELD_BN_NET = '''
+import torch, torch.nn as nn
+INPUT_SHAPE = (1, 3, 16, 16)
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+    def train(self, mode=True):  # fine-tuning: the pretrained BatchNorm keeps its statistics
+        super().train(mode)
+        self.bn.eval()
+        return self
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.bn(self.c(x))))).mean((2, 3)))
+def build_model():
+    return Net()
+'''
+
+
+def test_batchnorm_the_models_train_holds_in_eval_keeps_its_statistics_through_train(tmp_path):
+    # The model's own train() was not run by the traced model: `sparsify train` overwrote the
+    # statistics of a BatchNorm the user holds in eval mode.
+    run = _run(tmp_path, "heldbn", HELD_BN_NET)
+    before = load_file(str(run / "weights.safetensors"))
+    assert_ok(invoke("train", run, "--data", "synthetic", *QUICK))
+    after = load_file(str(run / "weights.safetensors"))
+    for k in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
+        assert torch.equal(after[k], before[k]), k
+    assert not torch.equal(after["c2.weight"], before["c2.weight"])  # the rest trained
