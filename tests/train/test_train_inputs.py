@@ -1,6 +1,6 @@
 """`sparsify train` on models and data it cannot or could not train: outputs that are not class scores
-(a dict, a tuple, a tuple in training mode only, one logit), labels beyond a file model's outputs, rank-3 (Conv1d) inputs; one error line, exit
-2, and the run directory as it was.
+(a dict, a tuple, a tuple in training mode only, one logit), labels beyond a file model's outputs,
+rank-3 (Conv1d) inputs; one error line, exit 2, and the run directory as it was.
 """
 from __future__ import annotations
 
