@@ -298,8 +298,7 @@ def output_classes(model: nn.Module, model_input: tuple[int, ...], name: str, se
     was_training = model.training
     model.eval()
     try:
-        x = example_inputs([tuple(model_input)], seed)
-        out = model(x)
+        out = model(example_inputs([tuple(model_input)], seed))
     finally:
         model.train(was_training)
     if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == 1:
@@ -308,11 +307,15 @@ def output_classes(model: nn.Module, model_input: tuple[int, ...], name: str, se
                             "class (two for a yes/no task), or train it in your own loop")
     mode = ""
     if isinstance(out, torch.Tensor) and out.dim() == 2:
-        with torch.random.fork_rng(devices=[]):
-            twin = copy.deepcopy(model).train()
-            out = twin(example_inputs([(2, *tuple(model_input)[1:])], seed))  # two rows: BatchNorm needs them
+        classes = int(out.shape[1])
+        try:
+            with torch.random.fork_rng(devices=[]):
+                twin = copy.deepcopy(model).train()
+                out = twin(example_inputs([(2, *tuple(model_input)[1:])], seed))  # two rows: BatchNorm needs them
+        except Exception:  # noqa: BLE001 - a model failing in training: the first step reports it in one line
+            return classes
         if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 2:
-            return int(out.shape[1])
+            return classes
         mode = " in training mode"
     want = "[N, classes] scores" if isinstance(out, torch.Tensor) else "the logits"
     raise TrainingError(f"train needs a model whose forward returns one tensor of class scores [N, classes]; "
@@ -613,7 +616,8 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                 f"grown {sum(initial.grown.values())} connections)")
     enforce_masks(layers, optimizer)
     if cfg.model_output is None:
-        cfg.model_output = detect_model_output(model, data.train, cfg.batch_size, model_input, reducer)
+        with _model_errors(start_epoch + 1, 0):  # the first training-mode forward: its failure is one line too
+            cfg.model_output = detect_model_output(model, data.train, cfg.batch_size, model_input, reducer)
     if cfg.model_output == "probabilities":
         say("note: the model returns probabilities (rows >= 0 summing to 1, e.g. a softmax at its end), so the loss "
             "is their negative log-likelihood -log p[label], not cross-entropy, which takes logits "

@@ -41,7 +41,9 @@ RETURNS = {"dict": '{"logits": self.fc(f), "feat": f}', "tuple": "self.fc(f), f"
            # GoogLeNet / Inception: an auxiliary head's output beside the logits, in training only
            "aux-in-training": "(self.fc(f), f) if self.training else self.fc(f)",
            # one logit (a yes/no task scored with BCE): the synthetic set had one class, loss 0, accuracy 1
-           "one-logit": "self.fc(f)[:, :1]"}
+           "one-logit": "self.fc(f)[:, :1]",
+           # fails in training beyond batch 1 only: the first step names it (not a traceback from the check)
+           "fails-in-training": "self.fc(f) if not self.training else self.fc(f.reshape(1, -1))"}
 
 CONV1D_NET = '''
 import torch, torch.nn as nn
@@ -93,12 +95,14 @@ def _npz(path: Path, x_shape: tuple[int, ...], labels: int) -> Path:
     ("dict", ("returns a dict (keys: logits, feat)", "one tensor of class scores", "wrap the model")),
     ("tuple", ("returns a tuple of 2", "one tensor of class scores", "wrap the model")),
     ("aux-in-training", ("returns a tuple of 2 in training mode", "drop the auxiliary outputs")),
-    ("one-logit", ("one score per example", "two or more", "own loop"))])
+    ("one-logit", ("one score per example", "two or more", "own loop")),
+    ("fails-in-training", ("fails in training at epoch 1 step 1", "RuntimeError"))])
 def test_a_model_not_returning_class_scores_is_refused_before_anything_is_written(tmp_path, kind, needles):
     run = _run(tmp_path, f"{kind}net", IMAGE_NET.replace("RETURN", RETURNS[kind]))
     before = _state(run)
     r = invoke("train", run, "--data", "synthetic", *QUICK)
-    line = assert_one_error_line(r, *needles, f"{kind}net.py", nothing_at=(run / "metrics.jsonl", run / "checkpoints"))
+    named = () if kind == "fails-in-training" else (f"{kind}net.py",)  # a refusal names the model file
+    line = assert_one_error_line(r, *needles, *named, nothing_at=(run / "metrics.jsonl", run / "checkpoints"))
     assert "TypeError" not in line and "cross_entropy" not in line
     assert _state(run) == before
 
