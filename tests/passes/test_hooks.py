@@ -9,10 +9,10 @@ import torch.nn as nn
 import torch.nn.utils.prune as prune
 from torch.nn.utils import parametrizations
 
+from sparsify.errors import TraceError
 from sparsify.passes.depth_multiplier import DepthMultiplierPass
 from sparsify.passes.rules import DEFAULT_RULES
 from sparsify.passes.sparsity import SparseRandomPass
-from sparsify.errors import TraceError
 from sparsify.passes.trace import trace
 from sparsify.report import layer_report
 
