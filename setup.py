@@ -26,6 +26,7 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -150,14 +151,18 @@ def compile_library(out: Path, tmp: Path) -> None:
     headers = ort_headers()
     cxx = _compiler()
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    objs = []
+    objs, jobs = [], []
     tmp.mkdir(parents=True, exist_ok=True)
     for src in SOURCES:
         if src in ISA_FLAGS and not x86:
             continue
         obj = tmp / (Path(src).stem + ".o")
-        _run(cxx + CXXFLAGS + ISA_FLAGS.get(src, []) + ["-I", str(headers), "-c", str(ROOT / src), "-o", str(obj)])
+        jobs.append(cxx + CXXFLAGS + ISA_FLAGS.get(src, []) + ["-I", str(headers), "-c", str(ROOT / src), "-o", str(obj)])
         objs.append(str(obj))
+    # one compiler per core: the sources are independent (the install took minutes one by one)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        for done in [pool.submit(_run, cmd) for cmd in jobs]:
+            done.result()  # the first NativeBuildError, once all have run
     if not x86:
         raise NativeBuildError("only x86_64 builds are wired up (the op dispatches to the AVX2 unit)")
     link = ["-shared", "-Wl,-undefined,error"] if sys.platform == "darwin" else ["-shared", "-Wl,--no-undefined"]
