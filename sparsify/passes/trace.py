@@ -650,21 +650,16 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
             m.training = training
     name = type(model).__name__
     same = _program(eval_graph) == _program(train_graph)
-    gm = fx.GraphModule(tracer.root, eval_graph, name)
-    held = [n for n in held if _has_submodule(gm, n)]
-    if not same or held:
+    # held modules the graphs use (a GraphModule keeps only the modules its nodes name)
+    targets = {n.target for g in (eval_graph, train_graph) for n in g.nodes if n.op in ("call_module", "get_attr")}
+    held = [h for h in held if any(t == h or t.startswith(h + ".") for t in targets)]
+    if same and not held:
+        gm = fx.GraphModule(tracer.root, eval_graph, name)
+    else:
         gm = ModeGraphModule(tracer.root, eval_graph, name, train_graph=None if same else train_graph,
                              held_eval=held)
     gm.train(model.training)
     return gm
-
-
-def _has_submodule(gm: nn.Module, name: str) -> bool:
-    try:
-        gm.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def _program(graph: fx.Graph) -> str:
