@@ -44,7 +44,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .rules import DEFAULT_RULES, LayerRule, Member, Registry, Role
+from .rules import DEFAULT_RULES, CastLikeRule, LayerRule, Member, Registry, Role
 from .rules.base import SizeExpr, beyond_forward
 from .trace import graphs, node_shape, untrained_layer
 
@@ -100,12 +100,9 @@ def _flat_nodes(obj: Any) -> Iterator[fx.Node]:
 
 
 # What reading a tensor's metadata looks like in a graph: ``x.to(self.conv.weight.dtype)`` reads
-# no value of the weight (and ties nothing to it).
+# no value of the weight (and ties nothing to it); nor do x.type_as(w), x.to(w) (CastLikeRule).
 _METADATA_ATTRS = frozenset({"dtype", "device", "shape", "ndim", "layout", "is_cuda", "requires_grad"})
 _METADATA_METHODS = frozenset({"size", "dim", "numel", "get_device", "is_floating_point", "is_contiguous"})
-
-
-_LIKE_METHODS = frozenset({"type_as", "to"})  # x.type_as(w), x.to(w): w's dtype (and device) only
 
 
 def _metadata_only(node: fx.Node) -> bool:
@@ -113,7 +110,7 @@ def _metadata_only(node: fx.Node) -> bool:
     return bool(node.users) and all(
         (u.op == "call_function" and u.target is getattr and u.args[0] is node and u.args[1] in _METADATA_ATTRS)
         or (u.op == "call_method" and u.target in _METADATA_METHODS and u.args[0] is node)
-        or (u.op == "call_method" and u.target in _LIKE_METHODS and u.args[0] is not node
+        or (u.op == "call_method" and u.target in CastLikeRule.methods and u.args[0] is not node
             and node not in u.kwargs.values())
         for u in node.users)
 

@@ -76,7 +76,7 @@ def _default() -> Registry:
               "clamp_min", "clamp_max", "abs", "neg", "exp", "log", "sqrt", "rsqrt", "square", "sign", "erf",
               "reciprocal", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "type",
               "cpu", "cuda", "requires_grad_", "nan_to_num", "floor", "ceil", "round", "sin", "cos"), elementwise)
-    r.method(("type_as", "to"), CastLikeRule())
+    r.method(CastLikeRule.methods, CastLikeRule())
     from ..trace import stop_gradient
 
     r.function((stop_gradient,), elementwise)

@@ -73,6 +73,9 @@ class CastLikeRule(ElementwiseRule):
 
     name = "cast"
     reads_others = False
+    #: the tensor methods this rule covers; the channel graph reads them too (y's uses that read
+    #: only its dtype and device)
+    methods = ("type_as", "to")
 
 
 class RandomLikeRule(ElementwiseRule):
