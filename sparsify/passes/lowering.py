@@ -1,4 +1,5 @@
-"""Passes that lower a model for export: to its eval-mode fx graph, and masked layers to plain ones.
+"""Passes that lower a model for export: to its eval-mode fx graph, masked layers to plain ones, and
+operations torch.onnx cannot express to equivalent forms it can.
 
 Both follow the pass contract of ``base.GraphPass`` (a copy is rewritten; the result is a
 ``PassResult``); ``runtime/export.preparation`` lists them with compaction and BatchNorm folding.
@@ -7,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import PassError
 from ..nn import SPARSE_LAYERS
@@ -49,3 +52,39 @@ class DensifyPass(GraphPass):
         left = [n for n, m in result.model.named_modules() if isinstance(m, SPARSE_LAYERS)]
         if left:
             raise PassError(f"densify left masked layers {', '.join(left)}; please report this")
+
+
+def attention_as_4d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` computed through its 4-D form when query, key and value are
+    3-D (``[N, L, E]`` -> ``[N, 1, L, E]``, one head; a 3-D ``attn_mask`` gains the same axis), which
+    is the only rank torch.onnx's exporter expresses. Same result, same shapes; other ranks are passed
+    through as given."""
+    if query.dim() == key.dim() == value.dim() == 3:
+        mask = kwargs.get("attn_mask", args[0] if args else None)
+        if mask is not None and mask.dim() == 3:
+            if args:
+                args = (mask.unsqueeze(1),) + tuple(args[1:])
+            else:
+                kwargs = {**kwargs, "attn_mask": mask.unsqueeze(1)}
+        out = F.scaled_dot_product_attention(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), *args, **kwargs)
+        return out.squeeze(1)
+    return F.scaled_dot_product_attention(query, key, value, *args, **kwargs)
+
+
+class OnnxFormsPass(GraphPass):
+    """Operations torch.onnx cannot express -> equivalent forms it can, on the eval graph (a module
+    that is not a GraphModule is returned as it is): ``scaled_dot_product_attention`` on 3-D tensors
+    (token models without heads) -> ``attention_as_4d``. ``report``: the nodes rewritten."""
+
+    name = "onnx-forms"
+
+    def call(self, gm: nn.Module, example: Any) -> PassResult:
+        import torch.fx as fx
+
+        rewritten = []
+        if isinstance(gm, fx.GraphModule):
+            for node in gm.graph.nodes:
+                if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+                    node.target = attention_as_4d
+                    rewritten.append(node.name)
+        return PassResult(gm, report=rewritten)

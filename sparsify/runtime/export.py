@@ -32,7 +32,7 @@ from .._io import atomic_path
 from ..errors import ExportError, SparsifyError
 from ..passes.base import GraphPass, run_passes
 from ..passes.compact import CHANNEL_ALIGN, CompactPass, FoldBatchNormPass
-from ..passes.lowering import DensifyPass, TracePass
+from ..passes.lowering import DensifyPass, OnnxFormsPass, TracePass
 from ..passes.trace import user_source_line
 from . import native as _native
 from . import onnx_sparse
@@ -115,17 +115,19 @@ def check_output_path(out: str | os.PathLike) -> Path:
 
 # Export's preparation: the module handed to torch.onnx is the model after these passes, in this
 # order (each on a copy; the trace, compact and fold-bn steps are left out when switched off).
-PREPARATION = ("trace", "compact", "densify", "fold-bn")
+PREPARATION = ("trace", "compact", "densify", "fold-bn", "onnx-forms")
 
 
 def preparation(compact: bool = True, fold_bn: bool = True, channel_align: int = CHANNEL_ALIGN,
                 rules: Any = None) -> list[GraphPass]:
     """The passes of ``PREPARATION`` that apply: tracing to the eval-mode graph (needed by
     compaction and folding), exact compaction (``compact``, channel groups kept a multiple of
-    ``channel_align``), masked layers made plain, BatchNorm folded into convs (``fold_bn``)."""
-    wanted = {"trace": compact or fold_bn, "compact": compact, "densify": True, "fold-bn": fold_bn}
+    ``channel_align``), masked layers made plain, BatchNorm folded into convs (``fold_bn``), operations
+    torch.onnx cannot express rewritten to equivalent forms (``lowering.OnnxFormsPass``)."""
+    wanted = {"trace": compact or fold_bn, "compact": compact, "densify": True, "fold-bn": fold_bn,
+              "onnx-forms": True}
     make = {"trace": TracePass, "compact": lambda: CompactPass(align=channel_align, rules=rules),
-            "densify": DensifyPass, "fold-bn": FoldBatchNormPass}
+            "densify": DensifyPass, "fold-bn": FoldBatchNormPass, "onnx-forms": OnnxFormsPass}
     return [make[name]() for name in PREPARATION if wanted[name]]
 
 

@@ -40,10 +40,10 @@ def _net() -> Net:
 
 
 def test_export_preparation_is_the_declared_list_in_order():
-    assert PREPARATION == ("trace", "compact", "densify", "fold-bn")
+    assert PREPARATION == ("trace", "compact", "densify", "fold-bn", "onnx-forms")
     assert [p.name for p in preparation()] == list(PREPARATION)
-    assert [p.name for p in preparation(compact=False)] == ["trace", "densify", "fold-bn"]
-    assert [p.name for p in preparation(compact=False, fold_bn=False)] == ["densify"]
+    assert [p.name for p in preparation(compact=False)] == ["trace", "densify", "fold-bn", "onnx-forms"]
+    assert [p.name for p in preparation(compact=False, fold_bn=False)] == ["densify", "onnx-forms"]
     assert all(isinstance(p, GraphPass) for p in preparation())
 
 
@@ -57,6 +57,7 @@ def test_every_pass_returns_its_module_and_report_and_leaves_the_input_alone():
     assert isinstance(results["compact"].report, CompactionReport) and results["compact"].report.channels_removed >= 1
     assert results["densify"].report == ["c1", "c2", "fc"]
     assert results["fold-bn"].report == ["bn"]
+    assert results["onnx-forms"].report == []  # nothing torch.onnx cannot express
     assert not any(isinstance(mod, SPARSE_LAYERS) for mod in out.modules())
     assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())  # the input is untouched
     assert isinstance(m.c1, SparseConv2d)

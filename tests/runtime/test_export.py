@@ -335,3 +335,36 @@ def test_dense_block_concats_read_in_pieces(tmp_path, per_image: bool) -> None:
         sessions += [native.session(path.read_bytes(), t) for t in (1, 2)]
     for sess in sessions:
         np.testing.assert_allclose(sess.run(None, {"input": x})[0], ref, rtol=1e-4, atol=1e-5)
+
+
+class _TokenAttention(nn.Module):
+    """A conv stem made sparse, then attention over its [N, T, C] tokens without heads (3-D)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = SparseConv2d(3, 16, 3, padding=1)
+        self.q, self.k, self.v, self.fc = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = torch.relu(self.c(x)).flatten(2).transpose(1, 2)
+        a = nn.functional.scaled_dot_product_attention(self.q(t), self.k(t), self.v(t))
+        return self.fc(a + t)
+
+
+def test_attention_on_3d_tokens_exports_and_matches_torch(tmp_path) -> None:
+    # torch.onnx expresses attention only on 4-D tensors: this export failed ("only 4D ...").
+    torch.manual_seed(0)
+    m = _TokenAttention().eval()
+    with torch.no_grad():
+        m.c.mask.copy_((torch.rand_like(m.c.mask) < 0.3).float())
+        m.c.apply_mask_()
+    rep = export_model(m, (1, 3, 8, 8), tmp_path / "a.onnx", channel_align=1)
+    assert rep.sparse_layers == 1
+    x = torch.randn(3, 3, 8, 8) * 2
+    with torch.no_grad():
+        ref = m(x).numpy()
+    for native in (False, True):
+        sess = open_session(tmp_path / "a.onnx", native=native)
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+    assert ref.std() > 0.1
