@@ -16,7 +16,7 @@ from ..errors import PassError
 from ..nn import SPARSE_LAYERS
 from .base import GraphPass, PassResult, set_submodule
 from .rules.base import carry_hooks
-from .trace import eval_graph_module, trace
+from .trace import eval_graph_module, propagate_shapes, trace
 
 
 class TracePass(GraphPass):
@@ -88,3 +88,10 @@ class OnnxFormsPass(GraphPass):
                     node.target = attention_as_4d
                     rewritten.append(node.name)
         return PassResult(gm, report=rewritten)
+
+    def ensures(self, original: nn.Module, result: PassResult, example: Any) -> None:
+        """A rewritten graph runs on the example and keeps the output shapes (both graphs' shapes
+        recorded afresh: the input's may be from another example); nothing rewritten, nothing to check."""
+        if result.report:
+            propagate_shapes(original, example)
+            super().ensures(original, result, example)
