@@ -111,6 +111,7 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     recipe = Recipe(model=loaded.spec, input_shape=list(shapes[0]), method=method, params=params, seed=seed,
                     model_args=dict(model_args or {}), leaf_modules=list(leaf_modules),
                     num_classes=loaded.num_classes, source_sha256=loaded.source_sha256,
+                    source_imports=dict(loaded.source_imports or {}),
                     input_shapes=[list(s) for s in shapes] if len(shapes) > 1 else None, rules=rule_record,
                     weights=source)
     return TransformResult(result.model, recipe, report, loaded.source_file)

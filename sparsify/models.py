@@ -15,7 +15,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,7 @@ class LoadedModel:
     source_file: Path | None          # the user's file (None for zoo models)
     source_sha256: str | None
     dtype_note: str | None = None     # set when its float16 / bfloat16 / float64 tensors were made float32
+    source_imports: dict[str, str] | None = None  # local modules the file imports: {path relative to it: sha256}
 
 
 def _split_spec(spec: str) -> tuple[str, str | None]:
@@ -48,15 +49,24 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def _import_file(path: Path) -> Any:
-    """Import a Python file as a fresh module; its import errors become ModelLoadError."""
+def _import_file(path: Path, imports_dir: Path | None = None, fresh: Sequence[str] = ()) -> tuple[Any, dict[str, str]]:
+    """Import a Python file as a fresh module; its import errors become ModelLoadError.
+
+    Its own imports are searched first in ``imports_dir`` (default: the file's folder). The modules
+    named in ``fresh`` are imported anew from there (entries already in ``sys.modules`` are set
+    aside for the import and put back after). Returns the module and its local imports: the files
+    under its folder (not installed packages) that the import read or whose objects it holds,
+    as {path relative to the folder: sha256}."""
     mod_name = f"sparsify_user_model_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
         raise ModelLoadError(f"cannot import {path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
+    search = str(imports_dir or path.parent)
+    aside = {name: sys.modules.pop(name) for name in fresh if name in sys.modules}
+    before = set(sys.modules)
     sys.modules[mod_name] = module
-    sys.path.insert(0, str(path.parent))
+    sys.path.insert(0, search)
     try:
         spec.loader.exec_module(module)
     except (Exception, SystemExit) as e:  # a script's sys.exit() at import must not end the command
@@ -65,9 +75,44 @@ def _import_file(path: Path) -> Any:
                 else "fix the file and retry")
         raise ModelLoadError(f"importing {path} failed: {_where(e, path)}; {hint}") from None
     finally:
-        if sys.path and sys.path[0] == str(path.parent):
+        if sys.path and sys.path[0] == search:
             sys.path.pop(0)
-    return module
+        new = [name for name in set(sys.modules) - before if name != mod_name]
+        local = _local_imports(path, new, module)
+        if fresh:  # the copies served this import; the process's own modules come back
+            for name in fresh:
+                sys.modules.pop(name, None)
+            sys.modules.update(aside)
+    return module, local
+
+
+def _local_imports(path: Path, new: Sequence[str], module: Any) -> dict[str, str]:
+    """The files under ``path``'s folder, outside installed packages and sparsify itself, of the
+    modules in ``new`` and of the modules whose objects ``module`` holds (those imported before it
+    ran): {relative path: sha256}."""
+    root = path.parent
+    own = Path(__file__).resolve().parent
+    names = set(new)
+    for value in vars(module).values():
+        names.add(value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None))
+    found: dict[str, str] = {}
+    for name in sorted(n for n in names if isinstance(n, str)):
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if not file or not file.endswith(".py"):
+            continue
+        f = Path(file).resolve()
+        if (f == path or not f.is_relative_to(root) or f.is_relative_to(own)
+                or {"site-packages", "dist-packages"} & set(f.parts)):
+            continue
+        found[f.relative_to(root).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return found
+
+
+def module_name(relative: str) -> str:
+    """The import name of a module file given relative to the search folder: ``a/b.py`` -> ``a.b``,
+    ``a/__init__.py`` -> ``a``."""
+    parts = relative.removesuffix(".py").split("/")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _where(e: BaseException, path: Path) -> str:
@@ -149,8 +194,12 @@ def _file_input_shape(module: Any, path: Path) -> tuple[int, ...] | list[tuple[i
     return None
 
 
-def load_model(spec: str | nn.Module, model_args: dict[str, Any] | None = None, seed: int = 0) -> LoadedModel:
-    """Build the model named by ``spec`` with ``torch.manual_seed(seed)`` so its initial weights replay."""
+def load_model(spec: str | nn.Module, model_args: dict[str, Any] | None = None, seed: int = 0,
+               imports_dir: Path | None = None, fresh: Sequence[str] = ()) -> LoadedModel:
+    """Build the model named by ``spec`` with ``torch.manual_seed(seed)`` so its initial weights replay.
+
+    For a file: ``imports_dir`` is searched first for its imports (a run's copies of them) and the
+    modules named in ``fresh`` are read anew (see ``_import_file``). Raises ModelLoadError."""
     model_args = dict(model_args or {})
     if isinstance(spec, nn.Module):
         return LoadedModel(spec, f"module:{type(spec).__name__}", type(spec).__name__.lower(),
@@ -174,7 +223,7 @@ def load_model(spec: str | nn.Module, model_args: dict[str, Any] | None = None, 
     if not path.is_file():
         raise ModelLoadError(f"model file {file} not found; give a path to a .py file or zoo:NAME (see `sparsify zoo`)")
     path = path.resolve()
-    module = _import_file(path)
+    module, local = _import_file(path, imports_dir, fresh)
     factory_name, factory = _find_factory(module, path, name)
     try:
         model = factory(**model_args)
@@ -184,7 +233,7 @@ def load_model(spec: str | nn.Module, model_args: dict[str, Any] | None = None, 
         raise ModelLoadError(f"{path.name}:{factory_name} returned {type(model).__name__}, not an nn.Module")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return LoadedModel(model, f"{path}:{factory_name}", path.stem, _file_input_shape(module, path),
-                       getattr(module, "NUM_CLASSES", None), path, digest)
+                       getattr(module, "NUM_CLASSES", None), path, digest, source_imports=local)
 
 
 def _torchvision_model(name: str, model_args: dict[str, Any]) -> LoadedModel:

@@ -103,15 +103,16 @@ def depth_equivalent(recipe: Any, target_params: int, *, run_dir: str | Path | N
     then the model is transformed once at it. ``divisor`` > 1 rounds every channel count to a
     multiple of it (``DepthMultiplierPass``); the count then moves in steps and the nearest step is
     taken. A user's model file that moved or changed since the run was made is taken from the run's
-    own copy (``replay.replay_spec``). Returns (model, alpha, parameters of the model).
+    own copy (``replay.replay_source``). Returns (model, alpha, parameters of the model).
     """
     from .methods import DepthMultiplierConfig
     from .passes.depth_multiplier import match_depth
     from .replay import apply_method, trace_recipe
-    from .rundir import MODEL_SOURCE, RECIPE
+    from .rundir import MODEL_IMPORTS, MODEL_SOURCE, RECIPE
 
     run = Path(run_dir) if run_dir is not None else None
-    traced = trace_recipe(recipe, run / MODEL_SOURCE if run else None, where=str(run / RECIPE) if run else "the recipe")
+    traced = trace_recipe(recipe, run / MODEL_SOURCE if run else None, where=str(run / RECIPE) if run else "the recipe",
+                          imports_copy=run / MODEL_IMPORTS if run else None)
     alpha, _ = match_depth(traced.gm, traced.example, target_params, "total", divisor, traced.rules)
     model = apply_method(traced, DepthMultiplierConfig(alpha=alpha, divisor=divisor), recipe.seed).model
     return model, alpha, live_params(model)

@@ -20,7 +20,7 @@ from torch.nn.parameter import is_lazy
 
 from .errors import ModelLoadError, RunDirError, SparsifyError, UsageError
 from .methods import MethodConfig, config_from_params
-from .models import LoadedModel, load_model
+from .models import LoadedModel, load_model, module_name
 from .passes.base import PassResult
 from .passes.rules import Registry, Rule, with_user_rules
 from .passes.trace import check_input_count, materialize_lazy, propagate_shapes, trace
@@ -50,10 +50,12 @@ def rule_registry(rules: Mapping[Any, str | Rule] | None) -> tuple[Registry | No
     return with_user_rules(rules), record
 
 
-def load_checked(model: Any, model_args: dict[str, Any] | None, seed: int, leaf_modules: Sequence[str]) -> LoadedModel:
-    """``models.load_model`` (initial weights from ``seed``), refusing an empty layer and unknown ``--leaf``
-    types; a model with float16 / bfloat16 / float64 tensors is made float32 (``loaded.dtype_note`` says so)."""
-    loaded = load_model(model, model_args, seed)
+def load_checked(model: Any, model_args: dict[str, Any] | None, seed: int, leaf_modules: Sequence[str],
+                 **where: Any) -> LoadedModel:
+    """``models.load_model`` (initial weights from ``seed``; ``where``: its ``imports_dir`` and
+    ``fresh``), refusing an empty layer and unknown ``--leaf`` types; a model with float16 /
+    bfloat16 / float64 tensors is made float32 (``loaded.dtype_note`` says so)."""
+    loaded = load_model(model, model_args, seed, **where)
     check_loaded(loaded, leaf_modules)
     tensors = itertools.chain(loaded.module.parameters(), loaded.module.buffers())
     other = sorted({str(t.dtype).removeprefix("torch.") for t in tensors
@@ -128,17 +130,40 @@ def apply_method(traced: Traced, config: MethodConfig, seed: int) -> PassResult:
     return p(traced.gm, traced.example)
 
 
-def replay_spec(recipe: Any, source_copy: str | Path | None) -> str:
-    """The model spec to rebuild from: the recipe's, or the run's copy of the user's file
-    (``source_copy``) when the original moved or its checksum differs from the recorded one."""
+@dataclass
+class ReplaySource:
+    """Where a recipe's model is rebuilt from (``replay_source``)."""
+
+    spec: str                          # the recipe's model spec, or the run's copy of the file
+    imports_dir: Path | None = None    # searched first for the file's imports (the run's copies)
+    fresh: tuple[str, ...] = ()        # module names to read anew (the file's local imports)
+    changed: str | None = None         # why the run's copy is used
+
+
+def replay_source(recipe: Any, source_copy: str | Path | None, imports_copy: str | Path | None = None) -> ReplaySource:
+    """The model to rebuild from: the recipe's, or the run's copy of the user's file (``source_copy``,
+    its local imports copied under ``imports_copy``) when the original moved, or it or a local
+    module it imports (``recipe.source_imports``) no longer has its recorded checksum. The local
+    modules are read anew either way (a process may hold an older import of them)."""
     spec = recipe.model
     if spec.startswith(("zoo:", "torchvision:")) or source_copy is None:
-        return spec
+        return ReplaySource(spec)
     file, _, name = spec.rpartition(":")
     original, copy_ = Path(file), Path(source_copy)
-    if copy_.is_file() and (not original.is_file() or _sha256(original) != recipe.source_sha256):
-        return f"{copy_}:{name}"  # the file moved or changed since: use the run's own copy
-    return spec
+    imports = dict(getattr(recipe, "source_imports", None) or {})
+    fresh = tuple(module_name(relative) for relative in imports)
+    if not original.is_file():
+        changed = f"{original} was moved or deleted"
+    elif _sha256(original) != recipe.source_sha256:
+        changed = f"{original} changed"
+    else:
+        changed = next((f"{original.parent / rel}, which {original.name} imports, changed" for rel, digest in imports.items()
+                        if not (original.parent / rel).is_file() or _sha256(original.parent / rel) != digest), None)
+    if changed is None or not copy_.is_file():
+        return ReplaySource(spec, None, fresh)
+    # a run made before its imports were copied searches the original folder for them
+    imports_dir = Path(imports_copy) if imports_copy is not None and Path(imports_copy).is_dir() else original.parent
+    return ReplaySource(f"{copy_}:{name}", imports_dir, fresh, changed)
 
 
 def replay_rules(recipe: Any, rules: Mapping[Any, str | Rule] | None = None) -> dict[Any, Any]:
@@ -158,27 +183,40 @@ def replay_rules(recipe: Any, rules: Mapping[Any, str | Rule] | None = None) -> 
 
 
 def trace_recipe(recipe: Any, source_copy: str | Path | None = None,
-                 rules: Mapping[Any, str | Rule] | None = None, where: str = "the recipe") -> Traced:
-    """The dense traced graph of a recipe's model (initial weights from its seed), before its method."""
+                 rules: Mapping[Any, str | Rule] | None = None, where: str = "the recipe",
+                 imports_copy: str | Path | None = None) -> Traced:
+    """The dense traced graph of a recipe's model (initial weights from its seed), before its method
+    (``source_copy``, ``imports_copy``: the run's copies of the user's file and its local imports)."""
     named = replay_rules(recipe, rules)
+    source = replay_source(recipe, source_copy, imports_copy)
     with _replay_errors(where):
         registry, _ = rule_registry(named or None)
-        loaded = load_checked(replay_spec(recipe, source_copy), recipe.model_args, recipe.seed, recipe.leaf_modules)
+        try:
+            loaded = load_checked(source.spec, recipe.model_args, recipe.seed, recipe.leaf_modules,
+                                  imports_dir=source.imports_dir, fresh=source.fresh)
+        except ModelLoadError as e:
+            if source.changed is None:
+                raise
+            why = str(e).removesuffix("; fix the file and retry")
+            raise ModelLoadError(f"{source.changed} since the transform, so the run's copy was used, and {why}; "
+                                 f"restore the file as it was, or transform again") from None
         return trace_loaded(loaded, recipe.shapes, recipe.seed, recipe.leaf_modules, registry)
 
 
 def build_from_recipe(recipe: Any, source_copy: str | Path | None = None,
-                      rules: Mapping[Any, str | Rule] | None = None, where: str = "the recipe") -> fx.GraphModule:
+                      rules: Mapping[Any, str | Rule] | None = None, where: str = "the recipe",
+                      imports_copy: str | Path | None = None) -> fx.GraphModule:
     """Rebuild the graph a recipe describes (weights as initialised; load tensors on top).
 
-    ``source_copy``: the run's copy of a user's model file (used when the original moved or changed);
-    ``rules``: the Rule objects of a run transformed with custom rules (named rules replay by
+    ``source_copy``, ``imports_copy``: the run's copies of a user's model file and of the local
+    modules it imports (used when the original moved or changed; ``replay_source``); ``rules``:
+    the Rule objects of a run transformed with custom rules (named rules replay by
     themselves); ``where``: the recipe's file, for messages. Raises ModelLoadError when the model
     cannot be built, RunDirError when the recipe cannot be replayed.
     """
     with _replay_errors(where):
         config = config_from_params(recipe.method, recipe.params)
-    traced = trace_recipe(recipe, source_copy, rules, where)
+    traced = trace_recipe(recipe, source_copy, rules, where, imports_copy)
     with _replay_errors(where):
         return apply_method(traced, config.resolve(traced.gm, traced.rules), recipe.seed).model
 
@@ -208,4 +246,4 @@ def _sha256(path: Path) -> str:
 
 
 __all__ = ["Traced", "rule_registry", "load_checked", "check_loaded", "model_input_shapes", "example_inputs", "trace_loaded",
-           "apply_method", "replay_spec", "replay_rules", "trace_recipe", "build_from_recipe"]
+           "apply_method", "ReplaySource", "replay_source", "replay_rules", "trace_recipe", "build_from_recipe"]

@@ -11,6 +11,7 @@ Layout::
     RUN/weights.init.safetensors  the same as made by ``transform``: ``train --force`` restarts here
     RUN/summary.json         the per-layer report written by the stage that last saved
     RUN/model_source.py      a copy of a user's model file (absent for zoo models)
+    RUN/model_imports/       copies of the local modules that file imports, at their paths relative to it
     RUN/metrics.jsonl        the completed training's record, written by ``sparsify train`` with the
                              weights and summary when it completes
     RUN/checkpoints/         last.pt, the last epoch's state (``--resume``), and while a training is in
@@ -38,6 +39,7 @@ WEIGHTS = "weights.safetensors"
 WEIGHTS_INIT = "weights.init.safetensors"  # the run's initial state, kept when training rewrites WEIGHTS
 SUMMARY = "summary.json"
 MODEL_SOURCE = "model_source.py"
+MODEL_IMPORTS = "model_imports"
 FORMAT_VERSION = 1
 
 
@@ -68,6 +70,7 @@ class Recipe:
     leaf_modules: list[str] = field(default_factory=list)
     num_classes: int | None = None
     source_sha256: str | None = None
+    source_imports: dict[str, str] = field(default_factory=dict)  # local modules the file imports: {relative path: sha256}
     input_shapes: list[list[int]] | None = None   # one shape per input, for models with several inputs
     rules: dict[str, str] = field(default_factory=dict)  # user rules: module type -> rule name
     weights: dict[str, Any] | None = None   # trained weights transform started from: source path, sha256, tensors
@@ -76,7 +79,7 @@ class Recipe:
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for optional in ("input_shapes", "rules"):  # absent when unused: older readers see the same recipe
+        for optional in ("input_shapes", "rules", "source_imports"):  # absent when unused: older readers see the same recipe
             if not data[optional]:
                 del data[optional]
         return data
@@ -117,6 +120,9 @@ _RECIPE_TYPES: dict[str, tuple[Any, str]] = {
     "leaf_modules": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names"),
     "num_classes": (lambda v: v is None or (_is_int(v) and v > 0), "a positive integer or null"),
     "source_sha256": (lambda v: v is None or isinstance(v, str), "a hex string or null"),
+    "source_imports": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(h, str) and ".." not in k.split("/")
+                                                              and not k.startswith("/") for k, h in v.items()),
+                       "an object of relative paths and hex strings"),
     "weights": (lambda v: v is None or isinstance(v, dict), "an object or null"),
     "versions": (lambda v: isinstance(v, dict), "an object"),
     "format": (lambda v: _is_int(v), "an integer"),
@@ -208,6 +214,9 @@ def save_run(path: str | Path, recipe: Recipe, model: nn.Module, summary: dict[s
         write_json(tmp / SUMMARY, summary)
         if source_file is not None:
             shutil.copyfile(source_file, tmp / MODEL_SOURCE)
+            for relative in recipe.source_imports:  # what the file imports from beside it
+                (tmp / MODEL_IMPORTS / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(source_file).parent / relative, tmp / MODEL_IMPORTS / relative)
     return path
 
 
@@ -245,6 +254,7 @@ def load_run(path: str | Path, rules: Any = None) -> Run:
 
     p = Path(path)
     recipe = read_recipe(p)
-    model = build_from_recipe(recipe, source_copy=p / MODEL_SOURCE, rules=rules, where=str(p / RECIPE))
+    model = build_from_recipe(recipe, source_copy=p / MODEL_SOURCE, rules=rules, where=str(p / RECIPE),
+                              imports_copy=p / MODEL_IMPORTS)
     load_weights(model, p / WEIGHTS)
     return Run(path=p, recipe=recipe, model=model, summary=read_summary(p))

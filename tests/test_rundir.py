@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from sparsify import api
-from sparsify.errors import RunDirError
-from sparsify.rundir import (MODEL_SOURCE, RECIPE, SUMMARY, WEIGHTS, WEIGHTS_INIT, Recipe, default_run_dir,
+from sparsify.errors import ModelLoadError, RunDirError
+from sparsify.rundir import (MODEL_IMPORTS, MODEL_SOURCE, RECIPE, SUMMARY, WEIGHTS, WEIGHTS_INIT, Recipe, default_run_dir,
                              is_run_dir, load_run, read_recipe, read_summary, save_run)
 
 
@@ -113,6 +114,93 @@ def test_load_run_takes_the_model_file_by_checksum(tmp_path):
     src.write_text(src.read_text().replace("nn.Conv2d(8, 8, 3)", "nn.Conv2d(8, 16, 3)").replace("128", "256"))
     run = load_run(path)                                   # the edited file would not match the weights
     assert [m.out_channels for m in run.model.modules() if hasattr(m, "out_channels")] == [8, 8]
+
+
+def _model_with_local_imports(folder: Path, tag: str) -> Path:
+    """net.py importing a module and a package that sit beside it (names unique to ``tag``: the
+    process keeps its imports, which is part of what is tested)."""
+    (folder / f"acts_{tag}.py").write_text("import torch.nn.functional as F\nACT = F.relu\n")
+    (folder / f"blocks_{tag}").mkdir()
+    (folder / f"blocks_{tag}" / "__init__.py").write_text(f"from .conv import block\n")
+    (folder / f"blocks_{tag}" / "conv.py").write_text(textwrap.dedent("""
+        import torch.nn as nn
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout))
+    """))
+    src = folder / "net.py"
+    src.write_text(textwrap.dedent(f"""
+        # a model built from modules beside it
+        import torch.nn as nn
+        from acts_{tag} import ACT
+        from blocks_{tag} import block
+        INPUT_SHAPE = (1, 3, 8, 8)
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b, self.fc = block(3, 8), block(8, 8), nn.Linear(8, 4)
+            def forward(self, x):
+                return self.fc(ACT(self.b(ACT(self.a(x)))).mean((2, 3)))
+    """))
+    return src
+
+
+def _forget(tag: str) -> None:
+    """Drop this process's imports of the tagged modules, as a new `sparsify` command starts without them."""
+    for name in [n for n in sys.modules if n.endswith(tag)] + [n for n in sys.modules if f"_{tag}." in n]:
+        del sys.modules[name]
+
+
+def test_a_run_keeps_the_local_modules_its_model_file_imports(tmp_path):
+    """Editing a module the model file imports from beside it changed an existing run's model
+    silently (only the file itself was checksummed and copied); a run moved elsewhere could not
+    import them. The run records and copies them and replays from the copies when they changed."""
+    tag = tmp_path.name.replace("-", "_")
+    src = _model_with_local_imports(tmp_path, tag)
+    path, _ = api.transform_to_dir(str(src), "sparse-random", density=0.5, out=tmp_path / "run")
+    recipe = read_recipe(path)
+    assert set(recipe.source_imports) == {f"acts_{tag}.py", f"blocks_{tag}/__init__.py", f"blocks_{tag}/conv.py"}
+    assert (path / MODEL_IMPORTS / f"blocks_{tag}" / "conv.py").is_file()
+    x = torch.randn(4, 3, 8, 8) * 2
+    with torch.no_grad():
+        ref = load_run(path).model.eval()(x)
+    assert ref.std() > 1e-3
+
+    (tmp_path / f"acts_{tag}.py").write_text("import torch\nACT = torch.sigmoid\n")   # the user edits a sibling
+    for fresh_process in (False, True):
+        if fresh_process:
+            _forget(tag)
+        with torch.no_grad():
+            torch.testing.assert_close(load_run(path).model.eval()(x), ref)      # the run's own copies
+    (tmp_path / f"blocks_{tag}" / "conv.py").write_text("def block(cin, cout):\n    raise RuntimeError('gone')\n")
+    src.write_text(src.read_text().replace("# a model", "# A model"))                # and the file itself
+    _forget(tag)
+    with torch.no_grad():
+        torch.testing.assert_close(load_run(path).model.eval()(x), ref)
+    moved = tmp_path / "elsewhere"
+    (path).rename(moved)
+    for f in (src, tmp_path / f"acts_{tag}.py"):
+        f.unlink()
+    with torch.no_grad():
+        torch.testing.assert_close(load_run(moved).model.eval()(x), ref)         # the sources are gone
+
+
+def test_a_run_whose_copy_cannot_be_imported_says_the_file_changed(tmp_path):
+    """A run without copies of the file's imports (made before they were copied, or damaged) whose
+    file changed: the error said "importing RUN/model_source.py failed ... fix the file"."""
+    tag = tmp_path.name.replace("-", "_")
+    src = _model_with_local_imports(tmp_path, tag)
+    path, _ = api.transform_to_dir(str(src), "none", out=tmp_path / "run")
+    shutil.rmtree(path / MODEL_IMPORTS)
+    src.write_text(src.read_text().replace("# a model", "# A model"))
+    _forget(tag)
+    assert isinstance(load_run(path).model, torch.nn.Module)        # the original folder's modules serve
+    (tmp_path / f"acts_{tag}.py").unlink()
+    _forget(tag)
+    with pytest.raises(ModelLoadError) as info:
+        load_run(path)
+    msg = str(info.value)
+    assert f"{src} changed since the transform, so the run's copy was used" in msg and f"acts_{tag}" in msg
+    assert "fix the file" not in msg and len(msg.splitlines()) == 1
 
 
 def test_loading_a_run_does_not_import_the_api(tmp_path):
