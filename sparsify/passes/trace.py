@@ -107,7 +107,7 @@ class SparsifyTracer(fx.Tracer):
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[override]
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         # The model's own ``with torch.no_grad():`` runs while it is traced; the graph would lose it.
-        if kind in ("call_function", "call_method", "call_module") and not torch.is_grad_enabled():
+        if kind in ("call_function", "call_method", "call_module") and not torch._C.is_grad_enabled():
             node.meta["grad_disabled"] = True
         return node
 
@@ -553,8 +553,25 @@ def _drop_specialized(graph: fx.Graph, n_inputs: int) -> None:
             graph.erase_node(n)
 
 
-def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any,
-                mode: str = "", defaults: dict[str, Any] | None = None) -> tuple[SparsifyTracer, fx.Graph]:
+@contextlib.contextmanager
+def _grad_mode_read_as(enabled: bool) -> Iterator[None]:
+    """``torch.is_grad_enabled()`` returns ``enabled`` for the model's code while this is open (True:
+    unchanged). The real grad mode stays as it is (``torch._C.is_grad_enabled()``)."""
+    if enabled:
+        yield
+        return
+    real = torch.is_grad_enabled
+    torch.is_grad_enabled = lambda: False
+    try:
+        yield
+    finally:
+        torch.is_grad_enabled = real
+
+
+def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any, mode: str = "",
+                defaults: dict[str, Any] | None = None, grad_enabled: bool = True) -> tuple[SparsifyTracer, fx.Graph]:
+    """One symbolic trace; ``grad_enabled=False``: the model's ``torch.is_grad_enabled()`` reads False
+    (as under ``torch.no_grad()``; the tracer still sees the model's own no-grad regions)."""
     graph = None
     for proxy_buffers in (True, False):
         tracer = SparsifyTracer(leaf_types, rules)
@@ -564,7 +581,8 @@ def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any,
         tracer.proxy_buffer_attributes = proxy_buffers
         try:
             # enable_grad: only the model's own no-grad regions are no-grad in the graph
-            with _buffers_kept(model) as rebound, _attributes_kept(model), torch.enable_grad():
+            with _buffers_kept(model) as rebound, _attributes_kept(model), torch.enable_grad(), \
+                    _grad_mode_read_as(grad_enabled):
                 graph = tracer.trace(model, concrete_args=defaults or None)
             break
         except Exception as e:
@@ -642,6 +660,16 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
     try:
         model.eval()
         tracer, eval_graph = _trace_once(model, leaf_types, rules, defaults=defaults)
+        # Eval mode is inference (evaluation, export): a forward that reads torch.is_grad_enabled()
+        # gets the eval graph of what it does under torch.no_grad(); training runs with gradients.
+        try:
+            no_grad_tracer, no_grad_graph = _trace_once(model, leaf_types, rules, "eval mode under torch.no_grad()",
+                                                        defaults, grad_enabled=False)
+            reads_grad = _program(no_grad_graph) != _program(eval_graph)
+        except TraceError:
+            reads_grad = False  # it traces with gradients only: keep that graph
+        if reads_grad:
+            tracer, eval_graph = no_grad_tracer, no_grad_graph
         model.train()
         held = [n for n, m in model.named_modules() if n and not m.training]  # what the model's train() holds
         _, train_graph = _trace_once(model, leaf_types, rules, "training", defaults)
@@ -659,7 +687,19 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
         gm = ModeGraphModule(tracer.root, eval_graph, name, train_graph=None if same else train_graph,
                              held_eval=held)
     gm.train(model.training)
+    gm.meta["reads_grad_mode"] = reads_grad  # see grad_mode_note
     return gm
+
+
+def grad_mode_note(gm: fx.GraphModule) -> str | None:
+    """What a model whose forward reads the grad mode (``torch.is_grad_enabled()``) runs as: its
+    eval graph is the one traced without gradients and its training graph the one with them; None
+    for other models (or a graph this process did not trace)."""
+    if not gm.meta.get("reads_grad_mode"):
+        return None
+    return ("the forward reads the grad mode (torch.is_grad_enabled()): eval mode and export run what it does "
+            "under torch.no_grad(), training what it does with gradients; in eval mode with gradients on the run "
+            "still follows the no_grad branch")
 
 
 def _program(graph: fx.Graph) -> str:

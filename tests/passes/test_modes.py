@@ -19,7 +19,8 @@ import sparsify
 from sparsify.passes.channel_graph import ChannelGraph
 from sparsify.passes.depth_multiplier import DepthMultiplierPass
 from sparsify.passes.sparsity import SparseRandomPass
-from sparsify.passes.trace import ModeGraphModule, dropped_train_overrides, graphs, mode_differences, trace
+from sparsify.passes.trace import (ModeGraphModule, dropped_train_overrides, grad_mode_note, graphs, mode_differences,
+                                   trace)
 from sparsify.runtime.export import export_model
 
 torch.fx.wrap("stochastic_depth")
@@ -332,3 +333,45 @@ def test_modules_the_models_train_holds_in_eval_stay_in_eval_through_passes(make
         assert torch.equal(gm.bn1.running_mean, before)  # held: its statistics are not updated
         gm.eval()
         assert not gm.bn1.training
+
+
+class _ReadsGradMode(nn.Module):
+    """A forward that branches on ``torch.is_grad_enabled()``: fx bakes in the grad mode it was
+    traced in (gradients on), so the run under ``torch.no_grad()`` differed from the model, silently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn, self.c2, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), \
+            nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.c1(x)))
+        if torch.is_grad_enabled():
+            x = torch.sigmoid(x) * 2
+        return self.fc(F.relu(self.c2(x)).mean((2, 3)))
+
+
+def test_a_forward_that_reads_the_grad_mode_runs_its_no_grad_branch_in_eval_and_notes_it(tmp_path):
+    torch.manual_seed(0)
+    model = _ReadsGradMode()
+    x = torch.randn(4, 3, 8, 8) * 2
+    gm = trace(model)
+    assert gm.meta["reads_grad_mode"] and "torch.is_grad_enabled()" in grad_mode_note(gm)
+    for m in (model, gm):
+        m.eval()
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(gm(x), ref)                      # inference: the no_grad branch
+    assert ref.std() > 1e-2
+    model.train(), gm.train()
+    torch.testing.assert_close(gm(x), model(x))                     # training: the branch with gradients
+    result = sparsify.transform(model, "sparse-random", density=1.0, input_shape=(1, 3, 8, 8))
+    assert any("reads the grad mode" in n for n in result.summary["notes"])
+    rep = export_model(result.model.eval(), (1, 3, 8, 8), tmp_path / "g.onnx")
+    assert rep.errors["function-body"] < 1e-4
+
+
+@pytest.mark.parametrize("cls", [TrainingBranch, FunctionalDropout])
+def test_a_model_that_does_not_read_the_grad_mode_gets_no_note(cls):
+    gm = trace(_calibrated(cls))
+    assert not gm.meta["reads_grad_mode"] and grad_mode_note(gm) is None
