@@ -101,8 +101,11 @@ class DepthMultiplierPass(GraphPass):
             if g.frozen:
                 result.notes.append(f"group of {g.size} channels kept ({sorted(set(g.reasons))[0]})")
             elif g.multiple > 1 and g.id in sizes:
+                # every reader that sets the multiple (its least common multiple), not just the first
+                readers = sorted(set(g.whole))
+                why = "; ".join(readers[:3]) + (f"; {len(readers) - 3} more" if len(readers) > 3 else "")
                 result.notes.append(f"group of {g.size} channels scaled to {sizes[g.id]}, a multiple of {g.multiple} "
-                                    f"({sorted(set(g.whole))[0] if g.whole else 'grouped layer'})")
+                                    f"({why or 'grouped layer'})")
             elif g.follows is not None:
                 lead, _, why = g.follows
                 result.notes.append(f"group of {g.size} channels scaled to {cg.derived_size(g.id, sizes)} "

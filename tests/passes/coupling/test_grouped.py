@@ -76,6 +76,30 @@ def test_grouped_conv_keeps_multiples_and_is_kept_whole():
     assert compacted.g.in_channels == 8 and compacted.g.out_channels == 12
 
 
+class TwoGroupCounts(nn.Module):
+    """One channel group read by a conv of groups=2 and (through a residual) one of groups=8."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.g2 = nn.Conv2d(16, 32, 3, padding=1, groups=2)
+        self.g8 = nn.Conv2d(32, 32, 3, padding=1, groups=8)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.g2(torch.relu(self.stem(x))))
+        x = x + torch.relu(self.g8(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_the_depth_multiplier_note_names_every_grouped_conv_behind_a_multiple():
+    # The note named only the first reader ("a multiple of 8 (grouped conv g2 (groups=2))").
+    dm, _, _ = through_every_pass(TwoGroupCounts(), (1, 3, 8, 8), alpha=0.3)
+    note = next(n for n in dm.notes if "a multiple of 8" in n)
+    assert "g8 (groups=8)" in note and "g2 (groups=2)" in note, note
+    assert dm.model.g8.in_channels % 8 == 0
+
+
 class ResNeXtBlock(nn.Module):
     """A bottleneck whose 3x3 conv has groups=4 inside a residual (the P10 kind)."""
 
