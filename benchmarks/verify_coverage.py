@@ -86,7 +86,7 @@ def case_models(folder: Path) -> list[Case]:
     A file with one INPUT_SHAPE whose forward takes several tensors gets that shape for each."""
     cases = []
     for f in sorted(folder.glob("*.py")):
-        module = _import_file(f.resolve())
+        module, _ = _import_file(f.resolve())
         shape = getattr(module, "INPUT_SHAPES", None) or [getattr(module, "INPUT_SHAPE")]
         shapes = input_shapes(shape)
         factory = getattr(module, "build_model", None)

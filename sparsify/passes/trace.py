@@ -17,6 +17,7 @@ import itertools
 import logging
 import operator
 import re
+import sys
 import traceback
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -556,12 +557,18 @@ def _drop_specialized(graph: fx.Graph, n_inputs: int) -> None:
 @contextlib.contextmanager
 def _grad_mode_read_as(enabled: bool) -> Iterator[None]:
     """``torch.is_grad_enabled()`` returns ``enabled`` for the model's code while this is open (True:
-    unchanged). The real grad mode stays as it is (``torch._C.is_grad_enabled()``)."""
+    unchanged); torch's own callers (``no_grad`` saving the mode it restores) read the real mode,
+    which stays as it is."""
     if enabled:
         yield
         return
     real = torch.is_grad_enabled
-    torch.is_grad_enabled = lambda: False
+
+    def model_reads(_real: Any = real) -> bool:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        return _real() if caller == "torch" or caller.startswith("torch.") else False
+
+    torch.is_grad_enabled = model_reads
     try:
         yield
     finally:

@@ -371,7 +371,21 @@ def test_a_forward_that_reads_the_grad_mode_runs_its_no_grad_branch_in_eval_and_
     assert rep.errors["function-body"] < 1e-4
 
 
-@pytest.mark.parametrize("cls", [TrainingBranch, FunctionalDropout])
-def test_a_model_that_does_not_read_the_grad_mode_gets_no_note(cls):
-    gm = trace(_calibrated(cls))
+class _OwnNoGrad(nn.Module):
+    """A frozen branch under the model's own ``torch.no_grad()`` (no_grad reads the grad mode to
+    restore it: a trace that made every read False left gradients off after the block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            x = torch.relu(self.a(x))
+        return self.fc(torch.relu(self.b(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("make", [lambda: _calibrated(TrainingBranch), lambda: _calibrated(FunctionalDropout), _OwnNoGrad])
+def test_a_model_that_does_not_read_the_grad_mode_gets_no_note(make):
+    gm = trace(make())
     assert not gm.meta["reads_grad_mode"] and grad_mode_note(gm) is None
