@@ -555,18 +555,18 @@ def _drop_specialized(graph: fx.Graph, n_inputs: int) -> None:
 
 
 @contextlib.contextmanager
-def _grad_mode_read_as(enabled: bool) -> Iterator[None]:
-    """``torch.is_grad_enabled()`` returns ``enabled`` for the model's code while this is open (True:
-    unchanged); torch's own callers (``no_grad`` saving the mode it restores) read the real mode,
-    which stays as it is."""
-    if enabled:
-        yield
-        return
+def _grad_mode_reads(answer: bool | None, seen: list[str]) -> Iterator[None]:
+    """While open, the model's calls of ``torch.is_grad_enabled()`` are recorded in ``seen`` and
+    answered with ``answer`` (None: the real mode). torch's own callers (``no_grad`` saving the
+    mode it restores) read the real mode, which stays as it is."""
     real = torch.is_grad_enabled
 
     def model_reads(_real: Any = real) -> bool:
         caller = sys._getframe(1).f_globals.get("__name__", "")
-        return _real() if caller == "torch" or caller.startswith("torch.") else False
+        if caller == "torch" or caller.startswith("torch."):
+            return _real()
+        seen.append(caller)
+        return _real() if answer is None else answer
 
     torch.is_grad_enabled = model_reads
     try:
@@ -576,9 +576,11 @@ def _grad_mode_read_as(enabled: bool) -> Iterator[None]:
 
 
 def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any, mode: str = "",
-                defaults: dict[str, Any] | None = None, grad_enabled: bool = True) -> tuple[SparsifyTracer, fx.Graph]:
-    """One symbolic trace; ``grad_enabled=False``: the model's ``torch.is_grad_enabled()`` reads False
-    (as under ``torch.no_grad()``; the tracer still sees the model's own no-grad regions)."""
+                defaults: dict[str, Any] | None = None, grad_enabled: bool | None = None,
+                grad_reads: list[str] | None = None) -> tuple[SparsifyTracer, fx.Graph]:
+    """One symbolic trace. The model's calls of ``torch.is_grad_enabled()`` are recorded in
+    ``grad_reads`` and read ``grad_enabled`` (None: the real mode, on; False: as under
+    ``torch.no_grad()``, while the tracer still sees the model's own no-grad regions)."""
     graph = None
     for proxy_buffers in (True, False):
         tracer = SparsifyTracer(leaf_types, rules)
@@ -589,7 +591,7 @@ def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any, mode: s
         try:
             # enable_grad: only the model's own no-grad regions are no-grad in the graph
             with _buffers_kept(model) as rebound, _attributes_kept(model), torch.enable_grad(), \
-                    _grad_mode_read_as(grad_enabled):
+                    _grad_mode_reads(grad_enabled, grad_reads if grad_reads is not None else []):
                 graph = tracer.trace(model, concrete_args=defaults or None)
             break
         except Exception as e:
@@ -666,15 +668,18 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        tracer, eval_graph = _trace_once(model, leaf_types, rules, defaults=defaults)
+        grad_reads: list[str] = []
+        tracer, eval_graph = _trace_once(model, leaf_types, rules, defaults=defaults, grad_reads=grad_reads)
         # Eval mode is inference (evaluation, export): a forward that reads torch.is_grad_enabled()
         # gets the eval graph of what it does under torch.no_grad(); training runs with gradients.
-        try:
-            no_grad_tracer, no_grad_graph = _trace_once(model, leaf_types, rules, "eval mode under torch.no_grad()",
-                                                        defaults, grad_enabled=False)
-            reads_grad = _program(no_grad_graph) != _program(eval_graph)
-        except TraceError:
-            reads_grad = False  # it traces with gradients only: keep that graph
+        reads_grad = False
+        if grad_reads:
+            try:
+                no_grad_tracer, no_grad_graph = _trace_once(model, leaf_types, rules, "eval mode under torch.no_grad()",
+                                                            defaults, grad_enabled=False)
+                reads_grad = _program(no_grad_graph) != _program(eval_graph)
+            except TraceError:
+                pass  # it traces with gradients only: keep that graph
         if reads_grad:
             tracer, eval_graph = no_grad_tracer, no_grad_graph
         model.train()
