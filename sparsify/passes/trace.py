@@ -198,19 +198,29 @@ _VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.transpo
 
 
 def _functional_augmented(graph: fx.Graph) -> None:
-    """``x += y`` out of place where nothing else can see ``x`` change: no reader of ``x`` after it and
-    no view of ``x`` taken before it. The graph then does not write into the model's inputs or into
-    activations autograd saved (``relu(...)`` then ``+= 1``), as the model's ``x = x + y`` would not;
-    an alias that reads ``x`` afterwards (``skip = x`` before it) keeps the in-place update."""
+    """``x += y`` out of place where nothing else can see ``x`` change: no reader of ``x`` after it, no
+    view of ``x`` taken before it, and ``x`` not itself a view (``v = x[:, :8]; v += y`` writes into
+    ``x``: made out of place, the write was lost, 0.017 off at density 1). The graph then does not
+    write into the model's inputs or into activations autograd saved (``relu(...)`` then ``+= 1``),
+    as the model's ``x = x + y`` would not; an alias that reads ``x`` afterwards (``skip = x``
+    before it) keeps the in-place update."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in _OUT_OF_PLACE or not isinstance(node.args[0], fx.Node):
             continue
+        if _is_view(node.args[0]):
+            continue
         seen = [u for u in node.args[0].users if u is not node and (
-            order[u] > order[node] or (u.op == "call_method" and u.target in _VIEW_METHODS)
-            or (u.op == "call_function" and (u.target in _VIEW_FUNCTIONS or u.target is stop_gradient)))]
+            order[u] > order[node] or _is_view(u) or (u.op == "call_function" and u.target is stop_gradient))]
         if not seen:
             node.target = _OUT_OF_PLACE[node.target]
+
+
+def _is_view(node: fx.Node) -> bool:
+    """Whether ``node`` may be a view of its input (slicing, reshaping, transposing; an item of a
+    chunk or split), so that writing into it writes into that input."""
+    return ((node.op == "call_method" and node.target in _VIEW_METHODS)
+            or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS))
 
 
 def _in_place(node: fx.Node) -> bool:

@@ -571,6 +571,26 @@ class ZeroPadShortcut(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
+class ViewWrite(nn.Module):
+    """Augmented assignments into views of an activation (``v = x[:, :8]; v += y``, a narrowed part
+    scaled in place): they write into the activation (made out of place, the write was lost)."""
+
+    def __init__(self, in_ch=3):
+        super().__init__()
+        self.stem = cbr(in_ch, 16)
+        self.part = nn.Conv2d(16, 8, 3, padding=1)
+        self.mix = cbr(16, 16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        v = x[:, :8]
+        v += self.part(x)
+        w = x.narrow(1, 8, 8)
+        w *= 0.5
+        return self.fc(self.mix(x).mean((2, 3)))
+
+
 # name -> (class, input shape(s))
 MODELS = {
     "dropout": (DropoutZoo, (1, 3, 16, 16)),
@@ -601,6 +621,7 @@ MODELS = {
     "two_inputs": (TwoInputs, [(1, 3, 16, 16), (1, 1, 16, 16)]),
     "tiny_outputs": (TinyOutputs, (1, 3, 16, 16)),
     "item_assign": (ItemAssign, (1, 3, 16, 16)),
+    "view_write": (ViewWrite, (1, 3, 16, 16)),
     "channel_pool": (ChannelPool, (1, 3, 16, 16)),
     "spatial_linear": (SpatialLinear, (1, 3, 16, 16)),
     "zero_pad_shortcut": (ZeroPadShortcut, (1, 3, 16, 16)),

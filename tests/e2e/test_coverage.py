@@ -14,6 +14,7 @@ import torch
 
 import sparsify
 from sparsify.api import transform
+from sparsify.models import load_model
 from sparsify.report import input_shapes
 from sparsify.runtime.export import native_available, open_session
 
@@ -21,7 +22,7 @@ from .coverage_models import MODELS, model_file
 
 METHODS = {"sparse-random": {"density": 0.1}, "psn": {"density": 0.1}, "depth-multiplier": {"alpha": 0.5}}
 FAST = {("dropout", "sparse-random"), ("sppf", "psn"), ("resnext", "depth-multiplier"), ("tokens", "sparse-random"),
-        ("dict_out", "depth-multiplier"), ("signal_1d", "sparse-random"), ("item_assign", "psn"),
+        ("dict_out", "depth-multiplier"), ("signal_1d", "sparse-random"), ("item_assign", "psn"), ("view_write", "sparse-random"),
         ("channel_pool", "depth-multiplier"), ("spatial_linear", "depth-multiplier"),
         ("zero_pad_shortcut", "depth-multiplier")}
 GREY = [n for n, (_, s) in MODELS.items() if not isinstance(s[0], (tuple, list)) and s[1] == 3]
@@ -91,18 +92,24 @@ def test_grey_variant_compacts_what_the_sqrt_rule_removed(name, tmp_path):
     _check_run(path, tmp_path, shapes)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in ("dropout", "unpool") else [pytest.mark.slow])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in ("dropout", "unpool", "view_write") else [pytest.mark.slow])
                                   for n in MODELS])
 def test_density_1_equals_the_original(name, tmp_path):
     src = tmp_path / f"{name}.py"
     src.write_text(model_file(name))
     shapes = input_shapes(MODELS[name][1])
-    original = transform(str(src), "none", seed=0).model.eval()
+    # the user's module itself (built as transform builds it: same seed), not a traced copy of it,
+    # which would share a tracing fault (an in-place write into a view lost in both)
+    original = load_model(str(src), seed=0).module.eval()
     full = transform(str(src), "sparse-random", density=1.0, include_linear=True, seed=0).model.eval()
     xs = _inputs(shapes, 2, 3)
     with torch.no_grad():
-        for a, b in zip(_leaves(original(*xs)), _leaves(full(*xs))):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        expected = _leaves(original(*xs))
+        for a, b in zip(expected, _leaves(full(*xs))):
+            scale = float(a.abs().max())  # tiny_outputs' output is ~1e-18 by design: compared at its scale
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * min(1.0, scale))
+            if name != "tiny_outputs" and a.numel() > 1:
+                assert float(a.float().std()) > 1e-4 * scale, "a constant output checks nothing"
 
 
 # The groups that Torch-Pruning 1.6 (DepGraph) resizes and that the depth multiplier must resize
