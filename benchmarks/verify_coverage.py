@@ -43,7 +43,7 @@ import torch.utils._pytree as pytree
 import sparsify
 from sparsify import zoo
 from sparsify.errors import SparsifyError
-from sparsify.models import _import_file, load_model
+from sparsify.models import _import_file, _UserImports, load_model
 from sparsify.report import input_shapes
 from sparsify.rundir import save_weights
 from sparsify.runtime.export import native_available, open_session, output_names
@@ -86,7 +86,8 @@ def case_models(folder: Path) -> list[Case]:
     A file with one INPUT_SHAPE whose forward takes several tensors gets that shape for each."""
     cases = []
     for f in sorted(folder.glob("*.py")):
-        module, _ = _import_file(f.resolve())
+        with _UserImports(f.resolve()):
+            module = _import_file(f.resolve())
         shape = getattr(module, "INPUT_SHAPES", None) or [getattr(module, "INPUT_SHAPE")]
         shapes = input_shapes(shape)
         factory = getattr(module, "build_model", None)

@@ -49,24 +49,45 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def _import_file(path: Path, imports_dir: Path | None = None, fresh: Sequence[str] = ()) -> tuple[Any, dict[str, str]]:
-    """Import a Python file as a fresh module; its import errors become ModelLoadError.
+class _UserImports:
+    """While open, a user's model file and what it imports are read with ``imports_dir`` (default:
+    the file's folder) first on ``sys.path``, so that imports inside its factory work too; the
+    modules named in ``fresh`` are imported anew from there (entries already in ``sys.modules``
+    are set aside and put back on exit). ``local(module)``: the local modules read meanwhile."""
 
-    Its own imports are searched first in ``imports_dir`` (default: the file's folder). The modules
-    named in ``fresh`` are imported anew from there (entries already in ``sys.modules`` are set
-    aside for the import and put back after). Returns the module and its local imports: the files
-    under its folder (not installed packages) that the import read or whose objects it holds,
-    as {path relative to the folder: sha256}."""
+    def __init__(self, path: Path, imports_dir: Path | None = None, fresh: Sequence[str] = ()) -> None:
+        self.path, self.search, self.fresh = path, str(imports_dir or path.parent), tuple(fresh)
+
+    def __enter__(self) -> "_UserImports":
+        self.aside = {name: sys.modules.pop(name) for name in self.fresh if name in sys.modules}
+        self.before = set(sys.modules)
+        sys.path.insert(0, self.search)
+        return self
+
+    def local(self, module: Any) -> dict[str, str]:
+        """The files under the model file's folder, outside installed packages and sparsify itself,
+        of the modules imported since entering and of those whose objects ``module`` holds:
+        {path relative to the folder: sha256}."""
+        return _local_imports(self.path, [n for n in set(sys.modules) - self.before if n != module.__name__], module)
+
+    def __exit__(self, *exc: Any) -> None:
+        if sys.path and sys.path[0] == self.search:
+            sys.path.pop(0)
+        if self.fresh:  # the copies served this import; the process's own modules come back
+            for name in self.fresh:
+                sys.modules.pop(name, None)
+            sys.modules.update(self.aside)
+
+
+def _import_file(path: Path) -> Any:
+    """Import a Python file as a fresh module (inside ``_UserImports`` for its own imports); its
+    import errors become ModelLoadError."""
     mod_name = f"sparsify_user_model_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
         raise ModelLoadError(f"cannot import {path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
-    search = str(imports_dir or path.parent)
-    aside = {name: sys.modules.pop(name) for name in fresh if name in sys.modules}
-    before = set(sys.modules)
     sys.modules[mod_name] = module
-    sys.path.insert(0, search)
     try:
         spec.loader.exec_module(module)
     except (Exception, SystemExit) as e:  # a script's sys.exit() at import must not end the command
@@ -74,16 +95,7 @@ def _import_file(path: Path, imports_dir: Path | None = None, fresh: Sequence[st
         hint = ("put script code under `if __name__ == \"__main__\":`" if isinstance(e, SystemExit)
                 else "fix the file and retry")
         raise ModelLoadError(f"importing {path} failed: {_where(e, path)}; {hint}") from None
-    finally:
-        if sys.path and sys.path[0] == search:
-            sys.path.pop(0)
-        new = [name for name in set(sys.modules) - before if name != mod_name]
-        local = _local_imports(path, new, module)
-        if fresh:  # the copies served this import; the process's own modules come back
-            for name in fresh:
-                sys.modules.pop(name, None)
-            sys.modules.update(aside)
-    return module, local
+    return module
 
 
 def _local_imports(path: Path, new: Sequence[str], module: Any) -> dict[str, str]:
@@ -199,7 +211,7 @@ def load_model(spec: str | nn.Module, model_args: dict[str, Any] | None = None, 
     """Build the model named by ``spec`` with ``torch.manual_seed(seed)`` so its initial weights replay.
 
     For a file: ``imports_dir`` is searched first for its imports (a run's copies of them) and the
-    modules named in ``fresh`` are read anew (see ``_import_file``). Raises ModelLoadError."""
+    modules named in ``fresh`` are read anew (see ``_UserImports``). Raises ModelLoadError."""
     model_args = dict(model_args or {})
     if isinstance(spec, nn.Module):
         return LoadedModel(spec, f"module:{type(spec).__name__}", type(spec).__name__.lower(),
@@ -223,16 +235,19 @@ def load_model(spec: str | nn.Module, model_args: dict[str, Any] | None = None, 
     if not path.is_file():
         raise ModelLoadError(f"model file {file} not found; give a path to a .py file or zoo:NAME (see `sparsify zoo`)")
     path = path.resolve()
-    module, local = _import_file(path, imports_dir, fresh)
-    factory_name, factory = _find_factory(module, path, name)
-    try:
-        model = factory(**model_args)
-    except (Exception, SystemExit) as e:
-        raise ModelLoadError(f"{path.name}:{factory_name}({_fmt_args(model_args)}) raised {_where(e, path)}") from None
-    if not isinstance(model, nn.Module):
-        raise ModelLoadError(f"{path.name}:{factory_name} returned {type(model).__name__}, not an nn.Module")
+    with _UserImports(path, imports_dir, fresh) as imports:
+        module = _import_file(path)
+        factory_name, factory = _find_factory(module, path, name)
+        try:
+            model = factory(**model_args)
+        except (Exception, SystemExit) as e:
+            raise ModelLoadError(f"{path.name}:{factory_name}({_fmt_args(model_args)}) raised {_where(e, path)}") from None
+        if not isinstance(model, nn.Module):
+            raise ModelLoadError(f"{path.name}:{factory_name} returned {type(model).__name__}, not an nn.Module")
+        input_shape = _file_input_shape(module, path)
+        local = imports.local(module)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return LoadedModel(model, f"{path}:{factory_name}", path.stem, _file_input_shape(module, path),
+    return LoadedModel(model, f"{path}:{factory_name}", path.stem, input_shape,
                        getattr(module, "NUM_CLASSES", None), path, digest, source_imports=local)
 
 

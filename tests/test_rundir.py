@@ -135,12 +135,16 @@ def _model_with_local_imports(folder: Path, tag: str) -> Path:
         from blocks_{tag} import block
         INPUT_SHAPE = (1, 3, 8, 8)
         class Net(nn.Module):
-            def __init__(self):
+            def __init__(self, head):
                 super().__init__()
-                self.a, self.b, self.fc = block(3, 8), block(8, 8), nn.Linear(8, 4)
+                self.a, self.b, self.fc = block(3, 8), block(8, 8), head
             def forward(self, x):
                 return self.fc(ACT(self.b(ACT(self.a(x)))).mean((2, 3)))
+        def build_model():
+            from heads_{tag} import head  # imported when the model is built
+            return Net(head())
     """))
+    (folder / f"heads_{tag}.py").write_text("import torch.nn as nn\ndef head():\n    return nn.Linear(8, 4)\n")
     return src
 
 
@@ -158,7 +162,8 @@ def test_a_run_keeps_the_local_modules_its_model_file_imports(tmp_path):
     src = _model_with_local_imports(tmp_path, tag)
     path, _ = api.transform_to_dir(str(src), "sparse-random", density=0.5, out=tmp_path / "run")
     recipe = read_recipe(path)
-    assert set(recipe.source_imports) == {f"acts_{tag}.py", f"blocks_{tag}/__init__.py", f"blocks_{tag}/conv.py"}
+    assert set(recipe.source_imports) == {f"acts_{tag}.py", f"blocks_{tag}/__init__.py", f"blocks_{tag}/conv.py",
+                                          f"heads_{tag}.py"}
     assert (path / MODEL_IMPORTS / f"blocks_{tag}" / "conv.py").is_file()
     x = torch.randn(4, 3, 8, 8) * 2
     with torch.no_grad():
@@ -172,6 +177,7 @@ def test_a_run_keeps_the_local_modules_its_model_file_imports(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(load_run(path).model.eval()(x), ref)      # the run's own copies
     (tmp_path / f"blocks_{tag}" / "conv.py").write_text("def block(cin, cout):\n    raise RuntimeError('gone')\n")
+    (tmp_path / f"heads_{tag}.py").write_text("import torch.nn as nn\ndef head():\n    return nn.Linear(8, 6)\n")
     src.write_text(src.read_text().replace("# a model", "# A model"))                # and the file itself
     _forget(tag)
     with torch.no_grad():
