@@ -694,7 +694,9 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
             tracer, eval_graph = no_grad_tracer, no_grad_graph
         model.train()
         held = [n for n, m in model.named_modules() if n and not m.training]  # what the model's train() holds
+        before = _random_states()
         _, train_graph = _trace_once(model, leaf_types, rules, "training", defaults)
+        draws_in_training = _random_states() != before
     finally:
         for m, training in modes.items():
             m.training = training
@@ -710,7 +712,31 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
                              held_eval=held)
     gm.train(model.training)
     gm.meta["reads_grad_mode"] = reads_grad  # see grad_mode_note
+    gm.meta["draws_in_training"] = draws_in_training  # see training_draws_note
     return gm
+
+
+def _random_states() -> tuple[bytes, object, bytes]:
+    """torch's, Python's and numpy's global random states, comparable: a forward that draws from one
+    of them while it is traced (not as a graph op) changes it."""
+    import random
+
+    import numpy as np
+
+    _, keys, pos, *_ = np.random.get_state()
+    return torch.get_rng_state().numpy().tobytes(), random.getstate(), keys.tobytes() + bytes(str(pos), "ascii")
+
+
+def training_draws_note(gm: fx.GraphModule) -> str | None:
+    """What tracing did to random numbers the forward draws in training outside the graph
+    (``if torch.rand([]) < self.layerdrop:``, ``random.random()``): one draw was fixed, so every
+    training step takes the same branch; None when the training trace drew none."""
+    if not gm.meta.get("draws_in_training"):
+        return None
+    return ("the forward draws random numbers in training outside the traced operations (e.g. `if torch.rand([]) < p:` "
+            "as in LayerDrop, or random.random()): tracing fixed one draw, so training takes the same branch at every "
+            "step; draw a tensor instead (a per-sample mask such as torch.rand(x.shape[0], 1, 1, 1) < p) to train what "
+            "the model trains")
 
 
 def grad_mode_note(gm: fx.GraphModule) -> str | None:

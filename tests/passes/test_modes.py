@@ -389,3 +389,44 @@ class _OwnNoGrad(nn.Module):
 def test_a_model_that_does_not_read_the_grad_mode_gets_no_note(make):
     gm = trace(make())
     assert not gm.meta["reads_grad_mode"] and grad_mode_note(gm) is None
+
+
+class _LayerDrop(nn.Module):
+    """A residual branch skipped at random in training, drawn as a Python value (HF's LayerDrop:
+    ``if self.training and torch.rand([]) < p``) or as a per-sample tensor mask."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        if self.form == "torch.rand([])":
+            p = torch.rand([])
+            if not (self.training and p < 0.3):
+                x = x + F.relu(self.b(x))
+        elif self.form == "random.random()":
+            import random
+
+            if not self.training or random.random() > 0.3:
+                x = x + F.relu(self.b(x))
+        else:  # a mask the graph carries: every step draws anew
+            keep = (torch.rand(x.shape[0], 1, 1, 1) > 0.3).float() if self.training else 1.0
+            x = x + F.relu(self.b(x)) * keep
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("form,noted", [("torch.rand([])", True), ("random.random()", True), ("mask", False)])
+def test_random_draws_in_python_control_flow_in_training_are_noted(form, noted):
+    # tracing fixes one draw: every training step then takes the same branch (silently before)
+    gm = trace(_LayerDrop(form))
+    assert gm.meta["draws_in_training"] is noted
+    result = sparsify.transform(_LayerDrop(form), "sparse-random", density=0.5, input_shape=(1, 3, 8, 8))
+    assert any("tracing fixed one draw" in n for n in result.summary["notes"]) is noted
+    if not noted:  # the mask is drawn anew at every step
+        gm.train()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outs = {float(gm(torch.ones(8, 3, 8, 8)).sum()) for _ in range(4)}
+        assert len(outs) > 1
