@@ -465,7 +465,8 @@ def _images(x: Any, where: str, input_shape: tuple[int, ...] | None = None,
     """[N, F], [N, H, W], [N, H, W, C] or [N, C, H, W] -> [N, F] or [N, C, H, W] (float32 for floats).
 
     Channels last (C of 1, 3 or 4) keeps every channel, but the 4th of RGBA images is dropped, with
-    a note in ``notes``, for a model taking 3 channels (``input_shape``; None: never dropped).
+    a note in ``notes``, for a model taking 3 channels (``input_shape``; None: never dropped). Images
+    already shaped as the model's input (``input_shape[1:]``) are taken as they are.
     """
     x = _numeric(x, where)
     if x.ndim == 2:
@@ -473,7 +474,8 @@ def _images(x: Any, where: str, input_shape: tuple[int, ...] | None = None,
     if x.ndim == 3:
         return x[:, None]
     if x.ndim == 4:
-        if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3, 4):
+        as_given = input_shape is not None and len(input_shape) == 4 and tuple(x.shape[1:]) == tuple(input_shape[1:])
+        if not as_given and x.shape[1] not in (1, 3) and x.shape[3] in (1, 3, 4):
             x = x.transpose(0, 3, 1, 2)  # channels last -> [N, C, H, W]
             if x.shape[1] == 4 and input_shape is not None and _takes_rgb(input_shape, x.shape[2], x.shape[3]):
                 x = x[:, :3]
@@ -595,23 +597,29 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 def decode_image(file: str, shape: tuple[int, int, int]) -> torch.Tensor:
-    """One image file as float32 [C, H, W] in [0, 1]: shorter side resized to fit, centre crop (Pillow)."""
+    """One image file as float32 [C, H, W]: shorter side resized to fit, centre crop (Pillow). 8-bit
+    pixels are scaled to [0, 1], 16-bit grey ones (PNG, TIFF) by 65535 to the same range, float
+    ones (32-bit TIFF) kept as stored; a grey image is replicated for a 3-channel model."""
     from PIL import Image, UnidentifiedImageError
 
     c, h, w = shape
     try:
         with Image.open(file) as im:
-            im = im.convert("L" if c == 1 else "RGB")
+            # Pillow's convert("L") clips 16-bit and float pixels to 255: every value >= 255 read 1.0
+            full = 65535.0 if im.mode.startswith("I") else 1.0 if im.mode == "F" else None
+            im = im.convert("F") if full is not None else im.convert("L" if c == 1 else "RGB")
             scale = max(h / im.height, w / im.width)
             size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
             if size != im.size:
                 im = im.resize(size, Image.BILINEAR)
             left, top = (im.width - w) // 2, (im.height - h) // 2
             im = im.crop((left, top, left + w, top + h))
-            a = np.asarray(im, dtype=np.float32) / 255.0
+            a = np.asarray(im, dtype=np.float32) / (full or 255.0)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DataError(f"{file} cannot be read as an image ({type(e).__name__}); remove or replace it") from None
-    return torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1).copy())
+    if a.ndim == 2:
+        return torch.from_numpy(np.repeat(a[None], c, axis=0) if c == 3 else a[None].copy())
+    return torch.from_numpy(a.transpose(2, 0, 1).copy())
 
 
 def _first_size(file: str) -> tuple[int, int]:

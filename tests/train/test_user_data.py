@@ -159,6 +159,42 @@ def test_npz_channels_last_with_four_channels_keeps_them_for_a_four_channel_mode
     assert load_dataset(str(tmp_path / "rgbd.npz"), (1, 4 * 8 * 8), val_fraction=0.0).train.x.shape[1:] == (4, 8, 8)
 
 
+def test_npz_shaped_as_the_models_input_is_taken_as_it_is(tmp_path):
+    """A 4-channel signal model taking [N, 4, 64, 1]: x of exactly that shape was read as channels
+    last (its last axis of 1), transposed to [N, 1, 4, 64], resized and replicated: 37% accuracy
+    where plain PyTorch reached 100%."""
+    rng = np.random.default_rng(3)
+    x = rng.random((20, 4, 64, 1)).astype(np.float32)
+    np.savez(tmp_path / "sig.npz", x=x, y=np.arange(20) % 2, x_test=x[:4], y_test=np.arange(4) % 2)
+    b = load_dataset(str(tmp_path / "sig.npz"), (1, 4, 64, 1), val_fraction=0.0)
+    assert b.train.x.shape[1:] == (4, 64, 1) and b.notes == [], b.notes
+    mean, std = torch.from_numpy(x).mean(), torch.from_numpy(x).std()
+    assert any(torch.allclose(b.train.x[i], (torch.from_numpy(x[0]) - mean) / std) for i in range(len(b.train)))
+
+
+@pytest.mark.parametrize("kind", ["16-bit png", "float tiff"])
+def test_16_bit_and_float_images_keep_their_values(tmp_path, kind):
+    """Pillow's convert("L") clipped them to 255: every 16-bit pixel >= 255 decoded as 1.0, both
+    classes alike (33% accuracy), a float TIFF in [0, 1] to {0, 1/255}."""
+    rng = np.random.default_rng(4)
+    for c, level in enumerate((0.25, 0.75)):
+        d = tmp_path / "imgs" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(6):
+            a = np.clip(level + rng.normal(0, 0.05, (8, 8)), 0, 1)
+            if kind == "16-bit png":
+                Image.fromarray((a * 65535).astype(np.uint16)).save(d / f"{i}.png")
+            else:
+                Image.fromarray(a.astype(np.float32), mode="F").save(d / f"{i}.tif")
+    b = load_dataset(str(tmp_path / "imgs"), (1, 1, 8, 8), val_fraction=0.0, normalize=False)
+    x, y = b.train.take(torch.arange(len(b.train)))
+    dark, bright = float(x[y == 0].mean()), float(x[y == 1].mean())
+    assert abs(dark - 0.25) < 0.03 and abs(bright - 0.75) < 0.03, (dark, bright)
+    rgb = load_dataset(str(tmp_path / "imgs"), (1, 3, 8, 8), val_fraction=0.0, normalize=False)
+    x3, _ = rgb.train.take(torch.arange(2))
+    assert x3.shape == (2, 3, 8, 8) and torch.equal(x3[:, 0], x3[:, 2])
+
+
 def test_npz_vectors_for_an_mlp(tmp_path):
     np.savez(tmp_path / "v.npz", x=np.random.default_rng(0).random((30, 64)), y=np.arange(30) % 10)
     b = load_dataset(str(tmp_path / "v.npz"), (1, 64))
