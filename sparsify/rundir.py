@@ -175,9 +175,14 @@ def read_recipe(path: str | Path) -> Recipe:
             f"{p} is not a run directory (no {RECIPE} and {WEIGHTS}); create one with `sparsify transform`"
         )
     try:
-        return Recipe.from_json(json.loads((p / RECIPE).read_text()))
+        recipe = Recipe.from_json(json.loads((p / RECIPE).read_text()))
     except (ValueError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise RunDirError(f"{p / RECIPE} is corrupt ({e}); re-create the run with `sparsify transform`") from None
+    if recipe.format > FORMAT_VERSION:  # a newer sparsify's run: its fields may mean what this one cannot know
+        made_by = f"sparsify {recipe.versions['sparsify']}" if recipe.versions.get("sparsify") else "a newer sparsify"
+        raise RunDirError(f"{p} was made by {made_by} (run format {recipe.format}; this sparsify reads up to "
+                          f"{FORMAT_VERSION}); upgrade sparsify or re-create the run with `sparsify transform`")
+    return recipe
 
 
 def read_summary(path: str | Path) -> dict[str, Any]:

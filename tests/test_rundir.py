@@ -100,6 +100,19 @@ def test_an_older_run_directory_still_loads(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(run.model.state_dict().values(), made.model.state_dict().values()))
 
 
+def test_a_run_of_a_newer_format_is_refused_in_one_line(tmp_path):
+    # a newer sparsify's run was read as if this one had written it (inspect / export exit 0)
+    path, _ = api.transform_to_dir("zoo:lenet5", "sparse-random", density=0.5, out=tmp_path / "run")
+    data = json.loads((path / RECIPE).read_text())
+    data.update(format=99, versions={**data["versions"], "sparsify": "9.0.0"})
+    (path / RECIPE).write_text(json.dumps(data))
+    with pytest.raises(RunDirError, match=r"made by sparsify 9\.0\.0 \(run format 99; this sparsify reads up to 1\); "
+                                          r"upgrade sparsify"):
+        read_recipe(path)
+    with pytest.raises(RunDirError, match="run format 99"):
+        load_run(path)
+
+
 def test_load_run_takes_the_model_file_by_checksum(tmp_path):
     """A user's model file that changed since the run was made is replayed from the run's own copy."""
     src = tmp_path / "net.py"

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .._io import atomic_path, write_json
+from .._io import atomic_path, check_writable, write_json
 from ..errors import SparsifyError, UsageError
 from .spec import StudySpec, job_hash, job_key
 from .worker import JOB, STATUS
@@ -181,6 +181,9 @@ def run_study(spec: StudySpec, study_dir: str | Path | None = None, *, jobs: int
     threads = max(1, cores // jobs) if threads is None else int(threads)
     if threads < 1:
         raise UsageError(f"--threads {threads} must be at least 1")
+    if study_dir.exists() and not study_dir.is_dir():
+        raise UsageError(f"--out {study_dir} exists and is not a directory; choose another --out")
+    check_writable(study_dir, "--out ")  # a path that cannot be made: one line, before any work
     job_list = plan(spec, study_dir, force=force)
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / LOGS).mkdir(exist_ok=True)

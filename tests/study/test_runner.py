@@ -162,3 +162,15 @@ def test_killed_worker_and_ctrl_c_resume_without_redoing_finished_runs(tmp_path)
     assert log.count("resuming after epoch") == 2
     record = json.loads((out / "study.json").read_text())
     assert [i["complete"] for i in record["invocations"]] == [False, False, True]
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/sub"])
+def test_an_out_that_cannot_be_made_is_one_line_before_any_work(tmp_path, where):
+    # os.mkdir's FileExistsError / NotADirectoryError came out as a 50-line traceback, exit 1
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(TINY)
+    (tmp_path / "a-file").write_text("")
+    res = runner.invoke(app, ["study", str(spec), "--out", str(tmp_path / where), "-q"])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert "--out" in res.output and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "tiny.toml"]
