@@ -427,9 +427,22 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, reducer: Reducer,
     return float(acc[0]) / n, float(acc[1]) / n
 
 
-def _has_batchnorm(model: nn.Module) -> bool:
-    """Whether ``model`` has BatchNorm layers (which need two or more examples per training batch)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+def _one_example_fails(model: nn.Module, model_input: tuple[int, ...]) -> bool:
+    """Whether a training batch of one example fails in ``model``'s BatchNorm layers: one that sees a
+    single value per channel (BatchNorm1d on [N, C], a 1x1 plane) cannot normalise it; over a plane of
+    pixels it can. Tried on a copy (the model's statistics are not touched)."""
+    from ..replay import example_inputs
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return False
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).train()(example_inputs([(1, *tuple(model_input)[1:])], 0))
+    except ValueError as e:
+        return "more than 1 value per channel" in str(e)
+    except Exception:  # noqa: BLE001 - other failures: the first step reports them in one line
+        return False
+    return False
 
 
 def _frozen_bn(bn: nn.modules.batchnorm._BatchNorm) -> str | None:
@@ -583,11 +596,12 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     if steps_per_epoch == 0:
         raise TrainingError(f"the training split has fewer examples ({len(data.train)}) than ranks; use more data")
     per_rank = len(data.train) // reducer.world_size
-    if (per_rank == 1 or cfg.batch_size == 1) and _has_batchnorm(model):
+    if (per_rank == 1 or cfg.batch_size == 1) and _one_example_fails(model, model_input):
         why, fix = (("--batch-size is 1", "use --batch-size 2 or more") if cfg.batch_size == 1 else
                     (f"the training split has {len(data.train)} example(s) for {reducer.world_size} rank(s)",
                      f"give at least {2 * reducer.world_size} training examples"))
-        raise TrainingError(f"the model's BatchNorm layers cannot normalise a training batch of one example, and "
+        raise TrainingError(f"the model's BatchNorm layers see one value per channel in a training batch of one "
+                            f"example, and "
                             f"{why}; {fix}")
     plan = Plan(cfg.epochs, steps_per_epoch)
     warmup = warmup_steps(cfg, steps_per_epoch)

@@ -106,6 +106,32 @@ def test_batchnorm_with_one_training_example_is_one_error(data):
     assert "\n" not in str(e.value)
 
 
+class _BN2dNet(torch.nn.Module):
+    """conv - BatchNorm2d - ReLU - pool - linear: BatchNorm2d normalises over the pixels too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.f = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)
+
+
+def test_batch_size_1_trains_a_batchnorm_over_pixels_and_refuses_one_value_per_channel(data):
+    # --batch-size 1 was refused for every model with a BatchNorm; plain PyTorch trains BatchNorm2d so
+    tiny = load_dataset("synthetic", INPUT, num_classes=10, synthetic_size=(200, 40), train_limit=6)
+    cfg = dict(data="synthetic", schedule="static", epochs=1, batch_size=1, train_limit=6)
+    model = _BN2dNet()
+    before = model.f[1].running_mean.clone()
+    r = fit(model, tiny, TrainConfig(**cfg), model_input=INPUT)
+    assert r["steps"] == 6 and not torch.equal(model.f[1].running_mean, before)
+    with pytest.raises(SparsifyError, match="one value per channel .* --batch-size is 1") as e:
+        fit(_BN1dNet(), tiny, TrainConfig(**cfg), model_input=INPUT)
+    assert "\n" not in str(e.value)
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(data, tmp_path):
     model = TinyNet(0.5)
     ckpt = tmp_path / "last.pt"
