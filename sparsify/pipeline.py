@@ -212,7 +212,8 @@ def run_pipeline(
         api.transform_to_dir(model, out=tmp, force=True, **transform_options)
         if progress is not None:
             progress("transform", "transformed", 1, 1)
-        trained = train_run(tmp, progress=_train_progress(stage("train")), log=log, **train_options)
+        # a stopped training goes with the temporary run directory: nothing to --resume
+        trained = train_run(tmp, progress=_train_progress(stage("train")), log=log, resumable=False, **train_options)
         notes["train"] = {k: trained.get(k) for k in ("data", "schedule", "epochs", "steps", "test_acc",
                                                       "test_loss", "val_acc", "density", "warnings")}
         files, export_notes = export_variants(tmp, tmp, variants, progress=stage("export"))

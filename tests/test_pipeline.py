@@ -91,3 +91,21 @@ def _live(model) -> int:
     from sparsify.nn import live_params
 
     return live_params(model)
+
+
+def test_run_stopped_in_training_offers_no_resume_of_its_removed_directory(tmp_path):
+    # sparsify run trains in a temporary run directory that goes when it stops: the note said
+    # "sparsify train runs/.rr.XXXX.tmp --resume continues it", a directory already deleted
+    from sparsify.pipeline import run_pipeline
+
+    def stop(stage, desc, done, total):
+        if stage == "train" and desc.startswith("training epoch 2"):
+            raise KeyboardInterrupt
+
+    notes: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline("zoo:lenet5", tmp_path / "rr", transform_options={"method": "sparse-random", "density": 0.3},
+                     train_options={"data": "digits", "epochs": 2, "train_limit": 100, "batch_size": 50},
+                     progress=stop, log=notes.append)
+    assert not any("--resume" in n for n in notes), notes
+    assert list(tmp_path.iterdir()) == []

@@ -202,7 +202,7 @@ def _model_name(model: str) -> str:
 
 
 def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False, log: LogFn | None = None,
-              progress: ProgressFn | None = None, **config: Any) -> dict[str, Any]:
+              progress: ProgressFn | None = None, resumable: bool = True, **config: Any) -> dict[str, Any]:
     """Train the run in ``run_dir`` with the TrainConfig fields given as keywords; return final metrics.
 
     The training in progress writes ``checkpoints/last.pt`` and ``checkpoints/metrics.jsonl``
@@ -218,6 +218,9 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
     A schedule that changed the per-layer densities of the run as transformed (sparse momentum,
     ``rigl`` with ``init="erk"``) changed its MACs too: the result, and so summary.json's ``train``
     section, then holds ``layer_change`` (see ``_layer_change``) and ``log`` gets a note saying so.
+
+    ``resumable`` False: the caller removes ``run_dir`` when the training stops (``sparsify run``'s
+    temporary directory), so no ``--resume`` is offered.
 
     Raises DivergenceError (a TrainingError) when the loss becomes non-finite or far above where
     it started; the completed epochs are kept (``metrics.jsonl``, the checkpoint, and their
@@ -271,7 +274,8 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
             if not Reducer().is_main:
                 return
             if _stamp(ckpt) != ckpt_before:
-                _note_resumable(run_dir, ckpt, cfg, log)
+                if resumable:
+                    _note_resumable(run_dir, ckpt, cfg, log)
                 return
             for p in made:
                 p.unlink(missing_ok=True)
