@@ -427,6 +427,32 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, reducer: Reducer,
     return float(acc[0]) / n, float(acc[1]) / n
 
 
+def data_identity(data: DataBundle) -> dict[str, Any]:
+    """What a resumed training must find again in its data: the split sizes, the class names and the
+    input normalisation (statistics of the training split, so a file rewritten with other
+    contents under the same name changes it)."""
+    return {"splits": [len(data.train), len(data.val), len(data.test)], "classes": data.class_names,
+            "normalization": data.normalization}
+
+
+def _check_same_data(state: dict[str, Any], data: DataBundle) -> None:
+    """TrainingError unless the checkpoint's data (``data_identity``, absent from older ones) is ``data``'s."""
+    if "data" not in state:
+        return
+    saved, now = json.loads(state["data"]), json.loads(json.dumps(data_identity(data)))
+    changed = [k for k in now if saved.get(k) != now[k]]
+    if changed:
+        what = {"splits": "train / val / test sizes", "classes": "class names", "normalization": "input normalisation"}
+        k = changed[0]
+
+        def shown(v: Any) -> str:
+            return v["text"] if k == "normalization" and isinstance(v, dict) else str(v)
+
+        raise TrainingError(f"--resume: {data.name} is not the data the checkpoint trained on ({what[k]} "
+                            f"{shown(saved.get(k))} then, {shown(now[k])} now); resume with the same data or "
+                            f"start again with --force")
+
+
 def _one_example_fails(model: nn.Module, model_input: tuple[int, ...]) -> bool:
     """Whether a training batch of one example fails in ``model``'s BatchNorm layers: one that sees a
     single value per channel (BatchNorm1d on [N, C], a 1x1 plane) cannot normalise it; over a plane of
@@ -606,6 +632,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     plan = Plan(cfg.epochs, steps_per_epoch)
     warmup = warmup_steps(cfg, steps_per_epoch)
     if resume_state is not None:
+        _check_same_data(resume_state, data)
         model.load_state_dict(resume_state["model"])  # before the schedule looks at the masks
     schedule = schedule_class(cfg.schedule)(layers, plan, cfg, reducer)
     optimizer = make_optimizer(model, cfg)
@@ -757,7 +784,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                         "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                         "rng": {"torch": torch.get_rng_state()}, "history": json.dumps(history),
-                        "start_loss": start_loss,
+                        "start_loss": start_loss, "data": json.dumps(data_identity(data)),
                     })
                 if metrics_path is not None:
                     _write_metrics(Path(metrics_path), history)

@@ -330,3 +330,26 @@ def test_a_model_that_fails_in_a_training_step_is_one_error_line(tmp_path):
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert len(lines) == 1 and "fails in training at epoch 1 step 1" in lines[0] and "out of place" in lines[0]
     assert all(torch.equal(v, _weights(out)[k]) for k, v in before.items())
+
+
+def test_resume_on_data_rewritten_under_the_same_name_is_refused(run, tmp_path):
+    # --resume checked --data by name only: the resumed epochs trained on the new contents
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 200)
+    x = (rng.integers(0, 100, (200, 1, 28, 28)) + 10 * y[:, None, None, None]).astype(np.uint8)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x, y=y)
+    cfg = dict(data=str(data), epochs=2, batch_size=50)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(run, progress=_stop_at_step(6), **cfg)
+    np.savez(data, x=x // 2, y=y)  # the same name, other contents
+    res = runner.invoke(app, ["train", str(run), "--data", str(data), "--epochs", "2", "--batch-size", "50",
+                              "--resume", "--quiet"])
+    assert res.exit_code == 2 and "is not the data the checkpoint trained on (input normalisation" in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    np.savez(data, x=x, y=y)  # put back: the resume goes on
+    res = runner.invoke(app, ["train", str(run), "--data", str(data), "--epochs", "2", "--batch-size", "50",
+                              "--resume", "--quiet"])
+    assert res.exit_code == 0, res.output
