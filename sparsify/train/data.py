@@ -33,7 +33,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -622,6 +622,19 @@ def decode_image(file: str, shape: tuple[int, int, int]) -> torch.Tensor:
     return torch.from_numpy(a.transpose(2, 0, 1).copy())
 
 
+def _check_images(files: Sequence[str]) -> None:
+    """DataError naming the first of ``files`` whose header Pillow cannot read as an image (the
+    header only: about 20 us a file; pixels are decoded batch by batch later)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for file in files:
+        try:
+            with Image.open(file) as im:
+                im.size  # noqa: B018 - parsed from the header
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise DataError(f"{file} cannot be read as an image ({type(e).__name__}); remove or replace it") from None
+
+
 def _first_size(file: str) -> tuple[int, int]:
     from PIL import Image
 
@@ -676,6 +689,9 @@ def _load_folder(root: Path, shape: tuple[int, int, int] | None, num_classes: in
     w0, h0 = _first_size(files[int(tr_idx[0])]) if len(tr_idx) else (0, 0)
     notes.append(f"{root}: images (e.g. {w0}x{h0}) are resized to the model's {shape[1]}x{shape[2]} (shorter "
                  f"side, then centre crop){' and converted to grey' if c == 1 else ''}; decoded per batch")
+    # every file that training, validation or the test will read opens as an image: a damaged one
+    # in the test split was found only after the last epoch
+    _check_images([files[int(i)] for i in tr_idx] + [files[int(i)] for i in val_idx] + test_files)
     probe = ImageFolderSplit(files, labels, shape, torch.zeros(c), torch.ones(c))
     if normalize:
         sample = tr_idx[torch.randperm(len(tr_idx), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))

@@ -74,6 +74,16 @@ def test_a_damaged_image_is_one_data_error_from_a_worker_too(tmp_path):
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("where", ["test/class1/2.png", "train/class0/5.png"])
+def test_a_damaged_image_anywhere_is_found_before_training(tmp_path, where):
+    # one in the test split was found only after the last epoch (the statistics decode a sample)
+    root = make_folder(tmp_path / "imgs", per_class=9, split_dirs=True)
+    (root / where).write_bytes(b"not a png")
+    with pytest.raises(DataError, match=rf"{where.split('/')[-1]} cannot be read as an image") as e:
+        load_dataset(str(root), (1, 3, 8, 8))
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("layout, message", [
     ("empty", "no images in class subfolders"),
     ("one-class", "found one class"),
