@@ -165,8 +165,11 @@ training in progress is in RUN/checkpoints/ (last.pt, metrics.jsonl), which --re
     if as_json:
         out.print_json(json.dumps({k: v for k, v in result.items()}))
         return
+    dense = result.get("dense_layers") or 0
+    caption = (f"density, live connections: the {result.get('masked_layers')} masked layers; {dense} conv / "
+               f"linear layer{'s are' if dense != 1 else ' is'} dense" if dense else None)
     table = Table(title=f"{run_dir}: {result['schedule']} on {result['data']}, {result['epochs']} epochs",
-                  title_justify="left")
+                  title_justify="left", caption=caption, caption_justify="left")
     # "live connections": (output, input) channel pairs that carry a kernel, what density counts;
     # "live params": the weights and biases behind them, what `sparsify inspect` calls params
     for col in ("test acc", "test loss", "val acc", "density", "live connections", "live params"):

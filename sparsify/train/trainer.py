@@ -820,6 +820,10 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
         "density": (sum(int(m.mask.sum()) for m in layers.values()) / sum(m.mask.numel() for m in layers.values())
                     if layers else 1.0),
         "layers": layer_stats(layers),
+        # what density and live count cover: the masked layers; the other convs and linears are dense
+        "masked_layers": len(layers),
+        "dense_layers": sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and m not in layers.values()
+                            for m in model.modules()) if layers else 0,
         "config": cfg.to_dict(),
         "input_normalization": data.normalization,
         "warnings": warnings,

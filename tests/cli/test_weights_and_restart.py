@@ -94,6 +94,9 @@ def test_train_force_restarts_from_the_initial_weights():
     live = sparsify.load("runs/l")
     assert "live connections" in res.output and "live params" in res.output
     assert f"{sparsify.nn.live_params(live.model):,}" in res.output
+    # density and live connections cover the masked layers only, and the table says so (lenet5's
+    # two linears stay dense: its density read 0.10 where the whole model's connectivity is higher)
+    assert "density, live connections: the 3 masked layers; 2 conv / linear layers are dense" in res.output
     first = Path("runs/l/weights.safetensors").read_bytes()
     assert first != initial
     assert Path("runs/l/weights.init.safetensors").read_bytes() == initial
