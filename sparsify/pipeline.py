@@ -165,7 +165,8 @@ def export_variants(run_dir: str | Path, out_dir: str | Path, variants: Sequence
                 continue
             target_params = live_params(run.model)
             model, alpha, n = depth_equivalent(recipe, target_params, run_dir=run_dir)
-            notes["depth"] = {"alpha": round(alpha, 6), "live_params": n, "target_live_params": target_params}
+            # the exact alpha: widths are ceil(alpha * C), so a rounded one (0.5 for 0.5000000000000001) rebuilds another model
+            notes["depth"] = {"alpha": alpha, "live_params": n, "target_live_params": target_params}
             export_model(model, recipe.shapes, target, dense=True, compact=False)
         files.append((name, target))
     if progress is not None:

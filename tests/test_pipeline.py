@@ -39,6 +39,13 @@ def test_bench_run_dir_builds_dense_sparse_and_depth_variants(tmp_path):
     depth = data["notes"]["depth"]
     assert 0 < depth["alpha"] < 1
     assert abs(depth["live_params"] - depth["target_live_params"]) <= 0.02 * depth["target_live_params"]
+    # the alpha reported (JSON and table) rebuilds the model benched: it was rounded (0.500 for
+    # 0.5000000000000001, whose ceil(alpha * C) widths are one channel wider)
+    from sparsify.api import transform
+    from sparsify.pipeline import live_params
+
+    assert f"alpha={depth['alpha']!r}," in r.output
+    assert live_params(transform("zoo:lenet5", "depth-multiplier", alpha=depth["alpha"]).model) == depth["live_params"]
     assert sorted(p.name for p in keep.iterdir()) == ["dense.onnx", "depth.onnx", "sparse.onnx"]
     assert files["sparse"]["path"] == str(keep / "sparse.onnx")
     assert sorted(p.name for p in run.iterdir()) == ["recipe.json", "summary.json", "weights.init.safetensors",

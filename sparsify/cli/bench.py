@@ -233,7 +233,8 @@ def _variant_notes(notes: dict[str, Any]) -> list[str]:
         return []
     if isinstance(note, str):
         return [f"depth: {note}"]
-    return [f"depth: alpha={note['alpha']:.3f}, {note['live_params']:,} live params "
+    # repr: the shortest text that is the same float, so `transform --alpha` with it rebuilds this model
+    return [f"depth: alpha={note['alpha']!r}, {note['live_params']:,} live params "
             f"(sparse run: {note['target_live_params']:,}); another model, so its outputs are not compared (rel diff -)"]
 
 
