@@ -189,6 +189,8 @@ def bench(
         if _memory_line(result):
             out.print(_memory_line(result))
     err.print(_native_line(result))
+    if lib.busy_note(result):
+        err.print(lib.busy_note(result), highlight=False)
     _write_outputs(result, json_out, plot)
 
 
@@ -354,6 +356,8 @@ def run(
         if _memory_line(result):
             out.print(_memory_line(result))
     err.print(_native_line(result))
+    if lib.busy_note(result):
+        err.print(lib.busy_note(result), highlight=False)
     for w in tr.get("warnings") or []:
         err.print(f"warning: {w}", highlight=False)
     if as_json:

@@ -330,6 +330,7 @@ def bench_files(
     if len(labels) != len(paths) or len(set(labels)) != len(labels):
         raise UsageError("bench needs one distinct label per file")
 
+    cpu_before = _cpu_seconds()  # what the machine and this process had used when the work started
     status = native_status()
     native_ok = bool(native and status["loadable"])
     files = [_inspect(p, lab) for p, lab in zip(paths, labels)]
@@ -402,10 +403,54 @@ def bench_files(
     }
     environment = {
         "native": status, "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "load_average": _load_average(), "other_cpu_share": _other_share(cpu_before, _cpu_seconds()),
         "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return BenchResult(files=files, rows=rows, settings=settings, environment=environment)
+
+
+def _load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (None where the OS has none)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def _cpu_seconds() -> tuple[float, float, float] | None:
+    """(wall clock, CPU seconds all cores spent busy (``/proc/stat``: user .. steal), CPU seconds of
+    this process and its waited-for children); None where ``/proc/stat`` is not there."""
+    import resource
+
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    return time.monotonic(), busy, own
+
+
+def _other_share(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None) -> float | None:
+    """The share of the machine's CPU time that other processes (and, on a VM, other guests) took
+    between two ``_cpu_seconds`` readings: 0 on an idle machine, 1 with every core busy elsewhere."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    other = (after[1] - before[1]) - (after[2] - before[2])
+    return round(max(0.0, other) / ((after[0] - before[0]) * (os.cpu_count() or 1)), 3)
+
+
+# Other work taking at least this share of the CPUs while the files are timed can move the
+# interleaved ratios by more than their p10-p90 spread shows.
+BUSY_SHARE = 0.2
+
+
+def busy_note(result: BenchResult) -> str | None:
+    """A one-line note when other processes took ``BUSY_SHARE`` or more of the CPUs while timing, else None."""
+    share = result.environment.get("other_cpu_share")
+    if share is None or share < BUSY_SHARE:
+        return None
+    return (f"note: other processes took {share:.0%} of the CPUs while the files were timed: ratios can be off by "
+            f"more than the p10-p90 spread shows; rerun on an idle machine")
 
 
 def check_settings(*, warmup: int = 5, min_time: float = 0.5, repeats: int = 10, max_repeats: int = 2000) -> None:
