@@ -218,7 +218,9 @@ def build_from_recipe(recipe: Any, source_copy: str | Path | None = None,
         config = config_from_params(recipe.method, recipe.params)
     traced = trace_recipe(recipe, source_copy, rules, where, imports_copy)
     with _replay_errors(where):
-        return apply_method(traced, config.resolve(traced.gm, traced.rules), recipe.seed).model
+        model = apply_method(traced, config.resolve(traced.gm, traced.rules), recipe.seed).model
+        model.meta.update(traced.gm.meta)  # what tracing found (trace.grad_mode_note, trace.training_draws_note)
+        return model
 
 
 class _replay_errors:

@@ -12,6 +12,7 @@ from typing import Any
 from .._io import atomic_path, check_writable, write_json
 from ..errors import DivergenceError, RunDirError, UsageError
 from ..nn import sparse_modules
+from ..passes.trace import training_draws_note
 from ..rundir import SUMMARY, WEIGHTS, WEIGHTS_INIT, load_run, load_weights, read_recipe, read_summary, save_weights
 from .checkpoint import checkpoint_path, load_checkpoint
 from .data import load_dataset
@@ -252,6 +253,9 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
         elif force and not resume and log is not None and Reducer().is_main:
             log(f"note: {run_dir} has no {WEIGHTS_INIT} (made by an older sparsify), so training starts again "
                 f"from its current weights, not the ones transform made")
+        draws = training_draws_note(run.model)
+        if draws is not None and log is not None and Reducer().is_main:
+            log(f"warning: {draws}")  # the transform said so too; training is where it bites
         model_input = tuple(int(d) for d in recipe.input_shape)
         # Before anything is written: the model must score classes (not return a dict or a tuple),
         # and a file model's class count (the recipe knows only a zoo model's) is its output width.

@@ -280,3 +280,31 @@ def test_batchnorm_the_models_train_holds_in_eval_keeps_its_statistics_through_t
     for k in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
         assert torch.equal(after[k], before[k]), k
     assert not torch.equal(after["c2.weight"], before["c2.weight"])  # the rest trained
+
+
+LAYER_DROP = '''
+import torch, torch.nn as nn
+INPUT_SHAPE = (1, 3, 16, 16)
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 10)
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        skip = torch.rand([])  # LayerDrop as HF writes it: one Python draw per step
+        if not (self.training and skip < 0.3):
+            x = x + torch.relu(self.b(x))
+        return self.fc(x.mean((2, 3)))
+'''
+
+
+def test_training_a_model_with_python_random_draws_warns(tmp_path):
+    # tracing fixed one draw: every step takes the same branch; the transform's note is easy to miss
+    run = _run(tmp_path, "layerdrop", LAYER_DROP)
+    notes: list[str] = []
+    train_run(run, data="synthetic", epochs=1, batch_size=50, train_limit=100, log=notes.append)
+    assert sum("warning: the forward draws random numbers in training" in n for n in notes) == 1, notes
+    plain: list[str] = []
+    train_run(_run(tmp_path, "plain", IMAGE_NET.replace("RETURN", RETURNS["tensor"])), data="synthetic", epochs=1,
+              batch_size=50, train_limit=100, log=plain.append)
+    assert not any("draws random numbers" in n for n in plain), plain
