@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.parameter import is_lazy
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
@@ -232,25 +233,35 @@ def _in_place(node: fx.Node) -> bool:
 
 
 @contextlib.contextmanager
-def _buffers_kept(model: nn.Module) -> Iterator[dict[str, Any]]:
+def _buffers_kept(model: nn.Module, written: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Trace without leaving traced values in ``model``'s buffers: a forward that rebinds one
     (``self.count += 1``, ``self.ema = ...``) sets it to a traced value; each is put back on exit.
     Yields a dict that, after the block, maps the buffers rebound to a traced value (by qualified
     name) to that value. A buffer rebound to a tensor computed without the input (``self.scale =
     torch.ones(8)``, a reset) keeps it: the graph reads the buffer, and put back it read the old
-    value where the model reads the new one (4.4 off)."""
+    value where the model reads the new one (4.4 off). A buffer written in place as a plain tensor
+    (a trace that reads buffers as tensors: ``self.count += 1`` before ``if self.count > 2:``) gets
+    its value back (tracing left the user's model counted up) and is named in ``written``: the
+    graph does not update it."""
     before = {(name, mod, key): t for name, mod in model.named_modules()
               if not isinstance(mod, torch.jit.ScriptModule)  # compiled: its forward cannot rebind them
               for key, t in mod._buffers.items()}
+    values = {k: t.detach().clone() for k, t in before.items() if isinstance(t, torch.Tensor) and not is_lazy(t)}
     rebound: dict[str, Any] = {}
     try:
         yield rebound
     finally:
         for (name, mod, key), t in before.items():
             now = mod._buffers.get(key)
+            qualified = f"{name}.{key}" if name else key
             if now is not t and isinstance(now, fx.Proxy):
-                rebound[f"{name}.{key}" if name else key] = now
+                rebound[qualified] = now
                 mod._buffers[key] = t
+            elif now is t and (name, mod, key) in values and not torch.equal(t, values[(name, mod, key)]):
+                with torch.no_grad():
+                    t.copy_(values[(name, mod, key)])
+                if written is not None:
+                    written.append(qualified)
 
 
 @contextlib.contextmanager
@@ -587,10 +598,11 @@ def _grad_mode_reads(answer: bool | None, seen: list[str]) -> Iterator[None]:
 
 def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any, mode: str = "",
                 defaults: dict[str, Any] | None = None, grad_enabled: bool | None = None,
-                grad_reads: list[str] | None = None) -> tuple[SparsifyTracer, fx.Graph]:
+                grad_reads: list[str] | None = None, written: list[str] | None = None) -> tuple[SparsifyTracer, fx.Graph]:
     """One symbolic trace. The model's calls of ``torch.is_grad_enabled()`` are recorded in
     ``grad_reads`` and read ``grad_enabled`` (None: the real mode, on; False: as under
-    ``torch.no_grad()``, while the tracer still sees the model's own no-grad regions)."""
+    ``torch.no_grad()``, while the tracer still sees the model's own no-grad regions); buffers the
+    forward wrote in place as plain tensors go into ``written`` (``_buffers_kept``)."""
     graph = None
     for proxy_buffers in (True, False):
         tracer = SparsifyTracer(leaf_types, rules)
@@ -600,7 +612,7 @@ def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any, mode: s
         tracer.proxy_buffer_attributes = proxy_buffers
         try:
             # enable_grad: only the model's own no-grad regions are no-grad in the graph
-            with _buffers_kept(model) as rebound, _attributes_kept(model), torch.enable_grad(), \
+            with _buffers_kept(model, written) as rebound, _attributes_kept(model), torch.enable_grad(), \
                     _grad_mode_reads(grad_enabled, grad_reads if grad_reads is not None else []):
                 graph = tracer.trace(model, concrete_args=defaults or None)
             break
@@ -679,7 +691,9 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
     try:
         model.eval()
         grad_reads: list[str] = []
-        tracer, eval_graph = _trace_once(model, leaf_types, rules, defaults=defaults, grad_reads=grad_reads)
+        written: list[str] = []
+        tracer, eval_graph = _trace_once(model, leaf_types, rules, defaults=defaults, grad_reads=grad_reads,
+                                         written=written)
         # Eval mode is inference (evaluation, export): a forward that reads torch.is_grad_enabled()
         # gets the eval graph of what it does under torch.no_grad(); training runs with gradients.
         reads_grad = False
@@ -695,7 +709,7 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
         model.train()
         held = [n for n, m in model.named_modules() if n and not m.training]  # what the model's train() holds
         before = _random_states()
-        _, train_graph = _trace_once(model, leaf_types, rules, "training", defaults)
+        _, train_graph = _trace_once(model, leaf_types, rules, "training", defaults, written=written)
         draws_in_training = _random_states() != before
     finally:
         for m, training in modes.items():
@@ -713,6 +727,7 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
     gm.train(model.training)
     gm.meta["reads_grad_mode"] = reads_grad  # see grad_mode_note
     gm.meta["draws_in_training"] = draws_in_training  # see training_draws_note
+    gm.meta["buffers_written"] = sorted(set(written))  # see buffers_written_note
     return gm
 
 
@@ -737,6 +752,19 @@ def training_draws_note(gm: fx.GraphModule) -> str | None:
             "as in LayerDrop, or random.random()): tracing fixed one draw, so training takes the same branch at every "
             "step; draw a tensor instead (a per-sample mask such as torch.rand(x.shape[0], 1, 1, 1) < p) to train what "
             "the model trains")
+
+
+def buffers_written_note(gm: fx.GraphModule) -> str | None:
+    """A one-line note naming the buffers the forward writes in place where tracing could not follow
+    (read in Python control flow, as ``if self.count > 2:``): the traced model neither updates them
+    nor takes the branches they would change; None when there are none."""
+    names = gm.meta.get("buffers_written") or []
+    if not names:
+        return None
+    return (f"the forward updates buffer{'s' if len(names) > 1 else ''} {', '.join(names[:3])}"
+            f"{' and more' if len(names) > 3 else ''} where tracing cannot follow (read in Python control flow): the "
+            f"traced model does not update {'them' if len(names) > 1 else 'it'}, and a branch on {'them' if len(names) > 1 else 'it'} "
+            f"is fixed as traced; compute the branch with torch operations (torch.where) to keep it live")
 
 
 def grad_mode_note(gm: fx.GraphModule) -> str | None:
@@ -816,7 +844,6 @@ def materialize_lazy(model: nn.Module, example: Any, seed: int) -> bool:
     a user's own first forward does). True when there was something to materialize.
 
     Raises TraceError naming the model's source line when that forward fails."""
-    from torch.nn.parameter import is_lazy
 
     if not any(is_lazy(t) for t in itertools.chain(model.parameters(), model.buffers())):
         return False

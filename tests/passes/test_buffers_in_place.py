@@ -254,3 +254,35 @@ def test_a_buffer_rebound_to_a_constant_is_read_with_the_new_value():
     gm = trace(copy.deepcopy(model))
     torch.testing.assert_close(gm(x), model(x))
     torch.testing.assert_close(gm(x), model(x))  # and on later calls
+
+
+class CountedBranch(nn.Module):
+    """A call counter read in Python control flow: tracing reads buffers as plain tensors then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        x = torch.relu(self.c(x))
+        self.count += 1
+        if self.count > 2:
+            x = x * 2
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_buffer_written_where_tracing_cannot_follow_is_put_back_and_noted():
+    # tracing counted the user's buffer up (0 -> 2 after trace, 4 after transform), silently, and the
+    # graph neither updates it nor takes the branch it would change
+    import sparsify
+    from sparsify.passes.trace import buffers_written_note
+
+    model = CountedBranch().eval()
+    gm = trace(model)
+    assert float(model.count) == 0.0
+    assert gm.meta["buffers_written"] == ["count"] and "buffer count" in buffers_written_note(gm)
+    result = sparsify.transform(model, "sparse-random", density=1.0, input_shape=(1, 3, 8, 8))
+    assert float(model.count) == 0.0
+    assert any("updates buffer count where tracing cannot follow" in n for n in result.summary["notes"])
+    assert buffers_written_note(trace(Net())) is None
