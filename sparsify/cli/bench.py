@@ -188,9 +188,7 @@ def bench(
         out.print(bench_table(result))
         if _memory_line(result):
             out.print(_memory_line(result))
-    err.print(_native_line(result))
-    if lib.busy_note(result):
-        err.print(lib.busy_note(result), highlight=False)
+    _print_machine_lines(result)
     _write_outputs(result, json_out, plot)
 
 
@@ -226,6 +224,16 @@ def _check_outputs(paths: list[Path], json_out: Path | None, plot: Path | None, 
         if keep.exists() and not keep.is_dir():
             raise UsageError(f"--keep {keep} is a file; give a directory for the exported variants")
         check_writable(keep / "x", "--keep ")
+
+
+def _print_machine_lines(result: Any) -> None:
+    """After the table: whether the native kernel ran, and a note when other work shared the CPUs."""
+    from ..runtime.bench import busy_note
+
+    err.print(_native_line(result))
+    busy = busy_note(result)
+    if busy:
+        err.print(busy, highlight=False)
 
 
 def _variant_notes(notes: dict[str, Any]) -> list[str]:
@@ -355,9 +363,7 @@ def run(
         out.print(bench_table(result, title=f"{model} {method}: ONNX Runtime latency (speedup vs {result.baseline})"))
         if _memory_line(result):
             out.print(_memory_line(result))
-    err.print(_native_line(result))
-    if lib.busy_note(result):
-        err.print(lib.busy_note(result), highlight=False)
+    _print_machine_lines(result)
     for w in tr.get("warnings") or []:
         err.print(f"warning: {w}", highlight=False)
     if as_json:

@@ -25,9 +25,9 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.nn.parameter import is_lazy
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.nn.parameter import is_lazy
 
 from ..errors import TraceError, UsageError
 from ..nn import SPARSE_LAYERS

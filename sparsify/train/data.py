@@ -596,6 +596,11 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, samples
 
 
+def _unreadable(file: str, e: BaseException) -> DataError:
+    """The one line for an image file Pillow cannot read (its header at load, its pixels per batch)."""
+    return DataError(f"{file} cannot be read as an image ({type(e).__name__}); remove or replace it")
+
+
 def decode_image(file: str, shape: tuple[int, int, int]) -> torch.Tensor:
     """One image file as float32 [C, H, W]: shorter side resized to fit, centre crop (Pillow). 8-bit
     pixels are scaled to [0, 1], 16-bit grey ones (PNG, TIFF) by 65535 to the same range, float
@@ -616,7 +621,7 @@ def decode_image(file: str, shape: tuple[int, int, int]) -> torch.Tensor:
             im = im.crop((left, top, left + w, top + h))
             a = np.asarray(im, dtype=np.float32) / (full or 255.0)
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DataError(f"{file} cannot be read as an image ({type(e).__name__}); remove or replace it") from None
+        raise _unreadable(file, e) from None
     if a.ndim == 2:
         return torch.from_numpy(np.repeat(a[None], c, axis=0) if c == 3 else a[None].copy())
     return torch.from_numpy(a.transpose(2, 0, 1).copy())
@@ -632,7 +637,7 @@ def _check_images(files: Sequence[str]) -> None:
             with Image.open(file) as im:
                 im.size  # noqa: B018 - parsed from the header
         except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise DataError(f"{file} cannot be read as an image ({type(e).__name__}); remove or replace it") from None
+            raise _unreadable(file, e) from None
 
 
 def _first_size(file: str) -> tuple[int, int]:

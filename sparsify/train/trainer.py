@@ -627,8 +627,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                     (f"the training split has {len(data.train)} example(s) for {reducer.world_size} rank(s)",
                      f"give at least {2 * reducer.world_size} training examples"))
         raise TrainingError(f"the model's BatchNorm layers see one value per channel in a training batch of one "
-                            f"example, and "
-                            f"{why}; {fix}")
+                            f"example, and {why}; {fix}")
     plan = Plan(cfg.epochs, steps_per_epoch)
     warmup = warmup_steps(cfg, steps_per_epoch)
     if resume_state is not None:
