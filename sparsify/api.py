@@ -14,7 +14,7 @@ from .errors import RunDirError, UsageError
 from .methods import METHODS, make_config
 from .passes.depth_multiplier import COUNTS, match_depth
 from .passes.rules import Registry, Rule
-from .passes.trace import (buffers_written_note, defaults_note, dropped_train_overrides, grad_mode_note, mode_differences,
+from .passes.trace import (state_written_note, defaults_note, dropped_train_overrides, grad_mode_note, mode_differences,
                            traced_constants, training_draws_note)
 from .replay import apply_method, load_checked, replay_rules, rule_registry, trace_loaded
 from .report import layer_report, param_counts, with_ratios
@@ -102,7 +102,7 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     differs = mode_differences(result.model)
     grad = grad_mode_note(traced.gm)
     draws = training_draws_note(traced.gm)
-    written = buffers_written_note(traced.gm)
+    written = state_written_note(traced.gm)
     lost_train = dropped_train_overrides(loaded.module, traced.gm)
     constants = traced_constants(traced.gm)
     defaults = defaults_note(loaded.module, len(shapes))

@@ -261,24 +261,94 @@ def _buffers_kept(model: nn.Module, written: list[str] | None = None) -> Iterato
                 with torch.no_grad():
                     t.copy_(values[(name, mod, key)])
                 if written is not None:
-                    written.append(qualified)
+                    written.append(f"buffer {qualified}")
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # training, _parameters, _buffers, _modules, the hook dicts
+# what fx's Tracer.create_arg stows on the root for constants: the GraphModule reads it from there
+_TRACER_CONSTANT = re.compile(r"_(tensor_constant|torchbind_obj|tree_spec_constant|opaque_obj|\w+_constant_)\d+")
+
+
+def _holds_proxy(value: Any) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_proxy(v) for v in value.values())
+    if isinstance(value, (list, tuple, set)):
+        return any(_holds_proxy(v) for v in value)
+    return False
+
+
+def _state_copy(value: Any) -> Any:
+    """A copy of an attribute's value to compare and put back: tensors by value, containers shallow,
+    anything else (numbers, strings, modules, functions) as the object itself."""
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and not is_lazy(value):
+        return value.detach().clone()
+    if isinstance(value, (list, dict, set)):
+        return copy.copy(value)
+    return value
+
+
+def _same_state(copied: Any, now: Any) -> bool:
+    if isinstance(copied, torch.Tensor) and not isinstance(copied, nn.Parameter):
+        if not (isinstance(now, torch.Tensor) and now.shape == copied.shape and now.dtype == copied.dtype):
+            return False
+        try:
+            return bool(torch.equal(now.detach(), copied))
+        except Exception:  # a fake or meta tensor left by shape propagation through a hook: no value to compare
+            return True
+    if isinstance(copied, (list, dict, set)):
+        if type(now) is not type(copied) or len(now) != len(copied):
+            return False
+        if isinstance(copied, dict):
+            return all(k in now and now[k] is v for k, v in copied.items())
+        if isinstance(copied, set):
+            return now == copied
+        return all(a is b for a, b in zip(copied, now))
+    if isinstance(copied, (bool, int, float, complex, str, bytes, type(None))):
+        return type(now) is type(copied) and now == copied
+    return True  # other objects: only a rebinding to a traced value is seen (and undone)
 
 
 @contextlib.contextmanager
-def _attributes_kept(model: nn.Module) -> Iterator[None]:
-    """Trace without leaving traced values on ``model``: an attribute a forward or a hook sets
-    (``torch.nn.utils.prune`` sets ``module.weight = weight_orig * weight_mask``) is put back."""
-    before = {id(m): dict(vars(m)) for m in model.modules()}
+def _attributes_kept(model: nn.Module, written: list[str] | None = None) -> Iterator[None]:
+    """Trace without leaving traced values or traced-for state on ``model``. An attribute a forward
+    or a hook sets to a traced value (``torch.nn.utils.prune`` sets ``module.weight = weight_orig *
+    weight_mask``) is put back. So is plain Python state the forward changes as it runs (``self.step
+    += 1``, ``self.initialized = True``, ``self.history.append(n)``, a tensor attribute counted up in
+    place): tracing ran the forward, which left the user's model counted up, and the graph baked in
+    the branch that state chose on that call; such attributes are named in ``written``
+    (``state_written_note``)."""
+    before = {id(m): (m, dict(vars(m))) for m in model.modules()}
+    copies = {(id(m), k): _state_copy(v) for m, attrs in before.values() for k, v in attrs.items()
+              if k not in _MODULE_INTERNALS}
+    names = {id(m): n for n, m in model.named_modules()}
     try:
         yield
     finally:
-        for m in model.modules():
-            for key, value in list(vars(m).items()):
-                if isinstance(value, fx.Proxy):
-                    if key in before.get(id(m), {}):
-                        vars(m)[key] = before[id(m)][key]
-                    else:
-                        del vars(m)[key]
+        for key_id, (m, attrs) in before.items():
+            now = vars(m)
+            changed = []
+            for key in [k for k in now if k not in _MODULE_INTERNALS and k not in attrs
+                        and not (m is model and _TRACER_CONSTANT.fullmatch(k))]:  # set by the forward
+                changed.append((key, _holds_proxy(now.pop(key))))
+            for key, value in attrs.items():
+                if key in _MODULE_INTERNALS or (key in now and now[key] is value and _same_state(copies[(key_id, key)], value)):
+                    continue
+                changed.append((key, _holds_proxy(now.get(key))))
+                now[key] = value
+                copied = copies[(key_id, key)]
+                if isinstance(value, torch.Tensor) and copied is not value:
+                    with torch.no_grad():
+                        value.copy_(copied)
+                elif isinstance(value, list):
+                    value[:] = copied
+                elif isinstance(value, (dict, set)):
+                    value.clear()
+                    value.update(copied)
+            if written is not None:
+                prefix = f"{names[key_id]}." if names.get(key_id) else ""
+                written.extend(f"attribute {prefix}{key}" for key, traced in changed if not traced)
 
 
 def _keep_rebound_buffers(graph: fx.Graph, rebound: dict[str, Any]) -> None:
@@ -602,7 +672,8 @@ def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any, mode: s
     """One symbolic trace. The model's calls of ``torch.is_grad_enabled()`` are recorded in
     ``grad_reads`` and read ``grad_enabled`` (None: the real mode, on; False: as under
     ``torch.no_grad()``, while the tracer still sees the model's own no-grad regions); buffers the
-    forward wrote in place as plain tensors go into ``written`` (``_buffers_kept``)."""
+    forward wrote in place as plain tensors and attributes it changed go into ``written`` (``_buffers_kept``,
+    ``_attributes_kept``)."""
     graph = None
     for proxy_buffers in (True, False):
         tracer = SparsifyTracer(leaf_types, rules)
@@ -612,7 +683,7 @@ def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any, mode: s
         tracer.proxy_buffer_attributes = proxy_buffers
         try:
             # enable_grad: only the model's own no-grad regions are no-grad in the graph
-            with _buffers_kept(model, written) as rebound, _attributes_kept(model), torch.enable_grad(), \
+            with _buffers_kept(model, written) as rebound, _attributes_kept(model, written), torch.enable_grad(), \
                     _grad_mode_reads(grad_enabled, grad_reads if grad_reads is not None else []):
                 graph = tracer.trace(model, concrete_args=defaults or None)
             break
@@ -727,7 +798,7 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
     gm.train(model.training)
     gm.meta["reads_grad_mode"] = reads_grad  # see grad_mode_note
     gm.meta["draws_in_training"] = draws_in_training  # see training_draws_note
-    gm.meta["buffers_written"] = sorted(set(written))  # see buffers_written_note
+    gm.meta["state_written"] = sorted(set(written))  # see state_written_note
     return gm
 
 
@@ -754,17 +825,19 @@ def training_draws_note(gm: fx.GraphModule) -> str | None:
             "the model trains")
 
 
-def buffers_written_note(gm: fx.GraphModule) -> str | None:
-    """A one-line note naming the buffers the forward writes in place where tracing could not follow
-    (read in Python control flow, as ``if self.count > 2:``): the traced model neither updates them
-    nor takes the branches they would change; None when there are none."""
-    names = gm.meta.get("buffers_written") or []
+def state_written_note(gm: fx.GraphModule) -> str | None:
+    """A one-line note naming the state the forward changes where tracing cannot follow: buffers
+    written in place as plain tensors and Python attributes (``self.step += 1``, ``self.initialized =
+    True``) that the forward updates, often to branch on them (``if self.step > 2:``). The traced model
+    neither updates them nor takes the branches they would change; None when there are none."""
+    names = gm.meta.get("state_written") or []
     if not names:
         return None
-    return (f"the forward updates buffer{'s' if len(names) > 1 else ''} {', '.join(names[:3])}"
-            f"{' and more' if len(names) > 3 else ''} where tracing cannot follow (read in Python control flow): the "
-            f"traced model does not update {'them' if len(names) > 1 else 'it'}, and a branch on {'them' if len(names) > 1 else 'it'} "
-            f"is fixed as traced; compute the branch with torch operations (torch.where) to keep it live")
+    them = "them" if len(names) > 1 else "it"
+    return (f"the forward updates {', '.join(names[:3])}{' and more' if len(names) > 3 else ''} where tracing "
+            f"cannot follow: the traced model does not update {them}, and a branch on {them} is fixed as traced "
+            f"(the first call's); keep such state in a buffer and compute the branch with torch operations "
+            f"(torch.where) to keep it live")
 
 
 def grad_mode_note(gm: fx.GraphModule) -> str | None:

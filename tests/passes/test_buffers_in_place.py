@@ -276,13 +276,60 @@ def test_a_buffer_written_where_tracing_cannot_follow_is_put_back_and_noted():
     # tracing counted the user's buffer up (0 -> 2 after trace, 4 after transform), silently, and the
     # graph neither updates it nor takes the branch it would change
     import sparsify
-    from sparsify.passes.trace import buffers_written_note
+    from sparsify.passes.trace import state_written_note
 
     model = CountedBranch().eval()
     gm = trace(model)
     assert float(model.count) == 0.0
-    assert gm.meta["buffers_written"] == ["count"] and "buffer count" in buffers_written_note(gm)
+    assert gm.meta["state_written"] == ["buffer count"] and "buffer count" in state_written_note(gm)
     result = sparsify.transform(model, "sparse-random", density=1.0, input_shape=(1, 3, 8, 8))
     assert float(model.count) == 0.0
     assert any("updates buffer count where tracing cannot follow" in n for n in result.summary["notes"])
-    assert buffers_written_note(trace(Net())) is None
+    assert state_written_note(trace(Net())) is None
+
+
+class StepCounter(nn.Module):
+    """Plain Python state the forward changes: a step counter it branches on, a history list and a
+    tensor attribute (not a buffer) counted up in place; and an activation it caches (a traced value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+        self.step, self.history, self.calls = 0, [], torch.zeros(())
+
+    def forward(self, x):
+        self.step += 1
+        self.history.append(self.step)
+        self.calls += 1
+        x = torch.relu(self.c(x))
+        self.last_features = x  # a traced value: put back without a note
+        if self.step > 2:
+            x = x * 2
+        return self.fc(x.mean((2, 3)))
+
+
+def test_python_state_the_forward_changes_is_put_back_and_noted():
+    # tracing ran the forward three times (eval, training, shapes): the user's model came back with
+    # step 2 and its history filled, and the graph baked in the step-1 branch with no word
+    import sparsify
+    from sparsify.passes.trace import state_written_note
+
+    model = StepCounter().eval()
+    gm = trace(model)
+    assert (model.step, model.history, float(model.calls)) == (0, [], 0.0)
+    assert not hasattr(model, "last_features")
+    assert gm.meta["state_written"] == ["attribute calls", "attribute history", "attribute step"]
+    result = sparsify.transform(model, "sparse-random", density=1.0, input_shape=(1, 3, 8, 8))
+    assert (model.step, model.history, float(model.calls)) == (0, [], 0.0)
+    note = [n for n in result.summary["notes"] if "where tracing cannot follow" in n]
+    assert len(note) == 1 and "attribute step" in note[0] and "fixed as traced" in note[0], result.summary["notes"]
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(result.model.eval()(x), model(x))  # the first call's branch, as traced
+
+
+def test_no_zoo_model_is_noted_for_state_it_changes():
+    from sparsify import zoo
+    from sparsify.passes.trace import state_written_note
+
+    for name in zoo.names():  # the ImageNet ones included (stochastic depth, SE)
+        assert state_written_note(trace(zoo.get(name).build().eval())) is None, name
