@@ -202,8 +202,12 @@ def test_cli_export(tmp_path) -> None:
 def _zoo_cases() -> list[tuple[str, str]]:
     from sparsify import zoo
 
+    # MobileNetV2 exports in about 13 s a method (torch.onnx): its SparseConv and its resized-dense
+    # export stand for the four (psn writes the same op as sparse-random, none the same Conv as the
+    # depth multiplier), keeping CI within its budget
     return [(n, m) for n in zoo.names() if zoo.get(n).dataset != "imagenet"
-            for m in ("none", "sparse-random", "psn", "depth-multiplier")]
+            for m in ("none", "sparse-random", "psn", "depth-multiplier")
+            if n != "mobilenetv2" or m in ("sparse-random", "depth-multiplier")]
 
 
 def _transform(name: str, method: str):
