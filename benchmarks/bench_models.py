@@ -28,11 +28,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from sparsify import api, zoo
+from sparsify import api, pipeline, zoo
 from sparsify._io import write_json
-from sparsify import pipeline
 from sparsify.runtime import bench as lib
-from sparsify.runtime.export import export_model
 
 MODELS = ("vgg16n", "resnet20", "mobilenetv2", "lenet5")
 DENSITY = 0.1
@@ -92,17 +90,13 @@ def export_variants(name: str, tmp: Path, autotune: bool = False, *, density: fl
     res = api.transform(f"zoo:{name}", method="sparse-random", density=density, seed=0, input_shape=shape,
                         model_args=model_args, block=block)
     calibrate_bn(res.model, shape, *calibration)
-    target = pipeline.live_params(res.model)
-    files = [("dense", tmp / f"{name}-dense.onnx"), ("sparse", tmp / f"{name}-sparse.onnx"),
-             ("depth", tmp / f"{name}-depth.onnx")]
-    dense_report = export_model(res.model, shape, files[0][1], dense=True, compact=False)
-    sparse_report = export_model(res.model, shape, files[1][1], autotune=autotune, compact=compact)
-    model, alpha, n = pipeline.depth_equivalent(res.recipe, target, divisor=divisor)
-    calibrate_bn(model, shape, *calibration)
-    export_model(model, shape, files[2][1], dense=True, compact=False)
-    notes = {"live_params": target, "depth_alpha": alpha, "depth_live_params": n, "depth_divisor": divisor,
-             "export": getattr(sparse_report, "to_json", lambda: str(sparse_report))(),
-             "dense_export": dense_report.to_json()}
+    files, variant_notes, reports = pipeline.export_model_variants(
+        res.model, res.recipe, tmp, ("dense", "sparse", "depth"), prefix=f"{name}-", depth_divisor=divisor,
+        autotune=autotune, compact=compact, prepare=lambda m: calibrate_bn(m, shape, *calibration))
+    depth = variant_notes["depth"]
+    notes = {"live_params": depth["target_live_params"], "depth_alpha": depth["alpha"],
+             "depth_live_params": depth["live_params"], "depth_divisor": divisor,
+             "export": reports["sparse"].to_json(), "dense_export": reports["dense"].to_json()}
     return files, notes
 
 

@@ -132,46 +132,68 @@ def bench_variants(files: Sequence[tuple[str, Path]], progress: Any = None, **op
 
 def export_variants(run_dir: str | Path, out_dir: str | Path, variants: Sequence[str],
                     progress: Any | None = None) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
-    """Export the requested variants of a run into ``out_dir``; returns [(label, path)] and notes per variant.
-
-    The run is loaded once. ``depth`` is skipped (with a note) for runs whose method masks no
-    connections (``MethodConfig.masked``: depth-multiplier, none).
-    """
-    from .methods import method_class
+    """Export the requested variants of a run into ``out_dir`` as ``VARIANT.onnx``; returns
+    [(label, path)] and notes per variant (``export_model_variants``; the run is loaded once)."""
     from .passes.rules import with_user_rules
     from .rundir import load_run
+
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    named = {k: v for k, v in (run.recipe.rules or {}).items() if not v.startswith("custom:")}
+    files, notes, _ = export_model_variants(run.model, run.recipe, out_dir, variants, run_dir=run_dir,
+                                            rules=with_user_rules(named) if named else None, progress=progress)
+    return files, notes
+
+
+def export_model_variants(model: Any, recipe: Any, out_dir: str | Path, variants: Sequence[str], *,
+                          rules: Any = None, run_dir: str | Path | None = None, prefix: str = "",
+                          depth_divisor: int = 1, autotune: bool = False, compact: bool = True,
+                          prepare: Any | None = None, progress: Any | None = None,
+                          ) -> tuple[list[tuple[str, Path]], dict[str, Any], dict[str, Any]]:
+    """Export a transformed model (of ``recipe``) as the variants `bench` compares, into ``out_dir``
+    as ``{prefix}{variant}.onnx``: ``dense`` (plain Convs of the masked weights), ``compact`` (dense,
+    empty channels removed), ``sparse`` (SparseConv where it pays; ``autotune``: per layer by timing,
+    ``compact``: with compaction) and ``depth``, the depth-multiplied model with the same live
+    parameters (``depth_equivalent``; ``depth_divisor`` rounds its channel counts; ``run_dir``: where
+    a user's model file is looked up; ``prepare(model)`` is applied to it before export, e.g. to
+    calibrate BatchNorm). ``depth`` is skipped (with a note) for methods that mask no connections
+    (``MethodConfig.masked``: depth-multiplier, none).
+
+    Returns [(label, path)], notes per variant (``depth``: alpha, live_params, target_live_params,
+    divisor) and the ExportReport of each variant written. Raises UsageError for an unknown variant.
+    """
+    from .methods import method_class
     from .runtime.export import export_model
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    run = load_run(run_dir)
-    recipe = run.recipe
-    named = {k: v for k, v in (recipe.rules or {}).items() if not v.startswith("custom:")}
-    rules = with_user_rules(named) if named else None
+    variants = parse_variants(variants)
+    out_dir = Path(out_dir)
     files: list[tuple[str, Path]] = []
     notes: dict[str, Any] = {}
+    reports: dict[str, Any] = {}
     for i, name in enumerate(variants):
         if progress is not None:
             progress(f"exporting {name}", i, len(variants))
-        target = out_dir / f"{name}.onnx"
-        if name == "dense":
-            export_model(run.model, recipe.shapes, target, dense=True, compact=False, rules=rules)
-        elif name == "compact":
-            export_model(run.model, recipe.shapes, target, dense=True, compact=True, rules=rules)
-        elif name == "sparse":
-            export_model(run.model, recipe.shapes, target, rules=rules)
-        elif name == "depth":
+        target = out_dir / f"{prefix}{name}.onnx"
+        if name == "depth":
             if not method_class(recipe.method).masked:
                 notes["depth"] = f"skipped: the run's method is {recipe.method!r}, not sparse-random or psn"
                 continue
-            target_params = live_params(run.model)
-            model, alpha, n = depth_equivalent(recipe, target_params, run_dir=run_dir)
+            target_params = live_params(model)
+            depth, alpha, n = depth_equivalent(recipe, target_params, run_dir=run_dir, divisor=depth_divisor)
+            if prepare is not None:
+                prepare(depth)
             # the exact alpha: widths are ceil(alpha * C), so a rounded one (0.5 for 0.5000000000000001) rebuilds another model
-            notes["depth"] = {"alpha": alpha, "live_params": n, "target_live_params": target_params}
-            export_model(model, recipe.shapes, target, dense=True, compact=False)
+            notes["depth"] = {"alpha": alpha, "live_params": n, "target_live_params": target_params,
+                              "divisor": depth_divisor}
+            reports[name] = export_model(depth, recipe.shapes, target, dense=True, compact=False)
+        elif name == "sparse":
+            reports[name] = export_model(model, recipe.shapes, target, rules=rules, autotune=autotune, compact=compact)
+        else:
+            reports[name] = export_model(model, recipe.shapes, target, dense=True, compact=name == "compact", rules=rules)
         files.append((name, target))
     if progress is not None:
         progress("exported", len(variants), len(variants))
-    return files, notes
+    return files, notes, reports
 
 
 # ---------------------------------------------------------------- the one-command pipeline
