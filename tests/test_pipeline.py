@@ -116,3 +116,26 @@ def test_run_stopped_in_training_offers_no_resume_of_its_removed_directory(tmp_p
                      progress=stop, log=notes.append)
     assert not any("--resume" in n for n in notes), notes
     assert list(tmp_path.iterdir()) == []
+
+
+def test_model_variants_round_the_depth_model_and_prepare_it_before_export(tmp_path):
+    # the benchmark scripts' form: a model in memory, file names with a prefix, the depth model's
+    # channels rounded to multiples of 8 and calibrated (prepare) before its export
+    import onnx
+
+    from sparsify.api import transform
+
+    res = transform("zoo:lenet5", method="sparse-random", density=0.1, seed=0)
+    prepared = []
+    files, notes, reports = pipeline.export_model_variants(
+        res.model, res.recipe, tmp_path, ["sparse", "depth"], prefix="lenet5-", depth_divisor=8,
+        prepare=prepared.append)
+    assert [(label, p.name) for label, p in files] == [("sparse", "lenet5-sparse.onnx"), ("depth", "lenet5-depth.onnx")]
+    assert len(prepared) == 1 and prepared[0] is not res.model and notes["depth"]["divisor"] == 8
+    assert set(reports) == {"sparse", "depth"} and reports["sparse"].sparse_layers >= 1
+    graph = onnx.load(str(files[1][1])).graph
+    inits = {i.name: i for i in graph.initializer}
+    widths = [inits[n.input[1]].dims[0] for n in graph.node if n.op_type == "Conv"]
+    assert widths and all(w % 8 == 0 for w in widths), widths
+    with pytest.raises(UsageError, match="unknown variant 'thin'"):
+        pipeline.export_model_variants(res.model, res.recipe, tmp_path, ["thin"])
