@@ -113,6 +113,22 @@ class SparsifyTracer(fx.Tracer):
             node.meta["grad_disabled"] = True
         return node
 
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:  # type: ignore[override]
+        # A module built in forward (``nn.ReLU()(x)``, ``nn.Flatten()(x)``) is not in the model's
+        # hierarchy, so fx refused it ("module is not installed as a submodule"). One without
+        # weights or buffers is its forward's operations: traced through. One with them has new
+        # weights on every call, which no graph (nor a trained sparse model) can keep.
+        try:
+            self.path_of_module(m)
+        except NameError:
+            if next(itertools.chain(m.parameters(), m.buffers()), None) is not None:
+                raise _BuiltInForward(
+                    f"{type(m).__name__} is created inside forward with weights of its own, so every call "
+                    f"draws new ones that no trained or exported model can keep; create it in __init__ "
+                    f"(self.layer = {type(m).__name__}(...)) and call self.layer in forward") from None
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         t = type(m)
         if isinstance(m, SPARSE_LAYERS) or t.__name__ in self.leaf_types or f"{t.__module__}.{t.__qualname__}" in self.leaf_types:
@@ -428,10 +444,16 @@ def _failing_submodule(model: nn.Module, e: BaseException) -> nn.Module | None:
     return found
 
 
+class _BuiltInForward(Exception):
+    """A module with weights created inside forward (SparsifyTracer.call_module): the message says what to do."""
+
+
 def _untraceable_message(model: nn.Module, e: BaseException, leaf_types: Sequence[str], mode: str = "") -> str:
     """One line: where tracing failed, and the --leaf that helps (only when a submodule's forward failed)."""
     where = user_source_line(e)
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, _BuiltInForward):
+        return f"cannot trace {type(model).__name__}" + (f" at {where}" if where else "") + f": {msg}"
     head = (f"torch.fx cannot trace {type(model).__name__}" + (f" in {mode} mode" if mode else "")
             + (f" at {where}" if where else "")
             + f" ({type(e).__name__}: {msg})")

@@ -72,3 +72,42 @@ def test_untraceable_code_is_one_line_naming_the_user_line():
     with pytest.raises(TraceError) as e:
         trace(Branchy())
     assert "\n" not in str(e.value).strip() and "Branchy" in str(e.value)
+
+
+class BuiltInForward(nn.Module):
+    """Modules without state built in forward, as users write them: nn.ReLU()(x), nn.Flatten()(x),
+    a container of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = nn.ReLU()(self.c1(x))
+        x = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Hardswish())(x)
+        return self.fc(nn.Flatten()(x))
+
+
+def test_a_module_without_state_built_in_forward_is_traced_through():
+    # fx refused them ("module is not installed as a submodule"): a common way to write an activation
+    import sparsify
+
+    torch.manual_seed(0)
+    model, x = BuiltInForward().eval(), torch.randn(2, 3, 12, 12) * 2
+    gm = trace(model)
+    torch.testing.assert_close(gm(x), model(x))
+    assert not any(n.op == "call_module" and n.target not in ("c1", "fc") for n in gm.graph.nodes)
+    res = sparsify.transform(model, "depth-multiplier", alpha=0.5, input_shape=(1, 3, 12, 12))
+    assert res.model.c1.out_channels == 8 and res.model.fc.in_features == 8 * 4 * 4  # the flatten is followed
+
+
+def test_a_module_with_weights_built_in_forward_is_one_line_saying_to_build_it_in_init():
+    class FreshConv(nn.Module):
+        def forward(self, x):
+            return nn.Conv2d(3, 4, 3)(x)  # new random weights on every call
+
+    with pytest.raises(TraceError) as e:
+        trace(FreshConv())
+    msg = str(e.value)
+    assert "\n" not in msg.strip() and "Conv2d is created inside forward" in msg and "__init__" in msg, msg
+    assert "test_trace.py:" in msg
