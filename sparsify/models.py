@@ -198,11 +198,19 @@ def _file_input_shape(module: Any, path: Path) -> tuple[int, ...] | list[tuple[i
             x = fn()
         except (Exception, SystemExit) as e:
             raise ModelLoadError(f"{path}: example_input() raised {_where(e, path)}") from None
-        if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
-            return [tuple(t.shape) for t in x] if len(x) > 1 else tuple(x[0].shape)
-        if not isinstance(x, torch.Tensor):
+        tensors = list(x) if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x) else \
+            [x] if isinstance(x, torch.Tensor) else None
+        if tensors is None:
             raise ModelLoadError(f"{path}: example_input() must return a tensor or a tuple of tensors")
-        return tuple(x.shape)
+        exact = next((t for t in tensors if not t.is_floating_point()), None)
+        if exact is not None:
+            # sparsify feeds every input as float (tracing, export checks, bench, data): an index
+            # input (token ids into nn.Embedding) failed deep in tracing with advice about its shape
+            raise ModelLoadError(f"{path}: example_input() gives a tensor of dtype "
+                                 f"{str(exact.dtype).replace('torch.', '')} and shape {tuple(exact.shape)}, and sparsify feeds models float inputs (images, "
+                                 f"signals, features) only; give the model what its first layer reads as floats "
+                                 f"(e.g. the embeddings, with the nn.Embedding lookup outside the model)")
+        return [tuple(t.shape) for t in tensors] if len(tensors) > 1 else tuple(tensors[0].shape)
     return None
 
 

@@ -170,6 +170,19 @@ def test_example_input_is_picked_up(tmp_path):
     assert load_model(str(path)).input_shape == (5, 6)
 
 
+@pytest.mark.parametrize("second", [False, True])
+def test_an_index_input_is_one_clear_line_not_a_shape_error(tmp_path, second):
+    # token ids into nn.Embedding failed inside tracing ("Expected tensor for argument #1 'indices'
+    # to have ... Long, Int"), with advice to fix the shape
+    x = "torch.randint(0, 10, (1, 6))"
+    ret = f"(torch.zeros(1, 6), {x})" if second else x
+    path = write(tmp_path, "tokens.py", TINY + f"\ndef example_input():\n    return {ret}\n")
+    with pytest.raises(ModelLoadError) as e:
+        load_model(str(path))
+    msg = str(e.value)
+    assert "dtype int64 and shape (1, 6)" in msg and "float inputs" in msg and "\n" not in msg
+
+
 def test_no_input_shape_is_none(tmp_path):
     path = write(tmp_path, "noshape.py", TINY)
     assert load_model(str(path)).input_shape is None
