@@ -75,6 +75,15 @@ def _setitem(self: fx.Proxy, index: Any, value: Any) -> None:
 _InPlaceProxy.__setitem__ = _setitem  # type: ignore[attr-defined]
 
 
+def _len(self: fx.Proxy) -> int:
+    # list(x.chunk(4, 1)) asks for the length first: known for the splits SparsifyTracer.iter iterates
+    count = _pieces(self.node)
+    return count if count is not None else fx.Proxy.__len__(self)
+
+
+_InPlaceProxy.__len__ = _len  # type: ignore[attr-defined]
+
+
 class SparsifyTracer(fx.Tracer):
     """torch.fx tracer that keeps as leaves: sparse layers, the given module types, and every module
     a rule covers (a subclass of a known layer that does not override its forward is that layer);
@@ -113,6 +122,19 @@ class SparsifyTracer(fx.Tracer):
             node.meta["grad_disabled"] = True
         return node
 
+    def iter(self, obj: fx.Proxy) -> Iterator[fx.Proxy]:  # type: ignore[override]
+        # fx iterates a Proxy only when unpacked (``a, b = x.chunk(2, 1)``): ``for t in x.chunk(4, 1)``,
+        # ``list(...)``, ``sum(...)`` failed ("Proxy object cannot be iterated"). Splits whose number
+        # of pieces the call itself gives are iterated piece by piece; a chunk that yields fewer
+        # pieces than asked (6 channels in 4 chunks: 3) fails loudly when the graph first runs.
+        count = _pieces(obj.node)
+        if count is None:
+            return super().iter(obj)
+        pieces = [obj[i] for i in range(count)]
+        for piece in pieces:
+            piece.node.meta["iterated_split"] = count  # see propagate_shapes
+        return iter(pieces)
+
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:  # type: ignore[override]
         # A module built in forward (``nn.ReLU()(x)``, ``nn.Flatten()(x)``) is not in the model's
         # hierarchy, so fx refused it ("module is not installed as a submodule"). One without
@@ -144,6 +166,30 @@ class SparsifyTracer(fx.Tracer):
         if (self.rules or DEFAULT_RULES).rule_for_module(m) is not None:
             return True
         return super().is_leaf_module(m, qualname)
+
+
+_SPLITS = {"chunk": ("chunks", 0), "split": ("split_size_or_sections", 0), "split_with_sizes": ("split_sizes", 1),
+           "tensor_split": ("indices_or_sections", 1)}  # the argument giving the pieces, and what a list adds
+
+
+def _pieces(node: fx.Node) -> int | None:
+    """How many pieces a traced split yields when its call says so (``chunk(4, 1)``, ``split([8, 8], 1)``,
+    ``tensor_split([4, 12], 1)``); None when that depends on a size (``unbind``, ``split(8, 1)``)."""
+    if node.op == "call_method":
+        name, args = node.target, node.args[1:]
+    elif node.op == "call_function" and getattr(node.target, "__module__", None) in ("torch", "torch.functional"):
+        name, args = getattr(node.target, "__name__", ""), node.args[1:]
+    else:
+        return None
+    if name not in _SPLITS:
+        return None
+    key, extra = _SPLITS[name]
+    given = args[0] if args else node.kwargs.get(key, node.kwargs.get("sections", node.kwargs.get("indices")))
+    if isinstance(given, (list, tuple)) and all(isinstance(v, int) for v in given):
+        return len(given) + extra if name == "tensor_split" else len(given)
+    if isinstance(given, int) and name in ("chunk", "tensor_split"):
+        return given
+    return None
 
 
 def _with_hooks(module: nn.Module, forward: Any) -> Any:
@@ -1044,6 +1090,12 @@ def propagate_shapes(gm: fx.GraphModule, example: Any, rewritten: bool = False) 
                 msg = str(f.error).splitlines()[0] if str(f.error) else type(f.error).__name__
                 mode_text = " in training mode" if graph is not gm.graph else ""
                 n_in = sum(1 for n in graph.nodes if n.op == "placeholder")
+                count = f.node.meta.get("iterated_split")
+                if count is not None and isinstance(f.error, IndexError):
+                    raise TraceError(f"the model iterates over a split of {count} pieces" + (f" at {where}" if where else "")
+                                     + f" that gives fewer for an input of shape {shape_text(example)} (chunk gives "
+                                     "fewer when the size does not divide evenly); split with explicit sizes "
+                                     "(x.split([a, b], dim)) or unpack a fixed number of pieces") from None
                 hint = ("" if rewritten else "; give the right shape with --input-shape N,C,H,W" if n_in == len(inputs)
                         else f"; the model takes {n_in} inputs but {len(inputs)} shape(s) were given; give one shape "
                         "per input, e.g. --input-shape \"1,3,32,32;1,3,32,32\" or INPUT_SHAPES in the model file")

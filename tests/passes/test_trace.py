@@ -111,3 +111,44 @@ def test_a_module_with_weights_built_in_forward_is_one_line_saying_to_build_it_i
     msg = str(e.value)
     assert "\n" not in msg.strip() and "Conv2d is created inside forward" in msg and "__init__" in msg, msg
     assert "test_trace.py:" in msg
+
+
+class IteratedSplits(nn.Module):
+    """Splits iterated as users write them: a loop over chunk, list(tensor_split), a comprehension
+    over split with sizes, sum() of a generator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        a = [t * (i + 1) for i, t in enumerate(torch.split(h, [4, 4, 8], 1))]
+        b = list(h.tensor_split([4, 12], dim=1))
+        c = sum(t.mean(1, keepdim=True) for t in torch.chunk(h, 2, 1))
+        for t in h.chunk(4, 1):
+            c = c + t[:, :1]
+        return self.c2(torch.cat([a[1], b[0]], 1) + c)
+
+
+def test_a_split_whose_call_gives_its_pieces_can_be_iterated():
+    # fx iterates a Proxy only when unpacked: these failed ("Proxy object cannot be iterated")
+    torch.manual_seed(0)
+    model, x = IteratedSplits().eval(), torch.randn(2, 3, 10, 10) * 2
+    gm = trace(model)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_a_chunk_that_gives_fewer_pieces_than_asked_says_so():
+    class Uneven(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 6, 1)
+
+        def forward(self, x):
+            return sum(t.mean(1) for t in self.c(x).chunk(4, 1))  # 6 channels: 3 chunks of 2
+
+    with pytest.raises(TraceError) as e:
+        propagate_shapes(trace(Uneven()), torch.randn(1, 3, 4, 4))
+    msg = str(e.value)
+    assert "split of 4 pieces" in msg and "test_trace.py:" in msg and "explicit sizes" in msg and "\n" not in msg
