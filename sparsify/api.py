@@ -14,8 +14,8 @@ from .errors import RunDirError, UsageError
 from .methods import METHODS, make_config
 from .passes.depth_multiplier import COUNTS, match_depth
 from .passes.rules import Registry, Rule
-from .passes.trace import (state_written_note, defaults_note, dropped_train_overrides, grad_mode_note, mode_differences,
-                           traced_constants, training_draws_note)
+from .passes.trace import (defaults_note, dropped_train_overrides, grad_mode_note, mode_differences, size_branches_note,
+                           state_written_note, traced_constants, training_draws_note)
 from .replay import apply_method, load_checked, replay_rules, rule_registry, trace_loaded
 from .report import layer_report, param_counts, with_ratios
 from .rundir import SUMMARY, Recipe, Run, default_run_dir, is_run_dir, load_run, read_recipe, save_run
@@ -103,10 +103,11 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     grad = grad_mode_note(traced.gm)
     draws = training_draws_note(traced.gm)
     written = state_written_note(traced.gm)
+    branches = size_branches_note(traced.gm)
     lost_train = dropped_train_overrides(loaded.module, traced.gm)
     constants = traced_constants(traced.gm)
     defaults = defaults_note(loaded.module, len(shapes))
-    notes = [n for n in (loaded.dtype_note, differs, grad, draws, written, lost_train, constants, defaults) if n] + list(result.notes) + \
+    notes = [n for n in (loaded.dtype_note, differs, grad, draws, written, branches, lost_train, constants, defaults) if n] + list(result.notes) + \
         _density_notes(params, result.layers)
     if source is not None:
         notes.append(f"started from the trained weights in {source['source']}: fine-tune with a smaller learning "

@@ -116,7 +116,7 @@ def trace_loaded(loaded: LoadedModel, input_shape: Any, seed: int, leaf_modules:
     materialize_lazy(loaded.module, example, seed)
     if prepare is not None:
         prepare(loaded.module)
-    gm = trace(loaded.module, leaf_modules, rules, n_inputs=len(shapes))
+    gm = trace(loaded.module, leaf_modules, rules, n_inputs=len(shapes), example=example)
     propagate_shapes(gm, example)
     return Traced(loaded, shapes, example, gm, rules)
 

@@ -29,7 +29,10 @@ class TracePass(GraphPass):
     def call(self, gm: nn.Module, example: Any) -> PassResult:
         import torch.fx as fx
 
-        return PassResult(eval_graph_module(gm if isinstance(gm, fx.GraphModule) else trace(gm)))
+        if isinstance(gm, fx.GraphModule):
+            return PassResult(eval_graph_module(gm))
+        n_inputs = len(example) if isinstance(example, (tuple, list)) else 1
+        return PassResult(eval_graph_module(trace(gm, n_inputs=n_inputs, example=example)))
 
     def ensures(self, original: nn.Module, result: PassResult, example: Any) -> None:
         """Tracing checks itself (it fails on what it cannot follow)."""

@@ -41,6 +41,10 @@ TENSOR_FACTORIES = (torch.rand, torch.randn, torch.randint, torch.randperm, torc
                     torch.full, torch.arange, torch.linspace, torch.eye)
 
 
+# nn.Module's methods before a trace patches them (SparsifyTracer._decide runs modules mid-trace)
+_ORIG_MODULE_CALL, _ORIG_MODULE_GETATTR = torch.nn.Module.__call__, torch.nn.Module.__getattr__
+
+
 class _InPlaceProxy(fx.Proxy):
     """A Proxy whose augmented assignments stay in place: fx's Proxy has no ``__iadd__``, so Python ran
     ``x += y`` as ``x = x + y`` and an alias of ``x`` (``skip = x`` before it) kept the old value, where
@@ -102,6 +106,10 @@ class SparsifyTracer(fx.Tracer):
         # constants that training never updates, and in-place updates of a buffer ran on the
         # user's module as it was traced.
         self.proxy_buffer_attributes = True
+        # The example inputs by forward's parameter names (``trace(example=...)``): Python control
+        # flow on sizes is decided on them (``to_bool``) and each branch recorded in size_branches.
+        self.example: dict[str, torch.Tensor] = {}
+        self.size_branches: list[str] = []
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InPlaceProxy(node, self)
@@ -121,6 +129,70 @@ class SparsifyTracer(fx.Tracer):
         if kind in ("call_function", "call_method", "call_module") and not torch._C.is_grad_enabled():
             node.meta["grad_disabled"] = True
         return node
+
+    def to_bool(self, obj: fx.Proxy) -> bool:  # type: ignore[override]
+        # Python control flow on a traced value: ``assert x.shape[1] == 3``, ``if x.shape[-1] % 8:``,
+        # ``if up.shape != skip.shape:`` (UNets). fx refused them all. A condition computed from
+        # sizes only is decided on the example inputs (their shapes run through the graph so far,
+        # under FakeTensorMode) and the branch it takes is traced; one that reads tensor values
+        # (``if x.sum() > 0:``) still cannot be traced. A condition that changes with the batch size
+        # (the batch dimension stays dynamic in training and export) is refused.
+        if not self.example:
+            return super().to_bool(obj)
+        user = inspect.currentframe().f_back.f_back  # Proxy.__bool__, then the code that branches
+        where = user_source_line("".join(traceback.format_stack(user)))
+        try:
+            value = self._decide(obj.node)
+            other = self._decide(obj.node, batch_delta=1)
+        except Exception:
+            return super().to_bool(obj)
+        if value != other:
+            raise _Untraceable("the forward branches on the batch size, which stays free in training and export; "
+                               "compute that branch with torch operations (torch.where) or keep the module that "
+                               "holds it opaque with --leaf TYPE")
+        if _is_assert(user):
+            if not value:
+                raise _Untraceable(f"an assert in forward fails for the example input of shape "
+                                   f"{shape_text(tuple(self.example.values()))}; give the shape the model expects "
+                                   f"with --input-shape")
+            return True
+        self.size_branches.append(where or "forward")
+        return value
+
+    def _decide(self, node: fx.Node, batch_delta: int = 0) -> bool:
+        """The value of ``node`` (a condition on sizes) for the example inputs, their batch grown by
+        ``batch_delta``: its ancestors in the graph traced so far run on fake tensors."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        needed: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n not in needed:
+                needed.add(n)
+                stack.extend(n.all_input_nodes)
+        graph, env = fx.Graph(), {}
+        placeholders = []
+        for n in self.graph.nodes:
+            if n in needed:
+                env[n] = graph.node_copy(n, lambda a: env[a])
+                if n.op == "placeholder":
+                    placeholders.append(self.example[n.target])  # KeyError: not an example input
+        graph.output(env[node])
+        gm = fx.GraphModule(self.root, graph)
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        # The trace in progress has patched nn.Module's __call__ and __getattr__ (a module call or a
+        # parameter read would become nodes of the graph being traced): the originals run these.
+        patched = torch.nn.Module.__call__, torch.nn.Module.__getattr__
+        torch.nn.Module.__call__, torch.nn.Module.__getattr__ = _ORIG_MODULE_CALL, _ORIG_MODULE_GETATTR
+        try:
+            # eval mode: a BatchNorm leaf of the training trace must not update its statistics
+            with _quiet("torch._subclasses.fake_tensor"), eval_mode(self.root), mode:
+                inputs = [mode.from_tensor(x) if not batch_delta else
+                          torch.empty((x.shape[0] + batch_delta, *x.shape[1:]), dtype=x.dtype) for x in placeholders]
+                return bool(fx.Interpreter(gm).run(*inputs))
+        finally:
+            torch.nn.Module.__call__, torch.nn.Module.__getattr__ = patched
 
     def iter(self, obj: fx.Proxy) -> Iterator[fx.Proxy]:  # type: ignore[override]
         # fx iterates a Proxy only when unpacked (``a, b = x.chunk(2, 1)``): ``for t in x.chunk(4, 1)``,
@@ -144,7 +216,7 @@ class SparsifyTracer(fx.Tracer):
             self.path_of_module(m)
         except NameError:
             if next(itertools.chain(m.parameters(), m.buffers()), None) is not None:
-                raise _BuiltInForward(
+                raise _Untraceable(
                     f"{type(m).__name__} is created inside forward with weights of its own, so every call "
                     f"draws new ones that no trained or exported model can keep; create it in __init__ "
                     f"(self.layer = {type(m).__name__}(...)) and call self.layer in forward") from None
@@ -166,6 +238,20 @@ class SparsifyTracer(fx.Tracer):
         if (self.rules or DEFAULT_RULES).rule_for_module(m) is not None:
             return True
         return super().is_leaf_module(m, qualname)
+
+
+def _is_assert(frame: Any) -> bool:
+    """Whether the code in ``frame`` converts a value to bool for an ``assert`` (the jump over the
+    raise of an AssertionError follows)."""
+    from bisect import bisect_left
+
+    insts = list(dis.get_instructions(frame.f_code))
+    i = bisect_left(insts, frame.f_lasti, key=lambda x: x.offset)
+    if i >= len(insts) or "JUMP" not in insts[i].opname:
+        return False
+    # `assert c`: the jump skips the raise that follows; `assert a and b`: the jump goes to it
+    target = next((inst for inst in insts if inst.offset == insts[i].argval), None)
+    return insts[i + 1].opname == "LOAD_ASSERTION_ERROR" or (target is not None and target.opname == "LOAD_ASSERTION_ERROR")
 
 
 _SPLITS = {"chunk": ("chunks", 0), "split": ("split_size_or_sections", 0), "split_with_sizes": ("split_sizes", 1),
@@ -490,15 +576,16 @@ def _failing_submodule(model: nn.Module, e: BaseException) -> nn.Module | None:
     return found
 
 
-class _BuiltInForward(Exception):
-    """A module with weights created inside forward (SparsifyTracer.call_module): the message says what to do."""
+class _Untraceable(Exception):
+    """Why tracing cannot go on, with what to do (a module with weights built in forward, a branch on
+    the batch size, a failing assert): reported as it is, without the generic advice."""
 
 
 def _untraceable_message(model: nn.Module, e: BaseException, leaf_types: Sequence[str], mode: str = "") -> str:
     """One line: where tracing failed, and the --leaf that helps (only when a submodule's forward failed)."""
     where = user_source_line(e)
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if isinstance(e, _BuiltInForward):
+    if isinstance(e, _Untraceable):
         return f"cannot trace {type(model).__name__}" + (f" at {where}" if where else "") + f": {msg}"
     head = (f"torch.fx cannot trace {type(model).__name__}" + (f" in {mode} mode" if mode else "")
             + (f" at {where}" if where else "")
@@ -506,8 +593,8 @@ def _untraceable_message(model: nn.Module, e: BaseException, leaf_types: Sequenc
     sub = _failing_submodule(model, e)
     if sub is None:
         return (head + f"; the failing code is in {type(model).__name__}'s own forward, where --leaf cannot help: "
-                "make it traceable (no if / assert / loop on tensor values or sizes: x.shape[1] is traced "
-                "too) or move it into a submodule "
+                "make it traceable (no if / assert / loop on tensor values; one on sizes is decided on the "
+                "example input) or move it into a submodule "
                 "and keep that opaque with --leaf MODULE_TYPE")
     name = type(sub).__name__
     advice = f"; keep {name} opaque with --leaf {name}"
@@ -736,15 +823,18 @@ def _grad_mode_reads(answer: bool | None, seen: list[str]) -> Iterator[None]:
 
 def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any, mode: str = "",
                 defaults: dict[str, Any] | None = None, grad_enabled: bool | None = None,
-                grad_reads: list[str] | None = None, written: list[str] | None = None) -> tuple[SparsifyTracer, fx.Graph]:
+                grad_reads: list[str] | None = None, written: list[str] | None = None,
+                example: dict[str, torch.Tensor] | None = None) -> tuple[SparsifyTracer, fx.Graph]:
     """One symbolic trace. The model's calls of ``torch.is_grad_enabled()`` are recorded in
     ``grad_reads`` and read ``grad_enabled`` (None: the real mode, on; False: as under
     ``torch.no_grad()``, while the tracer still sees the model's own no-grad regions); buffers the
     forward wrote in place as plain tensors and attributes it changed go into ``written`` (``_buffers_kept``,
-    ``_attributes_kept``)."""
+    ``_attributes_kept``). ``example``: the example inputs by parameter name, on which conditions on
+    sizes are decided (``SparsifyTracer.to_bool``)."""
     graph = None
     for proxy_buffers in (True, False):
         tracer = SparsifyTracer(leaf_types, rules)
+        tracer.example = dict(example or {})
         # A buffer in Python control flow (``if not self.initialized:``) cannot be a graph value: then
         # buffers are read as the tensors they are (computed values become constants, see
         # ``traced_constants``).
@@ -807,7 +897,7 @@ def global_hooks_message() -> str | None:
 
 
 def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
-          n_inputs: int | None = None) -> fx.GraphModule:
+          n_inputs: int | None = None, example: Any = None) -> fx.GraphModule:
     """Symbolically trace ``model`` in eval mode and in training mode (a GraphModule is returned as is).
 
     When both traces are the same program the result is a plain GraphModule; otherwise a
@@ -815,7 +905,9 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
     The model's own mode is restored and becomes the result's mode. ``rules`` (a Registry): module
     types it has a rule for are kept as leaves too. The graph's inputs are forward's first
     ``n_inputs`` parameters (default: those without a default); the others keep their defaults
-    (``forward_defaults``), baked into the graph.
+    (``forward_defaults``), baked into the graph. With ``example`` (a tensor, or a tuple with one per
+    input), Python control flow on sizes (``assert x.shape[1] == 3``, ``if x.shape[-1] % 8:``) is
+    decided on its shapes (``SparsifyTracer.to_bool``; the branches taken: ``size_branches_note``).
 
     Raises TraceError when global module hooks are registered (``global_hooks_message``) or the
     model cannot be traced.
@@ -826,20 +918,24 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
     if isinstance(model, fx.GraphModule):
         return model
     defaults = forward_defaults(model, n_inputs)
+    names = [p.name for p in _forward_parameters(model) or [] if p.kind in _POSITIONAL and p.name not in defaults]
+    inputs = dict(zip(names, as_inputs(example))) if example is not None else {}
+    branches: list[str] = []
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         grad_reads: list[str] = []
         written: list[str] = []
         tracer, eval_graph = _trace_once(model, leaf_types, rules, defaults=defaults, grad_reads=grad_reads,
-                                         written=written)
+                                         written=written, example=inputs)
+        branches += tracer.size_branches
         # Eval mode is inference (evaluation, export): a forward that reads torch.is_grad_enabled()
         # gets the eval graph of what it does under torch.no_grad(); training runs with gradients.
         reads_grad = False
         if grad_reads:
             try:
                 no_grad_tracer, no_grad_graph = _trace_once(model, leaf_types, rules, "eval mode under torch.no_grad()",
-                                                            defaults, grad_enabled=False)
+                                                            defaults, grad_enabled=False, example=inputs)
                 reads_grad = _program(no_grad_graph) != _program(eval_graph)
             except TraceError:
                 pass  # it traces with gradients only: keep that graph
@@ -848,7 +944,9 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
         model.train()
         held = [n for n, m in model.named_modules() if n and not m.training]  # what the model's train() holds
         before = _random_states()
-        _, train_graph = _trace_once(model, leaf_types, rules, "training", defaults, written=written)
+        train_tracer, train_graph = _trace_once(model, leaf_types, rules, "training", defaults, written=written,
+                                                example=inputs)
+        branches += train_tracer.size_branches
         draws_in_training = _random_states() != before
     finally:
         for m, training in modes.items():
@@ -867,6 +965,8 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
     gm.meta["reads_grad_mode"] = reads_grad  # see grad_mode_note
     gm.meta["draws_in_training"] = draws_in_training  # see training_draws_note
     gm.meta["state_written"] = sorted(set(written))  # see state_written_note
+    gm.meta["size_branches"] = list(dict.fromkeys(branches))  # see size_branches_note
+    gm.meta["example_shapes"] = [tuple(x.shape) for x in inputs.values()]
     return gm
 
 
@@ -906,6 +1006,20 @@ def state_written_note(gm: fx.GraphModule) -> str | None:
             f"cannot follow: the traced model does not update {them}, and a branch on {them} is fixed as traced "
             f"(the first call's); keep such state in a buffer and compute the branch with torch operations "
             f"(torch.where) to keep it live")
+
+
+def size_branches_note(gm: fx.GraphModule) -> str | None:
+    """A one-line note naming where the forward branches on tensor sizes (``if x.shape[-1] % 8:``):
+    the branch the example input's shape takes is traced, so inputs of other spatial sizes, and
+    channel counts the depth multiplier changes, follow it too; None when it does not branch."""
+    where = gm.meta.get("size_branches") or []
+    if not where:
+        return None
+    shapes = gm.meta.get("example_shapes") or []
+    shape = "; ".join(str(tuple(s)) for s in shapes) or "the example input's"
+    return (f"the forward branches on tensor sizes ({', '.join(where[:3])}{' and more' if len(where) > 3 else ''}): "
+            f"the branch an input of shape {shape} takes is traced, so other input sizes (and channel counts "
+            f"the depth multiplier changes) take it too")
 
 
 def grad_mode_note(gm: fx.GraphModule) -> str | None:

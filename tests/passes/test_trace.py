@@ -8,6 +8,8 @@ import torch.nn as nn
 from sparsify.errors import TraceError
 from sparsify.passes.trace import graphs, mode_differences, node_shape, propagate_shapes, trace
 
+from size_branch_models import Branch, SizeBranches  # tests/passes is on sys.path (rootdir-less test module)
+
 
 class Block(nn.Module):
     def __init__(self) -> None:
@@ -152,3 +154,35 @@ def test_a_chunk_that_gives_fewer_pieces_than_asked_says_so():
         propagate_shapes(trace(Uneven()), torch.randn(1, 3, 4, 4))
     msg = str(e.value)
     assert "split of 4 pieces" in msg and "test_trace.py:" in msg and "explicit sizes" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("size", [15, 16])
+def test_branches_on_sizes_are_decided_on_the_example_input_and_noted(size):
+    # fx refused every one ("symbolically traced variables cannot be used as inputs to control flow")
+    from sparsify.passes.trace import size_branches_note
+
+    torch.manual_seed(0)
+    model = SizeBranches()
+    x = torch.randn(2, 3, size, size) * 2
+    gm = trace(model, n_inputs=1, example=x[:1])
+    for mode in ("eval", "train"):
+        getattr(model, mode)(), getattr(gm, mode)()
+        torch.manual_seed(1)
+        want = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(gm(x), want)  # batch 2 where the example had 1: the batch stays free
+    assert float(model.bn.num_batches_tracked) == 2  # only the two calls above: tracing ran none
+    note = size_branches_note(gm)
+    assert "size_branch_models.py:" in note and f"(1, 3, {size}, {size})" in note and "other input sizes" in note
+    assert len(gm.meta["size_branches"]) == 2  # the if statements; the assert is not a branch
+    assert size_branches_note(trace(Net(), example=torch.randn(1, 3, 8, 8))) is None
+
+
+@pytest.mark.parametrize("case", ["batch", "values", "assert"])
+def test_what_cannot_be_decided_on_the_example_is_one_line(case):
+    with pytest.raises(TraceError) as e:
+        trace(Branch(case), n_inputs=1, example=torch.randn(1, 3, 8, 8))
+    msg = str(e.value)
+    assert "\n" not in msg and "size_branch_models.py:" in msg
+    assert {"batch": "branches on the batch size", "values": "tensor values",
+            "assert": "an assert in forward fails for the example input of shape (1, 3, 8, 8)"}[case] in msg, msg

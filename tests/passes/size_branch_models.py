@@ -1,0 +1,44 @@
+"""Models whose forward asserts and branches on sizes, for test_trace.py. Kept out of the test
+module: pytest rewrites the asserts of test modules into code without Python's assert bytecode,
+which is what tracing recognises an assert by."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class SizeBranches(nn.Module):
+    """Python control flow on sizes as users write it: asserts on the input, a UNet's resize of the
+    upsampled map to its skip connection, padding to a multiple of 8, with BatchNorm before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down, self.bn = nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+        self.up, self.out = nn.ConvTranspose2d(16, 16, 2, stride=2), nn.Conv2d(19, 8, 3, padding=1)
+
+    def forward(self, x):
+        assert x.dim() == 4 and x.shape[1] == 3, "expects NCHW RGB"
+        u = self.up(torch.relu(self.bn(self.down(x))))
+        if u.shape[-2:] != x.shape[-2:]:
+            u = nn.functional.interpolate(u, size=x.shape[-2:])
+        y = self.out(torch.cat([u, x], 1))
+        if y.shape[-1] % 8 != 0:
+            y = nn.functional.pad(y, (0, 8 - y.shape[-1] % 8))
+        return y
+
+
+class Branch(nn.Module):
+    """One thing tracing cannot decide on the example input, by ``case``: a branch on the batch
+    size (training runs others), on tensor values, an assert the example fails."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case, self.c = case, nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        if self.case == "batch" and x.shape[0] == 1:
+            x = x * 2
+        if self.case == "values" and x.sum() > 0:
+            x = -x
+        assert self.case != "assert" or x.shape[-1] == 32, "needs 32 wide"
+        return self.c(x)
