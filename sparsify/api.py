@@ -32,6 +32,9 @@ class TransformResult:
     recipe: Recipe
     summary: dict[str, Any]
     source_file: Path | None = None
+    # the user's trained values of the tensors the graph does not hold (read as values while tracing:
+    # `if self.use_extra:`, `x * float(self.gain)`), which a rebuild from the file must trace with
+    traced_state: dict[str, Any] | None = None
 
 
 def transform(model: str | nn.Module, method: str = "sparse-random", *, density: float | None = None,
@@ -119,7 +122,11 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
                     source_imports=dict(loaded.source_imports or {}),
                     input_shapes=[list(s) for s in shapes] if len(shapes) > 1 else None, rules=rule_record,
                     weights=source)
-    return TransformResult(result.model, recipe, report, loaded.source_file)
+    traced_state = None
+    if weights is not None:
+        held = set(result.model.state_dict())
+        traced_state = {k: v for k, v in loaded.module.state_dict().items() if k not in held} or None
+    return TransformResult(result.model, recipe, report, loaded.source_file, traced_state)
 
 
 def _check_seed(seed: int) -> None:
@@ -188,7 +195,8 @@ def transform_to_dir(model: str, method: str = "sparse-random", *, out: str | Pa
         check_output_dir(out, force)  # before the work: a directory that cannot be written, or is taken
     result = transform(model, method, **kwargs)
     path = Path(out) if out is not None else default_out(result.recipe)
-    save_run(path, result.recipe, result.model, result.summary, force=force, source_file=result.source_file)
+    save_run(path, result.recipe, result.model, result.summary, force=force, source_file=result.source_file,
+             traced_state=result.traced_state)
     return path, result
 
 

@@ -108,11 +108,12 @@ def depth_equivalent(recipe: Any, target_params: int, *, run_dir: str | Path | N
     from .methods import DepthMultiplierConfig
     from .passes.depth_multiplier import match_depth
     from .replay import apply_method, trace_recipe
-    from .rundir import MODEL_IMPORTS, MODEL_SOURCE, RECIPE
+    from .rundir import MODEL_IMPORTS, MODEL_SOURCE, RECIPE, TRACED_STATE
 
     run = Path(run_dir) if run_dir is not None else None
     traced = trace_recipe(recipe, run / MODEL_SOURCE if run else None, where=str(run / RECIPE) if run else "the recipe",
-                          imports_copy=run / MODEL_IMPORTS if run else None)
+                          imports_copy=run / MODEL_IMPORTS if run else None,
+                          traced_state=run / TRACED_STATE if run else None)
     alpha, _ = match_depth(traced.gm, traced.example, target_params, "total", divisor, traced.rules)
     model = apply_method(traced, DepthMultiplierConfig(alpha=alpha, divisor=divisor), recipe.seed).model
     return model, alpha, live_params(model)

@@ -184,9 +184,11 @@ def replay_rules(recipe: Any, rules: Mapping[Any, str | Rule] | None = None) -> 
 
 def trace_recipe(recipe: Any, source_copy: str | Path | None = None,
                  rules: Mapping[Any, str | Rule] | None = None, where: str = "the recipe",
-                 imports_copy: str | Path | None = None) -> Traced:
+                 imports_copy: str | Path | None = None, traced_state: str | Path | None = None) -> Traced:
     """The dense traced graph of a recipe's model (initial weights from its seed), before its method
-    (``source_copy``, ``imports_copy``: the run's copies of the user's file and its local imports)."""
+    (``source_copy``, ``imports_copy``: the run's copies of the user's file and its local imports;
+    ``traced_state``: a safetensors file of tensors loaded into the model before it is traced, the
+    trained values tracing read as values, ``rundir.TRACED_STATE``; ignored when missing)."""
     named = replay_rules(recipe, rules)
     source = replay_source(recipe, source_copy, imports_copy)
     with _replay_errors(where):
@@ -200,23 +202,30 @@ def trace_recipe(recipe: Any, source_copy: str | Path | None = None,
             why = str(e).removesuffix("; fix the file and retry")
             raise ModelLoadError(f"{source.changed} since the transform, so the run's copy was used, and {why}; "
                                  f"restore the file as it was, or transform again") from None
-        return trace_loaded(loaded, recipe.shapes, recipe.seed, recipe.leaf_modules, registry)
+        prepare = None
+        if traced_state is not None and Path(traced_state).is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(str(traced_state))
+            prepare = lambda module: module.load_state_dict(state, strict=False)  # noqa: E731
+        return trace_loaded(loaded, recipe.shapes, recipe.seed, recipe.leaf_modules, registry, prepare)
 
 
 def build_from_recipe(recipe: Any, source_copy: str | Path | None = None,
                       rules: Mapping[Any, str | Rule] | None = None, where: str = "the recipe",
-                      imports_copy: str | Path | None = None) -> fx.GraphModule:
+                      imports_copy: str | Path | None = None, traced_state: str | Path | None = None) -> fx.GraphModule:
     """Rebuild the graph a recipe describes (weights as initialised; load tensors on top).
 
     ``source_copy``, ``imports_copy``: the run's copies of a user's model file and of the local
-    modules it imports (used when the original moved or changed; ``replay_source``); ``rules``:
+    modules it imports (used when the original moved or changed; ``replay_source``);
+    ``traced_state``: see ``trace_recipe``; ``rules``:
     the Rule objects of a run transformed with custom rules (named rules replay by
     themselves); ``where``: the recipe's file, for messages. Raises ModelLoadError when the model
     cannot be built, RunDirError when the recipe cannot be replayed.
     """
     with _replay_errors(where):
         config = config_from_params(recipe.method, recipe.params)
-    traced = trace_recipe(recipe, source_copy, rules, where, imports_copy)
+    traced = trace_recipe(recipe, source_copy, rules, where, imports_copy, traced_state)
     with _replay_errors(where):
         model = apply_method(traced, config.resolve(traced.gm, traced.rules), recipe.seed).model
         model.meta.update(traced.gm.meta)  # what tracing found (trace.grad_mode_note, trace.training_draws_note)

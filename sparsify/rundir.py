@@ -40,6 +40,9 @@ WEIGHTS_INIT = "weights.init.safetensors"  # the run's initial state, kept when 
 SUMMARY = "summary.json"
 MODEL_SOURCE = "model_source.py"
 MODEL_IMPORTS = "model_imports"
+# The trained values (from --weights) of the model's tensors its graph does not hold, which tracing
+# read as values (`if self.use_extra:`): a rebuild loads them before it traces (replay.trace_recipe).
+TRACED_STATE = "traced_state.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -209,12 +212,16 @@ def read_summary(path: str | Path) -> dict[str, Any]:
 
 
 def save_run(path: str | Path, recipe: Recipe, model: nn.Module, summary: dict[str, Any],
-             force: bool = False, source_file: str | Path | None = None) -> Path:
-    """Write a new run directory atomically; refuse a non-empty ``path`` unless ``force``."""
+             force: bool = False, source_file: str | Path | None = None,
+             traced_state: dict[str, Any] | None = None) -> Path:
+    """Write a new run directory atomically; refuse a non-empty ``path`` unless ``force``.
+    ``traced_state``: tensors of the original model a rebuild traces with (``TRACED_STATE``)."""
     path = Path(path)
     with atomic_dir(path, force=force) as tmp:
         write_json(tmp / RECIPE, recipe.to_json())
         save_weights(tmp, model)
+        if traced_state:
+            save_state(tmp / TRACED_STATE, traced_state)
         shutil.copyfile(tmp / WEIGHTS, tmp / WEIGHTS_INIT)
         write_json(tmp / SUMMARY, summary)
         if source_file is not None:
@@ -227,12 +234,17 @@ def save_run(path: str | Path, recipe: Recipe, model: nn.Module, summary: dict[s
 
 def save_weights(run_dir: str | Path, model: nn.Module, name: str = WEIGHTS) -> Path:
     """Atomically (re)write the model's state dict into ``run_dir/name`` with safetensors."""
+    return save_state(Path(run_dir) / name, model.state_dict())
+
+
+def save_state(target: str | Path, state: dict[str, Any]) -> Path:
+    """Atomically write tensors by name into the safetensors file ``target``."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    target = Path(run_dir) / name
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    target = Path(target)
     with atomic_path(target) as tmp:
-        save_file(state, str(tmp), metadata={"format": str(FORMAT_VERSION)})
+        save_file(tensors, str(tmp), metadata={"format": str(FORMAT_VERSION)})
     return target
 
 
@@ -260,6 +272,6 @@ def load_run(path: str | Path, rules: Any = None) -> Run:
     p = Path(path)
     recipe = read_recipe(p)
     model = build_from_recipe(recipe, source_copy=p / MODEL_SOURCE, rules=rules, where=str(p / RECIPE),
-                              imports_copy=p / MODEL_IMPORTS)
+                              imports_copy=p / MODEL_IMPORTS, traced_state=p / TRACED_STATE)
     load_weights(model, p / WEIGHTS)
     return Run(path=p, recipe=recipe, model=model, summary=read_summary(p))

@@ -84,6 +84,55 @@ def test_weights_replay_and_api(trained):
     assert rel < 1e-6 and rel_replayed < 1e-6
 
 
+BUFFER_IN_PYTHON = """
+import torch, torch.nn as nn, torch.nn.functional as F
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 5)
+        self.register_buffer("use_extra", torch.tensor(False))
+        self.register_buffer("gain", torch.tensor(1.0))
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        if self.use_extra:  # read in Python: tracing takes the branch its value picks
+            x = x * float(self.gain)
+        return self.fc(x.mean((2, 3)))
+
+def build_model():
+    return Net()
+
+INPUT_SHAPE = (1, 3, 8, 8)
+"""
+
+
+@pytest.mark.parametrize("method", ["none", "sparse-random"])
+def test_trained_values_tracing_read_replay_with_the_run(method):
+    # the run was rebuilt from the file by tracing the fresh model: its `use_extra` False and gain
+    # 1.0, not the trained True and 2.5 (0.31 off the user's model, exit 0, export "verified")
+    Path("net.py").write_text(BUFFER_IN_PYTHON)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("net_under_test", "net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    user = module.build_model().eval()
+    with torch.no_grad():
+        user.use_extra.fill_(True)
+        user.gain.fill_(2.5)
+    torch.save(user.state_dict(), "w.pt")
+    density = ["--density", "1.0"] if method != "none" else []
+    assert_ok(invoke("transform", "net.py", "--method", method, *density, "--weights", "w.pt", "--out", "runs/b"))
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2
+    with torch.no_grad():
+        want = user(x)
+        got = sparsify.load("runs/b").model.eval()(x)
+    assert want.std(0).mean() > 1e-3
+    torch.testing.assert_close(got, want)
+
+
 def test_train_force_restarts_from_the_initial_weights():
     assert_ok(invoke("transform", "zoo:lenet5", "--density", "0.1", "--out", "runs/l"))
     initial = Path("runs/l/weights.safetensors").read_bytes()
