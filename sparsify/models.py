@@ -216,7 +216,8 @@ def _file_input_shape(module: Any, path: Path) -> tuple[int, ...] | list[tuple[i
 
 def load_model(spec: str | nn.Module, model_args: dict[str, Any] | None = None, seed: int = 0,
                imports_dir: Path | None = None, fresh: Sequence[str] = ()) -> LoadedModel:
-    """Build the model named by ``spec`` with ``torch.manual_seed(seed)`` so its initial weights replay.
+    """Build the model named by ``spec`` with every global generator seeded from ``seed`` (torch, random,
+    numpy: ``_seed_all``) so its initial weights, and any structure it draws, replay.
 
     For a file: ``imports_dir`` is searched first for its imports (a run's copies of them) and the
     modules named in ``fresh`` are read anew (see ``_UserImports``). Raises ModelLoadError."""
@@ -224,7 +225,7 @@ def load_model(spec: str | nn.Module, model_args: dict[str, Any] | None = None, 
     if isinstance(spec, nn.Module):
         return LoadedModel(spec, f"module:{type(spec).__name__}", type(spec).__name__.lower(),
                            None, None, None, None)
-    torch.manual_seed(seed)
+    _seed_all(seed)
     if spec.startswith(ZOO_PREFIX):
         from . import zoo
 
@@ -257,6 +258,19 @@ def load_model(spec: str | nn.Module, model_args: dict[str, Any] | None = None, 
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return LoadedModel(model, f"{path}:{factory_name}", path.stem, input_shape,
                        getattr(module, "NUM_CLASSES", None), path, digest, source_imports=local)
+
+
+def _seed_all(seed: int) -> None:
+    """Seed torch's, Python's and numpy's global generators: a model file that draws its structure
+    with ``np.random.permutation`` or ``random.sample`` (at import or in its factory) was built
+    differently by each rebuild of its run (two exports of one run differed by 0.045)."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def _torchvision_model(name: str, model_args: dict[str, Any]) -> LoadedModel:
