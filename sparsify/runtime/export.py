@@ -352,6 +352,25 @@ def make_autotuner(native: bool) -> onnx_sparse.Decide:
     return decide
 
 
+def _check_stateless(model: nn.Module, example: tuple[torch.Tensor, ...]) -> None:
+    """Raise ExportError when ``model`` (in eval mode) gives another output for the same input on its
+    second call: its forward updates state (``self.ema.mul_(0.5).add_(...)`` outside ``if
+    self.training:``), which an ONNX file cannot keep between runs (compaction and verification
+    failed on it with "please report it"). Runs a copy, twice."""
+    probe = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in probe.state_dict().items()}
+    first = _torch_outputs(probe, *example)
+    second = _torch_outputs(probe, *example)
+    if all(a.shape == b.shape and np.array_equal(a, b, equal_nan=True) for a, b in zip(first, second)):
+        return
+    changed = [k for k, v in probe.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    what = f"its forward updates {', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''}" if changed \
+        else "its forward draws random numbers or keeps state between calls"
+    raise ExportError(f"the model's eval-mode output changes from call to call on the same input ({what}), and an "
+                      f"ONNX file computes one output per input; make that training-only (if self.training:) "
+                      f"to export it")
+
+
 def _torch_outputs(model: nn.Module, *xs: torch.Tensor) -> list[np.ndarray]:
     """The model's output tensors, flattened (dicts, tuples, nested) in the exporter's order."""
     import torch.utils._pytree as pytree
@@ -574,6 +593,7 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
     reference = copy.deepcopy(model).eval().float()
     gen = torch.Generator().manual_seed(0)
     example = tuple(torch.randn(2, *s[1:], generator=gen) for s in shapes)
+    _check_stateless(reference, example)
     work = _prepare(model, example, compact, fold_bn, report, channel_align, rules)
     with torch.no_grad():
         y = work(*example)

@@ -176,6 +176,34 @@ def test_a_number_in_the_output_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+class RunningCentre(nn.Module):
+    """Updates a running mean in eval mode too (outside `if self.training:`), and subtracts it."""
+
+    def __init__(self, noisy: bool = False):
+        super().__init__()
+        self.c, self.fc, self.noisy = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 5), noisy
+        self.register_buffer("ema", torch.zeros(1, 8, 1, 1))
+
+    def forward(self, x):
+        x = torch.relu(self.c(x))
+        if self.noisy:
+            return self.fc((x + torch.randn_like(x)).mean((2, 3)))
+        self.ema.mul_(0.5).add_(0.5 * x.mean((0, 2, 3), keepdim=True))
+        return self.fc((x - self.ema).mean((2, 3)))
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_a_model_whose_eval_output_changes_between_calls_is_refused_in_one_line(tmp_path, noisy):
+    # compaction and verification failed on it with "the export is wrong, please report it"
+    model = RunningCentre(noisy).eval()
+    with pytest.raises(ExportError) as e:
+        export_model(model, (1, 3, 8, 8), tmp_path / "m.onnx")
+    msg = str(e.value)
+    assert "changes from call to call" in msg and ("updates ema" if not noisy else "draws random numbers") in msg
+    assert "report" not in msg and not (tmp_path / "m.onnx").exists()
+    assert float(model.ema.abs().sum()) == 0  # the user's model was not run
+
+
 class TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
