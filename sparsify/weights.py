@@ -2,8 +2,10 @@
 
 ``.pt``-style files are read with ``torch.load(weights_only=True)``: tensors and plain containers
 only, never pickled code. A checkpoint dict that holds the state dict under ``state_dict``,
-``model_state_dict`` or ``model`` (with other entries such as ``epoch`` beside it) is unwrapped, and
-the ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) key prefixes are removed.
+``model_state_dict`` or ``model`` (with other entries such as ``epoch`` beside it) is unwrapped; the
+``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) key prefixes are removed when the
+model's own names do not carry them, and tied weights saved once (safetensors' ``save_model``) fill
+every name that shares them.
 """
 from __future__ import annotations
 
@@ -67,10 +69,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 else f"a {type(obj).__name__}")
         raise ModelLoadError(f"--weights {path} holds {what}, not a state dict; save model.state_dict(), or a "
                              f"checkpoint dict with it under 'state_dict' or 'model'")
-    for prefix in PREFIXES:
-        if all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
     return obj
+
+
+def _fitted(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the wrappers' key prefixes removed (``module.`` of DataParallel, ``_orig_mod.`` of
+    torch.compile, nested too) as far as that names the model's keys (a model whose own submodule is
+    called ``module`` keeps its names), and with tied weights saved once
+    (``self.b.weight = self.a.weight`` written by safetensors' ``save_model`` under one name) under
+    each name that shares them."""
+    candidates = [state]  # each wrapper prefix peeled off in turn; the one naming most of the model's keys wins
+    while True:
+        prefix = next((p for p in PREFIXES if candidates[-1] and all(k.startswith(p) for k in candidates[-1])), None)
+        if prefix is None:
+            break
+        candidates.append({k[len(prefix):]: v for k, v in candidates[-1].items()})
+    state = max(candidates, key=lambda c: len(c.keys() & own.keys()))  # the first of equals: the least peeled
+    by_storage: dict[tuple[int, tuple[int, ...]], str] = {}
+    for k, v in own.items():
+        if k in state:
+            by_storage.setdefault((v.data_ptr(), tuple(v.shape)), k)
+    tied = {k: state[by_storage[(v.data_ptr(), tuple(v.shape))]] for k, v in own.items()
+            if k not in state and v.numel() and (v.data_ptr(), tuple(v.shape)) in by_storage}
+    return {**state, **tied}
 
 
 def _names(keys: list[str]) -> str:
@@ -87,6 +108,7 @@ def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
     ``num_batches_tracked`` counters may be absent from the file (older PyTorch omits them).
     """
     own = module.state_dict()
+    state = _fitted(state, own)
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} is {list(state[k].shape)} in the file, {list(own[k].shape)} in the model"

@@ -172,3 +172,57 @@ def test_old_run_without_initial_weights_still_trains_and_says_so():
     r = invoke("train", "runs/old", *quick, "--force")
     assert_ok(r)
     assert "no weights.init.safetensors" in r.output
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.c1(x).mean((2, 3)))
+
+
+class _Wrapper(torch.nn.Module):
+    """An EMA-style wrapper: its own names start with `module.`."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = _Inner()
+
+    def forward(self, x):
+        return self.module(x)
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("case", ["own-module-prefix", "dataparallel-of-it", "tied-safetensors"])
+def test_weights_fit_a_model_named_module_and_tied_weights_saved_once(case):
+    # `module.` was stripped even from a model whose own names carry it (missing module.c1.weight,
+    # unexpected c1.weight), and safetensors' save_model writes tied weights once (missing b.weight)
+    from safetensors.torch import save_model
+
+    from sparsify.weights import apply_state_dict, read_state_dict
+
+    torch.manual_seed(1)
+    trained = _Tied() if case.startswith("tied") else _Wrapper()
+    if case == "tied-safetensors":
+        save_model(trained, "w.safetensors")
+        path = "w.safetensors"
+    else:
+        state = trained.state_dict()
+        torch.save({f"module.{k}": v for k, v in state.items()} if case == "dataparallel-of-it" else state, "w.pt")
+        path = "w.pt"
+    fresh = type(trained)()
+    apply_state_dict(fresh, read_state_dict(path), path, "the model")
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in fresh.state_dict().items())
+    if case.startswith("tied"):
+        assert fresh.b.weight is fresh.a.weight  # still tied
