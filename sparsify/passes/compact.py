@@ -30,7 +30,7 @@ from .base import GraphPass, PassResult, owner_of
 from .channel_graph import ChannelGraph, ChannelGroup
 from .rules import Const, ConstancyEnv, LayerRule, Member, Registry, Role
 from .rules.base import beyond_forward
-from .trace import as_inputs, eval_graph_module, propagate_shapes
+from .trace import Interpreter, as_inputs, eval_graph_module, propagate_shapes
 
 CERTIFICATE_TOLERANCE = 1e-5   # max abs error relative to the scale of a node's inputs and output
 MAX_ROUNDS = 8                 # removing unread channels can make more channels unread upstream
@@ -77,7 +77,7 @@ class CompactionReport:
 # Constancy: which channels carry the same number for every input
 
 
-class _Constancy(fx.Interpreter, ConstancyEnv):
+class _Constancy(Interpreter, ConstancyEnv):
     """Runs the graph; per node, which slices along one axis are input-independent (the op's rule
     decides), and their values."""
 
@@ -357,7 +357,7 @@ class _Lockstep:
     """Runs two GraphModules with the same graph structure node by node, freeing values as fx does."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
-        self.interp = fx.Interpreter(gm, garbage_collect_values=True)
+        self.interp = Interpreter(gm, garbage_collect_values=True)
         self.nodes = list(gm.graph.nodes)
 
     def start(self, inputs: tuple[torch.Tensor, ...]) -> None:

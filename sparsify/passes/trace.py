@@ -190,7 +190,7 @@ class SparsifyTracer(fx.Tracer):
             with _quiet("torch._subclasses.fake_tensor"), eval_mode(self.root), mode:
                 inputs = [mode.from_tensor(x) if not batch_delta else
                           torch.empty((x.shape[0] + batch_delta, *x.shape[1:]), dtype=x.dtype) for x in placeholders]
-                return bool(fx.Interpreter(gm).run(*inputs))
+                return bool(Interpreter(gm).run(*inputs))
         finally:
             torch.nn.Module.__call__, torch.nn.Module.__getattr__ = patched
 
@@ -1141,7 +1141,18 @@ class _NodeFailure(Exception):
         self.node, self.error = node, error
 
 
-class _ShapeRecorder(fx.Interpreter):
+class Interpreter(fx.Interpreter):
+    """fx.Interpreter that gives a ``**kwargs`` placeholder an empty dict: fx gives it the leftover
+    positional arguments as a list, so ``forward(self, x, **kw)`` reading ``kw.get("scale", 2.0)``
+    failed ("'list' object has no attribute 'get'")."""
+
+    def placeholder(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if isinstance(target, str) and target.startswith("**"):
+            return {}
+        return super().placeholder(target, args, kwargs)
+
+
+class _ShapeRecorder(Interpreter):
     """Runs the graph and records ``tensor_meta`` on each node (torch's ShapeProp prints tracebacks)."""
 
     def run_node(self, n: fx.Node) -> Any:

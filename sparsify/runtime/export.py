@@ -14,6 +14,7 @@ the user's fx node and source line. It costs ~0.6 s per export, which is fine he
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import re
@@ -256,7 +257,7 @@ def _torch_export(module: nn.Module, example: tuple[torch.Tensor, ...], outputs:
             program = torch.onnx.export(
                 module, tuple(example), dynamo=True, opset_version=OPSET, verbose=False, optimize=True,
                 input_names=_input_names(module, len(example)),
-                dynamic_shapes=tuple({0: batch} for _ in example), external_data=False, **kwargs,
+                dynamic_shapes=_dynamic_batch(module, len(example), batch), external_data=False, **kwargs,
             )
     except Exception as e:
         raise ExportError(_explain_failure(module, e)) from None
@@ -264,6 +265,23 @@ def _torch_export(module: nn.Module, example: tuple[torch.Tensor, ...], outputs:
         logging.getLogger("torch").setLevel(level)
     _check_dynamic_batch(program.model_proto, example)
     return program.model_proto
+
+
+def _dynamic_batch(module: nn.Module, n: int, batch: Any) -> tuple[Any, ...]:
+    """torch.export's ``dynamic_shapes`` for ``n`` inputs, axis 0 free: one entry per parameter of
+    ``module.forward``, a tuple of them for a ``*xs`` parameter (``forward(self, *xs)`` failed with
+    "inputs has 1 elements, but dynamic_shapes has 2")."""
+    entries: list[Any] = []
+    for p in inspect.signature(module.forward).parameters.values():
+        if len(entries) >= n and p.kind != inspect.Parameter.VAR_POSITIONAL:
+            break
+        if p.kind == inspect.Parameter.VAR_POSITIONAL:
+            rest = n - len(entries)
+            entries.append(tuple({0: batch} for _ in range(rest)))
+            return tuple(entries)
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            entries.append({0: batch})
+    return tuple(entries) if len(entries) == n else tuple({0: batch} for _ in range(n))
 
 
 def _check_dynamic_batch(model: onnx.ModelProto, example: tuple[torch.Tensor, ...]) -> None:

@@ -108,3 +108,45 @@ def test_more_shapes_than_forward_takes():
     write("fuse.py", TWO_REQUIRED)
     r = invoke("transform", "fuse.py", "--density", "0.5", "--input-shape", "1,3,8,8;1,1,8,8;1;1", "--out", "bad")
     assert_one_error_line(r, "takes at most 3 inputs but 4 input shapes were given", nothing_at=(Path("bad"),))
+
+
+VARIADIC = """
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, *xs, **options):
+        return self.b(torch.relu(self.a(xs[0]))) * options.get("scale", 2.0) + xs[1]
+
+
+def build_model():
+    torch.manual_seed(0)
+    return Net()
+
+
+INPUT_SHAPES = [(1, 3, 8, 8), (1, 8, 8, 8)]
+"""
+
+
+def test_star_args_and_kwargs_transform_and_export():
+    # forward(self, *xs) failed in torch.onnx ("inputs has 1 elements, but dynamic_shapes has 2") and
+    # **options reading .get() failed in shape propagation ("'list' object has no attribute 'get'")
+    import numpy as np
+
+    from sparsify.runtime.native import session
+
+    path = write("var.py", VARIADIC)
+    assert_ok(invoke("transform", "var.py", "--density", "0.5", "--out", "runs/v"))
+    assert_ok(invoke("export", "runs/v", "--out", "v.onnx"))
+    xs = [torch.randn(3, 3, 8, 8), torch.randn(3, 8, 8, 8)]
+    with torch.no_grad():
+        want = sparsify.load("runs/v").model.eval()(*xs).numpy()
+    sess = session("v.onnx")
+    got = sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), xs)})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.abs(want).max() > 0.1 and path.exists()
