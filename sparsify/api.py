@@ -11,13 +11,13 @@ import torch.nn as nn
 
 from ._io import check_output_dir
 from .errors import RunDirError, UsageError
-from .methods import METHODS, make_config
+from .methods import METHODS, make_config, method_class
 from .passes.depth_multiplier import COUNTS, match_depth
 from .passes.rules import Registry, Rule
 from .passes.trace import (defaults_note, dropped_train_overrides, grad_mode_note, mode_differences, size_branches_note,
                            state_written_note, traced_constants, training_draws_note)
 from .replay import apply_method, load_checked, replay_rules, rule_registry, trace_loaded
-from .report import layer_report, param_counts, with_ratios
+from .report import functional_note, layer_report, param_counts, with_ratios
 from .rundir import SUMMARY, Recipe, Run, default_run_dir, is_run_dir, load_run, read_recipe, save_run
 
 __all__ = ["METHODS", "TransformResult", "transform", "transform_to_dir", "default_out", "load", "inspect",
@@ -112,6 +112,9 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     defaults = defaults_note(loaded.module, len(shapes))
     notes = [n for n in (loaded.dtype_note, differs, grad, draws, written, branches, lost_train, constants, defaults) if n] + list(result.notes) + \
         _density_notes(params, result.layers)
+    functional = functional_note(report) if method_class(method).masked else None
+    if functional:
+        notes.append(functional)
     if source is not None:
         notes.append(f"started from the trained weights in {source['source']}: fine-tune with a smaller learning "
                      f"rate than training from scratch, e.g. train --lr 0.01")

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from .nn import SPARSE_LAYERS
 from .passes.channel_graph import classifier_node, weight_nodes
@@ -76,6 +77,7 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
             "classifier": node is clf,
             "sparse": isinstance(m, SPARSE_LAYERS),
         })
+    functional = functional_layers(gm)
     weight_names = {l["name"] + ".weight" for l in layers} | {l["name"] + ".bias" for l in layers}
     eval_params = _params_used(gm, gm.graph)
     train_params = set().union(*(_params_used(gm, g) for g in graphs(gm)[1:]))
@@ -87,8 +89,8 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
     totals = {
         "params": total_params,
         "params_no_classifier": total_params - clf_params,
-        "macs": sum(l["macs"] for l in layers),
-        "macs_no_classifier": sum(l["macs"] for l in layers if not l["classifier"]),
+        "macs": sum(l["macs"] for l in layers) + sum(f["macs"] for f in functional),
+        "macs_no_classifier": sum(l["macs"] for l in layers if not l["classifier"]) + sum(f["macs"] for f in functional),
         "dense_params": sum(l["dense_params"] - l["params"] + c for l, c in zip(layers, counted)) + other,
         "weight_layers": len(layers),
         "sparse_layers": sum(l["sparse"] for l in layers),
@@ -98,9 +100,56 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
     if train_only:
         totals["train_only_params"] = train_only
     report = {"input_shape": list(batch1[0]), "layers": layers, "totals": totals}
+    if functional:
+        report["functional"] = functional
     if len(batch1) > 1:
         report["input_shapes"] = [list(s) for s in batch1]
     return report
+
+
+_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+_TRANSPOSED = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+
+
+def functional_layers(gm: fx.GraphModule) -> list[dict[str, Any]]:
+    """Convolutions and linear maps the eval graph runs as functions (``F.conv2d(x, self.c3.weight *
+    self.m3)``, ``self.c2.forward(x)``, ``F.linear``), not as module calls: their weight (the get_attr
+    name, else the node computing it) and dense MACs at batch 1 (shapes recorded). Masks never cover
+    them; the totals count them so the ratios to dense stay true."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _CONVS | _TRANSPOSED | {F.linear}:
+            continue
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        ws, out = node_shape(w) if isinstance(w, fx.Node) else None, node_shape(node)
+        xs = node_shape(x) if isinstance(x, fx.Node) else None
+        if ws is None or out is None:
+            continue
+        if node.target is F.linear:
+            spatial = math.prod(out[1:-1]) if len(out) > 2 else 1
+        elif node.target in _TRANSPOSED:
+            spatial = math.prod(xs[2:]) if xs is not None else 0
+        else:
+            spatial = math.prod(out[2:])
+        # a computed weight (self.c3.weight * self.m3) by the parameter it is computed from
+        source = w if w.op == "get_attr" else next((a for a in w.all_input_nodes if a.op == "get_attr"), w)
+        found.append({"node": node.name, "op": node.target.__name__,
+                      "weight": source.target if source.op == "get_attr" else source.name,
+                      "macs": math.prod(ws) * spatial})
+    return found
+
+
+def functional_note(report: dict[str, Any]) -> str | None:
+    """A one-line note naming the weights the forward runs as functions (``functional_layers``), which
+    stay dense; None when there are none."""
+    found = report.get("functional") or []
+    if not found:
+        return None
+    names = list(dict.fromkeys(f"{f['weight']} ({f['op']})" for f in found))
+    return (f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''} run as functions in "
+            f"forward, not as module calls, and stay dense (counted in the MACs); call the module (self.layer(x)) "
+            f"to make such a layer sparse")
 
 
 def _params_used(gm: fx.GraphModule, graph: fx.Graph) -> set[str]:
