@@ -92,11 +92,17 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
         "macs": sum(l["macs"] for l in layers) + sum(f["macs"] for f in functional),
         "macs_no_classifier": sum(l["macs"] for l in layers if not l["classifier"]) + sum(f["macs"] for f in functional),
         "dense_params": sum(l["dense_params"] - l["params"] + c for l, c in zip(layers, counted)) + other,
+        # every weight of every layer live: what "x of dense" divides by (with_ratios)
+        "dense_macs": sum(l["dense_macs"] for l in layers) + sum(f["macs"] for f in functional),
+        "dense_macs_no_classifier": sum(l["dense_macs"] for l in layers if not l["classifier"])
+        + sum(f["macs"] for f in functional),
         "weight_layers": len(layers),
         "sparse_layers": sum(l["sparse"] for l in layers),
         "empty_out": sum(l["empty_out"] for l in layers),
         "empty_in": sum(l["empty_in"] for l in layers),
     }
+    totals["dense_params_no_classifier"] = totals["dense_params"] - sum(
+        l["dense_params"] - l["params"] + c for l, c in zip(layers, counted) if l["classifier"])
     if train_only:
         totals["train_only_params"] = train_only
     report = {"input_shape": list(batch1[0]), "layers": layers, "totals": totals}
@@ -172,10 +178,13 @@ def input_shapes(input_shape: Any) -> list[tuple[int, ...]]:
 
 
 def with_ratios(report: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]:
-    """Add ratios of the totals to those of the dense ``original`` report."""
+    """Add ratios of the totals to those of the dense ``original`` model: every weight of its layers
+    counted (``dense_*`` totals), so a user's weights with zeroed filters do not shrink the
+    denominator (a density-1 model read 1.55x of dense). Reports of older runs without them divide by
+    the original's live counts."""
     ratios = {}
     for key in ("params", "params_no_classifier", "macs", "macs_no_classifier"):
-        o = original["totals"].get(key) or 0
+        o = original["totals"].get(f"dense_{key}", original["totals"].get(key)) or 0
         ratios[key] = report["totals"][key] / o if o else None
     return {**report, "original_totals": original["totals"], "ratios": ratios}
 

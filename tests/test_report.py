@@ -112,3 +112,22 @@ def test_functional_convs_count_in_the_macs_and_sparse_methods_say_they_stay_den
     note = [n for n in result.summary["notes"] if "run as functions" in n]
     assert len(note) == 1 and "c2.weight (conv2d), c3.weight (conv2d)" in note[0], result.summary["notes"]
     assert result.summary["totals"]["macs"] > 0.9 * rep["totals"]["macs"]  # what stays dense is counted
+
+
+def test_ratios_divide_by_every_weight_of_the_dense_model():
+    # a user's weights with a third of the filters zeroed: the denominator counted nonzero weights
+    # only, so density 1 read "1.549x of dense" and density 0.5 "0.817x"
+    import sparsify
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.conv1.weight[::3] = 0
+        model.conv2.weight[:, ::3] = 0
+    for density, low, high in ((1.0, 0.99, 1.01), (0.5, 0.4, 0.6)):
+        result = sparsify.transform(model, "sparse-random", density=density, input_shape=(1, 3, 10, 10),
+                                    include_classifier=True, rescale_init=False)
+        ratios = result.summary["ratios"]
+        assert low < ratios["macs"] < high and low < ratios["params_no_classifier"] < high + 0.05, ratios
+    none = sparsify.transform(model, "none", input_shape=(1, 3, 10, 10)).summary
+    assert none["ratios"]["macs"] < 0.8  # the user's own zeros: fewer live connections than dense
