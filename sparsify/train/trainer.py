@@ -553,12 +553,23 @@ def recalibrate_bn(model: nn.Module, split: Split, batch_size: int, model_input:
     return BNRecalibration(list(estimate), kept)
 
 
+# One-sided p-value below which an accuracy counts as above chance: three standard deviations.
+CHANCE_P = 0.00135
+
+
 def at_chance(acc: float, num_classes: int, n: int) -> bool:
-    """True when accuracy ``acc`` on ``n`` examples is within three standard errors of guessing 1 of ``num_classes``."""
+    """True when accuracy ``acc`` on ``n`` examples is not significantly above guessing 1 of
+    ``num_classes``: the exact binomial test (``scipy.stats.binomtest``, one-sided) at ``CHANCE_P``."""
     if not math.isfinite(acc) or n <= 0 or num_classes < 2:
         return False
-    p = 1.0 / num_classes
-    return acc <= p + 3.0 * math.sqrt(p * (1 - p) / n)
+    from scipy.stats import binomtest
+
+    return binomtest(round(acc * n), n, 1.0 / num_classes, alternative="greater").pvalue >= CHANCE_P
+
+
+def too_few_to_tell(num_classes: int, n: int) -> bool:
+    """True when even a perfect score on ``n`` examples would not be significantly above chance."""
+    return num_classes >= 2 and 0 < n and at_chance(1.0, num_classes, n)
 
 
 def _check_divergence(train_loss: float, val_loss: float | None, start_loss: float | None, epoch: int,
@@ -808,8 +819,13 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
                                    cfg.model_output)
     warnings = list(schedule.notes())
     if at_chance(test_acc, data.num_classes, len(data.test)):
-        warnings.append(f"test accuracy {test_acc:.1%} is at chance: the model did not learn; retry with --force "
-                        f"--lr {cfg.learning_rate / 10:g}, or more --epochs")
+        if test_acc > 1.5 / data.num_classes or too_few_to_tell(data.num_classes, len(data.test)):
+            # well above the guessing rate, but on too few images to be sure: not "did not learn"
+            warnings.append(f"test accuracy {test_acc:.1%} on {len(data.test)} test examples cannot be told from "
+                            f"chance ({1 / data.num_classes:.1%}): too few to measure; test on more examples")
+        else:
+            warnings.append(f"test accuracy {test_acc:.1%} is at chance: the model did not learn; retry with "
+                            f"--force --lr {cfg.learning_rate / 10:g}, or more --epochs")
     result = {
         "schedule": cfg.schedule, "data": data.name, "epochs": cfg.epochs, "steps": plan.total_steps,
         "test_loss": test_loss, "test_acc": test_acc,

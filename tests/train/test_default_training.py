@@ -84,6 +84,11 @@ def test_at_chance_uses_the_binomial_noise_of_the_split():
     assert at_chance(0.12, 10, 144) and not at_chance(0.3, 10, 144)
     assert not at_chance(0.12, 10, 100_000)  # with many examples 12% is above chance
     assert not at_chance(float("nan"), 10, 144)
+    # 5 of 6 right among 3 classes is not significantly above chance, and neither would 6 of 6 be:
+    # too few examples to tell, which the warning says instead of "did not learn"
+    from sparsify.train.trainer import too_few_to_tell
+
+    assert at_chance(5 / 6, 3, 6) and too_few_to_tell(3, 6) and not too_few_to_tell(10, 144)
 
 
 @pytest.fixture(scope="module")
