@@ -166,7 +166,8 @@ training in progress is in RUN/checkpoints/ (last.pt, metrics.jsonl), which --re
         out.print_json(json.dumps({k: v for k, v in result.items()}))
         return
     dense = result.get("dense_layers") or 0
-    caption = (f"density, live connections: the {result.get('masked_layers')} masked layers; {dense} conv / "
+    masked = result.get("masked_layers")
+    caption = (f"density, live connections: the {masked} masked layer{'s' if masked != 1 else ''}; {dense} conv / "
                f"linear layer{'s are' if dense != 1 else ' is'} dense" if dense else None)
     table = Table(title=f"{run_dir}: {result['schedule']} on {result['data']}, {result['epochs']} epochs",
                   title_justify="left", caption=caption, caption_justify="left")

@@ -234,7 +234,15 @@ class ChannelGraph:
                 self.freeze_all(node, reason)
 
     def _shared_reason(self, place: str) -> str:
-        return f"{place} shares its parameters with {', '.join(self.shared[place])}"
+        # a module whose own weight the forward also reads (F.conv2d(x, self.c2.weight)) is one case
+        own = [o.removesuffix(" (read directly)") for o in self.shared[place]
+               if o.endswith(" (read directly)") and o.startswith(place + ".")]
+        owner = [o for o in self.shared[place] if place.startswith(o + ".")]
+        others = [o for o in self.shared[place] if o.removesuffix(" (read directly)") not in own and o not in owner]
+        parts = ([f"{place}'s parameters are also read directly in forward ({', '.join(own)})"] if own else []) + \
+            ([f"{place} is read directly in forward and by {', '.join(owner)}"] if owner else []) + \
+            ([f"{place} shares its parameters with {', '.join(others)}"] if others else [])
+        return "; ".join(parts)
 
     # ---- construction API (for rules) ---------------------------------------------------------
     def shape(self, a: Any) -> tuple[int, ...] | None:
