@@ -14,8 +14,8 @@ from .errors import RunDirError, UsageError
 from .methods import METHODS, make_config, method_class
 from .passes.depth_multiplier import COUNTS, match_depth
 from .passes.rules import Registry, Rule
-from .passes.trace import (defaults_note, dropped_train_overrides, grad_mode_note, mode_differences, size_branches_note,
-                           state_written_note, traced_constants, training_draws_note)
+from .passes.trace import (defaults_note, dropped_train_overrides, grad_mode_note, mode_differences, onnx_export_note,
+                           size_branches_note, state_written_note, traced_constants, training_draws_note)
 from .replay import apply_method, load_checked, replay_rules, rule_registry, trace_loaded
 from .report import functional_note, layer_report, param_counts, with_ratios
 from .rundir import SUMMARY, Recipe, Run, default_run_dir, is_run_dir, load_run, read_recipe, save_run
@@ -107,11 +107,12 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     draws = training_draws_note(traced.gm)
     written = state_written_note(traced.gm)
     branches = size_branches_note(traced.gm)
+    onnx_branch = onnx_export_note(traced.gm)
     lost_train = dropped_train_overrides(loaded.module, traced.gm)
     constants = traced_constants(traced.gm)
     defaults = defaults_note(loaded.module, len(shapes))
-    notes = [n for n in (loaded.dtype_note, differs, grad, draws, written, branches, lost_train, constants, defaults) if n] + list(result.notes) + \
-        _density_notes(params, result.layers)
+    notes = [n for n in (loaded.dtype_note, differs, grad, draws, written, branches, onnx_branch, lost_train, constants,
+                         defaults) if n] + list(result.notes) + _density_notes(params, result.layers)
     functional = functional_note(report) if method_class(method).masked else None
     if functional:
         notes.append(functional)

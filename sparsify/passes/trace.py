@@ -821,16 +821,37 @@ def _grad_mode_reads(answer: bool | None, seen: list[str]) -> Iterator[None]:
         torch.is_grad_enabled = real
 
 
+@contextlib.contextmanager
+def _export_reads(seen: list[str]) -> Iterator[None]:
+    """While open, the model's calls of ``torch.onnx.is_in_onnx_export()`` are recorded in ``seen``
+    (answered as usual: False)."""
+    real = torch.onnx.is_in_onnx_export
+
+    def model_reads(_real: Any = real) -> bool:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if not (caller == "torch" or caller.startswith("torch.")):
+            seen.append(caller)
+        return _real()
+
+    torch.onnx.is_in_onnx_export = model_reads
+    try:
+        yield
+    finally:
+        torch.onnx.is_in_onnx_export = real
+
+
 def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any, mode: str = "",
                 defaults: dict[str, Any] | None = None, grad_enabled: bool | None = None,
                 grad_reads: list[str] | None = None, written: list[str] | None = None,
-                example: dict[str, torch.Tensor] | None = None) -> tuple[SparsifyTracer, fx.Graph]:
+                example: dict[str, torch.Tensor] | None = None,
+                export_reads: list[str] | None = None) -> tuple[SparsifyTracer, fx.Graph]:
     """One symbolic trace. The model's calls of ``torch.is_grad_enabled()`` are recorded in
     ``grad_reads`` and read ``grad_enabled`` (None: the real mode, on; False: as under
     ``torch.no_grad()``, while the tracer still sees the model's own no-grad regions); buffers the
     forward wrote in place as plain tensors and attributes it changed go into ``written`` (``_buffers_kept``,
     ``_attributes_kept``). ``example``: the example inputs by parameter name, on which conditions on
-    sizes are decided (``SparsifyTracer.to_bool``)."""
+    sizes are decided (``SparsifyTracer.to_bool``); the model's calls of
+    ``torch.onnx.is_in_onnx_export()`` go into ``export_reads``."""
     graph = None
     for proxy_buffers in (True, False):
         tracer = SparsifyTracer(leaf_types, rules)
@@ -842,7 +863,8 @@ def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any, mode: s
         try:
             # enable_grad: only the model's own no-grad regions are no-grad in the graph
             with _buffers_kept(model, written) as rebound, _attributes_kept(model, written), torch.enable_grad(), \
-                    _grad_mode_reads(grad_enabled, grad_reads if grad_reads is not None else []):
+                    _grad_mode_reads(grad_enabled, grad_reads if grad_reads is not None else []), \
+                    _export_reads(export_reads if export_reads is not None else []):
                 graph = tracer.trace(model, concrete_args=defaults or None)
             break
         except Exception as e:
@@ -926,8 +948,9 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
         model.eval()
         grad_reads: list[str] = []
         written: list[str] = []
+        export_reads: list[str] = []
         tracer, eval_graph = _trace_once(model, leaf_types, rules, defaults=defaults, grad_reads=grad_reads,
-                                         written=written, example=inputs)
+                                         written=written, example=inputs, export_reads=export_reads)
         branches += tracer.size_branches
         # Eval mode is inference (evaluation, export): a forward that reads torch.is_grad_enabled()
         # gets the eval graph of what it does under torch.no_grad(); training runs with gradients.
@@ -966,6 +989,7 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
     gm.meta["draws_in_training"] = draws_in_training  # see training_draws_note
     gm.meta["state_written"] = sorted(set(written))  # see state_written_note
     gm.meta["size_branches"] = list(dict.fromkeys(branches))  # see size_branches_note
+    gm.meta["reads_onnx_export"] = bool(export_reads)  # see onnx_export_note
     gm.meta["example_shapes"] = [tuple(x.shape) for x in inputs.values()]
     return gm
 
@@ -1020,6 +1044,17 @@ def size_branches_note(gm: fx.GraphModule) -> str | None:
     return (f"the forward branches on tensor sizes ({', '.join(where[:3])}{' and more' if len(where) > 3 else ''}): "
             f"the branch an input of shape {shape} takes is traced, so other input sizes (and channel counts "
             f"the depth multiplier changes) take it too")
+
+
+def onnx_export_note(gm: fx.GraphModule) -> str | None:
+    """A one-line note when the forward reads ``torch.onnx.is_in_onnx_export()`` (a deployment-only
+    step such as ``return y.softmax(1)``): sparsify's export writes the eval graph, where that reads
+    False, so the step is not in the file; None otherwise."""
+    if not gm.meta.get("reads_onnx_export"):
+        return None
+    return ("the forward branches on torch.onnx.is_in_onnx_export(): sparsify's export writes what eval mode "
+            "computes, where it is False, so the export-only branch is not in the ONNX file; apply that step "
+            "(e.g. a softmax) where the file is used, or compute it in eval mode too")
 
 
 def grad_mode_note(gm: fx.GraphModule) -> str | None:

@@ -430,3 +430,25 @@ def test_random_draws_in_python_control_flow_in_training_are_noted(form, noted):
         with torch.no_grad():
             outs = {float(gm(torch.ones(8, 3, 8, 8)).sum()) for _ in range(4)}
         assert len(outs) > 1
+
+
+class ExportOnlySoftmax(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.fc(torch.relu(self.c(x)).mean((2, 3)))
+        if torch.onnx.is_in_onnx_export():
+            return y.softmax(1)  # the deployment graph returns probabilities
+        return y
+
+
+def test_a_branch_for_onnx_export_only_is_noted():
+    # sparsify's export writes the eval graph, where it reads False: the softmax was dropped silently
+    import sparsify
+    from sparsify.passes.trace import onnx_export_note
+
+    result = sparsify.transform(ExportOnlySoftmax(), "sparse-random", density=0.5, input_shape=(1, 3, 8, 8))
+    assert any("torch.onnx.is_in_onnx_export()" in n and "not in the ONNX file" in n for n in result.summary["notes"])
+    assert onnx_export_note(trace(nn.Sequential(nn.Conv2d(3, 4, 1)))) is None
