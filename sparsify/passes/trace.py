@@ -940,6 +940,7 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
     if isinstance(model, fx.GraphModule):
         return model
     defaults = forward_defaults(model, n_inputs)
+    own_attrs = set(vars(model))
     names = [p.name for p in _forward_parameters(model) or [] if p.kind in _POSITIONAL and p.name not in defaults]
     inputs = dict(zip(names, as_inputs(example))) if example is not None else {}
     branches: list[str] = []
@@ -959,6 +960,7 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
             try:
                 no_grad_tracer, no_grad_graph = _trace_once(model, leaf_types, rules, "eval mode under torch.no_grad()",
                                                             defaults, grad_enabled=False, example=inputs)
+                _share_constants(model, eval_graph, no_grad_graph)
                 reads_grad = _program(no_grad_graph) != _program(eval_graph)
             except TraceError:
                 pass  # it traces with gradients only: keep that graph
@@ -975,6 +977,7 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
         for m, training in modes.items():
             m.training = training
     name = type(model).__name__
+    _share_constants(model, eval_graph, train_graph)
     same = _program(eval_graph) == _program(train_graph)
     # held modules the graphs use (a GraphModule keeps only the modules its nodes name)
     targets = {n.target for g in (eval_graph, train_graph) for n in g.nodes if n.op in ("call_module", "get_attr")}
@@ -985,6 +988,9 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
         gm = ModeGraphModule(tracer.root, eval_graph, name, train_graph=None if same else train_graph,
                              held_eval=held)
     gm.train(model.training)
+    for key in set(vars(model)) - own_attrs:  # the constants fx stowed on the user's model: the GraphModule has them
+        if _TRACER_CONSTANT.fullmatch(key):
+            delattr(model, key)
     gm.meta["reads_grad_mode"] = reads_grad  # see grad_mode_note
     gm.meta["draws_in_training"] = draws_in_training  # see training_draws_note
     gm.meta["state_written"] = sorted(set(written))  # see state_written_note
@@ -992,6 +998,24 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
     gm.meta["reads_onnx_export"] = bool(export_reads)  # see onnx_export_note
     gm.meta["example_shapes"] = [tuple(x.shape) for x in inputs.values()]
     return gm
+
+
+def _share_constants(root: nn.Module, graph: fx.Graph, other: fx.Graph) -> None:
+    """Point ``other``'s tracer constants at ``graph``'s names where they hold an equal tensor: each
+    trace stows the tensors it computes or reads as values under fresh names (``_tensor_constant0`` in one,
+    ``_tensor_constant2`` in the next), so two identical programs compared as different (a model
+    with no training-mode code was noted as running differently in training)."""
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+        return a is b
+
+    constants = {n.target: getattr(root, n.target, None) for n in graph.nodes
+                 if n.op == "get_attr" and _TRACER_CONSTANT.fullmatch(n.target)}
+    for n in other.nodes:
+        if n.op == "get_attr" and _TRACER_CONSTANT.fullmatch(n.target) and n.target not in constants:
+            value = getattr(root, n.target, None)
+            n.target = next((t for t, v in constants.items() if same(v, value)), n.target)
 
 
 def _random_states() -> tuple[bytes, object, bytes]:
@@ -1069,7 +1093,16 @@ def grad_mode_note(gm: fx.GraphModule) -> str | None:
 
 
 def _program(graph: fx.Graph) -> str:
-    return graph.python_code(root_module="self").src
+    """The graph's program with node names replaced by their positions (two traces name the same
+    constant ``_tensor_constant0`` and ``_tensor_constant2``), comparable between traces."""
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    def name(t: Any) -> str:
+        return t if isinstance(t, str) else f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', repr(t))}"
+
+    steps = [(n.op, name(n.target),
+              repr(fx.node.map_arg(n.args, lambda a: f"%{index[a]}")),
+              repr(fx.node.map_arg(n.kwargs, lambda a: f"%{index[a]}"))) for n in graph.nodes]
+    return repr(steps)
 
 
 def _op_label(n: fx.Node) -> str:

@@ -452,3 +452,33 @@ def test_a_branch_for_onnx_export_only_is_noted():
     result = sparsify.transform(ExportOnlySoftmax(), "sparse-random", density=0.5, input_shape=(1, 3, 8, 8))
     assert any("torch.onnx.is_in_onnx_export()" in n and "not in the ONNX file" in n for n in result.summary["notes"])
     assert onnx_export_note(trace(nn.Sequential(nn.Conv2d(3, 4, 1)))) is None
+
+
+class CheckedNormalisation(nn.Module):
+    """Buffers read in Python (`if self.std.min() < 1e-3:`), so tracing reads every buffer as a value
+    and stows the normalisation's constants: no training-mode code at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 5)
+        self.register_buffer("mean", torch.tensor([0.5, -0.2, 0.1]))
+        self.register_buffer("std", torch.tensor([0.2, 0.3, 0.25]))
+
+    def forward(self, x):
+        x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        if self.std.min() < 1e-3:
+            raise ValueError("bad std")
+        return self.fc(torch.relu(self.c(x)).mean((2, 3)))
+
+
+def test_the_same_program_traced_twice_is_one_graph_and_leaves_no_constants_on_the_model():
+    # the two traces named the same constants _tensor_constant0/1 and 2/3: "the model runs
+    # differently in training (other arguments)", and the constants were left on the user's model
+    from sparsify.passes.trace import mode_differences
+
+    model = CheckedNormalisation()
+    gm = trace(model)
+    assert type(gm).__name__ != "ModeGraphModule" and mode_differences(gm) is None
+    assert not [k for k in vars(model) if "constant" in k]
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(gm.eval()(x), model.eval()(x))
