@@ -230,25 +230,52 @@ def run_pipeline(
 
     run_dir = Path(out)
     notes: dict[str, Any] = {}
+    where = "training"
+    stopped = False
     with atomic_dir(run_dir, force=force) as tmp:
         if progress is not None:
             progress("transform", f"transforming {model}", 0, 1)
         api.transform_to_dir(model, out=tmp, force=True, **transform_options)
         if progress is not None:
             progress("transform", "transformed", 1, 1)
-        # a stopped training goes with the temporary run directory: nothing to --resume
-        trained = train_run(tmp, progress=_train_progress(stage("train")), log=log, resumable=False, **train_options)
-        notes["train"] = {k: trained.get(k) for k in ("data", "schedule", "epochs", "steps", "test_acc",
-                                                      "test_loss", "val_acc", "density", "warnings")}
-        files, export_notes = export_variants(tmp, tmp, variants, progress=stage("export"))
-        notes.update(export_notes)
-        result = bench_variants(files, progress=stage("bench"), **(bench_options or {}))
-        result.notes.update(notes)
-        for f in result.files:                      # name the files where they will live
-            f.path = str(run_dir / Path(f.path).name)
-        write_result_json(result, tmp / "bench.json")
-        plot_result(result, tmp / "plot.png")
+        try:
+            # its own note would name the temporary directory; PipelineInterrupted names the run's
+            trained = train_run(tmp, progress=_train_progress(stage("train")), log=log, resumable=False,
+                                **train_options)
+            where = "export"
+            notes["train"] = {k: trained.get(k) for k in ("data", "schedule", "epochs", "steps", "test_acc",
+                                                          "test_loss", "val_acc", "density", "warnings")}
+            files, export_notes = export_variants(tmp, tmp, variants, progress=stage("export"))
+            notes.update(export_notes)
+            where = "bench"
+            result = bench_variants(files, progress=stage("bench"), **(bench_options or {}))
+            result.notes.update(notes)
+            for f in result.files:                      # name the files where they will live
+                f.path = str(run_dir / Path(f.path).name)
+            write_result_json(result, tmp / "bench.json")
+            plot_result(result, tmp / "plot.png")
+        except KeyboardInterrupt:
+            # Ctrl-C once the transform is done: what is complete becomes the run directory (a
+            # trained model, a training's checkpoint) instead of going with the temporary one
+            stopped = True
+            resumable = where == "training" and (tmp / "checkpoints" / "last.pt").is_file()
+    if stopped:
+        raise PipelineInterrupted(run_dir, where, resumable)
     return run_dir, result, notes
+
+
+class PipelineInterrupted(KeyboardInterrupt):
+    """Ctrl-C in ``sparsify run`` after the transform: the run directory holds what was complete.
+    ``str()`` says what to run next."""
+
+    def __init__(self, run_dir: Path, stage: str, resumable: bool) -> None:
+        if stage == "training":
+            then = (f"`sparsify train {run_dir} --resume` with the same training options continues the training"
+                    if resumable else f"`sparsify train {run_dir}` trains it")
+            kept = "the transformed model"
+        else:
+            then, kept = f"`sparsify bench {run_dir}` exports and times its variants", "the trained model"
+        super().__init__(f"interrupted during {stage}; {kept} is in {run_dir}: {then}")
 
 
 def _train_progress(update: Any | None) -> Any | None:

@@ -100,22 +100,36 @@ def _live(model) -> int:
     return live_params(model)
 
 
-def test_run_stopped_in_training_offers_no_resume_of_its_removed_directory(tmp_path):
-    # sparsify run trains in a temporary run directory that goes when it stops: the note said
-    # "sparsify train runs/.rr.XXXX.tmp --resume continues it", a directory already deleted
-    from sparsify.pipeline import run_pipeline
+TRAIN = {"data": "digits", "epochs": 2, "train_limit": 100, "batch_size": 50}
+
+
+@pytest.mark.parametrize("at", ["train", "export"])
+def test_run_stopped_after_the_transform_keeps_what_is_complete(tmp_path, at):
+    # Ctrl-C removed the whole temporary run directory, a finished training with it, and said
+    # "completed outputs are intact"; stopped in training it now holds the checkpoint to resume
+    from sparsify.pipeline import PipelineInterrupted, run_pipeline
+    from sparsify.train import train_run
 
     def stop(stage, desc, done, total):
-        if stage == "train" and desc.startswith("training epoch 2"):
+        if (at == "train" and stage == "train" and desc.startswith("training epoch 2")) or \
+                (at == "export" and stage == "export"):
             raise KeyboardInterrupt
 
     notes: list[str] = []
-    with pytest.raises(KeyboardInterrupt):
-        run_pipeline("zoo:lenet5", tmp_path / "rr", transform_options={"method": "sparse-random", "density": 0.3},
-                     train_options={"data": "digits", "epochs": 2, "train_limit": 100, "batch_size": 50},
-                     progress=stop, log=notes.append)
-    assert not any("--resume" in n for n in notes), notes
-    assert list(tmp_path.iterdir()) == []
+    run = tmp_path / "rr"
+    with pytest.raises(PipelineInterrupted) as e:
+        run_pipeline("zoo:lenet5", run, transform_options={"method": "sparse-random", "density": 0.3},
+                     train_options=TRAIN, progress=stop, log=notes.append)
+    assert [p.name for p in tmp_path.iterdir()] == ["rr"]  # no temporary directory left
+    assert (run / "recipe.json").is_file() and (run / "weights.safetensors").is_file()
+    if at == "train":
+        assert f"sparsify train {run} --resume" in str(e.value) and (run / "checkpoints" / "last.pt").is_file()
+        assert not (run / "metrics.jsonl").exists()
+        result = train_run(run, resume=True, **TRAIN)  # the message's command works
+        assert result["epochs"] == 2 and (run / "metrics.jsonl").is_file()
+    else:
+        assert f"sparsify bench {run}" in str(e.value) and (run / "metrics.jsonl").is_file()
+        assert not list(run.glob("*.onnx")) and not (run / "bench.json").exists()
 
 
 def test_model_variants_round_the_depth_model_and_prepare_it_before_export(tmp_path):

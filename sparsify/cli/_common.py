@@ -85,31 +85,46 @@ class _Group(TyperGroup):
 # (AttributeError: module 'torch._dynamo' has no attribute ...)", blaming the user's model, or
 # torch swallowed it and the command ran on.
 _sigint = threading.Event()
+_signal_number: int | None = None  # the signal that stopped the command: SIGINT, or SIGTERM (kill, timeout)
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
+    global _signal_number
+    _signal_number = signum
     _sigint.set()
     signal.default_int_handler(signum, frame)
 
 
 def _watch_sigint() -> Callable[[], None]:
-    """Note every SIGINT of this command (``_sigint``); returns what restores the previous handler."""
+    """Note every SIGINT of this command (``_sigint``), and take SIGTERM as one (``kill``, ``timeout``:
+    Python's default ended the process at once, leaving temporary directories behind); returns what
+    restores the previous handlers."""
+    global _signal_number
     _sigint.clear()
+    _signal_number = None
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         return lambda: None
     signal.signal(signal.SIGINT, _on_sigint)
+    term = signal.getsignal(signal.SIGTERM)
+    if term is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigint)
 
     def restore() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if term is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _sigint.clear()
 
     return restore
 
 
-def _interrupted() -> typer.Exit:
-    err.print("interrupted; completed outputs are intact, partial ones were removed")
-    return typer.Exit(code=130)
+def _interrupted(e: BaseException | None = None) -> typer.Exit:
+    """The one line for a stopped command (what an interrupt that kept work says, else the general
+    one) and its exit: 130 for Ctrl-C, 143 for SIGTERM."""
+    kept = str(e) if isinstance(e, KeyboardInterrupt) and str(e) else None
+    err.print(kept or "interrupted; completed outputs are intact, partial ones were removed", highlight=False)
+    return typer.Exit(code=128 + (_signal_number or signal.SIGINT))
 
 
 def _usage_line(e: Any) -> str:
@@ -180,8 +195,8 @@ def handle_errors(fn: F) -> F:
             if _sigint.is_set():  # the error is the interrupt's doing (see _sigint)
                 raise _interrupted() from None
             raise fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-        except KeyboardInterrupt:
-            raise _interrupted() from None
+        except KeyboardInterrupt as e:
+            raise _interrupted(e) from None
         except Exception:
             if _sigint.is_set():
                 raise _interrupted() from None

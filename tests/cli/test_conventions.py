@@ -182,6 +182,12 @@ def test_ctrl_c_that_surfaces_as_an_error_or_is_swallowed_reports_interrupted():
             raise TraceError("torch.fx cannot trace M (AttributeError: module 'torch._dynamo' has no attribute 'guards')")
 
     @app.command()
+    @handle_errors
+    def term() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # kill, timeout: it ended the process on the spot
+        time.sleep(2)
+
+    @app.command()
     def other() -> None:
         pass
 
@@ -196,5 +202,8 @@ def test_ctrl_c_that_surfaces_as_an_error_or_is_swallowed_reports_interrupted():
         r = CliRunner().invoke(app, ["work", "error", "--no-interrupt"])
         assert r.exit_code == 2 and "cannot trace" in r.output, r.output
         assert CliRunner().invoke(app, ["work", "ok", "--no-interrupt"]).exit_code == 0
+        r = CliRunner().invoke(app, ["term"])
+        assert r.exit_code == 143 and "interrupted" in r.output, r.output
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGINT, before)
