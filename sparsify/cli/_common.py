@@ -7,6 +7,7 @@ command, a missing argument), which otherwise print a multi-line usage box.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import signal
 import sys
@@ -182,6 +183,9 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
 def handle_errors(fn: F) -> F:
     """Turn SparsifyError into one line + exit 2, and Ctrl-C (``_sigint``) into one line + exit 130."""
 
@@ -197,6 +201,15 @@ def handle_errors(fn: F) -> F:
             raise fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         except KeyboardInterrupt as e:
             raise _interrupted(e) from None
+        except OSError as e:
+            if _sigint.is_set():
+                raise _interrupted() from None
+            if e.errno not in _STORAGE_ERRORS:
+                raise
+            # a full disk or a read-only file system while writing: the writers leave no partial file
+            where = f" ({e.filename})" if e.filename else ""
+            raise fail(f"{e.strerror or e}{where}; nothing was left half-written: free some space, or write to "
+                       f"another place, and retry") from None
         except Exception:
             if _sigint.is_set():
                 raise _interrupted() from None

@@ -207,3 +207,30 @@ def test_ctrl_c_that_surfaces_as_an_error_or_is_swallowed_reports_interrupted():
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_full_disk_is_one_line():
+    # onnx.save_model, Pillow and write_text raised OSError [Errno 28] as a traceback, exit 1
+    import errno
+
+    from typer.testing import CliRunner
+
+    from sparsify.cli._common import SparsifyTyper, handle_errors
+
+    app = SparsifyTyper()
+
+    @app.command()
+    @handle_errors
+    def write(what: str) -> None:
+        if what == "full":
+            raise OSError(errno.ENOSPC, "No space left on device", "out/x.onnx")
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    r = CliRunner().invoke(app, ["write", "full"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "No space left on device (out/x.onnx)" in r.output and "free some space" in r.output
+    assert CliRunner().invoke(app, ["write", "other"]).exit_code == 1  # not the user's to fix: not hidden
