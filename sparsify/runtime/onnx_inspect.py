@@ -37,9 +37,11 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return shapes
 
 
-def _conv_out(x: list[int], k: tuple[int, int], strides, pads, dils) -> tuple[int, int]:
-    return tuple((x[2 + i] + pads[i] + pads[i + 2] - dils[i] * (k[i] - 1) - 1) // strides[i] + 1
-                 for i in range(2))  # type: ignore[return-value]
+def _conv_out(x: list[int], k: tuple[int, ...], strides, pads, dils) -> tuple[int, ...]:
+    """A Conv's output spatial sizes for input ``x`` ``[N, C, *spatial]`` (1-D, 2-D or 3-D; ONNX pads
+    are all begins, then all ends)."""
+    n = len(k)
+    return tuple((x[2 + i] + pads[i] + pads[i + n] - dils[i] * (k[i] - 1) - 1) // strides[i] + 1 for i in range(n))
 
 
 def validate_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
@@ -146,9 +148,10 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
         if (node.op_type == "Conv" and node.domain in ("", "ai.onnx") or is_sparse) and node.input[1] in inits:
             w = numpy_helper.to_array(inits[node.input[1]])
             group = int(attrs.get("group", 1))
-            strides = list(attrs.get("strides", [1, 1]))
-            pads = list(attrs.get("pads", [0, 0, 0, 0]))
-            dils = list(attrs.get("dilations", [1, 1]))
+            dims = w.ndim - 1 if is_sparse else w.ndim - 2  # spatial axes: 1 for Conv1d
+            strides = list(attrs.get("strides", [1] * dims))
+            pads = list(attrs.get("pads", [0] * 2 * dims))
+            dils = list(attrs.get("dilations", [1] * dims))
             if is_sparse:
                 row_ptr = numpy_helper.to_array(inits[node.input[2]]) if node.input[2] in inits else None
                 cout = len(row_ptr) - 1 if row_ptr is not None else 0
@@ -163,10 +166,9 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
             row.update(in_channels=cin, out_channels=cout, kernel="x".join(map(str, kernel)),
                        stride="x".join(map(str, strides)), group=group,
                        density=round(live / total, 4) if total else None)
-            if x and len(x) == 4:
-                ho, wo = _conv_out(x, kernel, strides, pads, dils)
+            if x and len(x) == 2 + len(kernel):
                 per_pixel = live if is_sparse else total
-                row["macs"] = int(per_pixel * kernel[0] * kernel[1] * ho * wo)
+                row["macs"] = int(per_pixel * np.prod(kernel) * np.prod(_conv_out(x, kernel, strides, pads, dils)))
         elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
             w = inits[node.input[1]]
             trans_b = node.op_type == "Gemm" and int(attrs.get("transB", 0)) == 1

@@ -141,6 +141,20 @@ def test_threshold_and_onnx_file_conversion(tmp_path) -> None:
     assert report["totals"]["macs"] > 0 and report["totals"]["param_bytes"] > 0
 
 
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_inspect_counts_the_macs_of_convs_of_every_rank(tmp_path, dims) -> None:
+    # a Conv1d's MACs read 0: the output size was computed for two spatial axes only
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    size = {1: (24,), 2: (12, 10), 3: (6, 5, 4)}[dims]
+    m = nn.Sequential(conv(3, 8, 3, padding=1), nn.ReLU(), conv(8, 4, 3, stride=2)).eval()
+    export_model(m, (1, 3, *size), tmp_path / "c.onnx", verify=False)
+    report = inspect_onnx(tmp_path / "c.onnx")
+    out1 = size
+    out2 = tuple((s - 3) // 2 + 1 for s in size)
+    want = [8 * 3 * 3 ** dims * int(np.prod(out1)), 4 * 8 * 3 ** dims * int(np.prod(out2))]
+    assert [r["macs"] for r in report["nodes"] if r["op"] == "Conv"] == want
+
+
 def test_bad_output_paths(tmp_path) -> None:
     m = _net()
     with pytest.raises(ExportError, match="does not exist"):
