@@ -102,6 +102,10 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
             result.notes.append(f"--match: the count read off the channel groups ({predicted:,}) differs from the "
                                 f"model's ({achieved:,}); alpha {params['alpha']:g} may not be the nearest")
         params["match"] = {"run": str(match), "count": count, "target": target, "achieved": achieved}
+        if abs(achieved - target) > 0.1 * target:
+            result.notes.append(f"--match: no alpha reaches the target {count} count {target:,}; the nearest gives "
+                                f"{achieved:,} at alpha {params['alpha']:g} (channel groups the model keeps whole, "
+                                f"e.g. at its outputs, do not shrink): not an equal-size model")
     differs = mode_differences(result.model)
     grad = grad_mode_note(traced.gm)
     draws = training_draws_note(traced.gm)

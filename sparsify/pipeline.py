@@ -142,8 +142,17 @@ def export_variants(run_dir: str | Path, out_dir: str | Path, variants: Sequence
     run = load_run(run_dir)
     named = {k: v for k, v in (run.recipe.rules or {}).items() if not v.startswith("custom:")}
     files, notes, _ = export_model_variants(run.model, run.recipe, out_dir, variants, run_dir=run_dir,
-                                            rules=with_user_rules(named) if named else None, progress=progress)
+                                            rules=with_user_rules(named) if named else None,
+                                            depth_divisor=DEPTH_DIVISOR, progress=progress)
     return files, notes
+
+
+# `bench RUN`'s depth baseline rounds its channel counts to multiples of this: ONNX Runtime runs
+# unaligned counts slowly (a MobileNet-like depth model at alpha 0.727, channels 6, 35, 12, 18,
+# ran 0.55-0.62x of dense), which flattered the sparse model beside it.
+DEPTH_DIVISOR = 8
+# A depth baseline further than this from the sparse run's live parameters is no equal-parameter one.
+DEPTH_MISMATCH = 0.1
 
 
 def export_model_variants(model: Any, recipe: Any, out_dir: str | Path, variants: Sequence[str], *,
@@ -186,6 +195,11 @@ def export_model_variants(model: Any, recipe: Any, out_dir: str | Path, variants
             # the exact alpha: widths are ceil(alpha * C), so a rounded one (0.5 for 0.5000000000000001) rebuilds another model
             notes["depth"] = {"alpha": alpha, "live_params": n, "target_live_params": target_params,
                               "divisor": depth_divisor}
+            if abs(n - target_params) > DEPTH_MISMATCH * target_params:
+                notes["depth"]["mismatch"] = (
+                    f"no depth multiplier reaches the sparse run's {target_params:,} live parameters (the nearest "
+                    f"has {n:,}: channel groups the model keeps whole, e.g. at its outputs, do not shrink); "
+                    f"it is not an equal-parameter baseline")
             reports[name] = export_model(depth, recipe.shapes, target, dense=True, compact=False)
         elif name == "sparse":
             reports[name] = export_model(model, recipe.shapes, target, rules=rules, autotune=autotune, compact=compact)

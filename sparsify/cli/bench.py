@@ -244,8 +244,13 @@ def _variant_notes(notes: dict[str, Any]) -> list[str]:
     if isinstance(note, str):
         return [f"depth: {note}"]
     # repr: the shortest text that is the same float, so `transform --alpha` with it rebuilds this model
-    return [f"depth: alpha={note['alpha']!r}, {note['live_params']:,} live params "
-            f"(sparse run: {note['target_live_params']:,}); another model, so its outputs are not compared (rel diff -)"]
+    divisor = note.get("divisor", 1)
+    rounded = f", channels rounded to multiples of {divisor}" if divisor > 1 else ""
+    lines = [f"depth: alpha={note['alpha']!r}{rounded}, {note['live_params']:,} live params "
+             f"(sparse run: {note['target_live_params']:,}); another model, so its outputs are not compared (rel diff -)"]
+    if note.get("mismatch"):
+        lines.append(f"warning: depth: {note['mismatch']}")
+    return lines
 
 
 STAGES = ("transform", "train", "export", "bench")
