@@ -18,7 +18,8 @@ from .runtime.bench import BenchResult, bench_files, write_result_json
 
 
 def plot_result(result: BenchResult, path: str | Path) -> Path:
-    """Grouped bars of median latency (p10/p90 error bars) per variant, one panel per batch size; atomic PNG."""
+    """Grouped bars of median latency (p10/p90 error bars) per variant, one panel per batch size, written
+    atomically as PNG, PDF or SVG by ``path``'s suffix (PNG for any other)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -59,7 +60,7 @@ def plot_result(result: BenchResult, path: str | Path) -> Path:
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format={".pdf": "pdf", ".svg": "svg"}.get(path.suffix.lower(), "png"), dpi=120)
     plt.close(fig)
     return path
 

@@ -125,7 +125,8 @@ def bench(
                                         "this directory (default: a temporary one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON (instead of the table)."),
     json_out: Optional[Path] = typer.Option(None, "--json-file", help="Write the results as JSON to this file."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a latency plot (PNG) here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a latency plot here (.png, .pdf or .svg, "
+                                                             "as its suffix says)."),
     warmup: int = typer.Option(5, help="Untimed runs per session before measuring."),
     min_time: float = typer.Option(0.5, "--min-time", help="Measured seconds per variant and configuration, at least."),
     repeats: int = typer.Option(10, help="Measured runs per variant and configuration, at least."),
@@ -207,6 +208,9 @@ def _different_outputs(result: Any) -> list[str]:
     return differ
 
 
+PLOT_FORMATS = (".png", ".pdf", ".svg")  # matplotlib writes each; the suffix chooses
+
+
 def _check_outputs(paths: list[Path], json_out: Path | None, plot: Path | None, keep: Path | None) -> None:
     """Refuse output locations that cannot be written before any exporting or timing."""
     from .._io import check_writable
@@ -215,6 +219,9 @@ def _check_outputs(paths: list[Path], json_out: Path | None, plot: Path | None, 
     if stray is not None:
         raise UsageError(f"{stray} is not an ONNX file; --json is a flag now (print JSON): write the results to a "
                          f"file with --json-file {stray}")
+    if plot is not None and plot.suffix.lower() not in PLOT_FORMATS:
+        raise UsageError(f"--plot {plot}: the plot is written as its suffix says; give a file ending in "
+                         f"{', '.join(PLOT_FORMATS)}")
     for flag, path in (("--json-file", json_out), ("--plot", plot)):
         if path is not None:
             if path.is_dir():

@@ -216,9 +216,14 @@ def _check_shapes(files: Sequence[FileInfo], batch_sizes: Sequence[int]) -> None
     for f in files[1:]:
         if f.input_shape[1:] != ref.input_shape[1:] or [d[1:] for _, d in f.extra_inputs] != \
                 [d[1:] for _, d in ref.extra_inputs]:
+            def inputs(x: FileInfo) -> str:
+                shapes = [x.input_shape] + [d for _, d in x.extra_inputs]
+                n = len(shapes)
+                return (f"{n} inputs " if n > 1 else "") + " and ".join(_shape_str(d) for d in shapes)
+
             raise UsageError(
-                f"input shapes differ: {ref.path} takes {_shape_str(ref.input_shape)} but {f.path} takes "
-                f"{_shape_str(f.input_shape)}; bench compares variants of one model, give files with the same input shape"
+                f"input shapes differ: {ref.path} takes {inputs(ref)} but {f.path} takes {inputs(f)}; bench "
+                f"compares variants of one model, give files with the same inputs"
             )
     for f in files:
         b0 = f.input_shape[0]

@@ -214,3 +214,35 @@ def test_vector_aligned(offset: int) -> None:
     np.testing.assert_array_equal(y, x)
     with pytest.raises(ValueError, match="multiple of the item size"):
         lib.vector_aligned(x, 2)
+
+
+def test_plot_format_follows_its_suffix_and_others_are_refused(models, tmp_path):
+    # --plot p.pdf wrote PNG bytes under a .pdf name (and p.txt, and a name without suffix)
+    pdf = tmp_path / "p.pdf"
+    r = CliRunner().invoke(app, ["bench", str(models["big"]), "-b", "1", "-t", "1", "--plot", str(pdf), *FAST[:-1]])
+    assert r.exit_code == 0, r.output
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+    for bad in ("p.txt", "plot"):
+        r = CliRunner().invoke(app, ["bench", str(models["big"]), "--plot", str(tmp_path / bad), *FAST[:-1]])
+        assert r.exit_code == 2 and ".png, .pdf, .svg" in r.output and not (tmp_path / bad).exists(), r.output
+
+
+def test_files_with_different_numbers_of_inputs_say_so(tmp_path):
+    # "takes batchx3x32x32 but ... takes batchx3x32x32": the second file's other input was not named
+    import torch.nn as nn
+
+    from sparsify.runtime.export import export_model
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x, y):
+            return self.c(x) + y
+
+    one = nn.Sequential(nn.Conv2d(3, 4, 1)).eval()
+    export_model(one, (1, 3, 8, 8), tmp_path / "one.onnx", verify=False)
+    export_model(Two().eval(), [(1, 3, 8, 8), (1, 4, 8, 8)], tmp_path / "two.onnx", verify=False)
+    r = CliRunner().invoke(app, ["bench", str(tmp_path / "one.onnx"), str(tmp_path / "two.onnx"), *FAST[:-1]])
+    assert r.exit_code == 2 and "takes 2 inputs" in r.output, r.output
