@@ -550,14 +550,19 @@ def _split_and_verify(plain: onnx.ModelProto, mode: bool | None, report: ExportR
                                      native_available=report.native_available))
         return model
     except ExportError as e:
+        # the batched graph verified and the per-image one did not: the model's outputs mix the images
+        # of a batch (batch statistics), not a wrong export
+        why = str(e).replace("; the export is wrong, please report it", "")
         if mode:
-            raise
+            raise ExportError(f"--per-image: run image by image the model computes something else ({why}), as a "
+                              f"model whose outputs mix the images of a batch does (e.g. BatchNorm with "
+                              f"track_running_stats=False); export without --per-image") from None
         if verify is not None:
             verify(plain.SerializeToString())
         report.per_image_nodes = 0
         report.per_image = "not split: run image by image, the model failed verification (see the note)"
         report.notes.append(f"kept the batched graph: run image by image it failed verification, as a model whose "
-                            f"outputs mix the images of a batch does ({e})")
+                            f"outputs mix the images of a batch does ({why})")
         return plain
 
 
