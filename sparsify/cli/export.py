@@ -31,7 +31,7 @@ def _render(report) -> Table:
 def _print_compaction(comp: dict) -> None:
     removed = comp["channels_removed"]
     total = comp["channels_total"]
-    out.print(f"compaction: removed {removed} of {total} channels, parameters "
+    out.print(f"compaction: removed {removed} of {total} channels, stored parameters (masked zeros included) "
               f"{comp['params_before']:,} -> {comp['params_after']:,} "
               f"(certificate: max error {comp['max_error']:.2g} at output scale {comp['output_scale']:.3g})",
               highlight=False)
@@ -61,7 +61,9 @@ def export(
                                       help="Compaction keeps each channel group at a multiple of this many channels "
                                            "(ORT's Conv is slower on unaligned counts); 1 removes every dead channel"),
     autotune: bool = typer.Option(False, "--autotune",
-                                  help="Time dense vs SparseConv on each layer's real shape and keep the faster"),
+                                  help="Time dense vs SparseConv on the real shape of each layer the rule would "
+                                       "consider (those it keeps dense for density or shape are not timed) and keep "
+                                       "the faster"),
     per_image: Optional[bool] = typer.Option(
         None, "--per-image/--no-per-image",
         help="Run the network image by image (an ONNX Scan over the batch) so that a batch's activations stay in "

@@ -108,6 +108,9 @@ def check_output_path(out: str | os.PathLike) -> Path:
     if out.is_dir():
         raise ExportError(f"--out {out} is a directory; give a file name such as {out / 'model.onnx'}")
     if not out.parent.is_dir():
+        missing = next((p for p in reversed(out.parents) if not p.is_dir()), out.parent)
+        if missing.exists():
+            raise ExportError(f"cannot write {out}: {missing} is a file, not a directory; choose another --out")
         raise ExportError(f"cannot write {out}: directory {out.parent} does not exist; create it or choose another --out")
     if not os.access(out.parent, os.W_OK):
         raise ExportError(f"cannot write {out}: directory {out.parent} is not writable; choose another --out")

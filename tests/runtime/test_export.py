@@ -159,6 +159,9 @@ def test_bad_output_paths(tmp_path) -> None:
     m = _net()
     with pytest.raises(ExportError, match="does not exist"):
         export_model(m, (1, 3, 8, 8), tmp_path / "missing" / "x.onnx")
+    (tmp_path / "a.onnx").write_text("")
+    with pytest.raises(ExportError, match="a.onnx is a file, not a directory"):  # said "does not exist"
+        export_model(m, (1, 3, 8, 8), tmp_path / "a.onnx" / "x.onnx")
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
