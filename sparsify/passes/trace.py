@@ -8,6 +8,7 @@ source line and, when the failure is inside a submodule's forward, the type to m
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dis
@@ -110,6 +111,7 @@ class SparsifyTracer(fx.Tracer):
         # flow on sizes is decided on them (``to_bool``) and each branch recorded in size_branches.
         self.example: dict[str, torch.Tensor] = {}
         self.size_branches: list[str] = []
+        self._deciding = False
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InPlaceProxy(node, self)
@@ -137,16 +139,20 @@ class SparsifyTracer(fx.Tracer):
         # under FakeTensorMode) and the branch it takes is traced; one that reads tensor values
         # (``if x.sum() > 0:``) still cannot be traced. A condition that changes with the batch size
         # (the batch dimension stays dynamic in training and export) is refused.
-        if not self.example:
+        if not self.example or self._deciding:  # deciding reached a traced value (a rebound buffer): no
             return super().to_bool(obj)
         user = inspect.currentframe().f_back.f_back  # Proxy.__bool__, then the code that branches
         where = user_source_line("".join(traceback.format_stack(user)))
+        self._deciding = True
         try:
             value = self._decide(obj.node)
-            other = self._decide(obj.node, batch_delta=1)
+            batch = next(iter(self.example.values())).shape[0]
+            others = {self._decide(obj.node, batch_delta=b - batch) for b in _OTHER_BATCHES if b != batch}
         except Exception:
             return super().to_bool(obj)
-        if value != other:
+        finally:
+            self._deciding = False
+        if others != {value}:
             raise _Untraceable("the forward branches on the batch size, which stays free in training and export; "
                                "compute that branch with torch operations (torch.where) or keep the module that "
                                "holds it opaque with --leaf TYPE")
@@ -165,12 +171,26 @@ class SparsifyTracer(fx.Tracer):
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         needed: set[fx.Node] = set()
-        stack = [node]
-        while stack:
-            n = stack.pop()
-            if n not in needed:
-                needed.add(n)
-                stack.extend(n.all_input_nodes)
+
+        def close(start: fx.Node) -> None:
+            stack = [start]
+            while stack:
+                n = stack.pop()
+                if n not in needed:
+                    needed.add(n)
+                    stack.extend(n.all_input_nodes)
+
+        close(node)
+        # an in-place op on a value the condition reads changes it (``y.unsqueeze_(-1)`` before
+        # ``if y.dim() == 3:``) without being its ancestor: it runs too
+        before = list(itertools.takewhile(lambda n: n is not node, self.graph.nodes))
+        grown = True
+        while grown:
+            grown = False
+            for n in before:
+                if n not in needed and _in_place(n) and n.args and n.args[0] in needed:
+                    close(n)
+                    grown = True
         graph, env = fx.Graph(), {}
         placeholders = []
         for n in self.graph.nodes:
@@ -190,7 +210,10 @@ class SparsifyTracer(fx.Tracer):
             with _quiet("torch._subclasses.fake_tensor"), eval_mode(self.root), mode:
                 inputs = [mode.from_tensor(x) if not batch_delta else
                           torch.empty((x.shape[0] + batch_delta, *x.shape[1:]), dtype=x.dtype) for x in placeholders]
-                return bool(Interpreter(gm).run(*inputs))
+                value = Interpreter(gm).run(*inputs)
+                if not isinstance(value, (bool, int, torch.SymBool, torch.SymInt)):
+                    raise TypeError(f"not a condition on sizes: {type(value).__name__}")  # a tensor's value
+                return bool(value)
         finally:
             torch.nn.Module.__call__, torch.nn.Module.__getattr__ = patched
 
@@ -210,12 +233,15 @@ class SparsifyTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:  # type: ignore[override]
         # A module built in forward (``nn.ReLU()(x)``, ``nn.Flatten()(x)``) is not in the model's
         # hierarchy, so fx refused it ("module is not installed as a submodule"). One without
-        # weights or buffers is its forward's operations: traced through. One with them has new
-        # weights on every call, which no graph (nor a trained sparse model) can keep.
+        # weights or buffers of its own (its modules may be the model's) is its forward's operations:
+        # traced through. One with them has new weights on every call, which no graph (nor a
+        # trained sparse model) can keep.
         try:
             self.path_of_module(m)
         except NameError:
-            if next(itertools.chain(m.parameters(), m.buffers()), None) is not None:
+            # weights that are the model's own (nn.Sequential(self.c2, nn.ReLU())(x)) are no new ones
+            own = {id(t) for t in itertools.chain(self.root.parameters(), self.root.buffers())}
+            if any(id(t) not in own for t in itertools.chain(m.parameters(), m.buffers())):
                 raise _Untraceable(
                     f"{type(m).__name__} is created inside forward with weights of its own, so every call "
                     f"draws new ones that no trained or exported model can keep; create it in __init__ "
@@ -238,6 +264,11 @@ class SparsifyTracer(fx.Tracer):
         if (self.rules or DEFAULT_RULES).rule_for_module(m) is not None:
             return True
         return super().is_leaf_module(m, qualname)
+
+
+# Batch sizes a condition on sizes is also decided at: one that changes with any of them branches on
+# the batch size (``x.shape[0] > 2``, ``min(x.shape[0], 2)``, ``x.shape[0] != 4``, ``x.numel() > k``).
+_OTHER_BATCHES = (1, 2, 3, 4, 5, 8, 16, 64, 1000)
 
 
 def _is_assert(frame: Any) -> bool:
@@ -427,35 +458,81 @@ def _holds_proxy(value: Any) -> bool:
     return False
 
 
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is plain Python state a forward may update: numbers, strings, small tensors,
+    and lists / tuples / dicts / sets / deques / objects of them (a counter object, a history of
+    lists), a few levels deep; not modules, functions or large tensors."""
+    if isinstance(value, _SCALARS):
+        return True
+    if isinstance(value, torch.Tensor):
+        return not isinstance(value, nn.Parameter) and not is_lazy(value) and value.numel() <= 1 << 16
+    if depth > 3 or isinstance(value, (nn.Module, fx.Proxy, type)) or callable(value):
+        return False
+    if isinstance(value, dict):
+        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset, collections.deque)):
+        return all(_plain(v, depth + 1) for v in value)
+    attrs = getattr(value, "__dict__", None)
+    return isinstance(attrs, dict) and type(value).__module__ != "builtins" and _plain(attrs, depth + 1)
+
+
 def _state_copy(value: Any) -> Any:
-    """A copy of an attribute's value to compare and put back: tensors by value, containers shallow,
-    anything else (numbers, strings, modules, functions) as the object itself."""
-    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and not is_lazy(value):
-        return value.detach().clone()
+    """A copy of an attribute's value to compare and put back: plain state (``_plain``) deeply,
+    other containers shallowly, anything else (modules, functions) as the object itself."""
+    if _plain(value) and not isinstance(value, _SCALARS):
+        try:
+            return copy.deepcopy(value)
+        except Exception:  # an object that refuses to be copied: compared as itself
+            return value
     if isinstance(value, (list, dict, set)):
         return copy.copy(value)
     return value
 
 
 def _same_state(copied: Any, now: Any) -> bool:
-    if isinstance(copied, torch.Tensor) and not isinstance(copied, nn.Parameter):
+    if copied is now:
+        return not (isinstance(now, (list, dict, set)) or hasattr(now, "__dict__"))  # mutable: compare contents
+    if isinstance(copied, torch.Tensor):
         if not (isinstance(now, torch.Tensor) and now.shape == copied.shape and now.dtype == copied.dtype):
             return False
         try:
             return bool(torch.equal(now.detach(), copied))
         except Exception:  # a fake or meta tensor left by shape propagation through a hook: no value to compare
             return True
-    if isinstance(copied, (list, dict, set)):
-        if type(now) is not type(copied) or len(now) != len(copied):
-            return False
-        if isinstance(copied, dict):
-            return all(k in now and now[k] is v for k, v in copied.items())
-        if isinstance(copied, set):
-            return now == copied
-        return all(a is b for a, b in zip(copied, now))
-    if isinstance(copied, (bool, int, float, complex, str, bytes, type(None))):
+    if isinstance(copied, _SCALARS):
         return type(now) is type(copied) and now == copied
+    if type(now) is not type(copied):
+        return False
+    if isinstance(copied, dict):
+        return copied.keys() == now.keys() and all(_same_state(v, now[k]) for k, v in copied.items())
+    if isinstance(copied, (list, tuple, collections.deque)):
+        return len(copied) == len(now) and all(_same_state(a, b) for a, b in zip(copied, now))
+    if isinstance(copied, (set, frozenset)):
+        return copied == now
+    attrs = getattr(copied, "__dict__", None)
+    if isinstance(attrs, dict) and isinstance(getattr(now, "__dict__", None), dict):
+        return _same_state(attrs, now.__dict__)
     return True  # other objects: only a rebinding to a traced value is seen (and undone)
+
+
+def _put_back(value: Any, copied: Any) -> None:
+    """Restore the contents of the mutable ``value`` from its copy (the object stays the one others hold)."""
+    if isinstance(value, torch.Tensor) and isinstance(copied, torch.Tensor) and copied is not value:
+        with torch.no_grad():
+            value.copy_(copied)
+    elif isinstance(value, (list, collections.deque)) and copied is not value:
+        value.clear()
+        value.extend(copy.deepcopy(list(copied)) if _plain(copied) else copied)
+    elif isinstance(value, (dict, set)) and copied is not value:
+        value.clear()
+        value.update(copy.deepcopy(copied) if _plain(copied) else copied)
+    elif isinstance(getattr(value, "__dict__", None), dict) and copied is not value \
+            and isinstance(getattr(copied, "__dict__", None), dict):
+        value.__dict__.clear()
+        value.__dict__.update(copy.deepcopy(copied.__dict__))
 
 
 @contextlib.contextmanager
@@ -485,15 +562,7 @@ def _attributes_kept(model: nn.Module, written: list[str] | None = None) -> Iter
                     continue
                 changed.append((key, _holds_proxy(now.get(key))))
                 now[key] = value
-                copied = copies[(key_id, key)]
-                if isinstance(value, torch.Tensor) and copied is not value:
-                    with torch.no_grad():
-                        value.copy_(copied)
-                elif isinstance(value, list):
-                    value[:] = copied
-                elif isinstance(value, (dict, set)):
-                    value.clear()
-                    value.update(copied)
+                _put_back(value, copies[(key_id, key)])
             if written is not None:
                 prefix = f"{names[key_id]}." if names.get(key_id) else ""
                 written.extend(f"attribute {prefix}{key}" for key, traced in changed if not traced)
@@ -822,9 +891,10 @@ def _grad_mode_reads(answer: bool | None, seen: list[str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _export_reads(seen: list[str]) -> Iterator[None]:
+def _export_reads(seen: list[str], model: nn.Module) -> Iterator[None]:
     """While open, the model's calls of ``torch.onnx.is_in_onnx_export()`` are recorded in ``seen``
-    (answered as usual: False)."""
+    (answered as usual: False), also where the model's files bound it by name (``from torch.onnx
+    import is_in_onnx_export``)."""
     real = torch.onnx.is_in_onnx_export
 
     def model_reads(_real: Any = real) -> bool:
@@ -833,11 +903,18 @@ def _export_reads(seen: list[str]) -> Iterator[None]:
             seen.append(caller)
         return _real()
 
+    files = {type(m).__module__ for m in model.modules()}
+    bound = [(g, k) for g in (vars(sys.modules[f]) for f in files if f in sys.modules and not f.startswith("torch"))
+             for k, v in list(g.items()) if v is real]
     torch.onnx.is_in_onnx_export = model_reads
+    for g, k in bound:
+        g[k] = model_reads
     try:
         yield
     finally:
         torch.onnx.is_in_onnx_export = real
+        for g, k in bound:
+            g[k] = real
 
 
 def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any, mode: str = "",
@@ -864,7 +941,7 @@ def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any, mode: s
             # enable_grad: only the model's own no-grad regions are no-grad in the graph
             with _buffers_kept(model, written) as rebound, _attributes_kept(model, written), torch.enable_grad(), \
                     _grad_mode_reads(grad_enabled, grad_reads if grad_reads is not None else []), \
-                    _export_reads(export_reads if export_reads is not None else []):
+                    _export_reads(export_reads if export_reads is not None else [], model):
                 graph = tracer.trace(model, concrete_args=defaults or None)
             break
         except Exception as e:

@@ -42,3 +42,34 @@ class Branch(nn.Module):
             x = -x
         assert self.case != "assert" or x.shape[-1] == 32, "needs 32 wide"
         return self.c(x)
+
+
+class InPlaceShape(nn.Module):
+    """A shape changed in place before the branch that reads it (not its ancestor in the graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c(x).mean(-1)
+        y.unsqueeze_(-1)
+        if y.dim() == 3:  # False: y is 4-D again
+            y = y * 100
+        return y
+
+
+class BatchThreshold(nn.Module):
+    """Branches on the batch size that batch 1 and 2 agree on."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.c = how, nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        if self.how == "gt2" and x.shape[0] > 2:
+            x = x * 0.5
+        if self.how == "numel" and x.numel() > 3 * 8 * 8 * 3:
+            x = x * 0.5
+        y = self.c(x)
+        return y[:min(x.shape[0], 2)] if self.how == "min" else y

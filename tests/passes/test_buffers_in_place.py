@@ -333,3 +333,42 @@ def test_no_zoo_model_is_noted_for_state_it_changes():
 
     for name in zoo.names():  # the ImageNet ones included (stochastic depth, SE)
         assert state_written_note(trace(zoo.get(name).build().eval())) is None, name
+
+
+class _Meter:
+    def __init__(self) -> None:
+        self.n = 0
+
+
+class NestedState(nn.Module):
+    """State below the first attribute level: an object's counter, a dict of lists, a deque, a tensor in a list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import collections
+
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.meter, self.stats, self.recent = _Meter(), {"hist": []}, collections.deque(maxlen=4)
+        self.totals = [torch.zeros(2)]
+
+    def forward(self, x):
+        self.meter.n += 1
+        self.stats["hist"].append(self.meter.n)
+        self.recent.append(1)
+        self.totals[0] += 1
+        if self.meter.n > 1:
+            x = x * 2
+        return self.c(x)
+
+
+def test_nested_python_state_is_put_back_and_noted():
+    # only top-level attributes were restored: meter.n came back 2, the lists filled, and the
+    # training trace saw the eval trace's count ("runs differently in training (training only: mul)")
+    from sparsify.passes.trace import mode_differences, state_written_note
+
+    model = NestedState().eval()
+    gm = trace(model)
+    assert (model.meter.n, model.stats, list(model.recent), model.totals[0].tolist()) == (0, {"hist": []}, [], [0.0, 0.0])
+    assert mode_differences(gm) is None
+    note = state_written_note(gm)
+    assert all(f"attribute {a}" in note for a in ("meter", "stats", "recent")), note

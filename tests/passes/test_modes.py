@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.onnx import is_in_onnx_export
 
 import sparsify
 from sparsify.passes.channel_graph import ChannelGraph
@@ -444,13 +445,21 @@ class ExportOnlySoftmax(nn.Module):
         return y
 
 
-def test_a_branch_for_onnx_export_only_is_noted():
+class ImportedCheck(ExportOnlySoftmax):
+    def forward(self, x):
+        y = self.fc(torch.relu(self.c(x)).mean((2, 3)))
+        return y.softmax(1) if is_in_onnx_export() else y  # bound by `from torch.onnx import ...`
+
+
+@pytest.mark.parametrize("cls", [ExportOnlySoftmax, ImportedCheck])
+def test_a_branch_for_onnx_export_only_is_noted(cls):
     # sparsify's export writes the eval graph, where it reads False: the softmax was dropped silently
     import sparsify
     from sparsify.passes.trace import onnx_export_note
 
-    result = sparsify.transform(ExportOnlySoftmax(), "sparse-random", density=0.5, input_shape=(1, 3, 8, 8))
+    result = sparsify.transform(cls(), "sparse-random", density=0.5, input_shape=(1, 3, 8, 8))
     assert any("torch.onnx.is_in_onnx_export()" in n and "not in the ONNX file" in n for n in result.summary["notes"])
+    assert is_in_onnx_export is torch.onnx.is_in_onnx_export  # put back
     assert onnx_export_note(trace(nn.Sequential(nn.Conv2d(3, 4, 1)))) is None
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 from sparsify.errors import TraceError
 from sparsify.passes.trace import graphs, mode_differences, node_shape, propagate_shapes, trace
 
-from size_branch_models import Branch, SizeBranches  # tests/passes is on sys.path (rootdir-less test module)
+from size_branch_models import BatchThreshold, Branch, InPlaceShape, SizeBranches  # tests/passes is on sys.path (rootdir-less test module)
 
 
 class Block(nn.Module):
@@ -186,3 +186,32 @@ def test_what_cannot_be_decided_on_the_example_is_one_line(case):
     assert "\n" not in msg and "size_branch_models.py:" in msg
     assert {"batch": "branches on the batch size", "values": "tensor values",
             "assert": "an assert in forward fails for the example input of shape (1, 3, 8, 8)"}[case] in msg, msg
+
+
+def test_a_shape_changed_in_place_before_the_branch_is_decided_on_its_new_shape():
+    # y.unsqueeze_(-1) is no ancestor of `y.dim()`: the branch was decided on the old shape (67 off)
+    torch.manual_seed(0)
+    model, x = InPlaceShape().eval(), torch.randn(2, 3, 8, 8)
+    gm = trace(model, n_inputs=1, example=x[:1])
+    torch.testing.assert_close(gm(x), model(x))
+
+
+@pytest.mark.parametrize("how", ["gt2", "numel", "min"])
+def test_branches_on_batch_sizes_beyond_two_are_refused(how):
+    # only batch 1 and 2 were compared: `x.shape[0] > 2` was traced as a size branch (0.049 off at batch 3)
+    with pytest.raises(TraceError, match="branches on the batch size"):
+        trace(BatchThreshold(how), n_inputs=1, example=torch.randn(1, 3, 8, 8))
+
+
+def test_a_container_of_the_models_own_layers_built_in_forward_is_traced_through():
+    # nn.Sequential(self.c2, nn.ReLU())(x) was refused as "created inside forward with weights of its own"
+    class Slice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1)])
+
+        def forward(self, x):
+            return nn.Sequential(*self.layers[:2])(x) + nn.Sequential(self.layers[2], nn.ReLU())(x.new_ones(1, 8, 1, 1))
+
+    model, x = Slice().eval(), torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(trace(model)(x), model(x))
