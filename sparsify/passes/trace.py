@@ -493,8 +493,8 @@ def _state_copy(value: Any) -> Any:
 
 
 def _same_state(copied: Any, now: Any) -> bool:
-    if copied is now:
-        return not (isinstance(now, (list, dict, set)) or hasattr(now, "__dict__"))  # mutable: compare contents
+    if copied is now:  # not copied (a function, a module, an object holding them): nothing to compare
+        return True
     if isinstance(copied, torch.Tensor):
         if not (isinstance(now, torch.Tensor) and now.shape == copied.shape and now.dtype == copied.dtype):
             return False

@@ -372,3 +372,22 @@ def test_nested_python_state_is_put_back_and_noted():
     assert mode_differences(gm) is None
     note = state_written_note(gm)
     assert all(f"attribute {a}" in note for a in ("meter", "stats", "recent")), note
+
+
+class _Config:
+    def __init__(self) -> None:
+        self.width, self.blocks = 8, [nn.Identity()]
+
+
+def test_attributes_the_forward_only_reads_are_not_noted():
+    # a function, a lambda and a config object holding a module were noted as state the forward updates
+    class Reads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.act, self.cfg, self.names = nn.Conv2d(3, 8, 3), nn.functional.relu, _Config(), ["a"]
+            self.scale = lambda x: x * 2
+
+        def forward(self, x):
+            return self.scale(self.act(self.c(x))) * self.cfg.width
+
+    assert trace(Reads()).meta["state_written"] == []
