@@ -120,7 +120,7 @@ def _epochs_done(run: Path) -> int:
     return sum(json.loads(s)["event"] == "epoch" for s in lines if s.strip())
 
 
-@pytest.mark.slow  # three study invocations with worker start-up: about 30 s on an idle machine
+@pytest.mark.heavy  # three study invocations with worker start-up: 30-60 s, outside CI's 15 minutes
 def test_killed_worker_and_ctrl_c_resume_without_redoing_finished_runs(tmp_path):
     spec = tmp_path / "slow.toml"
     spec.write_text(textwrap.dedent(SLOW))
