@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from .nn import SPARSE_LAYERS
 from .passes.channel_graph import classifier_node, weight_nodes
 from .passes.rules import DEFAULT_RULES, Registry
+from .passes.rules.layers import FunctionalConvRule, FunctionalLinearRule
 from .passes.trace import ensure_shapes, graphs, node_shape
 from .profiles import cv, empty_channels
 
@@ -77,7 +77,7 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
             "classifier": node is clf,
             "sparse": isinstance(m, SPARSE_LAYERS),
         })
-    functional = functional_layers(gm)
+    functional = functional_layers(gm, rules)
     weight_names = {l["name"] + ".weight" for l in layers} | {l["name"] + ".bias" for l in layers}
     eval_params = _params_used(gm, gm.graph)
     train_params = set().union(*(_params_used(gm, g) for g in graphs(gm)[1:]))
@@ -113,18 +113,17 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
     return report
 
 
-_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
-_TRANSPOSED = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
-
-
-def functional_layers(gm: fx.GraphModule) -> list[dict[str, Any]]:
+def functional_layers(gm: fx.GraphModule, rules: Registry | None = None) -> list[dict[str, Any]]:
     """Convolutions and linear maps the eval graph runs as functions (``F.conv2d(x, self.c3.weight *
     self.m3)``, ``self.c2.forward(x)``, ``F.linear``), not as module calls: their weight (the get_attr
     name, else the node computing it) and dense MACs at batch 1 (shapes recorded). Masks never cover
-    them; the totals count them so the ratios to dense stay true."""
+    them; the totals count them so the ratios to dense stay true. Which functions are convolutions
+    and linear maps is the rule registry's (``FunctionalConvRule``, ``FunctionalLinearRule``)."""
+    rules = rules or DEFAULT_RULES
     found = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in _CONVS | _TRANSPOSED | {F.linear}:
+        rule = rules.rule_for_function(node.target) if node.op == "call_function" else None
+        if not isinstance(rule, (FunctionalConvRule, FunctionalLinearRule)):
             continue
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         x = node.args[0] if node.args else node.kwargs.get("input")
@@ -132,9 +131,9 @@ def functional_layers(gm: fx.GraphModule) -> list[dict[str, Any]]:
         xs = node_shape(x) if isinstance(x, fx.Node) else None
         if ws is None or out is None:
             continue
-        if node.target is F.linear:
+        if isinstance(rule, FunctionalLinearRule):
             spatial = math.prod(out[1:-1]) if len(out) > 2 else 1
-        elif node.target in _TRANSPOSED:
+        elif rule.transposed:
             spatial = math.prod(xs[2:]) if xs is not None else 0
         else:
             spatial = math.prod(out[2:])
