@@ -145,9 +145,10 @@ class SparsifyTracer(fx.Tracer):
         where = user_source_line("".join(traceback.format_stack(user)))
         self._deciding = True
         try:
-            value = self._decide(obj.node)
+            condition, inputs = self._condition(obj.node)
             batch = next(iter(self.example.values())).shape[0]
-            others = {self._decide(obj.node, batch_delta=b - batch) for b in _OTHER_BATCHES if b != batch}
+            value = self._decide(condition, inputs, batch)
+            others = {self._decide(condition, inputs, b) for b in _OTHER_BATCHES if b != batch}
         except Exception:
             return super().to_bool(obj)
         finally:
@@ -165,11 +166,9 @@ class SparsifyTracer(fx.Tracer):
         self.size_branches.append(where or "forward")
         return value
 
-    def _decide(self, node: fx.Node, batch_delta: int = 0) -> bool:
-        """The value of ``node`` (a condition on sizes) for the example inputs, their batch grown by
-        ``batch_delta``: its ancestors in the graph traced so far run on fake tensors."""
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
+    def _condition(self, node: fx.Node) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+        """The part of the graph traced so far that computes ``node`` (a condition), as a
+        GraphModule, and the example inputs it reads (KeyError: it reads another input)."""
         needed: set[fx.Node] = set()
 
         def close(start: fx.Node) -> None:
@@ -192,14 +191,20 @@ class SparsifyTracer(fx.Tracer):
                     close(n)
                     grown = True
         graph, env = fx.Graph(), {}
-        placeholders = []
+        inputs = []
         for n in self.graph.nodes:
             if n in needed:
                 env[n] = graph.node_copy(n, lambda a: env[a])
                 if n.op == "placeholder":
-                    placeholders.append(self.example[n.target])  # KeyError: not an example input
+                    inputs.append(self.example[n.target])
         graph.output(env[node])
-        gm = fx.GraphModule(self.root, graph)
+        return fx.GraphModule(self.root, graph), inputs
+
+    def _decide(self, condition: fx.GraphModule, inputs: list[torch.Tensor], batch: int) -> bool:
+        """The value of ``condition`` (``_condition``) for fake inputs of the examples' shapes at
+        batch size ``batch``. TypeError when it is a tensor's value, not a condition on sizes."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         # The trace in progress has patched nn.Module's __call__ and __getattr__ (a module call or a
         # parameter read would become nodes of the graph being traced): the originals run these.
@@ -208,9 +213,8 @@ class SparsifyTracer(fx.Tracer):
         try:
             # eval mode: a BatchNorm leaf of the training trace must not update its statistics
             with _quiet("torch._subclasses.fake_tensor"), eval_mode(self.root), mode:
-                inputs = [mode.from_tensor(x) if not batch_delta else
-                          torch.empty((x.shape[0] + batch_delta, *x.shape[1:]), dtype=x.dtype) for x in placeholders]
-                value = Interpreter(gm).run(*inputs)
+                fake = [torch.empty((batch, *x.shape[1:]), dtype=x.dtype) for x in inputs]
+                value = Interpreter(condition).run(*fake)
                 if not isinstance(value, (bool, int, torch.SymBool, torch.SymInt)):
                     raise TypeError(f"not a condition on sizes: {type(value).__name__}")  # a tensor's value
                 return bool(value)
