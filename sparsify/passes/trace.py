@@ -874,49 +874,31 @@ def _drop_specialized(graph: fx.Graph, n_inputs: int) -> None:
 
 
 @contextlib.contextmanager
-def _grad_mode_reads(answer: bool | None, seen: list[str]) -> Iterator[None]:
-    """While open, the model's calls of ``torch.is_grad_enabled()`` are recorded in ``seen`` and
-    answered with ``answer`` (None: the real mode). torch's own callers (``no_grad`` saving the
-    mode it restores) read the real mode, which stays as it is."""
-    real = torch.is_grad_enabled
+def _model_calls(owner: Any, name: str, model: nn.Module, seen: list[str], answer: Any = None) -> Iterator[None]:
+    """While open, the model's calls of ``owner.name`` (``torch.is_grad_enabled``,
+    ``torch.onnx.is_in_onnx_export``) are recorded in ``seen`` (by calling module) and answered with
+    ``answer`` (None: what the function answers), also where the model's files bound it by name
+    (``from torch.onnx import is_in_onnx_export``). torch's own callers (``no_grad`` saving the mode
+    it restores) get the real answer and are not recorded."""
+    real = getattr(owner, name)
 
-    def model_reads(_real: Any = real) -> bool:
+    def model_calls(*args: Any, **kwargs: Any) -> Any:
         caller = sys._getframe(1).f_globals.get("__name__", "")
         if caller == "torch" or caller.startswith("torch."):
-            return _real()
+            return real(*args, **kwargs)
         seen.append(caller)
-        return _real() if answer is None else answer
-
-    torch.is_grad_enabled = model_reads
-    try:
-        yield
-    finally:
-        torch.is_grad_enabled = real
-
-
-@contextlib.contextmanager
-def _export_reads(seen: list[str], model: nn.Module) -> Iterator[None]:
-    """While open, the model's calls of ``torch.onnx.is_in_onnx_export()`` are recorded in ``seen``
-    (answered as usual: False), also where the model's files bound it by name (``from torch.onnx
-    import is_in_onnx_export``)."""
-    real = torch.onnx.is_in_onnx_export
-
-    def model_reads(_real: Any = real) -> bool:
-        caller = sys._getframe(1).f_globals.get("__name__", "")
-        if not (caller == "torch" or caller.startswith("torch.")):
-            seen.append(caller)
-        return _real()
+        return real(*args, **kwargs) if answer is None else answer
 
     files = {type(m).__module__ for m in model.modules()}
     bound = [(g, k) for g in (vars(sys.modules[f]) for f in files if f in sys.modules and not f.startswith("torch"))
              for k, v in list(g.items()) if v is real]
-    torch.onnx.is_in_onnx_export = model_reads
+    setattr(owner, name, model_calls)
     for g, k in bound:
-        g[k] = model_reads
+        g[k] = model_calls
     try:
         yield
     finally:
-        torch.onnx.is_in_onnx_export = real
+        setattr(owner, name, real)
         for g, k in bound:
             g[k] = real
 
@@ -944,8 +926,10 @@ def _trace_once(model: nn.Module, leaf_types: Sequence[str], rules: Any, mode: s
         try:
             # enable_grad: only the model's own no-grad regions are no-grad in the graph
             with _buffers_kept(model, written) as rebound, _attributes_kept(model, written), torch.enable_grad(), \
-                    _grad_mode_reads(grad_enabled, grad_reads if grad_reads is not None else []), \
-                    _export_reads(export_reads if export_reads is not None else [], model):
+                    _model_calls(torch, "is_grad_enabled", model, grad_reads if grad_reads is not None else [],
+                                 grad_enabled), \
+                    _model_calls(torch.onnx, "is_in_onnx_export", model,
+                                 export_reads if export_reads is not None else []):
                 graph = tracer.trace(model, concrete_args=defaults or None)
             break
         except Exception as e:
