@@ -523,20 +523,22 @@ def _same_state(copied: Any, now: Any) -> bool:
 
 
 def _put_back(value: Any, copied: Any) -> None:
-    """Restore the contents of the mutable ``value`` from its copy (the object stays the one others hold)."""
-    if isinstance(value, torch.Tensor) and isinstance(copied, torch.Tensor) and copied is not value:
+    """Restore the contents of the mutable ``value`` from its copy (``_state_copy``, taken for this
+    one restore: its elements are used as they are); the object stays the one others hold."""
+    if copied is value:
+        return
+    if isinstance(value, torch.Tensor) and isinstance(copied, torch.Tensor):
         with torch.no_grad():
             value.copy_(copied)
-    elif isinstance(value, (list, collections.deque)) and copied is not value:
+    elif isinstance(value, (list, collections.deque)):
         value.clear()
-        value.extend(copy.deepcopy(list(copied)) if _plain(copied) else copied)
-    elif isinstance(value, (dict, set)) and copied is not value:
+        value.extend(copied)
+    elif isinstance(value, (dict, set)):
         value.clear()
-        value.update(copy.deepcopy(copied) if _plain(copied) else copied)
-    elif isinstance(getattr(value, "__dict__", None), dict) and copied is not value \
-            and isinstance(getattr(copied, "__dict__", None), dict):
+        value.update(copied)
+    elif isinstance(getattr(value, "__dict__", None), dict) and isinstance(getattr(copied, "__dict__", None), dict):
         value.__dict__.clear()
-        value.__dict__.update(copy.deepcopy(copied.__dict__))
+        value.__dict__.update(copied.__dict__)
 
 
 @contextlib.contextmanager
