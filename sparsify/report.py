@@ -139,9 +139,13 @@ def functional_layers(gm: fx.GraphModule, rules: Registry | None = None) -> list
             spatial = math.prod(out[2:])
         # a computed weight (self.c3.weight * self.m3) by the parameter it is computed from
         source = w if w.op == "get_attr" else next((a for a in w.all_input_nodes if a.op == "get_attr"), w)
-        found.append({"node": node.name, "op": node.target.__name__,
-                      "weight": source.target if source.op == "get_attr" else source.name,
-                      "macs": math.prod(ws) * spatial})
+        entry = {"node": node.name, "op": node.target.__name__,
+                 "weight": source.target if source.op == "get_attr" else source.name, "macs": math.prod(ws) * spatial}
+        # a layer subclass whose own forward calls the function on its weight (a "same"-padding
+        # Conv2d): kept whole as a leaf with its rule, it goes sparse (trace marks these)
+        if "layer_subclass" in source.meta:
+            entry["layer_type"], entry["rule"] = source.meta["layer_subclass"]
+        found.append(entry)
     return found
 
 
@@ -152,9 +156,12 @@ def functional_note(report: dict[str, Any]) -> str | None:
     if not found:
         return None
     names = list(dict.fromkeys(f"{f['weight']} ({f['op']})" for f in found))
+    subclasses = dict.fromkeys((f["layer_type"], f["rule"]) for f in found if f.get("layer_type"))
+    advice = "; ".join([f"keep {t} whole with --leaf {t} --rule {t}={r}" for t, r in subclasses]
+                       + (["call the module (self.layer(x))"] if any(not f.get("layer_type") for f in found) else []))
     return (f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''} run as functions in "
-            f"forward, not as module calls, and stay dense (counted in the MACs); call the module (self.layer(x)) "
-            f"to make such a layer sparse")
+            f"forward, not as module calls, and stay dense (counted in the MACs); to make such a layer sparse, "
+            f"{advice}")
 
 
 def _params_used(gm: fx.GraphModule, graph: fx.Graph) -> set[str]:

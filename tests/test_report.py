@@ -1,6 +1,8 @@
 """sparsify.report: the per-layer report, counted against the masks themselves."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
@@ -112,6 +114,41 @@ def test_functional_convs_count_in_the_macs_and_sparse_methods_say_they_stay_den
     note = [n for n in result.summary["notes"] if "run as functions" in n]
     assert len(note) == 1 and "c2.weight (conv2d), c3.weight (conv2d)" in note[0], result.summary["notes"]
     assert result.summary["totals"]["macs"] > 0.9 * rep["totals"]["macs"]  # what stays dense is counted
+
+
+class SamePadded(nn.Module):
+    """A conv subclass computing "same" padding in forward, then F.conv2d on its own weight (traced
+    through: a functional conv), beside a plain module call and a plain functional conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).parent / "passes"))
+        from size_branch_models import SamePadConv
+
+        self.c1, self.c2, self.c3 = SamePadConv(3, 16, 3, stride=2), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return nn.functional.conv2d(torch.relu(self.c2(torch.relu(self.c1(x)))), self.c3.weight)
+
+
+def test_a_layer_subclass_run_as_a_function_is_advised_to_stay_whole_with_its_rule():
+    # the note said "call the module (self.layer(x))", which the user's own SamePadConv already is;
+    # kept whole as a leaf with --rule SamePadConv=conv it goes sparse
+    import sparsify
+
+    model = SamePadded().eval()
+    result = sparsify.transform(model, "sparse-random", density=0.3, input_shape=(1, 3, 9, 9))
+    note = next(n for n in result.summary["notes"] if "run as functions" in n)
+    assert "keep SamePadConv whole with --leaf SamePadConv --rule SamePadConv=conv" in note, note
+    assert "call the module (self.layer(x))" in note  # c3's weight in a plain F.conv2d
+    # c2 is no classifier: a conv run as a function (c3) follows it (it was kept dense as one)
+    assert {l["name"]: l["sparse"] for l in result.summary["layers"]}["c2"]
+    leaf = sparsify.transform(model, "sparse-random", density=0.3, input_shape=(1, 3, 9, 9),
+                              leaf_modules=["SamePadConv"], rules={"SamePadConv": "conv"})
+    layers = {l["name"]: l for l in leaf.summary["layers"]}
+    assert layers["c1"]["sparse"] and not any("SamePadConv" in n for n in leaf.summary["notes"])
 
 
 def test_ratios_divide_by_every_weight_of_the_dense_model():

@@ -46,6 +46,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .rules import DEFAULT_RULES, CastLikeRule, LayerRule, Member, Registry, Role
 from .rules.base import SizeExpr, beyond_forward
+from .rules.layers import FunctionalConvRule, FunctionalLinearRule
 from .trace import graphs, node_shape, untrained_layer
 
 Space = tuple[str, int]  # (node key, axis)
@@ -697,13 +698,18 @@ def weight_nodes(gm: fx.GraphModule, rules: Registry | None = None, all_graphs: 
 
 def classifier_node(gm: fx.GraphModule, rules: Registry | None = None) -> fx.Node | None:
     """The final classifier: the last weight-layer call in the eval graph; None when the last layer
-    with parameters is one no rule covers (a pruned or parametrized Linear, kept whole as a leaf): the
-    layer before it is not the classifier."""
+    with parameters is one no rule covers (a pruned or parametrized Linear, kept whole as a leaf) or
+    a conv / linear run as a function (``F.conv2d(x, self.head.weight)``): the layer before it is
+    not the classifier."""
+    rules = rules or DEFAULT_RULES
     nodes = weight_nodes(gm, rules)
     if not nodes:
         return None
     mods = dict(gm.named_modules())
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    later = [n for n in gm.graph.nodes if n.op == "call_module" and order[n] > order[nodes[-1]]
-             and beyond_forward(mods[n.target]) is not None and any(True for _ in mods[n.target].parameters())]
+    later = [n for n in gm.graph.nodes if order[n] > order[nodes[-1]] and (
+        (n.op == "call_module" and beyond_forward(mods[n.target]) is not None
+         and any(True for _ in mods[n.target].parameters()))
+        or (n.op == "call_function"
+            and isinstance(rules.rule_for_function(n.target), (FunctionalConvRule, FunctionalLinearRule))))]
     return None if later else nodes[-1]

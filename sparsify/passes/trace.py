@@ -89,6 +89,27 @@ def _len(self: fx.Proxy) -> int:
 _InPlaceProxy.__len__ = _len  # type: ignore[attr-defined]
 
 
+def _number(kind: type) -> Any:
+    def convert(self: fx.Proxy) -> Any:
+        # ``int(x.shape[2] / 2)``, ``range(x.size(1))``, ``float(h) / w``: fx refused a traced value
+        # read as a Python number. One computed from sizes is decided on the example input
+        # (SparsifyTracer.size_value), like a condition.
+        tracer = self.tracer
+        value = tracer.size_value(self, inspect.currentframe().f_back, "reads") \
+            if isinstance(tracer, SparsifyTracer) else None
+        if value is None:
+            raise fx.proxy.TraceError(f"a traced value is read as a Python {kind.__name__} "
+                                      f"({self.node.name}), which symbolic tracing cannot give")
+        return kind(value)
+
+    return convert
+
+
+_InPlaceProxy.__int__ = _number(int)  # type: ignore[attr-defined]
+_InPlaceProxy.__index__ = _number(int)  # type: ignore[attr-defined]
+_InPlaceProxy.__float__ = _number(float)  # type: ignore[attr-defined]
+
+
 class SparsifyTracer(fx.Tracer):
     """torch.fx tracer that keeps as leaves: sparse layers, the given module types, and every module
     a rule covers (a subclass of a known layer that does not override its forward is that layer);
@@ -135,13 +156,30 @@ class SparsifyTracer(fx.Tracer):
     def to_bool(self, obj: fx.Proxy) -> bool:  # type: ignore[override]
         # Python control flow on a traced value: ``assert x.shape[1] == 3``, ``if x.shape[-1] % 8:``,
         # ``if up.shape != skip.shape:`` (UNets). fx refused them all. A condition computed from
-        # sizes only is decided on the example inputs (their shapes run through the graph so far,
-        # under FakeTensorMode) and the branch it takes is traced; one that reads tensor values
-        # (``if x.sum() > 0:``) still cannot be traced. A condition that changes with the batch size
-        # (the batch dimension stays dynamic in training and export) is refused.
-        if not self.example or self._deciding:  # deciding reached a traced value (a rebound buffer): no
-            return super().to_bool(obj)
+        # sizes only is decided on the example inputs (``size_value``) and the branch it takes is
+        # traced; one that reads tensor values (``if x.sum() > 0:``) still cannot be traced.
         user = inspect.currentframe().f_back.f_back  # Proxy.__bool__, then the code that branches
+        value = self.size_value(obj, user, "branches on")
+        if value is None:
+            return super().to_bool(obj)
+        if _is_assert(user):
+            if not value:
+                raise _Untraceable(f"an assert in forward fails for the example input of shape "
+                                   f"{shape_text(tuple(self.example.values()))}; give the shape the model expects "
+                                   f"with --input-shape")
+            return True
+        return bool(value)
+
+    def size_value(self, obj: fx.Proxy, user: Any, use: str) -> bool | int | float | None:
+        """The value of ``obj`` when it is computed from tensor sizes only (``x.shape[-1] % 8 == 0``,
+        ``int(x.shape[2] / 2)``, ``math.ceil(h / s)``): the graph traced so far run on the example
+        inputs' shapes under FakeTensorMode (``_condition``, ``_decide``). None when it is not
+        (it reads tensor values) or no example was given. The place in the model's code (frame
+        ``user``) is recorded in ``size_branches`` (``size_branches_note``). Raises _Untraceable when
+        the value changes with the batch size, which stays free in training and export (``use``
+        says what the forward does with it: "branches on", "reads", "iterates over")."""
+        if not self.example or self._deciding:  # deciding reached a traced value (a rebound buffer): no
+            return None
         where = user_source_line("".join(traceback.format_stack(user)))
         self._deciding = True
         try:
@@ -150,20 +188,19 @@ class SparsifyTracer(fx.Tracer):
             value = self._decide(condition, inputs, batch)
             others = {self._decide(condition, inputs, b) for b in _OTHER_BATCHES if b != batch}
         except Exception:
-            return super().to_bool(obj)
+            return None
         finally:
             self._deciding = False
         if others != {value}:
-            raise _Untraceable("the forward branches on the batch size, which stays free in training and export; "
-                               "compute that branch with torch operations (torch.where) or keep the module that "
-                               "holds it opaque with --leaf TYPE")
-        if _is_assert(user):
-            if not value:
-                raise _Untraceable(f"an assert in forward fails for the example input of shape "
-                                   f"{shape_text(tuple(self.example.values()))}; give the shape the model expects "
-                                   f"with --input-shape")
-            return True
-        self.size_branches.append(where or "forward")
+            what, fix = {"branches on": ("branches on the batch size", "compute that branch with torch operations "
+                                                                       "(torch.where)"),
+                         "reads": ("reads the batch size as a Python number", "keep it a traced size "
+                                   "(x.view(x.size(0), -1), x.flatten(1))"),
+                         "iterates over": ("loops over the batch axis", "compute it for the whole batch at once")}[use]
+            raise _Untraceable(f"the forward {what}, which stays free in training and export; {fix}, or keep the "
+                               f"module that holds it opaque with --leaf TYPE")
+        if not _is_assert(user):
+            self.size_branches.append(where or "forward")
         return value
 
     def _condition(self, node: fx.Node) -> tuple[fx.GraphModule, list[torch.Tensor]]:
@@ -198,37 +235,42 @@ class SparsifyTracer(fx.Tracer):
                 if n.op == "placeholder":
                     inputs.append(self.example[n.target])
         graph.output(env[node])
-        return fx.GraphModule(self.root, graph), inputs
+        with _unpatched_modules():  # the GraphModule copies the parameters it reads (``self.weight.size()``)
+            return fx.GraphModule(self.root, graph), inputs
 
-    def _decide(self, condition: fx.GraphModule, inputs: list[torch.Tensor], batch: int) -> bool:
+    def _decide(self, condition: fx.GraphModule, inputs: list[torch.Tensor], batch: int) -> bool | int | float:
         """The value of ``condition`` (``_condition``) for fake inputs of the examples' shapes at
-        batch size ``batch``. TypeError when it is a tensor's value, not a condition on sizes."""
+        batch size ``batch``. TypeError when it is a tensor's value, not one computed from sizes."""
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        # The trace in progress has patched nn.Module's __call__ and __getattr__ (a module call or a
-        # parameter read would become nodes of the graph being traced): the originals run these.
-        patched = torch.nn.Module.__call__, torch.nn.Module.__getattr__
-        torch.nn.Module.__call__, torch.nn.Module.__getattr__ = _ORIG_MODULE_CALL, _ORIG_MODULE_GETATTR
-        try:
-            # eval mode: a BatchNorm leaf of the training trace must not update its statistics
-            with _quiet("torch._subclasses.fake_tensor"), eval_mode(self.root), mode:
-                fake = [torch.empty((batch, *x.shape[1:]), dtype=x.dtype) for x in inputs]
-                value = Interpreter(condition).run(*fake)
-                if not isinstance(value, (bool, int, torch.SymBool, torch.SymInt)):
-                    raise TypeError(f"not a condition on sizes: {type(value).__name__}")  # a tensor's value
-                return bool(value)
-        finally:
-            torch.nn.Module.__call__, torch.nn.Module.__getattr__ = patched
+        # eval mode: a BatchNorm leaf of the training trace must not update its statistics
+        with _unpatched_modules(), _quiet("torch._subclasses.fake_tensor"), eval_mode(self.root), mode:
+            fake = [torch.empty((batch, *x.shape[1:]), dtype=x.dtype) for x in inputs]
+            value = Interpreter(condition).run(*fake)
+            if not isinstance(value, (bool, int, float, torch.SymBool, torch.SymInt, torch.SymFloat)):
+                raise TypeError(f"not a value of sizes: {type(value).__name__}")  # a tensor's value
+            for sym, plain in ((torch.SymBool, bool), (torch.SymInt, int), (torch.SymFloat, float)):
+                if isinstance(value, sym):
+                    return plain(value)
+            return value
 
     def iter(self, obj: fx.Proxy) -> Iterator[fx.Proxy]:  # type: ignore[override]
         # fx iterates a Proxy only when unpacked (``a, b = x.chunk(2, 1)``): ``for t in x.chunk(4, 1)``,
         # ``list(...)``, ``sum(...)`` failed ("Proxy object cannot be iterated"). Splits whose number
         # of pieces the call itself gives are iterated piece by piece; a chunk that yields fewer
         # pieces than asked (6 channels in 4 chunks: 3) fails loudly when the graph first runs.
+        # Others (``x.unbind(2)``, ``x.split(8, 1)``) have as many pieces as the example input's
+        # sizes give (``size_value``; over the batch axis refused), iterated likewise.
         count = _pieces(obj.node)
         if count is None:
-            return super().iter(obj)
+            length = self.create_proxy("call_function", len, (obj,), {})
+            try:
+                count = self.size_value(length, inspect.currentframe().f_back.f_back, "iterates over")
+            finally:
+                self.graph.erase_node(length.node)
+            if not isinstance(count, int):
+                return super().iter(obj)
         pieces = [obj[i] for i in range(count)]
         for piece in pieces:
             piece.node.meta["iterated_split"] = count  # see propagate_shapes
@@ -273,6 +315,19 @@ class SparsifyTracer(fx.Tracer):
 # Batch sizes a condition on sizes is also decided at: one that changes with any of them branches on
 # the batch size (``x.shape[0] > 2``, ``min(x.shape[0], 2)``, ``x.shape[0] != 4``, ``x.numel() > k``).
 _OTHER_BATCHES = (1, 2, 3, 4, 64)
+
+
+@contextlib.contextmanager
+def _unpatched_modules() -> Iterator[None]:
+    """nn.Module's own ``__call__`` and ``__getattr__`` while a trace is in progress: fx patches them
+    so that a module call or a parameter read becomes a node of the graph being traced, which a
+    condition's graph built or run meanwhile (``SparsifyTracer.to_bool``) must not do."""
+    patched = torch.nn.Module.__call__, torch.nn.Module.__getattr__
+    torch.nn.Module.__call__, torch.nn.Module.__getattr__ = _ORIG_MODULE_CALL, _ORIG_MODULE_GETATTR
+    try:
+        yield
+    finally:
+        torch.nn.Module.__call__, torch.nn.Module.__getattr__ = patched
 
 
 def _is_assert(frame: Any) -> bool:
@@ -1055,6 +1110,7 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
         gm = ModeGraphModule(tracer.root, eval_graph, name, train_graph=None if same else train_graph,
                              held_eval=held)
     gm.train(model.training)
+    _note_layer_subclasses(model, (eval_graph, train_graph))
     for key in set(vars(model)) - own_attrs:  # the constants fx stowed on the user's model: the GraphModule has them
         if _TRACER_CONSTANT.fullmatch(key):
             delattr(model, key)
@@ -1065,6 +1121,26 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
     gm.meta["reads_onnx_export"] = bool(export_reads)  # see onnx_export_note
     gm.meta["example_shapes"] = [tuple(x.shape) for x in inputs.values()]
     return gm
+
+
+def _note_layer_subclasses(model: nn.Module, graphs: Iterable[fx.Graph]) -> None:
+    """Mark each tensor read (get_attr) whose module subclasses a built-in layer with a forward of
+    its own (a "same"-padding Conv2d calling F.conv2d on its weight, traced through) with that
+    type's name and the leaf rule that would keep it whole: ``meta["layer_subclass"]``, read by
+    ``report.functional_layers`` to advise ``--leaf TYPE --rule TYPE=RULE``."""
+    from .rules import known_base, leaf_rule_name
+
+    for graph in graphs:
+        for n in graph.nodes:
+            if n.op != "get_attr" or "." not in n.target:
+                continue
+            try:
+                owner = model.get_submodule(n.target.rpartition(".")[0])
+            except AttributeError:
+                continue
+            base = known_base(type(owner))
+            if base is not None:
+                n.meta["layer_subclass"] = (type(owner).__name__, leaf_rule_name(base))
 
 
 def _share_constants(root: nn.Module, graph: fx.Graph, other: fx.Graph) -> None:
@@ -1124,17 +1200,18 @@ def state_written_note(gm: fx.GraphModule) -> str | None:
 
 
 def size_branches_note(gm: fx.GraphModule) -> str | None:
-    """A one-line note naming where the forward branches on tensor sizes (``if x.shape[-1] % 8:``):
-    the branch the example input's shape takes is traced, so inputs of other spatial sizes, and
-    channel counts the depth multiplier changes, follow it too; None when it does not branch."""
+    """A one-line note naming where the forward decides on tensor sizes in Python (``if x.shape[-1] % 8:``,
+    ``int(x.shape[2] / 2)``, ``for r in x.unbind(2)``): what the example input's shape gives is
+    traced, so inputs of other spatial sizes, and channel counts the depth multiplier changes, get
+    the same; None when it does not."""
     where = gm.meta.get("size_branches") or []
     if not where:
         return None
     shapes = gm.meta.get("example_shapes") or []
     shape = "; ".join(str(tuple(s)) for s in shapes) or "the example input's"
-    return (f"the forward branches on tensor sizes ({', '.join(where[:3])}{' and more' if len(where) > 3 else ''}): "
-            f"the branch an input of shape {shape} takes is traced, so other input sizes (and channel counts "
-            f"the depth multiplier changes) take it too")
+    return (f"the forward decides on tensor sizes in Python ({', '.join(where[:3])}{' and more' if len(where) > 3 else ''}): "
+            f"what an input of shape {shape} gives (branch, loop count, size read as a number) is traced, so "
+            f"other input sizes (and channel counts the depth multiplier changes) get the same")
 
 
 def onnx_export_note(gm: fx.GraphModule) -> str | None:

@@ -3,6 +3,8 @@ module: pytest rewrites the asserts of test modules into code without Python's a
 which is what tracing recognises an assert by."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -73,3 +75,51 @@ class BatchThreshold(nn.Module):
             x = x * 0.5
         y = self.c(x)
         return y[:min(x.shape[0], 2)] if self.how == "min" else y
+
+
+class SamePadConv(nn.Conv2d):
+    """TensorFlow's "same" padding computed in forward (EfficientNet ports): ``math.ceil`` and
+    ``max`` over the input's and the weight's sizes, then ``F.conv2d`` on its own weight."""
+
+    def forward(self, x):
+        ih, iw = x.size()[-2:]
+        kh, kw = self.weight.size()[-2:]
+        oh, ow = math.ceil(ih / self.stride[0]), math.ceil(iw / self.stride[1])
+        pad_h = max((oh - 1) * self.stride[0] + (kh - 1) * self.dilation[0] + 1 - ih, 0)
+        pad_w = max((ow - 1) * self.stride[1] + (kw - 1) * self.dilation[1] + 1 - iw, 0)
+        if pad_h > 0 or pad_w > 0:
+            x = nn.functional.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class SizesAsNumbers(nn.Module):
+    """Sizes read as Python numbers and loops whose count is a size: ``int(h / 2)``, ``float(w)``,
+    ``range(y.shape[1])``, ``for r in x.unbind(2)``, ``for p in x.split(4, 3)``; same-padding convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = SamePadConv(3, 16, 3, stride=2), SamePadConv(16, 8, 3)
+        self.bn = nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        x = nn.functional.interpolate(x, size=(int(x.shape[2] * 2), int(x.shape[3] / 2 * 2)), mode="bilinear")
+        rows = [r.mean(-1, keepdim=True) for r in x.unbind(2)]
+        x = self.c2(x + torch.stack(rows, 2) * (float(x.shape[-1]) / 8))
+        acc = sum(x[:, i:i + 1] * (i + 1) for i in range(x.shape[1]))
+        for piece in x.split(4, 3):
+            acc = acc + piece.amax(3, keepdim=True)
+        return acc
+
+
+class BatchNumbers(nn.Module):
+    """The batch size read as a number, or looped over: it stays free, so these are refused."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.c = how, nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        if self.how == "int":
+            return self.c(x).view(int(x.size(0)), -1)
+        return torch.stack([self.c(img[None])[0] for img in x])

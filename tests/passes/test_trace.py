@@ -8,7 +8,7 @@ import torch.nn as nn
 from sparsify.errors import TraceError
 from sparsify.passes.trace import graphs, mode_differences, node_shape, propagate_shapes, trace
 
-from size_branch_models import BatchThreshold, Branch, InPlaceShape, SizeBranches  # tests/passes is on sys.path (rootdir-less test module)
+from size_branch_models import BatchNumbers, BatchThreshold, Branch, InPlaceShape, SizeBranches, SizesAsNumbers  # tests/passes is on sys.path (rootdir-less test module)
 
 
 class Block(nn.Module):
@@ -201,6 +201,36 @@ def test_branches_on_batch_sizes_beyond_two_are_refused(how):
     # only batch 1 and 2 were compared: `x.shape[0] > 2` was traced as a size branch (0.049 off at batch 3)
     with pytest.raises(TraceError, match="branches on the batch size"):
         trace(BatchThreshold(how), n_inputs=1, example=torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("size", [15, 16])
+def test_sizes_read_as_numbers_and_loops_over_sizes_are_decided_on_the_example_input(size):
+    # fx refused int(x.shape[2] * 2), float(w), range(y.shape[1]), a loop over unbind / split(4, 3),
+    # and a same-padding conv's max(...) over its weight's size (a parameter read while deciding
+    # became a node of the graph being traced, so the decision failed)
+    from sparsify.passes.trace import size_branches_note
+
+    torch.manual_seed(0)
+    model = SizesAsNumbers().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(3, 3, size, size) * 2
+    gm = trace(model, n_inputs=1, example=x[:1])
+    want = model(x)
+    assert want.std() > 0.1  # activations that can tell a wrong graph from the right one
+    torch.testing.assert_close(gm(x), want)  # batch 3 where the example had 1: the batch stays free
+    note = size_branches_note(gm)
+    assert note.count("size_branch_models.py:") == 3 and "and more" in note and "read as a number" in note
+
+
+@pytest.mark.parametrize("how", ["int", "loop"])
+def test_the_batch_size_read_as_a_number_or_looped_over_is_one_line(how):
+    with pytest.raises(TraceError) as e:
+        trace(BatchNumbers(how), n_inputs=1, example=torch.randn(1, 3, 8, 8))
+    msg = str(e.value)
+    assert "\n" not in msg and "size_branch_models.py:" in msg and "stays free in training and export" in msg
+    assert {"int": "reads the batch size as a Python number", "loop": "loops over the batch axis"}[how] in msg
 
 
 def test_a_container_of_the_models_own_layers_built_in_forward_is_traced_through():
