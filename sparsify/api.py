@@ -80,14 +80,18 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
                          include_classifier=include_classifier, rescale_init=rescale_init, divisor=divisor)
     registry, rule_record = rule_registry(rules)
     loaded = load_checked(model, model_args, seed, leaf_modules)
-    prepare, source = None, None
+    prepare, source, missing = None, None, []
     if weights is not None:
-        from .weights import apply_state_dict
+        from .weights import apply_state_dict, check_missing
 
         state, source = _read_user_weights(weights)
-        # applied once lazy layers have their shapes: a state dict cannot be loaded into them before
-        prepare = lambda module: apply_state_dict(module, state, str(weights), loaded.spec)  # noqa: E731
+
+        def prepare(module: nn.Module) -> None:
+            # applied once lazy layers have their shapes: a state dict cannot be loaded into them before
+            missing.extend(apply_state_dict(module, state, str(weights), loaded.spec, allow_missing=True))
     traced = trace_loaded(loaded, input_shape, seed, leaf_modules, registry, prepare)
+    # a run's weights lack the layers its forward skips (an optional head): fine, as long as it never reads them
+    unread = check_missing(missing, traced.gm.state_dict(), str(weights), loaded.spec) if weights is not None else None
     shapes = traced.shapes
     original = layer_report(traced.gm, shapes, registry)
     config = config.resolve(traced.gm, registry)
@@ -115,8 +119,8 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     lost_train = dropped_train_overrides(loaded.module, traced.gm)
     constants = traced_constants(traced.gm)
     defaults = defaults_note(loaded.module, len(shapes))
-    notes = [n for n in (loaded.dtype_note, differs, grad, draws, written, branches, onnx_branch, lost_train, constants,
-                         defaults) if n] + list(result.notes) + _density_notes(params, result.layers)
+    notes = [n for n in (loaded.dtype_note, unread, differs, grad, draws, written, branches, onnx_branch, lost_train,
+                         constants, defaults) if n] + list(result.notes) + _density_notes(params, result.layers)
     functional = functional_note(report) if method_class(method).masked else None
     if functional:
         notes.append(functional)

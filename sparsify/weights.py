@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
@@ -99,9 +99,17 @@ def _names(keys: list[str]) -> str:
     return shown + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
 
 
+def _misfit(source: str, model: str, parts: list[str]) -> ModelLoadError:
+    return ModelLoadError(f"--weights {source} does not fit {model}: {'; '.join(parts)}; pass the same "
+                          f"--model-args the weights were trained with, or weights saved from this model")
+
+
 @torch.no_grad()
-def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str, model: str) -> None:
-    """Load ``state`` into ``module`` (every key and shape must match, every value must be finite).
+def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str, model: str,
+                     allow_missing: bool = False) -> list[str]:
+    """Load ``state`` into ``module`` (every key and shape must match, every value must be finite);
+    returns the model's keys the file lacks, which ``allow_missing`` lets through (they keep their
+    values) for the caller to check against what the forward reads (``check_missing``).
 
     Raises ModelLoadError naming a few mismatched keys, or the first tensor (in the model's order)
     holding NaN or infinite values and how many; nothing is copied then. BatchNorm's
@@ -113,7 +121,7 @@ def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} is {list(state[k].shape)} in the file, {list(own[k].shape)} in the model"
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
+    if (missing and not allow_missing) or unexpected or shapes:
         parts = []
         if missing:
             parts.append(f"missing {_names(missing)}")
@@ -121,8 +129,7 @@ def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
             parts.append(f"unexpected {_names(unexpected)}")
         if shapes:
             parts.append(_names(shapes))
-        raise ModelLoadError(f"--weights {source} does not fit {model}: {'; '.join(parts)}; pass the same "
-                             f"--model-args the weights were trained with, or weights saved from this model")
+        raise _misfit(source, model, parts)
     # in the model's order, so the tensor named is the first in the network
     bad = [(k, int((~torch.isfinite(state[k])).sum()), state[k].numel()) for k in own
            if k in state and state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
@@ -135,3 +142,19 @@ def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
     for k, v in own.items():
         if k in state:
             v.copy_(state[k].to(dtype=v.dtype))
+    return missing
+
+
+def check_missing(missing: list[str], read: Iterable[str], source: str, model: str) -> str | None:
+    """After tracing: the keys a ``--weights`` file lacks (``apply_state_dict``) must be ones the
+    forward never reads (``read``: the traced model's state-dict keys), as a sparsify run's
+    weights lack a layer its forward skips (an optional head). Raises ModelLoadError naming those
+    it does read; returns a one-line note naming the others, None when none is missing."""
+    read = set(read)
+    needed = [k for k in missing if k in read]
+    if needed:
+        raise _misfit(source, model, [f"missing {_names(needed)}"])
+    if not missing:
+        return None
+    return (f"--weights {source} lacks {_names(missing)}, which the forward never reads: "
+            f"{'they keep' if len(missing) > 1 else 'it keeps'} the model's initial values")

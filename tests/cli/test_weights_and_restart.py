@@ -226,3 +226,40 @@ def test_weights_fit_a_model_named_module_and_tied_weights_saved_once(case):
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in fresh.state_dict().items())
     if case.startswith("tied"):
         assert fresh.b.weight is fresh.a.weight  # still tied
+
+
+OPTIONAL_HEAD = '''
+import torch
+import torch.nn as nn
+
+INPUT_SHAPE = (1, 3, 12, 12)
+
+
+class Net(nn.Module):
+    def __init__(self, use_aux=False):
+        super().__init__()
+        self.use_aux = use_aux
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.aux, self.fc = nn.Linear(16, 5), nn.Linear(16, 5)  # aux: a head forward uses only with use_aux
+
+    def forward(self, x):
+        y = torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3))
+        return self.fc(y) + self.aux(y) if self.use_aux else self.fc(y)
+'''
+
+
+def test_a_runs_weights_fit_its_model_though_they_lack_a_layer_forward_skips():
+    # a run holds what its traced graph reads: transforming the model from a dense run's weights was
+    # refused ("missing aux.weight, aux.bias; pass the same --model-args ..."), blaming the user
+    Path("m.py").write_text(OPTIONAL_HEAD)
+    assert_ok(invoke("transform", "m.py", "--method", "none", "--out", "dense"))
+    r = invoke("transform", "m.py", "--weights", "dense/weights.safetensors", "--density", "0.3", "--out", "sr")
+    assert_ok(r)
+    assert "lacks aux.weight, aux.bias, which the forward never reads" in r.output
+    trained = load_file("dense/weights.safetensors")
+    masked = sparsify.load("sr").model.state_dict()["c2.weight"]
+    assert torch.equal(masked, trained["c2.weight"] * (masked != 0)) and (masked != 0).any()
+    # a forward that reads the layer still needs it
+    r = invoke("transform", "m.py", "--weights", "dense/weights.safetensors", "--density", "0.3",
+               "--model-args", '{"use_aux": true}', "--out", "aux")
+    assert r.exit_code == 2 and "missing aux.weight, aux.bias" in r.output and not Path("aux").exists()
