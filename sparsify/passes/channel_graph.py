@@ -40,6 +40,7 @@ from typing import Any, Iterator
 
 import networkx as nx
 import numpy as np
+import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
@@ -47,7 +48,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .rules import DEFAULT_RULES, CastLikeRule, LayerRule, Member, Registry, Role
 from .rules.base import SizeExpr, beyond_forward
 from .rules.layers import FunctionalConvRule, FunctionalLinearRule
-from .trace import graphs, node_shape, untrained_layer
+from .trace import graphs, node_shape, untrained_layer, user_source_line
 
 Space = tuple[str, int]  # (node key, axis)
 TRAIN_PREFIX = "train/"
@@ -194,8 +195,51 @@ class ChannelGraph:
         for graph in graphs(gm):
             for node in graph.nodes:
                 cg._visit(node)
+            cg._sizes_read_as_values(graph)
         cg._finish()
         return cg
+
+    def _sizes_read_as_values(self, graph: fx.Graph) -> None:
+        """Keep whole the axes whose size the forward computes with as a value (``y * (1 /
+        math.sqrt(h.shape[1]))``, ``h / h.size(1)``): removing a channel changes that number and the
+        output, so compaction cannot (the depth multiplier may resize them: a narrower model's code
+        reads its own width). A size that only sizes a tensor (``view(n, c // 2, h, w)``) is the
+        rules' (``size_expr``)."""
+        weights: dict[tuple[str, int], list[Space]] = {}  # (layer, weight axis) -> the spaces it is a member of
+        for space, members in self._members.items():
+            for m in members:
+                weights.setdefault((m.target, m.axis), []).append(space)
+
+        def spaces_of(t: Any, k: int | None) -> list[Space]:
+            """The existing spaces of axis ``k`` (every axis: None) of tensor ``t``; a parameter read
+            directly (``self.mid.weight.shape[0]``) by the groups its layer is a member of."""
+            shape = self.shape(t)
+            if shape is None or (k is not None and not -len(shape) <= k < len(shape)):
+                return []
+            axes = range(len(shape)) if k is None else [k % len(shape)]
+            if t.op == "get_attr":
+                layer, _, name = t.target.rpartition(".")
+                return [sp for a in axes for sp in weights.get((t.target, a), [])
+                        + weights.get((layer, 0 if name == "bias" else a), [])]
+            return [(self.key(t), a) for a in axes if (self.key(t), a) in self._sizes]
+
+        for node in graph.nodes:
+            read: list[tuple[fx.Node, list[Space]]] = []  # the size values a node gives, and their axes
+            if node.op == "call_method" and node.target in ("size", "numel") and node.args:
+                t, k = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+                if node.target == "numel" or isinstance(k, int):
+                    read.append((node, spaces_of(t, k if isinstance(k, int) else None)))
+                else:  # x.size(): its items
+                    read += [(u, spaces_of(t, u.args[1])) for u in node.users if _item(u)]
+            elif node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+                read += [(u, spaces_of(node.args[0], u.args[1])) for u in node.users if _item(u)]
+            for value, axes in read:
+                if not axes:
+                    continue
+                where = _value_use(self, value)
+                if where is not None:
+                    for s in axes:
+                        self.whole(s, f"its size is computed with as a value at {where}")
 
     def key(self, node: fx.Node | str) -> str:
         return node if isinstance(node, str) else self._key[node]
@@ -694,6 +738,40 @@ def weight_nodes(gm: fx.GraphModule, rules: Registry | None = None, all_graphs: 
                 if i > 0:
                     seen.add(n.target)
     return out
+
+
+def _item(node: fx.Node) -> bool:
+    """``node`` picks one size of a shape: ``x.shape[1]``, ``x.size()[k]``."""
+    return node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int)
+
+
+# Ops that compute with a size as a value when a tensor is among their operands.
+_VALUE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+                    operator.mod, operator.neg, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide,
+                    torch.pow, torch.clamp, torch.full_like, torch.fill}
+_VALUE_METHODS = {"add", "sub", "mul", "div", "true_divide", "pow", "add_", "sub_", "mul_", "div_", "pow_", "clamp",
+                  "clamp_", "fill_", "new_full", "rsub", "__rsub__", "__rtruediv__", "__rpow__"}
+
+
+def _value_use(cg: "ChannelGraph", value: fx.Node) -> str | None:
+    """Where a size ``value`` (or a number computed from it: ``1 / math.sqrt(c)``) meets a tensor in
+    arithmetic, as a node name with its source line; None when it only sizes tensors."""
+    seen, stack = set(), [value]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            tensors = cg.tensor_inputs(u)
+            arithmetic = (u.op == "call_function" and u.target in _VALUE_FUNCTIONS) or \
+                (u.op == "call_method" and u.target in _VALUE_METHODS)
+            if tensors and arithmetic:
+                line = user_source_line(u)
+                return u.name + (f" ({line})" if line else "")
+            if not tensors and u.op in ("call_function", "call_method"):
+                stack.append(u)  # arithmetic on numbers: follow the result
+    return None
 
 
 def classifier_node(gm: fx.GraphModule, rules: Registry | None = None) -> fx.Node | None:

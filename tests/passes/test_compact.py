@@ -1,6 +1,8 @@
 """Compaction: one test per coupling pattern with hand-made dead channels, and a fuzz test."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -187,6 +189,44 @@ def test_model_output_channels_are_never_removed() -> None:
     _kill_out(m.c3, [0, 1], bias=0.0)
     out, _ = _run(m, (2, 3, 6, 6))
     assert out.c3.out_channels == 4
+
+
+class SizeAsValue(nn.Module):
+    """A channel count the forward computes with: 1/sqrt(C) scaling, a division by the count (of
+    the tensor, of the layer's weight), a scale from numel; beside it, a view that only sizes a tensor."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.c1, self.c2, self.c3 = how, _sc(3, 8), _sc(8, 8), _sc(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        if self.how == "sqrt":
+            y = self.c2(h) * (1.0 / math.sqrt(h.shape[1]))
+        elif self.how == "div":
+            y = self.c2(h).div(h.size(1))
+        elif self.how == "weight":  # the count read off the layer's weight
+            y = self.c2(h) / self.c1.weight.shape[0]
+        elif self.how == "numel":
+            y = self.c2(h) * (h.numel() / h.shape[0]) ** -0.5
+        else:
+            y = self.c2(h)
+        n, c = y.shape[:2]
+        return self.c3(torch.relu(y.view(n, c, -1).view(y.shape)))
+
+
+@pytest.mark.parametrize("how", ["sqrt", "div", "weight", "numel"])
+def test_a_channel_count_computed_with_keeps_its_group_whole(how) -> None:
+    # removing c1's dead channels changed h.shape[1] and the output: compaction failed its
+    # certificate ("not exact ... please report it")
+    torch.manual_seed(9)
+    m = SizeAsValue(how)
+    _kill_out(m.c1, [0, 2, 5], bias=-1.0)
+    out, report = _run(m, (2, 3, 6, 6))
+    assert out.c1.out_channels == 8
+    with torch.no_grad():  # and where nothing reads the count, the same dead channels go
+        m.how = "none"
+    assert _run(m, (2, 3, 6, 6))[0].c1.out_channels == 5
 
 
 def test_original_untouched_and_certificate_catches_difference() -> None:
