@@ -61,6 +61,34 @@ def check_writable(path: str | os.PathLike, what: str = "", *, parents: bool = T
         raise _os_error(p, what, e, anchor) from None
 
 
+def check_new_file(path: Path, flag: str, force: bool = False, suffixes: tuple[str, ...] = ()) -> None:
+    """Refuse, before any long work, an output file option (``flag``, e.g. ``"--plot"``) that names a
+    directory, another kind of file than ``suffixes`` allow, an existing file without ``force``
+    (a plot written over the model being timed, or over a run's summary.json, lost it), or a
+    place that cannot be written. Raises SparsifyError (UsageError for the options)."""
+    from .errors import UsageError
+
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise UsageError(f"{flag} {path}: the file is written as its suffix says; give a file ending in "
+                         f"{', '.join(suffixes)}")
+    if path.exists() and not force:
+        raise UsageError(f"{path} exists; pass --force to overwrite it or choose another {flag}")
+    check_writable(path, f"{flag} ", parents=False)
+
+
+PLOT_FORMATS = (".png", ".pdf", ".svg")  # matplotlib writes each; the file's suffix chooses
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
+    """Write a matplotlib figure atomically, as PNG, PDF or SVG by ``path``'s suffix (PNG otherwise)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format={".pdf": "pdf", ".svg": "svg"}.get(path.suffix.lower(), "png"), dpi=dpi)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; rename it onto ``path`` only on success."""

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._io import atomic_path
+from ._io import save_figure
 from .errors import UsageError
 from .runtime.bench import BenchResult, bench_files, write_result_json
 
@@ -58,9 +58,7 @@ def plot_result(result: BenchResult, path: str | Path) -> Path:
     fig.suptitle(f"ONNX Runtime latency per variant (whiskers p10-p90; labels: speedup vs {result.baseline})",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format={".pdf": "pdf", ".svg": "svg"}.get(path.suffix.lower(), "png"), dpi=120)
+    path = save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

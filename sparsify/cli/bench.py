@@ -136,6 +136,7 @@ def bench(
                               "ORT does by default (variants are timed in turn, with a pause for the "
                               "spinning to stop between them)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing --json-file and --plot files."),
 ) -> None:
     """Measure ONNX Runtime latency of ONNX files side by side, or of the variants of a run directory."""
     from .. import pipeline
@@ -145,7 +146,7 @@ def bench(
     batches = _int_list("--batch-size", batch_size)
     thread_counts = _int_list("--threads", threads)
     lib.check_settings(warmup=warmup, min_time=min_time, repeats=repeats)
-    _check_outputs(paths, json_out, plot, keep)
+    _check_outputs(paths, json_out, plot, keep, force)
     dirs = [p for p in paths if p.is_dir()]
     opts = dict(batch_sizes=batches, threads=thread_counts, warmup=warmup, min_time=min_time, repeats=repeats,
                 native=native, spinning=spin, memory=memory)
@@ -208,25 +209,20 @@ def _different_outputs(result: Any) -> list[str]:
     return differ
 
 
-PLOT_FORMATS = (".png", ".pdf", ".svg")  # matplotlib writes each; the suffix chooses
-
-
-def _check_outputs(paths: list[Path], json_out: Path | None, plot: Path | None, keep: Path | None) -> None:
-    """Refuse output locations that cannot be written before any exporting or timing."""
-    from .._io import check_writable
+def _check_outputs(paths: list[Path], json_out: Path | None, plot: Path | None, keep: Path | None,
+                   force: bool = False) -> None:
+    """Refuse output locations that cannot be written, or would overwrite a file without --force,
+    before any exporting or timing."""
+    from .._io import PLOT_FORMATS, check_new_file, check_writable
 
     stray = next((p for p in paths if p.suffix == ".json" and not p.is_dir()), None)
     if stray is not None:
         raise UsageError(f"{stray} is not an ONNX file; --json is a flag now (print JSON): write the results to a "
                          f"file with --json-file {stray}")
-    if plot is not None and plot.suffix.lower() not in PLOT_FORMATS:
-        raise UsageError(f"--plot {plot}: the plot is written as its suffix says; give a file ending in "
-                         f"{', '.join(PLOT_FORMATS)}")
-    for flag, path in (("--json-file", json_out), ("--plot", plot)):
-        if path is not None:
-            if path.is_dir():
-                raise UsageError(f"{flag} {path} is a directory; give a file name")
-            check_writable(path, f"{flag} ", parents=False)
+    if plot is not None:
+        check_new_file(plot, "--plot", force, PLOT_FORMATS)
+    if json_out is not None:
+        check_new_file(json_out, "--json-file", force)
     if keep is not None:
         if keep.exists() and not keep.is_dir():
             raise UsageError(f"--keep {keep} is a file; give a directory for the exported variants")

@@ -193,13 +193,19 @@ def compare(
     baseline: Optional[str] = typer.Option(None, help="Arm the others are compared with, paired by seed "
                                                       "(default: the study's baseline, else the first arm)"),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON"),
-    plot: Optional[Path] = typer.Option(None, help="Write a PNG: accuracy against live parameters, learning curves"),
+    plot: Optional[Path] = typer.Option(None, help="Write a plot (.png, .pdf or .svg, as its suffix says): accuracy "
+                                                   "against live parameters, learning curves"),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --plot file"),
 ) -> None:
     """Per-arm test accuracy (mean ± s.e. and each seed), live parameters and MACs, and paired differences
     against a baseline arm with a paired t-test's 95% confidence interval (scipy.stats)."""
     from ..study.compare import compare as run_compare
     from ..study.compare import plot_comparison
 
+    from .._io import PLOT_FORMATS, check_new_file
+
+    if plot is not None:  # before reading the runs: a plot over a run's summary.json lost it
+        check_new_file(plot, "--plot", force, PLOT_FORMATS)
     result = run_compare(paths, baseline=baseline)
     if plot is not None:
         plot_comparison(result, plot)

@@ -303,7 +303,8 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
     """Accuracy against live parameters (total and conv), and validation-accuracy learning curves.
 
     One point per arm (mean, error bar +- s.e.), arms of one series joined in order of parameter
-    count; learning curves are the mean over each arm's finished seeds. Written atomically as PNG.
+    count; learning curves are the mean over each arm's finished seeds. Written atomically, as PNG, PDF
+    or SVG by the file's suffix.
     """
     import matplotlib
 
@@ -311,7 +312,7 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    from .._io import atomic_path
+    from .._io import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     by_series: dict[str, list[ArmStats]] = {}
@@ -355,9 +356,7 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
     if ax.lines:
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    path = save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 

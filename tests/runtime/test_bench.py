@@ -227,6 +227,23 @@ def test_plot_format_follows_its_suffix_and_others_are_refused(models, tmp_path)
         assert r.exit_code == 2 and ".png, .pdf, .svg" in r.output and not (tmp_path / bad).exists(), r.output
 
 
+def test_existing_output_files_are_kept_without_force(models, tmp_path):
+    # --json-file model.onnx wrote JSON over the model being timed; --plot replaced a file silently
+    victim = tmp_path / "victim.onnx"
+    victim.write_bytes(models["big"].read_bytes())
+    for flag in ("--json-file", "--plot"):
+        target = victim if flag == "--json-file" else tmp_path / "old.png"
+        target.write_bytes(target.read_bytes() if target.exists() else b"old")
+        before = target.read_bytes()
+        r = CliRunner().invoke(app, ["bench", str(models["big"]), "-b", "1", "-t", "1", flag, str(target), *FAST[:-1]])
+        assert r.exit_code == 2 and "exists; pass --force" in r.output and target.read_bytes() == before, r.output
+    js = tmp_path / "old.json"
+    js.write_text("{}")
+    r = CliRunner().invoke(app, ["bench", str(models["big"]), "-b", "1", "-t", "1", "--json-file", str(js), "--force",
+                                 *FAST[:-1]])
+    assert r.exit_code == 0 and "rows" in json.loads(js.read_text()), r.output
+
+
 def test_files_with_different_numbers_of_inputs_say_so(tmp_path):
     # "takes batchx3x32x32 but ... takes batchx3x32x32": the second file's other input was not named
     import torch.nn as nn

@@ -113,6 +113,17 @@ def test_cli_tables_json_plot_and_errors(study, tmp_path):
     plot = tmp_path / "cmp.png"
     assert runner.invoke(app, ["compare", str(study / "study"), "--plot", str(plot)]).exit_code == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --plot wrote a PNG over any file: a run's summary.json, the ONNX file a user named by mistake
+    summary = next((study / "study").rglob("summary.json"))
+    before = summary.read_bytes()
+    for target, said in ((summary, ".png, .pdf, .svg"), (plot, "exists; pass --force")):
+        r = runner.invoke(app, ["compare", str(study / "study"), "--plot", str(target)])
+        assert r.exit_code == 2 and said in r.output and r.output.strip().count("\n") == 0, r.output
+    assert summary.read_bytes() == before
+    assert runner.invoke(app, ["compare", str(study / "study"), "--plot", str(plot), "--force"]).exit_code == 0
+    svg = tmp_path / "cmp.svg"
+    assert runner.invoke(app, ["compare", str(study / "study"), "--plot", str(svg)]).exit_code == 0
+    assert b"<svg" in svg.read_bytes()[:400]
     bad = runner.invoke(app, ["compare", str(study / "study"), "--baseline", "zzz"])
     assert bad.exit_code == 2 and "not an arm" in bad.output and bad.output.strip().count("\n") == 0
     missing = runner.invoke(app, ["compare", str(tmp_path / "nope")])
