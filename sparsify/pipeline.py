@@ -169,7 +169,9 @@ def export_model_variants(model: Any, recipe: Any, out_dir: str | Path, variants
     (``MethodConfig.masked``: depth-multiplier, none).
 
     Returns [(label, path)], notes per variant (``depth``: alpha, live_params, target_live_params,
-    divisor) and the ExportReport of each variant written. Raises UsageError for an unknown variant.
+    divisor) and the ExportReport of each variant written. A depth-multiplier run's own model is
+    exported as ``depth`` (for ``compact`` and ``sparse`` too: it has no masks) and ``dense`` is the
+    original model of its recipe, with notes saying so. Raises UsageError for an unknown variant.
     """
     from .methods import method_class
     from .runtime.export import export_model
@@ -179,11 +181,31 @@ def export_model_variants(model: Any, recipe: Any, out_dir: str | Path, variants
     files: list[tuple[str, Path]] = []
     notes: dict[str, Any] = {}
     reports: dict[str, Any] = {}
+    thinned = recipe.method == "depth-multiplier"
+    if thinned:
+        # The run's model is itself the depth-multiplied one and has no masks: it is timed as
+        # "depth" against the original dense model (the thinned model was timed against itself, 1.00x)
+        variants = list(dict.fromkeys("depth" if v in ("compact", "sparse") else v for v in variants))
     for i, name in enumerate(variants):
         if progress is not None:
             progress(f"exporting {name}", i, len(variants))
         target = out_dir / f"{prefix}{name}.onnx"
-        if name == "depth":
+        if thinned and name == "dense":
+            from .replay import trace_recipe
+            from .rundir import MODEL_IMPORTS, MODEL_SOURCE, TRACED_STATE
+
+            run = Path(run_dir) if run_dir is not None else None
+            original = trace_recipe(recipe, run / MODEL_SOURCE if run else None,
+                                    imports_copy=run / MODEL_IMPORTS if run else None,
+                                    traced_state=run / TRACED_STATE if run else None).gm
+            reports[name] = export_model(original, recipe.shapes, target, dense=True, compact=False)
+            notes["dense"] = f"the original model ({live_params(original):,} live params, its initial weights)"
+        elif thinned and name == "depth":
+            reports[name] = export_model(model, recipe.shapes, target, dense=True, compact=False, rules=rules)
+            notes["depth"] = (f"the run's depth-multiplied model (alpha={recipe.params.get('alpha')!r}, "
+                              f"{live_params(model):,} live params); another model than the original, so its "
+                              f"outputs are not compared (rel diff -)")
+        elif name == "depth":
             if not method_class(recipe.method).masked:
                 notes["depth"] = f"skipped: the run's method is {recipe.method!r}, not sparse-random or psn"
                 continue

@@ -92,9 +92,28 @@ def test_export_variants_loads_the_run_once(tmp_path, monkeypatch):
 def test_export_variants_skips_depth_for_methods_that_mask_nothing(tmp_path):
     from sparsify import api
 
-    run, _ = api.transform_to_dir("zoo:lenet5", "depth-multiplier", alpha=0.5, out=tmp_path / "run")
+    run, _ = api.transform_to_dir("zoo:lenet5", "none", out=tmp_path / "run")
     files, notes = pipeline.export_variants(run, tmp_path, ["dense", "depth"])
     assert [name for name, _ in files] == ["dense"] and notes["depth"].startswith("skipped")
+
+
+def test_a_depth_multiplier_run_is_timed_against_the_original_model(tmp_path):
+    # `run --method depth-multiplier` timed the thinned model as dense, compact and sparse: 1.00x
+    import onnx
+
+    from sparsify import api
+
+    run, res = api.transform_to_dir("zoo:lenet5", "depth-multiplier", alpha=0.5, out=tmp_path / "run")
+    (tmp_path / "v").mkdir()
+    files, notes = pipeline.export_variants(run, tmp_path / "v", ["dense", "compact", "sparse"])
+    assert [name for name, _ in files] == ["dense", "depth"]
+    size = {name: sum(onnx.numpy_helper.to_array(t).size for t in onnx.load(str(p)).graph.initializer)
+            for name, p in files}
+    original = _live(api.transform("zoo:lenet5", "none").model)
+    # the files' weights (and a few shape constants) are the two models'
+    assert abs(size["depth"] - _live(res.model)) < 0.01 * size["depth"] and abs(size["dense"] - original) < 0.01 * original
+    assert size["depth"] < 0.5 * size["dense"]
+    assert "original model" in notes["dense"] and "alpha=0.5" in notes["depth"]
 
 
 def _live(model) -> int:

@@ -240,16 +240,18 @@ def _print_machine_lines(result: Any) -> None:
 
 
 def _variant_notes(notes: dict[str, Any]) -> list[str]:
-    """How the depth variant was made (or why it was skipped), one line each."""
+    """How the depth variant was made (or why it was skipped), and what the dense one is when that
+    is not the run's own model, one line each."""
+    lines = [f"dense: {notes['dense']}"] if isinstance(notes.get("dense"), str) else []
     note = notes.get("depth")
     if note is None:
-        return []
+        return lines
     if isinstance(note, str):
-        return [f"depth: {note}"]
+        return lines + [f"depth: {note}"]
     # repr: the shortest text that is the same float, so `transform --alpha` with it rebuilds this model
     divisor = note.get("divisor", 1)
     rounded = f", channels rounded to multiples of {divisor}" if divisor > 1 else ""
-    lines = [f"depth: alpha={note['alpha']!r}{rounded}, {note['live_params']:,} live params "
+    lines += [f"depth: alpha={note['alpha']!r}{rounded}, {note['live_params']:,} live params "
              f"(sparse run: {note['target_live_params']:,}); another model, so its outputs are not compared (rel diff -)"]
     if note.get("mismatch"):
         lines.append(f"warning: depth: {note['mismatch']}")
