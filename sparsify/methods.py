@@ -64,8 +64,12 @@ class NoneConfig(MethodConfig):
 
     name: ClassVar[str] = "none"
     summary: ClassVar[str] = "trace only (the dense graph)"
-    refused: ClassVar[dict[str, str]] = {"divisor": "--divisor applies to --method depth-multiplier only, not none",
-                                         "block": "--block applies to --method sparse-random and psn only, not none"}
+    refused: ClassVar[dict[str, str]] = {
+        "density": "--method none keeps the model as it is and takes no --density; choose sparse-random or psn",
+        "alpha": "--method none keeps the model as it is and takes no --alpha; choose depth-multiplier",
+        "profile": "--profile applies to --method psn only",
+        "divisor": "--divisor applies to --method depth-multiplier only, not none",
+        "block": "--block applies to --method sparse-random and psn only, not none"}
 
 
 @dataclass

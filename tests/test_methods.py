@@ -32,12 +32,15 @@ def test_recipe_params_keep_their_keys_and_order():
     assert list(methods.make_config("psn", density=0.1).to_params()) == [
         "density", "allocation", "include_classifier", "rescale_init", "profile", "profile_params", "include_linear"]
     assert methods.make_config("depth-multiplier", alpha=0.5).to_params() == {"alpha": 0.5}
-    assert methods.make_config("none", density=0.5, alpha=0.2).to_params() == {}   # none ignores them
+    assert methods.make_config("none").to_params() == {}
 
 
 @pytest.mark.parametrize("method,options,words", [
     ("turbo", {}, "unknown method 'turbo'; choose one of sparse-random, psn, depth-multiplier, none"),
     ("sparse-random", {"density": 0.1, "divisor": 8}, "--divisor applies to --method depth-multiplier only"),
+    # none ignored --density and --alpha silently: the user got the dense model they did not ask for
+    ("none", {"density": 0.5}, "--method none keeps the model as it is and takes no --density"),
+    ("none", {"alpha": 0.5}, "takes no --alpha; choose depth-multiplier"),
     ("sparse-random", {"density": 0.1, "alpha": 0.5}, "sparse-random takes --density, not --alpha"),
     ("sparse-random", {"density": 0.1, "profile": "uniform"}, "--profile applies to --method psn only"),
     ("psn", {"density": 0.1, "alpha": 0.5}, "psn takes --density, not --alpha"),

@@ -227,6 +227,8 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
     it started; the completed epochs are kept (``metrics.jsonl``, the checkpoint, and their
     weights as the run's weights).
     """
+    if resume and force:  # the resume silently won
+        raise UsageError("--resume continues the run's checkpoint and --force discards it; give one of them")
     run_dir = Path(run_dir)
     recipe = read_recipe(run_dir)
     ckpt = checkpoint_path(run_dir)

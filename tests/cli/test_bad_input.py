@@ -263,6 +263,14 @@ def test_resume_message_names_the_flag_and_the_default(run):
     assert "None" not in line
 
 
+def test_resume_and_force_together_are_refused(run):
+    # the resume silently won over --force
+    assert_ok(invoke("train", run, "--epochs", "1", "--train-limit", "100", "-q"))
+    before = (Path(run) / "weights.safetensors").read_bytes()
+    assert_one_error_line(invoke("train", run, "--resume", "--force", "-q"), "--resume", "--force")
+    assert (Path(run) / "weights.safetensors").read_bytes() == before
+
+
 def test_native_library_error_names_the_cli_flag(tmp_path):
     import onnxruntime as ort
 
