@@ -7,6 +7,7 @@ files that ``sparsify bench RUN`` times with ``sparsify.runtime.bench.bench_file
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -295,18 +296,22 @@ def run_pipeline(
             stopped = True
             resumable = where == "training" and (tmp / "checkpoints" / "last.pt").is_file()
     if stopped:
-        raise PipelineInterrupted(run_dir, where, resumable)
+        raise PipelineInterrupted(run_dir, where, resumable, train_options)
     return run_dir, result, notes
 
 
 class PipelineInterrupted(KeyboardInterrupt):
     """Ctrl-C in ``sparsify run`` after the transform: the run directory holds what was complete.
-    ``str()`` says what to run next."""
+    ``str()`` says what to run next (with ``train_options``, the training the run asked for)."""
 
-    def __init__(self, run_dir: Path, stage: str, resumable: bool) -> None:
+    def __init__(self, run_dir: Path, stage: str, resumable: bool, train_options: dict[str, Any] | None = None) -> None:
         if stage == "training":
-            then = (f"`sparsify train {run_dir} --resume` with the same training options continues the training"
-                    if resumable else f"`sparsify train {run_dir}` trains it")
+            flags = {"data": "--data", "data_dir": "--data-dir", "epochs": "--epochs", "schedule": "--schedule",
+                     "lr": "--lr", "batch_size": "--batch-size", "seed": "--seed"}
+            given = " ".join(f"{flags[k]} {shlex.quote(str(v))}" for k, v in (train_options or {}).items()
+                             if k in flags and v is not None)
+            then = (f"`sparsify train {run_dir} --resume` continues the training" if resumable else
+                    f"`sparsify train {run_dir}{' ' + given if given else ''}` trains it as this run would have")
             kept = "the transformed model"
         else:
             then, kept = f"`sparsify bench {run_dir}` exports and times its variants", "the trained model"

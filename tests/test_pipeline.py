@@ -125,6 +125,17 @@ def _live(model) -> int:
 TRAIN = {"data": "digits", "epochs": 2, "train_limit": 100, "batch_size": 50}
 
 
+def test_a_run_stopped_before_its_first_epoch_names_the_training_it_asked_for():
+    # "`sparsify train RUN` trains it": with train's defaults (10 epochs), not the 1 the run asked for
+    from pathlib import Path
+
+    from sparsify.pipeline import PipelineInterrupted
+
+    said = str(PipelineInterrupted(Path("runs/r"), "training", False,
+                                   {"data": "my data", "epochs": 1, "lr": None, "schedule": "rigl", "train_limit": 9}))
+    assert "`sparsify train runs/r --data 'my data' --epochs 1 --schedule rigl` trains it" in said
+
+
 @pytest.mark.parametrize("at", ["train", "export"])
 def test_run_stopped_after_the_transform_keeps_what_is_complete(tmp_path, at):
     # Ctrl-C removed the whole temporary run directory, a finished training with it, and said
