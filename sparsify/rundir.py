@@ -188,6 +188,22 @@ def read_recipe(path: str | Path) -> Recipe:
     return recipe
 
 
+def summary_note(path: str | Path) -> str | None:
+    """A one-line note when run ``path`` has a ``summary.json`` that cannot be read as one (what it
+    records, such as how training normalised the inputs, is then unknown); None otherwise."""
+    file = Path(path) / SUMMARY
+    if not file.is_file():
+        return None
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        raw = None
+    if isinstance(raw, dict) and set(read_summary(path)) == set(raw):  # no section dropped as damaged
+        return None
+    return (f"{file} is damaged, so what it records is unknown here (the ratios to the original model, how "
+            f"training normalised the inputs): feed the model inputs prepared as in its training")
+
+
 def read_summary(path: str | Path) -> dict[str, Any]:
     """The run's ``summary.json`` as a dict, or {} when it is missing or damaged.
 

@@ -659,7 +659,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, rules: Any = 
     """Export the model of a run directory (see ``export_model`` for the options); ``rules``: the
     custom Rule objects a run was transformed with, if any (named rules come from its recipe)."""
     from ..passes.rules import with_user_rules
-    from ..rundir import load_run, read_summary
+    from ..rundir import load_run, read_summary, summary_note
 
     check_output_path(out)
     run = load_run(run_dir, rules)
@@ -669,6 +669,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, rules: Any = 
                           (named or given) else None, **options)
     report.source = str(run_dir)
     norm = (read_summary(run_dir).get("train") or {}).get("input_normalization")
+    damaged = summary_note(run_dir)
+    if damaged:
+        report.notes.append(damaged)
     if norm:
         report.notes.append(f"the run was trained on inputs normalised as {norm['text']} (summary.json: "
                             "train.input_normalization); feed the exported model inputs normalised the same way")
