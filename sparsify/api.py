@@ -67,6 +67,10 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     initial weights to its live fan-in. Raises a SparsifyError with a one-line message on bad input.
     """
     _check_seed(seed)
+    if isinstance(model, str) and model.startswith("zoo:"):  # a misspelt model is the first mistake to name
+        from . import zoo
+
+        zoo.get(model[len("zoo:"):])
     if weights is not None and method == "depth-multiplier":
         raise UsageError("--weights applies to sparse-random, psn and none: depth-multiplier builds new layers with "
                          "fresh weights (a thinner architecture trained from scratch); --method none keeps the model "

@@ -348,3 +348,9 @@ def test_bench_notes_files_that_compute_different_models(sparse_onnx, tmp_path):
     same = invoke("bench", sparse_onnx, tmp_path / "copy.onnx", *FAST_BENCH)
     assert_ok(same)
     assert "same model" not in same.output, same.output
+
+
+def test_a_misspelt_zoo_model_is_named_before_the_methods_options():
+    # `transform zoo:nope` said "--density is required" first
+    assert_one_error_line(invoke("transform", "zoo:lenet", "--out", "R"), "unknown zoo model 'lenet'",
+                          "did you mean 'lenet5'", nothing_at=(Path("R"),))
