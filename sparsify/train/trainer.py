@@ -278,7 +278,17 @@ def _describe_output(out: Any) -> str:
         return f"a {type(out).__name__} of {len(out)}"
     if isinstance(out, torch.Tensor):
         return f"a tensor of shape {list(out.shape)}"
-    return f"a {type(out).__name__}"
+    kind = type(out).__name__
+    return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
+
+
+def _tensors_only(out: Any) -> bool:
+    """Whether every leaf of a (nested) output is a tensor: what export writes as ONNX outputs."""
+    if isinstance(out, dict):
+        return all(_tensors_only(v) for v in out.values())
+    if isinstance(out, (tuple, list)):
+        return all(_tensors_only(v) for v in out)
+    return isinstance(out, torch.Tensor)
 
 
 @torch.no_grad()
@@ -318,8 +328,9 @@ def output_classes(model: nn.Module, model_input: tuple[int, ...], name: str, se
             return classes
         mode = " in training mode"
     want = "[N, classes] scores" if isinstance(out, torch.Tensor) else "the logits"
+    exports = "; export works" if _tensors_only(out) else ""  # export refuses outputs that are no tensors
     raise TrainingError(f"train needs a model whose forward returns one tensor of class scores [N, classes]; "
-                        f"{name} returns {_describe_output(out)}{mode}; export works, or wrap the model so forward "
+                        f"{name} returns {_describe_output(out)}{mode}{exports}; wrap the model so forward "
                         f"returns {want}" + (" in training too (e.g. drop the auxiliary outputs)" if mode else ""))
 
 

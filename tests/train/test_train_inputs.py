@@ -38,6 +38,7 @@ def build_model():
     return Net()
 '''
 RETURNS = {"dict": '{"logits": self.fc(f), "feat": f}', "tuple": "self.fc(f), f", "tensor": "self.fc(f)",
+           "text": "self.fc(f), 'label'",
            # GoogLeNet / Inception: an auxiliary head's output beside the logits, in training only
            "aux-in-training": "(self.fc(f), f) if self.training else self.fc(f)",
            # one logit (a yes/no task scored with BCE): the synthetic set had one class, loss 0, accuracy 1
@@ -93,7 +94,9 @@ def _npz(path: Path, x_shape: tuple[int, ...], labels: int) -> Path:
 
 @pytest.mark.parametrize("kind, needles", [
     ("dict", ("returns a dict (keys: logits, feat)", "one tensor of class scores", "wrap the model")),
-    ("tuple", ("returns a tuple of 2", "one tensor of class scores", "wrap the model")),
+    ("tuple", ("returns a tuple of 2", "one tensor of class scores", "export works", "wrap the model")),
+    # a string beside the scores: export refuses it, so train must not say "export works"
+    ("text", ("returns a tuple of 2", "one tensor of class scores", "wrap the model")),
     ("aux-in-training", ("returns a tuple of 2 in training mode", "drop the auxiliary outputs")),
     ("one-logit", ("one score per example", "two or more", "own loop")),
     ("fails-in-training", ("fails in training at epoch 1 step 1", "RuntimeError"))])
@@ -104,6 +107,7 @@ def test_a_model_not_returning_class_scores_is_refused_before_anything_is_writte
     named = () if kind == "fails-in-training" else (f"{kind}net.py",)  # a refusal names the model file
     line = assert_one_error_line(r, *needles, *named, nothing_at=(run / "metrics.jsonl", run / "checkpoints"))
     assert "TypeError" not in line and "cross_entropy" not in line
+    assert ("export works" in line) == (kind in ("dict", "tuple", "aux-in-training"))
     assert _state(run) == before
 
 
