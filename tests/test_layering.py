@@ -116,7 +116,7 @@ LAYERS = {  # docs/design.md, "Layers": a module imports only from its own layer
     2: ("sparsify.api",),
     1: ("sparsify.runtime", "sparsify.train", "sparsify.rundir", "sparsify.replay", "sparsify.methods"),
     0: ("sparsify.passes", "sparsify.models", "sparsify.zoo", "sparsify.report", "sparsify.nn", "sparsify.profiles",
-        "sparsify.weights", "sparsify._io", "sparsify.errors"),
+        "sparsify.weights", "sparsify._io", "sparsify.errors", "sparsify.machine"),
 }
 
 

@@ -147,6 +147,7 @@ def bench(
     thread_counts = _int_list("--threads", threads)
     lib.check_settings(warmup=warmup, min_time=min_time, repeats=repeats)
     _check_outputs(paths, json_out, plot, keep, force)
+    _warn_oversubscribed(thread_counts)
     dirs = [p for p in paths if p.is_dir()]
     opts = dict(batch_sizes=batches, threads=thread_counts, warmup=warmup, min_time=min_time, repeats=repeats,
                 native=native, spinning=spin, memory=memory)
@@ -207,6 +208,14 @@ def _different_outputs(result: Any) -> list[str]:
         if any(v is None or v > OUTPUT_REL_TOL for v in rels):
             differ.append(f.label)
     return differ
+
+
+def _warn_oversubscribed(thread_counts: list[int]) -> None:
+    from ..machine import oversubscribed_note
+
+    note = oversubscribed_note(max(thread_counts))
+    if note:
+        err.print(f"warning: {note}", highlight=False)
 
 
 def _check_outputs(paths: list[Path], json_out: Path | None, plot: Path | None, keep: Path | None,
@@ -360,6 +369,7 @@ def run(
                          threads=_int_list("--threads", threads), min_time=min_time)
     lib.check_settings(min_time=min_time)
     _check_train_options(train_options)
+    _warn_oversubscribed(bench_options["threads"])
     target = out_dir if out_dir is not None else default_run_dir(model, method, density if density is not None else alpha, next_free=True)
     log = (lambda _m: None) if quiet else (lambda m: err.print(m, highlight=False, markup=False))
     with _pipeline_progress(quiet) as progress:

@@ -74,6 +74,12 @@ class _StudyView:
             self.jobs = ev["jobs"]
             err.print(f"study {ev['study_dir']}: {ev['total']} runs, {ev['skipped']} already finished; "
                       f"{ev['workers']} job(s) at a time, {ev['threads']} torch thread(s) each", highlight=False)
+            from ..machine import oversubscribed_note
+
+            busy = oversubscribed_note(min(ev["workers"], len(ev["jobs"]) - ev["skipped"]) * ev["threads"],
+                                       "--jobs x --threads")
+            if busy:
+                err.print(f"warning: {busy}", highlight=False)
             if self.quiet:
                 return
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),

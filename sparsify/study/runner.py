@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 from .._io import atomic_path, check_writable, write_json
 from ..errors import SparsifyError, UsageError
+from ..machine import usable_cores
 from .spec import StudySpec, job_hash, job_key
 from .worker import JOB, STATUS
 
@@ -44,14 +45,6 @@ LOGS = "logs"
 
 class StudyError(SparsifyError):
     """A study that cannot go on: a job failed, or a directory holds something else."""
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 @dataclass
@@ -203,7 +196,7 @@ def run_study(spec: StudySpec, study_dir: str | Path | None = None, *, jobs: int
     emit = on_event or (lambda _e: None)
     skipped = sum(j.state in ("done", "diverged") for j in job_list)
     emit({"kind": "plan", "study_dir": str(study_dir), "jobs": job_list, "total": len(job_list), "skipped": skipped,
-          "workers": jobs, "threads": threads})
+          "workers": jobs, "threads": threads, "cores": cores})
     t0 = time.time()
     try:
         _Scheduler(job_list, study_dir, jobs, threads, emit).run()

@@ -244,6 +244,17 @@ def test_existing_output_files_are_kept_without_force(models, tmp_path):
     assert r.exit_code == 0 and "rows" in json.loads(js.read_text()), r.output
 
 
+def test_more_threads_than_cores_is_a_warning(models, monkeypatch):
+    # -t 8 on 2 cores timed contention (p90 45x the median) without a word
+    from sparsify import machine
+
+    monkeypatch.setattr(machine, "usable_cores", lambda: 1)
+    r = CliRunner().invoke(app, ["bench", str(models["big"]), "-b", "1", "-t", "1,2", *FAST[:-1]])
+    assert r.exit_code == 0 and "--threads asks for 2 threads on 1 usable core" in r.output, r.output
+    r = CliRunner().invoke(app, ["bench", str(models["big"]), "-b", "1", "-t", "1", *FAST[:-1]])
+    assert r.exit_code == 0 and "usable core" not in r.output
+
+
 def test_files_with_different_numbers_of_inputs_say_so(tmp_path):
     # "takes batchx3x32x32 but ... takes batchx3x32x32": the second file's other input was not named
     import torch.nn as nn
