@@ -4,13 +4,17 @@ Built-in: MNIST, Fashion-MNIST, scikit-learn's digits, CIFAR-10 (loaded whole in
 tensors, normalised with the training split's mean and standard deviation). A user's data:
 
 - a folder of images in class subfolders (the ImageFolder layout: ``root/<class>/*.png``, or
-  ``root/train/<class>/...`` with ``root/test/`` or ``root/val/`` beside it). Only the file list is
+  ``root/train/<class>/...``), with the test split in ``root/test/<class>/`` (or ``root/val/``)
+  beside the class folders or beside ``train/`` (``_split_dirs``). A class folder without images,
+  a test/ or val/ of images without class subfolders, and split-named folders of class subfolders
+  (``root/training/``, ``root/testing/``) are refused (``_check_class_folders``). Only the file list is
   held in memory; each batch is decoded with Pillow when it is needed (``ImageFolderSplit``),
   resized (shorter side to the model's size, centre crop) and normalised per channel, in
   DataLoader worker processes when there are several cores. torchvision, where importable, lists
   the classes and files (``find_classes``/``make_dataset``) exactly as its ImageFolder does.
 - an ``.npz`` file with ``x`` (images ``[N, H, W]``, ``[N, H, W, C]`` or ``[N, C, H, W]``, or
-  vectors ``[N, F]``) and integer labels ``y``, optionally ``x_test``/``y_test``. Channels last
+  vectors ``[N, F]``) and integer labels ``y`` (class indices 0..C-1 of two or more classes; a note
+  when they look 1-based), optionally ``x_test``/``y_test``. Channels last
   keeps every channel; only for a 3-channel model is the 4th of ``[N, H, W, 4]`` (alpha) dropped.
 
 Every set is split into train / validation (``val_fraction`` of train, fixed seed, as in Dettmers &
@@ -40,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
+from ..weights import _names
 
 DATASETS = ("mnist", "fashion-mnist", "digits", "cifar10", "synthetic")
 IDX_FILES = {
@@ -52,6 +57,8 @@ VAL_SPLIT_SEED = 20190710  # fixed, so every training seed sees the same validat
 TEST_SPLIT_SEED = 20190711
 TEST_FRACTION = 0.1        # held out as the test split of a user's set that has none
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+# folder names that mean a split of a data set, not a class (``_check_class_folders``)
+SPLIT_NAMES = ("train", "training", "test", "testing", "val", "valid", "validation", "dev", "eval")
 STATS_SAMPLE = 256         # images decoded to estimate a folder's per-channel mean and std
 
 
@@ -325,11 +332,12 @@ def load_dataset(name: str, input_shape: tuple[int, ...], *, data_dir: str | Pat
                       normalize=normalize)
 
 
-def _check_classes(name: str, n_classes: int, num_classes: int | None) -> None:
+def _check_classes(name: str, n_classes: int, num_classes: int | None, hint: str = "") -> None:
+    """DataError when the labels go beyond the model's outputs; ``hint`` ends the message (a likely cause)."""
     if num_classes is not None and n_classes > num_classes:
         raise DataError(f"data set {name!r} has {n_classes} classes but the model outputs {num_classes} (its labels "
                         f"go up to {n_classes - 1}); choose a data set with at most {num_classes} classes (labels "
-                        f"0..{num_classes - 1}) or a model with {n_classes} outputs")
+                        f"0..{num_classes - 1}) or a model with {n_classes} outputs{'; ' + hint if hint else ''}")
 
 
 def _class_notes(name: str, n_classes: int, num_classes: int | None) -> list[str]:
@@ -380,8 +388,14 @@ def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte
                notes: list[str] | None = None, normalize: bool = True) -> DataBundle:
     """Normalise (unless not ``normalize``), split and adapt arrays that fit in memory."""
     n_classes = int(max(ytr.max(), yte.max())) + 1
-    _check_classes(name, n_classes, num_classes)
+    # labels 1..N for an N-output model: output 0 never a target, and class N refused as out of range
+    one_based = (num_classes is not None and n_classes >= num_classes and not (ytr == 0).any()
+                 and not (yte == 0).any())
+    hint = f"label 0 never appears: are the labels 1-based? sparsify expects 0..{num_classes - 1}" if one_based else ""
+    _check_classes(name, n_classes, num_classes, hint)
     notes = list(notes or []) + _class_notes(name, n_classes, num_classes)
+    if one_based:
+        notes.append(f"{name}: {hint} (subtract 1 from the labels); as they are, output 0 is never a target")
     x_train = torch.from_numpy(np.ascontiguousarray(xtr, dtype=np.float32))
     x_test = torch.from_numpy(np.ascontiguousarray(xte, dtype=np.float32))
     y_train, y_test = torch.from_numpy(ytr.astype(np.int64)), torch.from_numpy(yte.astype(np.int64))
@@ -426,14 +440,29 @@ def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte
 
 
 def _labels(y: Any, where: str) -> np.ndarray:
+    """``y`` as int64 class indices; DataError (naming ``where``) for labels that are not such indices:
+    non-integral, negative, NaN or infinite, or beyond int64 (a float 1e20 was cast to -2**63)."""
     y = np.asarray(y)
     if y.ndim != 1:  # (an empty y is judged by _check_split_sizes)
         raise DataError(f"{where} must be a 1-d array of integer class labels, got shape {list(y.shape)}")
-    if not np.issubdtype(y.dtype, np.integer):
-        if not (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)):
-            raise DataError(f"{where} must hold integer class labels 0..C-1, got {y.dtype}")
+    integer = np.issubdtype(y.dtype, np.integer)
+    if not integer and not np.issubdtype(y.dtype, np.floating):
+        raise DataError(f"{where} must hold integer class labels 0..C-1, got {y.dtype}")
+    if not integer:
+        bad = ~np.isfinite(y)
+        if bad.any():
+            raise DataError(f"{where} holds NaN or infinite labels ({int(bad.sum())} of {len(y)}, the first at "
+                            f"index {int(np.argmax(bad))}); labels are class indices 0..C-1: repair or drop those "
+                            f"examples")
+        bad = y != np.floor(y)
+        if bad.any():
+            raise DataError(f"{where} must hold integer class labels 0..C-1, got {y.dtype} values such as "
+                            f"{y[int(np.argmax(bad))]:g} (at index {int(np.argmax(bad))})")
     if y.size and y.min() < 0:
         raise DataError(f"{where} holds a negative label ({int(y.min())}); labels are class indices 0..C-1")
+    if y.size and (int(y.max()) > np.iinfo(np.int64).max if integer else float(y.max()) >= 2.0 ** 63):
+        raise DataError(f"{where} holds label {float(y.max()):g}, beyond any class index (int64); labels are "
+                        f"class indices 0..C-1: give each example's class index")
     return y.astype(np.int64)
 
 
@@ -494,13 +523,24 @@ def _load_npz(path: Path, val_fraction: float, images: bool = True,
     ``images``: x is images or vectors (``_images``, for a model taking ``input_shape``); else the
     arrays are taken as they are.
     """
+    save = "save it with numpy.savez(path, x=images, y=labels)"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({type(e).__name__}: {e.strerror or e}); check the path") from None
+    # np.load takes a file that is neither a zip nor an .npy for a pickle, and says so, cut at 100 characters
+    if magic == b"\x93NUMPY":
+        raise DataError(f"{path} is a single .npy array, not an .npz archive of x and y; {save}")
+    if not magic.startswith(b"PK"):
+        what = "an empty file" if not magic else "not a zip of .npy arrays"
+        raise DataError(f"{path} is not a NumPy .npz archive ({what}); {save}")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except Exception as e:  # zipfile / ValueError (object arrays) / OSError
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path} is not a readable .npz of numeric arrays ({first[:100]}); save it with "
-                        f"numpy.savez(path, x=images, y=labels)") from None
+        raise DataError(f"{path} is not a readable .npz of numeric arrays ({first}); {save}") from None
     if "x" not in arrays or "y" not in arrays:
         raise DataError(f"{path} has arrays {', '.join(sorted(arrays)) or 'none'}; it needs x (images) and y "
                         f"(labels), and may have x_test and y_test")
@@ -519,12 +559,23 @@ def _load_npz(path: Path, val_fraction: float, images: bool = True,
         if len(xte) != len(yte) or xte.shape[1:] != x.shape[1:]:
             raise DataError(f"{path.name}: x_test must have the shape of x per example and one label per example")
         _check_split_sizes(path.name, len(y), len(yte), val_fraction, held_out=False, test_part="x_test/y_test")
+        _check_two_classes(path.name, y)
         return x, y, xte, yte, notes
     _check_split_sizes(path.name, len(y), None, val_fraction, held_out=True)
+    _check_two_classes(path.name, y)
     test_idx, train_idx = _test_split(len(y))
     notes.append(f"{path.name}: no x_test/y_test, so {len(test_idx)} of its {len(y)} examples "
                  f"({TEST_FRACTION:.0%}) are held out as the test split")
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx], notes
+
+
+def _check_two_classes(name: str, y: np.ndarray) -> None:
+    """DataError when the training labels ``y`` are all one class, as for an image folder of one class
+    folder (it trained, and its test accuracy read 100%)."""
+    classes = np.unique(y)
+    if len(classes) == 1:
+        raise DataError(f"{name}: y holds one class (every label is {int(classes[0])}); a classifier needs two or "
+                        f"more classes: give examples of each, labelled 0..C-1")
 
 
 def _n_test(n: int) -> int:
@@ -566,27 +617,60 @@ def _check_split_sizes(name: str, n: int, n_test: int | None, val_fraction: floa
                         f"out {TEST_FRACTION:.0%} of the training {unit}s as the test split")
     need = next(m for m in range(2 if held_out else 1, 1_000_000) if fit_split(m)[0] >= 1)
     parts = f"{n_train} to train on, {n_val} to validate on" + (f" and {n_test} to test on" if held_out else "")
+    # val_fraction is no option of `sparsify train` (a study's [train] key, a TrainConfig field): named
+    # only when it is what leaves no example to train on, which its default (0.1) never does
+    n_fit = n - (_n_test(n) if held_out else 0)
+    lower = f", or a val_fraction below {val_fraction:g}" if n_val and n_fit >= 1 and n_test >= 1 else ""
     raise DataError(f"{name} has {n} {unit}{'' if n == 1 else 's'}{'' if held_out else ' for training'}, too few to "
                     f"split ({parts}); training needs one {unit} to train on and one to test on: give at least "
-                    f"{need} {unit}s{'' if held_out else ' for training'} (with --val-fraction {val_fraction:g})")
+                    f"{need} {unit}s{'' if held_out else ' for training'} (validation takes {val_fraction:.0%} of the "
+                    f"training {unit}s){lower}")
 
 
 # ---------------------------------------------------------------- a user's image folder
 
 
-def _scan(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names (sorted subfolder names) and (file, class index) pairs, as torchvision's ImageFolder finds them."""
+def _subfolders(folder: Path) -> list[str]:
+    """The sorted names of ``folder``'s subfolders (hidden ones left out), as class folders are listed."""
+    try:
+        return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` itself (not its subfolders) holds an image file."""
+    try:
+        return any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in os.scandir(folder))
+    except OSError:
+        return False
+
+
+def _scan(root: Path, exclude: Sequence[str] = ()) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (sorted subfolder names, but ``exclude``) and (file, class index) pairs, as torchvision's
+    ImageFolder finds them. A class folder without images is listed among the classes with no file (the
+    caller refuses it by name); torchvision's ``make_dataset`` raises for one, so its files are then
+    listed here, as it lists them."""
     try:
         from torchvision.datasets.folder import find_classes, make_dataset  # type: ignore[import-not-found]
     except Exception:  # not installed, or a build that does not import beside this torch
         find_classes = make_dataset = None
     if find_classes is not None:
         try:
-            classes, index = find_classes(str(root))
-            return list(classes), [(str(p), int(c)) for p, c in make_dataset(str(root), index, IMAGE_EXTENSIONS)]
+            classes = [c for c in find_classes(str(root))[0] if c not in exclude]
         except (FileNotFoundError, OSError):
             return [], []
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            return [], []
+        try:
+            index = {c: i for i, c in enumerate(classes)}
+            return list(classes), [(str(p), int(c)) for p, c in make_dataset(str(root), index, IMAGE_EXTENSIONS)]
+        except FileNotFoundError:  # a class folder without images: listed below
+            pass
+        except OSError:
+            return [], []
+    else:
+        classes = [c for c in _subfolders(root) if c not in exclude]
     samples = []
     for c, name in enumerate(classes):
         for dirpath, _dirs, files in sorted(os.walk(root / name, followlinks=True)):
@@ -594,6 +678,74 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
                 if f.lower().endswith(IMAGE_EXTENSIONS):
                     samples.append((os.path.join(dirpath, f), c))
     return classes, samples
+
+
+def _split_dirs(root: Path) -> tuple[Path | None, list[str]]:
+    """(the folder of training classes, the names of ``root``'s test/ and val/ folders that are splits).
+
+    ``root/train/`` holds the classes when it exists, and test/ and val/ beside it are splits. Without
+    it the classes are ``root``'s subfolders, but a test/ or val/ of class subfolders is a split, not a
+    class (it was trained as one, its images labelled "test"); a test/ or val/ of images only is
+    refused (an unlabelled test set, or a class named like a split). None: no folder of classes.
+    """
+    if (root / "train").is_dir():
+        return root / "train", [d for d in ("test", "val") if (root / d).is_dir()]
+    splits = []
+    for d in ("test", "val"):
+        if not (root / d).is_dir():
+            continue
+        if _subfolders(root / d):
+            splits.append(d)
+        elif _holds_images(root / d) and len(_subfolders(root)) > 1:
+            raise DataError(f"--data {root}: {d}/ holds images but no class subfolders; a {d} split needs "
+                            f"{root / d}/<class>/<image> with the training classes' names (and without "
+                            f"{root}/train/ its other folders are the classes); rename {d}/ if it is a class")
+    return root, splits
+
+
+def _check_class_folders(root: Path, train_root: Path, classes: list[str], samples: list[tuple[str, int]],
+                         notes: list[str]) -> None:
+    """DataError for class folders that cannot be classes; a note for a class made of several subfolders.
+
+    A class folder without images cannot be learned (it was counted, one more output that is never a
+    target). Class folders named like splits (``root/training/<class>``, ``root/testing/<class>``)
+    that hold subfolders and no image of their own are splits: each would be one class. Other
+    classes whose images are all in subfolders are kept (torchvision's ImageFolder reads them so),
+    with a note.
+    """
+    counts = np.bincount(np.array([y for _, y in samples], dtype=np.int64), minlength=len(classes))
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if empty:
+        s = len(empty) > 1
+        where = f"folders {_names(empty)} in {train_root}" if s else f"folder {train_root / empty[0]}"
+        raise DataError(f"--data {root}: class {where} {'have' if s else 'has'} no images; a class without images "
+                        f"cannot be learned: remove {'them' if s else 'it'} or add {'their' if s else 'its'} images")
+    nested = {c: _subfolders(train_root / c) for c in classes if not _holds_images(train_root / c)}
+    nested = {c: inner for c, inner in nested.items() if inner}
+    if len(nested) == len(classes) and all(c.lower() in SPLIT_NAMES for c in classes):
+        raise DataError(f"--data {root}: its folders {_names(classes)} are named like splits and hold subfolders "
+                        f"({_names(nested[classes[0]])}), so each would be one class; put the splits in "
+                        f"{root}/train/<class>/ and {root}/test/<class>/, or give one split folder as --data")
+    several = [c for c, inner in nested.items() if len(inner) >= 2]
+    if len(several) == 1:
+        c = several[0]
+        notes.append(f"{root}: class {c}'s images are in its subfolders ({_names(nested[c])}), all labelled {c}; "
+                     f"to make those subfolders classes, move them up beside {c}/")
+    elif several:
+        c = several[0]
+        notes.append(f"{root}: classes {_names(several)} have their images in subfolders (e.g. {c}/{nested[c][0]}/, "
+                     f"{c}/{nested[c][1]}/), each labelled with its class folder's name; to make those subfolders "
+                     f"classes, move them up beside the class folders")
+
+
+def _split_classes_differ(test_dir: Path, test_classes: list[str], train_root: Path, classes: list[str]) -> DataError:
+    """The one line for a test split whose class subfolders are not the training classes."""
+    extra = [c for c in test_classes if c not in classes]
+    missing = [c for c in classes if c not in test_classes]
+    parts = ([f"{test_dir.name}/ has {_names(extra)} that {train_root} has not"] if extra else []) + \
+        ([f"{test_dir.name}/ lacks {_names(missing)}"] if missing else [])
+    return DataError(f"{test_dir} does not hold the training classes ({'; '.join(parts)}); the splits must have "
+                     f"the same class subfolders: rename, add or remove folders so that they match")
 
 
 def _unreadable(file: str, e: BaseException) -> DataError:
@@ -658,36 +810,39 @@ def _load_folder(root: Path, shape: tuple[int, int, int] | None, num_classes: in
     c = shape[0]
     if c not in (1, 3):
         raise DataError(f"the model takes {c}-channel images; image folders give 1 (grey) or 3 (RGB) channels")
-    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    train_root = root / "train" if (root / "train").is_dir() else root
-    classes, samples = _scan(train_root)
+    train_root, splits = _split_dirs(root)
+    test_dir = root / splits[0] if splits else None
+    classes, samples = _scan(train_root, exclude=() if train_root != root else splits)
     if not samples:
         raise DataError(f"--data {root}: no images in class subfolders (expected {train_root}/<class>/<image>, "
                         f"extensions {', '.join(IMAGE_EXTENSIONS)})")
     if len(classes) < 2:
         raise DataError(f"--data {root}: found one class ({classes[0]}); a classifier needs two or more class "
                         f"subfolders")
+    notes: list[str] = []
+    _check_class_folders(root, train_root, classes, samples, notes)
     _check_classes(str(root), len(classes), num_classes)
-    notes: list[str] = [f"{root}: {len(samples)} images in {len(classes)} classes ({', '.join(classes[:4])}"
-                        f"{', ...' if len(classes) > 4 else ''})"] + _class_notes(str(root), len(classes), num_classes)
+    notes[:0] = [f"{root}: {len(samples)} images in {len(classes)} classes ({', '.join(classes[:4])}"
+                 f"{', ...' if len(classes) > 4 else ''})"] + _class_notes(str(root), len(classes), num_classes)
     files = [f for f, _ in samples]
     labels = torch.tensor([y for _, y in samples], dtype=torch.int64)
-    if test_dir is not None and train_root != root:
+    if test_dir is not None:
         test_classes, test_samples = _scan(test_dir)
         if test_classes != classes:
-            raise DataError(f"{test_dir} has classes {', '.join(test_classes[:4])}... but {train_root} has "
-                            f"{', '.join(classes[:4])}...; the splits must have the same class subfolders")
+            raise _split_classes_differ(test_dir, test_classes, train_root, classes)
         test_files = [f for f, _ in test_samples]
         test_y = torch.tensor([y for _, y in test_samples], dtype=torch.int64)
         _check_split_sizes(f"--data {root}", len(files), len(test_files), val_fraction, held_out=False, unit="image",
                            test_part=f"{test_dir.name}/")
+        notes.append(f"{root}: {len(test_files)} images in {test_dir.name}/ are the test split"
+                     + (f"; {splits[1]}/ is not used" if len(splits) > 1 else ""))
     else:
         _check_split_sizes(f"--data {root}", len(files), None, val_fraction, held_out=True, unit="image")
         test_idx, train_idx = _test_split(len(files))
         test_files, test_y = [files[i] for i in test_idx], labels[torch.from_numpy(test_idx)]
         files, labels = [files[i] for i in train_idx], labels[torch.from_numpy(train_idx)]
-        notes.append(f"{root}: no train/ and test/ subfolders, so {len(test_files)} images ({TEST_FRACTION:.0%}) "
-                     f"are held out as the test split")
+        notes.append(f"{root}: no test/ (or val/) folder of class subfolders, so {len(test_files)} images "
+                     f"({TEST_FRACTION:.0%}) are held out as the test split")
     val_idx, tr_idx = _val_split(len(files), val_fraction)
     if train_limit is not None:
         tr_idx = tr_idx[:train_limit]

@@ -333,6 +333,18 @@ def test_npz_given_as_data_with_pickled_objects(run):
     assert_one_error_line(invoke("train", run, "--data", "objects.npz", "-q"), "objects.npz")
 
 
+def test_npz_given_as_data_that_is_no_npz_or_has_labels_beyond_int64(run):
+    """A text file read as a pickle ("... using the `", cut), and labels * 1e20 cast to -2**63 and
+    blamed on the model ("the model fails in training ... Target -9223372036854775808")."""
+    Path("g.npz").write_bytes(b"garbage")
+    line = assert_one_error_line(invoke("train", run, "--data", "g.npz", "-q"), "g.npz", "not a NumPy .npz archive")
+    assert "pickled" not in line
+    np.savez("big.npz", x=np.zeros((20, 28, 28), dtype=np.float32), y=(np.arange(20) % 10) * 1e20)
+    line = assert_one_error_line(invoke("train", run, "--data", "big.npz", "-q"), "big.npz: y", "beyond")
+    assert "model" not in line
+    assert not (run / "checkpoints").exists()
+
+
 def test_bench_notes_files_that_compute_different_models(sparse_onnx, tmp_path):
     """Two files of one input shape but different models: the speed-up is noted as comparing different work."""
     from sparsify.api import transform_to_dir

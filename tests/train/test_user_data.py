@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,6 +123,76 @@ def test_torchvision_lists_the_folder_where_it_is_importable(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "torchvision.datasets.folder", folder)
     b = load_dataset(str(root), (1, 3, 8, 8))
     assert calls == [str(root)] and len(b.train) + len(b.val) + len(b.test) == 12
+
+
+def _labels_by_folder(split, classes, depth=1):
+    """Each example's label beside the index of the class its file's folder names."""
+    return [(int(y), classes.index(Path(f).parents[depth - 1].name)) for f, y in zip(split.files, split.y)]
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_a_test_folder_of_classes_beside_class_folders_is_the_test_split(tmp_path, split):
+    """ROOT/<class>/ with ROOT/test/<class>/ and no ROOT/train/: "test" was trained as a fourth class
+    (its images labelled "test") and 10% of the training images were held out as the test split."""
+    root = make_folder(tmp_path / "imgs", per_class=10)
+    make_folder(root / split, per_class=3, seed=1)
+    b = load_dataset(str(root), (1, 3, 8, 8), num_classes=3)
+    assert b.class_names == ["class0", "class1", "class2"] and b.num_classes == 3
+    assert len(b.test) == 9 and len(b.train) + len(b.val) == 30
+    assert all(Path(f).parent.parent.name == split for f in b.test.files)
+    for part in (b.train, b.val, b.test):
+        assert all(y == want for y, want in _labels_by_folder(part, b.class_names))
+    assert not any("held out" in n for n in b.notes), b.notes
+
+
+def test_a_test_folder_whose_classes_differ_is_refused_naming_the_difference(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=6)
+    make_folder(root / "test", per_class=2)
+    (root / "test" / "class2").rename(root / "test" / "classX")
+    with pytest.raises(DataError, match=r"test/ has classX that .* has not; test/ lacks class2") as e:
+        load_dataset(str(root), (1, 3, 8, 8))
+    assert "\n" not in str(e.value)
+
+
+def test_a_test_folder_of_unlabelled_images_beside_class_folders_is_refused(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=6)
+    (root / "test").mkdir()
+    Image.new("RGB", (4, 4)).save(root / "test" / "0.png")
+    with pytest.raises(DataError, match="test/ holds images but no class subfolders") as e:
+        load_dataset(str(root), (1, 3, 8, 8))
+    assert "\n" not in str(e.value)
+
+
+def test_folders_named_like_splits_are_not_taken_as_classes(tmp_path):
+    root = tmp_path / "imgs"
+    make_folder(root / "training", per_class=4)
+    make_folder(root / "testing", per_class=2)
+    with pytest.raises(DataError, match=r"testing, training are named like splits.*train/<class>/") as e:
+        load_dataset(str(root), (1, 3, 8, 8))
+    assert "\n" not in str(e.value)
+
+
+def test_a_class_whose_images_are_in_subfolders_is_one_class_with_a_note(tmp_path):
+    root = tmp_path / "imgs"
+    make_folder(root / "animals", per_class=4)  # animals/class0/, animals/class1/, animals/class2/
+    make_folder(root / "cars", per_class=4)
+    for f in (root / "cars").glob("*/*.png"):
+        f.rename(root / "cars" / f"{f.parent.name}-{f.name}")
+    b = load_dataset(str(root), (1, 3, 8, 8))
+    assert b.class_names == ["animals", "cars"]
+    files = b.train.files + b.val.files + b.test.files
+    labels = torch.cat([b.train.y, b.val.y, b.test.y])
+    assert all(int(y) == (0 if "/animals/" in f else 1) for f, y in zip(files, labels))
+    assert any("animals" in n and "subfolders" in n and "labelled animals" in n for n in b.notes), b.notes
+
+
+def test_an_empty_class_folder_is_refused_by_name(tmp_path):
+    """It was counted: 4 classes, "labels go up to 3", one output never a target."""
+    root = make_folder(tmp_path / "imgs", per_class=6)
+    (root / "c_empty").mkdir()
+    with pytest.raises(DataError, match=r"class folder \S*c_empty has no images.*remove it") as e:
+        load_dataset(str(root), (1, 3, 8, 8), num_classes=4)
+    assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------- .npz
@@ -250,14 +322,117 @@ def test_the_smallest_npz_trains(tmp_path):
     assert (len(b.train), len(b.val), len(b.test)) == (1, 0, 1)
 
 
+@pytest.mark.parametrize("with_test", [False, True])
+def test_npz_of_one_class_is_refused_like_a_folder_of_one(tmp_path, with_test):
+    """All labels 0 trained, and its test accuracy read 100%."""
+    x = np.random.default_rng(0).random((30, 8, 8))
+    extra = {"x_test": x[:6], "y_test": np.arange(6) % 2} if with_test else {}
+    np.savez(tmp_path / "one.npz", x=x, y=np.zeros(30, dtype=int), **extra)
+    with pytest.raises(DataError, match="one.npz: y holds one class .*two or more classes") as e:
+        load_dataset(str(tmp_path / "one.npz"), (1, 1, 8, 8), num_classes=10)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("labels, num_classes, noted", [
+    (1 + np.arange(90) % 9, 10, True),     # 1..9 for 10 outputs: 1-based
+    (np.arange(90) % 10, 10, False),       # 0..9: ordinary
+    (1 + np.arange(90) % 3, 10, False),    # 1..3 for 10 outputs: 0 missing, but nothing says 1-based
+    (np.arange(90) % 3, 10, False),        # 0..2 for 10 outputs: fewer classes (a note of its own)
+])
+def test_labels_that_look_1_based_get_a_note(tmp_path, labels, num_classes, noted):
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((90, 8, 8)), y=labels)
+    b = load_dataset(str(tmp_path / "d.npz"), (1, 1, 8, 8), num_classes=num_classes)
+    hits = [n for n in b.notes if "label 0 never appears" in n]
+    assert bool(hits) == noted, b.notes
+    if noted:
+        assert "1-based" in hits[0] and "0..9" in hits[0]
+
+
+def test_1_based_labels_beyond_the_outputs_are_refused_with_the_hint(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((50, 8, 8)), y=1 + np.arange(50) % 10)
+    with pytest.raises(DataError, match="model outputs 10.*label 0 never appears: are the labels 1-based") as e:
+        load_dataset(str(tmp_path / "d.npz"), (1, 1, 8, 8), num_classes=10)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("y, message", [
+    ((np.arange(20) % 10) * 1e20, r"holds label 9e\+20, beyond any class index"),
+    (np.full(20, 2.0 ** 63), r"holds label 9\.2\d*e\+18, beyond any class index"),
+    (np.array([np.iinfo(np.uint64).max] + [1] * 19, dtype=np.uint64),
+     r"holds label 1\.8\d*e\+19, beyond any class index"),
+    (np.where(np.arange(20) == 3, np.inf, np.arange(20) % 2),
+     r"holds NaN or infinite labels \(1 of 20, the first at index 3"),
+    (np.where(np.arange(20) == 5, np.nan, np.arange(20) % 2), "holds NaN or infinite labels"),
+    (np.where(np.arange(20) == 7, -np.inf, np.arange(20) % 2), "holds NaN or infinite labels"),
+])
+def test_labels_that_are_no_class_index_are_refused_naming_the_file(tmp_path, y, message):
+    """Float labels beyond int64 were cast with a RuntimeWarning to -2**63 and failed in training,
+    blamed on the model ("Target -9223372036854775808 is out of bounds")."""
+    np.savez(tmp_path / "lab.npz", x=np.random.default_rng(0).random((20, 8, 8)), y=y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match="lab.npz: y " + message) as e:
+            load_dataset(str(tmp_path / "lab.npz"), (1, 1, 8, 8), num_classes=10)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"garbage\n", "is not a NumPy .npz archive"),
+    (b"", r"is not a NumPy .npz archive \(an empty file\)"),
+    (None, "is a single .npy array, not an .npz archive"),
+])
+def test_a_file_that_is_no_npz_is_said_to_be_one(tmp_path, content, message):
+    """numpy took it for a pickle: "This file contains pickled (object) data. If you trust the file
+    you can load it unsafely using the `" (cut at 100 characters)."""
+    path = tmp_path / "g.npz"
+    if content is None:
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=message) as e:
+        load_dataset(str(path), (1, 1, 8, 8))
+    assert "pickled" not in str(e.value) and "numpy.savez(" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_first_line_of_a_reading_error_is_passed_on_whole(tmp_path, monkeypatch):
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 8, 8)), y=np.arange(4) % 2)
+    long = "a reason " * 20 + "ends here."  # longer than the 100 characters it was cut to
+
+    def failing_load(*args, **kwargs):
+        raise ValueError(long + "\nsecond line")
+
+    monkeypatch.setattr(np, "load", failing_load)
+    with pytest.raises(DataError) as e:
+        load_dataset(str(tmp_path / "d.npz"), (1, 1, 8, 8))
+    assert long in str(e.value) and "second line" not in str(e.value)
+
+
+def test_split_size_messages_name_no_option_train_lacks(tmp_path):
+    """They suggested "(with --val-fraction 0.1)"; `sparsify train` has no such option (val_fraction
+    is a study's [train] key): it is named only when lowering it would let the set train."""
+    np.savez(tmp_path / "one.npz", x=np.zeros((1, 8, 8)), y=np.array([1]))
+    with pytest.raises(DataError) as e:
+        load_dataset(str(tmp_path / "one.npz"), (1, 1, 8, 8))
+    assert "at least 2 examples" in str(e.value) and "val" not in str(e.value).replace("validat", "")
+    np.savez(tmp_path / "three.npz", x=np.zeros((3, 8, 8)), y=np.array([0, 1, 0]))
+    with pytest.raises(DataError) as e:
+        load_dataset(str(tmp_path / "three.npz"), (1, 1, 8, 8), val_fraction=0.9)
+    assert "--val-fraction" not in str(e.value) and "a val_fraction below 0.9" in str(e.value)
+    for fraction in (0.0, 0.5):  # the suggestion is right: it trains
+        load_dataset(str(tmp_path / "three.npz"), (1, 1, 8, 8), val_fraction=fraction)
+
+
 def test_a_folder_too_small_to_split_is_one_data_error(tmp_path):
+    # (one image in two classes was this test's case; a class folder without images is now refused
+    # as such, test_an_empty_class_folder_is_refused_by_name)
     root = tmp_path / "imgs"
     for c in ("a", "b"):
         (root / c).mkdir(parents=True)
-    Image.new("RGB", (4, 4)).save(root / "a" / "0.png")
+        Image.new("RGB", (4, 4)).save(root / c / "0.png")
     (root / "b" / "note.txt").write_text("no image")
-    with pytest.raises(DataError, match="at least 2 images") as e:
-        load_dataset(str(root), (1, 3, 8, 8))
+    with pytest.raises(DataError, match=r"2 images, too few.*at least \d+ images") as e:
+        load_dataset(str(root), (1, 3, 8, 8), val_fraction=0.9)
     assert "\n" not in str(e.value)
 
 
