@@ -170,7 +170,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-            (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+            (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.train_limit is None or self.train_limit >= 1, "--train-limit must be at least 1"),
             (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
             (isinstance(self.seed, int) and self.seed >= 0, "--seed must be an integer >= 0"),

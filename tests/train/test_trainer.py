@@ -175,6 +175,7 @@ def test_lr_schedules():
     ({"epochs": 0}, "--epochs"),
     ({"prune_rate": 1.5}, "--prune-rate"),
     ({"init": "erk"}, "rigl only"),
+    ({"val_fraction": 1.5}, "^val_fraction must be"),  # a study key: `sparsify train` has no --val-fraction
 ])
 def test_bad_config_is_a_usage_error(kw, match):
     with pytest.raises(UsageError, match=match):
