@@ -58,3 +58,9 @@ class ExportError(SparsifyError):
 
 class RuntimeBackendError(SparsifyError):
     """ONNX Runtime, the native kernel, or an ONNX file that cannot be run."""
+
+
+def name_list(names: list[str], shown: int = 3) -> str:
+    """A few names for a one-line message: ``a, b, c and 4 more``."""
+    text = ", ".join(names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")

@@ -16,11 +16,10 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, name_list
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 PREFIXES = ("module.", "_orig_mod.")
-SHOWN = 3  # names listed in a mismatch message
 
 
 def file_sha256(path: str | Path) -> str:
@@ -94,11 +93,6 @@ def _fitted(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dic
     return {**state, **tied}
 
 
-def _names(keys: list[str]) -> str:
-    shown = ", ".join(keys[:SHOWN])
-    return shown + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
-
-
 def _misfit(source: str, model: str, parts: list[str]) -> ModelLoadError:
     return ModelLoadError(f"--weights {source} does not fit {model}: {'; '.join(parts)}; pass the same "
                           f"--model-args the weights were trained with, or weights saved from this model")
@@ -124,11 +118,11 @@ def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
     if (missing and not allow_missing) or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"missing {_names(missing)}")
+            parts.append(f"missing {name_list(missing)}")
         if unexpected:
-            parts.append(f"unexpected {_names(unexpected)}")
+            parts.append(f"unexpected {name_list(unexpected)}")
         if shapes:
-            parts.append(_names(shapes))
+            parts.append(name_list(shapes))
         raise _misfit(source, model, parts)
     # in the model's order, so the tensor named is the first in the network
     bad = [(k, int((~torch.isfinite(state[k])).sum()), state[k].numel()) for k in own
@@ -153,8 +147,8 @@ def check_missing(missing: list[str], read: Iterable[str], source: str, model: s
     read = set(read)
     needed = [k for k in missing if k in read]
     if needed:
-        raise _misfit(source, model, [f"missing {_names(needed)}"])
+        raise _misfit(source, model, [f"missing {name_list(needed)}"])
     if not missing:
         return None
-    return (f"--weights {source} lacks {_names(missing)}, which the forward never reads: "
+    return (f"--weights {source} lacks {name_list(missing)}, which the forward never reads: "
             f"{'they keep' if len(missing) > 1 else 'it keeps'} the model's initial values")

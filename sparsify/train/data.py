@@ -43,8 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
-from ..weights import _names
+from ..errors import DataError, name_list
 
 DATASETS = ("mnist", "fashion-mnist", "digits", "cifar10", "synthetic")
 IDX_FILES = {
@@ -717,23 +716,23 @@ def _check_class_folders(root: Path, train_root: Path, classes: list[str], sampl
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
         s = len(empty) > 1
-        where = f"folders {_names(empty)} in {train_root}" if s else f"folder {train_root / empty[0]}"
+        where = f"folders {name_list(empty)} in {train_root}" if s else f"folder {train_root / empty[0]}"
         raise DataError(f"--data {root}: class {where} {'have' if s else 'has'} no images; a class without images "
                         f"cannot be learned: remove {'them' if s else 'it'} or add {'their' if s else 'its'} images")
     nested = {c: _subfolders(train_root / c) for c in classes if not _holds_images(train_root / c)}
     nested = {c: inner for c, inner in nested.items() if inner}
     if len(nested) == len(classes) and all(c.lower() in SPLIT_NAMES for c in classes):
-        raise DataError(f"--data {root}: its folders {_names(classes)} are named like splits and hold subfolders "
-                        f"({_names(nested[classes[0]])}), so each would be one class; put the splits in "
+        raise DataError(f"--data {root}: its folders {name_list(classes)} are named like splits and hold subfolders "
+                        f"({name_list(nested[classes[0]])}), so each would be one class; put the splits in "
                         f"{root}/train/<class>/ and {root}/test/<class>/, or give one split folder as --data")
     several = [c for c, inner in nested.items() if len(inner) >= 2]
     if len(several) == 1:
         c = several[0]
-        notes.append(f"{root}: class {c}'s images are in its subfolders ({_names(nested[c])}), all labelled {c}; "
+        notes.append(f"{root}: class {c}'s images are in its subfolders ({name_list(nested[c])}), all labelled {c}; "
                      f"to make those subfolders classes, move them up beside {c}/")
     elif several:
         c = several[0]
-        notes.append(f"{root}: classes {_names(several)} have their images in subfolders (e.g. {c}/{nested[c][0]}/, "
+        notes.append(f"{root}: classes {name_list(several)} have their images in subfolders (e.g. {c}/{nested[c][0]}/, "
                      f"{c}/{nested[c][1]}/), each labelled with its class folder's name; to make those subfolders "
                      f"classes, move them up beside the class folders")
 
@@ -742,8 +741,8 @@ def _split_classes_differ(test_dir: Path, test_classes: list[str], train_root: P
     """The one line for a test split whose class subfolders are not the training classes."""
     extra = [c for c in test_classes if c not in classes]
     missing = [c for c in classes if c not in test_classes]
-    parts = ([f"{test_dir.name}/ has {_names(extra)} that {train_root} has not"] if extra else []) + \
-        ([f"{test_dir.name}/ lacks {_names(missing)}"] if missing else [])
+    parts = ([f"{test_dir.name}/ has {name_list(extra)} that {train_root} has not"] if extra else []) + \
+        ([f"{test_dir.name}/ lacks {name_list(missing)}"] if missing else [])
     return DataError(f"{test_dir} does not hold the training classes ({'; '.join(parts)}); the splits must have "
                      f"the same class subfolders: rename, add or remove folders so that they match")
 
