@@ -63,10 +63,20 @@ def _check_run(path, tmp_path, shapes):
     return rep
 
 
+# psn writes the same layers, masks and SparseConv ops as sparse-random (only the fan-in per unit
+# differs), so CI's 15 minutes run it on these models beside FAST's; every model runs it under -m heavy
+PSN_IN_CI = {"resnext", "signal_1d", "tokens", "dict_out", "zero_pad_shortcut", "shuffle", "regnet"}
+
+
 def _matrix():
     for name in MODELS:
         for method in METHODS:
-            marks = [] if (name, method) in FAST else [pytest.mark.slow]
+            if (name, method) in FAST:
+                marks = []
+            elif method == "psn" and name not in PSN_IN_CI:
+                marks = [pytest.mark.slow, pytest.mark.heavy]
+            else:
+                marks = [pytest.mark.slow]
             yield pytest.param(name, method, marks=marks, id=f"{name}-{method}")
 
 

@@ -283,6 +283,7 @@ def test_lenet5_on_digits_learns_well_above_chance(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # 14-25 s; the ranks' shared masks are checked in the default run (test_ddp_masks)
 def test_torchrun_two_processes_cli(run):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with socket.socket() as sock:
