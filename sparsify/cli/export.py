@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .._io import check_writable
+from .._io import check_new_file
 from ..errors import UsageError
 from ._common import app, err, handle_errors, out
 
@@ -79,9 +79,7 @@ def export(
 
     if out_path.is_dir():
         raise UsageError(f"--out {out_path} is a directory; give a file name such as {out_path / 'model.onnx'}")
-    if out_path.exists() and not force:
-        raise UsageError(f"{out_path} exists; pass --force to overwrite it or choose another --out")
-    check_writable(out_path, "--out ", parents=False)
+    check_new_file(out_path, "--out", force)
     with err.status(f"exporting {source} ..."):
         if source.suffix == ".onnx" and not source.is_dir():
             if dense or compact:
