@@ -107,16 +107,24 @@ def depth_equivalent(recipe: Any, target_params: int, *, run_dir: str | Path | N
     """
     from .methods import DepthMultiplierConfig
     from .passes.depth_multiplier import match_depth
-    from .replay import apply_method, trace_recipe
-    from .rundir import MODEL_IMPORTS, MODEL_SOURCE, RECIPE, TRACED_STATE
+    from .replay import apply_method
 
-    run = Path(run_dir) if run_dir is not None else None
-    traced = trace_recipe(recipe, run / MODEL_SOURCE if run else None, where=str(run / RECIPE) if run else "the recipe",
-                          imports_copy=run / MODEL_IMPORTS if run else None,
-                          traced_state=run / TRACED_STATE if run else None)
+    traced = _trace_original(recipe, run_dir)
     alpha, _ = match_depth(traced.gm, traced.example, target_params, "total", divisor, traced.rules)
     model = apply_method(traced, DepthMultiplierConfig(alpha=alpha, divisor=divisor), recipe.seed).model
     return model, alpha, live_params(model)
+
+
+def _trace_original(recipe: Any, run_dir: str | Path | None) -> Any:
+    """The recipe's dense model traced before its method (``replay.trace_recipe``), from the run's
+    copies of the user's files and traced state when ``run_dir`` is given."""
+    from .replay import trace_recipe
+    from .rundir import MODEL_IMPORTS, MODEL_SOURCE, RECIPE, TRACED_STATE
+
+    run = Path(run_dir) if run_dir is not None else None
+    return trace_recipe(recipe, run / MODEL_SOURCE if run else None, where=str(run / RECIPE) if run else "the recipe",
+                        imports_copy=run / MODEL_IMPORTS if run else None,
+                        traced_state=run / TRACED_STATE if run else None)
 
 
 def bench_variants(files: Sequence[tuple[str, Path]], progress: Any = None, **options: Any) -> BenchResult:
@@ -192,13 +200,7 @@ def export_model_variants(model: Any, recipe: Any, out_dir: str | Path, variants
             progress(f"exporting {name}", i, len(variants))
         target = out_dir / f"{prefix}{name}.onnx"
         if thinned and name == "dense":
-            from .replay import trace_recipe
-            from .rundir import MODEL_IMPORTS, MODEL_SOURCE, TRACED_STATE
-
-            run = Path(run_dir) if run_dir is not None else None
-            original = trace_recipe(recipe, run / MODEL_SOURCE if run else None,
-                                    imports_copy=run / MODEL_IMPORTS if run else None,
-                                    traced_state=run / TRACED_STATE if run else None).gm
+            original = _trace_original(recipe, run_dir).gm
             reports[name] = export_model(original, recipe.shapes, target, dense=True, compact=False)
             notes["dense"] = f"the original model ({live_params(original):,} live params, its initial weights)"
         elif thinned and name == "depth":
@@ -306,10 +308,11 @@ class PipelineInterrupted(KeyboardInterrupt):
 
     def __init__(self, run_dir: Path, stage: str, resumable: bool, train_options: dict[str, Any] | None = None) -> None:
         if stage == "training":
-            flags = {"data": "--data", "data_dir": "--data-dir", "epochs": "--epochs", "schedule": "--schedule",
-                     "lr": "--lr", "batch_size": "--batch-size", "seed": "--seed"}
-            given = " ".join(f"{flags[k]} {shlex.quote(str(v))}" for k, v in (train_options or {}).items()
-                             if k in flags and v is not None)
+            from .train.schedules.base import flag
+
+            named = ("data", "data_dir", "epochs", "schedule", "lr", "batch_size", "seed")  # train's own flags
+            given = " ".join(f"{flag(k)} {shlex.quote(str(v))}" for k, v in (train_options or {}).items()
+                             if k in named and v is not None)
             then = (f"`sparsify train {run_dir} --resume` continues the training" if resumable else
                     f"`sparsify train {run_dir}{' ' + given if given else ''}` trains it as this run would have")
             kept = "the transformed model"
