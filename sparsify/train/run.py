@@ -17,6 +17,7 @@ from ..rundir import SUMMARY, WEIGHTS, WEIGHTS_INIT, load_run, load_weights, rea
 from .checkpoint import checkpoint_path, load_checkpoint
 from .data import load_dataset
 from .distributed import Reducer, init_from_env, shutdown
+from .schedules.base import flag
 from .trainer import LogFn, ProgressFn, TrainConfig, fit, output_classes
 
 METRICS = "metrics.jsonl"
@@ -27,10 +28,6 @@ def metrics_in_progress(run_dir: str | Path) -> Path:
     ``RUN/checkpoints/metrics.jsonl``. It becomes ``RUN/metrics.jsonl`` when the training completes
     (or diverges), together with the weights and summary; readers of the run never see it before."""
     return checkpoint_path(run_dir).parent / METRICS
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 # Settings added after checkpoints were first written, with the values those checkpoints trained with.
@@ -57,8 +54,8 @@ def _resume_config(state: dict[str, Any], overrides: dict[str, Any]) -> TrainCon
     if differing:
         k = next(iter(differing))
         was = "its default" if saved[k] is None else repr(saved[k])
-        raise UsageError(f"--resume continues the checkpoint's settings, but {_flag(k)} {differing[k]!r} differs "
-                         f"from the checkpoint's {was}; drop {_flag(k)} or start again with --force")
+        raise UsageError(f"--resume continues the checkpoint's settings, but {flag(k)} {differing[k]!r} differs "
+                         f"from the checkpoint's {was}; drop {flag(k)} or start again with --force")
     return TrainConfig.from_dict(saved)
 
 
