@@ -198,7 +198,7 @@ def summary_note(path: str | Path) -> str | None:
         raw = json.loads(file.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         raw = None
-    if isinstance(raw, dict) and set(read_summary(path)) == set(raw):  # no section dropped as damaged
+    if isinstance(raw, dict) and set(_usable_sections(dict(raw))) == set(raw):  # no section dropped as damaged
         return None
     return (f"{file} is damaged, so what it records is unknown here (the ratios to the original model, how "
             f"training normalised the inputs): feed the model inputs prepared as in its training")
@@ -215,8 +215,11 @@ def read_summary(path: str | Path) -> dict[str, Any]:
         data = json.loads(file.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return {}
-    if not isinstance(data, dict):
-        return {}
+    return _usable_sections(data) if isinstance(data, dict) else {}
+
+
+def _usable_sections(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a parsed summary) without its sections of the wrong type."""
     totals = data.get("original_totals")
     if totals is not None and not (isinstance(totals, dict) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in totals.values())):

@@ -196,7 +196,7 @@ def run_study(spec: StudySpec, study_dir: str | Path | None = None, *, jobs: int
     emit = on_event or (lambda _e: None)
     skipped = sum(j.state in ("done", "diverged") for j in job_list)
     emit({"kind": "plan", "study_dir": str(study_dir), "jobs": job_list, "total": len(job_list), "skipped": skipped,
-          "workers": jobs, "threads": threads, "cores": cores})
+          "workers": jobs, "threads": threads})
     t0 = time.time()
     try:
         _Scheduler(job_list, study_dir, jobs, threads, emit).run()
