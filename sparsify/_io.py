@@ -133,6 +133,36 @@ def check_output_dir(path: str | os.PathLike, force: bool = False, what: str = "
 
 
 @contextlib.contextmanager
+def dir_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on the existing directory ``path`` for the block.
+
+    Another process holding it makes this raise RunDirError(``busy``) at once, rather than wait.
+    The lock is on the directory itself (no lock file is left behind) and goes with the process
+    however it ends. Where ``fcntl`` is missing (Windows) the block runs unlocked.
+    """
+    from .errors import RunDirError
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise RunDirError(f"cannot open {path} ({e.strerror or type(e).__name__}); check that it exists and that you "
+                          "may read it") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(busy) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``path`` only when the block succeeds.
 

@@ -19,6 +19,7 @@ Layout::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import platform
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._io import atomic_dir, atomic_path, write_json
+from ._io import atomic_dir, atomic_path, dir_lock, write_json
 from .errors import RunDirError
 
 RECIPE = "recipe.json"
@@ -230,12 +231,29 @@ def _usable_sections(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def run_lock(path: str | Path) -> contextlib.AbstractContextManager[None]:
+    """The lock a command holds on the existing run directory ``path`` while it writes it
+    (``train``, ``transform --force`` over it): a second one is refused with RunDirError at once
+    instead of mixing two writers' files (``_io.dir_lock``)."""
+    return dir_lock(path, f"{path} is being trained or replaced by another sparsify process; wait until it ends (or "
+                          "stop it), then try again")
+
+
 def save_run(path: str | Path, recipe: Recipe, model: nn.Module, summary: dict[str, Any],
              force: bool = False, source_file: str | Path | None = None,
              traced_state: dict[str, Any] | None = None) -> Path:
     """Write a new run directory atomically; refuse a non-empty ``path`` unless ``force``.
     ``traced_state``: tensors of the original model a rebuild traces with (``TRACED_STATE``)."""
     path = Path(path)
+    with contextlib.ExitStack() as stack:
+        if force and path.is_dir():
+            stack.enter_context(run_lock(path))
+        _write_run(path, recipe, model, summary, force, source_file, traced_state)
+    return path
+
+
+def _write_run(path: Path, recipe: Recipe, model: nn.Module, summary: dict[str, Any], force: bool,
+               source_file: str | Path | None, traced_state: dict[str, Any] | None) -> None:
     with atomic_dir(path, force=force) as tmp:
         write_json(tmp / RECIPE, recipe.to_json())
         save_weights(tmp, model)
@@ -248,7 +266,6 @@ def save_run(path: str | Path, recipe: Recipe, model: nn.Module, summary: dict[s
             for relative in recipe.source_imports:  # what the file imports from beside it
                 (tmp / MODEL_IMPORTS / relative).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(Path(source_file).parent / relative, tmp / MODEL_IMPORTS / relative)
-    return path
 
 
 def save_weights(run_dir: str | Path, model: nn.Module, name: str = WEIGHTS) -> Path:

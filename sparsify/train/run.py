@@ -13,7 +13,8 @@ from .._io import atomic_path, check_writable, write_json
 from ..errors import DivergenceError, RunDirError, UsageError
 from ..nn import sparse_modules
 from ..passes.trace import training_draws_note
-from ..rundir import SUMMARY, WEIGHTS, WEIGHTS_INIT, load_run, load_weights, read_recipe, read_summary, save_weights
+from ..rundir import (SUMMARY, WEIGHTS, WEIGHTS_INIT, load_run, load_weights, read_recipe, read_summary, run_lock,
+                      save_weights)
 from .checkpoint import checkpoint_path, load_checkpoint
 from .data import load_dataset
 from .distributed import Reducer, init_from_env, shutdown
@@ -240,9 +241,20 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
         raise UsageError(f"the model of {run_dir} takes {len(recipe.shapes)} inputs but the data sets give one image "
                          "per example; train it with your own loop (sparsify.load(RUN).model keeps its masks with "
                          "sparsify.train.trainer.enforce_masks) or export it as it is")
-    if not resume and ckpt.exists() and not force:
-        raise RunDirError(_trained_before_message(run_dir, ckpt))
-    check_writable(run_dir / WEIGHTS, "the run directory: ")
+    with contextlib.ExitStack() as stack:
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun's other ranks share rank 0's directory
+            stack.enter_context(run_lock(run_dir))
+        if not resume and ckpt.exists() and not force:
+            raise RunDirError(_trained_before_message(run_dir, ckpt))
+        check_writable(run_dir / WEIGHTS, "the run directory: ")
+        return _train_locked(run_dir, recipe, ckpt, cfg, state, resume=resume, force=force, log=log,
+                             progress=progress, resumable=resumable)
+
+
+def _train_locked(run_dir: Path, recipe: Any, ckpt: Path, cfg: TrainConfig, state: dict[str, Any] | None, *,
+                  resume: bool, force: bool, log: LogFn | None, progress: ProgressFn | None,
+                  resumable: bool) -> dict[str, Any]:
+    """train_run's work, under its lock on ``run_dir``."""
     created = init_from_env()
     try:
         run = load_run(run_dir)

@@ -354,3 +354,46 @@ def test_resume_on_data_rewritten_under_the_same_name_is_refused(run, tmp_path):
     res = runner.invoke(app, ["train", str(run), "--data", str(data), "--epochs", "2", "--batch-size", "50",
                               "--resume", "--quiet"])
     assert res.exit_code == 0, res.output
+
+
+def test_a_run_being_trained_is_not_trained_or_replaced_by_a_second_command(run, monkeypatch):
+    # Two writers of one run mixed their files: a second `train` or a `transform --force` over the
+    # run while a training is in progress is refused at once, and changes nothing.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(run)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        for args in (["train", str(run), *QUICK],
+                     ["transform", "zoo:lenet300-100", "--method", "sparse-random", "--density", "0.2",
+                      "--include-linear", "--out", str(run), "--force"]):
+            res = runner.invoke(app, args)
+            assert res.exit_code == 2, res.output
+            assert "is being trained or replaced by another sparsify process" in res.output, res.output
+            assert res.output.strip().count("\n") == 0, res.output
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+        assert not (run / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # ... and `train` itself holds the lock while it trains.
+    import sparsify.train.run as train_module
+    from sparsify.errors import RunDirError
+    from sparsify.rundir import run_lock
+    seen = []
+    real_fit = train_module.fit
+
+    def fit_probe(*args, **kwargs):
+        with pytest.raises(RunDirError, match="being trained"):
+            with run_lock(run):
+                pass
+        seen.append(True)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit", fit_probe)
+    res = runner.invoke(app, ["train", str(run), *QUICK])
+    assert res.exit_code == 0 and seen == [True], res.output
+    with run_lock(run):  # released when the training ends
+        pass
