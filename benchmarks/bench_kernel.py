@@ -46,7 +46,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sparsify.runtime import native
 from sparsify.runtime.bench import SPIN_SETTLE_S, time_bursts, vector_aligned
-from sparsify.runtime.onnx_sparse import (DOMAIN, DOMAIN_VERSION, depthwise_native, shared_fan_in_share,
+from sparsify.runtime.onnx_sparse import (DOMAIN, DOMAIN_VERSION, depthwise_native, regroups, shared_fan_in_share,
                                          sparse_conv_node, sparse_threshold)
 
 @dataclass(frozen=True)
@@ -160,7 +160,8 @@ def time_interleaved(sessions: dict, feeds: dict, reps: int, min_sample_s: float
 
 def rule_threshold(lay: Layer, mask: np.ndarray | None = None) -> float:
     """The density below which the exporter writes this layer (with this channel mask) as SparseConv."""
-    shared = shared_fan_in_share(mask) if mask is not None else 0.0
+    shared = (shared_fan_in_share(mask, regroup=regroups((lay.k, lay.k), (lay.stride, lay.stride)))
+              if mask is not None else 0.0)
     return sparse_threshold((lay.k, lay.k), (lay.stride,) * 2, (1, 1), lay.cin, (lay.out_hw, lay.out_hw), shared)[0]
 
 

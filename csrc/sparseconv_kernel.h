@@ -18,8 +18,9 @@
 //    loads straight from X (no padded copy), four output rows per pass.
 //  - kDirect: 1x1 / 3x3 / 5x5 / 7x7, stride 1 or 2, over a zero-padded copy (stride 2 split into
 //    even/odd column phases so that every tap reads contiguous memory; on the AVX-512 units the
-//    kx taps are lane rotations of each phase's row). 3x3/s2: runs of kFanInBlock output channels
-//    with the same input channels (block sparsity) go through together (compute_block).
+//    kx taps are lane rotations of each phase's row). 3x3/s2 and 7x7/s2: runs of kFanInBlock output
+//    channels with the same input channels (block sparsity; a stem's channels, which the op glue
+//    regroups by fan-in) go through together (compute_block).
 //  - kPointwise: 1x1 without pads (strided ones over a subsampled input): tiles of pixels whose
 //    input rows stay in L2 while every output channel streams its connections over them (an
 //    SpMM bound by the L2 bandwidth: each connection reads its input row once per tile; runs of
@@ -318,14 +319,15 @@ struct BlockCfg {
   int K, S, R, V;
   BlockFn fn;
 };
-#define SPARSIFY_BCFG(R, V) \
-  { 3, 2, R, V, &direct_core<3, 2, R, V, kFanInBlock> }
-// 3x3 stride 2 only (stride-1 3x3 convs run on kFlat3; each instantiation adds seconds of build
-// time). kFanInBlock x R x V accumulators: at most 16 of 32 registers, 8 of 16.
+#define SPARSIFY_BCFG(K, R, V) \
+  { K, 2, R, V, &direct_core<K, 2, R, V, kFanInBlock> }
+// Stride 2 only: 3x3 (stride-1 3x3 convs run on kFlat3) and 7x7 (stems); each instantiation adds
+// seconds of build time. kFanInBlock x R x V accumulators: at most 16 of 32 registers, 8 of 16.
 const BlockCfg kBlockCfgs[] = {
-    SPARSIFY_BCFG(1, 1), SPARSIFY_BCFG(2, 1), SPARSIFY_BCFG(1, 2),
+    SPARSIFY_BCFG(3, 1, 1), SPARSIFY_BCFG(3, 2, 1), SPARSIFY_BCFG(3, 1, 2),
+    SPARSIFY_BCFG(7, 1, 1), SPARSIFY_BCFG(7, 2, 1), SPARSIFY_BCFG(7, 1, 2),
 #if SPARSIFY_NREGS >= 32
-    SPARSIFY_BCFG(2, 2),
+    SPARSIFY_BCFG(3, 2, 2), SPARSIFY_BCFG(7, 2, 2),
 #endif
 };
 #undef SPARSIFY_BCFG

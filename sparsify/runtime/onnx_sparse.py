@@ -97,15 +97,25 @@ def block_mask(weight: np.ndarray) -> np.ndarray:
 FAN_IN_BLOCK = 4
 
 
-def shared_fan_in_share(live: np.ndarray, group: int = 1) -> float:
-    """Share of a conv's output channels that the native kernel's 1x1 and 3x3/s2 paths run in blocks of
-    FAN_IN_BLOCK: runs of consecutive channels (within a group) with the same non-empty row of ``live``
-    (bool ``[Cout, Cin/group]``), taken FAN_IN_BLOCK at a time from channel 0, as the kernel walks them.
-    The transform's ``block`` option (block sparsity, Elsen et al. 2020) draws such masks."""
+def shared_fan_in_share(live: np.ndarray, group: int = 1, regroup: bool = False) -> float:
+    """Share of a conv's output channels that the native kernel's 1x1 and strided 3x3 / 7x7 paths run
+    in blocks of FAN_IN_BLOCK: runs of consecutive channels (within a group) with the same non-empty
+    row of ``live`` (bool ``[Cout, Cin/group]``), taken FAN_IN_BLOCK at a time from channel 0, as the
+    kernel walks them. The transform's ``block`` option (block sparsity, Elsen et al. 2020) draws such
+    masks. ``regroup`` (``regroups``: the kernel makes channels with one fan-in neighbours first):
+    FAN_IN_BLOCK at a time of the channels of a group with the same non-empty row, wherever they are
+    (a stem's channels that each read one of three input channels)."""
     cout = live.shape[0]
     if cout < FAN_IN_BLOCK:
         return 0.0
     per_group = max(1, cout // max(1, group))
+    if regroup:
+        covered = 0
+        for g0 in range(0, cout, per_group):
+            rows = live[g0:g0 + per_group]
+            _, counts = np.unique(rows[rows.any(axis=1)], axis=0, return_counts=True)
+            covered += int((counts // FAN_IN_BLOCK).sum()) * FAN_IN_BLOCK
+        return max(covered / cout, shared_fan_in_share(live, group))
     o = np.arange(cout - 1)
     joins = (np.all(live[:-1] == live[1:], axis=1) & live[:-1].any(axis=1) & ((o + 1) % per_group != 0))
     covered = o_at = 0
@@ -394,7 +404,8 @@ def _constant_nodes(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 #   0.29-0.37; outputs below 7x7 lose (3x3/s2 128->256 from 8x8: 1.05x at 0.1, 256->512 from 4x4:
 #   0.64x); other kernels (5x5/s2, 7x7/s2) 0.22-0.33 at 16x16 .. 32x32. Stems (3 input
 #   channels: densities 1/3 or 2/3 only): 7x7/s2 3->64 on 224x224 1.65x at 1/3, 0.92x at 2/3;
-#   3x3/s2 3->32 1.51x / 0.95x; 5x5/s2 3->64 on 64x64 1.54x / 0.98x.
+#   3x3/s2 3->32 1.51x / 0.95x; 5x5/s2 3->64 on 64x64 1.54x / 0.98x (one channel at a time; the
+#   3x3 and 7x7 ones with their channels regrouped by fan-in: THRESHOLD_STEM_SHARED).
 THRESHOLD_3x3_S1 = ((256, 0.75), (64, 0.65), (17, 0.4), (16, 0.7), (5, 0.12), (0, 0.0))  # (min output pixels, threshold)
 THRESHOLD_3x3_2x2 = 0.45  # 2x2 output planes (the 4-pixel row of the table above would say 0)
 THRESHOLD_3x3_UNKNOWN = 0.12  # output plane unknown at export: assume no 1x1 plane
@@ -426,6 +437,11 @@ THRESHOLD_IM2COL_SHARED = 0.75
 # as the 1x1 unit over the input's shifted copies, their left-over pixels across each block.
 VECTOR_PIXELS, TAIL_PIXELS, IM2COL_VECTORS = 16, 4, 4
 THRESHOLD_STEM = 0.5  # strided 3x3 / 5x5 / 7x7 convs with at most STEM_CIN input channels per group
+# Stems whose output channels repeat fan-ins (every stem past a few channels: 3 input channels allow
+# 7 fan-ins) run 4 channels per loaded input vector once the kernel regroups them (``regroups``):
+# 7x7/s2 3->64 on 224x224 1.33x at 2/3 (batch 1 and 8), 2.4-2.5x at 1/3; 3x3/s2 3->32 1.28x / 1.60x
+# at 2/3 (batch 1 / 8), 2.2-2.4x at 1/3 (`bench_kernel.py`'s layer, Intel Xeon, 2026-12-01).
+THRESHOLD_STEM_SHARED = 0.75
 STEM_CIN = 4
 MIN_STRIDED_CIN = 64
 MIN_STRIDED_PIXELS = 49
@@ -459,10 +475,18 @@ def sparse_threshold(kernel: tuple[int, int], strides: Sequence[int], dilations:
         shared = THRESHOLD_IM2COL_SHARED if im2col else THRESHOLD_3x3_S2_SHARED[0 if pixels >= MIN_1x1_FULL_PIXELS else 1]
     elif tuple(kernel) == (3, 3) and stride == [1, 1] and im2col:
         shared = THRESHOLD_IM2COL_SHARED
+    elif regroups(kernel, stride) and cin_per_group <= STEM_CIN and pixels >= MIN_STRIDED_PIXELS:
+        shared = THRESHOLD_STEM_SHARED
     if shared is not None:
         thr = (1.0 - shared_fan_in) * thr + shared_fan_in * shared
         rule = f"{rule}; {100 * shared_fan_in:.0f}% of output channels share fan-ins in blocks of {FAN_IN_BLOCK}"
     return thr, rule
+
+
+def regroups(kernel: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether the native kernel regroups a conv's output channels by fan-in (its strided 3x3 / 7x7
+    block unit; ``shared_fan_in_share(regroup=True)``)."""
+    return tuple(int(k) for k in kernel) in ((3, 3), (7, 7)) and [int(st) for st in strides] == [2, 2]
 
 
 def im2col_plane(pixels: int) -> bool:
@@ -635,7 +659,8 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
         group = int(_attr(node, "group", 1))
         live = block_mask(w)
         choice = ConvChoice(name, tuple(w.shape), group, float(live.mean()), int(live.sum()), False, "", weight=wname,
-                            shared_fan_in=shared_fan_in_share(live, group))
+                            shared_fan_in=shared_fan_in_share(
+                                live, group, regroup=regroups(w.shape[2:], _attr(node, "strides", [1, 1]))))
         report.choices.append(choice)
         auto_pad = _attr(node, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad

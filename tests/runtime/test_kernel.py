@@ -421,6 +421,40 @@ def test_shared_fan_in_blocks(monkeypatch: pytest.MonkeyPatch, isa: str, cin: in
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
+@pytest.mark.parametrize(
+    "cin,cout,k,hw,n,fan_in,group",
+    [
+        (3, 64, 7, 45, 2, 1, 1),   # a ResNet stem: each channel reads one of three input channels
+        (3, 32, 3, 39, 1, 1, 1),   # a MobileNet stem
+        (3, 24, 7, 30, 2, 2, 1),   # two of three: three distinct fan-ins
+        (6, 40, 3, 33, 1, 1, 2),   # two groups: channels regrouped within their group only
+    ],
+)
+def test_stems_with_repeated_fan_ins(monkeypatch: pytest.MonkeyPatch, isa: str, cin: int, cout: int, k: int,
+                                     hw: int, n: int, fan_in: int, group: int) -> None:
+    """Strided convs from a few input channels whose output channels repeat the same fan-ins in
+    no particular order (sparse-random on a stem) run with the channels that share a fan-in
+    regrouped into blocks of four: equal to dense Conv for every op, 1 and 2 threads, with empty
+    channels mixed in, and the same with the connections fed at run time (not regrouped)."""
+    if isa != "auto":
+        monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(cin * cout + k + fan_in)
+    cin_g = cin // group
+    mask = np.zeros((cout, cin_g), bool)
+    for o in range(cout):
+        mask[o, rng.choice(cin_g, fan_in, replace=False)] = True
+    mask[[3, 10]] = False  # bias only
+    weight = rng.standard_normal((cout, cin_g, k, k)).astype(np.float32) * mask[:, :, None, None]
+    case = ConvCase(weight=weight, mask=mask, bias=rng.standard_normal(cout).astype(np.float32), group=group,
+                    strides=(2, 2), pads=(k // 2,) * 4)
+    x = rng.standard_normal((n, cin, hw, hw)).astype(np.float32)
+    assert_plain_sum_and_pre_ops(case, x, rng)
+    ref = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+    fed = native.session(sparse_model(case, weights_as_inputs=True), 2)
+    assert_close(fed.run(None, {"X": x, **packed_feeds(case)})[0], ref)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
 @pytest.mark.parametrize("hw,stride", [(7, 1), (9, 1), (6, 1), (10, 1), (14, 1), (17, 1), (5, 1), (14, 2), (13, 2)])
 def test_shared_fan_in_tails(monkeypatch: pytest.MonkeyPatch, isa: str, hw: int, stride: int) -> None:
     """1x1 planes that leave 1-4 pixels over whole vectors (7x7: 49 = 3 x 16 + 1 on AVX-512, 6 x 8
