@@ -83,7 +83,21 @@ _InPlaceProxy.__setitem__ = _setitem  # type: ignore[attr-defined]
 def _len(self: fx.Proxy) -> int:
     # list(x.chunk(4, 1)) asks for the length first: known for the splits SparsifyTracer.iter iterates
     count = _pieces(self.node)
-    return count if count is not None else fx.Proxy.__len__(self)
+    if count is not None:
+        return count
+    tracer = self.tracer
+    if isinstance(tracer, SparsifyTracer):
+        # len(x) of a tensor is x.size(0), read as a Python number: decided on the example input
+        # like other sizes (fx refused it), refused in one line when it is the batch size
+        size = tracer.create_proxy("call_method", "size", (self, 0), {})
+        try:
+            value = tracer.size_value(size, inspect.currentframe().f_back, "len")
+        finally:
+            if not size.node.users:
+                tracer.graph.erase_node(size.node)
+        if value is not None:
+            return int(value)
+    return fx.Proxy.__len__(self)
 
 
 _InPlaceProxy.__len__ = _len  # type: ignore[attr-defined]
@@ -177,7 +191,7 @@ class SparsifyTracer(fx.Tracer):
         (it reads tensor values) or no example was given. The place in the model's code (frame
         ``user``) is recorded in ``size_branches`` (``size_branches_note``). Raises _Untraceable when
         the value changes with the batch size, which stays free in training and export (``use``
-        says what the forward does with it: "branches on", "reads", "iterates over")."""
+        says what the forward does with it: "branches on", "reads", "len", "iterates over")."""
         if not self.example or self._deciding:  # deciding reached a traced value (a rebound buffer): no
             return None
         where = user_source_line("".join(traceback.format_stack(user)))
@@ -196,6 +210,8 @@ class SparsifyTracer(fx.Tracer):
                                                                        "(torch.where)"),
                          "reads": ("reads the batch size as a Python number", "keep it a traced size "
                                    "(x.view(x.size(0), -1), x.flatten(1))"),
+                         "len": ("reads the batch size as a Python number (len of a tensor)", "write x.size(0), "
+                                 "a traced size, instead of len(x)"),
                          "iterates over": ("loops over the batch axis", "compute it for the whole batch at once")}[use]
             raise _Untraceable(f"the forward {what}, which stays free in training and export; {fix}, or keep the "
                                f"module that holds it opaque with --leaf TYPE")

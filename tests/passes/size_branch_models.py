@@ -94,7 +94,7 @@ class SamePadConv(nn.Conv2d):
 
 class SizesAsNumbers(nn.Module):
     """Sizes read as Python numbers and loops whose count is a size: ``int(h / 2)``, ``float(w)``,
-    ``range(y.shape[1])``, ``for r in x.unbind(2)``, ``for p in x.split(4, 3)``; same-padding convs."""
+    ``len`` of a tensor whose first axis is not the batch's, ``range(y.shape[1])``, ``for r in x.unbind(2)``, ``for p in x.split(4, 3)``; same-padding convs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -105,7 +105,7 @@ class SizesAsNumbers(nn.Module):
         x = torch.relu(self.bn(self.c1(x)))
         x = nn.functional.interpolate(x, size=(int(x.shape[2] * 2), int(x.shape[3] / 2 * 2)), mode="bilinear")
         rows = [r.mean(-1, keepdim=True) for r in x.unbind(2)]
-        x = self.c2(x + torch.stack(rows, 2) * (float(x.shape[-1]) / 8))
+        x = self.c2(x + torch.stack(rows, 2) * (float(x.shape[-1]) / len(x.transpose(0, 2))))
         acc = sum(x[:, i:i + 1] * (i + 1) for i in range(x.shape[1]))
         for piece in x.split(4, 3):
             acc = acc + piece.amax(3, keepdim=True)
@@ -122,4 +122,6 @@ class BatchNumbers(nn.Module):
     def forward(self, x):
         if self.how == "int":
             return self.c(x).view(int(x.size(0)), -1)
+        if self.how == "len":
+            return self.c(x).view(len(x), -1)
         return torch.stack([self.c(img[None])[0] for img in x])

@@ -224,13 +224,15 @@ def test_sizes_read_as_numbers_and_loops_over_sizes_are_decided_on_the_example_i
     assert note.count("size_branch_models.py:") == 3 and "and more" in note and "read as a number" in note
 
 
-@pytest.mark.parametrize("how", ["int", "loop"])
+@pytest.mark.parametrize("how", ["int", "len", "loop"])
 def test_the_batch_size_read_as_a_number_or_looped_over_is_one_line(how):
+    # len(x) fell through to fx's own error, whose advice (if / assert / loop) did not name the cause
     with pytest.raises(TraceError) as e:
         trace(BatchNumbers(how), n_inputs=1, example=torch.randn(1, 3, 8, 8))
     msg = str(e.value)
     assert "\n" not in msg and "size_branch_models.py:" in msg and "stays free in training and export" in msg
-    assert {"int": "reads the batch size as a Python number", "loop": "loops over the batch axis"}[how] in msg
+    assert {"int": "reads the batch size as a Python number", "loop": "loops over the batch axis",
+            "len": "write x.size(0), a traced size, instead of len(x)"}[how] in msg
 
 
 def test_a_container_of_the_models_own_layers_built_in_forward_is_traced_through():

@@ -102,6 +102,16 @@ def _default() -> Registry:
                 torch.addcmul, torch.lerp, operator.floordiv, operator.mod), broadcast)
     r.method(("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "pow", "pow_",
               "maximum", "minimum", "masked_fill", "masked_fill_", "where", "lerp", "addcmul"), broadcast)
+    # comparisons and logic: elementwise on tensors (``torch.where(x > 0, x, 0.1 * x)``); on Python
+    # values (sizes) they couple nothing, as broadcast does where no operand is a tensor
+    r.function((operator.eq, operator.ne, operator.lt, operator.gt, operator.le, operator.ge, operator.and_,
+                operator.or_, operator.xor, operator.invert, torch.eq, torch.ne, torch.lt, torch.gt, torch.le,
+                torch.ge, torch.greater, torch.less, torch.greater_equal, torch.less_equal, torch.not_equal,
+                torch.logical_and, torch.logical_or, torch.logical_xor, torch.logical_not, torch.isnan,
+                torch.isinf, torch.isfinite), broadcast)
+    r.method(("eq", "ne", "lt", "gt", "le", "ge", "greater", "less", "greater_equal", "less_equal", "not_equal",
+              "logical_and", "logical_or", "logical_xor", "logical_not", "isnan", "isinf", "isfinite", "bool"),
+             broadcast)
     r.function((torch.cat, torch.concat, torch.concatenate), CatRule())
     r.function((torch.stack,), StackRule())
 
@@ -172,8 +182,7 @@ def _default() -> Registry:
     # -- Python values --
     neutral = NeutralRule()
     r.method(("size", "dim", "numel", "nelement", "stride", "is_contiguous", "element_size", "ndimension"), neutral)
-    r.function((getattr, len, int, float, operator.eq, operator.ne, operator.lt, operator.gt, operator.le,
-                operator.ge), neutral)
+    r.function((getattr, len, int, float), neutral)
     return r
 
 

@@ -100,3 +100,30 @@ def test_unknown_op_freezes_the_channels_that_reach_it():
 def test_classifier_is_the_last_weight_layer():
     gm = trace(FlattenLinear())
     assert classifier_node(gm).target == "fc"
+
+
+class Comparisons(nn.Module):
+    """Comparisons and logic on activations: a hand-written leaky ReLU, a step mask, masked_fill."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.c1(x)
+        x = torch.where(x > 0, x, 0.1 * x)
+        x = self.c2(x)
+        keep = torch.logical_and(x.ge(-1.0), ~(x < -2.0)) | torch.isnan(x)
+        return self.c3(x * (x > 0).float() + x.masked_fill(keep, 0.5))
+
+
+def test_comparisons_are_elementwise_not_unknown():
+    # `x > 0` on a tensor was read as a Python-value op: "unknown op gt" froze both groups and the
+    # depth multiplier refused the model; the groups resize and compact like any elementwise op's
+    cg = build(Comparisons())
+    for name in ("c1", "c2"):
+        g = group(cg, name)
+        assert not g.frozen, g.reasons
+    assert group(cg, "gt") is group(cg, "c1")
+    dm, _, report = through_every_pass(Comparisons(), (1, 3, 8, 8))
+    assert dm is not None and report.channels_removed > 0
