@@ -221,3 +221,6 @@ def compare(
         return
     for table in render_comparison(result):
         out.print(table)
+    for d in result.paired:
+        if d.note:
+            err.print(f"note: no paired test of {d.arm}: {d.note}", highlight=False, markup=False)

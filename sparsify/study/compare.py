@@ -83,6 +83,7 @@ class PairedDiff:
     ci_high: float | None
     t: float | None
     p: float | None
+    note: str | None = None  # why there are no pairs although both arms finished runs
 
 
 @dataclass
@@ -265,6 +266,12 @@ def compare(paths: Sequence[str | Path], baseline: str | None = None) -> Compari
         for a in out:
             if a.arm == baseline:
                 continue
+            repeated = _repeated_seed(arms[a.arm]) or _repeated_seed(arms[baseline])
+            if repeated is not None:
+                # pairs are keyed by seed: runs that share one (transform --seed differs, train --seed
+                # not) made three "pairs" of one run against one baseline run, p 0 with a CI of width 0
+                paired.append(PairedDiff(a.arm, baseline, 0, [], None, None, None, None, None, note=repeated))
+                continue
             seeds = [s for s in a.seeds if s in base]
             mine = {s: v for s, v in zip(a.seeds, a.acc)}
             x = [mine[s] for s in seeds]
@@ -281,6 +288,19 @@ def compare(paths: Sequence[str | Path], baseline: str | None = None) -> Compari
                 diff.ci_low, diff.ci_high = _finite(ci.low), _finite(ci.high)
             paired.append(diff)
     return Comparison(out, paired, baseline, runs)
+
+
+def _repeated_seed(members: Sequence[RunRecord]) -> str | None:
+    """Why runs of one arm cannot be paired by seed (two finished runs share one), else None."""
+    by_seed: dict[int, list[str]] = {}
+    for r in members:
+        if r.status == "done":
+            by_seed.setdefault(r.seed, []).append(r.path)
+    for seed, paths in by_seed.items():
+        if len(paths) > 1:
+            return (f"runs {', '.join(paths)} of {members[0].arm} share seed {seed} (the training's --seed), so "
+                    f"they cannot be paired by seed: train each with its own --seed")
+    return None
 
 
 def _matched_to(match: dict[str, Any] | None) -> str | None:

@@ -128,3 +128,21 @@ def test_cli_tables_json_plot_and_errors(study, tmp_path):
     assert bad.exit_code == 2 and "not an arm" in bad.output and bad.output.strip().count("\n") == 0
     missing = runner.invoke(app, ["compare", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_runs_that_share_a_seed_are_not_paired_by_it(study, tmp_path):
+    # Three loose runs whose masks differ (transform --seed) but trained with one --seed: keyed by seed,
+    # they made three "pairs" of the last run against one baseline run (p 0, a CI of width 0)
+    base = study / "base"
+    runs = []
+    for i, acc in enumerate(ACC["b"]):
+        runs.append(tmp_path / f"b{i}")
+        _fake_run(base, runs[-1], "b", 0, acc, job=False)
+    runs.append(tmp_path / "a0")
+    _fake_run(base, runs[-1], "a", 0, ACC["a"][0], job=False)
+    c = compare(runs, baseline=None)
+    (pair,) = c.paired
+    assert pair.n == 0 and pair.p is None and pair.ci_low is None and pair.mean is None
+    assert "share seed 0" in pair.note and "own --seed" in pair.note
+    res = runner.invoke(app, ["compare", *map(str, runs), "--baseline", c.baseline])
+    assert res.exit_code == 0 and "no paired test of" in res.output and "share seed 0" in res.output, res.output
