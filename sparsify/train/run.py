@@ -327,7 +327,9 @@ def _train_locked(run_dir: Path, recipe: Any, ckpt: Path, cfg: TrainConfig, stat
                 kept = _keep_last_good(run_dir, run, model_input, ckpt, cfg, e)
             else:
                 kept = ""
-            retry = shlex.join(["sparsify", "train", str(run_dir), "--force", "--lr", f"{cfg.learning_rate / 10:g}"])
+            # the diverged training's own settings (its data above all), with a tenth of its rate
+            lower = TrainConfig.from_dict({**cfg.to_dict(), "lr": float(f"{cfg.learning_rate / 10:g}")})
+            retry = shlex.join(["sparsify", "train", str(run_dir), "--force", *lower.cli_args()])
             raise DivergenceError(e.what, epoch=e.epoch, good_epochs=e.good_epochs, lr=e.lr,
                                   advice=f"stopped ({kept}); retry from the initial weights with a lower learning "
                                          f"rate: {retry}") from None

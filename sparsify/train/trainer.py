@@ -147,6 +147,26 @@ class TrainConfig:
                      if f.name not in ("params", "unused")})
         return {k: flat[k] for k in RECORD_KEYS if k in flat} | {k: v for k, v in flat.items() if k not in RECORD_KEYS}
 
+    #: settings that are no flag of ``sparsify train`` (the API's and study specs' only)
+    _NOT_FLAGS = ("val_fraction", "model_output")
+
+    def cli_args(self) -> list[str]:
+        """The ``sparsify train`` flags that give this config: every setting away from its default
+        (``--no-augment`` for augment False, one ``--init-profile-param NAME=VALUE`` per entry)."""
+        defaults = TrainConfig(schedule=self.schedule).to_dict()
+        args: list[str] = []
+        for name, value in self.to_dict().items():
+            if name in self._NOT_FLAGS or value == defaults.get(name, object()) or (value is None and name != "clip_grad_norm"):
+                continue
+            if isinstance(value, bool):
+                args.append(flag(name) if value else flag(f"no_{name}"))
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    args += ["--init-profile-param", f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"]
+            else:
+                args += [flag(name), "0" if value is None else f"{value:g}" if isinstance(value, float) else str(value)]
+        return args
+
     @property
     def learning_rate(self) -> float:
         if self.lr is not None:

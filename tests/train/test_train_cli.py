@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -397,3 +398,18 @@ def test_a_run_being_trained_is_not_trained_or_replaced_by_a_second_command(run,
     assert res.exit_code == 0 and seen == [True], res.output
     with run_lock(run):  # released when the training ends
         pass
+
+
+def test_the_retry_after_a_divergence_keeps_the_trainings_own_options(run):
+    # The retry command held only --force --lr: pasted, it trained on the default data set without
+    # the user's --clip-grad-norm 0 and diverged again
+    res = runner.invoke(app, ["train", str(run), *QUICK, "--lr", "1e30", "--momentum", "0", "--clip-grad-norm", "0",
+                              "--no-augment"])
+    assert res.exit_code == 2 and "retry from the initial weights" in res.output, res.output
+    retry = res.output.split("lower learning rate: ", 1)[1].strip()
+    args = shlex.split(retry)
+    assert args[:4] == ["sparsify", "train", str(run), "--force"]
+    rest = [a for a in args[4:] if a != "--no-augment"]
+    got = dict(zip(rest[0::2], rest[1::2]))
+    assert got == {"--epochs": "1", "--batch-size": "50", "--lr": "1e+29", "--clip-grad-norm": "0", "--momentum": "0",
+                   "--train-limit": "200"} and "--no-augment" in args, retry
