@@ -157,18 +157,20 @@ def _default() -> Registry:
     max_pool = ChannelKeepingRule("max")
     r.module((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), max_pool)
     r.function((F.max_pool1d, F.max_pool2d, F.max_pool3d, F.max_pool1d_with_indices, F.max_pool2d_with_indices,
-                F.max_pool3d_with_indices), max_pool)
+                F.max_pool3d_with_indices, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d,
+                torch.max_pool1d_with_indices), max_pool)
     adaptive = ChannelKeepingRule("adaptive")
     r.module((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
               nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), adaptive)
     r.function((F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-                F.adaptive_max_pool2d, F.adaptive_max_pool3d), adaptive)
+                F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.adaptive_avg_pool1d, torch.adaptive_max_pool1d),
+               adaptive)
     resample = ChannelKeepingRule("resample")
     r.module((nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d), resample)
     r.function((F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear), resample)
     avg = ChannelKeepingRule("avg", avg=True)
     r.module((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), avg)
-    r.function((F.avg_pool1d, F.avg_pool2d, F.avg_pool3d), avg)
+    r.function((F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch.avg_pool1d), avg)
     lp_pool = ChannelKeepingRule("lp", constant=False)
     r.module((nn.LPPool1d, nn.LPPool2d), lp_pool)
     r.function((F.lp_pool1d, F.lp_pool2d), lp_pool)

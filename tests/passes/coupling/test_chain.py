@@ -127,3 +127,22 @@ def test_comparisons_are_elementwise_not_unknown():
     assert group(cg, "gt") is group(cg, "c1")
     dm, _, report = through_every_pass(Comparisons(), (1, 3, 8, 8))
     assert dm is not None and report.channels_removed > 0
+
+
+class TorchPools(nn.Module):
+    """Pools called from the torch namespace (torch.max_pool2d, torch.adaptive_avg_pool1d), not F's."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = torch.max_pool2d(F.relu(self.c1(x)), 2)
+        return self.c2(x + torch.adaptive_avg_pool1d(x.flatten(2), 1).unsqueeze(-1))
+
+
+def test_pools_from_the_torch_namespace_keep_channels():
+    # torch.max_pool2d was an "unknown op": c1 froze and the depth multiplier kept it whole
+    g = group(build(TorchPools()), "c1")
+    assert not g.frozen, g.reasons
+    through_every_pass(TorchPools(), (1, 3, 8, 8))
