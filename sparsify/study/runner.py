@@ -14,8 +14,9 @@ Jobs run in separate processes (``sparsify.study.worker``), ``jobs`` at a time, 
 torch threads made a 2-thread training run 30x slower on a shared 2-core machine. Running a study
 again skips finished jobs, resumes interrupted ones from their last epoch's checkpoint (or
 retrains them from their initial weights when they have none) and starts the rest; a job whose
-spec changed is refused unless ``force``, which redoes it. Ctrl-C stops every worker; the study
-then resumes where it stopped.
+spec changed is refused unless ``force``, which redoes it (the old run stays until its job starts,
+so a study stopped before then keeps it). Ctrl-C stops every worker; the study then resumes where
+it stopped.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ class Job:
     depends_on: tuple[str, int] | None = None
     state: str = "pending"            # pending | running | done | diverged | failed
     resume: bool = False
+    redo: bool = False                # a run of a changed spec (--force): removed when this job starts
     progress: float = 0.0             # epochs done (fractional) while running
     message: str = ""
     test_acc: float | None = None
@@ -120,7 +122,8 @@ def plan(spec: StudySpec, study_dir: str | Path, force: bool = False) -> list[Jo
                     what = _first_difference(saved.get("key", {}), key)
                     raise StudyError(f"the spec changed for arm {arm.name!r} seed {seed} since {run_dir} was made "
                                      f"({what}); pass --force to redo the changed runs, or use another --out")
-                shutil.rmtree(run_dir)
+                # removed when its job starts, not here: a study stopped before then keeps the run
+                job.redo = True
             else:
                 status = _read_json(run_dir / STATUS)
                 if status.get("status") in ("done", "diverged"):
@@ -244,6 +247,9 @@ class _Scheduler:
         return None
 
     def _start(self, job: Job) -> None:
+        if job.redo:
+            shutil.rmtree(job.run_dir)
+            job.redo = False
         payload = {"run_dir": str(job.run_dir), "key": job.key, "hash": job.hash, "threads": self.threads,
                    "match_run": str(job.match_run) if job.match_run else None}
         log = open(self.study_dir / LOGS / job.log_name, "ab")

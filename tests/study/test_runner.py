@@ -15,6 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sparsify.cli import app
+from sparsify.study.runner import plan
+from sparsify.study.spec import load_spec
 from sparsify.train.run import metrics_in_progress
 
 runner = CliRunner()
@@ -71,8 +73,13 @@ def test_tiny_study_runs_every_arm_and_seed_then_skips_them(tmp_path):
     changed = runner.invoke(app, ["study", str(spec), "--out", str(out), "-q"])
     assert changed.exit_code == 2 and "spec changed for arm 'sparse'" in changed.output
     assert "transform.density was 0.3, now 0.4" in changed.output
+    # --force removed every changed run while planning: a study stopped before it reached one lost it
+    jobs = plan(load_spec(spec), out, force=True)
+    assert sorted((j.arm, j.redo) for j in jobs) == [("dense", False)] * 2 + [("sparse", True)] * 2
+    assert {r: (r / "study-status.json").read_bytes() for r in runs} == before
     forced = runner.invoke(app, ["study", str(spec), "--out", str(out), "-q", "--force"])
     assert forced.exit_code == 0 and "2 already finished, 2 trained now" in forced.stdout
+    assert json.loads((runs[2] / "recipe.json").read_text())["params"]["density"] == 0.4
 
 
 SLOW = """
