@@ -704,7 +704,8 @@ def _split_dirs(root: Path) -> tuple[Path | None, list[str]]:
 
 def _check_class_folders(root: Path, train_root: Path, classes: list[str], samples: list[tuple[str, int]],
                          notes: list[str]) -> None:
-    """DataError for class folders that cannot be classes; a note for a class made of several subfolders.
+    """DataError for class folders that cannot be classes; a note for a class made of several subfolders,
+    and for numbered class folders whose text order (the labels') is not their numeric order.
 
     A class folder without images cannot be learned (it was counted, one more output that is never a
     target). Class folders named like splits (``root/training/<class>``, ``root/testing/<class>``)
@@ -712,6 +713,13 @@ def _check_class_folders(root: Path, train_root: Path, classes: list[str], sampl
     classes whose images are all in subfolders are kept (torchvision's ImageFolder reads them so),
     with a note.
     """
+    if all(c.isdigit() for c in classes) and sorted(classes, key=int) != classes:
+        # labels follow the names' text order (torchvision's ImageFolder's too): weights trained with
+        # folder "10" as class 10 read it as class 2 here (27% for a model at 100%), silently
+        notes.append(f"{root}: its class folders are numbers, and classes follow their names' text order "
+                     f"({', '.join(classes[:4])}, ...: folder {classes[2]} is class 2), as torchvision's "
+                     f"ImageFolder orders them; for labels by value, zero-pad the names "
+                     f"({', '.join(c.zfill(len(max(classes, key=len))) for c in sorted(classes, key=int)[:3])}, ...)")
     counts = np.bincount(np.array([y for _, y in samples], dtype=np.int64), minlength=len(classes))
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:

@@ -1,6 +1,7 @@
 """A user's own data: an image folder (ImageFolder layout, decoded lazily) and .npz arrays; augmentation."""
 from __future__ import annotations
 
+import shutil
 import sys
 import types
 import warnings
@@ -500,3 +501,23 @@ def test_a_negative_mean_reads_as_a_sum():
 
     assert input_normalization(torch.tensor(-0.0291), torch.tensor(1.5), "as stored")["text"] == \
         "(x + 0.0291) / 1.5, x as stored"
+
+
+def test_numbered_class_folders_note_their_text_order(tmp_path):
+    # Folders 0 .. 11: "10" is class 2 (text order, as torchvision's ImageFolder has it), which a
+    # model trained with labels by value read as a permutation: 27% for one at 100%, without a word
+    root = tmp_path / "nums"
+    make_folder(root, per_class=4)
+    for c in range(3, 12):
+        (root / str(c)).mkdir()
+        for f in sorted((root / "class0").glob("*.png"))[:4]:
+            (root / str(c) / f.name).write_bytes(f.read_bytes())
+    for c in range(3):
+        (root / f"class{c}").rename(root / str(c))
+    b = load_dataset(str(root), (1, 3, 8, 8))
+    assert b.class_names[:4] == ["0", "1", "10", "11"]
+    (note,) = [n for n in b.notes if "text order" in n]
+    assert "folder 10 is class 2" in note and "zero-pad the names (00, 01, 02, ...)" in note, note
+    for c in range(3, 10):  # 0 .. 9: text order is numeric order, no note
+        shutil.rmtree(root / str(c + 2))
+    assert not [n for n in load_dataset(str(root), (1, 3, 8, 8)).notes if "text order" in n]
