@@ -322,6 +322,13 @@ def run(
     schedule: str = typer.Option("static", help="Topology schedule during training (static, sparse-momentum, rigl, set, ...)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the trainer's)."),
     train_batch_size: Optional[int] = typer.Option(None, "--train-batch-size", help="Training batch size (default: the trainer's)."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
+                                           help="Random crop and horizontal flip of training images (default: on "
+                                                "for an image folder, off otherwise)"),
+    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize",
+                                             help="Standardise inputs with the training split's mean and std "
+                                                  "(default); --no-normalize feeds the data as it is, e.g. for "
+                                                  "--weights trained on your own preprocessing"),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<model>-<method>[-N])."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
     bench_batch_size: Optional[str] = typer.Option(None, "--bench-batch-size", help="Bench batch sizes, "
@@ -365,6 +372,10 @@ def run(
         train_options["data_dir"] = str(data_dir)
     if train_batch_size is not None:
         train_options["batch_size"] = train_batch_size
+    if augment is not None:
+        train_options["augment"] = augment
+    if normalize is not None:
+        train_options["normalize"] = normalize
     bench_options = dict(batch_sizes=_int_list("--bench-batch-size", bench_batch_size or "1,16"),
                          threads=_int_list("--threads", threads), min_time=min_time)
     lib.check_settings(min_time=min_time)

@@ -248,12 +248,12 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
             raise RunDirError(_trained_before_message(run_dir, ckpt))
         check_writable(run_dir / WEIGHTS, "the run directory: ")
         return _train_locked(run_dir, recipe, ckpt, cfg, state, resume=resume, force=force, log=log,
-                             progress=progress, resumable=resumable)
+                             progress=progress, resumable=resumable, normalize_given="normalize" in config)
 
 
 def _train_locked(run_dir: Path, recipe: Any, ckpt: Path, cfg: TrainConfig, state: dict[str, Any] | None, *,
                   resume: bool, force: bool, log: LogFn | None, progress: ProgressFn | None,
-                  resumable: bool) -> dict[str, Any]:
+                  resumable: bool, normalize_given: bool = False) -> dict[str, Any]:
     """train_run's work, under its lock on ``run_dir``."""
     created = init_from_env()
     try:
@@ -274,6 +274,13 @@ def _train_locked(run_dir: Path, recipe: Any, ckpt: Path, cfg: TrainConfig, stat
         data = load_dataset(cfg.data, model_input,
                             data_dir=cfg.data_dir, num_classes=recipe.num_classes or classes,
                             val_fraction=cfg.val_fraction, train_limit=cfg.train_limit, normalize=cfg.normalize)
+        if recipe.weights and data.normalization is not None and not normalize_given and not resume \
+                and log is not None and Reducer().is_main:
+            # weights trained on pixels in [0, 1] lost 44 points to the standardised inputs, silently
+            log(f"note: {run_dir} starts from trained weights ({Path(str(recipe.weights.get('source', '?'))).name}) "
+                f"and its inputs are standardised with the training split's mean and std (--normalize, the "
+                f"default); if the weights were trained on other preprocessing, pass --no-normalize and give "
+                f"the data as they saw it")
         # The training in progress lives in checkpoints/ (last.pt, metrics.jsonl) until it completes:
         # the run's weights, summary.json and metrics.jsonl stay whole, an earlier training's too
         # (--force), whenever it stops. If it stops before an epoch completes (an interrupt, an error;
