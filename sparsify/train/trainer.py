@@ -387,12 +387,13 @@ def class_loss(out: torch.Tensor, y: torch.Tensor, model_output: str | None, red
 
 @torch.no_grad()
 def detect_model_output(model: nn.Module, split: Split, batch_size: int, model_input: tuple[int, ...],
-                        reducer: Reducer) -> str:
+                        reducer: Reducer, notes: list[str] | None = None) -> str:
     """What ``model`` returns (``output_kind``) on the first training batch of every rank; "logits" unless all agree.
 
     The forward runs in training mode (what the loss sees: a model may return logits in training
     and probabilities in eval mode) without gradients; the model's buffers (BatchNorm statistics)
-    and the global RNG are left as they were.
+    and the global RNG are left as they were. ``notes`` gets a note when the scores taken as logits
+    all lie in [0, 1] (a sigmoid at the model's end: cross-entropy hardly moves scores squeezed so).
     """
     x, _ = next(iter(batches(split, batch_size, shuffle=False, rank=reducer.rank, world_size=reducer.world_size,
                              merge_single=True, workers=0)))
@@ -406,8 +407,15 @@ def detect_model_output(model: nn.Module, split: Split, batch_size: int, model_i
         model.train(was_training)
         for n, b in model.named_buffers():
             b.copy_(buffers[n])
+    kind = output_kind(out) if isinstance(out, torch.Tensor) else "logits"
+    if (notes is not None and kind == "logits" and isinstance(out, torch.Tensor) and out.dim() == 2
+            and out.shape[1] >= 2 and bool(((out >= 0) & (out <= 1)).all())):
+        # a sigmoid head reached 42% where the same net returning logits reached 100%, without a word
+        notes.append("note: the model's class scores all lie in [0, 1] without summing to 1 (a sigmoid at its end?); "
+                     "they are trained as logits with cross-entropy, which moves scores squeezed into [0, 1] "
+                     "little: return the logits (drop the final sigmoid) to train it")
     votes = torch.zeros(len(MODEL_OUTPUTS), dtype=torch.float64)
-    votes[MODEL_OUTPUTS.index(output_kind(out) if isinstance(out, torch.Tensor) else "logits")] = 1
+    votes[MODEL_OUTPUTS.index(kind)] = 1
     reducer.sum_(votes)
     agreed = [k for k, v in zip(MODEL_OUTPUTS, votes.tolist()) if v == reducer.world_size]
     return agreed[0] if agreed else "logits"
@@ -699,7 +707,11 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
     enforce_masks(layers, optimizer)
     if cfg.model_output is None:
         with _model_errors(start_epoch + 1, 0):  # the first training-mode forward: its failure is one line too
-            cfg.model_output = detect_model_output(model, data.train, cfg.batch_size, model_input, reducer)
+            head_notes: list[str] = []
+            cfg.model_output = detect_model_output(model, data.train, cfg.batch_size, model_input, reducer,
+                                                   head_notes)
+        for note in head_notes:
+            say(note)
     if cfg.model_output == "probabilities":
         say("note: the model returns probabilities (rows >= 0 summing to 1, e.g. a softmax at its end), so the loss "
             "is their negative log-likelihood -log p[label], not cross-entropy, which takes logits "

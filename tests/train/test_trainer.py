@@ -357,3 +357,17 @@ def test_model_output_is_read_from_what_the_loss_sees_in_training_mode_and_chang
         assert detect_model_output(model, digits.train, 100, (1, 1, 8, 8), Reducer()) == want
         _assert_identical(_state(model), before)
         assert torch.equal(torch.get_rng_state(), rng) and model.training == mode
+
+
+def test_a_sigmoid_head_is_trained_as_logits_with_a_note():
+    # scores in [0, 1] that do not sum to 1 were taken as logits without a word (42% where the same
+    # net returning logits reached 100%)
+    from sparsify.train.distributed import Reducer
+    from sparsify.train.trainer import detect_model_output
+
+    digits = load_dataset("digits", (1, 1, 8, 8))
+    for head, noted in ((torch.nn.Sigmoid(), True), (torch.nn.Identity(), False), (torch.nn.Softmax(dim=1), False)):
+        notes: list[str] = []
+        kind = detect_model_output(_ScoresNet(head), digits.train, 100, (1, 1, 8, 8), Reducer(), notes)
+        assert kind == ("probabilities" if isinstance(head, torch.nn.Softmax) else "logits")
+        assert bool(notes) == noted and (not noted or "drop the final sigmoid" in notes[0]), notes
