@@ -317,7 +317,10 @@ class PipelineInterrupted(KeyboardInterrupt):
                     f"`sparsify train {run_dir}{' ' + given if given else ''}` trains it as this run would have")
             kept = "the transformed model"
         else:
-            then, kept = f"`sparsify bench {run_dir}` exports and times its variants", "the trained model"
+            # the files `run` would have written: bench alone only prints them
+            bench = shlex.join(["sparsify", "bench", str(run_dir), "--keep", str(run_dir), "--json-file",
+                                str(run_dir / "bench.json"), "--plot", str(run_dir / "plot.png")])
+            then, kept = f"`{bench}` exports and times its variants as this run would have", "the trained model"
         super().__init__(f"interrupted during {stage}; {kept} is in {run_dir}: {then}")
 
 
