@@ -3,8 +3,8 @@
 ``.pt``-style files are read with ``torch.load(weights_only=True)``: tensors and plain containers
 only, never pickled code. A checkpoint dict that holds the state dict under ``state_dict``,
 ``model_state_dict`` or ``model`` (with other entries such as ``epoch`` beside it) is unwrapped; the
-``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) key prefixes are removed when the
-model's own names do not carry them, and tied weights saved once (safetensors' ``save_model``) fill
+``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) key prefixes, and a first name every
+key shares (a LightningModule's ``model.``), are removed when the model's own names do not carry them, and tied weights saved once (safetensors' ``save_model``) fill
 every name that shares them.
 """
 from __future__ import annotations
@@ -73,13 +73,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _fitted(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` with the wrappers' key prefixes removed (``module.`` of DataParallel, ``_orig_mod.`` of
-    torch.compile, nested too) as far as that names the model's keys (a model whose own submodule is
+    torch.compile, a first name all keys share such as a LightningModule's ``model.``, nested too) as
+    far as that names the model's keys (a model whose own submodule is
     called ``module`` keeps its names), and with tied weights saved once
     (``self.b.weight = self.a.weight`` written by safetensors' ``save_model`` under one name) under
     each name that shares them."""
     candidates = [state]  # each wrapper prefix peeled off in turn; the one naming most of the model's keys wins
     while True:
         prefix = next((p for p in PREFIXES if candidates[-1] and all(k.startswith(p) for k in candidates[-1])), None)
+        if prefix is None:
+            # any first name that every key shares: a LightningModule's ``model.`` (its checkpoint's
+            # state_dict names the wrapped net's keys so), ``net.``, ``backbone.``
+            first = {k.split(".", 1)[0] + "." if "." in k else "" for k in candidates[-1]}
+            prefix = first.pop() if len(first) == 1 and "" not in first and len(candidates) <= 4 else None
         if prefix is None:
             break
         candidates.append({k[len(prefix):]: v for k, v in candidates[-1].items()})

@@ -42,11 +42,14 @@ def _save(state: dict[str, torch.Tensor], how: str) -> Path:
     if how == "dataparallel":
         torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, "dp.pt")
         return Path("dp.pt")
+    if how == "lightning":  # a LightningModule's checkpoint names its wrapped net `model`
+        torch.save({"epoch": 3, "state_dict": {f"model.{k}": v for k, v in state.items()}}, "last.ckpt")
+        return Path("last.ckpt")
     save_file({k: v.contiguous() for k, v in state.items()}, "w.safetensors")
     return Path("w.safetensors")
 
 
-@pytest.mark.parametrize("how", ["pt", "checkpoint", "dataparallel", "safetensors"])
+@pytest.mark.parametrize("how", ["pt", "checkpoint", "dataparallel", "lightning", "safetensors"])
 def test_transform_weights_masks_the_users_weights(trained, how):
     path = _save(trained, how)
     assert_ok(invoke("transform", "zoo:lenet5", "--density", "0.1", "--weights", path, "--out", "runs/w"))
