@@ -606,6 +606,17 @@ def at_chance(acc: float, num_classes: int, n: int) -> bool:
     return binomtest(round(acc * n), n, 1.0 / num_classes, alternative="greater").pvalue >= CHANCE_P
 
 
+def below_chance(acc: float, num_classes: int, n: int) -> bool:
+    """True when accuracy ``acc`` on ``n`` examples is significantly below guessing 1 of
+    ``num_classes`` (the exact binomial test, one-sided, at ``CHANCE_P``): labels that contradict
+    what the model learned, not a model that learned nothing."""
+    if not math.isfinite(acc) or n <= 0 or num_classes < 2:
+        return False
+    from scipy.stats import binomtest
+
+    return binomtest(round(acc * n), n, 1.0 / num_classes, alternative="less").pvalue < CHANCE_P
+
+
 def too_few_to_tell(num_classes: int, n: int) -> bool:
     """True when even a perfect score on ``n`` examples would not be significantly above chance."""
     return num_classes >= 2 and 0 < n and at_chance(1.0, num_classes, n)
@@ -866,6 +877,17 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
             # well above the guessing rate, but on too few images to be sure: not "did not learn"
             warnings.append(f"test accuracy {test_acc:.1%} on {len(data.test)} test examples cannot be told from "
                             f"chance ({1 / data.num_classes:.1%}): too few to measure; test on more examples")
+        elif below_chance(test_acc, data.num_classes, len(data.test)):
+            # 0% on four balanced classes: test labels shifted by one, not a learning rate
+            warnings.append(f"test accuracy {test_acc:.1%} is far below chance ({1 / data.num_classes:.1%}): the "
+                            f"model learned something the test labels contradict; check that the test split's "
+                            f"labels (and class order) match the training split's")
+        elif len(data.val) and not at_chance(last.get("val_acc", float("nan")), data.num_classes, len(data.val)):
+            # validation 100%, test 21%: the test inputs were on another scale, not a failed training
+            warnings.append(f"test accuracy {test_acc:.1%} is at chance while validation accuracy is "
+                            f"{last['val_acc']:.1%}: the model learned, and the test split differs from the "
+                            f"training data; check that its inputs are preprocessed (scaled, typed) and labelled "
+                            f"as the training split's")
         else:
             warnings.append(f"test accuracy {test_acc:.1%} is at chance: the model did not learn; retry with "
                             f"--force --lr {cfg.learning_rate / 10:g}, or more --epochs")

@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -199,3 +200,30 @@ def test_recalibrate_bn_estimates_the_layers_after_a_frozen_one_on_what_they_see
     with torch.no_grad():
         z = model[:4](x)
     assert z.mean(dim=(0, 2, 3)).abs().max() < 0.05 and (z.var(dim=(0, 2, 3)) - 1).abs().max() < 0.05
+
+
+def test_test_accuracy_at_or_below_chance_names_the_test_split_when_the_model_learned(tmp_path):
+    # "at chance: the model did not learn; retry with --lr ..." for a model at 100% on validation whose
+    # test split was on another scale, and for 0% on shifted test labels (far below chance)
+    from sparsify.train import train_run
+    from sparsify.train.trainer import below_chance
+
+    assert below_chance(0.0, 4, 40) and not below_chance(0.25, 4, 40) and not below_chance(0.0, 4, 2)
+    rng = np.random.default_rng(0)
+
+    def images(n):
+        y = rng.integers(0, 4, n)
+        return (y[:, None, None, None] * 60 + 20 + rng.normal(0, 3, (n, 1, 28, 28))).clip(0, 255).astype(np.uint8), y
+
+    x, y = images(400)
+    xt, yt = images(80)
+    run = tmp_path / "run"
+    transform_to_dir("zoo:mlp", "none", model_args={"hidden": [16]}, out=run)
+    cases = {"shifted": dict(x_test=xt, y_test=(yt + 1) % 4), "rescaled": dict(x_test=xt / 255.0, y_test=yt)}
+    for name, test in cases.items():
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y, **test)
+        result = train_run(run, force=True, data=str(tmp_path / f"{name}.npz"), epochs=12, batch_size=32)
+        assert result["val_acc"] > 0.9, result
+        (warning,) = [w for w in result["warnings"] if "test accuracy" in w]
+        want = "far below chance" if name == "shifted" else "the test split differs from the training data"
+        assert want in warning and "--lr" not in warning, warning
