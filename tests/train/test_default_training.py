@@ -134,7 +134,7 @@ def test_divergence_keeps_completed_epochs_and_says_what_to_do(made_run, tmp_pat
     message = str(e.value)
     assert needle in message and "\n" not in message
     assert "weights.safetensors and metrics.jsonl hold epoch 1" in message
-    assert f"sparsify train {run} --force --lr 0.01" in message
+    assert f"sparsify train {run} --force --epochs 3 --lr 0.01 --train-limit 300" in message  # its own options
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics if m["event"] == "epoch"] == [1]
     assert metrics[0]["event"] == "start" and metrics[-1]["event"] == "diverged" and metrics[-1]["epoch"] == 2
