@@ -48,6 +48,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own types for damaged files
             raise ModelLoadError(f"--weights {path} is not a readable safetensors file ({e}); save it again") from None
     else:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+        if magic[:2] != b"PK" and magic[:1] != b"\x80":  # torch.save writes a zip archive (older: a pickle)
+            raise ModelLoadError(f"--weights {path} is not a file torch.save wrote (nor .safetensors); give the "
+                                 f"file of torch.save(model.state_dict(), path)")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # UnpicklingError for code, RuntimeError/EOFError for damaged files

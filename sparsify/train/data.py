@@ -57,6 +57,7 @@ TEST_SPLIT_SEED = 20190711
 TEST_FRACTION = 0.1        # held out as the test split of a user's set that has none
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 # folder names that mean a split of a data set, not a class (``_check_class_folders``)
+ARCHIVE_FOLDERS = ("__MACOSX",)  # folders archivers add beside the class folders, never classes
 SPLIT_NAMES = ("train", "training", "test", "testing", "val", "valid", "validation", "dev", "eval")
 STATS_SAMPLE = 256         # images decoded to estimate a folder's per-channel mean and std
 
@@ -819,7 +820,8 @@ def _load_folder(root: Path, shape: tuple[int, int, int] | None, num_classes: in
         raise DataError(f"the model takes {c}-channel images; image folders give 1 (grey) or 3 (RGB) channels")
     train_root, splits = _split_dirs(root)
     test_dir = root / splits[0] if splits else None
-    classes, samples = _scan(train_root, exclude=() if train_root != root else splits)
+    # a zip made on macOS unpacks a __MACOSX/ folder of resource forks beside the classes: no class
+    classes, samples = _scan(train_root, exclude=(*ARCHIVE_FOLDERS, *(() if train_root != root else splits)))
     if not samples:
         raise DataError(f"--data {root}: no images in class subfolders (expected {train_root}/<class>/<image>, "
                         f"extensions {', '.join(IMAGE_EXTENSIONS)})")
@@ -834,7 +836,7 @@ def _load_folder(root: Path, shape: tuple[int, int, int] | None, num_classes: in
     files = [f for f, _ in samples]
     labels = torch.tensor([y for _, y in samples], dtype=torch.int64)
     if test_dir is not None:
-        test_classes, test_samples = _scan(test_dir)
+        test_classes, test_samples = _scan(test_dir, exclude=ARCHIVE_FOLDERS)
         if test_classes != classes:
             raise _split_classes_differ(test_dir, test_classes, train_root, classes)
         test_files = [f for f, _ in test_samples]
@@ -854,8 +856,12 @@ def _load_folder(root: Path, shape: tuple[int, int, int] | None, num_classes: in
     if train_limit is not None:
         tr_idx = tr_idx[:train_limit]
     w0, h0 = _first_size(files[int(tr_idx[0])]) if len(tr_idx) else (0, 0)
-    notes.append(f"{root}: images (e.g. {w0}x{h0}) are resized to the model's {shape[1]}x{shape[2]} (shorter "
-                 f"side, then centre crop){' and converted to grey' if c == 1 else ''}; decoded per batch")
+    if (h0, w0) == (shape[1], shape[2]):  # "resized to the model's 16x16" for 16x16 images said nothing true
+        notes.append(f"{root}: images (e.g. {w0}x{h0}) are the model's size (others are resized: shorter side, then "
+                     f"centre crop){'; converted to grey' if c == 1 else ''}; decoded per batch")
+    else:
+        notes.append(f"{root}: images (e.g. {w0}x{h0}) are resized to the model's {shape[2]}x{shape[1]} (shorter "
+                     f"side, then centre crop){' and converted to grey' if c == 1 else ''}; decoded per batch")
     # every file that training, validation or the test will read opens as an image: a damaged one
     # in the test split was found only after the last epoch
     _check_images([files[int(i)] for i in tr_idx] + [files[int(i)] for i in val_idx] + test_files)

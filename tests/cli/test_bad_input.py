@@ -315,6 +315,10 @@ def test_weights_that_do_not_fit(tmp_path):
     torch.save(zoo.get("lenet5").build(), "pickled.pt")  # a whole module: pickled code, refused
     assert_one_error_line(invoke("transform", "zoo:lenet5", "--density", "0.1", "--weights", "pickled.pt",
                                  "--out", "W"), "pickled", nothing_at=(Path("W"),))
+    Path("notes.pt").write_text("hello, these are not weights\n")  # was called "pickled objects"
+    line = assert_one_error_line(invoke("transform", "zoo:lenet5", "--density", "0.1", "--weights", "notes.pt",
+                                        "--out", "W"), "is not a file torch.save wrote", nothing_at=(Path("W"),))
+    assert "pickled" not in line
     torch.save({"epoch": 3, "optimizer": {}}, "no-weights.pt")
     assert_one_error_line(invoke("transform", "zoo:lenet5", "--density", "0.1", "--weights", "no-weights.pt",
                                  "--out", "W"), "not a state dict", nothing_at=(Path("W"),))

@@ -521,3 +521,14 @@ def test_numbered_class_folders_note_their_text_order(tmp_path):
     for c in range(3, 10):  # 0 .. 9: text order is numeric order, no note
         shutil.rmtree(root / str(c + 2))
     assert not [n for n in load_dataset(str(root), (1, 3, 8, 8)).notes if "text order" in n]
+
+
+def test_an_archivers_macos_folder_is_no_class_and_same_size_images_are_not_said_resized(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=4, size=(8, 8))
+    (root / "__MACOSX" / "class0").mkdir(parents=True)  # a zip made on macOS unpacks this beside the classes
+    Image.new("RGB", (8, 8)).save(root / "__MACOSX" / "class0" / "._0.png")
+    b = load_dataset(str(root), (1, 3, 8, 8))
+    assert b.class_names == ["class0", "class1", "class2"]
+    (note,) = [n for n in b.notes if "images (e.g." in n]
+    assert "are the model's size" in note and "resized to the model's" not in note, note
+    assert any("resized to the model's 6x6" in n for n in load_dataset(str(root), (1, 3, 6, 6)).notes)
