@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -147,7 +148,7 @@ def study(
     trained = result.done + result.diverged - result.skipped
     out.print(f"study {result.study_dir}: {result.total} runs ({result.skipped} already finished, {trained} trained "
               f"now, {result.diverged} diverged) in {_fmt_time(result.wall_s)}; "
-              f"compare them with `sparsify compare {result.study_dir}`", highlight=False)
+              f"compare them with `{shlex.join(['sparsify', 'compare', str(result.study_dir)])}`", highlight=False)
 
 
 def _pm(mean: float | None, sem: float | None) -> str:
