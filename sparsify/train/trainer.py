@@ -484,8 +484,18 @@ def _check_same_data(state: dict[str, Any], data: DataBundle) -> None:
         what = {"splits": "train / val / test sizes", "classes": "class names", "normalization": "input normalisation"}
         k = changed[0]
 
+        texts = [v.get("text") if isinstance(v, dict) else None for v in (saved.get(k), now[k])]
+        by_mean = k == "normalization" and texts[0] is not None and texts[0] == texts[1]
+
         def shown(v: Any) -> str:
-            return v["text"] if k == "normalization" and isinstance(v, dict) else str(v)
+            if k != "normalization" or not isinstance(v, dict):
+                return str(v)
+            if not by_mean:
+                return v["text"]
+            # per channel the formula read the same both times ("(x - mean[c]) / std[c] ... then, (x -
+            # mean[c]) / std[c] ... now"): the statistics are what differ
+            mean = v.get("mean", [])
+            return f"per-channel mean [{', '.join(f'{x:.4g}' for x in mean[:4])}{', ...' if len(mean) > 4 else ''}]"
 
         raise TrainingError(f"--resume: {data.name} is not the data the checkpoint trained on ({what[k]} "
                             f"{shown(saved.get(k))} then, {shown(now[k])} now); resume with the same data or "

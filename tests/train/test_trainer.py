@@ -371,3 +371,25 @@ def test_a_sigmoid_head_is_trained_as_logits_with_a_note():
         kind = detect_model_output(_ScoresNet(head), digits.train, 100, (1, 1, 8, 8), Reducer(), notes)
         assert kind == ("probabilities" if isinstance(head, torch.nn.Softmax) else "logits")
         assert bool(notes) == noted and (not noted or "drop the final sigmoid" in notes[0]), notes
+
+
+def test_a_resume_on_other_per_channel_statistics_names_them():
+    # the refusal read "(x - mean[c]) / std[c] ... then, (x - mean[c]) / std[c] ... now": per channel
+    # the formula is the same text, so the means are shown instead
+    import json
+    from types import SimpleNamespace
+
+    from sparsify.errors import TrainingError
+    from sparsify.train.data import input_normalization
+    from sparsify.train.trainer import _check_same_data, data_identity
+
+    def bundle(mean):
+        norm = input_normalization(torch.tensor(mean), torch.ones(3), "pixels scaled to [0, 1]")
+        return SimpleNamespace(name="imgs", train=[0] * 8, val=[0] * 2, test=[0] * 2, class_names=["a", "b"],
+                               normalization=norm)
+
+    state = {"data": json.dumps(data_identity(bundle([0.5, 0.4, 0.3])))}
+    _check_same_data(state, bundle([0.5, 0.4, 0.3]))
+    with pytest.raises(TrainingError) as e:
+        _check_same_data(state, bundle([0.5, 0.4, 0.31]))
+    assert "per-channel mean [0.5, 0.4, 0.3] then, per-channel mean [0.5, 0.4, 0.31] now" in str(e.value), str(e.value)
