@@ -26,6 +26,7 @@ whether the exporter writes such a conv as a SparseConv next to SparseConvs
     python benchmarks/bench_kernel.py --set large --threads 1 --no-sweep --cpu-clock
     python benchmarks/bench_kernel.py --only 1x1 --densities 0.1
     python benchmarks/bench_kernel.py --set depthwise --threads 1 --batches 1 8
+    python benchmarks/bench_kernel.py --set stems --threads 1 --no-sweep --cpu-clock
     python benchmarks/bench_kernel.py --quick            # CI smoke: fewer shapes and repetitions
     python benchmarks/bench_kernel.py --json out.json
 """
@@ -91,7 +92,13 @@ LARGE = [Layer(64, 64, hw=56), Layer(128, 128, hw=28), Layer(256, 256, hw=14), L
 DEPTHWISE = [(32, 3, 1, 112), (96, 3, 2, 112), (144, 3, 1, 56), (144, 3, 2, 56), (192, 3, 1, 28), (192, 3, 2, 28),
              (384, 3, 1, 14), (576, 3, 1, 14), (960, 3, 1, 7), (240, 5, 2, 56), (240, 5, 1, 28), (480, 5, 1, 14),
              (672, 5, 2, 14), (1152, 5, 1, 7)]
-SETS = {"small": (SMALL, (1, 16)), "large": (LARGE, (1, 8))}  # layers and default batch sizes
+# Stems: strided convs on the 3 input channels of an image, whose densities can only be 1/3 or 2/3
+# (one or two input channels per output channel): ResNet's and DenseNet's 7x7/s2, MobileNetV2's
+# and EfficientNet-B0's 3x3/s2. Their channels repeat a few fan-ins, which the kernel regroups into
+# blocks of four.
+STEMS = [Layer(3, 64, 7, 2, 224), Layer(3, 32, 3, 2, 224)]
+STEM_DENSITIES = (1 / 3, 2 / 3)
+SETS = {"small": (SMALL, (1, 16)), "large": (LARGE, (1, 8)), "stems": (STEMS, (1, 8))}  # layers, default batch sizes
 QUICK = [SMALL[0], SMALL[2], LARGE[5], LARGE[13]]
 DENSITIES = (0.1, 0.5)
 SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -263,11 +270,13 @@ def crossover(lay: Layer, n: int, threads: int, reps: int, min_sample_s: float,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (CI smoke)")
-    ap.add_argument("--set", choices=["small", "large", "all", "depthwise"], default="all",
+    ap.add_argument("--set", choices=["small", "large", "all", "depthwise", "stems"], default="all",
                     help="layer set: small (CIFAR-size 3x3), large (224x224 ResNet shapes), all (default: both), "
-                         "depthwise (MobileNetV2 / EfficientNet-B0 depthwise convs: native path vs ORT's)")
+                         "depthwise (MobileNetV2 / EfficientNet-B0 depthwise convs: native path vs ORT's), stems "
+                         "(7x7/s2 and 3x3/s2 on 3 input channels, densities 1/3 and 2/3)")
     ap.add_argument("--only", default=None, help="only layers whose label contains one of these comma-separated strings")
-    ap.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES), help="densities (default 0.1 0.5)")
+    ap.add_argument("--densities", type=float, nargs="+", default=None,
+                    help="densities (default 0.1 0.5; stems 1/3 2/3)")
     ap.add_argument("--reps", type=int, default=None, help="timed samples per session (default 11, quick 3)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the crossover density sweep")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts (default 1 2)")
@@ -285,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if not inf["loadable"]:
         print(f"native kernel not available: {inf['reason']}", file=sys.stderr)
         return 2
+    if args.densities is None:
+        args.densities = list(STEM_DENSITIES if args.set == "stems" else DENSITIES)
     reps = args.reps or (3 if args.quick else 11)
     min_sample_s = 0.002 if args.quick else 0.01
     if args.set == "depthwise":
