@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import UsageError
+from ..errors import UsageError, name_list
 from ..report import param_counts
 from ..rundir import RECIPE, SUMMARY, is_run_dir, read_recipe
 from .worker import JOB, STATUS
@@ -298,7 +298,7 @@ def _repeated_seed(members: Sequence[RunRecord]) -> str | None:
             by_seed.setdefault(r.seed, []).append(r.path)
     for seed, paths in by_seed.items():
         if len(paths) > 1:
-            return (f"runs {', '.join(paths)} of {members[0].arm} share seed {seed} (the training's --seed), so "
+            return (f"runs {name_list(paths)} of {members[0].arm} share seed {seed} (the training's --seed), so "
                     f"they cannot be paired by seed: train each with its own --seed")
     return None
 
