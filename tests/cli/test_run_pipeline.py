@@ -25,7 +25,11 @@ def test_run_that_fails_midway_leaves_no_run_dir(tmp_path):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
 
 
+# heavy (38 s, the longest of CI's slow tests): the README's first command, which every session
+# runs from a fresh clone and venv before it stops; the pipeline's parts are tested in CI
+# (tests/test_pipeline.py, and the run tests beside this one)
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_run_default_pipeline_leaves_run_dir_onnx_and_bench(tmp_path):
     out = tmp_path / "lenet"
     r = CliRunner().invoke(app, ["run", "--out", str(out), "--min-time", "0.05", "-q"])

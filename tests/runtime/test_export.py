@@ -223,8 +223,9 @@ def _zoo_cases() -> list[tuple[str, str]]:
     # and the compaction certificate): their SparseConv and their resized-dense export stand for
     # the four (psn writes the same op as sparse-random, none the same Conv as the depth
     # multiplier; the small nets keep all four), keeping CI within its budget; MobileNetV2's two
-    # are heavy (depthwise blocks are in CI through the coverage models and its transform tests)
-    large = ("mobilenetv2", "vgg16n", "resnet20")
+    # are heavy (depthwise blocks are in CI through the coverage models and its transform tests);
+    # Inception-mini's two stand for its four too (its Concats are in both)
+    large = ("mobilenetv2", "vgg16n", "resnet20", "inception-mini")
     return [(n, m) for n in zoo.names() if zoo.get(n).dataset != "imagenet"
             for m in ("none", "sparse-random", "psn", "depth-multiplier")
             if n not in large or m in ("sparse-random", "depth-multiplier")]

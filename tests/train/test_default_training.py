@@ -36,7 +36,9 @@ def _train_defaults(model, method: str, epochs: int, input_shape=None, **kw) -> 
     return fit(result.model, data, TrainConfig(epochs=epochs), model_input=shape)
 
 
-@pytest.mark.parametrize("method", ["none", "sparse-random"])
+# the dense ("none") variants of these three are heavy, for CI's 15 minutes: the sparse ones are what
+# users train, and the same defaults train both
+@pytest.mark.parametrize("method", [pytest.param("none", marks=pytest.mark.heavy), "sparse-random"])
 def test_user_style_residual_cnn_learns_with_defaults(method):
     # examples/small_cnn.py: conv-bn-relu blocks, one residual add, flatten -> linear. Sparse at 0.1
     # it stayed at chance (8.9%) with the old defaults (no warm-up, no clipping).
@@ -45,13 +47,13 @@ def test_user_style_residual_cnn_learns_with_defaults(method):
     assert out["warnings"] == []
 
 
-@pytest.mark.parametrize("method", ["none", "sparse-random"])
+@pytest.mark.parametrize("method", [pytest.param("none", marks=pytest.mark.heavy), "sparse-random"])
 def test_plain_cnn_without_batchnorm_learns_with_defaults(method):
     out = _train_defaults(PLAIN_CNN, method, epochs=4)
     assert out["test_acc"] > 0.8, out["test_acc"]
 
 
-@pytest.mark.parametrize("method", ["none", "sparse-random"])
+@pytest.mark.parametrize("method", [pytest.param("none", marks=pytest.mark.heavy), "sparse-random"])
 def test_lenet5_learns_with_defaults(method):
     assert _train_defaults("zoo:lenet5", method, epochs=4)["test_acc"] > 0.8
 
