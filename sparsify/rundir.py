@@ -199,7 +199,9 @@ def summary_note(path: str | Path) -> str | None:
         raw = json.loads(file.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         raw = None
-    if isinstance(raw, dict) and set(_usable_sections(dict(raw))) == set(raw):  # no section dropped as damaged
+    # no section dropped as damaged, and the per-layer report every stage writes is there ({} said
+    # nothing: the note on how training normalised the inputs went without a word)
+    if isinstance(raw, dict) and set(_usable_sections(dict(raw))) == set(raw) and "layers" in raw:
         return None
     return (f"{file} is damaged, so what it records is unknown here (the ratios to the original model, how "
             f"training normalised the inputs): feed the model inputs prepared as in its training")

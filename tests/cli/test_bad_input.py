@@ -162,7 +162,7 @@ def test_recipe_with_valid_json_of_the_wrong_types(run, recipe):
     assert (run / "weights.safetensors").read_bytes() == before and not (run / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("summary", ["[1, 2]", '{"original_totals": "x", "train": 5}'])
+@pytest.mark.parametrize("summary", ["[1, 2]", '{"original_totals": "x", "train": 5}', "{}"])
 def test_damaged_summaries_read_as_what_they_still_hold_and_are_noted(run, summary):
     from sparsify.rundir import read_summary, summary_note
 
