@@ -75,6 +75,7 @@ def test_depth_equivalent_is_the_nearest_count_and_transforms_once(monkeypatch):
     assert abs(n - target) <= min(abs(c - target) for c in grid)  # no alpha on a fine grid comes nearer
 
 
+@pytest.mark.heavy  # 14 s: kept out of CI's 15 minutes (export_variants itself runs in the other pipeline tests)
 def test_export_variants_loads_the_run_once(tmp_path, monkeypatch):
     from sparsify import api, rundir
 

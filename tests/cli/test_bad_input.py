@@ -254,6 +254,7 @@ def test_bench_of_two_run_directories_says_one_run(run):
     assert "not both" not in line
 
 
+@pytest.mark.heavy  # 12 s: kept out of CI's 15 minutes
 def test_bench_of_a_run_does_not_compare_the_depth_models_outputs(run):
     """The depth variant is another model: no output difference is shown for it (it read 1e+00, like
     a wrong export); the compacted and sparse exports are still compared with the dense one."""

@@ -44,6 +44,7 @@ def test_cases_get_a_grey_variant_one_shape_per_input_and_conv_leaves(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # 10 s: kept out of CI's 15 minutes (the script's checks run on the coverage models beside it)
 def test_one_zoo_model_passes_every_check(capsys):
     assert _script().main(["--no-cases", "--only", "lenet5"]) == 0
     out = capsys.readouterr().out
