@@ -4,8 +4,8 @@
 only, never pickled code. A checkpoint dict that holds the state dict under ``state_dict``,
 ``model_state_dict`` or ``model`` (with other entries such as ``epoch`` beside it) is unwrapped; the
 ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) key prefixes, and a first name every
-key shares (a LightningModule's ``model.``), are removed when the model's own names do not carry them, and tied weights saved once (safetensors' ``save_model``) fill
-every name that shares them.
+key shares (a LightningModule's ``model.``), are removed when the model's own names do not carry
+them, and tied weights saved once (safetensors' ``save_model``) fill every name that shares them.
 """
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ def shared_fan_in_share(live: np.ndarray, group: int = 1, regroup: bool = False)
             rows = live[g0:g0 + per_group]
             _, counts = np.unique(rows[rows.any(axis=1)], axis=0, return_counts=True)
             covered += int((counts // FAN_IN_BLOCK).sum()) * FAN_IN_BLOCK
-        return max(covered / cout, shared_fan_in_share(live, group))
+        return covered / cout  # never below the runs in the node's order: every such run is one row's
     o = np.arange(cout - 1)
     joins = (np.all(live[:-1] == live[1:], axis=1) & live[:-1].any(axis=1) & ((o + 1) % per_group != 0))
     covered = o_at = 0

@@ -156,7 +156,8 @@ class TrainConfig:
         defaults = TrainConfig(schedule=self.schedule).to_dict()
         args: list[str] = []
         for name, value in self.to_dict().items():
-            if name in self._NOT_FLAGS or value == defaults.get(name, object()) or (value is None and name != "clip_grad_norm"):
+            at_default = value == defaults.get(name, object())
+            if name in self._NOT_FLAGS or at_default or (value is None and name != "clip_grad_norm"):
                 continue
             if isinstance(value, bool):
                 args.append(flag(name) if value else flag(f"no_{name}"))
