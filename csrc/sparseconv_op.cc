@@ -713,18 +713,31 @@ std::shared_ptr<const std::vector<int32_t>> shared_runs(const Kernel& k, const G
   return same;
 }
 
+// The steps of the kernels' walk over output channels from 0, in order: f(o, true) where channels
+// o .. o + kFanInBlock - 1 run as one shared-fan-in block (same[o] >= kFanInBlock), f(o, false)
+// for a channel run alone. interleave_blocks, channels_in_blocks and snap_to_blocks all follow it.
+template <class F>
+void walk_fan_in_blocks(const int32_t* same, int64_t cout, F&& f) {
+  constexpr int64_t B = sparsify_conv::kFanInBlock;
+  for (int64_t o = 0; o < cout;) {
+    const bool block = same[o] >= B;
+    f(o, block);
+    o += block ? B : 1;
+  }
+}
+
 // W with the rows of every shared-fan-in block interleaved: entry k of channel o + r at
 // row_ptr[o] + kFanInBlock * k + r (PwArgs::wi). Blocks start where the kernels' walk from channel
 // 0 puts them (snap_to_blocks keeps task ranges on those starts).
 std::vector<float> interleave_blocks(const Geom& g, const float* W, const int64_t* row_ptr, const int32_t* same) {
   constexpr int64_t B = sparsify_conv::kFanInBlock;
   std::vector<float> wi(W, W + row_ptr[g.Cout]);
-  for (int64_t o = 0; o < g.Cout; o += same[o] >= B ? B : 1) {
-    if (same[o] < B) continue;
+  walk_fan_in_blocks(same, g.Cout, [&](int64_t o, bool block) {
+    if (!block) return;
     const int64_t s = row_ptr[o], cnt = row_ptr[o + 1] - s;
     for (int64_t r = 0; r < B; ++r)
       for (int64_t q = 0; q < cnt; ++q) wi[size_t(s + B * q + r)] = W[s + r * cnt + q];
-  }
+  });
   return wi;
 }
 
@@ -752,9 +765,9 @@ struct RegroupLayout {
 
 // Channels in kFanInBlock runs as the kernels walk them (same_fan_in; empty: none).
 int64_t channels_in_blocks(const std::vector<int32_t>& same) {
-  constexpr int64_t B = sparsify_conv::kFanInBlock;
   int64_t covered = 0;
-  for (size_t o = 0; o < same.size(); o += same[o] >= B ? B : 1) covered += same[o] >= B ? B : 0;
+  walk_fan_in_blocks(same.data(), int64_t(same.size()),
+                     [&](int64_t, bool block) { covered += block ? sparsify_conv::kFanInBlock : 0; });
   return covered;
 }
 
@@ -799,9 +812,8 @@ std::shared_ptr<const RegroupLayout> regroup_layout(const Kernel& k, const Geom&
 // Moves each inner boundary of blocks of output channels forward to where a block of the kernels'
 // walk from channel 0 starts, so that no thread's range splits a shared-fan-in block.
 void snap_to_blocks(std::vector<int64_t>& bounds, const int32_t* same, int64_t cout) {
-  constexpr int64_t B = sparsify_conv::kFanInBlock;
   std::vector<char> starts(size_t(cout) + 1, 0);
-  for (int64_t o = 0; o < cout; o += same[o] >= B ? B : 1) starts[size_t(o)] = 1;
+  walk_fan_in_blocks(same, cout, [&](int64_t o, bool) { starts[size_t(o)] = 1; });
   starts[size_t(cout)] = 1;
   for (size_t b = 1; b + 1 < bounds.size(); ++b) {
     int64_t o = std::max(bounds[b], bounds[b - 1]);
