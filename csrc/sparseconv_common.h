@@ -144,6 +144,10 @@ struct KernelFns {
   bool (*compute_block)(const Geom& g, const Plan& p, const float* xp_n, float* const* y, const float* const* w_rows,
                         const int64_t* cols, int64_t cnt, const float* bias, int64_t cin_base, int64_t row0,
                         int64_t row1);
+  // One plane of a 2-D max pool (ONNX MaxPool, ceil_mode 0, dilations 1): y [Ho, Wo] from
+  // x [H, W], windows kh x kw at strides sh, sw, top / left pads pt, pl.
+  void (*max_pool_plane)(const float* x, float* y, int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh,
+                         int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pl);
 };
 
 const KernelFns* base_kernels();

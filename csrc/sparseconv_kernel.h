@@ -1796,8 +1796,82 @@ void epilogue(float* __restrict y, const float* __restrict z, int64_t n, const E
   for (; i < n; ++i) y[i] = epilogue_one(y[i], z, i, e);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Max pool after the conv (a fused MaxPool: the stem's 3x3/s2 in ResNets and DenseNets).
+
+// Floats of the row buffers below; wider rows take the scalar loop.
+constexpr int64_t kPoolRow = 4096;
+
+// One plane of ONNX MaxPool (ceil_mode 0, dilations 1): y [Ho, Wo] from x [H, W], windows kh x kw
+// at strides sh, sw, top / left pads pt, pl (padding never wins). Each output row takes the
+// elementwise max of its window's input rows (vectors), then the max over kw columns at stride sw
+// of that row, read from a copy with -inf in the pads (split into even and odd columns for sw = 2,
+// so that every tap is one vector load). ORT ran the stem's pool in its blocked layout, behind a
+// reorder of the SparseConv's whole output.
+void max_pool_plane(const float* __restrict x, float* __restrict y, int64_t H, int64_t W, int64_t Ho,
+                    int64_t Wo, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+  const float ninf = -__builtin_inff();
+  const int64_t wpad = (Wo - 1) * sw + kw;  // padded columns the windows read
+  if ((sw != 1 && sw != 2) || wpad + pl + W + 4 * VL > kPoolRow) {
+    for (int64_t q = 0; q < Ho; ++q)
+      for (int64_t c = 0; c < Wo; ++c) {
+        float m = ninf;
+        for (int64_t r = q * sh - pt; r < q * sh - pt + kh; ++r)
+          for (int64_t i = c * sw - pl; i < c * sw - pl + kw; ++i)
+            if (r >= 0 && r < H && i >= 0 && i < W && !(x[r * W + i] <= m)) m = x[r * W + i];
+        y[q * Wo + c] = m;
+      }
+    return;
+  }
+  alignas(64) float vb[kPoolRow];
+  alignas(64) float ph[2][kPoolRow / 2];
+  const int64_t filled = wpad + 2 * VL > pl + W ? wpad + 2 * VL : pl + W;  // vb columns written
+  for (int64_t c = 0; c < pl; ++c) vb[c] = ninf;
+  for (int64_t c = pl + W; c < filled + 2 * VL; ++c) vb[c] = ninf;
+  for (int64_t q = 0; q < Ho; ++q) {
+    const int64_t r0 = q * sh - pt > 0 ? q * sh - pt : 0;
+    const int64_t r1 = q * sh - pt + kh < H ? q * sh - pt + kh : H;
+    float* row = vb + pl;
+    int64_t c = 0;
+    for (; c + VL <= W; c += VL) {
+      vf m = loadu(x + r0 * W + c);
+      for (int64_t r = r0 + 1; r < r1; ++r) {
+        const vf v = loadu(x + r * W + c);
+        m = v > m ? v : m;
+      }
+      storeu(row + c, m);
+    }
+    for (; c < W; ++c) {
+      float m = x[r0 * W + c];
+      for (int64_t r = r0 + 1; r < r1; ++r) m = x[r * W + c] > m ? x[r * W + c] : m;
+      row[c] = m;
+    }
+    const float* src[2] = {vb, vb};
+    if (sw == 2) {
+      for (int64_t i = 0; 2 * i < filled; i += VL) {
+        const vf a = loadu(vb + 2 * i), b = loadu(vb + 2 * i + VL);
+        storeu(ph[0] + i, __builtin_shuffle(a, b, kEven));
+        storeu(ph[1] + i, __builtin_shuffle(a, b, kEven + 1));
+      }
+      src[0] = ph[0], src[1] = ph[1];
+    }
+    float* out = y + q * Wo;
+    for (int64_t o = 0; o < Wo; o += VL) {
+      // Tap t of output column o + lane reads padded column sw * (o + lane) + t.
+      vf m = loadu(src[0] + o);
+      for (int64_t t = 1; t < kw; ++t) {
+        const vf v = sw == 2 ? loadu(src[t % 2] + o + t / 2) : loadu(vb + o + t);
+        m = v > m ? v : m;
+      }
+      if (o + VL <= Wo) storeu(out + o, m);
+      else store_first(out + o, m, Wo - o);
+    }
+  }
+}
+
 const KernelFns kFns = {SPARSIFY_ISA_NAME, &make_plan,       &pad_channel, &compute_channel, kCscBlock,
-                        &epilogue,        &pointwise_block, &im2col,   &scale_shift_relu, &compute_block};
+                        &epilogue,        &pointwise_block, &im2col,   &scale_shift_relu, &compute_block,
+                        &max_pool_plane};
 
 }  // namespace
 }  // namespace SPARSIFY_ISA_NS

@@ -169,6 +169,9 @@ struct Kernel {
   // X the channel concatenation of input 0 and inputs 7.. (if any).
   bool pre = false;
   float lo = 0.0f, hi = std::numeric_limits<float>::infinity();
+  // A MaxPool after the conv (its pool_* attributes; empty pool_kernel: none): the op's output is
+  // the pooled conv output (ONNX MaxPool with ceil_mode 0, dilations 1).
+  std::vector<int64_t> pool_kernel, pool_strides{1, 1}, pool_pads{0, 0, 0, 0};
   mutable std::atomic<int64_t> validated_cpg{-1};
   // The by-input-channel copy of constant weights (kSmall3 planes of whole vectors), built on
   // the first call that needs it.
@@ -263,6 +266,15 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, cons
     }
     if (g < 1) st = invalid("attribute group=" + std::to_string(g) + " must be >= 1");
     k->group = g;
+  }
+  if (st == nullptr) st = read_ints(info, "pool_kernel_shape", 2, 1, &k->pool_kernel);
+  if (st == nullptr && !k->pool_kernel.empty()) {
+    st = read_ints(info, "pool_strides", 2, 1, &k->pool_strides);
+    if (st == nullptr) st = read_ints(info, "pool_pads", 4, 0, &k->pool_pads);
+    for (int i = 0; st == nullptr && i < 4; ++i)
+      if (k->pool_pads[size_t(i)] >= k->pool_kernel[size_t(i % 2)])
+        st = invalid("attribute pool_pads=" + str(k->pool_pads) + " must be smaller than pool_kernel_shape=" +
+                     str(k->pool_kernel) + " (a window of padding only); re-export the model");
   }
   if (st == nullptr) st = g_api->CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &k->cpu);
   if (st == nullptr) {
@@ -1043,7 +1055,30 @@ void pre_task(void* ud, size_t i) {
                           j.T[q % j.cin]);
 }
 
-OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
+// The fused MaxPool's pass (Kernel::pool_kernel): the conv writes its output to `conv`, then
+// pool_task pools planes of it into `out`.
+struct PoolJob {
+  PoolJob() = default;
+  PoolJob(const PoolJob&) = delete;  // owns `conv`
+  PoolJob& operator=(const PoolJob&) = delete;
+  const KernelFns* f = nullptr;
+  const Kernel* k = nullptr;
+  Scratch conv;
+  const float* in = nullptr;
+  float* out = nullptr;  // nullptr: no pool (or nothing to pool)
+  int64_t planes = 0, per = 1, H = 0, W = 0, Ho = 0, Wo = 0;
+};
+
+void pool_task(void* ud, size_t i) {
+  const PoolJob& j = *static_cast<const PoolJob*>(ud);
+  const Kernel& k = *j.k;
+  const int64_t end = (int64_t(i) + 1) * j.per < j.planes ? (int64_t(i) + 1) * j.per : j.planes;
+  for (int64_t c = int64_t(i) * j.per; c < end; ++c)
+    j.f->max_pool_plane(j.in + c * j.H * j.W, j.out + c * j.Ho * j.Wo, j.H, j.W, j.Ho, j.Wo, k.pool_kernel[0],
+                        k.pool_kernel[1], k.pool_strides[0], k.pool_strides[1], k.pool_pads[0], k.pool_pads[1]);
+}
+
+OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx, PoolJob* pool) {
   size_t nin = 0;
   SPARSIFY_TRY(g_api->KernelContext_GetInputCount(ctx, &nin));
   const size_t nexpect = k.sum ? 6u : k.pre ? 7u : 5u;
@@ -1215,11 +1250,35 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
                      str(std::vector<int64_t>(ydims, ydims + 4)) + "; they must be equal (no broadcasting)");
     SPARSIFY_TRY(g_api->GetTensorData(t[5].value, reinterpret_cast<const void**>(&Z)));
   }
+  int64_t odims[4] = {g.N, g.Cout, g.Ho, g.Wo};  // the op's output: ydims, or pooled
+  if (!k.pool_kernel.empty()) {
+    for (int a = 0; a < 2; ++a) {
+      const int64_t span = ydims[2 + a] + k.pool_pads[size_t(a)] + k.pool_pads[size_t(a + 2)];
+      if (span < k.pool_kernel[size_t(a)])
+        return invalid("the conv output " + str(std::vector<int64_t>(ydims, ydims + 4)) + " with pool_pads=" +
+                       str(k.pool_pads) + " is smaller than pool_kernel_shape=" + str(k.pool_kernel));
+      odims[2 + a] = (span - k.pool_kernel[size_t(a)]) / k.pool_strides[size_t(a)] + 1;
+    }
+  }
   OrtValue* yv = nullptr;
-  SPARSIFY_TRY(g_api->KernelContext_GetOutput(ctx, 0, ydims, 4, &yv));
+  SPARSIFY_TRY(g_api->KernelContext_GetOutput(ctx, 0, odims, 4, &yv));
   float* Y = nullptr;
   SPARSIFY_TRY(g_api->GetTensorMutableData(yv, reinterpret_cast<void**>(&Y)));
   if (g.N == 0 || g.Cout == 0 || g.Ho * g.Wo == 0) return nullptr;
+  if (!k.pool_kernel.empty()) {
+    // The conv's output goes to scratch memory; compute() pools it into Y.
+    SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &pool->conv.alloc));
+    pool->conv.ptr = pool->conv.alloc->Alloc(pool->conv.alloc, size_t(g.N * g.Cout * g.Ho * g.Wo) * sizeof(float));
+    if (pool->conv.ptr == nullptr)
+      return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the buffer of the conv output to pool");
+    pool->f = g_wide.load(std::memory_order_relaxed);
+    pool->k = &k;
+    pool->in = static_cast<const float*>(pool->conv.ptr);
+    pool->out = Y;
+    pool->planes = g.N * g.Cout;
+    pool->H = g.Ho, pool->W = g.Wo, pool->Ho = odims[2], pool->Wo = odims[3];
+    Y = static_cast<float*>(pool->conv.ptr);
+  }
 
   const KernelFns* fns = g_wide.load(std::memory_order_relaxed);
   Plan p;
@@ -1426,7 +1485,14 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx) {
 
 OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   try {
-    return compute_impl(*static_cast<const Kernel*>(kernel), ctx);
+    const Kernel& k = *static_cast<const Kernel*>(kernel);
+    PoolJob pool;
+    SPARSIFY_TRY(compute_impl(k, ctx, &pool));
+    if (pool.out == nullptr || pool.planes == 0 || pool.Ho * pool.Wo == 0) return nullptr;
+    // Tasks of at least kMinTaskWork window reads.
+    const int64_t per_plane = pool.Ho * pool.Wo * k.pool_kernel[0] * k.pool_kernel[1];
+    pool.per = per_plane >= kMinTaskWork ? 1 : (kMinTaskWork + per_plane - 1) / per_plane;
+    return parallel_for(ctx, pool_task, (pool.planes + pool.per - 1) / pool.per, &pool);
   } catch (const std::bad_alloc&) {
     return g_api->CreateStatus(ORT_FAIL, "SparseConv: out of memory");
   } catch (...) {

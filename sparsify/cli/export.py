@@ -22,7 +22,8 @@ def _render(report) -> Table:
                          ("why", "left")):
         t.add_column(col, justify=justify, overflow="fold")  # long layer names wrap rather than lose their ends
     for c in report.layers:
-        op = f"SparseConv{c.activation}" + (f" (input in {c.pieces} pieces)" if c.pieces > 1 else "")
+        op = (f"SparseConv{c.activation.replace('MaxPool', ' + MaxPool')}"
+              + (f" (input in {c.pieces} pieces)" if c.pieces > 1 else ""))
         t.add_row(c.layer, "x".join(map(str, c.weight_shape)), f"{c.density:.3f}",
                   Text(op, style="bold cyan") if c.sparse else "Conv", c.reason)
     return t

@@ -36,6 +36,11 @@ OP_PRE_RELU = "SparseConvPreRelu"  # the same, then Relu
 # with n pieces names the function body of its piece count in its ``overload`` field (ONNX IR 10).
 PIECES_OVERLOAD = "concat{}"
 PIECES_IR_VERSION = 10
+# Any op but the pre ops may end in a MaxPool (attributes pool_kernel_shape, pool_strides, pool_pads;
+# ceil_mode 0, dilations 1): its output is then the pooled conv output, and the node names the
+# function body that ends in the MaxPool in its ``overload`` field (also IR 10).
+POOL_OVERLOAD = "maxpool"
+POOL_ATTRS = ("pool_kernel_shape", "pool_strides", "pool_pads")
 SPARSE_OPS = (OP, OP_RELU, OP_CLIP, OP_ADD, OP_ADD_RELU, OP_PRE, OP_PRE_RELU)
 SUM_OPS = (OP_ADD, OP_ADD_RELU)  # a sixth input Z
 PRE_OPS = (OP_PRE, OP_PRE_RELU)  # sixth and seventh inputs S, T
@@ -57,7 +62,9 @@ class ConvChoice:
     dense_ms: float | None = None
     sparse_ms: float | None = None
     weight: str = ""  # the weight initializer's name (torch.onnx names it after the state-dict key)
-    activation: str = ""  # what was fused into the layer: "Relu", "Clip", "Add" (residual), "AddRelu", "Pre" (input BN + Relu)
+    # what was fused into the layer: "Relu", "Clip", "Add" (residual), "AddRelu", "Pre" (input BN + Relu),
+    # then "MaxPool" where the pool after it went in too
+    activation: str = ""
     shared_fan_in: float = 0.0  # share of output channels in blocks with one fan-in (shared_fan_in_share)
     pieces: int = 1  # inputs its input comes in (a pre op reading a Concat's inputs, _fuse_concats)
 
@@ -181,10 +188,27 @@ def pieces(node: onnx.NodeProto) -> int:
     return 1 + max(0, len(node.input) - 7) if node.op_type in PRE_OPS else 1
 
 
+def pooled(node: onnx.NodeProto) -> bool:
+    """Whether a sparse node ends in a fused MaxPool (its ``pool_kernel_shape`` attribute)."""
+    return any(a.name == POOL_ATTRS[0] for a in node.attribute)
+
+
 def _set_pieces(node: onnx.NodeProto) -> None:
-    """Point a sparse node at the function body of its piece count (no overload for one piece)."""
+    """Point a sparse node at the function body of its piece count or fused pool (none: no overload)."""
     n = pieces(node)
-    node.overload = PIECES_OVERLOAD.format(n) if n > 1 else ""
+    node.overload = PIECES_OVERLOAD.format(n) if n > 1 else POOL_OVERLOAD if pooled(node) else ""
+
+
+def fuse_max_pool(node: onnx.NodeProto, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int]) -> None:
+    """Make sparse ``node`` end in a 2-D MaxPool (ceil_mode 0, dilations 1) of ``kernel`` (kh, kw),
+    ``strides`` and ``pads`` (top, left, bottom, right); its output becomes the pooled one.
+    ValueError for a pre op (whose overload names its pieces) or a node already pooled."""
+    if node.op_type in PRE_OPS or pooled(node):
+        raise ValueError(f"{node.op_type} node {node.name!r} cannot take a fused MaxPool")
+    node.attribute.extend([helper.make_attribute(POOL_ATTRS[0], [int(v) for v in kernel]),
+                           helper.make_attribute(POOL_ATTRS[1], [int(v) for v in strides]),
+                           helper.make_attribute(POOL_ATTRS[2], [int(v) for v in pads])])
+    _set_pieces(node)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,13 +221,15 @@ def _const(name: str, values: list[int]) -> onnx.NodeProto:
     )
 
 
-def sparse_conv_function(opset: int, op: str = OP, n_pieces: int = 1) -> onnx.FunctionProto:
+def sparse_conv_function(opset: int, op: str = OP, n_pieces: int = 1, pool: bool = False) -> onnx.FunctionProto:
     """The standard-ONNX body of ``ai.sparsify::SparseConv``: scatter packed kernels, then Conv
     (then Relu for ``SparseConvRelu``, Clip between the ``min`` / ``max`` attributes for
     ``SparseConvClip``, Add of the sixth input Z for ``SparseConvAdd``, Add then Relu for
     ``SparseConvAddRelu``). ``n_pieces`` > 1 (pre ops only): the body for nodes whose input comes
     in that many pieces (inputs X_2 .. X_n after T, Concat on the channel axis first), registered
-    under the overload ``concat<n>``; ValueError for other ops.
+    under the overload ``concat<n>``; ValueError for other ops. ``pool`` (not for the pre ops): the
+    body ends in MaxPool(kernel_shape, strides, pads from the pool_* attributes), registered under
+    the overload ``maxpool``.
 
     The row of packed entry k is the number of row_ptr[1:Cout] entries <= k: a scatter-add of ones
     at those positions followed by CumSum, O(nnz + Cout). The flat index row*(Cin/g)+col places
@@ -291,6 +317,16 @@ def sparse_conv_function(opset: int, op: str = OP, n_pieces: int = 1) -> onnx.Fu
     for name in ("strides", "pads", "dilations"):
         conv.attribute.append(_ref(name, name, AttributeProto.INTS))
     conv.attribute.append(_ref("group", "group", AttributeProto.INT))
+    if pool:
+        if op in PRE_OPS:
+            raise ValueError(f"{op} takes no fused MaxPool")
+        last = next(nd for nd in nodes if "Y" in nd.output)
+        last.output[list(last.output).index("Y")] = "unpooled"
+        mp = n("MaxPool", ["unpooled"], ["Y"])
+        for attr, ref in zip(("kernel_shape", "strides", "pads"), POOL_ATTRS):
+            mp.attribute.append(_ref(attr, ref, AttributeProto.INTS))
+        nodes.append(mp)
+        attributes += list(POOL_ATTRS)
     fn = helper.make_function(
         DOMAIN, op, inputs, ["Y"], nodes,
         [helper.make_opsetid("", opset)],
@@ -300,18 +336,22 @@ def sparse_conv_function(opset: int, op: str = OP, n_pieces: int = 1) -> onnx.Fu
         + {OP: "", OP_RELU: " Followed by Relu.", OP_CLIP: " Followed by Clip(min, max).",
            OP_ADD: " Plus Z (same shape as the output).", OP_ADD_RELU: " Plus Z (same shape as the output), then Relu.",
            OP_PRE: " Of Relu(X * S + T) per input channel.", OP_PRE_RELU: " Of Relu(X * S + T) per input channel, then Relu."}[op]
-        + (f" X is the channel Concat of X and X_2 .. X_{n_pieces}." if n_pieces > 1 else ""),
+        + (f" X is the channel Concat of X and X_2 .. X_{n_pieces}." if n_pieces > 1 else "")
+        + (" Then MaxPool(pool_kernel_shape, pool_strides, pool_pads)." if pool else ""),
     )
     if n_pieces > 1:
         fn.overload = PIECES_OVERLOAD.format(n_pieces)
+    elif pool:
+        fn.overload = POOL_OVERLOAD
     return fn
 
 
 def sparse_conv_functions(opset: int, nodes: Iterable[onnx.NodeProto]) -> list[onnx.FunctionProto]:
-    """The function bodies the sparse nodes among ``nodes`` call: one per op and piece count, in
-    SPARSE_OPS order."""
-    used = {(nd.op_type, pieces(nd)) for nd in nodes if nd.domain == DOMAIN and nd.op_type in SPARSE_OPS}
-    return [sparse_conv_function(opset, op, n) for op in SPARSE_OPS for n in sorted(k for o, k in used if o == op)]
+    """The function bodies the sparse nodes among ``nodes`` call: one per op, piece count and fused
+    pool, in SPARSE_OPS order."""
+    used = {(nd.op_type, pieces(nd), pooled(nd)) for nd in nodes if nd.domain == DOMAIN and nd.op_type in SPARSE_OPS}
+    return [sparse_conv_function(opset, op, n, pool) for op in SPARSE_OPS
+            for n, pool in sorted((k, p) for o, k, p in used if o == op)]
 
 
 def _ref_const(output: str, attribute: str) -> onnx.NodeProto:
@@ -719,6 +759,7 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
     new_nodes = _fuse_pre_activations(model.graph, new_nodes, report, {**inits, **consts}, new_inits, fresh)
     new_nodes = _fuse_residual_adds(model, new_nodes, report)
     new_nodes = _fuse_activations(model.graph, new_nodes, report, {**inits, **consts})
+    new_nodes = _fuse_max_pools(model.graph, new_nodes, report)
     new_nodes = _fuse_concats(model.graph, new_nodes, report)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
@@ -728,7 +769,7 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
         if not any(op.domain == DOMAIN for op in model.opset_import):
             model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
         model.functions.extend(sparse_conv_functions(opset, new_nodes))
-        if any(pieces(nd) > 1 for nd in new_nodes):
+        if any(nd.domain == DOMAIN and nd.overload for nd in new_nodes):
             model.ir_version = max(model.ir_version, PIECES_IR_VERSION)
     return model, report
 
@@ -1072,38 +1113,25 @@ def _fuse_residual_adds(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
     return [moved.get(id(nd), nd) for nd in nodes if id(nd) not in gone]
 
 
-def _fuse_activations(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], report: ConvertReport,
-                      consts: dict[str, onnx.TensorProto]) -> list[onnx.NodeProto]:
-    """SparseConv -> Relu becomes SparseConvRelu, and SparseConv -> Clip with constant bounds
-    (ReLU6) SparseConvClip, where the activation is the only reader of the SparseConv's output
-    (and that output is not a graph output). ORT fuses its own Conv with either; a separate Relu
-    node cost a sparse VGG 7-13% of its time at batch 1, the Clips 6% of a sparse MobileNetV2."""
+def _fuse_into_producers(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], report: ConvertReport,
+                         op_types: tuple[str, ...], producer_ops: tuple[str, ...],
+                         fold: Callable[[onnx.NodeProto, onnx.NodeProto], bool]) -> list[onnx.NodeProto]:
+    """Folds each standard node of ``op_types`` that is the only reader of a sparse node's output
+    (of ``producer_ops``; not a graph output) into that node: ``fold(node, producer)`` rewrites the
+    producer (False: it did not, the node stays); the producer then writes the node's output and
+    its ConvChoice.activation names what it took in."""
     readers = _reader_counts(graph, nodes)
     outputs = {o.name for o in graph.output}
-    producer = {nd.output[0]: nd for nd in nodes if nd.domain == DOMAIN and nd.op_type in (OP, OP_ADD, OP_PRE)}
+    producer = {nd.output[0]: nd for nd in nodes if nd.domain == DOMAIN and nd.op_type in producer_ops}
     by_node = {c.node: c for c in report.choices}
     fused: set[int] = set()
     dropped: set[str] = set()
     for nd in nodes:
-        if nd.op_type not in ("Relu", "Clip") or nd.domain not in ("", "ai.onnx") or not nd.input:
+        if nd.op_type not in op_types or nd.domain not in ("", "ai.onnx") or not nd.input:
             continue
         src = producer.get(nd.input[0])
-        if src is None or readers.get(nd.input[0], 0) != 1 or nd.input[0] in outputs:
+        if src is None or readers.get(nd.input[0], 0) != 1 or nd.input[0] in outputs or not fold(nd, src):
             continue
-        if nd.op_type == "Relu":
-            src.op_type = {OP_ADD: OP_ADD_RELU, OP_PRE: OP_PRE_RELU}.get(src.op_type, OP_RELU)
-        elif src.op_type != OP:
-            continue  # no fused Clip after the residual Add or a pre-activation
-        else:
-            bounds = []
-            for i, default in ((1, -np.inf), (2, np.inf)):
-                named = len(nd.input) > i and nd.input[i]
-                bounds.append(_scalar(consts, nd.input[i]) if named else default)
-            if any(b is None for b in bounds) or not bounds[0] <= bounds[1]:
-                continue  # bounds computed at run time, or empty: leave the Clip alone
-            src.op_type = OP_CLIP
-            src.attribute.extend([helper.make_attribute("min", float(bounds[0])),
-                                  helper.make_attribute("max", float(bounds[1]))])
         dropped.add(src.output[0])
         src.output[0] = nd.output[0]
         fused.add(id(nd))
@@ -1114,6 +1142,52 @@ def _fuse_activations(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], repor
         del graph.value_info[:]
         graph.value_info.extend(keep)
     return [nd for nd in nodes if id(nd) not in fused]
+
+
+def _fuse_activations(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], report: ConvertReport,
+                      consts: dict[str, onnx.TensorProto]) -> list[onnx.NodeProto]:
+    """SparseConv -> Relu becomes SparseConvRelu, and SparseConv -> Clip with constant bounds
+    (ReLU6) SparseConvClip, where the activation is the only reader of the SparseConv's output
+    (and that output is not a graph output). ORT fuses its own Conv with either; a separate Relu
+    node cost a sparse VGG 7-13% of its time at batch 1, the Clips 6% of a sparse MobileNetV2."""
+    def fold(nd: onnx.NodeProto, src: onnx.NodeProto) -> bool:
+        if nd.op_type == "Relu":
+            src.op_type = {OP_ADD: OP_ADD_RELU, OP_PRE: OP_PRE_RELU}.get(src.op_type, OP_RELU)
+            return True
+        if src.op_type != OP:
+            return False  # no fused Clip after the residual Add or a pre-activation
+        bounds = []
+        for i, default in ((1, -np.inf), (2, np.inf)):
+            named = len(nd.input) > i and nd.input[i]
+            bounds.append(_scalar(consts, nd.input[i]) if named else default)
+        if any(b is None for b in bounds) or not bounds[0] <= bounds[1]:
+            return False  # bounds computed at run time, or empty: leave the Clip alone
+        src.op_type = OP_CLIP
+        src.attribute.extend([helper.make_attribute("min", float(bounds[0])),
+                              helper.make_attribute("max", float(bounds[1]))])
+        return True
+
+    return _fuse_into_producers(graph, nodes, report, ("Relu", "Clip"), (OP, OP_ADD, OP_PRE), fold)
+
+
+def _fuse_max_pools(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], report: ConvertReport) -> list[onnx.NodeProto]:
+    """A 2-D MaxPool (ceil_mode 0, dilations 1, no Indices output, explicit or no pads) that is the
+    only reader of a sparse node's output (not a pre op's) goes into that node (``fuse_max_pool``).
+    ORT runs a MaxPool in its blocked layout (NCHWc) behind a reorder of the whole unpooled output:
+    after a sparse ResNet-18 stem, reorder and pool took 1 ms at batch 1."""
+    def fold(nd: onnx.NodeProto, src: onnx.NodeProto) -> bool:
+        kernel = list(_attr(nd, "kernel_shape", []))
+        pads = list(_attr(nd, "pads", [0] * 2 * len(kernel)))
+        if (pooled(src) or (len(nd.output) > 1 and nd.output[1]) or len(kernel) != 2
+                or _attr(nd, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or _attr(nd, "ceil_mode", 0) != 0
+                or list(_attr(nd, "dilations", [1, 1])) != [1, 1] or _attr(nd, "storage_order", 0) != 0
+                or len(pads) != 4 or any(p >= kernel[i % 2] for i, p in enumerate(pads))):
+            return False  # the Indices output, or a pool the op does not compute
+        fuse_max_pool(src, kernel, list(_attr(nd, "strides", [1, 1])), pads)
+        return True
+
+    return _fuse_into_producers(graph, nodes, report, ("MaxPool",), tuple(o for o in SPARSE_OPS if o not in PRE_OPS),
+                                fold)
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:

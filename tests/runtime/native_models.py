@@ -102,7 +102,7 @@ def sparse_model(case: ConvCase, *, packed: tuple[np.ndarray, np.ndarray, np.nda
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
                               functions=sparse_conv_functions(17, [node]) if function_body else [])
-    model.ir_version = PIECES_IR_VERSION if more else 8
+    model.ir_version = PIECES_IR_VERSION if node.overload else 8  # overloads (pieces, a fused pool) need IR 10
     return model.SerializeToString()
 
 

@@ -774,3 +774,65 @@ def test_large_inputs_in_strips(k: int, stride: int) -> None:
     for threads in (1, 2):
         for op in ("SparseConv", "SparseConvAddRelu"):
             assert_close(run_op(case, x, op, threads, z), reference(case, x, op, z))
+
+
+def max_pool_reference(y: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int],
+                       pads: tuple[int, int, int, int]) -> np.ndarray:
+    """ONNX MaxPool (ceil_mode 0, dilations 1) of y [N, C, H, W] in numpy: -inf in the pads."""
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = kernel, strides, pads
+    padded = np.pad(y, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=-np.inf)
+    win = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(2, 3))
+    return win[:, :, ::sh, ::sw].max(axis=(-2, -1))
+
+
+POOLS = [((3, 3), (2, 2), (1, 1, 1, 1)), ((2, 2), (2, 2), (0, 0, 0, 0)), ((3, 3), (1, 1), (1, 1, 1, 1)),
+         ((3, 2), (2, 1), (2, 0, 0, 1)), ((3, 3), (3, 3), (0, 0, 0, 0)), ((1, 1), (2, 2), (0, 0, 0, 0))]
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("k,stride,pad,h,w,n", [(7, 2, 3, 45, 45, 1), (3, 1, 1, 17, 40, 3), (1, 1, 0, 5, 70, 2)])
+def test_fused_max_pool(monkeypatch: pytest.MonkeyPatch, isa: str, pool: tuple, k: int, stride: int, pad: int,
+                        h: int, w: int, n: int) -> None:
+    """A SparseConv with pool_* attributes equals MaxPool of the conv's output (after the
+    activation or the residual sum) natively, per ISA, on 1 and 2 threads, and through its
+    function body; strides 2 (even / odd column split), 1 and 3 (the scalar loop), odd planes and
+    row tails, asymmetric pads."""
+    monkeypatch.setenv("SPARSIFY_KERNEL_ISA", isa)
+    rng = np.random.default_rng(k * 1000 + h * w + n)
+    case = random_case(rng, 6, 20, k, 0.5, strides=(stride, stride), pads=(pad,) * 4)
+    x = (3 * rng.standard_normal((n, 6, h, w))).astype(np.float32)
+    conv = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+    z = rng.standard_normal(conv.shape).astype(np.float32)
+    kernel, strides, pads = pool
+    attrs = dict(pool_kernel_shape=list(kernel), pool_strides=list(strides), pool_pads=list(pads))
+    for op, pre_pool in (("SparseConvRelu", np.maximum(conv, 0)), ("SparseConvAdd", conv + z)):
+        ref = max_pool_reference(pre_pool, kernel, strides, pads)
+        assert ref.shape[2] < conv.shape[2] or strides[0] == 1
+        feeds = {"X": x, **({"Z": z} if op == "SparseConvAdd" else {})}
+        for threads in (1, 2):
+            assert_close(native.session(sparse_model(case, op_type=op, **attrs), threads).run(None, feeds)[0], ref)
+        body = sparse_model(case, op_type=op, function_body=True, **attrs)
+        assert_close(native.session(body, 1, native=False).run(None, feeds)[0], ref)
+
+
+def test_fused_max_pool_of_wide_rows() -> None:
+    """Rows wider than the pool's row buffers (4096 floats) take the scalar loop."""
+    rng = np.random.default_rng(5)
+    case = random_case(rng, 2, 3, 1, 1.0)
+    x = rng.standard_normal((1, 2, 3, 4200)).astype(np.float32)
+    conv = native.session(dense_model(case), 1, native=False).run(None, {"X": x})[0]
+    attrs = dict(pool_kernel_shape=[3, 3], pool_strides=[2, 2], pool_pads=[1, 1, 1, 1])
+    y = native.session(sparse_model(case, **attrs), 1).run(None, {"X": x})[0]
+    assert_close(y, max_pool_reference(conv, (3, 3), (2, 2), (1, 1, 1, 1)))
+
+
+def test_fused_max_pool_attributes_checked() -> None:
+    """Pads as large as the pool window are refused when the session is made, a pool window larger
+    than the padded conv output when the op runs: one line each."""
+    case = random_case(np.random.default_rng(6), 4, 4, 3, 0.5, pads=(1,) * 4)
+    with pytest.raises(RuntimeBackendError, match="must be smaller than pool_kernel_shape") as exc:
+        native.session(sparse_model(case, pool_kernel_shape=[2, 2], pool_pads=[2, 0, 0, 0]), 1)
+    assert "\n" not in str(exc.value)
+    msg = _bad_run(case, pool_kernel_shape=[9, 9], pool_pads=[0, 0, 0, 0])
+    assert "is smaller than pool_kernel_shape" in msg

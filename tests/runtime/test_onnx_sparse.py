@@ -693,3 +693,77 @@ def test_function_bodies_run_in_onnx_reference_runtime(op: str) -> None:
             feeds["Z"] = z
         y = ReferenceEvaluator(onnx.inliner.inline_local_functions(model)).run(None, feeds)[0]
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def _pool_chain_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """x -> conv a -> Relu -> MaxPool 3x3/s2 -> conv b -> MaxPool 2x2/s2 (ceil_mode 1) -> conv c
+    -> MaxPool 2x2/s2 (also returns Indices) -> conv d, whose output also feeds a MaxPool and the
+    graph output: only a's pool can be fused."""
+    n = helper.make_node
+    ws = {k: _masked_weight(rng, 16, 16 if k != "a" else 3, 3, 0.3 if k != "a" else 0.67) for k in "abcd"}
+    nodes = [n("Conv", ["x", "wa"], ["ya"], pads=[1] * 4, strides=[2, 2], name="a"), n("Relu", ["ya"], ["ra"]),
+             n("MaxPool", ["ra"], ["pa"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             n("Conv", ["pa", "wb"], ["yb"], pads=[1] * 4, name="b"),
+             n("MaxPool", ["yb"], ["pb"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+             n("Conv", ["pb", "wc"], ["yc"], pads=[1] * 4, name="c"),
+             n("MaxPool", ["yc"], ["pc", "ic"], kernel_shape=[2, 2], strides=[2, 2]),
+             n("Conv", ["pc", "wd"], ["yd"], pads=[1] * 4, name="d"),
+             n("MaxPool", ["yd"], ["pd"], kernel_shape=[2, 2], strides=[1, 1])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 45, 45])],
+        [helper.make_tensor_value_info(v, TensorProto.FLOAT if v != "ic" else TensorProto.INT64, [None] * 4)
+         for v in ("pd", "yd", "ic")],
+        [numpy_helper.from_array(w, f"w{k}") for k, w in ws.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def test_max_pool_fused_only_where_the_op_computes_it() -> None:
+    """A 2-D MaxPool (ceil_mode 0, no Indices) that alone reads a sparse node's output goes into the
+    node (its pool_* attributes, the ``maxpool`` function body); ceil_mode 1, an Indices output or
+    a second reader keep the MaxPool node. The result passes the full checker and computes what
+    the dense graph does through the function body and natively."""
+    from sparsify.runtime.onnx_sparse import POOL_OVERLOAD, pooled
+
+    src = _pool_chain_model(np.random.default_rng(7))
+    new, report = convert_model(src, dense_threshold=0.7)
+    check(new)
+    sparse = {nd.name: nd for nd in new.graph.node if nd.domain == DOMAIN}
+    assert set(sparse) == {"a", "b", "c", "d"}
+    assert [n for n, nd in sparse.items() if pooled(nd)] == ["a"]
+    assert sparse["a"].op_type == "SparseConvRelu" and sparse["a"].overload == POOL_OVERLOAD
+    assert [c.activation for c in report.choices] == ["ReluMaxPool", "", "", ""]
+    assert sum(nd.op_type == "MaxPool" for nd in new.graph.node) == 3
+    assert sorted((f.name, f.overload) for f in new.functions) == [("SparseConv", ""), ("SparseConvRelu", POOL_OVERLOAD)]
+    x = (3 * np.random.default_rng(8).standard_normal((2, 3, 45, 45))).astype(np.float32)
+    ref = ort.InferenceSession(src.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    outs = [ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})]
+    if native.info()["loadable"]:
+        outs.append(native.session(new.SerializeToString(), 2).run(None, {"x": x}))
+    for out in outs:
+        for y, r in zip(out, ref):
+            np.testing.assert_allclose(y, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()))
+
+
+@pytest.mark.parametrize("op", ["SparseConvRelu", "SparseConvAdd"])
+def test_pooled_function_body_runs_in_onnx_reference_runtime(op: str) -> None:
+    """The ``maxpool`` overload's body is standard ONNX too: onnx's reference runtime computes the
+    dense conv's MaxPool with it."""
+    import onnx.inliner
+    from onnx.reference import ReferenceEvaluator
+
+    from native_models import dense_model, random_case, sparse_model
+
+    rng = np.random.default_rng(len(op) + 1)
+    case = random_case(rng, 6, 8, 3, 0.4, pads=(1, 1, 1, 1))
+    x = rng.standard_normal((2, 6, 9, 9)).astype(np.float32)
+    conv = _session(onnx.load_from_string(dense_model(case))).run(None, {"X": x})[0]
+    z = rng.standard_normal(conv.shape).astype(np.float32)
+    pre = np.maximum(conv, 0) if op.endswith("Relu") else conv + z
+    ref = np.lib.stride_tricks.sliding_window_view(
+        np.pad(pre, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf), (3, 3), axis=(2, 3))[:, :, ::2, ::2]
+    ref = ref.max(axis=(-2, -1))
+    model = onnx.load_from_string(sparse_model(case, op_type=op, function_body=True, pool_kernel_shape=[3, 3],
+                                               pool_strides=[2, 2], pool_pads=[1, 1, 1, 1]))
+    feeds = {"X": x, **({"Z": z} if "Add" in op else {})}
+    y = ReferenceEvaluator(onnx.inliner.inline_local_functions(model)).run(None, feeds)[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
