@@ -270,6 +270,8 @@ def run_pipeline(
     notes: dict[str, Any] = {}
     where = "training"
     stopped = False
+    # --force over a finished run: Ctrl-C keeps it (the new run's partial work goes)
+    replacing = run_dir.is_dir() and any(run_dir.iterdir())
     with atomic_dir(run_dir, force=force) as tmp:
         if progress is not None:
             progress("transform", f"transforming {model}", 0, 1)
@@ -293,6 +295,8 @@ def run_pipeline(
             write_result_json(result, tmp / "bench.json")
             plot_result(result, tmp / "plot.png")
         except KeyboardInterrupt:
+            if replacing:
+                raise PipelineInterrupted(run_dir, where, False, kept_earlier=True) from None
             # Ctrl-C once the transform is done: what is complete becomes the run directory (a
             # trained model, a training's checkpoint) instead of going with the temporary one
             stopped = True
@@ -306,7 +310,12 @@ class PipelineInterrupted(KeyboardInterrupt):
     """Ctrl-C in ``sparsify run`` after the transform: the run directory holds what was complete.
     ``str()`` says what to run next (with ``train_options``, the training the run asked for)."""
 
-    def __init__(self, run_dir: Path, stage: str, resumable: bool, train_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, run_dir: Path, stage: str, resumable: bool, train_options: dict[str, Any] | None = None,
+                 kept_earlier: bool = False) -> None:
+        if kept_earlier:
+            super().__init__(f"interrupted during {stage}; {run_dir} is unchanged (the run --force was to replace "
+                             "is kept): run the command again to replace it")
+            return
         if stage == "training":
             from .train.schedules.base import flag
 
@@ -319,7 +328,7 @@ class PipelineInterrupted(KeyboardInterrupt):
         else:
             # the files `run` would have written: bench alone only prints them
             bench = shlex.join(["sparsify", "bench", str(run_dir), "--keep", str(run_dir), "--json-file",
-                                str(run_dir / "bench.json"), "--plot", str(run_dir / "plot.png")])
+                                str(run_dir / "bench.json"), "--plot", str(run_dir / "plot.png"), "--force"])
             then, kept = f"`{bench}` exports and times its variants as this run would have", "the trained model"
         super().__init__(f"interrupted during {stage}; {kept} is in {run_dir}: {then}")
 

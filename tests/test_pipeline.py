@@ -138,7 +138,7 @@ def test_a_run_stopped_before_its_first_epoch_names_the_training_it_asked_for():
     # stopped in export: plain `bench RUN` only prints, so the run's files never appeared
     said = str(PipelineInterrupted(Path("runs/my r"), "export", False))
     assert ("`sparsify bench 'runs/my r' --keep 'runs/my r' --json-file 'runs/my r/bench.json' --plot "
-            "'runs/my r/plot.png'` exports and times its variants" in said), said
+            "'runs/my r/plot.png' --force` exports and times its variants" in said), said
 
 
 @pytest.mark.parametrize("at", ["train", "export"])
@@ -226,3 +226,42 @@ def test_a_depth_baseline_that_cannot_match_the_sparse_run_says_so(tmp_path):
     from sparsify.cli.bench import _variant_notes
 
     assert any(line.startswith("warning: depth: no depth multiplier reaches") for line in _variant_notes(notes))
+
+
+def test_run_force_stopped_keeps_the_run_it_was_to_replace(tmp_path):
+    # Ctrl-C in `run --force` made the new run's partial directory (a transform and a checkpoint)
+    # replace the finished run: its trained weights, exports and bench results were gone
+    from sparsify.api import transform_to_dir
+    from sparsify.pipeline import PipelineInterrupted, run_pipeline
+
+    run = tmp_path / "rr"
+    transform_to_dir("zoo:lenet5", "sparse-random", density=0.5, out=run)
+    (run / "bench.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    def stop(stage, desc, done, total):
+        if stage == "train" and desc.startswith("training epoch 2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(PipelineInterrupted) as e:
+        run_pipeline("zoo:lenet5", run, transform_options={"method": "sparse-random", "density": 0.3},
+                     train_options=TRAIN, progress=stop, force=True)
+    assert f"{run} is unchanged" in str(e.value)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["rr"]  # no temporary directory left
+
+
+def test_bench_keep_leaves_the_users_files_alone_without_force(tmp_path):
+    from sparsify.api import transform_to_dir
+
+    run, _ = transform_to_dir("zoo:lenet5", "sparse-random", density=0.1, out=tmp_path / "run")
+    keep = tmp_path / "variants"
+    keep.mkdir()
+    (keep / "dense.onnx").write_bytes(b"the user's own model")
+    args = ["bench", str(run), "--variants", "dense,sparse", "--keep", str(keep), *FAST]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "dense.onnx exists; pass --force" in " ".join(r.output.split())
+    assert (keep / "dense.onnx").read_bytes() == b"the user's own model" and not (keep / "sparse.onnx").exists()
+    r = CliRunner().invoke(app, [*args, "--force"])
+    assert r.exit_code == 0, r.output
+    assert (keep / "dense.onnx").read_bytes() != b"the user's own model"

@@ -136,7 +136,8 @@ def bench(
                               "ORT does by default (variants are timed in turn, with a pause for the "
                               "spinning to stop between them)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing --json-file and --plot files."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing --json-file and --plot files, and "
+                               "VARIANT.onnx files in the --keep directory."),
 ) -> None:
     """Measure ONNX Runtime latency of ONNX files side by side, or of the variants of a run directory."""
     from .. import pipeline
@@ -162,7 +163,11 @@ def bench(
             raise UsageError(f"{run_dir} is a directory but not a run directory; give .onnx files or a run directory")
         names = pipeline.parse_variants(variants)
         if keep is not None:
+            from .._io import check_new_file
+
             keep.mkdir(parents=True, exist_ok=True)
+            for name in names:   # the user's own files of those names stay unless --force
+                check_new_file(keep / f"{name}.onnx", "--keep", force)
         with contextlib.ExitStack() as stack:
             where = keep if keep is not None else stack.enter_context(tempfile.TemporaryDirectory(prefix="sparsify-bench-"))
             progress = stack.enter_context(_progress(quiet))

@@ -43,6 +43,10 @@ def _trained_before_message(run_dir: Path, ckpt: Path) -> str:
         done, total = int(state["epoch"]), int(json.loads(state["config"])["epochs"])
     except Exception:  # noqa: BLE001 - an unreadable checkpoint: the plain message
         return f"{run_dir} already has a training checkpoint ({ckpt}); pass --resume to continue it or {again}"
+    if done >= total and metrics_in_progress(run_dir).is_file():
+        # the last epoch ended, but the process stopped before the weights and summary were saved
+        return (f"{run_dir} finished its training ({done} of {total} epochs, {ckpt}) but its results were not "
+                f"saved (the process stopped first); pass --resume to save them or {again}")
     if done >= total:
         return f"{run_dir} is already trained ({done} of {total} epochs, {ckpt}); pass {again}"
     return (f"{run_dir} has an unfinished training ({done} of {total} epochs, {ckpt}); pass --resume to continue "

@@ -61,6 +61,28 @@ def test_cli_train_writes_weights_metrics_summary(run):
     assert "--force" in again.output and "--resume" not in again.output
 
 
+def test_a_training_stopped_before_its_results_were_saved_is_offered_resume(run, monkeypatch):
+    """The last epoch ended but the process stopped before the weights and summary were written
+    (a closed pipe, Ctrl-C): train said "already trained; pass --force", which would throw the
+    finished training away. It now says the results were not saved and --resume saves them."""
+    import sparsify.train.run as train_run_mod
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_run_mod, "_write_back", stopped)
+    runner.invoke(app, ["train", str(run), *QUICK])
+    monkeypatch.undo()
+    assert "train" not in json.loads((run / "summary.json").read_text())
+    again = runner.invoke(app, ["train", str(run), *QUICK])
+    said = " ".join(again.output.split())
+    assert again.exit_code == 2 and "its results were not saved" in said and "--resume to save them" in said
+    saved = runner.invoke(app, ["train", str(run), "--resume"])
+    assert saved.exit_code == 0, saved.output
+    assert "train" in json.loads((run / "summary.json").read_text())
+    assert "is already trained" in runner.invoke(app, ["train", str(run), *QUICK]).output
+
+
 def test_input_normalisation_is_told_recorded_and_noted_at_export(run, tmp_path):
     """The deployed model needs the inputs normalised as in training: train says how, summary.json
     records it, export notes it; --no-normalize trains on the data as stored and records None."""
