@@ -58,7 +58,8 @@ TEST_FRACTION = 0.1        # held out as the test split of a user's set that has
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 # folder names that mean a split of a data set, not a class (``_check_class_folders``)
 ARCHIVE_FOLDERS = ("__MACOSX",)  # folders archivers add beside the class folders, never classes
-SPLIT_NAMES = ("train", "training", "test", "testing", "val", "valid", "validation", "dev", "eval")
+TRAIN_SPLITS, TEST_SPLITS, VAL_SPLITS = ("train", "training"), ("test", "testing", "eval"), ("val", "valid", "validation", "dev")
+SPLIT_NAMES = TRAIN_SPLITS + TEST_SPLITS + VAL_SPLITS  # matched in any case
 STATS_SAMPLE = 256         # images decoded to estimate a folder's per-channel mean and std
 
 
@@ -375,11 +376,38 @@ def _load_sequences(name: str, input_shape: tuple[int, ...], num_classes: int | 
                       kind="npz", notes=notes, normalize=normalize)
 
 
-def _val_split(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(validation indices, training indices) of a training set of ``n``: fixed, whatever the seed."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
-    n_val = _n_val(n, val_fraction)
-    return order[:n_val], order[n_val:]
+def _val_split(labels: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation indices, training indices) of a training set of ``labels``: ``_n_val`` of them,
+    stratified (``stratified_split``), fixed whatever the training seed. The training indices come
+    in a fixed random order, so that a train_limit takes a sample of every class (a folder's files
+    are listed class by class)."""
+    held, rest = stratified_split(labels.numpy(), _n_val(len(labels), val_fraction), VAL_SPLIT_SEED)
+    return torch.from_numpy(held), torch.from_numpy(np.random.default_rng(VAL_SPLIT_SEED).permutation(rest))
+
+
+def stratified_split(labels: np.ndarray, n_held: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out indices, the others), both sorted: ``n_held`` of ``labels`` taken class by class in
+    proportion to the class sizes (largest remainders), leaving each class at least one example
+    where the total allows (a class of one image, held out by a plain random split, was never
+    trained on). scikit-learn's train_test_split(stratify=y) refuses classes of one example, which
+    users' folders have. Deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    classes, inverse = np.unique(labels, return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(classes))
+    quota = n_held * counts / max(1, len(labels))
+    keep_one = np.maximum(counts - 1, 0)
+    alloc = np.minimum(np.floor(quota).astype(np.int64), keep_one)
+    ties = rng.permutation(len(classes))
+    order = sorted(range(len(classes)), key=lambda c: (-(quota[c] - np.floor(quota[c])), ties[c]))
+    for cap in (keep_one, counts):  # one example of each class stays while the total allows
+        while alloc.sum() < n_held and (alloc < cap).any():
+            for c in order:
+                if alloc.sum() < n_held and alloc[c] < cap[c]:
+                    alloc[c] += 1
+    held = [rng.permutation(np.flatnonzero(inverse == c))[:alloc[c]] for c in range(len(classes))]
+    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    rest = np.setdiff1d(np.arange(len(labels)), held_idx)
+    return held_idx.astype(np.int64), rest.astype(np.int64)
 
 
 def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,
@@ -412,7 +440,7 @@ def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte
         raise DataError(f"{name} holds vectors of {x_train[0].numel()} values but the model takes images "
                         f"{'x'.join(map(str, shape))}; choose a matching data set")
 
-    val_idx, tr_idx = _val_split(len(y_train), val_fraction)
+    val_idx, tr_idx = _val_split(y_train, val_fraction)
     if train_limit is not None:
         tr_idx = tr_idx[:train_limit]
     normalization = None
@@ -563,7 +591,7 @@ def _load_npz(path: Path, val_fraction: float, images: bool = True,
         return x, y, xte, yte, notes
     _check_split_sizes(path.name, len(y), None, val_fraction, held_out=True)
     _check_two_classes(path.name, y)
-    test_idx, train_idx = _test_split(len(y))
+    test_idx, train_idx = _test_split(y)
     notes.append(f"{path.name}: no x_test/y_test, so {len(test_idx)} of its {len(y)} examples "
                  f"({TEST_FRACTION:.0%}) are held out as the test split")
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx], notes
@@ -583,10 +611,9 @@ def _n_test(n: int) -> int:
     return max(1, int(round(TEST_FRACTION * n))) if n > 1 else 0
 
 
-def _test_split(n: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.random.default_rng(TEST_SPLIT_SEED).permutation(n)
-    n_test = _n_test(n)
-    return np.sort(order[:n_test]), np.sort(order[n_test:])
+def _test_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(test indices, training indices): ``_n_test`` of ``labels``, stratified (``stratified_split``)."""
+    return stratified_split(np.asarray(labels), _n_test(len(labels)), TEST_SPLIT_SEED)
 
 
 def _n_val(n: int, val_fraction: float) -> int:
@@ -686,17 +713,23 @@ def _split_dirs(root: Path) -> tuple[Path | None, list[str]]:
     ``root/train/`` holds the classes when it exists, and test/ and val/ beside it are splits. Without
     it the classes are ``root``'s subfolders, but a test/ or val/ of class subfolders is a split, not a
     class (it was trained as one, its images labelled "test"); a test/ or val/ of images only is
-    refused (an unlabelled test set, or a class named like a split). None: no folder of classes.
+    refused (an unlabelled test set, or a class named like a split). Names match in any case and
+    with their synonyms (TRAIN_SPLITS, TEST_SPLITS, VAL_SPLITS: Test/, Kaggle's valid/, ...; the
+    test-like folder is the test split, a val-like one the fallback). None: no folder of classes.
     """
-    if (root / "train").is_dir():
-        return root / "train", [d for d in ("test", "val") if (root / d).is_dir()]
+    subs = _subfolders(root)
+
+    def named(names: tuple[str, ...]) -> list[str]:  # any case: Test/, VALID/ ("Test" was trained as a class)
+        return [d for d in subs if d.lower() in names][:1]
+
+    held = named(TEST_SPLITS) + named(VAL_SPLITS)
+    if named(TRAIN_SPLITS):
+        return root / named(TRAIN_SPLITS)[0], held
     splits = []
-    for d in ("test", "val"):
-        if not (root / d).is_dir():
-            continue
+    for d in held:
         if _subfolders(root / d):
             splits.append(d)
-        elif _holds_images(root / d) and len(_subfolders(root)) > 1:
+        elif d.lower() in ("test", "val") and _holds_images(root / d) and len(subs) > 1:
             raise DataError(f"--data {root}: {d}/ holds images but no class subfolders; a {d} split needs "
                             f"{root / d}/<class>/<image> with the training classes' names (and without "
                             f"{root}/train/ its other folders are the classes); rename {d}/ if it is a class")
@@ -761,6 +794,10 @@ def _split_classes_differ(test_dir: Path, test_classes: list[str], train_root: P
 
 def _unreadable(file: str, e: BaseException) -> DataError:
     """The one line for an image file Pillow cannot read (its header at load, its pixels per batch)."""
+    from PIL import Image
+
+    if isinstance(e, Image.DecompressionBombError):  # over twice Pillow's MAX_IMAGE_PIXELS: a traceback
+        return DataError(f"{file} is too large to decode safely ({e}); resize it or remove it")
     return DataError(f"{file} cannot be read as an image ({type(e).__name__}); remove or replace it")
 
 
@@ -783,7 +820,7 @@ def decode_image(file: str, shape: tuple[int, int, int]) -> torch.Tensor:
             left, top = (im.width - w) // 2, (im.height - h) // 2
             im = im.crop((left, top, left + w, top + h))
             a = np.asarray(im, dtype=np.float32) / (full or 255.0)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise _unreadable(file, e) from None
     if a.ndim == 2:
         return torch.from_numpy(np.repeat(a[None], c, axis=0) if c == 3 else a[None].copy())
@@ -799,7 +836,7 @@ def _check_images(files: Sequence[str]) -> None:
         try:
             with Image.open(file) as im:
                 im.size  # noqa: B018 - parsed from the header
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             raise _unreadable(file, e) from None
 
 
@@ -850,12 +887,12 @@ def _load_folder(root: Path, shape: tuple[int, int, int] | None, num_classes: in
                      + (f"; {splits[1]}/ is not used" if len(splits) > 1 else ""))
     else:
         _check_split_sizes(f"--data {root}", len(files), None, val_fraction, held_out=True, unit="image")
-        test_idx, train_idx = _test_split(len(files))
+        test_idx, train_idx = _test_split(labels.numpy())
         test_files, test_y = [files[i] for i in test_idx], labels[torch.from_numpy(test_idx)]
         files, labels = [files[i] for i in train_idx], labels[torch.from_numpy(train_idx)]
         notes.append(f"{root}: no test/ (or val/) folder of class subfolders, so {len(test_files)} images "
                      f"({TEST_FRACTION:.0%}) are held out as the test split")
-    val_idx, tr_idx = _val_split(len(files), val_fraction)
+    val_idx, tr_idx = _val_split(labels, val_fraction)
     if train_limit is not None:
         tr_idx = tr_idx[:train_limit]
     w0, h0 = _first_size(files[int(tr_idx[0])]) if len(tr_idx) else (0, 0)

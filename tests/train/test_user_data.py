@@ -131,7 +131,7 @@ def _labels_by_folder(split, classes, depth=1):
     return [(int(y), classes.index(Path(f).parents[depth - 1].name)) for f, y in zip(split.files, split.y)]
 
 
-@pytest.mark.parametrize("split", ["test", "val"])
+@pytest.mark.parametrize("split", ["test", "val", "Test", "valid", "Validation"])
 def test_a_test_folder_of_classes_beside_class_folders_is_the_test_split(tmp_path, split):
     """ROOT/<class>/ with ROOT/test/<class>/ and no ROOT/train/: "test" was trained as a fourth class
     (its images labelled "test") and 10% of the training images were held out as the test split."""
@@ -144,6 +144,37 @@ def test_a_test_folder_of_classes_beside_class_folders_is_the_test_split(tmp_pat
     for part in (b.train, b.val, b.test):
         assert all(y == want for y, want in _labels_by_folder(part, b.class_names))
     assert not any("held out" in n for n in b.notes), b.notes
+
+
+def test_split_folders_match_in_any_case_and_by_synonym(tmp_path):
+    """ROOT/Training/<class>/ with ROOT/valid/<class>/ (Kaggle's layout): Training holds the classes
+    and valid/ is the test split (it was ignored, unnamed); a class folder named "dev" with images
+    of its own stays a class."""
+    root = tmp_path / "kaggle"
+    make_folder(root / "Training", per_class=6)
+    make_folder(root / "valid", per_class=2, seed=1)
+    b = load_dataset(str(root), (1, 3, 8, 8), num_classes=3)
+    assert b.class_names == ["class0", "class1", "class2"] and len(b.test) == 6
+    assert all(Path(f).parent.parent.name == "valid" for f in b.test.files)
+    flat = make_folder(tmp_path / "flat", per_class=6)
+    (flat / "class2").rename(flat / "dev")
+    assert load_dataset(str(flat), (1, 3, 8, 8), num_classes=3).class_names == ["class0", "class1", "dev"]
+
+
+def test_held_out_splits_are_stratified(tmp_path):
+    """Three classes of 53 images and one of a single image: a plain random split put the single
+    image in the test or validation split, so its class was never trained on. Stratified, every
+    class keeps an image to train on and the big classes share the held-out images evenly."""
+    root = make_folder(tmp_path / "imgs", per_class=53)
+    make_folder(tmp_path / "one", per_class=1, seed=3)
+    (tmp_path / "one" / "class0").rename(root / "z")
+    b = load_dataset(str(root), (1, 3, 8, 8), num_classes=4)
+    assert b.class_names[-1] == "z"
+    counts = {name: np.bincount(np.asarray(part.y), minlength=4) for name, part in
+              (("train", b.train), ("val", b.val), ("test", b.test))}
+    assert counts["train"][3] == 1 and counts["test"][3] == 0 and counts["val"][3] == 0
+    assert len(b.test) == 16 and max(counts["test"][:3]) - min(counts["test"][:3]) <= 1
+    assert max(counts["val"][:3]) - min(counts["val"][:3]) <= 1
 
 
 def test_a_test_folder_whose_classes_differ_is_refused_naming_the_difference(tmp_path):
@@ -165,12 +196,13 @@ def test_a_test_folder_of_unlabelled_images_beside_class_folders_is_refused(tmp_
 
 
 def test_folders_named_like_splits_are_not_taken_as_classes(tmp_path):
+    # training/ and testing/ were refused (each would have been one class); they are the splits
     root = tmp_path / "imgs"
     make_folder(root / "training", per_class=4)
     make_folder(root / "testing", per_class=2)
-    with pytest.raises(DataError, match=r"testing, training are named like splits.*train/<class>/") as e:
-        load_dataset(str(root), (1, 3, 8, 8))
-    assert "\n" not in str(e.value)
+    b = load_dataset(str(root), (1, 3, 8, 8))
+    assert b.class_names == ["class0", "class1", "class2"] and len(b.test) == 6
+    assert len(b.train) + len(b.val) == 12
 
 
 def test_a_class_whose_images_are_in_subfolders_is_one_class_with_a_note(tmp_path):
@@ -532,3 +564,14 @@ def test_an_archivers_macos_folder_is_no_class_and_same_size_images_are_not_said
     (note,) = [n for n in b.notes if "images (e.g." in n]
     assert "are the model's size" in note and "resized to the model's" not in note, note
     assert any("resized to the model's 6x6" in n for n in load_dataset(str(root), (1, 3, 6, 6)).notes)
+
+
+def test_an_image_too_large_to_decode_is_one_line(tmp_path, monkeypatch):
+    """Pillow refuses images over twice its MAX_IMAGE_PIXELS with DecompressionBombError, which
+    went past the unreadable-image check as a traceback."""
+    root = make_folder(tmp_path / "imgs", per_class=4)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)
+    Image.new("L", (30, 30)).save(root / "class1" / "big.png")
+    with pytest.raises(DataError, match=r"big.png is too large to decode safely .*resize it or remove it") as e:
+        load_dataset(str(root), (1, 3, 8, 8))
+    assert "\n" not in str(e.value)
