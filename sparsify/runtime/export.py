@@ -668,10 +668,16 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, rules: Any = 
     report = export_model(run.model, run.recipe.shapes, out, rules=with_user_rules({**named, **given}) if
                           (named or given) else None, **options)
     report.source = str(run_dir)
-    norm = (read_summary(run_dir).get("train") or {}).get("input_normalization")
+    summary = read_summary(run_dir)
+    norm = (summary.get("train") or {}).get("input_normalization")
     damaged = summary_note(run_dir)
     if damaged:
         report.notes.append(damaged)
+    elif "train" not in summary and not run.recipe.weights:
+        # a transform of a model without --weights: its weights are a fresh initialisation
+        report.notes.append(f"{run_dir} was never trained and its transform took no --weights, so the exported "
+                            f"weights are the model's initial ones (random, unless its code loads trained weights): "
+                            f"`sparsify train {run_dir}` first to deploy it")
     if norm:
         report.notes.append(f"the run was trained on inputs normalised as {norm['text']} (summary.json: "
                             "train.input_normalization); feed the exported model inputs normalised the same way")

@@ -85,7 +85,10 @@ def test_a_training_stopped_before_its_results_were_saved_is_offered_resume(run,
 
 def test_input_normalisation_is_told_recorded_and_noted_at_export(run, tmp_path):
     """The deployed model needs the inputs normalised as in training: train says how, summary.json
-    records it, export notes it; --no-normalize trains on the data as stored and records None."""
+    records it, export notes it; --no-normalize trains on the data as stored and records None.
+    Before training, export says the weights are random initial ones (it said nothing)."""
+    before = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "untrained.onnx")])
+    assert before.exit_code == 0 and "was never trained" in " ".join(before.output.split()), before.output
     res = runner.invoke(app, ["train", str(run), *QUICK[:-1]])
     assert res.exit_code == 0, res.output
     norm = json.loads((run / "summary.json").read_text())["train"]["input_normalization"]
@@ -93,6 +96,7 @@ def test_input_normalisation_is_told_recorded_and_noted_at_export(run, tmp_path)
     assert f"inputs normalised: {norm['text']}" in " ".join(res.output.split())
     exp = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "m.onnx")])
     assert exp.exit_code == 0 and "trained on inputs normalised as" in " ".join(exp.output.split()), exp.output
+    assert "never trained" not in " ".join(exp.output.split())
     res = runner.invoke(app, ["train", str(run), *QUICK, "--no-normalize", "--force"])
     assert res.exit_code == 0, res.output
     summary = json.loads((run / "summary.json").read_text())["train"]
