@@ -305,7 +305,19 @@ def load_dataset(name: str, input_shape: tuple[int, ...], *, data_dir: str | Pat
     deviation (one pair for arrays, one per channel for image folders, whose pixels are in [0, 1]);
     False feeds the values as they are (an image folder's pixels in [0, 1]). What was applied is
     ``DataBundle.normalization``. Raises DataError (one line) for anything that cannot be loaded.
+    A built-in set's name wins over a folder of that name, with a note.
     """
+    bundle = _load_dataset(name, input_shape, data_dir=data_dir, num_classes=num_classes, val_fraction=val_fraction,
+                           train_limit=train_limit, synthetic_size=synthetic_size, normalize=normalize)
+    if name in DATASETS and Path(name).exists():
+        bundle.notes.append(f"--data {name} is the built-in set, not the folder ./{name} beside it; give "
+                            f"--data ./{name} to train on the folder")
+    return bundle
+
+
+def _load_dataset(name: str, input_shape: tuple[int, ...], *, data_dir: str | Path | None, num_classes: int | None,
+                  val_fraction: float, train_limit: int | None, synthetic_size: tuple[int, int],
+                  normalize: bool) -> DataBundle:
     check_data_name(name)
     if len(input_shape) == 3:
         return _load_sequences(name, tuple(int(d) for d in input_shape), num_classes, val_fraction, train_limit,

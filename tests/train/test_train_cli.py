@@ -439,3 +439,31 @@ def test_the_retry_after_a_divergence_keeps_the_trainings_own_options(run):
     got = dict(zip(rest[0::2], rest[1::2]))
     assert got == {"--epochs": "1", "--batch-size": "50", "--lr": "1e+29", "--clip-grad-norm": "0", "--momentum": "0",
                    "--train-limit": "200"} and "--no-augment" in args, retry
+
+
+def test_a_run_on_a_relative_data_folder_resumes_from_another_directory(tmp_path, monkeypatch):
+    """`train RUN --data imgs` recorded "imgs": from elsewhere --resume said "unknown data set" and
+    --data ../imgs "differs from the checkpoint's 'imgs'"; the path is now recorded absolute."""
+    from sparsify.api import transform_to_dir
+    from sparsify.train import train_run
+
+    from test_user_data import make_folder
+
+    work = tmp_path / "work"
+    make_folder(work / "imgs", per_class=12)
+    transform_to_dir("zoo:lenet5", "sparse-random", density=0.3, out=work / "run")
+
+    def stop(ev):
+        if ev.get("kind") == "epoch":
+            raise KeyboardInterrupt
+
+    monkeypatch.chdir(work)
+    with pytest.raises(KeyboardInterrupt):
+        train_run("run", data="imgs", epochs=2, batch_size=8, progress=stop)
+    saved = (work / "run" / "checkpoints" / "last.pt").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--data", "work/imgs"]):
+        (work / "run" / "checkpoints" / "last.pt").write_bytes(saved)
+        res = runner.invoke(app, ["train", "work/run", "--resume", *extra])
+        assert res.exit_code == 0, res.output
+        assert json.loads((work / "run" / "summary.json").read_text())["train"]["data"] == str(work / "imgs")

@@ -575,3 +575,12 @@ def test_an_image_too_large_to_decode_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"big.png is too large to decode safely .*resize it or remove it") as e:
         load_dataset(str(root), (1, 3, 8, 8))
     assert "\n" not in str(e.value)
+
+
+def test_a_folder_named_like_a_built_in_set_is_noted(tmp_path, monkeypatch):
+    """--data digits with a folder ./digits beside: the built-in set is trained on (it was, silently)."""
+    make_folder(tmp_path / "digits", per_class=4)
+    monkeypatch.chdir(tmp_path)
+    b = load_dataset("digits", (1, 1, 8, 8))
+    assert b.num_classes == 10 and any("give --data ./digits" in n for n in b.notes), b.notes
+    assert load_dataset("./digits", (1, 3, 8, 8)).class_names == ["class0", "class1", "class2"]
