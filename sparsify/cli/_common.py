@@ -103,16 +103,19 @@ def _watch_sigint() -> Callable[[], None]:
     global _signal_number
     _sigint.clear()
     _signal_number = None
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    signal.signal(signal.SIGINT, _on_sigint)
+    # a shell's background job (`cmd &`) starts with SIGINT ignored: SIGTERM is still taken
+    watch_int = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if watch_int:
+        signal.signal(signal.SIGINT, _on_sigint)
     term = signal.getsignal(signal.SIGTERM)
     if term is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigint)
 
     def restore() -> None:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if watch_int:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         if term is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _sigint.clear()

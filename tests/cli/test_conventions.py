@@ -205,6 +205,13 @@ def test_ctrl_c_that_surfaces_as_an_error_or_is_swallowed_reports_interrupted():
         r = CliRunner().invoke(app, ["term"])
         assert r.exit_code == 143 and "interrupted" in r.output, r.output
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        # a background job (`cmd &` in a script) has SIGINT ignored: SIGTERM still cleaned up (it
+        # ended the process on the spot, leaving the temporary run directory behind)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        r = CliRunner().invoke(app, ["term"])
+        assert r.exit_code == 143 and "interrupted" in r.output, r.output
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
 
