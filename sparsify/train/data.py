@@ -714,7 +714,8 @@ def _scan(root: Path, exclude: Sequence[str] = ()) -> tuple[list[str], list[tupl
     for c, name in enumerate(classes):
         for dirpath, _dirs, files in sorted(os.walk(root / name, followlinks=True)):
             for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
+                # ._NAME: macOS's AppleDouble metadata beside each file copied to a foreign disk, no image
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("._"):
                     samples.append((os.path.join(dirpath, f), c))
     return classes, samples
 

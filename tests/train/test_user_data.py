@@ -564,6 +564,11 @@ def test_an_archivers_macos_folder_is_no_class_and_same_size_images_are_not_said
     (note,) = [n for n in b.notes if "images (e.g." in n]
     assert "are the model's size" in note and "resized to the model's" not in note, note
     assert any("resized to the model's 6x6" in n for n in load_dataset(str(root), (1, 3, 6, 6)).notes)
+    # a copy to a foreign disk leaves ._NAME AppleDouble files beside the images: not images (they
+    # stopped training as unreadable)
+    (root / "class1" / "._x.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    b = load_dataset(str(root), (1, 3, 8, 8))
+    assert not any("._x.png" in f for f in b.train.files + b.val.files + b.test.files)
 
 
 def test_an_image_too_large_to_decode_is_one_line(tmp_path, monkeypatch):
