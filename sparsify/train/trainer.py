@@ -184,7 +184,9 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.lr is None or self.lr > 0, "--lr must be positive"),
+            (self.lr is None or 0 < self.lr < math.inf, "--lr must be a positive, finite number"),
+            (math.isfinite(self.weight_decay) and math.isfinite(self.momentum),
+             "--weight-decay and --momentum must be finite numbers"),
             (self.warmup_steps is None or self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
             (self.clip_grad_norm is None or self.clip_grad_norm >= 0, "--clip-grad-norm must be >= 0 (0: off)"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}"),

@@ -98,6 +98,9 @@ def test_negative_seed(run):
     assert_one_error_line(invoke("transform", "zoo:mlp", "--density", "0.1", "--seed", "-1", "--out", "S"),
                           "--seed", nothing_at=(Path("S"),))
     assert_one_error_line(invoke("train", run, "--seed", "-1", "--epochs", "1", "-q"), "--seed")
+    # --lr inf trained, diverged, and then advised "retry with a lower learning rate: --lr inf"
+    for lr in ("inf", "nan"):
+        assert_one_error_line(invoke("train", run, "--lr", lr, "--epochs", "1", "-q"), "--lr", "finite")
     assert not (run / "checkpoints").exists()
     assert_one_error_line(invoke("run", "--seed", "-1", "--out", "R", "-q"), "--seed", nothing_at=(Path("R"),))
 
