@@ -394,3 +394,25 @@ def test_attention_on_3d_tokens_exports_and_matches_torch(tmp_path) -> None:
         got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
         assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
     assert ref.std() > 0.1
+
+
+def test_onnx_file_with_symbolic_height_and_width_is_checked_at_a_real_size(tmp_path) -> None:
+    """A file exported with dynamic height / width was checked at 1x1, where a 3x3 conv reads only
+    its centre tap, and said "verified"; it is checked at VERIFY_SPATIAL, with a note."""
+    import onnx
+
+    from sparsify.runtime.export import VERIFY_SPATIAL
+
+    export_model(_net(1), (1, 3, 8, 8), tmp_path / "t.onnx", dense_threshold=0.1, compact=False)
+    model = onnx.load(str(tmp_path / "t.onnx"))
+    for i, name in ((0, "n"), (2, "h"), (3, "w")):
+        model.graph.input[0].type.tensor_type.shape.dim[i].dim_param = name
+    for o in model.graph.output:
+        for i, d in enumerate(o.type.tensor_type.shape.dim):
+            d.dim_param = f"out{i}"
+    del model.graph.value_info[:]
+    onnx.save(model, str(tmp_path / "dyn.onnx"))
+    rep = export_onnx_file(tmp_path / "dyn.onnx", tmp_path / "c.onnx", dense_threshold=0.6)
+    assert rep.input_shape == [1, 3, VERIFY_SPATIAL, VERIFY_SPATIAL] and rep.sparse_layers == 2
+    assert rep.errors["function-body"] <= 1e-4
+    assert any(f"the check ran at {VERIFY_SPATIAL}" in n for n in rep.notes), rep.notes
