@@ -95,3 +95,24 @@ def test_a_config_is_a_dataclass_of_its_parameters():
     fields = {f.name for f in dataclasses.fields(methods.PSNConfig)}
     assert {"density", "profile", "profile_params", "allocation", "include_linear"} <= fields
     assert {f.name for f in dataclasses.fields(methods.DepthMultiplierConfig)} == {"alpha", "divisor"}
+
+
+def test_convs_traced_through_as_functional_calls_are_named_when_nothing_can_be_masked():
+    """Conv2d subclasses with a forward of their own (weight standardisation) trace into F.conv2d on
+    a weight computed in forward: "the model has no layer to make sparse" gave no reason."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from sparsify.api import transform
+    from sparsify.errors import PassError
+
+    class WSConv2d(nn.Conv2d):
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    net = nn.Sequential(WSConv2d(3, 8, 3, padding=1), nn.ReLU(), WSConv2d(8, 8, 3, padding=1))
+    with pytest.raises(PassError, match=r"its 2 convs run as functional conv calls .*plain nn.Conv2d") as e:
+        transform(net, "sparse-random", density=0.3, input_shape=(1, 3, 8, 8))
+    assert "\n" not in str(e.value)

@@ -83,6 +83,9 @@ def check_block(block: int) -> int:
 
 
 ALLOCATIONS = ("uniform", "erk")
+# Convolutions called as functions in a traced graph: no module holds their weight, so no mask
+_FUNCTIONAL_CONVS = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+                     torch.conv1d, torch.conv2d, torch.conv3d)
 
 
 def check_allocation(allocation: str) -> str:
@@ -210,6 +213,13 @@ class SparsePass(GraphPass):
                 dense = sorted({type(m).__name__ for m in gm.modules() if isinstance(m, nn.modules.conv._ConvNd)})
                 why = (f"; its {', '.join(dense)} layers stay dense (masks cover Conv1d and Conv2d with groups "
                        "not equal to the channels): use --method depth-multiplier" if dense else "")
+                functional = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _FUNCTIONAL_CONVS]
+                if not dense and functional:  # a Conv2d subclass with its own forward is traced through
+                    why = (f"; its {len(functional)} conv{'s' if len(functional) > 1 else ''} run as functional "
+                           f"conv calls ({functional[0].name}: F.conv2d in a forward of its own, e.g. a Conv2d "
+                           "subclass that standardises or scales its weight), on weights computed in forward "
+                           "that a mask cannot hold: give those layers plain nn.Conv2d modules to make them "
+                           "sparse")
             raise PassError(f"{self.name}: the model has no layer to make sparse (convs, or linears with "
                             f"--include-linear){why}")
 
