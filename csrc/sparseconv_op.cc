@@ -69,6 +69,9 @@ constexpr const char* kDomain = "ai.sparsify";
 //    Inputs 7.. (variadic, none or more): further pieces of the input along the channel axis;
 //    the op reads them where they are, so DenseNet's per-layer Concats go (they took 11% of the
 //    sparse DenseNet-121 on one thread and 39% on two at batch 1: ORT's Concat slows on two).
+// Any op may end in a MaxPool (attributes pool_kernel_shape, pool_strides, pool_pads; ceil_mode 0):
+// the conv's output goes to scratch memory and is pooled plane by plane (the stem's pool in
+// ResNets and DenseNets, which ORT ran in NCHWc behind a reorder of the stem's whole output).
 struct OpVariant {
   const char* name;
   size_t inputs;  // fixed inputs; the pre ops have one more, variadic (the input's further pieces)
