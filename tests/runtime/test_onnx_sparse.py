@@ -206,6 +206,18 @@ def test_per_layer_rule_by_plane(hw: int, density: float, sparse: bool) -> None:
     assert any(n.op_type == "SparseConv" for n in new.graph.node) == sparse, report
 
 
+def _assert_computes_the_same(src: onnx.ModelProto, new: onnx.ModelProto, x: np.ndarray) -> None:
+    """``new`` (converted) gives ``src``'s outputs on input ``x`` through its function bodies and,
+    where the kernel loads, natively on 2 threads."""
+    ref = ort.InferenceSession(src.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    outs = [ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})]
+    if native.info()["loadable"]:
+        outs.append(native.session(new.SerializeToString(), 2).run(None, {"x": x}))
+    for out in outs:
+        for y, r in zip(out, ref):
+            np.testing.assert_allclose(y, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()))
+
+
 def _relu_chain_model(rng: np.random.Generator) -> onnx.ModelProto:
     """x -> conv a -> Relu -> conv b -> Relu -> conv c -> Relu (c's output is also a graph output)
     and conv b's output also feeds an Add: only a's Relu can be fused."""
@@ -235,14 +247,7 @@ def test_relu_fused_only_where_it_is_the_sole_reader() -> None:
     assert [c.activation for c in report.choices] == ["Relu", "", ""]
     assert sum(nd.op_type == "Relu" for nd in new.graph.node) == 2
     assert sorted(f.name for f in new.functions) == ["SparseConv", "SparseConvRelu"]
-    x = np.random.default_rng(4).standard_normal((2, 16, 8, 8)).astype(np.float32)
-    ref = ort.InferenceSession(src.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    outs = [ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})]
-    if native.info()["loadable"]:
-        outs.append(native.session(new.SerializeToString(), 2).run(None, {"x": x}))
-    for out in outs:
-        for y, r in zip(out, ref):
-            np.testing.assert_allclose(y, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()))
+    _assert_computes_the_same(src, new, np.random.default_rng(4).standard_normal((2, 16, 8, 8)).astype(np.float32))
 
 
 @pytest.mark.parametrize("hw,density,sparse", [(2, 0.05, False), (4, 0.05, False), (6, 0.05, False), (7, 0.15, True),
@@ -734,14 +739,7 @@ def test_max_pool_fused_only_where_the_op_computes_it() -> None:
     assert [c.activation for c in report.choices] == ["ReluMaxPool", "", "", ""]
     assert sum(nd.op_type == "MaxPool" for nd in new.graph.node) == 3
     assert sorted((f.name, f.overload) for f in new.functions) == [("SparseConv", ""), ("SparseConvRelu", POOL_OVERLOAD)]
-    x = (3 * np.random.default_rng(8).standard_normal((2, 3, 45, 45))).astype(np.float32)
-    ref = ort.InferenceSession(src.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    outs = [ort.InferenceSession(new.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})]
-    if native.info()["loadable"]:
-        outs.append(native.session(new.SerializeToString(), 2).run(None, {"x": x}))
-    for out in outs:
-        for y, r in zip(out, ref):
-            np.testing.assert_allclose(y, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()))
+    _assert_computes_the_same(src, new, (3 * np.random.default_rng(8).standard_normal((2, 3, 45, 45))).astype(np.float32))
 
 
 @pytest.mark.parametrize("op", ["SparseConvRelu", "SparseConvAdd"])
