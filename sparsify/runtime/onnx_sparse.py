@@ -179,7 +179,7 @@ def sparse_conv_node(inputs: Sequence[str], outputs: Sequence[str], *, in_channe
     node = helper.make_node(op, list(inputs), list(outputs), domain=DOMAIN, **kwargs,
                             strides=list(strides), pads=list(pads), dilations=list(dilations),
                             group=int(group), in_channels=int(in_channels), **attrs)
-    _set_pieces(node)
+    _set_overload(node)
     return node
 
 
@@ -193,7 +193,7 @@ def pooled(node: onnx.NodeProto) -> bool:
     return any(a.name == POOL_ATTRS[0] for a in node.attribute)
 
 
-def _set_pieces(node: onnx.NodeProto) -> None:
+def _set_overload(node: onnx.NodeProto) -> None:
     """Point a sparse node at the function body of its piece count or fused pool (none: no overload)."""
     n = pieces(node)
     node.overload = PIECES_OVERLOAD.format(n) if n > 1 else POOL_OVERLOAD if pooled(node) else ""
@@ -208,7 +208,7 @@ def fuse_max_pool(node: onnx.NodeProto, kernel: Sequence[int], strides: Sequence
     node.attribute.extend([helper.make_attribute(POOL_ATTRS[0], [int(v) for v in kernel]),
                            helper.make_attribute(POOL_ATTRS[1], [int(v) for v in strides]),
                            helper.make_attribute(POOL_ATTRS[2], [int(v) for v in pads])])
-    _set_pieces(node)
+    _set_overload(node)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1040,7 +1040,7 @@ def _fuse_concats(graph: onnx.GraphProto, nodes: list[onnx.NodeProto],
         for conv in convs:
             conv.input[0] = cat.input[0]
             conv.input.extend(cat.input[1:])
-            _set_pieces(conv)
+            _set_overload(conv)
             if conv.name in by_node:
                 by_node[conv.name].pieces = pieces(conv)
         gone.add(id(cat))
