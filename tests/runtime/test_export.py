@@ -400,8 +400,6 @@ def test_attention_on_3d_tokens_exports_and_matches_torch(tmp_path) -> None:
 def test_onnx_file_with_symbolic_height_and_width_is_checked_at_a_real_size(tmp_path) -> None:
     """A file exported with dynamic height / width was checked at 1x1, where a 3x3 conv reads only
     its centre tap, and said "verified"; it is checked at VERIFY_SPATIAL, with a note."""
-    import onnx
-
     from sparsify.runtime.export import VERIFY_SPATIAL
 
     export_model(_net(1), (1, 3, 8, 8), tmp_path / "t.onnx", dense_threshold=0.1, compact=False)
