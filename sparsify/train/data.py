@@ -735,9 +735,9 @@ def _split_dirs(root: Path) -> tuple[Path | None, list[str]]:
     def named(names: tuple[str, ...]) -> list[str]:  # any case: Test/, VALID/ ("Test" was trained as a class)
         return [d for d in subs if d.lower() in names][:1]
 
-    held = named(TEST_SPLITS) + named(VAL_SPLITS)
-    if named(TRAIN_SPLITS):
-        return root / named(TRAIN_SPLITS)[0], held
+    train, held = named(TRAIN_SPLITS), named(TEST_SPLITS) + named(VAL_SPLITS)
+    if train:
+        return root / train[0], held
     splits = []
     for d in held:
         if _subfolders(root / d):
