@@ -34,7 +34,8 @@ and paired differences. The format::
     match = "momentum"                # alpha chosen so that this arm's live parameters equal
     count = "conv"                    #   those of arm "momentum" (same seed): conv | total
 
-Arms may also override ``model``, ``model_args`` and ``input_shape``. Every problem in a spec is
+Arms may also override ``model``, ``model_args`` and ``input_shape``. A relative model file or data
+folder is looked up next to the spec first, then in the current directory. Every problem in a spec is
 reported as one line that names the key and says what to do (``SpecError``, exit code 2).
 """
 from __future__ import annotations
@@ -154,6 +155,7 @@ def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None =
     shared = raw.get("train", {})
     if not isinstance(shared, dict):
         raise fail("[train] must be a table of training settings, e.g. epochs = 10")
+    shared = _data_paths(shared, base_dir)
     arms_raw = raw.get("arms")
     if not isinstance(arms_raw, dict) or not arms_raw:
         raise fail("no arms: add at least one [arms.NAME] table with a method")
@@ -186,7 +188,7 @@ def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None =
             input_shape=a.get("input_shape", study.get("input_shape")),
             seeds=_seeds(a["seeds"], f"{where} seeds", fail) if "seeds" in a else list(seeds),
             transform={k: a[k] for k in sorted(TRANSFORM_KEYS) if k in a},
-            train={**shared, **train_override},
+            train={**shared, **_data_paths(train_override, base_dir)},
             series=str(a.get("series", method if "match" not in a else f"{method} (equal {a.get('count')})")),
             match=a.get("match"), count=a.get("count"),
         )
@@ -212,6 +214,23 @@ def _model_path(model: Any, base_dir: Path) -> str:
     if not p.is_absolute() and (base_dir / p).is_file():
         p = base_dir / p
     return str(p.resolve()) + sep + factory
+
+
+def _data_paths(train: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """``train`` with a relative ``data`` folder / .npz (or ``data_dir``) that exists next to the spec
+    made absolute there, as ``_model_path`` does for model files; otherwise unchanged (resolved
+    against the current directory when the run trains)."""
+    from ..train.data import is_user_data
+
+    out = dict(train)
+    for key in ("data", "data_dir"):
+        value = out.get(key)
+        if not isinstance(value, str) or (key == "data" and not is_user_data(value)):
+            continue
+        p = Path(value).expanduser()
+        if not p.is_absolute() and (base_dir / p).exists():
+            out[key] = str((base_dir / p).resolve())
+    return out
 
 
 def _seeds(value: Any, key: str, fail: Any, required: bool = False) -> list[int]:

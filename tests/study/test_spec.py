@@ -109,3 +109,15 @@ def test_model_file_is_found_next_to_the_spec(tmp_path, monkeypatch):
     spec = _write(tmp_path, '[study]\nmodel = "net.py:build_model"\nseeds = 1\n[arms.a]\nmethod = "none"')
     monkeypatch.chdir(tmp_path.parent)  # the spec is read from elsewhere
     assert load_spec(spec).arms["a"].model == f"{tmp_path / 'net.py'}:build_model"
+
+
+def test_data_folder_is_found_next_to_the_spec_like_the_model_file(tmp_path, monkeypatch):
+    (tmp_path / "imgs").mkdir()
+    spec = _write(tmp_path, '[study]\nmodel = "zoo:mlp"\nseeds = 1\n[train]\ndata = "imgs"\n'
+                            '[arms.a]\nmethod = "none"\n[arms.b]\nmethod = "none"\ntrain = { data = "imgs/" }\n'
+                            '[arms.c]\nmethod = "none"\ntrain = { data = "digits" }')
+    monkeypatch.chdir(tmp_path.parent)  # the spec is read from elsewhere: "imgs" is not in the cwd
+    arms = load_spec(spec).arms
+    assert arms["a"].train["data"] == str(tmp_path / "imgs")
+    assert arms["b"].train["data"] == str(tmp_path / "imgs")
+    assert arms["c"].train["data"] == "digits"  # a built-in set stays a name
