@@ -189,6 +189,15 @@ def fail(message: str) -> typer.Exit:
 _STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
+# How an allocation that cannot be served surfaces: numpy's MemoryError, torch's CPU allocator
+# (RuntimeError), ONNX Runtime's arena (its RuntimeException / Fail).
+_OOM_TEXT = ("can't allocate memory", "failed to allocate memory", "bad_alloc", "bad allocation")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or any(t in str(e).lower() for t in _OOM_TEXT)
+
+
 def handle_errors(fn: F) -> F:
     """Turn SparsifyError into one line + exit 2, and Ctrl-C (``_sigint``) into one line + exit 130."""
 
@@ -213,9 +222,13 @@ def handle_errors(fn: F) -> F:
             where = f" ({e.filename})" if e.filename else ""
             raise fail(f"{e.strerror or e}{where}; nothing was left half-written: free some space, or write to "
                        f"another place, and retry") from None
-        except Exception:
+        except Exception as e:
             if _sigint.is_set():
                 raise _interrupted() from None
+            if _out_of_memory(e):
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise fail(f"out of memory ({first}); use a smaller --batch-size (or smaller inputs), or close "
+                           f"other programs, and retry") from None
             raise
         if _sigint.is_set():  # swallowed on the way: the command ran on, but the user asked to stop
             raise _interrupted()

@@ -241,3 +241,45 @@ def test_a_full_disk_is_one_line():
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "No space left on device (out/x.onnx)" in r.output and "free some space" in r.output
     assert CliRunner().invoke(app, ["write", "other"]).exit_code == 1  # not the user's to fix: not hidden
+
+
+def test_a_batch_that_cannot_be_allocated_is_one_line():
+    # numpy's MemoryError ("Unable to allocate 10.9 PiB ...") was a traceback, exit 1
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten()).eval()
+    torch.onnx.export(model, (torch.randn(1, 3, 8, 8),), "t.onnx", dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}})
+    # 10^15 images of 3x8x8 floats: 768 PB, more than any address space (never overcommitted)
+    r = invoke("bench", "t.onnx", "-b", str(10**15), "--no-memory", "--min-time", "0", "--repeats", "1")
+    assert_one_error_line(r, "out of memory")
+    assert "--batch-size" in r.output
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:121] . "
+                                                                "DefaultCPUAllocator: can't allocate memory: "
+                                                                "you tried to allocate 9 bytes."),
+                                   RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : BFCArena::"
+                                                "AllocateRawInternal Failed to allocate memory for requested "
+                                                "buffer of size 9")])
+def test_out_of_memory_from_torch_or_onnxruntime_is_one_line(error):
+    from typer.testing import CliRunner
+
+    from sparsify.cli._common import SparsifyTyper, handle_errors
+
+    app = SparsifyTyper()
+
+    @app.command()
+    @handle_errors
+    def allocate(what: str) -> None:
+        raise error if what == "big" else RuntimeError("a bug")
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    r = CliRunner().invoke(app, ["allocate", "big"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.output.startswith("error: out of memory") and "--batch-size" in r.output
+    assert CliRunner().invoke(app, ["allocate", "small"]).exit_code == 1  # any other error is not hidden
