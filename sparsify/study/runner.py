@@ -104,8 +104,9 @@ def plan(spec: StudySpec, study_dir: str | Path, force: bool = False) -> list[Jo
 
     study_dir = Path(study_dir)
     jobs = []
+    redone: set[tuple[str, int]] = set()  # (arm, seed) of the jobs whose spec changed
     for arm, seed in spec.jobs():
-        key = job_key(arm, seed)
+        key = job_key(arm, seed, spec.arms)
         run_dir = run_dir_of(study_dir, arm.name, seed)
         job = Job(arm.name, seed, run_dir, key, job_hash(key), epochs=TrainConfig.from_dict(key["train"]).epochs)
         if arm.match is not None:
@@ -117,7 +118,10 @@ def plan(spec: StudySpec, study_dir: str | Path, force: bool = False) -> list[Jo
                 raise StudyError(f"{run_dir} exists but is not a run of this study (no {JOB}); remove it or "
                                  f"choose another --out")
             saved = json.loads(job_file.read_text())
+            if _legacy_match_key(saved, key) and (arm.match, seed) not in redone:
+                saved["hash"] = job.hash  # made before keys held the matched arm's, which is unchanged
             if saved.get("hash") != job.hash:
+                redone.add((arm.name, seed))
                 if not force:
                     what = _first_difference(saved.get("key", {}), key)
                     raise StudyError(f"the spec changed for arm {arm.name!r} seed {seed} since {run_dir} was made "
@@ -134,6 +138,14 @@ def plan(spec: StudySpec, study_dir: str | Path, force: bool = False) -> list[Jo
                     job.resume = checkpoint_path(run_dir).is_file()
         jobs.append(job)
     return jobs
+
+
+def _legacy_match_key(saved: dict[str, Any], key: dict[str, Any]) -> bool:
+    """True for a matching arm's job file written before job keys held the matched arm's key, whose
+    key is otherwise the same."""
+    old = saved.get("key")
+    return (isinstance(old, dict) and "matched" in key and "matched" not in old
+            and saved.get("hash") == job_hash({k: v for k, v in key.items() if k != "matched"}))
 
 
 def _first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:

@@ -102,11 +102,17 @@ class StudySpec:
         return [(self.arms[a], s) for a in order for s in self.arms[a].seeds]
 
 
-def job_key(arm: Arm, seed: int) -> dict[str, Any]:
-    """Everything that determines the run of ``arm`` at ``seed`` (compared on resume)."""
-    return {"arm": arm.name, "seed": seed, "model": arm.model, "model_args": arm.model_args,
-            "input_shape": arm.input_shape, "method": arm.method, "transform": arm.transform,
-            "match": arm.match, "count": arm.count, "train": {**arm.train, "seed": seed}}
+def job_key(arm: Arm, seed: int, arms: dict[str, Arm] | None = None) -> dict[str, Any]:
+    """Everything that determines the run of ``arm`` at ``seed`` (compared on resume). An arm that
+    matches another's parameters (``match``) depends on that arm's run too: with ``arms`` (the
+    spec's) its key holds the matched arm's key under ``"matched"``, so changing the matched arm
+    redoes it as well (its alpha was chosen for the old parameter count)."""
+    key = {"arm": arm.name, "seed": seed, "model": arm.model, "model_args": arm.model_args,
+           "input_shape": arm.input_shape, "method": arm.method, "transform": arm.transform,
+           "match": arm.match, "count": arm.count, "train": {**arm.train, "seed": seed}}
+    if arms is not None and arm.match is not None and arm.match in arms:
+        key["matched"] = job_key(arms[arm.match], seed, arms)
+    return key
 
 
 def job_hash(key: dict[str, Any]) -> str:

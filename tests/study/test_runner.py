@@ -181,3 +181,55 @@ def test_an_out_that_cannot_be_made_is_one_line_before_any_work(tmp_path, where)
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert "--out" in res.output and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "tiny.toml"]
+
+
+MATCHED = """
+[study]
+model = "zoo:mlp"
+seeds = 1
+[train]
+data = "digits"
+epochs = 1
+[arms.sparse]
+method = "sparse-random"
+density = 0.1
+[arms.depth]
+method = "depth-multiplier"
+match = "sparse"
+count = "conv"
+"""
+
+
+def _finish(jobs, legacy: bool = False) -> None:
+    """Write the job files a finished study leaves (as worker.py does); ``legacy``: keys as written
+    before they held the matched arm's key."""
+    from sparsify.study.spec import job_hash
+
+    for j in jobs:
+        key = {k: v for k, v in j.key.items() if k != "matched"} if legacy else j.key
+        j.run_dir.mkdir(parents=True)
+        (j.run_dir / "study-job.json").write_text(json.dumps({"key": key, "hash": job_hash(key)}))
+        (j.run_dir / "study-status.json").write_text(json.dumps({"status": "done", "test_acc": 0.5}))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_changing_the_matched_arm_redoes_the_arm_that_matches_it(tmp_path, legacy):
+    # the depth arm's alpha was chosen for the sparse arm's old parameter count: --force redid only
+    # the sparse arm, and compare said "conv of sparse" for counts 3x apart
+    spec = tmp_path / "s.toml"
+    spec.write_text(MATCHED)
+    out = tmp_path / "study"
+    _finish(plan(load_spec(spec), out), legacy)
+    assert [j.state for j in plan(load_spec(spec), out)] == ["done", "done"]  # unchanged: nothing to redo
+    spec.write_text(MATCHED.replace("density = 0.1", "density = 0.3"))
+    changed = runner.invoke(app, ["study", str(spec), "--out", str(out), "-q"])
+    assert changed.exit_code == 2 and "spec changed for arm 'sparse'" in changed.output
+    assert sorted((j.arm, j.redo) for j in plan(load_spec(spec), out, force=True)) == [("depth", True),
+                                                                                       ("sparse", True)]
+    if not legacy:  # the matching arm's refusal names the matched arm's setting that moved
+        from sparsify.study.runner import StudyError
+
+        (out / "sparse").rename(tmp_path / "gone")  # so that the depth arm's refusal is the first
+        spec.write_text(MATCHED.replace("density = 0.1", "density = 0.2"))
+        with pytest.raises(StudyError, match="matched.transform.density was 0.1, now 0.2"):
+            plan(load_spec(spec), out)
