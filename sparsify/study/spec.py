@@ -223,9 +223,10 @@ def _model_path(model: Any, base_dir: Path) -> str:
 
 
 def _data_paths(train: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    """``train`` with a relative ``data`` folder / .npz (or ``data_dir``) that exists next to the spec
-    made absolute there, as ``_model_path`` does for model files; otherwise unchanged (resolved
-    against the current directory when the run trains)."""
+    """``train`` with a relative ``data`` folder / .npz (or ``data_dir``) made absolute: next to the
+    spec when it exists there (as ``_model_path`` does for model files), else in the current
+    directory when it exists there. The job key then names the data each run read: a relative
+    name run from two directories pooled two data sets under one key."""
     from ..train.data import is_user_data
 
     out = dict(train)
@@ -236,6 +237,8 @@ def _data_paths(train: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         p = Path(value).expanduser()
         if not p.is_absolute() and (base_dir / p).exists():
             out[key] = str((base_dir / p).resolve())
+        elif p.exists():
+            out[key] = str(p.resolve())
     return out
 
 

@@ -112,12 +112,16 @@ def test_model_file_is_found_next_to_the_spec(tmp_path, monkeypatch):
 
 
 def test_data_folder_is_found_next_to_the_spec_like_the_model_file(tmp_path, monkeypatch):
-    (tmp_path / "imgs").mkdir()
-    spec = _write(tmp_path, '[study]\nmodel = "zoo:mlp"\nseeds = 1\n[train]\ndata = "imgs"\n'
+    here, spec_dir = tmp_path / "here", tmp_path / "specs"
+    here.mkdir(), spec_dir.mkdir(), (spec_dir / "imgs").mkdir()
+    spec = _write(spec_dir, '[study]\nmodel = "zoo:mlp"\nseeds = 1\n[train]\ndata = "imgs"\n'
                             '[arms.a]\nmethod = "none"\n[arms.b]\nmethod = "none"\ntrain = { data = "imgs/" }\n'
                             '[arms.c]\nmethod = "none"\ntrain = { data = "digits" }')
-    monkeypatch.chdir(tmp_path.parent)  # the spec is read from elsewhere: "imgs" is not in the cwd
+    monkeypatch.chdir(here)  # the spec is read from elsewhere: "imgs" is not in the cwd
     arms = load_spec(spec).arms
-    assert arms["a"].train["data"] == str(tmp_path / "imgs")
-    assert arms["b"].train["data"] == str(tmp_path / "imgs")
+    assert arms["a"].train["data"] == str(spec_dir / "imgs")
+    assert arms["b"].train["data"] == str(spec_dir / "imgs")
     assert arms["c"].train["data"] == "digits"  # a built-in set stays a name
+    # not next to the spec but in the current directory: that folder, named absolutely in the key
+    (spec_dir / "imgs").rename(here / "imgs")
+    assert load_spec(spec).arms["a"].train["data"] == str(here / "imgs")
