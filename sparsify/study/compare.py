@@ -182,6 +182,17 @@ def _group_key(r: RunRecord) -> str:
     return json.dumps([recipe, cfg], sort_keys=True)
 
 
+def _unseeded(key: dict[str, Any]) -> dict[str, Any]:
+    return {k: _unseeded(v) if isinstance(v, dict) else v for k, v in key.items() if k != "seed"}
+
+
+def _job_group(r: RunRecord) -> str:
+    """A study's runs given one by one are one arm when their job keys agree but for the seed (the
+    arm's name alone pooled the "dense" arms of two studies of different models and data)."""
+    key = _read_json(Path(r.path) / JOB).get("key")
+    return json.dumps(["study", r.arm, _unseeded(key) if isinstance(key, dict) else None], sort_keys=True)
+
+
 def collect(paths: Sequence[str | Path]) -> tuple[list[RunRecord], dict[str, str], str | None]:
     """Read the runs of study directories and run directories; returns (runs, series by arm, study baseline)."""
     from .runner import STUDY_JSON
@@ -213,7 +224,7 @@ def collect(paths: Sequence[str | Path]) -> tuple[list[RunRecord], dict[str, str
     if loose:
         groups: dict[str, list[RunRecord]] = {}
         for r in loose:
-            groups.setdefault(r.arm if (Path(r.path) / JOB).is_file() else _group_key(r), []).append(r)
+            groups.setdefault(_job_group(r) if (Path(r.path) / JOB).is_file() else _group_key(r), []).append(r)
         taken = set(series)
         for members in groups.values():
             name = members[0].arm
@@ -279,7 +290,13 @@ def compare(paths: Sequence[str | Path], baseline: str | None = None) -> Compari
             diff = PairedDiff(a.arm, baseline, len(seeds), seeds, None, None, None, None, None)
             if seeds:
                 diff.mean = sum(xi - yi for xi, yi in zip(x, y)) / len(seeds)
-            if len(seeds) >= 2:
+            d = [xi - yi for xi, yi in zip(x, y)]
+            if len(seeds) >= 2 and max(d) - min(d) <= 1e-9 * max(1.0, abs(d[0])):
+                # scipy's answer for differences with no spread is p 0 (t inf) with a CI of width 0,
+                # or nan when they are all zero: the test is undefined, say so
+                diff.note = (f"the difference is {diff.mean:+.2f} points for every seed (no spread; the "
+                             f"t-test is undefined): run more seeds, or test on more examples")
+            elif len(seeds) >= 2:
                 with warnings.catch_warnings():  # nearly equal differences: scipy warns of precision loss;
                     warnings.simplefilter("ignore", RuntimeWarning)  # the t and CI it returns are still reported
                     res = stats.ttest_rel(x, y)

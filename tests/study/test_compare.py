@@ -98,6 +98,33 @@ def test_loose_run_dirs_group_by_everything_but_the_seed(study, tmp_path):
     assert by_first_acc[91.2].acc == pytest.approx([100 * v for v in ACC["a"]])
 
 
+def test_study_runs_given_one_by_one_group_by_their_job_key_not_the_arm_name_alone(study, tmp_path):
+    # the "a" arms of two studies of other data were pooled into one arm of n=2
+    runs = [study / "study" / "a" / f"seed-{s}" for s in (0, 1)]
+    other = tmp_path / "a-elsewhere"
+    shutil.copytree(runs[1], other)
+    job = json.loads((other / "study-job.json").read_text())
+    job["key"]["train"]["data"] = "/data/other"
+    (other / "study-job.json").write_text(json.dumps(job))
+    c = compare(runs + [other], baseline=None)
+    assert sorted((a.arm, a.n) for a in c.arms) == [("a", 2), ("a-2", 1)]
+
+
+@pytest.mark.parametrize("shift", [0.0, 1 / 3])
+def test_the_same_difference_for_every_seed_is_no_test_not_p_0(study, tmp_path, shift):
+    # a tiny test set: accuracy 2/3 against 1/3 for every seed read "+33.33 [+33.33, +33.33] p 0"
+    runs = []
+    for arm, acc in (("a", 1 / 3), ("b", 1 / 3 + shift)):
+        for seed in range(3):
+            p = tmp_path / f"{arm}{seed}"
+            _fake_run(study / "base", p, arm, seed, acc + seed / 7, job=False)
+            runs.append(p)
+    c = compare(runs, baseline="sparse-random-d0.5")  # loose runs are named by their recipe (lr tells them apart)
+    (pair,) = c.paired
+    assert pair.n == 3 and pair.mean == pytest.approx(100 * shift)
+    assert pair.p is None and pair.t is None and pair.ci_low is None and "no spread" in pair.note
+
+
 def test_cli_tables_json_plot_and_errors(study, tmp_path):
     res = runner.invoke(app, ["compare", str(study / "study")])
     assert res.exit_code == 0, res.output
