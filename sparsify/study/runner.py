@@ -36,12 +36,9 @@ from typing import Any, Callable
 from .._io import atomic_path, check_writable, write_json
 from ..errors import SparsifyError, UsageError
 from ..machine import usable_cores
-from .spec import StudySpec, job_hash, job_key
+from .spec import LOGS, SPEC_COPY, STUDY_JSON, StudySpec, job_hash, job_key
 from .worker import JOB, STATUS
 
-STUDY_JSON = "study.json"
-SPEC_COPY = "spec.toml"
-LOGS = "logs"
 
 
 class StudyError(SparsifyError):
@@ -191,13 +188,13 @@ def run_study(spec: StudySpec, study_dir: str | Path | None = None, *, jobs: int
         raise UsageError(f"--threads {threads} must be at least 1")
     if study_dir.exists() and not study_dir.is_dir():
         raise UsageError(f"--out {study_dir} exists and is not a directory; choose another --out")
+    if study_dir.is_dir() and any(study_dir.iterdir()) and not _is_study_record(study_dir / STUDY_JSON):
+        # its spec.toml and study.json would be overwritten / merged into, its files mixed with runs
+        raise UsageError(f"--out {study_dir} holds files that are not a study's (no study record {STUDY_JSON}); "
+                         f"choose a new or empty --out")
     check_writable(study_dir, "--out ")  # a path that cannot be made: one line, before any work
     job_list = plan(spec, study_dir, force=force)
     study_dir.mkdir(parents=True, exist_ok=True)
-    (study_dir / LOGS).mkdir(exist_ok=True)
-    if spec.text:
-        with atomic_path(study_dir / SPEC_COPY) as tmp:
-            tmp.write_text(spec.text)
     record = _read_json(study_dir / STUDY_JSON)
     invocation = {"command": shlex.join(command) if command else None, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "jobs": jobs, "threads_per_job": threads, "cores": cores, "niceness": os.nice(0)}
@@ -206,7 +203,11 @@ def run_study(spec: StudySpec, study_dir: str | Path | None = None, *, jobs: int
                   arms={a.name: {"method": a.method, "series": a.series, "match": a.match, "count": a.count,
                                  "seeds": a.seeds, "model": a.model} for a in spec.arms.values()})
     record.setdefault("invocations", []).append(invocation)
-    write_json(study_dir / STUDY_JSON, record)
+    write_json(study_dir / STUDY_JSON, record)  # first: it marks the folder as a study's (see above)
+    (study_dir / LOGS).mkdir(exist_ok=True)
+    if spec.text:
+        with atomic_path(study_dir / SPEC_COPY) as tmp:
+            tmp.write_text(spec.text)
 
     emit = on_event or (lambda _e: None)
     skipped = sum(j.state in ("done", "diverged") for j in job_list)
@@ -223,6 +224,11 @@ def run_study(spec: StudySpec, study_dir: str | Path | None = None, *, jobs: int
         write_json(study_dir / STUDY_JSON, record)
     return StudyOutcome(study_dir, len(job_list), skipped, sum(j.state == "done" for j in job_list),
                         sum(j.state == "diverged" for j in job_list), wall, job_list)
+
+
+def _is_study_record(path: Path) -> bool:
+    record = _read_json(path)
+    return isinstance(record, dict) and isinstance(record.get("invocations"), list)
 
 
 class _Worker:

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import SparsifyError, UsageError
 from ..passes.depth_multiplier import COUNTS
 
 if sys.version_info >= (3, 11):
@@ -61,6 +61,11 @@ TRANSFORM_KEYS = {"density", "alpha", "divisor", "profile", "profile_params", "a
                   "include_classifier", "rescale_init", "block"}
 ARM_KEYS = {"method", "model", "model_args", "input_shape", "seeds", "series", "train", "match", "count"} | TRANSFORM_KEYS
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+# What a study directory holds beside its arms' folders (runner.py): no arm may take these names.
+STUDY_JSON = "study.json"
+SPEC_COPY = "spec.toml"
+LOGS = "logs"
+RESERVED = {STUDY_JSON, SPEC_COPY, LOGS}
 
 
 class SpecError(UsageError):
@@ -126,9 +131,14 @@ def _where(path: Path | None) -> str:
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study spec (TOML); SpecError with one line on any problem."""
     p = Path(path)
+    if p.is_dir():
+        raise SpecError(f"study spec {p} is a directory; give the spec's .toml file (see `sparsify study --help`)")
     if not p.is_file():
         raise SpecError(f"study spec {p} does not exist; write one (see `sparsify study --help`)")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{p}: not UTF-8 text, so not a TOML spec; save it as UTF-8") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -156,6 +166,12 @@ def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None =
         raise fail(f"[study] key {bad[0]!r} is unknown; known keys: {', '.join(sorted(STUDY_KEYS))}")
     if not isinstance(study.get("model"), str) or not study["model"]:
         raise fail("[study] model is missing; set model = \"zoo:NAME\" or a model file path")
+    for key in ("name", "baseline"):
+        if key in study and not isinstance(study[key], str):
+            raise fail(f"[study] {key} must be a string, e.g. {key} = \"dense\"")
+    if study.get("name") is not None and not NAME.match(study["name"]):
+        raise fail("[study] name becomes a directory name (runs/study-NAME); use letters, digits, '.', '_', "
+                   "'+' or '-'")
     base_dir = path.parent if path is not None else Path.cwd()
     seeds = _seeds(study.get("seeds"), "[study] seeds", fail, required=True)
     shared = raw.get("train", {})
@@ -170,6 +186,9 @@ def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None =
         where = f"[arms.{arm_name}]"
         if not NAME.match(arm_name):
             raise fail(f"{where}: arm names become directory names; use letters, digits, '.', '_', '+' or '-'")
+        if arm_name in RESERVED:
+            raise fail(f"{where}: {arm_name!r} is the name of the study's own {'folder' if arm_name == LOGS else 'file'}"
+                       f"; rename the arm")
         if not isinstance(a, dict):
             raise fail(f"{where} must be a table with at least method = \"...\"")
         bad = sorted(set(a) - ARM_KEYS)
@@ -188,9 +207,19 @@ def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None =
             raise fail(f"{'[train]' if 'seed' in shared else where + ' train'} sets seed; seeds come from "
                        f"[study] seeds (or an arm's seeds)")
         model = a.get("model", study["model"])
+        if not isinstance(model, str) or not model:
+            raise fail(f"{where} model must be a string such as \"zoo:NAME\" or a model file path")
+        if model.startswith("zoo:"):
+            from ..zoo import get as zoo_model
+
+            try:
+                zoo_model(model[len("zoo:"):])
+            except SparsifyError as e:
+                raise fail(f"{where if 'model' in a else '[study]'} model: {e}") from None
+        model_args = a.get("model_args", study.get("model_args", {}))
         arms[arm_name] = Arm(
             name=arm_name, method=method, model=_model_path(model, base_dir),
-            model_args=dict(a.get("model_args", study.get("model_args", {})) or {}),
+            model_args=dict(model_args) if isinstance(model_args, dict) else model_args,
             input_shape=a.get("input_shape", study.get("input_shape")),
             seeds=_seeds(a["seeds"], f"{where} seeds", fail) if "seeds" in a else list(seeds),
             transform={k: a[k] for k in sorted(TRANSFORM_KEYS) if k in a},
@@ -265,6 +294,9 @@ def _check_arm(arm: Arm, where: str, fail: Any) -> None:
 
     if arm.method not in METHODS:
         raise fail(f"{where} method {arm.method!r} is unknown; choose one of {', '.join(METHODS)}")
+    for key, example in (("match", 'match = "sparse"'), ("count", 'count = "conv"')):
+        if getattr(arm, key) is not None and not isinstance(getattr(arm, key), str):
+            raise fail(f"{where} {key} must be a string, e.g. {example}")
     if arm.match is not None or arm.count is not None:
         if arm.method != "depth-multiplier":
             raise fail(f"{where} match/count apply to method = \"depth-multiplier\" only")

@@ -183,6 +183,23 @@ def test_an_out_that_cannot_be_made_is_one_line_before_any_work(tmp_path, where)
     assert "--out" in res.output and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "tiny.toml"]
 
 
+@pytest.mark.parametrize("record", [None, '{"mine": true}', "[]"])
+def test_an_out_with_the_users_files_is_refused_not_overwritten(tmp_path, record):
+    # study --out . in a project folder overwrote its spec.toml and merged into its study.json
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(TINY)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "spec.toml").write_text("# my notes")
+    if record is not None:
+        (proj / "study.json").write_text(record)
+    before = {p.name: p.read_bytes() for p in proj.iterdir()}
+    res = runner.invoke(app, ["study", str(spec), "--out", str(proj), "-q"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "not a study's" in res.output
+    assert {p.name: p.read_bytes() for p in proj.iterdir()} == before
+
+
 MATCHED = """
 [study]
 model = "zoo:mlp"
@@ -208,6 +225,7 @@ def _finish(jobs, legacy: bool = False) -> None:
     for j in jobs:
         key = {k: v for k, v in j.key.items() if k != "matched"} if legacy else j.key
         j.run_dir.mkdir(parents=True)
+        (j.run_dir.parent.parent / "study.json").write_text(json.dumps({"invocations": []}))
         (j.run_dir / "study-job.json").write_text(json.dumps({"key": key, "hash": job_hash(key)}))
         (j.run_dir / "study-status.json").write_text(json.dumps({"status": "done", "test_acc": 0.5}))
 

@@ -76,6 +76,17 @@ BAD = [
     ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a-0.5]\nmethod = "none"', "write [arms.\"a-0.5\"]"),
     ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms."a/b"]\nmethod = "none"', "arm names become directory names"),
     ('[study]\nmodel = "zoo:mlp"\nseeds = 2', "no arms"),
+    # these were tracebacks (dict("abc"), unhashable lists) or passed: [[1, 2]] read as {1: 2}
+    ('[study]\nmodel = "zoo:mlp"\nmodel_args = "abc"\nseeds = 2\n[arms.a]\nmethod = "none"', "model_args must be a table"),
+    ('[study]\nmodel = "zoo:mlp"\nmodel_args = [[1, 2]]\nseeds = 2\n[arms.a]\nmethod = "none"', "model_args must be a table"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\nbaseline = ["a"]\n[arms.a]\nmethod = "none"', "[study] baseline must be a string"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a]\nmethod = "depth-multiplier"\nmatch = ["a"]\ncount = "conv"',
+     "[arms.a] match must be a string"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\nname = "../../x"\n[arms.a]\nmethod = "none"', "[study] name becomes a directory name"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms."spec.toml"]\nmethod = "none"', "the study's own file"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.logs]\nmethod = "none"', "the study's own folder"),
+    ('[study]\nmodel = "zoo:nothere"\nseeds = 2\n[arms.a]\nmethod = "none"', "[study] model: unknown zoo model 'nothere'"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a]\nmethod = "none"\nmodel = "zoo:lenet"', "[arms.a] model: unknown zoo model"),
 ]
 
 
@@ -94,6 +105,11 @@ def test_spec_errors_are_one_line_naming_the_key(tmp_path, text, expected):
 def test_missing_spec_file(tmp_path):
     res = runner.invoke(app, ["study", str(tmp_path / "nope.toml")])
     assert res.exit_code == 2 and "does not exist" in res.output
+    res = runner.invoke(app, ["study", str(tmp_path)])  # said "does not exist" of a folder
+    assert res.exit_code == 2 and "is a directory" in res.output
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe bad")  # a UnicodeDecodeError traceback
+    res = runner.invoke(app, ["study", str(tmp_path / "bin.toml")])
+    assert res.exit_code == 2 and "not UTF-8" in res.output and len(res.output.strip().splitlines()) == 1
 
 
 def test_help_documents_the_spec_format():
