@@ -687,13 +687,12 @@ def _holds_images(folder: Path) -> bool:
 
 def _scan(root: Path, exclude: Sequence[str] = ()) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names (sorted subfolder names, but ``exclude``) and (file, class index) pairs, as torchvision's
-    ImageFolder finds them. A class folder without images is listed among the classes with no file (the
-    caller refuses it by name); torchvision's ``make_dataset`` raises for one, so its files are then
-    listed here, as it lists them."""
+    ImageFolder finds them, but for linked folders that loop (below). A class folder without images
+    is listed among the classes with no file (the caller refuses it by name)."""
     try:
-        from torchvision.datasets.folder import find_classes, make_dataset  # type: ignore[import-not-found]
+        from torchvision.datasets.folder import find_classes  # type: ignore[import-not-found]
     except Exception:  # not installed, or a build that does not import beside this torch
-        find_classes = make_dataset = None
+        find_classes = None
     if find_classes is not None:
         try:
             classes = [c for c in find_classes(str(root))[0] if c not in exclude]
@@ -701,18 +700,29 @@ def _scan(root: Path, exclude: Sequence[str] = ()) -> tuple[list[str], list[tupl
             return [], []
         if not classes:
             return [], []
-        try:
-            index = {c: i for i, c in enumerate(classes)}
-            return list(classes), [(str(p), int(c)) for p, c in make_dataset(str(root), index, IMAGE_EXTENSIONS)]
-        except FileNotFoundError:  # a class folder without images: listed below
-            pass
-        except OSError:
-            return [], []
     else:
         classes = [c for c in _subfolders(root) if c not in exclude]
+    # Files as torchvision's make_dataset lists them (sorted walk, links followed), but a linked
+    # folder that leads back to the data set's root, above it, to another class's folder or to one
+    # already walked is not entered: a link "class0/up -> .." labelled every class's images class0,
+    # up to 16 times each, in train and test alike.
+    top = os.path.realpath(root)
+    folders = {os.path.realpath(root / name) for name in classes}
     samples = []
     for c, name in enumerate(classes):
-        for dirpath, _dirs, files in sorted(os.walk(root / name, followlinks=True)):
+        seen = {top} | folders
+        walked = []
+        for dirpath, dirs, files in os.walk(root / name, followlinks=True):
+            keep = []
+            for d in sorted(dirs):
+                real = os.path.realpath(os.path.join(dirpath, d))
+                if real in seen or top.startswith(real + os.sep):
+                    continue
+                seen.add(real)
+                keep.append(d)
+            dirs[:] = keep  # os.walk enters only these
+            walked.append((dirpath, files))
+        for dirpath, files in sorted(walked):
             for f in sorted(files):
                 # ._NAME: macOS's AppleDouble metadata beside each file copied to a foreign disk, no image
                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("._"):

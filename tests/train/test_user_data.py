@@ -114,11 +114,8 @@ def test_torchvision_lists_the_folder_where_it_is_importable(tmp_path, monkeypat
         calls.append(directory)
         return ["class0", "class1", "class2"], {"class0": 0, "class1": 1, "class2": 2}
 
-    def make_dataset(directory, class_to_idx, extensions):
-        return sorted((str(p), class_to_idx[p.parent.name]) for p in root.glob("*/*.png"))
-
     folder = types.ModuleType("torchvision.datasets.folder")
-    folder.find_classes, folder.make_dataset = find_classes, make_dataset
+    folder.find_classes = find_classes
     for name in ("torchvision", "torchvision.datasets"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "torchvision.datasets.folder", folder)
@@ -217,6 +214,27 @@ def test_a_class_whose_images_are_in_subfolders_is_one_class_with_a_note(tmp_pat
     labels = torch.cat([b.train.y, b.val.y, b.test.y])
     assert all(int(y) == (0 if "/animals/" in f else 1) for f, y in zip(files, labels))
     assert any("animals" in n and "subfolders" in n and "labelled animals" in n for n in b.notes), b.notes
+
+
+def test_linked_folders_that_loop_or_reach_another_class_are_not_entered(tmp_path):
+    # class0/up -> .. labelled every class's images class0, 16 deep: 2460 "images" from 60 files,
+    # the same file in train and test
+    root = make_folder(tmp_path / "imgs", per_class=4)
+    (root / "class0" / "up").symlink_to("..")
+    (root / "class1" / "more").symlink_to(root / "class2")
+    (root / "class2" / "self").symlink_to(root / "class2")
+    (root / "class2" / "extra").mkdir()
+    Image.new("RGB", (14, 10), COLOURS[2]).save(root / "class2" / "extra" / "e.png")
+    (tmp_path / "shared").mkdir()  # a link out of the data set is followed, as ImageFolder does
+    Image.new("RGB", (14, 10), COLOURS[1]).save(tmp_path / "shared" / "s.png")
+    (root / "class1" / "outside").symlink_to(tmp_path / "shared")
+    b = load_dataset(str(root), (1, 3, 8, 8), num_classes=3)
+    files = b.train.files + b.val.files + b.test.files
+    assert len(files) == 14 and len({Path(f).resolve() for f in files}) == 14
+    labels = {Path(f).resolve(): int(y) for f, y in zip(files, torch.cat([b.train.y, b.val.y, b.test.y]))}
+    assert all(y == int(f.parent.name[-1]) for f, y in labels.items() if f.parent.name.startswith("class"))
+    assert labels[(root / "class2" / "extra" / "e.png").resolve()] == 2
+    assert labels[(tmp_path / "shared" / "s.png").resolve()] == 1
 
 
 def test_an_empty_class_folder_is_refused_by_name(tmp_path):
