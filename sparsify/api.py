@@ -12,6 +12,7 @@ import torch.nn as nn
 from ._io import check_output_dir
 from .errors import RunDirError, UsageError
 from .methods import METHODS, make_config, method_class
+from .passes.base import seed_problem
 from .passes.depth_multiplier import COUNTS, match_depth
 from .passes.rules import Registry, Rule
 from .passes.trace import (defaults_note, dropped_train_overrides, grad_mode_note, mode_differences, onnx_export_note,
@@ -146,8 +147,9 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
 
 
 def _check_seed(seed: int) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise UsageError(f"--seed must be an integer >= 0, not {seed!r}")
+    problem = seed_problem(seed)
+    if problem:
+        raise UsageError(problem)
 
 
 def _density_notes(params: dict[str, Any], layers: dict[str, Any]) -> list[str]:

@@ -46,6 +46,7 @@ def test_transform_default_out_and_refusals(tmp_path, monkeypatch):
     with pytest.raises(RunDirError, match="not empty"):
         api.transform_to_dir("zoo:mlp", "sparse-random", density=0.25)
     for kwargs, words in [(dict(seed=-1), "--seed must be an integer"),
+                          (dict(seed=2**32), r"--seed must be an integer in \[0, 4294967295\]"),  # was an overflow traceback
                           (dict(method="depth-multiplier", alpha=0.5, weights="w.pt"), "--weights applies to"),
                           (dict(method="psn", density=0.2, match=path, count="total"), "--match/--count apply"),
                           (dict(method="none", leaf_modules=["Nope"]), "--leaf Nope")]:

@@ -85,6 +85,19 @@ def check_fraction(value: float | None, flag: str, example: str) -> float:
     return float(value)
 
 
+# Seeds are 32-bit, as numpy's legacy seeding and most frameworks take them: training derives
+# per-epoch and per-batch seeds from one (seed * 1_000_003 + ...), which torch's generators refused
+# (an overflow traceback) from about 9.2e12 on.
+MAX_SEED = 2**32 - 1
+
+
+def seed_problem(seed: object) -> str | None:
+    """Why ``seed`` cannot seed a transform or a training (a one-line message naming --seed), or None."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        return f"--seed must be an integer in [0, {MAX_SEED}] (32 bits), not {seed!r}"
+    return None
+
+
 def owner_of(root: nn.Module, qualname: str) -> tuple[nn.Module, str]:
     """The module holding the attribute at ``qualname`` and the attribute's name:
     ``a.b.c`` -> ``(root.a.b, "c")``, ``c`` -> ``(root, "c")``."""

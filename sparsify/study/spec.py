@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SparsifyError, UsageError
+from ..passes.base import MAX_SEED, seed_problem
 from ..passes.depth_multiplier import COUNTS
 
 if sys.version_info >= (3, 11):
@@ -66,6 +67,7 @@ STUDY_JSON = "study.json"
 SPEC_COPY = "spec.toml"
 LOGS = "logs"
 RESERVED = {STUDY_JSON, SPEC_COPY, LOGS}
+MAX_SEEDS = 10_000  # runs per arm
 
 
 class SpecError(UsageError):
@@ -276,12 +278,14 @@ def _seeds(value: Any, key: str, fail: Any, required: bool = False) -> list[int]
         raise fail(f"{key} is missing; set seeds = 3 (seeds 0, 1, 2) or a list such as seeds = [0, 1, 2]")
     if isinstance(value, bool):
         value = None
-    if isinstance(value, int) and value >= 1:
+    if isinstance(value, int) and 1 <= value <= MAX_SEEDS:
         return list(range(value))
-    if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                 for s in value) and len(set(value)) == len(value):
+    if isinstance(value, int) and value > MAX_SEEDS:  # seeds = 10**13 built a list of that many
+        raise fail(f"{key} = {value} runs per arm is more than a study can hold (at most {MAX_SEEDS}); "
+                   f"write e.g. seeds = 5")
+    if isinstance(value, list) and value and all(seed_problem(s) is None for s in value) and len(set(value)) == len(value):
         return list(value)
-    raise fail(f"{key} = {value!r} is not a positive count or a list of distinct non-negative integers; "
+    raise fail(f"{key} = {value!r} is not a positive count or a list of distinct integers in [0, {MAX_SEED}]; "
                f"write e.g. seeds = 3")
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .._io import atomic_path
 from ..errors import DataError, DivergenceError, SparsifyError, TrainingError, UsageError
 from ..nn import live_params, sparse_modules
+from ..passes.base import seed_problem
 from .checkpoint import save_checkpoint
 from .data import DataBundle, Split, augment_batch, augment_generator, batches, check_data_name, num_batches
 from .distributed import Reducer
@@ -195,7 +196,7 @@ class TrainConfig:
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.train_limit is None or self.train_limit >= 1, "--train-limit must be at least 1"),
             (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
-            (isinstance(self.seed, int) and self.seed >= 0, "--seed must be an integer >= 0"),
+            (seed_problem(self.seed) is None, seed_problem(self.seed) or ""),
             (self.model_output is None or self.model_output in MODEL_OUTPUTS,
              f"model_output must be one of {', '.join(MODEL_OUTPUTS)} (or None: detected from the first batch)"),
         ]

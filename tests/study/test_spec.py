@@ -85,6 +85,8 @@ BAD = [
     ('[study]\nmodel = "zoo:mlp"\nseeds = 2\nname = "../../x"\n[arms.a]\nmethod = "none"', "[study] name becomes a directory name"),
     ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms."spec.toml"]\nmethod = "none"', "the study's own file"),
     ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.logs]\nmethod = "none"', "the study's own folder"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 10000000000000\n[arms.a]\nmethod = "none"', "more than a study can hold"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = [10000000000000]\n[arms.a]\nmethod = "none"', "integers in [0, 4294967295]"),
     ('[study]\nmodel = "zoo:nothere"\nseeds = 2\n[arms.a]\nmethod = "none"', "[study] model: unknown zoo model 'nothere'"),
     ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a]\nmethod = "none"\nmodel = "zoo:lenet"', "[arms.a] model: unknown zoo model"),
 ]
