@@ -114,6 +114,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in ``path``; {} when it is missing, unreadable, not JSON or not an object."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:

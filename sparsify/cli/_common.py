@@ -216,6 +216,8 @@ def handle_errors(fn: F) -> F:
         except OSError as e:
             if _sigint.is_set():
                 raise _interrupted() from None
+            if e.errno == errno.ENAMETOOLONG:  # a path component over the file system's 255 bytes
+                raise fail(f"{e.strerror} ({e.filename}); choose a shorter name") from None
             if e.errno not in _STORAGE_ERRORS:
                 raise
             # a full disk or a read-only file system while writing: the writers leave no partial file

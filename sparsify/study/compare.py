@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .._io import read_json
 from ..errors import UsageError, name_list
 from ..report import param_counts
 from ..rundir import RECIPE, SUMMARY, is_run_dir, read_recipe
@@ -104,13 +105,6 @@ class Comparison:
         return next(a for a in self.arms if a.arm == name)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _curve(path: Path) -> list[dict[str, float]]:
     out = []
     try:
@@ -133,9 +127,9 @@ def read_run(path: str | Path, arm: str | None = None) -> RunRecord:
     """One run directory as a RunRecord (RunDirError when ``path`` is not a run directory)."""
     p = Path(path)
     recipe = read_recipe(p)
-    summary = _read_json(p / SUMMARY)
-    job = _read_json(p / JOB)
-    status = _read_json(p / STATUS)
+    summary = read_json(p / SUMMARY)
+    job = read_json(p / JOB)
+    status = read_json(p / STATUS)
     train = summary.get("train") or {}
     seed = int((job.get("key") or {}).get("seed", train.get("config", {}).get("seed", recipe.seed)))
     state = status.get("status") or ("done" if train else "unfinished")
@@ -173,13 +167,20 @@ def _arm_label(method: str, params: dict[str, Any], schedule: str | None) -> str
 
 def _group_key(r: RunRecord) -> str:
     """Loose runs are one arm when everything but the seed agrees."""
-    summary = _read_json(Path(r.path) / SUMMARY)
+    summary = read_json(Path(r.path) / SUMMARY)
     cfg = dict((summary.get("train") or {}).get("config") or {})
     cfg.pop("seed", None)
-    recipe = _read_json(Path(r.path) / RECIPE)
+    recipe = read_json(Path(r.path) / RECIPE)
     recipe = {k: v for k, v in recipe.items() if k not in ("seed", "versions", "source_sha256")}
     recipe["params"] = {k: v for k, v in (recipe.get("params") or {}).items() if k != "match"}
     return json.dumps([recipe, cfg], sort_keys=True)
+
+
+def _is_study(record: dict[str, Any]) -> bool:
+    arms = record.get("arms")
+    return isinstance(arms, dict) and all(
+        isinstance(info, dict) and isinstance(info.get("seeds", []), list)
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in info.get("seeds", [])) for info in arms.values())
 
 
 def _unseeded(key: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +190,7 @@ def _unseeded(key: dict[str, Any]) -> dict[str, Any]:
 def _job_group(r: RunRecord) -> str:
     """A study's runs given one by one are one arm when their job keys agree but for the seed (the
     arm's name alone pooled the "dense" arms of two studies of different models and data)."""
-    key = _read_json(Path(r.path) / JOB).get("key")
+    key = read_json(Path(r.path) / JOB).get("key")
     return json.dumps(["study", r.arm, _unseeded(key) if isinstance(key, dict) else None], sort_keys=True)
 
 
@@ -207,7 +208,10 @@ def collect(paths: Sequence[str | Path]) -> tuple[list[RunRecord], dict[str, str
     for raw in paths:
         p = Path(raw)
         if (p / STUDY_JSON).is_file():
-            study = _read_json(p / STUDY_JSON)
+            study = read_json(p / STUDY_JSON)
+            if not _is_study(study):  # was a traceback, or an empty table and exit 0
+                raise UsageError(f"{p / STUDY_JSON} is damaged (not a study record); rerun `sparsify study` on this "
+                                 f"--out to rewrite it, or compare the run directories under {p}")
             prefix = f"{study.get('name', p.name)}/" if len(studies) > 1 else ""
             baseline = baseline or (prefix + study["baseline"] if study.get("baseline") else None)
             for arm, info in (study.get("arms") or {}).items():
@@ -325,7 +329,7 @@ def _matched_to(match: dict[str, Any] | None) -> str | None:
     if not match:
         return None
     run = Path(match["run"])
-    return (_read_json(run / JOB).get("key") or {}).get("arm") or run.name
+    return (read_json(run / JOB).get("key") or {}).get("arm") or run.name
 
 
 def _finite(x: Any) -> float | None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .._io import atomic_path, check_writable, write_json
+from .._io import atomic_path, check_writable, read_json, write_json
 from ..errors import SparsifyError, UsageError
 from ..machine import usable_cores
 from .spec import LOGS, SPEC_COPY, STUDY_JSON, StudySpec, job_hash, job_key
@@ -126,7 +126,7 @@ def plan(spec: StudySpec, study_dir: str | Path, force: bool = False) -> list[Jo
                 # removed when its job starts, not here: a study stopped before then keeps the run
                 job.redo = True
             else:
-                status = _read_json(run_dir / STATUS)
+                status = read_json(run_dir / STATUS)
                 if status.get("status") in ("done", "diverged"):
                     job.state = status["status"]
                     job.test_acc = status.get("test_acc")
@@ -153,13 +153,6 @@ def _first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = ""
                 return _first_difference(a, b, f"{prefix}{k}.")
             return f"{prefix}{k} was {a!r}, now {b!r}"
     return "unknown difference"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def default_study_dir(spec: StudySpec) -> Path:
@@ -195,7 +188,7 @@ def run_study(spec: StudySpec, study_dir: str | Path | None = None, *, jobs: int
     check_writable(study_dir, "--out ")  # a path that cannot be made: one line, before any work
     job_list = plan(spec, study_dir, force=force)
     study_dir.mkdir(parents=True, exist_ok=True)
-    record = _read_json(study_dir / STUDY_JSON)
+    record = read_json(study_dir / STUDY_JSON)
     invocation = {"command": shlex.join(command) if command else None, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "jobs": jobs, "threads_per_job": threads, "cores": cores, "niceness": os.nice(0)}
     record.update(name=spec.name, description=spec.description, baseline=spec.baseline,
@@ -227,7 +220,7 @@ def run_study(spec: StudySpec, study_dir: str | Path | None = None, *, jobs: int
 
 
 def _is_study_record(path: Path) -> bool:
-    record = _read_json(path)
+    record = read_json(path)
     return isinstance(record, dict) and isinstance(record.get("invocations"), list)
 
 

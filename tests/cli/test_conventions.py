@@ -283,3 +283,10 @@ def test_out_of_memory_from_torch_or_onnxruntime_is_one_line(error):
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert r.output.startswith("error: out of memory") and "--batch-size" in r.output
     assert CliRunner().invoke(app, ["allocate", "small"]).exit_code == 1  # any other error is not hidden
+
+
+def test_a_file_name_too_long_is_one_line():
+    # transform --out LLL...(300) was an OSError [Errno 36] traceback
+    r = invoke("transform", "zoo:mlp", "--method", "sparse-random", "--density", "0.5", "--out", "L" * 300)
+    assert_one_error_line(r, "File name too long")
+    assert "shorter name" in r.output

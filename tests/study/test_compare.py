@@ -125,6 +125,15 @@ def test_the_same_difference_for_every_seed_is_no_test_not_p_0(study, tmp_path, 
     assert pair.p is None and pair.t is None and pair.ci_low is None and "no spread" in pair.note
 
 
+@pytest.mark.parametrize("record", ['{"arms": {"a": {"seeds": ["x"]}}}', "[]", "{not json", '{"arms": 3}'])
+def test_a_damaged_study_record_is_one_line(tmp_path, record):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "study.json").write_text(record)  # ValueError / AttributeError, or an empty table, exit 0
+    res = CliRunner().invoke(app, ["compare", str(tmp_path / "s")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "study.json is damaged" in res.output
+
+
 def test_cli_tables_json_plot_and_errors(study, tmp_path):
     res = runner.invoke(app, ["compare", str(study / "study")])
     assert res.exit_code == 0, res.output
