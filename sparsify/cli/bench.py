@@ -21,7 +21,7 @@ from ._common import app, err, handle_errors, out
 def _int_list(option: str, text: str) -> list[int]:
     """Parse ``1,16`` into [1, 16]; UsageError otherwise."""
     try:
-        vals = [int(t) for t in text.split(",") if t.strip()]
+        vals = [int(t) for t in text.split(",")]  # an empty item ("1,,2") is a typo, not nothing
     except ValueError:
         vals = []
     if not vals or any(v < 1 for v in vals):
@@ -376,6 +376,8 @@ def run(
     if data_dir is not None:
         train_options["data_dir"] = str(data_dir)
     if train_batch_size is not None:
+        if train_batch_size < 1:  # TrainConfig's message names train's --batch-size, which run does not have
+            raise UsageError(f"--train-batch-size must be at least 1, not {train_batch_size}")
         train_options["batch_size"] = train_batch_size
     if augment is not None:
         train_options["augment"] = augment

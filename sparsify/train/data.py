@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shlex
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,8 +143,11 @@ class DataBundle:
     normalization: dict[str, Any] | None = None
 
 
-def _fetch_hint(name: str) -> str:
-    return f"run `sparsify data fetch {name}`"
+def _fetch_hint(name: str, data_dir: str | Path | None = None) -> str:
+    """The command that fetches ``name`` to where the loader looks (``--data-dir`` given: there; the
+    hint without it fetched into the cache and the same training failed again)."""
+    where = f" --data-dir {shlex.quote(str(data_dir))}" if data_dir is not None else ""
+    return f"run `sparsify data fetch {name}{where}`"
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -171,13 +175,13 @@ def _find(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _load_idx_set(name: str, folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _load_idx_set(name: str, folder: Path, data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     paths = {}
     for key, stem in IDX_FILES.items():
         p = _find(folder, stem)
         if p is None:
-            raise DataError(f"data set {name!r} not found: {folder / stem}[.gz] is missing; {_fetch_hint(name)} "
-                            f"or pass --data-dir pointing to the IDX files")
+            raise DataError(f"data set {name!r} not found: {folder / stem}[.gz] is missing; "
+                            f"{_fetch_hint(name, data_dir)} or pass --data-dir pointing to the IDX files")
         paths[key] = p
     xtr, ytr = _read_idx(paths["train_images"]), _read_idx(paths["train_labels"])
     xte, yte = _read_idx(paths["test_images"]), _read_idx(paths["test_labels"])
@@ -272,6 +276,9 @@ def check_data_name(name: str) -> None:
     """UsageError-free check for TrainConfig.validate: DataError unless ``name`` is a set or an existing path."""
     if name in DATASETS:
         return
+    if not name.strip():  # Path("") is ".": the current directory was read as an image folder
+        raise DataError(f"--data is empty; choose one of {', '.join(DATASETS)}, or give a folder of images in class "
+                        f"subfolders or an .npz file")
     p = Path(name).expanduser()
     if p.suffix == ".npz":
         if not p.is_file():
@@ -279,8 +286,9 @@ def check_data_name(name: str) -> None:
         return
     if p.is_dir():
         return
-    raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}, or give a folder of images "
-                    f"in class subfolders or an .npz file with arrays x and y")
+    raise DataError(f"unknown data set {name!r} (no folder {p.absolute()} either); choose one of "
+                    f"{', '.join(DATASETS)}, or give a folder of images in class subfolders or an .npz file with "
+                    f"arrays x and y")
 
 
 def input_normalization(mean: torch.Tensor, std: torch.Tensor, units: str) -> dict[str, Any]:
@@ -334,7 +342,7 @@ def _load_dataset(name: str, input_shape: tuple[int, ...], *, data_dir: str | Pa
     if data_dir is not None and not (Path(data_dir) / name).is_dir() and name in ("mnist", "fashion-mnist", "cifar10"):
         folder = Path(data_dir)  # allow --data-dir to point straight at the files
     if name in ("mnist", "fashion-mnist"):
-        xtr, ytr, xte, yte = _load_idx_set(name, folder)
+        xtr, ytr, xte, yte = _load_idx_set(name, folder, data_dir)
     elif name == "digits":
         xtr, ytr, xte, yte = _load_digits()
     elif name == "cifar10":

@@ -290,3 +290,14 @@ def test_a_file_name_too_long_is_one_line():
     r = invoke("transform", "zoo:mlp", "--method", "sparse-random", "--density", "0.5", "--out", "L" * 300)
     assert_one_error_line(r, "File name too long")
     assert "shorter name" in r.output
+
+
+@pytest.mark.parametrize("value", ["1,,2", "0", "1,x", ""])
+def test_bench_batch_sizes_are_checked_item_by_item(value):
+    # "1,,2" was read as 1,2 (the empty item dropped), where run's own lists refuse it
+    assert_one_error_line(invoke("bench", "a.onnx", "-b", value), "--batch-size")
+
+
+def test_run_names_its_own_training_batch_option():
+    r = invoke("run", "zoo:mlp", "--density", "0.5", "--train-batch-size", "0")
+    assert_one_error_line(r, "--train-batch-size must be at least 1")

@@ -262,7 +262,7 @@ def test_a_schedule_that_moves_weights_between_layers_says_how_the_macs_changed(
     (["--data", "nope"], "unknown data set"),
     (["--schedule", "incremental", "--start-density", "0.5"], "start density"),
     (["--lr", "1e30", "--momentum", "0"], "loss became"),
-    (["--data", "mnist", "--data-dir", "/nonexistent-dir"], "sparsify data fetch mnist"),
+    (["--data", "mnist", "--data-dir", "/nonexistent-dir"], "sparsify data fetch mnist --data-dir /nonexistent-dir"),
     (["--init-profile-param", "sigma"], "NAME=NUMBER"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_lost(run, args, match):

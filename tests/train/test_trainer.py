@@ -176,7 +176,9 @@ def test_lr_schedules():
     ({"prune_rate": 1.5}, "--prune-rate"),
     ({"init": "erk"}, "rigl only"),
     ({"val_fraction": 1.5}, "^val_fraction must be"),  # a study key: `sparsify train` has no --val-fraction
-    ({"seed": 10**13}, r"--seed must be an integer in \[0, "),  # an overflow traceback from the batch seeds
+    ({"seed": 10**13}, r"--seed must be an integer in \[0, "),
+    ({"data": ""}, "--data is empty"),  # read the current directory as an image folder
+    ({"data": "imgz"}, r"unknown data set 'imgz' \(no folder /.*/imgz either\)"),  # an overflow traceback from the batch seeds
 ])
 def test_bad_config_is_a_usage_error(kw, match):
     with pytest.raises(UsageError, match=match):
