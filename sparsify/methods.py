@@ -68,6 +68,7 @@ class NoneConfig(MethodConfig):
         "density": "--method none keeps the model as it is and takes no --density; choose sparse-random or psn",
         "alpha": "--method none keeps the model as it is and takes no --alpha; choose depth-multiplier",
         "profile": "--profile applies to --method psn only",
+        "profile_params": "--profile-param applies to --method psn only",
         "divisor": "--divisor applies to --method depth-multiplier only, not none",
         "block": "--block applies to --method sparse-random and psn only, not none"}
 
@@ -82,6 +83,8 @@ class SparseRandomConfig(MethodConfig):
         "divisor": "--divisor applies to --method depth-multiplier only, not sparse-random",
         "alpha": "sparse-random takes --density, not --alpha",
         "profile": "--profile applies to --method psn only",
+        "profile_params": "--profile-param applies to --method psn only (sparse-random gives every unit the same "
+                          "fan-in)",
     }
     masked: ClassVar[bool] = True
 
@@ -173,6 +176,7 @@ class DepthMultiplierConfig(MethodConfig):
     refused: ClassVar[dict[str, str]] = {
         "density": "depth-multiplier takes --alpha, not --density/--profile",
         "profile": "depth-multiplier takes --alpha, not --density/--profile",
+        "profile_params": "depth-multiplier takes --alpha, not --profile-param",
         "block": "--block applies to --method sparse-random and psn only: depth-multiplier keeps dense layers",
     }
 
@@ -222,7 +226,7 @@ def check_refused(method: str, options: dict[str, Any]) -> None:
     """UsageError (the method's one line) for the first option given (not None) that ``method`` refuses."""
     cls = method_class(method)
     for option, message in cls.refused.items():
-        if options.get(option) is not None:
+        if options.get(option) not in (None, {}):  # {}: no --profile-param given
             raise UsageError(message)
 
 

@@ -150,6 +150,8 @@ training in progress is in RUN/checkpoints/ (last.pt, metrics.jsonl), which --re
                  init_profile=init_profile, train_limit=train_limit, augment=augment, workers=workers,
                  normalize=normalize)
     config = {k: v for k, v in given.items() if v is not None}
+    if momentum is not None and optimizer == "adam":  # Adam has no momentum option: it was dropped silently
+        raise UsageError("--momentum applies to --optimizer sgd only (Adam keeps its own moment estimates)")
     if init_profile_param:
         config["init_profile_params"] = _kv(init_profile_param, "--init-profile-param")
     view = _ProgressView(quiet)

@@ -301,3 +301,15 @@ def test_bench_batch_sizes_are_checked_item_by_item(value):
 def test_run_names_its_own_training_batch_option():
     r = invoke("run", "zoo:mlp", "--density", "0.5", "--train-batch-size", "0")
     assert_one_error_line(r, "--train-batch-size must be at least 1")
+
+
+def test_options_a_method_or_optimizer_does_not_take_are_refused_not_dropped():
+    # sparse-random dropped --profile-param and Adam dropped --momentum without a word
+    assert_one_error_line(invoke("transform", "zoo:mlp", "--method", "sparse-random", "--density", "0.5",
+                                 "--profile-param", "sigma=2", "--out", "r"), "--profile-param applies to --method psn")
+    assert not Path("r").exists()
+    assert_ok(invoke("transform", "zoo:mlp", "--method", "psn", "--density", "0.5", "--profile-param", "sigma=2",
+                     "--out", "p"))
+    assert_ok(invoke("transform", "zoo:mlp", "--method", "sparse-random", "--density", "0.5", "--out", "r"))
+    assert_one_error_line(invoke("train", "r", "--optimizer", "adam", "--momentum", "0.5", "--epochs", "1"),
+                          "--momentum applies to --optimizer sgd")
