@@ -52,6 +52,9 @@ def fit_fan_ins(fan_ins: dict[str, np.ndarray]) -> dict[str, Any]:
     if not logs:
         raise UsageError("no sparse layer has enough units with live inputs to fit a fan-in distribution")
     z = np.concatenate(logs)
+    if float(np.abs(z).max()) < 1e-9:  # was "exponent=inf" and a PSN command with sigma=6.66e-16
+        raise UsageError("every unit of each sparse layer has the same fan-in, so there is no distribution to fit; "
+                         "fit a run whose training moved connections (--schedule rigl, set or sparse-momentum)")
     sigma = float(z.std())
     x = np.concatenate(ratios)
     log_sum = float(np.log(x).sum())

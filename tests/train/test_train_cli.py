@@ -297,6 +297,14 @@ def test_fit_profile_prints_psn_command(run):
         assert sigma == data["layers"][name]["sigma"] and f"sigma@{name}={sigma:.3g}" in data["command"]
 
 
+def test_fit_profile_of_fan_ins_without_spread_says_so(tmp_path):
+    # a density-1 (or untrained sparse-random) run printed exponent=inf and a command with sigma=6.66e-16
+    path, _ = transform_to_dir("zoo:mlp", method="sparse-random", density=1.0, out=tmp_path / "r")
+    res = runner.invoke(app, ["fit-profile", str(path)])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "same fan-in" in res.output and "inf" not in res.output
+
+
 def test_data_fetch_refuses_unknown():
     res = runner.invoke(app, ["data", "fetch", "cifar10"])
     assert res.exit_code == 2 and "only mnist, fashion-mnist" in res.output
