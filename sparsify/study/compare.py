@@ -340,6 +340,14 @@ def _finite(x: Any) -> float | None:
 # ---------------------------------------------------------------- plot
 
 
+def _short_count(v: float) -> str:
+    """2000 -> "2k", 5e6 -> "5M": tick labels of parameter counts."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if v >= scale:
+            return f"{v / scale:g}{suffix}"
+    return f"{v:g}"
+
+
 def plot_comparison(c: Comparison, path: str | Path) -> Path:
     """Accuracy against live parameters (total and conv), and validation-accuracy learning curves.
 
@@ -351,7 +359,7 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     from .._io import save_figure
 
@@ -374,7 +382,13 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
             ax.set_xlabel(label)
             continue
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on short ranges
+        lo, hi = ax.get_xlim()
+        if hi / lo < 10:
+            # within one decade there is no labelled power of ten: label 2x and 5x, as 2k, 5k, ...
+            ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: _short_count(v)))
+        else:
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on longer ranges
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)

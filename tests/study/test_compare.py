@@ -134,6 +134,27 @@ def test_a_damaged_study_record_is_one_line(tmp_path, record):
     assert "study.json is damaged" in res.output
 
 
+def test_parameter_axes_within_one_decade_have_numbers(study, tmp_path, monkeypatch):
+    # counts of 1.45k-2.82k: a log axis with no power of ten in range, minor labels off: no number at all
+    import sparsify._io
+    from sparsify.study.compare import plot_comparison
+
+    figs = []
+    monkeypatch.setattr(sparsify._io, "save_figure", lambda fig, path, dpi: figs.append(fig) or path)
+    c = compare([study / "study"])
+    for arm, n in zip(c.arms, (1450, 2820)):
+        arm.counts = {"total": n, "conv": n}
+    plot_comparison(c, tmp_path / "p.png")
+    (fig,) = figs
+    fig.canvas.draw()
+    for ax in fig.axes[:2]:
+        lo, hi = ax.get_xlim()
+        assert hi / lo < 10
+        shown = [t.get_text() for t in ax.xaxis.get_majorticklabels() + ax.xaxis.get_minorticklabels()
+                 if t.get_text() and lo <= t.get_position()[0] <= hi]
+        assert shown, ax.get_xlabel()
+
+
 def test_cli_tables_json_plot_and_errors(study, tmp_path):
     res = runner.invoke(app, ["compare", str(study / "study")])
     assert res.exit_code == 0, res.output
