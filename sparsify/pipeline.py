@@ -8,6 +8,7 @@ files that ``sparsify bench RUN`` times with ``sparsify.runtime.bench.bench_file
 from __future__ import annotations
 
 import shlex
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,8 +57,10 @@ def plot_result(result: BenchResult, path: str | Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=9, frameon=False)
-    fig.suptitle(f"ONNX Runtime latency per variant (whiskers p10-p90; labels: speedup vs {result.baseline})",
-                 fontsize=10)
+    # wrapped to the figure's width (about 13 characters per inch at 10 pt): one 4-inch panel cut the
+    # title off on both sides
+    title = f"ONNX Runtime latency per variant (whiskers p10-p90; labels: speedup vs {result.baseline})"
+    fig.suptitle(textwrap.fill(title, width=max(30, int(13 * fig.get_figwidth()))), fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -274,3 +274,18 @@ def test_files_with_different_numbers_of_inputs_say_so(tmp_path):
     export_model(Two().eval(), [(1, 3, 8, 8), (1, 4, 8, 8)], tmp_path / "two.onnx", verify=False)
     r = CliRunner().invoke(app, ["bench", str(tmp_path / "one.onnx"), str(tmp_path / "two.onnx"), *FAST[:-1]])
     assert r.exit_code == 2 and "takes 2 inputs" in r.output, r.output
+
+
+def test_plot_title_fits_a_single_panel(models, tmp_path, monkeypatch):
+    # one batch size and one thread count: a 4-inch figure cut its 85-character title off on both sides
+    import sparsify.pipeline as pipeline
+
+    figs = []
+    monkeypatch.setattr(pipeline, "save_figure", lambda fig, path, dpi: figs.append(fig) or path)
+    result = lib.bench_files([models["big"], models["small"]], batch_sizes=[1], threads=[1], warmup=1,
+                             min_time=0.01, repeats=3, memory=False)
+    pipeline.plot_result(result, tmp_path / "p.png")
+    (fig,) = figs
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width, (box, fig.bbox.width)
