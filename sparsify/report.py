@@ -32,23 +32,32 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
     layers, seen = [], set()
     counted: list[int] = []       # each layer's parameters not counted by an earlier layer (tied weights)
     tensors_seen: set[int] = set()
-    for node in weight_nodes(gm, rules):
-        if node.target in seen:
-            continue
-        seen.add(node.target)
-        m = mods[node.target]
-        d = rules.rule_for_module(m).describe(m)
-        entries = d["entries"]
+    by_name: dict[str, dict[str, Any]] = {}
+
+    def positions(node: fx.Node, how: str) -> int:
+        """Output positions one weight entry is applied at, per sample."""
         out_shape = node_shape(node) or ()
         in_node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         in_shape = (node_shape(in_node) if in_node is not None else None) or ()
+        if how == "out":
+            return math.prod(out_shape[2:]) if len(out_shape) > 2 else 1
+        if how == "in":
+            return math.prod(in_shape[2:]) if len(in_shape) > 2 else 1
+        return math.prod(out_shape[1:-1]) if len(out_shape) > 2 else 1  # linear: every leading axis but the batch
+
+    for node in weight_nodes(gm, rules):
+        m = mods[node.target]
+        d = rules.rule_for_module(m).describe(m)
+        entries = d["entries"]
         k = d["kernel_size"]
-        if d["spatial"] == "out":
-            spatial = math.prod(out_shape[2:]) if len(out_shape) > 2 else 1
-        elif d["spatial"] == "in":
-            spatial = math.prod(in_shape[2:]) if len(in_shape) > 2 else 1
-        else:  # linear: every leading axis but the batch (tokens)
-            spatial = math.prod(out_shape[1:-1]) if len(out_shape) > 2 else 1
+        spatial = positions(node, d["spatial"])
+        if node.target in seen:  # a module called again: its parameters once, its MACs every call
+            layer = by_name[node.target]
+            layer["macs"] += int(entries.sum()) * k * spatial
+            layer["dense_macs"] += m.weight.numel() * spatial
+            layer["calls"] += 1
+            continue
+        seen.add(node.target)
         bias = m.bias.numel() if getattr(m, "bias", None) is not None else 0
         live = int(entries.sum())
         fan = entries.sum(dim=1).float()
@@ -76,7 +85,9 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
             "empty_in": empty_in,
             "classifier": node is clf,
             "sparse": isinstance(m, SPARSE_LAYERS),
+            "calls": 1,
         })
+        by_name[node.target] = layers[-1]
     functional = functional_layers(gm, rules)
     weight_names = {l["name"] + ".weight" for l in layers} | {l["name"] + ".bias" for l in layers}
     eval_params = _params_used(gm, gm.graph)

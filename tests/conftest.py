@@ -3,7 +3,8 @@
 Under pytest-xdist (``pytest -n 2``) every worker is its own process: with torch's default of one
 intra-op thread per core, two workers on two cores run four threads that spin-wait on each other
 (the training tests ran about 3x slower). One torch thread per worker; ONNX Runtime sessions and
-subprocesses choose their own threads as a user's would. ``global_hooks_restored``: for tests that
+subprocesses choose their own threads as a user's would, but sessions whose caller leaves
+``spinning`` unset do not spin-wait between runs (``native.SPINNING``). ``global_hooks_restored``: for tests that
 register process-wide module hooks.
 """
 from __future__ import annotations
@@ -15,6 +16,9 @@ import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+    from sparsify.runtime import native
+
+    native.SPINNING = False  # ORT's idle workers spin-wait too: ORT-heavy tests ran 5-8% slower
 
 
 @pytest.fixture

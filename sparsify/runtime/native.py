@@ -116,25 +116,30 @@ class SparsifySession(ort.InferenceSession):
 THREADS_CONFIG_KEY = "ai.sparsify.intra_op_num_threads"  # read by the kernel (sparseconv_op.cc)
 
 
+SPINNING = True  # ``session``'s default for spinning=None
+
+
 def session(
     path_or_bytes: str | os.PathLike[str] | bytes,
     intra_op_threads: int | None = None,
     native: bool = True,
-    spinning: bool = True,
+    spinning: bool | None = None,
     profile_prefix: str | None = None,
 ) -> ort.InferenceSession:
     """A CPU InferenceSession that uses the native SparseConv kernel when built and native=True.
 
     ``spinning=False`` stops idle intra-op workers from busy-waiting (ORT spins by default; when
     several sessions take turns, one session's spinning workers take the next one's core for up to
-    ~40 ms, which ``bench.time_bursts`` waits out instead).
+    ~40 ms, which ``bench.time_bursts`` waits out instead); None: ``SPINNING`` (ORT's default, True;
+    the test session turns it off, where two pytest workers share two cores).
     ``profile_prefix`` turns on ORT's per-node profiling (``end_profiling()`` returns the file).
     """
     so = ort.SessionOptions()
     if profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    spin = SPINNING if spinning is None else spinning
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.log_severity_level = 4  # failures surface as RuntimeBackendError; ORT need not log them too
     if intra_op_threads is not None:
         if intra_op_threads < 1:

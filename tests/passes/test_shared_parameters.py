@@ -70,6 +70,28 @@ def test_a_shared_parameter_counts_once():
     assert report["totals"]["params"] == report["totals"]["dense_params"] == unique
 
 
+class CalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.c(torch.relu(self.c(x)))  # the same conv twice at 16x16
+        return self.c(self.down(y))        # and once more at 8x8
+
+
+def test_a_module_called_again_counts_its_parameters_once_and_its_macs_every_call():
+    # inspect said 147,456 MACs for a conv that runs twice (294,912)
+    report = layer_report(trace(CalledTwice()), [(1, 8, 16, 16)], DEFAULT_RULES)
+    per_position = 8 * 8 * 9
+    (c,) = [layer for layer in report["layers"] if layer["name"] == "c"]
+    assert c["calls"] == 3 and c["params"] == per_position
+    assert c["macs"] == c["dense_macs"] == per_position * (2 * 16 * 16 + 8 * 8)
+    assert report["totals"]["macs"] == per_position * (2 * 16 * 16 + 8 * 8 + 8 * 8)
+    assert report["totals"]["params"] == 2 * per_position
+
+
 class ReadsDtype(nn.Module):
     """``x.to(self.stem.weight.dtype)`` (the input cast to the model's precision) reads only the weight's
     metadata: it ties nothing to the weight."""
