@@ -86,6 +86,10 @@ def _len(self: fx.Proxy) -> int:
     if count is not None:
         return count
     tracer = self.tracer
+    if isinstance(tracer, SparsifyTracer) and _splits_by_size(self.node):
+        # list(x.unbind(1)), list(x.split(2, 1)): as many pieces as the example's size gives, as
+        # SparsifyTracer.iter counts them (fx refused: "'len' is not supported")
+        return tracer.piece_count(self, inspect.currentframe().f_back, "len")
     if isinstance(tracer, SparsifyTracer):
         # len(x) of a tensor is x.size(0), read as a Python number: decided on the example input
         # like other sizes (fx refused it), refused in one line when it is the batch size
@@ -271,6 +275,15 @@ class SparsifyTracer(fx.Tracer):
                     return plain(value)
             return value
 
+    def piece_count(self, obj: fx.Proxy, frame: Any, what: str) -> Any:
+        """``len(obj)`` of a split whose number of pieces depends on a size, decided on the example
+        input (``size_value``; ``what`` names the use in its messages); None when it cannot be."""
+        length = self.create_proxy("call_function", len, (obj,), {})
+        try:
+            return self.size_value(length, frame, what)
+        finally:
+            self.graph.erase_node(length.node)
+
     def iter(self, obj: fx.Proxy) -> Iterator[fx.Proxy]:  # type: ignore[override]
         # fx iterates a Proxy only when unpacked (``a, b = x.chunk(2, 1)``): ``for t in x.chunk(4, 1)``,
         # ``list(...)``, ``sum(...)`` failed ("Proxy object cannot be iterated"). Splits whose number
@@ -280,11 +293,7 @@ class SparsifyTracer(fx.Tracer):
         # sizes give (``size_value``; over the batch axis refused), iterated likewise.
         count = _pieces(obj.node)
         if count is None:
-            length = self.create_proxy("call_function", len, (obj,), {})
-            try:
-                count = self.size_value(length, inspect.currentframe().f_back.f_back, "iterates over")
-            finally:
-                self.graph.erase_node(length.node)
+            count = self.piece_count(obj, inspect.currentframe().f_back.f_back, "iterates over")
             if not isinstance(count, int):
                 return super().iter(obj)
         pieces = [obj[i] for i in range(count)]
@@ -362,6 +371,17 @@ def _is_assert(frame: Any) -> bool:
 
 _SPLITS = {"chunk": ("chunks", 0), "split": ("split_size_or_sections", 0), "split_with_sizes": ("split_sizes", 1),
            "tensor_split": ("indices_or_sections", 1)}  # the argument giving the pieces, and what a list adds
+
+
+def _splits_by_size(node: fx.Node) -> bool:
+    """Whether ``node`` is a split whose number of pieces depends on a size (``unbind``, ``split(8, 1)``)."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function" and getattr(node.target, "__module__", None) in ("torch", "torch.functional"):
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
+    return name in ("unbind", "split") and _pieces(node) is None
 
 
 def _pieces(node: fx.Node) -> int | None:

@@ -1,6 +1,7 @@
 """sparsify.passes.trace: tracing with leaves, shape recording, and models that run differently in training."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -247,3 +248,49 @@ def test_a_container_of_the_models_own_layers_built_in_forward_is_traced_through
 
     model, x = Slice().eval(), torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(trace(model)(x), model(x))
+
+
+class ListedSplits(nn.Module):
+    """Splits whose number of pieces is a size, turned into lists as users write it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.d = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.c(x)
+        if self.how == "list_unbind":
+            return self.d(torch.stack(list(y.unbind(1))[::-1], 1))
+        if self.how == "torch_unbind":
+            return self.d(torch.stack(list(torch.unbind(y, 1))[::-1], 1))
+        if self.how == "star_unbind":
+            return self.d(torch.stack([*y.unbind(1)][::-1], 1))
+        if self.how == "tuple_unbind":
+            return self.d(torch.stack(tuple(y.unbind(1))[1:] + (y[:, 0],), 1))
+        if self.how == "list_split":
+            return self.d(torch.cat(list(torch.split(y, 2, 1))[::-1], 1))
+        return self.d(torch.cat(list(y.split(3, 1))[::-1], 1))  # 8 channels: 3, 3 and 2
+
+
+@pytest.mark.parametrize("how", ["list_unbind", "torch_unbind", "star_unbind", "tuple_unbind", "list_split", "uneven_split"])
+def test_splits_counted_by_a_size_turn_into_lists(how, tmp_path):
+    # list(y.unbind(1)), list(torch.split(y, 2, 1)): "'len' is not supported in symbolic tracing"
+    import sparsify
+    from sparsify.runtime.export import export_model, open_session
+
+    torch.manual_seed(0)
+    model, x = ListedSplits(how).eval(), torch.randn(3, 3, 8, 8) * 2
+    gm = trace(model, n_inputs=1, example=x[:1])
+    want = model(x)
+    assert want.std() > 0.1
+    torch.testing.assert_close(gm(x), want)
+    # and through a sparse transform and the export, against the transformed model
+    res = sparsify.transform(model, "sparse-random", density=0.5, input_shape=(1, 3, 8, 8))
+    sparse = res.model.eval()
+    out = tmp_path / "m.onnx"
+    export_model(sparse, res.recipe.input_shape, out)
+    sess = open_session(out)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, sparse(x).detach().numpy(), rtol=1e-4, atol=1e-4)
