@@ -66,6 +66,10 @@ def _check_run(path, tmp_path, shapes):
 # psn writes the same layers, masks and SparseConv ops as sparse-random (only the fan-in per unit
 # differs), so CI's 15 minutes run it on these models beside FAST's; every model runs it under -m heavy
 PSN_IN_CI = {"resnext", "dict_out", "shuffle"}
+# depth-multiplier resizes whole channel groups: CI runs it (beside FAST's) on the models whose groups
+# couple the most ways (concats, repeated parts, shuffles, writes, a U-Net's skips); the rest under
+# -m heavy (benchmarks/verify_coverage.py runs the same checks on the cases folder and the zoo)
+DM_IN_CI = {"shuffle", "unet", "dense_block", "item_assign", "self_cat"}
 
 
 def _matrix():
@@ -73,7 +77,7 @@ def _matrix():
         for method in METHODS:
             if (name, method) in FAST:
                 marks = []
-            elif method == "psn" and name not in PSN_IN_CI:
+            elif (method == "psn" and name not in PSN_IN_CI) or (method == "depth-multiplier" and name not in DM_IN_CI):
                 marks = [pytest.mark.slow, pytest.mark.heavy]
             else:
                 marks = [pytest.mark.slow]
@@ -91,9 +95,9 @@ def test_model_transforms_exports_and_matches(name, method, tmp_path):
         assert res.summary["totals"]["sparse_layers"] >= 1
 
 
-# CI's 15 minutes run the grey variant of the models where removed stem filters reach the most
-# kinds of coupling (repeated parts, concats, groups, shuffles, writes, pads); every one under -m heavy
-GREY_IN_CI = {"self_cat", "dense_block", "resnext", "shuffle", "item_assign", "zero_pad_shortcut"}
+# CI's 15 minutes run the grey variant of three models where removed stem filters reach the most
+# kinds of coupling (concats, shuffles, writes); every one under -m heavy
+GREY_IN_CI = {"dense_block", "shuffle", "item_assign"}
 
 
 @pytest.mark.slow
