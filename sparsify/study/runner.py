@@ -40,7 +40,6 @@ from .spec import LOGS, SPEC_COPY, STUDY_JSON, StudySpec, job_hash, job_key
 from .worker import JOB, STATUS
 
 
-
 class StudyError(SparsifyError):
     """A study that cannot go on: a job failed, or a directory holds something else."""
 
@@ -220,8 +219,7 @@ def run_study(spec: StudySpec, study_dir: str | Path | None = None, *, jobs: int
 
 
 def _is_study_record(path: Path) -> bool:
-    record = read_json(path)
-    return isinstance(record, dict) and isinstance(record.get("invocations"), list)
+    return isinstance(read_json(path).get("invocations"), list)
 
 
 class _Worker:

@@ -311,6 +311,7 @@ def test_data_fetch_refuses_unknown():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # 14 s in CI's slow lane: sparse momentum's learning runs by hand (-m heavy)
 def test_lenet5_on_digits_learns_well_above_chance(tmp_path):
     path, _ = transform_to_dir("zoo:lenet5", method="sparse-random", density=0.2, out=tmp_path / "lenet5")
     result = train_run(path, data="digits", schedule="sparse-momentum", epochs=4, batch_size=32)
