@@ -29,7 +29,7 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
     ensure_shapes(gm, tuple(torch.zeros(s) for s in batch1))  # MACs per sample use spatial sizes only
     mods = dict(gm.named_modules())
     clf = classifier_node(gm, rules)
-    layers, seen = [], set()
+    layers = []
     counted: list[int] = []       # each layer's parameters not counted by an earlier layer (tied weights)
     tensors_seen: set[int] = set()
     by_name: dict[str, dict[str, Any]] = {}
@@ -51,13 +51,12 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
         entries = d["entries"]
         k = d["kernel_size"]
         spatial = positions(node, d["spatial"])
-        if node.target in seen:  # a module called again: its parameters once, its MACs every call
+        if node.target in by_name:  # a module called again: its parameters once, its MACs every call
             layer = by_name[node.target]
             layer["macs"] += int(entries.sum()) * k * spatial
             layer["dense_macs"] += m.weight.numel() * spatial
             layer["calls"] += 1
             continue
-        seen.add(node.target)
         bias = m.bias.numel() if getattr(m, "bias", None) is not None else 0
         live = int(entries.sum())
         fan = entries.sum(dim=1).float()

@@ -36,6 +36,7 @@ from .base import GraphPass, PassResult, check_fraction, set_submodule
 from .channel_graph import ChannelGraph, classifier_node, shared_parameters, weight_nodes
 from .rules import DEFAULT_RULES, LayerRule, Registry, Role, SparseLayout
 from .rules.base import beyond_forward
+from .rules.layers import FunctionalConvRule
 from .trace import node_shape, untrained_layer
 
 
@@ -83,9 +84,6 @@ def check_block(block: int) -> int:
 
 
 ALLOCATIONS = ("uniform", "erk")
-# Convolutions called as functions in a traced graph: no module holds their weight, so no mask
-_FUNCTIONAL_CONVS = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
-                     torch.conv1d, torch.conv2d, torch.conv3d)
 
 
 def check_allocation(allocation: str) -> str:
@@ -213,7 +211,11 @@ class SparsePass(GraphPass):
                 dense = sorted({type(m).__name__ for m in gm.modules() if isinstance(m, nn.modules.conv._ConvNd)})
                 why = (f"; its {', '.join(dense)} layers stay dense (masks cover Conv1d and Conv2d with groups "
                        "not equal to the channels): use --method depth-multiplier" if dense else "")
-                functional = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _FUNCTIONAL_CONVS]
+                # convolutions called as functions (the rule registry's): no module holds their weight
+                rules = self.rules or DEFAULT_RULES
+                functional = [n for n in gm.graph.nodes if n.op == "call_function"
+                              and isinstance(rule := rules.rule_for_function(n.target), FunctionalConvRule)
+                              and not rule.transposed]
                 if not dense and functional:  # a Conv2d subclass with its own forward is traced through
                     why = (f"; its {len(functional)} conv{'s' if len(functional) > 1 else ''} run as functional "
                            f"conv calls ({functional[0].name}: F.conv2d in a forward of its own, e.g. a Conv2d "

@@ -373,26 +373,25 @@ _SPLITS = {"chunk": ("chunks", 0), "split": ("split_size_or_sections", 0), "spli
            "tensor_split": ("indices_or_sections", 1)}  # the argument giving the pieces, and what a list adds
 
 
+def _torch_op_name(node: fx.Node) -> str | None:
+    """The name of the tensor method or torch function ``node`` calls (``x.split`` and ``torch.split``:
+    "split"), else None."""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function" and getattr(node.target, "__module__", None) in ("torch", "torch.functional"):
+        return getattr(node.target, "__name__", "")
+    return None
+
+
 def _splits_by_size(node: fx.Node) -> bool:
     """Whether ``node`` is a split whose number of pieces depends on a size (``unbind``, ``split(8, 1)``)."""
-    if node.op == "call_method":
-        name = node.target
-    elif node.op == "call_function" and getattr(node.target, "__module__", None) in ("torch", "torch.functional"):
-        name = getattr(node.target, "__name__", "")
-    else:
-        return False
-    return name in ("unbind", "split") and _pieces(node) is None
+    return _torch_op_name(node) in ("unbind", "split") and _pieces(node) is None
 
 
 def _pieces(node: fx.Node) -> int | None:
     """How many pieces a traced split yields when its call says so (``chunk(4, 1)``, ``split([8, 8], 1)``,
     ``tensor_split([4, 12], 1)``); None when that depends on a size (``unbind``, ``split(8, 1)``)."""
-    if node.op == "call_method":
-        name, args = node.target, node.args[1:]
-    elif node.op == "call_function" and getattr(node.target, "__module__", None) in ("torch", "torch.functional"):
-        name, args = getattr(node.target, "__name__", ""), node.args[1:]
-    else:
-        return None
+    name, args = _torch_op_name(node), node.args[1:]
     if name not in _SPLITS:
         return None
     key, extra = _SPLITS[name]

@@ -708,12 +708,11 @@ def export_onnx_file(src: str | os.PathLike, out: str | os.PathLike, *, dense_th
     # a symbolic batch is 1 (then VERIFY_BATCHES); symbolic spatial axes VERIFY_SPATIAL: at 1x1 a 3x3
     # conv reads only its centre tap, and the check said "verified" with its other taps, pads and
     # strides never compared
-    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else VERIFY_SPATIAL if i >= 2 else 1
-             for i, d in enumerate(dims)]
+    fixed = [d.HasField("dim_value") and d.dim_value > 0 for d in dims]
+    shape = [d.dim_value if known else VERIFY_SPATIAL if i >= 2 else 1 for i, (d, known) in enumerate(zip(dims, fixed))]
     report = ExportReport(out=str(out), source=str(src), input_shape=shape, dense=False,
                           native_available=native_available())
-    symbolic = [i for i, d in enumerate(dims) if i >= 2 and not (d.HasField("dim_value") and d.dim_value > 0)]
-    if symbolic and verify:
+    if verify and not all(fixed[2:]):
         report.notes.append(f"the input's spatial size is symbolic, so the check ran at {VERIFY_SPATIAL} on those "
                             f"axes (input shape {shape})")
     decide = make_autotuner(report.native_available) if autotune else None

@@ -340,14 +340,6 @@ def _finite(x: Any) -> float | None:
 # ---------------------------------------------------------------- plot
 
 
-def _short_count(v: float) -> str:
-    """2000 -> "2k", 5e6 -> "5M": tick labels of parameter counts."""
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if v >= scale:
-            return f"{v / scale:g}{suffix}"
-    return f"{v:g}"
-
-
 def plot_comparison(c: Comparison, path: str | Path) -> Path:
     """Accuracy against live parameters (total and conv), and validation-accuracy learning curves.
 
@@ -386,7 +378,7 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
         if hi / lo < 10:
             # within one decade there is no labelled power of ten: label 2x and 5x, as 2k, 5k, ...
             ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
-            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: _short_count(v)))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: short_count(v)))
         else:
             ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on longer ranges
         ax.set_xlabel(label)
