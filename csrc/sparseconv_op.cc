@@ -34,6 +34,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
 #include <mutex>
 #include <memory>
 #include <new>
@@ -97,6 +100,7 @@ constexpr const char* kThreadsKey = "ai.sparsify.intra_op_num_threads";
 const OrtApi* g_api = nullptr;
 std::atomic<const KernelFns*> g_narrow{nullptr};  // for output rows of <= 8 floats
 std::atomic<const KernelFns*> g_wide{nullptr};    // for wider rows
+std::atomic<bool> g_split_wide{false};            // see splits_wide_vectors
 
 #define SPARSIFY_TRY(expr)          \
   do {                              \
@@ -121,6 +125,28 @@ void select_kernels(const KernelFns** narrow, const KernelFns** wide) {
   if (!__builtin_cpu_supports("avx512f")) return;
   *wide = sparsify_conv::avx512_kernels();
   if (__builtin_cpu_supports("avx512vl")) *narrow = sparsify_conv::avx512y_kernels();
+#endif
+}
+
+// Whether this CPU executes a 16-float FMA as two 8-float halves (AMD Zen 4, family 0x19): there
+// the narrow unit's 8-float vectors run as many lanes per cycle as the wide unit's, so a 1x1 conv's
+// small plane loses fewer lanes on them (narrow_plane in Compute). Intel's AVX-512 cores run 16
+// floats per FMA: the same 1x1 convs on 7x7 planes took 0.65-0.72 ms on 8-float vectors against
+// 0.50-0.56 ms on 16-float ones (512->2048, density 0.1, Xeon). SPARSIFY_KERNEL_SPLIT_WIDE=0|1
+// overrides the detection (tests run both choices on one machine).
+bool splits_wide_vectors() {
+  const char* knob = std::getenv("SPARSIFY_KERNEL_SPLIT_WIDE");
+  if (knob != nullptr && (knob[0] == '0' || knob[0] == '1') && knob[1] == '\0') return knob[0] == '1';
+#if defined(__x86_64__) || defined(_M_X64)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid(0, &a, &b, &c, &d) == 0) return false;
+  const bool amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "AuthenticAMD"
+  if (!amd || __get_cpuid(1, &a, &b, &c, &d) == 0) return false;
+  unsigned family = (a >> 8) & 0xfu;
+  if (family == 0xfu) family += (a >> 20) & 0xffu;
+  return family == 0x19u;
+#else
+  return false;
 #endif
 }
 
@@ -1296,13 +1322,14 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx, PoolJob* pool) {
                             (p.kind == sparsify_conv::kFlat3 && p.P > 1)) && g.Wo <= 8;
   // 1x1 convs read the plane as one flat run: on small planes that leave at most half a vector
   // over (7x7: 49 = 3 x 16 + 1), the narrow unit's vectors waste fewer lanes (7 of 56 instead of 15
-  // of 64), at the same lanes per cycle where 16-float FMAs are split in two (AMD Zen 4).
+  // of 64), at the same lanes per cycle where 16-float FMAs are split in two (AMD Zen 4; see
+  // splits_wide_vectors: elsewhere the wide unit's masked last vector is faster).
   // Not for runs of channels sharing a fan-in: the wide unit carries the left-over pixels across
   // each block (pw_block_tail; 1x1 512->2048 on 7x7, density 0.5: 0.66 -> 0.45 ms standalone).
   // The shared-fan-in runs of a 1x1 conv, looked up (or, for indices fed at run time, found) once.
   const auto pw_same = p.kind == sparsify_conv::kPointwise ? shared_runs(k, g, row_ptr, col_idx) : nullptr;
   const int64_t left_over = (g.Ho * g.Wo) % p.VL;
-  const bool narrow_plane = pw_same && g.Ho * g.Wo <= kPwNarrowPixels && left_over != 0 && left_over <= p.VL / 2 &&
+  const bool narrow_plane = g_split_wide.load(std::memory_order_relaxed) && pw_same && g.Ho * g.Wo <= kPwNarrowPixels && left_over != 0 && left_over <= p.VL / 2 &&
                             pw_same->empty();
   if (narrow_rows || narrow_plane) {
     fns = g_narrow.load(std::memory_order_relaxed);
@@ -1598,6 +1625,7 @@ SPARSIFY_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opt
   select_kernels(&narrow, &wide);
   g_narrow.store(narrow, std::memory_order_relaxed);
   g_wide.store(wide, std::memory_order_relaxed);
+  g_split_wide.store(splits_wide_vectors(), std::memory_order_relaxed);
   OrtCustomOpDomain* domain = nullptr;
   SPARSIFY_TRY(api->CreateCustomOpDomain(kDomain, &domain));
   OrtStatus* st = nullptr;

@@ -561,6 +561,21 @@ def test_pointwise_planes(monkeypatch: pytest.MonkeyPatch, isa: str, hw: int) ->
         assert_close(*run_both(case, x, threads=2))
 
 
+@pytest.mark.parametrize("split", ["0", "1"])
+@pytest.mark.parametrize("hw,stride", [(7, 1), (10, 1), (9, 1), (3, 1), (14, 2)])
+def test_pointwise_small_planes_either_vector_width(monkeypatch: pytest.MonkeyPatch, split: str, hw: int,
+                                                    stride: int) -> None:
+    """1x1 convs on small planes that leave a few pixels over whole vectors (7x7: 49 = 3 x 16 + 1)
+    run on 8-float vectors where the CPU splits 16-float FMAs (SPARSIFY_KERNEL_SPLIT_WIDE=1) and on
+    the wide unit's masked last vector elsewhere (=0): both equal the dense conv, plain, with the
+    fused sum input and with the pre-activation, on 1 and 2 threads."""
+    monkeypatch.setenv("SPARSIFY_KERNEL_SPLIT_WIDE", split)
+    rng = np.random.default_rng(hw * 10 + stride)
+    case = random_case(rng, 64, 40, 1, 0.15, strides=(stride, stride))
+    x = rng.standard_normal((2, 64, hw, hw)).astype(np.float32)
+    assert_plain_sum_and_pre_ops(case, x, rng)
+
+
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
 @pytest.mark.parametrize(
     "cin,cout,group,stride,hw,n,offset",  # offset: floats past a 64-byte boundary
