@@ -1716,6 +1716,15 @@ void im2col(const Geom& g, const float* __restrict x, float* __restrict out, int
             for (; ox + VL <= b && off + 2 * ox + 2 * VL <= g.W; ox += VL)
               _mm512_storeu_ps(dst + ox, _mm512_permutex2var_ps(_mm512_loadu_ps(src + 2 * ox), even,
                                                                 _mm512_loadu_ps(src + 2 * ox + VL)));
+            // The row's last columns (28 of a 56-wide row: 12 after one whole vector): masked loads of
+            // the 2r - 1 floats they read, never past the row.
+            for (; ox < b; ox += VL) {
+              const int64_t r = b - ox < VL ? b - ox : VL, n = 2 * r - 1;
+              const uint32_t lo = n >= VL ? 0xffffu : (1u << n) - 1u, hi = n > VL ? (1u << (n - VL)) - 1u : 0u;
+              _mm512_mask_storeu_ps(dst + ox, __mmask16((1u << r) - 1u),
+                                    _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(__mmask16(lo), src + 2 * ox), even,
+                                                           _mm512_maskz_loadu_ps(__mmask16(hi), src + 2 * ox + VL)));
+            }
           }
 #endif
           for (; ox < b; ++ox) dst[ox] = src[ox * g.sW];

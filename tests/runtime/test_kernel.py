@@ -561,6 +561,17 @@ def test_pointwise_planes(monkeypatch: pytest.MonkeyPatch, isa: str, hw: int) ->
         assert_close(*run_both(case, x, threads=2))
 
 
+@pytest.mark.parametrize("w", [14, 31, 33, 56, 57, 70])
+def test_strided_pointwise_row_ends(w: int) -> None:
+    """A 1x1/s2 conv reads its input subsampled: each row's even columns as whole vectors, the
+    row's last ones with masked loads that never read past it (Wo 7, 16 from a 31-wide row, 17,
+    28, 29, 35). Equal to the dense conv on 1 and 2 threads, with the sum and pre ops."""
+    rng = np.random.default_rng(w)
+    case = random_case(rng, 40, 24, 1, 0.3, strides=(2, 2))
+    x = rng.standard_normal((2, 40, 9, w)).astype(np.float32)
+    assert_plain_sum_and_pre_ops(case, x, rng)
+
+
 @pytest.mark.parametrize("split", ["0", "1"])
 @pytest.mark.parametrize("hw,stride", [(7, 1), (10, 1), (9, 1), (3, 1), (14, 2)])
 def test_pointwise_small_planes_either_vector_width(monkeypatch: pytest.MonkeyPatch, split: str, hw: int,
