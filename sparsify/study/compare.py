@@ -87,6 +87,13 @@ class PairedDiff:
     note: str | None = None  # why there are no pairs although both arms finished runs
 
 
+# Units of compare's JSON fields (those not named are counts, seeds or labels).
+UNITS = {"runs.test_acc": "percent", "runs.curve.val_acc": "percent", "arms.acc": "percent",
+         "arms.acc_mean": "percent", "arms.acc_sem": "percentage points", "arms.error_mean": "percent",
+         "paired.mean": "percentage points", "paired.ci_low": "percentage points",
+         "paired.ci_high": "percentage points"}
+
+
 @dataclass
 class Comparison:
     """The result of ``compare``: arms in order, paired differences, and every run read."""
@@ -98,7 +105,9 @@ class Comparison:
     test: str = TEST
 
     def to_json(self) -> dict[str, Any]:
-        return {"baseline": self.baseline, "test": self.test, "arms": [asdict(a) for a in self.arms],
+        """The comparison as JSON; ``units`` names the unit of every accuracy field (``train --json``
+        and ``summary.json`` give ``test_acc`` as a fraction of 1, compare in percent)."""
+        return {"baseline": self.baseline, "test": self.test, "units": UNITS, "arms": [asdict(a) for a in self.arms],
                 "paired": [asdict(p) for p in self.paired], "runs": [asdict(r) for r in self.runs]}
 
     def arm(self, name: str) -> ArmStats:

@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -167,6 +168,11 @@ def test_cli_tables_json_plot_and_errors(study, tmp_path):
     data = json.loads(runner.invoke(app, ["compare", str(study / "study"), "--json", "--baseline", "b"]).stdout)
     assert data["baseline"] == "b" and data["paired"][0]["arm"] == "a"
     assert data["paired"][0]["mean"] == pytest.approx(-data["arms"][1]["acc_mean"] + data["arms"][0]["acc_mean"])
+    # accuracies in percent, as `units` says (summary.json and `train --json` hold fractions of 1)
+    assert data["units"]["runs.test_acc"] == "percent" and data["units"]["paired.mean"] == "percentage points"
+    done = [r for r in data["runs"] if r["status"] == "done"]
+    assert done and all(r["test_acc"] == pytest.approx(100 * json.loads(
+        (Path(r["path"]) / "summary.json").read_text())["train"]["test_acc"]) for r in done)
     plot = tmp_path / "cmp.png"
     assert runner.invoke(app, ["compare", str(study / "study"), "--plot", str(plot)]).exit_code == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
