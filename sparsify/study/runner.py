@@ -190,7 +190,10 @@ def run_study(spec: StudySpec, study_dir: str | Path | None = None, *, jobs: int
     record = read_json(study_dir / STUDY_JSON)
     invocation = {"command": shlex.join(command) if command else None, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "jobs": jobs, "threads_per_job": threads, "cores": cores, "niceness": os.nice(0)}
-    record.update(name=spec.name, description=spec.description, baseline=spec.baseline,
+    # A spec without [study] name is named after its file: resuming from another copy of it (the
+    # study's own spec.toml) keeps the name the study has.
+    name = spec.name if spec.named or not record.get("name") else record["name"]
+    record.update(name=name, description=spec.description, baseline=spec.baseline,
                   spec=str(spec.path) if spec.path else None,
                   arms={a.name: {"method": a.method, "series": a.series, "match": a.match, "count": a.count,
                                  "seeds": a.seeds, "model": a.model} for a in spec.arms.values()})

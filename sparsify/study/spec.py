@@ -102,6 +102,7 @@ class StudySpec:
     baseline: str | None
     text: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+    named: bool = False  # the name was given ([study] name), not taken from the file's stem
 
     def jobs(self) -> list[tuple[Arm, int]]:
         """Every (arm, seed) in spec order, arms whose parameters are matched after the arms they match."""
@@ -238,7 +239,7 @@ def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None =
         raise fail(f"[study] baseline {baseline!r} is not an arm; choose one of {', '.join(arms)}")
     stem = path.stem if path is not None else "study"
     return StudySpec(name=str(study.get("name") or name or stem), description=str(study.get("description", "")),
-                     path=path, arms=arms, baseline=baseline, raw=raw)
+                     path=path, arms=arms, baseline=baseline, raw=raw, named=bool(study.get("name") or name))
 
 
 def _model_path(model: Any, base_dir: Path) -> str:

@@ -68,6 +68,11 @@ def test_tiny_study_runs_every_arm_and_seed_then_skips_them(tmp_path):
     again = runner.invoke(app, ["study", str(spec), "--out", str(out), "-q"])
     assert again.exit_code == 0 and "4 already finished, 0 trained now" in again.stdout
     assert {r: (r / "study-status.json").read_bytes() for r in runs} == before
+    # resumed from the study's own copy of the spec (no [study] name): the study keeps its name
+    copy = runner.invoke(app, ["study", str(out / "spec.toml"), "--out", str(out), "-q"])
+    assert copy.exit_code == 0 and "4 already finished" in copy.stdout
+    record = json.loads((out / "study.json").read_text())
+    assert record["name"] == "tiny" and len(record["invocations"]) == 3
     # a changed spec is refused for the runs it changes, and --force redoes only those
     spec.write_text(TINY.replace("density = 0.3", "density = 0.4"))
     changed = runner.invoke(app, ["study", str(spec), "--out", str(out), "-q"])
