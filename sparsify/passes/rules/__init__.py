@@ -121,7 +121,7 @@ def _default() -> Registry:
     r.function((torch.flatten,), flatten)
     r.method(("flatten",), flatten)
     reshape = ReshapeRule()
-    r.method(("view", "reshape"), reshape)
+    r.method(("view", "reshape", "view_as", "reshape_as"), reshape)
     r.function((torch.reshape,), reshape)
     permute = PermuteRule()
     r.method(("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"), permute)

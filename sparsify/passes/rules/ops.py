@@ -329,7 +329,7 @@ def _reshape_groups(sin: tuple[int, ...], sout: tuple[int, ...]) -> list[tuple[l
 
 
 class ReshapeRule(Rule):
-    """view / reshape: axes kept 1:1 are tied, runs of axes merged into one are a flatten; an axis
+    """view / reshape / view_as / reshape_as: axes kept 1:1 are tied, runs of axes merged into one are a flatten; an axis
     split into several or given as a literal size is frozen, never guessed, except a split whose
     sizes are literals but one computed from tensor sizes or -1 (channel shuffle ``x.view(n, 2,
     c // 2, h, w)``, heads ``x.view(n, t, heads, c // heads)``): the computed part follows the size
@@ -357,9 +357,14 @@ class ReshapeRule(Rule):
         if groups is None:
             cg.unknown(node, f".{node.target}()" if node.op == "call_method" else "reshape")
             return
-        sizes = self._sizes(cg, node, len(so))
-        literal = [sizes is None or (isinstance(v, int) and v not in (-1, 1)) for v in (sizes or so)]
         where = f"{node.target}() at {node.name}" if node.op == "call_method" else f"reshape at {node.name}"
+        if node.op == "call_method" and node.target in ("view_as", "reshape_as"):
+            # x.view_as(y) is x.view(y.shape): every size computed from y, whose axes the result keeps
+            cg.tie_axes(node, node.args[1], None, where)
+            sizes, literal = None, [False] * len(so)
+        else:
+            sizes = self._sizes(cg, node, len(so))
+            literal = [sizes is None or (isinstance(v, int) and v not in (-1, 1)) for v in (sizes or so)]
         for a, b in groups:
             if not a or not b:
                 continue
