@@ -147,24 +147,8 @@ class ChannelScale(nn.Module):
         return self.fc(F.relu(self.mid(x * v.view(1, -1, 1, 1))).mean((2, 3)))
 
 
-def test_a_one_axis_view_sized_from_channels_follows_them():
-    # The view's one size argument was read as "sizes unknown", so the channels froze as if the
-    # size were a literal: the depth multiplier kept the stem whole.
-    model, dm = _transformed(ChannelScale(), 0.5)
-    assert dm.model.stem.out_channels == 8 and dm.model.mid.in_channels == 8
-    narrow = ChannelScale(width=8)
-    narrow.load_state_dict(dm.model.state_dict())
-    assert_same(dm.model, narrow, SHAPE)
-    through_every_pass(ChannelScale(), SHAPE, alpha=0.5)
-
-
-class ViewAs(nn.Module):
+class ViewAs(ChannelScale):
     """A residual block whose branch is viewed / reshaped to the shape of the block's input."""
-
-    def __init__(self, width: int = 16):
-        super().__init__()
-        self.stem, self.mid = nn.Conv2d(3, width, 3, padding=1), nn.Conv2d(width, width, 3, padding=1)
-        self.fc = nn.Linear(width, 4)
 
     def forward(self, x):
         x = F.relu(self.stem(x))
@@ -172,11 +156,14 @@ class ViewAs(nn.Module):
         return self.fc(y.view_as(x).mean((2, 3)))
 
 
-def test_view_as_and_reshape_as_follow_the_tensor_they_copy_the_shape_of():
-    # view_as / reshape_as were unknown ops: the depth multiplier kept every channel they touched
-    model, dm = _transformed(ViewAs(), 0.5)
-    assert dm.model.stem.out_channels == 8 and dm.model.mid.out_channels == 8 and dm.model.fc.in_features == 8
-    narrow = ViewAs(width=8)
+@pytest.mark.parametrize("cls", [ChannelScale, ViewAs])
+def test_views_sized_from_channels_follow_them(cls):
+    # ChannelScale: the view's one size argument was read as "sizes unknown", so the channels froze
+    # as if the size were a literal: the depth multiplier kept the stem whole. ViewAs: view_as /
+    # reshape_as were unknown ops, which froze every channel they touched.
+    model, dm = _transformed(cls(), 0.5)
+    assert dm.model.stem.out_channels == 8 and dm.model.mid.in_channels == 8 and dm.model.fc.in_features == 8
+    narrow = cls(width=8)
     narrow.load_state_dict(dm.model.state_dict())
     assert_same(dm.model, narrow, SHAPE)
-    through_every_pass(ViewAs(), SHAPE, alpha=0.5)
+    through_every_pass(cls(), SHAPE, alpha=0.5)
