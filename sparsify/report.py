@@ -147,16 +147,33 @@ def functional_layers(gm: fx.GraphModule, rules: Registry | None = None) -> list
             spatial = math.prod(xs[2:]) if xs is not None else 0
         else:
             spatial = math.prod(out[2:])
-        # a computed weight (self.c3.weight * self.m3) by the parameter it is computed from
-        source = w if w.op == "get_attr" else next((a for a in w.all_input_nodes if a.op == "get_attr"), w)
+        # a computed weight (self.c3.weight * self.m3, a standardised weight) by the parameter it is computed from
+        source = _first_get_attr(w) or w
         entry = {"node": node.name, "op": node.target.__name__,
-                 "weight": source.target if source.op == "get_attr" else source.name, "macs": math.prod(ws) * spatial}
+                 "weight": source.target if source.op == "get_attr" else source.name, "shape": list(ws),
+                 "macs": math.prod(ws) * spatial}
         # a layer subclass whose own forward calls the function on its weight (a "same"-padding
         # Conv2d): kept whole as a leaf with its rule, it goes sparse (trace marks these)
         if "layer_subclass" in source.meta:
             entry["layer_type"], entry["rule"] = source.meta["layer_subclass"]
         found.append(entry)
     return found
+
+
+def _first_get_attr(node: fx.Node) -> fx.Node | None:
+    """The nearest module tensor (get_attr) that ``node`` is computed from, breadth first; None if none."""
+    queue, seen = [node], {node}
+    while queue:
+        n = queue.pop(0)
+        if n.op == "get_attr":
+            return n
+        if n.op in ("call_module", "placeholder"):  # an activation: the weight is not computed from it
+            continue
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                queue.append(a)
+    return None
 
 
 def functional_note(report: dict[str, Any]) -> str | None:

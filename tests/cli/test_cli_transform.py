@@ -419,6 +419,45 @@ def test_inspect_zoo_model():
     assert "zoo:lenet5" in r.stdout and "dense" in r.stdout and "sparse layers 0/5" in r.stdout
 
 
+WEIGHT_STANDARDISED = """
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class WSConv(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = WSConv(3, 16, 3, padding=1), WSConv(16, 32, 3, padding=1), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.b(F.relu(self.a(x)))).mean((2, 3)))
+
+
+INPUT_SHAPE = (1, 3, 16, 16)
+"""
+
+
+def test_inspect_lists_the_convs_a_forward_runs_as_functions():
+    # a model whose convs all trace into F.conv2d (weight standardisation) listed only its Linear,
+    # while the totals counted the convs' MACs
+    write("ws.py", WEIGHT_STANDARDISED)
+    r = invoke("inspect", "ws.py")
+    assert_ok(r)
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.split()}
+    assert rows["a()"][1:3] == ["conv2d", "3→16"] and rows["b()"][1:3] == ["conv2d", "16→32"]
+    assert rows["b()"][4] == "1.18M" and "runs as a function" in r.stdout
+    data = json.loads(invoke("inspect", "ws.py", "--json").stdout)
+    assert [(f["weight"], f["shape"]) for f in data["functional"]] == [("a.weight", [16, 3, 3, 3]),
+                                                                        ("b.weight", [32, 16, 3, 3])]
+
+
 def test_inspect_zoo_json_is_dense():
     r = invoke("inspect", "zoo:lenet5", "--json")
     assert_ok(r)
