@@ -352,8 +352,8 @@ def _finite(x: Any) -> float | None:
 def plot_comparison(c: Comparison, path: str | Path) -> Path:
     """Accuracy against live parameters (total and conv), and validation-accuracy learning curves.
 
-    One point per arm (mean, error bar +- s.e.), arms of one series joined in order of parameter
-    count; learning curves are the mean over each arm's finished seeds. Written atomically, as PNG, PDF
+    One point per arm (mean, error bar +- s.e.; named where its name is not its series'), arms of one
+    series joined in order of parameter count; learning curves are the mean over each arm's finished seeds. Written atomically, as PNG, PDF
     or SVG by the file's suffix.
     """
     import matplotlib
@@ -376,8 +376,11 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
                          if a.counts.get(key))
             if not pts:
                 continue
-            xs, ys, es, _ = zip(*pts)
+            xs, ys, es, names = zip(*pts)
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=s)
+            for x, y, name in zip(xs, ys, names):  # the arm names the learning curves are labelled with
+                if name != s:
+                    ax.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
         if not ax.lines:
             ax.text(0.5, 0.5, f"no {label}", ha="center", va="center", transform=ax.transAxes)
             ax.set_xlabel(label)

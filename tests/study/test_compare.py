@@ -154,6 +154,8 @@ def test_parameter_axes_within_one_decade_have_numbers(study, tmp_path, monkeypa
         shown = [t.get_text() for t in ax.xaxis.get_majorticklabels() + ax.xaxis.get_minorticklabels()
                  if t.get_text() and lo <= t.get_position()[0] <= hi]
         assert shown, ax.get_xlabel()
+        # each point carries the arm name the learning curves (third panel) are labelled with
+        assert {t.get_text() for t in ax.texts} == {a.arm for a in c.arms if a.arm != a.series} == {"a", "b"}
 
 
 def test_cli_tables_json_plot_and_errors(study, tmp_path):
