@@ -1329,7 +1329,8 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx, PoolJob* pool) {
   // The shared-fan-in runs of a 1x1 conv, looked up (or, for indices fed at run time, found) once.
   const auto pw_same = p.kind == sparsify_conv::kPointwise ? shared_runs(k, g, row_ptr, col_idx) : nullptr;
   const int64_t left_over = (g.Ho * g.Wo) % p.VL;
-  const bool narrow_plane = g_split_wide.load(std::memory_order_relaxed) && pw_same && g.Ho * g.Wo <= kPwNarrowPixels && left_over != 0 && left_over <= p.VL / 2 &&
+  const bool narrow_plane = g_split_wide.load(std::memory_order_relaxed) && pw_same &&
+                            g.Ho * g.Wo <= kPwNarrowPixels && left_over != 0 && left_over <= p.VL / 2 &&
                             pw_same->empty();
   if (narrow_rows || narrow_plane) {
     fns = g_narrow.load(std::memory_order_relaxed);
