@@ -462,10 +462,12 @@ class LayerNormRule(ChannelwiseRule):
         m.normalized_shape = (len(keep),)
 
     def resize_plan(self, m, node, size):
-        c = size(node, -1)
-        if (c,) == tuple(m.normalized_shape):
+        # every normalised axis (couple froze them when there are several, so those keep their sizes;
+        # a plan of the last axis alone rebuilt LayerNorm([C, H, W]) as LayerNorm((W,)), even at alpha 1)
+        shape = tuple(size(node, a) for a in range(-len(m.normalized_shape), 0))
+        if shape == tuple(m.normalized_shape):
             return None
-        return {"normalized_shape": (c,)}, {t: (c,) for t in self.tensors}
+        return {"normalized_shape": shape}, {t: shape for t in self.tensors}
 
 
 class PReLURule(ChannelwiseRule):

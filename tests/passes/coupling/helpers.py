@@ -70,7 +70,8 @@ def through_every_pass(model: nn.Module, shape, alpha: float = 0.5, kill: float 
 
     - sparse-random at density 1 computes the original function;
     - depth-multiplier runs and keeps the output shapes (its own ``ensures``), or, for a model
-      with nothing ``resizable``, refuses with a PassError;
+      with nothing ``resizable``, refuses with a PassError; at alpha 1 it computes the original
+      function (no layer rebuilt);
     - compaction of a sparse version with dead filters is exact (its certificate) and removes
       only what it may (of the model itself when nothing is ``maskable``).
     Returns (depth-multiplied result or None, compacted model, compaction report).
@@ -81,6 +82,7 @@ def through_every_pass(model: nn.Module, shape, alpha: float = 0.5, kill: float 
     gm = trace(model)
     if resizable:
         dm = DepthMultiplierPass(alpha)(gm, example)
+        assert_same(model, DepthMultiplierPass(1.0)(gm, example).model, shape)
     else:
         with pytest.raises(PassError, match="no channel group can be resized"):
             DepthMultiplierPass(alpha)(gm, example)

@@ -91,3 +91,29 @@ def test_functional_layer_norm_gets_the_new_channel_count():
     (ln,) = [n for n in m.graph.nodes if n.target is F.layer_norm]
     assert ln.args[1] == (8,) and m.norm.weight.shape == (8,) and m.stem.out_channels == 8
     assert m(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+class MultiAxisLayerNorm(nn.Module):
+    """LayerNorm over [C, H, W] after a conv (GAN / U-Net code) and over [H, W] alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.ln_chw = nn.Conv2d(3, 16, 3, padding=1), nn.LayerNorm([16, 8, 6])
+        self.c1, self.ln_hw = nn.Conv2d(16, 16, 3, padding=1), nn.LayerNorm([8, 6])
+        self.c2, self.fc = nn.Conv2d(16, 12, 3, padding=1), nn.Linear(12, 10)
+
+    def forward(self, x):
+        x = F.relu(self.ln_chw(self.c0(x)))
+        x = F.relu(self.ln_hw(self.c1(x)))
+        return self.fc(F.relu(self.c2(x)).mean((2, 3)))
+
+
+def test_layer_norm_over_several_axes_keeps_its_shape():
+    # the depth multiplier rebuilt LayerNorm([16, 8, 6]) as LayerNorm((6,)) with fresh weights, even at
+    # alpha 1 (0.1 off the original); a norm over [C, H, W] freezes C, one over [H, W] lets it resize
+    cg = build(MultiAxisLayerNorm(), (1, 3, 8, 6))
+    assert group(cg, "c0").frozen and not group(cg, "c1").frozen
+    dm, _, _ = through_every_pass(MultiAxisLayerNorm(), (1, 3, 8, 6))
+    m = dm.model
+    assert m.ln_chw.normalized_shape == (16, 8, 6) and m.ln_hw.normalized_shape == (8, 6)
+    assert m.c1.out_channels == 8 and m.ln_hw.weight.shape == (8, 6)
