@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from .nn import SPARSE_LAYERS
 from .passes.channel_graph import classifier_node, weight_nodes
-from .passes.rules import DEFAULT_RULES, Registry
+from .passes.rules import DEFAULT_RULES, LayerRule, Registry
 from .passes.rules.layers import FunctionalConvRule, FunctionalLinearRule
 from .passes.trace import ensure_shapes, graphs, node_shape
 from .profiles import cv, empty_channels
@@ -87,7 +87,7 @@ def layer_report(gm: fx.GraphModule, input_shape: Any, rules: Registry | None = 
             "calls": 1,
         })
         by_name[node.target] = layers[-1]
-    functional = functional_layers(gm, rules)
+    functional = functional_layers(gm, rules) + dense_leaves(gm, rules)
     weight_names = {l["name"] + ".weight" for l in layers} | {l["name"] + ".bias" for l in layers}
     eval_params = _params_used(gm, gm.graph)
     train_params = set().union(*(_params_used(gm, g) for g in graphs(gm)[1:]))
@@ -141,12 +141,8 @@ def functional_layers(gm: fx.GraphModule, rules: Registry | None = None) -> list
         xs = node_shape(x) if isinstance(x, fx.Node) else None
         if ws is None or out is None:
             continue
-        if isinstance(rule, FunctionalLinearRule):
-            spatial = math.prod(out[1:-1]) if len(out) > 2 else 1
-        elif rule.transposed:
-            spatial = math.prod(xs[2:]) if xs is not None else 0
-        else:
-            spatial = math.prod(out[2:])
+        spatial = _positions(out, xs, linear=isinstance(rule, FunctionalLinearRule),
+                             transposed=not isinstance(rule, FunctionalLinearRule) and rule.transposed)
         # a computed weight (self.c3.weight * self.m3, a standardised weight) by the parameter it is computed from
         source = _first_get_attr(w) or w
         entry = {"node": node.name, "op": node.target.__name__,
@@ -158,6 +154,47 @@ def functional_layers(gm: fx.GraphModule, rules: Registry | None = None) -> list
             entry["layer_type"], entry["rule"] = source.meta["layer_subclass"]
         found.append(entry)
     return found
+
+
+def dense_leaves(gm: fx.GraphModule, rules: Registry | None = None) -> list[dict[str, Any]]:
+    """Convs and linears the eval graph calls as dense frozen leaves because an instance computes more
+    than its type's forward (``rules.base.beyond_forward``: a weight_norm / spectral_norm
+    parametrization, hooks): entries like ``functional_layers``' (MACs at batch 1, dense) with
+    ``leaf``: why. Masks never cover them; the totals count their MACs."""
+    from .passes.rules.base import beyond_forward
+
+    rules = rules or DEFAULT_RULES
+    mods = dict(gm.named_modules())
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = mods[node.target]
+        why = beyond_forward(m) if rules.rule_for_module(m) is None else None
+        base = rules.rule_for_type(type(m)) if why else None
+        if not (isinstance(base, LayerRule) and base.has_weight) or not isinstance(getattr(m, "weight", None), torch.Tensor):
+            continue
+        ws, out = tuple(m.weight.shape), node_shape(node)
+        x = node.args[0] if node.args else None
+        if out is None:
+            continue
+        spatial = _positions(out, node_shape(x) if isinstance(x, fx.Node) else None, linear=len(ws) == 2,
+                             transposed=bool(getattr(m, "transposed", False)))
+        d = base.describe(m)
+        found.append({"node": node.name, "op": type(m).__name__, "weight": f"{node.target}.weight", "shape": list(ws),
+                      "macs": math.prod(ws) * spatial, "leaf": why,
+                      **{k: d[k] for k in ("in", "out", "kernel", "groups")}})
+    return found
+
+
+def _positions(out: Any, xs: Any, linear: bool, transposed: bool) -> int:
+    """Output positions each weight entry of a dense conv / linear is applied at, per sample: a
+    linear map's leading axes but the batch, a transposed conv's input pixels, a conv's output pixels."""
+    if linear:
+        return math.prod(out[1:-1]) if len(out) > 2 else 1
+    if transposed:
+        return math.prod(xs[2:]) if xs is not None else 0
+    return math.prod(out[2:])
 
 
 def _first_get_attr(node: fx.Node) -> fx.Node | None:
@@ -179,7 +216,7 @@ def _first_get_attr(node: fx.Node) -> fx.Node | None:
 def functional_note(report: dict[str, Any]) -> str | None:
     """A one-line note naming the weights the forward runs as functions (``functional_layers``), which
     stay dense; None when there are none."""
-    found = report.get("functional") or []
+    found = [f for f in report.get("functional") or [] if not f.get("leaf")]  # leaves have notes of their own
     if not found:
         return None
     names = list(dict.fromkeys(f"{f['weight']} ({f['op']})" for f in found))

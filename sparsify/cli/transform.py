@@ -84,18 +84,23 @@ def render_report(report: dict[str, Any], title: str, width: int | None = None) 
         rows.append([l["name"] + ("*" if l["classifier"] else ""), _op(l), f"{l['in']}→{l['out']}", _fmt(l["params"]),
                      _fmt(l["macs"]), f"{l['density']:.3f}", f"{l['fan_in_mean']:.{0 if l['fan_in_mean'] >= 100 else 1}f}", f"{l['fan_in_cv']:.2f}",
                      f"{l['empty_in']}/{l['empty_out']}"])
-    # layers the forward runs as functions (F.conv2d(x, w)): dense, counted in the totals' MACs
-    for f in report.get("functional") or []:
+    # layers the forward runs as functions (F.conv2d(x, w)) or as dense frozen leaves (a weight_norm
+    # parametrization): dense, counted in the totals' MACs
+    outside = report.get("functional") or []
+    for f in outside:
         shape = f["shape"]
-        name = f["weight"].removesuffix(".weight")
-        rows.append([name + "()", f["op"], f"{shape[1]}→{shape[0]}", "-", _fmt(f["macs"]), "1.000", "-", "-", "-"])
+        name = f["weight"].removesuffix(".weight") + ("^" if f.get("leaf") else "()")
+        op, io = (_op(f), f"{f['in']}→{f['out']}") if f.get("leaf") else (f["op"], f"{shape[1]}→{shape[0]}")
+        rows.append([name, op, io, "-", _fmt(f["macs"]), "1.000", "-", "-", "-"])
     others = sum(max([len(h)] + [len(r[i + 1]) for r in rows]) + 1 for i, h in enumerate(headers))
     longest = max([len("layer")] + [len(r[0]) for r in rows])
     room = max(8, (width or out.size.width) - others - 1)
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0),
               pad_edge=False, collapse_padding=True,
               caption="*: classifier; fan-in: mean live inputs per unit; empty: channels in/out"
-              + ("; (): runs as a function, dense" if report.get("functional") else ""), caption_justify="left")
+              + ("; (): runs as a function, dense" if any(not f.get("leaf") for f in outside) else "")
+              + ("; ^: kept dense (parametrized weight or hooks)" if any(f.get("leaf") for f in outside) else ""),
+              caption_justify="left")
     t.add_column("layer", overflow="fold", max_width=min(longest, room))
     for col in headers:
         t.add_column(col, justify="left" if col == "op" else "right", no_wrap=True)

@@ -334,6 +334,11 @@ class Registry:
                 return self.user_modules[key]
         if beyond_forward(m) is not None:
             return None
+        return self.rule_for_type(t)
+
+    def rule_for_type(self, t: type) -> Rule | None:
+        """The built-in rule of module type ``t`` (or of the base class whose computation it keeps),
+        regardless of user rules and of what an instance adds (hooks, parametrizations)."""
         if t in self.modules:
             return self.modules[t]
         for base in t.__mro__[1:]:
