@@ -18,7 +18,8 @@ from .passes.rules import Registry, Rule
 from .passes.trace import (defaults_note, dropped_train_overrides, grad_mode_note, mode_differences, onnx_export_note,
                            size_branches_note, state_written_note, traced_constants, training_draws_note)
 from .replay import apply_method, load_checked, replay_rules, rule_registry, trace_loaded
-from .report import functional_note, layer_report, param_counts, with_ratios
+from .passes.outside import functional_note
+from .report import layer_report, param_counts, with_ratios
 from .rundir import SUMMARY, Recipe, Run, default_run_dir, is_run_dir, load_run, read_recipe, save_run
 
 __all__ = ["METHODS", "TransformResult", "transform", "transform_to_dir", "default_out", "load", "inspect",

@@ -23,6 +23,7 @@ import torch.nn as nn
 from ..errors import PassError, UsageError
 from .base import GraphPass, PassResult, check_fraction, owner_of, set_submodule
 from .channel_graph import ChannelGraph, classifier_node
+from .outside import functional_layers, functional_note, ruleless_leaves
 from .rules import LayerRule, Registry
 from .rules.layers import ConvRule
 from .trace import graphs
@@ -63,6 +64,16 @@ def scaled_size(n: int, alpha: float, divisor: int = 1, multiple: int = 1) -> in
     return size
 
 
+def _what_freezes(gm: fx.GraphModule, rules: Registry | None) -> str:
+    """The layers no channel group reaches, and how to let them resize: convs run as functions (a
+    Conv2d subclass standardising its weight), leaf types without a rule; else ``sparsify inspect``."""
+    leaves = ruleless_leaves(gm, rules)
+    said = [f"{', '.join(leaves)} {'is a leaf' if len(leaves) == 1 else 'are leaves'} without a rule, whose "
+            f"channels stay as they are; add --rule {leaves[0]}=conv (or linear, elementwise, frozen)"] if leaves else []
+    note = functional_note({"functional": functional_layers(gm, rules)}, goal="resizable")
+    return "; ".join(said + ([note] if note else [])) or "see `sparsify inspect`"
+
+
 class DepthMultiplierPass(GraphPass):
     """Scale every free channel group by ``alpha`` (rounded up, or to a multiple of ``divisor``;
     always to a multiple of its group count)."""
@@ -82,7 +93,7 @@ class DepthMultiplierPass(GraphPass):
                              key=lambda r: (r in ("model input", "model output"), r))
             why = f" ({reasons[0]}{' and more' if len(reasons) > 1 else ''})" if reasons else ""
             raise PassError(f"depth-multiplier: no channel group can be resized (all are frozen{why}); "
-                            "see `sparsify inspect`")
+                            + _what_freezes(gm, self.rules))
 
     def call(self, gm: fx.GraphModule, example: Any) -> PassResult:
         cg = ChannelGraph.build(gm, example, self.rules, keep_untrained=True)

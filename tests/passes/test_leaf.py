@@ -174,6 +174,30 @@ class StdConv(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class StdConvNet(nn.Module):
+    """Every conv a StdConv (BiT): as traced, each runs as F.conv2d on a computed weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1, self.fc = StdConv(3, 16, 3, padding=1), StdConv(16, 24, 3, padding=1), nn.Linear(24, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c1(torch.relu(self.c0(x)))).mean((2, 3)))
+
+
+def test_depth_multiplier_names_what_keeps_every_group_frozen():
+    # "no channel group can be resized (all are frozen (model output))": the blocker was the convs
+    # run as functions (no --leaf) or leaves without a rule (--leaf StdConv), never the output
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(PassError, match="c0.weight \\(conv2d\\), c1.weight \\(conv2d\\) run as functions.*"
+                                         "resizable, keep StdConv whole with --leaf StdConv --rule StdConv=conv"):
+        DepthMultiplierPass(0.5)(trace(StdConvNet()), x)
+    with pytest.raises(PassError, match="StdConv is a leaf without a rule.*add --rule StdConv=conv"):
+        DepthMultiplierPass(0.5)(trace(StdConvNet(), ["StdConv"]), x)
+    dm = DepthMultiplierPass(0.5, rules=with_user_rules({"StdConv": "conv"}))(trace(StdConvNet(), ["StdConv"]), x)
+    assert dm.model.c0.out_channels == 8 and dm.model.c1.out_channels == 12
+
+
 class ScaledLinear(nn.Linear):
     """A linear leaf that normalises its weight rows and scales its output (honours its mask: zeros stay
     zero), or also centres its rows (does not)."""
