@@ -1162,7 +1162,7 @@ def _note_layer_subclasses(model: nn.Module, graphs: Iterable[fx.Graph]) -> None
     """Mark each tensor read (get_attr) whose module subclasses a built-in layer with a forward of
     its own (a "same"-padding Conv2d calling F.conv2d on its weight, traced through) with that
     type's name and the leaf rule that would keep it whole: ``meta["layer_subclass"]``, read by
-    ``report.functional_layers`` to advise ``--leaf TYPE --rule TYPE=RULE``."""
+    ``passes.outside.functional_layers`` to advise ``--leaf TYPE --rule TYPE=RULE``."""
     from .rules import known_base, leaf_rule_name
 
     for graph in graphs:
@@ -1360,7 +1360,7 @@ def materialize_lazy(model: nn.Module, example: Any, seed: int) -> bool:
             raise TraceError(f"the model's lazy layers could not take their shapes: it fails on an input of shape "
                              f"{shape_text(example)}" + (f" ({where})" if where else "")
                              + f": {type(e).__name__}: {msg}; fix the model or give the right shape with "
-                             "--input-shape N,C,H,W") from None
+                             + shape_form(inputs)) from None
     return True
 
 
@@ -1468,7 +1468,8 @@ def propagate_shapes(gm: fx.GraphModule, example: Any, rewritten: bool = False) 
                                      + f" that gives fewer for an input of shape {shape_text(example)} (chunk gives "
                                      "fewer when the size does not divide evenly); split with explicit sizes "
                                      "(x.split([a, b], dim)) or unpack a fixed number of pieces") from None
-                hint = ("" if rewritten else "; give the right shape with --input-shape N,C,H,W" if n_in == len(inputs)
+                hint = ("" if rewritten or (n_in == len(inputs) and not _may_be_shape_error(f.error))
+                        else f"; give the right shape with {shape_form(inputs)}" if n_in == len(inputs)
                         else f"; the model takes {n_in} inputs but {len(inputs)} shape(s) were given; give one shape "
                         "per input, e.g. --input-shape \"1,3,32,32;1,3,32,32\" or INPUT_SHAPES in the model file")
                 raise TraceError(
@@ -1476,6 +1477,23 @@ def propagate_shapes(gm: fx.GraphModule, example: Any, rewritten: bool = False) 
                     + (f" ({where})" if where else "") + f": {type(f.error).__name__}: {msg}{hint}"
                 ) from None
     return result
+
+
+# Axis names of an input shape by rank (as --input-shape takes it).
+_AXES = {1: "N", 2: "N,F", 3: "N,C,L", 4: "N,C,H,W", 5: "N,C,D,H,W"}
+
+
+def shape_form(inputs: Sequence[torch.Tensor]) -> str:
+    """``--input-shape N,C,H,W`` in the form of the inputs given: their ranks' axis names (N,C,L for
+    a Conv1d model), one per input joined by ';' for a model with several."""
+    forms = [_AXES.get(x.dim(), ",".join(["N"] + [f"D{i}" for i in range(1, x.dim())])) for x in inputs]
+    return f'--input-shape "{";".join(forms)}"' if len(forms) > 1 else f"--input-shape {forms[0]}"
+
+
+def _may_be_shape_error(e: BaseException) -> bool:
+    """Whether another input shape could cure ``e``: not a TypeError, AttributeError or NameError
+    (``x.clip(0.0, tensor)``, a missing attribute), which fail on every shape."""
+    return not isinstance(e, (TypeError, AttributeError, NameError))
 
 
 @contextlib.contextmanager

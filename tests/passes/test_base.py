@@ -84,8 +84,29 @@ def test_a_broken_rewrite_is_the_pass_fault_not_the_input_shape():
 
 def test_a_model_failing_on_its_input_gets_the_shape_hint():
     gm, _ = _gm()
-    with pytest.raises(TraceError, match="give the right shape with --input-shape"):
+    with pytest.raises(TraceError, match="give the right shape with --input-shape N,C,H,W$"):
         propagate_shapes(gm, torch.randn(1, 4, 6, 6))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self, clip: bool = False):
+        super().__init__()
+        self.conv, self.clip = nn.Conv1d(2, 4, 3), clip
+        self.bound = nn.Parameter(torch.ones(4, 1))
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.clip(0.0, self.bound) if self.clip else y
+
+
+def test_the_shape_hint_takes_the_inputs_form_and_only_where_a_shape_could_cure_it():
+    # a Conv1d model was told "N,C,H,W"; an error no shape can cure (TypeError: clip's float and tensor
+    # bounds) was told to fix its input shape
+    with pytest.raises(TraceError, match="give the right shape with --input-shape N,C,L$"):
+        propagate_shapes(trace(Conv1dNet()), torch.randn(1, 3, 16))
+    with pytest.raises(TraceError) as e:
+        propagate_shapes(trace(Conv1dNet(clip=True)), torch.randn(1, 2, 16))
+    assert "TypeError" in str(e.value) and "--input-shape" not in str(e.value)
 
 
 def test_requires_stops_before_call():
