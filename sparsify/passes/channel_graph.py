@@ -260,6 +260,11 @@ class ChannelGraph:
                 if beyond is not None:  # a layer kept whole for its hooks / parametrizations: say so
                     self.freeze_through(node, f"{node.target} kept whole because {beyond}")
                     return
+                if node.op == "call_function" and isinstance(node.target, type) and issubclass(node.target, tuple):
+                    # a namedtuple the forward returns its outputs in (its fields stay as they are)
+                    outputs = all(u.op == "output" for u in node.users)
+                    self.freeze_through(node, "model output" if outputs else f"packed into a {node.target.__name__}")
+                    return
                 self.unknown(node, _label(node, module))
                 return
             try:
