@@ -152,6 +152,10 @@ def test_parametrized_convs_count_in_the_macs_as_dense_layers():
     dense = sum(f["macs"] for f in rep["functional"])
     assert result.summary["totals"]["macs"] > dense and result.summary["ratios"]["macs"] > 0.5
     assert not any("run as functions" in n for n in result.summary["notes"])  # their own notes say why
+    model.train()  # reading a spectral-normed weight in training mode runs a power iteration: not in a report
+    u = model.c2.parametrizations.weight[0]._u.clone()
+    _report(model, (1, 3, 8, 8))
+    assert torch.equal(u, model.c2.parametrizations.weight[0]._u) and model.c2.training
 
 
 class SamePadded(nn.Module):

@@ -13,13 +13,14 @@ import torch.fx as fx
 from .rules import DEFAULT_RULES, LayerRule, Registry
 from .rules.base import beyond_forward
 from .rules.layers import FunctionalConvRule, FunctionalLinearRule
-from .trace import node_shape
+from .trace import eval_mode, node_shape
 
 
 def functional_layers(gm: fx.GraphModule, rules: Registry | None = None) -> list[dict[str, Any]]:
     """Convolutions and linear maps the eval graph runs as functions (``F.conv2d(x, self.c3.weight *
-    self.m3)``, ``self.c2.forward(x)``, ``F.linear``), not as module calls: their weight (the get_attr
-    name, else the node computing it) and dense MACs at batch 1 (shapes recorded). Masks never cover
+    self.m3)``, ``self.c2.forward(x)``, ``F.linear``), not as module calls: their weight (the nearest
+    parameter it is computed from, else the node computing it), its shape and dense MACs at batch 1
+    (shapes recorded). Masks never cover
     them; the totals count them so the ratios to dense stay true. Which functions are convolutions
     and linear maps is the rule registry's (``FunctionalConvRule``, ``FunctionalLinearRule``)."""
     rules = rules or DEFAULT_RULES
@@ -63,15 +64,20 @@ def dense_leaves(gm: fx.GraphModule, rules: Registry | None = None) -> list[dict
         m = mods[node.target]
         why = beyond_forward(m) if rules.rule_for_module(m) is None else None
         base = rules.rule_for_type(type(m)) if why else None
-        if not (isinstance(base, LayerRule) and base.has_weight) or not isinstance(getattr(m, "weight", None), torch.Tensor):
+        if not (isinstance(base, LayerRule) and base.has_weight):
             continue
-        ws, out = tuple(m.weight.shape), node_shape(node)
+        # a parametrized weight is computed on access: in eval mode, without side effects (spectral_norm's
+        # power iteration updates its vectors in training mode)
+        with eval_mode(m):
+            weight, d = getattr(m, "weight", None), base.describe(m)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        ws, out = tuple(weight.shape), node_shape(node)
         x = node.args[0] if node.args else None
         if out is None:
             continue
         spatial = _positions(out, node_shape(x) if isinstance(x, fx.Node) else None, linear=len(ws) == 2,
                              transposed=bool(getattr(m, "transposed", False)))
-        d = base.describe(m)
         found.append({"node": node.name, "op": type(m).__name__, "weight": f"{node.target}.weight", "shape": list(ws),
                       "macs": math.prod(ws) * spatial, "leaf": why,
                       **{k: d[k] for k in ("in", "out", "kernel", "groups")}})

@@ -329,7 +329,8 @@ def _reshape_groups(sin: tuple[int, ...], sout: tuple[int, ...]) -> list[tuple[l
 
 
 class ReshapeRule(Rule):
-    """view / reshape / view_as / reshape_as: axes kept 1:1 are tied, runs of axes merged into one are a flatten; an axis
+    """view / reshape (and view_as / reshape_as, sized from the other tensor): axes kept 1:1 are
+    tied, runs of axes merged into one are a flatten; an axis
     split into several or given as a literal size is frozen, never guessed, except a split whose
     sizes are literals but one computed from tensor sizes or -1 (channel shuffle ``x.view(n, 2,
     c // 2, h, w)``, heads ``x.view(n, t, heads, c // heads)``): the computed part follows the size
