@@ -97,18 +97,25 @@ class Functional(nn.Module):
         return self.fc(torch.relu(y).mean((2, 3)))
 
 
-def test_functional_convs_count_in_the_macs_and_sparse_methods_say_they_stay_dense():
-    # the report counted module calls only: 9,296 MACs "0.335x of dense" for a model of 359,504
-    import sparsify
+def _report_counted(model: nn.Module, shape=(1, 3, 8, 8)):
+    """The report of ``model``, whose MACs must equal torch's FLOP counter's count (halved)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    model = Functional().eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(torch.randn(1, 3, 8, 8))
-    rep = _report(model, (1, 3, 8, 8))
+        model(torch.randn(*shape))
+    rep = _report(model, shape)
     assert rep["totals"]["macs"] == counter.get_total_flops() // 2
+    return rep
+
+
+def test_functional_convs_count_in_the_macs_and_sparse_methods_say_they_stay_dense():
+    # the report counted module calls only: 9,296 MACs "0.335x of dense" for a model of 359,504
+    import sparsify
+
+    model = Functional().eval()
+    rep = _report_counted(model)
     assert sorted(f["weight"] for f in rep["functional"]) == ["c2.weight", "c2.weight", "c3.weight"]
     result = sparsify.transform(model, "sparse-random", density=0.3, input_shape=(1, 3, 8, 8))
     note = [n for n in result.summary["notes"] if "run as functions" in n]
@@ -137,15 +144,9 @@ def test_parametrized_convs_count_in_the_macs_as_dense_layers():
     # kept dense as frozen leaves, they were left out of the MACs: density 0.1 read "0.100x of dense"
     # for a model whose compute fell to 0.5x
     import sparsify
-    from torch.utils.flop_counter import FlopCounterMode
 
-    torch.manual_seed(0)
     model = Normed().eval()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.randn(1, 3, 8, 8))
-    rep = _report(model, (1, 3, 8, 8))
-    assert rep["totals"]["macs"] == counter.get_total_flops() // 2
+    rep = _report_counted(model)
     assert [(f["weight"], f["kernel"]) for f in rep["functional"]] == [("c0.weight", [3, 3]), ("c1.weight", [3, 3]),
                                                                       ("c2.weight", [1, 1])]
     result = sparsify.transform(model, "sparse-random", density=0.1, input_shape=(1, 3, 8, 8))
