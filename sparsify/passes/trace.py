@@ -1469,7 +1469,7 @@ def propagate_shapes(gm: fx.GraphModule, example: Any, rewritten: bool = False) 
                                      "fewer when the size does not divide evenly); split with explicit sizes "
                                      "(x.split([a, b], dim)) or unpack a fixed number of pieces") from None
                 hint = ("" if rewritten or (n_in == len(inputs) and not _may_be_shape_error(f.error))
-                        else f"; give the right shape with {shape_form(inputs)}" if n_in == len(inputs)
+                        else f"; give the right shape with {shape_form(inputs, _conv_rank(gm, f.node))}" if n_in == len(inputs)
                         else f"; the model takes {n_in} inputs but {len(inputs)} shape(s) were given; give one shape "
                         "per input, e.g. --input-shape \"1,3,32,32;1,3,32,32\" or INPUT_SHAPES in the model file")
                 raise TraceError(
@@ -1483,11 +1483,19 @@ def propagate_shapes(gm: fx.GraphModule, example: Any, rewritten: bool = False) 
 _AXES = {1: "N", 2: "N,F", 3: "N,C,L", 4: "N,C,H,W", 5: "N,C,D,H,W"}
 
 
-def shape_form(inputs: Sequence[torch.Tensor]) -> str:
-    """``--input-shape N,C,H,W`` in the form of the inputs given: their ranks' axis names (N,C,L for
-    a Conv1d model), one per input joined by ';' for a model with several."""
-    forms = [_AXES.get(x.dim(), ",".join(["N"] + [f"D{i}" for i in range(1, x.dim())])) for x in inputs]
+def shape_form(inputs: Sequence[torch.Tensor], rank: int | None = None) -> str:
+    """``--input-shape N,C,H,W`` in the form of the inputs given: their ranks' axis names, one per
+    input joined by ';' for a model with several; ``rank``: the rank a single input should have
+    (N,C,L where a Conv1d failed on it)."""
+    ranks = [rank] if rank is not None and len(inputs) == 1 else [x.dim() for x in inputs]
+    forms = [_AXES.get(r, ",".join(["N"] + [f"D{i}" for i in range(1, r)])) for r in ranks]
     return f'--input-shape "{";".join(forms)}"' if len(forms) > 1 else f"--input-shape {forms[0]}"
+
+
+def _conv_rank(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """The input rank a conv module that failed takes (3 for Conv1d), else None."""
+    m = gm.get_submodule(node.target) if node.op == "call_module" else None
+    return 2 + len(m.kernel_size) if isinstance(m, nn.modules.conv._ConvNd) else None
 
 
 def _may_be_shape_error(e: BaseException) -> bool:

@@ -102,8 +102,9 @@ class Conv1dNet(nn.Module):
 def test_the_shape_hint_takes_the_inputs_form_and_only_where_a_shape_could_cure_it():
     # a Conv1d model was told "N,C,H,W"; an error no shape can cure (TypeError: clip's float and tensor
     # bounds) was told to fix its input shape
-    with pytest.raises(TraceError, match="give the right shape with --input-shape N,C,L$"):
-        propagate_shapes(trace(Conv1dNet()), torch.randn(1, 3, 16))
+    for wrong in (torch.randn(1, 3, 16), torch.randn(1, 2, 16, 16)):  # channels; a 2-D image's shape
+        with pytest.raises(TraceError, match="give the right shape with --input-shape N,C,L$"):
+            propagate_shapes(trace(Conv1dNet()), wrong)
     with pytest.raises(TraceError) as e:
         propagate_shapes(trace(Conv1dNet(clip=True)), torch.randn(1, 2, 16))
     assert "TypeError" in str(e.value) and "--input-shape" not in str(e.value)
