@@ -66,12 +66,12 @@ def scaled_size(n: int, alpha: float, divisor: int = 1, multiple: int = 1) -> in
 
 def _what_freezes(gm: fx.GraphModule, rules: Registry | None) -> str:
     """The layers no channel group reaches, and how to let them resize: convs run as functions (a
-    Conv2d subclass standardising its weight), leaf types without a rule; else ``sparsify inspect``."""
+    Conv2d subclass standardising its weight), leaf types without a rule; "" when there are none."""
     leaves = ruleless_leaves(gm, rules)
     said = [f"{', '.join(leaves)} {'is a leaf' if len(leaves) == 1 else 'are leaves'} without a rule, whose "
             f"channels stay as they are; add --rule {leaves[0]}=conv (or linear, elementwise, frozen)"] if leaves else []
     note = functional_note({"functional": functional_layers(gm, rules)}, goal="resizable")
-    return "; ".join(said + ([note] if note else [])) or "see `sparsify inspect`"
+    return "; ".join(said + ([note] if note else []))
 
 
 class DepthMultiplierPass(GraphPass):
@@ -92,8 +92,10 @@ class DepthMultiplierPass(GraphPass):
             reasons = sorted({r for g in cg.channel_groups() for r in g.reasons},
                              key=lambda r: (r in ("model input", "model output"), r))
             why = f" ({reasons[0]}{' and more' if len(reasons) > 1 else ''})" if reasons else ""
-            raise PassError(f"depth-multiplier: no channel group can be resized (all are frozen{why}); "
-                            + _what_freezes(gm, self.rules))
+            blockers = _what_freezes(gm, self.rules)
+            raise PassError("depth-multiplier: no channel group can be resized: " + blockers if blockers else
+                            f"depth-multiplier: no channel group can be resized (all are frozen{why}); "
+                            "see `sparsify inspect`")
 
     def call(self, gm: fx.GraphModule, example: Any) -> PassResult:
         cg = ChannelGraph.build(gm, example, self.rules, keep_untrained=True)

@@ -353,8 +353,8 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
     """Accuracy against live parameters (total and conv), and validation-accuracy learning curves.
 
     One point per arm (mean, error bar +- s.e.; named where its name is not its series'), arms of one
-    series joined in order of parameter count; learning curves are the mean over each arm's finished seeds. Written atomically, as PNG, PDF
-    or SVG by the file's suffix.
+    series joined in order of parameter count; learning curves are the mean over each arm's finished
+    seeds. Written atomically, as PNG, PDF or SVG by the file's suffix.
     """
     import matplotlib
 
