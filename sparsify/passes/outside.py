@@ -64,7 +64,8 @@ def dense_leaves(gm: fx.GraphModule, rules: Registry | None = None) -> list[dict
         m = mods[node.target]
         why = beyond_forward(m) if rules.rule_for_module(m) is None else None
         base = rules.rule_for_type(type(m)) if why else None
-        if not (isinstance(base, LayerRule) and base.has_weight):
+        out = node_shape(node)
+        if not (isinstance(base, LayerRule) and base.has_weight) or out is None:
             continue
         # a parametrized weight is computed on access: in eval mode, without side effects (spectral_norm's
         # power iteration updates its vectors in training mode)
@@ -72,10 +73,7 @@ def dense_leaves(gm: fx.GraphModule, rules: Registry | None = None) -> list[dict
             weight, d = getattr(m, "weight", None), base.describe(m)
         if not isinstance(weight, torch.Tensor):
             continue
-        ws, out = tuple(weight.shape), node_shape(node)
-        x = node.args[0] if node.args else None
-        if out is None:
-            continue
+        ws, x = tuple(weight.shape), node.args[0] if node.args else None
         spatial = _positions(out, node_shape(x) if isinstance(x, fx.Node) else None, linear=len(ws) == 2,
                              transposed=bool(getattr(m, "transposed", False)))
         found.append({"node": node.name, "op": type(m).__name__, "weight": f"{node.target}.weight", "shape": list(ws),
