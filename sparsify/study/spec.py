@@ -175,12 +175,14 @@ def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None =
     if study.get("name") is not None and not NAME.match(study["name"]):
         raise fail("[study] name becomes a directory name (runs/study-NAME); use letters, digits, '.', '_', "
                    "'+' or '-'")
+    from ..train.data import absolute_data_paths
+
     base_dir = path.parent if path is not None else Path.cwd()
     seeds = _seeds(study.get("seeds"), "[study] seeds", fail, required=True)
     shared = raw.get("train", {})
     if not isinstance(shared, dict):
         raise fail("[train] must be a table of training settings, e.g. epochs = 10")
-    shared = _data_paths(shared, base_dir)
+    shared = absolute_data_paths(shared, base_dir)
     arms_raw = raw.get("arms")
     if not isinstance(arms_raw, dict) or not arms_raw:
         raise fail("no arms: add at least one [arms.NAME] table with a method")
@@ -226,7 +228,7 @@ def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None =
             input_shape=a.get("input_shape", study.get("input_shape")),
             seeds=_seeds(a["seeds"], f"{where} seeds", fail) if "seeds" in a else list(seeds),
             transform={k: a[k] for k in sorted(TRANSFORM_KEYS) if k in a},
-            train={**shared, **_data_paths(train_override, base_dir)},
+            train={**shared, **absolute_data_paths(train_override, base_dir)},
             series=str(a.get("series", method if "match" not in a else f"{method} (equal {a.get('count')})")),
             match=a.get("match"), count=a.get("count"),
         )
@@ -252,26 +254,6 @@ def _model_path(model: Any, base_dir: Path) -> str:
     if not p.is_absolute() and (base_dir / p).is_file():
         p = base_dir / p
     return str(p.resolve()) + sep + factory
-
-
-def _data_paths(train: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    """``train`` with a relative ``data`` folder / .npz (or ``data_dir``) made absolute: next to the
-    spec when it exists there (as ``_model_path`` does for model files), else in the current
-    directory when it exists there. The job key then names the data each run read: a relative
-    name run from two directories pooled two data sets under one key."""
-    from ..train.data import is_user_data
-
-    out = dict(train)
-    for key in ("data", "data_dir"):
-        value = out.get(key)
-        if not isinstance(value, str) or (key == "data" and not is_user_data(value)):
-            continue
-        p = Path(value).expanduser()
-        if not p.is_absolute() and (base_dir / p).exists():
-            out[key] = str((base_dir / p).resolve())
-        elif p.exists():
-            out[key] = str(p.resolve())
-    return out
 
 
 def _seeds(value: Any, key: str, fail: Any, required: bool = False) -> list[int]:

@@ -272,6 +272,25 @@ def is_user_data(name: str) -> bool:
     return name not in DATASETS
 
 
+def absolute_data_paths(config: dict[str, Any], base_dir: Path | None = None) -> dict[str, Any]:
+    """``config`` (training settings) with a relative ``data`` folder / .npz and ``data_dir`` made
+    absolute where they exist: under ``base_dir`` first (a study spec's folder, as model files are
+    found), else in the current directory. A run trained on ``--data imgL`` could otherwise be
+    resumed only from the directory it started in, and a study's job key would name two data sets
+    alike when run from two directories. Built-in set names and missing paths are kept as given."""
+    out = dict(config)
+    for key in ("data", "data_dir"):
+        value = out.get(key)
+        if not isinstance(value, str) or not value.strip() or (key == "data" and not is_user_data(value)):
+            continue
+        p = Path(value).expanduser()
+        if base_dir is not None and not p.is_absolute() and (base_dir / p).exists():
+            out[key] = str((base_dir / p).resolve())
+        elif p.exists():
+            out[key] = str(p.resolve())
+    return out
+
+
 def check_data_name(name: str) -> None:
     """UsageError-free check for TrainConfig.validate: DataError unless ``name`` is a set or an existing path."""
     if name in DATASETS:

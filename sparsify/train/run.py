@@ -16,7 +16,7 @@ from ..passes.trace import training_draws_note
 from ..rundir import (SUMMARY, WEIGHTS, WEIGHTS_INIT, load_run, load_weights, read_recipe, read_summary, run_lock,
                       save_weights)
 from .checkpoint import checkpoint_path, load_checkpoint
-from .data import is_user_data, load_dataset
+from .data import absolute_data_paths, load_dataset
 from .distributed import Reducer, init_from_env, shutdown
 from .schedules.base import flag
 from .trainer import LogFn, ProgressFn, TrainConfig, fit, output_classes
@@ -53,19 +53,9 @@ def _trained_before_message(run_dir: Path, ckpt: Path) -> str:
             f"it or {again}")
 
 
-def _absolute_data(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` with its ``data``, when that is a path that exists here (a folder, an .npz), made
-    absolute: a run trained on ``--data imgL`` could be resumed only from the directory it started
-    in (elsewhere ``imgL`` was unknown, and ``--data ../imgL`` "differed from the checkpoint's")."""
-    data = config.get("data")
-    if isinstance(data, str) and is_user_data(data) and Path(data).expanduser().exists():
-        return {**config, "data": str(Path(data).expanduser().resolve())}
-    return config
-
-
 def _resume_config(state: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
     # checkpoints written before data paths were made absolute: relative to where resume runs
-    saved = _absolute_data({**_BEFORE_DEFAULTS, **json.loads(state["config"])})
+    saved = absolute_data_paths({**_BEFORE_DEFAULTS, **json.loads(state["config"])})
     differing = {k: v for k, v in overrides.items() if k in saved and saved[k] != v}
     if differing:
         k = next(iter(differing))
@@ -242,7 +232,7 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
     """
     if resume and force:  # the resume silently won
         raise UsageError("--resume continues the run's checkpoint and --force discards it; give one of them")
-    config = _absolute_data(config)
+    config = absolute_data_paths(config)
     run_dir = Path(run_dir)
     recipe = read_recipe(run_dir)
     ckpt = checkpoint_path(run_dir)

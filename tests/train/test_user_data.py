@@ -607,3 +607,21 @@ def test_a_folder_named_like_a_built_in_set_is_noted(tmp_path, monkeypatch):
     b = load_dataset("digits", (1, 1, 8, 8))
     assert b.num_classes == 10 and any("give --data ./digits" in n for n in b.notes), b.notes
     assert load_dataset("./digits", (1, 3, 8, 8)).class_names == ["class0", "class1", "class2"]
+
+
+def test_data_paths_are_made_absolute_where_they_exist(tmp_path, monkeypatch):
+    """One rule for a run's config and a study spec's [train]: a relative data folder / .npz and
+    data_dir become absolute (next to the spec first, else the current directory); set names, empty
+    and missing paths stay as given."""
+    from sparsify.train.data import absolute_data_paths
+
+    spec_dir, cwd = tmp_path / "spec", tmp_path / "cwd"
+    (spec_dir / "imgs").mkdir(parents=True)
+    (cwd / "imgs").mkdir(parents=True)
+    (cwd / "cache").mkdir()
+    monkeypatch.chdir(cwd)
+    got = absolute_data_paths({"data": "imgs", "data_dir": "cache", "lr": 0.1}, spec_dir)
+    assert got == {"data": str((spec_dir / "imgs").resolve()), "data_dir": str((cwd / "cache").resolve()), "lr": 0.1}
+    assert absolute_data_paths({"data": "imgs"}) == {"data": str((cwd / "imgs").resolve())}
+    for kept in ({"data": "mnist"}, {"data": ""}, {"data": "nowhere.npz"}, {"data_dir": None}, {}):
+        assert absolute_data_paths(kept, spec_dir) == kept
