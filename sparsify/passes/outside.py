@@ -16,6 +16,19 @@ from .rules.layers import FunctionalConvRule, FunctionalLinearRule
 from .trace import eval_mode, node_shape
 
 
+def functional_calls(gm: fx.GraphModule, rules: Registry | None = None) -> list[tuple[fx.Node, Any]]:
+    """The graph's calls of functions the rule registry names convolutions or linear maps
+    (``FunctionalConvRule``, ``FunctionalLinearRule``), each with its rule, in graph order; shapes
+    need not be recorded."""
+    rules = rules or DEFAULT_RULES
+    calls = []
+    for node in gm.graph.nodes:
+        rule = rules.rule_for_function(node.target) if node.op == "call_function" else None
+        if isinstance(rule, (FunctionalConvRule, FunctionalLinearRule)):
+            calls.append((node, rule))
+    return calls
+
+
 def functional_layers(gm: fx.GraphModule, rules: Registry | None = None) -> list[dict[str, Any]]:
     """Convolutions and linear maps the eval graph runs as functions (``F.conv2d(x, self.c3.weight *
     self.m3)``, ``self.c2.forward(x)``, ``F.linear``), not as module calls: their weight (the nearest
@@ -23,12 +36,8 @@ def functional_layers(gm: fx.GraphModule, rules: Registry | None = None) -> list
     (shapes recorded). Masks never cover
     them; the totals count them so the ratios to dense stay true. Which functions are convolutions
     and linear maps is the rule registry's (``FunctionalConvRule``, ``FunctionalLinearRule``)."""
-    rules = rules or DEFAULT_RULES
     found = []
-    for node in gm.graph.nodes:
-        rule = rules.rule_for_function(node.target) if node.op == "call_function" else None
-        if not isinstance(rule, (FunctionalConvRule, FunctionalLinearRule)):
-            continue
+    for node, rule in functional_calls(gm, rules):
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         x = node.args[0] if node.args else node.kwargs.get("input")
         ws, out = node_shape(w) if isinstance(w, fx.Node) else None, node_shape(node)

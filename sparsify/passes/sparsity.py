@@ -34,6 +34,7 @@ from ..nn import SPARSE_LAYERS, MaskedLeaf
 from ..profiles import LayerShape, allocate, cv, fan_in_counts, random_mask, resolve_params
 from .base import GraphPass, PassResult, check_fraction, set_submodule
 from .channel_graph import ChannelGraph, classifier_node, shared_parameters, weight_nodes
+from .outside import functional_calls
 from .rules import DEFAULT_RULES, LayerRule, Registry, Role, SparseLayout
 from .rules.base import beyond_forward
 from .rules.layers import FunctionalConvRule
@@ -212,10 +213,8 @@ class SparsePass(GraphPass):
                 why = (f"; its {', '.join(dense)} layers stay dense (masks cover Conv1d and Conv2d with groups "
                        "not equal to the channels): use --method depth-multiplier" if dense else "")
                 # convolutions called as functions (the rule registry's): no module holds their weight
-                rules = self.rules or DEFAULT_RULES
-                functional = [n for n in gm.graph.nodes if n.op == "call_function"
-                              and isinstance(rule := rules.rule_for_function(n.target), FunctionalConvRule)
-                              and not rule.transposed]
+                functional = [n for n, rule in functional_calls(gm, self.rules)
+                              if isinstance(rule, FunctionalConvRule) and not rule.transposed]
                 if not dense and functional:  # a Conv2d subclass with its own forward is traced through
                     why = (f"; its {len(functional)} conv{'s' if len(functional) > 1 else ''} run as functional "
                            f"conv calls ({functional[0].name}: F.conv2d in a forward of its own, e.g. a Conv2d "
