@@ -64,6 +64,23 @@ def scaled_size(n: int, alpha: float, divisor: int = 1, multiple: int = 1) -> in
     return size
 
 
+def _returned_layers(cg: ChannelGraph) -> str | None:
+    """Why nothing resizes when the model returns every layer's channels (intermediate features
+    beside the logits): the layers whose outputs it returns, and what to do; None when a group is
+    frozen for another reason."""
+    groups = [g for g in cg.channel_groups() if g.producers]
+    if not groups or any(set(g.reasons) - {"model output", "model input"} for g in groups):
+        return None
+    returned = sorted({m.target for g in groups if "model output" in g.reasons for m in g.producers})
+    if not returned:
+        return None
+    named = (", ".join(returned[:-1]) + f" and {returned[-1]}" if 1 < len(returned) <= 4 else
+             ", ".join(returned[:4]) + f" and {len(returned) - 4} more" if len(returned) > 4 else returned[0])
+    return (f"the model returns the outputs of {named}, and a returned tensor keeps its channel count, so every "
+            f"layer's width is fixed; return only the final output (e.g. the logits) to resize the layers, or use "
+            f"--method sparse-random or psn, which keep every channel count")
+
+
 def _what_freezes(gm: fx.GraphModule, rules: Registry | None) -> str:
     """The layers no channel group reaches, and how to let them resize: convs run as functions (a
     Conv2d subclass standardising its weight), leaf types without a rule; "" when there are none."""
@@ -92,7 +109,7 @@ class DepthMultiplierPass(GraphPass):
             reasons = sorted({r for g in cg.channel_groups() for r in g.reasons},
                              key=lambda r: (r in ("model input", "model output"), r))
             why = f" ({reasons[0]}{' and more' if len(reasons) > 1 else ''})" if reasons else ""
-            blockers = _what_freezes(gm, self.rules)
+            blockers = _what_freezes(gm, self.rules) or _returned_layers(cg)
             raise PassError("depth-multiplier: no channel group can be resized: " + blockers if blockers else
                             f"depth-multiplier: no channel group can be resized (all are frozen{why}); "
                             "see `sparsify inspect`")

@@ -406,3 +406,28 @@ def test_a_user_rule_object_couples_resizes_compacts_and_must_be_given_to_replay
     assert rep.compaction["channels_removed"] > 0  # the sqrt(D) rule's dead stem filters, through the scale
     with torch.no_grad():
         assert run.model.eval()(x).shape == (2, 10)
+
+
+class FeaturesNet(nn.Module):
+    """Returns every conv's features beside the logits (a detection or distillation backbone)."""
+
+    def __init__(self, all_features: bool = True):
+        super().__init__()
+        self.all_features = all_features
+        self.c0, self.c1, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 24, 3, padding=1), nn.Linear(24, 10)
+
+    def forward(self, x):
+        f0 = torch.relu(self.c0(x))
+        f1 = torch.relu(self.c1(f0))
+        logits = self.fc(f1.mean((2, 3)))
+        return {"features": [f0, f1] if self.all_features else [f1], "logits": logits}
+
+
+def test_depth_multiplier_names_the_returned_layers_that_fix_every_width():
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(PassError, match="returns the outputs of c0, c1 and fc.*return only the final output.*"
+                                         "--method sparse-random or psn"):
+        DepthMultiplierPass(0.5)(trace(FeaturesNet()), x)
+    # with c0's features no longer returned its group resizes: no refusal
+    dm = DepthMultiplierPass(0.5)(trace(FeaturesNet(all_features=False)), x)
+    assert dm.model.c0.out_channels == 8 and dm.model.c1.out_channels == 24
