@@ -118,6 +118,21 @@ def depth_equivalent(recipe: Any, target_params: int, *, run_dir: str | Path | N
     return model, alpha, live_params(model)
 
 
+def _depth_shortfall(recipe: Any, target_params: int, divisor: int, run_dir: str | Path | None) -> str:
+    """Why the depth-multiplied model misses ``target_params`` by more than DEPTH_MISMATCH: the
+    channel counts rounded to multiples of ``divisor`` (unrounded widths would reach it), or channel
+    groups that never shrink."""
+    if divisor > 1:
+        from .passes.depth_multiplier import match_depth
+
+        traced = _trace_original(recipe, run_dir)
+        _, n1 = match_depth(traced.gm, traced.example, target_params, "total", 1, traced.rules)
+        if abs(n1 - target_params) <= DEPTH_MISMATCH * target_params:
+            return (f"channel counts rounded to multiples of {divisor} move it in steps, too coarse for a model "
+                    f"this small; unrounded widths would give {n1:,}")
+    return "channel groups the model keeps whole, e.g. at its outputs, do not shrink"
+
+
 def _trace_original(recipe: Any, run_dir: str | Path | None) -> Any:
     """The recipe's dense model traced before its method (``replay.trace_recipe``), from the run's
     copies of the user's files and traced state when ``run_dir`` is given."""
@@ -134,8 +149,12 @@ def bench_variants(files: Sequence[tuple[str, Path]], progress: Any = None, **op
     """Time a run's exported variants (``export_variants``' (name, path) pairs) side by side with
     ``bench_files``, labelled by variant; ``options`` go to bench_files. The depth variant is
     another model (fewer channels, its own weights): its outputs differ from the baseline's by
-    construction, so no output difference is recorded for it (it read 1e+00, like a wrong export)."""
-    result = bench_files([p for _, p in files], labels=[n for n, _ in files], progress=progress, **options)
+    construction, so no output difference is recorded for it (it read 1e+00, like a wrong export),
+    and the others are compared with the first variant that is not it (``--variants depth,dense``
+    compared dense with depth)."""
+    names = [n for n, _ in files]
+    reference = next((i for i, n in enumerate(names) if n != "depth"), None)
+    result = bench_files([p for _, p in files], labels=names, progress=progress, reference=reference, **options)
     for r in result.rows:
         if r.label == "depth":
             r.max_abs_diff = r.max_rel_diff = None
@@ -225,7 +244,7 @@ def export_model_variants(model: Any, recipe: Any, out_dir: str | Path, variants
             if abs(n - target_params) > DEPTH_MISMATCH * target_params:
                 notes["depth"]["mismatch"] = (
                     f"no depth multiplier reaches the sparse run's {target_params:,} live parameters (the nearest "
-                    f"has {n:,}: channel groups the model keeps whole, e.g. at its outputs, do not shrink); "
+                    f"has {n:,}: {_depth_shortfall(recipe, target_params, depth_divisor, run_dir)}); "
                     f"it is not an equal-parameter baseline")
             reports[name] = export_model(depth, recipe.shapes, target, dense=True, compact=False)
         elif name == "sparse":

@@ -53,6 +53,12 @@ def test_bench_run_dir_builds_dense_sparse_and_depth_variants(tmp_path):
     assert files["sparse"]["path"] == str(keep / "sparse.onnx")
     assert sorted(p.name for p in run.iterdir()) == ["recipe.json", "summary.json", "weights.init.safetensors",
                                                      "weights.safetensors"]
+    # depth first (the baseline of the speed-ups): the others are still compared with the dense model,
+    # not with depth's outputs (another network: dense read rel diff 2e+00)
+    again = pipeline.bench_variants([(n, keep / f"{n}.onnx") for n in ("depth", "dense", "sparse")],
+                                    min_time=0.0, repeats=1, warmup=1, memory=False)
+    rel = {x.label: x.max_rel_diff for x in again.rows}
+    assert rel["depth"] is None and rel["dense"] == 0.0 and rel["sparse"] < 1e-4
 
 
 def test_depth_equivalent_is_the_nearest_count_and_transforms_once(monkeypatch):
@@ -226,6 +232,39 @@ def test_a_depth_baseline_that_cannot_match_the_sparse_run_says_so(tmp_path):
     from sparsify.cli.bench import _variant_notes
 
     assert any(line.startswith("warning: depth: no depth multiplier reaches") for line in _variant_notes(notes))
+
+
+NARROW = """
+import torch, torch.nn as nn, torch.nn.functional as F
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 24, 3, padding=1), nn.Conv2d(24, 24, 3, padding=1), nn.Linear(24, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.b(F.relu(self.a(x)))).mean((2, 3)))
+
+def build_model():
+    return Net()
+
+INPUT_SHAPE = (1, 3, 8, 8)
+"""
+
+
+def test_a_depth_baseline_missed_by_rounding_says_so(tmp_path):
+    # 24 channels in multiples of 8 step 24 -> 16 -> 8: the reason given was "channel groups the
+    # model keeps whole", which none is here
+    from sparsify.api import transform_to_dir
+
+    (tmp_path / "net.py").write_text(NARROW)
+    run, _ = transform_to_dir(str(tmp_path / "net.py"), "sparse-random", density=0.3, out=tmp_path / "run")
+    _, notes = pipeline.export_variants(run, tmp_path, ["depth"])
+    mismatch = notes["depth"]["mismatch"]
+    assert "rounded to multiples of 8 move it in steps" in mismatch and "keeps whole" not in mismatch
+    unrounded = int(mismatch.split("unrounded widths would give ")[1].split(")")[0].replace(",", ""))
+    target = notes["depth"]["target_live_params"]
+    assert abs(unrounded - target) <= pipeline.DEPTH_MISMATCH * target
 
 
 def test_run_force_stopped_keeps_the_run_it_was_to_replace(tmp_path):

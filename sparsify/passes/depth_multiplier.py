@@ -308,8 +308,11 @@ def match_alpha(count_at: Callable[[float], tuple[int, Hashable]], target: int) 
     n, key = count_at(best)
     for digits in range(1, 17):
         short = float(f"{best:.{digits}g}")
-        if 0 < short <= 1 and count_at(short)[1] == key:
-            return short, n
+        # best may sit at an edge of its step (bisection ends on one): the decimals either side too
+        ulp = 10.0 ** (math.floor(math.log10(best)) - digits + 1)
+        for cand in (short, float(f"{short + ulp:.{digits}g}"), float(f"{short - ulp:.{digits}g}")):
+            if 0 < cand <= 1 and count_at(cand)[1] == key:
+                return cand, n
     return best, n
 
 

@@ -315,8 +315,12 @@ def bench_files(
     memory: bool = True,
     seed: int = 0,
     progress: Any | None = None,
+    reference: int | None = 0,
 ) -> BenchResult:
     """Time each file at each (batch, threads) with the same random input; the first file is the baseline.
+
+    Outputs are compared (``max_abs_diff``, ``max_rel_diff``) with those of file ``reference`` (an
+    index into ``paths``; None: no comparison, for files that are different models).
 
     Every file is warmed up ``warmup`` runs, then the files are timed in interleaved bursts
     (``time_bursts``: BURSTS rounds, rotating who goes first, each burst re-warmed by one untimed
@@ -378,14 +382,15 @@ def bench_files(
                               settle_s=SPIN_SETTLE_S if spinning and nthreads > 1 else 0.0)
         done += 1
         base_median = float(np.median(samples[0]))
+        ref = outputs[reference] if reference is not None else None
         for i, f in enumerate(files):
             s = samples[i]
             med = float(np.median(s))
             diff = (
-                float(np.max(np.abs(outputs[i] - outputs[0])))
-                if outputs[i].shape == outputs[0].shape else None
+                float(np.max(np.abs(outputs[i] - ref)))
+                if ref is not None and outputs[i].shape == ref.shape else None
             )
-            scale = float(np.max(np.abs(outputs[0]))) if outputs[0].size else 0.0
+            scale = float(np.max(np.abs(ref))) if ref is not None and ref.size else 0.0
             rel = None if diff is None else (diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
             rows.append(BenchRow(
                 label=f.label, batch=batch, threads=nthreads,

@@ -89,3 +89,15 @@ def test_equal_parameter_search_accepts_the_divisor() -> None:
     assert 0 < alpha < 1
     assert all(w % 8 == 0 for w in _conv_widths(model))
     assert n == live_params(model) and abs(n - target) < 0.25 * target   # counts move in steps of 8 channels
+
+
+def test_matched_alpha_is_a_short_decimal_even_at_the_edge_of_its_step() -> None:
+    # widths ceil(9 * alpha): 5 channels for alpha in (4/9, 5/9]; bisection ends just above 4/9, and
+    # rounding that to fewer digits left the step, so the recipe read alpha=0.4444444444444445
+    from sparsify.passes.depth_multiplier import match_alpha
+
+    def count_at(a: float) -> tuple[int, int]:
+        return math.ceil(9 * a), math.ceil(9 * a)
+
+    alpha, n = match_alpha(count_at, 5)
+    assert n == 5 and math.ceil(9 * alpha) == 5 and len(repr(alpha)) <= 4   # e.g. 0.5
