@@ -115,6 +115,10 @@ def validate_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
                 raise bad(f"col_idx[{k}] = {int(col_idx[k])} is outside [0, {cin // group}) (input channels per group)")
 
 
+def _nbytes(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
 def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
     """The node table of an ONNX file: op, channels, kernel, SparseConv density, param bytes, MACs; totals.
 
@@ -136,11 +140,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
                                "domain": node.domain or "ai.onnx", "in_channels": None, "out_channels": None,
                                "kernel": None, "stride": None, "group": None, "density": None,
                                "param_bytes": 0, "macs": 0, "pieces": 1}
-        for name in node.input:
-            if name in inits:
-                t = inits[name]
-                row["param_bytes"] += int(np.prod(t.dims, dtype=np.int64)) * np.dtype(
-                    helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        row["param_bytes"] = sum(_nbytes(inits[name]) for name in node.input if name in inits)
         x = shapes.get(node.input[0]) if node.input else None
         is_sparse = node.domain == onnx_sparse.DOMAIN and node.op_type in onnx_sparse.SPARSE_OPS
         if is_sparse:
@@ -169,6 +169,16 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
             if x and len(x) == 2 + len(kernel):
                 per_pixel = live if is_sparse else total
                 row["macs"] = int(per_pixel * np.prod(kernel) * np.prod(_conv_out(x, kernel, strides, pads, dils)))
+        elif node.op_type == "ConvTranspose" and node.domain in ("", "ai.onnx") and node.input[1] in inits:
+            # weight [Cin, Cout / group, k...]: every input pixel meets Cout / group * prod(k) weights
+            w = inits[node.input[1]]
+            group = int(attrs.get("group", 1))
+            kernel = tuple(w.dims[2:])
+            row.update(in_channels=int(w.dims[0]), out_channels=int(w.dims[1]) * group,
+                       kernel="x".join(map(str, kernel)), stride="x".join(map(str, attrs.get("strides", [1] * len(kernel)))),
+                       group=group)
+            if x and len(x) == 2 + len(kernel):
+                row["macs"] = int(np.prod(w.dims, dtype=np.int64) * np.prod(x[2:], dtype=np.int64))
         elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
             w = inits[node.input[1]]
             trans_b = node.op_type == "Gemm" and int(attrs.get("transB", 0)) == 1
@@ -181,7 +191,9 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
         "sparse_conv_nodes": sum(r["op"] in onnx_sparse.SPARSE_OPS for r in rows),
         "reading_pieces": sum(r["pieces"] > 1 for r in rows),
         "conv_nodes": sum(r["op"] == "Conv" for r in rows),
-        "param_bytes": sum(r["param_bytes"] for r in rows),
+        # each initializer once: a module called twice reads one weight from two nodes
+        "param_bytes": sum(_nbytes(inits[name]) for name in {i for nd in model.graph.node for i in nd.input}
+                           if name in inits),
         "macs": sum(r["macs"] for r in rows),
     }
     return {

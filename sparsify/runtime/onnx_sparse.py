@@ -675,6 +675,10 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
     new_inits: list[onnx.TensorProto] = []
     taken = {t.name for t in model.graph.initializer} | {o for nd in model.graph.node for o in nd.output}
 
+    # (weight, bias) -> the packed initializers' names: a module called twice (one weight, two Conv
+    # nodes) keeps one copy of its packed weight in the file (it held two, the second named *_1)
+    packed_names: dict[tuple[str, str], list[str]] = {}
+
     def fresh(base: str) -> str:
         name, i = base, 0
         while name in taken:
@@ -740,10 +744,14 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
             bias = numpy_helper.to_array(bproto).astype(np.float32)
         if bias is None:
             bias = np.zeros(w.shape[0], dtype=np.float32)
-        base = wname.replace("/", "_").replace(":", "_") or name
-        names = [fresh(f"{base}.packed"), fresh(f"{base}.row_ptr"), fresh(f"{base}.col_idx"), fresh(f"{base}.bias")]
-        for arr, nm in zip((packed, row_ptr, col_idx, bias), names):
-            new_inits.append(numpy_helper.from_array(arr, nm))
+        key = (wname, node.input[2] if len(node.input) > 2 else "")
+        names = packed_names.get(key) if wname else None
+        if names is None:
+            base = wname.replace("/", "_").replace(":", "_") or name
+            names = [fresh(f"{base}.packed"), fresh(f"{base}.row_ptr"), fresh(f"{base}.col_idx"), fresh(f"{base}.bias")]
+            for arr, nm in zip((packed, row_ptr, col_idx, bias), names):
+                new_inits.append(numpy_helper.from_array(arr, nm))
+            packed_names[key] = names
         dil = list(_attr(node, "dilations", [1, 1]))
         new_nodes.append(sparse_conv_node(
             [node.input[0]] + names, list(node.output), name=name,

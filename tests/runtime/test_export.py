@@ -155,6 +155,54 @@ def test_inspect_counts_the_macs_of_convs_of_every_rank(tmp_path, dims) -> None:
     assert [r["macs"] for r in report["nodes"] if r["op"] == "Conv"] == want
 
 
+class SharedAndTransposed(nn.Module):
+    """One conv module called twice (one weight, two Conv nodes) and a ConvTranspose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.shared = SparseConv2d(16, 16, 3, padding=1, bias=False)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        x = torch.relu(self.shared(torch.relu(self.shared(x))))
+        return self.up(x)
+
+
+def test_a_shared_conv_is_packed_once_and_inspect_counts_every_conv(tmp_path) -> None:
+    # inspect read a ConvTranspose as 0 MACs and counted a shared weight's bytes once per node; the
+    # sparse export stored the shared conv's packed weight twice (*.packed and *.packed_1)
+    torch.manual_seed(0)
+    m = SharedAndTransposed()
+    with torch.no_grad():
+        m.shared.mask.copy_((torch.rand_like(m.shared.mask) < 0.2).float())
+        m.shared.apply_mask_()
+    m.eval()
+    shape = (1, 3, 10, 12)
+    rep = export_model(m, shape, tmp_path / "s.onnx")
+    assert rep.sparse_layers == 2 and max(rep.errors.values()) <= 1e-4   # native and function body == torch
+    model = onnx.load(str(tmp_path / "s.onnx"))
+    assert sorted(t.name for t in model.graph.initializer if ".packed" in t.name) == ["shared.weight.packed"]
+    x = torch.randn(4, *shape[1:])
+    with torch.no_grad():
+        want = m(x).numpy()
+    got = open_session(tmp_path / "s.onnx").run(None, {"input": x.numpy()})[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+    export_model(m, shape, tmp_path / "d.onnx", dense=True, compact=False, verify=False)
+    report = inspect_onnx(tmp_path / "d.onnx")
+    up = next(r for r in report["nodes"] if r["op"] == "ConvTranspose")
+    assert (up["in_channels"], up["out_channels"], up["kernel"]) == (16, 8, "2x2")
+    assert up["macs"] == 16 * 8 * 2 * 2 * 10 * 12                        # every input pixel meets 8 * 4 weights
+    convs = [r for r in report["nodes"] if r["op"] == "Conv"]
+    assert sum(r["macs"] for r in report["nodes"]) == report["totals"]["macs"] == \
+        16 * 3 * 9 * 120 + 2 * 16 * 16 * 9 * 120 + up["macs"]
+    weights = {t.name: t for t in onnx.load(str(tmp_path / "d.onnx")).graph.initializer}
+    assert report["totals"]["param_bytes"] == sum(4 * int(np.prod(t.dims)) for t in weights.values())
+    assert sum(r["param_bytes"] for r in convs) > report["totals"]["param_bytes"] - up["param_bytes"]
+
+
 def test_bad_output_paths(tmp_path) -> None:
     m = _net()
     with pytest.raises(ExportError, match="does not exist"):
