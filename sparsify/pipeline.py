@@ -306,7 +306,7 @@ def run_pipeline(
                                 **train_options)
             where = "export"
             notes["train"] = {k: trained.get(k) for k in ("data", "schedule", "epochs", "steps", "test_acc",
-                                                          "test_loss", "val_acc", "density", "warnings")}
+                                                          "test_loss", "val_acc", "density", "weight_density", "warnings")}
             files, export_notes = export_variants(tmp, tmp, variants, progress=stage("export"))
             notes.update(export_notes)
             where = "bench"

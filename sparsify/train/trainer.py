@@ -912,6 +912,11 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
         "live": live_connections(model, layers), "live_params": live_params(model),
         "density": (sum(int(m.mask.sum()) for m in layers.values()) / sum(m.mask.numel() for m in layers.values())
                     if layers else 1.0),
+        # the masked layers' live weights over their weights: connections of a 3x3 conv weigh 9 times
+        # a 1x1's, so a schedule that moves connections between layers (RigL / SET with --init erk,
+        # sparse momentum) changes the density of connections at an unchanged weight count
+        "weight_density": (sum(int(m.mask.sum()) * (m.weight.numel() // m.mask.numel()) for m in layers.values())
+                           / sum(m.weight.numel() for m in layers.values()) if layers else 1.0),
         "layers": layer_stats(layers),
         # what density and live count cover: the masked layers; the other convs and linears are dense
         "masked_layers": len(layers),

@@ -396,3 +396,20 @@ def test_a_resume_on_other_per_channel_statistics_names_them():
     with pytest.raises(TrainingError) as e:
         _check_same_data(state, bundle([0.5, 0.4, 0.31]))
     assert "per-channel mean [0.5, 0.4, 0.3] then, per-channel mean [0.5, 0.4, 0.31] now" in str(e.value), str(e.value)
+
+
+def test_the_result_gives_the_density_of_connections_and_of_weights(data):
+    # a 3x3 conv's connection holds 9 weights, a linear's 1: sparse momentum moving connections
+    # between them changed "density" (of connections: 0.25 -> 0.51 in a user's run) at the same
+    # weight count, and nothing said so
+    model = TinyNet(density=0.5)
+    layers = [model.conv1, model.conv2, model.fc1]
+    weights_before = sum(int(m.mask.sum()) * (m.weight.numel() // m.mask.numel()) for m in layers)
+    r = fit(model, data, TrainConfig(data="synthetic", schedule="sparse-momentum", epochs=2, batch_size=32,
+                                     update_every=3, seed=0), model_input=INPUT)
+    live = {m: int(m.mask.sum()) for m in layers}
+    assert r["density"] == pytest.approx(sum(live.values()) / sum(m.mask.numel() for m in layers))
+    live_weights = sum(n * (m.weight.numel() // m.mask.numel()) for m, n in live.items())
+    assert r["weight_density"] == pytest.approx(live_weights / sum(m.weight.numel() for m in layers))
+    assert abs(live_weights - weights_before) <= 0.02 * weights_before   # the schedule's budget is weights
+    assert 0 < r["weight_density"] < 1 and r["weight_density"] != pytest.approx(r["density"])
