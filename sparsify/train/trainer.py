@@ -388,6 +388,28 @@ def class_loss(out: torch.Tensor, y: torch.Tensor, model_output: str | None, red
     return F.cross_entropy(out, y, reduction=reduction)
 
 
+_SIGMOIDS = (torch.sigmoid, F.sigmoid, torch.special.expit, F.hardsigmoid)
+
+
+def _sigmoid_scores(model: nn.Module, out: Any) -> bool:
+    """Whether class scores ``out`` [N, C] come from a sigmoid at the model's end: read off the graph
+    when the model is a traced one (its output node made by a sigmoid), else off the values: all in
+    [0, 1] on both sides of 0.5 (a sigmoid of logits of either sign; an untrained net's small positive
+    logits, all in [0, 0.2], were taken for one)."""
+    if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 2):
+        return False
+    graph = getattr(model, "graph", None)
+    if isinstance(graph, torch.fx.Graph):
+        ends = [n for n in graph.nodes if n.op == "output"]
+        made = ends[0].args[0] if ends and ends[0].args else None
+        if isinstance(made, torch.fx.Node):
+            mods = dict(model.named_modules())
+            return (made.op == "call_function" and made.target in _SIGMOIDS
+                    or made.op == "call_method" and made.target in ("sigmoid", "sigmoid_")
+                    or made.op == "call_module" and isinstance(mods.get(made.target), (nn.Sigmoid, nn.Hardsigmoid)))
+    return bool(((out >= 0) & (out <= 1)).all()) and bool((out < 0.5).any()) and bool((out > 0.5).any())
+
+
 @torch.no_grad()
 def detect_model_output(model: nn.Module, split: Split, batch_size: int, model_input: tuple[int, ...],
                         reducer: Reducer, notes: list[str] | None = None) -> str:
@@ -411,8 +433,7 @@ def detect_model_output(model: nn.Module, split: Split, batch_size: int, model_i
         for n, b in model.named_buffers():
             b.copy_(buffers[n])
     kind = output_kind(out) if isinstance(out, torch.Tensor) else "logits"
-    if (notes is not None and kind == "logits" and isinstance(out, torch.Tensor) and out.dim() == 2
-            and out.shape[1] >= 2 and bool(((out >= 0) & (out <= 1)).all())):
+    if notes is not None and kind == "logits" and _sigmoid_scores(model, out):
         # a sigmoid head reached 42% where the same net returning logits reached 100%, without a word
         notes.append("note: the model's class scores all lie in [0, 1] without summing to 1 (a sigmoid at its end?); "
                      "they are trained as logits with cross-entropy, which moves scores squeezed into [0, 1] "

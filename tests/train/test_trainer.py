@@ -376,6 +376,28 @@ def test_a_sigmoid_head_is_trained_as_logits_with_a_note():
         assert bool(notes) == noted and (not noted or "drop the final sigmoid" in notes[0]), notes
 
 
+class _SmallPositive(torch.nn.Module):
+    """Logits all in [0, 0.2], as a freshly initialised head may give (no sigmoid)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.2 * torch.sigmoid(x - 100.0) + 0.01 * x.abs().clamp(max=1.0)
+
+
+def test_small_positive_logits_are_not_taken_for_a_sigmoid_head():
+    # "the model's class scores all lie in [0, 1] ... (a sigmoid at its end?)" for an ordinary net whose
+    # untrained logits happened to be small and positive; a traced model is judged by its graph
+    from sparsify.passes.trace import trace
+    from sparsify.train.distributed import Reducer
+    from sparsify.train.trainer import detect_model_output
+
+    digits = load_dataset("digits", (1, 1, 8, 8))
+    for model, noted in ((_ScoresNet(_SmallPositive()), False), (trace(_ScoresNet(_SmallPositive())), False),
+                         (trace(_ScoresNet(torch.nn.Sigmoid())), True), (trace(_ScoresNet(torch.nn.Identity())), False)):
+        notes: list[str] = []
+        assert detect_model_output(model, digits.train, 100, (1, 1, 8, 8), Reducer(), notes) == "logits"
+        assert bool(notes) == noted, (model, notes)
+
+
 def test_a_resume_on_other_per_channel_statistics_names_them():
     # the refusal read "(x - mean[c]) / std[c] ... then, (x - mean[c]) / std[c] ... now": per channel
     # the formula is the same text, so the means are shown instead
