@@ -720,7 +720,8 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
             choice.reason = f"auto_pad={auto_pad} (only explicit pads are rewritten)"
         elif choice.density >= threshold:
             d, t = _distinct_digits(choice.density, threshold)
-            choice.reason = f"density {d} >= {t}{rule}"
+            # a rule that keeps every density dense reads as itself ("density 0.25 >= 0.00 (strided ...)")
+            choice.reason = rule[2:-1] if threshold <= 0 and rule else f"density {d} >= {t}{rule}"
             layout_candidate = (dense_threshold is None and decide is None and depthwise_native(
                 (w.shape[2], w.shape[3]), _attr(node, "strides", [1, 1]), _attr(node, "dilations", [1, 1]),
                 _attr(node, "pads", [0, 0, 0, 0]), w.shape[1], _out_hw(node, w.shape, shapes.get(node.input[0]))))

@@ -877,17 +877,20 @@ def decode_image(file: str, shape: tuple[int, int, int]) -> torch.Tensor:
     return torch.from_numpy(a.transpose(2, 0, 1).copy())
 
 
-def _check_images(files: Sequence[str]) -> None:
+def _check_images(files: Sequence[str]) -> int:
     """DataError naming the first of ``files`` whose header Pillow cannot read as an image (the
-    header only: about 20 us a file; pixels are decoded batch by batch later)."""
+    header only: about 20 us a file; pixels are decoded batch by batch later); else how many of
+    them are grey (one channel, with or without alpha: modes 1, L, LA, I, I;16, F)."""
     from PIL import Image, UnidentifiedImageError
 
+    grey = 0
     for file in files:
         try:
             with Image.open(file) as im:
-                im.size  # noqa: B018 - parsed from the header
+                grey += Image.getmodebase(im.mode) == "L"  # parsed from the header
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             raise _unreadable(file, e) from None
+    return grey
 
 
 def _first_size(file: str) -> tuple[int, int]:
@@ -945,16 +948,19 @@ def _load_folder(root: Path, shape: tuple[int, int, int] | None, num_classes: in
     val_idx, tr_idx = _val_split(labels, val_fraction)
     if train_limit is not None:
         tr_idx = tr_idx[:train_limit]
+    # every file that training, validation or the test will read opens as an image: a damaged one
+    # in the test split was found only after the last epoch
+    read = [files[int(i)] for i in tr_idx] + [files[int(i)] for i in val_idx] + test_files
+    grey = _check_images(read)
+    colour = (f"; converted to grey" if c == 1 else
+              f"; the {grey} grey image{'s' if grey != 1 else ''} among them replicated to 3 channels" if grey else "")
     w0, h0 = _first_size(files[int(tr_idx[0])]) if len(tr_idx) else (0, 0)
     if (h0, w0) == (shape[1], shape[2]):  # "resized to the model's 16x16" for 16x16 images said nothing true
         notes.append(f"{root}: images (e.g. {w0}x{h0}) are the model's size (others are resized: shorter side, then "
-                     f"centre crop){'; converted to grey' if c == 1 else ''}; decoded per batch")
+                     f"centre crop){colour}; decoded per batch")
     else:
         notes.append(f"{root}: images (e.g. {w0}x{h0}) are resized to the model's {shape[2]}x{shape[1]} (shorter "
-                     f"side, then centre crop){' and converted to grey' if c == 1 else ''}; decoded per batch")
-    # every file that training, validation or the test will read opens as an image: a damaged one
-    # in the test split was found only after the last epoch
-    _check_images([files[int(i)] for i in tr_idx] + [files[int(i)] for i in val_idx] + test_files)
+                     f"side, then centre crop){colour}; decoded per batch")
     probe = ImageFolderSplit(files, labels, shape, torch.zeros(c), torch.ones(c))
     if normalize:
         sample = tr_idx[torch.randperm(len(tr_idx), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))

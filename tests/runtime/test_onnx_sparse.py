@@ -124,6 +124,16 @@ def test_reason_tells_density_and_threshold_apart() -> None:
         assert choice.sparse is sparse and d != t and (float(d) < float(t)) is sparse, choice.reason
 
 
+def test_a_rule_that_keeps_every_density_dense_reads_as_itself() -> None:
+    # "density 0.25 >= 0.00 (strided conv with 32 < 64 input channels per group)"
+    w = _masked_weight(np.random.default_rng(2), 16, 8, 3, 0.25)
+    _, report = convert_model(_conv_model(w, None, 2, 1, 1, 1, 32))
+    (choice,) = report.choices
+    assert not choice.sparse and choice.reason == "strided conv with 8 < 64 input channels per group"
+    dilated = convert_model(_conv_model(w, None, 1, 2, 2, 1, 32))[1].choices[0]
+    assert not dilated.sparse and dilated.reason == "dilated conv (no fast sparse path)"
+
+
 class _Net(nn.Module):
     def __init__(self, seed: int) -> None:
         super().__init__()

@@ -57,6 +57,21 @@ def test_train_test_subfolders_are_used_and_grey_models_get_grey(tmp_path):
     assert not any("held out" in n for n in b.notes)
 
 
+def test_grey_images_among_colour_ones_are_noted_for_a_colour_model(tmp_path):
+    # a grey image in a folder for a 3-channel model was replicated to RGB without a word (a grey
+    # model's note says "converted to grey")
+    root = make_folder(tmp_path / "imgs", per_class=10)
+    b = load_dataset(str(root), (1, 3, 8, 8))
+    assert not any("replicated" in n for n in b.notes), b.notes
+    for i in range(2):
+        Image.open(root / "class1" / f"{i}.png").convert("L").save(root / "class1" / f"{i}.png")
+    Image.open(root / "class2" / "0.png").convert("LA").save(root / "class2" / "0.png")
+    b = load_dataset(str(root), (1, 3, 8, 8))
+    assert any("the 3 grey images among them replicated to 3 channels" in n for n in b.notes), b.notes
+    x, y = b.train.take(torch.arange(len(b.train)))
+    assert x.shape[1] == 3
+
+
 def test_worker_processes_give_the_same_batches(tmp_path):
     b = load_dataset(str(make_folder(tmp_path / "imgs", per_class=8)), (1, 3, 8, 8))
     inline = list(batches(b.train, 5, shuffle=True, seed=3, epoch=2, workers=0))
