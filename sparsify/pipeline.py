@@ -305,8 +305,9 @@ def run_pipeline(
             trained = train_run(tmp, progress=_train_progress(stage("train")), log=log, resumable=False,
                                 **train_options)
             where = "export"
-            notes["train"] = {k: trained.get(k) for k in ("data", "schedule", "epochs", "steps", "test_acc",
-                                                          "test_loss", "val_acc", "density", "weight_density", "warnings")}
+            kept = ("data", "schedule", "epochs", "steps", "test_acc", "test_loss", "val_acc", "density",
+                    "weight_density", "warnings")
+            notes["train"] = {k: trained.get(k) for k in kept}
             files, export_notes = export_variants(tmp, tmp, variants, progress=stage("export"))
             notes.update(export_notes)
             where = "bench"

@@ -175,7 +175,8 @@ training in progress is in RUN/checkpoints/ (last.pt, metrics.jsonl), which --re
     if dense:
         caption += (f"; both, and live connections, count the {masked} masked layer{'s' if masked != 1 else ''}: "
                     f"{dense} conv / linear layer{'s are' if dense != 1 else ' is'} dense")
-    table = Table(title=f"{run_dir}: {result['schedule']} on {result['data']}, {result['epochs']} epoch{'' if result['epochs'] == 1 else 's'}",
+    epochs = f"{result['epochs']} epoch{'' if result['epochs'] == 1 else 's'}"
+    table = Table(title=f"{run_dir}: {result['schedule']} on {result['data']}, {epochs}",
                   title_justify="left", caption=caption, caption_justify="left")
     # "live connections": (output, input) channel pairs that carry a kernel, what density counts;
     # "live params": the weights and biases behind them, what `sparsify inspect` calls params

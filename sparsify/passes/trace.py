@@ -1332,8 +1332,9 @@ def dropped_train_overrides(model: nn.Module, gm: fx.GraphModule) -> str | None:
         return None
     verb = "overrides" if len(lost) == 1 else "override"
     held = getattr(gm, "held_eval", ())
+    stay = "stays" if len(held) == 1 else "stay"
     kept_text = (f"the {len(held)} module{'s' if len(held) != 1 else ''} it leaves in eval mode ({', '.join(held[:4])}"
-                 f"{', ...' if len(held) > 4 else ''}) {'stays' if len(held) == 1 else 'stay'} in eval mode while training; anything else it does "
+                 f"{', ...' if len(held) > 4 else ''}) {stay} in eval mode while training; anything else it does "
                  "is not applied" if held else "the modes it sets are not applied")
     return (f"{', '.join(lost[:3])}{' and more' if len(lost) > 3 else ''} {verb} train(), which the traced "
             f"model does not run: {kept_text} by `sparsify train`; a submodule doing so can be "

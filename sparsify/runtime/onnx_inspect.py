@@ -174,9 +174,9 @@ def inspect_onnx(path: str | os.PathLike) -> dict[str, Any]:
             w = inits[node.input[1]]
             group = int(attrs.get("group", 1))
             kernel = tuple(w.dims[2:])
-            row.update(in_channels=int(w.dims[0]), out_channels=int(w.dims[1]) * group,
-                       kernel="x".join(map(str, kernel)), stride="x".join(map(str, attrs.get("strides", [1] * len(kernel)))),
-                       group=group)
+            strides = attrs.get("strides", [1] * len(kernel))
+            row.update(in_channels=int(w.dims[0]), out_channels=int(w.dims[1]) * group, group=group,
+                       kernel="x".join(map(str, kernel)), stride="x".join(map(str, strides)))
             if x and len(x) == 2 + len(kernel):
                 row["macs"] = int(np.prod(w.dims, dtype=np.int64) * np.prod(x[2:], dtype=np.int64))
         elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:

@@ -391,8 +391,9 @@ def test_small_positive_logits_are_not_taken_for_a_sigmoid_head():
     from sparsify.train.trainer import detect_model_output
 
     digits = load_dataset("digits", (1, 1, 8, 8))
-    for model, noted in ((_ScoresNet(_SmallPositive()), False), (trace(_ScoresNet(_SmallPositive())), False),
-                         (trace(_ScoresNet(torch.nn.Sigmoid())), True), (trace(_ScoresNet(torch.nn.Identity())), False)):
+    cases = ((_ScoresNet(_SmallPositive()), False), (trace(_ScoresNet(_SmallPositive())), False),
+             (trace(_ScoresNet(torch.nn.Sigmoid())), True), (trace(_ScoresNet(torch.nn.Identity())), False))
+    for model, noted in cases:
         notes: list[str] = []
         assert detect_model_output(model, digits.train, 100, (1, 1, 8, 8), Reducer(), notes) == "logits"
         assert bool(notes) == noted, (model, notes)
