@@ -128,14 +128,22 @@ class SparseMomentum(Schedule):
             k = prune_smallest(m.mask, unit_scores(m, m.weight), int(round(p_i * live)), block=fan_in_block(m))
             change.add(n, k, 0)
             removed += k * unit_size(m)
-        # (c) regrow where the momentum of missing connections is largest.
-        capacity = [int((self.layers[n].mask == 0).sum()) for n in names]
-        quanta = [unit_size(self.layers[n]) * fan_in_block(self.layers[n]) for n in names]
-        alloc, self.carry = distribute(removed + self.carry, shares, capacity, quanta)
+        # (c) regrow where the momentum of missing connections is largest. A layer with shared fan-ins
+        # grows whole blocks: its capacity and allocation count blocks of fan_in_block entries (they
+        # counted entries against a block's weights, so a layer of blocks of 4 regrew a quarter of
+        # its share and the network lost weights every epoch).
+        blocks = [fan_in_block(self.layers[n]) for n in names]
+        capacity = [int((self.layers[n].mask == 0).sum()) // b for n, b in zip(names, blocks)]
+        quanta = [unit_size(self.layers[n]) * b for n, b in zip(names, blocks)]
+        budget = removed + self.carry  # below 0 when a layer grew a partial block more than its share
+        alloc, left = distribute(max(budget, 0), shares, capacity, quanta)
+        self.carry = left + min(budget, 0)
         for i, n in enumerate(names):
             m = self.layers[n]
-            grown = grow_largest(m.mask, unit_scores(m, self.momentum[n]), alloc[i], block=fan_in_block(m))
+            grown = grow_largest(m.mask, unit_scores(m, self.momentum[n]), alloc[i] * blocks[i], block=blocks[i])
             change.add(n, 0, grown)
+            # what a layer of blocks could not place exactly (a last block of fewer rows) is carried
+            self.carry += alloc[i] * quanta[i] - grown * unit_size(m)
         return change
 
     def state_dict(self) -> dict[str, Any]:
