@@ -244,8 +244,10 @@ def _check_outputs(y: Any) -> None:
     for path, leaf in pytree.tree_flatten_with_path(y)[0]:
         if leaf is not None and not isinstance(leaf, torch.Tensor):
             where = pytree.keystr(path) or "the output"
-            raise ExportError(f"the model returns a {type(leaf).__name__} at {where}; ONNX outputs are tensors: "
-                              "return tensors (or None) only, e.g. torch.tensor(value)")
+            kind = type(leaf).__name__
+            raise ExportError(f"the model returns {'an' if kind[0] in 'aeiou' else 'a'} {kind} ({leaf!r:.40}) at "
+                              f"{where}; ONNX outputs are tensors: return tensors (or None) only, e.g. "
+                              f"torch.tensor(value)")
 
 
 def _torch_export(module: nn.Module, example: tuple[torch.Tensor, ...], outputs: list[str] | None = None

@@ -170,10 +170,17 @@ class NumberOut(Body):
         return {"logits": self.fc(self.emb(self.c2(self.c1(x)).mean((2, 3)))), "scale": 2.0}
 
 
+class IntOut(Body):
+    def forward(self, x):
+        return {"logits": self.fc(self.emb(self.c2(self.c1(x)).mean((2, 3)))), "stride": 1}
+
+
 def test_a_number_in_the_output_is_refused_in_one_line(tmp_path):
-    with pytest.raises(ExportError, match=r"returns a float at \['scale'\]; ONNX outputs are tensors"):
+    with pytest.raises(ExportError, match=r"returns a float \(2.0\) at \['scale'\]; ONNX outputs are tensors"):
         export_model(NumberOut().eval(), (1, 3, 16, 16), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(ExportError, match=r"returns an int \(1\) at \['stride'\]"):
+        export_model(IntOut().eval(), (1, 3, 16, 16), tmp_path / "m.onnx")
 
 
 class RunningCentre(nn.Module):
