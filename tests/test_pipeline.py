@@ -220,20 +220,6 @@ INPUT_SHAPE = (1, 3, 16, 16)
 """
 
 
-def test_a_depth_baseline_that_cannot_match_the_sparse_run_says_so(tmp_path):
-    # alpha=1e-09 with 3x the sparse run's parameters was timed as the equal-parameter baseline silently
-    from sparsify.api import transform_to_dir
-
-    (tmp_path / "net.py").write_text(FEATURES_OUT)
-    run, _ = transform_to_dir(str(tmp_path / "net.py"), "sparse-random", density=0.2, out=tmp_path / "run")
-    _, notes = pipeline.export_variants(run, tmp_path, ["depth"])
-    depth = notes["depth"]
-    assert depth["live_params"] > 2 * depth["target_live_params"] and "not an equal-parameter baseline" in depth["mismatch"]
-    from sparsify.cli.bench import _variant_notes
-
-    assert any(line.startswith("warning: depth: no depth multiplier reaches") for line in _variant_notes(notes))
-
-
 NARROW = """
 import torch, torch.nn as nn, torch.nn.functional as F
 
@@ -252,19 +238,27 @@ INPUT_SHAPE = (1, 3, 8, 8)
 """
 
 
-def test_a_depth_baseline_missed_by_rounding_says_so(tmp_path):
-    # 24 channels in multiples of 8 step 24 -> 16 -> 8: the reason given was "channel groups the
-    # model keeps whole", which none is here
+@pytest.mark.parametrize("source,density,cause", [
+    (FEATURES_OUT, 0.2, "channel groups the model keeps whole"),
+    # 24 channels in multiples of 8 step 24 -> 16 -> 8: the cause read "channel groups the model keeps
+    # whole", which none is here
+    (NARROW, 0.3, "rounded to multiples of 8 move it in steps"),
+])
+def test_a_depth_baseline_that_cannot_match_the_sparse_run_says_why(tmp_path, source, density, cause):
+    # alpha=1e-09 with 3x the sparse run's parameters was timed as the equal-parameter baseline silently
     from sparsify.api import transform_to_dir
+    from sparsify.cli.bench import _variant_notes
 
-    (tmp_path / "net.py").write_text(NARROW)
-    run, _ = transform_to_dir(str(tmp_path / "net.py"), "sparse-random", density=0.3, out=tmp_path / "run")
+    (tmp_path / "net.py").write_text(source)
+    run, _ = transform_to_dir(str(tmp_path / "net.py"), "sparse-random", density=density, out=tmp_path / "run")
     _, notes = pipeline.export_variants(run, tmp_path, ["depth"])
-    mismatch = notes["depth"]["mismatch"]
-    assert "rounded to multiples of 8 move it in steps" in mismatch and "keeps whole" not in mismatch
-    unrounded = int(mismatch.split("unrounded widths would give ")[1].split(")")[0].replace(",", ""))
-    target = notes["depth"]["target_live_params"]
-    assert abs(unrounded - target) <= pipeline.DEPTH_MISMATCH * target
+    depth, target = notes["depth"], notes["depth"]["target_live_params"]
+    assert abs(depth["live_params"] - target) > pipeline.DEPTH_MISMATCH * target
+    assert "not an equal-parameter baseline" in depth["mismatch"] and cause in depth["mismatch"]
+    assert any(line.startswith("warning: depth: no depth multiplier reaches") for line in _variant_notes(notes))
+    if source is NARROW:
+        unrounded = int(depth["mismatch"].split("unrounded widths would give ")[1].split(")")[0].replace(",", ""))
+        assert abs(unrounded - target) <= pipeline.DEPTH_MISMATCH * target
 
 
 def test_run_force_stopped_keeps_the_run_it_was_to_replace(tmp_path):
