@@ -169,24 +169,24 @@ training in progress is in RUN/checkpoints/ (last.pt, metrics.jsonl), which --re
         return
     dense = result.get("dense_layers") or 0
     masked = result.get("masked_layers")
-    caption = ("density: of the (output, input) channel connections; weight density: of their weights (a 3x3 "
-               "conv's connection weighs 9 of a 1x1's, so schedules that move connections between layers change "
-               "the first at the same weight count)")
+    # a 3x3 conv's connection holds 9 weights, a 1x1's one: schedules that move connections between
+    # layers change the density of connections at the same weight count, so both are shown
+    caption = "density: live connections / live weights, each over all (a 3x3 conv's holds 9)"
     if dense:
-        caption += (f"; both, and live connections, count the {masked} masked layer{'s' if masked != 1 else ''}: "
-                    f"{dense} conv / linear layer{'s are' if dense != 1 else ' is'} dense")
+        caption += (f"\ndensity, live connections: the {masked} masked layer{'s' if masked != 1 else ''}; {dense} "
+                    f"conv / linear layer{'s are' if dense != 1 else ' is'} dense")
     epochs = f"{result['epochs']} epoch{'' if result['epochs'] == 1 else 's'}"
     table = Table(title=f"{run_dir}: {result['schedule']} on {result['data']}, {epochs}",
                   title_justify="left", caption=caption, caption_justify="left")
     # "live connections": (output, input) channel pairs that carry a kernel, what density counts;
     # "live params": the weights and biases behind them, what `sparsify inspect` calls params
-    for col in ("test acc", "test loss", "val acc", "density", "weight density", "live connections", "live params"):
+    for col in ("test acc", "test loss", "val acc", "density", "live connections", "live params"):
         table.add_column(col, justify="right")
     val_acc = result["val_acc"]
     live_params = result.get("live_params")
     table.add_row(f"{result['test_acc']:.2%}", f"{result['test_loss']:.4f}",
                   f"{val_acc:.2%}" if val_acc is not None and val_acc == val_acc else "-",
-                  f"{result['density']:.4f}", f"{result['weight_density']:.4f}", f"{result['live']:,}",
+                  f"{result['density']:.4f} / {result['weight_density']:.4f}", f"{result['live']:,}",
                   f"{live_params:,}" if live_params is not None else "-")
     out.print(table)
 

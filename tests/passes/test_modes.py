@@ -315,7 +315,7 @@ def test_a_train_override_that_tracing_drops_is_noted():
     model = NormEval()
     note = dropped_train_overrides(model, trace(model))
     assert note is not None and note.startswith("NormEval overrides train()")
-    assert "(bn1) stay in eval mode while training" in note
+    assert "(bn1) stays in eval mode while training" in note
     assert dropped_train_overrides(FunctionalDropout(), trace(FunctionalDropout())) is None
 
 
