@@ -391,3 +391,17 @@ def test_attributes_the_forward_only_reads_are_not_noted():
             return self.scale(self.act(self.c(x))) * self.cfg.width
 
     assert trace(Reads()).meta["state_written"] == []
+
+
+def test_item_assignment_freezes_its_channels_and_says_so():
+    # the channels x[:, :4] = y writes keep their count: the reason read "unknown op setitem", while
+    # item assignment is understood (traced in place, above)
+    from sparsify.passes.channel_graph import ChannelGraph
+
+    gm = trace(ItemAssign())
+    cg = ChannelGraph.build(gm, torch.randn(1, 3, 8, 8))
+    frozen = {g.size: g.reasons for g in cg.channel_groups() if g.frozen and g.producers}
+    for size in (8, 4):  # stem's channels (written into) and part's (written)
+        assert any(r.startswith("item assignment at setitem (test_buffers_in_place.py:") and "keep their count" in r
+                   for r in frozen[size]), frozen
+    assert not any("unknown op" in r for reasons in frozen.values() for r in reasons)
