@@ -85,7 +85,7 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
                          include_linear=include_linear,
                          include_classifier=include_classifier, rescale_init=rescale_init, divisor=divisor)
     registry, rule_record = rule_registry(rules)
-    loaded = load_checked(model, model_args, seed, leaf_modules)
+    loaded = load_checked(model, model_args, seed, leaf_modules, list(rules or ()))
     prepare, source, missing = None, None, []
     if weights is not None:
         from .weights import apply_state_dict, check_missing
@@ -125,8 +125,9 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     lost_train = dropped_train_overrides(loaded.module, traced.gm)
     constants = traced_constants(traced.gm)
     defaults = defaults_note(loaded.module, len(shapes))
+    unused = _unused_rules(traced.gm, rules)
     notes = [n for n in (loaded.dtype_note, unread, differs, grad, draws, written, branches, onnx_branch, lost_train,
-                         constants, defaults) if n] + list(result.notes) + _density_notes(params, result.layers)
+                         constants, defaults, unused) if n] + list(result.notes) + _density_notes(params, result.layers)
     functional = functional_note(report) if method_class(method).masked else None
     if functional:
         notes.append(functional)
@@ -217,6 +218,24 @@ def transform_to_dir(model: str, method: str = "sparse-random", *, out: str | Pa
     save_run(path, result.recipe, result.model, result.summary, force=force, source_file=result.source_file,
              traced_state=result.traced_state)
     return path, result
+
+
+def _unused_rules(gm: fx.GraphModule, rules: Mapping[Any, str | Rule] | None) -> str | None:
+    """A note naming the ``rules`` keys no layer of the traced model is called as: a rule applies to
+    a type kept whole (``--leaf``); without it the type is traced through and its rule is silently
+    unused."""
+    if not rules:
+        return None
+    mods = dict(gm.named_modules())
+    called = {type(mods[n.target]) for n in gm.graph.nodes if n.op == "call_module" and n.target in mods}
+    names = {t.__name__ for t in called} | {f"{t.__module__}.{t.__qualname__}" for t in called}
+    unused = [k.__name__ if isinstance(k, type) else str(k) for k in rules
+              if (k not in called if isinstance(k, type) else k not in names)]
+    if not unused:
+        return None
+    return (f"--rule {', '.join(unused)}: no layer of {'that type' if len(unused) == 1 else 'those types'} is kept "
+            f"whole, so the rule is not used; add --leaf {' --leaf '.join(unused)} to keep {'it' if len(unused) == 1 else 'them'} "
+            f"whole and apply it")
 
 
 def load(path: str | Path, rules: Mapping[Any, str | Rule] | None = None) -> Run:

@@ -51,12 +51,13 @@ def rule_registry(rules: Mapping[Any, str | Rule] | None) -> tuple[Registry | No
 
 
 def load_checked(model: Any, model_args: dict[str, Any] | None, seed: int, leaf_modules: Sequence[str],
-                 **where: Any) -> LoadedModel:
+                 rule_types: Sequence[Any] = (), **where: Any) -> LoadedModel:
     """``models.load_model`` (initial weights from ``seed``; ``where``: its ``imports_dir`` and
-    ``fresh``), refusing an empty layer and unknown ``--leaf`` types; a model with float16 /
-    bfloat16 / float64 tensors is made float32 (``loaded.dtype_note`` says so)."""
+    ``fresh``), refusing an empty layer and unknown ``--leaf`` / ``--rule`` types (``rule_types``:
+    the keys of the user's rules; type objects are not checked); a model with float16 / bfloat16 /
+    float64 tensors is made float32 (``loaded.dtype_note`` says so)."""
     loaded = load_model(model, model_args, seed, **where)
-    check_loaded(loaded, leaf_modules)
+    check_loaded(loaded, leaf_modules, [t for t in rule_types if isinstance(t, str)])
     tensors = itertools.chain(loaded.module.parameters(), loaded.module.buffers())
     other = sorted({str(t.dtype).removeprefix("torch.") for t in tensors
                     if not is_lazy(t) and t.is_floating_point() and t.dtype != torch.float32})
@@ -69,8 +70,9 @@ def load_checked(model: Any, model_args: dict[str, Any] | None, seed: int, leaf_
     return loaded
 
 
-def check_loaded(loaded: LoadedModel, leaf_modules: Sequence[str]) -> None:
-    """Refuse a model with an empty layer (e.g. num_classes 0) and --leaf names of no module in it."""
+def check_loaded(loaded: LoadedModel, leaf_modules: Sequence[str], rule_types: Sequence[str] = ()) -> None:
+    """Refuse a model with an empty layer (e.g. num_classes 0) and --leaf / --rule type names of no
+    module in it."""
     types: set[str] = set()
     for name, m in loaded.module.named_modules():
         t = type(m)
@@ -79,10 +81,12 @@ def check_loaded(loaded: LoadedModel, leaf_modules: Sequence[str]) -> None:
             if not is_lazy(p) and p.numel() == 0:  # a lazy layer gets its shape in trace_loaded
                 raise ModelLoadError(f"{loaded.spec} has an empty layer: {name}.{pname} has shape {list(p.shape)}; "
                                      f"a width or class count of 0 in --model-args?")
-    unknown = [leaf for leaf in leaf_modules if leaf not in types]
+    unknown = [("--leaf", t) for t in leaf_modules if t not in types] + [("--rule", t) for t in rule_types
+                                                                         if t not in types]
     if unknown:
+        flag, name = unknown[0]
         present = sorted({type(m).__name__ for m in loaded.module.modules()})
-        raise UsageError(f"--leaf {unknown[0]}: {loaded.spec} has no module of that type; its types are "
+        raise UsageError(f"{flag} {name}: {loaded.spec} has no module of that type; its types are "
                          f"{', '.join(present[:8])}{', ...' if len(present) > 8 else ''}")
 
 

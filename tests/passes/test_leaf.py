@@ -317,6 +317,24 @@ def test_cli_rejects_an_unknown_rule(tmp_path):
     assert r.exit_code == 2 and "--rule" in r.output and not (tmp_path / "run").exists()
 
 
+def test_a_rule_for_a_type_the_model_lacks_or_traces_through_is_named(tmp_path):
+    # --rule Foo=conv (a typo, no such module) was recorded and silently unused; so was a rule for a
+    # type the tracer goes through (Net itself is never a layer)
+    from sparsify.cli import app
+
+    src = tmp_path / "net.py"
+    src.write_text(MODEL_FILE)
+    base = ["transform", str(src), "--density", "0.3"]
+    r = CliRunner().invoke(app, [*base, "--rule", "SameConv2d=conv", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "--rule SameConv2d: " in r.output and "has no module of that type" in r.output
+    assert "SameConv" in r.output.split("its types are")[1] and not (tmp_path / "a").exists()
+    # a conv subclass named by a rule is kept whole by it (used, no note); Net is traced through
+    r = CliRunner().invoke(app, [*base, "--rule", "SameConv=conv", "--rule", "Net=elementwise",
+                                 "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0 and "--rule Net: no layer of that type is kept whole" in r.output, r.output
+    assert "SameConv:" not in r.output and sparsify.load(tmp_path / "b").model.c2.mask.float().mean() < 1
+
+
 # ---- a rule of the user's own (rules= in the API) --------------------------------------------
 
 
