@@ -201,6 +201,16 @@ def test_a_shared_conv_is_packed_once_and_inspect_counts_every_conv(tmp_path) ->
     weights = {t.name: t for t in onnx.load(str(tmp_path / "d.onnx")).graph.initializer}
     assert report["totals"]["param_bytes"] == sum(4 * int(np.prod(t.dims)) for t in weights.values())
     assert sum(r["param_bytes"] for r in convs) > report["totals"]["param_bytes"] - up["param_bytes"]
+    # a masked conv written as a plain Conv: its MACs are the dense count, and the table says why
+    from rich.console import Console
+
+    from sparsify.runtime.onnx_inspect import render_onnx_report
+
+    shared = [r for r in convs if r["layer"] == "shared"]
+    assert len(shared) == 2 and all(r["density"] < 0.5 and r["macs"] == 16 * 16 * 9 * 120 for r in shared)
+    console = Console(width=100, record=True)
+    console.print(render_onnx_report(report))
+    assert "a Conv computes its zeros too" in " ".join(console.export_text().split())
 
 
 def test_bad_output_paths(tmp_path) -> None:
