@@ -259,8 +259,8 @@ def render_onnx_report(report: dict[str, Any], width: int | None = None):
                              "before them removed)" if t.get("reading_pieces") else "")
                           + (f"\noutputs: {', '.join(_io(o) for o in report['outputs'])}" if report.get("outputs") else "")
                           + (f"\nother ops: {', '.join(f'{k}×{v}' for k, v in sorted(others.items()))}" if others else "")
-                          + ("\nMACs: what the file computes; a Conv computes its zeros too (density < 1: masked "
-                             "weights it was kept dense for), so its MACs are the dense count"
+                          + ("\nMACs: what the file computes; a Conv computes its zeros too (density < 1:"
+                             "\nmasked weights the export kept dense), so its MACs are the dense count"
                              if any(r["op"] == "Conv" and (r["density"] or 1) < 1 for r in report["nodes"]) else ""),
                   caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0), pad_edge=False,
                   collapse_padding=True)
