@@ -233,9 +233,10 @@ def _unused_rules(gm: fx.GraphModule, rules: Mapping[Any, str | Rule] | None) ->
               if (k not in called if isinstance(k, type) else k not in names)]
     if not unused:
         return None
-    return (f"--rule {', '.join(unused)}: no layer of {'that type' if len(unused) == 1 else 'those types'} is kept "
-            f"whole, so the rule is not used; add --leaf {' --leaf '.join(unused)} to keep {'it' if len(unused) == 1 else 'them'} "
-            f"whole and apply it")
+    one = len(unused) == 1
+    return (f"--rule {', '.join(unused)}: no layer of {'that type' if one else 'those types'} is kept whole, so the "
+            f"rule is not used; add --leaf {' --leaf '.join(unused)} to keep {'it' if one else 'them'} whole and "
+            f"apply it")
 
 
 def load(path: str | Path, rules: Mapping[Any, str | Rule] | None = None) -> Run:

@@ -952,7 +952,7 @@ def _load_folder(root: Path, shape: tuple[int, int, int] | None, num_classes: in
     # in the test split was found only after the last epoch
     read = [files[int(i)] for i in tr_idx] + [files[int(i)] for i in val_idx] + test_files
     grey = _check_images(read)
-    colour = (f"; converted to grey" if c == 1 else
+    colour = ("; converted to grey" if c == 1 else
               f"; the {grey} grey image{'s' if grey != 1 else ''} among them replicated to 3 channels" if grey else "")
     w0, h0 = _first_size(files[int(tr_idx[0])]) if len(tr_idx) else (0, 0)
     if (h0, w0) == (shape[1], shape[2]):  # "resized to the model's 16x16" for 16x16 images said nothing true
