@@ -15,6 +15,7 @@ from .methods import METHODS, make_config, method_class
 from .passes.base import seed_problem
 from .passes.depth_multiplier import COUNTS, match_depth
 from .passes.rules import Registry, Rule
+from .passes.rules.base import type_names
 from .passes.trace import (defaults_note, dropped_train_overrides, grad_mode_note, mode_differences, onnx_export_note,
                            size_branches_note, state_written_note, traced_constants, training_draws_note)
 from .replay import apply_method, load_checked, replay_rules, rule_registry, trace_loaded
@@ -228,7 +229,7 @@ def _unused_rules(gm: fx.GraphModule, rules: Mapping[Any, str | Rule] | None) ->
         return None
     mods = dict(gm.named_modules())
     called = {type(mods[n.target]) for n in gm.graph.nodes if n.op == "call_module" and n.target in mods}
-    names = {t.__name__ for t in called} | {f"{t.__module__}.{t.__qualname__}" for t in called}
+    names = {n for t in called for n in type_names(t)}
     unused = [k.__name__ if isinstance(k, type) else str(k) for k in rules
               if (k not in called if isinstance(k, type) else k not in names)]
     if not unused:

@@ -23,6 +23,7 @@ from .methods import MethodConfig, config_from_params
 from .models import LoadedModel, load_model, module_name
 from .passes.base import PassResult
 from .passes.rules import Registry, Rule, with_user_rules
+from .passes.rules.base import type_names
 from .passes.trace import check_input_count, materialize_lazy, propagate_shapes, trace
 from .report import input_shapes
 
@@ -75,8 +76,7 @@ def check_loaded(loaded: LoadedModel, leaf_modules: Sequence[str], rule_types: S
     module in it."""
     types: set[str] = set()
     for name, m in loaded.module.named_modules():
-        t = type(m)
-        types.update((t.__name__, f"{t.__module__}.{t.__qualname__}"))
+        types.update(type_names(type(m)))
         for pname, p in m.named_parameters(recurse=False):
             if not is_lazy(p) and p.numel() == 0:  # a lazy layer gets its shape in trace_loaded
                 raise ModelLoadError(f"{loaded.spec} has an empty layer: {name}.{pname} has shape {list(p.shape)}; "

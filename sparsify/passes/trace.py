@@ -321,11 +321,11 @@ class SparsifyTracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        t = type(m)
-        if isinstance(m, SPARSE_LAYERS) or t.__name__ in self.leaf_types or f"{t.__module__}.{t.__qualname__}" in self.leaf_types:
-            return True
         from .rules import DEFAULT_RULES
-        from .rules.base import beyond_forward
+        from .rules.base import beyond_forward, type_names
+
+        if isinstance(m, SPARSE_LAYERS) or any(n in self.leaf_types for n in type_names(type(m))):
+            return True
 
         if beyond_forward(m) is not None:  # its hooks / parametrizations run only when it is called
             return True

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import UsageError
-from .base import Const, ConstancyEnv, LayerRule, Member, Registry, Role, Rule, SizeExpr, SparseLayout
+from .base import Const, ConstancyEnv, LayerRule, Member, Registry, Role, Rule, SizeExpr, SparseLayout, type_names
 from .layers import (
     BatchNormRule, ChannelwiseRule, ConvLeafRule, ConvRule, ConvTransposeRule, FunctionalConvRule,
     FunctionalLinearRule, FunctionalNormRule, GroupNormRule, LayerNormRule, LinearLeafRule, LinearRule,
@@ -232,8 +232,8 @@ def with_user_rules(rules: Mapping[Any, Any] | None) -> Registry:
         if not isinstance(value, Rule):
             raise UsageError(f"the rule for {key} is a {type(value).__name__}, not a rule name or a Rule object")
         if isinstance(key, type):
-            r.user_modules[key.__name__] = value
-            r.user_modules[f"{key.__module__}.{key.__qualname__}"] = value
+            for name in type_names(key):
+                r.user_modules[name] = value
         elif isinstance(key, str) and key:
             r.user_modules[key] = value
         else:

@@ -262,6 +262,12 @@ def _overrides_compute(cls: type, base: type) -> bool:
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
+def type_names(t: type) -> tuple[str, str]:
+    """The names a module type is given by (``--leaf``, ``--rule``, rule keys): ``SameConv`` and
+    its qualified ``models.blocks.SameConv``."""
+    return t.__name__, f"{t.__module__}.{t.__qualname__}"
+
+
 def beyond_forward(m: nn.Module) -> str | None:
     """Why ``m`` computes more than its type's forward, or None: a parametrized weight
     (``parametrizations.weight_norm`` / ``spectral_norm``) or hooks (the older ``weight_norm`` /
@@ -329,7 +335,7 @@ class Registry:
 
     def rule_for_module(self, m: nn.Module) -> Rule | None:
         t = getattr(type(m), "_leaf_type", type(m))  # a masked leaf is ruled as the leaf it masks
-        for key in (t.__name__, f"{t.__module__}.{t.__qualname__}"):
+        for key in type_names(t):
             if key in self.user_modules:
                 return self.user_modules[key]
         if beyond_forward(m) is not None:
