@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import PassError, UsageError
+from ..errors import PassError, UsageError, name_list
 from .base import GraphPass, PassResult, check_fraction, owner_of, set_submodule
 from .channel_graph import ChannelGraph, classifier_node
 from .outside import functional_layers, functional_note, ruleless_leaves
@@ -74,9 +74,7 @@ def _returned_layers(cg: ChannelGraph) -> str | None:
     returned = sorted({m.target for g in groups if "model output" in g.reasons for m in g.producers})
     if not returned:
         return None
-    named = (", ".join(returned[:-1]) + f" and {returned[-1]}" if 1 < len(returned) <= 4 else
-             ", ".join(returned[:4]) + f" and {len(returned) - 4} more" if len(returned) > 4 else returned[0])
-    return (f"the model returns the outputs of {named}, and a returned tensor keeps its channel count, so every "
+    return (f"the model returns the outputs of {name_list(returned, 4)}, and a returned tensor keeps its channel count, so every "
             f"layer's width is fixed; return only the final output (e.g. the logits) to resize the layers, or use "
             f"--method sparse-random or psn, which keep every channel count")
 

@@ -443,7 +443,7 @@ class FeaturesNet(nn.Module):
 
 def test_depth_multiplier_names_the_returned_layers_that_fix_every_width():
     x = torch.randn(1, 3, 8, 8)
-    with pytest.raises(PassError, match="returns the outputs of c0, c1 and fc.*return only the final output.*"
+    with pytest.raises(PassError, match="returns the outputs of c0, c1, fc,.*return only the final output.*"
                                          "--method sparse-random or psn"):
         DepthMultiplierPass(0.5)(trace(FeaturesNet()), x)
     # with c0's features no longer returned its group resizes: no refusal
