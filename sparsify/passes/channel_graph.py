@@ -265,13 +265,6 @@ class ChannelGraph:
                     outputs = all(u.op == "output" for u in node.users)
                     self.freeze_through(node, "model output" if outputs else f"packed into a {node.target.__name__}")
                     return
-                if node.op == "call_function" and node.target is operator.setitem:
-                    # x[...] = y is traced and runs as in eager PyTorch; its index is fixed, so the
-                    # channels of x and y keep their count (it read "unknown op setitem")
-                    where = user_source_line(node)
-                    self.freeze_through(node, f"item assignment at {node.name}{f' ({where})' if where else ''}: "
-                                              "the channels it writes keep their count")
-                    return
                 self.unknown(node, _label(node, module))
                 return
             try:

@@ -30,8 +30,9 @@ from .layers import (
 )
 from .ops import (
     AlongDimRule, BroadcastRule, CastLikeRule, CatRule, ChannelKeepingRule, ConstantLikeRule, CreationRule,
-    DropoutRule, ElementwiseRule, ExpandRule, FlattenRule, GetitemRule, NeutralRule, PermuteRule, RandomLikeRule,
-    ReduceRule, RepeatRule, ReshapeRule, SplitRule, SqueezeRule, StackRule, StochasticDepthRule, UnknownRule,
+    DropoutRule, ElementwiseRule, ExpandRule, FlattenRule, GetitemRule, ItemAssignRule, NeutralRule, PermuteRule,
+    RandomLikeRule, ReduceRule, RepeatRule, ReshapeRule, SplitRule, SqueezeRule, StackRule, StochasticDepthRule,
+    UnknownRule,
 )
 
 __all__ = ["Const", "ConstancyEnv", "LayerRule", "Member", "Registry", "Role", "Rule", "SizeExpr", "SparseLayout",
@@ -112,6 +113,7 @@ def _default() -> Registry:
     r.method(("eq", "ne", "lt", "gt", "le", "ge", "greater", "less", "greater_equal", "less_equal", "not_equal",
               "logical_and", "logical_or", "logical_xor", "logical_not", "isnan", "isinf", "isfinite", "bool"),
              broadcast)
+    r.function((operator.setitem,), ItemAssignRule())
     r.function((torch.cat, torch.concat, torch.concatenate), CatRule())
     r.function((torch.stack,), StackRule())
 

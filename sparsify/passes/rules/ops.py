@@ -985,6 +985,21 @@ class UnknownRule(Rule):
         cg.unknown(node, _name(node, module))
 
 
+class ItemAssignRule(Rule):
+    """``x[index] = y`` (``operator.setitem``, traced in place as eager PyTorch runs it): the index is
+    fixed in the code, so the channels of x and y keep their count. Every axis in and out is frozen,
+    with a reason that names the assignment and its source line (it read "unknown op setitem")."""
+
+    name = "item assignment"
+
+    def couple(self, cg, node, module):
+        from ..trace import user_source_line
+
+        where = user_source_line(node)
+        cg.freeze_through(node, f"item assignment at {node.name}{f' ({where})' if where else ''}: "
+                                "the channels it writes keep their count")
+
+
 _SHAPE_FUNCTIONS = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like, torch.rand_like,
                     torch.randn_like, torch.randint_like}
 _SHAPE_METHODS = {"size", "dim", "new_empty", "new_zeros", "new_ones", "new_full", "new_tensor", "numel"}
