@@ -400,7 +400,8 @@ def certify(original: nn.Module, compacted: nn.Module, example: Any, trials: int
             if lockstep:
                 ref, got = (_outputs(y) for y in _certify_nodes(original, compacted, xs, tolerance, kept))
             else:
-                ref, got = _outputs(original(*xs)), _outputs(compacted(*xs))
+                # each on its own copy: a forward may change its input in place (x.sub_(mean))
+                ref, got = _outputs(original(*(x.clone() for x in xs))), _outputs(compacted(*(x.clone() for x in xs)))
             if len(ref) != len(got):
                 raise PassError(f"compaction changed the number of outputs from {len(ref)} to {len(got)}; please report it")
             for k, (r, o) in enumerate(zip(ref, got)):
@@ -424,8 +425,8 @@ def _certify_nodes(original: fx.GraphModule, compacted: fx.GraphModule, xs: tupl
     compared. Returns both graphs' outputs."""
     outs: tuple[Any, Any] = (None, None)
     a, b = _Lockstep(original), _Lockstep(compacted)
-    a.start(xs)
-    b.start(xs)
+    a.start(tuple(x.clone() for x in xs))  # each on its own copy: a forward may change its input in place
+    b.start(tuple(x.clone() for x in xs))
     for i, n in enumerate(a.nodes):
         ref, got = a.step(i), b.step(i)
         if n.op == "output":

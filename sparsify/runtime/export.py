@@ -380,7 +380,8 @@ def _check_stateless(model: nn.Module, example: tuple[torch.Tensor, ...]) -> Non
     """Raise ExportError when ``model`` (in eval mode) updates its state or gives another output for the
     same input on its second call: its forward updates state (``self.ema.mul_(0.5).add_(...)`` outside ``if
     self.training:``), which an ONNX file cannot keep between runs (compaction and verification
-    failed on it with "please report it"). Runs a copy, twice."""
+    failed on it with "please report it"). Runs a copy, twice (``_torch_outputs``: each call on its own
+    copy of ``example``)."""
     probe = copy.deepcopy(model)
     before = {k: v.clone() for k, v in probe.state_dict().items()}
     first = _torch_outputs(probe, *example)
@@ -398,11 +399,13 @@ def _check_stateless(model: nn.Module, example: tuple[torch.Tensor, ...]) -> Non
 
 
 def _torch_outputs(model: nn.Module, *xs: torch.Tensor) -> list[np.ndarray]:
-    """The model's output tensors, flattened (dicts, tuples, nested) in the exporter's order."""
+    """The model's output tensors, flattened (dicts, tuples, nested) in the exporter's order. The model
+    runs on copies of ``xs``: a forward that normalises its input in place (``x.sub_(mean)``) is
+    stateless, and must not change the caller's input (the same array then goes to ONNX Runtime)."""
     import torch.utils._pytree as pytree
 
     with torch.no_grad():
-        y = model(*xs)
+        y = model(*(x.clone() for x in xs))
     return [t.detach().float().numpy() for t in pytree.tree_leaves(y) if isinstance(t, torch.Tensor)]
 
 

@@ -226,6 +226,40 @@ def test_a_model_whose_eval_output_changes_between_calls_is_refused_in_one_line(
     assert float(model.ema.abs().sum()) == 0  # the user's model was not run
 
 
+class InPlaceInput(nn.Module):
+    """Normalises its input in place (as some preprocessing wrappers do): stateless, but a second call
+    on the same tensor sees the normalised input. Filters 0-7 of `b` are dead (compaction removes them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.5, -0.3, 0.2]).view(1, 3, 1, 1))
+        self.a, self.b, self.c = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 10, 1)
+        with torch.no_grad():
+            self.b.weight[:8] = 0
+            self.b.bias[:8] = torch.linspace(-1.0, 2.0, 8)
+
+    def forward(self, x):
+        x.sub_(self.mean).mul_(3.0)
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_a_model_that_changes_its_input_in_place_exports_equal(tmp_path, compact):
+    # the statefulness check, compaction's check and verification each ran the model twice on one
+    # tensor: refused as "draws random numbers or keeps state", then "the export is wrong"
+    torch.manual_seed(0)
+    model = InPlaceInput().eval()
+    report = export_model(model, (1, 3, 12, 12), tmp_path / "m.onnx", compact=compact)
+    assert (report.compaction or {}).get("channels_removed", 0) == (8 if compact else 0)
+    x = np.random.default_rng(1).standard_normal((3, 3, 12, 12)).astype(np.float32)
+    sess = open_session(tmp_path / "m.onnx")
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x.copy())).numpy()
+    assert want.std() > 0.1 and np.abs(want[0] - want[1]).max() > 0.1  # outputs vary with the input
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
 class TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
