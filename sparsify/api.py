@@ -18,7 +18,7 @@ from .passes.rules import Registry, Rule
 from .passes.rules.base import type_names
 from .passes.trace import (defaults_note, dropped_train_overrides, grad_mode_note, mode_differences, onnx_export_note,
                            size_branches_note, state_written_note, traced_constants, training_draws_note)
-from .replay import apply_method, load_checked, replay_rules, rule_registry, trace_loaded
+from .replay import apply_method, load_checked, recipe_registry, rule_registry, trace_loaded
 from .passes.outside import functional_note
 from .report import layer_report, param_counts, with_ratios
 from .rundir import SUMMARY, Recipe, Run, default_run_dir, is_run_dir, load_run, read_recipe, save_run
@@ -272,7 +272,7 @@ def inspect(target: str | Path | nn.Module, *, input_shape: Sequence[int] | Sequ
                              f"{' '.join(f'--leaf {t}' for t in recorded) or 'no --leaf'}, and a run is inspected "
                              "as it was traced; transform again to change its leaves")
         run = load_run(target, rules)
-        registry = rule_registry({**replay_rules(run.recipe, rules), **(rules or {})})[0]
+        registry = recipe_registry(run.recipe, rules)
         report = layer_report(run.model, input_shape or run.recipe.shapes, registry)
         original = run.summary.get("original_totals")
         if original:

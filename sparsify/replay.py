@@ -186,6 +186,12 @@ def replay_rules(recipe: Any, rules: Mapping[Any, str | Rule] | None = None) -> 
     return replay
 
 
+def recipe_registry(recipe: Any, rules: Mapping[Any, str | Rule] | None = None) -> Registry | None:
+    """The rule registry a run was traced with (its recipe's rules, custom objects from ``rules``, and
+    ``rules`` on top), for everything that reads the run's graph again (reports after training, inspect)."""
+    return rule_registry({**replay_rules(recipe, rules), **(rules or {})})[0]
+
+
 def trace_recipe(recipe: Any, source_copy: str | Path | None = None,
                  rules: Mapping[Any, str | Rule] | None = None, where: str = "the recipe",
                  imports_copy: str | Path | None = None, traced_state: str | Path | None = None) -> Traced:

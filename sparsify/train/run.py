@@ -65,17 +65,20 @@ def _resume_config(state: dict[str, Any], overrides: dict[str, Any]) -> TrainCon
     return TrainConfig.from_dict(saved)
 
 
-def _refreshed_report(model: Any, input_shape: tuple[int, ...], summary: dict[str, Any]) -> dict[str, Any]:
-    """The per-layer report for the trained masks (dynamic schedules change live counts and fan-in)."""
+def _refreshed_report(run: Any, input_shape: tuple[int, ...], summary: dict[str, Any]) -> dict[str, Any]:
+    """The per-layer report for the trained masks of ``run.model`` (dynamic schedules change live
+    counts and fan-in), read with the rules the run was traced with, as transform and inspect read it
+    (without them a ``--leaf`` module's ``--rule conv`` weights counted as dense, its MACs as none)."""
+    from ..replay import recipe_registry
     from ..report import layer_report, with_ratios
 
-    report = layer_report(model, input_shape)
+    report = layer_report(run.model, input_shape, recipe_registry(run.recipe))
     if "original_totals" in summary:
         report = with_ratios(report, {"totals": summary["original_totals"]})
     return report
 
 
-def _layer_change(model: Any, init: Path, input_shape: tuple[int, ...], summary: dict[str, Any],
+def _layer_change(run: Any, init: Path, input_shape: tuple[int, ...], summary: dict[str, Any],
                   trained: dict[str, Any]) -> dict[str, Any] | None:
     """How training changed the per-layer densities, and so the MACs, of the run as transformed.
 
@@ -90,7 +93,7 @@ def _layer_change(model: Any, init: Path, input_shape: tuple[int, ...], summary:
     """
     from safetensors import safe_open
 
-    layers = sparse_modules(model)
+    layers = sparse_modules(run.model)
     if not layers or not init.is_file():
         return None
     with safe_open(str(init), framework="pt") as f:
@@ -105,7 +108,7 @@ def _layer_change(model: Any, init: Path, input_shape: tuple[int, ...], summary:
     try:  # the report of the transformed masks: the same counter, on the same graph and shapes
         for n, m in layers.items():
             m.mask = made[n].to(masks[n])
-        before = _refreshed_report(model, input_shape, summary)
+        before = _refreshed_report(run, input_shape, summary)
     finally:
         for n, m in layers.items():
             m.mask = masks[n]
@@ -171,7 +174,7 @@ def _keep_last_good(run_dir: Path, run: Any, model_input: tuple[int, ...], ckpt:
     state = load_checkpoint(ckpt)
     run.model.load_state_dict(state["model"])
     history = json.loads(state["history"])
-    _write_back(run_dir, run.model, _refreshed_report(run.model, model_input, read_summary(run_dir)), {
+    _write_back(run_dir, run.model, _refreshed_report(run, model_input, read_summary(run_dir)), {
         "diverged": str(e.what), "epochs_completed": int(state["epoch"]), "config": cfg.to_dict(),
         **{k: history[-1].get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")},
     })
@@ -323,8 +326,8 @@ def _train_locked(run_dir: Path, recipe: Any, ckpt: Path, cfg: TrainConfig, stat
                          metrics_path=staged, resume_state=state, log=log, progress=progress)
             if Reducer().is_main:
                 summary = read_summary(run_dir)
-                report = _refreshed_report(run.model, model_input, summary)
-                change = _layer_change(run.model, init, model_input, summary, report)
+                report = _refreshed_report(run, model_input, summary)
+                change = _layer_change(run, init, model_input, summary, report)
                 if change is not None:
                     result["layer_change"] = change
                 _write_back(run_dir, run.model, report, result)

@@ -476,3 +476,58 @@ def test_a_run_on_a_relative_data_folder_resumes_from_another_directory(tmp_path
         res = runner.invoke(app, ["train", "work/run", "--resume", *extra])
         assert res.exit_code == 0, res.output
         assert json.loads((work / "run" / "summary.json").read_text())["train"]["data"] == str(work / "imgs")
+
+
+LEAF_MODEL = '''
+import math
+import torch.nn as nn
+import torch.nn.functional as F
+
+INPUT_SHAPE = (1, 1, 8, 8)
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm-style dynamic 'same' padding: traced whole as a leaf, coupled as a conv by its rule."""
+
+    def forward(self, x):
+        ih, kh, sh = x.shape[-1], self.weight.shape[-1], self.stride[0]
+        p = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        return F.conv2d(F.pad(x, [p // 2, p - p // 2] * 2), self.weight, self.bias, self.stride)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(1, 16, 3, padding=1), Conv2dSame(16, 32, 3, stride=2), nn.Conv2d(32, 16, 3)
+        self.fc = nn.Linear(16 * 2 * 2, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c(F.relu(self.b(F.relu(self.a(x)))))).flatten(1))
+'''
+
+
+@pytest.mark.parametrize("schedule", ["static", "sparse-momentum"])
+def test_the_report_after_training_reads_the_run_with_its_leaves_rules(tmp_path, schedule):
+    # summary.json after train dropped the --leaf layer kept as a conv by --rule: its masked weights
+    # counted as dense parameters, its MACs as none, and compare / --match / the train note repeated it
+    from sparsify.api import inspect
+
+    (tmp_path / "leafnet.py").write_text(LEAF_MODEL)
+    run, _ = transform_to_dir(str(tmp_path / "leafnet.py"), method="sparse-random", density=0.25,
+                              leaf_modules=["Conv2dSame"], rules={"Conv2dSame": "conv"}, out=tmp_path / "run")
+    before = json.loads((run / "summary.json").read_text())
+    assert "b" in {l["name"] for l in before["layers"]}
+    notes = []
+    train_run(run, data="digits", epochs=2, train_limit=200, batch_size=50, schedule=schedule, log=notes.append)
+    after = json.loads((run / "summary.json").read_text())
+    layers = {l["name"]: l for l in after["layers"]}
+    assert layers["b"]["sparse"] and layers["b"]["macs"] > 0
+    truth = inspect(run)["totals"]  # what inspect reads of the trained run, with the recipe's rules
+    assert after["totals"]["params"] == truth["params"] and after["totals"]["macs"] == truth["macs"]
+    if schedule == "static":
+        assert after["totals"]["params"] == before["totals"]["params"]
+        assert after["totals"]["macs"] == before["totals"]["macs"]
+    else:  # sparse momentum moved weights between layers: "before" is what transform reported
+        change = after["train"]["layer_change"]
+        assert change["macs"]["before"] == before["totals"]["macs"]
+        assert change["macs_of_dense"]["before"] == before["ratios"]["macs"]
