@@ -15,6 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def broadcast_mask(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``mask`` (``[Cout, Cin/g]`` of a conv, the weight's leading dims) shaped to multiply ``weight``
+    (``[Cout, Cin/g, kh, kw]``): trailing dims of 1."""
+    return mask.reshape(mask.shape + (1,) * (weight.dim() - mask.dim()))
+
+
 class _Masked:
     """Shared behaviour of the masked layers; ``mask`` and ``weight`` are set by the subclass."""
 
@@ -23,13 +29,11 @@ class _Masked:
 
     def weight_mask(self) -> torch.Tensor:
         """The mask broadcast to the weight's full shape."""
-        m = self.mask
-        return m.reshape(m.shape + (1,) * (self.weight.dim() - m.dim())).expand_as(self.weight)
+        return broadcast_mask(self.mask, self.weight).expand_as(self.weight)
 
     def masked_weight(self) -> torch.Tensor:
         """The weight with masked entries set to zero (differentiable)."""
-        m = self.mask
-        return self.weight * m.reshape(m.shape + (1,) * (self.weight.dim() - m.dim()))
+        return self.weight * broadcast_mask(self.mask, self.weight)
 
     @torch.no_grad()
     def apply_mask_(self) -> None:

@@ -5,7 +5,9 @@ only, never pickled code. A checkpoint dict that holds the state dict under ``st
 ``model_state_dict`` or ``model`` (with other entries such as ``epoch`` beside it) is unwrapped; the
 ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) key prefixes, and a first name every
 key shares (a LightningModule's ``model.``), are removed when the model's own names do not carry
-them, and tied weights saved once (safetensors' ``save_model``) fill every name that shares them.
+them, and tied weights saved once (safetensors' ``save_model``) fill every name that shares them. A sparsify
+run's own ``weights.safetensors`` fits the model it was transformed from: its masks are applied to the
+weights and dropped.
 """
 from __future__ import annotations
 
@@ -104,6 +106,24 @@ def _fitted(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dic
     return {**state, **tied}
 
 
+def _masks_applied(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A sparsify run's ``weights.safetensors`` for the model it was transformed from: each masked
+    layer's ``X.weight`` times its ``X.mask`` (the weights the run computes with), the masks dropped.
+    Any other ``state`` is returned as it is."""
+    from .nn import broadcast_mask
+
+    masks = {k for k, m in state.items() if k.endswith(".mask") and k not in own and k[:-5] + ".weight" in own
+             and k[:-5] + ".weight" in state and m.dim() <= state[k[:-5] + ".weight"].dim()
+             and tuple(m.shape) == tuple(state[k[:-5] + ".weight"].shape[:m.dim()])}
+    if not masks:
+        return state
+    out = {k: v for k, v in state.items() if k not in masks}
+    for k in masks:
+        w = state[k[:-5] + ".weight"]
+        out[k[:-5] + ".weight"] = w * broadcast_mask(state[k].to(w.dtype), w)
+    return out
+
+
 def _misfit(source: str, model: str, parts: list[str]) -> ModelLoadError:
     return ModelLoadError(f"--weights {source} does not fit {model}: {'; '.join(parts)}; pass the same "
                           f"--model-args the weights were trained with, or weights saved from this model")
@@ -121,7 +141,7 @@ def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
     ``num_batches_tracked`` counters may be absent from the file (older PyTorch omits them).
     """
     own = module.state_dict()
-    state = _fitted(state, own)
+    state = _masks_applied(_fitted(state, own), own)
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} is {list(state[k].shape)} in the file, {list(own[k].shape)} in the model"

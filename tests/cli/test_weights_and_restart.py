@@ -283,3 +283,22 @@ def test_training_from_trained_weights_says_its_inputs_are_standardised(trained)
         assert "starts from trained weights" not in res.output, res.output
     help_text = invoke("run", "--help").output
     assert "--no-normalize" in help_text and "--no-augment" in help_text
+
+
+def test_a_runs_own_weights_start_a_new_transform_of_its_model(tmp_path):
+    # they were refused with "unexpected a.mask ...; pass the same --model-args the weights were
+    # trained with": the run's file holds each masked layer's mask beside its weight
+    torch.manual_seed(0)
+    model = str(Path(__file__).parents[2] / "examples" / "small_cnn.py")
+    run, _ = sparsify.transform_to_dir(model, method="sparse-random", density=0.3, out=tmp_path / "run")
+    sparse = sparsify.load(run).model.eval()
+    with torch.no_grad():  # weights where a mask is 0 made nonzero: only the masked ones may count
+        for m in sparse.modules():
+            if hasattr(m, "mask"):
+                m.weight.add_(1.0)
+    save_file({k: v.contiguous() for k, v in sparse.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    again = sparsify.transform(model, "none", weights=tmp_path / "w.safetensors").model.eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        want, got = sparse(x), again(x)
+    assert want.std() > 0.1 and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
