@@ -108,24 +108,28 @@ def depth_equivalent(recipe: Any, target_params: int, *, run_dir: str | Path | N
     taken. A user's model file that moved or changed since the run was made is taken from the run's
     own copy (``replay.replay_source``). Returns (model, alpha, parameters of the model).
     """
+    return _depth_at(_trace_original(recipe, run_dir), recipe.seed, target_params, divisor)
+
+
+def _depth_at(traced: Any, seed: int, target_params: int, divisor: int) -> tuple[Any, float, int]:
+    """``depth_equivalent`` on the recipe's traced dense model (``_trace_original``; the pass works on a
+    copy, so ``traced`` serves again, e.g. for ``_depth_shortfall``)."""
     from .methods import DepthMultiplierConfig
     from .passes.depth_multiplier import match_depth
     from .replay import apply_method
 
-    traced = _trace_original(recipe, run_dir)
     alpha, _ = match_depth(traced.gm, traced.example, target_params, "total", divisor, traced.rules)
-    model = apply_method(traced, DepthMultiplierConfig(alpha=alpha, divisor=divisor), recipe.seed).model
+    model = apply_method(traced, DepthMultiplierConfig(alpha=alpha, divisor=divisor), seed).model
     return model, alpha, live_params(model)
 
 
-def _depth_shortfall(recipe: Any, target_params: int, divisor: int, run_dir: str | Path | None) -> str:
-    """Why the depth-multiplied model misses ``target_params`` by more than DEPTH_MISMATCH: the
-    channel counts rounded to multiples of ``divisor`` (unrounded widths would reach it), or channel
-    groups that never shrink."""
+def _depth_shortfall(traced: Any, target_params: int, divisor: int) -> str:
+    """Why the depth-multiplied model of ``traced`` (``_depth_at``) misses ``target_params`` by more
+    than DEPTH_MISMATCH: the channel counts rounded to multiples of ``divisor`` (unrounded widths
+    would reach it), or channel groups that never shrink."""
     if divisor > 1:
         from .passes.depth_multiplier import match_depth
 
-        traced = _trace_original(recipe, run_dir)
         _, n1 = match_depth(traced.gm, traced.example, target_params, "total", 1, traced.rules)
         if abs(n1 - target_params) <= DEPTH_MISMATCH * target_params:
             return (f"channel counts rounded to multiples of {divisor} move it in steps, too coarse for a model "
@@ -235,7 +239,8 @@ def export_model_variants(model: Any, recipe: Any, out_dir: str | Path, variants
                 notes["depth"] = f"skipped: the run's method is {recipe.method!r}, not sparse-random or psn"
                 continue
             target_params = live_params(model)
-            depth, alpha, n = depth_equivalent(recipe, target_params, run_dir=run_dir, divisor=depth_divisor)
+            traced = _trace_original(recipe, run_dir)
+            depth, alpha, n = _depth_at(traced, recipe.seed, target_params, depth_divisor)
             if prepare is not None:
                 prepare(depth)
             # the exact alpha: widths are ceil(alpha * C), so a rounded one (0.5 for 0.5000000000000001) rebuilds another model
@@ -244,7 +249,7 @@ def export_model_variants(model: Any, recipe: Any, out_dir: str | Path, variants
             if abs(n - target_params) > DEPTH_MISMATCH * target_params:
                 notes["depth"]["mismatch"] = (
                     f"no depth multiplier reaches the sparse run's {target_params:,} live parameters (the nearest "
-                    f"has {n:,}: {_depth_shortfall(recipe, target_params, depth_divisor, run_dir)}); "
+                    f"has {n:,}: {_depth_shortfall(traced, target_params, depth_divisor)}); "
                     f"it is not an equal-parameter baseline")
             reports[name] = export_model(depth, recipe.shapes, target, dense=True, compact=False)
         elif name == "sparse":
