@@ -112,15 +112,15 @@ def _masks_applied(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor])
     Any other ``state`` is returned as it is."""
     from .nn import broadcast_mask
 
-    masks = {k for k, m in state.items() if k.endswith(".mask") and k not in own and k[:-5] + ".weight" in own
-             and k[:-5] + ".weight" in state and m.dim() <= state[k[:-5] + ".weight"].dim()
-             and tuple(m.shape) == tuple(state[k[:-5] + ".weight"].shape[:m.dim()])}
-    if not masks:
-        return state
-    out = {k: v for k, v in state.items() if k not in masks}
-    for k in masks:
-        w = state[k[:-5] + ".weight"]
-        out[k[:-5] + ".weight"] = w * broadcast_mask(state[k].to(w.dtype), w)
+    out = dict(state)
+    for key, mask in state.items():
+        weight = key.removesuffix(".mask") + ".weight"
+        w = state.get(weight)
+        if (not key.endswith(".mask") or key in own or weight not in own or w is None or mask.dim() > w.dim()
+                or tuple(mask.shape) != tuple(w.shape[:mask.dim()])):
+            continue
+        out[weight] = w * broadcast_mask(mask.to(w.dtype), w)
+        del out[key]
     return out
 
 
