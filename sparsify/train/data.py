@@ -851,17 +851,33 @@ def _unreadable(file: str, e: BaseException) -> DataError:
     return DataError(f"{file} cannot be read as an image ({type(e).__name__}); remove or replace it")
 
 
+def _full_scale(im: Any, file: str) -> float | None:
+    """The pixel value that reads 1.0 for an image Pillow opened in a grey mode of more than 8 bits
+    (65535 for 16-bit PNG, TIFF and PGM, 1.0 for float TIFF), None for 8-bit modes (255).
+
+    Raises DataError for 32-bit integer pixels (a TIFF in Pillow's mode "I"): they have no standard
+    range, and any guess (65535, 2**31 - 1) silently scales the data wrong."""
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format in ("PPM", "PNG")):  # PGM: rescaled to 16 bits
+        return 65535.0
+    if im.mode.startswith("I"):
+        raise DataError(f"{file} holds 32-bit integer pixels, which have no standard range; save it as 8- or "
+                        f"16-bit, or as a float (32-bit float TIFF) image scaled to [0, 1]")
+    return 1.0 if im.mode == "F" else None
+
+
 def decode_image(file: str, shape: tuple[int, int, int]) -> torch.Tensor:
     """One image file as float32 [C, H, W]: shorter side resized to fit, centre crop (Pillow). 8-bit
-    pixels are scaled to [0, 1], 16-bit grey ones (PNG, TIFF) by 65535 to the same range, float
-    ones (32-bit TIFF) kept as stored; a grey image is replicated for a 3-channel model."""
+    pixels are scaled to [0, 1], 16-bit grey ones (PNG, TIFF, PGM) by 65535 to the same range, float
+    ones (32-bit TIFF) kept as stored; a grey image is replicated for a 3-channel model.
+
+    Raises DataError for a file Pillow cannot read, or one with 32-bit integer pixels."""
     from PIL import Image, UnidentifiedImageError
 
     c, h, w = shape
     try:
         with Image.open(file) as im:
             # Pillow's convert("L") clips 16-bit and float pixels to 255: every value >= 255 read 1.0
-            full = 65535.0 if im.mode.startswith("I") else 1.0 if im.mode == "F" else None
+            full = _full_scale(im, file)
             im = im.convert("F") if full is not None else im.convert("L" if c == 1 else "RGB")
             scale = max(h / im.height, w / im.width)
             size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
@@ -879,8 +895,8 @@ def decode_image(file: str, shape: tuple[int, int, int]) -> torch.Tensor:
 
 def _check_images(files: Sequence[str]) -> int:
     """DataError naming the first of ``files`` whose header Pillow cannot read as an image (the
-    header only: about 20 us a file; pixels are decoded batch by batch later); else how many of
-    them are grey (one channel, with or without alpha: modes 1, L, LA, I, I;16, F)."""
+    header only: about 20 us a file; pixels are decoded batch by batch later) or holding 32-bit
+    integer pixels; else how many of them are grey (one channel, with or without alpha: modes 1, L, LA, I, I;16, F)."""
     from PIL import Image, UnidentifiedImageError
 
     grey = 0
@@ -888,6 +904,7 @@ def _check_images(files: Sequence[str]) -> int:
         try:
             with Image.open(file) as im:
                 grey += Image.getmodebase(im.mode) == "L"  # parsed from the header
+                _full_scale(im, file)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             raise _unreadable(file, e) from None
     return grey

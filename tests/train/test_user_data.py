@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from sparsify.errors import DataError
-from sparsify.train.data import (ImageFolderSplit, Split, augment_batch, augment_generator, batches, load_dataset)
+from sparsify.train.data import (ImageFolderSplit, Split, augment_batch, augment_generator, batches,
+                                 decode_image, load_dataset)
 
 COLOURS = [(250, 20, 20), (20, 250, 20), (20, 20, 250)]
 
@@ -341,6 +342,25 @@ def test_16_bit_and_float_images_keep_their_values(tmp_path, kind):
     rgb = load_dataset(str(tmp_path / "imgs"), (1, 3, 8, 8), val_fraction=0.0, normalize=False)
     x3, _ = rgb.train.take(torch.arange(2))
     assert x3.shape == (2, 3, 8, 8) and torch.equal(x3[:, 0], x3[:, 2])
+
+
+def test_16_bit_pgm_reads_its_range_and_32_bit_integer_tiff_is_refused(tmp_path):
+    """Pillow opens a 16-bit PGM in mode "I" (rescaled to 16 bits) and a 32-bit integer TIFF in the
+    same mode: the PGM was right by luck of the 65535 divisor, the TIFF (values up to 2**31) read
+    as values far above 1, with no word."""
+    d = tmp_path / "imgs" / "a"
+    d.mkdir(parents=True)
+    (tmp_path / "imgs" / "b").mkdir()
+    a = np.full((8, 8), 49151, dtype=">u2")  # 0.75 of 65535
+    (d / "x.pgm").write_bytes(b"P5\n8 8\n65535\n" + a.tobytes())
+    (tmp_path / "imgs" / "b" / "y.pgm").write_bytes(b"P5\n8 8\n65535\n" + (a // 3).tobytes())
+    assert abs(float(decode_image(str(d / "x.pgm"), (1, 8, 8)).mean()) - 0.75) < 1e-4
+    Image.fromarray(np.full((8, 8), 3_000_000, dtype=np.int32)).save(tmp_path / "imgs" / "b" / "z.tif")
+    with pytest.raises(DataError, match=r"z.tif holds 32-bit integer pixels.*save it as 8- or 16-bit") as e:
+        load_dataset(str(tmp_path / "imgs"), (1, 1, 8, 8), val_fraction=0.0)
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="32-bit integer pixels"):
+        decode_image(str(tmp_path / "imgs" / "b" / "z.tif"), (1, 8, 8))
 
 
 def test_npz_vectors_for_an_mlp(tmp_path):
