@@ -868,7 +868,9 @@ def _full_scale(im: Any, file: str) -> float | None:
 def decode_image(file: str, shape: tuple[int, int, int]) -> torch.Tensor:
     """One image file as float32 [C, H, W]: shorter side resized to fit, centre crop (Pillow). 8-bit
     pixels are scaled to [0, 1], 16-bit grey ones (PNG, TIFF, PGM) by 65535 to the same range, float
-    ones (32-bit TIFF) kept as stored; a grey image is replicated for a 3-channel model.
+    ones (32-bit TIFF) kept as stored; a grey image is replicated for a 3-channel model. The EXIF
+    orientation tag is not applied, as torchvision's ImageFolder and tf.data do not apply it: the
+    pixels are read as stored, as the pipelines users deploy beside read them.
 
     Raises DataError for a file Pillow cannot read, or one with 32-bit integer pixels."""
     from PIL import Image, UnidentifiedImageError
