@@ -244,6 +244,11 @@ def _shape_str(shape: Sequence[int | str]) -> str:
 
 _MEMORY_PROBE = r"""
 import json, resource, sys
+try:  # when memory runs out, the kernel's out-of-memory killer takes this probe, not the bench
+    with open("/proc/self/oom_score_adj", "w") as fh:
+        fh.write("1000")
+except OSError:
+    pass
 args = json.loads(sys.argv[1])
 import numpy as np
 import onnxruntime as ort
@@ -268,14 +273,24 @@ print(json.dumps(peak))
 """
 
 
+# What ONNX Runtime and Python say when an allocation fails (an address-space limit, no overcommit).
+_OUT_OF_MEMORY = ("Failed to allocate memory", "bad_alloc", "MemoryError")
+
+
 def _probe_peak_rss(path: str | None, input_name: str = "", shape: Sequence[int] = (), library: str | None = None,
                     extra: dict[str, Sequence[int]] | None = None) -> float:
     """Peak RSS (MiB) of a fresh process that imports ORT and, with ``path``, loads it and runs it twice.
 
     A separate process gives each variant its own honest peak: in this process the allocator keeps
-    memory from earlier work resident, which hides what a session really needs.
+    memory from earlier work resident, which hides what a session really needs. It is also the
+    bench's guard against running out of memory: the probe runs before this process loads the
+    file, and offers itself to the out-of-memory killer first (oom_score_adj 1000).
+
+    Raises RuntimeBackendError when the probe fails; out of memory (killed by SIGKILL, or an
+    allocation failure) is said as such, with what to do.
     """
     import json
+    import signal
     import subprocess
     import sys
 
@@ -286,11 +301,18 @@ def _probe_peak_rss(path: str | None, input_name: str = "", shape: Sequence[int]
                               timeout=600, check=True)
         return float(json.loads(proc.stdout.strip().splitlines()[-1]))
     except (subprocess.SubprocessError, ValueError, IndexError, OSError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        raise RuntimeBackendError(
-            f"measuring the memory of {path or 'onnxruntime'} failed ({detail.strip().splitlines()[-1][:160] if detail.strip() else type(e).__name__}); "
-            "pass memory=False (--no-memory) to skip it"
-        ) from None
+        code = getattr(e, "returncode", None)  # negative: the signal that ended the probe
+        killed = code == -signal.SIGKILL
+        detail = (getattr(e, "stderr", "") or "").strip()
+        if path is not None and (killed or any(m in detail for m in _OUT_OF_MEMORY)):
+            batch = f" at batch {shape[0]}" if shape else ""
+            how = "killed, by the out-of-memory killer most likely" if killed else "refused memory"
+            raise RuntimeBackendError(f"{path} does not fit in memory{batch} (the process measuring it was {how}, "
+                                      f"beside the variants already loaded); use a smaller --batch-size") from None
+        why = (detail.splitlines()[-1][:160] if detail else f"exit status {code}" if isinstance(code, int)
+               else type(e).__name__)
+        raise RuntimeBackendError(f"measuring the memory of {path or 'onnxruntime'} failed ({why}); "
+                                  "pass memory=False (--no-memory) to skip it") from None
 
 
 # ---------------------------------------------------------------- timing
@@ -347,10 +369,10 @@ def bench_files(
 
     rng = np.random.default_rng(seed)
     for f in files:
-        if f.sparse_nodes and native_ok:
-            probe = f.feed(batch_sizes[0], rng)
+        if f.sparse_nodes and native_ok:  # at the smallest batch: the memory probe guards larger ones
+            probe = f.feed(min(batch_sizes), rng)
             x0 = probe.pop(f.input_name)
-            f.native = _guarded(f, batch_sizes[0], lambda: native_kernel_ran(f.path, f.input_name, x0, probe))
+            f.native = _guarded(f, min(batch_sizes), lambda: native_kernel_ran(f.path, f.input_name, x0, probe))
     library = str(status["library"]) if native_ok and status.get("library") else None
     base_rss = _probe_peak_rss(None) if memory else 0.0
     peaks: dict[tuple[str, int], float] = {}
@@ -365,14 +387,14 @@ def bench_files(
         for f in files:
             if progress is not None:
                 progress(f"loading {f.label} (batch {batch}, {nthreads} thr)", done, total)
-            sess = make_session(f.path, nthreads, native=native, spinning=spinning)
             feed = dict(zip([f.input_name] + [n for n, _ in f.extra_inputs], shared.values()))
+            if memory and (f.label, batch) not in peaks:  # first: a batch too large fails here, in one line
+                peaks[(f.label, batch)] = _probe_peak_rss(f.path, f.input_name, shape, library,
+                                                          {n: v.shape for n, v in list(feed.items())[1:]})
+            sess = make_session(f.path, nthreads, native=native, spinning=spinning)
             y = _guarded(f, batch, lambda: [sess.run(None, feed)[0] for _ in range(max(warmup, 1))][-1])
             sessions.append((sess, feed))
             outputs.append(np.asarray(y))
-            if memory and (f.label, batch) not in peaks:
-                peaks[(f.label, batch)] = _probe_peak_rss(f.path, f.input_name, shape, library,
-                                                          {n: v.shape for n, v in list(feed.items())[1:]})
             done += 1
         if progress is not None:
             progress(f"timing batch {batch}, {nthreads} thr", done, total)
@@ -401,7 +423,7 @@ def bench_files(
                 rss_increase_mb=_mb(None if (f.label, batch) not in peaks else peaks[(f.label, batch)] - base_rss),
                 native=f.native, max_abs_diff=diff, max_rel_diff=rel,
             ))
-        del sessions
+        del sessions, runs, outputs  # the next batch's sessions load without these beside them
     if progress is not None:
         progress("done", total, total)
     settings = {

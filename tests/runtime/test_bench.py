@@ -289,3 +289,50 @@ def test_plot_title_fits_a_single_panel(models, tmp_path, monkeypatch):
     fig.canvas.draw()
     box = fig._suptitle.get_window_extent()
     assert 0 <= box.x0 and box.x1 <= fig.bbox.width, (box, fig.bbox.width)
+
+
+def test_a_batch_too_large_for_memory_fails_in_one_line_before_this_process_loads_it(tmp_path, monkeypatch):
+    """A batch that does not fit was run in the bench process itself, where the out-of-memory killer
+    ended it with no word ("Killed", exit 137). The memory probe now runs first, in its own process;
+    here an address-space limit on it stands in for a machine's RAM (the main process stays unlimited)."""
+    import resource
+    import subprocess
+
+    model = conv_model(tmp_path / "wide.onnx", cout=128, hw=64)  # batch 256: 537 MB per activation
+    real_run = subprocess.run
+    limit = 700 << 20
+
+    def limited(cmd, **kw):
+        return real_run(cmd, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)), **kw)
+
+    loaded = []
+    real_session = lib.make_session
+    monkeypatch.setattr(subprocess, "run", limited)
+    monkeypatch.setattr(lib, "make_session", lambda path, *a, **k: loaded.append(Path(path)) or real_session(path, *a, **k))
+    fits = lib.bench_files([model], batch_sizes=(1,), warmup=0, min_time=0, repeats=1)
+    assert fits.rows[0].peak_rss_mb is not None and loaded == [model]
+    with pytest.raises(RuntimeBackendError) as e:
+        lib.bench_files([model], batch_sizes=(256,), warmup=0, min_time=0, repeats=1)
+    assert str(e.value) == (f"{model} does not fit in memory at batch 256 (the process measuring it was refused "
+                            "memory, beside the variants already loaded); use a smaller --batch-size")
+    assert loaded == [model]  # the batch-256 session was never made here
+
+
+def test_an_out_of_memory_kill_of_the_probe_is_named(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+
+    real_run = subprocess.run
+
+    def killed(cmd, **kw):  # the probe of the file; the one of onnxruntime alone runs
+        if json.loads(cmd[-1])["path"] is None:
+            return real_run(cmd, **kw)
+        raise subprocess.CalledProcessError(-signal.SIGKILL, cmd, output="", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", killed)
+    result = CliRunner().invoke(app, ["bench", str(conv_model(tmp_path / "m.onnx")), "-b", "64",
+                                      *FAST[:-1]])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'm.onnx'} does not fit in memory at batch 64 (the process measuring it was killed, "
+        "by the out-of-memory killer most likely, beside the variants already loaded); use a smaller --batch-size")
