@@ -131,7 +131,9 @@ def bench(
     min_time: float = typer.Option(0.5, "--min-time", help="Measured seconds per variant and configuration, at least."),
     repeats: int = typer.Option(10, help="Measured runs per variant and configuration, at least."),
     native: bool = typer.Option(True, "--native/--no-native", help="Register the native SparseConv kernel when available."),
-    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure each variant's peak RSS in a fresh process, before loading it here (a batch too large for memory then fails in one line)."),
+    memory: bool = typer.Option(True, "--memory/--no-memory",
+                                help="Measure each variant's peak RSS in a fresh process, before loading it here "
+                                     "(a batch too large for memory then fails in one line)."),
     spin: bool = typer.Option(True, "--spin/--no-spin", help="Let ORT worker threads spin between runs, as "
                               "ORT does by default (variants are timed in turn, with a pause for the "
                               "spinning to stop between them)."),
