@@ -209,7 +209,7 @@ def default_out(recipe: Recipe) -> Path:
 
 def transform_to_dir(model: str, method: str = "sparse-random", *, out: str | Path | None = None,
                      force: bool = False, **kwargs: Any) -> tuple[Path, TransformResult]:
-    """``transform`` and save the result as a run directory (atomically); returns its path."""
+    """``transform`` and save the result as a run directory (atomically); returns (its path, the TransformResult)."""
     if isinstance(model, nn.Module):
         raise UsageError("a run directory needs a replayable model: pass zoo:NAME or a file path, not a module")
     if out is not None:

@@ -81,7 +81,10 @@ def export(
     if out_path.is_dir():
         raise UsageError(f"--out {out_path} is a directory; give a file name such as {out_path / 'model.onnx'}")
     check_new_file(out_path, "--out", force)
-    with err.status(f"exporting {source} ..."):
+    with err.status(f"exporting {escape(str(source))} ...") as status:
+        def progress(stage: str) -> None:
+            status.update(f"exporting {escape(str(source))}: {escape(stage)} ...")
+
         if source.suffix == ".onnx" and not source.is_dir():
             if dense or compact:
                 raise UsageError("--dense and --compact apply to run directories; an .onnx file is only converted")
@@ -90,7 +93,7 @@ def export(
         else:
             report = export_run(source, out_path, dense=dense, compact=(not dense) if compact is None else compact,
                                 fold_bn=fold_bn, dense_threshold=dense_threshold, verify=verify, autotune=autotune,
-                                channel_align=channel_align, per_image=per_image)
+                                channel_align=channel_align, per_image=per_image, progress=progress)
     if as_json:
         out.print_json(json.dumps(report.to_json(), default=str))
         return

@@ -592,7 +592,7 @@ def _finish(onnx_model: onnx.ModelProto, out: Path, report: ExportReport) -> Exp
 def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.PathLike, *, dense: bool = False,
                  compact: bool = True, fold_bn: bool = True, dense_threshold: float | None = None, verify: bool = True,
                  autotune: bool = False, channel_align: int = CHANNEL_ALIGN, rules: Any = None,
-                 per_image: bool | None = None) -> ExportReport:
+                 per_image: bool | None = None, progress: Callable[[str], None] | None = None) -> ExportReport:
     """Export ``model`` to ONNX at ``out`` (atomic): SparseConv nodes where they win, verified in ORT.
 
     ``input_shape`` is one shape, or a list with one shape per model input (one ONNX input each,
@@ -611,7 +611,9 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
     leaf modules. ``per_image``: run the graph's front image by image in a Scan over the batch
     (``sparsify.runtime.per_image``): None up to the last SparseConv whose output reaches 512 KiB
     per image (none if no SparseConv's does), True the whole graph, False never. ``model`` is not modified.
+    ``progress(stage)`` is called as each stage starts (a ResNet-50 at 224x224 takes half a minute).
     """
+    step = progress or (lambda stage: None)
     from ..nn import SparseConv1d
     from ..report import input_shapes
 
@@ -627,12 +629,15 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
     reference = copy.deepcopy(model).eval().float()
     gen = torch.Generator().manual_seed(0)
     example = tuple(torch.randn(2, *s[1:], generator=gen) for s in shapes)
+    step("checking the model")
     _check_stateless(reference, example)
+    step("compacting empty channels" if compact else "preparing the graph")
     work = _prepare(model, example, compact, fold_bn, report, channel_align, rules)
     with torch.no_grad():
         y = work(*example)
     _check_outputs(y)
     names = output_names(y, report.notes, _input_names(work, len(example)))
+    step("writing ONNX (torch.onnx.export)")
     onnx_model = _torch_export(work, example, names)
     report.output_names = [o.name for o in onnx_model.graph.output]
     if any(isinstance(m, SparseConv1d) for m in model.modules()):
@@ -643,6 +648,7 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
         for c in report.layers:
             c.reason = "--dense"
     else:
+        step("timing each layer dense vs SparseConv (--autotune)" if autotune else "choosing SparseConv or Conv per layer")
         decide = make_autotuner(report.native_available) if autotune else None
         onnx_model, creport = onnx_sparse.convert_model(onnx_model, dense_threshold, decide)
         report.layers = creport.choices
@@ -657,17 +663,22 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
                 raise
             raise ExportError(str(e).replace("; the export is wrong, please report it", "") + f"; {hint}") from None
 
+    if verify:
+        step("verifying in ONNX Runtime against PyTorch")
     onnx_model = _split_and_verify(onnx_model, per_image, report, check if verify else None)
     return _finish(onnx_model, out, report)
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, rules: Any = None, **options: Any) -> ExportReport:
-    """Export the model of a run directory (see ``export_model`` for the options); ``rules``: the
-    custom Rule objects a run was transformed with, if any (named rules come from its recipe)."""
+    """Export the model of a run directory (see ``export_model`` for the options, ``progress``
+    among them); ``rules``: the custom Rule objects a run was transformed with, if any (named rules
+    come from its recipe)."""
     from ..passes.rules import with_user_rules
     from ..rundir import load_run, read_summary, summary_note
 
     check_output_path(out)
+    if options.get("progress") is not None:
+        options["progress"]("rebuilding the run's model from its recipe")
     run = load_run(run_dir, rules)
     given = dict(rules or {})
     named = {k: v for k, v in (run.recipe.rules or {}).items() if not v.startswith("custom:")}

@@ -274,6 +274,24 @@ def test_cli_export(tmp_path) -> None:
     assert res.exit_code == 2 and "run directory" in res.output
 
 
+def test_export_run_names_each_stage_as_it_starts(tmp_path) -> None:
+    """A ResNet-50 export waited about 35 s behind a bare spinner; the CLI's status line now follows
+    these stages."""
+    from sparsify.api import transform_to_dir
+    from sparsify.runtime.export import export_run
+
+    run, _ = transform_to_dir("zoo:lenet5", "sparse-random", density=0.2, out=tmp_path / "run")
+    stages: list[str] = []
+    export_run(run, tmp_path / "a.onnx", progress=stages.append)
+    assert stages == ["rebuilding the run's model from its recipe", "checking the model", "compacting empty channels",
+                      "writing ONNX (torch.onnx.export)", "choosing SparseConv or Conv per layer",
+                      "verifying in ONNX Runtime against PyTorch"]
+    stages.clear()
+    export_run(run, tmp_path / "b.onnx", dense=True, compact=False, verify=False, progress=stages.append)
+    assert stages == ["rebuilding the run's model from its recipe", "checking the model", "preparing the graph",
+                      "writing ONNX (torch.onnx.export)"]
+
+
 def _zoo_cases() -> list[tuple[str, str]]:
     from sparsify import zoo
 
