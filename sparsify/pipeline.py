@@ -224,13 +224,16 @@ def export_model_variants(model: Any, recipe: Any, out_dir: str | Path, variants
     for i, name in enumerate(variants):
         if progress is not None:
             progress(f"exporting {name}", i, len(variants))
+        # export_model's stages (a 224x224 model's export takes half a minute)
+        stage = (None if progress is None else
+                 lambda s, name=name, i=i: progress(f"exporting {name}: {s}", i, len(variants)))
         target = out_dir / f"{prefix}{name}.onnx"
         if thinned and name == "dense":
             original = _trace_original(recipe, run_dir).gm
-            reports[name] = export_model(original, recipe.shapes, target, dense=True, compact=False)
+            reports[name] = export_model(original, recipe.shapes, target, dense=True, compact=False, progress=stage)
             notes["dense"] = f"the original model ({live_params(original):,} live params, its initial weights)"
         elif thinned and name == "depth":
-            reports[name] = export_model(model, recipe.shapes, target, dense=True, compact=False, rules=rules)
+            reports[name] = export_model(model, recipe.shapes, target, dense=True, compact=False, rules=rules, progress=stage)
             notes["depth"] = (f"the run's depth-multiplied model (alpha={recipe.params.get('alpha')!r}, "
                               f"{live_params(model):,} live params); another model than the original, so its "
                               f"outputs are not compared (rel diff -)")
@@ -251,11 +254,11 @@ def export_model_variants(model: Any, recipe: Any, out_dir: str | Path, variants
                     f"no depth multiplier reaches the sparse run's {target_params:,} live parameters (the nearest "
                     f"has {n:,}: {_depth_shortfall(traced, target_params, depth_divisor)}); "
                     f"it is not an equal-parameter baseline")
-            reports[name] = export_model(depth, recipe.shapes, target, dense=True, compact=False)
+            reports[name] = export_model(depth, recipe.shapes, target, dense=True, compact=False, progress=stage)
         elif name == "sparse":
-            reports[name] = export_model(model, recipe.shapes, target, rules=rules, autotune=autotune, compact=compact)
+            reports[name] = export_model(model, recipe.shapes, target, rules=rules, autotune=autotune, compact=compact, progress=stage)
         else:
-            reports[name] = export_model(model, recipe.shapes, target, dense=True, compact=name == "compact", rules=rules)
+            reports[name] = export_model(model, recipe.shapes, target, dense=True, compact=name == "compact", rules=rules, progress=stage)
         files.append((name, target))
     if progress is not None:
         progress("exported", len(variants), len(variants))

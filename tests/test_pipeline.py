@@ -100,8 +100,14 @@ def test_export_variants_skips_depth_for_methods_that_mask_nothing(tmp_path):
     from sparsify import api
 
     run, _ = api.transform_to_dir("zoo:lenet5", "none", out=tmp_path / "run")
-    files, notes = pipeline.export_variants(run, tmp_path, ["dense", "depth"])
+    seen: list[tuple[str, int, int]] = []
+    files, notes = pipeline.export_variants(run, tmp_path, ["dense", "depth"], progress=lambda *a: seen.append(a))
     assert [name for name, _ in files] == ["dense"] and notes["depth"].startswith("skipped")
+    # each variant's export stages show in the progress line (half a minute each at 224x224)
+    assert seen[:3] == [("exporting dense", 0, 2), ("exporting dense: checking the model", 0, 2),
+                        ("exporting dense: preparing the graph", 0, 2)]
+    assert ("exporting dense: verifying in ONNX Runtime against PyTorch", 0, 2) in seen
+    assert seen[-2:] == [("exporting depth", 1, 2), ("exported", 2, 2)]
 
 
 def test_a_depth_multiplier_run_is_timed_against_the_original_model(tmp_path):
