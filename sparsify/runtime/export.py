@@ -613,9 +613,10 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
     per image (none if no SparseConv's does), True the whole graph, False never. ``model`` is not modified.
     ``progress(stage)`` is called as each stage starts (a ResNet-50 at 224x224 takes half a minute).
     """
-    step = progress or (lambda stage: None)
     from ..nn import SparseConv1d
     from ..report import input_shapes
+
+    step = progress or (lambda stage: None)
 
     out = check_output_path(out)
     try:
