@@ -156,18 +156,29 @@ def replay_source(recipe: Any, source_copy: str | Path | None, imports_copy: str
     original, copy_ = Path(file), Path(source_copy)
     imports = dict(getattr(recipe, "source_imports", None) or {})
     fresh = tuple(module_name(relative) for relative in imports)
-    if not original.is_file():
-        changed = f"{original} was moved or deleted"
-    elif _sha256(original) != recipe.source_sha256:
-        changed = f"{original} changed"
-    else:
-        changed = next((f"{original.parent / rel}, which {original.name} imports, changed" for rel, digest in imports.items()
-                        if not (original.parent / rel).is_file() or _sha256(original.parent / rel) != digest), None)
+    changed = f"{original} was moved or deleted" if not original.is_file() else source_change(recipe)
     if changed is None or not copy_.is_file():
         return ReplaySource(spec, None, fresh)
     # a run made before its imports were copied searches the original folder for them
     imports_dir = Path(imports_copy) if imports_copy is not None and Path(imports_copy).is_dir() else original.parent
     return ReplaySource(f"{copy_}:{name}", imports_dir, fresh, changed)
+
+
+def source_change(recipe: Any) -> str | None:
+    """Why the user's model file a recipe was made from (or a local module it imports) no longer
+    holds what the run was made from ("tiny.py changed"); None when it does, when the recipe names
+    a zoo model, or when the file is gone (the run's copy stands in for it)."""
+    spec = recipe.model
+    if spec.startswith(("zoo:", "torchvision:")):
+        return None
+    original = Path(spec.rpartition(":")[0])
+    if not original.is_file():
+        return None
+    if _sha256(original) != recipe.source_sha256:
+        return f"{original} changed"
+    imports = dict(getattr(recipe, "source_imports", None) or {})
+    return next((f"{original.parent / rel}, which {original.name} imports, changed" for rel, digest in imports.items()
+                 if not (original.parent / rel).is_file() or _sha256(original.parent / rel) != digest), None)
 
 
 def replay_rules(recipe: Any, rules: Mapping[Any, str | Rule] | None = None) -> dict[Any, Any]:

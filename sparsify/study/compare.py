@@ -212,28 +212,41 @@ def collect(paths: Sequence[str | Path]) -> tuple[list[RunRecord], dict[str, str
     runs: list[RunRecord] = []
     series: dict[str, str] = {}
     baseline = None
-    loose: list[RunRecord] = []
-    studies = [Path(p) for p in paths if (Path(p) / STUDY_JSON).is_file()]
-    for raw in paths:
-        p = Path(raw)
-        if (p / STUDY_JSON).is_file():
-            study = read_json(p / STUDY_JSON)
-            if not _is_study(study):  # was a traceback, or an empty table and exit 0
-                raise UsageError(f"{p / STUDY_JSON} is damaged (not a study record); rerun `sparsify study` on this "
-                                 f"--out to rewrite it, or compare the run directories under {p}")
-            prefix = f"{study.get('name', p.name)}/" if len(studies) > 1 else ""
+    # a path given twice (`compare A A`, `A ./A/`, or a study and one of its runs) is one path: its
+    # runs counted twice shrank the standard error
+    given: set[Path] = set()
+    unique = [p for p in (Path(raw) for raw in paths) if not (p.resolve() in given or given.add(p.resolve()))]
+    seen: set[Path] = set()  # the runs read from the studies
+    studies = {p: read_json(p / STUDY_JSON) for p in unique if (p / STUDY_JSON).is_file()}
+    for p, study in studies.items():
+        if not _is_study(study):  # was a traceback, or an empty table and exit 0
+            raise UsageError(f"{p / STUDY_JSON} is damaged (not a study record); rerun `sparsify study` on this "
+                             f"--out to rewrite it, or compare the run directories under {p}")
+    names = [str(study.get("name", p.name)) for p, study in studies.items()]
+    for p in unique:
+        if p in studies:
+            study = studies[p]
+            name = str(study.get("name", p.name))
+            # two studies of one spec name (r.toml and v2/r.toml) were pooled into one arm: their paths tell them apart
+            prefix = "" if len(studies) == 1 else f"{name}/" if names.count(name) == 1 else f"{p}/"
             baseline = baseline or (prefix + study["baseline"] if study.get("baseline") else None)
             for arm, info in (study.get("arms") or {}).items():
                 series[prefix + arm] = info.get("series") or info.get("method", arm)
+                hashes = info.get("hashes") if isinstance(info.get("hashes"), dict) else {}
                 for seed in info.get("seeds", []):
                     run = p / arm / f"seed-{seed}"
                     if is_run_dir(run):
-                        runs.append(read_run(run, arm=prefix + arm))
+                        seen.add(run.resolve())
+                        record = read_run(run, arm=prefix + arm)
+                        if str(seed) in hashes and read_json(run / JOB).get("hash") != hashes[str(seed)]:
+                            # made under an earlier spec (a --force rerun stopped before redoing it): not
+                            # this spec's result
+                            record.status, record.test_acc = "unfinished", None
+                        runs.append(record)
                     else:
                         runs.append(RunRecord(str(run), prefix + arm, int(seed), "unfinished", info.get("method", "?"),
                                               None, {}, None, None, {}, None))
-        else:
-            loose.append(read_run(p))
+    loose = [read_run(p) for p in unique if p not in studies and p.resolve() not in seen]
     if loose:
         groups: dict[str, list[RunRecord]] = {}
         for r in loose:
@@ -280,7 +293,7 @@ def compare(paths: Sequence[str | Path], baseline: str | None = None) -> Compari
             acc=acc, acc_mean=mean, acc_sem=sem, error_mean=None if mean is None else 100 - mean, counts=counts,
             fan_in_cv=sum(cvs) / len(cvs) if cvs else None,
             matched=(first.match or {}).get("count"),
-            matched_to=_matched_to(first.match),
+            matched_to=_matched_to(first),
             diverged=sum(r.status == "diverged" for r in members),
             unfinished=sum(r.status == "unfinished" for r in members),
         ))
@@ -333,11 +346,18 @@ def _repeated_seed(members: Sequence[RunRecord]) -> str | None:
     return None
 
 
-def _matched_to(match: dict[str, Any] | None) -> str | None:
-    """The arm of the run a depth-multiplier run matched (its directory name if it is no study's run)."""
-    if not match:
+def _matched_to(r: RunRecord) -> str | None:
+    """The arm of the run a depth-multiplier run ``r`` matched: a study run's job key names it (the
+    recipe's path to the matched run is relative to where the study ran); else that run's own job
+    key, else its directory name."""
+    if not r.match:
         return None
-    run = Path(match["run"])
+    key = read_json(Path(r.path) / JOB).get("key") or {}
+    arm, own = key.get("match"), key.get("arm")
+    if isinstance(arm, str):
+        # with the study's prefix when several studies are compared (r.arm is "<study>/<arm>")
+        return (r.arm[:-len(own)] if isinstance(own, str) and own and r.arm.endswith(own) else "") + arm
+    run = Path(r.match["run"])
     return (read_json(run / JOB).get("key") or {}).get("arm") or run.name
 
 

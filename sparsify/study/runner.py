@@ -116,12 +116,15 @@ def plan(spec: StudySpec, study_dir: str | Path, force: bool = False) -> list[Jo
             saved = json.loads(job_file.read_text())
             if _legacy_match_key(saved, key) and (arm.match, seed) not in redone:
                 saved["hash"] = job.hash  # made before keys held the matched arm's, which is unchanged
-            if saved.get("hash") != job.hash:
+            # the spec names the model file; what the file holds is the run's recipe's checksum
+            model_change = _model_change(run_dir) if saved.get("hash") == job.hash else None
+            if saved.get("hash") != job.hash or model_change is not None:
                 redone.add((arm.name, seed))
                 if not force:
-                    what = _first_difference(saved.get("key", {}), key)
-                    raise StudyError(f"the spec changed for arm {arm.name!r} seed {seed} since {run_dir} was made "
-                                     f"({what}); pass --force to redo the changed runs, or use another --out")
+                    what = model_change or _first_difference(saved.get("key", {}), key)
+                    raise StudyError(f"the {'model' if model_change else 'spec'} changed for arm {arm.name!r} seed "
+                                     f"{seed} since {run_dir} was made ({what}); pass --force to redo the changed "
+                                     f"runs, or use another --out")
                 # removed when its job starts, not here: a study stopped before then keeps the run
                 job.redo = True
             else:
@@ -134,6 +137,19 @@ def plan(spec: StudySpec, study_dir: str | Path, force: bool = False) -> list[Jo
                     job.resume = checkpoint_path(run_dir).is_file()
         jobs.append(job)
     return jobs
+
+
+def _model_change(run_dir: Path) -> str | None:
+    """Why a study run's model file no longer holds what the run was made from (None: it does, or
+    the run has no recipe yet): runs of an edited model file were pooled with the old model's."""
+    from ..errors import RunDirError
+    from ..replay import source_change
+    from ..rundir import read_recipe
+
+    try:
+        return source_change(read_recipe(run_dir))
+    except RunDirError:
+        return None
 
 
 def _legacy_match_key(saved: dict[str, Any], key: dict[str, Any]) -> bool:
@@ -196,7 +212,10 @@ def run_study(spec: StudySpec, study_dir: str | Path | None = None, *, jobs: int
     record.update(name=name, description=spec.description, baseline=spec.baseline,
                   spec=str(spec.path) if spec.path else None,
                   arms={a.name: {"method": a.method, "series": a.series, "match": a.match, "count": a.count,
-                                 "seeds": a.seeds, "model": a.model} for a in spec.arms.values()})
+                                 "seeds": a.seeds, "model": a.model,
+                                 # compare counts a run only when it was made under this spec (its job hash)
+                                 "hashes": {str(j.seed): j.hash for j in job_list if j.arm == a.name}}
+                        for a in spec.arms.values()})
     record.setdefault("invocations", []).append(invocation)
     write_json(study_dir / STUDY_JSON, record)  # first: it marks the folder as a study's (see above)
     (study_dir / LOGS).mkdir(exist_ok=True)

@@ -61,7 +61,7 @@ def _last_event(metrics: Path) -> dict[str, Any]:
 def run_job(job: dict[str, Any], emit: Emit, log: Callable[[str], None]) -> dict[str, Any]:
     """Prepare (if needed) and train one job; returns the status written to ``study-status.json``."""
     from .._io import write_json
-    from ..errors import RunDirError, TrainingError
+    from ..errors import DivergenceError, RunDirError, TrainingError
     from ..rundir import is_run_dir
     from ..train.checkpoint import checkpoint_path
     from ..train.run import METRICS, train_run
@@ -97,7 +97,12 @@ def run_job(job: dict[str, Any], emit: Emit, log: Callable[[str], None]) -> dict
         last_event = _last_event(run_dir / METRICS)
         if last_event.get("event") != "diverged":
             raise
-        status = {"status": "diverged", "message": str(e).splitlines()[0], "epoch": last_event.get("epoch"),
+        # not the trainer's `sparsify train RUN --force --lr ...`: a study run retrained by hand is no
+        # longer its spec's, and the study keeps skipping it as diverged
+        message = (f"training diverged: {e.what}; lower lr in arm {job['key']['arm']}'s train settings (e.g. lr = "
+                   f"{e.lr / 10:g}) and run the study again with --force" if isinstance(e, DivergenceError)
+                   else str(e).splitlines()[0])
+        status = {"status": "diverged", "message": message, "epoch": last_event.get("epoch"),
                   "hash": job["hash"], "wall_s": round(time.time() - t0, 1)}
         write_json(run_dir / STATUS, status)
         return status

@@ -211,3 +211,62 @@ def test_runs_that_share_a_seed_are_not_paired_by_it(study, tmp_path):
     assert "share seed 0" in pair.note and "own --seed" in pair.note
     res = runner.invoke(app, ["compare", *map(str, runs), "--baseline", c.baseline])
     assert res.exit_code == 0 and "no paired test of" in res.output and "share seed 0" in res.output, res.output
+
+
+def test_a_path_given_twice_is_counted_once(study, monkeypatch):
+    """`compare A A` (or `A ./A/`, or a study and one of its runs) read each run twice: n 6 instead
+    of 3 and a standard error shrunk by sqrt(2), with no word."""
+    one = compare([study / "study"])
+    monkeypatch.chdir(study)
+    for paths in (["study", "study"], ["study", "./study/"], ["study", "study/a/seed-0"]):
+        c = compare(paths)
+        assert [(a.arm, a.n, a.acc_sem) for a in c.arms] == [(a.arm, a.n, a.acc_sem) for a in one.arms], paths
+    loose = compare(["study/a/seed-0", "study/a/seed-1", "study/a/seed-0"])
+    assert [a.n for a in loose.arms] == [2]
+
+
+def test_two_studies_of_one_spec_name_stay_apart(study, tmp_path):
+    """r.toml and v2/r.toml both name their study "r": their arms were pooled into r/a (n 6, seeds
+    0, 0, 1, 1, ...) though one study trained 25 epochs and the other 2."""
+    other = tmp_path / "other"
+    shutil.copytree(study / "study", other)
+    c = compare([study / "study", other])
+    assert sorted(a.arm for a in c.arms) == sorted(f"{p}/{arm}" for p in (study / "study", other) for arm in "ab")
+    assert all(a.n == 3 for a in c.arms)
+
+
+def test_a_run_made_under_an_earlier_spec_is_not_counted(study, tmp_path):
+    """A --force rerun after a spec change stopped before redoing every run: the old runs were
+    averaged with the new ones as results of the new spec."""
+    s = tmp_path / "s"
+    shutil.copytree(study / "study", s)
+    record = json.loads((s / "study.json").read_text())
+    for arm in "ab":
+        record["arms"][arm]["hashes"] = {str(seed): f"h{seed}" for seed in range(4)}
+    (s / "study.json").write_text(json.dumps(record))
+    for arm in "ab":
+        for seed in range(3):
+            job = json.loads((s / arm / f"seed-{seed}" / "study-job.json").read_text())
+            job["hash"] = f"h{seed}" if seed != 1 else "made-under-the-old-spec"
+            (s / arm / f"seed-{seed}" / "study-job.json").write_text(json.dumps(job))
+    c = compare([s])
+    assert c.arm("a").seeds == [0, 2] and c.arm("a").unfinished == 2
+    assert c.arm("a").acc == pytest.approx([100 * ACC["a"][0], 100 * ACC["a"][2]])
+
+
+def test_the_matched_arm_is_named_from_any_directory(study, tmp_path, monkeypatch):
+    """The recipe keeps the matched run's path relative to where the study ran ("A/sr/seed-0"):
+    from another directory compare said "conv of seed-0"."""
+    s = tmp_path / "s"
+    shutil.copytree(study / "study", s)
+    for seed in range(3):
+        run = s / "b" / f"seed-{seed}"
+        recipe = json.loads((run / "recipe.json").read_text())
+        recipe["params"]["match"] = {"run": f"elsewhere/a/seed-{seed}", "count": "conv"}
+        (run / "recipe.json").write_text(json.dumps(recipe))
+        job = json.loads((run / "study-job.json").read_text())
+        job["key"]["match"] = "a"
+        (run / "study-job.json").write_text(json.dumps(job))
+    monkeypatch.chdir(tmp_path)
+    assert (compare([s]).arm("b").matched, compare([s]).arm("b").matched_to) == ("conv", "a")
+    assert compare([Path("s"), study / "study"]).arm("s/b").matched_to == "s/a"  # two studies named "t"

@@ -63,6 +63,10 @@ def test_tiny_study_runs_every_arm_and_seed_then_skips_them(tmp_path):
     assert json.loads((runs[2] / "summary.json").read_text())["train"]["schedule"] == "set"
     record = json.loads((out / "study.json").read_text())
     assert record["invocations"][0]["complete"] and record["invocations"][0]["jobs"] == 2
+    # each run's job hash, which compare checks a run against (runs made under an earlier spec)
+    assert {arm: info["hashes"] for arm, info in record["arms"].items()} == {
+        arm: {str(s): json.loads((out / arm / f"seed-{s}" / "study-job.json").read_text())["hash"] for s in (0, 1)}
+        for arm in ("dense", "sparse")}
     assert (out / "spec.toml").read_text() == TINY
     before = {r: (r / "study-status.json").read_bytes() for r in runs}
     again = runner.invoke(app, ["study", str(spec), "--out", str(out), "-q"])
@@ -256,3 +260,52 @@ def test_changing_the_matched_arm_redoes_the_arm_that_matches_it(tmp_path, legac
         spec.write_text(MATCHED.replace("density = 0.1", "density = 0.2"))
         with pytest.raises(StudyError, match="matched.transform.density was 0.1, now 0.2"):
             plan(load_spec(spec), out)
+
+
+TINY_MODEL = """
+import torch.nn as nn
+INPUT_SHAPE = (1, 1, 8, 8)
+def build_model(width=16):
+    return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(width * 64, 10))
+"""
+
+
+def test_editing_the_model_file_redoes_its_runs(tmp_path):
+    """The job key names the model file, not what it holds: after an edit (width 16 -> 32) the rerun
+    said "already finished" for the old runs and trained only new seeds, and compare averaged the
+    two models in one arm."""
+    from sparsify import api
+    from sparsify.study.runner import StudyError
+
+    model = tmp_path / "tiny.py"
+    model.write_text(TINY_MODEL)
+    spec = tmp_path / "s.toml"
+    spec.write_text('[study]\nmodel = "tiny.py"\nseeds = 1\n[train]\ndata = "digits"\nepochs = 1\n'
+                    '[arms.sr]\nmethod = "sparse-random"\ndensity = 0.3\n')
+    out = tmp_path / "study"
+    (job,) = plan(load_spec(spec), out)
+    api.transform_to_dir(job.key["model"], "sparse-random", density=0.3, seed=0, out=job.run_dir)
+    (job.run_dir / "study-job.json").write_text(json.dumps({"key": job.key, "hash": job.hash}))
+    (job.run_dir / "study-status.json").write_text(json.dumps({"status": "done", "test_acc": 0.5}))
+    assert [j.state for j in plan(load_spec(spec), out)] == ["done"]
+    model.write_text(TINY_MODEL.replace("width=16", "width=32"))
+    with pytest.raises(StudyError, match=r"^the model changed for arm 'sr' seed 0 since .* \(.*tiny.py changed\); "
+                                         r"pass --force"):
+        plan(load_spec(spec), out)
+    assert [(j.state, j.redo) for j in plan(load_spec(spec), out, force=True)] == [("pending", True)]
+
+
+def test_a_diverged_study_run_advises_changing_the_spec(tmp_path):
+    """It advised `sparsify train RUN --force --lr ...`: a run retrained by hand is no longer its
+    spec's, and the study went on skipping it as diverged."""
+    from sparsify.study.worker import run_job
+
+    spec = tmp_path / "s.toml"
+    spec.write_text(TINY.replace("epochs = 1", "epochs = 1\nlr = 1e30").split("[arms.sparse]")[0])
+    (job,) = [j for j in plan(load_spec(spec), tmp_path / "study") if j.seed == 0]
+    status = run_job({"run_dir": str(job.run_dir), "key": job.key, "hash": job.hash, "match_run": None},
+                     lambda ev: None, lambda msg: None)
+    assert status["status"] == "diverged"
+    assert re.fullmatch(r"training diverged: .*; lower lr in arm dense's train settings \(e\.g\. lr = 1e\+29\) "
+                        r"and run the study again with --force", status["message"]), status["message"]
