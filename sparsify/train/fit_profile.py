@@ -72,17 +72,14 @@ def fit_fan_ins(fan_ins: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _train_options(config: dict[str, Any]) -> list[str]:
-    """``sparsify train`` options for the trained run's settings that differ from the defaults."""
+    """``sparsify train`` options for the trained run's settings that differ from the defaults
+    (``TrainConfig.cli_args``: flags that exist, booleans as --X / --no-X), but for the ones the PSN
+    experiment sets itself (schedule, init, profile, seed) and the data cache folder."""
     from .trainer import TrainConfig
 
     skip = {"seed", "schedule", "init", "init_profile", "init_profile_params", "data_dir"}
-    default = TrainConfig().to_dict()
-    args: list[str] = []
-    for k, v in config.items():
-        if k in skip or k not in default or v == default[k] or v is None:
-            continue
-        args += [f"--{k.replace('_', '-')}", f"{v:g}" if isinstance(v, float) else str(v)]
-    return args
+    known = TrainConfig().to_dict()
+    return TrainConfig.from_dict({k: v for k, v in config.items() if k in known and k not in skip}).cli_args()
 
 
 def psn_command(run: Any, run_dir: str | Path, sigmas: dict[str, float], layer_names: list[str],
@@ -91,15 +88,29 @@ def psn_command(run: Any, run_dir: str | Path, sigmas: dict[str, float], layer_n
     with RigL from ERK budgets and a lognormal fan-in profile with each layer's own sigma."""
     params = run.recipe.params or {}
     name = f"{Path(run_dir).name}-psn"
-    t = ["sparsify", "transform", run.recipe.model, "--method", "sparse-random",
-         "--density", f"{params.get('density', density):.4g}"]
-    if run.recipe.model_args:
-        t += ["--model-args", json.dumps(run.recipe.model_args)]
+    recipe = run.recipe
+    t = ["sparsify", "transform", recipe.model, "--method", "sparse-random",
+         "--density", f"{params.get('density', density):.4g}",
+         # the run's own shape, tracing choices and budget rules: a model file without INPUT_SHAPE failed here
+         "--input-shape", ";".join(",".join(str(d) for d in shape) for shape in recipe.shapes)]
+    if recipe.model_args:
+        t += ["--model-args", json.dumps(recipe.model_args)]
+    for leaf in recipe.leaf_modules:
+        t += ["--leaf", leaf]
+    for module_type, rule in (recipe.rules or {}).items():
+        if not rule.startswith("custom:"):  # custom Rule objects exist only in the user's Python
+            t += ["--rule", f"{module_type}={rule}"]
+    if params.get("allocation", "uniform") != "uniform":
+        t += ["--allocation", str(params["allocation"])]
+    if params.get("block", 1) != 1:
+        t += ["--block", str(params["block"])]
     if params.get("include_linear"):
         t += ["--include-linear"]
     if params.get("include_classifier"):
         t += ["--include-classifier"]
-    t += ["--seed", str(run.recipe.seed), "--out", name]
+    if params.get("rescale_init") is False:
+        t += ["--no-rescale-init"]
+    t += ["--seed", str(recipe.seed), "--out", name]
     trained = (run.summary.get("train") or {}).get("config") or {}
     r = ["sparsify", "train", name, "--schedule", "rigl", "--init", "erk", "--init-profile", "lognormal"]
     if any(n not in sigmas for n in layer_names):  # layers too small to fit take the mean of the others

@@ -297,6 +297,36 @@ def test_fit_profile_prints_psn_command(run):
         assert sigma == data["layers"][name]["sigma"] and f"sigma@{name}={sigma:.3g}" in data["command"]
 
 
+def test_the_psn_command_fit_profile_prints_runs(tmp_path, monkeypatch):
+    """Pasted, it failed: every command held `--model-output logits` (no such option), a run trained
+    with --no-normalize gave `--normalize False`, and the transform lost the run's --input-shape,
+    --block and --allocation (a model file without INPUT_SHAPE failed there)."""
+    import shlex
+
+    model = tmp_path / "tiny.py"
+    model.write_text("import torch.nn as nn\n"
+                     "def build_model():\n"
+                     "    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),\n"
+                     "                         nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10))\n")
+    monkeypatch.chdir(tmp_path)
+    made = runner.invoke(app, ["transform", str(model), "--density", "0.3", "--input-shape", "1,1,8,8", "--block", "2",
+                               "--allocation", "erk", "--out", "src"])
+    assert made.exit_code == 0, made.output
+    trained = runner.invoke(app, ["train", "src", *QUICK, "--no-normalize", "--lr", "0.03"])
+    assert trained.exit_code == 0, trained.output
+    data = json.loads(runner.invoke(app, ["fit-profile", "src", "--json"]).stdout)
+    transform, train = (shlex.split(part) for part in data["command"].split(" && "))
+    assert "--model-output" not in train and "--no-normalize" in train and train[train.index("--lr") + 1] == "0.03"
+    assert all(flag in transform for flag in ("--input-shape", "--block", "--allocation"))
+    for part in (transform, train):
+        assert part[0] == "sparsify"
+        res = runner.invoke(app, part[1:])
+        assert res.exit_code == 0, (part, res.output)
+    recipe = json.loads((tmp_path / "src-psn" / "recipe.json").read_text())
+    assert recipe["params"]["block"] == 2 and recipe["params"]["allocation"] == "erk"
+    assert json.loads((tmp_path / "src-psn" / "summary.json").read_text())["train"]["config"]["normalize"] is False
+
+
 def test_fit_profile_of_fan_ins_without_spread_says_so(tmp_path):
     # a density-1 (or untrained sparse-random) run printed exponent=inf and a command with sigma=6.66e-16
     path, _ = transform_to_dir("zoo:mlp", method="sparse-random", density=1.0, out=tmp_path / "r")
