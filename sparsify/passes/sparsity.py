@@ -272,8 +272,16 @@ class SparsePass(GraphPass):
             if shared:
                 info["block"] = self.block
             result.layers[name] = info
-        whole = [l.node.target for l in layers if self.block > 1 and l.is_conv and not l.single_input
-                 and l.n_out <= self.block]
+        asked = [l for l in layers if self.block > 1 and l.is_conv and not l.single_input]
+        # blocks of the whole layer: said only where the layer got them (a fallback keeps its own fan-ins)
+        whole = [l.node.target for l in asked if l.n_out <= self.block and "block" in result.layers[l.node.target]]
+        apart = [l.node.target for l in asked if "block" not in result.layers[l.node.target]]
+        if apart:
+            shown = ", ".join(apart[:3]) + (f" and {len(apart) - 3} more" if len(apart) > 3 else "")
+            result.notes.append(f"--block {self.block}: {shown} kept one fan-in per output channel (too sparse for "
+                                f"blocks: a block's fan-in at its budget could not read every input channel; or "
+                                f"grouped with groups not a multiple of {self.block} channels); a higher --density "
+                                f"or a smaller --block gives them blocks")
         if whole:
             shown = ", ".join(whole[:3]) + (f" and {len(whole) - 3} more" if len(whole) > 3 else "")
             result.notes.append(f"--block {self.block} is not below the output channels of {shown}: all outputs of "

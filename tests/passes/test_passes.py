@@ -230,12 +230,40 @@ def test_block_sparsity_in_grouped_convs_and_linears():
 
 def test_a_block_as_large_as_a_layer_is_noted():
     """--block 64 on lenet5 (convs of 32 / 64 / 128 outputs; the first reads one grey filter and
-    takes the single-input rule instead): the 64-channel conv shares one fan-in over all its
-    outputs, which the transform says; --block 4 says nothing."""
+    takes the single-input rule instead): at density 0.2 the 64-channel conv is too sparse for one
+    block (it said "all outputs share one fan-in" while it kept its own per channel); --block 4
+    says nothing."""
     notes = api.transform("zoo:lenet5", "sparse-random", density=0.2, block=64).summary["notes"]
-    assert any("--block 64 is not below the output channels of features.3" in n for n in notes), notes
-    assert not any("is not below" in n for n in api.transform("zoo:lenet5", "sparse-random", density=0.2,
-                                                                  block=4).summary["notes"])
+    assert any(n.startswith("--block 64: features.3, features.6 kept one fan-in") for n in notes), notes
+    assert not any("is not below" in n for n in notes)
+    assert not any("--block" in n for n in api.transform("zoo:lenet5", "sparse-random", density=0.2,
+                                                            block=4).summary["notes"])
+
+
+def test_a_layer_too_sparse_for_blocks_is_named_and_not_said_to_share_one_fan_in():
+    """--block 16 on a 16-channel conv at density 0.3 fell back to one fan-in per channel (a block
+    reading every input would take more than the budget) while the note said all its outputs share
+    one fan-in; ResNet-20's convs at 0.1 with --block 4 fell back with no word."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+            self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+            self.fc = nn.Linear(16 * 64, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
+
+    res = api.transform(Net(), "sparse-random", density=0.3, block=16, input_shape=(1, 1, 8, 8))
+    mask = sparse_modules(res.model)["c2"].mask.flatten(1)
+    assert len({tuple(r.tolist()) for r in mask}) > 1, "the per-channel fallback, not one shared fan-in"
+    notes = res.summary["notes"]
+    assert not any("share one fan-in" in n for n in notes), notes
+    assert any(n.startswith("--block 16: c2 kept one fan-in per output channel (too sparse for blocks") for n in notes)
+    blocked = api.transform(Net(), "sparse-random", density=0.3, block=4, input_shape=(1, 1, 8, 8))
+    assert not any("--block" in n for n in blocked.summary["notes"]) and blocked.summary["pass_layers"]["c2"]["block"] == 4
 
 
 @pytest.mark.parametrize("block", [0, -2, 1.5, True])
