@@ -46,13 +46,13 @@ def check_writable(path: str | os.PathLike, what: str = "", *, parents: bool = T
 
     p = Path(path).expanduser()
     anchor = p.parent
-    if not parents and not anchor.is_dir():
-        raise SparsifyError(f"cannot write {what}{p}: directory {anchor} does not exist; create it or choose "
-                            f"another location")
     while not anchor.exists() and anchor != anchor.parent:
         anchor = anchor.parent
-    if not anchor.is_dir():
+    if not anchor.is_dir():  # before "does not exist": out.onnx/x.onnx named a file that exists
         raise SparsifyError(f"cannot write {what}{p}: {anchor} is a file, not a directory; choose another location")
+    if not parents and not p.parent.is_dir():
+        raise SparsifyError(f"cannot write {what}{p}: directory {p.parent} does not exist; create it or choose "
+                            f"another location")
     try:
         fd, probe = tempfile.mkstemp(prefix=".sparsify-probe-", dir=anchor)
         os.close(fd)

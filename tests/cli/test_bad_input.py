@@ -68,6 +68,17 @@ def test_unwritable_output_is_refused_before_the_work(args, flag):
     assert not Path("runs").exists()
 
 
+def test_an_output_under_a_file_says_the_file_is_one(run, sparse_onnx, tmp_path):
+    """`export --out model.onnx/x.onnx` and `compare --plot spec.toml/p.png` said "directory
+    model.onnx does not exist" of a file that exists."""
+    (tmp_path / "f.toml").write_text("")
+    for args in (["export", sparse_onnx, "--out", tmp_path / "f.toml" / "x.onnx"],
+                 ["export", run, "--out", tmp_path / "f.toml" / "x.onnx"],
+                 ["compare", run, "--plot", tmp_path / "f.toml" / "p.png"]):
+        line = assert_one_error_line(invoke(*args), "f.toml is a file, not a directory")
+        assert "does not exist" not in line
+
+
 def test_export_to_an_unwritable_place(run):
     assert_one_error_line(invoke("export", run, "--out", "/proc/sparsify-test.onnx"), "--out", "/proc")
 
