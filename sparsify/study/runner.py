@@ -211,6 +211,8 @@ def run_study(spec: StudySpec, study_dir: str | Path | None = None, *, jobs: int
     name = spec.name if spec.named or not record.get("name") else record["name"]
     record.update(name=name, description=spec.description, baseline=spec.baseline,
                   spec=str(spec.path) if spec.path else None,
+                  # where the spec's relative file names point (the study's own spec.toml copy keeps its text)
+                  spec_dir=str(spec.base_dir) if spec.base_dir is not None else record.get("spec_dir"),
                   arms={a.name: {"method": a.method, "series": a.series, "match": a.match, "count": a.count,
                                  "seeds": a.seeds, "model": a.model,
                                  # compare counts a run only when it was made under this spec (its job hash)

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._io import read_json
 from ..errors import SparsifyError, UsageError
 from ..passes.base import MAX_SEED, seed_problem
 from ..passes.depth_multiplier import COUNTS
@@ -103,6 +104,7 @@ class StudySpec:
     text: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
     named: bool = False  # the name was given ([study] name), not taken from the file's stem
+    base_dir: Path | None = None  # what its relative file names were read against (absolute)
 
     def jobs(self) -> list[tuple[Arm, int]]:
         """Every (arm, seed) in spec order, arms whose parameters are matched after the arms they match."""
@@ -146,13 +148,18 @@ def load_spec(path: str | Path) -> StudySpec:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{p}: not valid TOML ({str(e).splitlines()[0]}); fix the syntax") from None
-    spec = parse_spec(raw, path=p)
+    # a study's own copy of its spec names files relative to where the original spec was
+    record = read_json(p.parent / STUDY_JSON) if p.name == SPEC_COPY else {}
+    spec_dir = record.get("spec_dir")
+    spec = parse_spec(raw, path=p, base_dir=Path(spec_dir) if isinstance(spec_dir, str) else None)
     spec.text = text
     return spec
 
 
-def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None = None) -> StudySpec:
-    """Validate a spec already read into a dict (``load_spec`` does the reading)."""
+def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None = None,
+               base_dir: Path | None = None) -> StudySpec:
+    """Validate a spec already read into a dict (``load_spec`` does the reading); relative file
+    names are read against ``base_dir`` (default: the spec's folder, else the working directory)."""
     at = _where(path)
 
     def fail(msg: str) -> SpecError:
@@ -177,7 +184,7 @@ def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None =
                    "'+' or '-'")
     from ..train.data import absolute_data_paths
 
-    base_dir = path.parent if path is not None else Path.cwd()
+    base_dir = base_dir if base_dir is not None else path.parent if path is not None else Path.cwd()
     seeds = _seeds(study.get("seeds"), "[study] seeds", fail, required=True)
     shared = raw.get("train", {})
     if not isinstance(shared, dict):
@@ -241,7 +248,8 @@ def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None =
         raise fail(f"[study] baseline {baseline!r} is not an arm; choose one of {', '.join(arms)}")
     stem = path.stem if path is not None else "study"
     return StudySpec(name=str(study.get("name") or name or stem), description=str(study.get("description", "")),
-                     path=path, arms=arms, baseline=baseline, raw=raw, named=bool(study.get("name") or name))
+                     path=path, arms=arms, baseline=baseline, raw=raw, named=bool(study.get("name") or name),
+                     base_dir=base_dir.resolve())
 
 
 def _model_path(model: Any, base_dir: Path) -> str:

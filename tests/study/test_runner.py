@@ -309,3 +309,23 @@ def test_a_diverged_study_run_advises_changing_the_spec(tmp_path):
     assert status["status"] == "diverged"
     assert re.fullmatch(r"training diverged: .*; lower lr in arm dense's train settings \(e\.g\. lr = 1e\+29\) "
                         r"and run the study again with --force", status["message"]), status["message"]
+
+
+def test_resuming_from_the_studys_own_spec_copy_reads_relative_paths_where_the_spec_was(tmp_path, monkeypatch):
+    """The copy (OUT/spec.toml) holds the original text: `data = "d.npz"` beside the original spec
+    was looked for beside the copy ("data d.npz: no such file")."""
+    import numpy as np
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(specs / "d.npz", x=rng.random((40, 28, 28)).astype(np.float32), y=np.arange(40) % 4)
+    (specs / "s.toml").write_text(TINY.replace('data = "digits"', 'data = "d.npz"').replace("seeds = 2", "seeds = 1")
+                                  .replace("train_limit = 320\n", ""))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    first = runner.invoke(app, ["study", "../specs/s.toml", "--out", "st", "-q"])
+    assert first.exit_code == 0, first.output
+    monkeypatch.chdir(tmp_path)
+    again = runner.invoke(app, ["study", "cwd/st/spec.toml", "--out", "cwd/st", "-q"])
+    assert again.exit_code == 0 and "2 already finished, 0 trained now" in again.stdout, again.output
