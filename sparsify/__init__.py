@@ -49,10 +49,16 @@ def inspect(*args: Any, **kwargs: Any) -> Any:
     return f(*args, **kwargs)
 
 
-def export(run_dir: Any, out: Any, **kwargs: Any) -> Any:
-    """Compact and export a run directory to ONNX: see ``sparsify.runtime.export.export_run``."""
+def export(run_dir: Any, out: Any, *, force: bool = False, **kwargs: Any) -> Any:
+    """Compact and export a run directory to ONNX: see ``sparsify.runtime.export.export_run``. An
+    existing ``out`` is replaced only with ``force`` (as the CLI's --force); UsageError otherwise."""
+    from pathlib import Path
+
+    from .errors import UsageError
     from .runtime.export import export_run
 
+    if Path(out).exists() and not Path(out).is_dir() and not force:
+        raise UsageError(f"{out} exists; pass force=True to overwrite it or choose another path")
     return export_run(run_dir, out, **kwargs)
 
 

@@ -9,6 +9,7 @@ of a layer are distributed lognormally / as a Pareto law.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Callable, Sequence
@@ -111,6 +112,9 @@ def resolve_params(profile: str, params: dict[str, float] | None) -> dict[str, f
     if unknown:
         allowed = ", ".join(p.defaults) or "none"
         raise UsageError(f"profile {profile!r} has no parameter {sorted(unknown)[0]!r} (parameters: {allowed})")
+    bad = next((k for k, v in params.items() if isinstance(v, bool) or not isinstance(v, numbers.Real)), None)
+    if bad is not None:  # the API's {"sigma": "x"}; the CLI parses NAME=VALUE to numbers first
+        raise UsageError(f"--profile-param {bad}={params[bad]!r}: {profile}'s {bad} must be a number")
     resolved = {**p.defaults, **{k: float(v) for k, v in params.items()}}
     for name, value in resolved.items():
         lo, hi, closed = DOMAINS.get(name, (-math.inf, math.inf, True))

@@ -3,6 +3,7 @@ with and without the classifier (as the papers report them)."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -135,11 +136,22 @@ def _params_used(gm: fx.GraphModule, graph: fx.Graph) -> set[str]:
 
 
 def input_shapes(input_shape: Any) -> list[tuple[int, ...]]:
-    """One shape ``(1, 3, 32, 32)`` or several ``[(1, 3, 32, 32), (1, 3, 32, 32)]`` as a list of shapes."""
-    shape = list(input_shape)
-    if shape and isinstance(shape[0], (list, tuple)):
-        return [tuple(int(d) for d in s) for s in shape]
-    return [tuple(int(d) for d in shape)]
+    """One shape ``(1, 3, 32, 32)`` or several ``[(1, 3, 32, 32), (1, 3, 32, 32)]`` as a list of shapes.
+
+    Raises UsageError for anything else: a string ("1,3,32,32", the CLI's spelling), dimensions that
+    are not positive whole numbers."""
+    from .errors import UsageError
+
+    def dims(s: Any) -> tuple[int, ...]:
+        out = tuple(s) if isinstance(s, (list, tuple)) else ()
+        if not out or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in out):
+            raise UsageError(f"input shape {input_shape!r} is not a shape of positive whole numbers; give e.g. "
+                             f"(1, 3, 32, 32), or a list of such shapes for a model with several inputs")
+        return tuple(int(d) for d in out)
+
+    if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(input_shape[0], (list, tuple)):
+        return [dims(s) for s in input_shape]
+    return [dims(input_shape)]
 
 
 def with_ratios(report: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """The top-level Python API mirrors the CLI, stage by stage."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import sparsify
+from sparsify.errors import UsageError
 
 
 def test_api_pipeline_transform_load_train_export_inspect(tmp_path):
@@ -18,6 +20,33 @@ def test_api_pipeline_transform_load_train_export_inspect(tmp_path):
     run_report = sparsify.inspect(path)
     assert run_report["totals"]["sparse_layers"] == 3
     assert isinstance(sparsify.transform("zoo:mlp", "psn", density=0.1).model, torch.nn.Module)
+    # an existing file is replaced only with force=True, as the CLI's --force (it was overwritten)
+    before = (tmp_path / "m.onnx").read_bytes()
+    with pytest.raises(UsageError, match="m.onnx exists; pass force=True"):
+        sparsify.export(path, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == before
+    assert sparsify.export(path, tmp_path / "m.onnx", force=True).sparse_layers >= 1
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda run: sparsify.transform("zoo:lenet5", density="0.3"), r"--density must be a number in \(0, 1\], got '0.3'"),
+    (lambda run: sparsify.transform("zoo:lenet5", "depth-multiplier", alpha="0.5"), "--alpha must be a number"),
+    (lambda run: sparsify.transform("zoo:lenet5", density=0.3, input_shape="1,1,28,28"),
+     "input shape '1,1,28,28' is not a shape of positive whole numbers"),
+    (lambda run: sparsify.transform("zoo:lenet5", density=0.3, input_shape=(1, 1, 0, 8)), "positive whole numbers"),
+    (lambda run: sparsify.transform("zoo:mlp", "psn", density=0.3, profile="lognormal", profile_params={"sigma": "x"}),
+     "sigma='x': lognormal's sigma must be a number"),
+    (lambda run: sparsify.train(run, epochs="2"), "--epochs must be a whole number, got '2'"),
+    (lambda run: sparsify.train(run, lr="0.1"), "--lr must be a number, got '0.1'"),
+    (lambda run: sparsify.train(run, normalize=1), "--normalize must be true or false, got 1"),
+])
+def test_api_arguments_of_the_wrong_type_are_one_line(tmp_path, call, message):
+    """The API promises a SparsifyError with a one-line message on bad input: these raised
+    TypeError / ValueError from deep in the checks."""
+    run, _ = sparsify.transform_to_dir("zoo:lenet5", "sparse-random", density=0.2, out=tmp_path / "run")
+    with pytest.raises(UsageError, match=message) as e:
+        call(run)
+    assert "\n" not in str(e.value)
 
 
 

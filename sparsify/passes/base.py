@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +81,8 @@ def check_fraction(value: float | None, flag: str, example: str) -> float:
     """A required parameter in (0, 1] (density, alpha); UsageError naming the flag otherwise."""
     if value is None:
         raise UsageError(f"{flag} is required for this method; give a value in (0, 1], e.g. {flag} {example}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # the API's density="0.3"
+        raise UsageError(f"{flag} must be a number in (0, 1], got {value!r}; give e.g. {flag} {example}")
     if not (0.0 < value <= 1.0) or math.isnan(value):
         raise UsageError(f"{flag} {value} is outside (0, 1]; give e.g. {flag} {example}")
     return float(value)

@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .._io import atomic_path
-from ..errors import ExportError, SparsifyError
+from ..errors import ExportError, SparsifyError, UsageError
 from ..passes.base import GraphPass, run_passes
 from ..passes.compact import CHANNEL_ALIGN, CompactPass, FoldBatchNormPass
 from ..passes.lowering import DensifyPass, OnnxFormsPass, TracePass
@@ -621,7 +621,7 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
     out = check_output_path(out)
     try:
         shapes = [list(s) for s in input_shapes(input_shape)]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, UsageError):
         shapes = []
     if not shapes or any(len(s) < 2 or any(d <= 0 for d in s) for s in shapes):
         raise ExportError(f"input shape {input_shape} is not a positive N,C,... shape; pass e.g. 1,3,32,32")
