@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -48,7 +49,7 @@ def _print_compaction(comp: dict) -> None:
 @handle_errors
 def export(
     source: Path = typer.Argument(..., help="A run directory, or an .onnx file to convert"),
-    out_path: Path = typer.Option(..., "--out", "-o", help="The .onnx file to write"),
+    out_text: str = typer.Option(..., "--out", "-o", metavar="<path>", help="The .onnx file to write"),
     dense: bool = typer.Option(False, "--dense", help="Every conv as a plain Conv with the masked weights (baseline)"),
     compact: Optional[bool] = typer.Option(
         None, "--compact/--no-compact",
@@ -78,6 +79,10 @@ def export(
     """Export a run to ONNX with ai.sparsify::SparseConv nodes (or convert an existing .onnx file)."""
     from ..runtime.export import export_onnx_file, export_run
 
+    out_path = Path(out_text)
+    if out_text.endswith(("/", os.sep)) and not out_path.is_dir():  # Path() drops the slash: "nodir/" wrote a file nodir
+        raise UsageError(f"--out {out_text} ends in a slash, so it names a directory; give a file name such as "
+                         f"{out_path / 'model.onnx'}")
     if out_path.is_dir():
         raise UsageError(f"--out {out_path} is a directory; give a file name such as {out_path / 'model.onnx'}")
     check_new_file(out_path, "--out", force)

@@ -79,6 +79,13 @@ def test_an_output_under_a_file_says_the_file_is_one(run, sparse_onnx, tmp_path)
         assert "does not exist" not in line
 
 
+def test_export_out_ending_in_a_slash_is_not_written_as_a_file(run, sparse_onnx):
+    """`--out nodir/` wrote a file named nodir: Path() drops the slash that says "a directory"."""
+    for source in (run, sparse_onnx):
+        assert_one_error_line(invoke("export", source, "--out", "nodir/"), "--out nodir/ ends in a slash",
+                              nothing_at=(Path("nodir"),))
+
+
 def test_export_to_an_unwritable_place(run):
     assert_one_error_line(invoke("export", run, "--out", "/proc/sparsify-test.onnx"), "--out", "/proc")
 
