@@ -380,7 +380,7 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     from .._io import save_figure
 
@@ -406,6 +406,8 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
             ax.set_xlabel(label)
             continue
         ax.set_xscale("log")
+        # one style for every label: matplotlib's 10^5 beside our 50k and 200k read as two scales
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: short_count(v)))
         lo, hi = ax.get_xlim()
         if hi / lo < 10:
             # within one decade there is no labelled power of ten: label 2x and 5x, as 2k, 5k, ...
@@ -430,6 +432,7 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
             mean.append(sum(vals) / len(vals) if vals else float("nan"))
         ax.plot(epochs, mean, label=arm, marker="o" if len(epochs) <= 12 else None, markersize=3)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs (it ticked 1.2, 1.4, ...)
     ax.set_ylabel("validation accuracy (%), mean over seeds")
     ax.grid(True, alpha=0.3)
     if ax.lines:

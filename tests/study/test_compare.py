@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -156,6 +157,28 @@ def test_parameter_axes_within_one_decade_have_numbers(study, tmp_path, monkeypa
         assert shown, ax.get_xlabel()
         # each point carries the arm name the learning curves (third panel) are labelled with
         assert {t.get_text() for t in ax.texts} == {a.arm for a in c.arms if a.arm != a.series} == {"a", "b"}
+
+
+def test_plot_labels_counts_in_one_style_and_epochs_as_whole_numbers(study, tmp_path, monkeypatch):
+    """A log axis over 50k-200k showed "50k", "10^5", "200k"; the learning curves of two epochs
+    ticked 1.2, 1.4, ..."""
+    import sparsify._io
+    from sparsify.study.compare import plot_comparison
+
+    figs = []
+    monkeypatch.setattr(sparsify._io, "save_figure", lambda fig, path, dpi: figs.append(fig) or path)
+    c = compare([study / "study"])
+    for arm, n in zip(c.arms, (50_000, 200_000)):
+        arm.counts = {"total": n, "conv": n}
+    plot_comparison(c, tmp_path / "p.png")
+    (fig,) = figs
+    fig.canvas.draw()
+    lo, hi = fig.axes[0].get_xlim()
+    labels = [t.get_text() for t in fig.axes[0].xaxis.get_majorticklabels() + fig.axes[0].xaxis.get_minorticklabels()
+              if t.get_text() and lo <= t.get_position()[0] <= hi]
+    assert labels and all(re.fullmatch(r"[0-9.]+[kMG]?", t) for t in labels), labels
+    epochs = [t.get_position()[0] for t in fig.axes[2].xaxis.get_majorticklabels() if t.get_text()]
+    assert epochs and all(float(e).is_integer() for e in epochs), epochs
 
 
 def test_cli_tables_json_plot_and_errors(study, tmp_path):
