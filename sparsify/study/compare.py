@@ -175,12 +175,13 @@ def _arm_label(method: str, params: dict[str, Any], schedule: str | None) -> str
 
 
 def _group_key(r: RunRecord) -> str:
-    """Loose runs are one arm when everything but the seed agrees."""
+    """Loose runs are one arm when everything but the seed agrees (the model file's checksum too:
+    runs of an edited model file were pooled with the old one's)."""
     summary = read_json(Path(r.path) / SUMMARY)
     cfg = dict((summary.get("train") or {}).get("config") or {})
     cfg.pop("seed", None)
     recipe = read_json(Path(r.path) / RECIPE)
-    recipe = {k: v for k, v in recipe.items() if k not in ("seed", "versions", "source_sha256")}
+    recipe = {k: v for k, v in recipe.items() if k not in ("seed", "versions")}
     recipe["params"] = {k: v for k, v in (recipe.get("params") or {}).items() if k != "match"}
     return json.dumps([recipe, cfg], sort_keys=True)
 

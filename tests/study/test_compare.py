@@ -293,3 +293,16 @@ def test_the_matched_arm_is_named_from_any_directory(study, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert (compare([s]).arm("b").matched, compare([s]).arm("b").matched_to) == ("conv", "a")
     assert compare([Path("s"), study / "study"]).arm("s/b").matched_to == "s/a"  # two studies named "t"
+
+
+def test_loose_runs_of_an_edited_model_file_are_two_arms(study, tmp_path):
+    """The group key left out the recipe's source_sha256: runs of a model file before and after an
+    edit (width 16 -> 32) were averaged as one arm."""
+    base = study / "base"
+    for seed in (0, 1, 2):
+        _fake_run(base, tmp_path / f"r{seed}", "a", seed, ACC["a"][seed], job=False)
+    recipe = json.loads((tmp_path / "r2" / "recipe.json").read_text())
+    recipe["source_sha256"] = "0" * 64  # the file held something else when this run was made
+    (tmp_path / "r2" / "recipe.json").write_text(json.dumps(recipe))
+    c = compare([tmp_path / f"r{seed}" for seed in (0, 1, 2)])
+    assert sorted(a.n for a in c.arms) == [1, 2]
