@@ -101,6 +101,7 @@ def plan(spec: StudySpec, study_dir: str | Path, force: bool = False) -> list[Jo
     study_dir = Path(study_dir)
     jobs = []
     redone: set[tuple[str, int]] = set()  # (arm, seed) of the jobs whose spec changed
+    fingerprints: dict[str, str | None] = {}  # data path -> data_fingerprint, read once per plan
     for arm, seed in spec.jobs():
         key = job_key(arm, seed, spec.arms)
         run_dir = run_dir_of(study_dir, arm.name, seed)
@@ -116,15 +117,17 @@ def plan(spec: StudySpec, study_dir: str | Path, force: bool = False) -> list[Jo
             saved = json.loads(job_file.read_text())
             if _legacy_match_key(saved, key) and (arm.match, seed) not in redone:
                 saved["hash"] = job.hash  # made before keys held the matched arm's, which is unchanged
-            # the spec names the model file; what the file holds is the run's recipe's checksum
-            model_change = _model_change(run_dir) if saved.get("hash") == job.hash else None
-            if saved.get("hash") != job.hash or model_change is not None:
+            # the spec names the model file and the data; what they hold is in the run's recipe's
+            # checksum and its job file's data fingerprint
+            changed, what = ("spec", _first_difference(saved.get("key", {}), key)) if saved.get("hash") != job.hash \
+                else ("model", _model_change(run_dir))
+            if what is None:
+                changed, what = "data", _data_change(saved, key, fingerprints)
+            if what is not None:
                 redone.add((arm.name, seed))
                 if not force:
-                    what = model_change or _first_difference(saved.get("key", {}), key)
-                    raise StudyError(f"the {'model' if model_change else 'spec'} changed for arm {arm.name!r} seed "
-                                     f"{seed} since {run_dir} was made ({what}); pass --force to redo the changed "
-                                     f"runs, or use another --out")
+                    raise StudyError(f"the {changed} changed for arm {arm.name!r} seed {seed} since {run_dir} was "
+                                     f"made ({what}); pass --force to redo the changed runs, or use another --out")
                 # removed when its job starts, not here: a study stopped before then keeps the run
                 job.redo = True
             else:
@@ -150,6 +153,19 @@ def _model_change(run_dir: Path) -> str | None:
         return source_change(read_recipe(run_dir))
     except RunDirError:
         return None
+
+
+def _data_change(saved: dict[str, Any], key: dict[str, Any], seen: dict[str, str | None]) -> str | None:
+    """Why a study run's data no longer is what it trained on ("data d.npz changed"), from its job
+    file's fingerprint (runs made before fingerprints were recorded: None)."""
+    from ..train.data import data_fingerprint
+
+    data = str(key["train"].get("data", ""))
+    if saved.get("data") is None:
+        return None
+    if data not in seen:
+        seen[data] = data_fingerprint(data)
+    return f"data {data} changed" if seen[data] is not None and seen[data] != saved["data"] else None
 
 
 def _legacy_match_key(saved: dict[str, Any], key: dict[str, Any]) -> bool:

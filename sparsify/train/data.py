@@ -310,6 +310,33 @@ def check_data_name(name: str) -> None:
                     f"arrays x and y")
 
 
+def data_fingerprint(name: str) -> str | None:
+    """A checksum of what ``--data name`` reads, to tell when a user's data changed between two
+    trainings that name it the same (a study resumed after the .npz was rebuilt): sha256 of an
+    .npz file's bytes; of an image folder's file list with sizes (relative path, bytes; not the
+    pixels: re-reading a large folder's images would cost minutes). None for the built-in sets
+    and paths that do not exist."""
+    import hashlib
+
+    if name in DATASETS:
+        return None
+    p = Path(name).expanduser()
+    h = hashlib.sha256()
+    if p.is_file():
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    elif p.is_dir():
+        for root, dirs, files in os.walk(p):
+            dirs.sort()
+            for f in sorted(files):
+                full = Path(root) / f
+                h.update(f"{full.relative_to(p).as_posix()}\t{full.stat().st_size}\n".encode())
+    else:
+        return None
+    return h.hexdigest()
+
+
 def input_normalization(mean: torch.Tensor, std: torch.Tensor, units: str) -> dict[str, Any]:
     """The record of ``x -> (x - mean) / std`` applied to every example before the model.
 

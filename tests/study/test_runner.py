@@ -329,3 +329,27 @@ def test_resuming_from_the_studys_own_spec_copy_reads_relative_paths_where_the_s
     monkeypatch.chdir(tmp_path)
     again = runner.invoke(app, ["study", "cwd/st/spec.toml", "--out", "cwd/st", "-q"])
     assert again.exit_code == 0 and "2 already finished, 0 trained now" in again.stdout, again.output
+
+
+def test_rebuilding_the_data_file_redoes_its_runs(tmp_path):
+    """The spec names d.npz; rebuilt in place between two `study` invocations, the finished runs of
+    the old data were kept as results of the new (the model file's edit, above, likewise)."""
+    import numpy as np
+
+    from sparsify.study.runner import StudyError
+    from sparsify.study.worker import prepare
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.random((40, 28, 28)).astype(np.float32), y=np.arange(40) % 4)
+    spec = tmp_path / "s.toml"
+    spec.write_text(TINY.replace('data = "digits"', 'data = "d.npz"').replace("seeds = 2", "seeds = 1")
+                    .split("[arms.sparse]")[0])
+    out = tmp_path / "study"
+    (job,) = plan(load_spec(spec), out)
+    prepare({"run_dir": str(job.run_dir), "key": job.key, "hash": job.hash, "match_run": None})
+    (job.run_dir / "study-status.json").write_text(json.dumps({"status": "done", "test_acc": 0.5}))
+    assert [j.state for j in plan(load_spec(spec), out)] == ["done"]
+    np.savez(tmp_path / "d.npz", x=rng.random((40, 28, 28)).astype(np.float32), y=np.arange(40) % 4)
+    with pytest.raises(StudyError, match=r"^the data changed for arm 'dense' seed 0 since .* \(data .*d\.npz changed\)"):
+        plan(load_spec(spec), out)
+    assert [j.redo for j in plan(load_spec(spec), out, force=True)] == [True]

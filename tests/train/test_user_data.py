@@ -660,3 +660,21 @@ def test_data_paths_are_made_absolute_where_they_exist(tmp_path, monkeypatch):
     assert absolute_data_paths({"data": "imgs"}) == {"data": str((cwd / "imgs").resolve())}
     for kept in ({"data": "mnist"}, {"data": ""}, {"data": "nowhere.npz"}, {"data_dir": None}, {}):
         assert absolute_data_paths(kept, spec_dir) == kept
+
+
+def test_data_fingerprint_follows_what_a_data_path_holds(tmp_path):
+    from sparsify.train.data import data_fingerprint
+
+    assert data_fingerprint("digits") is None and data_fingerprint(str(tmp_path / "missing.npz")) is None
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 8, 8)), y=np.arange(4))
+    first = data_fingerprint(str(tmp_path / "d.npz"))
+    assert first == data_fingerprint(str(tmp_path / "d.npz"))
+    np.savez(tmp_path / "d.npz", x=np.ones((4, 8, 8)), y=np.arange(4))
+    assert data_fingerprint(str(tmp_path / "d.npz")) != first
+    folder = tmp_path / "imgs"
+    (folder / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / "a" / "0.png")
+    before = data_fingerprint(str(folder))
+    assert before == data_fingerprint(str(folder))
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / "a" / "1.png")
+    assert data_fingerprint(str(folder)) != before
