@@ -7,6 +7,7 @@ import re
 import shutil
 import statistics
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -136,25 +137,35 @@ def test_a_damaged_study_record_is_one_line(tmp_path, record):
     assert "study.json is damaged" in res.output
 
 
-def test_parameter_axes_within_one_decade_have_numbers(study, tmp_path, monkeypatch):
-    # counts of 1.45k-2.82k: a log axis with no power of ten in range, minor labels off: no number at all
+def _plotted(study, tmp_path, monkeypatch, counts: tuple[int, int]) -> tuple[Any, Any]:
+    """The comparison of the study with its arms' live counts set to ``counts``, and its figure, drawn."""
     import sparsify._io
     from sparsify.study.compare import plot_comparison
 
     figs = []
     monkeypatch.setattr(sparsify._io, "save_figure", lambda fig, path, dpi: figs.append(fig) or path)
     c = compare([study / "study"])
-    for arm, n in zip(c.arms, (1450, 2820)):
+    for arm, n in zip(c.arms, counts):
         arm.counts = {"total": n, "conv": n}
     plot_comparison(c, tmp_path / "p.png")
     (fig,) = figs
     fig.canvas.draw()
+    return c, fig
+
+
+def _count_labels(ax) -> list[str]:
+    lo, hi = ax.get_xlim()
+    return [t.get_text() for t in ax.xaxis.get_majorticklabels() + ax.xaxis.get_minorticklabels()
+            if t.get_text() and lo <= t.get_position()[0] <= hi]
+
+
+def test_parameter_axes_within_one_decade_have_numbers(study, tmp_path, monkeypatch):
+    # counts of 1.45k-2.82k: a log axis with no power of ten in range, minor labels off: no number at all
+    c, fig = _plotted(study, tmp_path, monkeypatch, (1450, 2820))
     for ax in fig.axes[:2]:
         lo, hi = ax.get_xlim()
         assert hi / lo < 10
-        shown = [t.get_text() for t in ax.xaxis.get_majorticklabels() + ax.xaxis.get_minorticklabels()
-                 if t.get_text() and lo <= t.get_position()[0] <= hi]
-        assert shown, ax.get_xlabel()
+        assert _count_labels(ax), ax.get_xlabel()
         # each point carries the arm name the learning curves (third panel) are labelled with
         assert {t.get_text() for t in ax.texts} == {a.arm for a in c.arms if a.arm != a.series} == {"a", "b"}
 
@@ -162,20 +173,8 @@ def test_parameter_axes_within_one_decade_have_numbers(study, tmp_path, monkeypa
 def test_plot_labels_counts_in_one_style_and_epochs_as_whole_numbers(study, tmp_path, monkeypatch):
     """A log axis over 50k-200k showed "50k", "10^5", "200k"; the learning curves of two epochs
     ticked 1.2, 1.4, ..."""
-    import sparsify._io
-    from sparsify.study.compare import plot_comparison
-
-    figs = []
-    monkeypatch.setattr(sparsify._io, "save_figure", lambda fig, path, dpi: figs.append(fig) or path)
-    c = compare([study / "study"])
-    for arm, n in zip(c.arms, (50_000, 200_000)):
-        arm.counts = {"total": n, "conv": n}
-    plot_comparison(c, tmp_path / "p.png")
-    (fig,) = figs
-    fig.canvas.draw()
-    lo, hi = fig.axes[0].get_xlim()
-    labels = [t.get_text() for t in fig.axes[0].xaxis.get_majorticklabels() + fig.axes[0].xaxis.get_minorticklabels()
-              if t.get_text() and lo <= t.get_position()[0] <= hi]
+    _, fig = _plotted(study, tmp_path, monkeypatch, (50_000, 200_000))
+    labels = _count_labels(fig.axes[0])
     assert labels and all(re.fullmatch(r"[0-9.]+[kMG]?", t) for t in labels), labels
     epochs = [t.get_position()[0] for t in fig.axes[2].xaxis.get_majorticklabels() if t.get_text()]
     assert epochs and all(float(e).is_integer() for e in epochs), epochs
