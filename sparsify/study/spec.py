@@ -228,9 +228,14 @@ def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None =
                 zoo_model(model[len("zoo:"):])
             except SparsifyError as e:
                 raise fail(f"{where if 'model' in a else '[study]'} model: {e}") from None
+        resolved = _model_path(model, base_dir)
+        if not model.startswith(("zoo:", "torchvision:")) and not Path(resolved.partition(":")[0]).is_file():
+            # found before any run starts (it failed as the arm's job, after the others had begun)
+            raise fail(f"{where if 'model' in a else '[study]'} model {model}: no such file (looked next to the "
+                       f"spec and in the working directory); give the model file's path or zoo:NAME")
         model_args = a.get("model_args", study.get("model_args", {}))
         arms[arm_name] = Arm(
-            name=arm_name, method=method, model=_model_path(model, base_dir),
+            name=arm_name, method=method, model=resolved,
             model_args=dict(model_args) if isinstance(model_args, dict) else model_args,
             input_shape=a.get("input_shape", study.get("input_shape")),
             seeds=_seeds(a["seeds"], f"{where} seeds", fail) if "seeds" in a else list(seeds),

@@ -89,6 +89,10 @@ BAD = [
     ('[study]\nmodel = "zoo:mlp"\nseeds = [10000000000000]\n[arms.a]\nmethod = "none"', "integers in [0, 4294967295]"),
     ('[study]\nmodel = "zoo:nothere"\nseeds = 2\n[arms.a]\nmethod = "none"', "[study] model: unknown zoo model 'nothere'"),
     ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a]\nmethod = "none"\nmodel = "zoo:lenet"', "[arms.a] model: unknown zoo model"),
+    # a missing model file was found only as the arm's job failed, after the other jobs had begun
+    ('[study]\nmodel = "nothere.py"\nseeds = 2\n[arms.a]\nmethod = "none"', "[study] model nothere.py: no such file"),
+    ('[study]\nmodel = "zoo:mlp"\nseeds = 2\n[arms.a]\nmethod = "none"\nmodel = "gone.py:build"',
+     "[arms.a] model gone.py:build: no such file"),
 ]
 
 
