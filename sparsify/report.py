@@ -142,15 +142,22 @@ def input_shapes(input_shape: Any) -> list[tuple[int, ...]]:
     are not positive whole numbers."""
     from .errors import UsageError
 
+    def items(s: Any) -> tuple[Any, ...]:  # a list, tuple, torch.Size or array; not a string
+        try:
+            return () if isinstance(s, (str, bytes)) else tuple(s)
+        except TypeError:
+            return ()
+
     def dims(s: Any) -> tuple[int, ...]:
-        out = tuple(s) if isinstance(s, (list, tuple)) else ()
+        out = items(s)
         if not out or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in out):
             raise UsageError(f"input shape {input_shape!r} is not a shape of positive whole numbers; give e.g. "
                              f"(1, 3, 32, 32), or a list of such shapes for a model with several inputs")
         return tuple(int(d) for d in out)
 
-    if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(input_shape[0], (list, tuple)):
-        return [dims(s) for s in input_shape]
+    shapes = items(input_shape)
+    if shapes and items(shapes[0]):
+        return [dims(s) for s in shapes]
     return [dims(input_shape)]
 
 
