@@ -174,11 +174,11 @@ def source_change(recipe: Any) -> str | None:
     original = Path(spec.rpartition(":")[0])
     if not original.is_file():
         return None
-    if _sha256(original) != recipe.source_sha256:
+    if file_sha256(original) != recipe.source_sha256:
         return f"{original} changed"
     imports = dict(getattr(recipe, "source_imports", None) or {})
     return next((f"{original.parent / rel}, which {original.name} imports, changed" for rel, digest in imports.items()
-                 if not (original.parent / rel).is_file() or _sha256(original.parent / rel) != digest), None)
+                 if not (original.parent / rel).is_file() or file_sha256(original.parent / rel) != digest), None)
 
 
 def replay_rules(recipe: Any, rules: Mapping[Any, str | Rule] | None = None) -> dict[Any, Any]:
@@ -273,7 +273,8 @@ class _replay_errors:
         return False
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file's bytes (a model file's checksum in recipes and job keys)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

@@ -101,9 +101,9 @@ def plan(spec: StudySpec, study_dir: str | Path, force: bool = False) -> list[Jo
     study_dir = Path(study_dir)
     jobs = []
     redone: set[tuple[str, int]] = set()  # (arm, seed) of the jobs whose spec changed
-    fingerprints: dict[str, str | None] = {}  # data path -> data_fingerprint, read once per plan
+    contents: dict[tuple[str, str], str | None] = {}  # checksums of the named files, read once per plan
     for arm, seed in spec.jobs():
-        key = job_key(arm, seed, spec.arms)
+        key = _with_contents(job_key(arm, seed, spec.arms), contents)
         run_dir = run_dir_of(study_dir, arm.name, seed)
         job = Job(arm.name, seed, run_dir, key, job_hash(key), epochs=TrainConfig.from_dict(key["train"]).epochs)
         if arm.match is not None:
@@ -115,14 +115,12 @@ def plan(spec: StudySpec, study_dir: str | Path, force: bool = False) -> list[Jo
                 raise StudyError(f"{run_dir} exists but is not a run of this study (no {JOB}); remove it or "
                                  f"choose another --out")
             saved = json.loads(job_file.read_text())
-            if _legacy_match_key(saved, key) and (arm.match, seed) not in redone:
-                saved["hash"] = job.hash  # made before keys held the matched arm's, which is unchanged
-            # the spec names the model file and the data; what they hold is in the run's recipe's
-            # checksum and its job file's data fingerprint
-            changed, what = ("spec", _first_difference(saved.get("key", {}), key)) if saved.get("hash") != job.hash \
+            if _legacy_key(saved, key) and (arm.match, seed) not in redone:
+                saved["hash"] = job.hash  # made before keys held the matched arm's / the files' checksums
+            # the key holds the model file's and the data's checksums; a module the model file imports
+            # is in the run's recipe (source_imports)
+            changed, what = _first_difference(saved.get("key", {}), key) if saved.get("hash") != job.hash \
                 else ("model", _model_change(run_dir))
-            if what is None:
-                changed, what = "data", _data_change(saved, key, fingerprints)
             if what is not None:
                 redone.add((arm.name, seed))
                 if not force:
@@ -155,35 +153,61 @@ def _model_change(run_dir: Path) -> str | None:
         return None
 
 
-def _data_change(saved: dict[str, Any], key: dict[str, Any], seen: dict[str, str | None]) -> str | None:
-    """Why a study run's data no longer is what it trained on ("data d.npz changed"), from its job
-    file's fingerprint (runs made before fingerprints were recorded: None)."""
+# What a job key holds of the files it names (runner-side: the spec names them, their contents can
+# change between invocations): the model file's sha256, the data's fingerprint.
+CONTENT_KEYS = ("model_sha256", "data_fingerprint")
+
+
+def _with_contents(key: dict[str, Any], cache: dict[tuple[str, str], str | None]) -> dict[str, Any]:
+    """``key`` with what its model file and data hold, the matched arm's key too: an edited model
+    file or a rebuilt .npz changes the job's hash, so the rerun redoes the run (and the arms that
+    match it) and compare counts the old run as another spec's."""
+    from ..replay import file_sha256
     from ..train.data import data_fingerprint
 
-    data = str(key["train"].get("data", ""))
-    if saved.get("data") is None:
-        return None
-    if data not in seen:
-        seen[data] = data_fingerprint(data)
-    return f"data {data} changed" if seen[data] is not None and seen[data] != saved["data"] else None
+    model, data = key["model"], str(key["train"].get("data", ""))
+    if ("model", model) not in cache:
+        file = Path(model.partition(":")[0])
+        cache[("model", model)] = None if model.startswith(("zoo:", "torchvision:")) or not file.is_file() \
+            else file_sha256(file)
+    if ("data", data) not in cache:
+        cache[("data", data)] = data_fingerprint(data)
+    out = {**key, "model_sha256": cache[("model", model)], "data_fingerprint": cache[("data", data)]}
+    if isinstance(key.get("matched"), dict):
+        out["matched"] = _with_contents(key["matched"], cache)
+    return out
 
 
-def _legacy_match_key(saved: dict[str, Any], key: dict[str, Any]) -> bool:
-    """True for a matching arm's job file written before job keys held the matched arm's key, whose
-    key is otherwise the same."""
+def _without(key: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    return {k: _without(v, names) if k == "matched" and isinstance(v, dict) else v
+            for k, v in key.items() if k not in names}
+
+
+def _legacy_key(saved: dict[str, Any], key: dict[str, Any]) -> bool:
+    """True for a job file written before job keys held the matched arm's key or the files'
+    checksums, whose key is otherwise the same (its model is checked through the run's recipe)."""
     old = saved.get("key")
-    return (isinstance(old, dict) and "matched" in key and "matched" not in old
-            and saved.get("hash") == job_hash({k: v for k, v in key.items() if k != "matched"}))
+    if not isinstance(old, dict):
+        return False
+    plain = _without(key, CONTENT_KEYS)
+    return saved.get("hash") in (job_hash(plain), job_hash({k: v for k, v in plain.items() if k != "matched"})) \
+        and not any(name in old for name in CONTENT_KEYS)
 
 
-def _first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+def _first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> tuple[str, str]:
+    """(what changed: spec, model or data; how), for the refusal."""
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
                 return _first_difference(a, b, f"{prefix}{k}.")
-            return f"{prefix}{k} was {a!r}, now {b!r}"
-    return "unknown difference"
+            if k == "model_sha256" and a is not None:
+                return "model", f"{new.get('model', '?')} changed" + (" (the matched arm's)" if prefix else "")
+            if k == "data_fingerprint" and a is not None:
+                return "data", f"data {new.get('train', {}).get('data', '?')} changed" + \
+                    (" (the matched arm's)" if prefix else "")
+            return "spec", f"{prefix}{k} was {a!r}, now {b!r}"
+    return "spec", "unknown difference"
 
 
 def default_study_dir(spec: StudySpec) -> Path:

@@ -37,7 +37,6 @@ def prepare(job: dict[str, Any]) -> None:
     """Transform the job's run directory atomically, with ``study-job.json`` inside it."""
     from .. import api
     from .._io import atomic_dir, write_json
-    from ..train.data import data_fingerprint
 
     run_dir = Path(job["run_dir"])
     kwargs = dict(job["key"]["transform"])
@@ -48,9 +47,7 @@ def prepare(job: dict[str, Any]) -> None:
         api.transform_to_dir(job["key"]["model"], job["key"]["method"], out=tmp, force=True, seed=job["key"]["seed"],
                              input_shape=tuple(shape) if shape else None, model_args=job["key"]["model_args"],
                              **kwargs)
-        # what the data held (a file's checksum): the study tells a rebuilt .npz from the one this run used
-        write_json(tmp / JOB, {"key": job["key"], "hash": job["hash"],
-                               "data": data_fingerprint(str(job["key"]["train"].get("data", "")))})
+        write_json(tmp / JOB, {"key": job["key"], "hash": job["hash"]})
 
 
 def _last_event(metrics: Path) -> dict[str, Any]:

@@ -313,9 +313,10 @@ def check_data_name(name: str) -> None:
 def data_fingerprint(name: str) -> str | None:
     """A checksum of what ``--data name`` reads, to tell when a user's data changed between two
     trainings that name it the same (a study resumed after the .npz was rebuilt): sha256 of an
-    .npz file's bytes; of an image folder's file list with sizes (relative path, bytes; not the
-    pixels: re-reading a large folder's images would cost minutes). None for the built-in sets
-    and paths that do not exist."""
+    .npz file's bytes; of an image folder's file list with sizes and modification times (not the
+    pixels: re-reading a large folder's images would cost minutes; PGM / BMP files of one size
+    keep their byte count when their pixels change). A copy of the folder without its times reads
+    as changed. None for the built-in sets and paths that do not exist."""
     import hashlib
 
     if name in DATASETS:
@@ -331,7 +332,8 @@ def data_fingerprint(name: str) -> str | None:
             dirs.sort()
             for f in sorted(files):
                 full = Path(root) / f
-                h.update(f"{full.relative_to(p).as_posix()}\t{full.stat().st_size}\n".encode())
+                st = full.stat()
+                h.update(f"{full.relative_to(p).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     else:
         return None
     return h.hexdigest()

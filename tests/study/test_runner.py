@@ -229,10 +229,12 @@ count = "conv"
 def _finish(jobs, legacy: bool = False) -> None:
     """Write the job files a finished study leaves (as worker.py does); ``legacy``: keys as written
     before they held the matched arm's key."""
+    from sparsify.study.runner import CONTENT_KEYS
     from sparsify.study.spec import job_hash
 
     for j in jobs:
-        key = {k: v for k, v in j.key.items() if k != "matched"} if legacy else j.key
+        # before keys held the matched arm's key and the files' checksums
+        key = {k: v for k, v in j.key.items() if k != "matched" and k not in CONTENT_KEYS} if legacy else j.key
         j.run_dir.mkdir(parents=True)
         (j.run_dir.parent.parent / "study.json").write_text(json.dumps({"invocations": []}))
         (j.run_dir / "study-job.json").write_text(json.dumps({"key": key, "hash": job_hash(key)}))
@@ -353,3 +355,27 @@ def test_rebuilding_the_data_file_redoes_its_runs(tmp_path):
     with pytest.raises(StudyError, match=r"^the data changed for arm 'dense' seed 0 since .* \(data .*d\.npz changed\)"):
         plan(load_spec(spec), out)
     assert [j.redo for j in plan(load_spec(spec), out, force=True)] == [True]
+
+
+def test_editing_the_matched_arms_model_file_redoes_the_arm_that_matches_it(tmp_path):
+    """The depth arm (its own model file b.py) matches the sparse arm's parameter count (a.py): a.py
+    edited, --force redid only the sparse arm, and compare paired a depth alpha chosen for the old
+    model; an interrupted --force left the old runs counted (the job hash did not cover the file)."""
+    (tmp_path / "a.py").write_text(TINY_MODEL)
+    (tmp_path / "b.py").write_text(TINY_MODEL)
+    spec = tmp_path / "s.toml"
+    spec.write_text('[study]\nmodel = "a.py"\nseeds = 1\n[train]\ndata = "digits"\nepochs = 1\n'
+                    '[arms.sparse]\nmethod = "sparse-random"\ndensity = 0.3\n'
+                    '[arms.depth]\nmodel = "b.py"\nmethod = "depth-multiplier"\nmatch = "sparse"\ncount = "conv"\n')
+    out = tmp_path / "study"
+    jobs = plan(load_spec(spec), out)
+    _finish(jobs)
+    assert [j.state for j in plan(load_spec(spec), out)] == ["done", "done"]
+    (tmp_path / "a.py").write_text(TINY_MODEL.replace("width=16", "width=32"))
+    again = plan(load_spec(spec), out, force=True)
+    assert [(j.arm, j.redo) for j in again] == [("sparse", True), ("depth", True)]
+    assert all(j.hash != old.hash for j, old in zip(again, jobs))  # what compare checks each run against
+    from sparsify.study.runner import StudyError
+
+    with pytest.raises(StudyError, match=r"the model changed for arm 'sparse' seed 0 .*a\.py changed\)"):
+        plan(load_spec(spec), out)

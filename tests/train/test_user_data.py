@@ -678,3 +678,20 @@ def test_data_fingerprint_follows_what_a_data_path_holds(tmp_path):
     assert before == data_fingerprint(str(folder))
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / "a" / "1.png")
     assert data_fingerprint(str(folder)) != before
+
+
+def test_data_fingerprint_sees_pixels_rewritten_at_the_same_size(tmp_path):
+    """PGM files of one size keep their byte count when their pixels change: a folder's list of
+    sizes alone read them as the same data."""
+    import os
+
+    from sparsify.train.data import data_fingerprint
+
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "a" / "0.pgm")
+    before = data_fingerprint(str(tmp_path))
+    size = (tmp_path / "a" / "0.pgm").stat().st_size
+    Image.fromarray(np.full((8, 8), 200, dtype=np.uint8)).save(tmp_path / "a" / "0.pgm")
+    st = (tmp_path / "a" / "0.pgm").stat()
+    os.utime(tmp_path / "a" / "0.pgm", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse clock
+    assert (tmp_path / "a" / "0.pgm").stat().st_size == size and data_fingerprint(str(tmp_path)) != before
