@@ -369,10 +369,12 @@ def bench_files(
 
     rng = np.random.default_rng(seed)
     for f in files:
-        if f.sparse_nodes and native_ok:  # at the smallest batch: the memory probe guards larger ones
-            probe = f.feed(min(batch_sizes), rng)
+        if f.sparse_nodes and native_ok:
+            # at batch 1 where the batch is free: the memory probe guards the batch sizes asked for
+            b = f.input_shape[0] if isinstance(f.input_shape[0], int) else 1
+            probe = f.feed(b, rng)
             x0 = probe.pop(f.input_name)
-            f.native = _guarded(f, min(batch_sizes), lambda: native_kernel_ran(f.path, f.input_name, x0, probe))
+            f.native = _guarded(f, b, lambda: native_kernel_ran(f.path, f.input_name, x0, probe))
     library = str(status["library"]) if native_ok and status.get("library") else None
     base_rss = _probe_peak_rss(None) if memory else 0.0
     peaks: dict[tuple[str, int], float] = {}
@@ -504,9 +506,12 @@ def _guarded(f: FileInfo, batch: int, call: Any) -> Any:
     """Run ``call()``; turn an ORT failure into one RuntimeBackendError line naming the file."""
     try:
         return call()
-    except RuntimeBackendError:
-        raise
     except Exception as e:  # ORT's pybind exceptions share no useful base
+        if any(m in str(e) for m in _OUT_OF_MEMORY):  # --no-memory: ORT's arena dump was the message
+            raise RuntimeBackendError(f"{f.path} does not fit in memory at batch {batch} (ONNX Runtime could not "
+                                      f"allocate its activations); use a smaller --batch-size") from None
+        if isinstance(e, RuntimeBackendError):
+            raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RuntimeBackendError(f"ONNX Runtime failed running {f.path} at batch {batch}: {msg}") from None
 

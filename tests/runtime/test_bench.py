@@ -336,3 +336,19 @@ def test_an_out_of_memory_kill_of_the_probe_is_named(tmp_path, monkeypatch):
     assert result.output.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'm.onnx'} does not fit in memory at batch 64 (the process measuring it was killed, "
         "by the out-of-memory killer most likely, beside the variants already loaded); use a smaller --batch-size")
+
+
+def test_without_the_probe_an_allocation_failure_is_named_too(tmp_path, monkeypatch):
+    """--no-memory (or a single huge batch before the probe ran first): ORT's arena dump,
+    "bfc_arena.cc:360 ... Failed to allocate memory for requested buffer of size 4096000000", was the line."""
+    class Session:
+        def run(self, *a, **k):
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : bfc_arena.cc:360 void* onnxruntime::BFCArena::"
+                               "AllocateRawInternal(size_t, bool) Failed to allocate memory for requested buffer")
+
+    model = conv_model(tmp_path / "m.onnx")
+    monkeypatch.setattr(lib, "make_session", lambda *a, **k: Session())
+    with pytest.raises(RuntimeBackendError) as e:
+        lib.bench_files([model], batch_sizes=(64,), warmup=0, min_time=0, repeats=1, memory=False)
+    assert str(e.value) == (f"{model} does not fit in memory at batch 64 (ONNX Runtime could not allocate its "
+                            "activations); use a smaller --batch-size")
