@@ -5,6 +5,9 @@ A message says what went wrong, why, and what to do, in one sentence or two.
 """
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 
 class SparsifyError(Exception):
     """Base class of every user-facing error."""
@@ -64,3 +67,32 @@ def name_list(names: list[str], shown: int = 3) -> str:
     """A few names for a one-line message: ``a, b, c and 4 more``."""
     text = ", ".join(names[:shown])
     return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+# What a setting's annotation ("int | None", "float") accepts: JSON-like values of that kind only
+# (a bool is no number here, an int is a float, numpy's scalars are numbers).
+_KINDS = {"int": ((numbers.Integral,), "a whole number"), "float": ((numbers.Real,), "a number"),
+          "bool": ((bool,), "true or false"), "str": ((str,), "a string")}
+
+
+def check_setting_type(name: str, value: Any, annotation: Any) -> Any:
+    """``value`` as the plain Python value setting ``name``'s annotation ("int | None", "float")
+    says (a numpy scalar becomes an int or float, which JSON records take); UsageError when it is not
+    of that kind (the API's ``epochs="2"`` raised a TypeError deep in the checks,
+    ``include_linear="false"`` read as true). Annotations it does not know (dicts, classes) pass the
+    value as it is. The message names the CLI flag."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None and "None" in kinds:
+        return value
+    known = [_KINDS[k] for k in kinds if k in _KINDS]
+    if not known or len(known) != len([k for k in kinds if k != "None"]):
+        return value
+    if isinstance(value, bool) and "bool" not in kinds:
+        ok = False
+    else:
+        ok = any(isinstance(value, types) for types, _ in known)
+    if not ok:
+        raise UsageError(f"--{name.replace('_', '-')} must be {' or '.join(d for _, d in known)}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Number):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)

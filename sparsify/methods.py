@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .errors import UsageError
+from .errors import UsageError, check_setting_type
 
 if TYPE_CHECKING:  # the passes (and torch) are imported when a config is made: `sparsify --help` needs neither
     import torch.fx as fx
@@ -218,8 +218,9 @@ def make_config(method: str, **options: Any) -> MethodConfig:
     cls = method_class(method)
     given = {k: v for k, v in options.items() if v is not None}
     check_refused(method, given)
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in given.items() if k in names})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    # the API's include_linear="false" read as true; numpy scalars become the numbers recipes record
+    return cls(**{k: check_setting_type(k, v, fields[k].type) for k, v in given.items() if k in fields})
 
 
 def check_refused(method: str, options: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._io import atomic_path
-from ..errors import DataError, DivergenceError, SparsifyError, TrainingError, UsageError
+from ..errors import DataError, DivergenceError, SparsifyError, TrainingError, UsageError, check_setting_type
 from ..nn import live_params, sparse_modules
 from ..passes.base import seed_problem
 from .checkpoint import save_checkpoint
@@ -70,29 +70,6 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-# What a setting's annotation ("int | None", "float") accepts: JSON-like values of that kind only
-# (a bool is no number here, an int is a float).
-_KINDS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false"),
-          "str": ((str,), "a string")}
-
-
-def check_setting_type(name: str, value: Any, annotation: Any) -> None:
-    """UsageError when ``value`` is not of the kind setting ``name``'s annotation says (the API's
-    ``epochs="2"`` raised a TypeError deep in the checks); annotations it does not know pass."""
-    kinds = [k.strip() for k in str(annotation).split("|")]
-    if value is None and "None" in kinds:
-        return
-    known = [_KINDS[k] for k in kinds if k in _KINDS]
-    if not known or len(known) != len([k for k in kinds if k != "None"]):
-        return
-    if isinstance(value, bool) and "bool" not in kinds:
-        ok = False
-    else:
-        ok = any(isinstance(value, types) for types, _ in known)
-    if not ok:
-        raise UsageError(f"{flag(name)} must be {' or '.join(d for _, d in known)}, got {value!r}")
-
-
 @dataclass(init=False)
 class TrainConfig:
     """Every setting that determines a training run (saved in checkpoints and summary.json).
@@ -135,12 +112,10 @@ class TrainConfig:
         if unknown:
             known = sorted(set(shared) | set(settings))
             raise UsageError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        values = {k: check_setting_type(k, v, shared[k].type if k in shared else settings[k][0].type)
+                  for k, v in values.items()}  # epochs="2" was a TypeError deep in validate()
         for name, f in shared.items():
-            if name in values:
-                check_setting_type(name, values[name], f.type)
             setattr(self, name, values[name] if name in values else _default(f))
-        for name in set(values) & set(settings):
-            check_setting_type(name, values[name], settings[name][0].type)
         cls = SCHEDULES.get(self.schedule)
         own = cls.Params.names() if cls is not None else ()
         given = {k: v for k, v in values.items() if k in settings}

@@ -63,7 +63,7 @@ def test_divisor_replays_from_the_run_directory(tmp_path) -> None:
 @pytest.mark.parametrize("kwargs, needle", [
     ({"method": "sparse-random", "density": 0.5, "divisor": 8}, "depth-multiplier only"),
     ({"method": "depth-multiplier", "alpha": 0.5, "divisor": 0}, "positive integer"),
-    ({"method": "depth-multiplier", "alpha": 0.5, "divisor": 2.5}, "positive integer"),
+    ({"method": "depth-multiplier", "alpha": 0.5, "divisor": 2.5}, "must be a whole number, got 2.5"),
 ])
 def test_bad_divisor_is_a_usage_error(kwargs: dict, needle: str) -> None:
     with pytest.raises(UsageError, match=needle):
