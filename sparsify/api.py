@@ -1,6 +1,7 @@
 """The Python API of the transform stage, mirroring ``sparsify transform`` and ``sparsify inspect``."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -70,6 +71,10 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     initial weights to its live fan-in. Raises a SparsifyError with a one-line message on bad input.
     """
     _check_seed(seed)
+    if isinstance(model, os.PathLike):  # transform(Path("net.py")): an AttributeError ('startswith')
+        model = os.fspath(model)
+    if not isinstance(model, (str, nn.Module)):
+        raise UsageError(f"model {model!r} is neither a spec (\"zoo:NAME\", \"file.py[:NAME]\") nor an nn.Module")
     if isinstance(model, str) and model.startswith("zoo:"):  # a misspelt model is the first mistake to name
         from . import zoo
 
@@ -212,6 +217,7 @@ def transform_to_dir(model: str, method: str = "sparse-random", *, out: str | Pa
     """``transform`` and save the result as a run directory (atomically); returns (its path, the TransformResult)."""
     if isinstance(model, nn.Module):
         raise UsageError("a run directory needs a replayable model: pass zoo:NAME or a file path, not a module")
+    model = os.fspath(model) if isinstance(model, os.PathLike) else model
     if out is not None:
         check_output_dir(out, force)  # before the work: a directory that cannot be written, or is taken
     result = transform(model, method, **kwargs)

@@ -26,6 +26,17 @@ def test_api_pipeline_transform_load_train_export_inspect(tmp_path):
         sparsify.export(path, tmp_path / "m.onnx")
     assert (tmp_path / "m.onnx").read_bytes() == before
     assert sparsify.export(path, tmp_path / "m.onnx", force=True).sparse_layers >= 1
+    for out, message in ((str(tmp_path / "nodir") + "/", "ends in a slash"), (3, "is not a path")):
+        with pytest.raises(UsageError, match=message):
+            sparsify.export(path, out)
+    assert not (tmp_path / "nodir").exists()
+    # a path object names a model file as a string does (it was an AttributeError on 'startswith')
+    (tmp_path / "net.py").write_text("import torch.nn as nn\nINPUT_SHAPE = (1, 4)\n"
+                                     "def build_model():\n    return nn.Sequential(nn.Linear(4, 2))\n")
+    assert sparsify.transform(tmp_path / "net.py", "none").recipe.model == f"{tmp_path / 'net.py'}:build_model"
+    assert sparsify.transform_to_dir(tmp_path / "net.py", "none", out=tmp_path / "p")[0].is_dir()
+    with pytest.raises(UsageError, match="neither a spec"):
+        sparsify.transform(3)
 
 
 @pytest.mark.parametrize("call, message", [

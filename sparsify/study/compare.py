@@ -434,6 +434,9 @@ def plot_comparison(c: Comparison, path: str | Path) -> Path:
         ax.plot(epochs, mean, label=arm, marker="o" if len(epochs) <= 12 else None, markersize=3)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs (it ticked 1.2, 1.4, ...)
+    shown_epochs = sorted({p["epoch"] for rs in runs_by_arm.values() for r in rs for p in r.curve})
+    if len(shown_epochs) == 1:  # a range of less than one epoch: the locator fell back to 0.95, 0.96, ...
+        ax.set_xticks(shown_epochs)
     ax.set_ylabel("validation accuracy (%), mean over seeds")
     ax.grid(True, alpha=0.3)
     if ax.lines:

@@ -137,14 +137,15 @@ def test_a_damaged_study_record_is_one_line(tmp_path, record):
     assert "study.json is damaged" in res.output
 
 
-def _plotted(study, tmp_path, monkeypatch, counts: tuple[int, int]) -> tuple[Any, Any]:
-    """The comparison of the study with its arms' live counts set to ``counts``, and its figure, drawn."""
+def _plotted(study, tmp_path, monkeypatch, counts: tuple[int, int], c: Any = None) -> tuple[Any, Any]:
+    """The comparison ``c`` (default: the study's) with its arms' live counts set to ``counts``, and
+    its figure, drawn."""
     import sparsify._io
     from sparsify.study.compare import plot_comparison
 
     figs = []
     monkeypatch.setattr(sparsify._io, "save_figure", lambda fig, path, dpi: figs.append(fig) or path)
-    c = compare([study / "study"])
+    c = c or compare([study / "study"])
     for arm, n in zip(c.arms, counts):
         arm.counts = {"total": n, "conv": n}
     plot_comparison(c, tmp_path / "p.png")
@@ -173,11 +174,15 @@ def test_parameter_axes_within_one_decade_have_numbers(study, tmp_path, monkeypa
 def test_plot_labels_counts_in_one_style_and_epochs_as_whole_numbers(study, tmp_path, monkeypatch):
     """A log axis over 50k-200k showed "50k", "10^5", "200k"; the learning curves of two epochs
     ticked 1.2, 1.4, ..."""
-    _, fig = _plotted(study, tmp_path, monkeypatch, (50_000, 200_000))
+    c, fig = _plotted(study, tmp_path, monkeypatch, (50_000, 200_000))
     labels = _count_labels(fig.axes[0])
     assert labels and all(re.fullmatch(r"[0-9.]+[kMG]?", t) for t in labels), labels
     epochs = [t.get_position()[0] for t in fig.axes[2].xaxis.get_majorticklabels() if t.get_text()]
     assert epochs and all(float(e).is_integer() for e in epochs), epochs
+    for r in c.runs:  # a one-epoch study: the locator has less than one epoch to place whole ticks in
+        r.curve = r.curve[:1]
+    _, fig = _plotted(study, tmp_path, monkeypatch, (50_000, 200_000), c)
+    assert [t.get_text() for t in fig.axes[2].xaxis.get_majorticklabels() if t.get_text()] == ["1"]
 
 
 def test_cli_tables_json_plot_and_errors(study, tmp_path):
