@@ -60,9 +60,6 @@ def export(run_dir: Any, out: Any, *, force: bool = False, **kwargs: Any) -> Any
 
     if not isinstance(out, (str, os.PathLike)):
         raise UsageError(f"out {out!r} is not a path; give the .onnx file to write, e.g. \"model.onnx\"")
-    if str(out).endswith(("/", os.sep)):  # Path() drops the slash: "nodir/" wrote a file named nodir
-        raise UsageError(f"out {out} ends in a slash, so it names a directory; give a file name such as "
-                         f"{Path(out) / 'model.onnx'}")
     if Path(out).exists() and not Path(out).is_dir() and not force:
         raise UsageError(f"{out} exists; pass force=True to overwrite it or choose another path")
     return export_run(run_dir, out, **kwargs)

@@ -217,7 +217,6 @@ def transform_to_dir(model: str, method: str = "sparse-random", *, out: str | Pa
     """``transform`` and save the result as a run directory (atomically); returns (its path, the TransformResult)."""
     if isinstance(model, nn.Module):
         raise UsageError("a run directory needs a replayable model: pass zoo:NAME or a file path, not a module")
-    model = os.fspath(model) if isinstance(model, os.PathLike) else model
     if out is not None:
         check_output_dir(out, force)  # before the work: a directory that cannot be written, or is taken
     result = transform(model, method, **kwargs)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sparsify
-from sparsify.errors import UsageError
+from sparsify.errors import SparsifyError, UsageError
 
 
 def test_api_pipeline_transform_load_train_export_inspect(tmp_path):
@@ -27,7 +27,7 @@ def test_api_pipeline_transform_load_train_export_inspect(tmp_path):
     assert (tmp_path / "m.onnx").read_bytes() == before
     assert sparsify.export(path, tmp_path / "m.onnx", force=True).sparse_layers >= 1
     for out, message in ((str(tmp_path / "nodir") + "/", "ends in a slash"), (3, "is not a path")):
-        with pytest.raises(UsageError, match=message):
+        with pytest.raises(SparsifyError, match=message):
             sparsify.export(path, out)
     assert not (tmp_path / "nodir").exists()
     # a path object names a model file as a string does (it was an AttributeError on 'startswith')

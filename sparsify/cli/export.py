@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -77,12 +76,10 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print the export report as JSON"),
 ) -> None:
     """Export a run to ONNX with ai.sparsify::SparseConv nodes (or convert an existing .onnx file)."""
-    from ..runtime.export import export_onnx_file, export_run
+    from ..runtime.export import check_output_path, export_onnx_file, export_run
 
     out_path = Path(out_text)
-    if out_text.endswith(("/", os.sep)) and not out_path.is_dir():  # Path() drops the slash: "nodir/" wrote a file nodir
-        raise UsageError(f"--out {out_text} ends in a slash, so it names a directory; give a file name such as "
-                         f"{out_path / 'model.onnx'}")
+    check_output_path(out_text)  # the text: its trailing slash says a directory
     if out_path.is_dir():
         raise UsageError(f"--out {out_path} is a directory; give a file name such as {out_path / 'model.onnx'}")
     check_new_file(out_path, "--out", force)

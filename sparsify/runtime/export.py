@@ -104,7 +104,12 @@ def open_session(model: str | os.PathLike | bytes, native: bool = False, threads
 
 
 def check_output_path(out: str | os.PathLike) -> Path:
-    """The output path, after checking its directory exists and is writable (ExportError otherwise)."""
+    """The output path, after checking its directory exists and is writable (ExportError otherwise;
+    also for a path ending in a slash, which names a directory: Path() drops the slash, and
+    "nodir/" wrote a file named nodir)."""
+    if isinstance(out, str) and out.endswith(("/", os.sep)) and not Path(out).is_dir():
+        raise ExportError(f"--out {out} ends in a slash, so it names a directory; give a file name such as "
+                          f"{Path(out) / 'model.onnx'}")
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"--out {out} is a directory; give a file name such as {out / 'model.onnx'}")
