@@ -75,6 +75,8 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
         model = os.fspath(model)
     if not isinstance(model, (str, nn.Module)):
         raise UsageError(f"model {model!r} is neither a spec (\"zoo:NAME\", \"file.py[:NAME]\") nor an nn.Module")
+    if isinstance(leaf_modules, str):  # read letter by letter: "--leaf C: ... has no module of that type"
+        raise UsageError(f"leaf_modules is a list of module type names, e.g. [{leaf_modules!r}], not a string")
     if isinstance(model, str) and model.startswith("zoo:"):  # a misspelt model is the first mistake to name
         from . import zoo
 

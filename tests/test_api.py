@@ -54,6 +54,8 @@ def test_api_pipeline_transform_load_train_export_inspect(tmp_path):
     (lambda run: sparsify.transform("zoo:lenet5", density=0.3, include_classifier="false"),
      "--include-classifier must be true or false, got 'false'"),
     (lambda run: sparsify.transform("zoo:lenet5", density=0.3, rescale_init="false"), "--rescale-init must be true"),
+    (lambda run: sparsify.transform("zoo:lenet5", density=0.3, leaf_modules="Conv2d"),
+     r"leaf_modules is a list of module type names, e.g. \['Conv2d'\], not a string"),
 ])
 def test_api_arguments_of_the_wrong_type_are_one_line(tmp_path, call, message):
     """The API promises a SparsifyError with a one-line message on bad input: these raised
