@@ -49,6 +49,14 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def model_file(spec: str) -> Path | None:
+    """The file a model spec names (``a/b.py`` of ``a/b.py:build``), None for zoo: and torchvision:
+    models, whose code is the package's."""
+    if spec.startswith((ZOO_PREFIX, TORCHVISION_PREFIX)):
+        return None
+    return Path(_split_spec(spec)[0]).expanduser()
+
+
 class _UserImports:
     """While open, a user's model file and what it imports are read with ``imports_dir`` (default:
     the file's folder) first on ``sys.path``, so that imports inside its factory work too; the

@@ -20,7 +20,7 @@ from torch.nn.parameter import is_lazy
 
 from .errors import ModelLoadError, RunDirError, SparsifyError, UsageError
 from .methods import MethodConfig, config_from_params
-from .models import LoadedModel, load_model, module_name
+from .models import LoadedModel, load_model, model_file, module_name
 from .passes.base import PassResult
 from .passes.rules import Registry, Rule, with_user_rules
 from .passes.rules.base import type_names
@@ -168,11 +168,8 @@ def source_change(recipe: Any) -> str | None:
     """Why the user's model file a recipe was made from (or a local module it imports) no longer
     holds what the run was made from ("tiny.py changed"); None when it does, when the recipe names
     a zoo model, or when the file is gone (the run's copy stands in for it)."""
-    spec = recipe.model
-    if spec.startswith(("zoo:", "torchvision:")):
-        return None
-    original = Path(spec.rpartition(":")[0])
-    if not original.is_file():
+    original = model_file(recipe.model)
+    if original is None or not original.is_file():
         return None
     if file_sha256(original) != recipe.source_sha256:
         return f"{original} changed"

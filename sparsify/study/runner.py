@@ -162,14 +162,14 @@ def _with_contents(key: dict[str, Any], cache: dict[tuple[str, str], str | None]
     """``key`` with what its model file and data hold, the matched arm's key too: an edited model
     file or a rebuilt .npz changes the job's hash, so the rerun redoes the run (and the arms that
     match it) and compare counts the old run as another spec's."""
+    from ..models import model_file
     from ..replay import file_sha256
     from ..train.data import data_fingerprint
 
     model, data = key["model"], str(key["train"].get("data", ""))
     if ("model", model) not in cache:
-        file = Path(model.partition(":")[0])
-        cache[("model", model)] = None if model.startswith(("zoo:", "torchvision:")) or not file.is_file() \
-            else file_sha256(file)
+        file = model_file(model)
+        cache[("model", model)] = file_sha256(file) if file is not None and file.is_file() else None
     if ("data", data) not in cache:
         cache[("data", data)] = data_fingerprint(data)
     out = {**key, "model_sha256": cache[("model", model)], "data_fingerprint": cache[("data", data)]}

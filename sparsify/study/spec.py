@@ -50,6 +50,7 @@ from typing import Any
 
 from .._io import read_json
 from ..errors import SparsifyError, UsageError
+from ..models import model_file
 from ..passes.base import MAX_SEED, seed_problem
 from ..passes.depth_multiplier import COUNTS
 
@@ -229,7 +230,8 @@ def parse_spec(raw: dict[str, Any], path: Path | None = None, name: str | None =
             except SparsifyError as e:
                 raise fail(f"{where if 'model' in a else '[study]'} model: {e}") from None
         resolved = _model_path(model, base_dir)
-        if not model.startswith(("zoo:", "torchvision:")) and not Path(resolved.partition(":")[0]).is_file():
+        file = model_file(resolved)
+        if file is not None and not file.is_file():
             # found before any run starts (it failed as the arm's job, after the others had begun)
             raise fail(f"{where if 'model' in a else '[study]'} model {model}: no such file (looked next to the "
                        f"spec and in the working directory); give the model file's path or zoo:NAME")
