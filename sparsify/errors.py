@@ -69,30 +69,41 @@ def name_list(names: list[str], shown: int = 3) -> str:
     return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-# What a setting's annotation ("int | None", "float") accepts: JSON-like values of that kind only
-# (a bool is no number here, an int is a float, numpy's scalars are numbers).
+# The basic kinds a setting's annotation names, what each accepts, and how a message says it (a bool
+# is no number here, an int is a float, numpy's scalars are numbers).
 _KINDS = {"int": ((numbers.Integral,), "a whole number"), "float": ((numbers.Real,), "a number"),
-          "bool": ((bool,), "true or false"), "str": ((str,), "a string")}
+          "bool": ((bool,), "true or false"), "str": ((str,), "a string"), "dict": ((dict,), "a table")}
+
+
+def _annotation_parts(annotation: Any) -> set[str]:
+    return {"dict" if t.startswith("dict") else t for t in (t.strip() for t in str(annotation).split("|"))}
+
+
+def annotation_kind(annotation: Any) -> str | None:
+    """The one basic kind a setting's annotation names: "float" of "float | None", "dict" of
+    "dict[str, float]"; None when it names another type, or several."""
+    kinds = _annotation_parts(annotation) - {"None"}
+    return next(iter(kinds)) if len(kinds) == 1 and kinds <= set(_KINDS) else None
+
+
+def is_kind(value: Any, kind: str) -> bool:
+    """Whether ``value`` is of basic kind ``kind`` (a key of ``_KINDS``); a bool is of no other kind."""
+    if isinstance(value, bool) and kind != "bool":
+        return False
+    return isinstance(value, _KINDS[kind][0])
 
 
 def check_setting_type(name: str, value: Any, annotation: Any) -> Any:
     """``value`` as the plain Python value setting ``name``'s annotation ("int | None", "float")
     says (a numpy scalar becomes an int or float, which JSON records take); UsageError when it is not
     of that kind (the API's ``epochs="2"`` raised a TypeError deep in the checks,
-    ``include_linear="false"`` read as true). Annotations it does not know (dicts, classes) pass the
+    ``include_linear="false"`` read as true). Annotations of other kinds (dicts, classes) pass the
     value as it is. The message names the CLI flag."""
-    kinds = [k.strip() for k in str(annotation).split("|")]
-    if value is None and "None" in kinds:
+    kind = annotation_kind(annotation)
+    if kind in (None, "dict") or (value is None and "None" in _annotation_parts(annotation)):
         return value
-    known = [_KINDS[k] for k in kinds if k in _KINDS]
-    if not known or len(known) != len([k for k in kinds if k != "None"]):
-        return value
-    if isinstance(value, bool) and "bool" not in kinds:
-        ok = False
-    else:
-        ok = any(isinstance(value, types) for types, _ in known)
-    if not ok:
-        raise UsageError(f"--{name.replace('_', '-')} must be {' or '.join(d for _, d in known)}, got {value!r}")
+    if not is_kind(value, kind):
+        raise UsageError(f"--{name.replace('_', '-')} must be {_KINDS[kind][1]}, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, numbers.Number):
         return value
     return int(value) if isinstance(value, numbers.Integral) else float(value)

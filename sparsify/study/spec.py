@@ -40,6 +40,7 @@ reported as one line that names the key and says what to do (``SpecError``, exit
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import read_json
-from ..errors import SparsifyError, UsageError
+from ..errors import SparsifyError, UsageError, annotation_kind, is_kind
 from ..models import model_file
 from ..passes.base import MAX_SEED, seed_problem
 from ..passes.depth_multiplier import COUNTS
@@ -308,7 +309,7 @@ def _check_arm(arm: Arm, where: str, fail: Any) -> None:
         if "alpha" in arm.transform:
             raise fail(f"{where} sets both alpha and match; drop alpha (match finds it)")
     for key, value in arm.transform.items():
-        _check_type(value, TRANSFORM_TYPES[key], f"{where} {key}", fail)
+        _check_type(value, _transform_type(key), f"{where} {key}", fail)
     for key, value in arm.train.items():
         _check_type(value, _train_type(key), f"{where} train setting {key}", fail)
     t = dict(arm.transform)
@@ -340,33 +341,35 @@ def _check_arm(arm: Arm, where: str, fail: Any) -> None:
         raise fail(f"{where} training settings ([train] and the arm's train): {_spec_words(str(e))}") from None
 
 
-TRANSFORM_TYPES = {"density": "float", "alpha": "float", "divisor": "int", "profile": "str",
-                   "profile_params": "dict", "allocation": "str", "include_linear": "bool",
-                   "include_classifier": "bool", "rescale_init": "bool", "block": "int"}
 _EXAMPLES = {"float": "0.1", "int": "10", "str": '"text"', "bool": "true", "dict": "{ sigma = 1.0 }"}
+
+
+def _field_kinds(fields: Any) -> dict[str, str | None]:
+    """The basic TOML type each field takes, from its annotation (errors.annotation_kind)."""
+    return {f.name: annotation_kind(f.type) for f in fields}
+
+
+def _transform_type(key: str) -> str | None:
+    """The basic TOML type a method option takes (its field in the methods' configs)."""
+    from ..methods import METHODS
+
+    for cls in METHODS.values():
+        kinds = _field_kinds(dataclasses.fields(cls))
+        if key in kinds:
+            return kinds[key]
+    return None
 
 
 def _train_type(key: str) -> str | None:
     """The basic TOML type a TrainConfig field takes (None: unknown key, left to TrainConfig to refuse)."""
     from ..train.trainer import TrainConfig
 
-    for f in TrainConfig.setting_fields():
-        if f.name == key:
-            ann = str(f.type)
-            return next((t for t in ("dict", "str", "bool", "float", "int") if t in ann), None)
-    return None
+    return _field_kinds(TrainConfig.setting_fields()).get(key)
 
 
 def _check_type(value: Any, kind: str | None, key: str, fail: Any) -> None:
-    ok = {
-        None: True,
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "str": isinstance(value, str),
-        "bool": isinstance(value, bool),
-        "dict": isinstance(value, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                for v in value.values()),
-    }[kind]
+    # a table of numbers (profile parameters), else the kind's own test
+    ok = kind is None or (is_kind(value, kind) and (kind != "dict" or all(is_kind(v, "float") for v in value.values())))
     if not ok:
         what = {"dict": "a table of numbers", "int": "an int"}.get(kind or "", f"a {kind}")
         raise fail(f"{key} = {value!r} is not {what}; "
