@@ -35,6 +35,17 @@ def _os_error(path: Path, what: str, e: OSError, where: Path | None = None) -> E
     return SparsifyError(f"cannot write {what}{path}: {place}; choose a location you can write to")
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (model files, weights, data sets, downloads)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def check_writable(path: str | os.PathLike, what: str = "", *, parents: bool = True) -> None:
     """Raise SparsifyError unless ``path`` (a file or directory to create or replace) can be written.
 

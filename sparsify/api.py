@@ -176,7 +176,8 @@ def _density_notes(params: dict[str, Any], layers: dict[str, Any]) -> list[str]:
 
 def _read_user_weights(weights: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """A trained state dict, and what the recipe records about it."""
-    from .weights import file_sha256, read_state_dict
+    from ._io import file_sha256
+    from .weights import read_state_dict
 
     path = Path(weights).expanduser()
     state = read_state_dict(path)

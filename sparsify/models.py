@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ._io import file_sha256
 from .errors import ModelLoadError
 
 ZOO_PREFIX = "zoo:"
@@ -124,7 +125,7 @@ def _local_imports(path: Path, new: Sequence[str], module: Any) -> dict[str, str
         if (f == path or not f.is_relative_to(root) or f.is_relative_to(own)
                 or {"site-packages", "dist-packages"} & set(f.parts)):
             continue
-        found[f.relative_to(root).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest()
+        found[f.relative_to(root).as_posix()] = file_sha256(f)
     return found
 
 
@@ -263,7 +264,7 @@ def load_model(spec: str | nn.Module, model_args: dict[str, Any] | None = None, 
             raise ModelLoadError(f"{path.name}:{factory_name} returned {type(model).__name__}, not an nn.Module")
         input_shape = _file_input_shape(module, path)
         local = imports.local(module)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     return LoadedModel(model, f"{path}:{factory_name}", path.stem, input_shape,
                        getattr(module, "NUM_CLASSES", None), path, digest, source_imports=local)
 

@@ -7,7 +7,6 @@ by attribute (``sparsify.rundir.Recipe``).
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.parameter import is_lazy
 
+from ._io import file_sha256
 from .errors import ModelLoadError, RunDirError, SparsifyError, UsageError
 from .methods import MethodConfig, config_from_params
 from .models import LoadedModel, load_model, model_file, module_name
@@ -268,11 +268,6 @@ class _replay_errors:
             raise RunDirError(f"{self.where} cannot be replayed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                               f"re-create the run with `sparsify transform`") from None
         return False
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 hex digest of a file's bytes (a model file's checksum in recipes and job keys)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 __all__ = ["Traced", "rule_registry", "load_checked", "check_loaded", "model_input_shapes", "example_inputs", "trace_loaded",

@@ -163,7 +163,7 @@ def _with_contents(key: dict[str, Any], cache: dict[tuple[str, str], str | None]
     file or a rebuilt .npz changes the job's hash, so the rerun redoes the run (and the arms that
     match it) and compare counts the old run as another spec's."""
     from ..models import model_file
-    from ..replay import file_sha256
+    from .._io import file_sha256
     from ..train.data import data_fingerprint
 
     model, data = key["model"], str(key["train"].get("data", ""))

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._io import file_sha256
 from ..errors import DataError, name_list
 
 DATASETS = ("mnist", "fashion-mnist", "digits", "cifar10", "synthetic")
@@ -322,12 +323,10 @@ def data_fingerprint(name: str) -> str | None:
     if name in DATASETS:
         return None
     p = Path(name).expanduser()
-    h = hashlib.sha256()
     if p.is_file():
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    elif p.is_dir():
+        return file_sha256(p)
+    h = hashlib.sha256()
+    if p.is_dir():
         for root, dirs, files in os.walk(p):
             dirs.sort()
             for f in sorted(files):

