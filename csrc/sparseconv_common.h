@@ -94,6 +94,8 @@ struct PwArgs {
   const float* S;
   const float* T;
   float* pack;
+  // Floats from one packed row to the next: the tile, or the plane rounded up to whole vectors.
+  int64_t pack_stride;
   // same[o]: how many output channels from o on (o included, up to kFanInBlock, within o's group)
   // read exactly o's input channels; nullptr: not computed (every channel on its own).
   const int32_t* same;

@@ -1597,9 +1597,9 @@ void pointwise_block(const PwArgs& a, int64_t o0, int64_t o1, int64_t p0, int64_
       for (int64_t c = 0; c < span; ++c) {
         const float* row = (a.xc != nullptr ? a.xc[cbase + c] : xbase + c * HW) + t;
         if (a.S != nullptr)
-          scale_shift_relu(row, a.pack + c * a.tile, t1 - t, a.S[cbase + c], a.T[cbase + c]);
+          scale_shift_relu(row, a.pack + c * a.pack_stride, t1 - t, a.S[cbase + c], a.T[cbase + c]);
         else
-          memcpy(a.pack + c * a.tile, row, size_t(t1 - t) * sizeof(float));
+          memcpy(a.pack + c * a.pack_stride, row, size_t(t1 - t) * sizeof(float));
       }
     }
     for (int64_t o = o0, oe; o < o1; o = oe) {
@@ -1613,8 +1613,8 @@ void pointwise_block(const PwArgs& a, int64_t o0, int64_t o1, int64_t p0, int64_
       }
       const int64_t s = a.row_ptr[o], cnt = a.row_ptr[o + 1] - s;
       const int64_t cg = (o / a.cout_per_group) * a.cin_per_group;
-      const float* xg = a.pack != nullptr ? a.pack + (cg - cbase) * a.tile : a.x + cg * HW;
-      const int64_t xs = a.pack != nullptr ? a.tile : HW, xoff = a.pack != nullptr ? t : 0;
+      const float* xg = a.pack != nullptr ? a.pack + (cg - cbase) * a.pack_stride : a.x + cg * HW;
+      const int64_t xs = a.pack != nullptr ? a.pack_stride : HW, xoff = a.pack != nullptr ? t : 0;
       if (block) {
         float* y[kFanInBlock];
         const float* w[kFanInBlock];

@@ -396,6 +396,11 @@ constexpr int64_t kPwTileBytes = 256 * 1024;
 // A 1x1 conv's input rows are copied to aligned rows when each task reads each of them at least
 // this many times (misaligned_rows).
 constexpr int64_t kAlignMinReads = 16;
+// Densities up to which the narrow unit's 1x1 convs on small planes (7x7) copy their rows to
+// aligned rows (misaligned_rows): 1 thread, one fan-in per output channel, 2048->512, 512->2048,
+// 160->960 on 7x7 and the strided 1024->2048 to 7x7 at density 0.1: 1.00-1.11x at batch 1,
+// 1.14-1.23x at batch 8; at 0.25: 0.93-1.12x; at 0.5: 0.79-1.17x (larger rows crowd L2).
+constexpr double kNarrowAlignMaxDensity = 0.15;
 // 1x1 convs on planes of at most this many pixels that leave up to half a vector over run on
 // the narrow unit's vectors.
 constexpr int64_t kPwNarrowPixels = 128;
@@ -990,10 +995,12 @@ OrtStatus* shifted_copies(const Kernel& k, OrtKernelContext* ctx, const Geom& g,
 // shared-fan-in runs and the interleaved block weights (PwArgs), nullptr: none.
 // misaligned: the input rows do not start on vector boundaries (see misaligned_rows); each
 // tile's rows are then copied to aligned rows first where every task reads them often enough.
+// vl: floats per vector of the unit `fns` (the aligned rows' multiple).
 OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, const KernelFns* fns,
                          const float* X, float* Y, const float* Z, const float* W, const int64_t* row_ptr,
                          const int64_t* col_idx, const float* B, int64_t nnz, const float* S, const float* T,
-                         const int32_t* same, const float* wi, const float* const* xc = nullptr, bool misaligned = false) {
+                         const int32_t* same, const float* wi, const float* const* xc = nullptr, bool misaligned = false,
+                         int64_t vl = 16) {
   const int64_t hwo = g.Ho * g.Wo, VL = 64 / int64_t(sizeof(float));
   PwJob job;
   job.g = &g;
@@ -1005,7 +1012,7 @@ OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, 
   // it (1x1 64->2048 on 56x56: 4.2 -> 2.2 ms).
   const bool stream = g.N * g.Cout * hwo * int64_t(sizeof(float)) >= kStreamBytes;
   job.a = {X, Y, Z, W, row_ptr, col_idx, B, hwo, g.cin_per_group, g.cout_per_group, pw_tile(g, VL),
-           {k.lo, k.hi, k.clamp ? 1 : 0, stream ? 1 : 0}, S, T, nullptr, same, wi, nullptr};
+           {k.lo, k.hi, k.clamp ? 1 : 0, stream ? 1 : 0}, S, T, nullptr, 0, same, wi, nullptr};
   job.xc = xc;
   Scratch scratch;
   if (g.sH != 1 || g.sW != 1) {
@@ -1040,7 +1047,8 @@ OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, 
   const bool align = misaligned && same == nullptr && nnz >= kAlignMinReads * g.Cin * job.nob;
   if (S != nullptr || align) {
     job.nslots = k.threads > 0 && k.threads < tasks ? k.threads : tasks;
-    job.pack_floats = g.Cin * job.a.tile;
+    job.a.pack_stride = (std::min(job.a.tile, hwo) + vl - 1) / vl * vl;
+    job.pack_floats = g.Cin * job.a.pack_stride;
     SPARSIFY_TRY(g_api->KernelContext_GetAllocator(ctx, k.cpu, &packs.alloc));
     packs.ptr = packs.alloc->Alloc(packs.alloc, size_t(job.nslots * job.pack_floats) * sizeof(float));
     if (packs.ptr == nullptr) return g_api->CreateStatus(ORT_FAIL, "SparseConv: cannot allocate the tile buffer");
@@ -1059,8 +1067,10 @@ OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, 
 // 1024->256 on 14x14 (784-byte planes) 1.08-1.25x faster at density 0.1 and 0.5, the strided
 // 512->1024 to 14x14 1.14-1.19x, 56x56 planes from an input 16 bytes off alignment 1.05-1.26x
 // where each row is read 25 times or more, 0.88-0.97x where 6 times (256->64 at 0.1: hence
-// kAlignMinReads). Not with shared fan-ins (four FMAs per load: 0.94-1.02x) nor on the narrow
-// unit's 8-float rows (7x7: 0.78-1.09x).
+// kAlignMinReads). Not with shared fan-ins (four FMAs per load: 0.94-1.02x). The aligned rows are
+// as long as a tile or the plane rounded up to whole vectors (PwArgs::pack_stride): rows a whole
+// tile (512 bytes) apart shared a quarter of the cache sets, which cost the narrow unit's 7x7 rows
+// (0.78-1.09x) where rows 56 floats apart gain (kNarrowAlignMaxDensity).
 bool misaligned_rows(const float* x, int64_t hw, int64_t vbytes) {
   return (hw * int64_t(sizeof(float))) % vbytes != 0 || reinterpret_cast<uintptr_t>(x) % uintptr_t(vbytes) != 0;
 }
@@ -1378,11 +1388,11 @@ OrtStatus* compute_impl(const Kernel& k, OrtKernelContext* ctx, PoolJob* pool) {
     const int32_t* sr = pw_same->empty() ? nullptr : pw_same->data();
     const float* wi = sr != nullptr && tail ? interleaved_weights(k, g, W, row_ptr, col_idx, sr) : nullptr;
     // Strided convs read their subsampled copy (planes of Ho * Wo pixels from an aligned buffer).
-    const bool misaligned = !(narrow_rows || narrow_plane) &&
+    const bool misaligned = (!narrow_plane || nnz <= kNarrowAlignMaxDensity * double(g.cin_per_group * g.Cout)) &&
                             misaligned_rows(pw1 ? X : nullptr, g.Ho * g.Wo, p.VL * int64_t(sizeof(float)));
     return run_pointwise(k, ctx, g, fns, X, Y, Z, W, row_ptr, col_idx, B, nnz, pw1 && k.pre ? S : nullptr,
                          pw1 && k.pre ? T : nullptr, sr, wi, pw1 && !planes.empty() ? planes.data() : nullptr,
-                         misaligned);
+                         misaligned, p.VL);
   }
   // kxk convs with shared-fan-in blocks and constant weights on output planes of a few vectors
   // and a few pixels more: the 1x1 unit over the input's shifted copies (Im2colLayout).

@@ -587,6 +587,21 @@ def test_pointwise_small_planes_either_vector_width(monkeypatch: pytest.MonkeyPa
     assert_plain_sum_and_pre_ops(case, x, rng)
 
 
+@pytest.mark.parametrize("split", ["0", "1"])
+@pytest.mark.parametrize("hw,stride", [(7, 1), (10, 1), (14, 2)])
+def test_pointwise_small_planes_aligned_rows(monkeypatch: pytest.MonkeyPatch, split: str, hw: int, stride: int) -> None:
+    """1x1 convs on small planes (49, 100 pixels) at density 1/8 with each input row read by 24
+    output channels: the kernel copies the rows to aligned ones the plane's length rounded up to
+    whole vectors apart (56 floats on the 8-float unit, 64 on the 16-float one) before the
+    connections stream over them. Equal to the dense conv, plain, with the sum and the
+    pre-activation, on 1 and 2 threads."""
+    monkeypatch.setenv("SPARSIFY_KERNEL_SPLIT_WIDE", split)
+    rng = np.random.default_rng(hw * 3 + stride)
+    case = random_case(rng, 64, 192, 1, 0.125, strides=(stride, stride))
+    x = rng.standard_normal((2, 64, hw, hw)).astype(np.float32)
+    assert_plain_sum_and_pre_ops(case, x, rng)
+
+
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "auto"])
 @pytest.mark.parametrize(
     "cin,cout,group,stride,hw,n,offset",  # offset: floats past a 64-byte boundary
