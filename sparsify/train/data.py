@@ -282,6 +282,8 @@ def absolute_data_paths(config: dict[str, Any], base_dir: Path | None = None) ->
     out = dict(config)
     for key in ("data", "data_dir"):
         value = out.get(key)
+        if isinstance(value, os.PathLike):  # the API's data=Path("imgs")
+            value = out[key] = os.fspath(value)
         if not isinstance(value, str) or not value.strip() or (key == "data" and not is_user_data(value)):
             continue
         p = Path(value).expanduser()
