@@ -20,7 +20,7 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .._io import read_json
 from ..errors import UsageError, name_list
@@ -278,6 +278,7 @@ def compare(paths: Sequence[str | Path], baseline: str | None = None) -> Compari
     if baseline is not None and baseline not in arms:
         raise UsageError(f"--baseline {baseline!r} is not an arm here; choose one of {', '.join(arms)}")
     baseline = baseline or (study_baseline if study_baseline in arms else next(iter(arms), None))
+    arm_of = {Path(r.path).resolve(): r.arm for r in runs}
     out: list[ArmStats] = []
     for name, members in arms.items():
         done = sorted((r for r in members if r.status == "done"), key=lambda r: r.seed)
@@ -294,7 +295,7 @@ def compare(paths: Sequence[str | Path], baseline: str | None = None) -> Compari
             acc=acc, acc_mean=mean, acc_sem=sem, error_mean=None if mean is None else 100 - mean, counts=counts,
             fan_in_cv=sum(cvs) / len(cvs) if cvs else None,
             matched=(first.match or {}).get("count"),
-            matched_to=_matched_to(first),
+            matched_to=_matched_to(first, arm_of),
             diverged=sum(r.status == "diverged" for r in members),
             unfinished=sum(r.status == "unfinished" for r in members),
         ))
@@ -347,10 +348,11 @@ def _repeated_seed(members: Sequence[RunRecord]) -> str | None:
     return None
 
 
-def _matched_to(r: RunRecord) -> str | None:
+def _matched_to(r: RunRecord, arm_of: Mapping[Path, str]) -> str | None:
     """The arm of the run a depth-multiplier run ``r`` matched: a study run's job key names it (the
-    recipe's path to the matched run is relative to where the study ran); else that run's own job
-    key, else its directory name."""
+    recipe's path to the matched run is relative to where the study ran); else the arm that run is
+    in here (``arm_of``: resolved run directory -> arm, the arm as collect named it: ``sparse-2``
+    when two arms shared a name), else its own job key, else its directory name."""
     if not r.match:
         return None
     key = read_json(Path(r.path) / JOB).get("key") or {}
@@ -359,6 +361,9 @@ def _matched_to(r: RunRecord) -> str | None:
         # with the study's prefix when several studies are compared (r.arm is "<study>/<arm>")
         return (r.arm[:-len(own)] if isinstance(own, str) and own and r.arm.endswith(own) else "") + arm
     run = Path(r.match["run"])
+    for place in (run, Path(r.path).parent / run):
+        if place.resolve() in arm_of:
+            return arm_of[place.resolve()]
     return (read_json(run / JOB).get("key") or {}).get("arm") or run.name
 
 

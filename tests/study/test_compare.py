@@ -310,3 +310,18 @@ def test_loose_runs_of_an_edited_model_file_are_two_arms(study, tmp_path):
     (tmp_path / "r2" / "recipe.json").write_text(json.dumps(recipe))
     c = compare([tmp_path / f"r{seed}" for seed in (0, 1, 2)])
     assert sorted(a.n for a in c.arms) == [1, 2]
+
+
+def test_a_loose_depth_run_names_the_renamed_arm_it_matched(tmp_path, monkeypatch):
+    """Two loose arms of one label (sparse-random at 0.25, the second with its classifier masked
+    too) are told apart as "sparse-random-d0.25" and "sparse-random-d0.25-2"; a depth-multiplier
+    run matched to a run of the second said it matched the first (the label of the run it read)."""
+    monkeypatch.chdir(tmp_path)
+    a, _ = api.transform_to_dir("zoo:lenet5", density=0.25, out="a")
+    b, _ = api.transform_to_dir("zoo:lenet5", density=0.25, include_classifier=True, out="b")
+    c, _ = api.transform_to_dir("zoo:lenet5", "depth-multiplier", match=b, count="total", out="c")
+    result = compare([a, b, c])
+    arm_of = {Path(r.path).name: r.arm for r in result.runs}
+    assert arm_of["a"] != arm_of["b"] and arm_of["b"].endswith("-2")
+    assert result.arm(arm_of["c"]).matched_to == arm_of["b"]
+    assert compare([b, c]).arm(arm_of["c"]).matched_to == "sparse-random-d0.25"
