@@ -108,6 +108,9 @@ def check_output_path(out: str | os.PathLike) -> Path:
     also for a path ending in a slash, which names a directory: Path() drops the slash, and
     "nodir/" wrote a file named nodir)."""
     if isinstance(out, str) and out.endswith(("/", os.sep)) and not Path(out).is_dir():
+        if Path(out).exists():  # "a.onnx/" where a.onnx is a file: a.onnx/model.onnx cannot be written
+            raise ExportError(f"--out {out} ends in a slash, so it names a directory, but {Path(out)} is a file; "
+                              f"give the file name without the slash: --out {Path(out)}")
         raise ExportError(f"--out {out} ends in a slash, so it names a directory; give a file name such as "
                           f"{Path(out) / 'model.onnx'}")
     out = Path(out)

@@ -84,6 +84,10 @@ def test_export_out_ending_in_a_slash_is_not_written_as_a_file(run, sparse_onnx)
     for source in (run, sparse_onnx):
         assert_one_error_line(invoke("export", source, "--out", "nodir/"), "--out nodir/ ends in a slash",
                               nothing_at=(Path("nodir"),))
+    # an existing file with a slash: the advice was "such as a.onnx/model.onnx", which cannot be written
+    Path("a.onnx").write_bytes(b"kept")
+    line = assert_one_error_line(invoke("export", run, "--out", "a.onnx/"), "a.onnx is a file", "--out a.onnx")
+    assert "model.onnx" not in line and Path("a.onnx").read_bytes() == b"kept"
 
 
 def test_export_to_an_unwritable_place(run):
