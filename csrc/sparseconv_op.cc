@@ -1068,9 +1068,9 @@ OrtStatus* run_pointwise(const Kernel& k, OrtKernelContext* ctx, const Geom& g, 
 // 512->1024 to 14x14 1.14-1.19x, 56x56 planes from an input 16 bytes off alignment 1.05-1.26x
 // where each row is read 25 times or more, 0.88-0.97x where 6 times (256->64 at 0.1: hence
 // kAlignMinReads). Not with shared fan-ins (four FMAs per load: 0.94-1.02x). The aligned rows are
-// as long as a tile or the plane rounded up to whole vectors (PwArgs::pack_stride): rows a whole
-// tile (512 bytes) apart shared a quarter of the cache sets, which cost the narrow unit's 7x7 rows
-// (0.78-1.09x) where rows 56 floats apart gain (kNarrowAlignMaxDensity).
+// as long as a tile or the plane rounded up to whole vectors (PwArgs::pack_stride): 7x7 rows a
+// whole tile (512 bytes) apart fill only half of the cache sets, which cost the narrow unit
+// (0.78-1.09x), where rows 56 floats apart gain (kNarrowAlignMaxDensity).
 bool misaligned_rows(const float* x, int64_t hw, int64_t vbytes) {
   return (hw * int64_t(sizeof(float))) % vbytes != 0 || reinterpret_cast<uintptr_t>(x) % uintptr_t(vbytes) != 0;
 }
