@@ -174,9 +174,15 @@ def _keep_last_good(run_dir: Path, run: Any, model_input: tuple[int, ...], ckpt:
     state = load_checkpoint(ckpt)
     run.model.load_state_dict(state["model"])
     history = json.loads(state["history"])
+    # the kept weights expect the inputs the training fed them: export and bench read the
+    # normalisation (and class names) from here, as after a training that completed
+    data = json.loads(state["data"]) if isinstance(state.get("data"), str) else {}
+    kept = {"input_normalization": data.get("normalization")}
+    if data.get("classes") is not None:
+        kept["class_names"] = data["classes"]
     _write_back(run_dir, run.model, _refreshed_report(run, model_input, read_summary(run_dir)), {
         "diverged": str(e.what), "epochs_completed": int(state["epoch"]), "config": cfg.to_dict(),
-        **{k: history[-1].get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")},
+        **{k: history[-1].get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")}, **kept,
     })
     return f"{WEIGHTS} and {METRICS} hold epoch{'s 1-' if e.good_epochs > 1 else ' '}{e.good_epochs}"
 

@@ -146,6 +146,9 @@ def test_divergence_keeps_completed_epochs_and_says_what_to_do(made_run, tmp_pat
     assert torch.isfinite(weights["classifier.weight"]).all()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train"]["epochs_completed"] == 1 and needle.split()[-1] in summary["train"]["diverged"]
+    # the kept weights expect normalised inputs: the record export reads to say so (it was missing)
+    norm = summary["train"]["input_normalization"]
+    assert norm and norm["text"] and len(norm["mean"]) == 1
     init = load_file(str(run / "weights.init.safetensors"))
     assert any(not torch.equal(init[k], weights[k]) for k in init)  # the initial weights are still there
 
