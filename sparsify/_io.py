@@ -140,15 +140,29 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def check_output_dir(path: str | os.PathLike, force: bool = False, what: str = "--out ") -> None:
-    """Refuse an output directory that ``atomic_dir`` would refuse, or that cannot be written; before any work."""
+def check_output_dir(path: str | os.PathLike, force: bool = False, what: str = "--out ",
+                     replaces: str | None = None) -> None:
+    """Refuse an output directory that ``atomic_dir`` would refuse, or that cannot be written; before any work.
+
+    Never the current directory or one above it (``--out .``, ``""``, ``..``: replacing it would
+    take the working directory away). ``replaces``: with ``force``, a non-empty directory is
+    replaced only when it holds this file (a run directory's recipe.json): ``--force`` with a
+    mistyped ``--out`` deleted a folder of the user's files."""
     from .errors import RunDirError
 
     path = Path(path)
+    here = Path.cwd()
+    if path.name in ("", ".", "..") or path.resolve() in (here, *here.parents):
+        raise RunDirError(f"{what}{str(path) or '(empty)'} is the current directory or one above it; give the "
+                          f"name of a new directory")
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{path} exists and is not a directory; choose another {what.strip() or 'output'}")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise RunDirError(f"output directory {path} exists and is not empty; pass --force to replace it")
+    if path.is_dir() and any(path.iterdir()):
+        if not force:
+            raise RunDirError(f"output directory {path} exists and is not empty; pass --force to replace it")
+        if replaces is not None and not (path / replaces).is_file():
+            raise RunDirError(f"{path} holds files but no {replaces}, so it is not a run directory, and --force "
+                              f"replaces only those; choose another {what.strip() or 'output'} or empty it yourself")
     check_writable(path, what)
 
 
@@ -183,14 +197,15 @@ def dir_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, force: bool = False, replaces: str | None = None) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``path`` only when the block succeeds.
 
-    An existing non-empty ``path`` is refused unless ``force``; with ``force`` it is replaced
-    only after the new content is complete.
+    An existing non-empty ``path`` is refused unless ``force`` (and, given ``replaces``, unless it
+    holds that file: see ``check_output_dir``); with ``force`` it is replaced only after the new
+    content is complete.
     """
     path = Path(path)
-    check_output_dir(path, force)
+    check_output_dir(path, force, replaces=replaces)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))

@@ -22,7 +22,7 @@ from .passes.trace import (defaults_note, dropped_train_overrides, grad_mode_not
 from .replay import apply_method, load_checked, recipe_registry, rule_registry, trace_loaded
 from .passes.outside import functional_note
 from .report import layer_report, param_counts, with_ratios
-from .rundir import SUMMARY, Recipe, Run, default_run_dir, is_run_dir, load_run, read_recipe, save_run
+from .rundir import RECIPE, SUMMARY, Recipe, Run, default_run_dir, is_run_dir, load_run, read_recipe, save_run
 
 __all__ = ["METHODS", "TransformResult", "transform", "transform_to_dir", "default_out", "load", "inspect",
            "channel_groups", "match_depth", "run_param_counts"]
@@ -221,7 +221,7 @@ def transform_to_dir(model: str, method: str = "sparse-random", *, out: str | Pa
     if isinstance(model, nn.Module):
         raise UsageError("a run directory needs a replayable model: pass zoo:NAME or a file path, not a module")
     if out is not None:
-        check_output_dir(out, force)  # before the work: a directory that cannot be written, or is taken
+        check_output_dir(out, force, replaces=RECIPE)  # before the work: a directory that cannot be written, or is taken
     result = transform(model, method, **kwargs)
     path = Path(out) if out is not None else default_out(result.recipe)
     save_run(path, result.recipe, result.model, result.summary, force=force, source_file=result.source_file,

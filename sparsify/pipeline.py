@@ -289,6 +289,7 @@ def run_pipeline(
     """
     from . import api
     from ._io import atomic_dir
+    from .rundir import RECIPE
     from .train import train_run
 
     def stage(name: str) -> Any:
@@ -302,7 +303,7 @@ def run_pipeline(
     stopped = False
     # --force over a finished run: Ctrl-C keeps it (the new run's partial work goes)
     replacing = run_dir.is_dir() and any(run_dir.iterdir())
-    with atomic_dir(run_dir, force=force) as tmp:
+    with atomic_dir(run_dir, force=force, replaces=RECIPE) as tmp:
         if progress is not None:
             progress("transform", f"transforming {model}", 0, 1)
         api.transform_to_dir(model, out=tmp, force=True, **transform_options)

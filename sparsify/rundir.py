@@ -256,7 +256,7 @@ def save_run(path: str | Path, recipe: Recipe, model: nn.Module, summary: dict[s
 
 def _write_run(path: Path, recipe: Recipe, model: nn.Module, summary: dict[str, Any], force: bool,
                source_file: str | Path | None, traced_state: dict[str, Any] | None) -> None:
-    with atomic_dir(path, force=force) as tmp:
+    with atomic_dir(path, force=force, replaces=RECIPE) as tmp:
         write_json(tmp / RECIPE, recipe.to_json())
         save_weights(tmp, model)
         if traced_state:

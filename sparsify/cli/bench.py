@@ -336,8 +336,8 @@ def run(
                                              help="Standardise inputs with the training split's mean and std "
                                                   "(default); --no-normalize feeds the data as it is, e.g. for "
                                                   "--weights trained on your own preprocessing"),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<model>-<method>[-N])."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<model>-<method>-<density or alpha>[-N], e.g. runs/lenet5-sparse-random-0.1)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run directory at --out (a folder without recipe.json is never replaced)."),
     bench_batch_size: Optional[str] = typer.Option(None, "--bench-batch-size", help="Bench batch sizes, "
                                                    "comma-separated (default 1,16)."),
     old_batch_size: Optional[str] = typer.Option(None, "--batch-size", "-b", hidden=True,

@@ -196,7 +196,7 @@ def transform(
     leaf: Optional[List[str]] = LEAF,
     rule: Optional[List[str]] = RULE,
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<model>-<method>-<param>)"),
-    force: bool = typer.Option(False, help="Replace an existing non-empty output directory"),
+    force: bool = typer.Option(False, help="Replace an existing run directory at --out (a folder without recipe.json is never replaced)"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
 ) -> None:
     """Rewrite a model into a sparse (or thinner) graph and save it as a replayable run directory."""

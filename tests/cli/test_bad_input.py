@@ -90,6 +90,25 @@ def test_export_out_ending_in_a_slash_is_not_written_as_a_file(run, sparse_onnx)
     assert "model.onnx" not in line and Path("a.onnx").read_bytes() == b"kept"
 
 
+def test_force_replaces_only_run_directories(run):
+    """`transform --out d --force` deleted a folder of the user's files (no recipe.json in it);
+    `--out .` / `""` / `..` with --force crashed (ValueError, OSError) after the work."""
+    Path("d").mkdir()
+    Path("d", "important.txt").write_text("keep me")
+    for cmd in (["transform", "zoo:lenet5", "-m", "none", "--out", "d", "--force"],
+                ["run", "zoo:lenet5", "--epochs", "1", "--out", "d", "--force"]):
+        assert_one_error_line(invoke(*cmd), "d holds files but no recipe.json", "not a run directory")
+        assert Path("d", "important.txt").read_text() == "keep me"
+    for out in (".", "", ".."):
+        assert_one_error_line(invoke("transform", "zoo:lenet5", "-m", "none", "--out", out, "--force"),
+                              "is the current directory or one above it")
+    assert Path("d", "important.txt").is_file()
+    # a run directory is still replaced
+    assert_ok(invoke("transform", "zoo:lenet5", "-m", "none", "--out", "r"))
+    assert_ok(invoke("transform", "zoo:lenet5", "--density", "0.3", "--out", "r", "--force"))
+    assert json.loads(Path("r", "recipe.json").read_text())["method"] == "sparse-random"
+
+
 def test_export_to_an_unwritable_place(run):
     assert_one_error_line(invoke("export", run, "--out", "/proc/sparsify-test.onnx"), "--out", "/proc")
 

@@ -232,11 +232,16 @@ def test_transform_force_replaces_existing_dir():
     r = invoke("transform", "zoo:mlp", "--density", "0", "--out", "F", "--force")
     assert_clean_error(r, None)
     assert (out / "keep.txt").is_file()
-    r = invoke("transform", "zoo:mlp", "--density", "0.1", "--out", "F", "--force")
-    assert_ok(r)
-    assert not (out / "keep.txt").exists()
-    assert all((out / name).is_file() for name in RUN_FILES)
-    assert not list(Path(".").glob(".F.*")), line
+    # --force replaces run directories only: F holds the user's files, no recipe.json
+    assert_clean_error(invoke("transform", "zoo:mlp", "--density", "0.1", "--out", "F", "--force"), None,
+                       "not a run directory")
+    assert (out / "keep.txt").read_text() == "user data"
+    assert_ok(invoke("transform", "zoo:mlp", "--density", "0.2", "--out", "G"))
+    (Path("G") / "notes.txt").write_text("a file of the old run")
+    assert_ok(invoke("transform", "zoo:mlp", "--density", "0.1", "--out", "G", "--force"))
+    assert not (Path("G") / "notes.txt").exists()
+    assert all((Path("G") / name).is_file() for name in RUN_FILES)
+    assert not list(Path(".").glob(".F.*")) and not list(Path(".").glob(".G.*")), line
 
 
 def test_transform_into_existing_empty_dir_is_allowed():
