@@ -151,8 +151,13 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
                     weights=source)
     traced_state = None
     if weights is not None:
+        # what a rebuild must trace with: the trained tensors the new model does not hold, and every
+        # buffer (small), for a buffer the forward reads both as a tensor and in Python (`if
+        # self.scale > 1.5`) decided the traced graph by its trained value: the rebuilt run took the
+        # other branch, with the trained value loaded after
         held = set(result.model.state_dict())
-        traced_state = {k: v for k, v in loaded.module.state_dict().items() if k not in held} or None
+        buffers = {name for name, _ in loaded.module.named_buffers()}
+        traced_state = {k: v for k, v in loaded.module.state_dict().items() if k not in held or k in buffers} or None
     return TransformResult(result.model, recipe, report, loaded.source_file, traced_state)
 
 

@@ -96,11 +96,14 @@ class Net(nn.Module):
         self.c1, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 5)
         self.register_buffer("use_extra", torch.tensor(False))
         self.register_buffer("gain", torch.tensor(1.0))
+        self.register_buffer("scale", torch.tensor(1.0))
 
     def forward(self, x):
-        x = F.relu(self.c1(x))
+        x = F.relu(self.c1(x)) * self.scale  # a tensor the new model holds...
         if self.use_extra:  # read in Python: tracing takes the branch its value picks
             x = x * float(self.gain)
+        if self.scale > 1.5:  # ...read in Python too: the rebuilt run took the branch of its initial 1.0
+            x = torch.sigmoid(x)
         return self.fc(x.mean((2, 3)))
 
 def build_model():
@@ -125,6 +128,7 @@ def test_trained_values_tracing_read_replay_with_the_run(method):
     with torch.no_grad():
         user.use_extra.fill_(True)
         user.gain.fill_(2.5)
+        user.scale.fill_(2.0)
     torch.save(user.state_dict(), "w.pt")
     density = ["--density", "1.0"] if method != "none" else []
     assert_ok(invoke("transform", "net.py", "--method", method, *density, "--weights", "w.pt", "--out", "runs/b"))
