@@ -19,7 +19,7 @@ from .passes.rules import Registry, Rule
 from .passes.rules.base import type_names
 from .passes.trace import (defaults_note, dropped_train_overrides, grad_mode_note, mode_differences, onnx_export_note,
                            size_branches_note, state_written_note, traced_constants, training_draws_note)
-from .replay import apply_method, load_checked, recipe_registry, rule_registry, trace_loaded
+from .replay import apply_method, decides_graph, load_checked, recipe_registry, rule_registry, trace_loaded
 from .passes.outside import functional_note
 from .report import layer_report, param_counts, with_ratios
 from .rundir import RECIPE, SUMMARY, Recipe, Run, default_run_dir, is_run_dir, load_run, read_recipe, save_run
@@ -105,7 +105,8 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
             missing.extend(apply_state_dict(module, state, str(weights), loaded.spec, allow_missing=True))
     traced = trace_loaded(loaded, input_shape, seed, leaf_modules, registry, prepare)
     # a run's weights lack the layers its forward skips (an optional head): fine, as long as it never reads them
-    unread = check_missing(missing, traced.gm.state_dict(), str(weights), loaded.spec) if weights is not None else None
+    unread = check_missing(missing, traced.gm.state_dict(), str(weights), loaded.spec,
+                           lambda keys: decides_graph(traced, keys, leaf_modules)) if weights is not None else None
     shapes = traced.shapes
     original = layer_report(traced.gm, shapes, registry)
     config = config.resolve(traced.gm, registry)

@@ -125,6 +125,41 @@ def trace_loaded(loaded: LoadedModel, input_shape: Any, seed: int, leaf_modules:
     return Traced(loaded, shapes, example, gm, rules)
 
 
+def decides_graph(traced: Traced, names: Sequence[str], leaf_modules: Sequence[str]) -> bool:
+    """Whether the forward of ``traced``'s model reads any of its tensors ``names`` as Python values
+    (``if self.flag:``, ``float(self.temp)``), which tracing turns into branches and constants: a
+    copy of the model with them changed (booleans negated, numbers moved) traces to another graph,
+    or fails to trace. ``traced`` (from ``trace_loaded``) and its model are left as they are."""
+    import copy
+
+    module = copy.deepcopy(traced.loaded.module)
+    state = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name in names:
+            t = state.get(name)
+            if t is None:
+                continue
+            if t.dtype == torch.bool:
+                t.logical_not_()
+            elif t.is_floating_point():
+                t.mul_(-3.0).add_(1.7)
+            else:
+                t.add_(7)
+    try:
+        gm = trace(module, leaf_modules, traced.rules, n_inputs=len(traced.shapes), example=traced.example)
+    except Exception:  # the changed values broke the forward: it reads them
+        return True
+
+    def constants(g: fx.GraphModule) -> list[torch.Tensor]:
+        names = sorted({str(n.target) for n in g.graph.nodes if n.op == "get_attr"
+                        and str(n.target).startswith("_tensor_constant")})
+        return [g.get_buffer(n) if n in dict(g.named_buffers()) else getattr(g, n) for n in names]
+
+    mine, theirs = constants(gm), constants(traced.gm)
+    return gm.code != traced.gm.code or len(mine) != len(theirs) or any(
+        a.shape != b.shape or not torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
 def apply_method(traced: Traced, config: MethodConfig, seed: int) -> PassResult:
     """Run the method's pass on the traced graph (the pass works on a copy); ``config`` must be resolved."""
     p = config.make_pass(seed, traced.rules)

@@ -12,7 +12,7 @@ weights and dropped.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -160,16 +160,22 @@ def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
     return missing
 
 
-def check_missing(missing: list[str], read: Iterable[str], source: str, model: str) -> str | None:
+def check_missing(missing: list[str], read: Iterable[str], source: str, model: str,
+                  read_in_python: Callable[[list[str]], bool] | None = None) -> str | None:
     """After tracing: the keys a ``--weights`` file lacks (``apply_state_dict``) must be ones the
-    forward never reads (``read``: the traced model's state-dict keys), as a sparsify run's
-    weights lack a layer its forward skips (an optional head). Raises ModelLoadError naming those
-    it does read; returns a one-line note naming the others, None when none is missing."""
+    forward never reads (``read``: the traced model's state-dict keys; ``read_in_python(keys)``:
+    whether it reads any of the others as Python values, which tracing turns into branches and
+    constants: ``replay.decides_graph``), as a sparsify run's weights lack a layer its forward skips
+    (an optional head). Raises ModelLoadError naming those it does read; returns a one-line note
+    naming the others, None when none is missing."""
     read = set(read)
     needed = [k for k in missing if k in read]
     if needed:
         raise _misfit(source, model, [f"missing {name_list(needed)}"])
     if not missing:
         return None
+    if read_in_python is not None and read_in_python(list(missing)):
+        raise _misfit(source, model, [f"missing {name_list(missing)}, which the forward reads in Python (the "
+                                      f"value decides the traced graph: a branch, a number)"])
     return (f"--weights {source} lacks {name_list(missing)}, which the forward never reads: "
             f"{'they keep' if len(missing) > 1 else 'it keeps'} the model's initial values")

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparsify
-from cli_checks import assert_ok, invoke
+from cli_checks import assert_ok, assert_one_error_line, invoke
 from sparsify import zoo
 
 
@@ -138,6 +138,26 @@ def test_trained_values_tracing_read_replay_with_the_run(method):
         got = sparsify.load("runs/b").model.eval()(x)
     assert want.std(0).mean() > 1e-3
     torch.testing.assert_close(got, want)
+
+
+def test_weights_lacking_a_value_the_forward_reads_in_python_are_refused():
+    """A weights file without `gain` (read by float()) or `use_extra` (an if) was taken with the
+    note "lacks gain, which the forward never reads: it keeps the model's initial values", and the
+    run computed another function than the user's model (exit 0)."""
+    Path("net.py").write_text(BUFFER_IN_PYTHON)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("net_lacking", "net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    user = module.build_model()
+    with torch.no_grad():
+        user.use_extra.fill_(True)
+        user.gain.fill_(2.5)
+    for dropped in ("gain", "use_extra"):
+        torch.save({k: v for k, v in user.state_dict().items() if k != dropped}, "w.pt")
+        assert_one_error_line(invoke("transform", "net.py", "--method", "none", "--weights", "w.pt", "--out", "r"),
+                              f"missing {dropped}, which the forward reads in Python", nothing_at=(Path("r"),))
 
 
 def test_train_force_restarts_from_the_initial_weights():
