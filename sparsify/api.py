@@ -85,6 +85,9 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
         raise UsageError("--weights applies to sparse-random, psn and none: depth-multiplier builds new layers with "
                          "fresh weights (a thinner architecture trained from scratch); --method none keeps the model "
                          "as it is")
+    if rescale_init and weights is not None:  # the trained values came out scaled by up to 1.8x, silently
+        raise UsageError("--rescale-init scales initial weights to each unit's live fan-in; with --weights it would "
+                         "scale the trained ones: drop --rescale-init (the default with --weights is off)")
     if rescale_init is None:
         rescale_init = weights is None
     target = _match_target(method, alpha, match, count)

@@ -97,7 +97,9 @@ def test_transform_default_out_and_refusals(tmp_path, monkeypatch):
                           (dict(seed=2**32), r"--seed must be an integer in \[0, 4294967295\]"),  # was an overflow traceback
                           (dict(method="depth-multiplier", alpha=0.5, weights="w.pt"), "--weights applies to"),
                           (dict(method="psn", density=0.2, match=path, count="total"), "--match/--count apply"),
-                          (dict(method="none", leaf_modules=["Nope"]), "--leaf Nope")]:
+                          (dict(method="none", leaf_modules=["Nope"]), "--leaf Nope"),
+                          # scaled the trained weights by up to 1.8x, silently
+                          (dict(weights="w.pt", rescale_init=True), "with --weights it would scale the trained")]:
         kwargs.setdefault("method", "sparse-random")
         kwargs.setdefault("density", 0.1 if kwargs["method"] == "sparse-random" else kwargs.get("density"))
         with pytest.raises(UsageError, match=words):
