@@ -189,9 +189,11 @@ def fail(message: str) -> typer.Exit:
 _STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
-# How an allocation that cannot be served surfaces: numpy's MemoryError, torch's CPU allocator
-# (RuntimeError), ONNX Runtime's arena (its RuntimeException / Fail).
-_OOM_TEXT = ("can't allocate memory", "failed to allocate memory", "bad_alloc", "bad allocation")
+# How an allocation that cannot be served surfaces: numpy's MemoryError (ValueError for a size past
+# what an array can index: a batch of 10**20), torch's CPU allocator (RuntimeError), ONNX Runtime's
+# arena (its RuntimeException / Fail).
+_OOM_TEXT = ("can't allocate memory", "failed to allocate memory", "bad_alloc", "bad allocation",
+             "maximum allowed dimension exceeded", "array is too big")
 
 
 def _out_of_memory(e: BaseException) -> bool:

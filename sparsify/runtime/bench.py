@@ -323,7 +323,7 @@ def _percentile(xs: Sequence[float], q: float) -> float:
 
 
 def bench_files(
-    paths: Sequence[str | Path],
+    paths: Sequence[str | Path] | str | Path,
     batch_sizes: Sequence[int] = (1,),
     threads: Sequence[int] = (1,),
     *,
@@ -351,10 +351,12 @@ def bench_files(
     With ``memory``, each (file, batch) is also loaded in a fresh process
     to measure its peak RSS. ``progress(description, done, total)`` is called between steps when given.
     """
+    if isinstance(paths, (str, os.PathLike)):  # one file: a string was read letter by letter
+        paths = [paths]
     if not paths:
         raise UsageError("bench needs at least one .onnx file (the first one is the baseline)")
     batch_sizes = _positive("--batch-size", batch_sizes)
-    threads = _positive("--threads", threads)
+    threads = _positive("--threads", threads, most=1024)
     check_settings(warmup=warmup, min_time=min_time, repeats=repeats, max_repeats=max_repeats)
     paths = [Path(p) for p in paths]
     labels = list(labels) if labels is not None else _default_labels(paths)
@@ -581,10 +583,12 @@ def _mb(x: float | None) -> float | None:
     return None if x is None else round(float(x), 1)
 
 
-def _positive(name: str, values: Sequence[int]) -> list[int]:
+def _positive(name: str, values: Sequence[int], most: int | None = None) -> list[int]:
     vals = [int(v) for v in values]
     if not vals or any(v < 1 for v in vals):
         raise UsageError(f"{name} needs positive integers, got {list(values)!r}")
+    if most is not None and any(v > most for v in vals):
+        raise UsageError(f"{name} {max(vals)} is more than {most:,}, the most it can be")
     return list(dict.fromkeys(vals))
 
 

@@ -125,6 +125,19 @@ def test_fixed_batch_that_differs_is_refused(models):
     assert res.row("fixed", 1, 1).max_abs_diff == 0.0
 
 
+def test_one_file_as_a_string_and_batch_sizes_past_any_input(models):
+    """sparsify.bench("m.onnx") read the string letter by letter ("r does not exist"); a batch of
+    10**20 ended in numpy's ValueError (traceback)."""
+    import sparsify
+
+    res = sparsify.bench(str(models["big"]), warmup=0, min_time=0, repeats=1, memory=False)
+    assert [r.label for r in res.rows] == ["big"]
+    r = CliRunner().invoke(app, ["bench", str(models["big"]), "--batch-size", "99999999999999999999", *FAST])
+    assert r.exit_code == 2 and "Traceback" not in r.output and "out of memory" in r.output
+    r = CliRunner().invoke(app, ["bench", str(models["big"]), "--threads", "99999999999", *FAST])
+    assert r.exit_code == 2 and "Traceback" not in r.output and "the most it can be" in r.output
+
+
 @pytest.mark.parametrize("content", [None, b"this is not protobuf \x00\xff"])
 def test_missing_or_corrupt_file_is_one_clear_line(models, tmp_path, content):
     bad = tmp_path / "bad.onnx"
