@@ -1096,6 +1096,9 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
         raise TraceError(refused)
     if isinstance(model, fx.GraphModule):
         return model
+    if hasattr(rules, "rule_for_module"):  # a user rule for a module it cannot read: one line (Rule.module_problem)
+        for m in model.modules():
+            rules.rule_for_module(m)
     defaults = forward_defaults(model, n_inputs)
     own_attrs = set(vars(model))
     names = [p.name for p in _forward_parameters(model) or [] if p.kind in _POSITIONAL and p.name not in defaults]

@@ -449,3 +449,35 @@ def test_depth_multiplier_names_the_returned_layers_that_fix_every_width():
     # with c0's features no longer returned its group resizes: no refusal
     dm = DepthMultiplierPass(0.5)(trace(FeaturesNet(all_features=False)), x)
     assert dm.model.c0.out_channels == 8 and dm.model.c1.out_channels == 24
+
+
+class _PlainSameConv(nn.Module):
+    """A convolution over its own weight without nn.Conv2d's attributes (in_channels, kernel_size...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight)
+
+
+class _PlainLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+
+def test_a_rule_for_a_module_it_cannot_read_is_one_line():
+    """--rule SameConv=conv on a plain nn.Module ended in AttributeError ('no attribute in_channels');
+    the linear rule likewise ('in_features')."""
+    from sparsify.errors import UsageError
+
+    net = nn.Sequential(_PlainSameConv(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), _PlainLinear())
+    with pytest.raises(UsageError, match=r"--rule _PlainSameConv=conv: _PlainSameConv is not a subclass of nn\.Conv"):
+        sparsify.transform(net, density=0.5, input_shape=(1, 3, 8, 8), rules={_PlainSameConv: "conv"})
+    with pytest.raises(UsageError, match=r"--rule _PlainLinear=linear: _PlainLinear is not a subclass of nn\.Linear"):
+        sparsify.transform(net, density=0.5, input_shape=(1, 3, 8, 8), rules={"_PlainLinear": "linear"})

@@ -162,6 +162,11 @@ class Rule:
         changes (depth multiplier)."""
         return None
 
+    def module_problem(self, module: nn.Module) -> str | None:
+        """Why this rule cannot describe ``module`` (a user's rule for a module type whose geometry it
+        cannot read), as a one-line message; None when it can."""
+        return None
+
 
 class LayerRule(Rule):
     """A module with a weight: it also slices, resizes, masks and reports itself."""
@@ -337,7 +342,13 @@ class Registry:
         t = getattr(type(m), "_leaf_type", type(m))  # a masked leaf is ruled as the leaf it masks
         for key in type_names(t):
             if key in self.user_modules:
-                return self.user_modules[key]
+                rule = self.user_modules[key]
+                problem = rule.module_problem(m)
+                if problem is not None:
+                    from ...errors import UsageError
+
+                    raise UsageError(f"--rule {key}={rule.name.split()[0]}: {problem}")
+                return rule
         if beyond_forward(m) is not None:
             return None
         return self.rule_for_type(t)

@@ -655,6 +655,13 @@ class ConvLeafRule(ConvRule):
 
     name = "conv (leaf)"
 
+    def module_problem(self, m):
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return None
+        return (f"{type(m).__name__} is not a subclass of nn.Conv1d/2d/3d, whose in_channels, kernel_size, "
+                f"groups, ... the rule reads; derive it from one (class {type(m).__name__}(nn.Conv2d), "
+                "overriding forward)")
+
     def constancy(self, env, node, m, out):
         return None
 
@@ -678,6 +685,12 @@ class LinearLeafRule(LinearRule):
     in place like a conv leaf."""
 
     name = "linear (leaf)"
+
+    def module_problem(self, m):
+        if isinstance(m, nn.Linear):
+            return None
+        return (f"{type(m).__name__} is not a subclass of nn.Linear, whose in_features and out_features the "
+                f"rule reads; derive it from nn.Linear (overriding forward)")
 
     def constancy(self, env, node, m, out):
         return None
