@@ -70,6 +70,9 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 @dataclass(init=False)
 class TrainConfig:
     """Every setting that determines a training run (saved in checkpoints and summary.json).
@@ -189,6 +192,11 @@ class TrainConfig:
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.lr is None or 0 < self.lr < math.inf, "--lr must be a positive, finite number"),
             (math.isfinite(self.weight_decay), "--weight-decay must be a finite number"),
+            # the optimisers compute in float32: 1e308 ended in torch's "cannot be converted to type
+            # float without overflow" (a traceback)
+            (self.lr is None or self.lr <= _FLOAT32_MAX, f"--lr must be at most {_FLOAT32_MAX:.3g} (float32's largest)"),
+            (self.weight_decay <= _FLOAT32_MAX,
+             f"--weight-decay must be at most {_FLOAT32_MAX:.3g} (float32's largest)"),
             (self.warmup_steps is None or self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
             (self.clip_grad_norm is None or self.clip_grad_norm >= 0, "--clip-grad-norm must be >= 0 (0: off)"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}"),

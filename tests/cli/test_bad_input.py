@@ -142,6 +142,10 @@ def test_negative_seed(run):
     # --lr inf trained, diverged, and then advised "retry with a lower learning rate: --lr inf"
     for lr in ("inf", "nan"):
         assert_one_error_line(invoke("train", run, "--lr", lr, "--epochs", "1", "-q"), "--lr", "finite")
+    # past float32: torch's optimisers ended in "cannot be converted to type float without overflow"
+    for flag, optimizer in (("--lr", "sgd"), ("--lr", "adam"), ("--weight-decay", "sgd")):
+        assert_one_error_line(invoke("train", run, flag, "1e308", "--optimizer", optimizer, "--epochs", "1", "-q"),
+                              f"{flag} must be at most 3.4e+38")
     assert not (run / "checkpoints").exists()
     assert_one_error_line(invoke("run", "--seed", "-1", "--out", "R", "-q"), "--seed", nothing_at=(Path("R"),))
 
