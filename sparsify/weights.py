@@ -65,6 +65,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 else f"a {type(obj).__name__}")
         raise ModelLoadError(f"--weights {path} holds {what}, not a state dict; save model.state_dict(), or a "
                              f"checkpoint dict with it under 'state_dict' or 'model'")
+    for key, t in obj.items():  # kinds of tensor the loading and checks cannot read: tracebacks before
+        kind = ("a sparse" if t.layout != torch.strided else "a meta (value-less)" if t.is_meta
+                else "a quantized" if t.is_quantized else None)
+        if kind is not None:
+            raise ModelLoadError(f"--weights {path} holds {kind} tensor, {key}; save plain dense tensors "
+                                 f"(tensor.to_dense(), tensor.dequantize(), the trained values)")
     return obj
 
 

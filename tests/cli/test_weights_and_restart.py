@@ -326,3 +326,19 @@ def test_a_runs_own_weights_start_a_new_transform_of_its_model(tmp_path):
     with torch.no_grad():
         want, got = sparse(x), again(x)
     assert want.std() > 0.1 and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind, make", [
+    ("sparse", lambda t: t.to_sparse()), ("sparse", lambda t: t.to_sparse_csr()), ("meta", lambda t: t.to("meta")),
+    ("quantized", lambda t: torch.quantize_per_tensor(t, 0.01, 0, torch.qint8)),
+])
+def test_weights_of_tensor_kinds_the_loading_cannot_read_are_one_line(kind, make):
+    """A sparse (COO, CSR), meta or quantized tensor in --weights ended in a 60-150-line traceback."""
+    from sparsify.zoo import get
+
+    state = dict(get("mlp").build().state_dict())
+    key = next(k for k in state if k.endswith("weight"))
+    state[key] = make(state[key])
+    torch.save(state, "w.pt")
+    assert_one_error_line(invoke("transform", "zoo:mlp", "--method", "none", "--weights", "w.pt", "--out", "r"),
+                          f"holds a {kind}", key, nothing_at=(Path("r"),))
