@@ -348,6 +348,9 @@ class PipelineInterrupted(KeyboardInterrupt):
             super().__init__(f"interrupted during {stage}; {run_dir} is unchanged (the run --force was to replace "
                              "is kept): run the command again to replace it")
             return
+        # the files `run` would have written: bench alone only prints them
+        bench = shlex.join(["sparsify", "bench", str(run_dir), "--keep", str(run_dir), "--json-file",
+                            str(run_dir / "bench.json"), "--plot", str(run_dir / "plot.png"), "--force"])
         if stage == "training":
             from .train.schedules.base import flag
 
@@ -356,11 +359,9 @@ class PipelineInterrupted(KeyboardInterrupt):
                              if k in named and v is not None)
             then = (f"`sparsify train {run_dir} --resume` continues the training" if resumable else
                     f"`sparsify train {run_dir}{' ' + given if given else ''}` trains it as this run would have")
+            then += f", then `{bench}` exports and times it"
             kept = "the transformed model"
         else:
-            # the files `run` would have written: bench alone only prints them
-            bench = shlex.join(["sparsify", "bench", str(run_dir), "--keep", str(run_dir), "--json-file",
-                                str(run_dir / "bench.json"), "--plot", str(run_dir / "plot.png"), "--force"])
             then, kept = f"`{bench}` exports and times its variants as this run would have", "the trained model"
         super().__init__(f"interrupted during {stage}; {kept} is in {run_dir}: {then}")
 

@@ -147,6 +147,9 @@ def test_a_run_stopped_before_its_first_epoch_names_the_training_it_asked_for():
     said = str(PipelineInterrupted(Path("runs/r"), "training", False,
                                    {"data": "my data", "epochs": 1, "lr": None, "schedule": "rigl", "train_limit": 9}))
     assert "`sparsify train runs/r --data 'my data' --epochs 1 --schedule rigl` trains it" in said
+    # and then what exports and times it (the README's "train --resume, bench RUN": only the first was said)
+    assert said.endswith("then `sparsify bench runs/r --keep runs/r --json-file runs/r/bench.json --plot "
+                         "runs/r/plot.png --force` exports and times it"), said
     # stopped in export: plain `bench RUN` only prints, so the run's files never appeared
     said = str(PipelineInterrupted(Path("runs/my r"), "export", False))
     assert ("`sparsify bench 'runs/my r' --keep 'runs/my r' --json-file 'runs/my r/bench.json' --plot "
