@@ -181,7 +181,10 @@ def _load_idx_set(name: str, folder: Path, data_dir: str | Path | None = None) -
     for key, stem in IDX_FILES.items():
         p = _find(folder, stem)
         if p is None:
-            raise DataError(f"data set {name!r} not found: {folder / stem}[.gz] is missing; "
+            # `data fetch NAME --data-dir D` stores the files in D/NAME, which is read first
+            where = (f"neither {Path(data_dir) / name} (where `data fetch` puts them) nor {folder} holds {stem}[.gz]"
+                     if data_dir is not None and folder == Path(data_dir) else f"{folder / stem}[.gz] is missing")
+            raise DataError(f"data set {name!r} not found: {where}; "
                             f"{_fetch_hint(name, data_dir)} or pass --data-dir pointing to the IDX files")
         paths[key] = p
     xtr, ytr = _read_idx(paths["train_images"]), _read_idx(paths["train_labels"])

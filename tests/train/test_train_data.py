@@ -53,8 +53,11 @@ def test_validation_split_is_fixed_and_disjoint(tmp_path):
 
 
 def test_missing_files_name_the_fetch_command(tmp_path):
-    with pytest.raises(DataError, match="sparsify data fetch mnist"):
+    with pytest.raises(DataError, match="sparsify data fetch mnist") as e:
         load_dataset("mnist", (1, 1, 28, 28), data_dir=tmp_path)
+    # both places it looks: DIR/mnist (where `data fetch --data-dir DIR` puts the files) and DIR;
+    # the message named only DIR/train-images-idx3-ubyte[.gz]
+    assert f"neither {tmp_path / 'mnist'} (where `data fetch` puts them) nor {tmp_path} holds" in str(e.value)
 
 
 def test_truncated_idx_is_a_data_error(tmp_path):
