@@ -30,6 +30,10 @@ def _is_state_dict(obj: Any) -> bool:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict stored in ``path``; ModelLoadError (one line) when there is none or the file is unsafe."""
     path = Path(path).expanduser()
+    if path.is_dir():  # a run directory most often: its weights are one file in it
+        inside = path / "weights.safetensors"
+        raise ModelLoadError(f"--weights {path} is a directory; give the weights file itself"
+                             + (f", e.g. {inside}" if inside.is_file() else " (.pt, .pth or .safetensors)"))
     if not path.is_file():
         raise ModelLoadError(f"--weights {path} not found; give a .pt, .pth or .safetensors file holding a state dict")
     if path.suffix == ".safetensors":

@@ -342,3 +342,10 @@ def test_weights_of_tensor_kinds_the_loading_cannot_read_are_one_line(kind, make
     torch.save(state, "w.pt")
     assert_one_error_line(invoke("transform", "zoo:mlp", "--method", "none", "--weights", "w.pt", "--out", "r"),
                           f"holds a {kind}", key, nothing_at=(Path("r"),))
+
+
+def test_weights_naming_a_run_directory_say_which_file_to_give():
+    """--weights RUN said "--weights RUN not found" of a directory that is there."""
+    assert_ok(invoke("transform", "zoo:mlp", "--density", "0.5", "--out", "src"))
+    assert_one_error_line(invoke("transform", "zoo:mlp", "--method", "none", "--weights", "src", "--out", "r"),
+                          "--weights src is a directory", "e.g. src/weights.safetensors", nothing_at=(Path("r"),))
