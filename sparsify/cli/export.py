@@ -53,14 +53,16 @@ def export(
     compact: Optional[bool] = typer.Option(
         None, "--compact/--no-compact",
         help="Remove dead channels first (exact). Default: on, except with --dense (the uncompacted baseline)"),
-    fold_bn: bool = typer.Option(True, "--fold-bn/--no-fold-bn", help="Fold eval BatchNorm into the previous conv"),
+    fold_bn: Optional[bool] = typer.Option(None, "--fold-bn/--no-fold-bn",
+                                           help="Fold eval BatchNorm into the previous conv (default: on)"),
     dense_threshold: Optional[float] = typer.Option(
         None, min=0.0, max=1.0,
         help="Convs at or above this density stay plain Conv, for every layer. Default: a per-layer rule from "
              "the kernel's measured crossovers by kernel, stride and plane size (benchmarks/bench_kernel.py)"),
-    channel_align: int = typer.Option(8, "--channel-align", min=1,
-                                      help="Compaction keeps each channel group at a multiple of this many channels "
-                                           "(ORT's Conv is slower on unaligned counts); 1 removes every dead channel"),
+    channel_align: Optional[int] = typer.Option(None, "--channel-align", min=1,
+                                                help="Compaction keeps each channel group at a multiple of this many "
+                                                     "channels (default 8: ORT's Conv is slower on unaligned counts); "
+                                                     "1 removes every dead channel"),
     autotune: bool = typer.Option(False, "--autotune",
                                   help="Time dense vs SparseConv on the real shape of each layer the rule would "
                                        "consider (those it keeps dense for density or shape are not timed) and keep "
@@ -76,7 +78,7 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print the export report as JSON"),
 ) -> None:
     """Export a run to ONNX with ai.sparsify::SparseConv nodes (or convert an existing .onnx file)."""
-    from ..runtime.export import check_output_path, export_onnx_file, export_run
+    from ..runtime.export import CHANNEL_ALIGN, check_output_path, export_onnx_file, export_run
 
     out_path = Path(out_text)
     check_output_path(out_text)  # the text: its trailing slash says a directory
@@ -87,15 +89,22 @@ def export(
         def progress(stage: str) -> None:
             status.update(f"exporting {escape(str(source))}: {escape(stage)} ...")
 
+        if dense and autotune:  # --autotune was ignored: every conv is written plain
+            raise UsageError("--autotune times SparseConv against Conv per layer and --dense writes every conv as a "
+                             "plain Conv; give one of them")
         if source.suffix == ".onnx" and not source.is_dir():
-            if dense or compact:
-                raise UsageError("--dense and --compact apply to run directories; an .onnx file is only converted")
+            given = [f for f, v in (("--dense", dense), ("--compact", compact), ("--fold-bn", fold_bn is True),
+                                    ("--no-fold-bn", fold_bn is False), ("--channel-align", channel_align)) if v]
+            if given:  # --no-fold-bn and --channel-align were taken and ignored
+                raise UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to run directories; an "
+                                 ".onnx file is only converted")
             report = export_onnx_file(source, out_path, dense_threshold=dense_threshold, verify=verify,
                                       autotune=autotune, per_image=per_image)
         else:
             report = export_run(source, out_path, dense=dense, compact=(not dense) if compact is None else compact,
-                                fold_bn=fold_bn, dense_threshold=dense_threshold, verify=verify, autotune=autotune,
-                                channel_align=channel_align, per_image=per_image, progress=progress)
+                                fold_bn=fold_bn is not False, dense_threshold=dense_threshold, verify=verify,
+                                autotune=autotune, channel_align=CHANNEL_ALIGN if channel_align is None else channel_align,
+                                per_image=per_image, progress=progress)
     if as_json:
         out.print_json(json.dumps(report.to_json(), default=str))
         return

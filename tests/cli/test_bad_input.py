@@ -109,6 +109,18 @@ def test_force_replaces_only_run_directories(run):
     assert json.loads(Path("r", "recipe.json").read_text())["method"] == "sparse-random"
 
 
+def test_export_options_that_would_be_ignored_are_refused(run, sparse_onnx):
+    """Converting an .onnx file took --no-fold-bn and --channel-align and ignored them (while
+    --dense and --compact were refused); --dense --autotune ignored --autotune."""
+    for flags, words in ((["--no-fold-bn"], "--no-fold-bn applies"), (["--channel-align", "4"], "--channel-align"),
+                         (["--dense", "--fold-bn"], "--dense, --fold-bn apply")):
+        assert_one_error_line(invoke("export", sparse_onnx, "--out", "c.onnx", *flags), words, "only converted",
+                              nothing_at=(Path("c.onnx"),))
+    assert_one_error_line(invoke("export", run, "--out", "d.onnx", "--dense", "--autotune"), "--autotune",
+                          "give one of them", nothing_at=(Path("d.onnx"),))
+    assert_ok(invoke("export", run, "--out", "e.onnx", "--no-fold-bn", "--channel-align", "1"))
+
+
 def test_export_to_an_unwritable_place(run):
     assert_one_error_line(invoke("export", run, "--out", "/proc/sparsify-test.onnx"), "--out", "/proc")
 
