@@ -280,8 +280,16 @@ def inspect(target: str | Path | nn.Module, *, input_shape: Sequence[int] | Sequ
     if isinstance(target, (str, Path)) and str(target).endswith(".onnx"):
         from .runtime.onnx_inspect import inspect_onnx
 
+        given = [f for f, v in (("--input-shape", input_shape), ("--model-args", model_args),
+                                ("--leaf", leaf_modules), ("--rule", rules)) if v]
+        if given:  # they were taken and ignored
+            raise UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to models and runs; an .onnx "
+                             "file is inspected as it is")
         return inspect_onnx(target)
     if isinstance(target, (str, Path)) and is_run_dir(target):
+        if model_args:  # taken and ignored: the run is rebuilt with its recipe's
+            raise UsageError(f"--model-args: {target} is inspected as it was transformed, with its recipe's "
+                             "--model-args; transform again to change them")
         recorded = read_recipe(target).leaf_modules
         extra = [leaf for leaf in leaf_modules if leaf not in recorded]
         if extra:

@@ -121,6 +121,16 @@ def test_export_options_that_would_be_ignored_are_refused(run, sparse_onnx):
     assert_ok(invoke("export", run, "--out", "e.onnx", "--no-fold-bn", "--channel-align", "1"))
 
 
+def test_inspect_options_that_would_be_ignored_are_refused(run, sparse_onnx):
+    """inspect x.onnx --model-args '{...}' and inspect RUN --model-args were taken and ignored."""
+    assert_one_error_line(invoke("inspect", sparse_onnx, "--model-args", '{"a": 1}'), "--model-args applies",
+                          "inspected as it is")
+    assert_one_error_line(invoke("inspect", sparse_onnx, "--input-shape", "1,1,8,8", "--leaf", "Conv2d"),
+                          "--input-shape, --leaf apply")
+    assert_one_error_line(invoke("inspect", run, "--model-args", '{"num_classes": 3}'), "--model-args",
+                          "its recipe's")
+
+
 def test_export_to_an_unwritable_place(run):
     assert_one_error_line(invoke("export", run, "--out", "/proc/sparsify-test.onnx"), "--out", "/proc")
 
