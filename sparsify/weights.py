@@ -146,6 +146,10 @@ def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} is {list(state[k].shape)} in the file, {list(own[k].shape)} in the model"
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    # integers for a float tensor (int8 quantized values without their scale) were cast as they are
+    shapes += [f"{k} is {str(state[k].dtype).removeprefix('torch.')} in the file, "
+               f"{str(own[k].dtype).removeprefix('torch.')} in the model"
+               for k in own if k in state and own[k].is_floating_point() and not state[k].is_floating_point()]
     if (missing and not allow_missing) or unexpected or shapes:
         parts = []
         if missing:

@@ -349,3 +349,16 @@ def test_weights_naming_a_run_directory_say_which_file_to_give():
     assert_ok(invoke("transform", "zoo:mlp", "--density", "0.5", "--out", "src"))
     assert_one_error_line(invoke("transform", "zoo:mlp", "--method", "none", "--weights", "src", "--out", "r"),
                           "--weights src is a directory", "e.g. src/weights.safetensors", nothing_at=(Path("r"),))
+
+
+def test_integer_weights_for_float_tensors_are_refused():
+    """An int8 tensor (quantized values without their scale) for a float weight was cast as it is:
+    the run's outputs 46x off the user's model, exit 0."""
+    from sparsify.zoo import get
+
+    state = dict(get("mlp").build().state_dict())
+    key = next(k for k in state if k.endswith("weight"))
+    state[key] = (state[key] * 100).to(torch.int8)
+    torch.save(state, "w.pt")
+    assert_one_error_line(invoke("transform", "zoo:mlp", "--method", "none", "--weights", "w.pt", "--out", "r"),
+                          f"{key} is int8 in the file, float32 in the model", nothing_at=(Path("r"),))
