@@ -101,3 +101,13 @@ def test_matched_alpha_is_a_short_decimal_even_at_the_edge_of_its_step() -> None
 
     alpha, n = match_alpha(count_at, 5)
     assert n == 5 and math.ceil(9 * alpha) == 5 and len(repr(alpha)) <= 4   # e.g. 0.5
+
+
+def test_a_divisor_that_takes_the_model_far_from_alpha_says_so() -> None:
+    """--alpha 0.5 --divisor 64 kept 0.86x of lenet5's MACs without a word (a huge divisor: the full model)."""
+    def divisor_notes(**kwargs) -> list[str]:
+        return [n for n in api.transform("zoo:lenet5", "depth-multiplier", **kwargs).summary["notes"] if "--divisor" in n]
+
+    far = divisor_notes(alpha=0.5, divisor=64)
+    assert len(far) == 1 and "rounds the resized channel groups to 288 channels where alpha 0.5 alone gives 240" in far[0]
+    assert divisor_notes(alpha=0.5, divisor=8) == [] and divisor_notes(alpha=0.5) == []
