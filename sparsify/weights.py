@@ -27,6 +27,17 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
 
 
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a zip that torch.jit.save wrote (its archive holds the module's code)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict stored in ``path``; ModelLoadError (one line) when there is none or the file is unsafe."""
     path = Path(path).expanduser()
@@ -36,7 +47,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                              + (f", e.g. {inside}" if inside.is_file() else " (.pt, .pth or .safetensors)"))
     if not path.is_file():
         raise ModelLoadError(f"--weights {path} not found; give a .pt, .pth or .safetensors file holding a state dict")
-    if path.suffix == ".safetensors":
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # the format by the content, whatever the name says: safetensors opens with its header's length
+    # and "{" (a .pt of safetensors was "not a file torch.save wrote"), torch.save with a zip or a
+    # pickle (a .safetensors of torch.save was "header too large")
+    torch_saved = head[:2] == b"PK" or head[:1] == b"\x80"
+    if not torch_saved and (path.suffix == ".safetensors" or head[8:9] == b"{"):
         from safetensors.torch import load_file
 
         try:
@@ -44,13 +61,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own types for damaged files
             raise ModelLoadError(f"--weights {path} is not a readable safetensors file ({e}); save it again") from None
     else:
-        with open(path, "rb") as f:
-            magic = f.read(2)
-        if magic[:2] != b"PK" and magic[:1] != b"\x80":  # torch.save writes a zip archive (older: a pickle)
+        if not torch_saved:  # torch.save writes a zip archive (older: a pickle)
             raise ModelLoadError(f"--weights {path} is not a file torch.save wrote (nor .safetensors); give the "
                                  f"file of torch.save(model.state_dict(), path)")
+        if _is_torchscript(path):  # before torch.load, which warns about it on stderr
+            raise ModelLoadError(f"--weights {path} is a TorchScript module (torch.jit.save), not a state dict; "
+                                 f"save `model.state_dict()` with torch.save, or as .safetensors")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as f:  # a file object: torch.load reads a ".safetensors" name as safetensors
+                obj = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # UnpicklingError for code, RuntimeError/EOFError for damaged files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if "weights_only" in str(e) or "Unsupported global" in str(e):
@@ -65,7 +84,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not _is_state_dict(obj):
-        what = (f"a dict with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, dict)
+        others = [str(k) for k, v in obj.items() if not torch.is_tensor(v)] if isinstance(obj, dict) else []
+        what = (f"a dict of tensors and {name_list(others)} (not tensors)" if others and len(others) < len(obj)
+                else f"a dict with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, dict)
                 else f"a {type(obj).__name__}")
         raise ModelLoadError(f"--weights {path} holds {what}, not a state dict; save model.state_dict(), or a "
                              f"checkpoint dict with it under 'state_dict' or 'model'")

@@ -362,3 +362,27 @@ def test_integer_weights_for_float_tensors_are_refused():
     torch.save(state, "w.pt")
     assert_one_error_line(invoke("transform", "zoo:mlp", "--method", "none", "--weights", "w.pt", "--out", "r"),
                           f"{key} is int8 in the file, float32 in the model", nothing_at=(Path("r"),))
+
+
+def test_weights_files_are_read_by_their_content_and_named_for_what_they_are():
+    """A safetensors file named .pt ("not a file torch.save wrote") and a torch.save file named
+    .safetensors ("header too large") load; a TorchScript file says so (it was "pickled objects",
+    after torch's warning on stderr); a state dict with an epoch beside it names the entry."""
+    from safetensors.torch import save_file
+
+    from sparsify.zoo import get
+
+    model = get("mlp").build()
+    state = model.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, "st.pt")
+    torch.save(state, "pt.safetensors")
+    for name in ("st.pt", "pt.safetensors"):
+        assert_ok(invoke("transform", "zoo:mlp", "--method", "none", "--weights", name, "--out", f"r-{name}"))
+        got = sparsify.load(f"r-{name}").model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in state.items())
+    torch.jit.save(torch.jit.trace(model.eval(), torch.randn(1, *get("mlp").input_shape[1:])), "ts.pt")
+    r = invoke("transform", "zoo:mlp", "--method", "none", "--weights", "ts.pt", "--out", "r")
+    assert_one_error_line(r, "is a TorchScript module (torch.jit.save)")
+    torch.save({**state, "epoch": 5}, "mixed.pt")
+    assert_one_error_line(invoke("transform", "zoo:mlp", "--method", "none", "--weights", "mixed.pt", "--out", "r"),
+                          "a dict of tensors and epoch (not tensors)")
