@@ -421,6 +421,17 @@ def _class_notes(name: str, n_classes: int, num_classes: int | None) -> list[str
             f"{num_classes - 1} are never a target (give the model {n_classes} outputs to train only those)"]
 
 
+def _label_list(labels: list[int]) -> str:
+    """Labels for a message, runs as ranges: [1, 2, 3, 4, 7] -> '1..4, 7'."""
+    runs: list[list[int]] = []
+    for v in labels:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return name_list([f"{a}..{b}" if b > a + 1 else f"{a}, {b}" if b == a + 1 else str(a) for a, b in runs], 4)
+
+
 def _batch_shape(input_shape: tuple[int, ...]) -> str:
     """The model's input with its batch axis named, for messages: (1, 4, 100) -> '[N, 4, 100]'."""
     return "[N, " + ", ".join(str(d) for d in input_shape[1:]) + "]"
@@ -494,6 +505,10 @@ def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte
     hint = f"label 0 never appears: are the labels 1-based? sparsify expects 0..{num_classes - 1}" if one_based else ""
     _check_classes(name, n_classes, num_classes, hint)
     notes = list(notes or []) + _class_notes(name, n_classes, num_classes)
+    absent = sorted(set(range(n_classes)) - set(np.unique(np.concatenate([ytr, yte])).tolist()))
+    if absent and not (one_based and absent == [0]):  # labels {0, 5}: classes 1..4 were counted silently
+        notes.append(f"{name}: labels {_label_list(absent)} below the largest ({n_classes - 1}) never appear; their "
+                     f"outputs are never a target (relabel the classes 0..{n_classes - len(absent) - 1})")
     if one_based:
         notes.append(f"{name}: {hint} (subtract 1 from the labels); as they are, output 0 is never a target")
     x_train = torch.from_numpy(np.ascontiguousarray(xtr, dtype=np.float32))

@@ -312,3 +312,16 @@ def test_training_a_model_with_python_random_draws_warns(tmp_path):
     train_run(_run(tmp_path, "plain", IMAGE_NET.replace("RETURN", RETURNS["tensor"])), data="synthetic", epochs=1,
               batch_size=50, train_limit=100, log=plain.append)
     assert not any("draws random numbers" in n for n in plain), plain
+
+
+def test_labels_that_skip_classes_are_named(tmp_path):
+    """Labels {0, 5} got "6 classes for a model with 10 outputs; outputs 6..9 are never a target",
+    nothing of classes 1..4, which never appear either."""
+    r = np.random.default_rng(0)
+    y = np.where(r.random(40) < 0.5, 0, 5)
+    np.savez(tmp_path / "d.npz", x=r.standard_normal((40, 1, 8, 8)).astype("float32"), y=y)
+    notes = load_dataset(str(tmp_path / "d.npz"), (1, 1, 8, 8), num_classes=10).notes
+    assert any("labels 1..4 below the largest (5) never appear" in n for n in notes), notes
+    np.savez(tmp_path / "e.npz", x=r.standard_normal((40, 1, 8, 8)).astype("float32"), y=np.arange(40) % 4)
+    assert not any("never appear" in n for n in load_dataset(str(tmp_path / "e.npz"), (1, 1, 8, 8),
+                                                              num_classes=4).notes)
