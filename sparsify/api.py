@@ -146,6 +146,15 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     if source is not None:
         notes.append(f"started from the trained weights in {source['source']}: fine-tune with a smaller learning "
                      f"rate than training from scratch, e.g. train --lr 0.01")
+        # a sparse model's weights transformed again: its zeros stay, and the new masks ignore them
+        zero = {k: float((v == 0).float().mean()) for k, v in loaded.module.state_dict().items()
+                if v.dim() >= 2 and v.is_floating_point() and v.numel()}
+        mostly = sorted((k for k, f in zero.items() if f >= 0.5), key=lambda k: -zero[k])
+        if method_class(method).masked and mostly:
+            notes.append(f"{len(mostly)} weight tensor{'s' if len(mostly) > 1 else ''} in {weights} "
+                         f"{'are' if len(mostly) > 1 else 'is'} mostly zero ({mostly[0]} {zero[mostly[0]]:.0%}; a "
+                         "sparse model's?): the new masks are drawn regardless of them, so fewer weights are live "
+                         "than the density says")
     report.update(method=method, params=params, seed=seed, notes=notes, pass_layers=result.layers)
     recipe = Recipe(model=loaded.spec, input_shape=list(shapes[0]), method=method, params=params, seed=seed,
                     model_args=dict(model_args or {}), leaf_modules=list(leaf_modules),

@@ -386,3 +386,22 @@ def test_weights_files_are_read_by_their_content_and_named_for_what_they_are():
     torch.save({**state, "epoch": 5}, "mixed.pt")
     assert_one_error_line(invoke("transform", "zoo:mlp", "--method", "none", "--weights", "mixed.pt", "--out", "r"),
                           "a dict of tensors and epoch (not tensors)")
+
+
+def test_weights_of_a_sparse_model_transformed_again_say_their_zeros_stay():
+    """A sparse run's weights transformed again at density 0.5: 80% of a conv's weights were zero,
+    inspect said 0.5, and nothing said why fewer weights are live."""
+    from sparsify.api import transform, transform_to_dir
+
+    run, _ = transform_to_dir("zoo:lenet5", density=0.2, out="sparse")
+    notes = transform("zoo:lenet5", density=0.5, weights=run / "weights.safetensors").summary["notes"]
+    assert any("mostly zero" in n and "fewer weights are live than the density says" in n for n in notes), notes
+    dense = transform("zoo:lenet5", density=0.5, weights=_dense_weights()).summary["notes"]
+    assert not any("mostly zero" in n for n in dense)
+
+
+def _dense_weights() -> str:
+    from sparsify.zoo import get
+
+    torch.save(get("lenet5").build().state_dict(), "dense.pt")
+    return "dense.pt"
