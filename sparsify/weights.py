@@ -165,20 +165,20 @@ def apply_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: 
     state = _masks_applied(_fitted(state, own), own)
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} is {list(state[k].shape)} in the file, {list(own[k].shape)} in the model"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    misfits = [f"{k} is {list(state[k].shape)} in the file, {list(own[k].shape)} in the model"
+               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     # integers for a float tensor (int8 quantized values without their scale) were cast as they are
-    shapes += [f"{k} is {str(state[k].dtype).removeprefix('torch.')} in the file, "
-               f"{str(own[k].dtype).removeprefix('torch.')} in the model"
-               for k in own if k in state and own[k].is_floating_point() and not state[k].is_floating_point()]
-    if (missing and not allow_missing) or unexpected or shapes:
+    misfits += [f"{k} is {str(state[k].dtype).removeprefix('torch.')} in the file, "
+                f"{str(own[k].dtype).removeprefix('torch.')} in the model"
+                for k in own if k in state and own[k].is_floating_point() and not state[k].is_floating_point()]
+    if (missing and not allow_missing) or unexpected or misfits:
         parts = []
         if missing:
             parts.append(f"missing {name_list(missing)}")
         if unexpected:
             parts.append(f"unexpected {name_list(unexpected)}")
-        if shapes:
-            parts.append(name_list(shapes))
+        if misfits:
+            parts.append(name_list(misfits))
         raise _misfit(source, model, parts)
     # in the model's order, so the tensor named is the first in the network
     bad = [(k, int((~torch.isfinite(state[k])).sum()), state[k].numel()) for k in own
