@@ -74,10 +74,11 @@ def fit_fan_ins(fan_ins: dict[str, np.ndarray]) -> dict[str, Any]:
 def _train_options(config: dict[str, Any]) -> list[str]:
     """``sparsify train`` options for the trained run's settings that differ from the defaults
     (``TrainConfig.cli_args``: flags that exist, booleans as --X / --no-X), but for the ones the PSN
-    experiment sets itself (schedule, init, profile, seed) and the data cache folder."""
+    experiment sets itself (schedule, init, profile, seed); the data folder too (mnist kept under a
+    --data-dir of its own was not found without it)."""
     from .trainer import TrainConfig
 
-    skip = {"seed", "schedule", "init", "init_profile", "init_profile_params", "data_dir"}
+    skip = {"seed", "schedule", "init", "init_profile", "init_profile_params"}
     known = TrainConfig().to_dict()
     return TrainConfig.from_dict({k: v for k, v in config.items() if k in known and k not in skip}).cli_args()
 
@@ -87,7 +88,7 @@ def psn_command(run: Any, run_dir: str | Path, sigmas: dict[str, float], layer_n
     """The PSN experiment from this run's equilibrium: a fresh run of the same model and budget, trained
     with RigL from ERK budgets and a lognormal fan-in profile with each layer's own sigma."""
     params = run.recipe.params or {}
-    name = f"{Path(run_dir).name}-psn"
+    name = str(Path(run_dir).parent / f"{Path(run_dir).name}-psn")  # beside the run: runs/X -> runs/X-psn
     recipe = run.recipe
     t = ["sparsify", "transform", recipe.model, "--method", "sparse-random",
          "--density", f"{params.get('density', density):.4g}",

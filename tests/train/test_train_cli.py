@@ -310,21 +310,25 @@ def test_the_psn_command_fit_profile_prints_runs(tmp_path, monkeypatch):
                      "                         nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10))\n")
     monkeypatch.chdir(tmp_path)
     made = runner.invoke(app, ["transform", str(model), "--density", "0.3", "--input-shape", "1,1,8,8", "--block", "2",
-                               "--allocation", "erk", "--out", "src"])
+                               "--allocation", "erk", "--out", "runs/src"])
     assert made.exit_code == 0, made.output
-    trained = runner.invoke(app, ["train", "src", *QUICK, "--no-normalize", "--lr", "0.03"])
+    (tmp_path / "cache").mkdir()
+    trained = runner.invoke(app, ["train", "runs/src", *QUICK, "--no-normalize", "--lr", "0.03", "--data-dir", "cache"])
     assert trained.exit_code == 0, trained.output
-    data = json.loads(runner.invoke(app, ["fit-profile", "src", "--json"]).stdout)
+    data = json.loads(runner.invoke(app, ["fit-profile", "runs/src", "--json"]).stdout)
     transform, train = (shlex.split(part) for part in data["command"].split(" && "))
     assert "--model-output" not in train and "--no-normalize" in train and train[train.index("--lr") + 1] == "0.03"
+    # beside the run (it was `--out src-psn` in the current directory), with the run's data folder
+    assert transform[transform.index("--out") + 1] == "runs/src-psn" and train[2] == "runs/src-psn"
+    assert train[train.index("--data-dir") + 1] == str(tmp_path / "cache")
     assert all(flag in transform for flag in ("--input-shape", "--block", "--allocation"))
     for part in (transform, train):
         assert part[0] == "sparsify"
         res = runner.invoke(app, part[1:])
         assert res.exit_code == 0, (part, res.output)
-    recipe = json.loads((tmp_path / "src-psn" / "recipe.json").read_text())
+    recipe = json.loads((tmp_path / "runs" / "src-psn" / "recipe.json").read_text())
     assert recipe["params"]["block"] == 2 and recipe["params"]["allocation"] == "erk"
-    assert json.loads((tmp_path / "src-psn" / "summary.json").read_text())["train"]["config"]["normalize"] is False
+    assert json.loads((tmp_path / "runs" / "src-psn" / "summary.json").read_text())["train"]["config"]["normalize"] is False
 
 
 def test_fit_profile_of_fan_ins_without_spread_says_so(tmp_path):
