@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ._io import check_output_dir
-from .errors import RunDirError, UsageError
+from .errors import RunDirError, UsageError, not_applicable
 from .methods import METHODS, make_config, method_class
 from .passes.base import seed_problem
 from .passes.depth_multiplier import COUNTS, match_depth
@@ -146,15 +146,8 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     if source is not None:
         notes.append(f"started from the trained weights in {source['source']}: fine-tune with a smaller learning "
                      f"rate than training from scratch, e.g. train --lr 0.01")
-        # a sparse model's weights transformed again: its zeros stay, and the new masks ignore them
-        zero = {k: float((v == 0).float().mean()) for k, v in loaded.module.state_dict().items()
-                if v.dim() >= 2 and v.is_floating_point() and v.numel()}
-        mostly = sorted((k for k, f in zero.items() if f >= 0.5), key=lambda k: -zero[k])
-        if method_class(method).masked and mostly:
-            notes.append(f"{len(mostly)} weight tensor{'s' if len(mostly) > 1 else ''} in {weights} "
-                         f"{'are' if len(mostly) > 1 else 'is'} mostly zero ({mostly[0]} {zero[mostly[0]]:.0%}; a "
-                         "sparse model's?): the new masks are drawn regardless of them, so fewer weights are live "
-                         "than the density says")
+        if method_class(method).masked:
+            notes += _zero_weights_notes(loaded.module, weights)
     report.update(method=method, params=params, seed=seed, notes=notes, pass_layers=result.layers)
     recipe = Recipe(model=loaded.spec, input_shape=list(shapes[0]), method=method, params=params, seed=seed,
                     model_args=dict(model_args or {}), leaf_modules=list(leaf_modules),
@@ -190,6 +183,19 @@ def _density_notes(params: dict[str, Any], layers: dict[str, Any]) -> list[str]:
     return [f"--density {asked:g} is below what keeps every channel connected: the sparse layers reach "
             f"{live / entries:.3g} ({live:,} of {entries:,} connections); many filters have one input and "
             f"single-input convs lose most filters; use a density of at least {live / entries:.2g}"]
+
+
+def _zero_weights_notes(module: nn.Module, weights: str | Path) -> list[str]:
+    """A note when the loaded ``weights`` hold weight tensors that are mostly zero (a sparse model's
+    weights transformed again: its zeros stay, and the new masks are drawn regardless of them)."""
+    zero = {k: float((v == 0).float().mean()) for k, v in module.state_dict().items()
+            if v.dim() >= 2 and v.is_floating_point() and v.numel()}
+    mostly = sorted((k for k, f in zero.items() if f >= 0.5), key=lambda k: -zero[k])
+    if not mostly:
+        return []
+    return [f"{len(mostly)} weight tensor{'s' if len(mostly) > 1 else ''} in {weights} "
+            f"{'are' if len(mostly) > 1 else 'is'} mostly zero ({mostly[0]} {zero[mostly[0]]:.0%}; a sparse model's?): "
+            "the new masks are drawn regardless of them, so fewer weights are live than the density says"]
 
 
 def _read_user_weights(weights: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -292,8 +298,7 @@ def inspect(target: str | Path | nn.Module, *, input_shape: Sequence[int] | Sequ
         given = [f for f, v in (("--input-shape", input_shape), ("--model-args", model_args),
                                 ("--leaf", leaf_modules), ("--rule", rules)) if v]
         if given:  # they were taken and ignored
-            raise UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to models and runs; an .onnx "
-                             "file is inspected as it is")
+            raise not_applicable(given, "models and runs", "an .onnx file is inspected as it is")
         return inspect_onnx(target)
     if isinstance(target, (str, Path)) and is_run_dir(target):
         if model_args:  # taken and ignored: the run is rebuilt with its recipe's

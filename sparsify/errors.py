@@ -64,6 +64,11 @@ class RuntimeBackendError(SparsifyError):
     """ONNX Runtime, the native kernel, or an ONNX file that cannot be run."""
 
 
+def not_applicable(given: list[str], to: str, instead: str) -> UsageError:
+    """The error for options given where they would be ignored: ``--a, --b apply to TO; INSTEAD``."""
+    return UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to {to}; {instead}")
+
+
 def name_list(names: list[str], shown: int = 3) -> str:
     """A few names for a one-line message: ``a, b, c and 4 more``."""
     text = ", ".join(names[:shown])

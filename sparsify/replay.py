@@ -153,7 +153,7 @@ def decides_graph(traced: Traced, names: Sequence[str], leaf_modules: Sequence[s
     def constants(g: fx.GraphModule) -> list[torch.Tensor]:
         names = sorted({str(n.target) for n in g.graph.nodes if n.op == "get_attr"
                         and str(n.target).startswith("_tensor_constant")})
-        return [g.get_buffer(n) if n in dict(g.named_buffers()) else getattr(g, n) for n in names]
+        return [getattr(g, n) for n in names]
 
     mine, theirs = constants(gm), constants(traced.gm)
     return gm.code != traced.gm.code or len(mine) != len(theirs) or any(

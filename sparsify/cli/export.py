@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .._io import check_new_file
-from ..errors import UsageError
+from ..errors import UsageError, not_applicable
 from ._common import app, err, handle_errors, out
 
 
@@ -96,8 +96,7 @@ def export(
             given = [f for f, v in (("--dense", dense), ("--compact", compact), ("--fold-bn", fold_bn is True),
                                     ("--no-fold-bn", fold_bn is False), ("--channel-align", channel_align)) if v]
             if given:  # --no-fold-bn and --channel-align were taken and ignored
-                raise UsageError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to run directories; an "
-                                 ".onnx file is only converted")
+                raise not_applicable(given, "run directories", "an .onnx file is only converted")
             report = export_onnx_file(source, out_path, dense_threshold=dense_threshold, verify=verify,
                                       autotune=autotune, per_image=per_image)
         else:

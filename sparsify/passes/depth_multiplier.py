@@ -125,11 +125,12 @@ class DepthMultiplierPass(GraphPass):
                 result.layers[target] = {"kind": type(m).__name__, "before": _dims(m), "after": _dims(new)}
         self._cut_parameters(gm, cg, sizes)
         self._resize_args(gm, cg, new_size)
-        plain = sum(group_sizes(cg, self.alpha, 1).values())
-        if self.divisor > 1 and sum(sizes.values()) > 1.15 * plain:  # --alpha 0.5 --divisor 64: 0.86x of dense MACs
-            result.notes.append(f"--divisor {self.divisor} rounds the resized channel groups to {sum(sizes.values()):,} "
-                                f"channels where alpha {self.alpha:g} alone gives {plain:,}: a smaller --divisor "
-                                "follows alpha more closely")
+        if self.divisor > 1:
+            plain, rounded = sum(group_sizes(cg, self.alpha, 1).values()), sum(sizes.values())
+            if rounded > 1.15 * plain:  # --alpha 0.5 --divisor 64: 0.86x of dense MACs
+                result.notes.append(f"--divisor {self.divisor} rounds the resized channel groups to {rounded:,} "
+                                    f"channels where alpha {self.alpha:g} alone gives {plain:,}: a smaller --divisor "
+                                    "follows alpha more closely")
         for g in cg.channel_groups():
             if g.frozen:
                 result.notes.append(f"group of {g.size} channels kept ({sorted(set(g.reasons))[0]})")

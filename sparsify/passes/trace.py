@@ -1096,7 +1096,7 @@ def trace(model: nn.Module, leaf_types: Sequence[str] = (), rules: Any = None,
         raise TraceError(refused)
     if isinstance(model, fx.GraphModule):
         return model
-    if hasattr(rules, "rule_for_module"):  # a user rule for a module it cannot read: one line (Rule.module_problem)
+    if getattr(rules, "user_modules", None):  # a user rule for a module it cannot read: one line (Rule.module_problem)
         for m in model.modules():
             rules.rule_for_module(m)
     defaults = forward_defaults(model, n_inputs)
