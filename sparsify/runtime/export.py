@@ -201,9 +201,9 @@ def _input_names(model: nn.Module, n: int) -> list[str]:
     return [f"input_{i}" for i in range(n)]
 
 
-def output_names(y: Any, notes: list[str] | None = None, inputs: Sequence[str] = ()) -> list[str] | None:
-    """ONNX output names for a model output: None for one tensor (the exporter's default), else one
-    name per tensor from its place: dict keys ("logits"), tuple positions ("output_1"), joined by "."
+def output_names(y: Any, notes: list[str] | None = None, inputs: Sequence[str] = ()) -> list[str]:
+    """ONNX output names for a model output: "output" for one tensor (beside the one input's "input"),
+    else one name per tensor from its place: dict keys ("logits"), tuple positions ("output_1"), joined by "."
     when nested ("boxes.0"), characters other than letters, digits, "_" and "." made "_". Leaves that
     are not tensors (None, numbers) get no name. Names stay unique: one already taken (``{"a": {"b":
     t}}`` and ``{"a.b": u}`` both read "a.b", or an output named like one of the ONNX ``inputs``)
@@ -211,10 +211,11 @@ def output_names(y: Any, notes: list[str] | None = None, inputs: Sequence[str] =
     described in one line appended to ``notes``."""
     import torch.utils._pytree as pytree
 
-    if isinstance(y, torch.Tensor):
-        return None
     places = []
     for path, leaf in pytree.tree_flatten_with_path(y)[0]:
+        if not path:  # the output is one tensor
+            places.append(("the output", "output", "output"))
+            continue
         if not isinstance(leaf, torch.Tensor):
             continue  # None / numbers are not ONNX outputs: naming them would shift the names after them
         parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
@@ -604,8 +605,8 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
     """Export ``model`` to ONNX at ``out`` (atomic): SparseConv nodes where they win, verified in ORT.
 
     ``input_shape`` is one shape, or a list with one shape per model input (one ONNX input each,
-    batch dynamic). Outputs that are tuples, dicts or nested become one named ONNX output per
-    tensor (see ``output_names``). The model's eval-mode behaviour is exported.
+    batch dynamic). One output tensor is named "output"; tuples, dicts or nested outputs become one
+    named ONNX output per tensor (see ``output_names``). The model's eval-mode behaviour is exported.
 
     Compaction leaves every channel group at a multiple of ``channel_align`` channels (ORT's Conv
     is slower on unaligned counts); 1 removes every dead channel.

@@ -71,6 +71,26 @@ def test_structured_outputs_export_as_named_verified_outputs(cls, names, tmp_pat
         np.testing.assert_allclose(got["output_1.1.logits"], ref[1][1]["logits"].numpy(), rtol=1e-4, atol=1e-5)
 
 
+class InputNamedOutput(Body):
+    """A single output beside two inputs, one of them named "output"."""
+
+    def forward(self, x, output):
+        return self.fc(self.emb(self.c2(self.c1(x) + output).mean((2, 3))))
+
+
+def test_one_output_is_named_output_and_stays_clear_of_the_inputs(tmp_path):
+    torch.manual_seed(0)
+    plain = _sparse(nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 4)), (1, 3, 8, 8))
+    rep = export_model(plain.eval(), (1, 3, 8, 8), tmp_path / "one.onnx")
+    assert rep.output_names == ["output"]
+    assert [o.name for o in onnx.load(str(tmp_path / "one.onnx")).graph.output] == ["output"]
+    two = _sparse(InputNamedOutput(), [(1, 3, 16, 16), (1, 16, 16, 16)]).eval()
+    rep = export_model(two, [(1, 3, 16, 16), (1, 16, 16, 16)], tmp_path / "two.onnx")
+    assert rep.output_names == ["output_2"]
+    assert [i.name for i in onnx.load(str(tmp_path / "two.onnx")).graph.input] == ["x", "output"]
+    assert any("the output is 'output_2' ('output' is a model input's)" in n for n in rep.notes)
+
+
 class Colliding(Body):
     """Names that read the same once flattened (a nested dict's "a.b" and a key "a.b"), a key with a
     space, and an output named like the input."""
