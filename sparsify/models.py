@@ -137,15 +137,24 @@ def module_name(relative: str) -> str:
 
 
 def _where(e: BaseException, path: Path) -> str:
-    """``ExcType: message (file.py:LINE)`` for the deepest frame inside the user's file."""
-    line = None
+    """``ExcType: message (file.py:LINE)`` for the deepest frame inside the user's file;
+    ``(layers.py:LINE, from file.py:LINE)`` when a deeper one is in a module beside it (its folder,
+    outside installed packages), where the fault usually is."""
+    line, local = None, None
+    folder = path.resolve().parent
     for frame in traceback.extract_tb(e.__traceback__):
-        if Path(frame.filename).resolve() == path.resolve():
-            line = frame.lineno
+        file = Path(frame.filename).resolve()
+        if file == path.resolve():
+            line, local = frame.lineno, None
+        elif (line is not None and file.is_relative_to(folder) and file.suffix == ".py"
+              and "site-packages" not in file.parts):
+            local = f"{file.relative_to(folder).as_posix()}:{frame.lineno}"
     if isinstance(e, SystemExit):
         msg = f"it called sys.exit({e.code!r})"
     else:
         msg = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+    if line and local:
+        return f"{msg} ({local}, from {path.name}:{line})"
     return f"{msg} ({path.name}:{line})" if line else msg
 
 

@@ -123,6 +123,25 @@ def build_model():
     assert "boom.py:6" in msg and "ValueError" in msg and "kaboom" in msg
 
 
+def test_a_fault_in_a_module_beside_the_file_names_that_module_and_the_call(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "layers.py").write_text(HEADER + "def block(c):\n    return nn.Conv2d(c, c, 3, paddin=1)\n")
+    path = write(tmp_path, "net.py", """
+from pkg.layers import block
+
+def build_model():
+    return block(4)
+""")
+    with pytest.raises(ModelLoadError) as e:
+        load_model(str(path))
+    assert "paddin" in str(e.value) and "(pkg/layers.py:5, from net.py:8)" in str(e.value)
+    path.write_text(HEADER + "from pkg.layers import block\nblock(4)\n")  # at import
+    with pytest.raises(ModelLoadError) as e:
+        load_model(str(path))
+    assert "(pkg/layers.py:5, from net.py:5)" in str(e.value)
+
+
 def test_factory_returning_non_module(tmp_path):
     path = write(tmp_path, "notmod.py", "def build_model():\n    return 42\n")
     with pytest.raises(ModelLoadError, match="not an nn.Module"):
