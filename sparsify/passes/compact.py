@@ -475,7 +475,7 @@ class CompactPass(GraphPass):
 
     def call(self, gm: fx.GraphModule, example_input: Any) -> PassResult:
         rules, align = self.rules, self.align
-        original = eval_graph_module(copy.deepcopy(gm)).eval()
+        original = eval_graph_module(gm).eval()  # gm is this pass's own copy (GraphPass.__call__)
         work = copy.deepcopy(original)
         example = tuple(x.detach() for x in as_inputs(example_input))
         example = tuple(x.expand(2, *x.shape[1:]).clone() if x.dim() and x.shape[0] < 2 else x for x in example)

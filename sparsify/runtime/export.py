@@ -150,14 +150,15 @@ def _prepare(model: nn.Module, example: tuple[torch.Tensor, ...], compact: bool,
     ``preparation``; the compaction report and the folded BNs go into ``report``."""
     from ..passes.trace import eval_graph_module
 
-    work: nn.Module = copy.deepcopy(model).eval().float()
-    if isinstance(work, fx.GraphModule):
-        work = eval_graph_module(work).eval()
-    work, results = run_passes(preparation(compact, fold_bn, channel_align, rules), work, example)
-    if "compact" in results:
-        report.compaction = results["compact"].report.to_json()
-    if "fold-bn" in results:
-        report.folded_bn = results["fold-bn"].report
+    def eval_copy() -> nn.Module:  # held only by run_passes, which frees it after the first pass
+        work: nn.Module = copy.deepcopy(model).eval().float()
+        return eval_graph_module(work).eval() if isinstance(work, fx.GraphModule) else work
+
+    work, reports = run_passes(preparation(compact, fold_bn, channel_align, rules), eval_copy(), example)
+    if "compact" in reports:
+        report.compaction = reports["compact"].to_json()
+    if "fold-bn" in reports:
+        report.folded_bn = reports["fold-bn"]
     return work
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from sparsify.errors import PassError
 from sparsify.nn import SPARSE_LAYERS, SparseConv2d, SparseLinear
-from sparsify.passes.base import GraphPass, PassResult, run_passes
+from sparsify.passes.base import GraphPass, run_passes
 from sparsify.passes.compact import CompactionReport, CompactPass, FoldBatchNormPass
 from sparsify.passes.lowering import DensifyPass, TracePass
 from sparsify.runtime.export import PREPARATION, preparation
@@ -51,13 +51,12 @@ def test_every_pass_returns_its_module_and_report_and_leaves_the_input_alone():
     m = _net()
     x = torch.randn(2, 3, 6, 6)
     state = {k: v.clone() for k, v in m.state_dict().items()}
-    out, results = run_passes(preparation(channel_align=1), m, x)
-    assert list(results) == list(PREPARATION)
-    assert all(isinstance(r, PassResult) for r in results.values())
-    assert isinstance(results["compact"].report, CompactionReport) and results["compact"].report.channels_removed >= 1
-    assert results["densify"].report == ["c1", "c2", "fc"]
-    assert results["fold-bn"].report == ["bn"]
-    assert results["onnx-forms"].report == []  # nothing torch.onnx cannot express
+    out, reports = run_passes(preparation(channel_align=1), m, x)
+    assert list(reports) == list(PREPARATION)
+    assert isinstance(reports["compact"], CompactionReport) and reports["compact"].channels_removed >= 1
+    assert reports["densify"] == ["c1", "c2", "fc"]
+    assert reports["fold-bn"] == ["bn"]
+    assert reports["onnx-forms"] == []  # nothing torch.onnx cannot express
     assert not any(isinstance(mod, SPARSE_LAYERS) for mod in out.modules())
     assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())  # the input is untouched
     assert isinstance(m.c1, SparseConv2d)
