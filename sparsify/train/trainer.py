@@ -739,6 +739,7 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainConfig, *, model_input: tu
         _check_same_data(resume_state, data)
         model.load_state_dict(resume_state["model"])  # before the schedule looks at the masks
     schedule = schedule_class(cfg.schedule)(layers, plan, cfg, reducer)
+    schedule.check_masks()
     optimizer = make_optimizer(model, cfg)
     history: list[dict[str, Any]] = []
     start_epoch = 0

@@ -23,13 +23,31 @@ def fan_in_block(module: torch.nn.Module) -> int:
     return int(getattr(module, "fan_in_block", 1))
 
 
+def block_parts(rows: int, block: int) -> list[slice]:
+    """The row ranges of a mask with ``rows`` rows whose blocks all have one size: the whole blocks
+    of ``block`` rows, then the last, shorter block when ``rows`` is not a multiple of ``block``.
+    A schedule that conserves a layer's connections edits each part on its own: an entry of the
+    short block is worth fewer mask entries than one of a whole block."""
+    whole = rows - rows % block if block > 1 else rows
+    return [part for part in (slice(0, whole), slice(whole, rows)) if part.stop > part.start]
+
+
 def _by_block(mask: torch.Tensor, block: int, k: int, edit: Callable[..., int], *per_row: torch.Tensor | None) -> int:
     """``edit(rows_mask, k_rows, *rows_of_per_row)`` on one row per block of ``mask``; every row of a
     block then takes its block's row. per_row tensors (scores, masks) shaped like ``mask`` are
-    summed over each block's rows (None passes through). Returns the mask entries changed."""
+    summed over each block's rows (None passes through). Returns the mask entries changed.
+
+    With a last, shorter block, the whole blocks and the short one are edited apart (``block_parts``),
+    ``k`` shared between them by their rows, so that k entries are k / (rows of a block) edits in
+    each (counting the short block as a whole one let every RigL update grow more than it pruned)."""
     if block <= 1:
         return edit(mask, k, *per_row)
     n = mask.shape[0]
+    parts = block_parts(n, block)
+    if len(parts) > 1:
+        k_whole = int(round(k * parts[0].stop / n))
+        return sum(_by_block(mask[part], block, share, edit, *(None if t is None else t[part] for t in per_row))
+                   for part, share in zip(parts, (k_whole, k - k_whole)))
     rows = -(-n // block)
 
     def fold(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ...errors import UsageError
+from ...errors import TrainingError, UsageError
 from ..distributed import Reducer
 
 if TYPE_CHECKING:
@@ -89,6 +89,14 @@ class Change:
         self.pruned[name] = self.pruned.get(name, 0) + pruned
         self.grown[name] = self.grown.get(name, 0) + grown
 
+    def record(self, name: str, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Add the entries that went from live to dead and from dead to live between two masks: a
+        connection pruned and grown again in the same update did not move (and keeps its weight)."""
+        self.add(name, int(((before > 0) & (after == 0)).sum()), int(((before == 0) & (after > 0)).sum()))
+
+
+FEW_UPDATES = 3  # fewer topology updates than this are noted (the run is nearly static training)
+
 
 def event_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
     """A generator that depends only on (seed, step): random choices need no saved state."""
@@ -100,6 +108,7 @@ class Schedule:
 
     name: ClassVar[str] = ""
     dynamic: ClassVar[bool] = True
+    moves: ClassVar[bool] = False  # prunes and regrows connections (rigl, set, sparse-momentum)
     Params: ClassVar[type[ScheduleParams]] = ScheduleParams
 
     def __init__(self, layers: dict[str, nn.Module], plan: Plan, config: "TrainConfig", reducer: Reducer) -> None:
@@ -128,9 +137,31 @@ class Schedule:
         """Called after epoch ``epoch`` (1-based) has finished."""
         return None
 
+    def updates(self) -> int | None:
+        """How many topology updates the run makes; None for a schedule that makes none by design."""
+        return None
+
+    def cadence(self) -> str:
+        """When the updates come and how to get more (the few-updates note's ending)."""
+        return ""
+
     def notes(self) -> list[str]:
-        """One-line remarks on how this schedule fits the run (e.g. too few topology updates); recorded as warnings."""
-        return []
+        """One-line remarks on how this schedule fits the run (too few topology updates); recorded as warnings."""
+        n = self.updates()
+        if n is None or n >= FEW_UPDATES:
+            return []
+        made = ("no topology update, so it trains like --schedule static" if n == 0 else
+                f"only {n} topology update{'s' if n > 1 else ''}")
+        return [f"{self.name} makes {made}: {self.cadence()}"]
+
+    def check_masks(self) -> None:
+        """TrainingError when this schedule cannot change the run's masks at all: one that moves
+        connections (``moves``) on a run whose masked layers are all dense (density 1) has no
+        missing connection to grow, and would train like ``static`` while reporting moves."""
+        if self.moves and all(bool((m.mask > 0).all()) for m in self.layers.values()):
+            raise TrainingError(f"every masked layer of this run is dense (density 1), so {self.name} has no missing "
+                                f"connection to grow; train it with --schedule static, or transform at a density "
+                                f"below 1")
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly (tensors and plain values only)."""

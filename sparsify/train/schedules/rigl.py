@@ -22,7 +22,7 @@ import torch
 from ...errors import TrainingError
 from ...profiles import fan_in_counts, random_mask
 from ._allocation import layer_budgets
-from ._topology import fan_in_block, grow_largest, prune_smallest, random_mask_like, unit_scores
+from ._topology import block_parts, fan_in_block, grow_largest, prune_smallest, random_mask_like, unit_scores
 from .base import Change, Schedule, ScheduleParams, check, check_prune_rate, check_update_every, event_generator
 
 
@@ -77,7 +77,7 @@ def redraw_topology(schedule: Schedule) -> Change | None:
         with torch.no_grad():
             torch.nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=g)
             m.mask.copy_(new.to(m.mask.dtype))
-        change.add(n, int(((before > 0) & (new == 0)).sum()), int(((before == 0) & (new > 0)).sum()))
+        change.record(n, before, new)
     return change
 
 
@@ -109,7 +109,6 @@ class RigLParams(ScheduleParams):
 
 DEFAULT_INTERVAL = 100  # ΔT of Evci et al. 2020 (sect. 4), for runs long enough to make MIN_UPDATES with it
 MIN_UPDATES = 10        # updates before the stop point that the default interval leaves a short run
-FEW_UPDATES = 3         # fewer updates than this is noted (the run is nearly static training)
 
 
 def default_interval(end: int) -> int:
@@ -126,6 +125,7 @@ class RigL(Schedule):
     """Rigging the Lottery: magnitude drop, gradient grow, cosine-decayed drop fraction."""
 
     name = "rigl"
+    moves = True
     Params = RigLParams
     params: RigLParams
 
@@ -139,14 +139,9 @@ class RigL(Schedule):
         """How many topology updates the run makes (at multiples of ``every`` before ``end``)."""
         return max(0, (self.end - 1) // self.every)
 
-    def notes(self) -> list[str]:
-        n = self.updates()
-        if n >= FEW_UPDATES:
-            return []
-        made = "no topology update, so it trains like --schedule static" if n == 0 else \
-            f"only {n} topology update{'s' if n > 1 else ''}"
-        return [f"rigl makes {made}: one every {self.every} steps, before step {self.end} "
-                f"({self.params.stop_fraction:g} of {self.plan.total_steps}); lower --update-every or train longer"]
+    def cadence(self) -> str:
+        return (f"one every {self.every} steps, before step {self.end} ({self.params.stop_fraction:g} of "
+                f"{self.plan.total_steps}); lower --update-every or train longer")
 
     def start(self) -> Change | None:
         return redraw_topology(self)
@@ -168,8 +163,11 @@ class RigL(Schedule):
         change = Change()
         for n, m in self.layers.items():
             g = self.reducer.mean_(grads[n].detach().clone())
-            k = int(round(f * float(m.mask.sum())))
-            pruned = prune_smallest(m.mask, unit_scores(m, m.weight), k, block=fan_in_block(m))
-            grown = grow_largest(m.mask, unit_scores(m, g), pruned, block=fan_in_block(m))
-            change.add(n, pruned, grown)
+            before, b = m.mask.clone(), fan_in_block(m)
+            drop, grow = unit_scores(m, m.weight), unit_scores(m, g)
+            for rows in block_parts(m.mask.shape[0], b):  # a short last block regrows what it lost
+                mask = m.mask[rows]
+                pruned = prune_smallest(mask, drop[rows], int(round(f * float(mask.sum()))), block=b)
+                grow_largest(mask, grow[rows], pruned, block=b)
+            change.record(n, before, m.mask)
         return change

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ._topology import fan_in_block, grow_random, prune_smallest, unit_scores
+from ._topology import block_parts, fan_in_block, grow_random, prune_smallest, unit_scores
 from .base import Change, Schedule, ScheduleParams, check_prune_rate, check_update_every, event_generator
 
 
@@ -33,6 +33,7 @@ class SET(Schedule):
     """Sparse Evolutionary Training."""
 
     name = "set"
+    moves = True
     Params = SETParams
     params: SETParams
 
@@ -41,18 +42,32 @@ class SET(Schedule):
         self.zeta = 0.3 if self.params.prune_rate is None else float(self.params.prune_rate)
         self.every = self.params.update_every
 
+    def updates(self) -> int:
+        """How many updates the run makes: at every ``update_every``-th step before the last, else
+        after every epoch but the last."""
+        if self.every:
+            return (self.plan.total_steps - 1) // self.every
+        return self.plan.epochs - 1
+
+    def cadence(self) -> str:
+        if self.every:
+            return f"one every {self.every} steps of {self.plan.total_steps}; lower --update-every or train longer"
+        return "one after every epoch but the last; train more epochs, or give --update-every (steps)"
+
     def _evolve(self, step: int) -> Change:
         change = Change()
         g = event_generator(self.seed, step, salt=17)
         for n, m in self.layers.items():
-            k = int(round(self.zeta * float(m.mask.sum())))
-            removed, b = m.mask.clone(), fan_in_block(m)
-            pruned = prune_smallest(m.mask, unit_scores(m, m.weight), k, block=b)
-            # Regrow among entries that were dead before this update, so a pruned weight is not revived.
-            grown = grow_random(m.mask, pruned, g, within=(removed == 0).to(m.mask.dtype), block=b)
-            if grown < pruned:  # a nearly dense layer: fall back to any dead entry
-                grown += grow_random(m.mask, pruned - grown, g, block=b)
-            change.add(n, pruned, grown)
+            before, b = m.mask.clone(), fan_in_block(m)
+            score = unit_scores(m, m.weight)
+            for rows in block_parts(m.mask.shape[0], b):  # a short last block regrows what it lost
+                mask = m.mask[rows]
+                pruned = prune_smallest(mask, score[rows], int(round(self.zeta * float(mask.sum()))), block=b)
+                # Regrow among entries that were dead before this update, so a pruned weight is not revived.
+                grown = grow_random(mask, pruned, g, within=(before[rows] == 0).to(m.mask.dtype), block=b)
+                if grown < pruned:  # a nearly dense layer: fall back to any dead entry
+                    grow_random(mask, pruned - grown, g, block=b)
+            change.record(n, before, m.mask)
         return change
 
     def after_step(self, done: int, grads: dict[str, torch.Tensor] | None) -> Change | None:

@@ -79,6 +79,7 @@ class SparseMomentum(Schedule):
     """Prune by magnitude, redistribute by mean momentum, regrow by momentum, once per epoch."""
 
     name = "sparse-momentum"
+    moves = True
     Params = SparseMomentumParams
     params: SparseMomentumParams
 
@@ -92,6 +93,13 @@ class SparseMomentum(Schedule):
     def rate(self, epoch: int) -> float:
         """The pruning rate applied after epoch ``epoch``: cosine decay to zero at the last epoch."""
         return self.prune_rate * 0.5 * (1.0 + math.cos(math.pi * epoch / self.plan.epochs))
+
+    def updates(self) -> int:
+        """One update after every epoch but the last (its prune rate has decayed to 0 there)."""
+        return sum(self.rate(e) > 0 for e in range(1, self.plan.epochs))
+
+    def cadence(self) -> str:
+        return "one after every epoch but the last; train more epochs"
 
     def wants_dense_grad(self, step: int) -> bool:
         return True
@@ -119,6 +127,7 @@ class SparseMomentum(Schedule):
         shares = [v / total for v in mean_mom] if total > 0 else [1.0 / len(names)] * len(names)
         # (b) prune the smallest magnitudes.
         change = Change()
+        before = {n: self.layers[n].mask.clone() for n in names}
         removed = 0
         for i, n in enumerate(names):
             m = self.layers[n]
@@ -126,7 +135,6 @@ class SparseMomentum(Schedule):
             sparsity = 1.0 - live / m.mask.numel()
             p_i = min(p, sparsity) if shares[i] > 1.0 / len(names) else p
             k = prune_smallest(m.mask, unit_scores(m, m.weight), int(round(p_i * live)), block=fan_in_block(m))
-            change.add(n, k, 0)
             removed += k * unit_size(m)
         # (c) regrow where the momentum of missing connections is largest. A layer with shared fan-ins
         # grows whole blocks: its capacity and allocation count blocks of fan_in_block entries (they
@@ -141,9 +149,9 @@ class SparseMomentum(Schedule):
         for i, n in enumerate(names):
             m = self.layers[n]
             grown = grow_largest(m.mask, unit_scores(m, self.momentum[n]), alloc[i] * blocks[i], block=blocks[i])
-            change.add(n, 0, grown)
             # what a layer of blocks could not place exactly (a last block of fewer rows) is carried
             self.carry += alloc[i] * quanta[i] - grown * unit_size(m)
+            change.record(n, before[n], m.mask)
         return change
 
     def state_dict(self) -> dict[str, Any]:
