@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -320,7 +321,40 @@ def test_incremental_start_density_above_target_is_refused():
     model = TwoLayers()
     cfg = TrainConfig(schedule="incremental", epochs=1, start_density=0.5)
     with pytest.raises(TrainingError, match="start density"):
-        schedule_class("incremental")(sparse_modules(model), Plan(1, 10), cfg, Reducer())
+        schedule_class("incremental")(sparse_modules(model), Plan(1, 10), cfg, Reducer()).start()
+
+
+@pytest.mark.parametrize("steps,kw,fix", [
+    (39, {"double_every": 20}, "give --double-every 13 or less"),  # 3 doublings (1/8 start) in 39 steps
+    (2, {}, "train longer (--epochs) or start denser"),  # fewer steps than doublings
+])
+def test_incremental_refuses_a_run_too_short_to_reach_its_density(steps, kw, fix):
+    """It ended at a quarter of the run's density, with only a note about moved weights."""
+    cfg = TrainConfig(schedule="incremental", epochs=1, **kw)
+    sched = schedule_class("incremental")(sparse_modules(TwoLayers()), Plan(1, steps), cfg, Reducer())
+    with pytest.raises(TrainingError, match=f"after 3 doublings.*this run trains {steps} steps.*{re.escape(fix)}"):
+        sched.start()
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_incremental_resumes_from_half_densified_masks_and_ends_at_its_target(block):
+    """A resumed run builds its schedule on the checkpoint's masks, sparser than the run's: that was
+    read as the target and --start-density refused ("above layer c2's density")."""
+    model = _blocked_net(block) if block > 1 else TinyNet(density=0.5)
+    layers = sparse_modules(model)
+    target = {n: m.mask.clone() for n, m in layers.items()}
+    cfg = TrainConfig(schedule="incremental", epochs=1, start_density=0.04, double_every=4)  # conv2: 5 of 128 asked, 4 kept
+    first = schedule_class("incremental")(layers, Plan(1, 40), cfg, Reducer())
+    first.start()
+    for done in range(1, 4):  # interrupted before the first doubling
+        first.after_step(done, None)
+    state = first.state_dict()
+    assert any(int(m.mask.sum()) < int(target[n].sum()) for n, m in layers.items())  # half-way
+    resumed = schedule_class("incremental")(layers, Plan(1, 40), cfg, Reducer())
+    resumed.load_state_dict(state)
+    for done in range(4, 41):
+        resumed.after_step(done, None)
+    assert all(torch.equal(m.mask, target[n]) for n, m in layers.items())  # exactly, blocks or not
 
 
 def test_incremental_learns_from_a_sparse_start():

@@ -3,7 +3,8 @@
 The run's masks are the target topology. Training starts with a random subset of each layer's
 target connections at ``start_density`` (a fraction of all possible connections; default: an
 eighth of each layer's target) and doubles every layer's live connections every ``double_every``
-steps until the target is reached. Existing connections keep what they learned, so channels that
+steps until the target is reached (default: the doublings spread over the first half of training;
+a run too short to reach its masks is refused, so it never ends below its density). Existing connections keep what they learned, so channels that
 already carry features are reused in new contexts; an added connection enters "untrained", with
 the initial value the run gave it. (Starting added connections at zero deadlocks: when the sparse
 start leaves a path disconnected, every weight on a newly opened path is zero and none gets a
@@ -45,15 +46,11 @@ class Incremental(Schedule):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # the run's masks; a resumed run's target, start weights and period come from load_state_dict
+        # (the layers hold the checkpoint's half-densified masks by then)
         self.target = {n: (m.mask > 0).to(m.mask.dtype).clone() for n, m in self.layers.items()}
         self.initial = {n: m.weight.detach().clone() for n, m in self.layers.items()}
-        self.start_counts = self._start_counts()
-        doublings = max(
-            (math.ceil(math.log2(float(self.target[n].sum()) / c)) for n, c in self.start_counts.items()), default=0
-        )
-        self.doublings = doublings
-        default_every = max(1, self.plan.total_steps // max(2 * doublings, 1))
-        self.every = int(self.params.double_every or default_every)
+        self.every = 0  # set by start() or load_state_dict
 
     def _start_counts(self) -> dict[str, int]:
         s = self.params.start_density
@@ -61,7 +58,7 @@ class Incremental(Schedule):
         for n, m in self.layers.items():
             target = int(self.target[n].sum())
             if s is None:
-                counts[n] = max(1, round(target / 8))
+                counts[n] = max(1, math.ceil(target / 8))  # three doublings reach the target (round() could need four)
                 continue
             c = max(1, int(round(s * m.mask.numel())))
             if c > target:
@@ -73,13 +70,26 @@ class Incremental(Schedule):
         return counts
 
     def start(self) -> Change | None:
-        change = Change()
+        """Keep a random subset of each layer's target (whole blocks of a block-sparse conv), and
+        fix the period: TrainingError when the run is too short to double up to its masks."""
+        change, counts = Change(), self._start_counts()
         for i, (n, m) in enumerate(self.layers.items()):
             keep = torch.zeros_like(m.mask)
-            grow_random(keep, self.start_counts[n], event_generator(self.seed, 0, salt=2000 + i), within=self.target[n],
-                        block=fan_in_block(m))
-            change.add(n, int(m.mask.sum() - keep.sum()), 0)
+            grow_random(keep, counts[n], event_generator(self.seed, 0, salt=2000 + i),
+                        within=self.target[n], block=fan_in_block(m))
+            change.record(n, m.mask, keep)
             m.mask.copy_(keep)
+        # from what was kept (block rounding can keep a little less than asked)
+        doublings = max((math.ceil(math.log2(float(self.target[n].sum()) / max(float(m.mask.sum()), 1.0)))
+                         for n, m in self.layers.items()), default=0)
+        total = self.plan.total_steps
+        self.every = int(self.params.double_every or max(1, total // max(2 * doublings, 1)))
+        if doublings and total // self.every < doublings:
+            fix = (f"give --double-every {total // doublings} or less, or train longer" if total >= doublings else
+                   "train longer (--epochs) or start denser (--start-density)")
+            raise TrainingError(f"incremental reaches the run's density after {doublings} doublings, one every "
+                                f"{self.every} steps, but this run trains {total} steps: it would end at "
+                                f"1/{2 ** (doublings - total // self.every)} of its density; {fix}")
         return change
 
     def after_step(self, done: int, grads: dict[str, torch.Tensor] | None) -> Change | None:
@@ -87,12 +97,16 @@ class Incremental(Schedule):
             return None
         change = Change()
         g = event_generator(self.seed, done, salt=31)
+        last = done + self.every > self.plan.total_steps  # the run's last doubling
         for n, m in self.layers.items():
             live, target = int(m.mask.sum()), int(self.target[n].sum())
             if live < target:
                 before = m.mask.clone()
-                change.add(n, 0, grow_random(m.mask, min(live, target - live), g, within=self.target[n],
-                                             block=fan_in_block(m)))
+                if last or target - live <= live:  # the rest of the target, exactly (blocks round each doubling)
+                    m.mask.copy_(self.target[n])
+                else:
+                    grow_random(m.mask, live, g, within=self.target[n], block=fan_in_block(m))
+                change.record(n, before, m.mask)
                 added = (m.mask > 0) & (before == 0)
                 added = added.reshape(added.shape + (1,) * (m.weight.dim() - 2)).expand_as(m.weight)
                 with torch.no_grad():
