@@ -101,11 +101,12 @@ def train(
     clip_grad_norm: Optional[float] = typer.Option(None, help="Clip the global gradient norm to this (default "
                                                               "2.0; 0: no clipping)"),
     optimizer: Optional[str] = typer.Option(None, help="sgd (Nesterov, default) or adam"),
-    momentum: Optional[float] = typer.Option(None, help="SGD momentum (default 0.9)"),
+    momentum: Optional[float] = typer.Option(None, help="SGD momentum (default 0.9); also how sparse-momentum "
+                                                        "smooths the gradients it regrows by"),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default 5e-4)"),
     seed: Optional[int] = typer.Option(None, help="Seed of batch order and topology choices (default 0)"),
-    prune_rate: Optional[float] = typer.Option(None, help="sparse-momentum p (0.5), rigl drop fraction (0.3), "
-                                                          "set zeta (0.3)"),
+    prune_rate: Optional[float] = typer.Option(None, help="sparse-momentum p (0.5, cosine-decayed per epoch), "
+                                                          "rigl drop fraction (0.3), set zeta (0.3)"),
     update_every: Optional[int] = typer.Option(None, help="rigl: steps between updates (100, less when a short run "
                                                           "would make fewer than 10); set: steps "
                                                           "(default: every epoch)"),

@@ -62,7 +62,9 @@ def _resume_config(state: dict[str, Any], overrides: dict[str, Any]) -> TrainCon
         was = "its default" if saved[k] is None else repr(saved[k])
         raise UsageError(f"--resume continues the checkpoint's settings, but {flag(k)} {differing[k]!r} differs "
                          f"from the checkpoint's {was}; drop {flag(k)} or start again with --force")
-    return TrainConfig.from_dict(saved)
+    cfg = TrainConfig.from_dict(saved)
+    cfg.unused = {}  # settings an older version accepted for another schedule and ignored
+    return cfg
 
 
 def _refreshed_report(run: Any, input_shape: tuple[int, ...], summary: dict[str, Any]) -> dict[str, Any]:

@@ -81,9 +81,8 @@ class TrainConfig:
     class's ``Params`` (``sparsify.train.schedules``). ``TrainConfig(schedule="rigl", init="erk")``
     and ``from_dict`` take the schedule's settings as flat keywords too (the CLI's flags, the API's
     keywords, study specs and older records) and route them to ``params``. A setting that only
-    another schedule reads is checked and then ignored (``unused`` keeps it for the record), except
-    the ones a schedule declares exclusive (``--init`` off RigL), which are refused. Unknown names
-    are a UsageError.
+    another schedule reads is kept in ``unused`` and refused by ``validate`` (it would be recorded
+    as if applied); a resumed record drops it. Unknown names are a UsageError.
     """
 
     data: str = "digits"
@@ -214,12 +213,10 @@ class TrainConfig:
             if not ok:
                 raise UsageError(message)
         settings = schedule_settings()
-        for name, value in self.unused.items():
+        for name in self.unused:  # given, and never read: recorded as if applied, it misled (--stop-fraction on set)
             owners = settings[name][1]
-            owner = SCHEDULES[owners[0]].Params
-            if name in owner.exclusive:
-                raise UsageError(f"{flag(name)} applies to --schedule {', '.join(owners)} only")
-            owner(**{name: value}).validate()  # checked as before, though this schedule does not read it
+            raise UsageError(f"{flag(name)} applies to --schedule {' / '.join(owners)} only, not {self.schedule}; "
+                             f"drop it or choose one of those schedules")
         self.params.validate()
 
 

@@ -30,7 +30,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, schedule: str) -> No
         data = load_dataset("synthetic", INPUT, num_classes=10, synthetic_size=(256, 64))
         model = TinyNet(density=0.5)
         before = {n: m.mask.clone() for n, m in sparse_modules(model).items()}
-        cfg = TrainConfig(data="synthetic", schedule=schedule, epochs=2, batch_size=16, update_every=3, seed=5)
+        cfg = TrainConfig(data="synthetic", schedule=schedule, epochs=2, batch_size=16, seed=5,
+                          **({"update_every": 3} if schedule in ("rigl", "set") else {}))
         result = fit(model, data, cfg, model_input=INPUT)
         torch.save({"before": before, "masks": {n: m.mask.clone() for n, m in sparse_modules(model).items()},
                     "state": {k: v.clone() for k, v in model.state_dict().items()},

@@ -48,21 +48,30 @@ def test_flat_settings_go_to_the_schedules_params():
     assert TrainConfig(schedule="incremental", double_every=4).params == IncrementalParams(double_every=4)
 
 
-def test_a_setting_another_schedule_reads_is_checked_recorded_and_ignored():
-    cfg = TrainConfig(schedule="sparse-momentum", update_every=3)
-    cfg.validate()
-    assert cfg.params == SparseMomentumParams()
-    assert cfg.to_dict()["update_every"] == 3  # recorded as given, as before
-    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # a checkpoint's record resumes to the same config
-    with pytest.raises(UsageError, match="--update-every must be at least 1"):
-        TrainConfig(schedule="sparse-momentum", update_every=0).validate()
+@pytest.mark.parametrize("schedule,kw,owners", [
+    ("set", {"stop_fraction": 0.5}, "rigl"),
+    ("sparse-momentum", {"update_every": 3}, "rigl / set"),
+    ("static", {"prune_rate": 0.4}, "sparse-momentum / rigl / set"),
+    ("rigl", {"start_density": 0.05}, "incremental"),
+    ("incremental", {"prune_rate": 0.2}, "sparse-momentum / rigl / set"),
+    ("set", {"init": "erk"}, "rigl"),
+    ("static", {"init_profile": "lognormal"}, "rigl"),
+    ("incremental", {"init_profile_params": {"sigma": 1.0}}, "rigl"),
+])
+def test_a_setting_only_another_schedule_reads_is_refused(schedule, kw, owners):
+    """It was accepted, ignored and recorded in summary.json as if applied."""
+    name = next(iter(kw))
+    with pytest.raises(UsageError, match=f"--{name.replace('_', '-')} applies to --schedule {owners} only, "
+                                         f"not {schedule}; drop it"):
+        TrainConfig(schedule=schedule, **kw).validate()
+    default = TrainConfig().to_dict()[name]
+    TrainConfig(schedule=schedule, **{name: default}).validate()  # the default is no setting
 
 
-@pytest.mark.parametrize("schedule", ["static", "set", "sparse-momentum", "incremental"])
-def test_rigl_only_settings_are_refused_elsewhere(schedule):
-    for kw in ({"init": "erk"}, {"init_profile": "lognormal"}, {"init_profile_params": {"sigma": 1.0}}):
-        with pytest.raises(UsageError, match="applies to --schedule rigl only"):
-            TrainConfig(schedule=schedule, **kw).validate()
+def test_a_profile_parameter_without_a_profile_is_refused():
+    with pytest.raises(UsageError, match="--init-profile-param sets a parameter of --init-profile, which is not given"):
+        TrainConfig(schedule="rigl", init_profile_params={"sigma": 1.0}).validate()
+    TrainConfig(schedule="rigl", init_profile="lognormal", init_profile_params={"sigma": 1.0}).validate()
 
 
 @pytest.mark.parametrize("params,flag", [

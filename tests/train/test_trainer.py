@@ -31,7 +31,9 @@ def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 @pytest.mark.parametrize("schedule", ["sparse-momentum", "rigl", "set", "incremental"])
 def test_resume_is_bit_identical_to_uninterrupted(schedule, data, tmp_path):
-    kw = dict(data="synthetic", schedule=schedule, batch_size=32, update_every=3, seed=3)
+    kw = dict(data="synthetic", schedule=schedule, batch_size=32, seed=3,
+              **({"update_every": 3} if schedule in ("rigl", "set") else {"double_every": 3} if schedule == "incremental"
+                 else {}))
     full = TinyNet(density=0.5)
     r_full = fit(full, data, TrainConfig(epochs=2, **kw), model_input=INPUT, checkpoint=tmp_path / "a.pt")
 
@@ -429,7 +431,7 @@ def test_the_result_gives_the_density_of_connections_and_of_weights(data):
     layers = [model.conv1, model.conv2, model.fc1]
     weights_before = sum(int(m.mask.sum()) * (m.weight.numel() // m.mask.numel()) for m in layers)
     r = fit(model, data, TrainConfig(data="synthetic", schedule="sparse-momentum", epochs=2, batch_size=32,
-                                     update_every=3, seed=0), model_input=INPUT)
+                                     seed=0), model_input=INPUT)
     live = {m: int(m.mask.sum()) for m in layers}
     assert r["density"] == pytest.approx(sum(live.values()) / sum(m.mask.numel() for m in layers))
     live_weights = sum(n * (m.weight.numel() // m.mask.numel()) for m, n in live.items())

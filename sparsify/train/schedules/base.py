@@ -43,12 +43,8 @@ def check(ok: bool, message: str) -> None:
 class ScheduleParams:
     """A schedule's own settings (none for ``static``). Subclasses add fields, each a CLI flag of
     ``sparsify train`` (``prune_rate`` is ``--prune-rate``), and their checks in ``validate``.
-
-    ``exclusive``: settings that make no sense for any other schedule; giving one there is refused
-    rather than ignored (e.g. ``--init`` is RigL's only).
+    Giving one to a schedule that does not own it is refused (``TrainConfig.validate``).
     """
-
-    exclusive: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:
         """Raise UsageError, naming the flag, on a value that cannot work."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,7 +91,6 @@ class RigLParams(ScheduleParams):
     ``init``: the initial layer budgets (the run's, ``uniform`` or ``erk``); ``init_profile`` /
     ``init_profile_params``: a PSN fan-in profile inside each layer (``NAME@LAYER`` per layer)."""
 
-    exclusive: ClassVar[tuple[str, ...]] = ("init", "init_profile", "init_profile_params")
 
     prune_rate: float | None = None
     update_every: int | None = None
@@ -105,6 +104,8 @@ class RigLParams(ScheduleParams):
         check_update_every(self.update_every)
         check(0 < self.stop_fraction <= 1, "--stop-fraction must be in (0, 1]")
         check(self.init in INITS, f"--init must be one of {', '.join(INITS)}")
+        check(not self.init_profile_params or self.init_profile is not None,
+              "--init-profile-param sets a parameter of --init-profile, which is not given; give --init-profile NAME")
 
 
 DEFAULT_INTERVAL = 100  # ΔT of Evci et al. 2020 (sect. 4), for runs long enough to make MIN_UPDATES with it

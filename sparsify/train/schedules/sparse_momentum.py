@@ -66,8 +66,10 @@ def distribute(total: int, shares: list[float], capacity: list[int], quantum: li
 
 @dataclass
 class SparseMomentumParams(ScheduleParams):
-    """``prune_rate``: the fraction p of live connections pruned after the first epoch (default
-    0.5, Dettmers & Zettlemoyer 2019), cosine-decayed to 0 at the last."""
+    """``prune_rate``: the initial prune rate p (default 0.5, Dettmers & Zettlemoyer 2019, sect. 3):
+    after epoch e of E, p * (1 + cos(pi * e / E)) / 2 of each layer's live connections are pruned
+    (so 0.375 after the first of 3 epochs), down to 0 at the last. The momentum that scores layers
+    and regrowth is the optimiser's: ``--momentum`` smooths it (0 leaves the last batch's gradient)."""
 
     prune_rate: float | None = None
 
