@@ -67,8 +67,9 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     differently in training (dropout flags, ``if self.training``, auxiliary outputs) keeps one graph
     per mode, and a note says so. ``weights`` is a trained state dict (``.pt``/``.pth``/
     ``.safetensors``, see ``sparsify.weights``) loaded into the model before the pass, so the masks
-    apply to it; ``rescale_init`` (default: on without ``weights``, off with them) scales each unit's
-    initial weights to its live fan-in. Raises a SparsifyError with a one-line message on bad input.
+    apply to it; ``rescale_init`` scales each unit's initial weights to its live fan-in, for training
+    from scratch (default: on for a model built here from a spec without ``weights``; off with
+    ``weights`` and for an nn.Module, whose weights may be trained: pass True for a fresh one). Raises a SparsifyError with a one-line message on bad input.
     """
     _check_seed(seed)
     if isinstance(model, os.PathLike):  # transform(Path("net.py")): an AttributeError ('startswith')
@@ -88,8 +89,8 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     if rescale_init and weights is not None:  # the trained values came out scaled by up to 1.8x, silently
         raise UsageError("--rescale-init scales initial weights to each unit's live fan-in; with --weights it would "
                          "scale the trained ones: drop --rescale-init (the default with --weights is off)")
-    if rescale_init is None:
-        rescale_init = weights is None
+    if rescale_init is None:  # a module given as it is may hold trained weights: scaling them changed its function
+        rescale_init = weights is None and not isinstance(model, nn.Module)
     target = _match_target(method, alpha, match, count)
     config = make_config(method, density=density, alpha=0.5 if target is not None else alpha, profile=profile,
                          profile_params=profile_params, allocation=allocation, block=block,

@@ -151,3 +151,23 @@ def test_data_as_a_path_object(tmp_path, monkeypatch):
     assert sparsify.train(run, data=Path("d.npz"), epochs=1, batch_size=8)["test_acc"] >= 0
     recorded = json.loads((run / "summary.json").read_text())["train"]["config"]["data"]
     assert recorded == str(tmp_path / "d.npz")
+
+
+def test_a_module_given_keeps_its_weights_unless_asked_to_rescale():
+    """A trained module passed to transform came back with its kept weights scaled by 1.15-2.83x:
+    rescale_init defaulted on whenever no weights file was given."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(16 * 4 * 4, 4))
+    result = sparsify.transform(net, "sparse-random", density=0.3, input_shape=(1, 3, 8, 8))
+    sparse = dict(result.model.named_parameters())
+    for name, w in net.named_parameters():
+        got = next(v for k, v in sparse.items() if k.endswith(name))
+        live = got != 0
+        assert live.any() and torch.equal(got[live], w.detach()[live]), name
+    rescaled = sparsify.transform(net, "sparse-random", density=0.3, input_shape=(1, 3, 8, 8), rescale_init=True)
+    conv = next(v for k, v in rescaled.model.named_parameters() if k.endswith("2.weight"))
+    assert not torch.equal(conv[conv != 0], net[2].weight.detach()[conv != 0])  # asked: scaled to the fan-in
