@@ -216,6 +216,19 @@ def _model_name(model: str) -> str:
     return model if model.startswith(("zoo:", "torchvision:")) else Path(model).name
 
 
+def input_problem(shapes: list[list[int]] | list[tuple[int, ...]]) -> str | None:
+    """Why ``sparsify train`` cannot feed a model with these input shapes (a phrase after "the
+    model ..."), or None: its data sets give one [N, F], [N, C, L] or [N, C, H, W] example each."""
+    own_loop = ("; train it with your own loop (sparsify.load(RUN).model keeps its masks with "
+                "sparsify.train.trainer.enforce_masks) or export it as it is")
+    if len(shapes) > 1:
+        return f"takes {len(shapes)} inputs but the data sets give one image per example{own_loop}"
+    if len(shapes[0]) > 4:  # the loader read [N, C, D, H, W]'s last three axes as an image
+        return (f"takes {len(shapes[0])}-D inputs {list(shapes[0])} but the data sets give [N, F], [N, C, L] or "
+                f"[N, C, H, W] examples{own_loop}")
+    return None
+
+
 def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False, log: LogFn | None = None,
               progress: ProgressFn | None = None, resumable: bool = True, **config: Any) -> dict[str, Any]:
     """Train the run in ``run_dir`` with the TrainConfig fields given as keywords; return final metrics.
@@ -254,10 +267,9 @@ def train_run(run_dir: str | Path, *, resume: bool = False, force: bool = False,
     else:
         cfg = TrainConfig.from_dict(config)
     cfg.validate()  # a bad argument is reported before anything about the run's state
-    if len(recipe.shapes) > 1:
-        raise UsageError(f"the model of {run_dir} takes {len(recipe.shapes)} inputs but the data sets give one image "
-                         "per example; train it with your own loop (sparsify.load(RUN).model keeps its masks with "
-                         "sparsify.train.trainer.enforce_masks) or export it as it is")
+    untrainable = input_problem(recipe.shapes)
+    if untrainable:
+        raise UsageError(f"the model of {run_dir} {untrainable}")
     with contextlib.ExitStack() as stack:
         if int(os.environ.get("RANK", "0")) == 0:  # torchrun's other ranks share rank 0's directory
             stack.enter_context(run_lock(run_dir))

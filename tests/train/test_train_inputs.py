@@ -118,6 +118,31 @@ def test_run_pipeline_refuses_a_dict_model_and_leaves_no_directory(tmp_path):
     assert_one_error_line(r, "returns a dict (keys: logits, feat)", nothing_at=(out,))
 
 
+VIDEO_NET = '''
+import torch, torch.nn as nn
+INPUT_SHAPE = (1, 3, 4, 16, 16)
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv3d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+    def forward(self, x):
+        return self.fc(torch.relu(self.c(x)).mean((2, 3, 4)))
+'''
+
+
+def test_a_video_model_is_refused_by_train_saying_its_input_cannot_be_fed(tmp_path):
+    """Its [N, C, D, H, W] input was read as an image (the last three axes): the model then failed on a
+    4-D batch and the message blamed the model."""
+    run = Path(transform_to_dir(str(_model_file(tmp_path, "video", VIDEO_NET)), method="none",
+                                out=tmp_path / "runs" / "video")[0])
+    before = _state(run)
+    r = invoke("train", run, "--data", "synthetic", *QUICK)
+    assert_one_error_line(r, "takes 5-D inputs [1, 3, 4, 16, 16]", "[N, C, H, W] examples", "own loop",
+                          nothing_at=(run / "metrics.jsonl", run / "checkpoints"))
+    assert _state(run) == before
+
+
 def test_labels_beyond_a_file_models_outputs_are_one_error(tmp_path):
     run = _run(tmp_path, "plain", IMAGE_NET.replace("RETURN", RETURNS["tensor"]))
     assert json.loads((run / "recipe.json").read_text())["num_classes"] is None  # only the output width knows
