@@ -94,7 +94,8 @@ class ConvertReport:
 
 
 def block_mask(weight: np.ndarray) -> np.ndarray:
-    """Boolean ``[Cout, Cin/g]``: True where the kh x kw block of a 4-D conv weight has a nonzero."""
+    """Boolean ``[Cout, Cin/g]``: True where the kernel window of a conv weight (``[Cout, Cin/g, k...]``,
+    any number of spatial axes) has a nonzero."""
     return np.any(weight.reshape(weight.shape[0], weight.shape[1], -1) != 0, axis=2)
 
 
@@ -694,9 +695,16 @@ def convert_model(model: onnx.ModelProto, dense_threshold: float | None = None,
         name = node.name or f"Conv_{idx}"
         wname = node.input[1]
         wproto = inits.get(wname, consts.get(wname))
-        if wproto is None or wproto.data_type != TensorProto.FLOAT or len(wproto.dims) != 4:
+        if wproto is None or wproto.data_type != TensorProto.FLOAT:
             report.choices.append(ConvChoice(name, tuple(wproto.dims) if wproto else (), _attr(node, "group", 1),
-                                             1.0, 0, False, "weight is not a constant 4-D float tensor"))
+                                             1.0, 0, False, "weight is not a constant float tensor"))
+            new_nodes.append(node)
+            continue
+        if len(wproto.dims) != 4:  # Conv1d / Conv3d: its density as it is, under its layer's name
+            live = block_mask(numpy_helper.to_array(wproto))
+            report.choices.append(ConvChoice(name, tuple(wproto.dims), _attr(node, "group", 1), float(live.mean()),
+                                             int(live.sum()), False, f"{len(wproto.dims) - 2}-D conv (SparseConv is "
+                                             "2-D): a Conv with its masked weights", weight=wname))
             new_nodes.append(node)
             continue
         w = numpy_helper.to_array(wproto)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from typer.testing import CliRunner
 
+import sparsify
 from sparsify.errors import ExportError
 from sparsify.nn import SparseConv2d, SparseLinear
 from sparsify.runtime import export as export_mod
@@ -153,6 +154,20 @@ def test_inspect_counts_the_macs_of_convs_of_every_rank(tmp_path, dims) -> None:
     out2 = tuple((s - 3) // 2 + 1 for s in size)
     want = [8 * 3 * 3 ** dims * int(np.prod(out1)), 4 * 8 * 3 ** dims * int(np.prod(out2))]
     assert [r["macs"] for r in report["nodes"] if r["op"] == "Conv"] == want
+
+
+def test_the_layer_table_gives_a_masked_conv1d_its_density_and_name(tmp_path) -> None:
+    """Masked Conv1d layers read density 1.000, "weight is not a constant 4-D float tensor", under
+    torch.onnx's node names: the file held their masks all along."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(4, 32, 5, padding=2), nn.BatchNorm1d(32), nn.ReLU(), nn.Conv1d(32, 32, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 5))
+    sparse = sparsify.transform(net, "sparse-random", density=0.25, input_shape=(1, 4, 40)).model.eval()
+    report = export_model(sparse, (1, 4, 40), tmp_path / "k.onnx")
+    second = next(c for c in report.layers if c.layer == "3")
+    assert second.weight_shape == (32, 32, 3) and not second.sparse
+    assert second.density == pytest.approx(float((sparse.get_submodule("3").mask > 0).float().mean()), abs=1e-6)
+    assert second.density < 0.3 and "1-D conv (SparseConv is 2-D)" in second.reason
 
 
 class SharedAndTransposed(nn.Module):
