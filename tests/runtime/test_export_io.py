@@ -364,3 +364,34 @@ def test_a_batch_axis_torch_export_fixes_is_refused_and_slices_keep_it_dynamic(t
     with torch.no_grad():
         np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], model(x).numpy(),
                                    rtol=1e-4, atol=1e-5)
+
+
+class WithLengths(nn.Module):
+    """A second input of one value per example (sequence lengths): rank 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x, lengths):
+        h = torch.relu(self.c(x))
+        m = (torch.arange(h.shape[-1])[None] < lengths[:, None]).float()
+        return self.fc((h * m[:, None]).sum(-1) / lengths[:, None].clamp_min(1))
+
+
+def test_an_input_of_one_value_per_example_exports_and_verifies(tmp_path):
+    """transform took --input-shape "1,8,64;1"; export then refused the run ("not a positive N,C,... shape")."""
+    torch.manual_seed(0)
+    model = _sparse(WithLengths(), [(1, 8, 64), (1,)]).eval()
+    rep = export_model(model, [(1, 8, 64), (1,)], tmp_path / "m.onnx")
+    assert rep.input_shapes == [[1, 8, 64], [1]]
+    x = np.random.default_rng(1).standard_normal((3, 8, 64)).astype(np.float32)
+    lengths = np.array([10.0, 64.0, 33.0], dtype=np.float32)
+    got = open_session(tmp_path / "m.onnx").run(None, {"x": x, "lengths": lengths})[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x), torch.from_numpy(lengths))
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-5)
+    assert float(ref.std()) > 1e-3
+    with pytest.raises(ExportError, match="not a positive N,C"):
+        export_model(model, [(8,), (1,)], tmp_path / "bad.onnx")
