@@ -111,7 +111,11 @@ def check_setting_type(name: str, value: Any, annotation: Any) -> Any:
     if kind == "str" and isinstance(value, os.PathLike):  # a data folder or file as a Path
         value = os.fspath(value)
     if not is_kind(value, kind):
-        raise UsageError(f"--{name.replace('_', '-')} must be {_KINDS[kind][1]}, got {value!r}")
+        shown = " ".join(repr(value).split())  # an array's repr spans lines
+        got = shown if len(shown) <= 60 else f"an object of type {type(value).__name__} ({shown[:40]}...)"
+        data = ("; give a data set name, an image folder or an .npz file (arrays: np.savez(path, x=..., y=...))"
+                if name == "data" else "")
+        raise UsageError(f"--{name.replace('_', '-')} must be {_KINDS[kind][1]}, got {got}{data}")
     if isinstance(value, bool) or not isinstance(value, numbers.Number):
         return value
     return int(value) if isinstance(value, numbers.Integral) else float(value)

@@ -171,3 +171,14 @@ def test_a_module_given_keeps_its_weights_unless_asked_to_rescale():
     rescaled = sparsify.transform(net, "sparse-random", density=0.3, input_shape=(1, 3, 8, 8), rescale_init=True)
     conv = next(v for k, v in rescaled.model.named_parameters() if k.endswith("2.weight"))
     assert not torch.equal(conv[conv != 0], net[2].weight.detach()[conv != 0])  # asked: scaled to the fan-in
+
+
+def test_arrays_as_data_are_one_line_naming_what_data_takes(tmp_path):
+    """It printed the array's whole multi-line repr."""
+    import numpy as np
+
+    run, _ = sparsify.transform_to_dir("zoo:lenet5", density=0.3, out=tmp_path / "r")
+    with pytest.raises(UsageError) as e:
+        sparsify.train(run, data=np.zeros((10, 1, 28, 28)))
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 300 and "object of type ndarray" in msg and "np.savez" in msg

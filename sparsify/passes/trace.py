@@ -924,6 +924,11 @@ def check_input_count(model: nn.Module, n_inputs: int) -> None:
                          f"per input, e.g. --input-shape \"{';'.join(['1,3,32,32'] * len(required))}\", or "
                          f"INPUT_SHAPES with {len(required)} shapes in the model file")
     if n_inputs > len(positional) and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        keyword_only = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+        if keyword_only:  # forward(self, *, x): "takes at most 0 inputs" read as a shape problem
+            raise UsageError(f"{type(model).__name__}.forward takes {', '.join(keyword_only)} by keyword only, but "
+                             f"inputs are passed by position; make {'it' if len(keyword_only) == 1 else 'them'} "
+                             f"positional (drop the '*' before {keyword_only[0]})")
         raise UsageError(f"{who} takes at most {len(positional)} inputs but {shapes}; give one shape per input "
                          f"(arguments without a shape keep their defaults)")
 

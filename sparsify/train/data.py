@@ -451,9 +451,9 @@ def _load_sequences(name: str, input_shape: tuple[int, ...], num_classes: int | 
                           normalize=normalize)
     p = Path(name).expanduser()
     if not (is_user_data(name) and p.suffix == ".npz"):
-        what = f"data set {name!r}" if not is_user_data(name) else f"--data {name}"
-        raise DataError(f"{what} holds images but the model takes {want} inputs (rank 3, e.g. Conv1d signals); "
-                        f"give an .npz whose x is {want}, or --data synthetic")
+        what = f"data set {name!r} holds images" if not is_user_data(name) else f"--data {name} is not an .npz file"
+        raise DataError(f"{what}, but the model takes {want} inputs (rank 3, e.g. Conv1d signals), which are "
+                        f"read from an .npz only; give an .npz whose x is {want}, or --data synthetic")
     xtr, ytr, xte, yte, notes = _load_npz(p, val_fraction, images=False)
     return _in_memory(str(p), xtr, ytr, xte, yte, None, input_shape, num_classes, val_fraction, train_limit,
                       kind="npz", notes=notes, normalize=normalize)

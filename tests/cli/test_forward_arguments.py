@@ -110,6 +110,15 @@ def test_more_shapes_than_forward_takes():
     assert_one_error_line(r, "takes at most 3 inputs but 4 input shapes were given", nothing_at=(Path("bad"),))
 
 
+def test_a_keyword_only_input_is_named_as_the_problem():
+    """It read "takes at most 0 inputs but 1 input shape was given", as if the shape were wrong."""
+    write("kw.py", "import torch.nn as nn\nclass K(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                   "        self.c = nn.Conv2d(3, 8, 3)\n    def forward(self, *, x):\n        return self.c(x)\n")
+    r = invoke("transform", "kw.py", "--density", "0.5", "--input-shape", "1,3,8,8", "--out", "bad")
+    assert_one_error_line(r, "K.forward takes x by keyword only, but inputs are passed by position",
+                          "drop the '*' before x", nothing_at=(Path("bad"),))
+
+
 VARIADIC = """
 import torch
 import torch.nn as nn

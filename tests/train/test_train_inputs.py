@@ -181,12 +181,16 @@ def test_a_conv1d_model_trains_on_synthetic_data_of_its_shape(conv1d_run):
     ("digits", ("'digits' holds images", "[N, 4, 100]", "--data synthetic")),
     ("wrong.npz", ("x has examples of shape [4, 50]", "[N, 4, 100]")),
     ("images.npz", ("x has examples of shape [3, 8, 8]", "[N, 4, 100]")),
+    ("npyfolder", ("npyfolder is not an .npz file", "read from an .npz only")),  # it said "holds images"
 ])
 def test_data_that_does_not_fit_a_conv1d_model_is_one_error(tmp_path, conv1d_run, data, needles):
     if data == "wrong.npz":
         _npz(tmp_path / data, (300, 4, 50), 10)
     elif data == "images.npz":
         _npz(tmp_path / data, (300, 3, 8, 8), 10)
+    elif data == "npyfolder":
+        (tmp_path / data).mkdir()
+        np.save(tmp_path / data / "a.npy", np.zeros((4, 100), np.float32))
     before = _state(conv1d_run)
     r = invoke("train", conv1d_run, "--data", data, *QUICK)
     assert_one_error_line(r, *needles, nothing_at=(conv1d_run / "metrics.jsonl",))
