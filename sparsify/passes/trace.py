@@ -1502,9 +1502,20 @@ def shape_form(inputs: Sequence[torch.Tensor], rank: int | None = None) -> str:
 
 
 def _conv_rank(gm: fx.GraphModule, node: fx.Node) -> int | None:
-    """The input rank a conv module that failed takes (3 for Conv1d), else None."""
-    m = gm.get_submodule(node.target) if node.op == "call_module" else None
-    return 2 + len(m.kernel_size) if isinstance(m, nn.modules.conv._ConvNd) else None
+    """The input rank a conv module takes (3 for Conv1d): the one that failed, else the graph's first
+    conv when no reshape comes before it (a Conv1d model fed [N, F] fails at its BatchNorm first);
+    None otherwise."""
+    for n in [node] + list(gm.graph.nodes):
+        m = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return 2 + len(m.kernel_size)
+        if n is not node and (str(getattr(n.target, "__name__", n.target)) in _RESHAPES
+                              or isinstance(m, (nn.Flatten, nn.Unflatten))):
+            return None  # the model makes its conv input itself (an MLP front viewed as an image)
+    return None
+
+
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "permute", "transpose"}
 
 
 def _may_be_shape_error(e: BaseException) -> bool:

@@ -108,6 +108,14 @@ def test_the_shape_hint_takes_the_inputs_form_and_only_where_a_shape_could_cure_
     with pytest.raises(TraceError) as e:
         propagate_shapes(trace(Conv1dNet(clip=True)), torch.randn(1, 2, 16))
     assert "TypeError" in str(e.value) and "--input-shape" not in str(e.value)
+    # [N, F] to a Conv1d model that fails at its BatchNorm first was told "N,F"
+    bn_first = nn.Sequential(nn.BatchNorm1d(2), nn.Conv1d(2, 4, 3))
+    with pytest.raises(TraceError, match="give the right shape with --input-shape N,C,L$"):
+        propagate_shapes(trace(bn_first), torch.randn(8, 64))
+    # a model that makes its conv input itself keeps the form of the input it was given
+    mlp_front = nn.Sequential(nn.Linear(16, 32), nn.Unflatten(1, (2, 16)), nn.BatchNorm1d(3), nn.Conv1d(2, 4, 3))
+    with pytest.raises(TraceError, match="--input-shape N,F$"):
+        propagate_shapes(trace(mlp_front), torch.randn(4, 16))
 
 
 def test_requires_stops_before_call():
