@@ -1477,6 +1477,12 @@ def propagate_shapes(gm: fx.GraphModule, example: Any, rewritten: bool = False) 
                                      + f" that gives fewer for an input of shape {shape_text(example)} (chunk gives "
                                      "fewer when the size does not divide evenly); split with explicit sizes "
                                      "(x.split([a, b], dim)) or unpack a fixed number of pieces") from None
+                key = f.node.args[1] if f.node.target is operator.getitem and len(f.node.args) > 1 else None
+                if isinstance(key, str) and getattr(f.node.args[0], "op", "") == "placeholder":
+                    raise TraceError(
+                        f"the model reads its input {f.node.args[0].name}[{key!r}]" + (f" at {where}" if where else "")
+                        + ": a dict input, but sparsify feeds tensors; wrap the model so that forward takes the "
+                        f"tensors ({key}, ...) and builds the dict") from None
                 hint = ("" if rewritten or (n_in == len(inputs) and not _may_be_shape_error(f.error))
                         else f"; give the right shape with {shape_form(inputs, _conv_rank(gm, f.node))}" if n_in == len(inputs)
                         else f"; the model takes {n_in} inputs but {len(inputs)} shape(s) were given; give one shape "

@@ -130,3 +130,19 @@ def test_check_fraction_names_the_flag(value, words):
     with pytest.raises(UsageError, match=words):
         check_fraction(value, "--density", "0.1")
     assert check_fraction(1, "--alpha", "0.5") == 1.0
+
+
+class DictInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(8, 4, 3)
+
+    def forward(self, batch):
+        return self.conv(batch["signal"])
+
+
+def test_a_dict_input_is_named_not_taken_for_a_shape_error():
+    """It read "IndexError: too many indices ...; give the right shape", which no shape cures."""
+    with pytest.raises(TraceError, match=r"reads its input batch\['signal'\].*a dict input.*wrap the model") as e:
+        propagate_shapes(trace(DictInput()), torch.randn(1, 8, 64))
+    assert "--input-shape" not in str(e.value)
