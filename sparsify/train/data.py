@@ -532,7 +532,11 @@ def _in_memory(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte
         tr_idx = tr_idx[:train_limit]
     normalization = None
     if normalize:
-        mean, std = x_train[tr_idx].mean(), x_train[tr_idx].std().clamp_min(1e-6)
+        mean, std = x_train[tr_idx].mean(), x_train[tr_idx].std()
+        if not float(std) > 1e-6:  # dividing by the floor made deployed inputs 1e6 times larger
+            std = torch.ones_like(std)
+            notes.append(f"{name}: the training examples are constant (every value {float(mean):.4g}), so inputs "
+                         "are centred but not scaled; check the data")
         normalization = input_normalization(mean, std, "as stored")
 
     def prep(x: torch.Tensor, record: bool) -> torch.Tensor:
@@ -660,6 +664,10 @@ def _load_npz(path: Path, val_fraction: float, images: bool = True,
         raise DataError(f"{path} has arrays {', '.join(sorted(arrays)) or 'none'}; it needs x (images) and y "
                         f"(labels), and may have x_test and y_test")
     notes: list[str] = []
+    extra = sorted(set(arrays) - {"x", "y", "x_test", "y_test"})
+    if extra:
+        notes.append(f"{path.name}: array{'s' if len(extra) > 1 else ''} {', '.join(extra)} not read (training reads "
+                     "x, y, x_test and y_test)")
 
     def shaped(a: Any, where: str, record: bool = False) -> np.ndarray:
         return _images(a, where, input_shape, notes if record else None) if images else _numeric(a, where)
@@ -675,6 +683,11 @@ def _load_npz(path: Path, val_fraction: float, images: bool = True,
             raise DataError(f"{path.name}: x_test must have the shape of x per example and one label per example")
         _check_split_sizes(path.name, len(y), len(yte), val_fraction, held_out=False, test_part="x_test/y_test")
         _check_two_classes(path.name, y)
+        unseen = sorted(set(np.unique(yte).tolist()) - set(np.unique(y).tolist()))
+        if unseen:
+            notes.append(f"{path.name}: label{'s' if len(unseen) > 1 else ''} {', '.join(map(str, unseen[:10]))} "
+                         f"appear{'' if len(unseen) > 1 else 's'} in y_test only: the model never trains on "
+                         f"{'them' if len(unseen) > 1 else 'it'}, so the test accuracy counts those examples wrong")
         return x, y, xte, yte, notes
     _check_split_sizes(path.name, len(y), None, val_fraction, held_out=True)
     _check_two_classes(path.name, y)

@@ -695,3 +695,19 @@ def test_data_fingerprint_sees_pixels_rewritten_at_the_same_size(tmp_path):
     st = (tmp_path / "a" / "0.pgm").stat()
     os.utime(tmp_path / "a" / "0.pgm", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse clock
     assert (tmp_path / "a" / "0.pgm").stat().st_size == size and data_fingerprint(str(tmp_path)) != before
+
+
+def test_an_npz_says_what_it_does_not_read_and_what_cannot_be_learned(tmp_path):
+    """An extra array was ignored, a class only in y_test went unnoticed, and constant x was divided
+    by a 1e-6 floor (the deployed model then saw inputs a million times larger): each now a note."""
+    r = np.random.default_rng(0)
+    x = r.standard_normal((120, 8, 32)).astype(np.float32)
+    np.savez(tmp_path / "s.npz", x=x, y=np.arange(120) % 3, lengths=np.full(120, 32),
+             x_test=x[:30], y_test=np.arange(30) % 4)
+    notes = load_dataset(str(tmp_path / "s.npz"), (1, 8, 32)).notes
+    assert any("array lengths not read" in n for n in notes), notes
+    assert any("label 3 appears in y_test only" in n for n in notes), notes
+    np.savez(tmp_path / "c.npz", x=np.full((120, 8, 32), 2.5, np.float32), y=np.arange(120) % 3)
+    data = load_dataset(str(tmp_path / "c.npz"), (1, 8, 32))
+    assert any("constant (every value 2.5)" in n and "not scaled" in n for n in data.notes), data.notes
+    assert float(data.train.x.abs().max()) == 0.0 and data.normalization["std"] == [1.0]
