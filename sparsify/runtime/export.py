@@ -264,12 +264,15 @@ def _torch_export(module: nn.Module, example: tuple[torch.Tensor, ...], outputs:
                   ) -> onnx.ModelProto:
     """``torch.onnx.export`` with a dynamic batch dimension; ExportError naming the failing node."""
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    level = logging.getLogger("torch").level
+    # torch.onnx's own passes log warnings to stderr ("Skipped deduplication of initializer ...")
+    loggers = [logging.getLogger(name) for name in ("torch", "onnx_ir", "onnxscript")]
+    levels = [lg.level for lg in loggers]
     kwargs: dict[str, Any] = {"output_names": outputs} if outputs else {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            logging.getLogger("torch").setLevel(logging.ERROR)
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
             program = torch.onnx.export(
                 module, tuple(example), dynamo=True, opset_version=OPSET, verbose=False, optimize=True,
                 input_names=_input_names(module, len(example)),
@@ -278,7 +281,8 @@ def _torch_export(module: nn.Module, example: tuple[torch.Tensor, ...], outputs:
     except Exception as e:
         raise ExportError(_explain_failure(module, e)) from None
     finally:
-        logging.getLogger("torch").setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
     _check_dynamic_batch(program.model_proto, example)
     return program.model_proto
 

@@ -395,3 +395,15 @@ def test_an_input_of_one_value_per_example_exports_and_verifies(tmp_path):
     assert float(ref.std()) > 1e-3
     with pytest.raises(ExportError, match="not a positive N,C"):
         export_model(model, [(8,), (1,)], tmp_path / "bad.onnx")
+
+
+class ConstantOut(Body):
+    def forward(self, x):
+        return {"logits": self.fc(self.emb(self.c2(self.c1(x)).mean((2, 3)))), "const": torch.ones(1)}
+
+
+def test_torch_onnx_log_lines_do_not_reach_the_user(tmp_path, capfd):
+    """onnx_ir's "Skipped deduplication of initializer '_tensor_constant0' ..." was printed to stderr."""
+    model = _sparse(ConstantOut(), (1, 3, 16, 16)).eval()
+    export_model(model, (1, 3, 16, 16), tmp_path / "m.onnx")
+    assert "deduplication" not in capfd.readouterr().err
