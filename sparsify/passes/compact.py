@@ -192,7 +192,7 @@ def _plan_group(g: ChannelGroup, cg: ChannelGraph, const: _Constancy, consumers:
                 continue
             d = con.fold(pos, v)
             if d is None:
-                blocked[c] = (f"constant {float(v.flatten()[0]):.4g} read by {con.member.target} "
+                blocked[c] = (f"constant, read by {con.member.target} "
                               "(zero-padded, transposed or functional: not foldable)")
                 break
             contrib[con.member.target] = contrib.get(con.member.target, 0) + d
@@ -307,6 +307,7 @@ def _round(gm: fx.GraphModule, example: tuple[torch.Tensor, ...], report: Compac
         for why in sorted({removable[c] for c in chans}):
             report.removed.append({"group": g.id, "layers": producers,
                                    "channels": sum(removable[c] == why for c in chans), "reason": why})
+    report.kept = _merged(report.kept)
     if not removed_roots:
         return False
 
@@ -339,6 +340,19 @@ def _round(gm: fx.GraphModule, example: tuple[torch.Tensor, ...], report: Compac
                     prev = kept.get((key, axis))
                     kept[(key, axis)] = keep_np if prev is None else prev[keep_np]
     return True
+
+
+def _merged(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records of the same group, layers and reason as one, their channels summed (a layer with six
+    channels kept for one reason printed six lines)."""
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in records:
+        key = (r["group"], tuple(r["layers"]), r["reason"])
+        if key in out:
+            out[key]["channels"] += r["channels"]
+        else:
+            out[key] = dict(r)
+    return list(out.values())
 
 
 def _outputs(y: Any) -> list[torch.Tensor]:

@@ -432,3 +432,16 @@ def test_fold_batchnorm_1d_and_never_into_a_leaf_with_its_own_forward() -> None:
     x = torch.randn(3, 2, 10)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_channels_kept_for_one_reason_are_one_record() -> None:
+    """Six constant channels a zero-padded conv reads were six "kept 1 removable-looking channel" lines."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(8 * 6 * 6, 3)).eval()
+    with torch.no_grad():
+        m[0].weight[:6] = 0
+        m[0].bias[:6] = torch.linspace(0.1, 0.6, 6)  # six different constants, one reason
+    _, rep = compact(trace(m), torch.randn(2, 3, 8, 8), align=1)
+    assert rep.kept == [{"group": rep.kept[0]["group"], "layers": ["0"], "channels": 6,
+                         "reason": "constant, read by 2 (zero-padded, transposed or functional: not foldable)"}]
