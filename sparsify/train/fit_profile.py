@@ -74,13 +74,19 @@ def fit_fan_ins(fan_ins: dict[str, np.ndarray]) -> dict[str, Any]:
 def _train_options(config: dict[str, Any]) -> list[str]:
     """``sparsify train`` options for the trained run's settings that differ from the defaults
     (``TrainConfig.cli_args``: flags that exist, booleans as --X / --no-X), but for the ones the PSN
-    experiment sets itself (schedule, init, profile, seed); the data folder too (mnist kept under a
-    --data-dir of its own was not found without it)."""
+    experiment sets itself (schedule, init, profile, seed); the pilot schedule's own settings only
+    when it was RigL too (an incremental pilot's ``--double-every``: train refuses it with RigL); the
+    data folder too (mnist kept under a --data-dir of its own was not found without it)."""
+    import dataclasses
+
+    from .schedules import schedule_class
     from .trainer import TrainConfig
 
-    skip = {"seed", "schedule", "init", "init_profile", "init_profile_params"}
-    known = TrainConfig().to_dict()
-    return TrainConfig.from_dict({k: v for k, v in config.items() if k in known and k not in skip}).cli_args()
+    carried = {f.name for f in dataclasses.fields(TrainConfig)} - {"params", "unused", "seed"}
+    if config.get("schedule") == "rigl":
+        carried |= set(schedule_class("rigl").Params.names()) - {"init", "init_profile", "init_profile_params"}
+    # as a RigL config: its flags are those away from RigL's defaults (the command gives --schedule rigl)
+    return TrainConfig.from_dict({k: v for k, v in config.items() if k in carried} | {"schedule": "rigl"}).cli_args()
 
 
 def psn_command(run: Any, run_dir: str | Path, sigmas: dict[str, float], layer_names: list[str],

@@ -297,6 +297,17 @@ def test_fit_profile_prints_psn_command(run):
         assert sigma == data["layers"][name]["sigma"] and f"sigma@{name}={sigma:.3g}" in data["command"]
 
 
+def test_the_psn_command_keeps_only_settings_rigl_reads(run):
+    """An incremental pilot's --double-every went into the RigL command, which train then refused."""
+    import shlex
+
+    trained = runner.invoke(app, ["train", str(run), *QUICK, "--schedule", "set", "--update-every", "2"])
+    assert trained.exit_code == 0, trained.output
+    command = json.loads(runner.invoke(app, ["fit-profile", str(run), "--json"]).stdout)["command"]
+    train = shlex.split(command.split(" && ")[1])
+    assert "--update-every" not in train and train[train.index("--schedule") + 1] == "rigl"
+
+
 def test_the_psn_command_fit_profile_prints_runs(tmp_path, monkeypatch):
     """Pasted, it failed: every command held `--model-output logits` (no such option), a run trained
     with --no-normalize gave `--normalize False`, and the transform lost the run's --input-shape,
