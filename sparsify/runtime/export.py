@@ -242,8 +242,9 @@ def output_names(y: Any, notes: list[str] | None = None, inputs: Sequence[str] =
         elif new != joined:
             renamed.append(f"{where} is '{new}'")
     if renamed and notes is not None:
-        notes.append("ONNX output names are unique and use letters, digits, '_' and '.': the output at "
-                     + "; at ".join(renamed))
+        at = "the output " if isinstance(y, torch.Tensor) else "the output at "  # one tensor: no place to name
+        notes.append("ONNX output names are unique and use letters, digits, '_' and '.': "
+                     + at + "; at ".join(r.removeprefix("the output ") for r in renamed))
     return names
 
 
@@ -637,7 +638,7 @@ def export_model(model: nn.Module, input_shape: Sequence[Any], out: str | os.Pat
         shapes = [list(s) for s in input_shapes(input_shape)]
     except (TypeError, ValueError, UsageError):
         shapes = []
-    if not shapes or len(shapes[0]) < 2 or any(not s or any(d <= 0 for d in s) for s in shapes):
+    if not shapes or any(not s or any(d <= 0 for d in s) for s in shapes):
         raise ExportError(f"input shape {input_shape} is not a positive N,C,... shape; pass e.g. 1,3,32,32")
     report = ExportReport(out=str(out), source=type(model).__name__, input_shape=shapes[0], dense=dense,
                           native_available=native_available(), input_shapes=shapes)

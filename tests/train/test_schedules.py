@@ -275,7 +275,7 @@ def test_a_schedule_that_moves_connections_refuses_a_run_at_density_1(schedule, 
     model = TinyNet(density=0.5)
     for m in sparse_modules(model).values():
         m.mask.fill_(1)
-    with pytest.raises(TrainingError, match=f"dense \\(density 1\\), so {schedule} has no missing connection"):
+    with pytest.raises(TrainingError, match=f"has all its connections .* so {schedule} has no missing connection"):
         fit(model, data, TrainConfig(data="synthetic", schedule=schedule, epochs=2, batch_size=32), model_input=INPUT)
     model = TinyNet(density=0.5)  # incremental starts sparser than the masks: density 1 is a target like any
     for m in sparse_modules(model).values():
@@ -325,15 +325,19 @@ def test_incremental_start_density_above_target_is_refused():
 
 
 @pytest.mark.parametrize("steps,kw,fix", [
-    (39, {"double_every": 20}, "give --double-every 13 or less"),  # 3 doublings (1/8 start) in 39 steps
-    (2, {}, "train longer (--epochs) or start denser"),  # fewer steps than doublings
+    (39, {"double_every": 20}, "give sparsify train --double-every 12 or less"),  # 3 doublings (1/8 start)
+    (3, {}, "start denser (sparsify train --start-density)"),  # the third would come at the last step
 ])
 def test_incremental_refuses_a_run_too_short_to_reach_its_density(steps, kw, fix):
     """It ended at a quarter of the run's density, with only a note about moved weights."""
     cfg = TrainConfig(schedule="incremental", epochs=1, **kw)
     sched = schedule_class("incremental")(sparse_modules(TwoLayers()), Plan(1, steps), cfg, Reducer())
-    with pytest.raises(TrainingError, match=f"after 3 doublings.*this run trains {steps} steps.*{re.escape(fix)}"):
+    with pytest.raises(TrainingError, match=f"needs 3 doublings.*this run trains {steps} steps.*{re.escape(fix)}"):
         sched.start()
+    # with the advice taken, the last doubling has training after it
+    cfg = TrainConfig(schedule="incremental", epochs=1, **({"double_every": 12} if kw else {}))
+    schedule_class("incremental")(sparse_modules(TwoLayers()), Plan(1, steps + 1 if not kw else steps), cfg,
+                                  Reducer()).start()
 
 
 @pytest.mark.parametrize("block", [1, 4])

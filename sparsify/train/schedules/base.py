@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 
 def flag(name: str) -> str:
-    """The CLI flag of a setting: ``prune_rate`` -> ``--prune-rate``."""
-    return "--" + name.replace("_", "-")
+    """The CLI flag of a setting: ``prune_rate`` -> ``--prune-rate``; ``init_profile_params`` (a dict)
+    is given one ``--init-profile-param NAME=VALUE`` at a time."""
+    return "--init-profile-param" if name == "init_profile_params" else "--" + name.replace("_", "-")
 
 
 def check(ok: bool, message: str) -> None:
@@ -155,9 +156,9 @@ class Schedule:
         connections (``moves``) on a run whose masked layers are all dense (density 1) has no
         missing connection to grow, and would train like ``static`` while reporting moves."""
         if self.moves and all(bool((m.mask > 0).all()) for m in self.layers.values()):
-            raise TrainingError(f"every masked layer of this run is dense (density 1), so {self.name} has no missing "
-                                f"connection to grow; train it with --schedule static, or transform at a density "
-                                f"below 1")
+            raise TrainingError(f"every masked layer of this run has all its connections (its density, or each "
+                                f"layer's fan-in rounded at it, is 1), so {self.name} has no missing connection to "
+                                f"grow; train it with --schedule static, or transform at a lower density")
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly (tensors and plain values only)."""

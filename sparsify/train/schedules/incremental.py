@@ -84,20 +84,23 @@ class Incremental(Schedule):
                          for n, m in self.layers.items()), default=0)
         total = self.plan.total_steps
         self.every = int(self.params.double_every or max(1, total // max(2 * doublings, 1)))
-        if doublings and total // self.every < doublings:
-            fix = (f"give --double-every {total // doublings} or less, or train longer" if total >= doublings else
-                   "train longer (--epochs) or start denser (--start-density)")
-            raise TrainingError(f"incremental reaches the run's density after {doublings} doublings, one every "
-                                f"{self.every} steps, but this run trains {total} steps: it would end at "
-                                f"1/{2 ** (doublings - total // self.every)} of its density; {fix}")
+        room = (total - 1) // self.every  # doublings with training after them (none at the last step)
+        if doublings and room < doublings:
+            # named as sparsify train's flags: `sparsify run` has no --double-every / --start-density
+            fix = (f"train longer, or give sparsify train --double-every {(total - 1) // doublings} or less"
+                   if total > doublings else "train longer, or start denser (sparsify train --start-density)")
+            every = f"every {self.every} steps" if self.every > 1 else "every step"
+            raise TrainingError(f"incremental needs {doublings} doublings to reach the run's density and this run "
+                                f"trains {total} steps: room for {room} doubling{'s' if room != 1 else ''}, one "
+                                f"{every} with training after each; {fix}")
         return change
 
     def after_step(self, done: int, grads: dict[str, torch.Tensor] | None) -> Change | None:
-        if done % self.every != 0:
+        if done % self.every != 0 or done >= self.plan.total_steps:  # none after the last step: never trained
             return None
         change = Change()
         g = event_generator(self.seed, done, salt=31)
-        last = done + self.every > self.plan.total_steps  # the run's last doubling
+        last = done + self.every >= self.plan.total_steps  # the run's last doubling
         for n, m in self.layers.items():
             live, target = int(m.mask.sum()), int(self.target[n].sum())
             if live < target:

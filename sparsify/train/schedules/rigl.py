@@ -141,8 +141,9 @@ class RigL(Schedule):
         return max(0, (self.end - 1) // self.every)
 
     def cadence(self) -> str:
+        lower = ", or lower sparsify train --update-every" if self.every > 1 else ""
         return (f"one every {self.every} steps, before step {self.end} ({self.params.stop_fraction:g} of "
-                f"{self.plan.total_steps}); lower --update-every or train longer")
+                f"{self.plan.total_steps}); train longer{lower}")
 
     def start(self) -> Change | None:
         return redraw_topology(self)

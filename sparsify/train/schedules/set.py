@@ -51,8 +51,9 @@ class SET(Schedule):
 
     def cadence(self) -> str:
         if self.every:
-            return f"one every {self.every} steps of {self.plan.total_steps}; lower --update-every or train longer"
-        return "one after every epoch but the last; train more epochs, or give --update-every (steps)"
+            lower = ", or lower sparsify train --update-every" if self.every > 1 else ""
+            return f"one every {self.every} steps of {self.plan.total_steps}; train longer{lower}"
+        return "one after every epoch but the last; train more epochs, or give sparsify train --update-every (steps)"
 
     def _evolve(self, step: int) -> Change:
         change = Change()
