@@ -396,6 +396,18 @@ def test_rigl_psn_profile_initial_fan_in():
     assert float(fan_in.std() / fan_in.mean()) > 0.5  # heterogeneous, unlike the random start (~0.06)
 
 
+def test_a_profile_that_cannot_give_every_unit_a_connection_names_the_layer_and_the_fix():
+    """It read "a budget of 18 cannot be split over 32 units with fan-in in [1, 1]", nothing more."""
+    model = TinyNet(density=0.5)
+    with torch.no_grad():
+        model.conv1.mask[:4] = 0  # one input channel: 4 connections for 8 output units
+    cfg = TrainConfig(schedule="rigl", epochs=1, init_profile="uniform")
+    sched = schedule_class("rigl")(sparse_modules(model), Plan(1, 10), cfg, Reducer())
+    with pytest.raises(TrainingError, match="each of layer conv1's 8 output units at least one connection, but its "
+                                            "budget is 4; use --init erk"):
+        sched.start()
+
+
 def _blocked_net(block: int) -> TinyNet:
     """TinyNet whose conv2 (16 output channels) shares fan-ins in runs of `block` (the last run
     shorter when block does not divide 16), as the transform's --block draws it."""

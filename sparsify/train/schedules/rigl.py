@@ -19,19 +19,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...errors import TrainingError
+from ...errors import TrainingError, UsageError
 from ...profiles import fan_in_counts, random_mask
 from ._allocation import layer_budgets
 from ._topology import block_parts, fan_in_block, grow_largest, prune_smallest, random_mask_like, unit_scores
 from .base import Change, Schedule, ScheduleParams, check, check_prune_rate, check_update_every, event_generator
 
 
-def profile_fan_in(profile: str, n_units: int, fan_in_max: int, budget: int, params: dict[str, Any]) -> list[int]:
+def profile_fan_in(profile: str, n_units: int, fan_in_max: int, budget: int, params: dict[str, Any],
+                   layer: str = "") -> list[int]:
     """Per-unit fan-in of a PSN profile from ``sparsify.profiles`` (TrainingError when it does not fit)."""
+    if budget < n_units:  # every unit gets one connection at least: "a budget of 18 cannot be split over 32 units"
+        raise TrainingError(f"--init-profile {profile} gives each of layer {layer}'s {n_units} output units at least "
+                            f"one connection, but its budget is {budget}; use --init erk (it gives small layers "
+                            f"more), or transform at a higher density")
     try:
         counts = fan_in_counts(profile, n_units, fan_in_max, budget, dict(params))
-    except ValueError as e:
-        raise TrainingError(f"PSN profile {profile!r} with {params} does not fit: {e}") from None
+    except (ValueError, UsageError) as e:
+        raise TrainingError(f"PSN profile {profile!r} with {params} does not fit layer {layer}: {e}") from None
     return [int(c) for c in counts]
 
 
@@ -66,7 +71,7 @@ def redraw_topology(schedule: Schedule) -> Change | None:
             # one fan-in per block of b output units (b = 1: per unit)
             rows = -(-out_units // b)
             params = layer_profile_params(cfg.init_profile_params or {}, n, schedule.layers)
-            fan_in = profile_fan_in(cfg.init_profile, rows, in_units, round(budgets[n] * rows / out_units), params)
+            fan_in = profile_fan_in(cfg.init_profile, rows, in_units, round(budgets[n] * rows / out_units), params, n)
             # numpy's stream, seeded like the event generator: the same mask on every rank
             rng = np.random.default_rng((schedule.seed * 1_000_003 + 1000 + i) % (2**63 - 1))
             drawn = random_mask(rows, np.arange(in_units), sum(fan_in), rng, row_counts=np.asarray(fan_in))
