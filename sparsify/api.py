@@ -69,7 +69,8 @@ def transform(model: str | nn.Module, method: str = "sparse-random", *, density:
     ``.safetensors``, see ``sparsify.weights``) loaded into the model before the pass, so the masks
     apply to it; ``rescale_init`` scales each unit's initial weights to its live fan-in, for training
     from scratch (default: on for a model built here from a spec without ``weights``; off with
-    ``weights`` and for an nn.Module, whose weights may be trained: pass True for a fresh one). Raises a SparsifyError with a one-line message on bad input.
+    ``weights`` and for an nn.Module, whose weights may be trained: pass True for a fresh one).
+    Raises a SparsifyError with a one-line message on bad input.
     """
     _check_seed(seed)
     if isinstance(model, os.PathLike):  # transform(Path("net.py")): an AttributeError ('startswith')

@@ -214,8 +214,8 @@ def output_names(y: Any, notes: list[str] | None = None, inputs: Sequence[str] =
 
     places = []
     for path, leaf in pytree.tree_flatten_with_path(y)[0]:
-        if not path:  # the output is one tensor
-            places.append(("the output", "output", "output"))
+        if not path:  # the output is one tensor: no place to name
+            places.append(("", "output", "output"))
             continue
         if not isinstance(leaf, torch.Tensor):
             continue  # None / numbers are not ONNX outputs: naming them would shift the names after them
@@ -238,13 +238,13 @@ def output_names(y: Any, notes: list[str] | None = None, inputs: Sequence[str] =
     names, renamed = [final[i] for i in range(len(places))], []
     for (where, joined, name), new in zip(places, names):
         if new != name:
-            renamed.append(f"{where} is '{new}' ('{name}' is {owner[name]})")
+            renamed.append(f"is '{new}' ('{name}' is {owner[name]})" if not where else
+                           f"at {where} is '{new}' ('{name}' is {owner[name]})")
         elif new != joined:
-            renamed.append(f"{where} is '{new}'")
+            renamed.append(f"at {where} is '{new}'")
     if renamed and notes is not None:
-        at = "the output " if isinstance(y, torch.Tensor) else "the output at "  # one tensor: no place to name
-        notes.append("ONNX output names are unique and use letters, digits, '_' and '.': "
-                     + at + "; at ".join(r.removeprefix("the output ") for r in renamed))
+        notes.append("ONNX output names are unique and use letters, digits, '_' and '.': the output "
+                     + "; ".join(renamed))
     return names
 
 

@@ -4,9 +4,9 @@ The run's masks are the target topology. Training starts with a random subset of
 target connections at ``start_density`` (a fraction of all possible connections; default: an
 eighth of each layer's target) and doubles every layer's live connections every ``double_every``
 steps until the target is reached (default: the doublings spread over the first half of training;
-a run too short to reach its masks is refused, so it never ends below its density). Existing connections keep what they learned, so channels that
-already carry features are reused in new contexts; an added connection enters "untrained", with
-the initial value the run gave it. (Starting added connections at zero deadlocks: when the sparse
+a run too short to reach its masks with training after the last doubling is refused). Existing
+connections keep what they learned, so channels that already carry features are reused in new
+contexts; an added connection enters "untrained", with the initial value the run gave it. (Starting added connections at zero deadlocks: when the sparse
 start leaves a path disconnected, every weight on a newly opened path is zero and none gets a
 gradient. On digits that kept the network at chance.)
 """

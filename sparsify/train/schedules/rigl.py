@@ -96,7 +96,6 @@ class RigLParams(ScheduleParams):
     ``init``: the initial layer budgets (the run's, ``uniform`` or ``erk``); ``init_profile`` /
     ``init_profile_params``: a PSN fan-in profile inside each layer (``NAME@LAYER`` per layer)."""
 
-
     prune_rate: float | None = None
     update_every: int | None = None
     stop_fraction: float = 0.75
