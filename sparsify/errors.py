@@ -103,8 +103,9 @@ def check_setting_type(name: str, value: Any, annotation: Any) -> Any:
     """``value`` as the plain Python value setting ``name``'s annotation ("int | None", "float")
     says (a numpy scalar becomes an int or float, which JSON records take; a path object given to a
     string setting, ``data=Path("imgs")``, its string); UsageError when it is not of that kind (the
-    API's ``epochs="2"`` raised a TypeError deep in the checks, ``include_linear="false"`` read as true). Annotations of other kinds (dicts, classes) pass the
-    value as it is. The message names the CLI flag."""
+    API's ``epochs="2"`` raised a TypeError deep in the checks, ``include_linear="false"`` read as
+    true). Annotations of other kinds (dicts, classes) pass the value as it is. The message names
+    the CLI flag, shows a long value (an array) in one short line, and for ``data`` says what it takes."""
     kind = annotation_kind(annotation)
     if kind in (None, "dict") or (value is None and "None" in _annotation_parts(annotation)):
         return value

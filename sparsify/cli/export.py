@@ -102,8 +102,8 @@ def export(
         else:
             report = export_run(source, out_path, dense=dense, compact=(not dense) if compact is None else compact,
                                 fold_bn=fold_bn is not False, dense_threshold=dense_threshold, verify=verify,
-                                autotune=autotune, channel_align=CHANNEL_ALIGN if channel_align is None else channel_align,
-                                per_image=per_image, progress=progress)
+                                autotune=autotune, per_image=per_image, progress=progress,
+                                channel_align=CHANNEL_ALIGN if channel_align is None else channel_align)
     if as_json:
         out.print_json(json.dumps(report.to_json(), default=str))
         return

@@ -6,9 +6,10 @@ eighth of each layer's target) and doubles every layer's live connections every 
 steps until the target is reached (default: the doublings spread over the first half of training;
 a run too short to reach its masks with training after the last doubling is refused). Existing
 connections keep what they learned, so channels that already carry features are reused in new
-contexts; an added connection enters "untrained", with the initial value the run gave it. (Starting added connections at zero deadlocks: when the sparse
-start leaves a path disconnected, every weight on a newly opened path is zero and none gets a
-gradient. On digits that kept the network at chance.)
+contexts; an added connection enters "untrained", with the initial value the run gave it.
+(Starting added connections at zero deadlocks: when the sparse start leaves a path disconnected,
+every weight on a newly opened path is zero and none gets a gradient. On digits that kept the
+network at chance.)
 """
 from __future__ import annotations
 
